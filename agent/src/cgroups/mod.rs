@@ -1,0 +1,263 @@
+//! cgroups: one `CgroupBackend` seam over cgroup v1/hybrid ([`v1`]) and v2 ([`v2`]), chosen at
+//! start by [`detect`]. The agent's tree lives beneath one parent (its own cgroup, or
+//! `--cgroup-parent`), one cgroup per instance: `<parent>/corral/<service>/<instance>`.
+//!
+//! cgroups-rs does the hierarchy handling, limit writes and stats; this module contains its
+//! known defects: every limit is read back after it is written (some write errors are
+//! swallowed), its calls run under `catch_unwind`, OOM kills are read from the kernel's own
+//! counters, and killing everything works on v1 too (no `cgroup.kill` there).
+//!
+//! Imports from the crate: `spec` only.
+
+pub mod detect;
+mod fsutil;
+pub mod v1;
+pub mod v2;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use crate::spec::Resources;
+
+/// The cgroup version the host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    }
+}
+
+/// A resource control the agent may or may not be able to enforce on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Control {
+    /// CPU bandwidth (CFS quota): `resources.cpu`.
+    Cpu,
+    /// Memory hard limit: `resources.memory`.
+    Memory,
+    /// The memory limit also bounds swap (v1 `memsw`, v2 `memory.swap.max`).
+    MemorySwap,
+    /// Task limit: `resources.pids`.
+    Pids,
+    /// CPU time accounting (v1 `cpuacct`, v2 `cpu.stat`).
+    CpuAccounting,
+}
+
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Cpu => "cpu",
+            Control::Memory => "memory",
+            Control::MemorySwap => "memsw",
+            Control::Pids => "pids",
+            Control::CpuAccounting => "cpuacct",
+        }
+    }
+}
+
+/// What the backend found at start: version, where the tree lives, what it can enforce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    pub version: CgroupVersion,
+    /// Human-readable location of the parent, e.g. `/sys/fs/cgroup/system.slice/corrald.service`
+    /// (v2) or `memory:/x,cpu:/,...` (v1).
+    pub parent: String,
+    pub available: Vec<Control>,
+    /// Controls the agent cannot use, each with the reason.
+    pub unavailable: Vec<(Control, String)>,
+}
+
+impl Capabilities {
+    pub fn has(&self, c: Control) -> bool {
+        self.available.contains(&c)
+    }
+
+    /// Why a spec's resources cannot be enforced here, or `None` when they can.
+    pub fn refuse(&self, res: &Resources) -> Option<String> {
+        let mut why = Vec::new();
+        let mut need = |wanted: bool, c: Control, field: &str| {
+            if wanted && !self.has(c) {
+                let reason = self
+                    .unavailable
+                    .iter()
+                    .find(|(u, _)| *u == c)
+                    .map(|(_, r)| r.as_str())
+                    .unwrap_or("not available");
+                why.push(format!(
+                    "{field}: this host cannot enforce a {} limit ({reason})",
+                    c.as_str()
+                ));
+            }
+        };
+        need(res.cpu.is_some(), Control::Cpu, "resources.cpu");
+        need(res.memory.is_some(), Control::Memory, "resources.memory");
+        need(res.pids.is_some(), Control::Pids, "resources.pids");
+        if why.is_empty() {
+            None
+        } else {
+            Some(why.join("; "))
+        }
+    }
+}
+
+/// A cgroup below the agent's parent, as path components: `corral/<service>/<instance>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupPath(Vec<String>);
+
+impl CgroupPath {
+    /// The agent's own subtree: `corral`.
+    pub fn root() -> CgroupPath {
+        CgroupPath(vec!["corral".to_string()])
+    }
+
+    /// `corral/<service>`.
+    pub fn service(service: &str) -> CgroupPath {
+        CgroupPath::root().child(service)
+    }
+
+    /// `corral/<service>/<instance>`.
+    pub fn instance(service: &str, instance: &str) -> CgroupPath {
+        CgroupPath::service(service).child(instance)
+    }
+
+    /// A child path. `name` must be a single, plain component (no `/`, not `.` or `..`);
+    /// names reaching here were validated by `spec` or read from a directory listing.
+    pub fn child(&self, name: &str) -> CgroupPath {
+        debug_assert!(!name.is_empty() && !name.contains('/') && name != "." && name != "..");
+        let mut v = self.0.clone();
+        v.push(name.to_string());
+        CgroupPath(v)
+    }
+
+    pub fn components(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The path relative to the parent, e.g. `corral/web/web-0`.
+    pub fn relative(&self) -> PathBuf {
+        self.0.iter().collect()
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("/"))
+    }
+}
+
+/// Usage of one cgroup, read from its own files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CgroupStats {
+    /// Total CPU time, nanoseconds.
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    /// OOM kills inside this cgroup since it was created (v1 `memory.oom_control` `oom_kill`,
+    /// v2 `memory.events` `oom_kill`).
+    pub oom_kills: u64,
+    /// Tasks in the cgroup.
+    pub pids: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: cannot create {dir}: {source}")]
+    Create {
+        path: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: writing {value:?} to {file} failed: {source}")]
+    Write {
+        path: String,
+        file: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: {file} reads {found:?} after writing {wanted:?}")]
+    NotApplied {
+        path: String,
+        file: PathBuf,
+        wanted: String,
+        found: String,
+    },
+    #[error("cgroup {path}: reading {file} failed: {source}")]
+    Read {
+        path: String,
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: cannot remove {dir}: {source}")]
+    Remove {
+        path: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: cgroups-rs failed: {message}")]
+    Library { path: String, message: String },
+    #[error("cgroup {path}: cgroups-rs panicked: {message}")]
+    Panicked { path: String, message: String },
+    #[error("cgroup {path}: the host cannot enforce it: {reason}")]
+    Unsupported { path: String, reason: String },
+    #[error("cgroups: {0}")]
+    Setup(String),
+}
+
+impl CgroupError {
+    /// The cgroup still has tasks (rmdir gave EBUSY): retry after they are gone.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, CgroupError::Remove { source, .. } if source.raw_os_error() == Some(libc::EBUSY))
+    }
+}
+
+/// The seam between the supervisor and the kernel's cgroup filesystems.
+///
+/// All methods are quick, synchronous file operations on cgroupfs (microseconds); none waits
+/// for processes to die. Paths that do not exist are not errors where the operation is
+/// naturally idempotent (`procs`, `kill_all`, `remove` on a missing cgroup).
+pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
+    fn capabilities(&self) -> &Capabilities;
+
+    /// Create the cgroup (and any missing ancestors below the parent) and apply `limits`,
+    /// reading each written value back. Controls that are `None` are left unlimited.
+    /// Fails with `Unsupported` when a limit asks for a control the host lacks.
+    fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError>;
+
+    /// Open every `cgroup.procs` file of `path` (one per v1 hierarchy, one on v2) for
+    /// writing, close-on-exec. A freshly forked child writes `"0"` to each before it runs
+    /// anything else, so it is inside its limits from its first instruction.
+    fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError>;
+
+    /// Every process in the cgroup (the union across v1 hierarchies), without duplicates.
+    fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError>;
+
+    /// Send SIGKILL to every process in the cgroup (`cgroup.kill` on v2 when the kernel has
+    /// it, a pass over `cgroup.procs` otherwise). One pass: the caller checks `procs` again
+    /// and repeats until the cgroup is empty.
+    fn kill_all(&self, path: &CgroupPath) -> Result<(), CgroupError>;
+
+    /// Usage read from the cgroup's own files.
+    fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError>;
+
+    /// Remove the cgroup directory (in every v1 hierarchy). `Ok` when it does not exist;
+    /// an error that `is_busy()` while it still has tasks or children.
+    fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError>;
+
+    /// Names of the child cgroups of `path` (empty when it does not exist).
+    fn children(&self, path: &CgroupPath) -> Result<Vec<String>, CgroupError>;
+
+    /// Where the cgroup is, for status output (the v2 path, or the memory hierarchy's on v1).
+    fn display_path(&self, path: &CgroupPath) -> String;
+}
