@@ -3,6 +3,7 @@
 //! every default filled in and every unit parsed. Only `validate` turns one into the other.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,14 +14,18 @@ use std::time::Duration;
 /// A size as written: an integer number of bytes or a string such as `"256MiB"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawSize {
+    /// An integer number of bytes (TOML integer).
     Bytes(i64),
+    /// Digits with an optional unit: `B`, `KiB`, `MiB`, `GiB` or `TiB`.
     Text(String),
 }
 
 /// A port as written in `[ports]`: `"auto"` or a port number (integer or digits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawPort {
+    /// A TOML integer.
     Number(i64),
+    /// `"auto"`, or a port number written as digits.
     Text(String),
 }
 
@@ -28,83 +33,137 @@ pub enum RawPort {
 /// fields and wrong types itself) and by the protobuf conversion; checked by `validate`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawSpec {
+    /// Required; `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: Option<String>,
+    /// Required; the program (absolute path or bare name) and its arguments.
     pub command: Option<Vec<String>>,
+    /// Extra environment variables of every instance.
     pub env: Option<BTreeMap<String, String>>,
+    /// Absolute working directory.
     pub workdir: Option<String>,
+    /// A user name, `uid` or `uid:gid`.
     pub user: Option<String>,
+    /// Number of instances.
     pub replicas: Option<i64>,
+    /// `[resources]`: cgroup limits.
     pub resources: Option<RawResources>,
+    /// `[isolation]`: namespaces, hostname, private /tmp.
     pub isolation: Option<RawIsolation>,
+    /// `[ports]`: per-instance ports, by name.
     pub ports: Option<BTreeMap<String, RawPort>>,
+    /// `[[sockets]]`: listeners owned by the agent, in file-descriptor order.
     pub sockets: Option<Vec<RawSocket>>,
+    /// `[restart]`: policy and backoff.
     pub restart: Option<RawRestart>,
+    /// `[health]`: the probe and its schedule.
     pub health: Option<RawHealth>,
+    /// `[rollout]`: how instances are replaced.
     pub rollout: Option<RawRollout>,
+    /// `[stop]`: stop signal and grace period.
     pub stop: Option<RawStop>,
+    /// `[logs]`: rotation of the instance's log files.
     pub logs: Option<RawLogs>,
 }
 
+/// `[resources]` as written.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawResources {
+    /// Cores, fractional (a TOML integer is read as a float).
     pub cpu: Option<f64>,
+    /// Hard memory limit.
     pub memory: Option<RawSize>,
+    /// Max tasks.
     pub pids: Option<i64>,
 }
 
+/// `[isolation]` as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawIsolation {
+    /// Namespace names: `pid`, `mount`, `uts`, `ipc`, `net`.
     pub namespaces: Option<Vec<String>>,
+    /// Hostname template with `{index}` and `{instance}`.
     pub hostname: Option<String>,
+    /// A fresh tmpfs on /tmp.
     pub private_tmp: Option<bool>,
 }
 
+/// One `[[sockets]]` entry as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawSocket {
+    /// The socket's `LISTEN_FDNAMES` entry.
     pub name: Option<String>,
+    /// `host:port` or `unix:/path`.
     pub listen: Option<String>,
 }
 
+/// `[restart]` as written; durations are humantime strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawRestart {
+    /// `always`, `on-failure` or `never`.
     pub policy: Option<String>,
+    /// First restart delay.
     pub backoff: Option<String>,
+    /// Longest restart delay.
     pub backoff_max: Option<String>,
 }
 
+/// `[health]` as written; durations are humantime strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawHealth {
+    /// An `http://` URL.
     pub http: Option<String>,
+    /// `host:port` to connect to.
     pub tcp: Option<String>,
+    /// `host:port` of a `grpc.health.v1.Health` service.
     pub grpc: Option<String>,
+    /// argv run inside the instance.
     pub exec: Option<Vec<String>>,
+    /// Time between probes.
     pub interval: Option<String>,
+    /// Time a probe may take.
     pub timeout: Option<String>,
+    /// Grace period after a start.
     pub start_period: Option<String>,
+    /// Consecutive failures that make an instance unhealthy.
     pub failure_threshold: Option<i64>,
+    /// Consecutive successes that make an instance healthy.
     pub success_threshold: Option<i64>,
+    /// Restart an instance that stays unhealthy.
     pub restart_on_failure: Option<bool>,
+    /// Readiness pushed by the instance over `NOTIFY_SOCKET`.
     pub notify: Option<bool>,
 }
 
+/// `[rollout]` as written; durations are humantime strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawRollout {
+    /// Extra instances started before old ones stop.
     pub max_surge: Option<i64>,
+    /// Instances that may be missing during a rollout.
     pub max_unavailable: Option<i64>,
+    /// How long a new instance must stay healthy.
     pub min_healthy: Option<String>,
+    /// Time limit for a new instance to become healthy.
     pub healthy_deadline: Option<String>,
+    /// Restore the previous revision when a rollout fails.
     pub auto_rollback: Option<bool>,
 }
 
+/// `[stop]` as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawStop {
+    /// A signal name, with or without `SIG`.
     pub signal: Option<String>,
+    /// Time between the stop signal and SIGKILL.
     pub grace: Option<String>,
 }
 
+/// `[logs]` as written.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawLogs {
+    /// Bytes per file.
     pub max_size: Option<RawSize>,
+    /// Files kept.
     pub max_files: Option<i64>,
 }
 
@@ -114,54 +173,95 @@ pub struct RawLogs {
 /// A validated service spec: every default filled in, every value within its range.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
+    /// `[a-z0-9][a-z0-9-]{0,62}`: safe as a path component and a cgroup name.
     pub name: String,
+    /// Non-empty; `command[0]` is an absolute path or a bare program name.
     pub command: Vec<String>,
+    /// Extra variables; never one the agent sets itself (`CORRAL_*`, `LISTEN_*`,
+    /// `NOTIFY_SOCKET`, `PORT_<NAME>`). Default: none.
     pub env: BTreeMap<String, String>,
     /// Absolute; `/` by default.
     pub workdir: PathBuf,
     /// `None`: run as the agent's own user.
     pub user: Option<UserSpec>,
+    /// 0..=1000; default 1.
     pub replicas: u32,
+    /// Default: unlimited.
     pub resources: Resources,
+    /// Default: pid, mount, uts and ipc namespaces, a private /tmp.
     pub isolation: Isolation,
+    /// Per-instance ports, given to the instance as env `PORT_<NAME>`. Default: none.
     pub ports: BTreeMap<String, PortSpec>,
+    /// Listeners owned by the agent, passed in this order (`LISTEN_FDS`). Default: none.
     pub sockets: Vec<SocketSpec>,
+    /// Default: always, 100ms doubling up to 30s.
     pub restart: RestartSpec,
+    /// `None`: no `[health]` section; an instance counts as healthy once it runs.
     pub health: Option<HealthSpec>,
+    /// Default: surge 1, unavailable 0, healthy for 2s within 60s, auto rollback.
     pub rollout: RolloutSpec,
+    /// Default: SIGTERM, then SIGKILL after 10s.
     pub stop: StopSpec,
+    /// Default: 5 files of 10MiB.
     pub logs: LogSpec,
 }
 
+/// The user an instance runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserSpec {
     /// A user name, resolved on the host when an instance starts.
     Name(String),
     /// A numeric uid, with a gid (default: the same number as the uid).
-    Id { uid: u32, gid: Option<u32> },
+    Id {
+        /// The user id; never 4294967295 (`(uid_t)-1`).
+        uid: u32,
+        /// The group id, when written as `uid:gid`.
+        gid: Option<u32>,
+    },
 }
 
+impl fmt::Display for UserSpec {
+    /// As written in a spec file: the name, `uid` or `uid:gid`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UserSpec::Name(name) => f.write_str(name),
+            UserSpec::Id { uid, gid: None } => write!(f, "{uid}"),
+            UserSpec::Id {
+                uid,
+                gid: Some(gid),
+            } => write!(f, "{uid}:{gid}"),
+        }
+    }
+}
+
+/// cgroup limits of each instance.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Resources {
-    /// Cores, e.g. 0.5. `None`: unlimited.
+    /// Cores, e.g. 0.5; 0.01..=1024. `None`: unlimited.
     pub cpu: Option<f64>,
-    /// Bytes. `None`: unlimited.
+    /// Bytes; at least 1MiB. `None`: unlimited.
     pub memory: Option<u64>,
-    /// Max tasks. `None`: unlimited.
+    /// Max tasks; 1..=4194304. `None`: unlimited.
     pub pids: Option<u64>,
 }
 
 /// The Linux namespaces an instance gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Namespace {
+    /// Own process ids; the instance's init is PID 1.
     Pid,
+    /// Own mount table (a private /proc and /tmp).
     Mount,
+    /// Own hostname.
     Uts,
+    /// Own System V IPC and POSIX message queues.
     Ipc,
+    /// Own network stack, with loopback only.
     Net,
 }
 
 impl Namespace {
+    /// Every namespace a spec may ask for, in their sort order.
     pub const ALL: [Namespace; 5] = [
         Namespace::Pid,
         Namespace::Mount,
@@ -181,55 +281,83 @@ impl Namespace {
         }
     }
 
+    /// The namespace named `s` in spec files (exact, lowercase).
     pub fn from_name(s: &str) -> Option<Namespace> {
         Namespace::ALL.into_iter().find(|n| n.as_str() == s)
     }
 }
 
+/// What an instance is isolated with, besides its cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Isolation {
-    /// Sorted, without duplicates. Default: pid, mount, uts, ipc.
+    /// Sorted, without duplicates; `Pid` only with `Mount`. Default: pid, mount, uts, ipc.
     pub namespaces: Vec<Namespace>,
-    /// Hostname template; `{index}` and `{instance}` are expanded. Default (with a uts
-    /// namespace): the instance id.
+    /// Hostname template; `{index}` and `{instance}` are expanded. Only with a uts
+    /// namespace. `None`: the instance id (see [`ServiceSpec::hostname_for`]).
     pub hostname: Option<String>,
-    /// A fresh tmpfs on /tmp. Default: true when the mount namespace is on.
+    /// A fresh tmpfs on /tmp. Default: true when the mount namespace is on; never true
+    /// without it.
     pub private_tmp: bool,
 }
 
 impl Isolation {
+    /// Whether the instance gets namespace `ns`.
     pub fn has(&self, ns: Namespace) -> bool {
         self.namespaces.contains(&ns)
     }
 }
 
+/// A `[ports]` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortSpec {
     /// The agent picks a free port for each instance.
     Auto,
+    /// This port, 1..=65535, for every instance (so with more than one instance, only
+    /// with a private network namespace).
     Fixed(u16),
 }
 
+/// Where an agent-owned socket listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// TCP on an IP address and a port other than 0.
     Tcp(SocketAddr),
+    /// A Unix stream socket at this absolute path (shorter than 108 bytes).
     Unix(PathBuf),
 }
 
+impl fmt::Display for ListenAddr {
+    /// As written in a spec file: `127.0.0.1:8080`, `[::1]:8080` or `unix:/path`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A listening socket the agent owns and hands to every instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketSpec {
+    /// `[A-Za-z0-9_.-]{1,64}`, unique in the spec: its `LISTEN_FDNAMES` entry.
     pub name: String,
+    /// Where it listens; unique in the spec.
     pub listen: ListenAddr,
 }
 
+/// Which exits are restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartPolicy {
+    /// Every exit (the default).
     Always,
+    /// Exits with a non-zero code, signals, OOM kills and health failures.
     OnFailure,
+    /// None.
     Never,
 }
 
 impl RestartPolicy {
+    /// The name used in spec files: `always`, `on-failure`, `never`.
     pub fn as_str(self) -> &'static str {
         match self {
             RestartPolicy::Always => "always",
@@ -239,15 +367,18 @@ impl RestartPolicy {
     }
 }
 
+/// `[restart]`: when and how fast exited instances are restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartSpec {
+    /// Default: always.
     pub policy: RestartPolicy,
-    /// First delay. Default 100ms.
+    /// First delay, doubling after each restart. Default 100ms; 10ms..=1h.
     pub backoff: Duration,
-    /// Cap. Default 30s. Always >= `backoff`.
+    /// Cap. Default 30s; at most 1h. Always >= `backoff`.
     pub backoff_max: Duration,
 }
 
+/// How an instance's health is probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
     /// A URL, `http://host:port/path`, with `{port.NAME}` placeholders kept for expansion.
@@ -256,43 +387,76 @@ pub enum Probe {
     Tcp(String),
     /// `host:port`, placeholders kept.
     Grpc(String),
-    /// argv run inside the instance.
+    /// argv run inside the instance, placeholders kept.
     Exec(Vec<String>),
 }
 
+impl Probe {
+    /// The spec-file key of this probe: `http`, `tcp`, `grpc` or `exec`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Probe::Http(_) => "http",
+            Probe::Tcp(_) => "tcp",
+            Probe::Grpc(_) => "grpc",
+            Probe::Exec(_) => "exec",
+        }
+    }
+}
+
+/// `[health]`: the probe of every instance and how its results count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSpec {
     /// `None` only when `notify` is true (readiness is pushed by the instance).
     pub probe: Option<Probe>,
+    /// Time between probes. Default 2s; 100ms..=1h.
     pub interval: Duration,
+    /// Time a probe may take. Default 1s, or `interval` when shorter; 10ms..=`interval`.
     pub timeout: Duration,
+    /// Failures during this time after a start do not count. Default 0s; at most 24h.
     pub start_period: Duration,
+    /// Consecutive failures that make an instance unhealthy. Default 3; 1..=100.
     pub failure_threshold: u32,
+    /// Consecutive successes that make an instance healthy. Default 1; 1..=100.
     pub success_threshold: u32,
+    /// Restart an instance that became unhealthy. Default true.
     pub restart_on_failure: bool,
+    /// The instance reports `READY=1` on `NOTIFY_SOCKET`. Default false.
     pub notify: bool,
 }
 
+/// `[rollout]`: how instances are replaced on a restart or an update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RolloutSpec {
+    /// Extra instances started before old ones stop. Default 1; 0..=1000.
     pub max_surge: u32,
+    /// Instances that may be missing during a rollout. Default 0; 0..=1000; never 0 together
+    /// with `max_surge`.
     pub max_unavailable: u32,
+    /// How long a new instance must stay healthy. Default 2s; at most 1h.
     pub min_healthy: Duration,
+    /// A new instance must have been healthy for `min_healthy` within this time, or the
+    /// rollout fails. Default 60s; 1s..=24h and at least `min_healthy`.
     pub healthy_deadline: Duration,
+    /// Restore the previous revision when a rollout fails. Default true.
     pub auto_rollback: bool,
 }
 
+/// `[stop]`: how an instance is asked to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StopSpec {
-    /// Signal number, e.g. 15.
+    /// Signal number, e.g. 15. Default SIGTERM; never SIGSTOP.
     pub signal: i32,
     /// Canonical name, e.g. "SIGTERM".
     pub signal_name: String,
+    /// Then SIGKILL to everything in the instance's cgroup. Default 10s; at most 1h.
     pub grace: Duration,
 }
 
+/// `[logs]`: rotation of an instance's log files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogSpec {
+    /// Bytes per file before it is rotated. Default 10MiB; 4KiB..=1TiB.
     pub max_size: u64,
+    /// Files kept, the current one included. Default 5; 1..=100.
     pub max_files: u32,
 }

@@ -1,0 +1,129 @@
+//! [`ServiceSpec`] back to [`RawSpec`], and what a validated spec tells about its instances.
+
+use super::types::{
+    HealthSpec, Namespace, PortSpec, Probe, RawHealth, RawIsolation, RawLogs, RawPort,
+    RawResources, RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec,
+};
+use super::units::{format_duration, format_size};
+use super::validate::expand_hostname;
+
+impl ServiceSpec {
+    /// The canonical raw form: every default written out, sizes and durations in their
+    /// shortest exact text, `localhost` as `127.0.0.1`. Validating it gives `self` back.
+    /// Absent stays absent where absence is the value: `user`, resource limits,
+    /// `isolation.hostname` and `[health]`.
+    pub fn to_raw(&self) -> RawSpec {
+        RawSpec {
+            name: Some(self.name.clone()),
+            command: Some(self.command.clone()),
+            env: Some(self.env.clone()),
+            workdir: Some(self.workdir.to_string_lossy().into_owned()),
+            user: self.user.as_ref().map(ToString::to_string),
+            replicas: Some(i64::from(self.replicas)),
+            resources: Some(RawResources {
+                cpu: self.resources.cpu,
+                memory: self
+                    .resources
+                    .memory
+                    .map(|bytes| RawSize::Text(format_size(bytes))),
+                pids: self
+                    .resources
+                    .pids
+                    .map(|pids| i64::try_from(pids).unwrap_or(i64::MAX)),
+            }),
+            isolation: Some(RawIsolation {
+                namespaces: Some(
+                    self.isolation
+                        .namespaces
+                        .iter()
+                        .map(|ns| ns.as_str().to_owned())
+                        .collect(),
+                ),
+                hostname: self.isolation.hostname.clone(),
+                private_tmp: Some(self.isolation.private_tmp),
+            }),
+            ports: Some(
+                self.ports
+                    .iter()
+                    .map(|(name, port)| {
+                        let raw = match port {
+                            PortSpec::Auto => RawPort::Text("auto".to_owned()),
+                            PortSpec::Fixed(n) => RawPort::Number(i64::from(*n)),
+                        };
+                        (name.clone(), raw)
+                    })
+                    .collect(),
+            ),
+            sockets: Some(
+                self.sockets
+                    .iter()
+                    .map(|socket| RawSocket {
+                        name: Some(socket.name.clone()),
+                        listen: Some(socket.listen.to_string()),
+                    })
+                    .collect(),
+            ),
+            restart: Some(RawRestart {
+                policy: Some(self.restart.policy.as_str().to_owned()),
+                backoff: Some(format_duration(self.restart.backoff)),
+                backoff_max: Some(format_duration(self.restart.backoff_max)),
+            }),
+            health: self.health.as_ref().map(raw_health),
+            rollout: Some(RawRollout {
+                max_surge: Some(i64::from(self.rollout.max_surge)),
+                max_unavailable: Some(i64::from(self.rollout.max_unavailable)),
+                min_healthy: Some(format_duration(self.rollout.min_healthy)),
+                healthy_deadline: Some(format_duration(self.rollout.healthy_deadline)),
+                auto_rollback: Some(self.rollout.auto_rollback),
+            }),
+            stop: Some(RawStop {
+                signal: Some(self.stop.signal_name.clone()),
+                grace: Some(format_duration(self.stop.grace)),
+            }),
+            logs: Some(RawLogs {
+                max_size: Some(RawSize::Text(format_size(self.logs.max_size))),
+                max_files: Some(i64::from(self.logs.max_files)),
+            }),
+        }
+    }
+
+    /// Whether `self` and `other` differ at most in `replicas`: a change that scales
+    /// instances in or out instead of replacing them.
+    pub fn same_except_replicas(&self, other: &ServiceSpec) -> bool {
+        let mut other = other.clone();
+        other.replicas = self.replicas;
+        *self == other
+    }
+
+    /// The hostname of instance `index`: the template with `{index}` and `{instance}`
+    /// expanded, or the instance id (`web-2`) without a template. `None` without a uts
+    /// namespace: the instance then shares the host's name.
+    pub fn hostname_for(&self, index: u32) -> Option<String> {
+        if !self.isolation.has(Namespace::Uts) {
+            return None;
+        }
+        let template = self.isolation.hostname.as_deref().unwrap_or("{instance}");
+        Some(expand_hostname(template, &self.name, index))
+    }
+}
+
+fn raw_health(health: &HealthSpec) -> RawHealth {
+    let mut raw = RawHealth {
+        interval: Some(format_duration(health.interval)),
+        timeout: Some(format_duration(health.timeout)),
+        start_period: Some(format_duration(health.start_period)),
+        failure_threshold: Some(i64::from(health.failure_threshold)),
+        success_threshold: Some(i64::from(health.success_threshold)),
+        restart_on_failure: Some(health.restart_on_failure),
+        notify: Some(health.notify),
+        ..RawHealth::default()
+    };
+    match &health.probe {
+        None => {}
+        Some(Probe::Http(url)) => raw.http = Some(url.clone()),
+        Some(Probe::Tcp(target)) => raw.tcp = Some(target.clone()),
+        Some(Probe::Grpc(target)) => raw.grpc = Some(target.clone()),
+        Some(Probe::Exec(argv)) => raw.exec = Some(argv.clone()),
+    }
+    raw
+}
