@@ -1,0 +1,460 @@
+//! The connection to the agent: the `--addr` forms `corral` accepts (a Unix socket, or
+//! `https://` with TLS; plaintext TCP is refused), connecting with a timeout, and turning
+//! connection failures and gRPC statuses into errors that tell the user what to do.
+//!
+//! Only this module touches tonic: commands call the agent through [`Session`] and get plain
+//! messages or `anyhow` errors back. It knows nothing about output formats.
+
+use std::error::Error as StdError;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use corral_proto::v1 as pb;
+use corral_proto::v1::agent_client::AgentClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+use crate::args::ConnectArgs;
+
+/// How long `corral` waits for the connection (and the TLS handshake) before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to the agent's `corral.v1.Agent` service; every call returns the reply, or an
+/// error worded for the user.
+#[derive(Debug)]
+pub struct Session {
+    client: AgentClient<Channel>,
+    /// Said after an error the transport raised (rather than the agent), when there is a likely
+    /// cause to suggest.
+    transport_hint: Option<&'static str>,
+}
+
+impl Session {
+    pub async fn apply(&mut self, request: pb::ApplyRequest) -> anyhow::Result<pb::ApplyResponse> {
+        let reply = self.client.apply(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn delete(&mut self, name: &str) -> anyhow::Result<pb::DeleteResponse> {
+        let request = pb::DeleteRequest {
+            name: name.to_owned(),
+        };
+        let reply = self.client.delete(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn get(&mut self, name: &str) -> anyhow::Result<pb::ServiceStatus> {
+        let request = pb::GetRequest {
+            name: name.to_owned(),
+        };
+        let reply = self.client.get(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
+        let reply = self.client.list(pb::ListRequest {}).await;
+        self.reply(reply)
+    }
+
+    pub async fn scale(&mut self, name: &str, replicas: u32) -> anyhow::Result<pb::ScaleResponse> {
+        let request = pb::ScaleRequest {
+            name: name.to_owned(),
+            replicas,
+        };
+        let reply = self.client.scale(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn node(&mut self) -> anyhow::Result<pb::NodeInfo> {
+        let reply = self.client.node(pb::NodeRequest {}).await;
+        self.reply(reply)
+    }
+
+    fn reply<T>(&self, reply: Result<tonic::Response<T>, Status>) -> anyhow::Result<T> {
+        reply.map(tonic::Response::into_inner).map_err(|status| {
+            let from_transport = status.source().is_some();
+            let err = rpc_error(status);
+            match self.transport_hint {
+                Some(hint) if from_transport => anyhow!("{err} ({hint})"),
+                _ => err,
+            }
+        })
+    }
+}
+
+/// A parsed `--addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The agent's Unix socket.
+    Unix(PathBuf),
+    /// The agent's TLS listener, as an `https://host:port` URI.
+    Https(String),
+}
+
+/// Parses `--addr`: `unix:///PATH`, `unix:PATH`, a bare absolute socket path, or
+/// `https://HOST:PORT`. `http://` is refused: the agent serves TCP only with TLS.
+pub fn parse_addr(addr: &str) -> anyhow::Result<Target> {
+    let addr = addr.trim();
+    if let Some(rest) = addr.strip_prefix("unix:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if path.is_empty() {
+            bail!(
+                "--addr {addr}: no socket path; expected unix:///PATH, e.g. unix:///run/corral/corral.sock"
+            );
+        }
+        return Ok(Target::Unix(PathBuf::from(path)));
+    }
+    if addr.starts_with('/') {
+        return Ok(Target::Unix(PathBuf::from(addr)));
+    }
+    let lower = addr.to_ascii_lowercase();
+    if lower.starts_with("http://") {
+        bail!(
+            "--addr {addr}: plaintext TCP is not offered; corrald listens on TCP only with TLS. \
+             Use https://HOST:PORT with --tls-ca FILE, or the local socket unix:///PATH"
+        );
+    }
+    if let Some(rest) = lower.strip_prefix("https://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.is_empty() {
+            bail!("--addr {addr}: no host; expected https://HOST:PORT");
+        }
+        if let Err(e) = addr.parse::<tonic::codegen::http::Uri>() {
+            bail!("--addr {addr}: not a valid address: {e}");
+        }
+        return Ok(Target::Https(addr.to_owned()));
+    }
+    bail!("--addr {addr}: unsupported address; expected unix:///PATH or https://HOST:PORT")
+}
+
+/// Connects to the agent at `--addr`, within [`CONNECT_TIMEOUT`].
+pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Session> {
+    let addr = args.addr.trim();
+    let target = parse_addr(addr)?;
+    let endpoint = match &target {
+        Target::Unix(path) => Endpoint::from_shared(format!("unix://{}", path.display()))
+            .with_context(|| format!("--addr {addr}: not a valid socket address"))?,
+        Target::Https(uri) => Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("--addr {addr}: not a valid address"))?
+            .tls_config(tls_config(addr, args)?)
+            .map_err(|e| {
+                anyhow!(
+                    "cannot use the TLS files (--tls-ca, --tls-cert, --tls-key): {}",
+                    root_cause(&e)
+                )
+            })?,
+    }
+    .connect_timeout(CONNECT_TIMEOUT);
+
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(Session {
+            client: AgentClient::new(channel),
+            // A listener that requires a client certificate rejects the handshake only after the
+            // client has finished its side (TLS 1.3), so the first call fails, not the connect.
+            transport_hint: match target {
+                Target::Https(_) if args.tls_cert.is_none() => {
+                    Some("if corrald requires a client certificate, pass --tls-cert and --tls-key")
+                }
+                _ => None,
+            },
+        }),
+        Ok(Err(e)) => Err(connect_error(addr, &target, &e)),
+        Err(_) => Err(anyhow!(
+            "cannot connect to {addr}: no answer within {}s — is corrald running and reachable?",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The TLS settings for an `https://` address: the CA is required (the agent's certificate is
+/// signed by a private CA; no public roots are trusted), the client identity is optional.
+fn tls_config(addr: &str, args: &ConnectArgs) -> anyhow::Result<ClientTlsConfig> {
+    let Some(ca) = &args.tls_ca else {
+        bail!(
+            "--addr {addr} needs --tls-ca FILE (or CORRAL_TLS_CA): the CA certificate that signed \
+             corrald's certificate"
+        );
+    };
+    let ca = read_pem("--tls-ca", ca, "CERTIFICATE-----")?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read_pem("--tls-cert", cert, "CERTIFICATE-----")?,
+            read_pem("--tls-key", key, "PRIVATE KEY-----")?,
+        ));
+    }
+    Ok(tls)
+}
+
+/// Reads a PEM file and checks that it holds a block of the expected kind, so that a wrong file
+/// is named here rather than surfacing later as a failed handshake.
+fn read_pem(flag: &str, path: &Path, label_end: &str) -> anyhow::Result<Vec<u8>> {
+    let pem = fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let text = String::from_utf8_lossy(&pem);
+    let found = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.trim_end().ends_with(label_end));
+    if !found {
+        let kind = label_end.trim_end_matches('-').to_lowercase();
+        bail!("{flag} {}: no PEM {kind} in this file", path.display());
+    }
+    Ok(pem)
+}
+
+/// A failed connection, explained: the socket is missing, not ours to open, or nobody listens.
+fn connect_error(addr: &str, target: &Target, err: &(dyn StdError + 'static)) -> anyhow::Error {
+    let unix = matches!(target, Target::Unix(_));
+    if let Some(io) = find_io_error(err) {
+        let hint = match io.kind() {
+            io::ErrorKind::NotFound if unix => Some(
+                "no such socket — is corrald running? (--addr or CORRAL_ADDR picks another socket)",
+            ),
+            io::ErrorKind::PermissionDenied if unix => Some(
+                "permission denied — is corrald running, and are you root or in the socket's group?",
+            ),
+            io::ErrorKind::ConnectionRefused if unix => Some(
+                "connection refused — the socket exists but nobody listens; is corrald running?",
+            ),
+            io::ErrorKind::ConnectionRefused => {
+                Some("connection refused — is corrald listening there (corrald --listen)?")
+            }
+            io::ErrorKind::TimedOut => Some("timed out — is the host reachable?"),
+            _ => None,
+        };
+        if let Some(hint) = hint {
+            return anyhow!("cannot connect to {addr}: {hint}");
+        }
+    }
+    anyhow!("cannot connect to {addr}: {}", root_cause(err))
+}
+
+fn find_io_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a io::Error> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// The innermost cause's message: the most specific one (e.g. a TLS certificate problem) where
+/// the outer layers only say "transport error".
+fn root_cause(err: &(dyn StdError + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// A gRPC status as the user sees it: the agent's message unchanged for the codes that explain
+/// themselves (bad input, unknown service, host cannot enforce, not allowed), otherwise prefixed
+/// with the code, and with the underlying cause when the status comes from the transport.
+pub fn rpc_error(status: Status) -> anyhow::Error {
+    let message = status.message();
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::PermissionDenied
+        | Code::AlreadyExists
+            if !message.is_empty() =>
+        {
+            anyhow!("{message}")
+        }
+        code => {
+            let mut text = code_name(code).to_owned();
+            if !message.is_empty() {
+                text = format!("{text}: {message}");
+            }
+            if let Some(source) = status.source() {
+                let cause = root_cause(source);
+                if !message.contains(&cause) {
+                    text = format!("{text}: {cause}");
+                }
+            }
+            if code == Code::Unauthenticated {
+                text.push_str(" (the agent wants a client certificate: --tls-cert and --tls-key)");
+            }
+            anyhow!("{text}")
+        }
+    }
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "not implemented by this agent",
+        Code::Internal => "internal error",
+        Code::Unavailable => "agent unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_addresses() {
+        let want = Target::Unix(PathBuf::from("/run/corral/corral.sock"));
+        assert_eq!(parse_addr("unix:///run/corral/corral.sock").unwrap(), want);
+        assert_eq!(parse_addr("unix:/run/corral/corral.sock").unwrap(), want);
+        assert_eq!(parse_addr("/run/corral/corral.sock").unwrap(), want);
+        assert!(parse_addr("unix://").is_err());
+        assert!(parse_addr("unix:").is_err());
+    }
+
+    #[test]
+    fn https_addresses() {
+        assert_eq!(
+            parse_addr("https://node1:7443").unwrap(),
+            Target::Https("https://node1:7443".into())
+        );
+        assert!(parse_addr("https://").is_err());
+    }
+
+    #[test]
+    fn plaintext_tcp_is_refused_with_a_way_out() {
+        let err = parse_addr("http://node1:7443").unwrap_err().to_string();
+        assert!(err.contains("plaintext TCP is not offered"), "{err}");
+        assert!(err.contains("https://"), "{err}");
+        let err = parse_addr("HTTP://node1:7443").unwrap_err().to_string();
+        assert!(err.contains("plaintext"), "{err}");
+    }
+
+    #[test]
+    fn other_addresses_are_refused() {
+        for addr in ["node1:7443", "tcp://node1:7443", "", "relative/path.sock"] {
+            let err = parse_addr(addr).unwrap_err().to_string();
+            assert!(
+                err.contains("expected unix:///PATH or https://HOST:PORT"),
+                "{addr}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn https_needs_a_ca() {
+        let args = ConnectArgs {
+            addr: "https://node1:7443".into(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        };
+        let err = connect(&args).await.unwrap_err().to_string();
+        assert!(err.contains("needs --tls-ca"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_ca_is_named() {
+        let args = ConnectArgs {
+            addr: "https://node1:7443".into(),
+            tls_ca: Some(PathBuf::from("/nonexistent/ca.pem")),
+            tls_cert: None,
+            tls_key: None,
+        };
+        let err = format!("{:#}", connect(&args).await.unwrap_err());
+        assert!(
+            err.contains("cannot read --tls-ca /nonexistent/ca.pem"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_files_must_hold_the_right_pem_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("ca.pem");
+        fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let key = dir.path().join("me.key");
+        fs::write(
+            &key,
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(read_pem("--tls-ca", &cert, "CERTIFICATE-----").is_ok());
+        assert!(read_pem("--tls-key", &key, "PRIVATE KEY-----").is_ok());
+        let err = read_pem("--tls-ca", &key, "CERTIFICATE-----")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "--tls-ca {}: no PEM certificate in this file",
+                key.display()
+            )
+        );
+        let err = read_pem("--tls-key", &cert, "PRIVATE KEY-----")
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("no PEM private key in this file"), "{err}");
+    }
+
+    #[test]
+    fn connection_failures_say_what_to_check() {
+        let addr = "unix:///run/corral/corral.sock";
+        let unix = Target::Unix(PathBuf::from("/run/corral/corral.sock"));
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            connect_error(addr, &unix, &denied).to_string(),
+            "cannot connect to unix:///run/corral/corral.sock: permission denied — is corrald \
+             running, and are you root or in the socket's group?"
+        );
+        let tcp = Target::Https("https://node1:7443".into());
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let err = connect_error("https://node1:7443", &tcp, &refused).to_string();
+        assert!(err.contains("is corrald listening there"), "{err}");
+        let other = io::Error::other("invalid peer certificate: UnknownIssuer");
+        let err = connect_error("https://node1:7443", &tcp, &other).to_string();
+        assert_eq!(
+            err,
+            "cannot connect to https://node1:7443: invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    #[test]
+    fn self_explaining_statuses_keep_the_message_unchanged() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+        ] {
+            let msg = r#"resources.memory: "12XB" is not a size"#;
+            assert_eq!(rpc_error(Status::new(code, msg)).to_string(), msg);
+        }
+    }
+
+    #[test]
+    fn other_statuses_name_their_code() {
+        let err = rpc_error(Status::internal("state dir is read-only")).to_string();
+        assert_eq!(err, "internal error: state dir is read-only");
+        let err = rpc_error(Status::unauthenticated("")).to_string();
+        assert!(err.starts_with("unauthenticated"), "{err}");
+        assert!(err.contains("--tls-cert"), "{err}");
+        let err = rpc_error(Status::not_found("")).to_string();
+        assert_eq!(err, "not found");
+    }
+}

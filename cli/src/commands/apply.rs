@@ -1,0 +1,214 @@
+//! `apply` and `diff`: send spec files to the agent as TOML text, unparsed — the agent parses
+//! and validates them, so an error reads the same whether it came from here, a scheduler or the
+//! agent's own `--services` directory.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use corral_proto::v1::{ApplyRequest, ApplyResponse, apply_request::Source};
+
+use super::Outcome;
+use crate::args::{ApplyArgs, ConnectArgs, DiffArgs, Format};
+use crate::client::{self, Session};
+use crate::render::{write_apply, write_json};
+use crate::views::ApplyView;
+
+/// The spec files `-f PATH` names: the file itself, or every `*.toml` file directly inside a
+/// directory (not hidden ones, not subdirectories), in name order. `-` is standard input.
+pub fn spec_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path == Path::new("-") {
+        return Ok(vec![path.to_owned()]);
+    }
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries = fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", path.display()))?;
+        let name = entry.file_name();
+        if !is_spec_file_name(&name) {
+            continue;
+        }
+        let file = entry.path();
+        // A dangling link or unreadable entry is kept, so that applying it reports why.
+        if fs::metadata(&file).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        files.push(file);
+    }
+    if files.is_empty() {
+        bail!("{}: no *.toml spec files in this directory", path.display());
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `web.toml` is a spec file; `.web.toml` (editor lock and swap files) is not.
+fn is_spec_file_name(name: &OsStr) -> bool {
+    let bytes = name.as_encoded_bytes();
+    !bytes.starts_with(b".") && bytes.ends_with(b".toml")
+}
+
+pub async fn apply(
+    conn: &ConnectArgs,
+    format: Format,
+    args: &ApplyArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let files = spec_files(&args.file)?;
+    let mut session = client::connect(conn).await?;
+    let mut views = Vec::with_capacity(files.len());
+    let mut outcome = Outcome::Success;
+    for file in &files {
+        let shown = label(file);
+        match apply_file(&mut session, file, args.dry_run).await {
+            Ok(resp) => {
+                if format == Format::Table {
+                    write_apply(out, &fallback_name(file), &resp, args.dry_run)?;
+                }
+                views.push(ApplyView::applied(as_given(file), args.dry_run, &resp));
+            }
+            Err(e) => {
+                outcome = Outcome::Failed;
+                writeln!(err, "error: {shown}: {e:#}")?;
+                views.push(ApplyView::failed(
+                    as_given(file),
+                    args.dry_run,
+                    format!("{e:#}"),
+                ));
+            }
+        }
+    }
+    if format == Format::Json {
+        write_json(out, &views)?;
+    }
+    Ok(outcome)
+}
+
+pub async fn diff(
+    conn: &ConnectArgs,
+    format: Format,
+    args: &DiffArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let mut session = client::connect(conn).await?;
+    let resp = apply_file(&mut session, &args.file, true)
+        .await
+        .with_context(|| label(&args.file))?;
+    match format {
+        Format::Table => write_apply(out, &fallback_name(&args.file), &resp, true)?,
+        Format::Json => write_json(out, &ApplyView::applied(as_given(&args.file), true, &resp))?,
+    }
+    Ok(Outcome::Success)
+}
+
+async fn apply_file(
+    session: &mut Session,
+    file: &Path,
+    dry_run: bool,
+) -> anyhow::Result<ApplyResponse> {
+    let text = read_spec(file)?;
+    let request = ApplyRequest {
+        source: Some(Source::SpecToml(text)),
+        dry_run,
+    };
+    session.apply(request).await
+}
+
+fn read_spec(file: &Path) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+    } else {
+        text = fs::read_to_string(file).context("cannot read the file")?;
+    }
+    Ok(text)
+}
+
+/// A spec file as named in messages.
+fn label(file: &Path) -> String {
+    if file == Path::new("-") {
+        "<stdin>".to_owned()
+    } else {
+        file.display().to_string()
+    }
+}
+
+/// A spec file as given on the command line (`-` for standard input), for JSON output.
+fn as_given(file: &Path) -> String {
+    file.display().to_string()
+}
+
+/// What to call a service in output when the agent's answer leaves the name out.
+fn fallback_name(file: &Path) -> String {
+    file.file_stem().map_or_else(
+        || file.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_gives_its_toml_files_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "web.toml",
+            "api.toml",
+            "zeta.toml",
+            "README.md",
+            "notes.toml.bak",
+            ".#web.toml",
+        ] {
+            fs::write(dir.path().join(name), "name = \"x\"\n").unwrap();
+        }
+        fs::create_dir(dir.path().join("nested.toml")).unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/inner.toml"), "").unwrap();
+
+        let files = spec_files(dir.path()).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["api.toml", "web.toml", "zeta.toml"]);
+        assert!(files.iter().all(|f| f.parent() == Some(dir.path())));
+    }
+
+    #[test]
+    fn a_file_is_taken_as_it_is_whatever_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.spec");
+        fs::write(&file, "").unwrap();
+        assert_eq!(spec_files(&file).unwrap(), [file]);
+        assert_eq!(spec_files(Path::new("-")).unwrap(), [PathBuf::from("-")]);
+    }
+
+    #[test]
+    fn a_directory_without_specs_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("README.md"), "").unwrap();
+        let err = spec_files(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no *.toml spec files"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_path_is_named() {
+        let err = format!(
+            "{:#}",
+            spec_files(Path::new("/nonexistent/specs")).unwrap_err()
+        );
+        assert!(err.starts_with("cannot read /nonexistent/specs: "), "{err}");
+    }
+}

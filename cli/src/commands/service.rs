@@ -1,0 +1,92 @@
+//! `ls`, `status`, `scale`, `delete` and `node`: one RPC each, its reply printed as a table or
+//! JSON.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use super::Outcome;
+use crate::args::{ConnectArgs, Format, ScaleArgs};
+use crate::client;
+use crate::render;
+use crate::views::{DeleteView, NodeView, ScaleView, ServiceView};
+
+pub async fn ls(
+    conn: &ConnectArgs,
+    format: Format,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let mut services = client::connect(conn).await?.list().await?.services;
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    for s in &mut services {
+        s.instances.sort_by_key(|i| i.index);
+    }
+    match format {
+        Format::Json => {
+            let views: Vec<ServiceView> = services.iter().map(ServiceView::from).collect();
+            render::write_json(out, &views)?;
+        }
+        Format::Table if services.is_empty() => writeln!(err, "no services")?,
+        Format::Table => render::write_services(out, &services)?,
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn status(
+    conn: &ConnectArgs,
+    format: Format,
+    name: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let mut service = client::connect(conn).await?.get(name).await?;
+    service.instances.sort_by_key(|i| i.index);
+    match format {
+        Format::Json => render::write_json(out, &ServiceView::from(&service))?,
+        Format::Table => render::write_status(out, &service, SystemTime::now())?,
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn scale(
+    conn: &ConnectArgs,
+    format: Format,
+    args: &ScaleArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let resp = client::connect(conn)
+        .await?
+        .scale(&args.name, args.replicas)
+        .await?;
+    match format {
+        Format::Json => render::write_json(out, &ScaleView::from(&resp))?,
+        Format::Table => render::write_scale(out, &resp)?,
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn delete(
+    conn: &ConnectArgs,
+    format: Format,
+    name: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let resp = client::connect(conn).await?.delete(name).await?;
+    match format {
+        Format::Json => render::write_json(out, &DeleteView::from(&resp))?,
+        Format::Table => render::write_delete(out, &resp)?,
+    }
+    Ok(Outcome::Success)
+}
+
+pub async fn node(
+    conn: &ConnectArgs,
+    format: Format,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let info = client::connect(conn).await?.node().await?;
+    match format {
+        Format::Json => render::write_json(out, &NodeView::from(&info))?,
+        Format::Table => render::write_node(out, &info)?,
+    }
+    Ok(Outcome::Success)
+}

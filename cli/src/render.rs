@@ -1,0 +1,760 @@
+//! What `-o table` prints: aligned tables and `key: value` blocks for people, and the human
+//! forms of sizes (`12.3MiB`), durations (`3m12s`) and CPU time.
+//!
+//! Rendering is pure apart from writing to the `out` it is given; the current time is passed in
+//! so that uptimes and "next start in" are testable. JSON output lives in `views`.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use corral_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::views::{parse_size, state_name};
+
+/// Writes `value` as one pretty-printed JSON document followed by a newline.
+pub fn write_json<T: Serialize>(out: &mut dyn Write, value: &T) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// A size in bytes with a binary unit and one decimal: `512B`, `12.3MiB`, `256MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // Step up while one decimal would round to 1024 or more ("1024.0KiB" reads as "1.0MiB").
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{}", UNITS[unit])
+}
+
+/// A duration, short and coarse as a table wants it: `350ms`, `1.2s`, `3m12s`, `5h3m`, `2d4h`.
+pub fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d < Duration::from_secs(1) {
+        return format!("{}ms", d.as_millis());
+    }
+    if secs < 60 {
+        let tenths = (d.as_millis() / 100).min(599);
+        return format!("{}.{}s", tenths / 10, tenths % 10);
+    }
+    let (days, hours, mins) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60);
+    if secs < 3600 {
+        format!("{mins}m{}s", secs % 60)
+    } else if secs < 86_400 {
+        format!("{hours}h{mins}m")
+    } else {
+        format!("{days}d{hours}h")
+    }
+}
+
+/// Total CPU time in seconds with two decimals: `12.34s`.
+pub fn cpu_seconds(ns: u64) -> String {
+    format!("{:.2}s", ns as f64 / 1e9)
+}
+
+/// Columns separated by two spaces, each as wide as its widest cell; the last is not padded.
+#[derive(Debug)]
+pub struct Table {
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: Vec<&'static str>) -> Self {
+        Table {
+            header,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows
+            .push(cells.into_iter().map(|c| one_line(&c)).collect());
+    }
+
+    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                match widths.get_mut(i) {
+                    Some(w) => *w = (*w).max(cell.chars().count()),
+                    None => widths.push(cell.chars().count()),
+                }
+            }
+        }
+        let header: Vec<String> = self.header.iter().map(|h| (*h).to_owned()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad + 2));
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// A cell on one line: control characters (a newline in an error message) become spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// `key: value` lines with the values aligned; a multi-line value is indented to match.
+fn write_fields(out: &mut dyn Write, fields: &[(&str, String)]) -> io::Result<()> {
+    let width = fields.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0) + 2;
+    for (key, value) in fields {
+        let mut lines = value.lines();
+        let first = lines.next().unwrap_or_default();
+        writeln!(out, "{:<width$}{first}", format!("{key}:"))?;
+        for line in lines {
+            writeln!(out, "{:width$}{line}", "")?;
+        }
+    }
+    Ok(())
+}
+
+/// `ls`: one line per service.
+pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io::Result<()> {
+    let mut table = Table::new(vec!["NAME", "REVISION", "DESIRED", "RUNNING", "HEALTHY"]);
+    for s in services {
+        let name = if s.deleting {
+            format!("{} (deleting)", s.name)
+        } else {
+            s.name.clone()
+        };
+        table.row(vec![
+            name,
+            s.revision.to_string(),
+            s.desired.to_string(),
+            s.running.to_string(),
+            s.healthy.to_string(),
+        ]);
+    }
+    table.write(out)
+}
+
+/// `status NAME`: the service's header, then one line per instance and its last error if any.
+pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime) -> io::Result<()> {
+    let spec = s.spec.clone().unwrap_or_default();
+    let mut fields = vec![
+        ("service", s.name.clone()),
+        ("revision", s.revision.to_string()),
+        (
+            "instances",
+            format!(
+                "{} desired, {} running, {} healthy",
+                s.desired, s.running, s.healthy
+            ),
+        ),
+    ];
+    if s.deleting {
+        fields.push(("state", "deleting".to_owned()));
+    }
+    fields.push(("command", command_line(&spec.command)));
+    fields.push((
+        "user",
+        spec.user
+            .clone()
+            .unwrap_or_else(|| "(the agent's user)".to_owned()),
+    ));
+    if let Some(workdir) = &spec.workdir {
+        fields.push(("workdir", workdir.clone()));
+    }
+    fields.push(("limits", limits(spec.resources.as_ref())));
+    if let Some(cgroup) = service_cgroup(s) {
+        fields.push(("cgroup", cgroup));
+    }
+    write_fields(out, &fields)?;
+
+    if s.instances.is_empty() {
+        writeln!(out, "\nno instances")?;
+        return Ok(());
+    }
+    writeln!(out)?;
+    let mut table = Table::new(vec![
+        "INSTANCE",
+        "STATE",
+        "PID",
+        "RESTARTS",
+        "LAST EXIT",
+        "CPU",
+        "MEMORY",
+        "UPTIME/NEXT START",
+    ]);
+    for i in &s.instances {
+        table.row(vec![
+            i.id.clone(),
+            state_name(i.state).to_owned(),
+            if i.pid > 0 {
+                i.pid.to_string()
+            } else {
+                "-".to_owned()
+            },
+            i.restarts.to_string(),
+            i.last_exit
+                .as_ref()
+                .filter(|e| !e.text.is_empty())
+                .map_or_else(|| "-".to_owned(), |e| e.text.clone()),
+            i.usage
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |u| cpu_seconds(u.cpu_usage_ns)),
+            i.usage
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |u| human_bytes(u.memory_bytes)),
+            uptime_or_next_start(i, now),
+        ]);
+    }
+    table.write(out)?;
+
+    let errors: Vec<&pb::InstanceStatus> = s
+        .instances
+        .iter()
+        .filter(|i| !i.last_error.is_empty())
+        .collect();
+    if !errors.is_empty() {
+        writeln!(out)?;
+        for i in errors {
+            let mut lines = i.last_error.lines();
+            writeln!(out, "{}: {}", i.id, lines.next().unwrap_or_default())?;
+            for line in lines {
+                writeln!(out, "  {line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long a running instance has been up, or when an instance waiting to restart starts next.
+fn uptime_or_next_start(i: &pb::InstanceStatus, now: SystemTime) -> String {
+    let at = |ts: &Option<prost_types::Timestamp>| ts.and_then(|t| SystemTime::try_from(t).ok());
+    match pb::InstanceState::try_from(i.state) {
+        Ok(pb::InstanceState::Running | pb::InstanceState::Stopping) => at(&i.started_at)
+            .map_or_else(
+                || "-".to_owned(),
+                |started| human_duration(now.duration_since(started).unwrap_or_default()),
+            ),
+        Ok(pb::InstanceState::Backoff | pb::InstanceState::Failed) => at(&i.next_start_at)
+            .map_or_else(
+                || "-".to_owned(),
+                |next| match next.duration_since(now) {
+                    Ok(wait) if !wait.is_zero() => format!("in {}", human_duration(wait)),
+                    _ => "due now".to_owned(),
+                },
+            ),
+        _ => "-".to_owned(),
+    }
+}
+
+/// A command line as a person would type it: arguments with spaces or quotes are quoted.
+fn command_line(args: &[String]) -> String {
+    if args.is_empty() {
+        return "-".to_owned();
+    }
+    args.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| !c.is_whitespace() && !c.is_control() && !"\"'\\$`".contains(c));
+            if plain { a.clone() } else { format!("{a:?}") }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `cpu 0.5 cores, memory 256MiB, pids 256`; an absent limit is "unlimited".
+fn limits(resources: Option<&pb::Resources>) -> String {
+    let r = resources.cloned().unwrap_or_default();
+    let cpu = r.cpu.map_or_else(
+        || "unlimited".to_owned(),
+        |c| format!("{c} {}", if c == 1.0 { "core" } else { "cores" }),
+    );
+    let memory = r.memory.map_or_else(
+        || "unlimited".to_owned(),
+        |m| parse_size(&m).map_or(m, human_bytes),
+    );
+    let pids = r
+        .pids
+        .map_or_else(|| "unlimited".to_owned(), |p| p.to_string());
+    format!("cpu {cpu}, memory {memory}, pids {pids}")
+}
+
+/// The service's own cgroup: the parent of its instances' cgroups.
+fn service_cgroup(s: &pb::ServiceStatus) -> Option<String> {
+    let cgroup = s.instances.iter().find(|i| !i.cgroup.is_empty())?;
+    let parent = Path::new(&cgroup.cgroup).parent()?;
+    Some(parent.display().to_string())
+}
+
+/// `node`: the host, what it can enforce, and the agent.
+pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let unavailable = if n.unavailable.is_empty() {
+        "none".to_owned()
+    } else {
+        n.unavailable.join("\n")
+    };
+    let cgroup = if n.cgroup_parent.is_empty() {
+        n.cgroup_version.clone()
+    } else {
+        format!("{} under {}", n.cgroup_version, n.cgroup_parent)
+    };
+    write_fields(
+        out,
+        &[
+            ("hostname", n.hostname.clone()),
+            ("os", n.os.clone()),
+            ("kernel", n.kernel.clone()),
+            ("cpus", n.cpus.to_string()),
+            (
+                "memory",
+                format!(
+                    "{} total, {} available",
+                    human_bytes(n.memory_total_bytes),
+                    human_bytes(n.memory_available_bytes)
+                ),
+            ),
+            (
+                "load",
+                format!("{:.2} {:.2} {:.2}", n.load1, n.load5, n.load15),
+            ),
+            ("cgroup", cgroup),
+            ("controllers", list(&n.controllers)),
+            ("unavailable", unavailable),
+            ("namespaces", list(&n.namespaces)),
+            (
+                "agent",
+                format!(
+                    "corrald {}, up {}",
+                    n.agent_version,
+                    human_duration(Duration::from_secs(n.agent_uptime_seconds))
+                ),
+            ),
+            (
+                "services",
+                format!("{} ({} instances)", n.services, n.instances),
+            ),
+        ],
+    )
+}
+
+/// One apply (or dry run) result: a summary line, then each change indented.
+pub fn write_apply(
+    out: &mut dyn Write,
+    fallback_name: &str,
+    r: &pb::ApplyResponse,
+    dry_run: bool,
+) -> io::Result<()> {
+    let name = if r.name.is_empty() {
+        fallback_name
+    } else {
+        &r.name
+    };
+    let rev = r.revision;
+    let summary = match (r.outcome.as_str(), dry_run) {
+        ("created", false) => format!("created (revision {rev})"),
+        ("created", true) => "would be created".to_owned(),
+        ("updated", false) if r.replaces_instances => {
+            format!("updated to revision {rev}, instances will be replaced")
+        }
+        ("updated", false) => format!("updated to revision {rev}"),
+        ("updated", true) if r.replaces_instances => {
+            "would be updated, instances would be replaced".to_owned()
+        }
+        ("updated", true) => "would be updated".to_owned(),
+        ("scaled", false) => format!("scaled (revision {rev})"),
+        ("scaled", true) => "would be scaled".to_owned(),
+        ("unchanged", _) => format!("unchanged (revision {rev})"),
+        (other, false) => format!("{other} (revision {rev})"),
+        (other, true) => format!("would be {other}"),
+    };
+    writeln!(out, "{name}: {summary}")?;
+    for change in &r.changes {
+        writeln!(out, "  {}", one_line(change))?;
+    }
+    Ok(())
+}
+
+/// `scale`: what changed.
+pub fn write_scale(out: &mut dyn Write, r: &pb::ScaleResponse) -> io::Result<()> {
+    if r.previous == r.replicas {
+        writeln!(out, "{}: already at {} replicas", r.name, r.replicas)
+    } else {
+        writeln!(
+            out,
+            "{}: scaled from {} to {} replicas",
+            r.name, r.previous, r.replicas
+        )
+    }
+}
+
+/// `delete`: what was removed.
+pub fn write_delete(out: &mut dyn Write, r: &pb::DeleteResponse) -> io::Result<()> {
+    let n = r.stopped_instances;
+    let plural = if n == 1 { "instance" } else { "instances" };
+    writeln!(out, "{}: deleted ({n} {plural} stopped)", r.name)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn text(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
+        let mut buf = Vec::new();
+        f(&mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn at(now: SystemTime, offset_ms: i64) -> prost_types::Timestamp {
+        let t = if offset_ms >= 0 {
+            now + Duration::from_millis(offset_ms.unsigned_abs())
+        } else {
+            now - Duration::from_millis(offset_ms.unsigned_abs())
+        };
+        prost_types::Timestamp::from(t)
+    }
+
+    #[test]
+    fn sizes_read_as_binary_units() {
+        let cases = [
+            (0, "0B"),
+            (1023, "1023B"),
+            (1024, "1KiB"),
+            (1536, "1.5KiB"),
+            (12_900_000, "12.3MiB"),
+            (256 << 20, "256MiB"),
+            ((1 << 20) - 1, "1MiB"),
+            (16_700_000_000, "15.6GiB"),
+            (u64::MAX, "16EiB"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(human_bytes(bytes), want, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn durations_are_short_and_coarse() {
+        let cases = [
+            (Duration::ZERO, "0ms"),
+            (Duration::from_millis(350), "350ms"),
+            (Duration::from_millis(1_234), "1.2s"),
+            (Duration::from_millis(59_999), "59.9s"),
+            (Duration::from_secs(60), "1m0s"),
+            (Duration::from_secs(192), "3m12s"),
+            (Duration::from_secs(5 * 3600 + 3 * 60 + 59), "5h3m"),
+            (Duration::from_secs(2 * 86_400 + 4 * 3600), "2d4h"),
+            (Duration::MAX, "213503982334601d7h"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(human_duration(d), want, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn cpu_time_in_seconds() {
+        assert_eq!(cpu_seconds(0), "0.00s");
+        assert_eq!(cpu_seconds(1_520_000_000), "1.52s");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(vec!["NAME", "N", "LAST"]);
+        t.row(vec!["a-long-name".into(), "1".into(), "x".into()]);
+        t.row(vec!["b".into(), "22".into(), "two\nlines".into()]);
+        assert_eq!(
+            text(|o| t.write(o)),
+            "NAME         N   LAST\n\
+             a-long-name  1   x\n\
+             b            22  two lines\n"
+        );
+    }
+
+    fn service(now: SystemTime) -> pb::ServiceStatus {
+        let running = pb::InstanceStatus {
+            id: "web-0".into(),
+            index: 0,
+            revision: 3,
+            state: pb::InstanceState::Running as i32,
+            pid: 4242,
+            init_pid: 4241,
+            restarts: 0,
+            last_exit: None,
+            usage: Some(pb::ResourceUsage {
+                cpu_usage_ns: 1_520_000_000,
+                memory_bytes: 12_900_000,
+                memory_peak_bytes: 13_000_000,
+                oom_kills: 0,
+                pids: 3,
+            }),
+            started_at: Some(at(now, -192_000)),
+            next_start_at: None,
+            last_error: String::new(),
+            cgroup: "/sys/fs/cgroup/corral/web/web-0".into(),
+            ports: HashMap::new(),
+        };
+        let backoff = pb::InstanceStatus {
+            id: "web-1".into(),
+            index: 1,
+            state: pb::InstanceState::Backoff as i32,
+            pid: 0,
+            init_pid: 0,
+            restarts: 2,
+            last_exit: Some(pb::ExitInfo {
+                class: pb::ExitClass::OomKilled as i32,
+                code: 0,
+                signal: 9,
+                at: Some(at(now, -500)),
+                text: "oom_killed".into(),
+            }),
+            usage: Some(pb::ResourceUsage::default()),
+            started_at: None,
+            next_start_at: Some(at(now, 1_200)),
+            last_error: String::new(),
+            cgroup: "/sys/fs/cgroup/corral/web/web-1".into(),
+            ..running.clone()
+        };
+        let failed = pb::InstanceStatus {
+            id: "web-2".into(),
+            index: 2,
+            state: pb::InstanceState::Failed as i32,
+            pid: 0,
+            init_pid: 0,
+            restarts: 5,
+            last_exit: None,
+            usage: None,
+            started_at: None,
+            next_start_at: Some(at(now, -10)),
+            last_error: "exec /usr/bin/python3: permission denied".into(),
+            cgroup: "/sys/fs/cgroup/corral/web/web-2".into(),
+            ..running.clone()
+        };
+        pb::ServiceStatus {
+            name: "web".into(),
+            revision: 3,
+            spec: Some(pb::ServiceSpec {
+                name: "web".into(),
+                command: vec![
+                    "/usr/bin/python3".into(),
+                    "-m".into(),
+                    "http.server".into(),
+                    "--bind".into(),
+                    "127.0.0.1 ::1".into(),
+                ],
+                user: Some("nobody".into()),
+                replicas: Some(3),
+                resources: Some(pb::Resources {
+                    cpu: Some(0.5),
+                    memory: Some("268435456".into()),
+                    pids: None,
+                }),
+                ..Default::default()
+            }),
+            desired: 3,
+            running: 1,
+            healthy: 1,
+            instances: vec![running, backoff, failed],
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn status_shows_header_instances_and_errors() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_740_830_400);
+        let got = text(|o| write_status(o, &service(now), now));
+        let want = "\
+service:    web
+revision:   3
+instances:  3 desired, 1 running, 1 healthy
+command:    /usr/bin/python3 -m http.server --bind \"127.0.0.1 ::1\"
+user:       nobody
+limits:     cpu 0.5 cores, memory 256MiB, pids unlimited
+cgroup:     /sys/fs/cgroup/corral/web
+
+INSTANCE  STATE    PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START
+web-0     running  4242  0         -           1.52s  12.3MiB  3m12s
+web-1     backoff  -     2         oom_killed  0.00s  0B       in 1.2s
+web-2     failed   -     5         -           -      -        due now
+
+web-2: exec /usr/bin/python3: permission denied
+";
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn status_of_a_service_without_instances() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut s = service(now);
+        s.instances.clear();
+        s.desired = 0;
+        s.deleting = true;
+        s.spec = None;
+        let got = text(|o| write_status(o, &s, now));
+        assert!(got.contains("state:      deleting\n"), "{got}");
+        assert!(
+            got.contains("limits:     cpu unlimited, memory unlimited, pids unlimited\n"),
+            "{got}"
+        );
+        assert!(got.ends_with("\nno instances\n"), "{got}");
+        assert!(!got.contains("cgroup:"), "{got}");
+    }
+
+    #[test]
+    fn ls_is_one_line_per_service() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut gone = service(now);
+        gone.name = "batch".into();
+        gone.revision = 12;
+        gone.deleting = true;
+        let got = text(|o| write_services(o, &[service(now), gone]));
+        assert_eq!(
+            got,
+            "NAME              REVISION  DESIRED  RUNNING  HEALTHY\n\
+             web               3         3        1        1\n\
+             batch (deleting)  12        3        1        1\n"
+        );
+    }
+
+    #[test]
+    fn node_lists_what_the_host_can_enforce() {
+        let n = pb::NodeInfo {
+            hostname: "node1".into(),
+            kernel: "6.1.0-18-amd64".into(),
+            os: "Debian GNU/Linux 12 (bookworm)".into(),
+            cgroup_version: "v1".into(),
+            cpus: 2,
+            memory_total_bytes: 4 << 30,
+            memory_available_bytes: 3 << 29,
+            load1: 0.5,
+            load5: 0.25,
+            load15: 0.125,
+            agent_version: "0.1.0".into(),
+            agent_uptime_seconds: 3 * 3600 + 12 * 60,
+            cgroup_parent: "/corral.slice".into(),
+            controllers: vec!["cpu".into(), "memory".into(), "pids".into()],
+            unavailable: vec![
+                "memsw: swap accounting is off".into(),
+                "net: no permission".into(),
+            ],
+            namespaces: vec!["pid".into(), "mount".into()],
+            services: 2,
+            instances: 5,
+        };
+        let got = text(|o| write_node(o, &n));
+        let want = "\
+hostname:     node1
+os:           Debian GNU/Linux 12 (bookworm)
+kernel:       6.1.0-18-amd64
+cpus:         2
+memory:       4GiB total, 1.5GiB available
+load:         0.50 0.25 0.12
+cgroup:       v1 under /corral.slice
+controllers:  cpu, memory, pids
+unavailable:  memsw: swap accounting is off
+              net: no permission
+namespaces:   pid, mount
+agent:        corrald 0.1.0, up 3h12m
+services:     2 (5 instances)
+";
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn apply_says_what_happened() {
+        let resp = |outcome: &str, revision, replaces, changes: &[&str]| pb::ApplyResponse {
+            name: "web".into(),
+            revision,
+            outcome: outcome.into(),
+            changes: changes.iter().map(|c| (*c).to_owned()).collect(),
+            replaces_instances: replaces,
+        };
+        let cases = [
+            (
+                resp("created", 1, false, &[]),
+                false,
+                "web: created (revision 1)\n",
+            ),
+            (
+                resp("unchanged", 3, false, &[]),
+                false,
+                "web: unchanged (revision 3)\n",
+            ),
+            (
+                resp("updated", 4, true, &["command: [\"a\"] -> [\"b\"]"]),
+                false,
+                "web: updated to revision 4, instances will be replaced\n  command: [\"a\"] -> [\"b\"]\n",
+            ),
+            (
+                resp("scaled", 3, false, &["replicas: 2 -> 3"]),
+                false,
+                "web: scaled (revision 3)\n  replicas: 2 -> 3\n",
+            ),
+            (
+                resp("created", 0, false, &[]),
+                true,
+                "web: would be created\n",
+            ),
+            (
+                resp("updated", 4, true, &["resources.memory: 128MiB -> 256MiB"]),
+                true,
+                "web: would be updated, instances would be replaced\n  resources.memory: 128MiB -> 256MiB\n",
+            ),
+            (
+                resp("unchanged", 3, false, &[]),
+                true,
+                "web: unchanged (revision 3)\n",
+            ),
+        ];
+        for (r, dry_run, want) in cases {
+            assert_eq!(text(|o| write_apply(o, "x.toml", &r, dry_run)), want);
+        }
+    }
+
+    #[test]
+    fn scale_and_delete_say_what_happened() {
+        let r = pb::ScaleResponse {
+            name: "web".into(),
+            previous: 2,
+            replicas: 5,
+        };
+        assert_eq!(
+            text(|o| write_scale(o, &r)),
+            "web: scaled from 2 to 5 replicas\n"
+        );
+        let r = pb::ScaleResponse { previous: 5, ..r };
+        assert_eq!(text(|o| write_scale(o, &r)), "web: already at 5 replicas\n");
+        let r = pb::DeleteResponse {
+            name: "web".into(),
+            stopped_instances: 1,
+        };
+        assert_eq!(
+            text(|o| write_delete(o, &r)),
+            "web: deleted (1 instance stopped)\n"
+        );
+    }
+}

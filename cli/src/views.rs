@@ -1,0 +1,686 @@
+//! What `-o json` prints: view structs built from the agent's protobuf replies.
+//!
+//! The field names are part of corral's interface to scripts and stay stable: snake_case,
+//! enums as their lowercase names (`"running"`, `"oom_killed"`), timestamps as RFC 3339 strings
+//! in UTC, sizes in bytes, durations as the spec's own strings (`"10s"`), absent values as
+//! `null`. Maps are sorted by key so that the same state always prints the same document.
+//! Pure conversions: no I/O, nothing from tonic.
+
+use std::collections::BTreeMap;
+
+use corral_proto::v1 as pb;
+use serde::Serialize;
+
+/// A service, as `status -o json` prints it and as each element of `ls -o json`.
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub revision: u64,
+    pub desired: u32,
+    pub running: u32,
+    pub healthy: u32,
+    pub deleting: bool,
+    pub spec: Option<SpecView>,
+    pub instances: Vec<InstanceView>,
+}
+
+impl From<&pb::ServiceStatus> for ServiceView {
+    fn from(s: &pb::ServiceStatus) -> Self {
+        ServiceView {
+            name: s.name.clone(),
+            revision: s.revision,
+            desired: s.desired,
+            running: s.running,
+            healthy: s.healthy,
+            deleting: s.deleting,
+            spec: s.spec.as_ref().map(SpecView::from),
+            instances: s.instances.iter().map(InstanceView::from).collect(),
+        }
+    }
+}
+
+/// A service spec as the agent holds it, every default filled in.
+#[derive(Debug, Serialize)]
+pub struct SpecView {
+    pub name: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub replicas: Option<u32>,
+    pub resources: ResourcesView,
+    pub isolation: IsolationView,
+    pub ports: BTreeMap<String, String>,
+    pub sockets: Vec<SocketView>,
+    pub restart: RestartView,
+    /// `null` when the service has no health check.
+    pub health: Option<HealthView>,
+    pub rollout: RolloutView,
+    pub stop: StopView,
+    pub logs: LogsView,
+}
+
+impl From<&pb::ServiceSpec> for SpecView {
+    fn from(s: &pb::ServiceSpec) -> Self {
+        let resources = s.resources.clone().unwrap_or_default();
+        let isolation = s.isolation.clone().unwrap_or_default();
+        let restart = s.restart.clone().unwrap_or_default();
+        let rollout = s.rollout.clone().unwrap_or_default();
+        let stop = s.stop.clone().unwrap_or_default();
+        let logs = s.logs.clone().unwrap_or_default();
+        SpecView {
+            name: s.name.clone(),
+            command: s.command.clone(),
+            env: s.env.clone().into_iter().collect(),
+            workdir: s.workdir.clone(),
+            user: s.user.clone(),
+            replicas: s.replicas,
+            resources: ResourcesView {
+                cpu: resources.cpu,
+                memory_bytes: resources.memory.as_deref().and_then(parse_size),
+                pids: resources.pids,
+            },
+            isolation: IsolationView {
+                namespaces: isolation.namespaces.map(|n| n.names),
+                hostname: isolation.hostname,
+                private_tmp: isolation.private_tmp,
+            },
+            ports: s.ports.clone().into_iter().collect(),
+            sockets: s
+                .sockets
+                .iter()
+                .map(|k| SocketView {
+                    name: k.name.clone(),
+                    listen: k.listen.clone(),
+                })
+                .collect(),
+            restart: RestartView {
+                policy: restart.policy,
+                backoff: restart.backoff,
+                backoff_max: restart.backoff_max,
+            },
+            health: s.health.clone().map(|h| HealthView {
+                http: h.http,
+                tcp: h.tcp,
+                grpc: h.grpc,
+                exec: h.exec,
+                interval: h.interval,
+                timeout: h.timeout,
+                start_period: h.start_period,
+                failure_threshold: h.failure_threshold,
+                success_threshold: h.success_threshold,
+                restart_on_failure: h.restart_on_failure,
+                notify: h.notify,
+            }),
+            rollout: RolloutView {
+                max_surge: rollout.max_surge,
+                max_unavailable: rollout.max_unavailable,
+                min_healthy: rollout.min_healthy,
+                healthy_deadline: rollout.healthy_deadline,
+                auto_rollback: rollout.auto_rollback,
+            },
+            stop: StopView {
+                signal: stop.signal,
+                grace: stop.grace,
+            },
+            logs: LogsView {
+                max_size_bytes: logs.max_size.as_deref().and_then(parse_size),
+                max_files: logs.max_files,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResourcesView {
+    /// Cores, fractional; `null` is unlimited.
+    pub cpu: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IsolationView {
+    /// `null`: the default set.
+    pub namespaces: Option<Vec<String>>,
+    pub hostname: Option<String>,
+    pub private_tmp: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketView {
+    pub name: String,
+    pub listen: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RestartView {
+    pub policy: Option<String>,
+    pub backoff: Option<String>,
+    pub backoff_max: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthView {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub grpc: Option<String>,
+    pub exec: Vec<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub start_period: Option<String>,
+    pub failure_threshold: Option<u32>,
+    pub success_threshold: Option<u32>,
+    pub restart_on_failure: Option<bool>,
+    pub notify: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RolloutView {
+    pub max_surge: Option<u32>,
+    pub max_unavailable: Option<u32>,
+    pub min_healthy: Option<String>,
+    pub healthy_deadline: Option<String>,
+    pub auto_rollback: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StopView {
+    pub signal: Option<String>,
+    pub grace: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LogsView {
+    pub max_size_bytes: Option<u64>,
+    pub max_files: Option<u32>,
+}
+
+/// One instance of a service.
+#[derive(Debug, Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub index: u32,
+    pub revision: u64,
+    /// `running`, `stopping`, `backoff`, `exited`, `failed` (or `unknown`).
+    pub state: &'static str,
+    /// Host PID of the service's main process; `null` when not running.
+    pub pid: Option<i32>,
+    /// Host PID of the instance's init; `null` when not running.
+    pub init_pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<ExitView>,
+    pub usage: Option<UsageView>,
+    pub started_at: Option<String>,
+    /// When the next start is due (`backoff` and `failed`).
+    pub next_start_at: Option<String>,
+    pub last_error: Option<String>,
+    pub cgroup: String,
+    pub ports: BTreeMap<String, u32>,
+}
+
+impl From<&pb::InstanceStatus> for InstanceView {
+    fn from(i: &pb::InstanceStatus) -> Self {
+        InstanceView {
+            id: i.id.clone(),
+            index: i.index,
+            revision: i.revision,
+            state: state_name(i.state),
+            pid: nonzero(i.pid),
+            init_pid: nonzero(i.init_pid),
+            restarts: i.restarts,
+            last_exit: i.last_exit.as_ref().map(ExitView::from),
+            usage: i.usage.as_ref().map(|u| UsageView {
+                cpu_usage_ns: u.cpu_usage_ns,
+                memory_bytes: u.memory_bytes,
+                memory_peak_bytes: u.memory_peak_bytes,
+                oom_kills: u.oom_kills,
+                pids: u.pids,
+            }),
+            started_at: i.started_at.as_ref().and_then(rfc3339),
+            next_start_at: i.next_start_at.as_ref().and_then(rfc3339),
+            last_error: (!i.last_error.is_empty()).then(|| i.last_error.clone()),
+            cgroup: i.cgroup.clone(),
+            ports: i.ports.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// Why an instance last ended.
+#[derive(Debug, Serialize)]
+pub struct ExitView {
+    /// `exited`, `signaled`, `oom_killed`, `stop_timeout`, `health_failed`, `lost` (or `unknown`).
+    pub class: &'static str,
+    /// The exit code, for `exited`.
+    pub code: Option<i32>,
+    /// The signal that ended the process, when one did.
+    pub signal: Option<i32>,
+    pub at: Option<String>,
+    /// As the agent words it, e.g. `exited(3)`.
+    pub text: String,
+}
+
+impl From<&pb::ExitInfo> for ExitView {
+    fn from(e: &pb::ExitInfo) -> Self {
+        let class = exit_class_name(e.class);
+        ExitView {
+            class,
+            code: (class == "exited").then_some(e.code),
+            signal: nonzero(e.signal),
+            at: e.at.as_ref().and_then(rfc3339),
+            text: e.text.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub oom_kills: u64,
+    pub pids: u64,
+}
+
+/// What `node -o json` prints.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub hostname: String,
+    pub kernel: String,
+    pub os: String,
+    pub cgroup_version: String,
+    pub cgroup_parent: String,
+    pub controllers: Vec<String>,
+    pub unavailable: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub agent_version: String,
+    pub agent_uptime_seconds: u64,
+    pub services: u32,
+    pub instances: u32,
+}
+
+impl From<&pb::NodeInfo> for NodeView {
+    fn from(n: &pb::NodeInfo) -> Self {
+        NodeView {
+            hostname: n.hostname.clone(),
+            kernel: n.kernel.clone(),
+            os: n.os.clone(),
+            cgroup_version: n.cgroup_version.clone(),
+            cgroup_parent: n.cgroup_parent.clone(),
+            controllers: n.controllers.clone(),
+            unavailable: n.unavailable.clone(),
+            namespaces: n.namespaces.clone(),
+            cpus: n.cpus,
+            memory_total_bytes: n.memory_total_bytes,
+            memory_available_bytes: n.memory_available_bytes,
+            load1: n.load1,
+            load5: n.load5,
+            load15: n.load15,
+            agent_version: n.agent_version.clone(),
+            agent_uptime_seconds: n.agent_uptime_seconds,
+            services: n.services,
+            instances: n.instances,
+        }
+    }
+}
+
+/// The result of applying one spec file; `apply -o json` prints an array of these.
+#[derive(Debug, Serialize)]
+pub struct ApplyView {
+    /// The file as given on the command line (`-` for standard input).
+    pub file: String,
+    pub dry_run: bool,
+    /// `null` when the apply failed; then `error` says why.
+    pub name: Option<String>,
+    pub revision: Option<u64>,
+    /// `created`, `updated`, `scaled` or `unchanged`.
+    pub outcome: Option<String>,
+    pub changes: Vec<String>,
+    pub replaces_instances: bool,
+    pub error: Option<String>,
+}
+
+impl ApplyView {
+    pub fn applied(file: String, dry_run: bool, r: &pb::ApplyResponse) -> Self {
+        ApplyView {
+            file,
+            dry_run,
+            name: Some(r.name.clone()),
+            revision: Some(r.revision),
+            outcome: Some(r.outcome.clone()),
+            changes: r.changes.clone(),
+            replaces_instances: r.replaces_instances,
+            error: None,
+        }
+    }
+
+    pub fn failed(file: String, dry_run: bool, error: String) -> Self {
+        ApplyView {
+            file,
+            dry_run,
+            name: None,
+            revision: None,
+            outcome: None,
+            changes: Vec::new(),
+            replaces_instances: false,
+            error: Some(error),
+        }
+    }
+}
+
+/// What `scale -o json` prints.
+#[derive(Debug, Serialize)]
+pub struct ScaleView {
+    pub name: String,
+    pub previous: u32,
+    pub replicas: u32,
+}
+
+impl From<&pb::ScaleResponse> for ScaleView {
+    fn from(r: &pb::ScaleResponse) -> Self {
+        ScaleView {
+            name: r.name.clone(),
+            previous: r.previous,
+            replicas: r.replicas,
+        }
+    }
+}
+
+/// What `delete -o json` prints.
+#[derive(Debug, Serialize)]
+pub struct DeleteView {
+    pub name: String,
+    pub stopped_instances: u32,
+}
+
+impl From<&pb::DeleteResponse> for DeleteView {
+    fn from(r: &pb::DeleteResponse) -> Self {
+        DeleteView {
+            name: r.name.clone(),
+            stopped_instances: r.stopped_instances,
+        }
+    }
+}
+
+/// The lowercase name of an instance state; `unknown` for values this client does not know.
+pub fn state_name(state: i32) -> &'static str {
+    match pb::InstanceState::try_from(state) {
+        Ok(pb::InstanceState::Running) => "running",
+        Ok(pb::InstanceState::Stopping) => "stopping",
+        Ok(pb::InstanceState::Backoff) => "backoff",
+        Ok(pb::InstanceState::Exited) => "exited",
+        Ok(pb::InstanceState::Failed) => "failed",
+        Ok(pb::InstanceState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// The lowercase name of an exit class; `unknown` for values this client does not know.
+pub fn exit_class_name(class: i32) -> &'static str {
+    match pb::ExitClass::try_from(class) {
+        Ok(pb::ExitClass::Exited) => "exited",
+        Ok(pb::ExitClass::Signaled) => "signaled",
+        Ok(pb::ExitClass::OomKilled) => "oom_killed",
+        Ok(pb::ExitClass::StopTimeout) => "stop_timeout",
+        Ok(pb::ExitClass::HealthFailed) => "health_failed",
+        Ok(pb::ExitClass::Lost) => "lost",
+        Ok(pb::ExitClass::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// A timestamp as RFC 3339 in UTC (`2025-03-01T12:00:00.250Z`); `None` outside years 1–9999,
+/// which no real event has.
+pub fn rfc3339(ts: &prost_types::Timestamp) -> Option<String> {
+    const MIN_SECONDS: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX_SECONDS: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    let ts = ts.normalized();
+    (MIN_SECONDS..=MAX_SECONDS)
+        .contains(&ts.seconds)
+        .then(|| ts.to_string())
+}
+
+/// Parses a size as the agent reports it: an integer number of bytes, or a number with a
+/// binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`) as in the spec format.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if let Ok(bytes) = text.parse::<u64>() {
+        return Some(bytes);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    if let Ok(n) = number.parse::<u64>() {
+        return n.checked_mul(unit);
+    }
+    let n: f64 = number.parse().ok()?;
+    let bytes = (n * unit as f64).round();
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+fn nonzero(v: i32) -> Option<i32> {
+    (v != 0).then_some(v)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
+        prost_types::Timestamp { seconds, nanos }
+    }
+
+    fn sample_instance() -> pb::InstanceStatus {
+        pb::InstanceStatus {
+            id: "web-1".into(),
+            index: 1,
+            revision: 3,
+            state: pb::InstanceState::Backoff as i32,
+            pid: 0,
+            init_pid: 0,
+            restarts: 2,
+            last_exit: Some(pb::ExitInfo {
+                class: pb::ExitClass::OomKilled as i32,
+                code: 0,
+                signal: 9,
+                at: Some(ts(1_740_830_400, 250_000_000)),
+                text: "oom_killed".into(),
+            }),
+            usage: Some(pb::ResourceUsage {
+                cpu_usage_ns: 1_500_000_000,
+                memory_bytes: 0,
+                memory_peak_bytes: 268_435_456,
+                oom_kills: 1,
+                pids: 0,
+            }),
+            started_at: None,
+            next_start_at: Some(ts(1_740_830_401, 0)),
+            last_error: String::new(),
+            cgroup: "/sys/fs/cgroup/corral/web/web-1".into(),
+            ports: [("admin".to_string(), 41000)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn instance_json_has_stable_names_and_lowercase_enums() {
+        let v = serde_json::to_value(InstanceView::from(&sample_instance())).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "id": "web-1",
+                "index": 1,
+                "revision": 3,
+                "state": "backoff",
+                "pid": null,
+                "init_pid": null,
+                "restarts": 2,
+                "last_exit": {
+                    "class": "oom_killed",
+                    "code": null,
+                    "signal": 9,
+                    "at": "2025-03-01T12:00:00.250Z",
+                    "text": "oom_killed",
+                },
+                "usage": {
+                    "cpu_usage_ns": 1_500_000_000u64,
+                    "memory_bytes": 0,
+                    "memory_peak_bytes": 268_435_456u64,
+                    "oom_kills": 1,
+                    "pids": 0,
+                },
+                "started_at": null,
+                "next_start_at": "2025-03-01T12:00:01Z",
+                "last_error": null,
+                "cgroup": "/sys/fs/cgroup/corral/web/web-1",
+                "ports": { "admin": 41000 },
+            })
+        );
+    }
+
+    #[test]
+    fn service_json_carries_counts_spec_and_instances() {
+        let status = pb::ServiceStatus {
+            name: "web".into(),
+            revision: 3,
+            spec: Some(pb::ServiceSpec {
+                name: "web".into(),
+                command: vec!["/usr/bin/python3".into(), "-m".into(), "http.server".into()],
+                replicas: Some(2),
+                resources: Some(pb::Resources {
+                    cpu: Some(0.5),
+                    memory: Some("268435456".into()),
+                    pids: Some(256),
+                }),
+                logs: Some(pb::Logs {
+                    max_size: Some("10MiB".into()),
+                    max_files: Some(5),
+                }),
+                ..Default::default()
+            }),
+            desired: 2,
+            running: 1,
+            healthy: 1,
+            instances: vec![sample_instance()],
+            deleting: false,
+        };
+        let v: Value = serde_json::to_value(ServiceView::from(&status)).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "deleting",
+                "desired",
+                "healthy",
+                "instances",
+                "name",
+                "revision",
+                "running",
+                "spec"
+            ]
+        );
+        assert_eq!(
+            v["spec"]["resources"],
+            json!({"cpu": 0.5, "memory_bytes": 268_435_456u64, "pids": 256})
+        );
+        assert_eq!(v["spec"]["logs"]["max_size_bytes"], json!(10u64 << 20));
+        assert_eq!(v["spec"]["health"], Value::Null);
+        assert_eq!(
+            v["spec"]["restart"],
+            json!({"policy": null, "backoff": null, "backoff_max": null})
+        );
+        assert_eq!(v["instances"][0]["state"], "backoff");
+    }
+
+    #[test]
+    fn every_state_and_exit_class_has_a_lowercase_name() {
+        let states = [
+            (pb::InstanceState::Running, "running"),
+            (pb::InstanceState::Stopping, "stopping"),
+            (pb::InstanceState::Backoff, "backoff"),
+            (pb::InstanceState::Exited, "exited"),
+            (pb::InstanceState::Failed, "failed"),
+            (pb::InstanceState::Unspecified, "unknown"),
+        ];
+        for (state, name) in states {
+            assert_eq!(state_name(state as i32), name);
+        }
+        assert_eq!(state_name(99), "unknown");
+
+        let classes = [
+            (pb::ExitClass::Exited, "exited"),
+            (pb::ExitClass::Signaled, "signaled"),
+            (pb::ExitClass::OomKilled, "oom_killed"),
+            (pb::ExitClass::StopTimeout, "stop_timeout"),
+            (pb::ExitClass::HealthFailed, "health_failed"),
+            (pb::ExitClass::Lost, "lost"),
+            (pb::ExitClass::Unspecified, "unknown"),
+        ];
+        for (class, name) in classes {
+            assert_eq!(exit_class_name(class as i32), name);
+        }
+        assert_eq!(exit_class_name(-4), "unknown");
+    }
+
+    #[test]
+    fn an_exit_code_is_only_given_for_exited() {
+        let exit = |class: pb::ExitClass, code, signal| pb::ExitInfo {
+            class: class as i32,
+            code,
+            signal,
+            at: None,
+            text: String::new(),
+        };
+        let v = ExitView::from(&exit(pb::ExitClass::Exited, 0, 0));
+        assert_eq!((v.code, v.signal), (Some(0), None));
+        let v = ExitView::from(&exit(pb::ExitClass::Signaled, 0, 15));
+        assert_eq!((v.code, v.signal), (None, Some(15)));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_or_null_when_absurd() {
+        assert_eq!(rfc3339(&ts(0, 0)).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(&ts(1_740_830_400, 5_000)).unwrap(),
+            "2025-03-01T12:00:00.000005Z"
+        );
+        assert_eq!(rfc3339(&ts(i64::MAX, 0)), None);
+        assert_eq!(rfc3339(&ts(i64::MIN, -1)), None);
+        assert_eq!(rfc3339(&ts(i64::MAX, i32::MAX)), None);
+    }
+
+    #[test]
+    fn sizes_in_bytes_or_binary_units() {
+        let cases = [
+            ("268435456", Some(268_435_456)),
+            ("256MiB", Some(256 << 20)),
+            ("1.5GiB", Some(3 << 29)),
+            ("10 KiB", Some(10 << 10)),
+            ("12B", Some(12)),
+            ("12XB", None),
+            ("", None),
+            ("MiB", None),
+            ("99999999999999TiB", None),
+            ("-1", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_size(text), want, "{text:?}");
+        }
+    }
+}
