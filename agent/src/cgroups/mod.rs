@@ -10,9 +10,18 @@
 //! Imports from the crate: `spec` only.
 
 pub mod detect;
+#[cfg(test)]
+mod fake;
 mod fsutil;
+mod seam;
+#[cfg(test)]
+mod testkit;
 pub mod v1;
 pub mod v2;
+
+pub use detect::detect;
+pub use v1::{V1Backend, V1Hierarchy, V1Layout};
+pub use v2::V2Backend;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -213,6 +222,20 @@ pub enum CgroupError {
     Unsupported { path: String, reason: String },
     #[error("cgroups: {0}")]
     Setup(String),
+    #[error("cgroup {path}: cannot open {file} for writing: {source}")]
+    Open {
+        path: String,
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path}: sending SIGKILL to pid {pid} failed: {source}")]
+    Kill {
+        path: String,
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CgroupError {

@@ -1,1 +1,1112 @@
-//! placeholder
+//! cgroup v1, as on hybrid hosts: every agent cgroup is one directory in each of the cpu,
+//! cpuacct, memory and pids hierarchies (co-mounted ones, like `cpu,cpuacct`, share a
+//! directory; a missing hierarchy makes its controls unavailable, with the reason). Limits are
+//! written through cgroups-rs controllers built for the exact directory — never its hierarchy
+//! lookup, which would place cgroups at the hierarchy root — and read back from the files.
+//! v1 has no `cgroup.kill`: killing is a SIGKILL pass over the union of `cgroup.procs`.
+
+use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cgroups_rs::fs::MaxValue;
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+
+use super::fsutil::{
+    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, create_dirs, read_keyed, read_procs,
+    read_u64, remove_all, remove_created, sigkill_all, subdirs,
+};
+use super::seam::{self, Expect, Op};
+use super::{
+    Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
+};
+use crate::spec::Resources;
+
+/// One v1 hierarchy the agent uses: where it is mounted, and the agent's parent cgroup in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Hierarchy {
+    /// The mount point, e.g. `/sys/fs/cgroup/memory` or `/sys/fs/cgroup/cpu,cpuacct`.
+    pub mount: PathBuf,
+    /// The parent cgroup relative to the mount, e.g. `system.slice/corrald.service`; empty
+    /// for the hierarchy's root. Created when missing.
+    pub parent: PathBuf,
+}
+
+impl V1Hierarchy {
+    pub fn new(mount: impl Into<PathBuf>, parent: impl Into<PathBuf>) -> V1Hierarchy {
+        V1Hierarchy {
+            mount: mount.into(),
+            parent: parent.into(),
+        }
+    }
+}
+
+/// Where the agent's parent cgroup is in each hierarchy it uses; `None`: not mounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct V1Layout {
+    pub cpu: Option<V1Hierarchy>,
+    pub cpuacct: Option<V1Hierarchy>,
+    pub memory: Option<V1Hierarchy>,
+    pub pids: Option<V1Hierarchy>,
+}
+
+/// A hierarchy that is ready: its mount and the parent directory, which exists and takes
+/// `corral/` beneath it.
+#[derive(Debug, Clone)]
+struct Ready {
+    mount: PathBuf,
+    parent: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct V1Backend {
+    caps: Capabilities,
+    cpu: Option<Ready>,
+    cpuacct: Option<Ready>,
+    memory: Option<Ready>,
+    pids: Option<Ready>,
+    /// The distinct parent directories (co-mounted hierarchies once), memory first: the
+    /// directories every cgroup has.
+    parents: Vec<PathBuf>,
+    fs: Arc<dyn CgroupDirs>,
+    page_size: u64,
+}
+
+impl V1Backend {
+    /// Uses the hierarchies of `layout`, creating each parent (and `corral/` in it) when
+    /// missing. A hierarchy whose parent cannot be created or written is left out, its
+    /// controls unavailable with the reason; no usable hierarchy at all is an error.
+    pub fn new(layout: V1Layout) -> Result<V1Backend, CgroupError> {
+        V1Backend::with_dirs(layout, Arc::new(Cgroupfs))
+    }
+
+    pub(super) fn with_dirs(
+        layout: V1Layout,
+        fs: Arc<dyn CgroupDirs>,
+    ) -> Result<V1Backend, CgroupError> {
+        let mut prepared: Vec<(V1Hierarchy, Result<Ready, String>)> = Vec::new();
+        let mut prepare = |name: &str, h: &Option<V1Hierarchy>| -> Result<Ready, String> {
+            let h = h
+                .as_ref()
+                .ok_or_else(|| format!("the {name} hierarchy is not mounted"))?;
+            if let Some((_, done)) = prepared.iter().find(|(p, _)| p == h) {
+                return done.clone();
+            }
+            let done = prepare_parent(fs.as_ref(), h);
+            prepared.push((h.clone(), done.clone()));
+            done
+        };
+        let cpu = prepare("cpu", &layout.cpu);
+        let cpuacct = prepare("cpuacct", &layout.cpuacct);
+        let memory = prepare("memory", &layout.memory);
+        let pids = prepare("pids", &layout.pids);
+
+        let mut available = Vec::new();
+        let mut unavailable: Vec<(Control, String)> = Vec::new();
+        let memsw = match &memory {
+            Ok(r) if !r.parent.join("corral/memory.memsw.limit_in_bytes").exists() => Err(
+                "memory.memsw.limit_in_bytes does not exist: swap accounting is off \
+                 (boot with swapaccount=1)"
+                    .to_string(),
+            ),
+            other => other.clone(),
+        };
+        for (control, h, files) in [
+            (
+                Control::Cpu,
+                &cpu,
+                &["cpu.cfs_period_us", "cpu.cfs_quota_us"][..],
+            ),
+            (Control::CpuAccounting, &cpuacct, &["cpuacct.usage"][..]),
+            (Control::Memory, &memory, &["memory.limit_in_bytes"][..]),
+            (Control::MemorySwap, &memsw, &[][..]),
+            (Control::Pids, &pids, &["pids.max"][..]),
+        ] {
+            match probe(h, files) {
+                Ok(()) => available.push(control),
+                Err(reason) => unavailable.push((control, reason)),
+            }
+        }
+        available.sort();
+        unavailable.sort();
+
+        let mut described = Vec::new();
+        for (name, h) in [
+            ("memory", &layout.memory),
+            ("cpu", &layout.cpu),
+            ("cpuacct", &layout.cpuacct),
+            ("pids", &layout.pids),
+        ] {
+            if let Some(h) = h {
+                described.push(format!("{name}:/{}", h.parent.display()));
+            }
+        }
+
+        let (cpu, cpuacct, memory, pids) = (cpu.ok(), cpuacct.ok(), memory.ok(), pids.ok());
+        let mut parents: Vec<PathBuf> = Vec::new();
+        for r in [&memory, &pids, &cpu, &cpuacct].into_iter().flatten() {
+            if !parents.contains(&r.parent) {
+                parents.push(r.parent.clone());
+            }
+        }
+        if parents.is_empty() {
+            let why: Vec<String> = prepared
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().err().cloned())
+                .collect();
+            return Err(CgroupError::Setup(format!(
+                "no usable cgroup v1 hierarchy among cpu, cpuacct, memory, pids{}",
+                if why.is_empty() {
+                    " (none is mounted)".to_string()
+                } else {
+                    format!(": {}", why.join("; "))
+                }
+            )));
+        }
+        Ok(V1Backend {
+            caps: Capabilities {
+                version: CgroupVersion::V1,
+                parent: described.join(","),
+                available,
+                unavailable,
+            },
+            cpu,
+            cpuacct,
+            memory,
+            pids,
+            parents,
+            fs,
+            page_size: fsutil::page_size(),
+        })
+    }
+
+    fn dirs(&self, path: &CgroupPath) -> impl Iterator<Item = PathBuf> + '_ {
+        let rel = path.relative();
+        self.parents.iter().map(move |p| p.join(&rel))
+    }
+
+    /// Replaces an empty leftover of `path` (so limits and counters start fresh), creates the
+    /// directories and writes the limits. On failure, removes what it created.
+    fn create_in(
+        &self,
+        p: &str,
+        path: &CgroupPath,
+        limits: &Resources,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<(), CgroupError> {
+        let limits = Limits::check(p, limits)?;
+        remove_all(self.fs.as_ref(), p, self.dirs(path).filter(|d| d.exists()))?;
+        let rel = path.relative();
+        for parent in &self.parents {
+            create_dirs(self.fs.as_ref(), parent, &rel, created).map_err(|(dir, source)| {
+                CgroupError::Create {
+                    path: p.to_string(),
+                    dir,
+                    source,
+                }
+            })?;
+        }
+        let ps = self.page_size;
+        if let Some(quota) = limits.cpu_quota {
+            let r = self.ready(p, &self.cpu, Control::Cpu)?;
+            let dir = r.parent.join(&rel);
+            let c = CpuController::new(dir.clone(), r.mount.clone(), false);
+            let period = CPU_PERIOD_US.to_string();
+            seam::set_verified(
+                p,
+                &dir.join("cpu.cfs_period_us"),
+                &period,
+                Expect::Same,
+                ps,
+                || c.set_cfs_period(CPU_PERIOD_US),
+            )?;
+            seam::set_verified(
+                p,
+                &dir.join("cpu.cfs_quota_us"),
+                &quota.to_string(),
+                Expect::Same,
+                ps,
+                || c.set_cfs_quota(quota),
+            )?;
+        }
+        if let Some(bytes) = limits.memory {
+            let r = self.ready(p, &self.memory, Control::Memory)?;
+            let dir = r.parent.join(&rel);
+            let m = MemController::new(dir.clone(), r.mount.clone(), false);
+            let value = bytes.to_string();
+            let expect = Expect::Bytes(bytes.unsigned_abs());
+            // The hard limit first: memsw may never be below it.
+            seam::set_verified(
+                p,
+                &dir.join("memory.limit_in_bytes"),
+                &value,
+                expect,
+                ps,
+                || m.set_limit(bytes),
+            )?;
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                seam::set_verified(p, &memsw, &value, expect, ps, || m.set_memswap_limit(bytes))?;
+            }
+        }
+        if let Some(n) = limits.pids {
+            let r = self.ready(p, &self.pids, Control::Pids)?;
+            let dir = r.parent.join(&rel);
+            let c = PidController::new(dir.clone(), r.mount.clone(), false);
+            seam::set_verified(
+                p,
+                &dir.join("pids.max"),
+                &n.to_string(),
+                Expect::Same,
+                ps,
+                || c.set_pid_max(MaxValue::Value(n)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn ready<'a>(
+        &self,
+        p: &str,
+        r: &'a Option<Ready>,
+        control: Control,
+    ) -> Result<&'a Ready, CgroupError> {
+        r.as_ref().ok_or_else(|| CgroupError::Unsupported {
+            path: p.to_string(),
+            reason: format!("the {} hierarchy is not available", control.as_str()),
+        })
+    }
+}
+
+/// Whether the control files `files` exist in `corral/` of a ready hierarchy.
+fn probe(h: &Result<Ready, String>, files: &[&str]) -> Result<(), String> {
+    let corral = h.as_ref().map_err(Clone::clone)?.parent.join("corral");
+    match files.iter().find(|f| !corral.join(f).exists()) {
+        None => Ok(()),
+        Some(f) => Err(format!("{} does not exist", corral.join(f).display())),
+    }
+}
+
+/// Prepares one hierarchy: the parent exists (created when missing), `corral/` exists in it,
+/// and it is writable.
+fn prepare_parent(fs: &dyn CgroupDirs, h: &V1Hierarchy) -> Result<Ready, String> {
+    if !h.mount.is_dir() {
+        return Err(format!("{} does not exist", h.mount.display()));
+    }
+    let mut created = Vec::new();
+    create_dirs(fs, &h.mount, &h.parent.join("corral"), &mut created)
+        .map_err(|(dir, e)| format!("cannot create {}: {e}", dir.display()))?;
+    let parent = h.mount.join(&h.parent);
+    let corral = parent.join("corral");
+    nix::unistd::access(&corral, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| format!("{} is not writable: {e}", corral.display()))?;
+    Ok(Ready {
+        mount: h.mount.clone(),
+        parent,
+    })
+}
+
+impl CgroupBackend for V1Backend {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        if let Some(reason) = self.caps.refuse(limits) {
+            return Err(CgroupError::Unsupported { path: p, reason });
+        }
+        let mut created = Vec::new();
+        let result = self.create_in(&p, path, limits, &mut created);
+        if result.is_err() {
+            remove_created(self.fs.as_ref(), &created);
+        }
+        result
+    }
+
+    fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {
+        self.dirs(path)
+            .map(|dir| {
+                let file = dir.join("cgroup.procs");
+                // std opens with O_CLOEXEC.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .map(OwnedFd::from)
+                    .map_err(|source| CgroupError::Open {
+                        path: path.to_string(),
+                        file,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {
+        let p = path.to_string();
+        let mut all = Vec::new();
+        for dir in self.dirs(path) {
+            all.extend(read_procs(&p, &dir)?.unwrap_or_default());
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
+    fn kill_all(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        sigkill_all(&path.to_string(), &self.procs(path)?)
+    }
+
+    fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError> {
+        let p = path.to_string();
+        let rel = path.relative();
+        let mut stats = CgroupStats::default();
+        if self.caps.has(Control::CpuAccounting)
+            && let Some(r) = &self.cpuacct
+        {
+            stats.cpu_usage_ns = read_u64(&p, &r.parent.join(&rel).join("cpuacct.usage"))?;
+        }
+        if self.caps.has(Control::Memory)
+            && let Some(r) = &self.memory
+        {
+            let dir = r.parent.join(&rel);
+            stats.memory_bytes = read_u64(&p, &dir.join("memory.usage_in_bytes"))?;
+            stats.memory_peak_bytes = read_u64(&p, &dir.join("memory.max_usage_in_bytes"))?;
+            stats.oom_kills = read_keyed(&p, &dir.join("memory.oom_control"), "oom_kill")?;
+        }
+        if self.caps.has(Control::Pids)
+            && let Some(r) = &self.pids
+        {
+            let dir = r.parent.join(&rel);
+            let c = PidController::new(dir.clone(), r.mount.clone(), false);
+            stats.pids = seam::call(&p, &dir.join("pids.current"), Op::Read, || {
+                c.get_pid_current()
+            })?;
+        }
+        Ok(stats)
+    }
+
+    fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        remove_all(self.fs.as_ref(), &path.to_string(), self.dirs(path))
+    }
+
+    fn children(&self, path: &CgroupPath) -> Result<Vec<String>, CgroupError> {
+        match self.dirs(path).next() {
+            Some(dir) => subdirs(&path.to_string(), &dir),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn display_path(&self, path: &CgroupPath) -> String {
+        self.dirs(path)
+            .next()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| path.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::process::ExitStatusExt;
+    use std::path::Path;
+
+    use super::*;
+    use crate::cgroups::fake::{FakeKernel, Quirk};
+    use crate::cgroups::testkit::{self, Cleanup};
+
+    const MIB: u64 = 1 << 20;
+
+    fn limits(cpu: Option<f64>, memory: Option<u64>, pids: Option<u64>) -> Resources {
+        Resources { cpu, memory, pids }
+    }
+
+    fn web0() -> CgroupPath {
+        CgroupPath::instance("web", "web-0")
+    }
+
+    /// Four separate hierarchies under `root`, the parent `agent/x` in each.
+    fn fake_layout(root: &Path) -> V1Layout {
+        for c in ["cpu", "cpuacct", "memory", "pids"] {
+            FakeKernel::plant_v1(&root.join(c), &[c]);
+        }
+        let h = |c: &str| Some(V1Hierarchy::new(root.join(c), "agent/x"));
+        V1Layout {
+            cpu: h("cpu"),
+            cpuacct: h("cpuacct"),
+            memory: h("memory"),
+            pids: h("pids"),
+        }
+    }
+
+    fn fake_backend(root: &Path) -> (Arc<FakeKernel>, V1Backend) {
+        let fake = FakeKernel::v1();
+        let backend = V1Backend::with_dirs(fake_layout(root), fake.clone()).expect("backend");
+        (fake, backend)
+    }
+
+    fn leaf(root: &Path, hierarchy: &str) -> PathBuf {
+        root.join(hierarchy).join("agent/x/corral/web/web-0")
+    }
+
+    #[test]
+    fn fake_setup_creates_parent_and_reports_everything() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fake, b) = fake_backend(tmp.path());
+        let caps = b.capabilities();
+        assert_eq!(caps.version, CgroupVersion::V1);
+        assert_eq!(
+            caps.available,
+            vec![
+                Control::Cpu,
+                Control::Memory,
+                Control::MemorySwap,
+                Control::Pids,
+                Control::CpuAccounting
+            ]
+        );
+        assert!(caps.unavailable.is_empty(), "{:?}", caps.unavailable);
+        assert_eq!(
+            caps.parent,
+            "memory:/agent/x,cpu:/agent/x,cpuacct:/agent/x,pids:/agent/x"
+        );
+        for c in ["cpu", "cpuacct", "memory", "pids"] {
+            assert!(
+                fake.made()
+                    .contains(&tmp.path().join(c).join("agent/x/corral"))
+            );
+        }
+    }
+
+    #[test]
+    fn fake_create_writes_and_reads_back_every_limit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &limits(Some(0.25), Some(64 * MIB), Some(32)))
+            .expect("create");
+        let r = tmp.path();
+        let read = |h: &str, f: &str| testkit::read(&leaf(r, h).join(f));
+        assert_eq!(read("cpu", "cpu.cfs_period_us"), "100000");
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "25000");
+        assert_eq!(read("memory", "memory.limit_in_bytes"), "67108864");
+        assert_eq!(read("memory", "memory.memsw.limit_in_bytes"), "67108864");
+        assert_eq!(read("pids", "pids.max"), "32");
+        // the cgroup exists in every hierarchy, intermediate directories included
+        for h in ["cpu", "cpuacct", "memory", "pids"] {
+            assert!(fake.made().contains(&r.join(h).join("agent/x/corral/web")));
+            assert!(fake.made().contains(&leaf(r, h)));
+        }
+        assert_eq!(
+            b.display_path(&web0()),
+            leaf(r, "memory").display().to_string()
+        );
+    }
+
+    #[test]
+    fn fake_unset_limits_stay_unlimited() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &limits(None, None, None))
+            .expect("create");
+        let r = tmp.path();
+        assert_eq!(
+            testkit::read(&leaf(r, "cpu").join("cpu.cfs_quota_us")),
+            "-1"
+        );
+        assert_eq!(
+            testkit::read(&leaf(r, "memory").join("memory.limit_in_bytes")),
+            "9223372036854771712"
+        );
+        assert_eq!(testkit::read(&leaf(r, "pids").join("pids.max")), "max");
+    }
+
+    #[test]
+    fn fake_missing_hierarchy_is_unsupported() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = V1Layout {
+            pids: None,
+            ..fake_layout(tmp.path())
+        };
+        let b = V1Backend::with_dirs(layout, FakeKernel::v1()).expect("backend");
+        assert!(!b.capabilities().has(Control::Pids));
+        assert_eq!(
+            b.capabilities().unavailable,
+            vec![(
+                Control::Pids,
+                "the pids hierarchy is not mounted".to_string()
+            )]
+        );
+        let err = b
+            .create(&web0(), &limits(None, Some(64 * MIB), Some(32)))
+            .expect_err("no pids");
+        assert!(
+            matches!(&err, CgroupError::Unsupported { reason, .. } if reason.contains("resources.pids")),
+            "{err}"
+        );
+        // refused before anything was made
+        assert!(!leaf(tmp.path(), "memory").exists());
+        b.create(&web0(), &limits(None, Some(64 * MIB), None))
+            .expect("memory alone works");
+    }
+
+    #[test]
+    fn fake_without_swap_accounting_limits_memory_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = fake_layout(tmp.path());
+        for f in ["memory.memsw.limit_in_bytes", "memory.memsw.usage_in_bytes"] {
+            fs::remove_file(tmp.path().join("memory").join(f)).expect("unplant memsw");
+        }
+        let b = V1Backend::with_dirs(layout, FakeKernel::v1()).expect("backend");
+        let caps = b.capabilities();
+        assert!(caps.has(Control::Memory));
+        assert!(
+            caps.unavailable
+                .iter()
+                .any(|(c, r)| *c == Control::MemorySwap && r.contains("swapaccount=1")),
+            "{caps:?}"
+        );
+        b.create(&web0(), &limits(None, Some(64 * MIB), None))
+            .expect("create");
+        let dir = leaf(tmp.path(), "memory");
+        assert_eq!(
+            testkit::read(&dir.join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        assert!(!dir.join("memory.memsw.limit_in_bytes").exists());
+    }
+
+    /// After a failed create, nothing it made is left: not the instance, not `corral/web`.
+    fn assert_nothing_left(root: &Path) {
+        for h in ["cpu", "cpuacct", "memory", "pids"] {
+            let corral = root.join(h).join("agent/x/corral");
+            assert!(corral.is_dir(), "the parent's corral/ stays");
+            assert!(!corral.join("web").exists(), "{h}: corral/web left behind");
+        }
+    }
+
+    #[test]
+    fn fake_write_that_does_not_take_is_not_applied() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fake, b) = fake_backend(tmp.path());
+        fake.quirk("memory.limit_in_bytes", Quirk::IgnoresWrites);
+        let err = b
+            .create(&web0(), &limits(Some(0.5), Some(64 * MIB), Some(32)))
+            .expect_err("limit ignored");
+        match &err {
+            CgroupError::NotApplied {
+                path,
+                file,
+                wanted,
+                found,
+            } => {
+                assert_eq!(path, "corral/web/web-0");
+                assert!(file.ends_with("web-0/memory.limit_in_bytes"), "{file:?}");
+                assert_eq!(wanted, "67108864");
+                assert_eq!(found, "");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(
+            err.to_string()
+                .contains("reads \"\" after writing \"67108864\""),
+            "{err}"
+        );
+        assert_nothing_left(tmp.path());
+    }
+
+    #[test]
+    fn fake_rejected_write_names_file_and_value() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fake, b) = fake_backend(tmp.path());
+        fake.quirk("pids.max", Quirk::RejectsWrites);
+        let err = b
+            .create(&web0(), &limits(None, None, Some(32)))
+            .expect_err("pids.max rejects");
+        match &err {
+            CgroupError::Write {
+                file,
+                value,
+                source,
+                ..
+            } => {
+                assert!(file.ends_with("web-0/pids.max"), "{file:?}");
+                assert_eq!(value, "32");
+                assert_eq!(source.raw_os_error(), Some(libc::EISDIR));
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert_nothing_left(tmp.path());
+    }
+
+    #[test]
+    fn fake_control_file_missing_in_new_cgroup() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fake, b) = fake_backend(tmp.path());
+        fake.quirk("cpu.cfs_quota_us", Quirk::Missing);
+        let err = b
+            .create(&web0(), &limits(Some(1.0), None, None))
+            .expect_err("no quota file");
+        assert!(
+            matches!(&err, CgroupError::Unsupported { reason, .. } if reason.contains("cpu.cfs_quota_us does not exist")),
+            "{err}"
+        );
+        assert_nothing_left(tmp.path());
+    }
+
+    #[test]
+    fn fake_invalid_values_are_refused_before_mkdir() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        for res in [
+            limits(Some(0.0), None, None),
+            limits(Some(f64::NAN), None, None),
+            limits(None, Some(u64::MAX), None),
+            limits(None, None, Some(u64::MAX)),
+        ] {
+            let err = b.create(&web0(), &res).expect_err("invalid");
+            assert!(
+                matches!(&err, CgroupError::Write { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput),
+                "{err}"
+            );
+            assert_nothing_left(tmp.path());
+        }
+    }
+
+    #[test]
+    fn fake_procs_union_and_remove() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        let r = tmp.path();
+        b.create(&web0(), &Resources::default()).expect("create");
+        assert_eq!(b.procs(&web0()).expect("procs"), Vec::<i32>::new());
+        // Fake pids only: never passed to kill_all.
+        fs::write(leaf(r, "memory").join("cgroup.procs"), "200\n100\n").expect("procs");
+        fs::write(leaf(r, "cpu").join("cgroup.procs"), "200\n300\n").expect("procs");
+        assert_eq!(b.procs(&web0()).expect("procs"), vec![100, 200, 300]);
+
+        let err = b.remove(&web0()).expect_err("tasks left");
+        assert!(err.is_busy(), "{err}");
+        // rmdir was tried everywhere: the hierarchies without tasks are clean already
+        assert!(!leaf(r, "pids").exists());
+        assert!(leaf(r, "memory").exists());
+
+        for h in ["memory", "cpu"] {
+            fs::write(leaf(r, h).join("cgroup.procs"), "").expect("empty");
+        }
+        b.remove(&web0()).expect("remove");
+        b.remove(&web0()).expect("removing again is fine");
+        b.remove(&CgroupPath::service("web"))
+            .expect("remove service");
+        for h in ["cpu", "cpuacct", "memory", "pids"] {
+            let corral = r.join(h).join("agent/x/corral");
+            assert_eq!(
+                fs::read_dir(&corral)
+                    .expect("corral")
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .count(),
+                0,
+                "{h}: left behind"
+            );
+        }
+        assert_eq!(b.procs(&web0()).expect("gone is empty"), Vec::<i32>::new());
+        b.kill_all(&web0()).expect("nothing to kill");
+    }
+
+    #[test]
+    fn fake_garbage_in_procs_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &Resources::default()).expect("create");
+        fs::write(leaf(tmp.path(), "pids").join("cgroup.procs"), "12\nx\n").expect("plant");
+        let err = b.procs(&web0()).expect_err("garbage");
+        assert!(matches!(err, CgroupError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn fake_kill_all_kills_listed_processes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &Resources::default()).expect("create");
+        let mut cleanup = Cleanup::default();
+        let pid = cleanup.adopt(
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn"),
+        );
+        // The fake lists our own child, so the SIGKILL pass reaches a real process we own.
+        fs::write(
+            leaf(tmp.path(), "memory").join("cgroup.procs"),
+            format!("{pid}\n"),
+        )
+        .expect("plant");
+        b.kill_all(&web0()).expect("kill");
+        assert_eq!(cleanup.reap(pid).signal(), Some(libc::SIGKILL));
+        // already dead: ESRCH is not an error
+        b.kill_all(&web0()).expect("second pass");
+    }
+
+    #[test]
+    fn fake_stats_read_the_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &Resources::default()).expect("create");
+        let r = tmp.path();
+        let put = |h: &str, f: &str, v: &str| fs::write(leaf(r, h).join(f), v).expect("plant");
+        put("cpuacct", "cpuacct.usage", "123456789\n");
+        put("memory", "memory.usage_in_bytes", "4096000\n");
+        put("memory", "memory.max_usage_in_bytes", "8192000\n");
+        put(
+            "memory",
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        put("pids", "pids.current", "3\n");
+        assert_eq!(
+            b.stats(&web0()).expect("stats"),
+            CgroupStats {
+                cpu_usage_ns: 123_456_789,
+                memory_bytes: 4_096_000,
+                memory_peak_bytes: 8_192_000,
+                oom_kills: 2,
+                pids: 3,
+            }
+        );
+        // a value that cannot be read is an error, never a guessed 0
+        put("memory", "memory.usage_in_bytes", "");
+        let err = b.stats(&web0()).expect_err("empty file");
+        assert!(
+            matches!(&err, CgroupError::Read { file, .. } if file.ends_with("memory.usage_in_bytes")),
+            "{err}"
+        );
+        put("memory", "memory.usage_in_bytes", "1\n");
+        put("pids", "pids.current", "many\n");
+        let err = b.stats(&web0()).expect_err("bad pids.current");
+        assert!(
+            matches!(&err, CgroupError::Library { message, .. } if message.contains("pids.current")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fake_children_and_open_procs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        let svc = CgroupPath::service("web");
+        assert_eq!(b.children(&svc).expect("none yet"), Vec::<String>::new());
+        for i in ["web-1", "web-0"] {
+            b.create(&CgroupPath::instance("web", i), &Resources::default())
+                .expect("create");
+        }
+        assert_eq!(b.children(&svc).expect("children"), vec!["web-0", "web-1"]);
+        assert_eq!(
+            b.children(&CgroupPath::root()).expect("services"),
+            vec!["web"]
+        );
+
+        let fds = b.open_procs(&web0()).expect("open");
+        assert_eq!(fds.len(), 4, "one per hierarchy");
+        for fd in fds {
+            let mut f = fs::File::from(fd);
+            std::io::Write::write_all(&mut f, b"0").expect("write");
+        }
+        for h in ["cpu", "cpuacct", "memory", "pids"] {
+            assert_eq!(
+                testkit::read(&leaf(tmp.path(), h).join("cgroup.procs")),
+                "0"
+            );
+        }
+        let err = b
+            .open_procs(&CgroupPath::instance("web", "nope"))
+            .expect_err("missing");
+        assert!(matches!(err, CgroupError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn fake_comounted_cpu_cpuacct_is_one_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let both = tmp.path().join("cpu,cpuacct");
+        FakeKernel::plant_v1(&both, &["cpu", "cpuacct"]);
+        FakeKernel::plant_v1(&tmp.path().join("memory"), &["memory"]);
+        let h = |m: &Path| Some(V1Hierarchy::new(m, "agent"));
+        let layout = V1Layout {
+            cpu: h(&both),
+            cpuacct: h(&both),
+            memory: h(&tmp.path().join("memory")),
+            pids: None,
+        };
+        let fake = FakeKernel::v1();
+        let b = V1Backend::with_dirs(layout, fake.clone()).expect("backend");
+        assert!(b.capabilities().has(Control::Cpu));
+        assert!(b.capabilities().has(Control::CpuAccounting));
+        b.create(&web0(), &limits(Some(2.0), None, None))
+            .expect("create");
+        assert_eq!(
+            testkit::read(&both.join("agent/corral/web/web-0/cpu.cfs_quota_us")),
+            "200000"
+        );
+        assert_eq!(b.open_procs(&web0()).expect("open").len(), 2);
+        b.remove(&web0()).expect("remove");
+        assert!(!both.join("agent/corral/web/web-0").exists());
+    }
+
+    #[test]
+    fn fake_create_replaces_an_empty_leftover() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        let r = tmp.path();
+        b.create(&web0(), &limits(None, Some(64 * MIB), None))
+            .expect("create");
+        fs::write(
+            leaf(r, "memory").join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n",
+        )
+        .expect("plant");
+        b.create(&web0(), &limits(None, None, Some(8)))
+            .expect("again");
+        let stats = b.stats(&web0()).expect("stats");
+        assert_eq!(stats.oom_kills, 0, "counters start fresh");
+        assert_eq!(
+            testkit::read(&leaf(r, "memory").join("memory.limit_in_bytes")),
+            "9223372036854771712",
+            "the old limit is gone"
+        );
+        fs::write(leaf(r, "pids").join("cgroup.procs"), "4242\n").expect("plant");
+        let err = b
+            .create(&web0(), &Resources::default())
+            .expect_err("live leftover");
+        assert!(err.is_busy(), "{err}");
+    }
+
+    #[test]
+    fn fake_unusable_hierarchies() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut layout = fake_layout(tmp.path());
+        layout.cpu = Some(V1Hierarchy::new(tmp.path().join("nowhere"), "agent"));
+        let b = V1Backend::with_dirs(layout, FakeKernel::v1()).expect("backend");
+        assert!(
+            b.capabilities()
+                .unavailable
+                .iter()
+                .any(|(c, r)| *c == Control::Cpu && r.contains("nowhere does not exist")),
+            "{:?}",
+            b.capabilities()
+        );
+        assert_eq!(b.parents.len(), 3);
+
+        let err = V1Backend::with_dirs(V1Layout::default(), FakeKernel::v1())
+            .expect_err("nothing mounted");
+        assert!(err.to_string().contains("none is mounted"), "{err}");
+    }
+
+    // ---- real kernel ----------------------------------------------------------------------
+
+    /// Why the real-kernel tests cannot run here, if they cannot.
+    fn kernel_v1_skip() -> Option<String> {
+        if !testkit::is_root() {
+            return Some("not root".into());
+        }
+        match nix::sys::statfs::statfs("/sys/fs/cgroup") {
+            Ok(s) if s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC => {
+                return Some("the host runs cgroup v2".into());
+            }
+            Err(e) => return Some(format!("statfs /sys/fs/cgroup: {e}")),
+            Ok(_) => {}
+        }
+        if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+            return Some("no v1 memory hierarchy at /sys/fs/cgroup/memory".into());
+        }
+        None
+    }
+
+    /// A backend on this host with a unique parent beneath the test's own cgroup, and the
+    /// cleanup that removes that parent in every hierarchy.
+    fn kernel_backend(test: &str) -> (Arc<dyn CgroupBackend>, V1Layout, Cleanup) {
+        let flag = testkit::unique_parent(test);
+        let layout = match crate::cgroups::detect::plan_host(Some(&flag)).expect("plan") {
+            crate::cgroups::detect::Plan::V1(l) => l,
+            other => panic!("expected v1, got {other:?}"),
+        };
+        let mut dirs = Vec::new();
+        for h in [&layout.cpu, &layout.cpuacct, &layout.memory, &layout.pids]
+            .into_iter()
+            .flatten()
+        {
+            let d = h.mount.join(&h.parent);
+            assert!(!d.exists(), "{} exists already", d.display());
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+        let cleanup = Cleanup::new(dirs);
+        let backend = crate::cgroups::detect(Some(&flag)).expect("detect");
+        (backend, layout, cleanup)
+    }
+
+    fn kdir(h: &Option<V1Hierarchy>, path: &CgroupPath) -> PathBuf {
+        let h = h.as_ref().expect("hierarchy on this host");
+        h.mount.join(&h.parent).join(path.relative())
+    }
+
+    #[test]
+    fn kernel_v1_instance_lifecycle() {
+        if let Some(why) = kernel_v1_skip() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (b, layout, mut cleanup) = kernel_backend("life");
+        let caps = b.capabilities().clone();
+        eprintln!("capabilities: {caps:?}");
+        assert_eq!(caps.version, CgroupVersion::V1);
+        for c in [
+            Control::Cpu,
+            Control::Memory,
+            Control::Pids,
+            Control::CpuAccounting,
+        ] {
+            assert!(caps.has(c), "{c:?}: {caps:?}");
+        }
+        let memsw_on_host = Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists();
+        assert_eq!(caps.has(Control::MemorySwap), memsw_on_host);
+
+        let path = web0();
+        b.create(&path, &limits(Some(0.25), Some(64 * MIB), Some(32)))
+            .expect("create");
+        let cpu = kdir(&layout.cpu, &path);
+        let mem = kdir(&layout.memory, &path);
+        let pids = kdir(&layout.pids, &path);
+        let quota = testkit::read(&cpu.join("cpu.cfs_quota_us"));
+        let period = testkit::read(&cpu.join("cpu.cfs_period_us"));
+        let limit = testkit::read(&mem.join("memory.limit_in_bytes"));
+        let max = testkit::read(&pids.join("pids.max"));
+        eprintln!(
+            "read back: cpu.cfs_quota_us={quota} cpu.cfs_period_us={period} \
+             memory.limit_in_bytes={limit} pids.max={max}"
+        );
+        assert_eq!(quota, "25000");
+        assert_eq!(period, "100000");
+        assert_eq!(limit, "67108864");
+        assert_eq!(max, "32");
+        if memsw_on_host {
+            let memsw = testkit::read(&mem.join("memory.memsw.limit_in_bytes"));
+            eprintln!("read back: memory.memsw.limit_in_bytes={memsw}");
+            assert_eq!(memsw, "67108864");
+        }
+
+        // One child moved in by pid, one that enters before it executes.
+        let moved = cleanup.adopt(testkit::spawn_and_move(b.open_procs(&path).expect("open")));
+        let procs = b.open_procs(&path).expect("open");
+        let inside = cleanup.adopt(testkit::spawn_inside(&procs, &["sleep", "30"]));
+        drop(procs);
+        let listed = b.procs(&path).expect("procs");
+        eprintln!("procs: {listed:?} (moved {moved}, inside {inside})");
+        assert!(
+            listed.contains(&moved) && listed.contains(&inside),
+            "{listed:?}"
+        );
+        for dir in [&cpu, &mem, &pids, &kdir(&layout.cpuacct, &path)] {
+            let in_dir = testkit::read(&dir.join("cgroup.procs"));
+            assert!(
+                in_dir.lines().any(|l| l == inside.to_string()),
+                "{}: {in_dir}",
+                dir.display()
+            );
+        }
+        testkit::wait_asleep(inside);
+        let stats = b.stats(&path).expect("stats");
+        eprintln!("stats: {stats:?}");
+        assert!(stats.pids >= 2, "{stats:?}");
+        assert!(stats.memory_bytes > 0, "{stats:?}");
+        assert!(stats.memory_peak_bytes >= stats.memory_bytes, "{stats:?}");
+        assert!(stats.cpu_usage_ns > 0, "{stats:?}");
+        assert_eq!(stats.oom_kills, 0);
+
+        let busy = b.remove(&path).expect_err("tasks inside");
+        assert!(busy.is_busy(), "{busy}");
+
+        b.kill_all(&path).expect("kill");
+        assert_eq!(cleanup.reap(moved).signal(), Some(libc::SIGKILL));
+        assert_eq!(cleanup.reap(inside).signal(), Some(libc::SIGKILL));
+        assert_eq!(b.procs(&path).expect("procs"), Vec::<i32>::new());
+
+        b.remove(&path).expect("remove");
+        b.remove(&CgroupPath::service("web"))
+            .expect("remove service");
+        b.remove(&CgroupPath::root()).expect("remove corral");
+        for dir in &cleanup.dirs {
+            let left: Vec<_> = fs::read_dir(dir)
+                .expect("parent")
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "left behind: {left:?}");
+        }
+        let dirs = cleanup.dirs.clone();
+        drop(cleanup);
+        for dir in dirs {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
+    }
+
+    #[test]
+    fn kernel_v1_oom_kill_is_counted() {
+        if let Some(why) = kernel_v1_skip() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (b, _layout, mut cleanup) = kernel_backend("oom");
+        let path = CgroupPath::instance("hog", "hog-0");
+        b.create(&path, &limits(None, Some(32 * MIB), None))
+            .expect("create");
+        let procs = b.open_procs(&path).expect("open");
+        let pid = cleanup.adopt(testkit::spawn_inside(&procs, testkit::MEMORY_HOG));
+        drop(procs);
+        let status = cleanup.reap(pid);
+        let stats = b.stats(&path).expect("stats");
+        eprintln!("memory hog: {status:?}, stats: {stats:?}");
+        assert!(!status.success(), "the hog must not get its 256 MiB");
+        assert!(stats.oom_kills >= 1, "{stats:?}");
+        assert!(stats.memory_peak_bytes >= 30 * MIB, "{stats:?}");
+        // the shell's children (head, tr) may outlive it
+        b.kill_all(&path).expect("kill what is left");
+        testkit::wait_until_empty(b.as_ref(), &path);
+        for p in [path.clone(), CgroupPath::service("hog"), CgroupPath::root()] {
+            b.remove(&p).expect("remove");
+        }
+        for dir in &cleanup.dirs {
+            assert_eq!(subdirs("", dir).expect("parent"), Vec::<String>::new());
+        }
+    }
+
+    #[test]
+    fn kernel_v1_remove_with_a_live_task_is_busy() {
+        if let Some(why) = kernel_v1_skip() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (b, layout, mut cleanup) = kernel_backend("busy");
+        let path = CgroupPath::instance("db", "db-0");
+        b.create(&path, &limits(None, Some(64 * MIB + 100), None))
+            .expect("create");
+        // the kernel keeps whole pages: 64 MiB + 100 bytes reads 64 MiB, and that is accepted
+        assert_eq!(
+            testkit::read(&kdir(&layout.memory, &path).join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        let pid = cleanup.adopt(testkit::spawn_and_move(b.open_procs(&path).expect("open")));
+        let err = b.remove(&path).expect_err("busy");
+        assert!(err.is_busy(), "{err}");
+        assert!(err.to_string().contains("Device or resource busy"), "{err}");
+        assert!(kdir(&layout.memory, &path).exists());
+        b.kill_all(&path).expect("kill");
+        assert_eq!(cleanup.reap(pid).signal(), Some(libc::SIGKILL));
+        b.remove(&path).expect("remove once empty");
+        assert!(!kdir(&layout.memory, &path).exists());
+        assert!(!kdir(&layout.pids, &path).exists());
+    }
+}
