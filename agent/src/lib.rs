@@ -1,5 +1,18 @@
 //! corrald, the corral node agent, as a library: the binary `corrald` composes these modules,
 //! and the tests drive them in-process.
+//!
+//! - [`spec`]: service specs (TOML and the raw model), validation. Pure.
+//! - [`supervisor`]: desired state -> running instances; pure cores plus the driver task.
+//! - [`runtime`]: spawning instances (clone3 into namespaces and cgroup) and their init.
+//! - [`cgroups`]: the cgroup v1/v2 backends behind one trait.
+//! - [`store`]: crash-safe persistence of the desired state.
+//! - [`host`]: host facts for the node report.
+//! - [`api`]: the gRPC layer.
 
+pub mod api;
 pub mod cgroups;
+pub mod host;
+pub mod runtime;
 pub mod spec;
+pub mod store;
+pub mod supervisor;

@@ -416,6 +416,7 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(pb::InstanceState::Backoff) => "backoff",
         Ok(pb::InstanceState::Exited) => "exited",
         Ok(pb::InstanceState::Failed) => "failed",
+        Ok(pb::InstanceState::Starting) => "starting",
         Ok(pb::InstanceState::Unspecified) | Err(_) => "unknown",
     }
 }

@@ -1,1 +1,359 @@
-//! Shared harness for the end-to-end tests.
+//! The end-to-end harness: runs the real `corrald` and `corral` binaries as root against the
+//! real kernel, each agent in its own state directory, socket and cgroup parent (beneath the
+//! test process's own cgroup), and removes every process and cgroup it made when done.
+//!
+//! Binaries are looked up in `CORRAL_BIN_DIR`, else next to the test executable's directory
+//! (`target/<profile>`); build them first with `cargo build --workspace`.
+
+pub mod cgroup;
+pub mod scenarios;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use corral_proto::v1 as pb;
+use pb::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+pub use cgroup::TestCgroup;
+
+/// Directory holding corrald, corral and corral-testbin.
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("CORRAL_BIN_DIR") {
+            return PathBuf::from(d);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        dir
+    })
+    .clone()
+}
+
+/// Path of one of the workspace's binaries; panics with the fix when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: run `cargo build --workspace` first (or set CORRAL_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// The workload binary, at a path an instance can see: a private /tmp hides anything under
+/// /tmp, so a build tree there is copied out once.
+pub fn testbin() -> String {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let src = bin("corral-testbin");
+        if !src.starts_with("/tmp") {
+            return src.display().to_string();
+        }
+        let dir = PathBuf::from(format!("/var/tmp/corral-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir /var/tmp copy dir");
+        let dst = dir.join("corral-testbin");
+        std::fs::copy(&src, &dst).expect("copy corral-testbin");
+        dst.display().to_string()
+    })
+    .clone()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True (after printing why) when this test cannot run here: it needs root.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("SKIP {test}: needs root (the end-to-end tests create cgroups and namespaces)");
+    true
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name for this process's n-th agent.
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// One running corrald with its own directories and cgroup parent.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub services_dir: Option<PathBuf>,
+    pub cgroup: TestCgroup,
+    log: PathBuf,
+    /// Kept to own the directory; removed on drop.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// A fresh agent.
+    pub async fn start() -> Agent {
+        Agent::start_with(None).await
+    }
+
+    /// A fresh agent that applies `dir` with `--services`.
+    pub async fn start_with(services: Option<&Path>) -> Agent {
+        let tmp = tempfile::Builder::new()
+            .prefix("corral-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut a = Agent {
+            child: None,
+            state_dir: dir.join("state"),
+            socket: dir.join("corral.sock"),
+            services_dir: services.map(Path::to_path_buf),
+            cgroup: TestCgroup::new(&unique("e2e")),
+            log: dir.join("corrald.log"),
+            dir,
+            _tmp: Some(tmp),
+        };
+        a.launch().await;
+        a
+    }
+
+    /// Start corrald (again) on this agent's directories and cgroup.
+    pub async fn launch(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open agent log");
+        let mut cmd = Command::new(bin("corrald"));
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--cgroup-parent")
+            .arg(self.cgroup.flag())
+            .env("RUST_LOG", "info,corral_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        if let Some(s) = &self.services_dir {
+            cmd.arg("--services").arg(s);
+        }
+        self.child = Some(cmd.spawn().expect("spawn corrald"));
+        let socket = self.socket.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "corrald exited at start with {status}:\n{}",
+                    self.log_text()
+                );
+            }
+            if socket.exists()
+                && let Ok(mut c) = connect(&socket).await
+                && c.list(pb::ListRequest {}).await.is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "corrald did not serve within 30 s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Send `signal` to corrald and wait for it to exit; returns its exit status.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent not running");
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().expect("wait corrald")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> AgentClient<Channel> {
+        connect(&self.socket).await.expect("connect to corrald")
+    }
+
+    /// Run the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("corral"))
+            .args(args)
+            .env("CORRAL_ADDR", format!("unix://{}", self.socket.display()))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run corral")
+    }
+
+    /// Apply a TOML spec through the API.
+    pub async fn apply(&self, toml: &str) -> Result<pb::ApplyResponse, tonic::Status> {
+        self.client()
+            .await
+            .apply(pb::ApplyRequest {
+                source: Some(pb::apply_request::Source::SpecToml(toml.to_string())),
+                dry_run: false,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<pb::ServiceStatus, tonic::Status> {
+        self.client()
+            .await
+            .get(pb::GetRequest { name: name.into() })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<pb::DeleteResponse, tonic::Status> {
+        self.client()
+            .await
+            .delete(pb::DeleteRequest { name: name.into() })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Wait until `name` has `n` running instances with a known service PID; returns them.
+    pub async fn wait_running(&self, name: &str, n: usize) -> Vec<pb::InstanceStatus> {
+        eventually(
+            &format!("{n} running instances of {name}"),
+            Duration::from_secs(30),
+            || async {
+                let s = self.get(name).await.ok()?;
+                let running: Vec<_> = s
+                    .instances
+                    .into_iter()
+                    .filter(|i| i.state == pb::InstanceState::Running as i32 && i.pid > 0)
+                    .collect();
+                (running.len() == n).then_some(running)
+            },
+        )
+        .await
+    }
+
+    /// The instance's stdout log so far.
+    pub fn stdout_of(&self, instance: &str) -> String {
+        std::fs::read_to_string(
+            self.state_dir
+                .join("logs")
+                .join(instance)
+                .join("stdout.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Wait until the instance's stdout holds `key=...` and return the value.
+    pub async fn reported(&self, instance: &str, key: &str) -> String {
+        let prefix = format!("{key}=");
+        eventually(
+            &format!("{instance} to report {key}"),
+            Duration::from_secs(20),
+            || async {
+                self.stdout_of(instance)
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Instances outlive the agent by design; the test's cgroup holds them all.
+        self.cgroup.destroy();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- corrald log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A client on a Unix socket.
+pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(AgentClient::new(ch))
+}
+
+/// A process's namespace inode link, e.g. `pid:[4026531836]`.
+pub fn ns_of(pid: i32, ns: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{ns}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+/// True while `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// SIGKILL one process by PID.
+pub fn kill9(pid: i32) {
+    // SAFETY: plain kill(2) on a PID the test got from the agent.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}

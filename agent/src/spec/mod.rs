@@ -31,7 +31,7 @@ pub use error::{FieldError, SpecError};
 pub use read::{SYNTAX_FIELD, read_toml};
 pub use types::*;
 pub use units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
-pub use validate::{instance_id, valid_service_name};
+pub use validate::{MAX_REPLICAS, instance_id, valid_service_name};
 
 /// Reads and validates a spec file. Every problem is reported at once: syntax (then nothing
 /// else), unknown fields, wrong types and every validation rule, without reporting a field

@@ -2,6 +2,7 @@
 //! field optional and sizes/durations still text; [`ServiceSpec`] is the validated value with
 //! every default filled in and every unit parsed. Only `validate` turns one into the other.
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,7 +13,8 @@ use std::time::Duration;
 // Raw: as written.
 
 /// A size as written: an integer number of bytes or a string such as `"256MiB"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
 pub enum RawSize {
     /// An integer number of bytes (TOML integer).
     Bytes(i64),
@@ -21,7 +23,8 @@ pub enum RawSize {
 }
 
 /// A port as written in `[ports]`: `"auto"` or a port number (integer or digits).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
 pub enum RawPort {
     /// A TOML integer.
     Number(i64),
@@ -31,7 +34,8 @@ pub enum RawPort {
 
 /// A service spec as the user wrote it. Produced by the TOML reader (which reports unknown
 /// fields and wrong types itself) and by the protobuf conversion; checked by `validate`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawSpec {
     /// Required; `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: Option<String>,
@@ -66,7 +70,8 @@ pub struct RawSpec {
 }
 
 /// `[resources]` as written.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawResources {
     /// Cores, fractional (a TOML integer is read as a float).
     pub cpu: Option<f64>,
@@ -77,7 +82,8 @@ pub struct RawResources {
 }
 
 /// `[isolation]` as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawIsolation {
     /// Namespace names: `pid`, `mount`, `uts`, `ipc`, `net`.
     pub namespaces: Option<Vec<String>>,
@@ -88,7 +94,8 @@ pub struct RawIsolation {
 }
 
 /// One `[[sockets]]` entry as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawSocket {
     /// The socket's `LISTEN_FDNAMES` entry.
     pub name: Option<String>,
@@ -97,7 +104,8 @@ pub struct RawSocket {
 }
 
 /// `[restart]` as written; durations are humantime strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawRestart {
     /// `always`, `on-failure` or `never`.
     pub policy: Option<String>,
@@ -108,7 +116,8 @@ pub struct RawRestart {
 }
 
 /// `[health]` as written; durations are humantime strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawHealth {
     /// An `http://` URL.
     pub http: Option<String>,
@@ -135,7 +144,8 @@ pub struct RawHealth {
 }
 
 /// `[rollout]` as written; durations are humantime strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawRollout {
     /// Extra instances started before old ones stop.
     pub max_surge: Option<i64>,
@@ -150,7 +160,8 @@ pub struct RawRollout {
 }
 
 /// `[stop]` as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawStop {
     /// A signal name, with or without `SIG`.
     pub signal: Option<String>,
@@ -159,7 +170,8 @@ pub struct RawStop {
 }
 
 /// `[logs]` as written.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawLogs {
     /// Bytes per file.
     pub max_size: Option<RawSize>,

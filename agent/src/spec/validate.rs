@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::error::{FieldError, SpecError, child, quote};
@@ -30,9 +30,10 @@ const fn millis(ms: u64) -> Duration {
 const HOUR: Duration = secs(3600);
 const DAY: Duration = secs(24 * 3600);
 
-const MAX_REPLICAS: i64 = 1000;
+/// The most instances one service may have on a host.
+pub const MAX_REPLICAS: u32 = 1000;
 /// Largest instance index a hostname must work for.
-const MAX_INDEX: u32 = MAX_REPLICAS as u32 - 1;
+const MAX_INDEX: u32 = MAX_REPLICAS - 1;
 const MAX_ARGS: usize = 4096;
 const MAX_ARGV_BYTES: usize = 128 * 1024;
 const MAX_ENV: usize = 1024;
@@ -57,7 +58,7 @@ const DEFAULT_NAMESPACES: [Namespace; 4] = [
 ];
 const DEFAULT_BACKOFF: Duration = millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = secs(30);
-const MIN_BACKOFF: Duration = millis(10);
+const MIN_BACKOFF: Duration = Duration::ZERO;
 const DEFAULT_INTERVAL: Duration = secs(2);
 const MIN_INTERVAL: Duration = millis(100);
 const DEFAULT_TIMEOUT: Duration = secs(1);
@@ -502,9 +503,18 @@ impl Check {
             user
         });
 
-        let replicas = self.integer("replicas", raw.replicas, 1, 0..=MAX_REPLICAS);
+        let replicas = self.integer("replicas", raw.replicas, 1, 0..=i64::from(MAX_REPLICAS));
         let resources = self.resources(raw.resources.as_ref());
         let isolation = self.isolation(raw.isolation.as_ref(), name.as_deref());
+        if isolation.private_tmp && (workdir == Path::new("/tmp") || workdir.starts_with("/tmp/")) {
+            self.error(
+                "workdir",
+                format!(
+                    "{} is under /tmp, which isolation.private_tmp replaces with an empty tmpfs inside the instance",
+                    quote(&workdir.display().to_string())
+                ),
+            );
+        }
         let ports = self.ports(raw.ports.as_ref(), replicas, &isolation);
         // Every port name written reserves its variable, valid or not.
         let port_names: BTreeSet<&str> = raw
@@ -1164,13 +1174,13 @@ impl Check {
             "rollout.max_surge",
             raw.max_surge,
             DEFAULT_MAX_SURGE,
-            0..=MAX_REPLICAS,
+            0..=i64::from(MAX_REPLICAS),
         );
         let max_unavailable = self.integer(
             "rollout.max_unavailable",
             raw.max_unavailable,
             DEFAULT_MAX_UNAVAILABLE,
-            0..=MAX_REPLICAS,
+            0..=i64::from(MAX_REPLICAS),
         );
         if max_surge == Some(0) && max_unavailable == Some(0) {
             self.error(

@@ -1,0 +1,384 @@
+//! Conversions between the wire (`corral.v1`) and the domain. The spec goes wire -> `RawSpec`
+//! and is validated by `spec` like a TOML file, so both paths give the same errors.
+
+use std::time::SystemTime;
+
+use corral_proto::v1 as pb;
+
+use crate::cgroups::Capabilities;
+use crate::host::HostInfo;
+use crate::spec::{
+    FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart,
+    RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
+};
+use crate::supervisor::{ExitClass, ExitInfo, InstanceStatus, ServiceStatus};
+
+fn int(field: &str, v: u64, errors: &mut Vec<FieldError>) -> i64 {
+    i64::try_from(v).unwrap_or_else(|_| {
+        errors.push(FieldError {
+            field: field.into(),
+            message: format!("{v} is out of range"),
+        });
+        0
+    })
+}
+
+/// A wire spec as the user wrote it; `validate()` does the rest.
+pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
+    let mut errors = Vec::new();
+    let none_if_empty = |v: Vec<String>| if v.is_empty() { None } else { Some(v) };
+    let raw = RawSpec {
+        name: Some(p.name),
+        command: none_if_empty(p.command),
+        env: if p.env.is_empty() {
+            None
+        } else {
+            Some(p.env.into_iter().collect())
+        },
+        workdir: p.workdir,
+        user: p.user,
+        replicas: p.replicas.map(i64::from),
+        resources: p.resources.map(|r| RawResources {
+            cpu: r.cpu,
+            memory: r.memory.map(RawSize::Text),
+            pids: r.pids.map(|v| int("resources.pids", v, &mut errors)),
+        }),
+        isolation: p.isolation.map(|i| RawIsolation {
+            namespaces: i.namespaces.map(|n| n.names),
+            hostname: i.hostname,
+            private_tmp: i.private_tmp,
+        }),
+        ports: if p.ports.is_empty() {
+            None
+        } else {
+            Some(
+                p.ports
+                    .into_iter()
+                    .map(|(k, v)| (k, RawPort::Text(v)))
+                    .collect(),
+            )
+        },
+        sockets: if p.sockets.is_empty() {
+            None
+        } else {
+            Some(
+                p.sockets
+                    .into_iter()
+                    .map(|s| RawSocket {
+                        name: Some(s.name),
+                        listen: Some(s.listen),
+                    })
+                    .collect(),
+            )
+        },
+        restart: p.restart.map(|r| RawRestart {
+            policy: r.policy,
+            backoff: r.backoff,
+            backoff_max: r.backoff_max,
+        }),
+        health: p.health.map(|h| RawHealth {
+            http: h.http,
+            tcp: h.tcp,
+            grpc: h.grpc,
+            exec: none_if_empty(h.exec),
+            interval: h.interval,
+            timeout: h.timeout,
+            start_period: h.start_period,
+            failure_threshold: h.failure_threshold.map(i64::from),
+            success_threshold: h.success_threshold.map(i64::from),
+            restart_on_failure: h.restart_on_failure,
+            notify: h.notify,
+        }),
+        rollout: p.rollout.map(|r| RawRollout {
+            max_surge: r.max_surge.map(i64::from),
+            max_unavailable: r.max_unavailable.map(i64::from),
+            min_healthy: r.min_healthy,
+            healthy_deadline: r.healthy_deadline,
+            auto_rollback: r.auto_rollback,
+        }),
+        stop: p.stop.map(|s| RawStop {
+            signal: s.signal,
+            grace: s.grace,
+        }),
+        logs: p.logs.map(|l| RawLogs {
+            max_size: l.max_size.map(RawSize::Text),
+            max_files: l.max_files.map(i64::from),
+        }),
+    };
+    if errors.is_empty() {
+        Ok(raw)
+    } else {
+        Err(SpecError { errors })
+    }
+}
+
+fn size_text(s: RawSize) -> String {
+    match s {
+        RawSize::Bytes(n) => n.to_string(),
+        RawSize::Text(t) => t,
+    }
+}
+
+fn u32_of(v: Option<i64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+}
+
+/// The validated spec on the wire, every default explicit.
+pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
+    let r = spec.to_raw();
+    pb::ServiceSpec {
+        name: r.name.unwrap_or_default(),
+        command: r.command.unwrap_or_default(),
+        env: r.env.unwrap_or_default().into_iter().collect(),
+        workdir: r.workdir,
+        user: r.user,
+        replicas: u32_of(r.replicas),
+        resources: r.resources.map(|x| pb::Resources {
+            cpu: x.cpu,
+            memory: x.memory.map(size_text),
+            pids: x.pids.and_then(|n| u64::try_from(n).ok()),
+        }),
+        isolation: r.isolation.map(|i| pb::Isolation {
+            namespaces: i.namespaces.map(|names| pb::NamespaceList { names }),
+            hostname: i.hostname,
+            private_tmp: i.private_tmp,
+        }),
+        ports: r
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    RawPort::Number(n) => n.to_string(),
+                    RawPort::Text(t) => t,
+                };
+                (k, v)
+            })
+            .collect(),
+        sockets: r
+            .sockets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| pb::Socket {
+                name: s.name.unwrap_or_default(),
+                listen: s.listen.unwrap_or_default(),
+            })
+            .collect(),
+        restart: r.restart.map(|x| pb::Restart {
+            policy: x.policy,
+            backoff: x.backoff,
+            backoff_max: x.backoff_max,
+        }),
+        health: r.health.map(|h| pb::Health {
+            http: h.http,
+            tcp: h.tcp,
+            grpc: h.grpc,
+            exec: h.exec.unwrap_or_default(),
+            interval: h.interval,
+            timeout: h.timeout,
+            start_period: h.start_period,
+            failure_threshold: u32_of(h.failure_threshold),
+            success_threshold: u32_of(h.success_threshold),
+            restart_on_failure: h.restart_on_failure,
+            notify: h.notify,
+        }),
+        rollout: r.rollout.map(|x| pb::Rollout {
+            max_surge: u32_of(x.max_surge),
+            max_unavailable: u32_of(x.max_unavailable),
+            min_healthy: x.min_healthy,
+            healthy_deadline: x.healthy_deadline,
+            auto_rollback: x.auto_rollback,
+        }),
+        stop: r.stop.map(|s| pb::Stop {
+            signal: s.signal,
+            grace: s.grace,
+        }),
+        logs: r.logs.map(|l| pb::Logs {
+            max_size: l.max_size.map(size_text),
+            max_files: u32_of(l.max_files),
+        }),
+    }
+}
+
+fn ts(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+fn exit_to_proto(e: &ExitInfo) -> pb::ExitInfo {
+    let (class, code, signal) = match e.class {
+        ExitClass::Exited(c) => (pb::ExitClass::Exited, c, 0),
+        ExitClass::Signaled(s) => (pb::ExitClass::Signaled, 0, s),
+        ExitClass::OomKilled => (pb::ExitClass::OomKilled, 0, libc::SIGKILL),
+        ExitClass::StopTimeout => (pb::ExitClass::StopTimeout, 0, libc::SIGKILL),
+        ExitClass::HealthFailed => (pb::ExitClass::HealthFailed, 0, 0),
+        ExitClass::Lost => (pb::ExitClass::Lost, 0, 0),
+    };
+    pb::ExitInfo {
+        class: class as i32,
+        code,
+        signal,
+        at: Some(ts(e.at)),
+        text: e.class.to_string(),
+    }
+}
+
+fn instance_state(i: &InstanceStatus) -> pb::InstanceState {
+    match i.state {
+        "running" => pb::InstanceState::Running,
+        "stopping" | "removing" => pb::InstanceState::Stopping,
+        "backoff" if i.start_failed => pb::InstanceState::Failed,
+        "backoff" => pb::InstanceState::Backoff,
+        "exited" => pb::InstanceState::Exited,
+        "pending" => pb::InstanceState::Starting,
+        _ => pb::InstanceState::Unspecified,
+    }
+}
+
+pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
+    pb::InstanceStatus {
+        id: i.id.clone(),
+        index: i.index,
+        revision: i.revision,
+        state: instance_state(i) as i32,
+        pid: i.pid.unwrap_or(0),
+        init_pid: i.init_pid.unwrap_or(0),
+        restarts: i.restarts,
+        last_exit: i.last_exit.as_ref().map(exit_to_proto),
+        usage: i.usage.map(|u| pb::ResourceUsage {
+            cpu_usage_ns: u.cpu_usage_ns,
+            memory_bytes: u.memory_bytes,
+            memory_peak_bytes: u.memory_peak_bytes,
+            oom_kills: u.oom_kills,
+            pids: u.pids,
+        }),
+        started_at: i.started_at.map(ts),
+        next_start_at: i.next_start_at.map(ts),
+        last_error: i.last_error.clone().unwrap_or_default(),
+        cgroup: i.cgroup.clone(),
+        ports: i
+            .ports
+            .iter()
+            .map(|(k, v)| (k.clone(), u32::from(*v)))
+            .collect(),
+    }
+}
+
+pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
+    pb::ServiceStatus {
+        name: s.name.clone(),
+        revision: s.revision,
+        spec: Some(spec_to_proto(&s.spec)),
+        desired: s.desired,
+        running: s.running,
+        healthy: s.healthy,
+        instances: s.instances.iter().map(instance_to_proto).collect(),
+        deleting: s.deleting,
+    }
+}
+
+pub fn node_to_proto(
+    h: &HostInfo,
+    caps: &Capabilities,
+    namespaces: &[Namespace],
+    services: u32,
+    instances: u32,
+) -> pb::NodeInfo {
+    pb::NodeInfo {
+        hostname: h.hostname.clone(),
+        kernel: h.kernel.clone(),
+        os: h.os.clone(),
+        cgroup_version: caps.version.as_str().into(),
+        cpus: h.cpus,
+        memory_total_bytes: h.memory_total,
+        memory_available_bytes: h.memory_available,
+        load1: h.load[0],
+        load5: h.load[1],
+        load15: h.load[2],
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_uptime_seconds: h.agent_uptime_secs,
+        cgroup_parent: caps.parent.clone(),
+        controllers: caps
+            .available
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect(),
+        unavailable: caps
+            .unavailable
+            .iter()
+            .map(|(c, why)| format!("{}: {why}", c.as_str()))
+            .collect(),
+        namespaces: namespaces.iter().map(|n| n.as_str().to_string()).collect(),
+        services,
+        instances,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "web"
+command = ["/usr/bin/python3", "-m", "http.server"]
+env = { LOG_LEVEL = "info" }
+workdir = "/srv/web"
+user = "nobody"
+replicas = 3
+
+[resources]
+cpu = 0.5
+memory = "256MiB"
+pids = 256
+
+[isolation]
+namespaces = ["pid", "mount", "uts", "ipc"]
+hostname = "web-{index}"
+private_tmp = true
+
+[ports]
+admin = "auto"
+
+[restart]
+policy = "always"
+backoff = "100ms"
+backoff_max = "30s"
+
+[stop]
+signal = "SIGTERM"
+grace = "10s"
+
+[logs]
+max_size = "10MiB"
+max_files = 5
+"#;
+
+    #[test]
+    fn spec_survives_the_wire() {
+        let spec = crate::spec::parse_toml(FULL).expect("valid");
+        let wire = spec_to_proto(&spec);
+        let back = spec_from_proto(wire)
+            .expect("converts")
+            .validate()
+            .expect("valid");
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn wire_errors_name_the_field() {
+        let mut wire = spec_to_proto(&crate::spec::parse_toml(FULL).expect("valid"));
+        if let Some(r) = wire.resources.as_mut() {
+            r.memory = Some("12XB".into());
+            r.pids = Some(u64::MAX);
+        }
+        let err = spec_from_proto(wire.clone()).expect_err("pids overflow");
+        assert!(err.to_string().contains("resources.pids"), "{err}");
+        if let Some(r) = wire.resources.as_mut() {
+            r.pids = Some(10);
+        }
+        let err = spec_from_proto(wire)
+            .expect("converts")
+            .validate()
+            .expect_err("bad size");
+        assert!(err.to_string().contains("resources.memory"), "{err}");
+    }
+}

@@ -1,0 +1,175 @@
+//! `corral.v1.Agent` over the supervisor: decode, validate the request's own fields, call
+//! the supervisor, encode. No logic of its own.
+
+use std::sync::Arc;
+
+use corral_proto::v1 as pb;
+use corral_proto::v1::agent_server::Agent;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::status::to_status;
+use crate::cgroups::Capabilities;
+use crate::host::Host;
+use crate::spec::{self, Namespace};
+use crate::supervisor::{Operation, Outcome, SupervisorHandle};
+
+/// The largest spec file text accepted (the gRPC message limit is larger).
+pub const MAX_SPEC_TOML: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    pub supervisor: SupervisorHandle,
+    pub host: Arc<Host>,
+    pub capabilities: Capabilities,
+    pub namespaces: Vec<Namespace>,
+}
+
+fn check_name(name: &str) -> Result<(), Status> {
+    if spec::valid_service_name(name) {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(80).collect();
+        Err(Status::invalid_argument(format!(
+            "name: {shown:?} is not a valid service name ([a-z0-9][a-z0-9-]{{0,62}})"
+        )))
+    }
+}
+
+fn unexpected(o: Outcome) -> Status {
+    Status::internal(format!("unexpected supervisor answer: {o:?}"))
+}
+
+impl AgentService {
+    async fn call(&self, op: Operation) -> Result<Outcome, Status> {
+        self.supervisor.call(op).await.map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        let spec = match req.source {
+            Some(pb::apply_request::Source::Spec(p)) => convert::spec_from_proto(p)
+                .and_then(|raw| raw.validate())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            Some(pb::apply_request::Source::SpecToml(text)) => {
+                if text.len() > MAX_SPEC_TOML {
+                    return Err(Status::invalid_argument(format!(
+                        "spec_toml: {} bytes is larger than the {MAX_SPEC_TOML}-byte limit",
+                        text.len()
+                    )));
+                }
+                spec::parse_toml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "spec: one of spec or spec_toml is required",
+                ));
+            }
+        };
+        match self
+            .call(Operation::Apply {
+                spec: Box::new(spec),
+                dry_run: req.dry_run,
+            })
+            .await?
+        {
+            Outcome::Applied(a) => Ok(Response::new(pb::ApplyResponse {
+                name: a.name,
+                revision: a.revision,
+                outcome: a.kind.as_str().into(),
+                changes: a.changes,
+                replaces_instances: a.replaces_instances,
+            })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = req.into_inner().name;
+        check_name(&name)?;
+        match self.call(Operation::Delete { name }).await? {
+            Outcome::Deleted { name, stopped } => Ok(Response::new(pb::DeleteResponse {
+                name,
+                stopped_instances: stopped,
+            })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn get(
+        &self,
+        req: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let name = req.into_inner().name;
+        check_name(&name)?;
+        match self.call(Operation::Get { name }).await? {
+            Outcome::Status(s) => Ok(Response::new(convert::status_to_proto(&s))),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        match self.call(Operation::List).await? {
+            Outcome::List(v) => Ok(Response::new(pb::ListResponse {
+                services: v.iter().map(convert::status_to_proto).collect(),
+            })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn scale(
+        &self,
+        req: Request<pb::ScaleRequest>,
+    ) -> Result<Response<pb::ScaleResponse>, Status> {
+        let req = req.into_inner();
+        check_name(&req.name)?;
+        match self
+            .call(Operation::Scale {
+                name: req.name,
+                replicas: req.replicas,
+            })
+            .await?
+        {
+            Outcome::Scaled {
+                name,
+                previous,
+                replicas,
+            } => Ok(Response::new(pb::ScaleResponse {
+                name,
+                previous,
+                replicas,
+            })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn node(&self, _req: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let (services, instances) = match self.call(Operation::Summary).await? {
+            Outcome::Summary {
+                services,
+                instances,
+            } => (services, instances),
+            o => return Err(unexpected(o)),
+        };
+        let host = self.host.snapshot();
+        Ok(Response::new(convert::node_to_proto(
+            &host,
+            &self.capabilities,
+            &self.namespaces,
+            services,
+            instances,
+        )))
+    }
+}

@@ -1,0 +1,156 @@
+//! A recording runtime for the supervisor's tests: spawns nothing, remembers every call, and
+//! lets the test end an instance with any [`InitExit`].
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use super::{InitExit, ProcessRef, ProcessStatus, Runtime, SpawnError, Spawned, StartRequest};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeSpawn {
+    pub instance: String,
+    pub index: u32,
+    pub pid: i32,
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_pid: i32,
+    spawns: Vec<FakeSpawn>,
+    signals: Vec<(i32, i32)>,
+    exits: HashMap<i32, oneshot::Sender<InitExit>>,
+    fail_spawns: u32,
+    refuse_command: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct FakeRuntime {
+    state: Mutex<State>,
+}
+
+impl FakeRuntime {
+    pub fn new() -> FakeRuntime {
+        FakeRuntime::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every spawn so far, in order.
+    pub fn spawns(&self) -> Vec<FakeSpawn> {
+        self.lock().spawns.clone()
+    }
+
+    /// Every (pid, signal) sent so far, in order.
+    pub fn signals(&self) -> Vec<(i32, i32)> {
+        self.lock().signals.clone()
+    }
+
+    /// PIDs of the instances still running.
+    pub fn running(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.lock().exits.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// End the instance with init PID `pid`. False when no such instance runs.
+    pub fn exit(&self, pid: i32, exit: InitExit) -> bool {
+        match self.lock().exits.remove(&pid) {
+            Some(tx) => tx.send(exit).is_ok(),
+            None => false,
+        }
+    }
+
+    /// End the instance as a plain exit with `code`.
+    pub fn exit_code(&self, pid: i32, code: i32) -> bool {
+        self.exit(
+            pid,
+            InitExit {
+                status: ProcessStatus::Exited(code),
+                record: Some(super::ExitRecord {
+                    code: Some(code),
+                    ..Default::default()
+                }),
+                spawn_error: None,
+            },
+        )
+    }
+
+    /// Make `preflight` refuse specs whose command is `command`.
+    pub fn refuse_command(&self, command: &str) {
+        self.lock().refuse_command = Some(command.to_string());
+    }
+
+    /// Make the next `n` spawns fail.
+    pub fn fail_next_spawns(&self, n: u32) {
+        self.lock().fail_spawns = n;
+    }
+}
+
+impl Runtime for FakeRuntime {
+    fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
+        let mut st = self.lock();
+        if st.fail_spawns > 0 {
+            st.fail_spawns -= 1;
+            return Err(SpawnError::Invalid {
+                instance: req.instance.to_string(),
+                reason: "injected spawn failure".into(),
+            });
+        }
+        st.next_pid += 1;
+        let pid = 1000 + st.next_pid;
+        st.spawns.push(FakeSpawn {
+            instance: req.instance.to_string(),
+            index: req.index,
+            pid,
+            command: req.spec.command.clone(),
+        });
+        let (tx, rx) = oneshot::channel();
+        st.exits.insert(pid, tx);
+        Ok(Spawned {
+            process: ProcessRef { pid, pidfd: None },
+            exit: Box::pin(async move {
+                rx.await.unwrap_or(InitExit {
+                    status: ProcessStatus::Signaled(9),
+                    record: None,
+                    spawn_error: None,
+                })
+            }),
+        })
+    }
+
+    fn signal(&self, process: &ProcessRef, signal: i32) -> io::Result<()> {
+        self.lock().signals.push((process.pid, signal));
+        Ok(())
+    }
+
+    fn main_pid(&self, init_pid: i32) -> Option<i32> {
+        Some(init_pid + 100_000)
+    }
+
+    fn free_port(&self) -> io::Result<u16> {
+        let mut st = self.lock();
+        st.next_pid += 1;
+        Ok(20_000 + st.next_pid as u16)
+    }
+
+    fn preflight(&self, spec: &crate::spec::ServiceSpec) -> Result<(), String> {
+        match self.lock().refuse_command.as_deref() {
+            Some(bad) if spec.command.first().map(String::as_str) == Some(bad) => {
+                Err(format!("command[0]: {bad:?} does not exist on this host"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_instance_files(&self, _instance: &str) {}
+
+    fn roots(&self, pids: &[i32]) -> Vec<i32> {
+        pids.to_vec()
+    }
+}

@@ -1,0 +1,554 @@
+//! The per-instance init: the first process of every instance (PID 1 of its PID namespace, or a
+//! child subreaper without one). It is `corrald` itself, executed under the name `corral-init`
+//! by the spawn path in [`super::linux`], already inside the instance's cgroup and namespaces.
+//!
+//! It finishes the isolation that needs a process inside the namespaces (private mount
+//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the hostname, loopback),
+//! forks the service process (which drops privileges and executes the command), then loops:
+//! it copies the service's stdout/stderr into the instance's rotating log files, forwards
+//! signals, reaps every child, and when the service process ends it records how (the exit
+//! record) and exits with the same status. No async runtime, no threads.
+//!
+//! Imports from the crate: nothing but `super` (the shared config and record types).
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitCode;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag};
+use nix::mount::{MsFlags, mount};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigaction, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+
+use super::{EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, RUN_DIR_FD};
+
+/// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
+/// SIGCHLD is the init's own; fault signals stay default.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGTERM,
+    Signal::SIGCONT,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGURG,
+    Signal::SIGWINCH,
+    Signal::SIGPWR,
+];
+
+/// Exit code of the init when the instance could not be set up (the reason is in the exit
+/// record's `setup_error` and on the instance's stderr log).
+pub const SETUP_FAILED: u8 = 125;
+
+/// Entry point of `corral-init`. Never returns into the agent's code paths.
+pub fn main() -> ExitCode {
+    // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
+    // this process owns it.
+    let run_dir = unsafe { OwnedFd::from_raw_fd(RUN_DIR_FD) };
+    // The spawn path placed it with dup2, which clears close-on-exec: the service must not
+    // inherit it.
+    let _ = nix::fcntl::fcntl(&run_dir, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    let config = match read_config(run_dir.as_fd()) {
+        Ok(c) => c,
+        Err(e) => return setup_failed(run_dir.as_fd(), &format!("reading {INIT_CONFIG}: {e}")),
+    };
+    match Init::setup(&config) {
+        Ok(init) => init.run(run_dir.as_fd()),
+        Err(e) => setup_failed(run_dir.as_fd(), &e),
+    }
+}
+
+fn read_config(run_dir: BorrowedFd<'_>) -> io::Result<InitConfig> {
+    let fd = nix::fcntl::openat(
+        run_dir,
+        INIT_CONFIG,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut text = String::new();
+    File::from(fd).read_to_string(&mut text)?;
+    serde_json::from_str(&text).map_err(io::Error::other)
+}
+
+fn setup_failed(run_dir: BorrowedFd<'_>, why: &str) -> ExitCode {
+    let _ = writeln!(io::stderr(), "corral-init: {why}");
+    let record = ExitRecord {
+        setup_error: Some(why.to_string()),
+        ..ExitRecord::default()
+    };
+    let _ = write_record(run_dir, &record);
+    ExitCode::from(SETUP_FAILED)
+}
+
+/// Write the exit record crash-safely enough for its purpose: a temp file renamed into place,
+/// so a reader never sees half a record.
+fn write_record(run_dir: BorrowedFd<'_>, record: &ExitRecord) -> io::Result<()> {
+    let tmp = format!("{EXIT_RECORD}.tmp");
+    let fd = nix::fcntl::openat(
+        run_dir,
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?;
+    let mut f = File::from(fd);
+    f.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
+    f.sync_data()?;
+    nix::fcntl::renameat(run_dir, tmp.as_str(), run_dir, EXIT_RECORD)?;
+    Ok(())
+}
+
+/// One rotating log file (stdout or stderr of the service).
+struct LogFile {
+    dir: OwnedFd,
+    name: &'static str,
+    file: File,
+    size: u64,
+    max_size: u64,
+    max_files: u32,
+}
+
+impl LogFile {
+    fn open(
+        dir: &OwnedFd,
+        name: &'static str,
+        max_size: u64,
+        max_files: u32,
+    ) -> io::Result<LogFile> {
+        let file = open_append(dir.as_fd(), name)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile {
+            dir: dir.try_clone()?,
+            name,
+            file,
+            size,
+            max_size,
+            max_files,
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.size > 0 && self.size + data.len() as u64 > self.max_size {
+            self.rotate()?;
+        }
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    /// Rotation by rename, as `tail -F` expects: `name.{n-1}` is dropped, `name.k` becomes
+    /// `name.{k+1}`, `name` becomes `name.1`, and a fresh `name` is opened. `max_files`
+    /// counts the live file too.
+    fn rotate(&mut self) -> io::Result<()> {
+        let d = self.dir.as_fd();
+        if self.max_files <= 1 {
+            self.file.set_len(0)?;
+            self.size = 0;
+            return Ok(());
+        }
+        for k in (1..self.max_files - 1).rev() {
+            let from = format!("{}.{k}", self.name);
+            let to = format!("{}.{}", self.name, k + 1);
+            match nix::fcntl::renameat(d, from.as_str(), d, to.as_str()) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let first = format!("{}.1", self.name);
+        nix::fcntl::renameat(d, self.name, d, first.as_str())?;
+        self.file = open_append(d, self.name)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn open_append(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o640),
+    )?;
+    Ok(File::from(fd))
+}
+
+struct Init {
+    stdout_log: LogFile,
+    stderr_log: LogFile,
+    stdout_pipe: OwnedFd,
+    stderr_pipe: OwnedFd,
+    signals: SignalFd,
+    child: Pid,
+}
+
+impl Init {
+    /// Everything up to and including the fork of the service process. Files are opened
+    /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
+    fn setup(config: &InitConfig) -> Result<Init, String> {
+        let log_dir = nix::fcntl::open(
+            config.log_dir.as_path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
+        let stdout_log = LogFile::open(
+            &log_dir,
+            "stdout.log",
+            config.log_max_size,
+            config.log_max_files,
+        )
+        .map_err(|e| format!("opening stdout.log: {e}"))?;
+        let stderr_log = LogFile::open(
+            &log_dir,
+            "stderr.log",
+            config.log_max_size,
+            config.log_max_files,
+        )
+        .map_err(|e| format!("opening stderr.log: {e}"))?;
+
+        if !config.pid_namespace {
+            nix::sys::prctl::set_child_subreaper(true)
+                .map_err(|e| format!("becoming a child subreaper: {e}"))?;
+        }
+        if config.mount_namespace {
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .map_err(|e| format!("making mounts private: {e}"))?;
+            if config.pid_namespace {
+                mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    None::<&str>,
+                )
+                .map_err(|e| format!("mounting /proc: {e}"))?;
+            }
+            if config.private_tmp {
+                mount(
+                    Some("tmpfs"),
+                    "/tmp",
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some("mode=1777"),
+                )
+                .map_err(|e| format!("mounting a private /tmp: {e}"))?;
+            }
+        }
+        if let Some(name) = &config.hostname {
+            nix::unistd::sethostname(name)
+                .map_err(|e| format!("setting hostname {name:?}: {e}"))?;
+        }
+        if config.net_namespace {
+            loopback_up().map_err(|e| format!("bringing up lo: {e}"))?;
+        }
+
+        // Forwarded signals need a handler, not just a blocked mask: the kernel drops
+        // signals with the default action that are sent to a PID namespace's init.
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGCHLD);
+        for &s in FORWARDED {
+            mask.add(s);
+        }
+        let action = nix::sys::signal::SigAction::new(
+            SigHandler::Handler(noop_handler),
+            nix::sys::signal::SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for &s in FORWARDED.iter().chain([Signal::SIGCHLD].iter()) {
+            // SAFETY: the handler does nothing, so it is async-signal-safe.
+            unsafe { sigaction(s, &action) }
+                .map_err(|e| format!("installing a {s} handler: {e}"))?;
+        }
+        let mut old = SigSet::empty();
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), Some(&mut old))
+            .map_err(|e| format!("blocking signals: {e}"))?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(|e| format!("creating a signalfd: {e}"))?;
+
+        let (out_r, out_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let exec = ExecPlan::new(config)?;
+
+        // SAFETY: this process is single-threaded (it was just executed and started no
+        // threads), so the child may run ordinary code, allocation included, before exec.
+        match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+            ForkResult::Child => {
+                let (errno, why) = exec.run(&old, out_w.as_raw_fd(), err_w.as_raw_fd());
+                let _ = writeln!(io::stderr(), "corral-init: {why}");
+                // The shell's convention: 127 command not found, 126 cannot execute.
+                let code = if errno == Errno::ENOENT { 127 } else { 126 };
+                // SAFETY: _exit is always safe; skips the parent's atexit handlers.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                drop(out_w);
+                drop(err_w);
+                for fd in [&out_r, &err_r] {
+                    nix::fcntl::fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                        .map_err(|e| format!("fcntl: {e}"))?;
+                }
+                Ok(Init {
+                    stdout_log,
+                    stderr_log,
+                    stdout_pipe: out_r,
+                    stderr_pipe: err_r,
+                    signals,
+                    child,
+                })
+            }
+        }
+    }
+
+    /// The event loop: pump logs, forward signals, reap; ends when the service process ends.
+    fn run(mut self, run_dir: BorrowedFd<'_>) -> ExitCode {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out_open = true;
+        let mut err_open = true;
+        let mut dropped: u64 = 0;
+        let mut status: Option<WaitStatus> = None;
+        while status.is_none() {
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            if out_open {
+                fds.push(PollFd::new(self.stdout_pipe.as_fd(), PollFlags::POLLIN));
+            }
+            if err_open {
+                fds.push(PollFd::new(self.stderr_pipe.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    let _ = writeln!(io::stderr(), "corral-init: poll: {e}");
+                    break;
+                }
+            }
+            drop(fds);
+            while let Ok(Some(info)) = self.signals.read_signal() {
+                let signo = info.ssi_signo as i32;
+                if signo == libc::SIGCHLD {
+                    status = status.or(self.reap());
+                } else if let Ok(sig) = Signal::try_from(signo) {
+                    let _ = kill(self.child, sig);
+                }
+            }
+            if out_open {
+                out_open = pump(
+                    &self.stdout_pipe,
+                    &mut self.stdout_log,
+                    &mut buf,
+                    &mut dropped,
+                );
+            }
+            if err_open {
+                err_open = pump(
+                    &self.stderr_pipe,
+                    &mut self.stderr_log,
+                    &mut buf,
+                    &mut dropped,
+                );
+            }
+        }
+        // The service process is gone: take what is still buffered in the pipes (other
+        // processes of the instance may hold them open, so stop at "nothing more now").
+        if out_open {
+            pump(
+                &self.stdout_pipe,
+                &mut self.stdout_log,
+                &mut buf,
+                &mut dropped,
+            );
+        }
+        if err_open {
+            pump(
+                &self.stderr_pipe,
+                &mut self.stderr_log,
+                &mut buf,
+                &mut dropped,
+            );
+        }
+        let mut record = ExitRecord {
+            log_bytes_dropped: dropped,
+            ..ExitRecord::default()
+        };
+        let code = match status {
+            Some(WaitStatus::Exited(_, code)) => {
+                record.code = Some(code);
+                u8::try_from(code).unwrap_or(1)
+            }
+            Some(WaitStatus::Signaled(_, sig, core)) => {
+                record.signal = Some(sig as i32);
+                record.core_dumped = core;
+                (128 + sig as i32).clamp(0, 255) as u8
+            }
+            _ => {
+                record.setup_error = Some("the service process could not be waited for".into());
+                SETUP_FAILED
+            }
+        };
+        if let Err(e) = write_record(run_dir, &record) {
+            let _ = writeln!(io::stderr(), "corral-init: writing {EXIT_RECORD}: {e}");
+        }
+        ExitCode::from(code)
+    }
+
+    /// Reap every child that has ended; returns the service process's status if it was one.
+    fn reap(&mut self) -> Option<WaitStatus> {
+        let mut main = None;
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return main,
+                Ok(s) => {
+                    if s.pid() == Some(self.child) {
+                        main = Some(s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copy what the pipe holds now into the log. Returns false once the pipe is closed.
+fn pump(pipe: &OwnedFd, log: &mut LogFile, buf: &mut [u8], dropped: &mut u64) -> bool {
+    loop {
+        match nix::unistd::read(pipe, buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                if let Err(e) = log.write(&buf[..n]) {
+                    *dropped += n as u64;
+                    let _ = writeln!(io::stderr(), "corral-init: writing {}: {e}", log.name);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Everything the service process needs, prepared in the init before the fork.
+struct ExecPlan {
+    argv: Vec<CString>,
+    workdir: CString,
+    uid: Option<Uid>,
+    gid: Option<Gid>,
+}
+
+impl ExecPlan {
+    fn new(config: &InitConfig) -> Result<ExecPlan, String> {
+        let argv = config
+            .command
+            .iter()
+            .map(|a| {
+                CString::new(a.as_bytes())
+                    .map_err(|_| format!("command argument {a:?} holds a NUL byte"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if argv.is_empty() {
+            return Err("empty command".into());
+        }
+        let workdir = CString::new(OsStr::new(&config.workdir).as_bytes())
+            .map_err(|_| "workdir holds a NUL byte".to_string())?;
+        Ok(ExecPlan {
+            argv,
+            workdir,
+            uid: config.uid.map(Uid::from_raw),
+            gid: config.gid.map(Gid::from_raw),
+        })
+    }
+
+    /// In the forked child: wire stdio, drop privileges, execute. Returns only on failure,
+    /// with the error and what was being done.
+    fn run(&self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
+        let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
+        // Signal dispositions with handlers are reset by exec; the mask is not.
+        if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
+            return step("restoring the signal mask", e);
+        }
+        if let Err(e) = nix::unistd::setsid() {
+            return step("setsid", e);
+        }
+        // SAFETY: dup2 on fds this process owns; 0 is /dev/null inherited from the spawn path.
+        unsafe {
+            if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+                return step("wiring stdout/stderr", Errno::last());
+            }
+        }
+        // The agent may run with a low OOM score (systemd's OOMScoreAdjust); the service
+        // must not inherit it. Raising the score needs no privilege; failure is harmless.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+        if let Err(e) = nix::unistd::chdir(self.workdir.as_c_str()) {
+            return (e, format!("workdir {:?}: {}", self.workdir, e.desc()));
+        }
+        if let Some(gid) = self.gid {
+            if let Err(e) = nix::unistd::setgroups(&[]) {
+                return step("clearing supplementary groups", e);
+            }
+            if let Err(e) = nix::unistd::setgid(gid) {
+                return step("setgid", e);
+            }
+        }
+        if let Some(uid) = self.uid
+            && let Err(e) = nix::unistd::setuid(uid)
+        {
+            return step("setuid", e);
+        }
+        if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+            return step("setting no_new_privs", e);
+        }
+        // execvp searches PATH from this process's environment, which is the service's.
+        let e = match nix::unistd::execvp(&self.argv[0], &self.argv) {
+            Err(e) => e,
+            Ok(never) => match never {},
+        };
+        (e, format!("executing {:?}: {}", self.argv[0], e.desc()))
+    }
+}
+
+/// `ip link set lo up` inside a fresh network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket(2) call; the fd is owned right after.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: reading the flags member the kernel just filled in.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

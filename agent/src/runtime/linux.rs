@@ -1,0 +1,532 @@
+//! The Linux runtime: one `clone3` per instance, straight into new namespaces, with a pidfd.
+//!
+//! The child of `clone3` is the instance's init (PID 1 of its new PID namespace). Between
+//! `clone3` and `execve` it runs only async-signal-safe system calls on data prepared by the
+//! parent: it writes `"0"` to each of the instance cgroup's `cgroup.procs` files (so it is
+//! inside its limits before it executes anything), wires fds 0-3, marks every other fd
+//! close-on-exec and executes `/proc/self/exe` as `corral-init`. If any step fails, it writes
+//! the step and errno to a close-on-exec pipe and exits; the parent reads that pipe when the
+//! instance ends. Exits are observed through the pidfd (readable when the process ends) and
+//! reaped with `waitid(P_PIDFD)`.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{FcntlArg, OFlag};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::launch::{Identity, service_env};
+use super::{
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, ProcessRef,
+    ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
+};
+use crate::spec::{Namespace, ServiceSpec, UserSpec};
+
+/// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Steps of the child between clone3 and exec, reported through the error pipe.
+const STEP_CGROUP: u8 = 1;
+const STEP_FDS: u8 = 2;
+const STEP_EXEC: u8 = 3;
+
+/// Source fds are moved at or above this number before the child rearranges 0-3.
+const HIGH_FD: RawFd = 16;
+
+#[derive(Debug)]
+pub struct LinuxRuntime {
+    run_root: PathBuf,
+    log_root: PathBuf,
+    exe: CString,
+}
+
+impl LinuxRuntime {
+    /// Instances keep their run state in `<state_dir>/run/<instance>` and their logs in
+    /// `<state_dir>/logs/<instance>`.
+    pub fn new(state_dir: &Path) -> io::Result<LinuxRuntime> {
+        let run_root = state_dir.join("run");
+        let log_root = state_dir.join("logs");
+        for d in [&run_root, &log_root] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(d)?;
+        }
+        Ok(LinuxRuntime {
+            run_root,
+            log_root,
+            exe: CString::from(c"/proc/self/exe"),
+        })
+    }
+
+    pub fn run_dir(&self, instance: &str) -> PathBuf {
+        self.run_root.join(instance)
+    }
+
+    pub fn log_dir(&self, instance: &str) -> PathBuf {
+        self.log_root.join(instance)
+    }
+}
+
+fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String> {
+    use nix::unistd::{Gid, Uid, User};
+    let entry = |u: Option<User>, uid: u32, gid: Option<u32>| Identity {
+        uid,
+        gid: gid.or(u.as_ref().map(|u| u.gid.as_raw())).unwrap_or(uid),
+        name: u.as_ref().map(|u| u.name.clone()),
+        home: u.as_ref().map(|u| u.dir.to_string_lossy().into_owned()),
+    };
+    match user {
+        None => {
+            // The agent's own identity: no privilege change, but HOME/USER for the env.
+            let uid = Uid::current().as_raw();
+            let u = User::from_uid(Uid::current()).ok().flatten();
+            Ok(Some(entry(u, uid, Some(Gid::current().as_raw()))))
+        }
+        Some(UserSpec::Name(name)) => match User::from_name(name) {
+            Ok(Some(u)) => {
+                let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
+                Ok(Some(entry(Some(u), uid, Some(gid))))
+            }
+            Ok(None) => Err("no such user on this host".into()),
+            Err(e) => Err(format!("looking it up failed: {e}")),
+        },
+        Some(UserSpec::Id { uid, gid }) => {
+            let u = User::from_uid(Uid::from_raw(*uid)).ok().flatten();
+            Ok(Some(entry(u, *uid, *gid)))
+        }
+    }
+}
+
+fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
+    CString::new(s).map_err(|_| SpawnError::Invalid {
+        instance: instance.to_string(),
+        reason: format!("{what} holds a NUL byte"),
+    })
+}
+
+/// Move `fd` to a number >= HIGH_FD, close-on-exec.
+fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn clone_flags(spec: &ServiceSpec) -> u64 {
+    let mut flags = libc::CLONE_PIDFD as u64;
+    for ns in &spec.isolation.namespaces {
+        flags |= match ns {
+            Namespace::Pid => libc::CLONE_NEWPID,
+            Namespace::Mount => libc::CLONE_NEWNS,
+            Namespace::Uts => libc::CLONE_NEWUTS,
+            Namespace::Ipc => libc::CLONE_NEWIPC,
+            Namespace::Net => libc::CLONE_NEWNET,
+        } as u64;
+    }
+    flags
+}
+
+/// Data the child reads between clone3 and exec; all of it prepared by the parent.
+struct ChildPlan<'a> {
+    procs: &'a [OwnedFd],
+    devnull: RawFd,
+    init_log: RawFd,
+    run_dir: RawFd,
+    err_pipe: RawFd,
+    exe: &'a CString,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+}
+
+/// The child side of clone3. Only async-signal-safe system calls: no allocation, no locks.
+///
+/// # Safety
+/// Must only be called in the child of a fork-like clone of a possibly multi-threaded
+/// process, with `plan` fully prepared by the parent; never returns.
+unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
+    let fail = |step: u8| -> ! {
+        // SAFETY: errno location, write and _exit are async-signal-safe.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 5];
+            msg[0] = step;
+            msg[1..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(plan.err_pipe, msg.as_ptr().cast(), msg.len());
+            libc::_exit(super::init::SETUP_FAILED as i32)
+        }
+    };
+    for fd in plan.procs {
+        // SAFETY: writing 2 bytes from a static buffer to an fd the parent opened.
+        if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
+            fail(STEP_CGROUP);
+        }
+    }
+    // SAFETY: dup2 onto 0-3 from fds >= HIGH_FD opened by the parent; dup2 clears CLOEXEC
+    // on the targets only. close_range then marks everything else close-on-exec (the error
+    // pipe stays usable until exec succeeds).
+    unsafe {
+        if libc::dup2(plan.devnull, 0) < 0
+            || libc::dup2(plan.init_log, 1) < 0
+            || libc::dup2(plan.init_log, 2) < 0
+            || libc::dup2(plan.run_dir, RUN_DIR_FD) < 0
+        {
+            fail(STEP_FDS);
+        }
+        if libc::syscall(
+            libc::SYS_close_range,
+            (RUN_DIR_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) < 0
+        {
+            fail(STEP_FDS);
+        }
+        libc::execve(plan.exe.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+    }
+    fail(STEP_EXEC)
+}
+
+impl Runtime for LinuxRuntime {
+    fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
+        let spec = req.spec;
+        let instance = req.instance;
+        let prep = |what: &str| {
+            let what = what.to_string();
+            move |source: io::Error| SpawnError::Prepare {
+                instance: instance.to_string(),
+                what,
+                source,
+            }
+        };
+        let identity = resolve_identity(spec.user.as_ref()).map_err(|reason| SpawnError::User {
+            instance: instance.to_string(),
+            user: match &spec.user {
+                Some(UserSpec::Name(n)) => n.clone(),
+                Some(UserSpec::Id { uid, .. }) => uid.to_string(),
+                None => "(agent's)".into(),
+            },
+            reason,
+        })?;
+        let run_dir = self.run_dir(instance);
+        let log_dir = self.log_dir(instance);
+        for d in [&run_dir, &log_dir] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(d)
+                .map_err(prep(&format!("directory {}", d.display())))?;
+        }
+        match fs::remove_file(run_dir.join(EXIT_RECORD)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(prep("removing the previous exit record")(e)),
+        }
+        let drop_privileges = spec.user.is_some();
+        let config = InitConfig {
+            instance: instance.to_string(),
+            command: spec.command.clone(),
+            workdir: spec.workdir.clone(),
+            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
+            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            hostname: spec.hostname_for(req.index),
+            pid_namespace: spec.isolation.has(Namespace::Pid),
+            mount_namespace: spec.isolation.has(Namespace::Mount),
+            net_namespace: spec.isolation.has(Namespace::Net),
+            private_tmp: spec.isolation.private_tmp,
+            log_dir: log_dir.clone(),
+            log_max_size: spec.logs.max_size,
+            log_max_files: spec.logs.max_files,
+        };
+        let json =
+            serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
+        fs::write(run_dir.join(INIT_CONFIG), json).map_err(prep(INIT_CONFIG))?;
+
+        let env = service_env(spec, req.index, instance, req.ports, identity.as_ref());
+        let env_c = env
+            .iter()
+            .map(|(k, v)| cstring(instance, &format!("env {k}"), &format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let argv_c = [
+            cstring(instance, "argv", INIT_NAME)?,
+            cstring(instance, "instance", instance)?,
+        ];
+        let argv: Vec<*const libc::c_char> = argv_c
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp: Vec<*const libc::c_char> = env_c
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+
+        let open = |path: &Path, flags: OFlag, mode: u32| -> io::Result<OwnedFd> {
+            Ok(nix::fcntl::open(
+                path,
+                flags | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(mode),
+            )?)
+        };
+        let run_dir_fd = open(&run_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
+            .and_then(high)
+            .map_err(prep("the run directory"))?;
+        let devnull = open(Path::new("/dev/null"), OFlag::O_RDWR, 0)
+            .and_then(high)
+            .map_err(prep("/dev/null"))?;
+        let init_log = open(
+            &log_dir.join("stderr.log"),
+            OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT,
+            0o640,
+        )
+        .and_then(high)
+        .map_err(prep("stderr.log"))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prep("a pipe")(e.into()))?;
+        let err_w = high(err_w).map_err(prep("a pipe"))?;
+        let procs = req
+            .cgroup_procs
+            .into_iter()
+            .map(high)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(prep("cgroup.procs"))?;
+
+        let plan = ChildPlan {
+            procs: &procs,
+            devnull: devnull.as_raw_fd(),
+            init_log: init_log.as_raw_fd(),
+            run_dir: run_dir_fd.as_raw_fd(),
+            err_pipe: err_w.as_raw_fd(),
+            exe: &self.exe,
+            argv: &argv,
+            envp: &envp,
+        };
+        let mut pidfd: libc::c_int = -1;
+        let args = CloneArgs {
+            flags: clone_flags(spec),
+            pidfd: (&raw mut pidfd) as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
+        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
+        let ret =
+            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+        if ret == 0 {
+            // SAFETY: we are the child of clone3; the plan was built before the call.
+            unsafe { child_after_clone(&plan) }
+        }
+        if ret < 0 {
+            return Err(SpawnError::Clone {
+                instance: instance.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let pid = ret as i32;
+        drop(err_w);
+        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
+        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(pidfd) });
+        let process = ProcessRef {
+            pid,
+            pidfd: Some(pidfd.clone()),
+        };
+        let exit = Box::pin(wait_exit(pidfd, err_r, run_dir));
+        Ok(Spawned { process, exit })
+    }
+
+    fn signal(&self, process: &ProcessRef, signal: i32) -> io::Result<()> {
+        let ret = match &process.pidfd {
+            // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            },
+            // SAFETY: plain kill(2).
+            None => unsafe { libc::kill(process.pid, signal) as libc::c_long },
+        };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Ok(()); // already gone; its exit is being reported
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn main_pid(&self, init_pid: i32) -> Option<i32> {
+        let text = fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children")).ok()?;
+        text.split_whitespace().next()?.parse().ok()
+    }
+
+    fn free_port(&self) -> io::Result<u16> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(l.local_addr()?.port())
+    }
+
+    fn roots(&self, pids: &[i32]) -> Vec<i32> {
+        pids.iter()
+            .copied()
+            .filter(|pid| match parent_pid(*pid) {
+                Some(ppid) => !pids.contains(&ppid),
+                None => false, // gone already
+            })
+            .collect()
+    }
+
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut why = Vec::new();
+        if let Some(user) = &spec.user
+            && let Err(e) = resolve_identity(Some(user))
+        {
+            let shown = match user {
+                UserSpec::Name(n) => n.clone(),
+                UserSpec::Id { uid, .. } => uid.to_string(),
+            };
+            why.push(format!("user: {shown:?}: {e}"));
+        }
+        if let Some(cmd) = spec.command.first()
+            && cmd.starts_with('/')
+        {
+            match fs::metadata(cmd) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+                Ok(_) => why.push(format!("command[0]: {cmd:?} is not an executable file")),
+                Err(e) => why.push(format!("command[0]: {cmd:?}: {e}")),
+            }
+        }
+        match fs::metadata(&spec.workdir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
+            Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
+        }
+    }
+
+    fn remove_instance_files(&self, instance: &str) {
+        for d in [self.run_dir(instance), self.log_dir(instance)] {
+            if let Err(e) = fs::remove_dir_all(&d)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
+            }
+        }
+    }
+}
+
+/// Wait for the init to end, reap it, and gather what is known about the end.
+async fn wait_exit(pidfd: Arc<OwnedFd>, err_pipe: OwnedFd, run_dir: PathBuf) -> InitExit {
+    let status = wait_pidfd(pidfd).await;
+    let spawn_error = read_spawn_error(err_pipe);
+    let record = fs::read(run_dir.join(EXIT_RECORD))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<ExitRecord>(&b).ok());
+    InitExit {
+        status,
+        record,
+        spawn_error,
+    }
+}
+
+async fn wait_pidfd(pidfd: Arc<OwnedFd>) -> ProcessStatus {
+    let reap = |fd: &OwnedFd| match waitid(
+        Id::PIDFd(fd.as_fd()),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => Some(ProcessStatus::Exited(code)),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(ProcessStatus::Signaled(sig as i32)),
+        Ok(_) => None,
+        Err(nix::errno::Errno::EINTR) => None,
+        // ECHILD: reaped elsewhere; nothing more can be learned from the process itself.
+        Err(_) => Some(ProcessStatus::Signaled(0)),
+    };
+    // SAFETY: the pidfd stays open (the Arc keeps it) for as long as the AsyncFd lives.
+    let afd = match unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) } {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch a pidfd; polling instead");
+            loop {
+                if let Some(s) = reap(&pidfd) {
+                    return s;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    loop {
+        match afd.readable().await {
+            Ok(mut guard) => {
+                if let Some(s) = reap(&pidfd) {
+                    return s;
+                }
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pidfd wait failed");
+                if let Some(s) = reap(&pidfd) {
+                    return s;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What the child reported before exec, if anything (EOF: exec succeeded).
+fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
+    let mut buf = [0u8; 5];
+    let mut f = fs::File::from(pipe);
+    match f.read(&mut buf) {
+        Ok(5) => {
+            let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+            let err = io::Error::from_raw_os_error(errno);
+            let step = match buf[0] {
+                STEP_CGROUP => "joining the instance cgroup",
+                STEP_FDS => "setting up file descriptors",
+                STEP_EXEC => "executing the init",
+                _ => "starting",
+            };
+            Some(format!("{step}: {err}"))
+        }
+        _ => None,
+    }
+}
+
+/// The parent PID from `/proc/PID/stat` (the field after the parenthesised command name,
+/// which may itself hold spaces and parentheses).
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,205 @@
+//! Runtime: starting instances and watching them end. The [`Runtime`] trait is the
+//! supervisor's only way to create processes; [`linux::LinuxRuntime`] implements it with
+//! `clone3` into fresh namespaces and the instance's cgroup, running the per-instance
+//! [`init`]; [`fake::FakeRuntime`] records calls for the supervisor's tests.
+//!
+//! The data the agent hands to an instance's init ([`InitConfig`]) and the record the init
+//! leaves when the service ends ([`ExitRecord`]) are defined here, since both sides use them.
+//!
+//! Imports from the crate: `spec` only.
+
+pub mod fake;
+pub mod init;
+mod launch;
+pub mod linux;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::ServiceSpec;
+
+pub use launch::service_env;
+
+/// `argv[0]` of an instance's init; `corrald` runs as the init when started under this name.
+pub const INIT_NAME: &str = "corral-init";
+/// File in the instance's run directory holding its [`InitConfig`].
+pub const INIT_CONFIG: &str = "init.json";
+/// File in the instance's run directory where the init records how the service ended.
+pub const EXIT_RECORD: &str = "exit.json";
+/// The fd on which the init finds its run directory.
+pub const RUN_DIR_FD: RawFd = 3;
+
+/// What the init needs to finish setting up an instance and run its service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitConfig {
+    pub instance: String,
+    pub command: Vec<String>,
+    pub workdir: PathBuf,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub hostname: Option<String>,
+    pub pid_namespace: bool,
+    pub mount_namespace: bool,
+    pub net_namespace: bool,
+    pub private_tmp: bool,
+    pub log_dir: PathBuf,
+    pub log_max_size: u64,
+    pub log_max_files: u32,
+}
+
+/// How the service process ended, as its init saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub core_dumped: bool,
+    /// The instance never ran its command: why.
+    #[serde(default)]
+    pub setup_error: Option<String>,
+    /// Output the init could not write to the log files.
+    #[serde(default)]
+    pub log_bytes_dropped: u64,
+}
+
+/// How a process ended, from `waitid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Everything known about an instance's end once its init is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitExit {
+    /// The init's own status.
+    pub status: ProcessStatus,
+    /// What the init recorded about the service process, when it got that far.
+    pub record: Option<ExitRecord>,
+    /// The spawn failed between `clone3` and the init's first instruction (joining the
+    /// cgroup, executing the init).
+    pub spawn_error: Option<String>,
+}
+
+/// A request to start one instance.
+#[derive(Debug)]
+pub struct StartRequest<'a> {
+    pub spec: &'a ServiceSpec,
+    pub index: u32,
+    pub instance: &'a str,
+    /// The instance cgroup's `cgroup.procs` files, open for writing.
+    pub cgroup_procs: Vec<OwnedFd>,
+    pub ports: &'a BTreeMap<String, u16>,
+}
+
+/// A handle on a running init, for signals.
+#[derive(Clone)]
+pub struct ProcessRef {
+    pub pid: i32,
+    /// A pidfd, so a signal can never reach a recycled PID.
+    pub pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl fmt::Debug for ProcessRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessRef")
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+pub type ExitFuture = Pin<Box<dyn Future<Output = InitExit> + Send + 'static>>;
+
+/// A started instance.
+pub struct Spawned {
+    pub process: ProcessRef,
+    /// Resolves once the init has ended (and has been reaped).
+    pub exit: ExitFuture,
+}
+
+impl fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spawned")
+            .field("process", &self.process)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("instance {instance}: user {user:?}: {reason}")]
+    User {
+        instance: String,
+        user: String,
+        reason: String,
+    },
+    #[error("instance {instance}: preparing {what}: {source}")]
+    Prepare {
+        instance: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("instance {instance}: clone3 failed: {source}")]
+    Clone {
+        instance: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("instance {instance}: {reason}")]
+    Invalid { instance: String, reason: String },
+}
+
+/// Creating and signalling instance processes.
+pub trait Runtime: Send + Sync + fmt::Debug + 'static {
+    /// Start an instance: its init is in the cgroup and namespaces before it runs anything.
+    fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError>;
+
+    /// Send `signal` to the instance's init (which forwards it to the service process).
+    fn signal(&self, process: &ProcessRef, signal: i32) -> std::io::Result<()>;
+
+    /// Host PID of the service's main process (the init's child), if it is running.
+    fn main_pid(&self, init_pid: i32) -> Option<i32>;
+
+    /// Pick a free TCP port on the host for a `[ports]` entry set to `auto`.
+    fn free_port(&self) -> std::io::Result<u16>;
+
+    /// Checks against the host that `spec` can run here at all: its user exists, its
+    /// command (when given as an absolute path) is an executable file, its workdir is a
+    /// directory. The error names the field, the value and the reason.
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String>;
+
+    /// Forget an instance's run and log state on disk (service deleted).
+    fn remove_instance_files(&self, instance: &str);
+
+    /// Of `pids` (the processes of one cgroup), those whose parent is not among them: the
+    /// instance's init, for an instance found without a handle.
+    fn roots(&self, pids: &[i32]) -> Vec<i32>;
+}
+
+/// Ports for an instance's `[ports]` entries: fixed ones as given, `auto` ones picked free.
+pub fn assign_ports(
+    runtime: &dyn Runtime,
+    spec: &ServiceSpec,
+) -> std::io::Result<BTreeMap<String, u16>> {
+    use crate::spec::PortSpec;
+    spec.ports
+        .iter()
+        .map(|(name, p)| {
+            Ok((
+                name.clone(),
+                match p {
+                    PortSpec::Fixed(n) => *n,
+                    PortSpec::Auto => runtime.free_port()?,
+                },
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,331 @@
+//! Crash-safe persistence of the agent's desired state: a small key-value store of files
+//! under `--state-dir`. A write goes to a temp file, is fsynced, renamed over the old value,
+//! and the directory is fsynced, so after a crash (of the agent or the host) every key holds
+//! either its old or its new value, never a torn one. Keys are `kind/name` with names the
+//! spec validated (`[a-z0-9-]`), so they cannot walk out of the directory.
+//!
+//! Imports from the crate: nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state {key}: invalid key")]
+    InvalidKey { key: String },
+    #[error("state {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state directory {path} is in use by another corrald (pid {holder})")]
+    Locked { path: PathBuf, holder: String },
+}
+
+/// Where the agent keeps what must survive it.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Every key of `kind` with its value.
+    fn list(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Write `value` under `kind/name`, durably, before returning.
+    fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Remove `kind/name` durably; absent keys are fine.
+    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError>;
+}
+
+fn valid_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The file-backed store: `<dir>/<kind>/<name>.json`.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl FileStore {
+    /// Open (creating if needed) the store in `dir` and take its lock: a second agent on the
+    /// same state directory is refused instead of fighting the first over the instances.
+    pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
+        let io_err = |what, source| StoreError::Io {
+            path: dir.to_path_buf(),
+            what,
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| io_err("creating the directory", e))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o640)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(|e| io_err("opening the lock file", e))?;
+        let mut lock = match lock_exclusive(lock) {
+            Ok(l) => l,
+            Err(_) => {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(StoreError::Locked {
+                    path: dir.to_path_buf(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+        };
+        let _ = lock.set_len(0);
+        let _ = writeln!(lock, "{}", std::process::id());
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn path(&self, kind: &str, name: &str) -> Result<PathBuf, StoreError> {
+        if !valid_component(kind) || !valid_component(name) {
+            return Err(StoreError::InvalidKey {
+                key: format!("{kind}/{name}"),
+            });
+        }
+        Ok(self.dir.join(kind).join(format!("{name}.json")))
+    }
+}
+
+/// flock(LOCK_EX|LOCK_NB) on a file we keep: the lock lives as long as the fd.
+fn lock_exclusive(f: File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store for FileStore {
+    fn list(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if !valid_component(kind) {
+            return Err(StoreError::InvalidKey { key: kind.into() });
+        }
+        let dir = self.dir.join(kind);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: dir,
+                    what: "listing",
+                    source,
+                });
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                continue; // temp files of an interrupted write, foreign files
+            };
+            if !valid_component(name) {
+                continue;
+            }
+            let path = entry.path();
+            let value = fs::read(&path).map_err(|source| StoreError::Io {
+                path: path.clone(),
+                what: "reading",
+                source,
+            })?;
+            out.push((name.to_string(), value));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let err = |what, source| StoreError::Io {
+            path: path.clone(),
+            what,
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&dir)
+            .map_err(|e| err("creating the directory", e))?;
+        let tmp = dir.join(format!(".{name}.json.tmp"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(|e| err("creating a temp file", e))?;
+        f.write_all(value).map_err(|e| err("writing", e))?;
+        f.sync_all().map_err(|e| err("fsync", e))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(|e| err("renaming into place", e))?;
+        fsync_dir(&dir).map_err(|e| err("fsync of the directory", e))
+    }
+
+    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    what: "removing",
+                    source,
+                });
+            }
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        fsync_dir(&dir).map_err(|source| StoreError::Io {
+            path: dir,
+            what: "fsync of the directory",
+            source,
+        })
+    }
+}
+
+/// An in-memory store for tests; can be told to fail writes.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    data: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+    fail_writes: Mutex<bool>,
+}
+
+impl MemStore {
+    pub fn new() -> MemStore {
+        MemStore::default()
+    }
+
+    /// Make every following `put`/`delete` fail (a full disk).
+    pub fn fail_writes(&self, fail: bool) {
+        *self.fail_writes.lock().unwrap_or_else(|p| p.into_inner()) = fail;
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if *self.fail_writes.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StoreError::Io {
+                path: PathBuf::from("(memory)"),
+                what: "writing",
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Store for MemStore {
+    fn list(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let data = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(data
+            .iter()
+            .filter(|((k, _), _)| k == kind)
+            .map(|((_, n), v)| (n.clone(), v.clone()))
+            .collect())
+    }
+
+    fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.check()?;
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((kind.into(), name.into()), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        self.check()?;
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(kind.to_string(), name.to_string()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_list_delete_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::open(dir.path()).expect("open");
+        s.put("services", "web", b"one").expect("put");
+        s.put("services", "web", b"two").expect("overwrite");
+        s.put("services", "api", b"three").expect("put");
+        assert_eq!(
+            s.list("services").expect("list"),
+            vec![
+                ("api".into(), b"three".to_vec()),
+                ("web".into(), b"two".to_vec())
+            ]
+        );
+        s.delete("services", "web").expect("delete");
+        s.delete("services", "web").expect("delete again is fine");
+        assert_eq!(s.list("services").expect("list").len(), 1);
+        assert!(s.list("nothing").expect("list").is_empty());
+    }
+
+    #[test]
+    fn keys_cannot_walk_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::open(dir.path()).expect("open");
+        for bad in ["../x", "a/b", "", ".", "x y"] {
+            assert!(
+                matches!(
+                    s.put("services", bad, b"v"),
+                    Err(StoreError::InvalidKey { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn leftover_temp_files_are_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::open(dir.path()).expect("open");
+        s.put("services", "web", b"good").expect("put");
+        fs::write(dir.path().join("services/.web.json.tmp"), b"torn").expect("write");
+        assert_eq!(
+            s.list("services").expect("list"),
+            vec![("web".into(), b"good".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = FileStore::open(dir.path()).expect("open");
+        let second = FileStore::open(dir.path());
+        assert!(
+            matches!(second, Err(StoreError::Locked { .. })),
+            "{second:?}"
+        );
+        drop(first);
+        FileStore::open(dir.path()).expect("free again once the first is gone");
+    }
+}

@@ -1,0 +1,881 @@
+//! The driver: the one task that owns the supervisor's state. It takes operations from the
+//! API, exits from the per-instance watchers and its own timers, runs [`reconcile`] and feeds
+//! the resulting events to the instances' state machines, and carries out their effects
+//! through the `Runtime`, `CgroupBackend` and `Store` seams.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::instance::{self, Ctx, Effect, Event, ExitInfo, Instance, Observed, State};
+use super::reconcile::{self, Action, Desired};
+use super::{
+    ApplyKind, ApplyOutcome, InstanceStatus, Operation, Outcome, Reply, ServiceStatus,
+    SupervisorError, SupervisorHandle,
+};
+use crate::cgroups::{CgroupBackend, CgroupPath};
+use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Runtime, StartRequest};
+use crate::spec::{self, Namespace, RawSpec, ServiceSpec};
+use crate::store::Store;
+
+/// Store kind of the desired services.
+const SERVICES: &str = "services";
+
+/// How long the removal of an instance's cgroup keeps killing and retrying.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Wait for instances left by an earlier agent run at most this long after their grace.
+const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The OS seams and host facts the driver works with.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub runtime: Arc<dyn Runtime>,
+    pub cgroups: Arc<dyn CgroupBackend>,
+    pub store: Arc<dyn Store>,
+    /// Namespaces this host lets the agent create.
+    pub namespaces: Vec<Namespace>,
+}
+
+/// What is persisted per service.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    revision: u64,
+    spec: RawSpec,
+}
+
+struct Service {
+    spec: Arc<ServiceSpec>,
+    revision: u64,
+    deleting: bool,
+    instances: BTreeMap<u32, Instance>,
+    delete_waiters: Vec<Reply>,
+    stopped_on_delete: u32,
+}
+
+/// What only a live instance has.
+struct Live {
+    process: ProcessRef,
+    /// The cgroup's OOM kill counter when this run started.
+    oom_baseline: u64,
+    ports: BTreeMap<String, u16>,
+}
+
+enum Internal {
+    Exit {
+        service: String,
+        index: u32,
+        generation: u64,
+        exit: InitExit,
+    },
+    CleanupDone {
+        service: String,
+        index: u32,
+        error: Option<String>,
+    },
+}
+
+pub struct Driver {
+    deps: Deps,
+    services: BTreeMap<String, Service>,
+    live: HashMap<String, Live>,
+    ops: mpsc::Receiver<(Operation, Reply)>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal: mpsc::UnboundedReceiver<Internal>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn ctx() -> Ctx {
+    Ctx {
+        now: Instant::now(),
+        wall: SystemTime::now(),
+        jitter: fastrand::f64(),
+    }
+}
+
+fn cgroup_of(service: &str, instance: &str) -> CgroupPath {
+    CgroupPath::service(service).child(instance)
+}
+
+impl Driver {
+    pub fn new(deps: Deps) -> (Driver, SupervisorHandle) {
+        let (tx, ops) = mpsc::channel(256);
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        let driver = Driver {
+            deps,
+            services: BTreeMap::new(),
+            live: HashMap::new(),
+            ops,
+            internal_tx,
+            internal,
+        };
+        (driver, SupervisorHandle { tx })
+    }
+
+    /// Load the desired state from the store, and stop what an earlier agent run left
+    /// running (its instances are replaced by fresh ones: nothing is duplicated or orphaned).
+    pub async fn restore(&mut self) {
+        match self.deps.store.list(SERVICES) {
+            Ok(records) => {
+                for (name, bytes) in records {
+                    match serde_json::from_slice::<Record>(&bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| {
+                            r.spec
+                                .validate()
+                                .map(|s| (r.revision, s))
+                                .map_err(|e| e.to_string())
+                        }) {
+                        Ok((revision, spec)) if spec.name == name => {
+                            self.services.insert(
+                                name,
+                                Service {
+                                    spec: Arc::new(spec),
+                                    revision,
+                                    deleting: false,
+                                    instances: BTreeMap::new(),
+                                    delete_waiters: Vec::new(),
+                                    stopped_on_delete: 0,
+                                },
+                            );
+                        }
+                        Ok(_) => {
+                            tracing::error!(service = %name, "stored spec names another service; ignored")
+                        }
+                        Err(e) => {
+                            tracing::error!(service = %name, error = %e, "stored spec unreadable; ignored")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the desired state"),
+        }
+        self.stop_leftovers().await;
+    }
+
+    /// Instances found in the cgroup tree at start belong to an earlier agent run. Each gets
+    /// its stop signal, its grace period, then SIGKILL; then its cgroup is removed.
+    async fn stop_leftovers(&self) {
+        let cg = &self.deps.cgroups;
+        let root = CgroupPath::root();
+        let services = cg.children(&root).unwrap_or_default();
+        let mut tasks = Vec::new();
+        for svc in &services {
+            if !spec::valid_service_name(svc) {
+                continue;
+            }
+            let (signal, grace) = match self.services.get(svc) {
+                Some(s) => (s.spec.stop.signal, s.spec.stop.grace),
+                None => (libc::SIGTERM, Duration::from_secs(10)),
+            };
+            for inst in cg.children(&CgroupPath::service(svc)).unwrap_or_default() {
+                let path = cgroup_of(svc, &inst);
+                let cg = cg.clone();
+                let rt = self.deps.runtime.clone();
+                tasks.push(tokio::spawn(async move {
+                    let stopped = stop_leftover(&*cg, &*rt, &path, signal, grace).await;
+                    (path, stopped)
+                }));
+            }
+        }
+        let mut stopped = 0;
+        for t in tasks {
+            match t.await {
+                Ok((path, Ok(true))) => {
+                    stopped += 1;
+                    tracing::info!(cgroup = %path, "stopped an instance left by an earlier agent run");
+                }
+                Ok((_, Ok(false))) => {}
+                Ok((path, Err(e))) => {
+                    tracing::error!(cgroup = %path, error = %e, "cannot clean up")
+                }
+                Err(e) => tracing::error!(error = %e, "leftover cleanup task failed"),
+            }
+        }
+        for svc in services {
+            if !self.services.contains_key(&svc)
+                && spec::valid_service_name(&svc)
+                && let Err(e) = cg.remove(&CgroupPath::service(&svc))
+            {
+                tracing::warn!(service = %svc, error = %e, "cannot remove the cgroup of a deleted service");
+            }
+        }
+        if stopped > 0 {
+            tracing::info!(
+                stopped,
+                "instances of an earlier agent run were stopped; replacements follow"
+            );
+        }
+    }
+
+    /// Serve until `shutdown`; instances keep running after it.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            self.reconcile_all();
+            let wake = self
+                .services
+                .values()
+                .filter_map(|s| reconcile::next_deadline(&s.instances))
+                .min();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(m) = self.internal.recv() => self.on_internal(m),
+                Some((op, reply)) = self.ops.recv() => self.on_op(op, reply),
+                _ = sleep_until(wake) => {}
+            }
+        }
+        tracing::debug!("supervisor stopped; instances keep running");
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Reconcile and effects.
+
+    fn reconcile_all(&mut self) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            // Each pass settles what it can; a few passes reach a fixed point (bounded, so a
+            // logic error can never spin the task).
+            for _ in 0..8 {
+                let Some(svc) = self.services.get(&name) else {
+                    break;
+                };
+                let desired = Desired {
+                    replicas: svc.spec.replicas,
+                    revision: svc.revision,
+                    deleting: svc.deleting,
+                };
+                let actions = reconcile::reconcile(&desired, &svc.instances, Instant::now());
+                if actions.is_empty() {
+                    break;
+                }
+                for a in actions {
+                    match a {
+                        Action::Create(idx) => {
+                            let Some(svc) = self.services.get_mut(&name) else {
+                                break;
+                            };
+                            let id = spec::instance_id(&name, idx);
+                            svc.instances.insert(
+                                idx,
+                                Instance::new(idx, id, svc.spec.clone(), svc.revision),
+                            );
+                            self.apply_effects(&name, idx, vec![Effect::Spawn]);
+                        }
+                        Action::Event(idx, ev) => self.feed(&name, idx, ev),
+                    }
+                }
+            }
+            self.finish_delete(&name);
+        }
+    }
+
+    /// Feed one event to one slot and carry out what it asks for.
+    fn feed(&mut self, service: &str, index: u32, event: Event) {
+        let Some(inst) = self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.instances.get_mut(&index))
+        else {
+            return;
+        };
+        let before = inst.state.name();
+        let effects = inst.handle(event, &ctx());
+        let after = inst.state;
+        if before != after.name() {
+            match after {
+                State::Backoff { until } => tracing::info!(
+                    instance = %inst.id,
+                    delay_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    failures = inst.failures,
+                    "restart scheduled"
+                ),
+                State::Exited => {
+                    tracing::info!(instance = %inst.id, "not restarted (restart policy)")
+                }
+                _ => {
+                    tracing::debug!(instance = %inst.id, from = before, to = after.name(), "state")
+                }
+            }
+        }
+        self.apply_effects(service, index, effects);
+    }
+
+    fn apply_effects(&mut self, service: &str, index: u32, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Spawn => {
+                    let ev = self.spawn(service, index);
+                    self.feed(service, index, ev);
+                }
+                Effect::Signal => self.signal(service, index),
+                Effect::KillAll => {
+                    if let Some(id) = self.instance_id(service, index)
+                        && let Err(e) = self.deps.cgroups.kill_all(&cgroup_of(service, &id))
+                    {
+                        tracing::warn!(instance = %id, error = %e, "kill failed");
+                    }
+                }
+                Effect::Cleanup => self.cleanup(service, index),
+                Effect::Forget => {
+                    if let Some(svc) = self.services.get_mut(service)
+                        && let Some(inst) = svc.instances.remove(&index)
+                    {
+                        self.live.remove(&inst.id);
+                        if svc.deleting {
+                            self.deps.runtime.remove_instance_files(&inst.id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn instance_id(&self, service: &str, index: u32) -> Option<String> {
+        Some(
+            self.services
+                .get(service)?
+                .instances
+                .get(&index)?
+                .id
+                .clone(),
+        )
+    }
+
+    /// Start the slot with its service's current spec; the event says how it went.
+    fn spawn(&mut self, service: &str, index: u32) -> Event {
+        let Some(svc) = self.services.get_mut(service) else {
+            return Event::StartFailed {
+                error: "service gone".into(),
+            };
+        };
+        let Some(inst) = svc.instances.get_mut(&index) else {
+            return Event::StartFailed {
+                error: "instance gone".into(),
+            };
+        };
+        inst.spec = svc.spec.clone();
+        inst.revision = svc.revision;
+        let spec = inst.spec.clone();
+        let id = inst.id.clone();
+        let path = cgroup_of(service, &id);
+        let fail = |error: String| {
+            tracing::warn!(instance = %id, %error, "start failed");
+            Event::StartFailed { error }
+        };
+        let rt = &self.deps.runtime;
+        let ports = match crate::runtime::assign_ports(&**rt, &spec) {
+            Ok(p) => p,
+            Err(e) => return fail(format!("assigning ports: {e}")),
+        };
+        let cg = &self.deps.cgroups;
+        if let Err(e) = create_fresh(&**cg, &path, &spec.resources) {
+            return fail(e.to_string());
+        }
+        let oom_baseline = cg.stats(&path).map(|s| s.oom_kills).unwrap_or(0);
+        let procs = match cg.open_procs(&path) {
+            Ok(p) => p,
+            Err(e) => return fail(e.to_string()),
+        };
+        let spawned = match rt.spawn(StartRequest {
+            spec: &spec,
+            index,
+            instance: &id,
+            cgroup_procs: procs,
+            ports: &ports,
+        }) {
+            Ok(s) => s,
+            Err(e) => return fail(e.to_string()),
+        };
+        inst.generation += 1;
+        let generation = inst.generation;
+        let pid = spawned.process.pid;
+        tracing::info!(instance = %id, pid, revision = svc.revision, "instance started");
+        self.live.insert(
+            id,
+            Live {
+                process: spawned.process,
+                oom_baseline,
+                ports,
+            },
+        );
+        let tx = self.internal_tx.clone();
+        let service = service.to_string();
+        let exit_fut = spawned.exit;
+        tokio::spawn(async move {
+            let exit = exit_fut.await;
+            let _ = tx.send(Internal::Exit {
+                service,
+                index,
+                generation,
+                exit,
+            });
+        });
+        Event::Started { pid }
+    }
+
+    fn signal(&mut self, service: &str, index: u32) {
+        let Some(inst) = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+        else {
+            return;
+        };
+        let Some(live) = self.live.get(&inst.id) else {
+            return;
+        };
+        let sig = inst.spec.stop.signal;
+        tracing::info!(instance = %inst.id, signal = %inst.spec.stop.signal_name, grace = ?inst.spec.stop.grace, "stopping");
+        if let Err(e) = self.deps.runtime.signal(&live.process, sig) {
+            tracing::warn!(instance = %inst.id, error = %e, "cannot send the stop signal");
+        }
+    }
+
+    fn cleanup(&mut self, service: &str, index: u32) {
+        let Some(id) = self.instance_id(service, index) else {
+            return;
+        };
+        let path = cgroup_of(service, &id);
+        let cg = self.deps.cgroups.clone();
+        let tx = self.internal_tx.clone();
+        let service = service.to_string();
+        tokio::spawn(async move {
+            let error = remove_when_empty(&*cg, &path, CLEANUP_TIMEOUT).await.err();
+            let _ = tx.send(Internal::CleanupDone {
+                service,
+                index,
+                error,
+            });
+        });
+    }
+
+    /// A deleted service whose instances are all gone: remove its cgroup, answer the callers.
+    fn finish_delete(&mut self, name: &str) {
+        let done =
+            matches!(self.services.get(name), Some(s) if s.deleting && s.instances.is_empty());
+        if !done {
+            return;
+        }
+        let Some(svc) = self.services.remove(name) else {
+            return;
+        };
+        if let Err(e) = self.deps.cgroups.remove(&CgroupPath::service(name)) {
+            tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
+        }
+        tracing::info!(service = %name, "service deleted");
+        for w in svc.delete_waiters {
+            let _ = w.send(Ok(Outcome::Deleted {
+                name: name.to_string(),
+                stopped: svc.stopped_on_delete,
+            }));
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Messages.
+
+    fn on_internal(&mut self, m: Internal) {
+        match m {
+            Internal::Exit {
+                service,
+                index,
+                generation,
+                exit,
+            } => self.on_exit(&service, index, generation, exit),
+            Internal::CleanupDone {
+                service,
+                index,
+                error,
+            } => {
+                if let Some(e) = error {
+                    tracing::error!(service = %service, index, error = %e, "instance cgroup not removed");
+                }
+                self.feed(&service, index, Event::CleanupDone);
+            }
+        }
+    }
+
+    fn on_exit(&mut self, service: &str, index: u32, generation: u64, exit: InitExit) {
+        let Some(inst) = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+        else {
+            return;
+        };
+        if inst.generation != generation || !inst.state.is_live() {
+            return; // an earlier run's exit
+        }
+        let id = inst.id.clone();
+        let killed = matches!(inst.state, State::Stopping { killed: true, .. });
+        let path = cgroup_of(service, &id);
+        let live = self.live.remove(&id);
+        let oom_now = self
+            .deps
+            .cgroups
+            .stats(&path)
+            .map(|s| s.oom_kills)
+            .unwrap_or(0);
+        let oom_kills = oom_now.saturating_sub(live.as_ref().map_or(0, |l| l.oom_baseline));
+        let observed = Observed {
+            service_exit: exit.record.as_ref().map(|r| (r.code, r.signal)),
+            init_status: match exit.status {
+                ProcessStatus::Exited(c) => Ok(c),
+                ProcessStatus::Signaled(s) => Err(s),
+            },
+            oom_kills,
+            killed_after_grace: killed,
+        };
+        let class = instance::classify(&observed);
+        let setup_error = exit
+            .spawn_error
+            .clone()
+            .or_else(|| exit.record.as_ref().and_then(|r| r.setup_error.clone()));
+        tracing::info!(instance = %id, end = %class, oom_kills, error = setup_error.as_deref().unwrap_or(""), "instance ended");
+        if let Some(svc) = self.services.get_mut(service)
+            && svc.deleting
+        {
+            svc.stopped_on_delete += 1;
+        }
+        self.feed(
+            service,
+            index,
+            Event::Exited(ExitInfo {
+                class,
+                at: SystemTime::now(),
+                setup_error,
+            }),
+        );
+    }
+
+    fn on_op(&mut self, op: Operation, reply: Reply) {
+        let result = match op {
+            Operation::Apply { spec, dry_run } => self.apply(*spec, dry_run).map(Outcome::Applied),
+            Operation::Delete { name } => {
+                match self.services.get_mut(&name) {
+                    None => Err(SupervisorError::NotFound { name }),
+                    Some(svc) => {
+                        if !svc.deleting {
+                            if let Err(e) = self.deps.store.delete(SERVICES, &name) {
+                                let _ = reply.send(Err(SupervisorError::Storage(e.to_string())));
+                                return;
+                            }
+                            svc.deleting = true;
+                            tracing::info!(service = %name, "deleting");
+                        }
+                        // Answered once the instances are gone (finish_delete).
+                        svc.delete_waiters.push(reply);
+                        return;
+                    }
+                }
+            }
+            Operation::Get { name } => match self.services.get(&name) {
+                Some(svc) => Ok(Outcome::Status(Box::new(self.status(&name, svc)))),
+                None => Err(SupervisorError::NotFound { name }),
+            },
+            Operation::List => Ok(Outcome::List(
+                self.services
+                    .iter()
+                    .map(|(n, s)| self.status(n, s))
+                    .collect(),
+            )),
+            Operation::Scale { name, replicas } => self.scale(&name, replicas),
+            Operation::Summary => Ok(Outcome::Summary {
+                services: self.services.len() as u32,
+                instances: self.live.len() as u32,
+            }),
+        };
+        let _ = reply.send(result);
+    }
+
+    /// What this host cannot enforce for `spec`, or what the spec needs that is not there.
+    fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let mut why = Vec::new();
+        if let Some(r) = self.deps.cgroups.capabilities().refuse(&spec.resources) {
+            why.push(r);
+        }
+        for ns in &spec.isolation.namespaces {
+            if !self.deps.namespaces.contains(ns) {
+                why.push(format!(
+                    "isolation.namespaces: this host does not let the agent create a {} namespace",
+                    ns.as_str()
+                ));
+            }
+        }
+        if !spec.sockets.is_empty() {
+            why.push("sockets: agent-owned sockets are not supported by this agent version".into());
+        }
+        if spec.health.is_some() {
+            why.push("health: health checks are not supported by this agent version".into());
+        }
+        if let Err(e) = self.deps.runtime.preflight(spec) {
+            why.push(e);
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(SupervisorError::Unenforceable(why.join("; ")))
+        }
+    }
+
+    fn apply(&mut self, spec: ServiceSpec, dry_run: bool) -> Result<ApplyOutcome, SupervisorError> {
+        let name = spec.name.clone();
+        let (kind, revision, changes, replaces) = match self.services.get(&name) {
+            Some(svc) if svc.deleting => return Err(SupervisorError::Deleting { name }),
+            Some(svc) => {
+                let changes = spec.changes_from(&svc.spec);
+                if changes.is_empty() {
+                    (ApplyKind::Unchanged, svc.revision, changes, false)
+                } else if spec.same_except_replicas(&svc.spec) {
+                    (ApplyKind::Scaled, svc.revision, changes, false)
+                } else {
+                    let replaces = !svc.instances.is_empty();
+                    (ApplyKind::Updated, svc.revision + 1, changes, replaces)
+                }
+            }
+            None => (ApplyKind::Created, 1, Vec::new(), false),
+        };
+        let outcome = ApplyOutcome {
+            name: name.clone(),
+            revision,
+            kind,
+            changes,
+            replaces_instances: replaces,
+        };
+        if kind != ApplyKind::Unchanged {
+            self.admission(&spec)?;
+        }
+        if dry_run || kind == ApplyKind::Unchanged {
+            return Ok(outcome);
+        }
+        self.persist(&name, revision, &spec)?;
+        tracing::info!(service = %name, revision, outcome = kind.as_str(), "applied");
+        let spec = Arc::new(spec);
+        match self.services.get_mut(&name) {
+            Some(svc) => {
+                svc.spec = spec;
+                svc.revision = revision;
+            }
+            None => {
+                self.services.insert(
+                    name,
+                    Service {
+                        spec,
+                        revision,
+                        deleting: false,
+                        instances: BTreeMap::new(),
+                        delete_waiters: Vec::new(),
+                        stopped_on_delete: 0,
+                    },
+                );
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn scale(&mut self, name: &str, replicas: u32) -> Result<Outcome, SupervisorError> {
+        if replicas > spec::MAX_REPLICAS {
+            return Err(SupervisorError::InvalidArgument {
+                field: "replicas".into(),
+                message: format!("{replicas} is out of range (0 to {})", spec::MAX_REPLICAS),
+            });
+        }
+        let Some(svc) = self.services.get(name) else {
+            return Err(SupervisorError::NotFound { name: name.into() });
+        };
+        if svc.deleting {
+            return Err(SupervisorError::Deleting { name: name.into() });
+        }
+        let previous = svc.spec.replicas;
+        if previous != replicas {
+            let mut spec = (*svc.spec).clone();
+            spec.replicas = replicas;
+            let revision = svc.revision;
+            self.persist(name, revision, &spec)?;
+            tracing::info!(service = %name, previous, replicas, "scaled");
+            if let Some(svc) = self.services.get_mut(name) {
+                svc.spec = Arc::new(spec);
+            }
+        }
+        Ok(Outcome::Scaled {
+            name: name.into(),
+            previous,
+            replicas,
+        })
+    }
+
+    fn persist(
+        &self,
+        name: &str,
+        revision: u64,
+        spec: &ServiceSpec,
+    ) -> Result<(), SupervisorError> {
+        let record = Record {
+            revision,
+            spec: spec.to_raw(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record)
+            .map_err(|e| SupervisorError::Storage(e.to_string()))?;
+        self.deps
+            .store
+            .put(SERVICES, name, &bytes)
+            .map_err(|e| SupervisorError::Storage(e.to_string()))
+    }
+
+    fn status(&self, name: &str, svc: &Service) -> ServiceStatus {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let instances: Vec<InstanceStatus> = svc
+            .instances
+            .values()
+            .map(|i| {
+                let live = self.live.get(&i.id);
+                let path = cgroup_of(name, &i.id);
+                let usage = if i.state.is_live() {
+                    self.deps.cgroups.stats(&path).ok().map(|mut s| {
+                        s.oom_kills = s
+                            .oom_kills
+                            .saturating_sub(live.map_or(0, |l| l.oom_baseline));
+                        s
+                    })
+                } else {
+                    None
+                };
+                let next_start_at = match i.state {
+                    State::Backoff { until } => Some(wall + until.saturating_duration_since(now)),
+                    _ => None,
+                };
+                InstanceStatus {
+                    id: i.id.clone(),
+                    index: i.index,
+                    revision: i.revision,
+                    state: i.state.name(),
+                    start_failed: matches!(i.state, State::Backoff { .. })
+                        && i.pid.is_none()
+                        && i.last_error.is_some(),
+                    pid: live.and_then(|l| self.deps.runtime.main_pid(l.process.pid)),
+                    init_pid: live.map(|l| l.process.pid),
+                    restarts: i.restarts,
+                    last_exit: i.last_exit.clone(),
+                    usage,
+                    started_at: if i.state.is_live() {
+                        i.started_at
+                    } else {
+                        None
+                    },
+                    next_start_at,
+                    last_error: i.last_error.clone(),
+                    cgroup: self.deps.cgroups.display_path(&path),
+                    ports: live.map(|l| l.ports.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let running = instances.iter().filter(|i| i.state == "running").count() as u32;
+        ServiceStatus {
+            name: name.to_string(),
+            revision: svc.revision,
+            spec: svc.spec.clone(),
+            desired: if svc.deleting { 0 } else { svc.spec.replicas },
+            running,
+            // Without health checks a running instance counts as healthy.
+            healthy: running,
+            deleting: svc.deleting,
+            instances,
+        }
+    }
+}
+
+/// Create the instance's cgroup. A previous run's cgroup may still hold processes that are
+/// dying from their SIGKILL for a moment (without a PID namespace nothing waits for them):
+/// kill again and retry briefly before calling it a failed start.
+fn create_fresh(
+    cg: &dyn CgroupBackend,
+    path: &CgroupPath,
+    limits: &spec::Resources,
+) -> Result<(), crate::cgroups::CgroupError> {
+    let mut tries = 0;
+    loop {
+        match cg.create(path, limits) {
+            Err(e) if e.is_busy() && tries < 20 => {
+                tries += 1;
+                let _ = cg.kill_all(path);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn sleep_until(when: Option<Instant>) {
+    match when {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Kill what is left in a cgroup and remove it, retrying while it is busy.
+async fn remove_when_empty(
+    cg: &dyn CgroupBackend,
+    path: &CgroupPath,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Err(e) = cg.kill_all(path) {
+            tracing::debug!(cgroup = %path, error = %e, "kill before removal");
+        }
+        match cg.remove(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_busy() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Stop one instance cgroup left by an earlier run: stop signal to its init, grace, SIGKILL,
+/// removal. Ok(true) when processes were found and stopped.
+async fn stop_leftover(
+    cg: &dyn CgroupBackend,
+    rt: &dyn Runtime,
+    path: &CgroupPath,
+    signal: i32,
+    grace: Duration,
+) -> Result<bool, String> {
+    let pids = cg.procs(path).map_err(|e| e.to_string())?;
+    let had = !pids.is_empty();
+    if had {
+        for root in rt.roots(&pids) {
+            let _ = rt.signal(
+                &ProcessRef {
+                    pid: root,
+                    pidfd: None,
+                },
+                signal,
+            );
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if cg.procs(path).map(|p| p.is_empty()).unwrap_or(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    remove_when_empty(cg, path, LEFTOVER_KILL_TIMEOUT).await?;
+    Ok(had)
+}

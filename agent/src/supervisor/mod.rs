@@ -1,0 +1,170 @@
+//! The supervisor: keeps every service's desired instances running. One task owns all state
+//! ([`driver::Driver`]); the API talks to it through a [`SupervisorHandle`] with the
+//! operations of [`Operation`], and gets an [`Outcome`] or a [`SupervisorError`] back.
+//!
+//! Its logic is pure and tested on its own: [`instance`] (one slot's lifecycle as a transition
+//! table, exit classification, backoff) and [`reconcile`] (desired + observed -> events).
+//! It reaches the OS only through the `Runtime`, `CgroupBackend` and `Store` traits.
+//!
+//! Imports from the crate: `spec`, and the traits of `runtime`, `cgroups`, `store`.
+
+pub mod driver;
+pub mod instance;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cgroups::CgroupStats;
+use crate::spec::{ServiceSpec, SpecError};
+
+pub use driver::{Deps, Driver};
+pub use instance::{ExitClass, ExitInfo};
+
+/// Everything the supervisor can be asked to do.
+#[derive(Debug)]
+pub enum Operation {
+    /// Create or update a service (`dry_run`: only say what would happen).
+    Apply {
+        spec: Box<ServiceSpec>,
+        dry_run: bool,
+    },
+    /// Stop every instance of a service and remove it; answered once it is gone.
+    Delete {
+        name: String,
+    },
+    Get {
+        name: String,
+    },
+    List,
+    Scale {
+        name: String,
+        replicas: u32,
+    },
+    /// Counts for the node report.
+    Summary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyKind {
+    Created,
+    Updated,
+    Scaled,
+    Unchanged,
+}
+
+impl ApplyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyKind::Created => "created",
+            ApplyKind::Updated => "updated",
+            ApplyKind::Scaled => "scaled",
+            ApplyKind::Unchanged => "unchanged",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub name: String,
+    pub revision: u64,
+    pub kind: ApplyKind,
+    pub changes: Vec<String>,
+    pub replaces_instances: bool,
+}
+
+/// One instance, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub index: u32,
+    pub revision: u64,
+    /// running, stopping, backoff, exited, pending, removing
+    pub state: &'static str,
+    /// The last start attempt failed (the instance is in backoff because of it).
+    pub start_failed: bool,
+    pub pid: Option<i32>,
+    pub init_pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<ExitInfo>,
+    pub usage: Option<CgroupStats>,
+    pub started_at: Option<SystemTime>,
+    pub next_start_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub cgroup: String,
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// One service, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub revision: u64,
+    pub spec: Arc<ServiceSpec>,
+    pub desired: u32,
+    pub running: u32,
+    pub healthy: u32,
+    pub deleting: bool,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Applied(ApplyOutcome),
+    Deleted {
+        name: String,
+        stopped: u32,
+    },
+    Status(Box<ServiceStatus>),
+    List(Vec<ServiceStatus>),
+    Scaled {
+        name: String,
+        previous: u32,
+        replicas: u32,
+    },
+    Summary {
+        services: u32,
+        instances: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{0}")]
+    InvalidSpec(#[from] SpecError),
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("service {name:?} not found")]
+    NotFound { name: String },
+    /// The host cannot enforce what the spec asks for.
+    #[error("{0}")]
+    Unenforceable(String),
+    #[error("service {name:?} is being deleted")]
+    Deleting { name: String },
+    #[error("saving the desired state failed, nothing was applied: {0}")]
+    Storage(String),
+    #[error("the agent is shutting down")]
+    Unavailable,
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Outcome, SupervisorError>>;
+
+/// The API's way in: a cheap, cloneable sender of operations.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<(Operation, Reply)>,
+}
+
+impl SupervisorHandle {
+    pub async fn call(&self, op: Operation) -> Result<Outcome, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((op, tx))
+            .await
+            .map_err(|_| SupervisorError::Unavailable)?;
+        rx.await.map_err(|_| SupervisorError::Unavailable)?
+    }
+}

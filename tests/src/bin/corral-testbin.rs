@@ -1,0 +1,237 @@
+//! Workloads for the end-to-end tests: small, dependency-free behaviours a service can have
+//! (report its own view of the world, hog CPU or memory, fork without end, ignore SIGTERM,
+//! exit with a code), so the tests need nothing from the host but this binary.
+//!
+//! Usage: corral-testbin MODE [ARGS]; see `main` for the modes.
+
+use std::io::Write;
+use std::time::Duration;
+
+extern "C" fn exit_zero(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(0) }
+}
+
+fn on_term_exit_zero() {
+    // SAFETY: installing a handler that only calls _exit.
+    unsafe {
+        libc::signal(libc::SIGTERM, exit_zero as *const () as libc::sighandler_t);
+    }
+}
+
+fn ignore_term() {
+    // SAFETY: SIG_IGN is always a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
+    }
+}
+
+fn line(k: &str, v: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{k}={v}");
+    let _ = out.flush();
+}
+
+fn status_field(name: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Print `key=value` lines describing what the process sees, then a `ready=1` line.
+fn report() {
+    line("pid", std::process::id());
+    // SAFETY: getuid/getgid cannot fail.
+    line("uid", unsafe { libc::getuid() });
+    // SAFETY: as above.
+    line("gid", unsafe { libc::getgid() });
+    line("groups", status_field("Groups"));
+    line("no_new_privs", status_field("NoNewPrivs"));
+    line(
+        "hostname",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim(),
+    );
+    line(
+        "cwd",
+        std::env::current_dir()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    );
+    let procs = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    line("visible_pids", procs);
+    let tmp = std::fs::read_dir("/tmp")
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX);
+    line("tmp_entries", tmp);
+    let tmp_fs = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/tmp"))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .unwrap_or_default();
+    line("tmp_fs", tmp_fs);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // read_dir itself holds one fd while listing.
+    line("open_fds", fds.saturating_sub(1));
+    let ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ifaces = ifaces;
+    ifaces.sort();
+    line("net_ifaces", ifaces.join(","));
+    for (k, v) in std::env::vars() {
+        if k.starts_with("CORRAL_")
+            || k.starts_with("PORT_")
+            || k == "PATH"
+            || k == "HOME"
+            || k == "GREETING"
+        {
+            line(&format!("env.{k}"), v);
+        }
+    }
+    line("ready", 1);
+}
+
+fn hog_memory(mib: usize) {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for i in 0..mib {
+        let mut v = vec![0u8; 1 << 20];
+        for b in v.iter_mut().step_by(4096) {
+            *b = (i % 251) as u8 + 1;
+        }
+        chunks.push(v);
+    }
+    line("allocated_mib", chunks.len());
+}
+
+fn hog_cpu() -> ! {
+    let mut x: u64 = 1;
+    loop {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::hint::black_box(x);
+    }
+}
+
+/// Fork children that sleep until `n` exist or fork fails; report the count.
+fn fork_bomb(n: usize) {
+    let mut ok = 0usize;
+    let mut failed = 0usize;
+    for _ in 0..n {
+        // SAFETY: the child only calls async-signal-safe pause/_exit.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+            },
+            -1 => failed += 1,
+            _ => ok += 1,
+        }
+    }
+    line("forked", ok);
+    line("fork_failed", failed);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    let num = |i: usize, default: u64| arg(i).parse::<u64>().unwrap_or(default);
+    match arg(0).as_str() {
+        // Print the report, then run until SIGTERM (exit 0).
+        "report" => {
+            on_term_exit_zero();
+            report();
+            sleep_forever();
+        }
+        // Run until SIGTERM (exit 0).
+        "serve" => {
+            on_term_exit_zero();
+            line("ready", 1);
+            sleep_forever();
+        }
+        // Ignore SIGTERM: only SIGKILL ends it.
+        "ignore-term" => {
+            ignore_term();
+            line("ready", 1);
+            sleep_forever();
+        }
+        // Exit with CODE after MS milliseconds.
+        "exit" => {
+            std::thread::sleep(Duration::from_millis(num(2, 0)));
+            line("exiting", arg(1));
+            std::process::exit(num(1, 0) as i32);
+        }
+        // Allocate and touch MIB MiB, then run until SIGTERM.
+        "hog-mem" => {
+            on_term_exit_zero();
+            hog_memory(num(1, 256) as usize);
+            sleep_forever();
+        }
+        "hog-cpu" => {
+            on_term_exit_zero();
+            line("ready", 1);
+            hog_cpu();
+        }
+        // Fork up to N sleeping children, report, then run until SIGTERM.
+        "fork-bomb" => {
+            on_term_exit_zero();
+            fork_bomb(num(1, 10_000) as usize);
+            sleep_forever();
+        }
+        // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
+        "signal-fifo" => {
+            on_term_exit_zero();
+            if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(arg(1)) {
+                let _ = f.write_all(b"x");
+            }
+            sleep_forever();
+        }
+        // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
+        "print" => {
+            on_term_exit_zero();
+            for i in 0..num(1, 10) {
+                line("out", i);
+            }
+            for i in 0..num(2, 0) {
+                eprintln!("err={i}");
+            }
+            sleep_forever();
+        }
+        other => {
+            eprintln!("corral-testbin: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+}

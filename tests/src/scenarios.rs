@@ -1,0 +1,353 @@
+//! End-to-end scenarios, as library functions so that the same code runs as `cargo test`
+//! on the host and, through the `corral-e2e` runner binary, inside a cgroup v2 VM.
+//! Each panics (assert) on failure.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::cgroup::Version;
+use crate::{Agent, alive, eventually, kill9, ns_of, pb, testbin};
+
+/// Scenarios that prove the cgroup and namespace work; these also run in the v2 VM.
+pub const KERNEL: &[&str] = &[
+    "limits_and_isolation",
+    "cpu_hog_is_throttled",
+    "memory_hog_is_oom_killed",
+    "kill9_is_signaled_not_oom",
+    "fork_bomb_stays_within_pids",
+    "delete_leaves_nothing",
+];
+
+/// Run one scenario by name; false when there is no such scenario.
+pub async fn run(name: &str) -> bool {
+    match name {
+        "limits_and_isolation" => limits_and_isolation().await,
+        "cpu_hog_is_throttled" => cpu_hog_is_throttled().await,
+        "memory_hog_is_oom_killed" => memory_hog_is_oom_killed().await,
+        "kill9_is_signaled_not_oom" => kill9_is_signaled_not_oom().await,
+        "fork_bomb_stays_within_pids" => fork_bomb_stays_within_pids().await,
+        "delete_leaves_nothing" => delete_leaves_nothing().await,
+        _ => return false,
+    }
+    true
+}
+
+fn spec(name: &str, replicas: u32, command: &[&str], extra: &str) -> String {
+    let cmd: Vec<String> = std::iter::once(testbin())
+        .chain(command.iter().map(|s| s.to_string()))
+        .map(|s| format!("{s:?}"))
+        .collect();
+    format!(
+        "name = \"{name}\"\ncommand = [{}]\nreplicas = {replicas}\n{extra}\n",
+        cmd.join(", ")
+    )
+}
+
+fn instance_rel(service: &str, instance: &str) -> String {
+    format!("corral/{service}/{instance}")
+}
+
+/// Limits written to the kernel, namespaces, user, hostname, private /tmp, env.
+pub async fn limits_and_isolation() {
+    let agent = Agent::start().await;
+    let toml = spec(
+        "lim",
+        3,
+        &["report"],
+        r#"user = "65534:65534"
+[resources]
+cpu = 0.25
+memory = "64MiB"
+pids = 32
+[isolation]
+hostname = "lim-{index}"
+"#,
+    );
+    agent.apply(&toml).await.expect("apply");
+    let instances = agent.wait_running("lim", 3).await;
+    let agent_pid = agent.pid().expect("agent pid");
+    let cg = &agent.cgroup;
+    let mut seen_pid_ns = BTreeSet::new();
+    for inst in &instances {
+        let rel = instance_rel("lim", &inst.id);
+        match cg.version {
+            Version::V1 => {
+                assert_eq!(cg.read("cpu", &rel, "cpu.cfs_quota_us"), "25000", "{rel}");
+                assert_eq!(cg.read("cpu", &rel, "cpu.cfs_period_us"), "100000", "{rel}");
+                assert_eq!(
+                    cg.read("memory", &rel, "memory.limit_in_bytes"),
+                    "67108864",
+                    "{rel}"
+                );
+                let memsw = cg.read("memory", &rel, "memory.memsw.limit_in_bytes");
+                assert!(memsw.is_empty() || memsw == "67108864", "memsw {memsw}");
+                assert_eq!(cg.read("pids", &rel, "pids.max"), "32", "{rel}");
+            }
+            Version::V2 => {
+                assert_eq!(cg.read("cpu", &rel, "cpu.max"), "25000 100000", "{rel}");
+                assert_eq!(cg.read("memory", &rel, "memory.max"), "67108864", "{rel}");
+                assert_eq!(cg.read("pids", &rel, "pids.max"), "32", "{rel}");
+            }
+        }
+        let pid = inst.pid;
+        assert!(
+            cg.pids(&rel).contains(&pid),
+            "service pid {pid} is in {rel}"
+        );
+        for ns in ["pid", "mnt", "uts", "ipc"] {
+            let mine = ns_of(pid, ns);
+            assert!(!mine.is_empty(), "{ns} of {pid}");
+            assert_ne!(
+                mine,
+                ns_of(agent_pid, ns),
+                "{} has its own {ns} namespace",
+                inst.id
+            );
+        }
+        seen_pid_ns.insert(ns_of(pid, "pid"));
+        assert_eq!(
+            ns_of(pid, "net"),
+            ns_of(agent_pid, "net"),
+            "no net namespace unless asked"
+        );
+
+        let inner_pid: u32 = agent.reported(&inst.id, "pid").await.parse().expect("pid");
+        assert!(inner_pid <= 3, "{} sees itself as pid {inner_pid}", inst.id);
+        let visible: u32 = agent
+            .reported(&inst.id, "visible_pids")
+            .await
+            .parse()
+            .expect("count");
+        assert!(visible <= 3, "{} sees {visible} processes", inst.id);
+        assert_eq!(agent.reported(&inst.id, "uid").await, "65534");
+        assert_eq!(agent.reported(&inst.id, "gid").await, "65534");
+        assert_eq!(
+            agent.reported(&inst.id, "groups").await,
+            "",
+            "supplementary groups cleared"
+        );
+        assert_eq!(agent.reported(&inst.id, "no_new_privs").await, "1");
+        assert_eq!(
+            agent.reported(&inst.id, "hostname").await,
+            format!("lim-{}", inst.index)
+        );
+        assert_eq!(agent.reported(&inst.id, "tmp_fs").await, "tmpfs");
+        assert_eq!(agent.reported(&inst.id, "tmp_entries").await, "0");
+        assert_eq!(
+            agent.reported(&inst.id, "open_fds").await,
+            "3",
+            "only stdin/stdout/stderr are open"
+        );
+        assert_eq!(
+            agent.reported(&inst.id, "env.CORRAL_INSTANCE").await,
+            inst.id
+        );
+        assert_eq!(agent.reported(&inst.id, "env.CORRAL_SERVICE").await, "lim");
+        assert_eq!(
+            agent.reported(&inst.id, "env.CORRAL_INDEX").await,
+            inst.index.to_string()
+        );
+    }
+    assert_eq!(
+        seen_pid_ns.len(),
+        3,
+        "each instance has its own pid namespace"
+    );
+}
+
+/// Cumulative CPU time of a cgroup in seconds, from the kernel's own accounting.
+fn cpu_seconds(agent: &Agent, rel: &str) -> f64 {
+    let cg = &agent.cgroup;
+    match cg.version {
+        Version::V1 => {
+            cg.read("cpuacct", rel, "cpuacct.usage")
+                .parse::<f64>()
+                .unwrap_or(0.0)
+                / 1e9
+        }
+        Version::V2 => {
+            let stat = cg.read("cpu", rel, "cpu.stat");
+            stat.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1e6
+        }
+    }
+}
+
+/// A busy loop at cpu = 0.25 gets at most ~0.3 CPU-seconds per wall second.
+pub async fn cpu_hog_is_throttled() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("hog", 1, &["hog-cpu"], "[resources]\ncpu = 0.25\n"))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("hog", 1).await.remove(0);
+    let rel = instance_rel("hog", &inst.id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c0, t0) = (cpu_seconds(&agent, &rel), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (c1, t1) = (cpu_seconds(&agent, &rel), std::time::Instant::now());
+    let rate = (c1 - c0) / (t1 - t0).as_secs_f64();
+    eprintln!("cpu rate at cpu = 0.25: {rate:.3}");
+    assert!(rate <= 0.30, "CPU rate {rate:.3} exceeds the 0.25 quota");
+    assert!(rate >= 0.05, "the hog did run ({rate:.3})");
+    // The agent reports the same counter.
+    let s = agent.get("hog").await.expect("get");
+    let usage = s.instances[0].usage.expect("usage");
+    assert!(
+        usage.cpu_usage_ns as f64 / 1e9 >= c1 - 0.5,
+        "reported cpu {} vs {c1}",
+        usage.cpu_usage_ns
+    );
+}
+
+fn last_exit(s: &pb::ServiceStatus, index: u32) -> Option<pb::ExitInfo> {
+    s.instances
+        .iter()
+        .find(|i| i.index == index)
+        .and_then(|i| i.last_exit.clone())
+}
+
+/// A memory hog ends `oom_killed`, read from the cgroup's counters, and is restarted.
+pub async fn memory_hog_is_oom_killed() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "oom",
+            1,
+            &["hog-mem", "256"],
+            "[resources]\nmemory = \"64MiB\"\n[restart]\nbackoff = \"100ms\"\nbackoff_max = \"1s\"\n",
+        ))
+        .await
+        .expect("apply");
+    let s = eventually(
+        "an oom kill and a restart",
+        Duration::from_secs(60),
+        || async {
+            let s = agent.get("oom").await.ok()?;
+            let i = &s.instances[0];
+            (i.restarts >= 1 && i.last_exit.is_some()).then_some(s)
+        },
+    )
+    .await;
+    let exit = last_exit(&s, 0).expect("last exit");
+    assert_eq!(exit.class, pb::ExitClass::OomKilled as i32, "{exit:?}");
+    assert_eq!(exit.text, "oom_killed");
+}
+
+/// `kill -9` from outside is `signaled(9)`, never `oom_killed`; a replacement follows
+/// within the backoff the agent computed.
+pub async fn kill9_is_signaled_not_oom() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "k9",
+            1,
+            &["serve"],
+            "[resources]\nmemory = \"64MiB\"\n[restart]\nbackoff = \"200ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let first = agent.wait_running("k9", 1).await.remove(0);
+    kill9(first.pid);
+    let s = eventually(
+        "the kill to be reported",
+        Duration::from_secs(20),
+        || async {
+            let s = agent.get("k9").await.ok()?;
+            (s.instances[0].restarts >= 1).then_some(s)
+        },
+    )
+    .await;
+    let i = &s.instances[0];
+    let exit = i.last_exit.clone().expect("last exit");
+    assert_eq!(exit.class, pb::ExitClass::Signaled as i32, "{exit:?}");
+    assert_eq!(exit.signal, 9);
+    assert_eq!(exit.text, "signaled(9)");
+    if let (Some(at), Some(next)) = (exit.at, i.next_start_at) {
+        let delay_ms =
+            (next.seconds - at.seconds) * 1000 + i64::from(next.nanos - at.nanos) / 1_000_000;
+        assert!(
+            delay_ms <= 200,
+            "scheduled {delay_ms} ms after the exit, backoff is 200 ms"
+        );
+    }
+    let again = agent.wait_running("k9", 1).await.remove(0);
+    assert_ne!(again.pid, first.pid);
+    assert!(!alive(first.pid));
+}
+
+/// A fork bomb is held at `pids`; the host can still fork.
+pub async fn fork_bomb_stays_within_pids() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "bomb",
+            1,
+            &["fork-bomb", "2000"],
+            "[resources]\npids = 32\n",
+        ))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("bomb", 1).await.remove(0);
+    let forked: u32 = agent
+        .reported(&inst.id, "forked")
+        .await
+        .parse()
+        .expect("count");
+    let failed: u32 = agent
+        .reported(&inst.id, "fork_failed")
+        .await
+        .parse()
+        .expect("count");
+    assert!(
+        forked <= 30,
+        "forked {forked} with pids = 32 (init and the service count too)"
+    );
+    assert!(failed > 0, "forks were refused");
+    let rel = instance_rel("bomb", &inst.id);
+    let current: u32 = agent
+        .cgroup
+        .read("pids", &rel, "pids.current")
+        .parse()
+        .expect("pids.current");
+    assert!(current <= 32, "pids.current {current}");
+    let status = std::process::Command::new(testbin())
+        .args(["exit", "0"])
+        .status()
+        .expect("host fork");
+    assert!(status.success(), "the host is unaffected");
+}
+
+/// `delete` leaves no process, no cgroup directory and no instance files behind.
+pub async fn delete_leaves_nothing() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "gone",
+            2,
+            &["serve"],
+            "[resources]\nmemory = \"32MiB\"\npids = 16\n",
+        ))
+        .await
+        .expect("apply");
+    let instances = agent.wait_running("gone", 2).await;
+    let pids: Vec<i32> = instances.iter().flat_map(|i| [i.pid, i.init_pid]).collect();
+    let reply = agent.delete("gone").await.expect("delete");
+    assert_eq!(reply.stopped_instances, 2);
+    for p in pids {
+        assert!(!alive(p), "pid {p} still alive after delete");
+    }
+    assert!(
+        !agent.cgroup.exists("corral/gone"),
+        "service cgroup removed"
+    );
+    for i in &instances {
+        assert!(!agent.state_dir.join("logs").join(&i.id).exists());
+        assert!(!agent.state_dir.join("run").join(&i.id).exists());
+    }
+    let err = agent.get("gone").await.expect_err("gone");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}

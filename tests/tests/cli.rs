@@ -1,0 +1,97 @@
+//! The CLI against a real agent: apply, ls, status, scale, diff, node, delete, with JSON.
+
+use std::time::Duration;
+
+use corral_e2e::{Agent, eventually, skip_unless_root, testbin};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_drives_a_service_end_to_end() {
+    if skip_unless_root("cli_drives_a_service_end_to_end") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("svc.toml");
+    let spec = |replicas: u32, mem: &str| {
+        format!(
+            "name = \"svc\"\ncommand = [{:?}, \"serve\"]\nreplicas = {replicas}\n[resources]\nmemory = \"{mem}\"\n[ports]\nadmin = \"auto\"\n",
+            testbin()
+        )
+    };
+    std::fs::write(&file, spec(2, "32MiB")).expect("write");
+    let f = file.to_str().expect("utf-8");
+
+    let out = agent.cli(&["apply", "-f", f]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("svc: created (revision 1)"));
+    agent.wait_running("svc", 2).await;
+
+    let ls = json(&agent.cli(&["ls", "-o", "json"]));
+    assert_eq!(ls[0]["name"], "svc");
+    assert_eq!(ls[0]["running"], 2);
+
+    let st = json(&agent.cli(&["status", "svc", "-o", "json"]));
+    assert_eq!(st["desired"], 2);
+    let instances = st["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2);
+    for i in instances {
+        assert_eq!(i["state"], "running");
+        assert!(i["pid"].as_i64().unwrap_or(0) > 0);
+        assert!(i["usage"]["memory_bytes"].as_u64().unwrap_or(0) > 0, "{i}");
+        assert!(i["ports"]["admin"].as_u64().unwrap_or(0) > 0, "{i}");
+    }
+    let table = agent.cli(&["status", "svc"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("svc-0") && text.contains("running"), "{text}");
+
+    std::fs::write(&file, spec(2, "64MiB")).expect("write");
+    let diff = agent.cli(&["diff", "-f", f]);
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert!(
+        diff.status.success() && text.contains("resources.memory"),
+        "{text}"
+    );
+    let st = json(&agent.cli(&["status", "svc", "-o", "json"]));
+    assert_eq!(st["revision"], 1, "diff applies nothing");
+
+    let out = agent.cli(&["scale", "svc", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_running("svc", 3).await;
+
+    let node = json(&agent.cli(&["node", "-o", "json"]));
+    assert!(node["cpus"].as_u64().unwrap_or(0) >= 1);
+    assert!(node["cgroup_version"] == "v1" || node["cgroup_version"] == "v2");
+    assert_eq!(node["services"], 1);
+
+    let out = agent.cli(&["delete", "svc"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("svc gone", Duration::from_secs(10), || async {
+        agent.get("svc").await.is_err().then_some(())
+    })
+    .await;
+    let ls = json(&agent.cli(&["ls", "-o", "json"]));
+    assert_eq!(ls, serde_json::json!([]));
+}

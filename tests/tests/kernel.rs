@@ -1,0 +1,23 @@
+//! The cgroup and namespace scenarios on this host's kernel (v1/hybrid or v2, whichever it
+//! runs). The same scenarios run in a pure cgroup v2 VM from `v2vm.rs`.
+
+use corral_e2e::{scenarios, skip_unless_root};
+
+macro_rules! scenario {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if skip_unless_root(stringify!($name)) {
+                return;
+            }
+            scenarios::$name().await;
+        }
+    };
+}
+
+scenario!(limits_and_isolation);
+scenario!(cpu_hog_is_throttled);
+scenario!(memory_hog_is_oom_killed);
+scenario!(kill9_is_signaled_not_oom);
+scenario!(fork_bomb_stays_within_pids);
+scenario!(delete_leaves_nothing);

@@ -1,0 +1,351 @@
+//! Restart policy, backoff, agent restarts: the supervisor's behaviour with real processes.
+
+use std::time::Duration;
+
+use corral_e2e::{Agent, alive, eventually, kill9, pb, skip_unless_root, testbin};
+
+fn spec(name: &str, replicas: u32, args: &[&str], extra: &str) -> String {
+    let cmd: Vec<String> = std::iter::once(testbin())
+        .chain(args.iter().map(|s| s.to_string()))
+        .map(|s| format!("{s:?}"))
+        .collect();
+    format!(
+        "name = \"{name}\"\ncommand = [{}]\nreplicas = {replicas}\n{extra}\n",
+        cmd.join(", ")
+    )
+}
+
+fn millis_between(a: &prost_types::Timestamp, b: &prost_types::Timestamp) -> i64 {
+    (b.seconds - a.seconds) * 1000 + i64::from(b.nanos - a.nanos) / 1_000_000
+}
+
+/// A crash loop's scheduled delays grow by doubling (minus at most 10 % jitter) and stop at
+/// backoff_max; every end is `exited(3)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_delays_grow_and_are_capped() {
+    if skip_unless_root("crash_loop_delays_grow_and_are_capped") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "crash",
+            1,
+            &["exit", "3"],
+            "[restart]\npolicy = \"on-failure\"\nbackoff = \"50ms\"\nbackoff_max = \"400ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let mut delays: Vec<(u32, i64)> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delays.len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "six restarts not observed: {delays:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let Ok(s) = agent.get("crash").await else {
+            continue;
+        };
+        let Some(i) = s.instances.first() else {
+            continue;
+        };
+        if let (Some(exit), Some(next)) = (i.last_exit.as_ref(), i.next_start_at.as_ref())
+            && i.state == pb::InstanceState::Backoff as i32
+            && !delays.iter().any(|(r, _)| *r == i.restarts)
+            && let Some(at) = exit.at.as_ref()
+        {
+            assert_eq!(exit.text, "exited(3)");
+            delays.push((i.restarts, millis_between(at, next)));
+        }
+    }
+    delays.sort();
+    eprintln!("restart -> scheduled delay (ms): {delays:?}");
+    for (restarts, ms) in &delays {
+        // The delay before restart n is 50ms * 2^(n-1), capped at 400ms, minus up to 10 %.
+        let full = (50i64 << (restarts - 1).min(10)).min(400);
+        assert!(
+            *ms <= full + 5 && *ms >= full * 9 / 10 - 5,
+            "restart {restarts}: {ms} ms, expected {full} ms minus at most 10 %"
+        );
+    }
+    assert!(
+        delays.iter().any(|(_, ms)| *ms >= 350),
+        "the cap was reached: {delays:?}"
+    );
+}
+
+/// `kill -9` of an instance: it is replaced, and the old process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_instance_is_replaced() {
+    if skip_unless_root("killed_instance_is_replaced") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("k", 2, &["serve"], "[restart]\nbackoff = \"0s\"\n"))
+        .await
+        .expect("apply");
+    let before = agent.wait_running("k", 2).await;
+    kill9(before[0].pid);
+    let after = eventually("a replacement", Duration::from_secs(20), || async {
+        let s = agent.get("k").await.ok()?;
+        let i = s.instances.iter().find(|i| i.index == before[0].index)?;
+        (i.restarts == 1 && i.state == pb::InstanceState::Running as i32 && i.pid > 0)
+            .then(|| i.clone())
+    })
+    .await;
+    assert_ne!(after.pid, before[0].pid);
+    let other = agent.get("k").await.expect("get").instances[1].clone();
+    assert_eq!(
+        other.pid, before[1].pid,
+        "the other instance was not touched"
+    );
+    assert_eq!(other.restarts, 0);
+}
+
+/// `restart.policy = never` keeps an ended instance down, with its end recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_never_keeps_it_down() {
+    if skip_unless_root("policy_never_keeps_it_down") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "once",
+            1,
+            &["exit", "0", "50"],
+            "[restart]\npolicy = \"never\"\n",
+        ))
+        .await
+        .expect("apply");
+    let i = eventually("the instance to exit", Duration::from_secs(20), || async {
+        let s = agent.get("once").await.ok()?;
+        let i = s.instances.first()?.clone();
+        (i.state == pb::InstanceState::Exited as i32).then_some(i)
+    })
+    .await;
+    assert_eq!(i.last_exit.expect("exit").text, "exited(0)");
+    assert_eq!(i.restarts, 0);
+}
+
+/// A stop that is ignored ends `stop_timeout` after the grace period, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_stop_signal_is_a_stop_timeout() {
+    if skip_unless_root("ignored_stop_signal_is_a_stop_timeout") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "stubborn",
+            1,
+            &["ignore-term"],
+            "[stop]\ngrace = \"300ms\"\n[isolation]\nnamespaces = [\"mount\", \"uts\", \"ipc\"]\n",
+        ))
+        .await
+        .expect("apply");
+    let i = agent.wait_running("stubborn", 1).await.remove(0);
+    // Without a PID namespace the init is a subreaper; the kill still reaches everything.
+    agent
+        .client()
+        .await
+        .scale(pb::ScaleRequest {
+            name: "stubborn".into(),
+            replicas: 0,
+        })
+        .await
+        .expect("scale to 0");
+    eventually(
+        "the instance to be removed",
+        Duration::from_secs(20),
+        || async {
+            let s = agent.get("stubborn").await.ok()?;
+            s.instances.is_empty().then_some(())
+        },
+    )
+    .await;
+    assert!(!alive(i.pid) && !alive(i.init_pid));
+    assert!(agent.cgroup.pids("corral/stubborn").is_empty());
+    let log = agent.log_text();
+    assert!(
+        log.contains("stop_timeout"),
+        "the end was classified stop_timeout:\n{log}"
+    );
+}
+
+async fn agent_restart(signal: i32) {
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "keep",
+            2,
+            &["serve"],
+            "[resources]\nmemory = \"32MiB\"\n",
+        ))
+        .await
+        .expect("apply");
+    let before = agent.wait_running("keep", 2).await;
+    let status_before = agent.get("keep").await.expect("get");
+    let exit = agent.stop_with(signal);
+    if signal == libc::SIGTERM {
+        assert_eq!(exit.code(), Some(0), "SIGTERM: corrald exits 0");
+    }
+    for i in &before {
+        assert!(alive(i.pid), "{} outlives the agent", i.id);
+    }
+    agent.launch().await;
+    let after = agent.wait_running("keep", 2).await;
+    // Until instances are re-adopted, the old ones are stopped cleanly and replaced.
+    for i in &before {
+        assert!(!alive(i.pid) && !alive(i.init_pid), "old {} is gone", i.id);
+    }
+    let mut live = agent.cgroup.pids("corral/keep");
+    live.sort_unstable();
+    let mut expected: Vec<i32> = after.iter().flat_map(|i| [i.init_pid, i.pid]).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        live, expected,
+        "exactly the new instances run: no duplicate, no orphan"
+    );
+    let status_after = agent.get("keep").await.expect("get");
+    assert_eq!(status_after.revision, status_before.revision);
+    assert_eq!(
+        status_after.spec, status_before.spec,
+        "desired state intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigterm_then_start() {
+    if skip_unless_root("agent_sigterm_then_start") {
+        return;
+    }
+    agent_restart(libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_then_start() {
+    if skip_unless_root("agent_sigkill_then_start") {
+        return;
+    }
+    agent_restart(libc::SIGKILL).await;
+}
+
+/// A changed spec replaces the instances with the new revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_replaces_instances() {
+    if skip_unless_root("update_replaces_instances") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "up",
+            2,
+            &["report"],
+            "env = { GREETING = \"one\" }\n",
+        ))
+        .await
+        .expect("apply");
+    let before = agent.wait_running("up", 2).await;
+    let r = agent
+        .apply(&spec(
+            "up",
+            2,
+            &["report"],
+            "env = { GREETING = \"two\" }\n",
+        ))
+        .await
+        .expect("apply");
+    assert_eq!(r.outcome, "updated");
+    assert_eq!(r.revision, 2);
+    assert!(r.replaces_instances);
+    let after = eventually(
+        "both instances at revision 2",
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get("up").await.ok()?;
+            let ok = s.instances.len() == 2
+                && s.instances.iter().all(|i| {
+                    i.revision == 2 && i.state == pb::InstanceState::Running as i32 && i.pid > 0
+                });
+            ok.then_some(s.instances)
+        },
+    )
+    .await;
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(a.pid, b.pid);
+        assert!(!alive(b.pid));
+        assert_eq!(agent.reported(&a.id, "env.GREETING").await, "two");
+    }
+    // Re-applying the same spec changes nothing; replicas alone is a scale.
+    let same = agent
+        .apply(&spec(
+            "up",
+            2,
+            &["report"],
+            "env = { GREETING = \"two\" }\n",
+        ))
+        .await
+        .expect("apply");
+    assert_eq!((same.outcome.as_str(), same.revision), ("unchanged", 2));
+    let scaled = agent
+        .apply(&spec(
+            "up",
+            3,
+            &["report"],
+            "env = { GREETING = \"two\" }\n",
+        ))
+        .await
+        .expect("apply");
+    assert_eq!(
+        (
+            scaled.outcome.as_str(),
+            scaled.revision,
+            scaled.replaces_instances
+        ),
+        ("scaled", 2, false)
+    );
+    agent.wait_running("up", 3).await;
+    let still = agent.get("up").await.expect("get");
+    for a in &after {
+        assert!(
+            still.instances.iter().any(|i| i.pid == a.pid),
+            "scaling did not restart {}",
+            a.id
+        );
+    }
+}
+
+/// `--services DIR` applies every spec at start, and again on SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_dir_applied_at_start_and_on_sighup() {
+    if skip_unless_root("services_dir_applied_at_start_and_on_sighup") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a.toml"), spec("a", 1, &["serve"], "")).expect("write");
+    std::fs::write(
+        dir.path().join("broken.toml"),
+        "name = \"b\"\ncommand = []\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
+    let agent = Agent::start_with(Some(dir.path())).await;
+    agent.wait_running("a", 1).await;
+    assert!(
+        agent.get("b").await.is_err(),
+        "an invalid file is not applied"
+    );
+    std::fs::write(dir.path().join("c.toml"), spec("c", 2, &["serve"], "")).expect("write");
+    // SAFETY: signalling the agent we started.
+    unsafe { libc::kill(agent.pid().expect("pid"), libc::SIGHUP) };
+    agent.wait_running("c", 2).await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("broken.toml") && log.contains("command"),
+        "the bad file is reported:\n{log}"
+    );
+}
