@@ -2,10 +2,11 @@
 //! start by [`detect`]. The agent's tree lives beneath one parent (its own cgroup, or
 //! `--cgroup-parent`), one cgroup per instance: `<parent>/corral/<service>/<instance>`.
 //!
-//! cgroups-rs does the hierarchy handling, limit writes and stats; this module contains its
-//! known defects: every limit is read back after it is written (some write errors are
-//! swallowed), its calls run under `catch_unwind`, OOM kills are read from the kernel's own
-//! counters, and killing everything works on v1 too (no `cgroup.kill` there).
+//! [`detect`] finds the version, the mounts and the parent. cgroups-rs writes the limits, only
+//! through [`seam`], which contains its known defects: every call runs under `catch_unwind`,
+//! every value written is read back (it swallows some write errors), OOM kills are read from
+//! the kernel's own counters, and killing everything works on v1 too (no `cgroup.kill`
+//! there). [`recording::RecordingCgroups`] is an in-memory backend for the supervisor's tests.
 //!
 //! Imports from the crate: `spec` only.
 
@@ -13,6 +14,7 @@ pub mod detect;
 #[cfg(test)]
 mod fake;
 mod fsutil;
+pub mod recording;
 mod seam;
 #[cfg(test)]
 mod testkit;

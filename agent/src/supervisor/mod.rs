@@ -11,6 +11,8 @@
 pub mod driver;
 pub mod instance;
 pub mod reconcile;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

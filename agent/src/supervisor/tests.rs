@@ -1,0 +1,486 @@
+//! The driver with recording fakes for the OS: what it asks the runtime, the cgroups and the
+//! store to do, under paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::cgroups::recording::RecordingCgroups;
+use crate::cgroups::{CgroupPath, Control};
+use crate::runtime::fake::FakeRuntime;
+use crate::runtime::{ExitRecord, InitExit, ProcessStatus};
+use crate::spec::Namespace;
+use crate::store::{MemStore, Store};
+
+struct Rig {
+    rt: Arc<FakeRuntime>,
+    cg: Arc<RecordingCgroups>,
+    store: Arc<MemStore>,
+    handle: SupervisorHandle,
+    stop: CancellationToken,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn deps(rt: &Arc<FakeRuntime>, cg: &Arc<RecordingCgroups>, store: &Arc<MemStore>) -> Deps {
+    Deps {
+        runtime: rt.clone(),
+        cgroups: cg.clone(),
+        store: store.clone(),
+        namespaces: Namespace::ALL.to_vec(),
+    }
+}
+
+async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
+    let rt = Arc::new(FakeRuntime::new());
+    let cg = Arc::new(cg);
+    let (mut driver, handle) = Driver::new(deps(&rt, &cg, &store));
+    driver.restore().await;
+    let stop = CancellationToken::new();
+    tokio::spawn(driver.run(stop.clone()));
+    Rig {
+        rt,
+        cg,
+        store,
+        handle,
+        stop,
+    }
+}
+
+async fn rig() -> Rig {
+    rig_with(RecordingCgroups::default(), Arc::new(MemStore::new())).await
+}
+
+fn spec(text: &str) -> Box<crate::spec::ServiceSpec> {
+    Box::new(crate::spec::parse_toml(text).expect("valid spec"))
+}
+
+const WEB: &str = "name = \"web\"\ncommand = [\"/bin/app\"]\nreplicas = 3\n[restart]\nbackoff = \"1s\"\nbackoff_max = \"4s\"\n[stop]\ngrace = \"5s\"\n";
+
+/// Let the driver and the exit watchers run (time is paused: this advances it a little).
+async fn settle() {
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+impl Rig {
+    async fn apply(&self, text: &str) -> Result<ApplyOutcome, SupervisorError> {
+        match self
+            .handle
+            .call(Operation::Apply {
+                spec: spec(text),
+                dry_run: false,
+            })
+            .await?
+        {
+            Outcome::Applied(a) => Ok(a),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    async fn status(&self, name: &str) -> ServiceStatus {
+        match self.handle.call(Operation::Get { name: name.into() }).await {
+            Ok(Outcome::Status(s)) => *s,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Init PIDs of the running instances, by index.
+    async fn running(&self, name: &str) -> Vec<(u32, i32)> {
+        self.status(name)
+            .await
+            .instances
+            .iter()
+            .filter(|i| i.state == "running")
+            .filter_map(|i| Some((i.index, i.init_pid?)))
+            .collect()
+    }
+
+    fn exit(&self, pid: i32, status: ProcessStatus, record: Option<ExitRecord>) {
+        assert!(
+            self.rt.exit(
+                pid,
+                InitExit {
+                    status,
+                    record,
+                    spawn_error: None,
+                }
+            ),
+            "pid {pid} was running"
+        );
+    }
+}
+
+fn killed(sig: i32) -> Option<ExitRecord> {
+    Some(ExitRecord {
+        signal: Some(sig),
+        ..ExitRecord::default()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn apply_starts_replicas_with_limits_and_persists() {
+    let r = rig().await;
+    let text = format!("{WEB}[resources]\nmemory = \"64MiB\"\npids = 10\n");
+    let a = r.apply(&text).await.expect("apply");
+    assert_eq!((a.kind, a.revision), (ApplyKind::Created, 1));
+    settle().await;
+    assert_eq!(r.rt.spawns().len(), 3);
+    assert_eq!(r.running("web").await.len(), 3);
+    let path = CgroupPath::instance("web", "web-1");
+    let e = r.cg.entry(&path).expect("instance cgroup created");
+    assert_eq!(e.limits.memory, Some(64 << 20));
+    assert_eq!(e.limits.pids, Some(10));
+    assert_eq!(
+        r.store.list("services").expect("list").len(),
+        1,
+        "desired state saved"
+    );
+    // The same spec again is a no-op.
+    let again = r.apply(&text).await.expect("apply");
+    assert_eq!((again.kind, again.revision), (ApplyKind::Unchanged, 1));
+    settle().await;
+    assert_eq!(r.rt.spawns().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_restarts_after_growing_backoff() {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    let (idx, pid) = r.running("web").await[0];
+    let start = tokio::time::Instant::now();
+    r.exit(
+        pid,
+        ProcessStatus::Exited(1),
+        Some(ExitRecord {
+            code: Some(1),
+            ..Default::default()
+        }),
+    );
+    settle().await;
+    let s = r.status("web").await;
+    let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
+    assert_eq!(i.state, "backoff");
+    assert_eq!(
+        i.last_exit.as_ref().map(|e| e.class),
+        Some(ExitClass::Exited(1))
+    );
+    assert!(i.next_start_at.is_some());
+    // 1 s minus at most 10 % jitter.
+    tokio::time::sleep(Duration::from_millis(880)).await;
+    assert_eq!(r.rt.spawns().len(), 3, "not before the backoff");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    settle().await;
+    assert_eq!(r.rt.spawns().len(), 4, "restarted after the backoff");
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    let s = r.status("web").await;
+    assert_eq!(
+        s.instances
+            .iter()
+            .find(|i| i.index == idx)
+            .map(|i| i.restarts),
+        Some(1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn oom_is_read_from_the_cgroup_and_sigkill_alone_is_not_oom() {
+    let r = rig().await;
+    r.apply(
+        "name = \"m\"\ncommand = [\"/bin/app\"]\nreplicas = 2\n[resources]\nmemory = \"64MiB\"\n",
+    )
+    .await
+    .expect("apply");
+    settle().await;
+    let running = r.running("m").await;
+    let (i0, p0) = running[0];
+    let (i1, p1) = running[1];
+    r.cg.set_oom_kills(&CgroupPath::instance("m", &format!("m-{i0}")), 1);
+    r.exit(p0, ProcessStatus::Exited(137), killed(9));
+    r.exit(p1, ProcessStatus::Exited(137), killed(9));
+    settle().await;
+    let s = r.status("m").await;
+    let class = |idx| {
+        s.instances
+            .iter()
+            .find(|i| i.index == idx)
+            .and_then(|i| i.last_exit.as_ref())
+            .map(|e| e.class)
+    };
+    assert_eq!(class(i0), Some(ExitClass::OomKilled));
+    assert_eq!(class(i1), Some(ExitClass::Signaled(9)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    let pid2 = r
+        .running("web")
+        .await
+        .into_iter()
+        .find(|(i, _)| *i == 2)
+        .expect("web-2")
+        .1;
+    match r
+        .handle
+        .call(Operation::Scale {
+            name: "web".into(),
+            replicas: 2,
+        })
+        .await
+    {
+        Ok(Outcome::Scaled {
+            previous: 3,
+            replicas: 2,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    settle().await;
+    assert_eq!(r.rt.signals(), vec![(pid2, libc::SIGTERM)]);
+    r.exit(
+        pid2,
+        ProcessStatus::Exited(0),
+        Some(ExitRecord {
+            code: Some(0),
+            ..Default::default()
+        }),
+    );
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!(s.instances.len(), 2);
+    assert!(
+        r.cg.entry(&CgroupPath::instance("web", "web-2")).is_none(),
+        "cgroup removed"
+    );
+    assert_eq!(r.rt.spawns().len(), 3, "nothing else restarted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
+    let r = rig().await;
+    let one = WEB.replace("replicas = 3", "replicas = 1");
+    r.apply(&one).await.expect("apply");
+    settle().await;
+    let (_, pid) = r.running("web").await[0];
+    // An update replaces the instance: stop signal, grace, then SIGKILL.
+    r.apply(&one.replace("/bin/app", "/bin/app2"))
+        .await
+        .expect("update");
+    settle().await;
+    assert_eq!(r.rt.signals(), vec![(pid, libc::SIGTERM)]);
+    let path = CgroupPath::instance("web", "web-0");
+    tokio::time::sleep(Duration::from_millis(4900)).await;
+    assert!(
+        !r.cg.kills().contains(&path),
+        "no SIGKILL within the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        r.cg.kills().contains(&path),
+        "SIGKILL after the grace period"
+    );
+    r.exit(pid, ProcessStatus::Signaled(9), None);
+    settle().await;
+    let s = r.status("web").await;
+    let i = &s.instances[0];
+    assert_eq!(
+        i.last_exit.as_ref().map(|e| e.class),
+        Some(ExitClass::StopTimeout)
+    );
+    assert_eq!(
+        (i.state, i.revision),
+        ("running", 2),
+        "replaced by the new revision"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn update_replaces_one_instance_at_a_time() {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    let old: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let a = r
+        .apply(&WEB.replace("/bin/app", "/bin/app2"))
+        .await
+        .expect("update");
+    assert_eq!(
+        (a.kind, a.revision, a.replaces_instances),
+        (ApplyKind::Updated, 2, true)
+    );
+    settle().await;
+    assert_eq!(r.rt.signals().len(), 1, "one at a time");
+    for n in 0..3 {
+        let (pid, _) = *r.rt.signals().last().expect("a stop signal");
+        r.exit(
+            pid,
+            ProcessStatus::Exited(0),
+            Some(ExitRecord {
+                code: Some(0),
+                ..Default::default()
+            }),
+        );
+        settle().await;
+        assert_eq!(r.rt.spawns().len(), 4 + n, "replacement started");
+    }
+    let s = r.status("web").await;
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| i.revision == 2 && i.state == "running")
+    );
+    let spawned = r.rt.spawns();
+    assert!(spawned[3..].iter().all(|sp| sp.command == ["/bin/app2"]));
+    assert!(old.iter().all(|p| !r.rt.running().contains(p)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_answers_once_everything_is_gone() {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    let pids: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let h = r.handle.clone();
+    let del = tokio::spawn(async move { h.call(Operation::Delete { name: "web".into() }).await });
+    settle().await;
+    assert!(!del.is_finished(), "waits for the instances");
+    assert_eq!(r.rt.signals().len(), 3);
+    assert!(
+        r.store.list("services").expect("list").is_empty(),
+        "desired state removed first"
+    );
+    for p in pids {
+        r.exit(
+            p,
+            ProcessStatus::Exited(0),
+            Some(ExitRecord {
+                code: Some(0),
+                ..Default::default()
+            }),
+        );
+    }
+    settle().await;
+    match del.await.expect("join") {
+        Ok(Outcome::Deleted { stopped: 3, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        r.cg.paths().is_empty(),
+        "no cgroup left: {:?}",
+        r.cg.paths()
+    );
+    let e = r
+        .handle
+        .call(Operation::Get { name: "web".into() })
+        .await
+        .expect_err("gone");
+    assert!(matches!(e, SupervisorError::NotFound { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn admission_refuses_what_the_host_cannot_enforce() {
+    let r = rig_with(
+        RecordingCgroups::new(&[Control::Cpu, Control::Pids]),
+        Arc::new(MemStore::new()),
+    )
+    .await;
+    let e = r
+        .apply("name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n")
+        .await
+        .expect_err("no memory controller");
+    assert!(
+        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("resources.memory")),
+        "{e}"
+    );
+    r.rt.refuse_command("/bin/missing");
+    let e = r
+        .apply("name = \"x\"\ncommand = [\"/bin/missing\"]\n")
+        .await
+        .expect_err("preflight");
+    assert!(
+        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("command[0]")),
+        "{e}"
+    );
+    settle().await;
+    assert!(r.rt.spawns().is_empty());
+    assert!(
+        r.store.list("services").expect("list").is_empty(),
+        "nothing applied"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_save_applies_nothing() {
+    let store = Arc::new(MemStore::new());
+    store.fail_writes(true);
+    let r = rig_with(RecordingCgroups::default(), store).await;
+    let e = r.apply(WEB).await.expect_err("disk full");
+    assert!(matches!(e, SupervisorError::Storage(_)), "{e}");
+    settle().await;
+    assert!(r.rt.spawns().is_empty());
+    assert!(matches!(
+        r.handle.call(Operation::Get { name: "web".into() }).await,
+        Err(SupervisorError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawn_failures_back_off_and_are_reported() {
+    let r = rig().await;
+    r.rt.fail_next_spawns(1);
+    r.apply(&WEB.replace("replicas = 3", "replicas = 1"))
+        .await
+        .expect("apply");
+    settle().await;
+    let s = r.status("web").await;
+    let i = &s.instances[0];
+    assert_eq!(i.state, "backoff");
+    assert!(i.start_failed);
+    assert!(
+        i.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("injected"))
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    settle().await;
+    assert_eq!(r.running("web").await.len(), 1, "retried after the backoff");
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_starts_the_saved_services_and_stops_leftovers() {
+    let store = Arc::new(MemStore::new());
+    let cg = RecordingCgroups::default();
+    // A leftover instance of an earlier run, and one of a service no longer desired.
+    cg.set_procs(&CgroupPath::instance("web", "web-0"), vec![4242]);
+    cg.set_procs(&CgroupPath::instance("old", "old-0"), vec![4343]);
+    {
+        let r = rig_with(RecordingCgroups::default(), store.clone()).await;
+        r.apply(WEB).await.expect("apply");
+    }
+    let r = rig_with(cg, store).await;
+    settle().await;
+    assert_eq!(
+        r.running("web").await.len(),
+        3,
+        "saved services started again"
+    );
+    let kills = r.cg.kills();
+    assert!(kills.contains(&CgroupPath::instance("web", "web-0")));
+    assert!(kills.contains(&CgroupPath::instance("old", "old-0")));
+    assert!(r.cg.entry(&CgroupPath::instance("old", "old-0")).is_none());
+    assert!(
+        r.rt.signals().contains(&(4242, libc::SIGTERM)),
+        "leftovers get their stop signal first"
+    );
+}
