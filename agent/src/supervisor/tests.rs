@@ -57,7 +57,7 @@ async fn rig() -> Rig {
     rig_with(RecordingCgroups::default(), Arc::new(MemStore::new())).await
 }
 
-fn spec(text: &str) -> Box<crate::spec::ServiceSpec> {
+fn spec(text: &str) -> Box<ServiceSpec> {
     Box::new(crate::spec::parse_toml(text).expect("valid spec"))
 }
 
