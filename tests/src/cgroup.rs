@@ -23,6 +23,14 @@ pub fn version() -> Version {
     if unified { Version::V2 } else { Version::V1 }
 }
 
+/// "cgroup v1" or "cgroup v2", for reports.
+pub fn version_name() -> &'static str {
+    match version() {
+        Version::V1 => "cgroup v1",
+        Version::V2 => "cgroup v2",
+    }
+}
+
 /// This process's cgroup in the hierarchy of `controller` (v1) or the unified one (v2).
 fn own(controller: Option<&str>) -> String {
     let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();

@@ -120,6 +120,7 @@ pub struct Agent {
     pub services_dir: Option<PathBuf>,
     pub cgroup: TestCgroup,
     log: PathBuf,
+    log_filter: String,
     /// Kept to own the directory; removed on drop.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -132,6 +133,11 @@ impl Agent {
 
     /// A fresh agent that applies `dir` with `--services`.
     pub async fn start_with(services: Option<&Path>) -> Agent {
+        Agent::start_logging(services, "info,corral_agent=debug").await
+    }
+
+    /// A fresh agent logging at `filter` (a `RUST_LOG` value).
+    pub async fn start_logging(services: Option<&Path>, filter: &str) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("corral-e2e-")
             .tempdir()
@@ -144,6 +150,7 @@ impl Agent {
             services_dir: services.map(Path::to_path_buf),
             cgroup: TestCgroup::new(&unique("e2e")),
             log: dir.join("corrald.log"),
+            log_filter: filter.to_string(),
             dir,
             _tmp: Some(tmp),
         };
@@ -166,7 +173,7 @@ impl Agent {
             .arg(&self.socket)
             .arg("--cgroup-parent")
             .arg(self.cgroup.flag())
-            .env("RUST_LOG", "info,corral_agent=debug")
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);

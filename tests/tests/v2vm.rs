@@ -33,7 +33,7 @@ fn kernel_scenarios_on_cgroup_v2() {
         .arg(format!("CORRAL_BIN_DIR={}", bin_dir().display()))
         .arg("-e")
         .arg("RUST_BACKTRACE=1");
-    for b in ["corrald", "corral", "corral-testbin"] {
+    for b in ["corrald", "corral-init", "corral", "corral-testbin"] {
         cmd.arg("-f").arg(bin(b));
     }
     cmd.arg(&runner)

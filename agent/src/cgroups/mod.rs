@@ -265,6 +265,14 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     /// anything else, so it is inside its limits from its first instruction.
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError>;
 
+    /// On v2, the cgroup's directory opened `O_PATH`, for `clone3(CLONE_INTO_CGROUP)`: the
+    /// child is born inside the cgroup, with no migration (a migration waits for an RCU grace
+    /// period, milliseconds). `None` on v1, where the child writes `cgroup.procs` instead.
+    fn open_dir(&self, path: &CgroupPath) -> Result<Option<OwnedFd>, CgroupError> {
+        let _ = path;
+        Ok(None)
+    }
+
     /// Every process in the cgroup (the union across v1 hierarchies), without duplicates.
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError>;
 

@@ -397,6 +397,23 @@ impl CgroupBackend for V2Backend {
         Ok(vec![fd])
     }
 
+    fn open_dir(&self, path: &CgroupPath) -> Result<Option<OwnedFd>, CgroupError> {
+        let dir = self.dir(path);
+        nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map(Some)
+        .map_err(|e| CgroupError::Open {
+            path: path.to_string(),
+            file: dir,
+            source: e.into(),
+        })
+    }
+
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {
         let mut pids = read_procs(&path.to_string(), &self.dir(path))?.unwrap_or_default();
         pids.sort_unstable();

@@ -47,6 +47,9 @@ struct CloneArgs {
     cgroup: u64,
 }
 
+/// `CLONE_INTO_CGROUP` (linux/sched.h; libc's constant overflows a c_int).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 /// Steps of the child between clone3 and exec, reported through the error pipe.
 const STEP_CGROUP: u8 = 1;
 const STEP_FDS: u8 = 2;
@@ -59,7 +62,27 @@ const HIGH_FD: RawFd = 16;
 pub struct LinuxRuntime {
     run_root: PathBuf,
     log_root: PathBuf,
+    /// What an instance's first process executes.
     exe: CString,
+    /// The agent's own identity, for instances without `user` (resolved once).
+    own: Option<Identity>,
+}
+
+/// The init to execute: the small `corral-init` installed next to `corrald`, or else
+/// `corrald` itself (which becomes the init when started under that name).
+fn init_executable() -> CString {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(INIT_NAME)))
+        .filter(|p| {
+            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+    match beside.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok()) {
+        Some(p) => p,
+        None => CString::from(c"/proc/self/exe"),
+    }
 }
 
 impl LinuxRuntime {
@@ -77,7 +100,8 @@ impl LinuxRuntime {
         Ok(LinuxRuntime {
             run_root,
             log_root,
-            exe: CString::from(c"/proc/self/exe"),
+            exe: init_executable(),
+            own: resolve_identity(None).ok().flatten(),
         })
     }
 
@@ -220,7 +244,11 @@ impl Runtime for LinuxRuntime {
                 source,
             }
         };
-        let identity = resolve_identity(spec.user.as_ref()).map_err(|reason| SpawnError::User {
+        let identity = match &spec.user {
+            None => Ok(self.own.clone()),
+            Some(_) => resolve_identity(spec.user.as_ref()),
+        }
+        .map_err(|reason| SpawnError::User {
             instance: instance.to_string(),
             user: match &spec.user {
                 Some(UserSpec::Name(n)) => n.clone(),
@@ -313,38 +341,58 @@ impl Runtime for LinuxRuntime {
             .collect::<io::Result<Vec<_>>>()
             .map_err(prep("cgroup.procs"))?;
 
-        let plan = ChildPlan {
-            procs: &procs,
-            devnull: devnull.as_raw_fd(),
-            init_log: init_log.as_raw_fd(),
-            run_dir: run_dir_fd.as_raw_fd(),
-            err_pipe: err_w.as_raw_fd(),
-            exe: &self.exe,
-            argv: &argv,
-            envp: &envp,
+        let cgroup_dir = req.cgroup_dir;
+        let clone = |into_cgroup: Option<&OwnedFd>| -> io::Result<(i32, libc::c_int)> {
+            let plan = ChildPlan {
+                // Born inside the cgroup: nothing to write.
+                procs: if into_cgroup.is_some() { &[] } else { &procs },
+                devnull: devnull.as_raw_fd(),
+                init_log: init_log.as_raw_fd(),
+                run_dir: run_dir_fd.as_raw_fd(),
+                err_pipe: err_w.as_raw_fd(),
+                exe: &self.exe,
+                argv: &argv,
+                envp: &envp,
+            };
+            let mut pidfd: libc::c_int = -1;
+            let mut args = CloneArgs {
+                flags: clone_flags(spec),
+                pidfd: (&raw mut pidfd) as u64,
+                exit_signal: libc::SIGCHLD as u64,
+                ..CloneArgs::default()
+            };
+            if let Some(dir) = into_cgroup {
+                args.flags |= CLONE_INTO_CGROUP;
+                args.cgroup = dir.as_raw_fd() as u64;
+            }
+            // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed,
+            // no CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
+            let ret =
+                unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+            if ret == 0 {
+                // SAFETY: we are the child of clone3; the plan was built before the call.
+                unsafe { child_after_clone(&plan) }
+            }
+            if ret < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok((ret as i32, pidfd))
         };
-        let mut pidfd: libc::c_int = -1;
-        let args = CloneArgs {
-            flags: clone_flags(spec),
-            pidfd: (&raw mut pidfd) as u64,
-            exit_signal: libc::SIGCHLD as u64,
-            ..CloneArgs::default()
+        let cloned = match clone(cgroup_dir.as_ref()) {
+            // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
+            Err(e)
+                if cgroup_dir.is_some()
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) =>
+            {
+                clone(None)
+            }
+            other => other,
         };
-        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
-        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
-        let ret =
-            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-        if ret == 0 {
-            // SAFETY: we are the child of clone3; the plan was built before the call.
-            unsafe { child_after_clone(&plan) }
-        }
-        if ret < 0 {
-            return Err(SpawnError::Clone {
-                instance: instance.to_string(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let pid = ret as i32;
+        let (ret, pidfd) = cloned.map_err(|source| SpawnError::Clone {
+            instance: instance.to_string(),
+            source,
+        })?;
+        let pid = ret;
         drop(err_w);
         // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
         let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(pidfd) });

@@ -94,8 +94,11 @@ pub struct StartRequest<'a> {
     pub spec: &'a ServiceSpec,
     pub index: u32,
     pub instance: &'a str,
-    /// The instance cgroup's `cgroup.procs` files, open for writing.
+    /// The instance cgroup's `cgroup.procs` files, open for writing: the child writes "0"
+    /// to each before it executes anything (v1; and v2 when `cgroup_dir` cannot be used).
     pub cgroup_procs: Vec<OwnedFd>,
+    /// v2: the cgroup directory, so the child is cloned straight into it.
+    pub cgroup_dir: Option<OwnedFd>,
     pub ports: &'a BTreeMap<String, u16>,
 }
 

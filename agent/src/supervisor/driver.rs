@@ -29,6 +29,9 @@ const SERVICES: &str = "services";
 /// How long the removal of an instance's cgroup keeps killing and retrying.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a usage reading is served before the cgroup files are read again.
+const USAGE_TTL: Duration = Duration::from_secs(1);
+
 /// Wait for instances left by an earlier agent run at most this long after their grace.
 const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,8 +64,10 @@ struct Service {
 /// What only a live instance has.
 struct Live {
     process: ProcessRef,
-    /// The cgroup's OOM kill counter when this run started.
-    oom_baseline: u64,
+    /// Host PID of the service process, once seen.
+    main_pid: Option<i32>,
+    /// The last usage read from the cgroup, and when.
+    usage: Option<(Instant, crate::cgroups::CgroupStats)>,
     ports: BTreeMap<String, u16>,
 }
 
@@ -384,9 +389,12 @@ impl Driver {
         if let Err(e) = create_fresh(&**cg, &path, &spec.resources) {
             return fail(e.to_string());
         }
-        let oom_baseline = cg.stats(&path).map(|s| s.oom_kills).unwrap_or(0);
         let procs = match cg.open_procs(&path) {
             Ok(p) => p,
+            Err(e) => return fail(e.to_string()),
+        };
+        let dir = match cg.open_dir(&path) {
+            Ok(d) => d,
             Err(e) => return fail(e.to_string()),
         };
         let spawned = match rt.spawn(StartRequest {
@@ -394,6 +402,7 @@ impl Driver {
             index,
             instance: &id,
             cgroup_procs: procs,
+            cgroup_dir: dir,
             ports: &ports,
         }) {
             Ok(s) => s,
@@ -407,7 +416,8 @@ impl Driver {
             id,
             Live {
                 process: spawned.process,
-                oom_baseline,
+                main_pid: None,
+                usage: None,
                 ports,
             },
         );
@@ -522,14 +532,15 @@ impl Driver {
         let id = inst.id.clone();
         let killed = matches!(inst.state, State::Stopping { killed: true, .. });
         let path = cgroup_of(service, &id);
-        let live = self.live.remove(&id);
+        self.live.remove(&id);
         let oom_now = self
             .deps
             .cgroups
             .stats(&path)
             .map(|s| s.oom_kills)
             .unwrap_or(0);
-        let oom_kills = oom_now.saturating_sub(live.as_ref().map_or(0, |l| l.oom_baseline));
+        // create() made a fresh cgroup for this run: its counter counts this run only.
+        let oom_kills = oom_now;
         let observed = Observed {
             service_exit: exit.record.as_ref().map(|r| (r.code, r.signal)),
             init_status: match exit.status {
@@ -583,13 +594,19 @@ impl Driver {
                 }
             }
             Operation::Get { name } => match self.services.get(&name) {
-                Some(svc) => Ok(Outcome::Status(Box::new(self.status(&name, svc)))),
+                Some(svc) => Ok(Outcome::Status(Box::new(status(
+                    &self.deps,
+                    &mut self.live,
+                    &name,
+                    svc,
+                    true,
+                )))),
                 None => Err(SupervisorError::NotFound { name }),
             },
             Operation::List => Ok(Outcome::List(
                 self.services
                     .iter()
-                    .map(|(n, s)| self.status(n, s))
+                    .map(|(n, s)| status(&self.deps, &mut self.live, n, s, false))
                     .collect(),
             )),
             Operation::Scale { name, replicas } => self.scale(&name, replicas),
@@ -734,67 +751,81 @@ impl Driver {
             .put(SERVICES, name, &bytes)
             .map_err(|e| SupervisorError::Storage(e.to_string()))
     }
+}
 
-    fn status(&self, name: &str, svc: &Service) -> ServiceStatus {
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let instances: Vec<InstanceStatus> = svc
-            .instances
-            .values()
-            .map(|i| {
-                let live = self.live.get(&i.id);
-                let path = cgroup_of(name, &i.id);
-                let usage = if i.state.is_live() {
-                    self.deps.cgroups.stats(&path).ok().map(|mut s| {
-                        s.oom_kills = s
-                            .oom_kills
-                            .saturating_sub(live.map_or(0, |l| l.oom_baseline));
-                        s
-                    })
+/// A service's status. Usage comes from the cgroup's files: read now when `fresh` (`Get`),
+/// else reused when read within [`USAGE_TTL`] (`List`, so listing many instances stays cheap).
+fn status(
+    deps: &Deps,
+    live: &mut HashMap<String, Live>,
+    name: &str,
+    svc: &Service,
+    fresh: bool,
+) -> ServiceStatus {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let instances: Vec<InstanceStatus> = svc
+        .instances
+        .values()
+        .map(|i| {
+            let path = cgroup_of(name, &i.id);
+            let l = live.get_mut(&i.id).filter(|_| i.state.is_live());
+            let (pid, init_pid, usage, ports) = match l {
+                Some(l) => {
+                    if l.main_pid.is_none() {
+                        l.main_pid = deps.runtime.main_pid(l.process.pid);
+                    }
+                    let recent = l
+                        .usage
+                        .filter(|(at, _)| !fresh && now.saturating_duration_since(*at) < USAGE_TTL);
+                    let usage = match recent {
+                        Some((_, u)) => Some(u),
+                        None => deps.cgroups.stats(&path).ok().inspect(|u| {
+                            l.usage = Some((now, *u));
+                        }),
+                    };
+                    (l.main_pid, Some(l.process.pid), usage, l.ports.clone())
+                }
+                None => (None, None, None, BTreeMap::new()),
+            };
+            let next_start_at = match i.state {
+                State::Backoff { until } => Some(wall + until.saturating_duration_since(now)),
+                _ => None,
+            };
+            InstanceStatus {
+                id: i.id.clone(),
+                index: i.index,
+                revision: i.revision,
+                state: i.state.name(),
+                start_failed: matches!(i.state, State::Backoff { .. }) && i.last_error.is_some(),
+                pid,
+                init_pid,
+                restarts: i.restarts,
+                last_exit: i.last_exit.clone(),
+                usage,
+                started_at: if i.state.is_live() {
+                    i.started_at
                 } else {
                     None
-                };
-                let next_start_at = match i.state {
-                    State::Backoff { until } => Some(wall + until.saturating_duration_since(now)),
-                    _ => None,
-                };
-                InstanceStatus {
-                    id: i.id.clone(),
-                    index: i.index,
-                    revision: i.revision,
-                    state: i.state.name(),
-                    start_failed: matches!(i.state, State::Backoff { .. })
-                        && i.pid.is_none()
-                        && i.last_error.is_some(),
-                    pid: live.and_then(|l| self.deps.runtime.main_pid(l.process.pid)),
-                    init_pid: live.map(|l| l.process.pid),
-                    restarts: i.restarts,
-                    last_exit: i.last_exit.clone(),
-                    usage,
-                    started_at: if i.state.is_live() {
-                        i.started_at
-                    } else {
-                        None
-                    },
-                    next_start_at,
-                    last_error: i.last_error.clone(),
-                    cgroup: self.deps.cgroups.display_path(&path),
-                    ports: live.map(|l| l.ports.clone()).unwrap_or_default(),
-                }
-            })
-            .collect();
-        let running = instances.iter().filter(|i| i.state == "running").count() as u32;
-        ServiceStatus {
-            name: name.to_string(),
-            revision: svc.revision,
-            spec: svc.spec.clone(),
-            desired: if svc.deleting { 0 } else { svc.spec.replicas },
-            running,
-            // Without health checks a running instance counts as healthy.
-            healthy: running,
-            deleting: svc.deleting,
-            instances,
-        }
+                },
+                next_start_at,
+                last_error: i.last_error.clone(),
+                cgroup: deps.cgroups.display_path(&path),
+                ports,
+            }
+        })
+        .collect();
+    let running = instances.iter().filter(|i| i.state == "running").count() as u32;
+    ServiceStatus {
+        name: name.to_string(),
+        revision: svc.revision,
+        spec: svc.spec.clone(),
+        desired: if svc.deleting { 0 } else { svc.spec.replicas },
+        running,
+        // Without health checks a running instance counts as healthy.
+        healthy: running,
+        deleting: svc.deleting,
+        instances,
     }
 }
 

@@ -1,0 +1,221 @@
+//! Start/stop/replace latency, memory and API latency of a real corrald, as root.
+//!
+//!   cargo build --release --workspace && sudo target/release/corral-bench [ROUNDS]
+//!
+//! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
+//! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
+//! and namespaces, under its init). Figures are printed as median / p90 / max over ROUNDS
+//! (default 20).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use corral_e2e::{Agent, pb, testbin};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+
+fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
+    v.sort();
+    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    let f = |d: Duration| {
+        if unit_ms {
+            format!("{:.2} ms", d.as_secs_f64() * 1e3)
+        } else {
+            format!("{:.0} µs", d.as_secs_f64() * 1e6)
+        }
+    };
+    println!(
+        "{name:<48} median {:>10}  p90 {:>10}  p99 {:>10}  max {:>10}  (n={})",
+        f(pick(0.5)),
+        f(pick(0.9)),
+        f(pick(0.99)),
+        f(v[v.len() - 1]),
+        v.len()
+    );
+}
+
+struct Fifo {
+    path: PathBuf,
+    rx: pipe::Receiver,
+    // Held so the reader never sees end-of-file between writers.
+    _tx: pipe::Sender,
+}
+
+impl Fifo {
+    fn new(dir: &Path, name: &str) -> Fifo {
+        let path = dir.join(name);
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a valid C string.
+        assert_eq!(
+            unsafe { libc::mkfifo(c.as_ptr(), 0o666) },
+            0,
+            "mkfifo {}",
+            path.display()
+        );
+        let rx = pipe::OpenOptions::new()
+            .open_receiver(&path)
+            .expect("open fifo reader");
+        let tx = pipe::OpenOptions::new()
+            .open_sender(&path)
+            .expect("open fifo writer");
+        Fifo { path, rx, _tx: tx }
+    }
+
+    async fn wait_bytes(&mut self, n: usize) {
+        let mut buf = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(30), self.rx.read_exact(&mut buf))
+            .await
+            .expect("instances signalled in time")
+            .expect("read fifo");
+    }
+}
+
+fn spec(name: &str, replicas: u32, fifo: &Path, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = [{:?}, \"signal-fifo\", {:?}]\nreplicas = {replicas}\n[resources]\ncpu = 0.5\nmemory = \"64MiB\"\npids = 64\n[stop]\ngrace = \"5s\"\n{extra}",
+        testbin(),
+        fifo.display().to_string()
+    )
+}
+
+fn status_kb(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn apply(agent: &Agent, toml: &str) {
+    agent.apply(toml).await.expect("apply");
+}
+
+async fn delete(agent: &Agent, name: &str) {
+    agent.delete(name).await.expect("delete");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !corral_e2e::is_root() {
+        eprintln!("corral-bench: needs root");
+        std::process::exit(2);
+    }
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(20);
+    let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent = Agent::start_logging(None, "warn").await;
+    println!(
+        "corrald {} ({})",
+        corral_e2e::bin("corrald").display(),
+        corral_e2e::cgroup::version_name()
+    );
+
+    // 1. Apply -> one instance executed.
+    let mut fifo = Fifo::new(&dir, "one");
+    let mut one = Vec::new();
+    for r in 0..rounds {
+        let name = format!("one-{r}");
+        let t = Instant::now();
+        apply(&agent, &spec(&name, 1, &fifo.path, "")).await;
+        fifo.wait_bytes(1).await;
+        one.push(t.elapsed());
+        delete(&agent, &name).await;
+    }
+    stats("apply -> 1 instance executed", one, true);
+
+    // 2. Apply -> 50 instances executed; 3. delete of 50 (exit on SIGTERM) -> all gone.
+    let mut fifty = Vec::new();
+    let mut stop = Vec::new();
+    for r in 0..rounds.min(10) {
+        let name = format!("fifty-{r}");
+        let t = Instant::now();
+        apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
+        fifo.wait_bytes(50).await;
+        fifty.push(t.elapsed());
+        let t = Instant::now();
+        delete(&agent, &name).await;
+        stop.push(t.elapsed());
+    }
+    stats("apply -> 50 instances executed", fifty, true);
+    stats("delete of 50 instances -> all gone", stop, true);
+
+    // 4. kill -9 -> replacement executed, backoff 0s.
+    apply(
+        &agent,
+        &spec("k9", 1, &fifo.path, "[restart]\nbackoff = \"0s\"\n"),
+    )
+    .await;
+    fifo.wait_bytes(1).await;
+    let mut replace = Vec::new();
+    for _ in 0..rounds {
+        let pid = agent.wait_running("k9", 1).await[0].pid;
+        let t = Instant::now();
+        corral_e2e::kill9(pid);
+        fifo.wait_bytes(1).await;
+        replace.push(t.elapsed());
+    }
+    stats(
+        "kill -9 -> replacement executed (backoff 0s)",
+        replace,
+        true,
+    );
+    delete(&agent, "k9").await;
+
+    // 5. Memory with 200 instances; 6. List latency with 200 instances.
+    let rss_idle = status_kb(agent.pid().expect("pid"), "VmRSS:");
+    for s in 0..4 {
+        apply(&agent, &spec(&format!("many-{s}"), 50, &fifo.path, "")).await;
+    }
+    fifo.wait_bytes(200).await;
+    let mut list = Vec::new();
+    let mut client = agent.client().await;
+    for _ in 0..rounds.max(50) * 20 {
+        let t = Instant::now();
+        let l = client
+            .list(pb::ListRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        list.push(t.elapsed());
+        assert_eq!(
+            l.services.iter().map(|s| s.instances.len()).sum::<usize>(),
+            200
+        );
+    }
+    stats("List with 200 instances (Unix socket)", list, false);
+    let rss = status_kb(agent.pid().expect("pid"), "VmRSS:");
+    let s = agent.get("many-0").await.expect("get");
+    let inits: Vec<i32> = s
+        .instances
+        .iter()
+        .map(|i| i.init_pid)
+        .filter(|p| *p > 0)
+        .collect();
+    let pss: Vec<u64> = inits.iter().map(|p| pss_kb(*p)).collect();
+    let rss_init: Vec<u64> = inits.iter().map(|p| status_kb(*p, "VmRSS:")).collect();
+    println!("agent RSS: {rss_idle} KiB idle, {rss} KiB with 200 instances");
+    println!(
+        "init per instance: PSS {} KiB (mean of {}), RSS {} KiB",
+        pss.iter().sum::<u64>() / pss.len().max(1) as u64,
+        pss.len(),
+        rss_init.iter().sum::<u64>() / rss_init.len().max(1) as u64
+    );
+    for s in 0..4 {
+        delete(&agent, &format!("many-{s}")).await;
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
