@@ -46,12 +46,8 @@ impl Fifo {
         let path = dir.join(name);
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
         // SAFETY: mkfifo with a valid C string.
-        assert_eq!(
-            unsafe { libc::mkfifo(c.as_ptr(), 0o666) },
-            0,
-            "mkfifo {}",
-            path.display()
-        );
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o666) };
+        assert_eq!(rc, 0, "mkfifo {}", path.display());
         let rx = pipe::OpenOptions::new()
             .open_receiver(&path)
             .expect("open fifo reader");
