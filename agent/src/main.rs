@@ -152,6 +152,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(s: Settings) -> Result<()> {
+    let store =
+        FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?;
+    // The socket is bound before anything else is touched, so a second agent on the same
+    // socket stops here; connections made during the restore wait in the backlog.
+    let listener = api::bind_unix(&s.socket)
+        .with_context(|| format!("binding --socket {}", s.socket.display()))?;
+    set_socket_group(&s.socket);
     let cgroups =
         cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
     let caps = cgroups.capabilities().clone();
@@ -164,8 +171,6 @@ async fn run(s: Settings) -> Result<()> {
     for (c, why) in &caps.unavailable {
         tracing::warn!(control = c.as_str(), reason = %why, "cannot enforce");
     }
-    let store =
-        FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?;
     let runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
     let namespaces = host::available_namespaces();
     let deps = Deps {
@@ -177,9 +182,6 @@ async fn run(s: Settings) -> Result<()> {
     let (mut driver, handle) = Driver::new(deps);
     driver.restore().await;
 
-    let listener = api::bind_unix(&s.socket)
-        .with_context(|| format!("binding --socket {}", s.socket.display()))?;
-    set_socket_group(&s.socket);
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(driver.run(shutdown.clone()));
     let agent = AgentService {

@@ -16,6 +16,8 @@ pub const KERNEL: &[&str] = &[
     "kill9_is_signaled_not_oom",
     "fork_bomb_stays_within_pids",
     "delete_leaves_nothing",
+    "private_network_has_only_loopback",
+    "init_reaps_orphans",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -27,6 +29,8 @@ pub async fn run(name: &str) -> bool {
         "kill9_is_signaled_not_oom" => kill9_is_signaled_not_oom().await,
         "fork_bomb_stays_within_pids" => fork_bomb_stays_within_pids().await,
         "delete_leaves_nothing" => delete_leaves_nothing().await,
+        "private_network_has_only_loopback" => private_network_has_only_loopback().await,
+        "init_reaps_orphans" => init_reaps_orphans().await,
         _ => return false,
     }
     true
@@ -350,4 +354,66 @@ pub async fn delete_leaves_nothing() {
     }
     let err = agent.get("gone").await.expect_err("gone");
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// `namespaces` with "net": a private network with only `lo`, and `lo` is up.
+pub async fn private_network_has_only_loopback() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "net",
+            1,
+            &["report"],
+            "[isolation]\nnamespaces = [\"pid\", \"mount\", \"uts\", \"ipc\", \"net\"]\n",
+        ))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("net", 1).await.remove(0);
+    assert_ne!(
+        ns_of(inst.pid, "net"),
+        ns_of(agent.pid().expect("pid"), "net")
+    );
+    // /sys/class/net shows the host's interfaces unless sysfs is remounted, so ask the
+    // kernel through /proc/PID/net/dev, which is per network namespace.
+    let dev = std::fs::read_to_string(format!("/proc/{}/net/dev", inst.pid)).expect("net/dev");
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(str::trim))
+        .collect();
+    assert_eq!(ifaces, vec!["lo"], "only loopback: {dev}");
+    assert_eq!(
+        agent.reported(&inst.id, "loopback_ok").await,
+        "1",
+        "lo is up in the instance"
+    );
+}
+
+/// Processes orphaned inside an instance are reaped by its init: no zombie is left.
+pub async fn init_reaps_orphans() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("orph", 1, &["orphans", "5", "100"], ""))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("orph", 1).await.remove(0);
+    assert_eq!(agent.reported(&inst.id, "orphaned").await, "5");
+    let rel = instance_rel("orph", &inst.id);
+    eventually("orphans reaped", Duration::from_secs(10), || async {
+        let pids = agent.cgroup.pids(&rel);
+        let zombies = pids
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|s| {
+                        s.rfind(')')
+                            .and_then(|i| s[i + 1..].split_whitespace().next())
+                            == Some("Z")
+                    })
+                    .unwrap_or(false)
+            })
+            .count();
+        (pids.len() == 2 && zombies == 0).then_some(())
+    })
+    .await;
 }

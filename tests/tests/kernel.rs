@@ -21,3 +21,5 @@ scenario!(memory_hog_is_oom_killed);
 scenario!(kill9_is_signaled_not_oom);
 scenario!(fork_bomb_stays_within_pids);
 scenario!(delete_leaves_nothing);
+scenario!(private_network_has_only_loopback);
+scenario!(init_reaps_orphans);

@@ -1168,3 +1168,21 @@ fn no_input_panics() {
         check_any(&with_minimal(extra));
     }
 }
+
+/// The specs in `examples/` are what newcomers apply first: they must stay valid.
+#[test]
+fn examples_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            if let Err(e) = crate::spec::parse_toml(&text) {
+                panic!("{}: {e}", path.display());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "examples found: {n}");
+}

@@ -120,6 +120,11 @@ fn report() {
             line(&format!("env.{k}"), v);
         }
     }
+    // Loopback works only when lo is up in the instance's network namespace.
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| std::net::TcpStream::connect(l.local_addr()?))
+        .is_ok();
+    line("loopback_ok", u8::from(loopback));
     line("ready", 1);
 }
 
@@ -208,6 +213,33 @@ fn main() {
         "fork-bomb" => {
             on_term_exit_zero();
             fork_bomb(num(1, 10_000) as usize);
+            sleep_forever();
+        }
+        // Leave N orphans behind: each child forks a grandchild that outlives it by MS
+        // milliseconds, so the grandchildren are re-parented to the instance's init, which
+        // must reap them. Then run until SIGTERM.
+        "orphans" => {
+            on_term_exit_zero();
+            let n = num(1, 5);
+            let ms = num(2, 100) as u32;
+            for _ in 0..n {
+                // SAFETY: the children only call async-signal-safe fork/usleep/_exit.
+                match unsafe { libc::fork() } {
+                    0 => unsafe {
+                        if libc::fork() == 0 {
+                            libc::usleep(ms * 1000);
+                        }
+                        libc::_exit(0)
+                    },
+                    pid if pid > 0 => {
+                        let mut st = 0;
+                        // SAFETY: waiting for our own child.
+                        unsafe { libc::waitpid(pid, &mut st, 0) };
+                    }
+                    _ => {}
+                }
+            }
+            line("orphaned", n);
             sleep_forever();
         }
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
