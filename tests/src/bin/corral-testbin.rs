@@ -225,6 +225,7 @@ fn main() {
             for _ in 0..n {
                 // SAFETY: the children only call async-signal-safe fork/usleep/_exit.
                 match unsafe { libc::fork() } {
+                    // SAFETY: in the child: fork, usleep and _exit only.
                     0 => unsafe {
                         if libc::fork() == 0 {
                             libc::usleep(ms * 1000);
