@@ -1178,7 +1178,7 @@ fn examples_are_valid() {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).expect("read");
-            if let Err(e) = crate::spec::parse_toml(&text) {
+            if let Err(e) = parse_toml(&text) {
                 panic!("{}: {e}", path.display());
             }
             n += 1;
