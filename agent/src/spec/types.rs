@@ -223,7 +223,8 @@ pub struct ServiceSpec {
 pub enum UserSpec {
     /// A user name, resolved on the host when an instance starts.
     Name(String),
-    /// A numeric uid, with a gid (default: the same number as the uid).
+    /// A numeric uid, with a gid (default: the uid's primary group in /etc/passwd, or the
+    /// same number as the uid when it has no entry).
     Id {
         /// The user id; never 4294967295 (`(uid_t)-1`).
         uid: u32,
