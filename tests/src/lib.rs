@@ -58,10 +58,19 @@ pub fn testbin() -> String {
         if !src.starts_with("/tmp") {
             return src.display().to_string();
         }
-        let dir = PathBuf::from(format!("/var/tmp/corral-e2e-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir /var/tmp copy dir");
+        // One shared copy, replaced (atomically, by rename) when the build changes.
+        let dir = PathBuf::from("/var/tmp/corral-e2e");
+        std::fs::create_dir_all(&dir).expect("mkdir /var/tmp/corral-e2e");
         let dst = dir.join("corral-testbin");
-        std::fs::copy(&src, &dst).expect("copy corral-testbin");
+        let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.len() == y.len() && x.modified().ok() <= y.modified().ok(),
+            _ => false,
+        };
+        if !same(&src, &dst) {
+            let tmp = dir.join(format!(".corral-testbin.{}", std::process::id()));
+            std::fs::copy(&src, &tmp).expect("copy corral-testbin");
+            std::fs::rename(&tmp, &dst).expect("install corral-testbin copy");
+        }
         dst.display().to_string()
     })
     .clone()
