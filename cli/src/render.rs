@@ -224,16 +224,29 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
     }
     table.write(out)?;
 
-    let errors: Vec<&pb::InstanceStatus> = s
+    // Why an instance failed to start, or what is known about how it last ended.
+    let notes: Vec<(&str, &str)> = s
         .instances
         .iter()
-        .filter(|i| !i.last_error.is_empty())
+        .filter_map(|i| {
+            let detail = i
+                .last_exit
+                .as_ref()
+                .map(|e| e.detail.as_str())
+                .unwrap_or_default();
+            let note = if i.last_error.is_empty() {
+                detail
+            } else {
+                i.last_error.as_str()
+            };
+            (!note.is_empty()).then_some((i.id.as_str(), note))
+        })
         .collect();
-    if !errors.is_empty() {
+    if !notes.is_empty() {
         writeln!(out)?;
-        for i in errors {
-            let mut lines = i.last_error.lines();
-            writeln!(out, "{}: {}", i.id, lines.next().unwrap_or_default())?;
+        for (id, note) in notes {
+            let mut lines = note.lines();
+            writeln!(out, "{id}: {}", lines.next().unwrap_or_default())?;
             for line in lines {
                 writeln!(out, "  {line}")?;
             }
@@ -531,6 +544,7 @@ mod tests {
                 signal: 9,
                 at: Some(at(now, -500)),
                 text: "oom_killed".into(),
+                detail: String::new(),
             }),
             usage: Some(pb::ResourceUsage::default()),
             started_at: None,

@@ -258,6 +258,8 @@ pub struct ExitView {
     pub at: Option<String>,
     /// As the agent words it, e.g. `exited(3)`.
     pub text: String,
+    /// More about the end, when the agent knows more (a failed start, a lost instance).
+    pub detail: Option<String>,
 }
 
 impl From<&pb::ExitInfo> for ExitView {
@@ -269,6 +271,7 @@ impl From<&pb::ExitInfo> for ExitView {
             signal: nonzero(e.signal),
             at: e.at.as_ref().and_then(rfc3339),
             text: e.text.clone(),
+            detail: (!e.detail.is_empty()).then(|| e.detail.clone()),
         }
     }
 }
@@ -502,6 +505,7 @@ mod tests {
                 signal: 9,
                 at: Some(ts(1_740_830_400, 250_000_000)),
                 text: "oom_killed".into(),
+                detail: String::new(),
             }),
             usage: Some(pb::ResourceUsage {
                 cpu_usage_ns: 1_500_000_000,
@@ -537,6 +541,7 @@ mod tests {
                     "signal": 9,
                     "at": "2025-03-01T12:00:00.250Z",
                     "text": "oom_killed",
+                    "detail": null,
                 },
                 "usage": {
                     "cpu_usage_ns": 1_500_000_000u64,
@@ -647,6 +652,7 @@ mod tests {
             signal,
             at: None,
             text: String::new(),
+            detail: String::new(),
         };
         let v = ExitView::from(&exit(pb::ExitClass::Exited, 0, 0));
         assert_eq!((v.code, v.signal), (Some(0), None));

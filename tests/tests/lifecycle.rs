@@ -197,24 +197,46 @@ async fn agent_restart(signal: i32) {
     }
     agent.launch().await;
     let after = agent.wait_running("keep", 2).await;
-    // Until instances are re-adopted, the old ones are stopped cleanly and replaced.
-    for i in &before {
-        assert!(!alive(i.pid) && !alive(i.init_pid), "old {} is gone", i.id);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            (a.pid, a.init_pid, a.restarts),
+            (b.pid, b.init_pid, b.restarts),
+            "{} adopted as it was",
+            b.id
+        );
+        assert_eq!(a.started_at, b.started_at);
     }
     let mut live = agent.cgroup.pids("corral/keep");
     live.sort_unstable();
     let mut expected: Vec<i32> = after.iter().flat_map(|i| [i.init_pid, i.pid]).collect();
     expected.sort_unstable();
-    assert_eq!(
-        live, expected,
-        "exactly the new instances run: no duplicate, no orphan"
-    );
+    assert_eq!(live, expected, "no duplicate, no orphan");
     let status_after = agent.get("keep").await.expect("get");
     assert_eq!(status_after.revision, status_before.revision);
     assert_eq!(
         status_after.spec, status_before.spec,
         "desired state intact"
     );
+    // The new agent supervises them: a kill is seen and the instance replaced.
+    kill9(after[0].pid);
+    let replaced = eventually(
+        "a replacement by the new agent",
+        Duration::from_secs(20),
+        || async {
+            let s = agent.get("keep").await.ok()?;
+            let i = s
+                .instances
+                .iter()
+                .find(|i| i.index == after[0].index)?
+                .clone();
+            (i.restarts == after[0].restarts + 1
+                && i.pid > 0
+                && i.state == pb::InstanceState::Running as i32)
+                .then_some(i)
+        },
+    )
+    .await;
+    assert_eq!(replaced.last_exit.expect("exit").text, "signaled(9)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -219,6 +219,7 @@ fn exit_to_proto(e: &ExitInfo) -> pb::ExitInfo {
         signal,
         at: Some(ts(e.at)),
         text: e.class.to_string(),
+        detail: e.setup_error.clone().unwrap_or_default(),
     }
 }
 

@@ -25,6 +25,10 @@ struct State {
     exits: HashMap<i32, oneshot::Sender<InitExit>>,
     fail_spawns: u32,
     refuse_command: Option<String>,
+    /// Processes of an "earlier agent run": pid -> start time.
+    alive: HashMap<i32, u64>,
+    adopted: Vec<i32>,
+    exit_records: HashMap<String, super::ExitRecord>,
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +64,9 @@ impl FakeRuntime {
 
     /// End the instance with init PID `pid`. False when no such instance runs.
     pub fn exit(&self, pid: i32, exit: InitExit) -> bool {
-        match self.lock().exits.remove(&pid) {
+        let mut st = self.lock();
+        st.alive.remove(&pid);
+        match st.exits.remove(&pid) {
             Some(tx) => tx.send(exit).is_ok(),
             None => false,
         }
@@ -84,6 +90,23 @@ impl FakeRuntime {
     /// Make `preflight` refuse specs whose command is `command`.
     pub fn refuse_command(&self, command: &str) {
         self.lock().refuse_command = Some(command.to_string());
+    }
+
+    /// Pretend a process with this PID and start time is running (left by an earlier run).
+    pub fn set_alive(&self, pid: i32, start_time: u64) {
+        self.lock().alive.insert(pid, start_time);
+    }
+
+    /// Pretend the init of `instance` left this exit record.
+    pub fn set_exit_record(&self, instance: &str, record: super::ExitRecord) {
+        self.lock()
+            .exit_records
+            .insert(instance.to_string(), record);
+    }
+
+    /// PIDs adopted so far.
+    pub fn adopted(&self) -> Vec<i32> {
+        self.lock().adopted.clone()
     }
 
     /// Make the next `n` spawns fail.
@@ -112,8 +135,10 @@ impl Runtime for FakeRuntime {
         });
         let (tx, rx) = oneshot::channel();
         st.exits.insert(pid, tx);
+        st.alive.insert(pid, 1_000 + pid as u64);
         Ok(Spawned {
             process: ProcessRef { pid, pidfd: None },
+            start_time: 1_000 + pid as u64,
             exit: Box::pin(async move {
                 rx.await.unwrap_or(InitExit {
                     status: ProcessStatus::Signaled(9),
@@ -149,6 +174,45 @@ impl Runtime for FakeRuntime {
     }
 
     fn remove_instance_files(&self, _instance: &str) {}
+
+    fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError> {
+        let mut st = self.lock();
+        match st.alive.get(&pid) {
+            Some(t) if *t == start_time => {}
+            _ => {
+                return Err(SpawnError::Invalid {
+                    instance: instance.to_string(),
+                    reason: format!("pid {pid} is not the recorded process"),
+                });
+            }
+        }
+        st.adopted.push(pid);
+        let (tx, rx) = oneshot::channel();
+        st.exits.insert(pid, tx);
+        Ok(Spawned {
+            process: ProcessRef { pid, pidfd: None },
+            start_time,
+            exit: Box::pin(async move {
+                rx.await.unwrap_or(InitExit {
+                    status: ProcessStatus::Unknown,
+                    record: None,
+                    spawn_error: None,
+                })
+            }),
+        })
+    }
+
+    fn start_time(&self, pid: i32) -> Option<u64> {
+        self.lock().alive.get(&pid).copied()
+    }
+
+    fn boot_id(&self) -> String {
+        "fake-boot".into()
+    }
+
+    fn exit_record(&self, instance: &str) -> Option<super::ExitRecord> {
+        self.lock().exit_records.get(instance).cloned()
+    }
 
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.to_vec()

@@ -396,12 +396,18 @@ impl Runtime for LinuxRuntime {
         drop(err_w);
         // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
         let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(pidfd) });
+        // Our own unreaped child: its PID cannot be reused yet, so this reads the right process.
+        let start_time = proc_start_time(pid).unwrap_or(0);
         let process = ProcessRef {
             pid,
             pidfd: Some(pidfd.clone()),
         };
-        let exit = Box::pin(wait_exit(pidfd, err_r, run_dir));
-        Ok(Spawned { process, exit })
+        let exit = Box::pin(wait_exit(pidfd, Some(err_r), run_dir, true));
+        Ok(Spawned {
+            process,
+            start_time,
+            exit,
+        })
     }
 
     fn signal(&self, process: &ProcessRef, signal: i32) -> io::Result<()> {
@@ -482,6 +488,54 @@ impl Runtime for LinuxRuntime {
         }
     }
 
+    fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError> {
+        let gone = |reason: String| SpawnError::Invalid {
+            instance: instance.to_string(),
+            reason,
+        };
+        // SAFETY: pidfd_open(2) on a PID; the returned fd is owned right after.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(gone(format!("pid {pid}: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: a fresh fd from pidfd_open that nothing else owns.
+        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
+        // Checked after the pidfd is held: from here on the PID cannot be recycled under us.
+        match proc_start_time(pid) {
+            Some(t) if t == start_time => {}
+            Some(t) => {
+                return Err(gone(format!(
+                    "pid {pid} is another process now (started at {t}, not {start_time})"
+                )));
+            }
+            None => return Err(gone(format!("pid {pid} is gone"))),
+        }
+        let process = ProcessRef {
+            pid,
+            pidfd: Some(pidfd.clone()),
+        };
+        let exit = Box::pin(wait_exit(pidfd, None, self.run_dir(instance), false));
+        Ok(Spawned {
+            process,
+            start_time,
+            exit,
+        })
+    }
+
+    fn start_time(&self, pid: i32) -> Option<u64> {
+        proc_start_time(pid)
+    }
+
+    fn boot_id(&self) -> String {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
+        read_exit_record(&self.run_dir(instance))
+    }
+
     fn remove_instance_files(&self, instance: &str) {
         for d in [self.run_dir(instance), self.log_dir(instance)] {
             if let Err(e) = fs::remove_dir_all(&d)
@@ -493,31 +547,65 @@ impl Runtime for LinuxRuntime {
     }
 }
 
-/// Wait for the init to end, reap it, and gather what is known about the end.
-async fn wait_exit(pidfd: Arc<OwnedFd>, err_pipe: OwnedFd, run_dir: PathBuf) -> InitExit {
-    let status = wait_pidfd(pidfd).await;
-    let spawn_error = read_spawn_error(err_pipe);
-    let record = fs::read(run_dir.join(EXIT_RECORD))
+fn read_exit_record(run_dir: &Path) -> Option<ExitRecord> {
+    fs::read(run_dir.join(EXIT_RECORD))
         .ok()
-        .and_then(|b| serde_json::from_slice::<ExitRecord>(&b).ok());
+        .and_then(|b| serde_json::from_slice::<ExitRecord>(&b).ok())
+}
+
+/// Wait for the init to end (and reap it when it is our child), and gather what is known
+/// about the end.
+async fn wait_exit(
+    pidfd: Arc<OwnedFd>,
+    err_pipe: Option<OwnedFd>,
+    run_dir: PathBuf,
+    child: bool,
+) -> InitExit {
+    let status = wait_pidfd(pidfd, child).await;
+    let spawn_error = err_pipe.and_then(read_spawn_error);
     InitExit {
         status,
-        record,
+        record: read_exit_record(&run_dir),
         spawn_error,
     }
 }
 
-async fn wait_pidfd(pidfd: Arc<OwnedFd>) -> ProcessStatus {
-    let reap = |fd: &OwnedFd| match waitid(
-        Id::PIDFd(fd.as_fd()),
-        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-    ) {
-        Ok(WaitStatus::Exited(_, code)) => Some(ProcessStatus::Exited(code)),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Some(ProcessStatus::Signaled(sig as i32)),
-        Ok(_) => None,
-        Err(nix::errno::Errno::EINTR) => None,
-        // ECHILD: reaped elsewhere; nothing more can be learned from the process itself.
-        Err(_) => Some(ProcessStatus::Signaled(0)),
+/// The start time of `pid` from `/proc/PID/stat` (field 22, after the parenthesised name).
+fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the name start at field 3 (state); start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
+    let reap = |fd: &OwnedFd| {
+        if !child {
+            // Its parent (not us) reaps it; signal 0 through the pidfd tells whether it ended.
+            // SAFETY: pidfd_send_signal with signal 0 only checks; no siginfo.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    0,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            let ended = r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            return ended.then_some(ProcessStatus::Unknown);
+        }
+        match waitid(
+            Id::PIDFd(fd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => Some(ProcessStatus::Exited(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Some(ProcessStatus::Signaled(sig as i32)),
+            Ok(_) => None,
+            Err(nix::errno::Errno::EINTR) => None,
+            // ECHILD: reaped elsewhere; nothing more can be learned from the process itself.
+            Err(_) => Some(ProcessStatus::Unknown),
+        }
     };
     // SAFETY: the pidfd stays open (the Arc keeps it) for as long as the AsyncFd lives.
     let afd = match unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) } {

@@ -74,6 +74,9 @@ pub struct ExitRecord {
 pub enum ProcessStatus {
     Exited(i32),
     Signaled(i32),
+    /// Not our child (an instance adopted from an earlier agent run): the kernel gives its
+    /// status to its parent only; the init's exit record tells the rest.
+    Unknown,
 }
 
 /// Everything known about an instance's end once its init is gone.
@@ -120,9 +123,12 @@ impl fmt::Debug for ProcessRef {
 
 pub type ExitFuture = Pin<Box<dyn Future<Output = InitExit> + Send + 'static>>;
 
-/// A started instance.
+/// A started (or adopted) instance.
 pub struct Spawned {
     pub process: ProcessRef,
+    /// The init's start time (clock ticks after boot, `/proc/PID/stat` field 22): with the
+    /// boot id, what tells this process from a later one that reuses its PID.
+    pub start_time: u64,
     /// Resolves once the init has ended (and has been reaped).
     pub exit: ExitFuture,
 }
@@ -181,6 +187,21 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// Forget an instance's run and log state on disk (service deleted).
     fn remove_instance_files(&self, instance: &str);
+
+    /// Take over the init of an instance started by an earlier agent run: it must still be
+    /// the process with this PID *and* start time (never a process that reuses the PID).
+    /// Its end is then observed through a pidfd and told by its exit record.
+    fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError>;
+
+    /// The start time of a live process (`None` when there is no such process).
+    fn start_time(&self, pid: i32) -> Option<u64>;
+
+    /// This boot's identity (`/proc/sys/kernel/random/boot_id`): PIDs and start times from
+    /// another boot mean nothing.
+    fn boot_id(&self) -> String;
+
+    /// What an instance's init recorded when its service ended, if it did.
+    fn exit_record(&self, instance: &str) -> Option<ExitRecord>;
 
     /// Of `pids` (the processes of one cgroup), those whose parent is not among them: the
     /// instance's init, for an instance found without a handle.

@@ -37,6 +37,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Remove `kind/name` durably; absent keys are fine.
     fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError>;
+
+    /// Write `value` under `kind/name` atomically (a reader sees the old or the new value,
+    /// also after the agent crashes) but without waiting for the disk: for records that
+    /// describe processes, which a power loss ends anyway.
+    fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
 }
 
 fn valid_component(s: &str) -> bool {
@@ -158,6 +163,20 @@ impl Store for FileStore {
     }
 
     fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(kind, name, value, true)
+    }
+
+    fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(kind, name, value, false)
+    }
+
+    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        self.remove(kind, name)
+    }
+}
+
+impl FileStore {
+    fn write(&self, kind: &str, name: &str, value: &[u8], durable: bool) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let err = |what, source| StoreError::Io {
@@ -179,13 +198,18 @@ impl Store for FileStore {
             .open(&tmp)
             .map_err(|e| err("creating a temp file", e))?;
         f.write_all(value).map_err(|e| err("writing", e))?;
-        f.sync_all().map_err(|e| err("fsync", e))?;
+        if durable {
+            f.sync_all().map_err(|e| err("fsync", e))?;
+        }
         drop(f);
         fs::rename(&tmp, &path).map_err(|e| err("renaming into place", e))?;
-        fsync_dir(&dir).map_err(|e| err("fsync of the directory", e))
+        if durable {
+            fsync_dir(&dir).map_err(|e| err("fsync of the directory", e))?;
+        }
+        Ok(())
     }
 
-    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+    fn remove(&self, kind: &str, name: &str) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -253,6 +277,10 @@ impl Store for MemStore {
             .unwrap_or_else(|p| p.into_inner())
             .insert((kind.into(), name.into()), value.to_vec());
         Ok(())
+    }
+
+    fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.put(kind, name, value)
     }
 
     fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {

@@ -45,11 +45,44 @@ pub struct Deps {
     pub namespaces: Vec<Namespace>,
 }
 
+/// Store kind of the instance records.
+const INSTANCES: &str = "instances";
+
 /// What is persisted per service.
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
     revision: u64,
     spec: RawSpec,
+}
+
+/// What is persisted per instance, so that a later agent run can take it over: which
+/// process it is (PID, start time, boot) or when it is due to start again, and its history.
+#[derive(Debug, Serialize, Deserialize)]
+struct InstanceRecord {
+    service: String,
+    index: u32,
+    revision: u64,
+    state: RecordedState,
+    restarts: u32,
+    failures: u32,
+    last_exit: Option<ExitInfo>,
+    last_error: Option<String>,
+    started_at: Option<SystemTime>,
+    ports: BTreeMap<String, u16>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+enum RecordedState {
+    Running {
+        pid: i32,
+        start_time: u64,
+        boot_id: String,
+    },
+    Backoff {
+        until: SystemTime,
+    },
+    Exited,
 }
 
 struct Service {
@@ -64,6 +97,8 @@ struct Service {
 /// What only a live instance has.
 struct Live {
     process: ProcessRef,
+    /// The init's start time, which identifies it together with its PID.
+    start_time: u64,
     /// Host PID of the service process, once seen.
     main_pid: Option<i32>,
     /// The last usage read from the cgroup, and when.
@@ -87,6 +122,7 @@ enum Internal {
 
 pub struct Driver {
     deps: Deps,
+    boot_id: String,
     services: BTreeMap<String, Service>,
     live: HashMap<String, Live>,
     ops: mpsc::Receiver<(Operation, Reply)>,
@@ -119,6 +155,7 @@ impl Driver {
         let (tx, ops) = mpsc::channel(256);
         let (internal_tx, internal) = mpsc::unbounded_channel();
         let driver = Driver {
+            boot_id: deps.runtime.boot_id(),
             deps,
             services: BTreeMap::new(),
             live: HashMap::new(),
@@ -129,9 +166,16 @@ impl Driver {
         (driver, SupervisorHandle { tx })
     }
 
-    /// Load the desired state from the store, and stop what an earlier agent run left
-    /// running (its instances are replaced by fresh ones: nothing is duplicated or orphaned).
+    /// Take over from an earlier agent run: load the desired state, adopt every instance that
+    /// still runs (the same PID *and* start time, in its cgroup), report with their true end
+    /// those that ended meanwhile, and stop what no record explains.
     pub async fn restore(&mut self) {
+        self.load_services();
+        self.adopt_instances();
+        self.stop_leftovers().await;
+    }
+
+    fn load_services(&mut self) {
         match self.deps.store.list(SERVICES) {
             Ok(records) => {
                 for (name, bytes) in records {
@@ -167,7 +211,122 @@ impl Driver {
             }
             Err(e) => tracing::error!(error = %e, "cannot read the desired state"),
         }
-        self.stop_leftovers().await;
+    }
+
+    fn adopt_instances(&mut self) {
+        let records = match self.deps.store.list(INSTANCES) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the instance records");
+                return;
+            }
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut ended = Vec::new();
+        for (id, bytes) in records {
+            let rec = match serde_json::from_slice::<InstanceRecord>(&bytes) {
+                Ok(r) if spec::instance_id(&r.service, r.index) == id => r,
+                Ok(_) | Err(_) => {
+                    tracing::warn!(instance = %id, "unreadable instance record; dropped");
+                    let _ = self.deps.store.delete(INSTANCES, &id);
+                    continue;
+                }
+            };
+            let Some(svc) = self.services.get_mut(&rec.service) else {
+                // Its service was deleted: its cgroup, if any, is a leftover.
+                let _ = self.deps.store.delete(INSTANCES, &id);
+                continue;
+            };
+            let mut inst = Instance::new(rec.index, id.clone(), svc.spec.clone(), rec.revision);
+            inst.restarts = rec.restarts;
+            inst.failures = rec.failures;
+            inst.last_exit = rec.last_exit;
+            inst.last_error = rec.last_error;
+            inst.started_at = rec.started_at;
+            let ago = |t: SystemTime| wall.duration_since(t).unwrap_or_default();
+            match rec.state {
+                RecordedState::Backoff { until } => {
+                    inst.state = State::Backoff {
+                        until: now + until.duration_since(wall).unwrap_or_default(),
+                    };
+                    svc.instances.insert(rec.index, inst);
+                }
+                RecordedState::Exited => {
+                    inst.state = State::Exited;
+                    svc.instances.insert(rec.index, inst);
+                }
+                RecordedState::Running {
+                    pid,
+                    start_time,
+                    boot_id,
+                } => {
+                    let since = rec
+                        .started_at
+                        .map_or(now, |t| now.checked_sub(ago(t)).unwrap_or(now));
+                    inst.state = State::Running { since };
+                    inst.pid = Some(pid);
+                    inst.generation = 1;
+                    svc.instances.insert(rec.index, inst);
+                    let path = cgroup_of(&rec.service, &id);
+                    let in_cgroup = self
+                        .deps
+                        .cgroups
+                        .procs(&path)
+                        .is_ok_and(|p| p.contains(&pid));
+                    let adopted = if boot_id != self.boot_id {
+                        Err("recorded before the host rebooted".to_string())
+                    } else if !in_cgroup {
+                        Err(format!("its init (pid {pid}) is no longer in {path}"))
+                    } else {
+                        self.deps
+                            .runtime
+                            .adopt(&id, pid, start_time)
+                            .map_err(|e| e.to_string())
+                    };
+                    match adopted {
+                        Ok(spawned) => {
+                            tracing::info!(instance = %id, pid, "adopted a running instance");
+                            self.watch(&rec.service, rec.index, 1, spawned, rec.ports);
+                        }
+                        Err(why) => ended.push((rec.service, rec.index, id, why)),
+                    }
+                }
+            }
+        }
+        // Instances that ended while no agent ran: their true end, then their policy.
+        for (service, index, id, why) in ended {
+            let record = self.deps.runtime.exit_record(&id);
+            let oom_kills = self
+                .deps
+                .cgroups
+                .stats(&cgroup_of(&service, &id))
+                .map(|s| s.oom_kills)
+                .unwrap_or(0);
+            let class = instance::classify(&Observed {
+                service_exit: record.as_ref().map(|r| (r.code, r.signal)),
+                init_status: None,
+                oom_kills,
+                killed_after_grace: false,
+            });
+            let setup_error = record
+                .as_ref()
+                .and_then(|r| r.setup_error.clone())
+                .or_else(|| {
+                    (class == instance::ExitClass::Lost).then(|| {
+                        format!("ended while the agent was away and left no exit record: {why}")
+                    })
+                });
+            tracing::info!(instance = %id, end = %class, reason = %why, "instance ended while the agent was away");
+            self.feed(
+                &service,
+                index,
+                Event::Exited(ExitInfo {
+                    class,
+                    at: SystemTime::now(),
+                    setup_error,
+                }),
+            );
+        }
     }
 
     /// Instances found in the cgroup tree at start belong to an earlier agent run. Each gets
@@ -186,6 +345,13 @@ impl Driver {
                 None => (libc::SIGTERM, Duration::from_secs(10)),
             };
             for inst in cg.children(&CgroupPath::service(svc)).unwrap_or_default() {
+                let known = self
+                    .services
+                    .get(svc)
+                    .is_some_and(|s| s.instances.values().any(|i| i.id == inst));
+                if known {
+                    continue;
+                }
                 let path = cgroup_of(svc, &inst);
                 let cg = cg.clone();
                 let rt = self.deps.runtime.clone();
@@ -200,7 +366,7 @@ impl Driver {
             match t.await {
                 Ok((path, Ok(true))) => {
                     stopped += 1;
-                    tracing::info!(cgroup = %path, "stopped an instance left by an earlier agent run");
+                    tracing::info!(cgroup = %path, "stopped an instance no record explains");
                 }
                 Ok((_, Ok(false))) => {}
                 Ok((path, Err(e))) => {
@@ -218,10 +384,7 @@ impl Driver {
             }
         }
         if stopped > 0 {
-            tracing::info!(
-                stopped,
-                "instances of an earlier agent run were stopped; replacements follow"
-            );
+            tracing::info!(stopped, "instances without a record were stopped");
         }
     }
 
@@ -300,6 +463,19 @@ impl Driver {
         let effects = inst.handle(event, &ctx());
         let after = inst.state;
         if before != after.name() {
+            if matches!(
+                after,
+                State::Running { .. } | State::Backoff { .. } | State::Exited
+            ) {
+                self.persist_instance(service, index);
+            }
+            let Some(inst) = self
+                .services
+                .get(service)
+                .and_then(|s| s.instances.get(&index))
+            else {
+                return;
+            };
             match after {
                 State::Backoff { until } => tracing::info!(
                     instance = %inst.id,
@@ -339,6 +515,9 @@ impl Driver {
                         && let Some(inst) = svc.instances.remove(&index)
                     {
                         self.live.remove(&inst.id);
+                        if let Err(e) = self.deps.store.delete(INSTANCES, &inst.id) {
+                            tracing::warn!(instance = %inst.id, error = %e, "cannot remove the instance record");
+                        }
                         if svc.deleting {
                             self.deps.runtime.remove_instance_files(&inst.id);
                         }
@@ -412,10 +591,27 @@ impl Driver {
         let generation = inst.generation;
         let pid = spawned.process.pid;
         tracing::info!(instance = %id, pid, revision = svc.revision, "instance started");
+        self.watch(service, index, generation, spawned, ports);
+        Event::Started { pid }
+    }
+
+    /// Keep what only a live instance has, and watch for its end.
+    fn watch(
+        &mut self,
+        service: &str,
+        index: u32,
+        generation: u64,
+        spawned: crate::runtime::Spawned,
+        ports: BTreeMap<String, u16>,
+    ) {
+        let Some(id) = self.instance_id(service, index) else {
+            return;
+        };
         self.live.insert(
             id,
             Live {
                 process: spawned.process,
+                start_time: spawned.start_time,
                 main_pid: None,
                 usage: None,
                 ports,
@@ -433,7 +629,56 @@ impl Driver {
                 exit,
             });
         });
-        Event::Started { pid }
+    }
+
+    /// Save what a later agent run needs to take this instance over.
+    fn persist_instance(&self, service: &str, index: u32) {
+        let Some(inst) = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+        else {
+            return;
+        };
+        let live = self.live.get(&inst.id);
+        let state = match inst.state {
+            State::Running { .. } => match live {
+                Some(l) => RecordedState::Running {
+                    pid: l.process.pid,
+                    start_time: l.start_time,
+                    boot_id: self.boot_id.clone(),
+                },
+                None => return,
+            },
+            State::Backoff { until } => RecordedState::Backoff {
+                until: SystemTime::now() + until.saturating_duration_since(Instant::now()),
+            },
+            State::Exited => RecordedState::Exited,
+            _ => return,
+        };
+        let record = InstanceRecord {
+            service: service.to_string(),
+            index,
+            revision: inst.revision,
+            state,
+            restarts: inst.restarts,
+            failures: inst.failures,
+            last_exit: inst.last_exit.clone(),
+            last_error: inst.last_error.clone(),
+            started_at: inst.started_at,
+            ports: live.map(|l| l.ports.clone()).unwrap_or_default(),
+        };
+        let result = serde_json::to_vec(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                self.deps
+                    .store
+                    .put_atomic(INSTANCES, &inst.id, &b)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            tracing::warn!(instance = %inst.id, error = %e, "cannot save the instance record");
+        }
     }
 
     fn signal(&mut self, service: &str, index: u32) {
@@ -544,8 +789,9 @@ impl Driver {
         let observed = Observed {
             service_exit: exit.record.as_ref().map(|r| (r.code, r.signal)),
             init_status: match exit.status {
-                ProcessStatus::Exited(c) => Ok(c),
-                ProcessStatus::Signaled(s) => Err(s),
+                ProcessStatus::Exited(c) => Some(Ok(c)),
+                ProcessStatus::Signaled(s) => Some(Err(s)),
+                ProcessStatus::Unknown => None,
             },
             oom_kills,
             killed_after_grace: killed,

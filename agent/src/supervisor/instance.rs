@@ -92,7 +92,8 @@ impl State {
 }
 
 /// How an instance's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "class", content = "value", rename_all = "snake_case")]
 pub enum ExitClass {
     Exited(i32),
     Signaled(i32),
@@ -119,7 +120,7 @@ impl fmt::Display for ExitClass {
 }
 
 /// The end of one run of an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitInfo {
     pub class: ExitClass,
     pub at: SystemTime,
@@ -139,8 +140,9 @@ impl ExitInfo {
 pub struct Observed {
     /// The service process's own end, as the init recorded it.
     pub service_exit: Option<(Option<i32>, Option<i32>)>,
-    /// The init's status: `Ok(code)` or `Err(signal)`.
-    pub init_status: Result<i32, i32>,
+    /// The init's status: `Ok(code)` or `Err(signal)`; `None` when it was not our child
+    /// (adopted from an earlier agent run), so only its record can tell.
+    pub init_status: Option<Result<i32, i32>>,
     /// OOM kills counted in the instance's cgroup during this run.
     pub oom_kills: u64,
     /// The agent sent SIGKILL after the grace period.
@@ -150,16 +152,17 @@ pub struct Observed {
 /// Classify an ended run. An OOM kill is never guessed from a SIGKILL: it needs the cgroup's
 /// own counter to have moved during the run.
 pub fn classify(o: &Observed) -> ExitClass {
-    let (code, signal) = match o.service_exit {
-        Some((code, signal)) => (code, signal),
-        None => match o.init_status {
-            Ok(code) => (Some(code), None),
-            Err(sig) => (None, Some(sig)),
-        },
-    };
     if o.killed_after_grace {
         return ExitClass::StopTimeout;
     }
+    let (code, signal) = match (o.service_exit, o.init_status) {
+        (Some((code, signal)), _) => (code, signal),
+        (None, Some(Ok(code))) => (Some(code), None),
+        (None, Some(Err(sig))) => (None, Some(sig)),
+        // Neither record nor status: only the cgroup can still tell an OOM kill.
+        (None, None) if o.oom_kills > 0 => return ExitClass::OomKilled,
+        (None, None) => return ExitClass::Lost,
+    };
     if o.oom_kills > 0 && signal == Some(libc::SIGKILL) {
         return ExitClass::OomKilled;
     }
@@ -660,32 +663,47 @@ mod tests {
         };
         let cases = [
             (
-                o(Some((Some(3), None)), Ok(3), 0, false),
+                o(Some((Some(3), None)), Some(Ok(3)), 0, false),
                 ExitClass::Exited(3),
             ),
             (
-                o(Some((None, Some(9))), Ok(137), 0, false),
+                o(Some((None, Some(9))), Some(Ok(137)), 0, false),
                 ExitClass::Signaled(9),
             ),
             (
-                o(Some((None, Some(9))), Ok(137), 1, false),
+                o(Some((None, Some(9))), Some(Ok(137)), 1, false),
                 ExitClass::OomKilled,
             ),
             // A SIGKILL with no OOM counted is not an OOM kill.
-            (o(None, Err(9), 0, false), ExitClass::Signaled(9)),
+            (o(None, Some(Err(9)), 0, false), ExitClass::Signaled(9)),
             // The init itself OOM-killed: no record, but the counter moved.
-            (o(None, Err(9), 2, false), ExitClass::OomKilled),
+            (o(None, Some(Err(9)), 2, false), ExitClass::OomKilled),
             // An OOM kill of a helper process while the service exits normally.
             (
-                o(Some((Some(1), None)), Ok(1), 1, false),
+                o(Some((Some(1), None)), Some(Ok(1)), 1, false),
                 ExitClass::Exited(1),
             ),
-            (o(None, Err(9), 1, true), ExitClass::StopTimeout),
+            (o(None, Some(Err(9)), 1, true), ExitClass::StopTimeout),
             (
-                o(Some((None, Some(15))), Ok(143), 0, false),
+                o(Some((None, Some(15))), Some(Ok(143)), 0, false),
                 ExitClass::Signaled(15),
             ),
-            (o(Some((None, None)), Ok(0), 0, false), ExitClass::Lost),
+            (
+                o(Some((None, None)), Some(Ok(0)), 0, false),
+                ExitClass::Lost,
+            ),
+            // Adopted instances (not our child): the record tells, else the cgroup, else lost.
+            (
+                o(Some((Some(3), None)), None, 0, false),
+                ExitClass::Exited(3),
+            ),
+            (
+                o(Some((None, Some(9))), None, 1, false),
+                ExitClass::OomKilled,
+            ),
+            (o(None, None, 1, false), ExitClass::OomKilled),
+            (o(None, None, 0, false), ExitClass::Lost),
+            (o(None, None, 0, true), ExitClass::StopTimeout),
         ];
         for (obs, want) in cases {
             assert_eq!(classify(&obs), want, "{obs:?}");

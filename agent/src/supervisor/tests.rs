@@ -38,8 +38,11 @@ fn deps(rt: &Arc<FakeRuntime>, cg: &Arc<RecordingCgroups>, store: &Arc<MemStore>
 }
 
 async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
-    let rt = Arc::new(FakeRuntime::new());
-    let cg = Arc::new(cg);
+    rig_shared(Arc::new(FakeRuntime::new()), Arc::new(cg), store).await
+}
+
+/// A driver over existing fakes: a second driver on the same fakes is an agent restart.
+async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<MemStore>) -> Rig {
     let (mut driver, handle) = Driver::new(deps(&rt, &cg, &store));
     driver.restore().await;
     let stop = CancellationToken::new();
@@ -461,8 +464,9 @@ async fn spawn_failures_back_off_and_are_reported() {
 async fn restore_starts_the_saved_services_and_stops_leftovers() {
     let store = Arc::new(MemStore::new());
     let cg = RecordingCgroups::default();
-    // A leftover instance of an earlier run, and one of a service no longer desired.
-    cg.set_procs(&CgroupPath::instance("web", "web-0"), vec![4242]);
+    // Cgroups no record explains: an instance index the service no longer has, and an
+    // instance of a service no longer desired.
+    cg.set_procs(&CgroupPath::instance("web", "web-7"), vec![4242]);
     cg.set_procs(&CgroupPath::instance("old", "old-0"), vec![4343]);
     {
         let r = rig_with(RecordingCgroups::default(), store.clone()).await;
@@ -476,11 +480,196 @@ async fn restore_starts_the_saved_services_and_stops_leftovers() {
         "saved services started again"
     );
     let kills = r.cg.kills();
-    assert!(kills.contains(&CgroupPath::instance("web", "web-0")));
+    assert!(kills.contains(&CgroupPath::instance("web", "web-7")));
+    assert!(r.cg.entry(&CgroupPath::instance("web", "web-7")).is_none());
     assert!(kills.contains(&CgroupPath::instance("old", "old-0")));
     assert!(r.cg.entry(&CgroupPath::instance("old", "old-0")).is_none());
     assert!(
         r.rt.signals().contains(&(4242, libc::SIGTERM)),
         "leftovers get their stop signal first"
+    );
+}
+
+/// Put each running instance's init in its cgroup, as the kernel would.
+async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
+    let running = r.running(service).await;
+    for (idx, pid) in &running {
+        r.cg.set_procs(
+            &CgroupPath::instance(service, &format!("{service}-{idx}")),
+            vec![*pid],
+        );
+    }
+    running
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_adopts_running_instances() {
+    let (rt, cg, store) = (
+        Arc::new(FakeRuntime::new()),
+        Arc::new(RecordingCgroups::default()),
+        Arc::new(MemStore::new()),
+    );
+    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    first.apply(WEB).await.expect("apply");
+    settle().await;
+    let (_, pid0) = first.running("web").await[0];
+    first.exit(
+        pid0,
+        ProcessStatus::Exited(1),
+        Some(ExitRecord {
+            code: Some(1),
+            ..Default::default()
+        }),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    let before = place_in_cgroups(&first, "web").await;
+    let restarts_before: Vec<u32> = first
+        .status("web")
+        .await
+        .instances
+        .iter()
+        .map(|i| i.restarts)
+        .collect();
+    drop(first);
+    settle().await;
+
+    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    settle().await;
+    assert_eq!(
+        second.running("web").await,
+        before,
+        "same instances, same PIDs"
+    );
+    let mut adopted = rt.adopted();
+    adopted.sort_unstable();
+    let mut pids: Vec<i32> = before.iter().map(|(_, p)| *p).collect();
+    pids.sort_unstable();
+    assert_eq!(adopted, pids);
+    assert_eq!(
+        rt.spawns().len(),
+        4,
+        "nothing started again (3 + the one crash restart)"
+    );
+    let restarts_after: Vec<u32> = second
+        .status("web")
+        .await
+        .instances
+        .iter()
+        .map(|i| i.restarts)
+        .collect();
+    assert_eq!(restarts_after, restarts_before);
+    // The new agent supervises them: an exit is seen and handled.
+    let (idx, pid) = before[1];
+    second.exit(
+        pid,
+        ProcessStatus::Unknown,
+        Some(ExitRecord {
+            code: Some(2),
+            ..Default::default()
+        }),
+    );
+    settle().await;
+    let s = second.status("web").await;
+    let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
+    assert_eq!(
+        i.last_exit.as_ref().map(|e| e.class),
+        Some(ExitClass::Exited(2))
+    );
+    assert_eq!(i.state, "backoff");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ends_while_the_agent_was_away_are_reported_truly() {
+    let (rt, cg, store) = (
+        Arc::new(FakeRuntime::new()),
+        Arc::new(RecordingCgroups::default()),
+        Arc::new(MemStore::new()),
+    );
+    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    first
+        .apply(&WEB.replace("replicas = 3", "replicas = 5"))
+        .await
+        .expect("apply");
+    settle().await;
+    let running = place_in_cgroups(&first, "web").await;
+    drop(first);
+    settle().await;
+    // While no agent runs: web-0 exits 3, web-1 is OOM-killed, web-2 is SIGKILLed from
+    // outside, web-3's init vanishes without a record, web-4's PID is reused by another process.
+    let pid = |i: usize| running[i].1;
+    let path = |i: usize| CgroupPath::instance("web", &format!("web-{i}"));
+    let gone = |i: usize, rec: Option<ExitRecord>| {
+        rt.exit(
+            pid(i),
+            InitExit {
+                status: ProcessStatus::Unknown,
+                record: None,
+                spawn_error: None,
+            },
+        );
+        cg.set_procs(&path(i), vec![]);
+        if let Some(r) = rec {
+            rt.set_exit_record(&format!("web-{i}"), r);
+        }
+    };
+    gone(
+        0,
+        Some(ExitRecord {
+            code: Some(3),
+            ..Default::default()
+        }),
+    );
+    gone(1, killed(9));
+    cg.set_oom_kills(&path(1), 1);
+    gone(2, killed(9));
+    gone(3, None);
+    gone(4, None);
+    rt.set_alive(pid(4), 999_999); // same PID, another process
+    cg.set_procs(&path(4), vec![pid(4)]);
+
+    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    settle().await;
+    let s = second.status("web").await;
+    let class = |i: u32| {
+        s.instances
+            .iter()
+            .find(|x| x.index == i)
+            .and_then(|x| x.last_exit.as_ref())
+            .map(|e| e.class)
+    };
+    assert_eq!(class(0), Some(ExitClass::Exited(3)));
+    assert_eq!(class(1), Some(ExitClass::OomKilled));
+    assert_eq!(class(2), Some(ExitClass::Signaled(9)));
+    assert_eq!(class(3), Some(ExitClass::Lost));
+    assert_eq!(
+        class(4),
+        Some(ExitClass::Lost),
+        "a reused PID is never adopted"
+    );
+    assert!(!rt.adopted().contains(&pid(4)));
+    let lost = s.instances.iter().find(|x| x.index == 3).expect("web-3");
+    assert!(
+        lost.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no exit record")),
+        "{lost:?}"
+    );
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| i.restarts == 1 && i.state == "backoff"),
+        "each handled by its policy"
+    );
+    assert!(
+        rt.signals().is_empty(),
+        "the process that reused a PID was not signalled"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(
+        second.running("web").await.len(),
+        5,
+        "all replaced after the backoff"
     );
 }

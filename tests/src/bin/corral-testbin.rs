@@ -26,6 +26,17 @@ fn ignore_term() {
     }
 }
 
+static USR1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static USR2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    USR1.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+extern "C" fn on_usr2(_: libc::c_int) {
+    USR2.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn sleep_forever() -> ! {
     loop {
         // SAFETY: pause has no preconditions.
@@ -185,6 +196,28 @@ fn main() {
             on_term_exit_zero();
             line("ready", 1);
             sleep_forever();
+        }
+        // Run until SIGTERM (exit 0); on SIGUSR1 exit with code 3; on SIGUSR2 allocate
+        // 1 GiB (to be OOM-killed inside a memory limit). For tests of ends that happen
+        // while no agent runs.
+        "serve-signals" => {
+            on_term_exit_zero();
+            // SAFETY: the handlers only store to atomics.
+            unsafe {
+                libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+            }
+            line("ready", 1);
+            loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+                if USR1.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(3);
+                }
+                if USR2.load(std::sync::atomic::Ordering::SeqCst) {
+                    hog_memory(1024);
+                }
+            }
         }
         // Ignore SIGTERM: only SIGKILL ends it.
         "ignore-term" => {

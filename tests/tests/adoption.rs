@@ -1,0 +1,304 @@
+//! Instances outlive the agent: a restarted corrald takes them over unchanged, reports the
+//! true end of those that ended while it was away, and is never fooled by a recycled PID.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use corral_e2e::{Agent, alive, eventually, kill9, pb, skip_unless_root, testbin};
+
+fn spec(name: &str, replicas: u32, args: &[&str], extra: &str) -> String {
+    let cmd: Vec<String> = std::iter::once(testbin())
+        .chain(args.iter().map(|s| s.to_string()))
+        .map(|s| format!("{s:?}"))
+        .collect();
+    format!(
+        "name = \"{name}\"\ncommand = [{}]\nreplicas = {replicas}\n{extra}\n",
+        cmd.join(", ")
+    )
+}
+
+/// Start time of a process (field 22 of /proc/PID/stat).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// (pid, init pid, start time of both, restarts) per instance id, for every service.
+async fn snapshot(
+    agent: &Agent,
+    services: &[&str],
+) -> BTreeMap<String, (i32, i32, Option<u64>, Option<u64>, u32)> {
+    let mut out = BTreeMap::new();
+    for s in services {
+        for i in agent.get(s).await.expect("get").instances {
+            out.insert(
+                i.id.clone(),
+                (
+                    i.pid,
+                    i.init_pid,
+                    start_time(i.pid),
+                    start_time(i.init_pid),
+                    i.restarts,
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_agent_leaves_20_instances_untouched() {
+    if skip_unless_root("kill9_of_the_agent_leaves_20_instances_untouched") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let services: [(&str, u32); 3] = [("alpha", 8), ("beta", 7), ("gamma", 5)];
+    for (name, n) in services {
+        agent
+            .apply(&spec(
+                name,
+                n,
+                &["serve"],
+                "[resources]\nmemory = \"32MiB\"\n",
+            ))
+            .await
+            .expect("apply");
+    }
+    for (name, n) in services {
+        agent.wait_running(name, n as usize).await;
+    }
+    let names: Vec<&str> = services.iter().map(|(n, _)| *n).collect();
+    let before = snapshot(&agent, &names).await;
+    assert_eq!(before.len(), 20);
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    for (name, n) in services {
+        agent.wait_running(name, n as usize).await;
+    }
+    let after = snapshot(&agent, &names).await;
+    assert_eq!(
+        after, before,
+        "every instance keeps its PID, start time and restart count"
+    );
+
+    // The new agent supervises them: an update replaces every one of them.
+    agent
+        .apply(&spec(
+            "gamma",
+            5,
+            &["serve"],
+            "[resources]\nmemory = \"48MiB\"\n",
+        ))
+        .await
+        .expect("update");
+    let replaced = eventually(
+        "gamma replaced by the new agent",
+        Duration::from_secs(60),
+        || async {
+            let s = agent.get("gamma").await.ok()?;
+            let done = s.instances.len() == 5
+                && s.instances.iter().all(|i| {
+                    i.revision == 2 && i.state == pb::InstanceState::Running as i32 && i.pid > 0
+                });
+            done.then_some(s.instances)
+        },
+    )
+    .await;
+    for i in &replaced {
+        let (old_pid, ..) = before[&i.id];
+        assert_ne!(i.pid, old_pid);
+        assert!(!alive(old_pid), "{} was stopped", i.id);
+    }
+    // ...and a kill is seen and handled.
+    let (pid, ..) = after["alpha-3"];
+    kill9(pid);
+    eventually("alpha-3 replaced", Duration::from_secs(20), || async {
+        let s = agent.get("alpha").await.ok()?;
+        let i = s.instances.iter().find(|i| i.id == "alpha-3")?;
+        (i.restarts == 1 && i.pid > 0 && i.pid != pid).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_while_the_agent_is_down_are_reported_as_they_happened() {
+    if skip_unless_root("ends_while_the_agent_is_down_are_reported_as_they_happened") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "away",
+            4,
+            &["serve-signals"],
+            "[resources]\nmemory = \"64MiB\"\n[restart]\npolicy = \"on-failure\"\nbackoff = \"100ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let running = agent.wait_running("away", 4).await;
+    let by_index: BTreeMap<u32, i32> = running.iter().map(|i| (i.index, i.pid)).collect();
+    agent.stop_with(libc::SIGKILL);
+    // While no agent runs: exit code 3, an OOM kill, a SIGKILL from outside; away-3 stays.
+    // SAFETY: signalling processes of the test's own instances.
+    unsafe {
+        libc::kill(by_index[&0], libc::SIGUSR1);
+        libc::kill(by_index[&1], libc::SIGUSR2);
+    }
+    kill9(by_index[&2]);
+    for i in 0..3 {
+        let pid = by_index[&i];
+        eventually("the instance to end", Duration::from_secs(20), || async {
+            (!alive(pid)).then_some(())
+        })
+        .await;
+    }
+    agent.launch().await;
+    let s = eventually(
+        "ends reported and replaced",
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get("away").await.ok()?;
+            let ok = s.instances.iter().filter(|i| i.index < 3).all(|i| {
+                i.restarts == 1 && i.state == pb::InstanceState::Running as i32 && i.pid > 0
+            });
+            ok.then_some(s)
+        },
+    )
+    .await;
+    let text = |idx: u32| {
+        s.instances
+            .iter()
+            .find(|i| i.index == idx)
+            .and_then(|i| i.last_exit.as_ref())
+            .map(|e| e.text.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(text(0), "exited(3)");
+    assert_eq!(text(1), "oom_killed");
+    assert_eq!(text(2), "signaled(9)");
+    let untouched = s.instances.iter().find(|i| i.index == 3).expect("away-3");
+    assert_eq!(
+        (untouched.pid, untouched.restarts),
+        (by_index[&3], 0),
+        "the one that kept running was adopted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_pid_is_another_process_is_not_adopted() {
+    if skip_unless_root("a_record_whose_pid_is_another_process_is_not_adopted") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("reuse", 1, &["serve"], ""))
+        .await
+        .expect("apply");
+    let first = agent.wait_running("reuse", 1).await.remove(0);
+    agent.stop_with(libc::SIGKILL);
+    // Make the record describe another process with the same PID: its start time differs.
+    let record = agent.state_dir.join("state/instances/reuse-0.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json");
+    let t = json["state"]["start_time"].as_u64().expect("start_time");
+    json["state"]["start_time"] = serde_json::json!(t + 12345);
+    std::fs::write(&record, serde_json::to_vec(&json).expect("json")).expect("write record");
+    agent.launch().await;
+    let s = eventually("a replacement", Duration::from_secs(20), || async {
+        let s = agent.get("reuse").await.ok()?;
+        let i = s.instances.first()?.clone();
+        (i.pid > 0 && i.pid != first.pid).then_some(i)
+    })
+    .await;
+    let end = s.last_exit.expect("end");
+    assert_eq!(end.text, "lost");
+    assert!(end.detail.contains("another process"), "{}", end.detail);
+    assert!(
+        !alive(first.pid),
+        "the unexplained process in the instance cgroup was stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_agent_restarts_change_nothing() {
+    if skip_unless_root("fifty_agent_restarts_change_nothing") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("steady", 3, &["serve"], "[resources]\npids = 16\n"))
+        .await
+        .expect("apply");
+    agent.wait_running("steady", 3).await;
+    let before = snapshot(&agent, &["steady"]).await;
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let init_fds: Vec<usize> = before.values().map(|v| fds(v.1)).collect();
+    let files = |dir: &std::path::Path| walk(dir);
+    let files_before = files(&agent.state_dir);
+    let procs_before = agent.cgroup.pids("corral").len();
+    for n in 0..50 {
+        agent.stop_with(if n % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        });
+        agent.launch().await;
+    }
+    agent.wait_running("steady", 3).await;
+    assert_eq!(
+        snapshot(&agent, &["steady"]).await,
+        before,
+        "no instance restarted"
+    );
+    assert_eq!(
+        before.values().map(|v| fds(v.1)).collect::<Vec<_>>(),
+        init_fds,
+        "no fd leaked into the inits"
+    );
+    assert_eq!(
+        agent.cgroup.pids("corral").len(),
+        procs_before,
+        "no process leaked"
+    );
+    let files_after = files(&agent.state_dir);
+    assert_eq!(files_after, files_before, "no file left behind");
+    let dirs = |rel: &str| {
+        std::fs::read_dir(agent.cgroup.dir("memory", rel))
+            .map(|d| {
+                d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(dirs("corral/steady"), 3, "no cgroup leaked");
+}
+
+/// Every file below `dir`, relative, sorted (sockets and logs included).
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(
+                    p.strip_prefix(dir)
+                        .map(|r| r.display().to_string())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    out.sort();
+    out
+}
