@@ -224,24 +224,34 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
     }
     table.write(out)?;
 
-    // Why an instance failed to start, or what is known about how it last ended.
-    let notes: Vec<(&str, &str)> = s
-        .instances
-        .iter()
-        .filter_map(|i| {
-            let detail = i
-                .last_exit
-                .as_ref()
-                .map(|e| e.detail.as_str())
-                .unwrap_or_default();
-            let note = if i.last_error.is_empty() {
-                detail
-            } else {
-                i.last_error.as_str()
-            };
-            (!note.is_empty()).then_some((i.id.as_str(), note))
-        })
-        .collect();
+    // Why an instance failed to start, or what is known about how it last ended, and any
+    // output its init could not write to the logs.
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    for i in &s.instances {
+        let detail = i
+            .last_exit
+            .as_ref()
+            .map(|e| e.detail.as_str())
+            .unwrap_or_default();
+        let note = if i.last_error.is_empty() {
+            detail
+        } else {
+            i.last_error.as_str()
+        };
+        if !note.is_empty() {
+            notes.push((i.id.as_str(), note.to_string()));
+        }
+        if i.log_lines_dropped > 0 {
+            notes.push((
+                i.id.as_str(),
+                format!(
+                    "{} log lines ({}) could not be written",
+                    i.log_lines_dropped,
+                    human_bytes(i.log_bytes_dropped)
+                ),
+            ));
+        }
+    }
     if !notes.is_empty() {
         writeln!(out)?;
         for (id, note) in notes {
@@ -530,6 +540,8 @@ mod tests {
             last_error: String::new(),
             cgroup: "/sys/fs/cgroup/corral/web/web-0".into(),
             ports: HashMap::new(),
+            log_lines_dropped: 0,
+            log_bytes_dropped: 0,
         };
         let backoff = pb::InstanceStatus {
             id: "web-1".into(),

@@ -217,6 +217,9 @@ pub struct InstanceView {
     pub last_error: Option<String>,
     pub cgroup: String,
     pub ports: BTreeMap<String, u32>,
+    /// Output of this run that could not be written to the logs.
+    pub log_lines_dropped: u64,
+    pub log_bytes_dropped: u64,
 }
 
 impl From<&pb::InstanceStatus> for InstanceView {
@@ -242,6 +245,8 @@ impl From<&pb::InstanceStatus> for InstanceView {
             last_error: (!i.last_error.is_empty()).then(|| i.last_error.clone()),
             cgroup: i.cgroup.clone(),
             ports: i.ports.clone().into_iter().collect(),
+            log_lines_dropped: i.log_lines_dropped,
+            log_bytes_dropped: i.log_bytes_dropped,
         }
     }
 }
@@ -519,6 +524,8 @@ mod tests {
             last_error: String::new(),
             cgroup: "/sys/fs/cgroup/corral/web/web-1".into(),
             ports: [("admin".to_string(), 41000)].into_iter().collect(),
+            log_lines_dropped: 0,
+            log_bytes_dropped: 0,
         }
     }
 
@@ -551,6 +558,8 @@ mod tests {
                     "pids": 0,
                 },
                 "started_at": null,
+                "log_bytes_dropped": 0,
+                "log_lines_dropped": 0,
                 "next_start_at": "2025-03-01T12:00:01Z",
                 "last_error": null,
                 "cgroup": "/sys/fs/cgroup/corral/web/web-1",

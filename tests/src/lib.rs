@@ -294,15 +294,10 @@ impl Agent {
         .await
     }
 
-    /// The instance's stdout log so far.
+    /// The payloads of the instance's stdout log so far (each record's timestamp removed).
     pub fn stdout_of(&self, instance: &str) -> String {
-        std::fs::read_to_string(
-            self.state_dir
-                .join("logs")
-                .join(instance)
-                .join("stdout.log"),
-        )
-        .unwrap_or_default()
+        let raw = std::fs::read_to_string(self.state_dir.join("logs").join(instance).join("stdout.log")).unwrap_or_default();
+        raw.lines().map(|l| payload(l).to_string() + "\n").collect()
     }
 
     /// Wait until the instance's stdout holds `key=...` and return the value.
@@ -337,6 +332,14 @@ impl Drop for Agent {
                 self.log_text()
             );
         }
+    }
+}
+
+/// The payload of a log record: what follows its timestamp and one space.
+pub fn payload(record: &str) -> &str {
+    match record.split_once(' ') {
+        Some((ts, rest)) if ts.len() == 27 && ts.ends_with('Z') => rest,
+        _ => record,
     }
 }
 

@@ -261,6 +261,8 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
             .iter()
             .map(|(k, v)| (k.clone(), u32::from(*v)))
             .collect(),
+        log_lines_dropped: i.log_dropped.lines_dropped,
+        log_bytes_dropped: i.log_dropped.bytes_dropped,
     }
 }
 

@@ -210,6 +210,10 @@ impl Runtime for FakeRuntime {
         "fake-boot".into()
     }
 
+    fn log_stat(&self, _instance: &str) -> super::LogStat {
+        super::LogStat::default()
+    }
+
     fn exit_record(&self, instance: &str) -> Option<super::ExitRecord> {
         self.lock().exit_records.get(instance).cloned()
     }

@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag};
@@ -28,7 +29,8 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
-use super::{EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, RUN_DIR_FD};
+use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
+use super::{EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, RUN_DIR_FD};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
 /// SIGCHLD is the init's own; fault signals stay default.
@@ -84,19 +86,28 @@ fn read_config(run_dir: BorrowedFd<'_>) -> io::Result<InitConfig> {
 }
 
 fn setup_failed(run_dir: BorrowedFd<'_>, why: &str) -> ExitCode {
-    let _ = writeln!(io::stderr(), "corral-init: {why}");
+    // fd 2 is the instance's stderr.log: a record in the log's own format.
+    let _ = writeln!(
+        io::stderr(),
+        "{} {NOTICE_PREFIX}{why}",
+        timestamp(SystemTime::now())
+    );
     let record = ExitRecord {
         setup_error: Some(why.to_string()),
         ..ExitRecord::default()
     };
-    let _ = write_record(run_dir, &record);
+    let _ = write_record(run_dir, EXIT_RECORD, &record);
     ExitCode::from(SETUP_FAILED)
 }
 
-/// Write the exit record crash-safely enough for its purpose: a temp file renamed into place,
-/// so a reader never sees half a record.
-fn write_record(run_dir: BorrowedFd<'_>, record: &ExitRecord) -> io::Result<()> {
-    let tmp = format!("{EXIT_RECORD}.tmp");
+/// Write a small JSON file into the run directory so that a reader never sees half of it:
+/// a temp file renamed into place.
+fn write_record<T: serde::Serialize>(
+    run_dir: BorrowedFd<'_>,
+    name: &str,
+    value: &T,
+) -> io::Result<()> {
+    let tmp = format!("{name}.tmp");
     let fd = nix::fcntl::openat(
         run_dir,
         tmp.as_str(),
@@ -104,89 +115,18 @@ fn write_record(run_dir: BorrowedFd<'_>, record: &ExitRecord) -> io::Result<()> 
         Mode::from_bits_truncate(0o644),
     )?;
     let mut f = File::from(fd);
-    f.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
-    f.sync_data()?;
-    nix::fcntl::renameat(run_dir, tmp.as_str(), run_dir, EXIT_RECORD)?;
+    f.write_all(&serde_json::to_vec(value).map_err(io::Error::other)?)?;
+    nix::fcntl::renameat(run_dir, tmp.as_str(), run_dir, name)?;
     Ok(())
 }
 
-/// One rotating log file (stdout or stderr of the service).
-struct LogFile {
-    dir: OwnedFd,
-    name: &'static str,
-    file: File,
-    size: u64,
-    max_size: u64,
-    max_files: u32,
-}
-
-impl LogFile {
-    fn open(
-        dir: &OwnedFd,
-        name: &'static str,
-        max_size: u64,
-        max_files: u32,
-    ) -> io::Result<LogFile> {
-        let file = open_append(dir.as_fd(), name)?;
-        let size = file.metadata()?.len();
-        Ok(LogFile {
-            dir: dir.try_clone()?,
-            name,
-            file,
-            size,
-            max_size,
-            max_files,
-        })
-    }
-
-    fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.size > 0 && self.size + data.len() as u64 > self.max_size {
-            self.rotate()?;
-        }
-        self.file.write_all(data)?;
-        self.size += data.len() as u64;
-        Ok(())
-    }
-
-    /// Rotation by rename, as `tail -F` expects: `name.{n-1}` is dropped, `name.k` becomes
-    /// `name.{k+1}`, `name` becomes `name.1`, and a fresh `name` is opened. `max_files`
-    /// counts the live file too.
-    fn rotate(&mut self) -> io::Result<()> {
-        let d = self.dir.as_fd();
-        if self.max_files <= 1 {
-            self.file.set_len(0)?;
-            self.size = 0;
-            return Ok(());
-        }
-        for k in (1..self.max_files - 1).rev() {
-            let from = format!("{}.{k}", self.name);
-            let to = format!("{}.{}", self.name, k + 1);
-            match nix::fcntl::renameat(d, from.as_str(), d, to.as_str()) {
-                Ok(()) | Err(Errno::ENOENT) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let first = format!("{}.1", self.name);
-        nix::fcntl::renameat(d, self.name, d, first.as_str())?;
-        self.file = open_append(d, self.name)?;
-        self.size = 0;
-        Ok(())
-    }
-}
-
-fn open_append(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
-    let fd = nix::fcntl::openat(
-        dir,
-        name,
-        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o640),
-    )?;
-    Ok(File::from(fd))
-}
+type Log = LogWriter<RotatingFile>;
 
 struct Init {
-    stdout_log: LogFile,
-    stderr_log: LogFile,
+    stdout_log: Log,
+    stderr_log: Log,
+    /// Drops last reported in the run directory.
+    reported: Dropped,
     stdout_pipe: OwnedFd,
     stderr_pipe: OwnedFd,
     signals: SignalFd,
@@ -203,20 +143,13 @@ impl Init {
             Mode::empty(),
         )
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
-        let stdout_log = LogFile::open(
-            &log_dir,
-            "stdout.log",
-            config.log_max_size,
-            config.log_max_files,
-        )
-        .map_err(|e| format!("opening stdout.log: {e}"))?;
-        let stderr_log = LogFile::open(
-            &log_dir,
-            "stderr.log",
-            config.log_max_size,
-            config.log_max_files,
-        )
-        .map_err(|e| format!("opening stderr.log: {e}"))?;
+        let open = |name| {
+            RotatingFile::open(&log_dir, name, config.log_max_files)
+                .map(|f| LogWriter::new(f, config.log_max_size))
+                .map_err(|e| format!("opening {name}: {e}"))
+        };
+        let stdout_log = open("stdout.log")?;
+        let stderr_log = open("stderr.log")?;
 
         if !config.pid_namespace {
             nix::sys::prctl::set_child_subreaper(true)
@@ -294,7 +227,8 @@ impl Init {
         match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
             ForkResult::Child => {
                 let (errno, why) = exec.run(&old, out_w.as_raw_fd(), err_w.as_raw_fd());
-                let _ = writeln!(io::stderr(), "corral-init: {why}");
+                // fd 2 is the stderr pipe: the init's pump timestamps this line.
+                let _ = writeln!(io::stderr(), "{NOTICE_PREFIX}{why}");
                 // The shell's convention: 127 command not found, 126 cannot execute.
                 let code = if errno == Errno::ENOENT { 127 } else { 126 };
                 // SAFETY: _exit is always safe; skips the parent's atexit handlers.
@@ -310,6 +244,7 @@ impl Init {
                 Ok(Init {
                     stdout_log,
                     stderr_log,
+                    reported: Dropped::default(),
                     stdout_pipe: out_r,
                     stderr_pipe: err_r,
                     signals,
@@ -324,7 +259,6 @@ impl Init {
         let mut buf = vec![0u8; 64 * 1024];
         let mut out_open = true;
         let mut err_open = true;
-        let mut dropped: u64 = 0;
         let mut status: Option<WaitStatus> = None;
         while status.is_none() {
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
@@ -337,7 +271,7 @@ impl Init {
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
-                    let _ = writeln!(io::stderr(), "corral-init: poll: {e}");
+                    self.notice(&format!("poll: {e}"));
                     break;
                 }
             }
@@ -351,42 +285,29 @@ impl Init {
                 }
             }
             if out_open {
-                out_open = pump(
-                    &self.stdout_pipe,
-                    &mut self.stdout_log,
-                    &mut buf,
-                    &mut dropped,
-                );
+                out_open = pump(&self.stdout_pipe, &mut self.stdout_log, &mut buf);
             }
             if err_open {
-                err_open = pump(
-                    &self.stderr_pipe,
-                    &mut self.stderr_log,
-                    &mut buf,
-                    &mut dropped,
-                );
+                err_open = pump(&self.stderr_pipe, &mut self.stderr_log, &mut buf);
             }
+            self.report_drops(run_dir);
         }
         // The service process is gone: take what is still buffered in the pipes (other
         // processes of the instance may hold them open, so stop at "nothing more now").
         if out_open {
-            pump(
-                &self.stdout_pipe,
-                &mut self.stdout_log,
-                &mut buf,
-                &mut dropped,
-            );
+            pump(&self.stdout_pipe, &mut self.stdout_log, &mut buf);
         }
         if err_open {
-            pump(
-                &self.stderr_pipe,
-                &mut self.stderr_log,
-                &mut buf,
-                &mut dropped,
-            );
+            pump(&self.stderr_pipe, &mut self.stderr_log, &mut buf);
         }
+        let ts = timestamp(SystemTime::now());
+        self.stdout_log.finish(&ts);
+        self.stderr_log.finish(&ts);
+        self.report_drops(run_dir);
+        let dropped = self.dropped();
         let mut record = ExitRecord {
-            log_bytes_dropped: dropped,
+            log_lines_dropped: dropped.lines,
+            log_bytes_dropped: dropped.bytes,
             ..ExitRecord::default()
         };
         let code = match status {
@@ -404,10 +325,39 @@ impl Init {
                 SETUP_FAILED
             }
         };
-        if let Err(e) = write_record(run_dir, &record) {
-            let _ = writeln!(io::stderr(), "corral-init: writing {EXIT_RECORD}: {e}");
+        if let Err(e) = write_record(run_dir, EXIT_RECORD, &record) {
+            self.notice(&format!("writing {EXIT_RECORD}: {e}"));
         }
         ExitCode::from(code)
+    }
+
+    fn dropped(&self) -> Dropped {
+        Dropped {
+            lines: self.stdout_log.total.lines + self.stderr_log.total.lines,
+            bytes: self.stdout_log.total.bytes + self.stderr_log.total.bytes,
+        }
+    }
+
+    /// Keep the run directory's count of dropped output current, for the agent's status.
+    fn report_drops(&mut self, run_dir: BorrowedFd<'_>) {
+        let now = self.dropped();
+        if now != self.reported {
+            let stat = LogStat {
+                lines_dropped: now.lines,
+                bytes_dropped: now.bytes,
+            };
+            if write_record(run_dir, LOG_STAT, &stat).is_ok() {
+                self.reported = now;
+            }
+        }
+    }
+
+    /// A record of the init's own on the stderr log.
+    fn notice(&mut self, msg: &str) {
+        self.stderr_log.push(
+            format!("{NOTICE_PREFIX}{msg}\n").as_bytes(),
+            &timestamp(SystemTime::now()),
+        );
     }
 
     /// Reap every child that has ended; returns the service process's status if it was one.
@@ -426,17 +376,13 @@ impl Init {
     }
 }
 
-/// Copy what the pipe holds now into the log. Returns false once the pipe is closed.
-fn pump(pipe: &OwnedFd, log: &mut LogFile, buf: &mut [u8], dropped: &mut u64) -> bool {
+/// Copy what the pipe holds now into the log, timestamped at the time it was read.
+/// Returns false once the pipe is closed.
+fn pump(pipe: &OwnedFd, log: &mut Log, buf: &mut [u8]) -> bool {
     loop {
         match nix::unistd::read(pipe, buf) {
             Ok(0) => return false,
-            Ok(n) => {
-                if let Err(e) = log.write(&buf[..n]) {
-                    *dropped += n as u64;
-                    let _ = writeln!(io::stderr(), "corral-init: writing {}: {e}", log.name);
-                }
-            }
+            Ok(n) => log.push(&buf[..n], &timestamp(SystemTime::now())),
             Err(Errno::EINTR) => {}
             Err(_) => return true,
         }

@@ -25,8 +25,8 @@ use tokio::io::unix::AsyncFd;
 
 use super::launch::{Identity, service_env};
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, ProcessRef,
-    ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
+    ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
@@ -266,10 +266,12 @@ impl Runtime for LinuxRuntime {
                 .create(d)
                 .map_err(prep(&format!("directory {}", d.display())))?;
         }
-        match fs::remove_file(run_dir.join(EXIT_RECORD)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(prep("removing the previous exit record")(e)),
+        for stale in [EXIT_RECORD, LOG_STAT] {
+            match fs::remove_file(run_dir.join(stale)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(prep(&format!("removing the previous {stale}"))(e)),
+            }
         }
         let drop_privileges = spec.user.is_some();
         let config = InitConfig {
@@ -534,6 +536,13 @@ impl Runtime for LinuxRuntime {
 
     fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
         read_exit_record(&self.run_dir(instance))
+    }
+
+    fn log_stat(&self, instance: &str) -> LogStat {
+        fs::read(self.run_dir(instance).join(LOG_STAT))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     fn remove_instance_files(&self, instance: &str) {

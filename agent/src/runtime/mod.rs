@@ -12,6 +12,7 @@ pub mod fake;
 pub mod init;
 mod launch;
 pub mod linux;
+pub mod logwriter;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,6 +34,8 @@ pub const INIT_NAME: &str = "corral-init";
 pub const INIT_CONFIG: &str = "init.json";
 /// File in the instance's run directory where the init records how the service ended.
 pub const EXIT_RECORD: &str = "exit.json";
+/// File in the instance's run directory with the init's count of dropped output.
+pub const LOG_STAT: &str = "logstat.json";
 /// The fd on which the init finds its run directory.
 pub const RUN_DIR_FD: RawFd = 3;
 
@@ -66,7 +69,16 @@ pub struct ExitRecord {
     pub setup_error: Option<String>,
     /// Output the init could not write to the log files.
     #[serde(default)]
+    pub log_lines_dropped: u64,
+    #[serde(default)]
     pub log_bytes_dropped: u64,
+}
+
+/// The init's running count of output it could not write (disk full, I/O errors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogStat {
+    pub lines_dropped: u64,
+    pub bytes_dropped: u64,
 }
 
 /// How a process ended, from `waitid`.
@@ -202,6 +214,9 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// What an instance's init recorded when its service ended, if it did.
     fn exit_record(&self, instance: &str) -> Option<ExitRecord>;
+
+    /// The init's count of output it could not write to the logs (none: nothing dropped).
+    fn log_stat(&self, instance: &str) -> LogStat;
 
     /// Of `pids` (the processes of one cgroup), those whose parent is not among them: the
     /// instance's init, for an instance found without a handle.

@@ -101,8 +101,12 @@ struct Live {
     start_time: u64,
     /// Host PID of the service process, once seen.
     main_pid: Option<i32>,
-    /// The last usage read from the cgroup, and when.
-    usage: Option<(Instant, crate::cgroups::CgroupStats)>,
+    /// The last usage read from the cgroup and the log drop count, and when.
+    usage: Option<(
+        Instant,
+        crate::cgroups::CgroupStats,
+        crate::runtime::LogStat,
+    )>,
     ports: BTreeMap<String, u16>,
 }
 
@@ -1016,23 +1020,34 @@ fn status(
         .map(|i| {
             let path = cgroup_of(name, &i.id);
             let l = live.get_mut(&i.id).filter(|_| i.state.is_live());
-            let (pid, init_pid, usage, ports) = match l {
+            let (pid, init_pid, usage, ports, log_dropped) = match l {
                 Some(l) => {
                     if l.main_pid.is_none() {
                         l.main_pid = deps.runtime.main_pid(l.process.pid);
                     }
-                    let recent = l
-                        .usage
-                        .filter(|(at, _)| !fresh && now.saturating_duration_since(*at) < USAGE_TTL);
-                    let usage = match recent {
-                        Some((_, u)) => Some(u),
-                        None => deps.cgroups.stats(&path).ok().inspect(|u| {
-                            l.usage = Some((now, *u));
-                        }),
+                    let recent = l.usage.filter(|(at, ..)| {
+                        !fresh && now.saturating_duration_since(*at) < USAGE_TTL
+                    });
+                    let (usage, dropped) = match recent {
+                        Some((_, u, d)) => (Some(u), d),
+                        None => {
+                            let u = deps.cgroups.stats(&path).ok();
+                            let d = deps.runtime.log_stat(&i.id);
+                            if let Some(u) = u {
+                                l.usage = Some((now, u, d));
+                            }
+                            (u, d)
+                        }
                     };
-                    (l.main_pid, Some(l.process.pid), usage, l.ports.clone())
+                    (
+                        l.main_pid,
+                        Some(l.process.pid),
+                        usage,
+                        l.ports.clone(),
+                        dropped,
+                    )
                 }
-                None => (None, None, None, BTreeMap::new()),
+                None => (None, None, None, BTreeMap::new(), Default::default()),
             };
             let next_start_at = match i.state {
                 State::Backoff { until } => Some(wall + until.saturating_duration_since(now)),
@@ -1058,6 +1073,7 @@ fn status(
                 last_error: i.last_error.clone(),
                 cgroup: deps.cgroups.display_path(&path),
                 ports,
+                log_dropped,
             }
         })
         .collect();

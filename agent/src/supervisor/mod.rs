@@ -98,6 +98,8 @@ pub struct InstanceStatus {
     pub last_error: Option<String>,
     pub cgroup: String,
     pub ports: BTreeMap<String, u16>,
+    /// Output the instance's init could not write to its logs, this run.
+    pub log_dropped: crate::runtime::LogStat,
 }
 
 /// One service, as reported.
