@@ -96,6 +96,18 @@ pub enum Command {
 
     /// Show the host, what it can enforce, and the agent's version.
     Node,
+
+    /// Send a signal to one instance's service process, e.g. `corral signal web-0 SIGHUP`.
+    Signal(SignalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SignalArgs {
+    /// The instance: `web-0`, or `web/0`.
+    pub instance: String,
+
+    /// A signal name (`SIGHUP`, `HUP`) or number.
+    pub signal: String,
 }
 
 #[derive(Debug, Args)]

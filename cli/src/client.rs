@@ -68,6 +68,19 @@ impl Session {
         self.reply(reply)
     }
 
+    pub async fn signal(
+        &mut self,
+        instance: &str,
+        signal: &str,
+    ) -> anyhow::Result<pb::SignalResponse> {
+        let request = pb::SignalRequest {
+            instance: instance.to_owned(),
+            signal: signal.to_owned(),
+        };
+        let reply = self.client.signal(request).await;
+        self.reply(reply)
+    }
+
     pub async fn node(&mut self) -> anyhow::Result<pb::NodeInfo> {
         let reply = self.client.node(pb::NodeRequest {}).await;
         self.reply(reply)

@@ -161,6 +161,18 @@ impl Agent for FakeAgent {
     async fn node(&self, _: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
         Err(Status::internal("host snapshot failed"))
     }
+
+    async fn signal(
+        &self,
+        req: Request<corral_proto::v1::SignalRequest>,
+    ) -> Result<Response<corral_proto::v1::SignalResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(corral_proto::v1::SignalResponse {
+            instance: r.instance,
+            signal: r.signal,
+            pid: 4242,
+        }))
+    }
 }
 
 /// A fake agent listening on a socket in a fresh temp dir.

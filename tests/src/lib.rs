@@ -296,7 +296,13 @@ impl Agent {
 
     /// The payloads of the instance's stdout log so far (each record's timestamp removed).
     pub fn stdout_of(&self, instance: &str) -> String {
-        let raw = std::fs::read_to_string(self.state_dir.join("logs").join(instance).join("stdout.log")).unwrap_or_default();
+        let raw = std::fs::read_to_string(
+            self.state_dir
+                .join("logs")
+                .join(instance)
+                .join("stdout.log"),
+        )
+        .unwrap_or_default();
         raw.lines().map(|l| payload(l).to_string() + "\n").collect()
     }
 

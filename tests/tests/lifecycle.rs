@@ -371,3 +371,54 @@ async fn services_dir_applied_at_start_and_on_sighup() {
         "the bad file is reported:\n{log}"
     );
 }
+
+/// `corral signal` reaches the service process; bad signals and instances are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_reaches_the_service() {
+    if skip_unless_root("signal_reaches_the_service") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "sig",
+            1,
+            &["serve-signals"],
+            "[restart]\nbackoff = \"100ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let i = agent.wait_running("sig", 1).await.remove(0);
+    let out = agent.cli(&["signal", "sig/0", "USR1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sent SIGUSR1") && stdout.contains(&i.pid.to_string()),
+        "{stdout}"
+    );
+    let s = eventually(
+        "exit 3 on SIGUSR1, then a restart",
+        Duration::from_secs(20),
+        || async {
+            let s = agent.get("sig").await.ok()?;
+            let i = s.instances.first()?.clone();
+            (i.restarts == 1).then_some(i)
+        },
+    )
+    .await;
+    assert_eq!(s.last_exit.expect("end").text, "exited(3)");
+    for (args, fragment) in [
+        (&["signal", "sig-0", "SIGNOPE"][..], "not a signal"),
+        (&["signal", "sig-9", "HUP"], "not found"),
+        (&["signal", "nope-0", "HUP"], "not found"),
+    ] {
+        let out = agent.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+}

@@ -36,6 +36,20 @@ fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
+/// A signal by name (`SIGHUP`, `hup`) or number (1 to 64), with its canonical name.
+fn parse_signal(s: &str) -> Result<(i32, String), Status> {
+    if let Some((n, name)) = spec::signal_by_name(s) {
+        return Ok((n, name.to_string()));
+    }
+    match s.parse::<i32>() {
+        Ok(n) if (1..=64).contains(&n) => Ok((n, n.to_string())),
+        _ => Err(Status::invalid_argument(format!(
+            "signal: {:?} is not a signal (use a name like SIGHUP, or a number from 1 to 64)",
+            s.chars().take(40).collect::<String>()
+        ))),
+    }
+}
+
 fn unexpected(o: Outcome) -> Status {
     Status::internal(format!("unexpected supervisor answer: {o:?}"))
 }
@@ -150,6 +164,34 @@ impl Agent for AgentService {
                 name,
                 previous,
                 replicas,
+            })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn signal(
+        &self,
+        req: Request<pb::SignalRequest>,
+    ) -> Result<Response<pb::SignalResponse>, Status> {
+        let req = req.into_inner();
+        let (number, name) = parse_signal(&req.signal)?;
+        if req.instance.is_empty() || req.instance.len() > 80 || req.instance.contains('/') {
+            return Err(Status::invalid_argument(format!(
+                "instance: {:?} is not an instance id (like \"web-2\")",
+                req.instance.chars().take(80).collect::<String>()
+            )));
+        }
+        match self
+            .call(Operation::Signal {
+                instance: req.instance,
+                signal: number,
+            })
+            .await?
+        {
+            Outcome::Signaled { instance, pid } => Ok(Response::new(pb::SignalResponse {
+                instance,
+                signal: name,
+                pid,
             })),
             o => Err(unexpected(o)),
         }

@@ -9,10 +9,12 @@ pub fn to_status(e: SupervisorError) -> Status {
         SupervisorError::InvalidSpec(_) | SupervisorError::InvalidArgument { .. } => {
             Code::InvalidArgument
         }
-        SupervisorError::NotFound { .. } => Code::NotFound,
-        SupervisorError::Unenforceable(_) | SupervisorError::Deleting { .. } => {
-            Code::FailedPrecondition
+        SupervisorError::NotFound { .. } | SupervisorError::InstanceNotFound { .. } => {
+            Code::NotFound
         }
+        SupervisorError::Unenforceable(_)
+        | SupervisorError::Deleting { .. }
+        | SupervisorError::NotRunning { .. } => Code::FailedPrecondition,
         SupervisorError::Storage(_) => Code::Internal,
         SupervisorError::Unavailable => Code::Unavailable,
     };

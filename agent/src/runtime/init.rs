@@ -34,7 +34,7 @@ use super::{EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat,
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
 /// SIGCHLD is the init's own; fault signals stay default.
-const FORWARDED: &[Signal] = &[
+pub const FORWARDED: &[Signal] = &[
     Signal::SIGHUP,
     Signal::SIGINT,
     Signal::SIGQUIT,

@@ -860,12 +860,68 @@ impl Driver {
                     .collect(),
             )),
             Operation::Scale { name, replicas } => self.scale(&name, replicas),
+            Operation::Signal { instance, signal } => self.send_signal(&instance, signal),
             Operation::Summary => Ok(Outcome::Summary {
                 services: self.services.len() as u32,
                 instances: self.live.len() as u32,
             }),
         };
         let _ = reply.send(result);
+    }
+
+    /// Deliver `signal` to an instance's service process. Signals the init forwards go to
+    /// the init (through its pidfd, immune to PID reuse); others (SIGKILL, SIGSTOP, ...) go
+    /// straight to the service process.
+    fn send_signal(&mut self, instance: &str, signal: i32) -> Result<Outcome, SupervisorError> {
+        let not_found = || SupervisorError::InstanceNotFound {
+            instance: instance.to_string(),
+        };
+        let (service, index) = instance.rsplit_once('-').ok_or_else(not_found)?;
+        let index: u32 = index.parse().map_err(|_| not_found())?;
+        let inst = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+            .ok_or_else(not_found)?;
+        let live = match (inst.state, self.live.get(&inst.id)) {
+            (State::Running { .. }, Some(l)) => l,
+            (state, _) => {
+                return Err(SupervisorError::NotRunning {
+                    instance: instance.to_string(),
+                    state: state.name().to_string(),
+                });
+            }
+        };
+        let main = live
+            .main_pid
+            .or_else(|| self.deps.runtime.main_pid(live.process.pid));
+        let forwarded = crate::runtime::init::FORWARDED
+            .iter()
+            .any(|s| *s as i32 == signal);
+        let (target, pid) = match (forwarded, main) {
+            (true, _) => (live.process.clone(), main.unwrap_or(live.process.pid)),
+            (false, Some(m)) => (
+                ProcessRef {
+                    pid: m,
+                    pidfd: None,
+                },
+                m,
+            ),
+            (false, None) => {
+                return Err(SupervisorError::NotRunning {
+                    instance: instance.to_string(),
+                    state: "starting".into(),
+                });
+            }
+        };
+        self.deps.runtime.signal(&target, signal).map_err(|e| {
+            SupervisorError::Unenforceable(format!("signal {signal} to {instance}: {e}"))
+        })?;
+        tracing::info!(instance, signal, pid, "signal sent");
+        Ok(Outcome::Signaled {
+            instance: instance.to_string(),
+            pid,
+        })
     }
 
     /// What this host cannot enforce for `spec`, or what the spec needs that is not there.

@@ -46,6 +46,11 @@ pub enum Operation {
         name: String,
         replicas: u32,
     },
+    /// Send `signal` (a number) to the service process of one running instance.
+    Signal {
+        instance: String,
+        signal: i32,
+    },
     /// Counts for the node report.
     Summary,
 }
@@ -133,6 +138,10 @@ pub enum Outcome {
         services: u32,
         instances: u32,
     },
+    Signaled {
+        instance: String,
+        pid: i32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,11 +152,15 @@ pub enum SupervisorError {
     InvalidArgument { field: String, message: String },
     #[error("service {name:?} not found")]
     NotFound { name: String },
+    #[error("instance {instance:?} not found")]
+    InstanceNotFound { instance: String },
     /// The host cannot enforce what the spec asks for.
     #[error("{0}")]
     Unenforceable(String),
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
+    #[error("instance {instance:?} is not running ({state})")]
+    NotRunning { instance: String, state: String },
     #[error("saving the desired state failed, nothing was applied: {0}")]
     Storage(String),
     #[error("the agent is shutting down")]

@@ -37,5 +37,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::
         Command::Scale(args) => service::scale(&conn, output, &args, out).await,
         Command::Delete(args) => service::delete(&conn, output, &args.name, out).await,
         Command::Node => service::node(&conn, output, out).await,
+        Command::Signal(args) => {
+            service::signal(&conn, output, &args.instance, &args.signal, out).await
+        }
     }
 }

@@ -90,3 +90,51 @@ pub async fn node(
     }
     Ok(Outcome::Success)
 }
+
+/// `NAME/INDEX` as the agent names instances (`NAME-INDEX`); anything else as given.
+pub fn instance_id(arg: &str) -> String {
+    match arg.rsplit_once('/') {
+        Some((name, index)) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{name}-{index}")
+        }
+        _ => arg.to_string(),
+    }
+}
+
+pub async fn signal(
+    conn: &ConnectArgs,
+    format: Format,
+    instance: &str,
+    signal: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let resp = client::connect(conn)
+        .await?
+        .signal(&instance_id(instance), signal)
+        .await?;
+    match format {
+        Format::Json => render::write_json(
+            out,
+            &serde_json::json!({ "instance": resp.instance, "signal": resp.signal, "pid": resp.pid }),
+        )?,
+        Format::Table => writeln!(
+            out,
+            "{}: sent {} to pid {}",
+            resp.instance, resp.signal, resp.pid
+        )?,
+    }
+    Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_id;
+
+    #[test]
+    fn instance_ids() {
+        assert_eq!(instance_id("web/2"), "web-2");
+        assert_eq!(instance_id("web-2"), "web-2");
+        assert_eq!(instance_id("a-b/10"), "a-b-10");
+        assert_eq!(instance_id("web/x"), "web/x");
+    }
+}
