@@ -302,3 +302,144 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Every line a fast writer produces is in the files, in order, across rotations and two
+/// agent kills; with space available nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_lose_nothing_across_agent_kills_and_rotations() {
+    if skip_unless_root("logs_lose_nothing_across_agent_kills_and_rotations") {
+        return;
+    }
+    const LINES: u64 = 300_000;
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "flood",
+            1,
+            &["flood", &LINES.to_string()],
+            "[logs]\nmax_size = \"1MiB\"\nmax_files = 100\n",
+        ))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("flood", 1).await.remove(0);
+    for _ in 0..2 {
+        agent.stop_with(libc::SIGKILL);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        agent.launch().await;
+    }
+    eventually("the writer to finish", Duration::from_secs(120), || async {
+        agent
+            .stdout_of(&inst.id)
+            .contains("flood_done=")
+            .then_some(())
+    })
+    .await;
+    let dir = agent.state_dir.join("logs").join(&inst.id);
+    let mut files: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(&dir)
+        .expect("log dir")
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = match name.strip_prefix("stdout.log") {
+                Some("") => 0,
+                Some(rest) => rest.strip_prefix('.')?.parse().ok()?,
+                None => return None,
+            };
+            Some((n, e.path()))
+        })
+        .collect();
+    files.sort_by(|a, b| b.0.cmp(&a.0)); // oldest (highest number) first
+    assert!(files.len() > 10, "the logs rotated: {} files", files.len());
+    let mut next = 0u64;
+    for (_, f) in &files {
+        for line in std::fs::read_to_string(f).expect("read").lines() {
+            let p = corral_e2e::payload(line);
+            assert_ne!(p, line, "every record is timestamped: {line:?}");
+            if let Some(seq) = p
+                .strip_prefix("seq=")
+                .and_then(|s| s.get(..8))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                assert_eq!(seq, next, "lines in order, none missing");
+                next += 1;
+            }
+        }
+    }
+    assert_eq!(next, LINES, "every line was written");
+    let s = agent.get("flood").await.expect("get");
+    assert_eq!(s.instances[0].log_lines_dropped, 0);
+    assert_eq!(
+        s.instances[0].pid, inst.pid,
+        "the writer was never restarted"
+    );
+}
+
+/// A full disk: output is dropped (the service never blocks), counted in status, and a
+/// notice in the log says how much once there is space again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_output_and_says_so() {
+    if skip_unless_root("a_full_disk_drops_output_and_says_so") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let dir = agent.state_dir.join("logs").join("full-0");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "corral-e2e-full"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP a_full_disk_drops_output_and_says_so: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    agent
+        .apply(&spec(
+            "full",
+            1,
+            &["flood", "20000"],
+            "[logs]\nmax_size = \"10MiB\"\n",
+        ))
+        .await
+        .expect("apply");
+    let dropped = eventually("drops to be counted", Duration::from_secs(30), || async {
+        let s = agent.get("full").await.ok()?;
+        let n = s.instances.first()?.log_lines_dropped;
+        (n > 0).then_some(n)
+    })
+    .await;
+    // Make room (truncating frees tmpfs pages); the next tick brings the notice.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("stdout.log"))
+        .expect("open")
+        .set_len(0)
+        .expect("truncate");
+    let notice = eventually("the drop notice", Duration::from_secs(10), || async {
+        std::fs::read_to_string(dir.join("stdout.log"))
+            .ok()?
+            .lines()
+            .find(|l| l.contains("[corral-init]") && l.contains("dropped"))
+            .map(str::to_string)
+    })
+    .await;
+    let s = agent.get("full").await.expect("get");
+    let total = s.instances[0].log_lines_dropped;
+    assert!(total >= dropped);
+    assert!(
+        notice.contains(&format!("] {total} lines")),
+        "notice {notice:?} vs status {total}"
+    );
+    assert!(notice.contains("No space left on device"), "{notice}");
+    agent.delete("full").await.expect("delete");
+}

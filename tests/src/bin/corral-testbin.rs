@@ -276,6 +276,25 @@ fn main() {
             line("orphaned", n);
             sleep_forever();
         }
+        // Write COUNT numbered 100-byte lines to stdout as fast as possible, then
+        // `flood_done=COUNT` and run until SIGTERM.
+        "flood" => {
+            on_term_exit_zero();
+            let count = num(1, 100_000);
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            let pad = "x".repeat(100 - "seq=00000000 ".len() - 1);
+            for i in 0..count {
+                let _ = writeln!(out, "seq={i:08} {pad}");
+            }
+            let _ = out.flush();
+            drop(out);
+            line("flood_done", count);
+            // Then a trickle, so that a log that could not be written to can recover.
+            for tick in 0.. {
+                std::thread::sleep(Duration::from_millis(100));
+                line("tick", tick);
+            }
+        }
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
         "signal-fifo" => {
             on_term_exit_zero();
