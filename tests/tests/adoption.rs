@@ -348,7 +348,7 @@ async fn logs_lose_nothing_across_agent_kills_and_rotations() {
             Some((n, e.path()))
         })
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0)); // oldest (highest number) first
+    files.sort_by_key(|f| std::cmp::Reverse(f.0)); // oldest (highest number) first
     assert!(files.len() > 10, "the logs rotated: {} files", files.len());
     let mut next = 0u64;
     for (_, f) in &files {
