@@ -92,6 +92,42 @@ fn pss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// utime + stime of a process, in clock ticks.
+fn clock_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// The timestamps of the first and last records across an instance's stdout files.
+fn record_span(dir: &Path) -> (std::time::SystemTime, std::time::SystemTime) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains("stdout.log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let ts = |l: &str| l.get(..27).and_then(|t| humantime::parse_rfc3339(t).ok());
+    let mut first = None;
+    let mut last = None;
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        for l in text.lines() {
+            if let Some(t) = ts(l) {
+                first = Some(first.map_or(t, |x: std::time::SystemTime| x.min(t)));
+                last = Some(last.map_or(t, |x: std::time::SystemTime| x.max(t)));
+            }
+        }
+    }
+    let now = std::time::SystemTime::now();
+    (first.unwrap_or(now), last.unwrap_or(now))
+}
+
 async fn apply(agent: &Agent, toml: &str) {
     agent.apply(toml).await.expect("apply");
 }
@@ -209,9 +245,81 @@ async fn main() {
         pss.len(),
         rss_init.iter().sum::<u64>() / rss_init.len().max(1) as u64
     );
+
+    // 7. Agent restart with 200 running instances: kill -9, start, until the API serves
+    //    with every instance re-adopted (the API answers only after the restore).
+    let mut agent = agent;
+    let mut readopt = Vec::new();
+    for _ in 0..rounds.min(10) {
+        agent.stop_with(libc::SIGKILL);
+        let t = Instant::now();
+        agent.launch().await;
+        readopt.push(t.elapsed());
+        let l = agent
+            .client()
+            .await
+            .list(pb::ListRequest {})
+            .await
+            .expect("list")
+            .into_inner();
+        let running = l
+            .services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .filter(|i| i.state == pb::InstanceState::Running as i32)
+            .count();
+        assert_eq!(running, 200, "all re-adopted");
+    }
+    stats(
+        "agent restart -> 200 instances re-adopted, API serving",
+        readopt,
+        true,
+    );
     for s in 0..4 {
         delete(&agent, &format!("many-{s}")).await;
     }
+
+    // 8. Log throughput through one instance's init: 1 000 000 lines of 100 bytes.
+    let lines: u64 = 1_000_000;
+    let flood = format!(
+        "name = \"flood\"\ncommand = [{:?}, \"flood\", \"{lines}\"]\n[logs]\nmax_size = \"64MiB\"\nmax_files = 4\n",
+        testbin()
+    );
+    apply(&agent, &flood).await;
+    let inst = agent.wait_running("flood", 1).await.remove(0);
+    let t = Instant::now();
+    corral_e2e::eventually(
+        "the flood to be logged",
+        Duration::from_secs(120),
+        || async {
+            agent
+                .stdout_of(&inst.id)
+                .contains("flood_done=")
+                .then_some(())
+        },
+    )
+    .await;
+    let wall = t.elapsed();
+    let (first, last) = record_span(&agent.state_dir.join("logs").join(&inst.id));
+    let span = last
+        .duration_since(first)
+        .unwrap_or(wall)
+        .as_secs_f64()
+        .max(1e-6);
+    let mb = (lines * 100) as f64 / 1e6;
+    let ticks = clock_ticks(inst.init_pid);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = ticks as f64 / hz;
+    println!(
+        "log throughput (1M lines of 100 B): {:.0} MB/s, {:.0} lines/s (first to last record {:.2} s); init CPU {:.2} s = {:.1} ms per MB",
+        mb / span,
+        lines as f64 / span,
+        span,
+        cpu,
+        cpu * 1e3 / mb
+    );
+    delete(&agent, "flood").await;
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
