@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cgroups;
+pub mod health;
 pub mod host;
 pub mod runtime;
 pub mod spec;

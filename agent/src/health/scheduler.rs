@@ -1,0 +1,121 @@
+//! The probe schedule of one instance: a [`Prober`] is one tokio task that runs [`check`] on
+//! its own timer and sends a [`ProbeReport`] after every run. Instances never wait for each
+//! other: each has its own task, and a slow probe delays only its own next run.
+//!
+//! Schedule:
+//! - The first run starts after a random delay in `[0, min(interval / 10, 1s))`
+//!   ([`first_delay`]), so instances started together (an agent restart re-adopting them, a
+//!   scale-up) do not probe in lockstep, while a new instance is still probed at once.
+//! - Then runs are due at `first + k × interval`: the interval is measured from the due time of
+//!   the previous run, so a run's own duration does not make the schedule drift. A run that
+//!   ends after the next one was due (only possible when the host is overloaded, since
+//!   `timeout <= interval`) makes that next run start as soon as it ends, and the schedule
+//!   continues from there: missed runs are skipped, never caught up in a burst.
+//!
+//! Dropping the [`ProbeHandle`] aborts the task at its next await point, which drops the run
+//! in progress (its sockets, its exec command through the [`ExecRunner`] contract). The task
+//! also ends by itself when the report receiver is gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::probe::{ExecRunner, Outcome, check};
+use super::target::Target;
+use crate::spec::HealthSpec;
+
+/// The longest delay before a prober's first run.
+const MAX_FIRST_DELAY: Duration = Duration::from_secs(1);
+
+/// The outcome of one run of an instance's probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub instance: String,
+    /// The instance run the probe belongs to; the driver drops reports of an earlier run.
+    pub generation: u64,
+    pub outcome: Outcome,
+    /// When the run started: the time to give [`Tracker::observe`](super::Tracker::observe).
+    pub at: Instant,
+    /// When the run was due; `at - scheduled` is how late the scheduler was.
+    pub scheduled: Instant,
+}
+
+/// Starts the probers of instances.
+#[derive(Debug)]
+pub struct Prober;
+
+impl Prober {
+    /// Starts probing `target` for one run of `instance` on `spec`'s interval and timeout,
+    /// sending every outcome to `tx`, until the handle is dropped. Must be called within a
+    /// tokio runtime.
+    pub fn start(
+        instance: String,
+        generation: u64,
+        target: Target,
+        spec: &HealthSpec,
+        exec: Arc<dyn ExecRunner>,
+        tx: mpsc::UnboundedSender<ProbeReport>,
+    ) -> ProbeHandle {
+        let interval = spec.interval.max(Duration::from_millis(1));
+        let timeout = spec.timeout;
+        let delay = first_delay(interval, fastrand::f64());
+        let task = tokio::spawn(async move {
+            let mut due = Instant::now() + delay;
+            loop {
+                tokio::time::sleep_until(due).await;
+                let at = Instant::now();
+                let outcome = check(&target, timeout, exec.as_ref()).await;
+                let report = ProbeReport {
+                    instance: instance.clone(),
+                    generation,
+                    outcome,
+                    at,
+                    scheduled: due,
+                };
+                if tx.send(report).is_err() {
+                    break;
+                }
+                due = next_due(due, interval, Instant::now());
+            }
+        });
+        ProbeHandle { task }
+    }
+}
+
+/// The delay before a prober's first run, for `jitter` in `[0, 1)`:
+/// `jitter × min(interval / 10, 1s)`.
+pub fn first_delay(interval: Duration, jitter: f64) -> Duration {
+    (interval / 10)
+        .min(MAX_FIRST_DELAY)
+        .mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// When the run after one that was due at `due` is due, if that run ended at `now`.
+fn next_due(due: Instant, interval: Duration, now: Instant) -> Instant {
+    (due + interval).max(now)
+}
+
+/// Owns a running prober: dropping it stops the probing.
+#[derive(Debug)]
+pub struct ProbeHandle {
+    task: JoinHandle<()>,
+}
+
+impl ProbeHandle {
+    /// Whether the prober's task has ended (its report receiver is gone).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for ProbeHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests;
