@@ -210,6 +210,13 @@ impl Runtime for FakeRuntime {
         "fake-boot".into()
     }
 
+    fn exec_runner(
+        &self,
+        _req: super::ExecRequest<'_>,
+    ) -> std::sync::Arc<dyn crate::health::ExecRunner> {
+        std::sync::Arc::new(FakeExec)
+    }
+
     fn log_stat(&self, _instance: &str) -> super::LogStat {
         super::LogStat::default()
     }
@@ -220,5 +227,26 @@ impl Runtime for FakeRuntime {
 
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.to_vec()
+    }
+}
+
+/// An exec probe runner for tests: every command exits 0.
+#[derive(Debug)]
+pub struct FakeExec;
+
+impl crate::health::ExecRunner for FakeExec {
+    fn run<'a>(
+        &'a self,
+        _argv: &'a [String],
+        _timeout: std::time::Duration,
+    ) -> std::pin::Pin<Box<dyn Future<Output = io::Result<crate::health::ExecResult>> + Send + 'a>>
+    {
+        Box::pin(async {
+            Ok(crate::health::ExecResult {
+                code: Some(0),
+                signal: None,
+                output_tail: String::new(),
+            })
+        })
     }
 }

@@ -57,6 +57,10 @@ pub const SETUP_FAILED: u8 = 125;
 
 /// Entry point of `corral-init`. Never returns into the agent's code paths.
 pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(super::probe_exec::EXEC_FLAG) {
+        return super::probe_exec::main(&args[1..]);
+    }
     // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
     // this process owns it.
     let run_dir = unsafe { OwnedFd::from_raw_fd(RUN_DIR_FD) };

@@ -152,14 +152,14 @@ fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
 }
 
 /// Move `fd` to a number >= HIGH_FD, close-on-exec.
-fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
+pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
     let raw = nix::fcntl::fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn clone_flags(spec: &ServiceSpec) -> u64 {
-    let mut flags = libc::CLONE_PIDFD as u64;
+    let mut flags = 0;
     for ns in &spec.isolation.namespaces {
         flags |= match ns {
             Namespace::Pid => libc::CLONE_NEWPID,
@@ -173,15 +173,18 @@ fn clone_flags(spec: &ServiceSpec) -> u64 {
 }
 
 /// Data the child reads between clone3 and exec; all of it prepared by the parent.
-struct ChildPlan<'a> {
-    procs: &'a [OwnedFd],
-    devnull: RawFd,
-    init_log: RawFd,
-    run_dir: RawFd,
-    err_pipe: RawFd,
-    exe: &'a CString,
-    argv: &'a [*const libc::c_char],
-    envp: &'a [*const libc::c_char],
+#[derive(Clone, Copy)]
+pub(super) struct ChildPlan<'a> {
+    pub(super) procs: &'a [OwnedFd],
+    pub(super) stdin: RawFd,
+    pub(super) stdout: RawFd,
+    pub(super) stderr: RawFd,
+    /// Placed on fd 3: the run directory (an instance's init) or a pidfd (an exec probe).
+    pub(super) fd3: RawFd,
+    pub(super) err_pipe: RawFd,
+    pub(super) exe: &'a CString,
+    pub(super) argv: &'a [*const libc::c_char],
+    pub(super) envp: &'a [*const libc::c_char],
 }
 
 /// The child side of clone3. Only async-signal-safe system calls: no allocation, no locks.
@@ -211,10 +214,10 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
     // on the targets only. close_range then marks everything else close-on-exec (the error
     // pipe stays usable until exec succeeds).
     unsafe {
-        if libc::dup2(plan.devnull, 0) < 0
-            || libc::dup2(plan.init_log, 1) < 0
-            || libc::dup2(plan.init_log, 2) < 0
-            || libc::dup2(plan.run_dir, RUN_DIR_FD) < 0
+        if libc::dup2(plan.stdin, 0) < 0
+            || libc::dup2(plan.stdout, 1) < 0
+            || libc::dup2(plan.stderr, 2) < 0
+            || libc::dup2(plan.fd3, RUN_DIR_FD) < 0
         {
             fail(STEP_FDS);
         }
@@ -230,6 +233,57 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
         libc::execve(plan.exe.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
     }
     fail(STEP_EXEC)
+}
+
+/// clone3 a child with `flags` (namespaces), inside the cgroup (`into_cgroup` on v2, or by
+/// writing the plan's `cgroup.procs` files), that wires fds 0-3 and executes the plan. Returns
+/// its PID and pidfd.
+pub(super) fn clone_exec(
+    flags: u64,
+    into_cgroup: Option<&OwnedFd>,
+    plan: &ChildPlan<'_>,
+) -> io::Result<(i32, OwnedFd)> {
+    let attempt = |into: Option<&OwnedFd>| -> io::Result<(i32, OwnedFd)> {
+        let mut plan = *plan;
+        if into.is_some() {
+            // Born inside the cgroup: nothing to write.
+            plan.procs = &[];
+        }
+        let mut pidfd: libc::c_int = -1;
+        let mut args = CloneArgs {
+            flags: flags | libc::CLONE_PIDFD as u64,
+            pidfd: (&raw mut pidfd) as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..CloneArgs::default()
+        };
+        if let Some(dir) = into {
+            args.flags |= CLONE_INTO_CGROUP;
+            args.cgroup = dir.as_raw_fd() as u64;
+        }
+        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
+        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
+        let ret =
+            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+        if ret == 0 {
+            // SAFETY: we are the child of clone3; the plan was built before the call.
+            unsafe { child_after_clone(&plan) }
+        }
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
+        Ok((ret as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    };
+    match attempt(into_cgroup) {
+        // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
+        Err(e)
+            if into_cgroup.is_some()
+                && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) =>
+        {
+            attempt(None)
+        }
+        other => other,
+    }
 }
 
 impl Runtime for LinuxRuntime {
@@ -343,61 +397,27 @@ impl Runtime for LinuxRuntime {
             .collect::<io::Result<Vec<_>>>()
             .map_err(prep("cgroup.procs"))?;
 
-        let cgroup_dir = req.cgroup_dir;
-        let clone = |into_cgroup: Option<&OwnedFd>| -> io::Result<(i32, libc::c_int)> {
-            let plan = ChildPlan {
-                // Born inside the cgroup: nothing to write.
-                procs: if into_cgroup.is_some() { &[] } else { &procs },
-                devnull: devnull.as_raw_fd(),
-                init_log: init_log.as_raw_fd(),
-                run_dir: run_dir_fd.as_raw_fd(),
-                err_pipe: err_w.as_raw_fd(),
-                exe: &self.exe,
-                argv: &argv,
-                envp: &envp,
-            };
-            let mut pidfd: libc::c_int = -1;
-            let mut args = CloneArgs {
-                flags: clone_flags(spec),
-                pidfd: (&raw mut pidfd) as u64,
-                exit_signal: libc::SIGCHLD as u64,
-                ..CloneArgs::default()
-            };
-            if let Some(dir) = into_cgroup {
-                args.flags |= CLONE_INTO_CGROUP;
-                args.cgroup = dir.as_raw_fd() as u64;
-            }
-            // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed,
-            // no CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
-            let ret =
-                unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-            if ret == 0 {
-                // SAFETY: we are the child of clone3; the plan was built before the call.
-                unsafe { child_after_clone(&plan) }
-            }
-            if ret < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok((ret as i32, pidfd))
+        let plan = ChildPlan {
+            procs: &procs,
+            stdin: devnull.as_raw_fd(),
+            stdout: init_log.as_raw_fd(),
+            stderr: init_log.as_raw_fd(),
+            fd3: run_dir_fd.as_raw_fd(),
+            err_pipe: err_w.as_raw_fd(),
+            exe: &self.exe,
+            argv: &argv,
+            envp: &envp,
         };
-        let cloned = match clone(cgroup_dir.as_ref()) {
-            // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
-            Err(e)
-                if cgroup_dir.is_some()
-                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) =>
-            {
-                clone(None)
-            }
-            other => other,
-        };
-        let (ret, pidfd) = cloned.map_err(|source| SpawnError::Clone {
-            instance: instance.to_string(),
-            source,
-        })?;
+        let (ret, pidfd) =
+            clone_exec(clone_flags(spec), req.cgroup_dir.as_ref(), &plan).map_err(|source| {
+                SpawnError::Clone {
+                    instance: instance.to_string(),
+                    source,
+                }
+            })?;
         let pid = ret;
         drop(err_w);
-        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
-        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(pidfd) });
+        let pidfd = Arc::new(pidfd);
         // Our own unreaped child: its PID cannot be reused yet, so this reads the right process.
         let start_time = proc_start_time(pid).unwrap_or(0);
         let process = ProcessRef {
@@ -538,6 +558,36 @@ impl Runtime for LinuxRuntime {
         read_exit_record(&self.run_dir(instance))
     }
 
+    fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
+        let spec = req.spec;
+        let identity = match &spec.user {
+            None => self.own.clone(),
+            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
+        };
+        let drop_privileges = spec.user.is_some();
+        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
+            .into_iter()
+            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+            .collect();
+        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
+        let procs = req
+            .cgroup_procs
+            .into_iter()
+            .filter_map(|fd| high(fd).ok())
+            .collect();
+        Arc::new(super::probe_exec::LinuxExec {
+            exe: self.exe.clone(),
+            target: req.process.pidfd.clone(),
+            procs,
+            cgroup_dir: req.cgroup_dir,
+            env,
+            ns_flags,
+            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
+            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            workdir: spec.workdir.display().to_string(),
+        })
+    }
+
     fn log_stat(&self, instance: &str) -> LogStat {
         fs::read(self.run_dir(instance).join(LOG_STAT))
             .ok()
@@ -587,7 +637,7 @@ fn proc_start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
+pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
     let reap = |fd: &OwnedFd| {
         if !child {
             // Its parent (not us) reaps it; signal 0 through the pidfd tells whether it ended.

@@ -13,6 +13,7 @@ pub mod init;
 mod launch;
 pub mod linux;
 pub mod logwriter;
+pub mod probe_exec;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -117,6 +118,19 @@ pub struct StartRequest<'a> {
     pub ports: &'a BTreeMap<String, u16>,
 }
 
+/// What an exec probe runner needs to run commands inside one instance.
+#[derive(Debug)]
+pub struct ExecRequest<'a> {
+    pub process: &'a ProcessRef,
+    pub spec: &'a ServiceSpec,
+    pub index: u32,
+    pub instance: &'a str,
+    pub ports: &'a BTreeMap<String, u16>,
+    /// The instance cgroup's `cgroup.procs` files (v1), or its directory (v2).
+    pub cgroup_procs: Vec<OwnedFd>,
+    pub cgroup_dir: Option<OwnedFd>,
+}
+
 /// A handle on a running init, for signals.
 #[derive(Clone)]
 pub struct ProcessRef {
@@ -214,6 +228,9 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// What an instance's init recorded when its service ended, if it did.
     fn exit_record(&self, instance: &str) -> Option<ExitRecord>;
+
+    /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
+    fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;
 
     /// The init's count of output it could not write to the logs (none: nothing dropped).
     fn log_stat(&self, instance: &str) -> LogStat;

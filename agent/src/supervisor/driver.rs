@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::instance::{self, Ctx, Effect, Event, ExitInfo, Instance, Observed, State};
+use super::instance::{self, Ctx, Effect, Event, ExitInfo, Instance, Observed, State, StopReason};
 use super::reconcile::{self, Action, Desired};
 use super::{
     ApplyKind, ApplyOutcome, InstanceStatus, Operation, Outcome, Reply, ServiceStatus,
     SupervisorError, SupervisorHandle,
 };
 use crate::cgroups::{CgroupBackend, CgroupPath};
+use crate::health::{self, HealthState, ProbeHandle, ProbeReport, Prober, ServiceHealth, Tracker};
 use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Runtime, StartRequest};
 use crate::spec::{self, Namespace, RawSpec, ServiceSpec};
 use crate::store::Store;
@@ -101,6 +102,8 @@ struct Live {
     start_time: u64,
     /// Host PID of the service process, once seen.
     main_pid: Option<i32>,
+    /// Health tracking, for instances of a service with a `[health]` section.
+    health: Option<LiveHealth>,
     /// The last usage read from the cgroup and the log drop count, and when.
     usage: Option<(
         Instant,
@@ -108,6 +111,12 @@ struct Live {
         crate::runtime::LogStat,
     )>,
     ports: BTreeMap<String, u16>,
+}
+
+struct LiveHealth {
+    tracker: Tracker,
+    /// Probes run while this is held; dropping it stops them.
+    _prober: Option<ProbeHandle>,
 }
 
 enum Internal {
@@ -132,6 +141,10 @@ pub struct Driver {
     ops: mpsc::Receiver<(Operation, Reply)>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
+    probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    probes: mpsc::UnboundedReceiver<ProbeReport>,
+    /// Each service's health, as instances add it up; the API serves it as grpc.health.v1.
+    health_tx: watch::Sender<BTreeMap<String, ServiceHealth>>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -158,6 +171,8 @@ impl Driver {
     pub fn new(deps: Deps) -> (Driver, SupervisorHandle) {
         let (tx, ops) = mpsc::channel(256);
         let (internal_tx, internal) = mpsc::unbounded_channel();
+        let (probe_tx, probes) = mpsc::unbounded_channel();
+        let (health_tx, _) = watch::channel(BTreeMap::new());
         let driver = Driver {
             boot_id: deps.runtime.boot_id(),
             deps,
@@ -166,8 +181,16 @@ impl Driver {
             ops,
             internal_tx,
             internal,
+            probe_tx,
+            probes,
+            health_tx,
         };
         (driver, SupervisorHandle { tx })
+    }
+
+    /// Each service's health (healthy, degraded, unhealthy) whenever it changes.
+    pub fn health_updates(&self) -> watch::Receiver<BTreeMap<String, ServiceHealth>> {
+        self.health_tx.subscribe()
     }
 
     /// Take over from an earlier agent run: load the desired state, adopt every instance that
@@ -396,6 +419,7 @@ impl Driver {
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             self.reconcile_all();
+            self.publish_health();
             let wake = self
                 .services
                 .values()
@@ -405,6 +429,7 @@ impl Driver {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(m) = self.internal.recv() => self.on_internal(m),
+                Some(r) = self.probes.recv() => self.on_probe(r),
                 Some((op, reply)) = self.ops.recv() => self.on_op(op, reply),
                 _ = sleep_until(wake) => {}
             }
@@ -608,15 +633,66 @@ impl Driver {
         spawned: crate::runtime::Spawned,
         ports: BTreeMap<String, u16>,
     ) {
-        let Some(id) = self.instance_id(service, index) else {
+        let Some(inst) = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+        else {
             return;
         };
+        let id = inst.id.clone();
+        let health = inst.spec.health.as_ref().map(|h| {
+            let prober = h
+                .probe
+                .as_ref()
+                .and_then(|p| match health::resolve(p, &ports) {
+                    Ok(target) => {
+                        // Exec probes run inside the instance: they need its cgroup too.
+                        let (procs, dir) = match &target {
+                            health::Target::Exec { .. } => {
+                                let path = cgroup_of(service, &id);
+                                (
+                                    self.deps.cgroups.open_procs(&path).unwrap_or_default(),
+                                    self.deps.cgroups.open_dir(&path).ok().flatten(),
+                                )
+                            }
+                            _ => (Vec::new(), None),
+                        };
+                        let exec = self.deps.runtime.exec_runner(crate::runtime::ExecRequest {
+                            process: &spawned.process,
+                            spec: &inst.spec,
+                            index,
+                            instance: &id,
+                            ports: &ports,
+                            cgroup_procs: procs,
+                            cgroup_dir: dir,
+                        });
+                        Some(Prober::start(
+                            id.clone(),
+                            generation,
+                            target,
+                            h,
+                            exec,
+                            self.probe_tx.clone(),
+                        ))
+                    }
+                    Err(e) => {
+                        tracing::error!(instance = %id, error = %e, "health probe not started");
+                        None
+                    }
+                });
+            LiveHealth {
+                tracker: Tracker::new(h, Instant::now()),
+                _prober: prober,
+            }
+        });
         self.live.insert(
             id,
             Live {
                 process: spawned.process,
                 start_time: spawned.start_time,
                 main_pid: None,
+                health,
                 usage: None,
                 ports,
             },
@@ -632,6 +708,88 @@ impl Driver {
                 generation,
                 exit,
             });
+        });
+    }
+
+    /// A probe result: into the instance's tracker; an instance that stays unhealthy is
+    /// replaced when the spec says so, a few at a time per service.
+    fn on_probe(&mut self, report: ProbeReport) {
+        let Some((service, index)) = split_instance_id(&report.instance) else {
+            return;
+        };
+        let Some(svc) = self.services.get(service) else {
+            return;
+        };
+        let Some(inst) = svc.instances.get(&index) else {
+            return;
+        };
+        if inst.generation != report.generation || !matches!(inst.state, State::Running { .. }) {
+            return;
+        }
+        let replicas = svc.spec.replicas;
+        let in_progress = svc
+            .instances
+            .values()
+            .filter(|i| {
+                matches!(
+                    i.state,
+                    State::Stopping {
+                        reason: StopReason::Unhealthy,
+                        ..
+                    }
+                )
+            })
+            .count() as u32;
+        let restart_on_failure = inst
+            .spec
+            .health
+            .as_ref()
+            .is_some_and(|h| h.restart_on_failure);
+        let Some(h) = self
+            .live
+            .get_mut(&report.instance)
+            .and_then(|l| l.health.as_mut())
+        else {
+            return;
+        };
+        if let Some(change) =
+            h.tracker
+                .observe(report.outcome.healthy, &report.outcome.reason, report.at)
+        {
+            tracing::info!(
+                instance = %report.instance,
+                from = change.from.as_str(),
+                to = change.to.as_str(),
+                reason = %change.reason,
+                "health changed"
+            );
+        }
+        if h.tracker.state() == HealthState::Unhealthy && restart_on_failure {
+            if health::may_restart_for_health(replicas, in_progress) {
+                let service = service.to_string();
+                tracing::info!(instance = %report.instance, "replacing an unhealthy instance");
+                self.feed(&service, index, Event::StopRequested(StopReason::Unhealthy));
+            } else {
+                tracing::debug!(instance = %report.instance, in_progress, "health restart deferred (too many at once)");
+            }
+        }
+    }
+
+    /// Each service's health from its instances, sent to subscribers when it changed.
+    fn publish_health(&self) {
+        let now: BTreeMap<String, ServiceHealth> = self
+            .services
+            .iter()
+            .filter(|(_, s)| !s.deleting)
+            .map(|(name, s)| (name.clone(), service_health(s, &self.live)))
+            .collect();
+        self.health_tx.send_if_modified(|old| {
+            if *old == now {
+                false
+            } else {
+                *old = now;
+                true
+            }
         });
     }
 
@@ -876,8 +1034,7 @@ impl Driver {
         let not_found = || SupervisorError::InstanceNotFound {
             instance: instance.to_string(),
         };
-        let (service, index) = instance.rsplit_once('-').ok_or_else(not_found)?;
-        let index: u32 = index.parse().map_err(|_| not_found())?;
+        let (service, index) = split_instance_id(instance).ok_or_else(not_found)?;
         let inst = self
             .services
             .get(service)
@@ -1166,6 +1323,37 @@ fn create_fresh(
             other => return other,
         }
     }
+}
+
+/// `web-2` -> (`web`, 2).
+fn split_instance_id(id: &str) -> Option<(&str, u32)> {
+    let (service, index) = id.rsplit_once('-')?;
+    Some((service, index.parse().ok()?))
+}
+
+/// The health of one instance: its tracker's state when the service has `[health]`, else
+/// healthy exactly while it runs.
+fn instance_health(inst: &Instance, live: Option<&Live>) -> HealthState {
+    if !matches!(inst.state, State::Running { .. }) {
+        return HealthState::Unknown;
+    }
+    match live.and_then(|l| l.health.as_ref()) {
+        Some(h) => h.tracker.state(),
+        None if inst.spec.health.is_none() => HealthState::Healthy,
+        None => HealthState::Unknown,
+    }
+}
+
+fn service_health(svc: &Service, live: &HashMap<String, Live>) -> ServiceHealth {
+    let instances: Vec<health::InstanceHealth> = svc
+        .instances
+        .values()
+        .map(|i| health::InstanceHealth {
+            running: matches!(i.state, State::Running { .. }),
+            health: instance_health(i, live.get(&i.id)),
+        })
+        .collect();
+    health::service_health(svc.spec.replicas, &instances)
 }
 
 async fn sleep_until(when: Option<Instant>) {

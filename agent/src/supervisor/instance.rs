@@ -10,6 +10,7 @@
 //! Running    StopRequested(r)   -> Stopping(r)    Signal
 //! Stopping   GraceExpired       -> Stopping(r,killed) KillAll
 //! Stopping   Exited             -> Pending        KillAll   (r = Replace)
+//!                               -> Backoff        KillAll   (r = Unhealthy: health_failed)
 //!                               -> Removing       Cleanup   (r = ScaleDown | Delete)
 //! Backoff    BackoffElapsed     -> Pending        Spawn
 //! Backoff, Exited
@@ -44,6 +45,30 @@ pub enum StopReason {
     ScaleDown,
     /// Its service is being deleted.
     Delete,
+    /// It failed its health check `failure_threshold` times (liveness): replaced, and the
+    /// end counts as a failure (`health_failed`, with backoff).
+    Unhealthy,
+}
+
+impl StopReason {
+    /// Removal (scale-down, delete) outranks a replacement: the slot is not started again.
+    fn outranks(self, other: StopReason) -> bool {
+        let rank = |r| match r {
+            StopReason::Replace | StopReason::Unhealthy => 0,
+            StopReason::ScaleDown => 1,
+            StopReason::Delete => 2,
+        };
+        rank(self) > rank(other)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Replace => "replace",
+            StopReason::ScaleDown => "scale-down",
+            StopReason::Delete => "delete",
+            StopReason::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -341,7 +366,7 @@ impl Instance {
             ) => {
                 // A stronger reason wins (a replaced instance whose service is then deleted
                 // is not started again); the grace period keeps running.
-                if old == StopReason::Replace && new != StopReason::Replace {
+                if new.outranks(old) {
                     self.state = S::Stopping {
                         reason: new,
                         deadline,
@@ -350,11 +375,23 @@ impl Instance {
                 }
                 vec![]
             }
-            (S::Stopping { reason, .. }, Event::Exited(exit)) => {
+            (S::Stopping { reason, .. }, Event::Exited(mut exit)) => {
                 self.pid = None;
                 self.last_error = exit.setup_error.clone();
+                if reason == StopReason::Unhealthy {
+                    exit.class = ExitClass::HealthFailed;
+                }
                 self.last_exit = Some(exit);
                 match reason {
+                    StopReason::Unhealthy => {
+                        let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
+                        self.failures = self.failures.saturating_add(1);
+                        self.restarts = self.restarts.saturating_add(1);
+                        self.state = S::Backoff {
+                            until: ctx.now + delay,
+                        };
+                        vec![Effect::KillAll]
+                    }
                     StopReason::Replace => {
                         self.failures = 0;
                         self.state = S::Pending;
@@ -375,6 +412,8 @@ impl Instance {
                 vec![Effect::Cleanup]
             }
             (S::Backoff { .. } | S::Exited, Event::StopRequested(reason)) => match reason {
+                // Nothing runs: nothing to fail a health check.
+                StopReason::Unhealthy => vec![],
                 StopReason::Replace => {
                     self.failures = 0;
                     self.state = S::Pending;
