@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod cgroups;
+pub mod events;
 pub mod host;
 pub mod runtime;
 pub mod spec;
