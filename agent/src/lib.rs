@@ -3,14 +3,18 @@
 //!
 //! - [`spec`]: service specs (TOML and the raw model), validation. Pure.
 //! - [`supervisor`]: desired state -> running instances; pure cores plus the driver task.
-//! - [`runtime`]: spawning instances (clone3 into namespaces and cgroup) and their init.
+//! - [`runtime`]: spawning instances (clone3 into namespaces and cgroup), their init, exec probes.
 //! - [`cgroups`]: the cgroup v1/v2 backends behind one trait.
+//! - [`health`]: probes, health tracking, service health.
+//! - [`events`]: the indexed, persisted node event log and its watches.
+//! - [`logs`]: reading instance logs (tail, follow).
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
 //! - [`api`]: the gRPC layer.
 
 pub mod api;
 pub mod cgroups;
+pub mod events;
 pub mod health;
 pub mod host;
 pub mod runtime;
