@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use corral_agent::api::{self, AgentService};
 use corral_agent::cgroups;
+use corral_agent::events::{self, EventLog};
 use corral_agent::host::{self, Host};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
@@ -173,24 +174,36 @@ async fn run(s: Settings) -> Result<()> {
     }
     let runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
     let namespaces = host::available_namespaces();
+    let events = Arc::new(
+        EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
+            .context("opening the event log")?,
+    );
     let deps = Deps {
         runtime: Arc::new(runtime),
         cgroups,
         store: Arc::new(store),
         namespaces: namespaces.clone(),
+        events: events.clone(),
     };
     let (mut driver, handle) = Driver::new(deps);
+    let service_health = driver.health_updates();
     driver.restore().await;
 
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(driver.run(shutdown.clone()));
     let agent = AgentService {
         supervisor: handle.clone(),
+        events,
         host: Arc::new(Host::new()),
         capabilities: caps,
         namespaces,
     };
-    let server = tokio::spawn(api::serve(listener, agent, shutdown.clone()));
+    let server = tokio::spawn(api::serve(
+        listener,
+        agent,
+        service_health,
+        shutdown.clone(),
+    ));
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
 
     if let Some(dir) = &s.services {

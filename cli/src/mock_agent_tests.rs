@@ -50,6 +50,7 @@ fn status_of(name: &str, revision: u64, replicas: u32) -> ServiceStatus {
     ServiceStatus {
         name: name.to_owned(),
         revision,
+        health: "healthy".into(),
         spec: Some(ServiceSpec {
             name: name.to_owned(),
             command: vec!["/bin/sleep".into(), "infinity".into()],
@@ -75,6 +76,16 @@ fn status_of(name: &str, revision: u64, replicas: u32) -> ServiceStatus {
 
 #[tonic::async_trait]
 impl Agent for FakeAgent {
+    type WatchStream =
+        tokio_stream::wrappers::ReceiverStream<Result<corral_proto::v1::Event, Status>>;
+
+    async fn watch(
+        &self,
+        _: Request<corral_proto::v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn apply(
         &self,
         request: Request<ApplyRequest>,

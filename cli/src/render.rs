@@ -542,6 +542,8 @@ mod tests {
             ports: HashMap::new(),
             log_lines_dropped: 0,
             log_bytes_dropped: 0,
+            health: "healthy".into(),
+            health_reason: String::new(),
         };
         let backoff = pb::InstanceStatus {
             id: "web-1".into(),
@@ -583,6 +585,7 @@ mod tests {
         pb::ServiceStatus {
             name: "web".into(),
             revision: 3,
+            health: "degraded".into(),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
                 command: vec![

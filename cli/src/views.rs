@@ -526,6 +526,8 @@ mod tests {
             ports: [("admin".to_string(), 41000)].into_iter().collect(),
             log_lines_dropped: 0,
             log_bytes_dropped: 0,
+            health: "unknown".into(),
+            health_reason: String::new(),
         }
     }
 
@@ -573,6 +575,7 @@ mod tests {
         let status = pb::ServiceStatus {
             name: "web".into(),
             revision: 3,
+            health: "degraded".into(),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
                 command: vec!["/usr/bin/python3".into(), "-m".into(), "http.server".into()],

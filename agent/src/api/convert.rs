@@ -263,6 +263,8 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
             .collect(),
         log_lines_dropped: i.log_dropped.lines_dropped,
         log_bytes_dropped: i.log_dropped.bytes_dropped,
+        health: i.health.to_string(),
+        health_reason: i.health_reason.clone(),
     }
 }
 
@@ -276,6 +278,7 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
         healthy: s.healthy,
         instances: s.instances.iter().map(instance_to_proto).collect(),
         deleting: s.deleting,
+        health: s.health.to_string(),
     }
 }
 
@@ -313,6 +316,38 @@ pub fn node_to_proto(
         namespaces: namespaces.iter().map(|n| n.as_str().to_string()).collect(),
         services,
         instances,
+    }
+}
+
+/// An event on the wire: its fields flattened to strings under `attributes`.
+pub fn event_to_proto(e: &crate::events::Event) -> pb::Event {
+    let mut attributes = std::collections::HashMap::new();
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&e.kind) {
+        for (k, v) in map {
+            if k == "type" {
+                continue;
+            }
+            let text = match v {
+                serde_json::Value::Null => continue,
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                other => other.to_string(),
+            };
+            attributes.insert(k, text);
+        }
+    }
+    pb::Event {
+        index: e.index,
+        time: Some(ts(e.time)),
+        service: e.service.clone(),
+        instance: e.instance.clone().unwrap_or_default(),
+        r#type: e.kind.type_name().to_string(),
+        message: e.kind.summary(),
+        attributes,
     }
 }
 

@@ -2,7 +2,8 @@
 //! A thin layer: [`service`] maps requests to supervisor operations, [`convert`] maps types,
 //! [`status`] maps errors to codes. Only this module and `main` touch tonic and prost.
 //!
-//! Imports from the crate: `supervisor`, `spec`, `host`, `cgroups` (capabilities only).
+//! Imports from the crate: `supervisor`, `spec`, `host`, `events`, `health` (service health
+//! only), `cgroups` (capabilities only).
 
 pub mod convert;
 pub mod service;
@@ -14,7 +15,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use corral_proto::v1::agent_server::AgentServer;
+use std::collections::BTreeMap;
+
 use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use crate::health::ServiceHealth;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -43,10 +49,13 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve the API on `listener` until `shutdown`.
+/// Serve the API on `listener` until `shutdown`. `services` carries each service's health:
+/// `grpc.health.v1` answers for every service by name (SERVING while at least one of its
+/// instances is healthy), besides "" and `corral.v1.Agent` for the agent itself.
 pub async fn serve(
     listener: UnixListener,
     agent: AgentService,
+    mut services: watch::Receiver<BTreeMap<String, ServiceHealth>>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -54,6 +63,31 @@ pub async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    let mut reporter = health.clone();
+    tokio::spawn(async move {
+        let mut known: BTreeMap<String, ServiceHealth> = BTreeMap::new();
+        loop {
+            let now = services.borrow_and_update().clone();
+            for (name, h) in &now {
+                if known.get(name) != Some(h) {
+                    let status = match h {
+                        ServiceHealth::Healthy | ServiceHealth::Degraded => {
+                            tonic_health::ServingStatus::Serving
+                        }
+                        ServiceHealth::Unhealthy => tonic_health::ServingStatus::NotServing,
+                    };
+                    reporter.set_service_status(name, status).await;
+                }
+            }
+            for gone in known.keys().filter(|k| !now.contains_key(*k)) {
+                reporter.clear_service_status(gone).await;
+            }
+            known = now;
+            if services.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(corral_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

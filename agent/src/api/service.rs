@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::status::to_status;
 use crate::cgroups::Capabilities;
+use crate::events::{EventError, EventLog, Filter};
 use crate::host::Host;
 use crate::spec::{self, Namespace};
 use crate::supervisor::{Operation, Outcome, SupervisorHandle};
@@ -20,6 +21,7 @@ pub const MAX_SPEC_TOML: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct AgentService {
     pub supervisor: SupervisorHandle,
+    pub events: Arc<EventLog>,
     pub host: Arc<Host>,
     pub capabilities: Capabilities,
     pub namespaces: Vec<Namespace>,
@@ -60,8 +62,64 @@ impl AgentService {
     }
 }
 
+/// Events sent to one watcher ahead of it reading them.
+const WATCH_BUFFER: usize = 256;
+
+fn watch_status(e: EventError) -> Status {
+    match e {
+        EventError::Trimmed { .. } | EventError::InvalidIndex { .. } => {
+            Status::out_of_range(e.to_string())
+        }
+        EventError::Lagged { .. } => Status::resource_exhausted(e.to_string()),
+        EventError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        if !req.service.is_empty() {
+            check_name(&req.service)?;
+        }
+        if req.instance.len() > 80 {
+            return Err(Status::invalid_argument(
+                "instance: too long to be an instance id",
+            ));
+        }
+        let filter = Filter {
+            service: (!req.service.is_empty()).then_some(req.service),
+            instance: (!req.instance.is_empty()).then_some(req.instance),
+        };
+        let mut watch = self
+            .events
+            .watch(req.from_index, filter)
+            .map_err(watch_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let item = watch
+                    .next()
+                    .await
+                    .map(|e| convert::event_to_proto(&e))
+                    .map_err(watch_status);
+                let last = item.is_err();
+                // A closed channel: the client went away.
+                if tx.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn apply(
         &self,
         req: Request<pb::ApplyRequest>,

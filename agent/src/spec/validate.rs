@@ -530,6 +530,15 @@ impl Check {
             .health
             .as_ref()
             .map(|health| self.health(health, &port_names, &sockets));
+        if let Some(h) = &health
+            && isolation.has(Namespace::Net)
+            && let Some(Probe::Http(_) | Probe::Tcp(_) | Probe::Grpc(_)) = &h.probe
+        {
+            self.error(
+                "health",
+                "a network probe cannot reach an instance with its own network namespace (\"net\"); use exec or notify",
+            );
+        }
         let rollout = self.rollout(raw.rollout.as_ref());
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
@@ -1076,11 +1085,33 @@ impl Check {
                 Some(_) => self.probe_target("health.http", url, port_names, sockets),
             }
         }
-        for (field, target) in [("health.tcp", &raw.tcp), ("health.grpc", &raw.grpc)] {
-            if let Some(target) = target
-                && self.host_port(field, target)
+        if let Some(target) = &raw.tcp
+            && self.host_port("health.tcp", target)
+        {
+            self.probe_target("health.tcp", target, port_names, sockets);
+        }
+        if let Some(target) = &raw.grpc {
+            // `host:port`, or `host:port/package.Service` for the name to ask grpc.health about.
+            let (addr, service) = match target.split_once('/') {
+                Some((a, s)) => (a, Some(s)),
+                None => (target.as_str(), None),
+            };
+            if let Some(service) = service
+                && (service.is_empty()
+                    || !service
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_'))
             {
-                self.probe_target(field, target, port_names, sockets);
+                self.error(
+                    "health.grpc",
+                    format!(
+                        "{} has a bad service name after / (use letters, digits, . and _)",
+                        quote(target)
+                    ),
+                );
+            }
+            if self.host_port("health.grpc", addr) {
+                self.probe_target("health.grpc", target, port_names, sockets);
             }
         }
         if let Some(argv) = &raw.exec

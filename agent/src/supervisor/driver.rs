@@ -19,6 +19,7 @@ use super::{
     SupervisorError, SupervisorHandle,
 };
 use crate::cgroups::{CgroupBackend, CgroupPath};
+use crate::events::{EventKind, EventLog};
 use crate::health::{self, HealthState, ProbeHandle, ProbeReport, Prober, ServiceHealth, Tracker};
 use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Runtime, StartRequest};
 use crate::spec::{self, Namespace, RawSpec, ServiceSpec};
@@ -44,6 +45,8 @@ pub struct Deps {
     pub store: Arc<dyn Store>,
     /// Namespaces this host lets the agent create.
     pub namespaces: Vec<Namespace>,
+    /// Where every state change is recorded.
+    pub events: Arc<EventLog>,
 }
 
 /// Store kind of the instance records.
@@ -188,6 +191,10 @@ impl Driver {
         (driver, SupervisorHandle { tx })
     }
 
+    fn emit(&self, service: &str, instance: Option<&str>, kind: EventKind) {
+        self.deps.events.append(service, instance, kind);
+    }
+
     /// Each service's health (healthy, degraded, unhealthy) whenever it changes.
     pub fn health_updates(&self) -> watch::Receiver<BTreeMap<String, ServiceHealth>> {
         self.health_tx.subscribe()
@@ -313,6 +320,7 @@ impl Driver {
                     match adopted {
                         Ok(spawned) => {
                             tracing::info!(instance = %id, pid, "adopted a running instance");
+                            self.emit(&rec.service, Some(&id), EventKind::Adopted { pid });
                             self.watch(&rec.service, rec.index, 1, spawned, rec.ports);
                         }
                         Err(why) => ended.push((rec.service, rec.index, id, why)),
@@ -344,6 +352,9 @@ impl Driver {
                     })
                 });
             tracing::info!(instance = %id, end = %class, reason = %why, "instance ended while the agent was away");
+            if oom_kills > 0 {
+                self.emit(&service, Some(&id), EventKind::OomKill { count: oom_kills });
+            }
             self.feed(
                 &service,
                 index,
@@ -488,39 +499,111 @@ impl Driver {
         else {
             return;
         };
-        let before = inst.state.name();
+        let before = inst.state;
+        let logged = event.clone();
         let effects = inst.handle(event, &ctx());
         let after = inst.state;
-        if before != after.name() {
-            if matches!(
+        let (id, revision, failures) = (inst.id.clone(), inst.revision, inst.failures);
+        let changed = before.name() != after.name();
+        if changed
+            && matches!(
                 after,
                 State::Running { .. } | State::Backoff { .. } | State::Exited
-            ) {
-                self.persist_instance(service, index);
-            }
-            let Some(inst) = self
-                .services
-                .get(service)
-                .and_then(|s| s.instances.get(&index))
-            else {
-                return;
-            };
-            match after {
-                State::Backoff { until } => tracing::info!(
-                    instance = %inst.id,
-                    delay_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
-                    failures = inst.failures,
-                    "restart scheduled"
-                ),
-                State::Exited => {
-                    tracing::info!(instance = %inst.id, "not restarted (restart policy)")
-                }
-                _ => {
-                    tracing::debug!(instance = %inst.id, from = before, to = after.name(), "state")
-                }
-            }
+            )
+        {
+            self.persist_instance(service, index);
         }
+        self.record_transition(service, &id, revision, failures, &logged, before, after);
         self.apply_effects(service, index, effects);
+    }
+
+    /// The event log entries and log lines for one transition.
+    #[allow(clippy::too_many_arguments)]
+    fn record_transition(
+        &self,
+        service: &str,
+        id: &str,
+        revision: u64,
+        failures: u32,
+        event: &Event,
+        before: State,
+        after: State,
+    ) {
+        let changed = before.name() != after.name();
+        let inst = Some(id);
+        match (event, after) {
+            (Event::Started { pid }, State::Running { .. }) if changed => {
+                self.emit(
+                    service,
+                    inst,
+                    EventKind::InstanceStarted {
+                        pid: *pid,
+                        revision,
+                    },
+                );
+            }
+            (Event::StartFailed { error }, _) if changed => {
+                self.emit(
+                    service,
+                    inst,
+                    EventKind::StartFailed {
+                        error: error.clone(),
+                    },
+                );
+            }
+            (Event::Exited(exit), _) if changed => {
+                let (code, signal) = match exit.class {
+                    instance::ExitClass::Exited(c) => (Some(c), None),
+                    instance::ExitClass::Signaled(s) => (None, Some(s)),
+                    instance::ExitClass::OomKilled | instance::ExitClass::StopTimeout => {
+                        (None, Some(libc::SIGKILL))
+                    }
+                    _ => (None, None),
+                };
+                self.emit(
+                    service,
+                    inst,
+                    EventKind::InstanceExited {
+                        end: exit.class.to_string(),
+                        code,
+                        signal,
+                        detail: exit.setup_error.clone(),
+                    },
+                );
+            }
+            (Event::GraceExpired, State::Stopping { killed: true, .. })
+                if matches!(before, State::Stopping { killed: false, .. }) =>
+            {
+                tracing::warn!(instance = %id, "did not stop within its grace period: SIGKILL");
+                self.emit(
+                    service,
+                    inst,
+                    EventKind::Killed {
+                        reason: "grace period expired".into(),
+                    },
+                );
+            }
+            _ => {}
+        }
+        if !changed {
+            return;
+        }
+        match after {
+            State::Backoff { until } => {
+                let delay_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+                tracing::info!(instance = %id, delay_ms, failures, "restart scheduled");
+                self.emit(
+                    service,
+                    inst,
+                    EventKind::RestartScheduled {
+                        delay_ms,
+                        attempt: failures,
+                    },
+                );
+            }
+            State::Exited => tracing::info!(instance = %id, "not restarted (restart policy)"),
+            _ => tracing::debug!(instance = %id, from = before.name(), to = after.name(), "state"),
+        }
     }
 
     fn apply_effects(&mut self, service: &str, index: u32, effects: Vec<Effect>) {
@@ -856,6 +939,18 @@ impl Driver {
         };
         let sig = inst.spec.stop.signal;
         tracing::info!(instance = %inst.id, signal = %inst.spec.stop.signal_name, grace = ?inst.spec.stop.grace, "stopping");
+        let reason = match inst.state {
+            State::Stopping { reason, .. } => reason.as_str(),
+            _ => "stop",
+        };
+        self.emit(
+            service,
+            Some(&inst.id),
+            EventKind::Stopping {
+                reason: reason.to_string(),
+                signal: inst.spec.stop.signal_name.clone(),
+            },
+        );
         if let Err(e) = self.deps.runtime.signal(&live.process, sig) {
             tracing::warn!(instance = %inst.id, error = %e, "cannot send the stop signal");
         }
@@ -893,6 +988,7 @@ impl Driver {
             tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
         }
         tracing::info!(service = %name, "service deleted");
+        self.emit(name, None, EventKind::Deleted);
         for w in svc.delete_waiters {
             let _ = w.send(Ok(Outcome::Deleted {
                 name: name.to_string(),
@@ -964,6 +1060,9 @@ impl Driver {
             .clone()
             .or_else(|| exit.record.as_ref().and_then(|r| r.setup_error.clone()));
         tracing::info!(instance = %id, end = %class, oom_kills, error = setup_error.as_deref().unwrap_or(""), "instance ended");
+        if oom_kills > 0 {
+            self.emit(service, Some(&id), EventKind::OomKill { count: oom_kills });
+        }
         if let Some(svc) = self.services.get_mut(service)
             && svc.deleting
         {
@@ -1098,8 +1197,10 @@ impl Driver {
         if !spec.sockets.is_empty() {
             why.push("sockets: agent-owned sockets are not supported by this agent version".into());
         }
-        if spec.health.is_some() {
-            why.push("health: health checks are not supported by this agent version".into());
+        if spec.health.as_ref().is_some_and(|h| h.notify) {
+            why.push(
+                "health.notify: sd_notify readiness is not supported by this agent version".into(),
+            );
         }
         if let Err(e) = self.deps.runtime.preflight(spec) {
             why.push(e);
@@ -1143,6 +1244,15 @@ impl Driver {
         }
         self.persist(&name, revision, &spec)?;
         tracing::info!(service = %name, revision, outcome = kind.as_str(), "applied");
+        self.emit(
+            &name,
+            None,
+            EventKind::Applied {
+                revision,
+                outcome: kind.as_str().to_string(),
+                changes: outcome.changes.clone(),
+            },
+        );
         let spec = Arc::new(spec);
         match self.services.get_mut(&name) {
             Some(svc) => {
@@ -1186,6 +1296,14 @@ impl Driver {
             let revision = svc.revision;
             self.persist(name, revision, &spec)?;
             tracing::info!(service = %name, previous, replicas, "scaled");
+            self.emit(
+                name,
+                None,
+                EventKind::Scaled {
+                    from: previous,
+                    to: replicas,
+                },
+            );
             if let Some(svc) = self.services.get_mut(name) {
                 svc.spec = Arc::new(spec);
             }
@@ -1287,19 +1405,26 @@ fn status(
                 cgroup: deps.cgroups.display_path(&path),
                 ports,
                 log_dropped,
+                health: instance_health(i, live.get(&i.id)).as_str(),
+                health_reason: live
+                    .get(&i.id)
+                    .and_then(|l| l.health.as_ref())
+                    .map(|h| h.tracker.last_reason().to_string())
+                    .unwrap_or_default(),
             }
         })
         .collect();
     let running = instances.iter().filter(|i| i.state == "running").count() as u32;
+    let healthy = instances.iter().filter(|i| i.health == "healthy").count() as u32;
     ServiceStatus {
         name: name.to_string(),
         revision: svc.revision,
         spec: svc.spec.clone(),
         desired: if svc.deleting { 0 } else { svc.spec.replicas },
         running,
-        // Without health checks a running instance counts as healthy.
-        healthy: running,
+        healthy,
         deleting: svc.deleting,
+        health: service_health(svc, live).as_str(),
         instances,
     }
 }

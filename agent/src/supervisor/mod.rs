@@ -105,6 +105,11 @@ pub struct InstanceStatus {
     pub ports: BTreeMap<String, u16>,
     /// Output the instance's init could not write to its logs, this run.
     pub log_dropped: crate::runtime::LogStat,
+    /// `healthy`, `unhealthy` or `unknown` (not yet decided, or not running). A service
+    /// without `[health]`: healthy exactly while running.
+    pub health: &'static str,
+    /// Why, from the last probe (empty without probes).
+    pub health_reason: String,
 }
 
 /// One service, as reported.
@@ -117,6 +122,8 @@ pub struct ServiceStatus {
     pub running: u32,
     pub healthy: u32,
     pub deleting: bool,
+    /// `healthy`, `degraded` or `unhealthy`, from its instances.
+    pub health: &'static str,
     pub instances: Vec<InstanceStatus>,
 }
 

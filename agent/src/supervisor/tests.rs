@@ -34,6 +34,7 @@ fn deps(rt: &Arc<FakeRuntime>, cg: &Arc<RecordingCgroups>, store: &Arc<MemStore>
         cgroups: cg.clone(),
         store: store.clone(),
         namespaces: Namespace::ALL.to_vec(),
+        events: Arc::new(crate::events::EventLog::in_memory(10_000)),
     }
 }
 
