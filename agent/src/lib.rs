@@ -12,6 +12,7 @@
 pub mod api;
 pub mod cgroups;
 pub mod host;
+pub mod logs;
 pub mod runtime;
 pub mod spec;
 pub mod store;
