@@ -17,6 +17,7 @@ pub mod cgroups;
 pub mod events;
 pub mod health;
 pub mod host;
+pub mod logs;
 pub mod runtime;
 pub mod spec;
 pub mod store;
