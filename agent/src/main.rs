@@ -194,6 +194,7 @@ async fn run(s: Settings) -> Result<()> {
     let agent = AgentService {
         supervisor: handle.clone(),
         events,
+        log_root: s.state_dir.join("logs"),
         host: Arc::new(Host::new()),
         capabilities: caps,
         namespaces,

@@ -86,6 +86,16 @@ impl Agent for FakeAgent {
         Err(Status::unimplemented("not in this fake"))
     }
 
+    type LogsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<corral_proto::v1::LogLine, Status>>;
+
+    async fn logs(
+        &self,
+        _: Request<corral_proto::v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn apply(
         &self,
         request: Request<ApplyRequest>,

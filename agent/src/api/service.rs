@@ -22,6 +22,8 @@ pub const MAX_SPEC_TOML: usize = 1 << 20;
 pub struct AgentService {
     pub supervisor: SupervisorHandle,
     pub events: Arc<EventLog>,
+    /// `<state-dir>/logs`: one directory per instance.
+    pub log_root: std::path::PathBuf,
     pub host: Arc<Host>,
     pub capabilities: Capabilities,
     pub namespaces: Vec<Namespace>,
@@ -60,6 +62,127 @@ impl AgentService {
     async fn call(&self, op: Operation) -> Result<Outcome, Status> {
         self.supervisor.call(op).await.map_err(to_status)
     }
+
+    /// The instance ids of a service (or the one asked for, which must exist).
+    async fn instances_of(&self, service: &str, only: Option<&str>) -> Result<Vec<String>, Status> {
+        let status = match self
+            .call(Operation::Get {
+                name: service.to_string(),
+            })
+            .await?
+        {
+            Outcome::Status(s) => s,
+            o => return Err(unexpected(o)),
+        };
+        let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
+        match only {
+            Some(id) if !ids.iter().any(|i| i == id) => {
+                Err(Status::not_found(format!("instance {id:?} not found")))
+            }
+            Some(id) => Ok(vec![id.to_string()]),
+            None => Ok(ids),
+        }
+    }
+
+    /// Send the records asked for, then (following) new ones until the client goes away.
+    async fn stream_logs(
+        &self,
+        q: LogsQuery,
+        tx: &tokio::sync::mpsc::Sender<Result<pb::LogLine, Status>>,
+    ) -> Result<(), Status> {
+        let LogsQuery {
+            service,
+            only,
+            instances,
+            tail,
+            since,
+            follow,
+        } = q;
+        use crate::logs::{Follower, StartAt, read_instance};
+        let io = |e: crate::logs::LogError| Status::internal(e.to_string());
+        let mut lines = Vec::new();
+        let mut positions = Vec::new();
+        for id in &instances {
+            let root = self.log_root.clone();
+            let id2 = id.clone();
+            let t = tokio::task::spawn_blocking(move || read_instance(&root, &id2, tail, since))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(io)?;
+            lines.extend(t.lines);
+            positions.push((id.clone(), t.position));
+        }
+        // One service-wide view: by time, the last `tail` of all instances together.
+        lines.sort_by_key(|l| l.time);
+        if let Some(n) = tail {
+            let skip = lines.len().saturating_sub(n);
+            lines.drain(..skip);
+        }
+        for l in lines {
+            if tx.send(Ok(line_to_proto(l))).await.is_err() {
+                return Ok(());
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        let mut follower = Follower::new(std::time::Duration::from_millis(100));
+        for (id, pos) in positions {
+            follower
+                .add_instance(self.log_root.clone(), id, StartAt::After(pos))
+                .map_err(io)?;
+        }
+        let mut rescan = tokio::time::interval(std::time::Duration::from_secs(1));
+        // Instances found after the follow began: only their records from then on (their
+        // files may hold an earlier life of the same slot).
+        let began = std::time::SystemTime::now();
+        let mut late: std::collections::HashSet<String> = std::collections::HashSet::new();
+        loop {
+            tokio::select! {
+                batch = follower.next_batch() => {
+                    for l in batch.map_err(io)? {
+                        if late.contains(&l.instance) && l.time.is_some_and(|t| t < began) {
+                            continue;
+                        }
+                        if tx.send(Ok(line_to_proto(l))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                _ = rescan.tick(), if only.is_none() => {
+                    // A service-wide follow picks up instances that appear (scale-up).
+                    if let Ok(ids) = self.instances_of(&service, None).await {
+                        let new: Vec<String> = ids.into_iter().filter(|i| !follower.is_following(i)).collect();
+                        for id in new {
+                            late.insert(id.clone());
+                            follower.add_instance(self.log_root.clone(), id, StartAt::Beginning).map_err(io)?;
+                        }
+                    }
+                }
+                _ = tx.closed() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// What a Logs call asks for, once checked.
+struct LogsQuery {
+    service: String,
+    /// One instance of the service, or all of them.
+    only: Option<String>,
+    instances: Vec<String>,
+    tail: Option<usize>,
+    since: Option<std::time::SystemTime>,
+    follow: bool,
+}
+
+fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
+    pb::LogLine {
+        instance: l.instance,
+        stream: l.stream.as_str().to_string(),
+        time: l.time.map(prost_types::Timestamp::from),
+        text: l.text,
+    }
 }
 
 /// Events sent to one watcher ahead of it reading them.
@@ -78,6 +201,65 @@ fn watch_status(e: EventError) -> Status {
 #[tonic::async_trait]
 impl Agent for AgentService {
     type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+    type LogsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::LogLine, Status>>;
+
+    async fn logs(
+        &self,
+        req: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        let (service, only) = match (req.service.as_str(), req.instance.as_str()) {
+            ("", "") => {
+                return Err(Status::invalid_argument(
+                    "service or instance: one is required",
+                ));
+            }
+            (_, inst) if !inst.is_empty() => {
+                let svc = inst
+                    .rsplit_once('-')
+                    .filter(|(_, i)| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                    .map(|(s, _)| s.to_string())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "instance: {:?} is not an instance id (like \"web-2\")",
+                            inst.chars().take(80).collect::<String>()
+                        ))
+                    })?;
+                if !req.service.is_empty() && req.service != svc {
+                    return Err(Status::invalid_argument(format!(
+                        "instance: {inst:?} is not an instance of service {:?}",
+                        req.service
+                    )));
+                }
+                (svc, Some(inst.to_string()))
+            }
+            (svc, _) => (svc.to_string(), None),
+        };
+        check_name(&service)?;
+        let instances = self.instances_of(&service, only.as_deref()).await?;
+        let since = req
+            .since
+            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let tail = req.tail.map(|t| t as usize);
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let q = LogsQuery {
+                service,
+                only,
+                instances,
+                tail,
+                since,
+                follow: req.follow,
+            };
+            if let Err(status) = agent.stream_logs(q, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
 
     async fn watch(
         &self,
