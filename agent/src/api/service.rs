@@ -278,21 +278,46 @@ impl Agent for AgentService {
             service: (!req.service.is_empty()).then_some(req.service),
             instance: (!req.instance.is_empty()).then_some(req.instance),
         };
+        let next = self.events.next();
+        let from = if req.last > 0 {
+            next.saturating_sub(u64::from(req.last))
+                .max(self.events.oldest())
+        } else {
+            req.from_index
+        };
+        // Without follow: stop after the last event that existed now. That end is found on the
+        // unfiltered log (a filter may match nothing), and the filter applied here.
+        let end = (!req.follow).then(|| next.saturating_sub(1));
+        let watch_filter = if end.is_some() {
+            Filter::all()
+        } else {
+            filter.clone()
+        };
         let mut watch = self
             .events
-            .watch(req.from_index, filter)
+            .watch(from, watch_filter)
             .map_err(watch_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         tokio::spawn(async move {
+            if end.is_some_and(|end| from > end || end == 0) {
+                return;
+            }
             loop {
-                let item = watch
-                    .next()
-                    .await
-                    .map(|e| convert::event_to_proto(&e))
-                    .map_err(watch_status);
-                let last = item.is_err();
-                // A closed channel: the client went away.
-                if tx.send(item).await.is_err() || last {
+                let item = watch.next().await;
+                let (done, send) = match &item {
+                    Ok(e) => (end.is_some_and(|end| e.index >= end), filter.matches(e)),
+                    Err(_) => (true, true),
+                };
+                if send {
+                    let item = item
+                        .map(|e| convert::event_to_proto(&e))
+                        .map_err(watch_status);
+                    // A closed channel: the client went away.
+                    if tx.send(item).await.is_err() {
+                        break;
+                    }
+                }
+                if done {
                     break;
                 }
             }
