@@ -544,6 +544,7 @@ mod tests {
             log_bytes_dropped: 0,
             health: "healthy".into(),
             health_reason: String::new(),
+            notify_status: String::new(),
         };
         let backoff = pb::InstanceStatus {
             id: "web-1".into(),

@@ -528,6 +528,7 @@ mod tests {
             log_bytes_dropped: 0,
             health: "unknown".into(),
             health_reason: String::new(),
+            notify_status: String::new(),
         }
     }
 

@@ -265,6 +265,7 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
         log_bytes_dropped: i.log_dropped.bytes_dropped,
         health: i.health.to_string(),
         health_reason: i.health_reason.clone(),
+        notify_status: i.notify_status.clone(),
     }
 }
 

@@ -29,6 +29,7 @@ struct State {
     alive: HashMap<i32, u64>,
     adopted: Vec<i32>,
     exit_records: HashMap<String, super::ExitRecord>,
+    notify: HashMap<String, super::NotifyState>,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +103,11 @@ impl FakeRuntime {
         self.lock()
             .exit_records
             .insert(instance.to_string(), record);
+    }
+
+    /// Pretend `instance` reported this over its NOTIFY_SOCKET.
+    pub fn set_notify(&self, instance: &str, state: super::NotifyState) {
+        self.lock().notify.insert(instance.to_string(), state);
     }
 
     /// PIDs adopted so far.
@@ -215,6 +221,10 @@ impl Runtime for FakeRuntime {
         _req: super::ExecRequest<'_>,
     ) -> std::sync::Arc<dyn crate::health::ExecRunner> {
         std::sync::Arc::new(FakeExec)
+    }
+
+    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
+        self.lock().notify.get(instance).cloned()
     }
 
     fn log_stat(&self, _instance: &str) -> super::LogStat {

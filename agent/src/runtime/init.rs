@@ -30,7 +30,10 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
-use super::{EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, RUN_DIR_FD};
+use super::{
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
+    RUN_DIR_FD,
+};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
 /// SIGCHLD is the init's own; fault signals stay default.
@@ -126,9 +129,95 @@ fn write_record<T: serde::Serialize>(
 
 type Log = LogWriter<RotatingFile>;
 
+/// The receiving end of an instance's `NOTIFY_SOCKET`: an abstract datagram socket (so it is
+/// reachable whatever the instance's filesystem view) that takes messages only from processes
+/// of this instance's cgroup.
+struct Notify {
+    socket: OwnedFd,
+    /// `/proc/self/cgroup` of the init: a sender must be in the same cgroups.
+    cgroup: String,
+    state: NotifyState,
+}
+
+impl Notify {
+    /// Bind the socket; returns it and the `NOTIFY_SOCKET` value (`@name`).
+    fn bind(instance: &str) -> Result<(OwnedFd, String), String> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, UnixAddr, bind, setsockopt, socket, sockopt,
+        };
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("corral-notify/{instance}/{nanos:x}");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| format!("notify socket: {e}"))?;
+        let addr = UnixAddr::new_abstract(name.as_bytes())
+            .map_err(|e| format!("notify socket name: {e}"))?;
+        bind(fd.as_raw_fd(), &addr).map_err(|e| format!("binding the notify socket: {e}"))?;
+        setsockopt(&fd, sockopt::PassCred, &true).map_err(|e| format!("notify socket: {e}"))?;
+        Ok((fd, format!("@{name}")))
+    }
+
+    /// Read every pending message; true when the state changed.
+    fn receive(&mut self) -> bool {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut changed = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let (n, pid) = match recvmsg::<()>(
+                self.socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(msg) => {
+                    let pid = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
+                            _ => None,
+                        })
+                    });
+                    (msg.bytes, pid)
+                }
+                Err(Errno::EINTR) => continue,
+                Err(_) => return changed,
+            };
+            // Only processes of this instance may say it is ready.
+            let from_instance = pid.is_some_and(|p| {
+                p > 0
+                    && std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                        .is_ok_and(|c| c == self.cgroup)
+            });
+            if !from_instance {
+                continue;
+            }
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if line == "READY=1" && !self.state.ready {
+                    self.state.ready = true;
+                    changed = true;
+                } else if let Some(text) = line.strip_prefix("STATUS=")
+                    && self.state.status != text
+                {
+                    self.state.status = text.chars().take(1024).collect();
+                    changed = true;
+                }
+            }
+        }
+    }
+}
+
 struct Init {
     stdout_log: Log,
     stderr_log: Log,
+    /// The NOTIFY_SOCKET this init listens on, and what it was told.
+    notify: Option<Notify>,
     /// Drops last reported in the run directory.
     reported: Dropped,
     stdout_pipe: OwnedFd,
@@ -224,7 +313,24 @@ impl Init {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        let exec = ExecPlan::new(config)?;
+        let notify = if config.notify {
+            let (socket, address) = Notify::bind(&config.instance)?;
+            let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+                .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+            Some((
+                Notify {
+                    socket,
+                    cgroup,
+                    state: NotifyState::default(),
+                },
+                address,
+            ))
+        } else {
+            None
+        };
+        let mut exec = ExecPlan::new(config)?;
+        exec.notify_socket = notify.as_ref().map(|(_, a)| a.clone());
+        let notify = notify.map(|(n, _)| n);
 
         // SAFETY: this process is single-threaded (it was just executed and started no
         // threads), so the child may run ordinary code, allocation included, before exec.
@@ -248,6 +354,7 @@ impl Init {
                 Ok(Init {
                     stdout_log,
                     stderr_log,
+                    notify,
                     reported: Dropped::default(),
                     stdout_pipe: out_r,
                     stderr_pipe: err_r,
@@ -266,6 +373,9 @@ impl Init {
         let mut status: Option<WaitStatus> = None;
         while status.is_none() {
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(n) = &self.notify {
+                fds.push(PollFd::new(n.socket.as_fd(), PollFlags::POLLIN));
+            }
             if out_open {
                 fds.push(PollFd::new(self.stdout_pipe.as_fd(), PollFlags::POLLIN));
             }
@@ -293,6 +403,12 @@ impl Init {
             }
             if err_open {
                 err_open = pump(&self.stderr_pipe, &mut self.stderr_log, &mut buf);
+            }
+            if let Some(n) = &mut self.notify
+                && n.receive()
+                && let Err(e) = write_record(run_dir, NOTIFY_STATE, &n.state)
+            {
+                self.notice(&format!("writing {NOTIFY_STATE}: {e}"));
             }
             self.report_drops(run_dir);
         }
@@ -398,6 +514,8 @@ extern "C" fn noop_handler(_: libc::c_int) {}
 /// Everything the service process needs, prepared in the init before the fork.
 struct ExecPlan {
     argv: Vec<CString>,
+    /// `NOTIFY_SOCKET` for the service, when it reports readiness itself.
+    notify_socket: Option<String>,
     workdir: CString,
     uid: Option<Uid>,
     gid: Option<Gid>,
@@ -420,6 +538,7 @@ impl ExecPlan {
             .map_err(|_| "workdir holds a NUL byte".to_string())?;
         Ok(ExecPlan {
             argv,
+            notify_socket: None,
             workdir,
             uid: config.uid.map(Uid::from_raw),
             gid: config.gid.map(Gid::from_raw),
@@ -442,6 +561,11 @@ impl ExecPlan {
             if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
                 return step("wiring stdout/stderr", Errno::last());
             }
+        }
+        if let Some(addr) = &self.notify_socket {
+            // SAFETY: this forked child is single-threaded; nothing reads the environment
+            // concurrently.
+            unsafe { std::env::set_var("NOTIFY_SOCKET", addr) };
         }
         // The agent may run with a low OOM score (systemd's OOMScoreAdjust); the service
         // must not inherit it. Raising the score needs no privilege; failure is harmless.

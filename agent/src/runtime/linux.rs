@@ -320,7 +320,7 @@ impl Runtime for LinuxRuntime {
                 .create(d)
                 .map_err(prep(&format!("directory {}", d.display())))?;
         }
-        for stale in [EXIT_RECORD, LOG_STAT] {
+        for stale in [EXIT_RECORD, LOG_STAT, super::NOTIFY_STATE] {
             match fs::remove_file(run_dir.join(stale)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -342,6 +342,7 @@ impl Runtime for LinuxRuntime {
             log_dir: log_dir.clone(),
             log_max_size: spec.logs.max_size,
             log_max_files: spec.logs.max_files,
+            notify: spec.health.as_ref().is_some_and(|h| h.notify),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -586,6 +587,12 @@ impl Runtime for LinuxRuntime {
             gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
             workdir: spec.workdir.display().to_string(),
         })
+    }
+
+    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
+        fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
     }
 
     fn log_stat(&self, instance: &str) -> LogStat {

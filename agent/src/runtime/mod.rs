@@ -56,9 +56,24 @@ pub struct InitConfig {
     pub log_dir: PathBuf,
     pub log_max_size: u64,
     pub log_max_files: u32,
+    /// Give the service a `NOTIFY_SOCKET` and record its `READY=1` / `STATUS=` messages.
+    #[serde(default)]
+    pub notify: bool,
 }
 
-/// How the service process ended, as its init saw it.
+/// What an instance reported over its `NOTIFY_SOCKET` (sd_notify protocol).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyState {
+    /// It sent `READY=1`.
+    pub ready: bool,
+    /// Its last `STATUS=` text.
+    pub status: String,
+}
+
+/// File in the instance's run directory with its [`NotifyState`].
+pub const NOTIFY_STATE: &str = "notify.json";
+
+/// How a process ended, as its init saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     pub code: Option<i32>,
@@ -231,6 +246,9 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
     fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;
+
+    /// What the instance reported over `NOTIFY_SOCKET` this run (`None`: nothing yet).
+    fn notify_state(&self, instance: &str) -> Option<NotifyState>;
 
     /// The init's count of output it could not write to the logs (none: nothing dropped).
     fn log_stat(&self, instance: &str) -> LogStat;

@@ -120,7 +120,21 @@ struct LiveHealth {
     tracker: Tracker,
     /// Probes run while this is held; dropping it stops them.
     _prober: Option<ProbeHandle>,
+    /// Watches for the instance's `READY=1` while held (`notify = true`).
+    _notify: Option<AbortOnDrop>,
 }
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often an instance that has not yet sent `READY=1` is checked for it.
+const NOTIFY_POLL: Duration = Duration::from_millis(100);
 
 enum Internal {
     Exit {
@@ -133,6 +147,12 @@ enum Internal {
         service: String,
         index: u32,
         error: Option<String>,
+    },
+    /// The instance sent `READY=1` on its NOTIFY_SOCKET.
+    Ready {
+        service: String,
+        index: u32,
+        generation: u64,
     },
 }
 
@@ -764,9 +784,33 @@ impl Driver {
                         None
                     }
                 });
+            let notify = h.notify.then(|| {
+                let (rt, tx, id, service) = (
+                    self.deps.runtime.clone(),
+                    self.internal_tx.clone(),
+                    id.clone(),
+                    service.to_string(),
+                );
+                let task = tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(NOTIFY_POLL);
+                    loop {
+                        tick.tick().await;
+                        if rt.notify_state(&id).is_some_and(|n| n.ready) {
+                            let _ = tx.send(Internal::Ready {
+                                service,
+                                index,
+                                generation,
+                            });
+                            return;
+                        }
+                    }
+                });
+                AbortOnDrop(task.abort_handle())
+            });
             LiveHealth {
                 tracker: Tracker::new(h, Instant::now()),
                 _prober: prober,
+                _notify: notify,
             }
         });
         self.live.insert(
@@ -855,6 +899,44 @@ impl Driver {
             } else {
                 tracing::debug!(instance = %report.instance, in_progress, "health restart deferred (too many at once)");
             }
+        }
+    }
+
+    /// `READY=1` from an instance: into its tracker.
+    fn on_ready(&mut self, service: &str, index: u32, generation: u64) {
+        let Some(inst) = self
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(&index))
+        else {
+            return;
+        };
+        if inst.generation != generation {
+            return;
+        }
+        let id = inst.id.clone();
+        let Some(h) = self.live.get_mut(&id).and_then(|l| l.health.as_mut()) else {
+            return;
+        };
+        let change = h.tracker.ready_by_notify(Instant::now());
+        tracing::info!(instance = %id, "READY=1");
+        self.deps.events.append(
+            service,
+            Some(&id),
+            EventKind::Ready {
+                via: "notify".into(),
+            },
+        );
+        if let Some(change) = change {
+            self.deps.events.append(
+                service,
+                Some(&id),
+                EventKind::HealthChanged {
+                    from: change.from.as_str().to_string(),
+                    to: change.to.as_str().to_string(),
+                    reason: change.reason,
+                },
+            );
         }
     }
 
@@ -1018,6 +1100,11 @@ impl Driver {
                 }
                 self.feed(&service, index, Event::CleanupDone);
             }
+            Internal::Ready {
+                service,
+                index,
+                generation,
+            } => self.on_ready(&service, index, generation),
         }
     }
 
@@ -1196,11 +1283,6 @@ impl Driver {
         }
         if !spec.sockets.is_empty() {
             why.push("sockets: agent-owned sockets are not supported by this agent version".into());
-        }
-        if spec.health.as_ref().is_some_and(|h| h.notify) {
-            why.push(
-                "health.notify: sd_notify readiness is not supported by this agent version".into(),
-            );
         }
         if let Err(e) = self.deps.runtime.preflight(spec) {
             why.push(e);
@@ -1411,6 +1493,16 @@ fn status(
                     .and_then(|l| l.health.as_ref())
                     .map(|h| h.tracker.last_reason().to_string())
                     .unwrap_or_default(),
+                notify_status: if i.spec.health.as_ref().is_some_and(|h| h.notify)
+                    && i.state.is_live()
+                {
+                    deps.runtime
+                        .notify_state(&i.id)
+                        .map(|n| n.status)
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                },
             }
         })
         .collect();

@@ -110,6 +110,8 @@ pub struct InstanceStatus {
     pub health: &'static str,
     /// Why, from the last probe (empty without probes).
     pub health_reason: String,
+    /// The instance's last `STATUS=` over NOTIFY_SOCKET.
+    pub notify_status: String,
 }
 
 /// One service, as reported.

@@ -295,6 +295,23 @@ fn main() {
                 line("tick", tick);
             }
         }
+        // Serve health endpoints on the ports the agent gave (PORT_HTTP, PORT_TCP, PORT_GRPC)
+        // and keep /tmp/healthy while healthy (for exec probes). SIGUSR1 makes it unhealthy
+        // (HTTP 503, TCP listener closed, gRPC NOT_SERVING, /tmp/healthy removed), SIGUSR2
+        // healthy again. `health-server unhealthy` starts unhealthy. HTTP /hang never answers.
+        "health-server" => health_server(arg(1) != "unhealthy"),
+        // Send READY=1 (and a STATUS=) on $NOTIFY_SOCKET after MS milliseconds, then run
+        // until SIGTERM.
+        "notify-after" => {
+            on_term_exit_zero();
+            std::thread::sleep(Duration::from_millis(num(1, 1000)));
+            notify(&format!(
+                "STATUS=warmed up after {} ms\nREADY=1",
+                num(1, 1000)
+            ));
+            line("notified", 1);
+            sleep_forever();
+        }
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
         "signal-fifo" => {
             on_term_exit_zero();
@@ -319,4 +336,128 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// sd_notify: one datagram to $NOTIFY_SOCKET (a path, or `@name` for an abstract socket).
+fn notify(msg: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Ok(target) = std::env::var("NOTIFY_SOCKET") else {
+        line("notify_error", "no NOTIFY_SOCKET");
+        return;
+    };
+    let addr = match target.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|a| {
+        let s = std::os::unix::net::UnixDatagram::unbound()?;
+        s.send_to_addr(msg.as_bytes(), &a)
+    });
+    if let Err(e) = sent {
+        line("notify_error", e);
+    }
+}
+
+fn health_server(start_healthy: bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let port = |name: &str| std::env::var(name).ok().and_then(|p| p.parse::<u16>().ok());
+    rt.block_on(async move {
+        let healthy = Arc::new(AtomicBool::new(start_healthy));
+        let set_file = |ok: bool| {
+            if ok {
+                let _ = std::fs::write("/tmp/healthy", "1");
+            } else {
+                let _ = std::fs::remove_file("/tmp/healthy");
+            }
+        };
+        set_file(start_healthy);
+        let (reporter, health_svc) = tonic_health::server::health_reporter();
+        let grpc_status = |ok: bool| {
+            if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            }
+        };
+        reporter.set_service_status("", grpc_status(start_healthy)).await;
+        if let Some(p) = port("PORT_HTTP") {
+            let healthy = healthy.clone();
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", p)).await.expect("bind http");
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else { continue };
+                    let healthy = healthy.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let n = conn.read(&mut buf).await.unwrap_or(0);
+                        let req = String::from_utf8_lossy(&buf[..n]);
+                        if req.starts_with("GET /hang") {
+                            std::future::pending::<()>().await;
+                        }
+                        let status = if healthy.load(Ordering::SeqCst) { "200 OK" } else { "503 Service Unavailable" };
+                        let _ = conn
+                            .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+                            .await;
+                    });
+                }
+            });
+        }
+        if let Some(p) = port("PORT_GRPC") {
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(health_svc)
+                    .serve(std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                    .await;
+            });
+        }
+        // The TCP listener exists exactly while healthy.
+        let tcp_port = port("PORT_TCP");
+        let bind_tcp = |ok: bool| async move {
+            match (ok, tcp_port) {
+                (true, Some(p)) => tokio::net::TcpListener::bind(("127.0.0.1", p)).await.ok(),
+                _ => None,
+            }
+        };
+        let mut tcp = bind_tcp(start_healthy).await;
+        let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).expect("usr1");
+        let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).expect("usr2");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("term");
+        line("ready", 1);
+        loop {
+            let accept = async {
+                match &tcp {
+                    Some(l) => {
+                        let _ = l.accept().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let now = tokio::select! {
+                _ = usr1.recv() => false,
+                _ = usr2.recv() => true,
+                _ = term.recv() => std::process::exit(0),
+                _ = accept => continue,
+            };
+            healthy.store(now, Ordering::SeqCst);
+            set_file(now);
+            reporter.set_service_status("", grpc_status(now)).await;
+            // Close before binding the same port again.
+            drop(tcp.take());
+            tcp = bind_tcp(now).await;
+            line("healthy", u8::from(now));
+        }
+    });
 }
