@@ -149,6 +149,8 @@ fn hog_memory(mib: usize) {
         chunks.push(v);
     }
     line("allocated_mib", chunks.len());
+    // Held for the life of the process.
+    std::mem::forget(chunks);
 }
 
 fn hog_cpu() -> ! {
