@@ -534,6 +534,7 @@ mod tests {
                 memory_peak_bytes: 13_000_000,
                 oom_kills: 0,
                 pids: 3,
+                cpu_rate: 0.0,
             }),
             started_at: Some(at(now, -192_000)),
             next_start_at: None,

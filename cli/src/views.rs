@@ -518,6 +518,7 @@ mod tests {
                 memory_peak_bytes: 268_435_456,
                 oom_kills: 1,
                 pids: 0,
+                cpu_rate: 0.0,
             }),
             started_at: None,
             next_start_at: Some(ts(1_740_830_401, 0)),

@@ -245,7 +245,8 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
         init_pid: i.init_pid.unwrap_or(0),
         restarts: i.restarts,
         last_exit: i.last_exit.as_ref().map(exit_to_proto),
-        usage: i.usage.map(|u| pb::ResourceUsage {
+        usage: i.usage.map(|(u, rate)| pb::ResourceUsage {
+            cpu_rate: rate.unwrap_or(0.0),
             cpu_usage_ns: u.cpu_usage_ns,
             memory_bytes: u.memory_bytes,
             memory_peak_bytes: u.memory_peak_bytes,

@@ -31,6 +31,9 @@ const SERVICES: &str = "services";
 /// How long the removal of an instance's cgroup keeps killing and retrying.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The shortest span a CPU rate is computed over.
+const RATE_MIN_SPAN: Duration = Duration::from_millis(500);
+
 /// How long a usage reading is served before the cgroup files are read again.
 const USAGE_TTL: Duration = Duration::from_secs(1);
 
@@ -105,6 +108,10 @@ struct Live {
     start_time: u64,
     /// Host PID of the service process, once seen.
     main_pid: Option<i32>,
+    /// The CPU rate (cores) between the last two readings at least [`RATE_MIN_SPAN`] apart,
+    /// and the reading it will be computed from next.
+    cpu_rate: Option<f64>,
+    rate_base: Option<(Instant, u64)>,
     /// Health tracking, for instances of a service with a `[health]` section.
     health: Option<LiveHealth>,
     /// The last usage read from the cgroup and the log drop count, and when.
@@ -819,6 +826,8 @@ impl Driver {
                 process: spawned.process,
                 start_time: spawned.start_time,
                 main_pid: None,
+                cpu_rate: None,
+                rate_base: None,
                 health,
                 usage: None,
                 ports,
@@ -1448,6 +1457,19 @@ fn status(
                             let d = deps.runtime.log_stat(&i.id);
                             if let Some(u) = u {
                                 l.usage = Some((now, u, d));
+                                match l.rate_base {
+                                    Some((t0, ns0))
+                                        if now.saturating_duration_since(t0) >= RATE_MIN_SPAN =>
+                                    {
+                                        let span = now.saturating_duration_since(t0).as_secs_f64();
+                                        l.cpu_rate = Some(
+                                            u.cpu_usage_ns.saturating_sub(ns0) as f64 / 1e9 / span,
+                                        );
+                                        l.rate_base = Some((now, u.cpu_usage_ns));
+                                    }
+                                    Some(_) => {}
+                                    None => l.rate_base = Some((now, u.cpu_usage_ns)),
+                                }
                             }
                             (u, d)
                         }
@@ -1455,7 +1477,7 @@ fn status(
                     (
                         l.main_pid,
                         Some(l.process.pid),
-                        usage,
+                        usage.map(|u| (u, l.cpu_rate)),
                         l.ports.clone(),
                         dropped,
                     )

@@ -97,7 +97,9 @@ pub struct InstanceStatus {
     pub init_pid: Option<i32>,
     pub restarts: u32,
     pub last_exit: Option<ExitInfo>,
-    pub usage: Option<CgroupStats>,
+    /// Usage from the cgroup, with the CPU rate in cores since the previous reading (at
+    /// least half a second before; `None` until there is one).
+    pub usage: Option<(CgroupStats, Option<f64>)>,
     pub started_at: Option<SystemTime>,
     pub next_start_at: Option<SystemTime>,
     pub last_error: Option<String>,

@@ -1,6 +1,10 @@
 //! Start/stop/replace latency, memory and API latency of a real corrald, as root.
 //!
-//!   cargo build --release --workspace && sudo target/release/corral-bench [ROUNDS]
+//!   cargo build --release --workspace && sudo target/release/corral-bench [ROUNDS] [SECTION...]
+//!
+//! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `health`
+//! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
+//! instances, no probes: agent CPU), `events` (Watch fan-out). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -142,10 +146,29 @@ async fn main() {
         eprintln!("corral-bench: needs root");
         std::process::exit(2);
     }
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20);
+    let sections: Vec<&str> = args
+        .iter()
+        .filter(|a| a.parse::<usize>().is_err())
+        .map(String::as_str)
+        .collect();
+    let wants = |s: &str| sections.is_empty() || sections.contains(&s);
+    if wants("core") {
+        core(rounds).await;
+    }
+    if wants("health") {
+        health().await;
+    }
+    if wants("idle") {
+        idle().await;
+    }
+    if wants("events") {
+        events().await;
+    }
+}
+
+async fn core(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let agent = Agent::start_logging(None, "warn").await;
@@ -322,4 +345,185 @@ async fn main() {
     delete(&agent, "flood").await;
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CPU time (utime + stime) of a process in seconds.
+fn cpu_secs(pid: i32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    clock_ticks(pid) as f64 / hz
+}
+
+/// 200 instances (4 services of 50), each probed over TCP every second: the agent's CPU use
+/// and how late probes start against their schedule (seen by the services as accept times).
+async fn health() {
+    let agent = Agent::start_logging(None, "warn").await;
+    for s in 0..4 {
+        let toml = format!(
+            "name = \"probed-{s}\"\ncommand = [{:?}, \"health-server\"]\nreplicas = 50\nenv = {{ LOG_ACCEPTS = \"1\" }}\n[ports]\ntcp = \"auto\"\n[health]\ntcp = \"127.0.0.1:{{port.tcp}}\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
+            testbin()
+        );
+        apply(&agent, &toml).await;
+    }
+    for s in 0..4 {
+        agent.wait_running(&format!("probed-{s}"), 50).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = agent.pid().expect("pid");
+    let (c0, t0) = (cpu_secs(pid), Instant::now());
+    let window = Duration::from_secs(30);
+    tokio::time::sleep(window).await;
+    let (c1, t1) = (cpu_secs(pid), Instant::now());
+    let cpu = (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0;
+    // Inter-arrival of each instance's probes: 1 s apart on schedule; the deviation is jitter.
+    let mut jitter = Vec::new();
+    for s in 0..4 {
+        for i in 0..50 {
+            let dir = agent.state_dir.join("logs").join(format!("probed-{s}-{i}"));
+            let text = std::fs::read_to_string(dir.join("stdout.log")).unwrap_or_default();
+            let times: Vec<std::time::SystemTime> = text
+                .lines()
+                .filter(|l| l.ends_with(" accept="))
+                .filter_map(|l| l.get(..27).and_then(|t| humantime::parse_rfc3339(t).ok()))
+                .collect();
+            for w in times.windows(2) {
+                let d = w[1].duration_since(w[0]).unwrap_or_default();
+                jitter.push(Duration::from_secs_f64((d.as_secs_f64() - 1.0).abs()));
+            }
+        }
+    }
+    println!(
+        "200 instances, tcp probe every 1 s: agent CPU {cpu:.2} % of one core over {} s",
+        window.as_secs()
+    );
+    if jitter.is_empty() {
+        println!("probe jitter: no probe arrivals seen");
+    } else {
+        stats(
+            "probe schedule jitter (|inter-arrival - 1 s|)",
+            jitter,
+            true,
+        );
+    }
+    for s in 0..4 {
+        delete(&agent, &format!("probed-{s}")).await;
+    }
+}
+
+/// 200 instances without probes: what the agent costs when nothing happens.
+async fn idle() {
+    let agent = Agent::start_logging(None, "warn").await;
+    for s in 0..4 {
+        let toml = format!(
+            "name = \"idle-{s}\"\ncommand = [{:?}, \"serve\"]\nreplicas = 50\n",
+            testbin()
+        );
+        apply(&agent, &toml).await;
+    }
+    for s in 0..4 {
+        agent.wait_running(&format!("idle-{s}"), 50).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = agent.pid().expect("pid");
+    let (c0, t0) = (cpu_secs(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let cpu = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    println!("200 instances, no probes, idle: agent CPU {cpu:.3} % of one core over 30 s");
+    for s in 0..4 {
+        delete(&agent, &format!("idle-{s}")).await;
+    }
+}
+
+/// 50 concurrent watchers while 10 000 events are produced: all must receive all.
+async fn events() {
+    let agent = Agent::start_logging(None, "warn").await;
+    apply(
+        &agent,
+        &format!(
+            "name = \"ev\"\ncommand = [{:?}, \"serve\"]\nreplicas = 0\n",
+            testbin()
+        ),
+    )
+    .await;
+    let start = {
+        let mut w = agent
+            .client()
+            .await
+            .watch(pb::WatchRequest {
+                last: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        w.message().await.ok().flatten().map_or(0, |e| e.index) + 1
+    };
+    let n: u64 = 10_000;
+    let mut watchers = Vec::new();
+    for _ in 0..50 {
+        let mut w = agent
+            .client()
+            .await
+            .watch(pb::WatchRequest {
+                from_index: start,
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        watchers.push(tokio::spawn(async move {
+            let mut got = 0u64;
+            let mut expect = start;
+            while got < n {
+                match w.message().await {
+                    Ok(Some(e)) => {
+                        if e.index != expect {
+                            return Err(format!(
+                                "gap or duplicate: {} after {}",
+                                e.index,
+                                expect - 1
+                            ));
+                        }
+                        expect += 1;
+                        got += 1;
+                    }
+                    Ok(None) => return Err("stream ended".to_string()),
+                    Err(s) => return Err(s.message().to_string()),
+                }
+            }
+            Ok(got)
+        }));
+    }
+    let t = Instant::now();
+    // Scale changes are events without fsync-free shortcuts: each is a real desired-state change.
+    let mut client = agent.client().await;
+    for i in 0..n {
+        client
+            .scale(pb::ScaleRequest {
+                name: "ev".into(),
+                replicas: (i % 2) as u32,
+            })
+            .await
+            .expect("scale");
+    }
+    let produced = t.elapsed();
+    let mut ok = 0;
+    for w in watchers {
+        match w.await {
+            Ok(Ok(got)) if got == n => ok += 1,
+            Ok(Ok(got)) => println!("a watcher got {got} of {n}"),
+            Ok(Err(e)) => println!("a watcher failed: {e}"),
+            Err(e) => println!("a watcher task failed: {e}"),
+        }
+    }
+    let delivered = t.elapsed();
+    println!(
+        "Watch fan-out: 50 watchers, {n} events produced in {:.2} s ({:.0} events/s); {ok}/50 watchers got all of them, all delivered after {:.2} s ({:.0} deliveries/s)",
+        produced.as_secs_f64(),
+        n as f64 / produced.as_secs_f64(),
+        delivered.as_secs_f64(),
+        (n * 50) as f64 / delivered.as_secs_f64()
+    );
+    delete(&agent, "ev").await;
 }

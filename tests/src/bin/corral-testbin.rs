@@ -434,6 +434,7 @@ fn health_server(start_healthy: bool) {
             }
         };
         let mut tcp = bind_tcp(start_healthy).await;
+        let log_accepts = std::env::var_os("LOG_ACCEPTS").is_some();
         let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).expect("usr1");
         let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).expect("usr2");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("term");
@@ -442,7 +443,9 @@ fn health_server(start_healthy: bool) {
             let accept = async {
                 match &tcp {
                     Some(l) => {
-                        let _ = l.accept().await;
+                        if l.accept().await.is_ok() && log_accepts {
+                            line("accept", "");
+                        }
                     }
                     None => std::future::pending::<()>().await,
                 }
