@@ -216,6 +216,22 @@ impl Runtime for FakeRuntime {
         "fake-boot".into()
     }
 
+    fn bind_socket(&self, _listen: &crate::spec::ListenAddr) -> io::Result<std::os::fd::OwnedFd> {
+        // Any real fd stands in for a socket.
+        Ok(std::fs::File::open("/dev/null")?.into())
+    }
+
+    fn unlink_socket(&self, _listen: &crate::spec::ListenAddr) {}
+
+    fn take_socket(
+        &self,
+        _process: &ProcessRef,
+        _fd: std::os::fd::RawFd,
+        _listen: &crate::spec::ListenAddr,
+    ) -> io::Result<std::os::fd::OwnedFd> {
+        Err(io::Error::other("the fake has no instance fds"))
+    }
+
     fn exec_runner(
         &self,
         _req: super::ExecRequest<'_>,

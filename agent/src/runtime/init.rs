@@ -74,6 +74,12 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return setup_failed(run_dir.as_fd(), &format!("reading {INIT_CONFIG}: {e}")),
     };
+    // The listening sockets on fds 4, 5, ...: the init keeps them (the agent may take them
+    // back from here after a restart); only the service gets them, renumbered from 3.
+    for i in 0..config.listen_names.len() {
+        // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
+        unsafe { libc::fcntl(super::listen_fd_in_init(i), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     match Init::setup(&config) {
         Ok(init) => init.run(run_dir.as_fd()),
         Err(e) => setup_failed(run_dir.as_fd(), &e),
@@ -516,6 +522,8 @@ struct ExecPlan {
     argv: Vec<CString>,
     /// `NOTIFY_SOCKET` for the service, when it reports readiness itself.
     notify_socket: Option<String>,
+    /// Names of the listening sockets on the init's fds 4, 5, ... (`LISTEN_FDNAMES`).
+    listen_names: Vec<String>,
     workdir: CString,
     uid: Option<Uid>,
     gid: Option<Gid>,
@@ -539,6 +547,7 @@ impl ExecPlan {
         Ok(ExecPlan {
             argv,
             notify_socket: None,
+            listen_names: config.listen_names.clone(),
             workdir,
             uid: config.uid.map(Uid::from_raw),
             gid: config.gid.map(Gid::from_raw),
@@ -560,6 +569,23 @@ impl ExecPlan {
         unsafe {
             if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
                 return step("wiring stdout/stderr", Errno::last());
+            }
+        }
+        if !self.listen_names.is_empty() {
+            // LISTEN_FDS: the sockets on 3, 4, ... in order. Ascending dup2 never overwrites a
+            // source still to be copied; the last source keeps close-on-exec.
+            for i in 0..self.listen_names.len() {
+                let from = super::listen_fd_in_init(i);
+                // SAFETY: dup2 between fds this process owns.
+                if unsafe { libc::dup2(from, 3 + i as RawFd) } < 0 {
+                    return step("passing the listening sockets", Errno::last());
+                }
+            }
+            // SAFETY: as above; the child is single-threaded.
+            unsafe {
+                std::env::set_var("LISTEN_FDS", self.listen_names.len().to_string());
+                std::env::set_var("LISTEN_FDNAMES", self.listen_names.join(":"));
+                std::env::set_var("LISTEN_PID", std::process::id().to_string());
             }
         }
         if let Some(addr) = &self.notify_socket {

@@ -181,6 +181,8 @@ pub(super) struct ChildPlan<'a> {
     pub(super) stderr: RawFd,
     /// Placed on fd 3: the run directory (an instance's init) or a pidfd (an exec probe).
     pub(super) fd3: RawFd,
+    /// Placed on fds 4, 5, ...: the service's listening sockets.
+    pub(super) extra: &'a [RawFd],
     pub(super) err_pipe: RawFd,
     pub(super) exe: &'a CString,
     pub(super) argv: &'a [*const libc::c_char],
@@ -221,9 +223,14 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
         {
             fail(STEP_FDS);
         }
+        for (i, fd) in plan.extra.iter().enumerate() {
+            if libc::dup2(*fd, RUN_DIR_FD + 1 + i as RawFd) < 0 {
+                fail(STEP_FDS);
+            }
+        }
         if libc::syscall(
             libc::SYS_close_range,
-            (RUN_DIR_FD + 1) as libc::c_uint,
+            (RUN_DIR_FD + 1 + plan.extra.len() as RawFd) as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) < 0
@@ -343,6 +350,7 @@ impl Runtime for LinuxRuntime {
             log_max_size: spec.logs.max_size,
             log_max_files: spec.logs.max_files,
             notify: spec.health.as_ref().is_some_and(|h| h.notify),
+            listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -398,12 +406,20 @@ impl Runtime for LinuxRuntime {
             .collect::<io::Result<Vec<_>>>()
             .map_err(prep("cgroup.procs"))?;
 
+        if req.listen_fds.len() != spec.sockets.len() {
+            return Err(SpawnError::Invalid {
+                instance: instance.to_string(),
+                reason: format!("{} sockets for {} [[sockets]] entries", req.listen_fds.len(), spec.sockets.len()),
+            });
+        }
+        let listen: Vec<RawFd> = req.listen_fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let plan = ChildPlan {
             procs: &procs,
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
             stderr: init_log.as_raw_fd(),
             fd3: run_dir_fd.as_raw_fd(),
+            extra: &listen,
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
             argv: &argv,
@@ -557,6 +573,37 @@ impl Runtime for LinuxRuntime {
 
     fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
         read_exit_record(&self.run_dir(instance))
+    }
+
+    fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
+        bind_listener(listen)
+    }
+
+    fn unlink_socket(&self, listen: &crate::spec::ListenAddr) {
+        use std::os::unix::fs::FileTypeExt;
+        if let crate::spec::ListenAddr::Unix(path) = listen
+            && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+            && let Err(e) = fs::remove_file(path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a socket file");
+        }
+    }
+
+    fn take_socket(&self, process: &ProcessRef, fd: RawFd, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
+        let Some(pidfd) = &process.pidfd else {
+            return Err(io::Error::other("no pidfd for the instance"));
+        };
+        // SAFETY: pidfd_getfd(2) on a pidfd we own; the result is a new fd we own.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd from pidfd_getfd (close-on-exec), owned by nothing else.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        if !is_listening_on(&sock, listen) {
+            return Err(io::Error::other(format!("fd {fd} of pid {} is not a socket listening on {listen}", process.pid)));
+        }
+        Ok(sock)
     }
 
     fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
@@ -731,4 +778,72 @@ fn parent_pid(pid: i32) -> Option<i32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The backlog of agent-owned listening sockets: connections wait here while instances are
+/// replaced.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket on `listen`, close-on-exec, with `SO_REUSEADDR` (TCP) or a fresh
+/// socket file (Unix, mode 0666; only a stale socket file is ever replaced).
+fn bind_listener(listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr, bind, listen as listen_on, setsockopt, socket, sockopt};
+    use std::os::unix::fs::FileTypeExt;
+    let flags = SockFlag::SOCK_CLOEXEC;
+    let backlog = Backlog::new(LISTEN_BACKLOG).map_err(io::Error::from)?;
+    match listen {
+        crate::spec::ListenAddr::Tcp(addr) => {
+            let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+            let fd = socket(family, SockType::Stream, flags, None)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            match addr {
+                std::net::SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(*a))?,
+                std::net::SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(*a))?,
+            }
+            listen_on(&fd, backlog)?;
+            Ok(fd)
+        }
+        crate::spec::ListenAddr::Unix(path) => {
+            match fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_socket() => fs::remove_file(path)?,
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{} exists and is not a socket", path.display()),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+            bind(fd.as_raw_fd(), &UnixAddr::new(path.as_path())?)?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
+            listen_on(&fd, backlog)?;
+            Ok(fd)
+        }
+    }
+}
+
+/// Whether `fd` is a listening socket bound to `listen`.
+fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
+    use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
+    if !getsockopt(fd, sockopt::AcceptConn).unwrap_or(false) {
+        return false;
+    }
+    let Ok(local) = getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
+        return false;
+    };
+    match listen {
+        crate::spec::ListenAddr::Tcp(std::net::SocketAddr::V4(a)) => {
+            local.as_sockaddr_in().is_some_and(|l| std::net::SocketAddrV4::from(*l) == *a)
+        }
+        crate::spec::ListenAddr::Tcp(std::net::SocketAddr::V6(a)) => local
+            .as_sockaddr_in6()
+            .is_some_and(|l| l.ip() == *a.ip() && l.port() == a.port()),
+        crate::spec::ListenAddr::Unix(path) => local
+            .as_unix_addr()
+            .and_then(|u| u.path())
+            .is_some_and(|p| p == path.as_path()),
+    }
 }

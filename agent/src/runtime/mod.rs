@@ -59,6 +59,14 @@ pub struct InitConfig {
     /// Give the service a `NOTIFY_SOCKET` and record its `READY=1` / `STATUS=` messages.
     #[serde(default)]
     pub notify: bool,
+    /// Names of the listening sockets the init holds on fds 4, 5, ... (`LISTEN_FDNAMES`).
+    #[serde(default)]
+    pub listen_names: Vec<String>,
+}
+
+/// The fd of an instance's init that holds its `i`-th listening socket.
+pub fn listen_fd_in_init(i: usize) -> RawFd {
+    RUN_DIR_FD + 1 + i as RawFd
 }
 
 /// What an instance reported over its `NOTIFY_SOCKET` (sd_notify protocol).
@@ -131,6 +139,8 @@ pub struct StartRequest<'a> {
     /// v2: the cgroup directory, so the child is cloned straight into it.
     pub cgroup_dir: Option<OwnedFd>,
     pub ports: &'a BTreeMap<String, u16>,
+    /// The service's listening sockets, in `[[sockets]]` order.
+    pub listen_fds: &'a [Arc<OwnedFd>],
 }
 
 /// What an exec probe runner needs to run commands inside one instance.
@@ -243,6 +253,17 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// What an instance's init recorded when its service ended, if it did.
     fn exit_record(&self, instance: &str) -> Option<ExitRecord>;
+
+    /// Bind and listen on a `[[sockets]]` address (a stale Unix socket file is replaced).
+    fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;
+
+    /// Remove the socket file of a `unix:` listener that is no longer used (service deleted).
+    fn unlink_socket(&self, listen: &crate::spec::ListenAddr);
+
+    /// Take back a listening socket a running instance's init holds (on `fd` in the init):
+    /// the very socket, not a new one on the same address. Fails unless it is a listening
+    /// socket on `listen`.
+    fn take_socket(&self, process: &ProcessRef, fd: RawFd, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;
 
     /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
     fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;

@@ -217,6 +217,7 @@ impl LinuxExec {
             stdout: out_w.as_raw_fd(),
             stderr: out_w.as_raw_fd(),
             fd3: target.as_raw_fd(),
+            extra: &[],
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
             argv: &argv_p,

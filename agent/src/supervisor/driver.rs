@@ -96,6 +96,9 @@ struct Service {
     spec: Arc<ServiceSpec>,
     revision: u64,
     deleting: bool,
+    /// The listening sockets of `[[sockets]]`, in order: bound by the agent, handed to every
+    /// instance, kept across instance restarts, updates and agent restarts.
+    sockets: Vec<Arc<std::os::fd::OwnedFd>>,
     instances: BTreeMap<u32, Instance>,
     delete_waiters: Vec<Reply>,
     stopped_on_delete: u32,
@@ -233,6 +236,7 @@ impl Driver {
     pub async fn restore(&mut self) {
         self.load_services();
         self.adopt_instances();
+        self.acquire_sockets();
         self.stop_leftovers().await;
     }
 
@@ -255,6 +259,7 @@ impl Driver {
                                     spec: Arc::new(spec),
                                     revision,
                                     deleting: false,
+                                    sockets: Vec::new(),
                                     instances: BTreeMap::new(),
                                     delete_waiters: Vec::new(),
                                     stopped_on_delete: 0,
@@ -693,6 +698,12 @@ impl Driver {
         inst.revision = svc.revision;
         let spec = inst.spec.clone();
         let id = inst.id.clone();
+        let sockets = svc.sockets.clone();
+        if sockets.len() != spec.sockets.len() {
+            return Event::StartFailed {
+                error: "its listening sockets are not open (see the agent's log)".into(),
+            };
+        }
         let path = cgroup_of(service, &id);
         let fail = |error: String| {
             tracing::warn!(instance = %id, %error, "start failed");
@@ -722,6 +733,7 @@ impl Driver {
             cgroup_procs: procs,
             cgroup_dir: dir,
             ports: &ports,
+            listen_fds: &sockets,
         }) {
             Ok(s) => s,
             Err(e) => return fail(e.to_string()),
@@ -1078,6 +1090,9 @@ impl Driver {
         if let Err(e) = self.deps.cgroups.remove(&CgroupPath::service(name)) {
             tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
         }
+        for s in &svc.spec.sockets {
+            self.deps.runtime.unlink_socket(&s.listen);
+        }
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
         for w in svc.delete_waiters {
@@ -1290,9 +1305,6 @@ impl Driver {
                 ));
             }
         }
-        if !spec.sockets.is_empty() {
-            why.push("sockets: agent-owned sockets are not supported by this agent version".into());
-        }
         if let Err(e) = self.deps.runtime.preflight(spec) {
             why.push(e);
         }
@@ -1333,6 +1345,8 @@ impl Driver {
         if dry_run || kind == ApplyKind::Unchanged {
             return Ok(outcome);
         }
+        // Bound before anything is saved: an address in use refuses the apply whole.
+        let sockets = self.sockets_for(&spec)?;
         self.persist(&name, revision, &spec)?;
         tracing::info!(service = %name, revision, outcome = kind.as_str(), "applied");
         self.emit(
@@ -1349,6 +1363,7 @@ impl Driver {
             Some(svc) => {
                 svc.spec = spec;
                 svc.revision = revision;
+                svc.sockets = sockets;
             }
             None => {
                 self.services.insert(
@@ -1357,6 +1372,7 @@ impl Driver {
                         spec,
                         revision,
                         deleting: false,
+                        sockets,
                         instances: BTreeMap::new(),
                         delete_waiters: Vec::new(),
                         stopped_on_delete: 0,
@@ -1365,6 +1381,68 @@ impl Driver {
             }
         }
         Ok(outcome)
+    }
+
+    /// The listening sockets for `spec`: the service's own where the address is unchanged
+    /// (the very same socket, so no connection is refused across an update), new ones bound
+    /// for new addresses.
+    fn sockets_for(&self, spec: &ServiceSpec) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, SupervisorError> {
+        let current = self.services.get(&spec.name);
+        spec.sockets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let kept = current.and_then(|svc| {
+                    svc.spec
+                        .sockets
+                        .iter()
+                        .position(|old| old.listen == s.listen)
+                        .and_then(|j| svc.sockets.get(j).cloned())
+                });
+                match kept {
+                    Some(fd) => Ok(fd),
+                    None => self.deps.runtime.bind_socket(&s.listen).map(Arc::new).map_err(|e| {
+                        SupervisorError::Unenforceable(format!("sockets[{i}].listen: cannot listen on {}: {e}", s.listen))
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// After a restart: every service's sockets, taken back from its running instances where
+    /// they hold them (the same sockets, never a second one on the address), else bound.
+    fn acquire_sockets(&mut self) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(svc) = self.services.get(&name) else { continue };
+            let mut sockets = Vec::new();
+            for (i, s) in svc.spec.sockets.iter().enumerate() {
+                let taken = svc.instances.values().filter_map(|inst| self.live.get(&inst.id)).find_map(|l| {
+                    (0..16).find_map(|j| {
+                        self.deps
+                            .runtime
+                            .take_socket(&l.process, crate::runtime::listen_fd_in_init(j), &s.listen)
+                            .ok()
+                    })
+                });
+                let fd = match taken {
+                    Some(fd) => {
+                        tracing::info!(service = %name, listen = %s.listen, "took the listening socket back from a running instance");
+                        Ok(fd)
+                    }
+                    None => self.deps.runtime.bind_socket(&s.listen),
+                };
+                match fd {
+                    Ok(fd) => sockets.push(Arc::new(fd)),
+                    Err(e) => {
+                        tracing::error!(service = %name, socket = i, listen = %s.listen, error = %e, "cannot listen; instances cannot start");
+                    }
+                }
+            }
+            if let Some(svc) = self.services.get_mut(&name) {
+                svc.sockets = sockets;
+            }
+        }
     }
 
     fn scale(&mut self, name: &str, replicas: u32) -> Result<Outcome, SupervisorError> {

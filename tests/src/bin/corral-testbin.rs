@@ -314,6 +314,11 @@ fn main() {
             line("notified", 1);
             sleep_forever();
         }
+        // Serve HTTP on the listening socket inherited as fd 3 (LISTEN_FDS), after DELAY_MS:
+        // each response says which instance and $VERSION answered. $PORT_ADMIN, when set,
+        // serves /healthz for probes. SIGTERM: stop accepting, finish what was accepted,
+        // exit 0 (a graceful stop).
+        "http-listen" => http_listen(num(1, 0)),
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
         "signal-fifo" => {
             on_term_exit_zero();
@@ -464,5 +469,88 @@ fn health_server(start_healthy: bool) {
             tcp = bind_tcp(now).await;
             line("healthy", u8::from(now));
         }
+    });
+}
+
+fn http_listen(delay_ms: u64) {
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let fds: usize = std::env::var("LISTEN_FDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pid_ok = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
+    line("listen_fds", fds);
+    line("listen_pid_ok", u8::from(pid_ok));
+    line("listen_fdnames", std::env::var("LISTEN_FDNAMES").unwrap_or_default());
+    if fds == 0 {
+        std::process::exit(2);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("term");
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if let Some(p) = std::env::var("PORT_ADMIN").ok().and_then(|p| p.parse::<u16>().ok()) {
+            let admin = tokio::net::TcpListener::bind(("127.0.0.1", p)).await.expect("bind admin");
+            tokio::spawn(async move {
+                loop {
+                    if let Ok((mut c, _)) = admin.accept().await {
+                        tokio::spawn(async move {
+                            let mut buf = [0u8; 512];
+                            let _ = c.read(&mut buf).await;
+                            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                        });
+                    }
+                }
+            });
+        }
+        // SAFETY: fd 3 is the listening socket handed over by LISTEN_FDS; nothing else owns it.
+        let std_listener = unsafe { std::net::TcpListener::from_raw_fd(3) };
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+        let instance = std::env::var("CORRAL_INSTANCE").unwrap_or_default();
+        let version = std::env::var("VERSION").unwrap_or_default();
+        let body: Arc<str> = format!("{instance} {version}\n").into();
+        let inflight = Arc::new(AtomicUsize::new(0));
+        line("serving", 1);
+        loop {
+            tokio::select! {
+                conn = listener.accept() => {
+                    let Ok((mut c, _)) = conn else { continue };
+                    let (body, inflight) = (body.clone(), inflight.clone());
+                    inflight.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 2048];
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match c.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                        let _ = c.write_all(resp.as_bytes()).await;
+                        let _ = c.shutdown().await;
+                        inflight.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+                _ = term.recv() => break,
+            }
+        }
+        // Graceful: stop accepting (the other instances keep the shared socket), finish.
+        drop(listener);
+        for _ in 0..1000 {
+            if inflight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::process::exit(0);
     });
 }
