@@ -5,6 +5,8 @@
 //! number) is a usage error and ends the process with exit code 2.
 
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -64,7 +66,8 @@ pub struct ConnectArgs {
 pub enum Format {
     /// Aligned columns and text for people.
     Table,
-    /// One JSON document per command, for scripts.
+    /// One JSON document per command, for scripts; `logs`, `events` and `top` print JSON Lines
+    /// (one document per line: per record, per event, per frame).
     Json,
 }
 
@@ -94,11 +97,219 @@ pub enum Command {
     /// Stop every instance of a service and remove it.
     Delete(NameArgs),
 
-    /// Show the host, what it can enforce, and the agent's version.
-    Node,
+    /// Print the output of a service's instances, or of one instance.
+    ///
+    /// NAME reads every instance of the service, merged by time; NAME/INDEX (`web/0`) reads one
+    /// instance. NAME-INDEX (`web-0`) names that instance too, unless a service has that very
+    /// name (then `web/0` is the way to the instance).
+    ///
+    /// Every line the agent still keeps is printed unless --tail or --since narrows it. Each
+    /// line reads
+    /// `2026-11-22T23:45:01.123Z web-0 out| text`: the time the line was read (UTC, to the
+    /// millisecond; `-` when unknown), the instance, `out|` for stdout or `err|` for stderr,
+    /// and the text as written. With `-o json`, one object per line:
+    /// {"instance", "stream" ("stdout"/"stderr"), "time" (RFC 3339 or null), "text"}.
+    ///
+    /// With -f, keeps printing new lines as they are written — across log rotations, restarts
+    /// and, for a service, new instances — until Ctrl-C, which ends it with exit code 0.
+    Logs(LogsArgs),
+
+    /// Print the node's events: starts, exits, health changes, applied specs, ...
+    ///
+    /// Without --since or --last, the last 50 events of the node. The columns are
+    /// INDEX TIME SERVICE INSTANCE TYPE MESSAGE; with `-o json`, one object per event:
+    /// {"index", "time", "service", "instance", "type", "message", "attributes"}.
+    ///
+    /// With -f, keeps printing events as they happen until Ctrl-C (exit code 0). When the
+    /// agent no longer keeps the events asked for, or a follower fell too far behind, its
+    /// message says from which index to resume (--since INDEX) and the exit code is 1.
+    Events(EventsArgs),
 
     /// Send a signal to one instance's service process, e.g. `corral signal web-0 SIGHUP`.
     Signal(SignalArgs),
+
+    /// Show the host, what it can enforce, and the agent's version.
+    Node,
+
+    /// A live view of every instance: state, health, CPU, memory, restarts.
+    ///
+    /// Refreshes every --interval until Ctrl-C (exit code 0), or stops after --iterations
+    /// frames. CPU% is the CPU time an instance used between two refreshes over the time
+    /// between them (100% = one core); the first frame has none yet and shows `-`. Rows are
+    /// sorted by CPU%, busiest first, then by service and instance. On a terminal each frame
+    /// replaces the previous one; otherwise frames follow each other, separated by a blank
+    /// line. With `-o json`, one document per frame: {"time", "node", "instances"}.
+    Top(TopArgs),
+}
+
+/// How many events `events` prints without --since or --last.
+pub const DEFAULT_EVENTS_LAST: u32 = 50;
+
+/// How often `top` refreshes without --interval.
+pub const DEFAULT_TOP_INTERVAL: &str = "2s";
+
+/// The shortest --interval of `top`: faster refreshes only load the agent.
+pub const MIN_TOP_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// NAME (every instance of the service), NAME/INDEX or NAME-INDEX (one instance).
+    #[arg(value_name = "NAME[/INDEX]", value_parser = LogTarget::from_str)]
+    pub target: LogTarget,
+
+    /// Keep printing new lines as they are written, until Ctrl-C.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+
+    /// Start with the last N lines (of all the instances together); default: all kept lines.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub tail: Option<u32>,
+
+    /// Only lines written at or after this time: a duration ago (`10m`, `1h30m`, `2days`) or
+    /// an RFC 3339 time (`2026-11-22T23:45:00Z`; UTC unless it carries an offset).
+    #[arg(long, value_name = "DURATION|RFC3339", value_parser = Since::from_str)]
+    pub since: Option<Since>,
+}
+
+/// What `logs` reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// NAME/INDEX: one instance, by its id (`web-0`).
+    Instance(String),
+    /// NAME: the service's instances, or — when no service has that name and it reads as
+    /// NAME-INDEX — that one instance.
+    Service(String),
+}
+
+impl LogTarget {
+    /// The instance a service-looking NAME-INDEX may name instead (`web-0`), if it has that form.
+    pub fn instance_fallback(&self) -> Option<&str> {
+        match self {
+            LogTarget::Service(name) => name
+                .rsplit_once('-')
+                .filter(|(service, index)| !service.is_empty() && is_index(index))
+                .map(|_| name.as_str()),
+            LogTarget::Instance(_) => None,
+        }
+    }
+}
+
+impl FromStr for LogTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("a service name is required".to_owned());
+        }
+        match s.split_once('/') {
+            None => Ok(LogTarget::Service(s.to_owned())),
+            Some((name, index)) if !name.is_empty() && is_index(index) => {
+                Ok(LogTarget::Instance(format!("{name}-{index}")))
+            }
+            Some(_) => Err(
+                "expected NAME or NAME/INDEX with INDEX a number (e.g. web or web/0)".to_owned(),
+            ),
+        }
+    }
+}
+
+fn is_index(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `--since` of `logs`: a time, or how long ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// That long before the command runs.
+    Ago(Duration),
+    /// That time.
+    At(prost_types::Timestamp),
+}
+
+impl FromStr for Since {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(ago) = humantime::parse_duration(s) {
+            return Ok(Since::Ago(ago));
+        }
+        if let Ok(at) = prost_types::Timestamp::from_str(s) {
+            return Ok(Since::At(at));
+        }
+        Err(
+            "expected a duration (10m, 1h30m, 2days) or an RFC 3339 time (2026-11-22T23:45:00Z)"
+                .to_owned(),
+        )
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing events as they happen, until Ctrl-C.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+
+    /// Start at the event with this index (0: the oldest kept); to resume after the last event
+    /// seen, its index + 1.
+    #[arg(
+        long,
+        value_name = "INDEX",
+        conflicts_with = "last",
+        allow_negative_numbers = true
+    )]
+    pub since: Option<u64>,
+
+    /// Start with the last N events of the node (counted before --service and --instance
+    /// pick theirs). Default: 50, without --since.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        allow_negative_numbers = true
+    )]
+    pub last: Option<u32>,
+
+    /// Only the events of this service.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+
+    /// Only the events of this instance (`web-0` or `web/0`).
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Time between two refreshes (at least 100ms): `2s`, `500ms`, `1m`.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = DEFAULT_TOP_INTERVAL,
+        value_parser = parse_interval
+    )]
+    pub interval: Duration,
+
+    /// Stop after N frames; default: run until Ctrl-C.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..),
+        allow_negative_numbers = true
+    )]
+    pub iterations: Option<u32>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("expected a duration like 2s or 500ms: {e}"))?;
+    if interval < MIN_TOP_INTERVAL {
+        return Err(format!(
+            "at least {}",
+            humantime::format_duration(MIN_TOP_INTERVAL)
+        ));
+    }
+    Ok(interval)
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +482,205 @@ mod tests {
         assert_eq!(usage_error(&["ls", "extra"]), ErrorKind::UnknownArgument);
         let err = parse(&[]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    fn logs_args(args: &[&str]) -> LogsArgs {
+        match parse(args).unwrap().command {
+            Command::Logs(l) => l,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn logs_take_a_service_or_an_instance() {
+        let l = logs_args(&["logs", "web"]);
+        assert_eq!(l.target, LogTarget::Service("web".into()));
+        assert_eq!(l.target.instance_fallback(), None);
+        assert!(!l.follow);
+        assert_eq!((l.tail, l.since), (None, None));
+
+        let l = logs_args(&["logs", "web/2"]);
+        assert_eq!(l.target, LogTarget::Instance("web-2".into()));
+        let l = logs_args(&["logs", "my-api/10"]);
+        assert_eq!(l.target, LogTarget::Instance("my-api-10".into()));
+
+        // A NAME-INDEX is asked for as a service first, then as that instance.
+        let l = logs_args(&["logs", "web-2"]);
+        assert_eq!(l.target, LogTarget::Service("web-2".into()));
+        assert_eq!(l.target.instance_fallback(), Some("web-2"));
+        let l = logs_args(&["logs", "web-api"]);
+        assert_eq!(l.target.instance_fallback(), None);
+
+        for bad in ["web/", "/0", "web/x", "web/0/1", ""] {
+            assert_eq!(
+                usage_error(&["logs", bad]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        assert_eq!(usage_error(&["logs"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn logs_take_follow_tail_and_since() {
+        let l = logs_args(&["logs", "web", "-f", "--tail", "20", "--since", "10m"]);
+        assert!(l.follow);
+        assert_eq!(l.tail, Some(20));
+        assert_eq!(l.since, Some(Since::Ago(Duration::from_secs(600))));
+        let l = logs_args(&["logs", "web", "--follow", "--tail=0", "--since=1h30m"]);
+        assert!(l.follow);
+        assert_eq!(l.tail, Some(0));
+        assert_eq!(l.since, Some(Since::Ago(Duration::from_secs(5400))));
+
+        let at = |s: &str| logs_args(&["logs", "web", "--since", s]).since;
+        let want = Some(Since::At(prost_types::Timestamp {
+            seconds: 1_795_909_500,
+            nanos: 0,
+        }));
+        assert_eq!(at("2026-11-28T23:45:00Z"), want);
+        assert_eq!(at("2026-11-29T00:45:00+01:00"), want);
+        assert_eq!(
+            at("2026-11-28T23:45:00.5Z"),
+            Some(Since::At(prost_types::Timestamp {
+                seconds: 1_795_909_500,
+                nanos: 500_000_000
+            }))
+        );
+    }
+
+    #[test]
+    fn bad_logs_flags_are_usage_errors() {
+        for bad in [
+            "yesterday",
+            "10",
+            "-5m",
+            "2026-13-01T00:00:00Z",
+            "10 parsecs",
+            "",
+        ] {
+            assert_eq!(
+                usage_error(&["logs", "web", &format!("--since={bad}")]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        for bad in ["-1", "x", "1.5", "4294967296"] {
+            assert_eq!(
+                usage_error(&["logs", "web", &format!("--tail={bad}")]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            usage_error(&["logs", "web", "--tail", "-1"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            usage_error(&["events", "--last", "-1"]),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            usage_error(&["logs", "web", "-o", "yaml"]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    fn events_args(args: &[&str]) -> EventsArgs {
+        match parse(args).unwrap().command {
+            Command::Events(e) => e,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_take_follow_since_last_and_filters() {
+        let e = events_args(&["events"]);
+        assert!(!e.follow);
+        assert_eq!((e.since, e.last), (None, None));
+        let e = events_args(&[
+            "events",
+            "-f",
+            "--since",
+            "120",
+            "--service",
+            "web",
+            "--instance",
+            "web/1",
+        ]);
+        assert!(e.follow);
+        assert_eq!(e.since, Some(120));
+        assert_eq!(e.service.as_deref(), Some("web"));
+        assert_eq!(e.instance.as_deref(), Some("web/1"));
+        let e = events_args(&["events", "--last", "5", "--follow"]);
+        assert_eq!((e.last, e.follow), (Some(5), true));
+    }
+
+    #[test]
+    fn bad_events_flags_are_usage_errors() {
+        assert_eq!(
+            usage_error(&["events", "--since", "3", "--last", "5"]),
+            ErrorKind::ArgumentConflict
+        );
+        for bad in [
+            "--since=-1",
+            "--since=10m",
+            "--last=0",
+            "--last=-3",
+            "--last=x",
+        ] {
+            assert_eq!(
+                usage_error(&["events", bad]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            usage_error(&["events", "-o", "yaml"]),
+            ErrorKind::InvalidValue
+        );
+        assert_eq!(usage_error(&["events", "web"]), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn top_takes_an_interval_and_a_frame_count() {
+        let top = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Top(t) => t,
+            other => panic!("parsed as {other:?}"),
+        };
+        let t = top(&["top"]);
+        assert_eq!((t.interval, t.iterations), (Duration::from_secs(2), None));
+        let t = top(&["top", "--interval", "500ms", "--iterations", "3"]);
+        assert_eq!(
+            (t.interval, t.iterations),
+            (Duration::from_millis(500), Some(3))
+        );
+        for bad in [
+            "--interval=0s",
+            "--interval=10ms",
+            "--interval=fast",
+            "--iterations=0",
+            "--iterations=-1",
+        ] {
+            assert_eq!(
+                usage_error(&["top", bad]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        assert_eq!(usage_error(&["top", "-o", "yaml"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn signal_takes_an_instance_and_a_signal() {
+        let cli = parse(&["signal", "web/0", "HUP"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Signal(SignalArgs { instance, signal }) if instance == "web/0" && signal == "HUP"
+        ));
+        assert_eq!(
+            usage_error(&["signal", "web-0"]),
+            ErrorKind::MissingRequiredArgument
+        );
     }
 
     #[test]

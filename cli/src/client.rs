@@ -86,15 +86,76 @@ impl Session {
         self.reply(reply)
     }
 
+    /// Log records of a service or an instance, as a stream.
+    pub async fn logs(&mut self, request: pb::LogsRequest) -> anyhow::Result<Replies<pb::LogLine>> {
+        let reply = self.client.logs(request).await;
+        self.stream(reply, rpc_error)
+    }
+
+    /// The node's events, as a stream. The statuses that say where to resume (`OUT_OF_RANGE`,
+    /// `RESOURCE_EXHAUSTED`) are shown as the agent words them.
+    pub async fn watch(&mut self, request: pb::WatchRequest) -> anyhow::Result<Replies<pb::Event>> {
+        let reply = self.client.watch(request).await;
+        self.stream(reply, watch_error)
+    }
+
+    fn stream<T>(
+        &self,
+        reply: Result<tonic::Response<tonic::Streaming<T>>, Status>,
+        error: fn(Status) -> anyhow::Error,
+    ) -> anyhow::Result<Replies<T>> {
+        match reply {
+            Ok(reply) => Ok(Replies {
+                inner: reply.into_inner(),
+                error,
+                transport_hint: self.transport_hint,
+            }),
+            Err(status) => Err(with_hint(status, error, self.transport_hint)),
+        }
+    }
+
     fn reply<T>(&self, reply: Result<tonic::Response<T>, Status>) -> anyhow::Result<T> {
-        reply.map(tonic::Response::into_inner).map_err(|status| {
-            let from_transport = status.source().is_some();
-            let err = rpc_error(status);
-            match self.transport_hint {
-                Some(hint) if from_transport => anyhow!("{err} ({hint})"),
-                _ => err,
-            }
-        })
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|status| with_hint(status, rpc_error, self.transport_hint))
+    }
+}
+
+/// A status as an error, with the hint for errors the transport raised.
+fn with_hint(
+    status: Status,
+    error: fn(Status) -> anyhow::Error,
+    hint: Option<&'static str>,
+) -> anyhow::Error {
+    let from_transport = status.source().is_some();
+    let err = error(status);
+    match hint {
+        Some(hint) if from_transport => anyhow!("{err} ({hint})"),
+        _ => err,
+    }
+}
+
+/// The replies of a server-streaming call, read one at a time.
+pub struct Replies<T> {
+    inner: tonic::Streaming<T>,
+    error: fn(Status) -> anyhow::Error,
+    transport_hint: Option<&'static str>,
+}
+
+impl<T> Replies<T> {
+    /// The next reply; `None` once the agent ended the stream. Cancel-safe: dropping the future
+    /// before it completes loses no reply.
+    pub async fn next(&mut self) -> anyhow::Result<Option<T>> {
+        self.inner
+            .message()
+            .await
+            .map_err(|status| with_hint(status, self.error, self.transport_hint))
+    }
+}
+
+impl<T> std::fmt::Debug for Replies<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replies").finish_non_exhaustive()
     }
 }
 
@@ -271,14 +332,14 @@ fn root_cause(err: &(dyn StdError + 'static)) -> String {
 pub fn rpc_error(status: Status) -> anyhow::Error {
     let message = status.message();
     match status.code() {
-        Code::InvalidArgument
+        code @ (Code::InvalidArgument
         | Code::NotFound
         | Code::FailedPrecondition
         | Code::PermissionDenied
-        | Code::AlreadyExists
+        | Code::AlreadyExists)
             if !message.is_empty() =>
         {
-            anyhow!("{message}")
+            RpcError::new(code, message.to_owned()).into()
         }
         code => {
             let mut text = code_name(code).to_owned();
@@ -294,9 +355,50 @@ pub fn rpc_error(status: Status) -> anyhow::Error {
             if code == Code::Unauthenticated {
                 text.push_str(" (the agent wants a client certificate: --tls-cert and --tls-key)");
             }
-            anyhow!("{text}")
+            RpcError::new(code, text).into()
         }
     }
+}
+
+/// A `Watch` status: `OUT_OF_RANGE` and `RESOURCE_EXHAUSTED` name the index to resume from, and
+/// are shown unchanged; any other status as [`rpc_error`] words it.
+fn watch_error(status: Status) -> anyhow::Error {
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted
+            if !status.message().is_empty() && status.source().is_none() =>
+        {
+            RpcError::new(status.code(), status.message().to_owned()).into()
+        }
+        _ => rpc_error(status),
+    }
+}
+
+/// An error the agent answered with: the text shown to the user, and the status code, for the
+/// commands that act on it ([`is_not_found`]).
+#[derive(Debug)]
+struct RpcError {
+    code: Code,
+    text: String,
+}
+
+impl RpcError {
+    fn new(code: Code, text: String) -> Self {
+        RpcError { code, text }
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl StdError for RpcError {}
+
+/// Whether the agent answered `NOT_FOUND` (no such service or instance).
+pub fn is_not_found(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<RpcError>()
+        .is_some_and(|e| e.code == Code::NotFound)
 }
 
 fn code_name(code: Code) -> &'static str {
@@ -458,6 +560,37 @@ mod tests {
             let msg = r#"resources.memory: "12XB" is not a size"#;
             assert_eq!(rpc_error(Status::new(code, msg)).to_string(), msg);
         }
+    }
+
+    #[test]
+    fn watch_statuses_that_say_where_to_resume_are_unchanged() {
+        let msg = "event 3 is no longer kept: the oldest event kept is 10";
+        assert_eq!(watch_error(Status::out_of_range(msg)).to_string(), msg);
+        let msg =
+            "the watcher fell too far behind the event log and was cut off: resume from index 42";
+        assert_eq!(
+            watch_error(Status::resource_exhausted(msg)).to_string(),
+            msg
+        );
+        assert_eq!(
+            watch_error(Status::internal("event log: read failed")).to_string(),
+            "internal error: event log: read failed"
+        );
+        // Elsewhere, they name their code.
+        assert_eq!(
+            rpc_error(Status::out_of_range("too far")).to_string(),
+            "out of range: too far"
+        );
+    }
+
+    #[test]
+    fn not_found_is_told_apart() {
+        assert!(is_not_found(&rpc_error(Status::not_found(
+            "service \"web\" not found"
+        ))));
+        assert!(is_not_found(&rpc_error(Status::not_found(""))));
+        assert!(!is_not_found(&rpc_error(Status::invalid_argument("name"))));
+        assert!(!is_not_found(&anyhow!("service \"web\" not found")));
     }
 
     #[test]

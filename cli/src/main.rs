@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::args::Cli;
-use crate::commands::Outcome;
+use crate::commands::{Console, Outcome};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     };
     let mut out = io::stdout().lock();
     let result = runtime
-        .block_on(commands::run(cli, &mut out, &mut err))
+        .block_on(commands::run(cli, &mut out, &mut err, Console::process()))
         .and_then(|outcome| {
             out.flush()?;
             Ok(outcome)

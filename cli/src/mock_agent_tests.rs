@@ -5,25 +5,30 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Parser;
 use corral_proto::v1::agent_server::{Agent, AgentServer};
 use corral_proto::v1::apply_request::Source;
 use corral_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetRequest, InstanceState,
-    InstanceStatus, ListRequest, ListResponse, NodeInfo, NodeRequest, ScaleRequest, ScaleResponse,
-    ServiceSpec, ServiceStatus,
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, Event, GetRequest, InstanceState,
+    InstanceStatus, ListRequest, ListResponse, LogLine, LogsRequest, NodeInfo, NodeRequest,
+    ResourceUsage, ScaleRequest, ScaleResponse, ServiceSpec, ServiceStatus, WatchRequest,
 };
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::args::Cli;
+use crate::commands::Console;
 use crate::{commands, finish};
 
 const BAD_MEMORY: &str = r#"resources.memory: "12XB" is not a size"#;
@@ -32,11 +37,93 @@ const BAD_MEMORY: &str = r#"resources.memory: "12XB" is not a size"#;
 type Services = BTreeMap<String, (u64, u32, String)>;
 
 /// Just enough of an agent: takes the service's name from the spec text, refuses a spec whose
-/// memory is "12XB" as the real agent would, and records every apply request.
+/// memory is "12XB" as the real agent would, and records every apply request. Its logs and
+/// events are fixed ([`log_records`], [`events`]); each `Get` or `List` adds CPU time to every
+/// instance.
 #[derive(Debug, Default, Clone)]
 struct FakeAgent {
     services: Arc<Mutex<Services>>,
     applied: Arc<Mutex<Vec<ApplyRequest>>>,
+    logs_asked: Arc<Mutex<Vec<LogsRequest>>>,
+    watch_asked: Arc<Mutex<Vec<WatchRequest>>>,
+    /// What `Node` answers; `None`: an internal error.
+    node: Arc<Mutex<Option<NodeInfo>>>,
+    /// `Get` and `List` calls so far.
+    reads: Arc<AtomicU64>,
+}
+
+fn ts(seconds: i64, millis: i32) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds,
+        nanos: millis * 1_000_000,
+    }
+}
+
+/// The log records of service "web": two instances, both streams, one record without a time.
+fn log_records() -> Vec<LogLine> {
+    let line = |instance: &str, stream: &str, time, text: &str| LogLine {
+        instance: instance.into(),
+        stream: stream.into(),
+        time,
+        text: text.into(),
+    };
+    vec![
+        line(
+            "web-0",
+            "stdout",
+            Some(ts(1_795_909_501, 123)),
+            "listening on :8080",
+        ),
+        line(
+            "web-1",
+            "stderr",
+            Some(ts(1_795_909_502, 5)),
+            "warning: cache cold",
+        ),
+        line("web-1", "stdout", None, "GET / 200"),
+    ]
+}
+
+/// The node's event log: indexes 3 to 6 are kept.
+fn events() -> Vec<Event> {
+    let event = |index, service: &str, instance: &str, kind: &str, message: &str| Event {
+        index,
+        time: Some(ts(1_795_909_500 + i64::try_from(index).unwrap(), 0)),
+        service: service.into(),
+        instance: instance.into(),
+        r#type: kind.into(),
+        message: message.into(),
+        attributes: if kind == "instance_exited" {
+            [("end".to_owned(), "exited(3)".to_owned())].into()
+        } else {
+            Default::default()
+        },
+    };
+    vec![
+        event(3, "web", "", "applied", "revision 1 applied"),
+        event(4, "web", "web-0", "instance_started", "started as pid 4242"),
+        event(5, "api", "api-0", "instance_started", "started as pid 4343"),
+        event(6, "web", "web-0", "instance_exited", "exited(3)"),
+    ]
+}
+
+/// A stream of `items`; with `follow`, it stays open until the client goes away.
+fn stream_of<T: Send + 'static>(
+    items: Vec<Result<T, Status>>,
+    follow: bool,
+) -> ReceiverStream<Result<T, Status>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for item in items {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+        if follow {
+            tx.closed().await;
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 fn spec_name(text: &str) -> Option<String> {
@@ -46,7 +133,9 @@ fn spec_name(text: &str) -> Option<String> {
     })
 }
 
-fn status_of(name: &str, revision: u64, replicas: u32) -> ServiceStatus {
+/// A service's status; `tick` (the number of `Get` and `List` calls) sets the CPU time its
+/// instances used: 10 ms per tick for instance 0, 20 ms for instance 1, ...
+fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStatus {
     ServiceStatus {
         name: name.to_owned(),
         revision,
@@ -67,6 +156,12 @@ fn status_of(name: &str, revision: u64, replicas: u32) -> ServiceStatus {
                 revision,
                 state: InstanceState::Running as i32,
                 pid: 1000 + i32::try_from(index).unwrap(),
+                health: "healthy".into(),
+                usage: Some(ResourceUsage {
+                    cpu_usage_ns: tick * u64::from(index + 1) * 10_000_000,
+                    memory_bytes: 12 << 20,
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect(),
@@ -76,24 +171,78 @@ fn status_of(name: &str, revision: u64, replicas: u32) -> ServiceStatus {
 
 #[tonic::async_trait]
 impl Agent for FakeAgent {
-    type WatchStream =
-        tokio_stream::wrappers::ReceiverStream<Result<corral_proto::v1::Event, Status>>;
+    type WatchStream = ReceiverStream<Result<Event, Status>>;
 
+    /// Replays the kept events (3 to 6) from `from_index` or the last `last`, filtered; with
+    /// follow, stays open. Service "lagging" is cut off after its replay, as a watcher that fell
+    /// behind.
     async fn watch(
         &self,
-        _: Request<corral_proto::v1::WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("not in this fake"))
+        let req = request.into_inner();
+        self.watch_asked.lock().unwrap().push(req.clone());
+        let from = if req.last > 0 {
+            7u64.saturating_sub(u64::from(req.last)).max(3)
+        } else {
+            req.from_index
+        };
+        if (1..3).contains(&from) {
+            return Err(Status::out_of_range(format!(
+                "event {from} is no longer kept: the oldest event kept is 3"
+            )));
+        }
+        let mut items: Vec<Result<Event, Status>> = events()
+            .into_iter()
+            .filter(|e| e.index >= from)
+            .filter(|e| req.service.is_empty() || req.service == e.service)
+            .filter(|e| req.instance.is_empty() || req.instance == e.instance)
+            .map(Ok)
+            .collect();
+        if req.service == "lagging" {
+            items = events().into_iter().take(2).map(Ok).collect();
+            items.push(Err(Status::resource_exhausted(
+                "the watcher fell too far behind the event log and was cut off: resume from index 5",
+            )));
+        }
+        Ok(Response::new(stream_of(items, req.follow)))
     }
 
-    type LogsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<corral_proto::v1::LogLine, Status>>;
+    type LogsStream = ReceiverStream<Result<LogLine, Status>>;
 
+    /// The records of service "web" or of one of its instances, the last `tail` of them; with
+    /// follow, stays open.
     async fn logs(
         &self,
-        _: Request<corral_proto::v1::LogsRequest>,
+        request: Request<LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(Status::unimplemented("not in this fake"))
+        let req = request.into_inner();
+        self.logs_asked.lock().unwrap().push(req.clone());
+        let mut lines = log_records();
+        if req.instance.is_empty() {
+            if req.service != "web" {
+                return Err(Status::not_found(format!(
+                    "service {:?} not found",
+                    req.service
+                )));
+            }
+        } else {
+            lines.retain(|l| l.instance == req.instance);
+            if lines.is_empty() {
+                return Err(Status::not_found(format!(
+                    "instance {:?} not found",
+                    req.instance
+                )));
+            }
+        }
+        if let Some(tail) = req.tail {
+            let skip = lines.len().saturating_sub(tail as usize);
+            lines.drain(..skip);
+        }
+        Ok(Response::new(stream_of(
+            lines.into_iter().map(Ok).collect(),
+            req.follow,
+        )))
     }
 
     async fn apply(
@@ -147,17 +296,19 @@ impl Agent for FakeAgent {
         let (revision, replicas, _) = services
             .get(&name)
             .ok_or_else(|| Status::not_found(format!("service \"{name}\" not found")))?;
-        Ok(Response::new(status_of(&name, *revision, *replicas)))
+        let tick = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(Response::new(status_of(&name, *revision, *replicas, tick)))
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let tick = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         let services = self.services.lock().unwrap();
         Ok(Response::new(ListResponse {
             // Newest first, so that the client's own ordering is what the test sees.
             services: services
                 .iter()
                 .rev()
-                .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas))
+                .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
         }))
     }
@@ -180,7 +331,10 @@ impl Agent for FakeAgent {
     }
 
     async fn node(&self, _: Request<NodeRequest>) -> Result<Response<NodeInfo>, Status> {
-        Err(Status::internal("host snapshot failed"))
+        match self.node.lock().unwrap().clone() {
+            Some(node) => Ok(Response::new(node)),
+            None => Err(Status::internal("host snapshot failed")),
+        }
     }
 
     async fn signal(
@@ -232,6 +386,54 @@ impl Served {
     async fn run(&self, args: &[&str]) -> Run {
         run_at(&self.addr(), args).await
     }
+
+    /// Runs a command that follows until interrupted, and interrupts it once its output has
+    /// `lines` lines.
+    async fn run_until_lines(&self, args: &[&str], lines: usize) -> Run {
+        let shared = SharedOut::default();
+        let seen = shared.clone();
+        let interrupt = Box::pin(async move {
+            while seen.text().lines().count() < lines {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let console = Console {
+            terminal: false,
+            interrupt,
+        };
+        let mut out = shared.clone();
+        let run = tokio::time::timeout(
+            Duration::from_secs(10),
+            run_with(&self.addr(), args, &mut out, console),
+        )
+        .await
+        .expect("the command ends when interrupted");
+        Run {
+            out: shared.text(),
+            ..run
+        }
+    }
+}
+
+/// Output that the test can read while the command still writes to it.
+#[derive(Debug, Default, Clone)]
+struct SharedOut(Arc<Mutex<Vec<u8>>>);
+
+impl SharedOut {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a command line printed and the exit code it ended with.
@@ -243,16 +445,26 @@ struct Run {
 }
 
 async fn run_at(addr: &str, args: &[&str]) -> Run {
+    let mut out = Vec::new();
+    let run = run_with(addr, args, &mut out, Console::detached()).await;
+    Run {
+        out: String::from_utf8(out).unwrap(),
+        ..run
+    }
+}
+
+/// Runs a command line writing its output to `out`; the `Run` has its exit code and stderr.
+async fn run_with(addr: &str, args: &[&str], out: &mut dyn Write, console: Console) -> Run {
     let argv = ["corral", "--addr", addr]
         .into_iter()
         .chain(args.iter().copied());
     let cli = Cli::try_parse_from(argv).unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let result = commands::run(cli, &mut out, &mut err).await;
+    let mut err = Vec::new();
+    let result = commands::run(cli, out, &mut err, console).await;
     let code = finish(result, &mut err);
     Run {
         code,
-        out: String::from_utf8(out).unwrap(),
+        out: String::new(),
         err: String::from_utf8(err).unwrap(),
     }
 }
@@ -399,9 +611,9 @@ async fn ls_status_scale_delete_round_trip() {
     let run = agent.run(&["ls"]).await;
     assert_eq!(
         run.out,
-        "NAME  REVISION  DESIRED  RUNNING  HEALTHY\n\
-         api   1         1        1        1\n\
-         web   1         3        3        3\n"
+        "NAME  REVISION  DESIRED  RUNNING  HEALTHY  HEALTH\n\
+         api   1         1        1        1        healthy\n\
+         web   1         3        3        3        healthy\n"
     );
     let run = agent.run(&["ls", "-o", "json"]).await;
     let doc: Value = serde_json::from_str(&run.out).unwrap();
@@ -412,11 +624,18 @@ async fn ls_status_scale_delete_round_trip() {
     let run = agent.run(&["status", "web"]).await;
     assert_eq!(run.code, 0);
     assert!(run.out.starts_with("service:    web\n"), "{}", run.out);
+    // No [health]: the instances' health is not a check's, and shows as `-`.
+    assert!(run.out.contains("\nhealth:     healthy\n"), "{}", run.out);
     assert!(
-        run.out.contains("\nweb-2     running  1002  0"),
+        run.out.contains("\nweb-2     running  -       1002  0"),
         "{}",
         run.out
     );
+    let run = agent.run(&["status", "web", "-o", "json"]).await;
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc["health"], "healthy");
+    assert_eq!(doc["instances"][0]["health"], "healthy");
+    assert_eq!(doc["instances"][0]["health_reason"], Value::Null);
 
     let run = agent.run(&["delete", "web", "-o", "json"]).await;
     let doc: Value = serde_json::from_str(&run.out).unwrap();
@@ -507,5 +726,355 @@ async fn plaintext_tcp_is_refused() {
         run.err.contains("plaintext TCP is not offered"),
         "{}",
         run.err
+    );
+}
+
+#[tokio::test]
+async fn logs_of_a_service_or_an_instance() {
+    let agent = Served::start().await;
+    let run = agent.run(&["logs", "web"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (
+            0,
+            "2026-11-28T23:45:01.123Z web-0 out| listening on :8080\n\
+             2026-11-28T23:45:02.005Z web-1 err| warning: cache cold\n\
+             -                        web-1 out| GET / 200\n",
+            ""
+        )
+    );
+    let asked = agent.agent.logs_asked.lock().unwrap().clone();
+    assert_eq!(
+        asked,
+        [LogsRequest {
+            service: "web".into(),
+            instance: String::new(),
+            follow: false,
+            tail: None,
+            since: None,
+        }]
+    );
+
+    let run = agent.run(&["logs", "web/1", "--tail", "1"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str()),
+        (0, "-                        web-1 out| GET / 200\n")
+    );
+    let asked = agent
+        .agent
+        .logs_asked
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (asked.service.as_str(), asked.instance.as_str(), asked.tail),
+        ("", "web-1", Some(1))
+    );
+
+    let run = agent.run(&["logs", "web", "-o", "json"]).await;
+    assert_eq!(run.code, 0);
+    let docs: Vec<Value> = run
+        .out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        docs,
+        [
+            serde_json::json!({"instance": "web-0", "stream": "stdout", "time": "2026-11-28T23:45:01.123Z", "text": "listening on :8080"}),
+            serde_json::json!({"instance": "web-1", "stream": "stderr", "time": "2026-11-28T23:45:02.005Z", "text": "warning: cache cold"}),
+            serde_json::json!({"instance": "web-1", "stream": "stdout", "time": null, "text": "GET / 200"}),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn logs_of_name_index_fall_back_to_the_instance() {
+    let agent = Served::start().await;
+    // No service is called web-1: the instance is.
+    let run = agent.run(&["logs", "web-1"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.out.lines().count(), 2, "{}", run.out);
+    let asked: Vec<(String, String)> = agent
+        .agent
+        .logs_asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.service.clone(), r.instance.clone()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("web-1".to_owned(), String::new()),
+            (String::new(), "web-1".to_owned())
+        ]
+    );
+
+    let run = agent.run(&["logs", "web-7"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (1, "", "error: instance \"web-7\" not found\n")
+    );
+    let run = agent.run(&["logs", "nope"]).await;
+    assert_eq!(
+        (run.code, run.err.as_str()),
+        (1, "error: service \"nope\" not found\n")
+    );
+    // Three calls for web-1 and web-7, one for nope.
+    assert_eq!(agent.agent.logs_asked.lock().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn logs_since_a_duration_ago() {
+    let agent = Served::start().await;
+    let before = std::time::SystemTime::now();
+    let run = agent.run(&["logs", "web", "--since", "10m"]).await;
+    assert_eq!(run.code, 0);
+    let since = agent.agent.logs_asked.lock().unwrap()[0].since.unwrap();
+    let since = std::time::SystemTime::try_from(since).unwrap();
+    let ago = before.duration_since(since).unwrap();
+    assert!(
+        ago <= Duration::from_secs(600) && ago > Duration::from_secs(590),
+        "{ago:?}"
+    );
+
+    let run = agent
+        .run(&["logs", "web", "--since", "2026-11-28T23:45:00Z"])
+        .await;
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        agent.agent.logs_asked.lock().unwrap()[1].since,
+        Some(ts(1_795_909_500, 0))
+    );
+}
+
+#[tokio::test]
+async fn following_logs_ends_with_0_on_interrupt() {
+    let agent = Served::start().await;
+    let run = agent.run_until_lines(&["logs", "web", "-f"], 3).await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""));
+    assert_eq!(run.out.lines().count(), 3, "{}", run.out);
+    assert!(agent.agent.logs_asked.lock().unwrap()[0].follow);
+}
+
+const EVENTS_TABLE: &str = "\
+INDEX  TIME                      SERVICE  INSTANCE  TYPE              MESSAGE
+3      2026-11-28T23:45:03.000Z  web      -         applied           revision 1 applied
+4      2026-11-28T23:45:04.000Z  web      web-0     instance_started  started as pid 4242
+5      2026-11-28T23:45:05.000Z  api      api-0     instance_started  started as pid 4343
+6      2026-11-28T23:45:06.000Z  web      web-0     instance_exited   exited(3)
+";
+
+#[tokio::test]
+async fn events_print_the_last_50_by_default() {
+    let agent = Served::start().await;
+    let run = agent.run(&["events"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (0, EVENTS_TABLE, "")
+    );
+    let asked = agent.agent.watch_asked.lock().unwrap()[0].clone();
+    assert_eq!(
+        asked,
+        WatchRequest {
+            from_index: 0,
+            service: String::new(),
+            instance: String::new(),
+            follow: false,
+            last: 50,
+        }
+    );
+
+    let run = agent.run(&["events", "--last", "2"]).await;
+    assert_eq!(run.out.lines().count(), 3, "{}", run.out);
+    assert!(run.out.contains("\n5  "), "{}", run.out);
+
+    let run = agent.run(&["events", "--since", "7"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (0, "", "no events\n")
+    );
+}
+
+#[tokio::test]
+async fn events_as_json_lines_filtered() {
+    let agent = Served::start().await;
+    let run = agent
+        .run(&[
+            "events",
+            "--since",
+            "0",
+            "--instance",
+            "web/0",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<&str> = run.out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"index":4,"time":"2026-11-28T23:45:04Z","service":"web","instance":"web-0","type":"instance_started","message":"started as pid 4242","attributes":{}}"#,
+            r#"{"index":6,"time":"2026-11-28T23:45:06Z","service":"web","instance":"web-0","type":"instance_exited","message":"exited(3)","attributes":{"end":"exited(3)"}}"#,
+        ]
+    );
+    let asked = agent.agent.watch_asked.lock().unwrap()[0].clone();
+    assert_eq!(
+        (asked.from_index, asked.last, asked.instance.as_str()),
+        (0, 0, "web-0")
+    );
+}
+
+#[tokio::test]
+async fn events_no_longer_kept_show_the_agents_message_and_exit_1() {
+    let agent = Served::start().await;
+    let run = agent.run(&["events", "--since", "1"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (
+            1,
+            "",
+            "error: event 1 is no longer kept: the oldest event kept is 3\n"
+        )
+    );
+    let run = agent
+        .run(&["events", "-f", "--since", "2", "-o", "json"])
+        .await;
+    assert_eq!(run.code, 1);
+    assert!(
+        run.err.ends_with("the oldest event kept is 3\n"),
+        "{}",
+        run.err
+    );
+}
+
+#[tokio::test]
+async fn a_watcher_cut_off_prints_what_came_then_where_to_resume() {
+    let agent = Served::start().await;
+    let run = agent.run(&["events", "-f", "--service", "lagging"]).await;
+    assert_eq!(run.code, 1);
+    assert_eq!(run.out.lines().count(), 3, "{}", run.out);
+    assert_eq!(
+        run.err,
+        "error: the watcher fell too far behind the event log and was cut off: resume from index 5\n"
+    );
+}
+
+#[tokio::test]
+async fn following_events_ends_with_0_on_interrupt() {
+    let agent = Served::start().await;
+    let run = agent.run_until_lines(&["events", "-f"], 5).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (0, EVENTS_TABLE, "")
+    );
+    assert!(agent.agent.watch_asked.lock().unwrap()[0].follow);
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        hostname: "node1".into(),
+        memory_total_bytes: 4 << 30,
+        memory_available_bytes: 3 << 29,
+        load1: 0.5,
+        load5: 0.25,
+        load15: 0.125,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn top_prints_frames_with_cpu_from_the_second_on() {
+    let agent = Served::start().await;
+    *agent.agent.node.lock().unwrap() = Some(node());
+    let file = agent.write_spec("web.toml", WEB);
+    assert_eq!(agent.run(&["apply", "-f", path_str(&file)]).await.code, 0);
+    assert_eq!(agent.run(&["scale", "web", "2"]).await.code, 0);
+
+    let run = agent
+        .run(&["top", "--iterations", "2", "--interval", "100ms"])
+        .await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    let frames: Vec<&str> = run.out.split("\n\nnode1  ").collect();
+    assert_eq!(frames.len(), 2, "{}", run.out);
+    let first: Vec<&str> = frames[0].lines().collect();
+    assert!(
+        first[0].starts_with("node1  load 0.50 0.25 0.12  memory 1.5GiB available of 4GiB  "),
+        "{}",
+        run.out
+    );
+    assert_eq!(
+        &first[1..],
+        [
+            "",
+            "SERVICE  INSTANCE  STATE    HEALTH  PID   CPU%  MEM    RESTARTS  LAST EXIT",
+            "web      web-0     running  -       1000  -     12MiB  0         -",
+            "web      web-1     running  -       1001  -     12MiB  0         -",
+        ]
+    );
+    // In the second frame, web-1 used twice web-0's CPU time: it comes first.
+    let second: Vec<&str> = frames[1].lines().collect();
+    assert_eq!(second.len(), 5, "{}", run.out);
+    let cpu = |line: &str| -> f64 { line.split_whitespace().nth(5).unwrap().parse().unwrap() };
+    assert!(second[3].starts_with("web      web-1 "), "{}", run.out);
+    assert!(second[4].starts_with("web      web-0 "), "{}", run.out);
+    assert!(cpu(second[3]) > cpu(second[4]), "{}", run.out);
+    assert!(cpu(second[4]) > 0.0, "{}", run.out);
+
+    let run = agent
+        .run(&[
+            "top",
+            "--iterations",
+            "2",
+            "--interval",
+            "100ms",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let docs: Vec<Value> = run
+        .out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[0]["node"]["hostname"], "node1");
+    assert_eq!(docs[0]["instances"][0]["instance"], "web-0");
+    assert_eq!(docs[0]["instances"][0]["cpu_percent"], Value::Null);
+    assert_eq!(docs[1]["instances"][0]["instance"], "web-1");
+    assert!(docs[1]["instances"][0]["cpu_percent"].as_f64().unwrap() > 0.0);
+    assert_eq!(docs[1]["instances"][0]["memory_bytes"], 12 << 20);
+}
+
+#[tokio::test]
+async fn top_fails_when_the_agent_does() {
+    let agent = Served::start().await;
+    let run = agent.run(&["top", "--iterations", "1"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (1, "", "error: internal error: host snapshot failed\n")
+    );
+}
+
+#[tokio::test]
+async fn signal_sends_the_instance_id() {
+    let agent = Served::start().await;
+    let run = agent.run(&["signal", "web/0", "HUP"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str()),
+        (0, "web-0: sent HUP to pid 4242\n")
+    );
+    let run = agent
+        .run(&["signal", "web-0", "SIGHUP", "-o", "json"])
+        .await;
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({"instance": "web-0", "signal": "SIGHUP", "pid": 4242})
     );
 }

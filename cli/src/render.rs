@@ -11,12 +11,54 @@ use std::time::{Duration, SystemTime};
 use corral_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::views::{parse_size, state_name};
+use crate::views::{TopRowView, parse_size, rfc3339, state_name};
 
 /// Writes `value` as one pretty-printed JSON document followed by a newline.
 pub fn write_json<T: Serialize>(out: &mut dyn Write, value: &T) -> io::Result<()> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)
+}
+
+/// Writes `value` as one compact JSON document on one line (JSON Lines).
+pub fn write_json_line<T: Serialize>(out: &mut dyn Write, value: &T) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// A timestamp in UTC to the millisecond, always 24 characters: `2026-11-22T23:45:01.123Z`;
+/// `None` outside the years 1–9999.
+pub fn time_millis(ts: &prost_types::Timestamp) -> Option<String> {
+    let ts = ts.normalized();
+    let whole = rfc3339(&prost_types::Timestamp {
+        seconds: ts.seconds,
+        nanos: 0,
+    })?;
+    let base = whole.strip_suffix('Z').unwrap_or(&whole);
+    Some(format!("{base}.{:03}Z", ts.nanos / 1_000_000))
+}
+
+/// A timestamp in UTC to the second: `2026-11-22T23:45:01Z`.
+fn time_seconds(ts: &prost_types::Timestamp) -> Option<String> {
+    rfc3339(&prost_types::Timestamp {
+        seconds: ts.normalized().seconds,
+        nanos: 0,
+    })
+}
+
+/// What the HEALTH columns show: the agent's word, or `-` for a service without a health
+/// check (where "healthy" only repeats that the instance runs) and when the agent gave none.
+fn health_cell(checked: bool, health: &str) -> String {
+    if checked && !health.is_empty() {
+        health.to_owned()
+    } else {
+        "-".to_owned()
+    }
+}
+
+/// Whether a service has a health check; when its spec is missing from the reply, it is taken
+/// to have one, so that the agent's word is shown.
+pub fn health_checked(s: &pb::ServiceStatus) -> bool {
+    s.spec.as_ref().is_none_or(|spec| spec.health.is_some())
 }
 
 /// A size in bytes with a binary unit and one decimal: `512B`, `12.3MiB`, `256MiB`.
@@ -133,7 +175,9 @@ fn write_fields(out: &mut dyn Write, fields: &[(&str, String)]) -> io::Result<()
 
 /// `ls`: one line per service.
 pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io::Result<()> {
-    let mut table = Table::new(vec!["NAME", "REVISION", "DESIRED", "RUNNING", "HEALTHY"]);
+    let mut table = Table::new(vec![
+        "NAME", "REVISION", "DESIRED", "RUNNING", "HEALTHY", "HEALTH",
+    ]);
     for s in services {
         let name = if s.deleting {
             format!("{} (deleting)", s.name)
@@ -146,6 +190,7 @@ pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io
             s.desired.to_string(),
             s.running.to_string(),
             s.healthy.to_string(),
+            health_cell(true, &s.health),
         ]);
     }
     table.write(out)
@@ -165,6 +210,9 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
             ),
         ),
     ];
+    if !s.health.is_empty() {
+        fields.push(("health", s.health.clone()));
+    }
     if s.deleting {
         fields.push(("state", "deleting".to_owned()));
     }
@@ -189,9 +237,11 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         return Ok(());
     }
     writeln!(out)?;
+    let checked = health_checked(s);
     let mut table = Table::new(vec![
         "INSTANCE",
         "STATE",
+        "HEALTH",
         "PID",
         "RESTARTS",
         "LAST EXIT",
@@ -203,6 +253,7 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         table.row(vec![
             i.id.clone(),
             state_name(i.state).to_owned(),
+            health_cell(checked, &i.health),
             if i.pid > 0 {
                 i.pid.to_string()
             } else {
@@ -224,8 +275,8 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
     }
     table.write(out)?;
 
-    // Why an instance failed to start, or what is known about how it last ended, and any
-    // output its init could not write to the logs.
+    // Why an instance failed to start, or what is known about how it last ended, why it is
+    // unhealthy, and any output its init could not write to the logs.
     let mut notes: Vec<(&str, String)> = Vec::new();
     for i in &s.instances {
         let detail = i
@@ -240,6 +291,9 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         };
         if !note.is_empty() {
             notes.push((i.id.as_str(), note.to_string()));
+        }
+        if checked && i.health == "unhealthy" && !i.health_reason.is_empty() {
+            notes.push((i.id.as_str(), format!("unhealthy: {}", i.health_reason)));
         }
         if i.log_lines_dropped > 0 {
             notes.push((
@@ -382,6 +436,145 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
             ),
         ],
     )
+}
+
+/// One log record on one line: `2026-11-22T23:45:01.123Z web-0 out| text`. The time is `-`
+/// (padded to the same width) when the record has none; a stream other than stdout and stderr
+/// is shown by its name.
+pub fn write_log_line(out: &mut dyn Write, l: &pb::LogLine) -> io::Result<()> {
+    let time = l
+        .time
+        .as_ref()
+        .and_then(time_millis)
+        .unwrap_or_else(|| "-".to_owned());
+    let stream = match l.stream.as_str() {
+        "stdout" => "out",
+        "stderr" => "err",
+        other => other,
+    };
+    writeln!(out, "{time:<24} {} {stream}| {}", l.instance, l.text)
+}
+
+/// The table of `events`, written as events arrive: each column is as wide as the widest cell
+/// seen so far (never narrower than its header), so that a batch lines up and later rows stay
+/// aligned unless a wider cell comes.
+#[derive(Debug)]
+pub struct EventTable {
+    widths: [usize; 5],
+    header_written: bool,
+}
+
+impl Default for EventTable {
+    fn default() -> Self {
+        EventTable {
+            widths: [0, 1, 2, 3, 4].map(|i| EVENT_HEADER[i].len()),
+            header_written: false,
+        }
+    }
+}
+
+const EVENT_HEADER: [&str; 6] = ["INDEX", "TIME", "SERVICE", "INSTANCE", "TYPE", "MESSAGE"];
+
+impl EventTable {
+    /// Writes the header before the first rows, then one line per event.
+    pub fn write(&mut self, out: &mut dyn Write, events: &[pb::Event]) -> io::Result<()> {
+        let rows: Vec<[String; 6]> = events.iter().map(event_cells).collect();
+        for row in &rows {
+            for (w, cell) in self.widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        if !self.header_written {
+            self.write_row(out, &EVENT_HEADER.map(str::to_owned))?;
+            self.header_written = true;
+        }
+        for row in &rows {
+            self.write_row(out, row)?;
+        }
+        Ok(())
+    }
+
+    fn write_row(&self, out: &mut dyn Write, row: &[String; 6]) -> io::Result<()> {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(self.widths) {
+            line.push_str(cell);
+            let pad = width.saturating_sub(cell.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad + 2));
+        }
+        line.push_str(&row[5]);
+        writeln!(out, "{}", line.trim_end())
+    }
+}
+
+fn event_cells(e: &pb::Event) -> [String; 6] {
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            one_line(s)
+        }
+    };
+    [
+        e.index.to_string(),
+        e.time
+            .as_ref()
+            .and_then(time_millis)
+            .unwrap_or_else(|| "-".to_owned()),
+        or_dash(&e.service),
+        or_dash(&e.instance),
+        or_dash(&e.r#type),
+        one_line(&e.message),
+    ]
+}
+
+/// One frame of `top`: a line about the node, then one row per instance.
+pub fn write_top(
+    out: &mut dyn Write,
+    node: &pb::NodeInfo,
+    at: SystemTime,
+    rows: &[TopRowView],
+) -> io::Result<()> {
+    let time = time_seconds(&prost_types::Timestamp::from(at)).unwrap_or_default();
+    writeln!(
+        out,
+        "{}  load {:.2} {:.2} {:.2}  memory {} available of {}  {time}",
+        one_line(&node.hostname),
+        node.load1,
+        node.load5,
+        node.load15,
+        human_bytes(node.memory_available_bytes),
+        human_bytes(node.memory_total_bytes),
+    )?;
+    writeln!(out)?;
+    if rows.is_empty() {
+        return writeln!(out, "no instances");
+    }
+    let mut table = Table::new(vec![
+        "SERVICE",
+        "INSTANCE",
+        "STATE",
+        "HEALTH",
+        "PID",
+        "CPU%",
+        "MEM",
+        "RESTARTS",
+        "LAST EXIT",
+    ]);
+    let dash = || "-".to_owned();
+    for r in rows {
+        table.row(vec![
+            r.service.clone(),
+            r.instance.clone(),
+            r.state.to_owned(),
+            health_cell(r.health_checked, r.health.as_deref().unwrap_or_default()),
+            r.pid.map_or_else(dash, |p| p.to_string()),
+            r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
+            r.memory_bytes.map_or_else(dash, human_bytes),
+            r.restarts.to_string(),
+            r.last_exit.clone().unwrap_or_else(dash),
+        ]);
+    }
+    table.write(out)
 }
 
 /// One apply (or dry run) result: a summary line, then each change indented.
@@ -543,8 +736,8 @@ mod tests {
             ports: HashMap::new(),
             log_lines_dropped: 0,
             log_bytes_dropped: 0,
-            health: "healthy".into(),
-            health_reason: String::new(),
+            health: "unhealthy".into(),
+            health_reason: "HTTP 503".into(),
             notify_status: String::new(),
         };
         let backoff = pb::InstanceStatus {
@@ -567,6 +760,8 @@ mod tests {
             next_start_at: Some(at(now, 1_200)),
             last_error: String::new(),
             cgroup: "/sys/fs/cgroup/corral/web/web-1".into(),
+            health: "unknown".into(),
+            health_reason: String::new(),
             ..running.clone()
         };
         let failed = pb::InstanceStatus {
@@ -582,12 +777,14 @@ mod tests {
             next_start_at: Some(at(now, -10)),
             last_error: "exec /usr/bin/python3: permission denied".into(),
             cgroup: "/sys/fs/cgroup/corral/web/web-2".into(),
+            health: "unknown".into(),
+            health_reason: "connect 127.0.0.1:41000: connection refused".into(),
             ..running.clone()
         };
         pb::ServiceStatus {
             name: "web".into(),
             revision: 3,
-            health: "degraded".into(),
+            health: "unhealthy".into(),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
                 command: vec![
@@ -604,11 +801,15 @@ mod tests {
                     memory: Some("268435456".into()),
                     pids: None,
                 }),
+                health: Some(pb::Health {
+                    http: Some("http://127.0.0.1:{port.admin}/healthz".into()),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             desired: 3,
             running: 1,
-            healthy: 1,
+            healthy: 0,
             instances: vec![running, backoff, failed],
             deleting: false,
         }
@@ -621,17 +822,19 @@ mod tests {
         let want = "\
 service:    web
 revision:   3
-instances:  3 desired, 1 running, 1 healthy
+instances:  3 desired, 1 running, 0 healthy
+health:     unhealthy
 command:    /usr/bin/python3 -m http.server --bind \"127.0.0.1 ::1\"
 user:       nobody
 limits:     cpu 0.5 cores, memory 256MiB, pids unlimited
 cgroup:     /sys/fs/cgroup/corral/web
 
-INSTANCE  STATE    PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START
-web-0     running  4242  0         -           1.52s  12.3MiB  3m12s
-web-1     backoff  -     2         oom_killed  0.00s  0B       in 1.2s
-web-2     failed   -     5         -           -      -        due now
+INSTANCE  STATE    HEALTH     PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START
+web-0     running  unhealthy  4242  0         -           1.52s  12.3MiB  3m12s
+web-1     backoff  unknown    -     2         oom_killed  0.00s  0B       in 1.2s
+web-2     failed   unknown    -     5         -           -      -        due now
 
+web-0: unhealthy: HTTP 503
 web-2: exec /usr/bin/python3: permission denied
 ";
         assert_eq!(got, want);
@@ -662,13 +865,185 @@ web-2: exec /usr/bin/python3: permission denied
         gone.name = "batch".into();
         gone.revision = 12;
         gone.deleting = true;
-        let got = text(|o| write_services(o, &[service(now), gone]));
+        gone.health = "degraded".into();
+        gone.healthy = 1;
+        let mut old = service(now);
+        old.name = "old".into();
+        old.health = String::new();
+        let got = text(|o| write_services(o, &[service(now), gone, old]));
         assert_eq!(
             got,
-            "NAME              REVISION  DESIRED  RUNNING  HEALTHY\n\
-             web               3         3        1        1\n\
-             batch (deleting)  12        3        1        1\n"
+            "NAME              REVISION  DESIRED  RUNNING  HEALTHY  HEALTH\n\
+             web               3         3        1        0        unhealthy\n\
+             batch (deleting)  12        3        1        1        degraded\n\
+             old               3         3        1        0        -\n"
         );
+    }
+
+    #[test]
+    fn status_without_a_health_check_shows_no_health() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_740_830_400);
+        let mut s = service(now);
+        s.spec.as_mut().unwrap().health = None;
+        s.instances.truncate(2);
+        let got = text(|o| write_status(o, &s, now));
+        assert!(
+            got.contains("\nINSTANCE  STATE    HEALTH  PID   RESTARTS"),
+            "{got}"
+        );
+        assert!(
+            got.contains("\nweb-0     running  -       4242  0"),
+            "{got}"
+        );
+        assert!(
+            got.contains("\nweb-1     backoff  -       -     2"),
+            "{got}"
+        );
+        assert!(!got.contains("HTTP 503"), "{got}");
+    }
+
+    #[test]
+    fn times_to_the_millisecond_have_one_width() {
+        let t = |seconds, nanos| time_millis(&prost_types::Timestamp { seconds, nanos });
+        assert_eq!(t(1_740_830_400, 0).unwrap(), "2025-03-01T12:00:00.000Z");
+        assert_eq!(
+            t(1_740_830_400, 123_999_999).unwrap(),
+            "2025-03-01T12:00:00.123Z"
+        );
+        // Not normalized: 1.5 s past.
+        assert_eq!(
+            t(1_740_830_400, 1_500_000_000).unwrap(),
+            "2025-03-01T12:00:01.500Z"
+        );
+        assert_eq!(t(i64::MAX, 0), None);
+        assert_eq!(t(i64::MIN, i32::MIN), None);
+    }
+
+    #[test]
+    fn log_lines_tell_stdout_from_stderr() {
+        let line = |stream: &str, time: Option<prost_types::Timestamp>, text: &str| pb::LogLine {
+            instance: "web-0".into(),
+            stream: stream.into(),
+            time,
+            text: text.into(),
+        };
+        let t = Some(prost_types::Timestamp {
+            seconds: 1_795_909_501,
+            nanos: 123_456_000,
+        });
+        let got = text(|o| {
+            write_log_line(o, &line("stdout", t, "GET / 200"))?;
+            write_log_line(o, &line("stderr", t, "warning: slow"))?;
+            write_log_line(o, &line("stdout", None, "no time"))?;
+            write_log_line(o, &line("stdout", t, ""))?;
+            write_log_line(o, &line("other", t, "x"))
+        });
+        assert_eq!(
+            got,
+            "2026-11-28T23:45:01.123Z web-0 out| GET / 200\n\
+             2026-11-28T23:45:01.123Z web-0 err| warning: slow\n\
+             -                        web-0 out| no time\n\
+             2026-11-28T23:45:01.123Z web-0 out| \n\
+             2026-11-28T23:45:01.123Z web-0 other| x\n"
+        );
+    }
+
+    fn event(index: u64, instance: &str, kind: &str, message: &str) -> pb::Event {
+        pb::Event {
+            index,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_740_830_400,
+                nanos: 250_000_000,
+            }),
+            service: "web".into(),
+            instance: instance.into(),
+            r#type: kind.into(),
+            message: message.into(),
+            attributes: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn events_are_a_table_whose_columns_only_grow() {
+        let mut table = EventTable::default();
+        let got = text(|o| {
+            table.write(
+                o,
+                &[
+                    event(7, "", "applied", "revision 3 applied"),
+                    event(8, "web-0", "instance_started", "started\nas pid 4242"),
+                ],
+            )?;
+            let mut late = event(1000, "web-10", "instance_exited", "exited(3)");
+            late.time = None;
+            late.service = String::new();
+            table.write(o, &[late])
+        });
+        assert_eq!(
+            got,
+            "INDEX  TIME                      SERVICE  INSTANCE  TYPE              MESSAGE\n\
+             7      2025-03-01T12:00:00.250Z  web      -         applied           revision 3 applied\n\
+             8      2025-03-01T12:00:00.250Z  web      web-0     instance_started  started as pid 4242\n\
+             1000   -                         -        web-10    instance_exited   exited(3)\n"
+        );
+        // An empty batch prints the header once, and nothing else.
+        let mut table = EventTable::default();
+        let got = text(|o| {
+            table.write(o, &[])?;
+            table.write(o, &[])
+        });
+        assert_eq!(got, "INDEX  TIME  SERVICE  INSTANCE  TYPE  MESSAGE\n");
+    }
+
+    #[test]
+    fn top_shows_the_node_then_one_row_per_instance() {
+        let node = pb::NodeInfo {
+            hostname: "node1".into(),
+            memory_total_bytes: 4 << 30,
+            memory_available_bytes: 3 << 29,
+            load1: 0.5,
+            load5: 0.25,
+            load15: 0.125,
+            ..Default::default()
+        };
+        let row = TopRowView {
+            service: "web".into(),
+            instance: "web-0".into(),
+            index: 0,
+            state: "running",
+            health: Some("healthy".into()),
+            health_checked: true,
+            pid: Some(4242),
+            cpu_percent: Some(12.345),
+            cpu_usage_ns: Some(1),
+            memory_bytes: Some(12_900_000),
+            restarts: 1,
+            last_exit: Some("exited(3)".into()),
+        };
+        let idle = TopRowView {
+            service: "batch".into(),
+            instance: "batch-0".into(),
+            state: "backoff",
+            health: Some("healthy".into()),
+            health_checked: false,
+            pid: None,
+            cpu_percent: None,
+            memory_bytes: None,
+            last_exit: None,
+            ..row.clone()
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_740_830_400_900);
+        let got = text(|o| write_top(o, &node, at, &[row, idle]));
+        assert_eq!(
+            got,
+            "node1  load 0.50 0.25 0.12  memory 1.5GiB available of 4GiB  2025-03-01T12:00:00Z\n\
+             \n\
+             SERVICE  INSTANCE  STATE    HEALTH   PID   CPU%  MEM      RESTARTS  LAST EXIT\n\
+             web      web-0     running  healthy  4242  12.3  12.3MiB  1         exited(3)\n\
+             batch    batch-0   backoff  -        -     -     -        1         -\n"
+        );
+        let got = text(|o| write_top(o, &node, at, &[]));
+        assert!(got.ends_with("\n\nno instances\n"), "{got}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! enums as their lowercase names (`"running"`, `"oom_killed"`), timestamps as RFC 3339 strings
 //! in UTC, sizes in bytes, durations as the spec's own strings (`"10s"`), absent values as
 //! `null`. Maps are sorted by key so that the same state always prints the same document.
+//! Values are the agent's own (an instance's `health` is what the agent reports, also for a
+//! service without a health check); tables may show them differently.
 //! Pure conversions: no I/O, nothing from tonic.
 
 use std::collections::BTreeMap;
@@ -19,6 +21,8 @@ pub struct ServiceView {
     pub desired: u32,
     pub running: u32,
     pub healthy: u32,
+    /// `healthy` (every desired instance healthy), `degraded` (some) or `unhealthy` (none).
+    pub health: Option<String>,
     pub deleting: bool,
     pub spec: Option<SpecView>,
     pub instances: Vec<InstanceView>,
@@ -32,6 +36,7 @@ impl From<&pb::ServiceStatus> for ServiceView {
             desired: s.desired,
             running: s.running,
             healthy: s.healthy,
+            health: non_empty(&s.health),
             deleting: s.deleting,
             spec: s.spec.as_ref().map(SpecView::from),
             instances: s.instances.iter().map(InstanceView::from).collect(),
@@ -204,6 +209,10 @@ pub struct InstanceView {
     pub revision: u64,
     /// `running`, `stopping`, `backoff`, `exited`, `failed` (or `unknown`).
     pub state: &'static str,
+    /// `healthy`, `unhealthy` or `unknown`, as the agent reports it.
+    pub health: Option<String>,
+    /// Why, from the last probe (`HTTP 503`).
+    pub health_reason: Option<String>,
     /// Host PID of the service's main process; `null` when not running.
     pub pid: Option<i32>,
     /// Host PID of the instance's init; `null` when not running.
@@ -229,6 +238,8 @@ impl From<&pb::InstanceStatus> for InstanceView {
             index: i.index,
             revision: i.revision,
             state: state_name(i.state),
+            health: non_empty(&i.health),
+            health_reason: non_empty(&i.health_reason),
             pid: nonzero(i.pid),
             init_pid: nonzero(i.init_pid),
             restarts: i.restarts,
@@ -334,6 +345,107 @@ impl From<&pb::NodeInfo> for NodeView {
             agent_uptime_seconds: n.agent_uptime_seconds,
             services: n.services,
             instances: n.instances,
+        }
+    }
+}
+
+/// One log record, as each line of `logs -o json`.
+#[derive(Debug, Serialize)]
+pub struct LogLineView {
+    pub instance: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// When the line was read; `null` for records without a time.
+    pub time: Option<String>,
+    pub text: String,
+}
+
+impl From<&pb::LogLine> for LogLineView {
+    fn from(l: &pb::LogLine) -> Self {
+        LogLineView {
+            instance: l.instance.clone(),
+            stream: l.stream.clone(),
+            time: l.time.as_ref().and_then(rfc3339),
+            text: l.text.clone(),
+        }
+    }
+}
+
+/// One event, as each line of `events -o json`.
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub index: u64,
+    pub time: Option<String>,
+    pub service: Option<String>,
+    /// `null` for events about the service as a whole.
+    pub instance: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl From<&pb::Event> for EventView {
+    fn from(e: &pb::Event) -> Self {
+        EventView {
+            index: e.index,
+            time: e.time.as_ref().and_then(rfc3339),
+            service: non_empty(&e.service),
+            instance: non_empty(&e.instance),
+            kind: e.r#type.clone(),
+            message: e.message.clone(),
+            attributes: e.attributes.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// One frame of `top -o json`.
+#[derive(Debug, Serialize)]
+pub struct TopView {
+    /// When the frame's status was read.
+    pub time: Option<String>,
+    pub node: NodeView,
+    pub instances: Vec<TopRowView>,
+}
+
+/// One instance in a frame of `top`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopRowView {
+    pub service: String,
+    pub instance: String,
+    pub index: u32,
+    pub state: &'static str,
+    /// As the agent reports it.
+    pub health: Option<String>,
+    /// Whether the service has a health check (`[health]`).
+    pub health_checked: bool,
+    pub pid: Option<i32>,
+    /// CPU time used since the previous frame over the time between them, in percent of one
+    /// core; `null` in the first frame and across a restart.
+    pub cpu_percent: Option<f64>,
+    pub cpu_usage_ns: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub restarts: u32,
+    /// As the agent words it, e.g. `exited(3)`.
+    pub last_exit: Option<String>,
+}
+
+/// What `signal -o json` prints.
+#[derive(Debug, Serialize)]
+pub struct SignalView {
+    pub instance: String,
+    /// The canonical name of the signal sent, e.g. `SIGHUP`.
+    pub signal: String,
+    /// Host PID of the process that received it.
+    pub pid: i32,
+}
+
+impl From<&pb::SignalResponse> for SignalView {
+    fn from(r: &pb::SignalResponse) -> Self {
+        SignalView {
+            instance: r.instance.clone(),
+            signal: r.signal.clone(),
+            pid: r.pid,
         }
     }
 }
@@ -484,6 +596,10 @@ fn nonzero(v: i32) -> Option<i32> {
     (v != 0).then_some(v)
 }
 
+fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -543,6 +659,8 @@ mod tests {
                 "index": 1,
                 "revision": 3,
                 "state": "backoff",
+                "health": "unknown",
+                "health_reason": null,
                 "pid": null,
                 "init_pid": null,
                 "restarts": 2,
@@ -607,6 +725,7 @@ mod tests {
             [
                 "deleting",
                 "desired",
+                "health",
                 "healthy",
                 "instances",
                 "name",
@@ -626,6 +745,67 @@ mod tests {
             json!({"policy": null, "backoff": null, "backoff_max": null})
         );
         assert_eq!(v["instances"][0]["state"], "backoff");
+        assert_eq!(v["health"], "degraded");
+    }
+
+    #[test]
+    fn health_and_exit_detail_are_null_when_empty() {
+        let mut i = sample_instance();
+        i.health = String::new();
+        i.health_reason = "HTTP 503".into();
+        if let Some(e) = i.last_exit.as_mut() {
+            e.detail = "exec /srv/app: no such file".into();
+        }
+        let v = serde_json::to_value(InstanceView::from(&i)).unwrap();
+        assert_eq!(v["health"], Value::Null);
+        assert_eq!(v["health_reason"], "HTTP 503");
+        assert_eq!(v["last_exit"]["detail"], "exec /srv/app: no such file");
+        let v = serde_json::to_value(ServiceView::from(&pb::ServiceStatus::default())).unwrap();
+        assert_eq!(v["health"], Value::Null);
+    }
+
+    #[test]
+    fn log_lines_have_instance_stream_time_and_text() {
+        let line = pb::LogLine {
+            instance: "web-0".into(),
+            stream: "stderr".into(),
+            time: Some(ts(1_740_830_400, 123_456_789)),
+            text: "boom".into(),
+        };
+        let v = serde_json::to_value(LogLineView::from(&line)).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "instance": "web-0",
+                "stream": "stderr",
+                "time": "2025-03-01T12:00:00.123456789Z",
+                "text": "boom",
+            })
+        );
+        let line = pb::LogLine { time: None, ..line };
+        let v = serde_json::to_value(LogLineView::from(&line)).unwrap();
+        assert_eq!(v["time"], Value::Null);
+    }
+
+    #[test]
+    fn events_have_sorted_attributes_and_null_for_absent_fields() {
+        let event = pb::Event {
+            index: 42,
+            time: Some(ts(1_740_830_400, 0)),
+            service: "web".into(),
+            instance: String::new(),
+            r#type: "applied".into(),
+            message: "web: revision 3 applied".into(),
+            attributes: [("revision", "3"), ("outcome", "updated")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        let text = serde_json::to_string(&EventView::from(&event)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"index":42,"time":"2025-03-01T12:00:00Z","service":"web","instance":null,"type":"applied","message":"web: revision 3 applied","attributes":{"outcome":"updated","revision":"3"}}"#
+        );
     }
 
     #[test]

@@ -4,14 +4,64 @@
 //! carries on, then says through [`Outcome`] whether any failed.
 //!
 //! Commands never print to the process's stdout or stderr directly, so they run in-process in
-//! tests against any address.
+//! tests against any address. Those that run until interrupted (`logs -f`, `events -f`, `top`)
+//! end, successfully, when the [`Console`]'s interrupt resolves: on Ctrl-C in the real process.
 
 mod apply;
 mod service;
+mod stream;
+mod top;
 
-use std::io::Write;
+use std::fmt;
+use std::future::{self, Future};
+use std::io::{IsTerminal, Write};
+use std::pin::Pin;
 
 use crate::args::{Cli, Command};
+
+/// What a command knows of where it runs, beyond its output streams.
+pub struct Console {
+    /// The output is a terminal: `top` redraws its frames in place.
+    pub terminal: bool,
+    /// Resolves when the user asks a command that follows or refreshes to stop (Ctrl-C).
+    pub interrupt: Interrupt,
+}
+
+/// A future that resolves on interruption; only polled by the commands that run until one.
+pub type Interrupt = Pin<Box<dyn Future<Output = ()>>>;
+
+impl Console {
+    /// The process's own: stdout's kind, and SIGINT. The SIGINT handler is only installed when
+    /// a command first waits for the interrupt, so the other commands keep the default action.
+    pub fn process() -> Self {
+        Console {
+            terminal: std::io::stdout().is_terminal(),
+            interrupt: Box::pin(async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    // No handler could be installed: Ctrl-C keeps its default action.
+                    future::pending::<()>().await;
+                }
+            }),
+        }
+    }
+
+    /// Not a terminal, and never interrupted.
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        Console {
+            terminal: false,
+            interrupt: Box::pin(future::pending()),
+        }
+    }
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Console")
+            .field("terminal", &self.terminal)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How a command that did not fail outright ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +73,12 @@ pub enum Outcome {
 }
 
 /// Runs one command line.
-pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<Outcome> {
+pub async fn run(
+    cli: Cli,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    console: Console,
+) -> anyhow::Result<Outcome> {
     let Cli {
         conn,
         output,
@@ -40,5 +95,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::
         Command::Signal(args) => {
             service::signal(&conn, output, &args.instance, &args.signal, out).await
         }
+        Command::Logs(args) => stream::logs(&conn, output, &args, out, console.interrupt).await,
+        Command::Events(args) => {
+            stream::events(&conn, output, &args, out, err, console.interrupt).await
+        }
+        Command::Top(args) => top::top(&conn, output, &args, out, console).await,
     }
 }

@@ -1,5 +1,5 @@
-//! `ls`, `status`, `scale`, `delete` and `node`: one RPC each, its reply printed as a table or
-//! JSON.
+//! `ls`, `status`, `scale`, `delete`, `node` and `signal`: one RPC each, its reply printed as a
+//! table or JSON.
 
 use std::io::Write;
 use std::time::SystemTime;
@@ -8,7 +8,7 @@ use super::Outcome;
 use crate::args::{ConnectArgs, Format, ScaleArgs};
 use crate::client;
 use crate::render;
-use crate::views::{DeleteView, NodeView, ScaleView, ServiceView};
+use crate::views::{DeleteView, NodeView, ScaleView, ServiceView, SignalView};
 
 pub async fn ls(
     conn: &ConnectArgs,
@@ -113,10 +113,7 @@ pub async fn signal(
         .signal(&instance_id(instance), signal)
         .await?;
     match format {
-        Format::Json => render::write_json(
-            out,
-            &serde_json::json!({ "instance": resp.instance, "signal": resp.signal, "pid": resp.pid }),
-        )?,
+        Format::Json => render::write_json(out, &SignalView::from(&resp))?,
         Format::Table => writeln!(
             out,
             "{}: sent {} to pid {}",
