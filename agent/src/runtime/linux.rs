@@ -409,7 +409,11 @@ impl Runtime for LinuxRuntime {
         if req.listen_fds.len() != spec.sockets.len() {
             return Err(SpawnError::Invalid {
                 instance: instance.to_string(),
-                reason: format!("{} sockets for {} [[sockets]] entries", req.listen_fds.len(), spec.sockets.len()),
+                reason: format!(
+                    "{} sockets for {} [[sockets]] entries",
+                    req.listen_fds.len(),
+                    spec.sockets.len()
+                ),
             });
         }
         let listen: Vec<RawFd> = req.listen_fds.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -589,7 +593,12 @@ impl Runtime for LinuxRuntime {
         }
     }
 
-    fn take_socket(&self, process: &ProcessRef, fd: RawFd, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
+    fn take_socket(
+        &self,
+        process: &ProcessRef,
+        fd: RawFd,
+        listen: &crate::spec::ListenAddr,
+    ) -> io::Result<OwnedFd> {
         let Some(pidfd) = &process.pidfd else {
             return Err(io::Error::other("no pidfd for the instance"));
         };
@@ -601,7 +610,10 @@ impl Runtime for LinuxRuntime {
         // SAFETY: a fresh fd from pidfd_getfd (close-on-exec), owned by nothing else.
         let sock = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
         if !is_listening_on(&sock, listen) {
-            return Err(io::Error::other(format!("fd {fd} of pid {} is not a socket listening on {listen}", process.pid)));
+            return Err(io::Error::other(format!(
+                "fd {fd} of pid {} is not a socket listening on {listen}",
+                process.pid
+            )));
         }
         Ok(sock)
     }
@@ -787,13 +799,20 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// A listening socket on `listen`, close-on-exec, with `SO_REUSEADDR` (TCP) or a fresh
 /// socket file (Unix, mode 0666; only a stale socket file is ever replaced).
 fn bind_listener(listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr, bind, listen as listen_on, setsockopt, socket, sockopt};
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr, bind,
+        listen as listen_on, setsockopt, socket, sockopt,
+    };
     use std::os::unix::fs::FileTypeExt;
     let flags = SockFlag::SOCK_CLOEXEC;
     let backlog = Backlog::new(LISTEN_BACKLOG).map_err(io::Error::from)?;
     match listen {
         crate::spec::ListenAddr::Tcp(addr) => {
-            let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+            let family = if addr.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
             let fd = socket(family, SockType::Stream, flags, None)?;
             setsockopt(&fd, sockopt::ReuseAddr, &true)?;
             match addr {
@@ -835,9 +854,9 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
         return false;
     };
     match listen {
-        crate::spec::ListenAddr::Tcp(std::net::SocketAddr::V4(a)) => {
-            local.as_sockaddr_in().is_some_and(|l| std::net::SocketAddrV4::from(*l) == *a)
-        }
+        crate::spec::ListenAddr::Tcp(std::net::SocketAddr::V4(a)) => local
+            .as_sockaddr_in()
+            .is_some_and(|l| std::net::SocketAddrV4::from(*l) == *a),
         crate::spec::ListenAddr::Tcp(std::net::SocketAddr::V6(a)) => local
             .as_sockaddr_in6()
             .is_some_and(|l| l.ip() == *a.ip() && l.port() == a.port()),

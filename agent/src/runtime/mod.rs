@@ -263,7 +263,12 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// Take back a listening socket a running instance's init holds (on `fd` in the init):
     /// the very socket, not a new one on the same address. Fails unless it is a listening
     /// socket on `listen`.
-    fn take_socket(&self, process: &ProcessRef, fd: RawFd, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;
+    fn take_socket(
+        &self,
+        process: &ProcessRef,
+        fd: RawFd,
+        listen: &crate::spec::ListenAddr,
+    ) -> std::io::Result<OwnedFd>;
 
     /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
     fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;

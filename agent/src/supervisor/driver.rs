@@ -1386,7 +1386,10 @@ impl Driver {
     /// The listening sockets for `spec`: the service's own where the address is unchanged
     /// (the very same socket, so no connection is refused across an update), new ones bound
     /// for new addresses.
-    fn sockets_for(&self, spec: &ServiceSpec) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, SupervisorError> {
+    fn sockets_for(
+        &self,
+        spec: &ServiceSpec,
+    ) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, SupervisorError> {
         let current = self.services.get(&spec.name);
         spec.sockets
             .iter()
@@ -1401,9 +1404,17 @@ impl Driver {
                 });
                 match kept {
                     Some(fd) => Ok(fd),
-                    None => self.deps.runtime.bind_socket(&s.listen).map(Arc::new).map_err(|e| {
-                        SupervisorError::Unenforceable(format!("sockets[{i}].listen: cannot listen on {}: {e}", s.listen))
-                    }),
+                    None => self
+                        .deps
+                        .runtime
+                        .bind_socket(&s.listen)
+                        .map(Arc::new)
+                        .map_err(|e| {
+                            SupervisorError::Unenforceable(format!(
+                                "sockets[{i}].listen: cannot listen on {}: {e}",
+                                s.listen
+                            ))
+                        }),
                 }
             })
             .collect()
@@ -1414,17 +1425,27 @@ impl Driver {
     fn acquire_sockets(&mut self) {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let Some(svc) = self.services.get(&name) else { continue };
+            let Some(svc) = self.services.get(&name) else {
+                continue;
+            };
             let mut sockets = Vec::new();
             for (i, s) in svc.spec.sockets.iter().enumerate() {
-                let taken = svc.instances.values().filter_map(|inst| self.live.get(&inst.id)).find_map(|l| {
-                    (0..16).find_map(|j| {
-                        self.deps
-                            .runtime
-                            .take_socket(&l.process, crate::runtime::listen_fd_in_init(j), &s.listen)
-                            .ok()
-                    })
-                });
+                let taken = svc
+                    .instances
+                    .values()
+                    .filter_map(|inst| self.live.get(&inst.id))
+                    .find_map(|l| {
+                        (0..16).find_map(|j| {
+                            self.deps
+                                .runtime
+                                .take_socket(
+                                    &l.process,
+                                    crate::runtime::listen_fd_in_init(j),
+                                    &s.listen,
+                                )
+                                .ok()
+                        })
+                    });
                 let fd = match taken {
                     Some(fd) => {
                         tracing::info!(service = %name, listen = %s.listen, "took the listening socket back from a running instance");

@@ -478,15 +478,24 @@ fn http_listen(delay_ms: u64) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let fds: usize = std::env::var("LISTEN_FDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fds: usize = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let pid_ok = std::env::var("LISTEN_PID").ok() == Some(std::process::id().to_string());
     line("listen_fds", fds);
     line("listen_pid_ok", u8::from(pid_ok));
-    line("listen_fdnames", std::env::var("LISTEN_FDNAMES").unwrap_or_default());
+    line(
+        "listen_fdnames",
+        std::env::var("LISTEN_FDNAMES").unwrap_or_default(),
+    );
     if fds == 0 {
         std::process::exit(2);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runtime: {e}");
