@@ -443,3 +443,148 @@ async fn a_full_disk_drops_output_and_says_so() {
     assert!(notice.contains("No space left on device"), "{notice}");
     agent.delete("full").await.expect("delete");
 }
+
+/// `corral logs -f` keeps following across log rotations and an instance restart, with
+/// stdout and stderr told apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_survives_rotation_and_restart() {
+    if skip_unless_root("logs_follow_survives_rotation_and_restart") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "tick",
+            1,
+            &["ticker", "5"],
+            "[logs]\nmax_size = \"4KiB\"\nmax_files = 3\n[restart]\nbackoff = \"100ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let first = agent.wait_running("tick", 1).await.remove(0);
+    let follow = std::process::Command::new(corral_e2e::bin("corral"))
+        .args(["logs", "tick", "-f", "--tail", "0"])
+        .env("CORRAL_ADDR", format!("unix://{}", agent.socket.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("corral logs -f");
+    // Several rotations (4 KiB files, ~30-byte records every 5 ms), then a restart.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill9(first.pid);
+    eventually("a restart", Duration::from_secs(20), || async {
+        let s = agent.get("tick").await.ok()?;
+        let i = s.instances.first()?.clone();
+        (i.restarts == 1 && i.pid > 0).then_some(i)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SAFETY: stopping the CLI we started.
+    unsafe { libc::kill(follow.id() as i32, libc::SIGINT) };
+    let out = follow.wait_with_output().expect("logs output");
+    assert!(out.status.success(), "logs -f ends 0 on Ctrl-C");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The ticker numbers its lines from 0 in each run (its pid inside its own PID
+    // namespace is the same in both runs): split the followed lines into runs.
+    let seq: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("tick-0 out| tick="))
+        .filter_map(|l| l.rsplit_once('.').and_then(|(_, n)| n.trim().parse().ok()))
+        .collect();
+    let mut runs: Vec<Vec<u64>> = Vec::new();
+    for n in seq {
+        match runs.last_mut() {
+            Some(run) if run.last().is_some_and(|last| n > *last) => run.push(n),
+            _ => runs.push(vec![n]),
+        }
+    }
+    assert_eq!(
+        runs.len(),
+        2,
+        "one run before the restart, one after: {:?}",
+        runs.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    for (run, name) in runs.iter().zip(["before", "after"]) {
+        assert!(
+            run.len() > 100,
+            "{name} the restart: {} lines followed",
+            run.len()
+        );
+        assert!(
+            run.windows(2).all(|w| w[1] == w[0] + 1),
+            "{name} the restart: no line lost or repeated across rotations"
+        );
+    }
+    let rotated = std::fs::read_dir(agent.state_dir.join("logs").join("tick-0"))
+        .expect("logs")
+        .count();
+    assert!(rotated >= 4, "the logs rotated ({rotated} files)");
+    assert!(
+        text.lines().any(|l| l.contains("tick-0 err| errtick=")),
+        "stderr is told apart"
+    );
+}
+
+/// An adopted instance is probed by the new agent: its health is tracked and acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopted_instances_are_probed_again() {
+    if skip_unless_root("adopted_instances_are_probed_again") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "probed",
+            1,
+            &["health-server"],
+            "[ports]\ntcp = \"auto\"\n[health]\ntcp = \"127.0.0.1:{port.tcp}\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfailure_threshold = 2\nrestart_on_failure = false\n",
+        ))
+        .await
+        .expect("apply");
+    let health = |want: &'static str| {
+        let agent = &agent;
+        async move {
+            eventually(
+                &format!("probed-0 {want}"),
+                Duration::from_secs(30),
+                || async {
+                    let s = agent.get("probed").await.ok()?;
+                    (s.instances.first()?.health == want).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    health("healthy").await;
+    let before = agent.get("probed").await.expect("get").instances[0].pid;
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    let health = |want: &'static str| {
+        let agent = &agent;
+        async move {
+            eventually(
+                &format!("probed-0 {want}"),
+                Duration::from_secs(30),
+                || async {
+                    let s = agent.get("probed").await.ok()?;
+                    (s.instances.first()?.health == want).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    health("healthy").await;
+    assert_eq!(
+        agent.get("probed").await.expect("get").instances[0].pid,
+        before,
+        "adopted, not restarted"
+    );
+    let out = agent.cli(&["signal", "probed-0", "USR1"]);
+    assert!(out.status.success());
+    health("unhealthy").await;
+    let s = agent.get("probed").await.expect("get");
+    assert!(
+        s.instances[0].health_reason.contains("refused"),
+        "{}",
+        s.instances[0].health_reason
+    );
+}

@@ -319,6 +319,19 @@ fn main() {
         // serves /healthz for probes. SIGTERM: stop accepting, finish what was accepted,
         // exit 0 (a graceful stop).
         "http-listen" => http_listen(num(1, 0)),
+        // Print `tick=N` (N = 0, 1, 2, ... within this run, tagged with $CORRAL_INSTANCE's
+        // pid) every MS milliseconds, to stdout, and every tenth also to stderr.
+        "ticker" => {
+            on_term_exit_zero();
+            let pid = std::process::id();
+            for n in 0.. {
+                line("tick", format!("{pid}.{n}"));
+                if n % 10 == 0 {
+                    eprintln!("errtick={pid}.{n}");
+                }
+                std::thread::sleep(Duration::from_millis(num(1, 10)));
+            }
+        }
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
         "signal-fifo" => {
             on_term_exit_zero();
