@@ -8,6 +8,7 @@
 //! - [`health`]: probes, health tracking, service health.
 //! - [`events`]: the indexed, persisted node event log and its watches.
 //! - [`logs`]: reading instance logs (tail, follow).
+//! - [`rollout`]: the rollout planner (surge, unavailability, health gates). Pure.
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
 //! - [`api`]: the gRPC layer.
@@ -18,6 +19,7 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod logs;
+pub mod rollout;
 pub mod runtime;
 pub mod spec;
 pub mod store;

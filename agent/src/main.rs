@@ -280,6 +280,8 @@ async fn apply_file(handle: &SupervisorHandle, file: &Path) -> Result<()> {
         .call(Operation::Apply {
             spec: Box::new(spec),
             dry_run: false,
+            // The files are the desired state: they supersede a rollout still running.
+            force: true,
         })
         .await
     {

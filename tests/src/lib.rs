@@ -6,6 +6,7 @@
 //! (`target/<profile>`); build them first with `cargo build --workspace`.
 
 pub mod cgroup;
+pub mod load;
 pub mod scenarios;
 
 use std::future::Future;
@@ -255,6 +256,7 @@ impl Agent {
             .apply(pb::ApplyRequest {
                 source: Some(pb::apply_request::Source::SpecToml(toml.to_string())),
                 dry_run: false,
+                force: false,
             })
             .await
             .map(tonic::Response::into_inner)

@@ -251,6 +251,7 @@ async fn invalid_requests_get_clear_codes() {
         .apply(pb::ApplyRequest {
             source: None,
             dry_run: false,
+            force: false,
         })
         .await
         .expect_err("empty");
@@ -269,6 +270,7 @@ async fn invalid_requests_get_clear_codes() {
                 ..Default::default()
             })),
             dry_run: false,
+            force: false,
         })
         .await
         .expect_err("invalid");

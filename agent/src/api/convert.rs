@@ -8,8 +8,8 @@ use corral_proto::v1 as pb;
 use crate::cgroups::Capabilities;
 use crate::host::HostInfo;
 use crate::spec::{
-    FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart,
-    RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
+    self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
+    RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
 use crate::supervisor::{ExitClass, ExitInfo, InstanceStatus, ServiceStatus};
 
@@ -281,6 +281,50 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
         instances: s.instances.iter().map(instance_to_proto).collect(),
         deleting: s.deleting,
         health: s.health.to_string(),
+        rollout: s.rollout.as_ref().map(rollout_to_proto),
+        revisions: s.revisions.clone(),
+        paused: s.paused,
+    }
+}
+
+pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatus {
+    let p = &r.policy;
+    pb::RolloutStatus {
+        id: r.id.clone(),
+        service: r.service.clone(),
+        kind: r.kind.as_str().into(),
+        state: r.state.as_str().into(),
+        from_revision: r.from_revision,
+        to_revision: r.to_revision,
+        replicas: r.replicas,
+        to_replace: r.to_replace,
+        replaced: r.replaced.min(r.to_replace),
+        new_instances: r.progress.new,
+        ready: r.progress.ready,
+        old_instances: r.progress.old,
+        available: r.progress.available,
+        policy: Some(pb::Rollout {
+            max_surge: Some(p.max_surge),
+            max_unavailable: Some(p.max_unavailable),
+            min_healthy: Some(spec::format_duration(p.min_healthy())),
+            healthy_deadline: Some(spec::format_duration(p.healthy_deadline())),
+            auto_rollback: Some(p.auto_rollback),
+        }),
+        started_at: Some(ts(r.started_at)),
+        finished_at: r.finished_at.map(ts),
+        reason: r.reason.clone(),
+        rollback_id: r.rollback_id.clone(),
+        rollback_of: r.rollback_of.clone(),
+        steps: r
+            .steps
+            .iter()
+            .map(|s| pb::RolloutStep {
+                time: Some(ts(s.time)),
+                step: s.step.clone(),
+                instance: s.instance.clone(),
+                message: s.message.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -394,7 +438,7 @@ max_files = 5
 
     #[test]
     fn spec_survives_the_wire() {
-        let spec = crate::spec::parse_toml(FULL).expect("valid");
+        let spec = spec::parse_toml(FULL).expect("valid");
         let wire = spec_to_proto(&spec);
         let back = spec_from_proto(wire)
             .expect("converts")
@@ -405,7 +449,7 @@ max_files = 5
 
     #[test]
     fn wire_errors_name_the_field() {
-        let mut wire = spec_to_proto(&crate::spec::parse_toml(FULL).expect("valid"));
+        let mut wire = spec_to_proto(&spec::parse_toml(FULL).expect("valid"));
         if let Some(r) = wire.resources.as_mut() {
             r.memory = Some("12XB".into());
             r.pids = Some(u64::MAX);

@@ -29,6 +29,21 @@ pub struct AgentService {
     pub namespaces: Vec<Namespace>,
 }
 
+fn rollout_response(o: Outcome) -> Result<Response<pb::RolloutResponse>, Status> {
+    match o {
+        Outcome::RolloutStarted {
+            name,
+            revision,
+            rollout_id,
+        } => Ok(Response::new(pb::RolloutResponse {
+            name,
+            revision,
+            rollout_id,
+        })),
+        o => Err(unexpected(o)),
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Status> {
     if spec::valid_service_name(name) {
         Ok(())
@@ -355,6 +370,7 @@ impl Agent for AgentService {
             .call(Operation::Apply {
                 spec: Box::new(spec),
                 dry_run: req.dry_run,
+                force: req.force,
             })
             .await?
         {
@@ -364,6 +380,7 @@ impl Agent for AgentService {
                 outcome: a.kind.as_str().into(),
                 changes: a.changes,
                 replaces_instances: a.replaces_instances,
+                rollout_id: a.rollout_id.unwrap_or_default(),
             })),
             o => Err(unexpected(o)),
         }
@@ -404,6 +421,54 @@ impl Agent for AgentService {
             Outcome::List(v) => Ok(Response::new(pb::ListResponse {
                 services: v.iter().map(convert::status_to_proto).collect(),
             })),
+            o => Err(unexpected(o)),
+        }
+    }
+
+    async fn restart(
+        &self,
+        req: Request<pb::RestartRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        let req = req.into_inner();
+        check_name(&req.name)?;
+        let op = Operation::Restart {
+            name: req.name,
+            force: req.force,
+        };
+        rollout_response(self.call(op).await?)
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RolloutResponse>, Status> {
+        let req = req.into_inner();
+        check_name(&req.name)?;
+        let op = Operation::Rollback {
+            name: req.name,
+            revision: req.revision,
+            force: req.force,
+        };
+        rollout_response(self.call(op).await?)
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let id = req.into_inner().id;
+        // `<service>-r<n>`.
+        let valid = id
+            .rsplit_once("-r")
+            .is_some_and(|(svc, n)| spec::valid_service_name(svc) && n.parse::<u64>().is_ok());
+        if !valid {
+            let shown: String = id.chars().take(80).collect();
+            return Err(Status::invalid_argument(format!(
+                "id: {shown:?} is not a rollout id (<service>-r<number>, as Apply, Restart and Rollback return)"
+            )));
+        }
+        match self.call(Operation::GetRollout { id }).await? {
+            Outcome::Rollout(r) => Ok(Response::new(convert::rollout_to_proto(&r))),
             o => Err(unexpected(o)),
         }
     }

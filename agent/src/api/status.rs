@@ -9,12 +9,14 @@ pub fn to_status(e: SupervisorError) -> Status {
         SupervisorError::InvalidSpec(_) | SupervisorError::InvalidArgument { .. } => {
             Code::InvalidArgument
         }
-        SupervisorError::NotFound { .. } | SupervisorError::InstanceNotFound { .. } => {
-            Code::NotFound
-        }
+        SupervisorError::NotFound { .. }
+        | SupervisorError::InstanceNotFound { .. }
+        | SupervisorError::RolloutNotFound { .. } => Code::NotFound,
         SupervisorError::Unenforceable(_)
         | SupervisorError::Deleting { .. }
-        | SupervisorError::NotRunning { .. } => Code::FailedPrecondition,
+        | SupervisorError::NotRunning { .. }
+        | SupervisorError::RolloutRunning { .. }
+        | SupervisorError::Precondition(_) => Code::FailedPrecondition,
         SupervisorError::Storage(_) => Code::Internal,
         SupervisorError::Unavailable => Code::Unavailable,
     };

@@ -56,6 +56,40 @@ pub enum EventKind {
     /// An instance is gone without the agent seeing it end (its cgroup vanished, its process
     /// could not be found after a restart of the agent).
     Lost { reason: String },
+    /// A rollout began: `kind` (update, restart, rollback, auto_rollback) from one revision
+    /// to another, replacing `to_replace` instances within `max_surge` / `max_unavailable`.
+    RolloutStarted {
+        rollout: String,
+        kind: String,
+        from_revision: u64,
+        to_revision: u64,
+        to_replace: u32,
+        replicas: u32,
+        max_surge: u32,
+        max_unavailable: u32,
+    },
+    /// A step of a rollout (`started`, `ready`, `stopping`, `stopped`, `resumed`), with the
+    /// counts right after it: instances `new` and `old` present, new ones `ready`, and
+    /// `available` (ready new plus healthy old).
+    RolloutStep {
+        rollout: String,
+        step: String,
+        message: String,
+        replaced: u32,
+        to_replace: u32,
+        new: u32,
+        ready: u32,
+        old: u32,
+        available: u32,
+    },
+    /// A rollout ended: `state` is succeeded, failed, superseded or cancelled; `rollback` names
+    /// the rollback a failure started.
+    RolloutFinished {
+        rollout: String,
+        state: String,
+        reason: String,
+        rollback: Option<String>,
+    },
 }
 
 impl EventKind {
@@ -76,6 +110,9 @@ impl EventKind {
             EventKind::OomKill { .. } => "oom_kill",
             EventKind::Adopted { .. } => "adopted",
             EventKind::Lost { .. } => "lost",
+            EventKind::RolloutStarted { .. } => "rollout_started",
+            EventKind::RolloutStep { .. } => "rollout_step",
+            EventKind::RolloutFinished { .. } => "rollout_finished",
         }
     }
 
@@ -123,6 +160,54 @@ impl EventKind {
             }
             EventKind::Adopted { pid } => format!("adopted pid {pid} from an earlier agent run"),
             EventKind::Lost { reason } => format!("lost: {reason}"),
+            EventKind::RolloutStarted {
+                rollout,
+                kind,
+                from_revision,
+                to_revision,
+                to_replace,
+                max_surge,
+                max_unavailable,
+                ..
+            } => format!(
+                "rollout {rollout} started ({kind}, revision {from_revision} -> {to_revision}): \
+                 {to_replace} to replace, max_surge {max_surge}, max_unavailable {max_unavailable}"
+            ),
+            EventKind::RolloutStep {
+                rollout,
+                step,
+                message,
+                replaced,
+                to_replace,
+                new,
+                ready,
+                available,
+                ..
+            } => {
+                let counts = format!(
+                    "{replaced}/{to_replace} replaced, {new} new ({ready} ready), {available} available"
+                );
+                if message.is_empty() {
+                    format!("rollout {rollout} {step}: {counts}")
+                } else {
+                    format!("rollout {rollout} {step}: {message} ({counts})")
+                }
+            }
+            EventKind::RolloutFinished {
+                rollout,
+                state,
+                reason,
+                rollback,
+            } => {
+                let mut line = format!("rollout {rollout} {state}");
+                if !reason.is_empty() {
+                    line.push_str(&format!(": {reason}"));
+                }
+                if let Some(r) = rollback {
+                    line.push_str(&format!("; rolling back ({r})"));
+                }
+                line
+            }
         }
     }
 }

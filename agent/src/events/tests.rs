@@ -548,6 +548,33 @@ fn all_kinds() -> Vec<EventKind> {
         EventKind::Lost {
             reason: "cgroup vanished".into(),
         },
+        EventKind::RolloutStarted {
+            rollout: "web-r2".into(),
+            kind: "update".into(),
+            from_revision: 1,
+            to_revision: 2,
+            to_replace: 4,
+            replicas: 4,
+            max_surge: 1,
+            max_unavailable: 0,
+        },
+        EventKind::RolloutStep {
+            rollout: "web-r2".into(),
+            step: "ready".into(),
+            message: String::new(),
+            replaced: 1,
+            to_replace: 4,
+            new: 2,
+            ready: 1,
+            old: 3,
+            available: 4,
+        },
+        EventKind::RolloutFinished {
+            rollout: "web-r2".into(),
+            state: "failed".into(),
+            reason: "new instance web-4 ended before it was ready".into(),
+            rollback: Some("web-r3".into()),
+        },
     ]
 }
 

@@ -12,17 +12,19 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod rolling;
+
+use super::desired::{Desired, Record};
 use super::instance::{self, Ctx, Effect, Event, ExitInfo, Instance, Observed, State, StopReason};
-use super::reconcile::{self, Action, Desired};
+use super::reconcile;
 use super::{
-    ApplyKind, ApplyOutcome, InstanceStatus, Operation, Outcome, Reply, ServiceStatus,
-    SupervisorError, SupervisorHandle,
+    InstanceStatus, Operation, Outcome, Reply, ServiceStatus, SupervisorError, SupervisorHandle,
 };
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
 use crate::health::{self, HealthState, ProbeHandle, ProbeReport, Prober, ServiceHealth, Tracker};
 use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Runtime, StartRequest};
-use crate::spec::{self, Namespace, RawSpec, ServiceSpec};
+use crate::spec::{self, Namespace, ServiceSpec};
 use crate::store::Store;
 
 /// Store kind of the desired services.
@@ -55,13 +57,6 @@ pub struct Deps {
 /// Store kind of the instance records.
 const INSTANCES: &str = "instances";
 
-/// What is persisted per service.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    revision: u64,
-    spec: RawSpec,
-}
-
 /// What is persisted per instance, so that a later agent run can take it over: which
 /// process it is (PID, start time, boot) or when it is due to start again, and its history.
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +64,9 @@ struct InstanceRecord {
     service: String,
     index: u32,
     revision: u64,
+    /// Absent in records written before rollouts existed.
+    #[serde(default)]
+    epoch: u64,
     state: RecordedState,
     restarts: u32,
     failures: u32,
@@ -93,15 +91,47 @@ enum RecordedState {
 }
 
 struct Service {
-    spec: Arc<ServiceSpec>,
-    revision: u64,
+    /// What its instances should run, its kept revisions and its rollouts (persisted).
+    d: Desired,
     deleting: bool,
-    /// The listening sockets of `[[sockets]]`, in order: bound by the agent, handed to every
-    /// instance, kept across instance restarts, updates and agent restarts.
-    sockets: Vec<Arc<std::os::fd::OwnedFd>>,
+    /// The listening sockets of `[[sockets]]` of every spec its instances run, by address:
+    /// bound by the agent, handed to every instance, kept across instance restarts, rollouts
+    /// and agent restarts.
+    sockets: rolling::SocketMap,
     instances: BTreeMap<u32, Instance>,
     delete_waiters: Vec<Reply>,
     stopped_on_delete: u32,
+    /// When the rollout planner needs another look by time alone (readiness, deadlines).
+    wake: Option<Instant>,
+    /// Its rollout record changed since it was last saved.
+    dirty: bool,
+}
+
+impl Service {
+    fn new(d: Desired) -> Service {
+        Service {
+            d,
+            deleting: false,
+            sockets: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            delete_waiters: Vec::new(),
+            stopped_on_delete: 0,
+            wake: None,
+            dirty: false,
+        }
+    }
+
+    /// The listening sockets of `spec`, in its order; `None` when one is not open.
+    fn fds_for(&self, spec: &ServiceSpec) -> Option<Vec<Arc<std::os::fd::OwnedFd>>> {
+        spec.sockets
+            .iter()
+            .map(|s| {
+                self.sockets
+                    .get(&s.listen.to_string())
+                    .map(|(_, fd)| fd.clone())
+            })
+            .collect()
+    }
 }
 
 /// What only a live instance has.
@@ -238,6 +268,7 @@ impl Driver {
         self.adopt_instances();
         self.acquire_sockets();
         self.stop_leftovers().await;
+        self.resume_rollouts();
     }
 
     fn load_services(&mut self) {
@@ -246,25 +277,13 @@ impl Driver {
                 for (name, bytes) in records {
                     match serde_json::from_slice::<Record>(&bytes)
                         .map_err(|e| e.to_string())
-                        .and_then(|r| {
-                            r.spec
-                                .validate()
-                                .map(|s| (r.revision, s))
-                                .map_err(|e| e.to_string())
-                        }) {
-                        Ok((revision, spec)) if spec.name == name => {
-                            self.services.insert(
-                                name,
-                                Service {
-                                    spec: Arc::new(spec),
-                                    revision,
-                                    deleting: false,
-                                    sockets: Vec::new(),
-                                    instances: BTreeMap::new(),
-                                    delete_waiters: Vec::new(),
-                                    stopped_on_delete: 0,
-                                },
-                            );
+                        .and_then(Desired::from_record)
+                    {
+                        Ok(d) if d.spec.name == name => {
+                            if let Some(r) = d.running() {
+                                tracing::info!(service = %name, rollout = %r.id, "resuming an interrupted rollout");
+                            }
+                            self.services.insert(name, Service::new(d));
                         }
                         Ok(_) => {
                             tracing::error!(service = %name, "stored spec names another service; ignored")
@@ -303,7 +322,13 @@ impl Driver {
                 let _ = self.deps.store.delete(INSTANCES, &id);
                 continue;
             };
-            let mut inst = Instance::new(rec.index, id.clone(), svc.spec.clone(), rec.revision);
+            // The spec of the revision it runs (the current one if no longer kept).
+            let spec = svc
+                .d
+                .spec_of(rec.revision)
+                .unwrap_or_else(|| svc.d.spec.clone());
+            let mut inst =
+                Instance::new(rec.index, id.clone(), spec, rec.revision).with_epoch(rec.epoch);
             inst.restarts = rec.restarts;
             inst.failures = rec.failures;
             inst.last_exit = rec.last_exit;
@@ -411,7 +436,7 @@ impl Driver {
                 continue;
             }
             let (signal, grace) = match self.services.get(svc) {
-                Some(s) => (s.spec.stop.signal, s.spec.stop.grace),
+                Some(s) => (s.d.spec.stop.signal, s.d.spec.stop.grace),
                 None => (libc::SIGTERM, Duration::from_secs(10)),
             };
             for inst in cg.children(&CgroupPath::service(svc)).unwrap_or_default() {
@@ -466,7 +491,8 @@ impl Driver {
             let wake = self
                 .services
                 .values()
-                .filter_map(|s| reconcile::next_deadline(&s.instances))
+                .flat_map(|s| [reconcile::next_deadline(&s.instances), s.wake])
+                .flatten()
                 .min();
             tokio::select! {
                 biased;
@@ -482,45 +508,6 @@ impl Driver {
 
     // ---------------------------------------------------------------------------------
     // Reconcile and effects.
-
-    fn reconcile_all(&mut self) {
-        let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
-            // Each pass settles what it can; a few passes reach a fixed point (bounded, so a
-            // logic error can never spin the task).
-            for _ in 0..8 {
-                let Some(svc) = self.services.get(&name) else {
-                    break;
-                };
-                let desired = Desired {
-                    replicas: svc.spec.replicas,
-                    revision: svc.revision,
-                    deleting: svc.deleting,
-                };
-                let actions = reconcile::reconcile(&desired, &svc.instances, Instant::now());
-                if actions.is_empty() {
-                    break;
-                }
-                for a in actions {
-                    match a {
-                        Action::Create(idx) => {
-                            let Some(svc) = self.services.get_mut(&name) else {
-                                break;
-                            };
-                            let id = spec::instance_id(&name, idx);
-                            svc.instances.insert(
-                                idx,
-                                Instance::new(idx, id, svc.spec.clone(), svc.revision),
-                            );
-                            self.apply_effects(&name, idx, vec![Effect::Spawn]);
-                        }
-                        Action::Event(idx, ev) => self.feed(&name, idx, ev),
-                    }
-                }
-            }
-            self.finish_delete(&name);
-        }
-    }
 
     /// Feed one event to one slot and carry out what it asks for.
     fn feed(&mut self, service: &str, index: u32, event: Event) {
@@ -665,6 +652,7 @@ impl Driver {
                         if svc.deleting {
                             self.deps.runtime.remove_instance_files(&inst.id);
                         }
+                        self.note_gone(service, &inst.id);
                     }
                 }
             }
@@ -694,16 +682,19 @@ impl Driver {
                 error: "instance gone".into(),
             };
         };
-        inst.spec = svc.spec.clone();
-        inst.revision = svc.revision;
         let spec = inst.spec.clone();
         let id = inst.id.clone();
-        let sockets = svc.sockets.clone();
-        if sockets.len() != spec.sockets.len() {
+        let revision = inst.revision;
+        let Some(sockets) = svc.fds_for(&spec) else {
             return Event::StartFailed {
                 error: "its listening sockets are not open (see the agent's log)".into(),
             };
-        }
+        };
+        let Some(inst) = svc.instances.get_mut(&index) else {
+            return Event::StartFailed {
+                error: "instance gone".into(),
+            };
+        };
         let path = cgroup_of(service, &id);
         let fail = |error: String| {
             tracing::warn!(instance = %id, %error, "start failed");
@@ -741,7 +732,7 @@ impl Driver {
         inst.generation += 1;
         let generation = inst.generation;
         let pid = spawned.process.pid;
-        tracing::info!(instance = %id, pid, revision = svc.revision, "instance started");
+        tracing::info!(instance = %id, pid, revision, "instance started");
         self.watch(service, index, generation, spawned, ports);
         Event::Started { pid }
     }
@@ -874,7 +865,7 @@ impl Driver {
         if inst.generation != report.generation || !matches!(inst.state, State::Running { .. }) {
             return;
         }
-        let replicas = svc.spec.replicas;
+        let replicas = svc.d.spec.replicas;
         let in_progress = svc
             .instances
             .values()
@@ -1008,6 +999,7 @@ impl Driver {
             service: service.to_string(),
             index,
             revision: inst.revision,
+            epoch: inst.epoch,
             state,
             restarts: inst.restarts,
             failures: inst.failures,
@@ -1090,8 +1082,8 @@ impl Driver {
         if let Err(e) = self.deps.cgroups.remove(&CgroupPath::service(name)) {
             tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
         }
-        for s in &svc.spec.sockets {
-            self.deps.runtime.unlink_socket(&s.listen);
+        for (listen, _) in svc.sockets.values() {
+            self.deps.runtime.unlink_socket(listen);
         }
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
@@ -1192,7 +1184,18 @@ impl Driver {
 
     fn on_op(&mut self, op: Operation, reply: Reply) {
         let result = match op {
-            Operation::Apply { spec, dry_run } => self.apply(*spec, dry_run).map(Outcome::Applied),
+            Operation::Apply {
+                spec,
+                dry_run,
+                force,
+            } => self.apply(*spec, dry_run, force).map(Outcome::Applied),
+            Operation::Restart { name, force } => self.restart(&name, force),
+            Operation::Rollback {
+                name,
+                revision,
+                force,
+            } => self.rollback(&name, revision, force),
+            Operation::GetRollout { id } => self.get_rollout(&id),
             Operation::Delete { name } => {
                 match self.services.get_mut(&name) {
                     None => Err(SupervisorError::NotFound { name }),
@@ -1204,6 +1207,22 @@ impl Driver {
                             }
                             svc.deleting = true;
                             tracing::info!(service = %name, "deleting");
+                            if let Some(id) = svc.d.finish_running(
+                                crate::rollout::record::State::Cancelled,
+                                "the service is being deleted",
+                                SystemTime::now(),
+                            ) {
+                                self.deps.events.append(
+                                    &name,
+                                    None,
+                                    EventKind::RolloutFinished {
+                                        rollout: id,
+                                        state: "cancelled".into(),
+                                        reason: "the service is being deleted".into(),
+                                        rollback: None,
+                                    },
+                                );
+                            }
                         }
                         // Answered once the instances are gone (finish_delete).
                         svc.delete_waiters.push(reply);
@@ -1315,124 +1334,28 @@ impl Driver {
         }
     }
 
-    fn apply(&mut self, spec: ServiceSpec, dry_run: bool) -> Result<ApplyOutcome, SupervisorError> {
-        let name = spec.name.clone();
-        let (kind, revision, changes, replaces) = match self.services.get(&name) {
-            Some(svc) if svc.deleting => return Err(SupervisorError::Deleting { name }),
-            Some(svc) => {
-                let changes = spec.changes_from(&svc.spec);
-                if changes.is_empty() {
-                    (ApplyKind::Unchanged, svc.revision, changes, false)
-                } else if spec.same_except_replicas(&svc.spec) {
-                    (ApplyKind::Scaled, svc.revision, changes, false)
-                } else {
-                    let replaces = !svc.instances.is_empty();
-                    (ApplyKind::Updated, svc.revision + 1, changes, replaces)
-                }
-            }
-            None => (ApplyKind::Created, 1, Vec::new(), false),
-        };
-        let outcome = ApplyOutcome {
-            name: name.clone(),
-            revision,
-            kind,
-            changes,
-            replaces_instances: replaces,
-        };
-        if kind != ApplyKind::Unchanged {
-            self.admission(&spec)?;
-        }
-        if dry_run || kind == ApplyKind::Unchanged {
-            return Ok(outcome);
-        }
-        // Bound before anything is saved: an address in use refuses the apply whole.
-        let sockets = self.sockets_for(&spec)?;
-        self.persist(&name, revision, &spec)?;
-        tracing::info!(service = %name, revision, outcome = kind.as_str(), "applied");
-        self.emit(
-            &name,
-            None,
-            EventKind::Applied {
-                revision,
-                outcome: kind.as_str().to_string(),
-                changes: outcome.changes.clone(),
-            },
-        );
-        let spec = Arc::new(spec);
-        match self.services.get_mut(&name) {
-            Some(svc) => {
-                svc.spec = spec;
-                svc.revision = revision;
-                svc.sockets = sockets;
-            }
-            None => {
-                self.services.insert(
-                    name,
-                    Service {
-                        spec,
-                        revision,
-                        deleting: false,
-                        sockets,
-                        instances: BTreeMap::new(),
-                        delete_waiters: Vec::new(),
-                        stopped_on_delete: 0,
-                    },
-                );
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// The listening sockets for `spec`: the service's own where the address is unchanged
-    /// (the very same socket, so no connection is refused across an update), new ones bound
-    /// for new addresses.
-    fn sockets_for(
-        &self,
-        spec: &ServiceSpec,
-    ) -> Result<Vec<Arc<std::os::fd::OwnedFd>>, SupervisorError> {
-        let current = self.services.get(&spec.name);
-        spec.sockets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let kept = current.and_then(|svc| {
-                    svc.spec
-                        .sockets
-                        .iter()
-                        .position(|old| old.listen == s.listen)
-                        .and_then(|j| svc.sockets.get(j).cloned())
-                });
-                match kept {
-                    Some(fd) => Ok(fd),
-                    None => self
-                        .deps
-                        .runtime
-                        .bind_socket(&s.listen)
-                        .map(Arc::new)
-                        .map_err(|e| {
-                            SupervisorError::Unenforceable(format!(
-                                "sockets[{i}].listen: cannot listen on {}: {e}",
-                                s.listen
-                            ))
-                        }),
-                }
-            })
-            .collect()
-    }
-
-    /// After a restart: every service's sockets, taken back from its running instances where
-    /// they hold them (the same sockets, never a second one on the address), else bound.
+    /// After a restart: every service's sockets (of its target spec and of the specs its
+    /// instances run), taken back from its running instances where they hold them (the same
+    /// sockets, never a second one on the address), else bound.
     fn acquire_sockets(&mut self) {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
             let Some(svc) = self.services.get(&name) else {
                 continue;
             };
-            let mut sockets = Vec::new();
-            for (i, s) in svc.spec.sockets.iter().enumerate() {
+            let mut wanted: BTreeMap<String, spec::ListenAddr> = BTreeMap::new();
+            for spec in std::iter::once(&svc.d.spec).chain(svc.instances.values().map(|i| &i.spec))
+            {
+                for s in &spec.sockets {
+                    wanted.insert(s.listen.to_string(), s.listen.clone());
+                }
+            }
+            let mut sockets = rolling::SocketMap::new();
+            for (key, listen) in wanted {
                 let taken = svc
                     .instances
                     .values()
+                    .filter(|inst| inst.spec.sockets.iter().any(|s| s.listen == listen))
                     .filter_map(|inst| self.live.get(&inst.id))
                     .find_map(|l| {
                         (0..16).find_map(|j| {
@@ -1441,22 +1364,24 @@ impl Driver {
                                 .take_socket(
                                     &l.process,
                                     crate::runtime::listen_fd_in_init(j),
-                                    &s.listen,
+                                    &listen,
                                 )
                                 .ok()
                         })
                     });
                 let fd = match taken {
                     Some(fd) => {
-                        tracing::info!(service = %name, listen = %s.listen, "took the listening socket back from a running instance");
+                        tracing::info!(service = %name, listen = %listen, "took the listening socket back from a running instance");
                         Ok(fd)
                     }
-                    None => self.deps.runtime.bind_socket(&s.listen),
+                    None => self.deps.runtime.bind_socket(&listen),
                 };
                 match fd {
-                    Ok(fd) => sockets.push(Arc::new(fd)),
+                    Ok(fd) => {
+                        sockets.insert(key, (listen, Arc::new(fd)));
+                    }
                     Err(e) => {
-                        tracing::error!(service = %name, socket = i, listen = %s.listen, error = %e, "cannot listen; instances cannot start");
+                        tracing::error!(service = %name, listen = %listen, error = %e, "cannot listen; instances cannot start");
                     }
                 }
             }
@@ -1464,63 +1389,6 @@ impl Driver {
                 svc.sockets = sockets;
             }
         }
-    }
-
-    fn scale(&mut self, name: &str, replicas: u32) -> Result<Outcome, SupervisorError> {
-        if replicas > spec::MAX_REPLICAS {
-            return Err(SupervisorError::InvalidArgument {
-                field: "replicas".into(),
-                message: format!("{replicas} is out of range (0 to {})", spec::MAX_REPLICAS),
-            });
-        }
-        let Some(svc) = self.services.get(name) else {
-            return Err(SupervisorError::NotFound { name: name.into() });
-        };
-        if svc.deleting {
-            return Err(SupervisorError::Deleting { name: name.into() });
-        }
-        let previous = svc.spec.replicas;
-        if previous != replicas {
-            let mut spec = (*svc.spec).clone();
-            spec.replicas = replicas;
-            let revision = svc.revision;
-            self.persist(name, revision, &spec)?;
-            tracing::info!(service = %name, previous, replicas, "scaled");
-            self.emit(
-                name,
-                None,
-                EventKind::Scaled {
-                    from: previous,
-                    to: replicas,
-                },
-            );
-            if let Some(svc) = self.services.get_mut(name) {
-                svc.spec = Arc::new(spec);
-            }
-        }
-        Ok(Outcome::Scaled {
-            name: name.into(),
-            previous,
-            replicas,
-        })
-    }
-
-    fn persist(
-        &self,
-        name: &str,
-        revision: u64,
-        spec: &ServiceSpec,
-    ) -> Result<(), SupervisorError> {
-        let record = Record {
-            revision,
-            spec: spec.to_raw(),
-        };
-        let bytes = serde_json::to_vec_pretty(&record)
-            .map_err(|e| SupervisorError::Storage(e.to_string()))?;
-        self.deps
-            .store
-            .put(SERVICES, name, &bytes)
-            .map_err(|e| SupervisorError::Storage(e.to_string()))
     }
 }
 
@@ -1591,6 +1459,7 @@ fn status(
                 id: i.id.clone(),
                 index: i.index,
                 revision: i.revision,
+                epoch: i.epoch,
                 state: i.state.name(),
                 start_failed: matches!(i.state, State::Backoff { .. }) && i.last_error.is_some(),
                 pid,
@@ -1631,14 +1500,17 @@ fn status(
     let healthy = instances.iter().filter(|i| i.health == "healthy").count() as u32;
     ServiceStatus {
         name: name.to_string(),
-        revision: svc.revision,
-        spec: svc.spec.clone(),
-        desired: if svc.deleting { 0 } else { svc.spec.replicas },
+        revision: svc.d.revision,
+        spec: svc.d.spec.clone(),
+        desired: if svc.deleting { 0 } else { svc.d.spec.replicas },
         running,
         healthy,
         deleting: svc.deleting,
         health: service_health(svc, live).as_str(),
         instances,
+        rollout: svc.d.rollout.clone(),
+        revisions: svc.d.revisions(),
+        paused: svc.d.paused,
     }
 }
 
@@ -1691,7 +1563,7 @@ fn service_health(svc: &Service, live: &HashMap<String, Live>) -> ServiceHealth 
             health: instance_health(i, live.get(&i.id)),
         })
         .collect();
-    health::service_health(svc.spec.replicas, &instances)
+    health::service_health(svc.d.spec.replicas, &instances)
 }
 
 async fn sleep_until(when: Option<Instant>) {

@@ -9,14 +9,12 @@
 //!                               -> Exited         KillAll   (policy does not)
 //! Running    StopRequested(r)   -> Stopping(r)    Signal
 //! Stopping   GraceExpired       -> Stopping(r,killed) KillAll
-//! Stopping   Exited             -> Pending        KillAll   (r = Replace)
-//!                               -> Backoff        KillAll   (r = Unhealthy: health_failed)
-//!                               -> Removing       Cleanup   (r = ScaleDown | Delete)
+//! Stopping   Exited             -> Backoff        KillAll   (r = Unhealthy: health_failed)
+//!                               -> Removing       Cleanup   (r = Retire | ScaleDown | Delete)
 //! Backoff    BackoffElapsed     -> Pending        Spawn
 //! Backoff, Exited
-//!            StopRequested(Replace)          -> Pending  Spawn
-//!            StopRequested(ScaleDown|Delete) -> Removing Cleanup
-//! Pending    StopRequested(ScaleDown|Delete) -> Removing Cleanup
+//!            StopRequested(Retire|ScaleDown|Delete) -> Removing Cleanup
+//! Pending    StopRequested(Retire|ScaleDown|Delete) -> Removing Cleanup
 //! Removing   CleanupDone        -> Gone           Forget
 //! ```
 //! Every other pair is ignored: such events are stale (an exit of an earlier run, a timer
@@ -39,8 +37,8 @@ pub const KILL_RETRY: Duration = Duration::from_secs(1);
 /// Why an instance is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// Its service's spec changed: it is started again with the new one.
-    Replace,
+    /// A rollout replaces it with an instance of the new target: removed once stopped.
+    Retire,
     /// Its index is at or above `replicas`.
     ScaleDown,
     /// Its service is being deleted.
@@ -54,8 +52,8 @@ impl StopReason {
     /// Removal (scale-down, delete) outranks a replacement: the slot is not started again.
     fn outranks(self, other: StopReason) -> bool {
         let rank = |r| match r {
-            StopReason::Replace | StopReason::Unhealthy => 0,
-            StopReason::ScaleDown => 1,
+            StopReason::Unhealthy => 0,
+            StopReason::Retire | StopReason::ScaleDown => 1,
             StopReason::Delete => 2,
         };
         rank(self) > rank(other)
@@ -63,7 +61,7 @@ impl StopReason {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            StopReason::Replace => "replace",
+            StopReason::Retire => "retire",
             StopReason::ScaleDown => "scale-down",
             StopReason::Delete => "delete",
             StopReason::Unhealthy => "unhealthy",
@@ -257,9 +255,13 @@ pub struct Ctx {
 pub struct Instance {
     pub index: u32,
     pub id: String,
-    /// The spec (and its revision) of the current or last run.
+    /// The spec (and its revision) it runs: fixed for the slot's whole life; a rollout
+    /// replaces the slot with a new one instead of changing it.
     pub spec: Arc<ServiceSpec>,
     pub revision: u64,
+    /// The rollout generation of the service it was created in: a restart replaces every
+    /// instance of the same revision with ones of a new epoch.
+    pub epoch: u64,
     pub state: State,
     /// Restarts by the restart policy (not replacements by updates).
     pub restarts: u32,
@@ -280,6 +282,7 @@ impl Instance {
             id,
             spec,
             revision,
+            epoch: 0,
             state: State::Pending,
             restarts: 0,
             failures: 0,
@@ -289,6 +292,12 @@ impl Instance {
             started_at: None,
             generation: 0,
         }
+    }
+
+    /// The same instance, of rollout epoch `epoch`.
+    pub fn with_epoch(mut self, epoch: u64) -> Instance {
+        self.epoch = epoch;
+        self
     }
 
     /// When this slot next needs attention without any outside event.
@@ -392,12 +401,7 @@ impl Instance {
                         };
                         vec![Effect::KillAll]
                     }
-                    StopReason::Replace => {
-                        self.failures = 0;
-                        self.state = S::Pending;
-                        vec![Effect::KillAll, Effect::Spawn]
-                    }
-                    StopReason::ScaleDown | StopReason::Delete => {
+                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
                         self.state = S::Removing;
                         vec![Effect::Cleanup]
                     }
@@ -407,19 +411,19 @@ impl Instance {
                 self.state = S::Pending;
                 vec![Effect::Spawn]
             }
-            (S::Pending, Event::StopRequested(StopReason::ScaleDown | StopReason::Delete)) => {
+            (
+                S::Pending,
+                Event::StopRequested(
+                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete,
+                ),
+            ) => {
                 self.state = S::Removing;
                 vec![Effect::Cleanup]
             }
             (S::Backoff { .. } | S::Exited, Event::StopRequested(reason)) => match reason {
                 // Nothing runs: nothing to fail a health check.
                 StopReason::Unhealthy => vec![],
-                StopReason::Replace => {
-                    self.failures = 0;
-                    self.state = S::Pending;
-                    vec![Effect::Spawn]
-                }
-                StopReason::ScaleDown | StopReason::Delete => {
+                StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
                     self.state = S::Removing;
                     vec![Effect::Cleanup]
                 }
@@ -568,15 +572,15 @@ mod tests {
                 vec![Effect::Cleanup],
             ),
             (
-                "stopped for replace starts again",
+                "stopped for a rollout is removed",
                 "always",
                 |i, t| {
                     i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::Replace), &ctx(t));
+                    i.handle(Event::StopRequested(StopReason::Retire), &ctx(t));
                 },
                 Event::Exited(exit(ExitClass::Exited(0))),
-                "pending",
-                vec![Effect::KillAll, Effect::Spawn],
+                "removing",
+                vec![Effect::Cleanup],
             ),
             (
                 "backoff elapses",
@@ -599,15 +603,15 @@ mod tests {
                 vec![Effect::Cleanup],
             ),
             (
-                "exited slot replaced",
+                "exited slot retired",
                 "never",
                 |i, t| {
                     i.handle(Event::Started { pid: 1 }, &ctx(t));
                     i.handle(Event::Exited(exit(ExitClass::Exited(0))), &ctx(t));
                 },
-                Event::StopRequested(StopReason::Replace),
-                "pending",
-                vec![Effect::Spawn],
+                Event::StopRequested(StopReason::Retire),
+                "removing",
+                vec![Effect::Cleanup],
             ),
             (
                 "cleanup done",
@@ -750,10 +754,10 @@ mod tests {
     }
 
     #[test]
-    fn delete_overrides_replace_while_stopping() {
+    fn delete_overrides_a_health_restart_while_stopping() {
         let t0 = Instant::now();
         let mut i = running("always", t0);
-        i.handle(Event::StopRequested(StopReason::Replace), &ctx(t0));
+        i.handle(Event::StopRequested(StopReason::Unhealthy), &ctx(t0));
         i.handle(Event::StopRequested(StopReason::Delete), &ctx(t0));
         let effects = i.handle(Event::Exited(exit(ExitClass::Exited(0))), &ctx(t0));
         assert_eq!(effects, vec![Effect::Cleanup]);

@@ -8,6 +8,7 @@
 //!
 //! Imports from the crate: `spec`, and the traits of `runtime`, `cgroups`, `store`.
 
+pub mod desired;
 pub mod driver;
 pub mod instance;
 pub mod reconcile;
@@ -21,6 +22,7 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cgroups::CgroupStats;
+use crate::rollout::record::Rollout;
 use crate::spec::{ServiceSpec, SpecError};
 
 pub use driver::{Deps, Driver};
@@ -29,10 +31,26 @@ pub use instance::{ExitClass, ExitInfo};
 /// Everything the supervisor can be asked to do.
 #[derive(Debug)]
 pub enum Operation {
-    /// Create or update a service (`dry_run`: only say what would happen).
+    /// Create or update a service (`dry_run`: only say what would happen; `force`: supersede
+    /// a running rollout).
     Apply {
         spec: Box<ServiceSpec>,
         dry_run: bool,
+        force: bool,
+    },
+    /// Replace every instance with a fresh one of the same spec, as a rollout.
+    Restart {
+        name: String,
+        force: bool,
+    },
+    /// Go back to a kept revision (the previous one when `None`), as a rollout.
+    Rollback {
+        name: String,
+        revision: Option<u64>,
+        force: bool,
+    },
+    GetRollout {
+        id: String,
     },
     /// Stop every instance of a service and remove it; answered once it is gone.
     Delete {
@@ -81,6 +99,8 @@ pub struct ApplyOutcome {
     pub kind: ApplyKind,
     pub changes: Vec<String>,
     pub replaces_instances: bool,
+    /// The rollout that replaces the instances, when one was started.
+    pub rollout_id: Option<String>,
 }
 
 /// One instance, as reported.
@@ -89,6 +109,8 @@ pub struct InstanceStatus {
     pub id: String,
     pub index: u32,
     pub revision: u64,
+    /// The rollout generation it was started in (see [`desired::Desired::epoch`]).
+    pub epoch: u64,
     /// running, stopping, backoff, exited, pending, removing
     pub state: &'static str,
     /// The last start attempt failed (the instance is in backoff because of it).
@@ -129,6 +151,12 @@ pub struct ServiceStatus {
     /// `healthy`, `degraded` or `unhealthy`, from its instances.
     pub health: &'static str,
     pub instances: Vec<InstanceStatus>,
+    /// The running rollout, else the last one.
+    pub rollout: Option<Rollout>,
+    /// Revisions kept for rollback, oldest first.
+    pub revisions: Vec<u64>,
+    /// A rollout failed and was not rolled back: nothing more is replaced for now.
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +181,13 @@ pub enum Outcome {
         instance: String,
         pid: i32,
     },
+    /// A rollout was started by `Restart` or `Rollback`.
+    RolloutStarted {
+        name: String,
+        revision: u64,
+        rollout_id: String,
+    },
+    Rollout(Box<Rollout>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +198,17 @@ pub enum SupervisorError {
     InvalidArgument { field: String, message: String },
     #[error("service {name:?} not found")]
     NotFound { name: String },
+    #[error("rollout {id:?} not found (the last 10 of each service are kept)")]
+    RolloutNotFound { id: String },
+    #[error("service {name:?} has rollout {id} running ({progress})")]
+    RolloutRunning {
+        name: String,
+        id: String,
+        progress: String,
+    },
+    /// The service is not in a state that allows it.
+    #[error("{0}")]
+    Precondition(String),
     #[error("instance {instance:?} not found")]
     InstanceNotFound { instance: String },
     /// The host cannot enforce what the spec asks for.

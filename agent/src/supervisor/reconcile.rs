@@ -1,20 +1,14 @@
-//! The reconcile step: from a service's desired state and its instances' observed states,
-//! the events that move it toward the desired state. Pure and table-tested; the driver feeds
-//! the events to the instances' state machines and carries out what they return.
+//! The reconcile step: from a service's instances and what the rollout planner decided, the
+//! events that move it toward its desired state. Pure and table-tested; the driver feeds the
+//! events to the instances' state machines and carries out what they return.
 
 use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
 use super::instance::{Event, Instance, State, StopReason};
-
-/// A service as reconcile sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct Desired {
-    pub replicas: u32,
-    pub revision: u64,
-    pub deleting: bool,
-}
+use crate::health::HealthState;
+use crate::rollout::{Slot, SlotState, Step};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -26,21 +20,24 @@ pub enum Action {
 
 /// What to do now for one service.
 ///
-/// - Deleting: every slot is stopped for `Delete`.
-/// - Missing slots below `replicas` are created; slots at or above it are stopped for
-///   `ScaleDown` (an index being removed is re-created only once its removal is done).
-/// - Slots running an older revision are replaced one at a time: a running one is stopped
-///   for `Replace` only while no other slot is mid-replacement; a slot with no process
-///   (backoff, exited) is replaced at once.
+/// - Deleting: every slot is stopped for `Delete`; `steps` are not looked at.
+/// - Otherwise the planner's `steps`: a new instance goes to the lowest free index; an old
+///   one is stopped for `Retire`, an extra one for `ScaleDown` (each once).
 /// - Timers: a backoff that is due elapses; a stop whose grace (or kill retry) is due expires.
-pub fn reconcile(d: &Desired, instances: &BTreeMap<u32, Instance>, now: Instant) -> Vec<Action> {
+pub fn reconcile(
+    deleting: bool,
+    steps: &[Step],
+    instances: &BTreeMap<u32, Instance>,
+    now: Instant,
+) -> Vec<Action> {
     let mut out = Vec::new();
-    let stopping_for = |i: &Instance, reasons: &[StopReason]| matches!(i.state, State::Stopping { reason, .. } if reasons.contains(&reason));
-    if d.deleting {
+    let removing = |i: &Instance, reasons: &[StopReason]| {
+        matches!(i.state, State::Removing | State::Gone)
+            || matches!(i.state, State::Stopping { reason, .. } if reasons.contains(&reason))
+    };
+    if deleting {
         for (idx, i) in instances {
-            let done = matches!(i.state, State::Removing | State::Gone)
-                || stopping_for(i, &[StopReason::Delete]);
-            if !done {
+            if !removing(i, &[StopReason::Delete]) {
                 out.push(Action::Event(
                     *idx,
                     Event::StopRequested(StopReason::Delete),
@@ -48,45 +45,37 @@ pub fn reconcile(d: &Desired, instances: &BTreeMap<u32, Instance>, now: Instant)
             }
         }
     } else {
-        for idx in 0..d.replicas {
-            if !instances.contains_key(&idx) {
-                out.push(Action::Create(idx));
-            }
-        }
-        let mid_replacement = instances
-            .values()
-            .any(|i| stopping_for(i, &[StopReason::Replace]) || i.state == State::Pending);
-        let mut replacing = mid_replacement;
-        for (idx, i) in instances {
-            if *idx >= d.replicas {
-                let done = matches!(i.state, State::Removing | State::Gone)
-                    || stopping_for(i, &[StopReason::ScaleDown, StopReason::Delete]);
-                if !done {
-                    out.push(Action::Event(
-                        *idx,
-                        Event::StopRequested(StopReason::ScaleDown),
-                    ));
+        let mut next_free = 0u32;
+        for step in steps {
+            let (idx, reason) = match *step {
+                Step::StartNew => {
+                    while instances.contains_key(&next_free) {
+                        next_free += 1;
+                    }
+                    out.push(Action::Create(next_free));
+                    next_free += 1;
+                    continue;
                 }
+                Step::StopOld { index } => (index, StopReason::Retire),
+                Step::StopExtra { index } => (index, StopReason::ScaleDown),
+            };
+            let Some(i) = instances.get(&idx) else {
                 continue;
-            }
-            if i.revision == d.revision {
-                continue;
-            }
-            match i.state {
-                State::Backoff { .. } | State::Exited => {
-                    out.push(Action::Event(
-                        *idx,
-                        Event::StopRequested(StopReason::Replace),
-                    ));
-                }
-                State::Running { .. } if !replacing => {
-                    replacing = true;
-                    out.push(Action::Event(
-                        *idx,
-                        Event::StopRequested(StopReason::Replace),
-                    ));
-                }
-                _ => {}
+            };
+            let already = out
+                .iter()
+                .any(|a| matches!(a, Action::Event(j, _) if *j == idx));
+            if !already
+                && !removing(
+                    i,
+                    &[
+                        StopReason::Retire,
+                        StopReason::ScaleDown,
+                        StopReason::Delete,
+                    ],
+                )
+            {
+                out.push(Action::Event(idx, Event::StopRequested(reason)));
             }
         }
     }
@@ -108,6 +97,64 @@ pub fn reconcile(d: &Desired, instances: &BTreeMap<u32, Instance>, now: Instant)
         }
     }
     out
+}
+
+/// An instance's health as the planner needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The service has no `[health]`: running is healthy.
+    Unchecked,
+    /// From the instance's tracker: its state, since when, and when the run started.
+    Tracked {
+        state: HealthState,
+        since: Instant,
+        started: Instant,
+    },
+    /// Checked, but no tracker (not started yet): not healthy.
+    Unknown,
+}
+
+/// How the planner sees one instance, for a service whose instances should run `target`
+/// (revision, epoch).
+pub fn slot(inst: &Instance, health: Health, target: (u64, u64), now: Instant) -> Slot {
+    let state = match inst.state {
+        State::Pending => SlotState::Starting { since: now },
+        State::Running { since } => match health {
+            Health::Unchecked => SlotState::Healthy {
+                since,
+                started: since,
+            },
+            Health::Tracked {
+                state: HealthState::Healthy,
+                since: healthy_since,
+                started,
+            } => SlotState::Healthy {
+                since: healthy_since,
+                started,
+            },
+            Health::Tracked {
+                state: HealthState::Unhealthy,
+                started,
+                ..
+            } => SlotState::Unhealthy { started },
+            Health::Tracked { started, .. } => SlotState::Starting { since: started },
+            Health::Unknown => SlotState::Starting { since },
+        },
+        // Being restarted for failing its health check: down for now.
+        State::Stopping {
+            reason: StopReason::Unhealthy,
+            ..
+        }
+        | State::Backoff { .. }
+        | State::Exited => SlotState::Down,
+        State::Stopping { .. } | State::Removing | State::Gone => SlotState::Leaving,
+    };
+    Slot {
+        index: inst.index,
+        new: (inst.revision, inst.epoch) == target,
+        started_here: false,
+        state,
+    }
 }
 
 /// The earliest time one of the instances needs attention on its own.
@@ -138,7 +185,7 @@ mod tests {
     }
 
     /// A slot of revision `rev` brought to the named state.
-    fn slot(idx: u32, rev: u64, state: &str, now: Instant) -> (u32, Instance) {
+    fn slot_in(idx: u32, rev: u64, state: &str, now: Instant) -> (u32, Instance) {
         let mut i = Instance::new(idx, format!("web-{idx}"), spec(), rev);
         let c = ctx(now);
         let exit = |class| {
@@ -153,10 +200,11 @@ mod tests {
             "running" => {
                 i.handle(Event::Started { pid: 1 }, &c);
             }
-            "stopping-replace" | "stopping-scale" | "stopping-delete" => {
+            "stopping-retire" | "stopping-scale" | "stopping-delete" | "stopping-unhealthy" => {
                 i.handle(Event::Started { pid: 1 }, &c);
                 let r = match state {
-                    "stopping-replace" => StopReason::Replace,
+                    "stopping-retire" => StopReason::Retire,
+                    "stopping-unhealthy" => StopReason::Unhealthy,
                     "stopping-scale" => StopReason::ScaleDown,
                     _ => StopReason::Delete,
                 };
@@ -178,107 +226,75 @@ mod tests {
     fn reconcile_table() {
         let t0 = Instant::now();
         let later = t0 + Duration::from_secs(3600);
-        let d = |replicas, revision, deleting| Desired {
-            replicas,
-            revision,
-            deleting,
-        };
         use Action::{Create, Event as Ev};
         let stop = |r| Event::StopRequested(r);
         type Case = (
             &'static str,
-            Desired,
+            bool,
+            Vec<Step>,
             Vec<(u32, u64, &'static str)>,
             Instant,
             Vec<Action>,
         );
         let cases: Vec<Case> = vec![
             (
-                "empty service creates all",
-                d(3, 1, false),
+                "new instances go to the lowest free indexes",
+                false,
+                vec![Step::StartNew, Step::StartNew, Step::StartNew],
+                vec![(1, 1, "running"), (3, 1, "running")],
+                t0,
+                vec![Create(0), Create(2), Create(4)],
+            ),
+            (
+                "nothing planned, nothing due",
+                false,
                 vec![],
-                t0,
-                vec![Create(0), Create(1), Create(2)],
-            ),
-            (
-                "steady state does nothing",
-                d(2, 1, false),
-                vec![(0, 1, "running"), (1, 1, "running")],
+                vec![(0, 1, "running"), (1, 1, "backoff")],
                 t0,
                 vec![],
             ),
             (
-                "missing slot is filled",
-                d(2, 1, false),
-                vec![(1, 1, "running")],
-                t0,
-                vec![Create(0)],
-            ),
-            (
-                "scale down stops the highest",
-                d(1, 1, false),
-                vec![(0, 1, "running"), (1, 1, "running"), (2, 1, "backoff")],
+                "old instances are retired, extra ones scaled down",
+                false,
+                vec![Step::StopOld { index: 0 }, Step::StopExtra { index: 2 }],
+                vec![(0, 1, "running"), (1, 2, "running"), (2, 2, "backoff")],
                 t0,
                 vec![
-                    Ev(1, stop(StopReason::ScaleDown)),
+                    Ev(0, stop(StopReason::Retire)),
                     Ev(2, stop(StopReason::ScaleDown)),
                 ],
             ),
             (
-                "scale down already in progress",
-                d(1, 1, false),
-                vec![(0, 1, "running"), (1, 1, "stopping-scale")],
+                "a slot already being removed is not asked again",
+                false,
+                vec![Step::StopOld { index: 0 }, Step::StopOld { index: 1 }],
+                vec![(0, 1, "stopping-retire"), (1, 1, "removing")],
                 t0,
                 vec![],
             ),
             (
-                "index being removed is not re-created yet",
-                d(2, 1, false),
-                vec![(0, 1, "running"), (1, 1, "removing")],
+                "a health restart is turned into a retirement",
+                false,
+                vec![Step::StopOld { index: 0 }],
+                vec![(0, 1, "stopping-unhealthy")],
+                t0,
+                vec![Ev(0, stop(StopReason::Retire))],
+            ),
+            (
+                "a step for a missing slot is dropped",
+                false,
+                vec![Step::StopOld { index: 7 }],
+                vec![],
                 t0,
                 vec![],
-            ),
-            (
-                "update replaces one running at a time",
-                d(3, 2, false),
-                vec![(0, 1, "running"), (1, 1, "running"), (2, 1, "running")],
-                t0,
-                vec![Ev(0, stop(StopReason::Replace))],
-            ),
-            (
-                "update waits while one is mid-replacement",
-                d(3, 2, false),
-                vec![
-                    (0, 2, "stopping-replace"),
-                    (1, 1, "running"),
-                    (2, 1, "running"),
-                ],
-                t0,
-                vec![],
-            ),
-            (
-                "update continues after a replacement is running",
-                d(3, 2, false),
-                vec![(0, 2, "running"), (1, 1, "running"), (2, 1, "running")],
-                t0,
-                vec![Ev(1, stop(StopReason::Replace))],
-            ),
-            (
-                "crash-looping old revision is replaced at once",
-                d(2, 2, false),
-                vec![(0, 1, "backoff"), (1, 1, "running")],
-                t0,
-                vec![
-                    Ev(0, stop(StopReason::Replace)),
-                    Ev(1, stop(StopReason::Replace)),
-                ],
             ),
             (
                 "delete stops everything not yet stopping for delete",
-                d(2, 1, true),
+                true,
+                vec![Step::StartNew],
                 vec![
                     (0, 1, "running"),
-                    (1, 1, "stopping-replace"),
+                    (1, 1, "stopping-retire"),
                     (2, 1, "stopping-delete"),
                     (3, 1, "removing"),
                 ],
@@ -289,33 +305,143 @@ mod tests {
                 ],
             ),
             (
-                "backoff not yet due",
-                d(1, 1, false),
-                vec![(0, 1, "backoff")],
-                t0,
-                vec![],
-            ),
-            (
                 "backoff due",
-                d(1, 1, false),
+                false,
+                vec![],
                 vec![(0, 1, "backoff")],
                 later,
                 vec![Ev(0, Event::BackoffElapsed)],
             ),
             (
+                "a planned stop takes the place of a due backoff",
+                false,
+                vec![Step::StopOld { index: 0 }],
+                vec![(0, 1, "backoff")],
+                later,
+                vec![Ev(0, stop(StopReason::Retire))],
+            ),
+            (
                 "grace expired",
-                d(0, 1, false),
+                false,
+                vec![],
                 vec![(0, 1, "stopping-scale")],
                 later,
                 vec![Ev(0, Event::GraceExpired)],
             ),
         ];
-        for (name, desired, slots, now, want) in cases {
+        for (name, deleting, steps, slots, now, want) in cases {
             let instances: BTreeMap<u32, Instance> = slots
                 .into_iter()
-                .map(|(idx, rev, st)| slot(idx, rev, st, t0))
+                .map(|(idx, rev, st)| slot_in(idx, rev, st, t0))
                 .collect();
-            assert_eq!(reconcile(&desired, &instances, now), want, "{name}");
+            assert_eq!(reconcile(deleting, &steps, &instances, now), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn slots_for_the_planner() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(5);
+        let tracked = |state| Health::Tracked {
+            state,
+            since: t0 + Duration::from_secs(1),
+            started: t0,
+        };
+        type Case = (
+            &'static str,
+            (u64, u64),
+            &'static str,
+            Health,
+            bool,
+            SlotState,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "unchecked running is healthy since it runs",
+                (1, 0),
+                "running",
+                Health::Unchecked,
+                true,
+                SlotState::Healthy {
+                    since: t0,
+                    started: t0,
+                },
+            ),
+            (
+                "tracked healthy",
+                (1, 0),
+                "running",
+                tracked(HealthState::Healthy),
+                true,
+                SlotState::Healthy {
+                    since: t0 + Duration::from_secs(1),
+                    started: t0,
+                },
+            ),
+            (
+                "tracked unhealthy",
+                (1, 0),
+                "running",
+                tracked(HealthState::Unhealthy),
+                true,
+                SlotState::Unhealthy { started: t0 },
+            ),
+            (
+                "not yet decided is starting",
+                (1, 0),
+                "running",
+                tracked(HealthState::Unknown),
+                true,
+                SlotState::Starting { since: t0 },
+            ),
+            (
+                "another epoch is old",
+                (1, 5),
+                "running",
+                Health::Unchecked,
+                false,
+                SlotState::Healthy {
+                    since: t0,
+                    started: t0,
+                },
+            ),
+            (
+                "backoff is down",
+                (1, 0),
+                "backoff",
+                Health::Unchecked,
+                true,
+                SlotState::Down,
+            ),
+            (
+                "a health restart is down",
+                (1, 0),
+                "stopping-unhealthy",
+                Health::Unchecked,
+                true,
+                SlotState::Down,
+            ),
+            (
+                "retiring is leaving",
+                (1, 0),
+                "stopping-retire",
+                Health::Unchecked,
+                true,
+                SlotState::Leaving,
+            ),
+            (
+                "pending is starting now",
+                (1, 0),
+                "pending",
+                Health::Unknown,
+                true,
+                SlotState::Starting { since: now },
+            ),
+        ];
+        for (name, target, state, health, new, want) in cases {
+            let (_, i) = slot_in(0, 1, state, t0);
+            let s = slot(&i, health, target, now);
+            assert_eq!((s.new, s.state), (new, want), "{name}");
         }
     }
 
@@ -323,9 +449,9 @@ mod tests {
     fn next_deadline_is_the_earliest() {
         let t0 = Instant::now();
         let instances: BTreeMap<u32, Instance> = [
-            slot(0, 1, "running", t0),
-            slot(1, 1, "backoff", t0),
-            slot(2, 1, "stopping-delete", t0),
+            slot_in(0, 1, "running", t0),
+            slot_in(1, 1, "backoff", t0),
+            slot_in(2, 1, "stopping-delete", t0),
         ]
         .into_iter()
         .collect();

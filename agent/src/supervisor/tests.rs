@@ -20,6 +20,7 @@ struct Rig {
     store: Arc<MemStore>,
     handle: SupervisorHandle,
     stop: CancellationToken,
+    events: Arc<crate::events::EventLog>,
 }
 
 impl Drop for Rig {
@@ -28,13 +29,18 @@ impl Drop for Rig {
     }
 }
 
-fn deps(rt: &Arc<FakeRuntime>, cg: &Arc<RecordingCgroups>, store: &Arc<MemStore>) -> Deps {
+fn deps(
+    rt: &Arc<FakeRuntime>,
+    cg: &Arc<RecordingCgroups>,
+    store: &Arc<MemStore>,
+    events: &Arc<crate::events::EventLog>,
+) -> Deps {
     Deps {
         runtime: rt.clone(),
         cgroups: cg.clone(),
         store: store.clone(),
         namespaces: Namespace::ALL.to_vec(),
-        events: Arc::new(crate::events::EventLog::in_memory(10_000)),
+        events: events.clone(),
     }
 }
 
@@ -44,7 +50,8 @@ async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
 
 /// A driver over existing fakes: a second driver on the same fakes is an agent restart.
 async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<MemStore>) -> Rig {
-    let (mut driver, handle) = Driver::new(deps(&rt, &cg, &store));
+    let events = Arc::new(crate::events::EventLog::in_memory(10_000));
+    let (mut driver, handle) = Driver::new(deps(&rt, &cg, &store, &events));
     driver.restore().await;
     let stop = CancellationToken::new();
     tokio::spawn(driver.run(stop.clone()));
@@ -54,6 +61,7 @@ async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<
         store,
         handle,
         stop,
+        events,
     }
 }
 
@@ -75,12 +83,27 @@ async fn settle() {
 }
 
 impl Rig {
+    /// Every event so far.
+    async fn events(&self) -> Vec<crate::events::Event> {
+        let end = self.events.next();
+        let mut w = self
+            .events
+            .watch(0, crate::events::Filter::all())
+            .expect("watch");
+        let mut out: Vec<crate::events::Event> = Vec::new();
+        while out.last().map_or(self.events.oldest(), |e| e.index + 1) < end {
+            out.push(w.next().await.expect("event"));
+        }
+        out
+    }
+
     async fn apply(&self, text: &str) -> Result<ApplyOutcome, SupervisorError> {
         match self
             .handle
             .call(Operation::Apply {
                 spec: spec(text),
                 dry_run: false,
+                force: false,
             })
             .await?
         {
@@ -277,19 +300,22 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
     r.apply(&one).await.expect("apply");
     settle().await;
     let (_, pid) = r.running("web").await[0];
-    // An update replaces the instance: stop signal, grace, then SIGKILL.
+    // An update replaces the instance: its successor is ready (running for min_healthy, 2s),
+    // then the stop signal, the grace period, SIGKILL.
     r.apply(&one.replace("/bin/app", "/bin/app2"))
         .await
         .expect("update");
     settle().await;
+    assert!(r.rt.signals().is_empty(), "the old one runs on meanwhile");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(r.rt.signals(), vec![(pid, libc::SIGTERM)]);
     let path = CgroupPath::instance("web", "web-0");
-    tokio::time::sleep(Duration::from_millis(4900)).await;
+    tokio::time::sleep(Duration::from_millis(4700)).await;
     assert!(
         !r.cg.kills().contains(&path),
         "no SIGKILL within the grace period"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         r.cg.kills().contains(&path),
         "SIGKILL after the grace period"
@@ -297,20 +323,28 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
     r.exit(pid, ProcessStatus::Signaled(9), None);
     settle().await;
     let s = r.status("web").await;
+    assert_eq!(s.instances.len(), 1);
     let i = &s.instances[0];
     assert_eq!(
-        i.last_exit.as_ref().map(|e| e.class),
-        Some(ExitClass::StopTimeout)
-    );
-    assert_eq!(
-        (i.state, i.revision),
-        ("running", 2),
+        (i.id.as_str(), i.state, i.revision),
+        ("web-1", "running", 2),
         "replaced by the new revision"
     );
+    let ended: Vec<String> = r
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.instance.as_deref() == Some("web-0"))
+        .filter_map(|e| match e.kind {
+            crate::events::EventKind::InstanceExited { end, .. } => Some(end),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, vec!["stop_timeout".to_string()]);
 }
 
 #[tokio::test(start_paused = true)]
-async fn update_replaces_one_instance_at_a_time() {
+async fn update_starts_each_new_instance_before_stopping_an_old_one() {
     let r = rig().await;
     r.apply(WEB).await.expect("apply");
     settle().await;
@@ -323,9 +357,17 @@ async fn update_replaces_one_instance_at_a_time() {
         (a.kind, a.revision, a.replaces_instances),
         (ApplyKind::Updated, 2, true)
     );
+    let id = a.rollout_id.expect("a rollout");
     settle().await;
-    assert_eq!(r.rt.signals().len(), 1, "one at a time");
     for n in 0..3 {
+        assert_eq!(r.rt.spawns().len(), 4 + n, "one new instance (max_surge 1)");
+        assert_eq!(
+            r.rt.signals().len(),
+            n,
+            "no old one stopped before it is ready"
+        );
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(r.rt.signals().len(), n + 1, "then one old one stops");
         let (pid, _) = *r.rt.signals().last().expect("a stop signal");
         r.exit(
             pid,
@@ -336,9 +378,10 @@ async fn update_replaces_one_instance_at_a_time() {
             }),
         );
         settle().await;
-        assert_eq!(r.rt.spawns().len(), 4 + n, "replacement started");
     }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let s = r.status("web").await;
+    assert_eq!(s.instances.len(), 3);
     assert!(
         s.instances
             .iter()
@@ -347,6 +390,16 @@ async fn update_replaces_one_instance_at_a_time() {
     let spawned = r.rt.spawns();
     assert!(spawned[3..].iter().all(|sp| sp.command == ["/bin/app2"]));
     assert!(old.iter().all(|p| !r.rt.running().contains(p)));
+    let rollout = s.rollout.expect("the rollout is reported");
+    assert_eq!(
+        (
+            rollout.id.as_str(),
+            rollout.state.as_str(),
+            rollout.replaced,
+            rollout.to_replace
+        ),
+        (id.as_str(), "succeeded", 3, 3)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -673,4 +726,343 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
         5,
         "all replaced after the backoff"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollouts.
+
+impl Rig {
+    async fn op(&self, op: Operation) -> Result<Outcome, SupervisorError> {
+        self.handle.call(op).await
+    }
+
+    async fn restart(&self, name: &str, force: bool) -> Result<String, SupervisorError> {
+        match self
+            .op(Operation::Restart {
+                name: name.into(),
+                force,
+            })
+            .await?
+        {
+            Outcome::RolloutStarted { rollout_id, .. } => Ok(rollout_id),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    async fn rollout(&self, id: &str) -> Rollout {
+        match self.op(Operation::GetRollout { id: id.into() }).await {
+            Ok(Outcome::Rollout(r)) => *r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Mark the running instances ready (`READY=1`), as a service with `notify` does.
+    fn ready(&self, ids: &[&str]) {
+        for id in ids {
+            self.rt.set_notify(
+                id,
+                crate::runtime::NotifyState {
+                    ready: true,
+                    status: String::new(),
+                },
+            );
+        }
+    }
+
+    /// Let every stop signal sent so far end its instance.
+    fn obey_stops(&self) {
+        for (pid, _) in self.rt.signals() {
+            if self.rt.running().contains(&pid) {
+                self.exit(pid, ProcessStatus::Exited(0), None);
+            }
+        }
+    }
+
+    /// Run the rollout to its end: every stopped instance exits at once, new ones are ready.
+    async fn drive(&self, ids: &[&str], seconds: u64) {
+        for _ in 0..seconds * 4 {
+            self.ready(ids);
+            self.obey_stops();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// 3 instances that report READY=1, min_healthy 1s, a 10s deadline.
+const GATED: &str = "name = \"web\"\ncommand = [\"/bin/app\"]\nreplicas = 3\n[health]\nnotify = true\n[rollout]\nmin_healthy = \"1s\"\nhealthy_deadline = \"10s\"\n[stop]\ngrace = \"5s\"\n";
+
+const ALL: [&str; 8] = [
+    "web-0", "web-1", "web-2", "web-3", "web-4", "web-5", "web-6", "web-7",
+];
+
+#[tokio::test(start_paused = true)]
+async fn restart_replaces_every_instance_and_refuses_a_second_one() {
+    let r = rig().await;
+    r.apply(GATED).await.expect("apply");
+    r.drive(&ALL, 2).await;
+    let before: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let id = r.restart("web", false).await.expect("restart");
+    assert_eq!(id, "web-r1");
+    let err = r.restart("web", false).await.expect_err("one at a time");
+    assert!(
+        matches!(&err, SupervisorError::RolloutRunning { id, .. } if id == "web-r1"),
+        "{err}"
+    );
+    r.drive(&ALL, 15).await;
+    let ro = r.rollout(&id).await;
+    assert_eq!((ro.state.as_str(), ro.replaced), ("succeeded", 3), "{ro:?}");
+    let after: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|p| !before.contains(p)), "all fresh");
+    let s = r.status("web").await;
+    assert_eq!(s.revision, 1, "a restart keeps the revision");
+    let steps: Vec<&str> = ro.steps.iter().map(|s| s.step.as_str()).collect();
+    for want in [
+        "planned",
+        "started",
+        "ready",
+        "stopping",
+        "stopped",
+        "succeeded",
+    ] {
+        assert!(steps.contains(&want), "{want} in {steps:?}");
+    }
+    // Forced, a restart supersedes the running one.
+    let a = r.restart("web", false).await.expect("restart");
+    let b = r.restart("web", true).await.expect("forced");
+    assert_eq!(r.rollout(&a).await.state.as_str(), "superseded");
+    r.drive(&ALL, 15).await;
+    assert_eq!(r.rollout(&b).await.state.as_str(), "succeeded");
+    assert_eq!(r.running("web").await.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_revision_that_never_gets_ready_is_rolled_back_keeping_untouched_instances() {
+    let r = rig().await;
+    r.apply(GATED).await.expect("apply");
+    r.drive(&["web-0", "web-1", "web-2"], 2).await;
+    let before = r.running("web").await;
+    let a = r
+        .apply(&GATED.replace("/bin/app", "/bin/broken"))
+        .await
+        .expect("update");
+    let id = a.rollout_id.expect("a rollout");
+    // Only the old instances ever report ready.
+    r.drive(&["web-0", "web-1", "web-2"], 14).await;
+    let failed = r.rollout(&id).await;
+    assert_eq!(failed.state.as_str(), "failed", "{failed:?}");
+    assert!(failed.reason.contains("within 10s"), "{}", failed.reason);
+    let back = r.rollout(&failed.rollback_id).await;
+    assert_eq!(
+        (
+            back.kind.as_str(),
+            back.state.as_str(),
+            back.rollback_of.as_str()
+        ),
+        ("auto_rollback", "succeeded", id.as_str())
+    );
+    let s = r.status("web").await;
+    assert_eq!(s.revision, 1);
+    assert_eq!(
+        r.running("web").await,
+        before,
+        "the old instances kept their PIDs"
+    );
+    let new_pid = r.rt.spawns().len() as i32;
+    assert!(
+        r.rt.signals()
+            .iter()
+            .all(|(pid, _)| !before.iter().any(|(_, p)| p == pid)),
+        "no old instance was signalled: {:?}",
+        r.rt.signals()
+    );
+    assert!(new_pid > 3, "a new instance was tried");
+    assert!(
+        r.rt.spawns()[3..]
+            .iter()
+            .all(|sp| sp.command == ["/bin/broken"])
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pauses() {
+    let r = rig().await;
+    let spec = GATED.replace("[rollout]\n", "[rollout]\nauto_rollback = false\n");
+    r.apply(&spec).await.expect("apply");
+    r.drive(&ALL, 2).await;
+    let a = r
+        .apply(&spec.replace("/bin/app", "/bin/crash"))
+        .await
+        .expect("update");
+    settle().await;
+    let new = r.rt.spawns().last().cloned().expect("a new instance");
+    assert_eq!(new.command, ["/bin/crash"]);
+    r.exit(new.pid, ProcessStatus::Exited(3), None);
+    settle().await;
+    let ro = r.rollout(a.rollout_id.as_deref().expect("rollout")).await;
+    assert_eq!(ro.state.as_str(), "failed");
+    assert!(ro.rollback_id.is_empty());
+    let s = r.status("web").await;
+    assert!(s.paused);
+    assert_eq!((s.revision, s.revisions.clone()), (2, vec![1, 2]));
+    // Paused: the crashed instance restarts in backoff; the old ones stay.
+    r.drive(&ALL, 5).await;
+    let s = r.status("web").await;
+    let revs: Vec<u64> = s.instances.iter().map(|i| i.revision).collect();
+    assert_eq!(revs.iter().filter(|r| **r == 1).count(), 3, "{revs:?}");
+    // A rollback to revision 1 replaces the new instance and resumes.
+    let back = match r
+        .op(Operation::Rollback {
+            name: "web".into(),
+            revision: None,
+            force: false,
+        })
+        .await
+        .expect("rollback")
+    {
+        Outcome::RolloutStarted {
+            rollout_id,
+            revision,
+            ..
+        } => {
+            assert_eq!(revision, 1);
+            rollout_id
+        }
+        o => panic!("unexpected {o:?}"),
+    };
+    r.drive(&ALL, 10).await;
+    assert_eq!(r.rollout(&back).await.state.as_str(), "succeeded");
+    let s = r.status("web").await;
+    assert!(!s.paused);
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| i.revision == 1 && i.state == "running")
+    );
+    assert_eq!(s.instances.len(), 3);
+    // Nothing earlier than revision 1 is kept.
+    let err = r
+        .op(Operation::Rollback {
+            name: "web".into(),
+            revision: None,
+            force: false,
+        })
+        .await
+        .expect_err("nothing to roll back to");
+    assert!(matches!(err, SupervisorError::Precondition(_)), "{err}");
+    let err = r
+        .op(Operation::Rollback {
+            name: "web".into(),
+            revision: Some(9),
+            force: false,
+        })
+        .await
+        .expect_err("not kept");
+    assert_eq!(err.to_string(), "revision: 9 is not kept (kept: 1, 2)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
+    let (rt, cg, store) = (
+        Arc::new(FakeRuntime::new()),
+        Arc::new(RecordingCgroups::default()),
+        Arc::new(MemStore::new()),
+    );
+    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    first.apply(GATED).await.expect("apply");
+    first.drive(&ALL, 2).await;
+    let a = first
+        .apply(&GATED.replace("/bin/app", "/bin/app2"))
+        .await
+        .expect("update");
+    // Halfway: one old instance replaced.
+    first.drive(&ALL, 2).await;
+    let id = a.rollout_id.expect("rollout");
+    let mid = first.rollout(&id).await;
+    assert_eq!(mid.state.as_str(), "running");
+    assert!(mid.replaced >= 1 && mid.replaced < 3, "{mid:?}");
+    place_in_cgroups(&first, "web").await;
+    drop(first);
+    settle().await;
+
+    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    settle().await;
+    second.drive(&ALL, 20).await;
+    let done = second.rollout(&id).await;
+    assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
+    assert!(done.steps.iter().any(|s| s.step == "resumed"));
+    let s = second.status("web").await;
+    assert_eq!(s.instances.len(), 3, "{:?}", s.instances);
+    assert!(
+        s.instances
+            .iter()
+            .all(|i| i.revision == 2 && i.state == "running")
+    );
+    let mut live = rt.running();
+    live.sort_unstable();
+    let mut ours: Vec<i32> = s.instances.iter().filter_map(|i| i.init_pid).collect();
+    ours.sort_unstable();
+    assert_eq!(live, ours, "no instance left over or duplicated");
+}
+
+#[tokio::test(start_paused = true)]
+async fn surge_and_unavailability_bounds_hold_at_every_step() {
+    for (surge, unavailable) in [(0, 1), (2, 0)] {
+        let r = rig().await;
+        let spec = GATED.replace("replicas = 3", "replicas = 4").replace(
+            "[rollout]\n",
+            &format!("[rollout]\nmax_surge = {surge}\nmax_unavailable = {unavailable}\n"),
+        );
+        r.apply(&spec).await.expect("apply");
+        r.drive(&ALL, 2).await;
+        let id = r.restart("web", false).await.expect("restart");
+        r.drive(&ALL, 20).await;
+        assert_eq!(r.rollout(&id).await.state.as_str(), "succeeded");
+        let steps: Vec<(u32, u32)> = r
+            .events()
+            .await
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                crate::events::EventKind::RolloutStep {
+                    new,
+                    old,
+                    available,
+                    ..
+                } => Some((new + old, available)),
+                _ => None,
+            })
+            .collect();
+        assert!(steps.len() >= 12, "{steps:?}");
+        for (present, available) in steps {
+            assert!(
+                present <= 4 + surge,
+                "{surge}/{unavailable}: {present} present"
+            );
+            assert!(
+                available >= 4 - unavailable,
+                "{surge}/{unavailable}: {available} available"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_during_a_rollout_ends_with_the_new_count() {
+    let r = rig().await;
+    r.apply(GATED).await.expect("apply");
+    r.drive(&ALL, 2).await;
+    let id = r.restart("web", false).await.expect("restart");
+    r.drive(&ALL, 1).await;
+    r.op(Operation::Scale {
+        name: "web".into(),
+        replicas: 5,
+    })
+    .await
+    .expect("scale");
+    r.drive(&ALL, 20).await;
+    let ro = r.rollout(&id).await;
+    assert_eq!((ro.state.as_str(), ro.replicas), ("succeeded", 5));
+    let s = r.status("web").await;
+    assert_eq!(s.instances.len(), 5);
+    assert!(s.instances.iter().all(|i| i.state == "running"));
 }

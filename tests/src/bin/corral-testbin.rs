@@ -316,7 +316,7 @@ fn main() {
         }
         // Serve HTTP on the listening socket inherited as fd 3 (LISTEN_FDS), after DELAY_MS:
         // each response says which instance and $VERSION answered. $PORT_ADMIN, when set,
-        // serves /healthz for probes. SIGTERM: stop accepting, finish what was accepted,
+        // serves /healthz for probes (answering $ADMIN_STATUS, default 200). SIGTERM: stop accepting, finish what was accepted,
         // exit 0 (a graceful stop).
         "http-listen" => http_listen(num(1, 0)),
         // Print `tick=N` (N = 0, 1, 2, ... within this run, tagged with $CORRAL_INSTANCE's
@@ -520,13 +520,17 @@ fn http_listen(delay_ms: u64) {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         if let Some(p) = std::env::var("PORT_ADMIN").ok().and_then(|p| p.parse::<u16>().ok()) {
             let admin = tokio::net::TcpListener::bind(("127.0.0.1", p)).await.expect("bind admin");
+            // $ADMIN_STATUS (default 200) is what /healthz answers.
+            let status: Arc<str> = std::env::var("ADMIN_STATUS").unwrap_or_else(|_| "200".into()).into();
             tokio::spawn(async move {
                 loop {
                     if let Ok((mut c, _)) = admin.accept().await {
+                        let status = status.clone();
                         tokio::spawn(async move {
                             let mut buf = [0u8; 512];
                             let _ = c.read(&mut buf).await;
-                            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                            let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            let _ = c.write_all(resp.as_bytes()).await;
                         });
                     }
                 }

@@ -1,0 +1,450 @@
+//! Rolling restarts and updates under load, on the real kernel: 4 instances serving HTTP on
+//! one agent-owned socket, 16 clients sending one request per connection for the whole
+//! rollout. Not one request may fail — through restarts, updates, a revision that never gets
+//! healthy (rolled back), the agent killed mid-rollout, and the agent itself restarting.
+
+use std::time::Duration;
+
+use corral_e2e::load::{Load, Report};
+use corral_e2e::{Agent, eventually, pb, skip_unless_root, testbin};
+
+const CLIENTS: usize = 16;
+/// No load runs longer than this, whatever happens.
+const LOAD_LIMIT: Duration = Duration::from_secs(180);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// 4 instances of the HTTP test server on the agent socket `port`, health-checked on their
+/// own admin port; `env` adds to the environment, `rollout` to the `[rollout]` section.
+fn spec(name: &str, port: u16, version: &str, env: &str, rollout: &str) -> String {
+    format!(
+        r#"name = "{name}"
+command = [{bin:?}, "http-listen", "300"]
+replicas = 4
+env = {{ VERSION = "{version}"{env} }}
+
+[ports]
+admin = "auto"
+
+[[sockets]]
+name = "http"
+listen = "127.0.0.1:{port}"
+
+[health]
+http = "http://127.0.0.1:{{port.admin}}/healthz"
+interval = "200ms"
+timeout = "150ms"
+
+[rollout]
+min_healthy = "500ms"
+healthy_deadline = "20s"
+{rollout}
+
+[stop]
+grace = "5s"
+"#,
+        bin = testbin()
+    )
+}
+
+async fn all_healthy(agent: &Agent, name: &str, n: u32) {
+    eventually(
+        &format!("{n} healthy instances of {name}"),
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get(name).await.ok()?;
+            (s.healthy == n && s.instances.len() == n as usize).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn rollout(agent: &Agent, id: &str) -> pb::RolloutStatus {
+    agent
+        .client()
+        .await
+        .get_rollout(pb::GetRolloutRequest { id: id.into() })
+        .await
+        .expect("get rollout")
+        .into_inner()
+}
+
+/// Wait for the rollout to end; its final status.
+async fn finished(agent: &Agent, id: &str) -> pb::RolloutStatus {
+    eventually(
+        &format!("rollout {id} to end"),
+        Duration::from_secs(120),
+        || async {
+            let r = rollout(agent, id).await;
+            (r.state != "running").then_some(r)
+        },
+    )
+    .await
+}
+
+async fn restart(agent: &Agent, name: &str) -> String {
+    agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: name.into(),
+            force: false,
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .rollout_id
+}
+
+fn pids(s: &pb::ServiceStatus) -> Vec<i32> {
+    let mut p: Vec<i32> = s.instances.iter().map(|i| i.pid).collect();
+    p.sort_unstable();
+    p
+}
+
+/// Print what the clients saw (for whoever reads the test output) and check nothing failed.
+fn no_failures(what: &str, report: &Report, from: Duration, to: Duration) {
+    eprintln!(
+        "{what}: {} requests ok, {}; longest gap {:?}; p99 before {:?}, during {:?}",
+        report.ok(),
+        report.failure_summary(),
+        report.longest_gap(from, to),
+        report.latency_quantile(Duration::ZERO, from, 0.99),
+        report.latency_quantile(from, to, 0.99),
+    );
+    assert!(
+        report.failures().is_empty(),
+        "{what}: {}",
+        report.failure_summary()
+    );
+    assert!(
+        report.ok() > 100,
+        "{what}: the load ran ({} ok)",
+        report.ok()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    if skip_unless_root("a_rolling_restart_under_load_fails_no_request") {
+        return;
+    }
+    let port = free_port();
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("rr", port, "v1", "", ""))
+        .await
+        .expect("apply");
+    all_healthy(&agent, "rr", 4).await;
+    let before = agent.get("rr").await.expect("get");
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = load.now();
+    let id = restart(&agent, "rr").await;
+    let done = finished(&agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!((done.replaced, done.to_replace, done.ready), (4, 4, 4));
+    no_failures("restart", &report, t0, t1);
+    let after = agent.get("rr").await.expect("get");
+    assert_eq!(after.instances.len(), 4);
+    assert!(
+        pids(&after).iter().all(|p| !pids(&before).contains(p)),
+        "every instance is a fresh process"
+    );
+    assert_eq!(
+        after.revision, before.revision,
+        "a restart keeps the revision"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_under_load_switches_versions_without_failing_a_request() {
+    if skip_unless_root("a_rolling_update_under_load_switches_versions_without_failing_a_request") {
+        return;
+    }
+    let port = free_port();
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("ru", port, "v1", "", ""))
+        .await
+        .expect("apply");
+    all_healthy(&agent, "ru", 4).await;
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = load.now();
+    let applied = agent
+        .apply(&spec("ru", port, "v2", "", ""))
+        .await
+        .expect("update");
+    assert_eq!((applied.outcome.as_str(), applied.revision), ("updated", 2));
+    assert!(applied.replaces_instances);
+    let done = finished(&agent, &applied.rollout_id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t2 = load.now();
+    let report = load.finish();
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    no_failures("update", &report, t0, t1);
+    let before = report.bodies(Duration::ZERO, t0);
+    assert!(
+        !before.is_empty() && before.iter().all(|b| b.ends_with(" v1")),
+        "v1 before"
+    );
+    let during = report.bodies(t0, t1);
+    assert!(during.iter().any(|b| b.ends_with(" v1")) && during.iter().any(|b| b.ends_with(" v2")));
+    let settled = report.bodies(t1 + Duration::from_millis(500), t2);
+    assert!(
+        !settled.is_empty() && settled.iter().all(|b| b.ends_with(" v2")),
+        "only v2 once it is done"
+    );
+    let s = agent.get("ru").await.expect("get");
+    assert_eq!(s.revision, 2);
+    assert!(s.instances.iter().all(|i| i.revision == 2));
+    assert_eq!(s.revisions, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails() {
+    if skip_unless_root("a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails") {
+        return;
+    }
+    let port = free_port();
+    let agent = Agent::start().await;
+    let fast_fail = "healthy_deadline = \"3s\"";
+    let v1 = spec("nh", port, "v1", "", "").replace("healthy_deadline = \"20s\"", fast_fail);
+    agent.apply(&v1).await.expect("apply");
+    all_healthy(&agent, "nh", 4).await;
+    let before = agent.get("nh").await.expect("get");
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = load.now();
+    // Failing its probe, but not restarted for it: only the deadline ends its chance.
+    let broken = spec("nh", port, "v2", ", ADMIN_STATUS = \"503\"", "")
+        .replace("healthy_deadline = \"20s\"", fast_fail)
+        .replace(
+            "timeout = \"150ms\"",
+            "timeout = \"150ms\"\nrestart_on_failure = false",
+        );
+    let applied = agent.apply(&broken).await.expect("update");
+    let failed = finished(&agent, &applied.rollout_id).await;
+    assert_eq!(failed.state, "failed", "{failed:?}");
+    assert!(
+        failed.reason.contains("within 3s"),
+        "why it failed: {}",
+        failed.reason
+    );
+    assert!(!failed.rollback_id.is_empty(), "auto_rollback started");
+    let back = finished(&agent, &failed.rollback_id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(
+        (back.kind.as_str(), back.state.as_str(), back.to_revision),
+        ("auto_rollback", "succeeded", 1)
+    );
+    no_failures("failed update", &report, t0, t1);
+    let after = agent.get("nh").await.expect("get");
+    assert_eq!(after.revision, 1);
+    assert_eq!(
+        pids(&after),
+        pids(&before),
+        "the old instances were never touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas() {
+    if skip_unless_root("an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas") {
+        return;
+    }
+    let port = free_port();
+    let mut agent = Agent::start().await;
+    let slow =
+        spec("km", port, "v1", "", "").replace("min_healthy = \"500ms\"", "min_healthy = \"1s\"");
+    agent.apply(&slow).await.expect("apply");
+    all_healthy(&agent, "km", 4).await;
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = load.now();
+    let id = restart(&agent, "km").await;
+    eventually("the rollout halfway", Duration::from_secs(60), || async {
+        let r = rollout(&agent, &id).await;
+        (r.replaced >= 2 && r.state == "running").then_some(())
+    })
+    .await;
+    agent.stop_with(libc::SIGKILL);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.launch().await;
+    let done = finished(&agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert!(
+        done.steps.iter().any(|s| s.step == "resumed"),
+        "{:?}",
+        done.steps
+    );
+    no_failures("agent killed mid-rollout", &report, t0, t1);
+    // Exactly the replicas, all of one revision, and nothing else in the service's cgroups.
+    let s = agent.get("km").await.expect("get");
+    assert_eq!(s.instances.len(), 4, "{:?}", s.instances);
+    assert!(s.instances.iter().all(|i| i.state == 1 && i.revision == 1));
+    let procs: usize = s
+        .instances
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(format!("/proc/{}/status", i.pid))
+                .map(|_| 1)
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(procs, 4, "every reported instance is alive");
+    let log = agent.log_text();
+    assert!(log.contains("resuming an interrupted rollout"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sockets_survive_agent_restarts_without_a_refused_connection() {
+    if skip_unless_root("the_sockets_survive_agent_restarts_without_a_refused_connection") {
+        return;
+    }
+    let port = free_port();
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("sa", port, "v1", "", ""))
+        .await
+        .expect("apply");
+    all_healthy(&agent, "sa", 4).await;
+    let before = agent.get("sa").await.expect("get");
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = load.now();
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        agent.stop_with(signal);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        agent.launch().await;
+        all_healthy(&agent, "sa", 4).await;
+    }
+    let t1 = load.now();
+    let report = load.finish();
+    no_failures("agent restarts", &report, t0, t1);
+    assert_eq!(pids(&agent.get("sa").await.expect("get")), pids(&before));
+}
+
+/// Follow the service's events until its rollout ends; check every step's counts against
+/// the bounds, and count processes from the instance events independently.
+async fn bounds_hold(surge: u32, unavailable: u32) {
+    let name = format!("b{surge}{unavailable}");
+    let port = free_port();
+    let agent = Agent::start().await;
+    let policy = format!("max_surge = {surge}\nmax_unavailable = {unavailable}");
+    agent
+        .apply(&spec(&name, port, "v1", "", &policy))
+        .await
+        .expect("apply");
+    all_healthy(&agent, &name, 4).await;
+    let mut client = agent.client().await;
+    let mut watch = client
+        .watch(pb::WatchRequest {
+            from_index: 0,
+            service: name.clone(),
+            instance: String::new(),
+            follow: true,
+            last: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let id = restart(&agent, &name).await;
+    let mut up: std::collections::BTreeSet<String> = Default::default();
+    let mut stopping: std::collections::BTreeSet<String> = Default::default();
+    let mut in_rollout = false;
+    let mut steps = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let e = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .expect("the rollout ends in time")
+            .expect("watch")
+            .expect("stream open");
+        let attr = |k: &str| e.attributes.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| attr(k).parse::<u32>().unwrap_or(0);
+        match e.r#type.as_str() {
+            "instance_started" => {
+                up.insert(e.instance.clone());
+            }
+            "instance_exited" => {
+                up.remove(&e.instance);
+                stopping.remove(&e.instance);
+            }
+            "stopping" => {
+                stopping.insert(e.instance.clone());
+            }
+            "rollout_started" if attr("rollout") == id => in_rollout = true,
+            "rollout_step" if attr("rollout") == id => {
+                steps += 1;
+                let present = num("new") + num("old");
+                assert!(
+                    present <= 4 + surge,
+                    "surge {surge}: {present} instances at {}",
+                    e.message
+                );
+                assert!(
+                    num("available") + unavailable >= 4,
+                    "unavailable {unavailable}: {} available at {}",
+                    num("available"),
+                    e.message
+                );
+            }
+            "rollout_finished" if attr("rollout") == id => {
+                assert_eq!(attr("state"), "succeeded", "{}", e.message);
+                break;
+            }
+            _ => {}
+        }
+        if in_rollout {
+            // Instances still in their stop grace period count for nothing; the others never
+            // exceed replicas + surge.
+            let serving = up.difference(&stopping).count() as u32;
+            assert!(
+                serving <= 4 + surge,
+                "{serving} instances up and not stopping: {up:?} - {stopping:?}"
+            );
+        }
+    }
+    assert!(
+        steps >= 12,
+        "started, ready, stopping, stopped for each of 4: {steps}"
+    );
+    eventually(
+        "the old instances gone",
+        Duration::from_secs(30),
+        || async { (agent.get(&name).await.ok()?.instances.len() == 4).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_zero_unavailable_one_holds_its_bounds() {
+    if skip_unless_root("surge_zero_unavailable_one_holds_its_bounds") {
+        return;
+    }
+    bounds_hold(0, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surge_two_unavailable_zero_holds_its_bounds() {
+    if skip_unless_root("surge_two_unavailable_zero_holds_its_bounds") {
+        return;
+    }
+    bounds_hold(2, 0).await;
+}
