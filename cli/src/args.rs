@@ -79,20 +79,54 @@ pub enum Command {
     /// directory, every *.toml file directly inside it is applied in name order; a failure is
     /// reported and the others are still applied. With `-o json` the result is an array with one
     /// entry per file.
+    ///
+    /// A change other than `replicas` starts a rolling update, whose id is printed. With --wait,
+    /// every file is applied first, then each service is waited for in turn: its rollout
+    /// followed to its end (as `restart --wait` does), or, when none was started, until its
+    /// desired instances are running and healthy. The exit code is 0 only when every apply and
+    /// every wait succeeded.
     Apply(ApplyArgs),
 
-    /// Show what applying a spec file would change, without applying it.
+    /// Show what applying a spec file would change, without applying it, and whether its
+    /// instances would be replaced by a rolling update.
     Diff(DiffArgs),
 
     /// List services with their instance counts.
     #[command(visible_alias = "list")]
     Ls,
 
-    /// Show a service's limits and the state of each of its instances.
+    /// Show a service's limits, its running or last rollout, the revisions kept for rollback,
+    /// and the state of each of its instances.
     Status(NameArgs),
 
     /// Change a service's instance count.
     Scale(ScaleArgs),
+
+    /// Replace every instance of a service with a fresh one of the same spec, batch by batch,
+    /// gated on health (a rolling restart).
+    ///
+    /// Prints the id of the rollout started. With --wait, follows it to its end: on a terminal
+    /// one progress line redrawn in place (on stderr), otherwise one line per step; then the
+    /// outcome. The exit code is 0 only when the rollout succeeded: a failed one exits 1, also
+    /// when its automatic rollback succeeded. While another rollout of the service runs the
+    /// agent refuses, unless --force supersedes it.
+    Restart(RestartArgs),
+
+    /// Roll a service back to an earlier revision, as a rolling update.
+    ///
+    /// Without --to, to the highest kept revision below the current one (`status` lists the
+    /// kept revisions). Instances already running that revision are kept. --wait and --force
+    /// work as for `restart`.
+    Rollback(RollbackArgs),
+
+    /// Show a rollout: its kind, state, revisions, progress, policy, times, outcome and steps.
+    ///
+    /// Rollout ids (`web-r3`) are printed by `apply`, `restart` and `rollback`, and `status`
+    /// shows a service's running or last rollout; the agent keeps the last 10 of each service.
+    /// With `-o json`: {"id", "service", "kind", "state", "from_revision", "to_revision",
+    /// counts, "policy", "started_at", "finished_at", "reason", "rollback_id", "rollback_of",
+    /// "rollback" (the rollback's own status, when there is one), "steps"}.
+    Rollout(RolloutArgs),
 
     /// Stop every instance of a service and remove it.
     Delete(NameArgs),
@@ -114,7 +148,7 @@ pub enum Command {
     /// and, for a service, new instances — until Ctrl-C, which ends it with exit code 0.
     Logs(LogsArgs),
 
-    /// Print the node's events: starts, exits, health changes, applied specs, ...
+    /// Print the node's events: starts, exits, health changes, applied specs, rollouts, ...
     ///
     /// Without --since or --last, the last 50 events of the node. The columns are
     /// INDEX TIME SERVICE INSTANCE TYPE MESSAGE; with `-o json`, one object per event:
@@ -321,6 +355,38 @@ pub struct SignalArgs {
     pub signal: String,
 }
 
+/// How long `--wait` waits without --timeout.
+pub const DEFAULT_WAIT_TIMEOUT: &str = "5m";
+
+/// `--wait` and its `--timeout`, shared by the commands that start rollouts.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct WaitArgs {
+    /// Wait for the rollout to end (or, without one, for the instances to be running and
+    /// healthy), showing its progress; exit 0 only on success.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// How long --wait waits for each service before giving up with exit code 1 (the rollout
+    /// itself goes on): `5m`, `90s`.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = DEFAULT_WAIT_TIMEOUT,
+        value_parser = parse_timeout,
+        requires = "wait"
+    )]
+    pub timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("expected a duration like 5m or 30s: {e}"))?;
+    if timeout.is_zero() {
+        return Err("must be longer than 0s".to_owned());
+    }
+    Ok(timeout)
+}
+
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// A spec file, a directory of *.toml spec files, or `-` for standard input.
@@ -328,8 +394,56 @@ pub struct ApplyArgs {
     pub file: PathBuf,
 
     /// Validate and report what would change, without applying anything.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
+
+    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// The revision to return to; default: the highest kept revision below the current one.
+    #[arg(
+        long = "to",
+        value_name = "REV",
+        value_parser = clap::value_parser!(u64).range(1..),
+        allow_negative_numbers = true
+    )]
+    pub revision: Option<u64>,
+
+    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The rollout's id, e.g. `web-r3`.
+    pub id: String,
 }
 
 #[derive(Debug, Args)]
@@ -395,6 +509,102 @@ mod tests {
             cli.command,
             Command::Apply(ApplyArgs { dry_run: false, .. })
         ));
+    }
+
+    #[test]
+    fn apply_takes_wait_timeout_and_force() {
+        let cli = parse(&["apply", "-f", "web.toml"]).unwrap();
+        let Command::Apply(a) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(!a.force && !a.wait.wait);
+        assert_eq!(a.wait.timeout, Duration::from_secs(300));
+
+        let cli = parse(&[
+            "apply",
+            "-f",
+            "web.toml",
+            "--wait",
+            "--timeout",
+            "90s",
+            "--force",
+        ])
+        .unwrap();
+        let Command::Apply(a) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(a.force && a.wait.wait);
+        assert_eq!(a.wait.timeout, Duration::from_secs(90));
+
+        assert_eq!(
+            usage_error(&["apply", "-f", "web.toml", "--wait", "--dry-run"]),
+            ErrorKind::ArgumentConflict
+        );
+    }
+
+    #[test]
+    fn restart_and_rollback_take_wait_and_force() {
+        let cli = parse(&["restart", "web", "--wait", "--force"]).unwrap();
+        let Command::Restart(r) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(r.name, "web");
+        assert!(r.force && r.wait.wait);
+        assert_eq!(r.wait.timeout, Duration::from_secs(300));
+
+        let cli = parse(&["rollback", "web", "--to", "2", "--wait", "--timeout=300ms"]).unwrap();
+        let Command::Rollback(r) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(
+            (r.name.as_str(), r.revision, r.force),
+            ("web", Some(2), false)
+        );
+        assert_eq!(r.wait.timeout, Duration::from_millis(300));
+        let cli = parse(&["rollback", "web"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Rollback(RollbackArgs { revision: None, .. })
+        ));
+
+        let cli = parse(&["rollout", "web-r3", "-o", "json"]).unwrap();
+        assert!(matches!(cli.command, Command::Rollout(RolloutArgs { id }) if id == "web-r3"));
+        assert_eq!(cli.output, Format::Json);
+    }
+
+    #[test]
+    fn bad_rollout_flags_are_usage_errors() {
+        for cmd in ["restart", "rollback", "rollout"] {
+            assert_eq!(
+                usage_error(&[cmd]),
+                ErrorKind::MissingRequiredArgument,
+                "{cmd}"
+            );
+        }
+        // A timeout without --wait would bound nothing.
+        assert_eq!(
+            usage_error(&["restart", "web", "--timeout", "1m"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        for bad in [
+            "--timeout=0s",
+            "--timeout=soon",
+            "--timeout=-1m",
+            "--timeout=10",
+        ] {
+            assert_eq!(
+                usage_error(&["restart", "web", "--wait", bad]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
+        for bad in ["--to=0", "--to=-1", "--to=two"] {
+            assert_eq!(
+                usage_error(&["rollback", "web", bad]),
+                ErrorKind::ValueValidation,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -33,8 +33,47 @@ pub struct Session {
 }
 
 impl Session {
+    /// Applies a spec. A refusal because a rollout of the service still runs says how to
+    /// supersede it, unless the request already does.
     pub async fn apply(&mut self, request: pb::ApplyRequest) -> anyhow::Result<pb::ApplyResponse> {
+        let force = request.force;
         let reply = self.client.apply(request).await;
+        self.reply(reply.map_err(|status| supersede_hint(status, force)))
+    }
+
+    /// Starts a rolling restart.
+    pub async fn restart(
+        &mut self,
+        name: &str,
+        force: bool,
+    ) -> anyhow::Result<pb::RolloutResponse> {
+        let request = pb::RestartRequest {
+            name: name.to_owned(),
+            force,
+        };
+        let reply = self.client.restart(request).await;
+        self.reply(reply.map_err(|status| supersede_hint(status, force)))
+    }
+
+    /// Starts a rollback to `revision`, or to the highest kept one below the current.
+    pub async fn rollback(
+        &mut self,
+        name: &str,
+        revision: Option<u64>,
+        force: bool,
+    ) -> anyhow::Result<pb::RolloutResponse> {
+        let request = pb::RollbackRequest {
+            name: name.to_owned(),
+            revision,
+            force,
+        };
+        let reply = self.client.rollback(request).await;
+        self.reply(reply.map_err(|status| supersede_hint(status, force)))
+    }
+
+    pub async fn get_rollout(&mut self, id: &str) -> anyhow::Result<pb::RolloutStatus> {
+        let request = pb::GetRolloutRequest { id: id.to_owned() };
+        let reply = self.client.get_rollout(request).await;
         self.reply(reply)
     }
 
@@ -119,6 +158,30 @@ impl Session {
             .map(tonic::Response::into_inner)
             .map_err(|status| with_hint(status, rpc_error, self.transport_hint))
     }
+}
+
+/// What to add to the agent's refusal of a rollout while another one of the service runs.
+const SUPERSEDE_HINT: &str = "(use --force to supersede it)";
+
+/// The agent's refusal because another rollout of the service runs, with [`SUPERSEDE_HINT`]
+/// added (unless the request was `forced` already); any other status unchanged.
+///
+/// `FAILED_PRECONDITION` has other causes too (a spec the host cannot enforce, a service being
+/// deleted), so only a refusal whose message names a rollout, or says nothing, is taken for one.
+fn supersede_hint(status: Status, forced: bool) -> Status {
+    let message = status.message();
+    let busy = status.code() == Code::FailedPrecondition
+        && status.source().is_none()
+        && (message.is_empty() || message.to_lowercase().contains("rollout"));
+    if forced || !busy {
+        return status;
+    }
+    let message = if message.is_empty() {
+        "another rollout of the service is running"
+    } else {
+        message
+    };
+    Status::failed_precondition(format!("{message} {SUPERSEDE_HINT}"))
 }
 
 /// A status as an error, with the hint for errors the transport raised.
@@ -401,6 +464,12 @@ pub fn is_not_found(err: &anyhow::Error) -> bool {
         .is_some_and(|e| e.code == Code::NotFound)
 }
 
+/// Whether the agent could not be reached for a call (e.g. while it restarts).
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<RpcError>()
+        .is_some_and(|e| e.code == Code::Unavailable)
+}
+
 fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "ok",
@@ -580,6 +649,41 @@ mod tests {
         assert_eq!(
             rpc_error(Status::out_of_range("too far")).to_string(),
             "out of range: too far"
+        );
+    }
+
+    #[test]
+    fn a_refused_rollout_says_how_to_supersede_it() {
+        let busy = || Status::failed_precondition("rollout web-r3 of web is still running");
+        assert_eq!(
+            rpc_error(supersede_hint(busy(), false)).to_string(),
+            "rollout web-r3 of web is still running (use --force to supersede it)"
+        );
+        assert_eq!(
+            rpc_error(supersede_hint(busy(), true)).to_string(),
+            "rollout web-r3 of web is still running"
+        );
+        assert_eq!(
+            rpc_error(supersede_hint(Status::failed_precondition(""), false)).to_string(),
+            "another rollout of the service is running (use --force to supersede it)"
+        );
+        assert_eq!(
+            rpc_error(supersede_hint(
+                Status::not_found("service \"web\" not found"),
+                false
+            ))
+            .to_string(),
+            "service \"web\" not found"
+        );
+        // Other preconditions are not about a rollout.
+        let unenforceable = "resources.memory: this host cannot enforce a memory limit";
+        assert_eq!(
+            rpc_error(supersede_hint(
+                Status::failed_precondition(unenforceable),
+                false
+            ))
+            .to_string(),
+            unenforceable
         );
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -15,9 +15,11 @@ use clap::Parser;
 use corral_proto::v1::agent_server::{Agent, AgentServer};
 use corral_proto::v1::apply_request::Source;
 use corral_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, Event, GetRequest, InstanceState,
-    InstanceStatus, ListRequest, ListResponse, LogLine, LogsRequest, NodeInfo, NodeRequest,
-    ResourceUsage, ScaleRequest, ScaleResponse, ServiceSpec, ServiceStatus, WatchRequest,
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, Event, GetRequest,
+    GetRolloutRequest, InstanceState, InstanceStatus, ListRequest, ListResponse, LogLine,
+    LogsRequest, NodeInfo, NodeRequest, ResourceUsage, RestartRequest, RollbackRequest, Rollout,
+    RolloutResponse, RolloutStatus, RolloutStep, ScaleRequest, ScaleResponse, ServiceSpec,
+    ServiceStatus, WatchRequest,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -39,7 +41,8 @@ type Services = BTreeMap<String, (u64, u32, String)>;
 /// Just enough of an agent: takes the service's name from the spec text, refuses a spec whose
 /// memory is "12XB" as the real agent would, and records every apply request. Its logs and
 /// events are fixed ([`log_records`], [`events`]); each `Get` or `List` adds CPU time to every
-/// instance.
+/// instance. An update, `Restart` and `Rollback` start a rollout that runs as the service's
+/// [`Plan`] says, one step further at each `GetRollout`.
 #[derive(Debug, Default, Clone)]
 struct FakeAgent {
     services: Arc<Mutex<Services>>,
@@ -50,6 +53,240 @@ struct FakeAgent {
     node: Arc<Mutex<Option<NodeInfo>>>,
     /// `Get` and `List` calls so far.
     reads: Arc<AtomicU64>,
+    restarts: Arc<Mutex<Vec<RestartRequest>>>,
+    rollbacks: Arc<Mutex<Vec<RollbackRequest>>>,
+    /// How the rollouts of a service go, by service (default: [`Plan::Succeeds`]).
+    plans: Arc<Mutex<BTreeMap<String, Plan>>>,
+    /// Every rollout started, in order.
+    rollouts: Arc<Mutex<Vec<Scripted>>>,
+    /// Services with a rollout running that only `force` supersedes.
+    busy: Arc<Mutex<BTreeSet<String>>>,
+    /// Services whose instances are not healthy yet: how many more `Get`s report them so.
+    warming: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+/// How a service's rollouts go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// running, running, succeeded.
+    Succeeds,
+    /// running, then failed, with an automatic rollback that runs, then succeeds.
+    FailsAndRollsBack,
+    /// running, then failed without a rollback: the service is paused.
+    Fails,
+    /// running, then superseded.
+    Superseded,
+    /// running for ever.
+    Hangs,
+}
+
+/// A rollout whose status goes through `frames`, one per `GetRollout`; the last one stays.
+#[derive(Debug, Clone)]
+struct Scripted {
+    frames: Vec<RolloutStatus>,
+    /// The frames served so far.
+    served: usize,
+}
+
+impl Scripted {
+    fn id(&self) -> &str {
+        self.frames.first().map_or("", |f| f.id.as_str())
+    }
+
+    fn service(&self) -> &str {
+        self.frames.first().map_or("", |f| f.service.as_str())
+    }
+
+    /// What `GetRollout` answers now, and the rollout moves on.
+    fn next(&mut self) -> RolloutStatus {
+        let frame = self.frames[self.served.min(self.frames.len() - 1)].clone();
+        self.served += 1;
+        frame
+    }
+
+    /// The last frame served (the first when none was).
+    fn current(&self) -> RolloutStatus {
+        self.frames[self.served.saturating_sub(1).min(self.frames.len() - 1)].clone()
+    }
+}
+
+/// The rollout started at 23:45:00 that [`rollout_frames`] builds.
+const ROLLOUT_START: i64 = 1_795_909_500;
+
+fn step(millis: i64, step: &str, instance: &str, message: &str) -> RolloutStep {
+    RolloutStep {
+        time: Some(ts(ROLLOUT_START + millis / 1000, (millis % 1000) as i32)),
+        step: step.into(),
+        instance: instance.into(),
+        message: message.into(),
+    }
+}
+
+/// A rollout of `service` from revision `from` to `to` over one instance, as `plan` says:
+/// the frames of the rollout and, for [`Plan::FailsAndRollsBack`], those of its rollback
+/// `rollback_id`.
+fn rollout_frames(
+    plan: Plan,
+    id: &str,
+    rollback_id: &str,
+    service: &str,
+    kind: &str,
+    (from, to): (u64, u64),
+) -> Vec<Vec<RolloutStatus>> {
+    let old = format!("{service}-0");
+    let new = format!("{service}-1");
+    let base = RolloutStatus {
+        id: id.into(),
+        service: service.into(),
+        kind: kind.into(),
+        state: "running".into(),
+        from_revision: from,
+        to_revision: to,
+        replicas: 1,
+        to_replace: 1,
+        replaced: 0,
+        new_instances: 1,
+        ready: 0,
+        old_instances: 1,
+        available: 1,
+        policy: Some(Rollout {
+            max_surge: Some(1),
+            max_unavailable: Some(0),
+            min_healthy: Some("2s".into()),
+            healthy_deadline: Some("60s".into()),
+            auto_rollback: Some(plan == Plan::FailsAndRollsBack),
+        }),
+        started_at: Some(ts(ROLLOUT_START, 0)),
+        steps: vec![step(
+            500,
+            "started",
+            &new,
+            &format!("{new} started with revision {to}"),
+        )],
+        ..Default::default()
+    };
+    let mut second = base.clone();
+    let mut last = base.clone();
+    last.finished_at = Some(ts(ROLLOUT_START + 9, 400));
+    match plan {
+        Plan::Succeeds => {
+            second.ready = 1;
+            second
+                .steps
+                .push(step(2600, "ready", &new, &format!("{new} ready")));
+            last = RolloutStatus {
+                state: "succeeded".into(),
+                replaced: 1,
+                ready: 1,
+                old_instances: 0,
+                steps: second.steps.clone(),
+                ..last
+            };
+            last.steps.extend([
+                step(2700, "stopping", &old, &format!("{old} stopping")),
+                step(9400, "stopped", &old, &format!("{old} stopped")),
+                step(9400, "succeeded", "", "every instance replaced"),
+            ]);
+            vec![vec![base, second, last]]
+        }
+        Plan::FailsAndRollsBack | Plan::Fails => {
+            let reason = format!("{new} not ready within 60s");
+            last.state = "failed".into();
+            last.reason = reason.clone();
+            last.steps.push(step(9400, "failed", &new, &reason));
+            if plan == Plan::Fails {
+                return vec![vec![base, last]];
+            }
+            last.rollback_id = rollback_id.into();
+            last.steps.push(step(
+                9400,
+                "rollback",
+                "",
+                &format!("rolling back to revision {from}"),
+            ));
+            let back = RolloutStatus {
+                id: rollback_id.into(),
+                kind: "auto_rollback".into(),
+                from_revision: to,
+                to_revision: from,
+                rollback_of: id.into(),
+                to_replace: 1,
+                new_instances: 1,
+                ready: 1,
+                old_instances: 1,
+                started_at: Some(ts(ROLLOUT_START + 9, 400)),
+                steps: vec![step(9500, "stopping", &new, &format!("{new} stopping"))],
+                ..base.clone()
+            };
+            let mut back_done = RolloutStatus {
+                state: "succeeded".into(),
+                replaced: 1,
+                old_instances: 0,
+                finished_at: Some(ts(ROLLOUT_START + 11, 0)),
+                ..back.clone()
+            };
+            back_done.steps.extend([
+                step(10_900, "stopped", &new, &format!("{new} stopped")),
+                step(11_000, "succeeded", "", &format!("back at revision {from}")),
+            ]);
+            vec![vec![base, last], vec![back, back_done]]
+        }
+        Plan::Superseded => {
+            last.state = "superseded".into();
+            last.reason = format!("superseded by {service}-r9");
+            vec![vec![base, last]]
+        }
+        Plan::Hangs => vec![vec![base]],
+    }
+}
+
+impl FakeAgent {
+    /// Starts a rollout of `service` as its plan says, or refuses while one runs (unless
+    /// `force`); returns its id.
+    fn start_rollout(
+        &self,
+        service: &str,
+        kind: &str,
+        revisions: (u64, u64),
+        force: bool,
+    ) -> Result<String, Status> {
+        let mut busy = self.busy.lock().unwrap();
+        if busy.contains(service) && !force {
+            return Err(Status::failed_precondition(format!(
+                "rollout {service}-r9 of service \"{service}\" is still running"
+            )));
+        }
+        busy.remove(service);
+        let plan = self
+            .plans
+            .lock()
+            .unwrap()
+            .get(service)
+            .copied()
+            .unwrap_or(Plan::Succeeds);
+        let mut rollouts = self.rollouts.lock().unwrap();
+        let n = rollouts.iter().filter(|r| r.service() == service).count();
+        let id = format!("{service}-r{}", n + 1);
+        let rollback_id = format!("{service}-r{}", n + 2);
+        for frames in rollout_frames(plan, &id, &rollback_id, service, kind, revisions) {
+            rollouts.push(Scripted { frames, served: 0 });
+        }
+        Ok(id)
+    }
+
+    /// The service's last rollout as `Get` reports it, and whether it left the service paused.
+    fn last_rollout(&self, service: &str) -> (Option<RolloutStatus>, bool) {
+        let rollouts = self.rollouts.lock().unwrap();
+        let last = rollouts
+            .iter()
+            .rev()
+            .find(|r| r.service() == service)
+            .map(Scripted::current);
+        let paused = last
+            .as_ref()
+            .is_some_and(|r| r.state == "failed" && r.rollback_id.is_empty());
+        (last, paused)
+    }
 }
 
 fn ts(seconds: i64, millis: i32) -> prost_types::Timestamp {
@@ -144,6 +381,13 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
             name: name.to_owned(),
             command: vec!["/bin/sleep".into(), "infinity".into()],
             replicas: Some(replicas),
+            rollout: Some(Rollout {
+                max_surge: Some(1),
+                max_unavailable: Some(0),
+                min_healthy: Some("2s".into()),
+                healthy_deadline: Some("60s".into()),
+                auto_rollback: Some(true),
+            }),
             ..Default::default()
         }),
         desired: replicas,
@@ -166,6 +410,9 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
             })
             .collect(),
         deleting: false,
+        rollout: None,
+        revisions: (1..=revision).collect(),
+        paused: false,
     }
 }
 
@@ -258,13 +505,18 @@ impl Agent for FakeAgent {
             return Err(Status::invalid_argument(BAD_MEMORY));
         }
         let name = spec_name(&text).ok_or_else(|| Status::invalid_argument("name: missing"))?;
-        let mut services = self.services.lock().unwrap();
-        let (outcome, revision, changes) = match services.get(&name) {
+        let (outcome, revision, changes) = match self.services.lock().unwrap().get(&name) {
             None => ("created", 1, vec![]),
             Some((rev, _, old)) if *old == text => ("unchanged", *rev, vec![]),
             Some((rev, _, _)) => ("updated", rev + 1, vec!["command: changed".to_owned()]),
         };
+        let mut rollout_id = String::new();
         if !req.dry_run {
+            if outcome == "updated" {
+                rollout_id =
+                    self.start_rollout(&name, "update", (revision - 1, revision), req.force)?;
+            }
+            let mut services = self.services.lock().unwrap();
             services.insert(name.clone(), (revision, 1, text));
         }
         Ok(Response::new(ApplyResponse {
@@ -273,6 +525,7 @@ impl Agent for FakeAgent {
             outcome: outcome.to_owned(),
             replaces_instances: outcome == "updated",
             changes,
+            rollout_id,
         }))
     }
 
@@ -290,14 +543,28 @@ impl Agent for FakeAgent {
         }
     }
 
+    /// The service's status, with its last rollout; while it is warming up, its instances
+    /// run but are not healthy yet.
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<ServiceStatus>, Status> {
         let name = request.into_inner().name;
-        let services = self.services.lock().unwrap();
-        let (revision, replicas, _) = services
-            .get(&name)
-            .ok_or_else(|| Status::not_found(format!("service \"{name}\" not found")))?;
+        let (revision, replicas) = match self.services.lock().unwrap().get(&name) {
+            Some((revision, replicas, _)) => (*revision, *replicas),
+            None => return Err(Status::not_found(format!("service \"{name}\" not found"))),
+        };
         let tick = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Response::new(status_of(&name, *revision, *replicas, tick)))
+        let mut status = status_of(&name, revision, replicas, tick);
+        if let Some(left) = self.warming.lock().unwrap().get_mut(&name)
+            && *left > 0
+        {
+            *left -= 1;
+            status.healthy = 0;
+            status.health = "unhealthy".into();
+            for i in &mut status.instances {
+                i.health = "unknown".into();
+            }
+        }
+        (status.rollout, status.paused) = self.last_rollout(&name);
+        Ok(Response::new(status))
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
@@ -337,6 +604,61 @@ impl Agent for FakeAgent {
         }
     }
 
+    async fn restart(
+        &self,
+        request: Request<RestartRequest>,
+    ) -> Result<Response<RolloutResponse>, Status> {
+        let req = request.into_inner();
+        self.restarts.lock().unwrap().push(req.clone());
+        let revision = self.revision_of(&req.name)?;
+        let rollout_id =
+            self.start_rollout(&req.name, "restart", (revision, revision), req.force)?;
+        Ok(Response::new(RolloutResponse {
+            name: req.name,
+            revision,
+            rollout_id,
+        }))
+    }
+
+    /// Rolls back to `revision`, or to the one below the current.
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<RolloutResponse>, Status> {
+        let req = request.into_inner();
+        self.rollbacks.lock().unwrap().push(req.clone());
+        let current = self.revision_of(&req.name)?;
+        let to = match req.revision {
+            Some(to) if to <= current => to,
+            Some(to) => return Err(Status::not_found(format!("revision {to} is not kept"))),
+            None if current > 1 => current - 1,
+            None => {
+                return Err(Status::failed_precondition(
+                    "no revision below 1 is kept to roll back to",
+                ));
+            }
+        };
+        let rollout_id = self.start_rollout(&req.name, "rollback", (current, to), req.force)?;
+        Ok(Response::new(RolloutResponse {
+            name: req.name,
+            revision: to,
+            rollout_id,
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<RolloutStatus>, Status> {
+        let id = request.into_inner().id;
+        let mut rollouts = self.rollouts.lock().unwrap();
+        let rollout = rollouts
+            .iter_mut()
+            .find(|r| r.id() == id)
+            .ok_or_else(|| Status::not_found(format!("rollout \"{id}\" not found")))?;
+        Ok(Response::new(rollout.next()))
+    }
+
     async fn signal(
         &self,
         req: Request<corral_proto::v1::SignalRequest>,
@@ -347,6 +669,17 @@ impl Agent for FakeAgent {
             signal: r.signal,
             pid: 4242,
         }))
+    }
+}
+
+impl FakeAgent {
+    fn revision_of(&self, name: &str) -> Result<u64, Status> {
+        self.services
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|(revision, _, _)| *revision)
+            .ok_or_else(|| Status::not_found(format!("service \"{name}\" not found")))
     }
 }
 
@@ -399,6 +732,7 @@ impl Served {
         });
         let console = Console {
             terminal: false,
+            progress_terminal: false,
             interrupt,
         };
         let mut out = shared.clone();
@@ -505,8 +839,9 @@ async fn apply_sends_the_file_text_and_prints_the_outcome() {
     let run = agent.run(&["apply", "-f", path_str(&file)]).await;
     assert_eq!(
         run.out,
-        "web: updated to revision 2, instances will be replaced\n  command: changed\n"
+        "web: updated to revision 2, rollout web-r1 replaces the instances\n  command: changed\n"
     );
+    assert!(!agent.agent.applied.lock().unwrap()[3].force);
 }
 
 #[tokio::test]
@@ -1076,5 +1411,510 @@ async fn signal_sends_the_instance_id() {
     assert_eq!(
         doc,
         serde_json::json!({"instance": "web-0", "signal": "SIGHUP", "pid": 4242})
+    );
+}
+
+/// A fake agent with service "web" at revision 1 and its rollouts going as `plan` says.
+async fn with_web(plan: Plan) -> Served {
+    let agent = Served::start().await;
+    let file = agent.write_spec("web.toml", WEB);
+    assert_eq!(agent.run(&["apply", "-f", path_str(&file)]).await.code, 0);
+    agent.agent.plans.lock().unwrap().insert("web".into(), plan);
+    agent
+}
+
+/// The steps of a successful rollout of web as `--wait` prints them off a terminal.
+const STEPS_SUCCEEDED: &str = "\
+2026-11-28T23:45:00.500Z started web-1 web-1 started with revision 1
+2026-11-28T23:45:02.600Z ready web-1 web-1 ready
+2026-11-28T23:45:02.700Z stopping web-0 web-0 stopping
+2026-11-28T23:45:09.400Z stopped web-0 web-0 stopped
+2026-11-28T23:45:09.400Z succeeded - every instance replaced
+";
+
+#[tokio::test]
+async fn restart_starts_a_rollout_and_prints_its_id() {
+    let agent = with_web(Plan::Succeeds).await;
+    let run = agent.run(&["restart", "web"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (0, "web: rollout web-r1 started (restart, revision 1)\n", "")
+    );
+    assert_eq!(
+        agent.agent.restarts.lock().unwrap().clone(),
+        [RestartRequest {
+            name: "web".into(),
+            force: false
+        }]
+    );
+    let run = agent.run(&["restart", "web", "-o", "json"]).await;
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({"name": "web", "revision": 1, "rollout_id": "web-r2"})
+    );
+
+    let run = agent.run(&["restart", "nope"]).await;
+    assert_eq!(
+        (run.code, run.err.as_str()),
+        (1, "error: service \"nope\" not found\n")
+    );
+}
+
+#[tokio::test]
+async fn restart_wait_follows_the_rollout_to_success() {
+    let agent = with_web(Plan::Succeeds).await;
+    let run = agent.run(&["restart", "web", "--wait"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (
+            0,
+            "web: rollout web-r1 started (restart, revision 1)\nrollout web-r1 succeeded in 9.4s\n",
+            STEPS_SUCCEEDED
+        ),
+    );
+}
+
+#[tokio::test]
+async fn a_failed_rollout_exits_1_after_following_its_rollback() {
+    let agent = with_web(Plan::FailsAndRollsBack).await;
+    let run = agent.run(&["restart", "web", "--wait"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.out,
+        "web: rollout web-r1 started (restart, revision 1)\n"
+    );
+    assert_eq!(
+        run.err,
+        "\
+2026-11-28T23:45:00.500Z started web-1 web-1 started with revision 1
+2026-11-28T23:45:09.400Z failed web-1 web-1 not ready within 60s
+2026-11-28T23:45:09.400Z rollback - rolling back to revision 1
+error: rollout web-r1 failed: web-1 not ready within 60s
+following its rollback, rollout web-r2
+2026-11-28T23:45:09.500Z stopping web-1 web-1 stopping
+2026-11-28T23:45:10.900Z stopped web-1 web-1 stopped
+2026-11-28T23:45:11.000Z succeeded - back at revision 1
+rolled back to revision 1 (rollout web-r2 succeeded)
+"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_rollout_without_rollback_pauses_the_service() {
+    let agent = with_web(Plan::Fails).await;
+    let run = agent.run(&["restart", "web", "--wait"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.err
+            .ends_with("\nerror: rollout web-r1 failed: web-1 not ready within 60s\n"),
+        "{}",
+        run.err
+    );
+    assert!(!run.err.contains("rolled back"), "{}", run.err);
+
+    let run = agent.run(&["status", "web"]).await;
+    assert_eq!(run.code, 0);
+    assert!(
+        run.out.contains(
+            "\nstate:      paused (a rollout failed; apply, restart or rollback to continue)\n\
+             rollout:    web-r1 (restart, revision 1) failed: web-1 not ready within 60s\n\
+             revisions:  1\n"
+        ),
+        "{}",
+        run.out
+    );
+    let run = agent.run(&["status", "web", "-o", "json"]).await;
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc["paused"], true);
+    assert_eq!(doc["revisions"], serde_json::json!([1]));
+    assert_eq!(doc["rollout"]["id"], "web-r1");
+    assert_eq!(doc["rollout"]["state"], "failed");
+}
+
+#[tokio::test]
+async fn a_superseded_rollout_exits_1_with_the_reason() {
+    let agent = with_web(Plan::Superseded).await;
+    let run = agent.run(&["restart", "web", "--wait"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.err
+            .ends_with("\nerror: rollout web-r1 superseded: superseded by web-r9\n"),
+        "{}",
+        run.err
+    );
+}
+
+#[tokio::test]
+async fn wait_as_json_prints_the_final_rollout_and_no_progress() {
+    let agent = with_web(Plan::Succeeds).await;
+    let run = agent.run(&["restart", "web", "--wait", "-o", "json"]).await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc["id"], "web-r1");
+    assert_eq!(doc["state"], "succeeded");
+    assert_eq!(doc["kind"], "restart");
+    assert_eq!(doc["replaced"], 1);
+    assert_eq!(doc["steps"].as_array().unwrap().len(), 5);
+    assert_eq!(doc["rollback"], Value::Null);
+
+    let agent = with_web(Plan::FailsAndRollsBack).await;
+    let run = agent.run(&["restart", "web", "--wait", "-o", "json"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc["state"], "failed");
+    assert_eq!(doc["rollback_id"], "web-r2");
+    assert_eq!(doc["rollback"]["state"], "succeeded");
+    assert_eq!(doc["rollback"]["rollback_of"], "web-r1");
+    // The failure is still said on stderr, without progress lines.
+    assert_eq!(
+        run.err,
+        "error: rollout web-r1 failed: web-1 not ready within 60s\n\
+         rolled back to revision 1 (rollout web-r2 succeeded)\n"
+    );
+}
+
+#[tokio::test]
+async fn a_rollout_refused_while_another_runs_says_how_to_force_it() {
+    let agent = with_web(Plan::Succeeds).await;
+    agent.agent.busy.lock().unwrap().insert("web".into());
+    let want = "error: rollout web-r9 of service \"web\" is still running \
+                (use --force to supersede it)\n";
+    let run = agent.run(&["restart", "web", "--wait"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (1, "", want)
+    );
+    let run = agent.run(&["rollback", "web", "--to", "1"]).await;
+    assert_eq!((run.code, run.err.as_str()), (1, want));
+    // A refusal for another reason gets no hint.
+    let run = agent.run(&["rollback", "web"]).await;
+    assert_eq!(
+        (run.code, run.err.as_str()),
+        (
+            1,
+            "error: no revision below 1 is kept to roll back to
+"
+        )
+    );
+    let file = agent.write_spec("web.toml", &format!("{WEB}# new\n"));
+    let run = agent.run(&["apply", "-f", path_str(&file)]).await;
+    assert_eq!(run.code, 1);
+    assert_eq!(
+        run.err,
+        format!(
+            "error: {}: {}",
+            file.display(),
+            want.trim_start_matches("error: ")
+        )
+    );
+
+    let run = agent
+        .run(&["apply", "-f", path_str(&file), "--force"])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(agent.agent.applied.lock().unwrap().last().unwrap().force);
+    agent.agent.busy.lock().unwrap().insert("web".into());
+    let run = agent.run(&["restart", "web", "--force"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(agent.agent.restarts.lock().unwrap().last().unwrap().force);
+}
+
+#[tokio::test]
+async fn rollback_passes_the_revision_asked_for() {
+    let agent = with_web(Plan::Succeeds).await;
+    let file = agent.write_spec("web.toml", &format!("{WEB}# 2\n"));
+    assert_eq!(agent.run(&["apply", "-f", path_str(&file)]).await.code, 0);
+
+    let run = agent.run(&["rollback", "web", "--to", "1", "--wait"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.out,
+        "web: rollout web-r2 started (rollback to revision 1)\nrollout web-r2 succeeded in 9.4s\n"
+    );
+    let run = agent.run(&["rollback", "web"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let asked: Vec<(Option<u64>, bool)> = agent
+        .agent
+        .rollbacks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.revision, r.force))
+        .collect();
+    assert_eq!(asked, [(Some(1), false), (None, false)]);
+
+    let run = agent.run(&["rollback", "web", "--to", "7"]).await;
+    assert_eq!(
+        (run.code, run.err.as_str()),
+        (1, "error: revision 7 is not kept\n")
+    );
+}
+
+#[tokio::test]
+async fn apply_wait_follows_the_rollout_it_started() {
+    let agent = with_web(Plan::Succeeds).await;
+    let file = agent.write_spec("web.toml", &format!("{WEB}# 2\n"));
+    let run = agent.run(&["apply", "-f", path_str(&file), "--wait"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.out,
+        "web: updated to revision 2, rollout web-r1 replaces the instances\n  command: changed\n\
+         rollout web-r1 succeeded in 9.4s\n"
+    );
+    assert_eq!(run.err, STEPS_SUCCEEDED.replace("revision 1", "revision 2"));
+
+    let file = agent.write_spec("web.toml", &format!("{WEB}# 3\n"));
+    let run = agent
+        .run(&["apply", "-f", path_str(&file), "--wait", "-o", "json"])
+        .await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc[0]["rollout_id"], "web-r2");
+    assert_eq!(doc[0]["rollout"]["state"], "succeeded");
+    assert_eq!(doc[0]["error"], Value::Null);
+}
+
+#[tokio::test]
+async fn apply_wait_without_a_rollout_waits_for_healthy_instances() {
+    let agent = Served::start().await;
+    agent.agent.warming.lock().unwrap().insert("api".into(), 2);
+    agent.write_spec("specs/api.toml", "name = \"api\"\n");
+    agent.write_spec("specs/web.toml", WEB);
+    let dir = agent.dir.path().join("specs");
+    let run = agent.run(&["apply", "-f", path_str(&dir), "--wait"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.out,
+        "api: created (revision 1)\nweb: created (revision 1)\n\
+         api: 1/1 instances running and healthy\nweb: 1/1 instances running and healthy\n"
+    );
+    // Off a terminal, each change of the counts is one line.
+    assert_eq!(
+        run.err,
+        "api: waiting for 1 instance: 1 running, 0 healthy\n"
+    );
+    assert_eq!(agent.agent.warming.lock().unwrap()["api"], 0);
+
+    // Several files, one updated: its rollout is followed, the other only checked.
+    let file = agent.write_spec("specs/web.toml", &format!("{WEB}# 2\n"));
+    assert!(file.starts_with(&dir));
+    let run = agent.run(&["apply", "-f", path_str(&dir), "--wait"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.out,
+        "api: unchanged (revision 1)\n\
+         web: updated to revision 2, rollout web-r1 replaces the instances\n  command: changed\n\
+         api: 1/1 instances running and healthy\n\
+         rollout web-r1 succeeded in 9.4s\n"
+    );
+}
+
+#[tokio::test]
+async fn wait_gives_up_after_its_timeout() {
+    let agent = with_web(Plan::Hangs).await;
+    let run = agent
+        .run(&["restart", "web", "--wait", "--timeout", "300ms"])
+        .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.err,
+        "2026-11-28T23:45:00.500Z started web-1 web-1 started with revision 1\n\
+         error: rollout web-r1 still running after 300ms: 1 of 1 old instances still to \
+         replace, 1 of 1 new instances not ready (the rollout goes on; `corral rollout web-r1` \
+         shows it)\n"
+    );
+
+    let run = agent
+        .run(&[
+            "restart",
+            "web",
+            "--wait",
+            "--timeout",
+            "300ms",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(
+        (doc["id"].as_str(), doc["state"].as_str()),
+        (Some("web-r2"), Some("running"))
+    );
+
+    agent
+        .agent
+        .warming
+        .lock()
+        .unwrap()
+        .insert("api".into(), u64::MAX);
+    let file = agent.write_spec("api.toml", "name = \"api\"\n");
+    let run = agent
+        .run(&[
+            "apply",
+            "-f",
+            path_str(&file),
+            "--wait",
+            "--timeout",
+            "300ms",
+        ])
+        .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.out, "api: created (revision 1)\n");
+    assert!(
+        run.err.ends_with(
+            "error: api: not ready after 300ms: 1 of 1 instances not healthy: api-0 (running)\n"
+        ),
+        "{}",
+        run.err
+    );
+    let run = agent
+        .run(&[
+            "apply",
+            "-f",
+            path_str(&file),
+            "--wait",
+            "--timeout",
+            "300ms",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc[0]["outcome"], "unchanged");
+    assert_eq!(
+        doc[0]["error"],
+        "api: not ready after 300ms: 1 of 1 instances not healthy: api-0 (running)"
+    );
+}
+
+#[tokio::test]
+async fn rollout_shows_one_rollout_and_its_rollback() {
+    let agent = with_web(Plan::FailsAndRollsBack).await;
+    assert_eq!(agent.run(&["restart", "web", "--wait"]).await.code, 1);
+
+    let run = agent.run(&["rollout", "web-r1"]).await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    assert_eq!(
+        run.out,
+        "\
+rollout:         web-r1
+service:         web
+kind:            restart
+state:           failed
+revision:        1
+progress:        0/1 old replaced (1 left), 0/1 new ready (1 started), 1 available
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+started:         2026-11-28T23:45:00.000Z
+finished:        2026-11-28T23:45:09.400Z (after 9.4s)
+reason:          web-1 not ready within 60s
+rolled back by:  web-r2 (succeeded)
+
+TIME                      STEP      INSTANCE  MESSAGE
+2026-11-28T23:45:00.500Z  started   web-1     web-1 started with revision 1
+2026-11-28T23:45:09.400Z  failed    web-1     web-1 not ready within 60s
+2026-11-28T23:45:09.400Z  rollback  -         rolling back to revision 1
+"
+    );
+    let run = agent.run(&["rollout", "web-r2", "-o", "json"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let doc: Value = serde_json::from_str(&run.out).unwrap();
+    assert_eq!(doc["kind"], "auto_rollback");
+    assert_eq!(doc["rollback_of"], "web-r1");
+    assert_eq!(doc["state"], "succeeded");
+
+    let run = agent.run(&["rollout", "web-r7"]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (1, "", "error: rollout \"web-r7\" not found\n")
+    );
+}
+
+#[tokio::test]
+async fn diff_says_whether_instances_would_be_rolled() {
+    let agent = with_web(Plan::Succeeds).await;
+    assert_eq!(agent.run(&["scale", "web", "4"]).await.code, 0);
+    let file = agent.write_spec("web.toml", &format!("{WEB}# 2\n"));
+    let run = agent.run(&["diff", "-f", path_str(&file)]).await;
+    assert_eq!(
+        (run.code, run.out.as_str(), run.err.as_str()),
+        (
+            0,
+            "web: would be updated, instances would be replaced\n  command: changed\n\
+             would replace 4 instances by a rolling update (max_surge 1, max_unavailable 0)\n",
+            ""
+        )
+    );
+    let file = agent.write_spec("web.toml", WEB);
+    let run = agent.run(&["diff", "-f", path_str(&file)]).await;
+    assert_eq!(
+        run.out,
+        "web: unchanged (revision 1)\nnothing would change: no instance would be replaced\n"
+    );
+    // Nothing was applied, and no rollout started.
+    assert!(agent.agent.rollouts.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn on_a_terminal_wait_redraws_one_progress_line() {
+    let agent = with_web(Plan::Succeeds).await;
+    let console = Console {
+        terminal: true,
+        progress_terminal: true,
+        interrupt: Box::pin(std::future::pending()),
+    };
+    let mut out = Vec::new();
+    let run = run_with(
+        &agent.addr(),
+        &["restart", "web", "--wait"],
+        &mut out,
+        console,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "web: rollout web-r1 started (restart, revision 1)\nrollout web-r1 succeeded in 9.4s\n"
+    );
+    // Each poll redraws the line in place; the last one stays, ended by a newline.
+    let frames: Vec<&str> = run.err.split('\r').filter(|f| !f.is_empty()).collect();
+    assert_eq!(frames.len(), 3, "{:?}", run.err);
+    assert_eq!(
+        frames[0],
+        "\x1b[?7lweb-r1 restart rev 1 → 1  [----------]  0/1 replaced · 0/1 ready · 1 available \
+         · started web-1\x1b[K\x1b[?7h"
+    );
+    assert_eq!(
+        frames[2],
+        "\x1b[?7lweb-r1 restart rev 1 → 1  [##########]  1/1 replaced · 1/1 ready · 1 available \
+         · succeeded\x1b[K\x1b[?7h\n"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_wait_exits_1_and_says_the_rollout_goes_on() {
+    let agent = with_web(Plan::Hangs).await;
+    let console = Console {
+        terminal: false,
+        progress_terminal: false,
+        interrupt: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
+    };
+    let mut out = Vec::new();
+    let run = run_with(
+        &agent.addr(),
+        &["restart", "web", "--wait"],
+        &mut out,
+        console,
+    )
+    .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.err.ends_with(
+            "\nerror: stopped waiting: the rollout goes on; `corral rollout web-r1` shows it\n"
+        ),
+        "{}",
+        run.err
     );
 }

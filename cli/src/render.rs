@@ -153,7 +153,7 @@ impl Table {
 }
 
 /// A cell on one line: control characters (a newline in an error message) become spaces.
-fn one_line(text: &str) -> String {
+pub fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
@@ -213,8 +213,22 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
     if !s.health.is_empty() {
         fields.push(("health", s.health.clone()));
     }
+    let mut states = Vec::new();
     if s.deleting {
-        fields.push(("state", "deleting".to_owned()));
+        states.push("deleting".to_owned());
+    }
+    if s.paused {
+        states.push(format!("paused ({PAUSED_HINT})"));
+    }
+    if !states.is_empty() {
+        fields.push(("state", states.join("\n")));
+    }
+    if let Some(rollout) = &s.rollout {
+        fields.push(("rollout", rollout_summary(rollout)));
+    }
+    if !s.revisions.is_empty() {
+        let revisions: Vec<String> = s.revisions.iter().map(u64::to_string).collect();
+        fields.push(("revisions", revisions.join(", ")));
     }
     fields.push(("command", command_line(&spec.command)));
     fields.push((
@@ -317,6 +331,291 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         }
     }
     Ok(())
+}
+
+/// What `status` says of a paused service.
+pub const PAUSED_HINT: &str = "a rollout failed; apply, restart or rollback to continue";
+
+/// A rollout's kind and revisions: `restart, revision 2` or `update, revision 1 → 2`.
+fn rollout_kind(r: &pb::RolloutStatus) -> String {
+    let kind = if r.kind.is_empty() {
+        "rollout".to_owned()
+    } else {
+        one_line(&r.kind)
+    };
+    if r.from_revision == r.to_revision {
+        format!("{kind}, revision {}", r.to_revision)
+    } else {
+        format!("{kind}, revision {} → {}", r.from_revision, r.to_revision)
+    }
+}
+
+/// A rollout's counts: `2/4 replaced, 3/4 ready, 4 available`.
+fn rollout_counts(r: &pb::RolloutStatus) -> String {
+    format!(
+        "{}/{} replaced, {}/{} ready, {} available",
+        r.replaced, r.to_replace, r.ready, r.replicas, r.available
+    )
+}
+
+/// How long a rollout that ended took, by the agent's clock.
+pub fn rollout_took(r: &pb::RolloutStatus) -> Option<Duration> {
+    let started = SystemTime::try_from(r.started_at?).ok()?;
+    let finished = SystemTime::try_from(r.finished_at?).ok()?;
+    finished.duration_since(started).ok()
+}
+
+/// A rollout in one or two lines, as `status` shows a service's running or last one:
+/// `web-r3 (restart, revision 2) running: 2/4 replaced, 3/4 ready, 4 available`, or its
+/// outcome, and what it is a rollback of or was rolled back by.
+pub fn rollout_summary(r: &pb::RolloutStatus) -> String {
+    let head = format!("{} ({})", one_line(&r.id), rollout_kind(r));
+    let reason = if r.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", one_line(&r.reason))
+    };
+    let mut text = match r.state.as_str() {
+        "running" => format!("{head} running: {}", rollout_counts(r)),
+        "succeeded" => match rollout_took(r) {
+            Some(took) => format!("{head} succeeded in {}", human_duration(took)),
+            None => format!("{head} succeeded"),
+        },
+        "" => format!("{head}: {}", rollout_counts(r)),
+        state => format!("{head} {}{reason}", one_line(state)),
+    };
+    if !r.rollback_id.is_empty() {
+        text.push_str(&format!("\nrolled back by {}", one_line(&r.rollback_id)));
+    }
+    if !r.rollback_of.is_empty() {
+        text.push_str(&format!(
+            "\nstarted by the failure of {}",
+            one_line(&r.rollback_of)
+        ));
+    }
+    text
+}
+
+/// A rollout policy: `max_surge 1, max_unavailable 0, min_healthy 2s, ...`, each part present.
+fn policy_text(p: &pb::Rollout) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = p.max_surge {
+        parts.push(format!("max_surge {n}"));
+    }
+    if let Some(n) = p.max_unavailable {
+        parts.push(format!("max_unavailable {n}"));
+    }
+    if let Some(d) = &p.min_healthy {
+        parts.push(format!("min_healthy {}", one_line(d)));
+    }
+    if let Some(d) = &p.healthy_deadline {
+        parts.push(format!("healthy_deadline {}", one_line(d)));
+    }
+    if let Some(on) = p.auto_rollback {
+        parts.push(format!("auto_rollback {}", if on { "on" } else { "off" }));
+    }
+    parts.join(", ")
+}
+
+/// `rollout ID`: the rollout's fields, then its steps. `rollback` is the status of the
+/// rollback it started, when known.
+pub fn write_rollout(
+    out: &mut dyn Write,
+    r: &pb::RolloutStatus,
+    rollback: Option<&pb::RolloutStatus>,
+) -> io::Result<()> {
+    let or_dash = |text: &str| {
+        if text.is_empty() {
+            "-".to_owned()
+        } else {
+            one_line(text)
+        }
+    };
+    let time = |ts: &Option<prost_types::Timestamp>| ts.as_ref().and_then(time_millis);
+    let mut fields = vec![
+        ("rollout", or_dash(&r.id)),
+        ("service", or_dash(&r.service)),
+        ("kind", or_dash(&r.kind)),
+        ("state", or_dash(&r.state)),
+        (
+            "revision",
+            if r.from_revision == r.to_revision {
+                r.to_revision.to_string()
+            } else {
+                format!("{} → {}", r.from_revision, r.to_revision)
+            },
+        ),
+        (
+            "progress",
+            format!(
+                "{}/{} old replaced ({} left), {}/{} new ready ({} started), {} available",
+                r.replaced,
+                r.to_replace,
+                r.old_instances,
+                r.ready,
+                r.replicas,
+                r.new_instances,
+                r.available
+            ),
+        ),
+        (
+            "policy",
+            r.policy
+                .as_ref()
+                .map(policy_text)
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "-".to_owned()),
+        ),
+        (
+            "started",
+            time(&r.started_at).unwrap_or_else(|| "-".to_owned()),
+        ),
+    ];
+    if let Some(finished) = time(&r.finished_at) {
+        let took =
+            rollout_took(r).map_or_else(String::new, |d| format!(" (after {})", human_duration(d)));
+        fields.push(("finished", format!("{finished}{took}")));
+    }
+    if !r.reason.is_empty() {
+        fields.push(("reason", one_line(&r.reason)));
+    }
+    if !r.rollback_id.is_empty() {
+        let state = rollback
+            .filter(|b| !b.state.is_empty())
+            .map_or_else(String::new, |b| format!(" ({})", one_line(&b.state)));
+        fields.push((
+            "rolled back by",
+            format!("{}{state}", one_line(&r.rollback_id)),
+        ));
+    }
+    if !r.rollback_of.is_empty() {
+        fields.push(("rollback of", one_line(&r.rollback_of)));
+    }
+    write_fields(out, &fields)?;
+    writeln!(out)?;
+    if r.steps.is_empty() {
+        return writeln!(out, "no steps yet");
+    }
+    let mut table = Table::new(vec!["TIME", "STEP", "INSTANCE", "MESSAGE"]);
+    for step in &r.steps {
+        table.row(vec![
+            step.time
+                .as_ref()
+                .and_then(time_millis)
+                .unwrap_or_else(|| "-".to_owned()),
+            or_dash(&step.step),
+            or_dash(&step.instance),
+            step.message.clone(),
+        ]);
+    }
+    table.write(out)
+}
+
+/// One step of a rollout on one line, as `--wait` prints them when not on a terminal:
+/// `2026-11-22T23:45:01.123Z started web-5 started with revision 2`.
+pub fn rollout_step_line(step: &pb::RolloutStep) -> String {
+    let or_dash = |text: &str| {
+        if text.is_empty() {
+            "-".to_owned()
+        } else {
+            one_line(text)
+        }
+    };
+    let time = step
+        .time
+        .as_ref()
+        .and_then(time_millis)
+        .unwrap_or_else(|| format!("{:<24}", "-"));
+    let line = format!(
+        "{time} {} {} {}",
+        or_dash(&step.step),
+        or_dash(&step.instance),
+        one_line(&step.message)
+    );
+    line.trim_end().to_owned()
+}
+
+/// The width of the bar in [`rollout_progress_line`].
+const BAR_WIDTH: u32 = 10;
+
+/// A running rollout on one line, as `--wait` redraws it on a terminal:
+/// `web-r3 restart rev 2 → 2  [#####-----]  2/4 replaced · 3/4 ready · 4 available · started web-5`.
+/// The bar counts old instances stopped and new ones ready: it is full when the rollout is
+/// complete.
+pub fn rollout_progress_line(r: &pb::RolloutStatus) -> String {
+    let total = u64::from(r.to_replace) + u64::from(r.replicas);
+    let done = u64::from(r.replaced.min(r.to_replace)) + u64::from(r.ready.min(r.replicas));
+    let filled = (done * u64::from(BAR_WIDTH))
+        .checked_div(total)
+        .unwrap_or(u64::from(BAR_WIDTH));
+    let filled = usize::try_from(filled.min(u64::from(BAR_WIDTH))).unwrap_or_default();
+    let bar = format!(
+        "{}{}",
+        "#".repeat(filled),
+        "-".repeat((BAR_WIDTH as usize).saturating_sub(filled))
+    );
+    let kind = if r.kind.is_empty() {
+        "rollout".to_owned()
+    } else {
+        one_line(&r.kind)
+    };
+    let mut line = format!(
+        "{} {kind} rev {} → {}  [{bar}]  {}/{} replaced · {}/{} ready · {} available",
+        one_line(&r.id),
+        r.from_revision,
+        r.to_revision,
+        r.replaced,
+        r.to_replace,
+        r.ready,
+        r.replicas,
+        r.available
+    );
+    if let Some(last) = r.steps.last() {
+        let what = format!("{} {}", one_line(&last.step), one_line(&last.instance));
+        let what = what.trim();
+        if !what.is_empty() {
+            line.push_str(" · ");
+            line.push_str(what);
+        }
+    }
+    line
+}
+
+/// What `diff` adds about the instances: whether applying would replace them by a rolling
+/// update, with the current spec's policy when `current` (the service's status) is known.
+pub fn write_replacement(
+    out: &mut dyn Write,
+    r: &pb::ApplyResponse,
+    current: Option<&pb::ServiceStatus>,
+) -> io::Result<()> {
+    if r.replaces_instances {
+        let count = current
+            .map(|s| s.instances.len())
+            .filter(|n| *n > 0)
+            .map(|n| format!("{n} {}", if n == 1 { "instance" } else { "instances" }));
+        let policy = current
+            .and_then(|s| s.spec.as_ref()?.rollout.as_ref())
+            .and_then(|p| Some((p.max_surge?, p.max_unavailable?)))
+            .map_or_else(String::new, |(surge, unavailable)| {
+                format!(" (max_surge {surge}, max_unavailable {unavailable})")
+            });
+        return match count {
+            Some(count) => writeln!(out, "would replace {count} by a rolling update{policy}"),
+            None => writeln!(
+                out,
+                "instances would be replaced by a rolling update{policy}"
+            ),
+        };
+    }
+    match r.outcome.as_str() {
+        "created" => Ok(()),
+        "scaled" => writeln!(
+            out,
+            "no instance would be replaced: only the number of instances changes"
+        ),
+        "unchanged" => writeln!(out, "nothing would change: no instance would be replaced"),
+        _ => writeln!(out, "no instance would be replaced"),
+    }
 }
 
 /// How long a running instance has been up, or when an instance waiting to restart starts next.
@@ -593,6 +892,10 @@ pub fn write_apply(
     let summary = match (r.outcome.as_str(), dry_run) {
         ("created", false) => format!("created (revision {rev})"),
         ("created", true) => "would be created".to_owned(),
+        ("updated", false) if r.replaces_instances && !r.rollout_id.is_empty() => format!(
+            "updated to revision {rev}, rollout {} replaces the instances",
+            one_line(&r.rollout_id)
+        ),
         ("updated", false) if r.replaces_instances => {
             format!("updated to revision {rev}, instances will be replaced")
         }
@@ -607,11 +910,38 @@ pub fn write_apply(
         (other, false) => format!("{other} (revision {rev})"),
         (other, true) => format!("would be {other}"),
     };
+    let summary = if r.rollout_id.is_empty() || summary.contains(&r.rollout_id) || dry_run {
+        summary
+    } else {
+        format!("{summary}, rollout {}", one_line(&r.rollout_id))
+    };
     writeln!(out, "{name}: {summary}")?;
     for change in &r.changes {
         writeln!(out, "  {}", one_line(change))?;
     }
     Ok(())
+}
+
+/// `restart` and `rollback`: the rollout started.
+pub fn write_rollout_started(
+    out: &mut dyn Write,
+    kind: &str,
+    r: &pb::RolloutResponse,
+) -> io::Result<()> {
+    let what = match kind {
+        "rollback" => format!("rollback to revision {}", r.revision),
+        kind => format!("{kind}, revision {}", r.revision),
+    };
+    if r.rollout_id.is_empty() {
+        writeln!(out, "{}: no rollout started ({what})", one_line(&r.name))
+    } else {
+        writeln!(
+            out,
+            "{}: rollout {} started ({what})",
+            one_line(&r.name),
+            one_line(&r.rollout_id)
+        )
+    }
 }
 
 /// `scale`: what changed.
@@ -812,6 +1142,9 @@ mod tests {
             healthy: 0,
             instances: vec![running, backoff, failed],
             deleting: false,
+            rollout: None,
+            revisions: Vec::new(),
+            paused: false,
         }
     }
 
@@ -1098,6 +1431,7 @@ services:     2 (5 instances)
             outcome: outcome.into(),
             changes: changes.iter().map(|c| (*c).to_owned()).collect(),
             replaces_instances: replaces,
+            rollout_id: String::new(),
         };
         let cases = [
             (
@@ -1161,6 +1495,320 @@ services:     2 (5 instances)
         assert_eq!(
             text(|o| write_delete(o, &r)),
             "web: deleted (1 instance stopped)\n"
+        );
+    }
+
+    fn ts(seconds: i64, millis: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp {
+            seconds,
+            nanos: millis * 1_000_000,
+        })
+    }
+
+    fn rollout_step(seconds: i64, step: &str, instance: &str, message: &str) -> pb::RolloutStep {
+        pb::RolloutStep {
+            time: ts(seconds, 250),
+            step: step.into(),
+            instance: instance.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A restart of 4 instances half done.
+    fn running_rollout() -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            id: "web-r3".into(),
+            service: "web".into(),
+            kind: "restart".into(),
+            state: "running".into(),
+            from_revision: 2,
+            to_revision: 2,
+            replicas: 4,
+            to_replace: 4,
+            replaced: 2,
+            new_instances: 3,
+            ready: 3,
+            old_instances: 2,
+            available: 4,
+            policy: Some(pb::Rollout {
+                max_surge: Some(1),
+                max_unavailable: Some(0),
+                min_healthy: Some("2s".into()),
+                healthy_deadline: Some("60s".into()),
+                auto_rollback: Some(true),
+            }),
+            started_at: ts(1_740_830_400, 0),
+            finished_at: None,
+            reason: String::new(),
+            rollback_id: String::new(),
+            rollback_of: String::new(),
+            steps: vec![
+                rollout_step(1_740_830_401, "started", "web-4", "web-4 started"),
+                rollout_step(1_740_830_404, "ready", "web-4", "web-4 ready\nafter 2s"),
+                rollout_step(1_740_830_405, "started", "web-5", "web-5 started"),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_rollout_in_status_is_one_or_two_lines() {
+        let running = running_rollout();
+        assert_eq!(
+            rollout_summary(&running),
+            "web-r3 (restart, revision 2) running: 2/4 replaced, 3/4 ready, 4 available"
+        );
+        let done = pb::RolloutStatus {
+            kind: "update".into(),
+            state: "succeeded".into(),
+            from_revision: 1,
+            finished_at: ts(1_740_830_409, 400),
+            ..running.clone()
+        };
+        assert_eq!(
+            rollout_summary(&done),
+            "web-r3 (update, revision 1 → 2) succeeded in 9.4s"
+        );
+        let failed = pb::RolloutStatus {
+            state: "failed".into(),
+            reason: "web-5 not ready within 60s".into(),
+            rollback_id: "web-r4".into(),
+            ..done.clone()
+        };
+        assert_eq!(
+            rollout_summary(&failed),
+            "web-r3 (update, revision 1 → 2) failed: web-5 not ready within 60s\n\
+             rolled back by web-r4"
+        );
+        let back = pb::RolloutStatus {
+            id: "web-r4".into(),
+            kind: "auto_rollback".into(),
+            from_revision: 2,
+            to_revision: 1,
+            rollback_of: "web-r3".into(),
+            ..done
+        };
+        assert_eq!(
+            rollout_summary(&back),
+            "web-r4 (auto_rollback, revision 2 → 1) succeeded in 9.4s\n\
+             started by the failure of web-r3"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_rollout_revisions_and_a_pause() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_740_830_400);
+        let mut s = service(now);
+        s.paused = true;
+        s.revisions = vec![1, 2, 3];
+        s.rollout = Some(pb::RolloutStatus {
+            state: "failed".into(),
+            reason: "web-5 exited(1)".into(),
+            ..running_rollout()
+        });
+        let got = text(|o| write_status(o, &s, now));
+        assert!(
+            got.starts_with(
+                "service:    web\n\
+                 revision:   3\n\
+                 instances:  3 desired, 1 running, 0 healthy\n\
+                 health:     unhealthy\n\
+                 state:      paused (a rollout failed; apply, restart or rollback to continue)\n\
+                 rollout:    web-r3 (restart, revision 2) failed: web-5 exited(1)\n\
+                 revisions:  1, 2, 3\n\
+                 command:    "
+            ),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn a_rollout_shows_its_fields_then_its_steps() {
+        let r = pb::RolloutStatus {
+            state: "failed".into(),
+            finished_at: ts(1_740_830_409, 400),
+            reason: "web-5 not ready within 60s".into(),
+            rollback_id: "web-r4".into(),
+            ..running_rollout()
+        };
+        let back = pb::RolloutStatus {
+            state: "succeeded".into(),
+            ..Default::default()
+        };
+        let got = text(|o| write_rollout(o, &r, Some(&back)));
+        let want = "\
+rollout:         web-r3
+service:         web
+kind:            restart
+state:           failed
+revision:        2
+progress:        2/4 old replaced (2 left), 3/4 new ready (3 started), 4 available
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+started:         2025-03-01T12:00:00.000Z
+finished:        2025-03-01T12:00:09.400Z (after 9.4s)
+reason:          web-5 not ready within 60s
+rolled back by:  web-r4 (succeeded)
+
+TIME                      STEP     INSTANCE  MESSAGE
+2025-03-01T12:00:01.250Z  started  web-4     web-4 started
+2025-03-01T12:00:04.250Z  ready    web-4     web-4 ready after 2s
+2025-03-01T12:00:05.250Z  started  web-5     web-5 started
+";
+        assert_eq!(got, want);
+
+        let bare = pb::RolloutStatus {
+            id: "web-r4".into(),
+            rollback_of: "web-r3".into(),
+            ..Default::default()
+        };
+        let got = text(|o| write_rollout(o, &bare, None));
+        assert!(got.contains("\nrollback of:  web-r3\n"), "{got}");
+        assert!(got.contains("\npolicy:       -\n"), "{got}");
+        assert!(got.ends_with("\n\nno steps yet\n"), "{got}");
+    }
+
+    #[test]
+    fn rollout_progress_on_one_line() {
+        let r = running_rollout();
+        assert_eq!(
+            rollout_progress_line(&r),
+            "web-r3 restart rev 2 → 2  [######----]  2/4 replaced · 3/4 ready · 4 available · started web-5"
+        );
+        let empty = pb::RolloutStatus::default();
+        assert_eq!(
+            rollout_progress_line(&empty),
+            " rollout rev 0 → 0  [##########]  0/0 replaced · 0/0 ready · 0 available"
+        );
+        // Counts beyond the totals do not overflow the bar.
+        let odd = pb::RolloutStatus {
+            replaced: 9,
+            ready: u32::MAX,
+            ..r
+        };
+        assert!(rollout_progress_line(&odd).contains("[##########]"));
+        assert_eq!(
+            rollout_step_line(&running_rollout().steps[1]),
+            "2025-03-01T12:00:04.250Z ready web-4 web-4 ready after 2s"
+        );
+        assert_eq!(
+            rollout_step_line(&pb::RolloutStep {
+                step: "succeeded".into(),
+                ..Default::default()
+            }),
+            "-                        succeeded -"
+        );
+    }
+
+    #[test]
+    fn diff_says_whether_instances_would_be_rolled() {
+        let resp = |outcome: &str, replaces| pb::ApplyResponse {
+            name: "web".into(),
+            revision: 3,
+            outcome: outcome.into(),
+            changes: vec![],
+            replaces_instances: replaces,
+            rollout_id: String::new(),
+        };
+        let mut current = service(SystemTime::UNIX_EPOCH);
+        current
+            .spec
+            .as_mut()
+            .unwrap()
+            .rollout
+            .replace(running_rollout().policy.unwrap());
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("updated", true), Some(&current))),
+            "would replace 3 instances by a rolling update (max_surge 1, max_unavailable 0)\n"
+        );
+        current.instances.truncate(1);
+        current.spec = None;
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("updated", true), Some(&current))),
+            "would replace 1 instance by a rolling update\n"
+        );
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("updated", true), None)),
+            "instances would be replaced by a rolling update\n"
+        );
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("scaled", false), None)),
+            "no instance would be replaced: only the number of instances changes\n"
+        );
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("unchanged", false), None)),
+            "nothing would change: no instance would be replaced\n"
+        );
+        assert_eq!(
+            text(|o| write_replacement(o, &resp("created", false), None)),
+            ""
+        );
+    }
+
+    #[test]
+    fn started_rollouts_and_applies_name_their_rollout() {
+        let r = pb::RolloutResponse {
+            name: "web".into(),
+            revision: 2,
+            rollout_id: "web-r3".into(),
+        };
+        assert_eq!(
+            text(|o| write_rollout_started(o, "restart", &r)),
+            "web: rollout web-r3 started (restart, revision 2)\n"
+        );
+        assert_eq!(
+            text(|o| write_rollout_started(o, "rollback", &r)),
+            "web: rollout web-r3 started (rollback to revision 2)\n"
+        );
+        let none = pb::RolloutResponse {
+            rollout_id: String::new(),
+            ..r
+        };
+        assert_eq!(
+            text(|o| write_rollout_started(o, "restart", &none)),
+            "web: no rollout started (restart, revision 2)\n"
+        );
+        let applied = pb::ApplyResponse {
+            name: "web".into(),
+            revision: 4,
+            outcome: "updated".into(),
+            changes: vec!["command: changed".into()],
+            replaces_instances: true,
+            rollout_id: "web-r5".into(),
+        };
+        assert_eq!(
+            text(|o| write_apply(o, "web.toml", &applied, false)),
+            "web: updated to revision 4, rollout web-r5 replaces the instances\n  command: changed\n"
+        );
+    }
+
+    #[test]
+    fn rollout_events_read_as_rows() {
+        let mut table = EventTable::default();
+        let got = text(|o| {
+            table.write(
+                o,
+                &[
+                    event(
+                        9,
+                        "",
+                        "rollout_started",
+                        "rollout web-r3 started: restart of revision 2",
+                    ),
+                    event(10, "web-5", "rollout_step", "web-r3: web-5 ready"),
+                    event(
+                        11,
+                        "",
+                        "rollout_finished",
+                        "rollout web-r3 succeeded in 9.4s",
+                    ),
+                ],
+            )
+        });
+        assert_eq!(
+            got,
+            "INDEX  TIME                      SERVICE  INSTANCE  TYPE              MESSAGE\n\
+             9      2025-03-01T12:00:00.250Z  web      -         rollout_started   rollout web-r3 started: restart of revision 2\n\
+             10     2025-03-01T12:00:00.250Z  web      web-5     rollout_step      web-r3: web-5 ready\n\
+             11     2025-03-01T12:00:00.250Z  web      -         rollout_finished  rollout web-r3 succeeded in 9.4s\n"
         );
     }
 }

@@ -24,6 +24,13 @@ pub struct ServiceView {
     /// `healthy` (every desired instance healthy), `degraded` (some) or `unhealthy` (none).
     pub health: Option<String>,
     pub deleting: bool,
+    /// A rollout failed without rolling back: no more instances are replaced until the next
+    /// apply, restart or rollback.
+    pub paused: bool,
+    /// The running rollout, else the last one; `null` when the service never had one.
+    pub rollout: Option<RolloutStatusView>,
+    /// The revisions kept for rollback, oldest first.
+    pub revisions: Vec<u64>,
     pub spec: Option<SpecView>,
     pub instances: Vec<InstanceView>,
 }
@@ -38,6 +45,9 @@ impl From<&pb::ServiceStatus> for ServiceView {
             healthy: s.healthy,
             health: non_empty(&s.health),
             deleting: s.deleting,
+            paused: s.paused,
+            rollout: s.rollout.as_ref().map(RolloutStatusView::from),
+            revisions: s.revisions.clone(),
             spec: s.spec.as_ref().map(SpecView::from),
             instances: s.instances.iter().map(InstanceView::from).collect(),
         }
@@ -70,7 +80,6 @@ impl From<&pb::ServiceSpec> for SpecView {
         let resources = s.resources.clone().unwrap_or_default();
         let isolation = s.isolation.clone().unwrap_or_default();
         let restart = s.restart.clone().unwrap_or_default();
-        let rollout = s.rollout.clone().unwrap_or_default();
         let stop = s.stop.clone().unwrap_or_default();
         let logs = s.logs.clone().unwrap_or_default();
         SpecView {
@@ -117,13 +126,7 @@ impl From<&pb::ServiceSpec> for SpecView {
                 restart_on_failure: h.restart_on_failure,
                 notify: h.notify,
             }),
-            rollout: RolloutView {
-                max_surge: rollout.max_surge,
-                max_unavailable: rollout.max_unavailable,
-                min_healthy: rollout.min_healthy,
-                healthy_deadline: rollout.healthy_deadline,
-                auto_rollback: rollout.auto_rollback,
-            },
+            rollout: RolloutView::from(&s.rollout.clone().unwrap_or_default()),
             stop: StopView {
                 signal: stop.signal,
                 grace: stop.grace,
@@ -180,6 +183,7 @@ pub struct HealthView {
     pub notify: Option<bool>,
 }
 
+/// A rollout policy: the spec's `[rollout]`, or the one a rollout runs with.
 #[derive(Debug, Serialize)]
 pub struct RolloutView {
     pub max_surge: Option<u32>,
@@ -187,6 +191,18 @@ pub struct RolloutView {
     pub min_healthy: Option<String>,
     pub healthy_deadline: Option<String>,
     pub auto_rollback: Option<bool>,
+}
+
+impl From<&pb::Rollout> for RolloutView {
+    fn from(r: &pb::Rollout) -> Self {
+        RolloutView {
+            max_surge: r.max_surge,
+            max_unavailable: r.max_unavailable,
+            min_healthy: r.min_healthy.clone(),
+            healthy_deadline: r.healthy_deadline.clone(),
+            auto_rollback: r.auto_rollback,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -430,6 +446,125 @@ pub struct TopRowView {
     pub last_exit: Option<String>,
 }
 
+/// A rollout, as `rollout -o json` and `restart --wait -o json` print it, and as a service's
+/// `rollout` in `status -o json`.
+#[derive(Debug, Serialize)]
+pub struct RolloutStatusView {
+    pub id: String,
+    pub service: String,
+    /// `update`, `restart`, `rollback` or `auto_rollback`.
+    pub kind: String,
+    /// `running`, `succeeded`, `failed` or `superseded`.
+    pub state: String,
+    pub from_revision: u64,
+    pub to_revision: u64,
+    /// The instances it ends with.
+    pub replicas: u32,
+    /// Old instances at its start, and how many of them have been stopped so far.
+    pub to_replace: u32,
+    pub replaced: u32,
+    /// New instances present, and those of them that are ready.
+    pub new_instances: u32,
+    pub ready: u32,
+    /// Old instances still present.
+    pub old_instances: u32,
+    /// Instances serving now.
+    pub available: u32,
+    pub policy: Option<RolloutView>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Why it failed or was superseded.
+    pub reason: Option<String>,
+    /// The rollback started when it failed.
+    pub rollback_id: Option<String>,
+    /// For an automatic rollback: the rollout whose failure started it.
+    pub rollback_of: Option<String>,
+    /// The status of `rollback_id`, when the command read it (`rollout`, `--wait`).
+    pub rollback: Option<Box<RolloutStatusView>>,
+    pub steps: Vec<RolloutStepView>,
+}
+
+impl RolloutStatusView {
+    /// The view of `r`, with its rollback's status when known.
+    pub fn with_rollback(r: &pb::RolloutStatus, rollback: Option<&pb::RolloutStatus>) -> Self {
+        RolloutStatusView {
+            rollback: rollback.map(|b| Box::new(RolloutStatusView::from(b))),
+            ..RolloutStatusView::from(r)
+        }
+    }
+}
+
+impl From<&pb::RolloutStatus> for RolloutStatusView {
+    fn from(r: &pb::RolloutStatus) -> Self {
+        RolloutStatusView {
+            id: r.id.clone(),
+            service: r.service.clone(),
+            kind: r.kind.clone(),
+            state: r.state.clone(),
+            from_revision: r.from_revision,
+            to_revision: r.to_revision,
+            replicas: r.replicas,
+            to_replace: r.to_replace,
+            replaced: r.replaced,
+            new_instances: r.new_instances,
+            ready: r.ready,
+            old_instances: r.old_instances,
+            available: r.available,
+            policy: r.policy.as_ref().map(RolloutView::from),
+            started_at: r.started_at.as_ref().and_then(rfc3339),
+            finished_at: r.finished_at.as_ref().and_then(rfc3339),
+            reason: non_empty(&r.reason),
+            rollback_id: non_empty(&r.rollback_id),
+            rollback_of: non_empty(&r.rollback_of),
+            rollback: None,
+            steps: r.steps.iter().map(RolloutStepView::from).collect(),
+        }
+    }
+}
+
+/// One step of a rollout.
+#[derive(Debug, Serialize)]
+pub struct RolloutStepView {
+    pub time: Option<String>,
+    /// `started`, `ready`, `stopping`, `stopped`, `failed`, `rollback`, `superseded`,
+    /// `succeeded`.
+    pub step: String,
+    /// The instance it is about; `null` for the rollout as a whole.
+    pub instance: Option<String>,
+    pub message: String,
+}
+
+impl From<&pb::RolloutStep> for RolloutStepView {
+    fn from(s: &pb::RolloutStep) -> Self {
+        RolloutStepView {
+            time: s.time.as_ref().and_then(rfc3339),
+            step: s.step.clone(),
+            instance: non_empty(&s.instance),
+            message: s.message.clone(),
+        }
+    }
+}
+
+/// What `restart -o json` and `rollback -o json` print without --wait.
+#[derive(Debug, Serialize)]
+pub struct RolloutStartedView {
+    pub name: String,
+    /// The revision the service now targets.
+    pub revision: u64,
+    /// `null` when no rollout was started.
+    pub rollout_id: Option<String>,
+}
+
+impl From<&pb::RolloutResponse> for RolloutStartedView {
+    fn from(r: &pb::RolloutResponse) -> Self {
+        RolloutStartedView {
+            name: r.name.clone(),
+            revision: r.revision,
+            rollout_id: non_empty(&r.rollout_id),
+        }
+    }
+}
+
 /// What `signal -o json` prints.
 #[derive(Debug, Serialize)]
 pub struct SignalView {
@@ -463,6 +598,11 @@ pub struct ApplyView {
     pub outcome: Option<String>,
     pub changes: Vec<String>,
     pub replaces_instances: bool,
+    /// The rollout that replaces the instances; `null` when none was started.
+    pub rollout_id: Option<String>,
+    /// With --wait: the rollout's status when the wait ended.
+    pub rollout: Option<RolloutStatusView>,
+    /// Why the apply failed (then `name` is `null`), or why --wait did not succeed.
     pub error: Option<String>,
 }
 
@@ -476,6 +616,8 @@ impl ApplyView {
             outcome: Some(r.outcome.clone()),
             changes: r.changes.clone(),
             replaces_instances: r.replaces_instances,
+            rollout_id: non_empty(&r.rollout_id),
+            rollout: None,
             error: None,
         }
     }
@@ -489,6 +631,8 @@ impl ApplyView {
             outcome: None,
             changes: Vec::new(),
             replaces_instances: false,
+            rollout_id: None,
+            rollout: None,
             error: Some(error),
         }
     }
@@ -716,6 +860,9 @@ mod tests {
             healthy: 1,
             instances: vec![sample_instance()],
             deleting: false,
+            rollout: Some(sample_rollout()),
+            revisions: vec![2, 3],
+            paused: true,
         };
         let v: Value = serde_json::to_value(ServiceView::from(&status)).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -729,11 +876,17 @@ mod tests {
                 "healthy",
                 "instances",
                 "name",
+                "paused",
                 "revision",
+                "revisions",
+                "rollout",
                 "running",
                 "spec"
             ]
         );
+        assert_eq!(v["paused"], true);
+        assert_eq!(v["revisions"], json!([2, 3]));
+        assert_eq!(v["rollout"]["id"], "web-r3");
         assert_eq!(
             v["spec"]["resources"],
             json!({"cpu": 0.5, "memory_bytes": 268_435_456u64, "pids": 256})
@@ -746,6 +899,131 @@ mod tests {
         );
         assert_eq!(v["instances"][0]["state"], "backoff");
         assert_eq!(v["health"], "degraded");
+    }
+
+    fn sample_rollout() -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            id: "web-r3".into(),
+            service: "web".into(),
+            kind: "update".into(),
+            state: "failed".into(),
+            from_revision: 2,
+            to_revision: 3,
+            replicas: 2,
+            to_replace: 2,
+            replaced: 1,
+            new_instances: 2,
+            ready: 1,
+            old_instances: 1,
+            available: 2,
+            policy: Some(pb::Rollout {
+                max_surge: Some(1),
+                max_unavailable: Some(0),
+                min_healthy: Some("2s".into()),
+                healthy_deadline: Some("60s".into()),
+                auto_rollback: Some(true),
+            }),
+            started_at: Some(ts(1_740_830_400, 0)),
+            finished_at: None,
+            reason: "web-3 not ready within 60s".into(),
+            rollback_id: "web-r4".into(),
+            rollback_of: String::new(),
+            steps: vec![pb::RolloutStep {
+                time: Some(ts(1_740_830_401, 500_000_000)),
+                step: "started".into(),
+                instance: "web-3".into(),
+                message: "web-3 started with revision 3".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn rollouts_have_counts_policy_times_links_and_steps() {
+        let back = pb::RolloutStatus {
+            id: "web-r4".into(),
+            kind: "auto_rollback".into(),
+            state: "succeeded".into(),
+            rollback_id: String::new(),
+            rollback_of: "web-r3".into(),
+            steps: vec![],
+            ..sample_rollout()
+        };
+        let v = serde_json::to_value(RolloutStatusView::with_rollback(
+            &sample_rollout(),
+            Some(&back),
+        ))
+        .unwrap();
+        let mut v = v;
+        let rollback = v["rollback"].take();
+        assert_eq!(rollback["kind"], "auto_rollback");
+        assert_eq!(rollback["rollback_of"], "web-r3");
+        assert_eq!(rollback["rollback_id"], Value::Null);
+        assert_eq!(rollback["rollback"], Value::Null);
+        assert_eq!(rollback["steps"], json!([]));
+        v["rollback"] = json!({"id": rollback["id"], "state": rollback["state"]});
+        assert_eq!(
+            v,
+            json!({
+                "id": "web-r3",
+                "service": "web",
+                "kind": "update",
+                "state": "failed",
+                "from_revision": 2,
+                "to_revision": 3,
+                "replicas": 2,
+                "to_replace": 2,
+                "replaced": 1,
+                "new_instances": 2,
+                "ready": 1,
+                "old_instances": 1,
+                "available": 2,
+                "policy": {
+                    "max_surge": 1,
+                    "max_unavailable": 0,
+                    "min_healthy": "2s",
+                    "healthy_deadline": "60s",
+                    "auto_rollback": true,
+                },
+                "started_at": "2025-03-01T12:00:00Z",
+                "finished_at": null,
+                "reason": "web-3 not ready within 60s",
+                "rollback_id": "web-r4",
+                "rollback_of": null,
+                "rollback": {"id": "web-r4", "state": "succeeded"},
+                "steps": [{
+                    "time": "2025-03-01T12:00:01.500Z",
+                    "step": "started",
+                    "instance": "web-3",
+                    "message": "web-3 started with revision 3",
+                }],
+            })
+        );
+        let v =
+            serde_json::to_value(RolloutStatusView::from(&pb::RolloutStatus::default())).unwrap();
+        assert_eq!(v["policy"], Value::Null);
+        assert_eq!(v["rollback"], Value::Null);
+        assert_eq!(v["reason"], Value::Null);
+    }
+
+    #[test]
+    fn a_started_rollout_has_its_id_or_null() {
+        let r = pb::RolloutResponse {
+            name: "web".into(),
+            revision: 2,
+            rollout_id: "web-r5".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(RolloutStartedView::from(&r)).unwrap(),
+            json!({"name": "web", "revision": 2, "rollout_id": "web-r5"})
+        );
+        let r = pb::RolloutResponse {
+            rollout_id: String::new(),
+            ..r
+        };
+        assert_eq!(
+            serde_json::to_value(RolloutStartedView::from(&r)).unwrap()["rollout_id"],
+            Value::Null
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `apply` and `diff`: send spec files to the agent as TOML text, unparsed — the agent parses
 //! and validates them, so an error reads the same whether it came from here, a scheduler or the
-//! agent's own `--services` directory.
+//! agent's own `--services` directory. `apply --wait` then waits for each service in turn
+//! (see `rollout`).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -10,10 +11,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use corral_proto::v1::{ApplyRequest, ApplyResponse, apply_request::Source};
 
-use super::Outcome;
+use super::rollout::Waiter;
+use super::{Console, Outcome};
 use crate::args::{ApplyArgs, ConnectArgs, DiffArgs, Format};
 use crate::client::{self, Session};
-use crate::render::{write_apply, write_json};
+use crate::render::{write_apply, write_json, write_replacement};
 use crate::views::ApplyView;
 
 /// The spec files `-f PATH` names: the file itself, or every `*.toml` file directly inside a
@@ -60,19 +62,28 @@ pub async fn apply(
     args: &ApplyArgs,
     out: &mut dyn Write,
     err: &mut dyn Write,
+    console: Console,
 ) -> anyhow::Result<Outcome> {
     let files = spec_files(&args.file)?;
     let mut session = client::connect(conn).await?;
     let mut views = Vec::with_capacity(files.len());
+    // What to wait for: the entry in `views`, the service, and what the agent answered.
+    let mut applied = Vec::new();
     let mut outcome = Outcome::Success;
     for file in &files {
         let shown = label(file);
-        match apply_file(&mut session, file, args.dry_run).await {
+        match apply_file(&mut session, file, args.dry_run, args.force).await {
             Ok(resp) => {
                 if format == Format::Table {
                     write_apply(out, &fallback_name(file), &resp, args.dry_run)?;
                 }
+                let name = if resp.name.is_empty() {
+                    fallback_name(file)
+                } else {
+                    resp.name.clone()
+                };
                 views.push(ApplyView::applied(as_given(file), args.dry_run, &resp));
+                applied.push((views.len() - 1, name, resp));
             }
             Err(e) => {
                 outcome = Outcome::Failed;
@@ -82,6 +93,44 @@ pub async fn apply(
                     args.dry_run,
                     format!("{e:#}"),
                 ));
+            }
+        }
+    }
+    if args.wait.wait && !args.dry_run {
+        out.flush()?;
+        let mut waiter = Waiter::new(format, args.wait.timeout, console);
+        for (entry, name, resp) in applied {
+            let followed = if resp.rollout_id.is_empty() {
+                // Instances replaced without a rollout are only done once all are of the new
+                // revision.
+                let revision = resp.replaces_instances.then_some(resp.revision);
+                waiter
+                    .until_ready(&mut session, &name, revision, out, err)
+                    .await
+            } else {
+                waiter
+                    .follow(&mut session, &resp.rollout_id, out, err)
+                    .await
+            };
+            let Some(view) = views.get_mut(entry) else {
+                continue;
+            };
+            match followed {
+                Ok(followed) => {
+                    if followed.outcome == Outcome::Failed {
+                        outcome = Outcome::Failed;
+                    }
+                    view.rollout = followed.view();
+                    view.error = followed.error;
+                    if followed.interrupted {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    outcome = Outcome::Failed;
+                    writeln!(err, "error: {name}: {e:#}")?;
+                    view.error = Some(format!("{e:#}"));
+                }
             }
         }
     }
@@ -98,11 +147,21 @@ pub async fn diff(
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
     let mut session = client::connect(conn).await?;
-    let resp = apply_file(&mut session, &args.file, true)
+    let resp = apply_file(&mut session, &args.file, true, false)
         .await
         .with_context(|| label(&args.file))?;
     match format {
-        Format::Table => write_apply(out, &fallback_name(&args.file), &resp, true)?,
+        Format::Table => {
+            write_apply(out, &fallback_name(&args.file), &resp, true)?;
+            // The current spec's policy, for how instances would be replaced; without it (an
+            // agent that cannot answer now), the plain sentence.
+            let current = if resp.replaces_instances {
+                session.get(&resp.name).await.ok()
+            } else {
+                None
+            };
+            write_replacement(out, &resp, current.as_ref())?;
+        }
         Format::Json => write_json(out, &ApplyView::applied(as_given(&args.file), true, &resp))?,
     }
     Ok(Outcome::Success)
@@ -112,11 +171,13 @@ async fn apply_file(
     session: &mut Session,
     file: &Path,
     dry_run: bool,
+    force: bool,
 ) -> anyhow::Result<ApplyResponse> {
     let text = read_spec(file)?;
     let request = ApplyRequest {
         source: Some(Source::SpecToml(text)),
         dry_run,
+        force,
     };
     session.apply(request).await
 }

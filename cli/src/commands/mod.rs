@@ -5,9 +5,11 @@
 //!
 //! Commands never print to the process's stdout or stderr directly, so they run in-process in
 //! tests against any address. Those that run until interrupted (`logs -f`, `events -f`, `top`)
-//! end, successfully, when the [`Console`]'s interrupt resolves: on Ctrl-C in the real process.
+//! end, successfully, when the [`Console`]'s interrupt resolves: on Ctrl-C in the real process;
+//! a `--wait` it interrupts ends with exit code 1 (what was waited for did not happen).
 
 mod apply;
+mod rollout;
 mod service;
 mod stream;
 mod top;
@@ -23,6 +25,8 @@ use crate::args::{Cli, Command};
 pub struct Console {
     /// The output is a terminal: `top` redraws its frames in place.
     pub terminal: bool,
+    /// The error output is a terminal: `--wait` redraws its progress line in place.
+    pub progress_terminal: bool,
     /// Resolves when the user asks a command that follows or refreshes to stop (Ctrl-C).
     pub interrupt: Interrupt,
 }
@@ -36,6 +40,7 @@ impl Console {
     pub fn process() -> Self {
         Console {
             terminal: std::io::stdout().is_terminal(),
+            progress_terminal: std::io::stderr().is_terminal(),
             interrupt: Box::pin(async {
                 if tokio::signal::ctrl_c().await.is_err() {
                     // No handler could be installed: Ctrl-C keeps its default action.
@@ -50,6 +55,7 @@ impl Console {
     pub fn detached() -> Self {
         Console {
             terminal: false,
+            progress_terminal: false,
             interrupt: Box::pin(future::pending()),
         }
     }
@@ -59,6 +65,7 @@ impl fmt::Debug for Console {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Console")
             .field("terminal", &self.terminal)
+            .field("progress_terminal", &self.progress_terminal)
             .finish_non_exhaustive()
     }
 }
@@ -85,11 +92,14 @@ pub async fn run(
         command,
     } = cli;
     match command {
-        Command::Apply(args) => apply::apply(&conn, output, &args, out, err).await,
+        Command::Apply(args) => apply::apply(&conn, output, &args, out, err, console).await,
         Command::Diff(args) => apply::diff(&conn, output, &args, out).await,
         Command::Ls => service::ls(&conn, output, out, err).await,
         Command::Status(args) => service::status(&conn, output, &args.name, out).await,
         Command::Scale(args) => service::scale(&conn, output, &args, out).await,
+        Command::Restart(args) => rollout::restart(&conn, output, &args, out, err, console).await,
+        Command::Rollback(args) => rollout::rollback(&conn, output, &args, out, err, console).await,
+        Command::Rollout(args) => rollout::show(&conn, output, &args.id, out).await,
         Command::Delete(args) => service::delete(&conn, output, &args.name, out).await,
         Command::Node => service::node(&conn, output, out).await,
         Command::Signal(args) => {

@@ -30,6 +30,7 @@ pub async fn top(
     let Console {
         terminal,
         mut interrupt,
+        ..
     } = console;
     let mut session = client::connect(conn).await?;
     let mut ticks = tokio::time::interval(args.interval);
