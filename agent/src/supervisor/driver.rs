@@ -902,6 +902,26 @@ impl Driver {
                 reason = %change.reason,
                 "health changed"
             );
+            let first_ready =
+                change.from == HealthState::Unknown && change.to == HealthState::Healthy;
+            self.deps.events.append(
+                service,
+                Some(&report.instance),
+                EventKind::HealthChanged {
+                    from: change.from.as_str().to_string(),
+                    to: change.to.as_str().to_string(),
+                    reason: change.reason,
+                },
+            );
+            if first_ready {
+                self.deps.events.append(
+                    service,
+                    Some(&report.instance),
+                    EventKind::Ready {
+                        via: "probe".into(),
+                    },
+                );
+            }
         }
         if h.tracker.state() == HealthState::Unhealthy && restart_on_failure {
             if health::may_restart_for_health(replicas, in_progress) {
