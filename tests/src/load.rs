@@ -140,16 +140,26 @@ impl Report {
 
     /// The longest stretch within `[from, to]` in which no request completed successfully.
     pub fn longest_gap(&self, from: Duration, to: Duration) -> Duration {
+        self.longest_gap_at(from, to).0
+    }
+
+    /// The longest gap (see [`Report::longest_gap`]) and when it began.
+    pub fn longest_gap_at(&self, from: Duration, to: Duration) -> (Duration, Duration) {
         let mut last = from;
-        let mut gap = Duration::ZERO;
+        let mut gap = (Duration::ZERO, from);
         for s in self.samples.iter().filter(|s| s.outcome.is_ok()) {
             if s.end < from || s.end > to {
                 continue;
             }
-            gap = gap.max(s.end.saturating_sub(last));
+            if s.end.saturating_sub(last) > gap.0 {
+                gap = (s.end.saturating_sub(last), last);
+            }
             last = s.end;
         }
-        gap.max(to.saturating_sub(last))
+        if to.saturating_sub(last) > gap.0 {
+            gap = (to.saturating_sub(last), last);
+        }
+        gap
     }
 
     /// The `q` quantile (0..=1) of the latency of successful requests started within

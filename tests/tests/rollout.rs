@@ -369,6 +369,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
     let mut stopping: std::collections::BTreeSet<String> = Default::default();
     let mut in_rollout = false;
     let mut steps = 0;
+    let mut became_healthy = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         let e = tokio::time::timeout_at(deadline, watch.message())
@@ -389,6 +390,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
             "stopping" => {
                 stopping.insert(e.instance.clone());
             }
+            "health_changed" if in_rollout && attr("to") == "healthy" => became_healthy += 1,
             "rollout_started" if attr("rollout") == id => in_rollout = true,
             "rollout_step" if attr("rollout") == id => {
                 steps += 1;
@@ -424,6 +426,10 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
     assert!(
         steps >= 12,
         "started, ready, stopping, stopped for each of 4: {steps}"
+    );
+    assert_eq!(
+        became_healthy, 4,
+        "each new instance's probe made it healthy"
     );
     eventually(
         "the old instances gone",
