@@ -18,6 +18,7 @@ pub const KERNEL: &[&str] = &[
     "delete_leaves_nothing",
     "private_network_has_only_loopback",
     "init_reaps_orphans",
+    "rolling_restart_keeps_serving",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -31,6 +32,7 @@ pub async fn run(name: &str) -> bool {
         "delete_leaves_nothing" => delete_leaves_nothing().await,
         "private_network_has_only_loopback" => private_network_has_only_loopback().await,
         "init_reaps_orphans" => init_reaps_orphans().await,
+        "rolling_restart_keeps_serving" => rolling_restart_keeps_serving().await,
         _ => return false,
     }
     true
@@ -416,4 +418,83 @@ pub async fn init_reaps_orphans() {
         (pids.len() == 2 && zombies == 0).then_some(())
     })
     .await;
+}
+
+/// A rolling restart of 2 instances on an agent-owned socket under load, then the agent
+/// killed and started again: not one request fails, the new agent takes the same listening
+/// socket back from the instances, and they keep their PIDs.
+pub async fn rolling_restart_keeps_serving() {
+    use crate::load::Load;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let mut agent = Agent::start().await;
+    let extra = format!(
+        "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
+         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"100ms\"\nstart_period = \"10s\"\n\
+         [rollout]\nmin_healthy = \"300ms\"\nhealthy_deadline = \"20s\"\n"
+    );
+    agent
+        .apply(&spec("roll", 2, &["http-listen", "100"], &extra))
+        .await
+        .expect("apply");
+    eventually("2 healthy instances", Duration::from_secs(30), || {
+        two_healthy(&agent)
+    })
+    .await;
+    let load = Load::start(port, 4, Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: "roll".into(),
+            force: false,
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .rollout_id;
+    let done = eventually("the rollout to end", Duration::from_secs(60), || async {
+        let r = agent
+            .client()
+            .await
+            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        (r.state != "running").then_some(r)
+    })
+    .await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let before = eventually("2 healthy instances", Duration::from_secs(30), || {
+        two_healthy(&agent)
+    })
+    .await;
+    agent.stop_with(libc::SIGKILL);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.launch().await;
+    let after = eventually("2 healthy instances", Duration::from_secs(30), || {
+        two_healthy(&agent)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.finish();
+    assert!(report.failures().is_empty(), "{}", report.failure_summary());
+    assert!(report.ok() > 50, "the load ran: {} ok", report.ok());
+    let pids = |s: &pb::ServiceStatus| {
+        let mut p: Vec<i32> = s.instances.iter().map(|i| i.pid).collect();
+        p.sort_unstable();
+        p
+    };
+    assert_eq!(pids(&before), pids(&after), "adopted, not restarted");
+}
+
+async fn two_healthy(agent: &Agent) -> Option<pb::ServiceStatus> {
+    let s = agent.get("roll").await.ok()?;
+    (s.healthy == 2
+        && s.instances.len() == 2
+        && s.rollout.as_ref().is_none_or(|r| r.state != "running"))
+    .then_some(s)
 }

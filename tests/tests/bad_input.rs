@@ -306,9 +306,81 @@ async fn invalid_requests_get_clear_codes() {
         .await
         .expect_err("too many");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Rollouts: unknown services and rollouts, malformed ids, revisions never kept.
+    let e = c
+        .restart(pb::RestartRequest {
+            name: "nope".into(),
+            force: false,
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .restart(pb::RestartRequest {
+            name: "../x".into(),
+            force: true,
+        })
+        .await
+        .expect_err("bad name");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    for id in [
+        "",
+        "ok",
+        "ok-r",
+        "ok-rx",
+        "ok-r-1",
+        "../ok-r1",
+        "ok-r99999999999999999999999",
+    ] {
+        let e = c
+            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .await
+            .expect_err("bad id");
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{id:?}: {}",
+            e.message()
+        );
+    }
+    let e = c
+        .get_rollout(pb::GetRolloutRequest { id: "ok-r7".into() })
+        .await
+        .expect_err("unknown rollout");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    for revision in [0, 1, 7, u64::MAX] {
+        let e = c
+            .rollback(pb::RollbackRequest {
+                name: "ok".into(),
+                revision: Some(revision),
+                force: false,
+            })
+            .await
+            .expect_err("no such revision");
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+            ),
+            "{revision}: {:?} {}",
+            e.code(),
+            e.message()
+        );
+        assert!(e.message().contains("revision"), "{}", e.message());
+    }
+    let e = c
+        .rollback(pb::RollbackRequest {
+            name: "ok".into(),
+            revision: None,
+            force: false,
+        })
+        .await
+        .expect_err("nothing to roll back to");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
     let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
     assert_eq!(list.services.len(), 1);
     assert_eq!(list.services[0].desired, 0);
+    assert_eq!(list.services[0].revision, 1, "nothing rolled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,3 +95,105 @@ async fn cli_drives_a_service_end_to_end() {
     let ls = json(&agent.cli(&["ls", "-o", "json"]));
     assert_eq!(ls, serde_json::json!([]));
 }
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_restart_and_apply_wait_report_rollouts_by_exit_code() {
+    if skip_unless_root("cli_restart_and_apply_wait_report_rollouts_by_exit_code") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("web.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let spec = |version: &str, status: &str| {
+        format!(
+            r#"name = "web"
+command = [{bin:?}, "http-listen", "100"]
+replicas = 2
+env = {{ VERSION = "{version}", ADMIN_STATUS = "{status}" }}
+[ports]
+admin = "auto"
+[[sockets]]
+name = "http"
+listen = "127.0.0.1:{port}"
+[health]
+http = "http://127.0.0.1:{{port.admin}}/healthz"
+interval = "100ms"
+timeout = "100ms"
+start_period = "10s"
+[rollout]
+min_healthy = "200ms"
+healthy_deadline = "3s"
+"#,
+            bin = testbin()
+        )
+    };
+    std::fs::write(&file, spec("v1", "200")).expect("write");
+    let f = file.to_str().expect("utf-8");
+    let out = agent.cli(&["apply", "-f", f, "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A rolling restart followed to its end: exit 0, the outcome said.
+    let out = agent.cli(&["restart", "web", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("rollout web-r") && said.contains("succeeded"),
+        "{said}"
+    );
+
+    // One rollout at a time: a second restart is refused while the first runs, naming it;
+    // --force supersedes it.
+    let out = agent.cli(&["restart", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent.cli(&["restart", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("rollout"), "{}", text(&out));
+    let out = agent.cli(&["restart", "web", "--force", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // `diff` says a command change would roll, and applies nothing.
+    std::fs::write(&file, spec("v2", "503")).expect("write");
+    let out = agent.cli(&["diff", "-f", f]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("env"), "{}", text(&out));
+    let before = json(&agent.cli(&["status", "web", "-o", "json"]));
+
+    // A revision that never gets healthy: apply --wait exits 1, and says it was rolled back.
+    let out = agent.cli(&["apply", "-f", f, "--wait", "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("failed"), "{said}");
+    assert!(said.contains("rolled back to revision"), "{said}");
+    let after = json(&agent.cli(&["status", "web", "-o", "json"]));
+    let pids = |s: &serde_json::Value| {
+        let mut p: Vec<i64> = s["instances"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["pid"].as_i64()).collect())
+            .unwrap_or_default();
+        p.sort_unstable();
+        p
+    };
+    assert_eq!(
+        pids(&before),
+        pids(&after),
+        "the old instances kept running"
+    );
+
+    // `rollback --to` an unknown revision is refused with the reason; nothing changes.
+    let out = agent.cli(&["rollback", "web", "--to", "99"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("99"), "{}", text(&out));
+}

@@ -23,3 +23,4 @@ scenario!(fork_bomb_stays_within_pids);
 scenario!(delete_leaves_nothing);
 scenario!(private_network_has_only_loopback);
 scenario!(init_reaps_orphans);
+scenario!(rolling_restart_keeps_serving);
