@@ -432,7 +432,7 @@ pub async fn rolling_restart_keeps_serving() {
     let mut agent = Agent::start().await;
     let extra = format!(
         "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
-         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"100ms\"\nstart_period = \"10s\"\n\
+         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"10s\"\n\
          [rollout]\nmin_healthy = \"300ms\"\nhealthy_deadline = \"20s\"\n"
     );
     agent
@@ -443,7 +443,7 @@ pub async fn rolling_restart_keeps_serving() {
         two_healthy(&agent)
     })
     .await;
-    let load = Load::start(port, 4, Duration::from_secs(120));
+    let load = Load::start(port, 2, Duration::from_secs(120));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = agent
         .client()

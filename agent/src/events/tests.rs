@@ -572,7 +572,7 @@ fn all_kinds() -> Vec<EventKind> {
         EventKind::RolloutFinished {
             rollout: "web-r2".into(),
             state: "failed".into(),
-            reason: "new instance web-4 ended before it was ready".into(),
+            reason: "new instance web-4 ended during the rollout".into(),
             rollback: Some("web-r3".into()),
         },
     ]

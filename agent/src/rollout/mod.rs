@@ -143,7 +143,7 @@ pub fn plan(p: &Policy, slots: &[Slot], now: Instant) -> Plan {
             SlotState::Down => {
                 return Plan::Failed {
                     index: s.index,
-                    reason: format!("new instance {} ended before it was ready", s.index),
+                    reason: format!("new instance {} ended during the rollout", s.index),
                 };
             }
             SlotState::Starting { since: started }
@@ -399,7 +399,7 @@ mod tests {
                 "OOOOd",
                 Plan::Failed {
                     index: 4,
-                    reason: "new instance 4 ended before it was ready".into(),
+                    reason: "new instance 4 ended during the rollout".into(),
                 },
             ),
             (
