@@ -4,6 +4,7 @@
 //!
 //! Started as `corral-init` (argv[0]), the same binary is an instance's init instead.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use corral_agent::api::tls::{Tls, TlsFiles};
 use corral_agent::api::{self, AgentService};
 use corral_agent::cgroups;
 use corral_agent::events::{self, EventLog};
@@ -55,6 +57,21 @@ struct Flags {
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Also serve the API on TCP, with TLS only: HOST:PORT (`0.0.0.0:7443`, `[::]:7443`,
+    /// `127.0.0.1:7443`). Needs --tls-cert and --tls-key, and --tls-client-ca unless the
+    /// address is a loopback one.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The agent's certificate (PEM, the chain from the leaf). Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM). Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA(s) (PEM) whose client certificates may connect; the subject's OU gives the
+    /// role: `read` or `admin`. Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +82,10 @@ struct ConfigFile {
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
     log_format: Option<LogFormat>,
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -74,6 +95,65 @@ struct Settings {
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
     log_format: LogFormat,
+    listen: Option<(SocketAddr, TlsFiles)>,
+}
+
+/// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
+/// other hosts can reach only with client certificates.
+fn listen_settings(
+    listen: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<(SocketAddr, TlsFiles)>> {
+    let Some(listen) = listen else {
+        for (flag, given) in [
+            ("--tls-cert", cert.is_some()),
+            ("--tls-key", key.is_some()),
+            ("--tls-client-ca", client_ca.is_some()),
+        ] {
+            if given {
+                bail!("{flag} is only used with --listen ADDR; give --listen or drop {flag}");
+            }
+        }
+        return Ok(None);
+    };
+    let addr = parse_listen(&listen)?;
+    let (Some(cert), Some(key)) = (cert, key) else {
+        bail!(
+            "--listen {listen} needs --tls-cert FILE and --tls-key FILE: corrald serves TCP only with TLS, never in plaintext"
+        );
+    };
+    if client_ca.is_none() && !addr.ip().is_loopback() {
+        bail!(
+            "--listen {listen} is reachable from other hosts, so it needs --tls-client-ca FILE: \
+             only clients with a certificate from that CA may connect (without it, --listen \
+             is allowed on a loopback address only, e.g. 127.0.0.1:{})",
+            addr.port()
+        );
+    }
+    Ok(Some((
+        addr,
+        TlsFiles {
+            cert,
+            key,
+            client_ca,
+        },
+    )))
+}
+
+fn parse_listen(listen: &str) -> Result<SocketAddr> {
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Some(port) = listen.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    bail!(
+        "--listen {listen:?} is not an address: use IP:PORT, e.g. 0.0.0.0:7443, [::]:7443 or 127.0.0.1:7443"
+    )
 }
 
 fn settings(flags: Flags) -> Result<Settings> {
@@ -86,7 +166,14 @@ fn settings(flags: Flags) -> Result<Settings> {
         }
         None => ConfigFile::default(),
     };
+    let listen = listen_settings(
+        flags.listen.or(file.listen),
+        flags.tls_cert.or(file.tls_cert),
+        flags.tls_key.or(file.tls_key),
+        flags.tls_client_ca.or(file.tls_client_ca),
+    )?;
     Ok(Settings {
+        listen,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -160,6 +247,22 @@ async fn run(s: Settings) -> Result<()> {
     let listener = api::bind_unix(&s.socket)
         .with_context(|| format!("binding --socket {}", s.socket.display()))?;
     set_socket_group(&s.socket);
+    let tcp = match &s.listen {
+        Some((addr, files)) => {
+            let tls = Tls::load(files.clone())?;
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --listen {addr}"))?;
+            tracing::info!(
+                listen = %addr,
+                client_certificates = if tls.requires_client_certs() { "required" } else { "none (loopback only; every client is read)" },
+                "API on TCP with TLS"
+            );
+            Some((tcp, tls))
+        }
+        None => None,
+    };
+    let tls = tcp.as_ref().map(|(_, tls)| tls.clone());
     let cgroups =
         cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
     let caps = cgroups.capabilities().clone();
@@ -199,8 +302,12 @@ async fn run(s: Settings) -> Result<()> {
         capabilities: caps,
         namespaces,
     };
+    let listeners = api::Listeners {
+        unix: listener,
+        tcp,
+    };
     let server = tokio::spawn(api::serve(
-        listener,
+        listeners,
         agent,
         service_health,
         shutdown.clone(),
@@ -217,13 +324,21 @@ async fn run(s: Settings) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => match &s.services {
-                Some(dir) => {
-                    tracing::info!(dir = %dir.display(), "SIGHUP: applying --services again");
-                    apply_dir(&handle, dir).await;
+            _ = hup.recv() => {
+                if let Some(tls) = &tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA read again"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the TLS files in use: {e}"),
+                    }
                 }
-                None => tracing::info!("SIGHUP: no --services directory to apply"),
-            },
+                match &s.services {
+                    Some(dir) => {
+                        tracing::info!(dir = %dir.display(), "SIGHUP: applying --services again");
+                        apply_dir(&handle, dir).await;
+                    }
+                    None => tracing::info!("SIGHUP: no --services directory to apply"),
+                }
+            }
         }
     }
     tracing::info!("shutting down; instances keep running");

@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod load;
+pub mod pki;
 pub mod scenarios;
 
 use std::future::Future;
@@ -131,6 +132,8 @@ pub struct Agent {
     pub cgroup: TestCgroup,
     log: PathBuf,
     log_filter: String,
+    /// More corrald flags, given at every launch.
+    pub extra_args: Vec<String>,
     /// Kept to own the directory; removed on drop.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -146,8 +149,17 @@ impl Agent {
         Agent::start_logging(services, "info,corral_agent=debug").await
     }
 
+    /// A fresh agent started with more flags.
+    pub async fn start_args(args: &[&str]) -> Agent {
+        Agent::start_full(None, "info,corral_agent=debug", args).await
+    }
+
     /// A fresh agent logging at `filter` (a `RUST_LOG` value).
     pub async fn start_logging(services: Option<&Path>, filter: &str) -> Agent {
+        Agent::start_full(services, filter, &[]).await
+    }
+
+    async fn start_full(services: Option<&Path>, filter: &str, args: &[&str]) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("corral-e2e-")
             .tempdir()
@@ -161,6 +173,7 @@ impl Agent {
             cgroup: TestCgroup::new(&unique("e2e")),
             log: dir.join("corrald.log"),
             log_filter: filter.to_string(),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             dir,
             _tmp: Some(tmp),
         };
@@ -190,6 +203,7 @@ impl Agent {
         if let Some(s) = &self.services_dir {
             cmd.arg("--services").arg(s);
         }
+        cmd.args(&self.extra_args);
         self.child = Some(cmd.spawn().expect("spawn corrald"));
         let socket = self.socket.clone();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,13 +1,18 @@
-//! The gRPC API: `corral.v1.Agent`, `grpc.health.v1` and reflection, served on a Unix socket.
-//! A thin layer: [`service`] maps requests to supervisor operations, [`convert`] maps types,
-//! [`status`] maps errors to codes. Only this module and `main` touch tonic and prost.
+//! The gRPC API: `corral.v1.Agent`, `grpc.health.v1` and reflection, served on a Unix socket
+//! and, optionally, on TCP with TLS. A thin layer: [`service`] maps requests to supervisor
+//! operations, [`convert`] maps types, [`status`] maps errors to codes; [`auth`] decides who
+//! may call what, [`conn`] and [`tls`] accept connections. Only this module and `main` touch
+//! tonic and prost.
 //!
 //! Imports from the crate: `supervisor`, `spec`, `host`, `events`, `health` (service health
 //! only), `cgroups` (capabilities only).
 
+pub mod auth;
+pub mod conn;
 pub mod convert;
 pub mod service;
 pub mod status;
+pub mod tls;
 
 use std::fs;
 use std::io;
@@ -17,12 +22,15 @@ use std::path::Path;
 use corral_proto::v1::agent_server::AgentServer;
 use std::collections::BTreeMap;
 
-use tokio::net::UnixListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::health::ServiceHealth;
-use tokio_stream::wrappers::UnixListenerStream;
-use tokio_util::sync::CancellationToken;
+use auth::AuthLayer;
 
 pub use service::AgentService;
 
@@ -49,11 +57,31 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serve the API on `listener` until `shutdown`. `services` carries each service's health:
+/// Where the API is served.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The Unix socket: root and the socket's group, all `admin`.
+    pub unix: UnixListener,
+    /// The TLS listener, with its settings (reloadable).
+    pub tcp: Option<(TcpListener, Arc<tls::Tls>)>,
+}
+
+/// The largest request message accepted: a spec (at most [`service::MAX_SPEC_TOML`]) and
+/// room for the rest. Larger ones get OUT_OF_RANGE before any of it is decoded.
+pub const MAX_REQUEST_BYTES: usize = service::MAX_SPEC_TOML + (64 << 10);
+/// Open streaming calls (Watch, Logs, health Watch) per caller identity, over all of its
+/// connections; more get RESOURCE_EXHAUSTED.
+pub const MAX_STREAMS_PER_CALLER: usize = 256;
+/// HTTP/2 streams (calls) open at once on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// A unary call not answered within this is cut (DEADLINE_EXCEEDED-like CANCELLED).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Serve the API until `shutdown`. `services` carries each service's health:
 /// `grpc.health.v1` answers for every service by name (SERVING while at least one of its
 /// instances is healthy), besides "" and `corral.v1.Agent` for the agent itself.
 pub async fn serve(
-    listener: UnixListener,
+    listeners: Listeners,
     agent: AgentService,
     mut services: watch::Receiver<BTreeMap<String, ServiceHealth>>,
     shutdown: CancellationToken,
@@ -91,23 +119,38 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(corral_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let mut builder = tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::debug_span!("rpc", method = %req.uri().path()));
-    let router = builder
-        .add_service(AgentServer::new(agent))
-        .add_service(health_service);
-    let router = match reflection {
-        Ok(r) => router.add_service(r),
-        Err(e) => {
-            tracing::warn!(error = %e, "gRPC reflection unavailable");
-            router
+        .build_v1()
+        .map_err(|e| tracing::warn!(error = %e, "gRPC reflection unavailable"))
+        .ok();
+    let layer = AuthLayer::new(MAX_STREAMS_PER_CALLER);
+    let router = || {
+        let agent = AgentServer::new(agent.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_max_header_list_size(64 << 10)
+            .timeout(CALL_TIMEOUT)
+            .trace_fn(|req| tracing::debug_span!("rpc", method = %req.uri().path()))
+            .layer(layer.clone())
+            .add_service(agent)
+            .add_service(health_service.clone());
+        match reflection.clone() {
+            Some(r) => router.add_service(r),
+            None => router,
         }
     };
-    router
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await
+    let unix = router().serve_with_incoming_shutdown(
+        conn::unix_incoming(listeners.unix, conn::IDLE_TIMEOUT),
+        shutdown.clone().cancelled_owned(),
+    );
+    match listeners.tcp {
+        None => unix.await,
+        Some((listener, tls)) => {
+            let incoming = tls::incoming(listener, tls, conn::IDLE_TIMEOUT, shutdown.clone());
+            let tcp = router().serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned());
+            let (u, t) = tokio::join!(unix, tcp);
+            u.and(t)
+        }
+    }
 }

@@ -1,0 +1,505 @@
+//! Who is calling, and may they: every connection carries a [`Caller`] (from its client
+//! certificate on TCP, from its peer credentials on the Unix socket), and the [`AuthLayer`]
+//! in front of every service checks the caller's [`Role`] against the method, caps each
+//! caller's concurrent streams, logs every call that changes something with who made it, and
+//! keeps count of a connection's open calls (for the idle timeout in [`super::conn`]).
+//!
+//! Imports nothing from the crate outside `api`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::Bytes;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Nothing at all: a client certificate whose subject has no known OU.
+    None,
+    /// Get, List, Node, Logs, Watch, GetRollout, health and reflection.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "none",
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role a certificate subject's OU values give: `admin` wins over `read`; anything
+    /// else gives nothing.
+    pub fn from_units<'a>(units: impl IntoIterator<Item = &'a str>) -> Role {
+        units.into_iter().fold(Role::None, |role, ou| match ou {
+            "admin" => Role::Admin,
+            "read" => role.max(Role::Read),
+            _ => role,
+        })
+    }
+}
+
+/// One connection's caller, as tonic's connect info: in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Who, for the logs: a certificate subject (`CN=sched,OU=admin`) or a local user
+    /// (`uid 1000 (alice)`).
+    pub who: Arc<str>,
+    /// Where from: `10.0.0.5:41234`, or `unix pid 4242`.
+    pub peer: Arc<str>,
+    pub role: Role,
+    /// The connection's open calls.
+    pub conn: Arc<ConnState>,
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.who, self.peer)
+    }
+}
+
+/// A connection's open calls and when the last one ended.
+#[derive(Debug)]
+pub struct ConnState {
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Default for ConnState {
+    fn default() -> Self {
+        ConnState {
+            active: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl ConnState {
+    /// When the connection became idle; `None` while a call is open.
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn begin(self: &Arc<Self>) -> CallGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.clone())
+    }
+}
+
+/// An open call; dropped when its response (stream) ends or is abandoned.
+#[derive(Debug)]
+pub(crate) struct CallGuard(Arc<ConnState>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts per key with a cap, for "at most N per caller / per address".
+#[derive(Debug)]
+pub struct Counts<K: Eq + Hash> {
+    max: usize,
+    counts: Mutex<HashMap<K, usize>>,
+}
+
+/// One counted unit; gives its place back when dropped.
+#[derive(Debug)]
+pub struct CountGuard<K: Eq + Hash + Clone> {
+    counts: Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Counts<K> {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Counts {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Take a place for `key`, unless it already holds `max`.
+    pub fn take(self: &Arc<Self>, key: K) -> Option<CountGuard<K>> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key.clone()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(CountGuard {
+            counts: self.clone(),
+            key,
+        })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How many places `key` holds.
+    pub fn held(&self, key: &K) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(key).copied().unwrap_or(0)
+    }
+}
+
+impl<K: Eq + Hash + Clone> Drop for CountGuard<K> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Methods a `read` caller may call: everything that changes nothing.
+const READ_METHODS: &[&str] = &[
+    "/corral.v1.Agent/Get",
+    "/corral.v1.Agent/List",
+    "/corral.v1.Agent/Node",
+    "/corral.v1.Agent/Logs",
+    "/corral.v1.Agent/Watch",
+    "/corral.v1.Agent/GetRollout",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Methods whose responses are streams that stay open: capped per caller.
+const STREAM_METHODS: &[&str] = &[
+    "/corral.v1.Agent/Logs",
+    "/corral.v1.Agent/Watch",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The role `path` needs. Unknown methods need `admin`: whatever is added later is closed
+/// until it is listed here.
+pub fn required_role(path: &str) -> Role {
+    if READ_METHODS.contains(&path) {
+        Role::Read
+    } else {
+        Role::Admin
+    }
+}
+
+/// Whether a call may change something (and is therefore logged with its caller).
+pub fn changes_something(path: &str) -> bool {
+    required_role(path) == Role::Admin
+}
+
+fn method_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The check every call goes through, before any service sees it.
+pub fn authorize(caller: Option<&Caller>, path: &str) -> Result<(), Status> {
+    let Some(caller) = caller else {
+        return Err(Status::permission_denied(
+            "permission denied: the connection has no identity",
+        ));
+    };
+    let need = required_role(path);
+    if caller.role >= need {
+        return Ok(());
+    }
+    let what = if caller.role == Role::None {
+        "no role: its subject has neither OU=read nor OU=admin".to_string()
+    } else {
+        format!("role {}", caller.role.as_str())
+    };
+    Err(Status::permission_denied(format!(
+        "permission denied: {} needs role {}; {} has {what}",
+        method_name(path),
+        need.as_str(),
+        caller.who
+    )))
+}
+
+/// Limits the layer enforces.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    streams: Arc<Counts<Arc<str>>>,
+}
+
+impl AuthLayer {
+    /// At most `streams_per_caller` open streaming calls per caller identity, across all of
+    /// its connections.
+    pub fn new(streams_per_caller: usize) -> Self {
+        AuthLayer {
+            streams: Counts::new(streams_per_caller),
+        }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            streams: self.streams.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] puts in front.
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    streams: Arc<Counts<Arc<str>>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for Auth<S>
+where
+    S: tower_service::Service<
+            http::Request<B>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let caller = req.extensions().get::<Caller>().cloned();
+        let path = req.uri().path().to_string();
+        if let Err(status) = authorize(caller.as_ref(), &path) {
+            tracing::warn!(
+                caller = %caller.as_ref().map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                method = %path,
+                "API call refused: {}",
+                status.message()
+            );
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        let Some(caller) = caller else {
+            return Box::pin(std::future::ready(Ok(Status::internal(
+                "no caller after authorization",
+            )
+            .into_http())));
+        };
+        let stream = if STREAM_METHODS.contains(&path.as_str()) {
+            match self.streams.take(caller.who.clone()) {
+                Some(g) => Some(g),
+                None => {
+                    tracing::warn!(caller = %caller, method = %path, "API stream refused: too many open streams");
+                    return Box::pin(std::future::ready(Ok(Status::resource_exhausted(format!(
+                        "too many open streams: {} already has {} (Watch, Logs, health Watch) open; close some first",
+                        caller.who,
+                        self.streams.max()
+                    ))
+                    .into_http())));
+                }
+            }
+        } else {
+            None
+        };
+        let call = caller.conn.begin();
+        let audit = changes_something(&path);
+        // The clone that was made ready goes into the future; a fresh clone stays.
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            if audit {
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or("OK", |c| code_name(tonic::Code::from_i32(c)));
+                tracing::info!(
+                    target: "corral_agent::audit",
+                    caller = %caller.who,
+                    peer = %caller.peer,
+                    method = method_name(&path),
+                    code,
+                    "API call"
+                );
+            }
+            Ok(resp.map(|body| {
+                Body::new(Guarded {
+                    body,
+                    _call: call,
+                    _stream: stream,
+                })
+            }))
+        })
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A response body that holds the call's places until it ends.
+struct Guarded {
+    body: Body,
+    _call: CallGuard,
+    _stream: Option<CountGuard<Arc<str>>>,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(role: Role) -> Caller {
+        Caller {
+            who: "CN=t,OU=x".into(),
+            peer: "127.0.0.1:1".into(),
+            role,
+            conn: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn roles_from_units() {
+        assert_eq!(Role::from_units(["admin"]), Role::Admin);
+        assert_eq!(Role::from_units(["read"]), Role::Read);
+        assert_eq!(Role::from_units(["read", "admin"]), Role::Admin);
+        assert_eq!(Role::from_units(["admin", "read"]), Role::Admin);
+        assert_eq!(Role::from_units(["ops", "read"]), Role::Read);
+        assert_eq!(Role::from_units(["Admin", "ADMIN", " admin"]), Role::None);
+        assert_eq!(Role::from_units(Vec::<&str>::new()), Role::None);
+    }
+
+    #[test]
+    fn methods_need_the_right_role() {
+        let table = [
+            ("/corral.v1.Agent/Get", Role::Read),
+            ("/corral.v1.Agent/List", Role::Read),
+            ("/corral.v1.Agent/Node", Role::Read),
+            ("/corral.v1.Agent/Logs", Role::Read),
+            ("/corral.v1.Agent/Watch", Role::Read),
+            ("/corral.v1.Agent/GetRollout", Role::Read),
+            ("/grpc.health.v1.Health/Check", Role::Read),
+            ("/corral.v1.Agent/Apply", Role::Admin),
+            ("/corral.v1.Agent/Delete", Role::Admin),
+            ("/corral.v1.Agent/Scale", Role::Admin),
+            ("/corral.v1.Agent/Restart", Role::Admin),
+            ("/corral.v1.Agent/Rollback", Role::Admin),
+            ("/corral.v1.Agent/Signal", Role::Admin),
+            ("/corral.v1.Agent/SomethingNew", Role::Admin),
+            ("/corral.v1.Agent/Get/../Apply", Role::Admin),
+            ("", Role::Admin),
+        ];
+        for (path, need) in table {
+            assert_eq!(required_role(path), need, "{path}");
+            for role in [Role::None, Role::Read, Role::Admin] {
+                let r = authorize(Some(&caller(role)), path);
+                assert_eq!(r.is_ok(), role >= need, "{path} as {role:?}");
+                if let Err(s) = r {
+                    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+                    assert!(s.message().contains(need.as_str()), "{}", s.message());
+                }
+            }
+        }
+        let e = authorize(None, "/corral.v1.Agent/Get").expect_err("no caller");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let e = authorize(Some(&caller(Role::Read)), "/corral.v1.Agent/Apply").expect_err("read");
+        assert_eq!(
+            e.message(),
+            "permission denied: Apply needs role admin; CN=t,OU=x has role read"
+        );
+    }
+
+    #[test]
+    fn counts_cap_per_key_and_give_back() {
+        let counts: Arc<Counts<&str>> = Counts::new(2);
+        let a1 = counts.take("a").expect("1");
+        let _a2 = counts.take("a").expect("2");
+        assert!(counts.take("a").is_none(), "capped");
+        let _b = counts.take("b").expect("another key");
+        drop(a1);
+        assert_eq!(counts.held(&"a"), 1);
+        let _a3 = counts.take("a").expect("a place came back");
+    }
+
+    #[test]
+    fn calls_keep_a_connection_busy() {
+        let conn: Arc<ConnState> = Arc::default();
+        assert!(conn.idle_since().is_some());
+        let g1 = conn.begin();
+        let g2 = conn.begin();
+        assert!(conn.idle_since().is_none());
+        drop(g1);
+        assert!(conn.idle_since().is_none());
+        let before = Instant::now();
+        drop(g2);
+        assert!(conn.idle_since().is_some_and(|t| t >= before));
+    }
+}

@@ -1,0 +1,567 @@
+//! The API over TCP with mutual TLS: who gets in (a certificate from the client CA), who is
+//! refused at the handshake (no certificate, self-signed, another CA, expired), what each
+//! role may call, flags that would open the door wider refused at start, certificates
+//! rotated on SIGHUP, and the Unix socket closed to users outside root and its group.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use corral_e2e::pki::{self, Ca, Pem};
+use corral_e2e::{Agent, bin, eventually, pb, skip_unless_root, testbin};
+use pb::agent_client::AgentClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A client of the TLS listener at `localhost:port` trusting `ca`, with `identity`.
+async fn tls_client(
+    port: u16,
+    ca: &Path,
+    identity: Option<&Pem>,
+) -> Result<AgentClient<Channel>, String> {
+    tls_channel(port, ca, identity).await.map(AgentClient::new)
+}
+
+async fn tls_channel(port: u16, ca: &Path, identity: Option<&Pem>) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("ca")))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&id.cert).expect("cert"),
+            std::fs::read(&id.key).expect("key"),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://localhost:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(channel)
+}
+
+/// List through a fresh connection: the outcome, or the error as text.
+async fn list(
+    port: u16,
+    ca: &Path,
+    identity: Option<&Pem>,
+) -> Result<usize, (tonic::Code, String)> {
+    let mut c = tls_client(port, ca, identity)
+        .await
+        .map_err(|e| (tonic::Code::Unavailable, e))?;
+    c.list(pb::ListRequest {})
+        .await
+        .map(|r| r.into_inner().services.len())
+        .map_err(|s| (s.code(), format!("{s:?}")))
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: Ca,
+    server: Pem,
+    admin: Pem,
+    read: Pem,
+    nobody: Pem,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "corral-test");
+    Pki {
+        server: ca.server("server"),
+        admin: ca.client("admin", "scheduler", Some("admin")),
+        read: ca.client("read", "dashboard", Some("read")),
+        nobody: ca.client("nobody", "stranger", Some("sales")),
+        ca,
+        _dir: dir,
+    }
+}
+
+async fn tls_agent(pki: &Pki, port: u16) -> Agent {
+    Agent::start_args(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        path(&pki.server.cert),
+        "--tls-key",
+        path(&pki.server.key),
+        "--tls-client-ca",
+        path(&pki.ca.cert),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certificates_from_the_client_ca_get_in() {
+    if skip_unless_root("only_certificates_from_the_client_ca_get_in") {
+        return;
+    }
+    let p = pki();
+    let port = free_port();
+    let agent = tls_agent(&p, port).await;
+    let ca = &p.ca.cert;
+
+    assert_eq!(list(port, ca, Some(&p.admin)).await, Ok(0));
+    assert_eq!(list(port, ca, Some(&p.read)).await, Ok(0));
+
+    let other = Ca::new(p._dir.path(), "other");
+    let refused = [
+        ("no certificate", None, "no certificates"),
+        (
+            "self-signed",
+            Some(pki::self_signed_client(
+                p._dir.path(),
+                "selfsigned",
+                "me",
+                "admin",
+            )),
+            "UnknownIssuer",
+        ),
+        (
+            "another CA",
+            Some(other.client("other-admin", "intruder", Some("admin"))),
+            "UnknownIssuer",
+        ),
+        (
+            "expired",
+            Some(p.ca.expired_client("expired", "old-scheduler", "admin")),
+            "certificate expired",
+        ),
+    ];
+    for (what, identity, reason) in &refused {
+        let before = agent.log_text().matches("TLS handshake refused").count();
+        let r = list(port, ca, identity.as_ref()).await;
+        let (code, text) = r.expect_err(what);
+        assert_ne!(
+            code,
+            tonic::Code::PermissionDenied,
+            "{what}: refused at the handshake, not by role"
+        );
+        eprintln!("{what}: {code:?} {text}");
+        eventually(
+            &format!("the agent logs why it refused {what}"),
+            Duration::from_secs(5),
+            || async {
+                let log = agent.log_text();
+                let refusals: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("TLS handshake refused"))
+                    .collect();
+                (refusals.len() > before && refusals[before..].iter().any(|l| l.contains(reason)))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // Nothing of theirs got through.
+    assert!(!agent.log_text().contains("intruder"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_what_a_client_may_call() {
+    if skip_unless_root("roles_decide_what_a_client_may_call") {
+        return;
+    }
+    let p = pki();
+    let port = free_port();
+    let agent = tls_agent(&p, port).await;
+    let ca = &p.ca.cert;
+    let spec = format!(
+        "name = \"svc\"\ncommand = [{:?}, \"serve\"]\nreplicas = 1\n",
+        testbin()
+    );
+
+    let mut admin = tls_client(port, ca, Some(&p.admin)).await.expect("admin");
+    admin
+        .apply(pb::ApplyRequest {
+            source: Some(pb::apply_request::Source::SpecToml(spec.clone())),
+            dry_run: false,
+            force: false,
+        })
+        .await
+        .expect("admin may apply");
+    agent.wait_running("svc", 1).await;
+    let instance = agent.get("svc").await.expect("get").instances[0].id.clone();
+
+    let mut read = tls_client(port, ca, Some(&p.read)).await.expect("read");
+    // Everything that only looks is allowed.
+    read.get(pb::GetRequest { name: "svc".into() })
+        .await
+        .expect("get");
+    read.list(pb::ListRequest {}).await.expect("list");
+    read.node(pb::NodeRequest {}).await.expect("node");
+    let mut events = read
+        .watch(pb::WatchRequest {
+            from_index: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(events.message().await.expect("event").is_some());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tls_channel(port, ca, Some(&p.read)).await.expect("read"),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health");
+
+    // Everything that changes something is refused, and says why.
+    let denied = |what: &str, r: Result<tonic::Code, tonic::Status>| {
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+        assert!(
+            s.message().contains("needs role admin") && s.message().contains("OU=read"),
+            "{what}: {}",
+            s.message()
+        );
+    };
+    denied(
+        "apply",
+        read.apply(pb::ApplyRequest {
+            source: Some(pb::apply_request::Source::SpecToml(
+                spec.replace("replicas = 1", "replicas = 3"),
+            )),
+            dry_run: false,
+            force: false,
+        })
+        .await
+        .map(ok),
+    );
+    denied(
+        "delete",
+        read.delete(pb::DeleteRequest { name: "svc".into() })
+            .await
+            .map(ok),
+    );
+    denied(
+        "scale",
+        read.scale(pb::ScaleRequest {
+            name: "svc".into(),
+            replicas: 5,
+        })
+        .await
+        .map(ok),
+    );
+    denied(
+        "restart",
+        read.restart(pb::RestartRequest {
+            name: "svc".into(),
+            force: true,
+        })
+        .await
+        .map(ok),
+    );
+    denied(
+        "rollback",
+        read.rollback(pb::RollbackRequest {
+            name: "svc".into(),
+            revision: None,
+            force: true,
+        })
+        .await
+        .map(ok),
+    );
+    denied(
+        "signal",
+        read.signal(pb::SignalRequest {
+            instance: instance.clone(),
+            signal: "SIGKILL".into(),
+        })
+        .await
+        .map(ok),
+    );
+    // Nothing changed.
+    let s = agent.get("svc").await.expect("get");
+    assert_eq!((s.desired, s.revision, s.instances.len()), (1, 1, 1));
+    assert_eq!(s.instances[0].id, instance);
+    assert_eq!(s.instances[0].restarts, 0);
+
+    // A certificate without a known OU gets nothing, not even reads.
+    let mut nobody = tls_client(port, ca, Some(&p.nobody)).await.expect("nobody");
+    let s = nobody.list(pb::ListRequest {}).await.expect_err("no role");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert!(
+        s.message().contains("neither OU=read nor OU=admin"),
+        "{}",
+        s.message()
+    );
+
+    // Every change is logged with who made it; refusals too.
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("API call") && l.contains("CN=scheduler") && l.contains("Apply")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("API call refused")
+            && l.contains("CN=dashboard")
+            && l.contains("Signal")),
+        "{log}"
+    );
+}
+
+fn ok<T>(_: T) -> tonic::Code {
+    tonic::Code::Ok
+}
+
+fn corrald(args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Command::new(bin("corrald"))
+        .args([
+            "--state-dir",
+            path(&dir.path().join("state")),
+            "--socket",
+            path(&dir.path().join("s.sock")),
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corrald")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_that_would_open_the_api_wider_are_refused_at_start() {
+    if skip_unless_root("flags_that_would_open_the_api_wider_are_refused_at_start") {
+        return;
+    }
+    let p = pki();
+    let port = free_port().to_string();
+    let (cert, key) = (path(&p.server.cert), path(&p.server.key));
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ],
+            "--tls-client-ca",
+        ),
+        (
+            &[
+                "--listen",
+                &format!("[::]:{port}"),
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ],
+            "--tls-client-ca",
+        ),
+        (&["--listen", &format!("127.0.0.1:{port}")], "--tls-cert"),
+        (
+            &["--listen", &format!("127.0.0.1:{port}"), "--tls-cert", cert],
+            "--tls-key",
+        ),
+        (&["--tls-cert", cert, "--tls-key", key], "--listen"),
+        (
+            &[
+                "--listen",
+                "somewhere",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ],
+            "--listen",
+        ),
+        (
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--tls-cert",
+                key,
+                "--tls-key",
+                key,
+            ],
+            "--tls-cert",
+        ),
+        (
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                cert,
+            ],
+            "--tls-key",
+        ),
+        (
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                path(&p.admin.key),
+            ],
+            "--tls-key",
+        ),
+        (
+            &[
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+                "--tls-client-ca",
+                key,
+            ],
+            "--tls-client-ca",
+        ),
+    ];
+    for (args, names) in cases {
+        let out = corrald(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        eprintln!("{args:?}: {}", stderr.trim());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_certificates_without_a_restart() {
+    if skip_unless_root("sighup_rotates_the_certificates_without_a_restart") {
+        return;
+    }
+    let p = pki();
+    let port = free_port();
+    let agent = tls_agent(&p, port).await;
+    let pid = agent.pid().expect("pid");
+    let ca = &p.ca.cert;
+    assert_eq!(list(port, ca, Some(&p.admin)).await, Ok(0));
+    // An open connection survives the rotation.
+    let mut open = tls_client(port, ca, Some(&p.admin)).await.expect("open");
+
+    // A broken file on SIGHUP: the agent says so and keeps what it has.
+    let good_key = std::fs::read(&p.server.key).expect("key");
+    std::fs::write(&p.server.key, "garbage").expect("write");
+    // SAFETY: signalling the agent we started, by PID.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    eventually(
+        "the agent refuses the broken key",
+        Duration::from_secs(10),
+        || async {
+            agent
+                .log_text()
+                .contains("keeping the TLS files in use")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(list(port, ca, Some(&p.admin)).await, Ok(0));
+
+    // A new server certificate from a new CA, and a new client CA.
+    let next = Ca::new(p._dir.path(), "next");
+    let server = next.server("server2");
+    std::fs::copy(&server.cert, &p.server.cert).expect("cert");
+    std::fs::copy(&server.key, &p.server.key).expect("key");
+    let client_ca = p.ca.cert.clone();
+    let old_ca = p._dir.path().join("old-ca.pem");
+    std::fs::copy(&client_ca, &old_ca).expect("old ca");
+    std::fs::copy(&next.cert, &client_ca).expect("ca");
+    let new_admin = next.client("admin2", "scheduler2", Some("admin"));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    eventually(
+        "the new certificate serves",
+        Duration::from_secs(10),
+        || async { (list(port, &next.cert, Some(&new_admin)).await == Ok(0)).then_some(()) },
+    )
+    .await;
+    // The old CA's clients are out now, and the old server certificate is gone.
+    assert!(list(port, &old_ca, Some(&p.admin)).await.is_err());
+    assert!(list(port, &next.cert, Some(&p.admin)).await.is_err());
+    // The connection made before the rotation still works.
+    open.list(pb::ListRequest {}).await.expect("old connection");
+    drop(good_key);
+    assert_eq!(agent.pid(), Some(pid), "no restart");
+}
+
+/// `corral` as another user: uid and gid given.
+fn cli_as(agent: &Agent, cli: &Path, uid: u32, gid: u32, args: &[&str]) -> Output {
+    Command::new(cli)
+        .args(args)
+        .env_clear()
+        .env("CORRAL_ADDR", format!("unix://{}", agent.socket.display()))
+        .uid(uid)
+        .gid(gid)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral as another user")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_is_for_root_and_its_group_only() {
+    if skip_unless_root("the_unix_socket_is_for_root_and_its_group_only") {
+        return;
+    }
+    let agent = Agent::start().await;
+    // Only the socket's own mode may keep others out: open the way to it.
+    std::fs::set_permissions(&agent.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cli = agent.dir.join("corral");
+    std::fs::copy(bin("corral"), &cli).expect("copy cli");
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mode = std::fs::metadata(&agent.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+
+    let (nobody, nogroup) = (65534, 65534);
+    let out = cli_as(&agent, &cli, nobody, nogroup, &["ls"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+
+    // A member of the socket's group is admin.
+    nix::unistd::chown(
+        &agent.socket,
+        None,
+        Some(nix::unistd::Gid::from_raw(nogroup)),
+    )
+    .expect("chgrp");
+    let out = cli_as(&agent, &cli, nobody, nogroup, &["ls"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli_as(&agent, &cli, nobody, nogroup, &["scale", "nope", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "an admin call reached the supervisor: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        agent
+            .log_text()
+            .lines()
+            .any(|l| l.contains("API call") && l.contains("uid 65534") && l.contains("Scale")),
+        "the call is logged with its caller"
+    );
+}
