@@ -9,6 +9,7 @@ use std::error::Error as StdError;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -27,9 +28,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Session {
     client: AgentClient<Channel>,
-    /// Said after an error the transport raised (rather than the agent), when there is a likely
-    /// cause to suggest.
-    transport_hint: Option<&'static str>,
+    /// For explaining errors the transport raised (rather than the agent): the TLS settings
+    /// of an `https://` connection.
+    tls: Option<Arc<TlsInfo>>,
+}
+
+/// What an `https://` connection was made with, to explain TLS failures in terms of flags.
+#[derive(Debug)]
+struct TlsInfo {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
 }
 
 impl Session {
@@ -147,16 +155,16 @@ impl Session {
             Ok(reply) => Ok(Replies {
                 inner: reply.into_inner(),
                 error,
-                transport_hint: self.transport_hint,
+                tls: self.tls.clone(),
             }),
-            Err(status) => Err(with_hint(status, error, self.transport_hint)),
+            Err(status) => Err(with_hint(status, error, self.tls.as_deref())),
         }
     }
 
     fn reply<T>(&self, reply: Result<tonic::Response<T>, Status>) -> anyhow::Result<T> {
         reply
             .map(tonic::Response::into_inner)
-            .map_err(|status| with_hint(status, rpc_error, self.transport_hint))
+            .map_err(|status| with_hint(status, rpc_error, self.tls.as_deref()))
     }
 }
 
@@ -188,21 +196,100 @@ fn supersede_hint(status: Status, forced: bool) -> Status {
 fn with_hint(
     status: Status,
     error: fn(Status) -> anyhow::Error,
-    hint: Option<&'static str>,
+    tls: Option<&TlsInfo>,
 ) -> anyhow::Error {
-    let from_transport = status.source().is_some();
-    let err = error(status);
-    match hint {
-        Some(hint) if from_transport => anyhow!("{err} ({hint})"),
-        _ => err,
+    if let (Some(tls), Some(source)) = (tls, status.source())
+        && let Some(why) = explain_tls(tls, &format!("{} {}", status.message(), chain(source)))
+    {
+        return anyhow!("{why}");
     }
+    error(status)
+}
+
+/// Every message in an error's chain, joined.
+fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        parts.push(next.to_string());
+        cur = next;
+    }
+    parts.join(": ")
+}
+
+/// A TLS failure in the words of the flags involved, when `cause` is one.
+fn explain_tls(tls: &TlsInfo, cause: &str) -> Option<String> {
+    let ca = tls.ca.display();
+    let cert = tls
+        .cert
+        .as_ref()
+        .map(|c| format!("--tls-cert {}", c.display()));
+    let refused = |why: &str| match &cert {
+        Some(cert) => format!("the agent refused the client certificate {cert}: {why}"),
+        None => "the agent refused the connection: it requires a client certificate; pass \
+                 --tls-cert FILE and --tls-key FILE (or CORRAL_TLS_CERT, CORRAL_TLS_KEY)"
+            .to_string(),
+    };
+    let why = if cause.contains("UnknownIssuer") {
+        format!(
+            "the agent's certificate is not signed by the CA in --tls-ca {ca} (unknown issuer); \
+             pass the CA certificate that signed corrald's --tls-cert"
+        )
+    } else if cause.contains("not valid for name") || cause.contains("NotValidForName") {
+        let detail = cause
+            .split("invalid peer certificate: ")
+            .nth(1)
+            .unwrap_or(cause)
+            .trim()
+            .trim_end_matches([':', ' ']);
+        format!(
+            "the agent's certificate does not match the host in --addr: {detail}; connect with \
+             a name or address the certificate lists"
+        )
+    } else if cause.contains("invalid peer certificate: certificate expired")
+        || cause.contains("invalid peer certificate: Expired")
+    {
+        "the agent's certificate has expired; corrald needs a new --tls-cert (it reads it \
+         again on SIGHUP)"
+            .to_string()
+    } else if cause.contains("received fatal alert: UnknownCA")
+        || cause.contains("received fatal alert: BadCertificate")
+    {
+        refused("it is not signed by a CA the agent trusts (its --tls-client-ca)")
+    } else if cause.contains("received fatal alert: CertificateExpired") {
+        refused("it has expired")
+    } else if cause.contains("received fatal alert: CertificateRequired") {
+        refused("none was given")
+    } else if cause.contains("received fatal alert") {
+        let alert = cause
+            .split("received fatal alert: ")
+            .nth(1)
+            .unwrap_or_default()
+            .split([' ', ':', ')'])
+            .next()
+            .unwrap_or_default();
+        format!("the agent ended the TLS handshake (alert {alert})")
+    } else if cause.contains("connection closed") || cause.contains("broken pipe") {
+        // TLS 1.3: the agent checks the client certificate after the client finished its side
+        // of the handshake, and closes the connection when it refuses it.
+        match &cert {
+            Some(cert) => format!(
+                "the agent closed the connection after the TLS handshake: it most likely refused \
+                 the client certificate {cert} (not signed by its --tls-client-ca, expired, or not yet valid)"
+            ),
+            None => refused(""),
+        }
+    } else {
+        return None;
+    };
+    Some(why)
 }
 
 /// The replies of a server-streaming call, read one at a time.
 pub struct Replies<T> {
     inner: tonic::Streaming<T>,
     error: fn(Status) -> anyhow::Error,
-    transport_hint: Option<&'static str>,
+    tls: Option<Arc<TlsInfo>>,
 }
 
 impl<T> Replies<T> {
@@ -212,7 +299,7 @@ impl<T> Replies<T> {
         self.inner
             .message()
             .await
-            .map_err(|status| with_hint(status, self.error, self.transport_hint))
+            .map_err(|status| with_hint(status, self.error, self.tls.as_deref()))
     }
 }
 
@@ -271,6 +358,13 @@ pub fn parse_addr(addr: &str) -> anyhow::Result<Target> {
 pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Session> {
     let addr = args.addr.trim();
     let target = parse_addr(addr)?;
+    let tls = match (&target, &args.tls_ca) {
+        (Target::Https(_), Some(ca)) => Some(Arc::new(TlsInfo {
+            ca: ca.clone(),
+            cert: args.tls_cert.clone(),
+        })),
+        _ => None,
+    };
     let endpoint = match &target {
         Target::Unix(path) => Endpoint::from_shared(format!("unix://{}", path.display()))
             .with_context(|| format!("--addr {addr}: not a valid socket address"))?,
@@ -291,14 +385,14 @@ pub async fn connect(args: &ConnectArgs) -> anyhow::Result<Session> {
             client: AgentClient::new(channel),
             // A listener that requires a client certificate rejects the handshake only after the
             // client has finished its side (TLS 1.3), so the first call fails, not the connect.
-            transport_hint: match target {
-                Target::Https(_) if args.tls_cert.is_none() => {
-                    Some("if corrald requires a client certificate, pass --tls-cert and --tls-key")
-                }
-                _ => None,
-            },
+            tls,
         }),
-        Ok(Err(e)) => Err(connect_error(addr, &target, &e)),
+        Ok(Err(e)) => Err(
+            match tls.as_deref().and_then(|t| explain_tls(t, &chain(&e))) {
+                Some(why) => anyhow!("cannot connect to {addr}: {why}"),
+                None => connect_error(addr, &target, &e),
+            },
+        ),
         Err(_) => Err(anyhow!(
             "cannot connect to {addr}: no answer within {}s — is corrald running and reachable?",
             CONNECT_TIMEOUT.as_secs()
@@ -318,12 +412,52 @@ fn tls_config(addr: &str, args: &ConnectArgs) -> anyhow::Result<ClientTlsConfig>
     let ca = read_pem("--tls-ca", ca, "CERTIFICATE-----")?;
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let pem = read_pem("--tls-cert", cert, "CERTIFICATE-----")?;
+        check_validity(cert, &pem)?;
         tls = tls.identity(Identity::from_pem(
-            read_pem("--tls-cert", cert, "CERTIFICATE-----")?,
+            pem,
             read_pem("--tls-key", key, "PRIVATE KEY-----")?,
         ));
     }
     Ok(tls)
+}
+
+/// Refuses a client certificate that has expired or is not valid yet, naming the date: the
+/// agent would only close the connection.
+fn check_validity(path: &Path, pem: &[u8]) -> anyhow::Result<()> {
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem) else {
+        return Ok(());
+    };
+    let Ok(cert) = block.parse_x509() else {
+        return Ok(());
+    };
+    let when = |t: x509_parser::time::ASN1Time| {
+        u64::try_from(t.timestamp())
+            .map(|s| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                    .to_string()
+            })
+            .unwrap_or_else(|_| t.to_string())
+    };
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if validity.not_after < now {
+        bail!(
+            "--tls-cert {}: the certificate expired on {}; the agent refuses it. Get a new one \
+             from the CA that signs client certificates",
+            path.display(),
+            when(validity.not_after)
+        );
+    }
+    if validity.not_before > now {
+        bail!(
+            "--tls-cert {}: the certificate is not valid before {}; the agent refuses it until \
+             then (or check this host's clock)",
+            path.display(),
+            when(validity.not_before)
+        );
+    }
+    Ok(())
 }
 
 /// Reads a PEM file and checks that it holds a block of the expected kind, so that a wrong file

@@ -53,8 +53,13 @@ impl Ca {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self, name: &str) -> Pem {
-        let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("params");
+        self.server_for(name, &["localhost", "127.0.0.1"])
+    }
+
+    /// A server certificate for these names (host names or IP addresses).
+    pub fn server_for(&self, name: &str, names: &[&str]) -> Pem {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut p = CertificateParams::new(names).expect("params");
         p.distinguished_name.push(DnType::CommonName, "corrald");
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(name, p)

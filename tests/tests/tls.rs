@@ -565,3 +565,107 @@ async fn the_unix_socket_is_for_root_and_its_group_only() {
         "the call is logged with its caller"
     );
 }
+
+/// `corral` against the TLS listener, with the TLS flags given as arguments.
+fn cli_tls(addr: &str, ca: &Path, id: Option<&Pem>, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(bin("corral"));
+    cmd.args(["--addr", addr, "--tls-ca", path(ca)]);
+    if let Some(id) = id {
+        cmd.args(["--tls-cert", path(&id.cert), "--tls-key", path(&id.key)]);
+    }
+    let out = cmd
+        .args(args)
+        .env_remove("CORRAL_ADDR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_what_is_wrong_with_a_tls_connection() {
+    if skip_unless_root("the_cli_says_what_is_wrong_with_a_tls_connection") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "corral-test");
+    // Valid for "localhost" only.
+    let server = ca.server_for("server", &["localhost"]);
+    let admin = ca.client("admin", "operator", Some("admin"));
+    let read = ca.client("read", "dashboard", Some("read"));
+    let expired = ca.expired_client("expired", "old", "admin");
+    let other = Ca::new(dir.path(), "other");
+    let port = free_port();
+    let _agent = Agent::start_args(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        path(&server.cert),
+        "--tls-key",
+        path(&server.key),
+        "--tls-client-ca",
+        path(&ca.cert),
+    ])
+    .await;
+    let good = format!("https://localhost:{port}");
+
+    let (ok, text) = cli_tls(&good, &ca.cert, Some(&admin), &["ls"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli_tls(&good, &ca.cert, Some(&admin), &["node"]);
+    assert!(ok && text.contains("cgroup"), "{text}");
+
+    let cases: Vec<(&str, (bool, String), &[&str])> = vec![
+        (
+            "denied role",
+            cli_tls(&good, &ca.cert, Some(&read), &["scale", "web", "2"]),
+            &["permission denied", "admin", "OU=read"],
+        ),
+        (
+            "unknown CA",
+            cli_tls(&good, &other.cert, Some(&admin), &["ls"]),
+            &["--tls-ca", "not signed"],
+        ),
+        (
+            "wrong host name",
+            cli_tls(
+                &format!("https://127.0.0.1:{port}"),
+                &ca.cert,
+                Some(&admin),
+                &["ls"],
+            ),
+            &["not valid for", "127.0.0.1", "localhost"],
+        ),
+        (
+            "expired client certificate",
+            cli_tls(&good, &ca.cert, Some(&expired), &["ls"]),
+            &["--tls-cert", "expired"],
+        ),
+        (
+            "no client certificate",
+            cli_tls(&good, &ca.cert, None, &["ls"]),
+            &["--tls-cert", "--tls-key"],
+        ),
+        (
+            "client certificate from another CA",
+            cli_tls(
+                &good,
+                &ca.cert,
+                Some(&other.client("x", "x", Some("admin"))),
+                &["ls"],
+            ),
+            &["refused", "client certificate"],
+        ),
+    ];
+    for (what, (ok, text), says) in cases {
+        eprintln!("{what}: {text}");
+        assert!(!ok, "{what}: succeeded");
+        for s in says {
+            assert!(text.contains(s), "{what}: {s:?} not in {text}");
+        }
+    }
+}
