@@ -669,3 +669,125 @@ async fn the_cli_says_what_is_wrong_with_a_tls_connection() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_client_degrades_only_itself() {
+    if skip_unless_root("a_greedy_client_degrades_only_itself") {
+        return;
+    }
+    let p = pki();
+    let port = free_port();
+    let agent = tls_agent(&p, port).await;
+    let ca = &p.ca.cert;
+    let greedy = p.ca.client("greedy", "greedy", Some("admin"));
+
+    // Thousands of Watch streams over a few connections: past the per-caller cap each one is
+    // refused with RESOURCE_EXHAUSTED, and nothing else is.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        let client = tls_client(port, ca, Some(&greedy)).await.expect("greedy");
+        for _ in 0..125 {
+            let mut c = client.clone();
+            match c
+                .watch(pb::WatchRequest {
+                    from_index: 0,
+                    follow: true,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(stream) => open.push(stream.into_inner()),
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                    assert!(
+                        s.message().contains("too many open streams"),
+                        "{}",
+                        s.message()
+                    );
+                    refused += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{} streams open, {refused} refused", open.len());
+    assert_eq!(open.len(), 256, "the cap per caller");
+    assert_eq!(refused, 1000 - 256);
+
+    // Everyone else is served as usual, streams included.
+    agent
+        .apply("name = \"calm\"\ncommand = [\"/bin/true\"]\nreplicas = 0\n")
+        .await
+        .expect("apply through the Unix socket");
+    let mut other = tls_client(port, ca, Some(&p.admin)).await.expect("admin");
+    other.list(pb::ListRequest {}).await.expect("list");
+    let mut w = other
+        .watch(pb::WatchRequest {
+            from_index: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("another caller's watch")
+        .into_inner();
+    assert!(w.message().await.expect("event").is_some());
+    agent
+        .client()
+        .await
+        .list(pb::ListRequest {})
+        .await
+        .expect("the Unix socket");
+
+    // Closing streams gives their places back.
+    open.truncate(200);
+    eventually("places given back", Duration::from_secs(10), || async {
+        let mut c = tls_client(port, ca, Some(&greedy)).await.ok()?;
+        c.watch(pb::WatchRequest {
+            from_index: 0,
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .ok()
+        .map(|_| ())
+    })
+    .await;
+    drop(open);
+
+    // Huge specs: refused before they are decoded, or by the spec size limit; nothing applied.
+    let mut admin = tls_client(port, ca, Some(&p.admin)).await.expect("admin");
+    for size in [(1 << 20) + 1, 2 << 20, 16 << 20] {
+        let toml = format!(
+            "name = \"huge\"\ncommand = [\"/bin/true\"]\n# {}\n",
+            "x".repeat(size)
+        );
+        let s = admin
+            .apply(pb::ApplyRequest {
+                source: Some(pb::apply_request::Source::SpecToml(toml)),
+                dry_run: false,
+                force: false,
+            })
+            .await
+            .expect_err("too big");
+        assert!(
+            matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+            ),
+            "{size}: {s:?}"
+        );
+        eprintln!("{size} bytes: {:?} {}", s.code(), s.message());
+    }
+    assert_eq!(
+        admin
+            .list(pb::ListRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .services
+            .len(),
+        1,
+        "only the calm one"
+    );
+}

@@ -315,7 +315,10 @@ where
         };
         let stream = if STREAM_METHODS.contains(&path.as_str()) {
             match self.streams.take(caller.who.clone()) {
-                Some(g) => Some(g),
+                Some(g) => {
+                    tracing::debug!(caller = %caller, method = %path, open = self.streams.held(&caller.who), "API stream");
+                    Some(g)
+                }
                 None => {
                     tracing::warn!(caller = %caller, method = %path, "API stream refused: too many open streams");
                     return Box::pin(std::future::ready(Ok(Status::resource_exhausted(format!(
