@@ -5,6 +5,7 @@
 //! Binaries are looked up in `CORRAL_BIN_DIR`, else next to the test executable's directory
 //! (`target/<profile>`); build them first with `cargo build --workspace`.
 
+pub mod apiload;
 pub mod cgroup;
 pub mod load;
 pub mod pki;
@@ -152,6 +153,11 @@ impl Agent {
     /// A fresh agent started with more flags.
     pub async fn start_args(args: &[&str]) -> Agent {
         Agent::start_full(None, "info,corral_agent=debug", args).await
+    }
+
+    /// A fresh agent logging at `filter`, started with more flags.
+    pub async fn start_full_args(filter: &str, args: &[&str]) -> Agent {
+        Agent::start_full(None, filter, args).await
     }
 
     /// A fresh agent logging at `filter` (a `RUST_LOG` value).

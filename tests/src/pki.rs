@@ -112,3 +112,32 @@ pub fn self_signed_client(dir: &Path, name: &str, cn: &str, unit: &str) -> Pem {
         key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
     }
 }
+
+/// A channel to the agent's TLS listener at `localhost:port`, trusting `ca`, presenting
+/// `identity` when given.
+pub async fn channel(
+    port: u16,
+    ca: &Path,
+    identity: Option<&Pem>,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(ca).map_err(|e| e.to_string())?,
+        ))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&id.cert).map_err(|e| e.to_string())?,
+            std::fs::read(&id.key).map_err(|e| e.to_string())?,
+        ));
+    }
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}

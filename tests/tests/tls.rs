@@ -12,7 +12,7 @@ use std::time::Duration;
 use corral_e2e::pki::{self, Ca, Pem};
 use corral_e2e::{Agent, bin, eventually, pb, skip_unless_root, testbin};
 use pb::agent_client::AgentClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -35,24 +35,7 @@ async fn tls_client(
 }
 
 async fn tls_channel(port: u16, ca: &Path, identity: Option<&Pem>) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("ca")))
-        .domain_name("localhost");
-    if let Some(id) = identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(&id.cert).expect("cert"),
-            std::fs::read(&id.key).expect("key"),
-        ));
-    }
-    let channel = Endpoint::from_shared(format!("https://localhost:{port}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    Ok(channel)
+    pki::channel(port, ca, identity).await
 }
 
 /// List through a fresh connection: the outcome, or the error as text.
