@@ -6,7 +6,9 @@
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
 //! updates of 4 HTTP instances under 16 clients: failed requests, longest gap, p99, the
-//! agent's overhead per instance). Default: all.
+//! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
+//! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
+//! rollouts). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -171,6 +173,152 @@ async fn main() {
     if wants("rollout") {
         rollout(rounds.clamp(1, 5)).await;
     }
+    if wants("api") {
+        api().await;
+    }
+}
+
+/// `Get` from every client, each on its own connection, for `for_how_long`: the latencies
+/// and the calls per second.
+async fn get_loop(
+    clients: Vec<pb::agent_client::AgentClient<tonic::transport::Channel>>,
+    for_how_long: Duration,
+) -> (Vec<Duration>, f64) {
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut v = Vec::new();
+                while started.elapsed() < for_how_long {
+                    let t = Instant::now();
+                    c.get(pb::GetRequest { name: "web".into() })
+                        .await
+                        .expect("get");
+                    v.push(t.elapsed());
+                }
+                v
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client"));
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    (all, rate)
+}
+
+async fn api() {
+    use corral_e2e::apiload::{self, Client, Until};
+    use corral_e2e::pki::{self, Ca};
+    const CLIENTS: usize = 32;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "bench");
+    let server = ca.server("server");
+    let admin = ca.client("admin", "scheduler", Some("admin"));
+    let read = ca.client("read", "dashboard", Some("read"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let p = |p: &Path| p.to_str().expect("utf-8").to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let (cert, key, client_ca) = (p(&server.cert), p(&server.key), p(&ca.cert));
+    let agent = Agent::start_full_args(
+        "warn",
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &client_ca,
+        ],
+    )
+    .await;
+    let web = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let spec = format!(
+        "name = \"web\"\ncommand = [{:?}, \"http-listen\", \"50\"]\nreplicas = 2\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{web}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n[rollout]\nmin_healthy = \"300ms\"\n",
+        testbin()
+    );
+    apply(&agent, &spec).await;
+    for _ in 0..300 {
+        if agent.get("web").await.is_ok_and(|s| s.healthy == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = agent.pid().expect("pid");
+    println!(
+        "API: {CLIENTS} clients, each on its own connection, Get of a 2-instance service for 5 s"
+    );
+    for transport in ["unix", "mtls"] {
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            clients.push(match transport {
+                "unix" => corral_e2e::connect(&agent.socket).await.expect("unix"),
+                _ => pb::agent_client::AgentClient::new(
+                    pki::channel(port, &ca.cert, Some(&read))
+                        .await
+                        .expect("mtls"),
+                ),
+            });
+        }
+        // Warm up the connections.
+        let _ = get_loop(clients.clone(), Duration::from_millis(500)).await;
+        let (lat, rate) = get_loop(clients, Duration::from_secs(5)).await;
+        stats(&format!("Get over {transport}"), lat, true);
+        println!(
+            "{:<48} {rate:.0} calls/s",
+            format!("Get over {transport}: throughput")
+        );
+    }
+
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let id = if i % 2 == 0 { &admin } else { &read };
+        clients.push(Client {
+            api: pb::agent_client::AgentClient::new(
+                pki::channel(port, &ca.cert, Some(id)).await.expect("mtls"),
+            ),
+            admin: i % 2 == 0,
+        });
+    }
+    let fresh = apiload::rss_kib(pid);
+    // Fill what is bounded (the live event window, pools, connections) before measuring.
+    let warm = apiload::run(clients.clone(), "web", &spec, Until::Calls(20_000)).await;
+    assert!(
+        warm.unexpected.is_empty(),
+        "{:?}",
+        &warm.unexpected[..warm.unexpected.len().min(5)]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = apiload::rss_kib(pid);
+    let t = Instant::now();
+    let out = apiload::run(clients, "web", &spec, Until::Calls(100_000)).await;
+    let took = t.elapsed();
+    let during = apiload::rss_kib(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = apiload::rss_kib(pid);
+    println!(
+        "100 000 mixed calls over mTLS from {CLIENTS} clients (half admin, half read) during rollouts: {} calls in {:.1} s ({:.0}/s), {} unexpected outcomes, refusals {:?}",
+        out.total(),
+        took.as_secs_f64(),
+        out.total() as f64 / took.as_secs_f64(),
+        out.unexpected.len(),
+        out.refusals
+    );
+    println!(
+        "agent RSS: {fresh} KiB with the connections open, {before} KiB after 20 000 warm-up calls, {during} KiB at the end, {after} KiB 2 s later: growth {} KiB",
+        after as i64 - before as i64
+    );
+    delete(&agent, "web").await;
 }
 
 async fn core(rounds: usize) {
