@@ -39,6 +39,8 @@ listen = "127.0.0.1:{port}"
 http = "http://127.0.0.1:{{port.admin}}/healthz"
 interval = "200ms"
 timeout = "150ms"
+# A loaded machine may take a while to start an instance: refusals then do not count.
+start_period = "5s"
 
 [rollout]
 min_healthy = "500ms"

@@ -147,10 +147,17 @@ async fn one_socket_for_all_instances_kept_across_an_agent_restart() {
     .await;
     // Delete closes it.
     agent.delete("sock").await.expect("delete");
-    assert!(
-        listen_inodes(port).is_empty(),
-        "nothing listens once the service is gone"
-    );
+    // The instances hold it until they are gone.
+    eventually(
+        "nothing listens once the service is gone",
+        Duration::from_secs(20),
+        || async { listen_inodes(port).is_empty().then_some(()) },
+    )
+    .await;
+    eventually("the service is gone", Duration::from_secs(20), || async {
+        agent.get("sock").await.is_err().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
