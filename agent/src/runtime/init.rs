@@ -27,9 +27,10 @@ use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigaction, 
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use nix::unistd::{ForkResult, Pid, fork};
 
 use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
+use super::privileges::Privileges;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD,
@@ -525,8 +526,8 @@ struct ExecPlan {
     /// Names of the listening sockets on the init's fds 4, 5, ... (`LISTEN_FDNAMES`).
     listen_names: Vec<String>,
     workdir: CString,
-    uid: Option<Uid>,
-    gid: Option<Gid>,
+    /// User, groups, capabilities and limits the service runs with.
+    privileges: Privileges,
 }
 
 impl ExecPlan {
@@ -549,13 +550,18 @@ impl ExecPlan {
             notify_socket: None,
             listen_names: config.listen_names.clone(),
             workdir,
-            uid: config.uid.map(Uid::from_raw),
-            gid: config.gid.map(Gid::from_raw),
+            privileges: Privileges {
+                uid: config.uid,
+                gid: config.gid,
+                caps: config.capabilities,
+                nofile: config.nofile,
+            },
         })
     }
 
-    /// In the forked child: wire stdio, drop privileges, execute. Returns only on failure,
-    /// with the error and what was being done.
+    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]) and set
+    /// `no_new_privs`, execute. Returns only on failure, with the error and what was being
+    /// done.
     fn run(&self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
         let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
         // Signal dispositions with handlers are reset by exec; the mask is not.
@@ -599,18 +605,8 @@ impl ExecPlan {
         if let Err(e) = nix::unistd::chdir(self.workdir.as_c_str()) {
             return (e, format!("workdir {:?}: {}", self.workdir, e.desc()));
         }
-        if let Some(gid) = self.gid {
-            if let Err(e) = nix::unistd::setgroups(&[]) {
-                return step("clearing supplementary groups", e);
-            }
-            if let Err(e) = nix::unistd::setgid(gid) {
-                return step("setgid", e);
-            }
-        }
-        if let Some(uid) = self.uid
-            && let Err(e) = nix::unistd::setuid(uid)
-        {
-            return step("setuid", e);
+        if let Err((what, e)) = self.privileges.apply() {
+            return step(what, e);
         }
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             return step("setting no_new_privs", e);

@@ -24,6 +24,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::launch::{Identity, service_env};
+use super::privileges::CapPlan;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
     ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
@@ -142,6 +143,18 @@ fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String>
             Ok(Some(entry(u, *uid, *gid)))
         }
     }
+}
+
+/// The capabilities of `spec`'s service process, which depend on the user it runs as (the
+/// agent's own when `identity` is unknown).
+fn cap_plan(spec: &ServiceSpec, identity: Option<&Identity>) -> CapPlan {
+    let uid = identity.map_or_else(|| nix::unistd::Uid::effective().as_raw(), |i| i.uid);
+    CapPlan::for_instance(spec.isolation.capabilities.as_deref(), uid)
+}
+
+/// A number from a one-line file under `/proc/sys`.
+fn sysctl(path: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
@@ -335,6 +348,7 @@ impl Runtime for LinuxRuntime {
             }
         }
         let drop_privileges = spec.user.is_some();
+        let capabilities = cap_plan(spec, identity.as_ref());
         let config = InitConfig {
             instance: instance.to_string(),
             command: spec.command.clone(),
@@ -351,6 +365,8 @@ impl Runtime for LinuxRuntime {
             log_max_files: spec.logs.max_files,
             notify: spec.health.as_ref().is_some_and(|h| h.notify),
             listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
+            capabilities: Some(capabilities),
+            nofile: spec.resources.nofile,
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -524,6 +540,23 @@ impl Runtime for LinuxRuntime {
             Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
             Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
         }
+        if let Some(caps) = &spec.isolation.capabilities
+            && let Some(last) = sysctl("/proc/sys/kernel/cap_last_cap")
+        {
+            for cap in caps.iter().filter(|c| u64::from(c.index()) > last) {
+                why.push(format!(
+                    "isolation.capabilities: this kernel does not know {cap} (its last capability is number {last})"
+                ));
+            }
+        }
+        if let Some(nofile) = spec.resources.nofile
+            && let Some(max) = sysctl("/proc/sys/fs/nr_open")
+            && nofile > max
+        {
+            why.push(format!(
+                "resources.nofile: {nofile} is above this host's fs.nr_open ({max})"
+            ));
+        }
         if why.is_empty() {
             Ok(())
         } else {
@@ -644,6 +677,8 @@ impl Runtime for LinuxRuntime {
             ns_flags,
             uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
             gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            caps: cap_plan(spec, identity.as_ref()),
+            nofile: spec.resources.nofile,
             workdir: spec.workdir.display().to_string(),
         })
     }

@@ -13,6 +13,7 @@ pub mod init;
 mod launch;
 pub mod linux;
 pub mod logwriter;
+pub mod privileges;
 pub mod probe_exec;
 
 use std::collections::BTreeMap;
@@ -62,6 +63,12 @@ pub struct InitConfig {
     /// Names of the listening sockets the init holds on fds 4, 5, ... (`LISTEN_FDNAMES`).
     #[serde(default)]
     pub listen_names: Vec<String>,
+    /// The service's capabilities; `None` (a config written by an older agent): unchanged.
+    #[serde(default)]
+    pub capabilities: Option<privileges::CapPlan>,
+    /// `RLIMIT_NOFILE` of the service (soft and hard); `None`: the agent's.
+    #[serde(default)]
+    pub nofile: Option<u64>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
