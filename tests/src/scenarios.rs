@@ -20,6 +20,7 @@ pub const KERNEL: &[&str] = &[
     "init_reaps_orphans",
     "rolling_restart_keeps_serving",
     "capabilities_as_configured",
+    "readonly_root_keeps_workdir_and_tmp_writable",
     "nofile_limit_applies",
 ];
 
@@ -36,6 +37,9 @@ pub async fn run(name: &str) -> bool {
         "init_reaps_orphans" => init_reaps_orphans().await,
         "rolling_restart_keeps_serving" => rolling_restart_keeps_serving().await,
         "capabilities_as_configured" => capabilities_as_configured().await,
+        "readonly_root_keeps_workdir_and_tmp_writable" => {
+            readonly_root_keeps_workdir_and_tmp_writable().await
+        }
         "nofile_limit_applies" => nofile_limit_applies().await,
         _ => return false,
     }
@@ -618,6 +622,103 @@ pub async fn capabilities_as_configured() {
     // The exec probes saw the same sets as their services.
     wait_healthy(&agent, "capbind").await;
     wait_healthy(&agent, "capkill").await;
+}
+
+/// `readonly_root`: writes outside `workdir` and `/tmp` fail with EROFS (the agent's state
+/// directory included, also when `/tmp` holds it), writes into both succeed, the file written
+/// in `workdir` is the host's, `/dev/null` and the instance's own `/proc` files still work,
+/// and the instance's logs are still written.
+pub async fn readonly_root_keeps_workdir_and_tmp_writable() {
+    let agent = Agent::start().await;
+    // Not under /tmp: a private /tmp would hide it.
+    std::fs::create_dir_all("/var/tmp").expect("mkdir /var/tmp");
+    let workdir = tempfile::Builder::new()
+        .prefix("corral-e2e-ro-")
+        .tempdir_in("/var/tmp")
+        .expect("workdir");
+    let wd = workdir.path().display().to_string();
+    let state = agent.state_dir.display().to_string();
+    // Only what exists on this host (the v2 VM has a small userland).
+    let readonly: Vec<&str> = ["/", "/etc", "/usr", "/var", "/var/tmp"]
+        .into_iter()
+        .filter(|p| std::path::Path::new(p).is_dir())
+        .collect();
+    let mut targets: Vec<String> = vec![format!("keep:{wd}"), "/tmp".into()];
+    targets.extend(readonly.iter().map(|p| p.to_string()));
+    targets.extend(
+        [
+            "/dev/null",
+            "/proc/self/oom_score_adj",
+            "/proc/sys/kernel/domainname",
+        ]
+        .map(String::from),
+    );
+    targets.push(state.clone());
+    let args: Vec<&str> = std::iter::once("writes")
+        .chain(targets.iter().map(String::as_str))
+        .collect();
+    let extra = format!("workdir = {wd:?}\n[isolation]\nreadonly_root = true\n");
+    agent
+        .apply(&spec("ro", 1, &args, &extra))
+        .await
+        .expect("apply");
+    let ro = agent.wait_running("ro", 1).await.remove(0).id;
+    let wrote = |path: &str| {
+        let key = format!("write:{path}");
+        let agent = &agent;
+        let ro = ro.clone();
+        async move { agent.reported(&ro, &key).await }
+    };
+    assert_eq!(wrote(&wd).await, "ok", "workdir is writable");
+    assert_eq!(wrote("/tmp").await, "ok", "/tmp is writable");
+    for path in &readonly {
+        assert_eq!(wrote(path).await, "EROFS", "{path} is read-only");
+    }
+    assert_eq!(wrote("/dev/null").await, "ok", "devices still work");
+    assert_eq!(
+        wrote("/proc/self/oom_score_adj").await,
+        "ok",
+        "own /proc works"
+    );
+    assert_eq!(
+        wrote("/proc/sys/kernel/domainname").await,
+        "EROFS",
+        "kernel knobs stay read-only"
+    );
+    // The state directory is under the private /tmp (hidden) or read-only.
+    let state_result = wrote(&state).await;
+    assert!(
+        state_result == "ENOENT" || state_result == "EROFS",
+        "agent state: {state_result}"
+    );
+    let host_file = workdir.path().join("written-by-corral-testbin");
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("the instance's file is on the host"),
+        "written from inside the instance\n"
+    );
+
+    // Without a private /tmp the host's /tmp is writable, but never the agent's state in it.
+    let extra = "[isolation]\nnamespaces = [\"pid\", \"mount\"]\nprivate_tmp = false\nreadonly_root = true\n";
+    let logs = agent.state_dir.join("logs").display().to_string();
+    agent
+        .apply(&spec(
+            "ro2",
+            1,
+            &["writes", "/tmp", &state, &logs, "/"],
+            extra,
+        ))
+        .await
+        .expect("apply");
+    let ro2 = agent.wait_running("ro2", 1).await.remove(0).id;
+    assert_eq!(agent.reported(&ro2, "write:/tmp").await, "ok");
+    assert_eq!(agent.reported(&ro2, "write:/").await, "EROFS");
+    for dir in [&state, &logs] {
+        assert_eq!(
+            agent.reported(&ro2, &format!("write:{dir}")).await,
+            "EROFS",
+            "the agent's state {dir} stays read-only"
+        );
+    }
 }
 
 /// `[resources] nofile` is the service's soft and hard `RLIMIT_NOFILE`, and its exec

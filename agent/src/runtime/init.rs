@@ -3,7 +3,8 @@
 //! by the spawn path in [`super::linux`], already inside the instance's cgroup and namespaces.
 //!
 //! It finishes the isolation that needs a process inside the namespaces (private mount
-//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the hostname, loopback),
+//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the read-only view of
+//! the host for `readonly_root`, the hostname, loopback),
 //! forks the service process (which drops privileges and executes the command), then loops:
 //! it copies the service's stdout/stderr into the instance's rotating log files, forwards
 //! signals, reaps every child, and when the service process ends it records how (the exit
@@ -30,6 +31,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
+use super::mounts;
 use super::privileges::Privileges;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
@@ -237,11 +239,20 @@ impl Init {
     /// Everything up to and including the fork of the service process. Files are opened
     /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
     fn setup(config: &InitConfig) -> Result<Init, String> {
-        let log_dir = nix::fcntl::open(
-            config.log_dir.as_path(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
+        let readonly_root = config.readonly_root && config.mount_namespace;
+        let log_dir = if readonly_root {
+            // A private copy of the log directory's mount, outside this namespace's tree, so
+            // that making the tree read-only neither fails on the open log files (EBUSY) nor
+            // stops them from being written.
+            mounts::detached(&config.log_dir)
+        } else {
+            nix::fcntl::open(
+                config.log_dir.as_path(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io::Error::from)
+        }
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
         let open = |name| {
             RotatingFile::open(&log_dir, name, config.log_max_files)
@@ -283,6 +294,10 @@ impl Init {
                     Some("mode=1777"),
                 )
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
+            }
+            if readonly_root {
+                mounts::readonly_root(&config.workdir, config.state_dir.as_deref())
+                    .map_err(|e| format!("isolation.readonly_root: {e}"))?;
             }
         }
         if let Some(name) = &config.hostname {

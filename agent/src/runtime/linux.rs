@@ -61,6 +61,8 @@ const HIGH_FD: RawFd = 16;
 
 #[derive(Debug)]
 pub struct LinuxRuntime {
+    /// Kept read-only inside `readonly_root` instances.
+    state_dir: PathBuf,
     run_root: PathBuf,
     log_root: PathBuf,
     /// What an instance's first process executes.
@@ -99,6 +101,8 @@ impl LinuxRuntime {
                 .create(d)?;
         }
         Ok(LinuxRuntime {
+            // Absolute and without symlinks: instances resolve it in their own mount table.
+            state_dir: fs::canonicalize(state_dir)?,
             run_root,
             log_root,
             exe: init_executable(),
@@ -367,6 +371,8 @@ impl Runtime for LinuxRuntime {
             listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
             capabilities: Some(capabilities),
             nofile: spec.resources.nofile,
+            readonly_root: spec.isolation.readonly_root,
+            state_dir: Some(self.state_dir.clone()),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -556,6 +562,12 @@ impl Runtime for LinuxRuntime {
             why.push(format!(
                 "resources.nofile: {nofile} is above this host's fs.nr_open ({max})"
             ));
+        }
+        if spec.isolation.readonly_root && !super::mounts::kernel_supports_readonly_root() {
+            why.push(
+                "isolation.readonly_root: this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)"
+                    .to_string(),
+            );
         }
         if why.is_empty() {
             Ok(())

@@ -13,6 +13,7 @@ pub mod init;
 mod launch;
 pub mod linux;
 pub mod logwriter;
+mod mounts;
 pub mod privileges;
 pub mod probe_exec;
 
@@ -69,6 +70,13 @@ pub struct InitConfig {
     /// `RLIMIT_NOFILE` of the service (soft and hard); `None`: the agent's.
     #[serde(default)]
     pub nofile: Option<u64>,
+    /// Make the host's filesystem read-only inside the instance, except `workdir` and `/tmp`.
+    #[serde(default)]
+    pub readonly_root: bool,
+    /// The agent's state directory, which a `readonly_root` instance must never be able to
+    /// write, even when it lies inside `workdir` or `/tmp`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.

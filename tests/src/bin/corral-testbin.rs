@@ -177,6 +177,34 @@ fn errno_name(e: &std::io::Error) -> String {
     }
 }
 
+/// Try to write at `target`: a new file in it when it is a directory (removed again unless
+/// `keep`; kept as `written-by-corral-testbin`), else the existing file itself ("0\n").
+/// Returns `ok` or the errno name.
+fn try_write(target: &str, keep: bool) -> String {
+    let path = std::path::Path::new(target);
+    let result = if path.is_dir() {
+        let file = if keep {
+            path.join("written-by-corral-testbin")
+        } else {
+            path.join(format!(".corral-testbin-{}", std::process::id()))
+        };
+        std::fs::write(&file, b"written from inside the instance\n").map(|()| {
+            if !keep {
+                let _ = std::fs::remove_file(&file);
+            }
+        })
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"0\n"))
+    };
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => errno_name(&e),
+    }
+}
+
 fn hog_memory(mib: usize) {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     for i in 0..mib {
@@ -407,6 +435,21 @@ fn main() {
             }
             println!("{}={found:?}, expected {:?}", arg(1), arg(2));
             std::process::exit(1);
+        }
+        // For each PATH, try writing there (see `try_write`; `keep:PATH` keeps the file) and
+        // print `write:PATH=ok` or `write:PATH=EROFS` (the errno); then `ready=1` and run
+        // until SIGTERM.
+        "writes" => {
+            on_term_exit_zero();
+            for target in &args[1..] {
+                let (path, keep) = match target.strip_prefix("keep:") {
+                    Some(path) => (path, true),
+                    None => (target.as_str(), false),
+                };
+                line(&format!("write:{path}"), try_write(path, keep));
+            }
+            line("ready", 1);
+            sleep_forever();
         }
         // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
         "print" => {
