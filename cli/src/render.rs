@@ -1130,6 +1130,7 @@ mod tests {
                     cpu: Some(0.5),
                     memory: Some("268435456".into()),
                     pids: None,
+                    nofile: None,
                 }),
                 health: Some(pb::Health {
                     http: Some("http://127.0.0.1:{port.admin}/healthz".into()),

@@ -93,11 +93,14 @@ impl From<&pb::ServiceSpec> for SpecView {
                 cpu: resources.cpu,
                 memory_bytes: resources.memory.as_deref().and_then(parse_size),
                 pids: resources.pids,
+                nofile: resources.nofile,
             },
             isolation: IsolationView {
                 namespaces: isolation.namespaces.map(|n| n.names),
                 hostname: isolation.hostname,
                 private_tmp: isolation.private_tmp,
+                capabilities: isolation.capabilities.map(|c| c.names),
+                readonly_root: isolation.readonly_root,
             },
             ports: s.ports.clone().into_iter().collect(),
             sockets: s
@@ -145,6 +148,8 @@ pub struct ResourcesView {
     pub cpu: Option<f64>,
     pub memory_bytes: Option<u64>,
     pub pids: Option<u64>,
+    /// `RLIMIT_NOFILE`; `null`: the agent's own.
+    pub nofile: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +158,9 @@ pub struct IsolationView {
     pub namespaces: Option<Vec<String>>,
     pub hostname: Option<String>,
     pub private_tmp: Option<bool>,
+    /// `null`: the default (none for a non-root user, Docker's default set for root).
+    pub capabilities: Option<Vec<String>>,
+    pub readonly_root: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -848,6 +856,7 @@ mod tests {
                     cpu: Some(0.5),
                     memory: Some("268435456".into()),
                     pids: Some(256),
+                    nofile: Some(4096),
                 }),
                 logs: Some(pb::Logs {
                     max_size: Some("10MiB".into()),
@@ -889,7 +898,7 @@ mod tests {
         assert_eq!(v["rollout"]["id"], "web-r3");
         assert_eq!(
             v["spec"]["resources"],
-            json!({"cpu": 0.5, "memory_bytes": 268_435_456u64, "pids": 256})
+            json!({"cpu": 0.5, "memory_bytes": 268_435_456u64, "pids": 256, "nofile": 4096})
         );
         assert_eq!(v["spec"]["logs"]["max_size_bytes"], json!(10u64 << 20));
         assert_eq!(v["spec"]["health"], Value::Null);

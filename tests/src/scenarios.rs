@@ -19,6 +19,9 @@ pub const KERNEL: &[&str] = &[
     "private_network_has_only_loopback",
     "init_reaps_orphans",
     "rolling_restart_keeps_serving",
+    "capabilities_as_configured",
+    "readonly_root_keeps_workdir_and_tmp_writable",
+    "nofile_limit_applies",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -33,6 +36,11 @@ pub async fn run(name: &str) -> bool {
         "private_network_has_only_loopback" => private_network_has_only_loopback().await,
         "init_reaps_orphans" => init_reaps_orphans().await,
         "rolling_restart_keeps_serving" => rolling_restart_keeps_serving().await,
+        "capabilities_as_configured" => capabilities_as_configured().await,
+        "readonly_root_keeps_workdir_and_tmp_writable" => {
+            readonly_root_keeps_workdir_and_tmp_writable().await
+        }
+        "nofile_limit_applies" => nofile_limit_applies().await,
         _ => return false,
     }
     true
@@ -497,4 +505,236 @@ async fn two_healthy(agent: &Agent) -> Option<pb::ServiceStatus> {
         && s.instances.len() == 2
         && s.rollout.as_ref().is_none_or(|r| r.state != "running"))
     .then_some(s)
+}
+
+/// Docker's default capability set, as `/proc/PID/status` shows it.
+const DOCKER_DEFAULT_CAPS: &str = "00000000a80425fb";
+const NO_CAPS: &str = "0000000000000000";
+
+/// An exec probe that passes when the probe process itself shows `key=value` (see
+/// `corral-testbin privileges`): probes run with the service's privileges.
+fn check_probe(key: &str, value: &str) -> String {
+    format!(
+        "[health]\nexec = [{:?}, \"check\", {key:?}, {value:?}]\ninterval = \"300ms\"\ntimeout = \"300ms\"\n",
+        testbin()
+    )
+}
+
+async fn wait_healthy(agent: &Agent, name: &str) {
+    eventually(
+        &format!("{name} healthy by its exec probe"),
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get(name).await.ok()?;
+            (s.healthy == 1).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Capabilities as configured, read from `/proc/self/status` inside the instances (and inside
+/// their exec probes): a non-root user has none at all, or exactly the listed ones as ambient
+/// capabilities (and then can bind port 80 in its own network namespace); root has Docker's
+/// default bounding set, or exactly the listed ones; supplementary groups are empty either way.
+pub async fn capabilities_as_configured() {
+    let agent = Agent::start().await;
+    let net = "namespaces = [\"pid\", \"mount\", \"uts\", \"ipc\", \"net\"]\n";
+    let specs = [
+        spec(
+            "capnone",
+            1,
+            &["privileges", "80"],
+            &format!("user = \"65534:65534\"\n[isolation]\n{net}"),
+        ),
+        spec(
+            "capbind",
+            1,
+            &["privileges", "80"],
+            &format!(
+                "user = \"65534:65534\"\n[isolation]\n{net}capabilities = [\"NET_BIND_SERVICE\"]\n{}",
+                check_probe("cap_amb", "0000000000000400")
+            ),
+        ),
+        spec("caproot", 1, &["privileges"], ""),
+        spec(
+            "capkill",
+            1,
+            &["privileges"],
+            &format!(
+                "[isolation]\ncapabilities = [\"cap_kill\"]\n{}",
+                check_probe("cap_bnd", "0000000000000020")
+            ),
+        ),
+    ];
+    for toml in &specs {
+        agent.apply(toml).await.expect("apply");
+    }
+    let mut ids = Vec::new();
+    for name in ["capnone", "capbind", "caproot", "capkill"] {
+        ids.push(agent.wait_running(name, 1).await.remove(0).id);
+    }
+    let [none, bind, root, kill] = <[String; 4]>::try_from(ids).expect("four instances");
+    let expect = [
+        // A non-root user: nothing, and port 80 is refused.
+        (&none, "cap_inh", NO_CAPS),
+        (&none, "cap_prm", NO_CAPS),
+        (&none, "cap_eff", NO_CAPS),
+        (&none, "cap_amb", NO_CAPS),
+        (&none, "cap_bnd", NO_CAPS),
+        (&none, "uid", "65534"),
+        (&none, "bind", "EACCES"),
+        // ...with CAP_NET_BIND_SERVICE, only that, ambient, and port 80 binds.
+        (&bind, "cap_inh", "0000000000000400"),
+        (&bind, "cap_prm", "0000000000000400"),
+        (&bind, "cap_eff", "0000000000000400"),
+        (&bind, "cap_amb", "0000000000000400"),
+        (&bind, "cap_bnd", "0000000000000400"),
+        (&bind, "uid", "65534"),
+        (&bind, "bind", "ok"),
+        // Root: Docker's default set, nothing inheritable or ambient.
+        (&root, "cap_bnd", DOCKER_DEFAULT_CAPS),
+        (&root, "cap_prm", DOCKER_DEFAULT_CAPS),
+        (&root, "cap_eff", DOCKER_DEFAULT_CAPS),
+        (&root, "cap_inh", NO_CAPS),
+        (&root, "cap_amb", NO_CAPS),
+        (&root, "uid", "0"),
+        // ...with capabilities = ["cap_kill"], only CAP_KILL (bit 5).
+        (&kill, "cap_bnd", "0000000000000020"),
+        (&kill, "cap_prm", "0000000000000020"),
+        (&kill, "cap_eff", "0000000000000020"),
+        (&kill, "cap_amb", NO_CAPS),
+    ];
+    for (instance, key, value) in expect {
+        assert_eq!(
+            agent.reported(instance, key).await,
+            value,
+            "{key} of {instance}"
+        );
+    }
+    for instance in [&none, &bind, &root, &kill] {
+        assert_eq!(agent.reported(instance, "groups").await, "", "{instance}");
+        assert_eq!(
+            agent.reported(instance, "no_new_privs").await,
+            "1",
+            "{instance}"
+        );
+    }
+    // The exec probes saw the same sets as their services.
+    wait_healthy(&agent, "capbind").await;
+    wait_healthy(&agent, "capkill").await;
+}
+
+/// `readonly_root`: writes outside `workdir` and `/tmp` fail with EROFS (the agent's state
+/// directory included, also when `/tmp` holds it), writes into both succeed, the file written
+/// in `workdir` is the host's, `/dev/null` and the instance's own `/proc` files still work,
+/// and the instance's logs are still written.
+pub async fn readonly_root_keeps_workdir_and_tmp_writable() {
+    let agent = Agent::start().await;
+    // Not under /tmp: a private /tmp would hide it.
+    std::fs::create_dir_all("/var/tmp").expect("mkdir /var/tmp");
+    let workdir = tempfile::Builder::new()
+        .prefix("corral-e2e-ro-")
+        .tempdir_in("/var/tmp")
+        .expect("workdir");
+    let wd = workdir.path().display().to_string();
+    let state = agent.state_dir.display().to_string();
+    // Only what exists on this host (the v2 VM has a small userland).
+    let readonly: Vec<&str> = ["/", "/etc", "/usr", "/var", "/var/tmp"]
+        .into_iter()
+        .filter(|p| std::path::Path::new(p).is_dir())
+        .collect();
+    let mut targets: Vec<String> = vec![format!("keep:{wd}"), "/tmp".into()];
+    targets.extend(readonly.iter().map(|p| p.to_string()));
+    targets.extend(
+        [
+            "/dev/null",
+            "/proc/self/oom_score_adj",
+            "/proc/sys/kernel/domainname",
+        ]
+        .map(String::from),
+    );
+    targets.push(state.clone());
+    let args: Vec<&str> = std::iter::once("writes")
+        .chain(targets.iter().map(String::as_str))
+        .collect();
+    let extra = format!("workdir = {wd:?}\n[isolation]\nreadonly_root = true\n");
+    agent
+        .apply(&spec("ro", 1, &args, &extra))
+        .await
+        .expect("apply");
+    let ro = agent.wait_running("ro", 1).await.remove(0).id;
+    let wrote = |path: &str| {
+        let key = format!("write:{path}");
+        let agent = &agent;
+        let ro = ro.clone();
+        async move { agent.reported(&ro, &key).await }
+    };
+    assert_eq!(wrote(&wd).await, "ok", "workdir is writable");
+    assert_eq!(wrote("/tmp").await, "ok", "/tmp is writable");
+    for path in &readonly {
+        assert_eq!(wrote(path).await, "EROFS", "{path} is read-only");
+    }
+    assert_eq!(wrote("/dev/null").await, "ok", "devices still work");
+    assert_eq!(
+        wrote("/proc/self/oom_score_adj").await,
+        "ok",
+        "own /proc works"
+    );
+    assert_eq!(
+        wrote("/proc/sys/kernel/domainname").await,
+        "EROFS",
+        "kernel knobs stay read-only"
+    );
+    // The state directory is under the private /tmp (hidden) or read-only.
+    let state_result = wrote(&state).await;
+    assert!(
+        state_result == "ENOENT" || state_result == "EROFS",
+        "agent state: {state_result}"
+    );
+    let host_file = workdir.path().join("written-by-corral-testbin");
+    assert_eq!(
+        std::fs::read_to_string(&host_file).expect("the instance's file is on the host"),
+        "written from inside the instance\n"
+    );
+
+    // Without a private /tmp the host's /tmp is writable, but never the agent's state in it.
+    let extra = "[isolation]\nnamespaces = [\"pid\", \"mount\"]\nprivate_tmp = false\nreadonly_root = true\n";
+    let logs = agent.state_dir.join("logs").display().to_string();
+    agent
+        .apply(&spec(
+            "ro2",
+            1,
+            &["writes", "/tmp", &state, &logs, "/"],
+            extra,
+        ))
+        .await
+        .expect("apply");
+    let ro2 = agent.wait_running("ro2", 1).await.remove(0).id;
+    assert_eq!(agent.reported(&ro2, "write:/tmp").await, "ok");
+    assert_eq!(agent.reported(&ro2, "write:/").await, "EROFS");
+    for dir in [&state, &logs] {
+        assert_eq!(
+            agent.reported(&ro2, &format!("write:{dir}")).await,
+            "EROFS",
+            "the agent's state {dir} stays read-only"
+        );
+    }
+}
+
+/// `[resources] nofile` is the service's soft and hard `RLIMIT_NOFILE`, and its exec
+/// probe's.
+pub async fn nofile_limit_applies() {
+    let agent = Agent::start().await;
+    let extra = format!(
+        "user = \"65534:65534\"\n[resources]\nnofile = 777\n{}",
+        check_probe("nofile_hard", "777")
+    );
+    agent
+        .apply(&spec("nofile", 1, &["privileges"], &extra))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("nofile", 1).await.remove(0).id;
+    assert_eq!(agent.reported(&inst, "nofile_soft").await, "777");
+    assert_eq!(agent.reported(&inst, "nofile_hard").await, "777");
+    wait_healthy(&agent, "nofile").await;
 }

@@ -24,3 +24,6 @@ scenario!(delete_leaves_nothing);
 scenario!(private_network_has_only_loopback);
 scenario!(init_reaps_orphans);
 scenario!(rolling_restart_keeps_serving);
+scenario!(capabilities_as_configured);
+scenario!(readonly_root_keeps_workdir_and_tmp_writable);
+scenario!(nofile_limit_applies);

@@ -42,11 +42,14 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             cpu: r.cpu,
             memory: r.memory.map(RawSize::Text),
             pids: r.pids.map(|v| int("resources.pids", v, &mut errors)),
+            nofile: r.nofile.map(|v| int("resources.nofile", v, &mut errors)),
         }),
         isolation: p.isolation.map(|i| RawIsolation {
             namespaces: i.namespaces.map(|n| n.names),
             hostname: i.hostname,
             private_tmp: i.private_tmp,
+            capabilities: i.capabilities.map(|c| c.names),
+            readonly_root: i.readonly_root,
         }),
         ports: if p.ports.is_empty() {
             None
@@ -137,11 +140,14 @@ pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
             cpu: x.cpu,
             memory: x.memory.map(size_text),
             pids: x.pids.and_then(|n| u64::try_from(n).ok()),
+            nofile: x.nofile.and_then(|n| u64::try_from(n).ok()),
         }),
         isolation: r.isolation.map(|i| pb::Isolation {
             namespaces: i.namespaces.map(|names| pb::NamespaceList { names }),
             hostname: i.hostname,
             private_tmp: i.private_tmp,
+            capabilities: i.capabilities.map(|names| pb::CapabilityList { names }),
+            readonly_root: i.readonly_root,
         }),
         ports: r
             .ports
@@ -413,11 +419,14 @@ replicas = 3
 cpu = 0.5
 memory = "256MiB"
 pids = 256
+nofile = 4096
 
 [isolation]
 namespaces = ["pid", "mount", "uts", "ipc"]
 hostname = "web-{index}"
 private_tmp = true
+capabilities = ["net_bind_service"]
+readonly_root = true
 
 [ports]
 admin = "auto"
@@ -448,6 +457,42 @@ max_files = 5
     }
 
     #[test]
+    fn capabilities_absent_and_empty_stay_apart_on_the_wire() {
+        // Absent is the default set (which depends on the user); empty is "none at all".
+        for (text, expected) in [
+            ("", None),
+            ("capabilities = []", Some(Vec::new())),
+            (
+                "capabilities = [\"KILL\", \"cap_chown\"]",
+                Some(vec![
+                    spec::Capability::CAP_CHOWN,
+                    spec::Capability::CAP_KILL,
+                ]),
+            ),
+        ] {
+            let toml = format!("name = \"w\"\ncommand = [\"/w\"]\n[isolation]\n{text}\n");
+            let spec = spec::parse_toml(&toml).expect("valid");
+            assert_eq!(spec.isolation.capabilities, expected, "{text}");
+            let wire = spec_to_proto(&spec);
+            let names = wire
+                .isolation
+                .as_ref()
+                .and_then(|i| i.capabilities.as_ref())
+                .map(|c| c.names.clone());
+            assert_eq!(
+                names,
+                expected.map(|set| set.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                "canonical names on the wire"
+            );
+            let back = spec_from_proto(wire)
+                .expect("converts")
+                .validate()
+                .expect("valid");
+            assert_eq!(back, spec);
+        }
+    }
+
+    #[test]
     fn wire_errors_name_the_field() {
         let mut wire = spec_to_proto(&spec::parse_toml(FULL).expect("valid"));
         if let Some(r) = wire.resources.as_mut() {
@@ -458,6 +503,33 @@ max_files = 5
         assert!(err.to_string().contains("resources.pids"), "{err}");
         if let Some(r) = wire.resources.as_mut() {
             r.pids = Some(10);
+            r.nofile = Some(u64::MAX);
+        }
+        let err = spec_from_proto(wire.clone()).expect_err("nofile overflow");
+        assert!(err.to_string().contains("resources.nofile"), "{err}");
+        if let Some(r) = wire.resources.as_mut() {
+            r.nofile = Some(0);
+        }
+        if let Some(i) = wire.isolation.as_mut() {
+            i.capabilities = Some(pb::CapabilityList {
+                names: vec!["CAP_KILL".into(), "CAP_FLY".into()],
+            });
+        }
+        let err = spec_from_proto(wire.clone())
+            .expect("converts")
+            .validate()
+            .expect_err("bad values");
+        assert!(err.has_field("resources.nofile"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("isolation.capabilities[1]: \"CAP_FLY\" is not a capability"),
+            "{err}"
+        );
+        if let Some(r) = wire.resources.as_mut() {
+            r.nofile = None;
+        }
+        if let Some(i) = wire.isolation.as_mut() {
+            i.capabilities = None;
         }
         let err = spec_from_proto(wire)
             .expect("converts")

@@ -421,7 +421,12 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn limits(cpu: Option<f64>, memory: Option<u64>, pids: Option<u64>) -> Resources {
-        Resources { cpu, memory, pids }
+        Resources {
+            cpu,
+            memory,
+            pids,
+            ..Resources::default()
+        }
     }
 
     fn web0() -> CgroupPath {

@@ -492,7 +492,12 @@ mod tests {
     const ALL: &[&str] = &["cpuset", "cpu", "io", "memory", "hugetlb", "pids"];
 
     fn limits(cpu: Option<f64>, memory: Option<u64>, pids: Option<u64>) -> Resources {
-        Resources { cpu, memory, pids }
+        Resources {
+            cpu,
+            memory,
+            pids,
+            ..Resources::default()
+        }
     }
 
     fn web0() -> CgroupPath {

@@ -3,7 +3,8 @@
 //! by the spawn path in [`super::linux`], already inside the instance's cgroup and namespaces.
 //!
 //! It finishes the isolation that needs a process inside the namespaces (private mount
-//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the hostname, loopback),
+//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the read-only view of
+//! the host for `readonly_root`, the hostname, loopback),
 //! forks the service process (which drops privileges and executes the command), then loops:
 //! it copies the service's stdout/stderr into the instance's rotating log files, forwards
 //! signals, reaps every child, and when the service process ends it records how (the exit
@@ -27,9 +28,11 @@ use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, sigaction, 
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use nix::unistd::{ForkResult, Pid, fork};
 
 use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
+use super::mounts;
+use super::privileges::Privileges;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD,
@@ -236,11 +239,20 @@ impl Init {
     /// Everything up to and including the fork of the service process. Files are opened
     /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
     fn setup(config: &InitConfig) -> Result<Init, String> {
-        let log_dir = nix::fcntl::open(
-            config.log_dir.as_path(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
+        let readonly_root = config.readonly_root && config.mount_namespace;
+        let log_dir = if readonly_root {
+            // A private copy of the log directory's mount, outside this namespace's tree, so
+            // that making the tree read-only neither fails on the open log files (EBUSY) nor
+            // stops them from being written.
+            mounts::detached(&config.log_dir)
+        } else {
+            nix::fcntl::open(
+                config.log_dir.as_path(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io::Error::from)
+        }
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
         let open = |name| {
             RotatingFile::open(&log_dir, name, config.log_max_files)
@@ -282,6 +294,10 @@ impl Init {
                     Some("mode=1777"),
                 )
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
+            }
+            if readonly_root {
+                mounts::readonly_root(&config.workdir, config.state_dir.as_deref())
+                    .map_err(|e| format!("isolation.readonly_root: {e}"))?;
             }
         }
         if let Some(name) = &config.hostname {
@@ -525,8 +541,8 @@ struct ExecPlan {
     /// Names of the listening sockets on the init's fds 4, 5, ... (`LISTEN_FDNAMES`).
     listen_names: Vec<String>,
     workdir: CString,
-    uid: Option<Uid>,
-    gid: Option<Gid>,
+    /// User, groups, capabilities and limits the service runs with.
+    privileges: Privileges,
 }
 
 impl ExecPlan {
@@ -549,13 +565,18 @@ impl ExecPlan {
             notify_socket: None,
             listen_names: config.listen_names.clone(),
             workdir,
-            uid: config.uid.map(Uid::from_raw),
-            gid: config.gid.map(Gid::from_raw),
+            privileges: Privileges {
+                uid: config.uid,
+                gid: config.gid,
+                caps: config.capabilities,
+                nofile: config.nofile,
+            },
         })
     }
 
-    /// In the forked child: wire stdio, drop privileges, execute. Returns only on failure,
-    /// with the error and what was being done.
+    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]) and set
+    /// `no_new_privs`, execute. Returns only on failure, with the error and what was being
+    /// done.
     fn run(&self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
         let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
         // Signal dispositions with handlers are reset by exec; the mask is not.
@@ -599,18 +620,8 @@ impl ExecPlan {
         if let Err(e) = nix::unistd::chdir(self.workdir.as_c_str()) {
             return (e, format!("workdir {:?}: {}", self.workdir, e.desc()));
         }
-        if let Some(gid) = self.gid {
-            if let Err(e) = nix::unistd::setgroups(&[]) {
-                return step("clearing supplementary groups", e);
-            }
-            if let Err(e) = nix::unistd::setgid(gid) {
-                return step("setgid", e);
-            }
-        }
-        if let Some(uid) = self.uid
-            && let Err(e) = nix::unistd::setuid(uid)
-        {
-            return step("setuid", e);
+        if let Err((what, e)) = self.privileges.apply() {
+            return step(what, e);
         }
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             return step("setting no_new_privs", e);

@@ -24,6 +24,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::launch::{Identity, service_env};
+use super::privileges::CapPlan;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
     ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
@@ -60,6 +61,8 @@ const HIGH_FD: RawFd = 16;
 
 #[derive(Debug)]
 pub struct LinuxRuntime {
+    /// Kept read-only inside `readonly_root` instances.
+    state_dir: PathBuf,
     run_root: PathBuf,
     log_root: PathBuf,
     /// What an instance's first process executes.
@@ -98,6 +101,8 @@ impl LinuxRuntime {
                 .create(d)?;
         }
         Ok(LinuxRuntime {
+            // Absolute and without symlinks: instances resolve it in their own mount table.
+            state_dir: fs::canonicalize(state_dir)?,
             run_root,
             log_root,
             exe: init_executable(),
@@ -142,6 +147,18 @@ fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String>
             Ok(Some(entry(u, *uid, *gid)))
         }
     }
+}
+
+/// The capabilities of `spec`'s service process, which depend on the user it runs as (the
+/// agent's own when `identity` is unknown).
+fn cap_plan(spec: &ServiceSpec, identity: Option<&Identity>) -> CapPlan {
+    let uid = identity.map_or_else(|| nix::unistd::Uid::effective().as_raw(), |i| i.uid);
+    CapPlan::for_instance(spec.isolation.capabilities.as_deref(), uid)
+}
+
+/// A number from a one-line file under `/proc/sys`.
+fn sysctl(path: &str) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
@@ -335,6 +352,7 @@ impl Runtime for LinuxRuntime {
             }
         }
         let drop_privileges = spec.user.is_some();
+        let capabilities = cap_plan(spec, identity.as_ref());
         let config = InitConfig {
             instance: instance.to_string(),
             command: spec.command.clone(),
@@ -351,6 +369,10 @@ impl Runtime for LinuxRuntime {
             log_max_files: spec.logs.max_files,
             notify: spec.health.as_ref().is_some_and(|h| h.notify),
             listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
+            capabilities: Some(capabilities),
+            nofile: spec.resources.nofile,
+            readonly_root: spec.isolation.readonly_root,
+            state_dir: Some(self.state_dir.clone()),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -524,6 +546,29 @@ impl Runtime for LinuxRuntime {
             Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
             Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
         }
+        if let Some(caps) = &spec.isolation.capabilities
+            && let Some(last) = sysctl("/proc/sys/kernel/cap_last_cap")
+        {
+            for cap in caps.iter().filter(|c| u64::from(c.index()) > last) {
+                why.push(format!(
+                    "isolation.capabilities: this kernel does not know {cap} (its last capability is number {last})"
+                ));
+            }
+        }
+        if let Some(nofile) = spec.resources.nofile
+            && let Some(max) = sysctl("/proc/sys/fs/nr_open")
+            && nofile > max
+        {
+            why.push(format!(
+                "resources.nofile: {nofile} is above this host's fs.nr_open ({max})"
+            ));
+        }
+        if spec.isolation.readonly_root && !super::mounts::kernel_supports_readonly_root() {
+            why.push(
+                "isolation.readonly_root: this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)"
+                    .to_string(),
+            );
+        }
         if why.is_empty() {
             Ok(())
         } else {
@@ -644,6 +689,8 @@ impl Runtime for LinuxRuntime {
             ns_flags,
             uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
             gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            caps: cap_plan(spec, identity.as_ref()),
+            nofile: spec.resources.nofile,
             workdir: spec.workdir.display().to_string(),
         })
     }

@@ -13,6 +13,8 @@ pub mod init;
 mod launch;
 pub mod linux;
 pub mod logwriter;
+mod mounts;
+pub mod privileges;
 pub mod probe_exec;
 
 use std::collections::BTreeMap;
@@ -62,6 +64,19 @@ pub struct InitConfig {
     /// Names of the listening sockets the init holds on fds 4, 5, ... (`LISTEN_FDNAMES`).
     #[serde(default)]
     pub listen_names: Vec<String>,
+    /// The service's capabilities; `None` (a config written by an older agent): unchanged.
+    #[serde(default)]
+    pub capabilities: Option<privileges::CapPlan>,
+    /// `RLIMIT_NOFILE` of the service (soft and hard); `None`: the agent's.
+    #[serde(default)]
+    pub nofile: Option<u64>,
+    /// Make the host's filesystem read-only inside the instance, except `workdir` and `/tmp`.
+    #[serde(default)]
+    pub readonly_root: bool,
+    /// The agent's state directory, which a `readonly_root` instance must never be able to
+    /// write, even when it lies inside `workdir` or `/tmp`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.

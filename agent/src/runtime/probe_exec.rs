@@ -1,8 +1,8 @@
 //! Exec health probes, run inside the instance: the agent clones `corral-init --exec` into the
 //! instance's cgroup with the instance init's pidfd on fd 3; that process joins the instance's
 //! namespaces (`setns` through the pidfd), forks (a PID namespace applies to children), and
-//! the child drops to the service's user and executes the probe command. Its exit status is
-//! passed on as the helper's own (a signal is re-raised).
+//! the child drops to the service's user, capabilities and limits and executes the probe
+//! command. Its exit status is passed on as the helper's own (a signal is re-raised).
 //!
 //! The agent side ([`LinuxExec`]) collects the last output and kills the helper when the probe
 //! is cut at its timeout; the command dies with it (`PR_SET_PDEATHSIG`).
@@ -19,17 +19,19 @@ use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigHandler, Signal};
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Uid, fork};
+use nix::unistd::{ForkResult, fork};
 use tokio::io::AsyncReadExt;
 
 use super::linux::{ChildPlan, clone_exec, high, wait_pidfd};
+use super::privileges::{CapPlan, Privileges};
 use super::{ProcessStatus, RUN_DIR_FD};
 use crate::health::{ExecResult, ExecRunner, output_tail};
 
 /// First argument of `corral-init` in exec-probe mode.
 pub const EXEC_FLAG: &str = "--exec";
 
-/// `corral-init --exec NSFLAGS UID GID WORKDIR -- ARGV...` (UID/GID `-` for unchanged).
+/// `corral-init --exec NSFLAGS UID GID CAPS NOFILE WORKDIR -- ARGV...` (UID/GID/NOFILE `-` for
+/// unchanged, CAPS as [`CapPlan::to_arg`] writes it).
 pub fn main(args: &[String]) -> ExitCode {
     match run(args) {
         Ok(code) => code,
@@ -45,7 +47,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => return Err("no command".into()),
     };
-    let [flags, uid, gid, workdir] = head else {
+    let [flags, uid, gid, caps, nofile, workdir] = head else {
         return Err(format!("bad arguments {head:?}"));
     };
     let flags =
@@ -58,6 +60,17 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
     };
     let (uid, gid) = (id(uid)?, id(gid)?);
+    let caps = CapPlan::from_arg(caps).ok_or_else(|| format!("capabilities {caps:?}"))?;
+    let nofile = match nofile.as_str() {
+        "-" => None,
+        n => Some(n.parse::<u64>().map_err(|e| format!("nofile {n:?}: {e}"))?),
+    };
+    let privileges = Privileges {
+        uid,
+        gid,
+        caps: Some(caps),
+        nofile,
+    };
     let argv = argv
         .iter()
         .map(|a| CString::new(a.as_str()).map_err(|_| "NUL in the command".to_string()))
@@ -76,7 +89,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     // SAFETY: single-threaded process (just executed); the child may allocate before exec.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let e = exec_child(&argv, &workdir, uid, gid);
+            let e = exec_child(&argv, &workdir, &privileges);
             eprintln!("[corral-init] exec probe: {e}");
             // SAFETY: _exit is always safe.
             unsafe { libc::_exit(127) }
@@ -100,20 +113,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
     }
 }
 
-/// In the forked child: drop privileges, die with the helper, execute. Returns on failure.
-fn exec_child(argv: &[CString], workdir: &CString, uid: Option<u32>, gid: Option<u32>) -> String {
-    if let Some(gid) = gid {
-        if let Err(e) = nix::unistd::setgroups(&[]) {
-            return format!("setgroups: {e}");
-        }
-        if let Err(e) = nix::unistd::setgid(Gid::from_raw(gid)) {
-            return format!("setgid: {e}");
-        }
-    }
-    if let Some(uid) = uid
-        && let Err(e) = nix::unistd::setuid(Uid::from_raw(uid))
-    {
-        return format!("setuid: {e}");
+/// In the forked child: drop privileges exactly like the service process (see
+/// [`Privileges::apply`]), die with the helper, execute. Returns on failure.
+fn exec_child(argv: &[CString], workdir: &CString, privileges: &Privileges) -> String {
+    if let Err((what, e)) = privileges.apply() {
+        return format!("{what}: {e}");
     }
     // After the credential change, which would clear it.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
@@ -144,6 +148,8 @@ pub struct LinuxExec {
     pub(super) ns_flags: i32,
     pub(super) uid: Option<u32>,
     pub(super) gid: Option<u32>,
+    pub(super) caps: CapPlan,
+    pub(super) nofile: Option<u64>,
     pub(super) workdir: String,
 }
 
@@ -185,6 +191,12 @@ impl LinuxExec {
             to_c(&self.ns_flags.to_string())?,
             to_c(&id(self.uid))?,
             to_c(&id(self.gid))?,
+            to_c(&self.caps.to_arg())?,
+            to_c(
+                &self
+                    .nofile
+                    .map_or_else(|| "-".to_string(), |n| n.to_string()),
+            )?,
             to_c(&self.workdir)?,
             to_c("--")?,
         ];

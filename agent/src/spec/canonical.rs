@@ -11,7 +11,8 @@ impl ServiceSpec {
     /// The canonical raw form: every default written out, sizes and durations in their
     /// shortest exact text, `localhost` as `127.0.0.1`. Validating it gives `self` back.
     /// Absent stays absent where absence is the value: `user`, resource limits,
-    /// `isolation.hostname` and `[health]`.
+    /// `isolation.hostname`, `isolation.capabilities` (whose default depends on the user the
+    /// instance runs as) and `[health]`. Capabilities are written as `CAP_NAME`.
     pub fn to_raw(&self) -> RawSpec {
         RawSpec {
             name: Some(self.name.clone()),
@@ -30,6 +31,10 @@ impl ServiceSpec {
                     .resources
                     .pids
                     .map(|pids| i64::try_from(pids).unwrap_or(i64::MAX)),
+                nofile: self
+                    .resources
+                    .nofile
+                    .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
             }),
             isolation: Some(RawIsolation {
                 namespaces: Some(
@@ -41,6 +46,12 @@ impl ServiceSpec {
                 ),
                 hostname: self.isolation.hostname.clone(),
                 private_tmp: Some(self.isolation.private_tmp),
+                capabilities: self
+                    .isolation
+                    .capabilities
+                    .as_ref()
+                    .map(|set| set.iter().map(ToString::to_string).collect()),
+                readonly_root: Some(self.isolation.readonly_root),
             }),
             ports: Some(
                 self.ports

@@ -109,6 +109,12 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         "resources.pids".into(),
         r.pids.map_or_else(unlimited, |p| p.to_string()),
     );
+    push(
+        6,
+        "resources.nofile".into(),
+        r.nofile
+            .map_or_else(|| "the agent's".to_owned(), |n| n.to_string()),
+    );
     let iso = &spec.isolation;
     let names: Vec<&str> = iso.namespaces.iter().map(|ns| ns.as_str()).collect();
     push(7, "isolation.namespaces".into(), format!("{names:?}"));
@@ -123,6 +129,24 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         7,
         "isolation.private_tmp".into(),
         iso.private_tmp.to_string(),
+    );
+    push(
+        7,
+        "isolation.capabilities".into(),
+        iso.capabilities.as_ref().map_or_else(
+            || "the default".to_owned(),
+            |set| {
+                format!(
+                    "{:?}",
+                    set.iter().map(ToString::to_string).collect::<Vec<_>>()
+                )
+            },
+        ),
+    );
+    push(
+        7,
+        "isolation.readonly_root".into(),
+        iso.readonly_root.to_string(),
     );
     for (name, port) in &spec.ports {
         let value = match port {

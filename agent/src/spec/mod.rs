@@ -9,8 +9,10 @@
 //! (`resources.memory`, `sockets[1].listen`, `env.FOO`), quotes the value as given (except
 //! env values, which may be secrets) and says why.
 //!
-//! Defaults, as documented on the fields of [`ServiceSpec`]: 1 replica, no resource limits,
-//! the pid, mount, uts and ipc namespaces with a private /tmp, hostname = instance id,
+//! Defaults, as documented on the fields of [`ServiceSpec`]: 1 replica, no resource limits
+//! (and the agent's open-file limit), the pid, mount, uts and ipc namespaces with a private
+//! /tmp and a writable root, no capabilities for a non-root user and Docker's default set
+//! for root, hostname = instance id,
 //! workdir `/`, the agent's user, restart always with backoff 100ms up to 30s, no health
 //! section (when present: every 2s, timeout 1s, no start period, 3 failures, 1 success,
 //! restart on failure, no notify), rollout surge 1 / unavailable 0 / healthy 2s within 60s /

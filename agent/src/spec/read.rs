@@ -31,8 +31,14 @@ const TOP_KEYS: &[&str] = &[
     "stop",
     "logs",
 ];
-const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids"];
-const ISOLATION_KEYS: &[&str] = &["namespaces", "hostname", "private_tmp"];
+const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "nofile"];
+const ISOLATION_KEYS: &[&str] = &[
+    "namespaces",
+    "hostname",
+    "private_tmp",
+    "capabilities",
+    "readonly_root",
+];
 const SOCKET_KEYS: &[&str] = &["name", "listen"];
 const RESTART_KEYS: &[&str] = &["policy", "backoff", "backoff_max"];
 const HEALTH_KEYS: &[&str] = &[
@@ -340,6 +346,7 @@ impl Reader {
             cpu: self.field(t, p, "cpu", Self::number),
             memory: self.field(t, p, "memory", Self::size),
             pids: self.field(t, p, "pids", Self::integer),
+            nofile: self.field(t, p, "nofile", Self::integer),
         }
     }
 
@@ -349,6 +356,8 @@ impl Reader {
             namespaces: self.field(t, p, "namespaces", Self::strings),
             hostname: self.field(t, p, "hostname", Self::string),
             private_tmp: self.field(t, p, "private_tmp", Self::boolean),
+            capabilities: self.field(t, p, "capabilities", Self::strings),
+            readonly_root: self.field(t, p, "readonly_root", Self::boolean),
         }
     }
 

@@ -97,7 +97,8 @@ fn example_parses() {
         Resources {
             cpu: Some(0.5),
             memory: Some(256 << 20),
-            pids: Some(256)
+            pids: Some(256),
+            nofile: None,
         }
     );
     assert_eq!(
@@ -191,6 +192,8 @@ fn minimal_spec_gets_documented_defaults() {
             ],
             hostname: None,
             private_tmp: true,
+            capabilities: None,
+            readonly_root: false,
         },
         ports: BTreeMap::new(),
         sockets: Vec::new(),
@@ -288,6 +291,55 @@ fn isolation_variants() {
 }
 
 #[test]
+fn capability_names() {
+    let ok: &[(&str, Capability)] = &[
+        ("CAP_NET_BIND_SERVICE", Capability::CAP_NET_BIND_SERVICE),
+        ("NET_BIND_SERVICE", Capability::CAP_NET_BIND_SERVICE),
+        ("net_bind_service", Capability::CAP_NET_BIND_SERVICE),
+        ("cap_kill", Capability::CAP_KILL),
+        ("Cap_Sys_Admin", Capability::CAP_SYS_ADMIN),
+        ("checkpoint_restore", Capability::CAP_CHECKPOINT_RESTORE),
+    ];
+    for (name, cap) in ok {
+        assert_eq!(capability_by_name(name), Some(*cap), "{name}");
+        // The canonical name reads back as itself.
+        assert_eq!(capability_by_name(&cap.to_string()), Some(*cap), "{cap}");
+    }
+    for bad in [
+        "",
+        "CAP_",
+        "cap",
+        "ALL",
+        "CAP_ALL",
+        "NET BIND SERVICE",
+        "CAP_KILL ",
+        " KILL",
+        "CAP_CAP_KILL",
+        "KİLL",
+        "CAP-KILL",
+        "0",
+        "CAP_41",
+    ] {
+        assert_eq!(capability_by_name(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn capability_masks() {
+    assert_eq!(capability_mask(&[]), 0);
+    assert_eq!(capability_mask(&[Capability::CAP_NET_BIND_SERVICE]), 0x400);
+    assert_eq!(
+        capability_mask(&[Capability::CAP_CHOWN, Capability::CAP_KILL]),
+        0x21
+    );
+    // Docker's default bounding set, as /proc/PID/status shows it (CapBnd).
+    assert_eq!(capability_mask(&DEFAULT_ROOT_CAPABILITIES), 0xa8_04_25_fb);
+    let mut sorted = DEFAULT_ROOT_CAPABILITIES.to_vec();
+    sorted.sort_by_key(Capability::index);
+    assert_eq!(sorted, DEFAULT_ROOT_CAPABILITIES, "kept sorted by number");
+}
+
+#[test]
 fn accepted_value_forms() {
     type Case = (&'static str, fn(&ServiceSpec) -> bool);
     let cases: &[Case] = &[
@@ -328,6 +380,33 @@ fn accepted_value_forms() {
             s.stop.signal == 2 && s.stop.signal_name == "SIGINT"
         }),
         ("[stop]\nsignal = \"KILL\"", |s| s.stop.signal == 9),
+        ("[resources]\nnofile = 1", |s| s.resources.nofile == Some(1)),
+        ("[resources]\nnofile = 1048576", |s| {
+            s.resources.nofile == Some(1 << 20)
+        }),
+        ("[isolation]\nreadonly_root = true", |s| {
+            s.isolation.readonly_root && s.isolation.has(Namespace::Mount)
+        }),
+        (
+            "[isolation]\nnamespaces = [\"mount\"]\nprivate_tmp = false\nreadonly_root = true",
+            |s| s.isolation.readonly_root && !s.isolation.private_tmp,
+        ),
+        ("[isolation]\ncapabilities = []", |s| {
+            s.isolation.capabilities == Some(Vec::new())
+        }),
+        // Any case, with or without CAP_, sorted by number.
+        (
+            "[isolation]\ncapabilities = [\"Kill\", \"cap_net_bind_service\", \"CAP_CHOWN\", \"sys_admin\"]",
+            |s| {
+                s.isolation.capabilities
+                    == Some(vec![
+                        Capability::CAP_CHOWN,
+                        Capability::CAP_KILL,
+                        Capability::CAP_NET_BIND_SERVICE,
+                        Capability::CAP_SYS_ADMIN,
+                    ])
+            },
+        ),
         (
             "[[sockets]]\nname = \"a\"\nlisten = \"localhost:80\"",
             |s| s.sockets[0].listen == ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 80))),
@@ -462,8 +541,23 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[resources]\ncpu = inf", "resources.cpu", "not a finite number"),
     ("[resources]\npids = 0", "resources.pids", "0 is out of range (1..=4194304)"),
     ("[resources]\npids = 4194305", "resources.pids", "out of range"),
+    ("[resources]\nnofile = 0", "resources.nofile", "0 is out of range (1..=1048576)"),
+    ("[resources]\nnofile = 1048577", "resources.nofile", "out of range"),
+    ("[resources]\nnofile = -1", "resources.nofile", "out of range"),
+    ("[resources]\nnofile = \"1024\"", "resources.nofile", "expected an integer, found a string"),
     // isolation
     ("[isolation]\nnamespaces = [\"pid\"]", "isolation.namespaces", "\"pid\" requires \"mount\""),
+    ("[isolation]\ncapabilities = [\"NET_BIND_SERVICE\", \"CAP_FLY\"]", "isolation.capabilities[1]", "\"CAP_FLY\" is not a capability"),
+    ("[isolation]\ncapabilities = [\"\"]", "isolation.capabilities[0]", "\"\" is not a capability"),
+    ("[isolation]\ncapabilities = [\"CAP_\"]", "isolation.capabilities[0]", "\"CAP_\" is not a capability"),
+    ("[isolation]\ncapabilities = [\"net bind service\"]", "isolation.capabilities[0]", "is not a capability"),
+    ("[isolation]\ncapabilities = [\"ALL\"]", "isolation.capabilities[0]", "\"ALL\" is not a capability"),
+    ("[isolation]\ncapabilities = [\"kill\", \"CAP_KILL\"]", "isolation.capabilities[1]", "\"CAP_KILL\" is listed twice (CAP_KILL)"),
+    ("[isolation]\ncapabilities = \"CAP_KILL\"", "isolation.capabilities", "expected an array of strings, found a string"),
+    ("[isolation]\ncapabilities = [7]", "isolation.capabilities[0]", "expected a string, found an integer"),
+    ("[isolation]\nnamespaces = [\"pid\", \"uts\"]\nreadonly_root = true", "isolation.namespaces", "\"pid\" requires \"mount\""),
+    ("[isolation]\nnamespaces = [\"uts\"]\nreadonly_root = true", "isolation.readonly_root", "needs the \"mount\" namespace"),
+    ("[isolation]\nreadonly_root = \"yes\"", "isolation.readonly_root", "expected a boolean, found a string"),
     ("[isolation]\nnamespaces = [\"pid\", \"mount\", \"pid\"]", "isolation.namespaces[2]", "\"pid\" is listed twice"),
     ("[isolation]\nnamespaces = [\"user\"]", "isolation.namespaces[0]", "\"user\" is not a namespace (use pid, mount, uts, ipc or net)"),
     ("[isolation]\nnamespaces = [\"UTS\"]", "isolation.namespaces[0]", "is not a namespace"),
@@ -799,6 +893,25 @@ max_size = 4097
 max_files = 100
 "#,
     r#"
+name = "h"
+command = ["/h"]
+user = "nobody"
+workdir = "/srv/h"
+[resources]
+nofile = 4096
+[isolation]
+namespaces = ["mount", "net"]
+private_tmp = false
+readonly_root = true
+capabilities = ["net_bind_service", "CAP_NET_RAW"]
+"#,
+    r#"
+name = "e"
+command = ["/e"]
+[isolation]
+capabilities = []
+"#,
+    r#"
 name = "n"
 command = ["/n"]
 user = "7"
@@ -832,7 +945,11 @@ fn to_raw_validates_back_to_the_same_spec() {
         assert_eq!(raw.validate().as_ref(), Ok(&spec), "{text}");
         // Canonical: every default is written out.
         let isolation = raw.isolation.as_ref().expect("isolation");
-        assert!(isolation.namespaces.is_some() && isolation.private_tmp.is_some());
+        assert!(
+            isolation.namespaces.is_some()
+                && isolation.private_tmp.is_some()
+                && isolation.readonly_root.is_some()
+        );
         let restart = raw.restart.as_ref().expect("restart");
         assert!(restart.policy.is_some() && restart.backoff.is_some());
         assert!(
@@ -1058,10 +1175,29 @@ fn changes_between_specs() {
                 "stop.grace: 10s -> 1m 30s",
             ],
         ),
+        (
+            |s| {
+                s.resources.nofile = Some(4096);
+                s.isolation.capabilities = Some(vec![Capability::CAP_NET_BIND_SERVICE]);
+                s.isolation.readonly_root = true;
+            },
+            vec![
+                "resources.nofile: the agent's -> 4096",
+                "isolation.capabilities: the default -> [\"CAP_NET_BIND_SERVICE\"]",
+                "isolation.readonly_root: false -> true",
+            ],
+        ),
+        (
+            |s| s.isolation.capabilities = Some(Vec::new()),
+            vec!["isolation.capabilities: the default -> []"],
+        ),
     ];
     for (edit, expected) in cases {
         let (old, new) = changed(edit);
         assert_eq!(new.changes_from(&old), expected);
+        // Anything but `replicas` replaces instances: a rolling update.
+        let scale_only = expected.iter().all(|line| line.starts_with("replicas:"));
+        assert_eq!(new.same_except_replicas(&old), scale_only, "{expected:?}");
     }
     // Adding a whole section is one line.
     let (old, new) = changed(|s| s.health = None);
@@ -1158,6 +1294,8 @@ fn no_input_panics() {
         "[resources]\nmemory = -9223372036854775808",
         "[resources]\ncpu = 1e308",
         "[resources]\npids = 9223372036854775807",
+        "[resources]\nnofile = -9223372036854775808",
+        "[isolation]\ncapabilities = [\"é\", \"CAP_É\", \"\\u0000\"]",
         "[ports]\na = -9223372036854775808",
         "[health]\nexec = [\"{port.\"]",
         "[health]\ntcp = \"[::1]:{port.\"",

@@ -49,9 +49,9 @@ pub struct RawSpec {
     pub user: Option<String>,
     /// Number of instances.
     pub replicas: Option<i64>,
-    /// `[resources]`: cgroup limits.
+    /// `[resources]`: cgroup limits and the open-file limit.
     pub resources: Option<RawResources>,
-    /// `[isolation]`: namespaces, hostname, private /tmp.
+    /// `[isolation]`: namespaces, hostname, private /tmp, capabilities, read-only root.
     pub isolation: Option<RawIsolation>,
     /// `[ports]`: per-instance ports, by name.
     pub ports: Option<BTreeMap<String, RawPort>>,
@@ -79,6 +79,8 @@ pub struct RawResources {
     pub memory: Option<RawSize>,
     /// Max tasks.
     pub pids: Option<i64>,
+    /// Open files (`RLIMIT_NOFILE`, soft and hard).
+    pub nofile: Option<i64>,
 }
 
 /// `[isolation]` as written.
@@ -91,6 +93,10 @@ pub struct RawIsolation {
     pub hostname: Option<String>,
     /// A fresh tmpfs on /tmp.
     pub private_tmp: Option<bool>,
+    /// Capability names, with or without `CAP_`, any case.
+    pub capabilities: Option<Vec<String>>,
+    /// A read-only view of the host's filesystem (workdir and /tmp stay writable).
+    pub readonly_root: Option<bool>,
 }
 
 /// One `[[sockets]]` entry as written.
@@ -200,7 +206,8 @@ pub struct ServiceSpec {
     pub replicas: u32,
     /// Default: unlimited.
     pub resources: Resources,
-    /// Default: pid, mount, uts and ipc namespaces, a private /tmp.
+    /// Default: pid, mount, uts and ipc namespaces, a private /tmp, a writable root, no
+    /// capabilities for a non-root user and [`DEFAULT_ROOT_CAPABILITIES`] for root.
     pub isolation: Isolation,
     /// Per-instance ports, given to the instance as env `PORT_<NAME>`. Default: none.
     pub ports: BTreeMap<String, PortSpec>,
@@ -247,7 +254,7 @@ impl fmt::Display for UserSpec {
     }
 }
 
-/// cgroup limits of each instance.
+/// Limits of each instance: its cgroup's, and the open-file limit of its service process.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Resources {
     /// Cores, e.g. 0.5; 0.01..=1024. `None`: unlimited.
@@ -256,6 +263,9 @@ pub struct Resources {
     pub memory: Option<u64>,
     /// Max tasks; 1..=4194304. `None`: unlimited.
     pub pids: Option<u64>,
+    /// Open files per process (`RLIMIT_NOFILE`, soft and hard); 1..=1048576. `None`: the
+    /// agent's own limit is inherited.
+    pub nofile: Option<u64>,
 }
 
 /// The Linux namespaces an instance gets.
@@ -311,6 +321,51 @@ pub struct Isolation {
     /// A fresh tmpfs on /tmp. Default: true when the mount namespace is on; never true
     /// without it.
     pub private_tmp: bool,
+    /// The exact capability set of the service process, sorted by number, without
+    /// duplicates. `None` (the default): none at all for a non-root `user`, and
+    /// [`DEFAULT_ROOT_CAPABILITIES`] for root. A non-root user gets the listed ones as
+    /// ambient capabilities (so they survive `execve`); either way the bounding set is
+    /// cut to exactly this set.
+    pub capabilities: Option<Vec<Capability>>,
+    /// The host's filesystem is read-only inside the instance, except `workdir` (unless it
+    /// is `/`) and `/tmp`. Only with the mount namespace. Default: false.
+    pub readonly_root: bool,
+}
+
+/// A Linux capability (`capabilities(7)`), as the `caps` crate names and numbers it.
+pub use caps::Capability;
+
+/// What a root instance may do when its spec lists no `capabilities`: the set container
+/// runtimes (Docker, containerd) give by default. Sorted by number.
+pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 14] = [
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_KILL,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_MKNOD,
+    Capability::CAP_AUDIT_WRITE,
+    Capability::CAP_SETFCAP,
+];
+
+/// The capability named `name`: `CAP_NET_BIND_SERVICE`, `net_bind_service`, `Cap_Kill`...
+/// (any case, `CAP_` optional).
+pub fn capability_by_name(name: &str) -> Option<Capability> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    caps::to_canonical(name).parse().ok()
+}
+
+/// The kernel's bit mask of `set` (bit n for capability number n).
+pub fn capability_mask(set: &[Capability]) -> u64 {
+    set.iter().fold(0, |mask, cap| mask | cap.bitmask())
 }
 
 impl Isolation {

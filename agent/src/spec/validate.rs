@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use super::error::{FieldError, SpecError, child, quote};
 use super::types::{
-    HealthSpec, Isolation, ListenAddr, LogSpec, Namespace, PortSpec, Probe, RawHealth,
+    Capability, HealthSpec, Isolation, ListenAddr, LogSpec, Namespace, PortSpec, Probe, RawHealth,
     RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawSize, RawSocket,
     RawSpec, RawStop, Resources, RestartPolicy, RestartSpec, RolloutSpec, ServiceSpec, SocketSpec,
-    StopSpec, UserSpec,
+    StopSpec, UserSpec, capability_by_name,
 };
 use super::units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
 
@@ -49,6 +49,9 @@ const MIN_CPU: f64 = 0.01;
 const MAX_CPU: f64 = 1024.0;
 const MIN_MEMORY: u64 = MIB;
 const MAX_PIDS: i64 = 4_194_304;
+/// The kernel's default `fs.nr_open`, the usual ceiling of `RLIMIT_NOFILE`. A host whose
+/// `fs.nr_open` is lower refuses a higher value at apply.
+const MAX_NOFILE: i64 = 1_048_576;
 
 const DEFAULT_NAMESPACES: [Namespace; 4] = [
     Namespace::Pid,
@@ -588,7 +591,16 @@ impl Check {
             self.integer("resources.pids", Some(pids), 0, 1..=MAX_PIDS)
                 .map(u64::from)
         });
-        Resources { cpu, memory, pids }
+        let nofile = raw.nofile.and_then(|nofile| {
+            self.integer("resources.nofile", Some(nofile), 0, 1..=MAX_NOFILE)
+                .map(u64::from)
+        });
+        Resources {
+            cpu,
+            memory,
+            pids,
+            nofile,
+        }
     }
 
     fn isolation(&mut self, raw: Option<&RawIsolation>, name: Option<&str>) -> Isolation {
@@ -685,10 +697,46 @@ impl Check {
             None => has_mount,
         };
 
+        let readonly_root = match raw.readonly_root {
+            Some(true) if !has_mount => {
+                self.error(
+                    "isolation.readonly_root",
+                    "needs the \"mount\" namespace (the read-only view is built in the instance's own mount table; add \"mount\" to isolation.namespaces)",
+                );
+                false
+            }
+            Some(on) => on,
+            None => false,
+        };
+
+        let capabilities = raw.capabilities.as_ref().map(|names| {
+            let mut set: Vec<Capability> = Vec::with_capacity(names.len());
+            for (i, cap_name) in names.iter().enumerate() {
+                let field = format!("isolation.capabilities[{i}]");
+                match capability_by_name(cap_name) {
+                    None => self.error(
+                        field,
+                        format!(
+                            "{} is not a capability (use a name from capabilities(7), e.g. \"CAP_NET_BIND_SERVICE\" or \"net_bind_service\")",
+                            quote(cap_name)
+                        ),
+                    ),
+                    Some(cap) if set.contains(&cap) => {
+                        self.error(field, format!("{} is listed twice ({cap})", quote(cap_name)))
+                    }
+                    Some(cap) => set.push(cap),
+                }
+            }
+            set.sort_by_key(Capability::index);
+            set
+        });
+
         Isolation {
             namespaces: namespaces.into_iter().collect(),
             hostname: raw.hostname.clone(),
             private_tmp,
+            capabilities,
+            readonly_root,
         }
     }
 

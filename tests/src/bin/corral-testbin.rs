@@ -139,6 +139,72 @@ fn report() {
     line("ready", 1);
 }
 
+/// What limits the process: its capability sets (as `/proc/self/status` shows them, 16 hex
+/// digits), supplementary groups, uid, `no_new_privs` and open-file limit, in print order.
+fn privileges() -> Vec<(&'static str, String)> {
+    let mut soft_hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut soft_hard) };
+    vec![
+        ("cap_inh", status_field("CapInh")),
+        ("cap_prm", status_field("CapPrm")),
+        ("cap_eff", status_field("CapEff")),
+        ("cap_bnd", status_field("CapBnd")),
+        ("cap_amb", status_field("CapAmb")),
+        ("groups", status_field("Groups")),
+        // SAFETY: getuid cannot fail.
+        ("uid", unsafe { libc::getuid() }.to_string()),
+        ("no_new_privs", status_field("NoNewPrivs")),
+        ("nofile_soft", soft_hard.rlim_cur.to_string()),
+        ("nofile_hard", soft_hard.rlim_max.to_string()),
+    ]
+}
+
+/// `EROFS`, `EACCES`, ... for the errors the tests look for; the number otherwise.
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EROFS) => "EROFS".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ENOENT) => "ENOENT".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::EADDRINUSE) => "EADDRINUSE".into(),
+        Some(n) => format!("errno {n}"),
+        None => e.to_string(),
+    }
+}
+
+/// Try to write at `target`: a new file in it when it is a directory (removed again unless
+/// `keep`; kept as `written-by-corral-testbin`), else the existing file itself ("0\n").
+/// Returns `ok` or the errno name.
+fn try_write(target: &str, keep: bool) -> String {
+    let path = std::path::Path::new(target);
+    let result = if path.is_dir() {
+        let file = if keep {
+            path.join("written-by-corral-testbin")
+        } else {
+            path.join(format!(".corral-testbin-{}", std::process::id()))
+        };
+        std::fs::write(&file, b"written from inside the instance\n").map(|()| {
+            if !keep {
+                let _ = std::fs::remove_file(&file);
+            }
+        })
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(b"0\n"))
+    };
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) => errno_name(&e),
+    }
+}
+
 fn hog_memory(mib: usize) {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     for i in 0..mib {
@@ -338,6 +404,51 @@ fn main() {
             if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(arg(1)) {
                 let _ = f.write_all(b"x");
             }
+            sleep_forever();
+        }
+        // Print what limits the process (`cap_eff=0000000000000400`, `nofile_soft=...`, see
+        // `privileges`) and, with PORT, `bind=ok` or why binding 0.0.0.0:PORT failed; then
+        // `ready=1` and run until SIGTERM.
+        "privileges" => {
+            on_term_exit_zero();
+            for (k, v) in privileges() {
+                line(k, v);
+            }
+            if !arg(1).is_empty() {
+                let bound = std::net::TcpListener::bind(("0.0.0.0", num(1, 0) as u16));
+                line(
+                    "bind",
+                    bound.map_or_else(|e| errno_name(&e), |_| "ok".into()),
+                );
+            }
+            line("ready", 1);
+            sleep_forever();
+        }
+        // Exit 0 when `privileges` would print KEY=VALUE, else 1 (for exec probes).
+        "check" => {
+            let found = privileges()
+                .into_iter()
+                .find(|(k, _)| *k == arg(1))
+                .map(|(_, v)| v);
+            if found.as_deref() == Some(arg(2).as_str()) {
+                std::process::exit(0);
+            }
+            println!("{}={found:?}, expected {:?}", arg(1), arg(2));
+            std::process::exit(1);
+        }
+        // For each PATH, try writing there (see `try_write`; `keep:PATH` keeps the file) and
+        // print `write:PATH=ok` or `write:PATH=EROFS` (the errno); then `ready=1` and run
+        // until SIGTERM.
+        "writes" => {
+            on_term_exit_zero();
+            for target in &args[1..] {
+                let (path, keep) = match target.strip_prefix("keep:") {
+                    Some(path) => (path, true),
+                    None => (target.as_str(), false),
+                };
+                line(&format!("write:{path}"), try_write(path, keep));
+            }
+            line("ready", 1);
             sleep_forever();
         }
         // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
