@@ -275,7 +275,8 @@ async fn run(s: Settings) -> Result<()> {
     for (c, why) in &caps.unavailable {
         tracing::warn!(control = c.as_str(), reason = %why, "cannot enforce");
     }
-    let runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
+    let mut runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
+    runtime.hide(&s.socket);
     let namespaces = host::available_namespaces();
     let events = Arc::new(
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)

@@ -777,3 +777,32 @@ async fn a_greedy_client_degrades_only_itself() {
         "only the calm one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_running_as_root_cannot_reach_the_agent_socket() {
+    if skip_unless_root("an_instance_running_as_root_cannot_reach_the_agent_socket") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let socket = path(&agent.socket).to_string();
+    // Root in its own mount namespace (the default): the socket is covered.
+    agent
+        .apply(&format!(
+            // The host's /tmp, where this agent's socket is.
+            "name = \"inside\"\ncommand = [{:?}, \"connect-unix\", {socket:?}]\n[isolation]\nprivate_tmp = false\n",
+            testbin()
+        ))
+        .await
+        .expect("apply");
+    agent.wait_running("inside", 1).await;
+    let refused = agent.reported("inside-0", "connect").await;
+    assert_ne!(refused, "ok", "a root instance reached the agent's socket");
+    eprintln!("connect from inside: {refused}");
+    // The host still reaches it.
+    agent
+        .client()
+        .await
+        .list(pb::ListRequest {})
+        .await
+        .expect("list");
+}

@@ -295,6 +295,9 @@ impl Init {
                 )
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
             }
+            for path in &config.hidden {
+                mounts::hide(path).map_err(|e| format!("hiding {}: {e}", path.display()))?;
+            }
             if readonly_root {
                 mounts::readonly_root(&config.workdir, config.state_dir.as_deref())
                     .map_err(|e| format!("isolation.readonly_root: {e}"))?;

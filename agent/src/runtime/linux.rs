@@ -69,6 +69,8 @@ pub struct LinuxRuntime {
     exe: CString,
     /// The agent's own identity, for instances without `user` (resolved once).
     own: Option<Identity>,
+    /// Hidden from instances with a mount namespace (see [`LinuxRuntime::hide`]).
+    hidden: Vec<PathBuf>,
 }
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or else
@@ -107,7 +109,16 @@ impl LinuxRuntime {
             log_root,
             exe: init_executable(),
             own: resolve_identity(None).ok().flatten(),
+            hidden: Vec::new(),
         })
+    }
+
+    /// Keep `path` (the API socket) out of reach of instances that have a mount namespace:
+    /// an instance running as root could otherwise connect to it and act as the agent's
+    /// admin.
+    pub fn hide(&mut self, path: &Path) {
+        self.hidden
+            .push(fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -373,6 +384,7 @@ impl Runtime for LinuxRuntime {
             nofile: spec.resources.nofile,
             readonly_root: spec.isolation.readonly_root,
             state_dir: Some(self.state_dir.clone()),
+            hidden: self.hidden.clone(),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;

@@ -77,6 +77,10 @@ pub struct InitConfig {
     /// write, even when it lies inside `workdir` or `/tmp`.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Paths the instance must not reach (the agent's API socket): covered with an empty,
+    /// read-only file in the instance's mount namespace.
+    #[serde(default)]
+    pub hidden: Vec<PathBuf>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.

@@ -187,6 +187,33 @@ fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 
 /// Whether this kernel has `mount_setattr(2)` (Linux 5.12), the newest call the read-only
 /// view needs.
+/// Cover `path` with `/dev/null`, read-only, in this mount namespace: a socket there can no
+/// longer be connected to. A path that does not exist is left alone.
+pub(super) fn hide(path: &Path) -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.is_dir() => {}
+        Ok(_) => return Err(io::Error::other("is a directory")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    mount(
+        Some("/dev/null"),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
 pub(super) fn kernel_supports_readonly_root() -> bool {
     // SAFETY: mount_setattr(2) with an invalid fd and no attributes: it can only fail.
     let r = unsafe {

@@ -451,6 +451,18 @@ fn main() {
             line("ready", 1);
             sleep_forever();
         }
+        // Try to connect to the Unix socket PATH; print `connect=ok` or the errno, then
+        // `ready=1`, and run until SIGTERM.
+        "connect-unix" => {
+            on_term_exit_zero();
+            let r = std::os::unix::net::UnixStream::connect(arg(1));
+            line(
+                "connect",
+                r.map_or_else(|e| errno_name(&e), |_| "ok".into()),
+            );
+            line("ready", 1);
+            sleep_forever();
+        }
         // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
         "print" => {
             on_term_exit_zero();
