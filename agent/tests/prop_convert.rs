@@ -15,6 +15,7 @@ mod common;
 
 use common::Hostility;
 use corral_agent::api::convert::{spec_from_proto, spec_to_proto};
+use corral_agent::api::status::{MAX_MESSAGE, spec_message};
 use corral_agent::spec::{ServiceSpec, SpecError};
 use corral_proto::v1 as pb;
 use corral_proto::v1::agent_server::Agent;
@@ -77,7 +78,12 @@ fn check_apply(
         }
         (Err(status), Err(e)) => {
             prop_assert_eq!(status.code(), Code::InvalidArgument);
-            prop_assert_eq!(status.message(), e.to_string());
+            // Every error, unless they do not fit in a status (then the first ones).
+            prop_assert!(status.message().len() <= MAX_MESSAGE);
+            prop_assert_eq!(status.message(), spec_message(&e));
+            if e.to_string().len() <= MAX_MESSAGE - 80 {
+                prop_assert_eq!(status.message(), e.to_string());
+            }
         }
         (Ok(response), Err(e)) => {
             return Err(TestCaseError::fail(format!(

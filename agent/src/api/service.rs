@@ -355,7 +355,7 @@ impl Agent for AgentService {
         let spec = match req.source {
             Some(pb::apply_request::Source::Spec(p)) => convert::spec_from_proto(p)
                 .and_then(|raw| raw.validate())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| super::status::invalid_spec(&e))?,
             Some(pb::apply_request::Source::SpecToml(text)) => {
                 if text.len() > MAX_SPEC_TOML {
                     return Err(Status::invalid_argument(format!(
@@ -363,7 +363,7 @@ impl Agent for AgentService {
                         text.len()
                     )));
                 }
-                spec::parse_toml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?
+                spec::parse_toml(&text).map_err(|e| super::status::invalid_spec(&e))?
             }
             None => {
                 return Err(Status::invalid_argument(
