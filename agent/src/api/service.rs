@@ -256,10 +256,20 @@ impl Agent for AgentService {
             (svc, _) => (svc.to_string(), None),
         };
         check_name("service", &service)?;
-        let instances = self.instances_of(&service, only.as_deref()).await?;
+        // A time no clock can hold is refused, not taken as no time at all (which would send
+        // every record instead of none).
         let since = req
             .since
-            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+            .map(|t| {
+                std::time::SystemTime::try_from(t).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "since: {}s {}ns is out of range",
+                        t.seconds, t.nanos
+                    ))
+                })
+            })
+            .transpose()?;
+        let instances = self.instances_of(&service, only.as_deref()).await?;
         let tail = req.tail.map(|t| t as usize);
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let agent = self.clone();
@@ -602,6 +612,19 @@ mod tests {
             (logs("", "../x-1").await.err(), "instance: "),
             (logs("", "-1").await.err(), "instance: "),
             (logs("web", "other-1").await.err(), "instance: "),
+            (
+                a.logs(Request::new(pb::LogsRequest {
+                    service: "web".into(),
+                    since: Some(prost_types::Timestamp {
+                        seconds: i64::MIN,
+                        nanos: -1,
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .err(),
+                "since: ",
+            ),
             (
                 a.watch(Request::new(pb::WatchRequest {
                     service: "../x".into(),
