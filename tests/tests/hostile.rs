@@ -860,3 +860,38 @@ async fn hostile_requests_are_refused_clearly_and_apply_nothing() {
         "an instance of the hostile service was started"
     );
 }
+
+/// Scale is held to the rules of Apply for the new count: a fixed port cannot be shared by
+/// several instances on the host's network, so scaling such a service past one instance is
+/// refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_cannot_make_a_spec_invalid() {
+    if skip_unless_root("scale_cannot_make_a_spec_invalid") {
+        return;
+    }
+    let agent = Agent::start().await;
+    agent
+        .apply(
+            "name = \"fixed\"\ncommand = [\"/bin/true\"]\nreplicas = 0\n[ports]\nadmin = 18081\n",
+        )
+        .await
+        .expect("a fixed port is valid with at most one instance");
+    let mut c = agent.client().await;
+    let e = c
+        .scale(pb::ScaleRequest {
+            name: "fixed".into(),
+            replicas: 3,
+        })
+        .await
+        .expect_err("three instances on one fixed port");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("ports.admin:") && e.message().contains("collide"),
+        "{}",
+        e.message()
+    );
+    let s = agent.get("fixed").await.expect("get");
+    assert_eq!((s.desired, s.revision), (0, 1), "nothing changed");
+    assert_eq!(s.spec.and_then(|s| s.replicas), Some(0));
+    agent.delete("fixed").await.expect("delete");
+}
