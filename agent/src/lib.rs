@@ -12,6 +12,7 @@
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
 //! - [`api`]: the gRPC layer.
+//! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod api;
 pub mod cgroups;
@@ -21,6 +22,7 @@ pub mod host;
 pub mod logs;
 pub mod rollout;
 pub mod runtime;
+pub mod sdnotify;
 pub mod spec;
 pub mod store;
 pub mod supervisor;

@@ -314,6 +314,12 @@ async fn run(s: Settings) -> Result<()> {
         shutdown.clone(),
     ));
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
+    // The socket is bound and served: tell systemd (Type=notify), and keep its watchdog fed
+    // while the supervisor answers.
+    let systemd = Arc::new(corral_agent::sdnotify::Notifier::from_env());
+    systemd.ready(&format!("serving on {}", s.socket.display()));
+    let supervisor_handle = handle.clone();
+    systemd.spawn_watchdog(move || supervisor_handle.answers(), shutdown.clone());
 
     if let Some(dir) = &s.services {
         apply_dir(&handle, dir).await;
@@ -343,6 +349,7 @@ async fn run(s: Settings) -> Result<()> {
         }
     }
     tracing::info!("shutting down; instances keep running");
+    systemd.stopping();
     shutdown.cancel();
     match server.await {
         Ok(Ok(())) => {}

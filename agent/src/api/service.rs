@@ -44,13 +44,14 @@ fn rollout_response(o: Outcome) -> Result<Response<pb::RolloutResponse>, Status>
     }
 }
 
-fn check_name(name: &str) -> Result<(), Status> {
+/// `name`, the request's `field`, is a valid service name.
+fn check_name(field: &str, name: &str) -> Result<(), Status> {
     if spec::valid_service_name(name) {
         Ok(())
     } else {
         let shown: String = name.chars().take(80).collect();
         Err(Status::invalid_argument(format!(
-            "name: {shown:?} is not a valid service name ([a-z0-9][a-z0-9-]{{0,62}})"
+            "{field}: {shown:?} is not a valid service name ([a-z0-9][a-z0-9-]{{0,62}})"
         )))
     }
 }
@@ -232,7 +233,11 @@ impl Agent for AgentService {
             (_, inst) if !inst.is_empty() => {
                 let svc = inst
                     .rsplit_once('-')
-                    .filter(|(_, i)| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                    .filter(|(svc, i)| {
+                        spec::valid_service_name(svc)
+                            && !i.is_empty()
+                            && i.bytes().all(|b| b.is_ascii_digit())
+                    })
                     .map(|(s, _)| s.to_string())
                     .ok_or_else(|| {
                         Status::invalid_argument(format!(
@@ -250,11 +255,21 @@ impl Agent for AgentService {
             }
             (svc, _) => (svc.to_string(), None),
         };
-        check_name(&service)?;
-        let instances = self.instances_of(&service, only.as_deref()).await?;
+        check_name("service", &service)?;
+        // A time no clock can hold is refused, not taken as no time at all (which would send
+        // every record instead of none).
         let since = req
             .since
-            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+            .map(|t| {
+                std::time::SystemTime::try_from(t).map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "since: {}s {}ns is out of range",
+                        t.seconds, t.nanos
+                    ))
+                })
+            })
+            .transpose()?;
+        let instances = self.instances_of(&service, only.as_deref()).await?;
         let tail = req.tail.map(|t| t as usize);
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
         let agent = self.clone();
@@ -282,7 +297,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         if !req.service.is_empty() {
-            check_name(&req.service)?;
+            check_name("service", &req.service)?;
         }
         if req.instance.len() > 80 {
             return Err(Status::invalid_argument(
@@ -350,7 +365,7 @@ impl Agent for AgentService {
         let spec = match req.source {
             Some(pb::apply_request::Source::Spec(p)) => convert::spec_from_proto(p)
                 .and_then(|raw| raw.validate())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| super::status::invalid_spec(&e))?,
             Some(pb::apply_request::Source::SpecToml(text)) => {
                 if text.len() > MAX_SPEC_TOML {
                     return Err(Status::invalid_argument(format!(
@@ -358,7 +373,7 @@ impl Agent for AgentService {
                         text.len()
                     )));
                 }
-                spec::parse_toml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?
+                spec::parse_toml(&text).map_err(|e| super::status::invalid_spec(&e))?
             }
             None => {
                 return Err(Status::invalid_argument(
@@ -391,7 +406,7 @@ impl Agent for AgentService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = req.into_inner().name;
-        check_name(&name)?;
+        check_name("name", &name)?;
         match self.call(Operation::Delete { name }).await? {
             Outcome::Deleted { name, stopped } => Ok(Response::new(pb::DeleteResponse {
                 name,
@@ -406,7 +421,7 @@ impl Agent for AgentService {
         req: Request<pb::GetRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let name = req.into_inner().name;
-        check_name(&name)?;
+        check_name("name", &name)?;
         match self.call(Operation::Get { name }).await? {
             Outcome::Status(s) => Ok(Response::new(convert::status_to_proto(&s))),
             o => Err(unexpected(o)),
@@ -430,7 +445,7 @@ impl Agent for AgentService {
         req: Request<pb::RestartRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
-        check_name(&req.name)?;
+        check_name("name", &req.name)?;
         let op = Operation::Restart {
             name: req.name,
             force: req.force,
@@ -443,7 +458,7 @@ impl Agent for AgentService {
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
-        check_name(&req.name)?;
+        check_name("name", &req.name)?;
         let op = Operation::Rollback {
             name: req.name,
             revision: req.revision,
@@ -478,7 +493,7 @@ impl Agent for AgentService {
         req: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::ScaleResponse>, Status> {
         let req = req.into_inner();
-        check_name(&req.name)?;
+        check_name("name", &req.name)?;
         match self
             .call(Operation::Scale {
                 name: req.name,
@@ -543,5 +558,99 @@ impl Agent for AgentService {
             services,
             instances,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroups::CgroupBackend;
+    use crate::cgroups::recording::RecordingCgroups;
+    use crate::runtime::fake::FakeRuntime;
+    use crate::store::MemStore;
+    use crate::supervisor::{Deps, Driver};
+    use tonic::Code;
+
+    /// The service over a supervisor with fakes for the OS.
+    async fn agent() -> AgentService {
+        let cgroups = Arc::new(RecordingCgroups::default());
+        let capabilities = cgroups.capabilities().clone();
+        let events = Arc::new(EventLog::in_memory(100));
+        let (mut driver, handle) = Driver::new(Deps {
+            runtime: Arc::new(FakeRuntime::new()),
+            cgroups,
+            store: Arc::new(MemStore::new()),
+            namespaces: Namespace::ALL.to_vec(),
+            events: events.clone(),
+        });
+        driver.restore().await;
+        tokio::spawn(driver.run(tokio_util::sync::CancellationToken::new()));
+        AgentService {
+            supervisor: handle,
+            events,
+            log_root: std::env::temp_dir().join("corral-api-test-no-logs"),
+            host: Arc::new(Host::new()),
+            capabilities,
+            namespaces: Namespace::ALL.to_vec(),
+        }
+    }
+
+    /// A bad service name is reported under the request field that carried it: Logs and
+    /// Watch have no `name` field.
+    #[tokio::test]
+    async fn errors_name_the_request_field() {
+        let a = agent().await;
+        let logs = |service: &str, instance: &str| {
+            a.logs(Request::new(pb::LogsRequest {
+                service: service.into(),
+                instance: instance.into(),
+                ..Default::default()
+            }))
+        };
+        let cases = [
+            (logs("-web", "").await.err(), "service: "),
+            (logs("", "../x-1").await.err(), "instance: "),
+            (logs("", "-1").await.err(), "instance: "),
+            (logs("web", "other-1").await.err(), "instance: "),
+            (
+                a.logs(Request::new(pb::LogsRequest {
+                    service: "web".into(),
+                    since: Some(prost_types::Timestamp {
+                        seconds: i64::MIN,
+                        nanos: -1,
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .err(),
+                "since: ",
+            ),
+            (
+                a.watch(Request::new(pb::WatchRequest {
+                    service: "../x".into(),
+                    ..Default::default()
+                }))
+                .await
+                .err(),
+                "service: ",
+            ),
+            (
+                a.get(Request::new(pb::GetRequest {
+                    name: "../x".into(),
+                }))
+                .await
+                .err(),
+                "name: ",
+            ),
+        ];
+        for (i, (status, field)) in cases.into_iter().enumerate() {
+            let status = status.unwrap_or_else(|| panic!("case {i} was accepted"));
+            assert_eq!(status.code(), Code::InvalidArgument, "case {i}: {status:?}");
+            assert!(
+                status.message().starts_with(field),
+                "case {i}: {:?} should start with {field:?}",
+                status.message()
+            );
+        }
     }
 }

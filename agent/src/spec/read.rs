@@ -107,7 +107,9 @@ pub(super) fn read(text: &str) -> ReadOutcome {
             let message = match error.span() {
                 Some(span) => {
                     let (line, column) = position(text, span.start);
-                    format!("line {line}, column {column}: {}", error.message())
+                    let why = integer_overflow(text, span.start, error.message())
+                        .unwrap_or_else(|| error.message().to_owned());
+                    format!("line {line}, column {column}: {why}")
                 }
                 None => error.message().to_owned(),
             };
@@ -128,6 +130,62 @@ pub(super) fn read(text: &str) -> ReadOutcome {
         errors: reader.errors,
         dropped: reader.dropped,
         syntax_error: false,
+    }
+}
+
+/// The TOML reader keeps integers in an i64 and words a larger one as a type error about
+/// i128 ("invalid type: integer `N` as i128, expected any valid TOML value"). Says what it
+/// is instead, with the key it was written for when the line shows it.
+fn integer_overflow(text: &str, offset: usize, message: &str) -> Option<String> {
+    let number = message
+        .strip_prefix("invalid type: integer `")?
+        .split_once('`')?
+        .0;
+    let range = format!(
+        "is out of range (a TOML integer is 64-bit: {} to {})",
+        i64::MIN,
+        i64::MAX
+    );
+    Some(match key_at(text, offset) {
+        Some(key) => format!("{key} = {number} {range}"),
+        None => format!("{number} {range}"),
+    })
+}
+
+/// The path of the key whose value starts at byte `offset`, as errors name fields
+/// (`resources.pids`, `sockets[1].listen`), when its line is a plain `key = value` under a
+/// plain table header. Best effort, for messages only.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = before[line_start..].rsplit_once('=')?;
+    let key = key.trim();
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    };
+    if !bare(key) {
+        return None;
+    }
+    let mut table = String::new();
+    let mut arrays: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in text[..line_start].lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")) {
+            let name = name.0.trim();
+            let n = arrays.entry(name).or_default();
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split_once(']')) {
+            table = name.0.trim().to_owned();
+        }
+    }
+    if table.is_empty() {
+        Some(key.to_owned())
+    } else if table.split('.').all(bare) || table.ends_with(']') {
+        Some(format!("{table}.{key}"))
+    } else {
+        None
     }
 }
 

@@ -513,6 +513,11 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("name = ", "(toml)", "line 1, column"),
     ("[health\n", "(toml)", "line 3"),
     ("replicas = 1\nreplicas = 2", "(toml)", "duplicate key"),
+    // integers beyond 64 bits: the TOML reader's own message names an i128
+    ("[resources]\npids = 18446744073709551616", "(toml)", "line 4, column 8: resources.pids = 18446744073709551616 is out of range (a TOML integer is 64-bit: -9223372036854775808 to 9223372036854775807)"),
+    ("replicas = -9223372036854775809", "(toml)", "replicas = -9223372036854775809 is out of range"),
+    ("[[sockets]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n[[sockets]]\nname = \"b\"\nlisten = 99999999999999999999", "(toml)", "sockets[1].listen = 99999999999999999999 is out of range"),
+    ("env = { A = 99999999999999999999 }", "(toml)", ": 99999999999999999999 is out of range"),
     // env
     ("env = { CORRAL_SERVICE = \"x\" }", "env.CORRAL_SERVICE", "\"CORRAL_SERVICE\" is reserved"),
     ("env = { CORRAL_ANYTHING = \"x\" }", "env.CORRAL_ANYTHING", "reserved (the CORRAL_ prefix"),

@@ -241,4 +241,11 @@ impl SupervisorHandle {
             .map_err(|_| SupervisorError::Unavailable)?;
         rx.await.map_err(|_| SupervisorError::Unavailable)?
     }
+
+    /// Resolves to whether the supervisor answers a cheap question: a liveness check (the
+    /// systemd watchdog pings only after it passes).
+    pub fn answers(&self) -> impl Future<Output = bool> + Send + use<> {
+        let handle = self.clone();
+        async move { handle.call(Operation::Summary).await.is_ok() }
+    }
 }

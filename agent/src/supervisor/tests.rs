@@ -246,6 +246,43 @@ async fn oom_is_read_from_the_cgroup_and_sigkill_alone_is_not_oom() {
     assert_eq!(class(i1), Some(ExitClass::Signaled(9)));
 }
 
+/// Scale changes only `replicas`, but a spec may be valid with one instance and not with
+/// more: a fixed port would be bound by every instance of the host's network. Scale is held
+/// to the same rules as Apply, and a refused scale changes nothing.
+#[tokio::test(start_paused = true)]
+async fn scale_is_refused_where_the_spec_would_not_be_valid() {
+    let r = rig().await;
+    r.apply("name = \"web\"\ncommand = [\"/bin/app\"]\n[ports]\nadmin = 8080\n")
+        .await
+        .expect("one instance on a fixed port");
+    settle().await;
+    let e = r
+        .handle
+        .call(Operation::Scale {
+            name: "web".into(),
+            replicas: 3,
+        })
+        .await
+        .expect_err("three instances on one fixed port");
+    assert!(matches!(e, SupervisorError::InvalidSpec(_)), "{e:?}");
+    assert!(e.to_string().contains("ports.admin:"), "{e}");
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.desired, s.spec.replicas, s.instances.len()), (1, 1, 1));
+    // Scaling to zero or one stays possible.
+    match r
+        .handle
+        .call(Operation::Scale {
+            name: "web".into(),
+            replicas: 0,
+        })
+        .await
+    {
+        Ok(Outcome::Scaled { replicas: 0, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
     let r = rig().await;

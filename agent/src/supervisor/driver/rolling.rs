@@ -685,6 +685,9 @@ impl Driver {
             let mut d = svc.d.clone();
             let mut spec = (*d.spec).clone();
             spec.replicas = replicas;
+            // Some rules depend on the instance count (a fixed port cannot be shared by
+            // instances on the host's network): the scaled spec must be one Apply accepts.
+            spec.to_raw().validate()?;
             d.spec = Arc::new(spec);
             if let Some(r) = d.running_mut() {
                 r.replicas = replicas;
