@@ -163,6 +163,24 @@ pub const NAMESPACES: Pool = Pool {
     ok: &["pid", "mount", "uts", "ipc", "net"],
     bad: &["cgroup", "user", "PID", ""],
 };
+pub const CAPABILITIES: Pool = Pool {
+    ok: &[
+        "NET_BIND_SERVICE",
+        "CAP_KILL",
+        "cap_chown",
+        "Net_Raw",
+        "SYS_ADMIN",
+    ],
+    bad: &[
+        "",
+        "CAP_",
+        "NOT_A_CAP",
+        "CAP_NET_BIND_SERVICE\0",
+        "ALL",
+        "40",
+        "cap-kill",
+    ],
+};
 pub const HOSTNAMES: Pool = Pool {
     ok: &["web-{index}", "{instance}", "{index}", "a.b", "host"],
     bad: &[
@@ -555,7 +573,8 @@ fn plausible(section: &str, key: &str, h: Hostility) -> BoxedStrategy<String> {
             .boxed()
         }
         ("isolation", "hostname") => quoted(HOSTNAMES, h),
-        ("isolation", "private_tmp")
+        ("isolation", "capabilities") => toml_array(quoted(CAPABILITIES, h), 0..4),
+        ("isolation", "private_tmp" | "readonly_root")
         | ("health", "restart_on_failure" | "notify")
         | ("rollout", "auto_rollback") => toml_bool(),
         ("restart", "policy") => quoted(POLICIES, h),
@@ -643,8 +662,17 @@ fn free_table(
 }
 
 const SECTIONS: &[(&str, &[&str])] = &[
-    ("resources", &["cpu", "memory", "pids"]),
-    ("isolation", &["namespaces", "hostname", "private_tmp"]),
+    ("resources", &["cpu", "memory", "pids", "nofile"]),
+    (
+        "isolation",
+        &[
+            "namespaces",
+            "hostname",
+            "private_tmp",
+            "capabilities",
+            "readonly_root",
+        ],
+    ),
     ("restart", &["policy", "backoff", "backoff_max"]),
     (
         "health",
@@ -849,8 +877,18 @@ fn opt<T: std::fmt::Debug + Clone + 'static>(
 }
 
 fn resources(h: Hostility) -> BoxedStrategy<pb::Resources> {
-    (opt(f64s(h)), opt(field(SIZES, h)), opt(u64s(h)))
-        .prop_map(|(cpu, memory, pids)| pb::Resources { cpu, memory, pids })
+    (
+        opt(f64s(h)),
+        opt(field(SIZES, h)),
+        opt(u64s(h)),
+        opt(u64s(h)),
+    )
+        .prop_map(|(cpu, memory, pids, nofile)| pb::Resources {
+            cpu,
+            memory,
+            pids,
+            nofile,
+        })
         .boxed()
 }
 
@@ -859,12 +897,18 @@ fn isolation(h: Hostility) -> BoxedStrategy<pb::Isolation> {
         opt(vec(field(NAMESPACES, h), 0..6).prop_map(|names| pb::NamespaceList { names })),
         opt(field(HOSTNAMES, h)),
         opt(any::<bool>()),
+        opt(vec(field(CAPABILITIES, h), 0..4).prop_map(|names| pb::CapabilityList { names })),
+        opt(any::<bool>()),
     )
-        .prop_map(|(namespaces, hostname, private_tmp)| pb::Isolation {
-            namespaces,
-            hostname,
-            private_tmp,
-        })
+        .prop_map(
+            |(namespaces, hostname, private_tmp, capabilities, readonly_root)| pb::Isolation {
+                namespaces,
+                hostname,
+                private_tmp,
+                capabilities,
+                readonly_root,
+            },
+        )
         .boxed()
 }
 
