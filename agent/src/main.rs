@@ -303,6 +303,11 @@ async fn run(s: Settings) -> Result<()> {
         capabilities: caps,
         namespaces,
     };
+    // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
+    // handled, never the default action.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let listeners = api::Listeners {
         unix: listener,
         tcp,
@@ -324,9 +329,6 @@ async fn run(s: Settings) -> Result<()> {
     if let Some(dir) = &s.services {
         apply_dir(&handle, dir).await;
     }
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
