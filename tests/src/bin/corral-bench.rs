@@ -272,6 +272,12 @@ async fn api() {
         }
         // Warm up the connections.
         let _ = get_loop(clients.clone(), Duration::from_millis(500)).await;
+        let (one, rate) = get_loop(clients[..1].to_vec(), Duration::from_secs(2)).await;
+        stats(&format!("Get over {transport}, one client"), one, true);
+        println!(
+            "{:<48} {rate:.0} calls/s",
+            format!("Get over {transport}, one client: throughput")
+        );
         let (lat, rate) = get_loop(clients, Duration::from_secs(5)).await;
         stats(&format!("Get over {transport}"), lat, true);
         println!(
@@ -299,25 +305,27 @@ async fn api() {
         &warm.unexpected[..warm.unexpected.len().min(5)]
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = apiload::rss_kib(pid);
-    let t = Instant::now();
-    let out = apiload::run(clients, "web", &spec, Until::Calls(100_000)).await;
-    let took = t.elapsed();
-    let during = apiload::rss_kib(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = apiload::rss_kib(pid);
-    println!(
-        "100 000 mixed calls over mTLS from {CLIENTS} clients (half admin, half read) during rollouts: {} calls in {:.1} s ({:.0}/s), {} unexpected outcomes, refusals {:?}",
-        out.total(),
-        took.as_secs_f64(),
-        out.total() as f64 / took.as_secs_f64(),
-        out.unexpected.len(),
-        out.refusals
-    );
-    println!(
-        "agent RSS: {fresh} KiB with the connections open, {before} KiB after 20 000 warm-up calls, {during} KiB at the end, {after} KiB 2 s later: growth {} KiB",
-        after as i64 - before as i64
-    );
+    for round in 1..=2 {
+        let before = apiload::rss_kib(pid);
+        let t = Instant::now();
+        let out = apiload::run(clients.clone(), "web", &spec, Until::Calls(100_000)).await;
+        let took = t.elapsed();
+        let during = apiload::rss_kib(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = apiload::rss_kib(pid);
+        println!(
+            "round {round}: 100 000 mixed calls over mTLS from {CLIENTS} clients (half admin, half read) during rollouts: {} calls in {:.1} s ({:.0}/s), {} unexpected outcomes, refusals {:?}",
+            out.total(),
+            took.as_secs_f64(),
+            out.total() as f64 / took.as_secs_f64(),
+            out.unexpected.len(),
+            out.refusals
+        );
+        println!(
+            "round {round}: agent RSS {before} KiB before (fresh with connections: {fresh} KiB), {during} KiB at the end, {after} KiB 2 s later: growth {} KiB",
+            after as i64 - before as i64
+        );
+    }
     delete(&agent, "web").await;
 }
 
