@@ -294,8 +294,11 @@ async fn roles_decide_what_a_client_may_call() {
     // Every change is logged with who made it; refusals too.
     let log = agent.log_text();
     assert!(
-        log.lines()
-            .any(|l| l.contains("API call") && l.contains("CN=scheduler") && l.contains("Apply")),
+        log.lines().any(|l| l.contains("API call")
+            && l.contains("CN=scheduler")
+            && l.contains("Apply")
+            && l.contains("target=svc")
+            && l.contains("code=\"OK\"")),
         "{log}"
     );
     assert!(

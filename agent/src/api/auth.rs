@@ -113,6 +113,39 @@ impl Drop for CallGuard {
     }
 }
 
+/// What an audited call acted on (a service or instance name), filled in by the service
+/// handling it, so that the audit line can name it whatever the outcome.
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote(Arc<Mutex<Option<String>>>);
+
+impl AuditNote {
+    /// Note the call's target in `req`'s audit note, when it has one.
+    pub fn set<T>(req: &tonic::Request<T>, target: &str) {
+        if let Some(note) = Self::of(req) {
+            note.note(target);
+        }
+    }
+
+    /// `req`'s audit note, when the call is audited.
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<AuditNote> {
+        req.extensions().get::<AuditNote>().cloned()
+    }
+
+    /// Note the call's target.
+    pub fn note(&self, target: &str) {
+        let shown: String = target.chars().take(80).collect();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(shown);
+    }
+
+    fn get(&self) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
 /// Counts per key with a cap, for "at most N per caller / per address".
 #[derive(Debug)]
 pub struct Counts<K: Eq + Hash> {
@@ -295,7 +328,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let caller = req.extensions().get::<Caller>().cloned();
         let path = req.uri().path().to_string();
         if let Err(status) = authorize(caller.as_ref(), &path) {
@@ -333,13 +366,17 @@ where
             None
         };
         let call = caller.conn.begin();
-        let audit = changes_something(&path);
+        let audit = changes_something(&path).then(|| {
+            let note = AuditNote::default();
+            req.extensions_mut().insert(note.clone());
+            note
+        });
         // The clone that was made ready goes into the future; a fresh clone stays.
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         Box::pin(async move {
             let resp = inner.call(req).await?;
-            if audit {
+            if let Some(note) = audit {
                 let code = resp
                     .headers()
                     .get("grpc-status")
@@ -351,6 +388,7 @@ where
                     caller = %caller.who,
                     peer = %caller.peer,
                     method = method_name(&path),
+                    target = %note.get(),
                     code,
                     "API call"
                 );

@@ -7,6 +7,7 @@ use corral_proto::v1 as pb;
 use corral_proto::v1::agent_server::Agent;
 use tonic::{Request, Response, Status};
 
+use super::auth::AuditNote;
 use super::convert;
 use super::status::to_status;
 use crate::cgroups::Capabilities;
@@ -361,11 +362,21 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let audit = AuditNote::of(&req);
         let req = req.into_inner();
+        let dry = if req.dry_run { " (dry run)" } else { "" };
         let spec = match req.source {
-            Some(pb::apply_request::Source::Spec(p)) => convert::spec_from_proto(p)
-                .and_then(|raw| raw.validate())
-                .map_err(|e| super::status::invalid_spec(&e))?,
+            Some(pb::apply_request::Source::Spec(p)) => {
+                if let Some(a) = &audit {
+                    a.note(&format!(
+                        "{}{dry}",
+                        p.name.chars().take(80).collect::<String>()
+                    ));
+                }
+                convert::spec_from_proto(p)
+                    .and_then(|raw| raw.validate())
+                    .map_err(|e| super::status::invalid_spec(&e))?
+            }
             Some(pb::apply_request::Source::SpecToml(text)) => {
                 if text.len() > MAX_SPEC_TOML {
                     return Err(Status::invalid_argument(format!(
@@ -381,6 +392,9 @@ impl Agent for AgentService {
                 ));
             }
         };
+        if let Some(a) = &audit {
+            a.note(&format!("{}{dry}", spec.name));
+        }
         match self
             .call(Operation::Apply {
                 spec: Box::new(spec),
@@ -405,6 +419,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        AuditNote::set(&req, &req.get_ref().name);
         let name = req.into_inner().name;
         check_name("name", &name)?;
         match self.call(Operation::Delete { name }).await? {
@@ -492,6 +507,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::ScaleResponse>, Status> {
+        AuditNote::set(&req, &req.get_ref().name);
         let req = req.into_inner();
         check_name("name", &req.name)?;
         match self
@@ -518,6 +534,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SignalRequest>,
     ) -> Result<Response<pb::SignalResponse>, Status> {
+        AuditNote::set(&req, &req.get_ref().instance);
         let req = req.into_inner();
         let (number, name) = parse_signal(&req.signal)?;
         if req.instance.is_empty() || req.instance.len() > 80 || req.instance.contains('/') {
