@@ -117,6 +117,15 @@ pub async fn run(clients: Vec<Client>, service: &str, spec_toml: &str, until: Un
     all
 }
 
+/// Read a streaming reply to its end.
+async fn drain<T>(
+    reply: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+) -> Result<(), tonic::Status> {
+    let mut s = reply?.into_inner();
+    while s.message().await?.is_some() {}
+    Ok(())
+}
+
 async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut Outcome) {
     let mut api = client.api.clone();
     let admin = client.admin;
@@ -143,20 +152,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
                     ..Default::default()
                 })
                 .await;
-            let r = match r {
-                Ok(s) => {
-                    let mut s = s.into_inner();
-                    loop {
-                        match s.message().await {
-                            Ok(Some(_)) => {}
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            ("Watch", r)
+            ("Watch", drain(r).await)
         }
         4 => {
             let r = api
@@ -166,20 +162,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
                     ..Default::default()
                 })
                 .await;
-            let r = match r {
-                Ok(s) => {
-                    let mut s = s.into_inner();
-                    loop {
-                        match s.message().await {
-                            Ok(Some(_)) => {}
-                            Ok(None) => break Ok(()),
-                            Err(e) => break Err(e),
-                        }
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            ("Logs", r)
+            ("Logs", drain(r).await)
         }
         6 => (
             "Apply",

@@ -122,6 +122,14 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// A loopback TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// One running corrald with its own directories and cgroup parent.
 #[derive(Debug)]
 pub struct Agent {
@@ -150,9 +158,26 @@ impl Agent {
         Agent::start_logging(services, "info,corral_agent=debug").await
     }
 
-    /// A fresh agent started with more flags.
-    pub async fn start_args(args: &[&str]) -> Agent {
-        Agent::start_full(None, "info,corral_agent=debug", args).await
+    /// A fresh agent logging at `filter` that also serves the API on `127.0.0.1:port` with
+    /// TLS: the `server` certificate, and client certificates from `client_ca`.
+    pub async fn start_tls(filter: &str, port: u16, server: &pki::Pem, client_ca: &Path) -> Agent {
+        let listen = format!("127.0.0.1:{port}");
+        let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+        let (cert, key, ca) = (path(&server.cert), path(&server.key), path(client_ca));
+        Agent::start_full_args(
+            filter,
+            &[
+                "--listen",
+                &listen,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &ca,
+            ],
+        )
+        .await
     }
 
     /// A fresh agent logging at `filter`, started with more flags.

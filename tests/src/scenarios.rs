@@ -433,10 +433,7 @@ pub async fn init_reaps_orphans() {
 /// socket back from the instances, and they keep their PIDs.
 pub async fn rolling_restart_keeps_serving() {
     use crate::load::Load;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = crate::free_port();
     let mut agent = Agent::start().await;
     let extra = format!(
         "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\

@@ -44,31 +44,9 @@ async fn mixed_calls_from_32_mtls_clients_during_rollouts() {
     let server = ca.server("server");
     let admin = ca.client("admin", "scheduler", Some("admin"));
     let read = ca.client("read", "dashboard", Some("read"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
-    let listen = format!("127.0.0.1:{port}");
-    let (cert, key, client_ca) = (path(&server.cert), path(&server.key), path(&ca.cert));
-    let agent = Agent::start_full_args(
-        "info",
-        &[
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--tls-client-ca",
-            &client_ca,
-        ],
-    )
-    .await;
-    let web = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = corral_e2e::free_port();
+    let agent = Agent::start_tls("info", port, &server, &ca.cert).await;
+    let web = corral_e2e::free_port();
     let spec = spec(web);
     agent.apply(&spec).await.expect("apply");
     corral_e2e::eventually("2 healthy instances", Duration::from_secs(30), || async {

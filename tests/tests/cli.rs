@@ -113,10 +113,7 @@ async fn cli_restart_and_apply_wait_report_rollouts_by_exit_code() {
     let agent = Agent::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("web.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = corral_e2e::free_port();
     let spec = |version: &str, status: &str| {
         format!(
             r#"name = "web"

@@ -10,16 +10,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use corral_e2e::pki::{self, Ca, Pem};
-use corral_e2e::{Agent, bin, eventually, pb, skip_unless_root, testbin};
+use corral_e2e::{Agent, bin, eventually, free_port, pb, skip_unless_root, testbin};
 use pb::agent_client::AgentClient;
 use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -76,17 +69,7 @@ fn pki() -> Pki {
 }
 
 async fn tls_agent(pki: &Pki, port: u16) -> Agent {
-    Agent::start_args(&[
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--tls-cert",
-        path(&pki.server.cert),
-        "--tls-key",
-        path(&pki.server.key),
-        "--tls-client-ca",
-        path(&pki.ca.cert),
-    ])
-    .await
+    Agent::start_tls("info,corral_agent=debug", port, &pki.server, &pki.ca.cert).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,17 +573,7 @@ async fn the_cli_says_what_is_wrong_with_a_tls_connection() {
     let expired = ca.expired_client("expired", "old", "admin");
     let other = Ca::new(dir.path(), "other");
     let port = free_port();
-    let _agent = Agent::start_args(&[
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--tls-cert",
-        path(&server.cert),
-        "--tls-key",
-        path(&server.key),
-        "--tls-client-ca",
-        path(&ca.cert),
-    ])
-    .await;
+    let _agent = Agent::start_tls("info", port, &server, &ca.cert).await;
     let good = format!("https://localhost:{port}");
 
     let (ok, text) = cli_tls(&good, &ca.cert, Some(&admin), &["ls"]);

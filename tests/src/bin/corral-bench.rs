@@ -218,31 +218,9 @@ async fn api() {
     let server = ca.server("server");
     let admin = ca.client("admin", "scheduler", Some("admin"));
     let read = ca.client("read", "dashboard", Some("read"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let p = |p: &Path| p.to_str().expect("utf-8").to_string();
-    let listen = format!("127.0.0.1:{port}");
-    let (cert, key, client_ca) = (p(&server.cert), p(&server.key), p(&ca.cert));
-    let agent = Agent::start_full_args(
-        "warn",
-        &[
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--tls-client-ca",
-            &client_ca,
-        ],
-    )
-    .await;
-    let web = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = corral_e2e::free_port();
+    let agent = Agent::start_tls("warn", port, &server, &ca.cert).await;
+    let web = corral_e2e::free_port();
     let spec = format!(
         "name = \"web\"\ncommand = [{:?}, \"http-listen\", \"50\"]\nreplicas = 2\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{web}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\n[rollout]\nmin_healthy = \"300ms\"\n",
         testbin()
