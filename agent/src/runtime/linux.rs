@@ -69,8 +69,9 @@ pub struct LinuxRuntime {
     exe: CString,
     /// The agent's own identity, for instances without `user` (resolved once).
     own: Option<Identity>,
-    /// Hidden from instances with a mount namespace (see [`LinuxRuntime::hide`]).
-    hidden: Vec<PathBuf>,
+    /// Hidden from instances with a mount namespace (see [`LinuxRuntime::hide`]): each
+    /// path with its owning group.
+    hidden: Vec<(PathBuf, u32)>,
 }
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or else
@@ -116,9 +117,16 @@ impl LinuxRuntime {
     /// Keep `path` (the API socket) out of reach of instances that have a mount namespace:
     /// an instance running as root could otherwise connect to it and act as the agent's
     /// admin.
+    ///
+    /// Only instances that could open it are given the extra mount: those running as root
+    /// (the default capabilities bypass file modes) or with the file's group.
     pub fn hide(&mut self, path: &Path) {
-        self.hidden
-            .push(fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
+        use std::os::unix::fs::MetadataExt;
+        let gid = fs::metadata(path).map_or(0, |m| m.gid());
+        self.hidden.push((
+            fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            gid,
+        ));
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -162,6 +170,14 @@ fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String>
 
 /// The capabilities of `spec`'s service process, which depend on the user it runs as (the
 /// agent's own when `identity` is unknown).
+fn self_uid() -> u32 {
+    nix::unistd::Uid::effective().as_raw()
+}
+
+fn self_gid() -> u32 {
+    nix::unistd::Gid::effective().as_raw()
+}
+
 fn cap_plan(spec: &ServiceSpec, identity: Option<&Identity>) -> CapPlan {
     let uid = identity.map_or_else(|| nix::unistd::Uid::effective().as_raw(), |i| i.uid);
     CapPlan::for_instance(spec.isolation.capabilities.as_deref(), uid)
@@ -384,7 +400,17 @@ impl Runtime for LinuxRuntime {
             nofile: spec.resources.nofile,
             readonly_root: spec.isolation.readonly_root,
             state_dir: Some(self.state_dir.clone()),
-            hidden: self.hidden.clone(),
+            hidden: {
+                let (uid, gid) = identity
+                    .as_ref()
+                    .filter(|_| drop_privileges)
+                    .map_or((self_uid(), self_gid()), |i| (i.uid, i.gid));
+                self.hidden
+                    .iter()
+                    .filter(|(_, group)| uid == 0 || gid == *group)
+                    .map(|(path, _)| path.clone())
+                    .collect()
+            },
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;

@@ -187,7 +187,7 @@ fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 
 /// Whether this kernel has `mount_setattr(2)` (Linux 5.12), the newest call the read-only
 /// view needs.
-/// Cover `path` with `/dev/null`, read-only, in this mount namespace: a socket there can no
+/// Cover `path` with `/dev/null` in this mount namespace: a socket there can no
 /// longer be connected to. A path that does not exist is left alone.
 pub(super) fn hide(path: &Path) -> io::Result<()> {
     use nix::mount::{MsFlags, mount};
@@ -197,18 +197,12 @@ pub(super) fn hide(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     }
+    // /dev/null needs no read-only remount: nothing written there stays.
     mount(
         Some("/dev/null"),
         path,
         None::<&str>,
         MsFlags::MS_BIND,
-        None::<&str>,
-    )?;
-    mount(
-        None::<&str>,
-        path,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
         None::<&str>,
     )?;
     Ok(())
