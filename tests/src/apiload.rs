@@ -241,13 +241,3 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
         ));
     }
 }
-
-/// The resident set of process `pid`, in KiB.
-pub fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}

@@ -82,7 +82,7 @@ async fn mixed_calls_from_32_mtls_clients_during_rollouts() {
         )
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let kib = apiload::rss_kib(pid);
+        let kib = corral_e2e::rss_kib(pid);
         eprintln!(
             "round {round}: {} calls, refusals {:?}, agent RSS {kib} KiB, mean times {:?}",
             out.total(),

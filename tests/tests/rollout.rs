@@ -6,18 +6,11 @@
 use std::time::Duration;
 
 use corral_e2e::load::{Load, Report};
-use corral_e2e::{Agent, eventually, pb, skip_unless_root, testbin};
+use corral_e2e::{Agent, eventually, free_port, pb, skip_unless_root, testbin};
 
 const CLIENTS: usize = 16;
 /// No load runs longer than this, whatever happens.
 const LOAD_LIMIT: Duration = Duration::from_secs(180);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// 4 instances of the HTTP test server on the agent socket `port`, health-checked on their
 /// own admin port; `env` adds to the environment, `rollout` to the `[rollout]` section.

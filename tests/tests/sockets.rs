@@ -5,14 +5,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use corral_e2e::{Agent, eventually, skip_unless_root, testbin};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use corral_e2e::{Agent, eventually, free_port, skip_unless_root, testbin};
 
 fn spec(name: &str, replicas: u32, port: u16, extra: &str) -> String {
     format!(

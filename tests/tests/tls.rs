@@ -24,11 +24,7 @@ async fn tls_client(
     ca: &Path,
     identity: Option<&Pem>,
 ) -> Result<AgentClient<Channel>, String> {
-    tls_channel(port, ca, identity).await.map(AgentClient::new)
-}
-
-async fn tls_channel(port: u16, ca: &Path, identity: Option<&Pem>) -> Result<Channel, String> {
-    pki::channel(port, ca, identity).await
+    pki::channel(port, ca, identity).await.map(AgentClient::new)
 }
 
 /// List through a fresh connection: the outcome, or the error as text.
@@ -184,7 +180,7 @@ async fn roles_decide_what_a_client_may_call() {
         .into_inner();
     assert!(events.message().await.expect("event").is_some());
     let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tls_channel(port, ca, Some(&p.read)).await.expect("read"),
+        pki::channel(port, ca, Some(&p.read)).await.expect("read"),
     );
     health
         .check(tonic_health::pb::HealthCheckRequest {

@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
+
+use super::ratelog::LogBudget;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::Bytes;
@@ -272,6 +274,13 @@ pub fn authorize(caller: Option<&Caller>, path: &str) -> Result<(), Status> {
     )))
 }
 
+/// Streams refused for the per-caller cap are logged at most 20 per 10 s.
+static STREAMS_REFUSED: LogBudget = LogBudget::new(
+    "API streams refused for too many open streams",
+    20,
+    std::time::Duration::from_secs(10),
+);
+
 /// Limits the layer enforces.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -353,7 +362,9 @@ where
                     Some(g)
                 }
                 None => {
-                    tracing::warn!(caller = %caller, method = %path, "API stream refused: too many open streams");
+                    if STREAMS_REFUSED.admit() {
+                        tracing::warn!(caller = %caller, method = %path, "API stream refused: too many open streams");
+                    }
                     return Box::pin(std::future::ready(Ok(Status::resource_exhausted(format!(
                         "too many open streams: {} already has {} (Watch, Logs, health Watch) open; close some first",
                         caller.who,

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod conn;
 pub mod convert;
+pub mod ratelog;
 pub mod service;
 pub mod status;
 pub mod tls;

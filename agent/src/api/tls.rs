@@ -8,7 +8,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{Caller, Counts, Role};
 use super::conn::Conn;
+use super::ratelog::LogBudget;
 
 /// A TLS handshake not done in this time is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -207,7 +208,6 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let refusals = Arc::new(Mutex::new(Budget::default()));
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let per_address: Arc<Counts<IpAddr>> = Counts::new(MAX_CONNECTIONS_PER_ADDRESS);
@@ -242,7 +242,6 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
-            let refusals = refusals.clone();
             tokio::spawn(async move {
                 let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(handshake);
@@ -255,9 +254,8 @@ pub fn incoming(
                             .hold(address);
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(e)) => refused(&refusals, peer, &e.to_string()),
+                    Ok(Err(e)) => refused(peer, &e.to_string()),
                     Err(_) => refused(
-                        &refusals,
                         peer,
                         &format!("not done within {}s", HANDSHAKE_TIMEOUT.as_secs()),
                     ),
@@ -268,41 +266,12 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-/// Refused handshakes logged per [`REFUSALS_WINDOW`]; the rest are counted, so that a
-/// client retrying in a loop cannot flood the log.
-const REFUSALS_LOGGED: u32 = 20;
-const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+/// Refused handshakes are logged at most 20 per 10 s; the rest are counted.
+static REFUSALS: LogBudget = LogBudget::new("TLS handshakes refused", 20, Duration::from_secs(10));
 
-#[derive(Debug, Default)]
-struct Budget {
-    window_start: Option<std::time::Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-fn refused(budget: &Mutex<Budget>, peer: SocketAddr, why: &str) {
-    let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
-    let now = std::time::Instant::now();
-    if b.window_start
-        .is_none_or(|t| now.saturating_duration_since(t) >= REFUSALS_WINDOW)
-    {
-        if b.suppressed > 0 {
-            tracing::warn!(
-                "{} more TLS handshakes refused without being logged in the last {}s",
-                b.suppressed,
-                REFUSALS_WINDOW.as_secs()
-            );
-        }
-        *b = Budget {
-            window_start: Some(now),
-            ..Budget::default()
-        };
-    }
-    if b.logged < REFUSALS_LOGGED {
-        b.logged += 1;
+fn refused(peer: SocketAddr, why: &str) {
+    if REFUSALS.admit() {
         tracing::info!(%peer, error = %why, "TLS handshake refused");
-    } else {
-        b.suppressed += 1;
     }
 }
 

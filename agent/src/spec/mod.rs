@@ -30,7 +30,7 @@ mod validate;
 mod tests;
 
 pub use error::{FieldError, SpecError};
-pub use read::{SYNTAX_FIELD, read_toml};
+pub use read::{SYNTAX_FIELD, TOP_KEYS, read_toml};
 pub use types::*;
 pub use units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
 pub use validate::{MAX_REPLICAS, instance_id, valid_service_name};

@@ -14,7 +14,8 @@ use super::types::{
 /// The field of an error that is about the TOML syntax itself.
 pub const SYNTAX_FIELD: &str = "(toml)";
 
-const TOP_KEYS: &[&str] = &[
+/// The top-level keys of a spec file.
+pub const TOP_KEYS: &[&str] = &[
     "name",
     "command",
     "env",

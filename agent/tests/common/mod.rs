@@ -34,23 +34,7 @@ pub fn config(default: u32) -> Config {
 
 /// The top-level keys of a spec file: every error must be about one of them (or the syntax,
 /// or be an unknown key named as such).
-pub const TOP_KEYS: &[&str] = &[
-    "name",
-    "command",
-    "env",
-    "workdir",
-    "user",
-    "replicas",
-    "resources",
-    "isolation",
-    "ports",
-    "sockets",
-    "restart",
-    "health",
-    "rollout",
-    "stop",
-    "logs",
-];
+pub use corral_agent::spec::TOP_KEYS;
 
 /// Why `e` does not name a field of the spec, or `None` when it does.
 fn unnamed(e: &FieldError) -> Option<String> {

@@ -82,15 +82,6 @@ fn spec(name: &str, replicas: u32, fifo: &Path, extra: &str) -> String {
     )
 }
 
-fn status_kb(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn pss_kb(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
@@ -274,7 +265,7 @@ async fn api() {
             admin: i % 2 == 0,
         });
     }
-    let fresh = apiload::rss_kib(pid);
+    let fresh = corral_e2e::rss_kib(pid);
     // Fill what is bounded (the live event window, pools, connections) before measuring.
     let warm = apiload::run(clients.clone(), "web", &spec, Until::Calls(20_000)).await;
     assert!(
@@ -284,13 +275,13 @@ async fn api() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     for round in 1..=2 {
-        let before = apiload::rss_kib(pid);
+        let before = corral_e2e::rss_kib(pid);
         let t = Instant::now();
         let out = apiload::run(clients.clone(), "web", &spec, Until::Calls(100_000)).await;
         let took = t.elapsed();
-        let during = apiload::rss_kib(pid);
+        let during = corral_e2e::rss_kib(pid);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = apiload::rss_kib(pid);
+        let after = corral_e2e::rss_kib(pid);
         println!(
             "round {round}: 100 000 mixed calls over mTLS from {CLIENTS} clients (half admin, half read) during rollouts: {} calls in {:.1} s ({:.0}/s), {} unexpected outcomes, refusals {:?}",
             out.total(),
@@ -369,7 +360,7 @@ async fn core(rounds: usize) {
     delete(&agent, "k9").await;
 
     // 5. Memory with 200 instances; 6. List latency with 200 instances.
-    let rss_idle = status_kb(agent.pid().expect("pid"), "VmRSS:");
+    let rss_idle = corral_e2e::rss_kib(agent.pid().expect("pid"));
     for s in 0..4 {
         apply(&agent, &spec(&format!("many-{s}"), 50, &fifo.path, "")).await;
     }
@@ -390,7 +381,7 @@ async fn core(rounds: usize) {
         );
     }
     stats("List with 200 instances (Unix socket)", list, false);
-    let rss = status_kb(agent.pid().expect("pid"), "VmRSS:");
+    let rss = corral_e2e::rss_kib(agent.pid().expect("pid"));
     let s = agent.get("many-0").await.expect("get");
     let inits: Vec<i32> = s
         .instances
@@ -399,7 +390,7 @@ async fn core(rounds: usize) {
         .filter(|p| *p > 0)
         .collect();
     let pss: Vec<u64> = inits.iter().map(|p| pss_kb(*p)).collect();
-    let rss_init: Vec<u64> = inits.iter().map(|p| status_kb(*p, "VmRSS:")).collect();
+    let rss_init: Vec<u64> = inits.iter().map(|p| corral_e2e::rss_kib(*p)).collect();
     println!("agent RSS: {rss_idle} KiB idle, {rss} KiB with 200 instances");
     println!(
         "init per instance: PSS {} KiB (mean of {}), RSS {} KiB",
