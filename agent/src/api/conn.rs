@@ -27,7 +27,7 @@ pub struct Conn<S> {
     idle_timeout: Duration,
     check: Pin<Box<Sleep>>,
     /// Held for the connection's life (a place in the connection caps).
-    _places: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    places: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl<S> Conn<S> {
@@ -37,18 +37,14 @@ impl<S> Conn<S> {
             caller,
             idle_timeout,
             check: Box::pin(tokio::time::sleep(idle_timeout)),
-            _places: Vec::new(),
+            places: Vec::new(),
         }
     }
 
     /// Keep `place` until the connection closes.
     pub fn hold(mut self, place: impl std::any::Any + Send + Sync) -> Self {
-        self._places.push(Box::new(place));
+        self.places.push(Box::new(place));
         self
-    }
-
-    pub fn caller(&self) -> &Caller {
-        &self.caller
     }
 
     /// Whether the connection has been idle for the timeout; re-arms the check otherwise.
