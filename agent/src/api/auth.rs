@@ -58,7 +58,7 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// Who, for the logs: a certificate subject (`CN=sched,OU=admin`) or a local user
-    /// (`uid 1000 (alice)`).
+    /// (`uid 1000`).
     pub who: Arc<str>,
     /// Where from: `10.0.0.5:41234`, or `unix pid 4242`.
     pub peer: Arc<str>,

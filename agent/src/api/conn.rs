@@ -130,16 +130,13 @@ impl<S> tonic::transport::server::Connected for Conn<S> {
 /// socket is 0660: root and the socket's group).
 pub fn unix_caller(stream: &UnixStream) -> Caller {
     let (who, peer) = match stream.peer_cred() {
+        // The uid as such: a user-name lookup may go through NSS (LDAP, sssd) and block
+        // the accept path.
         Ok(cred) => {
-            let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
-                .ok()
-                .flatten()
-                .map(|u| format!(" ({})", u.name))
-                .unwrap_or_default();
             let pid = cred
                 .pid()
                 .map_or_else(|| "unix".to_string(), |p| format!("unix pid {p}"));
-            (format!("uid {}{name}", cred.uid()), pid)
+            (format!("uid {}", cred.uid()), pid)
         }
         Err(e) => (format!("unknown local user ({e})"), "unix".to_string()),
     };
