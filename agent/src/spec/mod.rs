@@ -18,6 +18,7 @@
 //! restart on failure, no notify), rollout surge 1 / unavailable 0 / healthy 2s within 60s /
 //! auto rollback, stop with SIGTERM then SIGKILL after 10s, logs 5 files of 10MiB.
 
+pub mod artifact;
 mod canonical;
 mod changes;
 mod error;
