@@ -2,6 +2,7 @@
 //! and the tests drive them in-process.
 //!
 //! - [`spec`]: service specs (TOML and the raw model), validation. Pure.
+//! - [`artifact`]: the artifact and OCI image store: fetch, verify, unpack, cache.
 //! - [`supervisor`]: desired state -> running instances; pure cores plus the driver task.
 //! - [`runtime`]: spawning instances (clone3 into namespaces and cgroup), their init, exec probes.
 //! - [`cgroups`]: the cgroup v1/v2 backends behind one trait.
@@ -15,6 +16,7 @@
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod api;
+pub mod artifact;
 pub mod cgroups;
 pub mod events;
 pub mod health;
