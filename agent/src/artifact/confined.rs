@@ -28,7 +28,8 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// An archive path made safe: `a/b/c`, relative, without `.`/`..`/empty components.
 /// `Ok(None)` is the archive's root itself (`./`).
 pub(crate) fn normalize(raw: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    if raw.first() == Some(&b'/') {
+    // `/` alone is the root (umoci writes it so); any other absolute path is refused.
+    if raw.first() == Some(&b'/') && raw.iter().any(|b| *b != b'/' && *b != b'.') {
         return Err("an absolute path (entries must stay inside the tree)".into());
     }
     let mut out = Vec::with_capacity(raw.len());
@@ -315,6 +316,8 @@ mod tests {
             (b"./a//b/", Some(b"a/b")),
             (b"./", None),
             (b".", None),
+            (b"/", None),
+            (b"/./", None),
             (b"a/./b", Some(b"a/b")),
             (b".wh..wh..opq", Some(b".wh..wh..opq")),
             (b"..a/b..", Some(b"..a/b..")),

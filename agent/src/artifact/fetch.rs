@@ -251,6 +251,20 @@ impl Fetcher {
             code if status.is_server_error() || code == 408 || code == 429 => {
                 return Err(Failure::Retry(format!("HTTP {status}")));
             }
+            _ if status.is_redirection() => {
+                // Followed redirects never get here: this one the client would not follow
+                // (a scheme it does not speak, or no Location).
+                let to = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .unwrap_or("nowhere")
+                    .to_string();
+                return Err(Failure::Fatal(fetch_err(
+                    url,
+                    format!("HTTP {status} to {to}: a redirect to another scheme is refused"),
+                )));
+            }
             _ => return Err(Failure::Fatal(fetch_err(url, format!("HTTP {status}")))),
         };
         let total = length.map(|l| start.saturating_add(l));
@@ -394,14 +408,27 @@ fn classify(url: &url::Url, e: &reqwest::Error) -> Failure {
     Failure::Retry(text)
 }
 
-/// Whether a certificate problem is in the error's causes (not worth retrying).
+/// Whether a TLS failure (an untrusted or invalid certificate, a refused handshake) is in
+/// the error's causes: not worth retrying.
 fn is_tls(e: &reqwest::Error) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(cause) = source {
-        if cause.downcast_ref::<rustls::Error>().is_some() {
+        if holds_rustls(cause) {
             return true;
         }
         source = cause.source();
+    }
+    false
+}
+
+/// `e` is a rustls error, or wraps one where `source()` does not show it: inside an
+/// `io::Error` (tokio-rustls) or a boxed error (hyper-util boxes the connector's error).
+fn holds_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    if let Some(io) = e.downcast_ref::<io::Error>() {
+        return io.get_ref().is_some_and(|inner| holds_rustls(inner));
     }
     false
 }

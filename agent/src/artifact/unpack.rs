@@ -193,6 +193,11 @@ pub(crate) struct Writer<'c> {
     progress: Reporter,
     /// Content bytes at the last progress report.
     reported: u64,
+    /// The directory the last regular file went into: runs of files in one directory
+    /// (the common case) open it once. Only a file entry keeps it; any other entry, which
+    /// may replace a directory, drops it. A file entry can only remove what is at its own
+    /// path, whose parent differs from the cached one for any directory it could remove.
+    parent_cache: Option<(Vec<u8>, OwnedFd)>,
 }
 
 impl<'c> Writer<'c> {
@@ -217,6 +222,7 @@ impl<'c> Writer<'c> {
             buf: vec![0; CHUNK],
             progress: Reporter::default(),
             reported: 0,
+            parent_cache: None,
         }
     }
 
@@ -252,6 +258,9 @@ impl<'c> Writer<'c> {
     }
 
     /// Applies one OCI layer (a tar stream of `compressed_size` bytes) with whiteouts.
+    /// A layer whose last entry lacks its padding and the end-of-archive blocks (umoci 0.4
+    /// writes such layers) is read as if they were there; its digest still covers exactly
+    /// the bytes it has.
     pub(crate) fn layer<R: Read>(
         &mut self,
         reader: R,
@@ -259,11 +268,11 @@ impl<'c> Writer<'c> {
     ) -> Result<R, UnpackError> {
         self.archive_bytes = self.archive_bytes.saturating_add(compressed_size);
         self.layer = Some(HashSet::new());
-        let rest = self.tar(reader);
+        let rest = self.tar(BlockPad::new(reader));
         self.layer = None;
         let rest = rest?;
         self.finish()?;
-        Ok(rest)
+        Ok(rest.inner)
     }
 
     /// Reads a tar stream to its end marker; returns the reader (for trailing bytes).
@@ -403,7 +412,11 @@ impl<'c> Writer<'c> {
             return Ok(());
         };
         let (parent, name) = split(&path);
+        if !matches!(e.kind, Kind::File) {
+            self.parent_cache = None;
+        }
         if self.layer.is_some() && name.starts_with(b".wh.") {
+            self.parent_cache = None;
             return self.whiteout(&path, parent, name);
         }
         if let Kind::Skip(why) = e.kind {
@@ -417,13 +430,23 @@ impl<'c> Writer<'c> {
             .ids(e.uid, e.gid)
             .map_err(|why| UnpackError::at(&path, why))?;
         let mode = self.ownership.mode(e.mode);
-        let dir = self
-            .root
-            .dir(parent, true)
-            .map_err(|errno| self.parent_error(&path, parent, errno))?;
+        let cached = match self.parent_cache.take() {
+            Some((p, fd)) if p == parent => Some(fd),
+            _ => None,
+        };
+        let dir = match cached {
+            Some(fd) => fd,
+            None => self
+                .root
+                .dir(parent, true)
+                .map_err(|errno| self.parent_error(&path, parent, errno))?,
+        };
         match e.kind {
             Kind::Dir => self.dir(&dir, &path, name, mode, uid, gid)?,
-            Kind::File => self.file(&dir, &path, name, &e, mode, uid, gid, data)?,
+            Kind::File => {
+                self.file(&dir, &path, name, &e, mode, uid, gid, data)?;
+                self.parent_cache = Some((parent.to_vec(), dir));
+            }
             Kind::Symlink(target) => self.symlink(&dir, &path, name, target, uid, gid)?,
             Kind::HardLink(target) => self.hard_link(&dir, &path, name, target)?,
             Kind::Skip(_) => {}
@@ -515,13 +538,27 @@ impl<'c> Writer<'c> {
         data: &mut dyn Read,
     ) -> Result<(), UnpackError> {
         self.check_size(path, e.size)?;
-        self.clear(dir, path, name, false)?;
-        let fd = openat(
-            dir.as_fd(),
-            name,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )
+        let create = || {
+            openat(
+                dir.as_fd(),
+                name,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+        };
+        let fd = match create() {
+            // Something is there (an earlier entry, a lower layer): replace it, never write
+            // into it (it may be a symlink).
+            Err(Errno::EEXIST) => {
+                self.clear(dir, path, name, false)?;
+                create()
+            }
+            other => other,
+        }
         .map_err(|err| UnpackError::at(path, format!("create: {}", err.desc())))?;
         let mut file = File::from(fd);
         let mut buf = std::mem::take(&mut self.buf);
@@ -747,6 +784,47 @@ impl<'c> Writer<'c> {
                 .map_err(|e| UnpackError::at(&path, format!("chmod: {}", e.desc())))?;
         }
         Ok(())
+    }
+}
+
+/// A reader that ends on a 512-byte boundary: a stream cut short of its last block's padding
+/// gets zeros up to the boundary.
+struct BlockPad<R> {
+    inner: R,
+    read: u64,
+    pad: u64,
+}
+
+impl<R> BlockPad<R> {
+    fn new(inner: R) -> BlockPad<R> {
+        BlockPad {
+            inner,
+            read: 0,
+            pad: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for BlockPad<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pad == 0 {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            self.pad = (512 - self.read % 512) % 512;
+            if self.pad == 0 {
+                return Ok(0);
+            }
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.pad).unwrap_or(usize::MAX));
+        buf[..n].fill(0);
+        self.pad -= n as u64;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
