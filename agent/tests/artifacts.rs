@@ -761,6 +761,77 @@ async fn hostile_archives_are_refused_and_nothing_escapes() {
         Vec::<String>::new(),
         "nothing written outside"
     );
+    // Not archives at all, or cut short.
+    refused("garbage.tar.gz", b"definitely not gzip", "").await;
+    let whole = gzip(&tar(&[E::File(b"f", &noise(1 << 20, 9), 0o644)]));
+    let text = refused("cut.tar.gz", &whole[..whole.len() / 2], "entry \"f\"").await;
+    assert!(text.contains("reading the archive"), "{text}");
+    refused("garbage.zip", b"PK not really", "not a zip archive").await;
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount tmpfs");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_fetch_cleanly() {
+    if !is_root() {
+        eprintln!("skipping: mounting a small tmpfs needs root");
+        return;
+    }
+    let disk = SmallDisk::new("8m");
+    let state = disk.0.path();
+    let work = tempfile::tempdir().expect("tempdir");
+    // The archive itself does not fit.
+    let big = work.path().join("big.tar");
+    std::fs::write(&big, tar(&[E::File(b"f", &noise(12 << 20, 1), 0o644)])).expect("write");
+    let store = open(state);
+    let err = store
+        .ensure_artifact(
+            &artifact(big.to_str().expect("utf8"), None),
+            Ownership::Root,
+            None,
+        )
+        .await
+        .expect_err("no space");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    assert_nothing_visible(state);
+    // The archive fits, what it unpacks to does not.
+    let text: Vec<u8> = (0..12 << 20).map(|i| b"abcdefgh\n"[i % 9]).collect();
+    let small = work.path().join("small.tar.gz");
+    std::fs::write(&small, gzip(&tar(&[E::File(b"text", &text, 0o644)]))).expect("write");
+    let err = store
+        .ensure_artifact(
+            &artifact(small.to_str().expect("utf8"), None),
+            Ownership::Root,
+            None,
+        )
+        .await
+        .expect_err("no space");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    assert_eq!(names(&state.join("artifacts/trees")), Vec::<String>::new());
+    assert_eq!(names(&state.join("artifacts/tmp")), Vec::<String>::new());
+    drop(store);
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! (`target/<profile>`); build them first with `cargo build --workspace`.
 
 pub mod apiload;
+pub mod artifacts;
 pub mod cgroup;
 pub mod load;
 pub mod pki;

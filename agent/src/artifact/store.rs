@@ -261,7 +261,9 @@ impl ArtifactStore {
         let key = Key::artifact(digest);
         let name = tree_name(&digest, ownership);
         let tree = self.inner.dir.join("trees").join(&name);
-        if !tree.is_dir() {
+        let bytes = if tree.is_dir() {
+            self.inner.recorded_size(key, &name, &tree)
+        } else {
             let blob = self.inner.blob_path(&digest);
             let tmp = self.inner.tmp_path(&format!("unpack-{name}"));
             let limits = self.inner.limits;
@@ -285,17 +287,22 @@ impl ArtifactStore {
                 }
                 result
             });
-            let bytes = report
+            report
                 .await
                 .map_err(|e| ArtifactError::Client(format!("unpack task: {e}")))?
                 .map_err(|error| ArtifactError::Unpack {
                     archive: source.clone(),
                     error,
-                })?;
-            let mut state = self.inner.state();
-            let record = state.refs.entries.entry(key).or_default();
-            record.trees.insert(name.clone(), bytes);
-        }
+                })?
+        };
+        self.inner
+            .state()
+            .refs
+            .entries
+            .entry(key)
+            .or_default()
+            .trees
+            .insert(name, bytes);
         let lease = self.inner.lease(key);
         self.inner.save()?;
         drop(flight);
@@ -322,7 +329,13 @@ impl ArtifactStore {
         let final_dir = self.inner.dir.join("images").join(digest.hex());
         let _flight = self.inner.flight(&key).await;
         let config = match read_image_json(&final_dir) {
-            Some(config) => config,
+            Some(config) => {
+                let bytes = self.inner.recorded_size(key, "rootfs", &final_dir);
+                let mut state = self.inner.state();
+                let record = state.refs.entries.entry(key).or_default();
+                record.trees.insert("rootfs".into(), bytes);
+                config
+            }
             None => {
                 let (source_path, downloaded) = match &spec.source {
                     Source::File(path) => (path.clone(), None),
@@ -529,6 +542,18 @@ impl Inner {
             name: key.lock_name(),
             guard: Some(guard),
         })
+    }
+
+    /// The recorded size of a tree already on disk, measured when there is no record (a
+    /// tree renamed in by a fetch that was dropped just before it recorded it).
+    fn recorded_size(&self, key: Key, tree: &str, path: &Path) -> u64 {
+        let known = self
+            .state()
+            .refs
+            .entries
+            .get(&key)
+            .and_then(|r| r.trees.get(tree).copied());
+        known.unwrap_or_else(|| du(path))
     }
 
     fn lease(self: &Arc<Self>, key: Key) -> Lease {

@@ -208,6 +208,15 @@ impl<'c> Writer<'c> {
         ownership: Ownership,
         cancel: &'c AtomicBool,
     ) -> Writer<'c> {
+        let (euid, egid) = (Uid::effective().as_raw(), Gid::effective().as_raw());
+        // Unprivileged (a developer's test run), "root-owned" can only mean the caller's.
+        let ownership = match ownership {
+            Ownership::Root if euid != 0 => Ownership::User {
+                uid: euid,
+                gid: egid,
+            },
+            other => other,
+        };
         Writer {
             root,
             limits,
@@ -217,8 +226,8 @@ impl<'c> Writer<'c> {
             layer: None,
             dir_modes: Vec::new(),
             report: Report::default(),
-            euid: Uid::effective().as_raw(),
-            egid: Gid::effective().as_raw(),
+            euid,
+            egid,
             buf: vec![0; CHUNK],
             progress: Reporter::default(),
             reported: 0,

@@ -8,7 +8,8 @@
 //! updates of 4 HTTP instances under 16 clients: failed requests, longest gap, p99, the
 //! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
-//! rollouts). Default: all.
+//! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
+//! server against `curl | sha256sum` and `tar xzf` of the same file). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -166,6 +167,9 @@ async fn main() {
     }
     if wants("api") {
         api().await;
+    }
+    if wants("artifact") {
+        corral_e2e::artifacts::bench(rounds.clamp(1, 5)).await;
     }
 }
 
