@@ -102,6 +102,82 @@ fn noise(size: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `files` files of `size` bytes each in `dirs` directories (round robin).
+fn many_files(files: usize, dirs: usize, size: usize) -> Vec<u8> {
+    let data = noise(size, 5);
+    let names: Vec<String> = (0..files).map(|i| format!("d{}/f{i}", i % dirs)).collect();
+    let entries: Vec<E<'_>> = names
+        .iter()
+        .map(|n| E::File(n.as_bytes(), &data, 0o644))
+        .collect();
+    tar(&entries)
+}
+
+/// A server with `/slow.tar` (one 4 MiB file) sent 64 KiB every 20 ms; the tar and its digest.
+async fn slow_server(seed: u64) -> (Server, Arc<Vec<u8>>, String) {
+    let server = Server::start().await;
+    let body = Arc::new(tar(&[E::File(b"big", &noise(4 << 20, seed), 0o644)]));
+    let sha = sha256(&body);
+    server.route(
+        "/slow.tar",
+        Route::Slow {
+            body: body.clone(),
+            chunk: 64 << 10,
+            delay: Duration::from_millis(20),
+        },
+    );
+    (server, body, sha)
+}
+
+/// Where a request asked to start (`Range: bytes=N-`).
+fn range_start(seen: &server::Seen) -> Option<u64> {
+    seen.range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+fn progress() -> (watch::Sender<Progress>, watch::Receiver<Progress>) {
+    watch::channel(Progress {
+        phase: Phase::Fetching,
+        done: 0,
+        total: None,
+    })
+}
+
+/// Runs an artifact fetch until `until` holds for its progress, then drops it.
+async fn drop_fetch_when(
+    store: &ArtifactStore,
+    spec: &ArtifactSpec,
+    until: impl Fn(&Progress) -> bool,
+) {
+    let (tx, mut rx) = progress();
+    let fetch = store.ensure_artifact(spec, Ownership::Root, Some(tx));
+    tokio::pin!(fetch);
+    loop {
+        tokio::select! {
+            r = &mut fetch => panic!("finished too early: {r:?}"),
+            changed = rx.changed() => {
+                changed.expect("progress");
+                if until(&rx.borrow()) { return; }
+            }
+        }
+    }
+}
+
+/// The artifact at `url` (with `sha`), root-owned.
+async fn fetch(
+    store: &ArtifactStore,
+    url: &str,
+    sha: Option<&str>,
+) -> Result<corral_agent::artifact::ArtifactTree, ArtifactError> {
+    store
+        .ensure_artifact(&artifact(url, sha), Ownership::Root, None)
+        .await
+}
+
 fn web_tar() -> Vec<u8> {
     tar(&[
         E::Dir(b"./", 0o755),
@@ -125,11 +201,7 @@ async fn fetches_verifies_and_unpacks_over_http_then_serves_from_cache() {
     let state = tempfile::tempdir().expect("tempdir");
     let store = open(state.path());
     let spec = artifact(&server.url("/web-1.tar.gz"), Some(&sha));
-    let (tx, rx) = watch::channel(Progress {
-        phase: Phase::Fetching,
-        done: 0,
-        total: None,
-    });
+    let (tx, rx) = progress();
     let tree = store
         .ensure_artifact(&spec, Ownership::Root, Some(tx))
         .await
@@ -233,12 +305,7 @@ async fn ownership_maps_to_the_service_user() {
             .ends_with(format!("{}@4321.8765", tree.digest.hex()))
     );
     // The root-owned tree of the same archive is a separate tree.
-    let root = store
-        .ensure_artifact(
-            &artifact(file.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
+    let root = fetch(&store, file.to_str().expect("utf8"), None)
         .await
         .expect("unpacked");
     assert_ne!(root.path, tree.path);
@@ -258,12 +325,7 @@ async fn a_wrong_digest_is_refused_with_both_digests_and_nothing_is_stored() {
     let state = tempfile::tempdir().expect("tempdir");
     let store = open(state.path());
     let wrong = sha256(b"something else");
-    let err = store
-        .ensure_artifact(
-            &artifact(&server.url("/web.tar.gz"), Some(&wrong)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, &server.url("/web.tar.gz"), Some(&wrong))
         .await
         .expect_err("mismatch");
     let text = err.to_string();
@@ -284,12 +346,7 @@ async fn a_wrong_digest_is_refused_with_both_digests_and_nothing_is_stored() {
     // Same for a local file.
     let file = state.path().join("web.tar.gz");
     std::fs::write(&file, &archive).expect("write");
-    let err = store
-        .ensure_artifact(
-            &artifact(file.to_str().expect("utf8"), Some(&wrong)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, file.to_str().expect("utf8"), Some(&wrong))
         .await
         .expect_err("mismatch");
     assert!(matches!(err, ArtifactError::DigestMismatch { .. }), "{err}");
@@ -303,22 +360,12 @@ async fn http_errors_404_is_final_500_is_retried() {
     let state = tempfile::tempdir().expect("tempdir");
     let store = open(state.path());
     let sha = sha256(b"x");
-    let err = store
-        .ensure_artifact(
-            &artifact(&server.url("/missing.tar"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, &server.url("/missing.tar"), Some(&sha))
         .await
         .expect_err("404");
     assert!(err.to_string().contains("HTTP 404 Not Found"), "{err}");
     assert_eq!(server.requests("/missing.tar"), 1, "a 404 is not retried");
-    let err = store
-        .ensure_artifact(
-            &artifact(&server.url("/boom.tar"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, &server.url("/boom.tar"), Some(&sha))
         .await
         .expect_err("500");
     let text = err.to_string();
@@ -343,24 +390,13 @@ async fn a_truncated_download_is_resumed_with_range() {
     );
     let state = tempfile::tempdir().expect("tempdir");
     let store = open(state.path());
-    let tree = store
-        .ensure_artifact(
-            &artifact(&server.url("/cut.tar.gz"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let tree = fetch(&store, &server.url("/cut.tar.gz"), Some(&sha))
         .await
         .expect("resumed");
     let seen = server.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert_eq!(seen[0].range, None);
-    let resumed_at: usize = seen[1]
-        .range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse().ok())
-        .expect("a Range request");
+    let resumed_at = range_start(&seen[1]).expect("a Range request");
     assert!(resumed_at > 0 && resumed_at <= 1 << 20, "{resumed_at}");
     assert_eq!(
         std::fs::metadata(tree.path.join("big"))
@@ -379,12 +415,7 @@ async fn a_truncated_download_is_resumed_with_range() {
         },
     );
     let sha2 = sha256(b"other");
-    let err = store
-        .ensure_artifact(
-            &artifact(&server.url("/always-cut.tar.gz"), Some(&sha2)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, &server.url("/always-cut.tar.gz"), Some(&sha2))
         .await
         .expect_err("truncated");
     assert!(
@@ -409,12 +440,7 @@ async fn a_server_that_stalls_mid_body_hits_the_idle_timeout() {
     c.fetch.idle_timeout = Duration::from_millis(300);
     c.fetch.attempts = 2;
     let store = ArtifactStore::open(c).expect("open");
-    let err = store
-        .ensure_artifact(
-            &artifact(&server.url("/stall.tar"), Some(&sha256(&body))),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, &server.url("/stall.tar"), Some(&sha256(&body)))
         .await
         .expect_err("stalled");
     let text = err.to_string();
@@ -441,12 +467,7 @@ async fn redirects_are_limited_and_never_change_scheme() {
     server.route("/loop.tar", Route::Redirect("/loop.tar".into()));
     let state = tempfile::tempdir().expect("tempdir");
     let store = open(state.path());
-    let ok = store
-        .ensure_artifact(
-            &artifact(&server.url("/hop.tar"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let ok = fetch(&store, &server.url("/hop.tar"), Some(&sha))
         .await
         .expect("a same-scheme redirect is followed");
     assert!(ok.path.join("bin/web").exists());
@@ -457,12 +478,7 @@ async fn redirects_are_limited_and_never_change_scheme() {
         ("/loop.tar", "more than 5 redirects"),
     ] {
         let before = server.requests(path);
-        let err = store
-            .ensure_artifact(
-                &artifact(&server.url(path), Some(&other)),
-                Ownership::Root,
-                None,
-            )
+        let err = fetch(&store, &server.url(path), Some(&other))
             .await
             .expect_err("refused");
         assert!(err.to_string().contains(needle), "{path}: {err}");
@@ -517,12 +533,7 @@ async fn https_with_the_hosts_roots_plus_a_private_ca() {
     let state = tempfile::tempdir().expect("tempdir");
     // Without the CA: refused for the certificate, and not retried.
     let untrusting = open(state.path());
-    let err = untrusting
-        .ensure_artifact(
-            &artifact(&server.url("/web.tar.zst"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&untrusting, &server.url("/web.tar.zst"), Some(&sha))
         .await
         .expect_err("untrusted");
     assert!(
@@ -534,12 +545,7 @@ async fn https_with_the_hosts_roots_plus_a_private_ca() {
     let mut c = config(state.path());
     c.fetch.extra_roots = vec![ca];
     let store = ArtifactStore::open(c).expect("open");
-    let tree = store
-        .ensure_artifact(
-            &artifact(&server.url("/web.tar.zst"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let tree = fetch(&store, &server.url("/web.tar.zst"), Some(&sha))
         .await
         .expect("trusted");
     assert!(tree.path.join("static/index.html").is_file());
@@ -602,10 +608,7 @@ async fn local_files_need_no_network_and_imports_serve_remote_specs_offline() {
         file.to_str().expect("utf8").to_string(),
         format!("file://{}", file.display()),
     ] {
-        let tree = store
-            .ensure_artifact(&artifact(&url, None), Ownership::Root, None)
-            .await
-            .expect("local");
+        let tree = fetch(&store, &url, None).await.expect("local");
         assert_eq!(tree.digest.hex(), sha, "hashed while copied");
     }
     drop(store);
@@ -619,14 +622,13 @@ async fn local_files_need_no_network_and_imports_serve_remote_specs_offline() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = dead.local_addr().expect("addr").port();
     drop(dead);
-    let tree = store
-        .ensure_artifact(
-            &artifact(&format!("http://127.0.0.1:{port}/web-1.tar.gz"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
-        .await
-        .expect("served from the imported blob");
+    let tree = fetch(
+        &store,
+        &format!("http://127.0.0.1:{port}/web-1.tar.gz"),
+        Some(&sha),
+    )
+    .await
+    .expect("served from the imported blob");
     assert!(tree.path.join("bin/web").is_file());
     let entry = &store.list()[0];
     assert!(entry.owners.contains("import"), "{entry:?}");
@@ -637,13 +639,7 @@ async fn unpack(state: &Path, name: &str, archive: &[u8]) -> Result<PathBuf, Art
     let file = state.join(name);
     std::fs::write(&file, archive).expect("write");
     let store = open(state);
-    let tree = store
-        .ensure_artifact(
-            &artifact(file.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
-        .await?;
+    let tree = fetch(&store, file.to_str().expect("utf8"), None).await?;
     Ok(tree.path.clone())
 }
 
@@ -673,100 +669,94 @@ async fn refused(name: &str, archive: &[u8], needle: &str) -> String {
 #[tokio::test]
 async fn hostile_archives_are_refused_and_nothing_escapes() {
     let outside = tempfile::tempdir().expect("tempdir");
-    let outside_path = outside.path().to_str().expect("utf8").as_bytes().to_vec();
-    let text = refused(
-        "dotdot.tar",
-        &tar(&[
-            E::File(b"ok", b"x", 0o644),
-            E::File(b"../evil", b"x", 0o644),
-        ]),
-        "\"..\" component",
-    )
-    .await;
-    assert!(text.contains("entry \"../evil\""), "{text}");
-    refused(
-        "abs.tar",
-        &tar(&[E::File(b"/tmp/corral-abs-evil", b"x", 0o644)]),
-        "an absolute path",
-    )
-    .await;
-    assert!(!Path::new("/tmp/corral-abs-evil").exists());
-    let text = refused(
-        "through-symlink.tar",
-        &tar(&[
-            E::Symlink(b"x", &outside_path),
-            E::File(b"x/evil", b"pwned", 0o644),
-        ]),
-        "writing through a symlink is refused",
-    )
-    .await;
-    assert!(text.contains("\"x\""), "{text}");
-    // A relative symlink that climbs out, then a directory below it.
-    refused(
-        "through-relative.tar.gz",
-        &gzip(&tar(&[
-            E::Symlink(b"up", b"../../../../../../.."),
-            E::File(b"up/tmp/evil", b"pwned", 0o644),
-        ])),
-        "writing through a symlink is refused",
-    )
-    .await;
-    assert_eq!(
-        names(outside.path()),
-        Vec::<String>::new(),
-        "nothing written outside"
-    );
-    refused(
-        "hardlink-out.tar",
-        &tar(&[E::HardLink(b"passwd", b"../../../../etc/passwd")]),
-        "\"..\" component",
-    )
-    .await;
-    refused(
-        "hardlink-abs.tar",
-        &tar(&[E::HardLink(b"passwd", b"/etc/passwd")]),
-        "an absolute path",
-    )
-    .await;
-    refused(
-        "hardlink-via-symlink.tar",
-        &tar(&[
-            E::Symlink(b"etc", b"/etc"),
-            E::HardLink(b"passwd", b"etc/passwd"),
-        ]),
-        "writing through a symlink is refused",
-    )
-    .await;
-    refused(
-        "hardlink-missing.tar",
-        &tar(&[E::HardLink(b"a", b"nowhere")]),
-        "not in the tree",
-    )
-    .await;
-    // zip: the same rules.
-    refused(
-        "dotdot.zip",
-        &zip(&[("../evil", b"x", 0o644)]),
-        "\"..\" component",
-    )
-    .await;
-    refused(
-        "through-symlink.zip",
-        &zip(&[("x", &outside_path, 0o120777), ("x/evil", b"pwned", 0o644)]),
-        "writing through a symlink is refused",
-    )
-    .await;
-    assert_eq!(
-        names(outside.path()),
-        Vec::<String>::new(),
-        "nothing written outside"
-    );
-    // Not archives at all, or cut short.
-    refused("garbage.tar.gz", b"definitely not gzip", "").await;
+    let out = outside.path().to_str().expect("utf8").as_bytes().to_vec();
+    let through = "writing through a symlink is refused";
     let whole = gzip(&tar(&[E::File(b"f", &noise(1 << 20, 9), 0o644)]));
-    let text = refused("cut.tar.gz", &whole[..whole.len() / 2], "entry \"f\"").await;
-    assert!(text.contains("reading the archive"), "{text}");
-    refused("garbage.zip", b"PK not really", "not a zip archive").await;
+    // (file name, archive, what the refusal says)
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dotdot.tar",
+            tar(&[
+                E::File(b"ok", b"x", 0o644),
+                E::File(b"../evil", b"x", 0o644),
+            ]),
+            "entry \"../evil\": a \"..\" component",
+        ),
+        (
+            "abs.tar",
+            tar(&[E::File(b"/tmp/corral-abs-evil", b"x", 0o644)]),
+            "an absolute path",
+        ),
+        (
+            "through-symlink.tar",
+            tar(&[E::Symlink(b"x", &out), E::File(b"x/evil", b"pwned", 0o644)]),
+            "\"x\" on its path is a symlink: writing through a symlink is refused",
+        ),
+        // A relative symlink that climbs out, then a file below it.
+        (
+            "through-relative.tar.gz",
+            gzip(&tar(&[
+                E::Symlink(b"up", b"../../../../../../.."),
+                E::File(b"up/tmp/evil", b"pwned", 0o644),
+            ])),
+            through,
+        ),
+        (
+            "hardlink-out.tar",
+            tar(&[E::HardLink(b"passwd", b"../../../../etc/passwd")]),
+            "\"..\" component",
+        ),
+        (
+            "hardlink-abs.tar",
+            tar(&[E::HardLink(b"passwd", b"/etc/passwd")]),
+            "an absolute path",
+        ),
+        (
+            "hardlink-via-symlink.tar",
+            tar(&[
+                E::Symlink(b"etc", b"/etc"),
+                E::HardLink(b"passwd", b"etc/passwd"),
+            ]),
+            through,
+        ),
+        (
+            "hardlink-missing.tar",
+            tar(&[E::HardLink(b"a", b"nowhere")]),
+            "not in the tree",
+        ),
+        // zip: the same rules.
+        (
+            "dotdot.zip",
+            zip(&[("../evil", b"x", 0o644)]),
+            "\"..\" component",
+        ),
+        (
+            "through-symlink.zip",
+            zip(&[("x", &out, 0o120777), ("x/evil", b"pwned", 0o644)]),
+            through,
+        ),
+        // Not archives at all, or cut short.
+        ("garbage.tar.gz", b"definitely not gzip".to_vec(), ""),
+        (
+            "cut.tar.gz",
+            whole[..whole.len() / 2].to_vec(),
+            "entry \"f\": reading the archive",
+        ),
+        (
+            "garbage.zip",
+            b"PK not really".to_vec(),
+            "not a zip archive",
+        ),
+    ];
+    for (name, archive, needle) in cases {
+        refused(name, &archive, needle).await;
+    }
+    assert!(!Path::new("/tmp/corral-abs-evil").exists());
+    assert_eq!(
+        names(outside.path()),
+        Vec::<String>::new(),
+        "nothing written outside"
+    );
 }
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
@@ -806,12 +796,7 @@ async fn a_full_disk_fails_the_fetch_cleanly() {
     let big = work.path().join("big.tar");
     std::fs::write(&big, tar(&[E::File(b"f", &noise(12 << 20, 1), 0o644)])).expect("write");
     let store = open(state);
-    let err = store
-        .ensure_artifact(
-            &artifact(big.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, big.to_str().expect("utf8"), None)
         .await
         .expect_err("no space");
     assert!(err.to_string().contains("No space left on device"), "{err}");
@@ -820,12 +805,7 @@ async fn a_full_disk_fails_the_fetch_cleanly() {
     let text: Vec<u8> = (0..12 << 20).map(|i| b"abcdefgh\n"[i % 9]).collect();
     let small = work.path().join("small.tar.gz");
     std::fs::write(&small, gzip(&tar(&[E::File(b"text", &text, 0o644)]))).expect("write");
-    let err = store
-        .ensure_artifact(
-            &artifact(small.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
+    let err = fetch(&store, small.to_str().expect("utf8"), None)
         .await
         .expect_err("no space");
     assert!(err.to_string().contains("No space left on device"), "{err}");
@@ -972,39 +952,11 @@ async fn a_million_entries_are_refused_by_the_entry_limit() {
 
 #[tokio::test]
 async fn a_dropped_fetch_leaves_nothing_visible_and_the_next_one_resumes() {
-    let server = Server::start().await;
-    let body = Arc::new(tar(&[E::File(b"big", &noise(4 << 20, 11), 0o644)]));
-    let sha = sha256(&body);
-    server.route(
-        "/slow.tar",
-        Route::Slow {
-            body: body.clone(),
-            chunk: 64 << 10,
-            delay: Duration::from_millis(20),
-        },
-    );
+    let (server, body, sha) = slow_server(11).await;
     let state = tempfile::tempdir().expect("tempdir");
     let spec = artifact(&server.url("/slow.tar"), Some(&sha));
-    {
-        let store = open(state.path());
-        let (tx, mut rx) = watch::channel(Progress {
-            phase: Phase::Fetching,
-            done: 0,
-            total: None,
-        });
-        let fetch = store.ensure_artifact(&spec, Ownership::Root, Some(tx));
-        tokio::pin!(fetch);
-        // Drive it until more than 1 MiB arrived, then drop it.
-        loop {
-            tokio::select! {
-                r = &mut fetch => panic!("finished too early: {r:?}"),
-                changed = rx.changed() => {
-                    changed.expect("progress");
-                    if rx.borrow().done > 1 << 20 { break; }
-                }
-            }
-        }
-    }
+    // Dropped once more than 1 MiB arrived.
+    drop_fetch_when(&open(state.path()), &spec, |p| p.done > 1 << 20).await;
     assert_eq!(
         names(&state.path().join("artifacts/trees")),
         Vec::<String>::new()
@@ -1025,13 +977,7 @@ async fn a_dropped_fetch_leaves_nothing_visible_and_the_next_one_resumes() {
         .await
         .expect("completed");
     let last = server.seen().last().cloned().expect("request");
-    let from: u64 = last
-        .range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.strip_suffix('-'))
-        .and_then(|n| n.parse().ok())
-        .expect("resumed with Range");
+    let from = range_start(&last).expect("resumed with Range");
     assert!(from >= 1 << 20, "{from}");
     assert_eq!(
         std::fs::metadata(tree.path.join("big"))
@@ -1046,35 +992,10 @@ async fn a_dropped_fetch_leaves_nothing_visible_and_the_next_one_resumes() {
 async fn a_dropped_unpack_stops_and_leaves_nothing_half_visible() {
     let state = tempfile::tempdir().expect("tempdir");
     // Many files, so the unpack takes a while and reports progress.
-    let data = noise(16 << 10, 5);
-    let names_: Vec<String> = (0..3000).map(|i| format!("d/f{i}")).collect();
-    let entries: Vec<E<'_>> = names_
-        .iter()
-        .map(|n| E::File(n.as_bytes(), &data, 0o644))
-        .collect();
-    let archive = tar(&entries);
     let file = state.path().join("many.tar");
-    std::fs::write(&file, &archive).expect("write");
+    std::fs::write(&file, many_files(3000, 1, 16 << 10)).expect("write");
     let spec = artifact(file.to_str().expect("utf8"), None);
-    {
-        let store = open(state.path());
-        let (tx, mut rx) = watch::channel(Progress {
-            phase: Phase::Fetching,
-            done: 0,
-            total: None,
-        });
-        let fetch = store.ensure_artifact(&spec, Ownership::Root, Some(tx));
-        tokio::pin!(fetch);
-        loop {
-            tokio::select! {
-                r = &mut fetch => panic!("finished too early: {r:?}"),
-                changed = rx.changed() => {
-                    changed.expect("progress");
-                    if rx.borrow().phase == Phase::Unpacking { break; }
-                }
-            }
-        }
-    }
+    drop_fetch_when(&open(state.path()), &spec, |p| p.phase == Phase::Unpacking).await;
     let tmp = state.path().join("artifacts/tmp");
     // The blocking unpack notices the cancel within one file and removes its directory.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1095,7 +1016,7 @@ async fn a_dropped_unpack_stops_and_leaves_nothing_half_visible() {
         .ensure_artifact(&spec, Ownership::Root, None)
         .await
         .expect("completed");
-    assert_eq!(names(&tree.path.join("d")).len(), 3000);
+    assert_eq!(names(&tree.path.join("d0")).len(), 3000);
 }
 
 /// The child half of the kill -9 tests: runs a fetch the parent kills.
@@ -1114,9 +1035,7 @@ fn crash_child() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let store = ArtifactStore::open(config(Path::new(dir))).expect("open");
-        let _ = store
-            .ensure_artifact(&artifact(url, Some(sha)), Ownership::Root, None)
-            .await;
+        let _ = fetch(&store, url, Some(sha)).await;
         // Parent kills us before this; if not, wait for it.
         tokio::time::sleep(Duration::from_secs(3600)).await;
     });
@@ -1154,17 +1073,7 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn kill_9_mid_download_then_the_next_store_resumes() {
-    let server = Server::start().await;
-    let body = Arc::new(tar(&[E::File(b"big", &noise(4 << 20, 13), 0o644)]));
-    let sha = sha256(&body);
-    server.route(
-        "/slow.tar",
-        Route::Slow {
-            body: body.clone(),
-            chunk: 64 << 10,
-            delay: Duration::from_millis(20),
-        },
-    );
+    let (server, body, sha) = slow_server(13).await;
     let state = tempfile::tempdir().expect("tempdir");
     let mut child = spawn_crash_child(state.path(), &server.url("/slow.tar"), &sha);
     let part = state.path().join(format!("artifacts/tmp/{sha}.part"));
@@ -1176,18 +1085,13 @@ async fn kill_9_mid_download_then_the_next_store_resumes() {
     child.wait().expect("reap");
     server.route("/slow.tar", Route::Bytes(body.clone()));
     let store = open(state.path());
-    let tree = store
-        .ensure_artifact(
-            &artifact(&server.url("/slow.tar"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let tree = fetch(&store, &server.url("/slow.tar"), Some(&sha))
         .await
         .expect("completed");
-    let range = server.seen().last().and_then(|s| s.range.clone());
+    let last = server.seen().last().cloned().expect("request");
     assert!(
-        range.as_deref().is_some_and(|r| r != "bytes=0-"),
-        "resumed: {range:?}"
+        range_start(&last).is_some_and(|n| n > 0),
+        "resumed: {last:?}"
     );
     assert_eq!(
         std::fs::read(tree.path.join("big")).expect("read").len(),
@@ -1198,13 +1102,7 @@ async fn kill_9_mid_download_then_the_next_store_resumes() {
 #[tokio::test]
 async fn kill_9_mid_unpack_then_the_next_store_cleans_and_completes() {
     let server = Server::start().await;
-    let data = noise(512, 5);
-    let names_: Vec<String> = (0..20000).map(|i| format!("d{}/f{i}", i % 10)).collect();
-    let entries: Vec<E<'_>> = names_
-        .iter()
-        .map(|n| E::File(n.as_bytes(), &data, 0o644))
-        .collect();
-    let body = Arc::new(tar(&entries));
+    let body = Arc::new(many_files(20000, 10, 512));
     let sha = sha256(&body);
     server.route("/many.tar", Route::Bytes(body.clone()));
     let state = tempfile::tempdir().expect("tempdir");
@@ -1228,12 +1126,7 @@ async fn kill_9_mid_unpack_then_the_next_store_cleans_and_completes() {
     );
     let store = open(state.path());
     assert_eq!(names(&tmp), Vec::<String>::new(), "cleaned at open");
-    let tree = store
-        .ensure_artifact(
-            &artifact(&server.url("/many.tar"), Some(&sha)),
-            Ownership::Root,
-            None,
-        )
+    let tree = fetch(&store, &server.url("/many.tar"), Some(&sha))
         .await
         .expect("completed");
     assert_eq!(
@@ -1256,12 +1149,7 @@ async fn gc_keeps_pinned_and_leased_and_collects_the_rest() {
         let file = state.path().join(format!("a{i}.tar"));
         std::fs::write(&file, tar(&[E::File(b"f", &noise(1000, i + 1), 0o644)])).expect("write");
         trees.push(
-            store
-                .ensure_artifact(
-                    &artifact(file.to_str().expect("utf8"), None),
-                    Ownership::Root,
-                    None,
-                )
+            fetch(&store, file.to_str().expect("utf8"), None)
                 .await
                 .expect("unpacked"),
         );
@@ -1351,12 +1239,7 @@ async fn one_store_per_directory_and_records_rebuilt_from_disk() {
     assert!(matches!(err, ArtifactError::Locked { .. }), "{err}");
     let file = state.path().join("a.tar");
     std::fs::write(&file, web_tar()).expect("write");
-    let tree = store
-        .ensure_artifact(
-            &artifact(file.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
+    let tree = fetch(&store, file.to_str().expect("utf8"), None)
         .await
         .expect("unpacked");
     let (digest, path) = (tree.digest, tree.path.clone());
@@ -1369,12 +1252,7 @@ async fn one_store_per_directory_and_records_rebuilt_from_disk() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].digest, digest);
     assert!(list[0].size > 0);
-    let again = store
-        .ensure_artifact(
-            &artifact(file.to_str().expect("utf8"), None),
-            Ownership::Root,
-            None,
-        )
+    let again = fetch(&store, file.to_str().expect("utf8"), None)
         .await
         .expect("cached");
     assert_eq!(again.path, path);
