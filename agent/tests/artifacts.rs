@@ -825,6 +825,8 @@ async fn devices_and_fifos_are_skipped_and_setuid_dropped() {
             E::Fifo(b"pipe"),
             E::File(b"tool", b"x", 0o6755),
             E::Dir(b"shared", 0o1777),
+            E::Dir(b"twice", 0o700),
+            E::Dir(b"twice", 0o755),
         ]),
     )
     .await
@@ -839,6 +841,11 @@ async fn devices_and_fifos_are_skipped_and_setuid_dropped() {
         std::fs::metadata(path.join("shared")).expect("stat").mode() & 0o7777,
         0o1555,
         "sticky kept, write bits dropped"
+    );
+    assert_eq!(
+        std::fs::metadata(path.join("twice")).expect("stat").mode() & 0o7777,
+        0o555,
+        "the last entry of a directory decides its mode"
     );
 }
 

@@ -363,9 +363,16 @@ impl Fetcher {
         let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
         let progress = progress.clone();
         let max = self.config.max_size;
-        tokio::task::spawn_blocking(move || copy_hashing(&src, &dst, max, &progress, &cancel))
-            .await
-            .map_err(|e| ArtifactError::Client(format!("copy task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let copied = copy_hashing(&src, &dst, max, &progress, &cancel);
+            if copied.is_err() {
+                // Also when the fetch was dropped: nobody else would remove it.
+                let _ = std::fs::remove_file(&dst);
+            }
+            copied
+        })
+        .await
+        .map_err(|e| ArtifactError::Client(format!("copy task: {e}")))?
     }
 }
 

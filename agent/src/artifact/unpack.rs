@@ -780,6 +780,9 @@ impl<'c> Writer<'c> {
     /// Applies the directory modes, deepest first.
     fn finish(&mut self) -> Result<(), UnpackError> {
         let mut modes = std::mem::take(&mut self.dir_modes);
+        // The last entry of a directory decides its mode: newest first, a stable sort, then
+        // the first of each run is kept.
+        modes.reverse();
         modes.sort_by(|a, b| b.0.cmp(&a.0));
         modes.dedup_by(|a, b| a.0 == b.0);
         for (path, mode) in modes {
