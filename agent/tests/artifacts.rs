@@ -1499,6 +1499,63 @@ async fn bad_images_are_refused_by_name_and_leave_nothing() {
     image_refused(&gz, &img.manifest, "a compressed file").await;
 }
 
+#[tokio::test]
+async fn an_index_selects_the_manifest_for_this_host() {
+    if !is_root() {
+        eprintln!("skipping: images keep their files' owners, which needs root");
+        return;
+    }
+    let Some(busybox) = image::busybox() else {
+        return;
+    };
+    let (one, two) = image::busybox_layers(&busybox);
+    let l1 = image::Blob::new(image::LAYER_GZ, gzip(&one));
+    let l2 = image::Blob::new(image::LAYER_TAR, two.clone());
+    let here = image::config("app", &[&one, &two]);
+    let there = image::config_for("s390x", "app", &[&one, &two]);
+    let m_here = image::manifest(&here, &[&l1, &l2]);
+    let m_there = image::manifest(&there, &[&l1, &l2]);
+    let both = image::index(&[(&m_there, "s390x"), (&m_here, image::host_arch())]);
+    let only_there = image::index(&[(&m_there, "s390x")]);
+    let (both_digest, there_digest, here_digest) = (
+        format!("sha256:{}", both.hex()),
+        format!("sha256:{}", only_there.hex()),
+        format!("sha256:{}", m_here.hex()),
+    );
+    let img = image::Image {
+        blobs: vec![here, there, l1, l2, m_there, m_here, only_there, both],
+        manifest: both_digest.clone(),
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    img.write_dir(work.path());
+    let state = tempfile::tempdir().expect("tempdir");
+    let store = open(state.path());
+    let picked = store
+        .ensure_image(
+            &image_spec(work.path().to_str().expect("utf8"), &both_digest),
+            None,
+        )
+        .await
+        .expect("the host's manifest");
+    rootfs_checks(&picked.rootfs);
+    assert_eq!(picked.config.manifest, here_digest);
+    drop(picked);
+    drop(store);
+    image_refused(
+        work.path(),
+        &there_digest,
+        &format!("has no manifest for linux/{}: it lists", image::host_arch()),
+    )
+    .await;
+    // The s390x manifest named directly: its config says so.
+    image_refused(
+        work.path(),
+        &format!("sha256:{}", img.blobs[4].hex()),
+        "the image is for s390x",
+    )
+    .await;
+}
+
 fn have(tool: &str) -> bool {
     let found = std::process::Command::new(tool)
         .arg("--version")

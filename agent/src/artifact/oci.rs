@@ -450,14 +450,18 @@ pub(crate) fn unpack_image(
     writer: &mut Writer<'_>,
 ) -> Result<ImageConfig, OciError> {
     let layout = Layout::open(source)?;
-    let (config_bytes, config_digest, layers) =
-        match layout.read_small(&Layout::blob_path(digest))? {
-            Some(bytes) => {
-                check_blob("manifest", digest, None, &bytes)?;
-                oci_plan(&layout, digest, bytes)?
-            }
-            None => docker_plan(&layout, digest)?,
-        };
+    let Plan {
+        manifest,
+        config: config_bytes,
+        config_digest,
+        layers,
+    } = match layout.read_small(&Layout::blob_path(digest))? {
+        Some(bytes) => {
+            check_blob("manifest", digest, None, &bytes)?;
+            oci_plan(&layout, digest, bytes)?
+        }
+        None => docker_plan(&layout, digest)?,
+    };
     let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
         .map_err(|e| format!("the config {config_digest} is not an image config: {e}"))?;
     if config.os().to_string() != "linux" {
@@ -499,7 +503,7 @@ pub(crate) fn unpack_image(
         Some(spec) => Some(resolve_user(writer.root(), spec)?),
     };
     Ok(ImageConfig {
-        manifest: digest.to_string(),
+        manifest: manifest.to_string(),
         config: config_digest.to_string(),
         entrypoint: c.entrypoint().clone().unwrap_or_default(),
         cmd: c.cmd().clone().unwrap_or_default(),
@@ -509,7 +513,14 @@ pub(crate) fn unpack_image(
     })
 }
 
-type Plan = (Vec<u8>, Digest, Vec<LayerPlan>);
+/// What an image is made of: its manifest's digest (for an old `docker save` tar, the image
+/// id), its config (bytes and digest), its layers.
+struct Plan {
+    manifest: Digest,
+    config: Vec<u8>,
+    config_digest: Digest,
+    layers: Vec<LayerPlan>,
+}
 
 /// An OCI manifest (or an index naming one): its config and layers, checked.
 fn oci_plan(layout: &Layout, digest: &Digest, bytes: Vec<u8>) -> Result<Plan, String> {
@@ -578,7 +589,12 @@ fn oci_plan(layout: &Layout, digest: &Digest, bytes: Vec<u8>) -> Result<Plan, St
     }
     let config_digest = descriptor_digest("config", manifest.config())?;
     let config = layout.json_blob("config", &config_digest, Some(manifest.config().size()))?;
-    Ok((config, config_digest, layers))
+    Ok(Plan {
+        manifest: manifest_digest,
+        config,
+        config_digest,
+        layers,
+    })
 }
 
 /// An old `docker save` tar: the entry whose config has digest `digest`.
@@ -627,7 +643,12 @@ fn docker_plan(layout: &Layout, digest: &Digest) -> Result<Plan, String> {
                 })
             })
             .collect::<Result<_, String>>()?;
-        return Ok((config, *digest, layers));
+        return Ok(Plan {
+            manifest: *digest,
+            config,
+            config_digest: *digest,
+            layers,
+        });
     }
     Err(missing())
 }

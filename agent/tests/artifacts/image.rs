@@ -83,6 +83,7 @@ pub const LAYER_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -130,12 +131,31 @@ pub fn busybox_layers(busybox: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 /// The config for layers with these uncompressed tars.
 pub fn config(user: &str, layers: &[&[u8]]) -> Blob {
+    config_for(host_arch(), user, layers)
+}
+
+/// An index over manifests, each with its platform's architecture.
+pub fn index(manifests: &[(&Blob, &str)]) -> Blob {
+    let list: Vec<serde_json::Value> = manifests
+        .iter()
+        .map(|(m, arch)| {
+            let mut d = m.descriptor();
+            d["platform"] = json!({"os": "linux", "architecture": arch});
+            d
+        })
+        .collect();
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": list});
+    Blob::new(INDEX, serde_json::to_vec(&index).expect("json"))
+}
+
+/// The config of an image for `arch`.
+pub fn config_for(arch: &str, user: &str, layers: &[&[u8]]) -> Blob {
     let diff_ids: Vec<String> = layers
         .iter()
         .map(|l| format!("sha256:{}", sha256(l)))
         .collect();
     let config = json!({
-        "architecture": host_arch(),
+        "architecture": arch,
         "os": "linux",
         "config": {
             "User": user,
