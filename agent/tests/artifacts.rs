@@ -499,6 +499,31 @@ async fn redirects_are_limited_and_never_change_scheme() {
     );
 }
 
+#[tokio::test]
+async fn plain_http_beyond_loopback_needs_the_stores_policy_too() {
+    // A spec validated under a looser policy than the store's is still refused, before any
+    // connection (192.0.2.1 is a documentation address nobody answers on).
+    let spec = RawArtifact {
+        url: Some("http://192.0.2.1/a.tar".into()),
+        sha256: Some(sha256(b"x")),
+        format: None,
+        mount: Some("/app".into()),
+    }
+    .validate(FetchPolicy { allow_http: true })
+    .expect("valid under the open policy");
+    let state = tempfile::tempdir().expect("tempdir");
+    let store = open(state.path());
+    let err = store
+        .ensure_artifact(&spec, Ownership::Root, None)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.to_string().contains("only allowed to a loopback host"),
+        "{err}"
+    );
+    assert_nothing_visible(state.path());
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it: (CA DER, server config).
 fn tls_pair() -> (Vec<u8>, rustls::ServerConfig) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};

@@ -175,6 +175,20 @@ impl Fetcher {
         expected: Option<Digest>,
         progress: &Reporter,
     ) -> Result<Fetched, ArtifactError> {
+        // The spec was checked against the policy; a caller that skipped that is not trusted.
+        match url.scheme() {
+            "https" => {}
+            "http" if http_allowed(url, self.config.policy) => {}
+            "http" => {
+                return Err(fetch_err(
+                    url,
+                    "plain http is only allowed to a loopback host",
+                ));
+            }
+            other => {
+                return Err(fetch_err(url, format!("scheme {other:?} is not supported")));
+            }
+        }
         let _permit = self
             .permits
             .acquire()
