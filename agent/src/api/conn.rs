@@ -2,6 +2,8 @@
 //! belongs to, closed once it has had no open call for the idle timeout. The caller comes
 //! from the kernel for the Unix socket (peer credentials; the socket's 0660 mode already let
 //! only root and its group connect) and from the client certificate for TLS (see `tls`).
+//! Unix socket connections read through [`FixAuthority`], so that clients which send the
+//! socket path as `:authority` are served (see `authority`).
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
 
 use super::auth::{Caller, Role};
+use super::authority::FixAuthority;
 
 /// A connection with no open call for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -148,15 +151,15 @@ pub fn unix_caller(stream: &UnixStream) -> Caller {
     }
 }
 
-/// The connections accepted on the Unix socket.
+/// The connections accepted on the Unix socket, any `:authority` accepted.
 pub fn unix_incoming(
     listener: UnixListener,
     idle_timeout: Duration,
-) -> impl Stream<Item = io::Result<Conn<UnixStream>>> {
+) -> impl Stream<Item = io::Result<Conn<FixAuthority<UnixStream>>>> {
     tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |r| {
         r.map(|stream| {
             let caller = unix_caller(&stream);
-            Conn::new(stream, caller, idle_timeout)
+            Conn::new(FixAuthority::new(stream), caller, idle_timeout)
         })
     })
 }

@@ -8,6 +8,7 @@
 //! only), `cgroups` (capabilities only).
 
 pub mod auth;
+pub mod authority;
 pub mod conn;
 pub mod convert;
 pub mod ratelog;
