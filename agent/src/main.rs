@@ -229,7 +229,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(settings)) {
+    let result = rt.block_on(run(settings));
+    // Whatever is left (connections past the shutdown grace, a log read in progress) is not
+    // waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -352,11 +356,21 @@ async fn run(s: Settings) -> Result<()> {
     }
     tracing::info!("shutting down; instances keep running");
     systemd.stopping();
+    let stopping = std::time::Instant::now();
+    // Open streams end with UNAVAILABLE (Watch: with the index to resume at) and the
+    // connections close; a client that does not read its last replies is not waited for.
     shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "API server"),
-        Err(e) => tracing::error!(error = %e, "API server task"),
+    match tokio::time::timeout(api::SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!(
+            elapsed_ms = stopping.elapsed().as_millis() as u64,
+            "API stopped: every call ended"
+        ),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server"),
+        Ok(Err(e)) => tracing::error!(error = %e, "API server task"),
+        Err(_) => tracing::warn!(
+            "API calls still open {:?} after shutting down (clients not reading their replies); closing their connections",
+            api::SHUTDOWN_GRACE
+        ),
     }
     let _ = supervisor.await;
     let _ = std::fs::remove_file(&s.socket);

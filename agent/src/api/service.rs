@@ -8,6 +8,7 @@ use corral_proto::v1::agent_server::Agent;
 use tonic::{Request, Response, Status};
 
 use super::auth::AuditNote;
+use super::calls::{Stopping, shutting_down};
 use super::convert;
 use super::status::to_status;
 use crate::cgroups::Capabilities;
@@ -224,6 +225,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let stopping = Stopping::of(&req);
         let req = req.into_inner();
         let (service, only) = match (req.service.as_str(), req.instance.as_str()) {
             ("", "") => {
@@ -283,7 +285,11 @@ impl Agent for AgentService {
                 since,
                 follow: req.follow,
             };
-            if let Err(status) = agent.stream_logs(q, &tx).await {
+            let sent = tokio::select! {
+                sent = agent.stream_logs(q, &tx) => sent,
+                () = stopping.wait() => Err(shutting_down(None)),
+            };
+            if let Err(status) = sent {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -296,6 +302,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let stopping = Stopping::of(&req);
         let req = req.into_inner();
         if !req.service.is_empty() {
             check_name("service", &req.service)?;
@@ -333,19 +340,41 @@ impl Agent for AgentService {
             if end.is_some_and(|end| from > end || end == 0) {
                 return;
             }
+            // When the agent stops, the stream ends with where to resume: after the last
+            // event handed on (an event taken but not handed on is resumed at).
+            let stop = stopping.wait();
+            tokio::pin!(stop);
             loop {
-                let item = watch.next().await;
+                let item = tokio::select! {
+                    biased;
+                    () = &mut stop => {
+                        let _ = tx.send(Err(shutting_down(Some(watch.resume_from())))).await;
+                        break;
+                    }
+                    item = watch.next() => item,
+                };
                 let (done, send) = match &item {
                     Ok(e) => (end.is_some_and(|end| e.index >= end), filter.matches(e)),
                     Err(_) => (true, true),
                 };
                 if send {
+                    let index = item.as_ref().map(|e| e.index).ok();
                     let item = item
                         .map(|e| convert::event_to_proto(&e))
                         .map_err(watch_status);
-                    // A closed channel: the client went away.
-                    if tx.send(item).await.is_err() {
-                        break;
+                    tokio::select! {
+                        biased;
+                        sent = tx.send(item) => {
+                            // A closed channel: the client went away.
+                            if sent.is_err() {
+                                break;
+                            }
+                        }
+                        () = &mut stop => {
+                            let resume = index.unwrap_or_else(|| watch.resume_from());
+                            let _ = tx.send(Err(shutting_down(Some(resume)))).await;
+                            break;
+                        }
                     }
                 }
                 if done {
