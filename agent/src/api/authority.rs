@@ -8,7 +8,9 @@
 //! with the client's dynamic table), puts `localhost` in place of an `:authority` the server
 //! would refuse, and re-encodes the block without touching the server's dynamic table. All
 //! other frames pass through unchanged; TCP/TLS connections never go through it, so HTTP/2
-//! stays strict there.
+//! stays strict there. A connection whose first request carries an authority the server
+//! takes (tonic, grpc-go, grpcurl) is passed through untouched from then on: only clients
+//! that need it pay for decoding.
 //!
 //! Anything that is not well-formed HTTP/2 from the client's side (a bad preface, a frame
 //! over the size the server allows) is passed through untouched from that point on, for the
@@ -60,6 +62,9 @@ pub struct AuthorityFix {
     /// The header block being gathered (HEADERS, then CONTINUATION frames).
     block: Vec<u8>,
     open: Option<OpenBlock>,
+    /// The frames of the first header block, as received: forwarded as they are when
+    /// nothing in it needs replacing.
+    first: Option<Vec<u8>>,
     /// `:authority` values replaced so far.
     replaced: u64,
 }
@@ -150,6 +155,7 @@ impl Default for AuthorityFix {
             decoder,
             block: Vec::new(),
             open: None,
+            first: Some(Vec::new()),
             replaced: 0,
         }
     }
@@ -238,6 +244,10 @@ impl AuthorityFix {
                     let payload = avail[..head.len].to_vec();
                     *at += head.len;
                     self.state = State::Head;
+                    if let Some(first) = self.first.as_mut() {
+                        head.write(first);
+                        first.extend_from_slice(&payload);
+                    }
                     self.block_frame(head, &payload, out)?;
                 }
             }
@@ -302,7 +312,17 @@ impl AuthorityFix {
             .take()
             .ok_or(AuthorityError::Frame("a header block without HEADERS"))?;
         let block = std::mem::take(&mut self.block);
+        let replaced_before = self.replaced;
         let encoded = self.reencode(&block)?;
+        if let Some(first) = self.first.take()
+            && self.replaced == replaced_before
+        {
+            // The server takes this client's authority: from here on it reads the client as
+            // it is (its dynamic table and the client's stay the same).
+            out.extend_from_slice(&first);
+            self.state = State::Raw;
+            return Ok(());
+        }
         write_block(open, &encoded, out);
         Ok(())
     }
@@ -672,6 +692,14 @@ mod tests {
         assert_eq!(field(&b[1].1, "cache-control"), Some("no-cache"));
         assert_eq!(field(&b[0].1, ":path"), Some("/"));
         assert_eq!(fix.replaced(), 0);
+        // A client whose first authority the server takes is passed through as it is, later
+        // requests included (a path sent later is the server's to refuse, as without this).
+        assert_eq!(out, input[PREFACE.len()..]);
+        let mut later = input.clone();
+        later.extend(frame(HEADERS, END_HEADERS, 5, &indexed_authority("a%2Fb")));
+        let (fix, out) = run(&later, 7).expect("passed");
+        assert_eq!(out, later[PREFACE.len()..]);
+        assert_eq!(fix.replaced(), 0);
     }
 
     #[test]
@@ -702,8 +730,11 @@ mod tests {
 
     #[test]
     fn a_block_that_grows_is_split_into_continuation_frames() {
-        // One 3000-byte value entered in the table, then referred to 12 times: 36 KB out.
-        let mut block = vec![0x40, 0x01, b'x'];
+        // One 3000-byte value entered in the table, then referred to 12 times: 36 KB out
+        // (after an authority to replace, as a literal without indexing).
+        let mut block = vec![0x01, 5];
+        block.extend(b"a%2Fb");
+        block.extend([0x40, 0x01, b'x']);
         loona_hpack::encoder::encode_integer_into(3000, 7, 0, &mut block).expect("vec");
         block.extend(std::iter::repeat_n(b'v', 3000));
         block.extend(std::iter::repeat_n(0xbe, 12));
@@ -717,8 +748,9 @@ mod tests {
         assert_eq!(ends.iter().filter(|e| **e).count(), 1);
         assert!(ends[ends.len() - 1]);
         let b = blocks(&out);
-        assert_eq!(b[0].1.len(), 13);
-        assert!(b[0].1.iter().all(|(n, v)| n == "x" && v.len() == 3000));
+        assert_eq!(b[0].1.len(), 14);
+        assert_eq!(b[0].1[0], (":authority".into(), "localhost".into()));
+        assert!(b[0].1[1..].iter().all(|(n, v)| n == "x" && v.len() == 3000));
     }
 
     #[test]
