@@ -491,19 +491,10 @@ async fn sigterm_ends_open_streams_with_where_to_resume() {
     assert!(log.contains("API stopped: every call ended"), "{log}");
     assert!(alive(pid), "the instance outlives the agent");
 
-    let unavailable = |s: tonic::Status| {
-        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-        s.message().to_string()
-    };
     let mut resume = 0;
-    for (w, mut last) in watches.iter_mut().zip(last) {
-        let end = loop {
-            match w.message().await {
-                Ok(Some(e)) => last = e.index,
-                Ok(None) => panic!("a Watch ended without a status"),
-                Err(s) => break unavailable(s),
-            }
-        };
+    for (w, last) in watches.iter_mut().zip(last) {
+        let (later, end) = drain(w).await;
+        let last = later.map_or(last, |e| e.index);
         assert_eq!(
             end,
             format!("agent shutting down; resume at index {}", last + 1)
@@ -511,23 +502,11 @@ async fn sigterm_ends_open_streams_with_where_to_resume() {
         resume = last + 1;
     }
     for s in healths.iter_mut() {
-        let end = loop {
-            match s.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("a health Watch ended without a status"),
-                Err(s) => break unavailable(s),
-            }
-        };
+        let end = drain(s).await.1;
         assert!(end.starts_with("agent shutting down"), "{end}");
     }
     for s in logs.iter_mut() {
-        let end = loop {
-            match s.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("a Logs stream ended without a status"),
-                Err(s) => break unavailable(s),
-            }
-        };
+        let end = drain(s).await.1;
         assert!(end.starts_with("agent shutting down"), "{end}");
     }
 
@@ -546,4 +525,19 @@ async fn sigterm_ends_open_streams_with_where_to_resume() {
         .into_inner();
     let first = w.message().await.expect("event").expect("one");
     assert_eq!(first.index, resume);
+}
+
+/// Read a stream to its end: the last item read, and the UNAVAILABLE message it ended with.
+async fn drain<T>(s: &mut tonic::Streaming<T>) -> (Option<T>, String) {
+    let mut last = None;
+    loop {
+        match s.message().await {
+            Ok(Some(item)) => last = Some(item),
+            Ok(None) => panic!("a stream ended without a status"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                return (last, status.message().to_string());
+            }
+        }
+    }
 }
