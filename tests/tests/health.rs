@@ -413,6 +413,14 @@ async fn grpc_health_follows_a_service() {
         async move { (c.await == Some(ServingStatus::Serving as i32)).then_some(()) }
     })
     .await;
+    // SERVING needs one healthy instance; both must be before both are made unhealthy (a
+    // signal that comes before the instance's handler is installed would be lost).
+    eventually(
+        "both instances healthy",
+        Duration::from_secs(30),
+        || async { (agent.get("gh").await.ok()?.healthy == 2).then_some(()) },
+    )
+    .await;
     signal(&agent, "gh-0", "USR1");
     signal(&agent, "gh-1", "USR1");
     eventually("NOT_SERVING", Duration::from_secs(30), || {

@@ -304,6 +304,7 @@ class Client:
         caller must List again.
         """
         next_index = from_index
+        backoff = 0.1
         while True:
             request = pb.WatchRequest(
                 from_index=next_index, service=service, instance=instance, follow=follow
@@ -312,17 +313,25 @@ class Client:
             try:
                 for event in stream:
                     next_index = event.index + 1
+                    backoff = 0.1
                     yield event
                 return
             except grpc.RpcError as e:
                 err = CorralError.from_rpc_error(e)
-                resumable = err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                # UNAVAILABLE: the agent is stopping or the connection dropped.
+                # RESOURCE_EXHAUSTED only with a resume index: this watcher fell behind (not
+                # the cap on open streams, which calling again would only hit again).
+                resumable = err.code == grpc.StatusCode.UNAVAILABLE or (
+                    err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.resume_index is not None
+                )
                 if not (resume and resumable):
                     raise err from None
                 if err.resume_index is not None:
                     next_index = err.resume_index
                 if on_resume is not None:
                     on_resume(next_index, err)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
                 self._wait_ready(reconnect_timeout, err)
             finally:
                 stream.cancel()
