@@ -9,6 +9,8 @@
 //! - [`events`]: the indexed, persisted node event log and its watches.
 //! - [`logs`]: reading instance logs (tail, follow).
 //! - [`rollout`]: the rollout planner (surge, unavailability, health gates). Pure.
+//! - [`schedule`]: when scheduled jobs run (cron in a time zone, catch-up, jitter,
+//!   concurrency). Pure.
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
 //! - [`api`]: the gRPC layer.
@@ -22,6 +24,7 @@ pub mod host;
 pub mod logs;
 pub mod rollout;
 pub mod runtime;
+pub mod schedule;
 pub mod sdnotify;
 pub mod spec;
 pub mod store;

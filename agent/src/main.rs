@@ -191,6 +191,67 @@ fn settings(flags: Flags) -> Result<Settings> {
     })
 }
 
+/// `corrald.8` and the bash, zsh and fish completions of corrald, from its flags.
+fn generate_docs(dir: &Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_mangen::roff::{Roff, bold, roman};
+    let mut cmd = Flags::command();
+    let mut page = Vec::new();
+    let described = cmd.clone().about("the corral node agent").long_about(
+        "corrald keeps services running as isolated processes: every instance in its own \
+         namespaces and cgroup with CPU, memory and task limits, under a small init. It \
+         restarts what crashes, probes health, replaces instances by health-gated rolling \
+         updates, takes running instances back over after it restarts (they outlive it), \
+         rotates their logs, and serves the corral.v1 gRPC API on a Unix socket and, with \
+         --listen, on TCP with TLS. corral(1) is its command-line client.",
+    );
+    clap_mangen::Man::new(described)
+        .section("8")
+        .render(&mut page)?;
+    let mut files = Roff::new();
+    files.control("SH", ["FILES"]);
+    for (path, what) in [
+        (
+            "/etc/corral/corrald.toml",
+            "The settings read with --config by the corrald.service unit.",
+        ),
+        (
+            "/etc/corral/services/",
+            "Service specs (*.toml) applied at start and on SIGHUP.",
+        ),
+        (
+            "/var/lib/corral/",
+            "Desired state, instance records, the event log and instance logs.",
+        ),
+        ("/run/corral/corral.sock", "The API socket."),
+        (
+            "/usr/libexec/corral/corral-init",
+            "The init of every instance.",
+        ),
+    ] {
+        files
+            .control("TP", [])
+            .text([bold(path)])
+            .text([roman(what)]);
+    }
+    files.control("SH", ["SEE ALSO"]).text([
+        bold("corral"),
+        roman("(1), "),
+        bold("systemctl"),
+        roman("(1)"),
+    ]);
+    files.to_writer(&mut page)?;
+    std::fs::write(dir.join("corrald.8"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd, "corrald", dir)?;
+    }
+    Ok(())
+}
+
 fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -208,6 +269,23 @@ fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if Path::new(&argv0).file_name() == Some(runtime::INIT_NAME.as_ref()) {
         return runtime::init::main();
+    }
+    // `corrald --generate-docs DIR`, for package builds; kept out of the flags so that it is
+    // in neither the man page nor the completions it writes.
+    let args: Vec<_> = std::env::args_os().collect();
+    if let [_, flag, dir] = args.as_slice()
+        && flag == "--generate-docs"
+    {
+        return match generate_docs(Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "corrald: writing the docs into {}: {e}",
+                    Path::new(dir).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     let flags = Flags::parse();
     let settings = match settings(flags) {

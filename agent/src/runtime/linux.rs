@@ -74,21 +74,32 @@ pub struct LinuxRuntime {
     hidden: Vec<(PathBuf, u32)>,
 }
 
-/// The init to execute: the small `corral-init` installed next to `corrald`, or else
-/// `corrald` itself (which becomes the init when started under that name).
+/// The init to execute: the small `corral-init` installed next to `corrald`, or in
+/// `../libexec/corral/` from `corrald`'s directory (`/usr/bin/corrald` finds
+/// `/usr/libexec/corral/corral-init`, as the Debian package installs them), or else `corrald`
+/// itself (which becomes the init when started under that name).
 fn init_executable() -> CString {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let beside = std::env::current_exe()
+    let found = std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.join(INIT_NAME)))
-        .filter(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-    match beside.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok()) {
-        Some(p) => p,
-        None => CString::from(c"/proc/self/exe"),
-    }
+        .and_then(|exe| find_init(&exe))
+        .and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
+    found.unwrap_or_else(|| CString::from(c"/proc/self/exe"))
+}
+
+/// The first executable file among the places [`init_executable`] looks, for the agent
+/// executable `exe`.
+fn find_init(exe: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = exe.parent()?;
+    let beside = Some(dir.join(INIT_NAME));
+    let libexec = dir
+        .parent()
+        .map(|prefix| prefix.join("libexec/corral").join(INIT_NAME));
+    [beside, libexec]
+        .into_iter()
+        .flatten()
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 impl LinuxRuntime {
@@ -949,5 +960,51 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
             .as_unix_addr()
             .and_then(|u| u.path())
             .is_some_and(|p| p == path.as_path()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Writes `path` (and its directories) with `mode`.
+    fn file(path: &Path, mode: u32) {
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(path, b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn the_init_is_found_beside_the_agent_then_in_libexec() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let exe = root.path().join("usr/bin/corrald");
+        file(&exe, 0o755);
+        let beside = root.path().join("usr/bin/corral-init");
+        let libexec = root.path().join("usr/libexec/corral/corral-init");
+
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "nothing installed: corrald serves as the init"
+        );
+        file(&libexec, 0o644);
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "a file that is not executable is not an init"
+        );
+        fs::set_permissions(&libexec, fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(find_init(&exe), Some(libexec.clone()));
+        fs::create_dir_all(&beside).expect("mkdir");
+        assert_eq!(find_init(&exe), Some(libexec), "a directory is not an init");
+        fs::remove_dir(&beside).expect("rmdir");
+        file(&beside, 0o755);
+        assert_eq!(
+            find_init(&exe),
+            Some(beside),
+            "the one beside the agent comes first"
+        );
     }
 }

@@ -21,6 +21,7 @@
 mod canonical;
 mod changes;
 mod error;
+pub mod job;
 mod read;
 mod types;
 mod units;
