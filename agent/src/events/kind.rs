@@ -26,8 +26,11 @@ pub enum EventKind {
     InstanceStarted { pid: i32, revision: u64 },
     /// An instance could not be started.
     StartFailed { error: String },
-    /// An instance's process ended. `end` is the exit class: `exited(3)`, `killed(SIGTERM)`,
-    /// `oom_killed` …; `detail` says more when there is more to say.
+    /// An instance's process ended. `end` is the exit class as status shows it: `exited(3)`,
+    /// `signaled(15)`, `oom_killed`, `stop_timeout`, `health_failed`, `lost`; `code` and
+    /// `signal` are its exit code or the signal that ended it (SIGKILL for `oom_killed` and
+    /// `stop_timeout`); `detail` says more when there is more to say (why it never ran its
+    /// command, why its end could not be observed).
     InstanceExited {
         end: String,
         code: Option<i32>,
@@ -53,8 +56,9 @@ pub enum EventKind {
     OomKill { count: u64 },
     /// An instance left running by an earlier agent run was taken over.
     Adopted { pid: i32 },
-    /// An instance is gone without the agent seeing it end (its cgroup vanished, its process
-    /// could not be found after a restart of the agent).
+    /// Not written by this release: an instance whose end could not be observed is an
+    /// `instance_exited` with end `lost` and the reason in `detail`. Kept so that event logs of
+    /// earlier releases still read.
     Lost { reason: String },
     /// A rollout began: `kind` (update, restart, rollback, auto_rollback) from one revision
     /// to another, replacing `to_replace` instances within `max_surge` / `max_unavailable`.
