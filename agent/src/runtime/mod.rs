@@ -12,7 +12,6 @@ pub mod fake;
 pub mod init;
 mod launch;
 pub mod linux;
-pub mod logwriter;
 mod mounts;
 pub mod privileges;
 pub mod probe_exec;
