@@ -282,13 +282,13 @@ async fn run(s: Settings) -> Result<()> {
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
             .context("opening the event log")?,
     );
-    let deps = Deps {
-        runtime: Arc::new(runtime),
+    let deps = Deps::new(
+        Arc::new(runtime),
         cgroups,
-        store: Arc::new(store),
-        namespaces: namespaces.clone(),
-        events: events.clone(),
-    };
+        Arc::new(store),
+        namespaces.clone(),
+        events.clone(),
+    );
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;

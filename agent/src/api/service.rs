@@ -593,13 +593,13 @@ mod tests {
         let cgroups = Arc::new(RecordingCgroups::default());
         let capabilities = cgroups.capabilities().clone();
         let events = Arc::new(EventLog::in_memory(100));
-        let (mut driver, handle) = Driver::new(Deps {
-            runtime: Arc::new(FakeRuntime::new()),
+        let (mut driver, handle) = Driver::new(Deps::new(
+            Arc::new(FakeRuntime::new()),
             cgroups,
-            store: Arc::new(MemStore::new()),
-            namespaces: Namespace::ALL.to_vec(),
-            events: events.clone(),
-        });
+            Arc::new(MemStore::new()),
+            Namespace::ALL.to_vec(),
+            events.clone(),
+        ));
         driver.restore().await;
         tokio::spawn(driver.run(tokio_util::sync::CancellationToken::new()));
         AgentService {

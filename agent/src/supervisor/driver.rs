@@ -23,7 +23,9 @@ use super::{
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
 use crate::health::{self, HealthState, ProbeHandle, ProbeReport, Prober, ServiceHealth, Tracker};
-use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Runtime, StartRequest};
+use crate::runtime::{
+    InitExit, InstanceFiles, ProcessRef, ProcessStatus, Processes, SocketBroker, StartRequest,
+};
 use crate::spec::{self, Namespace, ServiceSpec};
 use crate::store::Store;
 
@@ -45,13 +47,43 @@ const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The OS seams and host facts the driver works with.
 #[derive(Debug, Clone)]
 pub struct Deps {
-    pub runtime: Arc<dyn Runtime>,
+    /// Instance processes: spawning, adopting, signalling.
+    pub processes: Arc<dyn Processes>,
+    /// What the instances' inits leave on disk.
+    pub files: Arc<dyn InstanceFiles>,
+    /// The services' listening sockets and free ports.
+    pub sockets: Arc<dyn SocketBroker>,
     pub cgroups: Arc<dyn CgroupBackend>,
     pub store: Arc<dyn Store>,
     /// Namespaces this host lets the agent create.
     pub namespaces: Vec<Namespace>,
     /// Where every state change is recorded.
     pub events: Arc<EventLog>,
+}
+
+impl Deps {
+    /// The driver's seams, the three of the runtime served by one implementation (as the
+    /// agent's and the tests' are).
+    pub fn new<R>(
+        runtime: Arc<R>,
+        cgroups: Arc<dyn CgroupBackend>,
+        store: Arc<dyn Store>,
+        namespaces: Vec<Namespace>,
+        events: Arc<EventLog>,
+    ) -> Deps
+    where
+        R: Processes + InstanceFiles + SocketBroker,
+    {
+        Deps {
+            processes: runtime.clone(),
+            files: runtime.clone(),
+            sockets: runtime,
+            cgroups,
+            store,
+            namespaces,
+            events,
+        }
+    }
 }
 
 /// Store kind of the instance records.
@@ -237,7 +269,7 @@ impl Driver {
         let (probe_tx, probes) = mpsc::unbounded_channel();
         let (health_tx, _) = watch::channel(BTreeMap::new());
         let driver = Driver {
-            boot_id: deps.runtime.boot_id(),
+            boot_id: deps.processes.boot_id(),
             deps,
             services: BTreeMap::new(),
             live: HashMap::new(),
@@ -370,7 +402,7 @@ impl Driver {
                         Err(format!("its init (pid {pid}) is no longer in {path}"))
                     } else {
                         self.deps
-                            .runtime
+                            .processes
                             .adopt(&id, pid, start_time)
                             .map_err(|e| e.to_string())
                     };
@@ -387,7 +419,7 @@ impl Driver {
         }
         // Instances that ended while no agent ran: their true end, then their policy.
         for (service, index, id, why) in ended {
-            let record = self.deps.runtime.exit_record(&id);
+            let record = self.deps.files.exit_record(&id);
             let oom_kills = self
                 .deps
                 .cgroups
@@ -449,7 +481,7 @@ impl Driver {
                 }
                 let path = cgroup_of(svc, &inst);
                 let cg = cg.clone();
-                let rt = self.deps.runtime.clone();
+                let rt = self.deps.processes.clone();
                 tasks.push(tokio::spawn(async move {
                     let stopped = stop_leftover(&*cg, &*rt, &path, signal, grace).await;
                     (path, stopped)
@@ -650,7 +682,7 @@ impl Driver {
                             tracing::warn!(instance = %inst.id, error = %e, "cannot remove the instance record");
                         }
                         if svc.deleting {
-                            self.deps.runtime.remove_instance_files(&inst.id);
+                            self.deps.files.remove_instance_files(&inst.id);
                         }
                         self.note_gone(service, &inst.id);
                     }
@@ -700,8 +732,8 @@ impl Driver {
             tracing::warn!(instance = %id, %error, "start failed");
             Event::StartFailed { error }
         };
-        let rt = &self.deps.runtime;
-        let ports = match crate::runtime::assign_ports(&**rt, &spec) {
+        let rt = &self.deps.processes;
+        let ports = match crate::runtime::assign_ports(&*self.deps.sockets, &spec) {
             Ok(p) => p,
             Err(e) => return fail(format!("assigning ports: {e}")),
         };
@@ -771,15 +803,18 @@ impl Driver {
                             }
                             _ => (Vec::new(), None),
                         };
-                        let exec = self.deps.runtime.exec_runner(crate::runtime::ExecRequest {
-                            process: &spawned.process,
-                            spec: &inst.spec,
-                            index,
-                            instance: &id,
-                            ports: &ports,
-                            cgroup_procs: procs,
-                            cgroup_dir: dir,
-                        });
+                        let exec = self
+                            .deps
+                            .processes
+                            .exec_runner(crate::runtime::ExecRequest {
+                                process: &spawned.process,
+                                spec: &inst.spec,
+                                index,
+                                instance: &id,
+                                ports: &ports,
+                                cgroup_procs: procs,
+                                cgroup_dir: dir,
+                            });
                         Some(Prober::start(
                             id.clone(),
                             generation,
@@ -796,7 +831,7 @@ impl Driver {
                 });
             let notify = h.notify.then(|| {
                 let (rt, tx, id, service) = (
-                    self.deps.runtime.clone(),
+                    self.deps.files.clone(),
                     self.internal_tx.clone(),
                     id.clone(),
                     service.to_string(),
@@ -1066,7 +1101,7 @@ impl Driver {
                 signal: inst.spec.stop.signal_name.clone(),
             },
         );
-        if let Err(e) = self.deps.runtime.signal(&live.process, sig) {
+        if let Err(e) = self.deps.processes.signal(&live.process, sig) {
             tracing::warn!(instance = %inst.id, error = %e, "cannot send the stop signal");
         }
     }
@@ -1103,7 +1138,7 @@ impl Driver {
             tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
         }
         for (listen, _) in svc.sockets.values() {
-            self.deps.runtime.unlink_socket(listen);
+            self.deps.sockets.unlink_socket(listen);
         }
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
@@ -1300,7 +1335,7 @@ impl Driver {
         };
         let main = live
             .main_pid
-            .or_else(|| self.deps.runtime.main_pid(live.process.pid));
+            .or_else(|| self.deps.processes.main_pid(live.process.pid));
         let forwarded = crate::runtime::init::FORWARDED
             .iter()
             .any(|s| *s as i32 == signal);
@@ -1320,7 +1355,7 @@ impl Driver {
                 });
             }
         };
-        self.deps.runtime.signal(&target, signal).map_err(|e| {
+        self.deps.processes.signal(&target, signal).map_err(|e| {
             SupervisorError::Unenforceable(format!("signal {signal} to {instance}: {e}"))
         })?;
         tracing::info!(instance, signal, pid, "signal sent");
@@ -1344,7 +1379,7 @@ impl Driver {
                 ));
             }
         }
-        if let Err(e) = self.deps.runtime.preflight(spec) {
+        if let Err(e) = self.deps.processes.preflight(spec) {
             why.push(e);
         }
         if why.is_empty() {
@@ -1380,7 +1415,7 @@ impl Driver {
                     .find_map(|l| {
                         (0..16).find_map(|j| {
                             self.deps
-                                .runtime
+                                .sockets
                                 .take_socket(
                                     &l.process,
                                     crate::runtime::listen_fd_in_init(j),
@@ -1394,7 +1429,7 @@ impl Driver {
                         tracing::info!(service = %name, listen = %listen, "took the listening socket back from a running instance");
                         Ok(fd)
                     }
-                    None => self.deps.runtime.bind_socket(&listen),
+                    None => self.deps.sockets.bind_socket(&listen),
                 };
                 match fd {
                     Ok(fd) => {
@@ -1432,7 +1467,7 @@ fn status(
             let (pid, init_pid, usage, ports, log_dropped) = match l {
                 Some(l) => {
                     if l.main_pid.is_none() {
-                        l.main_pid = deps.runtime.main_pid(l.process.pid);
+                        l.main_pid = deps.processes.main_pid(l.process.pid);
                     }
                     let recent = l.usage.filter(|(at, ..)| {
                         !fresh && now.saturating_duration_since(*at) < USAGE_TTL
@@ -1441,7 +1476,7 @@ fn status(
                         Some((_, u, d)) => (Some(u), d),
                         None => {
                             let u = deps.cgroups.stats(&path).ok();
-                            let d = deps.runtime.log_stat(&i.id);
+                            let d = deps.files.log_stat(&i.id);
                             if let Some(u) = u {
                                 l.usage = Some((now, u, d));
                                 match l.rate_base {
@@ -1506,7 +1541,7 @@ fn status(
                 notify_status: if i.spec.health.as_ref().is_some_and(|h| h.notify)
                     && i.state.is_live()
                 {
-                    deps.runtime
+                    deps.files
                         .notify_state(&i.id)
                         .map(|n| n.status)
                         .unwrap_or_default()
@@ -1618,7 +1653,7 @@ async fn remove_when_empty(
 /// removal. Ok(true) when processes were found and stopped.
 async fn stop_leftover(
     cg: &dyn CgroupBackend,
-    rt: &dyn Runtime,
+    rt: &dyn Processes,
     path: &CgroupPath,
     signal: i32,
     grace: Duration,

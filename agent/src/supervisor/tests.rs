@@ -35,13 +35,13 @@ fn deps(
     store: &Arc<MemStore>,
     events: &Arc<crate::events::EventLog>,
 ) -> Deps {
-    Deps {
-        runtime: rt.clone(),
-        cgroups: cg.clone(),
-        store: store.clone(),
-        namespaces: Namespace::ALL.to_vec(),
-        events: events.clone(),
-    }
+    Deps::new(
+        rt.clone(),
+        cg.clone(),
+        store.clone(),
+        Namespace::ALL.to_vec(),
+        events.clone(),
+    )
 }
 
 async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {

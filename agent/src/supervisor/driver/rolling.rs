@@ -739,7 +739,7 @@ impl Driver {
                     return Ok((key, fd.clone()));
                 }
                 self.deps
-                    .runtime
+                    .sockets
                     .bind_socket(&s.listen)
                     .map(|fd| (key, (s.listen.clone(), Arc::new(fd))))
                     .map_err(|e| {
@@ -770,7 +770,7 @@ impl Driver {
         for key in unused {
             if let Some((listen, _)) = svc.sockets.remove(&key) {
                 tracing::info!(service = %name, listen = %listen, "socket no longer used: closed");
-                self.deps.runtime.unlink_socket(&listen);
+                self.deps.sockets.unlink_socket(&listen);
             }
         }
     }
