@@ -10,6 +10,7 @@
 //!
 //! Imports from the crate: `spec` only.
 
+#[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod init;
 mod launch;
