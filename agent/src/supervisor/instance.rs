@@ -7,7 +7,7 @@
 //! Pending    StartFailed        -> Backoff        (failures += 1)
 //! Running    Exited             -> Backoff        KillAll   (policy restarts it)
 //!                               -> Exited         KillAll   (policy does not)
-//! Running    StopRequested(r)   -> Stopping(r)    Signal
+//! Running    StopRequested(r)   -> Stopping(r)    Signal(r)
 //! Stopping   GraceExpired       -> Stopping(r,killed) KillAll
 //! Stopping   Exited             -> Backoff        KillAll   (r = Unhealthy: health_failed)
 //!                               -> Removing       Cleanup   (r = Retire | ScaleDown | Delete)
@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::runtime::{InitExit, ProcessStatus};
 use crate::spec::{RestartPolicy, RestartSpec, ServiceSpec};
 
 /// An instance that stayed up this long has its backoff reset.
@@ -57,6 +58,11 @@ impl StopReason {
             StopReason::Delete => 2,
         };
         rank(self) > rank(other)
+    }
+
+    /// The slot is removed once stopped (not started again).
+    pub fn removes(self) -> bool {
+        !matches!(self, StopReason::Unhealthy)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +148,20 @@ impl fmt::Display for ExitClass {
     }
 }
 
+impl ExitClass {
+    /// The exit code, or the signal that ended the run, as events and the wire carry them:
+    /// SIGKILL for an OOM kill and a stop timeout; neither for a health failure (the end
+    /// that counts is the failed check) or a lost end.
+    pub fn code_and_signal(self) -> (Option<i32>, Option<i32>) {
+        match self {
+            ExitClass::Exited(c) => (Some(c), None),
+            ExitClass::Signaled(s) => (None, Some(s)),
+            ExitClass::OomKilled | ExitClass::StopTimeout => (None, Some(libc::SIGKILL)),
+            ExitClass::HealthFailed | ExitClass::Lost => (None, None),
+        }
+    }
+}
+
 /// The end of one run of an instance.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitInfo {
@@ -158,41 +178,62 @@ impl ExitInfo {
     }
 }
 
-/// What the kernel and the init said about an ended run, for [`classify`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Observed {
-    /// The service process's own end, as the init recorded it.
-    pub service_exit: Option<(Option<i32>, Option<i32>)>,
-    /// The init's status: `Ok(code)` or `Err(signal)`; `None` when it was not our child
-    /// (adopted from an earlier agent run), so only its record can tell.
-    pub init_status: Option<Result<i32, i32>>,
+/// How one run of an instance ended, as far as the agent observed it: what the init's own
+/// status, its exit record and the cgroup's OOM counter say. Built alike when the agent sees
+/// an init end and when, at its start, it finds an instance that ended while no agent ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEnd {
+    /// The init's status (`Unknown` when it was not the agent's child: adopted from an
+    /// earlier run, so only its record can tell), its record, and a spawn that failed.
+    pub exit: InitExit,
     /// OOM kills counted in the instance's cgroup during this run.
     pub oom_kills: u64,
     /// The agent sent SIGKILL after the grace period.
     pub killed_after_grace: bool,
 }
 
-/// Classify an ended run. An OOM kill is never guessed from a SIGKILL: it needs the cgroup's
-/// own counter to have moved during the run.
-pub fn classify(o: &Observed) -> ExitClass {
-    if o.killed_after_grace {
-        return ExitClass::StopTimeout;
+impl ProcessEnd {
+    /// How the run ended. An OOM kill is never guessed from a SIGKILL: it needs the cgroup's
+    /// own counter to have moved during the run.
+    pub fn class(&self) -> ExitClass {
+        if self.killed_after_grace {
+            return ExitClass::StopTimeout;
+        }
+        let service = self.exit.record.as_ref().map(|r| (r.code, r.signal));
+        let (code, signal) = match (service, self.exit.status) {
+            (Some(ended), _) => ended,
+            (None, ProcessStatus::Exited(code)) => (Some(code), None),
+            (None, ProcessStatus::Signaled(sig)) => (None, Some(sig)),
+            // Neither record nor status: only the cgroup can still tell an OOM kill.
+            (None, ProcessStatus::Unknown) if self.oom_kills > 0 => return ExitClass::OomKilled,
+            (None, ProcessStatus::Unknown) => return ExitClass::Lost,
+        };
+        if self.oom_kills > 0 && signal == Some(libc::SIGKILL) {
+            return ExitClass::OomKilled;
+        }
+        match (code, signal) {
+            (_, Some(sig)) => ExitClass::Signaled(sig),
+            (Some(code), None) => ExitClass::Exited(code),
+            (None, None) => ExitClass::Lost,
+        }
     }
-    let (code, signal) = match (o.service_exit, o.init_status) {
-        (Some((code, signal)), _) => (code, signal),
-        (None, Some(Ok(code))) => (Some(code), None),
-        (None, Some(Err(sig))) => (None, Some(sig)),
-        // Neither record nor status: only the cgroup can still tell an OOM kill.
-        (None, None) if o.oom_kills > 0 => return ExitClass::OomKilled,
-        (None, None) => return ExitClass::Lost,
-    };
-    if o.oom_kills > 0 && signal == Some(libc::SIGKILL) {
-        return ExitClass::OomKilled;
-    }
-    match (code, signal) {
-        (_, Some(sig)) => ExitClass::Signaled(sig),
-        (Some(code), None) => ExitClass::Exited(code),
-        (None, None) => ExitClass::Lost,
+
+    /// The end as reported, at `at`: its class and, when there is more to say, why the
+    /// instance never ran its command or, for a lost end, `unobserved` (why its end could not
+    /// be seen).
+    pub fn info(&self, at: SystemTime, unobserved: Option<String>) -> ExitInfo {
+        let class = self.class();
+        let setup_error = self
+            .exit
+            .spawn_error
+            .clone()
+            .or_else(|| self.exit.record.as_ref()?.setup_error.clone())
+            .or_else(|| unobserved.filter(|_| class == ExitClass::Lost));
+        ExitInfo {
+            class,
+            at,
+            setup_error,
+        }
     }
 }
 
@@ -231,8 +272,8 @@ pub enum Event {
 pub enum Effect {
     /// Start the slot with its service's current spec, then report Started/StartFailed.
     Spawn,
-    /// Send the stop signal of the spec the instance runs.
-    Signal,
+    /// Send the stop signal of the spec the instance runs, for this reason.
+    Signal(StopReason),
     /// SIGKILL everything in the instance's cgroup.
     KillAll,
     /// Empty and remove the instance's cgroup, then report CleanupDone.
@@ -321,41 +362,18 @@ impl Instance {
                 vec![]
             }
             (S::Pending, Event::StartFailed { error }) => {
-                let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                self.failures = self.failures.saturating_add(1);
                 self.last_error = Some(error);
-                self.state = S::Backoff {
-                    until: ctx.now + delay,
-                };
+                self.back_off(ctx);
                 vec![]
             }
-            (S::Running { since }, Event::Exited(exit)) => {
-                self.pid = None;
-                if ctx.now.saturating_duration_since(since) >= BACKOFF_RESET_AFTER {
-                    self.failures = 0;
-                }
-                let restart = should_restart(self.spec.restart.policy, &exit);
-                self.last_error = exit.setup_error.clone();
-                self.last_exit = Some(exit);
-                if restart {
-                    let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                    self.failures = self.failures.saturating_add(1);
-                    self.restarts = self.restarts.saturating_add(1);
-                    self.state = S::Backoff {
-                        until: ctx.now + delay,
-                    };
-                } else {
-                    self.state = S::Exited;
-                }
-                vec![Effect::KillAll]
-            }
+            (S::Running { since }, Event::Exited(exit)) => self.ended_running(since, exit, ctx),
             (S::Running { .. }, Event::StopRequested(reason)) => {
                 self.state = S::Stopping {
                     reason,
                     deadline: ctx.now + self.spec.stop.grace,
                     killed: false,
                 };
-                vec![Effect::Signal]
+                vec![Effect::Signal(reason)]
             }
             (S::Stopping { reason, .. }, Event::GraceExpired) => {
                 self.state = S::Stopping {
@@ -365,69 +383,30 @@ impl Instance {
                 };
                 vec![Effect::KillAll]
             }
-            (
-                S::Stopping {
-                    reason: old,
-                    deadline,
-                    killed,
-                },
-                Event::StopRequested(new),
-            ) => {
+            (S::Stopping { reason, .. }, Event::StopRequested(new)) => {
                 // A stronger reason wins (a replaced instance whose service is then deleted
                 // is not started again); the grace period keeps running.
-                if new.outranks(old) {
-                    self.state = S::Stopping {
-                        reason: new,
-                        deadline,
-                        killed,
-                    };
+                if let S::Stopping { reason: r, .. } = &mut self.state
+                    && new.outranks(reason)
+                {
+                    *r = new;
                 }
                 vec![]
             }
-            (S::Stopping { reason, .. }, Event::Exited(mut exit)) => {
-                self.pid = None;
-                self.last_error = exit.setup_error.clone();
-                if reason == StopReason::Unhealthy {
-                    exit.class = ExitClass::HealthFailed;
-                }
-                self.last_exit = Some(exit);
-                match reason {
-                    StopReason::Unhealthy => {
-                        let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                        self.failures = self.failures.saturating_add(1);
-                        self.restarts = self.restarts.saturating_add(1);
-                        self.state = S::Backoff {
-                            until: ctx.now + delay,
-                        };
-                        vec![Effect::KillAll]
-                    }
-                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
-                        self.state = S::Removing;
-                        vec![Effect::Cleanup]
-                    }
-                }
+            (S::Stopping { reason, .. }, Event::Exited(exit)) => {
+                self.ended_stopping(reason, exit, ctx)
             }
             (S::Backoff { .. }, Event::BackoffElapsed) => {
                 self.state = S::Pending;
                 vec![Effect::Spawn]
             }
-            (
-                S::Pending,
-                Event::StopRequested(
-                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete,
-                ),
-            ) => {
+            // Nothing runs: removed at once (and nothing to fail a health check).
+            (S::Pending | S::Backoff { .. } | S::Exited, Event::StopRequested(reason))
+                if reason.removes() =>
+            {
                 self.state = S::Removing;
                 vec![Effect::Cleanup]
             }
-            (S::Backoff { .. } | S::Exited, Event::StopRequested(reason)) => match reason {
-                // Nothing runs: nothing to fail a health check.
-                StopReason::Unhealthy => vec![],
-                StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
-                    self.state = S::Removing;
-                    vec![Effect::Cleanup]
-                }
-            },
             (S::Removing, Event::CleanupDone) => {
                 self.state = S::Gone;
                 vec![Effect::Forget]
@@ -435,11 +414,56 @@ impl Instance {
             _ => vec![],
         }
     }
+
+    /// Wait before the next start: the delay grows with the failures in a row.
+    fn back_off(&mut self, ctx: &Ctx) {
+        let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
+        self.failures = self.failures.saturating_add(1);
+        self.state = State::Backoff {
+            until: ctx.now + delay,
+        };
+    }
+
+    /// A running instance ended on its own: restarted or kept down by its policy.
+    fn ended_running(&mut self, since: Instant, exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
+        self.pid = None;
+        if ctx.now.saturating_duration_since(since) >= BACKOFF_RESET_AFTER {
+            self.failures = 0;
+        }
+        let restart = should_restart(self.spec.restart.policy, &exit);
+        self.last_error = exit.setup_error.clone();
+        self.last_exit = Some(exit);
+        if restart {
+            self.restarts = self.restarts.saturating_add(1);
+            self.back_off(ctx);
+        } else {
+            self.state = State::Exited;
+        }
+        vec![Effect::KillAll]
+    }
+
+    /// An instance asked to stop ended: replaced after a health failure, else removed.
+    fn ended_stopping(&mut self, reason: StopReason, mut exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
+        self.pid = None;
+        self.last_error = exit.setup_error.clone();
+        if reason == StopReason::Unhealthy {
+            exit.class = ExitClass::HealthFailed;
+        }
+        self.last_exit = Some(exit);
+        if reason.removes() {
+            self.state = State::Removing;
+            return vec![Effect::Cleanup];
+        }
+        self.restarts = self.restarts.saturating_add(1);
+        self.back_off(ctx);
+        vec![Effect::KillAll]
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::ExitRecord;
 
     fn spec(policy: &str) -> Arc<ServiceSpec> {
         let text = format!(
@@ -547,7 +571,7 @@ mod tests {
                 },
                 Event::StopRequested(StopReason::ScaleDown),
                 "stopping",
-                vec![Effect::Signal],
+                vec![Effect::Signal(StopReason::ScaleDown)],
             ),
             (
                 "grace expiry kills",
@@ -696,60 +720,103 @@ mod tests {
         assert_eq!(backoff_delay(&zero, 5, 0.5), Duration::ZERO);
     }
 
+    fn end(record: Option<(Option<i32>, Option<i32>)>, status: ProcessStatus) -> ProcessEnd {
+        ProcessEnd {
+            exit: InitExit {
+                status,
+                record: record.map(|(code, signal)| ExitRecord {
+                    code,
+                    signal,
+                    ..ExitRecord::default()
+                }),
+                spawn_error: None,
+            },
+            oom_kills: 0,
+            killed_after_grace: false,
+        }
+    }
+
     #[test]
     fn classification() {
-        let o = |service_exit, init_status, oom_kills, killed_after_grace| Observed {
-            service_exit,
-            init_status,
-            oom_kills,
-            killed_after_grace,
-        };
+        use ExitClass::*;
+        use ProcessStatus::{Exited as Code, Signaled as Sig, Unknown};
+        let (none, kill) = (None, Some(libc::SIGKILL));
+        // The service's own end as its init recorded it, the init's status, OOM kills counted
+        // in the run, SIGKILL after the grace period: the class.
+        #[rustfmt::skip]
         let cases = [
-            (
-                o(Some((Some(3), None)), Some(Ok(3)), 0, false),
-                ExitClass::Exited(3),
-            ),
-            (
-                o(Some((None, Some(9))), Some(Ok(137)), 0, false),
-                ExitClass::Signaled(9),
-            ),
-            (
-                o(Some((None, Some(9))), Some(Ok(137)), 1, false),
-                ExitClass::OomKilled,
-            ),
+            (Some((Some(3), none)), Code(3), 0, false, Exited(3)),
+            (Some((none, kill)), Code(137), 0, false, Signaled(9)),
+            (Some((none, kill)), Code(137), 1, false, OomKilled),
             // A SIGKILL with no OOM counted is not an OOM kill.
-            (o(None, Some(Err(9)), 0, false), ExitClass::Signaled(9)),
+            (None, Sig(9), 0, false, Signaled(9)),
             // The init itself OOM-killed: no record, but the counter moved.
-            (o(None, Some(Err(9)), 2, false), ExitClass::OomKilled),
+            (None, Sig(9), 2, false, OomKilled),
             // An OOM kill of a helper process while the service exits normally.
-            (
-                o(Some((Some(1), None)), Some(Ok(1)), 1, false),
-                ExitClass::Exited(1),
-            ),
-            (o(None, Some(Err(9)), 1, true), ExitClass::StopTimeout),
-            (
-                o(Some((None, Some(15))), Some(Ok(143)), 0, false),
-                ExitClass::Signaled(15),
-            ),
-            (
-                o(Some((None, None)), Some(Ok(0)), 0, false),
-                ExitClass::Lost,
-            ),
+            (Some((Some(1), none)), Code(1), 1, false, Exited(1)),
+            (None, Sig(9), 1, true, StopTimeout),
+            (Some((none, Some(15))), Code(143), 0, false, Signaled(15)),
+            (Some((none, none)), Code(0), 0, false, Lost),
             // Adopted instances (not our child): the record tells, else the cgroup, else lost.
-            (
-                o(Some((Some(3), None)), None, 0, false),
-                ExitClass::Exited(3),
-            ),
-            (
-                o(Some((None, Some(9))), None, 1, false),
-                ExitClass::OomKilled,
-            ),
-            (o(None, None, 1, false), ExitClass::OomKilled),
-            (o(None, None, 0, false), ExitClass::Lost),
-            (o(None, None, 0, true), ExitClass::StopTimeout),
+            (Some((Some(3), none)), Unknown, 0, false, Exited(3)),
+            (Some((none, kill)), Unknown, 1, false, OomKilled),
+            (None, Unknown, 1, false, OomKilled),
+            (None, Unknown, 0, false, Lost),
+            (None, Unknown, 0, true, StopTimeout),
         ];
-        for (obs, want) in cases {
-            assert_eq!(classify(&obs), want, "{obs:?}");
+        for (record, status, oom_kills, killed_after_grace, want) in cases {
+            let e = ProcessEnd {
+                oom_kills,
+                killed_after_grace,
+                ..end(record, status)
+            };
+            assert_eq!(e.class(), want, "{e:?}");
+        }
+    }
+
+    /// What is said besides the class: why the command never ran (a failed spawn, then the
+    /// init's record), and why the end was not seen, for a lost end only.
+    #[test]
+    fn the_detail_of_an_end() {
+        let at = SystemTime::UNIX_EPOCH;
+        let why = || Some("left no record".to_string());
+        let mut failed = end(Some((Some(127), None)), ProcessStatus::Exited(127));
+        if let Some(r) = failed.exit.record.as_mut() {
+            r.setup_error = Some("exec: no such file".into());
+        }
+        assert_eq!(
+            failed.info(at, why()).setup_error.as_deref(),
+            Some("exec: no such file")
+        );
+        failed.exit.spawn_error = Some("joining the cgroup".into());
+        assert_eq!(
+            failed.info(at, why()).setup_error.as_deref(),
+            Some("joining the cgroup")
+        );
+        let lost = end(None, ProcessStatus::Unknown).info(at, why());
+        assert_eq!(
+            (lost.class, lost.setup_error.as_deref()),
+            (ExitClass::Lost, Some("left no record"))
+        );
+        let plain = end(None, ProcessStatus::Signaled(15)).info(at, why());
+        assert_eq!(
+            (plain.class, plain.setup_error),
+            (ExitClass::Signaled(15), None)
+        );
+    }
+
+    #[test]
+    fn code_and_signal_of_each_class() {
+        let kill = Some(libc::SIGKILL);
+        for (class, want) in [
+            (ExitClass::Exited(3), (Some(3), None)),
+            (ExitClass::Signaled(15), (None, Some(15))),
+            (ExitClass::OomKilled, (None, kill)),
+            (ExitClass::StopTimeout, (None, kill)),
+            (ExitClass::HealthFailed, (None, None)),
+            (ExitClass::Lost, (None, None)),
+        ] {
+            assert_eq!(class.code_and_signal(), want, "{class}");
         }
     }
 

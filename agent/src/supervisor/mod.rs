@@ -1,15 +1,18 @@
 //! The supervisor: keeps every service's desired instances running. One task owns all state
-//! ([`driver::Driver`]); the API talks to it through a [`SupervisorHandle`] with the
-//! operations of [`Operation`], and gets an [`Outcome`] or a [`SupervisorError`] back.
+//! ([`Driver`]); the API talks to it through a [`SupervisorHandle`], one typed method per
+//! operation, each answered with its own outcome or a [`SupervisorError`].
 //!
 //! Its logic is pure and tested on its own: [`instance`] (one slot's lifecycle as a transition
-//! table, exit classification, backoff) and [`reconcile`] (desired + observed -> events).
-//! It reaches the OS only through the `Runtime`, `CgroupBackend` and `Store` traits.
+//! table, how a run ended, backoff) and [`reconcile`] (desired + observed -> events); the
+//! rollout planner is [`crate::rollout`]. It reaches the OS only through the runtime's seams
+//! (`Processes`, `InstanceFiles`, `SocketBroker`), `CgroupBackend` and `Store`.
 //!
-//! Imports from the crate: `spec`, and the traits of `runtime`, `cgroups`, `store`.
+//! Imports from the crate: `spec`, `rollout`, `health`, `events`, and the traits of `runtime`,
+//! `cgroups`, `store`.
 
 pub mod desired;
-pub mod driver;
+mod driver;
+mod handle;
 pub mod instance;
 pub mod reconcile;
 #[cfg(test)]
@@ -19,59 +22,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot};
-
 use crate::cgroups::CgroupStats;
 use crate::rollout::record::Rollout;
-use crate::spec::{ServiceSpec, SpecError};
+use crate::spec::{InstanceKey, ServiceSpec, SpecError};
 
 pub use driver::{Deps, Driver};
+pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo};
-
-/// Everything the supervisor can be asked to do.
-#[derive(Debug)]
-pub enum Operation {
-    /// Create or update a service (`dry_run`: only say what would happen; `force`: supersede
-    /// a running rollout).
-    Apply {
-        spec: Box<ServiceSpec>,
-        dry_run: bool,
-        force: bool,
-    },
-    /// Replace every instance with a fresh one of the same spec, as a rollout.
-    Restart {
-        name: String,
-        force: bool,
-    },
-    /// Go back to a kept revision (the previous one when `None`), as a rollout.
-    Rollback {
-        name: String,
-        revision: Option<u64>,
-        force: bool,
-    },
-    GetRollout {
-        id: String,
-    },
-    /// Stop every instance of a service and remove it; answered once it is gone.
-    Delete {
-        name: String,
-    },
-    Get {
-        name: String,
-    },
-    List,
-    Scale {
-        name: String,
-        replicas: u32,
-    },
-    /// Send `signal` (a number) to the service process of one running instance.
-    Signal {
-        instance: String,
-        signal: i32,
-    },
-    /// Counts for the node report.
-    Summary,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyKind {
@@ -92,6 +49,7 @@ impl ApplyKind {
     }
 }
 
+/// What `Apply` did (or, as a dry run, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyOutcome {
     pub name: String,
@@ -101,6 +59,46 @@ pub struct ApplyOutcome {
     pub replaces_instances: bool,
     /// The rollout that replaces the instances, when one was started.
     pub rollout_id: Option<String>,
+}
+
+/// A rollout started by `Restart` or `Rollback`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutStarted {
+    pub name: String,
+    /// The revision the service now targets.
+    pub revision: u64,
+    pub rollout_id: String,
+}
+
+/// A service deleted: every instance stopped, its cgroups removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub name: String,
+    /// Instances that were running when the delete began.
+    pub stopped: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    pub name: String,
+    pub previous: u32,
+    pub replicas: u32,
+}
+
+/// A signal delivered to an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signaled {
+    pub instance: InstanceKey,
+    /// The process that got it (the service's main process when known, else its init).
+    pub pid: i32,
+}
+
+/// Counts for the node report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub services: u32,
+    /// Instances with live processes.
+    pub instances: u32,
 }
 
 /// One instance, as reported.
@@ -159,37 +157,6 @@ pub struct ServiceStatus {
     pub paused: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Applied(ApplyOutcome),
-    Deleted {
-        name: String,
-        stopped: u32,
-    },
-    Status(Box<ServiceStatus>),
-    List(Vec<ServiceStatus>),
-    Scaled {
-        name: String,
-        previous: u32,
-        replicas: u32,
-    },
-    Summary {
-        services: u32,
-        instances: u32,
-    },
-    Signaled {
-        instance: String,
-        pid: i32,
-    },
-    /// A rollout was started by `Restart` or `Rollback`.
-    RolloutStarted {
-        name: String,
-        revision: u64,
-        rollout_id: String,
-    },
-    Rollout(Box<Rollout>),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("{0}")]
@@ -222,30 +189,4 @@ pub enum SupervisorError {
     Storage(String),
     #[error("the agent is shutting down")]
     Unavailable,
-}
-
-pub(crate) type Reply = oneshot::Sender<Result<Outcome, SupervisorError>>;
-
-/// The API's way in: a cheap, cloneable sender of operations.
-#[derive(Debug, Clone)]
-pub struct SupervisorHandle {
-    tx: mpsc::Sender<(Operation, Reply)>,
-}
-
-impl SupervisorHandle {
-    pub async fn call(&self, op: Operation) -> Result<Outcome, SupervisorError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((op, tx))
-            .await
-            .map_err(|_| SupervisorError::Unavailable)?;
-        rx.await.map_err(|_| SupervisorError::Unavailable)?
-    }
-
-    /// Resolves to whether the supervisor answers a cheap question: a liveness check (the
-    /// systemd watchdog pings only after it passes).
-    pub fn answers(&self) -> impl Future<Output = bool> + Send + use<> {
-        let handle = self.clone();
-        async move { handle.call(Operation::Summary).await.is_ok() }
-    }
 }

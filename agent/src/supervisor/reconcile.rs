@@ -2,6 +2,7 @@
 //! events that move it toward its desired state. Pure and table-tested; the driver feeds the
 //! events to the instances' state machines and carries out what they return.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use tokio::time::Instant;
@@ -24,10 +25,10 @@ pub enum Action {
 /// - Otherwise the planner's `steps`: a new instance goes to the lowest free index; an old
 ///   one is stopped for `Retire`, an extra one for `ScaleDown` (each once).
 /// - Timers: a backoff that is due elapses; a stop whose grace (or kill retry) is due expires.
-pub fn reconcile(
+pub fn reconcile<I: Borrow<Instance>>(
     deleting: bool,
     steps: &[Step],
-    instances: &BTreeMap<u32, Instance>,
+    instances: &BTreeMap<u32, I>,
     now: Instant,
 ) -> Vec<Action> {
     let mut out = Vec::new();
@@ -37,7 +38,7 @@ pub fn reconcile(
     };
     if deleting {
         for (idx, i) in instances {
-            if !removing(i, &[StopReason::Delete]) {
+            if !removing(i.borrow(), &[StopReason::Delete]) {
                 out.push(Action::Event(
                     *idx,
                     Event::StopRequested(StopReason::Delete),
@@ -67,7 +68,7 @@ pub fn reconcile(
                 .any(|a| matches!(a, Action::Event(j, _) if *j == idx));
             if !already
                 && !removing(
-                    i,
+                    i.borrow(),
                     &[
                         StopReason::Retire,
                         StopReason::ScaleDown,
@@ -86,7 +87,7 @@ pub fn reconcile(
         if already {
             continue;
         }
-        match i.state {
+        match i.borrow().state {
             State::Backoff { until } if until <= now => {
                 out.push(Action::Event(*idx, Event::BackoffElapsed))
             }
@@ -158,8 +159,11 @@ pub fn slot(inst: &Instance, health: Health, target: (u64, u64), now: Instant) -
 }
 
 /// The earliest time one of the instances needs attention on its own.
-pub fn next_deadline(instances: &BTreeMap<u32, Instance>) -> Option<Instant> {
-    instances.values().filter_map(Instance::deadline).min()
+pub fn next_deadline<I: Borrow<Instance>>(instances: &BTreeMap<u32, I>) -> Option<Instant> {
+    instances
+        .values()
+        .filter_map(|i| i.borrow().deadline())
+        .min()
 }
 
 #[cfg(test)]

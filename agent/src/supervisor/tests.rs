@@ -98,25 +98,11 @@ impl Rig {
     }
 
     async fn apply(&self, text: &str) -> Result<ApplyOutcome, SupervisorError> {
-        match self
-            .handle
-            .call(Operation::Apply {
-                spec: spec(text),
-                dry_run: false,
-                force: false,
-            })
-            .await?
-        {
-            Outcome::Applied(a) => Ok(a),
-            o => panic!("unexpected {o:?}"),
-        }
+        self.handle.apply(*spec(text), false, false).await
     }
 
     async fn status(&self, name: &str) -> ServiceStatus {
-        match self.handle.call(Operation::Get { name: name.into() }).await {
-            Ok(Outcome::Status(s)) => *s,
-            other => panic!("unexpected {other:?}"),
-        }
+        self.handle.get(name).await.expect("status")
     }
 
     /// Init PIDs of the running instances, by index.
@@ -258,10 +244,7 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     settle().await;
     let e = r
         .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 3,
-        })
+        .scale("web", 3)
         .await
         .expect_err("three instances on one fixed port");
     assert!(matches!(e, SupervisorError::InvalidSpec(_)), "{e:?}");
@@ -270,17 +253,8 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     let s = r.status("web").await;
     assert_eq!((s.desired, s.spec.replicas, s.instances.len()), (1, 1, 1));
     // Scaling to zero or one stays possible.
-    match r
-        .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 0,
-        })
-        .await
-    {
-        Ok(Outcome::Scaled { replicas: 0, .. }) => {}
-        other => panic!("{other:?}"),
-    }
+    let scaled = r.handle.scale("web", 0).await.expect("scale to zero");
+    assert_eq!(scaled.replicas, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -295,21 +269,8 @@ async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
         .find(|(i, _)| *i == 2)
         .expect("web-2")
         .1;
-    match r
-        .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 2,
-        })
-        .await
-    {
-        Ok(Outcome::Scaled {
-            previous: 3,
-            replicas: 2,
-            ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
+    let scaled = r.handle.scale("web", 2).await.expect("scale");
+    assert_eq!((scaled.previous, scaled.replicas), (3, 2));
     settle().await;
     assert_eq!(r.rt.signals(), vec![(pid2, libc::SIGTERM)]);
     r.exit(
@@ -446,7 +407,7 @@ async fn delete_answers_once_everything_is_gone() {
     settle().await;
     let pids: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
     let h = r.handle.clone();
-    let del = tokio::spawn(async move { h.call(Operation::Delete { name: "web".into() }).await });
+    let del = tokio::spawn(async move { h.delete("web").await });
     settle().await;
     assert!(!del.is_finished(), "waits for the instances");
     assert_eq!(r.rt.signals().len(), 3);
@@ -465,20 +426,14 @@ async fn delete_answers_once_everything_is_gone() {
         );
     }
     settle().await;
-    match del.await.expect("join") {
-        Ok(Outcome::Deleted { stopped: 3, .. }) => {}
-        other => panic!("{other:?}"),
-    }
+    let deleted = del.await.expect("join").expect("deleted");
+    assert_eq!(deleted.stopped, 3);
     assert!(
         r.cg.paths().is_empty(),
         "no cgroup left: {:?}",
         r.cg.paths()
     );
-    let e = r
-        .handle
-        .call(Operation::Get { name: "web".into() })
-        .await
-        .expect_err("gone");
+    let e = r.handle.get("web").await.expect_err("gone");
     assert!(matches!(e, SupervisorError::NotFound { .. }));
 }
 
@@ -524,7 +479,7 @@ async fn a_failed_save_applies_nothing() {
     settle().await;
     assert!(r.rt.spawns().is_empty());
     assert!(matches!(
-        r.handle.call(Operation::Get { name: "web".into() }).await,
+        r.handle.get("web").await,
         Err(SupervisorError::NotFound { .. })
     ));
 }
@@ -769,28 +724,13 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
 // Rollouts.
 
 impl Rig {
-    async fn op(&self, op: Operation) -> Result<Outcome, SupervisorError> {
-        self.handle.call(op).await
-    }
-
     async fn restart(&self, name: &str, force: bool) -> Result<String, SupervisorError> {
-        match self
-            .op(Operation::Restart {
-                name: name.into(),
-                force,
-            })
-            .await?
-        {
-            Outcome::RolloutStarted { rollout_id, .. } => Ok(rollout_id),
-            o => panic!("unexpected {o:?}"),
-        }
+        let started = self.handle.restart(name, force).await?;
+        Ok(started.rollout_id)
     }
 
     async fn rollout(&self, id: &str) -> Rollout {
-        match self.op(Operation::GetRollout { id: id.into() }).await {
-            Ok(Outcome::Rollout(r)) => *r,
-            other => panic!("unexpected {other:?}"),
-        }
+        self.handle.get_rollout(id).await.expect("rollout")
     }
 
     /// Mark the running instances ready (`READY=1`), as a service with `notify` does.
@@ -948,25 +888,13 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
     let revs: Vec<u64> = s.instances.iter().map(|i| i.revision).collect();
     assert_eq!(revs.iter().filter(|r| **r == 1).count(), 3, "{revs:?}");
     // A rollback to revision 1 replaces the new instance and resumes.
-    let back = match r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: None,
-            force: false,
-        })
+    let back = r
+        .handle
+        .rollback("web", None, false)
         .await
-        .expect("rollback")
-    {
-        Outcome::RolloutStarted {
-            rollout_id,
-            revision,
-            ..
-        } => {
-            assert_eq!(revision, 1);
-            rollout_id
-        }
-        o => panic!("unexpected {o:?}"),
-    };
+        .expect("rollback");
+    assert_eq!(back.revision, 1);
+    let back = back.rollout_id;
     r.drive(&ALL, 10).await;
     assert_eq!(r.rollout(&back).await.state.as_str(), "succeeded");
     let s = r.status("web").await;
@@ -979,20 +907,14 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
     assert_eq!(s.instances.len(), 3);
     // Nothing earlier than revision 1 is kept.
     let err = r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: None,
-            force: false,
-        })
+        .handle
+        .rollback("web", None, false)
         .await
         .expect_err("nothing to roll back to");
     assert!(matches!(err, SupervisorError::Precondition(_)), "{err}");
     let err = r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: Some(9),
-            force: false,
-        })
+        .handle
+        .rollback("web", Some(9), false)
         .await
         .expect_err("not kept");
     assert_eq!(err.to_string(), "revision: 9 is not kept (kept: 1, 2)");
@@ -1090,12 +1012,7 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     r.drive(&ALL, 2).await;
     let id = r.restart("web", false).await.expect("restart");
     r.drive(&ALL, 1).await;
-    r.op(Operation::Scale {
-        name: "web".into(),
-        replicas: 5,
-    })
-    .await
-    .expect("scale");
+    r.handle.scale("web", 5).await.expect("scale");
     r.drive(&ALL, 20).await;
     let ro = r.rollout(&id).await;
     assert_eq!((ro.state.as_str(), ro.replicas), ("succeeded", 5));
