@@ -24,7 +24,8 @@ use std::time::SystemTime;
 
 use crate::cgroups::CgroupStats;
 use crate::rollout::record::Rollout;
-use crate::spec::{InstanceKey, ServiceSpec, SpecError};
+use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
+use crate::store::StoreError;
 
 pub use driver::{Deps, Driver};
 pub use handle::SupervisorHandle;
@@ -157,36 +158,84 @@ pub struct ServiceStatus {
     pub paused: bool,
 }
 
+/// Why the supervisor refused or could not do what it was asked. Each variant carries what
+/// the caller needs to act (the field, the value, the reason) and, where an OS call failed,
+/// that error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("{0}")]
     InvalidSpec(#[from] SpecError),
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
+    #[error("replicas: {replicas} is out of range (0 to {max})")]
+    ReplicasOutOfRange { replicas: u32, max: u32 },
+    #[error("revision: {revision} is the current revision (to replace its instances, restart)")]
+    CurrentRevision { revision: u64 },
+    #[error("revision: {revision} is not kept (kept: {})", list(kept))]
+    RevisionNotKept { revision: u64, kept: Vec<u64> },
     #[error("service {name:?} not found")]
     NotFound { name: String },
     #[error("rollout {id:?} not found (the last 10 of each service are kept)")]
     RolloutNotFound { id: String },
+    #[error("instance {instance:?} not found")]
+    InstanceNotFound { instance: String },
     #[error("service {name:?} has rollout {id} running ({progress})")]
     RolloutRunning {
         name: String,
         id: String,
         progress: String,
     },
-    /// The service is not in a state that allows it.
-    #[error("{0}")]
-    Precondition(String),
-    #[error("instance {instance:?} not found")]
-    InstanceNotFound { instance: String },
-    /// The host cannot enforce what the spec asks for.
-    #[error("{0}")]
-    Unenforceable(String),
+    #[error(
+        "service {name:?} has no kept revision below {revision} to roll back to (kept: {})",
+        list(kept)
+    )]
+    NothingToRollBackTo {
+        name: String,
+        revision: u64,
+        kept: Vec<u64>,
+    },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]
-    NotRunning { instance: String, state: String },
-    #[error("saving the desired state failed, nothing was applied: {0}")]
-    Storage(String),
+    NotRunning {
+        instance: String,
+        state: &'static str,
+    },
+    /// The host cannot enforce what the spec asks for, or lacks what it needs: one reason
+    /// per field, each naming it.
+    #[error("{}", reasons.join("; "))]
+    Unenforceable { reasons: Vec<String> },
+    #[error("sockets[{index}].listen: cannot listen on {listen}: {source}")]
+    Listen {
+        index: usize,
+        listen: ListenAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signal {signal} to {instance}: {source}")]
+    Signal {
+        instance: String,
+        signal: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("saving the desired state failed, nothing was applied: {source}")]
+    Storage {
+        #[source]
+        source: StoreError,
+    },
+    #[error("saving the desired state failed, nothing was applied: encoding it: {source}")]
+    Encoding {
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the agent is shutting down")]
     Unavailable,
+}
+
+/// `1, 2, 3`.
+fn list(numbers: &[u64]) -> String {
+    numbers
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -449,7 +449,7 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
         .await
         .expect_err("no memory controller");
     assert!(
-        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("resources.memory")),
+        matches!(&e, SupervisorError::Unenforceable { reasons } if reasons.iter().any(|r| r.starts_with("resources.memory"))),
         "{e}"
     );
     r.rt.refuse_command("/bin/missing");
@@ -458,7 +458,7 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
         .await
         .expect_err("preflight");
     assert!(
-        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("command[0]")),
+        matches!(&e, SupervisorError::Unenforceable { reasons } if reasons.iter().any(|r| r.contains("command[0]"))),
         "{e}"
     );
     settle().await;
@@ -475,7 +475,11 @@ async fn a_failed_save_applies_nothing() {
     store.fail_writes(true);
     let r = rig_with(RecordingCgroups::default(), store).await;
     let e = r.apply(WEB).await.expect_err("disk full");
-    assert!(matches!(e, SupervisorError::Storage(_)), "{e}");
+    assert!(matches!(e, SupervisorError::Storage { .. }), "{e}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the store's error is kept as the cause"
+    );
     settle().await;
     assert!(r.rt.spawns().is_empty());
     assert!(matches!(
@@ -911,7 +915,14 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
         .rollback("web", None, false)
         .await
         .expect_err("nothing to roll back to");
-    assert!(matches!(err, SupervisorError::Precondition(_)), "{err}");
+    assert!(
+        matches!(err, SupervisorError::NothingToRollBackTo { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "service \"web\" has no kept revision below 1 to roll back to (kept: 1, 2)"
+    );
     let err = r
         .handle
         .rollback("web", Some(9), false)

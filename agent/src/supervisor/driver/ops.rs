@@ -177,13 +177,12 @@ impl Driver {
         let svc = self.service_for_rollout(name)?;
         self.check_running(name, force)?;
         let rev = rollback_revision(name, &svc.d, revision)?;
-        let kept = kept_revisions(&svc.d);
         let spec = svc
             .d
             .spec_of(rev)
-            .ok_or_else(|| SupervisorError::InvalidArgument {
-                field: "revision".into(),
-                message: format!("{rev} is not kept (kept: {kept})"),
+            .ok_or_else(|| SupervisorError::RevisionNotKept {
+                revision: rev,
+                kept: svc.d.revisions(),
             })?;
         self.admission(&spec)?;
         let sockets = self.sockets_for(&spec)?;
@@ -239,9 +238,9 @@ impl Driver {
 
     pub(super) fn scale(&mut self, name: &str, replicas: u32) -> Result<Scaled, SupervisorError> {
         if replicas > spec::MAX_REPLICAS {
-            return Err(SupervisorError::InvalidArgument {
-                field: "replicas".into(),
-                message: format!("{replicas} is out of range (0 to {})", spec::MAX_REPLICAS),
+            return Err(SupervisorError::ReplicasOutOfRange {
+                replicas,
+                max: spec::MAX_REPLICAS,
             });
         }
         let svc = self.service_for_rollout(name)?;
@@ -280,7 +279,7 @@ impl Driver {
         };
         if !svc.deleting {
             if let Err(e) = self.deps.store.delete(SERVICES, name) {
-                return answer(reply, Err(SupervisorError::Storage(e.to_string())));
+                return answer(reply, Err(SupervisorError::Storage { source: e }));
             }
             svc.deleting = true;
             tracing::info!(service = %name, "deleting");
@@ -310,9 +309,9 @@ impl Driver {
         signal: i32,
     ) -> Result<Signaled, SupervisorError> {
         let instance = key.to_string();
-        let not_running = |state: &str| SupervisorError::NotRunning {
+        let not_running = |state: &'static str| SupervisorError::NotRunning {
             instance: instance.clone(),
-            state: state.to_string(),
+            state,
         };
         let slot = self
             .services
@@ -339,9 +338,14 @@ impl Driver {
             ),
             (false, None) => return Err(not_running("starting")),
         };
-        self.deps.processes.signal(&target, signal).map_err(|e| {
-            SupervisorError::Unenforceable(format!("signal {signal} to {instance}: {e}"))
-        })?;
+        self.deps
+            .processes
+            .signal(&target, signal)
+            .map_err(|source| SupervisorError::Signal {
+                instance: instance.clone(),
+                signal,
+                source,
+            })?;
         tracing::info!(instance, signal, pid, "signal sent");
         Ok(Signaled {
             instance: key.clone(),
@@ -369,7 +373,7 @@ impl Driver {
         if why.is_empty() {
             Ok(())
         } else {
-            Err(SupervisorError::Unenforceable(why.join("; ")))
+            Err(SupervisorError::Unenforceable { reasons: why })
         }
     }
 
@@ -394,31 +398,19 @@ impl Driver {
     }
 }
 
-/// `1, 2, 3`: the kept revisions, for messages.
-fn kept_revisions(d: &Desired) -> String {
-    d.revisions()
-        .iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The revision a rollback goes to: the one asked for (never the current one), else the
 /// highest kept one below the current one.
 fn rollback_revision(name: &str, d: &Desired, asked: Option<u64>) -> Result<u64, SupervisorError> {
     match asked {
-        Some(r) if r == d.revision => Err(SupervisorError::InvalidArgument {
-            field: "revision".into(),
-            message: format!("{r} is the current revision (to replace its instances, restart)"),
-        }),
+        Some(r) if r == d.revision => Err(SupervisorError::CurrentRevision { revision: r }),
         Some(r) => Ok(r),
-        None => d.previous_revision().ok_or_else(|| {
-            SupervisorError::Precondition(format!(
-                "service {name:?} has no kept revision below {} to roll back to (kept: {})",
-                d.revision,
-                kept_revisions(d)
-            ))
-        }),
+        None => d
+            .previous_revision()
+            .ok_or_else(|| SupervisorError::NothingToRollBackTo {
+                name: name.to_string(),
+                revision: d.revision,
+                kept: d.revisions(),
+            }),
     }
 }
 

@@ -99,11 +99,11 @@ impl Driver {
     /// Save a service's desired state; until it is saved, nothing of a change takes effect.
     pub(super) fn persist(&self, name: &str, d: &Desired) -> Result<(), SupervisorError> {
         let bytes = serde_json::to_vec_pretty(&d.to_record())
-            .map_err(|e| SupervisorError::Storage(e.to_string()))?;
+            .map_err(|source| SupervisorError::Encoding { source })?;
         self.deps
             .store
             .put(SERVICES, name, &bytes)
-            .map_err(|e| SupervisorError::Storage(e.to_string()))
+            .map_err(|source| SupervisorError::Storage { source })
     }
 
     /// Save what a later agent run needs to take this instance over.

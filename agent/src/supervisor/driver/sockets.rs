@@ -36,11 +36,10 @@ impl Driver {
                     .sockets
                     .bind_socket(&s.listen)
                     .map(|fd| (key, (s.listen.clone(), Arc::new(fd))))
-                    .map_err(|e| {
-                        SupervisorError::Unenforceable(format!(
-                            "sockets[{i}].listen: cannot listen on {}: {e}",
-                            s.listen
-                        ))
+                    .map_err(|source| SupervisorError::Listen {
+                        index: i,
+                        listen: s.listen.clone(),
+                        source,
                     })
             })
             .collect()
