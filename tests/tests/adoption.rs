@@ -558,39 +558,39 @@ async fn adopted_instances_are_probed_again() {
         ))
         .await
         .expect("apply");
-    let health = |want: &'static str| {
+    let health = |want: pb::HealthState| {
         let agent = &agent;
         async move {
             eventually(
-                &format!("probed-0 {want}"),
+                &format!("probed-0 {want:?}"),
                 Duration::from_secs(30),
                 || async {
                     let s = agent.get("probed").await.ok()?;
-                    (s.instances.first()?.health == want).then_some(())
+                    (s.instances.first()?.health() == want).then_some(())
                 },
             )
             .await
         }
     };
-    health("healthy").await;
+    health(pb::HealthState::Healthy).await;
     let before = agent.get("probed").await.expect("get").instances[0].pid;
     agent.stop_with(libc::SIGKILL);
     agent.launch().await;
-    let health = |want: &'static str| {
+    let health = |want: pb::HealthState| {
         let agent = &agent;
         async move {
             eventually(
-                &format!("probed-0 {want}"),
+                &format!("probed-0 {want:?}"),
                 Duration::from_secs(30),
                 || async {
                     let s = agent.get("probed").await.ok()?;
-                    (s.instances.first()?.health == want).then_some(())
+                    (s.instances.first()?.health() == want).then_some(())
                 },
             )
             .await
         }
     };
-    health("healthy").await;
+    health(pb::HealthState::Healthy).await;
     assert_eq!(
         agent.get("probed").await.expect("get").instances[0].pid,
         before,
@@ -598,7 +598,7 @@ async fn adopted_instances_are_probed_again() {
     );
     let out = agent.cli(&["signal", "probed-0", "USR1"]);
     assert!(out.status.success());
-    health("unhealthy").await;
+    health(pb::HealthState::Unhealthy).await;
     let s = agent.get("probed").await.expect("get");
     assert!(
         s.instances[0].health_reason.contains("refused"),

@@ -66,7 +66,7 @@ async fn a_watcher_that_reconnects_gets_exactly_what_it_missed() {
     for expected in last + 1..=last + 1000 {
         let e = w.message().await.expect("stream").expect("event");
         assert_eq!(e.index, expected, "exactly the missed events, in order");
-        assert_eq!(e.r#type, "applied");
+        assert_eq!(e.r#type(), pb::EventType::Applied);
     }
     last += 1000;
     // Then live ones.
@@ -125,10 +125,10 @@ async fn watch_filters_and_bad_indexes() {
     let mut types = Vec::new();
     while let Some(e) = w.message().await.expect("stream") {
         assert_eq!(e.service, "a");
-        types.push(e.r#type);
+        types.push(e.r#type());
     }
     assert!(
-        types.contains(&"applied".to_string()) && types.contains(&"instance_started".to_string()),
+        types.contains(&pb::EventType::Applied) && types.contains(&pb::EventType::InstanceStarted),
         "{types:?}"
     );
     let e = agent

@@ -380,7 +380,7 @@ impl Agent for AgentService {
         Ok(Response::new(pb::ApplyResponse {
             name: a.name,
             revision: a.revision,
-            outcome: a.kind.as_str().into(),
+            outcome: convert::apply_outcome_to_proto(a.kind) as i32,
             changes: a.changes,
             replaces_instances: a.replaces_instances,
             rollout_id: a.rollout_id.unwrap_or_default(),

@@ -36,7 +36,8 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 pub const KILL_RETRY: Duration = Duration::from_secs(1);
 
 /// Why an instance is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// A rollout replaces it with an instance of the new target: removed once stopped.
     Retire,
@@ -100,17 +101,49 @@ pub enum State {
     Gone,
 }
 
-impl State {
-    /// The state's name in status output.
-    pub fn name(&self) -> &'static str {
+/// Where an instance is in its lifecycle, without the state's data: what status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    Pending,
+    Running,
+    Stopping,
+    Backoff,
+    Exited,
+    Removing,
+    Gone,
+}
+
+impl Phase {
+    /// The phase's name in status output and logs.
+    pub fn as_str(self) -> &'static str {
         match self {
-            State::Pending => "pending",
-            State::Running { .. } => "running",
-            State::Stopping { .. } => "stopping",
-            State::Backoff { .. } => "backoff",
-            State::Exited => "exited",
-            State::Removing => "removing",
-            State::Gone => "gone",
+            Phase::Pending => "pending",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Backoff => "backoff",
+            Phase::Exited => "exited",
+            Phase::Removing => "removing",
+            Phase::Gone => "gone",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl State {
+    pub fn phase(&self) -> Phase {
+        match self {
+            State::Pending => Phase::Pending,
+            State::Running { .. } => Phase::Running,
+            State::Stopping { .. } => Phase::Stopping,
+            State::Backoff { .. } => Phase::Backoff,
+            State::Exited => Phase::Exited,
+            State::Removing => Phase::Removing,
+            State::Gone => Phase::Gone,
         }
     }
 
@@ -145,6 +178,32 @@ impl fmt::Display for ExitClass {
             ExitClass::HealthFailed => f.write_str("health_failed"),
             ExitClass::Lost => f.write_str("lost"),
         }
+    }
+}
+
+/// The text is not an exit class as [`ExitClass`]'s `Display` writes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an exit class (like \"exited(3)\", \"signaled(9)\", \"oom_killed\")")]
+pub struct NotAnExitClass(String);
+
+impl std::str::FromStr for ExitClass {
+    type Err = NotAnExitClass;
+
+    /// The text `Display` writes: `exited(3)`, `signaled(9)`, `oom_killed`, ...
+    fn from_str(s: &str) -> Result<ExitClass, NotAnExitClass> {
+        let number = |inner: &str| inner.strip_suffix(')')?.parse::<i32>().ok();
+        let class = match s {
+            "oom_killed" => Some(ExitClass::OomKilled),
+            "stop_timeout" => Some(ExitClass::StopTimeout),
+            "health_failed" => Some(ExitClass::HealthFailed),
+            "lost" => Some(ExitClass::Lost),
+            _ => match s.split_once('(') {
+                Some(("exited", n)) => number(n).map(ExitClass::Exited),
+                Some(("signaled", n)) => number(n).map(ExitClass::Signaled),
+                _ => None,
+            },
+        };
+        class.ok_or_else(|| NotAnExitClass(s.chars().take(40).collect()))
     }
 }
 
@@ -670,7 +729,7 @@ mod tests {
             let mut i = Instance::new(0, "web-0".into(), spec(policy), 1);
             setup(&mut i, t0);
             let effects = i.handle(event, &ctx(secs(1)));
-            assert_eq!(i.state.name(), want_state, "{name}");
+            assert_eq!(i.state.phase().as_str(), want_state, "{name}");
             assert_eq!(effects, want_effects, "{name}");
         }
     }

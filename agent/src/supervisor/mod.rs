@@ -23,32 +23,15 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::cgroups::CgroupStats;
+use crate::health::{HealthState, ServiceHealth};
 use crate::rollout::record::Rollout;
 use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
 use crate::store::StoreError;
 
+pub use desired::ApplyKind;
 pub use driver::{Deps, Driver};
 pub use handle::SupervisorHandle;
-pub use instance::{ExitClass, ExitInfo};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApplyKind {
-    Created,
-    Updated,
-    Scaled,
-    Unchanged,
-}
-
-impl ApplyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApplyKind::Created => "created",
-            ApplyKind::Updated => "updated",
-            ApplyKind::Scaled => "scaled",
-            ApplyKind::Unchanged => "unchanged",
-        }
-    }
-}
+pub use instance::{ExitClass, ExitInfo, Phase};
 
 /// What `Apply` did (or, as a dry run, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +93,7 @@ pub struct InstanceStatus {
     pub revision: u64,
     /// The rollout generation it was started in (see [`desired::Desired::epoch`]).
     pub epoch: u64,
-    /// running, stopping, backoff, exited, pending, removing
-    pub state: &'static str,
+    pub state: Phase,
     /// The last start attempt failed (the instance is in backoff because of it).
     pub start_failed: bool,
     pub pid: Option<i32>,
@@ -128,9 +110,9 @@ pub struct InstanceStatus {
     pub ports: BTreeMap<String, u16>,
     /// Output the instance's init could not write to its logs, this run.
     pub log_dropped: crate::runtime::LogStat,
-    /// `healthy`, `unhealthy` or `unknown` (not yet decided, or not running). A service
-    /// without `[health]`: healthy exactly while running.
-    pub health: &'static str,
+    /// Unknown while not yet decided, or not running. A service without `[health]`: healthy
+    /// exactly while running.
+    pub health: HealthState,
     /// Why, from the last probe (empty without probes).
     pub health_reason: String,
     /// The instance's last `STATUS=` over NOTIFY_SOCKET.
@@ -147,8 +129,8 @@ pub struct ServiceStatus {
     pub running: u32,
     pub healthy: u32,
     pub deleting: bool,
-    /// `healthy`, `degraded` or `unhealthy`, from its instances.
-    pub health: &'static str,
+    /// From its instances.
+    pub health: ServiceHealth,
     pub instances: Vec<InstanceStatus>,
     /// The running rollout, else the last one.
     pub rollout: Option<Rollout>,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::cgroups::recording::RecordingCgroups;
 use crate::cgroups::{CgroupPath, Control};
+use crate::rollout::record::Step;
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{ExitRecord, InitExit, ProcessStatus};
 use crate::spec::Namespace;
@@ -111,7 +112,7 @@ impl Rig {
             .await
             .instances
             .iter()
-            .filter(|i| i.state == "running")
+            .filter(|i| i.state == Phase::Running)
             .filter_map(|i| Some((i.index, i.init_pid?)))
             .collect()
     }
@@ -181,7 +182,7 @@ async fn crash_restarts_after_growing_backoff() {
     settle().await;
     let s = r.status("web").await;
     let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
     assert_eq!(
         i.last_exit.as_ref().map(|e| e.class),
         Some(ExitClass::Exited(1))
@@ -325,10 +326,10 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
     let i = &s.instances[0];
     assert_eq!(
         (i.id.as_str(), i.state, i.revision),
-        ("web-1", "running", 2),
+        ("web-1", Phase::Running, 2),
         "replaced by the new revision"
     );
-    let ended: Vec<String> = r
+    let ended: Vec<ExitClass> = r
         .events()
         .await
         .into_iter()
@@ -338,7 +339,7 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
             _ => None,
         })
         .collect();
-    assert_eq!(ended, vec!["stop_timeout".to_string()]);
+    assert_eq!(ended, vec![ExitClass::StopTimeout]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -383,7 +384,7 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 2 && i.state == "running")
+            .all(|i| i.revision == 2 && i.state == Phase::Running)
     );
     let spawned = r.rt.spawns();
     assert!(spawned[3..].iter().all(|sp| sp.command == ["/bin/app2"]));
@@ -498,7 +499,7 @@ async fn spawn_failures_back_off_and_are_reported() {
     settle().await;
     let s = r.status("web").await;
     let i = &s.instances[0];
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
     assert!(i.start_failed);
     assert!(
         i.last_error
@@ -626,7 +627,7 @@ async fn a_restarted_agent_adopts_running_instances() {
         i.last_exit.as_ref().map(|e| e.class),
         Some(ExitClass::Exited(2))
     );
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
 }
 
 #[tokio::test(start_paused = true)]
@@ -708,7 +709,7 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
     assert!(
         s.instances
             .iter()
-            .all(|i| i.restarts == 1 && i.state == "backoff"),
+            .all(|i| i.restarts == 1 && i.state == Phase::Backoff),
         "each handled by its policy"
     );
     assert!(
@@ -906,7 +907,7 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 1 && i.state == "running")
+            .all(|i| i.revision == 1 && i.state == Phase::Running)
     );
     assert_eq!(s.instances.len(), 3);
     // Nothing earlier than revision 1 is kept.
@@ -960,13 +961,13 @@ async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
     second.drive(&ALL, 20).await;
     let done = second.rollout(&id).await;
     assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
-    assert!(done.steps.iter().any(|s| s.step == "resumed"));
+    assert!(done.steps.iter().any(|s| s.step == Step::Resumed));
     let s = second.status("web").await;
     assert_eq!(s.instances.len(), 3, "{:?}", s.instances);
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 2 && i.state == "running")
+            .all(|i| i.revision == 2 && i.state == Phase::Running)
     );
     let mut live = rt.running();
     live.sort_unstable();
@@ -1029,5 +1030,5 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     assert_eq!((ro.state.as_str(), ro.replicas), ("succeeded", 5));
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 5);
-    assert!(s.instances.iter().all(|i| i.state == "running"));
+    assert!(s.instances.iter().all(|i| i.state == Phase::Running));
 }

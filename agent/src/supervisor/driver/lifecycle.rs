@@ -33,7 +33,7 @@ struct Transition {
 impl Transition {
     /// The state changed (not only its data: a stop reason, a deadline).
     fn changed(&self) -> bool {
-        self.before.name() != self.after.name()
+        self.before.phase() != self.after.phase()
     }
 }
 
@@ -53,7 +53,7 @@ fn transition_events(t: &Transition, event: &Event, now: Instant) -> Vec<EventKi
         (Event::Exited(exit), _) if t.changed() => {
             let (code, signal) = exit.class.code_and_signal();
             out.push(EventKind::InstanceExited {
-                end: exit.class.to_string(),
+                end: exit.class,
                 code,
                 signal,
                 detail: exit.setup_error.clone(),
@@ -124,7 +124,7 @@ impl Driver {
             }
             State::Exited => tracing::info!(instance = %t.id, "not restarted (restart policy)"),
             _ => {
-                tracing::debug!(instance = %t.id, from = t.before.name(), to = t.after.name(), "state")
+                tracing::debug!(instance = %t.id, from = %t.before.phase(), to = %t.after.phase(), "state")
             }
         }
     }
@@ -212,7 +212,7 @@ impl Driver {
             &key.service,
             Some(&inst.id),
             EventKind::Stopping {
-                reason: reason.as_str().to_string(),
+                reason,
                 signal: stop.signal_name.clone(),
             },
         );

@@ -66,7 +66,7 @@ impl Driver {
             None,
             EventKind::Applied {
                 revision: outcome.revision,
-                outcome: outcome.kind.as_str().to_string(),
+                outcome: outcome.kind,
                 changes: outcome.changes.clone(),
             },
         );
@@ -288,7 +288,7 @@ impl Driver {
             if let Some(rollout) = svc.d.finish_running(RolloutState::Cancelled, reason, now) {
                 let event = EventKind::RolloutFinished {
                     rollout,
-                    state: "cancelled".into(),
+                    state: RolloutState::Cancelled,
                     reason: reason.into(),
                     rollback: None,
                 };
@@ -321,7 +321,7 @@ impl Driver {
             })?;
         let live = match (slot.instance.state, slot.live.as_ref()) {
             (State::Running { .. }, Some(l)) => l,
-            (state, _) => return Err(not_running(state.name())),
+            (state, _) => return Err(not_running(state.phase().as_str())),
         };
         let main = live
             .main_pid

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use super::slots::{Live, Service, Slot};
 use super::{Deps, Driver, cgroup_of};
 use crate::cgroups::CgroupStats;
-use crate::health::ServiceHealth;
+use crate::health::{HealthState, ServiceHealth};
 use crate::runtime::LogStat;
 use crate::spec::InstanceKey;
-use crate::supervisor::instance::State;
+use crate::supervisor::instance::{Phase, State};
 use crate::supervisor::{InstanceStatus, ServiceStatus, Summary, SupervisorError};
 
 /// The shortest span a CPU rate is computed over.
@@ -107,8 +107,14 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         .values_mut()
         .map(|slot| instance_status(deps, name, slot, fresh, (now, wall)))
         .collect();
-    let running = instances.iter().filter(|i| i.state == "running").count() as u32;
-    let healthy = instances.iter().filter(|i| i.health == "healthy").count() as u32;
+    let running = instances
+        .iter()
+        .filter(|i| i.state == Phase::Running)
+        .count() as u32;
+    let healthy = instances
+        .iter()
+        .filter(|i| i.health == HealthState::Healthy)
+        .count() as u32;
     ServiceStatus {
         name: name.to_string(),
         revision: svc.d.revision,
@@ -117,7 +123,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         running,
         healthy,
         deleting: svc.deleting,
-        health: svc.health().as_str(),
+        health: svc.health(),
         instances,
         rollout: svc.d.rollout.clone(),
         revisions: svc.d.revisions(),
@@ -142,7 +148,7 @@ fn instance_status(
     fresh: bool,
     (now, wall): (Instant, SystemTime),
 ) -> InstanceStatus {
-    let health = slot.health().as_str();
+    let health = slot.health();
     let health_reason = slot
         .tracker()
         .map(|t| t.last_reason().to_string())
@@ -159,7 +165,7 @@ fn instance_status(
         index: i.index,
         revision: i.revision,
         epoch: i.epoch,
-        state: i.state.name(),
+        state: i.state.phase(),
         start_failed: matches!(i.state, State::Backoff { .. }) && i.last_error.is_some(),
         pid: live.pid,
         init_pid: live.init_pid,

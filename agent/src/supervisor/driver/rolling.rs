@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::Driver;
 use super::slots::Service;
 use crate::events::EventKind;
-use crate::rollout::record::{Rollout, State as RolloutState};
+use crate::rollout::record::{Rollout, State as RolloutState, Step};
 use crate::rollout::{self, Plan, Policy, Progress};
 use crate::spec::{self, InstanceKey};
 use crate::supervisor::instance::{Event, Instance, State, StopReason};
@@ -164,7 +164,7 @@ impl Driver {
         if in_rollout {
             let rev = self.services.get(name).map_or(0, |s| s.d.revision);
             let message = format!("new instance {id} (revision {rev})");
-            self.rollout_step(name, "started", &id, message);
+            self.rollout_step(name, Step::Started, &id, message);
         }
     }
 
@@ -180,7 +180,12 @@ impl Driver {
         };
         if r.stopping_ids.insert(id.clone()) {
             r.replaced += 1;
-            self.rollout_step(&key.service, "stopping", &id, format!("old instance {id}"));
+            self.rollout_step(
+                &key.service,
+                Step::Stopping,
+                &id,
+                format!("old instance {id}"),
+            );
         }
     }
 
@@ -192,7 +197,12 @@ impl Driver {
             .and_then(|s| s.d.running_mut())
             .is_some_and(|r| r.stopping_ids.remove(id));
         if removed {
-            self.rollout_step(name, "stopped", id, format!("old instance {id} is gone"));
+            self.rollout_step(
+                name,
+                Step::Stopped,
+                id,
+                format!("old instance {id} is gone"),
+            );
         }
     }
 
@@ -216,7 +226,7 @@ impl Driver {
                 r.ready_ids.insert(id.clone());
             }
             let message = format!("new instance {id} healthy for {min_healthy}");
-            self.rollout_step(name, "ready", &id, message);
+            self.rollout_step(name, Step::Ready, &id, message);
         }
     }
 
@@ -232,14 +242,14 @@ impl Driver {
     }
 
     /// Record a step of the running rollout, with the counts right after it, and report it.
-    fn rollout_step(&mut self, name: &str, step: &str, instance: &str, message: String) {
+    fn rollout_step(&mut self, name: &str, step: Step, instance: &str, message: String) {
         let Some((progress, r)) = self.update_running(name) else {
             return;
         };
         r.step(SystemTime::now(), step, instance, message.clone());
         let event = EventKind::RolloutStep {
             rollout: r.id.clone(),
-            step: step.to_string(),
+            step,
             message,
             replaced: r.replaced,
             to_replace: r.to_replace,
@@ -248,7 +258,7 @@ impl Driver {
             old: progress.old,
             available: progress.available,
         };
-        tracing::info!(service = %name, rollout = %r.id, step, instance, progress = %r.progress_line(), "rollout step");
+        tracing::info!(service = %name, rollout = %r.id, step = step.as_str(), instance, progress = %r.progress_line(), "rollout step");
         let inst = (!instance.is_empty()).then_some(instance);
         self.emit(name, inst, event);
     }
@@ -265,7 +275,7 @@ impl Driver {
         tracing::info!(service = %name, rollout = %id, elapsed_ms = elapsed.as_millis() as u64, "rollout succeeded");
         let event = EventKind::RolloutFinished {
             rollout: id,
-            state: "succeeded".into(),
+            state: RolloutState::Succeeded,
             reason: String::new(),
             rollback: None,
         };
@@ -297,7 +307,7 @@ impl Driver {
         tracing::warn!(service = %name, rollout = %failed, instance = %id, reason = %why, "rollout failed");
         let event = EventKind::RolloutFinished {
             rollout: failed,
-            state: "failed".into(),
+            state: RolloutState::Failed,
             reason: why,
             rollback: rollback.as_ref().map(|(id, _)| id.clone()),
         };
@@ -331,7 +341,7 @@ impl Driver {
                 .unwrap_or_default();
             let event = EventKind::RolloutFinished {
                 rollout: old,
-                state: "superseded".into(),
+                state: RolloutState::Superseded,
                 reason,
                 rollback: None,
             };
@@ -343,7 +353,7 @@ impl Driver {
         tracing::info!(service = %name, rollout = %r.id, kind = r.kind.as_str(), from = r.from_revision, to = r.to_revision, to_replace = r.to_replace, "rollout started");
         let event = EventKind::RolloutStarted {
             rollout: r.id.clone(),
-            kind: r.kind.as_str().to_string(),
+            kind: r.kind,
             from_revision: r.from_revision,
             to_revision: r.to_revision,
             to_replace: r.to_replace,
@@ -386,7 +396,7 @@ impl Driver {
             .collect();
         for name in names {
             let message = "the agent started again; the rollout goes on".to_string();
-            self.rollout_step(&name, "resumed", "", message);
+            self.rollout_step(&name, Step::Resumed, "", message);
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::report::CpuRate;
 use super::slots::{AbortOnDrop, Live, LiveHealth, Service};
 use super::{Driver, Internal, cgroup_of};
-use crate::events::EventKind;
+use crate::events::{EventKind, ReadyVia};
 use crate::health::{self, Change, HealthState, ProbeHandle, ProbeReport, Prober, Target, Tracker};
 use crate::runtime::{ExecRequest, InitExit, ProcessRef, Spawned};
 use crate::spec::{HealthSpec, InstanceKey};
@@ -234,7 +234,7 @@ impl Driver {
             .observe(outcome.healthy, &outcome.reason, report.at);
         let unhealthy = h.tracker.state() == HealthState::Unhealthy;
         if let Some(change) = change {
-            self.report_health_change(key, change, Some("probe"));
+            self.report_health_change(key, change, Some(ReadyVia::Probe));
         }
         if unhealthy && replace {
             if may_restart {
@@ -260,7 +260,7 @@ impl Driver {
         let change = h.tracker.ready_by_notify(Instant::now());
         tracing::info!(instance = %key, "READY=1");
         let id = key.to_string();
-        let via = "notify".into();
+        let via = ReadyVia::Notify;
         self.emit(&key.service, Some(&id), EventKind::Ready { via });
         if let Some(change) = change {
             self.report_health_change(key, change, None);
@@ -269,19 +269,14 @@ impl Driver {
 
     /// A change of an instance's health, in the log and the event log; its first passing
     /// probe (`ready_via`) also makes it ready.
-    fn report_health_change(&self, key: &InstanceKey, change: Change, ready_via: Option<&str>) {
-        let (from, to) = (change.from.as_str(), change.to.as_str());
-        tracing::info!(instance = %key, from, to, reason = %change.reason, "health changed");
-        let first_ready = change.from == HealthState::Unknown && change.to == HealthState::Healthy;
+    fn report_health_change(&self, key: &InstanceKey, change: Change, ready_via: Option<ReadyVia>) {
+        let Change { from, to, reason } = change;
+        tracing::info!(instance = %key, %from, %to, %reason, "health changed");
         let id = key.to_string();
-        let event = EventKind::HealthChanged {
-            from: from.to_string(),
-            to: to.to_string(),
-            reason: change.reason,
-        };
+        let event = EventKind::HealthChanged { from, to, reason };
         self.emit(&key.service, Some(&id), event);
+        let first_ready = from == HealthState::Unknown && to == HealthState::Healthy;
         if let (true, Some(via)) = (first_ready, ready_via) {
-            let via = via.to_string();
             self.emit(&key.service, Some(&id), EventKind::Ready { via });
         }
     }
