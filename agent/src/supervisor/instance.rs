@@ -350,6 +350,21 @@ pub struct Ctx {
     pub jitter: f64,
 }
 
+/// What an instance's runs so far add up to: kept across its restarts, saved for a later
+/// agent run, and reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct History {
+    /// Restarts by the restart policy (not replacements by updates).
+    pub restarts: u32,
+    /// Consecutive failed runs, for the backoff; reset after a run of 60 s.
+    pub failures: u32,
+    pub last_exit: Option<ExitInfo>,
+    /// Why the last start failed, or why the last run never ran its command.
+    pub last_error: Option<String>,
+    /// When the current (or the last) run started.
+    pub started_at: Option<SystemTime>,
+}
+
 /// One slot of a service: index, identity, what it runs and where it is in its lifecycle.
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -363,14 +378,8 @@ pub struct Instance {
     /// instance of the same revision with ones of a new epoch.
     pub epoch: u64,
     pub state: State,
-    /// Restarts by the restart policy (not replacements by updates).
-    pub restarts: u32,
-    /// Consecutive failed runs, for the backoff; reset after a run of 60 s.
-    pub failures: u32,
-    pub last_exit: Option<ExitInfo>,
-    pub last_error: Option<String>,
+    pub history: History,
     pub pid: Option<i32>,
-    pub started_at: Option<SystemTime>,
     /// Increases with every spawn, so an exit of an earlier run is recognised.
     pub generation: u64,
 }
@@ -384,12 +393,8 @@ impl Instance {
             revision,
             epoch: 0,
             state: State::Pending,
-            restarts: 0,
-            failures: 0,
-            last_exit: None,
-            last_error: None,
+            history: History::default(),
             pid: None,
-            started_at: None,
             generation: 0,
         }
     }
@@ -416,12 +421,12 @@ impl Instance {
             (S::Pending, Event::Started { pid }) => {
                 self.state = S::Running { since: ctx.now };
                 self.pid = Some(pid);
-                self.started_at = Some(ctx.wall);
-                self.last_error = None;
+                self.history.started_at = Some(ctx.wall);
+                self.history.last_error = None;
                 vec![]
             }
             (S::Pending, Event::StartFailed { error }) => {
-                self.last_error = Some(error);
+                self.history.last_error = Some(error);
                 self.back_off(ctx);
                 vec![]
             }
@@ -476,8 +481,8 @@ impl Instance {
 
     /// Wait before the next start: the delay grows with the failures in a row.
     fn back_off(&mut self, ctx: &Ctx) {
-        let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-        self.failures = self.failures.saturating_add(1);
+        let delay = backoff_delay(&self.spec.restart, self.history.failures, ctx.jitter);
+        self.history.failures = self.history.failures.saturating_add(1);
         self.state = State::Backoff {
             until: ctx.now + delay,
         };
@@ -487,13 +492,13 @@ impl Instance {
     fn ended_running(&mut self, since: Instant, exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
         self.pid = None;
         if ctx.now.saturating_duration_since(since) >= BACKOFF_RESET_AFTER {
-            self.failures = 0;
+            self.history.failures = 0;
         }
         let restart = should_restart(self.spec.restart.policy, &exit);
-        self.last_error = exit.setup_error.clone();
-        self.last_exit = Some(exit);
+        self.history.last_error = exit.setup_error.clone();
+        self.history.last_exit = Some(exit);
         if restart {
-            self.restarts = self.restarts.saturating_add(1);
+            self.history.restarts = self.history.restarts.saturating_add(1);
             self.back_off(ctx);
         } else {
             self.state = State::Exited;
@@ -504,16 +509,16 @@ impl Instance {
     /// An instance asked to stop ended: replaced after a health failure, else removed.
     fn ended_stopping(&mut self, reason: StopReason, mut exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
         self.pid = None;
-        self.last_error = exit.setup_error.clone();
+        self.history.last_error = exit.setup_error.clone();
         if reason == StopReason::Unhealthy {
             exit.class = ExitClass::HealthFailed;
         }
-        self.last_exit = Some(exit);
+        self.history.last_exit = Some(exit);
         if reason.removes() {
             self.state = State::Removing;
             return vec![Effect::Cleanup];
         }
-        self.restarts = self.restarts.saturating_add(1);
+        self.history.restarts = self.history.restarts.saturating_add(1);
         self.back_off(ctx);
         vec![Effect::KillAll]
     }
@@ -553,183 +558,43 @@ mod tests {
         i
     }
 
+    /// Every row of the table above, and stale events that change nothing: the events that
+    /// bring a fresh slot to its state first, then the event under test.
     #[test]
     fn transition_table() {
-        let t0 = Instant::now();
-        let secs = |s| t0 + Duration::from_secs(s);
-        type Case = (
-            &'static str,
-            &'static str,
-            fn(&mut Instance, Instant),
-            Event,
-            &'static str,
-            Vec<Effect>,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "start ok",
-                "always",
-                |_, _| {},
-                Event::Started { pid: 1 },
-                "running",
-                vec![],
-            ),
-            (
-                "start failed",
-                "always",
-                |_, _| {},
-                Event::StartFailed { error: "x".into() },
-                "backoff",
-                vec![],
-            ),
-            (
-                "crash restarts",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(1))),
-                "backoff",
-                vec![Effect::KillAll],
-            ),
-            (
-                "on-failure keeps a success down",
-                "on-failure",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "exited",
-                vec![Effect::KillAll],
-            ),
-            (
-                "on-failure restarts an oom kill",
-                "on-failure",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::OomKilled)),
-                "backoff",
-                vec![Effect::KillAll],
-            ),
-            (
-                "never keeps a crash down",
-                "never",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Signaled(9))),
-                "exited",
-                vec![Effect::KillAll],
-            ),
-            (
-                "stop signals",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::StopRequested(StopReason::ScaleDown),
-                "stopping",
-                vec![Effect::Signal(StopReason::ScaleDown)],
-            ),
-            (
-                "grace expiry kills",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::Delete), &ctx(t));
-                },
-                Event::GraceExpired,
-                "stopping",
-                vec![Effect::KillAll],
-            ),
-            (
-                "stopped for scale-down is removed",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::ScaleDown), &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "stopped for a rollout is removed",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::Retire), &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "backoff elapses",
-                "always",
-                |i, t| {
-                    i.handle(Event::StartFailed { error: "x".into() }, &ctx(t));
-                },
-                Event::BackoffElapsed,
-                "pending",
-                vec![Effect::Spawn],
-            ),
-            (
-                "backoff slot deleted",
-                "always",
-                |i, t| {
-                    i.handle(Event::StartFailed { error: "x".into() }, &ctx(t));
-                },
-                Event::StopRequested(StopReason::Delete),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "exited slot retired",
-                "never",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::Exited(exit(ExitClass::Exited(0))), &ctx(t));
-                },
-                Event::StopRequested(StopReason::Retire),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "cleanup done",
-                "always",
-                |i, t| {
-                    i.handle(Event::StopRequested(StopReason::Delete), &ctx(t));
-                },
-                Event::CleanupDone,
-                "gone",
-                vec![Effect::Forget],
-            ),
-            (
-                "stale exit while pending is ignored",
-                "always",
-                |_, _| {},
-                Event::Exited(exit(ExitClass::Exited(1))),
-                "pending",
-                vec![],
-            ),
-            (
-                "stale grace expiry while running is ignored",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::GraceExpired,
-                "running",
-                vec![],
-            ),
+        use Effect::{Cleanup, Forget, KillAll, Signal, Spawn};
+        use StopReason::{Delete, Retire, ScaleDown};
+        let up = || Event::Started { pid: 1 };
+        let failed = || Event::StartFailed { error: "x".into() };
+        let ended = |class| Event::Exited(exit(class));
+        let stop = Event::StopRequested;
+        #[rustfmt::skip]
+        let cases = [
+            ("start ok", "always", vec![], up(), Phase::Running, vec![]),
+            ("start failed", "always", vec![], failed(), Phase::Backoff, vec![]),
+            ("crash restarts", "always", vec![up()], ended(ExitClass::Exited(1)), Phase::Backoff, vec![KillAll]),
+            ("on-failure keeps a success down", "on-failure", vec![up()], ended(ExitClass::Exited(0)), Phase::Exited, vec![KillAll]),
+            ("on-failure restarts an oom kill", "on-failure", vec![up()], ended(ExitClass::OomKilled), Phase::Backoff, vec![KillAll]),
+            ("never keeps a crash down", "never", vec![up()], ended(ExitClass::Signaled(9)), Phase::Exited, vec![KillAll]),
+            ("stop signals", "always", vec![up()], stop(ScaleDown), Phase::Stopping, vec![Signal(ScaleDown)]),
+            ("grace expiry kills", "always", vec![up(), stop(Delete)], Event::GraceExpired, Phase::Stopping, vec![KillAll]),
+            ("stopped for scale-down is removed", "always", vec![up(), stop(ScaleDown)], ended(ExitClass::Exited(0)), Phase::Removing, vec![Cleanup]),
+            ("stopped for a rollout is removed", "always", vec![up(), stop(Retire)], ended(ExitClass::Exited(0)), Phase::Removing, vec![Cleanup]),
+            ("backoff elapses", "always", vec![failed()], Event::BackoffElapsed, Phase::Pending, vec![Spawn]),
+            ("backoff slot deleted", "always", vec![failed()], stop(Delete), Phase::Removing, vec![Cleanup]),
+            ("exited slot retired", "never", vec![up(), ended(ExitClass::Exited(0))], stop(Retire), Phase::Removing, vec![Cleanup]),
+            ("cleanup done", "always", vec![stop(Delete)], Event::CleanupDone, Phase::Gone, vec![Forget]),
+            ("stale exit while pending is ignored", "always", vec![], ended(ExitClass::Exited(1)), Phase::Pending, vec![]),
+            ("stale grace expiry while running is ignored", "always", vec![up()], Event::GraceExpired, Phase::Running, vec![]),
         ];
-        for (name, policy, setup, event, want_state, want_effects) in cases {
+        let t0 = Instant::now();
+        for (name, policy, before, event, want_phase, want_effects) in cases {
             let mut i = Instance::new(0, "web-0".into(), spec(policy), 1);
-            setup(&mut i, t0);
-            let effects = i.handle(event, &ctx(secs(1)));
-            assert_eq!(i.state.phase().as_str(), want_state, "{name}");
+            for e in before {
+                i.handle(e, &ctx(t0));
+            }
+            let effects = i.handle(event, &ctx(t0 + Duration::from_secs(1)));
+            assert_eq!(i.state.phase(), want_phase, "{name}");
             assert_eq!(effects, want_effects, "{name}");
         }
     }
@@ -753,7 +618,7 @@ mod tests {
         }
         let secs: Vec<u64> = delays.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, vec![1, 2, 4, 8, 8, 8]);
-        assert_eq!(i.restarts, 6);
+        assert_eq!(i.history.restarts, 6);
         // A run of more than 60 s resets the backoff.
         t += Duration::from_secs(61);
         i.handle(Event::Exited(exit(ExitClass::Exited(1))), &ctx(t));

@@ -66,6 +66,37 @@ async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<
     }
 }
 
+/// A rig's fakes for the OS: a driver started again on them is the agent started again.
+struct Fakes {
+    rt: Arc<FakeRuntime>,
+    cg: Arc<RecordingCgroups>,
+    store: Arc<MemStore>,
+}
+
+impl Fakes {
+    async fn start(&self) -> Rig {
+        rig_shared(self.rt.clone(), self.cg.clone(), self.store.clone()).await
+    }
+}
+
+impl Rig {
+    fn fakes(&self) -> Fakes {
+        Fakes {
+            rt: self.rt.clone(),
+            cg: self.cg.clone(),
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// A rig running [`WEB`]'s three instances.
+async fn web() -> Rig {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    r
+}
+
 async fn rig() -> Rig {
     rig_with(RecordingCgroups::default(), Arc::new(MemStore::new())).await
 }
@@ -106,6 +137,21 @@ impl Rig {
         self.handle.get(name).await.expect("status")
     }
 
+    /// Init PIDs of the running instances, in index order.
+    async fn pids(&self, name: &str) -> Vec<i32> {
+        self.running(name)
+            .await
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Each instance's restarts, by index.
+    async fn restarts(&self, name: &str) -> Vec<u32> {
+        let s = self.status(name).await;
+        s.instances.iter().map(|i| i.restarts).collect()
+    }
+
     /// Init PIDs of the running instances, by index.
     async fn running(&self, name: &str) -> Vec<(u32, i32)> {
         self.status(name)
@@ -130,6 +176,21 @@ impl Rig {
             "pid {pid} was running"
         );
     }
+}
+
+impl Rig {
+    /// The service of init `pid` exited with `code`, and so did its init.
+    fn exited(&self, pid: i32, code: i32) {
+        self.exit(pid, ProcessStatus::Exited(code), exited(code));
+    }
+}
+
+/// The init's record of a service that exited with `code`.
+fn exited(code: i32) -> Option<ExitRecord> {
+    Some(ExitRecord {
+        code: Some(code),
+        ..ExitRecord::default()
+    })
 }
 
 fn killed(sig: i32) -> Option<ExitRecord> {
@@ -166,19 +227,10 @@ async fn apply_starts_replicas_with_limits_and_persists() {
 
 #[tokio::test(start_paused = true)]
 async fn crash_restarts_after_growing_backoff() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
+    let r = web().await;
     let (idx, pid) = r.running("web").await[0];
     let start = tokio::time::Instant::now();
-    r.exit(
-        pid,
-        ProcessStatus::Exited(1),
-        Some(ExitRecord {
-            code: Some(1),
-            ..Default::default()
-        }),
-    );
+    r.exited(pid, 1);
     settle().await;
     let s = r.status("web").await;
     let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
@@ -260,9 +312,7 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
 
 #[tokio::test(start_paused = true)]
 async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
+    let r = web().await;
     let pid2 = r
         .running("web")
         .await
@@ -274,14 +324,7 @@ async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
     assert_eq!((scaled.previous, scaled.replicas), (3, 2));
     settle().await;
     assert_eq!(r.rt.signals(), vec![(pid2, libc::SIGTERM)]);
-    r.exit(
-        pid2,
-        ProcessStatus::Exited(0),
-        Some(ExitRecord {
-            code: Some(0),
-            ..Default::default()
-        }),
-    );
+    r.exited(pid2, 0);
     settle().await;
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 2);
@@ -344,10 +387,8 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn update_starts_each_new_instance_before_stopping_an_old_one() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
-    let old: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let r = web().await;
+    let old = r.pids("web").await;
     let a = r
         .apply(&WEB.replace("/bin/app", "/bin/app2"))
         .await
@@ -368,14 +409,7 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(r.rt.signals().len(), n + 1, "then one old one stops");
         let (pid, _) = *r.rt.signals().last().expect("a stop signal");
-        r.exit(
-            pid,
-            ProcessStatus::Exited(0),
-            Some(ExitRecord {
-                code: Some(0),
-                ..Default::default()
-            }),
-        );
+        r.exited(pid, 0);
         settle().await;
     }
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -403,10 +437,8 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
 
 #[tokio::test(start_paused = true)]
 async fn delete_answers_once_everything_is_gone() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
-    let pids: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let r = web().await;
+    let pids = r.pids("web").await;
     let h = r.handle.clone();
     let del = tokio::spawn(async move { h.delete("web").await });
     settle().await;
@@ -417,14 +449,7 @@ async fn delete_answers_once_everything_is_gone() {
         "desired state removed first"
     );
     for p in pids {
-        r.exit(
-            p,
-            ProcessStatus::Exited(0),
-            Some(ExitRecord {
-                code: Some(0),
-                ..Default::default()
-            }),
-        );
+        r.exited(p, 0);
     }
     settle().await;
     let deleted = del.await.expect("join").expect("deleted");
@@ -445,23 +470,18 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
         Arc::new(MemStore::new()),
     )
     .await;
-    let e = r
-        .apply("name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n")
-        .await
-        .expect_err("no memory controller");
-    assert!(
-        matches!(&e, SupervisorError::Unenforceable { reasons } if reasons.iter().any(|r| r.starts_with("resources.memory"))),
-        "{e}"
-    );
+    // Each refusal names the field.
+    let refused = |e: &SupervisorError, field: &str| match e {
+        SupervisorError::Unenforceable { reasons } => reasons.iter().any(|r| r.contains(field)),
+        _ => false,
+    };
+    let memory = "name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n";
+    let e = r.apply(memory).await.expect_err("no memory controller");
+    assert!(refused(&e, "resources.memory"), "{e}");
     r.rt.refuse_command("/bin/missing");
-    let e = r
-        .apply("name = \"x\"\ncommand = [\"/bin/missing\"]\n")
-        .await
-        .expect_err("preflight");
-    assert!(
-        matches!(&e, SupervisorError::Unenforceable { reasons } if reasons.iter().any(|r| r.contains("command[0]"))),
-        "{e}"
-    );
+    let missing = "name = \"x\"\ncommand = [\"/bin/missing\"]\n";
+    let e = r.apply(missing).await.expect_err("preflight");
+    assert!(refused(&e, "command[0]"), "{e}");
     settle().await;
     assert!(r.rt.spawns().is_empty());
     assert!(
@@ -555,37 +575,19 @@ async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_adopts_running_instances() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
-    first.apply(WEB).await.expect("apply");
-    settle().await;
+    let first = web().await;
+    let fakes = first.fakes();
+    let rt = &fakes.rt;
     let (_, pid0) = first.running("web").await[0];
-    first.exit(
-        pid0,
-        ProcessStatus::Exited(1),
-        Some(ExitRecord {
-            code: Some(1),
-            ..Default::default()
-        }),
-    );
+    first.exited(pid0, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     settle().await;
     let before = place_in_cgroups(&first, "web").await;
-    let restarts_before: Vec<u32> = first
-        .status("web")
-        .await
-        .instances
-        .iter()
-        .map(|i| i.restarts)
-        .collect();
+    let restarts_before = first.restarts("web").await;
     drop(first);
     settle().await;
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     assert_eq!(
         second.running("web").await,
@@ -602,24 +604,10 @@ async fn a_restarted_agent_adopts_running_instances() {
         4,
         "nothing started again (3 + the one crash restart)"
     );
-    let restarts_after: Vec<u32> = second
-        .status("web")
-        .await
-        .instances
-        .iter()
-        .map(|i| i.restarts)
-        .collect();
-    assert_eq!(restarts_after, restarts_before);
+    assert_eq!(second.restarts("web").await, restarts_before);
     // The new agent supervises them: an exit is seen and handled.
     let (idx, pid) = before[1];
-    second.exit(
-        pid,
-        ProcessStatus::Unknown,
-        Some(ExitRecord {
-            code: Some(2),
-            ..Default::default()
-        }),
-    );
+    second.exit(pid, ProcessStatus::Unknown, exited(2));
     settle().await;
     let s = second.status("web").await;
     let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
@@ -632,12 +620,9 @@ async fn a_restarted_agent_adopts_running_instances() {
 
 #[tokio::test(start_paused = true)]
 async fn ends_while_the_agent_was_away_are_reported_truly() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let first = rig().await;
+    let fakes = first.fakes();
+    let (rt, cg) = (&fakes.rt, &fakes.cg);
     first
         .apply(&WEB.replace("replicas = 3", "replicas = 5"))
         .await
@@ -664,13 +649,7 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
             rt.set_exit_record(&format!("web-{i}"), r);
         }
     };
-    gone(
-        0,
-        Some(ExitRecord {
-            code: Some(3),
-            ..Default::default()
-        }),
-    );
+    gone(0, exited(3));
     gone(1, killed(9));
     cg.set_oom_kills(&path(1), 1);
     gone(2, killed(9));
@@ -679,24 +658,19 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
     rt.set_alive(pid(4), 999_999); // same PID, another process
     cg.set_procs(&path(4), vec![pid(4)]);
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     let s = second.status("web").await;
-    let class = |i: u32| {
-        s.instances
-            .iter()
-            .find(|x| x.index == i)
-            .and_then(|x| x.last_exit.as_ref())
-            .map(|e| e.class)
-    };
-    assert_eq!(class(0), Some(ExitClass::Exited(3)));
-    assert_eq!(class(1), Some(ExitClass::OomKilled));
-    assert_eq!(class(2), Some(ExitClass::Signaled(9)));
-    assert_eq!(class(3), Some(ExitClass::Lost));
+    let classes: Vec<Option<ExitClass>> = s
+        .instances
+        .iter()
+        .map(|x| x.last_exit.as_ref().map(|e| e.class))
+        .collect();
+    // web-4 too is lost: a reused PID is never adopted.
+    use ExitClass::{Exited, Lost, OomKilled, Signaled};
     assert_eq!(
-        class(4),
-        Some(ExitClass::Lost),
-        "a reused PID is never adopted"
+        classes,
+        [Exited(3), OomKilled, Signaled(9), Lost, Lost].map(Some)
     );
     assert!(!rt.adopted().contains(&pid(4)));
     let lost = s.instances.iter().find(|x| x.index == 3).expect("web-3");
@@ -782,7 +756,7 @@ async fn restart_replaces_every_instance_and_refuses_a_second_one() {
     let r = rig().await;
     r.apply(GATED).await.expect("apply");
     r.drive(&ALL, 2).await;
-    let before: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let before = r.pids("web").await;
     let id = r.restart("web", false).await.expect("restart");
     assert_eq!(id, "web-r1");
     let err = r.restart("web", false).await.expect_err("one at a time");
@@ -793,7 +767,7 @@ async fn restart_replaces_every_instance_and_refuses_a_second_one() {
     r.drive(&ALL, 15).await;
     let ro = r.rollout(&id).await;
     assert_eq!((ro.state.as_str(), ro.replaced), ("succeeded", 3), "{ro:?}");
-    let after: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let after = r.pids("web").await;
     assert_eq!(after.len(), 3);
     assert!(after.iter().all(|p| !before.contains(p)), "all fresh");
     let s = r.status("web").await;
@@ -934,12 +908,9 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
 
 #[tokio::test(start_paused = true)]
 async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let first = rig().await;
+    let fakes = first.fakes();
+    let rt = &fakes.rt;
     first.apply(GATED).await.expect("apply");
     first.drive(&ALL, 2).await;
     let a = first
@@ -956,7 +927,7 @@ async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
     drop(first);
     settle().await;
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     second.drive(&ALL, 20).await;
     let done = second.rollout(&id).await;

@@ -89,7 +89,7 @@ impl Driver {
         let t = Transition {
             id: inst.id.clone(),
             revision: inst.revision,
-            failures: inst.failures,
+            failures: inst.history.failures,
             before,
             after: inst.state,
         };

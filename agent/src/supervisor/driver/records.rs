@@ -15,7 +15,7 @@ use super::slots::Slot;
 use crate::spec::InstanceKey;
 use crate::supervisor::SupervisorError;
 use crate::supervisor::desired::{Desired, Record};
-use crate::supervisor::instance::{ExitInfo, State};
+use crate::supervisor::instance::{History, State};
 
 /// Store kind of the desired services.
 pub(super) const SERVICES: &str = "services";
@@ -33,11 +33,8 @@ pub(super) struct InstanceRecord {
     #[serde(default)]
     pub epoch: u64,
     pub state: RecordedState,
-    pub restarts: u32,
-    pub failures: u32,
-    pub last_exit: Option<ExitInfo>,
-    pub last_error: Option<String>,
-    pub started_at: Option<SystemTime>,
+    #[serde(flatten)]
+    pub history: History,
     pub ports: BTreeMap<String, u16>,
 }
 
@@ -81,11 +78,7 @@ impl InstanceRecord {
             revision: inst.revision,
             epoch: inst.epoch,
             state,
-            restarts: inst.restarts,
-            failures: inst.failures,
-            last_exit: inst.last_exit.clone(),
-            last_error: inst.last_error.clone(),
-            started_at: inst.started_at,
+            history: inst.history.clone(),
             ports: slot
                 .live
                 .as_ref()
@@ -202,8 +195,11 @@ mod tests {
             decode_instance("crash-0", &read("instances/crash-0.json")).expect("a backoff record");
         assert_eq!(key, InstanceKey::new("crash", 0));
         assert!(matches!(crash.state, RecordedState::Backoff { .. }));
-        let exit = crash.last_exit.expect("its last end");
-        assert_eq!((exit.class, crash.restarts), (ExitClass::Exited(3), 1));
+        let exit = crash.history.last_exit.expect("its last end");
+        assert_eq!(
+            (exit.class, crash.history.restarts),
+            (ExitClass::Exited(3), 1)
+        );
 
         let (_, done) =
             decode_instance("done-0", &read("instances/done-0.json")).expect("an exited record");

@@ -209,11 +209,7 @@ fn restored_instance(svc: &Service, key: &InstanceKey, rec: &InstanceRecord) -> 
         .unwrap_or_else(|| svc.d.spec.clone());
     let mut inst =
         Instance::new(key.index, key.to_string(), spec, rec.revision).with_epoch(rec.epoch);
-    inst.restarts = rec.restarts;
-    inst.failures = rec.failures;
-    inst.last_exit = rec.last_exit.clone();
-    inst.last_error = rec.last_error.clone();
-    inst.started_at = rec.started_at;
+    inst.history = rec.history.clone();
     let (now, wall) = (Instant::now(), SystemTime::now());
     inst.state = match rec.state {
         RecordedState::Backoff { until } => State::Backoff {
@@ -226,6 +222,7 @@ fn restored_instance(svc: &Service, key: &InstanceKey, rec: &InstanceRecord) -> 
             inst.generation = 1;
             State::Running {
                 since: rec
+                    .history
                     .started_at
                     .map_or(now, |t| now.checked_sub(ago(t)).unwrap_or(now)),
             }

@@ -412,9 +412,10 @@ fn failure_reason(svc: &Service, index: u32, id: &str, reason: &str) -> String {
                 ..
             } => Some("restarted for failing its health check".to_string()),
             State::Backoff { .. } | State::Exited => i
+                .history
                 .last_error
                 .clone()
-                .or_else(|| i.last_exit.as_ref().map(|e| e.class.to_string())),
+                .or_else(|| i.history.last_exit.as_ref().map(|e| e.class.to_string())),
             _ => None,
         }
     });
