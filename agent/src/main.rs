@@ -23,7 +23,7 @@ use corral_agent::host::{self, Host};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::FileStore;
-use corral_agent::supervisor::{Deps, Driver, Operation, Outcome, SupervisorHandle};
+use corral_agent::supervisor::{Deps, Driver, SupervisorHandle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -364,13 +364,13 @@ async fn run(s: Settings) -> Result<()> {
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
             .context("opening the event log")?,
     );
-    let deps = Deps {
-        runtime: Arc::new(runtime),
+    let deps = Deps::new(
+        Arc::new(runtime),
         cgroups,
-        store: Arc::new(store),
-        namespaces: namespaces.clone(),
-        events: events.clone(),
-    };
+        Arc::new(store),
+        namespaces.clone(),
+        events.clone(),
+    );
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -493,20 +493,12 @@ async fn apply_file(handle: &SupervisorHandle, file: &Path) -> Result<()> {
         Ok(s) => s,
         Err(e) => bail!("invalid spec:\n{e}"),
     };
-    match handle
-        .call(Operation::Apply {
-            spec: Box::new(spec),
-            dry_run: false,
-            // The files are the desired state: they supersede a rollout still running.
-            force: true,
-        })
-        .await
-    {
-        Ok(Outcome::Applied(a)) => {
+    // The files are the desired state: they supersede a rollout still running.
+    match handle.apply(spec, false, true).await {
+        Ok(a) => {
             tracing::info!(file = %file.display(), service = %a.name, revision = a.revision, outcome = a.kind.as_str(), "applied");
             Ok(())
         }
-        Ok(o) => bail!("unexpected answer {o:?}"),
         Err(e) => bail!("{e}"),
     }
 }

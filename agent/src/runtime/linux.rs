@@ -26,8 +26,9 @@ use tokio::io::unix::AsyncFd;
 use super::launch::{Identity, service_env};
 use super::privileges::CapPlan;
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
-    ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, InstanceFiles, LOG_STAT,
+    LogStat, ProcessRef, ProcessStatus, Processes, RUN_DIR_FD, SocketBroker, SpawnError, Spawned,
+    StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
@@ -348,7 +349,7 @@ pub(super) fn clone_exec(
     }
 }
 
-impl Runtime for LinuxRuntime {
+impl Processes for LinuxRuntime {
     fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
         let spec = req.spec;
         let instance = req.instance;
@@ -554,11 +555,6 @@ impl Runtime for LinuxRuntime {
         text.split_whitespace().next()?.parse().ok()
     }
 
-    fn free_port(&self) -> io::Result<u16> {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        Ok(l.local_addr()?.port())
-    }
-
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.iter()
             .copied()
@@ -659,18 +655,78 @@ impl Runtime for LinuxRuntime {
         })
     }
 
-    fn start_time(&self, pid: i32) -> Option<u64> {
-        proc_start_time(pid)
-    }
-
     fn boot_id(&self) -> String {
         fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     }
 
+    fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
+        let spec = req.spec;
+        let identity = match &spec.user {
+            None => self.own.clone(),
+            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
+        };
+        let drop_privileges = spec.user.is_some();
+        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
+            .into_iter()
+            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+            .collect();
+        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
+        let procs = req
+            .cgroup_procs
+            .into_iter()
+            .filter_map(|fd| high(fd).ok())
+            .collect();
+        Arc::new(super::probe_exec::LinuxExec {
+            exe: self.exe.clone(),
+            target: req.process.pidfd.clone(),
+            procs,
+            cgroup_dir: req.cgroup_dir,
+            env,
+            ns_flags,
+            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
+            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            caps: cap_plan(spec, identity.as_ref()),
+            nofile: spec.resources.nofile,
+            workdir: spec.workdir.display().to_string(),
+        })
+    }
+}
+
+impl InstanceFiles for LinuxRuntime {
     fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
         read_exit_record(&self.run_dir(instance))
+    }
+
+    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
+        fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    fn log_stat(&self, instance: &str) -> LogStat {
+        fs::read(self.run_dir(instance).join(LOG_STAT))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn remove_instance_files(&self, instance: &str) {
+        for d in [self.run_dir(instance), self.log_dir(instance)] {
+            if let Err(e) = fs::remove_dir_all(&d)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
+            }
+        }
+    }
+}
+
+impl SocketBroker for LinuxRuntime {
+    fn free_port(&self) -> io::Result<u16> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(l.local_addr()?.port())
     }
 
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
@@ -710,61 +766,6 @@ impl Runtime for LinuxRuntime {
             )));
         }
         Ok(sock)
-    }
-
-    fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
-        let spec = req.spec;
-        let identity = match &spec.user {
-            None => self.own.clone(),
-            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
-        };
-        let drop_privileges = spec.user.is_some();
-        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
-            .into_iter()
-            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-            .collect();
-        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
-        let procs = req
-            .cgroup_procs
-            .into_iter()
-            .filter_map(|fd| high(fd).ok())
-            .collect();
-        Arc::new(super::probe_exec::LinuxExec {
-            exe: self.exe.clone(),
-            target: req.process.pidfd.clone(),
-            procs,
-            cgroup_dir: req.cgroup_dir,
-            env,
-            ns_flags,
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            caps: cap_plan(spec, identity.as_ref()),
-            nofile: spec.resources.nofile,
-            workdir: spec.workdir.display().to_string(),
-        })
-    }
-
-    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
-        fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-    }
-
-    fn log_stat(&self, instance: &str) -> LogStat {
-        fs::read(self.run_dir(instance).join(LOG_STAT))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-
-    fn remove_instance_files(&self, instance: &str) {
-        for d in [self.run_dir(instance), self.log_dir(instance)] {
-            if let Err(e) = fs::remove_dir_all(&d)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
-            }
-        }
     }
 }
 
