@@ -73,6 +73,27 @@ pub struct SpecView {
     pub rollout: RolloutView,
     pub stop: StopView,
     pub logs: LogsView,
+    /// `null` when the service does not run from an archive.
+    pub artifact: Option<ArtifactView>,
+    /// `null` when the service does not run from an image.
+    pub image: Option<ImageView>,
+}
+
+/// `[artifact]`: an archive mounted read-only inside the instances.
+#[derive(Debug, Serialize)]
+pub struct ArtifactView {
+    pub url: Option<String>,
+    pub sha256: Option<String>,
+    pub format: Option<String>,
+    pub mount: Option<String>,
+}
+
+/// `[image]`: an OCI image as the instances' root filesystem.
+#[derive(Debug, Serialize)]
+pub struct ImageView {
+    pub url: Option<String>,
+    pub digest: Option<String>,
+    pub persist: Option<bool>,
 }
 
 impl From<&pb::ServiceSpec> for SpecView {
@@ -138,6 +159,17 @@ impl From<&pb::ServiceSpec> for SpecView {
                 max_size_bytes: logs.max_size.as_deref().and_then(parse_size),
                 max_files: logs.max_files,
             },
+            artifact: s.artifact.clone().map(|a| ArtifactView {
+                url: a.url,
+                sha256: a.sha256,
+                format: a.format,
+                mount: a.mount,
+            }),
+            image: s.image.clone().map(|i| ImageView {
+                url: i.url,
+                digest: i.digest,
+                persist: i.persist,
+            }),
         }
     }
 }

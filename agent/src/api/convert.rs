@@ -10,6 +10,7 @@ use crate::events::{Event, EventKind};
 use crate::health::{HealthState, ServiceHealth};
 use crate::host::HostInfo;
 use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
+use crate::spec::artifact::{RawArtifact, RawImage};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
     RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
@@ -110,6 +111,17 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             max_size: l.max_size.map(RawSize::Text),
             max_files: l.max_files.map(i64::from),
         }),
+        artifact: p.artifact.map(|a| RawArtifact {
+            url: a.url,
+            sha256: a.sha256,
+            format: a.format,
+            mount: a.mount,
+        }),
+        image: p.image.map(|i| RawImage {
+            url: i.url,
+            digest: i.digest,
+            persist: i.persist,
+        }),
     };
     if errors.is_empty() {
         Ok(raw)
@@ -205,6 +217,17 @@ pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
         logs: r.logs.map(|l| pb::Logs {
             max_size: l.max_size.map(size_text),
             max_files: u32_of(l.max_files),
+        }),
+        artifact: r.artifact.map(|a| pb::Artifact {
+            url: a.url,
+            sha256: a.sha256,
+            format: a.format,
+            mount: a.mount,
+        }),
+        image: r.image.map(|i| pb::Image {
+            url: i.url,
+            digest: i.digest,
+            persist: i.persist,
         }),
     }
 }
@@ -590,6 +613,26 @@ max_files = 5
             .validate()
             .expect("valid");
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn artifact_and_image_survive_the_wire() {
+        let hex = "0f".repeat(32);
+        for section in [
+            format!(
+                "[artifact]\nurl = \"https://repo.example/web.tar.zst\"\nsha256 = \"{hex}\"\nmount = \"/app\"\n"
+            ),
+            format!("[image]\nurl = \"/srv/web.oci\"\ndigest = \"sha256:{hex}\"\npersist = true\n"),
+        ] {
+            let toml = format!("name = \"w\"\ncommand = [\"/w\"]\n{section}");
+            let spec = spec::parse_toml(&toml).expect("valid");
+            assert!(spec.package.is_some(), "{toml}");
+            let back = spec_from_proto(spec_to_proto(&spec))
+                .expect("converts")
+                .validate()
+                .expect("valid");
+            assert_eq!(back, spec, "{toml}");
+        }
     }
 
     #[test]

@@ -149,6 +149,13 @@ impl Source {
     }
 }
 
+impl Source {
+    /// As a spec writes it: the URL, or the absolute path.
+    pub fn to_url(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -250,6 +257,41 @@ pub enum Package {
     Artifact(ArtifactSpec),
     /// `[image]`.
     Image(ImageSpec),
+}
+
+impl Package {
+    /// The canonical `[artifact]` and `[image]` as written: validating them gives `self`
+    /// back (the format and the digests written out).
+    pub fn to_raw(package: Option<&Package>) -> (Option<RawArtifact>, Option<RawImage>) {
+        match package {
+            None => (None, None),
+            Some(Package::Artifact(a)) => (
+                Some(RawArtifact {
+                    url: Some(a.source.to_url()),
+                    sha256: a.sha256.map(|d| d.hex()),
+                    format: Some(a.format.name().to_owned()),
+                    mount: Some(a.mount.to_string_lossy().into_owned()),
+                }),
+                None,
+            ),
+            Some(Package::Image(i)) => (
+                None,
+                Some(RawImage {
+                    url: Some(i.source.to_url()),
+                    digest: Some(i.digest.to_string()),
+                    persist: Some(i.persist),
+                }),
+            ),
+        }
+    }
+
+    /// The package's source, as written.
+    pub fn source(&self) -> &Source {
+        match self {
+            Package::Artifact(a) => &a.source,
+            Package::Image(i) => &i.source,
+        }
+    }
 }
 
 /// Validates `[artifact]` and `[image]` together: `Ok(None)` when neither is given, every

@@ -1,5 +1,6 @@
 //! [`ServiceSpec`] back to [`RawSpec`], and what a validated spec tells about its instances.
 
+use super::artifact::Package;
 use super::types::{
     HealthSpec, Namespace, PortSpec, Probe, RawHealth, RawIsolation, RawLogs, RawPort,
     RawResources, RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec,
@@ -14,6 +15,7 @@ impl ServiceSpec {
     /// `isolation.hostname`, `isolation.capabilities` (whose default depends on the user the
     /// instance runs as) and `[health]`. Capabilities are written as `CAP_NAME`.
     pub fn to_raw(&self) -> RawSpec {
+        let (artifact, image) = Package::to_raw(self.package.as_ref());
         RawSpec {
             name: Some(self.name.clone()),
             command: Some(self.command.clone()),
@@ -95,6 +97,8 @@ impl ServiceSpec {
                 max_size: Some(RawSize::Text(format_size(self.logs.max_size))),
                 max_files: Some(i64::from(self.logs.max_files)),
             }),
+            artifact,
+            image,
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use super::artifact::Package;
 use super::error::{child, quote};
 use super::types::{PortSpec, Probe, ServiceSpec};
 use super::units::{format_duration, format_size};
@@ -236,6 +237,28 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
     push(13, "stop.grace".into(), format_duration(spec.stop.grace));
     push(14, "logs.max_size".into(), format_size(spec.logs.max_size));
     push(14, "logs.max_files".into(), spec.logs.max_files.to_string());
+    match &spec.package {
+        None => {}
+        Some(Package::Artifact(a)) => {
+            push(15, "artifact.url".into(), quote(&a.source.to_url()));
+            push(
+                15,
+                "artifact.sha256".into(),
+                a.sha256.map_or_else(|| "computed".to_owned(), |d| d.hex()),
+            );
+            push(15, "artifact.format".into(), a.format.name().to_owned());
+            push(
+                15,
+                "artifact.mount".into(),
+                quote(&a.mount.to_string_lossy()),
+            );
+        }
+        Some(Package::Image(i)) => {
+            push(16, "image.url".into(), quote(&i.source.to_url()));
+            push(16, "image.digest".into(), i.digest.to_string());
+            push(16, "image.persist".into(), i.persist.to_string());
+        }
+    }
 
     for (key, value) in &spec.env {
         out.push(Leaf {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use toml::{Table, Value};
 
+use super::artifact::{RawArtifact, RawImage};
 use super::error::{FieldError, SpecError, child};
 use super::types::{
     RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawSize,
@@ -31,6 +32,8 @@ pub const TOP_KEYS: &[&str] = &[
     "rollout",
     "stop",
     "logs",
+    "artifact",
+    "image",
 ];
 const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "nofile"];
 const ISOLATION_KEYS: &[&str] = &[
@@ -64,6 +67,8 @@ const ROLLOUT_KEYS: &[&str] = &[
 ];
 const STOP_KEYS: &[&str] = &["signal", "grace"];
 const LOGS_KEYS: &[&str] = &["max_size", "max_files"];
+const ARTIFACT_KEYS: &[&str] = &["url", "sha256", "format", "mount"];
+const IMAGE_KEYS: &[&str] = &["url", "digest", "persist"];
 
 /// Reads a spec file into a [`RawSpec`], reporting a syntax error, every unknown field and
 /// every value of the wrong type. Values are not checked: see [`RawSpec::validate`].
@@ -396,6 +401,27 @@ impl Reader {
             rollout: self.section(t, "rollout", Self::rollout),
             stop: self.section(t, "stop", Self::stop),
             logs: self.section(t, "logs", Self::logs),
+            artifact: self.section(t, "artifact", Self::artifact),
+            image: self.section(t, "image", Self::image),
+        }
+    }
+
+    fn artifact(&mut self, p: &str, t: &Table) -> RawArtifact {
+        self.known_keys(t, p, ARTIFACT_KEYS);
+        RawArtifact {
+            url: self.field(t, p, "url", Self::string),
+            sha256: self.field(t, p, "sha256", Self::string),
+            format: self.field(t, p, "format", Self::string),
+            mount: self.field(t, p, "mount", Self::string),
+        }
+    }
+
+    fn image(&mut self, p: &str, t: &Table) -> RawImage {
+        self.known_keys(t, p, IMAGE_KEYS);
+        RawImage {
+            url: self.field(t, p, "url", Self::string),
+            digest: self.field(t, p, "digest", Self::string),
+            persist: self.field(t, p, "persist", Self::boolean),
         }
     }
 

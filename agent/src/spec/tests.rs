@@ -219,6 +219,7 @@ fn minimal_spec_gets_documented_defaults() {
             max_size: 10 << 20,
             max_files: 5,
         },
+        package: None,
     };
     assert_eq!(spec, expected);
     assert_eq!(spec.hostname_for(2).as_deref(), Some("web-2"));
@@ -630,6 +631,20 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[stop]\nsignal = \"15\"", "stop.signal", "is not a signal name"),
     ("[stop]\ngrace = \"2h\"", "stop.grace", "longer than 1h"),
     ("[logs]\nmax_files = 0", "logs.max_files", "0 is out of range (1..=100)"),
+    // artifact and image
+    ("[artifact]\nurl = \"https://repo.example/web.tar.gz\"\nmount = \"/app\"", "artifact.sha256", "required for an http(s):// url"),
+    ("[artifact]\nurl = \"http://repo.example/web.tar\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000001\"\nmount = \"/app\"", "artifact.url", "only allowed to a loopback host"),
+    ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/proc/x\"", "artifact.mount", "/proc"),
+    ("[artifact]\nurl = \"/srv/web.bin\"\nmount = \"/app\"", "artifact.format", "cannot be told from the name"),
+    ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"\n[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"", "image", "cannot both be given"),
+    ("[image]\nurl = \"/srv/img\"", "image.digest", "required"),
+    ("[image]\nurl = \"/srv/img\"\ndigest = \"sha512:00\"", "image.digest", "only sha256 digests"),
+    ("[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\n[isolation]\nnamespaces = [\"pid\"]", "image", "add \"mount\" to isolation.namespaces"),
+    ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"\n[isolation]\nnamespaces = [\"pid\"]", "artifact", "add \"mount\" to isolation.namespaces"),
+    ("[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\n[isolation]\nreadonly_root = true", "isolation.readonly_root", "with [image] the root is the image"),
+    ("command = [\"../bin/app\"]\n[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"", "command[0]", "leaves artifact.mount"),
+    ("command = [\"bin/app\"]", "command[0]", "is a relative path"),
+    ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"\nkind = 1", "artifact.kind", "unknown"),
 ];
 
 fn with_minimal(extra: &str) -> String {
@@ -845,6 +860,21 @@ fn env_limits() {
 
 const ROUND_TRIP: &[&str] = &[
     MINIMAL,
+    r#"
+name = "web"
+command = ["bin/server", "--port", "8080"]
+[artifact]
+url = "http://127.0.0.1:8000/web-1.4.2.tgz"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000001"
+mount = "/app"
+"#,
+    r#"
+name = "img"
+[image]
+url = "file:///srv/images/web.oci.tar"
+digest = "sha256:0000000000000000000000000000000000000000000000000000000000000001"
+persist = true
+"#,
     EXAMPLE,
     r#"
 name = "worker"
@@ -1328,4 +1358,64 @@ fn examples_are_valid() {
         }
     }
     assert!(n >= 3, "examples found: {n}");
+}
+
+#[test]
+fn artifact_and_image_sections_become_the_package() {
+    use super::artifact::{ArchiveFormat, Digest, Package, Source};
+    let hex = "ab".repeat(32);
+    let spec = parse(&format!(
+        "name = \"web\"\ncommand = [\"bin/server\"]\n[artifact]\nurl = \"http://127.0.0.1:8000/web-1.4.2.tgz\"\nsha256 = \"sha256:{hex}\"\nmount = \"/app\"\n"
+    ));
+    let Some(Package::Artifact(a)) = &spec.package else {
+        panic!("no artifact: {spec:?}");
+    };
+    assert_eq!(a.format, ArchiveFormat::TarGz, "inferred from .tgz");
+    assert_eq!(a.sha256, Digest::from_hex(&hex));
+    assert_eq!(a.mount, std::path::Path::new("/app"));
+    assert_eq!(spec.command, ["bin/server"]);
+
+    // An image's config supplies the command when the spec has none.
+    let spec = parse(&format!(
+        "name = \"img\"\n[image]\nurl = \"/srv/web.oci\"\ndigest = \"sha256:{hex}\"\n"
+    ));
+    let Some(Package::Image(i)) = &spec.package else {
+        panic!("no image: {spec:?}");
+    };
+    assert!(spec.command.is_empty());
+    assert_eq!(i.source, Source::File("/srv/web.oci".into()));
+    assert!(!i.persist);
+    // Without [image], the command is still required.
+    assert!(refused("name = \"web\"\n").has_field("command"));
+}
+
+#[test]
+fn a_new_package_is_a_new_revision_named_in_the_changes() {
+    use super::artifact::{Digest, Package, Source};
+    let hex = "ab".repeat(32);
+    let old = parse(&format!(
+        "name = \"web\"\ncommand = [\"bin/server\"]\n[artifact]\nurl = \"/srv/web-1.tar\"\nsha256 = \"{hex}\"\nmount = \"/app\"\n"
+    ));
+    let mut new = old.clone();
+    if let Some(Package::Artifact(a)) = &mut new.package {
+        a.source = Source::File("/srv/web-2.tar".into());
+        a.sha256 = Digest::from_hex(&"cd".repeat(32));
+    }
+    assert!(!new.same_except_replicas(&old));
+    assert_eq!(
+        new.changes_from(&old),
+        [
+            "artifact.url: \"/srv/web-1.tar\" -> \"/srv/web-2.tar\"".to_owned(),
+            format!("artifact.sha256: {hex} -> {}", "cd".repeat(32)),
+        ]
+    );
+    let mut none = old.clone();
+    none.package = None;
+    assert!(
+        none.changes_from(&old)
+            .iter()
+            .any(|l| l.starts_with("artifact.url: removed")),
+        "{:?}",
+        none.changes_from(&old)
+    );
 }

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::artifact::{Package, RawArtifact, RawImage};
+
 // ------------------------------------------------------------------------------------------
 // Raw: as written.
 
@@ -67,6 +69,12 @@ pub struct RawSpec {
     pub stop: Option<RawStop>,
     /// `[logs]`: rotation of the instance's log files.
     pub logs: Option<RawLogs>,
+    /// `[artifact]`: an archive mounted read-only inside the instances.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<RawArtifact>,
+    /// `[image]`: an OCI image as the instances' root filesystem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<RawImage>,
 }
 
 /// `[resources]` as written.
@@ -223,6 +231,8 @@ pub struct ServiceSpec {
     pub stop: StopSpec,
     /// Default: 5 files of 10MiB.
     pub logs: LogSpec,
+    /// `[artifact]` or `[image]`: what the instances run from. `None`: the host's files.
+    pub package: Option<Package>,
 }
 
 /// The user an instance runs as.

@@ -6,9 +6,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use super::artifact::{FetchPolicy, validate_package};
 use super::error::{FieldError, SpecError, child, quote};
 use super::types::{
     Capability, HealthSpec, Isolation, ListenAddr, LogSpec, Namespace, PortSpec, Probe, RawHealth,
@@ -402,6 +403,11 @@ impl Check {
     /// An argv (`command`, `health.exec`): not empty, no NUL, `argv[0]` absolute or bare,
     /// within the kernel's limits with room to spare.
     fn argv(&mut self, field: &str, argv: &[String]) -> bool {
+        self.argv_relative(field, argv, false)
+    }
+
+    /// An argv; with `relative`, its program may also be a relative path without `..`.
+    fn argv_relative(&mut self, field: &str, argv: &[String], relative: bool) -> bool {
         let before = self.errors.len();
         let Some(program) = argv.first() else {
             self.error(
@@ -420,6 +426,19 @@ impl Check {
         }
         if program.is_empty() {
             self.error(format!("{field}[0]"), "the program must not be empty");
+        } else if relative && program.contains('/') && !program.starts_with('/') {
+            if Path::new(program)
+                .components()
+                .any(|c| matches!(c, Component::ParentDir))
+            {
+                self.error(
+                    format!("{field}[0]"),
+                    format!(
+                        "{} leaves artifact.mount (a relative program is found under it; no \"..\")",
+                        quote(program)
+                    ),
+                );
+            }
         } else if program.contains('/') && !program.starts_with('/') {
             self.error(
                 format!("{field}[0]"),
@@ -464,13 +483,30 @@ impl Check {
             Some(name) => Some(name.to_owned()),
         };
 
+        let package = match validate_package(
+            raw.artifact.as_ref(),
+            raw.image.as_ref(),
+            FetchPolicy::default(),
+        ) {
+            Ok(package) => package,
+            Err(errors) => {
+                self.errors.extend(errors);
+                None
+            }
+        };
+        // An image's config supplies the command when the spec gives none; an artifact's
+        // command may be a path relative to where it is mounted.
+        let from_image = raw.image.is_some();
         let command = match raw.command.as_deref() {
+            None if from_image => Vec::new(),
             None => {
                 self.error("command", "required");
                 Vec::new()
             }
+            Some([]) if from_image => Vec::new(),
             Some(argv) => {
-                self.argv("command", argv);
+                // With [artifact], a relative program is found under artifact.mount.
+                self.argv_relative("command", argv, raw.artifact.is_some());
                 argv.to_vec()
             }
         };
@@ -545,6 +581,7 @@ impl Check {
         let rollout = self.rollout(raw.rollout.as_ref());
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
+        self.package_needs(raw, &isolation);
 
         ServiceSpec {
             name: name.unwrap_or_default(),
@@ -562,6 +599,31 @@ impl Check {
             rollout,
             stop,
             logs,
+            package,
+        }
+    }
+
+    /// What `[artifact]` and `[image]` need of the rest of the spec: their own mount
+    /// namespace, and for an image a root the overlay replaces (not the read-only host).
+    fn package_needs(&mut self, raw: &RawSpec, isolation: &Isolation) {
+        for (present, section) in [
+            (raw.artifact.is_some(), "artifact"),
+            (raw.image.is_some(), "image"),
+        ] {
+            if present && !isolation.has(Namespace::Mount) {
+                self.error(
+                    section,
+                    format!(
+                        "[{section}] is mounted in the instance's own mount namespace: add \"mount\" to isolation.namespaces"
+                    ),
+                );
+            }
+        }
+        if raw.image.is_some() && isolation.readonly_root {
+            self.error(
+                "isolation.readonly_root",
+                "is the host's filesystem made read-only; with [image] the root is the image (its writable layer is discarded when the instance ends unless image.persist)",
+            );
         }
     }
 
