@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use corral_agent::api::tls::{Tls, TlsFiles};
 use corral_agent::api::{self, AgentService};
+use corral_agent::artifact::{ArtifactStore, StoreConfig};
 use corral_agent::cgroups;
 use corral_agent::events::{self, EventLog};
 use corral_agent::host::{self, Host};
@@ -72,6 +73,13 @@ struct Flags {
     /// role: `read` or `admin`. Read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// Bound on the artifact store (`<state-dir>/artifacts`), e.g. `20GiB`: least recently
+    /// used packages no instance runs are evicted past it. Default: unbounded.
+    #[arg(long, value_name = "SIZE")]
+    max_cache: Option<String>,
+    /// Packages fetched at the same time, at most. Default: 4.
+    #[arg(long, value_name = "N")]
+    max_fetches: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +94,8 @@ struct ConfigFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    max_cache: Option<String>,
+    max_fetches: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -96,6 +106,8 @@ struct Settings {
     cgroup_parent: Option<String>,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
+    max_cache: Option<u64>,
+    max_fetches: usize,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -172,7 +184,19 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.tls_key.or(file.tls_key),
         flags.tls_client_ca.or(file.tls_client_ca),
     )?;
+    let max_cache = match flags.max_cache.or(file.max_cache) {
+        None => None,
+        Some(text) => {
+            Some(spec::parse_size(&text).map_err(|e| anyhow::anyhow!("--max-cache: {e}"))?)
+        }
+    };
+    let max_fetches = flags.max_fetches.or(file.max_fetches).unwrap_or(4);
+    if max_fetches == 0 {
+        bail!("--max-fetches 0 would never fetch a package: give 1 or more");
+    }
     Ok(Settings {
+        max_cache,
+        max_fetches,
         listen,
         state_dir: flags
             .state_dir
@@ -364,13 +388,18 @@ async fn run(s: Settings) -> Result<()> {
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
             .context("opening the event log")?,
     );
+    let mut packages = StoreConfig::new(s.state_dir.join("artifacts"));
+    packages.max_cache = s.max_cache;
+    packages.fetch.max_concurrent = s.max_fetches;
+    let packages = ArtifactStore::open(packages).context("opening the artifact store")?;
     let deps = Deps::new(
         Arc::new(runtime),
         cgroups,
         Arc::new(store),
         namespaces.clone(),
         events.clone(),
-    );
+    )
+    .with_packages(Arc::new(packages));
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;

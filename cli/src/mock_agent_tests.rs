@@ -375,6 +375,7 @@ fn spec_name(text: &str) -> Option<String> {
 /// instances used: 10 ms per tick for instance 0, 20 ms for instance 1, ...
 fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStatus {
     ServiceStatus {
+        package: None,
         name: name.to_owned(),
         revision,
         health: wire::service_health("healthy"),

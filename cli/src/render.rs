@@ -1116,6 +1116,7 @@ mod tests {
             ..running.clone()
         };
         pb::ServiceStatus {
+            package: None,
             name: "web".into(),
             revision: 3,
             health: wire::service_health("unhealthy"),

@@ -818,6 +818,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RolloutStarted) => "rollout_started",
         Ok(T::RolloutStep) => "rollout_step",
         Ok(T::RolloutFinished) => "rollout_finished",
+        Ok(T::Package) => "package",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }
@@ -1020,6 +1021,7 @@ mod tests {
     #[test]
     fn service_json_carries_counts_spec_and_instances() {
         let status = pb::ServiceStatus {
+            package: None,
             name: "web".into(),
             revision: 3,
             health: wire::service_health("degraded"),

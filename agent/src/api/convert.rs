@@ -331,6 +331,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::RolloutStarted { .. } => pb::EventType::RolloutStarted,
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
         EventKind::RolloutFinished { .. } => pb::EventType::RolloutFinished,
+        EventKind::Package { .. } => pb::EventType::Package,
     }
 }
 
@@ -383,6 +384,14 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
         rollout: s.rollout.as_ref().map(rollout_to_proto),
         revisions: s.revisions.clone(),
         paused: s.paused,
+        package: s.package.as_ref().map(|p| pb::PackageStatus {
+            revision: p.revision,
+            url: p.url.clone(),
+            phase: p.phase.as_str().to_owned(),
+            done: p.done,
+            total: p.total,
+            error: p.error.clone(),
+        }),
     }
 }
 

@@ -32,6 +32,7 @@ mod confined;
 mod fetch;
 mod oci;
 mod refs;
+mod seam;
 mod store;
 mod unpack;
 
@@ -41,6 +42,7 @@ use std::path::PathBuf;
 pub use fetch::FetchConfig;
 pub use oci::{ImageConfig, ImageUser};
 pub use refs::EntryKind;
+pub use seam::{Packages, PrepareFuture, Prepared};
 pub use store::{
     ArtifactStore, ArtifactTree, GcReport, ImageRootfs, Lease, ListEntry, StoreConfig,
 };

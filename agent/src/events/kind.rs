@@ -120,6 +120,42 @@ pub enum EventKind {
         reason: String,
         rollback: Option<String>,
     },
+    /// A revision's `[artifact]` or `[image]` being made ready: `phase` `fetching` or
+    /// `unpacking` with bytes `done` of `total` (when known), then `ready`, or `failed` with
+    /// the reason in `detail` (the URL, expected and actual digest, the bad entry).
+    Package {
+        revision: u64,
+        phase: PackagePhase,
+        url: String,
+        done: u64,
+        total: Option<u64>,
+        detail: Option<String>,
+    },
+}
+
+/// Where a revision's package is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PackagePhase {
+    /// Downloading (or reading) it.
+    Fetching,
+    /// Unpacking it.
+    Unpacking,
+    /// In the store, ready for instances.
+    Ready,
+    /// It could not be fetched, verified or unpacked.
+    Failed,
+}
+
+impl PackagePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackagePhase::Fetching => "fetching",
+            PackagePhase::Unpacking => "unpacking",
+            PackagePhase::Ready => "ready",
+            PackagePhase::Failed => "failed",
+        }
+    }
 }
 
 impl EventKind {
@@ -143,6 +179,7 @@ impl EventKind {
             EventKind::RolloutStarted { .. } => "rollout_started",
             EventKind::RolloutStep { .. } => "rollout_step",
             EventKind::RolloutFinished { .. } => "rollout_finished",
+            EventKind::Package { .. } => "package",
         }
     }
 
@@ -239,6 +276,25 @@ impl EventKind {
                 }
                 if let Some(r) = rollback {
                     line.push_str(&format!("; rolling back ({r})"));
+                }
+                line
+            }
+            EventKind::Package {
+                revision,
+                phase,
+                url,
+                done,
+                total,
+                detail,
+            } => {
+                let mut line = format!("revision {revision} package {url} {}", phase.as_str());
+                match (phase, total) {
+                    (PackagePhase::Failed, _) => {}
+                    (_, Some(total)) => line.push_str(&format!(" ({done} of {total} bytes)")),
+                    (_, None) => line.push_str(&format!(" ({done} bytes)")),
+                }
+                if let Some(detail) = detail {
+                    line.push_str(&format!(": {detail}"));
                 }
                 line
             }

@@ -44,7 +44,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use kind::{EventKind, ReadyVia};
+pub use kind::{EventKind, PackagePhase, ReadyVia};
 pub use watch::Watch;
 
 use segment::{Segments, Snapshot};

@@ -30,12 +30,12 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use super::mounts;
 use super::privileges::Privileges;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD,
 };
+use super::{mounts, package};
 use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
@@ -266,6 +266,12 @@ impl Init {
             nix::sys::prctl::set_child_subreaper(true)
                 .map_err(|e| format!("becoming a child subreaper: {e}"))?;
         }
+        let artifact_tree = match &config.artifact {
+            Some(artifact) if config.mount_namespace => {
+                Some(package::open_artifact(artifact).map_err(|e| format!("artifact.mount: {e}"))?)
+            }
+            _ => None,
+        };
         if config.mount_namespace {
             mount(
                 None::<&str>,
@@ -294,6 +300,10 @@ impl Init {
                     Some("mode=1777"),
                 )
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
+            }
+            if let (Some(artifact), Some(tree)) = (&config.artifact, &artifact_tree) {
+                package::mount_artifact(tree, artifact)
+                    .map_err(|e| format!("artifact.mount: {e}"))?;
             }
             for path in &config.hidden {
                 mounts::hide(path).map_err(|e| format!("hiding {}: {e}", path.display()))?;

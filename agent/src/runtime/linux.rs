@@ -24,6 +24,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::launch::{Identity, service_env};
+use super::package;
 use super::privileges::CapPlan;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, InstanceFiles, LOG_STAT,
@@ -394,7 +395,7 @@ impl Processes for LinuxRuntime {
         let capabilities = cap_plan(spec, identity.as_ref());
         let config = InitConfig {
             instance: instance.to_string(),
-            command: spec.command.clone(),
+            command: package::command(spec),
             workdir: spec.workdir.clone(),
             uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
             gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
@@ -423,6 +424,7 @@ impl Processes for LinuxRuntime {
                     .map(|(path, _)| path.clone())
                     .collect()
             },
+            artifact: package::artifact_mount(spec, req.artifact),
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -579,6 +581,7 @@ impl Processes for LinuxRuntime {
         }
         if let Some(cmd) = spec.command.first()
             && cmd.starts_with('/')
+            && !package::inside_artifact(spec, Path::new(cmd))
         {
             match fs::metadata(cmd) {
                 Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
@@ -587,6 +590,7 @@ impl Processes for LinuxRuntime {
             }
         }
         match fs::metadata(&spec.workdir) {
+            _ if package::inside_artifact(spec, &spec.workdir) => {}
             Ok(m) if m.is_dir() => {}
             Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
             Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),

@@ -16,6 +16,7 @@ pub mod init;
 mod launch;
 pub mod linux;
 mod mounts;
+pub mod package;
 pub mod privileges;
 pub mod probe_exec;
 
@@ -83,6 +84,9 @@ pub struct InitConfig {
     /// read-only file in the instance's mount namespace.
     #[serde(default)]
     pub hidden: Vec<PathBuf>,
+    /// `[artifact]`: the store's tree, mounted read-only inside the instance.
+    #[serde(default)]
+    pub artifact: Option<package::ArtifactMount>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
@@ -162,6 +166,9 @@ pub struct StartRequest<'a> {
     pub ports: &'a BTreeMap<String, u16>,
     /// The service's listening sockets, in `[[sockets]]` order.
     pub listen_fds: &'a [Arc<OwnedFd>],
+    /// `[artifact]`: the unpacked, read-only tree on the host, bind-mounted at the spec's
+    /// `artifact.mount` inside the instance.
+    pub artifact: Option<&'a std::path::Path>,
 }
 
 /// What an exec probe runner needs to run commands inside one instance.

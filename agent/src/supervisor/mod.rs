@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::cgroups::CgroupStats;
+use crate::events::PackagePhase;
 use crate::health::{HealthState, ServiceHealth};
 use crate::rollout::record::Rollout;
 use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
@@ -138,6 +139,21 @@ pub struct ServiceStatus {
     pub revisions: Vec<u64>,
     /// A rollout failed and was not rolled back: nothing more is replaced for now.
     pub paused: bool,
+    /// The current revision's `[artifact]` or `[image]`: fetching, ready or failed.
+    pub package: Option<PackageStatus>,
+}
+
+/// Where the current revision's package is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageStatus {
+    pub revision: u64,
+    pub url: String,
+    pub phase: PackagePhase,
+    /// Bytes fetched or unpacked so far, while under way.
+    pub done: u64,
+    pub total: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// Why the supervisor refused or could not do what it was asked. Each variant carries what

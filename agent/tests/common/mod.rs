@@ -1056,6 +1056,8 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
                 rollout,
                 stop,
                 logs,
+                artifact: None,
+                image: None,
             },
         )
         .boxed()

@@ -666,7 +666,11 @@ fn http_listen(delay_ms: u64) {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         let instance = std::env::var("CORRAL_INSTANCE").unwrap_or_default();
-        let version = std::env::var("VERSION").unwrap_or_default();
+        // $VERSION_FILE (a file of the service's package) wins over $VERSION.
+        let version = match std::env::var("VERSION_FILE") {
+            Ok(path) => std::fs::read_to_string(path).map(|v| v.trim().to_owned()).unwrap_or_else(|e| format!("unreadable: {e}")),
+            Err(_) => std::env::var("VERSION").unwrap_or_default(),
+        };
         let body: Arc<str> = format!("{instance} {version}\n").into();
         let inflight = Arc::new(AtomicUsize::new(0));
         line("serving", 1);

@@ -170,6 +170,20 @@ impl Driver {
         let svc = self.services.get(&key.service).ok_or("service gone")?;
         let inst = &svc.slots.get(&key.index).ok_or("instance gone")?.instance;
         let (spec, id) = (inst.spec.clone(), inst.id.clone());
+        let artifact = match &spec.package {
+            None => None,
+            Some(_) => Some(
+                svc.packages
+                    .path_of(inst.revision)
+                    .ok_or_else(|| {
+                        format!(
+                            "the package of revision {} is not in the store yet",
+                            inst.revision
+                        )
+                    })?
+                    .to_path_buf(),
+            ),
+        };
         let sockets = svc
             .fds_for(&spec)
             .ok_or("its listening sockets are not open (see the agent's log)")?;
@@ -191,6 +205,7 @@ impl Driver {
                 cgroup_dir: dir,
                 ports: &ports,
                 listen_fds: &sockets,
+                artifact: artifact.as_deref(),
             })
             .map_err(|e| e.to_string())?;
         let inst = &mut self.services.slot_mut(key).ok_or("instance gone")?.instance;
@@ -277,6 +292,7 @@ impl Driver {
         if !done {
             return;
         }
+        self.unpin_except(name, &[]);
         let Some(Service {
             sockets,
             delete_waiters,

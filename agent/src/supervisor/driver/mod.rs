@@ -19,6 +19,7 @@
 
 mod lifecycle;
 mod ops;
+mod packages;
 mod records;
 mod report;
 mod restore;
@@ -39,6 +40,7 @@ use super::SupervisorError;
 use super::handle::{Reply, Request, SupervisorHandle};
 use super::instance::Ctx;
 use super::reconcile;
+use crate::artifact::{Packages, Prepared};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
 use crate::health::{ProbeReport, ServiceHealth};
@@ -63,6 +65,9 @@ pub struct Deps {
     pub namespaces: Vec<Namespace>,
     /// Where every state change is recorded.
     pub events: Arc<EventLog>,
+    /// The artifact and image store; `None`: specs with `[artifact]` or `[image]` are
+    /// refused.
+    pub packages: Option<Arc<dyn Packages>>,
 }
 
 impl Deps {
@@ -86,7 +91,14 @@ impl Deps {
             store,
             namespaces,
             events,
+            packages: None,
         }
+    }
+
+    /// With the artifact and image store.
+    pub fn with_packages(mut self, packages: Arc<dyn Packages>) -> Deps {
+        self.packages = Some(packages);
+        self
     }
 }
 
@@ -105,6 +117,12 @@ enum Internal {
     },
     /// The instance sent `READY=1` on its NOTIFY_SOCKET.
     Ready { key: InstanceKey, generation: u64 },
+    /// A revision's package is ready, or could not be made so.
+    Package {
+        service: String,
+        revision: u64,
+        result: Result<Prepared, String>,
+    },
 }
 
 pub struct Driver {
@@ -208,6 +226,11 @@ impl Driver {
             } => self.on_exit(&key, generation, exit),
             Internal::CleanupDone { key, error } => self.on_cleanup_done(&key, error),
             Internal::Ready { key, generation } => self.on_ready(&key, generation),
+            Internal::Package {
+                service,
+                revision,
+                result,
+            } => self.on_package(&service, revision, result),
         }
     }
 

@@ -128,6 +128,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         rollout: svc.d.rollout.clone(),
         revisions: svc.d.revisions(),
         paused: svc.d.paused,
+        package: super::packages::package_status(svc),
     }
 }
 

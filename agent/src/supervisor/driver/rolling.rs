@@ -53,9 +53,17 @@ impl Driver {
     /// Move one service toward its desired state: the planner decides what to start and
     /// stop; the instances' timers are served too.
     fn reconcile_service(&mut self, name: &str) {
+        // Until the target's package is in the store, nothing is replaced or added: what
+        // runs keeps running (and restarting).
+        let ready = self.package_ready(name);
         for _ in 0..MAX_PASSES {
-            let Some(steps) = self.planned_steps(name) else {
-                continue;
+            let steps = if ready {
+                let Some(steps) = self.planned_steps(name) else {
+                    continue;
+                };
+                steps
+            } else {
+                Vec::new()
             };
             let Some(svc) = self.services.get(name) else {
                 return;
@@ -79,6 +87,7 @@ impl Driver {
             }
         }
         self.after_pass(name);
+        self.release_packages(name);
     }
 
     /// What the planner asks of a service now (nothing while it is deleted); `None` when
@@ -291,6 +300,15 @@ impl Driver {
             return;
         };
         let reason = failure_reason(svc, index, &id, reason);
+        self.fail_running(name, Some(&id), reason);
+    }
+
+    /// Fails the running rollout of `name` for `reason` (naming the instance, when one
+    /// decided it), rolling back when its policy says so.
+    pub(super) fn fail_running(&mut self, name: &str, id: Option<&str>, reason: String) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
         let Some(failed) = svc.d.running().map(|r| r.id.clone()) else {
             return;
         };
@@ -304,14 +322,14 @@ impl Driver {
         );
         svc.dirty = true;
         let why = svc.d.find(&failed).map_or(reason, |r| r.reason.clone());
-        tracing::warn!(service = %name, rollout = %failed, instance = %id, reason = %why, "rollout failed");
+        tracing::warn!(service = %name, rollout = %failed, instance = id.unwrap_or(""), reason = %why, "rollout failed");
         let event = EventKind::RolloutFinished {
             rollout: failed,
             state: RolloutState::Failed,
             reason: why,
             rollback: rollback.as_ref().map(|(id, _)| id.clone()),
         };
-        self.emit(name, Some(&id), event);
+        self.emit(name, id, event);
         let Some((_, target)) = rollback else {
             tracing::warn!(service = %name, "paused: no more instances are replaced until the next apply, restart or rollback");
             return;

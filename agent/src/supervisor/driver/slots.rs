@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::packages::PackageState;
 use super::report::CpuRate;
 use super::sockets::SocketMap;
 use crate::cgroups::CgroupStats;
@@ -112,6 +113,8 @@ pub(super) struct Service {
     pub wake: Option<Instant>,
     /// Its rollout record changed since it was last saved.
     pub dirty: bool,
+    /// Its revisions' packages (`[artifact]`, `[image]`).
+    pub packages: PackageState,
 }
 
 impl Service {
@@ -125,6 +128,7 @@ impl Service {
             stopped_on_delete: 0,
             wake: None,
             dirty: false,
+            packages: PackageState::default(),
         }
     }
 

@@ -1,0 +1,304 @@
+//! Services deployed from `[artifact]` packages, on the real kernel: a loopback HTTP server
+//! (python3 -m http.server, started and stopped by the test) serves tarballs holding the HTTP
+//! test server and a version file. A service is deployed from v1, rolled to v2 under load
+//! (not one request may fail), rolled back with the server stopped (the store's copy, no
+//! network), and given a package whose digest is wrong (the rollout fails with the URL and
+//! both digests; the running instances are untouched). The tree is read-only inside the
+//! instance and the host's mount table never sees it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use corral_e2e::load::Load;
+use corral_e2e::{Agent, eventually, free_port, pb, skip_unless_root, testbin};
+
+const CLIENTS: usize = 8;
+const LOAD_LIMIT: Duration = Duration::from_secs(180);
+
+/// python3's HTTP server on `dir`, on a free loopback port; killed (by PID) when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    async fn start(dir: &Path) -> Server {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server");
+        eventually("the package server", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .await;
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `web-<version>.tar.gz` in `dir`: `bin/server` (the test server) and `version`. Returns
+/// its file name and SHA-256.
+fn package(dir: &Path, version: &str) -> (String, String) {
+    let tree = dir.join(format!("tree-{version}"));
+    std::fs::create_dir_all(tree.join("bin")).expect("tree");
+    std::fs::copy(testbin(), tree.join("bin/server")).expect("copy the test server");
+    std::fs::write(tree.join("version"), format!("{version}\n")).expect("version file");
+    let name = format!("web-{version}.tar.gz");
+    let status = Command::new("tar")
+        .arg("czf")
+        .arg(dir.join(&name))
+        .arg("-C")
+        .arg(&tree)
+        .args(["bin", "version"])
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let out = Command::new("sha256sum")
+        .arg(dir.join(&name))
+        .output()
+        .expect("sha256sum");
+    let sum = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned();
+    (name, sum)
+}
+
+fn spec(port: u16, server: u16, name: &str, sha256: &str) -> String {
+    format!(
+        r#"name = "web"
+command = ["bin/server", "http-listen", "300"]
+replicas = 3
+env = {{ VERSION_FILE = "/app/version" }}
+
+[artifact]
+url = "http://127.0.0.1:{server}/{name}"
+sha256 = "{sha256}"
+mount = "/app"
+
+[ports]
+admin = "auto"
+
+[[sockets]]
+name = "http"
+listen = "127.0.0.1:{port}"
+
+[health]
+http = "http://127.0.0.1:{{port.admin}}/healthz"
+interval = "200ms"
+timeout = "150ms"
+start_period = "5s"
+
+[rollout]
+min_healthy = "500ms"
+healthy_deadline = "30s"
+
+[stop]
+grace = "5s"
+"#
+    )
+}
+
+fn body(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out.rsplit("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+async fn settled(agent: &Agent, revision: u64, version: &str, port: u16) {
+    eventually(
+        &format!("3 healthy instances of revision {revision} serving {version}"),
+        Duration::from_secs(60),
+        || async {
+            let s = agent.get("web").await.ok()?;
+            let done = s.healthy == 3
+                && s.instances.len() == 3
+                && s.instances.iter().all(|i| i.revision == revision)
+                && s.rollout
+                    .as_ref()
+                    .is_none_or(|r| r.state != pb::RolloutState::Running as i32);
+            (done && body(port).ends_with(version)).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn rollout_state(agent: &Agent) -> pb::RolloutStatus {
+    eventually("the rollout's end", Duration::from_secs(90), || async {
+        let r = agent.get("web").await.ok()?.rollout?;
+        (r.state != pb::RolloutState::Running as i32).then_some(r)
+    })
+    .await
+}
+
+fn pids(s: &pb::ServiceStatus) -> Vec<i32> {
+    let mut p: Vec<i32> = s.instances.iter().map(|i| i.pid).collect();
+    p.sort_unstable();
+    p
+}
+
+fn mountinfo_line(pid: i32, target: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .ok()?
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(target))
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_roll_and_roll_back_offline_and_refuse_a_wrong_digest() {
+    if skip_unless_root("deploy_roll_and_roll_back_offline_and_refuse_a_wrong_digest") {
+        return;
+    }
+    let files = tempfile::tempdir().expect("tempdir");
+    let (v1, sum1) = package(files.path(), "v1");
+    let (v2, sum2) = package(files.path(), "v2");
+    let server = Server::start(files.path()).await;
+    let agent = Agent::start().await;
+    let port = free_port();
+
+    // v1: fetched, verified, unpacked, mounted read-only at /app; the command is relative.
+    agent
+        .apply(&spec(port, server.port, &v1, &sum1))
+        .await
+        .expect("apply v1");
+    settled(&agent, 1, "v1", port).await;
+    let s = agent.get("web").await.expect("status");
+    let pkg = s.package.clone().expect("package status");
+    assert_eq!((pkg.revision, pkg.phase.as_str()), (1, "ready"));
+    let pid = s.instances[0].pid;
+    let app = mountinfo_line(pid, "/app").expect("/app is a mount inside the instance");
+    let options = app.split_whitespace().nth(5).unwrap_or("");
+    assert!(options.split(',').any(|o| o == "ro"), "{app}");
+    assert!(options.split(',').any(|o| o == "nosuid"), "{app}");
+    assert!(
+        mountinfo_line(std::process::id() as i32, "/app").is_none(),
+        "the host's mount table never sees the artifact"
+    );
+    let store = agent.state_dir.join("artifacts/sha256").join(&sum1);
+    assert!(store.is_file(), "the blob is in the store under its digest");
+
+    // v2 under load: not one request fails; the fetch is reported.
+    let mut load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    agent
+        .apply(&spec(port, server.port, &v2, &sum2))
+        .await
+        .expect("apply v2");
+    let r = rollout_state(&agent).await;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    settled(&agent, 2, "v2", port).await;
+    let report = std::mem::replace(&mut load, Load::start(port, CLIENTS, LOAD_LIMIT)).finish();
+    assert!(report.ok() > 0);
+    assert!(report.failures().is_empty(), "{}", report.failure_summary());
+    let events = agent.cli(&["events"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains(&format!(
+            "revision 2 package http://127.0.0.1:{}/{v2} ready",
+            server.port
+        )),
+        "{events}"
+    );
+
+    // Roll back with the server gone: the store's copy, without the network.
+    drop(server);
+    agent.cli(&["rollback", "web"]);
+    let r = rollout_state(&agent).await;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    settled(&agent, 1, "v1", port).await;
+    let report = std::mem::replace(&mut load, Load::start(port, CLIENTS, LOAD_LIMIT)).finish();
+    assert!(report.failures().is_empty(), "{}", report.failure_summary());
+
+    // A package whose digest is wrong: the rollout fails with the URL and both digests,
+    // and the running instances are the same processes.
+    let files2 = tempfile::tempdir().expect("tempdir");
+    let (v3, sum3) = package(files2.path(), "v3");
+    let server = Server::start(files2.path()).await;
+    let before = pids(&agent.get("web").await.expect("status"));
+    // (A digest the store already holds would be served from it: content-addressed.)
+    let wrong = "ab".repeat(32);
+    let applied = agent
+        .apply(&spec(port, server.port, &v3, &wrong))
+        .await
+        .expect("apply v3 (fetched as part of its rollout)");
+    let id = applied.rollout_id.clone();
+    let r = eventually("the failed rollout", Duration::from_secs(90), || async {
+        let mut client = agent.client().await;
+        let r = client
+            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        (r.state != pb::RolloutState::Running as i32).then_some(r)
+    })
+    .await;
+    assert_eq!(r.state, pb::RolloutState::Failed as i32, "{r:?}");
+    assert!(!r.rollback_id.is_empty(), "rolled back: {r:?}");
+    // Rolled back to revision 1, whose package is ready; the failure is in the events.
+    let s = agent.get("web").await.expect("status");
+    let pkg = s.package.clone().expect("package status");
+    assert_eq!((pkg.revision, pkg.phase.as_str()), (1, "ready"), "{pkg:?}");
+    let events = agent.cli(&["events"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.lines().any(|l| l.contains("revision 3 package")
+            && l.contains("failed")
+            && l.contains("sha256 mismatch")),
+        "{events}"
+    );
+    assert!(r.reason.contains("sha256 mismatch"), "{}", r.reason);
+    assert!(
+        r.reason.contains(&wrong) && r.reason.contains(&sum3),
+        "{}",
+        r.reason
+    );
+    let s = agent.get("web").await.expect("status");
+    assert_eq!(
+        pids(&s),
+        before,
+        "nothing of the running revision was touched"
+    );
+    assert!(s.instances.iter().all(|i| i.revision == 1), "{s:?}");
+    let report = load.finish();
+    assert!(report.failures().is_empty(), "{}", report.failure_summary());
+    assert!(
+        !agent
+            .state_dir
+            .join("artifacts/sha256")
+            .join(&sum3)
+            .exists()
+            && !agent
+                .state_dir
+                .join("artifacts/sha256")
+                .join(&wrong)
+                .exists(),
+        "nothing unverified in the store"
+    );
+    drop(server);
+}
