@@ -72,6 +72,10 @@ struct Flags {
     /// role: `read` or `admin`. Read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// The uids (and gids of the same numbers) given to `user = "dynamic"` services, one per
+    /// service: FIRST-LAST. Default: 61184-65519 (systemd's range for dynamic users).
+    #[arg(long, value_name = "FIRST-LAST")]
+    dynamic_users: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +90,7 @@ struct ConfigFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    dynamic_users: Option<String>,
 }
 
 #[derive(Debug)]
@@ -96,6 +101,7 @@ struct Settings {
     cgroup_parent: Option<String>,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
+    dynamic_users: runtime::users::IdRange,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -172,8 +178,14 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.tls_key.or(file.tls_key),
         flags.tls_client_ca.or(file.tls_client_ca),
     )?;
+    let dynamic_users = match flags.dynamic_users.or(file.dynamic_users) {
+        Some(range) => runtime::users::IdRange::parse(&range)
+            .map_err(|e| anyhow::anyhow!("--dynamic-users {e}"))?,
+        None => runtime::users::IdRange::DYNAMIC_DEFAULT,
+    };
     Ok(Settings {
         listen,
+        dynamic_users,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -276,7 +288,14 @@ async fn run(s: Settings) -> Result<()> {
         tracing::warn!(control = c.as_str(), reason = %why, "cannot enforce");
     }
     let mut runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
-    runtime.hide(&s.socket);
+    runtime.mask_socket_dir(&s.socket).map_err(anyhow::Error::msg)?;
+    let users = runtime::users::DynamicUsers::open(
+        &s.state_dir.join("dynamic-users.json"),
+        s.dynamic_users,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("reading the dynamic users")?;
+    runtime.set_dynamic_users(users);
     let namespaces = host::available_namespaces();
     let events = Arc::new(
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)

@@ -22,7 +22,7 @@ use super::{CgroupBackend, CgroupError, CgroupVersion};
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The v1 controllers the agent uses, as named in mount options and `/proc/self/cgroup`.
-const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "devices"];
 
 /// Detects the host's cgroups and returns the backend, its parent cgroup created and ready.
 pub fn detect(cgroup_parent: Option<&str>) -> Result<Arc<dyn CgroupBackend>, CgroupError> {
@@ -114,12 +114,13 @@ pub fn plan(
             for (slot, name) in found.iter_mut().zip(V1_CONTROLLERS) {
                 *slot = v1_hierarchy(&mounts, &cgroups, &flag, name)?;
             }
-            let [cpu, cpuacct, memory, pids] = found;
+            let [cpu, cpuacct, memory, pids, devices] = found;
             Ok(Plan::V1(V1Layout {
                 cpu,
                 cpuacct,
                 memory,
                 pids,
+                devices,
             }))
         }
     }

@@ -2,13 +2,18 @@
 //! child subreaper without one). It is `corrald` itself, executed under the name `corral-init`
 //! by the spawn path in [`super::linux`], already inside the instance's cgroup and namespaces.
 //!
-//! It finishes the isolation that needs a process inside the namespaces (private mount
-//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the read-only view of
-//! the host for `readonly_root`, the hostname, loopback),
+//! It runs with an empty environment of its own (the service's is applied only at the
+//! service's `execve`), and finishes the isolation that needs a process inside the
+//! namespaces (private mount propagation, `/proc` for the new PID namespace, a tmpfs on
+//! `/tmp`, what [`super::confine`] builds — masks, a minimal `/dev`, the kernel's files — the
+//! read-only view of the host for `readonly_root`, the hostname, loopback),
 //! forks the service process (which drops privileges and executes the command), then loops:
 //! it copies the service's stdout/stderr into the instance's rotating log files, forwards
 //! signals, reaps every child, and when the service process ends it records how (the exit
 //! record) and exits with the same status. No async runtime, no threads.
+//!
+//! The pure parts — what an sd_notify datagram says ([`apply_notify`]) and how the service's
+//! end becomes the exit record and the init's own status ([`ending`]) — are unit-tested.
 //!
 //! Imports from the crate: nothing but `super` (the shared config and record types).
 
@@ -30,12 +35,15 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
+use super::confine::{self, Masker};
+use super::exec::Command;
 use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 use super::mounts;
 use super::privileges::Privileges;
+use super::seccomp;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
-    RUN_DIR_FD,
+    RUN_DIR_FD, SETUP_FAILED,
 };
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
@@ -57,15 +65,10 @@ pub const FORWARDED: &[Signal] = &[
     Signal::SIGPWR,
 ];
 
-/// Exit code of the init when the instance could not be set up (the reason is in the exit
-/// record's `setup_error` and on the instance's stderr log).
-pub const SETUP_FAILED: u8 = 125;
-
 /// Entry point of `corral-init`. Never returns into the agent's code paths.
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(super::probe_exec::EXEC_FLAG) {
-        return super::probe_exec::main(&args[1..]);
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
+        return super::probe_helper::main();
     }
     // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
     // this process owns it.
@@ -207,19 +210,51 @@ impl Notify {
             if !from_instance {
                 continue;
             }
-            for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                if line == "READY=1" && !self.state.ready {
-                    self.state.ready = true;
-                    changed = true;
-                } else if let Some(text) = line.strip_prefix("STATUS=")
-                    && self.state.status != text
-                {
-                    self.state.status = text.chars().take(1024).collect();
-                    changed = true;
-                }
+            changed |= apply_notify(&mut self.state, &String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+}
+
+/// What one sd_notify datagram tells: `READY=1`, `STATUS=...` (the last one wins, cut at 1024
+/// characters); other lines are ignored. True when `state` changed.
+pub fn apply_notify(state: &mut NotifyState, message: &str) -> bool {
+    let mut changed = false;
+    for line in message.lines() {
+        if line == "READY=1" && !state.ready {
+            state.ready = true;
+            changed = true;
+        } else if let Some(text) = line.strip_prefix("STATUS=") {
+            let text: String = text.chars().take(1024).collect();
+            if state.status != text {
+                state.status = text;
+                changed = true;
             }
         }
     }
+    changed
+}
+
+/// How the service process ended, as its exit record (without the log counts) and the
+/// init's own exit status: the service's code, 128 + the signal, or [`SETUP_FAILED`] when it
+/// could not be waited for.
+pub fn ending(status: Option<WaitStatus>) -> (ExitRecord, u8) {
+    let mut record = ExitRecord::default();
+    let code = match status {
+        Some(WaitStatus::Exited(_, code)) => {
+            record.code = Some(code);
+            u8::try_from(code).unwrap_or(1)
+        }
+        Some(WaitStatus::Signaled(_, sig, core)) => {
+            record.signal = Some(sig as i32);
+            record.core_dumped = core;
+            (128 + sig as i32).clamp(0, 255) as u8
+        }
+        _ => {
+            record.setup_error = Some("the service process could not be waited for".into());
+            SETUP_FAILED
+        }
+    };
+    (record, code)
 }
 
 struct Init {
@@ -275,6 +310,9 @@ impl Init {
                 None::<&str>,
             )
             .map_err(|e| format!("making mounts private: {e}"))?;
+            if config.minimal_dev {
+                confine::nodev_everywhere()?;
+            }
             if config.pid_namespace {
                 mount(
                     Some("proc"),
@@ -295,11 +333,18 @@ impl Init {
                 )
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
             }
-            for path in &config.hidden {
-                mounts::hide(path).map_err(|e| format!("hiding {}: {e}", path.display()))?;
+            if config.minimal_dev {
+                confine::minimal_dev()?;
+            }
+            let mut masker = Masker::default();
+            for dir in &config.masked {
+                masker.dir(dir)?;
+            }
+            if config.system_paths {
+                confine::system_paths(&mut masker, &config.cgroup_mounts)?;
             }
             if readonly_root {
-                mounts::readonly_root(&config.workdir, config.state_dir.as_deref())
+                mounts::readonly_root(&config.workdir, config.system_paths)
                     .map_err(|e| format!("isolation.readonly_root: {e}"))?;
             }
         }
@@ -450,26 +495,9 @@ impl Init {
         self.stderr_log.finish(&ts);
         self.report_drops(run_dir);
         let dropped = self.dropped();
-        let mut record = ExitRecord {
-            log_lines_dropped: dropped.lines,
-            log_bytes_dropped: dropped.bytes,
-            ..ExitRecord::default()
-        };
-        let code = match status {
-            Some(WaitStatus::Exited(_, code)) => {
-                record.code = Some(code);
-                u8::try_from(code).unwrap_or(1)
-            }
-            Some(WaitStatus::Signaled(_, sig, core)) => {
-                record.signal = Some(sig as i32);
-                record.core_dumped = core;
-                (128 + sig as i32).clamp(0, 255) as u8
-            }
-            _ => {
-                record.setup_error = Some("the service process could not be waited for".into());
-                SETUP_FAILED
-            }
-        };
+        let (mut record, code) = ending(status);
+        record.log_lines_dropped = dropped.lines;
+        record.log_bytes_dropped = dropped.bytes;
         if let Err(e) = write_record(run_dir, EXIT_RECORD, &record) {
             self.notice(&format!("writing {EXIT_RECORD}: {e}"));
         }
@@ -538,7 +566,8 @@ extern "C" fn noop_handler(_: libc::c_int) {}
 
 /// Everything the service process needs, prepared in the init before the fork.
 struct ExecPlan {
-    argv: Vec<CString>,
+    /// The command with the service's environment.
+    command: Command,
     /// `NOTIFY_SOCKET` for the service, when it reports readiness itself.
     notify_socket: Option<String>,
     /// Names of the listening sockets on the init's fds 4, 5, ... (`LISTEN_FDNAMES`).
@@ -546,25 +575,22 @@ struct ExecPlan {
     workdir: CString,
     /// User, groups, capabilities and limits the service runs with.
     privileges: Privileges,
+    /// Installed right before the `execve`.
+    seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 impl ExecPlan {
     fn new(config: &InitConfig) -> Result<ExecPlan, String> {
-        let argv = config
-            .command
-            .iter()
-            .map(|a| {
-                CString::new(a.as_bytes())
-                    .map_err(|_| format!("command argument {a:?} holds a NUL byte"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if argv.is_empty() {
-            return Err("empty command".into());
-        }
         let workdir = CString::new(OsStr::new(&config.workdir).as_bytes())
             .map_err(|_| "workdir holds a NUL byte".to_string())?;
+        let seccomp = config
+            .seccomp
+            .iter()
+            .map(|h| super::unhex(h).and_then(|b| seccomp::from_bytes(&b)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("isolation.seccomp: the filter in the init's configuration is damaged")?;
         Ok(ExecPlan {
-            argv,
+            command: Command::new(&config.command, &config.env)?,
             notify_socket: None,
             listen_names: config.listen_names.clone(),
             workdir,
@@ -574,13 +600,14 @@ impl ExecPlan {
                 caps: config.capabilities,
                 nofile: config.nofile,
             },
+            seccomp,
         })
     }
 
-    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]) and set
-    /// `no_new_privs`, execute. Returns only on failure, with the error and what was being
-    /// done.
-    fn run(&self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
+    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]), set
+    /// `no_new_privs`, install the seccomp filter, execute with the service's environment.
+    /// Returns only on failure, with the error and what was being done.
+    fn run(&mut self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
         let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
         // Signal dispositions with handlers are reset by exec; the mask is not.
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
@@ -605,17 +632,21 @@ impl ExecPlan {
                     return step("passing the listening sockets", Errno::last());
                 }
             }
-            // SAFETY: as above; the child is single-threaded.
-            unsafe {
-                std::env::set_var("LISTEN_FDS", self.listen_names.len().to_string());
-                std::env::set_var("LISTEN_FDNAMES", self.listen_names.join(":"));
-                std::env::set_var("LISTEN_PID", std::process::id().to_string());
+            let vars = [
+                ("LISTEN_FDS", self.listen_names.len().to_string()),
+                ("LISTEN_FDNAMES", self.listen_names.join(":")),
+                ("LISTEN_PID", std::process::id().to_string()),
+            ];
+            for (k, v) in vars {
+                if let Err(e) = self.command.push_env(k, &v) {
+                    return (Errno::EINVAL, e);
+                }
             }
         }
-        if let Some(addr) = &self.notify_socket {
-            // SAFETY: this forked child is single-threaded; nothing reads the environment
-            // concurrently.
-            unsafe { std::env::set_var("NOTIFY_SOCKET", addr) };
+        if let Some(addr) = &self.notify_socket
+            && let Err(e) = self.command.push_env("NOTIFY_SOCKET", addr)
+        {
+            return (Errno::EINVAL, e);
         }
         // The agent may run with a low OOM score (systemd's OOMScoreAdjust); the service
         // must not inherit it. Raising the score needs no privilege; failure is harmless.
@@ -629,12 +660,15 @@ impl ExecPlan {
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             return step("setting no_new_privs", e);
         }
-        // execvp searches PATH from this process's environment, which is the service's.
-        let e = match nix::unistd::execvp(&self.argv[0], &self.argv) {
-            Err(e) => e,
-            Ok(never) => match never {},
-        };
-        (e, format!("executing {:?}: {}", self.argv[0], e.desc()))
+        if let Err(e) = seccomp::install(&self.seccomp) {
+            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL));
+            return (errno, format!("installing the seccomp filter: {e}"));
+        }
+        let e = self.command.exec();
+        (
+            e,
+            format!("executing {:?}: {}", self.command.program(), e.desc()),
+        )
     }
 }
 

@@ -1,77 +1,54 @@
-//! The Linux runtime: one `clone3` per instance, straight into new namespaces, with a pidfd.
+//! The Linux runtime: one `clone3` per instance (see [`super::clone`]), straight into new
+//! namespaces and the instance's cgroup, with a pidfd; the child executes the instance's init
+//! (`corral-init`) with an empty environment and the run directory on fd 3, where the init
+//! finds its configuration ([`InitConfig`], built by [`super::launch::init_config`]). Exits
+//! are observed through the pidfd (readable when the process ends) and reaped with
+//! `waitid(P_PIDFD)`.
 //!
-//! The child of `clone3` is the instance's init (PID 1 of its new PID namespace). Between
-//! `clone3` and `execve` it runs only async-signal-safe system calls on data prepared by the
-//! parent: it writes `"0"` to each of the instance cgroup's `cgroup.procs` files (so it is
-//! inside its limits before it executes anything), wires fds 0-3, marks every other fd
-//! close-on-exec and executes `/proc/self/exe` as `corral-init`. If any step fails, it writes
-//! the step and errno to a close-on-exec pipe and exits; the parent reads that pipe when the
-//! instance ends. Exits are observed through the pidfd (readable when the process ends) and
-//! reaped with `waitid(P_PIDFD)`.
+//! What the runtime keeps for all instances: the directories every instance with a mount
+//! namespace gets masked (the state directory, the API socket's directory), the host's
+//! cgroup mounts (mounted again inside instances with a cgroup namespace), the dynamic users,
+//! and the compiled seccomp filters, one per distinct [`seccomp::Policy`].
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use nix::fcntl::{FcntlArg, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
-use super::launch::{Identity, service_env};
-use super::privileges::CapPlan;
+use super::clone::{ChildPlan, clone_exec, high, read_spawn_error, wait_pidfd};
+use super::launch::{self, HostView, Identity, RunAs};
+use super::probe_helper::ProbeConfig;
+use super::seccomp;
+use super::users::DynamicUsers;
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
-    ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
+    CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, LOG_STAT, LogStat,
+    ProcessRef, Runtime, SpawnError, Spawned, StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
-/// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
-#[repr(C)]
-#[derive(Debug, Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-/// `CLONE_INTO_CGROUP` (linux/sched.h; libc's constant overflows a c_int).
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-
-/// Steps of the child between clone3 and exec, reported through the error pipe.
-const STEP_CGROUP: u8 = 1;
-const STEP_FDS: u8 = 2;
-const STEP_EXEC: u8 = 3;
-
-/// Source fds are moved at or above this number before the child rearranges 0-3.
-const HIGH_FD: RawFd = 16;
-
 #[derive(Debug)]
 pub struct LinuxRuntime {
-    /// Kept read-only inside `readonly_root` instances.
-    state_dir: PathBuf,
     run_root: PathBuf,
     log_root: PathBuf,
     /// What an instance's first process executes.
     exe: CString,
     /// The agent's own identity, for instances without `user` (resolved once).
     own: Option<Identity>,
-    /// Hidden from instances with a mount namespace (see [`LinuxRuntime::hide`]): each
-    /// path with its owning group.
-    hidden: Vec<(PathBuf, u32)>,
+    /// Masked in every instance with a mount namespace (outermost only).
+    masked: Vec<PathBuf>,
+    /// The host's cgroup filesystems.
+    cgroup_mounts: Vec<CgroupMount>,
+    /// `user = "dynamic"`: `None` when the agent has no range for them.
+    users: Option<DynamicUsers>,
+    /// Compiled seccomp programs (hex), by policy.
+    filters: Mutex<HashMap<seccomp::Policy, Arc<Vec<String>>>>,
 }
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or else
@@ -91,9 +68,60 @@ fn init_executable() -> CString {
     }
 }
 
+/// Directories an API socket must not be put in directly: instances get the socket's
+/// directory masked, and these they need (or they are the root of everything).
+const SHARED_DIRS: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64", "/media",
+    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+    "/var/lib", "/var/run", "/var/tmp",
+];
+
+/// The cgroup filesystems mounted under `/sys/fs/cgroup`, from `/proc/self/mountinfo`'s
+/// text, with the mount data to mount each again (controllers and name; nothing for v2).
+pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+    let mut out: Vec<CgroupMount> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(point) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        let (Some(fstype), _, Some(options)) = (r.next(), r.next(), r.next()) else {
+            continue;
+        };
+        if !(fstype == "cgroup" || fstype == "cgroup2")
+            || !(point == "/sys/fs/cgroup" || point.starts_with("/sys/fs/cgroup/"))
+        {
+            continue;
+        }
+        let options = if fstype == "cgroup2" {
+            String::new()
+        } else {
+            let kept: Vec<&str> = options
+                .split(',')
+                .filter(|o| {
+                    !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent=")
+                })
+                .collect();
+            kept.join(",")
+        };
+        let m = CgroupMount {
+            path: PathBuf::from(point),
+            fstype: fstype.to_string(),
+            options,
+        };
+        // A later mount on the same point hides the earlier one.
+        out.retain(|o| o.path != m.path);
+        out.push(m);
+    }
+    out
+}
+
 impl LinuxRuntime {
     /// Instances keep their run state in `<state_dir>/run/<instance>` and their logs in
-    /// `<state_dir>/logs/<instance>`.
+    /// `<state_dir>/logs/<instance>`; the whole state directory is masked in instances.
     pub fn new(state_dir: &Path) -> io::Result<LinuxRuntime> {
         let run_root = state_dir.join("run");
         let log_root = state_dir.join("logs");
@@ -103,30 +131,45 @@ impl LinuxRuntime {
                 .mode(0o750)
                 .create(d)?;
         }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         Ok(LinuxRuntime {
-            // Absolute and without symlinks: instances resolve it in their own mount table.
-            state_dir: fs::canonicalize(state_dir)?,
             run_root,
             log_root,
             exe: init_executable(),
-            own: resolve_identity(None).ok().flatten(),
-            hidden: Vec::new(),
+            own: resolve_identity(None, None, "").ok().flatten(),
+            // Absolute and without symlinks: instances resolve it in their own mount table.
+            masked: vec![fs::canonicalize(state_dir)?],
+            cgroup_mounts: cgroup_mounts(&mountinfo),
+            users: None,
+            filters: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Keep `path` (the API socket) out of reach of instances that have a mount namespace:
-    /// an instance running as root could otherwise connect to it and act as the agent's
-    /// admin.
-    ///
-    /// Only instances that could open it are given the extra mount: those running as root
-    /// (the default capabilities bypass file modes) or with the file's group.
-    pub fn hide(&mut self, path: &Path) {
-        use std::os::unix::fs::MetadataExt;
-        let gid = fs::metadata(path).map_or(0, |m| m.gid());
-        self.hidden.push((
-            fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
-            gid,
-        ));
+    /// Keep the API socket at `socket` out of reach of every instance with a mount namespace:
+    /// its directory is masked there (not the socket file, which the agent replaces when it
+    /// starts again). Refused for a directory instances need, such as `/run` or `/tmp`: the
+    /// socket must be in a directory of its own.
+    pub fn mask_socket_dir(&mut self, socket: &Path) -> Result<(), String> {
+        let dir = socket
+            .parent()
+            .map(|d| fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()))
+            .unwrap_or_else(|| PathBuf::from("/"));
+        if SHARED_DIRS.iter().any(|s| Path::new(s) == dir) {
+            return Err(format!(
+                "--socket {}: put the socket in a directory of its own (e.g. /run/corral/corral.sock): \
+                 instances get the socket's directory masked, and they need {}",
+                socket.display(),
+                dir.display()
+            ));
+        }
+        self.masked.push(dir);
+        self.masked = launch::outermost(&self.masked);
+        Ok(())
+    }
+
+    /// Give `user = "dynamic"` services uids from `users`.
+    pub fn set_dynamic_users(&mut self, users: DynamicUsers) {
+        self.users = Some(users);
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -136,9 +179,41 @@ impl LinuxRuntime {
     pub fn log_dir(&self, instance: &str) -> PathBuf {
         self.log_root.join(instance)
     }
+
+    /// The identity `spec` runs as (`None`: unknown, the agent's own), and whether the init
+    /// must change to it.
+    fn identity(&self, spec: &ServiceSpec) -> Result<(Option<Identity>, bool), String> {
+        match &spec.user {
+            None => Ok((self.own.clone(), false)),
+            Some(user) => {
+                resolve_identity(Some(user), self.users.as_ref(), &spec.name).map(|i| (i, true))
+            }
+        }
+    }
+
+    /// The seccomp programs of `spec` (hex), compiled once per policy.
+    fn filter(&self, spec: &ServiceSpec, caps: &super::privileges::CapPlan) -> Result<Vec<String>, String> {
+        let Some(policy) = launch::seccomp_policy(spec, caps) else {
+            return Ok(Vec::new());
+        };
+        let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(&policy) {
+            return Ok(hit.to_vec());
+        }
+        let programs: Vec<String> = seccomp::compile(policy)?
+            .iter()
+            .map(|p| super::hex(&seccomp::to_bytes(p)))
+            .collect();
+        cache.insert(policy, Arc::new(programs.clone()));
+        Ok(programs)
+    }
 }
 
-fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String> {
+fn resolve_identity(
+    user: Option<&UserSpec>,
+    users: Option<&DynamicUsers>,
+    service: &str,
+) -> Result<Option<Identity>, String> {
     use nix::unistd::{Gid, Uid, User};
     let entry = |u: Option<User>, uid: u32, gid: Option<u32>| Identity {
         uid,
@@ -165,22 +240,19 @@ fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String>
             let u = User::from_uid(Uid::from_raw(*uid)).ok().flatten();
             Ok(Some(entry(u, *uid, *gid)))
         }
+        Some(UserSpec::Dynamic) => {
+            let users = users.ok_or(
+                "the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)",
+            )?;
+            let uid = users.get_or_allocate(service)?;
+            Ok(Some(Identity {
+                uid,
+                gid: uid,
+                name: None,
+                home: None,
+            }))
+        }
     }
-}
-
-/// The capabilities of `spec`'s service process, which depend on the user it runs as (the
-/// agent's own when `identity` is unknown).
-fn self_uid() -> u32 {
-    nix::unistd::Uid::effective().as_raw()
-}
-
-fn self_gid() -> u32 {
-    nix::unistd::Gid::effective().as_raw()
-}
-
-fn cap_plan(spec: &ServiceSpec, identity: Option<&Identity>) -> CapPlan {
-    let uid = identity.map_or_else(|| nix::unistd::Uid::effective().as_raw(), |i| i.uid);
-    CapPlan::for_instance(spec.isolation.capabilities.as_deref(), uid)
 }
 
 /// A number from a one-line file under `/proc/sys`.
@@ -195,13 +267,6 @@ fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
     })
 }
 
-/// Move `fd` to a number >= HIGH_FD, close-on-exec.
-pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
-    let raw = nix::fcntl::fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 fn clone_flags(spec: &ServiceSpec) -> u64 {
     let mut flags = 0;
     for ns in &spec.isolation.namespaces {
@@ -211,130 +276,11 @@ fn clone_flags(spec: &ServiceSpec) -> u64 {
             Namespace::Uts => libc::CLONE_NEWUTS,
             Namespace::Ipc => libc::CLONE_NEWIPC,
             Namespace::Net => libc::CLONE_NEWNET,
+            // Entered by the child once inside its cgroup (see `ChildPlan::new_cgroup_ns`).
+            Namespace::Cgroup => 0,
         } as u64;
     }
     flags
-}
-
-/// Data the child reads between clone3 and exec; all of it prepared by the parent.
-#[derive(Clone, Copy)]
-pub(super) struct ChildPlan<'a> {
-    pub(super) procs: &'a [OwnedFd],
-    pub(super) stdin: RawFd,
-    pub(super) stdout: RawFd,
-    pub(super) stderr: RawFd,
-    /// Placed on fd 3: the run directory (an instance's init) or a pidfd (an exec probe).
-    pub(super) fd3: RawFd,
-    /// Placed on fds 4, 5, ...: the service's listening sockets.
-    pub(super) extra: &'a [RawFd],
-    pub(super) err_pipe: RawFd,
-    pub(super) exe: &'a CString,
-    pub(super) argv: &'a [*const libc::c_char],
-    pub(super) envp: &'a [*const libc::c_char],
-}
-
-/// The child side of clone3. Only async-signal-safe system calls: no allocation, no locks.
-///
-/// # Safety
-/// Must only be called in the child of a fork-like clone of a possibly multi-threaded
-/// process, with `plan` fully prepared by the parent; never returns.
-unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
-    let fail = |step: u8| -> ! {
-        // SAFETY: errno location, write and _exit are async-signal-safe.
-        unsafe {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 5];
-            msg[0] = step;
-            msg[1..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(plan.err_pipe, msg.as_ptr().cast(), msg.len());
-            libc::_exit(super::init::SETUP_FAILED as i32)
-        }
-    };
-    for fd in plan.procs {
-        // SAFETY: writing 2 bytes from a static buffer to an fd the parent opened.
-        if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
-            fail(STEP_CGROUP);
-        }
-    }
-    // SAFETY: dup2 onto 0-3 from fds >= HIGH_FD opened by the parent; dup2 clears CLOEXEC
-    // on the targets only. close_range then marks everything else close-on-exec (the error
-    // pipe stays usable until exec succeeds).
-    unsafe {
-        if libc::dup2(plan.stdin, 0) < 0
-            || libc::dup2(plan.stdout, 1) < 0
-            || libc::dup2(plan.stderr, 2) < 0
-            || libc::dup2(plan.fd3, RUN_DIR_FD) < 0
-        {
-            fail(STEP_FDS);
-        }
-        for (i, fd) in plan.extra.iter().enumerate() {
-            if libc::dup2(*fd, RUN_DIR_FD + 1 + i as RawFd) < 0 {
-                fail(STEP_FDS);
-            }
-        }
-        if libc::syscall(
-            libc::SYS_close_range,
-            (RUN_DIR_FD + 1 + plan.extra.len() as RawFd) as libc::c_uint,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        ) < 0
-        {
-            fail(STEP_FDS);
-        }
-        libc::execve(plan.exe.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
-    }
-    fail(STEP_EXEC)
-}
-
-/// clone3 a child with `flags` (namespaces), inside the cgroup (`into_cgroup` on v2, or by
-/// writing the plan's `cgroup.procs` files), that wires fds 0-3 and executes the plan. Returns
-/// its PID and pidfd.
-pub(super) fn clone_exec(
-    flags: u64,
-    into_cgroup: Option<&OwnedFd>,
-    plan: &ChildPlan<'_>,
-) -> io::Result<(i32, OwnedFd)> {
-    let attempt = |into: Option<&OwnedFd>| -> io::Result<(i32, OwnedFd)> {
-        let mut plan = *plan;
-        if into.is_some() {
-            // Born inside the cgroup: nothing to write.
-            plan.procs = &[];
-        }
-        let mut pidfd: libc::c_int = -1;
-        let mut args = CloneArgs {
-            flags: flags | libc::CLONE_PIDFD as u64,
-            pidfd: (&raw mut pidfd) as u64,
-            exit_signal: libc::SIGCHLD as u64,
-            ..CloneArgs::default()
-        };
-        if let Some(dir) = into {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = dir.as_raw_fd() as u64;
-        }
-        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
-        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
-        let ret =
-            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-        if ret == 0 {
-            // SAFETY: we are the child of clone3; the plan was built before the call.
-            unsafe { child_after_clone(&plan) }
-        }
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
-        Ok((ret as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
-    };
-    match attempt(into_cgroup) {
-        // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
-        Err(e)
-            if into_cgroup.is_some()
-                && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) =>
-        {
-            attempt(None)
-        }
-        other => other,
-    }
 }
 
 impl Runtime for LinuxRuntime {
@@ -349,17 +295,12 @@ impl Runtime for LinuxRuntime {
                 source,
             }
         };
-        let identity = match &spec.user {
-            None => Ok(self.own.clone()),
-            Some(_) => resolve_identity(spec.user.as_ref()),
-        }
-        .map_err(|reason| SpawnError::User {
+        let (identity, change) = self.identity(spec).map_err(|reason| SpawnError::User {
             instance: instance.to_string(),
-            user: match &spec.user {
-                Some(UserSpec::Name(n)) => n.clone(),
-                Some(UserSpec::Id { uid, .. }) => uid.to_string(),
-                None => "(agent's)".into(),
-            },
+            user: spec
+                .user
+                .as_ref()
+                .map_or_else(|| "(agent's)".to_string(), ToString::to_string),
             reason,
         })?;
         let run_dir = self.run_dir(instance);
@@ -378,49 +319,33 @@ impl Runtime for LinuxRuntime {
                 Err(e) => return Err(prep(&format!("removing the previous {stale}"))(e)),
             }
         }
-        let drop_privileges = spec.user.is_some();
-        let capabilities = cap_plan(spec, identity.as_ref());
-        let config = InitConfig {
+        let agent_uid = nix::unistd::Uid::effective().as_raw();
+        let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
+        let filter = self.filter(spec, &caps).map_err(|reason| SpawnError::Invalid {
             instance: instance.to_string(),
-            command: spec.command.clone(),
-            workdir: spec.workdir.clone(),
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            hostname: spec.hostname_for(req.index),
-            pid_namespace: spec.isolation.has(Namespace::Pid),
-            mount_namespace: spec.isolation.has(Namespace::Mount),
-            net_namespace: spec.isolation.has(Namespace::Net),
-            private_tmp: spec.isolation.private_tmp,
-            log_dir: log_dir.clone(),
-            log_max_size: spec.logs.max_size,
-            log_max_files: spec.logs.max_files,
-            notify: spec.health.as_ref().is_some_and(|h| h.notify),
-            listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
-            capabilities: Some(capabilities),
-            nofile: spec.resources.nofile,
-            readonly_root: spec.isolation.readonly_root,
-            state_dir: Some(self.state_dir.clone()),
-            hidden: {
-                let (uid, gid) = identity
-                    .as_ref()
-                    .filter(|_| drop_privileges)
-                    .map_or((self_uid(), self_gid()), |i| (i.uid, i.gid));
-                self.hidden
-                    .iter()
-                    .filter(|(_, group)| uid == 0 || gid == *group)
-                    .map(|(path, _)| path.clone())
-                    .collect()
+            reason: format!("isolation.seccomp: {reason}"),
+        })?;
+        let config = launch::init_config(
+            spec,
+            req.index,
+            instance,
+            req.ports,
+            RunAs {
+                identity: identity.as_ref(),
+                change,
+                agent_uid,
             },
-        };
+            HostView {
+                log_dir: &log_dir,
+                masked: &self.masked,
+                cgroup_mounts: &self.cgroup_mounts,
+            },
+            filter,
+        );
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
         fs::write(run_dir.join(INIT_CONFIG), json).map_err(prep(INIT_CONFIG))?;
 
-        let env = service_env(spec, req.index, instance, req.ports, identity.as_ref());
-        let env_c = env
-            .iter()
-            .map(|(k, v)| cstring(instance, &format!("env {k}"), &format!("{k}={v}")))
-            .collect::<Result<Vec<_>, _>>()?;
         let argv_c = [
             cstring(instance, "argv", INIT_NAME)?,
             cstring(instance, "instance", instance)?,
@@ -430,11 +355,8 @@ impl Runtime for LinuxRuntime {
             .map(|c| c.as_ptr())
             .chain(std::iter::once(std::ptr::null()))
             .collect();
-        let envp: Vec<*const libc::c_char> = env_c
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        // The init runs with an empty environment: the service's is in its configuration.
+        let envp = [std::ptr::null::<libc::c_char>()];
 
         let open = |path: &Path, flags: OFlag, mode: u32| -> io::Result<OwnedFd> {
             Ok(nix::fcntl::open(
@@ -484,6 +406,7 @@ impl Runtime for LinuxRuntime {
             stderr: init_log.as_raw_fd(),
             fd3: run_dir_fd.as_raw_fd(),
             extra: &listen,
+            new_cgroup_ns: spec.isolation.has(Namespace::Cgroup),
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
             argv: &argv,
@@ -561,14 +484,42 @@ impl Runtime for LinuxRuntime {
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let mut why = Vec::new();
-        if let Some(user) = &spec.user
-            && let Err(e) = resolve_identity(Some(user))
+        match &spec.user {
+            // Allocated at the first start; here only whether there is a range.
+            Some(UserSpec::Dynamic) => {
+                if self.users.is_none() {
+                    why.push(
+                        "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)"
+                            .to_string(),
+                    );
+                }
+            }
+            Some(user) => {
+                if let Err(e) = resolve_identity(Some(user), None, &spec.name) {
+                    why.push(format!("user: {:?}: {e}", user.to_string()));
+                }
+            }
+            None => {}
+        }
+        if spec.isolation.has(Namespace::Mount)
+            && let Some(dir) = self.masked.iter().find(|d| spec.workdir.starts_with(d))
         {
-            let shown = match user {
-                UserSpec::Name(n) => n.clone(),
-                UserSpec::Id { uid, .. } => uid.to_string(),
-            };
-            why.push(format!("user: {shown:?}: {e}"));
+            why.push(format!(
+                "workdir: {:?} is inside {}, which the agent masks in every instance (its state or its socket's directory)",
+                spec.workdir,
+                dir.display()
+            ));
+        }
+        if spec.isolation.seccomp == crate::spec::Seccomp::Default && !seccomp::supported() {
+            why.push(format!(
+                "isolation.seccomp: the default filter is built for x86_64 and aarch64, not {} (set \"unconfined\")",
+                std::env::consts::ARCH
+            ));
+        }
+        if spec.isolation.has(Namespace::Cgroup)
+            && !Path::new("/proc/self/ns/cgroup").exists()
+        {
+            why.push("isolation.namespaces: this kernel has no cgroup namespaces".to_string());
         }
         if let Some(cmd) = spec.command.first()
             && cmd.starts_with('/')
@@ -703,16 +654,21 @@ impl Runtime for LinuxRuntime {
 
     fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
         let spec = req.spec;
-        let identity = match &spec.user {
-            None => self.own.clone(),
-            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
-        };
-        let drop_privileges = spec.user.is_some();
-        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
-            .into_iter()
-            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-            .collect();
-        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
+        // The same identity, environment, capabilities and filter as the service.
+        let (identity, change) = self.identity(spec).unwrap_or((None, true));
+        let agent_uid = nix::unistd::Uid::effective().as_raw();
+        let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
+        let filter = self.filter(spec, &caps).unwrap_or_else(|e| {
+            tracing::error!(instance = %req.instance, error = %e, "no seccomp filter for exec probes; they will fail");
+            vec![String::new()]
+        });
+        let changed = identity.as_ref().filter(|_| change);
+        let ns_flags = (clone_flags(spec)
+            | if spec.isolation.has(Namespace::Cgroup) {
+                libc::CLONE_NEWCGROUP as u64
+            } else {
+                0
+            }) as i32;
         let procs = req
             .cgroup_procs
             .into_iter()
@@ -723,14 +679,30 @@ impl Runtime for LinuxRuntime {
             target: req.process.pidfd.clone(),
             procs,
             cgroup_dir: req.cgroup_dir,
-            env,
-            ns_flags,
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            caps: cap_plan(spec, identity.as_ref()),
-            nofile: spec.resources.nofile,
-            workdir: spec.workdir.display().to_string(),
+            config: ProbeConfig {
+                ns_flags,
+                uid: changed.map(|i| i.uid),
+                gid: changed.map(|i| i.gid),
+                caps,
+                nofile: spec.resources.nofile,
+                workdir: spec.workdir.clone(),
+                env: launch::service_env(
+                    spec,
+                    req.index,
+                    req.instance,
+                    req.ports,
+                    identity.as_ref(),
+                ),
+                seccomp: filter,
+                argv: Vec::new(),
+            },
         })
+    }
+
+    fn release_service(&self, service: &str) {
+        if let Some(users) = &self.users {
+            users.release(service);
+        }
     }
 
     fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
@@ -786,87 +758,6 @@ fn proc_start_time(pid: i32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // Fields after the name start at field 3 (state); start time is field 22.
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
-    let reap = |fd: &OwnedFd| {
-        if !child {
-            // Its parent (not us) reaps it; signal 0 through the pidfd tells whether it ended.
-            // SAFETY: pidfd_send_signal with signal 0 only checks; no siginfo.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    0,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            let ended = r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            return ended.then_some(ProcessStatus::Unknown);
-        }
-        match waitid(
-            Id::PIDFd(fd.as_fd()),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-        ) {
-            Ok(WaitStatus::Exited(_, code)) => Some(ProcessStatus::Exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => Some(ProcessStatus::Signaled(sig as i32)),
-            Ok(_) => None,
-            Err(nix::errno::Errno::EINTR) => None,
-            // ECHILD: reaped elsewhere; nothing more can be learned from the process itself.
-            Err(_) => Some(ProcessStatus::Unknown),
-        }
-    };
-    // SAFETY: the pidfd stays open (the Arc keeps it) for as long as the AsyncFd lives.
-    let afd = match unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) } {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch a pidfd; polling instead");
-            loop {
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    };
-    loop {
-        match afd.readable().await {
-            Ok(mut guard) => {
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                guard.clear_ready();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pidfd wait failed");
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// What the child reported before exec, if anything (EOF: exec succeeded).
-fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
-    let mut buf = [0u8; 5];
-    let mut f = fs::File::from(pipe);
-    match f.read(&mut buf) {
-        Ok(5) => {
-            let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
-            let err = io::Error::from_raw_os_error(errno);
-            let step = match buf[0] {
-                STEP_CGROUP => "joining the instance cgroup",
-                STEP_FDS => "setting up file descriptors",
-                STEP_EXEC => "executing the init",
-                _ => "starting",
-            };
-            Some(format!("{step}: {err}"))
-        }
-        _ => None,
-    }
 }
 
 /// The parent PID from `/proc/PID/stat` (the field after the parenthesised command name,

@@ -7,15 +7,27 @@
 //! leaves when the service ends ([`ExitRecord`]) are defined here, since both sides use them.
 //!
 //! Imports from the crate: `spec` only.
+//!
+//! Inside: [`clone`] starts a process into namespaces and a cgroup (for [`linux`], the agent's
+//! side, and [`probe_exec`], the agent's side of exec probes); [`init`] and [`probe_helper`]
+//! are what runs inside an instance (`corral-init`), with [`confine`], [`mounts`], [`exec`],
+//! [`privileges`] and [`seccomp`]; [`launch`] computes an instance's environment and its
+//! init's configuration from its spec (pure); [`users`] keeps the dynamic users.
 
+mod clone;
+mod confine;
+pub mod exec;
 pub mod fake;
 pub mod init;
-mod launch;
+pub mod launch;
 pub mod linux;
 pub mod logwriter;
 mod mounts;
 pub mod privileges;
 pub mod probe_exec;
+pub mod probe_helper;
+pub mod seccomp;
+pub mod users;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::ServiceSpec;
 
+pub use clone::SETUP_FAILED;
 pub use launch::service_env;
 
 /// `argv[0]` of an instance's init; `corrald` runs as the init when started under this name.
@@ -73,14 +86,61 @@ pub struct InitConfig {
     /// Make the host's filesystem read-only inside the instance, except `workdir` and `/tmp`.
     #[serde(default)]
     pub readonly_root: bool,
-    /// The agent's state directory, which a `readonly_root` instance must never be able to
-    /// write, even when it lies inside `workdir` or `/tmp`.
+    /// The service's complete environment, applied only at its final `execve` (the init
+    /// itself runs with an empty one).
     #[serde(default)]
-    pub state_dir: Option<PathBuf>,
-    /// Paths the instance must not reach (the agent's API socket): covered with an empty,
-    /// read-only file in the instance's mount namespace.
+    pub env: Vec<(String, String)>,
+    /// Directories the instance must not see at all (the agent's state and the API socket's
+    /// directory): covered with an empty, read-only tmpfs in its mount namespace.
     #[serde(default)]
-    pub hidden: Vec<PathBuf>,
+    pub masked: Vec<PathBuf>,
+    /// `nodev` everywhere and a minimal `/dev` of its own (`isolation.devices = "minimal"`).
+    #[serde(default)]
+    pub minimal_dev: bool,
+    /// The kernel's files masked or read-only (`isolation.system_paths = "masked"`).
+    #[serde(default)]
+    pub system_paths: bool,
+    /// The cgroup filesystems to mount again inside (the instance has its own cgroup
+    /// namespace and `system_paths`).
+    #[serde(default)]
+    pub cgroup_mounts: Vec<CgroupMount>,
+    /// The seccomp programs to install before the service's `execve`, in order (see
+    /// [`seccomp::to_bytes`]), as hex.
+    #[serde(default)]
+    pub seccomp: Vec<String>,
+}
+
+/// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
+/// own cgroup namespace (it then shows the instance's cgroup as its root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupMount {
+    /// Where, e.g. `/sys/fs/cgroup` (v2) or `/sys/fs/cgroup/memory` (v1).
+    pub path: PathBuf,
+    /// `cgroup2` or `cgroup`.
+    pub fstype: String,
+    /// The mount data: the controllers and name of a v1 hierarchy (`cpu,cpuacct`,
+    /// `none,name=systemd`), empty for cgroup2.
+    pub options: String,
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Reads [`hex`]'s form.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
@@ -257,6 +317,11 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
 
     /// Forget an instance's run and log state on disk (service deleted).
     fn remove_instance_files(&self, instance: &str);
+
+    /// A service is gone (deleted): release what was held for it (its dynamic user).
+    fn release_service(&self, service: &str) {
+        let _ = service;
+    }
 
     /// Take over the init of an instance started by an earlier agent run: it must still be
     /// the process with this PID *and* start time (never a process that reuses the PID).

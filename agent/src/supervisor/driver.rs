@@ -709,6 +709,11 @@ impl Driver {
         if let Err(e) = create_fresh(&**cg, &path, &spec.resources) {
             return fail(e.to_string());
         }
+        if spec.isolation.devices == spec::Devices::Minimal
+            && let Err(e) = cg.restrict_devices(&path)
+        {
+            return fail(e.to_string());
+        }
         let procs = match cg.open_procs(&path) {
             Ok(p) => p,
             Err(e) => return fail(e.to_string()),
@@ -1105,6 +1110,7 @@ impl Driver {
         for (listen, _) in svc.sockets.values() {
             self.deps.runtime.unlink_socket(listen);
         }
+        self.deps.runtime.release_service(name);
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
         for w in svc.delete_waiters {
@@ -1334,6 +1340,14 @@ impl Driver {
     fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         let mut why = Vec::new();
         if let Some(r) = self.deps.cgroups.capabilities().refuse(&spec.resources) {
+            why.push(r);
+        }
+        if let Some(r) = self
+            .deps
+            .cgroups
+            .capabilities()
+            .refuse_isolation(&spec.isolation)
+        {
             why.push(r);
         }
         for ns in &spec.isolation.namespaces {
