@@ -417,6 +417,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", ""),
                 memory: h("/sys/fs/cgroup/memory", "process_api/1b8a9eac"),
                 pids: h("/sys/fs/cgroup/pids", ""),
+                devices: h("/sys/fs/cgroup/devices", ""),
             })
         );
     }
@@ -437,6 +438,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", "e2e-1/x"),
                 memory: h("/sys/fs/cgroup/memory", "process_api/1b8a9eac/e2e-1/x"),
                 pids: h("/sys/fs/cgroup/pids", "e2e-1/x"),
+                devices: h("/sys/fs/cgroup/devices", "e2e-1/x"),
             })
         );
         let got = plan(
@@ -453,6 +455,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", "corral.slice"),
                 memory: h("/sys/fs/cgroup/memory", "corral.slice"),
                 pids: h("/sys/fs/cgroup/pids", "corral.slice"),
+                devices: h("/sys/fs/cgroup/devices", "corral.slice"),
             })
         );
     }
@@ -513,6 +516,7 @@ mod tests {
                 cpuacct: both,
                 memory: h("/sys/fs/cgroup/memory", "system.slice/corrald.service"),
                 pids: h("/sys/fs/cgroup/pids", "system.slice/corrald.service"),
+                devices: None,
             })
         );
     }
@@ -567,6 +571,7 @@ mod tests {
                 cpuacct: None,
                 memory: h("/mnt/cgroup memory", "my slice/job 1"),
                 pids: h("/mnt/odd", "x"),
+                devices: None,
             })
         );
     }

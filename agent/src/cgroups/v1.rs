@@ -494,6 +494,7 @@ mod tests {
             cpuacct: h("cpuacct"),
             memory: h("memory"),
             pids: h("pids"),
+            devices: None,
         }
     }
 
@@ -523,7 +524,13 @@ mod tests {
                 Control::CpuAccounting
             ]
         );
-        assert!(caps.unavailable.is_empty(), "{:?}", caps.unavailable);
+        assert_eq!(
+            caps.unavailable,
+            vec![(
+                Control::Devices,
+                "the devices hierarchy is not mounted".to_string()
+            )]
+        );
         assert_eq!(
             caps.parent,
             "memory:/agent/x,cpu:/agent/x,cpuacct:/agent/x,pids:/agent/x"
@@ -589,10 +596,16 @@ mod tests {
         assert!(!b.capabilities().has(Control::Pids));
         assert_eq!(
             b.capabilities().unavailable,
-            vec![(
-                Control::Pids,
-                "the pids hierarchy is not mounted".to_string()
-            )]
+            vec![
+                (
+                    Control::Pids,
+                    "the pids hierarchy is not mounted".to_string()
+                ),
+                (
+                    Control::Devices,
+                    "the devices hierarchy is not mounted".to_string()
+                ),
+            ]
         );
         let err = b
             .create(&web0(), &limits(None, Some(64 * MIB), Some(32)))
@@ -893,6 +906,7 @@ mod tests {
             cpuacct: h(&both),
             memory: h(&tmp.path().join("memory")),
             pids: None,
+            devices: None,
         };
         let fake = FakeKernel::v1();
         let b = V1Backend::with_dirs(layout, fake.clone()).expect("backend");

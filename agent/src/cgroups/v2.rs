@@ -608,7 +608,10 @@ mod tests {
                 Control::CpuAccounting
             ]
         );
-        assert!(caps.unavailable.is_empty());
+        assert_eq!(
+            caps.unavailable,
+            vec![(Control::Devices, "no device program loaded".to_string())]
+        );
         assert!(r.join("agent/x/corral").is_dir());
     }
 
@@ -670,6 +673,7 @@ mod tests {
                     Control::MemorySwap,
                     "needs the memory controller".to_string()
                 ),
+                (Control::Devices, "no device program loaded".to_string()),
             ]
         );
         let err = b

@@ -245,20 +245,49 @@ pub(super) fn system_paths(masker: &mut Masker, cgroup_mounts: &[CgroupMount]) -
         readonly(knob)?;
     }
     readonly("/sys")?;
+    if !cgroup_mounts.is_empty() {
+        cgroup_views(cgroup_mounts)?;
+    }
+    Ok(())
+}
+
+/// Where the cgroup filesystems are.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup filesystems mounted again in the instance's cgroup namespace, read-only, on a
+/// fresh tmpfs over `/sys/fs/cgroup` (the same filesystem cannot be mounted again right on
+/// the mount point where it already is).
+fn cgroup_views(cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
+    let what = |path: &Path| format!("mounting the instance's cgroup view on {}", path.display());
+    mount(
+        Some("tmpfs"),
+        CGROUP_ROOT,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=4k"),
+    )
+    .map_err(|e| format!("{}: {e}", what(Path::new(CGROUP_ROOT))))?;
     for m in cgroup_mounts {
+        if m.path != Path::new(CGROUP_ROOT) {
+            std::fs::create_dir(&m.path).map_err(|e| format!("{}: {e}", what(&m.path)))?;
+        }
+        // The superblock is the host's and stays writable (asking for a read-only one would
+        // be refused with EBUSY): read-only is set per mount below.
         mount(
             Some("cgroup"),
             m.path.as_path(),
             Some(m.fstype.as_str()),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some(m.options.as_str()).filter(|o| !o.is_empty()),
         )
-        .map_err(|e| {
-            format!(
-                "mounting the instance's cgroup view on {}: {e}",
-                m.path.display()
-            )
-        })?;
+        .map_err(|e| format!("{}: {e}", what(&m.path)))?;
     }
-    Ok(())
+    set_attr(
+        libc::AT_FDCWD,
+        Path::new(CGROUP_ROOT),
+        true,
+        libc::MOUNT_ATTR_RDONLY,
+        0,
+    )
+    .map_err(|e| format!("{}: {e}", what(Path::new(CGROUP_ROOT))))
 }

@@ -700,3 +700,50 @@ fn loopback_up() -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_messages_update_the_state() {
+        let long = "x".repeat(2000);
+        let cases: &[(&str, bool, &str, bool)] = &[
+            // (message, ready after, status after, changed)
+            ("READY=1", true, "", true),
+            ("STATUS=warming up", false, "warming up", true),
+            ("STATUS=a\nREADY=1\nSTATUS=b", true, "b", true),
+            ("MAINPID=7\nWATCHDOG=1", false, "", false),
+            ("READY=0", false, "", false),
+            ("", false, "", false),
+        ];
+        for (msg, ready, status, changed) in cases {
+            let mut state = NotifyState::default();
+            assert_eq!(apply_notify(&mut state, msg), *changed, "{msg:?}");
+            assert_eq!(state.ready, *ready, "{msg:?}");
+            assert_eq!(state.status, *status, "{msg:?}");
+        }
+        let mut state = NotifyState::default();
+        assert!(apply_notify(&mut state, &format!("STATUS={long}")));
+        assert_eq!(state.status.len(), 1024, "cut at 1024 characters");
+        assert!(!apply_notify(&mut state, &format!("STATUS={long}")), "same status");
+        assert!(apply_notify(&mut state, "READY=1"));
+        assert!(!apply_notify(&mut state, "READY=1"), "ready once");
+    }
+
+    #[test]
+    fn endings_map_to_records_and_codes() {
+        let pid = Pid::from_raw(5);
+        let (r, code) = ending(Some(WaitStatus::Exited(pid, 3)));
+        assert_eq!((r.code, r.signal, code), (Some(3), None, 3));
+        let (r, code) = ending(Some(WaitStatus::Exited(pid, 0)));
+        assert_eq!((r.code, code), (Some(0), 0));
+        let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)));
+        assert_eq!((r.code, r.signal, r.core_dumped, code), (None, Some(9), false, 137));
+        let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)));
+        assert_eq!((r.signal, r.core_dumped, code), (Some(11), true, 139));
+        let (r, code) = ending(None);
+        assert_eq!(code, SETUP_FAILED);
+        assert!(r.setup_error.is_some());
+    }
+}
