@@ -103,6 +103,11 @@ fn prepare(config: &ProbeConfig) -> Result<Prepared, String> {
 fn run() -> Result<ExitCode, String> {
     let config = read_config()?;
     let prepared = prepare(&config)?;
+    // The agent may run with a low OOM score (systemd's OOMScoreAdjust); a probe must not
+    // keep it. Raising the score needs no privilege. Before joining the instance's mount
+    // namespace, whose /proc does not show this process.
+    std::fs::write("/proc/self/oom_score_adj", "0")
+        .map_err(|e| format!("resetting oom_score_adj: {e}"))?;
     let flags = CloneFlags::from_bits_truncate(config.ns_flags);
     // SAFETY: fd 3 is the instance init's pidfd, placed by the agent; nothing else owns it.
     let target = unsafe { OwnedFd::from_raw_fd(RUN_DIR_FD) };
@@ -111,10 +116,6 @@ fn run() -> Result<ExitCode, String> {
             .map_err(|e| format!("joining the instance's namespaces: {e}"))?;
     }
     drop(target);
-    // The agent may run with a low OOM score (systemd's OOMScoreAdjust); a probe must not
-    // keep it. Raising the score needs no privilege.
-    std::fs::write("/proc/self/oom_score_adj", "0")
-        .map_err(|e| format!("resetting oom_score_adj: {e}"))?;
     // SAFETY: single-threaded process (just executed); the child may allocate before exec.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
