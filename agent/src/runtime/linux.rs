@@ -510,6 +510,12 @@ impl Runtime for LinuxRuntime {
                 dir.display()
             ));
         }
+        if spec.isolation.userns {
+            why.push(
+                "isolation.userns: user namespaces are not available in this version of corrald"
+                    .to_string(),
+            );
+        }
         if spec.isolation.seccomp == crate::spec::Seccomp::Default && !seccomp::supported() {
             why.push(format!(
                 "isolation.seccomp: the default filter is built for x86_64 and aarch64, not {} (set \"unconfined\")",

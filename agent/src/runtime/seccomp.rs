@@ -566,7 +566,7 @@ pub fn install(programs: &[BpfProgram]) -> Result<(), std::io::Error> {
 mod tests {
     use super::*;
 
-    const DOCKER_ROOT: u64 = 0xa804_25fb;
+    const DOCKER_ROOT: u64 = 0xa004_25fb;
 
     fn policy(capabilities: u64, own_pid_namespace: bool) -> Policy {
         Policy {

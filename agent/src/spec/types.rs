@@ -422,8 +422,9 @@ impl SystemPaths {
 pub use caps::Capability;
 
 /// What a root instance may do when its spec lists no `capabilities`: the set container
-/// runtimes (Docker, containerd) give by default. Sorted by number.
-pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 14] = [
+/// runtimes (Docker, containerd) give by default, less `CAP_MKNOD` (an instance has no
+/// device node to make). Sorted by number.
+pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 13] = [
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_FOWNER,
@@ -435,7 +436,6 @@ pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 14] = [
     Capability::CAP_NET_BIND_SERVICE,
     Capability::CAP_NET_RAW,
     Capability::CAP_SYS_CHROOT,
-    Capability::CAP_MKNOD,
     Capability::CAP_AUDIT_WRITE,
     Capability::CAP_SETFCAP,
 ];

@@ -8,7 +8,9 @@
 //! updates of 4 HTTP instances under 16 clients: failed requests, longest gap, p99, the
 //! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
-//! rollouts). Default: all.
+//! rollouts), `confine` (start cost of the default confinement against the isolation of
+//! earlier releases: seccomp unconfined, the host's /dev and /proc, no cgroup namespace;
+//! at least 50 replacements each). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -151,6 +153,9 @@ async fn main() {
     let wants = |s: &str| sections.is_empty() || sections.contains(&s);
     if wants("core") {
         core(rounds).await;
+    }
+    if wants("confine") {
+        confine(rounds.max(50)).await;
     }
     if wants("health") {
         health().await;
@@ -804,4 +809,77 @@ async fn rollout(rounds: usize) {
         healthy().await;
     }
     delete(&agent, "roll").await;
+}
+
+/// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
+/// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
+/// isolation of earlier releases and with the defaults, alternating so that the machine's
+/// load falls on both alike; then 50 confined instances at once.
+async fn confine(rounds: usize) {
+    let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent = Agent::start_logging(None, "warn").await;
+    println!(
+        "confine: corrald {} ({})",
+        corral_e2e::bin("corrald").display(),
+        corral_e2e::cgroup::version_name()
+    );
+    let before = "[isolation]\nnamespaces = [\"pid\", \"mount\", \"uts\", \"ipc\"]\nseccomp = \"unconfined\"\ndevices = \"host\"\nsystem_paths = \"host\"\n";
+    let configs = [("before", before), ("default", "")];
+    let mut fifos = Vec::new();
+    for (name, iso) in configs {
+        let fifo = Fifo::new(&dir, name);
+        apply(
+            &agent,
+            &format!(
+                "{}[restart]\nbackoff = \"0s\"\n",
+                spec(name, 1, &fifo.path, iso)
+            ),
+        )
+        .await;
+        fifos.push(fifo);
+    }
+    for f in &mut fifos {
+        f.wait_bytes(1).await;
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, (name, _)) in configs.iter().enumerate() {
+            let pid = agent.wait_running(name, 1).await[0].pid;
+            let t = Instant::now();
+            corral_e2e::kill9(pid);
+            fifos[i].wait_bytes(1).await;
+            samples[i].push(t.elapsed());
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut b, mut d) = (samples[0].clone(), samples[1].clone());
+    let (mb, md) = (median(&mut b), median(&mut d));
+    stats("replacement, isolation of earlier releases", b, true);
+    stats("replacement, default confinement", d, true);
+    println!(
+        "added start cost of the default confinement: {:.3} ms (median {:.3} ms vs {:.3} ms)",
+        (md.as_secs_f64() - mb.as_secs_f64()) * 1e3,
+        md.as_secs_f64() * 1e3,
+        mb.as_secs_f64() * 1e3
+    );
+    for (name, _) in configs {
+        delete(&agent, name).await;
+    }
+    let mut fifty = Vec::new();
+    let mut fifo = Fifo::new(&dir, "fifty");
+    for r in 0..5 {
+        let name = format!("confined-{r}");
+        let t = Instant::now();
+        apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
+        fifo.wait_bytes(50).await;
+        fifty.push(t.elapsed());
+        delete(&agent, &name).await;
+    }
+    stats("apply -> 50 confined instances executed", fifty, true);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }
