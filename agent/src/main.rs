@@ -288,7 +288,9 @@ async fn run(s: Settings) -> Result<()> {
         tracing::warn!(control = c.as_str(), reason = %why, "cannot enforce");
     }
     let mut runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
-    runtime.mask_socket_dir(&s.socket).map_err(anyhow::Error::msg)?;
+    runtime
+        .mask_socket_dir(&s.socket)
+        .map_err(anyhow::Error::msg)?;
     let users = runtime::users::DynamicUsers::open(
         &s.state_dir.join("dynamic-users.json"),
         s.dynamic_users,

@@ -824,7 +824,13 @@ pub async fn escape_is_refused(readonly_root: bool) {
     let blk = workdir.path().join("blk");
     let c = std::ffi::CString::new(blk.display().to_string()).expect("path");
     // SAFETY: mknod(2) with a NUL-terminated path.
-    let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o666, libc::makedev(major, minor)) };
+    let made = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFBLK | 0o666,
+            libc::makedev(major, minor),
+        )
+    };
     assert_eq!(made, 0, "mknod {}", blk.display());
     let core_pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
     let token = format!("corral-esc{}", std::process::id() % 100_000);
@@ -835,7 +841,12 @@ pub async fn escape_is_refused(readonly_root: bool) {
     );
     let blk_s = blk.display().to_string();
     agent
-        .apply(&spec("esc", 1, &["escape", &socket, &blk_s, &token], &extra))
+        .apply(&spec(
+            "esc",
+            1,
+            &["escape", &socket, &blk_s, &token],
+            &extra,
+        ))
         .await
         .expect("apply");
     let inst = agent.wait_running("esc", 1).await.remove(0);
@@ -864,24 +875,34 @@ pub async fn escape_is_refused(readonly_root: bool) {
         block == "refused:EACCES" || block == "refused:EPERM",
         "block device: {block}"
     );
-    assert_eq!(agent.reported(&inst.id, "escape.double_fork").await, "started");
+    assert_eq!(
+        agent.reported(&inst.id, "escape.double_fork").await,
+        "started"
+    );
 
     // The API socket stays out of reach after the agent starts again (a new socket file in
     // the same directory).
     agent.stop_with(libc::SIGKILL);
     agent.launch().await;
-    let again = eventually("the instance to try again", Duration::from_secs(20), || async {
-        // SAFETY: kill(2) on the instance's service process, found through the agent.
-        let pid = agent.get("esc").await.ok()?.instances.first()?.pid;
-        unsafe { libc::kill(pid, libc::SIGUSR1) };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        agent
-            .stdout_of(&inst.id)
-            .lines()
-            .find_map(|l| l.strip_prefix("escape.api_socket_again=").map(str::to_string))
-    })
+    let again = eventually(
+        "the instance to try again",
+        Duration::from_secs(20),
+        || async {
+            let pid = agent.get("esc").await.ok()?.instances.first()?.pid;
+            // SAFETY: kill(2) on the instance's service process, found through the agent.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            agent.stdout_of(&inst.id).lines().find_map(|l| {
+                l.strip_prefix("escape.api_socket_again=")
+                    .map(str::to_string)
+            })
+        },
+    )
     .await;
-    assert!(refused(&again), "API socket after an agent restart: {again}");
+    assert!(
+        refused(&again),
+        "API socket after an agent restart: {again}"
+    );
 
     // The host is unchanged.
     assert_eq!(
@@ -892,7 +913,10 @@ pub async fn escape_is_refused(readonly_root: bool) {
     if let Some(l) = &loopdev {
         assert!(l.untouched(), "the loop device's backing file was written");
     }
-    for p in ["/tmp/corral-escape-mknod_char", "/tmp/corral-escape-mknod_block"] {
+    for p in [
+        "/tmp/corral-escape-mknod_char",
+        "/tmp/corral-escape-mknod_block",
+    ] {
         assert!(!std::path::Path::new(p).exists(), "{p} on the host");
     }
 
@@ -904,8 +928,12 @@ pub async fn escape_is_refused(readonly_root: bool) {
         "the double-forked process runs before delete"
     );
     agent.delete("esc").await.expect("delete");
-    eventually("every process of the instance gone", Duration::from_secs(20), || async {
-        (pids.iter().all(|p| !alive(*p)) && processes_named(&token).is_empty()).then_some(())
-    })
+    eventually(
+        "every process of the instance gone",
+        Duration::from_secs(20),
+        || async {
+            (pids.iter().all(|p| !alive(*p)) && processes_named(&token).is_empty()).then_some(())
+        },
+    )
     .await;
 }

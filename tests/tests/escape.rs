@@ -80,7 +80,9 @@ async fn loader_variables_in_env_never_reach_root() {
     match built {
         Ok(s) if s.success() => {}
         other => {
-            eprintln!("SKIP loader_variables_in_env_never_reach_root: gcc cannot build the library ({other:?})");
+            eprintln!(
+                "SKIP loader_variables_in_env_never_reach_root: gcc cannot build the library ({other:?})"
+            );
             return;
         }
     }
@@ -98,9 +100,11 @@ async fn loader_variables_in_env_never_reach_root() {
     );
     agent.apply(&toml).await.expect("apply");
     agent.wait_running("preload", 1).await;
-    eventually("healthy by its exec probe", Duration::from_secs(30), || async {
-        (agent.get("preload").await.ok()?.healthy == 1).then_some(())
-    })
+    eventually(
+        "healthy by its exec probe",
+        Duration::from_secs(30),
+        || async { (agent.get("preload").await.ok()?.healthy == 1).then_some(()) },
+    )
     .await;
     // Several probes ran by now; then the service is restarted once more.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -135,9 +139,11 @@ async fn exec_probes_do_not_keep_the_agents_oom_score() {
          [health]\nexec = [{bin:?}, \"check\", \"oom_score_adj\", \"0\"]\ninterval = \"500ms\"\ntimeout = \"500ms\"\n"
     );
     agent.apply(&toml).await.expect("apply");
-    eventually("healthy: the probe's oom_score_adj is 0", Duration::from_secs(30), || async {
-        (agent.get("oom").await.ok()?.healthy == 1).then_some(())
-    })
+    eventually(
+        "healthy: the probe's oom_score_adj is 0",
+        Duration::from_secs(30),
+        || async { (agent.get("oom").await.ok()?.healthy == 1).then_some(()) },
+    )
     .await;
     // And the probe runs under the service's filter (mode 2: filtered).
     let toml = format!(
@@ -145,8 +151,10 @@ async fn exec_probes_do_not_keep_the_agents_oom_score() {
          [health]\nexec = [{bin:?}, \"check\", \"seccomp\", \"2\"]\ninterval = \"500ms\"\ntimeout = \"500ms\"\n"
     );
     agent.apply(&toml).await.expect("apply");
-    eventually("healthy: the probe is filtered", Duration::from_secs(30), || async {
-        (agent.get("filtered").await.ok()?.healthy == 1).then_some(())
-    })
+    eventually(
+        "healthy: the probe is filtered",
+        Duration::from_secs(30),
+        || async { (agent.get("filtered").await.ok()?.healthy == 1).then_some(()) },
+    )
     .await;
 }

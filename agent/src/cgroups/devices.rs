@@ -19,14 +19,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// An allowed character device: major, and minor (`None`: any).
 pub const ALLOWED: [(u32, Option<u32>); 8] = [
-    (1, Some(3)),   // null
-    (1, Some(5)),   // zero
-    (1, Some(7)),   // full
-    (1, Some(8)),   // random
-    (1, Some(9)),   // urandom
-    (5, Some(0)),   // tty
-    (5, Some(2)),   // ptmx
-    (136, None),    // pts/*
+    (1, Some(3)), // null
+    (1, Some(5)), // zero
+    (1, Some(7)), // full
+    (1, Some(8)), // random
+    (1, Some(9)), // urandom
+    (5, Some(0)), // tty
+    (5, Some(2)), // ptmx
+    (136, None),  // pts/*
 ];
 
 /// The v1 `devices.allow` lines, in order.
@@ -42,7 +42,11 @@ pub fn v1_rules() -> Vec<String> {
 
 /// Whether `devices.list` shows exactly the allowed devices (in any order).
 pub fn v1_list_matches(list: &str) -> bool {
-    let mut got: Vec<&str> = list.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut got: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     got.sort_unstable();
     let rules = v1_rules();
     let mut want: Vec<&str> = rules.iter().map(String::as_str).collect();
@@ -265,14 +269,14 @@ mod tests {
             (CHAR, WRITE, 5, 0, 1),          // tty
             (CHAR, READ | WRITE, 136, 7, 1), // a pts
             (CHAR, MKNOD, 1, 3, 1),
-            (CHAR, READ, 1, 1, 0),   // /dev/mem
-            (CHAR, READ, 1, 11, 0),  // /dev/kmsg
-            (CHAR, WRITE, 4, 1, 0),  // tty1
-            (CHAR, READ, 10, 200, 0), // tun
+            (CHAR, READ, 1, 1, 0),          // /dev/mem
+            (CHAR, READ, 1, 11, 0),         // /dev/kmsg
+            (CHAR, WRITE, 4, 1, 0),         // tty1
+            (CHAR, READ, 10, 200, 0),       // tun
             (BLOCK, READ | WRITE, 7, 0, 0), // loop0
-            (BLOCK, WRITE, 8, 0, 0),  // sda
-            (BLOCK, MKNOD, 1, 3, 0),  // a block device with null's numbers
-            (CHAR, READ, 5, 1, 0),    // console
+            (BLOCK, WRITE, 8, 0, 0),        // sda
+            (BLOCK, MKNOD, 1, 3, 0),        // a block device with null's numbers
+            (CHAR, READ, 5, 1, 0),          // console
         ];
         for (kind, access, major, minor, want) in cases {
             assert_eq!(

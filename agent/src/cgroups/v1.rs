@@ -155,13 +155,8 @@ impl V1Backend {
             }
         }
 
-        let (cpu, cpuacct, memory, pids, devices) = (
-            cpu.ok(),
-            cpuacct.ok(),
-            memory.ok(),
-            pids.ok(),
-            devices.ok(),
-        );
+        let (cpu, cpuacct, memory, pids, devices) =
+            (cpu.ok(), cpuacct.ok(), memory.ok(), pids.ok(), devices.ok());
         let mut parents: Vec<PathBuf> = Vec::new();
         for r in [&memory, &pids, &cpu, &cpuacct, &devices]
             .into_iter()

@@ -75,8 +75,10 @@ impl V2Backend {
                 caps.available.sort();
             }
             Err(e) => {
-                caps.unavailable
-                    .push((Control::Devices, format!("loading a device BPF program: {e}")));
+                caps.unavailable.push((
+                    Control::Devices,
+                    format!("loading a device BPF program: {e}"),
+                ));
                 caps.unavailable.sort();
             }
         }
@@ -451,7 +453,9 @@ impl CgroupBackend for V2Backend {
         let dir = self.dir(path);
         let fd = nix::fcntl::open(
             &dir,
-            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| CgroupError::Open {

@@ -58,14 +58,12 @@ const STEP_CGROUPNS: u8 = 4;
 /// Source fds are moved at or above this number before the child rearranges 0-3.
 const HIGH_FD: RawFd = 16;
 
-
 /// Move `fd` to a number >= HIGH_FD, close-on-exec.
 pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
     let raw = nix::fcntl::fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
-
 
 /// Data the child reads between clone3 and exec; all of it prepared by the parent.
 #[derive(Clone, Copy)]
@@ -256,7 +254,6 @@ pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatu
     }
 }
 
-
 /// What the child reported before exec, if anything (EOF: exec succeeded).
 pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
     let mut buf = [0u8; 5];
@@ -277,4 +274,3 @@ pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
         _ => None,
     }
 }
-

@@ -107,10 +107,17 @@ pub(super) fn minimal_dev() -> Result<(), String> {
                 )
             };
             if r != 0 {
-                return Err(format!("creating /dev/{name}: {}", io::Error::last_os_error()));
+                return Err(format!(
+                    "creating /dev/{name}: {}",
+                    io::Error::last_os_error()
+                ));
             }
         }
-        for (dir, mode) in [("/dev/pts", 0o755), ("/dev/shm", 0o1777), ("/dev/mqueue", 0o755)] {
+        for (dir, mode) in [
+            ("/dev/pts", 0o755),
+            ("/dev/shm", 0o1777),
+            ("/dev/mqueue", 0o755),
+        ] {
             let path = c(dir).map_err(step(dir))?;
             // SAFETY: mkdir(2) with a NUL-terminated path.
             if unsafe { libc::mkdir(path.as_ptr(), mode) } != 0 {
@@ -234,7 +241,10 @@ fn readonly(path: &str) -> Result<(), String> {
 
 /// `isolation.system_paths = "masked"` (see the module's documentation). `cgroup_mounts`:
 /// the cgroup filesystems to mount again, when the instance has its own cgroup namespace.
-pub(super) fn system_paths(masker: &mut Masker, cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
+pub(super) fn system_paths(
+    masker: &mut Masker,
+    cgroup_mounts: &[CgroupMount],
+) -> Result<(), String> {
     for file in PROC_MASKED_FILES {
         masker.file(Path::new(file))?;
     }

@@ -54,10 +54,14 @@ impl Command {
     /// `argv` (non-empty) with the environment `env`.
     pub fn new(argv: &[String], env: &[(String, String)]) -> Result<Command, String> {
         let c = |s: &str| {
-            CString::new(s.as_bytes()).map_err(|_| format!("command argument {s:?} holds a NUL byte"))
+            CString::new(s.as_bytes())
+                .map_err(|_| format!("command argument {s:?} holds a NUL byte"))
         };
         let first = argv.first().ok_or("empty command")?;
-        let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
+        let path = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str());
         Ok(Command {
             argv: argv.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
             envp: env_block(env)?,
@@ -94,7 +98,11 @@ impl Command {
             };
             match e {
                 Errno::EACCES => seen_eacces = true,
-                Errno::ENOENT | Errno::ENOTDIR | Errno::ESTALE | Errno::ENODEV | Errno::ETIMEDOUT => {}
+                Errno::ENOENT
+                | Errno::ENOTDIR
+                | Errno::ESTALE
+                | Errno::ENODEV
+                | Errno::ETIMEDOUT => {}
                 other => return other,
             }
             last = e;

@@ -726,7 +726,10 @@ mod tests {
         let mut state = NotifyState::default();
         assert!(apply_notify(&mut state, &format!("STATUS={long}")));
         assert_eq!(state.status.len(), 1024, "cut at 1024 characters");
-        assert!(!apply_notify(&mut state, &format!("STATUS={long}")), "same status");
+        assert!(
+            !apply_notify(&mut state, &format!("STATUS={long}")),
+            "same status"
+        );
         assert!(apply_notify(&mut state, "READY=1"));
         assert!(!apply_notify(&mut state, "READY=1"), "ready once");
     }
@@ -739,7 +742,10 @@ mod tests {
         let (r, code) = ending(Some(WaitStatus::Exited(pid, 0)));
         assert_eq!((r.code, code), (Some(0), 0));
         let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)));
-        assert_eq!((r.code, r.signal, r.core_dumped, code), (None, Some(9), false, 137));
+        assert_eq!(
+            (r.code, r.signal, r.core_dumped, code),
+            (None, Some(9), false, 137)
+        );
         let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)));
         assert_eq!((r.signal, r.core_dumped, code), (Some(11), true, 139));
         let (r, code) = ending(None);

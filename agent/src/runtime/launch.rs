@@ -214,7 +214,10 @@ mod tests {
 
     fn config_of(toml: &str, identity: Option<&Identity>, change: bool) -> InitConfig {
         let spec = crate::spec::parse_toml(toml).expect("valid spec");
-        let masked = [PathBuf::from("/var/lib/corral"), PathBuf::from("/run/corral")];
+        let masked = [
+            PathBuf::from("/var/lib/corral"),
+            PathBuf::from("/run/corral"),
+        ];
         let mounts = [CgroupMount {
             path: "/sys/fs/cgroup".into(),
             fstype: "cgroup2".into(),
@@ -241,11 +244,19 @@ mod tests {
 
     #[test]
     fn init_config_defaults_confine_everything() {
-        let c = config_of("name = \"web\"\ncommand = [\"/bin/true\"]\nenv = { LD_PRELOAD = \"/x.so\" }\n", None, false);
+        let c = config_of(
+            "name = \"web\"\ncommand = [\"/bin/true\"]\nenv = { LD_PRELOAD = \"/x.so\" }\n",
+            None,
+            false,
+        );
         assert!(c.pid_namespace && c.mount_namespace && !c.net_namespace);
         assert!(c.minimal_dev && c.system_paths && c.private_tmp);
         assert_eq!(c.masked.len(), 2);
-        assert_eq!(c.cgroup_mounts.len(), 1, "own cgroup namespace: views mounted again");
+        assert_eq!(
+            c.cgroup_mounts.len(),
+            1,
+            "own cgroup namespace: views mounted again"
+        );
         assert_eq!(c.seccomp, vec!["00".to_string()]);
         assert_eq!((c.uid, c.gid), (None, None), "the agent's own user");
         assert_eq!(c.capabilities, Some(CapPlan::for_instance(None, 0)));
@@ -263,13 +274,20 @@ mod tests {
         );
         assert!(!c.minimal_dev && !c.system_paths);
         assert!(c.cgroup_mounts.is_empty());
-        assert_eq!(c.masked.len(), 2, "the agent's directories are always masked");
+        assert_eq!(
+            c.masked.len(),
+            2,
+            "the agent's directories are always masked"
+        );
         let c = config_of(
             "name = \"web\"\ncommand = [\"/bin/true\"]\n[isolation]\nnamespaces = [\"pid\", \"mount\"]\n",
             None,
             false,
         );
-        assert!(c.system_paths && c.cgroup_mounts.is_empty(), "no cgroup namespace");
+        assert!(
+            c.system_paths && c.cgroup_mounts.is_empty(),
+            "no cgroup namespace"
+        );
         let c = config_of(
             "name = \"web\"\ncommand = [\"/bin/true\"]\n[isolation]\nnamespaces = []\n",
             None,

@@ -71,9 +71,9 @@ fn init_executable() -> CString {
 /// Directories an API socket must not be put in directly: instances get the socket's
 /// directory masked, and these they need (or they are the root of everything).
 const SHARED_DIRS: &[&str] = &[
-    "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64", "/media",
-    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
-    "/var/lib", "/var/run", "/var/tmp",
+    "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib",
+    "/var/run", "/var/tmp",
 ];
 
 /// The cgroup filesystems mounted under `/sys/fs/cgroup`, from `/proc/self/mountinfo`'s
@@ -101,9 +101,7 @@ pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
         } else {
             let kept: Vec<&str> = options
                 .split(',')
-                .filter(|o| {
-                    !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent=")
-                })
+                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent="))
                 .collect();
             kept.join(",")
         };
@@ -192,7 +190,11 @@ impl LinuxRuntime {
     }
 
     /// The seccomp programs of `spec` (hex), compiled once per policy.
-    fn filter(&self, spec: &ServiceSpec, caps: &super::privileges::CapPlan) -> Result<Vec<String>, String> {
+    fn filter(
+        &self,
+        spec: &ServiceSpec,
+        caps: &super::privileges::CapPlan,
+    ) -> Result<Vec<String>, String> {
         let Some(policy) = launch::seccomp_policy(spec, caps) else {
             return Ok(Vec::new());
         };
@@ -321,10 +323,12 @@ impl Runtime for LinuxRuntime {
         }
         let agent_uid = nix::unistd::Uid::effective().as_raw();
         let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
-        let filter = self.filter(spec, &caps).map_err(|reason| SpawnError::Invalid {
-            instance: instance.to_string(),
-            reason: format!("isolation.seccomp: {reason}"),
-        })?;
+        let filter = self
+            .filter(spec, &caps)
+            .map_err(|reason| SpawnError::Invalid {
+                instance: instance.to_string(),
+                reason: format!("isolation.seccomp: {reason}"),
+            })?;
         let config = launch::init_config(
             spec,
             req.index,
@@ -486,14 +490,13 @@ impl Runtime for LinuxRuntime {
         let mut why = Vec::new();
         match &spec.user {
             // Allocated at the first start; here only whether there is a range.
-            Some(UserSpec::Dynamic) => {
-                if self.users.is_none() {
-                    why.push(
-                        "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)"
-                            .to_string(),
-                    );
-                }
+            Some(UserSpec::Dynamic) if self.users.is_none() => {
+                why.push(
+                    "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)"
+                        .to_string(),
+                );
             }
+            Some(UserSpec::Dynamic) => {}
             Some(user) => {
                 if let Err(e) = resolve_identity(Some(user), None, &spec.name) {
                     why.push(format!("user: {:?}: {e}", user.to_string()));
@@ -522,9 +525,7 @@ impl Runtime for LinuxRuntime {
                 std::env::consts::ARCH
             ));
         }
-        if spec.isolation.has(Namespace::Cgroup)
-            && !Path::new("/proc/self/ns/cgroup").exists()
-        {
+        if spec.isolation.has(Namespace::Cgroup) && !Path::new("/proc/self/ns/cgroup").exists() {
             why.push("isolation.namespaces: this kernel has no cgroup namespaces".to_string());
         }
         if let Some(cmd) = spec.command.first()

@@ -131,7 +131,13 @@ fn set_readonly(dirfd: RawFd, path: &Path, recursive: bool, readonly: bool) -> i
 
 /// `mount_setattr(2)`: sets the `MOUNT_ATTR_*` flags `set` and clears `clear` on the mount at
 /// `path` relative to `dirfd`, and on every mount below it when `recursive`.
-pub(super) fn set_attr(dirfd: RawFd, path: &Path, recursive: bool, set: u64, clear: u64) -> io::Result<()> {
+pub(super) fn set_attr(
+    dirfd: RawFd,
+    path: &Path,
+    recursive: bool,
+    set: u64,
+    clear: u64,
+) -> io::Result<()> {
     let c = c_path(path)?;
     let mut flags = 0;
     if recursive {

@@ -534,7 +534,8 @@ pub fn to_bytes(program: &[sock_filter]) -> Vec<u8> {
 /// Reads [`to_bytes`]' form; `None` for a length that is not a whole number of instructions
 /// or a program the kernel would refuse as too long or empty.
 pub fn from_bytes(bytes: &[u8]) -> Option<BpfProgram> {
-    if bytes.is_empty() || bytes.len() % 8 != 0 || bytes.len() / 8 > usize::from(u16::MAX) {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(8) || bytes.len() / 8 > usize::from(u16::MAX)
+    {
         return None;
     }
     Some(
@@ -615,7 +616,7 @@ mod tests {
         ];
         for (caps, pidns, nr, want) in cases {
             let map = rules(policy(*caps, *pidns)).expect("rules");
-            let got = map.get(&(*nr as i64)).map(Vec::is_empty);
+            let got = map.get(nr).map(Vec::is_empty);
             assert_eq!(got, *want, "syscall {nr} with caps {caps:x} pidns {pidns}");
         }
     }
@@ -635,8 +636,7 @@ mod tests {
                     let errno = || std::io::Error::last_os_error().raw_os_error();
                     // SAFETY: plain system calls; the failures are what is checked.
                     unsafe {
-                        if libc::unshare(libc::CLONE_NEWUSER) == 0 || errno() != Some(libc::EPERM)
-                        {
+                        if libc::unshare(libc::CLONE_NEWUSER) == 0 || errno() != Some(libc::EPERM) {
                             libc::_exit(11)
                         }
                         if libc::syscall(libc::SYS_clone3, 0, 0) != -1

@@ -67,12 +67,7 @@ struct Allocation {
 
 /// The first free id at or after `next` (wrapping round `range`) that `taken` does not
 /// refuse; `None` when the range is full.
-pub fn pick(
-    range: IdRange,
-    used: &[u32],
-    next: u32,
-    taken: impl Fn(u32) -> bool,
-) -> Option<u32> {
+pub fn pick(range: IdRange, used: &[u32], next: u32, taken: impl Fn(u32) -> bool) -> Option<u32> {
     let span = u64::from(range.last - range.first) + 1;
     let start = if range.contains(next) {
         next
@@ -178,14 +173,8 @@ mod tests {
 
     #[test]
     fn ranges_parse() {
-        assert_eq!(
-            IdRange::parse("61184-65519"),
-            Ok(IdRange::DYNAMIC_DEFAULT)
-        );
-        assert_eq!(
-            IdRange::parse("5-5"),
-            Ok(IdRange { first: 5, last: 5 })
-        );
+        assert_eq!(IdRange::parse("61184-65519"), Ok(IdRange::DYNAMIC_DEFAULT));
+        assert_eq!(IdRange::parse("5-5"), Ok(IdRange { first: 5, last: 5 }));
         for bad in ["", "5", "0-10", "10-5", "a-b", "1-4294967295", "-5"] {
             assert!(IdRange::parse(bad).is_err(), "{bad:?}");
         }
@@ -193,7 +182,10 @@ mod tests {
 
     #[test]
     fn pick_goes_round_and_skips() {
-        let r = IdRange { first: 10, last: 13 };
+        let r = IdRange {
+            first: 10,
+            last: 13,
+        };
         let none = |_| false;
         let cases: &[(&[u32], u32, Option<u32>)] = &[
             (&[], 10, Some(10)),
@@ -233,7 +225,7 @@ mod tests {
         assert!(third != web && third != db);
         assert_eq!(again.get_or_allocate("fourth"), Ok(web));
         assert!(again.get_or_allocate("fifth").is_err(), "range full");
-        std::fs::write(&file, b"{").expect("corrupt");
+        fs::write(&file, b"{").expect("corrupt");
         assert!(DynamicUsers::open(&file, range).is_err());
     }
 }

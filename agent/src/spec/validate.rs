@@ -16,8 +16,7 @@ use super::types::{
     RawSpec, RawStop, Resources, RestartPolicy, RestartSpec, RolloutSpec, ServiceSpec, SocketSpec,
     StopSpec, UserSpec, capability_by_name,
 };
-use super::types::{Devices, Seccomp, SystemPaths
-};
+use super::types::{Devices, Seccomp, SystemPaths};
 use super::units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
 
 const KIB: u64 = 1 << 10;

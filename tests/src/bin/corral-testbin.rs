@@ -823,7 +823,10 @@ fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, Stri
             std::fs::OpenOptions::new()
                 .write(true)
                 .open("/proc/sys/kernel/core_pattern")
-                .and_then(|mut f| f.write_all(b"|/tmp/corral-escape").map(|()| "core_pattern".into())),
+                .and_then(|mut f| {
+                    f.write_all(b"|/tmp/corral-escape")
+                        .map(|()| "core_pattern".into())
+                }),
         ),
     ));
     // Read the kernel's memory.
@@ -842,7 +845,13 @@ fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, Stri
     let (src, target, fstype) = (cstr("none"), cstr("/tmp/corral-escape-mnt"), cstr("tmpfs"));
     // SAFETY: mount(2) with NUL-terminated strings and no data.
     let r = if unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     } == 0
     {
         Ok("tmpfs mounted".to_string())
@@ -852,8 +861,14 @@ fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, Stri
     out.push(("mount", outcome(r)));
     // Load a kernel module (an empty image: reaching the loader at all is the escape).
     // SAFETY: init_module with a null image of length 0 and an empty parameter string.
-    let r = if unsafe { libc::syscall(libc::SYS_init_module, std::ptr::null::<u8>(), 0, c"".as_ptr()) }
-        == 0
+    let r = if unsafe {
+        libc::syscall(
+            libc::SYS_init_module,
+            std::ptr::null::<u8>(),
+            0,
+            c"".as_ptr(),
+        )
+    } == 0
     {
         Ok("loaded".to_string())
     } else {
@@ -870,7 +885,8 @@ fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, Stri
         Ok(f) => {
             use std::os::fd::AsRawFd;
             // SAFETY: finit_module with an open fd and an empty parameter string.
-            if unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) } == 0 {
+            if unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) } == 0
+            {
                 Ok("loaded".to_string())
             } else {
                 match std::io::Error::last_os_error().raw_os_error() {
@@ -899,12 +915,13 @@ fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, Stri
     ));
     // Outlive the instance: double fork and setsid; the grandchild renames itself to the
     // token and sleeps. Which way it went is only known from outside (after `delete`).
+    let name = cstr(token);
     // SAFETY: the children make only async-signal-safe calls.
     match unsafe { libc::fork() } {
+        // SAFETY: in the child: setsid, fork, prctl, pause and _exit only.
         0 => unsafe {
             libc::setsid();
             if libc::fork() == 0 {
-                let name = cstr(token);
                 libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
                 loop {
                     libc::pause();
