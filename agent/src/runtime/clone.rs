@@ -65,6 +65,28 @@ pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// A close-on-exec memfd numbered at or above `HIGH_FD` holding `bytes`, sealed so that
+/// nobody can change it any more: a read-only blob to hand to many processes (they read it
+/// with `pread`, since they share its file offset).
+pub(super) fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    // SAFETY: memfd_create(2) with a NUL-terminated name; the fd is owned right after.
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let mut f = fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    f.write_all(bytes)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: F_ADD_SEALS with a flag set on an fd we own.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    high(OwnedFd::from(f))
+}
+
 /// Data the child reads between clone3 and exec; all of it prepared by the parent.
 #[derive(Clone, Copy)]
 pub(super) struct ChildPlan<'a> {

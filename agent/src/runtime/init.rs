@@ -82,7 +82,8 @@ pub fn main() -> ExitCode {
     };
     // The listening sockets on fds 4, 5, ...: the init keeps them (the agent may take them
     // back from here after a restart); only the service gets them, renumbered from 3.
-    for i in 0..config.listen_names.len() {
+    // The seccomp program after them is read (and closed) before the service is forked.
+    for i in 0..=config.listen_names.len() {
         // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
         unsafe { libc::fcntl(super::listen_fd_in_init(i), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
@@ -576,19 +577,28 @@ struct ExecPlan {
     /// User, groups, capabilities and limits the service runs with.
     privileges: Privileges,
     /// Installed right before the `execve`.
-    seccomp: Vec<seccompiler::BpfProgram>,
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 impl ExecPlan {
     fn new(config: &InitConfig) -> Result<ExecPlan, String> {
         let workdir = CString::new(OsStr::new(&config.workdir).as_bytes())
             .map_err(|_| "workdir holds a NUL byte".to_string())?;
-        let seccomp = config
-            .seccomp
-            .iter()
-            .map(|h| super::unhex(h).and_then(|b| seccomp::from_bytes(&b)))
-            .collect::<Option<Vec<_>>>()
-            .ok_or("isolation.seccomp: the filter in the init's configuration is damaged")?;
+        let seccomp = if config.seccomp {
+            let fd = super::seccomp_fd_in_init(config.listen_names.len());
+            // SAFETY: the spawn path placed the program's memfd on this fd for this process
+            // only; it is closed here, once read.
+            let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let bytes = super::read_shared(&file)
+                .map_err(|e| format!("isolation.seccomp: reading the filter on fd {fd}: {e}"))?;
+            Some(
+                seccomp::from_bytes(&bytes).ok_or(
+                    "isolation.seccomp: the filter handed to the init is not a BPF program",
+                )?,
+            )
+        } else {
+            None
+        };
         Ok(ExecPlan {
             command: Command::new(&config.command, &config.env)?,
             notify_socket: None,
@@ -660,7 +670,9 @@ impl ExecPlan {
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             return step("setting no_new_privs", e);
         }
-        if let Err(e) = seccomp::install(&self.seccomp) {
+        if let Some(program) = &self.seccomp
+            && let Err(e) = seccomp::install(program)
+        {
             let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL));
             return (errno, format!("installing the seccomp filter: {e}"));
         }

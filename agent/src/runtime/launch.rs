@@ -103,7 +103,7 @@ pub fn init_config(
     ports: &BTreeMap<String, u16>,
     run_as: RunAs<'_>,
     host: HostView<'_>,
-    seccomp: Vec<String>,
+    seccomp: bool,
 ) -> InitConfig {
     let iso = &spec.isolation;
     let uid = run_as.identity.map_or(run_as.agent_uid, |i| i.uid);
@@ -238,7 +238,7 @@ mod tests {
                 masked: &masked,
                 cgroup_mounts: &mounts,
             },
-            vec!["00".into()],
+            true,
         )
     }
 
@@ -257,7 +257,7 @@ mod tests {
             1,
             "own cgroup namespace: views mounted again"
         );
-        assert_eq!(c.seccomp, vec!["00".to_string()]);
+        assert!(c.seccomp);
         assert_eq!((c.uid, c.gid), (None, None), "the agent's own user");
         assert_eq!(c.capabilities, Some(CapPlan::for_instance(None, 0)));
         assert_eq!(c.hostname.as_deref(), Some("web-1"));

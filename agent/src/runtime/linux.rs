@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use super::clone::{ChildPlan, clone_exec, high, read_spawn_error, wait_pidfd};
+use super::clone::{ChildPlan, clone_exec, high, read_spawn_error, sealed_memfd, wait_pidfd};
 use super::launch::{self, HostView, Identity, RunAs};
 use super::probe_helper::ProbeConfig;
 use super::seccomp;
@@ -47,8 +47,9 @@ pub struct LinuxRuntime {
     cgroup_mounts: Vec<CgroupMount>,
     /// `user = "dynamic"`: `None` when the agent has no range for them.
     users: Option<DynamicUsers>,
-    /// Compiled seccomp programs (hex), by policy.
-    filters: Mutex<HashMap<seccomp::Policy, Arc<Vec<String>>>>,
+    /// Compiled seccomp programs, by policy, each in a sealed memfd that every instance's
+    /// init and probe helper of that policy gets (and reads) as it is.
+    filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
 }
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or else
@@ -189,25 +190,25 @@ impl LinuxRuntime {
         }
     }
 
-    /// The seccomp programs of `spec` (hex), compiled once per policy.
+    /// The seccomp program of `spec` (`None`: unconfined), compiled once per policy.
     fn filter(
         &self,
         spec: &ServiceSpec,
         caps: &super::privileges::CapPlan,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Option<Arc<OwnedFd>>, String> {
         let Some(policy) = launch::seccomp_policy(spec, caps) else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hit) = cache.get(&policy) {
-            return Ok(hit.to_vec());
+            return Ok(Some(hit.clone()));
         }
-        let programs: Vec<String> = seccomp::compile(policy)?
-            .iter()
-            .map(|p| super::hex(&seccomp::to_bytes(p)))
-            .collect();
-        cache.insert(policy, Arc::new(programs.clone()));
-        Ok(programs)
+        let program = seccomp::compile(policy)?;
+        let fd = sealed_memfd(c"corral-seccomp", &seccomp::to_bytes(&program))
+            .map(Arc::new)
+            .map_err(|e| format!("keeping the compiled filter in a memfd: {e}"))?;
+        cache.insert(policy, fd.clone());
+        Ok(Some(fd))
     }
 }
 
@@ -344,7 +345,7 @@ impl Runtime for LinuxRuntime {
                 masked: &self.masked,
                 cgroup_mounts: &self.cgroup_mounts,
             },
-            filter,
+            filter.is_some(),
         );
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -402,14 +403,20 @@ impl Runtime for LinuxRuntime {
                 ),
             });
         }
-        let listen: Vec<RawFd> = req.listen_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        // The listening sockets, then the seccomp program (see `seccomp_fd_in_init`).
+        let extra: Vec<RawFd> = req
+            .listen_fds
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain(filter.as_ref().map(|fd| fd.as_raw_fd()))
+            .collect();
         let plan = ChildPlan {
             procs: &procs,
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
             stderr: init_log.as_raw_fd(),
             fd3: run_dir_fd.as_raw_fd(),
-            extra: &listen,
+            extra: &extra,
             new_cgroup_ns: spec.isolation.has(Namespace::Cgroup),
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
@@ -665,10 +672,7 @@ impl Runtime for LinuxRuntime {
         let (identity, change) = self.identity(spec).unwrap_or((None, true));
         let agent_uid = nix::unistd::Uid::effective().as_raw();
         let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
-        let filter = self.filter(spec, &caps).unwrap_or_else(|e| {
-            tracing::error!(instance = %req.instance, error = %e, "no seccomp filter for exec probes; they will fail");
-            vec![String::new()]
-        });
+        let filter = self.filter(spec, &caps);
         let changed = identity.as_ref().filter(|_| change);
         let ns_flags = (clone_flags(spec)
             | if spec.isolation.has(Namespace::Cgroup) {
@@ -681,28 +685,34 @@ impl Runtime for LinuxRuntime {
             .into_iter()
             .filter_map(|fd| high(fd).ok())
             .collect();
+        let config = ProbeConfig {
+            ns_flags,
+            uid: changed.map(|i| i.uid),
+            gid: changed.map(|i| i.gid),
+            caps,
+            nofile: spec.resources.nofile,
+            workdir: spec.workdir.clone(),
+            env: launch::service_env(spec, req.index, req.instance, req.ports, identity.as_ref()),
+            seccomp: matches!(filter, Ok(Some(_))),
+        };
+        // Made once: each probe then only clones the helper and executes.
+        let config = match &filter {
+            Err(e) => Err(format!("isolation.seccomp: {e}")),
+            Ok(_) => serde_json::to_vec(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|json| sealed_memfd(c"corral-probe", &json).map_err(|e| e.to_string()))
+                .map_err(|e| format!("preparing exec probes: {e}")),
+        };
+        if let Err(e) = &config {
+            tracing::error!(instance = %req.instance, error = %e, "exec probes cannot run; they will fail");
+        }
         Arc::new(super::probe_exec::LinuxExec {
             exe: self.exe.clone(),
             target: req.process.pidfd.clone(),
             procs,
             cgroup_dir: req.cgroup_dir,
-            config: ProbeConfig {
-                ns_flags,
-                uid: changed.map(|i| i.uid),
-                gid: changed.map(|i| i.gid),
-                caps,
-                nofile: spec.resources.nofile,
-                workdir: spec.workdir.clone(),
-                env: launch::service_env(
-                    spec,
-                    req.index,
-                    req.instance,
-                    req.ports,
-                    identity.as_ref(),
-                ),
-                seccomp: filter,
-                argv: Vec::new(),
-            },
+            config,
+            filter: filter.ok().flatten(),
         })
     }
 

@@ -104,10 +104,10 @@ pub struct InitConfig {
     /// namespace and `system_paths`).
     #[serde(default)]
     pub cgroup_mounts: Vec<CgroupMount>,
-    /// The seccomp programs to install before the service's `execve`, in order (see
-    /// [`seccomp::to_bytes`]), as hex.
+    /// Install a seccomp program before the service's `execve`: the init finds it (see
+    /// [`seccomp::to_bytes`]) in a sealed memfd on [`seccomp_fd_in_init`].
     #[serde(default)]
-    pub seccomp: Vec<String>,
+    pub seccomp: bool,
 }
 
 /// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
@@ -123,31 +123,25 @@ pub struct CgroupMount {
     pub options: String,
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Reads [`hex`]'s form.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+/// The whole content of a file shared with other processes (a sealed memfd), read with
+/// `pread` from its start whatever its shared offset is.
+pub fn read_shared(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
 pub fn listen_fd_in_init(i: usize) -> RawFd {
     RUN_DIR_FD + 1 + i as RawFd
+}
+
+/// The fd of an instance's init that holds its seccomp program (see [`InitConfig::seccomp`]),
+/// right after its `listen` listening sockets.
+pub fn seccomp_fd_in_init(listen: usize) -> RawFd {
+    listen_fd_in_init(listen)
 }
 
 /// What an instance reported over its `NOTIFY_SOCKET` (sd_notify protocol).

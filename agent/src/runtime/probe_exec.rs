@@ -1,12 +1,13 @@
-//! The agent's side of exec health probes: each run clones `corral-init --exec` (see
-//! [`super::probe_helper`]) into the instance's cgroup with the instance init's pidfd on fd 3
-//! and the probe's configuration in a memfd on fd 4, collects the last output, and kills the
-//! helper when the probe is cut at its timeout; the command dies with it
+//! The agent's side of exec health probes: each run clones `corral-init --exec -- COMMAND...`
+//! (see [`super::probe_helper`]) into the instance's cgroup with the instance init's pidfd on
+//! fd 3, the probe's configuration on fd 4 and the service's seccomp program on fd 5 (both
+//! sealed memfds, made once: a probe only clones and executes), collects the last output,
+//! and kills the helper when the probe is cut at its timeout; the command dies with it
 //! (`PR_SET_PDEATHSIG`).
 
 use std::ffi::CString;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tokio::io::AsyncReadExt;
 
 use super::ProcessStatus;
 use super::clone::{ChildPlan, clone_exec, high, wait_pidfd};
-use super::probe_helper::{EXEC_FLAG, ProbeConfig};
+use super::probe_helper::EXEC_FLAG;
 use crate::health::{ExecResult, ExecRunner, output_tail};
 
 /// Runs an instance's exec probes inside it.
@@ -27,22 +28,11 @@ pub struct LinuxExec {
     pub(super) target: Option<Arc<OwnedFd>>,
     pub(super) procs: Vec<OwnedFd>,
     pub(super) cgroup_dir: Option<OwnedFd>,
-    /// Everything but the command, which each run sets.
-    pub(super) config: ProbeConfig,
-}
-
-/// A sealed-size, close-on-exec memfd holding `bytes`, positioned at the start.
-fn memfd_with(bytes: &[u8]) -> io::Result<OwnedFd> {
-    // SAFETY: memfd_create(2) with a NUL-terminated name; the fd is owned right after.
-    let raw = unsafe { libc::memfd_create(c"corral-probe".as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    f.write_all(bytes)?;
-    nix::unistd::lseek(&f, 0, nix::unistd::Whence::SeekSet)?;
-    Ok(OwnedFd::from(f))
+    /// The helper's [`super::probe_helper::ProbeConfig`] in a sealed memfd, or why there is
+    /// none (every probe then fails with that reason).
+    pub(super) config: Result<OwnedFd, String>,
+    /// The service's seccomp program in a sealed memfd, when it has one.
+    pub(super) filter: Option<Arc<OwnedFd>>,
 }
 
 /// SIGKILL the helper (and so the command) if the probe is abandoned, and reap it.
@@ -76,7 +66,15 @@ impl LinuxExec {
         let to_c = |s: &str| {
             CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
         };
-        let args_c = [to_c(super::INIT_NAME)?, to_c(EXEC_FLAG)?];
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))?;
+        let args_c = [super::INIT_NAME, EXEC_FLAG, "--"]
+            .into_iter()
+            .chain(argv.iter().map(String::as_str))
+            .map(to_c)
+            .collect::<io::Result<Vec<CString>>>()?;
         let argv_p: Vec<*const libc::c_char> = args_c
             .iter()
             .map(|c| c.as_ptr())
@@ -84,11 +82,9 @@ impl LinuxExec {
             .collect();
         // The helper runs with an empty environment: the service's is in its configuration.
         let envp_p = [std::ptr::null::<libc::c_char>()];
-        let mut config = self.config.clone();
-        config.argv = argv.to_vec();
-        let config = high(memfd_with(
-            &serde_json::to_vec(&config).map_err(io::Error::other)?,
-        )?)?;
+        let extra: Vec<RawFd> = std::iter::once(config.as_raw_fd())
+            .chain(self.filter.as_ref().map(|f| f.as_raw_fd()))
+            .collect();
         let devnull = high(nix::fcntl::open(
             "/dev/null",
             OFlag::O_RDWR | OFlag::O_CLOEXEC,
@@ -108,7 +104,7 @@ impl LinuxExec {
             stdout: out_w.as_raw_fd(),
             stderr: out_w.as_raw_fd(),
             fd3: target.as_raw_fd(),
-            extra: &[config.as_raw_fd()],
+            extra: &extra,
             new_cgroup_ns: false,
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
@@ -116,7 +112,7 @@ impl LinuxExec {
             envp: &envp_p,
         };
         let (_pid, pidfd) = clone_exec(0, self.cgroup_dir.as_ref(), &plan)?;
-        drop((out_w, err_w, target, devnull, config));
+        drop((out_w, err_w, target, devnull));
         Ok((Arc::new(pidfd), out_r))
     }
 

@@ -1,6 +1,8 @@
-//! The in-instance side of exec health probes: `corral-init --exec`, cloned by the agent into
-//! the instance's cgroup (see [`super::probe_exec`]) with the instance init's pidfd on fd 3
-//! and its [`ProbeConfig`] (JSON, in a memfd) on fd 4, and an empty environment. It joins the
+//! The in-instance side of exec health probes: `corral-init --exec -- COMMAND...`, cloned by
+//! the agent into the instance's cgroup (see [`super::probe_exec`]) with the instance init's
+//! pidfd on fd 3, its [`ProbeConfig`] (JSON, in a sealed memfd made once per instance) on
+//! fd 4, the service's seccomp program (in the sealed memfd its init got) on fd 5 when it
+//! has one, and an empty environment. It joins the
 //! instance's namespaces (`setns` through the pidfd), gives up the agent's OOM score, forks
 //! (a PID namespace applies to children), and the child drops to the service's user,
 //! capabilities and limits, installs the service's seccomp filter and executes the probe
@@ -11,7 +13,6 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ pub const EXEC_FLAG: &str = "--exec";
 /// The fd on which the helper finds its [`ProbeConfig`].
 pub const CONFIG_FD: RawFd = RUN_DIR_FD + 1;
 
+/// The fd on which the helper finds the service's seccomp program (see [`ProbeConfig::seccomp`]).
+pub const SECCOMP_FD: RawFd = RUN_DIR_FD + 2;
+
 /// What the helper needs to run one probe command as the service would run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeConfig {
@@ -45,10 +49,8 @@ pub struct ProbeConfig {
     pub workdir: PathBuf,
     /// The service's environment.
     pub env: Vec<(String, String)>,
-    /// The service's seccomp programs (hex), installed in order.
-    pub seccomp: Vec<String>,
-    /// The probe command.
-    pub argv: Vec<String>,
+    /// Install the service's seccomp program, found on [`SECCOMP_FD`].
+    pub seccomp: bool,
 }
 
 /// Entry point of `corral-init --exec`.
@@ -62,13 +64,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn read_config() -> Result<ProbeConfig, String> {
-    // SAFETY: fd 4 is the memfd the agent placed for this process; nothing else owns it.
-    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(CONFIG_FD) });
-    let mut text = Vec::new();
-    f.read_to_end(&mut text)
-        .map_err(|e| format!("reading the probe configuration: {e}"))?;
-    serde_json::from_slice(&text).map_err(|e| format!("the probe configuration: {e}"))
+/// The whole content of the sealed memfd the agent placed on `fd` for this process.
+fn read_fd(fd: RawFd, what: &str) -> Result<Vec<u8>, String> {
+    // SAFETY: the agent placed `fd` for this process; nothing else in it owns the number.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    super::read_shared(&file).map_err(|e| format!("reading {what} on fd {fd}: {e}"))
 }
 
 /// Everything the forked child needs, prepared before the fork.
@@ -76,18 +76,18 @@ struct Prepared {
     command: Command,
     workdir: CString,
     privileges: Privileges,
-    seccomp: Vec<seccompiler::BpfProgram>,
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
-fn prepare(config: &ProbeConfig) -> Result<Prepared, String> {
-    let seccomp = config
-        .seccomp
-        .iter()
-        .map(|h| super::unhex(h).and_then(|b| seccomp::from_bytes(&b)))
-        .collect::<Option<Vec<_>>>()
-        .ok_or("the seccomp filter is damaged")?;
+fn prepare(config: &ProbeConfig, argv: &[String]) -> Result<Prepared, String> {
+    let seccomp = if config.seccomp {
+        let bytes = read_fd(SECCOMP_FD, "the seccomp filter")?;
+        Some(seccomp::from_bytes(&bytes).ok_or("the seccomp filter is not a BPF program")?)
+    } else {
+        None
+    };
     Ok(Prepared {
-        command: Command::new(&config.argv, &config.env)?,
+        command: Command::new(argv, &config.env)?,
         workdir: CString::new(config.workdir.as_os_str().as_encoded_bytes())
             .map_err(|_| "NUL in workdir".to_string())?,
         privileges: Privileges {
@@ -101,8 +101,19 @@ fn prepare(config: &ProbeConfig) -> Result<Prepared, String> {
 }
 
 fn run() -> Result<ExitCode, String> {
-    let config = read_config()?;
-    let prepared = prepare(&config)?;
+    // corral-init --exec -- COMMAND...
+    let args = std::env::args_os()
+        .skip(2)
+        .map(|a| a.into_string())
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|a| format!("an argument is not UTF-8: {a:?}"))?;
+    let argv = match args.split_first() {
+        Some((dashes, argv)) if dashes == "--" && !argv.is_empty() => argv,
+        _ => return Err(format!("expected -- COMMAND..., got {args:?}")),
+    };
+    let config: ProbeConfig = serde_json::from_slice(&read_fd(CONFIG_FD, "the configuration")?)
+        .map_err(|e| format!("the probe configuration: {e}"))?;
+    let prepared = prepare(&config, argv)?;
     // The agent may run with a low OOM score (systemd's OOMScoreAdjust); a probe must not
     // keep it. Raising the score needs no privilege. Before joining the instance's mount
     // namespace, whose /proc does not show this process.
@@ -160,7 +171,9 @@ fn exec_child(p: &Prepared) -> String {
     if let Err(e) = nix::unistd::chdir(p.workdir.as_c_str()) {
         return format!("workdir {:?}: {e}", p.workdir);
     }
-    if let Err(e) = seccomp::install(&p.seccomp) {
+    if let Some(program) = &p.seccomp
+        && let Err(e) = seccomp::install(program)
+    {
         return format!("installing the seccomp filter: {e}");
     }
     let e = p.command.exec();
