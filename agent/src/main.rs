@@ -254,10 +254,14 @@ fn main() -> ExitCode {
 async fn run(s: Settings) -> Result<()> {
     let store =
         FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?;
+    runtime::linux::socket_dir(&s.socket).map_err(anyhow::Error::msg)?;
     // The socket is bound before anything else is touched, so a second agent on the same
     // socket stops here; connections made during the restore wait in the backlog.
     let listener = api::bind_unix(&s.socket)
         .with_context(|| format!("binding --socket {}", s.socket.display()))?;
+    // Until the API serves, a refusal (a cgroup tree it cannot use, ...) takes the socket file
+    // back with it.
+    let mut bound = BoundSocket::new(&s.socket);
     set_socket_group(&s.socket);
     let tcp = match &s.listen {
         Some((addr, files)) => {
@@ -339,6 +343,7 @@ async fn run(s: Settings) -> Result<()> {
         service_health,
         shutdown.clone(),
     ));
+    bound.keep();
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
     // The socket is bound and served: tell systemd (Type=notify), and keep its watchdog fed
     // while the supervisor answers.
@@ -382,6 +387,42 @@ async fn run(s: Settings) -> Result<()> {
     let _ = supervisor.await;
     let _ = std::fs::remove_file(&s.socket);
     Ok(())
+}
+
+/// The API socket file this agent bound, removed when dropped before [`BoundSocket::keep`]
+/// (only if it is still the very file this agent bound).
+struct BoundSocket {
+    path: PathBuf,
+    /// Device and inode of the file bound.
+    id: Option<(u64, u64)>,
+}
+
+impl BoundSocket {
+    fn new(path: &Path) -> BoundSocket {
+        use std::os::unix::fs::MetadataExt;
+        BoundSocket {
+            path: path.to_path_buf(),
+            id: std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// The agent serves on it: leave it.
+    fn keep(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let same = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.id);
+        if same {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Give the socket to the `corral` group when the host has one, so its members may use the

@@ -77,6 +77,31 @@ const SHARED_DIRS: &[&str] = &[
     "/var/run", "/var/tmp",
 ];
 
+/// The directory of the API socket at `socket`, which every instance gets masked. Refused for
+/// a directory instances need, such as `/run` or `/tmp`: the socket must be in a directory of
+/// its own. Checked before the socket is bound, so a refusal leaves nothing behind.
+pub fn socket_dir(socket: &Path) -> Result<PathBuf, String> {
+    let parent = match socket.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => Path::new("/"),
+    };
+    // Absolute and without symlinks where it exists: instances resolve it in their own mount
+    // table (and `/var/run` is `/run`).
+    let dir = fs::canonicalize(parent)
+        .or_else(|_| std::path::absolute(parent))
+        .unwrap_or_else(|_| parent.to_path_buf());
+    if SHARED_DIRS.iter().any(|s| Path::new(s) == dir) {
+        return Err(format!(
+            "--socket {}: put the socket in a directory of its own (e.g. /run/corral/corral.sock): \
+             instances get the socket's directory masked, and they need {}",
+            socket.display(),
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
 /// The cgroup filesystems mounted under `/sys/fs/cgroup`, from `/proc/self/mountinfo`'s
 /// text, with the mount data to mount each again (controllers and name; nothing for v2).
 pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
@@ -146,22 +171,9 @@ impl LinuxRuntime {
 
     /// Keep the API socket at `socket` out of reach of every instance with a mount namespace:
     /// its directory is masked there (not the socket file, which the agent replaces when it
-    /// starts again). Refused for a directory instances need, such as `/run` or `/tmp`: the
-    /// socket must be in a directory of its own.
+    /// starts again). Refused (see [`socket_dir`]) for a directory instances need.
     pub fn mask_socket_dir(&mut self, socket: &Path) -> Result<(), String> {
-        let dir = socket
-            .parent()
-            .map(|d| fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf()))
-            .unwrap_or_else(|| PathBuf::from("/"));
-        if SHARED_DIRS.iter().any(|s| Path::new(s) == dir) {
-            return Err(format!(
-                "--socket {}: put the socket in a directory of its own (e.g. /run/corral/corral.sock): \
-                 instances get the socket's directory masked, and they need {}",
-                socket.display(),
-                dir.display()
-            ));
-        }
-        self.masked.push(dir);
+        self.masked.push(socket_dir(socket)?);
         self.masked = launch::outermost(&self.masked);
         Ok(())
     }
@@ -857,5 +869,98 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
             .as_unix_addr()
             .and_then(|u| u.path())
             .is_some_and(|p| p == path.as_path()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_needs_a_directory_of_its_own() {
+        for refused in [
+            "/run/corral.sock",
+            "/tmp/corral.sock",
+            "/var/run/corral.sock",
+            "/corral.sock",
+            "/var/lib/x.sock",
+            "/tmp/../run/x.sock",
+        ] {
+            let e = socket_dir(Path::new(refused)).expect_err(refused);
+            assert!(
+                e.starts_with(&format!(
+                    "--socket {refused}: put the socket in a directory of its own"
+                )),
+                "{e}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("c.sock");
+        assert_eq!(
+            socket_dir(&sock).expect("own directory"),
+            fs::canonicalize(dir.path()).expect("canonical")
+        );
+        // Not made yet: taken as written.
+        assert_eq!(
+            socket_dir(Path::new("/run/corral-test-none/c.sock")).expect("own directory"),
+            PathBuf::from("/run/corral-test-none")
+        );
+    }
+
+    fn spec(toml: &str) -> ServiceSpec {
+        crate::spec::parse_toml(&format!("name = \"web\"\ncommand = [\"/bin/sh\"]\n{toml}"))
+            .expect("valid spec")
+    }
+
+    /// Specs valid on paper that this host (or this agent) cannot run as asked: each refused
+    /// at Apply with the field named, never started and left unenforced.
+    #[test]
+    fn preflight_refusals_name_the_field() {
+        // Not under /tmp: a private /tmp would hide a workdir there anyway.
+        let dir = |prefix| {
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in("/var/tmp")
+                .expect("tempdir")
+        };
+        let (state, sockets) = (dir("corral-state-"), dir("corral-sock-"));
+        let mut rt = LinuxRuntime::new(state.path()).expect("runtime");
+        rt.mask_socket_dir(&sockets.path().join("c.sock"))
+            .expect("own directory");
+        let inside_state = state.path().join("run");
+        let inside_sockets = sockets.path().display().to_string();
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "user = \"dynamic\"".into(),
+                "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)",
+            ),
+            (
+                format!("workdir = {:?}", inside_state.display().to_string()),
+                "which the agent masks in every instance",
+            ),
+            (
+                format!("workdir = {inside_sockets:?}"),
+                "which the agent masks in every instance",
+            ),
+            (
+                "user = \"no-such-user-here\"".into(),
+                "user: \"no-such-user-here\": no such user on this host",
+            ),
+            (
+                "workdir = \"/nonexistent-corral\"".into(),
+                "workdir: \"/nonexistent-corral\": ",
+            ),
+        ];
+        for (toml, fragment) in &cases {
+            let e = rt.preflight(&spec(toml)).expect_err(toml);
+            assert!(e.contains(fragment), "{toml}: {e}");
+        }
+        // Masked directories only matter with a mount namespace.
+        let no_mount = format!(
+            "workdir = {:?}\n[isolation]\nnamespaces = [\"uts\"]",
+            inside_state.display().to_string()
+        );
+        assert_eq!(rt.preflight(&spec(&no_mount)), Ok(()));
+        assert_eq!(rt.preflight(&spec("")), Ok(()));
     }
 }
