@@ -76,6 +76,11 @@ struct Flags {
     /// service: FIRST-LAST. Default: 61184-65519 (systemd's range for dynamic users).
     #[arg(long, value_name = "FIRST-LAST")]
     dynamic_users: Option<String>,
+    /// The host ids given to `isolation.userns = true` services, 65536 per service (their ids
+    /// 0-65535 inside): FIRST-LAST, on 65536-id boundaries. Default: 524288-1879048191
+    /// (systemd's range for containers).
+    #[arg(long, value_name = "FIRST-LAST")]
+    userns_ids: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +96,7 @@ struct ConfigFile {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     dynamic_users: Option<String>,
+    userns_ids: Option<String>,
 }
 
 #[derive(Debug)]
@@ -102,6 +108,7 @@ struct Settings {
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
     dynamic_users: runtime::users::IdRange,
+    userns_ids: runtime::users::IdRange,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -183,9 +190,15 @@ fn settings(flags: Flags) -> Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--dynamic-users {e}"))?,
         None => runtime::users::IdRange::DYNAMIC_DEFAULT,
     };
+    let userns_ids = match flags.userns_ids.or(file.userns_ids) {
+        Some(range) => runtime::users::IdRange::parse(&range)
+            .map_err(|e| anyhow::anyhow!("--userns-ids {e}"))?,
+        None => runtime::users::UsernsIds::DEFAULT,
+    };
     Ok(Settings {
         listen,
         dynamic_users,
+        userns_ids,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -302,6 +315,11 @@ async fn run(s: Settings) -> Result<()> {
     .map_err(anyhow::Error::msg)
     .context("reading the dynamic users")?;
     runtime.set_dynamic_users(users);
+    let userns =
+        runtime::users::UsernsIds::open(&s.state_dir.join("userns-ids.json"), s.userns_ids)
+            .map_err(anyhow::Error::msg)
+            .context("--userns-ids")?;
+    runtime.set_userns_ids(userns);
     let namespaces = host::available_namespaces();
     let events = Arc::new(
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)

@@ -24,6 +24,7 @@ pub const KERNEL: &[&str] = &[
     "nofile_limit_applies",
     "escape_is_refused",
     "escape_is_refused_readonly_root",
+    "userns_root_is_not_host_root",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -45,6 +46,7 @@ pub async fn run(name: &str) -> bool {
         "nofile_limit_applies" => nofile_limit_applies().await,
         "escape_is_refused" => escape_is_refused(false).await,
         "escape_is_refused_readonly_root" => escape_is_refused(true).await,
+        "userns_root_is_not_host_root" => userns_root_is_not_host_root().await,
         _ => return false,
     }
     true
@@ -936,4 +938,133 @@ pub async fn escape_is_refused(readonly_root: bool) {
         },
     )
     .await;
+}
+
+/// `isolation.userns = true`: root inside is the first id of the service's block on the host.
+/// From inside, with Docker's default capabilities (namespaced), it makes a file in a
+/// directory anyone may write (owned on the host by that id, not root), cannot read a
+/// root-only host file (which a root instance without a user namespace reads), cannot take a
+/// host user's file (CAP_CHOWN held) nor make a device node, and still writes `/dev/null`;
+/// its exec probe runs as root inside too. Its workdir, owned by an unprivileged host user, is
+/// idmapped: root inside writes there, and what it makes (setuid bit and all) belongs on the
+/// host to the workdir's owner, never to root. Where the workdir's filesystem has no
+/// idmapped mounts (tmpfs before Linux 6.3: the v2 VM), the apply is refused naming the
+/// workdir, and the rest is checked with a root-owned workdir, which is not mapped.
+pub async fn userns_root_is_not_host_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let agent = Agent::start().await;
+    std::fs::create_dir_all("/var/tmp").expect("mkdir /var/tmp");
+    let dir = |prefix: &str| {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/var/tmp")
+            .expect("tempdir")
+    };
+    let shared = dir("corral-e2e-userns-shared-");
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod 1777");
+    let secret = shared.path().join("secret");
+    std::fs::write(&secret, "root only\n").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let foreign = |name: &str| {
+        let f = shared.path().join(name);
+        std::fs::write(&f, "a host user's\n").expect("foreign");
+        std::os::unix::fs::chown(&f, Some(1000), Some(1000)).expect("chown 1000");
+        f
+    };
+    let (foreign_ns, foreign_root) = (foreign("foreign-ns"), foreign("foreign-root"));
+    let workdir = dir("corral-e2e-userns-wd-");
+    std::fs::set_permissions(workdir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::os::unix::fs::chown(workdir.path(), Some(4242), Some(4243)).expect("chown workdir");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (sh, se) = (path(shared.path()), path(&secret));
+    let toml = |name: &str, workdir: &str, userns: bool, foreign: &std::path::Path| {
+        format!(
+            "name = \"{name}\"\ncommand = [{:?}, \"userns\", {sh:?}, {se:?}, {:?}]\nworkdir = {workdir:?}\n[isolation]\nuserns = {userns}\n{}",
+            testbin(),
+            path(foreign),
+            check_probe("uid", "0")
+        )
+    };
+    let wd = path(workdir.path());
+    let idmapped = match agent.apply(&toml("uns", &wd, true, &foreign_ns)).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            assert!(
+                e.message().contains("isolation.userns: workdir")
+                    && e.message().contains("cannot be idmapped"),
+                "{}",
+                e.message()
+            );
+            agent
+                .apply(&toml("uns", &sh, true, &foreign_ns))
+                .await
+                .expect("apply with a root-owned workdir");
+            false
+        }
+    };
+    eprintln!("userns: workdir idmapped: {idmapped}");
+    let inst = agent.wait_running("uns", 1).await.remove(0).id;
+    let got = |key: &'static str| {
+        let (agent, inst) = (&agent, inst.clone());
+        async move { agent.reported(&inst, &format!("userns.{key}")).await }
+    };
+    assert_eq!(got("uid").await, "0", "root inside");
+    let map = got("uid_map").await;
+    let fields: Vec<u32> = map.split(' ').filter_map(|f| f.parse().ok()).collect();
+    let base = match fields[..] {
+        [0, base, 65536] if base >= 65536 => base,
+        _ => panic!("uid_map {map:?}: 0 <host block> 65536 expected"),
+    };
+    assert_eq!(
+        got("cap_eff").await,
+        DOCKER_DEFAULT_CAPS,
+        "capabilities, namespaced"
+    );
+    assert_eq!(got("write_shared").await, "ok");
+    let made = std::fs::metadata(got("made").await).expect("the file made inside");
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (base, base),
+        "a file root made inside belongs on the host to the block's first id"
+    );
+    assert_eq!(got("read_secret").await, "EACCES", "a root-only host file");
+    assert_eq!(got("chown_foreign").await, "EPERM", "a host user's file");
+    assert_eq!(std::fs::metadata(&foreign_ns).expect("foreign").uid(), 1000);
+    assert_eq!(got("mknod").await, "EPERM");
+    assert_eq!(got("devnull").await, "ok", "the minimal /dev works");
+    assert_eq!(got("write_workdir").await, "ok");
+    let in_workdir = got("made_in_workdir").await;
+    let owner = if idmapped {
+        let m = std::fs::metadata(workdir.path().join(&in_workdir)).expect("made in workdir");
+        assert!(m.mode() & 0o4000 != 0, "the setuid bit is on the file");
+        (m.uid(), m.gid())
+    } else {
+        let m = std::fs::metadata(shared.path().join(&in_workdir)).expect("made in workdir");
+        assert_eq!((m.uid(), m.gid()), (base, base));
+        (4242, 4243)
+    };
+    assert_eq!(
+        owner,
+        (4242, 4243),
+        "what root makes in the idmapped workdir belongs to the workdir's owner, never root"
+    );
+    wait_healthy(&agent, "uns").await;
+
+    // Without a user namespace, root in an instance does read it and take the file: what
+    // the user namespace took away.
+    agent
+        .apply(&toml("root", &sh, false, &foreign_root))
+        .await
+        .expect("apply");
+    let root = agent.wait_running("root", 1).await.remove(0).id;
+    assert_eq!(agent.reported(&root, "userns.read_secret").await, "ok");
+    assert_eq!(agent.reported(&root, "userns.chown_foreign").await, "ok");
+
+    // Deleting the service gives its block back.
+    agent.delete("uns").await.expect("delete");
+    let kept = std::fs::read_to_string(agent.state_dir.join("userns-ids.json")).unwrap_or_default();
+    assert!(!kept.contains("\"uns\""), "released: {kept}");
 }

@@ -158,3 +158,11 @@ async fn exec_probes_do_not_keep_the_agents_oom_score() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userns_root_is_not_host_root() {
+    if skip_unless_root("userns_root_is_not_host_root") {
+        return;
+    }
+    scenarios::userns_root_is_not_host_root().await;
+}

@@ -54,6 +54,8 @@ const STEP_CGROUP: u8 = 1;
 const STEP_FDS: u8 = 2;
 const STEP_EXEC: u8 = 3;
 const STEP_CGROUPNS: u8 = 4;
+const STEP_WAIT: u8 = 5;
+const STEP_ROOT: u8 = 6;
 
 /// Source fds are moved at or above this number before the child rearranges 0-3.
 const HIGH_FD: RawFd = 16;
@@ -101,6 +103,10 @@ pub(super) struct ChildPlan<'a> {
     pub(super) extra: &'a [RawFd],
     /// Enter a new cgroup namespace once inside the cgroup.
     pub(super) new_cgroup_ns: bool,
+    /// A child in a new user namespace: wait for a byte on this pipe before anything else
+    /// (the parent writes its id maps, and puts it in its cgroup, first), then become root
+    /// there (its ids were the parent's, which the namespace does not map).
+    pub(super) wait_for: Option<RawFd>,
     pub(super) err_pipe: RawFd,
     pub(super) exe: &'a CString,
     pub(super) argv: &'a [*const libc::c_char],
@@ -124,6 +130,24 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
             libc::_exit(SETUP_FAILED as i32)
         }
     };
+    if let Some(fd) = plan.wait_for {
+        let mut byte = 0u8;
+        // SAFETY: read(2) of one byte into a stack buffer from a pipe the parent made.
+        if unsafe { libc::read(fd, (&raw mut byte).cast(), 1) } != 1 {
+            fail(STEP_WAIT);
+        }
+        // Raw system calls: the C library's wrappers would try to reach the parent's other
+        // threads, which this process does not have.
+        // SAFETY: setgroups/setresgid/setresuid with constant arguments.
+        let root = unsafe {
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0
+                && libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0
+                && libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
+        };
+        if !root {
+            fail(STEP_ROOT);
+        }
+    }
     for fd in plan.procs {
         // SAFETY: writing 2 bytes from a static buffer to an fd the parent opened.
         if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
@@ -276,6 +300,73 @@ pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatu
     }
 }
 
+/// Writes the id maps of `pid`, a child in a new user namespace waiting for them:
+/// `/proc/PID/uid_map` and `gid_map` (each `INSIDE OUTSIDE COUNT` lines). From a process
+/// privileged in the parent namespace, `setgroups` stays allowed inside.
+pub(super) fn write_id_maps(pid: i32, uid_map: &str, gid_map: &str) -> io::Result<()> {
+    for (file, map) in [("uid_map", uid_map), ("gid_map", gid_map)] {
+        fs::write(format!("/proc/{pid}/{file}"), map)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {file} {map:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Puts `pid` in the cgroup of `procs` (its `cgroup.procs` files).
+pub(super) fn join_cgroup(procs: &[OwnedFd], pid: i32) -> io::Result<()> {
+    let text = pid.to_string();
+    for fd in procs {
+        nix::unistd::write(fd, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// A user namespace with the given id maps and nothing in it, as an fd (for an idmapped
+/// mount): a child cloned into it waits while its maps are written and the namespace is
+/// opened, then ends.
+pub(super) fn new_userns(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
+    let (wait_r, wait_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut pidfd: libc::c_int = -1;
+    let args = CloneArgs {
+        flags: (libc::CLONE_NEWUSER | libc::CLONE_PIDFD) as u64,
+        pidfd: (&raw mut pidfd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    let (wait_fd, release_fd) = (wait_r.as_raw_fd(), wait_w.as_raw_fd());
+    // SAFETY: clone3 with a valid clone_args of the size passed, no CLONE_VM, no new stack;
+    // the child only closes, reads a pipe and exits (async-signal-safe calls only).
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    if ret == 0 {
+        // SAFETY: in the child: close(2), read(2) and _exit(2) only.
+        unsafe {
+            libc::close(release_fd);
+            let mut byte = 0u8;
+            libc::read(wait_fd, (&raw mut byte).cast(), 1);
+            libc::_exit(0)
+        }
+    }
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pid = ret as i32;
+    // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let made = write_id_maps(pid, uid_map, gid_map).and_then(|()| {
+        nix::fcntl::open(
+            format!("/proc/{pid}/ns/user").as_str(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(io::Error::from)
+    });
+    // The child reads end-of-file (it closed its copy of the write end) and exits; it is
+    // reaped here (a quick, bounded wait).
+    drop(wait_w);
+    drop(wait_r);
+    let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
+    made
+}
+
 /// What the child reported before exec, if anything (EOF: exec succeeded).
 pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
     let mut buf = [0u8; 5];
@@ -289,6 +380,8 @@ pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
                 STEP_FDS => "setting up file descriptors",
                 STEP_EXEC => "executing the init",
                 STEP_CGROUPNS => "entering a new cgroup namespace",
+                STEP_WAIT => "waiting for the user namespace's id maps",
+                STEP_ROOT => "becoming root in the user namespace",
                 _ => "starting",
             };
             Some(format!("{step}: {err}"))

@@ -21,12 +21,13 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
 
 use super::CgroupMount;
-use super::mounts::{PROC_READONLY, set_attr};
+use super::mounts::{PROC_READONLY, copy_tree, move_tree, set_attr};
 
 /// Files under `/proc` covered by `/dev/null` (OCI's default masked paths).
 const PROC_MASKED_FILES: [&str; 6] = [
@@ -83,8 +84,24 @@ pub(super) fn nodev_everywhere() -> Result<(), String> {
     }
 }
 
-/// Builds the minimal `/dev` (see the module's documentation).
-pub(super) fn minimal_dev() -> Result<(), String> {
+/// The host's device nodes of the minimal `/dev`, each as a detached mount (a bind of the node
+/// taken with the flags its mount has now), for an instance in a user namespace, which cannot
+/// make device nodes: [`minimal_dev`] puts them in place.
+pub(super) fn host_devices() -> Result<Vec<(&'static str, OwnedFd)>, String> {
+    DEVICES
+        .iter()
+        .map(|(name, _, _)| {
+            let path = format!("/dev/{name}");
+            copy_tree(Path::new(&path), false)
+                .map(|fd| (*name, fd))
+                .map_err(step(format!("taking the host's {path}")))
+        })
+        .collect()
+}
+
+/// Builds the minimal `/dev` (see the module's documentation): device nodes made with
+/// `mknod`, or the host's nodes bound (`host`, from [`host_devices`]).
+pub(super) fn minimal_dev(host: Option<Vec<(&'static str, OwnedFd)>>) -> Result<(), String> {
     mount(
         Some("tmpfs"),
         "/dev",
@@ -96,14 +113,20 @@ pub(super) fn minimal_dev() -> Result<(), String> {
     // SAFETY: umask(2) cannot fail; the previous mask is restored below.
     let old = unsafe { libc::umask(0) };
     let made = (|| -> Result<(), String> {
-        for (name, major, minor) in DEVICES {
+        for (name, node) in host.iter().flatten() {
+            let path = format!("/dev/{name}");
+            std::fs::File::create(&path)
+                .and_then(|_| move_tree(node, Path::new(&path)))
+                .map_err(step(format!("binding the host's {path}")))?;
+        }
+        for (name, major, minor) in DEVICES.iter().filter(|_| host.is_none()) {
             let path = c(&format!("/dev/{name}")).map_err(step(name))?;
             // SAFETY: mknod(2) with a NUL-terminated path.
             let r = unsafe {
                 libc::mknod(
                     path.as_ptr(),
                     libc::S_IFCHR | 0o666,
-                    libc::makedev(major as u32, minor as u32),
+                    libc::makedev(*major as u32, *minor as u32),
                 )
             };
             if r != 0 {

@@ -82,10 +82,14 @@ pub fn main() -> ExitCode {
     };
     // The listening sockets on fds 4, 5, ...: the init keeps them (the agent may take them
     // back from here after a restart); only the service gets them, renumbered from 3.
-    // The seccomp program after them is read (and closed) before the service is forked.
-    for i in 0..=config.listen_names.len() {
+    // The fds after them (logs, seccomp program, workdir mount) are the init's alone too.
+    let extra = config.fds.all();
+    for fd in (0..config.listen_names.len())
+        .map(super::listen_fd_in_init)
+        .chain(extra)
+    {
         // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
-        unsafe { libc::fcntl(super::listen_fd_in_init(i), libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     match Init::setup(&config) {
         Ok(init) => init.run(run_dir.as_fd()),
@@ -276,18 +280,19 @@ impl Init {
     /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
     fn setup(config: &InitConfig) -> Result<Init, String> {
         let readonly_root = config.readonly_root && config.mount_namespace;
-        let log_dir = if readonly_root {
-            // A private copy of the log directory's mount, outside this namespace's tree, so
-            // that making the tree read-only neither fails on the open log files (EBUSY) nor
-            // stops them from being written.
-            mounts::detached(&config.log_dir)
-        } else {
-            nix::fcntl::open(
+        let log_dir = match config.fds.log_dir {
+            // Opened by the agent in the host's mount table: nothing done to this instance's
+            // mounts (read-only, masked) reaches it.
+            // SAFETY: the spawn path placed this fd for the init alone.
+            Some(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            // A configuration from an older agent.
+            None if readonly_root => mounts::detached(&config.log_dir),
+            None => nix::fcntl::open(
                 config.log_dir.as_path(),
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(io::Error::from)
+            .map_err(io::Error::from),
         }
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
         let open = |name| {
@@ -311,6 +316,13 @@ impl Init {
                 None::<&str>,
             )
             .map_err(|e| format!("making mounts private: {e}"))?;
+            // In a user namespace device nodes cannot be made: the host's are taken (as they
+            // are now, before `nodev` is set everywhere) and bound into the new /dev.
+            let host_devices = if config.minimal_dev && config.userns {
+                Some(confine::host_devices()?)
+            } else {
+                None
+            };
             if config.minimal_dev {
                 confine::nodev_everywhere()?;
             }
@@ -335,7 +347,7 @@ impl Init {
                 .map_err(|e| format!("mounting a private /tmp: {e}"))?;
             }
             if config.minimal_dev {
-                confine::minimal_dev()?;
+                confine::minimal_dev(host_devices)?;
             }
             let mut masker = Masker::default();
             for dir in &config.masked {
@@ -347,6 +359,16 @@ impl Init {
             if readonly_root {
                 mounts::readonly_root(&config.workdir, config.system_paths)
                     .map_err(|e| format!("isolation.readonly_root: {e}"))?;
+            }
+            if let Some(fd) = config.fds.workdir {
+                // SAFETY: the spawn path placed this fd for the init alone.
+                let mount = unsafe { OwnedFd::from_raw_fd(fd) };
+                mounts::move_tree(&mount, &config.workdir).map_err(|e| {
+                    format!(
+                        "isolation.userns: putting the idmapped workdir {} in place: {e}",
+                        config.workdir.display()
+                    )
+                })?;
             }
         }
         if let Some(name) = &config.hostname {
@@ -584,8 +606,7 @@ impl ExecPlan {
     fn new(config: &InitConfig) -> Result<ExecPlan, String> {
         let workdir = CString::new(OsStr::new(&config.workdir).as_bytes())
             .map_err(|_| "workdir holds a NUL byte".to_string())?;
-        let seccomp = if config.seccomp {
-            let fd = super::seccomp_fd_in_init(config.listen_names.len());
+        let seccomp = if let Some(fd) = config.fds.seccomp {
             // SAFETY: the spawn path placed the program's memfd on this fd for this process
             // only; it is closed here, once read.
             let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });

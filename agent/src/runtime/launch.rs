@@ -103,7 +103,7 @@ pub fn init_config(
     ports: &BTreeMap<String, u16>,
     run_as: RunAs<'_>,
     host: HostView<'_>,
-    seccomp: bool,
+    fds: super::InitFds,
 ) -> InitConfig {
     let iso = &spec.isolation;
     let uid = run_as.identity.map_or(run_as.agent_uid, |i| i.uid);
@@ -142,7 +142,8 @@ pub fn init_config(
         } else {
             Vec::new()
         },
-        seccomp,
+        fds,
+        userns: mount_ns && iso.userns,
     }
 }
 
@@ -238,7 +239,7 @@ mod tests {
                 masked: &masked,
                 cgroup_mounts: &mounts,
             },
-            true,
+            crate::runtime::InitFds::after(0, true, false),
         )
     }
 
@@ -257,7 +258,12 @@ mod tests {
             1,
             "own cgroup namespace: views mounted again"
         );
-        assert!(c.seccomp);
+        assert_eq!(
+            (c.fds.log_dir, c.fds.seccomp, c.fds.workdir),
+            (Some(4), Some(5), None),
+            "the log directory, then the filter, after no listening socket"
+        );
+        assert!(!c.userns);
         assert_eq!((c.uid, c.gid), (None, None), "the agent's own user");
         assert_eq!(c.capabilities, Some(CapPlan::for_instance(None, 0)));
         assert_eq!(c.hostname.as_deref(), Some("web-1"));

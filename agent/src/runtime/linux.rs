@@ -22,11 +22,14 @@ use std::sync::{Arc, Mutex};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use super::clone::{ChildPlan, clone_exec, high, read_spawn_error, sealed_memfd, wait_pidfd};
+use super::clone::{
+    ChildPlan, clone_exec, high, join_cgroup, new_userns, read_spawn_error, sealed_memfd,
+    wait_pidfd, write_id_maps,
+};
 use super::launch::{self, HostView, Identity, RunAs};
 use super::probe_helper::ProbeConfig;
 use super::seccomp;
-use super::users::DynamicUsers;
+use super::users::{DynamicUsers, USERNS_SIZE, UsernsIds};
 use super::{
     CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, LOG_STAT, LogStat,
     ProcessRef, Runtime, SpawnError, Spawned, StartRequest,
@@ -47,6 +50,11 @@ pub struct LinuxRuntime {
     cgroup_mounts: Vec<CgroupMount>,
     /// `user = "dynamic"`: `None` when the agent has no range for them.
     users: Option<DynamicUsers>,
+    /// `isolation.userns`: the services' blocks of host ids.
+    userns: Option<UsernsIds>,
+    /// User namespaces for idmapped workdirs, by (workdir owner, group, block): the owner's
+    /// ids are the block's root.
+    idmaps: Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>,
     /// Compiled seccomp programs, by policy, each in a sealed memfd that every instance's
     /// init and probe helper of that policy gets (and reads) as it is.
     filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
@@ -165,6 +173,8 @@ impl LinuxRuntime {
             masked: vec![fs::canonicalize(state_dir)?],
             cgroup_mounts: cgroup_mounts(&mountinfo),
             users: None,
+            userns: None,
+            idmaps: Mutex::new(HashMap::new()),
             filters: Mutex::new(HashMap::new()),
         })
     }
@@ -181,6 +191,106 @@ impl LinuxRuntime {
     /// Give `user = "dynamic"` services uids from `users`.
     pub fn set_dynamic_users(&mut self, users: DynamicUsers) {
         self.users = Some(users);
+    }
+
+    /// Why `spec`'s user namespace cannot be made here, field by field (none: it can).
+    fn userns_preflight(&self, spec: &ServiceSpec) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        let mut why = Vec::new();
+        let Some(ids) = &self.userns else {
+            why.push("isolation.userns: the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)".to_string());
+            return why;
+        };
+        if !Path::new("/proc/self/ns/user").exists()
+            || sysctl("/proc/sys/user/max_user_namespaces") == Some(0)
+        {
+            why.push("isolation.userns: this kernel has no user namespaces (or user.max_user_namespaces is 0)".to_string());
+            return why;
+        }
+        let inside = |id: u32| id < USERNS_SIZE;
+        match &spec.user {
+            Some(UserSpec::Id { uid, gid }) if !inside(*uid) || gid.is_some_and(|g| !inside(g)) => {
+                why.push(format!(
+                    "user: {:?} is outside the instance's user namespace (ids 0-{})",
+                    spec.user
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    USERNS_SIZE - 1
+                ));
+            }
+            Some(user @ UserSpec::Name(_)) => {
+                if let Ok(Some(id)) = resolve_identity(Some(user), None, &spec.name)
+                    && (!inside(id.uid) || !inside(id.gid))
+                {
+                    why.push(format!(
+                        "user: {:?} is uid {}:{} on this host, outside the instance's user namespace (ids 0-{})",
+                        user.to_string(),
+                        id.uid,
+                        id.gid,
+                        USERNS_SIZE - 1
+                    ));
+                }
+            }
+            _ => {}
+        }
+        // A workdir owned by someone else than root is idmapped: its filesystem must allow it.
+        if fs::metadata(&spec.workdir).is_ok_and(|m| m.uid() != 0)
+            && let Err(e) = self.idmapped_workdir(&spec.workdir, ids.any())
+        {
+            why.push(format!(
+                "isolation.userns: workdir {:?} cannot be idmapped for the instance's root: {e} (its filesystem lacks idmapped mounts, e.g. tmpfs before Linux 6.3; use a workdir on one that has them, or one owned by root, which is not mapped)",
+                spec.workdir
+            ));
+        }
+        why
+    }
+
+    /// Give `isolation.userns` services their host ids from `ids`.
+    pub fn set_userns_ids(&mut self, ids: UsernsIds) {
+        self.userns = Some(ids);
+    }
+
+    /// The first host id of `spec`'s user namespace (its root inside), when it has one.
+    fn userns_base(&self, spec: &ServiceSpec) -> Result<Option<u32>, String> {
+        if !spec.isolation.userns {
+            return Ok(None);
+        }
+        let ids = self.userns.as_ref().ok_or(
+            "isolation.userns: the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)",
+        )?;
+        ids.get_or_allocate(&spec.name).map(Some)
+    }
+
+    /// The workdir as a detached mount idmapped for the user namespace whose root is host id
+    /// `base`: what the workdir's owner and group own on the host belongs inside to root,
+    /// and what root inside creates there belongs on the host to the workdir's owner and
+    /// group. `None` for a workdir owned by root: mapping it would let root inside make
+    /// files owned by the host's root (a setuid binary...), so it stays as it is.
+    fn idmapped_workdir(&self, workdir: &Path, base: u32) -> io::Result<Option<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(workdir)?;
+        if meta.uid() == 0 {
+            return Ok(None);
+        }
+        let key = (meta.uid(), meta.gid(), base);
+        let ns = {
+            let mut cache = self.idmaps.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(&key) {
+                Some(ns) => ns.clone(),
+                None => {
+                    let ns = Arc::new(new_userns(
+                        &format!("{} {base} 1", key.0),
+                        &format!("{} {base} 1", key.1),
+                    )?);
+                    cache.insert(key, ns.clone());
+                    ns
+                }
+            }
+        };
+        let mount = super::mounts::copy_tree(workdir, false)?;
+        super::mounts::idmap(&mount, &ns)?;
+        high(mount).map(Some)
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -270,6 +380,16 @@ fn resolve_identity(
     }
 }
 
+/// Give `dir` and what is directly in it (not through symlinks) to `id` (uid and gid).
+fn chown_shallow(dir: &Path, id: u32) -> io::Result<()> {
+    use std::os::unix::fs::lchown;
+    lchown(dir, Some(id), Some(id))?;
+    for entry in fs::read_dir(dir)? {
+        lchown(entry?.path(), Some(id), Some(id))?;
+    }
+    Ok(())
+}
+
 /// A number from a one-line file under `/proc/sys`.
 fn sysctl(path: &str) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -336,12 +456,28 @@ impl Runtime for LinuxRuntime {
         }
         let agent_uid = nix::unistd::Uid::effective().as_raw();
         let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
+        let invalid = |reason: String| SpawnError::Invalid {
+            instance: instance.to_string(),
+            reason,
+        };
         let filter = self
             .filter(spec, &caps)
-            .map_err(|reason| SpawnError::Invalid {
-                instance: instance.to_string(),
-                reason: format!("isolation.seccomp: {reason}"),
-            })?;
+            .map_err(|reason| invalid(format!("isolation.seccomp: {reason}")))?;
+        let userns = self.userns_base(spec).map_err(invalid)?;
+        let workdir_mount = match userns {
+            Some(base) => self
+                .idmapped_workdir(&spec.workdir, base)
+                .map_err(prep(&format!(
+                    "an idmapped mount of workdir {}",
+                    spec.workdir.display()
+                )))?,
+            None => None,
+        };
+        let fds = super::InitFds::after(
+            spec.sockets.len(),
+            filter.is_some(),
+            workdir_mount.is_some(),
+        );
         let config = launch::init_config(
             spec,
             req.index,
@@ -357,7 +493,7 @@ impl Runtime for LinuxRuntime {
                 masked: &self.masked,
                 cgroup_mounts: &self.cgroup_mounts,
             },
-            filter.is_some(),
+            fds,
         );
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
@@ -398,6 +534,27 @@ impl Runtime for LinuxRuntime {
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prep("a pipe")(e.into()))?;
         let err_w = high(err_w).map_err(prep("a pipe"))?;
+        let log_dir_fd = open(&log_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
+            .and_then(high)
+            .map_err(prep("the log directory"))?;
+        if let Some(base) = userns {
+            // Root inside is `base` on the host: the init writes its run state and logs.
+            for dir in [&run_dir, &log_dir] {
+                chown_shallow(dir, base).map_err(prep(&format!(
+                    "giving {} to the instance's root",
+                    dir.display()
+                )))?;
+            }
+        }
+        // A child in a new user namespace waits for its id maps (and its cgroup).
+        let (wait_r, wait_w) = match userns {
+            Some(_) => {
+                let (r, w) =
+                    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prep("a pipe")(e.into()))?;
+                (Some(high(r).map_err(prep("a pipe"))?), Some(w))
+            }
+            None => (None, None),
+        };
         let procs = req
             .cgroup_procs
             .into_iter()
@@ -415,15 +572,23 @@ impl Runtime for LinuxRuntime {
                 ),
             });
         }
-        // The listening sockets, then the seccomp program (see `seccomp_fd_in_init`).
+        // The listening sockets, then the fds of `InitFds::after`, in its order.
         let extra: Vec<RawFd> = req
             .listen_fds
             .iter()
             .map(|fd| fd.as_raw_fd())
+            .chain(Some(log_dir_fd.as_raw_fd()))
             .chain(filter.as_ref().map(|fd| fd.as_raw_fd()))
+            .chain(workdir_mount.as_ref().map(|fd| fd.as_raw_fd()))
             .collect();
+        let mut flags = clone_flags(spec);
+        if userns.is_some() {
+            flags |= libc::CLONE_NEWUSER as u64;
+        }
         let plan = ChildPlan {
-            procs: &procs,
+            // In a user namespace the parent puts the child in its cgroup.
+            procs: if userns.is_some() { &[] } else { &procs },
+            wait_for: wait_r.as_ref().map(|fd| fd.as_raw_fd()),
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
             stderr: init_log.as_raw_fd(),
@@ -435,15 +600,39 @@ impl Runtime for LinuxRuntime {
             argv: &argv,
             envp: &envp,
         };
-        let (ret, pidfd) =
-            clone_exec(clone_flags(spec), req.cgroup_dir.as_ref(), &plan).map_err(|source| {
-                SpawnError::Clone {
-                    instance: instance.to_string(),
-                    source,
-                }
-            })?;
+        let (ret, pidfd) = clone_exec(flags, req.cgroup_dir.as_ref(), &plan).map_err(|source| {
+            SpawnError::Clone {
+                instance: instance.to_string(),
+                source,
+            }
+        })?;
         let pid = ret;
         drop(err_w);
+        drop(wait_r);
+        if let (Some(base), Some(wait_w)) = (userns, wait_w) {
+            let map = format!("0 {base} {USERNS_SIZE}\n");
+            let released = write_id_maps(pid, &map, &map)
+                .and_then(|()| join_cgroup(&procs, pid))
+                .and_then(|()| Ok(nix::unistd::write(&wait_w, b"1")?));
+            if let Err(source) = released {
+                // SAFETY: pidfd_send_signal on the pidfd clone3 just gave us.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                // It has run nothing of its own yet: reaped at once.
+                let _ = nix::sys::wait::waitid(
+                    nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(&pidfd)),
+                    nix::sys::wait::WaitPidFlag::WEXITED,
+                );
+                return Err(prep("the instance's user namespace")(source));
+            }
+        }
         let pidfd = Arc::new(pidfd);
         // Our own unreaped child: its PID cannot be reused yet, so this reads the right process.
         let start_time = proc_start_time(pid).unwrap_or(0);
@@ -533,10 +722,7 @@ impl Runtime for LinuxRuntime {
             ));
         }
         if spec.isolation.userns {
-            why.push(
-                "isolation.userns: user namespaces are not available in this version of corrald"
-                    .to_string(),
-            );
+            why.extend(self.userns_preflight(spec));
         }
         if spec.isolation.seccomp == crate::spec::Seccomp::Default && !seccomp::supported() {
             why.push(format!(
@@ -686,21 +872,33 @@ impl Runtime for LinuxRuntime {
         let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
         let filter = self.filter(spec, &caps);
         let changed = identity.as_ref().filter(|_| change);
-        let ns_flags = (clone_flags(spec)
-            | if spec.isolation.has(Namespace::Cgroup) {
-                libc::CLONE_NEWCGROUP as u64
-            } else {
-                0
-            }) as i32;
+        let userns = spec.isolation.userns;
+        let mut ns_flags = clone_flags(spec);
+        if spec.isolation.has(Namespace::Cgroup) {
+            ns_flags |= libc::CLONE_NEWCGROUP as u64;
+        }
+        if userns {
+            ns_flags |= libc::CLONE_NEWUSER as u64;
+        }
+        // In the instance's user namespace the helper's own ids (the agent's) mean nothing:
+        // it always changes to the service's, root inside by default.
+        let (uid, gid) = match changed {
+            Some(id) => (Some(id.uid), Some(id.gid)),
+            None if userns => (
+                Some(identity.as_ref().map_or(0, |i| i.uid)),
+                Some(identity.as_ref().map_or(0, |i| i.gid)),
+            ),
+            None => (None, None),
+        };
         let procs = req
             .cgroup_procs
             .into_iter()
             .filter_map(|fd| high(fd).ok())
             .collect();
         let config = ProbeConfig {
-            ns_flags,
-            uid: changed.map(|i| i.uid),
-            gid: changed.map(|i| i.gid),
+            ns_flags: ns_flags as i32,
+            uid,
+            gid,
             caps,
             nofile: spec.resources.nofile,
             workdir: spec.workdir.clone(),
@@ -731,6 +929,9 @@ impl Runtime for LinuxRuntime {
     fn release_service(&self, service: &str) {
         if let Some(users) = &self.users {
             users.release(service);
+        }
+        if let Some(ids) = &self.userns {
+            ids.release(service);
         }
     }
 
@@ -953,6 +1154,30 @@ mod tests {
         ];
         for (toml, fragment) in &cases {
             let e = rt.preflight(&spec(toml)).expect_err(toml);
+            assert!(e.contains(fragment), "{toml}: {e}");
+        }
+        let userns = "[isolation]\nuserns = true";
+        let e = rt.preflight(&spec(userns)).expect_err("no --userns-ids");
+        assert!(
+            e.contains("isolation.userns: the agent gives no user namespaces"),
+            "{e}"
+        );
+        rt.set_userns_ids(
+            UsernsIds::open(&state.path().join("userns-ids.json"), UsernsIds::DEFAULT)
+                .expect("userns ids"),
+        );
+        assert_eq!(rt.preflight(&spec(userns)), Ok(()));
+        for (toml, fragment) in [
+            (
+                format!("user = \"70000\"\n{userns}"),
+                "user: \"70000\" is outside the instance's user namespace (ids 0-65535)",
+            ),
+            (
+                format!("user = \"0:70000\"\n{userns}"),
+                "user: \"0:70000\" is outside the instance's user namespace",
+            ),
+        ] {
+            let e = rt.preflight(&spec(&toml)).expect_err(&toml);
             assert!(e.contains(fragment), "{toml}: {e}");
         }
         // Masked directories only matter with a mount namespace.

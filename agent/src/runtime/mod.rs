@@ -104,10 +104,13 @@ pub struct InitConfig {
     /// namespace and `system_paths`).
     #[serde(default)]
     pub cgroup_mounts: Vec<CgroupMount>,
-    /// Install a seccomp program before the service's `execve`: the init finds it (see
-    /// [`seccomp::to_bytes`]) in a sealed memfd on [`seccomp_fd_in_init`].
+    /// The fds the spawn path placed after the listening sockets (see [`InitFds`]).
     #[serde(default)]
-    pub seccomp: bool,
+    pub fds: InitFds,
+    /// The instance has its own user namespace (`isolation.userns`): root inside is an
+    /// unprivileged uid on the host, so device nodes are bound from the host's, not made.
+    #[serde(default)]
+    pub userns: bool,
 }
 
 /// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
@@ -138,10 +141,42 @@ pub fn listen_fd_in_init(i: usize) -> RawFd {
     RUN_DIR_FD + 1 + i as RawFd
 }
 
-/// The fd of an instance's init that holds its seccomp program (see [`InitConfig::seccomp`]),
-/// right after its `listen` listening sockets.
-pub fn seccomp_fd_in_init(listen: usize) -> RawFd {
-    listen_fd_in_init(listen)
+/// Fds of an instance's init after its listening sockets, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitFds {
+    /// The instance's log directory, opened by the agent: the init writes its logs there
+    /// whatever its own user may open, and whatever it does to its mount table.
+    pub log_dir: Option<RawFd>,
+    /// A sealed memfd holding the seccomp program (see [`seccomp::to_bytes`]) to install
+    /// before the service's `execve`.
+    pub seccomp: Option<RawFd>,
+    /// A detached, idmapped mount of the workdir (`isolation.userns`), to put in place.
+    pub workdir: Option<RawFd>,
+}
+
+impl InitFds {
+    /// The numbers for an init with `listen` listening sockets and the given fds.
+    pub fn after(listen: usize, seccomp: bool, workdir: bool) -> InitFds {
+        let mut next = listen_fd_in_init(listen);
+        let mut take = |wanted: bool| {
+            wanted.then(|| {
+                next += 1;
+                next - 1
+            })
+        };
+        InitFds {
+            log_dir: take(true),
+            seccomp: take(seccomp),
+            workdir: take(workdir),
+        }
+    }
+
+    /// Every fd set, in order.
+    pub fn all(&self) -> impl Iterator<Item = RawFd> {
+        [self.log_dir, self.seccomp, self.workdir]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// What an instance reported over its `NOTIFY_SOCKET` (sd_notify protocol).

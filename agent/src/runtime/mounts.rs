@@ -169,6 +169,33 @@ pub(super) fn set_attr(
     Ok(())
 }
 
+/// `mount_setattr(2)` on the detached mount `mount`: idmapped with the user namespace `userns`
+/// (ids owned on disk are shown through its maps), and `nosuid`, `nodev`.
+pub(super) fn idmap(mount: &OwnedFd, userns: &OwnedFd) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr(2) on an fd we own (empty path) with a mount_attr of the size
+    // passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &raw const attr,
+            size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `move_mount(2)`: puts the detached tree `fd` on top of `path`.
 pub(super) fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     let target = c_path(path)?;

@@ -106,6 +106,7 @@ impl LinuxExec {
             fd3: target.as_raw_fd(),
             extra: &extra,
             new_cgroup_ns: false,
+            wait_for: None,
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
             argv: &argv_p,

@@ -10,6 +10,11 @@
 //! and what its uid may write. Files it creates elsewhere keep its uid, which stays the
 //! service's for as long as the service exists.
 //!
+//! `isolation.userns = true` takes the same kind of allocation ([`UsernsIds`]), in blocks of
+//! [`USERNS_SIZE`] ids from the agent's `--userns-ids` range, kept in
+//! `<state-dir>/userns-ids.json`: ids 0..65535 inside the service's instances are that block
+//! on the host.
+//!
 //! Imports from the crate: nothing.
 
 use std::collections::BTreeMap;
@@ -79,62 +84,66 @@ pub fn pick(range: IdRange, used: &[u32], next: u32, taken: impl Fn(u32) -> bool
         .find(|id| !used.contains(id) && !taken(*id))
 }
 
-/// The dynamic users of this agent.
+/// Ids handed out per service from a range, saved in a file: the dynamic users' uids, or
+/// the user namespaces' blocks.
 #[derive(Debug)]
-pub struct DynamicUsers {
+struct Allocator {
     range: IdRange,
     file: PathBuf,
     state: Mutex<Allocation>,
+    /// Never given (a uid with a passwd entry).
+    taken: fn(u32) -> bool,
+    /// What runs out, for the error: `every uid of the --dynamic-users range 1-9`.
+    what: String,
 }
 
-impl DynamicUsers {
+impl Allocator {
     /// Reads the allocation kept in `file` (none yet: empty). An unreadable file is an error:
-    /// giving a service another uid would strand its files.
-    pub fn open(file: &Path, range: IdRange) -> Result<DynamicUsers, String> {
+    /// giving a service other ids would strand its files.
+    fn open(
+        file: &Path,
+        range: IdRange,
+        taken: fn(u32) -> bool,
+        what: String,
+    ) -> Result<Allocator, String> {
         let state = match fs::read(file) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| format!("{} is unreadable: {e}", file.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocation::default(),
             Err(e) => return Err(format!("reading {}: {e}", file.display())),
         };
-        Ok(DynamicUsers {
+        Ok(Allocator {
             range,
             file: file.to_path_buf(),
             state: Mutex::new(state),
+            taken,
+            what,
         })
     }
 
-    pub fn range(&self) -> IdRange {
-        self.range
-    }
-
-    /// The uid of `service`, allocated (and saved) on first use.
-    pub fn get_or_allocate(&self, service: &str) -> Result<u32, String> {
+    /// The id of `service`, allocated (and saved) on first use.
+    fn get_or_allocate(&self, service: &str) -> Result<u32, String> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(uid) = state.services.get(service) {
-            return Ok(*uid);
+        if let Some(id) = state.services.get(service) {
+            return Ok(*id);
         }
         let used: Vec<u32> = state.services.values().copied().collect();
-        let uid = pick(self.range, &used, state.next, has_passwd_entry).ok_or_else(|| {
-            format!(
-                "user: every uid of the --dynamic-users range {}-{} is in use",
-                self.range.first, self.range.last
-            )
-        })?;
+        let id = pick(self.range, &used, state.next, self.taken)
+            .ok_or_else(|| format!("{} is in use", self.what))?;
         let mut updated = state.clone();
-        updated.services.insert(service.to_string(), uid);
-        updated.next = if uid == self.range.last {
+        updated.services.insert(service.to_string(), id);
+        updated.next = if id == self.range.last {
             self.range.first
         } else {
-            uid + 1
+            id + 1
         };
         save(&self.file, &updated)?;
         *state = updated;
-        Ok(uid)
+        Ok(id)
     }
 
-    /// `service` was deleted: its uid may be given again.
-    pub fn release(&self, service: &str) {
+    /// `service` was deleted: its id may be given again.
+    fn release(&self, service: &str) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.services.contains_key(service) {
             return;
@@ -143,8 +152,99 @@ impl DynamicUsers {
         updated.services.remove(service);
         match save(&self.file, &updated) {
             Ok(()) => *state = updated,
-            Err(e) => tracing::warn!(%service, error = %e, "cannot release the dynamic user"),
+            Err(e) => tracing::warn!(%service, error = %e, "cannot release {}", self.what),
         }
+    }
+}
+
+/// The dynamic users of this agent.
+#[derive(Debug)]
+pub struct DynamicUsers(Allocator);
+
+impl DynamicUsers {
+    /// Reads the allocation kept in `file` (none yet: empty). An unreadable file is an error:
+    /// giving a service another uid would strand its files.
+    pub fn open(file: &Path, range: IdRange) -> Result<DynamicUsers, String> {
+        Allocator::open(
+            file,
+            range,
+            has_passwd_entry,
+            format!(
+                "user: every uid of the --dynamic-users range {}-{}",
+                range.first, range.last
+            ),
+        )
+        .map(DynamicUsers)
+    }
+
+    pub fn range(&self) -> IdRange {
+        self.0.range
+    }
+
+    /// The uid of `service`, allocated (and saved) on first use.
+    pub fn get_or_allocate(&self, service: &str) -> Result<u32, String> {
+        self.0.get_or_allocate(service)
+    }
+
+    /// `service` was deleted: its uid may be given again.
+    pub fn release(&self, service: &str) {
+        self.0.release(service)
+    }
+}
+
+/// How many ids a service's user namespace maps: 0..65535 inside.
+pub const USERNS_SIZE: u32 = 65536;
+
+/// The host ids of the services' user namespaces: one block of [`USERNS_SIZE`] per service.
+#[derive(Debug)]
+pub struct UsernsIds(Allocator);
+
+impl UsernsIds {
+    /// systemd's range for containers' ids (`0x80000`-`0x6FFFFFFF`).
+    pub const DEFAULT: IdRange = IdRange {
+        first: 0x8_0000,
+        last: 0x6FFF_FFFF,
+    };
+
+    /// `range` must start and end on a block boundary (a multiple of 65536, and one less).
+    pub fn open(file: &Path, range: IdRange) -> Result<UsernsIds, String> {
+        if !range.first.is_multiple_of(USERNS_SIZE)
+            || !(u64::from(range.last) + 1).is_multiple_of(u64::from(USERNS_SIZE))
+        {
+            return Err(format!(
+                "{}-{}: the range must hold whole blocks of {USERNS_SIZE} ids (FIRST a multiple of {USERNS_SIZE}, LAST one less than one), e.g. 524288-1879048191",
+                range.first, range.last
+            ));
+        }
+        let blocks = IdRange {
+            first: range.first / USERNS_SIZE,
+            last: range.last / USERNS_SIZE,
+        };
+        Allocator::open(
+            file,
+            blocks,
+            |_| false,
+            format!(
+                "isolation.userns: every block of the --userns-ids range {}-{}",
+                range.first, range.last
+            ),
+        )
+        .map(UsernsIds)
+    }
+
+    /// The first host id of `service`'s block (its root inside), allocated on first use.
+    pub fn get_or_allocate(&self, service: &str) -> Result<u32, String> {
+        self.0.get_or_allocate(service).map(|b| b * USERNS_SIZE)
+    }
+
+    /// A block for checks that need one (any: the first of the range).
+    pub fn any(&self) -> u32 {
+        self.0.range.first * USERNS_SIZE
+    }
+
+    /// `service` was deleted: its block may be given again.
+    pub fn release(&self, service: &str) {
+        self.0.release(service)
     }
 }
 
@@ -227,5 +327,37 @@ mod tests {
         assert!(again.get_or_allocate("fifth").is_err(), "range full");
         fs::write(&file, b"{").expect("corrupt");
         assert!(DynamicUsers::open(&file, range).is_err());
+    }
+
+    #[test]
+    fn userns_blocks_are_whole_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("userns-ids.json");
+        for bad in [(65537, 196607), (65536, 196606), (0x8_0000, 0x8_0000)] {
+            let range = IdRange {
+                first: bad.0,
+                last: bad.1,
+            };
+            assert!(UsernsIds::open(&file, range).is_err(), "{bad:?}");
+        }
+        let two = IdRange {
+            first: 65536,
+            last: 3 * 65536 - 1,
+        };
+        let ids = UsernsIds::open(&file, two).expect("open");
+        let web = ids.get_or_allocate("web").expect("web");
+        let db = ids.get_or_allocate("db").expect("db");
+        assert_eq!((web, db), (65536, 131072));
+        assert!(ids.get_or_allocate("third").is_err(), "two blocks only");
+        let again = UsernsIds::open(&file, two).expect("reopen");
+        assert_eq!(
+            again.get_or_allocate("db"),
+            Ok(db),
+            "kept across agent restarts"
+        );
+        again.release("web");
+        assert_eq!(again.get_or_allocate("third"), Ok(web));
+        assert_eq!(UsernsIds::DEFAULT.first % USERNS_SIZE, 0);
+        assert!(UsernsIds::open(&file, UsernsIds::DEFAULT).is_ok());
     }
 }

@@ -494,6 +494,16 @@ fn main() {
                 }
             }
         }
+        // What root may do to the host from inside: `userns SHARED SECRET FOREIGN`; reports
+        // each attempt (see `userns_probe`), then runs until SIGTERM.
+        "userns" => {
+            on_term_exit_zero();
+            for (name, value) in userns_probe(&arg(1), &arg(2), &arg(3)) {
+                line(&format!("userns.{name}"), value);
+            }
+            line("ready", 1);
+            sleep_forever();
+        }
         // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
         "print" => {
             on_term_exit_zero();
@@ -749,6 +759,70 @@ fn last_os_error<T>() -> Result<T, std::io::Error> {
 
 fn cstr(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s).unwrap_or_default()
+}
+
+/// `isolation.userns` from inside, each a real system call: the id map; a file made in
+/// `shared` (a directory anyone may write; the host reads its owner), one made in the
+/// workdir and marked setuid; reading `secret` (a root-only host file: CAP_DAC_OVERRIDE in
+/// the effective set); taking `foreign` (a host user's file, CAP_CHOWN held); `mknod`;
+/// writing `/dev/null`. Outcomes `ok` or the errno's name.
+fn userns_probe(shared: &str, secret: &str, foreign: &str) -> Vec<(&'static str, String)> {
+    let done = |r: std::io::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => errno_name(&e),
+    };
+    let first_map = std::fs::read_to_string("/proc/self/uid_map")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let made = format!("{shared}/made-by-{}", std::process::id());
+    let in_workdir = format!("made-in-workdir-{}", std::process::id());
+    let setuid = std::fs::write(&in_workdir, b"#!/bin/sh\n").and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&in_workdir, std::fs::Permissions::from_mode(0o4755))
+    });
+    let mknod = {
+        let path = cstr(&format!("{shared}/node-{}", std::process::id()));
+        // SAFETY: mknod(2) with a NUL-terminated path.
+        if unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 1)) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    vec![
+        ("uid", nix_uid().to_string()),
+        ("uid_map", first_map),
+        ("cap_eff", status_field("CapEff")),
+        ("write_shared", done(std::fs::write(&made, b"x"))),
+        ("made", made),
+        ("write_workdir", done(setuid)),
+        ("made_in_workdir", in_workdir),
+        ("read_secret", done(std::fs::read(secret).map(|_| ()))),
+        (
+            "chown_foreign",
+            done(std::os::unix::fs::chown(foreign, Some(0), Some(0))),
+        ),
+        ("mknod", done(mknod)),
+        (
+            "devnull",
+            done(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/null")
+                    .and_then(|mut f| f.write_all(b"x")),
+            ),
+        ),
+    ]
+}
+
+fn nix_uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail.
+    unsafe { libc::getuid() }
 }
 
 /// Every escape this instance tries, each a real system call: (name, outcome).
