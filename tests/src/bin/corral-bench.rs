@@ -10,7 +10,7 @@
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `confine` (start cost of the default confinement against the isolation of
 //! earlier releases: seccomp unconfined, the host's /dev and /proc, no cgroup namespace;
-//! at least 50 replacements each). Default: all.
+//! and of `userns` on top; at least 50 replacements each). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -813,7 +813,7 @@ async fn rollout(rounds: usize) {
 
 /// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
 /// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
-/// isolation of earlier releases and with the defaults, alternating so that the machine's
+/// isolation of earlier releases, with the defaults and with `userns`, alternating so that the machine's
 /// load falls on both alike; then 50 confined instances at once.
 async fn confine(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
@@ -825,7 +825,11 @@ async fn confine(rounds: usize) {
         corral_e2e::cgroup::version_name()
     );
     let before = "[isolation]\nnamespaces = [\"pid\", \"mount\", \"uts\", \"ipc\"]\nseccomp = \"unconfined\"\ndevices = \"host\"\nsystem_paths = \"host\"\n";
-    let configs = [("before", before), ("default", "")];
+    let configs = [
+        ("before", before),
+        ("default", ""),
+        ("userns", "[isolation]\nuserns = true\n"),
+    ];
     let mut fifos = Vec::new();
     for (name, iso) in configs {
         let fifo = Fifo::new(&dir, name);
@@ -842,7 +846,7 @@ async fn confine(rounds: usize) {
     for f in &mut fifos {
         f.wait_bytes(1).await;
     }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
         for (i, (name, _)) in configs.iter().enumerate() {
             let pid = agent.wait_running(name, 1).await[0].pid;
@@ -856,15 +860,22 @@ async fn confine(rounds: usize) {
         v.sort();
         v[v.len() / 2]
     };
-    let (mut b, mut d) = (samples[0].clone(), samples[1].clone());
-    let (mb, md) = (median(&mut b), median(&mut d));
+    let (mut b, mut d, mut u) = (samples[0].clone(), samples[1].clone(), samples[2].clone());
+    let (mb, md, mu) = (median(&mut b), median(&mut d), median(&mut u));
     stats("replacement, isolation of earlier releases", b, true);
     stats("replacement, default confinement", d, true);
+    stats("replacement, default confinement + userns", u, true);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "added start cost of the default confinement: {:.3} ms (median {:.3} ms vs {:.3} ms)",
-        (md.as_secs_f64() - mb.as_secs_f64()) * 1e3,
-        md.as_secs_f64() * 1e3,
-        mb.as_secs_f64() * 1e3
+        ms(md) - ms(mb),
+        ms(md),
+        ms(mb)
+    );
+    println!(
+        "added start cost of userns over the default: {:.3} ms (median {:.3} ms)",
+        ms(mu) - ms(md),
+        ms(mu)
     );
     for (name, _) in configs {
         delete(&agent, name).await;
