@@ -813,8 +813,8 @@ async fn rollout(rounds: usize) {
 
 /// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
 /// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
-/// isolation of earlier releases, with the defaults and with `userns`, alternating so that the machine's
-/// load falls on both alike; then 50 confined instances at once.
+/// isolation of earlier releases, with the defaults and with `userns`, alternating so that
+/// the machine's load falls on all alike; then 50 confined instances at once.
 async fn confine(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
