@@ -300,6 +300,24 @@ pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatu
     }
 }
 
+/// `signal` to the process of `pidfd` (which cannot be a recycled PID).
+pub(super) fn pidfd_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) on a pidfd the caller owns, no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes the id maps of `pid`, a child in a new user namespace waiting for them:
 /// `/proc/PID/uid_map` and `gid_map` (each `INSIDE OUTSIDE COUNT` lines). From a process
 /// privileged in the parent namespace, `setgroups` stays allowed inside.

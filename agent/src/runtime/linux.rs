@@ -23,8 +23,8 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use super::clone::{
-    ChildPlan, clone_exec, high, join_cgroup, new_userns, read_spawn_error, sealed_memfd,
-    wait_pidfd, write_id_maps,
+    ChildPlan, clone_exec, high, join_cgroup, new_userns, pidfd_signal, read_spawn_error,
+    sealed_memfd, wait_pidfd, write_id_maps,
 };
 use super::launch::{self, HostView, Identity, RunAs};
 use super::probe_helper::ProbeConfig;
@@ -615,16 +615,7 @@ impl Runtime for LinuxRuntime {
                 .and_then(|()| join_cgroup(&procs, pid))
                 .and_then(|()| Ok(nix::unistd::write(&wait_w, b"1")?));
             if let Err(source) = released {
-                // SAFETY: pidfd_send_signal on the pidfd clone3 just gave us.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        pidfd.as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    )
-                };
+                let _ = pidfd_signal(&pidfd, libc::SIGKILL);
                 // It has run nothing of its own yet: reaped at once.
                 let _ = nix::sys::wait::waitid(
                     nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(&pidfd)),

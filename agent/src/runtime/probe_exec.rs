@@ -16,7 +16,7 @@ use nix::fcntl::OFlag;
 use tokio::io::AsyncReadExt;
 
 use super::ProcessStatus;
-use super::clone::{ChildPlan, clone_exec, high, wait_pidfd};
+use super::clone::{ChildPlan, clone_exec, high, pidfd_signal, wait_pidfd};
 use super::probe_helper::EXEC_FLAG;
 use crate::health::{ExecResult, ExecRunner, output_tail};
 
@@ -41,16 +41,7 @@ struct KillOnDrop(Option<Arc<OwnedFd>>);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if let Some(fd) = self.0.take() {
-            // SAFETY: pidfd_send_signal on a pidfd we own.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+            let _ = pidfd_signal(&fd, libc::SIGKILL);
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     wait_pidfd(fd, true).await;
