@@ -6,7 +6,8 @@
 //! service's `execve`), and finishes the isolation that needs a process inside the
 //! namespaces (private mount propagation, `/proc` for the new PID namespace, a tmpfs on
 //! `/tmp`, what [`super::confine`] builds — masks, a minimal `/dev`, the kernel's files — the
-//! read-only view of the host for `readonly_root`, the hostname, loopback),
+//! read-only view of the host for `readonly_root`, the idmapped workdir of a `userns`
+//! instance, the hostname, loopback),
 //! forks the service process (which drops privileges and executes the command), then loops:
 //! it copies the service's stdout/stderr into the instance's rotating log files, forwards
 //! signals, reaps every child, and when the service process ends it records how (the exit

@@ -5,10 +5,16 @@
 //! are observed through the pidfd (readable when the process ends) and reaped with
 //! `waitid(P_PIDFD)`.
 //!
+//! With `isolation.userns` the clone also makes a user namespace: the child waits while the
+//! agent writes its id maps (and puts it in its cgroup), and a workdir owned by an
+//! unprivileged user comes as a detached idmapped mount (see [`LinuxRuntime`]'s
+//! `idmapped_workdir`).
+//!
 //! What the runtime keeps for all instances: the directories every instance with a mount
 //! namespace gets masked (the state directory, the API socket's directory), the host's
 //! cgroup mounts (mounted again inside instances with a cgroup namespace), the dynamic users,
-//! and the compiled seccomp filters, one per distinct [`seccomp::Policy`].
+//! the user namespaces' blocks of ids (and the namespaces that idmap workdirs), and the
+//! compiled seccomp filters, one per distinct [`seccomp::Policy`].
 
 use std::collections::HashMap;
 use std::ffi::CString;
