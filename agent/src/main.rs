@@ -23,7 +23,7 @@ use corral_agent::host::{self, Host};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::FileStore;
-use corral_agent::supervisor::{Deps, Driver, Operation, Outcome, SupervisorHandle};
+use corral_agent::supervisor::{Deps, Driver, SupervisorHandle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,6 +216,67 @@ fn settings(flags: Flags) -> Result<Settings> {
     })
 }
 
+/// `corrald.8` and the bash, zsh and fish completions of corrald, from its flags.
+fn generate_docs(dir: &Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_mangen::roff::{Roff, bold, roman};
+    let mut cmd = Flags::command();
+    let mut page = Vec::new();
+    let described = cmd.clone().about("the corral node agent").long_about(
+        "corrald keeps services running as isolated processes: every instance in its own \
+         namespaces and cgroup with CPU, memory and task limits, under a small init. It \
+         restarts what crashes, probes health, replaces instances by health-gated rolling \
+         updates, takes running instances back over after it restarts (they outlive it), \
+         rotates their logs, and serves the corral.v1 gRPC API on a Unix socket and, with \
+         --listen, on TCP with TLS. corral(1) is its command-line client.",
+    );
+    clap_mangen::Man::new(described)
+        .section("8")
+        .render(&mut page)?;
+    let mut files = Roff::new();
+    files.control("SH", ["FILES"]);
+    for (path, what) in [
+        (
+            "/etc/corral/corrald.toml",
+            "The settings read with --config by the corrald.service unit.",
+        ),
+        (
+            "/etc/corral/services/",
+            "Service specs (*.toml) applied at start and on SIGHUP.",
+        ),
+        (
+            "/var/lib/corral/",
+            "Desired state, instance records, the event log and instance logs.",
+        ),
+        ("/run/corral/corral.sock", "The API socket."),
+        (
+            "/usr/libexec/corral/corral-init",
+            "The init of every instance.",
+        ),
+    ] {
+        files
+            .control("TP", [])
+            .text([bold(path)])
+            .text([roman(what)]);
+    }
+    files.control("SH", ["SEE ALSO"]).text([
+        bold("corral"),
+        roman("(1), "),
+        bold("systemctl"),
+        roman("(1)"),
+    ]);
+    files.to_writer(&mut page)?;
+    std::fs::write(dir.join("corrald.8"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd, "corrald", dir)?;
+    }
+    Ok(())
+}
+
 fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -233,6 +294,23 @@ fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if Path::new(&argv0).file_name() == Some(runtime::INIT_NAME.as_ref()) {
         return runtime::init::main();
+    }
+    // `corrald --generate-docs DIR`, for package builds; kept out of the flags so that it is
+    // in neither the man page nor the completions it writes.
+    let args: Vec<_> = std::env::args_os().collect();
+    if let [_, flag, dir] = args.as_slice()
+        && flag == "--generate-docs"
+    {
+        return match generate_docs(Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "corrald: writing the docs into {}: {e}",
+                    Path::new(dir).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
     }
     let flags = Flags::parse();
     let settings = match settings(flags) {
@@ -254,7 +332,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(settings)) {
+    let result = rt.block_on(run(settings));
+    // Whatever is left (connections past the shutdown grace, a log read in progress) is not
+    // waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -325,13 +407,13 @@ async fn run(s: Settings) -> Result<()> {
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
             .context("opening the event log")?,
     );
-    let deps = Deps {
-        runtime: Arc::new(runtime),
+    let deps = Deps::new(
+        Arc::new(runtime),
         cgroups,
-        store: Arc::new(store),
-        namespaces: namespaces.clone(),
-        events: events.clone(),
-    };
+        Arc::new(store),
+        namespaces.clone(),
+        events.clone(),
+    );
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -396,11 +478,21 @@ async fn run(s: Settings) -> Result<()> {
     }
     tracing::info!("shutting down; instances keep running");
     systemd.stopping();
+    let stopping = std::time::Instant::now();
+    // Open streams end with UNAVAILABLE (Watch: with the index to resume at) and the
+    // connections close; a client that does not read its last replies is not waited for.
     shutdown.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "API server"),
-        Err(e) => tracing::error!(error = %e, "API server task"),
+    match tokio::time::timeout(api::SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!(
+            elapsed_ms = stopping.elapsed().as_millis() as u64,
+            "API stopped: every call ended"
+        ),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server"),
+        Ok(Err(e)) => tracing::error!(error = %e, "API server task"),
+        Err(_) => tracing::warn!(
+            "API calls still open {:?} after shutting down (clients not reading their replies); closing their connections",
+            api::SHUTDOWN_GRACE
+        ),
     }
     let _ = supervisor.await;
     let _ = std::fs::remove_file(&s.socket);
@@ -481,20 +573,12 @@ async fn apply_file(handle: &SupervisorHandle, file: &Path) -> Result<()> {
         Ok(s) => s,
         Err(e) => bail!("invalid spec:\n{e}"),
     };
-    match handle
-        .call(Operation::Apply {
-            spec: Box::new(spec),
-            dry_run: false,
-            // The files are the desired state: they supersede a rollout still running.
-            force: true,
-        })
-        .await
-    {
-        Ok(Outcome::Applied(a)) => {
+    // The files are the desired state: they supersede a rollout still running.
+    match handle.apply(spec, false, true).await {
+        Ok(a) => {
             tracing::info!(file = %file.display(), service = %a.name, revision = a.revision, outcome = a.kind.as_str(), "applied");
             Ok(())
         }
-        Ok(o) => bail!("unexpected answer {o:?}"),
         Err(e) => bail!("{e}"),
     }
 }

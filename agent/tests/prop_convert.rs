@@ -73,8 +73,8 @@ fn check_apply(
     match (answer, expected) {
         (Ok(response), Ok(spec)) => {
             let response = response.into_inner();
+            prop_assert_eq!(response.outcome(), pb::ApplyOutcome::Created);
             prop_assert_eq!(response.name, spec.name);
-            prop_assert_eq!(response.outcome, "created");
         }
         (Err(status), Err(e)) => {
             prop_assert_eq!(status.code(), Code::InvalidArgument);

@@ -281,7 +281,7 @@ async fn update_replaces_instances() {
         ))
         .await
         .expect("apply");
-    assert_eq!(r.outcome, "updated");
+    assert_eq!(r.outcome(), pb::ApplyOutcome::Updated);
     assert_eq!(r.revision, 2);
     assert!(r.replaces_instances);
     let after = eventually(
@@ -312,7 +312,10 @@ async fn update_replaces_instances() {
         ))
         .await
         .expect("apply");
-    assert_eq!((same.outcome.as_str(), same.revision), ("unchanged", 2));
+    assert_eq!(
+        (same.outcome(), same.revision),
+        (pb::ApplyOutcome::Unchanged, 2)
+    );
     let scaled = agent
         .apply(&spec(
             "up",
@@ -323,12 +326,8 @@ async fn update_replaces_instances() {
         .await
         .expect("apply");
     assert_eq!(
-        (
-            scaled.outcome.as_str(),
-            scaled.revision,
-            scaled.replaces_instances
-        ),
-        ("scaled", 2, false)
+        (scaled.outcome(), scaled.revision, scaled.replaces_instances),
+        (pb::ApplyOutcome::Scaled, 2, false)
     );
     agent.wait_running("up", 3).await;
     let still = agent.get("up").await.expect("get");
@@ -420,5 +419,124 @@ async fn signal_reaches_the_service() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+}
+
+/// SIGTERM while clients hold ten streams (Watch, health Watch and Logs, each following):
+/// every stream ends with UNAVAILABLE — a Watch told the index right after the last event it
+/// received — the agent exits 0 having ended every call itself (not cut at the grace), its
+/// instances keep running, and a Watch from the index it was told carries on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_with_where_to_resume() {
+    if skip_unless_root("sigterm_ends_open_streams_with_where_to_resume") {
+        return;
+    }
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("streamed", 1, &["ticker", "50"], ""))
+        .await
+        .expect("apply");
+    let pid = agent.wait_running("streamed", 1).await[0].pid;
+    let ch = tonic::transport::Endpoint::from_shared(format!("unix://{}", agent.socket.display()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = pb::agent_client::AgentClient::new(ch.clone());
+    let mut h = HealthClient::new(ch);
+    let mut watches = Vec::new();
+    for _ in 0..4 {
+        let req = pb::WatchRequest {
+            from_index: 1,
+            follow: true,
+            ..Default::default()
+        };
+        watches.push(c.watch(req).await.expect("watch").into_inner());
+    }
+    let mut healths = Vec::new();
+    for service in ["", "streamed", "corral.v1.Agent"] {
+        let req = HealthCheckRequest {
+            service: service.into(),
+        };
+        healths.push(h.watch(req).await.expect("health watch").into_inner());
+    }
+    let mut logs = Vec::new();
+    for _ in 0..3 {
+        let req = pb::LogsRequest {
+            service: "streamed".into(),
+            follow: true,
+            ..Default::default()
+        };
+        logs.push(c.logs(req).await.expect("logs").into_inner());
+    }
+    // Each stream delivers before the stop, so each is open for sure.
+    let mut last = Vec::new();
+    for w in &mut watches {
+        let e = w.message().await.expect("event").expect("one");
+        last.push(e.index);
+    }
+    for s in &mut healths {
+        s.message().await.expect("health").expect("one");
+    }
+    for s in &mut logs {
+        s.message().await.expect("log line").expect("one");
+    }
+
+    let exit = agent.stop_with(libc::SIGTERM);
+    assert_eq!(exit.code(), Some(0));
+    let log = agent.log_text();
+    assert!(log.contains("API stopped: every call ended"), "{log}");
+    assert!(alive(pid), "the instance outlives the agent");
+
+    let mut resume = 0;
+    for (w, last) in watches.iter_mut().zip(last) {
+        let (later, end) = drain(w).await;
+        let last = later.map_or(last, |e| e.index);
+        assert_eq!(
+            end,
+            format!("agent shutting down; resume at index {}", last + 1)
+        );
+        resume = last + 1;
+    }
+    for s in healths.iter_mut() {
+        let end = drain(s).await.1;
+        assert!(end.starts_with("agent shutting down"), "{end}");
+    }
+    for s in logs.iter_mut() {
+        let end = drain(s).await.1;
+        assert!(end.starts_with("agent shutting down"), "{end}");
+    }
+
+    // Back (it adopts the instance: new events), a Watch from that index starts there.
+    agent.launch().await;
+    agent.wait_running("streamed", 1).await;
+    let mut w = agent
+        .client()
+        .await
+        .watch(pb::WatchRequest {
+            from_index: resume,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = w.message().await.expect("event").expect("one");
+    assert_eq!(first.index, resume);
+}
+
+/// Read a stream to its end: the last item read, and the UNAVAILABLE message it ended with.
+async fn drain<T>(s: &mut tonic::Streaming<T>) -> (Option<T>, String) {
+    let mut last = None;
+    loop {
+        match s.message().await {
+            Ok(Some(item)) => last = Some(item),
+            Ok(None) => panic!("a stream ended without a status"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                return (last, status.message().to_string());
+            }
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! Who is calling, and may they: every connection carries a [`Caller`] (from its client
 //! certificate on TCP, from its peer credentials on the Unix socket), and the [`AuthLayer`]
 //! in front of every service checks the caller's [`Role`] against the method, caps each
-//! caller's concurrent streams, logs every call that changes something with who made it, and
-//! keeps count of a connection's open calls (for the idle timeout in [`super::conn`]).
+//! caller's concurrent streams, logs every call that changes something with who made it,
+//! keeps count of a connection's open calls (for the idle timeout in [`super::conn`]), and
+//! hands every call and its response to [`super::calls`] (ending streams when the agent
+//! stops, reporting undecodable requests as such).
 //!
 //! Imports nothing from the crate outside `api`.
 
@@ -18,6 +20,7 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
+use super::calls::{BodyPlan, Stopping};
 use super::ratelog::LogBudget;
 use tonic::Status;
 use tonic::body::Body;
@@ -286,14 +289,16 @@ static STREAMS_REFUSED: LogBudget = LogBudget::new(
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     streams: Arc<Counts<Arc<str>>>,
+    stopping: Stopping,
 }
 
 impl AuthLayer {
     /// At most `streams_per_caller` open streaming calls per caller identity, across all of
-    /// its connections.
-    pub fn new(streams_per_caller: usize) -> Self {
+    /// its connections; open streams end once `stopping` fires.
+    pub fn new(streams_per_caller: usize, stopping: Stopping) -> Self {
         AuthLayer {
             streams: Counts::new(streams_per_caller),
+            stopping,
         }
     }
 }
@@ -305,6 +310,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
         Auth {
             inner,
             streams: self.streams.clone(),
+            stopping: self.stopping.clone(),
         }
     }
 }
@@ -314,6 +320,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     streams: Arc<Counts<Arc<str>>>,
+    stopping: Stopping,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -375,6 +382,8 @@ where
             None
         };
         let call = caller.conn.begin();
+        req.extensions_mut().insert(self.stopping.clone());
+        let stopping = self.stopping.clone();
         let audit = changes_something(&path).then(|| {
             let note = AuditNote::default();
             req.extensions_mut().insert(note.clone());
@@ -384,7 +393,8 @@ where
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
         Box::pin(async move {
-            let resp = inner.call(req).await?;
+            let mut resp = inner.call(req).await?;
+            let plan = super::calls::response_plan(resp.headers_mut(), &path, &stopping);
             if let Some(note) = audit {
                 let code = resp
                     .headers()
@@ -405,6 +415,7 @@ where
             Ok(resp.map(|body| {
                 Body::new(Guarded {
                     body,
+                    plan,
                     _call: call,
                     _stream: stream,
                 })
@@ -436,9 +447,10 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// A response body that holds the call's places until it ends.
+/// A response body that holds the call's places until it ends, going through its plan.
 struct Guarded {
     body: Body,
+    plan: BodyPlan,
     _call: CallGuard,
     _stream: Option<CountGuard<Arc<str>>>,
 }
@@ -448,14 +460,16 @@ impl http_body::Body for Guarded {
     type Error = Status;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = self.get_mut();
+        let body = &mut this.body;
+        this.plan.poll_frame(cx, |cx| Pin::new(body).poll_frame(cx))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.plan.ended() || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

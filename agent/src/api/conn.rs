@@ -2,6 +2,8 @@
 //! belongs to, closed once it has had no open call for the idle timeout. The caller comes
 //! from the kernel for the Unix socket (peer credentials; the socket's 0660 mode already let
 //! only root and its group connect) and from the client certificate for TLS (see `tls`).
+//! Unix socket connections read through [`FixAuthority`], so that clients which send the
+//! socket path as `:authority` are served (see `authority`).
 
 use std::io;
 use std::pin::Pin;
@@ -9,12 +11,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
 
 use super::auth::{Caller, Role};
+use super::authority::FixAuthority;
 
 /// A connection with no open call for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -88,35 +91,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
+write_through!(Conn);
 
 impl<S> tonic::transport::server::Connected for Conn<S> {
     type ConnectInfo = Caller;
@@ -148,15 +123,15 @@ pub fn unix_caller(stream: &UnixStream) -> Caller {
     }
 }
 
-/// The connections accepted on the Unix socket.
+/// The connections accepted on the Unix socket, any `:authority` accepted.
 pub fn unix_incoming(
     listener: UnixListener,
     idle_timeout: Duration,
-) -> impl Stream<Item = io::Result<Conn<UnixStream>>> {
+) -> impl Stream<Item = io::Result<Conn<FixAuthority<UnixStream>>>> {
     tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |r| {
         r.map(|stream| {
             let caller = unix_caller(&stream);
-            Conn::new(stream, caller, idle_timeout)
+            Conn::new(FixAuthority::new(stream), caller, idle_timeout)
         })
     })
 }

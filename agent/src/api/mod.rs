@@ -7,7 +7,50 @@
 //! Imports from the crate: `supervisor`, `spec`, `host`, `events`, `health` (service health
 //! only), `cgroups` (capabilities only).
 
+/// `AsyncWrite` for a connection wrapper whose writes go straight to its `io` field.
+macro_rules! write_through {
+    ($wrapper:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<S> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.io.is_write_vectored()
+            }
+        }
+    };
+}
+
 pub mod auth;
+pub mod authority;
+pub mod calls;
 pub mod conn;
 pub mod convert;
 pub mod ratelog;
@@ -32,6 +75,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::ServiceHealth;
 use auth::AuthLayer;
+use calls::Stopping;
 
 pub use service::AgentService;
 
@@ -77,6 +121,9 @@ pub const MAX_STREAMS_PER_CALLER: usize = 256;
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// A unary call not answered within this is cut (DEADLINE_EXCEEDED-like CANCELLED).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Once the agent stops, open streams end at once (UNAVAILABLE); connections with calls
+/// still open after this (a client not reading its last replies) are closed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Serve the API until `shutdown`. `services` carries each service's health:
 /// `grpc.health.v1` answers for every service by name (SERVING while at least one of its
@@ -117,13 +164,19 @@ pub async fn serve(
             }
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(corral_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and grpc-java speak v1, grpcio-reflection and
+    // older grpcurl v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(corral_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .and_then(|v1| Ok((v1, reflection_builder().build_v1alpha()?)))
         .map_err(|e| tracing::warn!(error = %e, "gRPC reflection unavailable"))
         .ok();
-    let layer = AuthLayer::new(MAX_STREAMS_PER_CALLER);
+    let layer = AuthLayer::new(MAX_STREAMS_PER_CALLER, Stopping::new(shutdown.clone()));
     let router = || {
         let agent = AgentServer::new(agent.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
         let router = tonic::transport::Server::builder()
@@ -137,7 +190,7 @@ pub async fn serve(
             .add_service(agent)
             .add_service(health_service.clone());
         match reflection.clone() {
-            Some(r) => router.add_service(r),
+            Some((v1, v1alpha)) => router.add_service(v1).add_service(v1alpha),
             None => router,
         }
     };

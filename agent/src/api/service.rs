@@ -8,13 +8,14 @@ use corral_proto::v1::agent_server::Agent;
 use tonic::{Request, Response, Status};
 
 use super::auth::AuditNote;
+use super::calls::{Stopping, shutting_down};
 use super::convert;
 use super::status::to_status;
 use crate::cgroups::Capabilities;
 use crate::events::{EventError, EventLog, Filter};
 use crate::host::Host;
-use crate::spec::{self, Namespace};
-use crate::supervisor::{Operation, Outcome, SupervisorHandle};
+use crate::spec::{self, InstanceKey, Namespace};
+use crate::supervisor::{RolloutStarted, SupervisorError, SupervisorHandle};
 
 /// The largest spec file text accepted (the gRPC message limit is larger).
 pub const MAX_SPEC_TOML: usize = 1 << 20;
@@ -30,19 +31,12 @@ pub struct AgentService {
     pub namespaces: Vec<Namespace>,
 }
 
-fn rollout_response(o: Outcome) -> Result<Response<pb::RolloutResponse>, Status> {
-    match o {
-        Outcome::RolloutStarted {
-            name,
-            revision,
-            rollout_id,
-        } => Ok(Response::new(pb::RolloutResponse {
-            name,
-            revision,
-            rollout_id,
-        })),
-        o => Err(unexpected(o)),
-    }
+fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
+    Response::new(pb::RolloutResponse {
+        name: r.name,
+        revision: r.revision,
+        rollout_id: r.rollout_id,
+    })
 }
 
 /// `name`, the request's `field`, is a valid service name.
@@ -71,26 +65,10 @@ fn parse_signal(s: &str) -> Result<(i32, String), Status> {
     }
 }
 
-fn unexpected(o: Outcome) -> Status {
-    Status::internal(format!("unexpected supervisor answer: {o:?}"))
-}
-
 impl AgentService {
-    async fn call(&self, op: Operation) -> Result<Outcome, Status> {
-        self.supervisor.call(op).await.map_err(to_status)
-    }
-
     /// The instance ids of a service (or the one asked for, which must exist).
     async fn instances_of(&self, service: &str, only: Option<&str>) -> Result<Vec<String>, Status> {
-        let status = match self
-            .call(Operation::Get {
-                name: service.to_string(),
-            })
-            .await?
-        {
-            Outcome::Status(s) => s,
-            o => return Err(unexpected(o)),
-        };
+        let status = self.supervisor.get(service).await.map_err(to_status)?;
         let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
         match only {
             Some(id) if !ids.iter().any(|i| i == id) => {
@@ -224,6 +202,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let stopping = Stopping::of(&req);
         let req = req.into_inner();
         let (service, only) = match (req.service.as_str(), req.instance.as_str()) {
             ("", "") => {
@@ -283,7 +262,11 @@ impl Agent for AgentService {
                 since,
                 follow: req.follow,
             };
-            if let Err(status) = agent.stream_logs(q, &tx).await {
+            let sent = tokio::select! {
+                sent = agent.stream_logs(q, &tx) => sent,
+                () = stopping.wait() => Err(shutting_down(None)),
+            };
+            if let Err(status) = sent {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -296,6 +279,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let stopping = Stopping::of(&req);
         let req = req.into_inner();
         if !req.service.is_empty() {
             check_name("service", &req.service)?;
@@ -333,19 +317,41 @@ impl Agent for AgentService {
             if end.is_some_and(|end| from > end || end == 0) {
                 return;
             }
+            // When the agent stops, the stream ends with where to resume: after the last
+            // event handed on (an event taken but not handed on is resumed at).
+            let stop = stopping.wait();
+            tokio::pin!(stop);
             loop {
-                let item = watch.next().await;
+                let item = tokio::select! {
+                    biased;
+                    () = &mut stop => {
+                        let _ = tx.send(Err(shutting_down(Some(watch.resume_from())))).await;
+                        break;
+                    }
+                    item = watch.next() => item,
+                };
                 let (done, send) = match &item {
                     Ok(e) => (end.is_some_and(|end| e.index >= end), filter.matches(e)),
                     Err(_) => (true, true),
                 };
                 if send {
+                    let index = item.as_ref().map(|e| e.index).ok();
                     let item = item
                         .map(|e| convert::event_to_proto(&e))
                         .map_err(watch_status);
-                    // A closed channel: the client went away.
-                    if tx.send(item).await.is_err() {
-                        break;
+                    tokio::select! {
+                        biased;
+                        sent = tx.send(item) => {
+                            // A closed channel: the client went away.
+                            if sent.is_err() {
+                                break;
+                            }
+                        }
+                        () = &mut stop => {
+                            let resume = index.unwrap_or_else(|| watch.resume_from());
+                            let _ = tx.send(Err(shutting_down(Some(resume)))).await;
+                            break;
+                        }
                     }
                 }
                 if done {
@@ -395,24 +401,19 @@ impl Agent for AgentService {
         if let Some(a) = &audit {
             a.note(&format!("{}{dry}", spec.name));
         }
-        match self
-            .call(Operation::Apply {
-                spec: Box::new(spec),
-                dry_run: req.dry_run,
-                force: req.force,
-            })
-            .await?
-        {
-            Outcome::Applied(a) => Ok(Response::new(pb::ApplyResponse {
-                name: a.name,
-                revision: a.revision,
-                outcome: a.kind.as_str().into(),
-                changes: a.changes,
-                replaces_instances: a.replaces_instances,
-                rollout_id: a.rollout_id.unwrap_or_default(),
-            })),
-            o => Err(unexpected(o)),
-        }
+        let a = self
+            .supervisor
+            .apply(spec, req.dry_run, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ApplyResponse {
+            name: a.name,
+            revision: a.revision,
+            outcome: convert::apply_outcome_to_proto(a.kind) as i32,
+            changes: a.changes,
+            replaces_instances: a.replaces_instances,
+            rollout_id: a.rollout_id.unwrap_or_default(),
+        }))
     }
 
     async fn delete(
@@ -422,13 +423,11 @@ impl Agent for AgentService {
         AuditNote::set(&req, &req.get_ref().name);
         let name = req.into_inner().name;
         check_name("name", &name)?;
-        match self.call(Operation::Delete { name }).await? {
-            Outcome::Deleted { name, stopped } => Ok(Response::new(pb::DeleteResponse {
-                name,
-                stopped_instances: stopped,
-            })),
-            o => Err(unexpected(o)),
-        }
+        let d = self.supervisor.delete(&name).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteResponse {
+            name: d.name,
+            stopped_instances: d.stopped,
+        }))
     }
 
     async fn get(
@@ -437,22 +436,18 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let name = req.into_inner().name;
         check_name("name", &name)?;
-        match self.call(Operation::Get { name }).await? {
-            Outcome::Status(s) => Ok(Response::new(convert::status_to_proto(&s))),
-            o => Err(unexpected(o)),
-        }
+        let s = self.supervisor.get(&name).await.map_err(to_status)?;
+        Ok(Response::new(convert::status_to_proto(&s)))
     }
 
     async fn list(
         &self,
         _req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        match self.call(Operation::List).await? {
-            Outcome::List(v) => Ok(Response::new(pb::ListResponse {
-                services: v.iter().map(convert::status_to_proto).collect(),
-            })),
-            o => Err(unexpected(o)),
-        }
+        let v = self.supervisor.list().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListResponse {
+            services: v.iter().map(convert::status_to_proto).collect(),
+        }))
     }
 
     async fn restart(
@@ -461,11 +456,8 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let op = Operation::Restart {
-            name: req.name,
-            force: req.force,
-        };
-        rollout_response(self.call(op).await?)
+        let r = self.supervisor.restart(&req.name, req.force).await;
+        r.map(rollout_response).map_err(to_status)
     }
 
     async fn rollback(
@@ -474,12 +466,11 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let op = Operation::Rollback {
-            name: req.name,
-            revision: req.revision,
-            force: req.force,
-        };
-        rollout_response(self.call(op).await?)
+        let r = self
+            .supervisor
+            .rollback(&req.name, req.revision, req.force)
+            .await;
+        r.map(rollout_response).map_err(to_status)
     }
 
     async fn get_rollout(
@@ -497,10 +488,8 @@ impl Agent for AgentService {
                 "id: {shown:?} is not a rollout id (<service>-r<number>, as Apply, Restart and Rollback return)"
             )));
         }
-        match self.call(Operation::GetRollout { id }).await? {
-            Outcome::Rollout(r) => Ok(Response::new(convert::rollout_to_proto(&r))),
-            o => Err(unexpected(o)),
-        }
+        let r = self.supervisor.get_rollout(&id).await.map_err(to_status)?;
+        Ok(Response::new(convert::rollout_to_proto(&r)))
     }
 
     async fn scale(
@@ -510,24 +499,16 @@ impl Agent for AgentService {
         AuditNote::set(&req, &req.get_ref().name);
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        match self
-            .call(Operation::Scale {
-                name: req.name,
-                replicas: req.replicas,
-            })
-            .await?
-        {
-            Outcome::Scaled {
-                name,
-                previous,
-                replicas,
-            } => Ok(Response::new(pb::ScaleResponse {
-                name,
-                previous,
-                replicas,
-            })),
-            o => Err(unexpected(o)),
-        }
+        let s = self
+            .supervisor
+            .scale(&req.name, req.replicas)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ScaleResponse {
+            name: s.name,
+            previous: s.previous,
+            replicas: s.replicas,
+        }))
     }
 
     async fn signal(
@@ -543,37 +524,33 @@ impl Agent for AgentService {
                 req.instance.chars().take(80).collect::<String>()
             )));
         }
-        match self
-            .call(Operation::Signal {
-                instance: req.instance,
-                signal: number,
+        // Text that is no instance id names no instance.
+        let key: InstanceKey = req.instance.parse().map_err(|_| {
+            to_status(SupervisorError::InstanceNotFound {
+                instance: req.instance.clone(),
             })
-            .await?
-        {
-            Outcome::Signaled { instance, pid } => Ok(Response::new(pb::SignalResponse {
-                instance,
-                signal: name,
-                pid,
-            })),
-            o => Err(unexpected(o)),
-        }
+        })?;
+        let s = self
+            .supervisor
+            .signal(key, number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SignalResponse {
+            instance: s.instance.to_string(),
+            signal: name,
+            pid: s.pid,
+        }))
     }
 
     async fn node(&self, _req: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
-        let (services, instances) = match self.call(Operation::Summary).await? {
-            Outcome::Summary {
-                services,
-                instances,
-            } => (services, instances),
-            o => return Err(unexpected(o)),
-        };
+        let summary = self.supervisor.summary().await.map_err(to_status)?;
         let host = self.host.snapshot();
         Ok(Response::new(convert::node_to_proto(
             &host,
             &self.capabilities,
             &self.namespaces,
-            services,
-            instances,
+            summary.services,
+            summary.instances,
         )))
     }
 }
@@ -593,13 +570,13 @@ mod tests {
         let cgroups = Arc::new(RecordingCgroups::default());
         let capabilities = cgroups.capabilities().clone();
         let events = Arc::new(EventLog::in_memory(100));
-        let (mut driver, handle) = Driver::new(Deps {
-            runtime: Arc::new(FakeRuntime::new()),
+        let (mut driver, handle) = Driver::new(Deps::new(
+            Arc::new(FakeRuntime::new()),
             cgroups,
-            store: Arc::new(MemStore::new()),
-            namespaces: Namespace::ALL.to_vec(),
-            events: events.clone(),
-        });
+            Arc::new(MemStore::new()),
+            Namespace::ALL.to_vec(),
+            events.clone(),
+        ));
         driver.restore().await;
         tokio::spawn(driver.run(tokio_util::sync::CancellationToken::new()));
         AgentService {

@@ -38,7 +38,6 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use super::confine::{self, Masker};
 use super::exec::Command;
-use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 use super::mounts;
 use super::privileges::Privileges;
 use super::seccomp;
@@ -46,6 +45,7 @@ use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD, SETUP_FAILED,
 };
+use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
 /// SIGCHLD is the init's own; fault signals stay default.

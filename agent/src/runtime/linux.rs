@@ -37,8 +37,8 @@ use super::probe_helper::ProbeConfig;
 use super::seccomp;
 use super::users::{DynamicUsers, USERNS_SIZE, UsernsIds};
 use super::{
-    CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, LOG_STAT, LogStat,
-    ProcessRef, Runtime, SpawnError, Spawned, StartRequest,
+    CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, InstanceFiles,
+    LOG_STAT, LogStat, ProcessRef, Processes, SocketBroker, SpawnError, Spawned, StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
@@ -66,21 +66,32 @@ pub struct LinuxRuntime {
     filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
 }
 
-/// The init to execute: the small `corral-init` installed next to `corrald`, or else
-/// `corrald` itself (which becomes the init when started under that name).
+/// The init to execute: the small `corral-init` installed next to `corrald`, or in
+/// `../libexec/corral/` from `corrald`'s directory (`/usr/bin/corrald` finds
+/// `/usr/libexec/corral/corral-init`, as the Debian package installs them), or else `corrald`
+/// itself (which becomes the init when started under that name).
 fn init_executable() -> CString {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let beside = std::env::current_exe()
+    let found = std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.join(INIT_NAME)))
-        .filter(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-    match beside.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok()) {
-        Some(p) => p,
-        None => CString::from(c"/proc/self/exe"),
-    }
+        .and_then(|exe| find_init(&exe))
+        .and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
+    found.unwrap_or_else(|| CString::from(c"/proc/self/exe"))
+}
+
+/// The first executable file among the places [`init_executable`] looks, for the agent
+/// executable `exe`.
+fn find_init(exe: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = exe.parent()?;
+    let beside = Some(dir.join(INIT_NAME));
+    let libexec = dir
+        .parent()
+        .map(|prefix| prefix.join("libexec/corral").join(INIT_NAME));
+    [beside, libexec]
+        .into_iter()
+        .flatten()
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Directories an API socket must not be put in directly: instances get the socket's
@@ -424,7 +435,7 @@ fn clone_flags(spec: &ServiceSpec) -> u64 {
     flags
 }
 
-impl Runtime for LinuxRuntime {
+impl Processes for LinuxRuntime {
     fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
         let spec = req.spec;
         let instance = req.instance;
@@ -675,11 +686,6 @@ impl Runtime for LinuxRuntime {
         text.split_whitespace().next()?.parse().ok()
     }
 
-    fn free_port(&self) -> io::Result<u16> {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        Ok(l.local_addr()?.port())
-    }
-
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.iter()
             .copied()
@@ -808,57 +814,10 @@ impl Runtime for LinuxRuntime {
         })
     }
 
-    fn start_time(&self, pid: i32) -> Option<u64> {
-        proc_start_time(pid)
-    }
-
     fn boot_id(&self) -> String {
         fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
-    }
-
-    fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
-        read_exit_record(&self.run_dir(instance))
-    }
-
-    fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
-        bind_listener(listen)
-    }
-
-    fn unlink_socket(&self, listen: &crate::spec::ListenAddr) {
-        use std::os::unix::fs::FileTypeExt;
-        if let crate::spec::ListenAddr::Unix(path) = listen
-            && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-            && let Err(e) = fs::remove_file(path)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove a socket file");
-        }
-    }
-
-    fn take_socket(
-        &self,
-        process: &ProcessRef,
-        fd: RawFd,
-        listen: &crate::spec::ListenAddr,
-    ) -> io::Result<OwnedFd> {
-        let Some(pidfd) = &process.pidfd else {
-            return Err(io::Error::other("no pidfd for the instance"));
-        };
-        // SAFETY: pidfd_getfd(2) on a pidfd we own; the result is a new fd we own.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd from pidfd_getfd (close-on-exec), owned by nothing else.
-        let sock = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-        if !is_listening_on(&sock, listen) {
-            return Err(io::Error::other(format!(
-                "fd {fd} of pid {} is not a socket listening on {listen}",
-                process.pid
-            )));
-        }
-        Ok(sock)
     }
 
     fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
@@ -931,6 +890,12 @@ impl Runtime for LinuxRuntime {
             ids.release(service);
         }
     }
+}
+
+impl InstanceFiles for LinuxRuntime {
+    fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
+        read_exit_record(&self.run_dir(instance))
+    }
 
     fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
         fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
@@ -953,6 +918,52 @@ impl Runtime for LinuxRuntime {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
             }
         }
+    }
+}
+
+impl SocketBroker for LinuxRuntime {
+    fn free_port(&self) -> io::Result<u16> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(l.local_addr()?.port())
+    }
+
+    fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
+        bind_listener(listen)
+    }
+
+    fn unlink_socket(&self, listen: &crate::spec::ListenAddr) {
+        use std::os::unix::fs::FileTypeExt;
+        if let crate::spec::ListenAddr::Unix(path) = listen
+            && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+            && let Err(e) = fs::remove_file(path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a socket file");
+        }
+    }
+
+    fn take_socket(
+        &self,
+        process: &ProcessRef,
+        fd: RawFd,
+        listen: &crate::spec::ListenAddr,
+    ) -> io::Result<OwnedFd> {
+        let Some(pidfd) = &process.pidfd else {
+            return Err(io::Error::other("no pidfd for the instance"));
+        };
+        // SAFETY: pidfd_getfd(2) on a pidfd we own; the result is a new fd we own.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd from pidfd_getfd (close-on-exec), owned by nothing else.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        if !is_listening_on(&sock, listen) {
+            return Err(io::Error::other(format!(
+                "fd {fd} of pid {} is not a socket listening on {listen}",
+                process.pid
+            )));
+        }
+        Ok(sock)
     }
 }
 
@@ -1072,6 +1083,8 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -1184,5 +1197,44 @@ mod tests {
         );
         assert_eq!(rt.preflight(&spec(&no_mount)), Ok(()));
         assert_eq!(rt.preflight(&spec("")), Ok(()));
+    }
+
+    /// Writes `path` (and its directories) with `mode`.
+    fn file(path: &Path, mode: u32) {
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(path, b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn the_init_is_found_beside_the_agent_then_in_libexec() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let exe = root.path().join("usr/bin/corrald");
+        file(&exe, 0o755);
+        let beside = root.path().join("usr/bin/corral-init");
+        let libexec = root.path().join("usr/libexec/corral/corral-init");
+
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "nothing installed: corrald serves as the init"
+        );
+        file(&libexec, 0o644);
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "a file that is not executable is not an init"
+        );
+        fs::set_permissions(&libexec, fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(find_init(&exe), Some(libexec.clone()));
+        fs::create_dir_all(&beside).expect("mkdir");
+        assert_eq!(find_init(&exe), Some(libexec), "a directory is not an init");
+        fs::remove_dir(&beside).expect("rmdir");
+        file(&beside, 0o755);
+        assert_eq!(
+            find_init(&exe),
+            Some(beside),
+            "the one beside the agent comes first"
+        );
     }
 }

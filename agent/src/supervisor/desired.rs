@@ -8,8 +8,33 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::record::{Kind, PolicyRecord, Rollout, State};
+use crate::rollout::record::{Kind, PolicyRecord, Rollout, State, Step};
 use crate::spec::{RawSpec, ServiceSpec};
+
+/// What an apply did to a service's desired state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyKind {
+    /// A new service, at revision 1.
+    Created,
+    /// A new revision, whose instances replace the old ones.
+    Updated,
+    /// Only `replicas` changed.
+    Scaled,
+    /// The spec is the current one: nothing was done.
+    Unchanged,
+}
+
+impl ApplyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyKind::Created => "created",
+            ApplyKind::Updated => "updated",
+            ApplyKind::Scaled => "scaled",
+            ApplyKind::Unchanged => "unchanged",
+        }
+    }
+}
 
 /// Revisions kept for rollback.
 pub const KEPT_REVISIONS: usize = 10;
@@ -242,7 +267,7 @@ impl Desired {
         };
         r.step(
             now,
-            "planned",
+            Step::Planned,
             "",
             format!(
                 "{} revision {} -> {}: {} to replace, max_surge {}, max_unavailable {}",
