@@ -811,6 +811,30 @@ async fn rollout(rounds: usize) {
     delete(&agent, "roll").await;
 }
 
+/// The CPU time an instance's init and service process have used (`/proc/PID/schedstat`,
+/// nanoseconds): for an instance that has been idle since it started, its start cost. `pid`
+/// is the service process (its parent the init) or the init itself.
+fn start_cpu(pid: i32) -> Option<Duration> {
+    let run_ns = |pid: i32| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let (init, service) = if comm.trim() == "corral-init" {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        (pid, children.split_whitespace().next()?.parse().ok()?)
+    } else {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        (rest.split_whitespace().nth(1)?.parse().ok()?, pid)
+    };
+    Some(Duration::from_nanos(run_ns(init)? + run_ns(service)?))
+}
+
 /// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
 /// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
 /// isolation of earlier releases, with the defaults and with `userns`, alternating so that
@@ -847,9 +871,14 @@ async fn confine(rounds: usize) {
         f.wait_bytes(1).await;
     }
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
         for (i, (name, _)) in configs.iter().enumerate() {
             let pid = agent.wait_running(name, 1).await[0].pid;
+            // Idle since it signalled: what its start cost in CPU time.
+            if let Some(c) = start_cpu(pid) {
+                cpu[i].push(c);
+            }
             let t = Instant::now();
             corral_e2e::kill9(pid);
             fifos[i].wait_bytes(1).await;
@@ -876,6 +905,26 @@ async fn confine(rounds: usize) {
         "added start cost of userns over the default: {:.3} ms (median {:.3} ms)",
         ms(mu) - ms(md),
         ms(mu)
+    );
+    // CPU time is not stretched by waiting for a loaded machine, unlike the wall time above;
+    // it leaves out the agent's side (clone3 making the namespaces, the cgroup).
+    let labels = [
+        "instance CPU (init + service), earlier isolation",
+        "instance CPU (init + service), default",
+        "instance CPU (init + service), default + userns",
+    ];
+    let mut medians = [Duration::ZERO; 3];
+    for ((label, mut v), m) in labels.iter().zip(cpu).zip(&mut medians) {
+        if !v.is_empty() {
+            *m = median(&mut v);
+            stats(label, v, false);
+        }
+    }
+    let us = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e6;
+    println!(
+        "added instance CPU of the default confinement: {:.0} µs; of userns on top: {:.0} µs",
+        us(medians[1], medians[0]),
+        us(medians[2], medians[1])
     );
     for (name, _) in configs {
         delete(&agent, name).await;
