@@ -239,22 +239,15 @@ pub(super) fn clone_exec(
     }
 }
 
+/// The end of the process behind `pidfd`: its status when it is our `child` (reaped here),
+/// else `Unknown` once it has ended.
 pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
     let reap = |fd: &OwnedFd| {
         if !child {
-            // Its parent (not us) reaps it; signal 0 through the pidfd tells whether it ended.
-            // SAFETY: pidfd_send_signal with signal 0 only checks; no siginfo.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    0,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            let ended = r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            return ended.then_some(ProcessStatus::Unknown);
+            // Its parent (not us) reaps it, maybe late or never (an agent killed earlier left
+            // it to whatever reaps orphans): a zombie counts as ended. A pidfd polls readable
+            // once its process has exited, reaped or not; signal 0 would still reach a zombie.
+            return exited(fd).then_some(ProcessStatus::Unknown);
         }
         match waitid(
             Id::PIDFd(fd.as_fd()),
@@ -298,6 +291,18 @@ pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatu
             }
         }
     }
+}
+
+/// Whether the process behind `pidfd` has exited (a zombie included), without waiting.
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd we own, timeout 0.
+    let n = unsafe { libc::poll(&raw mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLIN | libc::POLLHUP) != 0
 }
 
 /// `signal` to the process of `pidfd` (which cannot be a recycled PID).

@@ -1123,6 +1123,32 @@ mod tests {
             .expect("valid spec")
     }
 
+    /// An instance adopted after an agent crash whose init then dies while nobody reaps it
+    /// (its new parent reaps orphans late, or never): its end is seen all the same, so a
+    /// stop or a delete does not wait on it for ever.
+    #[tokio::test]
+    async fn an_adopted_init_left_a_zombie_has_ended() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let rt = LinuxRuntime::new(state.path()).expect("runtime");
+        // Our child, which this test reaps only at the end: a zombie meanwhile.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let start = proc_start_time(pid).expect("start time");
+        let spawned = rt.adopt("z-0", pid, start).expect("adopt");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let end = tokio::time::timeout(std::time::Duration::from_secs(30), spawned.exit)
+            .await
+            .expect("the end of an unreaped init is seen");
+        assert_eq!(end.status, crate::runtime::ProcessStatus::Unknown);
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        assert!(stat.contains(") Z "), "still a zombie: {stat}");
+        child.wait().expect("reap");
+    }
+
     /// Specs valid on paper that this host (or this agent) cannot run as asked: each refused
     /// at Apply with the field named, never started and left unenforced.
     #[test]
