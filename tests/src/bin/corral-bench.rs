@@ -58,6 +58,9 @@ impl Fifo {
         // SAFETY: mkfifo with a valid C string.
         let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o666) };
         assert_eq!(rc, 0, "mkfifo {}", path.display());
+        // Whatever the umask: a userns instance's root is an unprivileged host id.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
         let rx = pipe::OpenOptions::new()
             .open_receiver(&path)
             .expect("open fifo reader");
