@@ -80,6 +80,15 @@ struct Flags {
     /// Packages fetched at the same time, at most. Default: 4.
     #[arg(long, value_name = "N")]
     max_fetches: Option<usize>,
+    /// The uids (and gids of the same numbers) given to `user = "dynamic"` services, one per
+    /// service: FIRST-LAST. Default: 61184-65519 (systemd's range for dynamic users).
+    #[arg(long, value_name = "FIRST-LAST")]
+    dynamic_users: Option<String>,
+    /// The host ids given to `isolation.userns = true` services, 65536 per service (their ids
+    /// 0-65535 inside): FIRST-LAST, on 65536-id boundaries. Default: 524288-1879048191
+    /// (systemd's range for containers).
+    #[arg(long, value_name = "FIRST-LAST")]
+    userns_ids: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +105,8 @@ struct ConfigFile {
     tls_client_ca: Option<PathBuf>,
     max_cache: Option<String>,
     max_fetches: Option<usize>,
+    dynamic_users: Option<String>,
+    userns_ids: Option<String>,
 }
 
 #[derive(Debug)]
@@ -108,6 +119,8 @@ struct Settings {
     listen: Option<(SocketAddr, TlsFiles)>,
     max_cache: Option<u64>,
     max_fetches: usize,
+    dynamic_users: runtime::users::IdRange,
+    userns_ids: runtime::users::IdRange,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -194,10 +207,22 @@ fn settings(flags: Flags) -> Result<Settings> {
     if max_fetches == 0 {
         bail!("--max-fetches 0 would never fetch a package: give 1 or more");
     }
+    let dynamic_users = match flags.dynamic_users.or(file.dynamic_users) {
+        Some(range) => runtime::users::IdRange::parse(&range)
+            .map_err(|e| anyhow::anyhow!("--dynamic-users {e}"))?,
+        None => runtime::users::IdRange::DYNAMIC_DEFAULT,
+    };
+    let userns_ids = match flags.userns_ids.or(file.userns_ids) {
+        Some(range) => runtime::users::IdRange::parse(&range)
+            .map_err(|e| anyhow::anyhow!("--userns-ids {e}"))?,
+        None => runtime::users::UsernsIds::DEFAULT,
+    };
     Ok(Settings {
         max_cache,
         max_fetches,
         listen,
+        dynamic_users,
+        userns_ids,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -348,10 +373,14 @@ fn main() -> ExitCode {
 async fn run(s: Settings) -> Result<()> {
     let store =
         FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?;
+    runtime::linux::socket_dir(&s.socket).map_err(anyhow::Error::msg)?;
     // The socket is bound before anything else is touched, so a second agent on the same
     // socket stops here; connections made during the restore wait in the backlog.
     let listener = api::bind_unix(&s.socket)
         .with_context(|| format!("binding --socket {}", s.socket.display()))?;
+    // Until the API serves, a refusal (a cgroup tree it cannot use, ...) takes the socket file
+    // back with it.
+    let mut bound = BoundSocket::new(&s.socket);
     set_socket_group(&s.socket);
     let tcp = match &s.listen {
         Some((addr, files)) => {
@@ -382,7 +411,21 @@ async fn run(s: Settings) -> Result<()> {
         tracing::warn!(control = c.as_str(), reason = %why, "cannot enforce");
     }
     let mut runtime = LinuxRuntime::new(&s.state_dir).context("preparing the state directory")?;
-    runtime.hide(&s.socket);
+    runtime
+        .mask_socket_dir(&s.socket)
+        .map_err(anyhow::Error::msg)?;
+    let users = runtime::users::DynamicUsers::open(
+        &s.state_dir.join("dynamic-users.json"),
+        s.dynamic_users,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("reading the dynamic users")?;
+    runtime.set_dynamic_users(users);
+    let userns =
+        runtime::users::UsernsIds::open(&s.state_dir.join("userns-ids.json"), s.userns_ids)
+            .map_err(anyhow::Error::msg)
+            .context("--userns-ids")?;
+    runtime.set_userns_ids(userns);
     let namespaces = host::available_namespaces();
     let events = Arc::new(
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
@@ -429,6 +472,7 @@ async fn run(s: Settings) -> Result<()> {
         service_health,
         shutdown.clone(),
     ));
+    bound.keep();
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
     // The socket is bound and served: tell systemd (Type=notify), and keep its watchdog fed
     // while the supervisor answers.
@@ -482,6 +526,42 @@ async fn run(s: Settings) -> Result<()> {
     let _ = supervisor.await;
     let _ = std::fs::remove_file(&s.socket);
     Ok(())
+}
+
+/// The API socket file this agent bound, removed when dropped before [`BoundSocket::keep`]
+/// (only if it is still the very file this agent bound).
+struct BoundSocket {
+    path: PathBuf,
+    /// Device and inode of the file bound.
+    id: Option<(u64, u64)>,
+}
+
+impl BoundSocket {
+    fn new(path: &Path) -> BoundSocket {
+        use std::os::unix::fs::MetadataExt;
+        BoundSocket {
+            path: path.to_path_buf(),
+            id: std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// The agent serves on it: leave it.
+    fn keep(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let same = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.id);
+        if same {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Give the socket to the `corral` group when the host has one, so its members may use the

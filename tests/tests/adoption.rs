@@ -163,7 +163,8 @@ async fn ends_while_the_agent_is_down_are_reported_as_they_happened() {
     kill9(by_index[&2]);
     for i in 0..3 {
         let pid = by_index[&i];
-        eventually("the instance to end", Duration::from_secs(20), || async {
+        let what = format!("away-{i} (pid {pid}) to end");
+        eventually(&what, Duration::from_secs(20), || async {
             (!alive(pid)).then_some(())
         })
         .await;

@@ -103,3 +103,40 @@ fn bad_flags_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
+
+/// `--socket` directly in a directory instances need (`/tmp` here) is refused before anything
+/// is bound: the agent exits 1, names the flag, and leaves no socket file behind.
+#[test]
+fn a_socket_in_a_shared_directory_is_refused_and_left_unbound() {
+    if skip_unless_root("a_socket_in_a_shared_directory_is_refused_and_left_unbound") {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let socket = std::path::PathBuf::from(format!("/tmp/corral-e2e-{}.sock", std::process::id()));
+    let cgroup = corral_e2e::TestCgroup::new(&format!("refused-socket-{}", std::process::id()));
+    let out = Command::new(bin("corrald"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--cgroup-parent")
+        .arg(cgroup.flag())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corrald");
+    cgroup.destroy();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--socket {}: put the socket in a directory of its own",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "{} was left behind",
+        socket.display()
+    );
+}

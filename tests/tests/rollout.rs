@@ -296,8 +296,19 @@ async fn an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas() {
         done.steps
     );
     no_failures("agent killed mid-rollout", &report, t0, t1);
-    // Exactly the replicas, all of one revision, and nothing else in the service's cgroups.
-    let s = agent.get("km").await.expect("get");
+    // A rollout completes while its last old instances are still stopping (they drain):
+    // wait for them to leave, then exactly the replicas, all of one revision, and nothing
+    // else in the service's cgroups. A duplicate would stay running and fail below.
+    let stopping = pb::InstanceState::Stopping as i32;
+    let s = eventually(
+        "the old instances gone",
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get("km").await.expect("get");
+            s.instances.iter().all(|i| i.state != stopping).then_some(s)
+        },
+    )
+    .await;
     assert_eq!(s.instances.len(), 4, "{:?}", s.instances);
     assert!(s.instances.iter().all(|i| i.state == 1 && i.revision == 1));
     let procs: usize = s

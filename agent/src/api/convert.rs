@@ -54,6 +54,10 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             private_tmp: i.private_tmp,
             capabilities: i.capabilities.map(|c| c.names),
             readonly_root: i.readonly_root,
+            seccomp: i.seccomp,
+            devices: i.devices,
+            system_paths: i.system_paths,
+            userns: i.userns,
         }),
         ports: if p.ports.is_empty() {
             None
@@ -163,6 +167,10 @@ pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
             private_tmp: i.private_tmp,
             capabilities: i.capabilities.map(|names| pb::CapabilityList { names }),
             readonly_root: i.readonly_root,
+            seccomp: i.seccomp,
+            devices: i.devices,
+            system_paths: i.system_paths,
+            userns: i.userns,
         }),
         ports: r
             .ports

@@ -22,7 +22,7 @@ use super::{CgroupBackend, CgroupError, CgroupVersion};
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The v1 controllers the agent uses, as named in mount options and `/proc/self/cgroup`.
-const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "devices"];
 
 /// Detects the host's cgroups and returns the backend, its parent cgroup created and ready.
 pub fn detect(cgroup_parent: Option<&str>) -> Result<Arc<dyn CgroupBackend>, CgroupError> {
@@ -114,12 +114,13 @@ pub fn plan(
             for (slot, name) in found.iter_mut().zip(V1_CONTROLLERS) {
                 *slot = v1_hierarchy(&mounts, &cgroups, &flag, name)?;
             }
-            let [cpu, cpuacct, memory, pids] = found;
+            let [cpu, cpuacct, memory, pids, devices] = found;
             Ok(Plan::V1(V1Layout {
                 cpu,
                 cpuacct,
                 memory,
                 pids,
+                devices,
             }))
         }
     }
@@ -416,6 +417,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", ""),
                 memory: h("/sys/fs/cgroup/memory", "process_api/1b8a9eac"),
                 pids: h("/sys/fs/cgroup/pids", ""),
+                devices: h("/sys/fs/cgroup/devices", ""),
             })
         );
     }
@@ -436,6 +438,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", "e2e-1/x"),
                 memory: h("/sys/fs/cgroup/memory", "process_api/1b8a9eac/e2e-1/x"),
                 pids: h("/sys/fs/cgroup/pids", "e2e-1/x"),
+                devices: h("/sys/fs/cgroup/devices", "e2e-1/x"),
             })
         );
         let got = plan(
@@ -452,6 +455,7 @@ mod tests {
                 cpuacct: h("/sys/fs/cgroup/cpuacct", "corral.slice"),
                 memory: h("/sys/fs/cgroup/memory", "corral.slice"),
                 pids: h("/sys/fs/cgroup/pids", "corral.slice"),
+                devices: h("/sys/fs/cgroup/devices", "corral.slice"),
             })
         );
     }
@@ -512,6 +516,7 @@ mod tests {
                 cpuacct: both,
                 memory: h("/sys/fs/cgroup/memory", "system.slice/corrald.service"),
                 pids: h("/sys/fs/cgroup/pids", "system.slice/corrald.service"),
+                devices: None,
             })
         );
     }
@@ -566,6 +571,7 @@ mod tests {
                 cpuacct: None,
                 memory: h("/mnt/cgroup memory", "my slice/job 1"),
                 pids: h("/mnt/odd", "x"),
+                devices: None,
             })
         );
     }

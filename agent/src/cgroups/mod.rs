@@ -12,6 +12,7 @@
 //! Imports from the crate: `spec` only.
 
 pub mod detect;
+pub mod devices;
 #[cfg(test)]
 mod fake;
 mod fsutil;
@@ -31,7 +32,7 @@ use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use crate::spec::Resources;
+use crate::spec::{Devices, Isolation, Resources};
 
 /// The cgroup version the host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub enum Control {
     Pids,
     /// CPU time accounting (v1 `cpuacct`, v2 `cpu.stat`).
     CpuAccounting,
+    /// Device allowlists (v1 `devices`, v2 a device BPF program): `isolation.devices`.
+    Devices,
 }
 
 impl Control {
@@ -72,6 +75,7 @@ impl Control {
             Control::MemorySwap => "memsw",
             Control::Pids => "pids",
             Control::CpuAccounting => "cpuacct",
+            Control::Devices => "devices",
         }
     }
 }
@@ -118,6 +122,21 @@ impl Capabilities {
         } else {
             Some(why.join("; "))
         }
+    }
+
+    /// Why a spec's isolation cannot be enforced here (the device control), or `None`.
+    pub fn refuse_isolation(&self, iso: &Isolation) -> Option<String> {
+        if iso.devices != Devices::Minimal || self.has(Control::Devices) {
+            return None;
+        }
+        let reason = self
+            .unavailable
+            .iter()
+            .find(|(c, _)| *c == Control::Devices)
+            .map_or("not available", |(_, r)| r.as_str());
+        Some(format!(
+            "isolation.devices: this host cannot deny devices to an instance ({reason}); set \"host\" to run with the host's devices"
+        ))
     }
 }
 
@@ -273,6 +292,15 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     fn open_dir(&self, path: &CgroupPath) -> Result<Option<OwnedFd>, CgroupError> {
         let _ = path;
         Ok(None)
+    }
+
+    /// Let the cgroup's processes open and create only the devices of a minimal `/dev` (see
+    /// [`devices`]). Called after `create`, before anything runs in the cgroup.
+    fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        Err(CgroupError::Unsupported {
+            path: path.to_string(),
+            reason: "this backend has no device control".into(),
+        })
     }
 
     /// Every process in the cgroup (the union across v1 hierarchies), without duplicates.

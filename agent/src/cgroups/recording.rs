@@ -15,6 +15,8 @@ pub struct Entry {
     pub limits: Resources,
     pub procs: Vec<i32>,
     pub stats: CgroupStats,
+    /// `restrict_devices` was called on it.
+    pub devices_restricted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,7 @@ impl Default for RecordingCgroups {
             Control::Memory,
             Control::MemorySwap,
             Control::Pids,
+            Control::Devices,
         ])
     }
 }
@@ -51,6 +54,7 @@ impl RecordingCgroups {
             Control::Memory,
             Control::MemorySwap,
             Control::Pids,
+            Control::Devices,
         ];
         RecordingCgroups {
             caps: Capabilities {
@@ -102,6 +106,19 @@ impl RecordingCgroups {
 impl CgroupBackend for RecordingCgroups {
     fn capabilities(&self) -> &Capabilities {
         &self.caps
+    }
+
+    fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        match self.lock().cgroups.get_mut(path) {
+            Some(e) => {
+                e.devices_restricted = true;
+                Ok(())
+            }
+            None => Err(CgroupError::Unsupported {
+                path: path.to_string(),
+                reason: "no such cgroup".into(),
+            }),
+        }
     }
 
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {

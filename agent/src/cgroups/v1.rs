@@ -4,6 +4,7 @@
 //! written through cgroups-rs controllers built for the exact directory — never its hierarchy
 //! lookup, which would place cgroups at the hierarchy root — and read back from the files.
 //! v1 has no `cgroup.kill`: killing is a SIGKILL pass over the union of `cgroup.procs`.
+//! The `devices` hierarchy, when mounted, holds every cgroup too, for the device control.
 
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
@@ -51,6 +52,7 @@ pub struct V1Layout {
     pub cpuacct: Option<V1Hierarchy>,
     pub memory: Option<V1Hierarchy>,
     pub pids: Option<V1Hierarchy>,
+    pub devices: Option<V1Hierarchy>,
 }
 
 /// A hierarchy that is ready: its mount and the parent directory, which exists and takes
@@ -68,6 +70,7 @@ pub struct V1Backend {
     cpuacct: Option<Ready>,
     memory: Option<Ready>,
     pids: Option<Ready>,
+    devices: Option<Ready>,
     /// The distinct parent directories (co-mounted hierarchies once), memory first: the
     /// directories every cgroup has.
     parents: Vec<PathBuf>,
@@ -103,6 +106,7 @@ impl V1Backend {
         let cpuacct = prepare("cpuacct", &layout.cpuacct);
         let memory = prepare("memory", &layout.memory);
         let pids = prepare("pids", &layout.pids);
+        let devices = prepare("devices", &layout.devices);
 
         let mut available = Vec::new();
         let mut unavailable: Vec<(Control, String)> = Vec::new();
@@ -124,6 +128,11 @@ impl V1Backend {
             (Control::Memory, &memory, &["memory.limit_in_bytes"][..]),
             (Control::MemorySwap, &memsw, &[][..]),
             (Control::Pids, &pids, &["pids.max"][..]),
+            (
+                Control::Devices,
+                &devices,
+                &["devices.allow", "devices.deny", "devices.list"][..],
+            ),
         ] {
             match probe(h, files) {
                 Ok(()) => available.push(control),
@@ -139,15 +148,20 @@ impl V1Backend {
             ("cpu", &layout.cpu),
             ("cpuacct", &layout.cpuacct),
             ("pids", &layout.pids),
+            ("devices", &layout.devices),
         ] {
             if let Some(h) = h {
                 described.push(format!("{name}:/{}", h.parent.display()));
             }
         }
 
-        let (cpu, cpuacct, memory, pids) = (cpu.ok(), cpuacct.ok(), memory.ok(), pids.ok());
+        let (cpu, cpuacct, memory, pids, devices) =
+            (cpu.ok(), cpuacct.ok(), memory.ok(), pids.ok(), devices.ok());
         let mut parents: Vec<PathBuf> = Vec::new();
-        for r in [&memory, &pids, &cpu, &cpuacct].into_iter().flatten() {
+        for r in [&memory, &pids, &cpu, &cpuacct, &devices]
+            .into_iter()
+            .flatten()
+        {
             if !parents.contains(&r.parent) {
                 parents.push(r.parent.clone());
             }
@@ -177,6 +191,7 @@ impl V1Backend {
             cpuacct,
             memory,
             pids,
+            devices,
             parents,
             fs,
             page_size: fsutil::page_size(),
@@ -345,6 +360,36 @@ impl CgroupBackend for V1Backend {
             .collect()
     }
 
+    fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        let r = self.ready(&p, &self.devices, Control::Devices)?;
+        let dir = r.parent.join(path.relative());
+        let write = |file: &str, value: &str| {
+            let file = dir.join(file);
+            std::fs::write(&file, value).map_err(|source| CgroupError::Write {
+                path: p.clone(),
+                file,
+                value: value.to_string(),
+                source,
+            })
+        };
+        write("devices.deny", "a")?;
+        for rule in super::devices::v1_rules() {
+            write("devices.allow", &rule)?;
+        }
+        let list = dir.join("devices.list");
+        let found = std::fs::read_to_string(&list).map_err(|e| fsutil::read_err(&p, &list, e))?;
+        if !super::devices::v1_list_matches(&found) {
+            return Err(CgroupError::NotApplied {
+                path: p,
+                file: list,
+                wanted: super::devices::v1_rules().join("\n"),
+                found,
+            });
+        }
+        Ok(())
+    }
+
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {
         let p = path.to_string();
         let mut all = Vec::new();
@@ -444,6 +489,7 @@ mod tests {
             cpuacct: h("cpuacct"),
             memory: h("memory"),
             pids: h("pids"),
+            devices: None,
         }
     }
 
@@ -473,7 +519,13 @@ mod tests {
                 Control::CpuAccounting
             ]
         );
-        assert!(caps.unavailable.is_empty(), "{:?}", caps.unavailable);
+        assert_eq!(
+            caps.unavailable,
+            vec![(
+                Control::Devices,
+                "the devices hierarchy is not mounted".to_string()
+            )]
+        );
         assert_eq!(
             caps.parent,
             "memory:/agent/x,cpu:/agent/x,cpuacct:/agent/x,pids:/agent/x"
@@ -539,10 +591,16 @@ mod tests {
         assert!(!b.capabilities().has(Control::Pids));
         assert_eq!(
             b.capabilities().unavailable,
-            vec![(
-                Control::Pids,
-                "the pids hierarchy is not mounted".to_string()
-            )]
+            vec![
+                (
+                    Control::Pids,
+                    "the pids hierarchy is not mounted".to_string()
+                ),
+                (
+                    Control::Devices,
+                    "the devices hierarchy is not mounted".to_string()
+                ),
+            ]
         );
         let err = b
             .create(&web0(), &limits(None, Some(64 * MIB), Some(32)))
@@ -843,6 +901,7 @@ mod tests {
             cpuacct: h(&both),
             memory: h(&tmp.path().join("memory")),
             pids: None,
+            devices: None,
         };
         let fake = FakeKernel::v1();
         let b = V1Backend::with_dirs(layout, fake.clone()).expect("backend");

@@ -46,6 +46,8 @@ pub struct V2Backend {
     enabled: Vec<&'static str>,
     fs: Arc<dyn CgroupDirs>,
     page_size: u64,
+    /// The device program every instance cgroup gets (`None`: no device control here).
+    devices: Option<super::devices::DeviceProgram>,
 }
 
 impl V2Backend {
@@ -55,7 +57,31 @@ impl V2Backend {
     /// `<cgroup>/corrald` when it sits in a cgroup that must enable controllers; fails when
     /// other processes sit there.
     pub fn new(mount: PathBuf, parent: PathBuf) -> Result<V2Backend, CgroupError> {
-        V2Backend::with_dirs(mount, parent, Arc::new(Cgroupfs), std::process::id())
+        let mut backend =
+            V2Backend::with_dirs(mount, parent, Arc::new(Cgroupfs), std::process::id())?;
+        backend.load_device_program();
+        Ok(backend)
+    }
+
+    /// Loads the device program once; without it (no cgroup BPF in the kernel, no
+    /// privilege), the device control is unavailable, with the reason.
+    fn load_device_program(&mut self) {
+        let caps = &mut self.caps;
+        caps.unavailable.retain(|(c, _)| *c != Control::Devices);
+        match super::devices::DeviceProgram::load() {
+            Ok(p) => {
+                self.devices = Some(p);
+                caps.available.push(Control::Devices);
+                caps.available.sort();
+            }
+            Err(e) => {
+                caps.unavailable.push((
+                    Control::Devices,
+                    format!("loading a device BPF program: {e}"),
+                ));
+                caps.unavailable.sort();
+            }
+        }
     }
 
     pub(super) fn with_dirs(
@@ -163,6 +189,7 @@ impl V2Backend {
                 format!("{} does not exist", corral.join("cpu.stat").display()),
             ));
         }
+        unavailable.push((Control::Devices, "no device program loaded".to_string()));
         available.sort();
         unavailable.sort();
         Ok(V2Backend {
@@ -177,6 +204,7 @@ impl V2Backend {
             enabled,
             fs,
             page_size: fsutil::page_size(),
+            devices: None,
         })
     }
 
@@ -414,6 +442,35 @@ impl CgroupBackend for V2Backend {
         })
     }
 
+    fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        let Some(program) = &self.devices else {
+            return Err(CgroupError::Unsupported {
+                path: p,
+                reason: "no device BPF program could be loaded".into(),
+            });
+        };
+        let dir = self.dir(path);
+        let fd = nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| CgroupError::Open {
+            path: p.clone(),
+            file: dir.clone(),
+            source: e.into(),
+        })?;
+        program.attach(&fd).map_err(|source| CgroupError::Write {
+            path: p,
+            file: dir,
+            value: "a device BPF program".into(),
+            source,
+        })
+    }
+
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {
         let mut pids = read_procs(&path.to_string(), &self.dir(path))?.unwrap_or_default();
         pids.sort_unstable();
@@ -555,7 +612,10 @@ mod tests {
                 Control::CpuAccounting
             ]
         );
-        assert!(caps.unavailable.is_empty());
+        assert_eq!(
+            caps.unavailable,
+            vec![(Control::Devices, "no device program loaded".to_string())]
+        );
         assert!(r.join("agent/x/corral").is_dir());
     }
 
@@ -617,6 +677,7 @@ mod tests {
                     Control::MemorySwap,
                     "needs the memory controller".to_string()
                 ),
+                (Control::Devices, "no device program loaded".to_string()),
             ]
         );
         let err = b

@@ -92,6 +92,7 @@ fn available_namespaces_in(proc: &Path) -> Vec<Namespace> {
                 Namespace::Uts => ("uts", "max_uts_namespaces"),
                 Namespace::Ipc => ("ipc", "max_ipc_namespaces"),
                 Namespace::Net => ("net", "max_net_namespaces"),
+                Namespace::Cgroup => ("cgroup", "max_cgroup_namespaces"),
             };
             let exists = proc.join("self/ns").join(file).exists();
             let allowed = std::fs::read_to_string(proc.join("sys/user").join(limit))

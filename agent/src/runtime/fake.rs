@@ -33,6 +33,8 @@ struct State {
     adopted: Vec<i32>,
     exit_records: HashMap<String, super::ExitRecord>,
     notify: HashMap<String, super::NotifyState>,
+    /// Services whose held resources were released, in order.
+    released: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +94,11 @@ impl FakeRuntime {
     }
 
     /// Make `preflight` refuse specs whose command is `command`.
+    /// Every service released so far (deleted), in order.
+    pub fn released(&self) -> Vec<String> {
+        self.lock().released.clone()
+    }
+
     pub fn refuse_command(&self, command: &str) {
         self.lock().refuse_command = Some(command.to_string());
     }
@@ -169,6 +176,10 @@ impl Processes for FakeRuntime {
 
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.to_vec()
+    }
+
+    fn release_service(&self, service: &str) {
+        self.lock().released.push(service.to_string());
     }
 
     fn preflight(&self, spec: &crate::spec::ServiceSpec) -> Result<(), String> {

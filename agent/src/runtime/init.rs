@@ -2,13 +2,19 @@
 //! child subreaper without one). It is `corrald` itself, executed under the name `corral-init`
 //! by the spawn path in [`super::linux`], already inside the instance's cgroup and namespaces.
 //!
-//! It finishes the isolation that needs a process inside the namespaces (private mount
-//! propagation, `/proc` for the new PID namespace, a tmpfs on `/tmp`, the read-only view of
-//! the host for `readonly_root`, the hostname, loopback),
+//! It runs with an empty environment of its own (the service's is applied only at the
+//! service's `execve`), and finishes the isolation that needs a process inside the
+//! namespaces (private mount propagation, `/proc` for the new PID namespace, a tmpfs on
+//! `/tmp`, what [`super::confine`] builds — masks, a minimal `/dev`, the kernel's files — the
+//! read-only view of the host for `readonly_root`, the idmapped workdir of a `userns`
+//! instance, the hostname, loopback),
 //! forks the service process (which drops privileges and executes the command), then loops:
 //! it copies the service's stdout/stderr into the instance's rotating log files, forwards
 //! signals, reaps every child, and when the service process ends it records how (the exit
 //! record) and exits with the same status. No async runtime, no threads.
+//!
+//! The pure parts — what an sd_notify datagram says ([`apply_notify`]) and how the service's
+//! end becomes the exit record and the init's own status ([`ending`]) — are unit-tested.
 //!
 //! Imports from the crate: nothing but `super` (the shared config and record types).
 
@@ -30,12 +36,16 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
+use super::confine::{self, Masker};
+use super::exec::Command;
+use super::mounts;
+use super::package;
 use super::privileges::Privileges;
+use super::seccomp;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
-    RUN_DIR_FD,
+    RUN_DIR_FD, SETUP_FAILED,
 };
-use super::{mounts, package};
 use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
@@ -57,15 +67,10 @@ pub const FORWARDED: &[Signal] = &[
     Signal::SIGPWR,
 ];
 
-/// Exit code of the init when the instance could not be set up (the reason is in the exit
-/// record's `setup_error` and on the instance's stderr log).
-pub const SETUP_FAILED: u8 = 125;
-
 /// Entry point of `corral-init`. Never returns into the agent's code paths.
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(super::probe_exec::EXEC_FLAG) {
-        return super::probe_exec::main(&args[1..]);
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
+        return super::probe_helper::main();
     }
     // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
     // this process owns it.
@@ -79,9 +84,14 @@ pub fn main() -> ExitCode {
     };
     // The listening sockets on fds 4, 5, ...: the init keeps them (the agent may take them
     // back from here after a restart); only the service gets them, renumbered from 3.
-    for i in 0..config.listen_names.len() {
+    // The fds after them (logs, seccomp program, workdir mount) are the init's alone too.
+    let extra = config.fds.all();
+    for fd in (0..config.listen_names.len())
+        .map(super::listen_fd_in_init)
+        .chain(extra)
+    {
         // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
-        unsafe { libc::fcntl(super::listen_fd_in_init(i), libc::F_SETFD, libc::FD_CLOEXEC) };
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     match Init::setup(&config) {
         Ok(init) => init.run(run_dir.as_fd()),
@@ -207,19 +217,51 @@ impl Notify {
             if !from_instance {
                 continue;
             }
-            for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                if line == "READY=1" && !self.state.ready {
-                    self.state.ready = true;
-                    changed = true;
-                } else if let Some(text) = line.strip_prefix("STATUS=")
-                    && self.state.status != text
-                {
-                    self.state.status = text.chars().take(1024).collect();
-                    changed = true;
-                }
+            changed |= apply_notify(&mut self.state, &String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+}
+
+/// What one sd_notify datagram tells: `READY=1`, `STATUS=...` (the last one wins, cut at 1024
+/// characters); other lines are ignored. True when `state` changed.
+pub fn apply_notify(state: &mut NotifyState, message: &str) -> bool {
+    let mut changed = false;
+    for line in message.lines() {
+        if line == "READY=1" && !state.ready {
+            state.ready = true;
+            changed = true;
+        } else if let Some(text) = line.strip_prefix("STATUS=") {
+            let text: String = text.chars().take(1024).collect();
+            if state.status != text {
+                state.status = text;
+                changed = true;
             }
         }
     }
+    changed
+}
+
+/// How the service process ended, as its exit record (without the log counts) and the
+/// init's own exit status: the service's code, 128 + the signal, or [`SETUP_FAILED`] when it
+/// could not be waited for.
+pub fn ending(status: Option<WaitStatus>) -> (ExitRecord, u8) {
+    let mut record = ExitRecord::default();
+    let code = match status {
+        Some(WaitStatus::Exited(_, code)) => {
+            record.code = Some(code);
+            u8::try_from(code).unwrap_or(1)
+        }
+        Some(WaitStatus::Signaled(_, sig, core)) => {
+            record.signal = Some(sig as i32);
+            record.core_dumped = core;
+            (128 + sig as i32).clamp(0, 255) as u8
+        }
+        _ => {
+            record.setup_error = Some("the service process could not be waited for".into());
+            SETUP_FAILED
+        }
+    };
+    (record, code)
 }
 
 struct Init {
@@ -240,18 +282,19 @@ impl Init {
     /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
     fn setup(config: &InitConfig) -> Result<Init, String> {
         let readonly_root = config.readonly_root && config.mount_namespace;
-        let log_dir = if readonly_root {
-            // A private copy of the log directory's mount, outside this namespace's tree, so
-            // that making the tree read-only neither fails on the open log files (EBUSY) nor
-            // stops them from being written.
-            mounts::detached(&config.log_dir)
-        } else {
-            nix::fcntl::open(
+        let log_dir = match config.fds.log_dir {
+            // Opened by the agent in the host's mount table: nothing done to this instance's
+            // mounts (read-only, masked) reaches it.
+            // SAFETY: the spawn path placed this fd for the init alone.
+            Some(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            // A configuration from an older agent.
+            None if readonly_root => mounts::detached(&config.log_dir),
+            None => nix::fcntl::open(
                 config.log_dir.as_path(),
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(io::Error::from)
+            .map_err(io::Error::from),
         }
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
         let open = |name| {
@@ -281,6 +324,16 @@ impl Init {
                 None::<&str>,
             )
             .map_err(|e| format!("making mounts private: {e}"))?;
+            // In a user namespace device nodes cannot be made: the host's are taken (as they
+            // are now, before `nodev` is set everywhere) and bound into the new /dev.
+            let host_devices = if config.minimal_dev && config.userns {
+                Some(confine::host_devices()?)
+            } else {
+                None
+            };
+            if config.minimal_dev {
+                confine::nodev_everywhere()?;
+            }
             if config.pid_namespace {
                 mount(
                     Some("proc"),
@@ -305,12 +358,29 @@ impl Init {
                 package::mount_artifact(tree, artifact)
                     .map_err(|e| format!("artifact.mount: {e}"))?;
             }
-            for path in &config.hidden {
-                mounts::hide(path).map_err(|e| format!("hiding {}: {e}", path.display()))?;
+            if config.minimal_dev {
+                confine::minimal_dev(host_devices)?;
+            }
+            let mut masker = Masker::default();
+            for dir in &config.masked {
+                masker.dir(dir)?;
+            }
+            if config.system_paths {
+                confine::system_paths(&mut masker, &config.cgroup_mounts)?;
             }
             if readonly_root {
-                mounts::readonly_root(&config.workdir, config.state_dir.as_deref())
+                mounts::readonly_root(&config.workdir, config.system_paths)
                     .map_err(|e| format!("isolation.readonly_root: {e}"))?;
+            }
+            if let Some(fd) = config.fds.workdir {
+                // SAFETY: the spawn path placed this fd for the init alone.
+                let mount = unsafe { OwnedFd::from_raw_fd(fd) };
+                mounts::move_tree(&mount, &config.workdir).map_err(|e| {
+                    format!(
+                        "isolation.userns: putting the idmapped workdir {} in place: {e}",
+                        config.workdir.display()
+                    )
+                })?;
             }
         }
         if let Some(name) = &config.hostname {
@@ -460,26 +530,9 @@ impl Init {
         self.stderr_log.finish(&ts);
         self.report_drops(run_dir);
         let dropped = self.dropped();
-        let mut record = ExitRecord {
-            log_lines_dropped: dropped.lines,
-            log_bytes_dropped: dropped.bytes,
-            ..ExitRecord::default()
-        };
-        let code = match status {
-            Some(WaitStatus::Exited(_, code)) => {
-                record.code = Some(code);
-                u8::try_from(code).unwrap_or(1)
-            }
-            Some(WaitStatus::Signaled(_, sig, core)) => {
-                record.signal = Some(sig as i32);
-                record.core_dumped = core;
-                (128 + sig as i32).clamp(0, 255) as u8
-            }
-            _ => {
-                record.setup_error = Some("the service process could not be waited for".into());
-                SETUP_FAILED
-            }
-        };
+        let (mut record, code) = ending(status);
+        record.log_lines_dropped = dropped.lines;
+        record.log_bytes_dropped = dropped.bytes;
         if let Err(e) = write_record(run_dir, EXIT_RECORD, &record) {
             self.notice(&format!("writing {EXIT_RECORD}: {e}"));
         }
@@ -548,7 +601,8 @@ extern "C" fn noop_handler(_: libc::c_int) {}
 
 /// Everything the service process needs, prepared in the init before the fork.
 struct ExecPlan {
-    argv: Vec<CString>,
+    /// The command with the service's environment.
+    command: Command,
     /// `NOTIFY_SOCKET` for the service, when it reports readiness itself.
     notify_socket: Option<String>,
     /// Names of the listening sockets on the init's fds 4, 5, ... (`LISTEN_FDNAMES`).
@@ -556,25 +610,30 @@ struct ExecPlan {
     workdir: CString,
     /// User, groups, capabilities and limits the service runs with.
     privileges: Privileges,
+    /// Installed right before the `execve`.
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 impl ExecPlan {
     fn new(config: &InitConfig) -> Result<ExecPlan, String> {
-        let argv = config
-            .command
-            .iter()
-            .map(|a| {
-                CString::new(a.as_bytes())
-                    .map_err(|_| format!("command argument {a:?} holds a NUL byte"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if argv.is_empty() {
-            return Err("empty command".into());
-        }
         let workdir = CString::new(OsStr::new(&config.workdir).as_bytes())
             .map_err(|_| "workdir holds a NUL byte".to_string())?;
+        let seccomp = if let Some(fd) = config.fds.seccomp {
+            // SAFETY: the spawn path placed the program's memfd on this fd for this process
+            // only; it is closed here, once read.
+            let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let bytes = super::read_shared(&file)
+                .map_err(|e| format!("isolation.seccomp: reading the filter on fd {fd}: {e}"))?;
+            Some(
+                seccomp::from_bytes(&bytes).ok_or(
+                    "isolation.seccomp: the filter handed to the init is not a BPF program",
+                )?,
+            )
+        } else {
+            None
+        };
         Ok(ExecPlan {
-            argv,
+            command: Command::new(&config.command, &config.env)?,
             notify_socket: None,
             listen_names: config.listen_names.clone(),
             workdir,
@@ -584,13 +643,14 @@ impl ExecPlan {
                 caps: config.capabilities,
                 nofile: config.nofile,
             },
+            seccomp,
         })
     }
 
-    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]) and set
-    /// `no_new_privs`, execute. Returns only on failure, with the error and what was being
-    /// done.
-    fn run(&self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
+    /// In the forked child: wire stdio, drop privileges (see [`Privileges::apply`]), set
+    /// `no_new_privs`, install the seccomp filter, execute with the service's environment.
+    /// Returns only on failure, with the error and what was being done.
+    fn run(&mut self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
         let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
         // Signal dispositions with handlers are reset by exec; the mask is not.
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
@@ -615,17 +675,21 @@ impl ExecPlan {
                     return step("passing the listening sockets", Errno::last());
                 }
             }
-            // SAFETY: as above; the child is single-threaded.
-            unsafe {
-                std::env::set_var("LISTEN_FDS", self.listen_names.len().to_string());
-                std::env::set_var("LISTEN_FDNAMES", self.listen_names.join(":"));
-                std::env::set_var("LISTEN_PID", std::process::id().to_string());
+            let vars = [
+                ("LISTEN_FDS", self.listen_names.len().to_string()),
+                ("LISTEN_FDNAMES", self.listen_names.join(":")),
+                ("LISTEN_PID", std::process::id().to_string()),
+            ];
+            for (k, v) in vars {
+                if let Err(e) = self.command.push_env(k, &v) {
+                    return (Errno::EINVAL, e);
+                }
             }
         }
-        if let Some(addr) = &self.notify_socket {
-            // SAFETY: this forked child is single-threaded; nothing reads the environment
-            // concurrently.
-            unsafe { std::env::set_var("NOTIFY_SOCKET", addr) };
+        if let Some(addr) = &self.notify_socket
+            && let Err(e) = self.command.push_env("NOTIFY_SOCKET", addr)
+        {
+            return (Errno::EINVAL, e);
         }
         // The agent may run with a low OOM score (systemd's OOMScoreAdjust); the service
         // must not inherit it. Raising the score needs no privilege; failure is harmless.
@@ -639,12 +703,17 @@ impl ExecPlan {
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             return step("setting no_new_privs", e);
         }
-        // execvp searches PATH from this process's environment, which is the service's.
-        let e = match nix::unistd::execvp(&self.argv[0], &self.argv) {
-            Err(e) => e,
-            Ok(never) => match never {},
-        };
-        (e, format!("executing {:?}: {}", self.argv[0], e.desc()))
+        if let Some(program) = &self.seccomp
+            && let Err(e) = seccomp::install(program)
+        {
+            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL));
+            return (errno, format!("installing the seccomp filter: {e}"));
+        }
+        let e = self.command.exec();
+        (
+            e,
+            format!("executing {:?}: {}", self.command.program(), e.desc()),
+        )
     }
 }
 
@@ -675,4 +744,57 @@ fn loopback_up() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_messages_update_the_state() {
+        let long = "x".repeat(2000);
+        let cases: &[(&str, bool, &str, bool)] = &[
+            // (message, ready after, status after, changed)
+            ("READY=1", true, "", true),
+            ("STATUS=warming up", false, "warming up", true),
+            ("STATUS=a\nREADY=1\nSTATUS=b", true, "b", true),
+            ("MAINPID=7\nWATCHDOG=1", false, "", false),
+            ("READY=0", false, "", false),
+            ("", false, "", false),
+        ];
+        for (msg, ready, status, changed) in cases {
+            let mut state = NotifyState::default();
+            assert_eq!(apply_notify(&mut state, msg), *changed, "{msg:?}");
+            assert_eq!(state.ready, *ready, "{msg:?}");
+            assert_eq!(state.status, *status, "{msg:?}");
+        }
+        let mut state = NotifyState::default();
+        assert!(apply_notify(&mut state, &format!("STATUS={long}")));
+        assert_eq!(state.status.len(), 1024, "cut at 1024 characters");
+        assert!(
+            !apply_notify(&mut state, &format!("STATUS={long}")),
+            "same status"
+        );
+        assert!(apply_notify(&mut state, "READY=1"));
+        assert!(!apply_notify(&mut state, "READY=1"), "ready once");
+    }
+
+    #[test]
+    fn endings_map_to_records_and_codes() {
+        let pid = Pid::from_raw(5);
+        let (r, code) = ending(Some(WaitStatus::Exited(pid, 3)));
+        assert_eq!((r.code, r.signal, code), (Some(3), None, 3));
+        let (r, code) = ending(Some(WaitStatus::Exited(pid, 0)));
+        assert_eq!((r.code, code), (Some(0), 0));
+        let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)));
+        assert_eq!(
+            (r.code, r.signal, r.core_dumped, code),
+            (None, Some(9), false, 137)
+        );
+        let (r, code) = ending(Some(WaitStatus::Signaled(pid, Signal::SIGSEGV, true)));
+        assert_eq!((r.signal, r.core_dumped, code), (Some(11), true, 139));
+        let (r, code) = ending(None);
+        assert_eq!(code, SETUP_FAILED);
+        assert!(r.setup_error.is_some());
+    }
 }

@@ -1,79 +1,70 @@
-//! The Linux runtime: one `clone3` per instance, straight into new namespaces, with a pidfd.
+//! The Linux runtime: one `clone3` per instance (see [`super::clone`]), straight into new
+//! namespaces and the instance's cgroup, with a pidfd; the child executes the instance's init
+//! (`corral-init`) with an empty environment and the run directory on fd 3, where the init
+//! finds its configuration ([`InitConfig`], built by [`super::launch::init_config`]). Exits
+//! are observed through the pidfd (readable when the process ends) and reaped with
+//! `waitid(P_PIDFD)`.
 //!
-//! The child of `clone3` is the instance's init (PID 1 of its new PID namespace). Between
-//! `clone3` and `execve` it runs only async-signal-safe system calls on data prepared by the
-//! parent: it writes `"0"` to each of the instance cgroup's `cgroup.procs` files (so it is
-//! inside its limits before it executes anything), wires fds 0-3, marks every other fd
-//! close-on-exec and executes `/proc/self/exe` as `corral-init`. If any step fails, it writes
-//! the step and errno to a close-on-exec pipe and exits; the parent reads that pipe when the
-//! instance ends. Exits are observed through the pidfd (readable when the process ends) and
-//! reaped with `waitid(P_PIDFD)`.
+//! With `isolation.userns` the clone also makes a user namespace: the child waits while the
+//! agent writes its id maps (and puts it in its cgroup), and a workdir owned by an
+//! unprivileged user comes as a detached idmapped mount (see [`LinuxRuntime`]'s
+//! `idmapped_workdir`).
+//!
+//! What the runtime keeps for all instances: the directories every instance with a mount
+//! namespace gets masked (the state directory, the API socket's directory), the host's
+//! cgroup mounts (mounted again inside instances with a cgroup namespace), the dynamic users,
+//! the user namespaces' blocks of ids (and the namespaces that idmap workdirs), and the
+//! compiled seccomp filters, one per distinct [`seccomp::Policy`].
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use nix::fcntl::{FcntlArg, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
-use super::launch::{Identity, service_env};
+use super::clone::{
+    ChildPlan, clone_exec, high, join_cgroup, new_userns, pidfd_signal, read_spawn_error,
+    sealed_memfd, wait_pidfd, write_id_maps,
+};
+use super::launch::{self, HostView, Identity, RunAs};
 use super::package;
-use super::privileges::CapPlan;
+use super::probe_helper::ProbeConfig;
+use super::seccomp;
+use super::users::{DynamicUsers, USERNS_SIZE, UsernsIds};
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, InstanceFiles, LOG_STAT,
-    LogStat, ProcessRef, ProcessStatus, Processes, RUN_DIR_FD, SocketBroker, SpawnError, Spawned,
-    StartRequest,
+    CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, InstanceFiles,
+    LOG_STAT, LogStat, ProcessRef, Processes, SocketBroker, SpawnError, Spawned, StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
-/// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
-#[repr(C)]
-#[derive(Debug, Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-/// `CLONE_INTO_CGROUP` (linux/sched.h; libc's constant overflows a c_int).
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-
-/// Steps of the child between clone3 and exec, reported through the error pipe.
-const STEP_CGROUP: u8 = 1;
-const STEP_FDS: u8 = 2;
-const STEP_EXEC: u8 = 3;
-
-/// Source fds are moved at or above this number before the child rearranges 0-3.
-const HIGH_FD: RawFd = 16;
-
 #[derive(Debug)]
 pub struct LinuxRuntime {
-    /// Kept read-only inside `readonly_root` instances.
-    state_dir: PathBuf,
     run_root: PathBuf,
     log_root: PathBuf,
     /// What an instance's first process executes.
     exe: CString,
     /// The agent's own identity, for instances without `user` (resolved once).
     own: Option<Identity>,
-    /// Hidden from instances with a mount namespace (see [`LinuxRuntime::hide`]): each
-    /// path with its owning group.
-    hidden: Vec<(PathBuf, u32)>,
+    /// Masked in every instance with a mount namespace (outermost only).
+    masked: Vec<PathBuf>,
+    /// The host's cgroup filesystems.
+    cgroup_mounts: Vec<CgroupMount>,
+    /// `user = "dynamic"`: `None` when the agent has no range for them.
+    users: Option<DynamicUsers>,
+    /// `isolation.userns`: the services' blocks of host ids.
+    userns: Option<UsernsIds>,
+    /// User namespaces for idmapped workdirs, by (workdir owner, group, block): the owner's
+    /// ids are the block's root.
+    idmaps: Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>,
+    /// Compiled seccomp programs, by policy, each in a sealed memfd that every instance's
+    /// init and probe helper of that policy gets (and reads) as it is.
+    filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
 }
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or in
@@ -104,9 +95,83 @@ fn find_init(exe: &Path) -> Option<PathBuf> {
         .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
+/// Directories an API socket must not be put in directly: instances get the socket's
+/// directory masked, and these they need (or they are the root of everything).
+const SHARED_DIRS: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib",
+    "/var/run", "/var/tmp",
+];
+
+/// The directory of the API socket at `socket`, which every instance gets masked. Refused for
+/// a directory instances need, such as `/run` or `/tmp`: the socket must be in a directory of
+/// its own. Checked before the socket is bound, so a refusal leaves nothing behind.
+pub fn socket_dir(socket: &Path) -> Result<PathBuf, String> {
+    let parent = match socket.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => Path::new("/"),
+    };
+    // Absolute and without symlinks where it exists: instances resolve it in their own mount
+    // table (and `/var/run` is `/run`).
+    let dir = fs::canonicalize(parent)
+        .or_else(|_| std::path::absolute(parent))
+        .unwrap_or_else(|_| parent.to_path_buf());
+    if SHARED_DIRS.iter().any(|s| Path::new(s) == dir) {
+        return Err(format!(
+            "--socket {}: put the socket in a directory of its own (e.g. /run/corral/corral.sock): \
+             instances get the socket's directory masked, and they need {}",
+            socket.display(),
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// The cgroup filesystems mounted under `/sys/fs/cgroup`, from `/proc/self/mountinfo`'s
+/// text, with the mount data to mount each again (controllers and name; nothing for v2).
+pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+    let mut out: Vec<CgroupMount> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(point) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        let (Some(fstype), _, Some(options)) = (r.next(), r.next(), r.next()) else {
+            continue;
+        };
+        if !(fstype == "cgroup" || fstype == "cgroup2")
+            || !(point == "/sys/fs/cgroup" || point.starts_with("/sys/fs/cgroup/"))
+        {
+            continue;
+        }
+        let options = if fstype == "cgroup2" {
+            String::new()
+        } else {
+            let kept: Vec<&str> = options
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent="))
+                .collect();
+            kept.join(",")
+        };
+        let m = CgroupMount {
+            path: PathBuf::from(point),
+            fstype: fstype.to_string(),
+            options,
+        };
+        // A later mount on the same point hides the earlier one.
+        out.retain(|o| o.path != m.path);
+        out.push(m);
+    }
+    out
+}
+
 impl LinuxRuntime {
     /// Instances keep their run state in `<state_dir>/run/<instance>` and their logs in
-    /// `<state_dir>/logs/<instance>`.
+    /// `<state_dir>/logs/<instance>`; the whole state directory is masked in instances.
     pub fn new(state_dir: &Path) -> io::Result<LinuxRuntime> {
         let run_root = state_dir.join("run");
         let log_root = state_dir.join("logs");
@@ -116,30 +181,134 @@ impl LinuxRuntime {
                 .mode(0o750)
                 .create(d)?;
         }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         Ok(LinuxRuntime {
-            // Absolute and without symlinks: instances resolve it in their own mount table.
-            state_dir: fs::canonicalize(state_dir)?,
             run_root,
             log_root,
             exe: init_executable(),
-            own: resolve_identity(None).ok().flatten(),
-            hidden: Vec::new(),
+            own: resolve_identity(None, None, "").ok().flatten(),
+            // Absolute and without symlinks: instances resolve it in their own mount table.
+            masked: vec![fs::canonicalize(state_dir)?],
+            cgroup_mounts: cgroup_mounts(&mountinfo),
+            users: None,
+            userns: None,
+            idmaps: Mutex::new(HashMap::new()),
+            filters: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Keep `path` (the API socket) out of reach of instances that have a mount namespace:
-    /// an instance running as root could otherwise connect to it and act as the agent's
-    /// admin.
-    ///
-    /// Only instances that could open it are given the extra mount: those running as root
-    /// (the default capabilities bypass file modes) or with the file's group.
-    pub fn hide(&mut self, path: &Path) {
+    /// Keep the API socket at `socket` out of reach of every instance with a mount namespace:
+    /// its directory is masked there (not the socket file, which the agent replaces when it
+    /// starts again). Refused (see [`socket_dir`]) for a directory instances need.
+    pub fn mask_socket_dir(&mut self, socket: &Path) -> Result<(), String> {
+        self.masked.push(socket_dir(socket)?);
+        self.masked = launch::outermost(&self.masked);
+        Ok(())
+    }
+
+    /// Give `user = "dynamic"` services uids from `users`.
+    pub fn set_dynamic_users(&mut self, users: DynamicUsers) {
+        self.users = Some(users);
+    }
+
+    /// Why `spec`'s user namespace cannot be made here, field by field (none: it can).
+    fn userns_preflight(&self, spec: &ServiceSpec) -> Vec<String> {
         use std::os::unix::fs::MetadataExt;
-        let gid = fs::metadata(path).map_or(0, |m| m.gid());
-        self.hidden.push((
-            fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
-            gid,
-        ));
+        let mut why = Vec::new();
+        let Some(ids) = &self.userns else {
+            why.push("isolation.userns: the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)".to_string());
+            return why;
+        };
+        if !Path::new("/proc/self/ns/user").exists()
+            || sysctl("/proc/sys/user/max_user_namespaces") == Some(0)
+        {
+            why.push("isolation.userns: this kernel has no user namespaces (or user.max_user_namespaces is 0)".to_string());
+            return why;
+        }
+        let inside = |id: u32| id < USERNS_SIZE;
+        match &spec.user {
+            Some(UserSpec::Id { uid, gid }) if !inside(*uid) || gid.is_some_and(|g| !inside(g)) => {
+                why.push(format!(
+                    "user: {:?} is outside the instance's user namespace (ids 0-{})",
+                    spec.user
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    USERNS_SIZE - 1
+                ));
+            }
+            Some(user @ UserSpec::Name(_)) => {
+                if let Ok(Some(id)) = resolve_identity(Some(user), None, &spec.name)
+                    && (!inside(id.uid) || !inside(id.gid))
+                {
+                    why.push(format!(
+                        "user: {:?} is uid {}:{} on this host, outside the instance's user namespace (ids 0-{})",
+                        user.to_string(),
+                        id.uid,
+                        id.gid,
+                        USERNS_SIZE - 1
+                    ));
+                }
+            }
+            _ => {}
+        }
+        // A workdir owned by someone else than root is idmapped: its filesystem must allow it.
+        if fs::metadata(&spec.workdir).is_ok_and(|m| m.uid() != 0)
+            && let Err(e) = self.idmapped_workdir(&spec.workdir, ids.any())
+        {
+            why.push(format!(
+                "isolation.userns: workdir {:?} cannot be idmapped for the instance's root: {e} (its filesystem lacks idmapped mounts, e.g. tmpfs before Linux 6.3; use a workdir on one that has them, or one owned by root, which is not mapped)",
+                spec.workdir
+            ));
+        }
+        why
+    }
+
+    /// Give `isolation.userns` services their host ids from `ids`.
+    pub fn set_userns_ids(&mut self, ids: UsernsIds) {
+        self.userns = Some(ids);
+    }
+
+    /// The first host id of `spec`'s user namespace (its root inside), when it has one.
+    fn userns_base(&self, spec: &ServiceSpec) -> Result<Option<u32>, String> {
+        if !spec.isolation.userns {
+            return Ok(None);
+        }
+        let ids = self.userns.as_ref().ok_or(
+            "isolation.userns: the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)",
+        )?;
+        ids.get_or_allocate(&spec.name).map(Some)
+    }
+
+    /// The workdir as a detached mount idmapped for the user namespace whose root is host id
+    /// `base`: what the workdir's owner and group own on the host belongs inside to root,
+    /// and what root inside creates there belongs on the host to the workdir's owner and
+    /// group. `None` for a workdir owned by root: mapping it would let root inside make
+    /// files owned by the host's root (a setuid binary...), so it stays as it is.
+    fn idmapped_workdir(&self, workdir: &Path, base: u32) -> io::Result<Option<OwnedFd>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(workdir)?;
+        if meta.uid() == 0 {
+            return Ok(None);
+        }
+        let key = (meta.uid(), meta.gid(), base);
+        let ns = {
+            let mut cache = self.idmaps.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(&key) {
+                Some(ns) => ns.clone(),
+                None => {
+                    let ns = Arc::new(new_userns(
+                        &format!("{} {base} 1", key.0),
+                        &format!("{} {base} 1", key.1),
+                    )?);
+                    cache.insert(key, ns.clone());
+                    ns
+                }
+            }
+        };
+        let mount = super::mounts::copy_tree(workdir, false)?;
+        super::mounts::idmap(&mount, &ns)?;
+        high(mount).map(Some)
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -149,9 +318,45 @@ impl LinuxRuntime {
     pub fn log_dir(&self, instance: &str) -> PathBuf {
         self.log_root.join(instance)
     }
+
+    /// The identity `spec` runs as (`None`: unknown, the agent's own), and whether the init
+    /// must change to it.
+    fn identity(&self, spec: &ServiceSpec) -> Result<(Option<Identity>, bool), String> {
+        match &spec.user {
+            None => Ok((self.own.clone(), false)),
+            Some(user) => {
+                resolve_identity(Some(user), self.users.as_ref(), &spec.name).map(|i| (i, true))
+            }
+        }
+    }
+
+    /// The seccomp program of `spec` (`None`: unconfined), compiled once per policy.
+    fn filter(
+        &self,
+        spec: &ServiceSpec,
+        caps: &super::privileges::CapPlan,
+    ) -> Result<Option<Arc<OwnedFd>>, String> {
+        let Some(policy) = launch::seccomp_policy(spec, caps) else {
+            return Ok(None);
+        };
+        let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = cache.get(&policy) {
+            return Ok(Some(hit.clone()));
+        }
+        let program = seccomp::compile(policy)?;
+        let fd = sealed_memfd(c"corral-seccomp", &seccomp::to_bytes(&program))
+            .map(Arc::new)
+            .map_err(|e| format!("keeping the compiled filter in a memfd: {e}"))?;
+        cache.insert(policy, fd.clone());
+        Ok(Some(fd))
+    }
 }
 
-fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String> {
+fn resolve_identity(
+    user: Option<&UserSpec>,
+    users: Option<&DynamicUsers>,
+    service: &str,
+) -> Result<Option<Identity>, String> {
     use nix::unistd::{Gid, Uid, User};
     let entry = |u: Option<User>, uid: u32, gid: Option<u32>| Identity {
         uid,
@@ -178,22 +383,29 @@ fn resolve_identity(user: Option<&UserSpec>) -> Result<Option<Identity>, String>
             let u = User::from_uid(Uid::from_raw(*uid)).ok().flatten();
             Ok(Some(entry(u, *uid, *gid)))
         }
+        Some(UserSpec::Dynamic) => {
+            let users = users.ok_or(
+                "the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)",
+            )?;
+            let uid = users.get_or_allocate(service)?;
+            Ok(Some(Identity {
+                uid,
+                gid: uid,
+                name: None,
+                home: None,
+            }))
+        }
     }
 }
 
-/// The capabilities of `spec`'s service process, which depend on the user it runs as (the
-/// agent's own when `identity` is unknown).
-fn self_uid() -> u32 {
-    nix::unistd::Uid::effective().as_raw()
-}
-
-fn self_gid() -> u32 {
-    nix::unistd::Gid::effective().as_raw()
-}
-
-fn cap_plan(spec: &ServiceSpec, identity: Option<&Identity>) -> CapPlan {
-    let uid = identity.map_or_else(|| nix::unistd::Uid::effective().as_raw(), |i| i.uid);
-    CapPlan::for_instance(spec.isolation.capabilities.as_deref(), uid)
+/// Give `dir` and what is directly in it (not through symlinks) to `id` (uid and gid).
+fn chown_shallow(dir: &Path, id: u32) -> io::Result<()> {
+    use std::os::unix::fs::lchown;
+    lchown(dir, Some(id), Some(id))?;
+    for entry in fs::read_dir(dir)? {
+        lchown(entry?.path(), Some(id), Some(id))?;
+    }
+    Ok(())
 }
 
 /// A number from a one-line file under `/proc/sys`.
@@ -208,13 +420,6 @@ fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
     })
 }
 
-/// Move `fd` to a number >= HIGH_FD, close-on-exec.
-pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
-    let raw = nix::fcntl::fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 fn clone_flags(spec: &ServiceSpec) -> u64 {
     let mut flags = 0;
     for ns in &spec.isolation.namespaces {
@@ -224,130 +429,11 @@ fn clone_flags(spec: &ServiceSpec) -> u64 {
             Namespace::Uts => libc::CLONE_NEWUTS,
             Namespace::Ipc => libc::CLONE_NEWIPC,
             Namespace::Net => libc::CLONE_NEWNET,
+            // Entered by the child once inside its cgroup (see `ChildPlan::new_cgroup_ns`).
+            Namespace::Cgroup => 0,
         } as u64;
     }
     flags
-}
-
-/// Data the child reads between clone3 and exec; all of it prepared by the parent.
-#[derive(Clone, Copy)]
-pub(super) struct ChildPlan<'a> {
-    pub(super) procs: &'a [OwnedFd],
-    pub(super) stdin: RawFd,
-    pub(super) stdout: RawFd,
-    pub(super) stderr: RawFd,
-    /// Placed on fd 3: the run directory (an instance's init) or a pidfd (an exec probe).
-    pub(super) fd3: RawFd,
-    /// Placed on fds 4, 5, ...: the service's listening sockets.
-    pub(super) extra: &'a [RawFd],
-    pub(super) err_pipe: RawFd,
-    pub(super) exe: &'a CString,
-    pub(super) argv: &'a [*const libc::c_char],
-    pub(super) envp: &'a [*const libc::c_char],
-}
-
-/// The child side of clone3. Only async-signal-safe system calls: no allocation, no locks.
-///
-/// # Safety
-/// Must only be called in the child of a fork-like clone of a possibly multi-threaded
-/// process, with `plan` fully prepared by the parent; never returns.
-unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
-    let fail = |step: u8| -> ! {
-        // SAFETY: errno location, write and _exit are async-signal-safe.
-        unsafe {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 5];
-            msg[0] = step;
-            msg[1..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(plan.err_pipe, msg.as_ptr().cast(), msg.len());
-            libc::_exit(super::init::SETUP_FAILED as i32)
-        }
-    };
-    for fd in plan.procs {
-        // SAFETY: writing 2 bytes from a static buffer to an fd the parent opened.
-        if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
-            fail(STEP_CGROUP);
-        }
-    }
-    // SAFETY: dup2 onto 0-3 from fds >= HIGH_FD opened by the parent; dup2 clears CLOEXEC
-    // on the targets only. close_range then marks everything else close-on-exec (the error
-    // pipe stays usable until exec succeeds).
-    unsafe {
-        if libc::dup2(plan.stdin, 0) < 0
-            || libc::dup2(plan.stdout, 1) < 0
-            || libc::dup2(plan.stderr, 2) < 0
-            || libc::dup2(plan.fd3, RUN_DIR_FD) < 0
-        {
-            fail(STEP_FDS);
-        }
-        for (i, fd) in plan.extra.iter().enumerate() {
-            if libc::dup2(*fd, RUN_DIR_FD + 1 + i as RawFd) < 0 {
-                fail(STEP_FDS);
-            }
-        }
-        if libc::syscall(
-            libc::SYS_close_range,
-            (RUN_DIR_FD + 1 + plan.extra.len() as RawFd) as libc::c_uint,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        ) < 0
-        {
-            fail(STEP_FDS);
-        }
-        libc::execve(plan.exe.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
-    }
-    fail(STEP_EXEC)
-}
-
-/// clone3 a child with `flags` (namespaces), inside the cgroup (`into_cgroup` on v2, or by
-/// writing the plan's `cgroup.procs` files), that wires fds 0-3 and executes the plan. Returns
-/// its PID and pidfd.
-pub(super) fn clone_exec(
-    flags: u64,
-    into_cgroup: Option<&OwnedFd>,
-    plan: &ChildPlan<'_>,
-) -> io::Result<(i32, OwnedFd)> {
-    let attempt = |into: Option<&OwnedFd>| -> io::Result<(i32, OwnedFd)> {
-        let mut plan = *plan;
-        if into.is_some() {
-            // Born inside the cgroup: nothing to write.
-            plan.procs = &[];
-        }
-        let mut pidfd: libc::c_int = -1;
-        let mut args = CloneArgs {
-            flags: flags | libc::CLONE_PIDFD as u64,
-            pidfd: (&raw mut pidfd) as u64,
-            exit_signal: libc::SIGCHLD as u64,
-            ..CloneArgs::default()
-        };
-        if let Some(dir) = into {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = dir.as_raw_fd() as u64;
-        }
-        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
-        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
-        let ret =
-            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-        if ret == 0 {
-            // SAFETY: we are the child of clone3; the plan was built before the call.
-            unsafe { child_after_clone(&plan) }
-        }
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
-        Ok((ret as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
-    };
-    match attempt(into_cgroup) {
-        // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
-        Err(e)
-            if into_cgroup.is_some()
-                && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) =>
-        {
-            attempt(None)
-        }
-        other => other,
-    }
 }
 
 impl Processes for LinuxRuntime {
@@ -362,17 +448,12 @@ impl Processes for LinuxRuntime {
                 source,
             }
         };
-        let identity = match &spec.user {
-            None => Ok(self.own.clone()),
-            Some(_) => resolve_identity(spec.user.as_ref()),
-        }
-        .map_err(|reason| SpawnError::User {
+        let (identity, change) = self.identity(spec).map_err(|reason| SpawnError::User {
             instance: instance.to_string(),
-            user: match &spec.user {
-                Some(UserSpec::Name(n)) => n.clone(),
-                Some(UserSpec::Id { uid, .. }) => uid.to_string(),
-                None => "(agent's)".into(),
-            },
+            user: spec
+                .user
+                .as_ref()
+                .map_or_else(|| "(agent's)".to_string(), ToString::to_string),
             reason,
         })?;
         let run_dir = self.run_dir(instance);
@@ -391,50 +472,52 @@ impl Processes for LinuxRuntime {
                 Err(e) => return Err(prep(&format!("removing the previous {stale}"))(e)),
             }
         }
-        let drop_privileges = spec.user.is_some();
-        let capabilities = cap_plan(spec, identity.as_ref());
-        let config = InitConfig {
+        let agent_uid = nix::unistd::Uid::effective().as_raw();
+        let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
+        let invalid = |reason: String| SpawnError::Invalid {
             instance: instance.to_string(),
-            command: package::command(spec),
-            workdir: spec.workdir.clone(),
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            hostname: spec.hostname_for(req.index),
-            pid_namespace: spec.isolation.has(Namespace::Pid),
-            mount_namespace: spec.isolation.has(Namespace::Mount),
-            net_namespace: spec.isolation.has(Namespace::Net),
-            private_tmp: spec.isolation.private_tmp,
-            log_dir: log_dir.clone(),
-            log_max_size: spec.logs.max_size,
-            log_max_files: spec.logs.max_files,
-            notify: spec.health.as_ref().is_some_and(|h| h.notify),
-            listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
-            capabilities: Some(capabilities),
-            nofile: spec.resources.nofile,
-            readonly_root: spec.isolation.readonly_root,
-            state_dir: Some(self.state_dir.clone()),
-            hidden: {
-                let (uid, gid) = identity
-                    .as_ref()
-                    .filter(|_| drop_privileges)
-                    .map_or((self_uid(), self_gid()), |i| (i.uid, i.gid));
-                self.hidden
-                    .iter()
-                    .filter(|(_, group)| uid == 0 || gid == *group)
-                    .map(|(path, _)| path.clone())
-                    .collect()
-            },
-            artifact: package::artifact_mount(spec, req.artifact),
+            reason,
         };
+        let filter = self
+            .filter(spec, &caps)
+            .map_err(|reason| invalid(format!("isolation.seccomp: {reason}")))?;
+        let userns = self.userns_base(spec).map_err(invalid)?;
+        let workdir_mount = match userns {
+            Some(base) => self
+                .idmapped_workdir(&spec.workdir, base)
+                .map_err(prep(&format!(
+                    "an idmapped mount of workdir {}",
+                    spec.workdir.display()
+                )))?,
+            None => None,
+        };
+        let fds = super::InitFds::after(
+            spec.sockets.len(),
+            filter.is_some(),
+            workdir_mount.is_some(),
+        );
+        let config = launch::init_config(
+            spec,
+            req.index,
+            instance,
+            req.ports,
+            RunAs {
+                identity: identity.as_ref(),
+                change,
+                agent_uid,
+            },
+            HostView {
+                log_dir: &log_dir,
+                masked: &self.masked,
+                cgroup_mounts: &self.cgroup_mounts,
+                artifact: req.artifact,
+            },
+            fds,
+        );
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
         fs::write(run_dir.join(INIT_CONFIG), json).map_err(prep(INIT_CONFIG))?;
 
-        let env = service_env(spec, req.index, instance, req.ports, identity.as_ref());
-        let env_c = env
-            .iter()
-            .map(|(k, v)| cstring(instance, &format!("env {k}"), &format!("{k}={v}")))
-            .collect::<Result<Vec<_>, _>>()?;
         let argv_c = [
             cstring(instance, "argv", INIT_NAME)?,
             cstring(instance, "instance", instance)?,
@@ -444,11 +527,8 @@ impl Processes for LinuxRuntime {
             .map(|c| c.as_ptr())
             .chain(std::iter::once(std::ptr::null()))
             .collect();
-        let envp: Vec<*const libc::c_char> = env_c
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        // The init runs with an empty environment: the service's is in its configuration.
+        let envp = [std::ptr::null::<libc::c_char>()];
 
         let open = |path: &Path, flags: OFlag, mode: u32| -> io::Result<OwnedFd> {
             Ok(nix::fcntl::open(
@@ -473,6 +553,27 @@ impl Processes for LinuxRuntime {
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prep("a pipe")(e.into()))?;
         let err_w = high(err_w).map_err(prep("a pipe"))?;
+        let log_dir_fd = open(&log_dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
+            .and_then(high)
+            .map_err(prep("the log directory"))?;
+        if let Some(base) = userns {
+            // Root inside is `base` on the host: the init writes its run state and logs.
+            for dir in [&run_dir, &log_dir] {
+                chown_shallow(dir, base).map_err(prep(&format!(
+                    "giving {} to the instance's root",
+                    dir.display()
+                )))?;
+            }
+        }
+        // A child in a new user namespace waits for its id maps (and its cgroup).
+        let (wait_r, wait_w) = match userns {
+            Some(_) => {
+                let (r, w) =
+                    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| prep("a pipe")(e.into()))?;
+                (Some(high(r).map_err(prep("a pipe"))?), Some(w))
+            }
+            None => (None, None),
+        };
         let procs = req
             .cgroup_procs
             .into_iter()
@@ -490,28 +591,58 @@ impl Processes for LinuxRuntime {
                 ),
             });
         }
-        let listen: Vec<RawFd> = req.listen_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        // The listening sockets, then the fds of `InitFds::after`, in its order.
+        let extra: Vec<RawFd> = req
+            .listen_fds
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain(Some(log_dir_fd.as_raw_fd()))
+            .chain(filter.as_ref().map(|fd| fd.as_raw_fd()))
+            .chain(workdir_mount.as_ref().map(|fd| fd.as_raw_fd()))
+            .collect();
+        let mut flags = clone_flags(spec);
+        if userns.is_some() {
+            flags |= libc::CLONE_NEWUSER as u64;
+        }
         let plan = ChildPlan {
-            procs: &procs,
+            // In a user namespace the parent puts the child in its cgroup.
+            procs: if userns.is_some() { &[] } else { &procs },
+            wait_for: wait_r.as_ref().map(|fd| fd.as_raw_fd()),
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
             stderr: init_log.as_raw_fd(),
             fd3: run_dir_fd.as_raw_fd(),
-            extra: &listen,
+            extra: &extra,
+            new_cgroup_ns: spec.isolation.has(Namespace::Cgroup),
             err_pipe: err_w.as_raw_fd(),
             exe: &self.exe,
             argv: &argv,
             envp: &envp,
         };
-        let (ret, pidfd) =
-            clone_exec(clone_flags(spec), req.cgroup_dir.as_ref(), &plan).map_err(|source| {
-                SpawnError::Clone {
-                    instance: instance.to_string(),
-                    source,
-                }
-            })?;
+        let (ret, pidfd) = clone_exec(flags, req.cgroup_dir.as_ref(), &plan).map_err(|source| {
+            SpawnError::Clone {
+                instance: instance.to_string(),
+                source,
+            }
+        })?;
         let pid = ret;
         drop(err_w);
+        drop(wait_r);
+        if let (Some(base), Some(wait_w)) = (userns, wait_w) {
+            let map = format!("0 {base} {USERNS_SIZE}\n");
+            let released = write_id_maps(pid, &map, &map)
+                .and_then(|()| join_cgroup(&procs, pid))
+                .and_then(|()| Ok(nix::unistd::write(&wait_w, b"1")?));
+            if let Err(source) = released {
+                let _ = pidfd_signal(&pidfd, libc::SIGKILL);
+                // It has run nothing of its own yet: reaped at once.
+                let _ = nix::sys::wait::waitid(
+                    nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(&pidfd)),
+                    nix::sys::wait::WaitPidFlag::WEXITED,
+                );
+                return Err(prep("the instance's user namespace")(source));
+            }
+        }
         let pidfd = Arc::new(pidfd);
         // Our own unreaped child: its PID cannot be reused yet, so this reads the right process.
         let start_time = proc_start_time(pid).unwrap_or(0);
@@ -570,14 +701,42 @@ impl Processes for LinuxRuntime {
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let mut why = Vec::new();
-        if let Some(user) = &spec.user
-            && let Err(e) = resolve_identity(Some(user))
+        match &spec.user {
+            // Allocated at the first start; here only whether there is a range.
+            Some(UserSpec::Dynamic) if self.users.is_none() => {
+                why.push(
+                    "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)"
+                        .to_string(),
+                );
+            }
+            Some(UserSpec::Dynamic) => {}
+            Some(user) => {
+                if let Err(e) = resolve_identity(Some(user), None, &spec.name) {
+                    why.push(format!("user: {:?}: {e}", user.to_string()));
+                }
+            }
+            None => {}
+        }
+        if spec.isolation.has(Namespace::Mount)
+            && let Some(dir) = self.masked.iter().find(|d| spec.workdir.starts_with(d))
         {
-            let shown = match user {
-                UserSpec::Name(n) => n.clone(),
-                UserSpec::Id { uid, .. } => uid.to_string(),
-            };
-            why.push(format!("user: {shown:?}: {e}"));
+            why.push(format!(
+                "workdir: {:?} is inside {}, which the agent masks in every instance (its state or its socket's directory)",
+                spec.workdir,
+                dir.display()
+            ));
+        }
+        if spec.isolation.userns {
+            why.extend(self.userns_preflight(spec));
+        }
+        if spec.isolation.seccomp == crate::spec::Seccomp::Default && !seccomp::supported() {
+            why.push(format!(
+                "isolation.seccomp: the default filter is built for x86_64 and aarch64, not {} (set \"unconfined\")",
+                std::env::consts::ARCH
+            ));
+        }
+        if spec.isolation.has(Namespace::Cgroup) && !Path::new("/proc/self/ns/cgroup").exists() {
+            why.push("isolation.namespaces: this kernel has no cgroup namespaces".to_string());
         }
         if let Some(cmd) = spec.command.first()
             && cmd.starts_with('/')
@@ -667,34 +826,73 @@ impl Processes for LinuxRuntime {
 
     fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
         let spec = req.spec;
-        let identity = match &spec.user {
-            None => self.own.clone(),
-            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
+        // The same identity, environment, capabilities and filter as the service.
+        let (identity, change) = self.identity(spec).unwrap_or((None, true));
+        let agent_uid = nix::unistd::Uid::effective().as_raw();
+        let caps = launch::cap_plan(spec, identity.as_ref().map_or(agent_uid, |i| i.uid));
+        let filter = self.filter(spec, &caps);
+        let changed = identity.as_ref().filter(|_| change);
+        let userns = spec.isolation.userns;
+        let mut ns_flags = clone_flags(spec);
+        if spec.isolation.has(Namespace::Cgroup) {
+            ns_flags |= libc::CLONE_NEWCGROUP as u64;
+        }
+        if userns {
+            ns_flags |= libc::CLONE_NEWUSER as u64;
+        }
+        // In the instance's user namespace the helper's own ids (the agent's) mean nothing:
+        // it always changes to the service's, root inside by default.
+        let (uid, gid) = match changed {
+            Some(id) => (Some(id.uid), Some(id.gid)),
+            None if userns => (
+                Some(identity.as_ref().map_or(0, |i| i.uid)),
+                Some(identity.as_ref().map_or(0, |i| i.gid)),
+            ),
+            None => (None, None),
         };
-        let drop_privileges = spec.user.is_some();
-        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
-            .into_iter()
-            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-            .collect();
-        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
         let procs = req
             .cgroup_procs
             .into_iter()
             .filter_map(|fd| high(fd).ok())
             .collect();
+        let config = ProbeConfig {
+            ns_flags: ns_flags as i32,
+            uid,
+            gid,
+            caps,
+            nofile: spec.resources.nofile,
+            workdir: spec.workdir.clone(),
+            env: launch::service_env(spec, req.index, req.instance, req.ports, identity.as_ref()),
+            seccomp: matches!(filter, Ok(Some(_))),
+        };
+        // Made once: each probe then only clones the helper and executes.
+        let config = match &filter {
+            Err(e) => Err(format!("isolation.seccomp: {e}")),
+            Ok(_) => serde_json::to_vec(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|json| sealed_memfd(c"corral-probe", &json).map_err(|e| e.to_string()))
+                .map_err(|e| format!("preparing exec probes: {e}")),
+        };
+        if let Err(e) = &config {
+            tracing::error!(instance = %req.instance, error = %e, "exec probes cannot run; they will fail");
+        }
         Arc::new(super::probe_exec::LinuxExec {
             exe: self.exe.clone(),
             target: req.process.pidfd.clone(),
             procs,
             cgroup_dir: req.cgroup_dir,
-            env,
-            ns_flags,
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            caps: cap_plan(spec, identity.as_ref()),
-            nofile: spec.resources.nofile,
-            workdir: spec.workdir.display().to_string(),
+            config,
+            filter: filter.ok().flatten(),
         })
+    }
+
+    fn release_service(&self, service: &str) {
+        if let Some(users) = &self.users {
+            users.release(service);
+        }
+        if let Some(ids) = &self.userns {
+            ids.release(service);
+        }
     }
 }
 
@@ -804,87 +1002,6 @@ fn proc_start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatus {
-    let reap = |fd: &OwnedFd| {
-        if !child {
-            // Its parent (not us) reaps it; signal 0 through the pidfd tells whether it ended.
-            // SAFETY: pidfd_send_signal with signal 0 only checks; no siginfo.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    0,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            let ended = r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-            return ended.then_some(ProcessStatus::Unknown);
-        }
-        match waitid(
-            Id::PIDFd(fd.as_fd()),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-        ) {
-            Ok(WaitStatus::Exited(_, code)) => Some(ProcessStatus::Exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => Some(ProcessStatus::Signaled(sig as i32)),
-            Ok(_) => None,
-            Err(nix::errno::Errno::EINTR) => None,
-            // ECHILD: reaped elsewhere; nothing more can be learned from the process itself.
-            Err(_) => Some(ProcessStatus::Unknown),
-        }
-    };
-    // SAFETY: the pidfd stays open (the Arc keeps it) for as long as the AsyncFd lives.
-    let afd = match unsafe { AsyncFd::register_with_interest(pidfd.clone(), Interest::READABLE) } {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch a pidfd; polling instead");
-            loop {
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    };
-    loop {
-        match afd.readable().await {
-            Ok(mut guard) => {
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                guard.clear_ready();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pidfd wait failed");
-                if let Some(s) = reap(&pidfd) {
-                    return s;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// What the child reported before exec, if anything (EOF: exec succeeded).
-fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
-    let mut buf = [0u8; 5];
-    let mut f = fs::File::from(pipe);
-    match f.read(&mut buf) {
-        Ok(5) => {
-            let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
-            let err = io::Error::from_raw_os_error(errno);
-            let step = match buf[0] {
-                STEP_CGROUP => "joining the instance cgroup",
-                STEP_FDS => "setting up file descriptors",
-                STEP_EXEC => "executing the init",
-                _ => "starting",
-            };
-            Some(format!("{step}: {err}"))
-        }
-        _ => None,
-    }
-}
-
 /// The parent PID from `/proc/PID/stat` (the field after the parenthesised command name,
 /// which may itself hold spaces and parentheses).
 fn parent_pid(pid: i32) -> Option<i32> {
@@ -973,6 +1090,144 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn the_socket_needs_a_directory_of_its_own() {
+        for refused in [
+            "/run/corral.sock",
+            "/tmp/corral.sock",
+            "/var/run/corral.sock",
+            "/corral.sock",
+            "/var/lib/x.sock",
+            "/tmp/../run/x.sock",
+        ] {
+            let e = socket_dir(Path::new(refused)).expect_err(refused);
+            assert!(
+                e.starts_with(&format!(
+                    "--socket {refused}: put the socket in a directory of its own"
+                )),
+                "{e}"
+            );
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("c.sock");
+        assert_eq!(
+            socket_dir(&sock).expect("own directory"),
+            fs::canonicalize(dir.path()).expect("canonical")
+        );
+        // Not made yet: taken as written.
+        assert_eq!(
+            socket_dir(Path::new("/run/corral-test-none/c.sock")).expect("own directory"),
+            PathBuf::from("/run/corral-test-none")
+        );
+    }
+
+    fn spec(toml: &str) -> ServiceSpec {
+        crate::spec::parse_toml(&format!("name = \"web\"\ncommand = [\"/bin/sh\"]\n{toml}"))
+            .expect("valid spec")
+    }
+
+    /// An instance adopted after an agent crash whose init then dies while nobody reaps it
+    /// (its new parent reaps orphans late, or never): its end is seen all the same, so a
+    /// stop or a delete does not wait on it for ever.
+    #[tokio::test]
+    async fn an_adopted_init_left_a_zombie_has_ended() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let rt = LinuxRuntime::new(state.path()).expect("runtime");
+        // Our child, which this test reaps only at the end: a zombie meanwhile.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let start = proc_start_time(pid).expect("start time");
+        let spawned = rt.adopt("z-0", pid, start).expect("adopt");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let end = tokio::time::timeout(std::time::Duration::from_secs(30), spawned.exit)
+            .await
+            .expect("the end of an unreaped init is seen");
+        assert_eq!(end.status, crate::runtime::ProcessStatus::Unknown);
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        assert!(stat.contains(") Z "), "still a zombie: {stat}");
+        child.wait().expect("reap");
+    }
+
+    /// Specs valid on paper that this host (or this agent) cannot run as asked: each refused
+    /// at Apply with the field named, never started and left unenforced.
+    #[test]
+    fn preflight_refusals_name_the_field() {
+        // Not under /tmp: a private /tmp would hide a workdir there anyway.
+        let dir = |prefix| {
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in("/var/tmp")
+                .expect("tempdir")
+        };
+        let (state, sockets) = (dir("corral-state-"), dir("corral-sock-"));
+        let mut rt = LinuxRuntime::new(state.path()).expect("runtime");
+        rt.mask_socket_dir(&sockets.path().join("c.sock"))
+            .expect("own directory");
+        let inside_state = state.path().join("run");
+        let inside_sockets = sockets.path().display().to_string();
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "user = \"dynamic\"".into(),
+                "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)",
+            ),
+            (
+                format!("workdir = {:?}", inside_state.display().to_string()),
+                "which the agent masks in every instance",
+            ),
+            (
+                format!("workdir = {inside_sockets:?}"),
+                "which the agent masks in every instance",
+            ),
+            (
+                "user = \"no-such-user-here\"".into(),
+                "user: \"no-such-user-here\": no such user on this host",
+            ),
+            (
+                "workdir = \"/nonexistent-corral\"".into(),
+                "workdir: \"/nonexistent-corral\": ",
+            ),
+        ];
+        for (toml, fragment) in &cases {
+            let e = rt.preflight(&spec(toml)).expect_err(toml);
+            assert!(e.contains(fragment), "{toml}: {e}");
+        }
+        let userns = "[isolation]\nuserns = true";
+        let e = rt.preflight(&spec(userns)).expect_err("no --userns-ids");
+        assert!(
+            e.contains("isolation.userns: the agent gives no user namespaces"),
+            "{e}"
+        );
+        rt.set_userns_ids(
+            UsernsIds::open(&state.path().join("userns-ids.json"), UsernsIds::DEFAULT)
+                .expect("userns ids"),
+        );
+        assert_eq!(rt.preflight(&spec(userns)), Ok(()));
+        for (toml, fragment) in [
+            (
+                format!("user = \"70000\"\n{userns}"),
+                "user: \"70000\" is outside the instance's user namespace (ids 0-65535)",
+            ),
+            (
+                format!("user = \"0:70000\"\n{userns}"),
+                "user: \"0:70000\" is outside the instance's user namespace",
+            ),
+        ] {
+            let e = rt.preflight(&spec(&toml)).expect_err(&toml);
+            assert!(e.contains(fragment), "{toml}: {e}");
+        }
+        // Masked directories only matter with a mount namespace.
+        let no_mount = format!(
+            "workdir = {:?}\n[isolation]\nnamespaces = [\"uts\"]",
+            inside_state.display().to_string()
+        );
+        assert_eq!(rt.preflight(&spec(&no_mount)), Ok(()));
+        assert_eq!(rt.preflight(&spec("")), Ok(()));
+    }
 
     /// Writes `path` (and its directories) with `mode`.
     fn file(path: &Path, mode: u32) {

@@ -9,16 +9,28 @@
 //! leaves when the service ends ([`ExitRecord`]) are defined here, since both sides use them.
 //!
 //! Imports from the crate: `spec` only.
+//!
+//! Inside: [`clone`] starts a process into namespaces and a cgroup (for [`linux`], the agent's
+//! side, and [`probe_exec`], the agent's side of exec probes); [`init`] and [`probe_helper`]
+//! are what runs inside an instance (`corral-init`), with [`confine`], [`mounts`], [`exec`],
+//! [`privileges`] and [`seccomp`]; [`launch`] computes an instance's environment and its
+//! init's configuration from its spec (pure); [`users`] keeps the dynamic users.
 
+mod clone;
+mod confine;
+pub mod exec;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod init;
-mod launch;
+pub mod launch;
 pub mod linux;
 mod mounts;
 pub mod package;
 pub mod privileges;
 pub mod probe_exec;
+pub mod probe_helper;
+pub mod seccomp;
+pub mod users;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::ServiceSpec;
 
+pub use clone::SETUP_FAILED;
 pub use launch::service_env;
 
 /// `argv[0]` of an instance's init; `corrald` runs as the init when started under this name.
@@ -76,22 +89,100 @@ pub struct InitConfig {
     /// Make the host's filesystem read-only inside the instance, except `workdir` and `/tmp`.
     #[serde(default)]
     pub readonly_root: bool,
-    /// The agent's state directory, which a `readonly_root` instance must never be able to
-    /// write, even when it lies inside `workdir` or `/tmp`.
+    /// The service's complete environment, applied only at its final `execve` (the init
+    /// itself runs with an empty one).
     #[serde(default)]
-    pub state_dir: Option<PathBuf>,
-    /// Paths the instance must not reach (the agent's API socket): covered with an empty,
-    /// read-only file in the instance's mount namespace.
+    pub env: Vec<(String, String)>,
+    /// Directories the instance must not see at all (the agent's state and the API socket's
+    /// directory): covered with an empty, read-only tmpfs in its mount namespace.
     #[serde(default)]
-    pub hidden: Vec<PathBuf>,
+    pub masked: Vec<PathBuf>,
+    /// `nodev` everywhere and a minimal `/dev` of its own (`isolation.devices = "minimal"`).
+    #[serde(default)]
+    pub minimal_dev: bool,
+    /// The kernel's files masked or read-only (`isolation.system_paths = "masked"`).
+    #[serde(default)]
+    pub system_paths: bool,
+    /// The cgroup filesystems to mount again inside (the instance has its own cgroup
+    /// namespace and `system_paths`).
+    #[serde(default)]
+    pub cgroup_mounts: Vec<CgroupMount>,
+    /// The fds the spawn path placed after the listening sockets (see [`InitFds`]).
+    #[serde(default)]
+    pub fds: InitFds,
+    /// The instance has its own user namespace (`isolation.userns`): root inside is an
+    /// unprivileged uid on the host, so device nodes are bound from the host's, not made.
+    #[serde(default)]
+    pub userns: bool,
     /// `[artifact]`: the store's tree, mounted read-only inside the instance.
     #[serde(default)]
     pub artifact: Option<package::ArtifactMount>,
 }
 
+/// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
+/// own cgroup namespace (it then shows the instance's cgroup as its root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupMount {
+    /// Where, e.g. `/sys/fs/cgroup` (v2) or `/sys/fs/cgroup/memory` (v1).
+    pub path: PathBuf,
+    /// `cgroup2` or `cgroup`.
+    pub fstype: String,
+    /// The mount data: the controllers and name of a v1 hierarchy (`cpu,cpuacct`,
+    /// `none,name=systemd`), empty for cgroup2.
+    pub options: String,
+}
+
+/// The whole content of a file shared with other processes (a sealed memfd), read with
+/// `pread` from its start whatever its shared offset is.
+pub fn read_shared(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
 /// The fd of an instance's init that holds its `i`-th listening socket.
 pub fn listen_fd_in_init(i: usize) -> RawFd {
     RUN_DIR_FD + 1 + i as RawFd
+}
+
+/// Fds of an instance's init after its listening sockets, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitFds {
+    /// The instance's log directory, opened by the agent: the init writes its logs there
+    /// whatever its own user may open, and whatever it does to its mount table.
+    pub log_dir: Option<RawFd>,
+    /// A sealed memfd holding the seccomp program (see [`seccomp::to_bytes`]) to install
+    /// before the service's `execve`.
+    pub seccomp: Option<RawFd>,
+    /// A detached, idmapped mount of the workdir (`isolation.userns`), to put in place.
+    pub workdir: Option<RawFd>,
+}
+
+impl InitFds {
+    /// The numbers for an init with `listen` listening sockets and the given fds.
+    pub fn after(listen: usize, seccomp: bool, workdir: bool) -> InitFds {
+        let mut next = listen_fd_in_init(listen);
+        let mut take = |wanted: bool| {
+            wanted.then(|| {
+                next += 1;
+                next - 1
+            })
+        };
+        InitFds {
+            log_dir: take(true),
+            seccomp: take(seccomp),
+            workdir: take(workdir),
+        }
+    }
+
+    /// Every fd set, in order.
+    pub fn all(&self) -> impl Iterator<Item = RawFd> {
+        [self.log_dir, self.seccomp, self.workdir]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// What an instance reported over its `NOTIFY_SOCKET` (sd_notify protocol).
@@ -261,6 +352,11 @@ pub trait Processes: Send + Sync + fmt::Debug + 'static {
     /// command (when given as an absolute path) is an executable file, its workdir is a
     /// directory. The error names the field, the value and the reason.
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), String>;
+
+    /// A service is gone (deleted): release what was held for it (its dynamic user).
+    fn release_service(&self, service: &str) {
+        let _ = service;
+    }
 
     /// Take over the init of an instance started by an earlier agent run: it must still be
     /// the process with this PID *and* start time (never a process that reuses the PID).

@@ -13,9 +13,13 @@
 //! - `/tmp` and `workdir` (unless it is `/`) writable, as copies taken before anything was
 //!   made read-only, so they keep the host's own flags (a read-only mount inside them stays
 //!   read-only);
-//! - the agent's state directory read-only again on top, in case `workdir` or `/tmp` holds it.
 //!
-//! Imports from the crate: nothing.
+//! Built by every init with a mount namespace, before that (see [`confine`]): the agent's own
+//! directories masked, a minimal `/dev` with `nodev` everywhere else, and the kernel's files
+//! under `/proc` and `/sys` masked or read-only, with the cgroup filesystems mounted again so
+//! that they show the instance's own cgroup as their root.
+//!
+//! Imports from the crate: nothing but `super` (the init's configuration).
 
 use std::ffi::CString;
 use std::io;
@@ -25,7 +29,7 @@ use std::path::Path;
 
 /// The kernel's knobs under `/proc` that stay read-only in a `readonly_root` instance (the
 /// ones container runtimes keep read-only).
-const PROC_READONLY: [&str; 5] = [
+pub(super) const PROC_READONLY: [&str; 5] = [
     "/proc/sys",
     "/proc/sysrq-trigger",
     "/proc/irq",
@@ -45,8 +49,9 @@ pub(super) fn writable_paths(workdir: &Path) -> Vec<&Path> {
 }
 
 /// Builds the read-only view (see the module's documentation) in the calling process's
-/// mount namespace, which must be its own, with private propagation.
-pub(super) fn readonly_root(workdir: &Path, state_dir: Option<&Path>) -> Result<(), String> {
+/// mount namespace, which must be its own, with private propagation. `knobs_readonly`: the
+/// kernel's knobs under `/proc` are read-only mounts already.
+pub(super) fn readonly_root(workdir: &Path, knobs_readonly: bool) -> Result<(), String> {
     let writable = writable_paths(workdir);
     let copies = writable
         .iter()
@@ -63,7 +68,7 @@ pub(super) fn readonly_root(workdir: &Path, state_dir: Option<&Path>) -> Result<
     // The /proc mount itself only: mounts below it keep their flags.
     set_readonly(libc::AT_FDCWD, Path::new("/proc"), false, false)
         .map_err(|e| format!("making /proc writable again: {e}"))?;
-    for knob in PROC_READONLY {
+    for knob in PROC_READONLY.iter().filter(|_| !knobs_readonly) {
         match copy_tree(Path::new(knob), true) {
             Ok(fd) => {
                 set_readonly(fd.as_raw_fd(), Path::new(""), true, true)
@@ -79,24 +84,6 @@ pub(super) fn readonly_root(workdir: &Path, state_dir: Option<&Path>) -> Result<
     for (path, fd) in &copies {
         move_tree(fd, path).map_err(|e| format!("keeping {} writable: {e}", path.display()))?;
     }
-
-    if let Some(dir) = state_dir {
-        match copy_tree(dir, true) {
-            Ok(fd) => set_readonly(fd.as_raw_fd(), Path::new(""), true, true)
-                .and_then(|()| move_tree(&fd, dir))
-                .map_err(|e| {
-                    format!("keeping the agent's state {} read-only: {e}", dir.display())
-                })?,
-            // Hidden (under a private /tmp): nothing to protect.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => {
-                return Err(format!(
-                    "keeping the agent's state {} read-only: {e}",
-                    dir.display()
-                ));
-            }
-        }
-    }
     Ok(())
 }
 
@@ -108,14 +95,14 @@ pub(super) fn detached(dir: &Path) -> io::Result<OwnedFd> {
     copy_tree(dir, false)
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
+pub(super) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path holds a NUL byte"))
 }
 
 /// `open_tree(OPEN_TREE_CLONE)`: a detached copy of the mount at `path` (and of every mount
 /// below it when `recursive`).
-fn copy_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
+pub(super) fn copy_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
     let c = c_path(path)?;
     let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
     if recursive {
@@ -134,6 +121,23 @@ fn copy_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
 /// relative to `dirfd` (the mount `dirfd` refers to when `path` is empty), and of every mount
 /// below it when `recursive`.
 fn set_readonly(dirfd: RawFd, path: &Path, recursive: bool, readonly: bool) -> io::Result<()> {
+    let (set, clear) = if readonly {
+        (libc::MOUNT_ATTR_RDONLY, 0)
+    } else {
+        (0, libc::MOUNT_ATTR_RDONLY)
+    };
+    set_attr(dirfd, path, recursive, set, clear)
+}
+
+/// `mount_setattr(2)`: sets the `MOUNT_ATTR_*` flags `set` and clears `clear` on the mount at
+/// `path` relative to `dirfd`, and on every mount below it when `recursive`.
+pub(super) fn set_attr(
+    dirfd: RawFd,
+    path: &Path,
+    recursive: bool,
+    set: u64,
+    clear: u64,
+) -> io::Result<()> {
     let c = c_path(path)?;
     let mut flags = 0;
     if recursive {
@@ -143,8 +147,8 @@ fn set_readonly(dirfd: RawFd, path: &Path, recursive: bool, readonly: bool) -> i
         flags |= libc::AT_EMPTY_PATH;
     }
     let attr = libc::mount_attr {
-        attr_set: if readonly { libc::MOUNT_ATTR_RDONLY } else { 0 },
-        attr_clr: if readonly { 0 } else { libc::MOUNT_ATTR_RDONLY },
+        attr_set: set,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
@@ -165,8 +169,35 @@ fn set_readonly(dirfd: RawFd, path: &Path, recursive: bool, readonly: bool) -> i
     Ok(())
 }
 
+/// `mount_setattr(2)` on the detached mount `mount`: idmapped with the user namespace `userns`
+/// (ids owned on disk are shown through its maps), and `nosuid`, `nodev`.
+pub(super) fn idmap(mount: &OwnedFd, userns: &OwnedFd) -> io::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr(2) on an fd we own (empty path) with a mount_attr of the size
+    // passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &raw const attr,
+            size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `move_mount(2)`: puts the detached tree `fd` on top of `path`.
-fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+pub(super) fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     let target = c_path(path)?;
     // SAFETY: move_mount(2) from an fd we own (with an empty path) onto a NUL-terminated path.
     let r = unsafe {
@@ -186,28 +217,7 @@ fn move_tree(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 }
 
 /// Whether this kernel has `mount_setattr(2)` (Linux 5.12), the newest call the read-only
-/// view needs.
-/// Cover `path` with `/dev/null` in this mount namespace: a socket there can no
-/// longer be connected to. A path that does not exist is left alone.
-pub(super) fn hide(path: &Path) -> io::Result<()> {
-    use nix::mount::{MsFlags, mount};
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.is_dir() => {}
-        Ok(_) => return Err(io::Error::other("is a directory")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    // /dev/null needs no read-only remount: nothing written there stays.
-    mount(
-        Some("/dev/null"),
-        path,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )?;
-    Ok(())
-}
-
+/// view, `nodev` and the read-only kernel files need.
 pub(super) fn kernel_supports_readonly_root() -> bool {
     // SAFETY: mount_setattr(2) with an invalid fd and no attributes: it can only fail.
     let r = unsafe {

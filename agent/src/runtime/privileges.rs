@@ -262,7 +262,7 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno>
 mod tests {
     use super::*;
 
-    const DOCKER: u64 = 0xa804_25fb;
+    const DOCKER: u64 = 0xa004_25fb;
     const NET_BIND_SERVICE: u64 = 1 << 10;
 
     #[test]
@@ -365,7 +365,7 @@ mod tests {
         }
         assert_eq!(
             CapPlan::for_instance(None, 0).to_arg(),
-            "a80425fb:a80425fb:0:0"
+            "a00425fb:a00425fb:0:0"
         );
         for bad in [
             "",

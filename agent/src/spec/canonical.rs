@@ -54,6 +54,10 @@ impl ServiceSpec {
                     .as_ref()
                     .map(|set| set.iter().map(ToString::to_string).collect()),
                 readonly_root: Some(self.isolation.readonly_root),
+                seccomp: Some(self.isolation.seccomp.as_str().to_owned()),
+                devices: Some(self.isolation.devices.as_str().to_owned()),
+                system_paths: Some(self.isolation.system_paths.as_str().to_owned()),
+                userns: Some(self.isolation.userns),
             }),
             ports: Some(
                 self.ports

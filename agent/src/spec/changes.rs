@@ -149,6 +149,14 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         "isolation.readonly_root".into(),
         iso.readonly_root.to_string(),
     );
+    push(7, "isolation.seccomp".into(), iso.seccomp.as_str().into());
+    push(7, "isolation.devices".into(), iso.devices.as_str().into());
+    push(
+        7,
+        "isolation.system_paths".into(),
+        iso.system_paths.as_str().into(),
+    );
+    push(7, "isolation.userns".into(), iso.userns.to_string());
     for (name, port) in &spec.ports {
         let value = match port {
             PortSpec::Auto => "auto".to_owned(),

@@ -42,6 +42,10 @@ const ISOLATION_KEYS: &[&str] = &[
     "private_tmp",
     "capabilities",
     "readonly_root",
+    "seccomp",
+    "devices",
+    "system_paths",
+    "userns",
 ];
 const SOCKET_KEYS: &[&str] = &["name", "listen"];
 const RESTART_KEYS: &[&str] = &["policy", "backoff", "backoff_max"];
@@ -443,6 +447,10 @@ impl Reader {
             private_tmp: self.field(t, p, "private_tmp", Self::boolean),
             capabilities: self.field(t, p, "capabilities", Self::strings),
             readonly_root: self.field(t, p, "readonly_root", Self::boolean),
+            seccomp: self.field(t, p, "seccomp", Self::string),
+            devices: self.field(t, p, "devices", Self::string),
+            system_paths: self.field(t, p, "system_paths", Self::string),
+            userns: self.field(t, p, "userns", Self::boolean),
         }
     }
 

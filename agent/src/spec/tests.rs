@@ -189,11 +189,16 @@ fn minimal_spec_gets_documented_defaults() {
                 Namespace::Mount,
                 Namespace::Uts,
                 Namespace::Ipc,
+                Namespace::Cgroup,
             ],
             hostname: None,
             private_tmp: true,
             capabilities: None,
             readonly_root: false,
+            seccomp: Seccomp::Default,
+            devices: Devices::Minimal,
+            system_paths: SystemPaths::Masked,
+            userns: false,
         },
         ports: BTreeMap::new(),
         sockets: Vec::new(),
@@ -333,8 +338,8 @@ fn capability_masks() {
         capability_mask(&[Capability::CAP_CHOWN, Capability::CAP_KILL]),
         0x21
     );
-    // Docker's default bounding set, as /proc/PID/status shows it (CapBnd).
-    assert_eq!(capability_mask(&DEFAULT_ROOT_CAPABILITIES), 0xa8_04_25_fb);
+    // Docker's default bounding set less CAP_MKNOD (bit 27), as /proc/PID/status shows it.
+    assert_eq!(capability_mask(&DEFAULT_ROOT_CAPABILITIES), 0xa0_04_25_fb);
     let mut sorted = DEFAULT_ROOT_CAPABILITIES.to_vec();
     sorted.sort_by_key(Capability::index);
     assert_eq!(sorted, DEFAULT_ROOT_CAPABILITIES, "kept sorted by number");
@@ -395,6 +400,20 @@ fn accepted_value_forms() {
         ("[isolation]\ncapabilities = []", |s| {
             s.isolation.capabilities == Some(Vec::new())
         }),
+        ("[isolation]\nseccomp = \"unconfined\"", |s| {
+            s.isolation.seccomp == Seccomp::Unconfined
+        }),
+        ("[isolation]\ndevices = \"host\"", |s| {
+            s.isolation.devices == Devices::Host
+        }),
+        ("[isolation]\nsystem_paths = \"host\"", |s| {
+            s.isolation.system_paths == SystemPaths::Host
+        }),
+        ("[isolation]\nnamespaces = [\"uts\"]", |s| {
+            s.isolation.system_paths == SystemPaths::Host && s.isolation.devices == Devices::Minimal
+        }),
+        ("[isolation]\nuserns = true", |s| s.isolation.userns),
+        ("user = \"dynamic\"", |s| s.user == Some(UserSpec::Dynamic)),
         // Any case, with or without CAP_, sorted by number.
         (
             "[isolation]\ncapabilities = [\"Kill\", \"cap_net_bind_service\", \"CAP_CHOWN\", \"sys_admin\"]",
@@ -565,7 +584,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[isolation]\nnamespaces = [\"uts\"]\nreadonly_root = true", "isolation.readonly_root", "needs the \"mount\" namespace"),
     ("[isolation]\nreadonly_root = \"yes\"", "isolation.readonly_root", "expected a boolean, found a string"),
     ("[isolation]\nnamespaces = [\"pid\", \"mount\", \"pid\"]", "isolation.namespaces[2]", "\"pid\" is listed twice"),
-    ("[isolation]\nnamespaces = [\"user\"]", "isolation.namespaces[0]", "\"user\" is not a namespace (use pid, mount, uts, ipc or net)"),
+    ("[isolation]\nnamespaces = [\"user\"]", "isolation.namespaces[0]", "\"user\" is not a namespace (use pid, mount, uts, ipc, net or cgroup)"),
     ("[isolation]\nnamespaces = [\"UTS\"]", "isolation.namespaces[0]", "is not a namespace"),
     ("[isolation]\nnamespaces = [\"mount\"]\nhostname = \"web\"", "isolation.hostname", "needs the \"uts\" namespace"),
     ("[isolation]\nhostname = \"web-{foo}\"", "isolation.hostname", "\"{foo}\" is not a placeholder (use {index} or {instance})"),
@@ -575,6 +594,23 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[isolation]\nhostname = \"{instance}-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "isolation.hostname", "\"web-999-aaaa"),
     ("name = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "isolation.hostname", "the default hostname"),
     ("[isolation]\nnamespaces = [\"pid\", \"uts\"]\nprivate_tmp = true", "isolation.private_tmp", "needs the \"mount\" namespace"),
+    // the confinement switches: each bad value refused with its field
+    ("[isolation]\nseccomp = \"strict\"", "isolation.seccomp", "\"strict\" is not one of \"default\", \"unconfined\""),
+    ("[isolation]\nseccomp = \"Default\"", "isolation.seccomp", "\"Default\" is not one of"),
+    ("[isolation]\nseccomp = \"\"", "isolation.seccomp", "\"\" is not one of"),
+    ("[isolation]\nseccomp = false", "isolation.seccomp", "expected a string, found a boolean"),
+    ("[isolation]\nseccomp = [\"default\"]", "isolation.seccomp", "expected a string, found an array"),
+    ("[isolation]\ndevices = \"none\"", "isolation.devices", "\"none\" is not one of \"minimal\", \"host\""),
+    ("[isolation]\ndevices = \"/dev/sda\"", "isolation.devices", "is not one of"),
+    ("[isolation]\ndevices = 1", "isolation.devices", "expected a string, found an integer"),
+    ("[isolation]\nsystem_paths = \"hidden\"", "isolation.system_paths", "\"hidden\" is not one of \"masked\", \"host\""),
+    ("[isolation]\nsystem_paths = true", "isolation.system_paths", "expected a string, found a boolean"),
+    ("[isolation]\nnamespaces = [\"uts\"]\nsystem_paths = \"masked\"", "isolation.system_paths", "\"masked\" needs the \"mount\" namespace"),
+    ("[isolation]\nuserns = \"yes\"", "isolation.userns", "expected a boolean, found a string"),
+    ("[isolation]\nuserns = 1", "isolation.userns", "expected a boolean, found an integer"),
+    ("[isolation]\nnamespaces = [\"uts\"]\nuserns = true", "isolation.userns", "needs the \"mount\" namespace"),
+    ("user = \"dynamic\"\n[isolation]\nuserns = true", "isolation.userns", "cannot be combined with user = \"dynamic\""),
+    ("[isolation]\nsecomp = \"default\"", "isolation.secomp", "unknown field"),
     // ports
     ("replicas = 3\n[ports]\nadmin = 8080", "ports.admin", "fixed port 8080 would collide between the 3 instances"),
     ("replicas = 2\n[ports]\nadmin = \"8080\"", "ports.admin", "would collide"),

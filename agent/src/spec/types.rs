@@ -105,6 +105,14 @@ pub struct RawIsolation {
     pub capabilities: Option<Vec<String>>,
     /// A read-only view of the host's filesystem (workdir and /tmp stay writable).
     pub readonly_root: Option<bool>,
+    /// `default` (a syscall filter) or `unconfined`.
+    pub seccomp: Option<String>,
+    /// `minimal` (an own /dev, device access denied by the cgroup) or `host`.
+    pub devices: Option<String>,
+    /// `masked` (the kernel's files masked or read-only) or `host`.
+    pub system_paths: Option<String>,
+    /// Root inside the instance is an unprivileged uid on the host.
+    pub userns: Option<bool>,
 }
 
 /// One `[[sockets]]` entry as written.
@@ -248,6 +256,9 @@ pub enum UserSpec {
         /// The group id, when written as `uid:gid`.
         gid: Option<u32>,
     },
+    /// `dynamic`: a uid (and the same gid) the agent allocates for the service from its
+    /// `--dynamic-users` range, kept across restarts, released when the service is deleted.
+    Dynamic,
 }
 
 impl fmt::Display for UserSpec {
@@ -255,6 +266,7 @@ impl fmt::Display for UserSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UserSpec::Name(name) => f.write_str(name),
+            UserSpec::Dynamic => f.write_str("dynamic"),
             UserSpec::Id { uid, gid: None } => write!(f, "{uid}"),
             UserSpec::Id {
                 uid,
@@ -291,19 +303,22 @@ pub enum Namespace {
     Ipc,
     /// Own network stack, with loopback only.
     Net,
+    /// Own cgroup root: the instance sees its cgroup as `/`.
+    Cgroup,
 }
 
 impl Namespace {
     /// Every namespace a spec may ask for, in their sort order.
-    pub const ALL: [Namespace; 5] = [
+    pub const ALL: [Namespace; 6] = [
         Namespace::Pid,
         Namespace::Mount,
         Namespace::Uts,
         Namespace::Ipc,
         Namespace::Net,
+        Namespace::Cgroup,
     ];
 
-    /// The name used in spec files: `pid`, `mount`, `uts`, `ipc`, `net`.
+    /// The name used in spec files: `pid`, `mount`, `uts`, `ipc`, `net`, `cgroup`.
     pub fn as_str(self) -> &'static str {
         match self {
             Namespace::Pid => "pid",
@@ -311,6 +326,7 @@ impl Namespace {
             Namespace::Uts => "uts",
             Namespace::Ipc => "ipc",
             Namespace::Net => "net",
+            Namespace::Cgroup => "cgroup",
         }
     }
 
@@ -340,14 +356,85 @@ pub struct Isolation {
     /// The host's filesystem is read-only inside the instance, except `workdir` (unless it
     /// is `/`) and `/tmp`. Only with the mount namespace. Default: false.
     pub readonly_root: bool,
+    /// The system calls the service may make. Default: [`Seccomp::Default`].
+    pub seccomp: Seccomp,
+    /// The devices the service may open. Default: [`Devices::Minimal`].
+    pub devices: Devices,
+    /// The kernel's files under `/proc` and `/sys`: masked or read-only, or as on the host.
+    /// Only with the mount namespace. Default: masked when the mount namespace is on.
+    pub system_paths: SystemPaths,
+    /// Root inside the instance is an unprivileged uid range on the host (a user namespace).
+    /// Only with the mount namespace, never with `user = "dynamic"`. Default: false.
+    pub userns: bool,
+}
+
+/// `isolation.seccomp`: the system call filter of the service process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seccomp {
+    /// What container runtimes deny by default is refused with `EPERM` (mounts, modules,
+    /// kexec, bpf, perf, keyrings, reboot, swap, clock changes, new user namespaces...).
+    Default,
+    /// No filter.
+    Unconfined,
+}
+
+/// `isolation.devices`: which device nodes the service may open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Devices {
+    /// `null`, `zero`, `full`, `random`, `urandom`, `tty` and its own pseudo-terminals: an own
+    /// `/dev` (with the mount namespace) and the cgroup's device control denying the rest.
+    Minimal,
+    /// The host's `/dev`, and no device control.
+    Host,
+}
+
+/// `isolation.system_paths`: the kernel's files seen from inside the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemPaths {
+    /// `/sys` (and the cgroup filesystems) read-only, sensitive `/proc` files masked, the
+    /// kernel's knobs under `/proc` read-only.
+    Masked,
+    /// As the host's mount table shows them.
+    Host,
+}
+
+impl Seccomp {
+    /// The name used in spec files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Seccomp::Default => "default",
+            Seccomp::Unconfined => "unconfined",
+        }
+    }
+}
+
+impl Devices {
+    /// The name used in spec files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Devices::Minimal => "minimal",
+            Devices::Host => "host",
+        }
+    }
+}
+
+impl SystemPaths {
+    /// The name used in spec files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemPaths::Masked => "masked",
+            SystemPaths::Host => "host",
+        }
+    }
 }
 
 /// A Linux capability (`capabilities(7)`), as the `caps` crate names and numbers it.
 pub use caps::Capability;
 
 /// What a root instance may do when its spec lists no `capabilities`: the set container
-/// runtimes (Docker, containerd) give by default. Sorted by number.
-pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 14] = [
+/// runtimes (Docker, containerd) give by default, less `CAP_MKNOD` (an instance has no
+/// device node to make). Sorted by number.
+pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 13] = [
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_FOWNER,
@@ -359,7 +446,6 @@ pub const DEFAULT_ROOT_CAPABILITIES: [Capability; 14] = [
     Capability::CAP_NET_BIND_SERVICE,
     Capability::CAP_NET_RAW,
     Capability::CAP_SYS_CHROOT,
-    Capability::CAP_MKNOD,
     Capability::CAP_AUDIT_WRITE,
     Capability::CAP_SETFCAP,
 ];

@@ -17,6 +17,7 @@ use super::types::{
     RawSpec, RawStop, Resources, RestartPolicy, RestartSpec, RolloutSpec, ServiceSpec, SocketSpec,
     StopSpec, UserSpec, capability_by_name,
 };
+use super::types::{Devices, Seccomp, SystemPaths};
 use super::units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
 
 const KIB: u64 = 1 << 10;
@@ -54,11 +55,12 @@ const MAX_PIDS: i64 = 4_194_304;
 /// `fs.nr_open` is lower refuses a higher value at apply.
 const MAX_NOFILE: i64 = 1_048_576;
 
-const DEFAULT_NAMESPACES: [Namespace; 4] = [
+const DEFAULT_NAMESPACES: [Namespace; 5] = [
     Namespace::Pid,
     Namespace::Mount,
     Namespace::Uts,
     Namespace::Ipc,
+    Namespace::Cgroup,
 ];
 const DEFAULT_BACKOFF: Duration = millis(100);
 const DEFAULT_BACKOFF_MAX: Duration = secs(30);
@@ -238,6 +240,9 @@ fn parse_user(s: &str) -> Option<UserSpec> {
             return None;
         }
         s.parse::<u32>().ok().filter(|id| *id != u32::MAX)
+    }
+    if s == "dynamic" {
+        return Some(UserSpec::Dynamic);
     }
     if let Some((uid, gid)) = s.split_once(':') {
         return Some(UserSpec::Id {
@@ -554,6 +559,12 @@ impl Check {
                 ),
             );
         }
+        if isolation.userns && matches!(user, Some(UserSpec::Dynamic)) {
+            self.error(
+                "isolation.userns",
+                "cannot be combined with user = \"dynamic\" (in a user namespace the instance's ids are already its own; use a name or uid inside it)",
+            );
+        }
         let ports = self.ports(raw.ports.as_ref(), replicas, &isolation);
         // Every port name written reserves its variable, valid or not.
         let port_names: BTreeSet<&str> = raw
@@ -665,6 +676,28 @@ impl Check {
         }
     }
 
+    /// One of the named `choices`, or an error naming them; `None` when not written (or
+    /// wrong).
+    fn choice<T: Copy>(
+        &mut self,
+        field: &str,
+        raw: Option<&str>,
+        choices: &[(&str, T)],
+    ) -> Option<T> {
+        let written = raw?;
+        match choices.iter().find(|(name, _)| *name == written) {
+            Some((_, value)) => Some(*value),
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| quote(n)).collect();
+                self.error(
+                    field,
+                    format!("{} is not one of {}", quote(written), names.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
     fn isolation(&mut self, raw: Option<&RawIsolation>, name: Option<&str>) -> Isolation {
         let empty = RawIsolation::default();
         let raw = raw.unwrap_or(&empty);
@@ -679,7 +712,7 @@ impl Check {
                         None => self.error(
                             field,
                             format!(
-                                "{} is not a namespace (use pid, mount, uts, ipc or net)",
+                                "{} is not a namespace (use pid, mount, uts, ipc, net or cgroup)",
                                 quote(ns_name)
                             ),
                         ),
@@ -793,12 +826,61 @@ impl Check {
             set
         });
 
+        let seccomp = self
+            .choice(
+                "isolation.seccomp",
+                raw.seccomp.as_deref(),
+                &[
+                    ("default", Seccomp::Default),
+                    ("unconfined", Seccomp::Unconfined),
+                ],
+            )
+            .unwrap_or(Seccomp::Default);
+        let devices = self
+            .choice(
+                "isolation.devices",
+                raw.devices.as_deref(),
+                &[("minimal", Devices::Minimal), ("host", Devices::Host)],
+            )
+            .unwrap_or(Devices::Minimal);
+        let system_paths = match self.choice(
+            "isolation.system_paths",
+            raw.system_paths.as_deref(),
+            &[("masked", SystemPaths::Masked), ("host", SystemPaths::Host)],
+        ) {
+            Some(SystemPaths::Masked) if !has_mount => {
+                self.error(
+                    "isolation.system_paths",
+                    "\"masked\" needs the \"mount\" namespace (the masks are mounts in the instance's own mount table; add \"mount\" to isolation.namespaces, or set \"host\")",
+                );
+                SystemPaths::Host
+            }
+            Some(choice) => choice,
+            None if has_mount => SystemPaths::Masked,
+            None => SystemPaths::Host,
+        };
+        let userns = match raw.userns {
+            Some(true) if !has_mount => {
+                self.error(
+                    "isolation.userns",
+                    "needs the \"mount\" namespace (the workdir is mapped into the user namespace in the instance's own mount table; add \"mount\" to isolation.namespaces)",
+                );
+                false
+            }
+            Some(on) => on,
+            None => false,
+        };
+
         Isolation {
             namespaces: namespaces.into_iter().collect(),
             hostname: raw.hostname.clone(),
             private_tmp,
             capabilities,
             readonly_root,
+            seccomp,
+            devices,
+            system_paths,
+            userns,
         }
     }
 

@@ -213,6 +213,7 @@ async fn apply_starts_replicas_with_limits_and_persists() {
     let e = r.cg.entry(&path).expect("instance cgroup created");
     assert_eq!(e.limits.memory, Some(64 << 20));
     assert_eq!(e.limits.pids, Some(10));
+    assert!(e.devices_restricted, "devices denied by default");
     assert_eq!(
         r.store.list("services").expect("list").len(),
         1,
@@ -443,6 +444,7 @@ async fn delete_answers_once_everything_is_gone() {
     let del = tokio::spawn(async move { h.delete("web").await });
     settle().await;
     assert!(!del.is_finished(), "waits for the instances");
+    assert!(r.rt.released().is_empty(), "held while instances run");
     assert_eq!(r.rt.signals().len(), 3);
     assert!(
         r.store.list("services").expect("list").is_empty(),
@@ -454,6 +456,11 @@ async fn delete_answers_once_everything_is_gone() {
     settle().await;
     let deleted = del.await.expect("join").expect("deleted");
     assert_eq!(deleted.stopped, 3);
+    assert_eq!(
+        r.rt.released(),
+        ["web"],
+        "its dynamic user and ids released"
+    );
     assert!(
         r.cg.paths().is_empty(),
         "no cgroup left: {:?}",
@@ -478,6 +485,8 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
     let memory = "name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n";
     let e = r.apply(memory).await.expect_err("no memory controller");
     assert!(refused(&e, "resources.memory"), "{e}");
+    let e = r.apply(WEB).await.expect_err("no device controller");
+    assert!(refused(&e, "isolation.devices"), "{e}");
     r.rt.refuse_command("/bin/missing");
     let missing = "name = \"x\"\ncommand = [\"/bin/missing\"]\n";
     let e = r.apply(missing).await.expect_err("preflight");
@@ -488,6 +497,18 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
         r.store.list("services").expect("list").is_empty(),
         "nothing applied"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn host_devices_leave_the_cgroup_unrestricted() {
+    let r = rig().await;
+    let text = format!("{WEB}[isolation]\ndevices = \"host\"\n");
+    r.apply(&text).await.expect("apply");
+    settle().await;
+    let e =
+        r.cg.entry(&CgroupPath::instance("web", "web-1"))
+            .expect("cgroup");
+    assert!(!e.devices_restricted);
 }
 
 #[tokio::test(start_paused = true)]

@@ -144,8 +144,8 @@ pub const USERS: Pool = Pool {
     ],
 };
 pub const NAMESPACES: Pool = Pool {
-    ok: &["pid", "mount", "uts", "ipc", "net"],
-    bad: &["cgroup", "user", "PID", ""],
+    ok: &["pid", "mount", "uts", "ipc", "net", "cgroup"],
+    bad: &["user", "PID", ""],
 };
 pub const CAPABILITIES: Pool = Pool {
     ok: &[
@@ -876,6 +876,20 @@ fn resources(h: Hostility) -> BoxedStrategy<pb::Resources> {
         .boxed()
 }
 
+/// `isolation.seccomp`, `isolation.devices`, `isolation.system_paths` values.
+const SECCOMP_MODES: Pool = Pool {
+    ok: &["default", "unconfined"],
+    bad: &["Default", "off", ""],
+};
+const DEVICE_MODES: Pool = Pool {
+    ok: &["minimal", "host"],
+    bad: &["all", "none", ""],
+};
+const SYSTEM_PATHS: Pool = Pool {
+    ok: &["masked", "host"],
+    bad: &["readonly", "MASKED", ""],
+};
+
 fn isolation(h: Hostility) -> BoxedStrategy<pb::Isolation> {
     (
         opt(vec(field(NAMESPACES, h), 0..6).prop_map(|names| pb::NamespaceList { names })),
@@ -883,14 +897,31 @@ fn isolation(h: Hostility) -> BoxedStrategy<pb::Isolation> {
         opt(any::<bool>()),
         opt(vec(field(CAPABILITIES, h), 0..4).prop_map(|names| pb::CapabilityList { names })),
         opt(any::<bool>()),
+        (
+            opt(field(SECCOMP_MODES, h)),
+            opt(field(DEVICE_MODES, h)),
+            opt(field(SYSTEM_PATHS, h)),
+            opt(any::<bool>()),
+        ),
     )
         .prop_map(
-            |(namespaces, hostname, private_tmp, capabilities, readonly_root)| pb::Isolation {
+            |(
                 namespaces,
                 hostname,
                 private_tmp,
                 capabilities,
                 readonly_root,
+                (seccomp, devices, system_paths, userns),
+            )| pb::Isolation {
+                namespaces,
+                hostname,
+                private_tmp,
+                capabilities,
+                readonly_root,
+                seccomp,
+                devices,
+                system_paths,
+                userns,
             },
         )
         .boxed()

@@ -9,7 +9,10 @@
 //! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
-//! server against `curl | sha256sum` and `tar xzf` of the same file). Default: all.
+//! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
+//! of the default confinement against the isolation of earlier releases: seccomp unconfined,
+//! the host's /dev and /proc, no cgroup namespace; and of `userns` on top; at least 50
+//! replacements each). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -57,6 +60,9 @@ impl Fifo {
         // SAFETY: mkfifo with a valid C string.
         let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o666) };
         assert_eq!(rc, 0, "mkfifo {}", path.display());
+        // Whatever the umask: a userns instance's root is an unprivileged host id.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
         let rx = pipe::OpenOptions::new()
             .open_receiver(&path)
             .expect("open fifo reader");
@@ -152,6 +158,9 @@ async fn main() {
     let wants = |s: &str| sections.is_empty() || sections.contains(&s);
     if wants("core") {
         core(rounds).await;
+    }
+    if wants("confine") {
+        confine(rounds.max(50)).await;
     }
     if wants("health") {
         health().await;
@@ -808,4 +817,137 @@ async fn rollout(rounds: usize) {
         healthy().await;
     }
     delete(&agent, "roll").await;
+}
+
+/// The CPU time an instance's init and service process have used (`/proc/PID/schedstat`,
+/// nanoseconds): for an instance that has been idle since it started, its start cost. `pid`
+/// is the service process (its parent the init) or the init itself.
+fn start_cpu(pid: i32) -> Option<Duration> {
+    let run_ns = |pid: i32| -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let (init, service) = if comm.trim() == "corral-init" {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        (pid, children.split_whitespace().next()?.parse().ok()?)
+    } else {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        (rest.split_whitespace().nth(1)?.parse().ok()?, pid)
+    };
+    Some(Duration::from_nanos(run_ns(init)? + run_ns(service)?))
+}
+
+/// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
+/// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
+/// isolation of earlier releases, with the defaults and with `userns`, alternating so that
+/// the machine's load falls on all alike; then 50 confined instances at once.
+async fn confine(rounds: usize) {
+    let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent = Agent::start_logging(None, "warn").await;
+    println!(
+        "confine: corrald {} ({})",
+        corral_e2e::bin("corrald").display(),
+        corral_e2e::cgroup::version_name()
+    );
+    let before = "[isolation]\nnamespaces = [\"pid\", \"mount\", \"uts\", \"ipc\"]\nseccomp = \"unconfined\"\ndevices = \"host\"\nsystem_paths = \"host\"\n";
+    let configs = [
+        ("before", before),
+        ("default", ""),
+        ("userns", "[isolation]\nuserns = true\n"),
+    ];
+    let mut fifos = Vec::new();
+    for (name, iso) in configs {
+        let fifo = Fifo::new(&dir, name);
+        apply(
+            &agent,
+            &format!(
+                "{}[restart]\nbackoff = \"0s\"\n",
+                spec(name, 1, &fifo.path, iso)
+            ),
+        )
+        .await;
+        fifos.push(fifo);
+    }
+    for f in &mut fifos {
+        f.wait_bytes(1).await;
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    for _ in 0..rounds {
+        for (i, (name, _)) in configs.iter().enumerate() {
+            let pid = agent.wait_running(name, 1).await[0].pid;
+            // Idle since it signalled: what its start cost in CPU time.
+            if let Some(c) = start_cpu(pid) {
+                cpu[i].push(c);
+            }
+            let t = Instant::now();
+            corral_e2e::kill9(pid);
+            fifos[i].wait_bytes(1).await;
+            samples[i].push(t.elapsed());
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (mut b, mut d, mut u) = (samples[0].clone(), samples[1].clone(), samples[2].clone());
+    let (mb, md, mu) = (median(&mut b), median(&mut d), median(&mut u));
+    stats("replacement, isolation of earlier releases", b, true);
+    stats("replacement, default confinement", d, true);
+    stats("replacement, default confinement + userns", u, true);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "added start cost of the default confinement: {:.3} ms (median {:.3} ms vs {:.3} ms)",
+        ms(md) - ms(mb),
+        ms(md),
+        ms(mb)
+    );
+    println!(
+        "added start cost of userns over the default: {:.3} ms (median {:.3} ms)",
+        ms(mu) - ms(md),
+        ms(mu)
+    );
+    // CPU time is not stretched by waiting for a loaded machine, unlike the wall time above;
+    // it leaves out the agent's side (clone3 making the namespaces, the cgroup).
+    let labels = [
+        "instance CPU (init + service), earlier isolation",
+        "instance CPU (init + service), default",
+        "instance CPU (init + service), default + userns",
+    ];
+    let mut medians = [Duration::ZERO; 3];
+    for ((label, mut v), m) in labels.iter().zip(cpu).zip(&mut medians) {
+        if !v.is_empty() {
+            *m = median(&mut v);
+            stats(label, v, false);
+        }
+    }
+    let us = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e6;
+    println!(
+        "added instance CPU of the default confinement: {:.0} µs; of userns on top: {:.0} µs",
+        us(medians[1], medians[0]),
+        us(medians[2], medians[1])
+    );
+    for (name, _) in configs {
+        delete(&agent, name).await;
+    }
+    let mut fifty = Vec::new();
+    let mut fifo = Fifo::new(&dir, "fifty");
+    for r in 0..5 {
+        let name = format!("confined-{r}");
+        let t = Instant::now();
+        apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
+        fifo.wait_bytes(50).await;
+        fifty.push(t.elapsed());
+        delete(&agent, &name).await;
+    }
+    stats("apply -> 50 confined instances executed", fifty, true);
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -160,6 +160,14 @@ fn privileges() -> Vec<(&'static str, String)> {
         ("no_new_privs", status_field("NoNewPrivs")),
         ("nofile_soft", soft_hard.rlim_cur.to_string()),
         ("nofile_hard", soft_hard.rlim_max.to_string()),
+        (
+            "oom_score_adj",
+            std::fs::read_to_string("/proc/self/oom_score_adj")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        ("seccomp", status_field("Seccomp")),
     ]
 }
 
@@ -465,6 +473,39 @@ fn main() {
             line("ready", 1);
             sleep_forever();
         }
+        // Try each way out of the instance (see `escape`) and print `escape.NAME=refused:ERRNO`
+        // or `escape.NAME=ESCAPED:...`, then `ready=1`, and run until SIGTERM. Arguments:
+        // the agent's API socket, a block device node to write, a token for the process that
+        // tries to outlive the instance.
+        // On SIGUSR1 it tries the API socket again (`escape.api_socket_again=...`).
+        "escape" => {
+            on_term_exit_zero();
+            // SAFETY: the handler only stores to an atomic.
+            unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t) };
+            for (name, outcome) in escape(&arg(1), &arg(2), &arg(3)) {
+                line(&format!("escape.{name}"), outcome);
+            }
+            line("ready", 1);
+            loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+                if USR1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    let again = std::os::unix::net::UnixStream::connect(arg(1))
+                        .map(|_| "connected".to_string());
+                    line("escape.api_socket_again", outcome(again));
+                }
+            }
+        }
+        // What root may do to the host from inside: `userns SHARED SECRET FOREIGN`; reports
+        // each attempt (see `userns_probe`), then runs until SIGTERM.
+        "userns" => {
+            on_term_exit_zero();
+            for (name, value) in userns_probe(&arg(1), &arg(2), &arg(3)) {
+                line(&format!("userns.{name}"), value);
+            }
+            line("ready", 1);
+            sleep_forever();
+        }
         // Print N numbered lines to stdout and M to stderr, then run until SIGTERM.
         "print" => {
             on_term_exit_zero();
@@ -708,4 +749,273 @@ fn http_listen(delay_ms: u64) {
         }
         std::process::exit(0);
     });
+}
+
+/// `refused:ERRNO` for a failed attempt, `ESCAPED:what` for one that worked.
+fn outcome(r: Result<String, std::io::Error>) -> String {
+    match r {
+        Ok(what) => format!("ESCAPED:{what}"),
+        Err(e) => format!("refused:{}", errno_name(&e)),
+    }
+}
+
+fn last_os_error<T>() -> Result<T, std::io::Error> {
+    Err(std::io::Error::last_os_error())
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap_or_default()
+}
+
+/// `isolation.userns` from inside, each a real system call: the id map; a file made in
+/// `shared` (a directory anyone may write; the host reads its owner), one made in the
+/// workdir and marked setuid; reading `secret` (a root-only host file: CAP_DAC_OVERRIDE in
+/// the effective set); taking `foreign` (a host user's file, CAP_CHOWN held); `mknod`;
+/// writing `/dev/null`. Outcomes `ok` or the errno's name.
+fn userns_probe(shared: &str, secret: &str, foreign: &str) -> Vec<(&'static str, String)> {
+    let done = |r: std::io::Result<()>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => errno_name(&e),
+    };
+    let first_map = std::fs::read_to_string("/proc/self/uid_map")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let made = format!("{shared}/made-by-{}", std::process::id());
+    let in_workdir = format!("made-in-workdir-{}", std::process::id());
+    let setuid = std::fs::write(&in_workdir, b"#!/bin/sh\n").and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&in_workdir, std::fs::Permissions::from_mode(0o4755))
+    });
+    let mknod = {
+        let path = cstr(&format!("{shared}/node-{}", std::process::id()));
+        // SAFETY: mknod(2) with a NUL-terminated path.
+        if unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 1)) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    vec![
+        ("uid", nix_uid().to_string()),
+        ("uid_map", first_map),
+        ("cap_eff", status_field("CapEff")),
+        ("write_shared", done(std::fs::write(&made, b"x"))),
+        ("made", made),
+        ("write_workdir", done(setuid)),
+        ("made_in_workdir", in_workdir),
+        ("read_secret", done(std::fs::read(secret).map(|_| ()))),
+        (
+            "chown_foreign",
+            done(std::os::unix::fs::chown(foreign, Some(0), Some(0))),
+        ),
+        ("mknod", done(mknod)),
+        (
+            "devnull",
+            done(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/null")
+                    .and_then(|mut f| f.write_all(b"x")),
+            ),
+        ),
+    ]
+}
+
+fn nix_uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Every escape this instance tries, each a real system call: (name, outcome).
+fn escape(api_socket: &str, block: &str, token: &str) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    // Write to a block device node the host left within reach.
+    out.push((
+        "block_write",
+        outcome(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(block)
+                .and_then(|mut f| f.write_all(b"corral-escape").map(|()| block.to_string())),
+        ),
+    ));
+    // Make a device node: the host's memory, and a disk.
+    for (name, kind, dev) in [
+        ("mknod_char", libc::S_IFCHR, libc::makedev(1, 1)),
+        ("mknod_block", libc::S_IFBLK, libc::makedev(7, 0)),
+    ] {
+        let path = cstr(&format!("/tmp/corral-escape-{name}"));
+        // SAFETY: mknod(2) with a NUL-terminated path.
+        let r = if unsafe { libc::mknod(path.as_ptr(), kind | 0o666, dev) } == 0 {
+            Ok("created".to_string())
+        } else {
+            last_os_error()
+        };
+        out.push((name, outcome(r)));
+    }
+    // The kernel's log.
+    out.push((
+        "kmsg",
+        outcome(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .and_then(|mut f| f.write_all(b"corral-escape\n").map(|()| "written".into())),
+        ),
+    ));
+    // Leave the cgroup: every cgroup.procs this instance can see.
+    let mut procs_files: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("{}/cgroup.procs", e.path().display()))
+                .collect()
+        })
+        .unwrap_or_default();
+    procs_files.push("/sys/fs/cgroup/cgroup.procs".into());
+    let mut moved = Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+    for f in &procs_files {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .and_then(|mut h| h.write_all(std::process::id().to_string().as_bytes()));
+        match r {
+            Ok(()) => {
+                moved = Ok(f.clone());
+                break;
+            }
+            // The most telling refusal: a read-only file system over a missing one.
+            Err(e) if moved.as_ref().err().and_then(|x| x.raw_os_error()) == Some(libc::ENOENT) => {
+                moved = Err(e)
+            }
+            Err(_) => {}
+        }
+    }
+    out.push(("cgroup_procs", outcome(moved)));
+    // Rewrite a host sysctl.
+    out.push((
+        "sysctl",
+        outcome(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/sys/kernel/core_pattern")
+                .and_then(|mut f| {
+                    f.write_all(b"|/tmp/corral-escape")
+                        .map(|()| "core_pattern".into())
+                }),
+        ),
+    ));
+    // Read the kernel's memory.
+    out.push((
+        "kcore",
+        outcome(std::fs::File::open("/proc/kcore").and_then(|mut f| {
+            let mut buf = [0u8; 64];
+            match std::io::Read::read(&mut f, &mut buf)? {
+                0 => Err(std::io::Error::from_raw_os_error(libc::ENODATA)),
+                n => Ok(format!("{n} bytes")),
+            }
+        })),
+    ));
+    // Mount something.
+    let _ = std::fs::create_dir_all("/tmp/corral-escape-mnt");
+    let (src, target, fstype) = (cstr("none"), cstr("/tmp/corral-escape-mnt"), cstr("tmpfs"));
+    // SAFETY: mount(2) with NUL-terminated strings and no data.
+    let r = if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0
+    {
+        Ok("tmpfs mounted".to_string())
+    } else {
+        last_os_error()
+    };
+    out.push(("mount", outcome(r)));
+    // Load a kernel module (an empty image: reaching the loader at all is the escape).
+    // SAFETY: init_module with a null image of length 0 and an empty parameter string.
+    let r = if unsafe {
+        libc::syscall(
+            libc::SYS_init_module,
+            std::ptr::null::<u8>(),
+            0,
+            c"".as_ptr(),
+        )
+    } == 0
+    {
+        Ok("loaded".to_string())
+    } else {
+        match std::io::Error::last_os_error().raw_os_error() {
+            // The loader looked at the image: the call was allowed.
+            Some(libc::EINVAL | libc::ENOEXEC | libc::EFAULT | libc::ENOKEY) => {
+                Ok("init_module reached the loader".to_string())
+            }
+            _ => last_os_error(),
+        }
+    };
+    out.push(("init_module", outcome(r)));
+    let r = match std::fs::File::open("/proc/self/exe") {
+        Ok(f) => {
+            use std::os::fd::AsRawFd;
+            // SAFETY: finit_module with an open fd and an empty parameter string.
+            if unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) } == 0
+            {
+                Ok("loaded".to_string())
+            } else {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::ENOEXEC | libc::EINVAL | libc::ENOKEY | libc::EBADMSG) => {
+                        Ok("finit_module reached the loader".to_string())
+                    }
+                    _ => last_os_error(),
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    out.push(("finit_module", outcome(r)));
+    // A new user namespace (where this process would be root with every capability).
+    // SAFETY: unshare(2) with a flag only; the process stays as it is when refused.
+    let r = if unsafe { libc::unshare(libc::CLONE_NEWUSER) } == 0 {
+        Ok("in a new user namespace".to_string())
+    } else {
+        last_os_error()
+    };
+    out.push(("unshare_user", outcome(r)));
+    // The agent's API.
+    out.push((
+        "api_socket",
+        outcome(std::os::unix::net::UnixStream::connect(api_socket).map(|_| "connected".into())),
+    ));
+    // Outlive the instance: double fork and setsid; the grandchild renames itself to the
+    // token and sleeps. Which way it went is only known from outside (after `delete`).
+    let name = cstr(token);
+    // SAFETY: the children make only async-signal-safe calls.
+    match unsafe { libc::fork() } {
+        // SAFETY: in the child: setsid, fork, prctl, pause and _exit only.
+        0 => unsafe {
+            libc::setsid();
+            if libc::fork() == 0 {
+                libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::_exit(0)
+        },
+        pid if pid > 0 => {
+            let mut st = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            out.push(("double_fork", "started".to_string()));
+        }
+        _ => out.push(("double_fork", outcome(last_os_error()))),
+    }
+    out
 }

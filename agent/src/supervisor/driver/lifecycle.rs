@@ -13,7 +13,7 @@ use super::{Driver, Internal, cgroup_of, ctx};
 use crate::cgroups::{CgroupBackend, CgroupError, CgroupPath};
 use crate::events::EventKind;
 use crate::runtime::{Spawned, StartRequest, assign_ports};
-use crate::spec::{InstanceKey, Resources};
+use crate::spec::{Devices, InstanceKey, Resources};
 use crate::supervisor::Deleted;
 use crate::supervisor::instance::{Effect, Event, State, StopReason};
 
@@ -192,6 +192,9 @@ impl Driver {
         let cg = &*self.deps.cgroups;
         let path = cgroup_of(key);
         create_fresh(cg, &path, &spec.resources).map_err(|e| e.to_string())?;
+        if spec.isolation.devices == Devices::Minimal {
+            cg.restrict_devices(&path).map_err(|e| e.to_string())?;
+        }
         let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
         let dir = cg.open_dir(&path).map_err(|e| e.to_string())?;
         let spawned = self
@@ -308,6 +311,7 @@ impl Driver {
         for (listen, _) in sockets.values() {
             self.deps.sockets.unlink_socket(listen);
         }
+        self.deps.processes.release_service(name);
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
         for w in delete_waiters {

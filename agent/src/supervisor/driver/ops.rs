@@ -357,7 +357,11 @@ impl Driver {
     /// What this host cannot enforce for `spec`, or what the spec needs that is not there.
     fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         let mut why = Vec::new();
-        if let Some(r) = self.deps.cgroups.capabilities().refuse(&spec.resources) {
+        let host = self.deps.cgroups.capabilities();
+        if let Some(r) = host.refuse(&spec.resources) {
+            why.push(r);
+        }
+        if let Some(r) = host.refuse_isolation(&spec.isolation) {
             why.push(r);
         }
         for ns in &spec.isolation.namespaces {
