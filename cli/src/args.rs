@@ -129,7 +129,7 @@ pub enum Command {
     Rollout(RolloutArgs),
 
     /// Stop every instance of a service and remove it.
-    Delete(NameArgs),
+    Delete(DeleteArgs),
 
     /// Print the output of a service's instances, or of one instance.
     ///
@@ -397,7 +397,8 @@ pub struct ApplyArgs {
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
 
-    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    /// Supersede a rollout of the service that is still running, and change a service the
+    /// fleet (etcd) owns until etcd next changes it (the agent refuses either otherwise).
     #[arg(long)]
     pub force: bool,
 
@@ -432,7 +433,8 @@ pub struct RollbackArgs {
     )]
     pub revision: Option<u64>,
 
-    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    /// Supersede a rollout of the service that is still running, and change a service the
+    /// fleet (etcd) owns until etcd next changes it (the agent refuses either otherwise).
     #[arg(long)]
     pub force: bool,
 
@@ -467,6 +469,22 @@ pub struct ScaleArgs {
     /// The number of instances to run.
     #[arg(value_name = "N")]
     pub replicas: u32,
+
+    /// Scale a service the fleet (etcd) owns, until etcd next changes it (the agent refuses
+    /// otherwise).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// Delete a service the fleet (etcd) owns (the agent refuses otherwise); its key in etcd
+    /// stays, and the service comes back when the key next changes.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]
@@ -657,7 +675,14 @@ mod tests {
             );
         }
         let cli = parse(&["delete", "web"]).unwrap();
-        assert!(matches!(cli.command, Command::Delete(NameArgs { name }) if name == "web"));
+        assert!(
+            matches!(cli.command, Command::Delete(DeleteArgs { name, force: false }) if name == "web")
+        );
+        let cli = parse(&["delete", "web", "--force"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Delete(DeleteArgs { force: true, .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 mod args;
 mod client;
 mod commands;
+mod docs;
 mod render;
 mod views;
 
@@ -23,6 +24,15 @@ use crate::args::Cli;
 use crate::commands::{Console, Outcome};
 
 fn main() -> ExitCode {
+    if let Some(dir) = docs::requested() {
+        return match docs::generate(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let mut err = io::stderr().lock();
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::args::Cli;
 use crate::commands::Console;
+use crate::views::wire;
 use crate::{commands, finish};
 
 const BAD_MEMORY: &str = r#"resources.memory: "12XB" is not a size"#;
@@ -138,8 +139,8 @@ fn rollout_frames(
     let base = RolloutStatus {
         id: id.into(),
         service: service.into(),
-        kind: kind.into(),
-        state: "running".into(),
+        kind: wire::rollout_kind(kind),
+        state: wire::rollout_state("running"),
         from_revision: from,
         to_revision: to,
         replicas: 1,
@@ -175,7 +176,7 @@ fn rollout_frames(
                 .steps
                 .push(step(2600, "ready", &new, &format!("{new} ready")));
             last = RolloutStatus {
-                state: "succeeded".into(),
+                state: wire::rollout_state("succeeded"),
                 replaced: 1,
                 ready: 1,
                 old_instances: 0,
@@ -191,7 +192,7 @@ fn rollout_frames(
         }
         Plan::FailsAndRollsBack | Plan::Fails => {
             let reason = format!("{new} not ready within 60s");
-            last.state = "failed".into();
+            last.state = wire::rollout_state("failed");
             last.reason = reason.clone();
             last.steps.push(step(9400, "failed", &new, &reason));
             if plan == Plan::Fails {
@@ -206,7 +207,7 @@ fn rollout_frames(
             ));
             let back = RolloutStatus {
                 id: rollback_id.into(),
-                kind: "auto_rollback".into(),
+                kind: wire::rollout_kind("auto_rollback"),
                 from_revision: to,
                 to_revision: from,
                 rollback_of: id.into(),
@@ -219,7 +220,7 @@ fn rollout_frames(
                 ..base.clone()
             };
             let mut back_done = RolloutStatus {
-                state: "succeeded".into(),
+                state: wire::rollout_state("succeeded"),
                 replaced: 1,
                 old_instances: 0,
                 finished_at: Some(ts(ROLLOUT_START + 11, 0)),
@@ -232,7 +233,7 @@ fn rollout_frames(
             vec![vec![base, last], vec![back, back_done]]
         }
         Plan::Superseded => {
-            last.state = "superseded".into();
+            last.state = wire::rollout_state("superseded");
             last.reason = format!("superseded by {service}-r9");
             vec![vec![base, last]]
         }
@@ -284,7 +285,7 @@ impl FakeAgent {
             .map(Scripted::current);
         let paused = last
             .as_ref()
-            .is_some_and(|r| r.state == "failed" && r.rollback_id.is_empty());
+            .is_some_and(|r| r.state == wire::rollout_state("failed") && r.rollback_id.is_empty());
         (last, paused)
     }
 }
@@ -328,10 +329,10 @@ fn events() -> Vec<Event> {
         time: Some(ts(1_795_909_500 + i64::try_from(index).unwrap(), 0)),
         service: service.into(),
         instance: instance.into(),
-        r#type: kind.into(),
+        r#type: wire::event_type(kind),
         message: message.into(),
         attributes: if kind == "instance_exited" {
-            [("end".to_owned(), "exited(3)".to_owned())].into()
+            [("end".to_owned(), wire::text("exited(3)"))].into()
         } else {
             Default::default()
         },
@@ -376,7 +377,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
     ServiceStatus {
         name: name.to_owned(),
         revision,
-        health: "healthy".into(),
+        health: wire::service_health("healthy"),
         spec: Some(ServiceSpec {
             name: name.to_owned(),
             command: vec!["/bin/sleep".into(), "infinity".into()],
@@ -400,7 +401,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
                 revision,
                 state: InstanceState::Running as i32,
                 pid: 1000 + i32::try_from(index).unwrap(),
-                health: "healthy".into(),
+                health: wire::health("healthy"),
                 usage: Some(ResourceUsage {
                     cpu_usage_ns: tick * u64::from(index + 1) * 10_000_000,
                     memory_bytes: 12 << 20,
@@ -522,7 +523,7 @@ impl Agent for FakeAgent {
         Ok(Response::new(ApplyResponse {
             name,
             revision,
-            outcome: outcome.to_owned(),
+            outcome: wire::apply_outcome(outcome),
             replaces_instances: outcome == "updated",
             changes,
             rollout_id,
@@ -558,9 +559,9 @@ impl Agent for FakeAgent {
         {
             *left -= 1;
             status.healthy = 0;
-            status.health = "unhealthy".into();
+            status.health = wire::service_health("unhealthy");
             for i in &mut status.instances {
-                i.health = "unknown".into();
+                i.health = wire::health("unknown");
             }
         }
         (status.rollout, status.paused) = self.last_rollout(&name);

@@ -11,7 +11,10 @@ use std::time::{Duration, SystemTime};
 use corral_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::views::{TopRowView, parse_size, rfc3339, state_name};
+use crate::views::{
+    TopRowView, apply_outcome_name, event_type_name, health_name, parse_size, rfc3339,
+    rollout_kind_name, rollout_state_name, service_health_name, state_name,
+};
 
 /// Writes `value` as one pretty-printed JSON document followed by a newline.
 pub fn write_json<T: Serialize>(out: &mut dyn Write, value: &T) -> io::Result<()> {
@@ -190,7 +193,7 @@ pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io
             s.desired.to_string(),
             s.running.to_string(),
             s.healthy.to_string(),
-            health_cell(true, &s.health),
+            health_cell(true, service_health_name(s.health)),
         ]);
     }
     table.write(out)
@@ -210,8 +213,9 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
             ),
         ),
     ];
-    if !s.health.is_empty() {
-        fields.push(("health", s.health.clone()));
+    let health = service_health_name(s.health);
+    if !health.is_empty() {
+        fields.push(("health", health.to_owned()));
     }
     let mut states = Vec::new();
     if s.deleting {
@@ -267,7 +271,7 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         table.row(vec![
             i.id.clone(),
             state_name(i.state).to_owned(),
-            health_cell(checked, &i.health),
+            health_cell(checked, health_name(i.health)),
             if i.pid > 0 {
                 i.pid.to_string()
             } else {
@@ -306,7 +310,7 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         if !note.is_empty() {
             notes.push((i.id.as_str(), note.to_string()));
         }
-        if checked && i.health == "unhealthy" && !i.health_reason.is_empty() {
+        if checked && health_name(i.health) == "unhealthy" && !i.health_reason.is_empty() {
             notes.push((i.id.as_str(), format!("unhealthy: {}", i.health_reason)));
         }
         if i.log_lines_dropped > 0 {
@@ -338,10 +342,9 @@ pub const PAUSED_HINT: &str = "a rollout failed; apply, restart or rollback to c
 
 /// A rollout's kind and revisions: `restart, revision 2` or `update, revision 1 → 2`.
 fn rollout_kind(r: &pb::RolloutStatus) -> String {
-    let kind = if r.kind.is_empty() {
-        "rollout".to_owned()
-    } else {
-        one_line(&r.kind)
+    let kind = match rollout_kind_name(r.kind) {
+        "" => "rollout".to_owned(),
+        kind => kind.to_owned(),
     };
     if r.from_revision == r.to_revision {
         format!("{kind}, revision {}", r.to_revision)
@@ -375,7 +378,7 @@ pub fn rollout_summary(r: &pb::RolloutStatus) -> String {
     } else {
         format!(": {}", one_line(&r.reason))
     };
-    let mut text = match r.state.as_str() {
+    let mut text = match rollout_state_name(r.state) {
         "running" => format!("{head} running: {}", rollout_counts(r)),
         "succeeded" => match rollout_took(r) {
             Some(took) => format!("{head} succeeded in {}", human_duration(took)),
@@ -435,8 +438,8 @@ pub fn write_rollout(
     let mut fields = vec![
         ("rollout", or_dash(&r.id)),
         ("service", or_dash(&r.service)),
-        ("kind", or_dash(&r.kind)),
-        ("state", or_dash(&r.state)),
+        ("kind", or_dash(rollout_kind_name(r.kind))),
+        ("state", or_dash(rollout_state_name(r.state))),
         (
             "revision",
             if r.from_revision == r.to_revision {
@@ -481,8 +484,9 @@ pub fn write_rollout(
     }
     if !r.rollback_id.is_empty() {
         let state = rollback
-            .filter(|b| !b.state.is_empty())
-            .map_or_else(String::new, |b| format!(" ({})", one_line(&b.state)));
+            .map(|b| rollout_state_name(b.state))
+            .filter(|state| !state.is_empty())
+            .map_or_else(String::new, |state| format!(" ({state})"));
         fields.push((
             "rolled back by",
             format!("{}{state}", one_line(&r.rollback_id)),
@@ -554,10 +558,9 @@ pub fn rollout_progress_line(r: &pb::RolloutStatus) -> String {
         "#".repeat(filled),
         "-".repeat((BAR_WIDTH as usize).saturating_sub(filled))
     );
-    let kind = if r.kind.is_empty() {
-        "rollout".to_owned()
-    } else {
-        one_line(&r.kind)
+    let kind = match rollout_kind_name(r.kind) {
+        "" => "rollout".to_owned(),
+        kind => kind.to_owned(),
     };
     let mut line = format!(
         "{} {kind} rev {} → {}  [{bar}]  {}/{} replaced · {}/{} ready · {} available",
@@ -607,7 +610,7 @@ pub fn write_replacement(
             ),
         };
     }
-    match r.outcome.as_str() {
+    match apply_outcome_name(r.outcome) {
         "created" => Ok(()),
         "scaled" => writeln!(
             out,
@@ -821,7 +824,7 @@ fn event_cells(e: &pb::Event) -> [String; 6] {
             .unwrap_or_else(|| "-".to_owned()),
         or_dash(&e.service),
         or_dash(&e.instance),
-        or_dash(&e.r#type),
+        or_dash(event_type_name(e.r#type)),
         one_line(&e.message),
     ]
 }
@@ -889,7 +892,7 @@ pub fn write_apply(
         &r.name
     };
     let rev = r.revision;
-    let summary = match (r.outcome.as_str(), dry_run) {
+    let summary = match (apply_outcome_name(r.outcome), dry_run) {
         ("created", false) => format!("created (revision {rev})"),
         ("created", true) => "would be created".to_owned(),
         ("updated", false) if r.replaces_instances && !r.rollout_id.is_empty() => format!(
@@ -970,6 +973,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::views::wire;
 
     fn text(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut buf = Vec::new();
@@ -1066,7 +1070,7 @@ mod tests {
             ports: HashMap::new(),
             log_lines_dropped: 0,
             log_bytes_dropped: 0,
-            health: "unhealthy".into(),
+            health: wire::health("unhealthy"),
             health_reason: "HTTP 503".into(),
             notify_status: String::new(),
         };
@@ -1090,7 +1094,7 @@ mod tests {
             next_start_at: Some(at(now, 1_200)),
             last_error: String::new(),
             cgroup: "/sys/fs/cgroup/corral/web/web-1".into(),
-            health: "unknown".into(),
+            health: wire::health("unknown"),
             health_reason: String::new(),
             ..running.clone()
         };
@@ -1107,14 +1111,14 @@ mod tests {
             next_start_at: Some(at(now, -10)),
             last_error: "exec /usr/bin/python3: permission denied".into(),
             cgroup: "/sys/fs/cgroup/corral/web/web-2".into(),
-            health: "unknown".into(),
+            health: wire::health("unknown"),
             health_reason: "connect 127.0.0.1:41000: connection refused".into(),
             ..running.clone()
         };
         pb::ServiceStatus {
             name: "web".into(),
             revision: 3,
-            health: "unhealthy".into(),
+            health: wire::service_health("unhealthy"),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
                 command: vec![
@@ -1199,11 +1203,11 @@ web-2: exec /usr/bin/python3: permission denied
         gone.name = "batch".into();
         gone.revision = 12;
         gone.deleting = true;
-        gone.health = "degraded".into();
+        gone.health = wire::service_health("degraded");
         gone.healthy = 1;
         let mut old = service(now);
         old.name = "old".into();
-        old.health = String::new();
+        old.health = wire::service_health("");
         let got = text(|o| write_services(o, &[service(now), gone, old]));
         assert_eq!(
             got,
@@ -1291,7 +1295,7 @@ web-2: exec /usr/bin/python3: permission denied
             }),
             service: "web".into(),
             instance: instance.into(),
-            r#type: kind.into(),
+            r#type: wire::event_type(kind),
             message: message.into(),
             attributes: HashMap::new(),
         }
@@ -1429,7 +1433,7 @@ services:     2 (5 instances)
         let resp = |outcome: &str, revision, replaces, changes: &[&str]| pb::ApplyResponse {
             name: "web".into(),
             revision,
-            outcome: outcome.into(),
+            outcome: wire::apply_outcome(outcome),
             changes: changes.iter().map(|c| (*c).to_owned()).collect(),
             replaces_instances: replaces,
             rollout_id: String::new(),
@@ -1520,8 +1524,8 @@ services:     2 (5 instances)
         pb::RolloutStatus {
             id: "web-r3".into(),
             service: "web".into(),
-            kind: "restart".into(),
-            state: "running".into(),
+            kind: wire::rollout_kind("restart"),
+            state: wire::rollout_state("running"),
             from_revision: 2,
             to_revision: 2,
             replicas: 4,
@@ -1559,8 +1563,8 @@ services:     2 (5 instances)
             "web-r3 (restart, revision 2) running: 2/4 replaced, 3/4 ready, 4 available"
         );
         let done = pb::RolloutStatus {
-            kind: "update".into(),
-            state: "succeeded".into(),
+            kind: wire::rollout_kind("update"),
+            state: wire::rollout_state("succeeded"),
             from_revision: 1,
             finished_at: ts(1_740_830_409, 400),
             ..running.clone()
@@ -1570,7 +1574,7 @@ services:     2 (5 instances)
             "web-r3 (update, revision 1 → 2) succeeded in 9.4s"
         );
         let failed = pb::RolloutStatus {
-            state: "failed".into(),
+            state: wire::rollout_state("failed"),
             reason: "web-5 not ready within 60s".into(),
             rollback_id: "web-r4".into(),
             ..done.clone()
@@ -1582,7 +1586,7 @@ services:     2 (5 instances)
         );
         let back = pb::RolloutStatus {
             id: "web-r4".into(),
-            kind: "auto_rollback".into(),
+            kind: wire::rollout_kind("auto_rollback"),
             from_revision: 2,
             to_revision: 1,
             rollback_of: "web-r3".into(),
@@ -1602,7 +1606,7 @@ services:     2 (5 instances)
         s.paused = true;
         s.revisions = vec![1, 2, 3];
         s.rollout = Some(pb::RolloutStatus {
-            state: "failed".into(),
+            state: wire::rollout_state("failed"),
             reason: "web-5 exited(1)".into(),
             ..running_rollout()
         });
@@ -1625,14 +1629,14 @@ services:     2 (5 instances)
     #[test]
     fn a_rollout_shows_its_fields_then_its_steps() {
         let r = pb::RolloutStatus {
-            state: "failed".into(),
+            state: wire::rollout_state("failed"),
             finished_at: ts(1_740_830_409, 400),
             reason: "web-5 not ready within 60s".into(),
             rollback_id: "web-r4".into(),
             ..running_rollout()
         };
         let back = pb::RolloutStatus {
-            state: "succeeded".into(),
+            state: wire::rollout_state("succeeded"),
             ..Default::default()
         };
         let got = text(|o| write_rollout(o, &r, Some(&back)));
@@ -1704,7 +1708,7 @@ TIME                      STEP     INSTANCE  MESSAGE
         let resp = |outcome: &str, replaces| pb::ApplyResponse {
             name: "web".into(),
             revision: 3,
-            outcome: outcome.into(),
+            outcome: wire::apply_outcome(outcome),
             changes: vec![],
             replaces_instances: replaces,
             rollout_id: String::new(),
@@ -1770,7 +1774,7 @@ TIME                      STEP     INSTANCE  MESSAGE
         let applied = pb::ApplyResponse {
             name: "web".into(),
             revision: 4,
-            outcome: "updated".into(),
+            outcome: wire::apply_outcome("updated"),
             changes: vec!["command: changed".into()],
             replaces_instances: true,
             rollout_id: "web-r5".into(),

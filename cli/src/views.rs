@@ -43,7 +43,7 @@ impl From<&pb::ServiceStatus> for ServiceView {
             desired: s.desired,
             running: s.running,
             healthy: s.healthy,
-            health: non_empty(&s.health),
+            health: non_empty(service_health_name(s.health)),
             deleting: s.deleting,
             paused: s.paused,
             rollout: s.rollout.as_ref().map(RolloutStatusView::from),
@@ -262,7 +262,7 @@ impl From<&pb::InstanceStatus> for InstanceView {
             index: i.index,
             revision: i.revision,
             state: state_name(i.state),
-            health: non_empty(&i.health),
+            health: non_empty(health_name(i.health)),
             health_reason: non_empty(&i.health_reason),
             pid: nonzero(i.pid),
             init_pid: nonzero(i.init_pid),
@@ -416,9 +416,13 @@ impl From<&pb::Event> for EventView {
             time: e.time.as_ref().and_then(rfc3339),
             service: non_empty(&e.service),
             instance: non_empty(&e.instance),
-            kind: e.r#type.clone(),
+            kind: event_type_name(e.r#type).to_owned(),
             message: e.message.clone(),
-            attributes: e.attributes.clone().into_iter().collect(),
+            attributes: e
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), attribute_text(v)))
+                .collect(),
         }
     }
 }
@@ -507,8 +511,8 @@ impl From<&pb::RolloutStatus> for RolloutStatusView {
         RolloutStatusView {
             id: r.id.clone(),
             service: r.service.clone(),
-            kind: r.kind.clone(),
-            state: r.state.clone(),
+            kind: rollout_kind_name(r.kind).to_owned(),
+            state: rollout_state_name(r.state).to_owned(),
             from_revision: r.from_revision,
             to_revision: r.to_revision,
             replicas: r.replicas,
@@ -621,7 +625,7 @@ impl ApplyView {
             dry_run,
             name: Some(r.name.clone()),
             revision: Some(r.revision),
-            outcome: Some(r.outcome.clone()),
+            outcome: Some(apply_outcome_name(r.outcome).to_owned()),
             changes: r.changes.clone(),
             replaces_instances: r.replaces_instances,
             rollout_id: non_empty(&r.rollout_id),
@@ -706,6 +710,97 @@ pub fn exit_class_name(class: i32) -> &'static str {
     }
 }
 
+/// An instance's health as the agent words it; empty when the agent did not say (or said
+/// something this client does not know).
+pub fn health_name(health: i32) -> &'static str {
+    match pb::HealthState::try_from(health) {
+        Ok(pb::HealthState::Unknown) => "unknown",
+        Ok(pb::HealthState::Healthy) => "healthy",
+        Ok(pb::HealthState::Unhealthy) => "unhealthy",
+        Ok(pb::HealthState::Unspecified) | Err(_) => "",
+    }
+}
+
+/// A service's health as the agent words it; empty when not said.
+pub fn service_health_name(health: i32) -> &'static str {
+    match pb::ServiceHealth::try_from(health) {
+        Ok(pb::ServiceHealth::Healthy) => "healthy",
+        Ok(pb::ServiceHealth::Degraded) => "degraded",
+        Ok(pb::ServiceHealth::Unhealthy) => "unhealthy",
+        Ok(pb::ServiceHealth::Unspecified) | Err(_) => "",
+    }
+}
+
+/// A rollout's kind as the agent words it; empty when not said.
+pub fn rollout_kind_name(kind: i32) -> &'static str {
+    match pb::RolloutKind::try_from(kind) {
+        Ok(pb::RolloutKind::Update) => "update",
+        Ok(pb::RolloutKind::Restart) => "restart",
+        Ok(pb::RolloutKind::Rollback) => "rollback",
+        Ok(pb::RolloutKind::AutoRollback) => "auto_rollback",
+        Ok(pb::RolloutKind::Unspecified) | Err(_) => "",
+    }
+}
+
+/// A rollout's state as the agent words it; empty when not said.
+pub fn rollout_state_name(state: i32) -> &'static str {
+    match pb::RolloutState::try_from(state) {
+        Ok(pb::RolloutState::Running) => "running",
+        Ok(pb::RolloutState::Succeeded) => "succeeded",
+        Ok(pb::RolloutState::Failed) => "failed",
+        Ok(pb::RolloutState::Superseded) => "superseded",
+        Ok(pb::RolloutState::Cancelled) => "cancelled",
+        Ok(pb::RolloutState::Unspecified) | Err(_) => "",
+    }
+}
+
+/// What an apply did, as the agent words it; empty when not said.
+pub fn apply_outcome_name(outcome: i32) -> &'static str {
+    match pb::ApplyOutcome::try_from(outcome) {
+        Ok(pb::ApplyOutcome::Created) => "created",
+        Ok(pb::ApplyOutcome::Updated) => "updated",
+        Ok(pb::ApplyOutcome::Scaled) => "scaled",
+        Ok(pb::ApplyOutcome::Unchanged) => "unchanged",
+        Ok(pb::ApplyOutcome::Unspecified) | Err(_) => "",
+    }
+}
+
+/// An event's type as the agent's event log names it; empty when not said.
+pub fn event_type_name(kind: i32) -> &'static str {
+    use pb::EventType as T;
+    match T::try_from(kind) {
+        Ok(T::Applied) => "applied",
+        Ok(T::Deleted) => "deleted",
+        Ok(T::Scaled) => "scaled",
+        Ok(T::InstanceStarted) => "instance_started",
+        Ok(T::StartFailed) => "start_failed",
+        Ok(T::InstanceExited) => "instance_exited",
+        Ok(T::RestartScheduled) => "restart_scheduled",
+        Ok(T::Stopping) => "stopping",
+        Ok(T::Killed) => "killed",
+        Ok(T::HealthChanged) => "health_changed",
+        Ok(T::Ready) => "ready",
+        Ok(T::OomKill) => "oom_kill",
+        Ok(T::Adopted) => "adopted",
+        Ok(T::Lost) => "lost",
+        Ok(T::RolloutStarted) => "rollout_started",
+        Ok(T::RolloutStep) => "rollout_step",
+        Ok(T::RolloutFinished) => "rollout_finished",
+        Ok(T::Unspecified) | Err(_) => "",
+    }
+}
+
+/// An event's field as text: numbers in decimal, a list one item per line.
+pub fn attribute_text(v: &pb::AttributeValue) -> String {
+    use pb::attribute_value::Value;
+    match &v.value {
+        Some(Value::Text(t)) => t.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Lines(l)) => l.lines.join("\n"),
+        None => String::new(),
+    }
+}
+
 /// A timestamp as RFC 3339 in UTC (`2025-03-01T12:00:00.250Z`); `None` outside years 1–9999,
 /// which no real event has.
 pub fn rfc3339(ts: &prost_types::Timestamp) -> Option<String> {
@@ -752,12 +847,60 @@ fn non_empty(text: &str) -> Option<String> {
     (!text.is_empty()).then(|| text.to_owned())
 }
 
+/// Wire values from the words the CLI shows, for the tests' replies of an agent.
+#[cfg(test)]
+pub mod wire {
+    use corral_proto::v1 as pb;
+
+    /// The value named `PREFIX` + `word` in upper case; 0 (unspecified) for `""`.
+    fn named<E: Into<i32>>(from_name: fn(&str) -> Option<E>, prefix: &str, word: &str) -> i32 {
+        if word.is_empty() {
+            return 0;
+        }
+        let name = format!("{prefix}{}", word.to_ascii_uppercase());
+        from_name(&name)
+            .map(Into::into)
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    pub fn health(word: &str) -> i32 {
+        named(pb::HealthState::from_str_name, "HEALTH_STATE_", word)
+    }
+
+    pub fn service_health(word: &str) -> i32 {
+        named(pb::ServiceHealth::from_str_name, "SERVICE_HEALTH_", word)
+    }
+
+    pub fn rollout_kind(word: &str) -> i32 {
+        named(pb::RolloutKind::from_str_name, "ROLLOUT_KIND_", word)
+    }
+
+    pub fn rollout_state(word: &str) -> i32 {
+        named(pb::RolloutState::from_str_name, "ROLLOUT_STATE_", word)
+    }
+
+    pub fn apply_outcome(word: &str) -> i32 {
+        named(pb::ApplyOutcome::from_str_name, "APPLY_OUTCOME_", word)
+    }
+
+    pub fn event_type(word: &str) -> i32 {
+        named(pb::EventType::from_str_name, "EVENT_TYPE_", word)
+    }
+
+    pub fn text(t: &str) -> pb::AttributeValue {
+        pb::AttributeValue {
+            value: Some(pb::attribute_value::Value::Text(t.to_owned())),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::views::wire;
 
     fn ts(seconds: i64, nanos: i32) -> prost_types::Timestamp {
         prost_types::Timestamp { seconds, nanos }
@@ -795,7 +938,7 @@ mod tests {
             ports: [("admin".to_string(), 41000)].into_iter().collect(),
             log_lines_dropped: 0,
             log_bytes_dropped: 0,
-            health: "unknown".into(),
+            health: wire::health("unknown"),
             health_reason: String::new(),
             notify_status: String::new(),
         }
@@ -847,7 +990,7 @@ mod tests {
         let status = pb::ServiceStatus {
             name: "web".into(),
             revision: 3,
-            health: "degraded".into(),
+            health: wire::service_health("degraded"),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
                 command: vec!["/usr/bin/python3".into(), "-m".into(), "http.server".into()],
@@ -914,8 +1057,8 @@ mod tests {
         pb::RolloutStatus {
             id: "web-r3".into(),
             service: "web".into(),
-            kind: "update".into(),
-            state: "failed".into(),
+            kind: wire::rollout_kind("update"),
+            state: wire::rollout_state("failed"),
             from_revision: 2,
             to_revision: 3,
             replicas: 2,
@@ -950,8 +1093,8 @@ mod tests {
     fn rollouts_have_counts_policy_times_links_and_steps() {
         let back = pb::RolloutStatus {
             id: "web-r4".into(),
-            kind: "auto_rollback".into(),
-            state: "succeeded".into(),
+            kind: wire::rollout_kind("auto_rollback"),
+            state: wire::rollout_state("succeeded"),
             rollback_id: String::new(),
             rollback_of: "web-r3".into(),
             steps: vec![],
@@ -1038,7 +1181,7 @@ mod tests {
     #[test]
     fn health_and_exit_detail_are_null_when_empty() {
         let mut i = sample_instance();
-        i.health = String::new();
+        i.health = wire::health("");
         i.health_reason = "HTTP 503".into();
         if let Some(e) = i.last_exit.as_mut() {
             e.detail = "exec /srv/app: no such file".into();
@@ -1081,12 +1224,19 @@ mod tests {
             time: Some(ts(1_740_830_400, 0)),
             service: "web".into(),
             instance: String::new(),
-            r#type: "applied".into(),
+            r#type: wire::event_type("applied"),
             message: "web: revision 3 applied".into(),
-            attributes: [("revision", "3"), ("outcome", "updated")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            // A number on the wire prints as the text it always printed as.
+            attributes: [
+                (
+                    "revision".to_owned(),
+                    pb::AttributeValue {
+                        value: Some(pb::attribute_value::Value::Number(3)),
+                    },
+                ),
+                ("outcome".to_owned(), wire::text("updated")),
+            ]
+            .into(),
         };
         let text = serde_json::to_string(&EventView::from(&event)).unwrap();
         assert_eq!(

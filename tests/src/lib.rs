@@ -328,7 +328,10 @@ impl Agent {
     pub async fn delete(&self, name: &str) -> Result<pb::DeleteResponse, tonic::Status> {
         self.client()
             .await
-            .delete(pb::DeleteRequest { name: name.into() })
+            .delete(pb::DeleteRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .map(tonic::Response::into_inner)
     }
@@ -399,6 +402,25 @@ impl Drop for Agent {
 }
 
 /// The payload of a log record: what follows its timestamp and one space.
+/// An event's field as text (a number in decimal, a list one item per line); `None` when the
+/// event has no such field.
+pub fn attribute(e: &pb::Event, name: &str) -> Option<String> {
+    use pb::attribute_value::Value;
+    match e.attributes.get(name)?.value.as_ref()? {
+        Value::Text(t) => Some(t.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Lines(l) => Some(l.lines.join("\n")),
+    }
+}
+
+/// An event's field that is a number.
+pub fn number(e: &pb::Event, name: &str) -> Option<i64> {
+    match e.attributes.get(name)?.value.as_ref()? {
+        pb::attribute_value::Value::Number(n) => Some(*n),
+        _ => None,
+    }
+}
+
 pub fn payload(record: &str) -> &str {
     match record.split_once(' ') {
         Some((ts, rest)) if ts.len() == 27 && ts.ends_with('Z') => rest,

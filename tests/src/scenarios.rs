@@ -469,10 +469,10 @@ pub async fn rolling_restart_keeps_serving() {
             .await
             .ok()?
             .into_inner();
-        (r.state != "running").then_some(r)
+        (r.state() != pb::RolloutState::Running).then_some(r)
     })
     .await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     let before = eventually("2 healthy instances", Duration::from_secs(30), || {
         two_healthy(&agent)
     })
@@ -500,7 +500,9 @@ async fn two_healthy(agent: &Agent) -> Option<pb::ServiceStatus> {
     let s = agent.get("roll").await.ok()?;
     (s.healthy == 2
         && s.instances.len() == 2
-        && s.rollout.as_ref().is_none_or(|r| r.state != "running"))
+        && s.rollout
+            .as_ref()
+            .is_none_or(|r| r.state() != pb::RolloutState::Running))
     .then_some(s)
 }
 

@@ -334,9 +334,27 @@ async fn logs_lose_nothing_across_agent_kills_and_rotations() {
         .await
         .expect("apply");
     let inst = agent.wait_running("flood", 1).await.remove(0);
+    let dir = agent.state_dir.join("logs").join(&inst.id);
+    let logged = || -> u64 {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
     for _ in 0..2 {
         agent.stop_with(libc::SIGKILL);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The init goes on writing while no agent runs (after the flood, its trickle).
+        let before = logged();
+        eventually(
+            "the logs to grow without an agent",
+            Duration::from_secs(30),
+            || async { (logged() > before).then_some(()) },
+        )
+        .await;
         agent.launch().await;
     }
     eventually("the writer to finish", Duration::from_secs(120), || async {
@@ -346,7 +364,6 @@ async fn logs_lose_nothing_across_agent_kills_and_rotations() {
             .then_some(())
     })
     .await;
-    let dir = agent.state_dir.join("logs").join(&inst.id);
     let mut files: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(&dir)
         .expect("log dir")
         .flatten()
@@ -424,17 +441,20 @@ async fn a_full_disk_drops_output_and_says_so() {
         ))
         .await
         .expect("apply");
-    // Until the flood is over: drops counted, then only the trickle of ticks (one per
-    // 100 ms) still dropped.
-    let dropped_now = || async {
-        let s = agent.get("full").await.ok()?;
-        Some(s.instances.first()?.log_lines_dropped)
-    };
-    let dropped = eventually("drops to be counted", Duration::from_secs(30), || async {
-        let n = dropped_now().await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        (n > 0 && dropped_now().await? < n + 20).then_some(n)
-    })
+    // Until the flood is over (it says so in its /tmp, which the full disk does not hold),
+    // with drops counted: then only its trickle of ticks (one per 100 ms) is still dropped,
+    // and once there is room again nothing more is.
+    let dropped = eventually(
+        "the flood to end, dropped",
+        Duration::from_secs(30),
+        || async {
+            let s = agent.get("full").await.ok()?;
+            let i = s.instances.first()?;
+            let done = format!("/proc/{}/root/tmp/flood_done", i.pid);
+            (i.pid > 0 && std::path::Path::new(&done).exists() && i.log_lines_dropped > 0)
+                .then_some(i.log_lines_dropped)
+        },
+    )
     .await;
     // Make room (truncating frees tmpfs pages); the next tick brings the notice.
     std::fs::OpenOptions::new()
@@ -462,6 +482,23 @@ async fn a_full_disk_drops_output_and_says_so() {
     agent.delete("full").await.expect("delete");
 }
 
+/// The ticker's numbers among `corral logs` lines, split into its runs: it numbers its lines
+/// from 0 in each run (its pid inside its own PID namespace is the same in both runs).
+fn ticker_runs(lines: &[String]) -> Vec<Vec<u64>> {
+    let seq = lines
+        .iter()
+        .filter(|l| l.contains("tick-0 out| tick="))
+        .filter_map(|l| l.rsplit_once('.').and_then(|(_, n)| n.trim().parse().ok()));
+    let mut runs: Vec<Vec<u64>> = Vec::new();
+    for n in seq {
+        match runs.last_mut() {
+            Some(run) if run.last().is_some_and(|last| n > *last) => run.push(n),
+            _ => runs.push(vec![n]),
+        }
+    }
+    runs
+}
+
 /// `corral logs -f` keeps following across log rotations and an instance restart, with
 /// stdout and stderr told apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,14 +517,36 @@ async fn logs_follow_survives_rotation_and_restart() {
         .await
         .expect("apply");
     let first = agent.wait_running("tick", 1).await.remove(0);
-    let follow = std::process::Command::new(corral_e2e::bin("corral"))
+    let mut follow = std::process::Command::new(corral_e2e::bin("corral"))
         .args(["logs", "tick", "-f", "--tail", "0"])
         .env("CORRAL_ADDR", format!("unix://{}", agent.socket.display()))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("corral logs -f");
+    // What the follower printed, as it prints it.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        use std::io::BufRead;
+        let out = follow.stdout.take().expect("piped stdout");
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                printed.lock().expect("lines").push(line);
+            }
+        })
+    };
+    let runs = || ticker_runs(&printed.lock().expect("lines"));
+    let logs = agent.state_dir.join("logs").join("tick-0");
     // Several rotations (4 KiB files, ~30-byte records every 5 ms), then a restart.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(
+        "the follower across rotations",
+        Duration::from_secs(30),
+        || async {
+            let rotated = logs.join("stdout.log.2").exists();
+            (rotated && runs().first().is_some_and(|r| r.len() > 150)).then_some(())
+        },
+    )
+    .await;
     kill9(first.pid);
     eventually("a restart", Duration::from_secs(20), || async {
         let s = agent.get("tick").await.ok()?;
@@ -495,26 +554,19 @@ async fn logs_follow_survives_rotation_and_restart() {
         (i.restarts == 1 && i.pid > 0).then_some(i)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(
+        "the follower after the restart",
+        Duration::from_secs(30),
+        || async { runs().get(1).is_some_and(|r| r.len() > 150).then_some(()) },
+    )
+    .await;
     // SAFETY: stopping the CLI we started.
     unsafe { libc::kill(follow.id() as i32, libc::SIGINT) };
-    let out = follow.wait_with_output().expect("logs output");
-    assert!(out.status.success(), "logs -f ends 0 on Ctrl-C");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // The ticker numbers its lines from 0 in each run (its pid inside its own PID
-    // namespace is the same in both runs): split the followed lines into runs.
-    let seq: Vec<u64> = text
-        .lines()
-        .filter(|l| l.contains("tick-0 out| tick="))
-        .filter_map(|l| l.rsplit_once('.').and_then(|(_, n)| n.trim().parse().ok()))
-        .collect();
-    let mut runs: Vec<Vec<u64>> = Vec::new();
-    for n in seq {
-        match runs.last_mut() {
-            Some(run) if run.last().is_some_and(|last| n > *last) => run.push(n),
-            _ => runs.push(vec![n]),
-        }
-    }
+    let status = follow.wait().expect("logs -f ends");
+    reader.join().expect("reader");
+    assert!(status.success(), "logs -f ends 0 on Ctrl-C");
+    let text = printed.lock().expect("lines").join("\n");
+    let runs = ticker_runs(&printed.lock().expect("lines"));
     assert_eq!(
         runs.len(),
         2,
@@ -558,39 +610,39 @@ async fn adopted_instances_are_probed_again() {
         ))
         .await
         .expect("apply");
-    let health = |want: &'static str| {
+    let health = |want: pb::HealthState| {
         let agent = &agent;
         async move {
             eventually(
-                &format!("probed-0 {want}"),
+                &format!("probed-0 {want:?}"),
                 Duration::from_secs(30),
                 || async {
                     let s = agent.get("probed").await.ok()?;
-                    (s.instances.first()?.health == want).then_some(())
+                    (s.instances.first()?.health() == want).then_some(())
                 },
             )
             .await
         }
     };
-    health("healthy").await;
+    health(pb::HealthState::Healthy).await;
     let before = agent.get("probed").await.expect("get").instances[0].pid;
     agent.stop_with(libc::SIGKILL);
     agent.launch().await;
-    let health = |want: &'static str| {
+    let health = |want: pb::HealthState| {
         let agent = &agent;
         async move {
             eventually(
-                &format!("probed-0 {want}"),
+                &format!("probed-0 {want:?}"),
                 Duration::from_secs(30),
                 || async {
                     let s = agent.get("probed").await.ok()?;
-                    (s.instances.first()?.health == want).then_some(())
+                    (s.instances.first()?.health() == want).then_some(())
                 },
             )
             .await
         }
     };
-    health("healthy").await;
+    health(pb::HealthState::Healthy).await;
     assert_eq!(
         agent.get("probed").await.expect("get").instances[0].pid,
         before,
@@ -598,7 +650,7 @@ async fn adopted_instances_are_probed_again() {
     );
     let out = agent.cli(&["signal", "probed-0", "USR1"]);
     assert!(out.status.success());
-    health("unhealthy").await;
+    health(pb::HealthState::Unhealthy).await;
     let s = agent.get("probed").await.expect("get");
     assert!(
         s.instances[0].health_reason.contains("refused"),

@@ -81,7 +81,16 @@ async fn mixed_calls_from_32_mtls_clients_during_rollouts() {
             Until::Elapsed(Duration::from_secs(secs)),
         )
         .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Measured in the same state each round: the last rollout over, both instances
+        // healthy.
+        corral_e2e::eventually("the service to settle", Duration::from_secs(60), || async {
+            let s = agent.get("web").await.ok()?;
+            let rolling = s
+                .rollout
+                .is_some_and(|r| r.state() == pb::RolloutState::Running);
+            (!rolling && s.healthy == 2).then_some(())
+        })
+        .await;
         let kib = corral_e2e::rss_kib(pid);
         eprintln!(
             "round {round}: {} calls, refusals {:?}, agent RSS {kib} KiB, mean times {:?}",

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use corral_e2e::{Agent, eventually, pb, skip_unless_root, testbin};
+use corral_e2e::{Agent, attribute, eventually, pb, skip_unless_root, testbin};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -29,14 +29,14 @@ fn health(probe: &str, extra: &str) -> String {
 }
 
 /// Wait until instance 0 of `name` reports `want` health; returns its reason.
-async fn health_is(agent: &Agent, name: &str, want: &str) -> String {
+async fn health_is(agent: &Agent, name: &str, want: pb::HealthState) -> String {
     eventually(
-        &format!("{name}-0 to be {want}"),
+        &format!("{name}-0 to be {want:?}"),
         Duration::from_secs(30),
         || async {
             let s = agent.get(name).await.ok()?;
             let i = s.instances.first()?;
-            (i.health == want).then(|| i.health_reason.clone())
+            (i.health() == want).then(|| i.health_reason.clone())
         },
     )
     .await
@@ -57,19 +57,22 @@ async fn probe_kind(name: &str, probe: &str, healthy_reason: &str, unhealthy_rea
         .apply(&spec(name, 1, &["health-server"], &health(probe, "")))
         .await
         .expect("apply");
-    let reason = health_is(&agent, name, "healthy").await;
+    let reason = health_is(&agent, name, pb::HealthState::Healthy).await;
     assert!(reason.contains(healthy_reason), "{name} healthy: {reason}");
     let s = agent.get(name).await.expect("get");
-    assert_eq!(s.health, "healthy");
+    assert_eq!(s.health(), pb::ServiceHealth::Healthy);
     signal(&agent, &format!("{name}-0"), "USR1");
-    let reason = health_is(&agent, name, "unhealthy").await;
+    let reason = health_is(&agent, name, pb::HealthState::Unhealthy).await;
     assert!(
         reason.contains(unhealthy_reason),
         "{name} unhealthy: {reason}"
     );
-    assert_eq!(agent.get(name).await.expect("get").health, "unhealthy");
+    assert_eq!(
+        agent.get(name).await.expect("get").health(),
+        pb::ServiceHealth::Unhealthy
+    );
     signal(&agent, &format!("{name}-0"), "USR2");
-    health_is(&agent, name, "healthy").await;
+    health_is(&agent, name, pb::HealthState::Healthy).await;
     let s = agent.get(name).await.expect("get");
     assert_eq!(
         s.instances[0].restarts, 0,
@@ -149,7 +152,7 @@ async fn a_hanging_probe_is_cut_at_its_timeout() {
         ))
         .await
         .expect("apply");
-    let reason = health_is(&agent, "hang", "unhealthy").await;
+    let reason = health_is(&agent, "hang", pb::HealthState::Unhealthy).await;
     assert!(reason.contains("timed out after 400ms"), "{reason}");
 }
 
@@ -182,10 +185,10 @@ async fn failures_in_the_start_period_do_not_count() {
     })
     .await;
     assert_eq!(
-        agent.get("slow").await.expect("get").instances[0].health,
-        "unknown"
+        agent.get("slow").await.expect("get").instances[0].health(),
+        pb::HealthState::Unknown
     );
-    health_is(&agent, "slow", "unhealthy").await;
+    health_is(&agent, "slow", pb::HealthState::Unhealthy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +210,7 @@ async fn an_unhealthy_instance_is_replaced_as_health_failed() {
     .replace("restart_on_failure = false", "restart_on_failure = true");
     agent.apply(&text).await.expect("apply");
     let first = {
-        health_is(&agent, "live", "healthy").await;
+        health_is(&agent, "live", pb::HealthState::Healthy).await;
         agent.get("live").await.expect("get").instances[0].pid
     };
     signal(&agent, "live-0", "USR1");
@@ -220,7 +223,7 @@ async fn an_unhealthy_instance_is_replaced_as_health_failed() {
     let end = i.last_exit.expect("end");
     assert_eq!(end.text, "health_failed");
     assert_eq!(end.class, pb::ExitClass::HealthFailed as i32);
-    health_is(&agent, "live", "healthy").await;
+    health_is(&agent, "live", pb::HealthState::Healthy).await;
 }
 
 /// Every instance failing at once (a shared outage): at most max(1, 10%) are being
@@ -290,12 +293,12 @@ async fn a_shared_outage_is_not_a_restart_storm() {
         if e.index <= start {
             continue;
         }
-        match e.r#type.as_str() {
-            "stopping" if e.attributes.get("reason").map(String::as_str) == Some("unhealthy") => {
+        match e.r#type() {
+            pb::EventType::Stopping if attribute(&e, "reason").as_deref() == Some("unhealthy") => {
                 replacing.insert(e.instance.clone());
                 health_stops += 1;
             }
-            "instance_exited" => {
+            pb::EventType::InstanceExited => {
                 replacing.remove(&e.instance);
             }
             _ => {}
@@ -333,14 +336,15 @@ async fn ready_over_notify_socket_makes_an_instance_healthy() {
     agent.wait_running("nfy", 1).await;
     let early = agent.get("nfy").await.expect("get");
     assert_eq!(
-        early.instances[0].health, "unknown",
+        early.instances[0].health(),
+        pb::HealthState::Unknown,
         "not ready before READY=1"
     );
-    assert_eq!(early.health, "unhealthy");
-    health_is(&agent, "nfy", "healthy").await;
+    assert_eq!(early.health(), pb::ServiceHealth::Unhealthy);
+    health_is(&agent, "nfy", pb::HealthState::Healthy).await;
     let s = agent.get("nfy").await.expect("get");
     assert_eq!(s.instances[0].notify_status, "warmed up after 1500 ms");
-    assert_eq!(s.health, "healthy");
+    assert_eq!(s.health(), pb::ServiceHealth::Healthy);
     let mut w = agent
         .client()
         .await
@@ -354,7 +358,7 @@ async fn ready_over_notify_socket_makes_an_instance_healthy() {
     let mut saw_ready = false;
     while let Ok(Some(e)) = w.message().await {
         saw_ready |=
-            e.r#type == "ready" && e.attributes.get("via").map(String::as_str) == Some("notify");
+            e.r#type() == pb::EventType::Ready && attribute(&e, "via").as_deref() == Some("notify");
     }
     assert!(saw_ready, "a ready event via notify");
 }

@@ -154,6 +154,7 @@ async fn ignored_stop_signal_is_a_stop_timeout() {
         .scale(pb::ScaleRequest {
             name: "stubborn".into(),
             replicas: 0,
+            ..Default::default()
         })
         .await
         .expect("scale to 0");
@@ -281,7 +282,7 @@ async fn update_replaces_instances() {
         ))
         .await
         .expect("apply");
-    assert_eq!(r.outcome, "updated");
+    assert_eq!(r.outcome(), pb::ApplyOutcome::Updated);
     assert_eq!(r.revision, 2);
     assert!(r.replaces_instances);
     let after = eventually(
@@ -312,7 +313,10 @@ async fn update_replaces_instances() {
         ))
         .await
         .expect("apply");
-    assert_eq!((same.outcome.as_str(), same.revision), ("unchanged", 2));
+    assert_eq!(
+        (same.outcome(), same.revision),
+        (pb::ApplyOutcome::Unchanged, 2)
+    );
     let scaled = agent
         .apply(&spec(
             "up",
@@ -323,12 +327,8 @@ async fn update_replaces_instances() {
         .await
         .expect("apply");
     assert_eq!(
-        (
-            scaled.outcome.as_str(),
-            scaled.revision,
-            scaled.replaces_instances
-        ),
-        ("scaled", 2, false)
+        (scaled.outcome(), scaled.revision, scaled.replaces_instances),
+        (pb::ApplyOutcome::Scaled, 2, false)
     );
     agent.wait_running("up", 3).await;
     let still = agent.get("up").await.expect("get");

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use corral_e2e::load::{Load, Report};
-use corral_e2e::{Agent, eventually, free_port, pb, skip_unless_root, testbin};
+use corral_e2e::{Agent, attribute, eventually, free_port, number, pb, skip_unless_root, testbin};
 
 const CLIENTS: usize = 16;
 /// No load runs longer than this, whatever happens.
@@ -76,7 +76,7 @@ async fn finished(agent: &Agent, id: &str) -> pb::RolloutStatus {
         Duration::from_secs(120),
         || async {
             let r = rollout(agent, id).await;
-            (r.state != "running").then_some(r)
+            (r.state() != pb::RolloutState::Running).then_some(r)
         },
     )
     .await
@@ -145,7 +145,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     let t1 = load.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     assert_eq!((done.replaced, done.to_replace, done.ready), (4, 4, 4));
     no_failures("restart", &report, t0, t1);
     let after = agent.get("rr").await.expect("get");
@@ -179,14 +179,17 @@ async fn a_rolling_update_under_load_switches_versions_without_failing_a_request
         .apply(&spec("ru", port, "v2", "", ""))
         .await
         .expect("update");
-    assert_eq!((applied.outcome.as_str(), applied.revision), ("updated", 2));
+    assert_eq!(
+        (applied.outcome(), applied.revision),
+        (pb::ApplyOutcome::Updated, 2)
+    );
     assert!(applied.replaces_instances);
     let done = finished(&agent, &applied.rollout_id).await;
     let t1 = load.now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t2 = load.now();
     let report = load.finish();
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     no_failures("update", &report, t0, t1);
     let before = report.bodies(Duration::ZERO, t0);
     assert!(
@@ -230,7 +233,7 @@ async fn a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails() {
         );
     let applied = agent.apply(&broken).await.expect("update");
     let failed = finished(&agent, &applied.rollout_id).await;
-    assert_eq!(failed.state, "failed", "{failed:?}");
+    assert_eq!(failed.state(), pb::RolloutState::Failed, "{failed:?}");
     assert!(
         failed.reason.contains("within 3s"),
         "why it failed: {}",
@@ -242,8 +245,12 @@ async fn a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
     assert_eq!(
-        (back.kind.as_str(), back.state.as_str(), back.to_revision),
-        ("auto_rollback", "succeeded", 1)
+        (back.kind(), back.state(), back.to_revision),
+        (
+            pb::RolloutKind::AutoRollback,
+            pb::RolloutState::Succeeded,
+            1
+        )
     );
     no_failures("failed update", &report, t0, t1);
     let after = agent.get("nh").await.expect("get");
@@ -272,7 +279,7 @@ async fn an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas() {
     let id = restart(&agent, "km").await;
     eventually("the rollout halfway", Duration::from_secs(60), || async {
         let r = rollout(&agent, &id).await;
-        (r.replaced >= 2 && r.state == "running").then_some(())
+        (r.replaced >= 2 && r.state() == pb::RolloutState::Running).then_some(())
     })
     .await;
     agent.stop_with(libc::SIGKILL);
@@ -282,7 +289,7 @@ async fn an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas() {
     let t1 = load.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     assert!(
         done.steps.iter().any(|s| s.step == "resumed"),
         "{:?}",
@@ -372,22 +379,28 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
             .expect("the rollout ends in time")
             .expect("watch")
             .expect("stream open");
-        let attr = |k: &str| e.attributes.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| attr(k).parse::<u32>().unwrap_or(0);
-        match e.r#type.as_str() {
-            "instance_started" => {
+        let attr = |k: &str| attribute(&e, k).unwrap_or_default();
+        let num = |k: &str| {
+            number(&e, k)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0)
+        };
+        match e.r#type() {
+            pb::EventType::InstanceStarted => {
                 up.insert(e.instance.clone());
             }
-            "instance_exited" => {
+            pb::EventType::InstanceExited => {
                 up.remove(&e.instance);
                 stopping.remove(&e.instance);
             }
-            "stopping" => {
+            pb::EventType::Stopping => {
                 stopping.insert(e.instance.clone());
             }
-            "health_changed" if in_rollout && attr("to") == "healthy" => became_healthy += 1,
-            "rollout_started" if attr("rollout") == id => in_rollout = true,
-            "rollout_step" if attr("rollout") == id => {
+            pb::EventType::HealthChanged if in_rollout && attr("to") == "healthy" => {
+                became_healthy += 1
+            }
+            pb::EventType::RolloutStarted if attr("rollout") == id => in_rollout = true,
+            pb::EventType::RolloutStep if attr("rollout") == id => {
                 steps += 1;
                 let present = num("new") + num("old");
                 assert!(
@@ -402,7 +415,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
                     e.message
                 );
             }
-            "rollout_finished" if attr("rollout") == id => {
+            pb::EventType::RolloutFinished if attr("rollout") == id => {
                 assert_eq!(attr("state"), "succeeded", "{}", e.message);
                 break;
             }

@@ -1,17 +1,22 @@
 //! Conversions between the wire (`corral.v1`) and the domain. The spec goes wire -> `RawSpec`
 //! and is validated by `spec` like a TOML file, so both paths give the same errors.
 
+use crate::fleet::{FleetReport, Link};
+use crate::supervisor::Owner;
 use std::time::SystemTime;
 
 use corral_proto::v1 as pb;
 
 use crate::cgroups::Capabilities;
+use crate::events::{Event, EventKind};
+use crate::health::{HealthState, ServiceHealth};
 use crate::host::HostInfo;
+use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
     RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
-use crate::supervisor::{ExitClass, ExitInfo, InstanceStatus, ServiceStatus};
+use crate::supervisor::{ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, ServiceStatus};
 
 fn int(field: &str, v: u64, errors: &mut Vec<FieldError>) -> i64 {
     i64::try_from(v).unwrap_or_else(|_| {
@@ -211,18 +216,19 @@ fn ts(t: SystemTime) -> prost_types::Timestamp {
 }
 
 fn exit_to_proto(e: &ExitInfo) -> pb::ExitInfo {
-    let (class, code, signal) = match e.class {
-        ExitClass::Exited(c) => (pb::ExitClass::Exited, c, 0),
-        ExitClass::Signaled(s) => (pb::ExitClass::Signaled, 0, s),
-        ExitClass::OomKilled => (pb::ExitClass::OomKilled, 0, libc::SIGKILL),
-        ExitClass::StopTimeout => (pb::ExitClass::StopTimeout, 0, libc::SIGKILL),
-        ExitClass::HealthFailed => (pb::ExitClass::HealthFailed, 0, 0),
-        ExitClass::Lost => (pb::ExitClass::Lost, 0, 0),
+    let class = match e.class {
+        ExitClass::Exited(_) => pb::ExitClass::Exited,
+        ExitClass::Signaled(_) => pb::ExitClass::Signaled,
+        ExitClass::OomKilled => pb::ExitClass::OomKilled,
+        ExitClass::StopTimeout => pb::ExitClass::StopTimeout,
+        ExitClass::HealthFailed => pb::ExitClass::HealthFailed,
+        ExitClass::Lost => pb::ExitClass::Lost,
     };
+    let (code, signal) = e.class.code_and_signal();
     pb::ExitInfo {
         class: class as i32,
-        code,
-        signal,
+        code: code.unwrap_or(0),
+        signal: signal.unwrap_or(0),
         at: Some(ts(e.at)),
         text: e.class.to_string(),
         detail: e.setup_error.clone().unwrap_or_default(),
@@ -231,13 +237,79 @@ fn exit_to_proto(e: &ExitInfo) -> pb::ExitInfo {
 
 fn instance_state(i: &InstanceStatus) -> pb::InstanceState {
     match i.state {
-        "running" => pb::InstanceState::Running,
-        "stopping" | "removing" => pb::InstanceState::Stopping,
-        "backoff" if i.start_failed => pb::InstanceState::Failed,
-        "backoff" => pb::InstanceState::Backoff,
-        "exited" => pb::InstanceState::Exited,
-        "pending" => pb::InstanceState::Starting,
-        _ => pb::InstanceState::Unspecified,
+        Phase::Pending => pb::InstanceState::Starting,
+        Phase::Running => pb::InstanceState::Running,
+        // Being removed is still on the way out; a forgotten slot is not reported.
+        Phase::Stopping | Phase::Removing | Phase::Gone => pb::InstanceState::Stopping,
+        Phase::Backoff if i.start_failed => pb::InstanceState::Failed,
+        Phase::Backoff => pb::InstanceState::Backoff,
+        Phase::Exited => pb::InstanceState::Exited,
+    }
+}
+
+fn health_to_proto(h: HealthState) -> pb::HealthState {
+    match h {
+        HealthState::Unknown => pb::HealthState::Unknown,
+        HealthState::Healthy => pb::HealthState::Healthy,
+        HealthState::Unhealthy => pb::HealthState::Unhealthy,
+    }
+}
+
+fn service_health_to_proto(h: ServiceHealth) -> pb::ServiceHealth {
+    match h {
+        ServiceHealth::Healthy => pb::ServiceHealth::Healthy,
+        ServiceHealth::Degraded => pb::ServiceHealth::Degraded,
+        ServiceHealth::Unhealthy => pb::ServiceHealth::Unhealthy,
+    }
+}
+
+pub fn apply_outcome_to_proto(k: ApplyKind) -> pb::ApplyOutcome {
+    match k {
+        ApplyKind::Created => pb::ApplyOutcome::Created,
+        ApplyKind::Updated => pb::ApplyOutcome::Updated,
+        ApplyKind::Scaled => pb::ApplyOutcome::Scaled,
+        ApplyKind::Unchanged => pb::ApplyOutcome::Unchanged,
+    }
+}
+
+fn rollout_kind_to_proto(k: RolloutKind) -> pb::RolloutKind {
+    match k {
+        RolloutKind::Update => pb::RolloutKind::Update,
+        RolloutKind::Restart => pb::RolloutKind::Restart,
+        RolloutKind::Rollback => pb::RolloutKind::Rollback,
+        RolloutKind::AutoRollback => pb::RolloutKind::AutoRollback,
+    }
+}
+
+fn rollout_state_to_proto(s: RolloutState) -> pb::RolloutState {
+    match s {
+        RolloutState::Running => pb::RolloutState::Running,
+        RolloutState::Succeeded => pb::RolloutState::Succeeded,
+        RolloutState::Failed => pb::RolloutState::Failed,
+        RolloutState::Superseded => pb::RolloutState::Superseded,
+        RolloutState::Cancelled => pb::RolloutState::Cancelled,
+    }
+}
+
+fn event_type_to_proto(k: &EventKind) -> pb::EventType {
+    match k {
+        EventKind::Applied { .. } => pb::EventType::Applied,
+        EventKind::Deleted => pb::EventType::Deleted,
+        EventKind::Scaled { .. } => pb::EventType::Scaled,
+        EventKind::InstanceStarted { .. } => pb::EventType::InstanceStarted,
+        EventKind::StartFailed { .. } => pb::EventType::StartFailed,
+        EventKind::InstanceExited { .. } => pb::EventType::InstanceExited,
+        EventKind::RestartScheduled { .. } => pb::EventType::RestartScheduled,
+        EventKind::Stopping { .. } => pb::EventType::Stopping,
+        EventKind::Killed { .. } => pb::EventType::Killed,
+        EventKind::HealthChanged { .. } => pb::EventType::HealthChanged,
+        EventKind::Ready { .. } => pb::EventType::Ready,
+        EventKind::OomKill { .. } => pb::EventType::OomKill,
+        EventKind::Adopted { .. } => pb::EventType::Adopted,
+        EventKind::Lost { .. } => pb::EventType::Lost,
+        EventKind::RolloutStarted { .. } => pb::EventType::RolloutStarted,
+        EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
+        EventKind::RolloutFinished { .. } => pb::EventType::RolloutFinished,
     }
 }
 
@@ -270,7 +342,7 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
             .collect(),
         log_lines_dropped: i.log_dropped.lines_dropped,
         log_bytes_dropped: i.log_dropped.bytes_dropped,
-        health: i.health.to_string(),
+        health: health_to_proto(i.health) as i32,
         health_reason: i.health_reason.clone(),
         notify_status: i.notify_status.clone(),
     }
@@ -286,10 +358,33 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
         healthy: s.healthy,
         instances: s.instances.iter().map(instance_to_proto).collect(),
         deleting: s.deleting,
-        health: s.health.to_string(),
+        health: service_health_to_proto(s.health) as i32,
         rollout: s.rollout.as_ref().map(rollout_to_proto),
         revisions: s.revisions.clone(),
         paused: s.paused,
+        owner: owner_to_proto(s.owner) as i32,
+    }
+}
+
+pub fn owner_to_proto(o: Owner) -> pb::ServiceOwner {
+    match o {
+        Owner::Local => pb::ServiceOwner::Local,
+        Owner::Etcd => pb::ServiceOwner::Etcd,
+    }
+}
+
+pub fn fleet_to_proto(r: &FleetReport) -> pb::FleetLink {
+    let (connected, since, reason) = match &r.link {
+        Link::Connected { since } => (true, *since, String::new()),
+        Link::Disconnected { since, reason } => (false, *since, reason.clone()),
+    };
+    pb::FleetLink {
+        node: r.node.clone(),
+        endpoints: r.endpoints.clone(),
+        connected,
+        since: Some(ts(since)),
+        reason,
+        revision: r.revision,
     }
 }
 
@@ -298,8 +393,8 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
     pb::RolloutStatus {
         id: r.id.clone(),
         service: r.service.clone(),
-        kind: r.kind.as_str().into(),
-        state: r.state.as_str().into(),
+        kind: rollout_kind_to_proto(r.kind) as i32,
+        state: rollout_state_to_proto(r.state) as i32,
         from_revision: r.from_revision,
         to_revision: r.to_revision,
         replicas: r.replicas,
@@ -326,7 +421,7 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
             .iter()
             .map(|s| pb::RolloutStep {
                 time: Some(ts(s.time)),
-                step: s.step.clone(),
+                step: s.step.to_string(),
                 instance: s.instance.clone(),
                 message: s.message.clone(),
             })
@@ -340,6 +435,7 @@ pub fn node_to_proto(
     namespaces: &[Namespace],
     services: u32,
     instances: u32,
+    fleet: Option<&FleetReport>,
 ) -> pb::NodeInfo {
     pb::NodeInfo {
         hostname: h.hostname.clone(),
@@ -368,39 +464,51 @@ pub fn node_to_proto(
         namespaces: namespaces.iter().map(|n| n.as_str().to_string()).collect(),
         services,
         instances,
+        fleet: fleet.map(fleet_to_proto),
     }
 }
 
-/// An event on the wire: its fields flattened to strings under `attributes`.
-pub fn event_to_proto(e: &crate::events::Event) -> pb::Event {
-    let mut attributes = std::collections::HashMap::new();
-    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&e.kind) {
-        for (k, v) in map {
-            if k == "type" {
-                continue;
-            }
-            let text = match v {
-                serde_json::Value::Null => continue,
-                serde_json::Value::String(s) => s,
-                serde_json::Value::Array(items) => items
-                    .iter()
-                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                other => other.to_string(),
-            };
-            attributes.insert(k, text);
-        }
-    }
+/// An event on the wire: its type, and its fields (as the event log holds them) under
+/// `attributes`, numbers as numbers.
+pub fn event_to_proto(e: &Event) -> pb::Event {
+    let attributes = match serde_json::to_value(&e.kind) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .into_iter()
+            .filter(|(name, _)| name != "type")
+            .filter_map(|(name, value)| Some((name, attribute(value)?)))
+            .collect(),
+        _ => Default::default(),
+    };
     pb::Event {
         index: e.index,
         time: Some(ts(e.time)),
         service: e.service.clone(),
         instance: e.instance.clone().unwrap_or_default(),
-        r#type: e.kind.type_name().to_string(),
+        r#type: event_type_to_proto(&e.kind) as i32,
         message: e.kind.summary(),
         attributes,
     }
+}
+
+/// One field of an event on the wire; `None` for a field without a value.
+fn attribute(v: serde_json::Value) -> Option<pb::AttributeValue> {
+    use pb::attribute_value::{Lines, Value};
+    use serde_json::Value as Json;
+    let text = |v: &Json| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let value = match v {
+        Json::Null => return None,
+        Json::String(s) => Value::Text(s),
+        // Every number an event holds is an integer within i64 (counts, PIDs, revisions).
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Number(i),
+            None => Value::Text(n.to_string()),
+        },
+        Json::Array(items) => Value::Lines(Lines {
+            lines: items.iter().map(text).collect(),
+        }),
+        other => Value::Text(text(&other)),
+    };
+    Some(pb::AttributeValue { value: Some(value) })
 }
 
 #[cfg(test)]
@@ -444,6 +552,61 @@ grace = "10s"
 max_size = "10MiB"
 max_files = 5
 "#;
+
+    fn attr(e: &pb::Event, name: &str) -> Option<pb::attribute_value::Value> {
+        e.attributes.get(name).and_then(|v| v.value.clone())
+    }
+
+    /// Events on the wire: their type, their fields with numbers as numbers, states as the
+    /// words status uses, lists as lines, and absent values left out.
+    #[test]
+    fn events_carry_their_type_and_typed_fields() {
+        use pb::attribute_value::{Lines, Value};
+        let event = |kind| Event {
+            index: 4,
+            time: SystemTime::UNIX_EPOCH,
+            service: "web".into(),
+            instance: Some("web-0".into()),
+            kind,
+        };
+        let exited = event_to_proto(&event(EventKind::InstanceExited {
+            end: ExitClass::Exited(3),
+            code: Some(3),
+            signal: None,
+            detail: None,
+        }));
+        assert_eq!(exited.r#type(), pb::EventType::InstanceExited);
+        assert_eq!(attr(&exited, "end"), Some(Value::Text("exited(3)".into())));
+        assert_eq!(attr(&exited, "code"), Some(Value::Number(3)));
+        assert_eq!(exited.attributes.len(), 2, "{:?}", exited.attributes);
+
+        let applied = event_to_proto(&event(EventKind::Applied {
+            revision: 2,
+            outcome: ApplyKind::Updated,
+            changes: vec!["command".into(), "env.PORT".into()],
+        }));
+        assert_eq!(applied.r#type(), pb::EventType::Applied);
+        assert_eq!(attr(&applied, "revision"), Some(Value::Number(2)));
+        assert_eq!(
+            attr(&applied, "outcome"),
+            Some(Value::Text("updated".into()))
+        );
+        let lines = vec!["command".to_string(), "env.PORT".to_string()];
+        assert_eq!(
+            attr(&applied, "changes"),
+            Some(Value::Lines(Lines { lines }))
+        );
+
+        let stopping = event_to_proto(&event(EventKind::Stopping {
+            reason: crate::supervisor::instance::StopReason::ScaleDown,
+            signal: "SIGTERM".into(),
+        }));
+        assert_eq!(
+            attr(&stopping, "reason"),
+            Some(Value::Text("scale-down".into()))
+        );
+        assert_eq!(stopping.message, "stopping (scale-down): SIGTERM");
+    }
 
     #[test]
     fn spec_survives_the_wire() {

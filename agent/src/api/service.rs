@@ -1,6 +1,7 @@
 //! `corral.v1.Agent` over the supervisor: decode, validate the request's own fields, call
 //! the supervisor, encode. No logic of its own.
 
+use crate::fleet::FleetShared;
 use std::sync::Arc;
 
 use corral_proto::v1 as pb;
@@ -14,8 +15,8 @@ use super::status::to_status;
 use crate::cgroups::Capabilities;
 use crate::events::{EventError, EventLog, Filter};
 use crate::host::Host;
-use crate::spec::{self, Namespace};
-use crate::supervisor::{Operation, Outcome, SupervisorHandle};
+use crate::spec::{self, InstanceKey, Namespace};
+use crate::supervisor::{RolloutStarted, SupervisorError, SupervisorHandle};
 
 /// The largest spec file text accepted (the gRPC message limit is larger).
 pub const MAX_SPEC_TOML: usize = 1 << 20;
@@ -29,21 +30,16 @@ pub struct AgentService {
     pub host: Arc<Host>,
     pub capabilities: Capabilities,
     pub namespaces: Vec<Namespace>,
+    /// The link to the fleet's etcd, with `--etcd`.
+    pub fleet: Option<FleetShared>,
 }
 
-fn rollout_response(o: Outcome) -> Result<Response<pb::RolloutResponse>, Status> {
-    match o {
-        Outcome::RolloutStarted {
-            name,
-            revision,
-            rollout_id,
-        } => Ok(Response::new(pb::RolloutResponse {
-            name,
-            revision,
-            rollout_id,
-        })),
-        o => Err(unexpected(o)),
-    }
+fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
+    Response::new(pb::RolloutResponse {
+        name: r.name,
+        revision: r.revision,
+        rollout_id: r.rollout_id,
+    })
 }
 
 /// `name`, the request's `field`, is a valid service name.
@@ -72,26 +68,10 @@ fn parse_signal(s: &str) -> Result<(i32, String), Status> {
     }
 }
 
-fn unexpected(o: Outcome) -> Status {
-    Status::internal(format!("unexpected supervisor answer: {o:?}"))
-}
-
 impl AgentService {
-    async fn call(&self, op: Operation) -> Result<Outcome, Status> {
-        self.supervisor.call(op).await.map_err(to_status)
-    }
-
     /// The instance ids of a service (or the one asked for, which must exist).
     async fn instances_of(&self, service: &str, only: Option<&str>) -> Result<Vec<String>, Status> {
-        let status = match self
-            .call(Operation::Get {
-                name: service.to_string(),
-            })
-            .await?
-        {
-            Outcome::Status(s) => s,
-            o => return Err(unexpected(o)),
-        };
+        let status = self.supervisor.get(service).await.map_err(to_status)?;
         let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
         match only {
             Some(id) if !ids.iter().any(|i| i == id) => {
@@ -424,24 +404,19 @@ impl Agent for AgentService {
         if let Some(a) = &audit {
             a.note(&format!("{}{dry}", spec.name));
         }
-        match self
-            .call(Operation::Apply {
-                spec: Box::new(spec),
-                dry_run: req.dry_run,
-                force: req.force,
-            })
-            .await?
-        {
-            Outcome::Applied(a) => Ok(Response::new(pb::ApplyResponse {
-                name: a.name,
-                revision: a.revision,
-                outcome: a.kind.as_str().into(),
-                changes: a.changes,
-                replaces_instances: a.replaces_instances,
-                rollout_id: a.rollout_id.unwrap_or_default(),
-            })),
-            o => Err(unexpected(o)),
-        }
+        let a = self
+            .supervisor
+            .apply(spec, req.dry_run, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ApplyResponse {
+            name: a.name,
+            revision: a.revision,
+            outcome: convert::apply_outcome_to_proto(a.kind) as i32,
+            changes: a.changes,
+            replaces_instances: a.replaces_instances,
+            rollout_id: a.rollout_id.unwrap_or_default(),
+        }))
     }
 
     async fn delete(
@@ -449,15 +424,18 @@ impl Agent for AgentService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         AuditNote::set(&req, &req.get_ref().name);
-        let name = req.into_inner().name;
+        let req = req.into_inner();
+        let name = req.name;
         check_name("name", &name)?;
-        match self.call(Operation::Delete { name }).await? {
-            Outcome::Deleted { name, stopped } => Ok(Response::new(pb::DeleteResponse {
-                name,
-                stopped_instances: stopped,
-            })),
-            o => Err(unexpected(o)),
-        }
+        let d = self
+            .supervisor
+            .delete(&name, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteResponse {
+            name: d.name,
+            stopped_instances: d.stopped,
+        }))
     }
 
     async fn get(
@@ -466,22 +444,18 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let name = req.into_inner().name;
         check_name("name", &name)?;
-        match self.call(Operation::Get { name }).await? {
-            Outcome::Status(s) => Ok(Response::new(convert::status_to_proto(&s))),
-            o => Err(unexpected(o)),
-        }
+        let s = self.supervisor.get(&name).await.map_err(to_status)?;
+        Ok(Response::new(convert::status_to_proto(&s)))
     }
 
     async fn list(
         &self,
         _req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        match self.call(Operation::List).await? {
-            Outcome::List(v) => Ok(Response::new(pb::ListResponse {
-                services: v.iter().map(convert::status_to_proto).collect(),
-            })),
-            o => Err(unexpected(o)),
-        }
+        let v = self.supervisor.list().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListResponse {
+            services: v.iter().map(convert::status_to_proto).collect(),
+        }))
     }
 
     async fn restart(
@@ -490,11 +464,8 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let op = Operation::Restart {
-            name: req.name,
-            force: req.force,
-        };
-        rollout_response(self.call(op).await?)
+        let r = self.supervisor.restart(&req.name, req.force).await;
+        r.map(rollout_response).map_err(to_status)
     }
 
     async fn rollback(
@@ -503,12 +474,11 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let op = Operation::Rollback {
-            name: req.name,
-            revision: req.revision,
-            force: req.force,
-        };
-        rollout_response(self.call(op).await?)
+        let r = self
+            .supervisor
+            .rollback(&req.name, req.revision, req.force)
+            .await;
+        r.map(rollout_response).map_err(to_status)
     }
 
     async fn get_rollout(
@@ -526,10 +496,8 @@ impl Agent for AgentService {
                 "id: {shown:?} is not a rollout id (<service>-r<number>, as Apply, Restart and Rollback return)"
             )));
         }
-        match self.call(Operation::GetRollout { id }).await? {
-            Outcome::Rollout(r) => Ok(Response::new(convert::rollout_to_proto(&r))),
-            o => Err(unexpected(o)),
-        }
+        let r = self.supervisor.get_rollout(&id).await.map_err(to_status)?;
+        Ok(Response::new(convert::rollout_to_proto(&r)))
     }
 
     async fn scale(
@@ -539,24 +507,16 @@ impl Agent for AgentService {
         AuditNote::set(&req, &req.get_ref().name);
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        match self
-            .call(Operation::Scale {
-                name: req.name,
-                replicas: req.replicas,
-            })
-            .await?
-        {
-            Outcome::Scaled {
-                name,
-                previous,
-                replicas,
-            } => Ok(Response::new(pb::ScaleResponse {
-                name,
-                previous,
-                replicas,
-            })),
-            o => Err(unexpected(o)),
-        }
+        let s = self
+            .supervisor
+            .scale(&req.name, req.replicas, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ScaleResponse {
+            name: s.name,
+            previous: s.previous,
+            replicas: s.replicas,
+        }))
     }
 
     async fn signal(
@@ -572,37 +532,34 @@ impl Agent for AgentService {
                 req.instance.chars().take(80).collect::<String>()
             )));
         }
-        match self
-            .call(Operation::Signal {
-                instance: req.instance,
-                signal: number,
+        // Text that is no instance id names no instance.
+        let key: InstanceKey = req.instance.parse().map_err(|_| {
+            to_status(SupervisorError::InstanceNotFound {
+                instance: req.instance.clone(),
             })
-            .await?
-        {
-            Outcome::Signaled { instance, pid } => Ok(Response::new(pb::SignalResponse {
-                instance,
-                signal: name,
-                pid,
-            })),
-            o => Err(unexpected(o)),
-        }
+        })?;
+        let s = self
+            .supervisor
+            .signal(key, number)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SignalResponse {
+            instance: s.instance.to_string(),
+            signal: name,
+            pid: s.pid,
+        }))
     }
 
     async fn node(&self, _req: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
-        let (services, instances) = match self.call(Operation::Summary).await? {
-            Outcome::Summary {
-                services,
-                instances,
-            } => (services, instances),
-            o => return Err(unexpected(o)),
-        };
+        let summary = self.supervisor.summary().await.map_err(to_status)?;
         let host = self.host.snapshot();
         Ok(Response::new(convert::node_to_proto(
             &host,
             &self.capabilities,
             &self.namespaces,
-            services,
-            instances,
+            summary.services,
+            summary.instances,
+            self.fleet.as_ref().map(|f| f.report()).as_ref(),
         )))
     }
 }
@@ -622,16 +579,17 @@ mod tests {
         let cgroups = Arc::new(RecordingCgroups::default());
         let capabilities = cgroups.capabilities().clone();
         let events = Arc::new(EventLog::in_memory(100));
-        let (mut driver, handle) = Driver::new(Deps {
-            runtime: Arc::new(FakeRuntime::new()),
+        let (mut driver, handle) = Driver::new(Deps::new(
+            Arc::new(FakeRuntime::new()),
             cgroups,
-            store: Arc::new(MemStore::new()),
-            namespaces: Namespace::ALL.to_vec(),
-            events: events.clone(),
-        });
+            Arc::new(MemStore::new()),
+            Namespace::ALL.to_vec(),
+            events.clone(),
+        ));
         driver.restore().await;
         tokio::spawn(driver.run(tokio_util::sync::CancellationToken::new()));
         AgentService {
+            fleet: None,
             supervisor: handle,
             events,
             log_root: std::env::temp_dir().join("corral-api-test-no-logs"),

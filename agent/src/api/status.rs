@@ -55,18 +55,23 @@ fn cut(s: &str, max: usize) -> &str {
 
 pub fn to_status(e: SupervisorError) -> Status {
     let code = match &e {
-        SupervisorError::InvalidSpec(_) | SupervisorError::InvalidArgument { .. } => {
-            Code::InvalidArgument
-        }
+        SupervisorError::InvalidSpec(_)
+        | SupervisorError::ReplicasOutOfRange { .. }
+        | SupervisorError::CurrentRevision { .. }
+        | SupervisorError::RevisionNotKept { .. } => Code::InvalidArgument,
         SupervisorError::NotFound { .. }
         | SupervisorError::InstanceNotFound { .. }
         | SupervisorError::RolloutNotFound { .. } => Code::NotFound,
-        SupervisorError::Unenforceable(_)
+        SupervisorError::Unenforceable { .. }
+        | SupervisorError::Listen { .. }
+        | SupervisorError::Signal { .. }
         | SupervisorError::Deleting { .. }
         | SupervisorError::NotRunning { .. }
         | SupervisorError::RolloutRunning { .. }
-        | SupervisorError::Precondition(_) => Code::FailedPrecondition,
-        SupervisorError::Storage(_) => Code::Internal,
+        | SupervisorError::OwnedByFleet { .. }
+        | SupervisorError::OwnedLocally { .. }
+        | SupervisorError::NothingToRollBackTo { .. } => Code::FailedPrecondition,
+        SupervisorError::Storage { .. } | SupervisorError::Encoding { .. } => Code::Internal,
         SupervisorError::Unavailable => Code::Unavailable,
     };
     let message = match &e {
@@ -80,6 +85,7 @@ pub fn to_status(e: SupervisorError) -> Status {
 mod tests {
     use super::*;
     use crate::spec::{FieldError, SpecError};
+    use crate::store::StoreError;
 
     #[test]
     fn codes() {
@@ -98,17 +104,68 @@ mod tests {
                 Code::NotFound,
             ),
             (
-                SupervisorError::Unenforceable("memory".into()),
+                SupervisorError::CurrentRevision { revision: 2 },
+                Code::InvalidArgument,
+            ),
+            (
+                SupervisorError::Unenforceable {
+                    reasons: vec!["resources.memory: no memory controller".into()],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::Listen {
+                    index: 0,
+                    listen: crate::spec::ListenAddr::Tcp(([127, 0, 0, 1], 80).into()),
+                    source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+                },
                 Code::FailedPrecondition,
             ),
             (
                 SupervisorError::Deleting { name: "x".into() },
                 Code::FailedPrecondition,
             ),
-            (SupervisorError::Storage("disk".into()), Code::Internal),
+            (
+                SupervisorError::OwnedByFleet { name: "x".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::OwnedLocally { name: "x".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::NothingToRollBackTo {
+                    name: "x".into(),
+                    revision: 1,
+                    kept: vec![1],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::Storage {
+                    source: StoreError::Io {
+                        path: "/state/services/x".into(),
+                        what: "writing",
+                        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                    },
+                },
+                Code::Internal,
+            ),
             (SupervisorError::Unavailable, Code::Unavailable),
         ];
         for (e, code) in cases {
+            // The error underneath stays reachable as the cause.
+            let caused = std::error::Error::source(&e).is_some();
+            assert_eq!(
+                caused,
+                matches!(
+                    e,
+                    SupervisorError::InvalidSpec(_)
+                        | SupervisorError::Listen { .. }
+                        | SupervisorError::Storage { .. }
+                ),
+                "{e:?}"
+            );
             let msg = e.to_string();
             let s = to_status(e);
             assert_eq!(s.code(), code);

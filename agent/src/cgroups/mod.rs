@@ -6,7 +6,8 @@
 //! through [`seam`], which contains its known defects: every call runs under `catch_unwind`,
 //! every value written is read back (it swallows some write errors), OOM kills are read from
 //! the kernel's own counters, and killing everything works on v1 too (no `cgroup.kill`
-//! there). [`recording::RecordingCgroups`] is an in-memory backend for the supervisor's tests.
+//! there). `recording::RecordingCgroups` (tests and the `testkit` feature) is an in-memory
+//! backend for the supervisor's tests.
 //!
 //! Imports from the crate: `spec` only.
 
@@ -14,6 +15,7 @@ pub mod detect;
 #[cfg(test)]
 mod fake;
 mod fsutil;
+#[cfg(any(test, feature = "testkit"))]
 pub mod recording;
 mod seam;
 #[cfg(test)]

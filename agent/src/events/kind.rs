@@ -1,21 +1,46 @@
 //! What can happen to a service or an instance: the vocabulary of the event log. The serde
 //! form (`{"type": "instance_started", "pid": 1234, "revision": 2}`) is what is persisted, so
-//! variants and fields may be added but never renamed.
+//! variants and fields may be added but never renamed. States are the domain's own enums,
+//! written as the words the status report uses (`"healthy"`, `"scale-down"`, `"exited(3)"`),
+//! so logs written before they were typed read the same.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// One state change. Strings that name a state (`end`, `from`/`to`, `via`) use the agent's
-/// own words, as the status report shows them.
+use crate::health::HealthState;
+use crate::rollout::record::{Kind as RolloutKind, State as RolloutState, Step};
+use crate::supervisor::desired::ApplyKind;
+use crate::supervisor::instance::{ExitClass, StopReason};
+
+/// How an instance became ready.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyVia {
+    /// Its health probe passed for the first time.
+    Probe,
+    /// It sent `READY=1` on its NOTIFY_SOCKET.
+    Notify,
+}
+
+impl ReadyVia {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyVia::Probe => "probe",
+            ReadyVia::Notify => "notify",
+        }
+    }
+}
+
+/// One state change.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
-    /// A spec was applied. `outcome`: `created`, `updated` or `scaled`; `changes`: what
-    /// differs from the previous revision, one line each.
+    /// A spec was applied (never `unchanged`); `changes`: what differs from the previous
+    /// revision, one line each.
     Applied {
         revision: u64,
-        outcome: String,
+        outcome: ApplyKind,
         changes: Vec<String>,
     },
     /// The service was deleted (its instances are stopped and its cgroups removed).
@@ -26,41 +51,46 @@ pub enum EventKind {
     InstanceStarted { pid: i32, revision: u64 },
     /// An instance could not be started.
     StartFailed { error: String },
-    /// An instance's process ended. `end` is the exit class: `exited(3)`, `killed(SIGTERM)`,
-    /// `oom_killed` …; `detail` says more when there is more to say.
+    /// An instance's process ended. `end` is the exit class as status shows it: `exited(3)`,
+    /// `signaled(15)`, `oom_killed`, `stop_timeout`, `health_failed`, `lost`; `code` and
+    /// `signal` are its exit code or the signal that ended it (SIGKILL for `oom_killed` and
+    /// `stop_timeout`); `detail` says more when there is more to say (why it never ran its
+    /// command, why its end could not be observed).
     InstanceExited {
-        end: String,
+        #[serde(with = "exit_class_text")]
+        end: ExitClass,
         code: Option<i32>,
         signal: Option<i32>,
         detail: Option<String>,
     },
     /// An instance will be started again after `delay_ms`; `attempt` counts from 1.
     RestartScheduled { delay_ms: u64, attempt: u32 },
-    /// An instance is being stopped: `signal` was sent for `reason`.
-    Stopping { reason: String, signal: String },
+    /// An instance is being stopped: `signal` (its name) was sent for `reason`.
+    Stopping { reason: StopReason, signal: String },
     /// An instance did not stop within its grace period and got SIGKILL.
     Killed { reason: String },
-    /// An instance's health changed; states are `unknown`, `healthy`, `unhealthy`.
+    /// An instance's health changed, for `reason` (the outcome that decided it).
     HealthChanged {
-        from: String,
-        to: String,
+        from: HealthState,
+        to: HealthState,
         reason: String,
     },
-    /// An instance became ready, `via` a passing `probe` or a `notify` (`READY=1`).
-    Ready { via: String },
+    /// An instance became ready.
+    Ready { via: ReadyVia },
     /// The kernel OOM-killed a process inside an instance that keeps running; `count` is the
     /// instance's OOM kills so far (its cgroup's `oom_kill` counter).
     OomKill { count: u64 },
     /// An instance left running by an earlier agent run was taken over.
     Adopted { pid: i32 },
-    /// An instance is gone without the agent seeing it end (its cgroup vanished, its process
-    /// could not be found after a restart of the agent).
+    /// Not written by this release: an instance whose end could not be observed is an
+    /// `instance_exited` with end `lost` and the reason in `detail`. Kept so that event logs of
+    /// earlier releases still read.
     Lost { reason: String },
-    /// A rollout began: `kind` (update, restart, rollback, auto_rollback) from one revision
-    /// to another, replacing `to_replace` instances within `max_surge` / `max_unavailable`.
+    /// A rollout began from one revision to another, replacing `to_replace` instances within
+    /// `max_surge` / `max_unavailable`.
     RolloutStarted {
         rollout: String,
-        kind: String,
+        kind: RolloutKind,
         from_revision: u64,
         to_revision: u64,
         to_replace: u32,
@@ -73,7 +103,7 @@ pub enum EventKind {
     /// `available` (ready new plus healthy old).
     RolloutStep {
         rollout: String,
-        step: String,
+        step: Step,
         message: String,
         replaced: u32,
         to_replace: u32,
@@ -82,11 +112,11 @@ pub enum EventKind {
         old: u32,
         available: u32,
     },
-    /// A rollout ended: `state` is succeeded, failed, superseded or cancelled; `rollback` names
-    /// the rollback a failure started.
+    /// A rollout ended (`state` is never `running`); `rollback` names the rollback a failure
+    /// started.
     RolloutFinished {
         rollout: String,
-        state: String,
+        state: RolloutState,
         reason: String,
         rollback: Option<String>,
     },
@@ -124,6 +154,7 @@ impl EventKind {
                 outcome,
                 changes,
             } => {
+                let outcome = outcome.as_str();
                 if changes.is_empty() {
                     format!("revision {revision} applied ({outcome})")
                 } else {
@@ -141,20 +172,22 @@ impl EventKind {
             EventKind::StartFailed { error } => format!("start failed: {error}"),
             EventKind::InstanceExited { end, detail, .. } => match detail {
                 Some(detail) => format!("{end}: {detail}"),
-                None => end.clone(),
+                None => end.to_string(),
             },
             EventKind::RestartScheduled { delay_ms, attempt } => format!(
                 "restart #{attempt} in {}",
                 humantime::format_duration(Duration::from_millis(*delay_ms))
             ),
-            EventKind::Stopping { reason, signal } => format!("stopping ({reason}): {signal}"),
+            EventKind::Stopping { reason, signal } => {
+                format!("stopping ({}): {signal}", reason.as_str())
+            }
             EventKind::Killed { reason } => {
                 format!("killed with SIGKILL after the grace period ({reason})")
             }
             EventKind::HealthChanged { from, to, reason } => {
                 format!("health {from} -> {to}: {reason}")
             }
-            EventKind::Ready { via } => format!("ready (via {via})"),
+            EventKind::Ready { via } => format!("ready (via {})", via.as_str()),
             EventKind::OomKill { count } => {
                 format!("OOM kill inside the running instance ({count} so far)")
             }
@@ -170,8 +203,9 @@ impl EventKind {
                 max_unavailable,
                 ..
             } => format!(
-                "rollout {rollout} started ({kind}, revision {from_revision} -> {to_revision}): \
-                 {to_replace} to replace, max_surge {max_surge}, max_unavailable {max_unavailable}"
+                "rollout {rollout} started ({}, revision {from_revision} -> {to_revision}): \
+                 {to_replace} to replace, max_surge {max_surge}, max_unavailable {max_unavailable}",
+                kind.as_str()
             ),
             EventKind::RolloutStep {
                 rollout,
@@ -199,7 +233,7 @@ impl EventKind {
                 reason,
                 rollback,
             } => {
-                let mut line = format!("rollout {rollout} {state}");
+                let mut line = format!("rollout {rollout} {}", state.as_str());
                 if !reason.is_empty() {
                     line.push_str(&format!(": {reason}"));
                 }
@@ -209,5 +243,22 @@ impl EventKind {
                 line
             }
         }
+    }
+}
+
+/// An exit class in the event log: the text status shows (`exited(3)`), not the tagged form
+/// instance records use.
+mod exit_class_text {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::supervisor::instance::ExitClass;
+
+    pub fn serialize<S: Serializer>(class: &ExitClass, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(class)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ExitClass, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(D::Error::custom)
     }
 }

@@ -24,7 +24,9 @@
 //! still replaying from the files holds nothing and is never cut off (only retention can
 //! overtake it: [`EventError::Trimmed`]).
 //!
-//! Imports from the crate: nothing.
+//! Imports from the crate: the vocabulary it records, the domain's own state enums
+//! (`health::HealthState`, `rollout::record`'s kind, state and step, `supervisor::instance`'s
+//! exit class and stop reason, `supervisor::desired::ApplyKind`); none of those import it.
 
 mod kind;
 mod segment;
@@ -42,7 +44,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use kind::EventKind;
+pub use kind::{EventKind, ReadyVia};
 pub use watch::Watch;
 
 use segment::{Segments, Snapshot};

@@ -1,7 +1,8 @@
 //! What the agent has done with its node's keys in etcd, kept in the state directory so a
 //! restarted agent resumes its watch where it stopped: the etcd revision up to which every
-//! change was handled, and per service the spec revision last handled, its outcome, and
-//! whether the service is the fleet's (etcd-owned). Pure decisions on it are here too.
+//! change was handled, and per service key the spec revision last handled and its outcome.
+//! (Whether a service is the fleet's is in the service's own record: its owner.) Pure
+//! decisions on it are here too.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,9 +23,6 @@ pub struct Entry {
     pub state: ApplyState,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
-    /// The service is the fleet's: a spec from etcd was applied to it (a refused first spec
-    /// leaves a local service of that name local).
-    pub owned: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,15 +55,6 @@ impl Ledger {
         store.put(KIND, NAME, &bytes)
     }
 
-    /// The services the fleet owns.
-    pub fn owned(&self) -> BTreeSet<String> {
-        self.services
-            .iter()
-            .filter(|(_, e)| e.owned)
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-
     /// Whether the key of `name` at `spec_revision` still needs handling: not yet seen at
     /// that revision, or seen and left to retry.
     pub fn needs_apply(&self, name: &str, spec_revision: i64) -> bool {
@@ -75,8 +64,7 @@ impl Ledger {
         }
     }
 
-    /// After a full read of the node's keys: the services whose key is gone. Those the fleet
-    /// owns are removed from the node; the others only lose their entry.
+    /// After a full read of the node's keys: the services whose key is gone.
     pub fn gone(&self, present: &BTreeSet<&str>) -> Vec<String> {
         self.services
             .keys()
@@ -87,15 +75,12 @@ impl Ledger {
 
     /// Record how handling the key of `name` at `spec_revision` ended.
     pub fn record(&mut self, name: &str, spec_revision: i64, state: ApplyState, error: String) {
-        let owned = state == ApplyState::Applied
-            || self.services.get(name).is_some_and(|e| e.owned);
         self.services.insert(
             name.to_string(),
             Entry {
                 spec_revision,
                 state,
                 error,
-                owned,
             },
         );
     }
@@ -116,11 +101,11 @@ mod tests {
         assert!(l.needs_apply("web", 6));
         l.record("db", 7, ApplyState::Retrying, "disk full".into());
         assert!(l.needs_apply("db", 7), "retried");
-        // A refused first spec does not make a service the fleet's; a refused update of an
-        // owned one keeps it owned.
         l.record("local", 8, ApplyState::Refused, "bad".into());
-        l.record("web", 9, ApplyState::Refused, "bad".into());
-        assert_eq!(l.owned(), BTreeSet::from(["web".to_string()]));
+        assert!(
+            !l.needs_apply("local", 8),
+            "a refusal stands until the key changes"
+        );
         let present = BTreeSet::from(["web"]);
         assert_eq!(l.gone(&present), ["db", "local"]);
     }

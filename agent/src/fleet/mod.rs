@@ -10,7 +10,9 @@
 //! again with backoff and jitter; what runs keeps running at its last applied state.
 //!
 //! Imports from the crate: `spec`, `store`, `events`, `host`, and the supervisor through
-//! [`services::Services`] only.
+//! [`services::Services`] only (its handle speaks as the etcd [`Owner`](crate::supervisor::Owner):
+//! the local API cannot change what the fleet gave the node unless forced, and the fleet
+//! never takes over a local service).
 
 pub mod ledger;
 pub mod services;

@@ -21,6 +21,7 @@ use super::ledger::Ledger;
 use super::services::{Refusal, Services, Summary};
 use super::{FleetConfig, FleetDeps, FleetShared};
 use crate::spec;
+use crate::supervisor::Owner;
 
 /// Deadline of one etcd request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -136,7 +137,7 @@ fn status_record(
         updated_unix_ms: 0,
         ..Default::default()
     };
-    if let Some(s) = running.filter(|_| entry.owned) {
+    if let Some(s) = running.filter(|s| s.owner == Owner::Etcd) {
         r.revision = s.revision;
         r.desired = s.desired;
         r.running = s.running;
@@ -160,8 +161,13 @@ fn committed(list: &[Summary]) -> Resources {
 }
 
 impl<S: Services> Fleet<S> {
-    pub fn new(cfg: FleetConfig, services: S, deps: FleetDeps, ledger: Ledger) -> (Fleet<S>, FleetShared) {
-        let shared = FleetShared::new(&cfg.node, &cfg.etcd.endpoints, ledger.owned(), ledger.revision);
+    pub fn new(
+        cfg: FleetConfig,
+        services: S,
+        deps: FleetDeps,
+        ledger: Ledger,
+    ) -> (Fleet<S>, FleetShared) {
+        let shared = FleetShared::new(&cfg.node, &cfg.etcd.endpoints, ledger.revision);
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -189,10 +195,8 @@ impl<S: Services> Fleet<S> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
         loop {
             let mut connected = false;
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = self.session(&shutdown, &mut connected) => r,
-            };
+            // The session watches `shutdown` itself, to leave the registry on the way out.
+            let result = self.session(&shutdown, &mut connected).await;
             let reason = match result {
                 Ok(()) => return,
                 Err(reason) => reason,
@@ -216,8 +220,7 @@ impl<S: Services> Fleet<S> {
     }
 
     fn save_ledger(&self) -> Result<(), String> {
-        self.shared
-            .set_progress(self.ledger.revision, self.ledger.owned());
+        self.shared.set_revision(self.ledger.revision);
         self.ledger
             .save(self.deps.store.as_ref())
             .map_err(|e| format!("saving the fleet ledger: {e}"))
@@ -229,19 +232,26 @@ impl<S: Services> Fleet<S> {
         shutdown: &CancellationToken,
         connected: &mut bool,
     ) -> Result<(), String> {
-        let mut client = self.cfg.etcd.connect().await.map_err(|e| e.to_string())?;
-        let ttl = self.cfg.lease_ttl.as_secs().max(2) as i64;
-        let lease = call("granting the node's lease", client.lease_grant(ttl, None))
-            .await?
-            .id();
-        // Every session starts with a fresh status pass: the keys may have changed meanwhile.
-        self.statuses.clear();
-        self.info = None;
-        self.dirty = true;
-        self.write_info(&mut client, lease, true).await?;
-        let (mut lease_lost, _keepalive) =
-            spawn_keepalive(client.clone(), lease, self.cfg.lease_ttl);
-        let mut watch = self.sync(&mut client).await?;
+        let start = async {
+            let mut client = self.cfg.etcd.connect().await.map_err(|e| e.to_string())?;
+            let ttl = self.cfg.lease_ttl.as_secs().max(2) as i64;
+            let lease = call("granting the node's lease", client.lease_grant(ttl, None))
+                .await?
+                .id();
+            // Every session starts with a fresh status pass: the keys may have changed
+            // meanwhile.
+            self.statuses.clear();
+            self.info = None;
+            self.dirty = true;
+            self.write_info(&mut client, lease, true).await?;
+            let keepalive = spawn_keepalive(client.clone(), lease, self.cfg.lease_ttl);
+            let watch = self.sync(&mut client).await?;
+            Ok::<_, String>((client, lease, keepalive, watch))
+        };
+        let (mut client, lease, (mut lease_lost, _keepalive), mut watch) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            started = start => started?,
+        };
         self.shared.connected();
         *connected = true;
         tracing::info!(
@@ -256,7 +266,11 @@ impl<S: Services> Fleet<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // The node leaves the registry now rather than at the lease's expiry.
-                    let _ = call("revoking the lease", client.lease_revoke(lease)).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.lease_revoke(lease),
+                    )
+                    .await;
                     return Ok(());
                 }
                 why = &mut lease_lost => {
@@ -307,9 +321,7 @@ impl<S: Services> Fleet<S> {
 
     async fn watch_from(&self, client: &mut Client, from: i64) -> Result<WatchStream, String> {
         let prefix = self.cfg.layout.services_prefix(&self.cfg.node);
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(from);
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
         call(
             "watching the node's services",
             client.watch(prefix, Some(options)),
@@ -356,7 +368,10 @@ impl<S: Services> Fleet<S> {
         }
     }
 
-    async fn on_events(&mut self, events: &[corral_fleet::etcd_client::Event]) -> Result<(), String> {
+    async fn on_events(
+        &mut self,
+        events: &[corral_fleet::etcd_client::Event],
+    ) -> Result<(), String> {
         let mut max_rev = self.ledger.revision;
         for e in events {
             let Some(kv) = e.kv() else { continue };
@@ -367,7 +382,9 @@ impl<S: Services> Fleet<S> {
             match event_type(e) {
                 Some(EventType::Put) => self.on_put(&name, kv.value(), kv.mod_revision()).await,
                 Some(EventType::Delete) => self.on_delete(&name).await,
-                None => tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "fleet: watch event of an unknown kind, skipped"),
+                None => {
+                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "fleet: watch event of an unknown kind, skipped")
+                }
             }
         }
         self.ledger.revision = max_rev;
@@ -391,18 +408,29 @@ impl<S: Services> Fleet<S> {
             }
             Err(Refusal::Refused(reason)) => {
                 self.pending.remove(name);
-                tracing::warn!(service = name, spec_revision = rev, "fleet: spec refused: {reason}");
+                tracing::warn!(
+                    service = name,
+                    spec_revision = rev,
+                    "fleet: spec refused: {reason}"
+                );
                 (ApplyState::Refused, reason)
             }
             Err(Refusal::Retry(reason)) => {
-                let p = self.pending.entry(name.to_string()).or_insert_with(|| Pending {
-                    value: value.to_vec(),
-                    backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
-                    due: Instant::now(),
-                });
+                let p = self
+                    .pending
+                    .entry(name.to_string())
+                    .or_insert_with(|| Pending {
+                        value: value.to_vec(),
+                        backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
+                        due: Instant::now(),
+                    });
                 p.value = value.to_vec();
                 p.due = Instant::now() + p.backoff.next_delay();
-                tracing::warn!(service = name, spec_revision = rev, "fleet: applying failed, will retry: {reason}");
+                tracing::warn!(
+                    service = name,
+                    spec_revision = rev,
+                    "fleet: applying failed, will retry: {reason}"
+                );
                 (ApplyState::Retrying, reason)
             }
         };
@@ -410,21 +438,19 @@ impl<S: Services> Fleet<S> {
         self.dirty = true;
     }
 
-    /// A spec key deleted: an etcd-owned service leaves the node; its status key goes too
-    /// (at the next status pass).
+    /// A spec key deleted: the fleet's service leaves the node (a local one of that name
+    /// stays); its status key goes too (at the next status pass).
     async fn on_delete(&mut self, name: &str) {
-        let Some(entry) = self.ledger.services.get(name).cloned() else {
+        if !self.ledger.services.contains_key(name) {
             return;
-        };
-        if entry.owned {
-            if let Err(Refusal::Refused(e) | Refusal::Retry(e)) = self.services.delete(name).await {
-                // The key is gone and the service is still ours; it is tried again at the
-                // next full read (the entry stays).
-                tracing::warn!(service = name, "fleet: removing the service failed: {e}");
-                return;
-            }
-            tracing::info!(service = name, "fleet: removed (its key was deleted)");
         }
+        if let Err(Refusal::Refused(e) | Refusal::Retry(e)) = self.services.delete(name).await {
+            // The key is gone and the service still runs; it is tried again at the next full
+            // read (the entry stays).
+            tracing::warn!(service = name, "fleet: removing the service failed: {e}");
+            return;
+        }
+        tracing::info!(service = name, "fleet: removed (its key was deleted)");
         self.ledger.services.remove(name);
         self.pending.remove(name);
         self.statuses.remove(name);
@@ -506,7 +532,12 @@ impl<S: Services> Fleet<S> {
     }
 
     /// The node's record under the lease: at registration, and when it changed.
-    async fn write_info(&mut self, client: &mut Client, lease: i64, force: bool) -> Result<(), String> {
+    async fn write_info(
+        &mut self,
+        client: &mut Client,
+        lease: i64,
+        force: bool,
+    ) -> Result<(), String> {
         let host = self.deps.host.snapshot();
         let capacity = Resources {
             cpu: f64::from(host.cpus),

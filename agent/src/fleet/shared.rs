@@ -1,8 +1,7 @@
 //! What the rest of the agent may ask the fleet connection, without waiting on it: whether
-//! etcd is reachable (and since when it is not, and why), and which services the fleet owns.
-//! The API reads it for `Node` and to refuse local changes to etcd-owned services.
+//! etcd is reachable (and since when it is not, and why), and how far the node's keys were
+//! handled. The API reads it for `Node`.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,8 +22,6 @@ pub struct FleetReport {
     pub link: Link,
     /// The etcd revision up to which this node's keys were handled.
     pub revision: i64,
-    /// Services the fleet owns on this node.
-    pub owned: u32,
 }
 
 #[derive(Debug)]
@@ -33,7 +30,6 @@ struct Inner {
     endpoints: Vec<String>,
     link: Link,
     revision: i64,
-    owned: BTreeSet<String>,
 }
 
 /// Cheap to clone; every clone sees the same state.
@@ -43,13 +39,8 @@ pub struct FleetShared {
 }
 
 impl FleetShared {
-    /// Starts disconnected ("connecting"), with the ownership the ledger recorded.
-    pub fn new(
-        node: &str,
-        endpoints: &[String],
-        owned: BTreeSet<String>,
-        revision: i64,
-    ) -> FleetShared {
+    /// Starts disconnected ("connecting"), at the revision the ledger recorded.
+    pub fn new(node: &str, endpoints: &[String], revision: i64) -> FleetShared {
         FleetShared {
             inner: Arc::new(Mutex::new(Inner {
                 node: node.to_string(),
@@ -59,7 +50,6 @@ impl FleetShared {
                     reason: "connecting".into(),
                 },
                 revision,
-                owned,
             })),
         }
     }
@@ -75,12 +65,7 @@ impl FleetShared {
             endpoints: i.endpoints.clone(),
             link: i.link.clone(),
             revision: i.revision,
-            owned: i.owned.len() as u32,
         }
-    }
-
-    pub fn owns(&self, service: &str) -> bool {
-        self.lock().owned.contains(service)
     }
 
     pub(super) fn connected(&self) {
@@ -103,10 +88,8 @@ impl FleetShared {
         i.link = Link::Disconnected { since, reason };
     }
 
-    pub(super) fn set_progress(&self, revision: i64, owned: BTreeSet<String>) {
-        let mut i = self.lock();
-        i.revision = revision;
-        i.owned = owned;
+    pub(super) fn set_revision(&self, revision: i64) {
+        self.lock().revision = revision;
     }
 }
 
@@ -116,7 +99,7 @@ mod tests {
 
     #[test]
     fn disconnected_since_the_first_failure() {
-        let s = FleetShared::new("n1", &["http://a:1".into()], BTreeSet::new(), 0);
+        let s = FleetShared::new("n1", &["http://a:1".into()], 0);
         s.connected();
         let Link::Connected { since: up } = s.report().link else {
             panic!("connected")
@@ -135,9 +118,7 @@ mod tests {
                 reason: "lease expired".into()
             }
         );
-        s.set_progress(9, BTreeSet::from(["web".to_string()]));
-        assert!(s.owns("web") && !s.owns("db"));
+        s.set_revision(9);
         assert_eq!(s.report().revision, 9);
-        assert_eq!(s.report().owned, 1);
     }
 }

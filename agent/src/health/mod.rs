@@ -22,8 +22,8 @@ pub mod scheduler;
 pub mod target;
 pub mod tracker;
 
-#[cfg(test)]
-mod testkit;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 pub use aggregate::{
     InstanceHealth, ServiceHealth, health_restart_limit, may_restart_for_health, service_health,

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::probe::{ExecRunner, Outcome, check};
 use super::target::Target;
-use crate::spec::HealthSpec;
+use crate::spec::{HealthSpec, InstanceKey};
 
 /// The longest delay before a prober's first run.
 const MAX_FIRST_DELAY: Duration = Duration::from_secs(1);
@@ -33,7 +33,7 @@ const MAX_FIRST_DELAY: Duration = Duration::from_secs(1);
 /// The outcome of one run of an instance's probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeReport {
-    pub instance: String,
+    pub instance: InstanceKey,
     /// The instance run the probe belongs to; the driver drops reports of an earlier run.
     pub generation: u64,
     pub outcome: Outcome,
@@ -52,7 +52,7 @@ impl Prober {
     /// sending every outcome to `tx`, until the handle is dropped. Must be called within a
     /// tokio runtime.
     pub fn start(
-        instance: String,
+        instance: InstanceKey,
         generation: u64,
         target: Target,
         spec: &HealthSpec,

@@ -36,7 +36,8 @@ use tokio::time::Instant;
 use crate::spec::HealthSpec;
 
 /// An instance's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HealthState {
     /// Not decided yet: the run just started, or the probe has not passed or failed enough.
     Unknown,

@@ -1,21 +1,16 @@
-//! Reading the instances' log files: the last records of an instance (`corral logs --tail`)
-//! and following them as they are written (`corral logs -f`), for the gRPC `Logs` call.
+//! The instances' log files: their format ([`format`]), the writer the init turns a service's
+//! output into records with ([`writer`]), and their reading for the gRPC `Logs` call: the last
+//! records of an instance (`corral logs --tail`) and following them as they are written
+//! (`corral logs -f`).
 //!
-//! The files are written by each instance's init (see [`crate::runtime`]); this module owns
-//! only their reading side and the format they share:
-//!
-//! - one directory per instance, `<state-dir>/logs/<instance>/`, holding `stdout.log` and
-//!   `stderr.log` (the live files) and their rotated predecessors `stdout.log.1` (newest) …
-//!   `stdout.log.N` (oldest). Rotation is by rename (`.k` → `.k+1`, live → `.1`, then a fresh
-//!   live file), so a reader holding the old file can finish it;
-//! - one record per line: a fixed-width RFC 3339 UTC timestamp with microseconds, a space, the
-//!   payload, `\n` (`2026-11-22T23:45:01.123456Z hello`). Payloads never hold `\n` and may hold
-//!   any other bytes; they are converted to text lossily. Lines without a timestamp (files of
-//!   an older format) are records with no time.
+//! Records are written by each instance's init (see [`crate::runtime`]) through [`writer`],
+//! and read here. Rotation is by rename (`.k` → `.k+1`, live → `.1`, then a fresh live file),
+//! so a reader holding the old file can finish it. Payloads are converted to text lossily.
+//! Lines without a timestamp (files of an older format) are records with no time.
 //!
 //! A record is only returned once complete: the unterminated end of a live file is the writer
 //! mid-write and waits for its `\n`. The unterminated end of a rotated file will never grow, so
-//! it is returned as a record of its own. Records longer than [`MAX_RECORD`] bytes (only
+//! it is returned as a record of its own. Lines longer than [`MAX_RECORD`] bytes (only
 //! possible in old files: the writer splits long lines) are returned in pieces.
 //!
 //! Memory stays bounded whatever the sizes of the files: `tail` reads backwards in blocks from
@@ -25,24 +20,20 @@
 
 mod files;
 mod follow;
+pub mod format;
 mod read;
+pub mod writer;
 
 #[cfg(test)]
 mod testutil;
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use follow::Follower;
+pub use format::{MAX_PAYLOAD, MAX_RECORD, Stream, TIMESTAMP_LEN, parse_record};
 pub use read::{Tail, read_instance};
-
-/// Length of a record's timestamp, `2026-11-22T23:45:01.123456Z`.
-pub const TIMESTAMP_LEN: usize = 27;
-
-/// The longest record returned whole; longer lines come in pieces of this size.
-pub const MAX_RECORD: usize = 256 * 1024;
 
 /// Unit of reading: backwards for `tail`, forwards when following.
 const BLOCK: usize = 64 * 1024;
@@ -62,46 +53,6 @@ pub enum LogError {
     Task { reason: String },
 }
 
-/// Which output of the service a record comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl Stream {
-    /// Both streams, in the order used to break ties between equal times.
-    pub const ALL: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-
-    /// Name of the live file of this stream in an instance's log directory.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout.log",
-            Stream::Stderr => "stderr.log",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Stream::Stdout => 0,
-            Stream::Stderr => 1,
-        }
-    }
-}
-
-impl fmt::Display for Stream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// One record of an instance's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
@@ -111,27 +62,6 @@ pub struct LogLine {
     pub time: Option<SystemTime>,
     /// The payload, without the timestamp and the `\n`; invalid UTF-8 replaced by U+FFFD.
     pub text: String,
-}
-
-/// Split a record into its time and payload. `line` is one line of a log file, with or without
-/// its `\n`. A line that does not start with a valid timestamp and a space is all payload,
-/// with no time.
-pub fn parse_record(line: &[u8]) -> (Option<SystemTime>, &[u8]) {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.len() <= TIMESTAMP_LEN
-        || line[TIMESTAMP_LEN] != b' '
-        || line[19] != b'.'
-        || line[TIMESTAMP_LEN - 1] != b'Z'
-    {
-        return (None, line);
-    }
-    let parsed = std::str::from_utf8(&line[..TIMESTAMP_LEN])
-        .ok()
-        .and_then(|s| humantime::parse_rfc3339(s).ok());
-    match parsed {
-        Some(time) => (Some(time), &line[TIMESTAMP_LEN + 1..]),
-        None => (None, line),
-    }
 }
 
 /// Identity of a log file, stable across renames.
@@ -209,108 +139,6 @@ fn text_of(payload: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    fn at(secs: u64, micros: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros)
-    }
-
-    #[test]
-    fn parse_record_cases() {
-        // 2026-11-22T23:45:01Z is 1795391101 s after the epoch.
-        let t = at(1_795_391_101, 123_456);
-        let cases: &[(&[u8], Option<SystemTime>, &[u8])] = &[
-            (
-                b"2026-11-22T23:45:01.123456Z hello world",
-                Some(t),
-                b"hello world",
-            ),
-            (b"2026-11-22T23:45:01.123456Z hello\n", Some(t), b"hello"),
-            (b"2026-11-22T23:45:01.123456Z ", Some(t), b""),
-            (
-                b"2026-11-22T23:45:01.123456Z [corral-init] 3 lines (120 bytes) dropped",
-                Some(t),
-                b"[corral-init] 3 lines (120 bytes) dropped",
-            ),
-            // A payload that itself looks like a timestamp stays payload.
-            (
-                b"2026-11-22T23:45:01.123456Z 2026-11-22T23:45:01.123456Z x",
-                Some(t),
-                b"2026-11-22T23:45:01.123456Z x",
-            ),
-            // Missing timestamp: lines of older files.
-            (b"plain old line", None, b"plain old line"),
-            (b"", None, b""),
-            (b"\n", None, b""),
-            // Timestamp without the space, or nothing after it: not a record header.
-            (
-                b"2026-11-22T23:45:01.123456Z",
-                None,
-                b"2026-11-22T23:45:01.123456Z",
-            ),
-            (
-                b"2026-11-22T23:45:01.123456Zx",
-                None,
-                b"2026-11-22T23:45:01.123456Zx",
-            ),
-            // Garbage of the right shape.
-            (
-                b"2026-13-22T23:45:01.123456Z bad month",
-                None,
-                b"2026-13-22T23:45:01.123456Z bad month",
-            ),
-            (
-                b"2026-11-22T23:45:01.12345xZ bad digit",
-                None,
-                b"2026-11-22T23:45:01.12345xZ bad digit",
-            ),
-            (
-                b"2026-11-22 23:45:01.123456Z no T",
-                None,
-                b"2026-11-22 23:45:01.123456Z no T",
-            ),
-            (
-                b"\xff\xfe26-11-22T23:45:01.123456Z bytes",
-                None,
-                b"\xff\xfe26-11-22T23:45:01.123456Z bytes",
-            ),
-            (
-                b"2026-11-22T23:45:01.123+00:00 offset",
-                None,
-                b"2026-11-22T23:45:01.123+00:00 offset",
-            ),
-            // Non-UTF-8 payload after a valid timestamp.
-            (
-                b"2026-11-22T23:45:01.123456Z caf\xe9 \xff",
-                Some(t),
-                b"caf\xe9 \xff",
-            ),
-        ];
-        for (line, time, payload) in cases {
-            let (got_time, got_payload) = parse_record(line);
-            assert_eq!(
-                got_time,
-                *time,
-                "time of {:?}",
-                String::from_utf8_lossy(line)
-            );
-            assert_eq!(
-                got_payload,
-                *payload,
-                "payload of {:?}",
-                String::from_utf8_lossy(line)
-            );
-        }
-    }
-
-    #[test]
-    fn parse_record_round_trips_the_writer_format() {
-        for t in [at(0, 0), at(1_795_391_101, 1), at(4_102_444_799, 999_999)] {
-            let line = format!("{} payload", humantime::format_rfc3339_micros(t));
-            assert_eq!(line.len(), TIMESTAMP_LEN + 8);
-            assert_eq!(parse_record(line.as_bytes()), (Some(t), &b"payload"[..]));
-        }
-    }
 
     #[test]
     fn non_utf8_payload_becomes_replacement_characters() {

@@ -61,6 +61,63 @@ impl State {
     }
 }
 
+/// What happened in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// It began: what it replaces with what.
+    Planned,
+    /// A new instance was started.
+    Started,
+    /// A new instance has been healthy for `min_healthy`.
+    Ready,
+    /// An old instance was asked to stop.
+    Stopping,
+    /// An old instance is gone.
+    Stopped,
+    /// The agent started again and the rollout goes on.
+    Resumed,
+    /// It ended, as [`State`] says.
+    Succeeded,
+    Failed,
+    Superseded,
+    Cancelled,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Planned => "planned",
+            Step::Started => "started",
+            Step::Ready => "ready",
+            Step::Stopping => "stopping",
+            Step::Stopped => "stopped",
+            Step::Resumed => "resumed",
+            Step::Succeeded => "succeeded",
+            Step::Failed => "failed",
+            Step::Superseded => "superseded",
+            Step::Cancelled => "cancelled",
+        }
+    }
+
+    /// The step that ends a rollout in `state`; `None` for `Running`, which ends nothing.
+    pub fn ending_in(state: State) -> Option<Step> {
+        match state {
+            State::Running => None,
+            State::Succeeded => Some(Step::Succeeded),
+            State::Failed => Some(Step::Failed),
+            State::Superseded => Some(Step::Superseded),
+            State::Cancelled => Some(Step::Cancelled),
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The policy a rollout runs with, as it was when it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
@@ -95,9 +152,7 @@ impl PolicyRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub time: SystemTime,
-    /// `started`, `ready`, `stopping`, `stopped`, `failed`, `rollback`, `superseded`,
-    /// `cancelled`, `succeeded`, `resumed`.
-    pub step: String,
+    pub step: Step,
     /// The instance it is about (empty when none).
     pub instance: String,
     pub message: String,
@@ -173,13 +228,13 @@ impl Rollout {
     }
 
     /// Add a step (the oldest are dropped beyond [`KEPT_STEPS`]).
-    pub fn step(&mut self, time: SystemTime, step: &str, instance: &str, message: String) {
+    pub fn step(&mut self, time: SystemTime, step: Step, instance: &str, message: String) {
         if self.steps.len() >= KEPT_STEPS {
             self.steps.remove(0);
         }
         self.steps.push(StepRecord {
             time,
-            step: step.to_string(),
+            step,
             instance: instance.to_string(),
             message,
         });
@@ -191,7 +246,9 @@ impl Rollout {
         self.reason = reason.to_string();
         self.finished_at = Some(time);
         self.stopping_ids.clear();
-        self.step(time, state.as_str(), "", reason.to_string());
+        if let Some(step) = Step::ending_in(state) {
+            self.step(time, step, "", reason.to_string());
+        }
     }
 
     /// `2/4 replaced, 3 new (2 ready), 4 available`.

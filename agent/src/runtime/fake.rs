@@ -7,7 +7,10 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
-use super::{InitExit, ProcessRef, ProcessStatus, Runtime, SpawnError, Spawned, StartRequest};
+use super::{
+    InitExit, InstanceFiles, ProcessRef, ProcessStatus, Processes, SocketBroker, SpawnError,
+    Spawned, StartRequest,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FakeSpawn {
@@ -121,7 +124,7 @@ impl FakeRuntime {
     }
 }
 
-impl Runtime for FakeRuntime {
+impl Processes for FakeRuntime {
     fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
         let mut st = self.lock();
         if st.fail_spawns > 0 {
@@ -164,10 +167,8 @@ impl Runtime for FakeRuntime {
         Some(init_pid + 100_000)
     }
 
-    fn free_port(&self) -> io::Result<u16> {
-        let mut st = self.lock();
-        st.next_pid += 1;
-        Ok(20_000 + st.next_pid as u16)
+    fn roots(&self, pids: &[i32]) -> Vec<i32> {
+        pids.to_vec()
     }
 
     fn preflight(&self, spec: &crate::spec::ServiceSpec) -> Result<(), String> {
@@ -178,8 +179,6 @@ impl Runtime for FakeRuntime {
             _ => Ok(()),
         }
     }
-
-    fn remove_instance_files(&self, _instance: &str) {}
 
     fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError> {
         let mut st = self.lock();
@@ -208,12 +207,39 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    fn start_time(&self, pid: i32) -> Option<u64> {
-        self.lock().alive.get(&pid).copied()
-    }
-
     fn boot_id(&self) -> String {
         "fake-boot".into()
+    }
+
+    fn exec_runner(
+        &self,
+        _req: super::ExecRequest<'_>,
+    ) -> std::sync::Arc<dyn crate::health::ExecRunner> {
+        std::sync::Arc::new(FakeExec)
+    }
+}
+
+impl InstanceFiles for FakeRuntime {
+    fn exit_record(&self, instance: &str) -> Option<super::ExitRecord> {
+        self.lock().exit_records.get(instance).cloned()
+    }
+
+    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
+        self.lock().notify.get(instance).cloned()
+    }
+
+    fn log_stat(&self, _instance: &str) -> super::LogStat {
+        super::LogStat::default()
+    }
+
+    fn remove_instance_files(&self, _instance: &str) {}
+}
+
+impl SocketBroker for FakeRuntime {
+    fn free_port(&self) -> io::Result<u16> {
+        let mut st = self.lock();
+        st.next_pid += 1;
+        Ok(20_000 + st.next_pid as u16)
     }
 
     fn bind_socket(&self, _listen: &crate::spec::ListenAddr) -> io::Result<std::os::fd::OwnedFd> {
@@ -230,29 +256,6 @@ impl Runtime for FakeRuntime {
         _listen: &crate::spec::ListenAddr,
     ) -> io::Result<std::os::fd::OwnedFd> {
         Err(io::Error::other("the fake has no instance fds"))
-    }
-
-    fn exec_runner(
-        &self,
-        _req: super::ExecRequest<'_>,
-    ) -> std::sync::Arc<dyn crate::health::ExecRunner> {
-        std::sync::Arc::new(FakeExec)
-    }
-
-    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
-        self.lock().notify.get(instance).cloned()
-    }
-
-    fn log_stat(&self, _instance: &str) -> super::LogStat {
-        super::LogStat::default()
-    }
-
-    fn exit_record(&self, instance: &str) -> Option<super::ExitRecord> {
-        self.lock().exit_records.get(instance).cloned()
-    }
-
-    fn roots(&self, pids: &[i32]) -> Vec<i32> {
-        pids.to_vec()
     }
 }
 

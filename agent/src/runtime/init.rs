@@ -30,13 +30,13 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
-use super::logwriter::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 use super::mounts;
 use super::privileges::Privileges;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD,
 };
+use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
 /// SIGCHLD is the init's own; fault signals stay default.

@@ -26,8 +26,9 @@ use tokio::io::unix::AsyncFd;
 use super::launch::{Identity, service_env};
 use super::privileges::CapPlan;
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, LOG_STAT, LogStat,
-    ProcessRef, ProcessStatus, RUN_DIR_FD, Runtime, SpawnError, Spawned, StartRequest,
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, InstanceFiles, LOG_STAT,
+    LogStat, ProcessRef, ProcessStatus, Processes, RUN_DIR_FD, SocketBroker, SpawnError, Spawned,
+    StartRequest,
 };
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
@@ -74,21 +75,32 @@ pub struct LinuxRuntime {
     hidden: Vec<(PathBuf, u32)>,
 }
 
-/// The init to execute: the small `corral-init` installed next to `corrald`, or else
-/// `corrald` itself (which becomes the init when started under that name).
+/// The init to execute: the small `corral-init` installed next to `corrald`, or in
+/// `../libexec/corral/` from `corrald`'s directory (`/usr/bin/corrald` finds
+/// `/usr/libexec/corral/corral-init`, as the Debian package installs them), or else `corrald`
+/// itself (which becomes the init when started under that name).
 fn init_executable() -> CString {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let beside = std::env::current_exe()
+    let found = std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.join(INIT_NAME)))
-        .filter(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        });
-    match beside.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok()) {
-        Some(p) => p,
-        None => CString::from(c"/proc/self/exe"),
-    }
+        .and_then(|exe| find_init(&exe))
+        .and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
+    found.unwrap_or_else(|| CString::from(c"/proc/self/exe"))
+}
+
+/// The first executable file among the places [`init_executable`] looks, for the agent
+/// executable `exe`.
+fn find_init(exe: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = exe.parent()?;
+    let beside = Some(dir.join(INIT_NAME));
+    let libexec = dir
+        .parent()
+        .map(|prefix| prefix.join("libexec/corral").join(INIT_NAME));
+    [beside, libexec]
+        .into_iter()
+        .flatten()
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 impl LinuxRuntime {
@@ -337,7 +349,7 @@ pub(super) fn clone_exec(
     }
 }
 
-impl Runtime for LinuxRuntime {
+impl Processes for LinuxRuntime {
     fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError> {
         let spec = req.spec;
         let instance = req.instance;
@@ -543,11 +555,6 @@ impl Runtime for LinuxRuntime {
         text.split_whitespace().next()?.parse().ok()
     }
 
-    fn free_port(&self) -> io::Result<u16> {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        Ok(l.local_addr()?.port())
-    }
-
     fn roots(&self, pids: &[i32]) -> Vec<i32> {
         pids.iter()
             .copied()
@@ -648,18 +655,78 @@ impl Runtime for LinuxRuntime {
         })
     }
 
-    fn start_time(&self, pid: i32) -> Option<u64> {
-        proc_start_time(pid)
-    }
-
     fn boot_id(&self) -> String {
         fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     }
 
+    fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
+        let spec = req.spec;
+        let identity = match &spec.user {
+            None => self.own.clone(),
+            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
+        };
+        let drop_privileges = spec.user.is_some();
+        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
+            .into_iter()
+            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+            .collect();
+        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
+        let procs = req
+            .cgroup_procs
+            .into_iter()
+            .filter_map(|fd| high(fd).ok())
+            .collect();
+        Arc::new(super::probe_exec::LinuxExec {
+            exe: self.exe.clone(),
+            target: req.process.pidfd.clone(),
+            procs,
+            cgroup_dir: req.cgroup_dir,
+            env,
+            ns_flags,
+            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
+            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
+            caps: cap_plan(spec, identity.as_ref()),
+            nofile: spec.resources.nofile,
+            workdir: spec.workdir.display().to_string(),
+        })
+    }
+}
+
+impl InstanceFiles for LinuxRuntime {
     fn exit_record(&self, instance: &str) -> Option<ExitRecord> {
         read_exit_record(&self.run_dir(instance))
+    }
+
+    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
+        fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    fn log_stat(&self, instance: &str) -> LogStat {
+        fs::read(self.run_dir(instance).join(LOG_STAT))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn remove_instance_files(&self, instance: &str) {
+        for d in [self.run_dir(instance), self.log_dir(instance)] {
+            if let Err(e) = fs::remove_dir_all(&d)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
+            }
+        }
+    }
+}
+
+impl SocketBroker for LinuxRuntime {
+    fn free_port(&self) -> io::Result<u16> {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Ok(l.local_addr()?.port())
     }
 
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
@@ -699,61 +766,6 @@ impl Runtime for LinuxRuntime {
             )));
         }
         Ok(sock)
-    }
-
-    fn exec_runner(&self, req: super::ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner> {
-        let spec = req.spec;
-        let identity = match &spec.user {
-            None => self.own.clone(),
-            Some(_) => resolve_identity(spec.user.as_ref()).ok().flatten(),
-        };
-        let drop_privileges = spec.user.is_some();
-        let env = service_env(spec, req.index, req.instance, req.ports, identity.as_ref())
-            .into_iter()
-            .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
-            .collect();
-        let ns_flags = (clone_flags(spec) & !(libc::CLONE_PIDFD as u64)) as i32;
-        let procs = req
-            .cgroup_procs
-            .into_iter()
-            .filter_map(|fd| high(fd).ok())
-            .collect();
-        Arc::new(super::probe_exec::LinuxExec {
-            exe: self.exe.clone(),
-            target: req.process.pidfd.clone(),
-            procs,
-            cgroup_dir: req.cgroup_dir,
-            env,
-            ns_flags,
-            uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
-            gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
-            caps: cap_plan(spec, identity.as_ref()),
-            nofile: spec.resources.nofile,
-            workdir: spec.workdir.display().to_string(),
-        })
-    }
-
-    fn notify_state(&self, instance: &str) -> Option<super::NotifyState> {
-        fs::read(self.run_dir(instance).join(super::NOTIFY_STATE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-    }
-
-    fn log_stat(&self, instance: &str) -> LogStat {
-        fs::read(self.run_dir(instance).join(LOG_STAT))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-
-    fn remove_instance_files(&self, instance: &str) {
-        for d in [self.run_dir(instance), self.log_dir(instance)] {
-            if let Err(e) = fs::remove_dir_all(&d)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot remove instance files");
-            }
-        }
     }
 }
 
@@ -949,5 +961,51 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
             .as_unix_addr()
             .and_then(|u| u.path())
             .is_some_and(|p| p == path.as_path()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Writes `path` (and its directories) with `mode`.
+    fn file(path: &Path, mode: u32) {
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(path, b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn the_init_is_found_beside_the_agent_then_in_libexec() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let exe = root.path().join("usr/bin/corrald");
+        file(&exe, 0o755);
+        let beside = root.path().join("usr/bin/corral-init");
+        let libexec = root.path().join("usr/libexec/corral/corral-init");
+
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "nothing installed: corrald serves as the init"
+        );
+        file(&libexec, 0o644);
+        assert_eq!(
+            find_init(&exe),
+            None,
+            "a file that is not executable is not an init"
+        );
+        fs::set_permissions(&libexec, fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(find_init(&exe), Some(libexec.clone()));
+        fs::create_dir_all(&beside).expect("mkdir");
+        assert_eq!(find_init(&exe), Some(libexec), "a directory is not an init");
+        fs::remove_dir(&beside).expect("rmdir");
+        file(&beside, 0o755);
+        assert_eq!(
+            find_init(&exe),
+            Some(beside),
+            "the one beside the agent comes first"
+        );
     }
 }

@@ -1,18 +1,20 @@
-//! Runtime: starting instances and watching them end. The [`Runtime`] trait is the
-//! supervisor's only way to create processes; [`linux::LinuxRuntime`] implements it with
-//! `clone3` into fresh namespaces and the instance's cgroup, running the per-instance
-//! [`init`]; [`fake::FakeRuntime`] records calls for the supervisor's tests.
+//! Runtime: starting instances and watching them end. The supervisor reaches it through three
+//! seams: [`Processes`] (its only way to create and signal processes), [`InstanceFiles`] (what
+//! an instance's init leaves on disk) and [`SocketBroker`] (listening sockets and ports).
+//! [`linux::LinuxRuntime`] implements all three, with `clone3` into fresh namespaces and the
+//! instance's cgroup, running the per-instance [`init`]; `fake::FakeRuntime` (tests and the
+//! `testkit` feature) records calls for the supervisor's tests.
 //!
 //! The data the agent hands to an instance's init ([`InitConfig`]) and the record the init
 //! leaves when the service ends ([`ExitRecord`]) are defined here, since both sides use them.
 //!
 //! Imports from the crate: `spec` only.
 
+#[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod init;
 mod launch;
 pub mod linux;
-pub mod logwriter;
 mod mounts;
 pub mod privileges;
 pub mod probe_exec;
@@ -236,8 +238,9 @@ pub enum SpawnError {
     Invalid { instance: String, reason: String },
 }
 
-/// Creating and signalling instance processes.
-pub trait Runtime: Send + Sync + fmt::Debug + 'static {
+/// The process lifecycle of instances: starting them, taking over those of an earlier agent
+/// run, signalling them, and what the kernel says about their processes.
+pub trait Processes: Send + Sync + fmt::Debug + 'static {
     /// Start an instance: its init is in the cgroup and namespaces before it runs anything.
     fn spawn(&self, req: StartRequest<'_>) -> Result<Spawned, SpawnError>;
 
@@ -247,31 +250,49 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// Host PID of the service's main process (the init's child), if it is running.
     fn main_pid(&self, init_pid: i32) -> Option<i32>;
 
-    /// Pick a free TCP port on the host for a `[ports]` entry set to `auto`.
-    fn free_port(&self) -> std::io::Result<u16>;
-
     /// Checks against the host that `spec` can run here at all: its user exists, its
     /// command (when given as an absolute path) is an executable file, its workdir is a
     /// directory. The error names the field, the value and the reason.
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), String>;
-
-    /// Forget an instance's run and log state on disk (service deleted).
-    fn remove_instance_files(&self, instance: &str);
 
     /// Take over the init of an instance started by an earlier agent run: it must still be
     /// the process with this PID *and* start time (never a process that reuses the PID).
     /// Its end is then observed through a pidfd and told by its exit record.
     fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError>;
 
-    /// The start time of a live process (`None` when there is no such process).
-    fn start_time(&self, pid: i32) -> Option<u64>;
-
     /// This boot's identity (`/proc/sys/kernel/random/boot_id`): PIDs and start times from
     /// another boot mean nothing.
     fn boot_id(&self) -> String;
 
+    /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
+    fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;
+
+    /// Of `pids` (the processes of one cgroup), those whose parent is not among them: the
+    /// instance's init, for an instance found without a handle.
+    fn roots(&self, pids: &[i32]) -> Vec<i32>;
+}
+
+/// What an instance's init leaves on disk for the agent: how its service ended, what it
+/// reported over `NOTIFY_SOCKET`, the output it could not log; and removing all of it.
+pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
     /// What an instance's init recorded when its service ended, if it did.
     fn exit_record(&self, instance: &str) -> Option<ExitRecord>;
+
+    /// What the instance reported over `NOTIFY_SOCKET` this run (`None`: nothing yet).
+    fn notify_state(&self, instance: &str) -> Option<NotifyState>;
+
+    /// The init's count of output it could not write to the logs (none: nothing dropped).
+    fn log_stat(&self, instance: &str) -> LogStat;
+
+    /// Forget an instance's run and log state on disk (service deleted).
+    fn remove_instance_files(&self, instance: &str);
+}
+
+/// The host's network endpoints for instances: the listening sockets the agent owns and hands
+/// to every instance of a service, and free ports for `[ports]` entries set to `auto`.
+pub trait SocketBroker: Send + Sync + fmt::Debug + 'static {
+    /// Pick a free TCP port on the host for a `[ports]` entry set to `auto`.
+    fn free_port(&self) -> std::io::Result<u16>;
 
     /// Bind and listen on a `[[sockets]]` address (a stale Unix socket file is replaced).
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;
@@ -288,24 +309,11 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         fd: RawFd,
         listen: &crate::spec::ListenAddr,
     ) -> std::io::Result<OwnedFd>;
-
-    /// What runs an instance's exec probes: inside its namespaces and cgroup, as its user.
-    fn exec_runner(&self, req: ExecRequest<'_>) -> Arc<dyn crate::health::ExecRunner>;
-
-    /// What the instance reported over `NOTIFY_SOCKET` this run (`None`: nothing yet).
-    fn notify_state(&self, instance: &str) -> Option<NotifyState>;
-
-    /// The init's count of output it could not write to the logs (none: nothing dropped).
-    fn log_stat(&self, instance: &str) -> LogStat;
-
-    /// Of `pids` (the processes of one cgroup), those whose parent is not among them: the
-    /// instance's init, for an instance found without a handle.
-    fn roots(&self, pids: &[i32]) -> Vec<i32>;
 }
 
 /// Ports for an instance's `[ports]` entries: fixed ones as given, `auto` ones picked free.
 pub fn assign_ports(
-    runtime: &dyn Runtime,
+    sockets: &dyn SocketBroker,
     spec: &ServiceSpec,
 ) -> std::io::Result<BTreeMap<String, u16>> {
     use crate::spec::PortSpec;
@@ -316,7 +324,7 @@ pub fn assign_ports(
                 name.clone(),
                 match p {
                     PortSpec::Fixed(n) => *n,
-                    PortSpec::Auto => runtime.free_port()?,
+                    PortSpec::Auto => sockets.free_port()?,
                 },
             ))
         })

@@ -21,6 +21,8 @@
 mod canonical;
 mod changes;
 mod error;
+pub mod job;
+mod key;
 mod read;
 mod types;
 mod units;
@@ -30,6 +32,7 @@ mod validate;
 mod tests;
 
 pub use error::{FieldError, SpecError};
+pub use key::{InstanceKey, NotAnInstanceId};
 pub use read::{SYNTAX_FIELD, TOP_KEYS, read_toml};
 pub use types::*;
 pub use units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};

@@ -6,13 +6,17 @@
 //!
 //! Imports from the crate: nothing.
 
-use std::collections::BTreeMap;
+#[cfg(any(test, feature = "testkit"))]
+mod memory;
+
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+#[cfg(any(test, feature = "testkit"))]
+pub use memory::MemStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -228,68 +232,6 @@ impl FileStore {
             what: "fsync of the directory",
             source,
         })
-    }
-}
-
-/// An in-memory store for tests; can be told to fail writes.
-#[derive(Debug, Default)]
-pub struct MemStore {
-    data: Mutex<BTreeMap<(String, String), Vec<u8>>>,
-    fail_writes: Mutex<bool>,
-}
-
-impl MemStore {
-    pub fn new() -> MemStore {
-        MemStore::default()
-    }
-
-    /// Make every following `put`/`delete` fail (a full disk).
-    pub fn fail_writes(&self, fail: bool) {
-        *self.fail_writes.lock().unwrap_or_else(|p| p.into_inner()) = fail;
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if *self.fail_writes.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Err(StoreError::Io {
-                path: PathBuf::from("(memory)"),
-                what: "writing",
-                source: io::Error::from_raw_os_error(libc::ENOSPC),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Store for MemStore {
-    fn list(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let data = self.data.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(data
-            .iter()
-            .filter(|((k, _), _)| k == kind)
-            .map(|((_, n), v)| (n.clone(), v.clone()))
-            .collect())
-    }
-
-    fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.check()?;
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((kind.into(), name.into()), value.to_vec());
-        Ok(())
-    }
-
-    fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.put(kind, name, value)
-    }
-
-    fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
-        self.check()?;
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(kind.to_string(), name.to_string()));
-        Ok(())
     }
 }
 

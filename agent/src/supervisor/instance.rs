@@ -7,7 +7,7 @@
 //! Pending    StartFailed        -> Backoff        (failures += 1)
 //! Running    Exited             -> Backoff        KillAll   (policy restarts it)
 //!                               -> Exited         KillAll   (policy does not)
-//! Running    StopRequested(r)   -> Stopping(r)    Signal
+//! Running    StopRequested(r)   -> Stopping(r)    Signal(r)
 //! Stopping   GraceExpired       -> Stopping(r,killed) KillAll
 //! Stopping   Exited             -> Backoff        KillAll   (r = Unhealthy: health_failed)
 //!                               -> Removing       Cleanup   (r = Retire | ScaleDown | Delete)
@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::runtime::{InitExit, ProcessStatus};
 use crate::spec::{RestartPolicy, RestartSpec, ServiceSpec};
 
 /// An instance that stayed up this long has its backoff reset.
@@ -35,7 +36,8 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 pub const KILL_RETRY: Duration = Duration::from_secs(1);
 
 /// Why an instance is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// A rollout replaces it with an instance of the new target: removed once stopped.
     Retire,
@@ -57,6 +59,11 @@ impl StopReason {
             StopReason::Delete => 2,
         };
         rank(self) > rank(other)
+    }
+
+    /// The slot is removed once stopped (not started again).
+    pub fn removes(self) -> bool {
+        !matches!(self, StopReason::Unhealthy)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -94,17 +101,49 @@ pub enum State {
     Gone,
 }
 
-impl State {
-    /// The state's name in status output.
-    pub fn name(&self) -> &'static str {
+/// Where an instance is in its lifecycle, without the state's data: what status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    Pending,
+    Running,
+    Stopping,
+    Backoff,
+    Exited,
+    Removing,
+    Gone,
+}
+
+impl Phase {
+    /// The phase's name in status output and logs.
+    pub fn as_str(self) -> &'static str {
         match self {
-            State::Pending => "pending",
-            State::Running { .. } => "running",
-            State::Stopping { .. } => "stopping",
-            State::Backoff { .. } => "backoff",
-            State::Exited => "exited",
-            State::Removing => "removing",
-            State::Gone => "gone",
+            Phase::Pending => "pending",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Backoff => "backoff",
+            Phase::Exited => "exited",
+            Phase::Removing => "removing",
+            Phase::Gone => "gone",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl State {
+    pub fn phase(&self) -> Phase {
+        match self {
+            State::Pending => Phase::Pending,
+            State::Running { .. } => Phase::Running,
+            State::Stopping { .. } => Phase::Stopping,
+            State::Backoff { .. } => Phase::Backoff,
+            State::Exited => Phase::Exited,
+            State::Removing => Phase::Removing,
+            State::Gone => Phase::Gone,
         }
     }
 
@@ -142,6 +181,46 @@ impl fmt::Display for ExitClass {
     }
 }
 
+/// The text is not an exit class as [`ExitClass`]'s `Display` writes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an exit class (like \"exited(3)\", \"signaled(9)\", \"oom_killed\")")]
+pub struct NotAnExitClass(String);
+
+impl std::str::FromStr for ExitClass {
+    type Err = NotAnExitClass;
+
+    /// The text `Display` writes: `exited(3)`, `signaled(9)`, `oom_killed`, ...
+    fn from_str(s: &str) -> Result<ExitClass, NotAnExitClass> {
+        let number = |inner: &str| inner.strip_suffix(')')?.parse::<i32>().ok();
+        let class = match s {
+            "oom_killed" => Some(ExitClass::OomKilled),
+            "stop_timeout" => Some(ExitClass::StopTimeout),
+            "health_failed" => Some(ExitClass::HealthFailed),
+            "lost" => Some(ExitClass::Lost),
+            _ => match s.split_once('(') {
+                Some(("exited", n)) => number(n).map(ExitClass::Exited),
+                Some(("signaled", n)) => number(n).map(ExitClass::Signaled),
+                _ => None,
+            },
+        };
+        class.ok_or_else(|| NotAnExitClass(s.chars().take(40).collect()))
+    }
+}
+
+impl ExitClass {
+    /// The exit code, or the signal that ended the run, as events and the wire carry them:
+    /// SIGKILL for an OOM kill and a stop timeout; neither for a health failure (the end
+    /// that counts is the failed check) or a lost end.
+    pub fn code_and_signal(self) -> (Option<i32>, Option<i32>) {
+        match self {
+            ExitClass::Exited(c) => (Some(c), None),
+            ExitClass::Signaled(s) => (None, Some(s)),
+            ExitClass::OomKilled | ExitClass::StopTimeout => (None, Some(libc::SIGKILL)),
+            ExitClass::HealthFailed | ExitClass::Lost => (None, None),
+        }
+    }
+}
+
 /// The end of one run of an instance.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExitInfo {
@@ -158,41 +237,62 @@ impl ExitInfo {
     }
 }
 
-/// What the kernel and the init said about an ended run, for [`classify`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Observed {
-    /// The service process's own end, as the init recorded it.
-    pub service_exit: Option<(Option<i32>, Option<i32>)>,
-    /// The init's status: `Ok(code)` or `Err(signal)`; `None` when it was not our child
-    /// (adopted from an earlier agent run), so only its record can tell.
-    pub init_status: Option<Result<i32, i32>>,
+/// How one run of an instance ended, as far as the agent observed it: what the init's own
+/// status, its exit record and the cgroup's OOM counter say. Built alike when the agent sees
+/// an init end and when, at its start, it finds an instance that ended while no agent ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEnd {
+    /// The init's status (`Unknown` when it was not the agent's child: adopted from an
+    /// earlier run, so only its record can tell), its record, and a spawn that failed.
+    pub exit: InitExit,
     /// OOM kills counted in the instance's cgroup during this run.
     pub oom_kills: u64,
     /// The agent sent SIGKILL after the grace period.
     pub killed_after_grace: bool,
 }
 
-/// Classify an ended run. An OOM kill is never guessed from a SIGKILL: it needs the cgroup's
-/// own counter to have moved during the run.
-pub fn classify(o: &Observed) -> ExitClass {
-    if o.killed_after_grace {
-        return ExitClass::StopTimeout;
+impl ProcessEnd {
+    /// How the run ended. An OOM kill is never guessed from a SIGKILL: it needs the cgroup's
+    /// own counter to have moved during the run.
+    pub fn class(&self) -> ExitClass {
+        if self.killed_after_grace {
+            return ExitClass::StopTimeout;
+        }
+        let service = self.exit.record.as_ref().map(|r| (r.code, r.signal));
+        let (code, signal) = match (service, self.exit.status) {
+            (Some(ended), _) => ended,
+            (None, ProcessStatus::Exited(code)) => (Some(code), None),
+            (None, ProcessStatus::Signaled(sig)) => (None, Some(sig)),
+            // Neither record nor status: only the cgroup can still tell an OOM kill.
+            (None, ProcessStatus::Unknown) if self.oom_kills > 0 => return ExitClass::OomKilled,
+            (None, ProcessStatus::Unknown) => return ExitClass::Lost,
+        };
+        if self.oom_kills > 0 && signal == Some(libc::SIGKILL) {
+            return ExitClass::OomKilled;
+        }
+        match (code, signal) {
+            (_, Some(sig)) => ExitClass::Signaled(sig),
+            (Some(code), None) => ExitClass::Exited(code),
+            (None, None) => ExitClass::Lost,
+        }
     }
-    let (code, signal) = match (o.service_exit, o.init_status) {
-        (Some((code, signal)), _) => (code, signal),
-        (None, Some(Ok(code))) => (Some(code), None),
-        (None, Some(Err(sig))) => (None, Some(sig)),
-        // Neither record nor status: only the cgroup can still tell an OOM kill.
-        (None, None) if o.oom_kills > 0 => return ExitClass::OomKilled,
-        (None, None) => return ExitClass::Lost,
-    };
-    if o.oom_kills > 0 && signal == Some(libc::SIGKILL) {
-        return ExitClass::OomKilled;
-    }
-    match (code, signal) {
-        (_, Some(sig)) => ExitClass::Signaled(sig),
-        (Some(code), None) => ExitClass::Exited(code),
-        (None, None) => ExitClass::Lost,
+
+    /// The end as reported, at `at`: its class and, when there is more to say, why the
+    /// instance never ran its command or, for a lost end, `unobserved` (why its end could not
+    /// be seen).
+    pub fn info(&self, at: SystemTime, unobserved: Option<String>) -> ExitInfo {
+        let class = self.class();
+        let setup_error = self
+            .exit
+            .spawn_error
+            .clone()
+            .or_else(|| self.exit.record.as_ref()?.setup_error.clone())
+            .or_else(|| unobserved.filter(|_| class == ExitClass::Lost));
+        ExitInfo {
+            class,
+            at,
+            setup_error,
+        }
     }
 }
 
@@ -231,8 +331,8 @@ pub enum Event {
 pub enum Effect {
     /// Start the slot with its service's current spec, then report Started/StartFailed.
     Spawn,
-    /// Send the stop signal of the spec the instance runs.
-    Signal,
+    /// Send the stop signal of the spec the instance runs, for this reason.
+    Signal(StopReason),
     /// SIGKILL everything in the instance's cgroup.
     KillAll,
     /// Empty and remove the instance's cgroup, then report CleanupDone.
@@ -250,6 +350,21 @@ pub struct Ctx {
     pub jitter: f64,
 }
 
+/// What an instance's runs so far add up to: kept across its restarts, saved for a later
+/// agent run, and reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct History {
+    /// Restarts by the restart policy (not replacements by updates).
+    pub restarts: u32,
+    /// Consecutive failed runs, for the backoff; reset after a run of 60 s.
+    pub failures: u32,
+    pub last_exit: Option<ExitInfo>,
+    /// Why the last start failed, or why the last run never ran its command.
+    pub last_error: Option<String>,
+    /// When the current (or the last) run started.
+    pub started_at: Option<SystemTime>,
+}
+
 /// One slot of a service: index, identity, what it runs and where it is in its lifecycle.
 #[derive(Debug, Clone)]
 pub struct Instance {
@@ -263,14 +378,8 @@ pub struct Instance {
     /// instance of the same revision with ones of a new epoch.
     pub epoch: u64,
     pub state: State,
-    /// Restarts by the restart policy (not replacements by updates).
-    pub restarts: u32,
-    /// Consecutive failed runs, for the backoff; reset after a run of 60 s.
-    pub failures: u32,
-    pub last_exit: Option<ExitInfo>,
-    pub last_error: Option<String>,
+    pub history: History,
     pub pid: Option<i32>,
-    pub started_at: Option<SystemTime>,
     /// Increases with every spawn, so an exit of an earlier run is recognised.
     pub generation: u64,
 }
@@ -284,12 +393,8 @@ impl Instance {
             revision,
             epoch: 0,
             state: State::Pending,
-            restarts: 0,
-            failures: 0,
-            last_exit: None,
-            last_error: None,
+            history: History::default(),
             pid: None,
-            started_at: None,
             generation: 0,
         }
     }
@@ -316,46 +421,23 @@ impl Instance {
             (S::Pending, Event::Started { pid }) => {
                 self.state = S::Running { since: ctx.now };
                 self.pid = Some(pid);
-                self.started_at = Some(ctx.wall);
-                self.last_error = None;
+                self.history.started_at = Some(ctx.wall);
+                self.history.last_error = None;
                 vec![]
             }
             (S::Pending, Event::StartFailed { error }) => {
-                let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                self.failures = self.failures.saturating_add(1);
-                self.last_error = Some(error);
-                self.state = S::Backoff {
-                    until: ctx.now + delay,
-                };
+                self.history.last_error = Some(error);
+                self.back_off(ctx);
                 vec![]
             }
-            (S::Running { since }, Event::Exited(exit)) => {
-                self.pid = None;
-                if ctx.now.saturating_duration_since(since) >= BACKOFF_RESET_AFTER {
-                    self.failures = 0;
-                }
-                let restart = should_restart(self.spec.restart.policy, &exit);
-                self.last_error = exit.setup_error.clone();
-                self.last_exit = Some(exit);
-                if restart {
-                    let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                    self.failures = self.failures.saturating_add(1);
-                    self.restarts = self.restarts.saturating_add(1);
-                    self.state = S::Backoff {
-                        until: ctx.now + delay,
-                    };
-                } else {
-                    self.state = S::Exited;
-                }
-                vec![Effect::KillAll]
-            }
+            (S::Running { since }, Event::Exited(exit)) => self.ended_running(since, exit, ctx),
             (S::Running { .. }, Event::StopRequested(reason)) => {
                 self.state = S::Stopping {
                     reason,
                     deadline: ctx.now + self.spec.stop.grace,
                     killed: false,
                 };
-                vec![Effect::Signal]
+                vec![Effect::Signal(reason)]
             }
             (S::Stopping { reason, .. }, Event::GraceExpired) => {
                 self.state = S::Stopping {
@@ -365,69 +447,30 @@ impl Instance {
                 };
                 vec![Effect::KillAll]
             }
-            (
-                S::Stopping {
-                    reason: old,
-                    deadline,
-                    killed,
-                },
-                Event::StopRequested(new),
-            ) => {
+            (S::Stopping { reason, .. }, Event::StopRequested(new)) => {
                 // A stronger reason wins (a replaced instance whose service is then deleted
                 // is not started again); the grace period keeps running.
-                if new.outranks(old) {
-                    self.state = S::Stopping {
-                        reason: new,
-                        deadline,
-                        killed,
-                    };
+                if let S::Stopping { reason: r, .. } = &mut self.state
+                    && new.outranks(reason)
+                {
+                    *r = new;
                 }
                 vec![]
             }
-            (S::Stopping { reason, .. }, Event::Exited(mut exit)) => {
-                self.pid = None;
-                self.last_error = exit.setup_error.clone();
-                if reason == StopReason::Unhealthy {
-                    exit.class = ExitClass::HealthFailed;
-                }
-                self.last_exit = Some(exit);
-                match reason {
-                    StopReason::Unhealthy => {
-                        let delay = backoff_delay(&self.spec.restart, self.failures, ctx.jitter);
-                        self.failures = self.failures.saturating_add(1);
-                        self.restarts = self.restarts.saturating_add(1);
-                        self.state = S::Backoff {
-                            until: ctx.now + delay,
-                        };
-                        vec![Effect::KillAll]
-                    }
-                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
-                        self.state = S::Removing;
-                        vec![Effect::Cleanup]
-                    }
-                }
+            (S::Stopping { reason, .. }, Event::Exited(exit)) => {
+                self.ended_stopping(reason, exit, ctx)
             }
             (S::Backoff { .. }, Event::BackoffElapsed) => {
                 self.state = S::Pending;
                 vec![Effect::Spawn]
             }
-            (
-                S::Pending,
-                Event::StopRequested(
-                    StopReason::Retire | StopReason::ScaleDown | StopReason::Delete,
-                ),
-            ) => {
+            // Nothing runs: removed at once (and nothing to fail a health check).
+            (S::Pending | S::Backoff { .. } | S::Exited, Event::StopRequested(reason))
+                if reason.removes() =>
+            {
                 self.state = S::Removing;
                 vec![Effect::Cleanup]
             }
-            (S::Backoff { .. } | S::Exited, Event::StopRequested(reason)) => match reason {
-                // Nothing runs: nothing to fail a health check.
-                StopReason::Unhealthy => vec![],
-                StopReason::Retire | StopReason::ScaleDown | StopReason::Delete => {
-                    self.state = S::Removing;
-                    vec![Effect::Cleanup]
-                }
-            },
             (S::Removing, Event::CleanupDone) => {
                 self.state = S::Gone;
                 vec![Effect::Forget]
@@ -435,11 +478,56 @@ impl Instance {
             _ => vec![],
         }
     }
+
+    /// Wait before the next start: the delay grows with the failures in a row.
+    fn back_off(&mut self, ctx: &Ctx) {
+        let delay = backoff_delay(&self.spec.restart, self.history.failures, ctx.jitter);
+        self.history.failures = self.history.failures.saturating_add(1);
+        self.state = State::Backoff {
+            until: ctx.now + delay,
+        };
+    }
+
+    /// A running instance ended on its own: restarted or kept down by its policy.
+    fn ended_running(&mut self, since: Instant, exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
+        self.pid = None;
+        if ctx.now.saturating_duration_since(since) >= BACKOFF_RESET_AFTER {
+            self.history.failures = 0;
+        }
+        let restart = should_restart(self.spec.restart.policy, &exit);
+        self.history.last_error = exit.setup_error.clone();
+        self.history.last_exit = Some(exit);
+        if restart {
+            self.history.restarts = self.history.restarts.saturating_add(1);
+            self.back_off(ctx);
+        } else {
+            self.state = State::Exited;
+        }
+        vec![Effect::KillAll]
+    }
+
+    /// An instance asked to stop ended: replaced after a health failure, else removed.
+    fn ended_stopping(&mut self, reason: StopReason, mut exit: ExitInfo, ctx: &Ctx) -> Vec<Effect> {
+        self.pid = None;
+        self.history.last_error = exit.setup_error.clone();
+        if reason == StopReason::Unhealthy {
+            exit.class = ExitClass::HealthFailed;
+        }
+        self.history.last_exit = Some(exit);
+        if reason.removes() {
+            self.state = State::Removing;
+            return vec![Effect::Cleanup];
+        }
+        self.history.restarts = self.history.restarts.saturating_add(1);
+        self.back_off(ctx);
+        vec![Effect::KillAll]
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::ExitRecord;
 
     fn spec(policy: &str) -> Arc<ServiceSpec> {
         let text = format!(
@@ -470,183 +558,43 @@ mod tests {
         i
     }
 
+    /// Every row of the table above, and stale events that change nothing: the events that
+    /// bring a fresh slot to its state first, then the event under test.
     #[test]
     fn transition_table() {
-        let t0 = Instant::now();
-        let secs = |s| t0 + Duration::from_secs(s);
-        type Case = (
-            &'static str,
-            &'static str,
-            fn(&mut Instance, Instant),
-            Event,
-            &'static str,
-            Vec<Effect>,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "start ok",
-                "always",
-                |_, _| {},
-                Event::Started { pid: 1 },
-                "running",
-                vec![],
-            ),
-            (
-                "start failed",
-                "always",
-                |_, _| {},
-                Event::StartFailed { error: "x".into() },
-                "backoff",
-                vec![],
-            ),
-            (
-                "crash restarts",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(1))),
-                "backoff",
-                vec![Effect::KillAll],
-            ),
-            (
-                "on-failure keeps a success down",
-                "on-failure",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "exited",
-                vec![Effect::KillAll],
-            ),
-            (
-                "on-failure restarts an oom kill",
-                "on-failure",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::OomKilled)),
-                "backoff",
-                vec![Effect::KillAll],
-            ),
-            (
-                "never keeps a crash down",
-                "never",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Signaled(9))),
-                "exited",
-                vec![Effect::KillAll],
-            ),
-            (
-                "stop signals",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::StopRequested(StopReason::ScaleDown),
-                "stopping",
-                vec![Effect::Signal],
-            ),
-            (
-                "grace expiry kills",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::Delete), &ctx(t));
-                },
-                Event::GraceExpired,
-                "stopping",
-                vec![Effect::KillAll],
-            ),
-            (
-                "stopped for scale-down is removed",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::ScaleDown), &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "stopped for a rollout is removed",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::StopRequested(StopReason::Retire), &ctx(t));
-                },
-                Event::Exited(exit(ExitClass::Exited(0))),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "backoff elapses",
-                "always",
-                |i, t| {
-                    i.handle(Event::StartFailed { error: "x".into() }, &ctx(t));
-                },
-                Event::BackoffElapsed,
-                "pending",
-                vec![Effect::Spawn],
-            ),
-            (
-                "backoff slot deleted",
-                "always",
-                |i, t| {
-                    i.handle(Event::StartFailed { error: "x".into() }, &ctx(t));
-                },
-                Event::StopRequested(StopReason::Delete),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "exited slot retired",
-                "never",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                    i.handle(Event::Exited(exit(ExitClass::Exited(0))), &ctx(t));
-                },
-                Event::StopRequested(StopReason::Retire),
-                "removing",
-                vec![Effect::Cleanup],
-            ),
-            (
-                "cleanup done",
-                "always",
-                |i, t| {
-                    i.handle(Event::StopRequested(StopReason::Delete), &ctx(t));
-                },
-                Event::CleanupDone,
-                "gone",
-                vec![Effect::Forget],
-            ),
-            (
-                "stale exit while pending is ignored",
-                "always",
-                |_, _| {},
-                Event::Exited(exit(ExitClass::Exited(1))),
-                "pending",
-                vec![],
-            ),
-            (
-                "stale grace expiry while running is ignored",
-                "always",
-                |i, t| {
-                    i.handle(Event::Started { pid: 1 }, &ctx(t));
-                },
-                Event::GraceExpired,
-                "running",
-                vec![],
-            ),
+        use Effect::{Cleanup, Forget, KillAll, Signal, Spawn};
+        use StopReason::{Delete, Retire, ScaleDown};
+        let up = || Event::Started { pid: 1 };
+        let failed = || Event::StartFailed { error: "x".into() };
+        let ended = |class| Event::Exited(exit(class));
+        let stop = Event::StopRequested;
+        #[rustfmt::skip]
+        let cases = [
+            ("start ok", "always", vec![], up(), Phase::Running, vec![]),
+            ("start failed", "always", vec![], failed(), Phase::Backoff, vec![]),
+            ("crash restarts", "always", vec![up()], ended(ExitClass::Exited(1)), Phase::Backoff, vec![KillAll]),
+            ("on-failure keeps a success down", "on-failure", vec![up()], ended(ExitClass::Exited(0)), Phase::Exited, vec![KillAll]),
+            ("on-failure restarts an oom kill", "on-failure", vec![up()], ended(ExitClass::OomKilled), Phase::Backoff, vec![KillAll]),
+            ("never keeps a crash down", "never", vec![up()], ended(ExitClass::Signaled(9)), Phase::Exited, vec![KillAll]),
+            ("stop signals", "always", vec![up()], stop(ScaleDown), Phase::Stopping, vec![Signal(ScaleDown)]),
+            ("grace expiry kills", "always", vec![up(), stop(Delete)], Event::GraceExpired, Phase::Stopping, vec![KillAll]),
+            ("stopped for scale-down is removed", "always", vec![up(), stop(ScaleDown)], ended(ExitClass::Exited(0)), Phase::Removing, vec![Cleanup]),
+            ("stopped for a rollout is removed", "always", vec![up(), stop(Retire)], ended(ExitClass::Exited(0)), Phase::Removing, vec![Cleanup]),
+            ("backoff elapses", "always", vec![failed()], Event::BackoffElapsed, Phase::Pending, vec![Spawn]),
+            ("backoff slot deleted", "always", vec![failed()], stop(Delete), Phase::Removing, vec![Cleanup]),
+            ("exited slot retired", "never", vec![up(), ended(ExitClass::Exited(0))], stop(Retire), Phase::Removing, vec![Cleanup]),
+            ("cleanup done", "always", vec![stop(Delete)], Event::CleanupDone, Phase::Gone, vec![Forget]),
+            ("stale exit while pending is ignored", "always", vec![], ended(ExitClass::Exited(1)), Phase::Pending, vec![]),
+            ("stale grace expiry while running is ignored", "always", vec![up()], Event::GraceExpired, Phase::Running, vec![]),
         ];
-        for (name, policy, setup, event, want_state, want_effects) in cases {
+        let t0 = Instant::now();
+        for (name, policy, before, event, want_phase, want_effects) in cases {
             let mut i = Instance::new(0, "web-0".into(), spec(policy), 1);
-            setup(&mut i, t0);
-            let effects = i.handle(event, &ctx(secs(1)));
-            assert_eq!(i.state.name(), want_state, "{name}");
+            for e in before {
+                i.handle(e, &ctx(t0));
+            }
+            let effects = i.handle(event, &ctx(t0 + Duration::from_secs(1)));
+            assert_eq!(i.state.phase(), want_phase, "{name}");
             assert_eq!(effects, want_effects, "{name}");
         }
     }
@@ -670,7 +618,7 @@ mod tests {
         }
         let secs: Vec<u64> = delays.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, vec![1, 2, 4, 8, 8, 8]);
-        assert_eq!(i.restarts, 6);
+        assert_eq!(i.history.restarts, 6);
         // A run of more than 60 s resets the backoff.
         t += Duration::from_secs(61);
         i.handle(Event::Exited(exit(ExitClass::Exited(1))), &ctx(t));
@@ -696,60 +644,103 @@ mod tests {
         assert_eq!(backoff_delay(&zero, 5, 0.5), Duration::ZERO);
     }
 
+    fn end(record: Option<(Option<i32>, Option<i32>)>, status: ProcessStatus) -> ProcessEnd {
+        ProcessEnd {
+            exit: InitExit {
+                status,
+                record: record.map(|(code, signal)| ExitRecord {
+                    code,
+                    signal,
+                    ..ExitRecord::default()
+                }),
+                spawn_error: None,
+            },
+            oom_kills: 0,
+            killed_after_grace: false,
+        }
+    }
+
     #[test]
     fn classification() {
-        let o = |service_exit, init_status, oom_kills, killed_after_grace| Observed {
-            service_exit,
-            init_status,
-            oom_kills,
-            killed_after_grace,
-        };
+        use ExitClass::*;
+        use ProcessStatus::{Exited as Code, Signaled as Sig, Unknown};
+        let (none, kill) = (None, Some(libc::SIGKILL));
+        // The service's own end as its init recorded it, the init's status, OOM kills counted
+        // in the run, SIGKILL after the grace period: the class.
+        #[rustfmt::skip]
         let cases = [
-            (
-                o(Some((Some(3), None)), Some(Ok(3)), 0, false),
-                ExitClass::Exited(3),
-            ),
-            (
-                o(Some((None, Some(9))), Some(Ok(137)), 0, false),
-                ExitClass::Signaled(9),
-            ),
-            (
-                o(Some((None, Some(9))), Some(Ok(137)), 1, false),
-                ExitClass::OomKilled,
-            ),
+            (Some((Some(3), none)), Code(3), 0, false, Exited(3)),
+            (Some((none, kill)), Code(137), 0, false, Signaled(9)),
+            (Some((none, kill)), Code(137), 1, false, OomKilled),
             // A SIGKILL with no OOM counted is not an OOM kill.
-            (o(None, Some(Err(9)), 0, false), ExitClass::Signaled(9)),
+            (None, Sig(9), 0, false, Signaled(9)),
             // The init itself OOM-killed: no record, but the counter moved.
-            (o(None, Some(Err(9)), 2, false), ExitClass::OomKilled),
+            (None, Sig(9), 2, false, OomKilled),
             // An OOM kill of a helper process while the service exits normally.
-            (
-                o(Some((Some(1), None)), Some(Ok(1)), 1, false),
-                ExitClass::Exited(1),
-            ),
-            (o(None, Some(Err(9)), 1, true), ExitClass::StopTimeout),
-            (
-                o(Some((None, Some(15))), Some(Ok(143)), 0, false),
-                ExitClass::Signaled(15),
-            ),
-            (
-                o(Some((None, None)), Some(Ok(0)), 0, false),
-                ExitClass::Lost,
-            ),
+            (Some((Some(1), none)), Code(1), 1, false, Exited(1)),
+            (None, Sig(9), 1, true, StopTimeout),
+            (Some((none, Some(15))), Code(143), 0, false, Signaled(15)),
+            (Some((none, none)), Code(0), 0, false, Lost),
             // Adopted instances (not our child): the record tells, else the cgroup, else lost.
-            (
-                o(Some((Some(3), None)), None, 0, false),
-                ExitClass::Exited(3),
-            ),
-            (
-                o(Some((None, Some(9))), None, 1, false),
-                ExitClass::OomKilled,
-            ),
-            (o(None, None, 1, false), ExitClass::OomKilled),
-            (o(None, None, 0, false), ExitClass::Lost),
-            (o(None, None, 0, true), ExitClass::StopTimeout),
+            (Some((Some(3), none)), Unknown, 0, false, Exited(3)),
+            (Some((none, kill)), Unknown, 1, false, OomKilled),
+            (None, Unknown, 1, false, OomKilled),
+            (None, Unknown, 0, false, Lost),
+            (None, Unknown, 0, true, StopTimeout),
         ];
-        for (obs, want) in cases {
-            assert_eq!(classify(&obs), want, "{obs:?}");
+        for (record, status, oom_kills, killed_after_grace, want) in cases {
+            let e = ProcessEnd {
+                oom_kills,
+                killed_after_grace,
+                ..end(record, status)
+            };
+            assert_eq!(e.class(), want, "{e:?}");
+        }
+    }
+
+    /// What is said besides the class: why the command never ran (a failed spawn, then the
+    /// init's record), and why the end was not seen, for a lost end only.
+    #[test]
+    fn the_detail_of_an_end() {
+        let at = SystemTime::UNIX_EPOCH;
+        let why = || Some("left no record".to_string());
+        let mut failed = end(Some((Some(127), None)), ProcessStatus::Exited(127));
+        if let Some(r) = failed.exit.record.as_mut() {
+            r.setup_error = Some("exec: no such file".into());
+        }
+        assert_eq!(
+            failed.info(at, why()).setup_error.as_deref(),
+            Some("exec: no such file")
+        );
+        failed.exit.spawn_error = Some("joining the cgroup".into());
+        assert_eq!(
+            failed.info(at, why()).setup_error.as_deref(),
+            Some("joining the cgroup")
+        );
+        let lost = end(None, ProcessStatus::Unknown).info(at, why());
+        assert_eq!(
+            (lost.class, lost.setup_error.as_deref()),
+            (ExitClass::Lost, Some("left no record"))
+        );
+        let plain = end(None, ProcessStatus::Signaled(15)).info(at, why());
+        assert_eq!(
+            (plain.class, plain.setup_error),
+            (ExitClass::Signaled(15), None)
+        );
+    }
+
+    #[test]
+    fn code_and_signal_of_each_class() {
+        let kill = Some(libc::SIGKILL);
+        for (class, want) in [
+            (ExitClass::Exited(3), (Some(3), None)),
+            (ExitClass::Signaled(15), (None, Some(15))),
+            (ExitClass::OomKilled, (None, kill)),
+            (ExitClass::StopTimeout, (None, kill)),
+            (ExitClass::HealthFailed, (None, None)),
+            (ExitClass::Lost, (None, None)),
+        ] {
+            assert_eq!(class.code_and_signal(), want, "{class}");
         }
     }
 

@@ -1,15 +1,18 @@
 //! The supervisor: keeps every service's desired instances running. One task owns all state
-//! ([`driver::Driver`]); the API talks to it through a [`SupervisorHandle`] with the
-//! operations of [`Operation`], and gets an [`Outcome`] or a [`SupervisorError`] back.
+//! ([`Driver`]); the API talks to it through a [`SupervisorHandle`], one typed method per
+//! operation, each answered with its own outcome or a [`SupervisorError`].
 //!
 //! Its logic is pure and tested on its own: [`instance`] (one slot's lifecycle as a transition
-//! table, exit classification, backoff) and [`reconcile`] (desired + observed -> events).
-//! It reaches the OS only through the `Runtime`, `CgroupBackend` and `Store` traits.
+//! table, how a run ended, backoff) and [`reconcile`] (desired + observed -> events); the
+//! rollout planner is [`crate::rollout`]. It reaches the OS only through the runtime's seams
+//! (`Processes`, `InstanceFiles`, `SocketBroker`), `CgroupBackend` and `Store`.
 //!
-//! Imports from the crate: `spec`, and the traits of `runtime`, `cgroups`, `store`.
+//! Imports from the crate: `spec`, `rollout`, `health`, `events`, and the traits of `runtime`,
+//! `cgroups`, `store`.
 
 pub mod desired;
-pub mod driver;
+mod driver;
+mod handle;
 pub mod instance;
 pub mod reconcile;
 #[cfg(test)]
@@ -19,79 +22,41 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot};
+use serde::{Deserialize, Serialize};
 
 use crate::cgroups::CgroupStats;
+use crate::health::{HealthState, ServiceHealth};
 use crate::rollout::record::Rollout;
-use crate::spec::{ServiceSpec, SpecError};
+use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
+use crate::store::StoreError;
 
+pub use desired::ApplyKind;
 pub use driver::{Deps, Driver};
-pub use instance::{ExitClass, ExitInfo};
+pub use handle::SupervisorHandle;
+pub use instance::{ExitClass, ExitInfo, Phase};
 
-/// Everything the supervisor can be asked to do.
-#[derive(Debug)]
-pub enum Operation {
-    /// Create or update a service (`dry_run`: only say what would happen; `force`: supersede
-    /// a running rollout).
-    Apply {
-        spec: Box<ServiceSpec>,
-        dry_run: bool,
-        force: bool,
-    },
-    /// Replace every instance with a fresh one of the same spec, as a rollout.
-    Restart {
-        name: String,
-        force: bool,
-    },
-    /// Go back to a kept revision (the previous one when `None`), as a rollout.
-    Rollback {
-        name: String,
-        revision: Option<u64>,
-        force: bool,
-    },
-    GetRollout {
-        id: String,
-    },
-    /// Stop every instance of a service and remove it; answered once it is gone.
-    Delete {
-        name: String,
-    },
-    Get {
-        name: String,
-    },
-    List,
-    Scale {
-        name: String,
-        replicas: u32,
-    },
-    /// Send `signal` (a number) to the service process of one running instance.
-    Signal {
-        instance: String,
-        signal: i32,
-    },
-    /// Counts for the node report.
-    Summary,
+/// Who a service's desired state belongs to. The source that created it owns it: a change
+/// from the other source is refused (the local API may force one through).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// Applied through this node's API (or its `--services` directory).
+    #[default]
+    Local,
+    /// Given to this node in etcd (the fleet).
+    Etcd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApplyKind {
-    Created,
-    Updated,
-    Scaled,
-    Unchanged,
-}
-
-impl ApplyKind {
+impl Owner {
     pub fn as_str(self) -> &'static str {
         match self {
-            ApplyKind::Created => "created",
-            ApplyKind::Updated => "updated",
-            ApplyKind::Scaled => "scaled",
-            ApplyKind::Unchanged => "unchanged",
+            Owner::Local => "local",
+            Owner::Etcd => "etcd",
         }
     }
 }
 
+/// What `Apply` did (or, as a dry run, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyOutcome {
     pub name: String,
@@ -103,6 +68,46 @@ pub struct ApplyOutcome {
     pub rollout_id: Option<String>,
 }
 
+/// A rollout started by `Restart` or `Rollback`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutStarted {
+    pub name: String,
+    /// The revision the service now targets.
+    pub revision: u64,
+    pub rollout_id: String,
+}
+
+/// A service deleted: every instance stopped, its cgroups removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub name: String,
+    /// Instances that were running when the delete began.
+    pub stopped: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scaled {
+    pub name: String,
+    pub previous: u32,
+    pub replicas: u32,
+}
+
+/// A signal delivered to an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signaled {
+    pub instance: InstanceKey,
+    /// The process that got it (the service's main process when known, else its init).
+    pub pid: i32,
+}
+
+/// Counts for the node report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub services: u32,
+    /// Instances with live processes.
+    pub instances: u32,
+}
+
 /// One instance, as reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceStatus {
@@ -111,8 +116,7 @@ pub struct InstanceStatus {
     pub revision: u64,
     /// The rollout generation it was started in (see [`desired::Desired::epoch`]).
     pub epoch: u64,
-    /// running, stopping, backoff, exited, pending, removing
-    pub state: &'static str,
+    pub state: Phase,
     /// The last start attempt failed (the instance is in backoff because of it).
     pub start_failed: bool,
     pub pid: Option<i32>,
@@ -129,9 +133,9 @@ pub struct InstanceStatus {
     pub ports: BTreeMap<String, u16>,
     /// Output the instance's init could not write to its logs, this run.
     pub log_dropped: crate::runtime::LogStat,
-    /// `healthy`, `unhealthy` or `unknown` (not yet decided, or not running). A service
-    /// without `[health]`: healthy exactly while running.
-    pub health: &'static str,
+    /// Unknown while not yet decided, or not running. A service without `[health]`: healthy
+    /// exactly while running.
+    pub health: HealthState,
     /// Why, from the last probe (empty without probes).
     pub health_reason: String,
     /// The instance's last `STATUS=` over NOTIFY_SOCKET.
@@ -143,13 +147,14 @@ pub struct InstanceStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub revision: u64,
+    pub owner: Owner,
     pub spec: Arc<ServiceSpec>,
     pub desired: u32,
     pub running: u32,
     pub healthy: u32,
     pub deleting: bool,
-    /// `healthy`, `degraded` or `unhealthy`, from its instances.
-    pub health: &'static str,
+    /// From its instances.
+    pub health: ServiceHealth,
     pub instances: Vec<InstanceStatus>,
     /// The running rollout, else the last one.
     pub rollout: Option<Rollout>,
@@ -159,93 +164,95 @@ pub struct ServiceStatus {
     pub paused: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Applied(ApplyOutcome),
-    Deleted {
-        name: String,
-        stopped: u32,
-    },
-    Status(Box<ServiceStatus>),
-    List(Vec<ServiceStatus>),
-    Scaled {
-        name: String,
-        previous: u32,
-        replicas: u32,
-    },
-    Summary {
-        services: u32,
-        instances: u32,
-    },
-    Signaled {
-        instance: String,
-        pid: i32,
-    },
-    /// A rollout was started by `Restart` or `Rollback`.
-    RolloutStarted {
-        name: String,
-        revision: u64,
-        rollout_id: String,
-    },
-    Rollout(Box<Rollout>),
-}
-
+/// Why the supervisor refused or could not do what it was asked. Each variant carries what
+/// the caller needs to act (the field, the value, the reason) and, where an OS call failed,
+/// that error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("{0}")]
     InvalidSpec(#[from] SpecError),
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
+    #[error("replicas: {replicas} is out of range (0 to {max})")]
+    ReplicasOutOfRange { replicas: u32, max: u32 },
+    #[error("revision: {revision} is the current revision (to replace its instances, restart)")]
+    CurrentRevision { revision: u64 },
+    #[error("revision: {revision} is not kept (kept: {})", list(kept))]
+    RevisionNotKept { revision: u64, kept: Vec<u64> },
     #[error("service {name:?} not found")]
     NotFound { name: String },
     #[error("rollout {id:?} not found (the last 10 of each service are kept)")]
     RolloutNotFound { id: String },
+    #[error("instance {instance:?} not found")]
+    InstanceNotFound { instance: String },
     #[error("service {name:?} has rollout {id} running ({progress})")]
     RolloutRunning {
         name: String,
         id: String,
         progress: String,
     },
-    /// The service is not in a state that allows it.
-    #[error("{0}")]
-    Precondition(String),
-    #[error("instance {instance:?} not found")]
-    InstanceNotFound { instance: String },
-    /// The host cannot enforce what the spec asks for.
-    #[error("{0}")]
-    Unenforceable(String),
+    #[error(
+        "service {name:?} has no kept revision below {revision} to roll back to (kept: {})",
+        list(kept)
+    )]
+    NothingToRollBackTo {
+        name: String,
+        revision: u64,
+        kept: Vec<u64>,
+    },
+    #[error(
+        "service {name:?} is owned by the fleet (etcd): change it there (corral fleet apply/delete), \
+         or force the change here (--force); it then lasts until etcd next changes the service"
+    )]
+    OwnedByFleet { name: String },
+    #[error(
+        "service {name:?} already runs on this node, applied through its local API: the fleet \
+         does not take it over; delete it there (corral delete {name}) and write the key again, \
+         or give the fleet's service another name"
+    )]
+    OwnedLocally { name: String },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]
-    NotRunning { instance: String, state: String },
-    #[error("saving the desired state failed, nothing was applied: {0}")]
-    Storage(String),
+    NotRunning {
+        instance: String,
+        state: &'static str,
+    },
+    /// The host cannot enforce what the spec asks for, or lacks what it needs: one reason
+    /// per field, each naming it.
+    #[error("{}", reasons.join("; "))]
+    Unenforceable { reasons: Vec<String> },
+    #[error("sockets[{index}].listen: cannot listen on {listen}: {source}")]
+    Listen {
+        index: usize,
+        listen: ListenAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signal {signal} to {instance}: {source}")]
+    Signal {
+        instance: String,
+        signal: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("saving the desired state failed, nothing was applied: {source}")]
+    Storage {
+        #[source]
+        source: StoreError,
+    },
+    #[error("saving the desired state failed, nothing was applied: encoding it: {source}")]
+    Encoding {
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the agent is shutting down")]
     Unavailable,
 }
 
-pub(crate) type Reply = oneshot::Sender<Result<Outcome, SupervisorError>>;
-
-/// The API's way in: a cheap, cloneable sender of operations.
-#[derive(Debug, Clone)]
-pub struct SupervisorHandle {
-    tx: mpsc::Sender<(Operation, Reply)>,
-}
-
-impl SupervisorHandle {
-    pub async fn call(&self, op: Operation) -> Result<Outcome, SupervisorError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((op, tx))
-            .await
-            .map_err(|_| SupervisorError::Unavailable)?;
-        rx.await.map_err(|_| SupervisorError::Unavailable)?
-    }
-
-    /// Resolves to whether the supervisor answers a cheap question: a liveness check (the
-    /// systemd watchdog pings only after it passes).
-    pub fn answers(&self) -> impl Future<Output = bool> + Send + use<> {
-        let handle = self.clone();
-        async move { handle.call(Operation::Summary).await.is_ok() }
-    }
+/// `1, 2, 3`.
+fn list(numbers: &[u64]) -> String {
+    numbers
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

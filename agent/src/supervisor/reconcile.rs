@@ -2,6 +2,7 @@
 //! events that move it toward its desired state. Pure and table-tested; the driver feeds the
 //! events to the instances' state machines and carries out what they return.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use tokio::time::Instant;
@@ -24,10 +25,10 @@ pub enum Action {
 /// - Otherwise the planner's `steps`: a new instance goes to the lowest free index; an old
 ///   one is stopped for `Retire`, an extra one for `ScaleDown` (each once).
 /// - Timers: a backoff that is due elapses; a stop whose grace (or kill retry) is due expires.
-pub fn reconcile(
+pub fn reconcile<I: Borrow<Instance>>(
     deleting: bool,
     steps: &[Step],
-    instances: &BTreeMap<u32, Instance>,
+    instances: &BTreeMap<u32, I>,
     now: Instant,
 ) -> Vec<Action> {
     let mut out = Vec::new();
@@ -37,7 +38,7 @@ pub fn reconcile(
     };
     if deleting {
         for (idx, i) in instances {
-            if !removing(i, &[StopReason::Delete]) {
+            if !removing(i.borrow(), &[StopReason::Delete]) {
                 out.push(Action::Event(
                     *idx,
                     Event::StopRequested(StopReason::Delete),
@@ -67,7 +68,7 @@ pub fn reconcile(
                 .any(|a| matches!(a, Action::Event(j, _) if *j == idx));
             if !already
                 && !removing(
-                    i,
+                    i.borrow(),
                     &[
                         StopReason::Retire,
                         StopReason::ScaleDown,
@@ -86,7 +87,7 @@ pub fn reconcile(
         if already {
             continue;
         }
-        match i.state {
+        match i.borrow().state {
             State::Backoff { until } if until <= now => {
                 out.push(Action::Event(*idx, Event::BackoffElapsed))
             }
@@ -158,8 +159,11 @@ pub fn slot(inst: &Instance, health: Health, target: (u64, u64), now: Instant) -
 }
 
 /// The earliest time one of the instances needs attention on its own.
-pub fn next_deadline(instances: &BTreeMap<u32, Instance>) -> Option<Instant> {
-    instances.values().filter_map(Instance::deadline).min()
+pub fn next_deadline<I: Borrow<Instance>>(instances: &BTreeMap<u32, I>) -> Option<Instant> {
+    instances
+        .values()
+        .filter_map(|i| i.borrow().deadline())
+        .min()
 }
 
 #[cfg(test)]
@@ -224,110 +228,35 @@ mod tests {
 
     #[test]
     fn reconcile_table() {
+        use Action::{Create, Event as Ev};
+        use Step::{StartNew, StopExtra, StopOld};
+        use StopReason::{Delete, Retire, ScaleDown};
         let t0 = Instant::now();
         let later = t0 + Duration::from_secs(3600);
-        use Action::{Create, Event as Ev};
-        let stop = |r| Event::StopRequested(r);
-        type Case = (
-            &'static str,
-            bool,
-            Vec<Step>,
-            Vec<(u32, u64, &'static str)>,
-            Instant,
-            Vec<Action>,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "new instances go to the lowest free indexes",
-                false,
-                vec![Step::StartNew, Step::StartNew, Step::StartNew],
-                vec![(1, 1, "running"), (3, 1, "running")],
-                t0,
-                vec![Create(0), Create(2), Create(4)],
-            ),
-            (
-                "nothing planned, nothing due",
-                false,
-                vec![],
-                vec![(0, 1, "running"), (1, 1, "backoff")],
-                t0,
-                vec![],
-            ),
-            (
-                "old instances are retired, extra ones scaled down",
-                false,
-                vec![Step::StopOld { index: 0 }, Step::StopExtra { index: 2 }],
-                vec![(0, 1, "running"), (1, 2, "running"), (2, 2, "backoff")],
-                t0,
-                vec![
-                    Ev(0, stop(StopReason::Retire)),
-                    Ev(2, stop(StopReason::ScaleDown)),
-                ],
-            ),
-            (
-                "a slot already being removed is not asked again",
-                false,
-                vec![Step::StopOld { index: 0 }, Step::StopOld { index: 1 }],
-                vec![(0, 1, "stopping-retire"), (1, 1, "removing")],
-                t0,
-                vec![],
-            ),
-            (
-                "a health restart is turned into a retirement",
-                false,
-                vec![Step::StopOld { index: 0 }],
-                vec![(0, 1, "stopping-unhealthy")],
-                t0,
-                vec![Ev(0, stop(StopReason::Retire))],
-            ),
-            (
-                "a step for a missing slot is dropped",
-                false,
-                vec![Step::StopOld { index: 7 }],
-                vec![],
-                t0,
-                vec![],
-            ),
-            (
-                "delete stops everything not yet stopping for delete",
-                true,
-                vec![Step::StartNew],
-                vec![
-                    (0, 1, "running"),
-                    (1, 1, "stopping-retire"),
-                    (2, 1, "stopping-delete"),
-                    (3, 1, "removing"),
-                ],
-                t0,
-                vec![
-                    Ev(0, stop(StopReason::Delete)),
-                    Ev(1, stop(StopReason::Delete)),
-                ],
-            ),
-            (
-                "backoff due",
-                false,
-                vec![],
-                vec![(0, 1, "backoff")],
-                later,
-                vec![Ev(0, Event::BackoffElapsed)],
-            ),
-            (
-                "a planned stop takes the place of a due backoff",
-                false,
-                vec![Step::StopOld { index: 0 }],
-                vec![(0, 1, "backoff")],
-                later,
-                vec![Ev(0, stop(StopReason::Retire))],
-            ),
-            (
-                "grace expired",
-                false,
-                vec![],
-                vec![(0, 1, "stopping-scale")],
-                later,
-                vec![Ev(0, Event::GraceExpired)],
-            ),
+        let stop = Event::StopRequested;
+        // Name, deleting, the planner's steps, the slots (index, revision, state), when: the
+        // actions.
+        #[rustfmt::skip]
+        let cases = [
+            ("new instances go to the lowest free indexes", false, vec![StartNew, StartNew, StartNew],
+                vec![(1, 1, "running"), (3, 1, "running")], t0, vec![Create(0), Create(2), Create(4)]),
+            ("nothing planned, nothing due", false, vec![],
+                vec![(0, 1, "running"), (1, 1, "backoff")], t0, vec![]),
+            ("old instances are retired, extra ones scaled down", false, vec![StopOld { index: 0 }, StopExtra { index: 2 }],
+                vec![(0, 1, "running"), (1, 2, "running"), (2, 2, "backoff")], t0,
+                vec![Ev(0, stop(Retire)), Ev(2, stop(ScaleDown))]),
+            ("a slot already being removed is not asked again", false, vec![StopOld { index: 0 }, StopOld { index: 1 }],
+                vec![(0, 1, "stopping-retire"), (1, 1, "removing")], t0, vec![]),
+            ("a health restart is turned into a retirement", false, vec![StopOld { index: 0 }],
+                vec![(0, 1, "stopping-unhealthy")], t0, vec![Ev(0, stop(Retire))]),
+            ("a step for a missing slot is dropped", false, vec![StopOld { index: 7 }], vec![], t0, vec![]),
+            ("delete stops everything not yet stopping for delete", true, vec![StartNew],
+                vec![(0, 1, "running"), (1, 1, "stopping-retire"), (2, 1, "stopping-delete"), (3, 1, "removing")], t0,
+                vec![Ev(0, stop(Delete)), Ev(1, stop(Delete))]),
+            ("backoff due", false, vec![], vec![(0, 1, "backoff")], later, vec![Ev(0, Event::BackoffElapsed)]),
+            ("a planned stop takes the place of a due backoff", false, vec![StopOld { index: 0 }],
+                vec![(0, 1, "backoff")], later, vec![Ev(0, stop(Retire))]),
+            ("grace expired", false, vec![], vec![(0, 1, "stopping-scale")], later, vec![Ev(0, Event::GraceExpired)]),
         ];
         for (name, deleting, steps, slots, now, want) in cases {
             let instances: BTreeMap<u32, Instance> = slots
@@ -342,101 +271,26 @@ mod tests {
     fn slots_for_the_planner() {
         let t0 = Instant::now();
         let now = t0 + Duration::from_secs(5);
+        let after = |s| t0 + Duration::from_secs(s);
         let tracked = |state| Health::Tracked {
             state,
-            since: t0 + Duration::from_secs(1),
+            since: after(1),
             started: t0,
         };
-        type Case = (
-            &'static str,
-            (u64, u64),
-            &'static str,
-            Health,
-            bool,
-            SlotState,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                "unchecked running is healthy since it runs",
-                (1, 0),
-                "running",
-                Health::Unchecked,
-                true,
-                SlotState::Healthy {
-                    since: t0,
-                    started: t0,
-                },
-            ),
-            (
-                "tracked healthy",
-                (1, 0),
-                "running",
-                tracked(HealthState::Healthy),
-                true,
-                SlotState::Healthy {
-                    since: t0 + Duration::from_secs(1),
-                    started: t0,
-                },
-            ),
-            (
-                "tracked unhealthy",
-                (1, 0),
-                "running",
-                tracked(HealthState::Unhealthy),
-                true,
-                SlotState::Unhealthy { started: t0 },
-            ),
-            (
-                "not yet decided is starting",
-                (1, 0),
-                "running",
-                tracked(HealthState::Unknown),
-                true,
-                SlotState::Starting { since: t0 },
-            ),
-            (
-                "another epoch is old",
-                (1, 5),
-                "running",
-                Health::Unchecked,
-                false,
-                SlotState::Healthy {
-                    since: t0,
-                    started: t0,
-                },
-            ),
-            (
-                "backoff is down",
-                (1, 0),
-                "backoff",
-                Health::Unchecked,
-                true,
-                SlotState::Down,
-            ),
-            (
-                "a health restart is down",
-                (1, 0),
-                "stopping-unhealthy",
-                Health::Unchecked,
-                true,
-                SlotState::Down,
-            ),
-            (
-                "retiring is leaving",
-                (1, 0),
-                "stopping-retire",
-                Health::Unchecked,
-                true,
-                SlotState::Leaving,
-            ),
-            (
-                "pending is starting now",
-                (1, 0),
-                "pending",
-                Health::Unknown,
-                true,
-                SlotState::Starting { since: now },
-            ),
+        let healthy = |since| SlotState::Healthy { since, started: t0 };
+        // Name, the target (revision, epoch), the slot's state and health: whether it is new,
+        // and its state for the planner.
+        #[rustfmt::skip]
+        let cases = [
+            ("unchecked running is healthy since it runs", (1, 0), "running", Health::Unchecked, true, healthy(t0)),
+            ("tracked healthy", (1, 0), "running", tracked(HealthState::Healthy), true, healthy(after(1))),
+            ("tracked unhealthy", (1, 0), "running", tracked(HealthState::Unhealthy), true, SlotState::Unhealthy { started: t0 }),
+            ("not yet decided is starting", (1, 0), "running", tracked(HealthState::Unknown), true, SlotState::Starting { since: t0 }),
+            ("another epoch is old", (1, 5), "running", Health::Unchecked, false, healthy(t0)),
+            ("backoff is down", (1, 0), "backoff", Health::Unchecked, true, SlotState::Down),
+            ("a health restart is down", (1, 0), "stopping-unhealthy", Health::Unchecked, true, SlotState::Down),
+            ("retiring is leaving", (1, 0), "stopping-retire", Health::Unchecked, true, SlotState::Leaving),
+            ("pending is starting now", (1, 0), "pending", Health::Unknown, true, SlotState::Starting { since: now }),
         ];
         for (name, target, state, health, new, want) in cases {
             let (_, i) = slot_in(0, 1, state, t0);

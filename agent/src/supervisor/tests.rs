@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::cgroups::recording::RecordingCgroups;
 use crate::cgroups::{CgroupPath, Control};
+use crate::rollout::record::Step;
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::{ExitRecord, InitExit, ProcessStatus};
 use crate::spec::Namespace;
@@ -35,13 +36,13 @@ fn deps(
     store: &Arc<MemStore>,
     events: &Arc<crate::events::EventLog>,
 ) -> Deps {
-    Deps {
-        runtime: rt.clone(),
-        cgroups: cg.clone(),
-        store: store.clone(),
-        namespaces: Namespace::ALL.to_vec(),
-        events: events.clone(),
-    }
+    Deps::new(
+        rt.clone(),
+        cg.clone(),
+        store.clone(),
+        Namespace::ALL.to_vec(),
+        events.clone(),
+    )
 }
 
 async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
@@ -63,6 +64,37 @@ async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<
         stop,
         events,
     }
+}
+
+/// A rig's fakes for the OS: a driver started again on them is the agent started again.
+struct Fakes {
+    rt: Arc<FakeRuntime>,
+    cg: Arc<RecordingCgroups>,
+    store: Arc<MemStore>,
+}
+
+impl Fakes {
+    async fn start(&self) -> Rig {
+        rig_shared(self.rt.clone(), self.cg.clone(), self.store.clone()).await
+    }
+}
+
+impl Rig {
+    fn fakes(&self) -> Fakes {
+        Fakes {
+            rt: self.rt.clone(),
+            cg: self.cg.clone(),
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// A rig running [`WEB`]'s three instances.
+async fn web() -> Rig {
+    let r = rig().await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    r
 }
 
 async fn rig() -> Rig {
@@ -98,25 +130,26 @@ impl Rig {
     }
 
     async fn apply(&self, text: &str) -> Result<ApplyOutcome, SupervisorError> {
-        match self
-            .handle
-            .call(Operation::Apply {
-                spec: spec(text),
-                dry_run: false,
-                force: false,
-            })
-            .await?
-        {
-            Outcome::Applied(a) => Ok(a),
-            o => panic!("unexpected {o:?}"),
-        }
+        self.handle.apply(*spec(text), false, false).await
     }
 
     async fn status(&self, name: &str) -> ServiceStatus {
-        match self.handle.call(Operation::Get { name: name.into() }).await {
-            Ok(Outcome::Status(s)) => *s,
-            other => panic!("unexpected {other:?}"),
-        }
+        self.handle.get(name).await.expect("status")
+    }
+
+    /// Init PIDs of the running instances, in index order.
+    async fn pids(&self, name: &str) -> Vec<i32> {
+        self.running(name)
+            .await
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Each instance's restarts, by index.
+    async fn restarts(&self, name: &str) -> Vec<u32> {
+        let s = self.status(name).await;
+        s.instances.iter().map(|i| i.restarts).collect()
     }
 
     /// Init PIDs of the running instances, by index.
@@ -125,7 +158,7 @@ impl Rig {
             .await
             .instances
             .iter()
-            .filter(|i| i.state == "running")
+            .filter(|i| i.state == Phase::Running)
             .filter_map(|i| Some((i.index, i.init_pid?)))
             .collect()
     }
@@ -143,6 +176,21 @@ impl Rig {
             "pid {pid} was running"
         );
     }
+}
+
+impl Rig {
+    /// The service of init `pid` exited with `code`, and so did its init.
+    fn exited(&self, pid: i32, code: i32) {
+        self.exit(pid, ProcessStatus::Exited(code), exited(code));
+    }
+}
+
+/// The init's record of a service that exited with `code`.
+fn exited(code: i32) -> Option<ExitRecord> {
+    Some(ExitRecord {
+        code: Some(code),
+        ..ExitRecord::default()
+    })
 }
 
 fn killed(sig: i32) -> Option<ExitRecord> {
@@ -179,23 +227,14 @@ async fn apply_starts_replicas_with_limits_and_persists() {
 
 #[tokio::test(start_paused = true)]
 async fn crash_restarts_after_growing_backoff() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
+    let r = web().await;
     let (idx, pid) = r.running("web").await[0];
     let start = tokio::time::Instant::now();
-    r.exit(
-        pid,
-        ProcessStatus::Exited(1),
-        Some(ExitRecord {
-            code: Some(1),
-            ..Default::default()
-        }),
-    );
+    r.exited(pid, 1);
     settle().await;
     let s = r.status("web").await;
     let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
     assert_eq!(
         i.last_exit.as_ref().map(|e| e.class),
         Some(ExitClass::Exited(1))
@@ -258,10 +297,7 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     settle().await;
     let e = r
         .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 3,
-        })
+        .scale("web", 3, false)
         .await
         .expect_err("three instances on one fixed port");
     assert!(matches!(e, SupervisorError::InvalidSpec(_)), "{e:?}");
@@ -270,24 +306,17 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     let s = r.status("web").await;
     assert_eq!((s.desired, s.spec.replicas, s.instances.len()), (1, 1, 1));
     // Scaling to zero or one stays possible.
-    match r
+    let scaled = r
         .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 0,
-        })
+        .scale("web", 0, false)
         .await
-    {
-        Ok(Outcome::Scaled { replicas: 0, .. }) => {}
-        other => panic!("{other:?}"),
-    }
+        .expect("scale to zero");
+    assert_eq!(scaled.replicas, 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
+    let r = web().await;
     let pid2 = r
         .running("web")
         .await
@@ -295,31 +324,11 @@ async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
         .find(|(i, _)| *i == 2)
         .expect("web-2")
         .1;
-    match r
-        .handle
-        .call(Operation::Scale {
-            name: "web".into(),
-            replicas: 2,
-        })
-        .await
-    {
-        Ok(Outcome::Scaled {
-            previous: 3,
-            replicas: 2,
-            ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
+    let scaled = r.handle.scale("web", 2, false).await.expect("scale");
+    assert_eq!((scaled.previous, scaled.replicas), (3, 2));
     settle().await;
     assert_eq!(r.rt.signals(), vec![(pid2, libc::SIGTERM)]);
-    r.exit(
-        pid2,
-        ProcessStatus::Exited(0),
-        Some(ExitRecord {
-            code: Some(0),
-            ..Default::default()
-        }),
-    );
+    r.exited(pid2, 0);
     settle().await;
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 2);
@@ -364,10 +373,10 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
     let i = &s.instances[0];
     assert_eq!(
         (i.id.as_str(), i.state, i.revision),
-        ("web-1", "running", 2),
+        ("web-1", Phase::Running, 2),
         "replaced by the new revision"
     );
-    let ended: Vec<String> = r
+    let ended: Vec<ExitClass> = r
         .events()
         .await
         .into_iter()
@@ -377,15 +386,13 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
             _ => None,
         })
         .collect();
-    assert_eq!(ended, vec!["stop_timeout".to_string()]);
+    assert_eq!(ended, vec![ExitClass::StopTimeout]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn update_starts_each_new_instance_before_stopping_an_old_one() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
-    let old: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let r = web().await;
+    let old = r.pids("web").await;
     let a = r
         .apply(&WEB.replace("/bin/app", "/bin/app2"))
         .await
@@ -406,14 +413,7 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(r.rt.signals().len(), n + 1, "then one old one stops");
         let (pid, _) = *r.rt.signals().last().expect("a stop signal");
-        r.exit(
-            pid,
-            ProcessStatus::Exited(0),
-            Some(ExitRecord {
-                code: Some(0),
-                ..Default::default()
-            }),
-        );
+        r.exited(pid, 0);
         settle().await;
     }
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -422,7 +422,7 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 2 && i.state == "running")
+            .all(|i| i.revision == 2 && i.state == Phase::Running)
     );
     let spawned = r.rt.spawns();
     assert!(spawned[3..].iter().all(|sp| sp.command == ["/bin/app2"]));
@@ -441,12 +441,10 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
 
 #[tokio::test(start_paused = true)]
 async fn delete_answers_once_everything_is_gone() {
-    let r = rig().await;
-    r.apply(WEB).await.expect("apply");
-    settle().await;
-    let pids: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let r = web().await;
+    let pids = r.pids("web").await;
     let h = r.handle.clone();
-    let del = tokio::spawn(async move { h.call(Operation::Delete { name: "web".into() }).await });
+    let del = tokio::spawn(async move { h.delete("web", false).await });
     settle().await;
     assert!(!del.is_finished(), "waits for the instances");
     assert_eq!(r.rt.signals().len(), 3);
@@ -455,30 +453,17 @@ async fn delete_answers_once_everything_is_gone() {
         "desired state removed first"
     );
     for p in pids {
-        r.exit(
-            p,
-            ProcessStatus::Exited(0),
-            Some(ExitRecord {
-                code: Some(0),
-                ..Default::default()
-            }),
-        );
+        r.exited(p, 0);
     }
     settle().await;
-    match del.await.expect("join") {
-        Ok(Outcome::Deleted { stopped: 3, .. }) => {}
-        other => panic!("{other:?}"),
-    }
+    let deleted = del.await.expect("join").expect("deleted");
+    assert_eq!(deleted.stopped, 3);
     assert!(
         r.cg.paths().is_empty(),
         "no cgroup left: {:?}",
         r.cg.paths()
     );
-    let e = r
-        .handle
-        .call(Operation::Get { name: "web".into() })
-        .await
-        .expect_err("gone");
+    let e = r.handle.get("web").await.expect_err("gone");
     assert!(matches!(e, SupervisorError::NotFound { .. }));
 }
 
@@ -489,23 +474,18 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
         Arc::new(MemStore::new()),
     )
     .await;
-    let e = r
-        .apply("name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n")
-        .await
-        .expect_err("no memory controller");
-    assert!(
-        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("resources.memory")),
-        "{e}"
-    );
+    // Each refusal names the field.
+    let refused = |e: &SupervisorError, field: &str| match e {
+        SupervisorError::Unenforceable { reasons } => reasons.iter().any(|r| r.contains(field)),
+        _ => false,
+    };
+    let memory = "name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n";
+    let e = r.apply(memory).await.expect_err("no memory controller");
+    assert!(refused(&e, "resources.memory"), "{e}");
     r.rt.refuse_command("/bin/missing");
-    let e = r
-        .apply("name = \"x\"\ncommand = [\"/bin/missing\"]\n")
-        .await
-        .expect_err("preflight");
-    assert!(
-        matches!(&e, SupervisorError::Unenforceable(m) if m.contains("command[0]")),
-        "{e}"
-    );
+    let missing = "name = \"x\"\ncommand = [\"/bin/missing\"]\n";
+    let e = r.apply(missing).await.expect_err("preflight");
+    assert!(refused(&e, "command[0]"), "{e}");
     settle().await;
     assert!(r.rt.spawns().is_empty());
     assert!(
@@ -520,11 +500,15 @@ async fn a_failed_save_applies_nothing() {
     store.fail_writes(true);
     let r = rig_with(RecordingCgroups::default(), store).await;
     let e = r.apply(WEB).await.expect_err("disk full");
-    assert!(matches!(e, SupervisorError::Storage(_)), "{e}");
+    assert!(matches!(e, SupervisorError::Storage { .. }), "{e}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the store's error is kept as the cause"
+    );
     settle().await;
     assert!(r.rt.spawns().is_empty());
     assert!(matches!(
-        r.handle.call(Operation::Get { name: "web".into() }).await,
+        r.handle.get("web").await,
         Err(SupervisorError::NotFound { .. })
     ));
 }
@@ -539,7 +523,7 @@ async fn spawn_failures_back_off_and_are_reported() {
     settle().await;
     let s = r.status("web").await;
     let i = &s.instances[0];
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
     assert!(i.start_failed);
     assert!(
         i.last_error
@@ -595,37 +579,19 @@ async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_agent_adopts_running_instances() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
-    first.apply(WEB).await.expect("apply");
-    settle().await;
+    let first = web().await;
+    let fakes = first.fakes();
+    let rt = &fakes.rt;
     let (_, pid0) = first.running("web").await[0];
-    first.exit(
-        pid0,
-        ProcessStatus::Exited(1),
-        Some(ExitRecord {
-            code: Some(1),
-            ..Default::default()
-        }),
-    );
+    first.exited(pid0, 1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     settle().await;
     let before = place_in_cgroups(&first, "web").await;
-    let restarts_before: Vec<u32> = first
-        .status("web")
-        .await
-        .instances
-        .iter()
-        .map(|i| i.restarts)
-        .collect();
+    let restarts_before = first.restarts("web").await;
     drop(first);
     settle().await;
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     assert_eq!(
         second.running("web").await,
@@ -642,24 +608,10 @@ async fn a_restarted_agent_adopts_running_instances() {
         4,
         "nothing started again (3 + the one crash restart)"
     );
-    let restarts_after: Vec<u32> = second
-        .status("web")
-        .await
-        .instances
-        .iter()
-        .map(|i| i.restarts)
-        .collect();
-    assert_eq!(restarts_after, restarts_before);
+    assert_eq!(second.restarts("web").await, restarts_before);
     // The new agent supervises them: an exit is seen and handled.
     let (idx, pid) = before[1];
-    second.exit(
-        pid,
-        ProcessStatus::Unknown,
-        Some(ExitRecord {
-            code: Some(2),
-            ..Default::default()
-        }),
-    );
+    second.exit(pid, ProcessStatus::Unknown, exited(2));
     settle().await;
     let s = second.status("web").await;
     let i = s.instances.iter().find(|i| i.index == idx).expect("slot");
@@ -667,17 +619,14 @@ async fn a_restarted_agent_adopts_running_instances() {
         i.last_exit.as_ref().map(|e| e.class),
         Some(ExitClass::Exited(2))
     );
-    assert_eq!(i.state, "backoff");
+    assert_eq!(i.state, Phase::Backoff);
 }
 
 #[tokio::test(start_paused = true)]
 async fn ends_while_the_agent_was_away_are_reported_truly() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let first = rig().await;
+    let fakes = first.fakes();
+    let (rt, cg) = (&fakes.rt, &fakes.cg);
     first
         .apply(&WEB.replace("replicas = 3", "replicas = 5"))
         .await
@@ -704,13 +653,7 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
             rt.set_exit_record(&format!("web-{i}"), r);
         }
     };
-    gone(
-        0,
-        Some(ExitRecord {
-            code: Some(3),
-            ..Default::default()
-        }),
-    );
+    gone(0, exited(3));
     gone(1, killed(9));
     cg.set_oom_kills(&path(1), 1);
     gone(2, killed(9));
@@ -719,24 +662,19 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
     rt.set_alive(pid(4), 999_999); // same PID, another process
     cg.set_procs(&path(4), vec![pid(4)]);
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     let s = second.status("web").await;
-    let class = |i: u32| {
-        s.instances
-            .iter()
-            .find(|x| x.index == i)
-            .and_then(|x| x.last_exit.as_ref())
-            .map(|e| e.class)
-    };
-    assert_eq!(class(0), Some(ExitClass::Exited(3)));
-    assert_eq!(class(1), Some(ExitClass::OomKilled));
-    assert_eq!(class(2), Some(ExitClass::Signaled(9)));
-    assert_eq!(class(3), Some(ExitClass::Lost));
+    let classes: Vec<Option<ExitClass>> = s
+        .instances
+        .iter()
+        .map(|x| x.last_exit.as_ref().map(|e| e.class))
+        .collect();
+    // web-4 too is lost: a reused PID is never adopted.
+    use ExitClass::{Exited, Lost, OomKilled, Signaled};
     assert_eq!(
-        class(4),
-        Some(ExitClass::Lost),
-        "a reused PID is never adopted"
+        classes,
+        [Exited(3), OomKilled, Signaled(9), Lost, Lost].map(Some)
     );
     assert!(!rt.adopted().contains(&pid(4)));
     let lost = s.instances.iter().find(|x| x.index == 3).expect("web-3");
@@ -749,7 +687,7 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
     assert!(
         s.instances
             .iter()
-            .all(|i| i.restarts == 1 && i.state == "backoff"),
+            .all(|i| i.restarts == 1 && i.state == Phase::Backoff),
         "each handled by its policy"
     );
     assert!(
@@ -769,28 +707,13 @@ async fn ends_while_the_agent_was_away_are_reported_truly() {
 // Rollouts.
 
 impl Rig {
-    async fn op(&self, op: Operation) -> Result<Outcome, SupervisorError> {
-        self.handle.call(op).await
-    }
-
     async fn restart(&self, name: &str, force: bool) -> Result<String, SupervisorError> {
-        match self
-            .op(Operation::Restart {
-                name: name.into(),
-                force,
-            })
-            .await?
-        {
-            Outcome::RolloutStarted { rollout_id, .. } => Ok(rollout_id),
-            o => panic!("unexpected {o:?}"),
-        }
+        let started = self.handle.restart(name, force).await?;
+        Ok(started.rollout_id)
     }
 
     async fn rollout(&self, id: &str) -> Rollout {
-        match self.op(Operation::GetRollout { id: id.into() }).await {
-            Ok(Outcome::Rollout(r)) => *r,
-            other => panic!("unexpected {other:?}"),
-        }
+        self.handle.get_rollout(id).await.expect("rollout")
     }
 
     /// Mark the running instances ready (`READY=1`), as a service with `notify` does.
@@ -837,7 +760,7 @@ async fn restart_replaces_every_instance_and_refuses_a_second_one() {
     let r = rig().await;
     r.apply(GATED).await.expect("apply");
     r.drive(&ALL, 2).await;
-    let before: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let before = r.pids("web").await;
     let id = r.restart("web", false).await.expect("restart");
     assert_eq!(id, "web-r1");
     let err = r.restart("web", false).await.expect_err("one at a time");
@@ -848,7 +771,7 @@ async fn restart_replaces_every_instance_and_refuses_a_second_one() {
     r.drive(&ALL, 15).await;
     let ro = r.rollout(&id).await;
     assert_eq!((ro.state.as_str(), ro.replaced), ("succeeded", 3), "{ro:?}");
-    let after: Vec<i32> = r.running("web").await.into_iter().map(|(_, p)| p).collect();
+    let after = r.pids("web").await;
     assert_eq!(after.len(), 3);
     assert!(after.iter().all(|p| !before.contains(p)), "all fresh");
     let s = r.status("web").await;
@@ -948,25 +871,13 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
     let revs: Vec<u64> = s.instances.iter().map(|i| i.revision).collect();
     assert_eq!(revs.iter().filter(|r| **r == 1).count(), 3, "{revs:?}");
     // A rollback to revision 1 replaces the new instance and resumes.
-    let back = match r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: None,
-            force: false,
-        })
+    let back = r
+        .handle
+        .rollback("web", None, false)
         .await
-        .expect("rollback")
-    {
-        Outcome::RolloutStarted {
-            rollout_id,
-            revision,
-            ..
-        } => {
-            assert_eq!(revision, 1);
-            rollout_id
-        }
-        o => panic!("unexpected {o:?}"),
-    };
+        .expect("rollback");
+    assert_eq!(back.revision, 1);
+    let back = back.rollout_id;
     r.drive(&ALL, 10).await;
     assert_eq!(r.rollout(&back).await.state.as_str(), "succeeded");
     let s = r.status("web").await;
@@ -974,25 +885,26 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 1 && i.state == "running")
+            .all(|i| i.revision == 1 && i.state == Phase::Running)
     );
     assert_eq!(s.instances.len(), 3);
     // Nothing earlier than revision 1 is kept.
     let err = r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: None,
-            force: false,
-        })
+        .handle
+        .rollback("web", None, false)
         .await
         .expect_err("nothing to roll back to");
-    assert!(matches!(err, SupervisorError::Precondition(_)), "{err}");
+    assert!(
+        matches!(err, SupervisorError::NothingToRollBackTo { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "service \"web\" has no kept revision below 1 to roll back to (kept: 1, 2)"
+    );
     let err = r
-        .op(Operation::Rollback {
-            name: "web".into(),
-            revision: Some(9),
-            force: false,
-        })
+        .handle
+        .rollback("web", Some(9), false)
         .await
         .expect_err("not kept");
     assert_eq!(err.to_string(), "revision: 9 is not kept (kept: 1, 2)");
@@ -1000,12 +912,9 @@ async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pau
 
 #[tokio::test(start_paused = true)]
 async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
-    let (rt, cg, store) = (
-        Arc::new(FakeRuntime::new()),
-        Arc::new(RecordingCgroups::default()),
-        Arc::new(MemStore::new()),
-    );
-    let first = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let first = rig().await;
+    let fakes = first.fakes();
+    let rt = &fakes.rt;
     first.apply(GATED).await.expect("apply");
     first.drive(&ALL, 2).await;
     let a = first
@@ -1022,18 +931,18 @@ async fn an_agent_restarted_mid_rollout_finishes_it_without_duplicates() {
     drop(first);
     settle().await;
 
-    let second = rig_shared(rt.clone(), cg.clone(), store.clone()).await;
+    let second = fakes.start().await;
     settle().await;
     second.drive(&ALL, 20).await;
     let done = second.rollout(&id).await;
     assert_eq!(done.state.as_str(), "succeeded", "{done:?}");
-    assert!(done.steps.iter().any(|s| s.step == "resumed"));
+    assert!(done.steps.iter().any(|s| s.step == Step::Resumed));
     let s = second.status("web").await;
     assert_eq!(s.instances.len(), 3, "{:?}", s.instances);
     assert!(
         s.instances
             .iter()
-            .all(|i| i.revision == 2 && i.state == "running")
+            .all(|i| i.revision == 2 && i.state == Phase::Running)
     );
     let mut live = rt.running();
     live.sort_unstable();
@@ -1090,16 +999,11 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     r.drive(&ALL, 2).await;
     let id = r.restart("web", false).await.expect("restart");
     r.drive(&ALL, 1).await;
-    r.op(Operation::Scale {
-        name: "web".into(),
-        replicas: 5,
-    })
-    .await
-    .expect("scale");
+    r.handle.scale("web", 5, false).await.expect("scale");
     r.drive(&ALL, 20).await;
     let ro = r.rollout(&id).await;
     assert_eq!((ro.state.as_str(), ro.replicas), ("succeeded", 5));
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 5);
-    assert!(s.instances.iter().all(|i| i.state == "running"));
+    assert!(s.instances.iter().all(|i| i.state == Phase::Running));
 }

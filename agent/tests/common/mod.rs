@@ -1086,13 +1086,13 @@ pub fn api() -> &'static Api {
         let cgroups = Arc::new(RecordingCgroups::default());
         let capabilities = cgroups.capabilities().clone();
         let events = Arc::new(EventLog::in_memory(1000));
-        let deps = Deps {
-            runtime: Arc::new(FakeRuntime::new()),
+        let deps = Deps::new(
+            Arc::new(FakeRuntime::new()),
             cgroups,
-            store: Arc::new(MemStore::new()),
-            namespaces: Namespace::ALL.to_vec(),
-            events: events.clone(),
-        };
+            Arc::new(MemStore::new()),
+            Namespace::ALL.to_vec(),
+            events.clone(),
+        );
         let handle = rt.block_on(async {
             let (mut driver, handle) = Driver::new(deps);
             driver.restore().await;
@@ -1106,6 +1106,7 @@ pub fn api() -> &'static Api {
             host: Arc::new(Host::new()),
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
+            fleet: None,
         };
         Api {
             rt,

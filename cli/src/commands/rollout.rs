@@ -17,7 +17,7 @@ use super::{Console, Interrupt, Outcome};
 use crate::args::{ConnectArgs, Format, RestartArgs, RollbackArgs};
 use crate::client::{self, Session};
 use crate::render::{self, one_line, rollout_progress_line, rollout_step_line, rollout_took};
-use crate::views::{RolloutStartedView, RolloutStatusView};
+use crate::views::{RolloutStartedView, RolloutStatusView, health_name, rollout_state_name};
 
 /// How often a followed rollout (or a service waited for) is read again.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -221,7 +221,7 @@ impl Waiter {
             other => return self.unfinished(id, other, err),
         };
         let mut followed = Followed::new(Outcome::Failed);
-        let error = match status.state.as_str() {
+        let error = match rollout_state_name(status.state) {
             "succeeded" => {
                 if self.format == Format::Table {
                     let took = rollout_took(&status).map_or_else(String::new, |d| {
@@ -243,7 +243,7 @@ impl Waiter {
         }
         followed.error = error;
         let rollback_id = status.rollback_id.clone();
-        let rolls_back = status.state == "failed" && !rollback_id.is_empty();
+        let rolls_back = rollout_state_name(status.state) == "failed" && !rollback_id.is_empty();
         followed.status = Some(status);
         if rolls_back {
             if self.format == Format::Table {
@@ -253,7 +253,7 @@ impl Waiter {
             self.progress.end(err)?;
             match watched? {
                 Watched::Ended(rollback) => {
-                    if rollback.state == "succeeded" {
+                    if rollout_state_name(rollback.state) == "succeeded" {
                         writeln!(
                             err,
                             "rolled back to revision {} (rollout {rollback_id} succeeded)",
@@ -263,7 +263,7 @@ impl Waiter {
                         writeln!(
                             err,
                             "error: the rollback did not succeed either: rollout {rollback_id} {}{}",
-                            one_line(&rollback.state),
+                            rollout_state_name(rollback.state),
                             reason(&rollback)
                         )?;
                     }
@@ -343,7 +343,7 @@ impl Waiter {
             match read {
                 Ok(status) => {
                     self.progress.rollout(err, &status)?;
-                    if has_ended(&status.state) {
+                    if has_ended(rollout_state_name(status.state)) {
                         return Ok(Watched::Ended(status));
                     }
                     last = Some(status);
@@ -529,11 +529,11 @@ fn service_missing(s: &pb::ServiceStatus, revision: Option<u64>) -> String {
     let named: Vec<String> = s
         .instances
         .iter()
-        .filter(|i| i.health != "healthy" || revision.is_some_and(|r| i.revision != r))
+        .filter(|i| health_name(i.health) != "healthy" || revision.is_some_and(|r| i.revision != r))
         .take(MISSING_NAMED_MAX)
         .map(|i| {
             let state = crate::views::state_name(i.state);
-            match (i.health.as_str(), i.health_reason.trim()) {
+            match (health_name(i.health), i.health_reason.trim()) {
                 ("unhealthy", "") => format!("{} ({state}, unhealthy)", i.id),
                 ("unhealthy", why) => format!("{} ({state}, unhealthy: {why})", i.id),
                 _ => format!("{} ({state})", i.id),
@@ -644,6 +644,7 @@ fn new_steps<'a>(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::views::wire;
 
     fn step(seconds: i64, step: &str, instance: &str) -> pb::RolloutStep {
         pb::RolloutStep {
@@ -698,7 +699,7 @@ mod tests {
         let mut err = Vec::new();
         let status = pb::RolloutStatus {
             id: "web-r3".into(),
-            kind: "restart".into(),
+            kind: wire::rollout_kind("restart"),
             from_revision: 2,
             to_revision: 2,
             replicas: 4,
@@ -763,7 +764,7 @@ mod tests {
             index,
             revision,
             state: pb::InstanceState::Running as i32,
-            health: health.into(),
+            health: wire::health(health),
             health_reason: reason.into(),
             ..Default::default()
         }
@@ -787,7 +788,7 @@ mod tests {
             "1 of 2 instances not healthy: web-1 (running, unhealthy: HTTP 503)"
         );
         s.healthy = 2;
-        s.instances[1].health = "healthy".into();
+        s.instances[1].health = wire::health("healthy");
         assert!(is_ready(&s, None));
         assert!(is_ready(&s, Some(3)));
         s.instances[0].revision = 2;

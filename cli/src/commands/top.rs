@@ -15,7 +15,7 @@ use super::{Console, Outcome};
 use crate::args::{ConnectArgs, Format, TopArgs};
 use crate::client::{self, Session};
 use crate::render;
-use crate::views::{NodeView, TopRowView, TopView, rfc3339, state_name};
+use crate::views::{NodeView, TopRowView, TopView, health_name, rfc3339, state_name};
 
 /// Moves the cursor home and clears the screen.
 const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
@@ -168,7 +168,9 @@ pub fn rows(services: &[Read], previous: Option<&Sample>) -> Vec<TopRowView> {
                 instance: i.id.clone(),
                 index: i.index,
                 state: state_name(i.state),
-                health: (!i.health.is_empty()).then(|| i.health.clone()),
+                health: Some(health_name(i.health))
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned),
                 health_checked: checked,
                 pid: (i.pid > 0).then_some(i.pid),
                 cpu_percent,
@@ -217,6 +219,7 @@ pub fn sort_rows(rows: &mut [TopRowView]) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::views::wire;
 
     fn instance(id: &str, index: u32, pid: i32, cpu_ns: u64) -> pb::InstanceStatus {
         pb::InstanceStatus {
@@ -224,7 +227,7 @@ mod tests {
             index,
             state: pb::InstanceState::Running as i32,
             pid,
-            health: "healthy".into(),
+            health: wire::health("healthy"),
             usage: Some(pb::ResourceUsage {
                 cpu_usage_ns: cpu_ns,
                 memory_bytes: 1 << 20,

@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use corral_e2e::{Agent, pb, testbin};
+use corral_e2e::{Agent, attribute, pb, testbin};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
@@ -633,6 +633,7 @@ async fn events() {
             .scale(pb::ScaleRequest {
                 name: "ev".into(),
                 replicas: (i % 2) as u32,
+                ..Default::default()
             })
             .await
             .expect("scale");
@@ -723,7 +724,7 @@ async fn rollout(rounds: usize) {
                 .await
                 .expect("get rollout")
                 .into_inner();
-            if r.state != "running" {
+            if r.state() != pb::RolloutState::Running {
                 break r;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -761,12 +762,12 @@ async fn rollout(rounds: usize) {
                 Some(t) if t >= wall0 => t,
                 _ => continue,
             };
-            match e.r#type.as_str() {
-                "instance_started" => {
+            match e.r#type() {
+                pb::EventType::InstanceStarted => {
                     started.insert(e.instance.clone(), at);
                 }
-                "health_changed"
-                    if e.attributes.get("to").map(String::as_str) == Some("healthy") =>
+                pb::EventType::HealthChanged
+                    if attribute(&e, "to").as_deref() == Some("healthy") =>
                 {
                     if let Some(s) = started.remove(&e.instance) {
                         own += at.duration_since(s).unwrap_or_default() + min_healthy;
@@ -781,7 +782,7 @@ async fn rollout(rounds: usize) {
         println!(
             "{} {id}: {} ({} ok, {} failed); took {:.2} s, agent overhead {:.1} ms per instance; longest gap {:.2} ms (at {}; {:.2} ms in the 10 s before); p99 {:.2} ms before, {:.2} ms during",
             if update { "update " } else { "restart" },
-            status.state,
+            format!("{:?}", status.state()).to_lowercase(),
             report.ok(),
             report.failures().len(),
             took.as_secs_f64(),

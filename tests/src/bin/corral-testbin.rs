@@ -357,6 +357,8 @@ fn main() {
             let _ = out.flush();
             drop(out);
             line("flood_done", count);
+            // Also where a test can see it when the logs cannot be written (a full disk).
+            let _ = std::fs::write("/tmp/flood_done", count.to_string());
             // Then a trickle, so that a log that could not be written to can recover.
             for tick in 0.. {
                 std::thread::sleep(Duration::from_millis(100));

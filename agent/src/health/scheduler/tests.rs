@@ -82,19 +82,29 @@ async fn a_hanging_probe_does_not_delay_another_instance() {
     let spec = spec(1000, 500);
     let t0 = Instant::now();
     let slow = Prober::start(
-        "web-0".into(),
+        InstanceKey::new("web", 0),
         7,
         exec("hang"),
         &spec,
         fake.clone(),
         tx.clone(),
     );
-    let fast = Prober::start("web-1".into(), 8, exec("ok"), &spec, fake.clone(), tx);
+    let fast = Prober::start(
+        InstanceKey::new("web", 1),
+        8,
+        exec("ok"),
+        &spec,
+        fake.clone(),
+        tx,
+    );
 
     tokio::time::sleep(Duration::from_millis(9500)).await;
     let reports = drain(&mut rx);
     let of = |name: &str| -> Vec<&ProbeReport> {
-        reports.iter().filter(|r| r.instance == name).collect()
+        reports
+            .iter()
+            .filter(|r| r.instance.to_string() == name)
+            .collect()
     };
 
     // The fast instance: first run within the first-run jitter, then one run every interval,
@@ -140,7 +150,7 @@ async fn dropping_the_handle_stops_probing() {
     let fake = Arc::new(FakeExec::default());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = Prober::start(
-        "web-0".into(),
+        InstanceKey::new("web", 0),
         1,
         exec("hang"),
         &spec(1000, 1000),
@@ -164,7 +174,7 @@ async fn dropping_the_handle_stops_probing() {
 async fn a_prober_ends_when_reports_are_no_longer_read() {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Prober::start(
-        "web-0".into(),
+        InstanceKey::new("web", 0),
         1,
         exec("ok"),
         &spec(1000, 1000),
@@ -256,10 +266,10 @@ fn probe_cost_200_tcp_probers() {
         let cpu0 = cpu_seconds("/proc/self/stat");
         let listener0 = cpu_seconds(&listener_stat);
         let t0 = std::time::Instant::now();
-        let handles: Vec<ProbeHandle> = (0..PROBERS)
+        let handles: Vec<ProbeHandle> = (0..PROBERS as u32)
             .map(|i| {
                 Prober::start(
-                    format!("svc-{i}"),
+                    InstanceKey::new("svc", i),
                     1,
                     Target::Tcp { addr },
                     &spec,

@@ -1,22 +1,23 @@
-//! The driver's side of desired state and rollouts: reconciling each service through the
-//! rollout planner, applying specs, `Restart`, `Rollback`, and keeping each rollout's record
-//! and events up to date.
+//! Reconciling each service through the rollout planner, and the running rollout's record and
+//! events: steps (started, ready, stopping, stopped, resumed), completion, failure with or
+//! without a rollback.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use super::{Driver, SERVICES, Service};
+use super::Driver;
+use super::slots::Service;
 use crate::events::EventKind;
-use crate::rollout::record::{Kind, Rollout, State as RolloutState};
-use crate::rollout::{self, Plan, Policy, Progress, Slot};
-use crate::spec::{self, ServiceSpec};
-use crate::supervisor::desired::{Desired, Target};
-use crate::supervisor::instance::{Effect, Event, Instance, State, StopReason};
+use crate::rollout::record::{Rollout, State as RolloutState, Step};
+use crate::rollout::{self, Plan, Policy, Progress};
+use crate::spec::{self, InstanceKey};
+use crate::supervisor::instance::{Event, Instance, State, StopReason};
 use crate::supervisor::reconcile::{self, Action, Health};
-use crate::supervisor::{ApplyKind, ApplyOutcome, Outcome, SupervisorError};
+
+/// Passes of one service's reconciling per wake-up: each settles what it can and a few reach
+/// a fixed point; bounded, so a logic error can never spin the task.
+const MAX_PASSES: usize = 8;
 
 /// An instance that still counts: not on its way out.
 pub(super) fn present(i: &Instance) -> bool {
@@ -31,67 +32,47 @@ pub(super) fn present(i: &Instance) -> bool {
     )
 }
 
-/// Present instances that do not run `target`.
-fn to_replace(instances: &BTreeMap<u32, Instance>, target: (u64, u64)) -> u32 {
+/// Present instances that do not run `target` (revision, epoch).
+pub(super) fn to_replace<'a>(
+    instances: impl Iterator<Item = &'a Instance>,
+    target: (u64, u64),
+) -> u32 {
     instances
-        .values()
         .filter(|i| present(i) && (i.revision, i.epoch) != target)
         .count() as u32
 }
 
 impl Driver {
     pub(super) fn reconcile_all(&mut self) {
-        let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
+        for name in self.services.names() {
             self.reconcile_service(&name);
             self.finish_delete(&name);
         }
     }
 
     /// Move one service toward its desired state: the planner decides what to start and
-    /// stop; the instances' timers are served too. Each pass settles what it can; a few
-    /// passes reach a fixed point (bounded, so a logic error can never spin the task).
+    /// stop; the instances' timers are served too.
     fn reconcile_service(&mut self, name: &str) {
-        for _ in 0..8 {
-            let Some(svc) = self.services.get(name) else {
-                return;
-            };
-            let now = Instant::now();
-            let steps = if svc.deleting {
-                Vec::new()
-            } else {
-                self.announce_ready(name, now);
-                let Some(svc) = self.services.get(name) else {
-                    return;
-                };
-                let (policy, slots) = self.planner_view(svc, now);
-                match rollout::plan(&policy, &slots, now) {
-                    Plan::Complete => {
-                        self.complete_rollout(name);
-                        Vec::new()
-                    }
-                    Plan::Failed { index, reason } => {
-                        self.fail_rollout(name, index, &reason);
-                        continue;
-                    }
-                    Plan::Steps(steps) => steps,
-                }
+        for _ in 0..MAX_PASSES {
+            let Some(steps) = self.planned_steps(name) else {
+                continue;
             };
             let Some(svc) = self.services.get(name) else {
                 return;
             };
-            let actions = reconcile::reconcile(svc.deleting, &steps, &svc.instances, now);
+            let actions = reconcile::reconcile(svc.deleting, &steps, &svc.slots, Instant::now());
             if actions.is_empty() {
                 break;
             }
             for a in actions {
                 match a {
-                    Action::Create(idx) => self.create_instance(name, idx),
-                    Action::Event(idx, ev) => {
+                    Action::Create(index) => self.create_instance(name, index),
+                    Action::Event(index, ev) => {
+                        let key = InstanceKey::new(name, index);
                         let retire = ev == Event::StopRequested(StopReason::Retire);
-                        self.feed(name, idx, ev);
+                        self.feed(&key, ev);
                         if retire {
-                            self.note_retired(name, idx);
+                            self.note_retired(&key);
                         }
                     }
                 }
@@ -100,34 +81,53 @@ impl Driver {
         self.after_pass(name);
     }
 
+    /// What the planner asks of a service now (nothing while it is deleted); `None` when
+    /// the running rollout just failed, so the next pass plans anew.
+    fn planned_steps(&mut self, name: &str) -> Option<Vec<rollout::Step>> {
+        if self.services.get(name).is_none_or(|s| s.deleting) {
+            return Some(Vec::new());
+        }
+        let now = Instant::now();
+        self.announce_ready(name, now);
+        let svc = self.services.get(name)?;
+        let (policy, slots) = self.planner_view(svc, now);
+        match rollout::plan(&policy, &slots, now) {
+            Plan::Complete => {
+                self.complete_rollout(name);
+                Some(Vec::new())
+            }
+            Plan::Failed { index, reason } => {
+                self.fail_rollout(name, index, &reason);
+                None
+            }
+            Plan::Steps(steps) => Some(steps),
+        }
+    }
+
     /// The planner's policy and view of a service's instances.
-    fn planner_view(&self, svc: &Service, now: Instant) -> (Policy, Vec<Slot>) {
+    fn planner_view(&self, svc: &Service, now: Instant) -> (Policy, Vec<rollout::Slot>) {
         let d = &svc.d;
         let running = d.running();
         let policy = Policy::new(d.spec.replicas, &d.spec.rollout, running.is_some());
         let target = (d.revision, d.epoch);
         let slots = svc
-            .instances
+            .slots
             .values()
-            .map(|i| {
-                let health = if i.spec.health.is_none() {
-                    Health::Unchecked
-                } else {
-                    match self.live.get(&i.id).and_then(|l| l.health.as_ref()) {
-                        Some(h) => Health::Tracked {
-                            state: h.tracker.state(),
-                            since: h.tracker.since(),
-                            started: h.tracker.started(),
-                        },
-                        None => Health::Unknown,
-                    }
+            .map(|slot| {
+                let i = &slot.instance;
+                let health = match (i.spec.health.is_none(), slot.tracker()) {
+                    (true, _) => Health::Unchecked,
+                    (false, Some(t)) => Health::Tracked {
+                        state: t.state(),
+                        since: t.since(),
+                        started: t.started(),
+                    },
+                    (false, None) => Health::Unknown,
                 };
                 let mut s = reconcile::slot(i, health, target, now);
                 s.started_here = running.is_some_and(|r| r.started_ids.contains(&i.id));
                 // Paused after a failure: what runs stays; only missing instances are added.
-                if d.paused {
-                    s.new = true;
-                }
+                s.new |= d.paused;
                 s
             })
             .collect();
@@ -148,42 +148,44 @@ impl Driver {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
-        let id = spec::instance_id(name, index);
+        let key = InstanceKey::new(name, index);
+        let id = key.to_string();
         let d = &svc.d;
-        svc.instances.insert(
-            index,
-            Instance::new(index, id.clone(), d.spec.clone(), d.revision).with_epoch(d.epoch),
-        );
-        let in_rollout = match svc.d.running_mut() {
-            Some(r) => {
-                r.started_ids.insert(id.clone());
-                true
-            }
-            None => false,
-        };
-        self.apply_effects(name, index, vec![Effect::Spawn]);
+        let instance =
+            Instance::new(index, id.clone(), d.spec.clone(), d.revision).with_epoch(d.epoch);
+        svc.slots.insert(index, super::slots::Slot::new(instance));
+        let in_rollout = svc
+            .d
+            .running_mut()
+            .map(|r| r.started_ids.insert(id.clone()))
+            .is_some();
+        let ev = self.spawn(&key);
+        self.feed(&key, ev);
         if in_rollout {
             let rev = self.services.get(name).map_or(0, |s| s.d.revision);
-            self.rollout_step(
-                name,
-                "started",
-                &id,
-                format!("new instance {id} (revision {rev})"),
-            );
+            let message = format!("new instance {id} (revision {rev})");
+            self.rollout_step(name, Step::Started, &id, message);
         }
     }
 
     /// An old instance was asked to stop for the running rollout.
-    fn note_retired(&mut self, name: &str, index: u32) {
-        let Some(id) = self.instance_id(name, index) else {
-            return;
-        };
-        let Some(r) = self.services.get_mut(name).and_then(|s| s.d.running_mut()) else {
+    fn note_retired(&mut self, key: &InstanceKey) {
+        let id = key.to_string();
+        let Some(r) = self
+            .services
+            .get_mut(&key.service)
+            .and_then(|s| s.d.running_mut())
+        else {
             return;
         };
         if r.stopping_ids.insert(id.clone()) {
             r.replaced += 1;
-            self.rollout_step(name, "stopping", &id, format!("old instance {id}"));
+            self.rollout_step(
+                &key.service,
+                Step::Stopping,
+                &id,
+                format!("old instance {id}"),
+            );
         }
     }
 
@@ -195,7 +197,12 @@ impl Driver {
             .and_then(|s| s.d.running_mut())
             .is_some_and(|r| r.stopping_ids.remove(id));
         if removed {
-            self.rollout_step(name, "stopped", id, format!("old instance {id} is gone"));
+            self.rollout_step(
+                name,
+                Step::Stopped,
+                id,
+                format!("old instance {id} is gone"),
+            );
         }
     }
 
@@ -210,7 +217,7 @@ impl Driver {
         let (policy, slots) = self.planner_view(svc, now);
         let fresh: Vec<String> = rollout::ready_indexes(&policy, &slots, now)
             .into_iter()
-            .filter_map(|idx| svc.instances.get(&idx).map(|i| i.id.clone()))
+            .filter_map(|idx| svc.slots.get(&idx).map(|s| s.instance.id.clone()))
             .filter(|id| !r.ready_ids.contains(id))
             .collect();
         let min_healthy = spec::format_duration(policy.min_healthy);
@@ -218,29 +225,31 @@ impl Driver {
             if let Some(r) = self.services.get_mut(name).and_then(|s| s.d.running_mut()) {
                 r.ready_ids.insert(id.clone());
             }
-            self.rollout_step(
-                name,
-                "ready",
-                &id,
-                format!("new instance {id} healthy for {min_healthy}"),
-            );
+            let message = format!("new instance {id} healthy for {min_healthy}");
+            self.rollout_step(name, Step::Ready, &id, message);
         }
     }
 
-    /// Record a step of the running rollout, with the counts right after it, and report it.
-    fn rollout_step(&mut self, name: &str, step: &str, instance: &str, message: String) {
+    /// The running rollout of a service, its counts brought up to date and the service
+    /// marked to be saved.
+    fn update_running(&mut self, name: &str) -> Option<(Progress, &mut Rollout)> {
         let progress = self.progress(name);
-        let Some(svc) = self.services.get_mut(name) else {
-            return;
-        };
-        let Some(r) = svc.d.running_mut() else {
-            return;
-        };
+        let svc = self.services.get_mut(name)?;
+        let r = svc.d.running_mut()?;
         r.progress = progress.into();
+        svc.dirty = true;
+        Some((progress, r))
+    }
+
+    /// Record a step of the running rollout, with the counts right after it, and report it.
+    fn rollout_step(&mut self, name: &str, step: Step, instance: &str, message: String) {
+        let Some((progress, r)) = self.update_running(name) else {
+            return;
+        };
         r.step(SystemTime::now(), step, instance, message.clone());
         let event = EventKind::RolloutStep {
             rollout: r.id.clone(),
-            step: step.to_string(),
+            step,
             message,
             replaced: r.replaced,
             to_replace: r.to_replace,
@@ -249,116 +258,80 @@ impl Driver {
             old: progress.old,
             available: progress.available,
         };
-        tracing::info!(service = %name, rollout = %r.id, step, instance, progress = %r.progress_line(), "rollout step");
-        svc.dirty = true;
+        tracing::info!(service = %name, rollout = %r.id, step = step.as_str(), instance, progress = %r.progress_line(), "rollout step");
         let inst = (!instance.is_empty()).then_some(instance);
-        self.deps.events.append(name, inst, event);
+        self.emit(name, inst, event);
     }
 
     /// The running rollout reached its end state.
     fn complete_rollout(&mut self, name: &str) {
-        let progress = self.progress(name);
-        let Some(svc) = self.services.get_mut(name) else {
+        let Some((_, r)) = self.update_running(name) else {
             return;
         };
-        let Some(r) = svc.d.running_mut() else {
-            return;
-        };
-        r.progress = progress.into();
-        let elapsed = SystemTime::now()
-            .duration_since(r.started_at)
-            .unwrap_or_default();
-        r.finish(RolloutState::Succeeded, "", SystemTime::now());
+        let now = SystemTime::now();
+        let elapsed = now.duration_since(r.started_at).unwrap_or_default();
+        r.finish(RolloutState::Succeeded, "", now);
         let id = r.id.clone();
-        svc.dirty = true;
         tracing::info!(service = %name, rollout = %id, elapsed_ms = elapsed.as_millis() as u64, "rollout succeeded");
-        self.emit(
-            name,
-            None,
-            EventKind::RolloutFinished {
-                rollout: id,
-                state: "succeeded".into(),
-                reason: String::new(),
-                rollback: None,
-            },
-        );
+        let event = EventKind::RolloutFinished {
+            rollout: id,
+            state: RolloutState::Succeeded,
+            reason: String::new(),
+            rollback: None,
+        };
+        self.emit(name, None, event);
         self.prune_sockets(name);
     }
 
     /// A new instance failed the running rollout: it stops there, and rolls back when the
     /// policy says so.
     fn fail_rollout(&mut self, name: &str, index: u32, reason: &str) {
-        let id = spec::instance_id(name, index);
+        let id = InstanceKey::new(name, index).to_string();
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
-        // Name the instance, and say how it ended when it did.
-        let how = svc.instances.get(&index).and_then(|i| match i.state {
-            State::Stopping {
-                reason: StopReason::Unhealthy,
-                ..
-            } => Some("restarted for failing its health check".to_string()),
-            State::Backoff { .. } | State::Exited => i
-                .last_error
-                .clone()
-                .or_else(|| i.last_exit.as_ref().map(|e| e.class.to_string())),
-            _ => None,
-        });
-        let mut reason = reason.replacen(
-            &format!("new instance {index}"),
-            &format!("new instance {id}"),
-            1,
-        );
-        if let Some(how) = how {
-            reason = format!("{reason}: {how}");
-        }
-        let reason = reason.as_str();
+        let reason = failure_reason(svc, index, &id, reason);
         let Some(failed) = svc.d.running().map(|r| r.id.clone()) else {
             return;
         };
-        let Service { d, instances, .. } = svc;
+        let Service { d, slots, .. } = svc;
+        let instances = || slots.values().map(|s| &s.instance);
         let rollback = d.fail(
             name,
-            reason,
-            |t| to_replace(instances, (t.revision, t.epoch)),
+            &reason,
+            |t| to_replace(instances(), (t.revision, t.epoch)),
             SystemTime::now(),
         );
         svc.dirty = true;
-        let why = svc
-            .d
-            .find(&failed)
-            .map_or_else(|| reason.to_string(), |r| r.reason.clone());
+        let why = svc.d.find(&failed).map_or(reason, |r| r.reason.clone());
         tracing::warn!(service = %name, rollout = %failed, instance = %id, reason = %why, "rollout failed");
-        self.emit(
-            name,
-            Some(&id),
-            EventKind::RolloutFinished {
-                rollout: failed,
-                state: "failed".into(),
-                reason: why,
-                rollback: rollback.as_ref().map(|(id, _)| id.clone()),
-            },
-        );
-        if let Some((_, target)) = rollback {
-            // The sockets of the revision it returns to, should any be closed by now.
-            match self.sockets_for(&target.spec) {
-                Ok(sockets) => {
-                    if let Some(svc) = self.services.get_mut(name) {
-                        svc.sockets.extend(sockets);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(service = %name, error = %e, "rolling back without its sockets")
+        let event = EventKind::RolloutFinished {
+            rollout: failed,
+            state: RolloutState::Failed,
+            reason: why,
+            rollback: rollback.as_ref().map(|(id, _)| id.clone()),
+        };
+        self.emit(name, Some(&id), event);
+        let Some((_, target)) = rollback else {
+            tracing::warn!(service = %name, "paused: no more instances are replaced until the next apply, restart or rollback");
+            return;
+        };
+        // The sockets of the revision it returns to, should any be closed by now.
+        match self.sockets_for(&target.spec) {
+            Ok(sockets) => {
+                if let Some(svc) = self.services.get_mut(name) {
+                    svc.sockets.extend(sockets);
                 }
             }
-            self.announce_rollout(name, None);
-        } else {
-            tracing::warn!(service = %name, "paused: no more instances are replaced until the next apply, restart or rollback");
+            Err(e) => {
+                tracing::error!(service = %name, error = %e, "rolling back without its sockets")
+            }
         }
+        self.announce_rollout(name, None);
     }
 
     /// Report the rollout that just began (and the one it superseded).
-    fn announce_rollout(&mut self, name: &str, superseded: Option<String>) {
+    pub(super) fn announce_rollout(&mut self, name: &str, superseded: Option<String>) {
         if let Some(old) = superseded {
             let reason = self
                 .services
@@ -366,16 +339,13 @@ impl Driver {
                 .and_then(|s| s.d.find(&old))
                 .map(|r| r.reason.clone())
                 .unwrap_or_default();
-            self.emit(
-                name,
-                None,
-                EventKind::RolloutFinished {
-                    rollout: old,
-                    state: "superseded".into(),
-                    reason,
-                    rollback: None,
-                },
-            );
+            let event = EventKind::RolloutFinished {
+                rollout: old,
+                state: RolloutState::Superseded,
+                reason,
+                rollback: None,
+            };
+            self.emit(name, None, event);
         }
         let Some(r) = self.services.get(name).and_then(|s| s.d.running()) else {
             return;
@@ -383,7 +353,7 @@ impl Driver {
         tracing::info!(service = %name, rollout = %r.id, kind = r.kind.as_str(), from = r.from_revision, to = r.to_revision, to_replace = r.to_replace, "rollout started");
         let event = EventKind::RolloutStarted {
             rollout: r.id.clone(),
-            kind: r.kind.as_str().to_string(),
+            kind: r.kind,
             from_revision: r.from_revision,
             to_revision: r.to_revision,
             to_replace: r.to_replace,
@@ -425,356 +395,37 @@ impl Driver {
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
-            self.rollout_step(
-                &name,
-                "resumed",
-                "",
-                "the agent started again; the rollout goes on".into(),
-            );
-        }
-    }
-
-    // ---------------------------------------------------------------------------------
-    // Operations.
-
-    /// Refuse when a rollout runs and the caller did not ask to supersede it.
-    fn check_running(&self, name: &str, force: bool) -> Result<(), SupervisorError> {
-        match self.services.get(name).and_then(|s| s.d.running()) {
-            Some(r) if !force => Err(SupervisorError::RolloutRunning {
-                name: name.to_string(),
-                id: r.id.clone(),
-                progress: r.progress_line(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    fn service_for_rollout(&self, name: &str) -> Result<&Service, SupervisorError> {
-        match self.services.get(name) {
-            None => Err(SupervisorError::NotFound { name: name.into() }),
-            Some(s) if s.deleting => Err(SupervisorError::Deleting { name: name.into() }),
-            Some(s) => Ok(s),
-        }
-    }
-
-    pub(super) fn apply(
-        &mut self,
-        spec: ServiceSpec,
-        dry_run: bool,
-        force: bool,
-    ) -> Result<ApplyOutcome, SupervisorError> {
-        let name = spec.name.clone();
-        let (kind, revision, changes, replaces) = match self.services.get(&name) {
-            Some(svc) if svc.deleting => return Err(SupervisorError::Deleting { name }),
-            Some(svc) => {
-                let changes = spec.changes_from(&svc.d.spec);
-                if changes.is_empty() {
-                    (ApplyKind::Unchanged, svc.d.revision, changes, false)
-                } else if spec.same_except_replicas(&svc.d.spec) {
-                    (ApplyKind::Scaled, svc.d.revision, changes, false)
-                } else {
-                    let replaces = svc.instances.values().any(present);
-                    (
-                        ApplyKind::Updated,
-                        svc.d.last_revision + 1,
-                        changes,
-                        replaces,
-                    )
-                }
-            }
-            None => (ApplyKind::Created, 1, Vec::new(), false),
-        };
-        let mut outcome = ApplyOutcome {
-            name: name.clone(),
-            revision,
-            kind,
-            changes,
-            replaces_instances: replaces,
-            rollout_id: None,
-        };
-        if kind != ApplyKind::Unchanged {
-            self.admission(&spec)?;
-        }
-        if dry_run || kind == ApplyKind::Unchanged {
-            return Ok(outcome);
-        }
-        if kind == ApplyKind::Updated {
-            self.check_running(&name, force)?;
-        }
-        // Bound before anything is saved: an address in use refuses the apply whole.
-        let sockets = self.sockets_for(&spec)?;
-        let spec = Arc::new(spec);
-        let mut superseded = None;
-        match self.services.get(&name) {
-            None => {
-                let d = Desired::new(spec);
-                self.persist(&name, &d)?;
-                let mut svc = Service::new(d);
-                svc.sockets.extend(sockets);
-                self.services.insert(name.clone(), svc);
-            }
-            Some(svc) => {
-                let mut d = svc.d.clone();
-                if kind == ApplyKind::Scaled {
-                    if let Some(r) = d.running_mut() {
-                        r.replicas = spec.replicas;
-                    }
-                    d.spec = spec;
-                } else {
-                    let target = d.new_revision(spec);
-                    let n = to_replace(&svc.instances, (target.revision, target.epoch));
-                    if n == 0 {
-                        // Nothing runs that would be replaced: no rollout.
-                        superseded = d.retarget(target, SystemTime::now());
-                    } else {
-                        let (id, old) = d.begin(&name, Kind::Update, target, n, SystemTime::now());
-                        outcome.rollout_id = Some(id);
-                        superseded = old;
-                    }
-                }
-                self.persist(&name, &d)?;
-                if let Some(svc) = self.services.get_mut(&name) {
-                    svc.d = d;
-                    svc.sockets.extend(sockets);
-                }
-            }
-        }
-        tracing::info!(service = %name, revision, outcome = kind.as_str(), "applied");
-        self.emit(
-            &name,
-            None,
-            EventKind::Applied {
-                revision,
-                outcome: kind.as_str().to_string(),
-                changes: outcome.changes.clone(),
-            },
-        );
-        if outcome.rollout_id.is_some() || superseded.is_some() {
-            self.announce_rollout(&name, superseded);
-        }
-        Ok(outcome)
-    }
-
-    pub(super) fn restart(&mut self, name: &str, force: bool) -> Result<Outcome, SupervisorError> {
-        let svc = self.service_for_rollout(name)?;
-        self.check_running(name, force)?;
-        let mut d = svc.d.clone();
-        let target = Target {
-            revision: d.revision,
-            epoch: d.new_epoch(),
-            spec: d.spec.clone(),
-        };
-        let n = to_replace(&svc.instances, (target.revision, target.epoch));
-        self.start(name, d, Kind::Restart, target, n)
-    }
-
-    pub(super) fn rollback(
-        &mut self,
-        name: &str,
-        revision: Option<u64>,
-        force: bool,
-    ) -> Result<Outcome, SupervisorError> {
-        let svc = self.service_for_rollout(name)?;
-        self.check_running(name, force)?;
-        let d = &svc.d;
-        let kept = || {
-            d.revisions()
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let rev = match revision {
-            Some(r) if r == d.revision => {
-                return Err(SupervisorError::InvalidArgument {
-                    field: "revision".into(),
-                    message: format!(
-                        "{r} is the current revision (to replace its instances, restart)"
-                    ),
-                });
-            }
-            Some(r) => r,
-            None => d.previous_revision().ok_or_else(|| {
-                SupervisorError::Precondition(format!(
-                    "service {name:?} has no kept revision below {} to roll back to (kept: {})",
-                    d.revision,
-                    kept()
-                ))
-            })?,
-        };
-        let spec = d
-            .spec_of(rev)
-            .ok_or_else(|| SupervisorError::InvalidArgument {
-                field: "revision".into(),
-                message: format!("{rev} is not kept (kept: {})", kept()),
-            })?;
-        self.admission(&spec)?;
-        let sockets = self.sockets_for(&spec)?;
-        let svc = self.service_for_rollout(name)?;
-        // Instances that already run that revision are kept: the rollout targets their epoch.
-        let mut epochs: BTreeMap<u64, u32> = BTreeMap::new();
-        for i in svc
-            .instances
-            .values()
-            .filter(|i| present(i) && i.revision == rev)
-        {
-            *epochs.entry(i.epoch).or_default() += 1;
-        }
-        let mut d = svc.d.clone();
-        let epoch = match epochs.into_iter().max_by_key(|(e, n)| (*n, *e)) {
-            Some((e, _)) => e,
-            None => d.new_epoch(),
-        };
-        let target = Target {
-            revision: rev,
-            epoch,
-            spec,
-        };
-        let n = to_replace(&svc.instances, (target.revision, target.epoch));
-        let out = self.start(name, d, Kind::Rollback, target, n)?;
-        if let Some(svc) = self.services.get_mut(name) {
-            svc.sockets.extend(sockets);
-        }
-        Ok(out)
-    }
-
-    /// Begin a rollout on a copy of the desired state, save it, then make it current.
-    fn start(
-        &mut self,
-        name: &str,
-        mut d: Desired,
-        kind: Kind,
-        target: Target,
-        to_replace: u32,
-    ) -> Result<Outcome, SupervisorError> {
-        let revision = target.revision;
-        let (id, superseded) = d.begin(name, kind, target, to_replace, SystemTime::now());
-        self.persist(name, &d)?;
-        if let Some(svc) = self.services.get_mut(name) {
-            svc.d = d;
-        }
-        self.announce_rollout(name, superseded);
-        Ok(Outcome::RolloutStarted {
-            name: name.to_string(),
-            revision,
-            rollout_id: id,
-        })
-    }
-
-    pub(super) fn get_rollout(&self, id: &str) -> Result<Outcome, SupervisorError> {
-        let not_found = || SupervisorError::RolloutNotFound { id: id.to_string() };
-        let (service, _) = id.rsplit_once("-r").ok_or_else(not_found)?;
-        let r: &Rollout = self
-            .services
-            .get(service)
-            .and_then(|s| s.d.find(id))
-            .ok_or_else(not_found)?;
-        Ok(Outcome::Rollout(Box::new(r.clone())))
-    }
-
-    pub(super) fn scale(&mut self, name: &str, replicas: u32) -> Result<Outcome, SupervisorError> {
-        if replicas > spec::MAX_REPLICAS {
-            return Err(SupervisorError::InvalidArgument {
-                field: "replicas".into(),
-                message: format!("{replicas} is out of range (0 to {})", spec::MAX_REPLICAS),
-            });
-        }
-        let svc = self.service_for_rollout(name)?;
-        let previous = svc.d.spec.replicas;
-        if previous != replicas {
-            let mut d = svc.d.clone();
-            let mut spec = (*d.spec).clone();
-            spec.replicas = replicas;
-            // Some rules depend on the instance count (a fixed port cannot be shared by
-            // instances on the host's network): the scaled spec must be one Apply accepts.
-            spec.to_raw().validate()?;
-            d.spec = Arc::new(spec);
-            if let Some(r) = d.running_mut() {
-                r.replicas = replicas;
-            }
-            self.persist(name, &d)?;
-            tracing::info!(service = %name, previous, replicas, "scaled");
-            self.emit(
-                name,
-                None,
-                EventKind::Scaled {
-                    from: previous,
-                    to: replicas,
-                },
-            );
-            if let Some(svc) = self.services.get_mut(name) {
-                svc.d = d;
-            }
-        }
-        Ok(Outcome::Scaled {
-            name: name.into(),
-            previous,
-            replicas,
-        })
-    }
-
-    pub(super) fn persist(&self, name: &str, d: &Desired) -> Result<(), SupervisorError> {
-        let bytes = serde_json::to_vec_pretty(&d.to_record())
-            .map_err(|e| SupervisorError::Storage(e.to_string()))?;
-        self.deps
-            .store
-            .put(SERVICES, name, &bytes)
-            .map_err(|e| SupervisorError::Storage(e.to_string()))
-    }
-
-    // ---------------------------------------------------------------------------------
-    // Sockets.
-
-    /// The listening sockets for `spec`, by address: the service's own where it has one on
-    /// the address (the very same socket, so no connection is refused across a rollout),
-    /// new ones bound for new addresses.
-    pub(super) fn sockets_for(&self, spec: &ServiceSpec) -> Result<SocketMap, SupervisorError> {
-        let current = self.services.get(&spec.name);
-        spec.sockets
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let key = s.listen.to_string();
-                if let Some(fd) = current.and_then(|svc| svc.sockets.get(&key)) {
-                    return Ok((key, fd.clone()));
-                }
-                self.deps
-                    .runtime
-                    .bind_socket(&s.listen)
-                    .map(|fd| (key, (s.listen.clone(), Arc::new(fd))))
-                    .map_err(|e| {
-                        SupervisorError::Unenforceable(format!(
-                            "sockets[{i}].listen: cannot listen on {}: {e}",
-                            s.listen
-                        ))
-                    })
-            })
-            .collect()
-    }
-
-    /// Close the sockets neither the target spec nor any instance uses any more.
-    fn prune_sockets(&mut self, name: &str) {
-        let Some(svc) = self.services.get_mut(name) else {
-            return;
-        };
-        let used: std::collections::BTreeSet<String> = std::iter::once(&svc.d.spec)
-            .chain(svc.instances.values().map(|i| &i.spec))
-            .flat_map(|s| s.sockets.iter().map(|k| k.listen.to_string()))
-            .collect();
-        let unused: Vec<String> = svc
-            .sockets
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
-        for key in unused {
-            if let Some((listen, _)) = svc.sockets.remove(&key) {
-                tracing::info!(service = %name, listen = %listen, "socket no longer used: closed");
-                self.deps.runtime.unlink_socket(&listen);
-            }
+            let message = "the agent started again; the rollout goes on".to_string();
+            self.rollout_step(&name, Step::Resumed, "", message);
         }
     }
 }
 
-/// Listening sockets by address.
-pub(super) type SocketMap = BTreeMap<String, (spec::ListenAddr, Arc<std::os::fd::OwnedFd>)>;
+/// Why a rollout failed, naming the instance (`index` is `id`), and saying how it ended
+/// when it did.
+fn failure_reason(svc: &Service, index: u32, id: &str, reason: &str) -> String {
+    let how = svc.slots.get(&index).and_then(|s| {
+        let i = &s.instance;
+        match i.state {
+            State::Stopping {
+                reason: StopReason::Unhealthy,
+                ..
+            } => Some("restarted for failing its health check".to_string()),
+            State::Backoff { .. } | State::Exited => i
+                .history
+                .last_error
+                .clone()
+                .or_else(|| i.history.last_exit.as_ref().map(|e| e.class.to_string())),
+            _ => None,
+        }
+    });
+    let reason = reason.replacen(
+        &format!("new instance {index}"),
+        &format!("new instance {id}"),
+        1,
+    );
+    match how {
+        Some(how) => format!("{reason}: {how}"),
+        None => reason,
+    }
+}

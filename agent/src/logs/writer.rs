@@ -1,12 +1,10 @@
 //! The instance log writer used by the init: turns the raw bytes a service writes into
-//! timestamped records, one per line, rotates files by rename, and never loses output
-//! silently.
+//! records of the [`format`](super::format), one per line, rotates files by rename, and never
+//! loses output silently.
 //!
-//! Format, one record per line: a fixed-width RFC 3339 UTC timestamp with microseconds, a
-//! space, the payload: `2026-11-22T23:45:01.123456Z hello`. Lines longer than
-//! [`MAX_RECORD`] are split into several records. Output that cannot be written (disk full,
-//! I/O error) is counted and dropped, so the service never blocks on a broken disk; once
-//! writing works again a notice record says how much was lost and why:
+//! Lines longer than [`MAX_PAYLOAD`] are split into several records. Output that cannot be
+//! written (disk full, I/O error) is counted and dropped, so the service never blocks on a
+//! broken disk; once writing works again a notice record says how much was lost and why:
 //! `[corral-init] 1200 lines (123000 bytes) dropped: No space left on device (os error 28)`.
 //! Memory is bounded by the read size plus one unfinished line.
 //!
@@ -21,11 +19,9 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-/// The longest payload of one record; longer lines are split.
-pub const MAX_RECORD: usize = 16 * 1024;
-
-/// Prefix of the records the init writes itself.
-pub const NOTICE_PREFIX: &str = "[corral-init] ";
+use super::format::MAX_PAYLOAD;
+/// The format's parts a writer's user needs for records of its own.
+pub use super::format::{NOTICE_PREFIX, timestamp};
 
 /// Where records go: a rotating file, or a test double.
 pub trait Output {
@@ -143,11 +139,6 @@ pub struct LogWriter<O: Output> {
     pub total: Dropped,
 }
 
-/// The record timestamp for `t`: 27 bytes, e.g. `2026-11-22T23:45:01.123456Z`.
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
-}
-
 impl<O: Output> LogWriter<O> {
     pub fn new(out: O, max_size: u64) -> LogWriter<O> {
         LogWriter {
@@ -184,7 +175,7 @@ impl<O: Output> LogWriter<O> {
             let (line, tail) = (&rest[..pos], &rest[pos + 1..]);
             if self.partial.is_empty() {
                 for chunk in line
-                    .chunks(MAX_RECORD)
+                    .chunks(MAX_PAYLOAD)
                     .chain(line.is_empty().then_some(&line[..0]))
                 {
                     self.record(ts, chunk);
@@ -192,15 +183,15 @@ impl<O: Output> LogWriter<O> {
             } else {
                 let mut whole = std::mem::take(&mut self.partial);
                 whole.extend_from_slice(line);
-                for chunk in whole.chunks(MAX_RECORD) {
+                for chunk in whole.chunks(MAX_PAYLOAD) {
                     self.record(ts, chunk);
                 }
             }
             rest = tail;
         }
         self.partial.extend_from_slice(rest);
-        while self.partial.len() >= MAX_RECORD {
-            let chunk: Vec<u8> = self.partial.drain(..MAX_RECORD).collect();
+        while self.partial.len() >= MAX_PAYLOAD {
+            let chunk: Vec<u8> = self.partial.drain(..MAX_PAYLOAD).collect();
             self.record(ts, &chunk);
         }
         self.flush();
@@ -261,6 +252,7 @@ impl<O: Output> LogWriter<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::{MAX_RECORD, TIMESTAMP_LEN};
 
     /// Records in memory, files as a list; can be made to fail.
     #[derive(Debug, Default)]
@@ -307,15 +299,6 @@ mod tests {
     }
 
     #[test]
-    fn timestamp_is_fixed_width() {
-        assert_eq!(timestamp(SystemTime::UNIX_EPOCH).len(), 27);
-        assert_eq!(
-            timestamp(SystemTime::UNIX_EPOCH),
-            "1970-01-01T00:00:00.000000Z"
-        );
-    }
-
-    #[test]
     fn lines_are_timestamped_and_joined_across_reads() {
         let mut w = LogWriter::new(Mem::default(), 1 << 20);
         w.push(b"one\ntw", TS);
@@ -331,13 +314,13 @@ mod tests {
     #[test]
     fn long_lines_are_split_into_records() {
         let mut w = LogWriter::new(Mem::default(), 1 << 20);
-        let long = vec![b'x'; MAX_RECORD * 2 + 10];
+        let long = vec![b'x'; MAX_PAYLOAD * 2 + 10];
         w.push(&long, TS);
         w.push(b"\n", TS);
         let l = lines(&w);
         assert_eq!(l.len(), 3);
-        assert_eq!(l[0].len(), 28 + MAX_RECORD);
-        assert_eq!(l[2].len(), 28 + 10);
+        assert_eq!(l[0].len(), MAX_RECORD);
+        assert_eq!(l[2].len(), TIMESTAMP_LEN + 1 + 10);
     }
 
     #[test]
@@ -408,5 +391,56 @@ mod tests {
         );
         let older = std::fs::read_to_string(dir.path().join("stdout.log.1")).expect("read");
         assert!(older.len() <= 1000);
+    }
+}
+
+/// The writer against the readers: what one writes, the others read back record for record.
+#[cfg(test)]
+mod contract {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::logs::{Follower, MAX_PAYLOAD, StartAt, Stream, read_instance};
+
+    /// A line far longer than a record, between two short ones, through the real files: each
+    /// piece the writer made comes back whole (the readers never split a record the writer
+    /// wrote), tailing and following alike.
+    #[tokio::test]
+    async fn every_record_written_is_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let idir = dir.path().join("web-0");
+        std::fs::create_dir(&idir).expect("mkdir");
+        let fd: OwnedFd = File::open(&idir).expect("open dir").into();
+        let out = RotatingFile::open(&fd, Stream::Stdout.file_name(), 2).expect("open");
+        let mut w = LogWriter::new(out, u64::MAX);
+        let ts = timestamp(SystemTime::now());
+        let long = "y".repeat(3 * MAX_PAYLOAD + 5);
+        w.push(format!("first\n{long}\nlast\n").as_bytes(), &ts);
+        let want = vec![
+            "first".len(),
+            MAX_PAYLOAD,
+            MAX_PAYLOAD,
+            MAX_PAYLOAD,
+            5,
+            "last".len(),
+        ];
+
+        let tail = read_instance(dir.path(), "web-0", None, None).expect("read");
+        let lens: Vec<usize> = tail.lines.iter().map(|l| l.text.len()).collect();
+        assert_eq!(lens, want, "tail");
+        assert!(tail.lines.iter().all(|l| l.time.is_some()));
+
+        let mut f = Follower::new(Duration::from_millis(10));
+        f.add_instance(dir.path().to_path_buf(), "web-0".into(), StartAt::Beginning)
+            .expect("follow");
+        let mut lens = Vec::new();
+        while lens.len() < want.len() {
+            let batch = tokio::time::timeout(Duration::from_secs(5), f.next_batch())
+                .await
+                .expect("records within 5 s")
+                .expect("batch");
+            lens.extend(batch.iter().map(|l| l.text.len()));
+        }
+        assert_eq!(lens, want, "follow");
     }
 }

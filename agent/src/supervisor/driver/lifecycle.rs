@@ -1,0 +1,349 @@
+//! One slot's transitions: an event goes into the instance's state machine, the transition is
+//! recorded (saved, logged, put in the event log), and the effects it asks for are carried
+//! out: spawning, the stop signal, SIGKILL to the cgroup, removing the cgroup, forgetting
+//! the slot.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::slots::Service;
+use super::{Driver, Internal, cgroup_of, ctx};
+use crate::cgroups::{CgroupBackend, CgroupError, CgroupPath};
+use crate::events::EventKind;
+use crate::runtime::{Spawned, StartRequest, assign_ports};
+use crate::spec::{InstanceKey, Resources};
+use crate::supervisor::Deleted;
+use crate::supervisor::instance::{Effect, Event, State, StopReason};
+
+/// How long the removal of an instance's cgroup keeps killing and retrying.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One transition of a slot, as recorded.
+struct Transition {
+    id: String,
+    revision: u64,
+    /// Failed runs in a row after it (the restart attempt a backoff leads to).
+    failures: u32,
+    before: State,
+    after: State,
+}
+
+impl Transition {
+    /// The state changed (not only its data: a stop reason, a deadline).
+    fn changed(&self) -> bool {
+        self.before.phase() != self.after.phase()
+    }
+}
+
+/// The event log's entries for one transition caused by `event`, in order, at `now`.
+fn transition_events(t: &Transition, event: &Event, now: Instant) -> Vec<EventKind> {
+    let mut out = Vec::new();
+    match (event, t.after) {
+        (Event::Started { pid }, State::Running { .. }) if t.changed() => {
+            out.push(EventKind::InstanceStarted {
+                pid: *pid,
+                revision: t.revision,
+            })
+        }
+        (Event::StartFailed { error }, _) if t.changed() => out.push(EventKind::StartFailed {
+            error: error.clone(),
+        }),
+        (Event::Exited(exit), _) if t.changed() => {
+            let (code, signal) = exit.class.code_and_signal();
+            out.push(EventKind::InstanceExited {
+                end: exit.class,
+                code,
+                signal,
+                detail: exit.setup_error.clone(),
+            })
+        }
+        (Event::GraceExpired, State::Stopping { killed: true, .. })
+            if matches!(t.before, State::Stopping { killed: false, .. }) =>
+        {
+            out.push(EventKind::Killed {
+                reason: "grace period expired".into(),
+            })
+        }
+        _ => {}
+    }
+    if let (State::Backoff { until }, true) = (t.after, t.changed()) {
+        out.push(EventKind::RestartScheduled {
+            delay_ms: until.saturating_duration_since(now).as_millis() as u64,
+            attempt: t.failures,
+        });
+    }
+    out
+}
+
+impl Driver {
+    /// Feed one event to one slot and carry out what it asks for.
+    pub(super) fn feed(&mut self, key: &InstanceKey, event: Event) {
+        let Some(slot) = self.services.slot_mut(key) else {
+            return;
+        };
+        let inst = &mut slot.instance;
+        let before = inst.state;
+        let effects = inst.handle(event.clone(), &ctx());
+        let t = Transition {
+            id: inst.id.clone(),
+            revision: inst.revision,
+            failures: inst.history.failures,
+            before,
+            after: inst.state,
+        };
+        if t.changed()
+            && matches!(
+                t.after,
+                State::Running { .. } | State::Backoff { .. } | State::Exited
+            )
+        {
+            self.persist_instance(key);
+        }
+        self.record_transition(key, &t, &event);
+        self.apply_effects(key, effects);
+    }
+
+    /// The event log entries and log lines for one transition.
+    fn record_transition(&self, key: &InstanceKey, t: &Transition, event: &Event) {
+        let now = Instant::now();
+        for kind in transition_events(t, event, now) {
+            if let EventKind::Killed { .. } = kind {
+                tracing::warn!(instance = %t.id, "did not stop within its grace period: SIGKILL");
+            }
+            self.emit(&key.service, Some(&t.id), kind);
+        }
+        if !t.changed() {
+            return;
+        }
+        match t.after {
+            State::Backoff { until } => {
+                let delay_ms = until.saturating_duration_since(now).as_millis() as u64;
+                tracing::info!(instance = %t.id, delay_ms, failures = t.failures, "restart scheduled");
+            }
+            State::Exited => tracing::info!(instance = %t.id, "not restarted (restart policy)"),
+            _ => {
+                tracing::debug!(instance = %t.id, from = %t.before.phase(), to = %t.after.phase(), "state")
+            }
+        }
+    }
+
+    fn apply_effects(&mut self, key: &InstanceKey, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Spawn => {
+                    let ev = self.spawn(key);
+                    self.feed(key, ev);
+                }
+                Effect::Signal(reason) => self.stop_signal(key, reason),
+                Effect::KillAll => self.kill_all(key),
+                Effect::Cleanup => self.cleanup(key),
+                Effect::Forget => self.forget(key),
+            }
+        }
+    }
+
+    /// Start the slot with its spec; the event says how it went.
+    pub(super) fn spawn(&mut self, key: &InstanceKey) -> Event {
+        match self.start_process(key) {
+            Ok((generation, spawned, ports)) => {
+                let pid = spawned.process.pid;
+                let revision = self.services.slot(key).map_or(0, |s| s.instance.revision);
+                tracing::info!(instance = %key, pid, revision, "instance started");
+                self.watch(key, generation, spawned, ports);
+                Event::Started { pid }
+            }
+            Err(error) => {
+                tracing::warn!(instance = %key, %error, "start failed");
+                Event::StartFailed { error }
+            }
+        }
+    }
+
+    /// A fresh cgroup with the spec's limits, ports, and the instance's process in them.
+    /// Returns the run's generation, the process and its ports.
+    fn start_process(
+        &mut self,
+        key: &InstanceKey,
+    ) -> Result<(u64, Spawned, BTreeMap<String, u16>), String> {
+        let svc = self.services.get(&key.service).ok_or("service gone")?;
+        let inst = &svc.slots.get(&key.index).ok_or("instance gone")?.instance;
+        let (spec, id) = (inst.spec.clone(), inst.id.clone());
+        let sockets = svc
+            .fds_for(&spec)
+            .ok_or("its listening sockets are not open (see the agent's log)")?;
+        let ports = assign_ports(&*self.deps.sockets, &spec)
+            .map_err(|e| format!("assigning ports: {e}"))?;
+        let cg = &*self.deps.cgroups;
+        let path = cgroup_of(key);
+        create_fresh(cg, &path, &spec.resources).map_err(|e| e.to_string())?;
+        let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
+        let dir = cg.open_dir(&path).map_err(|e| e.to_string())?;
+        let spawned = self
+            .deps
+            .processes
+            .spawn(StartRequest {
+                spec: &spec,
+                index: key.index,
+                instance: &id,
+                cgroup_procs: procs,
+                cgroup_dir: dir,
+                ports: &ports,
+                listen_fds: &sockets,
+            })
+            .map_err(|e| e.to_string())?;
+        let inst = &mut self.services.slot_mut(key).ok_or("instance gone")?.instance;
+        inst.generation += 1;
+        Ok((inst.generation, spawned, ports))
+    }
+
+    /// Send the stop signal of the spec the instance runs.
+    fn stop_signal(&self, key: &InstanceKey, reason: StopReason) {
+        let Some(slot) = self.services.slot(key) else {
+            return;
+        };
+        let Some(live) = &slot.live else {
+            return;
+        };
+        let (inst, stop) = (&slot.instance, &slot.instance.spec.stop);
+        tracing::info!(instance = %inst.id, signal = %stop.signal_name, grace = ?stop.grace, "stopping");
+        self.emit(
+            &key.service,
+            Some(&inst.id),
+            EventKind::Stopping {
+                reason,
+                signal: stop.signal_name.clone(),
+            },
+        );
+        if let Err(e) = self.deps.processes.signal(&live.process, stop.signal) {
+            tracing::warn!(instance = %inst.id, error = %e, "cannot send the stop signal");
+        }
+    }
+
+    /// SIGKILL to everything in the instance's cgroup.
+    fn kill_all(&self, key: &InstanceKey) {
+        if self.services.slot(key).is_some()
+            && let Err(e) = self.deps.cgroups.kill_all(&cgroup_of(key))
+        {
+            tracing::warn!(instance = %key, error = %e, "kill failed");
+        }
+    }
+
+    /// Empty and remove the instance's cgroup, in a task; it reports back when done.
+    fn cleanup(&self, key: &InstanceKey) {
+        if self.services.slot(key).is_none() {
+            return;
+        }
+        let path = cgroup_of(key);
+        let cg = self.deps.cgroups.clone();
+        let tx = self.internal_tx.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let error = remove_when_empty(&*cg, &path, CLEANUP_TIMEOUT).await.err();
+            let _ = tx.send(Internal::CleanupDone { key, error });
+        });
+    }
+
+    pub(super) fn on_cleanup_done(&mut self, key: &InstanceKey, error: Option<String>) {
+        if let Some(e) = error {
+            tracing::error!(instance = %key, error = %e, "instance cgroup not removed");
+        }
+        self.feed(key, Event::CleanupDone);
+    }
+
+    /// Drop a removed slot, its record, and with its service its files.
+    fn forget(&mut self, key: &InstanceKey) {
+        let Some(svc) = self.services.get_mut(&key.service) else {
+            return;
+        };
+        let Some(slot) = svc.slots.remove(&key.index) else {
+            return;
+        };
+        let (id, deleting) = (slot.instance.id, svc.deleting);
+        self.forget_record(&id);
+        if deleting {
+            self.deps.files.remove_instance_files(&id);
+        }
+        self.note_gone(&key.service, &id);
+    }
+
+    /// A deleted service whose instances are all gone: remove its cgroup, answer the callers.
+    pub(super) fn finish_delete(&mut self, name: &str) {
+        let done = self
+            .services
+            .get(name)
+            .is_some_and(|s| s.deleting && s.slots.is_empty());
+        if !done {
+            return;
+        }
+        let Some(Service {
+            sockets,
+            delete_waiters,
+            stopped_on_delete,
+            ..
+        }) = self.services.remove(name)
+        else {
+            return;
+        };
+        if let Err(e) = self.deps.cgroups.remove(&CgroupPath::service(name)) {
+            tracing::warn!(service = %name, error = %e, "cannot remove the service cgroup");
+        }
+        for (listen, _) in sockets.values() {
+            self.deps.sockets.unlink_socket(listen);
+        }
+        tracing::info!(service = %name, "service deleted");
+        self.emit(name, None, EventKind::Deleted);
+        for w in delete_waiters {
+            super::answer(
+                w,
+                Ok(Deleted {
+                    name: name.to_string(),
+                    stopped: stopped_on_delete,
+                }),
+            );
+        }
+    }
+}
+
+/// Create the instance's cgroup. A previous run's cgroup may still hold processes that are
+/// dying from their SIGKILL for a moment (without a PID namespace nothing waits for them):
+/// kill again and retry briefly before calling it a failed start.
+fn create_fresh(
+    cg: &dyn CgroupBackend,
+    path: &CgroupPath,
+    limits: &Resources,
+) -> Result<(), CgroupError> {
+    let mut tries = 0;
+    loop {
+        match cg.create(path, limits) {
+            Err(e) if e.is_busy() && tries < 20 => {
+                tries += 1;
+                let _ = cg.kill_all(path);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Kill what is left in a cgroup and remove it, retrying while it is busy.
+pub(super) async fn remove_when_empty(
+    cg: &dyn CgroupBackend,
+    path: &CgroupPath,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Err(e) = cg.kill_all(path) {
+            tracing::debug!(cgroup = %path, error = %e, "kill before removal");
+        }
+        match cg.remove(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_busy() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

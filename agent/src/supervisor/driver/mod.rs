@@ -1,0 +1,254 @@
+//! The driver: the one task that owns the supervisor's state. It takes requests from the
+//! API, exits, probe results and readiness from the per-instance watchers, and its own
+//! timers; runs [`reconcile`](crate::supervisor::reconcile) through the rollout planner;
+//! feeds the resulting events to the instances' state machines; and carries out their
+//! effects through the runtime's, the cgroups' and the store's seams.
+//!
+//! By concern:
+//! - [`slots`]: the store of services and instance slots, found by [`InstanceKey`];
+//! - [`lifecycle`]: one slot's transitions and their effects (spawn, stop, kill, clean up),
+//!   and the events they make;
+//! - [`watch`]: what a live instance is watched for (its end, its probes, `READY=1`);
+//! - [`restore`]: taking over from an earlier agent run;
+//! - [`rolling`]: reconciling each service through the rollout planner, and rollouts'
+//!   records and events;
+//! - [`ops`]: the operations the API asks for (apply, restart, rollback, scale, delete,
+//!   signal);
+//! - [`report`]: status, usage and health; [`sockets`]: the services' listening sockets;
+//!   [`records`]: what is saved for a later agent run.
+
+mod lifecycle;
+mod ops;
+mod records;
+mod report;
+mod restore;
+mod rolling;
+mod slots;
+mod sockets;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, watch as watch_channel};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::handle::{Envelope, Reply, Request, SupervisorHandle};
+use super::instance::Ctx;
+use super::reconcile;
+use super::{Owner, SupervisorError};
+use crate::cgroups::{CgroupBackend, CgroupPath};
+use crate::events::{EventKind, EventLog};
+use crate::health::{ProbeReport, ServiceHealth};
+use crate::runtime::{InitExit, InstanceFiles, Processes, SocketBroker};
+use crate::spec::{InstanceKey, Namespace};
+use crate::store::Store;
+
+use slots::Services;
+
+/// The OS seams and host facts the driver works with.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Instance processes: spawning, adopting, signalling.
+    pub processes: Arc<dyn Processes>,
+    /// What the instances' inits leave on disk.
+    pub files: Arc<dyn InstanceFiles>,
+    /// The services' listening sockets and free ports.
+    pub sockets: Arc<dyn SocketBroker>,
+    pub cgroups: Arc<dyn CgroupBackend>,
+    pub store: Arc<dyn Store>,
+    /// Namespaces this host lets the agent create.
+    pub namespaces: Vec<Namespace>,
+    /// Where every state change is recorded.
+    pub events: Arc<EventLog>,
+}
+
+impl Deps {
+    /// The driver's seams, the three of the runtime served by one implementation (as the
+    /// agent's and the tests' are).
+    pub fn new<R>(
+        runtime: Arc<R>,
+        cgroups: Arc<dyn CgroupBackend>,
+        store: Arc<dyn Store>,
+        namespaces: Vec<Namespace>,
+        events: Arc<EventLog>,
+    ) -> Deps
+    where
+        R: Processes + InstanceFiles + SocketBroker,
+    {
+        Deps {
+            processes: runtime.clone(),
+            files: runtime.clone(),
+            sockets: runtime,
+            cgroups,
+            store,
+            namespaces,
+            events,
+        }
+    }
+}
+
+/// What the driver's own tasks tell it.
+enum Internal {
+    /// An instance's init ended (`generation`: of the run it belongs to).
+    Exit {
+        key: InstanceKey,
+        generation: u64,
+        exit: InitExit,
+    },
+    /// An instance's cgroup is removed (or could not be).
+    CleanupDone {
+        key: InstanceKey,
+        error: Option<String>,
+    },
+    /// The instance sent `READY=1` on its NOTIFY_SOCKET.
+    Ready { key: InstanceKey, generation: u64 },
+}
+
+pub struct Driver {
+    deps: Deps,
+    boot_id: String,
+    services: Services,
+    requests: mpsc::Receiver<Envelope>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal: mpsc::UnboundedReceiver<Internal>,
+    probe_tx: mpsc::UnboundedSender<ProbeReport>,
+    probes: mpsc::UnboundedReceiver<ProbeReport>,
+    /// Each service's health, as instances add it up; the API serves it as grpc.health.v1.
+    health_tx: watch_channel::Sender<BTreeMap<String, ServiceHealth>>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("services", &self.services.names())
+            .finish()
+    }
+}
+
+/// Inputs of a transition: the time now, and jitter for backoff.
+fn ctx() -> Ctx {
+    Ctx {
+        now: Instant::now(),
+        wall: SystemTime::now(),
+        jitter: fastrand::f64(),
+    }
+}
+
+/// An instance's cgroup.
+fn cgroup_of(key: &InstanceKey) -> CgroupPath {
+    CgroupPath::service(&key.service).child(&key.to_string())
+}
+
+fn answer<T>(reply: Reply<T>, result: Result<T, SupervisorError>) {
+    // The caller may have gone away; the operation took effect all the same.
+    let _ = reply.send(result);
+}
+
+impl Driver {
+    pub fn new(deps: Deps) -> (Driver, SupervisorHandle) {
+        let (tx, requests) = mpsc::channel(256);
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        let (probe_tx, probes) = mpsc::unbounded_channel();
+        let (health_tx, _) = watch_channel::channel(BTreeMap::new());
+        let driver = Driver {
+            boot_id: deps.processes.boot_id(),
+            deps,
+            services: Services::default(),
+            requests,
+            internal_tx,
+            internal,
+            probe_tx,
+            probes,
+            health_tx,
+        };
+        (driver, SupervisorHandle::new(tx))
+    }
+
+    /// Each service's health (healthy, degraded, unhealthy) whenever it changes.
+    pub fn health_updates(&self) -> watch_channel::Receiver<BTreeMap<String, ServiceHealth>> {
+        self.health_tx.subscribe()
+    }
+
+    fn emit(&self, service: &str, instance: Option<&str>, kind: EventKind) {
+        self.deps.events.append(service, instance, kind);
+    }
+
+    /// Serve until `shutdown`; instances keep running after it.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            self.reconcile_all();
+            self.publish_health();
+            let wake = self
+                .services
+                .iter()
+                .flat_map(|(_, s)| [reconcile::next_deadline(&s.slots), s.wake])
+                .flatten()
+                .min();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(m) = self.internal.recv() => self.on_internal(m),
+                Some(r) = self.probes.recv() => self.on_probe(r),
+                Some((from, request)) = self.requests.recv() => self.on_request(from, request),
+                _ = sleep_until(wake) => {}
+            }
+        }
+        tracing::debug!("supervisor stopped; instances keep running");
+    }
+
+    fn on_internal(&mut self, m: Internal) {
+        match m {
+            Internal::Exit {
+                key,
+                generation,
+                exit,
+            } => self.on_exit(&key, generation, exit),
+            Internal::CleanupDone { key, error } => self.on_cleanup_done(&key, error),
+            Internal::Ready { key, generation } => self.on_ready(&key, generation),
+        }
+    }
+
+    fn on_request(&mut self, from: Owner, request: Request) {
+        match request {
+            Request::Apply {
+                spec,
+                dry_run,
+                force,
+                reply,
+            } => answer(reply, self.apply(from, *spec, dry_run, force)),
+            Request::Restart { name, force, reply } => answer(reply, self.restart(&name, force)),
+            Request::Rollback {
+                name,
+                revision,
+                force,
+                reply,
+            } => answer(reply, self.rollback(from, &name, revision, force)),
+            Request::GetRollout { id, reply } => answer(reply, self.get_rollout(&id)),
+            Request::Delete { name, force, reply } => self.delete(from, &name, force, reply),
+            Request::Get { name, reply } => answer(reply, self.get(&name)),
+            Request::List { reply } => answer(reply, Ok(self.list())),
+            Request::Scale {
+                name,
+                replicas,
+                force,
+                reply,
+            } => answer(reply, self.scale(from, &name, replicas, force)),
+            Request::Signal {
+                instance,
+                signal,
+                reply,
+            } => answer(reply, self.send_signal(&instance, signal)),
+            Request::Summary { reply } => answer(reply, Ok(self.summary())),
+        }
+    }
+}
+
+async fn sleep_until(when: Option<Instant>) {
+    match when {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,265 @@
+//! Taking over from an earlier agent run: the saved services, the saved instances (those
+//! still running adopted, those that ended meanwhile reported with their true end), their
+//! listening sockets, and a stop for every process in the tree that no record explains.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::lifecycle::remove_when_empty;
+use super::records::{InstanceRecord, RecordedState};
+use super::slots::{Service, Slot};
+use super::{Driver, cgroup_of};
+use crate::cgroups::{CgroupBackend, CgroupPath};
+use crate::events::EventKind;
+use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Processes, Spawned};
+use crate::spec::{self, InstanceKey};
+use crate::supervisor::instance::{Instance, State};
+
+/// Wait for instances left by an earlier agent run at most this long after their grace.
+const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What stopping one leftover cgroup came to: whether it held processes, or why it failed.
+type LeftoverStop = JoinHandle<(CgroupPath, Result<bool, String>)>;
+
+impl Driver {
+    /// Take over from an earlier agent run: load the desired state, adopt every instance that
+    /// still runs (the same PID *and* start time, in its cgroup), report with their true end
+    /// those that ended meanwhile, and stop what no record explains.
+    pub async fn restore(&mut self) {
+        self.load_services();
+        self.adopt_instances();
+        self.acquire_sockets();
+        self.stop_leftovers().await;
+        self.resume_rollouts();
+    }
+
+    fn load_services(&mut self) {
+        for (name, desired) in self.saved_services() {
+            match desired {
+                Ok(d) if d.spec.name == name => {
+                    if let Some(r) = d.running() {
+                        tracing::info!(service = %name, rollout = %r.id, "resuming an interrupted rollout");
+                    }
+                    self.services.insert(name, Service::new(d));
+                }
+                Ok(_) => {
+                    tracing::error!(service = %name, "stored spec names another service; ignored")
+                }
+                Err(e) => {
+                    tracing::error!(service = %name, error = %e, "stored spec unreadable; ignored")
+                }
+            }
+        }
+    }
+
+    /// Every saved instance back in its slot; then those that ended while no agent ran are
+    /// handled by their restart policy.
+    fn adopt_instances(&mut self) {
+        let ended: Vec<(InstanceKey, String)> = self
+            .saved_instances()
+            .into_iter()
+            .filter_map(|(key, rec)| Some(key.clone()).zip(self.restore_slot(key, rec)))
+            .collect();
+        for (key, why) in ended {
+            self.ended_while_away(&key, &why);
+        }
+    }
+
+    /// Put a saved instance back in its slot, taking over a running one. Returns why a
+    /// running one could not be taken over.
+    fn restore_slot(&mut self, key: InstanceKey, rec: InstanceRecord) -> Option<String> {
+        let Some(svc) = self.services.get_mut(&key.service) else {
+            // Its service was deleted: its cgroup, if any, is a leftover.
+            self.forget_record(&key.to_string());
+            return None;
+        };
+        let instance = restored_instance(svc, &key, &rec);
+        svc.slots.insert(key.index, Slot::new(instance));
+        let RecordedState::Running {
+            pid,
+            start_time,
+            boot_id,
+        } = rec.state
+        else {
+            return None;
+        };
+        match self.take_over(&key, pid, start_time, &boot_id) {
+            Ok(spawned) => {
+                tracing::info!(instance = %key, pid, "adopted a running instance");
+                let id = key.to_string();
+                self.emit(&key.service, Some(&id), EventKind::Adopted { pid });
+                self.watch(&key, 1, spawned, rec.ports);
+                None
+            }
+            Err(why) => Some(why),
+        }
+    }
+
+    /// The instance's init, if it is still the process that was recorded: same boot, in
+    /// the instance's cgroup, same PID and start time.
+    fn take_over(
+        &self,
+        key: &InstanceKey,
+        pid: i32,
+        start_time: u64,
+        boot_id: &str,
+    ) -> Result<Spawned, String> {
+        if boot_id != self.boot_id {
+            return Err("recorded before the host rebooted".to_string());
+        }
+        let path = cgroup_of(key);
+        if !self
+            .deps
+            .cgroups
+            .procs(&path)
+            .is_ok_and(|p| p.contains(&pid))
+        {
+            return Err(format!("its init (pid {pid}) is no longer in {path}"));
+        }
+        self.deps
+            .processes
+            .adopt(&key.to_string(), pid, start_time)
+            .map_err(|e| e.to_string())
+    }
+
+    /// An instance that ended while no agent ran: its end as its init recorded it (else as
+    /// its cgroup tells, else lost, with `why`).
+    fn ended_while_away(&mut self, key: &InstanceKey, why: &str) {
+        tracing::info!(instance = %key, reason = %why, "instance ended while the agent was away");
+        let exit = InitExit {
+            status: ProcessStatus::Unknown,
+            record: self.deps.files.exit_record(&key.to_string()),
+            spawn_error: None,
+        };
+        let unobserved = format!("ended while the agent was away and left no exit record: {why}");
+        self.ended(key, exit, false, Some(unobserved));
+    }
+
+    /// Instances found in the cgroup tree at start belong to an earlier agent run. Each gets
+    /// its stop signal, its grace period, then SIGKILL; then its cgroup is removed.
+    async fn stop_leftovers(&self) {
+        let cg = &self.deps.cgroups;
+        let services: Vec<String> = cg
+            .children(&CgroupPath::root())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|svc| spec::valid_service_name(svc))
+            .collect();
+        let tasks: Vec<LeftoverStop> = services
+            .iter()
+            .flat_map(|svc| self.stop_leftovers_of(svc))
+            .collect();
+        let mut stopped = 0;
+        for t in tasks {
+            match t.await {
+                Ok((path, Ok(true))) => {
+                    stopped += 1;
+                    tracing::info!(cgroup = %path, "stopped an instance no record explains");
+                }
+                Ok((_, Ok(false))) => {}
+                Ok((path, Err(e))) => {
+                    tracing::error!(cgroup = %path, error = %e, "cannot clean up")
+                }
+                Err(e) => tracing::error!(error = %e, "leftover cleanup task failed"),
+            }
+        }
+        for svc in services.iter().filter(|s| !self.services.contains(s)) {
+            if let Err(e) = cg.remove(&CgroupPath::service(svc)) {
+                tracing::warn!(service = %svc, error = %e, "cannot remove the cgroup of a deleted service");
+            }
+        }
+        if stopped > 0 {
+            tracing::info!(stopped, "instances without a record were stopped");
+        }
+    }
+
+    /// Stop, each in a task, the instance cgroups of `svc` no slot explains.
+    fn stop_leftovers_of(&self, svc: &str) -> Vec<LeftoverStop> {
+        let known = self.services.get(svc);
+        let (signal, grace) = match known {
+            Some(s) => (s.d.spec.stop.signal, s.d.spec.stop.grace),
+            None => (libc::SIGTERM, Duration::from_secs(10)),
+        };
+        let cg = &self.deps.cgroups;
+        cg.children(&CgroupPath::service(svc))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|inst| known.is_none_or(|s| !s.instances().any(|i| i.id == *inst)))
+            .map(|inst| {
+                let path = CgroupPath::service(svc).child(&inst);
+                let (cg, rt) = (cg.clone(), self.deps.processes.clone());
+                tokio::spawn(async move {
+                    let stopped = stop_leftover(&*cg, &*rt, &path, signal, grace).await;
+                    (path, stopped)
+                })
+            })
+            .collect()
+    }
+}
+
+/// A saved instance as a slot's state machine: in backoff until the same wall-clock time,
+/// exited, or running as run 1 of this agent.
+fn restored_instance(svc: &Service, key: &InstanceKey, rec: &InstanceRecord) -> Instance {
+    // The spec of the revision it runs (the current one if no longer kept).
+    let spec = svc
+        .d
+        .spec_of(rec.revision)
+        .unwrap_or_else(|| svc.d.spec.clone());
+    let mut inst =
+        Instance::new(key.index, key.to_string(), spec, rec.revision).with_epoch(rec.epoch);
+    inst.history = rec.history.clone();
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    inst.state = match rec.state {
+        RecordedState::Backoff { until } => State::Backoff {
+            until: now + until.duration_since(wall).unwrap_or_default(),
+        },
+        RecordedState::Exited => State::Exited,
+        RecordedState::Running { pid, .. } => {
+            let ago = |t: SystemTime| wall.duration_since(t).unwrap_or_default();
+            inst.pid = Some(pid);
+            inst.generation = 1;
+            State::Running {
+                since: rec
+                    .history
+                    .started_at
+                    .map_or(now, |t| now.checked_sub(ago(t)).unwrap_or(now)),
+            }
+        }
+    };
+    inst
+}
+
+/// Stop one instance cgroup left by an earlier run: stop signal to its init, grace, SIGKILL,
+/// removal. Ok(true) when processes were found and stopped.
+async fn stop_leftover(
+    cg: &dyn CgroupBackend,
+    rt: &dyn Processes,
+    path: &CgroupPath,
+    signal: i32,
+    grace: Duration,
+) -> Result<bool, String> {
+    let pids = cg.procs(path).map_err(|e| e.to_string())?;
+    let had = !pids.is_empty();
+    if had {
+        for root in rt.roots(&pids) {
+            let _ = rt.signal(
+                &ProcessRef {
+                    pid: root,
+                    pidfd: None,
+                },
+                signal,
+            );
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if cg.procs(path).map(|p| p.is_empty()).unwrap_or(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    remove_when_empty(cg, path, LEFTOVER_KILL_TIMEOUT).await?;
+    Ok(had)
+}

@@ -1,0 +1,220 @@
+//! The API's way in: a cheap, cloneable [`SupervisorHandle`] with one typed method per
+//! operation. Each sends a [`Request`] carrying its own reply channel to the driver task, so
+//! every answer has the type its operation promises. A handle speaks for one source
+//! ([`Owner`]): the API's for the local one, the fleet's ([`SupervisorHandle::for_owner`])
+//! for etcd; the driver holds each write against the service's owner.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
+    SupervisorError,
+};
+use crate::rollout::record::Rollout;
+use crate::spec::{InstanceKey, ServiceSpec};
+
+/// Where the driver sends one operation's answer.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, SupervisorError>>;
+
+/// Everything the supervisor can be asked to do, each with the channel for its answer.
+#[derive(Debug)]
+pub(super) enum Request {
+    /// Create or update a service (`dry_run`: only say what would happen; `force`: supersede
+    /// a running rollout).
+    Apply {
+        spec: Box<ServiceSpec>,
+        dry_run: bool,
+        force: bool,
+        reply: Reply<ApplyOutcome>,
+    },
+    /// Replace every instance with a fresh one of the same spec, as a rollout.
+    Restart {
+        name: String,
+        force: bool,
+        reply: Reply<RolloutStarted>,
+    },
+    /// Go back to a kept revision (the previous one when `None`), as a rollout.
+    Rollback {
+        name: String,
+        revision: Option<u64>,
+        force: bool,
+        reply: Reply<RolloutStarted>,
+    },
+    GetRollout {
+        id: String,
+        reply: Reply<Rollout>,
+    },
+    /// Stop every instance of a service and remove it; answered once it is gone (`force`:
+    /// even one owned by another source).
+    Delete {
+        name: String,
+        force: bool,
+        reply: Reply<Deleted>,
+    },
+    Get {
+        name: String,
+        reply: Reply<ServiceStatus>,
+    },
+    List {
+        reply: Reply<Vec<ServiceStatus>>,
+    },
+    Scale {
+        name: String,
+        replicas: u32,
+        force: bool,
+        reply: Reply<Scaled>,
+    },
+    /// Send `signal` (a number) to the service process of one running instance.
+    Signal {
+        instance: InstanceKey,
+        signal: i32,
+        reply: Reply<Signaled>,
+    },
+    Summary {
+        reply: Reply<Summary>,
+    },
+}
+
+/// A request and the source it comes from.
+pub(super) type Envelope = (Owner, Request);
+
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<Envelope>,
+    from: Owner,
+}
+
+impl SupervisorHandle {
+    /// The local API's handle.
+    pub(super) fn new(tx: mpsc::Sender<Envelope>) -> SupervisorHandle {
+        SupervisorHandle {
+            tx,
+            from: Owner::Local,
+        }
+    }
+
+    /// A handle whose requests come from `owner`.
+    pub fn for_owner(&self, owner: Owner) -> SupervisorHandle {
+        SupervisorHandle {
+            tx: self.tx.clone(),
+            from: owner,
+        }
+    }
+
+    /// Send the request `make` builds around a reply channel, and wait for the answer.
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((self.from, make(tx)))
+            .await
+            .map_err(|_| SupervisorError::Unavailable)?;
+        rx.await.map_err(|_| SupervisorError::Unavailable)?
+    }
+
+    /// Create or update a service; see [`Request::Apply`].
+    pub async fn apply(
+        &self,
+        spec: ServiceSpec,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<ApplyOutcome, SupervisorError> {
+        let spec = Box::new(spec);
+        self.ask(|reply| Request::Apply {
+            spec,
+            dry_run,
+            force,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn restart(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<RolloutStarted, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::Restart { name, force, reply })
+            .await
+    }
+
+    pub async fn rollback(
+        &self,
+        name: &str,
+        revision: Option<u64>,
+        force: bool,
+    ) -> Result<RolloutStarted, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::Rollback {
+            name,
+            revision,
+            force,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn get_rollout(&self, id: &str) -> Result<Rollout, SupervisorError> {
+        let id = id.to_string();
+        self.ask(|reply| Request::GetRollout { id, reply }).await
+    }
+
+    /// Stop every instance of a service and remove it; answers once it is gone.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<Deleted, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::Delete { name, force, reply })
+            .await
+    }
+
+    /// One service's status, its usage read now.
+    pub async fn get(&self, name: &str) -> Result<ServiceStatus, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::Get { name, reply }).await
+    }
+
+    /// Every service's status, with usage read within the last second.
+    pub async fn list(&self) -> Result<Vec<ServiceStatus>, SupervisorError> {
+        self.ask(|reply| Request::List { reply }).await
+    }
+
+    pub async fn scale(
+        &self,
+        name: &str,
+        replicas: u32,
+        force: bool,
+    ) -> Result<Scaled, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::Scale {
+            name,
+            replicas,
+            force,
+            reply,
+        })
+        .await
+    }
+
+    /// Deliver `signal` (a number) to an instance's service process.
+    pub async fn signal(
+        &self,
+        instance: InstanceKey,
+        signal: i32,
+    ) -> Result<Signaled, SupervisorError> {
+        self.ask(|reply| Request::Signal {
+            instance,
+            signal,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn summary(&self) -> Result<Summary, SupervisorError> {
+        self.ask(|reply| Request::Summary { reply }).await
+    }
+
+    /// Resolves to whether the supervisor answers a cheap question: a liveness check (the
+    /// systemd watchdog pings only after it passes).
+    pub fn answers(&self) -> impl Future<Output = bool> + Send + use<> {
+        let handle = self.clone();
+        async move { handle.summary().await.is_ok() }
+    }
+}
