@@ -7,6 +7,7 @@
 
 pub mod apiload;
 pub mod cgroup;
+pub mod etcd;
 pub mod load;
 pub mod pki;
 pub mod scenarios;

@@ -556,15 +556,13 @@ impl<S: Services> Fleet<S> {
             hostname: host.hostname,
             updated_unix_ms: 0,
         };
-        if !force {
-            if let Some((last, at)) = &self.info {
-                if *last == record {
-                    return Ok(());
-                }
-                if at.elapsed() < INFO_MIN_INTERVAL {
-                    self.dirty = true;
-                    return Ok(());
-                }
+        if !force && let Some((last, at)) = &self.info {
+            if *last == record {
+                return Ok(());
+            }
+            if at.elapsed() < INFO_MIN_INTERVAL {
+                self.dirty = true;
+                return Ok(());
             }
         }
         let mut written = record.clone();

@@ -1007,3 +1007,101 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     assert_eq!(s.instances.len(), 5);
     assert!(s.instances.iter().all(|i| i.state == Phase::Running));
 }
+
+/// A service the fleet gave the node: the local API cannot apply, scale, roll back or delete
+/// it unforced, and nothing runs differently for the refusals; forced, it can, and the owner
+/// stays etcd (the fleet's next change wins). The owner survives an agent restart.
+#[tokio::test(start_paused = true)]
+async fn the_fleets_services_refuse_local_changes_unless_forced() {
+    let r = rig().await;
+    let fleet = r.handle.for_owner(Owner::Etcd);
+    fleet
+        .apply(*spec(WEB), false, true)
+        .await
+        .expect("the fleet creates web");
+    settle().await;
+    let pids = r.running("web").await;
+    assert_eq!(pids.len(), 3);
+    assert_eq!(r.status("web").await.owner, Owner::Etcd);
+
+    let refused = |e: SupervisorError| {
+        assert!(
+            matches!(&e, SupervisorError::OwnedByFleet { name } if name == "web"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--force"), "{e}");
+    };
+    let changed = WEB.replace("/bin/app", "/bin/app2");
+    refused(r.apply(&changed).await.expect_err("a local apply"));
+    refused(
+        r.handle
+            .scale("web", 1, false)
+            .await
+            .expect_err("a local scale"),
+    );
+    refused(
+        r.handle
+            .delete("web", false)
+            .await
+            .expect_err("a local delete"),
+    );
+    refused(
+        r.handle
+            .rollback("web", None, false)
+            .await
+            .expect_err("a local rollback"),
+    );
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.revision, s.desired), (1, 3), "nothing changed");
+    assert_eq!(r.running("web").await, pids, "no instance touched");
+
+    // Forced, the local change goes through; the service stays the fleet's.
+    r.handle.scale("web", 2, true).await.expect("forced scale");
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.desired, s.owner), (2, Owner::Etcd));
+    fleet
+        .scale("web", 3, false)
+        .await
+        .expect("the fleet changes its own service unforced");
+
+    // The owner is in the service's saved record: a restarted agent still refuses.
+    let again = r.fakes().start().await;
+    assert_eq!(again.status("web").await.owner, Owner::Etcd);
+    refused(
+        again
+            .handle
+            .scale("web", 1, false)
+            .await
+            .expect_err("after a restart"),
+    );
+}
+
+/// The fleet never takes over (or removes) a service applied through the local API, even
+/// "forced": the name is refused with the reason.
+#[tokio::test(start_paused = true)]
+async fn the_fleet_does_not_take_over_a_local_service() {
+    let r = web().await;
+    let pids = r.running("web").await;
+    let fleet = r.handle.for_owner(Owner::Etcd);
+    let changed = WEB.replace("/bin/app", "/bin/other");
+    for e in [
+        fleet
+            .apply(*spec(&changed), false, true)
+            .await
+            .expect_err("apply"),
+        fleet.delete("web", true).await.expect_err("delete"),
+        fleet.scale("web", 1, true).await.expect_err("scale"),
+    ] {
+        assert!(
+            matches!(&e, SupervisorError::OwnedLocally { name } if name == "web"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("corral delete web"), "{e}");
+    }
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.owner, s.revision, s.desired), (Owner::Local, 1, 3));
+    assert_eq!(r.running("web").await, pids);
+}
