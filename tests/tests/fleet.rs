@@ -193,3 +193,232 @@ async fn an_agent_registers_and_runs_a_spec_from_etcd() {
     )
     .await;
 }
+
+/// Init and service PIDs of `name`'s running instances, by instance id.
+async fn pids(agent: &Agent, name: &str) -> Vec<(String, i32, u32)> {
+    let mut v: Vec<(String, i32, u32)> = agent
+        .get(name)
+        .await
+        .expect("get")
+        .instances
+        .into_iter()
+        .map(|i| (i.id, i.pid, i.restarts))
+        .collect();
+    v.sort();
+    v
+}
+
+/// etcd stopped for 30 s under a running node: not one instance restarts, the local API
+/// serves reads and refuses writes to the fleet's services with the reason, `Node` says since
+/// when the fleet is out of reach; when etcd is back the node resumes from its revision and
+/// applies what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_gone_for_30s_nothing_restarts_and_the_node_resumes() {
+    if skip("etcd_gone_for_30s_nothing_restarts_and_the_node_resumes") {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let agent = fleet_agent(&etcd, "n1", "zone=a").await;
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 2, &["serve"]).as_bytes(),
+    );
+    agent.wait_running("web", 2).await;
+    converged(&etcd, "n1", "web", rev, 2).await;
+    let before = pids(&agent, "web").await;
+
+    etcd.stop_member(0);
+    let link = eventually(
+        "the node to report the fleet disconnected",
+        Duration::from_secs(20),
+        || async {
+            let l = node_fleet(&agent).await;
+            (!l.connected).then_some(l)
+        },
+    )
+    .await;
+    assert!(!link.reason.is_empty(), "{link:?}");
+    let node = agent.cli(&["node"]);
+    let text = String::from_utf8_lossy(&node.stdout);
+    assert!(
+        text.contains("fleet:") && text.contains("disconnected since"),
+        "{text}"
+    );
+    let refused = agent
+        .apply(&spec("web", 1, &["serve"]))
+        .await
+        .expect_err("a local change of the fleet's service");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    // 30 s without etcd, looking every second: the same processes, no restart.
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            pids(&agent, "web").await,
+            before,
+            "instances untouched while etcd is gone"
+        );
+        for (id, pid, _) in &before {
+            assert!(corral_e2e::alive(*pid), "{id} runs");
+        }
+    }
+    let still = node_fleet(&agent).await;
+    assert!(!still.connected);
+    assert_eq!(
+        still.since, link.since,
+        "disconnected since the first failure"
+    );
+
+    etcd.start_member(0);
+    etcd.wait_healthy(Duration::from_secs(20));
+    eventually("the node to reconnect", Duration::from_secs(30), || async {
+        node_fleet(&agent).await.connected.then_some(())
+    })
+    .await;
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 3, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "web", rev, 3).await;
+    let after = pids(&agent, "web").await;
+    for p in &before {
+        assert!(
+            after.contains(p),
+            "{p:?} kept through the outage and the scale: {after:?}"
+        );
+    }
+    assert!(
+        !agent.log_text().contains("reading every key again"),
+        "resumed by a watch from its revision, not a full read"
+    );
+}
+
+/// A node that was away (its agent stopped) while its keys changed and etcd compacted the
+/// revision it would resume from reads every key again and converges: a deleted key's
+/// service goes, an updated one is updated, a new one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resyncs_with_a_full_read_after_compaction() {
+    if skip("a_node_resyncs_with_a_full_read_after_compaction") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let mut agent = fleet_agent(&etcd, "n1", "zone=a").await;
+    etcd.put(
+        &key("n1", "services", "gone"),
+        spec("gone", 1, &["serve"]).as_bytes(),
+    );
+    let rev = etcd.put(
+        &key("n1", "services", "kept"),
+        spec("kept", 1, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "kept", rev, 1).await;
+    agent.wait_running("gone", 1).await;
+
+    agent.stop_with(libc::SIGTERM);
+    etcd.del(&key("n1", "services", "gone"));
+    let kept_rev = etcd.put(
+        &key("n1", "services", "kept"),
+        spec("kept", 2, &["serve"]).as_bytes(),
+    );
+    let new_rev = etcd.put(
+        &key("n1", "services", "new"),
+        spec("new", 1, &["serve"]).as_bytes(),
+    );
+    // Unrelated writes, then a compaction past the node's revision.
+    for i in 0..20 {
+        etcd.put("/elsewhere/churn", format!("{i}").as_bytes());
+    }
+    etcd.compact();
+
+    agent.launch().await;
+    converged(&etcd, "n1", "kept", kept_rev, 2).await;
+    converged(&etcd, "n1", "new", new_rev, 1).await;
+    eventually("gone removed", Duration::from_secs(30), || async {
+        agent.get("gone").await.err().map(|_| ())
+    })
+    .await;
+    assert!(
+        agent.log_text().contains("reading every key again"),
+        "the compacted revision was noticed"
+    );
+}
+
+/// Bad input in etcd: a spec that does not parse, one that does not validate and one whose
+/// name differs from its key are each refused in their status key with the reason; the
+/// node's other service runs on untouched; a key of another node, or outside the layout, is
+/// ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
+    if skip("malformed_specs_are_refused_in_their_status_and_nothing_else_stops") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let agent = fleet_agent(&etcd, "n1", "zone=a").await;
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 1, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "web", rev, 1).await;
+    let before = pids(&agent, "web").await;
+
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("junk", b"name = [not toml".to_vec(), "invalid spec"),
+        (
+            "bad",
+            spec("bad", 100_000, &["serve"]).into_bytes(),
+            "replicas",
+        ),
+        (
+            "other",
+            spec("web", 1, &["serve"]).into_bytes(),
+            "differs from the key",
+        ),
+        ("binary", vec![0xff, 0xfe, 0x00, 0x01], "not UTF-8"),
+    ];
+    for (name, value, _) in &cases {
+        etcd.put(&key("n1", "services", name), value);
+    }
+    etcd.put(
+        &key("n2", "services", "theirs"),
+        spec("theirs", 1, &["serve"]).as_bytes(),
+    );
+    etcd.put(
+        "/corral/v1/nodes/n1/services/deep/er",
+        spec("er", 1, &["serve"]).as_bytes(),
+    );
+    for (name, _, why) in &cases {
+        let status_key = key("n1", "status", name);
+        let s = eventually(
+            &format!("{status_key} refused"),
+            Duration::from_secs(20),
+            || async {
+                let s = etcd.get_json(&status_key)?;
+                (s["state"] == "refused").then_some(s)
+            },
+        )
+        .await;
+        let error = s["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{name}: {error}");
+        assert_eq!(s["running"], 0, "{name}: {s}");
+        assert!(agent.get(name).await.is_err(), "{name} does not run");
+    }
+    // A fixed spec under the refused key is applied.
+    let rev = etcd.put(
+        &key("n1", "services", "bad"),
+        spec("bad", 1, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "bad", rev, 1).await;
+    assert!(
+        agent.get("theirs").await.is_err(),
+        "another node's key is not ours"
+    );
+    assert!(
+        agent.get("er").await.is_err(),
+        "a key outside the layout is ignored"
+    );
+    assert!(etcd.get_json(&key("n1", "status", "deep")).is_none());
+    assert_eq!(
+        pids(&agent, "web").await,
+        before,
+        "the good service ran on untouched"
+    );
+}
