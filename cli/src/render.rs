@@ -110,12 +110,17 @@ pub fn cpu_seconds(ns: u64) -> String {
 /// Columns separated by two spaces, each as wide as its widest cell; the last is not padded.
 #[derive(Debug)]
 pub struct Table {
-    header: Vec<&'static str>,
+    header: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
     pub fn new(header: Vec<&'static str>) -> Self {
+        Table::with_header(header.into_iter().map(str::to_owned).collect())
+    }
+
+    /// A table whose columns are known only at run time.
+    pub fn with_header(header: Vec<String>) -> Self {
         Table {
             header,
             rows: Vec::new(),
@@ -137,8 +142,7 @@ impl Table {
                 }
             }
         }
-        let header: Vec<String> = self.header.iter().map(|h| (*h).to_owned()).collect();
-        for row in std::iter::once(&header).chain(&self.rows) {
+        for row in std::iter::once(&self.header).chain(&self.rows) {
             let mut line = String::new();
             for (i, cell) in row.iter().enumerate() {
                 if i + 1 == row.len() {

@@ -1,7 +1,7 @@
 //! Labels, selectors and the choice of nodes for `corral fleet apply --selector`: pure, so
 //! the CLI and its tests share one definition.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::records::{NodeRecord, Resources};
 
@@ -92,21 +92,27 @@ fn free_score(n: &NodeRecord) -> f64 {
 
 /// The nodes a selector places a service on: every match, or with `count` the `count`
 /// matching nodes with the most free allocatable, spread over the values of the `spread`
-/// label (one per value in turn, the emptiest first) when given. Names in the order picked.
+/// label (one per value in turn, the emptiest first) when given. Nodes in `holding` (those
+/// that already run the service) come before the others, so that applying an update again
+/// keeps the service where it is. Names in the order picked.
 pub fn pick(
     nodes: &[NodeRecord],
     selector: &Selector,
     count: Option<usize>,
     spread: Option<&str>,
+    holding: &BTreeSet<String>,
 ) -> Result<Vec<String>, PlacementError> {
     let mut matching: Vec<&NodeRecord> = nodes
         .iter()
         .filter(|n| selector.matches(&n.labels))
         .collect();
-    // Emptiest first; the name breaks ties so the choice is the same every time.
+    let new = |n: &NodeRecord| !holding.contains(&n.node);
+    // Holding first, then emptiest first; the name breaks ties so the choice is the same
+    // every time.
     matching.sort_by(|a, b| {
-        free_score(b)
-            .total_cmp(&free_score(a))
+        new(a)
+            .cmp(&new(b))
+            .then_with(|| free_score(b).total_cmp(&free_score(a)))
             .then_with(|| a.node.cmp(&b.node))
     });
     let Some(count) = count else {
@@ -153,6 +159,7 @@ pub fn pick(
             .min_by(|(ka, a), (kb, b)| {
                 taken[ka]
                     .cmp(&taken[kb])
+                    .then_with(|| new(a).cmp(&new(b)))
                     .then_with(|| free_score(b).total_cmp(&free_score(a)))
                     .then_with(|| a.node.cmp(&b.node))
             });
@@ -213,6 +220,10 @@ mod tests {
         assert!(Selector::parse("").expect("all").matches(&l("x=y")));
     }
 
+    fn none_held() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
     #[test]
     fn picks_the_emptiest_matching_nodes() {
         let nodes = [
@@ -222,19 +233,22 @@ mod tests {
             node("n4", "zone=a", 2.0),
         ];
         let a = Selector::parse("zone=a").expect("ok");
-        assert_eq!(pick(&nodes, &a, Some(2), None).expect("ok"), ["n2", "n4"]);
         assert_eq!(
-            pick(&nodes, &a, None, None).expect("ok"),
+            pick(&nodes, &a, Some(2), None, &none_held()).expect("ok"),
+            ["n2", "n4"]
+        );
+        assert_eq!(
+            pick(&nodes, &a, None, None, &none_held()).expect("ok"),
             ["n2", "n4", "n1"]
         );
-        let e = pick(&nodes, &a, Some(4), None).expect_err("too few");
+        let e = pick(&nodes, &a, Some(4), None, &none_held()).expect_err("too few");
         assert_eq!(
             e.to_string(),
             "--count 4: only 3 node(s) match zone=a (n2, n4, n1)"
         );
         let none = Selector::parse("zone=c").expect("ok");
         assert!(
-            pick(&nodes, &none, Some(1), None)
+            pick(&nodes, &none, Some(1), None, &none_held())
                 .expect_err("none")
                 .to_string()
                 .contains("(none)")
@@ -254,12 +268,33 @@ mod tests {
         // Three zones and one node without the label: four groups; the emptiest of each
         // first, then the second of zone a.
         assert_eq!(
-            pick(&nodes, &all, Some(3), Some("zone")).expect("ok"),
+            pick(&nodes, &all, Some(3), Some("zone"), &none_held()).expect("ok"),
             ["a1", "x1", "c1"]
         );
         assert_eq!(
-            pick(&nodes, &all, Some(5), Some("zone")).expect("ok"),
+            pick(&nodes, &all, Some(5), Some("zone"), &none_held()).expect("ok"),
             ["a1", "x1", "c1", "b1", "a2"]
+        );
+    }
+
+    #[test]
+    fn nodes_holding_the_service_keep_it() {
+        let nodes = [
+            node("n1", "zone=a", 3.0),
+            node("n2", "zone=a", 0.0),
+            node("n3", "zone=b", 0.0),
+            node("n4", "zone=b", 1.0),
+        ];
+        let all = Selector::parse("").expect("ok");
+        let held = BTreeSet::from(["n1".to_string(), "n4".to_string()]);
+        assert_eq!(
+            pick(&nodes, &all, Some(2), None, &held).expect("ok"),
+            ["n4", "n1"],
+            "the fuller nodes that hold it win over emptier ones"
+        );
+        assert_eq!(
+            pick(&nodes, &all, Some(3), Some("zone"), &held).expect("ok"),
+            ["n4", "n1", "n2"]
         );
     }
 }

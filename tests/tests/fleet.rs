@@ -422,3 +422,157 @@ async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
         "the good service ran on untouched"
     );
 }
+
+/// Run `corral fleet ARGS` against `etcd`.
+fn fleet_cli(etcd: &Etcd, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(corral_e2e::bin("corral"));
+    cmd.arg("fleet")
+        .args(args)
+        .env("CORRAL_ETCD", etcd.endpoints())
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run corral fleet");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("corral fleet");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `corral fleet` with three nodes: `nodes` lists them from the registry; `apply --selector
+/// zone=a --count 2` places the service on the two zone-a nodes (the zone-b one untouched),
+/// their instances run and their status keys converge; `ls` shows the matrix; `rollout`
+/// updates node by node, never both at once; `delete` removes it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_cli_places_rolls_out_and_deletes() {
+    if skip("fleet_cli_places_rolls_out_and_deletes") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let a1 = fleet_agent(&etcd, "a1", "zone=a").await;
+    let a2 = fleet_agent(&etcd, "a2", "zone=a").await;
+    let b1 = fleet_agent(&etcd, "b1", "zone=b").await;
+    let (ok, nodes, err) = eventually(
+        "three nodes registered",
+        Duration::from_secs(20),
+        || async {
+            let r = fleet_cli(&etcd, &["nodes"], None);
+            (r.1.lines().count() == 4).then_some(r)
+        },
+    )
+    .await;
+    assert!(ok, "{err}");
+    for (n, zone) in [("a1", "zone=a"), ("a2", "zone=a"), ("b1", "zone=b")] {
+        assert!(
+            nodes.lines().any(|l| l.starts_with(n) && l.contains(zone)),
+            "{n} in\n{nodes}"
+        );
+    }
+
+    let web = spec("web", 2, &["serve"]);
+    let (ok, out, err) = fleet_cli(
+        &etcd,
+        &["apply", "-f", "-", "--selector", "zone=a", "--count", "2"],
+        Some(&web),
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("web: written to a1, a2") || out.contains("web: written to a2, a1"),
+        "{out}"
+    );
+    let mut before = Vec::new();
+    for a in [&a1, &a2] {
+        a.wait_running("web", 2).await;
+        before.push(pids(a, "web").await);
+    }
+    assert!(
+        b1.get("web").await.is_err(),
+        "the zone-b node is not chosen"
+    );
+    let matrix = eventually(
+        "fleet ls to show both nodes healthy",
+        Duration::from_secs(30),
+        || async {
+            let (_, out, _) = fleet_cli(&etcd, &["ls"], None);
+            out.lines()
+                .any(|l| l.starts_with("web") && l.matches("2/2").count() == 2)
+                .then_some(out)
+        },
+    )
+    .await;
+    assert!(matrix.starts_with("SERVICE"), "{matrix}");
+
+    // A rollout one node at a time: the new spec reaches a node only once the one before is
+    // healthy at its revision; at no moment are both nodes rolling.
+    let web2 = spec("web", 2, &["serve", "v2"]);
+    let web2_file = a1.dir.join("web2.toml");
+    std::fs::write(&web2_file, &web2).expect("write spec");
+    let file = web2_file.to_str().expect("utf-8").to_string();
+    let endpoints = etcd.endpoints();
+    let rollout = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(corral_e2e::bin("corral"))
+            .args(["fleet", "rollout", "web", "-f", &file])
+            .args(["--max-unavailable-nodes", "1", "--timeout", "60s"])
+            .env("CORRAL_ETCD", endpoints)
+            .output()
+            .expect("corral fleet rollout")
+    });
+    // Sample both nodes' status keys until the rollout ends (bounded by its own timeout).
+    let mut most_rolling = 0;
+    while !rollout.is_finished() {
+        let mut rolling = 0;
+        for n in ["a1", "a2"] {
+            if let Some(s) = etcd.get_json(&key(n, "status", "web"))
+                && (s["rollout"]["state"] == "running" || s["healthy"] != 2)
+            {
+                rolling += 1;
+            }
+        }
+        most_rolling = most_rolling.max(rolling);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = rollout.await;
+    let out = out.expect("rollout task");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("web: rolled out to 2 node(s)"), "{text}");
+    assert!(most_rolling <= 1, "two nodes were updating at once");
+    for (a, old) in [&a1, &a2].into_iter().zip(&before) {
+        let now = pids(a, "web").await;
+        assert!(
+            now.iter().all(|p| !old.contains(p)),
+            "every instance replaced: {old:?} -> {now:?}"
+        );
+        assert_eq!(a.get("web").await.expect("get").revision, 2);
+    }
+
+    let (ok, out, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    assert!(ok, "{out}{err}");
+    for a in [&a1, &a2] {
+        eventually("web removed", Duration::from_secs(30), || async {
+            a.get("web").await.err().map(|_| ())
+        })
+        .await;
+    }
+    let (ok, _, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    assert!(!ok && err.contains("on no node"), "{err}");
+}
