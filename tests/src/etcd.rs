@@ -96,13 +96,10 @@ impl Etcd {
         etcd
     }
 
-    fn command(&self, program: &str) -> Command {
+    /// `program` in the members' network namespace.
+    pub fn command(&self, program: &str) -> Command {
         match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, program]);
-                c
-            }
+            Some(ns) => crate::netns::Net::command_in(ns, std::path::Path::new(program)),
             None => Command::new(program),
         }
     }

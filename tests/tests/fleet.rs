@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use corral_e2e::etcd::{Etcd, skip_unless_etcd};
+use corral_e2e::netns::{self, Net};
 use corral_e2e::{Agent, eventually, pb, skip_unless_root, testbin};
 
 fn spec(name: &str, replicas: u32, args: &[&str]) -> String {
@@ -426,7 +427,9 @@ async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
 /// Run `corral fleet ARGS` against `etcd`.
 fn fleet_cli(etcd: &Etcd, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     use std::io::Write;
-    let mut cmd = std::process::Command::new(corral_e2e::bin("corral"));
+    // In etcd's network namespace, where the test hosts have theirs.
+    let corral = corral_e2e::bin("corral");
+    let mut cmd = etcd.command(corral.to_str().expect("utf-8 path"));
     cmd.arg("fleet")
         .args(args)
         .env("CORRAL_ETCD", etcd.endpoints())
@@ -575,4 +578,118 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
     }
     let (ok, _, err) = fleet_cli(&etcd, &["delete", "web"], None);
     assert!(!ok && err.contains("on no node"), "{err}");
+}
+
+/// Three hosts, each in its own network namespace joined to etcd's by a veth pair. One host
+/// is cut off (its link down): its instances keep running and it reports the disconnection,
+/// while the other two apply a change at once; changes made meanwhile (a scale of the
+/// service, a new service for the cut-off host) are applied within seconds of the link
+/// coming back, without restarting the instances that did not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cut_off_keeps_running_and_catches_up() {
+    let test = "a_host_cut_off_keeps_running_and_catches_up";
+    if skip(test) || netns::skip_unless_netns(test) {
+        return;
+    }
+    let net = Net::new(3);
+    let etcd = Etcd::cluster(netns::BRIDGE_IP, 1, Some(net.bridge()), None);
+    let endpoints = etcd.endpoints();
+    let mut hosts = Vec::new();
+    for i in 0..3 {
+        let node = format!("h{i}");
+        hosts.push(
+            Agent::start_in_netns(
+                net.host(i),
+                "info,corral_agent=debug",
+                &[
+                    "--etcd",
+                    &endpoints,
+                    "--node",
+                    &node,
+                    "--node-labels",
+                    "zone=a",
+                ],
+            )
+            .await,
+        );
+    }
+    eventually(
+        "three nodes registered",
+        Duration::from_secs(20),
+        || async {
+            let (_, out, _) = fleet_cli(&etcd, &["nodes"], None);
+            (out.lines().count() == 4).then_some(())
+        },
+    )
+    .await;
+    let (ok, out, err) = fleet_cli(
+        &etcd,
+        &["apply", "-f", "-", "--selector", "zone=a"],
+        Some(&spec("web", 2, &["serve"])),
+    );
+    assert!(ok, "{out}{err}");
+    let mut before = Vec::new();
+    for h in &hosts {
+        h.wait_running("web", 2).await;
+        before.push(pids(h, "web").await);
+    }
+
+    net.link(0, false);
+    let link = eventually(
+        "h0 to report the fleet disconnected",
+        Duration::from_secs(20),
+        || async {
+            let l = node_fleet(&hosts[0]).await;
+            (!l.connected).then_some(l)
+        },
+    )
+    .await;
+    assert!(!link.reason.is_empty());
+    // The other hosts carry on: a scale reaches them while h0 is away.
+    let (ok, out, err) = fleet_cli(
+        &etcd,
+        &["apply", "-f", "-", "--selector", "zone=a"],
+        Some(&spec("web", 3, &["serve"])),
+    );
+    assert!(ok, "{out}{err}");
+    etcd.put(
+        &key("h0", "services", "extra"),
+        spec("extra", 1, &["serve"]).as_bytes(),
+    );
+    for h in &hosts[1..] {
+        h.wait_running("web", 3).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pids(&hosts[0], "web").await,
+        before[0],
+        "h0 runs on untouched, cut off"
+    );
+    assert!(hosts[0].get("extra").await.is_err());
+
+    net.link(0, true);
+    hosts[0].wait_running("web", 3).await;
+    hosts[0].wait_running("extra", 1).await;
+    let after = pids(&hosts[0], "web").await;
+    for p in &before[0] {
+        assert!(
+            after.contains(p),
+            "{p:?} not restarted by the catch-up: {after:?}"
+        );
+    }
+    eventually(
+        "h0 to report the fleet connected",
+        Duration::from_secs(30),
+        || async { node_fleet(&hosts[0]).await.connected.then_some(()) },
+    )
+    .await;
+    for (i, h) in hosts.iter().enumerate() {
+        let now = pids(h, "web").await;
+        for p in &before[i] {
+            assert!(
+                now.contains(p),
+                "h{i}: {p:?} kept through the scale: {now:?}"
+            );
+        }
+    }
 }
