@@ -29,12 +29,14 @@ pub fn skip_unless_etcd(test: &str) -> bool {
 }
 
 /// TLS for every member: its server certificate, and the CA whose client certificates it
-/// takes (client certificate authentication on).
+/// takes (client certificate authentication on); etcdctl's own client certificate.
 #[derive(Debug, Clone)]
 pub struct EtcdTls {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub ctl_cert: PathBuf,
+    pub ctl_key: PathBuf,
 }
 
 #[derive(Debug)]
@@ -54,8 +56,6 @@ pub struct Etcd {
     /// The network namespace the members run in, if not the test's own.
     netns: Option<String>,
     tls: Option<EtcdTls>,
-    /// The etcdctl client certificate (with TLS).
-    pub ctl_cert: Option<(PathBuf, PathBuf)>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,7 +86,6 @@ impl Etcd {
             members,
             netns: netns.map(str::to_string),
             tls,
-            ctl_cert: None,
             _dir: dir,
         };
         for i in 0..n {
@@ -207,11 +206,9 @@ impl Etcd {
             .arg(format!("--endpoints={}", endpoints.join(",")))
             .args(["--command-timeout=5s", "--dial-timeout=2s"]);
         if let Some(t) = &self.tls {
-            cmd.arg(format!("--cacert={}", t.ca.display()));
-            if let Some((cert, key)) = &self.ctl_cert {
-                cmd.arg(format!("--cert={}", cert.display()))
-                    .arg(format!("--key={}", key.display()));
-            }
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.ctl_cert.display()))
+                .arg(format!("--key={}", t.ctl_key.display()));
         }
         cmd.args(args)
             .stdin(if stdin.is_some() {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use corral_e2e::etcd::{Etcd, skip_unless_etcd};
+use corral_e2e::etcd::{Etcd, EtcdTls, skip_unless_etcd};
 use corral_e2e::netns::{self, Net};
 use corral_e2e::{Agent, eventually, pb, skip_unless_root, testbin};
 
@@ -692,4 +692,94 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
             );
         }
     }
+}
+
+/// etcd with TLS client certificate authentication: an agent with a certificate from etcd's
+/// CA registers and runs what etcd says; one whose certificate another CA signed is refused
+/// by etcd, says so in `Node` and its log, and keeps serving its local API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_client_certificate_is_refused_and_said() {
+    if skip("a_wrong_client_certificate_is_refused_and_said") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = corral_e2e::pki::Ca::new(dir.path(), "etcd");
+    let other = corral_e2e::pki::Ca::new(dir.path(), "other");
+    let server = ca.server("etcd-server");
+    let ctl = ca.client("etcdctl", "root", None);
+    let good = ca.client("good", "n1", None);
+    let bad = other.client("bad", "n2", None);
+    let etcd = Etcd::cluster(
+        "127.0.0.1",
+        1,
+        None,
+        Some(EtcdTls {
+            ca: ca.cert.clone(),
+            cert: server.cert.clone(),
+            key: server.key.clone(),
+            ctl_cert: ctl.cert.clone(),
+            ctl_key: ctl.key.clone(),
+        }),
+    );
+    let endpoints = etcd.endpoints();
+    assert!(endpoints.starts_with("https://"), "{endpoints}");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let start = |node: &'static str, pem: &corral_e2e::pki::Pem| {
+        let args = vec![
+            "--etcd".to_string(),
+            endpoints.clone(),
+            "--node".into(),
+            node.into(),
+            "--etcd-ca".into(),
+            path(&ca.cert),
+            "--etcd-cert".into(),
+            path(&pem.cert),
+            "--etcd-key".into(),
+            path(&pem.key),
+        ];
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Agent::start_full_args("info,corral_agent=debug", &args).await
+        }
+    };
+    let n1 = start("n1", &good).await;
+    let n2 = start("n2", &bad).await;
+
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 1, &["serve"]).as_bytes(),
+    );
+    etcd.put(
+        &key("n2", "services", "web"),
+        spec("web", 1, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "web", rev, 1).await;
+    assert!(node_fleet(&n1).await.connected);
+
+    let link = eventually(
+        "n2 to say why it is not connected",
+        Duration::from_secs(20),
+        || async {
+            let l = node_fleet(&n2).await;
+            (!l.connected && l.reason != "connecting").then_some(l)
+        },
+    )
+    .await;
+    eprintln!("n2: {}", link.reason);
+    let reason = link.reason.to_lowercase();
+    assert!(
+        reason.contains("certificate") || reason.contains("alert"),
+        "the reason names the certificate problem: {}",
+        link.reason
+    );
+    assert!(n2.log_text().contains(&link.reason), "logged too");
+    assert!(
+        etcd.get_json("/corral/v1/nodes/n2/info").is_none(),
+        "never registered"
+    );
+    assert!(n2.get("web").await.is_err(), "nothing from etcd runs on n2");
+    n2.apply(&spec("local", 1, &["serve"]))
+        .await
+        .expect("the local API serves");
+    n2.wait_running("local", 1).await;
 }
