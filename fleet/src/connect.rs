@@ -169,6 +169,28 @@ pub fn describe(err: &etcd_client::Error) -> String {
     text
 }
 
+impl EtcdConfig {
+    /// `reason` (a failed request's error), with what to check when it is the likely sign of
+    /// a refused client certificate. With TLS 1.3 etcd refuses the certificate after the
+    /// client's side of the handshake is done, and its alert is often lost when it resets the
+    /// connection: the client then sees only a closed connection.
+    pub fn explain(&self, reason: String) -> String {
+        let closed = ["connection closed", "connection reset", "broken pipe"];
+        let lower = reason.to_lowercase();
+        if self.cert.is_none()
+            || lower.contains("certificate")
+            || !closed.iter().any(|c| lower.contains(c))
+        {
+            return reason;
+        }
+        format!(
+            "{reason} (etcd closed the TLS connection, as it does when it refuses the client \
+             certificate: when this repeats, check that --etcd-cert is signed by a CA etcd \
+             trusts, its --trusted-ca-file, and has not expired)"
+        )
+    }
+}
+
 /// Whether etcd refused who we are (bad user/password, no permission, no valid token): not a
 /// network problem, so retrying quickly does not help, and the operator must act.
 pub fn is_auth_error(err: &etcd_client::Error) -> bool {
@@ -215,5 +237,34 @@ mod tests {
             "{missing}"
         );
         assert!(cfg(&["http://a:1"], false, false, false).options().is_ok());
+    }
+
+    #[test]
+    fn a_closed_tls_connection_points_at_the_client_certificate() {
+        let with_cert = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..Default::default()
+        };
+        let closed = "granting the node's lease: Cancelled: transport error: connection closed";
+        assert!(
+            with_cert
+                .explain(closed.into())
+                .contains("check that --etcd-cert")
+        );
+        let alert = "transport error: received fatal alert: BadCertificate";
+        assert_eq!(with_cert.explain(alert.into()), alert, "already says it");
+        let timeout = "no answer from etcd within 5s";
+        assert_eq!(with_cert.explain(timeout.into()), timeout);
+        let without = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            without.explain(closed.into()),
+            closed,
+            "no certificate to check"
+        );
     }
 }

@@ -199,7 +199,7 @@ impl<S: Services> Fleet<S> {
             let result = self.session(&shutdown, &mut connected).await;
             let reason = match result {
                 Ok(()) => return,
-                Err(reason) => reason,
+                Err(reason) => self.cfg.etcd.explain(reason),
             };
             if connected {
                 backoff.reset();
@@ -396,6 +396,8 @@ impl<S: Services> Fleet<S> {
         if !self.ledger.needs_apply(name, rev) {
             return;
         }
+        // The key is back: its status key is to be written, not deleted.
+        self.orphans.remove(name);
         let outcome = match decode(name, value) {
             Err(reason) => Err(Refusal::Refused(reason)),
             Ok(spec) => self.services.apply(spec).await,
@@ -496,9 +498,11 @@ impl<S: Services> Fleet<S> {
         self.dirty = false;
         let by_name: BTreeMap<&str, &Summary> = list.iter().map(|s| (s.name.as_str(), s)).collect();
         let now = Instant::now();
-        for orphan in std::mem::take(&mut self.orphans) {
+        // Each forgotten only once deleted: a failure leaves the rest for the next session.
+        while let Some(orphan) = self.orphans.first().cloned() {
             let key = self.cfg.layout.status(&self.cfg.node, &orphan);
             call("deleting a status key", client.delete(key, None)).await?;
+            self.orphans.remove(&orphan);
         }
         let entries: Vec<(String, super::ledger::Entry)> = self
             .ledger
