@@ -14,6 +14,7 @@
 //!   concurrency). Pure.
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
+//! - [`fleet`]: the node's part in a fleet on etcd (registration, watch, status).
 //! - [`api`]: the gRPC layer.
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
@@ -21,6 +22,7 @@ pub mod api;
 pub mod artifact;
 pub mod cgroups;
 pub mod events;
+pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod logs;

@@ -20,11 +20,15 @@ use corral_agent::api::{self, AgentService};
 use corral_agent::artifact::{ArtifactStore, StoreConfig};
 use corral_agent::cgroups;
 use corral_agent::events::{self, EventLog};
+use corral_agent::fleet::{
+    self, Fleet, FleetConfig, FleetDeps, ledger::Ledger, services::Supervised,
+};
 use corral_agent::host::{self, Host};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
-use corral_agent::store::FileStore;
+use corral_agent::store::{FileStore, Store};
 use corral_agent::supervisor::{Deps, Driver, SupervisorHandle};
+use corral_fleet::{connect, keys, placement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +93,39 @@ struct Flags {
     /// (systemd's range for containers).
     #[arg(long, value_name = "FIRST-LAST")]
     userns_ids: Option<String>,
+    /// Join a fleet: the etcd cluster's client endpoints, comma-separated
+    /// (`https://etcd-1:2379,https://etcd-2:2379`). The agent registers the node under
+    /// --node and runs what etcd says for it; see --node, --node-labels, --etcd-prefix.
+    #[arg(long, value_name = "URLS")]
+    etcd: Option<String>,
+    /// The node's name in the fleet (with --etcd; required there).
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// The node's labels for placement, `zone=a,disk=ssd` (with --etcd).
+    #[arg(long, value_name = "K=V,...")]
+    node_labels: Option<String>,
+    /// Where the fleet's keys live in etcd (default /corral).
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// The CA (PEM) that signed etcd's server certificates (https:// endpoints).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd with client certificate authentication.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// An etcd user (etcd's `auth enable`); its password is read from --etcd-password-file.
+    #[arg(long, value_name = "NAME")]
+    etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user (one line).
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// Seconds the node stays registered after its agent stopped renewing its lease
+    /// (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    etcd_lease_ttl: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +144,16 @@ struct ConfigFile {
     max_fetches: Option<usize>,
     dynamic_users: Option<String>,
     userns_ids: Option<String>,
+    etcd: Option<String>,
+    node: Option<String>,
+    node_labels: Option<String>,
+    etcd_prefix: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
+    etcd_lease_ttl: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -121,6 +168,87 @@ struct Settings {
     max_fetches: usize,
     dynamic_users: runtime::users::IdRange,
     userns_ids: runtime::users::IdRange,
+    fleet: Option<FleetConfig>,
+}
+
+/// The fleet flags, checked together: all of them need --etcd, which needs --node.
+#[derive(Debug, Default)]
+struct FleetFlags {
+    etcd: Option<String>,
+    node: Option<String>,
+    node_labels: Option<String>,
+    etcd_prefix: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
+    etcd_lease_ttl: Option<u64>,
+}
+
+fn fleet_settings(f: FleetFlags) -> Result<Option<FleetConfig>> {
+    let Some(etcd) = f.etcd else {
+        for (flag, given) in [
+            ("--node", f.node.is_some()),
+            ("--node-labels", f.node_labels.is_some()),
+            ("--etcd-prefix", f.etcd_prefix.is_some()),
+            ("--etcd-ca", f.etcd_ca.is_some()),
+            ("--etcd-cert", f.etcd_cert.is_some()),
+            ("--etcd-key", f.etcd_key.is_some()),
+            ("--etcd-user", f.etcd_user.is_some()),
+            ("--etcd-password-file", f.etcd_password_file.is_some()),
+            ("--etcd-lease-ttl", f.etcd_lease_ttl.is_some()),
+        ] {
+            if given {
+                bail!("{flag} is only used with --etcd URLS; give --etcd or drop {flag}");
+            }
+        }
+        return Ok(None);
+    };
+    let endpoints = connect::parse_endpoints(&etcd)?;
+    let Some(node) = f.node else {
+        bail!("--etcd needs --node NAME: the node's name in the fleet");
+    };
+    if !keys::valid_node_name(&node) {
+        return Err(keys::KeyError::Node(node).into());
+    }
+    let layout = keys::Layout::new(f.etcd_prefix.as_deref().unwrap_or(keys::DEFAULT_PREFIX))?;
+    let labels = placement::parse_labels("--node-labels", f.node_labels.as_deref().unwrap_or(""))?;
+    let user = match (f.etcd_user, f.etcd_password_file) {
+        (None, None) => None,
+        (Some(user), Some(file)) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading --etcd-password-file {}", file.display()))?;
+            let password = text.lines().next().unwrap_or("").to_string();
+            if password.is_empty() {
+                bail!("--etcd-password-file {}: the file is empty", file.display());
+            }
+            Some((user, password))
+        }
+        _ => bail!("--etcd-user and --etcd-password-file go together: give both or neither"),
+    };
+    let lease_ttl = match f.etcd_lease_ttl {
+        None => fleet::DEFAULT_LEASE_TTL,
+        Some(s) if (2..=3600).contains(&s) => std::time::Duration::from_secs(s),
+        Some(s) => bail!("--etcd-lease-ttl {s}: give 2 to 3600 seconds"),
+    };
+    let etcd = connect::EtcdConfig {
+        endpoints,
+        ca: f.etcd_ca,
+        cert: f.etcd_cert,
+        key: f.etcd_key,
+        user,
+    };
+    // The flags fit together and the files are readable: checked now, not at the first
+    // connection.
+    etcd.options()?;
+    Ok(Some(FleetConfig {
+        etcd,
+        layout,
+        node,
+        labels,
+        lease_ttl,
+    }))
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -217,9 +345,22 @@ fn settings(flags: Flags) -> Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--userns-ids {e}"))?,
         None => runtime::users::UsernsIds::DEFAULT,
     };
+    let fleet = fleet_settings(FleetFlags {
+        etcd: flags.etcd.or(file.etcd),
+        node: flags.node.or(file.node),
+        node_labels: flags.node_labels.or(file.node_labels),
+        etcd_prefix: flags.etcd_prefix.or(file.etcd_prefix),
+        etcd_ca: flags.etcd_ca.or(file.etcd_ca),
+        etcd_cert: flags.etcd_cert.or(file.etcd_cert),
+        etcd_key: flags.etcd_key.or(file.etcd_key),
+        etcd_user: flags.etcd_user.or(file.etcd_user),
+        etcd_password_file: flags.etcd_password_file.or(file.etcd_password_file),
+        etcd_lease_ttl: flags.etcd_lease_ttl.or(file.etcd_lease_ttl),
+    })?;
     Ok(Settings {
         max_cache,
         max_fetches,
+        fleet,
         listen,
         dynamic_users,
         userns_ids,
@@ -371,8 +512,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(s: Settings) -> Result<()> {
-    let store =
-        FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?;
+    let store: Arc<dyn Store> = Arc::new(
+        FileStore::open(&s.state_dir.join("state")).context("opening the state directory")?,
+    );
     runtime::linux::socket_dir(&s.socket).map_err(anyhow::Error::msg)?;
     // The socket is bound before anything else is touched, so a second agent on the same
     // socket stops here; connections made during the restore wait in the backlog.
@@ -438,7 +580,7 @@ async fn run(s: Settings) -> Result<()> {
     let deps = Deps::new(
         Arc::new(runtime),
         cgroups,
-        Arc::new(store),
+        store.clone(),
         namespaces.clone(),
         events.clone(),
     )
@@ -449,11 +591,29 @@ async fn run(s: Settings) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(driver.run(shutdown.clone()));
+    let host = Arc::new(Host::new());
+    let mut fleet_task = None;
+    let fleet_link = match s.fleet.clone() {
+        Some(cfg) => {
+            let ledger = Ledger::load(store.as_ref()).context("reading the fleet's ledger")?;
+            let deps = FleetDeps {
+                store: store.clone(),
+                events: events.clone(),
+                host: host.clone(),
+            };
+            tracing::info!(node = %cfg.node, etcd = %cfg.etcd.endpoints.join(","), revision = ledger.revision, "fleet: joining");
+            let (fleet, link) = Fleet::new(cfg, Supervised::new(&handle), deps, ledger);
+            fleet_task = Some(tokio::spawn(fleet.run(shutdown.clone())));
+            Some(link)
+        }
+        None => None,
+    };
     let agent = AgentService {
+        fleet: fleet_link,
         supervisor: handle.clone(),
         events,
         log_root: s.state_dir.join("logs"),
-        host: Arc::new(Host::new()),
+        host,
         capabilities: caps,
         namespaces,
     };
@@ -522,6 +682,10 @@ async fn run(s: Settings) -> Result<()> {
             "API calls still open {:?} after shutting down (clients not reading their replies); closing their connections",
             api::SHUTDOWN_GRACE
         ),
+    }
+    if let Some(task) = fleet_task {
+        // The node leaves the registry (its lease revoked) if etcd answers in time.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
     let _ = supervisor.await;
     let _ = std::fs::remove_file(&s.socket);

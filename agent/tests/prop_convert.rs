@@ -187,10 +187,10 @@ proptest! {
         api.rt.block_on(async {
             let get = svc.get(Request::new(pb::GetRequest { name: name.clone() })).await;
             check_status("Get", &["name"], &get.expect_err("no services"), invalid_or_missing)?;
-            let delete = svc.delete(Request::new(pb::DeleteRequest { name: name.clone() })).await;
+            let delete = svc.delete(Request::new(pb::DeleteRequest { name: name.clone(), ..Default::default() })).await;
             check_status("Delete", &["name"], &delete.expect_err("no services"), invalid_or_missing)?;
             let scale = svc
-                .scale(Request::new(pb::ScaleRequest { name: name.clone(), replicas }))
+                .scale(Request::new(pb::ScaleRequest { name: name.clone(), replicas, ..Default::default() }))
                 .await;
             check_status("Scale", &["name", "replicas"], &scale.expect_err("no services"), invalid_or_missing)?;
             let restart = svc

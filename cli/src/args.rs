@@ -129,7 +129,7 @@ pub enum Command {
     Rollout(RolloutArgs),
 
     /// Stop every instance of a service and remove it.
-    Delete(NameArgs),
+    Delete(DeleteArgs),
 
     /// Print the output of a service's instances, or of one instance.
     ///
@@ -162,8 +162,13 @@ pub enum Command {
     /// Send a signal to one instance's service process, e.g. `corral signal web-0 SIGHUP`.
     Signal(SignalArgs),
 
-    /// Show the host, what it can enforce, and the agent's version.
+    /// Show the host, what it can enforce, the agent's version, and (with --etcd) its link to
+    /// the fleet.
     Node,
+
+    /// The fleet: services placed on nodes through etcd, which every node's agent (started
+    /// with --etcd) converges to. Talks to etcd directly, not to an agent.
+    Fleet(FleetArgs),
 
     /// A live view of every instance: state, health, CPU, memory, restarts.
     ///
@@ -174,6 +179,164 @@ pub enum Command {
     /// replaces the previous one; otherwise frames follow each other, separated by a blank
     /// line. With `-o json`, one document per frame: {"time", "node", "instances"}.
     Top(TopArgs),
+}
+
+/// How to reach the fleet's etcd.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd's client endpoints, comma-separated: `https://etcd-1:2379,https://etcd-2:2379`.
+    #[arg(long, env = "CORRAL_ETCD", value_name = "URLS")]
+    pub etcd: String,
+
+    /// Where the fleet's keys live in etcd (as the agents' --etcd-prefix).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_PREFIX",
+        value_name = "PREFIX",
+        default_value = "/corral"
+    )]
+    pub etcd_prefix: String,
+
+    /// The CA (PEM) that signed etcd's server certificates.
+    #[arg(long, env = "CORRAL_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) for etcd with client certificate authentication.
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_CERT",
+        value_name = "FILE",
+        requires = "etcd_key"
+    )]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// The key of --etcd-cert (PEM).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    pub etcd_key: Option<PathBuf>,
+
+    /// An etcd user; its password is read from --etcd-password-file.
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_USER",
+        value_name = "NAME",
+        requires = "etcd_password_file"
+    )]
+    pub etcd_user: Option<String>,
+
+    /// A file holding the password of --etcd-user (one line).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "etcd_user"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// List the registered nodes: labels, capacity, what is free, services and instances,
+    /// when each last reported. A node leaves the list when its agent stops renewing its
+    /// lease.
+    Nodes,
+
+    /// Place a service on nodes: write its spec file to each node's key, in one etcd
+    /// transaction.
+    ///
+    /// With --node, on exactly those nodes. With --selector, on every registered node whose
+    /// labels match, or with --count on that many of them: those that already run the
+    /// service first, then the ones with the most free CPU and memory, one per value of the
+    /// --spread label in turn. Nodes that run the service but were not chosen keep it (the
+    /// command names them; `fleet delete --node` removes it there).
+    Apply(FleetApplyArgs),
+
+    /// The services × nodes matrix from the nodes' status keys: healthy/desired instances,
+    /// `refused` (with -o json, the reason), `pending` (not yet applied), and `(gone)` where
+    /// the node is no longer registered.
+    Ls,
+
+    /// Remove a service from the fleet: delete its key on every node that has one (or on the
+    /// --node ones), in one etcd transaction; each node's agent stops its instances.
+    Delete(FleetDeleteArgs),
+
+    /// Update a service node by node: write the new spec to --max-unavailable-nodes nodes at
+    /// a time, and go on only when each of them reports the new revision applied, rolled out
+    /// and healthy.
+    ///
+    /// Stops at the first node that refuses the spec or whose rollout fails (the nodes not yet
+    /// written keep the old spec) with exit code 1; --timeout bounds the wait for each batch.
+    Rollout(FleetRolloutArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetApplyArgs {
+    /// The spec file (TOML, as `corral apply` takes it), or `-` for standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The nodes to place it on (repeat the flag or separate names with commas).
+    #[arg(
+        long,
+        value_name = "NODE",
+        value_delimiter = ',',
+        required_unless_present = "selector",
+        conflicts_with = "selector"
+    )]
+    pub node: Vec<String>,
+
+    /// Place it on the registered nodes with these labels: `zone=a,disk=ssd` (`` for all).
+    #[arg(long, value_name = "K=V,...")]
+    pub selector: Option<String>,
+
+    /// Only on this many of the matching nodes.
+    #[arg(long, value_name = "N", requires = "selector", value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: Option<u32>,
+
+    /// With --count, spread the chosen nodes over the values of this node label (e.g. zone).
+    #[arg(long, value_name = "LABEL", requires = "count")]
+    pub spread: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetDeleteArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// Only on these nodes (repeat the flag or separate names with commas).
+    #[arg(long, value_name = "NODE", value_delimiter = ',')]
+    pub node: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetRolloutArgs {
+    /// The service's name; the spec file must name the same service.
+    pub name: String,
+
+    /// The new spec file (TOML), or `-` for standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// How many nodes may be updating at once.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unavailable_nodes: u32,
+
+    /// How long to wait for each batch of nodes before stopping with exit code 1: `10m`.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_timeout)]
+    pub timeout: Duration,
 }
 
 /// How many events `events` prints without --since or --last.
@@ -397,7 +560,8 @@ pub struct ApplyArgs {
     #[arg(long, conflicts_with = "wait")]
     pub dry_run: bool,
 
-    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    /// Supersede a rollout of the service that is still running, and change a service the
+    /// fleet (etcd) owns until etcd next changes it (the agent refuses either otherwise).
     #[arg(long)]
     pub force: bool,
 
@@ -432,7 +596,8 @@ pub struct RollbackArgs {
     )]
     pub revision: Option<u64>,
 
-    /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
+    /// Supersede a rollout of the service that is still running, and change a service the
+    /// fleet (etcd) owns until etcd next changes it (the agent refuses either otherwise).
     #[arg(long)]
     pub force: bool,
 
@@ -467,6 +632,22 @@ pub struct ScaleArgs {
     /// The number of instances to run.
     #[arg(value_name = "N")]
     pub replicas: u32,
+
+    /// Scale a service the fleet (etcd) owns, until etcd next changes it (the agent refuses
+    /// otherwise).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// Delete a service the fleet (etcd) owns (the agent refuses otherwise); its key in etcd
+    /// stays, and the service comes back when the key next changes.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]
@@ -657,7 +838,14 @@ mod tests {
             );
         }
         let cli = parse(&["delete", "web"]).unwrap();
-        assert!(matches!(cli.command, Command::Delete(NameArgs { name }) if name == "web"));
+        assert!(
+            matches!(cli.command, Command::Delete(DeleteArgs { name, force: false }) if name == "web")
+        );
+        let cli = parse(&["delete", "web", "--force"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Delete(DeleteArgs { force: true, .. })
+        ));
     }
 
     #[test]

@@ -85,9 +85,10 @@ impl Session {
         self.reply(reply)
     }
 
-    pub async fn delete(&mut self, name: &str) -> anyhow::Result<pb::DeleteResponse> {
+    pub async fn delete(&mut self, name: &str, force: bool) -> anyhow::Result<pb::DeleteResponse> {
         let request = pb::DeleteRequest {
             name: name.to_owned(),
+            force,
         };
         let reply = self.client.delete(request).await;
         self.reply(reply)
@@ -106,10 +107,16 @@ impl Session {
         self.reply(reply)
     }
 
-    pub async fn scale(&mut self, name: &str, replicas: u32) -> anyhow::Result<pb::ScaleResponse> {
+    pub async fn scale(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        force: bool,
+    ) -> anyhow::Result<pb::ScaleResponse> {
         let request = pb::ScaleRequest {
             name: name.to_owned(),
             replicas,
+            force,
         };
         let reply = self.client.scale(request).await;
         self.reply(reply)

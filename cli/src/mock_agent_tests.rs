@@ -378,6 +378,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
         package: None,
         name: name.to_owned(),
         revision,
+        owner: corral_proto::v1::ServiceOwner::Local as i32,
         health: wire::service_health("healthy"),
         spec: Some(ServiceSpec {
             name: name.to_owned(),
@@ -948,9 +949,9 @@ async fn ls_status_scale_delete_round_trip() {
     let run = agent.run(&["ls"]).await;
     assert_eq!(
         run.out,
-        "NAME  REVISION  DESIRED  RUNNING  HEALTHY  HEALTH\n\
-         api   1         1        1        1        healthy\n\
-         web   1         3        3        3        healthy\n"
+        "NAME  REVISION  DESIRED  RUNNING  HEALTHY  HEALTH   SOURCE\n\
+         api   1         1        1        1        healthy  local\n\
+         web   1         3        3        3        healthy  local\n"
     );
     let run = agent.run(&["ls", "-o", "json"]).await;
     let doc: Value = serde_json::from_str(&run.out).unwrap();

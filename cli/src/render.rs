@@ -12,7 +12,7 @@ use corral_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::views::{
-    TopRowView, apply_outcome_name, event_type_name, health_name, parse_size, rfc3339,
+    TopRowView, apply_outcome_name, event_type_name, health_name, owner_name, parse_size, rfc3339,
     rollout_kind_name, rollout_state_name, service_health_name, state_name,
 };
 
@@ -110,12 +110,17 @@ pub fn cpu_seconds(ns: u64) -> String {
 /// Columns separated by two spaces, each as wide as its widest cell; the last is not padded.
 #[derive(Debug)]
 pub struct Table {
-    header: Vec<&'static str>,
+    header: Vec<String>,
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
     pub fn new(header: Vec<&'static str>) -> Self {
+        Table::with_header(header.into_iter().map(str::to_owned).collect())
+    }
+
+    /// A table whose columns are known only at run time.
+    pub fn with_header(header: Vec<String>) -> Self {
         Table {
             header,
             rows: Vec::new(),
@@ -137,8 +142,7 @@ impl Table {
                 }
             }
         }
-        let header: Vec<String> = self.header.iter().map(|h| (*h).to_owned()).collect();
-        for row in std::iter::once(&header).chain(&self.rows) {
+        for row in std::iter::once(&self.header).chain(&self.rows) {
             let mut line = String::new();
             for (i, cell) in row.iter().enumerate() {
                 if i + 1 == row.len() {
@@ -179,7 +183,7 @@ fn write_fields(out: &mut dyn Write, fields: &[(&str, String)]) -> io::Result<()
 /// `ls`: one line per service.
 pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io::Result<()> {
     let mut table = Table::new(vec![
-        "NAME", "REVISION", "DESIRED", "RUNNING", "HEALTHY", "HEALTH",
+        "NAME", "REVISION", "DESIRED", "RUNNING", "HEALTHY", "HEALTH", "SOURCE",
     ]);
     for s in services {
         let name = if s.deleting {
@@ -194,6 +198,7 @@ pub fn write_services(out: &mut dyn Write, services: &[pb::ServiceStatus]) -> io
             s.running.to_string(),
             s.healthy.to_string(),
             health_cell(true, service_health_name(s.health)),
+            health_cell(true, owner_name(s.owner)),
         ]);
     }
     table.write(out)
@@ -701,43 +706,62 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
     } else {
         format!("{} under {}", n.cgroup_version, n.cgroup_parent)
     };
-    write_fields(
-        out,
-        &[
-            ("hostname", n.hostname.clone()),
-            ("os", n.os.clone()),
-            ("kernel", n.kernel.clone()),
-            ("cpus", n.cpus.to_string()),
-            (
-                "memory",
-                format!(
-                    "{} total, {} available",
-                    human_bytes(n.memory_total_bytes),
-                    human_bytes(n.memory_available_bytes)
-                ),
+    let mut fields = vec![
+        ("hostname", n.hostname.clone()),
+        ("os", n.os.clone()),
+        ("kernel", n.kernel.clone()),
+        ("cpus", n.cpus.to_string()),
+        (
+            "memory",
+            format!(
+                "{} total, {} available",
+                human_bytes(n.memory_total_bytes),
+                human_bytes(n.memory_available_bytes)
             ),
-            (
-                "load",
-                format!("{:.2} {:.2} {:.2}", n.load1, n.load5, n.load15),
+        ),
+        (
+            "load",
+            format!("{:.2} {:.2} {:.2}", n.load1, n.load5, n.load15),
+        ),
+        ("cgroup", cgroup),
+        ("controllers", list(&n.controllers)),
+        ("unavailable", unavailable),
+        ("namespaces", list(&n.namespaces)),
+        (
+            "agent",
+            format!(
+                "corrald {}, up {}",
+                n.agent_version,
+                human_duration(Duration::from_secs(n.agent_uptime_seconds))
             ),
-            ("cgroup", cgroup),
-            ("controllers", list(&n.controllers)),
-            ("unavailable", unavailable),
-            ("namespaces", list(&n.namespaces)),
-            (
-                "agent",
-                format!(
-                    "corrald {}, up {}",
-                    n.agent_version,
-                    human_duration(Duration::from_secs(n.agent_uptime_seconds))
-                ),
+        ),
+        (
+            "services",
+            format!("{} ({} instances)", n.services, n.instances),
+        ),
+    ];
+    if let Some(f) = &n.fleet {
+        let since = f
+            .since
+            .as_ref()
+            .and_then(time_seconds)
+            .unwrap_or_else(|| "-".to_owned());
+        let link = if f.connected {
+            format!("connected since {since}")
+        } else {
+            format!("disconnected since {since}: {}", f.reason)
+        };
+        fields.push((
+            "fleet",
+            format!(
+                "{link} (node {}, etcd {}, revision {})",
+                f.node,
+                f.endpoints.join(","),
+                f.revision
             ),
-            (
-                "services",
-                format!("{} ({} instances)", n.services, n.instances),
-            ),
-        ],
-    )
+        ));
+    }
+    write_fields(out, &fields)
 }
 
 /// One log record on one line: `2026-11-22T23:45:01.123Z web-0 out| text`. The time is `-`
@@ -1119,6 +1143,7 @@ mod tests {
             package: None,
             name: "web".into(),
             revision: 3,
+            owner: pb::ServiceOwner::Local as i32,
             health: wire::service_health("unhealthy"),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
@@ -1206,16 +1231,18 @@ web-2: exec /usr/bin/python3: permission denied
         gone.deleting = true;
         gone.health = wire::service_health("degraded");
         gone.healthy = 1;
+        gone.owner = pb::ServiceOwner::Etcd as i32;
         let mut old = service(now);
         old.name = "old".into();
+        old.owner = pb::ServiceOwner::Unspecified as i32;
         old.health = wire::service_health("");
         let got = text(|o| write_services(o, &[service(now), gone, old]));
         assert_eq!(
             got,
-            "NAME              REVISION  DESIRED  RUNNING  HEALTHY  HEALTH\n\
-             web               3         3        1        0        unhealthy\n\
-             batch (deleting)  12        3        1        1        degraded\n\
-             old               3         3        1        0        -\n"
+            "NAME              REVISION  DESIRED  RUNNING  HEALTHY  HEALTH     SOURCE\n\
+             web               3         3        1        0        unhealthy  local\n\
+             batch (deleting)  12        3        1        1        degraded   etcd\n\
+             old               3         3        1        0        -          -\n"
         );
     }
 
@@ -1409,6 +1436,7 @@ web-2: exec /usr/bin/python3: permission denied
             namespaces: vec!["pid".into(), "mount".into()],
             services: 2,
             instances: 5,
+            fleet: None,
         };
         let got = text(|o| write_node(o, &n));
         let want = "\
@@ -1427,6 +1455,40 @@ agent:        corrald 0.1.0, up 3h12m
 services:     2 (5 instances)
 ";
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn node_says_since_when_the_fleet_is_out_of_reach() {
+        let mut link = pb::FleetLink {
+            node: "n1".into(),
+            endpoints: vec!["https://etcd-1:2379".into(), "https://etcd-2:2379".into()],
+            connected: false,
+            since: Some(prost_types::Timestamp {
+                seconds: 1_740_830_400,
+                nanos: 0,
+            }),
+            reason: "granting the node's lease: no answer from etcd within 5s".into(),
+            revision: 42,
+        };
+        let node = |link: &pb::FleetLink| pb::NodeInfo {
+            fleet: Some(link.clone()),
+            ..Default::default()
+        };
+        let got = text(|o| write_node(o, &node(&link)));
+        assert!(
+            got.contains(
+                "\nfleet:        disconnected since 2025-03-01T12:00:00Z: granting the node's lease: \
+                 no answer from etcd within 5s (node n1, etcd https://etcd-1:2379,https://etcd-2:2379, revision 42)\n"
+            ),
+            "{got}"
+        );
+        link.connected = true;
+        link.reason.clear();
+        let got = text(|o| write_node(o, &node(&link)));
+        assert!(
+            got.contains("\nfleet:        connected since 2025-03-01T12:00:00Z (node n1,"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct ServiceView {
     pub healthy: u32,
     /// `healthy` (every desired instance healthy), `degraded` (some) or `unhealthy` (none).
     pub health: Option<String>,
+    /// Where its desired state comes from: `local` (this node's API) or `etcd` (the fleet).
+    pub source: Option<String>,
     pub deleting: bool,
     /// A rollout failed without rolling back: no more instances are replaced until the next
     /// apply, restart or rollback.
@@ -44,6 +46,7 @@ impl From<&pb::ServiceStatus> for ServiceView {
             running: s.running,
             healthy: s.healthy,
             health: non_empty(service_health_name(s.health)),
+            source: non_empty(owner_name(s.owner)),
             deleting: s.deleting,
             paused: s.paused,
             rollout: s.rollout.as_ref().map(RolloutStatusView::from),
@@ -378,6 +381,34 @@ pub struct NodeView {
     pub agent_uptime_seconds: u64,
     pub services: u32,
     pub instances: u32,
+    /// With --etcd: the node's link to the fleet.
+    pub fleet: Option<FleetLinkView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FleetLinkView {
+    pub node: String,
+    pub endpoints: Vec<String>,
+    pub connected: bool,
+    /// Since when connected or disconnected (RFC 3339).
+    pub since: Option<String>,
+    /// Why disconnected.
+    pub reason: Option<String>,
+    /// The etcd revision up to which the node's keys were handled.
+    pub revision: i64,
+}
+
+impl From<&pb::FleetLink> for FleetLinkView {
+    fn from(f: &pb::FleetLink) -> Self {
+        FleetLinkView {
+            node: f.node.clone(),
+            endpoints: f.endpoints.clone(),
+            connected: f.connected,
+            since: f.since.as_ref().and_then(crate::render::time_millis),
+            reason: non_empty(&f.reason),
+            revision: f.revision,
+        }
+    }
 }
 
 impl From<&pb::NodeInfo> for NodeView {
@@ -401,6 +432,7 @@ impl From<&pb::NodeInfo> for NodeView {
             agent_uptime_seconds: n.agent_uptime_seconds,
             services: n.services,
             instances: n.instances,
+            fleet: n.fleet.as_ref().map(FleetLinkView::from),
         }
     }
 }
@@ -754,6 +786,15 @@ pub fn health_name(health: i32) -> &'static str {
 }
 
 /// A service's health as the agent words it; empty when not said.
+/// Where a service's desired state comes from: `local` or `etcd`; empty when not said.
+pub fn owner_name(owner: i32) -> &'static str {
+    match pb::ServiceOwner::try_from(owner) {
+        Ok(pb::ServiceOwner::Local) => "local",
+        Ok(pb::ServiceOwner::Etcd) => "etcd",
+        Ok(pb::ServiceOwner::Unspecified) | Err(_) => "",
+    }
+}
+
 pub fn service_health_name(health: i32) -> &'static str {
     match pb::ServiceHealth::try_from(health) {
         Ok(pb::ServiceHealth::Healthy) => "healthy",
@@ -1024,6 +1065,7 @@ mod tests {
             package: None,
             name: "web".into(),
             revision: 3,
+            owner: pb::ServiceOwner::Etcd as i32,
             health: wire::service_health("degraded"),
             spec: Some(pb::ServiceSpec {
                 name: "web".into(),
@@ -1067,10 +1109,12 @@ mod tests {
                 "revisions",
                 "rollout",
                 "running",
+                "source",
                 "spec"
             ]
         );
         assert_eq!(v["paused"], true);
+        assert_eq!(v["source"], "etcd");
         assert_eq!(v["revisions"], json!([2, 3]));
         assert_eq!(v["rollout"]["id"], "web-r3");
         assert_eq!(

@@ -8,7 +8,9 @@
 pub mod apiload;
 pub mod artifacts;
 pub mod cgroup;
+pub mod etcd;
 pub mod load;
+pub mod netns;
 pub mod pki;
 pub mod scenarios;
 
@@ -154,6 +156,8 @@ pub struct Agent {
     log_filter: String,
     /// More corrald flags, given at every launch.
     pub extra_args: Vec<String>,
+    /// The network namespace corrald runs in (a test host), if not the test's own.
+    pub netns: Option<String>,
     /// Kept to own the directory; removed on drop.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -201,7 +205,21 @@ impl Agent {
         Agent::start_full(services, filter, &[]).await
     }
 
+    /// A fresh agent in network namespace `netns` (a test host), started with more flags.
+    pub async fn start_in_netns(netns: &str, filter: &str, args: &[&str]) -> Agent {
+        Agent::start_ns(None, filter, args, Some(netns)).await
+    }
+
     async fn start_full(services: Option<&Path>, filter: &str, args: &[&str]) -> Agent {
+        Agent::start_ns(services, filter, args, None).await
+    }
+
+    async fn start_ns(
+        services: Option<&Path>,
+        filter: &str,
+        args: &[&str],
+        netns: Option<&str>,
+    ) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("corral-e2e-")
             .tempdir()
@@ -216,6 +234,7 @@ impl Agent {
             log: dir.join("corrald.log"),
             log_filter: filter.to_string(),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            netns: netns.map(str::to_string),
             dir,
             _tmp: Some(tmp),
         };
@@ -231,7 +250,10 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("open agent log");
-        let mut cmd = Command::new(bin("corrald"));
+        let mut cmd = match &self.netns {
+            Some(ns) => netns::Net::command_in(ns, &bin("corrald")),
+            None => Command::new(bin("corrald")),
+        };
         cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--socket")
@@ -329,7 +351,10 @@ impl Agent {
     pub async fn delete(&self, name: &str) -> Result<pb::DeleteResponse, tonic::Status> {
         self.client()
             .await
-            .delete(pb::DeleteRequest { name: name.into() })
+            .delete(pb::DeleteRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .map(tonic::Response::into_inner)
     }

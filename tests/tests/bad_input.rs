@@ -235,6 +235,7 @@ async fn invalid_requests_get_clear_codes() {
     let e = c
         .delete(pb::DeleteRequest {
             name: "nope".into(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -243,6 +244,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "nope".into(),
             replicas: 1,
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -302,6 +304,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "ok".into(),
             replicas: 100_000,
+            ..Default::default()
         })
         .await
         .expect_err("too many");

@@ -703,8 +703,21 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         Call::Spec(s) => done(c.apply(apply(Some(Source::Spec(*s)))).await),
         Call::NoSource => done(c.apply(apply(None)).await),
         Call::Get(name) => done(c.get(pb::GetRequest { name }).await),
-        Call::Delete(name) => done(c.delete(pb::DeleteRequest { name }).await),
-        Call::Scale(name, replicas) => done(c.scale(pb::ScaleRequest { name, replicas }).await),
+        Call::Delete(name) => done(
+            c.delete(pb::DeleteRequest {
+                name,
+                ..Default::default()
+            })
+            .await,
+        ),
+        Call::Scale(name, replicas) => done(
+            c.scale(pb::ScaleRequest {
+                name,
+                replicas,
+                ..Default::default()
+            })
+            .await,
+        ),
         Call::Restart(name) => done(c.restart(pb::RestartRequest { name, force: true }).await),
         Call::Rollback(name, revision) => done(
             c.rollback(pb::RollbackRequest {
@@ -881,6 +894,7 @@ async fn scale_cannot_make_a_spec_invalid() {
         .scale(pb::ScaleRequest {
             name: "fixed".into(),
             replicas: 3,
+            ..Default::default()
         })
         .await
         .expect_err("three instances on one fixed port");

@@ -213,15 +213,19 @@ async fn roles_decide_what_a_client_may_call() {
     );
     denied(
         "delete",
-        read.delete(pb::DeleteRequest { name: "svc".into() })
-            .await
-            .map(ok),
+        read.delete(pb::DeleteRequest {
+            name: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .map(ok),
     );
     denied(
         "scale",
         read.scale(pb::ScaleRequest {
             name: "svc".into(),
             replicas: 5,
+            ..Default::default()
         })
         .await
         .map(ok),

@@ -1,6 +1,8 @@
 //! Conversions between the wire (`corral.v1`) and the domain. The spec goes wire -> `RawSpec`
 //! and is validated by `spec` like a TOML file, so both paths give the same errors.
 
+use crate::fleet::{FleetReport, Link};
+use crate::supervisor::Owner;
 use std::time::SystemTime;
 
 use corral_proto::v1 as pb;
@@ -400,6 +402,29 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
             total: p.total,
             error: p.error.clone(),
         }),
+        owner: owner_to_proto(s.owner) as i32,
+    }
+}
+
+pub fn owner_to_proto(o: Owner) -> pb::ServiceOwner {
+    match o {
+        Owner::Local => pb::ServiceOwner::Local,
+        Owner::Etcd => pb::ServiceOwner::Etcd,
+    }
+}
+
+pub fn fleet_to_proto(r: &FleetReport) -> pb::FleetLink {
+    let (connected, since, reason) = match &r.link {
+        Link::Connected { since } => (true, *since, String::new()),
+        Link::Disconnected { since, reason } => (false, *since, reason.clone()),
+    };
+    pb::FleetLink {
+        node: r.node.clone(),
+        endpoints: r.endpoints.clone(),
+        connected,
+        since: Some(ts(since)),
+        reason,
+        revision: r.revision,
     }
 }
 
@@ -450,6 +475,7 @@ pub fn node_to_proto(
     namespaces: &[Namespace],
     services: u32,
     instances: u32,
+    fleet: Option<&FleetReport>,
 ) -> pb::NodeInfo {
     pb::NodeInfo {
         hostname: h.hostname.clone(),
@@ -478,6 +504,7 @@ pub fn node_to_proto(
         namespaces: namespaces.iter().map(|n| n.as_str().to_string()).collect(),
         services,
         instances,
+        fleet: fleet.map(fleet_to_proto),
     }
 }
 

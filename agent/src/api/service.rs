@@ -1,6 +1,7 @@
 //! `corral.v1.Agent` over the supervisor: decode, validate the request's own fields, call
 //! the supervisor, encode. No logic of its own.
 
+use crate::fleet::FleetShared;
 use std::sync::Arc;
 
 use corral_proto::v1 as pb;
@@ -29,6 +30,8 @@ pub struct AgentService {
     pub host: Arc<Host>,
     pub capabilities: Capabilities,
     pub namespaces: Vec<Namespace>,
+    /// The link to the fleet's etcd, with `--etcd`.
+    pub fleet: Option<FleetShared>,
 }
 
 fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
@@ -421,9 +424,14 @@ impl Agent for AgentService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         AuditNote::set(&req, &req.get_ref().name);
-        let name = req.into_inner().name;
+        let req = req.into_inner();
+        let name = req.name;
         check_name("name", &name)?;
-        let d = self.supervisor.delete(&name).await.map_err(to_status)?;
+        let d = self
+            .supervisor
+            .delete(&name, req.force)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::DeleteResponse {
             name: d.name,
             stopped_instances: d.stopped,
@@ -501,7 +509,7 @@ impl Agent for AgentService {
         check_name("name", &req.name)?;
         let s = self
             .supervisor
-            .scale(&req.name, req.replicas)
+            .scale(&req.name, req.replicas, req.force)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ScaleResponse {
@@ -551,6 +559,7 @@ impl Agent for AgentService {
             &self.namespaces,
             summary.services,
             summary.instances,
+            self.fleet.as_ref().map(|f| f.report()).as_ref(),
         )))
     }
 }
@@ -580,6 +589,7 @@ mod tests {
         driver.restore().await;
         tokio::spawn(driver.run(tokio_util::sync::CancellationToken::new()));
         AgentService {
+            fleet: None,
             supervisor: handle,
             events,
             log_root: std::env::temp_dir().join("corral-api-test-no-logs"),

@@ -68,6 +68,8 @@ pub fn to_status(e: SupervisorError) -> Status {
         | SupervisorError::Deleting { .. }
         | SupervisorError::NotRunning { .. }
         | SupervisorError::RolloutRunning { .. }
+        | SupervisorError::OwnedByFleet { .. }
+        | SupervisorError::OwnedLocally { .. }
         | SupervisorError::NothingToRollBackTo { .. } => Code::FailedPrecondition,
         SupervisorError::Storage { .. } | SupervisorError::Encoding { .. } => Code::Internal,
         SupervisorError::Unavailable => Code::Unavailable,
@@ -121,6 +123,14 @@ mod tests {
             ),
             (
                 SupervisorError::Deleting { name: "x".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::OwnedByFleet { name: "x".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                SupervisorError::OwnedLocally { name: "x".into() },
                 Code::FailedPrecondition,
             ),
             (

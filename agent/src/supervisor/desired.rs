@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rollout::record::{Kind, PolicyRecord, Rollout, State, Step};
 use crate::spec::{RawSpec, ServiceSpec};
+use crate::supervisor::Owner;
 
 /// What an apply did to a service's desired state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +45,8 @@ pub const KEPT_ROLLOUTS: usize = 10;
 #[derive(Debug, Clone)]
 pub struct Desired {
     pub spec: Arc<ServiceSpec>,
+    /// The source the service came from; only it may change the service unforced.
+    pub owner: Owner,
     pub revision: u64,
     /// A restart gives the same revision a new epoch: instances of another epoch are replaced.
     pub epoch: u64,
@@ -91,6 +94,9 @@ pub struct Record {
     pub past: Vec<Rollout>,
     #[serde(default)]
     pub paused: bool,
+    /// Absent in records written before the fleet existed: those services are local.
+    #[serde(default)]
+    pub owner: Owner,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -100,11 +106,12 @@ pub struct RevisionRecord {
 }
 
 impl Desired {
-    /// A new service at revision 1.
-    pub fn new(spec: Arc<ServiceSpec>) -> Desired {
+    /// A new service at revision 1, owned by `owner`.
+    pub fn new(spec: Arc<ServiceSpec>, owner: Owner) -> Desired {
         Desired {
             history: vec![(1, spec.clone())],
             spec,
+            owner,
             revision: 1,
             epoch: 1,
             last_revision: 1,
@@ -134,6 +141,7 @@ impl Desired {
             last_epoch: r.last_epoch.max(r.epoch),
             last_rollout: r.last_rollout,
             spec,
+            owner: r.owner,
             revision: r.revision,
             epoch: r.epoch,
             history,
@@ -162,6 +170,7 @@ impl Desired {
             rollout: self.rollout.clone(),
             past: self.past.clone(),
             paused: self.paused,
+            owner: self.owner,
         }
     }
 
@@ -399,7 +408,7 @@ mod tests {
 
     #[test]
     fn update_then_auto_rollback_restores_the_old_target() {
-        let mut d = Desired::new(spec("v1", 4));
+        let mut d = Desired::new(spec("v1", 4), Owner::Local);
         let t = d.new_revision(spec("v2", 4));
         assert_eq!((t.revision, t.epoch), (2, 2));
         let (id, superseded) = d.begin("web", Kind::Update, t, 4, now());
@@ -428,7 +437,7 @@ mod tests {
 
     #[test]
     fn without_auto_rollback_a_failure_pauses() {
-        let mut d = Desired::new(spec("v1", 2));
+        let mut d = Desired::new(spec("v1", 2), Owner::Local);
         let mut s = (*spec("v2", 2)).clone();
         s.rollout.auto_rollback = false;
         let t = d.new_revision(Arc::new(s));
@@ -447,7 +456,7 @@ mod tests {
 
     #[test]
     fn forcing_supersedes_the_running_rollout() {
-        let mut d = Desired::new(spec("v1", 2));
+        let mut d = Desired::new(spec("v1", 2), Owner::Local);
         let t = d.new_revision(spec("v2", 2));
         d.begin("web", Kind::Update, t, 2, now());
         let t = d.new_revision(spec("v3", 2));
@@ -464,7 +473,7 @@ mod tests {
 
     #[test]
     fn retargeting_supersedes_without_a_new_rollout() {
-        let mut d = Desired::new(spec("v1", 0));
+        let mut d = Desired::new(spec("v1", 0), Owner::Local);
         let t = d.new_revision(spec("v2", 0));
         assert_eq!(d.retarget(t, now()), None);
         assert_eq!((d.revision, d.epoch, d.last_rollout), (2, 2, 0));
@@ -483,7 +492,7 @@ mod tests {
 
     #[test]
     fn history_keeps_ten_and_the_current_revision() {
-        let mut d = Desired::new(spec("v1", 1));
+        let mut d = Desired::new(spec("v1", 1), Owner::Local);
         for i in 2..=14 {
             let t = d.new_revision(spec(&format!("v{i}"), 1));
             d.begin("web", Kind::Update, t, 1, now());
@@ -508,7 +517,7 @@ mod tests {
 
     #[test]
     fn rollback_specs_keep_the_current_replicas() {
-        let mut d = Desired::new(spec("v1", 2));
+        let mut d = Desired::new(spec("v1", 2), Owner::Local);
         let t = d.new_revision(spec("v2", 5));
         d.begin("web", Kind::Update, t, 2, now());
         assert_eq!(d.spec_of(1).expect("kept").replicas, 5);
@@ -516,7 +525,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_old_records_load() {
-        let mut d = Desired::new(spec("v1", 2));
+        let mut d = Desired::new(spec("v1", 2), Owner::Local);
         let t = d.new_revision(spec("v2", 2));
         d.begin("web", Kind::Update, t, 2, now());
         let bytes = serde_json::to_vec(&d.to_record()).expect("serializes");

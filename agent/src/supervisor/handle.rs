@@ -1,11 +1,13 @@
 //! The API's way in: a cheap, cloneable [`SupervisorHandle`] with one typed method per
 //! operation. Each sends a [`Request`] carrying its own reply channel to the driver task, so
-//! every answer has the type its operation promises.
+//! every answer has the type its operation promises. A handle speaks for one source
+//! ([`Owner`]): the API's for the local one, the fleet's ([`SupervisorHandle::for_owner`])
+//! for etcd; the driver holds each write against the service's owner.
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ApplyOutcome, Deleted, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
+    ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
     SupervisorError,
 };
 use crate::rollout::record::Rollout;
@@ -42,9 +44,11 @@ pub(super) enum Request {
         id: String,
         reply: Reply<Rollout>,
     },
-    /// Stop every instance of a service and remove it; answered once it is gone.
+    /// Stop every instance of a service and remove it; answered once it is gone (`force`:
+    /// even one owned by another source).
     Delete {
         name: String,
+        force: bool,
         reply: Reply<Deleted>,
     },
     Get {
@@ -57,6 +61,7 @@ pub(super) enum Request {
     Scale {
         name: String,
         replicas: u32,
+        force: bool,
         reply: Reply<Scaled>,
     },
     /// Send `signal` (a number) to the service process of one running instance.
@@ -70,21 +75,37 @@ pub(super) enum Request {
     },
 }
 
+/// A request and the source it comes from.
+pub(super) type Envelope = (Owner, Request);
+
 #[derive(Debug, Clone)]
 pub struct SupervisorHandle {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Envelope>,
+    from: Owner,
 }
 
 impl SupervisorHandle {
-    pub(super) fn new(tx: mpsc::Sender<Request>) -> SupervisorHandle {
-        SupervisorHandle { tx }
+    /// The local API's handle.
+    pub(super) fn new(tx: mpsc::Sender<Envelope>) -> SupervisorHandle {
+        SupervisorHandle {
+            tx,
+            from: Owner::Local,
+        }
+    }
+
+    /// A handle whose requests come from `owner`.
+    pub fn for_owner(&self, owner: Owner) -> SupervisorHandle {
+        SupervisorHandle {
+            tx: self.tx.clone(),
+            from: owner,
+        }
     }
 
     /// Send the request `make` builds around a reply channel, and wait for the answer.
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, SupervisorError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(make(tx))
+            .send((self.from, make(tx)))
             .await
             .map_err(|_| SupervisorError::Unavailable)?;
         rx.await.map_err(|_| SupervisorError::Unavailable)?
@@ -139,9 +160,10 @@ impl SupervisorHandle {
     }
 
     /// Stop every instance of a service and remove it; answers once it is gone.
-    pub async fn delete(&self, name: &str) -> Result<Deleted, SupervisorError> {
+    pub async fn delete(&self, name: &str, force: bool) -> Result<Deleted, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::Delete { name, reply }).await
+        self.ask(|reply| Request::Delete { name, force, reply })
+            .await
     }
 
     /// One service's status, its usage read now.
@@ -155,11 +177,17 @@ impl SupervisorHandle {
         self.ask(|reply| Request::List { reply }).await
     }
 
-    pub async fn scale(&self, name: &str, replicas: u32) -> Result<Scaled, SupervisorError> {
+    pub async fn scale(
+        &self,
+        name: &str,
+        replicas: u32,
+        force: bool,
+    ) -> Result<Scaled, SupervisorError> {
         let name = name.to_string();
         self.ask(|reply| Request::Scale {
             name,
             replicas,
+            force,
             reply,
         })
         .await

@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::cgroups::CgroupStats;
 use crate::events::PackagePhase;
 use crate::health::{HealthState, ServiceHealth};
@@ -33,6 +35,27 @@ pub use desired::ApplyKind;
 pub use driver::{Deps, Driver};
 pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo, Phase};
+
+/// Who a service's desired state belongs to. The source that created it owns it: a change
+/// from the other source is refused (the local API may force one through).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// Applied through this node's API (or its `--services` directory).
+    #[default]
+    Local,
+    /// Given to this node in etcd (the fleet).
+    Etcd,
+}
+
+impl Owner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owner::Local => "local",
+            Owner::Etcd => "etcd",
+        }
+    }
+}
 
 /// What `Apply` did (or, as a dry run, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +148,7 @@ pub struct InstanceStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub revision: u64,
+    pub owner: Owner,
     pub spec: Arc<ServiceSpec>,
     pub desired: u32,
     pub running: u32,
@@ -190,6 +214,17 @@ pub enum SupervisorError {
         revision: u64,
         kept: Vec<u64>,
     },
+    #[error(
+        "service {name:?} is owned by the fleet (etcd): change it there (corral fleet apply/delete), \
+         or force the change here (--force); it then lasts until etcd next changes the service"
+    )]
+    OwnedByFleet { name: String },
+    #[error(
+        "service {name:?} already runs on this node, applied through its local API: the fleet \
+         does not take it over; delete it there (corral delete {name}) and write the key again, \
+         or give the fleet's service another name"
+    )]
+    OwnedLocally { name: String },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]

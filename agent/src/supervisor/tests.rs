@@ -298,7 +298,7 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     settle().await;
     let e = r
         .handle
-        .scale("web", 3)
+        .scale("web", 3, false)
         .await
         .expect_err("three instances on one fixed port");
     assert!(matches!(e, SupervisorError::InvalidSpec(_)), "{e:?}");
@@ -307,7 +307,11 @@ async fn scale_is_refused_where_the_spec_would_not_be_valid() {
     let s = r.status("web").await;
     assert_eq!((s.desired, s.spec.replicas, s.instances.len()), (1, 1, 1));
     // Scaling to zero or one stays possible.
-    let scaled = r.handle.scale("web", 0).await.expect("scale to zero");
+    let scaled = r
+        .handle
+        .scale("web", 0, false)
+        .await
+        .expect("scale to zero");
     assert_eq!(scaled.replicas, 0);
 }
 
@@ -321,7 +325,7 @@ async fn scale_down_stops_the_highest_and_removes_its_cgroup() {
         .find(|(i, _)| *i == 2)
         .expect("web-2")
         .1;
-    let scaled = r.handle.scale("web", 2).await.expect("scale");
+    let scaled = r.handle.scale("web", 2, false).await.expect("scale");
     assert_eq!((scaled.previous, scaled.replicas), (3, 2));
     settle().await;
     assert_eq!(r.rt.signals(), vec![(pid2, libc::SIGTERM)]);
@@ -441,7 +445,7 @@ async fn delete_answers_once_everything_is_gone() {
     let r = web().await;
     let pids = r.pids("web").await;
     let h = r.handle.clone();
-    let del = tokio::spawn(async move { h.delete("web").await });
+    let del = tokio::spawn(async move { h.delete("web", false).await });
     settle().await;
     assert!(!del.is_finished(), "waits for the instances");
     assert!(r.rt.released().is_empty(), "held while instances run");
@@ -1016,11 +1020,109 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     r.drive(&ALL, 2).await;
     let id = r.restart("web", false).await.expect("restart");
     r.drive(&ALL, 1).await;
-    r.handle.scale("web", 5).await.expect("scale");
+    r.handle.scale("web", 5, false).await.expect("scale");
     r.drive(&ALL, 20).await;
     let ro = r.rollout(&id).await;
     assert_eq!((ro.state.as_str(), ro.replicas), ("succeeded", 5));
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 5);
     assert!(s.instances.iter().all(|i| i.state == Phase::Running));
+}
+
+/// A service the fleet gave the node: the local API cannot apply, scale, roll back or delete
+/// it unforced, and nothing runs differently for the refusals; forced, it can, and the owner
+/// stays etcd (the fleet's next change wins). The owner survives an agent restart.
+#[tokio::test(start_paused = true)]
+async fn the_fleets_services_refuse_local_changes_unless_forced() {
+    let r = rig().await;
+    let fleet = r.handle.for_owner(Owner::Etcd);
+    fleet
+        .apply(*spec(WEB), false, true)
+        .await
+        .expect("the fleet creates web");
+    settle().await;
+    let pids = r.running("web").await;
+    assert_eq!(pids.len(), 3);
+    assert_eq!(r.status("web").await.owner, Owner::Etcd);
+
+    let refused = |e: SupervisorError| {
+        assert!(
+            matches!(&e, SupervisorError::OwnedByFleet { name } if name == "web"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--force"), "{e}");
+    };
+    let changed = WEB.replace("/bin/app", "/bin/app2");
+    refused(r.apply(&changed).await.expect_err("a local apply"));
+    refused(
+        r.handle
+            .scale("web", 1, false)
+            .await
+            .expect_err("a local scale"),
+    );
+    refused(
+        r.handle
+            .delete("web", false)
+            .await
+            .expect_err("a local delete"),
+    );
+    refused(
+        r.handle
+            .rollback("web", None, false)
+            .await
+            .expect_err("a local rollback"),
+    );
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.revision, s.desired), (1, 3), "nothing changed");
+    assert_eq!(r.running("web").await, pids, "no instance touched");
+
+    // Forced, the local change goes through; the service stays the fleet's.
+    r.handle.scale("web", 2, true).await.expect("forced scale");
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.desired, s.owner), (2, Owner::Etcd));
+    fleet
+        .scale("web", 3, false)
+        .await
+        .expect("the fleet changes its own service unforced");
+
+    // The owner is in the service's saved record: a restarted agent still refuses.
+    let again = r.fakes().start().await;
+    assert_eq!(again.status("web").await.owner, Owner::Etcd);
+    refused(
+        again
+            .handle
+            .scale("web", 1, false)
+            .await
+            .expect_err("after a restart"),
+    );
+}
+
+/// The fleet never takes over (or removes) a service applied through the local API, even
+/// "forced": the name is refused with the reason.
+#[tokio::test(start_paused = true)]
+async fn the_fleet_does_not_take_over_a_local_service() {
+    let r = web().await;
+    let pids = r.running("web").await;
+    let fleet = r.handle.for_owner(Owner::Etcd);
+    let changed = WEB.replace("/bin/app", "/bin/other");
+    for e in [
+        fleet
+            .apply(*spec(&changed), false, true)
+            .await
+            .expect_err("apply"),
+        fleet.delete("web", true).await.expect_err("delete"),
+        fleet.scale("web", 1, true).await.expect_err("scale"),
+    ] {
+        assert!(
+            matches!(&e, SupervisorError::OwnedLocally { name } if name == "web"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("corral delete web"), "{e}");
+    }
+    settle().await;
+    let s = r.status("web").await;
+    assert_eq!((s.owner, s.revision, s.desired), (Owner::Local, 1, 3));
+    assert_eq!(r.running("web").await, pids);
 }

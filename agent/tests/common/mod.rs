@@ -1139,6 +1139,7 @@ pub fn api() -> &'static Api {
             host: Arc::new(Host::new()),
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
+            fleet: None,
         };
         Api {
             rt,

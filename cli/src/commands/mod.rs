@@ -9,6 +9,7 @@
 //! a `--wait` it interrupts ends with exit code 1 (what was waited for did not happen).
 
 mod apply;
+mod fleet;
 mod rollout;
 mod service;
 mod stream;
@@ -100,7 +101,7 @@ pub async fn run(
         Command::Restart(args) => rollout::restart(&conn, output, &args, out, err, console).await,
         Command::Rollback(args) => rollout::rollback(&conn, output, &args, out, err, console).await,
         Command::Rollout(args) => rollout::show(&conn, output, &args.id, out).await,
-        Command::Delete(args) => service::delete(&conn, output, &args.name, out).await,
+        Command::Delete(args) => service::delete(&conn, output, &args, out).await,
         Command::Node => service::node(&conn, output, out).await,
         Command::Signal(args) => {
             service::signal(&conn, output, &args.instance, &args.signal, out).await
@@ -110,5 +111,6 @@ pub async fn run(
             stream::events(&conn, output, &args, out, err, console.interrupt).await
         }
         Command::Top(args) => top::top(&conn, output, &args, out, console).await,
+        Command::Fleet(args) => fleet::run(&args, output, out, err).await,
     }
 }

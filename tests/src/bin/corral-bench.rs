@@ -646,6 +646,7 @@ async fn events() {
             .scale(pb::ScaleRequest {
                 name: "ev".into(),
                 replicas: (i % 2) as u32,
+                ..Default::default()
             })
             .await
             .expect("scale");

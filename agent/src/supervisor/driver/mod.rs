@@ -36,10 +36,10 @@ use tokio::sync::{mpsc, watch as watch_channel};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::SupervisorError;
-use super::handle::{Reply, Request, SupervisorHandle};
+use super::handle::{Envelope, Reply, Request, SupervisorHandle};
 use super::instance::Ctx;
 use super::reconcile;
+use super::{Owner, SupervisorError};
 use crate::artifact::{Packages, Prepared};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
@@ -129,7 +129,7 @@ pub struct Driver {
     deps: Deps,
     boot_id: String,
     services: Services,
-    requests: mpsc::Receiver<Request>,
+    requests: mpsc::Receiver<Envelope>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
     probe_tx: mpsc::UnboundedSender<ProbeReport>,
@@ -210,7 +210,7 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 Some(m) = self.internal.recv() => self.on_internal(m),
                 Some(r) = self.probes.recv() => self.on_probe(r),
-                Some(request) = self.requests.recv() => self.on_request(request),
+                Some((from, request)) = self.requests.recv() => self.on_request(from, request),
                 _ = sleep_until(wake) => {}
             }
         }
@@ -234,30 +234,31 @@ impl Driver {
         }
     }
 
-    fn on_request(&mut self, request: Request) {
+    fn on_request(&mut self, from: Owner, request: Request) {
         match request {
             Request::Apply {
                 spec,
                 dry_run,
                 force,
                 reply,
-            } => answer(reply, self.apply(*spec, dry_run, force)),
+            } => answer(reply, self.apply(from, *spec, dry_run, force)),
             Request::Restart { name, force, reply } => answer(reply, self.restart(&name, force)),
             Request::Rollback {
                 name,
                 revision,
                 force,
                 reply,
-            } => answer(reply, self.rollback(&name, revision, force)),
+            } => answer(reply, self.rollback(from, &name, revision, force)),
             Request::GetRollout { id, reply } => answer(reply, self.get_rollout(&id)),
-            Request::Delete { name, reply } => self.delete(&name, reply),
+            Request::Delete { name, force, reply } => self.delete(from, &name, force, reply),
             Request::Get { name, reply } => answer(reply, self.get(&name)),
             Request::List { reply } => answer(reply, Ok(self.list())),
             Request::Scale {
                 name,
                 replicas,
+                force,
                 reply,
-            } => answer(reply, self.scale(&name, replicas)),
+            } => answer(reply, self.scale(from, &name, replicas, force)),
             Request::Signal {
                 instance,
                 signal,

@@ -21,7 +21,7 @@ use crate::spec::{self, InstanceKey, ServiceSpec};
 use crate::supervisor::desired::{Desired, Target};
 use crate::supervisor::instance::State;
 use crate::supervisor::{
-    ApplyKind, ApplyOutcome, Deleted, RolloutStarted, Scaled, Signaled, SupervisorError,
+    ApplyKind, ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, Signaled, SupervisorError,
 };
 
 /// What an apply changes, decided before anything is done.
@@ -35,11 +35,13 @@ struct ApplyPlan {
 impl Driver {
     pub(super) fn apply(
         &mut self,
+        from: Owner,
         spec: ServiceSpec,
         dry_run: bool,
         force: bool,
     ) -> Result<ApplyOutcome, SupervisorError> {
         let name = spec.name.clone();
+        self.check_owner(&name, from, force)?;
         let plan = self.plan_apply(&spec)?;
         let mut outcome = ApplyOutcome {
             name: name.clone(),
@@ -60,7 +62,8 @@ impl Driver {
         }
         // Bound before anything is saved: an address in use refuses the apply whole.
         let sockets = self.sockets_for(&spec)?;
-        let superseded = self.commit_apply(Arc::new(spec), plan.kind, sockets, &mut outcome)?;
+        let superseded =
+            self.commit_apply(from, Arc::new(spec), plan.kind, sockets, &mut outcome)?;
         tracing::info!(service = %name, revision = outcome.revision, outcome = outcome.kind.as_str(), "applied");
         self.emit(
             &name,
@@ -110,6 +113,7 @@ impl Driver {
     /// run that it replaces. Returns the rollout it superseded, if any.
     fn commit_apply(
         &mut self,
+        from: Owner,
         spec: Arc<ServiceSpec>,
         kind: ApplyKind,
         sockets: SocketMap,
@@ -117,7 +121,7 @@ impl Driver {
     ) -> Result<Option<String>, SupervisorError> {
         let name = spec.name.clone();
         let Some(svc) = self.services.get(&name) else {
-            let d = Desired::new(spec);
+            let d = Desired::new(spec, from);
             self.persist(&name, &d)?;
             let mut svc = Service::new(d);
             svc.sockets.extend(sockets);
@@ -171,11 +175,13 @@ impl Driver {
 
     pub(super) fn rollback(
         &mut self,
+        from: Owner,
         name: &str,
         revision: Option<u64>,
         force: bool,
     ) -> Result<RolloutStarted, SupervisorError> {
         let svc = self.service_for_rollout(name)?;
+        self.check_owner(name, from, force)?;
         self.check_running(name, force)?;
         let rev = rollback_revision(name, &svc.d, revision)?;
         let spec = svc
@@ -237,13 +243,20 @@ impl Driver {
             .ok_or_else(not_found)
     }
 
-    pub(super) fn scale(&mut self, name: &str, replicas: u32) -> Result<Scaled, SupervisorError> {
+    pub(super) fn scale(
+        &mut self,
+        from: Owner,
+        name: &str,
+        replicas: u32,
+        force: bool,
+    ) -> Result<Scaled, SupervisorError> {
         if replicas > spec::MAX_REPLICAS {
             return Err(SupervisorError::ReplicasOutOfRange {
                 replicas,
                 max: spec::MAX_REPLICAS,
             });
         }
+        self.check_owner(name, from, force)?;
         let svc = self.service_for_rollout(name)?;
         let previous = svc.d.spec.replicas;
         if previous != replicas {
@@ -274,7 +287,10 @@ impl Driver {
 
     /// Begin deleting a service: its record goes first, then every instance is stopped;
     /// `reply` is answered once they are gone ([`Driver::finish_delete`]).
-    pub(super) fn delete(&mut self, name: &str, reply: Reply<Deleted>) {
+    pub(super) fn delete(&mut self, from: Owner, name: &str, force: bool, reply: Reply<Deleted>) {
+        if let Err(e) = self.check_owner(name, from, force) {
+            return answer(reply, Err(e));
+        }
         let Some(svc) = self.services.get_mut(name) else {
             return answer(reply, Err(SupervisorError::NotFound { name: name.into() }));
         };
@@ -390,6 +406,24 @@ impl Driver {
             Ok(())
         } else {
             Err(SupervisorError::Unenforceable { reasons: why })
+        }
+    }
+
+    /// Refuse a change of a service from a source that does not own it: the local API may
+    /// force one through (the fleet's next change of the service wins again); the fleet never
+    /// takes over a local service.
+    fn check_owner(&self, name: &str, from: Owner, force: bool) -> Result<(), SupervisorError> {
+        let Some(owner) = self.services.get(name).map(|s| s.d.owner) else {
+            return Ok(());
+        };
+        match (owner, from) {
+            (Owner::Etcd, Owner::Local) if !force => Err(SupervisorError::OwnedByFleet {
+                name: name.to_string(),
+            }),
+            (Owner::Local, Owner::Etcd) => Err(SupervisorError::OwnedLocally {
+                name: name.to_string(),
+            }),
+            _ => Ok(()),
         }
     }
 

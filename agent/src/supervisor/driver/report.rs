@@ -118,6 +118,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
     ServiceStatus {
         name: name.to_string(),
         revision: svc.d.revision,
+        owner: svc.d.owner,
         spec: svc.d.spec.clone(),
         desired: if svc.deleting { 0 } else { svc.d.spec.replicas },
         running,

@@ -1,0 +1,270 @@
+//! Connecting to etcd: endpoints, TLS (the CA that signed etcd's certificate, and a client
+//! certificate when etcd asks for one) and etcd's own user/password authentication. One
+//! place that turns the client's errors into sentences that say what failed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// How to reach etcd, from `--etcd` and its companion flags.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    /// `http://HOST:PORT` or `https://HOST:PORT`, one per cluster member.
+    pub endpoints: Vec<String>,
+    /// The CA (PEM) that signed etcd's server certificate (`https://` endpoints).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for etcd with `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// etcd user name and password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("--etcd: no endpoint given (e.g. --etcd https://etcd-1:2379,https://etcd-2:2379)")]
+    NoEndpoint,
+    #[error("--etcd {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("{flag} {path}: {source}")]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Flags(String),
+    #[error("connecting to etcd at {endpoints}: {reason}")]
+    Connect { endpoints: String, reason: String },
+}
+
+/// Split `--etcd a,b` and check each endpoint names a scheme the client speaks.
+pub fn parse_endpoints(text: &str) -> Result<Vec<String>, ConnectError> {
+    let endpoints: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(ConnectError::NoEndpoint);
+    }
+    for e in &endpoints {
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"));
+        match rest {
+            Some(hostport) if !hostport.is_empty() && !hostport.contains('/') => {}
+            _ => {
+                return Err(ConnectError::Endpoint {
+                    endpoint: e.clone(),
+                    reason: "write http://HOST:PORT or https://HOST:PORT".into(),
+                });
+            }
+        }
+    }
+    Ok(endpoints)
+}
+
+impl EtcdConfig {
+    fn uses_tls(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
+    /// Check the flags fit together and read the files now, so a typo fails at start.
+    pub fn options(&self) -> Result<ConnectOptions, ConnectError> {
+        if self.endpoints.is_empty() {
+            return Err(ConnectError::NoEndpoint);
+        }
+        let tls = self.uses_tls();
+        if tls && self.endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(ConnectError::Flags(
+                "--etcd mixes http:// and https:// endpoints: give every member the same scheme"
+                    .into(),
+            ));
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(ConnectError::Flags(
+                "--etcd-cert and --etcd-key go together: give both or neither".into(),
+            ));
+        }
+        if !tls && (self.ca.is_some() || self.cert.is_some()) {
+            return Err(ConnectError::Flags(
+                "--etcd-ca/--etcd-cert need https:// endpoints in --etcd".into(),
+            ));
+        }
+        // The session's own timers (lease keep-alives, request deadlines) tell a dead
+        // connection; HTTP/2 pings catch a silent one under a long watch.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        if let Some((user, password)) = &self.user {
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if tls {
+            let read = |flag, path: &PathBuf| {
+                std::fs::read(path).map_err(|source| ConnectError::File {
+                    flag,
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &self.ca {
+                t = t.ca_certificate(Certificate::from_pem(read("--etcd-ca", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                t = t.identity(Identity::from_pem(
+                    read("--etcd-cert", cert)?,
+                    read("--etcd-key", key)?,
+                ));
+            }
+            options = options.with_tls(t);
+        }
+        Ok(options)
+    }
+
+    /// A client for the endpoints. The channel connects lazily: an unreachable etcd shows at
+    /// the first request, except with a user, whose token is fetched here.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let options = self.options()?;
+        Client::connect(&self.endpoints, Some(options))
+            .await
+            .map_err(|e| ConnectError::Connect {
+                endpoints: self.endpoints.join(","),
+                reason: describe(&e),
+            })
+    }
+}
+
+/// One line for an etcd client error with every cause in it: the client's own `Display`
+/// stops at "transport error", which says nothing about a refused certificate or a
+/// connection refused.
+pub fn describe(err: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (mut text, mut source): (String, Option<&(dyn std::error::Error + 'static)>) = match err {
+        etcd_client::Error::GRpcStatus(s) => {
+            let mut t = format!("{:?}: {}", s.code(), s.message());
+            if t.ends_with(": ") {
+                t.truncate(t.len() - 2);
+            }
+            (t, s.source())
+        }
+        etcd_client::Error::TransportError(e) => (e.to_string(), e.source()),
+        other => (other.to_string(), None),
+    };
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl EtcdConfig {
+    /// `reason` (a failed request's error), with what to check when it is the likely sign of
+    /// a refused client certificate. With TLS 1.3 etcd refuses the certificate after the
+    /// client's side of the handshake is done, and its alert is often lost when it resets the
+    /// connection: the client then sees only a closed connection.
+    pub fn explain(&self, reason: String) -> String {
+        let closed = ["connection closed", "connection reset", "broken pipe"];
+        let lower = reason.to_lowercase();
+        if self.cert.is_none()
+            || lower.contains("certificate")
+            || !closed.iter().any(|c| lower.contains(c))
+        {
+            return reason;
+        }
+        format!(
+            "{reason} (etcd closed the TLS connection, as it does when it refuses the client \
+             certificate: when this repeats, check that --etcd-cert is signed by a CA etcd \
+             trusts, its --trusted-ca-file, and has not expired)"
+        )
+    }
+}
+
+/// Whether etcd refused who we are (bad user/password, no permission, no valid token): not a
+/// network problem, so retrying quickly does not help, and the operator must act.
+pub fn is_auth_error(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            parse_endpoints("https://a:2379, https://b:2379").expect("ok"),
+            ["https://a:2379", "https://b:2379"]
+        );
+        for bad in ["", ",", "a:2379", "ftp://a", "http://", "http://a/b"] {
+            assert!(parse_endpoints(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_that_do_not_fit_are_refused() {
+        let cfg = |endpoints: &[&str], ca: bool, cert: bool, key: bool| EtcdConfig {
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            ca: ca.then(|| "/nonexistent/ca.pem".into()),
+            cert: cert.then(|| "/nonexistent/c.pem".into()),
+            key: key.then(|| "/nonexistent/k.pem".into()),
+            user: None,
+        };
+        let msg = |c: EtcdConfig| c.options().expect_err("refused").to_string();
+        assert!(msg(cfg(&["http://a:1", "https://b:1"], false, false, false)).contains("mixes"));
+        assert!(msg(cfg(&["https://a:1"], false, true, false)).contains("go together"));
+        assert!(msg(cfg(&["http://a:1"], true, false, false)).contains("https://"));
+        let missing = msg(cfg(&["https://a:1"], true, false, false));
+        assert!(
+            missing.contains("--etcd-ca /nonexistent/ca.pem"),
+            "{missing}"
+        );
+        assert!(cfg(&["http://a:1"], false, false, false).options().is_ok());
+    }
+
+    #[test]
+    fn a_closed_tls_connection_points_at_the_client_certificate() {
+        let with_cert = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..Default::default()
+        };
+        let closed = "granting the node's lease: Cancelled: transport error: connection closed";
+        assert!(
+            with_cert
+                .explain(closed.into())
+                .contains("check that --etcd-cert")
+        );
+        let alert = "transport error: received fatal alert: BadCertificate";
+        assert_eq!(with_cert.explain(alert.into()), alert, "already says it");
+        let timeout = "no answer from etcd within 5s";
+        assert_eq!(with_cert.explain(timeout.into()), timeout);
+        let without = EtcdConfig {
+            endpoints: vec!["https://a:1".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            without.explain(closed.into()),
+            closed,
+            "no certificate to check"
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! Real etcd members for the fleet tests (Debian's `etcd-server`), each in a temporary data
+//! directory, on loopback or inside a network namespace the test made, and `etcdctl` to read
+//! and write keys the way operators do. Every member is killed by its PID and its directory
+//! removed when the [`Etcd`] is dropped, also when the test fails.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// True (after printing why) when etcd is not installed here.
+pub fn skip_unless_etcd(test: &str) -> bool {
+    let found = [("etcd", "--version"), ("etcdctl", "version")]
+        .iter()
+        .all(|(b, arg)| {
+            Command::new(b)
+                .arg(arg)
+                .env("ETCDCTL_API", "3")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    if !found {
+        eprintln!(
+            "SKIP {test}: etcd and etcdctl are not installed (apt-get install etcd-server etcd-client)"
+        );
+    }
+    !found
+}
+
+/// TLS for every member: its server certificate, and the CA whose client certificates it
+/// takes (client certificate authentication on); etcdctl's own client certificate.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ctl_cert: PathBuf,
+    pub ctl_key: PathBuf,
+}
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of one or more members.
+#[derive(Debug)]
+pub struct Etcd {
+    members: Vec<Member>,
+    /// The network namespace the members run in, if not the test's own.
+    netns: Option<String>,
+    tls: Option<EtcdTls>,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// One member on loopback.
+    pub fn start() -> Etcd {
+        Etcd::cluster("127.0.0.1", 1, None, None)
+    }
+
+    /// `n` members listening on `ip` (inside `netns` when given), each on its own ports.
+    pub fn cluster(ip: &str, n: usize, netns: Option<&str>, tls: Option<EtcdTls>) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-etcd-")
+            .tempdir()
+            .expect("tempdir");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: format!("{scheme}://{ip}:{}", crate::free_port()),
+                peer: format!("http://{ip}:{}", crate::free_port()),
+                data: dir.path().join(format!("m{i}")),
+                log: dir.path().join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd {
+            members,
+            netns: netns.map(str::to_string),
+            tls,
+            _dir: dir,
+        };
+        for i in 0..n {
+            etcd.start_member(i);
+        }
+        etcd.wait_healthy(Duration::from_secs(30));
+        etcd
+    }
+
+    /// `program` in the members' network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => crate::netns::Net::command_in(ns, std::path::Path::new(program)),
+            None => Command::new(program),
+        }
+    }
+
+    /// Start member `i` (again: its data directory is kept).
+    pub fn start_member(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} already runs");
+        let cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("etcd log");
+        let mut cmd = self.command("etcd");
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args(["--listen-client-urls", &m.client])
+            .args(["--advertise-client-urls", &m.client])
+            .args(["--listen-peer-urls", &m.peer])
+            .args(["--initial-advertise-peer-urls", &m.peer])
+            .args(["--initial-cluster", &cluster])
+            .args([
+                "--initial-cluster-token",
+                &format!("corral-{}", std::process::id()),
+            ])
+            // Short elections so the leader-loss tests move quickly.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--log-level", "warn", "--logger", "zap"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().expect("spawn etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// Stop member `i` (SIGTERM, then wait); its data stays for [`Etcd::start_member`].
+    pub fn stop_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Every member's client URL, comma-separated, as `--etcd` takes them.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn endpoint(&self, i: usize) -> &str {
+        &self.members[i].client
+    }
+
+    pub fn log_text(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                format!(
+                    "--- etcd {} ---\n{}",
+                    m.name,
+                    std::fs::read_to_string(&m.log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Run `etcdctl` against the running members with `args`, `stdin` as its input.
+    pub fn ctl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let endpoints: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client.as_str())
+            .collect();
+        let mut cmd = self.command("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["--command-timeout=5s", "--dial-timeout=2s"]);
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.ctl_cert.display()))
+                .arg(format!("--key={}", t.ctl_key.display()));
+        }
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn etcdctl");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(input).expect("write etcdctl stdin");
+        }
+        child.wait_with_output().expect("etcdctl")
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_in(args, None)
+    }
+
+    /// `etcdctl put KEY` with the value on stdin; returns the revision it was written at.
+    pub fn put(&self, key: &str, value: &[u8]) -> i64 {
+        let out = self.ctl_in(&["put", "-w", "json", "--", key], Some(value));
+        assert!(
+            out.status.success(),
+            "etcdctl put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("put json");
+        v["header"]["revision"].as_i64().expect("a revision")
+    }
+
+    pub fn del(&self, key: &str) {
+        let out = self.ctl(&["del", "--", key]);
+        assert!(
+            out.status.success(),
+            "etcdctl del {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Every key under `prefix` with its value; `None` when etcd did not answer.
+    pub fn get_prefix(&self, prefix: &str) -> Option<Vec<(String, Vec<u8>)>> {
+        let out = self.ctl(&["get", "--prefix", "-w", "json", "--", prefix]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let decode = |s: &serde_json::Value| -> Vec<u8> { base64(s.as_str().unwrap_or("")) };
+        Some(
+            v["kvs"]
+                .as_array()
+                .map(|kvs| {
+                    kvs.iter()
+                        .map(|kv| {
+                            (
+                                String::from_utf8_lossy(&decode(&kv["key"])).into_owned(),
+                                decode(&kv["value"]),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The value of `key` as JSON, when it exists and etcd answered.
+    pub fn get_json(&self, key: &str) -> Option<serde_json::Value> {
+        let kvs = self.get_prefix(key)?;
+        let (_, v) = kvs.into_iter().find(|(k, _)| k == key)?;
+        serde_json::from_slice(&v).ok()
+    }
+
+    /// The cluster's current revision.
+    pub fn revision(&self) -> i64 {
+        let out = self.ctl(&["get", "-w", "json", "/"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("get json");
+        v["header"]["revision"].as_i64().expect("a revision")
+    }
+
+    /// Compact away every revision before the current one.
+    pub fn compact(&self) -> i64 {
+        let rev = self.revision();
+        let out = self.ctl(&["compact", &rev.to_string(), "--physical"]);
+        assert!(
+            out.status.success(),
+            "etcdctl compact: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rev
+    }
+
+    /// Wait until every running member answers `endpoint health`.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let out = self.ctl(&["endpoint", "health"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "etcd not healthy within {timeout:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The index of the member that leads now, if one does.
+    pub fn leader(&self) -> Option<usize> {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        for s in v.as_array()? {
+            let leader = s["Status"]["leader"].as_u64()?;
+            let me = s["Status"]["header"]["member_id"].as_u64()?;
+            if leader == me {
+                let ep = s["Endpoint"].as_str()?;
+                return self.members.iter().position(|m| m.client == ep);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if panicking {
+            eprintln!("{}", self.log_text());
+        }
+    }
+}
+
+/// etcdctl's JSON output encodes keys and values in standard base64.
+fn base64(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_default()
+}
