@@ -14,6 +14,8 @@
 //! - [`store`]: crash-safe persistence of the desired state.
 //! - [`host`]: host facts for the node report.
 //! - [`api`]: the gRPC layer.
+//! - [`metrics`]: Prometheus metrics at `/metrics`: their collector, the API's layer, the
+//!   HTTP endpoint.
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod api;
@@ -22,6 +24,7 @@ pub mod events;
 pub mod health;
 pub mod host;
 pub mod logs;
+pub mod metrics;
 pub mod rollout;
 pub mod runtime;
 pub mod schedule;

@@ -20,6 +20,8 @@ use corral_agent::api::{self, AgentService};
 use corral_agent::cgroups;
 use corral_agent::events::{self, EventLog};
 use corral_agent::host::{self, Host};
+use corral_agent::metrics::server::{Endpoint, MetricsTls};
+use corral_agent::metrics::{self, AgentMetrics, CountingCgroups, Metrics};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::FileStore;
@@ -72,6 +74,21 @@ struct Flags {
     /// role: `read` or `admin`. Read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (OpenMetrics or the Prometheus text
+    /// format, as the client asks): `127.0.0.1:9464`. An address other hosts can reach needs
+    /// --metrics-tls-cert and --metrics-tls-key, or --metrics-insecure.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// The metrics endpoint's certificate (PEM, the chain from the leaf): serve HTTPS. Read
+    /// again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --metrics-tls-cert. Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_key: Option<PathBuf>,
+    /// Serve --metrics in plain HTTP on an address other hosts can reach.
+    #[arg(long)]
+    metrics_insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +103,10 @@ struct ConfigFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    metrics: Option<String>,
+    metrics_tls_cert: Option<PathBuf>,
+    metrics_tls_key: Option<PathBuf>,
+    metrics_insecure: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -96,6 +117,7 @@ struct Settings {
     cgroup_parent: Option<String>,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
+    metrics: Option<Endpoint>,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -142,6 +164,28 @@ fn listen_settings(
     )))
 }
 
+/// `--metrics` and its TLS flags, checked together (see [`metrics::server::endpoint`]).
+fn metrics_settings(
+    addr: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: bool,
+) -> Result<Option<Endpoint>> {
+    let Some(addr) = addr else {
+        for (flag, given) in [
+            ("--metrics-tls-cert", cert.is_some()),
+            ("--metrics-tls-key", key.is_some()),
+            ("--metrics-insecure", insecure),
+        ] {
+            if given {
+                bail!("{flag} is only used with --metrics ADDR; give --metrics or drop {flag}");
+            }
+        }
+        return Ok(None);
+    };
+    Ok(Some(metrics::server::endpoint(&addr, cert, key, insecure)?))
+}
+
 fn parse_listen(listen: &str) -> Result<SocketAddr> {
     if let Ok(addr) = listen.parse::<SocketAddr>() {
         return Ok(addr);
@@ -172,8 +216,15 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.tls_key.or(file.tls_key),
         flags.tls_client_ca.or(file.tls_client_ca),
     )?;
+    let metrics = metrics_settings(
+        flags.metrics.or(file.metrics),
+        flags.metrics_tls_cert.or(file.metrics_tls_cert),
+        flags.metrics_tls_key.or(file.metrics_tls_key),
+        flags.metrics_insecure || file.metrics_insecure.unwrap_or(false),
+    )?;
     Ok(Settings {
         listen,
+        metrics,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -345,8 +396,28 @@ async fn run(s: Settings) -> Result<()> {
         None => None,
     };
     let tls = tcp.as_ref().map(|(_, tls)| tls.clone());
+    // Bound before anything runs too, so that a port in use or a bad TLS file stops the
+    // start with the reason.
+    let metrics_endpoint = match &s.metrics {
+        Some(ep) => {
+            let tls = match &ep.tls {
+                Some((cert, key)) => Some(MetricsTls::load(cert, key)?),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(ep.addr)
+                .await
+                .with_context(|| format!("binding --metrics {}", ep.addr))?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    let agent_metrics = metrics_endpoint.as_ref().map(|_| AgentMetrics::default());
     let cgroups =
         cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
+    let cgroups: Arc<dyn cgroups::CgroupBackend> = match &agent_metrics {
+        Some(m) => Arc::new(CountingCgroups::new(cgroups, m.cgroup_errors.clone())),
+        None => cgroups,
+    };
     let caps = cgroups.capabilities().clone();
     tracing::info!(
         version = caps.version.as_str(),
@@ -366,11 +437,12 @@ async fn run(s: Settings) -> Result<()> {
     );
     let deps = Deps::new(
         Arc::new(runtime),
-        cgroups,
+        cgroups.clone(),
         Arc::new(store),
         namespaces.clone(),
         events.clone(),
     );
+    let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -379,7 +451,7 @@ async fn run(s: Settings) -> Result<()> {
     let supervisor = tokio::spawn(driver.run(shutdown.clone()));
     let agent = AgentService {
         supervisor: handle.clone(),
-        events,
+        events: events.clone(),
         log_root: s.state_dir.join("logs"),
         host: Arc::new(Host::new()),
         capabilities: caps,
@@ -398,8 +470,32 @@ async fn run(s: Settings) -> Result<()> {
         listeners,
         agent,
         service_health,
+        agent_metrics
+            .as_ref()
+            .map(|m| m.api.layer())
+            .unwrap_or_default(),
         shutdown.clone(),
     ));
+    let metrics_tls = metrics_endpoint.as_ref().and_then(|(_, tls)| tls.clone());
+    if let (Some((listener, tls)), Some(agent_metrics)) = (metrics_endpoint, agent_metrics) {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(url = %format!("{scheme}://{addr}/metrics"), "metrics served");
+        }
+        let metrics = Metrics::new(
+            agent_metrics,
+            handle.clone(),
+            events.clone(),
+            cgroups.clone(),
+            files,
+        );
+        tokio::spawn(metrics::server::serve(
+            listener,
+            tls,
+            metrics,
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
     // The socket is bound and served: tell systemd (Type=notify), and keep its watchdog fed
     // while the supervisor answers.
@@ -420,6 +516,12 @@ async fn run(s: Settings) -> Result<()> {
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA read again"),
                         Err(e) => tracing::error!("SIGHUP: keeping the TLS files in use: {e}"),
+                    }
+                }
+                if let Some(tls) = &metrics_tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: metrics TLS certificate and key read again"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the metrics TLS files in use: {e}"),
                     }
                 }
                 match &s.services {

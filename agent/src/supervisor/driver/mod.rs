@@ -173,6 +173,9 @@ impl Driver {
     }
 
     fn emit(&self, service: &str, instance: Option<&str>, kind: EventKind) {
+        if let Some(svc) = self.services.get(service) {
+            svc.count(&kind);
+        }
         self.deps.events.append(service, instance, kind);
     }
 
@@ -241,6 +244,7 @@ impl Driver {
                 reply,
             } => answer(reply, self.send_signal(&instance, signal)),
             Request::Summary { reply } => answer(reply, Ok(self.summary())),
+            Request::Sample { reply } => answer(reply, Ok(self.sample())),
         }
     }
 }

@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use super::report::CpuRate;
 use super::sockets::SocketMap;
 use crate::cgroups::CgroupStats;
+use crate::events::EventKind;
 use crate::health::{self, HealthState, ProbeHandle, ServiceHealth, Tracker};
+use crate::metrics::instruments::{ProbeMetrics, RolloutMetrics};
 use crate::runtime::{LogStat, ProcessRef};
 use crate::spec::{InstanceKey, ServiceSpec};
 use crate::supervisor::Deleted;
@@ -26,6 +28,8 @@ pub(super) struct Slot {
     pub instance: Instance,
     /// What only a live instance has: present from its start (or adoption) to its end.
     pub live: Option<Live>,
+    /// Its probe runs over all its runs.
+    pub probe: ProbeMetrics,
 }
 
 impl Slot {
@@ -33,6 +37,7 @@ impl Slot {
         Slot {
             instance,
             live: None,
+            probe: ProbeMetrics::default(),
         }
     }
 
@@ -112,6 +117,8 @@ pub(super) struct Service {
     pub wake: Option<Instant>,
     /// Its rollout record changed since it was last saved.
     pub dirty: bool,
+    /// Its rollouts since the agent started.
+    pub rollouts: RolloutMetrics,
 }
 
 impl Service {
@@ -125,6 +132,27 @@ impl Service {
             stopped_on_delete: 0,
             wake: None,
             dirty: false,
+            rollouts: RolloutMetrics::default(),
+        }
+    }
+
+    /// Count what `event` says of its rollouts.
+    pub fn count(&self, event: &EventKind) {
+        match event {
+            EventKind::RolloutStarted { kind, .. } => self.rollouts.started(*kind),
+            EventKind::RolloutFinished {
+                rollout,
+                state,
+                rollback,
+                ..
+            } => {
+                let took = self.d.find(rollout).and_then(|r| {
+                    r.finished_at
+                        .and_then(|end| end.duration_since(r.started_at).ok())
+                });
+                self.rollouts.finished(*state, took, rollback.is_some());
+            }
+            _ => {}
         }
     }
 
