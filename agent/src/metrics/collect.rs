@@ -176,12 +176,6 @@ fn class_name(class: ExitClass) -> &'static str {
     }
 }
 
-const HEALTH_STATES: [HealthState; 3] = [
-    HealthState::Healthy,
-    HealthState::Unhealthy,
-    HealthState::Unknown,
-];
-
 const NS: f64 = 1e9;
 
 impl Readings {
@@ -313,18 +307,12 @@ impl Readings {
         let mut f = Family::new(
             encoder,
             "corral_instance_health_state",
-            "The instance's health: 1 for its state (healthy, unhealthy, unknown), 0 for the others",
+            "The instance's health: 1, for its one state (healthy, unhealthy, unknown)",
             None,
             MetricType::Gauge,
         );
         for r in &self.instances {
-            for state in HEALTH_STATES {
-                let on = r.sample.health == state;
-                f.row(
-                    r.with("state", state.as_str()),
-                    Value::GaugeI(i64::from(on)),
-                );
-            }
+            f.row(r.with("state", r.sample.health.as_str()), Value::GaugeI(1));
         }
         f.write()?;
 

@@ -155,10 +155,15 @@ impl Metrics {
     /// Every series now, in `format`.
     pub async fn scrape(&self, format: Format) -> Result<String, ScrapeError> {
         let _one = self.inner.scraping.lock().await;
+        let started = std::time::Instant::now();
         let services = self.inner.supervisor.sample().await?;
+        let sampled = started.elapsed();
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            let reading = std::time::Instant::now();
             let readings = collect::read(services, inner.cgroups.as_ref(), inner.files.as_ref());
+            let read = reading.elapsed();
+            let encoding = std::time::Instant::now();
             let mut registry = Registry::default();
             inner.agent.api.register(&mut registry);
             inner.agent.cgroup_errors.register(&mut registry);
@@ -170,7 +175,15 @@ impl Metrics {
             registry.register_collector(Box::new(EventsCollector(inner.events.clone())));
             registry.register_collector(Box::new(process::ProcessCollector));
             registry.register_collector(Box::new(readings));
-            encode(&registry, format).map_err(|_| ScrapeError::Encode)
+            let text = encode(&registry, format).map_err(|_| ScrapeError::Encode)?;
+            tracing::debug!(
+                sample_us = sampled.as_micros() as u64,
+                read_us = read.as_micros() as u64,
+                encode_us = encoding.elapsed().as_micros() as u64,
+                bytes = text.len(),
+                "scrape"
+            );
+            Ok(text)
         })
         .await?
     }

@@ -5,8 +5,9 @@
 //!
 //! `GET /metrics` answers in OpenMetrics when the client accepts it (Prometheus does), else
 //! in the Prometheus text format 0.0.4 (curl, `promtool check metrics`). One scrape runs at
-//! a time (others wait for it), connections are bounded in number, and a client that sends
-//! no request head within [`HEADER_TIMEOUT`] is dropped.
+//! a time (others wait for it), connections are bounded in number and in age
+//! ([`MAX_CONNECTION_AGE`]), and a client that sends no request head within
+//! [`HEADER_TIMEOUT`] is dropped.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -32,6 +33,9 @@ use super::{Format, Metrics};
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request head (or a TLS handshake) not received within this ends the connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed this long after it was accepted, whatever it is doing, so that a
+/// client that stops reading holds its place no longer; a scraper simply connects again.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 
 /// Where and how `/metrics` is served, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +208,7 @@ pub async fn serve(
             let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = connection(stream, acceptor, metrics) => {}
+                _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection(stream, acceptor, metrics)) => {}
             }
         });
     }
