@@ -16,6 +16,8 @@
 //! - [`host`]: host facts for the node report.
 //! - [`fleet`]: the node's part in a fleet on etcd (registration, watch, status).
 //! - [`api`]: the gRPC layer.
+//! - [`metrics`]: Prometheus metrics at `/metrics`: their collector, the API's layer, the
+//!   HTTP endpoint.
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod api;
@@ -26,6 +28,7 @@ pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod logs;
+pub mod metrics;
 pub mod rollout;
 pub mod runtime;
 pub mod schedule;

@@ -24,6 +24,8 @@ use corral_agent::fleet::{
     self, Fleet, FleetConfig, FleetDeps, ledger::Ledger, services::Supervised,
 };
 use corral_agent::host::{self, Host};
+use corral_agent::metrics::server::{Endpoint, MetricsTls};
+use corral_agent::metrics::{self, AgentMetrics, CountingCgroups, Metrics};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::{FileStore, Store};
@@ -126,6 +128,21 @@ struct Flags {
     /// (default 10).
     #[arg(long, value_name = "SECONDS")]
     etcd_lease_ttl: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (OpenMetrics or the Prometheus text
+    /// format, as the client asks): `127.0.0.1:9464`. An address other hosts can reach needs
+    /// --metrics-tls-cert and --metrics-tls-key, or --metrics-insecure.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// The metrics endpoint's certificate (PEM, the chain from the leaf): serve HTTPS. Read
+    /// again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --metrics-tls-cert. Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    metrics_tls_key: Option<PathBuf>,
+    /// Serve --metrics in plain HTTP on an address other hosts can reach.
+    #[arg(long)]
+    metrics_insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +171,10 @@ struct ConfigFile {
     etcd_user: Option<String>,
     etcd_password_file: Option<PathBuf>,
     etcd_lease_ttl: Option<u64>,
+    metrics: Option<String>,
+    metrics_tls_cert: Option<PathBuf>,
+    metrics_tls_key: Option<PathBuf>,
+    metrics_insecure: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -169,6 +190,7 @@ struct Settings {
     dynamic_users: runtime::users::IdRange,
     userns_ids: runtime::users::IdRange,
     fleet: Option<FleetConfig>,
+    metrics: Option<Endpoint>,
 }
 
 /// The fleet flags, checked together: all of them need --etcd, which needs --node.
@@ -295,6 +317,28 @@ fn listen_settings(
     )))
 }
 
+/// `--metrics` and its TLS flags, checked together (see [`metrics::server::endpoint`]).
+fn metrics_settings(
+    addr: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: bool,
+) -> Result<Option<Endpoint>> {
+    let Some(addr) = addr else {
+        for (flag, given) in [
+            ("--metrics-tls-cert", cert.is_some()),
+            ("--metrics-tls-key", key.is_some()),
+            ("--metrics-insecure", insecure),
+        ] {
+            if given {
+                bail!("{flag} is only used with --metrics ADDR; give --metrics or drop {flag}");
+            }
+        }
+        return Ok(None);
+    };
+    Ok(Some(metrics::server::endpoint(&addr, cert, key, insecure)?))
+}
+
 fn parse_listen(listen: &str) -> Result<SocketAddr> {
     if let Ok(addr) = listen.parse::<SocketAddr>() {
         return Ok(addr);
@@ -357,6 +401,12 @@ fn settings(flags: Flags) -> Result<Settings> {
         etcd_password_file: flags.etcd_password_file.or(file.etcd_password_file),
         etcd_lease_ttl: flags.etcd_lease_ttl.or(file.etcd_lease_ttl),
     })?;
+    let metrics = metrics_settings(
+        flags.metrics.or(file.metrics),
+        flags.metrics_tls_cert.or(file.metrics_tls_cert),
+        flags.metrics_tls_key.or(file.metrics_tls_key),
+        flags.metrics_insecure || file.metrics_insecure.unwrap_or(false),
+    )?;
     Ok(Settings {
         max_cache,
         max_fetches,
@@ -364,6 +414,7 @@ fn settings(flags: Flags) -> Result<Settings> {
         listen,
         dynamic_users,
         userns_ids,
+        metrics,
         state_dir: flags
             .state_dir
             .or(file.state_dir)
@@ -540,8 +591,28 @@ async fn run(s: Settings) -> Result<()> {
         None => None,
     };
     let tls = tcp.as_ref().map(|(_, tls)| tls.clone());
+    // Bound before anything runs too, so that a port in use or a bad TLS file stops the
+    // start with the reason.
+    let metrics_endpoint = match &s.metrics {
+        Some(ep) => {
+            let tls = match &ep.tls {
+                Some((cert, key)) => Some(MetricsTls::load(cert, key)?),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(ep.addr)
+                .await
+                .with_context(|| format!("binding --metrics {}", ep.addr))?;
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    let agent_metrics = metrics_endpoint.as_ref().map(|_| AgentMetrics::default());
     let cgroups =
         cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
+    let cgroups: Arc<dyn cgroups::CgroupBackend> = match &agent_metrics {
+        Some(m) => Arc::new(CountingCgroups::new(cgroups, m.cgroup_errors.clone())),
+        None => cgroups,
+    };
     let caps = cgroups.capabilities().clone();
     tracing::info!(
         version = caps.version.as_str(),
@@ -579,12 +650,13 @@ async fn run(s: Settings) -> Result<()> {
     let packages = ArtifactStore::open(packages).context("opening the artifact store")?;
     let deps = Deps::new(
         Arc::new(runtime),
-        cgroups,
+        cgroups.clone(),
         store.clone(),
         namespaces.clone(),
         events.clone(),
     )
     .with_packages(Arc::new(packages));
+    let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -611,7 +683,7 @@ async fn run(s: Settings) -> Result<()> {
     let agent = AgentService {
         fleet: fleet_link,
         supervisor: handle.clone(),
-        events,
+        events: events.clone(),
         log_root: s.state_dir.join("logs"),
         host,
         capabilities: caps,
@@ -630,9 +702,33 @@ async fn run(s: Settings) -> Result<()> {
         listeners,
         agent,
         service_health,
+        agent_metrics
+            .as_ref()
+            .map(|m| m.api.layer())
+            .unwrap_or_default(),
         shutdown.clone(),
     ));
     bound.keep();
+    let metrics_tls = metrics_endpoint.as_ref().and_then(|(_, tls)| tls.clone());
+    if let (Some((listener, tls)), Some(agent_metrics)) = (metrics_endpoint, agent_metrics) {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(url = %format!("{scheme}://{addr}/metrics"), "metrics served");
+        }
+        let metrics = Metrics::new(
+            agent_metrics,
+            handle.clone(),
+            events.clone(),
+            cgroups.clone(),
+            files,
+        );
+        tokio::spawn(metrics::server::serve(
+            listener,
+            tls,
+            metrics,
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(socket = %s.socket.display(), state_dir = %s.state_dir.display(), "corrald serving");
     // The socket is bound and served: tell systemd (Type=notify), and keep its watchdog fed
     // while the supervisor answers.
@@ -653,6 +749,12 @@ async fn run(s: Settings) -> Result<()> {
                     match tls.reload() {
                         Ok(()) => tracing::info!("SIGHUP: TLS certificate, key and client CA read again"),
                         Err(e) => tracing::error!("SIGHUP: keeping the TLS files in use: {e}"),
+                    }
+                }
+                if let Some(tls) = &metrics_tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: metrics TLS certificate and key read again"),
+                        Err(e) => tracing::error!("SIGHUP: keeping the metrics TLS files in use: {e}"),
                     }
                 }
                 match &s.services {

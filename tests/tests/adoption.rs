@@ -255,6 +255,19 @@ async fn fifty_agent_restarts_change_nothing() {
     };
     let init_fds: Vec<usize> = before.values().map(|v| fds(v.1)).collect();
     let files = |dir: &std::path::Path| walk(dir);
+    // Each init reports the bytes it wrote (the services print `ready=1`) within a second:
+    // its logstat.json is part of the steady state.
+    eventually("the inits' log counts", Duration::from_secs(10), || async {
+        (0..3)
+            .all(|i| {
+                agent
+                    .state_dir
+                    .join(format!("run/steady-{i}/logstat.json"))
+                    .exists()
+            })
+            .then_some(())
+    })
+    .await;
     let files_before = files(&agent.state_dir);
     let procs_before = agent.cgroup.pids("corral").len();
     for n in 0..50 {

@@ -424,7 +424,8 @@ where
     }
 }
 
-fn code_name(code: tonic::Code) -> &'static str {
+/// The name gRPC gives `code` (`NOT_FOUND`), as logs and metrics show it.
+pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

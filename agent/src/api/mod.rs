@@ -5,7 +5,7 @@
 //! tonic and prost.
 //!
 //! Imports from the crate: `supervisor`, `spec`, `host`, `events`, `health` (service health
-//! only), `cgroups` (capabilities only).
+//! only), `cgroups` (capabilities only), `metrics` (the layer counting calls).
 
 /// `AsyncWrite` for a connection wrapper whose writes go straight to its `io` field.
 macro_rules! write_through {
@@ -74,6 +74,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::ServiceHealth;
+use crate::metrics::ApiMetricsLayer;
 use auth::AuthLayer;
 use calls::Stopping;
 
@@ -132,6 +133,7 @@ pub async fn serve(
     listeners: Listeners,
     agent: AgentService,
     mut services: watch::Receiver<BTreeMap<String, ServiceHealth>>,
+    metrics: ApiMetricsLayer,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -186,6 +188,7 @@ pub async fn serve(
             .http2_max_header_list_size(64 << 10)
             .timeout(CALL_TIMEOUT)
             .trace_fn(|req| tracing::debug_span!("rpc", method = %req.uri().path()))
+            .layer(metrics.clone())
             .layer(layer.clone())
             .add_service(agent)
             .add_service(health_service.clone());

@@ -85,6 +85,23 @@ pub(super) fn keyed_u64(text: &str, key: &str) -> Result<u64, String> {
     Err(format!("no {key:?} line"))
 }
 
+/// `key`'s value in a flat-keyed file's text, or 0 when the kernel writes no such line
+/// (`cpu.stat` has the throttling lines only where the CPU controller is on).
+pub(super) fn keyed_u64_or_zero(text: &str, key: &str) -> Result<u64, String> {
+    if text
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(key))
+    {
+        keyed_u64(text, key)
+    } else {
+        Ok(0)
+    }
+}
+
+/// Limits at or above this (1 EiB) read as none: v1 writes "unlimited" as the largest page
+/// multiple below 2^63 (9223372036854771712).
+pub(super) const UNLIMITED_BYTES: u64 = 1 << 60;
+
 /// A single unsigned integer, as in `memory.current` or `cpuacct.usage`.
 pub(super) fn parse_u64(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -108,6 +125,20 @@ pub(super) fn parse_pids(text: &str) -> Result<Vec<i32>, String> {
 pub(super) fn read_u64(path: &str, file: &Path) -> Result<u64, CgroupError> {
     let text = fs::read_to_string(file).map_err(|source| read_err(path, file, source))?;
     parse_u64(&text).map_err(|msg| read_err(path, file, invalid_data(msg)))
+}
+
+/// Reads a whole control file, with errors that name the cgroup and the file.
+pub(super) fn read_text(path: &str, file: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(file).map_err(|source| read_err(path, file, source))
+}
+
+/// Parses a control file's text read by [`read_text`], naming the cgroup and the file.
+pub(super) fn parsed<T>(
+    path: &str,
+    file: &Path,
+    value: Result<T, String>,
+) -> Result<T, CgroupError> {
+    value.map_err(|msg| read_err(path, file, invalid_data(msg)))
 }
 
 /// Reads `key` from a flat-keyed file, with errors that name the cgroup and the file.

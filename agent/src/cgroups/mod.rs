@@ -197,6 +197,15 @@ pub struct CgroupStats {
     pub oom_kills: u64,
     /// Tasks in the cgroup.
     pub pids: u64,
+    /// CFS periods in which the cgroup was throttled (v1 and v2 `cpu.stat` `nr_throttled`;
+    /// 0 without a CPU limit or where the kernel does not count them).
+    pub cpu_throttled_periods: u64,
+    /// Time the cgroup spent throttled, nanoseconds (v1 `throttled_time`, v2
+    /// `throttled_usec`).
+    pub cpu_throttled_ns: u64,
+    /// The memory limit in force, read back from the cgroup (`None`: unlimited, or no memory
+    /// controller).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

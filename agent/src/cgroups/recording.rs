@@ -97,6 +97,13 @@ impl RecordingCgroups {
         }
     }
 
+    /// Set every counter of an existing cgroup (as the kernel's files would read).
+    pub fn set_stats(&self, path: &CgroupPath, stats: CgroupStats) {
+        if let Some(e) = self.lock().cgroups.get_mut(path) {
+            e.stats = stats;
+        }
+    }
+
     /// Put processes in a cgroup (or, with an empty list, empty it).
     pub fn set_procs(&self, path: &CgroupPath, procs: Vec<i32>) {
         self.lock().cgroups.entry(path.clone()).or_default().procs = procs;

@@ -17,8 +17,9 @@ use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
-    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, create_dirs, read_keyed, read_procs,
-    read_u64, remove_all, remove_created, sigkill_all, subdirs,
+    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs,
+    keyed_u64_or_zero, parsed, read_keyed, read_procs, read_text, read_u64, remove_all,
+    remove_created, sigkill_all, subdirs,
 };
 use super::seam::{self, Expect, Op};
 use super::{
@@ -414,6 +415,15 @@ impl CgroupBackend for V1Backend {
         {
             stats.cpu_usage_ns = read_u64(&p, &r.parent.join(&rel).join("cpuacct.usage"))?;
         }
+        if self.caps.has(Control::Cpu)
+            && let Some(r) = &self.cpu
+        {
+            let file = r.parent.join(&rel).join("cpu.stat");
+            let text = read_text(&p, &file)?;
+            stats.cpu_throttled_periods =
+                parsed(&p, &file, keyed_u64_or_zero(&text, "nr_throttled"))?;
+            stats.cpu_throttled_ns = parsed(&p, &file, keyed_u64_or_zero(&text, "throttled_time"))?;
+        }
         if self.caps.has(Control::Memory)
             && let Some(r) = &self.memory
         {
@@ -421,6 +431,8 @@ impl CgroupBackend for V1Backend {
             stats.memory_bytes = read_u64(&p, &dir.join("memory.usage_in_bytes"))?;
             stats.memory_peak_bytes = read_u64(&p, &dir.join("memory.max_usage_in_bytes"))?;
             stats.oom_kills = read_keyed(&p, &dir.join("memory.oom_control"), "oom_kill")?;
+            let limit = read_u64(&p, &dir.join("memory.limit_in_bytes"))?;
+            stats.memory_limit_bytes = (limit < UNLIMITED_BYTES).then_some(limit);
         }
         if self.caps.has(Control::Pids)
             && let Some(r) = &self.pids
@@ -829,6 +841,12 @@ mod tests {
             "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
         );
         put("pids", "pids.current", "3\n");
+        put(
+            "cpu",
+            "cpu.stat",
+            "nr_periods 40\nnr_throttled 7\nthrottled_time 350000000\n",
+        );
+        put("memory", "memory.limit_in_bytes", "67108864\n");
         assert_eq!(
             b.stats(&web0()).expect("stats"),
             CgroupStats {
@@ -837,8 +855,18 @@ mod tests {
                 memory_peak_bytes: 8_192_000,
                 oom_kills: 2,
                 pids: 3,
+                cpu_throttled_periods: 7,
+                cpu_throttled_ns: 350_000_000,
+                memory_limit_bytes: Some(64 << 20),
             }
         );
+        // "unlimited" on v1 is the largest page multiple below 2^63
+        put("memory", "memory.limit_in_bytes", "9223372036854771712\n");
+        assert_eq!(b.stats(&web0()).expect("stats").memory_limit_bytes, None);
+        // a kernel that writes no throttling lines: none counted
+        put("cpu", "cpu.stat", "nr_periods 0\n");
+        let s = b.stats(&web0()).expect("stats");
+        assert_eq!((s.cpu_throttled_periods, s.cpu_throttled_ns), (0, 0));
         // a value that cannot be read is an error, never a guessed 0
         put("memory", "memory.usage_in_bytes", "");
         let err = b.stats(&web0()).expect_err("empty file");

@@ -20,9 +20,9 @@ use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
-    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, create_dirs, read_err, read_keyed,
-    read_procs, read_trimmed, read_u64, remove_all, remove_created, sigkill_all, subdirs,
-    write_value,
+    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, create_dirs, keyed_u64, keyed_u64_or_zero,
+    parsed, read_err, read_keyed, read_procs, read_text, read_trimmed, read_u64, remove_all,
+    remove_created, sigkill_all, subdirs, write_value,
 };
 use super::seam::{self, Expect, Op};
 use super::{
@@ -501,8 +501,15 @@ impl CgroupBackend for V2Backend {
         let dir = self.dir(path);
         let mut stats = CgroupStats::default();
         if self.caps.has(Control::CpuAccounting) {
-            let usec = read_keyed(&p, &dir.join("cpu.stat"), "usage_usec")?;
-            stats.cpu_usage_ns = usec.saturating_mul(1000);
+            // One read for the usage and, where the CPU controller is on, the throttling.
+            let file = dir.join("cpu.stat");
+            let text = read_text(&p, &file)?;
+            stats.cpu_usage_ns =
+                parsed(&p, &file, keyed_u64(&text, "usage_usec"))?.saturating_mul(1000);
+            stats.cpu_throttled_periods =
+                parsed(&p, &file, keyed_u64_or_zero(&text, "nr_throttled"))?;
+            stats.cpu_throttled_ns =
+                parsed(&p, &file, keyed_u64_or_zero(&text, "throttled_usec"))?.saturating_mul(1000);
         }
         if self.caps.has(Control::Memory) {
             stats.memory_bytes = read_u64(&p, &dir.join("memory.current"))?;
@@ -511,6 +518,12 @@ impl CgroupBackend for V2Backend {
                 stats.memory_peak_bytes = read_u64(&p, &peak)?;
             }
             stats.oom_kills = read_keyed(&p, &dir.join("memory.events"), "oom_kill")?;
+            let file = dir.join("memory.max");
+            let max = read_text(&p, &file)?;
+            stats.memory_limit_bytes = match max.trim() {
+                "max" => None,
+                n => Some(parsed(&p, &file, fsutil::parse_u64(n))?),
+            };
         }
         if self.caps.has(Control::Pids) {
             let c = PidController::new(dir.clone(), self.mount.clone(), true);
@@ -896,8 +909,9 @@ mod tests {
         let put = |f: &str, v: &str| fs::write(leaf.join(f), v).expect("plant");
         put(
             "cpu.stat",
-            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 9\nnr_throttled 4\nthrottled_usec 2500\n",
         );
+        put("memory.max", "67108864\n");
         put("memory.current", "4096000\n");
         put("memory.peak", "8192000\n");
         put(
@@ -913,8 +927,21 @@ mod tests {
                 memory_peak_bytes: 8_192_000,
                 oom_kills: 3,
                 pids: 2,
+                cpu_throttled_periods: 4,
+                cpu_throttled_ns: 2_500_000,
+                memory_limit_bytes: Some(64 << 20),
             }
         );
+        put("memory.max", "max\n");
+        assert_eq!(b.stats(&web0()).expect("stats").memory_limit_bytes, None);
+        // cpu.stat without the CPU controller has no throttling lines
+        put("cpu.stat", "usage_usec 1500\n");
+        let s = b.stats(&web0()).expect("stats");
+        assert_eq!((s.cpu_throttled_periods, s.cpu_throttled_ns), (0, 0));
+        put("memory.max", "lots\n");
+        let err = b.stats(&web0()).expect_err("bad memory.max");
+        assert!(err.to_string().contains("memory.max"), "{err}");
+        put("memory.max", "max\n");
         // memory.peak arrived in Linux 5.19: without it the peak is 0
         fs::remove_file(leaf.join("memory.peak")).expect("unplant");
         assert_eq!(b.stats(&web0()).expect("stats").memory_peak_bytes, 0);

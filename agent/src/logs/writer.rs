@@ -137,6 +137,8 @@ pub struct LogWriter<O: Output> {
     reason: String,
     /// Dropped over the writer's life.
     pub total: Dropped,
+    /// The service's bytes (payloads and their line ends) written over the writer's life.
+    pub written: u64,
 }
 
 impl<O: Output> LogWriter<O> {
@@ -151,6 +153,7 @@ impl<O: Output> LogWriter<O> {
             pending: Dropped::default(),
             reason: String::new(),
             total: Dropped::default(),
+            written: 0,
         }
     }
 
@@ -227,7 +230,10 @@ impl<O: Output> LogWriter<O> {
             .rotate_if_needed(data.len())
             .and_then(|()| self.out.write_all(&data));
         match result {
-            Ok(()) => self.pending = Dropped::default(),
+            Ok(()) => {
+                self.pending = Dropped::default();
+                self.written += payload;
+            }
             Err(e) => {
                 self.pending.lines += records;
                 self.pending.bytes += payload;

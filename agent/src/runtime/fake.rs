@@ -35,6 +35,7 @@ struct State {
     notify: HashMap<String, super::NotifyState>,
     /// Services whose held resources were released, in order.
     released: Vec<String>,
+    log_stats: HashMap<String, super::LogStat>,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +114,11 @@ impl FakeRuntime {
         self.lock()
             .exit_records
             .insert(instance.to_string(), record);
+    }
+
+    /// What an instance's init reports of its logs (as its `logstat.json` would).
+    pub fn set_log_stat(&self, instance: &str, stat: super::LogStat) {
+        self.lock().log_stats.insert(instance.to_string(), stat);
     }
 
     /// Pretend `instance` reported this over its NOTIFY_SOCKET.
@@ -239,8 +245,12 @@ impl InstanceFiles for FakeRuntime {
         self.lock().notify.get(instance).cloned()
     }
 
-    fn log_stat(&self, _instance: &str) -> super::LogStat {
-        super::LogStat::default()
+    fn log_stat(&self, instance: &str) -> super::LogStat {
+        self.lock()
+            .log_stats
+            .get(instance)
+            .copied()
+            .unwrap_or_default()
     }
 
     fn remove_instance_files(&self, _instance: &str) {}

@@ -43,8 +43,8 @@ use super::package;
 use super::privileges::Privileges;
 use super::seccomp;
 use super::{
-    EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
-    RUN_DIR_FD, SETUP_FAILED,
+    EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LOG_STAT_EVERY, LogStat,
+    NOTIFY_STATE, NotifyState, RUN_DIR_FD, SETUP_FAILED,
 };
 use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
@@ -269,8 +269,9 @@ struct Init {
     stderr_log: Log,
     /// The NOTIFY_SOCKET this init listens on, and what it was told.
     notify: Option<Notify>,
-    /// Drops last reported in the run directory.
-    reported: Dropped,
+    /// Drops and bytes written last reported in the run directory, and when.
+    reported: (Dropped, u64),
+    reported_at: std::time::Instant,
     stdout_pipe: OwnedFd,
     stderr_pipe: OwnedFd,
     signals: SignalFd,
@@ -460,7 +461,8 @@ impl Init {
                     stdout_log,
                     stderr_log,
                     notify,
-                    reported: Dropped::default(),
+                    reported: (Dropped::default(), 0),
+                    reported_at: std::time::Instant::now(),
                     stdout_pipe: out_r,
                     stderr_pipe: err_r,
                     signals,
@@ -487,7 +489,7 @@ impl Init {
             if err_open {
                 fds.push(PollFd::new(self.stderr_pipe.as_fd(), PollFlags::POLLIN));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, self.report_due()) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
                     self.notice(&format!("poll: {e}"));
@@ -515,7 +517,7 @@ impl Init {
             {
                 self.notice(&format!("writing {NOTIFY_STATE}: {e}"));
             }
-            self.report_drops(run_dir);
+            self.report_drops(run_dir, false);
         }
         // The service process is gone: take what is still buffered in the pipes (other
         // processes of the instance may hold them open, so stop at "nothing more now").
@@ -528,7 +530,7 @@ impl Init {
         let ts = timestamp(SystemTime::now());
         self.stdout_log.finish(&ts);
         self.stderr_log.finish(&ts);
-        self.report_drops(run_dir);
+        self.report_drops(run_dir, true);
         let dropped = self.dropped();
         let (mut record, code) = ending(status);
         record.log_lines_dropped = dropped.lines;
@@ -546,16 +548,40 @@ impl Init {
         }
     }
 
-    /// Keep the run directory's count of dropped output current, for the agent's status.
-    fn report_drops(&mut self, run_dir: BorrowedFd<'_>) {
-        let now = self.dropped();
-        if now != self.reported {
+    fn written(&self) -> u64 {
+        self.stdout_log.written + self.stderr_log.written
+    }
+
+    /// How long the event loop may wait: until bytes written but not reported yet are due
+    /// ([`LOG_STAT_EVERY`] after the last report), or for ever when there are none.
+    fn report_due(&self) -> PollTimeout {
+        if self.written() == self.reported.1 {
+            return PollTimeout::NONE;
+        }
+        let left = LOG_STAT_EVERY.saturating_sub(self.reported_at.elapsed());
+        // At most LOG_STAT_EVERY (1 s), so it fits; rounded up so that it is due on waking.
+        PollTimeout::try_from(left + std::time::Duration::from_millis(1))
+            .unwrap_or(PollTimeout::ZERO)
+    }
+
+    /// Keep the run directory's counts of dropped output (at once) and of bytes written
+    /// (within [`LOG_STAT_EVERY`]) current, for the agent's status and metrics; `all`:
+    /// whatever is unreported, now (the service has ended).
+    fn report_drops(&mut self, run_dir: BorrowedFd<'_>, all: bool) {
+        let dropped = self.dropped();
+        let written = self.written();
+        let due = dropped != self.reported.0
+            || (written != self.reported.1
+                && (all || self.reported_at.elapsed() >= LOG_STAT_EVERY));
+        if due {
             let stat = LogStat {
-                lines_dropped: now.lines,
-                bytes_dropped: now.bytes,
+                lines_dropped: dropped.lines,
+                bytes_dropped: dropped.bytes,
+                bytes_written: written,
             };
             if write_record(run_dir, LOG_STAT, &stat).is_ok() {
-                self.reported = now;
+                self.reported = (dropped, written);
+                self.reported_at = std::time::Instant::now();
             }
         }
     }

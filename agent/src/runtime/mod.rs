@@ -214,12 +214,20 @@ pub struct ExitRecord {
     pub log_bytes_dropped: u64,
 }
 
-/// The init's running count of output it could not write (disk full, I/O errors).
+/// The init's running count of output it could not write (disk full, I/O errors), and of
+/// what it wrote (kept current within [`LOG_STAT_EVERY`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogStat {
     pub lines_dropped: u64,
     pub bytes_dropped: u64,
+    /// The service's bytes written to its log files (inits of earlier releases: 0).
+    #[serde(default)]
+    pub bytes_written: u64,
 }
+
+/// How often at most an init rewrites its [`LogStat`] for bytes written alone; drops are
+/// written at once.
+pub const LOG_STAT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a process ended, from `waitid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::sample::ServiceSample;
 use super::{
     ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
     SupervisorError,
@@ -72,6 +73,10 @@ pub(super) enum Request {
     },
     Summary {
         reply: Reply<Summary>,
+    },
+    /// Every service and instance as the metrics collector sees them.
+    Sample {
+        reply: Reply<Vec<ServiceSample>>,
     },
 }
 
@@ -175,6 +180,11 @@ impl SupervisorHandle {
     /// Every service's status, with usage read within the last second.
     pub async fn list(&self) -> Result<Vec<ServiceStatus>, SupervisorError> {
         self.ask(|reply| Request::List { reply }).await
+    }
+
+    /// Every service and instance for the metrics collector; reads nothing from the OS.
+    pub async fn sample(&self) -> Result<Vec<ServiceSample>, SupervisorError> {
+        self.ask(|reply| Request::Sample { reply }).await
     }
 
     pub async fn scale(

@@ -7,14 +7,15 @@
 //! rollout planner is [`crate::rollout`]. It reaches the OS only through the runtime's seams
 //! (`Processes`, `InstanceFiles`, `SocketBroker`), `CgroupBackend` and `Store`.
 //!
-//! Imports from the crate: `spec`, `rollout`, `health`, `events`, and the traits of `runtime`,
-//! `cgroups`, `store`.
+//! Imports from the crate: `spec`, `rollout`, `health`, `events`, `metrics::instruments`, and
+//! the traits of `runtime`, `cgroups`, `store`.
 
 pub mod desired;
 mod driver;
 mod handle;
 pub mod instance;
 pub mod reconcile;
+pub mod sample;
 #[cfg(test)]
 mod tests;
 

@@ -12,7 +12,8 @@
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
 //! of the default confinement against the isolation of earlier releases: seccomp unconfined,
 //! the host's /dev and /proc, no cgroup namespace; and of `userns` on top; at least 50
-//! replacements each). Default: all.
+//! replacements each), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
+//! per scrape, agent RSS with `--metrics` and without). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -179,6 +180,121 @@ async fn main() {
     }
     if wants("artifact") {
         corral_e2e::artifacts::bench(rounds.clamp(1, 5)).await;
+    }
+    if wants("metrics") {
+        metrics(rounds.max(50)).await;
+    }
+}
+
+/// The services of the `metrics` section: 200 instances with every limit set (so every
+/// cgroup file a scrape reads exists) and a TCP probe (so each has its probe histogram).
+fn metrics_services() -> Vec<String> {
+    (0..4)
+        .map(|s| {
+            format!(
+                "name = \"scraped-{s}\"\ncommand = [{:?}, \"health-server\"]\nreplicas = 50\n\
+                 [resources]\ncpu = 0.5\nmemory = \"64MiB\"\npids = 64\n[ports]\ntcp = \"auto\"\n\
+                 [health]\ntcp = \"127.0.0.1:{{port.tcp}}\"\ninterval = \"15s\"\ntimeout = \"1s\"\n",
+                testbin()
+            )
+        })
+        .collect()
+}
+
+/// Start the `metrics` section's 200 instances and wait until they all run and have been
+/// probed once; returns the service names.
+async fn start_scraped(agent: &Agent) -> Vec<String> {
+    let names: Vec<String> = (0..4).map(|s| format!("scraped-{s}")).collect();
+    for toml in metrics_services() {
+        apply(agent, &toml).await;
+    }
+    for n in &names {
+        agent.wait_running(n, 50).await;
+    }
+    // The first probes run within 1 s of the start; then the agent is idle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    names
+}
+
+/// GET `url`: the time it took and the body.
+async fn scrape(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<hyper::body::Bytes>,
+    >,
+    url: &str,
+) -> (Duration, String) {
+    use http_body_util::BodyExt;
+    let t = Instant::now();
+    let req = hyper::Request::get(url)
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let resp = client.request(req).await.expect("scrape");
+    assert!(resp.status().is_success(), "scrape: {}", resp.status());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (t.elapsed(), String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `/metrics` with 200 instances: scrape latency (client side, OpenMetrics as Prometheus asks
+/// for it) and the agent's CPU per scrape (its CPU over `rounds` back-to-back scrapes, less
+/// what it uses idle over as long), what a 15 s scrape interval costs, and the agent's RSS
+/// with and without `--metrics` (each agent running the same 200 instances, after the same
+/// settling; with metrics after the scrapes).
+async fn metrics(rounds: usize) {
+    // Without --metrics first.
+    let rss_off = {
+        let agent = Agent::start_logging(None, "warn").await;
+        let names = start_scraped(&agent).await;
+        let rss = corral_e2e::rss_kib(agent.pid().expect("pid"));
+        for n in &names {
+            delete(&agent, n).await;
+        }
+        rss
+    };
+    let port = corral_e2e::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start_full_args("warn", &["--metrics", &addr]).await;
+    let names = start_scraped(&agent).await;
+    let pid = agent.pid().expect("pid");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let url = format!("http://{addr}/metrics");
+    let (_, body) = scrape(&client, &url).await;
+    let series = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count();
+    // Idle CPU over 10 s, then `rounds` scrapes back to back.
+    let (c0, t0) = (cpu_secs(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_rate = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64();
+    let (c1, t1) = (cpu_secs(pid), Instant::now());
+    let mut latencies = Vec::new();
+    for _ in 0..rounds {
+        latencies.push(scrape(&client, &url).await.0);
+    }
+    let spent = cpu_secs(pid) - c1 - idle_rate * t1.elapsed().as_secs_f64();
+    let per_scrape = spent.max(0.0) / rounds as f64;
+    let rss_on = corral_e2e::rss_kib(pid);
+    println!(
+        "metrics: one scrape of 200 instances: {series} series, {} KiB (OpenMetrics)",
+        body.len() / 1024
+    );
+    stats("metrics: scrape latency (client side)", latencies, true);
+    println!(
+        "metrics: agent CPU per scrape {:.2} ms; at a 15 s interval {:.4} % of one core          (idle agent: {:.3} % of a core)",
+        per_scrape * 1e3,
+        per_scrape / 15.0 * 100.0,
+        idle_rate * 100.0
+    );
+    println!(
+        "metrics: agent RSS with 200 instances: {rss_off} KiB without --metrics, {rss_on} KiB          with it after {} scrapes ({:+} KiB)",
+        rounds + 1,
+        rss_on as i64 - rss_off as i64
+    );
+    for n in &names {
+        delete(&agent, n).await;
     }
 }
 

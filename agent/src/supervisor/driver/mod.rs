@@ -191,6 +191,9 @@ impl Driver {
     }
 
     fn emit(&self, service: &str, instance: Option<&str>, kind: EventKind) {
+        if let Some(svc) = self.services.get(service) {
+            svc.count(&kind);
+        }
         self.deps.events.append(service, instance, kind);
     }
 
@@ -265,6 +268,7 @@ impl Driver {
                 reply,
             } => answer(reply, self.send_signal(&instance, signal)),
             Request::Summary { reply } => answer(reply, Ok(self.summary())),
+            Request::Sample { reply } => answer(reply, Ok(self.sample())),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::health::{HealthState, ServiceHealth};
 use crate::runtime::LogStat;
 use crate::spec::InstanceKey;
 use crate::supervisor::instance::{Phase, State};
+use crate::supervisor::sample::{InstanceSample, ServiceSample};
 use crate::supervisor::{InstanceStatus, ServiceStatus, Summary, SupervisorError};
 
 /// The shortest span a CPU rate is computed over.
@@ -69,6 +70,30 @@ impl Driver {
         self.services
             .iter_mut()
             .map(|(name, svc)| service_status(&self.deps, name, svc, false))
+            .collect()
+    }
+
+    /// Every service and instance for the metrics collector, without reading the OS.
+    pub(super) fn sample(&self) -> Vec<ServiceSample> {
+        self.services
+            .iter()
+            .map(|(name, svc)| {
+                let instances: Vec<InstanceSample> = svc.slots.values().map(sample_of).collect();
+                ServiceSample {
+                    name: name.clone(),
+                    desired: if svc.deleting { 0 } else { svc.d.spec.replicas },
+                    running: instances
+                        .iter()
+                        .filter(|i| i.phase == Phase::Running)
+                        .count() as u32,
+                    healthy: instances
+                        .iter()
+                        .filter(|i| i.health == HealthState::Healthy)
+                        .count() as u32,
+                    rollouts: svc.rollouts.clone(),
+                    instances,
+                }
+            })
             .collect()
     }
 
@@ -133,6 +158,23 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
     }
 }
 
+fn sample_of(slot: &Slot) -> InstanceSample {
+    let i = &slot.instance;
+    let live = slot.live.is_some() && i.state.is_live();
+    let probes = i.spec.health.as_ref().is_some_and(|h| h.probe.is_some());
+    InstanceSample {
+        id: i.id.clone(),
+        revision: i.revision,
+        phase: i.state.phase(),
+        live,
+        restarts: i.history.restarts,
+        last_exit: i.history.last_exit.as_ref().map(|e| e.class),
+        health: slot.health(),
+        started_at: i.history.started_at.filter(|_| live),
+        probe: probes.then(|| slot.probe.clone()),
+    }
+}
+
 /// What a live instance adds to its status.
 #[derive(Default)]
 struct LiveStatus {
@@ -155,7 +197,9 @@ fn instance_status(
         .tracker()
         .map(|t| t.last_reason().to_string())
         .unwrap_or_default();
-    let Slot { instance: i, live } = slot;
+    let Slot {
+        instance: i, live, ..
+    } = slot;
     let key = InstanceKey::new(service, i.index);
     let live = match live.as_mut().filter(|_| i.state.is_live()) {
         Some(l) => live_status(deps, &key, &i.id, l, fresh, now),

@@ -14,7 +14,9 @@ use super::packages::PackageState;
 use super::report::CpuRate;
 use super::sockets::SocketMap;
 use crate::cgroups::CgroupStats;
+use crate::events::EventKind;
 use crate::health::{self, HealthState, ProbeHandle, ServiceHealth, Tracker};
+use crate::metrics::instruments::{ProbeMetrics, RolloutMetrics};
 use crate::runtime::{LogStat, ProcessRef};
 use crate::spec::{InstanceKey, ServiceSpec};
 use crate::supervisor::Deleted;
@@ -27,6 +29,8 @@ pub(super) struct Slot {
     pub instance: Instance,
     /// What only a live instance has: present from its start (or adoption) to its end.
     pub live: Option<Live>,
+    /// Its probe runs over all its runs.
+    pub probe: ProbeMetrics,
 }
 
 impl Slot {
@@ -34,6 +38,7 @@ impl Slot {
         Slot {
             instance,
             live: None,
+            probe: ProbeMetrics::default(),
         }
     }
 
@@ -115,6 +120,8 @@ pub(super) struct Service {
     pub dirty: bool,
     /// Its revisions' packages (`[artifact]`, `[image]`).
     pub packages: PackageState,
+    /// Its rollouts since the agent started.
+    pub rollouts: RolloutMetrics,
 }
 
 impl Service {
@@ -129,6 +136,27 @@ impl Service {
             wake: None,
             dirty: false,
             packages: PackageState::default(),
+            rollouts: RolloutMetrics::default(),
+        }
+    }
+
+    /// Count what `event` says of its rollouts.
+    pub fn count(&self, event: &EventKind) {
+        match event {
+            EventKind::RolloutStarted { kind, .. } => self.rollouts.started(*kind),
+            EventKind::RolloutFinished {
+                rollout,
+                state,
+                rollback,
+                ..
+            } => {
+                let took = self.d.find(rollout).and_then(|r| {
+                    r.finished_at
+                        .and_then(|end| end.duration_since(r.started_at).ok())
+                });
+                self.rollouts.finished(*state, took, rollback.is_some());
+            }
+            _ => {}
         }
     }
 

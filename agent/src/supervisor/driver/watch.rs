@@ -213,6 +213,8 @@ impl Driver {
         if inst.generation != report.generation || !matches!(inst.state, State::Running { .. }) {
             return;
         }
+        slot.probe
+            .observe(report.outcome.elapsed, report.outcome.healthy);
         let replace = inst
             .spec
             .health
