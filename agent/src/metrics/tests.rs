@@ -89,7 +89,7 @@ impl Rig {
     async fn delete(&self, name: &str) {
         let h = self.handle.clone();
         let service = name.to_string();
-        let deleting = tokio::spawn(async move { h.delete(&service).await });
+        let deleting = tokio::spawn(async move { h.delete(&service, false).await });
         for _ in 0..500 {
             if deleting.is_finished() {
                 break;
