@@ -82,6 +82,11 @@ impl CgroupBackend for CountingCgroups {
         self.errors.count("attach", self.inner.open_dir(path))
     }
 
+    fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        self.errors
+            .count("restrict_devices", self.inner.restrict_devices(path))
+    }
+
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {
         self.inner.procs(path)
     }
