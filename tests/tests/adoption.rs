@@ -153,6 +153,11 @@ async fn ends_while_the_agent_is_down_are_reported_as_they_happened() {
         .expect("apply");
     let running = agent.wait_running("away", 4).await;
     let by_index: BTreeMap<u32, i32> = running.iter().map(|i| (i.index, i.pid)).collect();
+    // Their handlers are in place once they say so: a USR1/USR2 before that would end them
+    // by its default action instead.
+    for i in 0..3 {
+        agent.reported(&format!("away-{i}"), "ready").await;
+    }
     agent.stop_with(libc::SIGKILL);
     // While no agent runs: exit code 3, an OOM kill, a SIGKILL from outside; away-3 stays.
     // SAFETY: signalling processes of the test's own instances.

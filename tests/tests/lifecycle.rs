@@ -389,6 +389,8 @@ async fn signal_reaches_the_service() {
         .await
         .expect("apply");
     let i = agent.wait_running("sig", 1).await.remove(0);
+    // Its USR1 handler is in place once it says so.
+    agent.reported("sig-0", "ready").await;
     let out = agent.cli(&["signal", "sig/0", "USR1"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -278,20 +278,32 @@ fn main() {
         // while no agent runs.
         "serve-signals" => {
             on_term_exit_zero();
-            // SAFETY: the handlers only store to atomics.
+            // USR1 and USR2 stay blocked except inside sigsuspend, so one sent before the
+            // wait (even before "ready") is taken there rather than lost before a pause.
+            // SAFETY: the handlers only store to atomics; the sets are initialised by
+            // sigemptyset before use.
             unsafe {
                 libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+                let mut usr: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut usr);
+                libc::sigaddset(&mut usr, libc::SIGUSR1);
+                libc::sigaddset(&mut usr, libc::SIGUSR2);
+                libc::sigprocmask(libc::SIG_BLOCK, &usr, std::ptr::null_mut());
             }
             line("ready", 1);
             loop {
-                // SAFETY: pause has no preconditions.
-                unsafe { libc::pause() };
                 if USR1.load(std::sync::atomic::Ordering::SeqCst) {
                     std::process::exit(3);
                 }
-                if USR2.load(std::sync::atomic::Ordering::SeqCst) {
+                if USR2.swap(false, std::sync::atomic::Ordering::SeqCst) {
                     hog_memory(1024);
+                }
+                // SAFETY: an empty set, initialised by sigemptyset.
+                unsafe {
+                    let mut none: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut none);
+                    libc::sigsuspend(&none);
                 }
             }
         }
