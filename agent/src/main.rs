@@ -384,6 +384,7 @@ async fn run(s: Settings) -> Result<()> {
         host: Arc::new(Host::new()),
         capabilities: caps,
         namespaces,
+        defaults: api::convert::HostDefaults::of_this_process(),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
     // handled, never the default action.

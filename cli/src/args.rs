@@ -129,7 +129,7 @@ pub enum Command {
     Rollout(RolloutArgs),
 
     /// Stop every instance of a service and remove it.
-    Delete(NameArgs),
+    Delete(DeleteArgs),
 
     /// Print the output of a service's instances, or of one instance.
     ///
@@ -401,6 +401,11 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED). One spec file only.
+    #[arg(long, value_name = "N", conflicts_with = "dry_run")]
+    pub expected_revision: Option<u64>,
+
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -413,6 +418,11 @@ pub struct RestartArgs {
     /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
     #[arg(long)]
     pub force: bool,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -435,6 +445,11 @@ pub struct RollbackArgs {
     /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
     #[arg(long)]
     pub force: bool,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -467,6 +482,22 @@ pub struct ScaleArgs {
     /// The number of instances to run.
     #[arg(value_name = "N")]
     pub replicas: u32,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The service's name.
+    pub name: String,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 }
 
 #[cfg(test)]
@@ -657,7 +688,17 @@ mod tests {
             );
         }
         let cli = parse(&["delete", "web"]).unwrap();
-        assert!(matches!(cli.command, Command::Delete(NameArgs { name }) if name == "web"));
+        assert!(
+            matches!(cli.command, Command::Delete(DeleteArgs { name, expected_revision: None }) if name == "web")
+        );
+        let cli = parse(&["delete", "web", "--expected-revision", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Delete(DeleteArgs {
+                expected_revision: Some(4),
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -17,9 +17,9 @@ use corral_proto::v1::apply_request::Source;
 use corral_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, Event, GetRequest,
     GetRolloutRequest, InstanceState, InstanceStatus, ListRequest, ListResponse, LogLine,
-    LogsRequest, NodeInfo, NodeRequest, ResourceUsage, RestartRequest, RollbackRequest, Rollout,
-    RolloutResponse, RolloutStatus, RolloutStep, ScaleRequest, ScaleResponse, ServiceSpec,
-    ServiceStatus, WatchRequest,
+    LogsRequest, NodeInfo, NodeRequest, ResourceUsage, RestartRequest, RollbackRequest,
+    RolloutPolicy, RolloutResponse, RolloutStatus, RolloutStep, ScaleRequest, ScaleResponse,
+    ServiceSpec, ServiceStatus, WatchRequest,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -150,11 +150,11 @@ fn rollout_frames(
         ready: 0,
         old_instances: 1,
         available: 1,
-        policy: Some(Rollout {
+        policy: Some(RolloutPolicy {
             max_surge: Some(1),
             max_unavailable: Some(0),
-            min_healthy: Some("2s".into()),
-            healthy_deadline: Some("60s".into()),
+            min_healthy_ms: Some(2000),
+            healthy_deadline_ms: Some(60_000),
             auto_rollback: Some(plan == Plan::FailsAndRollsBack),
         }),
         started_at: Some(ts(ROLLOUT_START, 0)),
@@ -382,11 +382,11 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
             name: name.to_owned(),
             command: vec!["/bin/sleep".into(), "infinity".into()],
             replicas: Some(replicas),
-            rollout: Some(Rollout {
+            rollout: Some(RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             ..Default::default()
@@ -414,6 +414,8 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
         rollout: None,
         revisions: (1..=revision).collect(),
         paused: false,
+        event_index: Default::default(),
+        generation: Default::default(),
     }
 }
 
@@ -527,6 +529,7 @@ impl Agent for FakeAgent {
             replaces_instances: outcome == "updated",
             changes,
             rollout_id,
+            generation: Default::default(),
         }))
     }
 
@@ -539,6 +542,7 @@ impl Agent for FakeAgent {
             Some((_, replicas, _)) => Ok(Response::new(DeleteResponse {
                 name,
                 stopped_instances: replicas,
+                generation: Default::default(),
             })),
             None => Err(Status::not_found(format!("service \"{name}\" not found"))),
         }
@@ -578,6 +582,7 @@ impl Agent for FakeAgent {
                 .rev()
                 .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
+            event_index: Default::default(),
         }))
     }
 
@@ -595,6 +600,7 @@ impl Agent for FakeAgent {
             name: req.name,
             previous,
             replicas: req.replicas,
+            generation: Default::default(),
         }))
     }
 
@@ -618,6 +624,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision,
             rollout_id,
+            generation: Default::default(),
         }))
     }
 
@@ -644,6 +651,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision: to,
             rollout_id,
+            generation: Default::default(),
         }))
     }
 
@@ -1221,6 +1229,7 @@ async fn events_print_the_last_50_by_default() {
             instance: String::new(),
             follow: false,
             last: 50,
+            bookmark_interval_ms: Default::default(),
         }
     );
 
@@ -1445,7 +1454,8 @@ async fn restart_starts_a_rollout_and_prints_its_id() {
         agent.agent.restarts.lock().unwrap().clone(),
         [RestartRequest {
             name: "web".into(),
-            force: false
+            force: false,
+            expected_revision: Default::default(),
         }]
     );
     let run = agent.run(&["restart", "web", "-o", "json"]).await;
@@ -1807,7 +1817,7 @@ kind:            restart
 state:           failed
 revision:        1
 progress:        0/1 old replaced (1 left), 0/1 new ready (1 started), 1 available
-policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 1m, auto_rollback on
 started:         2026-11-28T23:45:00.000Z
 finished:        2026-11-28T23:45:09.400Z (after 9.4s)
 reason:          web-1 not ready within 60s

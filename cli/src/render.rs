@@ -12,8 +12,8 @@ use corral_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::views::{
-    TopRowView, apply_outcome_name, event_type_name, health_name, parse_size, rfc3339,
-    rollout_kind_name, rollout_state_name, service_health_name, state_name,
+    TopRowView, apply_outcome_name, event_type_name, health_name, rfc3339, rollout_kind_name,
+    rollout_state_name, service_health_name, state_name,
 };
 
 /// Writes `value` as one pretty-printed JSON document followed by a newline.
@@ -65,6 +65,11 @@ pub fn health_checked(s: &pb::ServiceStatus) -> bool {
 }
 
 /// A size in bytes with a binary unit and one decimal: `512B`, `12.3MiB`, `256MiB`.
+/// Milliseconds from the wire as the spec writes durations: `100ms`, `2s`, `1m 30s`.
+pub fn human_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
@@ -400,7 +405,7 @@ pub fn rollout_summary(r: &pb::RolloutStatus) -> String {
 }
 
 /// A rollout policy: `max_surge 1, max_unavailable 0, min_healthy 2s, ...`, each part present.
-fn policy_text(p: &pb::Rollout) -> String {
+fn policy_text(p: &pb::RolloutPolicy) -> String {
     let mut parts = Vec::new();
     if let Some(n) = p.max_surge {
         parts.push(format!("max_surge {n}"));
@@ -408,11 +413,11 @@ fn policy_text(p: &pb::Rollout) -> String {
     if let Some(n) = p.max_unavailable {
         parts.push(format!("max_unavailable {n}"));
     }
-    if let Some(d) = &p.min_healthy {
-        parts.push(format!("min_healthy {}", one_line(d)));
+    if let Some(ms) = p.min_healthy_ms {
+        parts.push(format!("min_healthy {}", human_ms(ms)));
     }
-    if let Some(d) = &p.healthy_deadline {
-        parts.push(format!("healthy_deadline {}", one_line(d)));
+    if let Some(ms) = p.healthy_deadline_ms {
+        parts.push(format!("healthy_deadline {}", human_ms(ms)));
     }
     if let Some(on) = p.auto_rollback {
         parts.push(format!("auto_rollback {}", if on { "on" } else { "off" }));
@@ -665,10 +670,9 @@ fn limits(resources: Option<&pb::Resources>) -> String {
         || "unlimited".to_owned(),
         |c| format!("{c} {}", if c == 1.0 { "core" } else { "cores" }),
     );
-    let memory = r.memory.map_or_else(
-        || "unlimited".to_owned(),
-        |m| parse_size(&m).map_or(m, human_bytes),
-    );
+    let memory = r
+        .memory_bytes
+        .map_or_else(|| "unlimited".to_owned(), human_bytes);
     let pids = r
         .pids
         .map_or_else(|| "unlimited".to_owned(), |p| p.to_string());
@@ -1088,6 +1092,7 @@ mod tests {
                 at: Some(at(now, -500)),
                 text: "oom_killed".into(),
                 detail: String::new(),
+                stderr_tail: Default::default(),
             }),
             usage: Some(pb::ResourceUsage::default()),
             started_at: None,
@@ -1132,7 +1137,7 @@ mod tests {
                 replicas: Some(3),
                 resources: Some(pb::Resources {
                     cpu: Some(0.5),
-                    memory: Some("268435456".into()),
+                    memory_bytes: Some(268_435_456),
                     pids: None,
                     nofile: None,
                 }),
@@ -1150,6 +1155,8 @@ mod tests {
             rollout: None,
             revisions: Vec::new(),
             paused: false,
+            event_index: Default::default(),
+            generation: Default::default(),
         }
     }
 
@@ -1437,6 +1444,7 @@ services:     2 (5 instances)
             changes: changes.iter().map(|c| (*c).to_owned()).collect(),
             replaces_instances: replaces,
             rollout_id: String::new(),
+            generation: Default::default(),
         };
         let cases = [
             (
@@ -1486,6 +1494,7 @@ services:     2 (5 instances)
             name: "web".into(),
             previous: 2,
             replicas: 5,
+            generation: Default::default(),
         };
         assert_eq!(
             text(|o| write_scale(o, &r)),
@@ -1496,6 +1505,7 @@ services:     2 (5 instances)
         let r = pb::DeleteResponse {
             name: "web".into(),
             stopped_instances: 1,
+            generation: Default::default(),
         };
         assert_eq!(
             text(|o| write_delete(o, &r)),
@@ -1535,11 +1545,11 @@ services:     2 (5 instances)
             ready: 3,
             old_instances: 2,
             available: 4,
-            policy: Some(pb::Rollout {
+            policy: Some(pb::RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             started_at: ts(1_740_830_400, 0),
@@ -1647,7 +1657,7 @@ kind:            restart
 state:           failed
 revision:        2
 progress:        2/4 old replaced (2 left), 3/4 new ready (3 started), 4 available
-policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 1m, auto_rollback on
 started:         2025-03-01T12:00:00.000Z
 finished:        2025-03-01T12:00:09.400Z (after 9.4s)
 reason:          web-5 not ready within 60s
@@ -1712,6 +1722,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec![],
             replaces_instances: replaces,
             rollout_id: String::new(),
+            generation: Default::default(),
         };
         let mut current = service(SystemTime::UNIX_EPOCH);
         current
@@ -1754,6 +1765,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r3".into(),
+            generation: Default::default(),
         };
         assert_eq!(
             text(|o| write_rollout_started(o, "restart", &r)),
@@ -1778,6 +1790,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec!["command: changed".into()],
             replaces_instances: true,
             rollout_id: "web-r5".into(),
+            generation: Default::default(),
         };
         assert_eq!(
             text(|o| write_apply(o, "web.toml", &applied, false)),

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 
 use corral_proto::v1 as pb;
+
+use crate::render::human_ms;
 use serde::Serialize;
 
 /// A service, as `status -o json` prints it and as each element of `ls -o json`.
@@ -77,11 +79,11 @@ pub struct SpecView {
 
 impl From<&pb::ServiceSpec> for SpecView {
     fn from(s: &pb::ServiceSpec) -> Self {
-        let resources = s.resources.clone().unwrap_or_default();
+        let resources = s.resources.unwrap_or_default();
         let isolation = s.isolation.clone().unwrap_or_default();
         let restart = s.restart.clone().unwrap_or_default();
         let stop = s.stop.clone().unwrap_or_default();
-        let logs = s.logs.clone().unwrap_or_default();
+        let logs = s.logs.unwrap_or_default();
         SpecView {
             name: s.name.clone(),
             command: s.command.clone(),
@@ -91,7 +93,7 @@ impl From<&pb::ServiceSpec> for SpecView {
             replicas: s.replicas,
             resources: ResourcesView {
                 cpu: resources.cpu,
-                memory_bytes: resources.memory.as_deref().and_then(parse_size),
+                memory_bytes: resources.memory_bytes,
                 pids: resources.pids,
                 nofile: resources.nofile,
             },
@@ -102,7 +104,18 @@ impl From<&pb::ServiceSpec> for SpecView {
                 capabilities: isolation.capabilities.map(|c| c.names),
                 readonly_root: isolation.readonly_root,
             },
-            ports: s.ports.clone().into_iter().collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|(k, v)| {
+                    let v = if *v == 0 {
+                        "auto".to_string()
+                    } else {
+                        v.to_string()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
             sockets: s
                 .sockets
                 .iter()
@@ -113,29 +126,29 @@ impl From<&pb::ServiceSpec> for SpecView {
                 .collect(),
             restart: RestartView {
                 policy: restart.policy,
-                backoff: restart.backoff,
-                backoff_max: restart.backoff_max,
+                backoff: restart.backoff_ms.map(human_ms),
+                backoff_max: restart.backoff_max_ms.map(human_ms),
             },
             health: s.health.clone().map(|h| HealthView {
                 http: h.http,
                 tcp: h.tcp,
                 grpc: h.grpc,
                 exec: h.exec,
-                interval: h.interval,
-                timeout: h.timeout,
-                start_period: h.start_period,
+                interval: h.interval_ms.map(human_ms),
+                timeout: h.timeout_ms.map(human_ms),
+                start_period: h.start_period_ms.map(human_ms),
                 failure_threshold: h.failure_threshold,
                 success_threshold: h.success_threshold,
                 restart_on_failure: h.restart_on_failure,
                 notify: h.notify,
             }),
-            rollout: RolloutView::from(&s.rollout.clone().unwrap_or_default()),
+            rollout: RolloutView::from(&s.rollout.unwrap_or_default()),
             stop: StopView {
                 signal: stop.signal,
-                grace: stop.grace,
+                grace: stop.grace_ms.map(human_ms),
             },
             logs: LogsView {
-                max_size_bytes: logs.max_size.as_deref().and_then(parse_size),
+                max_size_bytes: logs.max_size_bytes,
                 max_files: logs.max_files,
             },
         }
@@ -201,13 +214,13 @@ pub struct RolloutView {
     pub auto_rollback: Option<bool>,
 }
 
-impl From<&pb::Rollout> for RolloutView {
-    fn from(r: &pb::Rollout) -> Self {
+impl From<&pb::RolloutPolicy> for RolloutView {
+    fn from(r: &pb::RolloutPolicy) -> Self {
         RolloutView {
             max_surge: r.max_surge,
             max_unavailable: r.max_unavailable,
-            min_healthy: r.min_healthy.clone(),
-            healthy_deadline: r.healthy_deadline.clone(),
+            min_healthy: r.min_healthy_ms.map(human_ms),
+            healthy_deadline: r.healthy_deadline_ms.map(human_ms),
             auto_rollback: r.auto_rollback,
         }
     }
@@ -786,6 +799,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RolloutStarted) => "rollout_started",
         Ok(T::RolloutStep) => "rollout_step",
         Ok(T::RolloutFinished) => "rollout_finished",
+        Ok(T::Bookmark) => "bookmark",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }
@@ -810,33 +824,6 @@ pub fn rfc3339(ts: &prost_types::Timestamp) -> Option<String> {
     (MIN_SECONDS..=MAX_SECONDS)
         .contains(&ts.seconds)
         .then(|| ts.to_string())
-}
-
-/// Parses a size as the agent reports it: an integer number of bytes, or a number with a
-/// binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`) as in the spec format.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    if let Ok(bytes) = text.parse::<u64>() {
-        return Some(bytes);
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let unit: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return None,
-    };
-    if let Ok(n) = number.parse::<u64>() {
-        return n.checked_mul(unit);
-    }
-    let n: f64 = number.parse().ok()?;
-    let bytes = (n * unit as f64).round();
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 fn nonzero(v: i32) -> Option<i32> {
@@ -922,6 +909,7 @@ mod tests {
                 at: Some(ts(1_740_830_400, 250_000_000)),
                 text: "oom_killed".into(),
                 detail: String::new(),
+                stderr_tail: Default::default(),
             }),
             usage: Some(pb::ResourceUsage {
                 cpu_usage_ns: 1_500_000_000,
@@ -997,12 +985,12 @@ mod tests {
                 replicas: Some(2),
                 resources: Some(pb::Resources {
                     cpu: Some(0.5),
-                    memory: Some("268435456".into()),
+                    memory_bytes: Some(268_435_456),
                     pids: Some(256),
                     nofile: Some(4096),
                 }),
-                logs: Some(pb::Logs {
-                    max_size: Some("10MiB".into()),
+                logs: Some(pb::LogRotation {
+                    max_size_bytes: Some(10 << 20),
                     max_files: Some(5),
                 }),
                 ..Default::default()
@@ -1015,6 +1003,8 @@ mod tests {
             rollout: Some(sample_rollout()),
             revisions: vec![2, 3],
             paused: true,
+            event_index: Default::default(),
+            generation: Default::default(),
         };
         let v: Value = serde_json::to_value(ServiceView::from(&status)).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -1068,11 +1058,11 @@ mod tests {
             ready: 1,
             old_instances: 1,
             available: 2,
-            policy: Some(pb::Rollout {
+            policy: Some(pb::RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             started_at: Some(ts(1_740_830_400, 0)),
@@ -1133,7 +1123,7 @@ mod tests {
                     "max_surge": 1,
                     "max_unavailable": 0,
                     "min_healthy": "2s",
-                    "healthy_deadline": "60s",
+                    "healthy_deadline": "1m",
                     "auto_rollback": true,
                 },
                 "started_at": "2025-03-01T12:00:00Z",
@@ -1163,6 +1153,7 @@ mod tests {
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r5".into(),
+            generation: Default::default(),
         };
         assert_eq!(
             serde_json::to_value(RolloutStartedView::from(&r)).unwrap(),
@@ -1284,6 +1275,7 @@ mod tests {
             at: None,
             text: String::new(),
             detail: String::new(),
+            stderr_tail: Default::default(),
         };
         let v = ExitView::from(&exit(pb::ExitClass::Exited, 0, 0));
         assert_eq!((v.code, v.signal), (Some(0), None));
@@ -1301,24 +1293,5 @@ mod tests {
         assert_eq!(rfc3339(&ts(i64::MAX, 0)), None);
         assert_eq!(rfc3339(&ts(i64::MIN, -1)), None);
         assert_eq!(rfc3339(&ts(i64::MAX, i32::MAX)), None);
-    }
-
-    #[test]
-    fn sizes_in_bytes_or_binary_units() {
-        let cases = [
-            ("268435456", Some(268_435_456)),
-            ("256MiB", Some(256 << 20)),
-            ("1.5GiB", Some(3 << 29)),
-            ("10 KiB", Some(10 << 10)),
-            ("12B", Some(12)),
-            ("12XB", None),
-            ("", None),
-            ("MiB", None),
-            ("99999999999999TiB", None),
-            ("-1", None),
-        ];
-        for (text, want) in cases {
-            assert_eq!(parse_size(text), want, "{text:?}");
-        }
     }
 }

@@ -170,6 +170,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
                 source: Some(pb::apply_request::Source::SpecToml(spec.into())),
                 dry_run: true,
                 force: false,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -179,6 +180,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
             api.restart(pb::RestartRequest {
                 name: service.into(),
                 force: false,
+                ..Default::default()
             })
             .await
             .map(|_| ()),

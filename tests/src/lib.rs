@@ -312,6 +312,7 @@ impl Agent {
                 source: Some(pb::apply_request::Source::SpecToml(toml.to_string())),
                 dry_run: false,
                 force: false,
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)
@@ -328,7 +329,10 @@ impl Agent {
     pub async fn delete(&self, name: &str) -> Result<pb::DeleteResponse, tonic::Status> {
         self.client()
             .await
-            .delete(pb::DeleteRequest { name: name.into() })
+            .delete(pb::DeleteRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .map(tonic::Response::into_inner)
     }

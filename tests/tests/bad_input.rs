@@ -235,6 +235,7 @@ async fn invalid_requests_get_clear_codes() {
     let e = c
         .delete(pb::DeleteRequest {
             name: "nope".into(),
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("unknown");
@@ -243,6 +244,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "nope".into(),
             replicas: 1,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("unknown");
@@ -252,6 +254,7 @@ async fn invalid_requests_get_clear_codes() {
             source: None,
             dry_run: false,
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("empty");
@@ -264,13 +267,14 @@ async fn invalid_requests_get_clear_codes() {
                 command: vec!["/bin/true".into()],
                 replicas: Some(5000),
                 resources: Some(pb::Resources {
-                    memory: Some("lots".into()),
+                    memory_bytes: Some(1),
                     ..Default::default()
                 }),
                 ..Default::default()
             })),
             dry_run: false,
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("invalid");
@@ -302,6 +306,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "ok".into(),
             replicas: 100_000,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("too many");
@@ -311,6 +316,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "nope".into(),
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("unknown");
@@ -319,6 +325,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "../x".into(),
             force: true,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("bad name");
@@ -354,6 +361,7 @@ async fn invalid_requests_get_clear_codes() {
                 name: "ok".into(),
                 revision: Some(revision),
                 force: false,
+                expected_revision: Default::default(),
             })
             .await
             .expect_err("no such revision");
@@ -373,6 +381,7 @@ async fn invalid_requests_get_clear_codes() {
             name: "ok".into(),
             revision: None,
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("nothing to roll back to");

@@ -428,8 +428,8 @@ fn cases() -> Vec<Case> {
         case(
             "a healthy_deadline of 0s",
             spec(|s| {
-                s.rollout = Some(pb::Rollout {
-                    healthy_deadline: Some("0s".into()),
+                s.rollout = Some(pb::RolloutPolicy {
+                    healthy_deadline_ms: Some(0),
                     ..Default::default()
                 });
             }),
@@ -454,7 +454,7 @@ fn cases() -> Vec<Case> {
             spec(|s| {
                 s.stop = Some(pb::Stop {
                     signal: Some("SIGRTMIN+3".into()),
-                    grace: None,
+                    grace_ms: None,
                 });
             }),
             INVALID,
@@ -533,12 +533,12 @@ fn cases() -> Vec<Case> {
             &["ports.admin:", "65536 is not a port"],
         ),
         case(
-            "port \"70000\" in a typed spec",
+            "port 70000 in a typed spec",
             spec(|s| {
-                s.ports.insert("admin".into(), "70000".into());
+                s.ports.insert("admin".into(), 70_000);
             }),
             INVALID,
-            &["ports.admin:", "\"70000\" is not a port"],
+            &["ports.admin:", "70000 is not a port"],
         ),
         case(
             "two sockets with one name and one address",
@@ -696,6 +696,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         source,
         dry_run: false,
         force: false,
+        expected_revision: Default::default(),
     };
     use pb::apply_request::Source;
     match call {
@@ -703,14 +704,35 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         Call::Spec(s) => done(c.apply(apply(Some(Source::Spec(*s)))).await),
         Call::NoSource => done(c.apply(apply(None)).await),
         Call::Get(name) => done(c.get(pb::GetRequest { name }).await),
-        Call::Delete(name) => done(c.delete(pb::DeleteRequest { name }).await),
-        Call::Scale(name, replicas) => done(c.scale(pb::ScaleRequest { name, replicas }).await),
-        Call::Restart(name) => done(c.restart(pb::RestartRequest { name, force: true }).await),
+        Call::Delete(name) => done(
+            c.delete(pb::DeleteRequest {
+                name,
+                expected_revision: Default::default(),
+            })
+            .await,
+        ),
+        Call::Scale(name, replicas) => done(
+            c.scale(pb::ScaleRequest {
+                name,
+                replicas,
+                expected_revision: Default::default(),
+            })
+            .await,
+        ),
+        Call::Restart(name) => done(
+            c.restart(pb::RestartRequest {
+                name,
+                force: true,
+                expected_revision: Default::default(),
+            })
+            .await,
+        ),
         Call::Rollback(name, revision) => done(
             c.rollback(pb::RollbackRequest {
                 name,
                 revision,
                 force: true,
+                expected_revision: Default::default(),
             })
             .await,
         ),
@@ -881,6 +903,7 @@ async fn scale_cannot_make_a_spec_invalid() {
         .scale(pb::ScaleRequest {
             name: "fixed".into(),
             replicas: 3,
+            expected_revision: Default::default(),
         })
         .await
         .expect_err("three instances on one fixed port");

@@ -173,6 +173,7 @@ async fn corrald_speaks_sd_notify() {
                 source: Some(pb::apply_request::Source::SpecToml(spec)),
                 dry_run: false,
                 force: false,
+                expected_revision: Default::default(),
             })
             .await
             .expect("apply");

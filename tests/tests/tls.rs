@@ -157,6 +157,7 @@ async fn roles_decide_what_a_client_may_call() {
             source: Some(pb::apply_request::Source::SpecToml(spec.clone())),
             dry_run: false,
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .expect("admin may apply");
@@ -207,21 +208,26 @@ async fn roles_decide_what_a_client_may_call() {
             )),
             dry_run: false,
             force: false,
+            expected_revision: Default::default(),
         })
         .await
         .map(ok),
     );
     denied(
         "delete",
-        read.delete(pb::DeleteRequest { name: "svc".into() })
-            .await
-            .map(ok),
+        read.delete(pb::DeleteRequest {
+            name: "svc".into(),
+            expected_revision: Default::default(),
+        })
+        .await
+        .map(ok),
     );
     denied(
         "scale",
         read.scale(pb::ScaleRequest {
             name: "svc".into(),
             replicas: 5,
+            expected_revision: Default::default(),
         })
         .await
         .map(ok),
@@ -231,6 +237,7 @@ async fn roles_decide_what_a_client_may_call() {
         read.restart(pb::RestartRequest {
             name: "svc".into(),
             force: true,
+            expected_revision: Default::default(),
         })
         .await
         .map(ok),
@@ -241,6 +248,7 @@ async fn roles_decide_what_a_client_may_call() {
             name: "svc".into(),
             revision: None,
             force: true,
+            expected_revision: Default::default(),
         })
         .await
         .map(ok),
@@ -723,6 +731,7 @@ async fn a_greedy_client_degrades_only_itself() {
                 source: Some(pb::apply_request::Source::SpecToml(toml)),
                 dry_run: false,
                 force: false,
+                expected_revision: Default::default(),
             })
             .await
             .expect_err("too big");

@@ -29,6 +29,8 @@ pub struct AgentService {
     pub host: Arc<Host>,
     pub capabilities: Capabilities,
     pub namespaces: Vec<Namespace>,
+    /// What the host decides for what a spec leaves open (reported in status).
+    pub defaults: convert::HostDefaults,
 }
 
 fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
@@ -36,7 +38,18 @@ fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
         name: r.name,
         revision: r.revision,
         rollout_id: r.rollout_id,
+        generation: r.generation,
     })
+}
+
+/// INVALID_ARGUMENT from a message that begins with the request field it is about
+/// (`"name: ..."`), with that field's violation in the details.
+fn invalid(message: impl Into<String>) -> Status {
+    let message = message.into();
+    match message.split_once(": ") {
+        Some((field, rest)) => super::status::invalid_field(field, rest),
+        None => super::status::invalid_field("", message),
+    }
 }
 
 /// `name`, the request's `field`, is a valid service name.
@@ -45,7 +58,7 @@ fn check_name(field: &str, name: &str) -> Result<(), Status> {
         Ok(())
     } else {
         let shown: String = name.chars().take(80).collect();
-        Err(Status::invalid_argument(format!(
+        Err(invalid(format!(
             "{field}: {shown:?} is not a valid service name ([a-z0-9][a-z0-9-]{{0,62}})"
         )))
     }
@@ -57,11 +70,27 @@ fn parse_signal(s: &str) -> Result<(i32, String), Status> {
         return Ok((n, name.to_string()));
     }
     match s.parse::<i32>() {
-        Ok(n) if (1..=64).contains(&n) => Ok((n, n.to_string())),
-        _ => Err(Status::invalid_argument(format!(
+        // A number answers with the signal's canonical name when it has one (`10` ->
+        // `SIGUSR1`); a real-time signal with `SIGRTMIN+n`.
+        Ok(n) if (1..=64).contains(&n) => Ok((n, canonical_signal(n))),
+        _ => Err(invalid(format!(
             "signal: {:?} is not a signal (use a name like SIGHUP, or a number from 1 to 64)",
             s.chars().take(40).collect::<String>()
         ))),
+    }
+}
+
+/// The canonical name of signal number `n` (1 to 64).
+fn canonical_signal(n: i32) -> String {
+    if let Some(name) = spec::signal_name(n) {
+        return name.to_string();
+    }
+    let rtmin = libc::SIGRTMIN();
+    if n >= rtmin {
+        format!("SIGRTMIN+{}", n - rtmin)
+    } else {
+        // Numbers below SIGRTMIN that no standard signal has (glibc reserves 32 and 33).
+        format!("SIG{n}")
     }
 }
 
@@ -72,7 +101,9 @@ impl AgentService {
         let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
         match only {
             Some(id) if !ids.iter().any(|i| i == id) => {
-                Err(Status::not_found(format!("instance {id:?} not found")))
+                Err(to_status(SupervisorError::InstanceNotFound {
+                    instance: id.to_string(),
+                }))
             }
             Some(id) => Ok(vec![id.to_string()]),
             None => Ok(ids),
@@ -180,17 +211,15 @@ fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
     }
 }
 
+/// Bounds of `WatchRequest.bookmark_interval_ms`.
+const MIN_BOOKMARK_MS: u32 = 100;
+const MAX_BOOKMARK_MS: u32 = 3_600_000;
+
 /// Events sent to one watcher ahead of it reading them.
 const WATCH_BUFFER: usize = 256;
 
 fn watch_status(e: EventError) -> Status {
-    match e {
-        EventError::Trimmed { .. } | EventError::InvalidIndex { .. } => {
-            Status::out_of_range(e.to_string())
-        }
-        EventError::Lagged { .. } => Status::resource_exhausted(e.to_string()),
-        EventError::Io { .. } => Status::internal(e.to_string()),
-    }
+    super::status::watch_status(&e)
 }
 
 #[tonic::async_trait]
@@ -206,7 +235,8 @@ impl Agent for AgentService {
         let req = req.into_inner();
         let (service, only) = match (req.service.as_str(), req.instance.as_str()) {
             ("", "") => {
-                return Err(Status::invalid_argument(
+                return Err(super::status::invalid_field(
+                    "service",
                     "service or instance: one is required",
                 ));
             }
@@ -220,13 +250,13 @@ impl Agent for AgentService {
                     })
                     .map(|(s, _)| s.to_string())
                     .ok_or_else(|| {
-                        Status::invalid_argument(format!(
+                        invalid(format!(
                             "instance: {:?} is not an instance id (like \"web-2\")",
                             inst.chars().take(80).collect::<String>()
                         ))
                     })?;
                 if !req.service.is_empty() && req.service != svc {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "instance: {inst:?} is not an instance of service {:?}",
                         req.service
                     )));
@@ -242,7 +272,7 @@ impl Agent for AgentService {
             .since
             .map(|t| {
                 std::time::SystemTime::try_from(t).map_err(|_| {
-                    Status::invalid_argument(format!(
+                    invalid(format!(
                         "since: {}s {}ns is out of range",
                         t.seconds, t.nanos
                     ))
@@ -285,10 +315,26 @@ impl Agent for AgentService {
             check_name("service", &req.service)?;
         }
         if req.instance.len() > 80 {
-            return Err(Status::invalid_argument(
-                "instance: too long to be an instance id",
-            ));
+            return Err(invalid("instance: too long to be an instance id"));
         }
+        let bookmarks = match req.bookmark_interval_ms {
+            0 => None,
+            ms if !(MIN_BOOKMARK_MS..=MAX_BOOKMARK_MS).contains(&ms) => {
+                return Err(super::status::invalid_field(
+                    "bookmark_interval_ms",
+                    format!(
+                        "{ms} is out of range (0 for none, or {MIN_BOOKMARK_MS} to {MAX_BOOKMARK_MS})"
+                    ),
+                ));
+            }
+            _ if !req.follow => {
+                return Err(super::status::invalid_field(
+                    "bookmark_interval_ms",
+                    "bookmarks need follow (a stream that ends has its last index in its last event)",
+                ));
+            }
+            ms => Some(std::time::Duration::from_millis(u64::from(ms))),
+        };
         let filter = Filter {
             service: (!req.service.is_empty()).then_some(req.service),
             instance: (!req.instance.is_empty()).then_some(req.instance),
@@ -321,12 +367,25 @@ impl Agent for AgentService {
             // event handed on (an event taken but not handed on is resumed at).
             let stop = stopping.wait();
             tokio::pin!(stop);
+            // Without bookmarks the timer is never polled (the branch is off).
+            let period = bookmarks.unwrap_or(std::time::Duration::from_secs(3600));
+            let mut bookmark =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            bookmark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let item = tokio::select! {
                     biased;
                     () = &mut stop => {
                         let _ = tx.send(Err(shutting_down(Some(watch.resume_from())))).await;
                         break;
+                    }
+                    _ = bookmark.tick(), if bookmarks.is_some() => {
+                        // Every event below resume_from has been sent or filtered out.
+                        let index = watch.resume_from().saturating_sub(1);
+                        if tx.send(Ok(convert::bookmark(index))).await.is_err() {
+                            break;
+                        }
+                        continue;
                     }
                     item = watch.next() => item,
                 };
@@ -346,6 +405,7 @@ impl Agent for AgentService {
                             if sent.is_err() {
                                 break;
                             }
+                            bookmark.reset();
                         }
                         () = &mut stop => {
                             let resume = index.unwrap_or_else(|| watch.resume_from());
@@ -385,7 +445,7 @@ impl Agent for AgentService {
             }
             Some(pb::apply_request::Source::SpecToml(text)) => {
                 if text.len() > MAX_SPEC_TOML {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "spec_toml: {} bytes is larger than the {MAX_SPEC_TOML}-byte limit",
                         text.len()
                     )));
@@ -393,17 +453,16 @@ impl Agent for AgentService {
                 spec::parse_toml(&text).map_err(|e| super::status::invalid_spec(&e))?
             }
             None => {
-                return Err(Status::invalid_argument(
-                    "spec: one of spec or spec_toml is required",
-                ));
+                return Err(invalid("spec: one of spec or spec_toml is required"));
             }
         };
         if let Some(a) = &audit {
             a.note(&format!("{}{dry}", spec.name));
         }
+        let spec = self.defaults.normalize(spec);
         let a = self
             .supervisor
-            .apply(spec, req.dry_run, req.force)
+            .apply_if(spec, req.dry_run, req.force, req.expected_revision)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ApplyResponse {
@@ -413,6 +472,7 @@ impl Agent for AgentService {
             changes: a.changes,
             replaces_instances: a.replaces_instances,
             rollout_id: a.rollout_id.unwrap_or_default(),
+            generation: a.generation,
         }))
     }
 
@@ -421,12 +481,17 @@ impl Agent for AgentService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         AuditNote::set(&req, &req.get_ref().name);
-        let name = req.into_inner().name;
-        check_name("name", &name)?;
-        let d = self.supervisor.delete(&name).await.map_err(to_status)?;
+        let req = req.into_inner();
+        check_name("name", &req.name)?;
+        let d = self
+            .supervisor
+            .delete_if(&req.name, req.expected_revision)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::DeleteResponse {
             name: d.name,
             stopped_instances: d.stopped,
+            generation: d.generation,
         }))
     }
 
@@ -437,7 +502,7 @@ impl Agent for AgentService {
         let name = req.into_inner().name;
         check_name("name", &name)?;
         let s = self.supervisor.get(&name).await.map_err(to_status)?;
-        Ok(Response::new(convert::status_to_proto(&s)))
+        Ok(Response::new(convert::status_to_proto(&s, &self.defaults)))
     }
 
     async fn list(
@@ -446,7 +511,12 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let v = self.supervisor.list().await.map_err(to_status)?;
         Ok(Response::new(pb::ListResponse {
-            services: v.iter().map(convert::status_to_proto).collect(),
+            services: v
+                .services
+                .iter()
+                .map(|s| convert::status_to_proto(s, &self.defaults))
+                .collect(),
+            event_index: v.event_index,
         }))
     }
 
@@ -456,7 +526,10 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let r = self.supervisor.restart(&req.name, req.force).await;
+        let r = self
+            .supervisor
+            .restart_if(&req.name, req.force, req.expected_revision)
+            .await;
         r.map(rollout_response).map_err(to_status)
     }
 
@@ -468,7 +541,7 @@ impl Agent for AgentService {
         check_name("name", &req.name)?;
         let r = self
             .supervisor
-            .rollback(&req.name, req.revision, req.force)
+            .rollback_if(&req.name, req.revision, req.force, req.expected_revision)
             .await;
         r.map(rollout_response).map_err(to_status)
     }
@@ -484,7 +557,7 @@ impl Agent for AgentService {
             .is_some_and(|(svc, n)| spec::valid_service_name(svc) && n.parse::<u64>().is_ok());
         if !valid {
             let shown: String = id.chars().take(80).collect();
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "id: {shown:?} is not a rollout id (<service>-r<number>, as Apply, Restart and Rollback return)"
             )));
         }
@@ -501,13 +574,14 @@ impl Agent for AgentService {
         check_name("name", &req.name)?;
         let s = self
             .supervisor
-            .scale(&req.name, req.replicas)
+            .scale_if(&req.name, req.replicas, req.expected_revision)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ScaleResponse {
             name: s.name,
             previous: s.previous,
             replicas: s.replicas,
+            generation: s.generation,
         }))
     }
 
@@ -519,7 +593,7 @@ impl Agent for AgentService {
         let req = req.into_inner();
         let (number, name) = parse_signal(&req.signal)?;
         if req.instance.is_empty() || req.instance.len() > 80 || req.instance.contains('/') {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "instance: {:?} is not an instance id (like \"web-2\")",
                 req.instance.chars().take(80).collect::<String>()
             )));
@@ -586,6 +660,7 @@ mod tests {
             host: Arc::new(Host::new()),
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
+            defaults: convert::HostDefaults::of_this_process(),
         }
     }
 

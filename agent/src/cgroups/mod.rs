@@ -93,8 +93,8 @@ impl Capabilities {
         self.available.contains(&c)
     }
 
-    /// Why a spec's resources cannot be enforced here, or `None` when they can.
-    pub fn refuse(&self, res: &Resources) -> Option<String> {
+    /// Why a spec's resources cannot be enforced here, one error per field (none when they can).
+    pub fn refuse_fields(&self, res: &Resources) -> Vec<crate::spec::FieldError> {
         let mut why = Vec::new();
         let mut need = |wanted: bool, c: Control, field: &str| {
             if wanted && !self.has(c) {
@@ -104,20 +104,27 @@ impl Capabilities {
                     .find(|(u, _)| *u == c)
                     .map(|(_, r)| r.as_str())
                     .unwrap_or("not available");
-                why.push(format!(
-                    "{field}: this host cannot enforce a {} limit ({reason})",
-                    c.as_str()
+                why.push(crate::spec::FieldError::new(
+                    field,
+                    format!("this host cannot enforce a {} limit ({reason})", c.as_str()),
                 ));
             }
         };
         need(res.cpu.is_some(), Control::Cpu, "resources.cpu");
         need(res.memory.is_some(), Control::Memory, "resources.memory");
         need(res.pids.is_some(), Control::Pids, "resources.pids");
-        if why.is_empty() {
-            None
-        } else {
-            Some(why.join("; "))
-        }
+        why
+    }
+
+    /// [`Capabilities::refuse_fields`] as one line, or `None` when they can be enforced.
+    pub fn refuse(&self, res: &Resources) -> Option<String> {
+        let why = self.refuse_fields(res);
+        (!why.is_empty()).then(|| {
+            why.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
     }
 }
 

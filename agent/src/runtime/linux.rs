@@ -30,7 +30,7 @@ use super::{
     LogStat, ProcessRef, ProcessStatus, Processes, RUN_DIR_FD, SocketBroker, SpawnError, Spawned,
     StartRequest,
 };
-use crate::spec::{Namespace, ServiceSpec, UserSpec};
+use crate::spec::{FieldError, Namespace, ServiceSpec, UserSpec};
 
 /// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
 #[repr(C)]
@@ -565,8 +565,7 @@ impl Processes for LinuxRuntime {
             .collect()
     }
 
-    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
-        use std::os::unix::fs::PermissionsExt;
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), Vec<FieldError>> {
         let mut why = Vec::new();
         if let Some(user) = &spec.user
             && let Err(e) = resolve_identity(Some(user))
@@ -575,28 +574,29 @@ impl Processes for LinuxRuntime {
                 UserSpec::Name(n) => n.clone(),
                 UserSpec::Id { uid, .. } => uid.to_string(),
             };
-            why.push(format!("user: {shown:?}: {e}"));
+            why.push(FieldError::new("user", format!("{shown:?}: {e}")));
         }
-        if let Some(cmd) = spec.command.first()
-            && cmd.starts_with('/')
-        {
-            match fs::metadata(cmd) {
-                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
-                Ok(_) => why.push(format!("command[0]: {cmd:?} is not an executable file")),
-                Err(e) => why.push(format!("command[0]: {cmd:?}: {e}")),
-            }
-        }
+        why.extend(super::preflight::programs(spec));
         match fs::metadata(&spec.workdir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
-            Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
+            Ok(_) => why.push(FieldError::new(
+                "workdir",
+                format!("{:?} is not a directory", spec.workdir),
+            )),
+            Err(e) => why.push(FieldError::new(
+                "workdir",
+                format!("{:?}: {e}", spec.workdir),
+            )),
         }
         if let Some(caps) = &spec.isolation.capabilities
             && let Some(last) = sysctl("/proc/sys/kernel/cap_last_cap")
         {
             for cap in caps.iter().filter(|c| u64::from(c.index()) > last) {
-                why.push(format!(
-                    "isolation.capabilities: this kernel does not know {cap} (its last capability is number {last})"
+                why.push(FieldError::new(
+                    "isolation.capabilities",
+                    format!(
+                        "this kernel does not know {cap} (its last capability is number {last})"
+                    ),
                 ));
             }
         }
@@ -604,21 +604,18 @@ impl Processes for LinuxRuntime {
             && let Some(max) = sysctl("/proc/sys/fs/nr_open")
             && nofile > max
         {
-            why.push(format!(
-                "resources.nofile: {nofile} is above this host's fs.nr_open ({max})"
+            why.push(FieldError::new(
+                "resources.nofile",
+                format!("{nofile} is above this host's fs.nr_open ({max})"),
             ));
         }
         if spec.isolation.readonly_root && !super::mounts::kernel_supports_readonly_root() {
-            why.push(
-                "isolation.readonly_root: this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)"
-                    .to_string(),
-            );
+            why.push(FieldError::new(
+                "isolation.readonly_root",
+                "this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)",
+            ));
         }
-        if why.is_empty() {
-            Ok(())
-        } else {
-            Err(why.join("; "))
-        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
     }
 
     fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError> {
@@ -712,6 +709,29 @@ impl InstanceFiles for LinuxRuntime {
             .unwrap_or_default()
     }
 
+    fn output_tail(&self, instance: &str) -> Option<String> {
+        use super::{OUTPUT_TAIL_BYTES, OUTPUT_TAIL_LINES};
+        // Both streams' last records, of which the stderr ones are kept: a tail of a few
+        // times the lines wanted is enough unless stdout floods, when stderr says little.
+        let t = crate::logs::read_instance(&self.log_root, instance, Some(64), None).ok()?;
+        let lines: Vec<String> = t
+            .lines
+            .into_iter()
+            .filter(|l| l.stream == crate::logs::Stream::Stderr)
+            .map(|l| l.text)
+            .collect();
+        let keep = &lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..];
+        let text = keep.join("\n");
+        if text.is_empty() {
+            return None;
+        }
+        let mut start = text.len().saturating_sub(OUTPUT_TAIL_BYTES);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        Some(text[start..].to_string())
+    }
+
     fn remove_instance_files(&self, instance: &str) {
         for d in [self.run_dir(instance), self.log_dir(instance)] {
             if let Err(e) = fs::remove_dir_all(&d)
@@ -727,6 +747,11 @@ impl SocketBroker for LinuxRuntime {
     fn free_port(&self) -> io::Result<u16> {
         let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
         Ok(l.local_addr()?.port())
+    }
+
+    fn check_port(&self, port: u16) -> io::Result<()> {
+        // std sets SO_REUSEADDR on Unix; binding without listen(2) takes no connection.
+        std::net::TcpListener::bind(("0.0.0.0", port)).map(drop)
     }
 
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {

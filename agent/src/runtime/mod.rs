@@ -16,6 +16,7 @@ pub mod init;
 mod launch;
 pub mod linux;
 mod mounts;
+mod preflight;
 pub mod privileges;
 pub mod probe_exec;
 
@@ -251,9 +252,10 @@ pub trait Processes: Send + Sync + fmt::Debug + 'static {
     fn main_pid(&self, init_pid: i32) -> Option<i32>;
 
     /// Checks against the host that `spec` can run here at all: its user exists, its
-    /// command (when given as an absolute path) is an executable file, its workdir is a
-    /// directory. The error names the field, the value and the reason.
-    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String>;
+    /// command and exec probe are executable files (a bare name found in the service's
+    /// `PATH`), its workdir is a directory. One error per field, naming the value and the
+    /// reason.
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), Vec<crate::spec::FieldError>>;
 
     /// Take over the init of an instance started by an earlier agent run: it must still be
     /// the process with this PID *and* start time (never a process that reuses the PID).
@@ -272,6 +274,11 @@ pub trait Processes: Send + Sync + fmt::Debug + 'static {
     fn roots(&self, pids: &[i32]) -> Vec<i32>;
 }
 
+/// Lines of stderr kept with a failed end.
+pub const OUTPUT_TAIL_LINES: usize = 5;
+/// Bytes of stderr kept with a failed end (the last ones).
+pub const OUTPUT_TAIL_BYTES: usize = 1024;
+
 /// What an instance's init leaves on disk for the agent: how its service ended, what it
 /// reported over `NOTIFY_SOCKET`, the output it could not log; and removing all of it.
 pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
@@ -284,6 +291,10 @@ pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
     /// The init's count of output it could not write to the logs (none: nothing dropped).
     fn log_stat(&self, instance: &str) -> LogStat;
 
+    /// The last lines (at most [`OUTPUT_TAIL_LINES`], [`OUTPUT_TAIL_BYTES`]) the instance's
+    /// service wrote to stderr, for a failed end's status; `None` when it wrote none.
+    fn output_tail(&self, instance: &str) -> Option<String>;
+
     /// Forget an instance's run and log state on disk (service deleted).
     fn remove_instance_files(&self, instance: &str);
 }
@@ -293,6 +304,12 @@ pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
 pub trait SocketBroker: Send + Sync + fmt::Debug + 'static {
     /// Pick a free TCP port on the host for a `[ports]` entry set to `auto`.
     fn free_port(&self) -> std::io::Result<u16>;
+
+    /// Whether an instance could bind a fixed `[ports]` port on the host's network: the port
+    /// is bound on every IPv4 address (with `SO_REUSEADDR`, so connections of an earlier
+    /// listener still in `TIME_WAIT` do not count) and let go at once, without listening.
+    /// `EADDRINUSE` means another socket holds it.
+    fn check_port(&self, port: u16) -> std::io::Result<()>;
 
     /// Bind and listen on a `[[sockets]]` address (a stale Unix socket file is replaced).
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;

@@ -113,7 +113,11 @@ impl ServiceSpec {
         if !self.isolation.has(Namespace::Uts) {
             return None;
         }
-        let template = self.isolation.hostname.as_deref().unwrap_or("{instance}");
+        let template = self
+            .isolation
+            .hostname
+            .as_deref()
+            .unwrap_or(super::validate::DEFAULT_HOSTNAME);
         Some(expand_hostname(template, &self.name, index))
     }
 }

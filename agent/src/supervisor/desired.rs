@@ -59,6 +59,10 @@ pub struct Desired {
     pub past: Vec<Rollout>,
     /// A rollout failed without a rollback: nothing more is replaced until the next one.
     pub paused: bool,
+    /// 1 at creation, incremented by every accepted change of the desired state (apply,
+    /// scale, restart, rollback, an automatic rollback): what `expected_revision` is
+    /// compared with, so concurrent writers never overwrite each other unknowingly.
+    pub generation: u64,
 }
 
 /// The target of a rollout.
@@ -91,6 +95,9 @@ pub struct Record {
     pub past: Vec<Rollout>,
     #[serde(default)]
     pub paused: bool,
+    /// Absent in records written before generations existed: read as 1.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,6 +120,7 @@ impl Desired {
             rollout: None,
             past: Vec::new(),
             paused: false,
+            generation: 1,
         }
     }
 
@@ -140,6 +148,7 @@ impl Desired {
             rollout: r.rollout,
             past: r.past,
             paused: r.paused,
+            generation: r.generation.max(1),
         })
     }
 
@@ -162,6 +171,7 @@ impl Desired {
             rollout: self.rollout.clone(),
             past: self.past.clone(),
             paused: self.paused,
+            generation: self.generation,
         }
     }
 
@@ -347,6 +357,7 @@ impl Desired {
                 };
                 let n = to_replace(&target);
                 let (id, _) = self.begin(service, Kind::AutoRollback, target.clone(), n, now);
+                self.generation += 1;
                 if let Some(new) = self.rollout.as_mut() {
                     new.rollback_of = failed.clone();
                 }

@@ -5,7 +5,7 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ApplyOutcome, Deleted, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
+    ApplyOutcome, Deleted, Listing, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
     SupervisorError,
 };
 use crate::rollout::record::Rollout;
@@ -23,12 +23,14 @@ pub(super) enum Request {
         spec: Box<ServiceSpec>,
         dry_run: bool,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<ApplyOutcome>,
     },
     /// Replace every instance with a fresh one of the same spec, as a rollout.
     Restart {
         name: String,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<RolloutStarted>,
     },
     /// Go back to a kept revision (the previous one when `None`), as a rollout.
@@ -36,6 +38,7 @@ pub(super) enum Request {
         name: String,
         revision: Option<u64>,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<RolloutStarted>,
     },
     GetRollout {
@@ -45,6 +48,7 @@ pub(super) enum Request {
     /// Stop every instance of a service and remove it; answered once it is gone.
     Delete {
         name: String,
+        expected: Option<u64>,
         reply: Reply<Deleted>,
     },
     Get {
@@ -52,11 +56,12 @@ pub(super) enum Request {
         reply: Reply<ServiceStatus>,
     },
     List {
-        reply: Reply<Vec<ServiceStatus>>,
+        reply: Reply<Listing>,
     },
     Scale {
         name: String,
         replicas: u32,
+        expected: Option<u64>,
         reply: Reply<Scaled>,
     },
     /// Send `signal` (a number) to the service process of one running instance.
@@ -97,11 +102,24 @@ impl SupervisorHandle {
         dry_run: bool,
         force: bool,
     ) -> Result<ApplyOutcome, SupervisorError> {
+        self.apply_if(spec, dry_run, force, None).await
+    }
+
+    /// [`SupervisorHandle::apply`], only while the service's generation is `expected` (0:
+    /// only if the service does not exist), else `GenerationMismatch`.
+    pub async fn apply_if(
+        &self,
+        spec: ServiceSpec,
+        dry_run: bool,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<ApplyOutcome, SupervisorError> {
         let spec = Box::new(spec);
         self.ask(|reply| Request::Apply {
             spec,
             dry_run,
             force,
+            expected,
             reply,
         })
         .await
@@ -112,9 +130,24 @@ impl SupervisorHandle {
         name: &str,
         force: bool,
     ) -> Result<RolloutStarted, SupervisorError> {
+        self.restart_if(name, force, None).await
+    }
+
+    /// [`SupervisorHandle::restart`] only at generation `expected`.
+    pub async fn restart_if(
+        &self,
+        name: &str,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<RolloutStarted, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::Restart { name, force, reply })
-            .await
+        self.ask(|reply| Request::Restart {
+            name,
+            force,
+            expected,
+            reply,
+        })
+        .await
     }
 
     pub async fn rollback(
@@ -123,11 +156,23 @@ impl SupervisorHandle {
         revision: Option<u64>,
         force: bool,
     ) -> Result<RolloutStarted, SupervisorError> {
+        self.rollback_if(name, revision, force, None).await
+    }
+
+    /// [`SupervisorHandle::rollback`] only at generation `expected`.
+    pub async fn rollback_if(
+        &self,
+        name: &str,
+        revision: Option<u64>,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<RolloutStarted, SupervisorError> {
         let name = name.to_string();
         self.ask(|reply| Request::Rollback {
             name,
             revision,
             force,
+            expected,
             reply,
         })
         .await
@@ -140,8 +185,22 @@ impl SupervisorHandle {
 
     /// Stop every instance of a service and remove it; answers once it is gone.
     pub async fn delete(&self, name: &str) -> Result<Deleted, SupervisorError> {
+        self.delete_if(name, None).await
+    }
+
+    /// [`SupervisorHandle::delete`] only at generation `expected`.
+    pub async fn delete_if(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+    ) -> Result<Deleted, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::Delete { name, reply }).await
+        self.ask(|reply| Request::Delete {
+            name,
+            expected,
+            reply,
+        })
+        .await
     }
 
     /// One service's status, its usage read now.
@@ -151,15 +210,26 @@ impl SupervisorHandle {
     }
 
     /// Every service's status, with usage read within the last second.
-    pub async fn list(&self) -> Result<Vec<ServiceStatus>, SupervisorError> {
+    pub async fn list(&self) -> Result<Listing, SupervisorError> {
         self.ask(|reply| Request::List { reply }).await
     }
 
     pub async fn scale(&self, name: &str, replicas: u32) -> Result<Scaled, SupervisorError> {
+        self.scale_if(name, replicas, None).await
+    }
+
+    /// [`SupervisorHandle::scale`] only at generation `expected`.
+    pub async fn scale_if(
+        &self,
+        name: &str,
+        replicas: u32,
+        expected: Option<u64>,
+    ) -> Result<Scaled, SupervisorError> {
         let name = name.to_string();
         self.ask(|reply| Request::Scale {
             name,
             replicas,
+            expected,
             reply,
         })
         .await

@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use crate::cgroups::CgroupStats;
 use crate::health::{HealthState, ServiceHealth};
 use crate::rollout::record::Rollout;
-use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
+use crate::spec::{FieldError, InstanceKey, ListenAddr, ServiceSpec, SpecError};
 use crate::store::StoreError;
 
 pub use desired::ApplyKind;
@@ -43,6 +43,8 @@ pub struct ApplyOutcome {
     pub replaces_instances: bool,
     /// The rollout that replaces the instances, when one was started.
     pub rollout_id: Option<String>,
+    /// The service's generation after the apply (as a dry run: what it would be).
+    pub generation: u64,
 }
 
 /// A rollout started by `Restart` or `Rollback`.
@@ -52,6 +54,8 @@ pub struct RolloutStarted {
     /// The revision the service now targets.
     pub revision: u64,
     pub rollout_id: String,
+    /// The service's generation after the call.
+    pub generation: u64,
 }
 
 /// A service deleted: every instance stopped, its cgroups removed.
@@ -60,6 +64,8 @@ pub struct Deleted {
     pub name: String,
     /// Instances that were running when the delete began.
     pub stopped: u32,
+    /// The generation the service had when it was deleted.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +73,8 @@ pub struct Scaled {
     pub name: String,
     pub previous: u32,
     pub replicas: u32,
+    /// The service's generation after the scale.
+    pub generation: u64,
 }
 
 /// A signal delivered to an instance.
@@ -75,6 +83,15 @@ pub struct Signaled {
     pub instance: InstanceKey,
     /// The process that got it (the service's main process when known, else its init).
     pub pid: i32,
+}
+
+/// Every service's status, and the event index they reflect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    /// By name.
+    pub services: Vec<ServiceStatus>,
+    /// The index of the last event the statuses reflect.
+    pub event_index: u64,
 }
 
 /// Counts for the node report.
@@ -138,6 +155,11 @@ pub struct ServiceStatus {
     pub revisions: Vec<u64>,
     /// A rollout failed and was not rolled back: nothing more is replaced for now.
     pub paused: bool,
+    /// See [`desired::Desired::generation`].
+    pub generation: u64,
+    /// The index of the last event this status reflects (the driver emits every event, so
+    /// nothing after it is in this status and nothing up to it is missing).
+    pub event_index: u64,
 }
 
 /// Why the supervisor refused or could not do what it was asked. Each variant carries what
@@ -174,6 +196,16 @@ pub enum SupervisorError {
         revision: u64,
         kept: Vec<u64>,
     },
+    #[error(
+        "expected_revision: service {name:?} is at generation {}, not {expected} (read it again, then decide)",
+        current.map_or_else(|| "none (it does not exist)".to_string(), |c| c.to_string())
+    )]
+    GenerationMismatch {
+        name: String,
+        expected: u64,
+        /// `None`: the service does not exist.
+        current: Option<u64>,
+    },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]
@@ -183,8 +215,8 @@ pub enum SupervisorError {
     },
     /// The host cannot enforce what the spec asks for, or lacks what it needs: one reason
     /// per field, each naming it.
-    #[error("{}", reasons.join("; "))]
-    Unenforceable { reasons: Vec<String> },
+    #[error("{}", reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Unenforceable { reasons: Vec<FieldError> },
     #[error("sockets[{index}].listen: cannot listen on {listen}: {source}")]
     Listen {
         index: usize,

@@ -472,7 +472,9 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
     .await;
     // Each refusal names the field.
     let refused = |e: &SupervisorError, field: &str| match e {
-        SupervisorError::Unenforceable { reasons } => reasons.iter().any(|r| r.contains(field)),
+        SupervisorError::Unenforceable { reasons } => {
+            reasons.iter().any(|r| r.to_string().contains(field))
+        }
         _ => false,
     };
     let memory = "name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n";

@@ -100,7 +100,7 @@ pub async fn run(
         Command::Restart(args) => rollout::restart(&conn, output, &args, out, err, console).await,
         Command::Rollback(args) => rollout::rollback(&conn, output, &args, out, err, console).await,
         Command::Rollout(args) => rollout::show(&conn, output, &args.id, out).await,
-        Command::Delete(args) => service::delete(&conn, output, &args.name, out).await,
+        Command::Delete(args) => service::delete(&conn, output, &args, out).await,
         Command::Node => service::node(&conn, output, out).await,
         Command::Signal(args) => {
             service::signal(&conn, output, &args.instance, &args.signal, out).await

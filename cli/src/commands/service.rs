@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use super::Outcome;
-use crate::args::{ConnectArgs, Format, ScaleArgs};
+use crate::args::{ConnectArgs, DeleteArgs, Format, ScaleArgs};
 use crate::client;
 use crate::render;
 use crate::views::{DeleteView, NodeView, ScaleView, ServiceView, SignalView};
@@ -55,7 +55,7 @@ pub async fn scale(
 ) -> anyhow::Result<Outcome> {
     let resp = client::connect(conn)
         .await?
-        .scale(&args.name, args.replicas)
+        .scale(&args.name, args.replicas, args.expected_revision)
         .await?;
     match format {
         Format::Json => render::write_json(out, &ScaleView::from(&resp))?,
@@ -67,10 +67,13 @@ pub async fn scale(
 pub async fn delete(
     conn: &ConnectArgs,
     format: Format,
-    name: &str,
+    args: &DeleteArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    let resp = client::connect(conn).await?.delete(name).await?;
+    let resp = client::connect(conn)
+        .await?
+        .delete(&args.name, args.expected_revision)
+        .await?;
     match format {
         Format::Json => render::write_json(out, &DeleteView::from(&resp))?,
         Format::Table => render::write_delete(out, &resp)?,

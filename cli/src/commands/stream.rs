@@ -157,6 +157,7 @@ pub fn watch_request(args: &EventsArgs) -> pb::WatchRequest {
             .unwrap_or_default(),
         follow: args.follow,
         last,
+        ..Default::default()
     }
 }
 

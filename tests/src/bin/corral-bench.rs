@@ -633,6 +633,7 @@ async fn events() {
             .scale(pb::ScaleRequest {
                 name: "ev".into(),
                 replicas: (i % 2) as u32,
+                ..Default::default()
             })
             .await
             .expect("scale");
@@ -709,6 +710,7 @@ async fn rollout(rounds: usize) {
                 .restart(pb::RestartRequest {
                     name: "roll".into(),
                     force: false,
+                    ..Default::default()
                 })
                 .await
                 .expect("restart")
@@ -750,6 +752,7 @@ async fn rollout(rounds: usize) {
                 instance: String::new(),
                 follow: false,
                 last: 2000,
+                ..Default::default()
             })
             .await
             .expect("watch")

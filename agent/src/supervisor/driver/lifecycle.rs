@@ -281,6 +281,7 @@ impl Driver {
             sockets,
             delete_waiters,
             stopped_on_delete,
+            d,
             ..
         }) = self.services.remove(name)
         else {
@@ -300,6 +301,7 @@ impl Driver {
                 Ok(Deleted {
                     name: name.to_string(),
                     stopped: stopped_on_delete,
+                    generation: d.generation,
                 }),
             );
         }

@@ -217,24 +217,55 @@ impl Driver {
                 spec,
                 dry_run,
                 force,
+                expected,
                 reply,
-            } => answer(reply, self.apply(*spec, dry_run, force)),
-            Request::Restart { name, force, reply } => answer(reply, self.restart(&name, force)),
+            } => answer(
+                reply,
+                self.expect_generation(&spec.name, expected)
+                    .and_then(|()| self.apply(*spec, dry_run, force)),
+            ),
+            Request::Restart {
+                name,
+                force,
+                expected,
+                reply,
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.restart(&name, force)),
+            ),
             Request::Rollback {
                 name,
                 revision,
                 force,
+                expected,
                 reply,
-            } => answer(reply, self.rollback(&name, revision, force)),
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.rollback(&name, revision, force)),
+            ),
             Request::GetRollout { id, reply } => answer(reply, self.get_rollout(&id)),
-            Request::Delete { name, reply } => self.delete(&name, reply),
+            Request::Delete {
+                name,
+                expected,
+                reply,
+            } => match self.expect_generation(&name, expected) {
+                Ok(()) => self.delete(&name, reply),
+                Err(e) => answer(reply, Err(e)),
+            },
             Request::Get { name, reply } => answer(reply, self.get(&name)),
             Request::List { reply } => answer(reply, Ok(self.list())),
             Request::Scale {
                 name,
                 replicas,
+                expected,
                 reply,
-            } => answer(reply, self.scale(&name, replicas)),
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.scale(&name, replicas)),
+            ),
             Request::Signal {
                 instance,
                 signal,

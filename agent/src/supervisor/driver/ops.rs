@@ -3,7 +3,7 @@
 //! and the host, saves the new desired state before anything takes effect, and leaves the
 //! rest to reconciling.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -16,7 +16,7 @@ use crate::events::EventKind;
 use crate::rollout::record::{Kind, Rollout, State as RolloutState};
 use crate::runtime::ProcessRef;
 use crate::runtime::init::FORWARDED;
-use crate::spec::{self, InstanceKey, ServiceSpec};
+use crate::spec::{self, FieldError, InstanceKey, ServiceSpec};
 use crate::supervisor::desired::{Desired, Target};
 use crate::supervisor::instance::State;
 use crate::supervisor::{
@@ -40,6 +40,12 @@ impl Driver {
     ) -> Result<ApplyOutcome, SupervisorError> {
         let name = spec.name.clone();
         let plan = self.plan_apply(&spec)?;
+        let current = self.services.get(&name).map(|s| s.d.generation);
+        let generation = match (plan.kind, current) {
+            (ApplyKind::Unchanged, Some(g)) => g,
+            (_, Some(g)) => g + 1,
+            (_, None) => 1,
+        };
         let mut outcome = ApplyOutcome {
             name: name.clone(),
             revision: plan.revision,
@@ -47,6 +53,7 @@ impl Driver {
             changes: plan.changes,
             replaces_instances: plan.replaces,
             rollout_id: None,
+            generation,
         };
         if plan.kind != ApplyKind::Unchanged {
             self.admission(&spec)?;
@@ -124,6 +131,7 @@ impl Driver {
             return Ok(None);
         };
         let mut d = svc.d.clone();
+        d.generation += 1;
         let mut superseded = None;
         if kind == ApplyKind::Scaled {
             if let Some(r) = d.running_mut() {
@@ -214,6 +222,8 @@ impl Driver {
     ) -> Result<RolloutStarted, SupervisorError> {
         let revision = target.revision;
         let (id, superseded) = d.begin(name, kind, target, to_replace, SystemTime::now());
+        d.generation += 1;
+        let generation = d.generation;
         self.persist(name, &d)?;
         if let Some(svc) = self.services.get_mut(name) {
             svc.d = d;
@@ -223,6 +233,7 @@ impl Driver {
             name: name.to_string(),
             revision,
             rollout_id: id,
+            generation,
         })
     }
 
@@ -245,8 +256,11 @@ impl Driver {
         }
         let svc = self.service_for_rollout(name)?;
         let previous = svc.d.spec.replicas;
+        let mut generation = svc.d.generation;
         if previous != replicas {
             let mut d = svc.d.clone();
+            d.generation += 1;
+            generation = d.generation;
             let mut spec = (*d.spec).clone();
             spec.replicas = replicas;
             // Some rules depend on the instance count (a fixed port cannot be shared by
@@ -268,6 +282,7 @@ impl Driver {
             name: name.into(),
             previous,
             replicas,
+            generation,
         })
     }
 
@@ -356,24 +371,86 @@ impl Driver {
     /// What this host cannot enforce for `spec`, or what the spec needs that is not there.
     fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         let mut why = Vec::new();
-        if let Some(r) = self.deps.cgroups.capabilities().refuse(&spec.resources) {
-            why.push(r);
-        }
+        why.extend(
+            self.deps
+                .cgroups
+                .capabilities()
+                .refuse_fields(&spec.resources),
+        );
         for ns in &spec.isolation.namespaces {
             if !self.deps.namespaces.contains(ns) {
-                why.push(format!(
-                    "isolation.namespaces: this host does not let the agent create a {} namespace",
-                    ns.as_str()
+                why.push(FieldError::new(
+                    "isolation.namespaces",
+                    format!(
+                        "this host does not let the agent create a {} namespace",
+                        ns.as_str()
+                    ),
                 ));
             }
         }
         if let Err(e) = self.deps.processes.preflight(spec) {
-            why.push(e);
+            why.extend(e);
         }
+        why.extend(self.busy_ports(spec));
         if why.is_empty() {
             Ok(())
         } else {
             Err(SupervisorError::Unenforceable { reasons: why })
+        }
+    }
+
+    /// The fixed `[ports]` of `spec` another process holds on the host's network, found by
+    /// binding each (an instance binds it itself, so it would only crash-loop on
+    /// `EADDRINUSE`). A port this service's own present instances were given is theirs, not
+    /// checked; with a private network (`net`) nothing is.
+    fn busy_ports(&self, spec: &ServiceSpec) -> Vec<FieldError> {
+        if spec.isolation.has(spec::Namespace::Net) {
+            return Vec::new();
+        }
+        let own: BTreeSet<u16> = self
+            .services
+            .get(&spec.name)
+            .into_iter()
+            .flat_map(|svc| svc.instances().filter(|i| present(i)))
+            .flat_map(|i| fixed_ports(&i.spec))
+            .collect();
+        spec.ports
+            .iter()
+            .filter_map(|(name, p)| match p {
+                spec::PortSpec::Fixed(port) if !own.contains(port) => Some((name, *port)),
+                _ => None,
+            })
+            .filter_map(|(name, port)| {
+                let e = self.deps.sockets.check_port(port).err()?;
+                let why = if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    format!("port {port} is already in use on this host by another process ({e})")
+                } else {
+                    format!("port {port} cannot be bound on this host: {e}")
+                };
+                Some(FieldError::new(format!("ports.{name}"), why))
+            })
+            .collect()
+    }
+
+    /// Refuse a write whose `expected` generation is not the service's (0 expects no
+    /// service). `None`: no expectation.
+    pub(super) fn expect_generation(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+    ) -> Result<(), SupervisorError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        let current = self.services.get(name).map(|s| s.d.generation);
+        if current.unwrap_or(0) == expected {
+            Ok(())
+        } else {
+            Err(SupervisorError::GenerationMismatch {
+                name: name.to_string(),
+                expected,
+                current,
+            })
         }
     }
 
@@ -412,6 +489,14 @@ fn rollback_revision(name: &str, d: &Desired, asked: Option<u64>) -> Result<u64,
                 kept: d.revisions(),
             }),
     }
+}
+
+/// The fixed ports of a spec.
+fn fixed_ports(spec: &ServiceSpec) -> impl Iterator<Item = u16> + '_ {
+    spec.ports.values().filter_map(|p| match p {
+        spec::PortSpec::Fixed(port) => Some(*port),
+        spec::PortSpec::Auto => None,
+    })
 }
 
 /// The epoch most present instances of `revision` run (the highest on a tie), if any runs.

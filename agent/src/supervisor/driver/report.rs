@@ -14,7 +14,7 @@ use crate::health::{HealthState, ServiceHealth};
 use crate::runtime::LogStat;
 use crate::spec::InstanceKey;
 use crate::supervisor::instance::{Phase, State};
-use crate::supervisor::{InstanceStatus, ServiceStatus, Summary, SupervisorError};
+use crate::supervisor::{InstanceStatus, Listing, ServiceStatus, Summary, SupervisorError};
 
 /// The shortest span a CPU rate is computed over.
 const RATE_MIN_SPAN: Duration = Duration::from_millis(500);
@@ -65,11 +65,16 @@ impl Driver {
     }
 
     /// Every service's status, with usage read within the last [`USAGE_TTL`].
-    pub(super) fn list(&mut self) -> Vec<ServiceStatus> {
-        self.services
+    pub(super) fn list(&mut self) -> Listing {
+        let services = self
+            .services
             .iter_mut()
             .map(|(name, svc)| service_status(&self.deps, name, svc, false))
-            .collect()
+            .collect();
+        Listing {
+            services,
+            event_index: last_event(&self.deps),
+        }
     }
 
     pub(super) fn summary(&self) -> Summary {
@@ -128,7 +133,15 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         rollout: svc.d.rollout.clone(),
         revisions: svc.d.revisions(),
         paused: svc.d.paused,
+        generation: svc.d.generation,
+        event_index: last_event(deps),
     }
+}
+
+/// The index of the last event appended. Every event is appended by this task, so a status
+/// built now reflects exactly the events up to it.
+fn last_event(deps: &Deps) -> u64 {
+    deps.events.next().saturating_sub(1)
 }
 
 /// What a live instance adds to its status.

@@ -14,7 +14,7 @@ use crate::events::{EventKind, ReadyVia};
 use crate::health::{self, Change, HealthState, ProbeHandle, ProbeReport, Prober, Target, Tracker};
 use crate::runtime::{ExecRequest, InitExit, ProcessRef, Spawned};
 use crate::spec::{HealthSpec, InstanceKey};
-use crate::supervisor::instance::{Event, Instance, ProcessEnd, State, StopReason};
+use crate::supervisor::instance::{Event, ExitClass, Instance, ProcessEnd, State, StopReason};
 
 /// How often an instance that has not yet sent `READY=1` is checked for it.
 const NOTIFY_POLL: Duration = Duration::from_millis(100);
@@ -185,7 +185,10 @@ impl Driver {
             oom_kills,
             killed_after_grace,
         };
-        let info = end.info(SystemTime::now(), unobserved);
+        let mut info = end.info(SystemTime::now(), unobserved);
+        if !info.is_success() && !matches!(info.class, ExitClass::StopTimeout) {
+            info.output = self.deps.files.output_tail(&key.to_string());
+        }
         let detail = info.setup_error.as_deref().unwrap_or("");
         tracing::info!(instance = %key, end = %info.class, oom_kills, error = detail, "instance ended");
         if oom_kills > 0 {
