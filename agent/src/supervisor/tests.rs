@@ -821,6 +821,8 @@ async fn a_new_revision_that_never_gets_ready_is_rolled_back_keeping_untouched_i
     );
     let s = r.status("web").await;
     assert_eq!(s.revision, 1);
+    // Created (1), updated (2), rolled back by the agent (3): a writer holding 2 is told.
+    assert_eq!(s.generation, 3);
     assert_eq!(
         r.running("web").await,
         before,
@@ -1004,4 +1006,123 @@ async fn scaling_during_a_rollout_ends_with_the_new_count() {
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 5);
     assert!(s.instances.iter().all(|i| i.state == Phase::Running));
+}
+
+/// The generation counts every accepted change of the desired state and nothing else; a
+/// write expecting another one is refused and changes nothing; it survives an agent restart.
+#[tokio::test(start_paused = true)]
+async fn generations_count_changes_and_guard_writes() {
+    let r = rig().await;
+    let h = &r.handle;
+    let mismatch = |e: SupervisorError, want: Option<u64>| match e {
+        SupervisorError::GenerationMismatch { current, .. } => assert_eq!(current, want),
+        other => panic!("expected a mismatch, got {other:?}"),
+    };
+    // 0 expects no service.
+    mismatch(
+        h.apply_if(*spec(WEB), false, false, Some(1))
+            .await
+            .expect_err("absent"),
+        None,
+    );
+    assert_eq!(
+        h.apply_if(*spec(WEB), false, false, Some(0))
+            .await
+            .expect("create")
+            .generation,
+        1
+    );
+    settle().await;
+    let steps: Vec<(&str, u64)> = vec![
+        ("unchanged apply", 1),
+        ("dry run", 1),
+        ("scale to the same count", 1),
+        ("scale", 2),
+        ("update", 3),
+        ("restart", 4),
+        ("rollback", 5),
+    ];
+    for (what, want) in steps {
+        let got = match what {
+            "unchanged apply" => h
+                .apply(*spec(WEB), false, false)
+                .await
+                .map(|a| a.generation),
+            "dry run" => h
+                .apply(*spec(&WEB.replace("/bin/app", "/bin/x")), true, false)
+                .await
+                .map(|a| a.generation - 1),
+            "scale to the same count" => h.scale("web", 3).await.map(|s| s.generation),
+            "scale" => h.scale_if("web", 4, Some(1)).await.map(|s| s.generation),
+            "update" => h
+                .apply_if(
+                    *spec(&WEB.replace("/bin/app", "/bin/v2")),
+                    false,
+                    true,
+                    Some(2),
+                )
+                .await
+                .map(|a| a.generation),
+            "restart" => h
+                .restart_if("web", true, Some(3))
+                .await
+                .map(|x| x.generation),
+            "rollback" => h
+                .rollback_if("web", None, true, Some(4))
+                .await
+                .map(|x| x.generation),
+            _ => unreachable!(),
+        };
+        assert_eq!(got.expect(what), want, "{what}");
+        assert_eq!(r.status("web").await.generation, want, "{what}");
+    }
+    // A stale writer changes nothing.
+    mismatch(
+        h.scale_if("web", 1, Some(4)).await.expect_err("stale"),
+        Some(5),
+    );
+    mismatch(
+        h.delete_if("web", Some(4)).await.expect_err("stale"),
+        Some(5),
+    );
+    // (The update's spec has 3 replicas again.)
+    assert_eq!(r.status("web").await.desired, 3);
+    // Saved with the service: an agent started again knows it.
+    let again = r.fakes().start().await;
+    assert_eq!(again.status("web").await.generation, 5);
+}
+
+/// A fixed port another process holds refuses the apply, naming the port's field; the
+/// service's own running instance holding it does not refuse an update of that service.
+#[tokio::test(start_paused = true)]
+async fn a_fixed_port_held_elsewhere_is_refused() {
+    let r = rig().await;
+    let text = "name = \"p\"\ncommand = [\"/bin/app\"]\n[ports]\nadmin = 9100\n";
+    r.rt.hold_port(9100);
+    match r.apply(text).await {
+        Err(SupervisorError::Unenforceable { reasons }) => {
+            assert_eq!(reasons.len(), 1, "{reasons:?}");
+            assert_eq!(reasons[0].field, "ports.admin");
+            assert!(reasons[0].message.contains("port 9100 is already in use"));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(r.handle.get("p").await.is_err(), "nothing applied");
+    // With a private network the port is the instance's own: not checked.
+    let private = format!("{text}[isolation]\nnamespaces = [\"pid\", \"mount\", \"net\"]\n");
+    r.apply(&private).await.expect("net namespace");
+    // A service whose running instance holds its port (the fake now says it is taken)
+    // may still be updated; another service asking for that port is refused.
+    let own = "name = \"q\"\ncommand = [\"/bin/app\"]\n[ports]\nadmin = 9200\n";
+    r.apply(own).await.expect("free");
+    settle().await;
+    r.rt.hold_port(9200);
+    r.apply(&own.replace("/bin/app", "/bin/v2"))
+        .await
+        .expect("its own instance holds it");
+    let other = own.replace("\"q\"", "\"o\"");
+    assert!(matches!(
+        r.apply(&other).await,
+        Err(SupervisorError::Unenforceable { .. })
+    ));
 }
