@@ -73,7 +73,7 @@ fn check_apply(
         source: Some(source),
         dry_run: true,
         force: false,
-        expected_revision: Default::default(),
+        ..Default::default()
     };
     let answer = api.rt.block_on(api.service.apply(Request::new(request)));
     match (answer, expected) {
@@ -208,7 +208,7 @@ proptest! {
                     name: name.clone(),
                     revision,
                     force: true,
-                    expected_revision: Default::default(),
+                    ..Default::default()
                 }))
                 .await;
             check_status("Rollback", &["name", "revision"], &rollback.expect_err("no services"), invalid_or_missing)?;
@@ -246,7 +246,7 @@ proptest! {
                     instance: instance.clone(),
                     follow: false,
                     last,
-                    bookmark_interval_ms: Default::default(),
+                    ..Default::default()
                 }))
                 .await;
             match watch {

@@ -93,7 +93,7 @@ pub enum Command {
 
     /// List services with their instance counts.
     #[command(visible_alias = "list")]
-    Ls,
+    Ls(LsArgs),
 
     /// Show a service's limits, its running or last rollout, the revisions kept for rollback,
     /// and the state of each of its instances.
@@ -278,8 +278,20 @@ impl FromStr for Since {
     }
 }
 
+/// A label selector, as `ls` and `events` take it.
+const SELECTOR_HELP: &str = "Only services whose labels match: comma-separated requirements, all of which must hold: key=value, key!=value, key in (a,b), key notin (a,b), key (has it), !key (has it not)";
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[arg(short = 'l', long, value_name = "SELECTOR", help = SELECTOR_HELP)]
+    pub selector: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct EventsArgs {
+    #[arg(short = 'l', long, value_name = "SELECTOR", help = SELECTOR_HELP)]
+    pub selector: Option<String>,
+
     /// Keep printing events as they happen, until Ctrl-C.
     #[arg(short = 'f', long)]
     pub follow: bool,
@@ -655,7 +667,14 @@ mod tests {
     #[test]
     fn read_commands_take_an_output_format_before_or_after_the_command() {
         let cli = parse(&["ls"]).unwrap();
-        assert!(matches!(cli.command, Command::Ls));
+        assert!(matches!(
+            cli.command,
+            Command::Ls(LsArgs { selector: None })
+        ));
+        let cli = parse(&["ls", "-l", "app=web,tier!=db"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Ls(LsArgs { selector: Some(s) }) if s == "app=web,tier!=db")
+        );
         assert_eq!(cli.output, Format::Table);
 
         let cli = parse(&["ls", "-o", "json"]).unwrap();
@@ -666,7 +685,7 @@ mod tests {
         let cli = parse(&["status", "web", "--output", "json"]).unwrap();
         assert_eq!(cli.output, Format::Json);
         assert!(matches!(cli.command, Command::Status(NameArgs { name }) if name == "web"));
-        assert!(matches!(parse(&["list"]).unwrap().command, Command::Ls));
+        assert!(matches!(parse(&["list"]).unwrap().command, Command::Ls(_)));
     }
 
     #[test]

@@ -111,8 +111,28 @@ impl Session {
     }
 
     pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
-        let reply = self.client.list(pb::ListRequest {}).await;
+        let reply = self.client.list(pb::ListRequest::default()).await;
         self.reply(reply)
+    }
+
+    /// Every service whose labels match `selector` (empty: all), page after page.
+    pub async fn list_all(&mut self, selector: &str) -> anyhow::Result<Vec<pb::ServiceStatus>> {
+        let mut services = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListRequest {
+                selector: selector.to_owned(),
+                page_token,
+                ..Default::default()
+            };
+            let reply = self.client.list(request).await;
+            let page = self.reply(reply)?;
+            services.extend(page.services);
+            if page.next_page_token.is_empty() {
+                return Ok(services);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn scale(

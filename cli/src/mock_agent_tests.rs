@@ -414,8 +414,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
         rollout: None,
         revisions: (1..=revision).collect(),
         paused: false,
-        event_index: Default::default(),
-        generation: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -529,7 +528,7 @@ impl Agent for FakeAgent {
             replaces_instances: outcome == "updated",
             changes,
             rollout_id,
-            generation: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -542,7 +541,7 @@ impl Agent for FakeAgent {
             Some((_, replicas, _)) => Ok(Response::new(DeleteResponse {
                 name,
                 stopped_instances: replicas,
-                generation: Default::default(),
+                ..Default::default()
             })),
             None => Err(Status::not_found(format!("service \"{name}\" not found"))),
         }
@@ -582,7 +581,7 @@ impl Agent for FakeAgent {
                 .rev()
                 .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
-            event_index: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -600,7 +599,7 @@ impl Agent for FakeAgent {
             name: req.name,
             previous,
             replicas: req.replicas,
-            generation: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -624,7 +623,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision,
             rollout_id,
-            generation: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -651,7 +650,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision: to,
             rollout_id,
-            generation: Default::default(),
+            ..Default::default()
         }))
     }
 
@@ -1229,7 +1228,7 @@ async fn events_print_the_last_50_by_default() {
             instance: String::new(),
             follow: false,
             last: 50,
-            bookmark_interval_ms: Default::default(),
+            ..Default::default()
         }
     );
 
@@ -1455,7 +1454,7 @@ async fn restart_starts_a_rollout_and_prints_its_id() {
         [RestartRequest {
             name: "web".into(),
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         }]
     );
     let run = agent.run(&["restart", "web", "-o", "json"]).await;

@@ -914,6 +914,8 @@ pub fn write_apply(
         ("scaled", false) => format!("scaled (revision {rev})"),
         ("scaled", true) => "would be scaled".to_owned(),
         ("unchanged", _) => format!("unchanged (revision {rev})"),
+        ("labeled", false) => format!("labels updated (revision {rev})"),
+        ("labeled", true) => "would have its labels updated".to_owned(),
         (other, false) => format!("{other} (revision {rev})"),
         (other, true) => format!("would be {other}"),
     };
@@ -1092,7 +1094,7 @@ mod tests {
                 at: Some(at(now, -500)),
                 text: "oom_killed".into(),
                 detail: String::new(),
-                stderr_tail: Default::default(),
+                ..Default::default()
             }),
             usage: Some(pb::ResourceUsage::default()),
             started_at: None,
@@ -1155,8 +1157,7 @@ mod tests {
             rollout: None,
             revisions: Vec::new(),
             paused: false,
-            event_index: Default::default(),
-            generation: Default::default(),
+            ..Default::default()
         }
     }
 
@@ -1444,7 +1445,7 @@ services:     2 (5 instances)
             changes: changes.iter().map(|c| (*c).to_owned()).collect(),
             replaces_instances: replaces,
             rollout_id: String::new(),
-            generation: Default::default(),
+            ..Default::default()
         };
         let cases = [
             (
@@ -1494,7 +1495,7 @@ services:     2 (5 instances)
             name: "web".into(),
             previous: 2,
             replicas: 5,
-            generation: Default::default(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_scale(o, &r)),
@@ -1505,7 +1506,7 @@ services:     2 (5 instances)
         let r = pb::DeleteResponse {
             name: "web".into(),
             stopped_instances: 1,
-            generation: Default::default(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_delete(o, &r)),
@@ -1722,7 +1723,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec![],
             replaces_instances: replaces,
             rollout_id: String::new(),
-            generation: Default::default(),
+            ..Default::default()
         };
         let mut current = service(SystemTime::UNIX_EPOCH);
         current
@@ -1765,7 +1766,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r3".into(),
-            generation: Default::default(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_rollout_started(o, "restart", &r)),
@@ -1790,7 +1791,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec!["command: changed".into()],
             replaces_instances: true,
             rollout_id: "web-r5".into(),
-            generation: Default::default(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_apply(o, "web.toml", &applied, false)),

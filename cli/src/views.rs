@@ -774,6 +774,7 @@ pub fn apply_outcome_name(outcome: i32) -> &'static str {
         Ok(pb::ApplyOutcome::Updated) => "updated",
         Ok(pb::ApplyOutcome::Scaled) => "scaled",
         Ok(pb::ApplyOutcome::Unchanged) => "unchanged",
+        Ok(pb::ApplyOutcome::Labeled) => "labeled",
         Ok(pb::ApplyOutcome::Unspecified) | Err(_) => "",
     }
 }
@@ -909,7 +910,7 @@ mod tests {
                 at: Some(ts(1_740_830_400, 250_000_000)),
                 text: "oom_killed".into(),
                 detail: String::new(),
-                stderr_tail: Default::default(),
+                ..Default::default()
             }),
             usage: Some(pb::ResourceUsage {
                 cpu_usage_ns: 1_500_000_000,
@@ -1003,8 +1004,7 @@ mod tests {
             rollout: Some(sample_rollout()),
             revisions: vec![2, 3],
             paused: true,
-            event_index: Default::default(),
-            generation: Default::default(),
+            ..Default::default()
         };
         let v: Value = serde_json::to_value(ServiceView::from(&status)).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -1153,7 +1153,7 @@ mod tests {
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r5".into(),
-            generation: Default::default(),
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_value(RolloutStartedView::from(&r)).unwrap(),
@@ -1275,7 +1275,7 @@ mod tests {
             at: None,
             text: String::new(),
             detail: String::new(),
-            stderr_tail: Default::default(),
+            ..Default::default()
         };
         let v = ExitView::from(&exit(pb::ExitClass::Exited, 0, 0));
         assert_eq!((v.code, v.signal), (Some(0), None));

@@ -143,7 +143,10 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
             out.get_latency.push(t.elapsed());
             ("Get", r.map(|_| ()))
         }
-        1 => ("List", api.list(pb::ListRequest {}).await.map(|_| ())),
+        1 => (
+            "List",
+            api.list(pb::ListRequest::default()).await.map(|_| ()),
+        ),
         2 => ("Node", api.node(pb::NodeRequest {}).await.map(|_| ())),
         3 => {
             let r = api

@@ -261,7 +261,7 @@ impl Agent {
             }
             if socket.exists()
                 && let Ok(mut c) = connect(&socket).await
-                && c.list(pb::ListRequest {}).await.is_ok()
+                && c.list(pb::ListRequest::default()).await.is_ok()
             {
                 return;
             }

@@ -176,7 +176,7 @@ async fn invalid_specs_are_refused_through_api_and_cli() {
     let list = agent
         .client()
         .await
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -235,7 +235,7 @@ async fn invalid_requests_get_clear_codes() {
     let e = c
         .delete(pb::DeleteRequest {
             name: "nope".into(),
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -244,7 +244,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "nope".into(),
             replicas: 1,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -254,7 +254,7 @@ async fn invalid_requests_get_clear_codes() {
             source: None,
             dry_run: false,
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("empty");
@@ -274,7 +274,7 @@ async fn invalid_requests_get_clear_codes() {
             })),
             dry_run: false,
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("invalid");
@@ -306,7 +306,7 @@ async fn invalid_requests_get_clear_codes() {
         .scale(pb::ScaleRequest {
             name: "ok".into(),
             replicas: 100_000,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("too many");
@@ -316,7 +316,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "nope".into(),
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -325,7 +325,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "../x".into(),
             force: true,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("bad name");
@@ -361,7 +361,7 @@ async fn invalid_requests_get_clear_codes() {
                 name: "ok".into(),
                 revision: Some(revision),
                 force: false,
-                expected_revision: Default::default(),
+                ..Default::default()
             })
             .await
             .expect_err("no such revision");
@@ -381,12 +381,16 @@ async fn invalid_requests_get_clear_codes() {
             name: "ok".into(),
             revision: None,
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("nothing to roll back to");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
-    let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+    let list = c
+        .list(pb::ListRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(list.services.len(), 1);
     assert_eq!(list.services[0].desired, 0);
     assert_eq!(list.services[0].revision, 1, "nothing rolled");

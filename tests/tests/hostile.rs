@@ -696,7 +696,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         source,
         dry_run: false,
         force: false,
-        expected_revision: Default::default(),
+        ..Default::default()
     };
     use pb::apply_request::Source;
     match call {
@@ -707,7 +707,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         Call::Delete(name) => done(
             c.delete(pb::DeleteRequest {
                 name,
-                expected_revision: Default::default(),
+                ..Default::default()
             })
             .await,
         ),
@@ -715,7 +715,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
             c.scale(pb::ScaleRequest {
                 name,
                 replicas,
-                expected_revision: Default::default(),
+                ..Default::default()
             })
             .await,
         ),
@@ -723,7 +723,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
             c.restart(pb::RestartRequest {
                 name,
                 force: true,
-                expected_revision: Default::default(),
+                ..Default::default()
             })
             .await,
         ),
@@ -732,7 +732,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
                 name,
                 revision,
                 force: true,
-                expected_revision: Default::default(),
+                ..Default::default()
             })
             .await,
         ),
@@ -852,7 +852,7 @@ async fn hostile_requests_are_refused_clearly_and_apply_nothing() {
             failures.push(format!("{what}: the message lacks {missing:?}: {shown}"));
         }
         // The agent answers after every case.
-        let list = agent.client().await.list(pb::ListRequest {}).await;
+        let list = agent.client().await.list(pb::ListRequest::default()).await;
         assert!(
             list.is_ok(),
             "{what}: the agent stopped answering: {list:?}"
@@ -862,7 +862,11 @@ async fn hostile_requests_are_refused_clearly_and_apply_nothing() {
 
     // Nothing was applied, nothing happened.
     let mut c = agent.client().await;
-    let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+    let list = c
+        .list(pb::ListRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert!(list.services.is_empty(), "applied: {:?}", list.services);
     let node = c.node(pb::NodeRequest {}).await.expect("node").into_inner();
     assert_eq!((node.services, node.instances), (0, 0));
@@ -903,7 +907,7 @@ async fn scale_cannot_make_a_spec_invalid() {
         .scale(pb::ScaleRequest {
             name: "fixed".into(),
             replicas: 3,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect_err("three instances on one fixed port");

@@ -154,7 +154,7 @@ async fn ignored_stop_signal_is_a_stop_timeout() {
         .scale(pb::ScaleRequest {
             name: "stubborn".into(),
             replicas: 0,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("scale to 0");

@@ -89,7 +89,7 @@ async fn restart(agent: &Agent, name: &str) -> String {
         .restart(pb::RestartRequest {
             name: name.into(),
             force: false,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("restart")
@@ -363,7 +363,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
             instance: String::new(),
             follow: true,
             last: 0,
-            bookmark_interval_ms: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("watch")

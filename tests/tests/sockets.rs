@@ -127,7 +127,7 @@ async fn one_socket_for_all_instances_kept_across_an_agent_restart() {
         .scale(corral_e2e::pb::ScaleRequest {
             name: "sock".into(),
             replicas: 4,
-            expected_revision: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("scale");

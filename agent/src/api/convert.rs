@@ -125,6 +125,8 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             signal: s.signal,
             grace: s.grace_ms.map(millis),
         }),
+        labels: (!p.labels.is_empty()).then(|| p.labels.into_iter().collect()),
+        annotations: (!p.annotations.is_empty()).then(|| p.annotations.into_iter().collect()),
         logs: p.logs.map(|l| RawLogs {
             max_size: l
                 .max_size_bytes
@@ -309,6 +311,8 @@ pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec
             max_size_bytes: Some(spec.logs.max_size),
             max_files: Some(spec.logs.max_files),
         }),
+        labels: spec.labels.clone().into_iter().collect(),
+        annotations: spec.annotations.clone().into_iter().collect(),
     }
 }
 
@@ -370,6 +374,7 @@ pub fn apply_outcome_to_proto(k: ApplyKind) -> pb::ApplyOutcome {
         ApplyKind::Created => pb::ApplyOutcome::Created,
         ApplyKind::Updated => pb::ApplyOutcome::Updated,
         ApplyKind::Scaled => pb::ApplyOutcome::Scaled,
+        ApplyKind::Labeled => pb::ApplyOutcome::Labeled,
         ApplyKind::Unchanged => pb::ApplyOutcome::Unchanged,
     }
 }

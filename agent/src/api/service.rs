@@ -211,6 +211,41 @@ fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
     }
 }
 
+/// The most services in one List answer.
+const MAX_PAGE: usize = 1000;
+
+/// A request's `selector`, or INVALID_ARGUMENT naming it.
+fn parse_selector(text: &str) -> Result<spec::labels::Selector, Status> {
+    spec::labels::Selector::parse(text).map_err(|why| super::status::invalid_field("selector", why))
+}
+
+/// The labels of services, as a watch last saw them, to judge its events by a selector.
+#[derive(Debug, Default)]
+struct LabelCache(std::collections::HashMap<String, std::collections::BTreeMap<String, String>>);
+
+impl LabelCache {
+    /// Whether the service of `e` matches: its labels read again when the event may have
+    /// changed them (or it was not seen yet), else as last seen.
+    async fn matches(
+        &mut self,
+        supervisor: &SupervisorHandle,
+        selector: &spec::labels::Selector,
+        e: &crate::events::Event,
+    ) -> bool {
+        if selector.is_empty() {
+            return true;
+        }
+        let stale = matches!(e.kind, crate::events::EventKind::Applied { .. });
+        if (stale || !self.0.contains_key(&e.service))
+            && let Ok(s) = supervisor.get(&e.service).await
+        {
+            self.0.insert(e.service.clone(), s.spec.labels.clone());
+        }
+        let none = std::collections::BTreeMap::new();
+        selector.matches(self.0.get(&e.service).unwrap_or(&none))
+    }
+}
+
 /// Bounds of `WatchRequest.bookmark_interval_ms`.
 const MIN_BOOKMARK_MS: u32 = 100;
 const MAX_BOOKMARK_MS: u32 = 3_600_000;
@@ -335,6 +370,8 @@ impl Agent for AgentService {
             }
             ms => Some(std::time::Duration::from_millis(u64::from(ms))),
         };
+        let selector = parse_selector(&req.selector)?;
+        let supervisor = self.supervisor.clone();
         let filter = Filter {
             service: (!req.service.is_empty()).then_some(req.service),
             instance: (!req.instance.is_empty()).then_some(req.instance),
@@ -372,6 +409,7 @@ impl Agent for AgentService {
             let mut bookmark =
                 tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             bookmark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut labels = LabelCache::default();
             loop {
                 let item = tokio::select! {
                     biased;
@@ -390,7 +428,10 @@ impl Agent for AgentService {
                     item = watch.next() => item,
                 };
                 let (done, send) = match &item {
-                    Ok(e) => (end.is_some_and(|end| e.index >= end), filter.matches(e)),
+                    Ok(e) => (
+                        end.is_some_and(|end| e.index >= end),
+                        filter.matches(e) && labels.matches(&supervisor, &selector, e).await,
+                    ),
                     Err(_) => (true, true),
                 };
                 if send {
@@ -507,16 +548,41 @@ impl Agent for AgentService {
 
     async fn list(
         &self,
-        _req: Request<pb::ListRequest>,
+        req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let selector = parse_selector(&req.selector)?;
+        if !req.page_token.is_empty() && !spec::valid_service_name(&req.page_token) {
+            return Err(super::status::invalid_field(
+                "page_token",
+                "not a token a List answered with (pass next_page_token as it came)",
+            ));
+        }
+        let page_size = match req.page_size {
+            0 => MAX_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
         let v = self.supervisor.list().await.map_err(to_status)?;
+        let mut selected: Vec<&crate::supervisor::ServiceStatus> = v
+            .services
+            .iter()
+            .filter(|s| selector.matches(&s.spec.labels))
+            .filter(|s| req.page_token.is_empty() || s.name.as_str() > req.page_token.as_str())
+            .collect();
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        let next_page_token = if selected.len() > page_size {
+            selected.truncate(page_size);
+            selected.last().map(|s| s.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListResponse {
-            services: v
-                .services
-                .iter()
+            services: selected
+                .into_iter()
                 .map(|s| convert::status_to_proto(s, &self.defaults))
                 .collect(),
             event_index: v.event_index,
+            next_page_token,
         }))
     }
 

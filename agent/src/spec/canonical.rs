@@ -95,6 +95,8 @@ impl ServiceSpec {
                 max_size: Some(RawSize::Text(format_size(self.logs.max_size))),
                 max_files: Some(i64::from(self.logs.max_files)),
             }),
+            labels: Some(self.labels.clone()),
+            annotations: Some(self.annotations.clone()),
         }
     }
 
@@ -104,6 +106,25 @@ impl ServiceSpec {
         let mut other = other.clone();
         other.replicas = self.replicas;
         *self == other
+    }
+
+    /// Whether `self` and `other` differ at most in `replicas`, `labels` and `annotations`:
+    /// what changes in place, without replacing instances.
+    pub fn same_but_in_place(&self, other: &ServiceSpec) -> bool {
+        let mut other = other.clone();
+        other.replicas = self.replicas;
+        other.labels.clone_from(&self.labels);
+        other.annotations.clone_from(&self.annotations);
+        *self == other
+    }
+
+    /// `self` with the labels and annotations of `from` (which are not revisioned: a
+    /// rollback keeps the current ones).
+    pub fn with_metadata_of(&self, from: &ServiceSpec) -> ServiceSpec {
+        let mut s = self.clone();
+        s.labels.clone_from(&from.labels);
+        s.annotations.clone_from(&from.annotations);
+        s
     }
 
     /// The hostname of instance `index`: the template with `{index}` and `{instance}`

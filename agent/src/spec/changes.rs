@@ -237,6 +237,12 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
     push(14, "logs.max_size".into(), format_size(spec.logs.max_size));
     push(14, "logs.max_files".into(), spec.logs.max_files.to_string());
 
+    for (key, value) in &spec.labels {
+        push(15, child("labels", key), quote(value));
+    }
+    for (key, value) in &spec.annotations {
+        push(16, child("annotations", key), quote(value));
+    }
     for (key, value) in &spec.env {
         out.push(Leaf {
             rank: 2,

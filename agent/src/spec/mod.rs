@@ -23,6 +23,7 @@ mod changes;
 mod error;
 pub mod job;
 mod key;
+pub mod labels;
 mod read;
 mod types;
 mod units;

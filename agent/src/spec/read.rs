@@ -31,6 +31,8 @@ pub const TOP_KEYS: &[&str] = &[
     "rollout",
     "stop",
     "logs",
+    "labels",
+    "annotations",
 ];
 const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "nofile"];
 const ISOLATION_KEYS: &[&str] = &[
@@ -396,6 +398,12 @@ impl Reader {
             rollout: self.section(t, "rollout", Self::rollout),
             stop: self.section(t, "stop", Self::stop),
             logs: self.section(t, "logs", Self::logs),
+            labels: self.field(t, "", "labels", |r, path, v| {
+                r.map(path, v, "a table of strings", Self::string)
+            }),
+            annotations: self.field(t, "", "annotations", |r, path, v| {
+                r.map(path, v, "a table of strings", Self::string)
+            }),
         }
     }
 

@@ -219,6 +219,8 @@ fn minimal_spec_gets_documented_defaults() {
             max_size: 10 << 20,
             max_files: 5,
         },
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
     };
     assert_eq!(spec, expected);
     assert_eq!(spec.hostname_for(2).as_deref(), Some("web-2"));

@@ -67,6 +67,10 @@ pub struct RawSpec {
     pub stop: Option<RawStop>,
     /// `[logs]`: rotation of the instance's log files.
     pub logs: Option<RawLogs>,
+    /// `[labels]`: what schedulers select services by (`app = "web"`).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `[annotations]`: free text for tools; never read by the agent.
+    pub annotations: Option<BTreeMap<String, String>>,
 }
 
 /// `[resources]` as written.
@@ -223,6 +227,10 @@ pub struct ServiceSpec {
     pub stop: StopSpec,
     /// Default: 5 files of 10MiB.
     pub logs: LogSpec,
+    /// Checked by Kubernetes' rules (see [`super::labels`]). Default: none. Not part of what
+    /// instances run: a change of labels or annotations alone replaces no instance.
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The user an instance runs as.

@@ -606,6 +606,11 @@ impl Check {
             );
         }
         self.pids_room(&resources, health.as_ref());
+        let labels = raw.labels.clone().unwrap_or_default();
+        self.errors.extend(super::labels::check_labels(&labels));
+        let annotations = raw.annotations.clone().unwrap_or_default();
+        self.errors
+            .extend(super::labels::check_annotations(&annotations));
         let rollout = self.rollout(raw.rollout.as_ref());
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
@@ -626,6 +631,8 @@ impl Check {
             rollout,
             stop,
             logs,
+            labels,
+            annotations,
         }
     }
 

@@ -23,6 +23,8 @@ pub enum ApplyKind {
     Scaled,
     /// The spec is the current one: nothing was done.
     Unchanged,
+    /// Only labels or annotations changed: in place, no new revision.
+    Labeled,
 }
 
 impl ApplyKind {
@@ -32,6 +34,7 @@ impl ApplyKind {
             ApplyKind::Updated => "updated",
             ApplyKind::Scaled => "scaled",
             ApplyKind::Unchanged => "unchanged",
+            ApplyKind::Labeled => "labeled",
         }
     }
 }
@@ -184,14 +187,17 @@ impl Desired {
         self.rollout.as_mut().filter(|r| r.is_running())
     }
 
-    /// The spec of a kept revision, with the current `replicas` (a rollback changes what
-    /// runs, not how many).
+    /// The spec of a kept revision, with the current `replicas`, labels and annotations (a
+    /// rollback changes what runs, not how many nor how the service is labeled).
     pub fn spec_of(&self, revision: u64) -> Option<Arc<ServiceSpec>> {
         let (_, spec) = self.history.iter().find(|(r, _)| *r == revision)?;
-        if spec.replicas == self.spec.replicas {
+        if spec.replicas == self.spec.replicas
+            && spec.labels == self.spec.labels
+            && spec.annotations == self.spec.annotations
+        {
             return Some(spec.clone());
         }
-        let mut s = (**spec).clone();
+        let mut s = spec.with_metadata_of(&self.spec);
         s.replicas = self.spec.replicas;
         Some(Arc::new(s))
     }

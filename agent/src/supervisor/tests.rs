@@ -1126,3 +1126,49 @@ async fn a_fixed_port_held_elsewhere_is_refused() {
         Err(SupervisorError::Unenforceable { .. })
     ));
 }
+
+/// Labels and annotations change in place: no new revision, no instance replaced, a new
+/// generation; a rollback keeps the current ones.
+#[tokio::test(start_paused = true)]
+async fn labels_change_in_place() {
+    let r = web().await;
+    let pids = r.pids("web").await;
+    let labeled = format!("{WEB}[labels]\napp = \"web\"\n[annotations]\nnote = \"any text\"\n");
+    let a = r.apply(&labeled).await.expect("labels");
+    assert_eq!(
+        (
+            a.kind,
+            a.revision,
+            a.rollout_id.as_deref(),
+            a.replaces_instances
+        ),
+        (ApplyKind::Labeled, 1, None, false)
+    );
+    assert_eq!(
+        a.changes,
+        [
+            "labels.app: added (\"web\")",
+            "annotations.note: added (\"any text\")"
+        ]
+    );
+    assert_eq!(a.generation, 2);
+    settle().await;
+    assert_eq!(r.pids("web").await, pids, "nothing replaced");
+    let s = r.status("web").await;
+    assert_eq!(s.spec.labels.get("app").map(String::as_str), Some("web"));
+    // A new revision, then back: the labels stay the current ones.
+    r.apply(&labeled.replace("/bin/app", "/bin/v2"))
+        .await
+        .expect("update");
+    let relabeled = labeled
+        .replace("/bin/app", "/bin/v2")
+        .replace("app = \"web\"", "app = \"web2\"");
+    r.apply(&relabeled).await.expect("relabel");
+    r.handle
+        .rollback("web", Some(1), true)
+        .await
+        .expect("rollback");
+    let s = r.status("web").await;
+    assert_eq!(s.spec.command, ["/bin/app"]);
+    assert_eq!(s.spec.labels.get("app").map(String::as_str), Some("web2"));
+}

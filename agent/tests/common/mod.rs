@@ -1061,6 +1061,7 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
                 rollout,
                 stop,
                 logs,
+                ..Default::default()
             },
         )
         .boxed()

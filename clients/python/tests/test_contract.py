@@ -316,3 +316,74 @@ def test_bookmarks_carry_the_current_index(client: Client, service: Callable[[st
     e = refused(lambda: next(iter(client.watch(from_index=last, bookmark_interval=0.005, resume=False))))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
     assert e.field_violations[0][0] == "bookmark_interval_ms"
+
+
+# -- labels, selectors, pages ------------------------------------------------------------------
+
+
+def test_labels_select_services_in_list_and_watch(client: Client, service: Callable[[str], str]) -> None:
+    tag = service("py-lbl")  # a value unique to this test
+    names = {}
+    for role, tier in (("web", "front"), ("api", "front"), ("db", "back")):
+        n = service(f"py-{role}")
+        names[role] = n
+        labels = f'[labels]\nrun = "{tag}"\napp = "{role}"\ntier = "{tier}"\n'
+        r = client.apply(toml_spec(n, ["/bin/sleep", "1000"], replicas=0, extra=labels))
+        assert enum_name(r, "outcome") == "created"
+    got = lambda sel: sorted(s.name for s in client.list(f"run={tag},{sel}"))  # noqa: E731
+    assert got("tier=front") == sorted([names["web"], names["api"]])
+    assert got("tier!=front") == [names["db"]]
+    assert got("app in (web,db)") == sorted([names["web"], names["db"]])
+    assert got("app notin (web,db)") == [names["api"]]
+    assert got("tier,!missing") == sorted(names.values())
+    assert client.get(names["web"]).spec.labels["app"] == "web"
+
+    # Pages: by name, each once, a token to go on.
+    first = client.snapshot(f"run={tag}", page_size=2)
+    assert len(first.services) == 2 and first.next_page_token
+    second = client.snapshot(f"run={tag}", page_size=2, page_token=first.next_page_token)
+    assert len(second.services) == 1 and not second.next_page_token
+    paged = [s.name for s in first.services] + [s.name for s in second.services]
+    assert paged == sorted(names.values())
+
+    # A bad selector is refused naming it.
+    e = refused(lambda: client.list("tier in (front"))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.field_violations[0][0] == "selector" and "not closed" in e.field_violations[0][1]
+
+    # Relabeling is in place: same revision, a new generation, no instance replaced.
+    before = client.get(names["api"])
+    r = client.apply(
+        toml_spec(
+            names["api"],
+            ["/bin/sleep", "1000"],
+            replicas=0,
+            extra=f'[labels]\nrun = "{tag}"\napp = "api"\ntier = "back"\n',
+        )
+    )
+    assert enum_name(r, "outcome") == "labeled" and r.revision == before.revision
+    assert r.generation == before.generation + 1
+    assert got("tier=back") == sorted([names["api"], names["db"]])
+
+    # Watch with a selector: only the events of matching services.
+    start = client.snapshot().event_index + 1
+    for role in ("web", "db"):
+        client.apply(
+            toml_spec(names[role], ["/bin/sleep", "1000"], replicas=0, extra=f'env = {{ X = "1" }}\n[labels]\nrun = "{tag}"\napp = "{role}"\ntier = "{"front" if role == "web" else "back"}"\n')
+        )
+    seen = []
+    for ev in client.watch(from_index=start, selector=f"run={tag},tier=front", follow=False):
+        seen.append(ev.service)
+    assert seen and set(seen) == {names["web"]}, seen
+
+
+def test_bad_labels_are_refused_naming_the_key(client: Client, service: Callable[[str], str]) -> None:
+    name = service("py-badlbl")
+    e = refused(
+        lambda: client.apply(
+            toml_spec(name, ["/bin/true"], extra='[labels]\n"-bad" = "x"\nok = "no spaces allowed"\n')
+        )
+    )
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    fields = sorted(f for f, _ in e.field_violations)
+    assert fields == ["labels.-bad", "labels.ok"], e.field_violations

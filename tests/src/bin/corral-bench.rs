@@ -370,7 +370,7 @@ async fn core(rounds: usize) {
     for _ in 0..rounds.max(50) * 20 {
         let t = Instant::now();
         let l = client
-            .list(pb::ListRequest {})
+            .list(pb::ListRequest::default())
             .await
             .expect("list")
             .into_inner();
@@ -411,7 +411,7 @@ async fn core(rounds: usize) {
         let l = agent
             .client()
             .await
-            .list(pb::ListRequest {})
+            .list(pb::ListRequest::default())
             .await
             .expect("list")
             .into_inner();

@@ -103,6 +103,14 @@ impl Driver {
                     plan(ApplyKind::Unchanged, d.revision, changes, false)
                 } else if spec.same_except_replicas(&d.spec) {
                     plan(ApplyKind::Scaled, d.revision, changes, false)
+                } else if spec.same_but_in_place(&d.spec) {
+                    // Labels or annotations (and perhaps replicas): changed in place.
+                    let kind = if spec.replicas == d.spec.replicas {
+                        ApplyKind::Labeled
+                    } else {
+                        ApplyKind::Scaled
+                    };
+                    plan(kind, d.revision, changes, false)
                 } else {
                     let replaces = svc.instances().any(present);
                     plan(ApplyKind::Updated, d.last_revision + 1, changes, replaces)
@@ -133,7 +141,7 @@ impl Driver {
         let mut d = svc.d.clone();
         d.generation += 1;
         let mut superseded = None;
-        if kind == ApplyKind::Scaled {
+        if matches!(kind, ApplyKind::Scaled | ApplyKind::Labeled) {
             if let Some(r) = d.running_mut() {
                 r.replicas = spec.replicas;
             }

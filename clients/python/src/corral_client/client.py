@@ -277,13 +277,25 @@ class Client:
     def get(self, name: str) -> pb.ServiceStatus:
         return self._call(self.agent.Get, pb.GetRequest(name=name))
 
-    def list(self) -> list[pb.ServiceStatus]:
-        return list(self.snapshot().services)
+    def list(self, selector: str = "") -> list[pb.ServiceStatus]:
+        """Every service (whose labels match ``selector``, e.g. ``"app=web,tier!=db"``),
+        page after page."""
+        out: list[pb.ServiceStatus] = []
+        token = ""
+        while True:
+            page = self.snapshot(selector, page_token=token)
+            out.extend(page.services)
+            token = page.next_page_token
+            if not token:
+                return out
 
-    def snapshot(self) -> pb.ListResponse:
-        """Every service's status and ``event_index``, the last event they reflect: a
-        :meth:`watch` from ``event_index + 1`` misses nothing and repeats nothing."""
-        return self._call(self.agent.List, pb.ListRequest())
+    def snapshot(self, selector: str = "", *, page_size: int = 0, page_token: str = "") -> pb.ListResponse:
+        """One page of services' statuses (by name; ``page_size`` 0: up to 1000) and
+        ``event_index``, the last event they reflect: a :meth:`watch` from
+        ``event_index + 1`` misses nothing and repeats nothing. ``next_page_token`` is
+        empty on the last page."""
+        request = pb.ListRequest(selector=selector, page_size=page_size, page_token=page_token)
+        return self._call(self.agent.List, request)
 
     def delete(self, name: str, *, expected_revision: Optional[int] = None) -> pb.DeleteResponse:
         request = pb.DeleteRequest(name=name)
@@ -365,6 +377,7 @@ class Client:
         *,
         service: str = "",
         instance: str = "",
+        selector: str = "",
         follow: bool = True,
         resume: bool = True,
         reconnect_timeout: float = 60.0,
@@ -380,6 +393,9 @@ class Client:
         is told each time. ``OUT_OF_RANGE`` (the index is no longer kept) is raised: the
         caller must List again.
 
+        ``selector`` keeps the events of services whose labels match (as the service is
+        labeled when the event is sent).
+
         With ``bookmark_interval`` (seconds, at least 0.1) and ``follow``, the agent also sends
         ``EVENT_TYPE_BOOKMARK`` events when nothing else was sent for that long: their
         ``index`` is the last one the watch has passed (sent or filtered out), and a resume
@@ -392,6 +408,7 @@ class Client:
                 from_index=next_index,
                 service=service,
                 instance=instance,
+                selector=selector,
                 follow=follow,
                 bookmark_interval_ms=int(bookmark_interval * 1000),
             )
