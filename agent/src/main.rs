@@ -23,7 +23,7 @@ use corral_agent::host::{self, Host};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::FileStore;
-use corral_agent::supervisor::{Deps, Driver, SupervisorHandle};
+use corral_agent::supervisor::{Deps, Driver, SupervisorHandle, capacity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +72,14 @@ struct Flags {
     /// role: `read` or `admin`. Read again on SIGHUP.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+    /// What services may not commit, kept for the host: `cpu=0.5,memory=512MiB` (cores, and
+    /// a size). Default: nothing.
+    #[arg(long, value_name = "cpu=CORES,memory=SIZE")]
+    reserve: Option<String>,
+    /// How far the services' commitments (replicas x limits) may exceed what is allocatable:
+    /// `cpu=4.0,memory=1.0` (ratios of at least 1). Default: 1.0 for both, no overcommit.
+    #[arg(long, value_name = "cpu=RATIO,memory=RATIO")]
+    overcommit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +94,8 @@ struct ConfigFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    reserve: Option<String>,
+    overcommit: Option<String>,
 }
 
 #[derive(Debug)]
@@ -96,6 +106,8 @@ struct Settings {
     cgroup_parent: Option<String>,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
+    reserve: capacity::Amounts,
+    overcommit: capacity::Ratios,
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -172,7 +184,20 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.tls_key.or(file.tls_key),
         flags.tls_client_ca.or(file.tls_client_ca),
     )?;
+    let reserve = match flags.reserve.or(file.reserve) {
+        Some(text) => {
+            capacity::parse_reserve(&text).map_err(|e| anyhow::anyhow!("--reserve {text}: {e}"))?
+        }
+        None => capacity::Amounts::default(),
+    };
+    let overcommit = match flags.overcommit.or(file.overcommit) {
+        Some(text) => capacity::parse_overcommit(&text)
+            .map_err(|e| anyhow::anyhow!("--overcommit {text}: {e}"))?,
+        None => capacity::Ratios::default(),
+    };
     Ok(Settings {
+        reserve,
+        overcommit,
         listen,
         state_dir: flags
             .state_dir
@@ -364,13 +389,25 @@ async fn run(s: Settings) -> Result<()> {
         EventLog::open(&s.state_dir.join("events"), events::DEFAULT_KEEP)
             .context("opening the event log")?,
     );
+    let host = Arc::new(Host::new());
+    let facts = host.snapshot();
+    let policy = capacity::CapacityPolicy {
+        capacity: capacity::Amounts {
+            cpu: f64::from(facts.cpus),
+            memory: facts.memory_total,
+        },
+        reserve: s.reserve,
+        overcommit: s.overcommit,
+    };
+    let node_id = host::node_id(&s.state_dir).context("the node id in the state directory")?;
     let deps = Deps::new(
         Arc::new(runtime),
         cgroups,
         Arc::new(store),
         namespaces.clone(),
         events.clone(),
-    );
+    )
+    .with_capacity(policy);
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -381,9 +418,11 @@ async fn run(s: Settings) -> Result<()> {
         supervisor: handle.clone(),
         events,
         log_root: s.state_dir.join("logs"),
-        host: Arc::new(Host::new()),
+        host,
         capabilities: caps,
         namespaces,
+        node_id,
+        boot_id: host::boot_id(),
         defaults: api::convert::HostDefaults::of_this_process(),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is

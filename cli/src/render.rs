@@ -741,7 +741,41 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
                 format!("{} ({} instances)", n.services, n.instances),
             ),
         ],
-    )
+    )?;
+    // Identity and capacity, when the agent reports them.
+    let amounts = |c: &pb::Capacity| {
+        format!(
+            "cpu {}, memory {}",
+            cores(c.cpu),
+            human_bytes(c.memory_bytes)
+        )
+    };
+    let mut more = Vec::new();
+    if !n.node_id.is_empty() {
+        more.push(("node", n.node_id.clone()));
+    }
+    if !n.boot_id.is_empty() {
+        more.push(("boot", n.boot_id.clone()));
+    }
+    if let (Some(cap), Some(alloc), Some(used)) = (&n.capacity, &n.allocatable, &n.committed) {
+        more.push(("capacity", amounts(cap)));
+        more.push(("allocatable", amounts(alloc)));
+        more.push(("committed", amounts(used)));
+        more.push((
+            "overcommit",
+            format!("cpu {}, memory {}", n.overcommit_cpu, n.overcommit_memory),
+        ));
+    }
+    if more.is_empty() {
+        return Ok(());
+    }
+    write_fields(out, &more)
+}
+
+/// Cores as the spec writes them: `0.5`, `4`.
+fn cores(c: f64) -> String {
+    let text = format!("{c:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// One log record on one line: `2026-11-22T23:45:01.123Z web-0 out| text`. The time is `-`
@@ -1416,6 +1450,22 @@ web-2: exec /usr/bin/python3: permission denied
             namespaces: vec!["pid".into(), "mount".into()],
             services: 2,
             instances: 5,
+            node_id: "0b6e1f9c-3a2d-4c1e-9f7a-2d5c8e4b1a60".into(),
+            boot_id: "5f1d2c3b-0000-4000-8000-000000000001".into(),
+            capacity: Some(pb::Capacity {
+                cpu: 2.0,
+                memory_bytes: 4 << 30,
+            }),
+            allocatable: Some(pb::Capacity {
+                cpu: 1.5,
+                memory_bytes: 3 << 30,
+            }),
+            committed: Some(pb::Capacity {
+                cpu: 1.25,
+                memory_bytes: 1 << 30,
+            }),
+            overcommit_cpu: 4.0,
+            overcommit_memory: 1.0,
         };
         let got = text(|o| write_node(o, &n));
         let want = "\
@@ -1432,6 +1482,12 @@ unavailable:  memsw: swap accounting is off
 namespaces:   pid, mount
 agent:        corrald 0.1.0, up 3h12m
 services:     2 (5 instances)
+node:         0b6e1f9c-3a2d-4c1e-9f7a-2d5c8e4b1a60
+boot:         5f1d2c3b-0000-4000-8000-000000000001
+capacity:     cpu 2, memory 4GiB
+allocatable:  cpu 1.5, memory 3GiB
+committed:    cpu 1.25, memory 1GiB
+overcommit:   cpu 4, memory 1
 ";
         assert_eq!(got, want);
     }

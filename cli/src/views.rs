@@ -359,6 +359,29 @@ pub struct NodeView {
     pub agent_uptime_seconds: u64,
     pub services: u32,
     pub instances: u32,
+    pub node_id: String,
+    pub boot_id: String,
+    /// `{"cpu": cores, "memory_bytes": n}`; `null` when the agent does not say.
+    pub capacity: Option<CapacityView>,
+    pub allocatable: Option<CapacityView>,
+    pub committed: Option<CapacityView>,
+    pub overcommit_cpu: f64,
+    pub overcommit_memory: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CapacityView {
+    pub cpu: f64,
+    pub memory_bytes: u64,
+}
+
+impl From<&pb::Capacity> for CapacityView {
+    fn from(c: &pb::Capacity) -> Self {
+        CapacityView {
+            cpu: c.cpu,
+            memory_bytes: c.memory_bytes,
+        }
+    }
 }
 
 impl From<&pb::NodeInfo> for NodeView {
@@ -382,6 +405,13 @@ impl From<&pb::NodeInfo> for NodeView {
             agent_uptime_seconds: n.agent_uptime_seconds,
             services: n.services,
             instances: n.instances,
+            node_id: n.node_id.clone(),
+            boot_id: n.boot_id.clone(),
+            capacity: n.capacity.as_ref().map(CapacityView::from),
+            allocatable: n.allocatable.as_ref().map(CapacityView::from),
+            committed: n.committed.as_ref().map(CapacityView::from),
+            overcommit_cpu: n.overcommit_cpu,
+            overcommit_memory: n.overcommit_memory,
         }
     }
 }

@@ -525,14 +525,35 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
     }
 }
 
-pub fn node_to_proto(
-    h: &HostInfo,
-    caps: &Capabilities,
-    namespaces: &[Namespace],
-    services: u32,
-    instances: u32,
-) -> pb::NodeInfo {
+/// What `Node` reports beside the host snapshot.
+#[derive(Debug, Clone)]
+pub struct NodeFacts<'a> {
+    pub caps: &'a Capabilities,
+    pub namespaces: &'a [Namespace],
+    pub summary: crate::supervisor::Summary,
+    pub node_id: &'a str,
+    pub boot_id: &'a str,
+}
+
+fn capacity_to_proto(a: crate::supervisor::capacity::Amounts) -> pb::Capacity {
+    pb::Capacity {
+        cpu: a.cpu,
+        memory_bytes: a.memory,
+    }
+}
+
+pub fn node_to_proto(h: &HostInfo, f: &NodeFacts<'_>) -> pb::NodeInfo {
+    let (caps, namespaces) = (f.caps, f.namespaces);
+    let (services, instances) = (f.summary.services, f.summary.instances);
+    let policy = f.summary.capacity;
     pb::NodeInfo {
+        node_id: f.node_id.to_string(),
+        boot_id: f.boot_id.to_string(),
+        capacity: policy.map(|p| capacity_to_proto(p.capacity)),
+        allocatable: policy.map(|p| capacity_to_proto(p.allocatable())),
+        committed: Some(capacity_to_proto(f.summary.committed)),
+        overcommit_cpu: policy.map_or(1.0, |p| p.overcommit.cpu),
+        overcommit_memory: policy.map_or(1.0, |p| p.overcommit.memory),
         hostname: h.hostname.clone(),
         kernel: h.kernel.clone(),
         os: h.os.clone(),

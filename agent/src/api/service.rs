@@ -31,6 +31,9 @@ pub struct AgentService {
     pub namespaces: Vec<Namespace>,
     /// What the host decides for what a spec leaves open (reported in status).
     pub defaults: convert::HostDefaults,
+    /// This node's persisted id, and the kernel's boot id.
+    pub node_id: String,
+    pub boot_id: String,
 }
 
 fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
@@ -685,13 +688,14 @@ impl Agent for AgentService {
     async fn node(&self, _req: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         let summary = self.supervisor.summary().await.map_err(to_status)?;
         let host = self.host.snapshot();
-        Ok(Response::new(convert::node_to_proto(
-            &host,
-            &self.capabilities,
-            &self.namespaces,
-            summary.services,
-            summary.instances,
-        )))
+        let facts = convert::NodeFacts {
+            caps: &self.capabilities,
+            namespaces: &self.namespaces,
+            summary,
+            node_id: &self.node_id,
+            boot_id: &self.boot_id,
+        };
+        Ok(Response::new(convert::node_to_proto(&host, &facts)))
     }
 }
 
@@ -727,6 +731,8 @@ mod tests {
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
             defaults: convert::HostDefaults::of_this_process(),
+            node_id: "test-node".into(),
+            boot_id: String::new(),
         }
     }
 

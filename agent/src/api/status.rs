@@ -33,6 +33,10 @@ pub enum Reason {
     /// FAILED_PRECONDITION: the host cannot enforce or run the spec (PreconditionFailure,
     /// type `HOST`, one violation per field).
     HostCannotRun,
+    /// RESOURCE_EXHAUSTED: the change would commit more CPU or memory than the node allows
+    /// (PreconditionFailure type `CAPACITY` per resource; metadata `<cpu|memory>_requested`,
+    /// `_committed`, `_allocatable`, `_overcommit`, `_limit`).
+    CapacityExceeded,
     /// FAILED_PRECONDITION: a `[[sockets]]` address cannot be bound.
     ListenFailed,
     /// FAILED_PRECONDITION: another rollout of the service runs (metadata `rollout_id`).
@@ -62,7 +66,8 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
+        Reason::CapacityExceeded,
         Reason::InvalidField,
         Reason::ServiceNotFound,
         Reason::InstanceNotFound,
@@ -92,6 +97,7 @@ impl Reason {
             Reason::GenerationMismatch => "GENERATION_MISMATCH",
             Reason::HostCannotRun => "HOST_CANNOT_RUN",
             Reason::ListenFailed => "LISTEN_FAILED",
+            Reason::CapacityExceeded => "CAPACITY_EXCEEDED",
             Reason::RolloutRunning => "ROLLOUT_RUNNING",
             Reason::NothingToRollBackTo => "NOTHING_TO_ROLL_BACK_TO",
             Reason::ServiceDeleting => "SERVICE_DELETING",
@@ -270,6 +276,26 @@ pub fn to_status(e: SupervisorError) -> Status {
                 d = d.precondition("HOST", &r.field, cut(&r.message, 1024));
             }
             d.status(Code::FailedPrecondition, message)
+        }
+        SupervisorError::CapacityExceeded { exceeded } => {
+            let mut meta = Vec::new();
+            for e in exceeded {
+                let r = e.field.trim_start_matches("resources.");
+                meta.push((format!("{r}_requested"), e.requested.to_string()));
+                meta.push((format!("{r}_committed"), e.committed.to_string()));
+                meta.push((format!("{r}_allocatable"), e.allocatable.to_string()));
+                meta.push((format!("{r}_overcommit"), e.ratio.to_string()));
+                meta.push((format!("{r}_limit"), e.limit.to_string()));
+            }
+            let meta: Vec<(&str, String)> =
+                meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            let mut d = d.info(Reason::CapacityExceeded, &meta);
+            let message_lines: Vec<&str> = message.split("; ").collect();
+            for (e, line) in exceeded.iter().zip(message_lines) {
+                let why = line.split_once(": ").map_or(line, |(_, w)| w);
+                d = d.precondition("CAPACITY", e.field, why);
+            }
+            d.status(Code::ResourceExhausted, message)
         }
         SupervisorError::Listen { index, source, .. } => d
             .info(Reason::ListenFailed, &[])

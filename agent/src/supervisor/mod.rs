@@ -10,6 +10,7 @@
 //! Imports from the crate: `spec`, `rollout`, `health`, `events`, and the traits of `runtime`,
 //! `cgroups`, `store`.
 
+pub mod capacity;
 pub mod desired;
 mod driver;
 mod handle;
@@ -95,11 +96,14 @@ pub struct Listing {
 }
 
 /// Counts for the node report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub services: u32,
     /// Instances with live processes.
     pub instances: u32,
+    /// What the services commit (see [`capacity`]).
+    pub committed: capacity::Amounts,
+    pub capacity: Option<capacity::CapacityPolicy>,
 }
 
 /// One instance, as reported.
@@ -206,6 +210,8 @@ pub enum SupervisorError {
         /// `None`: the service does not exist.
         current: Option<u64>,
     },
+    #[error("{}", capacity_message(exceeded))]
+    CapacityExceeded { exceeded: Vec<capacity::Exceeded> },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]
@@ -243,6 +249,30 @@ pub enum SupervisorError {
     },
     #[error("the agent is shutting down")]
     Unavailable,
+}
+
+/// One line per resource: what was asked, what is committed, what may be.
+fn capacity_message(exceeded: &[capacity::Exceeded]) -> String {
+    exceeded
+        .iter()
+        .map(|e| {
+            let (unit, show): (&str, fn(f64) -> String) = if e.field == "resources.cpu" {
+                (" cores", |v| format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string())
+            } else {
+                (" bytes", |v| format!("{v:.0}"))
+            };
+            format!(
+                "{}: this service would commit {}{unit} where the others commit {}{unit} of {}{unit} this node allows (allocatable {}{unit} × overcommit {})",
+                e.field,
+                show(e.requested),
+                show(e.committed),
+                show(e.limit),
+                show(e.allocatable),
+                e.ratio
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `1, 2, 3`.

@@ -1113,6 +1113,8 @@ pub fn api() -> &'static Api {
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
             defaults: corral_agent::api::convert::HostDefaults::of_this_process(),
+            node_id: "test-node".into(),
+            boot_id: String::new(),
         };
         Api {
             rt,

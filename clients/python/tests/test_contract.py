@@ -387,3 +387,74 @@ def test_bad_labels_are_refused_naming_the_key(client: Client, service: Callable
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
     fields = sorted(f for f, _ in e.field_violations)
     assert fields == ["labels.-bad", "labels.ok"], e.field_violations
+
+
+# -- capacity and identity ---------------------------------------------------------------------
+
+
+def test_capacity_admission_and_node_identity(env: dict, tmp_path) -> None:  # type: ignore[type-arg]
+    import os
+
+    from test_shutdown import OwnAgent
+
+    agent = OwnAgent(env, tmp_path, ["--reserve", "cpu=0.5,memory=512MiB"])
+    agent.start()
+    try:
+        with Client.unix(agent.socket) as c:
+            node = c.node()
+            assert 1 <= node.capacity.cpu <= len(os.sched_getaffinity(0))
+            assert node.capacity.cpu == node.cpus
+            assert node.capacity.memory_bytes == node.memory_total_bytes
+            assert node.allocatable.cpu == pytest.approx(node.capacity.cpu - 0.5)
+            assert node.allocatable.memory_bytes == node.capacity.memory_bytes - (512 << 20)
+            assert (node.committed.cpu, node.committed.memory_bytes) == (0, 0)
+            assert (node.overcommit_cpu, node.overcommit_memory) == (1.0, 1.0)
+            boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+            assert node.boot_id == boot
+            node_id = node.node_id
+            assert len(node_id) == 36
+
+            alloc = node.allocatable.cpu
+            # Half of what may be committed, twice: the third such instance is refused.
+            half = round(alloc / 2, 3)
+            spec = lambda n, r: toml_spec(n, ["/bin/sleep", "1000"], replicas=r, extra=f"[resources]\ncpu = {half}\n")  # noqa: E731
+            c.apply(spec("cap-a", 1))
+            c.apply(spec("cap-b", 0))  # no instance, nothing committed
+            assert c.node().committed.cpu == pytest.approx(half)
+            c.scale("cap-b", 1)
+            e = refused(lambda: c.scale("cap-b", 2))
+            assert (e.code, e.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "CAPACITY_EXCEEDED")
+            assert float(e.metadata["cpu_requested"]) == pytest.approx(2 * half)
+            assert float(e.metadata["cpu_committed"]) == pytest.approx(half)
+            assert float(e.metadata["cpu_allocatable"]) == pytest.approx(alloc)
+            assert [v[1] for v in e.precondition_violations] == ["resources.cpu"]
+            e = refused(lambda: c.apply(spec("cap-c", 1)))
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # A service without limits commits nothing and is never refused.
+            c.apply(toml_spec("cap-free", ["/bin/sleep", "1000"], replicas=0))
+            # Memory: more than allocatable in one service.
+            too_much = node.allocatable.memory_bytes + (1 << 20)
+            e = refused(
+                lambda: c.apply(
+                    toml_spec("cap-mem", ["/bin/sleep", "1000"], extra=f"[resources]\nmemory = {too_much}\n")
+                )
+            )
+            assert e.reason == "CAPACITY_EXCEEDED" and "memory_requested" in e.metadata
+            for n in ("cap-a", "cap-b", "cap-free"):
+                c.delete(n)
+        agent.stop(timeout=10)
+
+        # Again, with overcommit: the same request fits; the node keeps its id.
+        agent.args = ["--reserve", "cpu=0.5,memory=512MiB", "--overcommit", "cpu=4.0,memory=1.0"]
+        agent.start()
+        with Client.unix(agent.socket) as c:
+            node = c.node()
+            assert node.node_id == node_id, "persisted in the state directory"
+            assert node.overcommit_cpu == 4.0
+            c.apply(spec("cap-a", 0))
+            c.scale("cap-a", 3)
+            assert c.node().committed.cpu == pytest.approx(3 * half)
+            c.delete("cap-a")
+        agent.stop(timeout=10)
+    finally:
+        agent.kill()

@@ -301,7 +301,8 @@ async fn api() {
 async fn core(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let agent = Agent::start_logging(None, "warn").await;
+    // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
+    let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
     println!(
         "corrald {} ({})",
         corral_e2e::bin("corrald").display(),

@@ -45,6 +45,7 @@ use crate::health::{ProbeReport, ServiceHealth};
 use crate::runtime::{InitExit, InstanceFiles, Processes, SocketBroker};
 use crate::spec::{InstanceKey, Namespace};
 use crate::store::Store;
+use crate::supervisor::capacity::CapacityPolicy;
 
 use slots::Services;
 
@@ -63,6 +64,8 @@ pub struct Deps {
     pub namespaces: Vec<Namespace>,
     /// Where every state change is recorded.
     pub events: Arc<EventLog>,
+    /// What services may commit (`None`: no capacity admission).
+    pub capacity: Option<CapacityPolicy>,
 }
 
 impl Deps {
@@ -86,7 +89,15 @@ impl Deps {
             store,
             namespaces,
             events,
+            capacity: None,
         }
+    }
+
+    /// Admit services by capacity under `policy`.
+    #[must_use]
+    pub fn with_capacity(mut self, policy: CapacityPolicy) -> Deps {
+        self.capacity = Some(policy);
+        self
     }
 }
 

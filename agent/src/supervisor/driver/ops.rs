@@ -17,6 +17,7 @@ use crate::rollout::record::{Kind, Rollout, State as RolloutState};
 use crate::runtime::ProcessRef;
 use crate::runtime::init::FORWARDED;
 use crate::spec::{self, FieldError, InstanceKey, ServiceSpec};
+use crate::supervisor::capacity;
 use crate::supervisor::desired::{Desired, Target};
 use crate::supervisor::instance::State;
 use crate::supervisor::{
@@ -274,6 +275,9 @@ impl Driver {
             // Some rules depend on the instance count (a fixed port cannot be shared by
             // instances on the host's network): the scaled spec must be one Apply accepts.
             spec.to_raw().validate()?;
+            if replicas > previous {
+                self.admit_capacity(&spec)?;
+            }
             d.spec = Arc::new(spec);
             if let Some(r) = d.running_mut() {
                 r.replicas = replicas;
@@ -400,11 +404,32 @@ impl Driver {
             why.extend(e);
         }
         why.extend(self.busy_ports(spec));
+        if !why.is_empty() {
+            return Err(SupervisorError::Unenforceable { reasons: why });
+        }
+        self.admit_capacity(spec)?;
         if why.is_empty() {
             Ok(())
         } else {
             Err(SupervisorError::Unenforceable { reasons: why })
         }
+    }
+
+    /// Whether `spec` fits beside what every other service commits (see
+    /// [`crate::supervisor::capacity`]).
+    pub(super) fn admit_capacity(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let Some(policy) = self.deps.capacity else {
+            return Ok(());
+        };
+        let others = capacity::total(
+            self.services
+                .iter()
+                .filter(|(name, s)| *name != &spec.name && !s.deleting)
+                .map(|(_, s)| capacity::commitment(&s.d.spec)),
+        );
+        policy
+            .admit(others, spec)
+            .map_err(|exceeded| SupervisorError::CapacityExceeded { exceeded })
     }
 
     /// The fixed `[ports]` of `spec` another process holds on the host's network, found by

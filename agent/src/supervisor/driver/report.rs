@@ -81,6 +81,13 @@ impl Driver {
         Summary {
             services: self.services.len() as u32,
             instances: self.services.live_count() as u32,
+            committed: crate::supervisor::capacity::total(
+                self.services
+                    .iter()
+                    .filter(|(_, s)| !s.deleting)
+                    .map(|(_, s)| crate::supervisor::capacity::commitment(&s.d.spec)),
+            ),
+            capacity: self.deps.capacity,
         }
     }
 
