@@ -473,6 +473,9 @@ impl Agent for AgentService {
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let audit = AuditNote::of(&req);
+        if !req.get_ref().dry_run {
+            super::auth::may_change(&req, "Apply")?;
+        }
         let req = req.into_inner();
         let dry = if req.dry_run { " (dry run)" } else { "" };
         let spec = match req.source {
