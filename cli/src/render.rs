@@ -1102,6 +1102,7 @@ mod tests {
                 oom_kills: 0,
                 pids: 3,
                 cpu_rate: 0.0,
+                ..Default::default()
             }),
             started_at: Some(at(now, -192_000)),
             next_start_at: None,

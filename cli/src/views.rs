@@ -287,6 +287,9 @@ impl From<&pb::InstanceStatus> for InstanceView {
                 memory_peak_bytes: u.memory_peak_bytes,
                 oom_kills: u.oom_kills,
                 pids: u.pids,
+                nr_throttled: u.nr_throttled,
+                throttled_usec: u.throttled_usec,
+                memory_pressure_some_avg10: u.memory_pressure.map(|p| p.some_avg10),
             }),
             started_at: i.started_at.as_ref().and_then(rfc3339),
             next_start_at: i.next_start_at.as_ref().and_then(rfc3339),
@@ -336,6 +339,12 @@ pub struct UsageView {
     pub memory_peak_bytes: u64,
     pub oom_kills: u64,
     pub pids: u64,
+    /// CFS periods held at the CPU limit, and for how long in all.
+    pub nr_throttled: u64,
+    pub throttled_usec: u64,
+    /// Percent of the last 10 s some task waited for memory; `null` where the kernel has no
+    /// per-cgroup pressure (cgroup v1).
+    pub memory_pressure_some_avg10: Option<f64>,
 }
 
 /// What `node -o json` prints.
@@ -949,6 +958,7 @@ mod tests {
                 oom_kills: 1,
                 pids: 0,
                 cpu_rate: 0.0,
+                ..Default::default()
             }),
             started_at: None,
             next_start_at: Some(ts(1_740_830_401, 0)),
@@ -992,6 +1002,9 @@ mod tests {
                     "memory_peak_bytes": 268_435_456u64,
                     "oom_kills": 1,
                     "pids": 0,
+                    "nr_throttled": 0,
+                    "throttled_usec": 0,
+                    "memory_pressure_some_avg10": null,
                 },
                 "started_at": null,
                 "log_bytes_dropped": 0,

@@ -174,7 +174,7 @@ impl fmt::Display for CgroupPath {
 }
 
 /// Usage of one cgroup, read from its own files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CgroupStats {
     /// Total CPU time, nanoseconds.
     pub cpu_usage_ns: u64,
@@ -185,6 +185,63 @@ pub struct CgroupStats {
     pub oom_kills: u64,
     /// Tasks in the cgroup.
     pub pids: u64,
+    /// CFS periods in which the cgroup was throttled at its CPU limit, and for how long in
+    /// all (`cpu.stat`: v1 `nr_throttled`, `throttled_time`; v2 `nr_throttled`,
+    /// `throttled_usec`). 0 without a CPU limit or the cpu controller.
+    pub nr_throttled: u64,
+    pub throttled_usec: u64,
+    /// Memory pressure (PSI, v2 `memory.pressure`); `None` on v1 (which has no per-cgroup
+    /// pressure) and on kernels without PSI.
+    pub memory_pressure: Option<Pressure>,
+}
+
+/// Pressure stall information: the share of wall time some (`some`) or all (`full`)
+/// tasks of the cgroup were stalled, averaged over 10 and 60 s, in percent, and the total
+/// stall time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    pub some_avg10: f64,
+    pub some_avg60: f64,
+    pub some_total_usec: u64,
+    pub full_avg10: f64,
+    pub full_avg60: f64,
+    pub full_total_usec: u64,
+}
+
+impl Pressure {
+    /// Parses a PSI file (`some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and a `full` line);
+    /// `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Pressure> {
+        let mut p = Pressure::default();
+        let (mut some, mut full) = (false, false);
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let kind = parts.next()?;
+            let (mut avg10, mut avg60, mut total) = (None, None, None);
+            for kv in parts {
+                let (k, v) = kv.split_once('=')?;
+                match k {
+                    "avg10" => avg10 = v.parse::<f64>().ok(),
+                    "avg60" => avg60 = v.parse::<f64>().ok(),
+                    "total" => total = v.parse::<u64>().ok(),
+                    _ => {}
+                }
+            }
+            let (a10, a60, t) = (avg10?, avg60?, total?);
+            match kind {
+                "some" => {
+                    (p.some_avg10, p.some_avg60, p.some_total_usec) = (a10, a60, t);
+                    some = true;
+                }
+                "full" => {
+                    (p.full_avg10, p.full_avg60, p.full_total_usec) = (a10, a60, t);
+                    full = true;
+                }
+                _ => {}
+            }
+        }
+        (some && full).then_some(p)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

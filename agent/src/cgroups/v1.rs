@@ -369,6 +369,15 @@ impl CgroupBackend for V1Backend {
         {
             stats.cpu_usage_ns = read_u64(&p, &r.parent.join(&rel).join("cpuacct.usage"))?;
         }
+        // cpu.stat of the cpu hierarchy: throttled periods and time (ns). Per-cgroup memory
+        // pressure (PSI) exists only on v2.
+        if self.caps.has(Control::Cpu)
+            && let Some(r) = &self.cpu
+            && let Ok(text) = std::fs::read_to_string(r.parent.join(&rel).join("cpu.stat"))
+        {
+            stats.nr_throttled = fsutil::keyed_u64(&text, "nr_throttled").unwrap_or(0);
+            stats.throttled_usec = fsutil::keyed_u64(&text, "throttled_time").unwrap_or(0) / 1000;
+        }
         if self.caps.has(Control::Memory)
             && let Some(r) = &self.memory
         {
@@ -779,7 +788,19 @@ mod tests {
                 memory_peak_bytes: 8_192_000,
                 oom_kills: 2,
                 pids: 3,
+                ..CgroupStats::default()
             }
+        );
+        put(
+            "cpu",
+            "cpu.stat",
+            "nr_periods 40\nnr_throttled 15\nthrottled_time 2500000000\n",
+        );
+        let s = b.stats(&web0()).expect("stats");
+        assert_eq!(
+            (s.nr_throttled, s.throttled_usec, s.memory_pressure),
+            (15, 2_500_000, None),
+            "v1: throttling from the cpu hierarchy, no pressure"
         );
         // a value that cannot be read is an error, never a guessed 0
         put("memory", "memory.usage_in_bytes", "");

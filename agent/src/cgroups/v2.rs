@@ -444,8 +444,17 @@ impl CgroupBackend for V2Backend {
         let dir = self.dir(path);
         let mut stats = CgroupStats::default();
         if self.caps.has(Control::CpuAccounting) {
-            let usec = read_keyed(&p, &dir.join("cpu.stat"), "usage_usec")?;
+            let file = dir.join("cpu.stat");
+            let usec = read_keyed(&p, &file, "usage_usec")?;
             stats.cpu_usage_ns = usec.saturating_mul(1000);
+            // With the cpu controller enabled for the cgroup (a CPU limit is possible), the
+            // file also counts throttling; without it the lines are absent: 0.
+            if self.caps.has(Control::Cpu)
+                && let Ok(text) = std::fs::read_to_string(&file)
+            {
+                stats.nr_throttled = fsutil::keyed_u64(&text, "nr_throttled").unwrap_or(0);
+                stats.throttled_usec = fsutil::keyed_u64(&text, "throttled_usec").unwrap_or(0);
+            }
         }
         if self.caps.has(Control::Memory) {
             stats.memory_bytes = read_u64(&p, &dir.join("memory.current"))?;
@@ -454,6 +463,10 @@ impl CgroupBackend for V2Backend {
                 stats.memory_peak_bytes = read_u64(&p, &peak)?;
             }
             stats.oom_kills = read_keyed(&p, &dir.join("memory.events"), "oom_kill")?;
+            // Absent without PSI (CONFIG_PSI off, or psi=0 on the kernel command line).
+            stats.memory_pressure = std::fs::read_to_string(dir.join("memory.pressure"))
+                .ok()
+                .and_then(|t| super::Pressure::parse(&t));
         }
         if self.caps.has(Control::Pids) {
             let c = PidController::new(dir.clone(), self.mount.clone(), true);
@@ -852,8 +865,32 @@ mod tests {
                 memory_peak_bytes: 8_192_000,
                 oom_kills: 3,
                 pids: 2,
+                ..CgroupStats::default()
             }
         );
+        put(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 40\nnr_throttled 15\nthrottled_usec 2500000\n",
+        );
+        put(
+            "memory.pressure",
+            "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=678\n",
+        );
+        let s = b.stats(&web0()).expect("stats");
+        assert_eq!((s.nr_throttled, s.throttled_usec), (15, 2_500_000));
+        let p = s.memory_pressure.expect("pressure");
+        assert_eq!(
+            (
+                p.some_avg10,
+                p.some_avg60,
+                p.some_total_usec,
+                p.full_avg10,
+                p.full_total_usec
+            ),
+            (1.5, 0.25, 12345, 0.5, 678)
+        );
+        put("memory.pressure", "garbage\n");
+        assert_eq!(b.stats(&web0()).expect("stats").memory_pressure, None);
         // memory.peak arrived in Linux 5.19: without it the peak is 0
         fs::remove_file(leaf.join("memory.peak")).expect("unplant");
         assert_eq!(b.stats(&web0()).expect("stats").memory_peak_bytes, 0);

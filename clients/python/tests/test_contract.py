@@ -458,3 +458,21 @@ def test_capacity_admission_and_node_identity(env: dict, tmp_path) -> None:  # t
         agent.stop(timeout=10)
     finally:
         agent.kill()
+
+
+def test_usage_reports_cpu_throttling_and_memory_pressure(
+    client: Client, service: Callable[[str], str], testbin: str
+) -> None:
+    name = service("py-throttle")
+    client.apply(toml_spec(name, [testbin, "hog-cpu"], extra="[resources]\ncpu = 0.1\n"))
+    client.wait_ready(name)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        u = client.get(name).instances[0].usage
+        if u.nr_throttled > 0 and u.throttled_usec > 0:
+            break
+        time.sleep(0.2)
+    assert u.nr_throttled > 0 and u.throttled_usec > 0, u
+    # Per-cgroup memory pressure exists on cgroup v2 only.
+    v2 = client.node().cgroup_version == "v2"
+    assert u.HasField("memory_pressure") == v2, (client.node().cgroup_version, u)
