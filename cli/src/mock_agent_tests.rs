@@ -532,6 +532,13 @@ impl Agent for FakeAgent {
         }))
     }
 
+    async fn apply_batch(
+        &self,
+        _: Request<corral_proto::v1::ApplyBatchRequest>,
+    ) -> Result<Response<corral_proto::v1::ApplyBatchResponse>, Status> {
+        Err(Status::unimplemented("the CLI does not batch"))
+    }
+
     async fn delete(
         &self,
         request: Request<DeleteRequest>,

@@ -228,7 +228,7 @@ const READ_METHODS: &[&str] = &[
 
 /// Methods a `read` caller may call only to change nothing: `Apply` with `dry_run` (the
 /// service refuses the rest; see [`may_change`]). They are audited like every write.
-const DRY_RUN_METHODS: &[&str] = &["/corral.v1.Agent/Apply"];
+const DRY_RUN_METHODS: &[&str] = &["/corral.v1.Agent/Apply", "/corral.v1.Agent/ApplyBatch"];
 
 /// Methods whose responses are streams that stay open: capped per caller.
 const STREAM_METHODS: &[&str] = &[

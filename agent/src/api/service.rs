@@ -214,6 +214,38 @@ fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
     }
 }
 
+/// The most requests in one ApplyBatch.
+const MAX_BATCH: usize = 100;
+
+/// The spec a request carries, typed or as TOML text, validated.
+fn spec_of(
+    source: Option<pb::apply_request::Source>,
+) -> Result<spec::ServiceSpec, spec::SpecError> {
+    match source {
+        Some(pb::apply_request::Source::Spec(p)) => {
+            convert::spec_from_proto(p).and_then(|raw| raw.validate())
+        }
+        Some(pb::apply_request::Source::SpecToml(text)) if text.len() > MAX_SPEC_TOML => {
+            Err(spec::SpecError {
+                errors: vec![spec::FieldError::new(
+                    "spec_toml",
+                    format!(
+                        "{} bytes is larger than the {MAX_SPEC_TOML}-byte limit",
+                        text.len()
+                    ),
+                )],
+            })
+        }
+        Some(pb::apply_request::Source::SpecToml(text)) => spec::parse_toml(&text),
+        None => Err(spec::SpecError {
+            errors: vec![spec::FieldError::new(
+                "spec",
+                "one of spec or spec_toml is required",
+            )],
+        }),
+    }
+}
+
 /// The most services in one List answer.
 const MAX_PAGE: usize = 1000;
 
@@ -520,6 +552,73 @@ impl Agent for AgentService {
             replaces_instances: a.replaces_instances,
             rollout_id: a.rollout_id.unwrap_or_default(),
             generation: a.generation,
+        }))
+    }
+
+    async fn apply_batch(
+        &self,
+        req: Request<pb::ApplyBatchRequest>,
+    ) -> Result<Response<pb::ApplyBatchResponse>, Status> {
+        let audit = AuditNote::of(&req);
+        if !req.get_ref().dry_run {
+            super::auth::may_change(&req, "ApplyBatch")?;
+        }
+        let req = req.into_inner();
+        if req.requests.len() > MAX_BATCH {
+            return Err(super::status::invalid_field(
+                "requests",
+                format!(
+                    "{} requests (at most {MAX_BATCH} in one batch)",
+                    req.requests.len()
+                ),
+            ));
+        }
+        let mut items = Vec::with_capacity(req.requests.len());
+        let mut errors = Vec::new();
+        for (i, r) in req.requests.into_iter().enumerate() {
+            if r.dry_run {
+                errors.push(spec::FieldError::new(
+                    format!("requests[{i}].dry_run"),
+                    "set dry_run on the batch, not on its requests",
+                ));
+                continue;
+            }
+            match spec_of(r.source) {
+                Ok(s) => items.push(crate::supervisor::BatchItem {
+                    spec: self.defaults.normalize(s),
+                    force: r.force,
+                    expected: r.expected_revision,
+                }),
+                Err(e) => errors.extend(e.errors.into_iter().map(|f| {
+                    spec::FieldError::new(format!("requests[{i}].{}", f.field), f.message)
+                })),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(super::status::invalid_spec(&spec::SpecError { errors }));
+        }
+        if let Some(a) = &audit {
+            let names: Vec<&str> = items.iter().map(|i| i.spec.name.as_str()).collect();
+            a.note(&names.join(","));
+        }
+        let outcomes = self
+            .supervisor
+            .apply_batch(items, req.dry_run)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ApplyBatchResponse {
+            results: outcomes
+                .into_iter()
+                .map(|a| pb::ApplyResponse {
+                    name: a.name,
+                    revision: a.revision,
+                    outcome: convert::apply_outcome_to_proto(a.kind) as i32,
+                    changes: a.changes,
+                    replaces_instances: a.replaces_instances,
+                    rollout_id: a.rollout_id.unwrap_or_default(),
+                    generation: a.generation,
+                })
+                .collect(),
         }))
     }
 

@@ -5,8 +5,8 @@
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ApplyOutcome, Deleted, Listing, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
-    SupervisorError,
+    ApplyOutcome, BatchItem, Deleted, Listing, RolloutStarted, Scaled, ServiceStatus, Signaled,
+    Summary, SupervisorError,
 };
 use crate::rollout::record::Rollout;
 use crate::spec::{InstanceKey, ServiceSpec};
@@ -25,6 +25,12 @@ pub(super) enum Request {
         force: bool,
         expected: Option<u64>,
         reply: Reply<ApplyOutcome>,
+    },
+    /// Apply several specs, all or nothing (see `Driver::apply_batch`).
+    ApplyBatch {
+        items: Vec<BatchItem>,
+        dry_run: bool,
+        reply: Reply<Vec<ApplyOutcome>>,
     },
     /// Replace every instance with a fresh one of the same spec, as a rollout.
     Restart {
@@ -120,6 +126,21 @@ impl SupervisorHandle {
             dry_run,
             force,
             expected,
+            reply,
+        })
+        .await
+    }
+
+    /// Apply several specs at once, all or nothing: every one checked before any is saved,
+    /// and the saved ones written back when a later save fails.
+    pub async fn apply_batch(
+        &self,
+        items: Vec<BatchItem>,
+        dry_run: bool,
+    ) -> Result<Vec<ApplyOutcome>, SupervisorError> {
+        self.ask(|reply| Request::ApplyBatch {
+            items,
+            dry_run,
             reply,
         })
         .await

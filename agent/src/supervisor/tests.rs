@@ -1172,3 +1172,108 @@ async fn labels_change_in_place() {
     assert_eq!(s.spec.command, ["/bin/app"]);
     assert_eq!(s.spec.labels.get("app").map(String::as_str), Some("web2"));
 }
+
+/// A batch is all or nothing. A refusal of any spec refuses all; when the third record
+/// cannot be saved, the two saved before it are written back (an existing service's record
+/// as it was, a created one's removed), nothing runs that did not, no event is added, and
+/// the generations stay.
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_all_or_nothing() {
+    let store = Arc::new(MemStore::new());
+    let r = rig_with(RecordingCgroups::default(), store.clone()).await;
+    let one = |name: &str, cmd: &str| BatchItem {
+        spec: *spec(&format!(
+            "name = \"{name}\"\ncommand = [\"{cmd}\"]\nreplicas = 1\n"
+        )),
+        force: false,
+        expected: None,
+    };
+    r.handle
+        .apply_batch(vec![one("a", "/bin/app")], false)
+        .await
+        .expect("create a");
+    settle().await;
+    let saved_a = store.get("services", "a").expect("a saved");
+    let events = r.events().await.len();
+    let spawns = r.rt.spawns().len();
+
+    // Two specs for one service, a stale expected generation, a bad program: refused whole.
+    let dup = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), one("b", "/bin/v2")], false)
+        .await
+        .expect_err("duplicate");
+    assert!(dup.to_string().contains("requests[1].name"), "{dup}");
+    let mut stale = one("a", "/bin/v2");
+    stale.expected = Some(7);
+    let e = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), stale], false)
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(e, SupervisorError::GenerationMismatch { .. }),
+        "{e}"
+    );
+    r.rt.refuse_command("/bin/missing");
+    let e = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), one("c", "/bin/missing")], false)
+        .await
+        .expect_err("host");
+    assert!(matches!(e, SupervisorError::Unenforceable { .. }), "{e}");
+
+    // The third save fails: a (updated) and b (created) were saved, and are written back.
+    store.fail_writes_of("c");
+    let e = r
+        .handle
+        .apply_batch(
+            vec![
+                one("a", "/bin/v2"),
+                one("b", "/bin/app"),
+                one("c", "/bin/app"),
+            ],
+            false,
+        )
+        .await
+        .expect_err("save of c");
+    assert!(matches!(e, SupervisorError::Storage { .. }), "{e}");
+    settle().await;
+    assert_eq!(
+        store.get("services", "a"),
+        Some(saved_a),
+        "a's record as it was"
+    );
+    assert_eq!(store.get("services", "b"), None, "b's record removed");
+    assert_eq!(r.status("a").await.spec.command, ["/bin/app"]);
+    assert_eq!(r.status("a").await.generation, 1);
+    assert!(r.handle.get("b").await.is_err());
+    assert_eq!(r.events().await.len(), events, "no event");
+    assert_eq!(r.rt.spawns().len(), spawns, "nothing started");
+
+    // Dry run: what it would do, nothing done.
+    let dry = r
+        .handle
+        .apply_batch(vec![one("a", "/bin/v2"), one("b", "/bin/app")], true)
+        .await
+        .expect("dry run");
+    assert_eq!(
+        dry.iter()
+            .map(|o| (o.kind, o.generation))
+            .collect::<Vec<_>>(),
+        [(ApplyKind::Updated, 2), (ApplyKind::Created, 1)]
+    );
+    assert!(r.handle.get("b").await.is_err());
+
+    // And all of it when every part is fine.
+    let done = r
+        .handle
+        .apply_batch(vec![one("a", "/bin/v2"), one("b", "/bin/app")], false)
+        .await
+        .expect("batch");
+    assert_eq!(done.len(), 2);
+    assert!(done[0].rollout_id.is_some(), "a's instance is replaced");
+    settle().await;
+    assert_eq!(r.status("b").await.desired, 1);
+    assert!(store.get("services", "b").is_some());
+}

@@ -476,3 +476,38 @@ def test_usage_reports_cpu_throttling_and_memory_pressure(
     # Per-cgroup memory pressure exists on cgroup v2 only.
     v2 = client.node().cgroup_version == "v2"
     assert u.HasField("memory_pressure") == v2, (client.node().cgroup_version, u)
+
+
+# -- batch ----------------------------------------------------------------------------------------
+
+
+def test_a_batch_applies_all_or_nothing(client: Client, service: Callable[[str], str], env: dict) -> None:  # type: ignore[type-arg]
+    a, b = service("py-ba"), service("py-bb")
+    sleep = ["/bin/sleep", "1000"]
+    # The second spec cannot run here: neither is applied.
+    e = refused(lambda: client.apply_batch([toml_spec(a, sleep, replicas=0), toml_spec(b, ["no-such-program-anywhere"])]))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION
+    for n in (a, b):
+        assert refused(lambda: client.get(n)).code == grpc.StatusCode.NOT_FOUND
+    # A field error names the request it is in.
+    e = refused(lambda: client.apply_batch([toml_spec(a, sleep), f'name = "{b}"\ncommand = []\n']))
+    assert [f for f, _ in e.field_violations] == ["requests[1].command"]
+    # Both, in order, each with its outcome.
+    rs = client.apply_batch([toml_spec(a, sleep, replicas=0), toml_spec(b, sleep, replicas=0)])
+    assert [(r.name, enum_name(r, "outcome"), r.generation) for r in rs] == [(a, "created", 1), (b, "created", 1)]
+    # Expected generations guard each one; one stale refuses the batch.
+    e = refused(
+        lambda: client.apply_batch(
+            [toml_spec(a, sleep, replicas=1), toml_spec(b, sleep, replicas=1)], expected_revisions=[1, 5]
+        )
+    )
+    assert (e.code, e.reason) == (grpc.StatusCode.ABORTED, "GENERATION_MISMATCH")
+    assert (client.get(a).desired, client.get(b).desired) == (0, 0)
+    # The read role may ask for a dry run of a batch, and it changes nothing.
+    from test_tls import tls_client
+
+    with tls_client(env, "read") as read:
+        dry = read.apply_batch([toml_spec(a, sleep, replicas=2)], dry_run=True)
+        assert enum_name(dry[0], "outcome") == "scaled"
+        assert refused(lambda: read.apply_batch([toml_spec(a, sleep, replicas=2)])).code == grpc.StatusCode.PERMISSION_DENIED
+    assert client.get(a).desired == 0

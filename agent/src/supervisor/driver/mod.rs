@@ -19,6 +19,7 @@
 
 mod lifecycle;
 mod ops;
+pub use ops::BatchItem;
 mod records;
 mod report;
 mod restore;
@@ -235,6 +236,11 @@ impl Driver {
                 self.expect_generation(&spec.name, expected)
                     .and_then(|()| self.apply(*spec, dry_run, force)),
             ),
+            Request::ApplyBatch {
+                items,
+                dry_run,
+                reply,
+            } => answer(reply, self.apply_batch(items, dry_run)),
             Request::Restart {
                 name,
                 force,

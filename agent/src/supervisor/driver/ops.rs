@@ -24,6 +24,24 @@ use crate::supervisor::{
     ApplyKind, ApplyOutcome, Deleted, RolloutStarted, Scaled, Signaled, SupervisorError,
 };
 
+/// One spec of a batch apply, with its own `force` and expected generation.
+#[derive(Debug)]
+pub struct BatchItem {
+    pub spec: ServiceSpec,
+    pub force: bool,
+    pub expected: Option<u64>,
+}
+
+/// An apply's new desired state, prepared on a copy.
+struct Prepared {
+    name: String,
+    d: Desired,
+    /// A new service.
+    created: bool,
+    rollout_id: Option<String>,
+    superseded: Option<String>,
+}
+
 /// What an apply changes, decided before anything is done.
 struct ApplyPlan {
     kind: ApplyKind,
@@ -130,18 +148,27 @@ impl Driver {
         sockets: SocketMap,
         outcome: &mut ApplyOutcome,
     ) -> Result<Option<String>, SupervisorError> {
+        let p = self.prepare_apply(spec, kind);
+        self.persist(&p.name, &p.d)?;
+        outcome.rollout_id.clone_from(&p.rollout_id);
+        Ok(self.install(p, sockets))
+    }
+
+    /// The desired state an apply leads to, on a copy: nothing saved, nothing current yet.
+    fn prepare_apply(&self, spec: Arc<ServiceSpec>, kind: ApplyKind) -> Prepared {
         let name = spec.name.clone();
         let Some(svc) = self.services.get(&name) else {
-            let d = Desired::new(spec);
-            self.persist(&name, &d)?;
-            let mut svc = Service::new(d);
-            svc.sockets.extend(sockets);
-            self.services.insert(name, svc);
-            return Ok(None);
+            return Prepared {
+                name,
+                d: Desired::new(spec),
+                created: true,
+                rollout_id: None,
+                superseded: None,
+            };
         };
         let mut d = svc.d.clone();
         d.generation += 1;
-        let mut superseded = None;
+        let (mut superseded, mut rollout_id) = (None, None);
         if matches!(kind, ApplyKind::Scaled | ApplyKind::Labeled) {
             if let Some(r) = d.running_mut() {
                 r.replicas = spec.replicas;
@@ -156,16 +183,184 @@ impl Driver {
                 superseded = d.retarget(target, now);
             } else {
                 let (id, old) = d.begin(&name, Kind::Update, target, n, now);
-                outcome.rollout_id = Some(id);
+                rollout_id = Some(id);
                 superseded = old;
             }
         }
-        self.persist(&name, &d)?;
-        if let Some(svc) = self.services.get_mut(&name) {
-            svc.d = d;
+        Prepared {
+            name,
+            d,
+            created: false,
+            rollout_id,
+            superseded,
+        }
+    }
+
+    /// Make a prepared (and saved) desired state current. Returns the rollout it
+    /// superseded, if any.
+    fn install(&mut self, p: Prepared, sockets: SocketMap) -> Option<String> {
+        if p.created {
+            let mut svc = Service::new(p.d);
+            svc.sockets.extend(sockets);
+            self.services.insert(p.name, svc);
+            return None;
+        }
+        if let Some(svc) = self.services.get_mut(&p.name) {
+            svc.d = p.d;
             svc.sockets.extend(sockets);
         }
-        Ok(superseded)
+        p.superseded
+    }
+
+    /// Apply several specs at once, all or nothing. Every spec is checked first (its
+    /// expected generation, the spec against the current one, the host, the capacity all of
+    /// them need together, a running rollout, its sockets bound); any refusal refuses the
+    /// batch and nothing is saved. Then each service's record is saved in order; when one
+    /// save fails, the records saved before it are written back as they were (removed for a
+    /// service the batch created), so the state directory, the services the agent runs and
+    /// the event log are all as before the call. Only then do the changes take effect
+    /// together (events, rollouts, instances).
+    pub(super) fn apply_batch(
+        &mut self,
+        items: Vec<BatchItem>,
+        dry_run: bool,
+    ) -> Result<Vec<ApplyOutcome>, SupervisorError> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut dups = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(first) = seen.insert(item.spec.name.as_str(), i) {
+                dups.push(FieldError::new(
+                    format!("requests[{i}].name"),
+                    format!(
+                        "{:?} is also requests[{first}]: one spec per service",
+                        item.spec.name
+                    ),
+                ));
+            }
+        }
+        if !dups.is_empty() {
+            return Err(SupervisorError::InvalidSpec(spec::SpecError {
+                errors: dups,
+            }));
+        }
+        let mut planned = Vec::with_capacity(items.len());
+        for item in &items {
+            self.expect_generation(&item.spec.name, item.expected)?;
+            let plan = self.plan_apply(&item.spec)?;
+            let generation = match (plan.kind, self.services.get(&item.spec.name)) {
+                (ApplyKind::Unchanged, Some(s)) => s.d.generation,
+                (_, Some(s)) => s.d.generation + 1,
+                (_, None) => 1,
+            };
+            if plan.kind != ApplyKind::Unchanged {
+                self.host_admission(&item.spec)?;
+            }
+            let outcome = ApplyOutcome {
+                name: item.spec.name.clone(),
+                revision: plan.revision,
+                kind: plan.kind,
+                changes: plan.changes,
+                replaces_instances: plan.replaces,
+                rollout_id: None,
+                generation,
+            };
+            planned.push(outcome);
+        }
+        self.admit_batch_capacity(&items)?;
+        if dry_run {
+            return Ok(planned);
+        }
+        for (item, o) in items.iter().zip(&planned) {
+            if o.kind == ApplyKind::Updated {
+                self.check_running(&o.name, item.force)?;
+            }
+        }
+        let mut sockets = Vec::with_capacity(items.len());
+        for (item, o) in items.iter().zip(&planned) {
+            let bound = if o.kind == ApplyKind::Unchanged {
+                SocketMap::new()
+            } else {
+                self.sockets_for(&item.spec)?
+            };
+            sockets.push(bound);
+        }
+        let prepared: Vec<Option<Prepared>> = items
+            .into_iter()
+            .zip(&planned)
+            .map(|(item, o)| {
+                (o.kind != ApplyKind::Unchanged)
+                    .then(|| self.prepare_apply(Arc::new(item.spec), o.kind))
+            })
+            .collect();
+        for (k, p) in prepared.iter().enumerate() {
+            let Some(p) = p else { continue };
+            if let Err(e) = self.persist(&p.name, &p.d) {
+                self.restore_records(prepared[..k].iter().flatten());
+                return Err(e);
+            }
+        }
+        let mut outcomes = planned;
+        for ((p, bound), o) in prepared.into_iter().zip(sockets).zip(outcomes.iter_mut()) {
+            let Some(p) = p else { continue };
+            o.rollout_id.clone_from(&p.rollout_id);
+            let name = p.name.clone();
+            let superseded = self.install(p, bound);
+            tracing::info!(service = %name, revision = o.revision, outcome = o.kind.as_str(), "applied (batch)");
+            self.emit(
+                &name,
+                None,
+                EventKind::Applied {
+                    revision: o.revision,
+                    outcome: o.kind,
+                    changes: o.changes.clone(),
+                },
+            );
+            if o.rollout_id.is_some() || superseded.is_some() {
+                self.announce_rollout(&name, superseded);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Write back the records of services a failed batch had saved: as they are in memory
+    /// (unchanged), or removed for the ones it created. A record that cannot be written back
+    /// is logged: that service's saved state is ahead of what runs until its next change.
+    fn restore_records<'a>(&self, saved: impl Iterator<Item = &'a Prepared>) {
+        for p in saved {
+            let result = match self.services.get(&p.name) {
+                Some(svc) => self.persist(&p.name, &svc.d).map_err(|e| e.to_string()),
+                None => self
+                    .deps
+                    .store
+                    .delete(SERVICES, &p.name)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::error!(service = %p.name, error = %e, "a failed batch apply could not write this service's record back");
+            }
+        }
+    }
+
+    /// The capacity a batch needs, all of it together: the services outside the batch as
+    /// they are, each batch spec instead of its service's current one.
+    fn admit_batch_capacity(&self, items: &[BatchItem]) -> Result<(), SupervisorError> {
+        let Some(policy) = self.deps.capacity else {
+            return Ok(());
+        };
+        let names: BTreeSet<&str> = items.iter().map(|i| i.spec.name.as_str()).collect();
+        let mut committed = capacity::total(
+            self.services
+                .iter()
+                .filter(|(name, s)| !names.contains(name.as_str()) && !s.deleting)
+                .map(|(_, s)| capacity::commitment(&s.d.spec)),
+        );
+        for item in items {
+            policy
+                .admit(committed, &item.spec)
+                .map_err(|exceeded| SupervisorError::CapacityExceeded { exceeded })?;
+            committed = capacity::total([committed, capacity::commitment(&item.spec)].into_iter());
+        }
+        Ok(())
     }
 
     pub(super) fn restart(
@@ -381,7 +576,7 @@ impl Driver {
     }
 
     /// What this host cannot enforce for `spec`, or what the spec needs that is not there.
-    fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+    fn host_admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         let mut why = Vec::new();
         why.extend(
             self.deps
@@ -404,15 +599,17 @@ impl Driver {
             why.extend(e);
         }
         why.extend(self.busy_ports(spec));
-        if !why.is_empty() {
-            return Err(SupervisorError::Unenforceable { reasons: why });
-        }
-        self.admit_capacity(spec)?;
         if why.is_empty() {
             Ok(())
         } else {
             Err(SupervisorError::Unenforceable { reasons: why })
         }
+    }
+
+    /// What this host cannot enforce for `spec` or what it lacks, then its capacity.
+    fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        self.host_admission(spec)?;
+        self.admit_capacity(spec)
     }
 
     /// Whether `spec` fits beside what every other service commits (see

@@ -271,6 +271,27 @@ class Client:
             request.expected_revision = expected_revision
         return self._call(self.agent.Apply, request)
 
+    def apply_batch(
+        self,
+        specs: Sequence[Union[str, pb.ServiceSpec]],
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        expected_revisions: Optional[Sequence[Optional[int]]] = None,
+    ) -> list[pb.ApplyResponse]:
+        """Apply several specs (one per service) all or nothing: every one is checked before
+        any is saved; a refusal of one refuses all, and a save that fails undoes the saves
+        before it. ``expected_revisions``, when given, has one entry per spec (``None``: no
+        expectation)."""
+        requests = []
+        for i, spec in enumerate(specs):
+            r = pb.ApplyRequest(spec_toml=spec, force=force) if isinstance(spec, str) else pb.ApplyRequest(spec=spec, force=force)
+            if expected_revisions is not None and expected_revisions[i] is not None:
+                r.expected_revision = expected_revisions[i]
+            requests.append(r)
+        reply = self._call(self.agent.ApplyBatch, pb.ApplyBatchRequest(requests=requests, dry_run=dry_run))
+        return list(reply.results)
+
     def apply_file(self, path: Union[str, Path], **kw: Any) -> pb.ApplyResponse:
         return self.apply(Path(path).read_text(encoding="utf-8"), **kw)
 
