@@ -445,16 +445,15 @@ impl CgroupBackend for V2Backend {
         let mut stats = CgroupStats::default();
         if self.caps.has(Control::CpuAccounting) {
             let file = dir.join("cpu.stat");
-            let usec = read_keyed(&p, &file, "usage_usec")?;
+            let text = std::fs::read_to_string(&file).map_err(|e| read_err(&p, &file, e))?;
+            let usec = fsutil::keyed_u64(&text, "usage_usec").map_err(|msg| {
+                read_err(&p, &file, io::Error::new(io::ErrorKind::InvalidData, msg))
+            })?;
             stats.cpu_usage_ns = usec.saturating_mul(1000);
             // With the cpu controller enabled for the cgroup (a CPU limit is possible), the
             // file also counts throttling; without it the lines are absent: 0.
-            if self.caps.has(Control::Cpu)
-                && let Ok(text) = std::fs::read_to_string(&file)
-            {
-                stats.nr_throttled = fsutil::keyed_u64(&text, "nr_throttled").unwrap_or(0);
-                stats.throttled_usec = fsutil::keyed_u64(&text, "throttled_usec").unwrap_or(0);
-            }
+            stats.nr_throttled = fsutil::keyed_u64(&text, "nr_throttled").unwrap_or(0);
+            stats.throttled_usec = fsutil::keyed_u64(&text, "throttled_usec").unwrap_or(0);
         }
         if self.caps.has(Control::Memory) {
             stats.memory_bytes = read_u64(&p, &dir.join("memory.current"))?;

@@ -710,26 +710,20 @@ impl InstanceFiles for LinuxRuntime {
     }
 
     fn output_tail(&self, instance: &str) -> Option<String> {
-        use super::{OUTPUT_TAIL_BYTES, OUTPUT_TAIL_LINES};
-        // Both streams' last records, of which the stderr ones are kept: a tail of a few
-        // times the lines wanted is enough unless stdout floods, when stderr says little.
-        let t = crate::logs::read_instance(&self.log_root, instance, Some(64), None).ok()?;
-        let lines: Vec<String> = t
-            .lines
-            .into_iter()
-            .filter(|l| l.stream == crate::logs::Stream::Stderr)
-            .map(|l| l.text)
-            .collect();
-        let keep = &lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..];
-        let text = keep.join("\n");
-        if text.is_empty() {
-            return None;
-        }
-        let mut start = text.len().saturating_sub(OUTPUT_TAIL_BYTES);
-        while !text.is_char_boundary(start) {
-            start += 1;
-        }
-        Some(text[start..].to_string())
+        // One bounded read at the end of the live stderr file: this runs on the exit path,
+        // before the restart is scheduled, so it must stay cheap.
+        let path = self
+            .log_dir(instance)
+            .join(crate::logs::Stream::Stderr.file_name());
+        let mut f = fs::File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        let from = len.saturating_sub(super::OUTPUT_TAIL_BYTES as u64 * 2);
+        io::Seek::seek(&mut f, io::SeekFrom::Start(from)).ok()?;
+        let mut buf = Vec::new();
+        Read::take(&mut f, super::OUTPUT_TAIL_BYTES as u64 * 2)
+            .read_to_end(&mut buf)
+            .ok()?;
+        super::tail_text(&buf, from > 0)
     }
 
     fn remove_instance_files(&self, instance: &str) {

@@ -279,6 +279,34 @@ pub const OUTPUT_TAIL_LINES: usize = 5;
 /// Bytes of stderr kept with a failed end (the last ones).
 pub const OUTPUT_TAIL_BYTES: usize = 1024;
 
+/// The text of the last complete records in `buf` (the end of a log file; `cut`: it begins in
+/// the middle of a record, which is skipped), at most [`OUTPUT_TAIL_LINES`] of them and the
+/// last [`OUTPUT_TAIL_BYTES`] bytes; `None` when there is none.
+pub fn tail_text(buf: &[u8], cut: bool) -> Option<String> {
+    let mut lines: Vec<&[u8]> = buf.split_inclusive(|b| *b == b'\n').collect();
+    if cut && !lines.is_empty() {
+        lines.remove(0);
+    }
+    // An unterminated last record is being written: not part of the tail yet.
+    if lines.last().is_some_and(|l| !l.ends_with(b"\n")) {
+        lines.pop();
+    }
+    let keep = &lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..];
+    let text = keep
+        .iter()
+        .map(|l| String::from_utf8_lossy(crate::logs::parse_record(l).1).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if text.is_empty() {
+        return None;
+    }
+    let mut start = text.len().saturating_sub(OUTPUT_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(text[start..].to_string())
+}
+
 /// What an instance's init leaves on disk for the agent: how its service ended, what it
 /// reported over `NOTIFY_SOCKET`, the output it could not log; and removing all of it.
 pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
@@ -346,4 +374,28 @@ pub fn assign_ports(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_is_the_last_complete_records_without_their_time() {
+        let rec = |t: &str| format!("2026-12-03T10:00:00.000000Z {t}\n");
+        let file: String = (0..8).map(|i| rec(&format!("line {i}"))).collect();
+        assert_eq!(
+            tail_text(file.as_bytes(), false).as_deref(),
+            Some("line 3\nline 4\nline 5\nline 6\nline 7")
+        );
+        // Cut in the middle of a record, and one being written at the end: both left out.
+        let partial = format!("00Z half\n{}{}2026-12-03T10:00", rec("a"), rec("b"));
+        assert_eq!(tail_text(partial.as_bytes(), true).as_deref(), Some("a\nb"));
+        assert_eq!(tail_text(b"", false), None);
+        let long = rec(&"x".repeat(5000));
+        assert_eq!(
+            tail_text(long.as_bytes(), false).map(|t| t.len()),
+            Some(OUTPUT_TAIL_BYTES)
+        );
+    }
 }
