@@ -29,7 +29,7 @@ use corral_agent::metrics::{self, AgentMetrics, CountingCgroups, Metrics};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::{FileStore, Store};
-use corral_agent::supervisor::{Deps, Driver, SupervisorHandle};
+use corral_agent::supervisor::{Deps, Driver, SupervisorHandle, capacity};
 use corral_fleet::{connect, keys, placement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -143,6 +143,14 @@ struct Flags {
     /// Serve --metrics in plain HTTP on an address other hosts can reach.
     #[arg(long)]
     metrics_insecure: bool,
+    /// What services may not commit, kept for the host: `cpu=0.5,memory=512MiB` (cores, and
+    /// a size). Default: nothing.
+    #[arg(long, value_name = "cpu=CORES,memory=SIZE")]
+    reserve: Option<String>,
+    /// How far the services' commitments (replicas x limits) may exceed what is allocatable:
+    /// `cpu=4.0,memory=1.0` (ratios of at least 1). Default: 1.0 for both, no overcommit.
+    #[arg(long, value_name = "cpu=RATIO,memory=RATIO")]
+    overcommit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +183,8 @@ struct ConfigFile {
     metrics_tls_cert: Option<PathBuf>,
     metrics_tls_key: Option<PathBuf>,
     metrics_insecure: Option<bool>,
+    reserve: Option<String>,
+    overcommit: Option<String>,
 }
 
 #[derive(Debug)]
@@ -185,6 +195,8 @@ struct Settings {
     cgroup_parent: Option<String>,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
+    reserve: capacity::Amounts,
+    overcommit: capacity::Ratios,
     max_cache: Option<u64>,
     max_fetches: usize,
     dynamic_users: runtime::users::IdRange,
@@ -407,7 +419,20 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.metrics_tls_key.or(file.metrics_tls_key),
         flags.metrics_insecure || file.metrics_insecure.unwrap_or(false),
     )?;
+    let reserve = match flags.reserve.or(file.reserve) {
+        Some(text) => {
+            capacity::parse_reserve(&text).map_err(|e| anyhow::anyhow!("--reserve {text}: {e}"))?
+        }
+        None => capacity::Amounts::default(),
+    };
+    let overcommit = match flags.overcommit.or(file.overcommit) {
+        Some(text) => capacity::parse_overcommit(&text)
+            .map_err(|e| anyhow::anyhow!("--overcommit {text}: {e}"))?,
+        None => capacity::Ratios::default(),
+    };
     Ok(Settings {
+        reserve,
+        overcommit,
         max_cache,
         max_fetches,
         fleet,
@@ -648,6 +673,17 @@ async fn run(s: Settings) -> Result<()> {
     packages.max_cache = s.max_cache;
     packages.fetch.max_concurrent = s.max_fetches;
     let packages = ArtifactStore::open(packages).context("opening the artifact store")?;
+    let host = Arc::new(Host::new());
+    let facts = host.snapshot();
+    let policy = capacity::CapacityPolicy {
+        capacity: capacity::Amounts {
+            cpu: f64::from(facts.cpus),
+            memory: facts.memory_total,
+        },
+        reserve: s.reserve,
+        overcommit: s.overcommit,
+    };
+    let node_id = host::node_id(&s.state_dir).context("the node id in the state directory")?;
     let deps = Deps::new(
         Arc::new(runtime),
         cgroups.clone(),
@@ -655,7 +691,8 @@ async fn run(s: Settings) -> Result<()> {
         namespaces.clone(),
         events.clone(),
     )
-    .with_packages(Arc::new(packages));
+    .with_packages(Arc::new(packages))
+    .with_capacity(policy);
     let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
@@ -663,7 +700,6 @@ async fn run(s: Settings) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let supervisor = tokio::spawn(driver.run(shutdown.clone()));
-    let host = Arc::new(Host::new());
     let mut fleet_task = None;
     let fleet_link = match s.fleet.clone() {
         Some(cfg) => {
@@ -688,6 +724,9 @@ async fn run(s: Settings) -> Result<()> {
         host,
         capabilities: caps,
         namespaces,
+        node_id,
+        boot_id: host::boot_id(),
+        defaults: api::convert::HostDefaults::of_this_process(),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
     // handled, never the default action.

@@ -14,7 +14,7 @@
 mod common;
 
 use common::Hostility;
-use corral_agent::api::convert::{spec_from_proto, spec_to_proto};
+use corral_agent::api::convert::{HostDefaults, spec_from_proto, spec_to_proto};
 use corral_agent::api::status::{MAX_MESSAGE, spec_message};
 use corral_agent::spec::{ServiceSpec, SpecError};
 use corral_proto::v1 as pb;
@@ -51,10 +51,15 @@ fn check_message(p: &pb::ServiceSpec) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(spec.health.is_some(), p.health.is_some());
     // Domain -> proto -> domain gives the same spec, and the canonical message is a fixpoint.
-    let wire = spec_to_proto(&spec);
-    let back = validate(&wire).map_err(|e| TestCaseError::fail(format!("{e}\n{wire:?}")))?;
+    // Defaults the host decides are filled in on the wire and normalized away when read.
+    let host = HostDefaults::of_this_process();
+    let spec = host.normalize(spec);
+    let wire = spec_to_proto(&spec, &host);
+    let back = validate(&wire)
+        .map(|s| host.normalize(s))
+        .map_err(|e| TestCaseError::fail(format!("{e}\n{wire:?}")))?;
     prop_assert_eq!(&back, &spec);
-    prop_assert_eq!(spec_to_proto(&back), wire);
+    prop_assert_eq!(spec_to_proto(&back, &host), wire);
     Ok(())
 }
 
@@ -68,6 +73,7 @@ fn check_apply(
         source: Some(source),
         dry_run: true,
         force: false,
+        ..Default::default()
     };
     let answer = api.rt.block_on(api.service.apply(Request::new(request)));
     match (answer, expected) {
@@ -194,7 +200,7 @@ proptest! {
                 .await;
             check_status("Scale", &["name", "replicas"], &scale.expect_err("no services"), invalid_or_missing)?;
             let restart = svc
-                .restart(Request::new(pb::RestartRequest { name: name.clone(), force: true }))
+                .restart(Request::new(pb::RestartRequest { name: name.clone(), force: true, expected_revision: Default::default(), }))
                 .await;
             check_status("Restart", &["name"], &restart.expect_err("no services"), invalid_or_missing)?;
             let rollback = svc
@@ -202,6 +208,7 @@ proptest! {
                     name: name.clone(),
                     revision,
                     force: true,
+                    ..Default::default()
                 }))
                 .await;
             check_status("Rollback", &["name", "revision"], &rollback.expect_err("no services"), invalid_or_missing)?;
@@ -239,6 +246,7 @@ proptest! {
                     instance: instance.clone(),
                     follow: false,
                     last,
+                    ..Default::default()
                 }))
                 .await;
             match watch {

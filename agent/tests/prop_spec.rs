@@ -12,7 +12,7 @@
 mod common;
 
 use common::Hostility;
-use corral_agent::api::convert::{spec_from_proto, spec_to_proto};
+use corral_agent::api::convert::{HostDefaults, spec_from_proto, spec_to_proto};
 use corral_agent::spec::{self, ServiceSpec};
 use proptest::prelude::*;
 
@@ -42,13 +42,18 @@ fn check(text: &str) -> Result<(), TestCaseError> {
 fn check_accepted(spec: &ServiceSpec) -> Result<(), TestCaseError> {
     let again = spec.to_raw().validate();
     prop_assert_eq!(again.as_ref(), Ok(spec));
-    let wire = spec_to_proto(spec);
+    // On the wire every default the host decides is filled in; read back, what only spells
+    // out a default is made absent again.
+    let host = HostDefaults::of_this_process();
+    let spec = &host.normalize(spec.clone());
+    let wire = spec_to_proto(spec, &host);
     let back = spec_from_proto(wire.clone())
         .and_then(|raw| raw.validate())
+        .map(|s| host.normalize(s))
         .map_err(|e| TestCaseError::fail(format!("{e}\n{wire:?}")))?;
     prop_assert_eq!(&back, spec);
     prop_assert_eq!(back.to_raw(), spec.to_raw());
-    prop_assert_eq!(spec_to_proto(&back), wire);
+    prop_assert_eq!(spec_to_proto(&back, &host), wire);
     Ok(())
 }
 

@@ -93,7 +93,7 @@ pub enum Command {
 
     /// List services with their instance counts.
     #[command(visible_alias = "list")]
-    Ls,
+    Ls(LsArgs),
 
     /// Show a service's limits, its running or last rollout, the revisions kept for rollback,
     /// and the state of each of its instances.
@@ -441,8 +441,20 @@ impl FromStr for Since {
     }
 }
 
+/// A label selector, as `ls` and `events` take it.
+const SELECTOR_HELP: &str = "Only services whose labels match: comma-separated requirements, all of which must hold: key=value, key!=value, key in (a,b), key notin (a,b), key (has it), !key (has it not)";
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[arg(short = 'l', long, value_name = "SELECTOR", help = SELECTOR_HELP)]
+    pub selector: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct EventsArgs {
+    #[arg(short = 'l', long, value_name = "SELECTOR", help = SELECTOR_HELP)]
+    pub selector: Option<String>,
+
     /// Keep printing events as they happen, until Ctrl-C.
     #[arg(short = 'f', long)]
     pub follow: bool,
@@ -565,6 +577,11 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub force: bool,
 
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED). One spec file only.
+    #[arg(long, value_name = "N", conflicts_with = "dry_run")]
+    pub expected_revision: Option<u64>,
+
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -577,6 +594,11 @@ pub struct RestartArgs {
     /// Supersede a rollout of the service that is still running (the agent refuses otherwise).
     #[arg(long)]
     pub force: bool,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -600,6 +622,11 @@ pub struct RollbackArgs {
     /// fleet (etcd) owns until etcd next changes it (the agent refuses either otherwise).
     #[arg(long)]
     pub force: bool,
+
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -637,6 +664,10 @@ pub struct ScaleArgs {
     /// otherwise).
     #[arg(long)]
     pub force: bool,
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -648,6 +679,10 @@ pub struct DeleteArgs {
     /// stays, and the service comes back when the key next changes.
     #[arg(long)]
     pub force: bool,
+    /// Act only if the service's generation is N (0: only if it does not exist yet), as
+    /// `status` and every write report it; else the agent refuses (ABORTED).
+    #[arg(long, value_name = "N")]
+    pub expected_revision: Option<u64>,
 }
 
 #[cfg(test)]
@@ -805,7 +840,14 @@ mod tests {
     #[test]
     fn read_commands_take_an_output_format_before_or_after_the_command() {
         let cli = parse(&["ls"]).unwrap();
-        assert!(matches!(cli.command, Command::Ls));
+        assert!(matches!(
+            cli.command,
+            Command::Ls(LsArgs { selector: None })
+        ));
+        let cli = parse(&["ls", "-l", "app=web,tier!=db"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Ls(LsArgs { selector: Some(s) }) if s == "app=web,tier!=db")
+        );
         assert_eq!(cli.output, Format::Table);
 
         let cli = parse(&["ls", "-o", "json"]).unwrap();
@@ -816,7 +858,7 @@ mod tests {
         let cli = parse(&["status", "web", "--output", "json"]).unwrap();
         assert_eq!(cli.output, Format::Json);
         assert!(matches!(cli.command, Command::Status(NameArgs { name }) if name == "web"));
-        assert!(matches!(parse(&["list"]).unwrap().command, Command::Ls));
+        assert!(matches!(parse(&["list"]).unwrap().command, Command::Ls(_)));
     }
 
     #[test]
@@ -839,12 +881,20 @@ mod tests {
         }
         let cli = parse(&["delete", "web"]).unwrap();
         assert!(
-            matches!(cli.command, Command::Delete(DeleteArgs { name, force: false }) if name == "web")
+            matches!(cli.command, Command::Delete(DeleteArgs { name, force: false, expected_revision: None }) if name == "web")
         );
         let cli = parse(&["delete", "web", "--force"]).unwrap();
         assert!(matches!(
             cli.command,
             Command::Delete(DeleteArgs { force: true, .. })
+        ));
+        let cli = parse(&["delete", "web", "--expected-revision", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Delete(DeleteArgs {
+                expected_revision: Some(4),
+                ..
+            })
         ));
     }
 

@@ -54,10 +54,12 @@ impl Session {
         &mut self,
         name: &str,
         force: bool,
+        expected_revision: Option<u64>,
     ) -> anyhow::Result<pb::RolloutResponse> {
         let request = pb::RestartRequest {
             name: name.to_owned(),
             force,
+            expected_revision,
         };
         let reply = self.client.restart(request).await;
         self.reply(reply.map_err(|status| supersede_hint(status, force)))
@@ -69,11 +71,13 @@ impl Session {
         name: &str,
         revision: Option<u64>,
         force: bool,
+        expected_revision: Option<u64>,
     ) -> anyhow::Result<pb::RolloutResponse> {
         let request = pb::RollbackRequest {
             name: name.to_owned(),
             revision,
             force,
+            expected_revision,
         };
         let reply = self.client.rollback(request).await;
         self.reply(reply.map_err(|status| supersede_hint(status, force)))
@@ -85,10 +89,16 @@ impl Session {
         self.reply(reply)
     }
 
-    pub async fn delete(&mut self, name: &str, force: bool) -> anyhow::Result<pb::DeleteResponse> {
+    pub async fn delete(
+        &mut self,
+        name: &str,
+        force: bool,
+        expected_revision: Option<u64>,
+    ) -> anyhow::Result<pb::DeleteResponse> {
         let request = pb::DeleteRequest {
             name: name.to_owned(),
             force,
+            expected_revision,
         };
         let reply = self.client.delete(request).await;
         self.reply(reply)
@@ -103,8 +113,28 @@ impl Session {
     }
 
     pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
-        let reply = self.client.list(pb::ListRequest {}).await;
+        let reply = self.client.list(pb::ListRequest::default()).await;
         self.reply(reply)
+    }
+
+    /// Every service whose labels match `selector` (empty: all), page after page.
+    pub async fn list_all(&mut self, selector: &str) -> anyhow::Result<Vec<pb::ServiceStatus>> {
+        let mut services = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::ListRequest {
+                selector: selector.to_owned(),
+                page_token,
+                ..Default::default()
+            };
+            let reply = self.client.list(request).await;
+            let page = self.reply(reply)?;
+            services.extend(page.services);
+            if page.next_page_token.is_empty() {
+                return Ok(services);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn scale(
@@ -112,11 +142,13 @@ impl Session {
         name: &str,
         replicas: u32,
         force: bool,
+        expected_revision: Option<u64>,
     ) -> anyhow::Result<pb::ScaleResponse> {
         let request = pb::ScaleRequest {
             name: name.to_owned(),
             replicas,
             force,
+            expected_revision,
         };
         let reply = self.client.scale(request).await;
         self.reply(reply)
@@ -534,7 +566,8 @@ fn root_cause(err: &(dyn StdError + 'static)) -> String {
 /// themselves (bad input, unknown service, host cannot enforce, not allowed), otherwise prefixed
 /// with the code, and with the underlying cause when the status comes from the transport.
 pub fn rpc_error(status: Status) -> anyhow::Error {
-    let message = status.message();
+    let detailed = detailed_message(&status);
+    let message = detailed.as_deref().unwrap_or(status.message());
     match status.code() {
         code @ (Code::InvalidArgument
         | Code::NotFound
@@ -562,6 +595,47 @@ pub fn rpc_error(status: Status) -> anyhow::Error {
             RpcError::new(code, text).into()
         }
     }
+}
+
+/// The agent's refusal from its standard details, one line per violation: `field: why` for
+/// a `BadRequest` (a spec or request field), `subject: why` for a `PreconditionFailure`
+/// (what the host cannot do); with the count of those left out when not all were sent.
+/// `None` when the status has neither.
+fn detailed_message(status: &Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let mut lines: Vec<String> = Vec::new();
+    if let Some(b) = details.bad_request() {
+        lines.extend(b.field_violations.iter().map(|v| {
+            if v.field.is_empty() {
+                v.description.clone()
+            } else {
+                format!("{}: {}", v.field, v.description)
+            }
+        }));
+    }
+    if let Some(p) = details.precondition_failure() {
+        lines.extend(
+            p.violations
+                .iter()
+                .map(|v| format!("{}: {}", v.subject, v.description)),
+        );
+    }
+    if lines.is_empty() {
+        return None;
+    }
+    let total = details
+        .error_info()
+        .and_then(|i| i.metadata.get("violations"))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(lines.len());
+    if total > lines.len() {
+        let more = total - lines.len();
+        lines.push(format!(
+            "... and {more} more errors ({total} in all; fix these first)"
+        ));
+    }
+    Some(lines.join("\n"))
 }
 
 /// A `Watch` status: `OUT_OF_RANGE` and `RESOURCE_EXHAUSTED` name the index to resume from, and
@@ -825,6 +899,34 @@ mod tests {
             ))
             .to_string(),
             unenforceable
+        );
+    }
+
+    /// The standard details are shown one line per violation: the fields of a refused spec,
+    /// what the host cannot do, and how many more there were when not all were sent.
+    #[test]
+    fn details_are_one_line_per_violation() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let mut d = ErrorDetails::new();
+        d.add_bad_request_violation("resources.memory", "\"12XB\" is not a size")
+            .add_bad_request_violation("command", "required")
+            .set_error_info(
+                "INVALID_FIELD",
+                "corral.dev",
+                std::collections::HashMap::from([("violations".to_string(), "5".to_string())]),
+            );
+        let status = Status::with_error_details(Code::InvalidArgument, "ignored", d);
+        assert_eq!(
+            rpc_error(status).to_string(),
+            "resources.memory: \"12XB\" is not a size\ncommand: required\n... and 3 more errors (5 in all; fix these first)"
+        );
+        let mut d = ErrorDetails::new();
+        d.add_precondition_failure_violation("HOST", "command[0]", "\"x\" is not found")
+            .add_precondition_failure_violation("HOST", "ports.http", "port 80 is in use");
+        let status = Status::with_error_details(Code::FailedPrecondition, "a; b", d);
+        assert_eq!(
+            rpc_error(status).to_string(),
+            "command[0]: \"x\" is not found\nports.http: port 80 is in use"
         );
     }
 

@@ -17,9 +17,9 @@ use corral_proto::v1::apply_request::Source;
 use corral_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, Event, GetRequest,
     GetRolloutRequest, InstanceState, InstanceStatus, ListRequest, ListResponse, LogLine,
-    LogsRequest, NodeInfo, NodeRequest, ResourceUsage, RestartRequest, RollbackRequest, Rollout,
-    RolloutResponse, RolloutStatus, RolloutStep, ScaleRequest, ScaleResponse, ServiceSpec,
-    ServiceStatus, WatchRequest,
+    LogsRequest, NodeInfo, NodeRequest, ResourceUsage, RestartRequest, RollbackRequest,
+    RolloutPolicy, RolloutResponse, RolloutStatus, RolloutStep, ScaleRequest, ScaleResponse,
+    ServiceSpec, ServiceStatus, WatchRequest,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -150,11 +150,11 @@ fn rollout_frames(
         ready: 0,
         old_instances: 1,
         available: 1,
-        policy: Some(Rollout {
+        policy: Some(RolloutPolicy {
             max_surge: Some(1),
             max_unavailable: Some(0),
-            min_healthy: Some("2s".into()),
-            healthy_deadline: Some("60s".into()),
+            min_healthy_ms: Some(2000),
+            healthy_deadline_ms: Some(60_000),
             auto_rollback: Some(plan == Plan::FailsAndRollsBack),
         }),
         started_at: Some(ts(ROLLOUT_START, 0)),
@@ -384,11 +384,11 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
             name: name.to_owned(),
             command: vec!["/bin/sleep".into(), "infinity".into()],
             replicas: Some(replicas),
-            rollout: Some(Rollout {
+            rollout: Some(RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             ..Default::default()
@@ -416,6 +416,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
         rollout: None,
         revisions: (1..=revision).collect(),
         paused: false,
+        ..Default::default()
     }
 }
 
@@ -529,7 +530,15 @@ impl Agent for FakeAgent {
             replaces_instances: outcome == "updated",
             changes,
             rollout_id,
+            ..Default::default()
         }))
+    }
+
+    async fn apply_batch(
+        &self,
+        _: Request<corral_proto::v1::ApplyBatchRequest>,
+    ) -> Result<Response<corral_proto::v1::ApplyBatchResponse>, Status> {
+        Err(Status::unimplemented("the CLI does not batch"))
     }
 
     async fn delete(
@@ -541,6 +550,7 @@ impl Agent for FakeAgent {
             Some((_, replicas, _)) => Ok(Response::new(DeleteResponse {
                 name,
                 stopped_instances: replicas,
+                ..Default::default()
             })),
             None => Err(Status::not_found(format!("service \"{name}\" not found"))),
         }
@@ -580,6 +590,7 @@ impl Agent for FakeAgent {
                 .rev()
                 .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
+            ..Default::default()
         }))
     }
 
@@ -597,6 +608,7 @@ impl Agent for FakeAgent {
             name: req.name,
             previous,
             replicas: req.replicas,
+            ..Default::default()
         }))
     }
 
@@ -620,6 +632,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision,
             rollout_id,
+            ..Default::default()
         }))
     }
 
@@ -646,6 +659,7 @@ impl Agent for FakeAgent {
             name: req.name,
             revision: to,
             rollout_id,
+            ..Default::default()
         }))
     }
 
@@ -1223,6 +1237,7 @@ async fn events_print_the_last_50_by_default() {
             instance: String::new(),
             follow: false,
             last: 50,
+            ..Default::default()
         }
     );
 
@@ -1447,7 +1462,8 @@ async fn restart_starts_a_rollout_and_prints_its_id() {
         agent.agent.restarts.lock().unwrap().clone(),
         [RestartRequest {
             name: "web".into(),
-            force: false
+            force: false,
+            ..Default::default()
         }]
     );
     let run = agent.run(&["restart", "web", "-o", "json"]).await;
@@ -1809,7 +1825,7 @@ kind:            restart
 state:           failed
 revision:        1
 progress:        0/1 old replaced (1 left), 0/1 new ready (1 started), 1 available
-policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 1m, auto_rollback on
 started:         2026-11-28T23:45:00.000Z
 finished:        2026-11-28T23:45:09.400Z (after 9.4s)
 reason:          web-1 not ready within 60s

@@ -12,7 +12,7 @@ use corral_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::views::{
-    TopRowView, apply_outcome_name, event_type_name, health_name, owner_name, parse_size, rfc3339,
+    TopRowView, apply_outcome_name, event_type_name, health_name, owner_name, rfc3339,
     rollout_kind_name, rollout_state_name, service_health_name, state_name,
 };
 
@@ -65,6 +65,11 @@ pub fn health_checked(s: &pb::ServiceStatus) -> bool {
 }
 
 /// A size in bytes with a binary unit and one decimal: `512B`, `12.3MiB`, `256MiB`.
+/// Milliseconds from the wire as the spec writes durations: `100ms`, `2s`, `1m 30s`.
+pub fn human_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {
@@ -405,7 +410,7 @@ pub fn rollout_summary(r: &pb::RolloutStatus) -> String {
 }
 
 /// A rollout policy: `max_surge 1, max_unavailable 0, min_healthy 2s, ...`, each part present.
-fn policy_text(p: &pb::Rollout) -> String {
+fn policy_text(p: &pb::RolloutPolicy) -> String {
     let mut parts = Vec::new();
     if let Some(n) = p.max_surge {
         parts.push(format!("max_surge {n}"));
@@ -413,11 +418,11 @@ fn policy_text(p: &pb::Rollout) -> String {
     if let Some(n) = p.max_unavailable {
         parts.push(format!("max_unavailable {n}"));
     }
-    if let Some(d) = &p.min_healthy {
-        parts.push(format!("min_healthy {}", one_line(d)));
+    if let Some(ms) = p.min_healthy_ms {
+        parts.push(format!("min_healthy {}", human_ms(ms)));
     }
-    if let Some(d) = &p.healthy_deadline {
-        parts.push(format!("healthy_deadline {}", one_line(d)));
+    if let Some(ms) = p.healthy_deadline_ms {
+        parts.push(format!("healthy_deadline {}", human_ms(ms)));
     }
     if let Some(on) = p.auto_rollback {
         parts.push(format!("auto_rollback {}", if on { "on" } else { "off" }));
@@ -670,10 +675,9 @@ fn limits(resources: Option<&pb::Resources>) -> String {
         || "unlimited".to_owned(),
         |c| format!("{c} {}", if c == 1.0 { "core" } else { "cores" }),
     );
-    let memory = r.memory.map_or_else(
-        || "unlimited".to_owned(),
-        |m| parse_size(&m).map_or(m, human_bytes),
-    );
+    let memory = r
+        .memory_bytes
+        .map_or_else(|| "unlimited".to_owned(), human_bytes);
     let pids = r
         .pids
         .map_or_else(|| "unlimited".to_owned(), |p| p.to_string());
@@ -740,6 +744,29 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
             format!("{} ({} instances)", n.services, n.instances),
         ),
     ];
+    // Identity and capacity, when the agent reports them.
+    let amounts = |c: &pb::Capacity| {
+        format!(
+            "cpu {}, memory {}",
+            cores(c.cpu),
+            human_bytes(c.memory_bytes)
+        )
+    };
+    if !n.node_id.is_empty() {
+        fields.push(("node", n.node_id.clone()));
+    }
+    if !n.boot_id.is_empty() {
+        fields.push(("boot", n.boot_id.clone()));
+    }
+    if let (Some(cap), Some(alloc), Some(used)) = (&n.capacity, &n.allocatable, &n.committed) {
+        fields.push(("capacity", amounts(cap)));
+        fields.push(("allocatable", amounts(alloc)));
+        fields.push(("committed", amounts(used)));
+        fields.push((
+            "overcommit",
+            format!("cpu {}, memory {}", n.overcommit_cpu, n.overcommit_memory),
+        ));
+    }
     if let Some(f) = &n.fleet {
         let since = f
             .since
@@ -762,6 +789,12 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
         ));
     }
     write_fields(out, &fields)
+}
+
+/// Cores as the spec writes them: `0.5`, `4`.
+fn cores(c: f64) -> String {
+    let text = format!("{c:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// One log record on one line: `2026-11-22T23:45:01.123Z web-0 out| text`. The time is `-`
@@ -934,6 +967,8 @@ pub fn write_apply(
         ("scaled", false) => format!("scaled (revision {rev})"),
         ("scaled", true) => "would be scaled".to_owned(),
         ("unchanged", _) => format!("unchanged (revision {rev})"),
+        ("labeled", false) => format!("labels updated (revision {rev})"),
+        ("labeled", true) => "would have its labels updated".to_owned(),
         (other, false) => format!("{other} (revision {rev})"),
         (other, true) => format!("would be {other}"),
     };
@@ -1086,6 +1121,7 @@ mod tests {
                 oom_kills: 0,
                 pids: 3,
                 cpu_rate: 0.0,
+                ..Default::default()
             }),
             started_at: Some(at(now, -192_000)),
             next_start_at: None,
@@ -1112,6 +1148,7 @@ mod tests {
                 at: Some(at(now, -500)),
                 text: "oom_killed".into(),
                 detail: String::new(),
+                ..Default::default()
             }),
             usage: Some(pb::ResourceUsage::default()),
             started_at: None,
@@ -1158,7 +1195,7 @@ mod tests {
                 replicas: Some(3),
                 resources: Some(pb::Resources {
                     cpu: Some(0.5),
-                    memory: Some("268435456".into()),
+                    memory_bytes: Some(268_435_456),
                     pids: None,
                     nofile: None,
                 }),
@@ -1176,6 +1213,7 @@ mod tests {
             rollout: None,
             revisions: Vec::new(),
             paused: false,
+            ..Default::default()
         }
     }
 
@@ -1437,6 +1475,22 @@ web-2: exec /usr/bin/python3: permission denied
             services: 2,
             instances: 5,
             fleet: None,
+            node_id: "0b6e1f9c-3a2d-4c1e-9f7a-2d5c8e4b1a60".into(),
+            boot_id: "5f1d2c3b-0000-4000-8000-000000000001".into(),
+            capacity: Some(pb::Capacity {
+                cpu: 2.0,
+                memory_bytes: 4 << 30,
+            }),
+            allocatable: Some(pb::Capacity {
+                cpu: 1.5,
+                memory_bytes: 3 << 30,
+            }),
+            committed: Some(pb::Capacity {
+                cpu: 1.25,
+                memory_bytes: 1 << 30,
+            }),
+            overcommit_cpu: 4.0,
+            overcommit_memory: 1.0,
         };
         let got = text(|o| write_node(o, &n));
         let want = "\
@@ -1453,6 +1507,12 @@ unavailable:  memsw: swap accounting is off
 namespaces:   pid, mount
 agent:        corrald 0.1.0, up 3h12m
 services:     2 (5 instances)
+node:         0b6e1f9c-3a2d-4c1e-9f7a-2d5c8e4b1a60
+boot:         5f1d2c3b-0000-4000-8000-000000000001
+capacity:     cpu 2, memory 4GiB
+allocatable:  cpu 1.5, memory 3GiB
+committed:    cpu 1.25, memory 1GiB
+overcommit:   cpu 4, memory 1
 ";
         assert_eq!(got, want);
     }
@@ -1500,6 +1560,7 @@ services:     2 (5 instances)
             changes: changes.iter().map(|c| (*c).to_owned()).collect(),
             replaces_instances: replaces,
             rollout_id: String::new(),
+            ..Default::default()
         };
         let cases = [
             (
@@ -1549,6 +1610,7 @@ services:     2 (5 instances)
             name: "web".into(),
             previous: 2,
             replicas: 5,
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_scale(o, &r)),
@@ -1559,6 +1621,7 @@ services:     2 (5 instances)
         let r = pb::DeleteResponse {
             name: "web".into(),
             stopped_instances: 1,
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_delete(o, &r)),
@@ -1598,11 +1661,11 @@ services:     2 (5 instances)
             ready: 3,
             old_instances: 2,
             available: 4,
-            policy: Some(pb::Rollout {
+            policy: Some(pb::RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             started_at: ts(1_740_830_400, 0),
@@ -1710,7 +1773,7 @@ kind:            restart
 state:           failed
 revision:        2
 progress:        2/4 old replaced (2 left), 3/4 new ready (3 started), 4 available
-policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 60s, auto_rollback on
+policy:          max_surge 1, max_unavailable 0, min_healthy 2s, healthy_deadline 1m, auto_rollback on
 started:         2025-03-01T12:00:00.000Z
 finished:        2025-03-01T12:00:09.400Z (after 9.4s)
 reason:          web-5 not ready within 60s
@@ -1775,6 +1838,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec![],
             replaces_instances: replaces,
             rollout_id: String::new(),
+            ..Default::default()
         };
         let mut current = service(SystemTime::UNIX_EPOCH);
         current
@@ -1817,6 +1881,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r3".into(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_rollout_started(o, "restart", &r)),
@@ -1841,6 +1906,7 @@ TIME                      STEP     INSTANCE  MESSAGE
             changes: vec!["command: changed".into()],
             replaces_instances: true,
             rollout_id: "web-r5".into(),
+            ..Default::default()
         };
         assert_eq!(
             text(|o| write_apply(o, "web.toml", &applied, false)),

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 
 use corral_proto::v1 as pb;
+
+use crate::render::human_ms;
 use serde::Serialize;
 
 /// A service, as `status -o json` prints it and as each element of `ls -o json`.
@@ -101,11 +103,11 @@ pub struct ImageView {
 
 impl From<&pb::ServiceSpec> for SpecView {
     fn from(s: &pb::ServiceSpec) -> Self {
-        let resources = s.resources.clone().unwrap_or_default();
+        let resources = s.resources.unwrap_or_default();
         let isolation = s.isolation.clone().unwrap_or_default();
         let restart = s.restart.clone().unwrap_or_default();
         let stop = s.stop.clone().unwrap_or_default();
-        let logs = s.logs.clone().unwrap_or_default();
+        let logs = s.logs.unwrap_or_default();
         SpecView {
             name: s.name.clone(),
             command: s.command.clone(),
@@ -115,7 +117,7 @@ impl From<&pb::ServiceSpec> for SpecView {
             replicas: s.replicas,
             resources: ResourcesView {
                 cpu: resources.cpu,
-                memory_bytes: resources.memory.as_deref().and_then(parse_size),
+                memory_bytes: resources.memory_bytes,
                 pids: resources.pids,
                 nofile: resources.nofile,
             },
@@ -126,7 +128,18 @@ impl From<&pb::ServiceSpec> for SpecView {
                 capabilities: isolation.capabilities.map(|c| c.names),
                 readonly_root: isolation.readonly_root,
             },
-            ports: s.ports.clone().into_iter().collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|(k, v)| {
+                    let v = if *v == 0 {
+                        "auto".to_string()
+                    } else {
+                        v.to_string()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
             sockets: s
                 .sockets
                 .iter()
@@ -137,29 +150,29 @@ impl From<&pb::ServiceSpec> for SpecView {
                 .collect(),
             restart: RestartView {
                 policy: restart.policy,
-                backoff: restart.backoff,
-                backoff_max: restart.backoff_max,
+                backoff: restart.backoff_ms.map(human_ms),
+                backoff_max: restart.backoff_max_ms.map(human_ms),
             },
             health: s.health.clone().map(|h| HealthView {
                 http: h.http,
                 tcp: h.tcp,
                 grpc: h.grpc,
                 exec: h.exec,
-                interval: h.interval,
-                timeout: h.timeout,
-                start_period: h.start_period,
+                interval: h.interval_ms.map(human_ms),
+                timeout: h.timeout_ms.map(human_ms),
+                start_period: h.start_period_ms.map(human_ms),
                 failure_threshold: h.failure_threshold,
                 success_threshold: h.success_threshold,
                 restart_on_failure: h.restart_on_failure,
                 notify: h.notify,
             }),
-            rollout: RolloutView::from(&s.rollout.clone().unwrap_or_default()),
+            rollout: RolloutView::from(&s.rollout.unwrap_or_default()),
             stop: StopView {
                 signal: stop.signal,
-                grace: stop.grace,
+                grace: stop.grace_ms.map(human_ms),
             },
             logs: LogsView {
-                max_size_bytes: logs.max_size.as_deref().and_then(parse_size),
+                max_size_bytes: logs.max_size_bytes,
                 max_files: logs.max_files,
             },
             artifact: s.artifact.clone().map(|a| ArtifactView {
@@ -236,13 +249,13 @@ pub struct RolloutView {
     pub auto_rollback: Option<bool>,
 }
 
-impl From<&pb::Rollout> for RolloutView {
-    fn from(r: &pb::Rollout) -> Self {
+impl From<&pb::RolloutPolicy> for RolloutView {
+    fn from(r: &pb::RolloutPolicy) -> Self {
         RolloutView {
             max_surge: r.max_surge,
             max_unavailable: r.max_unavailable,
-            min_healthy: r.min_healthy.clone(),
-            healthy_deadline: r.healthy_deadline.clone(),
+            min_healthy: r.min_healthy_ms.map(human_ms),
+            healthy_deadline: r.healthy_deadline_ms.map(human_ms),
             auto_rollback: r.auto_rollback,
         }
     }
@@ -309,6 +322,9 @@ impl From<&pb::InstanceStatus> for InstanceView {
                 memory_peak_bytes: u.memory_peak_bytes,
                 oom_kills: u.oom_kills,
                 pids: u.pids,
+                nr_throttled: u.nr_throttled,
+                throttled_usec: u.throttled_usec,
+                memory_pressure_some_avg10: u.memory_pressure.map(|p| p.some_avg10),
             }),
             started_at: i.started_at.as_ref().and_then(rfc3339),
             next_start_at: i.next_start_at.as_ref().and_then(rfc3339),
@@ -358,6 +374,12 @@ pub struct UsageView {
     pub memory_peak_bytes: u64,
     pub oom_kills: u64,
     pub pids: u64,
+    /// CFS periods held at the CPU limit, and for how long in all.
+    pub nr_throttled: u64,
+    pub throttled_usec: u64,
+    /// Percent of the last 10 s some task waited for memory; `null` where the kernel has no
+    /// per-cgroup pressure (cgroup v1).
+    pub memory_pressure_some_avg10: Option<f64>,
 }
 
 /// What `node -o json` prints.
@@ -381,6 +403,14 @@ pub struct NodeView {
     pub agent_uptime_seconds: u64,
     pub services: u32,
     pub instances: u32,
+    pub node_id: String,
+    pub boot_id: String,
+    /// `{"cpu": cores, "memory_bytes": n}`; `null` when the agent does not say.
+    pub capacity: Option<CapacityView>,
+    pub allocatable: Option<CapacityView>,
+    pub committed: Option<CapacityView>,
+    pub overcommit_cpu: f64,
+    pub overcommit_memory: f64,
     /// With --etcd: the node's link to the fleet.
     pub fleet: Option<FleetLinkView>,
 }
@@ -411,6 +441,21 @@ impl From<&pb::FleetLink> for FleetLinkView {
     }
 }
 
+#[derive(Debug, Serialize)]
+pub struct CapacityView {
+    pub cpu: f64,
+    pub memory_bytes: u64,
+}
+
+impl From<&pb::Capacity> for CapacityView {
+    fn from(c: &pb::Capacity) -> Self {
+        CapacityView {
+            cpu: c.cpu,
+            memory_bytes: c.memory_bytes,
+        }
+    }
+}
+
 impl From<&pb::NodeInfo> for NodeView {
     fn from(n: &pb::NodeInfo) -> Self {
         NodeView {
@@ -433,6 +478,13 @@ impl From<&pb::NodeInfo> for NodeView {
             services: n.services,
             instances: n.instances,
             fleet: n.fleet.as_ref().map(FleetLinkView::from),
+            node_id: n.node_id.clone(),
+            boot_id: n.boot_id.clone(),
+            capacity: n.capacity.as_ref().map(CapacityView::from),
+            allocatable: n.allocatable.as_ref().map(CapacityView::from),
+            committed: n.committed.as_ref().map(CapacityView::from),
+            overcommit_cpu: n.overcommit_cpu,
+            overcommit_memory: n.overcommit_memory,
         }
     }
 }
@@ -834,6 +886,7 @@ pub fn apply_outcome_name(outcome: i32) -> &'static str {
         Ok(pb::ApplyOutcome::Updated) => "updated",
         Ok(pb::ApplyOutcome::Scaled) => "scaled",
         Ok(pb::ApplyOutcome::Unchanged) => "unchanged",
+        Ok(pb::ApplyOutcome::Labeled) => "labeled",
         Ok(pb::ApplyOutcome::Unspecified) | Err(_) => "",
     }
 }
@@ -860,6 +913,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RolloutStep) => "rollout_step",
         Ok(T::RolloutFinished) => "rollout_finished",
         Ok(T::Package) => "package",
+        Ok(T::Bookmark) => "bookmark",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }
@@ -884,33 +938,6 @@ pub fn rfc3339(ts: &prost_types::Timestamp) -> Option<String> {
     (MIN_SECONDS..=MAX_SECONDS)
         .contains(&ts.seconds)
         .then(|| ts.to_string())
-}
-
-/// Parses a size as the agent reports it: an integer number of bytes, or a number with a
-/// binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`) as in the spec format.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    if let Ok(bytes) = text.parse::<u64>() {
-        return Some(bytes);
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let unit: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return None,
-    };
-    if let Ok(n) = number.parse::<u64>() {
-        return n.checked_mul(unit);
-    }
-    let n: f64 = number.parse().ok()?;
-    let bytes = (n * unit as f64).round();
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 fn nonzero(v: i32) -> Option<i32> {
@@ -996,6 +1023,7 @@ mod tests {
                 at: Some(ts(1_740_830_400, 250_000_000)),
                 text: "oom_killed".into(),
                 detail: String::new(),
+                ..Default::default()
             }),
             usage: Some(pb::ResourceUsage {
                 cpu_usage_ns: 1_500_000_000,
@@ -1004,6 +1032,7 @@ mod tests {
                 oom_kills: 1,
                 pids: 0,
                 cpu_rate: 0.0,
+                ..Default::default()
             }),
             started_at: None,
             next_start_at: Some(ts(1_740_830_401, 0)),
@@ -1047,6 +1076,9 @@ mod tests {
                     "memory_peak_bytes": 268_435_456u64,
                     "oom_kills": 1,
                     "pids": 0,
+                    "nr_throttled": 0,
+                    "throttled_usec": 0,
+                    "memory_pressure_some_avg10": null,
                 },
                 "started_at": null,
                 "log_bytes_dropped": 0,
@@ -1073,12 +1105,12 @@ mod tests {
                 replicas: Some(2),
                 resources: Some(pb::Resources {
                     cpu: Some(0.5),
-                    memory: Some("268435456".into()),
+                    memory_bytes: Some(268_435_456),
                     pids: Some(256),
                     nofile: Some(4096),
                 }),
-                logs: Some(pb::Logs {
-                    max_size: Some("10MiB".into()),
+                logs: Some(pb::LogRotation {
+                    max_size_bytes: Some(10 << 20),
                     max_files: Some(5),
                 }),
                 ..Default::default()
@@ -1091,6 +1123,7 @@ mod tests {
             rollout: Some(sample_rollout()),
             revisions: vec![2, 3],
             paused: true,
+            ..Default::default()
         };
         let v: Value = serde_json::to_value(ServiceView::from(&status)).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -1146,11 +1179,11 @@ mod tests {
             ready: 1,
             old_instances: 1,
             available: 2,
-            policy: Some(pb::Rollout {
+            policy: Some(pb::RolloutPolicy {
                 max_surge: Some(1),
                 max_unavailable: Some(0),
-                min_healthy: Some("2s".into()),
-                healthy_deadline: Some("60s".into()),
+                min_healthy_ms: Some(2000),
+                healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
             }),
             started_at: Some(ts(1_740_830_400, 0)),
@@ -1211,7 +1244,7 @@ mod tests {
                     "max_surge": 1,
                     "max_unavailable": 0,
                     "min_healthy": "2s",
-                    "healthy_deadline": "60s",
+                    "healthy_deadline": "1m",
                     "auto_rollback": true,
                 },
                 "started_at": "2025-03-01T12:00:00Z",
@@ -1241,6 +1274,7 @@ mod tests {
             name: "web".into(),
             revision: 2,
             rollout_id: "web-r5".into(),
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_value(RolloutStartedView::from(&r)).unwrap(),
@@ -1362,6 +1396,7 @@ mod tests {
             at: None,
             text: String::new(),
             detail: String::new(),
+            ..Default::default()
         };
         let v = ExitView::from(&exit(pb::ExitClass::Exited, 0, 0));
         assert_eq!((v.code, v.signal), (Some(0), None));
@@ -1379,24 +1414,5 @@ mod tests {
         assert_eq!(rfc3339(&ts(i64::MAX, 0)), None);
         assert_eq!(rfc3339(&ts(i64::MIN, -1)), None);
         assert_eq!(rfc3339(&ts(i64::MAX, i32::MAX)), None);
-    }
-
-    #[test]
-    fn sizes_in_bytes_or_binary_units() {
-        let cases = [
-            ("268435456", Some(268_435_456)),
-            ("256MiB", Some(256 << 20)),
-            ("1.5GiB", Some(3 << 29)),
-            ("10 KiB", Some(10 << 10)),
-            ("12B", Some(12)),
-            ("12XB", None),
-            ("", None),
-            ("MiB", None),
-            ("99999999999999TiB", None),
-            ("-1", None),
-        ];
-        for (text, want) in cases {
-            assert_eq!(parse_size(text), want, "{text:?}");
-        }
     }
 }

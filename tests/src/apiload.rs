@@ -143,7 +143,10 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
             out.get_latency.push(t.elapsed());
             ("Get", r.map(|_| ()))
         }
-        1 => ("List", api.list(pb::ListRequest {}).await.map(|_| ())),
+        1 => (
+            "List",
+            api.list(pb::ListRequest::default()).await.map(|_| ()),
+        ),
         2 => ("Node", api.node(pb::NodeRequest {}).await.map(|_| ())),
         3 => {
             let r = api
@@ -170,6 +173,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
                 source: Some(pb::apply_request::Source::SpecToml(spec.into())),
                 dry_run: true,
                 force: false,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -179,6 +183,7 @@ async fn one_call(client: &Client, service: &str, spec: &str, k: u64, out: &mut 
             api.restart(pb::RestartRequest {
                 name: service.into(),
                 force: false,
+                ..Default::default()
             })
             .await
             .map(|_| ()),

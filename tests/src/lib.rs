@@ -284,7 +284,7 @@ impl Agent {
             }
             if socket.exists()
                 && let Ok(mut c) = connect(&socket).await
-                && c.list(pb::ListRequest {}).await.is_ok()
+                && c.list(pb::ListRequest::default()).await.is_ok()
             {
                 return;
             }
@@ -335,6 +335,7 @@ impl Agent {
                 source: Some(pb::apply_request::Source::SpecToml(toml.to_string())),
                 dry_run: false,
                 force: false,
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)

@@ -482,6 +482,7 @@ pub async fn rolling_restart_keeps_serving() {
         .restart(pb::RestartRequest {
             name: "roll".into(),
             force: false,
+            ..Default::default()
         })
         .await
         .expect("restart")

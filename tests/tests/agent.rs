@@ -82,7 +82,7 @@ async fn a_second_agent_is_refused() {
     agent
         .client()
         .await
-        .list(corral_e2e::pb::ListRequest {})
+        .list(corral_e2e::pb::ListRequest::default())
         .await
         .expect("still serving");
 }

@@ -176,7 +176,7 @@ async fn invalid_specs_are_refused_through_api_and_cli() {
     let list = agent
         .client()
         .await
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -254,6 +254,7 @@ async fn invalid_requests_get_clear_codes() {
             source: None,
             dry_run: false,
             force: false,
+            ..Default::default()
         })
         .await
         .expect_err("empty");
@@ -266,13 +267,14 @@ async fn invalid_requests_get_clear_codes() {
                 command: vec!["/bin/true".into()],
                 replicas: Some(5000),
                 resources: Some(pb::Resources {
-                    memory: Some("lots".into()),
+                    memory_bytes: Some(1),
                     ..Default::default()
                 }),
                 ..Default::default()
             })),
             dry_run: false,
             force: false,
+            ..Default::default()
         })
         .await
         .expect_err("invalid");
@@ -314,6 +316,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "nope".into(),
             force: false,
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -322,6 +325,7 @@ async fn invalid_requests_get_clear_codes() {
         .restart(pb::RestartRequest {
             name: "../x".into(),
             force: true,
+            ..Default::default()
         })
         .await
         .expect_err("bad name");
@@ -357,6 +361,7 @@ async fn invalid_requests_get_clear_codes() {
                 name: "ok".into(),
                 revision: Some(revision),
                 force: false,
+                ..Default::default()
             })
             .await
             .expect_err("no such revision");
@@ -376,11 +381,16 @@ async fn invalid_requests_get_clear_codes() {
             name: "ok".into(),
             revision: None,
             force: false,
+            ..Default::default()
         })
         .await
         .expect_err("nothing to roll back to");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
-    let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+    let list = c
+        .list(pb::ListRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(list.services.len(), 1);
     assert_eq!(list.services[0].desired, 0);
     assert_eq!(list.services[0].revision, 1, "nothing rolled");

@@ -242,7 +242,7 @@ async fn usage_matches_the_cgroup_and_moves_with_the_load() {
     let list = agent
         .client()
         .await
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("list")
         .into_inner();

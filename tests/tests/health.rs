@@ -264,6 +264,7 @@ async fn a_shared_outage_is_not_a_restart_storm() {
             instance: String::new(),
             follow: true,
             last: 0,
+            ..Default::default()
         })
         .await
         .expect("watch")

@@ -428,8 +428,8 @@ fn cases() -> Vec<Case> {
         case(
             "a healthy_deadline of 0s",
             spec(|s| {
-                s.rollout = Some(pb::Rollout {
-                    healthy_deadline: Some("0s".into()),
+                s.rollout = Some(pb::RolloutPolicy {
+                    healthy_deadline_ms: Some(0),
                     ..Default::default()
                 });
             }),
@@ -454,7 +454,7 @@ fn cases() -> Vec<Case> {
             spec(|s| {
                 s.stop = Some(pb::Stop {
                     signal: Some("SIGRTMIN+3".into()),
-                    grace: None,
+                    grace_ms: None,
                 });
             }),
             INVALID,
@@ -533,12 +533,12 @@ fn cases() -> Vec<Case> {
             &["ports.admin:", "65536 is not a port"],
         ),
         case(
-            "port \"70000\" in a typed spec",
+            "port 70000 in a typed spec",
             spec(|s| {
-                s.ports.insert("admin".into(), "70000".into());
+                s.ports.insert("admin".into(), 70_000);
             }),
             INVALID,
-            &["ports.admin:", "\"70000\" is not a port"],
+            &["ports.admin:", "70000 is not a port"],
         ),
         case(
             "two sockets with one name and one address",
@@ -696,6 +696,7 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
         source,
         dry_run: false,
         force: false,
+        ..Default::default()
     };
     use pb::apply_request::Source;
     match call {
@@ -718,12 +719,20 @@ async fn run(socket: &std::path::Path, call: Call) -> Result<String, tonic::Stat
             })
             .await,
         ),
-        Call::Restart(name) => done(c.restart(pb::RestartRequest { name, force: true }).await),
+        Call::Restart(name) => done(
+            c.restart(pb::RestartRequest {
+                name,
+                force: true,
+                ..Default::default()
+            })
+            .await,
+        ),
         Call::Rollback(name, revision) => done(
             c.rollback(pb::RollbackRequest {
                 name,
                 revision,
                 force: true,
+                ..Default::default()
             })
             .await,
         ),
@@ -843,7 +852,7 @@ async fn hostile_requests_are_refused_clearly_and_apply_nothing() {
             failures.push(format!("{what}: the message lacks {missing:?}: {shown}"));
         }
         // The agent answers after every case.
-        let list = agent.client().await.list(pb::ListRequest {}).await;
+        let list = agent.client().await.list(pb::ListRequest::default()).await;
         assert!(
             list.is_ok(),
             "{what}: the agent stopped answering: {list:?}"
@@ -853,7 +862,11 @@ async fn hostile_requests_are_refused_clearly_and_apply_nothing() {
 
     // Nothing was applied, nothing happened.
     let mut c = agent.client().await;
-    let list = c.list(pb::ListRequest {}).await.expect("list").into_inner();
+    let list = c
+        .list(pb::ListRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
     assert!(list.services.is_empty(), "applied: {:?}", list.services);
     let node = c.node(pb::NodeRequest {}).await.expect("node").into_inner();
     assert_eq!((node.services, node.instances), (0, 0));

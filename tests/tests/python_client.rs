@@ -210,6 +210,12 @@ async fn python_client_suite_against_a_real_agent() {
             "no:cacheprovider",
         ])
         .arg(repo().join("clients/python/tests"))
+        // E.g. `-k contract` to run part of the suite while working on it.
+        .args(
+            std::env::var("CORRAL_PYTEST_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("PYTHONPATH", &site)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("CORRAL_TEST_ENV", &env_file)

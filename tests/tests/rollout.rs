@@ -89,6 +89,7 @@ async fn restart(agent: &Agent, name: &str) -> String {
         .restart(pb::RestartRequest {
             name: name.into(),
             force: false,
+            ..Default::default()
         })
         .await
         .expect("restart")
@@ -373,6 +374,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
             instance: String::new(),
             follow: true,
             last: 0,
+            ..Default::default()
         })
         .await
         .expect("watch")

@@ -136,7 +136,7 @@ async fn corrald_speaks_sd_notify() {
         .expect("connect in time")
         .expect("the API socket accepts once READY=1 was sent");
     let list = client
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("the API answers once READY=1 was sent");
     assert!(list.into_inner().services.is_empty());
@@ -173,6 +173,7 @@ async fn corrald_speaks_sd_notify() {
                 source: Some(pb::apply_request::Source::SpecToml(spec)),
                 dry_run: false,
                 force: false,
+                ..Default::default()
             })
             .await
             .expect("apply");

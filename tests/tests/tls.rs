@@ -36,7 +36,7 @@ async fn list(
     let mut c = tls_client(port, ca, identity)
         .await
         .map_err(|e| (tonic::Code::Unavailable, e))?;
-    c.list(pb::ListRequest {})
+    c.list(pb::ListRequest::default())
         .await
         .map(|r| r.into_inner().services.len())
         .map_err(|s| (s.code(), format!("{s:?}")))
@@ -157,6 +157,7 @@ async fn roles_decide_what_a_client_may_call() {
             source: Some(pb::apply_request::Source::SpecToml(spec.clone())),
             dry_run: false,
             force: false,
+            ..Default::default()
         })
         .await
         .expect("admin may apply");
@@ -168,7 +169,7 @@ async fn roles_decide_what_a_client_may_call() {
     read.get(pb::GetRequest { name: "svc".into() })
         .await
         .expect("get");
-    read.list(pb::ListRequest {}).await.expect("list");
+    read.list(pb::ListRequest::default()).await.expect("list");
     read.node(pb::NodeRequest {}).await.expect("node");
     let mut events = read
         .watch(pb::WatchRequest {
@@ -207,6 +208,7 @@ async fn roles_decide_what_a_client_may_call() {
             )),
             dry_run: false,
             force: false,
+            ..Default::default()
         })
         .await
         .map(ok),
@@ -235,6 +237,7 @@ async fn roles_decide_what_a_client_may_call() {
         read.restart(pb::RestartRequest {
             name: "svc".into(),
             force: true,
+            ..Default::default()
         })
         .await
         .map(ok),
@@ -245,6 +248,7 @@ async fn roles_decide_what_a_client_may_call() {
             name: "svc".into(),
             revision: None,
             force: true,
+            ..Default::default()
         })
         .await
         .map(ok),
@@ -266,7 +270,10 @@ async fn roles_decide_what_a_client_may_call() {
 
     // A certificate without a known OU gets nothing, not even reads.
     let mut nobody = tls_client(port, ca, Some(&p.nobody)).await.expect("nobody");
-    let s = nobody.list(pb::ListRequest {}).await.expect_err("no role");
+    let s = nobody
+        .list(pb::ListRequest::default())
+        .await
+        .expect_err("no role");
     assert_eq!(s.code(), tonic::Code::PermissionDenied);
     assert!(
         s.message().contains("neither OU=read nor OU=admin"),
@@ -469,7 +476,9 @@ async fn sighup_rotates_the_certificates_without_a_restart() {
     assert!(list(port, &old_ca, Some(&p.admin)).await.is_err());
     assert!(list(port, &next.cert, Some(&p.admin)).await.is_err());
     // The connection made before the rotation still works.
-    open.list(pb::ListRequest {}).await.expect("old connection");
+    open.list(pb::ListRequest::default())
+        .await
+        .expect("old connection");
     drop(good_key);
     assert_eq!(agent.pid(), Some(pid), "no restart");
 }
@@ -682,7 +691,7 @@ async fn a_greedy_client_degrades_only_itself() {
         .await
         .expect("apply through the Unix socket");
     let mut other = tls_client(port, ca, Some(&p.admin)).await.expect("admin");
-    other.list(pb::ListRequest {}).await.expect("list");
+    other.list(pb::ListRequest::default()).await.expect("list");
     let mut w = other
         .watch(pb::WatchRequest {
             from_index: 0,
@@ -695,7 +704,7 @@ async fn a_greedy_client_degrades_only_itself() {
     agent
         .client()
         .await
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("the Unix socket");
 
@@ -727,6 +736,7 @@ async fn a_greedy_client_degrades_only_itself() {
                 source: Some(pb::apply_request::Source::SpecToml(toml)),
                 dry_run: false,
                 force: false,
+                ..Default::default()
             })
             .await
             .expect_err("too big");
@@ -743,7 +753,7 @@ async fn a_greedy_client_degrades_only_itself() {
     }
     assert_eq!(
         admin
-            .list(pb::ListRequest {})
+            .list(pb::ListRequest::default())
             .await
             .expect("list")
             .into_inner()
@@ -778,7 +788,7 @@ async fn an_instance_running_as_root_cannot_reach_the_agent_socket() {
     agent
         .client()
         .await
-        .list(pb::ListRequest {})
+        .list(pb::ListRequest::default())
         .await
         .expect("list");
 }

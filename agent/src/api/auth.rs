@@ -226,6 +226,10 @@ const READ_METHODS: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
+/// Methods a `read` caller may call only to change nothing: `Apply` with `dry_run` (the
+/// service refuses the rest; see [`may_change`]). They are audited like every write.
+const DRY_RUN_METHODS: &[&str] = &["/corral.v1.Agent/Apply", "/corral.v1.Agent/ApplyBatch"];
+
 /// Methods whose responses are streams that stay open: capped per caller.
 const STREAM_METHODS: &[&str] = &[
     "/corral.v1.Agent/Logs",
@@ -238,7 +242,7 @@ const STREAM_METHODS: &[&str] = &[
 /// The role `path` needs. Unknown methods need `admin`: whatever is added later is closed
 /// until it is listed here.
 pub fn required_role(path: &str) -> Role {
-    if READ_METHODS.contains(&path) {
+    if READ_METHODS.contains(&path) || DRY_RUN_METHODS.contains(&path) {
         Role::Read
     } else {
         Role::Admin
@@ -247,7 +251,21 @@ pub fn required_role(path: &str) -> Role {
 
 /// Whether a call may change something (and is therefore logged with its caller).
 pub fn changes_something(path: &str) -> bool {
-    required_role(path) == Role::Admin
+    !READ_METHODS.contains(&path)
+}
+
+/// For a method a `read` caller may call as a dry run: refuse the call that would change
+/// something unless the caller is `admin`. A call without a caller (in-process, no
+/// authorization layer) may.
+pub fn may_change<T>(req: &tonic::Request<T>, method: &str) -> Result<(), Status> {
+    match req.extensions().get::<Caller>() {
+        Some(c) if c.role < Role::Admin => Err(Status::permission_denied(format!(
+            "permission denied: {method} needs role admin (role read may only ask for a dry run); {} has role {}",
+            c.who,
+            c.role.as_str()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn method_name(path: &str) -> &str {
@@ -512,7 +530,8 @@ mod tests {
             ("/corral.v1.Agent/Watch", Role::Read),
             ("/corral.v1.Agent/GetRollout", Role::Read),
             ("/grpc.health.v1.Health/Check", Role::Read),
-            ("/corral.v1.Agent/Apply", Role::Admin),
+            // Read may ask for a dry run; the service refuses the rest (may_change).
+            ("/corral.v1.Agent/Apply", Role::Read),
             ("/corral.v1.Agent/Delete", Role::Admin),
             ("/corral.v1.Agent/Scale", Role::Admin),
             ("/corral.v1.Agent/Restart", Role::Admin),
@@ -535,10 +554,26 @@ mod tests {
         }
         let e = authorize(None, "/corral.v1.Agent/Get").expect_err("no caller");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        let e = authorize(Some(&caller(Role::Read)), "/corral.v1.Agent/Apply").expect_err("read");
+        let e = authorize(Some(&caller(Role::Read)), "/corral.v1.Agent/Scale").expect_err("read");
         assert_eq!(
             e.message(),
-            "permission denied: Apply needs role admin; CN=t,OU=x has role read"
+            "permission denied: Scale needs role admin; CN=t,OU=x has role read"
+        );
+        // Apply is audited although read may call it.
+        assert!(changes_something("/corral.v1.Agent/Apply"));
+        assert!(!changes_something("/corral.v1.Agent/Get"));
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(caller(Role::Read));
+        let e = may_change(&req, "Apply").expect_err("read");
+        assert_eq!(
+            e.message(),
+            "permission denied: Apply needs role admin (role read may only ask for a dry run); CN=t,OU=x has role read"
+        );
+        req.extensions_mut().insert(caller(Role::Admin));
+        assert!(may_change(&req, "Apply").is_ok());
+        assert!(
+            may_change(&tonic::Request::new(()), "Apply").is_ok(),
+            "in-process"
         );
     }
 

@@ -45,14 +45,7 @@ impl Stopping {
     }
 }
 
-/// The status a stream ends with when the agent stops; `resume_at`: the `Watch` index to
-/// call again with.
-pub fn shutting_down(resume_at: Option<u64>) -> Status {
-    match resume_at {
-        Some(index) => Status::unavailable(format!("agent shutting down; resume at index {index}")),
-        None => Status::unavailable("agent shutting down; call again once it is back"),
-    }
-}
+pub use super::status::shutting_down;
 
 /// Streaming methods of the library services, ended here when the agent stops.
 const ENDED_HERE: &[&str] = &[
@@ -79,11 +72,15 @@ pub fn undecodable_is_invalid(headers: &mut HeaderMap, path: &str) {
         return;
     }
     let method = path.rsplit('/').next().unwrap_or(path);
-    let status = Status::invalid_argument(format!(
-        "request: not a valid {method} request message ({})",
-        status.message()
-    ));
+    let status = super::status::invalid_field(
+        "request",
+        format!(
+            "not a valid {method} request message ({})",
+            status.message()
+        ),
+    );
     headers.remove(Status::GRPC_MESSAGE);
+    headers.remove("grpc-status-details-bin");
     // Only fails for a message that cannot be a header value, which percent-encoding rules out.
     let _ = status.add_header(headers);
 }

@@ -29,6 +29,17 @@ fn int(field: &str, v: u64, errors: &mut Vec<FieldError>) -> i64 {
     })
 }
 
+/// Milliseconds from the wire as the spec's own duration text, validated with the rest.
+fn millis(ms: u64) -> String {
+    format!("{ms}ms")
+}
+
+/// A duration on the wire: whole milliseconds (the spec's durations are checked to be
+/// whole milliseconds or more; a finer part is cut).
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A wire spec as the user wrote it; `validate()` does the rest.
 pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
     let mut errors = Vec::new();
@@ -46,7 +57,9 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
         replicas: p.replicas.map(i64::from),
         resources: p.resources.map(|r| RawResources {
             cpu: r.cpu,
-            memory: r.memory.map(RawSize::Text),
+            memory: r
+                .memory_bytes
+                .map(|v| RawSize::Bytes(int("resources.memory", v, &mut errors))),
             pids: r.pids.map(|v| int("resources.pids", v, &mut errors)),
             nofile: r.nofile.map(|v| int("resources.nofile", v, &mut errors)),
         }),
@@ -67,7 +80,13 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             Some(
                 p.ports
                     .into_iter()
-                    .map(|(k, v)| (k, RawPort::Text(v)))
+                    .map(|(k, v)| {
+                        let raw = match v {
+                            0 => RawPort::Text("auto".into()),
+                            n => RawPort::Number(i64::from(n)),
+                        };
+                        (k, raw)
+                    })
                     .collect(),
             )
         },
@@ -86,17 +105,17 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
         },
         restart: p.restart.map(|r| RawRestart {
             policy: r.policy,
-            backoff: r.backoff,
-            backoff_max: r.backoff_max,
+            backoff: r.backoff_ms.map(millis),
+            backoff_max: r.backoff_max_ms.map(millis),
         }),
         health: p.health.map(|h| RawHealth {
             http: h.http,
             tcp: h.tcp,
             grpc: h.grpc,
             exec: none_if_empty(h.exec),
-            interval: h.interval,
-            timeout: h.timeout,
-            start_period: h.start_period,
+            interval: h.interval_ms.map(millis),
+            timeout: h.timeout_ms.map(millis),
+            start_period: h.start_period_ms.map(millis),
             failure_threshold: h.failure_threshold.map(i64::from),
             success_threshold: h.success_threshold.map(i64::from),
             restart_on_failure: h.restart_on_failure,
@@ -105,16 +124,20 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
         rollout: p.rollout.map(|r| RawRollout {
             max_surge: r.max_surge.map(i64::from),
             max_unavailable: r.max_unavailable.map(i64::from),
-            min_healthy: r.min_healthy,
-            healthy_deadline: r.healthy_deadline,
+            min_healthy: r.min_healthy_ms.map(millis),
+            healthy_deadline: r.healthy_deadline_ms.map(millis),
             auto_rollback: r.auto_rollback,
         }),
         stop: p.stop.map(|s| RawStop {
             signal: s.signal,
-            grace: s.grace,
+            grace: s.grace_ms.map(millis),
         }),
+        labels: (!p.labels.is_empty()).then(|| p.labels.into_iter().collect()),
+        annotations: (!p.annotations.is_empty()).then(|| p.annotations.into_iter().collect()),
         logs: p.logs.map(|l| RawLogs {
-            max_size: l.max_size.map(RawSize::Text),
+            max_size: l
+                .max_size_bytes
+                .map(|v| RawSize::Bytes(int("logs.max_size", v, &mut errors))),
             max_files: l.max_files.map(i64::from),
         }),
         artifact: p.artifact.map(|a| RawArtifact {
@@ -136,109 +159,196 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
     }
 }
 
-fn size_text(s: RawSize) -> String {
-    match s {
-        RawSize::Bytes(n) => n.to_string(),
-        RawSize::Text(t) => t,
+/// What the host decides for a spec that leaves it open: the values status reports as the
+/// spec's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostDefaults {
+    /// The agent's own open-file limit, which an instance without `resources.nofile` inherits.
+    pub nofile: u64,
+    /// The agent runs as root (an instance without `user` runs as the agent's user).
+    pub agent_is_root: bool,
+}
+
+impl HostDefaults {
+    /// This agent process's.
+    pub fn of_this_process() -> HostDefaults {
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        HostDefaults {
+            nofile,
+            agent_is_root: nix::unistd::geteuid().is_root(),
+        }
+    }
+
+    /// Whether instances of `spec` run as root (uid 0).
+    fn runs_as_root(&self, spec: &ServiceSpec) -> bool {
+        match &spec.user {
+            None => self.agent_is_root,
+            Some(spec::UserSpec::Id { uid, .. }) => *uid == 0,
+            // A uid from the agent's dynamic range, never 0.
+            Some(spec::UserSpec::Dynamic) => false,
+            Some(spec::UserSpec::Name(name)) => nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.uid.is_root()),
+        }
+    }
+
+    /// The capabilities an instance of `spec` gets when it lists none.
+    fn default_capabilities(&self, spec: &ServiceSpec) -> Vec<spec::Capability> {
+        if self.runs_as_root(spec) {
+            spec::DEFAULT_ROOT_CAPABILITIES.to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `spec` with what merely spells out a default made absent again: capabilities equal to
+    /// the user's default set, `nofile` equal to the agent's. The instances get the same
+    /// either way, and a spec read back from status applies as UNCHANGED.
+    pub fn normalize(&self, mut spec: ServiceSpec) -> ServiceSpec {
+        let default_caps = self.default_capabilities(&spec);
+        if let Some(caps) = &spec.isolation.capabilities {
+            let mut listed = caps.clone();
+            let mut default = default_caps;
+            listed.sort_by_key(|c| c.index());
+            default.sort_by_key(|c| c.index());
+            if listed == default {
+                spec.isolation.capabilities = None;
+            }
+        }
+        if spec.resources.nofile == Some(self.nofile) {
+            spec.resources.nofile = None;
+        }
+        spec
     }
 }
 
-fn u32_of(v: Option<i64>) -> Option<u32> {
-    v.and_then(|n| u32::try_from(n).ok())
-}
-
-/// The validated spec on the wire, every default explicit.
-pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
-    let r = spec.to_raw();
+/// The validated spec on the wire, every default explicit: sizes in bytes, durations in
+/// milliseconds, the hostname template, the capability set and the open-file limit the
+/// instances get (from `host` when the spec leaves them open).
+pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec {
+    let (artifact, image) = spec::artifact::Package::to_raw(spec.package.as_ref());
+    let caps = spec
+        .isolation
+        .capabilities
+        .clone()
+        .unwrap_or_else(|| host.default_capabilities(spec));
+    let h = spec.health.as_ref();
     pb::ServiceSpec {
-        name: r.name.unwrap_or_default(),
-        command: r.command.unwrap_or_default(),
-        env: r.env.unwrap_or_default().into_iter().collect(),
-        workdir: r.workdir,
-        user: r.user,
-        replicas: u32_of(r.replicas),
-        resources: r.resources.map(|x| pb::Resources {
-            cpu: x.cpu,
-            memory: x.memory.map(size_text),
-            pids: x.pids.and_then(|n| u64::try_from(n).ok()),
-            nofile: x.nofile.and_then(|n| u64::try_from(n).ok()),
+        name: spec.name.clone(),
+        command: spec.command.clone(),
+        env: spec.env.clone().into_iter().collect(),
+        workdir: Some(spec.workdir.to_string_lossy().into_owned()),
+        user: spec.user.as_ref().map(ToString::to_string),
+        replicas: Some(spec.replicas),
+        resources: Some(pb::Resources {
+            cpu: spec.resources.cpu,
+            memory_bytes: spec.resources.memory,
+            pids: spec.resources.pids,
+            nofile: Some(spec.resources.nofile.unwrap_or(host.nofile)),
         }),
-        isolation: r.isolation.map(|i| pb::Isolation {
-            namespaces: i.namespaces.map(|names| pb::NamespaceList { names }),
-            hostname: i.hostname,
-            private_tmp: i.private_tmp,
-            capabilities: i.capabilities.map(|names| pb::CapabilityList { names }),
-            readonly_root: i.readonly_root,
-            seccomp: i.seccomp,
-            devices: i.devices,
-            system_paths: i.system_paths,
-            userns: i.userns,
+        isolation: Some(pb::Isolation {
+            namespaces: Some(pb::NamespaceList {
+                names: spec
+                    .isolation
+                    .namespaces
+                    .iter()
+                    .map(|ns| ns.as_str().to_owned())
+                    .collect(),
+            }),
+            hostname: spec.isolation.has(Namespace::Uts).then(|| {
+                spec.isolation
+                    .hostname
+                    .clone()
+                    .unwrap_or_else(|| spec::DEFAULT_HOSTNAME.to_string())
+            }),
+            private_tmp: Some(spec.isolation.private_tmp),
+            capabilities: Some(pb::CapabilityList {
+                names: caps.iter().map(ToString::to_string).collect(),
+            }),
+            readonly_root: Some(spec.isolation.readonly_root),
+            seccomp: Some(spec.isolation.seccomp.as_str().to_owned()),
+            devices: Some(spec.isolation.devices.as_str().to_owned()),
+            system_paths: Some(spec.isolation.system_paths.as_str().to_owned()),
+            userns: Some(spec.isolation.userns),
         }),
-        ports: r
+        ports: spec
             .ports
-            .unwrap_or_default()
-            .into_iter()
+            .iter()
             .map(|(k, v)| {
-                let v = match v {
-                    RawPort::Number(n) => n.to_string(),
-                    RawPort::Text(t) => t,
+                let port = match v {
+                    spec::PortSpec::Auto => 0,
+                    spec::PortSpec::Fixed(n) => u32::from(*n),
                 };
-                (k, v)
+                (k.clone(), port)
             })
             .collect(),
-        sockets: r
+        sockets: spec
             .sockets
-            .unwrap_or_default()
-            .into_iter()
+            .iter()
             .map(|s| pb::Socket {
-                name: s.name.unwrap_or_default(),
-                listen: s.listen.unwrap_or_default(),
+                name: s.name.clone(),
+                listen: s.listen.to_string(),
             })
             .collect(),
-        restart: r.restart.map(|x| pb::Restart {
-            policy: x.policy,
-            backoff: x.backoff,
-            backoff_max: x.backoff_max,
+        restart: Some(pb::RestartPolicy {
+            policy: Some(spec.restart.policy.as_str().to_owned()),
+            backoff_ms: Some(ms(spec.restart.backoff)),
+            backoff_max_ms: Some(ms(spec.restart.backoff_max)),
         }),
-        health: r.health.map(|h| pb::Health {
-            http: h.http,
-            tcp: h.tcp,
-            grpc: h.grpc,
-            exec: h.exec.unwrap_or_default(),
-            interval: h.interval,
-            timeout: h.timeout,
-            start_period: h.start_period,
-            failure_threshold: u32_of(h.failure_threshold),
-            success_threshold: u32_of(h.success_threshold),
-            restart_on_failure: h.restart_on_failure,
-            notify: h.notify,
+        health: h.map(|h| {
+            let (mut http, mut tcp, mut grpc, mut exec) = (None, None, None, Vec::new());
+            match &h.probe {
+                None => {}
+                Some(spec::Probe::Http(u)) => http = Some(u.clone()),
+                Some(spec::Probe::Tcp(t)) => tcp = Some(t.clone()),
+                Some(spec::Probe::Grpc(t)) => grpc = Some(t.clone()),
+                Some(spec::Probe::Exec(argv)) => exec = argv.clone(),
+            }
+            pb::Health {
+                http,
+                tcp,
+                grpc,
+                exec,
+                interval_ms: Some(ms(h.interval)),
+                timeout_ms: Some(ms(h.timeout)),
+                start_period_ms: Some(ms(h.start_period)),
+                failure_threshold: Some(h.failure_threshold),
+                success_threshold: Some(h.success_threshold),
+                restart_on_failure: Some(h.restart_on_failure),
+                notify: Some(h.notify),
+            }
         }),
-        rollout: r.rollout.map(|x| pb::Rollout {
-            max_surge: u32_of(x.max_surge),
-            max_unavailable: u32_of(x.max_unavailable),
-            min_healthy: x.min_healthy,
-            healthy_deadline: x.healthy_deadline,
-            auto_rollback: x.auto_rollback,
+        rollout: Some(pb::RolloutPolicy {
+            max_surge: Some(spec.rollout.max_surge),
+            max_unavailable: Some(spec.rollout.max_unavailable),
+            min_healthy_ms: Some(ms(spec.rollout.min_healthy)),
+            healthy_deadline_ms: Some(ms(spec.rollout.healthy_deadline)),
+            auto_rollback: Some(spec.rollout.auto_rollback),
         }),
-        stop: r.stop.map(|s| pb::Stop {
-            signal: s.signal,
-            grace: s.grace,
+        stop: Some(pb::Stop {
+            signal: Some(spec.stop.signal_name.clone()),
+            grace_ms: Some(ms(spec.stop.grace)),
         }),
-        logs: r.logs.map(|l| pb::Logs {
-            max_size: l.max_size.map(size_text),
-            max_files: u32_of(l.max_files),
+        logs: Some(pb::LogRotation {
+            max_size_bytes: Some(spec.logs.max_size),
+            max_files: Some(spec.logs.max_files),
         }),
-        artifact: r.artifact.map(|a| pb::Artifact {
+        artifact: artifact.map(|a| pb::Artifact {
             url: a.url,
             sha256: a.sha256,
             format: a.format,
             mount: a.mount,
         }),
-        image: r.image.map(|i| pb::Image {
+        image: image.map(|i| pb::Image {
             url: i.url,
             digest: i.digest,
             persist: i.persist,
         }),
+        labels: spec.labels.clone().into_iter().collect(),
+        annotations: spec.annotations.clone().into_iter().collect(),
     }
 }
 
@@ -263,6 +373,7 @@ fn exit_to_proto(e: &ExitInfo) -> pb::ExitInfo {
         at: Some(ts(e.at)),
         text: e.class.to_string(),
         detail: e.setup_error.clone().unwrap_or_default(),
+        stderr_tail: e.output.clone().unwrap_or_default(),
     }
 }
 
@@ -299,6 +410,7 @@ pub fn apply_outcome_to_proto(k: ApplyKind) -> pb::ApplyOutcome {
         ApplyKind::Created => pb::ApplyOutcome::Created,
         ApplyKind::Updated => pb::ApplyOutcome::Updated,
         ApplyKind::Scaled => pb::ApplyOutcome::Scaled,
+        ApplyKind::Labeled => pb::ApplyOutcome::Labeled,
         ApplyKind::Unchanged => pb::ApplyOutcome::Unchanged,
     }
 }
@@ -345,6 +457,16 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
     }
 }
 
+/// A Watch's progress note: every event up to `index` has been passed.
+pub fn bookmark(index: u64) -> pb::Event {
+    pb::Event {
+        index,
+        time: Some(ts(SystemTime::now())),
+        r#type: pb::EventType::Bookmark as i32,
+        ..Default::default()
+    }
+}
+
 pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
     pb::InstanceStatus {
         id: i.id.clone(),
@@ -362,6 +484,16 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
             memory_peak_bytes: u.memory_peak_bytes,
             oom_kills: u.oom_kills,
             pids: u.pids,
+            nr_throttled: u.cpu_throttled_periods,
+            throttled_usec: u.cpu_throttled_ns / 1000,
+            memory_pressure: u.memory_pressure.map(|p| pb::Pressure {
+                some_avg10: p.some_avg10,
+                some_avg60: p.some_avg60,
+                some_total_usec: p.some_total_usec,
+                full_avg10: p.full_avg10,
+                full_avg60: p.full_avg60,
+                full_total_usec: p.full_total_usec,
+            }),
         }),
         started_at: i.started_at.map(ts),
         next_start_at: i.next_start_at.map(ts),
@@ -380,11 +512,13 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
     }
 }
 
-pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
+pub fn status_to_proto(s: &ServiceStatus, host: &HostDefaults) -> pb::ServiceStatus {
     pb::ServiceStatus {
         name: s.name.clone(),
         revision: s.revision,
-        spec: Some(spec_to_proto(&s.spec)),
+        generation: s.generation,
+        event_index: s.event_index,
+        spec: Some(spec_to_proto(&s.spec, host)),
         desired: s.desired,
         running: s.running,
         healthy: s.healthy,
@@ -444,11 +578,11 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
         ready: r.progress.ready,
         old_instances: r.progress.old,
         available: r.progress.available,
-        policy: Some(pb::Rollout {
+        policy: Some(pb::RolloutPolicy {
             max_surge: Some(p.max_surge),
             max_unavailable: Some(p.max_unavailable),
-            min_healthy: Some(spec::format_duration(p.min_healthy())),
-            healthy_deadline: Some(spec::format_duration(p.healthy_deadline())),
+            min_healthy_ms: Some(ms(p.min_healthy())),
+            healthy_deadline_ms: Some(ms(p.healthy_deadline())),
             auto_rollback: Some(p.auto_rollback),
         }),
         started_at: Some(ts(r.started_at)),
@@ -469,15 +603,37 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
     }
 }
 
-pub fn node_to_proto(
-    h: &HostInfo,
-    caps: &Capabilities,
-    namespaces: &[Namespace],
-    services: u32,
-    instances: u32,
-    fleet: Option<&FleetReport>,
-) -> pb::NodeInfo {
+/// What `Node` reports beside the host snapshot.
+#[derive(Debug, Clone)]
+pub struct NodeFacts<'a> {
+    pub caps: &'a Capabilities,
+    pub namespaces: &'a [Namespace],
+    pub summary: crate::supervisor::Summary,
+    pub node_id: &'a str,
+    pub boot_id: &'a str,
+    /// The link to the fleet's etcd, with `--etcd`.
+    pub fleet: Option<FleetReport>,
+}
+
+fn capacity_to_proto(a: crate::supervisor::capacity::Amounts) -> pb::Capacity {
+    pb::Capacity {
+        cpu: a.cpu,
+        memory_bytes: a.memory,
+    }
+}
+
+pub fn node_to_proto(h: &HostInfo, f: &NodeFacts<'_>) -> pb::NodeInfo {
+    let (caps, namespaces) = (f.caps, f.namespaces);
+    let (services, instances) = (f.summary.services, f.summary.instances);
+    let policy = f.summary.capacity;
     pb::NodeInfo {
+        node_id: f.node_id.to_string(),
+        boot_id: f.boot_id.to_string(),
+        capacity: policy.map(|p| capacity_to_proto(p.capacity)),
+        allocatable: policy.map(|p| capacity_to_proto(p.allocatable())),
+        committed: Some(capacity_to_proto(f.summary.committed)),
+        overcommit_cpu: policy.map_or(1.0, |p| p.overcommit.cpu),
+        overcommit_memory: policy.map_or(1.0, |p| p.overcommit.memory),
         hostname: h.hostname.clone(),
         kernel: h.kernel.clone(),
         os: h.os.clone(),
@@ -504,7 +660,7 @@ pub fn node_to_proto(
         namespaces: namespaces.iter().map(|n| n.as_str().to_string()).collect(),
         services,
         instances,
-        fleet: fleet.map(fleet_to_proto),
+        fleet: f.fleet.as_ref().map(fleet_to_proto),
     }
 }
 
@@ -648,15 +804,63 @@ max_files = 5
         assert_eq!(stopping.message, "stopping (scale-down): SIGTERM");
     }
 
+    const ROOT: HostDefaults = HostDefaults {
+        nofile: 1024,
+        agent_is_root: true,
+    };
+    const NOT_ROOT: HostDefaults = HostDefaults {
+        nofile: 4096,
+        agent_is_root: false,
+    };
+
     #[test]
     fn spec_survives_the_wire() {
         let spec = spec::parse_toml(FULL).expect("valid");
-        let wire = spec_to_proto(&spec);
+        let wire = spec_to_proto(&spec, &ROOT);
         let back = spec_from_proto(wire)
             .expect("converts")
             .validate()
             .expect("valid");
-        assert_eq!(back, spec);
+        assert_eq!(ROOT.normalize(back), spec);
+    }
+
+    /// Status shows what the instances get: every default filled in, sizes in bytes,
+    /// durations in milliseconds, the hostname template, the capability set and open-file
+    /// limit the host decides; read back and normalized, it is the spec as applied.
+    #[test]
+    fn status_spec_has_every_default_filled_in() {
+        let spec =
+            spec::parse_toml("name = \"w\"\ncommand = [\"/w\"]\n[resources]\nmemory = \"64MiB\"\n")
+                .expect("valid");
+        for (host, caps) in [(ROOT, spec::DEFAULT_ROOT_CAPABILITIES.len()), (NOT_ROOT, 0)] {
+            let wire = spec_to_proto(&spec, &host);
+            let r = wire.resources.expect("resources");
+            assert_eq!(r.memory_bytes, Some(64 << 20));
+            assert_eq!(r.nofile, Some(host.nofile));
+            let i = wire.isolation.clone().expect("isolation");
+            assert_eq!(i.hostname.as_deref(), Some("{instance}"));
+            assert_eq!(i.capabilities.map(|c| c.names.len()), Some(caps));
+            assert_eq!(i.private_tmp, Some(true));
+            let restart = wire.restart.clone().expect("restart");
+            assert_eq!(
+                (restart.backoff_ms, restart.backoff_max_ms),
+                (Some(100), Some(30_000))
+            );
+            let stop = wire.stop.clone().expect("stop");
+            assert_eq!(
+                (stop.signal.as_deref(), stop.grace_ms),
+                (Some("SIGTERM"), Some(10_000))
+            );
+            let logs = wire.logs.expect("logs");
+            assert_eq!(logs.max_size_bytes, Some(10 << 20));
+            let rollout = wire.rollout.expect("rollout");
+            assert_eq!(
+                (rollout.min_healthy_ms, rollout.healthy_deadline_ms),
+                (Some(2000), Some(60_000))
+            );
+            let back = spec_from_proto(wire).expect("converts").validate();
+            assert_eq!(host.normalize(back.expect("valid")), spec);
+        }
     }
 
     #[test]
@@ -671,11 +875,11 @@ max_files = 5
             let toml = format!("name = \"w\"\ncommand = [\"/w\"]\n{section}");
             let spec = spec::parse_toml(&toml).expect("valid");
             assert!(spec.package.is_some(), "{toml}");
-            let back = spec_from_proto(spec_to_proto(&spec))
+            let back = spec_from_proto(spec_to_proto(&spec, &ROOT))
                 .expect("converts")
                 .validate()
                 .expect("valid");
-            assert_eq!(back, spec, "{toml}");
+            assert_eq!(ROOT.normalize(back), spec, "{toml}");
         }
     }
 
@@ -696,30 +900,40 @@ max_files = 5
             let toml = format!("name = \"w\"\ncommand = [\"/w\"]\n[isolation]\n{text}\n");
             let spec = spec::parse_toml(&toml).expect("valid");
             assert_eq!(spec.isolation.capabilities, expected, "{text}");
-            let wire = spec_to_proto(&spec);
+            let wire = spec_to_proto(&spec, &NOT_ROOT);
             let names = wire
                 .isolation
                 .as_ref()
                 .and_then(|i| i.capabilities.as_ref())
                 .map(|c| c.names.clone());
+            // Absent is shown as what this (non-root) user gets: none.
             assert_eq!(
                 names,
-                expected.map(|set| set.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                Some(
+                    expected
+                        .clone()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                ),
                 "canonical names on the wire"
             );
             let back = spec_from_proto(wire)
                 .expect("converts")
                 .validate()
                 .expect("valid");
-            assert_eq!(back, spec);
+            // An empty list for a non-root user is its default: the same spec.
+            assert_eq!(NOT_ROOT.normalize(back), NOT_ROOT.normalize(spec.clone()));
         }
     }
 
     #[test]
     fn wire_errors_name_the_field() {
-        let mut wire = spec_to_proto(&spec::parse_toml(FULL).expect("valid"));
+        let mut wire = spec_to_proto(&spec::parse_toml(FULL).expect("valid"), &ROOT);
         if let Some(r) = wire.resources.as_mut() {
-            r.memory = Some("12XB".into());
+            // Converts (it fits), but is below the smallest limit a spec takes.
+            r.memory_bytes = Some(1);
             r.pids = Some(u64::MAX);
         }
         let err = spec_from_proto(wire.clone()).expect_err("pids overflow");

@@ -32,6 +32,11 @@ pub struct AgentService {
     pub namespaces: Vec<Namespace>,
     /// The link to the fleet's etcd, with `--etcd`.
     pub fleet: Option<FleetShared>,
+    /// What the host decides for what a spec leaves open (reported in status).
+    pub defaults: convert::HostDefaults,
+    /// This node's persisted id, and the kernel's boot id.
+    pub node_id: String,
+    pub boot_id: String,
 }
 
 fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
@@ -39,7 +44,18 @@ fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
         name: r.name,
         revision: r.revision,
         rollout_id: r.rollout_id,
+        generation: r.generation,
     })
+}
+
+/// INVALID_ARGUMENT from a message that begins with the request field it is about
+/// (`"name: ..."`), with that field's violation in the details.
+fn invalid(message: impl Into<String>) -> Status {
+    let message = message.into();
+    match message.split_once(": ") {
+        Some((field, rest)) => super::status::invalid_field(field, rest),
+        None => super::status::invalid_field("", message),
+    }
 }
 
 /// `name`, the request's `field`, is a valid service name.
@@ -48,7 +64,7 @@ fn check_name(field: &str, name: &str) -> Result<(), Status> {
         Ok(())
     } else {
         let shown: String = name.chars().take(80).collect();
-        Err(Status::invalid_argument(format!(
+        Err(invalid(format!(
             "{field}: {shown:?} is not a valid service name ([a-z0-9][a-z0-9-]{{0,62}})"
         )))
     }
@@ -60,11 +76,27 @@ fn parse_signal(s: &str) -> Result<(i32, String), Status> {
         return Ok((n, name.to_string()));
     }
     match s.parse::<i32>() {
-        Ok(n) if (1..=64).contains(&n) => Ok((n, n.to_string())),
-        _ => Err(Status::invalid_argument(format!(
+        // A number answers with the signal's canonical name when it has one (`10` ->
+        // `SIGUSR1`); a real-time signal with `SIGRTMIN+n`.
+        Ok(n) if (1..=64).contains(&n) => Ok((n, canonical_signal(n))),
+        _ => Err(invalid(format!(
             "signal: {:?} is not a signal (use a name like SIGHUP, or a number from 1 to 64)",
             s.chars().take(40).collect::<String>()
         ))),
+    }
+}
+
+/// The canonical name of signal number `n` (1 to 64).
+fn canonical_signal(n: i32) -> String {
+    if let Some(name) = spec::signal_name(n) {
+        return name.to_string();
+    }
+    let rtmin = libc::SIGRTMIN();
+    if n >= rtmin {
+        format!("SIGRTMIN+{}", n - rtmin)
+    } else {
+        // Numbers below SIGRTMIN that no standard signal has (glibc reserves 32 and 33).
+        format!("SIG{n}")
     }
 }
 
@@ -75,7 +107,9 @@ impl AgentService {
         let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
         match only {
             Some(id) if !ids.iter().any(|i| i == id) => {
-                Err(Status::not_found(format!("instance {id:?} not found")))
+                Err(to_status(SupervisorError::InstanceNotFound {
+                    instance: id.to_string(),
+                }))
             }
             Some(id) => Ok(vec![id.to_string()]),
             None => Ok(ids),
@@ -183,17 +217,82 @@ fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
     }
 }
 
+/// The most requests in one ApplyBatch.
+const MAX_BATCH: usize = 100;
+
+/// The spec a request carries, typed or as TOML text, validated.
+fn spec_of(
+    source: Option<pb::apply_request::Source>,
+) -> Result<spec::ServiceSpec, spec::SpecError> {
+    match source {
+        Some(pb::apply_request::Source::Spec(p)) => {
+            convert::spec_from_proto(p).and_then(|raw| raw.validate())
+        }
+        Some(pb::apply_request::Source::SpecToml(text)) if text.len() > MAX_SPEC_TOML => {
+            Err(spec::SpecError {
+                errors: vec![spec::FieldError::new(
+                    "spec_toml",
+                    format!(
+                        "{} bytes is larger than the {MAX_SPEC_TOML}-byte limit",
+                        text.len()
+                    ),
+                )],
+            })
+        }
+        Some(pb::apply_request::Source::SpecToml(text)) => spec::parse_toml(&text),
+        None => Err(spec::SpecError {
+            errors: vec![spec::FieldError::new(
+                "spec",
+                "one of spec or spec_toml is required",
+            )],
+        }),
+    }
+}
+
+/// The most services in one List answer.
+const MAX_PAGE: usize = 1000;
+
+/// A request's `selector`, or INVALID_ARGUMENT naming it.
+fn parse_selector(text: &str) -> Result<spec::labels::Selector, Status> {
+    spec::labels::Selector::parse(text).map_err(|why| super::status::invalid_field("selector", why))
+}
+
+/// The labels of services, as a watch last saw them, to judge its events by a selector.
+#[derive(Debug, Default)]
+struct LabelCache(std::collections::HashMap<String, std::collections::BTreeMap<String, String>>);
+
+impl LabelCache {
+    /// Whether the service of `e` matches: its labels read again when the event may have
+    /// changed them (or it was not seen yet), else as last seen.
+    async fn matches(
+        &mut self,
+        supervisor: &SupervisorHandle,
+        selector: &spec::labels::Selector,
+        e: &crate::events::Event,
+    ) -> bool {
+        if selector.is_empty() {
+            return true;
+        }
+        let stale = matches!(e.kind, crate::events::EventKind::Applied { .. });
+        if (stale || !self.0.contains_key(&e.service))
+            && let Ok(s) = supervisor.get(&e.service).await
+        {
+            self.0.insert(e.service.clone(), s.spec.labels.clone());
+        }
+        let none = std::collections::BTreeMap::new();
+        selector.matches(self.0.get(&e.service).unwrap_or(&none))
+    }
+}
+
+/// Bounds of `WatchRequest.bookmark_interval_ms`.
+const MIN_BOOKMARK_MS: u32 = 100;
+const MAX_BOOKMARK_MS: u32 = 3_600_000;
+
 /// Events sent to one watcher ahead of it reading them.
 const WATCH_BUFFER: usize = 256;
 
 fn watch_status(e: EventError) -> Status {
-    match e {
-        EventError::Trimmed { .. } | EventError::InvalidIndex { .. } => {
-            Status::out_of_range(e.to_string())
-        }
-        EventError::Lagged { .. } => Status::resource_exhausted(e.to_string()),
-        EventError::Io { .. } => Status::internal(e.to_string()),
-    }
+    super::status::watch_status(&e)
 }
 
 #[tonic::async_trait]
@@ -209,7 +308,8 @@ impl Agent for AgentService {
         let req = req.into_inner();
         let (service, only) = match (req.service.as_str(), req.instance.as_str()) {
             ("", "") => {
-                return Err(Status::invalid_argument(
+                return Err(super::status::invalid_field(
+                    "service",
                     "service or instance: one is required",
                 ));
             }
@@ -223,13 +323,13 @@ impl Agent for AgentService {
                     })
                     .map(|(s, _)| s.to_string())
                     .ok_or_else(|| {
-                        Status::invalid_argument(format!(
+                        invalid(format!(
                             "instance: {:?} is not an instance id (like \"web-2\")",
                             inst.chars().take(80).collect::<String>()
                         ))
                     })?;
                 if !req.service.is_empty() && req.service != svc {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "instance: {inst:?} is not an instance of service {:?}",
                         req.service
                     )));
@@ -245,7 +345,7 @@ impl Agent for AgentService {
             .since
             .map(|t| {
                 std::time::SystemTime::try_from(t).map_err(|_| {
-                    Status::invalid_argument(format!(
+                    invalid(format!(
                         "since: {}s {}ns is out of range",
                         t.seconds, t.nanos
                     ))
@@ -288,10 +388,28 @@ impl Agent for AgentService {
             check_name("service", &req.service)?;
         }
         if req.instance.len() > 80 {
-            return Err(Status::invalid_argument(
-                "instance: too long to be an instance id",
-            ));
+            return Err(invalid("instance: too long to be an instance id"));
         }
+        let bookmarks = match req.bookmark_interval_ms {
+            0 => None,
+            ms if !(MIN_BOOKMARK_MS..=MAX_BOOKMARK_MS).contains(&ms) => {
+                return Err(super::status::invalid_field(
+                    "bookmark_interval_ms",
+                    format!(
+                        "{ms} is out of range (0 for none, or {MIN_BOOKMARK_MS} to {MAX_BOOKMARK_MS})"
+                    ),
+                ));
+            }
+            _ if !req.follow => {
+                return Err(super::status::invalid_field(
+                    "bookmark_interval_ms",
+                    "bookmarks need follow (a stream that ends has its last index in its last event)",
+                ));
+            }
+            ms => Some(std::time::Duration::from_millis(u64::from(ms))),
+        };
+        let selector = parse_selector(&req.selector)?;
+        let supervisor = self.supervisor.clone();
         let filter = Filter {
             service: (!req.service.is_empty()).then_some(req.service),
             instance: (!req.instance.is_empty()).then_some(req.instance),
@@ -324,6 +442,12 @@ impl Agent for AgentService {
             // event handed on (an event taken but not handed on is resumed at).
             let stop = stopping.wait();
             tokio::pin!(stop);
+            // Without bookmarks the timer is never polled (the branch is off).
+            let period = bookmarks.unwrap_or(std::time::Duration::from_secs(3600));
+            let mut bookmark =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            bookmark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut labels = LabelCache::default();
             loop {
                 let item = tokio::select! {
                     biased;
@@ -331,10 +455,21 @@ impl Agent for AgentService {
                         let _ = tx.send(Err(shutting_down(Some(watch.resume_from())))).await;
                         break;
                     }
+                    _ = bookmark.tick(), if bookmarks.is_some() => {
+                        // Every event below resume_from has been sent or filtered out.
+                        let index = watch.resume_from().saturating_sub(1);
+                        if tx.send(Ok(convert::bookmark(index))).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     item = watch.next() => item,
                 };
                 let (done, send) = match &item {
-                    Ok(e) => (end.is_some_and(|end| e.index >= end), filter.matches(e)),
+                    Ok(e) => (
+                        end.is_some_and(|end| e.index >= end),
+                        filter.matches(e) && labels.matches(&supervisor, &selector, e).await,
+                    ),
                     Err(_) => (true, true),
                 };
                 if send {
@@ -349,6 +484,7 @@ impl Agent for AgentService {
                             if sent.is_err() {
                                 break;
                             }
+                            bookmark.reset();
                         }
                         () = &mut stop => {
                             let resume = index.unwrap_or_else(|| watch.resume_from());
@@ -372,6 +508,9 @@ impl Agent for AgentService {
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let audit = AuditNote::of(&req);
+        if !req.get_ref().dry_run {
+            super::auth::may_change(&req, "Apply")?;
+        }
         let req = req.into_inner();
         let dry = if req.dry_run { " (dry run)" } else { "" };
         let spec = match req.source {
@@ -388,7 +527,7 @@ impl Agent for AgentService {
             }
             Some(pb::apply_request::Source::SpecToml(text)) => {
                 if text.len() > MAX_SPEC_TOML {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "spec_toml: {} bytes is larger than the {MAX_SPEC_TOML}-byte limit",
                         text.len()
                     )));
@@ -396,17 +535,16 @@ impl Agent for AgentService {
                 spec::parse_toml(&text).map_err(|e| super::status::invalid_spec(&e))?
             }
             None => {
-                return Err(Status::invalid_argument(
-                    "spec: one of spec or spec_toml is required",
-                ));
+                return Err(invalid("spec: one of spec or spec_toml is required"));
             }
         };
         if let Some(a) = &audit {
             a.note(&format!("{}{dry}", spec.name));
         }
+        let spec = self.defaults.normalize(spec);
         let a = self
             .supervisor
-            .apply(spec, req.dry_run, req.force)
+            .apply_if(spec, req.dry_run, req.force, req.expected_revision)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ApplyResponse {
@@ -416,6 +554,74 @@ impl Agent for AgentService {
             changes: a.changes,
             replaces_instances: a.replaces_instances,
             rollout_id: a.rollout_id.unwrap_or_default(),
+            generation: a.generation,
+        }))
+    }
+
+    async fn apply_batch(
+        &self,
+        req: Request<pb::ApplyBatchRequest>,
+    ) -> Result<Response<pb::ApplyBatchResponse>, Status> {
+        let audit = AuditNote::of(&req);
+        if !req.get_ref().dry_run {
+            super::auth::may_change(&req, "ApplyBatch")?;
+        }
+        let req = req.into_inner();
+        if req.requests.len() > MAX_BATCH {
+            return Err(super::status::invalid_field(
+                "requests",
+                format!(
+                    "{} requests (at most {MAX_BATCH} in one batch)",
+                    req.requests.len()
+                ),
+            ));
+        }
+        let mut items = Vec::with_capacity(req.requests.len());
+        let mut errors = Vec::new();
+        for (i, r) in req.requests.into_iter().enumerate() {
+            if r.dry_run {
+                errors.push(spec::FieldError::new(
+                    format!("requests[{i}].dry_run"),
+                    "set dry_run on the batch, not on its requests",
+                ));
+                continue;
+            }
+            match spec_of(r.source) {
+                Ok(s) => items.push(crate::supervisor::BatchItem {
+                    spec: self.defaults.normalize(s),
+                    force: r.force,
+                    expected: r.expected_revision,
+                }),
+                Err(e) => errors.extend(e.errors.into_iter().map(|f| {
+                    spec::FieldError::new(format!("requests[{i}].{}", f.field), f.message)
+                })),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(super::status::invalid_spec(&spec::SpecError { errors }));
+        }
+        if let Some(a) = &audit {
+            let names: Vec<&str> = items.iter().map(|i| i.spec.name.as_str()).collect();
+            a.note(&names.join(","));
+        }
+        let outcomes = self
+            .supervisor
+            .apply_batch(items, req.dry_run)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ApplyBatchResponse {
+            results: outcomes
+                .into_iter()
+                .map(|a| pb::ApplyResponse {
+                    name: a.name,
+                    revision: a.revision,
+                    outcome: convert::apply_outcome_to_proto(a.kind) as i32,
+                    changes: a.changes,
+                    replaces_instances: a.replaces_instances,
+                    rollout_id: a.rollout_id.unwrap_or_default(),
+                    generation: a.generation,
+                })
+                .collect(),
         }))
     }
 
@@ -425,16 +631,16 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         AuditNote::set(&req, &req.get_ref().name);
         let req = req.into_inner();
-        let name = req.name;
-        check_name("name", &name)?;
+        check_name("name", &req.name)?;
         let d = self
             .supervisor
-            .delete(&name, req.force)
+            .delete_if(&req.name, req.force, req.expected_revision)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::DeleteResponse {
             name: d.name,
             stopped_instances: d.stopped,
+            generation: d.generation,
         }))
     }
 
@@ -445,16 +651,46 @@ impl Agent for AgentService {
         let name = req.into_inner().name;
         check_name("name", &name)?;
         let s = self.supervisor.get(&name).await.map_err(to_status)?;
-        Ok(Response::new(convert::status_to_proto(&s)))
+        Ok(Response::new(convert::status_to_proto(&s, &self.defaults)))
     }
 
     async fn list(
         &self,
-        _req: Request<pb::ListRequest>,
+        req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let selector = parse_selector(&req.selector)?;
+        if !req.page_token.is_empty() && !spec::valid_service_name(&req.page_token) {
+            return Err(super::status::invalid_field(
+                "page_token",
+                "not a token a List answered with (pass next_page_token as it came)",
+            ));
+        }
+        let page_size = match req.page_size {
+            0 => MAX_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
         let v = self.supervisor.list().await.map_err(to_status)?;
+        let mut selected: Vec<&crate::supervisor::ServiceStatus> = v
+            .services
+            .iter()
+            .filter(|s| selector.matches(&s.spec.labels))
+            .filter(|s| req.page_token.is_empty() || s.name.as_str() > req.page_token.as_str())
+            .collect();
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        let next_page_token = if selected.len() > page_size {
+            selected.truncate(page_size);
+            selected.last().map(|s| s.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListResponse {
-            services: v.iter().map(convert::status_to_proto).collect(),
+            services: selected
+                .into_iter()
+                .map(|s| convert::status_to_proto(s, &self.defaults))
+                .collect(),
+            event_index: v.event_index,
+            next_page_token,
         }))
     }
 
@@ -464,7 +700,10 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::RolloutResponse>, Status> {
         let req = req.into_inner();
         check_name("name", &req.name)?;
-        let r = self.supervisor.restart(&req.name, req.force).await;
+        let r = self
+            .supervisor
+            .restart_if(&req.name, req.force, req.expected_revision)
+            .await;
         r.map(rollout_response).map_err(to_status)
     }
 
@@ -476,7 +715,7 @@ impl Agent for AgentService {
         check_name("name", &req.name)?;
         let r = self
             .supervisor
-            .rollback(&req.name, req.revision, req.force)
+            .rollback_if(&req.name, req.revision, req.force, req.expected_revision)
             .await;
         r.map(rollout_response).map_err(to_status)
     }
@@ -492,7 +731,7 @@ impl Agent for AgentService {
             .is_some_and(|(svc, n)| spec::valid_service_name(svc) && n.parse::<u64>().is_ok());
         if !valid {
             let shown: String = id.chars().take(80).collect();
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "id: {shown:?} is not a rollout id (<service>-r<number>, as Apply, Restart and Rollback return)"
             )));
         }
@@ -509,13 +748,14 @@ impl Agent for AgentService {
         check_name("name", &req.name)?;
         let s = self
             .supervisor
-            .scale(&req.name, req.replicas, req.force)
+            .scale_if(&req.name, req.replicas, req.force, req.expected_revision)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ScaleResponse {
             name: s.name,
             previous: s.previous,
             replicas: s.replicas,
+            generation: s.generation,
         }))
     }
 
@@ -527,7 +767,7 @@ impl Agent for AgentService {
         let req = req.into_inner();
         let (number, name) = parse_signal(&req.signal)?;
         if req.instance.is_empty() || req.instance.len() > 80 || req.instance.contains('/') {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "instance: {:?} is not an instance id (like \"web-2\")",
                 req.instance.chars().take(80).collect::<String>()
             )));
@@ -553,14 +793,15 @@ impl Agent for AgentService {
     async fn node(&self, _req: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         let summary = self.supervisor.summary().await.map_err(to_status)?;
         let host = self.host.snapshot();
-        Ok(Response::new(convert::node_to_proto(
-            &host,
-            &self.capabilities,
-            &self.namespaces,
-            summary.services,
-            summary.instances,
-            self.fleet.as_ref().map(|f| f.report()).as_ref(),
-        )))
+        let facts = convert::NodeFacts {
+            caps: &self.capabilities,
+            namespaces: &self.namespaces,
+            summary,
+            node_id: &self.node_id,
+            boot_id: &self.boot_id,
+            fleet: self.fleet.as_ref().map(|f| f.report()),
+        };
+        Ok(Response::new(convert::node_to_proto(&host, &facts)))
     }
 }
 
@@ -596,6 +837,9 @@ mod tests {
             host: Arc::new(Host::new()),
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
+            defaults: convert::HostDefaults::of_this_process(),
+            node_id: "test-node".into(),
+            boot_id: String::new(),
         }
     }
 

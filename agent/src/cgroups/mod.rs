@@ -32,7 +32,7 @@ use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use crate::spec::{Devices, Isolation, Resources};
+use crate::spec::{Devices, FieldError, Isolation, Resources};
 
 /// The cgroup version the host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +97,8 @@ impl Capabilities {
         self.available.contains(&c)
     }
 
-    /// Why a spec's resources cannot be enforced here, or `None` when they can.
-    pub fn refuse(&self, res: &Resources) -> Option<String> {
+    /// Why a spec's resources cannot be enforced here, one error per field (none when they can).
+    pub fn refuse_fields(&self, res: &Resources) -> Vec<FieldError> {
         let mut why = Vec::new();
         let mut need = |wanted: bool, c: Control, field: &str| {
             if wanted && !self.has(c) {
@@ -108,24 +108,31 @@ impl Capabilities {
                     .find(|(u, _)| *u == c)
                     .map(|(_, r)| r.as_str())
                     .unwrap_or("not available");
-                why.push(format!(
-                    "{field}: this host cannot enforce a {} limit ({reason})",
-                    c.as_str()
+                why.push(FieldError::new(
+                    field,
+                    format!("this host cannot enforce a {} limit ({reason})", c.as_str()),
                 ));
             }
         };
         need(res.cpu.is_some(), Control::Cpu, "resources.cpu");
         need(res.memory.is_some(), Control::Memory, "resources.memory");
         need(res.pids.is_some(), Control::Pids, "resources.pids");
-        if why.is_empty() {
-            None
-        } else {
-            Some(why.join("; "))
-        }
+        why
+    }
+
+    /// [`Capabilities::refuse_fields`] as one line, or `None` when they can be enforced.
+    pub fn refuse(&self, res: &Resources) -> Option<String> {
+        let why = self.refuse_fields(res);
+        (!why.is_empty()).then(|| {
+            why.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
     }
 
     /// Why a spec's isolation cannot be enforced here (the device control), or `None`.
-    pub fn refuse_isolation(&self, iso: &Isolation) -> Option<String> {
+    pub fn refuse_isolation(&self, iso: &Isolation) -> Option<FieldError> {
         if iso.devices != Devices::Minimal || self.has(Control::Devices) {
             return None;
         }
@@ -134,8 +141,11 @@ impl Capabilities {
             .iter()
             .find(|(c, _)| *c == Control::Devices)
             .map_or("not available", |(_, r)| r.as_str());
-        Some(format!(
-            "isolation.devices: this host cannot deny devices to an instance ({reason}); set \"host\" to run with the host's devices"
+        Some(FieldError::new(
+            "isolation.devices",
+            format!(
+                "this host cannot deny devices to an instance ({reason}); set \"host\" to run with the host's devices"
+            ),
         ))
     }
 }
@@ -186,7 +196,7 @@ impl fmt::Display for CgroupPath {
 }
 
 /// Usage of one cgroup, read from its own files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CgroupStats {
     /// Total CPU time, nanoseconds.
     pub cpu_usage_ns: u64,
@@ -206,6 +216,58 @@ pub struct CgroupStats {
     /// The memory limit in force, read back from the cgroup (`None`: unlimited, or no memory
     /// controller).
     pub memory_limit_bytes: Option<u64>,
+    /// Memory pressure (PSI, v2 `memory.pressure`); `None` on v1 (which has no per-cgroup
+    /// pressure) and on kernels without PSI.
+    pub memory_pressure: Option<Pressure>,
+}
+
+/// Pressure stall information: the share of wall time some (`some`) or all (`full`)
+/// tasks of the cgroup were stalled, averaged over 10 and 60 s, in percent, and the total
+/// stall time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    pub some_avg10: f64,
+    pub some_avg60: f64,
+    pub some_total_usec: u64,
+    pub full_avg10: f64,
+    pub full_avg60: f64,
+    pub full_total_usec: u64,
+}
+
+impl Pressure {
+    /// Parses a PSI file (`some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and a `full` line);
+    /// `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Pressure> {
+        let mut p = Pressure::default();
+        let (mut some, mut full) = (false, false);
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let kind = parts.next()?;
+            let (mut avg10, mut avg60, mut total) = (None, None, None);
+            for kv in parts {
+                let (k, v) = kv.split_once('=')?;
+                match k {
+                    "avg10" => avg10 = v.parse::<f64>().ok(),
+                    "avg60" => avg60 = v.parse::<f64>().ok(),
+                    "total" => total = v.parse::<u64>().ok(),
+                    _ => {}
+                }
+            }
+            let (a10, a60, t) = (avg10?, avg60?, total?);
+            match kind {
+                "some" => {
+                    (p.some_avg10, p.some_avg60, p.some_total_usec) = (a10, a60, t);
+                    some = true;
+                }
+                "full" => {
+                    (p.full_avg10, p.full_avg60, p.full_total_usec) = (a10, a60, t);
+                    full = true;
+                }
+                _ => {}
+            }
+        }
+        (some && full).then_some(p)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

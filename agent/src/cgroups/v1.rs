@@ -858,6 +858,7 @@ mod tests {
                 cpu_throttled_periods: 7,
                 cpu_throttled_ns: 350_000_000,
                 memory_limit_bytes: Some(64 << 20),
+                memory_pressure: None,
             }
         );
         // "unlimited" on v1 is the largest page multiple below 2^63

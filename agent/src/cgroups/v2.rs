@@ -524,6 +524,10 @@ impl CgroupBackend for V2Backend {
                 "max" => None,
                 n => Some(parsed(&p, &file, fsutil::parse_u64(n))?),
             };
+            // Absent without PSI (CONFIG_PSI off, or psi=0 on the kernel command line).
+            stats.memory_pressure = std::fs::read_to_string(dir.join("memory.pressure"))
+                .ok()
+                .and_then(|t| super::Pressure::parse(&t));
         }
         if self.caps.has(Control::Pids) {
             let c = PidController::new(dir.clone(), self.mount.clone(), true);
@@ -930,6 +934,7 @@ mod tests {
                 cpu_throttled_periods: 4,
                 cpu_throttled_ns: 2_500_000,
                 memory_limit_bytes: Some(64 << 20),
+                memory_pressure: None,
             }
         );
         put("memory.max", "max\n");
@@ -942,6 +947,27 @@ mod tests {
         let err = b.stats(&web0()).expect_err("bad memory.max");
         assert!(err.to_string().contains("memory.max"), "{err}");
         put("memory.max", "max\n");
+        put(
+            "memory.pressure",
+            "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\nfull avg10=0.50 avg60=0.00 avg300=0.00 total=678\n",
+        );
+        let p = b
+            .stats(&web0())
+            .expect("stats")
+            .memory_pressure
+            .expect("pressure");
+        assert_eq!(
+            (
+                p.some_avg10,
+                p.some_avg60,
+                p.some_total_usec,
+                p.full_avg10,
+                p.full_total_usec
+            ),
+            (1.5, 0.25, 12345, 0.5, 678)
+        );
+        put("memory.pressure", "garbage\n");
+        assert_eq!(b.stats(&web0()).expect("stats").memory_pressure, None);
         // memory.peak arrived in Linux 5.19: without it the peak is 0
         fs::remove_file(leaf.join("memory.peak")).expect("unplant");
         assert_eq!(b.stats(&web0()).expect("stats").memory_peak_bytes, 0);

@@ -85,7 +85,7 @@ impl Services for Supervised {
     }
 
     async fn list(&self) -> Result<Vec<Summary>, Refusal> {
-        let services = self.0.list().await.map_err(refusal)?;
+        let services = self.0.list().await.map_err(refusal)?.services;
         Ok(services
             .into_iter()
             .map(|s| Summary {

@@ -140,3 +140,72 @@ mod tests {
         );
     }
 }
+
+/// The file under the state directory that holds the node's id.
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// This node's id: read from `<state_dir>/node-id`, made there (a random UUID from the
+/// kernel, written to a temporary file, synced and renamed into place) the first time.
+pub fn node_id(state_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    let path = state_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if valid_node_id(text.trim()) => return Ok(text.trim().to_string()),
+        Ok(text) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds {:?}, not a node id (remove it to make a new one)",
+                    path.display(),
+                    text.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/uuid")?
+        .trim()
+        .to_string();
+    let tmp = state_dir.join(format!(".{NODE_ID_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{id}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(state_dir)?.sync_all()?;
+    Ok(id)
+}
+
+/// A UUID's text: 36 characters of hex digits and dashes.
+fn valid_node_id(s: &str) -> bool {
+    s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// The kernel's id of this boot, or empty when it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod node_id_tests {
+    use super::*;
+
+    #[test]
+    fn the_node_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = node_id(dir.path()).expect("made");
+        assert!(valid_node_id(&first), "{first}");
+        assert_eq!(
+            node_id(dir.path()).expect("read"),
+            first,
+            "the same id again"
+        );
+        std::fs::write(dir.path().join(NODE_ID_FILE), "garbage").expect("write");
+        assert!(
+            node_id(dir.path()).is_err(),
+            "a damaged file is not replaced silently"
+        );
+    }
+}

@@ -163,6 +163,7 @@ async fn a_scrape_reports_every_instance_and_forgets_deleted_services() {
             cpu_throttled_periods: 7,
             cpu_throttled_ns: 350_000_000,
             memory_limit_bytes: Some(64 << 20),
+            memory_pressure: None,
         },
     );
     r.rt.set_log_stat(

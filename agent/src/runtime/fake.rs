@@ -36,6 +36,8 @@ struct State {
     /// Services whose held resources were released, in order.
     released: Vec<String>,
     log_stats: HashMap<String, super::LogStat>,
+    /// Ports another process holds (`check_port` answers EADDRINUSE).
+    busy_ports: Vec<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +52,11 @@ impl FakeRuntime {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make `port` look held by another process.
+    pub fn hold_port(&self, port: u16) {
+        self.lock().busy_ports.push(port);
     }
 
     /// Every spawn so far, in order.
@@ -188,10 +195,16 @@ impl Processes for FakeRuntime {
         self.lock().released.push(service.to_string());
     }
 
-    fn preflight(&self, spec: &crate::spec::ServiceSpec) -> Result<(), String> {
+    fn preflight(
+        &self,
+        spec: &crate::spec::ServiceSpec,
+    ) -> Result<(), Vec<crate::spec::FieldError>> {
         match self.lock().refuse_command.as_deref() {
             Some(bad) if spec.command.first().map(String::as_str) == Some(bad) => {
-                Err(format!("command[0]: {bad:?} does not exist on this host"))
+                Err(vec![crate::spec::FieldError::new(
+                    "command[0]",
+                    format!("{bad:?} does not exist on this host"),
+                )])
             }
             _ => Ok(()),
         }
@@ -253,6 +266,10 @@ impl InstanceFiles for FakeRuntime {
             .unwrap_or_default()
     }
 
+    fn output_tail(&self, _instance: &str) -> Option<String> {
+        None
+    }
+
     fn remove_instance_files(&self, _instance: &str) {}
 }
 
@@ -261,6 +278,14 @@ impl SocketBroker for FakeRuntime {
         let mut st = self.lock();
         st.next_pid += 1;
         Ok(20_000 + st.next_pid as u16)
+    }
+
+    fn check_port(&self, port: u16) -> io::Result<()> {
+        if self.lock().busy_ports.contains(&port) {
+            Err(io::Error::from_raw_os_error(libc::EADDRINUSE))
+        } else {
+            Ok(())
+        }
     }
 
     fn bind_socket(&self, _listen: &crate::spec::ListenAddr) -> io::Result<std::os::fd::OwnedFd> {

@@ -41,7 +41,7 @@ use super::{
     CgroupMount, EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitExit, InstanceFiles,
     LOG_STAT, LogStat, ProcessRef, Processes, SocketBroker, SpawnError, Spawned, StartRequest,
 };
-use crate::spec::{Namespace, ServiceSpec, UserSpec};
+use crate::spec::{FieldError, Namespace, ServiceSpec, UserSpec};
 
 #[derive(Debug)]
 pub struct LinuxRuntime {
@@ -212,42 +212,51 @@ impl LinuxRuntime {
     }
 
     /// Why `spec`'s user namespace cannot be made here, field by field (none: it can).
-    fn userns_preflight(&self, spec: &ServiceSpec) -> Vec<String> {
+    fn userns_preflight(&self, spec: &ServiceSpec) -> Vec<FieldError> {
         use std::os::unix::fs::MetadataExt;
         let mut why = Vec::new();
         let Some(ids) = &self.userns else {
-            why.push("isolation.userns: the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)".to_string());
+            why.push(FieldError::new(
+                "isolation.userns",
+                "the agent gives no user namespaces (start corrald with --userns-ids FIRST-LAST)",
+            ));
             return why;
         };
         if !Path::new("/proc/self/ns/user").exists()
             || sysctl("/proc/sys/user/max_user_namespaces") == Some(0)
         {
-            why.push("isolation.userns: this kernel has no user namespaces (or user.max_user_namespaces is 0)".to_string());
+            why.push(FieldError::new(
+                "isolation.userns",
+                "this kernel has no user namespaces (or user.max_user_namespaces is 0)",
+            ));
             return why;
         }
         let inside = |id: u32| id < USERNS_SIZE;
         match &spec.user {
             Some(UserSpec::Id { uid, gid }) if !inside(*uid) || gid.is_some_and(|g| !inside(g)) => {
-                why.push(format!(
-                    "user: {:?} is outside the instance's user namespace (ids 0-{})",
-                    spec.user
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                    USERNS_SIZE - 1
+                why.push(FieldError::new(
+                    "user",
+                    format!(
+                        "{:?} is outside the instance's user namespace (ids 0-{})",
+                        spec.user
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        USERNS_SIZE - 1
+                    ),
                 ));
             }
             Some(user @ UserSpec::Name(_)) => {
                 if let Ok(Some(id)) = resolve_identity(Some(user), None, &spec.name)
                     && (!inside(id.uid) || !inside(id.gid))
                 {
-                    why.push(format!(
-                        "user: {:?} is uid {}:{} on this host, outside the instance's user namespace (ids 0-{})",
+                    why.push(FieldError::new("user", format!(
+                        "{:?} is uid {}:{} on this host, outside the instance's user namespace (ids 0-{})",
                         user.to_string(),
                         id.uid,
                         id.gid,
                         USERNS_SIZE - 1
-                    ));
+                    )));
                 }
             }
             _ => {}
@@ -256,10 +265,10 @@ impl LinuxRuntime {
         if fs::metadata(&spec.workdir).is_ok_and(|m| m.uid() != 0)
             && let Err(e) = self.idmapped_workdir(&spec.workdir, ids.any())
         {
-            why.push(format!(
-                "isolation.userns: workdir {:?} cannot be idmapped for the instance's root: {e} (its filesystem lacks idmapped mounts, e.g. tmpfs before Linux 6.3; use a workdir on one that has them, or one owned by root, which is not mapped)",
+            why.push(FieldError::new("isolation.userns", format!(
+                "workdir {:?} cannot be idmapped for the instance's root: {e} (its filesystem lacks idmapped mounts, e.g. tmpfs before Linux 6.3; use a workdir on one that has them, or one owned by root, which is not mapped)",
                 spec.workdir
-            ));
+            )));
         }
         why
     }
@@ -698,21 +707,23 @@ impl Processes for LinuxRuntime {
             .collect()
     }
 
-    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
-        use std::os::unix::fs::PermissionsExt;
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), Vec<FieldError>> {
         let mut why = Vec::new();
         match &spec.user {
             // Allocated at the first start; here only whether there is a range.
             Some(UserSpec::Dynamic) if self.users.is_none() => {
-                why.push(
-                    "user: \"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)"
-                        .to_string(),
-                );
+                why.push(FieldError::new(
+                    "user",
+                    "\"dynamic\": the agent gives no dynamic users (start corrald with --dynamic-users FIRST-LAST)",
+                ));
             }
             Some(UserSpec::Dynamic) => {}
             Some(user) => {
                 if let Err(e) = resolve_identity(Some(user), None, &spec.name) {
-                    why.push(format!("user: {:?}: {e}", user.to_string()));
+                    why.push(FieldError::new(
+                        "user",
+                        format!("{:?}: {e}", user.to_string()),
+                    ));
                 }
             }
             None => {}
@@ -720,46 +731,55 @@ impl Processes for LinuxRuntime {
         if spec.isolation.has(Namespace::Mount)
             && let Some(dir) = self.masked.iter().find(|d| spec.workdir.starts_with(d))
         {
-            why.push(format!(
-                "workdir: {:?} is inside {}, which the agent masks in every instance (its state or its socket's directory)",
-                spec.workdir,
-                dir.display()
+            why.push(FieldError::new(
+                "workdir",
+                format!(
+                    "{:?} is inside {}, which the agent masks in every instance (its state or its socket's directory)",
+                    spec.workdir,
+                    dir.display()
+                ),
             ));
         }
         if spec.isolation.userns {
             why.extend(self.userns_preflight(spec));
         }
         if spec.isolation.seccomp == crate::spec::Seccomp::Default && !seccomp::supported() {
-            why.push(format!(
-                "isolation.seccomp: the default filter is built for x86_64 and aarch64, not {} (set \"unconfined\")",
-                std::env::consts::ARCH
+            why.push(FieldError::new(
+                "isolation.seccomp",
+                format!(
+                    "the default filter is built for x86_64 and aarch64, not {} (set \"unconfined\")",
+                    std::env::consts::ARCH
+                ),
             ));
         }
         if spec.isolation.has(Namespace::Cgroup) && !Path::new("/proc/self/ns/cgroup").exists() {
-            why.push("isolation.namespaces: this kernel has no cgroup namespaces".to_string());
+            why.push(FieldError::new(
+                "isolation.namespaces",
+                "this kernel has no cgroup namespaces",
+            ));
         }
-        if let Some(cmd) = spec.command.first()
-            && cmd.starts_with('/')
-            && !package::inside_artifact(spec, Path::new(cmd))
-        {
-            match fs::metadata(cmd) {
-                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
-                Ok(_) => why.push(format!("command[0]: {cmd:?} is not an executable file")),
-                Err(e) => why.push(format!("command[0]: {cmd:?}: {e}")),
-            }
-        }
+        why.extend(super::preflight::programs(spec));
         match fs::metadata(&spec.workdir) {
             _ if package::inside_artifact(spec, &spec.workdir) => {}
             Ok(m) if m.is_dir() => {}
-            Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
-            Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
+            Ok(_) => why.push(FieldError::new(
+                "workdir",
+                format!("{:?} is not a directory", spec.workdir),
+            )),
+            Err(e) => why.push(FieldError::new(
+                "workdir",
+                format!("{:?}: {e}", spec.workdir),
+            )),
         }
         if let Some(caps) = &spec.isolation.capabilities
             && let Some(last) = sysctl("/proc/sys/kernel/cap_last_cap")
         {
             for cap in caps.iter().filter(|c| u64::from(c.index()) > last) {
-                why.push(format!(
-                    "isolation.capabilities: this kernel does not know {cap} (its last capability is number {last})"
+                why.push(FieldError::new(
+                    "isolation.capabilities",
+                    format!(
+                        "this kernel does not know {cap} (its last capability is number {last})"
+                    ),
                 ));
             }
         }
@@ -767,21 +787,18 @@ impl Processes for LinuxRuntime {
             && let Some(max) = sysctl("/proc/sys/fs/nr_open")
             && nofile > max
         {
-            why.push(format!(
-                "resources.nofile: {nofile} is above this host's fs.nr_open ({max})"
+            why.push(FieldError::new(
+                "resources.nofile",
+                format!("{nofile} is above this host's fs.nr_open ({max})"),
             ));
         }
         if spec.isolation.readonly_root && !super::mounts::kernel_supports_readonly_root() {
-            why.push(
-                "isolation.readonly_root: this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)"
-                    .to_string(),
-            );
+            why.push(FieldError::new(
+                "isolation.readonly_root",
+                "this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed)",
+            ));
         }
-        if why.is_empty() {
-            Ok(())
-        } else {
-            Err(why.join("; "))
-        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
     }
 
     fn adopt(&self, instance: &str, pid: i32, start_time: u64) -> Result<Spawned, SpawnError> {
@@ -914,6 +931,24 @@ impl InstanceFiles for LinuxRuntime {
             .unwrap_or_default()
     }
 
+    fn output_tail(&self, instance: &str) -> Option<String> {
+        // One bounded read at the end of the live stderr file: this runs on the exit path,
+        // before the restart is scheduled, so it must stay cheap.
+        let path = self
+            .log_dir(instance)
+            .join(crate::logs::Stream::Stderr.file_name());
+        let mut f = fs::File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        let from = len.saturating_sub(super::OUTPUT_TAIL_BYTES as u64 * 2);
+        io::Seek::seek(&mut f, io::SeekFrom::Start(from)).ok()?;
+        use io::Read;
+        let mut buf = Vec::new();
+        Read::take(&mut f, super::OUTPUT_TAIL_BYTES as u64 * 2)
+            .read_to_end(&mut buf)
+            .ok()?;
+        super::tail_text(&buf, from > 0)
+    }
+
     fn remove_instance_files(&self, instance: &str) {
         for d in [self.run_dir(instance), self.log_dir(instance)] {
             if let Err(e) = fs::remove_dir_all(&d)
@@ -929,6 +964,11 @@ impl SocketBroker for LinuxRuntime {
     fn free_port(&self) -> io::Result<u16> {
         let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
         Ok(l.local_addr()?.port())
+    }
+
+    fn check_port(&self, port: u16) -> io::Result<()> {
+        // std sets SO_REUSEADDR on Unix; binding without listen(2) takes no connection.
+        std::net::TcpListener::bind(("0.0.0.0", port)).map(drop)
     }
 
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
@@ -1089,6 +1129,14 @@ fn is_listening_on(fd: &OwnedFd, listen: &crate::spec::ListenAddr) -> bool {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
+    /// A preflight's refusals as one line, as the API's message shows them.
+    fn joined(why: Vec<FieldError>) -> String {
+        why.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     use super::*;
 
     #[test]
@@ -1193,11 +1241,11 @@ mod tests {
             ),
         ];
         for (toml, fragment) in &cases {
-            let e = rt.preflight(&spec(toml)).expect_err(toml);
+            let e = joined(rt.preflight(&spec(toml)).expect_err(toml));
             assert!(e.contains(fragment), "{toml}: {e}");
         }
         let userns = "[isolation]\nuserns = true";
-        let e = rt.preflight(&spec(userns)).expect_err("no --userns-ids");
+        let e = joined(rt.preflight(&spec(userns)).expect_err("no --userns-ids"));
         assert!(
             e.contains("isolation.userns: the agent gives no user namespaces"),
             "{e}"
@@ -1217,7 +1265,7 @@ mod tests {
                 "user: \"0:70000\" is outside the instance's user namespace",
             ),
         ] {
-            let e = rt.preflight(&spec(&toml)).expect_err(&toml);
+            let e = joined(rt.preflight(&spec(&toml)).expect_err(&toml));
             assert!(e.contains(fragment), "{toml}: {e}");
         }
         // Masked directories only matter with a mount namespace.

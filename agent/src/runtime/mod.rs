@@ -26,6 +26,7 @@ pub mod launch;
 pub mod linux;
 mod mounts;
 pub mod package;
+mod preflight;
 pub mod privileges;
 pub mod probe_exec;
 pub mod probe_helper;
@@ -357,9 +358,10 @@ pub trait Processes: Send + Sync + fmt::Debug + 'static {
     fn main_pid(&self, init_pid: i32) -> Option<i32>;
 
     /// Checks against the host that `spec` can run here at all: its user exists, its
-    /// command (when given as an absolute path) is an executable file, its workdir is a
-    /// directory. The error names the field, the value and the reason.
-    fn preflight(&self, spec: &ServiceSpec) -> Result<(), String>;
+    /// command and exec probe are executable files (a bare name found in the service's
+    /// `PATH`), its workdir is a directory. One error per field, naming the value and the
+    /// reason.
+    fn preflight(&self, spec: &ServiceSpec) -> Result<(), Vec<crate::spec::FieldError>>;
 
     /// A service is gone (deleted): release what was held for it (its dynamic user).
     fn release_service(&self, service: &str) {
@@ -383,6 +385,39 @@ pub trait Processes: Send + Sync + fmt::Debug + 'static {
     fn roots(&self, pids: &[i32]) -> Vec<i32>;
 }
 
+/// Lines of stderr kept with a failed end.
+pub const OUTPUT_TAIL_LINES: usize = 5;
+/// Bytes of stderr kept with a failed end (the last ones).
+pub const OUTPUT_TAIL_BYTES: usize = 1024;
+
+/// The text of the last complete records in `buf` (the end of a log file; `cut`: it begins in
+/// the middle of a record, which is skipped), at most [`OUTPUT_TAIL_LINES`] of them and the
+/// last [`OUTPUT_TAIL_BYTES`] bytes; `None` when there is none.
+pub fn tail_text(buf: &[u8], cut: bool) -> Option<String> {
+    let mut lines: Vec<&[u8]> = buf.split_inclusive(|b| *b == b'\n').collect();
+    if cut && !lines.is_empty() {
+        lines.remove(0);
+    }
+    // An unterminated last record is being written: not part of the tail yet.
+    if lines.last().is_some_and(|l| !l.ends_with(b"\n")) {
+        lines.pop();
+    }
+    let keep = &lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..];
+    let text = keep
+        .iter()
+        .map(|l| String::from_utf8_lossy(crate::logs::parse_record(l).1).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if text.is_empty() {
+        return None;
+    }
+    let mut start = text.len().saturating_sub(OUTPUT_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(text[start..].to_string())
+}
+
 /// What an instance's init leaves on disk for the agent: how its service ended, what it
 /// reported over `NOTIFY_SOCKET`, the output it could not log; and removing all of it.
 pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
@@ -395,6 +430,10 @@ pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
     /// The init's count of output it could not write to the logs (none: nothing dropped).
     fn log_stat(&self, instance: &str) -> LogStat;
 
+    /// The last lines (at most [`OUTPUT_TAIL_LINES`], [`OUTPUT_TAIL_BYTES`]) the instance's
+    /// service wrote to stderr, for a failed end's status; `None` when it wrote none.
+    fn output_tail(&self, instance: &str) -> Option<String>;
+
     /// Forget an instance's run and log state on disk (service deleted).
     fn remove_instance_files(&self, instance: &str);
 }
@@ -404,6 +443,12 @@ pub trait InstanceFiles: Send + Sync + fmt::Debug + 'static {
 pub trait SocketBroker: Send + Sync + fmt::Debug + 'static {
     /// Pick a free TCP port on the host for a `[ports]` entry set to `auto`.
     fn free_port(&self) -> std::io::Result<u16>;
+
+    /// Whether an instance could bind a fixed `[ports]` port on the host's network: the port
+    /// is bound on every IPv4 address (with `SO_REUSEADDR`, so connections of an earlier
+    /// listener still in `TIME_WAIT` do not count) and let go at once, without listening.
+    /// `EADDRINUSE` means another socket holds it.
+    fn check_port(&self, port: u16) -> std::io::Result<()>;
 
     /// Bind and listen on a `[[sockets]]` address (a stale Unix socket file is replaced).
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> std::io::Result<OwnedFd>;
@@ -440,4 +485,28 @@ pub fn assign_ports(
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_is_the_last_complete_records_without_their_time() {
+        let rec = |t: &str| format!("2026-12-03T10:00:00.000000Z {t}\n");
+        let file: String = (0..8).map(|i| rec(&format!("line {i}"))).collect();
+        assert_eq!(
+            tail_text(file.as_bytes(), false).as_deref(),
+            Some("line 3\nline 4\nline 5\nline 6\nline 7")
+        );
+        // Cut in the middle of a record, and one being written at the end: both left out.
+        let partial = format!("00Z half\n{}{}2026-12-03T10:00", rec("a"), rec("b"));
+        assert_eq!(tail_text(partial.as_bytes(), true).as_deref(), Some("a\nb"));
+        assert_eq!(tail_text(b"", false), None);
+        let long = rec(&"x".repeat(5000));
+        assert_eq!(
+            tail_text(long.as_bytes(), false).map(|t| t.len()),
+            Some(OUTPUT_TAIL_BYTES)
+        );
+    }
 }

@@ -103,6 +103,8 @@ impl ServiceSpec {
             }),
             artifact,
             image,
+            labels: Some(self.labels.clone()),
+            annotations: Some(self.annotations.clone()),
         }
     }
 
@@ -114,6 +116,25 @@ impl ServiceSpec {
         *self == other
     }
 
+    /// Whether `self` and `other` differ at most in `replicas`, `labels` and `annotations`:
+    /// what changes in place, without replacing instances.
+    pub fn same_but_in_place(&self, other: &ServiceSpec) -> bool {
+        let mut other = other.clone();
+        other.replicas = self.replicas;
+        other.labels.clone_from(&self.labels);
+        other.annotations.clone_from(&self.annotations);
+        *self == other
+    }
+
+    /// `self` with the labels and annotations of `from` (which are not revisioned: a
+    /// rollback keeps the current ones).
+    pub fn with_metadata_of(&self, from: &ServiceSpec) -> ServiceSpec {
+        let mut s = self.clone();
+        s.labels.clone_from(&from.labels);
+        s.annotations.clone_from(&from.annotations);
+        s
+    }
+
     /// The hostname of instance `index`: the template with `{index}` and `{instance}`
     /// expanded, or the instance id (`web-2`) without a template. `None` without a uts
     /// namespace: the instance then shares the host's name.
@@ -121,7 +142,11 @@ impl ServiceSpec {
         if !self.isolation.has(Namespace::Uts) {
             return None;
         }
-        let template = self.isolation.hostname.as_deref().unwrap_or("{instance}");
+        let template = self
+            .isolation
+            .hostname
+            .as_deref()
+            .unwrap_or(super::validate::DEFAULT_HOSTNAME);
         Some(expand_hostname(template, &self.name, index))
     }
 }

@@ -268,6 +268,12 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         }
     }
 
+    for (key, value) in &spec.labels {
+        push(15, child("labels", key), quote(value));
+    }
+    for (key, value) in &spec.annotations {
+        push(16, child("annotations", key), quote(value));
+    }
     for (key, value) in &spec.env {
         out.push(Leaf {
             rank: 2,

@@ -24,6 +24,7 @@ mod changes;
 mod error;
 pub mod job;
 mod key;
+pub mod labels;
 mod read;
 mod types;
 mod units;
@@ -36,8 +37,10 @@ pub use error::{FieldError, SpecError};
 pub use key::{InstanceKey, NotAnInstanceId};
 pub use read::{SYNTAX_FIELD, TOP_KEYS, read_toml};
 pub use types::*;
-pub use units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
-pub use validate::{MAX_REPLICAS, instance_id, valid_service_name};
+pub use units::{
+    format_duration, format_size, parse_duration, parse_size, signal_by_name, signal_name,
+};
+pub use validate::{DEFAULT_HOSTNAME, MAX_REPLICAS, instance_id, valid_service_name};
 
 /// Reads and validates a spec file. Every problem is reported at once: syntax (then nothing
 /// else), unknown fields, wrong types and every validation rule, without reporting a field

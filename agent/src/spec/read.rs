@@ -34,6 +34,8 @@ pub const TOP_KEYS: &[&str] = &[
     "logs",
     "artifact",
     "image",
+    "labels",
+    "annotations",
 ];
 const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "nofile"];
 const ISOLATION_KEYS: &[&str] = &[
@@ -405,6 +407,12 @@ impl Reader {
             rollout: self.section(t, "rollout", Self::rollout),
             stop: self.section(t, "stop", Self::stop),
             logs: self.section(t, "logs", Self::logs),
+            labels: self.field(t, "", "labels", |r, path, v| {
+                r.map(path, v, "a table of strings", Self::string)
+            }),
+            annotations: self.field(t, "", "annotations", |r, path, v| {
+                r.map(path, v, "a table of strings", Self::string)
+            }),
             artifact: self.section(t, "artifact", Self::artifact),
             image: self.section(t, "image", Self::image),
         }

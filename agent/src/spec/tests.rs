@@ -225,6 +225,8 @@ fn minimal_spec_gets_documented_defaults() {
             max_files: 5,
         },
         package: None,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
     };
     assert_eq!(spec, expected);
     assert_eq!(spec.hostname_for(2).as_deref(), Some("web-2"));
@@ -565,6 +567,8 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[resources]\ncpu = nan", "resources.cpu", "NaN is not a finite number"),
     ("[resources]\ncpu = inf", "resources.cpu", "not a finite number"),
     ("[resources]\npids = 0", "resources.pids", "0 is out of range (1..=4194304)"),
+    ("[resources]\npids = 1", "resources.pids", "1 is below 2, the least an instance needs: the instance's init and its service process each count as a task"),
+    ("[resources]\npids = 3\n[health]\nexec = [\"/bin/true\"]", "resources.pids", "3 is below 4, the least an instance needs: the instance's init, its service process, and an exec probe's helper"),
     ("[resources]\npids = 4194305", "resources.pids", "out of range"),
     ("[resources]\nnofile = 0", "resources.nofile", "0 is out of range (1..=1048576)"),
     ("[resources]\nnofile = 1048577", "resources.nofile", "out of range"),
@@ -591,8 +595,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[isolation]\nhostname = \"web-{index\"", "isolation.hostname", "is not closed"),
     ("[isolation]\nhostname = \"-{index}\"", "isolation.hostname", "not a valid hostname"),
     ("[isolation]\nhostname = \"web_{index}\"", "isolation.hostname", "not a valid hostname"),
-    ("[isolation]\nhostname = \"{instance}-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "isolation.hostname", "\"web-999-aaaa"),
-    ("name = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "isolation.hostname", "the default hostname"),
+    ("[isolation]\nhostname = \"{instance}-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "isolation.hostname", "\"w-999-aaaa"),
     ("[isolation]\nnamespaces = [\"pid\", \"uts\"]\nprivate_tmp = true", "isolation.private_tmp", "needs the \"mount\" namespace"),
     // the confinement switches: each bad value refused with its field
     ("[isolation]\nseccomp = \"strict\"", "isolation.seccomp", "\"strict\" is not one of \"default\", \"unconfined\""),
@@ -634,6 +637,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     // restart
     ("[restart]\nbackoff = \"1m\"", "restart.backoff", "\"1m\" is longer than restart.backoff_max (30s)"),
     ("[restart]\nbackoff = \"5s\"\nbackoff_max = \"1s\"", "restart.backoff", "longer than restart.backoff_max (1s)"),
+    ("[restart]\nbackoff = \"1500us\"", "restart.backoff", "\"1500us\" is not a whole number of milliseconds"),
     ("[restart]\npolicy = \"sometimes\"", "restart.policy", "\"sometimes\" is not a policy (use always, on-failure or never)"),
     // health
     ("[health]\nhttp = \"http://127.0.0.1:1/\"\ntcp = \"127.0.0.1:1\"", "health", "http and tcp are both set"),
@@ -922,7 +926,7 @@ replicas = 4
 [resources]
 cpu = 1.25
 memory = 1048577
-pids = 1
+pids = 4
 [isolation]
 namespaces = ["net", "ipc", "uts"]
 hostname = "{instance}.workers"
@@ -1310,6 +1314,27 @@ fn hostnames() {
         "{MINIMAL}[isolation]\nnamespaces = [\"pid\", \"mount\"]\n"
     ));
     assert_eq!(spec.hostname_for(4), None);
+}
+
+/// The longest valid name (63 characters) is accepted with the default hostname: the service
+/// name inside `{instance}` is shortened so each hostname fits the kernel's 64 bytes and keeps
+/// its index; "{instance}" written out is the default itself.
+#[test]
+fn longest_names_get_hostnames_that_fit() {
+    let name = "a".repeat(63);
+    for text in [
+        format!("name = \"{name}\"\ncommand = [\"/bin/true\"]\n"),
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/true\"]\n[isolation]\nhostname = \"{{instance}}\"\n"
+        ),
+    ] {
+        let spec = parse(&text);
+        assert_eq!(spec.isolation.hostname, None, "{text}");
+        assert_eq!(spec.hostname_for(0), Some(format!("{}-0", "a".repeat(62))));
+        let last = spec.hostname_for(999).expect("uts is on by default");
+        assert_eq!(last.len(), 64);
+        assert_eq!(last, format!("{}-999", "a".repeat(60)));
+    }
 }
 
 // ------------------------------------------------------------------------------------------

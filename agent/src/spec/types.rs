@@ -75,6 +75,10 @@ pub struct RawSpec {
     /// `[image]`: an OCI image as the instances' root filesystem.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<RawImage>,
+    /// `[labels]`: what schedulers select services by (`app = "web"`).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `[annotations]`: free text for tools; never read by the agent.
+    pub annotations: Option<BTreeMap<String, String>>,
 }
 
 /// `[resources]` as written.
@@ -241,6 +245,10 @@ pub struct ServiceSpec {
     pub logs: LogSpec,
     /// `[artifact]` or `[image]`: what the instances run from. `None`: the host's files.
     pub package: Option<Package>,
+    /// Checked by Kubernetes' rules (see [`super::labels`]). Default: none. Not part of what
+    /// instances run: a change of labels or annotations alone replaces no instance.
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The user an instance runs as.

@@ -133,3 +133,12 @@ pub fn signal_by_name(s: &str) -> Option<(i32, &'static str)> {
         .find(|signal| signal.as_str().strip_prefix("SIG") == Some(short))
         .map(|signal| (*signal as i32, signal.as_str()))
 }
+
+/// The canonical name of signal number `n` (`10` -> `SIGUSR1` on x86-64), for the standard
+/// signals [`signal_by_name`] knows; `None` for real-time signals and numbers no signal has.
+pub fn signal_name(n: i32) -> Option<&'static str> {
+    SIGNALS
+        .iter()
+        .find(|signal| **signal as i32 == n)
+        .map(|signal| signal.as_str())
+}

@@ -146,12 +146,30 @@ fn valid_hostname(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
 }
 
-/// Expands `{instance}` and `{index}` in a hostname template.
+/// The hostname template an instance gets without `isolation.hostname`.
+pub const DEFAULT_HOSTNAME: &str = "{instance}";
+
+/// Expands `{instance}` and `{index}` in a hostname template. The kernel takes hostnames of
+/// up to 64 bytes while a service name may have 63 and an instance id 67 (`<name>-999`): when
+/// the expansion would be longer than 64, the service name inside each `{instance}` is
+/// shortened (from its end, to at least one character) so the index is kept and every
+/// instance still gets its own name.
 pub(super) fn expand_hostname(template: &str, service: &str, index: u32) -> String {
     // The instance id holds no braces, so the second replace cannot see the first's output.
-    template
-        .replace("{instance}", &instance_id(service, index))
-        .replace("{index}", &index.to_string())
+    let expand = |service: &str| {
+        template
+            .replace("{instance}", &instance_id(service, index))
+            .replace("{index}", &index.to_string())
+    };
+    let full = expand(service);
+    let uses = template.matches("{instance}").count();
+    if full.len() <= MAX_HOSTNAME || uses == 0 {
+        return full;
+    }
+    let cut = (full.len() - MAX_HOSTNAME).div_ceil(uses);
+    // Service names are ASCII: any byte index is a character boundary.
+    let keep = service.len().saturating_sub(cut).max(1).min(service.len());
+    expand(&service[..keep])
 }
 
 /// Checks that every `{...}` in a hostname template is `{index}` or `{instance}`.
@@ -302,6 +320,13 @@ impl RawSpec {
     }
 }
 
+/// Tasks an instance needs before its service forks anything: its init and the service's
+/// process.
+pub const INSTANCE_TASKS: u64 = 2;
+/// Tasks an exec probe adds while it runs in the instance's cgroup: its helper (which joins
+/// the namespaces) and the probe command.
+pub const EXEC_PROBE_TASKS: u64 = 2;
+
 /// The validation pass: errors found so far.
 #[derive(Debug, Default)]
 struct Check {
@@ -311,6 +336,34 @@ struct Check {
 impl Check {
     fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError::new(field, message));
+    }
+
+    /// `resources.pids` leaves room for the instance's own tasks: below that the init
+    /// cannot fork the service (or an exec probe cannot run), and every start would fail.
+    fn pids_room(&mut self, resources: &Resources, health: Option<&HealthSpec>) {
+        let Some(pids) = resources.pids else {
+            return;
+        };
+        let exec = matches!(health.and_then(|h| h.probe.as_ref()), Some(Probe::Exec(_)));
+        let (min, why) = if exec {
+            (
+                INSTANCE_TASKS + EXEC_PROBE_TASKS,
+                "the instance's init, its service process, and an exec probe's helper and command while it runs",
+            )
+        } else {
+            (
+                INSTANCE_TASKS,
+                "the instance's init and its service process",
+            )
+        };
+        if pids < min {
+            self.error(
+                "resources.pids",
+                format!(
+                    "{pids} is below {min}, the least an instance needs: {why} each count as a task"
+                ),
+            );
+        }
     }
 
     /// `n` within `range`, or the default when absent; `None` (reported) when out of range.
@@ -353,6 +406,16 @@ impl Check {
                 return None;
             }
         };
+        if d.subsec_nanos() % 1_000_000 != 0 {
+            self.error(
+                field,
+                format!(
+                    "{} is not a whole number of milliseconds (the finest unit a spec takes)",
+                    quote(text)
+                ),
+            );
+            return None;
+        }
         if d < min {
             self.error(
                 field,
@@ -589,6 +652,12 @@ impl Check {
                 "a network probe cannot reach an instance with its own network namespace (\"net\"); use exec or notify",
             );
         }
+        self.pids_room(&resources, health.as_ref());
+        let labels = raw.labels.clone().unwrap_or_default();
+        self.errors.extend(super::labels::check_labels(&labels));
+        let annotations = raw.annotations.clone().unwrap_or_default();
+        self.errors
+            .extend(super::labels::check_annotations(&annotations));
         let rollout = self.rollout(raw.rollout.as_ref());
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
@@ -610,6 +679,8 @@ impl Check {
             rollout,
             stop,
             logs,
+            labels,
+            annotations,
             package,
         }
     }
@@ -764,20 +835,8 @@ impl Check {
                     }
                 }
             }
-            None => {
-                if let Some(name) = name.filter(|_| has_uts) {
-                    let host = instance_id(name, MAX_INDEX);
-                    if !valid_hostname(&host) {
-                        self.error(
-                            "isolation.hostname",
-                            format!(
-                                "the default hostname, the instance id ({}), is longer than {MAX_HOSTNAME} characters (set a template or use a shorter name)",
-                                quote(&host)
-                            ),
-                        );
-                    }
-                }
-            }
+            // The default, the instance id, always fits: see `expand_hostname`.
+            None => {}
         }
 
         let private_tmp = match raw.private_tmp {
@@ -873,7 +932,9 @@ impl Check {
 
         Isolation {
             namespaces: namespaces.into_iter().collect(),
-            hostname: raw.hostname.clone(),
+            // "{instance}" is the default itself: kept as absent, so a spec read back from
+            // status (defaults filled in) is the same spec.
+            hostname: raw.hostname.clone().filter(|t| t != DEFAULT_HOSTNAME),
             private_tmp,
             capabilities,
             readonly_root,

@@ -12,6 +12,8 @@ use super::{Store, StoreError};
 pub struct MemStore {
     data: Mutex<BTreeMap<(String, String), Vec<u8>>>,
     fail_writes: Mutex<bool>,
+    /// Names whose `put` fails (one service's record on a failing disk sector).
+    fail_names: Mutex<Vec<String>>,
 }
 
 impl MemStore {
@@ -22,6 +24,23 @@ impl MemStore {
     /// Make every following `put`/`delete` fail (a full disk).
     pub fn fail_writes(&self, fail: bool) {
         *self.fail_writes.lock().unwrap_or_else(|p| p.into_inner()) = fail;
+    }
+
+    /// Make every following `put` of `name` fail.
+    pub fn fail_writes_of(&self, name: &str) {
+        self.fail_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
+    }
+
+    /// The stored value of `name` of `kind`, if any.
+    pub fn get(&self, kind: &str, name: &str) -> Option<Vec<u8>> {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(kind.to_string(), name.to_string()))
+            .cloned()
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -48,6 +67,19 @@ impl Store for MemStore {
 
     fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError> {
         self.check()?;
+        if self
+            .fail_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|n| n == name)
+        {
+            return Err(StoreError::Io {
+                path: PathBuf::from(format!("(memory)/{kind}/{name}")),
+                what: "writing",
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         self.data
             .lock()
             .unwrap_or_else(|p| p.into_inner())

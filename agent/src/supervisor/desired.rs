@@ -24,6 +24,8 @@ pub enum ApplyKind {
     Scaled,
     /// The spec is the current one: nothing was done.
     Unchanged,
+    /// Only labels or annotations changed: in place, no new revision.
+    Labeled,
 }
 
 impl ApplyKind {
@@ -33,6 +35,7 @@ impl ApplyKind {
             ApplyKind::Updated => "updated",
             ApplyKind::Scaled => "scaled",
             ApplyKind::Unchanged => "unchanged",
+            ApplyKind::Labeled => "labeled",
         }
     }
 }
@@ -62,6 +65,10 @@ pub struct Desired {
     pub past: Vec<Rollout>,
     /// A rollout failed without a rollback: nothing more is replaced until the next one.
     pub paused: bool,
+    /// 1 at creation, incremented by every accepted change of the desired state (apply,
+    /// scale, restart, rollback, an automatic rollback): what `expected_revision` is
+    /// compared with, so concurrent writers never overwrite each other unknowingly.
+    pub generation: u64,
 }
 
 /// The target of a rollout.
@@ -97,6 +104,9 @@ pub struct Record {
     /// Absent in records written before the fleet existed: those services are local.
     #[serde(default)]
     pub owner: Owner,
+    /// Absent in records written before generations existed: read as 1.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -120,6 +130,7 @@ impl Desired {
             rollout: None,
             past: Vec::new(),
             paused: false,
+            generation: 1,
         }
     }
 
@@ -148,6 +159,7 @@ impl Desired {
             rollout: r.rollout,
             past: r.past,
             paused: r.paused,
+            generation: r.generation.max(1),
         })
     }
 
@@ -171,6 +183,7 @@ impl Desired {
             past: self.past.clone(),
             paused: self.paused,
             owner: self.owner,
+            generation: self.generation,
         }
     }
 
@@ -183,14 +196,17 @@ impl Desired {
         self.rollout.as_mut().filter(|r| r.is_running())
     }
 
-    /// The spec of a kept revision, with the current `replicas` (a rollback changes what
-    /// runs, not how many).
+    /// The spec of a kept revision, with the current `replicas`, labels and annotations (a
+    /// rollback changes what runs, not how many nor how the service is labeled).
     pub fn spec_of(&self, revision: u64) -> Option<Arc<ServiceSpec>> {
         let (_, spec) = self.history.iter().find(|(r, _)| *r == revision)?;
-        if spec.replicas == self.spec.replicas {
+        if spec.replicas == self.spec.replicas
+            && spec.labels == self.spec.labels
+            && spec.annotations == self.spec.annotations
+        {
             return Some(spec.clone());
         }
-        let mut s = (**spec).clone();
+        let mut s = spec.with_metadata_of(&self.spec);
         s.replicas = self.spec.replicas;
         Some(Arc::new(s))
     }
@@ -356,6 +372,7 @@ impl Desired {
                 };
                 let n = to_replace(&target);
                 let (id, _) = self.begin(service, Kind::AutoRollback, target.clone(), n, now);
+                self.generation += 1;
                 if let Some(new) = self.rollout.as_mut() {
                     new.rollback_of = failed.clone();
                 }

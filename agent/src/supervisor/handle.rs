@@ -8,8 +8,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::sample::ServiceSample;
 use super::{
-    ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, ServiceStatus, Signaled, Summary,
-    SupervisorError,
+    ApplyOutcome, BatchItem, Deleted, Listing, Owner, RolloutStarted, Scaled, ServiceStatus,
+    Signaled, Summary, SupervisorError,
 };
 use crate::rollout::record::Rollout;
 use crate::spec::{InstanceKey, ServiceSpec};
@@ -26,12 +26,20 @@ pub(super) enum Request {
         spec: Box<ServiceSpec>,
         dry_run: bool,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<ApplyOutcome>,
+    },
+    /// Apply several specs, all or nothing (see `Driver::apply_batch`).
+    ApplyBatch {
+        items: Vec<BatchItem>,
+        dry_run: bool,
+        reply: Reply<Vec<ApplyOutcome>>,
     },
     /// Replace every instance with a fresh one of the same spec, as a rollout.
     Restart {
         name: String,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<RolloutStarted>,
     },
     /// Go back to a kept revision (the previous one when `None`), as a rollout.
@@ -39,6 +47,7 @@ pub(super) enum Request {
         name: String,
         revision: Option<u64>,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<RolloutStarted>,
     },
     GetRollout {
@@ -50,6 +59,7 @@ pub(super) enum Request {
     Delete {
         name: String,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<Deleted>,
     },
     Get {
@@ -57,12 +67,13 @@ pub(super) enum Request {
         reply: Reply<ServiceStatus>,
     },
     List {
-        reply: Reply<Vec<ServiceStatus>>,
+        reply: Reply<Listing>,
     },
     Scale {
         name: String,
         replicas: u32,
         force: bool,
+        expected: Option<u64>,
         reply: Reply<Scaled>,
     },
     /// Send `signal` (a number) to the service process of one running instance.
@@ -123,11 +134,39 @@ impl SupervisorHandle {
         dry_run: bool,
         force: bool,
     ) -> Result<ApplyOutcome, SupervisorError> {
+        self.apply_if(spec, dry_run, force, None).await
+    }
+
+    /// [`SupervisorHandle::apply`], only while the service's generation is `expected` (0:
+    /// only if the service does not exist), else `GenerationMismatch`.
+    pub async fn apply_if(
+        &self,
+        spec: ServiceSpec,
+        dry_run: bool,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<ApplyOutcome, SupervisorError> {
         let spec = Box::new(spec);
         self.ask(|reply| Request::Apply {
             spec,
             dry_run,
             force,
+            expected,
+            reply,
+        })
+        .await
+    }
+
+    /// Apply several specs at once, all or nothing: every one checked before any is saved,
+    /// and the saved ones written back when a later save fails.
+    pub async fn apply_batch(
+        &self,
+        items: Vec<BatchItem>,
+        dry_run: bool,
+    ) -> Result<Vec<ApplyOutcome>, SupervisorError> {
+        self.ask(|reply| Request::ApplyBatch {
+            items,
+            dry_run,
             reply,
         })
         .await
@@ -138,9 +177,24 @@ impl SupervisorHandle {
         name: &str,
         force: bool,
     ) -> Result<RolloutStarted, SupervisorError> {
+        self.restart_if(name, force, None).await
+    }
+
+    /// [`SupervisorHandle::restart`] only at generation `expected`.
+    pub async fn restart_if(
+        &self,
+        name: &str,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<RolloutStarted, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::Restart { name, force, reply })
-            .await
+        self.ask(|reply| Request::Restart {
+            name,
+            force,
+            expected,
+            reply,
+        })
+        .await
     }
 
     pub async fn rollback(
@@ -149,11 +203,23 @@ impl SupervisorHandle {
         revision: Option<u64>,
         force: bool,
     ) -> Result<RolloutStarted, SupervisorError> {
+        self.rollback_if(name, revision, force, None).await
+    }
+
+    /// [`SupervisorHandle::rollback`] only at generation `expected`.
+    pub async fn rollback_if(
+        &self,
+        name: &str,
+        revision: Option<u64>,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<RolloutStarted, SupervisorError> {
         let name = name.to_string();
         self.ask(|reply| Request::Rollback {
             name,
             revision,
             force,
+            expected,
             reply,
         })
         .await
@@ -166,9 +232,24 @@ impl SupervisorHandle {
 
     /// Stop every instance of a service and remove it; answers once it is gone.
     pub async fn delete(&self, name: &str, force: bool) -> Result<Deleted, SupervisorError> {
+        self.delete_if(name, force, None).await
+    }
+
+    /// [`SupervisorHandle::delete`] only at generation `expected`.
+    pub async fn delete_if(
+        &self,
+        name: &str,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<Deleted, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::Delete { name, force, reply })
-            .await
+        self.ask(|reply| Request::Delete {
+            name,
+            force,
+            expected,
+            reply,
+        })
+        .await
     }
 
     /// One service's status, its usage read now.
@@ -178,7 +259,7 @@ impl SupervisorHandle {
     }
 
     /// Every service's status, with usage read within the last second.
-    pub async fn list(&self) -> Result<Vec<ServiceStatus>, SupervisorError> {
+    pub async fn list(&self) -> Result<Listing, SupervisorError> {
         self.ask(|reply| Request::List { reply }).await
     }
 
@@ -187,17 +268,30 @@ impl SupervisorHandle {
         self.ask(|reply| Request::Sample { reply }).await
     }
 
+    /// Set a service's instance count (`force`: even one another source owns).
     pub async fn scale(
         &self,
         name: &str,
         replicas: u32,
         force: bool,
     ) -> Result<Scaled, SupervisorError> {
+        self.scale_if(name, replicas, force, None).await
+    }
+
+    /// [`SupervisorHandle::scale`] only at generation `expected`.
+    pub async fn scale_if(
+        &self,
+        name: &str,
+        replicas: u32,
+        force: bool,
+        expected: Option<u64>,
+    ) -> Result<Scaled, SupervisorError> {
         let name = name.to_string();
         self.ask(|reply| Request::Scale {
             name,
             replicas,
             force,
+            expected,
             reply,
         })
         .await

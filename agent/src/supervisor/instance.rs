@@ -228,6 +228,11 @@ pub struct ExitInfo {
     pub at: SystemTime,
     /// The instance never ran its command: why.
     pub setup_error: Option<String>,
+    /// The last lines the service wrote to stderr before a failed end (its own account of
+    /// why: `Address already in use`, a stack trace), so the reason shows in status and not
+    /// only in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 impl ExitInfo {
@@ -292,6 +297,7 @@ impl ProcessEnd {
             class,
             at,
             setup_error,
+            output: None,
         }
     }
 }
@@ -549,6 +555,7 @@ mod tests {
             class,
             at: SystemTime::UNIX_EPOCH,
             setup_error: None,
+            output: None,
         }
     }
 

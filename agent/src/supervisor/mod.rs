@@ -10,6 +10,7 @@
 //! Imports from the crate: `spec`, `rollout`, `health`, `events`, `metrics::instruments`, and
 //! the traits of `runtime`, `cgroups`, `store`.
 
+pub mod capacity;
 pub mod desired;
 mod driver;
 mod handle;
@@ -29,11 +30,11 @@ use crate::cgroups::CgroupStats;
 use crate::events::PackagePhase;
 use crate::health::{HealthState, ServiceHealth};
 use crate::rollout::record::Rollout;
-use crate::spec::{InstanceKey, ListenAddr, ServiceSpec, SpecError};
+use crate::spec::{FieldError, InstanceKey, ListenAddr, ServiceSpec, SpecError};
 use crate::store::StoreError;
 
 pub use desired::ApplyKind;
-pub use driver::{Deps, Driver};
+pub use driver::{BatchItem, Deps, Driver};
 pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo, Phase};
 
@@ -68,6 +69,8 @@ pub struct ApplyOutcome {
     pub replaces_instances: bool,
     /// The rollout that replaces the instances, when one was started.
     pub rollout_id: Option<String>,
+    /// The service's generation after the apply (as a dry run: what it would be).
+    pub generation: u64,
 }
 
 /// A rollout started by `Restart` or `Rollback`.
@@ -77,6 +80,8 @@ pub struct RolloutStarted {
     /// The revision the service now targets.
     pub revision: u64,
     pub rollout_id: String,
+    /// The service's generation after the call.
+    pub generation: u64,
 }
 
 /// A service deleted: every instance stopped, its cgroups removed.
@@ -85,6 +90,8 @@ pub struct Deleted {
     pub name: String,
     /// Instances that were running when the delete began.
     pub stopped: u32,
+    /// The generation the service had when it was deleted.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +99,8 @@ pub struct Scaled {
     pub name: String,
     pub previous: u32,
     pub replicas: u32,
+    /// The service's generation after the scale.
+    pub generation: u64,
 }
 
 /// A signal delivered to an instance.
@@ -102,12 +111,24 @@ pub struct Signaled {
     pub pid: i32,
 }
 
+/// Every service's status, and the event index they reflect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    /// By name.
+    pub services: Vec<ServiceStatus>,
+    /// The index of the last event the statuses reflect.
+    pub event_index: u64,
+}
+
 /// Counts for the node report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub services: u32,
     /// Instances with live processes.
     pub instances: u32,
+    /// What the services commit (see [`capacity`]).
+    pub committed: capacity::Amounts,
+    pub capacity: Option<capacity::CapacityPolicy>,
 }
 
 /// One instance, as reported.
@@ -164,6 +185,11 @@ pub struct ServiceStatus {
     pub revisions: Vec<u64>,
     /// A rollout failed and was not rolled back: nothing more is replaced for now.
     pub paused: bool,
+    /// See [`desired::Desired::generation`].
+    pub generation: u64,
+    /// The index of the last event this status reflects (the driver emits every event, so
+    /// nothing after it is in this status and nothing up to it is missing).
+    pub event_index: u64,
     /// The current revision's `[artifact]` or `[image]`: fetching, ready or failed.
     pub package: Option<PackageStatus>,
 }
@@ -226,6 +252,18 @@ pub enum SupervisorError {
          or give the fleet's service another name"
     )]
     OwnedLocally { name: String },
+    #[error(
+        "expected_revision: service {name:?} is at generation {}, not {expected} (read it again, then decide)",
+        current.map_or_else(|| "none (it does not exist)".to_string(), |c| c.to_string())
+    )]
+    GenerationMismatch {
+        name: String,
+        expected: u64,
+        /// `None`: the service does not exist.
+        current: Option<u64>,
+    },
+    #[error("{}", capacity_message(exceeded))]
+    CapacityExceeded { exceeded: Vec<capacity::Exceeded> },
     #[error("service {name:?} is being deleted")]
     Deleting { name: String },
     #[error("instance {instance:?} is not running ({state})")]
@@ -235,8 +273,8 @@ pub enum SupervisorError {
     },
     /// The host cannot enforce what the spec asks for, or lacks what it needs: one reason
     /// per field, each naming it.
-    #[error("{}", reasons.join("; "))]
-    Unenforceable { reasons: Vec<String> },
+    #[error("{}", reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Unenforceable { reasons: Vec<FieldError> },
     #[error("sockets[{index}].listen: cannot listen on {listen}: {source}")]
     Listen {
         index: usize,
@@ -263,6 +301,30 @@ pub enum SupervisorError {
     },
     #[error("the agent is shutting down")]
     Unavailable,
+}
+
+/// One line per resource: what was asked, what is committed, what may be.
+fn capacity_message(exceeded: &[capacity::Exceeded]) -> String {
+    exceeded
+        .iter()
+        .map(|e| {
+            let (unit, show): (&str, fn(f64) -> String) = if e.field == "resources.cpu" {
+                (" cores", |v| format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string())
+            } else {
+                (" bytes", |v| format!("{v:.0}"))
+            };
+            format!(
+                "{}: this service would commit {}{unit} where the others commit {}{unit} of {}{unit} this node allows (allocatable {}{unit} × overcommit {})",
+                e.field,
+                show(e.requested),
+                show(e.committed),
+                show(e.limit),
+                show(e.allocatable),
+                e.ratio
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// `1, 2, 3`.

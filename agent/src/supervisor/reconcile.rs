@@ -197,6 +197,7 @@ mod tests {
                 class,
                 at: SystemTime::UNIX_EPOCH,
                 setup_error: None,
+                output: None,
             })
         };
         match state {

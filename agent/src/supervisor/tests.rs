@@ -483,7 +483,9 @@ async fn admission_refuses_what_the_host_cannot_enforce() {
     .await;
     // Each refusal names the field.
     let refused = |e: &SupervisorError, field: &str| match e {
-        SupervisorError::Unenforceable { reasons } => reasons.iter().any(|r| r.contains(field)),
+        SupervisorError::Unenforceable { reasons } => {
+            reasons.iter().any(|r| r.to_string().contains(field))
+        }
         _ => false,
     };
     let memory = "name = \"m\"\ncommand = [\"/bin/app\"]\n[resources]\nmemory = \"64MiB\"\n";
@@ -844,6 +846,8 @@ async fn a_new_revision_that_never_gets_ready_is_rolled_back_keeping_untouched_i
     );
     let s = r.status("web").await;
     assert_eq!(s.revision, 1);
+    // Created (1), updated (2), rolled back by the agent (3): a writer holding 2 is told.
+    assert_eq!(s.generation, 3);
     assert_eq!(
         r.running("web").await,
         before,
@@ -1125,4 +1129,279 @@ async fn the_fleet_does_not_take_over_a_local_service() {
     let s = r.status("web").await;
     assert_eq!((s.owner, s.revision, s.desired), (Owner::Local, 1, 3));
     assert_eq!(r.running("web").await, pids);
+}
+
+/// The generation counts every accepted change of the desired state and nothing else; a
+/// write expecting another one is refused and changes nothing; it survives an agent restart.
+#[tokio::test(start_paused = true)]
+async fn generations_count_changes_and_guard_writes() {
+    let r = rig().await;
+    let h = &r.handle;
+    let mismatch = |e: SupervisorError, want: Option<u64>| match e {
+        SupervisorError::GenerationMismatch { current, .. } => assert_eq!(current, want),
+        other => panic!("expected a mismatch, got {other:?}"),
+    };
+    // 0 expects no service.
+    mismatch(
+        h.apply_if(*spec(WEB), false, false, Some(1))
+            .await
+            .expect_err("absent"),
+        None,
+    );
+    assert_eq!(
+        h.apply_if(*spec(WEB), false, false, Some(0))
+            .await
+            .expect("create")
+            .generation,
+        1
+    );
+    settle().await;
+    let steps: Vec<(&str, u64)> = vec![
+        ("unchanged apply", 1),
+        ("dry run", 1),
+        ("scale to the same count", 1),
+        ("scale", 2),
+        ("update", 3),
+        ("restart", 4),
+        ("rollback", 5),
+    ];
+    for (what, want) in steps {
+        let got = match what {
+            "unchanged apply" => h
+                .apply(*spec(WEB), false, false)
+                .await
+                .map(|a| a.generation),
+            "dry run" => h
+                .apply(*spec(&WEB.replace("/bin/app", "/bin/x")), true, false)
+                .await
+                .map(|a| a.generation - 1),
+            "scale to the same count" => h.scale("web", 3, false).await.map(|s| s.generation),
+            "scale" => h
+                .scale_if("web", 4, false, Some(1))
+                .await
+                .map(|s| s.generation),
+            "update" => h
+                .apply_if(
+                    *spec(&WEB.replace("/bin/app", "/bin/v2")),
+                    false,
+                    true,
+                    Some(2),
+                )
+                .await
+                .map(|a| a.generation),
+            "restart" => h
+                .restart_if("web", true, Some(3))
+                .await
+                .map(|x| x.generation),
+            "rollback" => h
+                .rollback_if("web", None, true, Some(4))
+                .await
+                .map(|x| x.generation),
+            _ => unreachable!(),
+        };
+        assert_eq!(got.expect(what), want, "{what}");
+        assert_eq!(r.status("web").await.generation, want, "{what}");
+    }
+    // A stale writer changes nothing.
+    mismatch(
+        h.scale_if("web", 1, false, Some(4))
+            .await
+            .expect_err("stale"),
+        Some(5),
+    );
+    mismatch(
+        h.delete_if("web", false, Some(4)).await.expect_err("stale"),
+        Some(5),
+    );
+    // (The update's spec has 3 replicas again.)
+    assert_eq!(r.status("web").await.desired, 3);
+    // Saved with the service: an agent started again knows it.
+    let again = r.fakes().start().await;
+    assert_eq!(again.status("web").await.generation, 5);
+}
+
+/// A fixed port another process holds refuses the apply, naming the port's field; the
+/// service's own running instance holding it does not refuse an update of that service.
+#[tokio::test(start_paused = true)]
+async fn a_fixed_port_held_elsewhere_is_refused() {
+    let r = rig().await;
+    let text = "name = \"p\"\ncommand = [\"/bin/app\"]\n[ports]\nadmin = 9100\n";
+    r.rt.hold_port(9100);
+    match r.apply(text).await {
+        Err(SupervisorError::Unenforceable { reasons }) => {
+            assert_eq!(reasons.len(), 1, "{reasons:?}");
+            assert_eq!(reasons[0].field, "ports.admin");
+            assert!(reasons[0].message.contains("port 9100 is already in use"));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(r.handle.get("p").await.is_err(), "nothing applied");
+    // With a private network the port is the instance's own: not checked.
+    let private = format!("{text}[isolation]\nnamespaces = [\"pid\", \"mount\", \"net\"]\n");
+    r.apply(&private).await.expect("net namespace");
+    // A service whose running instance holds its port (the fake now says it is taken)
+    // may still be updated; another service asking for that port is refused.
+    let own = "name = \"q\"\ncommand = [\"/bin/app\"]\n[ports]\nadmin = 9200\n";
+    r.apply(own).await.expect("free");
+    settle().await;
+    r.rt.hold_port(9200);
+    r.apply(&own.replace("/bin/app", "/bin/v2"))
+        .await
+        .expect("its own instance holds it");
+    let other = own.replace("\"q\"", "\"o\"");
+    assert!(matches!(
+        r.apply(&other).await,
+        Err(SupervisorError::Unenforceable { .. })
+    ));
+}
+
+/// Labels and annotations change in place: no new revision, no instance replaced, a new
+/// generation; a rollback keeps the current ones.
+#[tokio::test(start_paused = true)]
+async fn labels_change_in_place() {
+    let r = web().await;
+    let pids = r.pids("web").await;
+    let labeled = format!("{WEB}[labels]\napp = \"web\"\n[annotations]\nnote = \"any text\"\n");
+    let a = r.apply(&labeled).await.expect("labels");
+    assert_eq!(
+        (
+            a.kind,
+            a.revision,
+            a.rollout_id.as_deref(),
+            a.replaces_instances
+        ),
+        (ApplyKind::Labeled, 1, None, false)
+    );
+    assert_eq!(
+        a.changes,
+        [
+            "labels.app: added (\"web\")",
+            "annotations.note: added (\"any text\")"
+        ]
+    );
+    assert_eq!(a.generation, 2);
+    settle().await;
+    assert_eq!(r.pids("web").await, pids, "nothing replaced");
+    let s = r.status("web").await;
+    assert_eq!(s.spec.labels.get("app").map(String::as_str), Some("web"));
+    // A new revision, then back: the labels stay the current ones.
+    r.apply(&labeled.replace("/bin/app", "/bin/v2"))
+        .await
+        .expect("update");
+    let relabeled = labeled
+        .replace("/bin/app", "/bin/v2")
+        .replace("app = \"web\"", "app = \"web2\"");
+    r.apply(&relabeled).await.expect("relabel");
+    r.handle
+        .rollback("web", Some(1), true)
+        .await
+        .expect("rollback");
+    let s = r.status("web").await;
+    assert_eq!(s.spec.command, ["/bin/app"]);
+    assert_eq!(s.spec.labels.get("app").map(String::as_str), Some("web2"));
+}
+
+/// A batch is all or nothing. A refusal of any spec refuses all; when the third record
+/// cannot be saved, the two saved before it are written back (an existing service's record
+/// as it was, a created one's removed), nothing runs that did not, no event is added, and
+/// the generations stay.
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_all_or_nothing() {
+    let store = Arc::new(MemStore::new());
+    let r = rig_with(RecordingCgroups::default(), store.clone()).await;
+    let one = |name: &str, cmd: &str| BatchItem {
+        spec: *spec(&format!(
+            "name = \"{name}\"\ncommand = [\"{cmd}\"]\nreplicas = 1\n"
+        )),
+        force: false,
+        expected: None,
+    };
+    r.handle
+        .apply_batch(vec![one("a", "/bin/app")], false)
+        .await
+        .expect("create a");
+    settle().await;
+    let saved_a = store.get("services", "a").expect("a saved");
+    let events = r.events().await.len();
+    let spawns = r.rt.spawns().len();
+
+    // Two specs for one service, a stale expected generation, a bad program: refused whole.
+    let dup = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), one("b", "/bin/v2")], false)
+        .await
+        .expect_err("duplicate");
+    assert!(dup.to_string().contains("requests[1].name"), "{dup}");
+    let mut stale = one("a", "/bin/v2");
+    stale.expected = Some(7);
+    let e = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), stale], false)
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(e, SupervisorError::GenerationMismatch { .. }),
+        "{e}"
+    );
+    r.rt.refuse_command("/bin/missing");
+    let e = r
+        .handle
+        .apply_batch(vec![one("b", "/bin/app"), one("c", "/bin/missing")], false)
+        .await
+        .expect_err("host");
+    assert!(matches!(e, SupervisorError::Unenforceable { .. }), "{e}");
+
+    // The third save fails: a (updated) and b (created) were saved, and are written back.
+    store.fail_writes_of("c");
+    let e = r
+        .handle
+        .apply_batch(
+            vec![
+                one("a", "/bin/v2"),
+                one("b", "/bin/app"),
+                one("c", "/bin/app"),
+            ],
+            false,
+        )
+        .await
+        .expect_err("save of c");
+    assert!(matches!(e, SupervisorError::Storage { .. }), "{e}");
+    settle().await;
+    assert_eq!(
+        store.get("services", "a"),
+        Some(saved_a),
+        "a's record as it was"
+    );
+    assert_eq!(store.get("services", "b"), None, "b's record removed");
+    assert_eq!(r.status("a").await.spec.command, ["/bin/app"]);
+    assert_eq!(r.status("a").await.generation, 1);
+    assert!(r.handle.get("b").await.is_err());
+    assert_eq!(r.events().await.len(), events, "no event");
+    assert_eq!(r.rt.spawns().len(), spawns, "nothing started");
+
+    // Dry run: what it would do, nothing done.
+    let dry = r
+        .handle
+        .apply_batch(vec![one("a", "/bin/v2"), one("b", "/bin/app")], true)
+        .await
+        .expect("dry run");
+    assert_eq!(
+        dry.iter()
+            .map(|o| (o.kind, o.generation))
+            .collect::<Vec<_>>(),
+        [(ApplyKind::Updated, 2), (ApplyKind::Created, 1)]
+    );
+    assert!(r.handle.get("b").await.is_err());
+
+    // And all of it when every part is fine.
+    let done = r
+        .handle
+        .apply_batch(vec![one("a", "/bin/v2"), one("b", "/bin/app")], false)
+        .await
+        .expect("batch");
+    assert_eq!(done.len(), 2);
+    assert!(done[0].rollout_id.is_some(), "a's instance is replaced");
+    settle().await;
+    assert_eq!(r.status("b").await.desired, 1);
+    assert!(store.get("services", "b").is_some());
 }

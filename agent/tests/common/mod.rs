@@ -854,6 +854,20 @@ fn f64s(h: Hostility) -> BoxedStrategy<f64> {
     )
 }
 
+/// Durations on the wire, in milliseconds.
+fn millis(h: Hostility) -> BoxedStrategy<u64> {
+    let ok = vec![0, 100, 1000, 2000, 10_000, 60_000];
+    let bad = vec![1, 999_999_999_999, u64::MAX / 1000, u64::MAX];
+    numbers(ok, bad, any::<u64>().boxed(), h)
+}
+
+/// Sizes on the wire, in bytes.
+fn bytes(h: Hostility) -> BoxedStrategy<u64> {
+    let ok = vec![4 << 20, 64 << 20, 1 << 30];
+    let bad = vec![0, 1, i64::MAX as u64 + 1, u64::MAX];
+    numbers(ok, bad, any::<u64>().boxed(), h)
+}
+
 fn opt<T: std::fmt::Debug + Clone + 'static>(
     s: impl Strategy<Value = T> + 'static,
 ) -> BoxedStrategy<Option<T>> {
@@ -861,15 +875,10 @@ fn opt<T: std::fmt::Debug + Clone + 'static>(
 }
 
 fn resources(h: Hostility) -> BoxedStrategy<pb::Resources> {
-    (
-        opt(f64s(h)),
-        opt(field(SIZES, h)),
-        opt(u64s(h)),
-        opt(u64s(h)),
-    )
-        .prop_map(|(cpu, memory, pids, nofile)| pb::Resources {
+    (opt(f64s(h)), opt(bytes(h)), opt(u64s(h)), opt(u64s(h)))
+        .prop_map(|(cpu, memory_bytes, pids, nofile)| pb::Resources {
             cpu,
-            memory,
+            memory_bytes,
             pids,
             nofile,
         })
@@ -933,16 +942,12 @@ fn socket(h: Hostility) -> BoxedStrategy<pb::Socket> {
         .boxed()
 }
 
-fn restart(h: Hostility) -> BoxedStrategy<pb::Restart> {
-    (
-        opt(field(POLICIES, h)),
-        opt(field(DURATIONS, h)),
-        opt(field(DURATIONS, h)),
-    )
-        .prop_map(|(policy, backoff, backoff_max)| pb::Restart {
+fn restart(h: Hostility) -> BoxedStrategy<pb::RestartPolicy> {
+    (opt(field(POLICIES, h)), opt(millis(h)), opt(millis(h)))
+        .prop_map(|(policy, backoff_ms, backoff_max_ms)| pb::RestartPolicy {
             policy,
-            backoff,
-            backoff_max,
+            backoff_ms,
+            backoff_max_ms,
         })
         .boxed()
 }
@@ -965,9 +970,9 @@ fn health(h: Hostility) -> BoxedStrategy<pb::Health> {
         ),
     ];
     let rest = (
-        opt(field(DURATIONS, h)),
-        opt(field(DURATIONS, h)),
-        opt(field(DURATIONS, h)),
+        opt(millis(h)),
+        opt(millis(h)),
+        opt(millis(h)),
         opt(u32s(vec![1, 3, 100], h)),
         opt(u32s(vec![1, 2, 100], h)),
         opt(any::<bool>()),
@@ -978,9 +983,9 @@ fn health(h: Hostility) -> BoxedStrategy<pb::Health> {
             |(
                 (http, tcp, grpc, exec),
                 (
-                    interval,
-                    timeout,
-                    start_period,
+                    interval_ms,
+                    timeout_ms,
+                    start_period_ms,
                     failure_threshold,
                     success_threshold,
                     restart_on_failure,
@@ -991,9 +996,9 @@ fn health(h: Hostility) -> BoxedStrategy<pb::Health> {
                 tcp,
                 grpc,
                 exec,
-                interval,
-                timeout,
-                start_period,
+                interval_ms,
+                timeout_ms,
+                start_period_ms,
                 failure_threshold,
                 success_threshold,
                 restart_on_failure,
@@ -1003,21 +1008,21 @@ fn health(h: Hostility) -> BoxedStrategy<pb::Health> {
         .boxed()
 }
 
-fn rollout(h: Hostility) -> BoxedStrategy<pb::Rollout> {
+fn rollout(h: Hostility) -> BoxedStrategy<pb::RolloutPolicy> {
     (
         opt(u32s(vec![1, 2, 1000], h)),
         opt(u32s(vec![0, 1, 1000], h)),
-        opt(field(DURATIONS, h)),
-        opt(field(DURATIONS, h)),
+        opt(millis(h)),
+        opt(millis(h)),
         opt(any::<bool>()),
     )
         .prop_map(
-            |(max_surge, max_unavailable, min_healthy, healthy_deadline, auto_rollback)| {
-                pb::Rollout {
+            |(max_surge, max_unavailable, min_healthy_ms, healthy_deadline_ms, auto_rollback)| {
+                pb::RolloutPolicy {
                     max_surge,
                     max_unavailable,
-                    min_healthy,
-                    healthy_deadline,
+                    min_healthy_ms,
+                    healthy_deadline_ms,
                     auto_rollback,
                 }
             },
@@ -1026,15 +1031,15 @@ fn rollout(h: Hostility) -> BoxedStrategy<pb::Rollout> {
 }
 
 fn stop(h: Hostility) -> BoxedStrategy<pb::Stop> {
-    (opt(field(SIGNALS, h)), opt(field(DURATIONS, h)))
-        .prop_map(|(signal, grace)| pb::Stop { signal, grace })
+    (opt(field(SIGNALS, h)), opt(millis(h)))
+        .prop_map(|(signal, grace_ms)| pb::Stop { signal, grace_ms })
         .boxed()
 }
 
-fn logs(h: Hostility) -> BoxedStrategy<pb::Logs> {
-    (opt(field(SIZES, h)), opt(u32s(vec![1, 5, 100], h)))
-        .prop_map(|(max_size, max_files)| pb::Logs {
-            max_size,
+fn logs(h: Hostility) -> BoxedStrategy<pb::LogRotation> {
+    (opt(bytes(h)), opt(u32s(vec![1, 5, 100], h)))
+        .prop_map(|(max_size_bytes, max_files)| pb::LogRotation {
+            max_size_bytes,
             max_files,
         })
         .boxed()
@@ -1058,7 +1063,7 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
     let sections = (
         opt(resources(h)),
         opt(isolation(h)),
-        hash_map(field(PORT_NAMES, h), field(PORT_TEXTS, h), 0..3),
+        hash_map(field(PORT_NAMES, h), u32s(vec![0, 8080, 9100], h), 0..3),
         vec(socket(h), 0..3),
         opt(restart(h)),
         opt(health(h)),
@@ -1087,8 +1092,7 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
                 rollout,
                 stop,
                 logs,
-                artifact: None,
-                image: None,
+                ..Default::default()
             },
         )
         .boxed()
@@ -1140,6 +1144,9 @@ pub fn api() -> &'static Api {
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
             fleet: None,
+            defaults: corral_agent::api::convert::HostDefaults::of_this_process(),
+            node_id: "test-node".into(),
+            boot_id: String::new(),
         };
         Api {
             rt,

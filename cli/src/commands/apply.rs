@@ -65,6 +65,13 @@ pub async fn apply(
     console: Console,
 ) -> anyhow::Result<Outcome> {
     let files = spec_files(&args.file)?;
+    if args.expected_revision.is_some() && files.len() != 1 {
+        anyhow::bail!(
+            "--expected-revision: {} holds {} spec files; it applies to one service, so give one file",
+            args.file.display(),
+            files.len()
+        );
+    }
     let mut session = client::connect(conn).await?;
     let mut views = Vec::with_capacity(files.len());
     // What to wait for: the entry in `views`, the service, and what the agent answered.
@@ -72,7 +79,12 @@ pub async fn apply(
     let mut outcome = Outcome::Success;
     for file in &files {
         let shown = label(file);
-        match apply_file(&mut session, file, args.dry_run, args.force).await {
+        let request = ApplyOptions {
+            dry_run: args.dry_run,
+            force: args.force,
+            expected_revision: args.expected_revision,
+        };
+        match apply_file(&mut session, file, request).await {
             Ok(resp) => {
                 if format == Format::Table {
                     write_apply(out, &fallback_name(file), &resp, args.dry_run)?;
@@ -147,7 +159,7 @@ pub async fn diff(
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
     let mut session = client::connect(conn).await?;
-    let resp = apply_file(&mut session, &args.file, true, false)
+    let resp = apply_file(&mut session, &args.file, ApplyOptions::DRY_RUN)
         .await
         .with_context(|| label(&args.file))?;
     match format {
@@ -167,17 +179,33 @@ pub async fn diff(
     Ok(Outcome::Success)
 }
 
+/// How one spec file is applied.
+#[derive(Debug, Clone, Copy)]
+struct ApplyOptions {
+    dry_run: bool,
+    force: bool,
+    expected_revision: Option<u64>,
+}
+
+impl ApplyOptions {
+    const DRY_RUN: ApplyOptions = ApplyOptions {
+        dry_run: true,
+        force: false,
+        expected_revision: None,
+    };
+}
+
 async fn apply_file(
     session: &mut Session,
     file: &Path,
-    dry_run: bool,
-    force: bool,
+    o: ApplyOptions,
 ) -> anyhow::Result<ApplyResponse> {
     let text = read_spec(file)?;
     let request = ApplyRequest {
         source: Some(Source::SpecToml(text)),
-        dry_run,
-        force,
+        dry_run: o.dry_run,
+        force: o.force,
+        expected_revision: o.expected_revision,
     };
     session.apply(request).await
 }

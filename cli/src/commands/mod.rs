@@ -95,7 +95,7 @@ pub async fn run(
     match command {
         Command::Apply(args) => apply::apply(&conn, output, &args, out, err, console).await,
         Command::Diff(args) => apply::diff(&conn, output, &args, out).await,
-        Command::Ls => service::ls(&conn, output, out, err).await,
+        Command::Ls(args) => service::ls(&conn, output, &args, out, err).await,
         Command::Status(args) => service::status(&conn, output, &args.name, out).await,
         Command::Scale(args) => service::scale(&conn, output, &args, out).await,
         Command::Restart(args) => rollout::restart(&conn, output, &args, out, err, console).await,

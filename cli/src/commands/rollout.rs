@@ -40,7 +40,9 @@ pub async fn restart(
     console: Console,
 ) -> anyhow::Result<Outcome> {
     let mut session = client::connect(conn).await?;
-    let resp = session.restart(&args.name, args.force).await?;
+    let resp = session
+        .restart(&args.name, args.force, args.expected_revision)
+        .await?;
     let waiter = args
         .wait
         .wait
@@ -58,7 +60,12 @@ pub async fn rollback(
 ) -> anyhow::Result<Outcome> {
     let mut session = client::connect(conn).await?;
     let resp = session
-        .rollback(&args.name, args.revision, args.force)
+        .rollback(
+            &args.name,
+            args.revision,
+            args.force,
+            args.expected_revision,
+        )
         .await?;
     let waiter = args
         .wait

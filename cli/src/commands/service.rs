@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use super::Outcome;
-use crate::args::{ConnectArgs, DeleteArgs, Format, ScaleArgs};
+use crate::args::{ConnectArgs, DeleteArgs, Format, LsArgs, ScaleArgs};
 use crate::client;
 use crate::render;
 use crate::views::{DeleteView, NodeView, ScaleView, ServiceView, SignalView};
@@ -13,10 +13,12 @@ use crate::views::{DeleteView, NodeView, ScaleView, ServiceView, SignalView};
 pub async fn ls(
     conn: &ConnectArgs,
     format: Format,
+    args: &LsArgs,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    let mut services = client::connect(conn).await?.list().await?.services;
+    let selector = args.selector.as_deref().unwrap_or("");
+    let mut services = client::connect(conn).await?.list_all(selector).await?;
     services.sort_by(|a, b| a.name.cmp(&b.name));
     for s in &mut services {
         s.instances.sort_by_key(|i| i.index);
@@ -55,7 +57,12 @@ pub async fn scale(
 ) -> anyhow::Result<Outcome> {
     let resp = client::connect(conn)
         .await?
-        .scale(&args.name, args.replicas, args.force)
+        .scale(
+            &args.name,
+            args.replicas,
+            args.force,
+            args.expected_revision,
+        )
         .await?;
     match format {
         Format::Json => render::write_json(out, &ScaleView::from(&resp))?,
@@ -72,7 +79,7 @@ pub async fn delete(
 ) -> anyhow::Result<Outcome> {
     let resp = client::connect(conn)
         .await?
-        .delete(&args.name, args.force)
+        .delete(&args.name, args.force, args.expected_revision)
         .await?;
     match format {
         Format::Json => render::write_json(out, &DeleteView::from(&resp))?,

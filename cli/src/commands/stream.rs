@@ -157,6 +157,8 @@ pub fn watch_request(args: &EventsArgs) -> pb::WatchRequest {
             .unwrap_or_default(),
         follow: args.follow,
         last,
+        selector: args.selector.clone().unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -277,6 +279,7 @@ mod tests {
             last,
             service: None,
             instance: Some("web/1".into()),
+            selector: None,
         }
     }
 

@@ -60,7 +60,7 @@ def test_a_typed_spec_is_applied_like_toml(client: Client, service: Callable[[st
         command=[testbin, "serve"],
         replicas=1,
         env={"GREETING": "hi"},
-        resources=pb.Resources(memory="64MiB", pids=64),
+        resources=pb.Resources(memory_bytes=64 << 20, pids=64),
     )
     dry = client.apply(spec, dry_run=True)
     assert enum_name(dry, "outcome") == "created"

@@ -24,9 +24,10 @@ from corral_client import Client, CorralError, enum_name, pb, pb_grpc
 class OwnAgent:
     """A corrald of this test's own, on the spare cgroup parent."""
 
-    def __init__(self, env: dict[str, Any], root: Path):
+    def __init__(self, env: dict[str, Any], root: Path, args: Optional[list[str]] = None):
         self.env = env
         self.root = root
+        self.args = args or []
         self.socket = root / "corral.sock"
         self.log = root / "corrald.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
@@ -39,6 +40,7 @@ class OwnAgent:
                     "--state-dir", str(self.root / "state"),
                     "--socket", str(self.socket),
                     "--cgroup-parent", self.env["spare_cgroup"],
+                    *self.args,
                 ],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )

@@ -430,7 +430,8 @@ async fn api() {
 async fn core(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let agent = Agent::start_logging(None, "warn").await;
+    // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
+    let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
     println!(
         "corrald {} ({})",
         corral_e2e::bin("corrald").display(),
@@ -499,7 +500,7 @@ async fn core(rounds: usize) {
     for _ in 0..rounds.max(50) * 20 {
         let t = Instant::now();
         let l = client
-            .list(pb::ListRequest {})
+            .list(pb::ListRequest::default())
             .await
             .expect("list")
             .into_inner();
@@ -540,7 +541,7 @@ async fn core(rounds: usize) {
         let l = agent
             .client()
             .await
-            .list(pb::ListRequest {})
+            .list(pb::ListRequest::default())
             .await
             .expect("list")
             .into_inner();
@@ -839,6 +840,7 @@ async fn rollout(rounds: usize) {
                 .restart(pb::RestartRequest {
                     name: "roll".into(),
                     force: false,
+                    ..Default::default()
                 })
                 .await
                 .expect("restart")
@@ -880,6 +882,7 @@ async fn rollout(rounds: usize) {
                 instance: String::new(),
                 follow: false,
                 last: 2000,
+                ..Default::default()
             })
             .await
             .expect("watch")

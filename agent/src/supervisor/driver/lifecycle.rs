@@ -300,6 +300,7 @@ impl Driver {
             sockets,
             delete_waiters,
             stopped_on_delete,
+            d,
             ..
         }) = self.services.remove(name)
         else {
@@ -320,6 +321,7 @@ impl Driver {
                 Ok(Deleted {
                     name: name.to_string(),
                     stopped: stopped_on_delete,
+                    generation: d.generation,
                 }),
             );
         }

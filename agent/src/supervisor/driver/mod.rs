@@ -20,6 +20,7 @@
 mod lifecycle;
 mod ops;
 mod packages;
+pub use ops::BatchItem;
 mod records;
 mod report;
 mod restore;
@@ -47,6 +48,7 @@ use crate::health::{ProbeReport, ServiceHealth};
 use crate::runtime::{InitExit, InstanceFiles, Processes, SocketBroker};
 use crate::spec::{InstanceKey, Namespace};
 use crate::store::Store;
+use crate::supervisor::capacity::CapacityPolicy;
 
 use slots::Services;
 
@@ -68,6 +70,8 @@ pub struct Deps {
     /// The artifact and image store; `None`: specs with `[artifact]` or `[image]` are
     /// refused.
     pub packages: Option<Arc<dyn Packages>>,
+    /// What services may commit (`None`: no capacity admission).
+    pub capacity: Option<CapacityPolicy>,
 }
 
 impl Deps {
@@ -92,12 +96,20 @@ impl Deps {
             namespaces,
             events,
             packages: None,
+            capacity: None,
         }
     }
 
     /// With the artifact and image store.
     pub fn with_packages(mut self, packages: Arc<dyn Packages>) -> Deps {
         self.packages = Some(packages);
+        self
+    }
+
+    /// Admit services by capacity under `policy`.
+    #[must_use]
+    pub fn with_capacity(mut self, policy: CapacityPolicy) -> Deps {
+        self.capacity = Some(policy);
         self
     }
 }
@@ -243,25 +255,62 @@ impl Driver {
                 spec,
                 dry_run,
                 force,
+                expected,
                 reply,
-            } => answer(reply, self.apply(from, *spec, dry_run, force)),
-            Request::Restart { name, force, reply } => answer(reply, self.restart(&name, force)),
+            } => answer(
+                reply,
+                self.expect_generation(&spec.name, expected)
+                    .and_then(|()| self.apply(from, *spec, dry_run, force)),
+            ),
+            Request::ApplyBatch {
+                items,
+                dry_run,
+                reply,
+            } => answer(reply, self.apply_batch(from, items, dry_run)),
+            Request::Restart {
+                name,
+                force,
+                expected,
+                reply,
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.restart(&name, force)),
+            ),
             Request::Rollback {
                 name,
                 revision,
                 force,
+                expected,
                 reply,
-            } => answer(reply, self.rollback(from, &name, revision, force)),
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.rollback(from, &name, revision, force)),
+            ),
             Request::GetRollout { id, reply } => answer(reply, self.get_rollout(&id)),
-            Request::Delete { name, force, reply } => self.delete(from, &name, force, reply),
+            Request::Delete {
+                name,
+                force,
+                expected,
+                reply,
+            } => match self.expect_generation(&name, expected) {
+                Ok(()) => self.delete(from, &name, force, reply),
+                Err(e) => answer(reply, Err(e)),
+            },
             Request::Get { name, reply } => answer(reply, self.get(&name)),
             Request::List { reply } => answer(reply, Ok(self.list())),
             Request::Scale {
                 name,
                 replicas,
                 force,
+                expected,
                 reply,
-            } => answer(reply, self.scale(from, &name, replicas, force)),
+            } => answer(
+                reply,
+                self.expect_generation(&name, expected)
+                    .and_then(|()| self.scale(from, &name, replicas, force)),
+            ),
             Request::Signal {
                 instance,
                 signal,

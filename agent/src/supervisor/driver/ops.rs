@@ -3,7 +3,7 @@
 //! and the host, saves the new desired state before anything takes effect, and leaves the
 //! rest to reconciling.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -17,12 +17,31 @@ use crate::rollout::record::{Kind, Rollout, State as RolloutState};
 use crate::runtime::ProcessRef;
 use crate::runtime::init::FORWARDED;
 use crate::spec::artifact::Package;
-use crate::spec::{self, InstanceKey, ServiceSpec};
+use crate::spec::{self, FieldError, InstanceKey, ServiceSpec};
+use crate::supervisor::capacity;
 use crate::supervisor::desired::{Desired, Target};
 use crate::supervisor::instance::State;
 use crate::supervisor::{
     ApplyKind, ApplyOutcome, Deleted, Owner, RolloutStarted, Scaled, Signaled, SupervisorError,
 };
+
+/// One spec of a batch apply, with its own `force` and expected generation.
+#[derive(Debug)]
+pub struct BatchItem {
+    pub spec: ServiceSpec,
+    pub force: bool,
+    pub expected: Option<u64>,
+}
+
+/// An apply's new desired state, prepared on a copy.
+struct Prepared {
+    name: String,
+    d: Desired,
+    /// A new service.
+    created: bool,
+    rollout_id: Option<String>,
+    superseded: Option<String>,
+}
 
 /// What an apply changes, decided before anything is done.
 struct ApplyPlan {
@@ -43,6 +62,12 @@ impl Driver {
         let name = spec.name.clone();
         self.check_owner(&name, from, force)?;
         let plan = self.plan_apply(&spec)?;
+        let current = self.services.get(&name).map(|s| s.d.generation);
+        let generation = match (plan.kind, current) {
+            (ApplyKind::Unchanged, Some(g)) => g,
+            (_, Some(g)) => g + 1,
+            (_, None) => 1,
+        };
         let mut outcome = ApplyOutcome {
             name: name.clone(),
             revision: plan.revision,
@@ -50,6 +75,7 @@ impl Driver {
             changes: plan.changes,
             replaces_instances: plan.replaces,
             rollout_id: None,
+            generation,
         };
         if plan.kind != ApplyKind::Unchanged {
             self.admission(&spec)?;
@@ -100,6 +126,14 @@ impl Driver {
                     plan(ApplyKind::Unchanged, d.revision, changes, false)
                 } else if spec.same_except_replicas(&d.spec) {
                     plan(ApplyKind::Scaled, d.revision, changes, false)
+                } else if spec.same_but_in_place(&d.spec) {
+                    // Labels or annotations (and perhaps replicas): changed in place.
+                    let kind = if spec.replicas == d.spec.replicas {
+                        ApplyKind::Labeled
+                    } else {
+                        ApplyKind::Scaled
+                    };
+                    plan(kind, d.revision, changes, false)
                 } else {
                     let replaces = svc.instances().any(present);
                     plan(ApplyKind::Updated, d.last_revision + 1, changes, replaces)
@@ -119,18 +153,28 @@ impl Driver {
         sockets: SocketMap,
         outcome: &mut ApplyOutcome,
     ) -> Result<Option<String>, SupervisorError> {
+        let p = self.prepare_apply(from, spec, kind);
+        self.persist(&p.name, &p.d)?;
+        outcome.rollout_id.clone_from(&p.rollout_id);
+        Ok(self.install(p, sockets))
+    }
+
+    /// The desired state an apply leads to, on a copy: nothing saved, nothing current yet.
+    fn prepare_apply(&self, from: Owner, spec: Arc<ServiceSpec>, kind: ApplyKind) -> Prepared {
         let name = spec.name.clone();
         let Some(svc) = self.services.get(&name) else {
-            let d = Desired::new(spec, from);
-            self.persist(&name, &d)?;
-            let mut svc = Service::new(d);
-            svc.sockets.extend(sockets);
-            self.services.insert(name, svc);
-            return Ok(None);
+            return Prepared {
+                name,
+                d: Desired::new(spec, from),
+                created: true,
+                rollout_id: None,
+                superseded: None,
+            };
         };
         let mut d = svc.d.clone();
-        let mut superseded = None;
-        if kind == ApplyKind::Scaled {
+        d.generation += 1;
+        let (mut superseded, mut rollout_id) = (None, None);
+        if matches!(kind, ApplyKind::Scaled | ApplyKind::Labeled) {
             if let Some(r) = d.running_mut() {
                 r.replicas = spec.replicas;
             }
@@ -144,16 +188,186 @@ impl Driver {
                 superseded = d.retarget(target, now);
             } else {
                 let (id, old) = d.begin(&name, Kind::Update, target, n, now);
-                outcome.rollout_id = Some(id);
+                rollout_id = Some(id);
                 superseded = old;
             }
         }
-        self.persist(&name, &d)?;
-        if let Some(svc) = self.services.get_mut(&name) {
-            svc.d = d;
+        Prepared {
+            name,
+            d,
+            created: false,
+            rollout_id,
+            superseded,
+        }
+    }
+
+    /// Make a prepared (and saved) desired state current. Returns the rollout it
+    /// superseded, if any.
+    fn install(&mut self, p: Prepared, sockets: SocketMap) -> Option<String> {
+        if p.created {
+            let mut svc = Service::new(p.d);
+            svc.sockets.extend(sockets);
+            self.services.insert(p.name, svc);
+            return None;
+        }
+        if let Some(svc) = self.services.get_mut(&p.name) {
+            svc.d = p.d;
             svc.sockets.extend(sockets);
         }
-        Ok(superseded)
+        p.superseded
+    }
+
+    /// Apply several specs at once, all or nothing. Every spec is checked first (its
+    /// expected generation, the spec against the current one, the host, the capacity all of
+    /// them need together, a running rollout, its sockets bound); any refusal refuses the
+    /// batch and nothing is saved. Then each service's record is saved in order; when one
+    /// save fails, the records saved before it are written back as they were (removed for a
+    /// service the batch created), so the state directory, the services the agent runs and
+    /// the event log are all as before the call. Only then do the changes take effect
+    /// together (events, rollouts, instances).
+    pub(super) fn apply_batch(
+        &mut self,
+        from: Owner,
+        items: Vec<BatchItem>,
+        dry_run: bool,
+    ) -> Result<Vec<ApplyOutcome>, SupervisorError> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut dups = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(first) = seen.insert(item.spec.name.as_str(), i) {
+                dups.push(FieldError::new(
+                    format!("requests[{i}].name"),
+                    format!(
+                        "{:?} is also requests[{first}]: one spec per service",
+                        item.spec.name
+                    ),
+                ));
+            }
+        }
+        if !dups.is_empty() {
+            return Err(SupervisorError::InvalidSpec(spec::SpecError {
+                errors: dups,
+            }));
+        }
+        let mut planned = Vec::with_capacity(items.len());
+        for item in &items {
+            self.check_owner(&item.spec.name, from, item.force)?;
+            self.expect_generation(&item.spec.name, item.expected)?;
+            let plan = self.plan_apply(&item.spec)?;
+            let generation = match (plan.kind, self.services.get(&item.spec.name)) {
+                (ApplyKind::Unchanged, Some(s)) => s.d.generation,
+                (_, Some(s)) => s.d.generation + 1,
+                (_, None) => 1,
+            };
+            if plan.kind != ApplyKind::Unchanged {
+                self.host_admission(&item.spec)?;
+            }
+            let outcome = ApplyOutcome {
+                name: item.spec.name.clone(),
+                revision: plan.revision,
+                kind: plan.kind,
+                changes: plan.changes,
+                replaces_instances: plan.replaces,
+                rollout_id: None,
+                generation,
+            };
+            planned.push(outcome);
+        }
+        self.admit_batch_capacity(&items)?;
+        if dry_run {
+            return Ok(planned);
+        }
+        for (item, o) in items.iter().zip(&planned) {
+            if o.kind == ApplyKind::Updated {
+                self.check_running(&o.name, item.force)?;
+            }
+        }
+        let mut sockets = Vec::with_capacity(items.len());
+        for (item, o) in items.iter().zip(&planned) {
+            let bound = if o.kind == ApplyKind::Unchanged {
+                SocketMap::new()
+            } else {
+                self.sockets_for(&item.spec)?
+            };
+            sockets.push(bound);
+        }
+        let prepared: Vec<Option<Prepared>> = items
+            .into_iter()
+            .zip(&planned)
+            .map(|(item, o)| {
+                (o.kind != ApplyKind::Unchanged)
+                    .then(|| self.prepare_apply(from, Arc::new(item.spec), o.kind))
+            })
+            .collect();
+        for (k, p) in prepared.iter().enumerate() {
+            let Some(p) = p else { continue };
+            if let Err(e) = self.persist(&p.name, &p.d) {
+                self.restore_records(prepared[..k].iter().flatten());
+                return Err(e);
+            }
+        }
+        let mut outcomes = planned;
+        for ((p, bound), o) in prepared.into_iter().zip(sockets).zip(outcomes.iter_mut()) {
+            let Some(p) = p else { continue };
+            o.rollout_id.clone_from(&p.rollout_id);
+            let name = p.name.clone();
+            let superseded = self.install(p, bound);
+            tracing::info!(service = %name, revision = o.revision, outcome = o.kind.as_str(), "applied (batch)");
+            self.emit(
+                &name,
+                None,
+                EventKind::Applied {
+                    revision: o.revision,
+                    outcome: o.kind,
+                    changes: o.changes.clone(),
+                },
+            );
+            if o.rollout_id.is_some() || superseded.is_some() {
+                self.announce_rollout(&name, superseded);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Write back the records of services a failed batch had saved: as they are in memory
+    /// (unchanged), or removed for the ones it created. A record that cannot be written back
+    /// is logged: that service's saved state is ahead of what runs until its next change.
+    fn restore_records<'a>(&self, saved: impl Iterator<Item = &'a Prepared>) {
+        for p in saved {
+            let result = match self.services.get(&p.name) {
+                Some(svc) => self.persist(&p.name, &svc.d).map_err(|e| e.to_string()),
+                None => self
+                    .deps
+                    .store
+                    .delete(SERVICES, &p.name)
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = result {
+                tracing::error!(service = %p.name, error = %e, "a failed batch apply could not write this service's record back");
+            }
+        }
+    }
+
+    /// The capacity a batch needs, all of it together: the services outside the batch as
+    /// they are, each batch spec instead of its service's current one.
+    fn admit_batch_capacity(&self, items: &[BatchItem]) -> Result<(), SupervisorError> {
+        let Some(policy) = self.deps.capacity else {
+            return Ok(());
+        };
+        let names: BTreeSet<&str> = items.iter().map(|i| i.spec.name.as_str()).collect();
+        let mut committed = capacity::total(
+            self.services
+                .iter()
+                .filter(|(name, s)| !names.contains(name.as_str()) && !s.deleting)
+                .map(|(_, s)| capacity::commitment(&s.d.spec)),
+        );
+        for item in items {
+            policy
+                .admit(committed, &item.spec)
+                .map_err(|exceeded| SupervisorError::CapacityExceeded { exceeded })?;
+            committed = capacity::total([committed, capacity::commitment(&item.spec)].into_iter());
+        }
+        Ok(())
     }
 
     pub(super) fn restart(
@@ -221,6 +435,8 @@ impl Driver {
     ) -> Result<RolloutStarted, SupervisorError> {
         let revision = target.revision;
         let (id, superseded) = d.begin(name, kind, target, to_replace, SystemTime::now());
+        d.generation += 1;
+        let generation = d.generation;
         self.persist(name, &d)?;
         if let Some(svc) = self.services.get_mut(name) {
             svc.d = d;
@@ -230,6 +446,7 @@ impl Driver {
             name: name.to_string(),
             revision,
             rollout_id: id,
+            generation,
         })
     }
 
@@ -259,13 +476,19 @@ impl Driver {
         self.check_owner(name, from, force)?;
         let svc = self.service_for_rollout(name)?;
         let previous = svc.d.spec.replicas;
+        let mut generation = svc.d.generation;
         if previous != replicas {
             let mut d = svc.d.clone();
+            d.generation += 1;
+            generation = d.generation;
             let mut spec = (*d.spec).clone();
             spec.replicas = replicas;
             // Some rules depend on the instance count (a fixed port cannot be shared by
             // instances on the host's network): the scaled spec must be one Apply accepts.
             spec.to_raw().validate()?;
+            if replicas > previous {
+                self.admit_capacity(&spec)?;
+            }
             d.spec = Arc::new(spec);
             if let Some(r) = d.running_mut() {
                 r.replicas = replicas;
@@ -282,6 +505,7 @@ impl Driver {
             name: name.into(),
             previous,
             replicas,
+            generation,
         })
     }
 
@@ -371,41 +595,122 @@ impl Driver {
     }
 
     /// What this host cannot enforce for `spec`, or what the spec needs that is not there.
-    fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+    fn host_admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
         let mut why = Vec::new();
         let host = self.deps.cgroups.capabilities();
-        if let Some(r) = host.refuse(&spec.resources) {
-            why.push(r);
-        }
-        if let Some(r) = host.refuse_isolation(&spec.isolation) {
-            why.push(r);
-        }
+        why.extend(host.refuse_fields(&spec.resources));
+        why.extend(host.refuse_isolation(&spec.isolation));
         for ns in &spec.isolation.namespaces {
             if !self.deps.namespaces.contains(ns) {
-                why.push(format!(
-                    "isolation.namespaces: this host does not let the agent create a {} namespace",
-                    ns.as_str()
+                why.push(FieldError::new(
+                    "isolation.namespaces",
+                    format!(
+                        "this host does not let the agent create a {} namespace",
+                        ns.as_str()
+                    ),
                 ));
             }
         }
         if let Err(e) = self.deps.processes.preflight(spec) {
-            why.push(e);
+            why.extend(e);
         }
+        why.extend(self.busy_ports(spec));
         match &spec.package {
             Some(_) if self.deps.packages.is_none() => {
-                why.push("artifact: this agent runs without an artifact store".to_owned());
+                why.push(FieldError::new(
+                    "artifact",
+                    "this agent runs without an artifact store",
+                ));
             }
-            Some(Package::Image(_)) => why.push(
-                "image: running an OCI image as the instances' root is not available in this \
-                 release (use [artifact] with a tar of the image's files)"
-                    .to_owned(),
-            ),
+            Some(Package::Image(_)) => why.push(FieldError::new(
+                "image",
+                "running an OCI image as the instances' root is not available in this release \
+                 (use [artifact] with a tar of the image's files)",
+            )),
             _ => {}
         }
         if why.is_empty() {
             Ok(())
         } else {
             Err(SupervisorError::Unenforceable { reasons: why })
+        }
+    }
+
+    /// What this host cannot enforce for `spec` or what it lacks, then its capacity.
+    fn admission(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        self.host_admission(spec)?;
+        self.admit_capacity(spec)
+    }
+
+    /// Whether `spec` fits beside what every other service commits (see
+    /// [`crate::supervisor::capacity`]).
+    pub(super) fn admit_capacity(&self, spec: &ServiceSpec) -> Result<(), SupervisorError> {
+        let Some(policy) = self.deps.capacity else {
+            return Ok(());
+        };
+        let others = capacity::total(
+            self.services
+                .iter()
+                .filter(|(name, s)| *name != &spec.name && !s.deleting)
+                .map(|(_, s)| capacity::commitment(&s.d.spec)),
+        );
+        policy
+            .admit(others, spec)
+            .map_err(|exceeded| SupervisorError::CapacityExceeded { exceeded })
+    }
+
+    /// The fixed `[ports]` of `spec` another process holds on the host's network, found by
+    /// binding each (an instance binds it itself, so it would only crash-loop on
+    /// `EADDRINUSE`). A port this service's own present instances were given is theirs, not
+    /// checked; with a private network (`net`) nothing is.
+    fn busy_ports(&self, spec: &ServiceSpec) -> Vec<FieldError> {
+        if spec.isolation.has(spec::Namespace::Net) {
+            return Vec::new();
+        }
+        let own: BTreeSet<u16> = self
+            .services
+            .get(&spec.name)
+            .into_iter()
+            .flat_map(|svc| svc.instances().filter(|i| present(i)))
+            .flat_map(|i| fixed_ports(&i.spec))
+            .collect();
+        spec.ports
+            .iter()
+            .filter_map(|(name, p)| match p {
+                spec::PortSpec::Fixed(port) if !own.contains(port) => Some((name, *port)),
+                _ => None,
+            })
+            .filter_map(|(name, port)| {
+                let e = self.deps.sockets.check_port(port).err()?;
+                let why = if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                    format!("port {port} is already in use on this host by another process ({e})")
+                } else {
+                    format!("port {port} cannot be bound on this host: {e}")
+                };
+                Some(FieldError::new(format!("ports.{name}"), why))
+            })
+            .collect()
+    }
+
+    /// Refuse a write whose `expected` generation is not the service's (0 expects no
+    /// service). `None`: no expectation.
+    pub(super) fn expect_generation(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+    ) -> Result<(), SupervisorError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        let current = self.services.get(name).map(|s| s.d.generation);
+        if current.unwrap_or(0) == expected {
+            Ok(())
+        } else {
+            Err(SupervisorError::GenerationMismatch {
+                name: name.to_string(),
+                expected,
+                current,
+            })
         }
     }
 
@@ -462,6 +767,14 @@ fn rollback_revision(name: &str, d: &Desired, asked: Option<u64>) -> Result<u64,
                 kept: d.revisions(),
             }),
     }
+}
+
+/// The fixed ports of a spec.
+fn fixed_ports(spec: &ServiceSpec) -> impl Iterator<Item = u16> + '_ {
+    spec.ports.values().filter_map(|p| match p {
+        spec::PortSpec::Fixed(port) => Some(*port),
+        spec::PortSpec::Auto => None,
+    })
 }
 
 /// The epoch most present instances of `revision` run (the highest on a tie), if any runs.

@@ -15,7 +15,7 @@ use crate::runtime::LogStat;
 use crate::spec::InstanceKey;
 use crate::supervisor::instance::{Phase, State};
 use crate::supervisor::sample::{InstanceSample, ServiceSample};
-use crate::supervisor::{InstanceStatus, ServiceStatus, Summary, SupervisorError};
+use crate::supervisor::{InstanceStatus, Listing, ServiceStatus, Summary, SupervisorError};
 
 /// The shortest span a CPU rate is computed over.
 const RATE_MIN_SPAN: Duration = Duration::from_millis(500);
@@ -66,11 +66,16 @@ impl Driver {
     }
 
     /// Every service's status, with usage read within the last [`USAGE_TTL`].
-    pub(super) fn list(&mut self) -> Vec<ServiceStatus> {
-        self.services
+    pub(super) fn list(&mut self) -> Listing {
+        let services = self
+            .services
             .iter_mut()
             .map(|(name, svc)| service_status(&self.deps, name, svc, false))
-            .collect()
+            .collect();
+        Listing {
+            services,
+            event_index: last_event(&self.deps),
+        }
     }
 
     /// Every service and instance for the metrics collector, without reading the OS.
@@ -101,6 +106,13 @@ impl Driver {
         Summary {
             services: self.services.len() as u32,
             instances: self.services.live_count() as u32,
+            committed: crate::supervisor::capacity::total(
+                self.services
+                    .iter()
+                    .filter(|(_, s)| !s.deleting)
+                    .map(|(_, s)| crate::supervisor::capacity::commitment(&s.d.spec)),
+            ),
+            capacity: self.deps.capacity,
         }
     }
 
@@ -154,6 +166,8 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         rollout: svc.d.rollout.clone(),
         revisions: svc.d.revisions(),
         paused: svc.d.paused,
+        generation: svc.d.generation,
+        event_index: last_event(deps),
         package: super::packages::package_status(svc),
     }
 }
@@ -173,6 +187,12 @@ fn sample_of(slot: &Slot) -> InstanceSample {
         started_at: i.history.started_at.filter(|_| live),
         probe: probes.then(|| slot.probe.clone()),
     }
+}
+
+/// The index of the last event appended. Every event is appended by this task, so a status
+/// built now reflects exactly the events up to it.
+fn last_event(deps: &Deps) -> u64 {
+    deps.events.next().saturating_sub(1)
 }
 
 /// What a live instance adds to its status.

@@ -14,7 +14,7 @@ use crate::events::{EventKind, ReadyVia};
 use crate::health::{self, Change, HealthState, ProbeHandle, ProbeReport, Prober, Target, Tracker};
 use crate::runtime::{ExecRequest, InitExit, ProcessRef, Spawned};
 use crate::spec::{HealthSpec, InstanceKey};
-use crate::supervisor::instance::{Event, Instance, ProcessEnd, State, StopReason};
+use crate::supervisor::instance::{Event, ExitClass, Instance, ProcessEnd, State, StopReason};
 
 /// How often an instance that has not yet sent `READY=1` is checked for it.
 const NOTIFY_POLL: Duration = Duration::from_millis(100);
@@ -186,6 +186,7 @@ impl Driver {
             killed_after_grace,
         };
         let info = end.info(SystemTime::now(), unobserved);
+        let failed = !info.is_success() && !matches!(info.class, ExitClass::StopTimeout);
         let detail = info.setup_error.as_deref().unwrap_or("");
         tracing::info!(instance = %key, end = %info.class, oom_kills, error = detail, "instance ended");
         if oom_kills > 0 {
@@ -197,6 +198,18 @@ impl Driver {
             );
         }
         self.feed(key, Event::Exited(info));
+        // The service's own account of a failed end, read once the restart is scheduled
+        // (off the path from the end to the next start), kept with the end in status.
+        if failed {
+            let output = self.deps.files.output_tail(&key.to_string());
+            if let Some(exit) = self
+                .services
+                .slot_mut(key)
+                .and_then(|s| s.instance.history.last_exit.as_mut())
+            {
+                exit.output = output;
+            }
+        }
     }
 
     /// A probe result: into the instance's tracker; an instance that stays unhealthy is

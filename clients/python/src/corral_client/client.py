@@ -70,6 +70,53 @@ class CorralError(Exception):
         message = err.details() if hasattr(err, "details") else str(err)
         return cls(code or grpc.StatusCode.UNKNOWN, message or "", _status_details(err))
 
+    def _unpacked(self, kind: str) -> list[Any]:
+        try:
+            from google.rpc import error_details_pb2
+        except ImportError:  # pragma: no cover - googleapis-common-protos comes with grpcio-status
+            return []
+        cls = getattr(error_details_pb2, kind)
+        out = []
+        for detail in self.details:
+            msg = cls()
+            if hasattr(detail, "Is") and detail.Is(msg.DESCRIPTOR):
+                detail.Unpack(msg)
+                out.append(msg)
+        return out
+
+    @property
+    def error_info(self) -> Any:
+        """The ``google.rpc.ErrorInfo`` detail, or ``None``."""
+        found = self._unpacked("ErrorInfo")
+        return found[0] if found else None
+
+    @property
+    def reason(self) -> str:
+        """``ErrorInfo.reason`` (``GENERATION_MISMATCH``, ``INDEX_PAST_END``, ...; see the
+        README's list), or ``""``."""
+        info = self.error_info
+        return info.reason if info is not None else ""
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """``ErrorInfo.metadata`` (``current_generation``, ``resume_index``, ...)."""
+        info = self.error_info
+        return dict(info.metadata) if info is not None else {}
+
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """``google.rpc.BadRequest``: ``(field, description)`` for each field in error."""
+        return [(v.field, v.description) for b in self._unpacked("BadRequest") for v in b.field_violations]
+
+    @property
+    def precondition_violations(self) -> list[tuple[str, str, str]]:
+        """``google.rpc.PreconditionFailure``: ``(type, subject, description)`` for each."""
+        return [
+            (v.type, v.subject, v.description)
+            for p in self._unpacked("PreconditionFailure")
+            for v in p.violations
+        ]
+
     @property
     def resume_index(self) -> Optional[int]:
         """For a Watch that ended (the agent stopping, a watcher cut off): the index to
@@ -211,14 +258,39 @@ class Client:
         *,
         dry_run: bool = False,
         force: bool = False,
+        expected_revision: Optional[int] = None,
     ) -> pb.ApplyResponse:
         """Create or update a service from TOML text (a spec file's content) or a typed
-        :class:`ServiceSpec`."""
+        :class:`ServiceSpec`. With ``expected_revision``, only while the service's
+        generation is that (0: only if it does not exist); else ``CorralError`` ABORTED."""
         if isinstance(spec, str):
             request = pb.ApplyRequest(spec_toml=spec, dry_run=dry_run, force=force)
         else:
             request = pb.ApplyRequest(spec=spec, dry_run=dry_run, force=force)
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
         return self._call(self.agent.Apply, request)
+
+    def apply_batch(
+        self,
+        specs: Sequence[Union[str, pb.ServiceSpec]],
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        expected_revisions: Optional[Sequence[Optional[int]]] = None,
+    ) -> list[pb.ApplyResponse]:
+        """Apply several specs (one per service) all or nothing: every one is checked before
+        any is saved; a refusal of one refuses all, and a save that fails undoes the saves
+        before it. ``expected_revisions``, when given, has one entry per spec (``None``: no
+        expectation)."""
+        requests = []
+        for i, spec in enumerate(specs):
+            r = pb.ApplyRequest(spec_toml=spec, force=force) if isinstance(spec, str) else pb.ApplyRequest(spec=spec, force=force)
+            if expected_revisions is not None and expected_revisions[i] is not None:
+                r.expected_revision = expected_revisions[i]
+            requests.append(r)
+        reply = self._call(self.agent.ApplyBatch, pb.ApplyBatchRequest(requests=requests, dry_run=dry_run))
+        return list(reply.results)
 
     def apply_file(self, path: Union[str, Path], **kw: Any) -> pb.ApplyResponse:
         return self.apply(Path(path).read_text(encoding="utf-8"), **kw)
@@ -226,22 +298,59 @@ class Client:
     def get(self, name: str) -> pb.ServiceStatus:
         return self._call(self.agent.Get, pb.GetRequest(name=name))
 
-    def list(self) -> list[pb.ServiceStatus]:
-        return list(self._call(self.agent.List, pb.ListRequest()).services)
+    def list(self, selector: str = "") -> list[pb.ServiceStatus]:
+        """Every service (whose labels match ``selector``, e.g. ``"app=web,tier!=db"``),
+        page after page."""
+        out: list[pb.ServiceStatus] = []
+        token = ""
+        while True:
+            page = self.snapshot(selector, page_token=token)
+            out.extend(page.services)
+            token = page.next_page_token
+            if not token:
+                return out
 
-    def delete(self, name: str) -> pb.DeleteResponse:
-        return self._call(self.agent.Delete, pb.DeleteRequest(name=name))
+    def snapshot(self, selector: str = "", *, page_size: int = 0, page_token: str = "") -> pb.ListResponse:
+        """One page of services' statuses (by name; ``page_size`` 0: up to 1000) and
+        ``event_index``, the last event they reflect: a :meth:`watch` from
+        ``event_index + 1`` misses nothing and repeats nothing. ``next_page_token`` is
+        empty on the last page."""
+        request = pb.ListRequest(selector=selector, page_size=page_size, page_token=page_token)
+        return self._call(self.agent.List, request)
 
-    def scale(self, name: str, replicas: int) -> pb.ScaleResponse:
-        return self._call(self.agent.Scale, pb.ScaleRequest(name=name, replicas=replicas))
+    def delete(self, name: str, *, expected_revision: Optional[int] = None) -> pb.DeleteResponse:
+        request = pb.DeleteRequest(name=name)
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
+        return self._call(self.agent.Delete, request)
 
-    def restart(self, name: str, *, force: bool = False) -> pb.RolloutResponse:
-        return self._call(self.agent.Restart, pb.RestartRequest(name=name, force=force))
+    def scale(self, name: str, replicas: int, *, expected_revision: Optional[int] = None) -> pb.ScaleResponse:
+        request = pb.ScaleRequest(name=name, replicas=replicas)
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
+        return self._call(self.agent.Scale, request)
 
-    def rollback(self, name: str, revision: Optional[int] = None, *, force: bool = False) -> pb.RolloutResponse:
+    def restart(
+        self, name: str, *, force: bool = False, expected_revision: Optional[int] = None
+    ) -> pb.RolloutResponse:
+        request = pb.RestartRequest(name=name, force=force)
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
+        return self._call(self.agent.Restart, request)
+
+    def rollback(
+        self,
+        name: str,
+        revision: Optional[int] = None,
+        *,
+        force: bool = False,
+        expected_revision: Optional[int] = None,
+    ) -> pb.RolloutResponse:
         request = pb.RollbackRequest(name=name, force=force)
         if revision is not None:
             request.revision = revision
+        if expected_revision is not None:
+            request.expected_revision = expected_revision
         return self._call(self.agent.Rollback, request)
 
     def rollout(self, rollout_id: str) -> pb.RolloutStatus:
@@ -289,10 +398,12 @@ class Client:
         *,
         service: str = "",
         instance: str = "",
+        selector: str = "",
         follow: bool = True,
         resume: bool = True,
         reconnect_timeout: float = 60.0,
         on_resume: Optional[Callable[[int, CorralError], None]] = None,
+        bookmark_interval: float = 0.0,
     ) -> Iterator[pb.Event]:
         """The node's events from ``from_index`` (0: the oldest kept), in order, each once.
 
@@ -302,12 +413,25 @@ class Client:
         ``reconnect_timeout`` seconds for the agent to be back; ``on_resume(index, error)``
         is told each time. ``OUT_OF_RANGE`` (the index is no longer kept) is raised: the
         caller must List again.
+
+        ``selector`` keeps the events of services whose labels match (as the service is
+        labeled when the event is sent).
+
+        With ``bookmark_interval`` (seconds, at least 0.1) and ``follow``, the agent also sends
+        ``EVENT_TYPE_BOOKMARK`` events when nothing else was sent for that long: their
+        ``index`` is the last one the watch has passed (sent or filtered out), and a resume
+        starts after it. They are yielded like the others: skip them by type.
         """
         next_index = from_index
         backoff = 0.1
         while True:
             request = pb.WatchRequest(
-                from_index=next_index, service=service, instance=instance, follow=follow
+                from_index=next_index,
+                service=service,
+                instance=instance,
+                selector=selector,
+                follow=follow,
+                bookmark_interval_ms=int(bookmark_interval * 1000),
             )
             stream = self.agent.Watch(request, wait_for_ready=True, timeout=None if follow else self.timeout)
             try:
