@@ -22,7 +22,9 @@ pub(super) fn programs(spec: &ServiceSpec) -> Vec<FieldError> {
         .unwrap_or(DEFAULT_PATH);
     let mut why = Vec::new();
     let checkable = |cmd: &&String| !super::package::inside_artifact(spec, Path::new(cmd.as_str()));
-    if let Some(cmd) = spec.command.first().filter(checkable) {
+    // A relative program (`bin/server`) is the artifact's, found under its mount.
+    let command = super::package::command(spec);
+    if let Some(cmd) = command.first().filter(checkable) {
         why.extend(program("command[0]", cmd, path));
     }
     if let Some(Probe::Exec(argv)) = spec.health.as_ref().and_then(|h| h.probe.as_ref())
@@ -134,6 +136,16 @@ mod tests {
             (
                 "command = [\"sh\"]\n[health]\nexec = [\"/nonexistent/check\"]".into(),
                 &["health.exec[0]: \"/nonexistent/check\" cannot be executed"],
+            ),
+            // The artifact's programs exist only inside the instance: a relative command
+            // (found under the mount) and any path under the mount are not looked up here.
+            (
+                "command = [\"bin/server\"]\n[isolation]\nnamespaces = [\"mount\"]\n[artifact]\nurl = \"/srv/a.tar\"\nmount = \"/app\"".into(),
+                &[],
+            ),
+            (
+                "command = [\"/app/bin/server\"]\n[isolation]\nnamespaces = [\"mount\"]\n[health]\nexec = [\"/app/bin/check\"]\n[artifact]\nurl = \"/srv/a.tar\"\nmount = \"/app\"".into(),
+                &[],
             ),
         ];
         for (body, wanted) in cases {
