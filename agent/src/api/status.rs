@@ -330,7 +330,8 @@ pub fn to_status(e: SupervisorError) -> Status {
             .precondition(
                 "OWNER",
                 name,
-                "the fleet (etcd) owns the service; pass force",
+                "owned by the fleet (etcd): change it there (corral fleet apply/delete), or force \
+                 the change here (--force); it lasts until etcd next changes the service",
             )
             .status(Code::FailedPrecondition, message),
         SupervisorError::OwnedLocally { name } => d
@@ -339,7 +340,7 @@ pub fn to_status(e: SupervisorError) -> Status {
             .precondition(
                 "OWNER",
                 name,
-                "the service was applied through this node's API",
+                "applied through this node's API: the fleet does not take it over",
             )
             .status(Code::FailedPrecondition, message),
         SupervisorError::NotRunning { instance, state } => d
