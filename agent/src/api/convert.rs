@@ -13,6 +13,7 @@ use crate::health::{HealthState, ServiceHealth};
 use crate::host::HostInfo;
 use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
 use crate::spec::artifact::{RawArtifact, RawImage};
+use crate::spec::job::{RawJob, RawSchedule};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
     RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
@@ -128,6 +129,20 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             digest: i.digest,
             persist: i.persist,
         }),
+        kind: p.kind,
+        schedule: p.schedule.map(|s| RawSchedule {
+            cron: s.cron,
+            timezone: s.timezone,
+            concurrency: s.concurrency,
+            catch_up: s.catch_up,
+            jitter: s.jitter,
+        }),
+        job: p.job.map(|j| RawJob {
+            timeout: j.timeout,
+            retries: j.retries.map(i64::from),
+            parallelism: j.parallelism.map(i64::from),
+            history: j.history.map(i64::from),
+        }),
     };
     if errors.is_empty() {
         Ok(raw)
@@ -238,6 +253,20 @@ pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
             url: i.url,
             digest: i.digest,
             persist: i.persist,
+        }),
+        kind: r.kind,
+        schedule: r.schedule.map(|s| pb::JobSchedule {
+            cron: s.cron,
+            timezone: s.timezone,
+            concurrency: s.concurrency,
+            catch_up: s.catch_up,
+            jitter: s.jitter,
+        }),
+        job: r.job.map(|j| pb::JobLimits {
+            timeout: j.timeout,
+            retries: u32_of(j.retries),
+            parallelism: u32_of(j.parallelism),
+            history: u32_of(j.history),
         }),
     }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::artifact::{Package, RawArtifact, RawImage};
+use super::job::{JobSpec, RawJob, RawSchedule};
 
 // ------------------------------------------------------------------------------------------
 // Raw: as written.
@@ -75,6 +76,15 @@ pub struct RawSpec {
     /// `[image]`: an OCI image as the instances' root filesystem.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<RawImage>,
+    /// `service` (the default) or `job`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `[schedule]` of a job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<RawSchedule>,
+    /// `[job]` of a job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<RawJob>,
 }
 
 /// `[resources]` as written.
@@ -241,6 +251,10 @@ pub struct ServiceSpec {
     pub logs: LogSpec,
     /// `[artifact]` or `[image]`: what the instances run from. `None`: the host's files.
     pub package: Option<Package>,
+    /// `Some` for `kind = "job"`: runs that end instead of instances kept running. A job has
+    /// `replicas` 0 (instances start only with a run) and restart policy `on-failure` (a
+    /// failed attempt is retried `job.retries` times).
+    pub job: Option<JobSpec>,
 }
 
 /// The user an instance runs as.
