@@ -18,7 +18,9 @@ use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
     RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
-use crate::supervisor::{ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, ServiceStatus};
+use crate::supervisor::{
+    ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, Run, ServiceStatus,
+};
 
 fn int(field: &str, v: u64, errors: &mut Vec<FieldError>) -> i64 {
     i64::try_from(v).unwrap_or_else(|_| {
@@ -371,6 +373,9 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
         EventKind::RolloutFinished { .. } => pb::EventType::RolloutFinished,
         EventKind::Package { .. } => pb::EventType::Package,
+        EventKind::RunStarted { .. } => pb::EventType::RunStarted,
+        EventKind::RunFinished { .. } => pb::EventType::RunFinished,
+        EventKind::RunSkipped { .. } => pb::EventType::RunSkipped,
     }
 }
 
@@ -432,6 +437,12 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
             error: p.error.clone(),
         }),
         owner: owner_to_proto(s.owner) as i32,
+        next_run_at: s.next_run.map(ts),
+        next_run_local: s
+            .next_run
+            .zip(s.spec.job.as_ref().and_then(|j| j.schedule.as_ref()))
+            .and_then(|(at, schedule)| crate::schedule::local_time(schedule, at))
+            .unwrap_or_default(),
     }
 }
 
@@ -578,6 +589,36 @@ fn attribute(v: serde_json::Value) -> Option<pb::AttributeValue> {
         other => Value::Text(text(&other)),
     };
     Some(pb::AttributeValue { value: Some(value) })
+}
+
+/// A job's run on the wire.
+pub fn run_to_proto(r: &Run) -> pb::JobRun {
+    let id = r.id();
+    pb::JobRun {
+        job: r.job.clone(),
+        number: r.number,
+        trigger: r.trigger.as_str().to_owned(),
+        revision: r.revision,
+        due: r.due.map(ts),
+        started_at: Some(ts(r.started_at)),
+        ended_at: r.ended_at.map(ts),
+        outcome: r.outcome.map(|o| o.to_string()).unwrap_or_default(),
+        exit_code: r.outcome.map_or(0, |o| o.exit_code()),
+        attempts: r.attempts(),
+        instances: r
+            .keys()
+            .iter()
+            .zip(&r.instances)
+            .map(|(key, i)| pb::JobRunInstance {
+                id: key.to_string(),
+                index: i.index,
+                attempts: i.attempts,
+                end: i.end.map(|o| o.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        stopping: r.stopping.map(|o| o.to_string()).unwrap_or_default(),
+        id,
+    }
 }
 
 #[cfg(test)]

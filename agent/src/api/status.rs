@@ -61,12 +61,14 @@ pub fn to_status(e: SupervisorError) -> Status {
         | SupervisorError::RevisionNotKept { .. } => Code::InvalidArgument,
         SupervisorError::NotFound { .. }
         | SupervisorError::InstanceNotFound { .. }
+        | SupervisorError::RunNotFound { .. }
         | SupervisorError::RolloutNotFound { .. } => Code::NotFound,
         SupervisorError::Unenforceable { .. }
         | SupervisorError::Listen { .. }
         | SupervisorError::Signal { .. }
         | SupervisorError::Deleting { .. }
         | SupervisorError::NotRunning { .. }
+        | SupervisorError::NotAJob { .. }
         | SupervisorError::RolloutRunning { .. }
         | SupervisorError::OwnedByFleet { .. }
         | SupervisorError::OwnedLocally { .. }

@@ -15,6 +15,7 @@ mod driver;
 mod handle;
 pub mod instance;
 pub mod reconcile;
+pub mod run;
 pub mod sample;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ pub use desired::ApplyKind;
 pub use driver::{Deps, Driver};
 pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo, Phase};
+pub use run::{Outcome, Run, Trigger};
 
 /// Who a service's desired state belongs to. The source that created it owns it: a change
 /// from the other source is refused (the local API may force one through).
@@ -166,6 +168,8 @@ pub struct ServiceStatus {
     pub paused: bool,
     /// The current revision's `[artifact]` or `[image]`: fetching, ready or failed.
     pub package: Option<PackageStatus>,
+    /// A job with `[schedule]`: when its next run is due.
+    pub next_run: Option<SystemTime>,
 }
 
 /// Where the current revision's package is.
@@ -200,6 +204,10 @@ pub enum SupervisorError {
     RolloutNotFound { id: String },
     #[error("instance {instance:?} not found")]
     InstanceNotFound { instance: String },
+    #[error("{name:?} is a service, not a job (kind = \"job\" makes one)")]
+    NotAJob { name: String },
+    #[error("run {id:?} not found (runs are NAME-rN; a job keeps its last job.history runs)")]
+    RunNotFound { id: String },
     #[error("service {name:?} has rollout {id} running ({progress})")]
     RolloutRunning {
         name: String,

@@ -1089,6 +1089,9 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
                 logs,
                 artifact: None,
                 image: None,
+                kind: None,
+                schedule: None,
+                job: None,
             },
         )
         .boxed()

@@ -42,6 +42,7 @@ impl Driver {
     ) -> Result<ApplyOutcome, SupervisorError> {
         let name = spec.name.clone();
         self.check_owner(&name, from, force)?;
+        self.check_kind(&spec)?;
         let plan = self.plan_apply(&spec)?;
         let mut outcome = ApplyOutcome {
             name: name.clone(),
@@ -77,6 +78,7 @@ impl Driver {
         if outcome.rollout_id.is_some() || superseded.is_some() {
             self.announce_rollout(&name, superseded);
         }
+        self.note_job(&name);
         Ok(outcome)
     }
 
@@ -130,6 +132,7 @@ impl Driver {
         };
         let mut d = svc.d.clone();
         let mut superseded = None;
+        let spec_is_job = spec.job.is_some();
         if kind == ApplyKind::Scaled {
             if let Some(r) = d.running_mut() {
                 r.replicas = spec.replicas;
@@ -137,7 +140,11 @@ impl Driver {
             d.spec = spec;
         } else {
             let target = d.new_revision(spec);
-            let n = to_replace(svc.instances(), (target.revision, target.epoch));
+            // A job's runs go on with the revision they started with: nothing is rolled.
+            let n = match spec_is_job {
+                true => 0,
+                false => to_replace(svc.instances(), (target.revision, target.epoch)),
+            };
             let now = SystemTime::now();
             if n == 0 {
                 // Nothing runs that would be replaced: no rollout.

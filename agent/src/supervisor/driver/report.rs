@@ -62,15 +62,22 @@ impl Driver {
             .services
             .get_mut(name)
             .ok_or_else(|| SupervisorError::NotFound { name: name.into() })?;
-        Ok(service_status(&self.deps, name, svc, true))
+        let mut status = service_status(&self.deps, name, svc, true);
+        status.next_run = self.next_run_of(name);
+        Ok(status)
     }
 
     /// Every service's status, with usage read within the last [`USAGE_TTL`].
     pub(super) fn list(&mut self) -> Vec<ServiceStatus> {
-        self.services
+        let mut all: Vec<ServiceStatus> = self
+            .services
             .iter_mut()
             .map(|(name, svc)| service_status(&self.deps, name, svc, false))
-            .collect()
+            .collect();
+        for status in &mut all {
+            status.next_run = self.next_run_of(&status.name);
+        }
+        all
     }
 
     /// Every service and instance for the metrics collector, without reading the OS.
@@ -155,6 +162,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         revisions: svc.d.revisions(),
         paused: svc.d.paused,
         package: super::packages::package_status(svc),
+        next_run: None,
     }
 }
 
