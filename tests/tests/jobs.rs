@@ -489,3 +489,46 @@ async fn bad_job_specs_are_refused_naming_the_field() {
         tonic::Code::NotFound
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_survive_an_agent_restart_with_their_real_exit_status() {
+    if skip_unless_root("runs_survive_an_agent_restart_with_their_real_exit_status") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&job("away", "sleep 2; exit 4", ""))
+        .await
+        .expect("apply");
+    agent
+        .apply(&job("adopted", "sleep 6; exit 5", ""))
+        .await
+        .expect("apply");
+    let away = run_job(&agent, "away").await;
+    let adopted = run_job(&agent, "adopted").await;
+    eventually("both running", Duration::from_secs(10), || async {
+        let a = get_run(&agent, &away.id).await;
+        let b = get_run(&agent, &adopted.id).await;
+        (a.attempts == 1 && b.attempts == 1).then_some(())
+    })
+    .await;
+    let pid_before = agent.get("adopted").await.expect("get").instances[0].init_pid;
+    assert!(pid_before > 0);
+    agent.stop_with(libc::SIGKILL);
+    // `away` ends while no agent runs; `adopted` still runs when the agent is back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agent.launch().await;
+    let a = ended(&agent, &away.id, Duration::from_secs(10)).await;
+    assert_eq!(a.outcome, "failed(exit 4)", "{a:?}");
+    let status = agent.get("adopted").await.expect("get");
+    assert_eq!(
+        status.instances.first().map(|i| i.init_pid),
+        Some(pid_before),
+        "adopted"
+    );
+    let b = ended(&agent, &adopted.id, Duration::from_secs(15)).await;
+    assert_eq!((b.outcome.as_str(), b.attempts), ("failed(exit 5)", 1));
+    // Numbering goes on after the kept runs.
+    let next = run_job(&agent, "away").await;
+    assert_eq!(next.id, "away-r2");
+}
