@@ -144,6 +144,20 @@ async fn a_run_has_its_instances_index_exit_code_and_logs() {
     );
     assert!(evs.iter().any(|e| e.r#type() == pb::EventType::RunStarted));
 
+    // A job is not scaled or restarted: its instances come with its runs.
+    let e = agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: "report".into(),
+            force: false,
+        })
+        .await
+        .expect_err("a job has no rollouts");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let scaled = agent.cli(&["scale", "report", "3"]);
+    assert_eq!(scaled.status.code(), Some(1), "{scaled:?}");
+
     // A service is not a job; an unknown run is not found.
     agent
         .apply("name = \"svc\"\ncommand = [\"/bin/sleep\", \"100\"]\nreplicas = 0\n")

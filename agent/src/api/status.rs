@@ -69,6 +69,7 @@ pub fn to_status(e: SupervisorError) -> Status {
         | SupervisorError::Deleting { .. }
         | SupervisorError::NotRunning { .. }
         | SupervisorError::NotAJob { .. }
+        | SupervisorError::IsAJob { .. }
         | SupervisorError::RolloutRunning { .. }
         | SupervisorError::OwnedByFleet { .. }
         | SupervisorError::OwnedLocally { .. }

@@ -206,6 +206,11 @@ pub enum SupervisorError {
     InstanceNotFound { instance: String },
     #[error("{name:?} is a service, not a job (kind = \"job\" makes one)")]
     NotAJob { name: String },
+    #[error(
+        "{name:?} is a job: its instances start with its runs (corral run {name}, job.parallelism); \
+         scale, restart and rollback are for services (apply a new spec to change it)"
+    )]
+    IsAJob { name: String },
     #[error("run {id:?} not found (runs are NAME-rN; a job keeps its last job.history runs)")]
     RunNotFound { id: String },
     #[error("service {name:?} has rollout {id} running ({progress})")]

@@ -233,7 +233,10 @@ async fn jobs(rounds: usize) {
         .unwrap_or(120);
     apply(
         &agent,
-        &job("every-second", "[schedule]\ncron = \"* * * * * *\"\n[job]\nhistory = 5\n"),
+        &job(
+            "every-second",
+            "[schedule]\ncron = \"* * * * * *\"\n[job]\nhistory = 5\n",
+        ),
     )
     .await;
     // Skip the first run: it may be due in the second of the apply.
@@ -254,7 +257,11 @@ async fn jobs(rounds: usize) {
         drift.push(Duration::from_nanos(u64::from(now.subsec_nanos())));
     }
     let cpu = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
-    stats("1 s schedule: due second -> job process executed", drift, true);
+    stats(
+        "1 s schedule: due second -> job process executed",
+        drift,
+        true,
+    );
     println!("1 s schedule held {hold} s: agent CPU {cpu:.2} % of one core");
     delete(&agent, "every-second").await;
     drop(agent);

@@ -257,6 +257,13 @@ impl Driver {
         replicas: u32,
         force: bool,
     ) -> Result<Scaled, SupervisorError> {
+        if self
+            .services
+            .get(name)
+            .is_some_and(|s| s.d.spec.job.is_some())
+        {
+            return Err(SupervisorError::IsAJob { name: name.into() });
+        }
         if replicas > spec::MAX_REPLICAS {
             return Err(SupervisorError::ReplicasOutOfRange {
                 replicas,
@@ -450,6 +457,7 @@ impl Driver {
         match self.services.get(name) {
             None => Err(SupervisorError::NotFound { name: name.into() }),
             Some(s) if s.deleting => Err(SupervisorError::Deleting { name: name.into() }),
+            Some(s) if s.d.spec.job.is_some() => Err(SupervisorError::IsAJob { name: name.into() }),
             Some(s) => Ok(s),
         }
     }
