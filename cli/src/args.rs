@@ -179,6 +179,51 @@ pub enum Command {
     /// replaces the previous one; otherwise frames follow each other, separated by a blank
     /// line. With `-o json`, one document per frame: {"time", "node", "instances"}.
     Top(TopArgs),
+
+    /// Start a run of a job (`kind = "job"`), or apply, run and delete a one-off job file.
+    ///
+    /// Prints the run's id (`NAME-rN`). With --wait, waits for the run to end, prints its
+    /// outcome, and exits with the job's code: 0 succeeded, N for failed(exit N), 128+N for
+    /// failed(signal N), 124 timed_out, 125 cancelled, 126 failed(lost) (its end could not be
+    /// observed, or its command never ran), 137 oom_killed; 1 when corral itself failed. With
+    /// -f, the spec file is applied first and the run's output is streamed while it runs
+    /// (with --wait); --rm deletes the job once the run has ended.
+    Run(RunArgs),
+
+    /// List a job's kept runs: id, trigger, start, end, outcome, attempts.
+    ///
+    /// With `-o json`, an array of {"id", "job", "number", "trigger", "started_at",
+    /// "ended_at", "outcome", "exit_code", "attempts", "instances"}.
+    Runs(NameArgs),
+
+    /// Stop a run (stop signal, grace, SIGKILL); it ends `cancelled`.
+    Cancel(CancelArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["name", "file"])))]
+pub struct RunArgs {
+    /// The job to run.
+    pub name: Option<String>,
+
+    /// A job's spec file: applied, then run.
+    #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "name")]
+    pub file: Option<PathBuf>,
+
+    /// Wait for the run to end and exit with the job's exit code.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// With -f and --wait: delete the job once the run has ended.
+    #[arg(long, requires_all = ["file", "wait"])]
+    pub rm: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The run's id, `NAME-rN`.
+    #[arg(value_name = "RUN")]
+    pub run: String,
 }
 
 /// How to reach the fleet's etcd.
@@ -357,6 +402,10 @@ pub struct LogsArgs {
     /// Keep printing new lines as they are written, until Ctrl-C.
     #[arg(short = 'f', long)]
     pub follow: bool,
+
+    /// A job's run N (`corral logs NAME --run 42`): the output of its instances, in order.
+    #[arg(long, value_name = "N")]
+    pub run: Option<u64>,
 
     /// Start with the last N lines (of all the instances together); default: all kept lines.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]

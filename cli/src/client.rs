@@ -112,6 +112,34 @@ impl Session {
         self.reply(reply)
     }
 
+    pub async fn run_job(&mut self, name: &str) -> anyhow::Result<pb::JobRun> {
+        let request = pb::RunJobRequest {
+            name: name.to_owned(),
+        };
+        let reply = self.client.run_job(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn get_run(&mut self, id: &str) -> anyhow::Result<pb::JobRun> {
+        let request = pb::GetRunRequest { id: id.to_owned() };
+        let reply = self.client.get_run(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn list_runs(&mut self, name: &str) -> anyhow::Result<pb::ListRunsResponse> {
+        let request = pb::ListRunsRequest {
+            name: name.to_owned(),
+        };
+        let reply = self.client.list_runs(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn cancel_run(&mut self, id: &str) -> anyhow::Result<pb::JobRun> {
+        let request = pb::CancelRunRequest { id: id.to_owned() };
+        let reply = self.client.cancel_run(request).await;
+        self.reply(reply)
+    }
+
     pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
         let reply = self.client.list(pb::ListRequest::default()).await;
         self.reply(reply)

@@ -60,6 +60,7 @@ fn finish(result: anyhow::Result<Outcome>, err: &mut dyn Write) -> u8 {
     match result {
         Ok(Outcome::Success) => 0,
         Ok(Outcome::Failed) => 1,
+        Ok(Outcome::Exit(code)) => code,
         // The reader of our output went away (`corral ls | head -1`): nothing left to tell.
         Err(e) if is_broken_pipe(&e) => 0,
         Err(e) => {

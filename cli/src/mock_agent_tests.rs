@@ -376,6 +376,8 @@ fn spec_name(text: &str) -> Option<String> {
 fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStatus {
     ServiceStatus {
         package: None,
+        next_run_at: None,
+        next_run_local: String::new(),
         name: name.to_owned(),
         revision,
         owner: corral_proto::v1::ServiceOwner::Local as i32,
@@ -661,6 +663,42 @@ impl Agent for FakeAgent {
             rollout_id,
             ..Default::default()
         }))
+    }
+
+    async fn run_job(
+        &self,
+        _: Request<corral_proto::v1::RunJobRequest>,
+    ) -> Result<Response<corral_proto::v1::JobRun>, Status> {
+        Err(Status::unimplemented(
+            "jobs are tested against the real agent",
+        ))
+    }
+
+    async fn get_run(
+        &self,
+        _: Request<corral_proto::v1::GetRunRequest>,
+    ) -> Result<Response<corral_proto::v1::JobRun>, Status> {
+        Err(Status::unimplemented(
+            "jobs are tested against the real agent",
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        _: Request<corral_proto::v1::ListRunsRequest>,
+    ) -> Result<Response<corral_proto::v1::ListRunsResponse>, Status> {
+        Err(Status::unimplemented(
+            "jobs are tested against the real agent",
+        ))
+    }
+
+    async fn cancel_run(
+        &self,
+        _: Request<corral_proto::v1::CancelRunRequest>,
+    ) -> Result<Response<corral_proto::v1::JobRun>, Status> {
+        Err(Status::unimplemented(
+            "jobs are tested against the real agent",
+        ))
     }
 
     async fn get_rollout(

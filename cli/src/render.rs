@@ -41,7 +41,7 @@ pub fn time_millis(ts: &prost_types::Timestamp) -> Option<String> {
 }
 
 /// A timestamp in UTC to the second: `2026-11-22T23:45:01Z`.
-fn time_seconds(ts: &prost_types::Timestamp) -> Option<String> {
+pub fn time_seconds(ts: &prost_types::Timestamp) -> Option<String> {
     rfc3339(&prost_types::Timestamp {
         seconds: ts.normalized().seconds,
         nanos: 0,
@@ -239,6 +239,24 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
     }
     if let Some(rollout) = &s.rollout {
         fields.push(("rollout", rollout_summary(rollout)));
+    }
+    if spec.job.is_some() {
+        let schedule = spec.schedule.as_ref().and_then(|x| x.cron.clone());
+        fields.push((
+            "job",
+            match schedule {
+                Some(cron) => format!("on schedule {cron:?} (and corral run {})", s.name),
+                None => format!("runs when triggered (corral run {})", s.name),
+            },
+        ));
+    }
+    if let Some(next) = s.next_run_at.as_ref().and_then(time_seconds) {
+        let local = if s.next_run_local.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.next_run_local)
+        };
+        fields.push(("next run", format!("{next}{local}")));
     }
     if !s.revisions.is_empty() {
         let revisions: Vec<String> = s.revisions.iter().map(u64::to_string).collect();
@@ -1178,6 +1196,8 @@ mod tests {
         };
         pb::ServiceStatus {
             package: None,
+            next_run_at: None,
+            next_run_local: String::new(),
             name: "web".into(),
             revision: 3,
             owner: pb::ServiceOwner::Local as i32,

@@ -914,6 +914,9 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RolloutFinished) => "rollout_finished",
         Ok(T::Package) => "package",
         Ok(T::Bookmark) => "bookmark",
+        Ok(T::RunStarted) => "run_started",
+        Ok(T::RunFinished) => "run_finished",
+        Ok(T::RunSkipped) => "run_skipped",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }
@@ -1095,6 +1098,8 @@ mod tests {
     fn service_json_carries_counts_spec_and_instances() {
         let status = pb::ServiceStatus {
             package: None,
+            next_run_at: None,
+            next_run_local: String::new(),
             name: "web".into(),
             revision: 3,
             owner: pb::ServiceOwner::Etcd as i32,

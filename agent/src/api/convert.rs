@@ -13,11 +13,14 @@ use crate::health::{HealthState, ServiceHealth};
 use crate::host::HostInfo;
 use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
 use crate::spec::artifact::{RawArtifact, RawImage};
+use crate::spec::job::{RawJob, RawSchedule};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
     RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
-use crate::supervisor::{ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, ServiceStatus};
+use crate::supervisor::{
+    ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, Run, ServiceStatus,
+};
 
 fn int(field: &str, v: u64, errors: &mut Vec<FieldError>) -> i64 {
     i64::try_from(v).unwrap_or_else(|_| {
@@ -151,6 +154,20 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             digest: i.digest,
             persist: i.persist,
         }),
+        kind: p.kind,
+        schedule: p.schedule.map(|s| RawSchedule {
+            cron: s.cron,
+            timezone: s.timezone,
+            concurrency: s.concurrency,
+            catch_up: s.catch_up,
+            jitter: s.jitter,
+        }),
+        job: p.job.map(|j| RawJob {
+            timeout: j.timeout,
+            retries: j.retries.map(i64::from),
+            parallelism: j.parallelism.map(i64::from),
+            history: j.history.map(i64::from),
+        }),
     };
     if errors.is_empty() {
         Ok(raw)
@@ -225,11 +242,18 @@ impl HostDefaults {
     }
 }
 
+/// A count from a spec written back, on the wire (the validated spec's are in range).
+fn u32_of(v: Option<i64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+}
+
 /// The validated spec on the wire, every default explicit: sizes in bytes, durations in
 /// milliseconds, the hostname template, the capability set and the open-file limit the
 /// instances get (from `host` when the spec leaves them open).
 pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec {
     let (artifact, image) = spec::artifact::Package::to_raw(spec.package.as_ref());
+    // A job's sections as written back (every default explicit); `None` for a service.
+    let jobs = spec.to_raw();
     let caps = spec
         .isolation
         .capabilities
@@ -349,6 +373,20 @@ pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec
         }),
         labels: spec.labels.clone().into_iter().collect(),
         annotations: spec.annotations.clone().into_iter().collect(),
+        kind: jobs.kind,
+        schedule: jobs.schedule.map(|s| pb::JobSchedule {
+            cron: s.cron,
+            timezone: s.timezone,
+            concurrency: s.concurrency,
+            catch_up: s.catch_up,
+            jitter: s.jitter,
+        }),
+        job: jobs.job.map(|j| pb::JobLimits {
+            timeout: j.timeout,
+            retries: u32_of(j.retries),
+            parallelism: u32_of(j.parallelism),
+            history: u32_of(j.history),
+        }),
     }
 }
 
@@ -454,6 +492,9 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
         EventKind::RolloutFinished { .. } => pb::EventType::RolloutFinished,
         EventKind::Package { .. } => pb::EventType::Package,
+        EventKind::RunStarted { .. } => pb::EventType::RunStarted,
+        EventKind::RunFinished { .. } => pb::EventType::RunFinished,
+        EventKind::RunSkipped { .. } => pb::EventType::RunSkipped,
     }
 }
 
@@ -537,6 +578,12 @@ pub fn status_to_proto(s: &ServiceStatus, host: &HostDefaults) -> pb::ServiceSta
             error: p.error.clone(),
         }),
         owner: owner_to_proto(s.owner) as i32,
+        next_run_at: s.next_run.map(ts),
+        next_run_local: s
+            .next_run
+            .zip(s.spec.job.as_ref().and_then(|j| j.schedule.as_ref()))
+            .and_then(|(at, schedule)| crate::schedule::local_time(schedule, at))
+            .unwrap_or_default(),
     }
 }
 
@@ -705,6 +752,36 @@ fn attribute(v: serde_json::Value) -> Option<pb::AttributeValue> {
         other => Value::Text(text(&other)),
     };
     Some(pb::AttributeValue { value: Some(value) })
+}
+
+/// A job's run on the wire.
+pub fn run_to_proto(r: &Run) -> pb::JobRun {
+    let id = r.id();
+    pb::JobRun {
+        job: r.job.clone(),
+        number: r.number,
+        trigger: r.trigger.as_str().to_owned(),
+        revision: r.revision,
+        due: r.due.map(ts),
+        started_at: Some(ts(r.started_at)),
+        ended_at: r.ended_at.map(ts),
+        outcome: r.outcome.map(|o| o.to_string()).unwrap_or_default(),
+        exit_code: r.outcome.map_or(0, |o| o.exit_code()),
+        attempts: r.attempts(),
+        instances: r
+            .keys()
+            .iter()
+            .zip(&r.instances)
+            .map(|(key, i)| pb::JobRunInstance {
+                id: key.to_string(),
+                index: i.index,
+                attempts: i.attempts,
+                end: i.end.map(|o| o.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        stopping: r.stopping.map(|o| o.to_string()).unwrap_or_default(),
+        id,
+    }
 }
 
 #[cfg(test)]

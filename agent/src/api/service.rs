@@ -104,7 +104,25 @@ impl AgentService {
     /// The instance ids of a service (or the one asked for, which must exist).
     async fn instances_of(&self, service: &str, only: Option<&str>) -> Result<Vec<String>, Status> {
         let status = self.supervisor.get(service).await.map_err(to_status)?;
-        let ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
+        let mut ids: Vec<String> = status.instances.iter().map(|i| i.id.clone()).collect();
+        // A job's ended runs keep their instances' logs.
+        if let Some(id) = only
+            && status.spec.job.is_some()
+            && !ids.iter().any(|i| i == id)
+        {
+            let runs = self
+                .supervisor
+                .list_runs(service)
+                .await
+                .map_err(to_status)?;
+            if runs
+                .iter()
+                .flat_map(|r| r.keys())
+                .any(|k| k.to_string() == id)
+            {
+                ids.push(id.to_string());
+            }
+        }
         match only {
             Some(id) if !ids.iter().any(|i| i == id) => {
                 Err(to_status(SupervisorError::InstanceNotFound {
@@ -739,6 +757,48 @@ impl Agent for AgentService {
         Ok(Response::new(convert::rollout_to_proto(&r)))
     }
 
+    async fn run_job(
+        &self,
+        req: Request<pb::RunJobRequest>,
+    ) -> Result<Response<pb::JobRun>, Status> {
+        AuditNote::set(&req, &req.get_ref().name);
+        let name = req.into_inner().name;
+        check_name("name", &name)?;
+        let r = self.supervisor.run_job(&name).await.map_err(to_status)?;
+        Ok(Response::new(convert::run_to_proto(&r)))
+    }
+
+    async fn get_run(
+        &self,
+        req: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::JobRun>, Status> {
+        let id = check_run_id(req.into_inner().id)?;
+        let r = self.supervisor.get_run(&id).await.map_err(to_status)?;
+        Ok(Response::new(convert::run_to_proto(&r)))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let name = req.into_inner().name;
+        check_name("name", &name)?;
+        let runs = self.supervisor.list_runs(&name).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(convert::run_to_proto).collect(),
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::JobRun>, Status> {
+        AuditNote::set(&req, &req.get_ref().id);
+        let id = check_run_id(req.into_inner().id)?;
+        let r = self.supervisor.cancel_run(&id).await.map_err(to_status)?;
+        Ok(Response::new(convert::run_to_proto(&r)))
+    }
+
     async fn scale(
         &self,
         req: Request<pb::ScaleRequest>,
@@ -802,6 +862,20 @@ impl Agent for AgentService {
             fleet: self.fleet.as_ref().map(|f| f.report()),
         };
         Ok(Response::new(convert::node_to_proto(&host, &facts)))
+    }
+}
+
+/// A run id as the caller gave it, if it is one (`<job>-r<number>`).
+fn check_run_id(id: String) -> Result<String, Status> {
+    let valid = crate::supervisor::run::parse_run_id(&id)
+        .is_some_and(|(job, _)| spec::valid_service_name(job));
+    if valid {
+        Ok(id)
+    } else {
+        let shown: String = id.chars().take(80).collect();
+        Err(Status::invalid_argument(format!(
+            "id: {shown:?} is not a run id (<job>-r<number>, as RunJob returns)"
+        )))
     }
 }
 

@@ -26,6 +26,7 @@ pub enum Reason {
     ServiceNotFound,
     InstanceNotFound,
     RolloutNotFound,
+    RunNotFound,
     /// ABORTED: `expected_revision` is not the service's generation (metadata
     /// `current_generation`, absent when the service does not exist, and
     /// `expected_generation`).
@@ -51,6 +52,10 @@ pub enum Reason {
     /// FAILED_PRECONDITION: the service was applied through this node's API; the fleet does
     /// not take it over.
     OwnedLocally,
+    /// FAILED_PRECONDITION: a job operation (RunJob, ListRuns) on a service.
+    NotAJob,
+    /// FAILED_PRECONDITION: a service operation (Scale, Restart, Rollback) on a job.
+    IsAJob,
     /// FAILED_PRECONDITION: the instance is not running.
     InstanceNotRunning,
     /// FAILED_PRECONDITION: the kernel refused the signal.
@@ -72,12 +77,15 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 24] = [
         Reason::CapacityExceeded,
         Reason::InvalidField,
         Reason::ServiceNotFound,
         Reason::InstanceNotFound,
         Reason::RolloutNotFound,
+        Reason::RunNotFound,
+        Reason::NotAJob,
+        Reason::IsAJob,
         Reason::GenerationMismatch,
         Reason::HostCannotRun,
         Reason::ListenFailed,
@@ -102,6 +110,9 @@ impl Reason {
             Reason::ServiceNotFound => "SERVICE_NOT_FOUND",
             Reason::InstanceNotFound => "INSTANCE_NOT_FOUND",
             Reason::RolloutNotFound => "ROLLOUT_NOT_FOUND",
+            Reason::RunNotFound => "RUN_NOT_FOUND",
+            Reason::NotAJob => "NOT_A_JOB",
+            Reason::IsAJob => "IS_A_JOB",
             Reason::GenerationMismatch => "GENERATION_MISMATCH",
             Reason::HostCannotRun => "HOST_CANNOT_RUN",
             Reason::ListenFailed => "LISTEN_FAILED",
@@ -127,6 +138,7 @@ impl Reason {
 pub const SERVICE: &str = "corral.v1.Service";
 pub const INSTANCE: &str = "corral.v1.Instance";
 pub const ROLLOUT: &str = "corral.v1.Rollout";
+pub const RUN: &str = "corral.v1.JobRun";
 
 /// The details of one error, built up.
 #[derive(Debug, Default)]
@@ -323,6 +335,24 @@ pub fn to_status(e: SupervisorError) -> Status {
             .info(Reason::ServiceDeleting, &[])
             .resource(SERVICE, name)
             .precondition("STATE", name, "the service is being deleted")
+            .status(Code::FailedPrecondition, message),
+        SupervisorError::RunNotFound { id } => d
+            .info(Reason::RunNotFound, &[])
+            .resource(RUN, id)
+            .status(Code::NotFound, message),
+        SupervisorError::NotAJob { name } => d
+            .info(Reason::NotAJob, &[])
+            .resource(SERVICE, name)
+            .precondition("KIND", name, "a service, not a job")
+            .status(Code::FailedPrecondition, message),
+        SupervisorError::IsAJob { name } => d
+            .info(Reason::IsAJob, &[])
+            .resource(SERVICE, name)
+            .precondition(
+                "KIND",
+                name,
+                "a job: its instances start with its runs; scale, restart and rollback are for services",
+            )
             .status(Code::FailedPrecondition, message),
         SupervisorError::OwnedByFleet { name } => d
             .info(Reason::OwnedByFleet, &[])

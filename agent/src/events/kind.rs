@@ -12,6 +12,7 @@ use crate::health::HealthState;
 use crate::rollout::record::{Kind as RolloutKind, State as RolloutState, Step};
 use crate::supervisor::desired::ApplyKind;
 use crate::supervisor::instance::{ExitClass, StopReason};
+use crate::supervisor::run::{Outcome, Trigger};
 
 /// How an instance became ready.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +132,28 @@ pub enum EventKind {
         total: Option<u64>,
         detail: Option<String>,
     },
+    /// A job's run started (`trigger`: manual, schedule, catch_up; `due`: when a scheduled
+    /// run was due, RFC 3339).
+    RunStarted {
+        run: String,
+        trigger: Trigger,
+        due: Option<String>,
+    },
+    /// A job's run ended: `outcome` (`succeeded`, `failed(exit 3)`, `oom_killed`,
+    /// `timed_out`, `cancelled`) after `attempts` attempts over its instances.
+    RunFinished {
+        run: String,
+        outcome: Outcome,
+        attempts: u32,
+    },
+    /// A scheduled run due at `due` was not started, for `reason`: `running` still ran
+    /// (`concurrency = "forbid"`), or it was missed while the agent was down, longer ago than
+    /// `catch_up`.
+    RunSkipped {
+        due: String,
+        running: Vec<String>,
+        reason: String,
+    },
 }
 
 /// Where a revision's package is.
@@ -180,6 +203,9 @@ impl EventKind {
             EventKind::RolloutStep { .. } => "rollout_step",
             EventKind::RolloutFinished { .. } => "rollout_finished",
             EventKind::Package { .. } => "package",
+            EventKind::RunStarted { .. } => "run_started",
+            EventKind::RunFinished { .. } => "run_finished",
+            EventKind::RunSkipped { .. } => "run_skipped",
         }
     }
 
@@ -297,6 +323,26 @@ impl EventKind {
                     line.push_str(&format!(": {detail}"));
                 }
                 line
+            }
+            EventKind::RunStarted { run, trigger, due } => match due {
+                Some(due) => format!("run {run} started ({}, due {due})", trigger.as_str()),
+                None => format!("run {run} started ({})", trigger.as_str()),
+            },
+            EventKind::RunFinished {
+                run,
+                outcome,
+                attempts,
+            } => format!("run {run} {outcome} after {attempts} attempt(s)"),
+            EventKind::RunSkipped {
+                due,
+                running,
+                reason,
+            } => {
+                if running.is_empty() {
+                    format!("run due {due} skipped: {reason}")
+                } else {
+                    format!("run due {due} skipped: {reason} ({})", running.join(", "))
+                }
             }
         }
     }

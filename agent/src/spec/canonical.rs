@@ -1,6 +1,7 @@
 //! [`ServiceSpec`] back to [`RawSpec`], and what a validated spec tells about its instances.
 
 use super::artifact::Package;
+use super::job::{JobSpec, Kind, RawJob, RawSchedule};
 use super::types::{
     HealthSpec, Namespace, PortSpec, Probe, RawHealth, RawIsolation, RawLogs, RawPort,
     RawResources, RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec,
@@ -105,7 +106,11 @@ impl ServiceSpec {
             image,
             labels: Some(self.labels.clone()),
             annotations: Some(self.annotations.clone()),
+            kind: None,
+            schedule: None,
+            job: None,
         }
+        .with_job(self.job.as_ref())
     }
 
     /// Whether `self` and `other` differ at most in `replicas`: a change that scales
@@ -170,4 +175,34 @@ fn raw_health(health: &HealthSpec) -> RawHealth {
         Some(Probe::Exec(argv)) => raw.exec = Some(argv.clone()),
     }
     raw
+}
+
+impl RawSpec {
+    /// A job's sections written out, and the service-only ones it cannot have left out.
+    fn with_job(mut self, job: Option<&JobSpec>) -> RawSpec {
+        let Some(job) = job else {
+            return self;
+        };
+        self.kind = Some(Kind::Job.as_str().to_owned());
+        self.replicas = None;
+        self.rollout = None;
+        self.sockets = None;
+        if let Some(restart) = &mut self.restart {
+            restart.policy = None;
+        }
+        self.schedule = job.schedule.as_ref().map(|s| RawSchedule {
+            cron: Some(s.cron.as_str().to_owned()),
+            timezone: Some(s.timezone.name().to_owned()),
+            concurrency: Some(s.concurrency.as_str().to_owned()),
+            catch_up: s.catch_up.map(format_duration),
+            jitter: Some(format_duration(s.jitter)),
+        });
+        self.job = Some(RawJob {
+            timeout: job.timeout.map(format_duration),
+            retries: Some(i64::from(job.retries)),
+            parallelism: Some(i64::from(job.parallelism)),
+            history: Some(i64::from(job.history)),
+        });
+        self
+    }
 }

@@ -7,6 +7,7 @@ use toml::{Table, Value};
 
 use super::artifact::{RawArtifact, RawImage};
 use super::error::{FieldError, SpecError, child};
+use super::job::{JOB_KEYS, RawJob, RawSchedule, SCHEDULE_KEYS};
 use super::types::{
     RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawSize,
     RawSocket, RawSpec, RawStop,
@@ -36,6 +37,9 @@ pub const TOP_KEYS: &[&str] = &[
     "image",
     "labels",
     "annotations",
+    "kind",
+    "schedule",
+    "job",
 ];
 const RESOURCES_KEYS: &[&str] = &["cpu", "memory", "pids", "nofile"];
 const ISOLATION_KEYS: &[&str] = &[
@@ -415,6 +419,30 @@ impl Reader {
             }),
             artifact: self.section(t, "artifact", Self::artifact),
             image: self.section(t, "image", Self::image),
+            kind: self.field(t, "", "kind", Self::string),
+            schedule: self.section(t, "schedule", Self::schedule),
+            job: self.section(t, "job", Self::job),
+        }
+    }
+
+    fn schedule(&mut self, p: &str, t: &Table) -> RawSchedule {
+        self.known_keys(t, p, SCHEDULE_KEYS);
+        RawSchedule {
+            cron: self.field(t, p, "cron", Self::string),
+            timezone: self.field(t, p, "timezone", Self::string),
+            concurrency: self.field(t, p, "concurrency", Self::string),
+            catch_up: self.field(t, p, "catch_up", Self::duration),
+            jitter: self.field(t, p, "jitter", Self::duration),
+        }
+    }
+
+    fn job(&mut self, p: &str, t: &Table) -> RawJob {
+        self.known_keys(t, p, JOB_KEYS);
+        RawJob {
+            timeout: self.field(t, p, "timeout", Self::duration),
+            retries: self.field(t, p, "retries", Self::integer),
+            parallelism: self.field(t, p, "parallelism", Self::integer),
+            history: self.field(t, p, "history", Self::integer),
         }
     }
 

@@ -227,6 +227,7 @@ fn minimal_spec_gets_documented_defaults() {
         package: None,
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
+        job: None,
     };
     assert_eq!(spec, expected);
     assert_eq!(spec.hostname_for(2).as_deref(), Some("web-2"));
@@ -1479,4 +1480,36 @@ fn a_new_package_is_a_new_revision_named_in_the_changes() {
         "{:?}",
         none.changes_from(&old)
     );
+}
+
+#[test]
+fn a_job_spec_has_no_replicas_retries_on_failure_and_round_trips() {
+    let spec = parse(
+        "name = \"report\"\nkind = \"job\"\ncommand = [\"/app/report\"]\n[schedule]\ncron = \"*/5 * * * * *\"\ntimezone = \"Europe/Berlin\"\nconcurrency = \"replace\"\ncatch_up = \"1h\"\n[job]\ntimeout = \"2m\"\nretries = 2\nparallelism = 3\nhistory = 5\n",
+    );
+    assert_eq!(spec.replicas, 0);
+    assert_eq!(spec.restart.policy, RestartPolicy::OnFailure);
+    let job = spec.job.as_ref().expect("a job");
+    assert_eq!((job.retries, job.parallelism, job.history), (2, 3, 5));
+    assert_eq!(job.timeout, Some(Duration::from_secs(120)));
+    let schedule = job.schedule.as_ref().expect("a schedule");
+    assert_eq!(schedule.timezone.name(), "Europe/Berlin");
+    assert_eq!(spec.to_raw().validate().as_ref(), Ok(&spec));
+    assert!(parse(MINIMAL).job.is_none());
+}
+
+#[test]
+fn a_job_with_service_sections_is_refused_naming_them() {
+    let text = "name = \"report\"\nkind = \"job\"\ncommand = [\"/app/report\"]\nreplicas = 2\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n[job]\ntimeout = \"0s\"\n";
+    let err = parse_toml(text).expect_err("refused");
+    let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
+    for field in [
+        "replicas",
+        "sockets",
+        "schedule.cron",
+        "schedule.timezone",
+        "job.timeout",
+    ] {
+        assert!(fields.contains(&field), "{field} not in {fields:?}");
+    }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::artifact::{Package, RawArtifact, RawImage};
+use super::job::{JobSpec, RawJob, RawSchedule};
 
 // ------------------------------------------------------------------------------------------
 // Raw: as written.
@@ -79,6 +80,15 @@ pub struct RawSpec {
     pub labels: Option<BTreeMap<String, String>>,
     /// `[annotations]`: free text for tools; never read by the agent.
     pub annotations: Option<BTreeMap<String, String>>,
+    /// `service` (the default) or `job`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `[schedule]` of a job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<RawSchedule>,
+    /// `[job]` of a job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<RawJob>,
 }
 
 /// `[resources]` as written.
@@ -249,6 +259,10 @@ pub struct ServiceSpec {
     /// instances run: a change of labels or annotations alone replaces no instance.
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// `Some` for `kind = "job"`: runs that end instead of instances kept running. A job has
+    /// `replicas` 0 (instances start only with a run) and restart policy `on-failure` (a
+    /// failed attempt is retried `job.retries` times).
+    pub job: Option<JobSpec>,
 }
 
 /// The user an instance runs as.

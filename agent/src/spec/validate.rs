@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::artifact::{FetchPolicy, validate_package};
 use super::error::{FieldError, SpecError, child, quote};
+use super::job::RawJobSections;
 use super::types::{
     Capability, HealthSpec, Isolation, ListenAddr, LogSpec, Namespace, PortSpec, Probe, RawHealth,
     RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawSize, RawSocket,
@@ -662,6 +663,28 @@ impl Check {
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
         self.package_needs(raw, &isolation);
+        let job = RawJobSections {
+            kind: raw.kind.clone(),
+            schedule: raw.schedule.clone(),
+            job: raw.job.clone(),
+        }
+        .validate(raw)
+        .unwrap_or_else(|errors| {
+            self.errors.extend(errors);
+            None
+        });
+        // A job's instances start with a run only, and a failed attempt is retried (up to
+        // job.retries, which the run driver counts).
+        let (replicas, restart) = match &job {
+            Some(_) => (
+                Some(0),
+                RestartSpec {
+                    policy: RestartPolicy::OnFailure,
+                    ..restart
+                },
+            ),
+            None => (replicas, restart),
+        };
 
         ServiceSpec {
             name: name.unwrap_or_default(),
@@ -682,6 +705,7 @@ impl Check {
             labels,
             annotations,
             package,
+            job,
         }
     }
 

@@ -6,6 +6,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::run::Run;
 use super::sample::ServiceSample;
 use super::{
     ApplyOutcome, BatchItem, Deleted, Listing, Owner, RolloutStarted, Scaled, ServiceStatus,
@@ -88,6 +89,25 @@ pub(super) enum Request {
     /// Every service and instance as the metrics collector sees them.
     Sample {
         reply: Reply<Vec<ServiceSample>>,
+    },
+    /// Start a run of a job now.
+    RunJob {
+        name: String,
+        reply: Reply<Run>,
+    },
+    GetRun {
+        id: String,
+        reply: Reply<Run>,
+    },
+    /// A job's kept runs, oldest first.
+    ListRuns {
+        name: String,
+        reply: Reply<Vec<Run>>,
+    },
+    /// Stop a run; it ends `cancelled`.
+    CancelRun {
+        id: String,
+        reply: Reply<Run>,
     },
 }
 
@@ -309,6 +329,30 @@ impl SupervisorHandle {
             reply,
         })
         .await
+    }
+
+    /// Start a run of job `name` now (trigger `manual`).
+    pub async fn run_job(&self, name: &str) -> Result<Run, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::RunJob { name, reply }).await
+    }
+
+    /// The run `id` (`NAME-rN`).
+    pub async fn get_run(&self, id: &str) -> Result<Run, SupervisorError> {
+        let id = id.to_string();
+        self.ask(|reply| Request::GetRun { id, reply }).await
+    }
+
+    /// Job `name`'s kept runs, oldest first.
+    pub async fn list_runs(&self, name: &str) -> Result<Vec<Run>, SupervisorError> {
+        let name = name.to_string();
+        self.ask(|reply| Request::ListRuns { name, reply }).await
+    }
+
+    /// Stop run `id`: stop signal, grace, SIGKILL; it ends `cancelled`.
+    pub async fn cancel_run(&self, id: &str) -> Result<Run, SupervisorError> {
+        let id = id.to_string();
+        self.ask(|reply| Request::CancelRun { id, reply }).await
     }
 
     pub async fn summary(&self) -> Result<Summary, SupervisorError> {

@@ -16,6 +16,7 @@ mod driver;
 mod handle;
 pub mod instance;
 pub mod reconcile;
+pub mod run;
 pub mod sample;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,7 @@ pub use desired::ApplyKind;
 pub use driver::{BatchItem, Deps, Driver};
 pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo, Phase};
+pub use run::{Outcome, Run, Trigger};
 
 /// Who a service's desired state belongs to. The source that created it owns it: a change
 /// from the other source is refused (the local API may force one through).
@@ -192,6 +194,8 @@ pub struct ServiceStatus {
     pub event_index: u64,
     /// The current revision's `[artifact]` or `[image]`: fetching, ready or failed.
     pub package: Option<PackageStatus>,
+    /// A job with `[schedule]`: when its next run is due.
+    pub next_run: Option<SystemTime>,
 }
 
 /// Where the current revision's package is.
@@ -226,6 +230,15 @@ pub enum SupervisorError {
     RolloutNotFound { id: String },
     #[error("instance {instance:?} not found")]
     InstanceNotFound { instance: String },
+    #[error("{name:?} is a service, not a job (kind = \"job\" makes one)")]
+    NotAJob { name: String },
+    #[error(
+        "{name:?} is a job: its instances start with its runs (corral run {name}, job.parallelism); \
+         scale, restart and rollback are for services (apply a new spec to change it)"
+    )]
+    IsAJob { name: String },
+    #[error("run {id:?} not found (runs are NAME-rN; a job keeps its last job.history runs)")]
+    RunNotFound { id: String },
     #[error("service {name:?} has rollout {id} running ({progress})")]
     RolloutRunning {
         name: String,

@@ -210,7 +210,7 @@ async fn apply_file(
     session.apply(request).await
 }
 
-fn read_spec(file: &Path) -> anyhow::Result<String> {
+pub(super) fn read_spec(file: &Path) -> anyhow::Result<String> {
     let mut text = String::new();
     if file == Path::new("-") {
         std::io::stdin()

@@ -10,6 +10,7 @@
 
 mod apply;
 mod fleet;
+mod jobs;
 mod rollout;
 mod service;
 mod stream;
@@ -78,6 +79,8 @@ pub enum Outcome {
     Success,
     /// Some of it failed; the failures are already reported.
     Failed,
+    /// Exit with this code: a job's run, as `corral run --wait` returns it.
+    Exit(u8),
 }
 
 /// Runs one command line.
@@ -106,11 +109,17 @@ pub async fn run(
         Command::Signal(args) => {
             service::signal(&conn, output, &args.instance, &args.signal, out).await
         }
+        Command::Logs(args) if args.run.is_some() => {
+            jobs::run_logs(&conn, output, &args, out).await
+        }
         Command::Logs(args) => stream::logs(&conn, output, &args, out, console.interrupt).await,
         Command::Events(args) => {
             stream::events(&conn, output, &args, out, err, console.interrupt).await
         }
         Command::Top(args) => top::top(&conn, output, &args, out, console).await,
         Command::Fleet(args) => fleet::run(&args, output, out, err).await,
+        Command::Run(args) => jobs::run(&conn, output, &args, out, err).await,
+        Command::Runs(args) => jobs::runs(&conn, output, &args.name, out).await,
+        Command::Cancel(args) => jobs::cancel(&conn, output, &args.run, out).await,
     }
 }

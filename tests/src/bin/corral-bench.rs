@@ -13,7 +13,9 @@
 //! of the default confinement against the isolation of earlier releases: seccomp unconfined,
 //! the host's /dev and /proc, no cgroup namespace; and of `userns` on top; at least 50
 //! replacements each), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
-//! per scrape, agent RSS with `--metrics` and without). Default: all.
+//! per scrape, agent RSS with `--metrics` and without), `jobs` (RunJob -> the job's process
+//! executed; a 1-second schedule held for JOBS_HOLD_SECS, default 120: how late each run's
+//! process executed after its due second, and the agent's CPU). Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -184,6 +186,86 @@ async fn main() {
     if wants("metrics") {
         metrics(rounds.max(50)).await;
     }
+    if wants("jobs") {
+        jobs(rounds.max(50)).await;
+    }
+}
+
+/// Jobs: RunJob -> the run's process executed (it writes one byte to a FIFO and exits), over
+/// `rounds` runs; then a job scheduled every second, held for JOBS_HOLD_SECS (default 120):
+/// how long after its due second each run's process wrote its byte, and the agent's CPU.
+async fn jobs(rounds: usize) {
+    let dir = PathBuf::from(format!("/var/tmp/corral-bench-jobs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent = Agent::start_logging(None, "warn").await;
+    let mut fifo = Fifo::new(&dir, "jobs");
+    let fifo_path = fifo.path.display().to_string();
+    let job = |name: &str, extra: &str| {
+        format!(
+            "name = \"{name}\"\nkind = \"job\"\ncommand = [{:?}, \"signal-fifo-exit\", {:?}]\n\
+             [resources]\ncpu = 0.5\nmemory = \"64MiB\"\npids = 64\n{extra}",
+            testbin(),
+            fifo_path
+        )
+    };
+    apply(&agent, &job("trigger", "[job]\nhistory = 5\n")).await;
+    let mut client = agent.client().await;
+    let mut took = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        client
+            .run_job(pb::RunJobRequest {
+                name: "trigger".into(),
+            })
+            .await
+            .expect("run job");
+        fifo.wait_bytes(1).await;
+        took.push(t.elapsed());
+        // Let the run end and be cleaned up before the next.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stats("RunJob -> job process executed", took, true);
+    delete(&agent, "trigger").await;
+
+    let hold: u64 = std::env::var("JOBS_HOLD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120);
+    apply(
+        &agent,
+        &job(
+            "every-second",
+            "[schedule]\ncron = \"* * * * * *\"\n[job]\nhistory = 5\n",
+        ),
+    )
+    .await;
+    // Skip the first run: it may be due in the second of the apply.
+    fifo.wait_bytes(1).await;
+    let pid = agent.pid().expect("pid");
+    let (c0, t0) = (cpu_secs(pid), Instant::now());
+    let mut drift = Vec::new();
+    let mut byte = [0u8; 1];
+    while t0.elapsed() < Duration::from_secs(hold) {
+        tokio::time::timeout(Duration::from_secs(5), fifo.rx.read_exact(&mut byte))
+            .await
+            .expect("a run every second")
+            .expect("read fifo");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970");
+        // Due at the whole second just past.
+        drift.push(Duration::from_nanos(u64::from(now.subsec_nanos())));
+    }
+    let cpu = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    stats(
+        "1 s schedule: due second -> job process executed",
+        drift,
+        true,
+    );
+    println!("1 s schedule held {hold} s: agent CPU {cpu:.2} % of one core");
+    delete(&agent, "every-second").await;
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The services of the `metrics` section: 200 instances with every limit set (so every

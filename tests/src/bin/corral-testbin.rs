@@ -421,6 +421,12 @@ fn main() {
             }
         }
         // Write one byte to the FIFO/file at PATH, then run until SIGTERM (benchmarks).
+        // Write one byte to the FIFO ARG1 and exit 0: a job's run that has executed.
+        "signal-fifo-exit" => {
+            if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(arg(1)) {
+                let _ = f.write_all(b"x");
+            }
+        }
         "signal-fifo" => {
             on_term_exit_zero();
             if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(arg(1)) {

@@ -103,6 +103,7 @@ impl Driver {
         }
         self.record_transition(key, &t, &event);
         self.apply_effects(key, effects);
+        self.job_transition(key, t.before, t.after, &event);
     }
 
     /// The event log entries and log lines for one transition.
@@ -296,6 +297,7 @@ impl Driver {
             return;
         }
         self.unpin_except(name, &[]);
+        self.forget_job(name);
         let Some(Service {
             sockets,
             delete_waiters,

@@ -17,6 +17,7 @@
 //! - [`report`]: status, usage and health; [`sockets`]: the services' listening sockets;
 //!   [`records`]: what is saved for a later agent run.
 
+mod jobs;
 mod lifecycle;
 mod ops;
 mod packages;
@@ -141,6 +142,8 @@ pub struct Driver {
     deps: Deps,
     boot_id: String,
     services: Services,
+    /// The jobs' runs and schedules.
+    jobs: jobs::Jobs,
     requests: mpsc::Receiver<Envelope>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
@@ -187,6 +190,7 @@ impl Driver {
             boot_id: deps.processes.boot_id(),
             deps,
             services: Services::default(),
+            jobs: jobs::Jobs::default(),
             requests,
             internal_tx,
             internal,
@@ -213,11 +217,13 @@ impl Driver {
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             self.reconcile_all();
+            let jobs_wake = self.tick_jobs();
             self.publish_health();
             let wake = self
                 .services
                 .iter()
                 .flat_map(|(_, s)| [reconcile::next_deadline(&s.slots), s.wake])
+                .chain([jobs_wake])
                 .flatten()
                 .min();
             tokio::select! {
@@ -318,6 +324,12 @@ impl Driver {
             } => answer(reply, self.send_signal(&instance, signal)),
             Request::Summary { reply } => answer(reply, Ok(self.summary())),
             Request::Sample { reply } => answer(reply, Ok(self.sample())),
+            Request::RunJob { name, reply } => {
+                answer(reply, self.run_job(&name, super::Trigger::Manual, None))
+            }
+            Request::GetRun { id, reply } => answer(reply, self.get_run(&id)),
+            Request::ListRuns { name, reply } => answer(reply, self.list_runs(&name)),
+            Request::CancelRun { id, reply } => answer(reply, self.cancel_run(&id)),
         }
     }
 }

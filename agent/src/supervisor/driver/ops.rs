@@ -61,6 +61,7 @@ impl Driver {
     ) -> Result<ApplyOutcome, SupervisorError> {
         let name = spec.name.clone();
         self.check_owner(&name, from, force)?;
+        self.check_kind(&spec)?;
         let plan = self.plan_apply(&spec)?;
         let current = self.services.get(&name).map(|s| s.d.generation);
         let generation = match (plan.kind, current) {
@@ -103,6 +104,7 @@ impl Driver {
         if outcome.rollout_id.is_some() || superseded.is_some() {
             self.announce_rollout(&name, superseded);
         }
+        self.note_job(&name);
         Ok(outcome)
     }
 
@@ -174,6 +176,7 @@ impl Driver {
         let mut d = svc.d.clone();
         d.generation += 1;
         let (mut superseded, mut rollout_id) = (None, None);
+        let spec_is_job = spec.job.is_some();
         if matches!(kind, ApplyKind::Scaled | ApplyKind::Labeled) {
             if let Some(r) = d.running_mut() {
                 r.replicas = spec.replicas;
@@ -181,7 +184,11 @@ impl Driver {
             d.spec = spec;
         } else {
             let target = d.new_revision(spec);
-            let n = to_replace(svc.instances(), (target.revision, target.epoch));
+            // A job's runs go on with the revision they started with: nothing is rolled.
+            let n = match spec_is_job {
+                true => 0,
+                false => to_replace(svc.instances(), (target.revision, target.epoch)),
+            };
             let now = SystemTime::now();
             if n == 0 {
                 // Nothing runs that would be replaced: no rollout.
@@ -467,6 +474,13 @@ impl Driver {
         replicas: u32,
         force: bool,
     ) -> Result<Scaled, SupervisorError> {
+        if self
+            .services
+            .get(name)
+            .is_some_and(|s| s.d.spec.job.is_some())
+        {
+            return Err(SupervisorError::IsAJob { name: name.into() });
+        }
         if replicas > spec::MAX_REPLICAS {
             return Err(SupervisorError::ReplicasOutOfRange {
                 replicas,
@@ -748,6 +762,7 @@ impl Driver {
         match self.services.get(name) {
             None => Err(SupervisorError::NotFound { name: name.into() }),
             Some(s) if s.deleting => Err(SupervisorError::Deleting { name: name.into() }),
+            Some(s) if s.d.spec.job.is_some() => Err(SupervisorError::IsAJob { name: name.into() }),
             Some(s) => Ok(s),
         }
     }

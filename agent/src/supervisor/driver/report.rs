@@ -62,16 +62,21 @@ impl Driver {
             .services
             .get_mut(name)
             .ok_or_else(|| SupervisorError::NotFound { name: name.into() })?;
-        Ok(service_status(&self.deps, name, svc, true))
+        let mut status = service_status(&self.deps, name, svc, true);
+        status.next_run = self.next_run_of(name);
+        Ok(status)
     }
 
     /// Every service's status, with usage read within the last [`USAGE_TTL`].
     pub(super) fn list(&mut self) -> Listing {
-        let services = self
+        let mut services: Vec<ServiceStatus> = self
             .services
             .iter_mut()
             .map(|(name, svc)| service_status(&self.deps, name, svc, false))
             .collect();
+        for status in &mut services {
+            status.next_run = self.next_run_of(&status.name);
+        }
         Listing {
             services,
             event_index: last_event(&self.deps),
@@ -169,6 +174,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         generation: svc.d.generation,
         event_index: last_event(deps),
         package: super::packages::package_status(svc),
+        next_run: None,
     }
 }
 

@@ -29,10 +29,12 @@ impl Driver {
     /// those that ended meanwhile, and stop what no record explains.
     pub async fn restore(&mut self) {
         self.load_services();
+        self.load_runs();
         self.adopt_instances();
         self.acquire_sockets();
         self.stop_leftovers().await;
         self.resume_rollouts();
+        self.resume_jobs();
     }
 
     fn load_services(&mut self) {

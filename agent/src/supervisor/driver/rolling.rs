@@ -93,7 +93,12 @@ impl Driver {
     /// What the planner asks of a service now (nothing while it is deleted); `None` when
     /// the running rollout just failed, so the next pass plans anew.
     fn planned_steps(&mut self, name: &str) -> Option<Vec<rollout::Step>> {
-        if self.services.get(name).is_none_or(|s| s.deleting) {
+        // A job's instances start and stop with its runs, never by the planner.
+        if self
+            .services
+            .get(name)
+            .is_none_or(|s| s.deleting || s.d.spec.job.is_some())
+        {
             return Some(Vec::new());
         }
         let now = Instant::now();
