@@ -1,0 +1,179 @@
+//! Attacks on the agent's resources and on what it owns, by real clients and real instances
+//! against the real `corrald`: `Logs` calls over large logs (the agent's memory must not
+//! follow the log size), `[[sockets]]` addresses aimed at live sockets and paths the agent
+//! does not own, an unreadable service record, a second agent on the same cgroup tree, idle
+//! TLS connections from one address, and the low ones (a failed instance record, a delete cut
+//! short, accept failing with EMFILE, certificates without clientAuth, crafted subjects).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use corral_e2e::pki::{Ca, Pem};
+use corral_e2e::{Agent, bin, eventually, free_port, skip_unless_root, testbin};
+
+fn spec(name: &str, replicas: u32, args: &[&str], extra: &str) -> String {
+    let cmd: Vec<String> = std::iter::once(testbin())
+        .chain(args.iter().map(|s| s.to_string()))
+        .map(|s| format!("{s:?}"))
+        .collect();
+    format!(
+        "name = \"{name}\"\ncommand = [{}]\nreplicas = {replicas}\n{extra}\n",
+        cmd.join(", ")
+    )
+}
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The CLI over TLS as `identity`.
+fn cli_tls(port: u16, ca: &Path, identity: &Pem, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("corral"));
+    c.args(args)
+        .env("CORRAL_ADDR", format!("https://localhost:{port}"))
+        .env("CORRAL_TLS_CA", ca)
+        .env("CORRAL_TLS_CERT", &identity.cert)
+        .env("CORRAL_TLS_KEY", &identity.key)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Six parallel `corral logs` over ~50 MB of logs (four instances, rotated files included)
+/// with the `read` role: each gets every record, in time order, and the agent's peak memory
+/// during the calls stays far below the size of the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_a_big_service_do_not_load_into_the_agent() {
+    if skip_unless_root("logs_of_a_big_service_do_not_load_into_the_agent") {
+        return;
+    }
+    const LINES: u64 = 100_000;
+    const REPLICAS: u32 = 4;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "corral-test");
+    let server = ca.server("server");
+    let read = ca.client("read", "dashboard", Some("read"));
+    let port = free_port();
+    let agent = Agent::start_tls("info", port, &server, &ca.cert).await;
+    agent
+        .apply(&spec(
+            "flood",
+            REPLICAS,
+            &["flood", &LINES.to_string()],
+            "[logs]\nmax_size = \"4MiB\"\nmax_files = 10\n",
+        ))
+        .await
+        .expect("apply");
+    let instances = agent.wait_running("flood", REPLICAS as usize).await;
+    for i in &instances {
+        eventually(
+            &format!("{} to finish its flood", i.id),
+            Duration::from_secs(120),
+            || async { agent.stdout_of(&i.id).contains("flood_done=").then_some(()) },
+        )
+        .await;
+    }
+    let logs_bytes: u64 = instances
+        .iter()
+        .flat_map(|i| std::fs::read_dir(agent.state_dir.join("logs").join(&i.id)).expect("dir"))
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let rotated = std::fs::read_dir(agent.state_dir.join("logs").join(&instances[0].id))
+        .expect("dir")
+        .count();
+    assert!(logs_bytes > 48 << 20, "{logs_bytes} bytes of logs");
+    assert!(rotated > 3, "rotated files are part of it: {rotated} files");
+
+    let pid = agent.pid().expect("agent pid");
+    let before = status_kib(pid, "VmRSS");
+    // Reset the peak so that VmHWM is the peak during the calls.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            cli_tls(port, &ca.cert, &read, &["logs", "flood"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("corral logs")
+        })
+        .collect();
+    let mut during = 0;
+    let outputs: Vec<_> = std::thread::scope(|s| {
+        let waiters: Vec<_> = calls
+            .into_iter()
+            .map(|c| s.spawn(move || c.wait_with_output().expect("wait")))
+            .collect();
+        while waiters.iter().any(|w| !w.is_finished()) {
+            during = during.max(status_kib(pid, "VmRSS"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        waiters
+            .into_iter()
+            .map(|w| w.join().expect("join"))
+            .collect()
+    });
+    let peak = status_kib(pid, "VmHWM");
+    let after = status_kib(pid, "VmRSS");
+    eprintln!(
+        "logs: {} MiB on disk; agent RSS before {before} KiB, during (sampled) {during} KiB, \
+         peak {peak} KiB, after {after} KiB",
+        logs_bytes >> 20
+    );
+    for out in &outputs {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Every flood line of every instance, each instance's in order; all in time order.
+        let mut next: std::collections::HashMap<&str, u64> = Default::default();
+        let mut last_time = String::new();
+        for line in text.lines() {
+            let time = line.split(' ').next().unwrap_or_default();
+            assert!(time >= last_time.as_str(), "out of time order: {line:?}");
+            last_time = time.to_string();
+            let mut words = line.split_whitespace();
+            let inst = words.nth(1).unwrap_or_default();
+            let Some(seq) = line
+                .split("| seq=")
+                .nth(1)
+                .and_then(|s| s.get(..8))
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let n = next.entry(inst).or_insert(0);
+            assert_eq!(seq, *n, "{inst}: lines in order, none missing");
+            *n += 1;
+        }
+        assert_eq!(next.len(), REPLICAS as usize);
+        assert!(next.values().all(|&n| n == LINES), "{next:?}");
+    }
+    // Six calls over 50 MB of logs: the agent's peak stays far below the log size.
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 24 * 1024,
+        "the agent grew by {grew} KiB during six Logs calls over {} MiB of logs",
+        logs_bytes >> 20
+    );
+    // And the CLI still works after.
+    let out = cli_tls(port, &ca.cert, &read, &["ls"])
+        .output()
+        .expect("ls");
+    assert!(out.status.success());
+}
