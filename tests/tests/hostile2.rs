@@ -177,3 +177,128 @@ async fn logs_of_a_big_service_do_not_load_into_the_agent() {
         .expect("ls");
     assert!(out.status.success());
 }
+
+fn unix_socket_spec(name: &str, listen: &Path) -> String {
+    spec(
+        name,
+        1,
+        &["serve"],
+        &format!(
+            "[[sockets]]\nname = \"api\"\nlisten = \"unix:{}\"\n",
+            listen.display()
+        ),
+    )
+}
+
+fn identity(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).expect("stat");
+    (m.dev(), m.ino())
+}
+
+/// `[[sockets]]` Unix addresses aimed at the agent's own API socket, at a path inside its
+/// state directory, and at a socket another process listens on are refused with the reason,
+/// and each of those keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_never_take_over_a_live_or_agent_owned_path() {
+    if skip_unless_root("unix_sockets_never_take_over_a_live_or_agent_owned_path") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let api = identity(&agent.socket);
+    let inside_state = agent.state_dir.join("evil.sock");
+    for (listen, says) in [
+        (agent.socket.clone(), "agent's own"),
+        (inside_state.clone(), "agent's own"),
+    ] {
+        let e = agent
+            .apply(&unix_socket_spec("grab", &listen))
+            .await
+            .expect_err("an agent-owned path is refused");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("sockets[0].listen") && e.message().contains(says),
+            "{}",
+            e.message()
+        );
+    }
+    assert!(!inside_state.exists());
+    assert_eq!(identity(&agent.socket), api, "the API socket is untouched");
+    let out = agent.cli(&["ls"]);
+    assert!(out.status.success(), "the CLI still works: {out:?}");
+
+    // A socket someone else listens on.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let theirs = dir.path().join("theirs.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&theirs).expect("bind");
+    let before = identity(&theirs);
+    let e = agent
+        .apply(&unix_socket_spec("grab", &theirs))
+        .await
+        .expect_err("a live socket is refused");
+    assert!(
+        e.message().contains("a process is listening"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(identity(&theirs), before);
+    let _c = std::os::unix::net::UnixStream::connect(&theirs).expect("still theirs");
+    listener
+        .accept()
+        .expect("their listener gets the connection");
+
+    // A stale one (nobody listens) is replaced.
+    drop(listener);
+    agent
+        .apply(&unix_socket_spec("grab", &theirs))
+        .await
+        .expect("a stale socket file is replaced");
+    agent.wait_running("grab", 1).await;
+    std::os::unix::net::UnixStream::connect(&theirs).expect("the agent listens there now");
+}
+
+/// Delete removes the socket file the agent bound, and never one that replaced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_unlinks_only_the_socket_file_the_agent_bound() {
+    if skip_unless_root("delete_unlinks_only_the_socket_file_the_agent_bound") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("svc.sock");
+
+    // Its own: removed.
+    agent
+        .apply(&unix_socket_spec("mine", &path))
+        .await
+        .expect("apply");
+    agent.wait_running("mine", 1).await;
+    assert!(path.exists());
+    agent.delete("mine").await.expect("delete");
+    eventually("the socket file to go", Duration::from_secs(10), || async {
+        (!path.exists()).then_some(())
+    })
+    .await;
+
+    // Replaced by someone else's while the service ran: left alone.
+    agent
+        .apply(&unix_socket_spec("mine", &path))
+        .await
+        .expect("apply");
+    agent.wait_running("mine", 1).await;
+    std::fs::remove_file(&path).expect("unlink");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind theirs");
+    let theirs = identity(&path);
+    agent.delete("mine").await.expect("delete");
+    eventually("the service to go", Duration::from_secs(10), || async {
+        agent.get("mine").await.is_err().then_some(())
+    })
+    .await;
+    // Give a wrong unlink every chance to happen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(identity(&path), theirs, "their socket file is still there");
+    let _c = std::os::unix::net::UnixStream::connect(&path).expect("still theirs");
+    listener
+        .accept()
+        .expect("their listener gets the connection");
+}
