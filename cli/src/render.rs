@@ -740,6 +740,9 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
             format!("{} ({} instances)", n.services, n.instances),
         ),
     ];
+    if !n.quarantined.is_empty() {
+        fields.push(("quarantined", n.quarantined.join("\n")));
+    }
     if let Some(f) = &n.fleet {
         let since = f
             .since
@@ -1437,6 +1440,7 @@ web-2: exec /usr/bin/python3: permission denied
             services: 2,
             instances: 5,
             fleet: None,
+            quarantined: vec![],
         };
         let got = text(|o| write_node(o, &n));
         let want = "\

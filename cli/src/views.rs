@@ -383,6 +383,8 @@ pub struct NodeView {
     pub instances: u32,
     /// With --etcd: the node's link to the fleet.
     pub fleet: Option<FleetLinkView>,
+    /// Services whose saved record was unreadable at start, until an apply repairs them.
+    pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -433,6 +435,7 @@ impl From<&pb::NodeInfo> for NodeView {
             services: n.services,
             instances: n.instances,
             fleet: n.fleet.as_ref().map(FleetLinkView::from),
+            quarantined: n.quarantined.clone(),
         }
     }
 }
@@ -860,6 +863,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RolloutStep) => "rollout_step",
         Ok(T::RolloutFinished) => "rollout_finished",
         Ok(T::Package) => "package",
+        Ok(T::RecordQuarantined) => "record_quarantined",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }

@@ -302,3 +302,103 @@ async fn delete_unlinks_only_the_socket_file_the_agent_bound() {
         .accept()
         .expect("their listener gets the connection");
 }
+
+/// A truncated service record: the agent restarts, sets the file aside, keeps the instances
+/// running (same PIDs, not stopped), reports it in Node and as an event; `corral apply` of
+/// the spec repairs it, adopting the very same instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_service_record_is_quarantined_and_repaired_by_apply() {
+    if skip_unless_root("an_unreadable_service_record_is_quarantined_and_repaired_by_apply") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let toml = spec("keep", 2, &["serve"], "");
+    agent.apply(&toml).await.expect("apply");
+    agent
+        .apply(&spec("other", 1, &["serve"], ""))
+        .await
+        .expect("apply");
+    let mut pids: Vec<i32> = agent
+        .wait_running("keep", 2)
+        .await
+        .iter()
+        .map(|i| i.pid)
+        .collect();
+    pids.sort();
+    let other = agent.wait_running("other", 1).await[0].pid;
+    agent.stop_with(libc::SIGKILL);
+
+    let record = agent.state_dir.join("state/services/keep.json");
+    let bytes = std::fs::read(&record).expect("record");
+    std::fs::write(&record, &bytes[..bytes.len() / 2]).expect("truncate");
+    agent.launch().await;
+
+    // Node reports it; the file is set aside, kept.
+    let mut c = agent.client().await;
+    let node = c
+        .node(corral_e2e::pb::NodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    assert_eq!(node.quarantined.len(), 1, "{:?}", node.quarantined);
+    assert!(
+        node.quarantined[0].starts_with("keep: "),
+        "{:?}",
+        node.quarantined
+    );
+    let aside: Vec<_> = std::fs::read_dir(agent.state_dir.join("state/services"))
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("keep.json.unreadable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the record is kept aside");
+    let out = agent.cli(&["node"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("quarantined"),
+        "{out:?}"
+    );
+    let out = agent.cli(&["events"]);
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("keep") && l.contains("record_quarantined")),
+        "{events}"
+    );
+    // Its instances were not stopped: wait as long as a stop would take, then look.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for pid in &pids {
+        assert!(corral_e2e::alive(*pid), "instance pid {pid} still runs");
+    }
+    // The other service is taken over as usual.
+    assert_eq!(agent.wait_running("other", 1).await[0].pid, other);
+
+    // Apply repairs it, adopting the same processes.
+    agent.apply(&toml).await.expect("apply repairs");
+    let mut after: Vec<i32> = agent
+        .wait_running("keep", 2)
+        .await
+        .iter()
+        .map(|i| i.pid)
+        .collect();
+    after.sort();
+    assert_eq!(after, pids, "the same instances, not restarted");
+    let node = c
+        .node(corral_e2e::pb::NodeRequest {})
+        .await
+        .expect("node")
+        .into_inner();
+    assert!(node.quarantined.is_empty(), "{:?}", node.quarantined);
+    // And the repaired record survives another restart.
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    let mut again: Vec<i32> = agent
+        .wait_running("keep", 2)
+        .await
+        .iter()
+        .map(|i| i.pid)
+        .collect();
+    again.sort();
+    assert_eq!(again, pids);
+}

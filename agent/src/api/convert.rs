@@ -337,6 +337,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::Ready { .. } => pb::EventType::Ready,
         EventKind::OomKill { .. } => pb::EventType::OomKill,
         EventKind::Adopted { .. } => pb::EventType::Adopted,
+        EventKind::RecordQuarantined { .. } => pb::EventType::RecordQuarantined,
         EventKind::Lost { .. } => pb::EventType::Lost,
         EventKind::RolloutStarted { .. } => pb::EventType::RolloutStarted,
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
@@ -476,6 +477,7 @@ pub fn node_to_proto(
     services: u32,
     instances: u32,
     fleet: Option<&FleetReport>,
+    quarantined: Vec<String>,
 ) -> pb::NodeInfo {
     pb::NodeInfo {
         hostname: h.hostname.clone(),
@@ -505,6 +507,7 @@ pub fn node_to_proto(
         services,
         instances,
         fleet: fleet.map(fleet_to_proto),
+        quarantined,
     }
 }
 

@@ -569,6 +569,7 @@ impl Agent for AgentService {
             summary.services,
             summary.instances,
             self.fleet.as_ref().map(|f| f.report()).as_ref(),
+            summary.quarantined,
         )))
     }
 }

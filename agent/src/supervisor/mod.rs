@@ -103,11 +103,14 @@ pub struct Signaled {
 }
 
 /// Counts for the node report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub services: u32,
     /// Instances with live processes.
     pub instances: u32,
+    /// Services whose saved record was unreadable at start, each `NAME: where it was set
+    /// aside: why`, until an apply repairs it.
+    pub quarantined: Vec<String>,
 }
 
 /// One instance, as reported.

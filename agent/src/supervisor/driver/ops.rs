@@ -125,7 +125,8 @@ impl Driver {
             self.persist(&name, &d)?;
             let mut svc = Service::new(d);
             svc.sockets.extend(sockets);
-            self.services.insert(name, svc);
+            self.services.insert(name.clone(), svc);
+            self.repair_quarantined(&name);
             return Ok(None);
         };
         let mut d = svc.d.clone();

@@ -101,6 +101,11 @@ impl Driver {
         Summary {
             services: self.services.len() as u32,
             instances: self.services.live_count() as u32,
+            quarantined: self
+                .quarantined
+                .iter()
+                .map(|(name, what)| format!("{name}: {what}"))
+                .collect(),
         }
     }
 
