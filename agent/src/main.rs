@@ -634,6 +634,13 @@ async fn run(s: Settings) -> Result<()> {
     let agent_metrics = metrics_endpoint.as_ref().map(|_| AgentMetrics::default());
     let cgroups =
         cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
+    // Held for the agent's life: a second agent on this tree would stop our instances.
+    let _tree_lock = match cgroups.tree_dir() {
+        Some(dir) => {
+            Some(cgroups::owner::lock_tree(&dir, &s.state_dir).context("taking the cgroup tree")?)
+        }
+        None => None,
+    };
     let cgroups: Arc<dyn cgroups::CgroupBackend> = match &agent_metrics {
         Some(m) => Arc::new(CountingCgroups::new(cgroups, m.cgroup_errors.clone())),
         None => cgroups,

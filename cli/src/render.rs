@@ -785,6 +785,9 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
             format!("cpu {}, memory {}", n.overcommit_cpu, n.overcommit_memory),
         ));
     }
+    if !n.quarantined.is_empty() {
+        fields.push(("quarantined", n.quarantined.join("\n")));
+    }
     if let Some(f) = &n.fleet {
         let since = f
             .since
@@ -1511,6 +1514,7 @@ web-2: exec /usr/bin/python3: permission denied
             }),
             overcommit_cpu: 4.0,
             overcommit_memory: 1.0,
+            quarantined: vec![],
         };
         let got = text(|o| write_node(o, &n));
         let want = "\

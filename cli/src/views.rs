@@ -413,6 +413,8 @@ pub struct NodeView {
     pub overcommit_memory: f64,
     /// With --etcd: the node's link to the fleet.
     pub fleet: Option<FleetLinkView>,
+    /// Services whose saved record was unreadable at start, until an apply repairs them.
+    pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -485,6 +487,7 @@ impl From<&pb::NodeInfo> for NodeView {
             committed: n.committed.as_ref().map(CapacityView::from),
             overcommit_cpu: n.overcommit_cpu,
             overcommit_memory: n.overcommit_memory,
+            quarantined: n.quarantined.clone(),
         }
     }
 }
@@ -917,6 +920,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RunStarted) => "run_started",
         Ok(T::RunFinished) => "run_finished",
         Ok(T::RunSkipped) => "run_skipped",
+        Ok(T::RecordQuarantined) => "record_quarantined",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }

@@ -70,6 +70,13 @@ impl Ca {
         self.sign(name, client_params(cn, unit))
     }
 
+    /// A client certificate made without any extended key usage (so without clientAuth).
+    pub fn client_without_eku(&self, name: &str, cn: &str, unit: &str) -> Pem {
+        let mut p = client_params(cn, Some(unit));
+        p.extended_key_usages = Vec::new();
+        self.sign(name, p)
+    }
+
     /// A client certificate that expired yesterday (valid for a day before that).
     pub fn expired_client(&self, name: &str, cn: &str, unit: &str) -> Pem {
         let mut p = client_params(cn, Some(unit));

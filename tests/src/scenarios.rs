@@ -25,6 +25,7 @@ pub const KERNEL: &[&str] = &[
     "escape_is_refused",
     "escape_is_refused_readonly_root",
     "userns_root_is_not_host_root",
+    "a_second_agent_on_the_same_cgroup_tree_is_refused",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -47,6 +48,9 @@ pub async fn run(name: &str) -> bool {
         "escape_is_refused" => escape_is_refused(false).await,
         "escape_is_refused_readonly_root" => escape_is_refused(true).await,
         "userns_root_is_not_host_root" => userns_root_is_not_host_root().await,
+        "a_second_agent_on_the_same_cgroup_tree_is_refused" => {
+            a_second_agent_on_the_same_cgroup_tree_is_refused().await
+        }
         _ => return false,
     }
     true
@@ -1092,4 +1096,95 @@ pub async fn userns_root_is_not_host_root() {
     agent.delete("uns").await.expect("delete");
     let kept = std::fs::read_to_string(agent.state_dir.join("userns-ids.json")).unwrap_or_default();
     assert!(!kept.contains("\"uns\""), "released: {kept}");
+}
+
+/// A second agent on the same cgroup tree (its own state directory, the same
+/// `--cgroup-parent`) refuses to start, naming the first; the first's instances run on. Once
+/// the first is dead, its tree is taken over.
+pub async fn a_second_agent_on_the_same_cgroup_tree_is_refused() {
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("mine", 1, &["serve"], ""))
+        .await
+        .expect("apply");
+    let pid = agent.wait_running("mine", 1).await[0].pid;
+    let first = agent.pid().expect("pid");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let parent = agent.cgroup.flag().to_string();
+    let second = || {
+        let mut c = std::process::Command::new(crate::bin("corrald"));
+        c.arg("--state-dir")
+            .arg(other.path().join("state"))
+            .arg("--socket")
+            .arg(other.path().join("corral.sock"))
+            .arg("--cgroup-parent")
+            .arg(&parent)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut child = second().spawn().expect("spawn");
+    let mut exited = None;
+    for _ in 0..300 {
+        if let Some(st) = child.try_wait().expect("wait") {
+            exited = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Some(status) = exited else {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "the second agent kept running on the first one's tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let out = child.wait_with_output().expect("output");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!status.success());
+    assert!(
+        text.contains("another running corrald")
+            && text.contains(&format!("pid {first}"))
+            && text.contains(&agent.state_dir.display().to_string()),
+        "{text}"
+    );
+    // The first agent's instance was not touched, and it still serves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(pid));
+    assert_eq!(agent.wait_running("mine", 1).await[0].pid, pid);
+
+    // A dead owner's tree is taken over.
+    agent.stop_with(libc::SIGKILL);
+    let mut child = second().spawn().expect("spawn");
+    let sock = other.path().join("corral.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            panic!("the second agent exited with {st}");
+        }
+        if crate::connect(&sock).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second agent serves"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its instance is a leftover for the second agent, which stops it.
+    let stopped = eventually(
+        "the leftover to be stopped",
+        Duration::from_secs(30),
+        || async { (!alive(pid)).then_some(()) },
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(35), stopped).await;
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    stopped.expect("stopped in time");
 }

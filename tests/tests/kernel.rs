@@ -27,3 +27,4 @@ scenario!(rolling_restart_keeps_serving);
 scenario!(capabilities_as_configured);
 scenario!(readonly_root_keeps_workdir_and_tmp_writable);
 scenario!(nofile_limit_applies);
+scenario!(a_second_agent_on_the_same_cgroup_tree_is_refused);

@@ -105,6 +105,11 @@ async fn only_certificates_from_the_client_ca_get_in() {
             Some(p.ca.expired_client("expired", "old-scheduler", "admin")),
             "certificate expired",
         ),
+        (
+            "no clientAuth extended key usage",
+            Some(p.ca.client_without_eku("no-eku", "anything", "admin")),
+            "must say clientAuth",
+        ),
     ];
     for (what, identity, reason) in &refused {
         // A fresh agent for each: refusals are logged at most 20 per 10 s, and a client

@@ -487,6 +487,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::Ready { .. } => pb::EventType::Ready,
         EventKind::OomKill { .. } => pb::EventType::OomKill,
         EventKind::Adopted { .. } => pb::EventType::Adopted,
+        EventKind::RecordQuarantined { .. } => pb::EventType::RecordQuarantined,
         EventKind::Lost { .. } => pb::EventType::Lost,
         EventKind::RolloutStarted { .. } => pb::EventType::RolloutStarted,
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,
@@ -708,6 +709,7 @@ pub fn node_to_proto(h: &HostInfo, f: &NodeFacts<'_>) -> pb::NodeInfo {
         services,
         instances,
         fleet: f.fleet.as_ref().map(fleet_to_proto),
+        quarantined: f.summary.quarantined.clone(),
     }
 }
 

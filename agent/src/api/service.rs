@@ -148,31 +148,37 @@ impl AgentService {
             since,
             follow,
         } = q;
-        use crate::logs::{Follower, StartAt, read_instance};
+        use crate::logs::{Follower, Merged, StartAt};
         let io = |e: crate::logs::LogError| Status::internal(e.to_string());
-        let mut lines = Vec::new();
-        let mut positions = Vec::new();
-        for id in &instances {
-            let root = self.log_root.clone();
-            let id2 = id.clone();
-            let t = tokio::task::spawn_blocking(move || read_instance(&root, &id2, tail, since))
+        let task = |e: tokio::task::JoinError| Status::internal(e.to_string());
+        // One service-wide view: by time, the last `tail` of all instances together, read as
+        // it is sent (a block and a record per stream held, whatever the size of the logs).
+        let root = self.log_root.clone();
+        let ids = instances.clone();
+        let (mut merged, positions) =
+            tokio::task::spawn_blocking(move || Merged::open(&root, &ids, tail, since))
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(task)?
                 .map_err(io)?;
-            lines.extend(t.lines);
-            positions.push((id.clone(), t.position));
-        }
-        // One service-wide view: by time, the last `tail` of all instances together.
-        lines.sort_by_key(|l| l.time);
-        if let Some(n) = tail {
-            let skip = lines.len().saturating_sub(n);
-            lines.drain(..skip);
-        }
-        for l in lines {
-            if tx.send(Ok(line_to_proto(l))).await.is_err() {
-                return Ok(());
+        loop {
+            let (back, batch) = tokio::task::spawn_blocking(move || {
+                let batch = merged.next_batch(LOGS_BATCH);
+                (merged, batch)
+            })
+            .await
+            .map_err(task)?;
+            merged = back;
+            let batch = batch.map_err(io)?;
+            if batch.is_empty() {
+                break;
+            }
+            for l in batch {
+                if tx.send(Ok(line_to_proto(l))).await.is_err() {
+                    return Ok(());
+                }
             }
         }
+        drop(merged);
         if !follow {
             return Ok(());
         }
@@ -214,6 +220,9 @@ impl AgentService {
         }
     }
 }
+
+/// Records read from the files at a time for a Logs call (each at most a `MAX_RECORD`).
+const LOGS_BATCH: usize = 256;
 
 /// What a Logs call asks for, once checked.
 struct LogsQuery {

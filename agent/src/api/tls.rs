@@ -198,6 +198,31 @@ pub fn identity(der: &[u8]) -> (String, Role) {
     }
 }
 
+/// Why a client certificate may not be used to log in: one whose extended key usage does not
+/// include TLS client authentication (a server certificate, or one made without any EKU,
+/// which the verifier would take as good for every purpose) is refused.
+pub fn refuse_client_cert(der: &[u8]) -> Option<String> {
+    let cert = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert,
+        Err(e) => return Some(format!("unreadable client certificate ({e})")),
+    };
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if eku.value.client_auth => None,
+        Ok(Some(_)) => Some(format!(
+            "client certificate {} is not for client authentication (its extended key usage lacks clientAuth)",
+            cert.subject()
+        )),
+        Ok(None) => Some(format!(
+            "client certificate {} has no extended key usage: it must say clientAuth",
+            cert.subject()
+        )),
+        Err(e) => Some(format!(
+            "client certificate {}: unreadable extended key usage ({e})",
+            cert.subject()
+        )),
+    }
+}
+
 /// Accept TLS connections on `listener` until `shutdown`, handing each finished handshake
 /// to the API server.
 pub fn incoming(
@@ -247,6 +272,12 @@ pub fn incoming(
                 drop(handshake);
                 match done {
                     Ok(Ok(stream)) => {
+                        if let Some([leaf, ..]) = stream.get_ref().1.peer_certificates()
+                            && let Some(why) = refuse_client_cert(leaf)
+                        {
+                            refused(peer, &why);
+                            return;
+                        }
                         let caller = tls_caller(&stream, peer);
                         tracing::debug!(caller = %caller, role = caller.role.as_str(), "API connection");
                         let conn = Conn::new(stream, caller, idle_timeout)

@@ -16,6 +16,7 @@ pub mod devices;
 #[cfg(test)]
 mod fake;
 mod fsutil;
+pub mod owner;
 #[cfg(any(test, feature = "testkit"))]
 pub mod recording;
 mod seam;
@@ -363,6 +364,12 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     fn open_dir(&self, path: &CgroupPath) -> Result<Option<OwnedFd>, CgroupError> {
         let _ = path;
         Ok(None)
+    }
+
+    /// The directory of the agent's tree (the parent cgroup; on v1, in the first hierarchy
+    /// used), which [`owner::lock_tree`] locks. `None` for backends without one.
+    fn tree_dir(&self) -> Option<PathBuf> {
+        None
     }
 
     /// Let the cgroup's processes open and create only the devices of a minimal `/dev` (see

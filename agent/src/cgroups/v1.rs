@@ -330,6 +330,10 @@ impl CgroupBackend for V1Backend {
         &self.caps
     }
 
+    fn tree_dir(&self) -> Option<PathBuf> {
+        self.dirs(&CgroupPath::root()).next()
+    }
+
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {
         let p = path.to_string();
         if let Some(reason) = self.caps.refuse(limits) {

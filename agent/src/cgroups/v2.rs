@@ -425,6 +425,10 @@ impl CgroupBackend for V2Backend {
         Ok(vec![fd])
     }
 
+    fn tree_dir(&self) -> Option<PathBuf> {
+        Some(self.dir(&CgroupPath::root()))
+    }
+
     fn open_dir(&self, path: &CgroupPath) -> Result<Option<OwnedFd>, CgroupError> {
         let dir = self.dir(path);
         nix::fcntl::open(

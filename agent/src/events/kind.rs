@@ -83,6 +83,9 @@ pub enum EventKind {
     OomKill { count: u64 },
     /// An instance left running by an earlier agent run was taken over.
     Adopted { pid: i32 },
+    /// The service's saved record could not be read at start: `record` says where it was
+    /// set aside, `reason` why. Its instances run on untouched until an apply repairs it.
+    RecordQuarantined { record: String, reason: String },
     /// Not written by this release: an instance whose end could not be observed is an
     /// `instance_exited` with end `lost` and the reason in `detail`. Kept so that event logs of
     /// earlier releases still read.
@@ -198,6 +201,7 @@ impl EventKind {
             EventKind::Ready { .. } => "ready",
             EventKind::OomKill { .. } => "oom_kill",
             EventKind::Adopted { .. } => "adopted",
+            EventKind::RecordQuarantined { .. } => "record_quarantined",
             EventKind::Lost { .. } => "lost",
             EventKind::RolloutStarted { .. } => "rollout_started",
             EventKind::RolloutStep { .. } => "rollout_step",
@@ -255,6 +259,11 @@ impl EventKind {
                 format!("OOM kill inside the running instance ({count} so far)")
             }
             EventKind::Adopted { pid } => format!("adopted pid {pid} from an earlier agent run"),
+            EventKind::RecordQuarantined { record, reason } => {
+                format!(
+                    "saved record unreadable ({reason}): {record}; instances left as they are until an apply"
+                )
+            }
             EventKind::Lost { reason } => format!("lost: {reason}"),
             EventKind::RolloutStarted {
                 rollout,

@@ -21,6 +21,7 @@
 mod files;
 mod follow;
 pub mod format;
+mod merge;
 mod read;
 pub mod writer;
 
@@ -33,6 +34,7 @@ use std::time::SystemTime;
 
 pub use follow::Follower;
 pub use format::{MAX_PAYLOAD, MAX_RECORD, Stream, TIMESTAMP_LEN, parse_record};
+pub use merge::Merged;
 pub use read::{Tail, read_instance};
 
 /// Unit of reading: backwards for `tail`, forwards when following.

@@ -132,7 +132,7 @@ fn io_err(path: &Path, source: io::Error) -> LogError {
 }
 
 /// `a` after `b`, where `None` (a record with no time after it) is after everything.
-fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
+pub(super) fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     match (a, b) {
         (_, None) => false,
         (None, Some(_)) => true,
@@ -210,7 +210,7 @@ impl RevStream<'_> {
 /// The lines of a file from its end backwards, reading a block at a time: memory holds one
 /// block plus at most one record.
 #[derive(Debug)]
-struct RevReader {
+pub(super) struct RevReader {
     file: File,
     /// File offset of `buf[0]`.
     lo: u64,
@@ -226,7 +226,7 @@ impl RevReader {
     /// A reader of `file` (of `size` bytes) from its end. For a `live` file an unterminated
     /// last record is left out, as the writer is still writing it; an unterminated tail longer
     /// than [`MAX_RECORD`] is not waited for, and is returned in pieces.
-    fn new(file: File, size: u64, live: bool) -> io::Result<RevReader> {
+    pub(super) fn new(file: File, size: u64, live: bool) -> io::Result<RevReader> {
         let mut r = RevReader {
             file,
             lo: size,
@@ -254,7 +254,7 @@ impl RevReader {
     }
 
     /// Offset right after the last record this reader returns.
-    fn end(&self) -> u64 {
+    pub(super) fn end(&self) -> u64 {
         self.lo + self.buf.len() as u64
     }
 
@@ -284,8 +284,14 @@ impl RevReader {
         Ok(true)
     }
 
+    /// File offset of the start of the record last returned (of the unread rest before the
+    /// first call).
+    pub(super) fn last_start(&self) -> u64 {
+        self.lo + self.cut.unwrap_or(self.buf.len()) as u64
+    }
+
     /// The record before the last one returned, without its `\n`.
-    fn prev(&mut self) -> io::Result<Option<&[u8]>> {
+    pub(super) fn prev(&mut self) -> io::Result<Option<&[u8]>> {
         if let Some(cut) = self.cut.take() {
             self.buf.truncate(cut);
         }

@@ -70,6 +70,10 @@ impl CgroupBackend for CountingCgroups {
         self.inner.capabilities()
     }
 
+    fn tree_dir(&self) -> Option<std::path::PathBuf> {
+        self.inner.tree_dir()
+    }
+
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {
         self.errors.count("create", self.inner.create(path, limits))
     }

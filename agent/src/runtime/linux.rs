@@ -21,7 +21,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -65,7 +65,13 @@ pub struct LinuxRuntime {
     /// Compiled seccomp programs, by policy, each in a sealed memfd that every instance's
     /// init and probe helper of that policy gets (and reads) as it is.
     filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
+    /// The `unix:` socket files this agent bound (or took back), by path, with the identity
+    /// they had then: only that very file is ever unlinked.
+    bound: Mutex<HashMap<PathBuf, FileIdentity>>,
 }
+
+/// A file's device and inode numbers.
+type FileIdentity = (u64, u64);
 
 /// The init to execute: the small `corral-init` installed next to `corrald`, or in
 /// `../libexec/corral/` from `corrald`'s directory (`/usr/bin/corrald` finds
@@ -193,6 +199,7 @@ impl LinuxRuntime {
             users: None,
             userns: None,
             idmaps: Mutex::new(HashMap::new()),
+            bound: Mutex::new(HashMap::new()),
             filters: Mutex::new(HashMap::new()),
         })
     }
@@ -213,7 +220,6 @@ impl LinuxRuntime {
 
     /// Why `spec`'s user namespace cannot be made here, field by field (none: it can).
     fn userns_preflight(&self, spec: &ServiceSpec) -> Vec<FieldError> {
-        use std::os::unix::fs::MetadataExt;
         let mut why = Vec::new();
         let Some(ids) = &self.userns else {
             why.push(FieldError::new(
@@ -295,7 +301,6 @@ impl LinuxRuntime {
     /// group. `None` for a workdir owned by root: mapping it would let root inside make
     /// files owned by the host's root (a setuid binary...), so it stays as it is.
     fn idmapped_workdir(&self, workdir: &Path, base: u32) -> io::Result<Option<OwnedFd>> {
-        use std::os::unix::fs::MetadataExt;
         let meta = fs::metadata(workdir)?;
         if meta.uid() == 0 {
             return Ok(None);
@@ -972,16 +977,34 @@ impl SocketBroker for LinuxRuntime {
     }
 
     fn bind_socket(&self, listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
-        bind_listener(listen)
+        if let crate::spec::ListenAddr::Unix(path) = listen {
+            refuse_agent_path(path, &self.masked)?;
+        }
+        let fd = bind_listener(listen)?;
+        if let crate::spec::ListenAddr::Unix(path) = listen {
+            self.remember_socket_file(path);
+        }
+        Ok(fd)
     }
 
     fn unlink_socket(&self, listen: &crate::spec::ListenAddr) {
-        use std::os::unix::fs::FileTypeExt;
-        if let crate::spec::ListenAddr::Unix(path) = listen
-            && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-            && let Err(e) = fs::remove_file(path)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove a socket file");
+        let crate::spec::ListenAddr::Unix(path) = listen else {
+            return;
+        };
+        let ours = lock_map(&self.bound).remove(path);
+        let now = fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        match (ours, now) {
+            (_, None) => {}
+            (Some(ours), Some(now)) if ours == now => {
+                if let Err(e) = fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a socket file");
+                }
+            }
+            (ours, Some(_)) => tracing::warn!(
+                path = %path.display(),
+                bound_by_this_agent = ours.is_some(),
+                "the socket file is not the one this agent bound (replaced since): left in place"
+            ),
         }
     }
 
@@ -1006,6 +1029,12 @@ impl SocketBroker for LinuxRuntime {
                 "fd {fd} of pid {} is not a socket listening on {listen}",
                 process.pid
             )));
+        }
+        if let crate::spec::ListenAddr::Unix(path) = listen {
+            // The file there now is the one the instance's socket was bound to, unless
+            // someone replaced it while no agent ran; either way it is the one to remove
+            // when the service goes, and nothing that appears there later is.
+            self.remember_socket_file(path);
         }
         Ok(sock)
     }
@@ -1082,7 +1111,32 @@ fn bind_listener(listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
         }
         crate::spec::ListenAddr::Unix(path) => {
             match fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_socket() => fs::remove_file(path)?,
+                Ok(m) if m.file_type().is_socket() => {
+                    // Only a stale socket file is replaced: one a process listens on is not.
+                    match std::os::unix::net::UnixStream::connect(path) {
+                        Ok(_) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!(
+                                    "{}: a process is listening on this socket; corral replaces only a stale socket file",
+                                    path.display()
+                                ),
+                            ));
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                            fs::remove_file(path)?
+                        }
+                        Err(e) => {
+                            return Err(io::Error::new(
+                                e.kind(),
+                                format!(
+                                    "{}: cannot tell whether a process listens on this socket ({e}); it is left in place",
+                                    path.display()
+                                ),
+                            ));
+                        }
+                    }
+                }
                 Ok(_) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
@@ -1100,6 +1154,42 @@ fn bind_listener(listen: &crate::spec::ListenAddr) -> io::Result<OwnedFd> {
             Ok(fd)
         }
     }
+}
+
+impl LinuxRuntime {
+    fn remember_socket_file(&self, path: &Path) {
+        if let Ok(m) = fs::symlink_metadata(path) {
+            lock_map(&self.bound).insert(path.to_path_buf(), (m.dev(), m.ino()));
+        }
+    }
+}
+
+fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Refuse a `unix:` socket path inside the agent's own directories (its state directory,
+/// its API socket's directory): binding there would replace or shadow what the agent itself
+/// serves and keeps.
+fn refuse_agent_path(path: &Path, agent_dirs: &[PathBuf]) -> io::Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    // Where the path really leads: its directory without symbolic links (a missing directory
+    // cannot be bound in anyway, and is reported by the bind).
+    let real = match (fs::canonicalize(parent), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    };
+    if let Some(dir) = agent_dirs.iter().find(|d| real.starts_with(d)) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is inside {}, a directory of the agent's own (its state or its API socket): choose a path outside it",
+                path.display(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `fd` is a listening socket bound to `listen`.

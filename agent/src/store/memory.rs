@@ -11,6 +11,8 @@ use super::{Store, StoreError};
 #[derive(Debug, Default)]
 pub struct MemStore {
     data: Mutex<BTreeMap<(String, String), Vec<u8>>>,
+    /// Values set aside, by their key.
+    quarantined: Mutex<BTreeMap<(String, String), Vec<u8>>>,
     fail_writes: Mutex<bool>,
     /// Names whose `put` fails (one service's record on a failing disk sector).
     fail_names: Mutex<Vec<String>>,
@@ -98,5 +100,21 @@ impl Store for MemStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(kind.to_string(), name.to_string()));
         Ok(())
+    }
+
+    fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError> {
+        self.check()?;
+        let key = (kind.to_string(), name.to_string());
+        let value = self
+            .data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
+            .unwrap_or_default();
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, value);
+        Ok(format!("(memory)/{kind}/{name}.unreadable"))
     }
 }

@@ -46,6 +46,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// also after the agent crashes) but without waiting for the disk: for records that
     /// describe processes, which a power loss ends anyway.
     fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Set `kind/name` aside, kept but no longer listed (a value that cannot be read):
+    /// returns where it is now.
+    fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError>;
 }
 
 fn valid_component(s: &str) -> bool {
@@ -176,6 +180,24 @@ impl Store for FileStore {
 
     fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
         self.remove(kind, name)
+    }
+
+    fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError> {
+        let path = self.path(kind, name)?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Not `.json` any more: never listed, never overwritten by a later put.
+        let aside = path.with_file_name(format!("{name}.json.unreadable-{secs}"));
+        let err = |what, source| StoreError::Io {
+            path: path.clone(),
+            what,
+            source,
+        };
+        fs::rename(&path, &aside).map_err(|e| err("setting aside", e))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        fsync_dir(&dir).map_err(|e| err("fsync of the directory", e))?;
+        Ok(aside.display().to_string())
     }
 }
 

@@ -123,7 +123,7 @@ pub struct Listing {
 }
 
 /// Counts for the node report.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     pub services: u32,
     /// Instances with live processes.
@@ -131,6 +131,9 @@ pub struct Summary {
     /// What the services commit (see [`capacity`]).
     pub committed: capacity::Amounts,
     pub capacity: Option<capacity::CapacityPolicy>,
+    /// Services whose saved record was unreadable at start, each `NAME: where it was set
+    /// aside: why`, until an apply repairs it.
+    pub quarantined: Vec<String>,
 }
 
 /// One instance, as reported.

@@ -151,6 +151,9 @@ pub struct Driver {
     probes: mpsc::UnboundedReceiver<ProbeReport>,
     /// Each service's health, as instances add it up; the API serves it as grpc.health.v1.
     health_tx: watch_channel::Sender<BTreeMap<String, ServiceHealth>>,
+    /// Services whose saved record could not be read at start, set aside until an apply
+    /// repairs them: what Node reports for each. Their instances keep running, untouched.
+    quarantined: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -197,6 +200,7 @@ impl Driver {
             probe_tx,
             probes,
             health_tx,
+            quarantined: BTreeMap::new(),
         };
         (driver, SupervisorHandle::new(tx))
     }

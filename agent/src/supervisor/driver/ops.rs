@@ -214,7 +214,10 @@ impl Driver {
         if p.created {
             let mut svc = Service::new(p.d);
             svc.sockets.extend(sockets);
-            self.services.insert(p.name, svc);
+            self.services.insert(p.name.clone(), svc);
+            // A service whose record was quarantined at start: its running instances are
+            // taken back under the applied spec.
+            self.repair_quarantined(&p.name);
             return None;
         }
         if let Some(svc) = self.services.get_mut(&p.name) {

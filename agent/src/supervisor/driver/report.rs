@@ -118,6 +118,11 @@ impl Driver {
                     .map(|(_, s)| crate::supervisor::capacity::commitment(&s.d.spec)),
             ),
             capacity: self.deps.capacity,
+            quarantined: self
+                .quarantined
+                .iter()
+                .map(|(name, what)| format!("{name}: {what}"))
+                .collect(),
         }
     }
 

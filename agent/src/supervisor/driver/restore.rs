@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lifecycle::remove_when_empty;
-use super::records::{InstanceRecord, RecordedState};
+use super::records::{InstanceRecord, RecordedState, SERVICES};
 use super::slots::{Service, Slot};
 use super::{Driver, cgroup_of};
 use crate::cgroups::{CgroupBackend, CgroupPath};
@@ -46,13 +46,58 @@ impl Driver {
                     }
                     self.services.insert(name, Service::new(d));
                 }
-                Ok(_) => {
-                    tracing::error!(service = %name, "stored spec names another service; ignored")
-                }
-                Err(e) => {
-                    tracing::error!(service = %name, error = %e, "stored spec unreadable; ignored")
-                }
+                Ok(d) => self.quarantine(
+                    &name,
+                    &format!("the record names another service ({:?})", d.spec.name),
+                ),
+                Err(e) => self.quarantine(&name, &e),
             }
+        }
+    }
+
+    /// A service whose record cannot be read: the file set aside (kept), its instances left
+    /// running as they are (not adopted, not stopped) until an apply repairs it, and that
+    /// reported in the log, an event and Node.
+    fn quarantine(&mut self, name: &str, why: &str) {
+        let moved = match self.deps.store.quarantine(SERVICES, name) {
+            Ok(to) => format!("set aside as {to}"),
+            Err(e) => format!("could not be set aside ({e})"),
+        };
+        tracing::error!(service = %name, error = %why, record = %moved, "the service's saved record is unreadable: its instances are left running as they are until `corral apply` repairs it");
+        self.emit(
+            name,
+            None,
+            EventKind::RecordQuarantined {
+                record: moved.clone(),
+                reason: why.to_string(),
+            },
+        );
+        self.quarantined
+            .insert(name.to_string(), format!("record {moved}: {why}"));
+    }
+
+    /// After an apply created a service that was quarantined: its instances that still run
+    /// are adopted as running the applied spec (nothing is restarted for the repair), those
+    /// that ended meanwhile are handled by its restart policy.
+    pub(super) fn repair_quarantined(&mut self, name: &str) {
+        if self.quarantined.remove(name).is_none() {
+            return;
+        }
+        let Some(d) = self.services.get(name).map(|s| (s.d.revision, s.d.epoch)) else {
+            return;
+        };
+        tracing::info!(service = %name, "the service's record is repaired: taking over its instances");
+        let ended: Vec<(InstanceKey, String)> = self
+            .saved_instances()
+            .into_iter()
+            .filter(|(key, _)| key.service == name)
+            .filter_map(|(key, mut rec)| {
+                (rec.revision, rec.epoch) = d;
+                Some(key.clone()).zip(self.restore_slot(key, rec))
+            })
+            .collect();
+        for (key, why) in ended {
+            self.ended_while_away(&key, &why);
         }
     }
 
@@ -72,6 +117,10 @@ impl Driver {
     /// Put a saved instance back in its slot, taking over a running one. Returns why a
     /// running one could not be taken over.
     fn restore_slot(&mut self, key: InstanceKey, rec: InstanceRecord) -> Option<String> {
+        if self.quarantined.contains_key(&key.service) {
+            // Kept as it is until the service's record is repaired.
+            return None;
+        }
         let Some(svc) = self.services.get_mut(&key.service) else {
             // Its service was deleted: its cgroup, if any, is a leftover.
             self.forget_record(&key.to_string());
@@ -148,6 +197,8 @@ impl Driver {
             .unwrap_or_default()
             .into_iter()
             .filter(|svc| spec::valid_service_name(svc))
+            // A quarantined service's instances run on, untouched.
+            .filter(|svc| !self.quarantined.contains_key(svc))
             .collect();
         let tasks: Vec<LeftoverStop> = services
             .iter()
