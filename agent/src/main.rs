@@ -143,6 +143,10 @@ struct Flags {
     /// Serve --metrics in plain HTTP on an address other hosts can reach.
     #[arg(long)]
     metrics_insecure: bool,
+    /// How often the autoscaler samples the load of services with `[scale]` (10ms-1m).
+    /// Default: 1s.
+    #[arg(long, value_name = "DURATION")]
+    autoscale_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +179,7 @@ struct ConfigFile {
     metrics_tls_cert: Option<PathBuf>,
     metrics_tls_key: Option<PathBuf>,
     metrics_insecure: Option<bool>,
+    autoscale_interval: Option<String>,
 }
 
 #[derive(Debug)]
@@ -191,6 +196,7 @@ struct Settings {
     userns_ids: runtime::users::IdRange,
     fleet: Option<FleetConfig>,
     metrics: Option<Endpoint>,
+    autoscale_interval: std::time::Duration,
 }
 
 /// The fleet flags, checked together: all of them need --etcd, which needs --node.
@@ -407,7 +413,21 @@ fn settings(flags: Flags) -> Result<Settings> {
         flags.metrics_tls_key.or(file.metrics_tls_key),
         flags.metrics_insecure || file.metrics_insecure.unwrap_or(false),
     )?;
+    let autoscale_interval = match flags.autoscale_interval.or(file.autoscale_interval) {
+        None => std::time::Duration::from_secs(1),
+        Some(text) => {
+            let d = spec::parse_duration(&text)
+                .map_err(|e| anyhow::anyhow!("--autoscale-interval: {e}"))?;
+            if !(std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(60))
+                .contains(&d)
+            {
+                bail!("--autoscale-interval {text:?} is out of range: give 10ms to 1m");
+            }
+            d
+        }
+    };
     Ok(Settings {
+        autoscale_interval,
         max_cache,
         max_fetches,
         fleet,
@@ -655,7 +675,8 @@ async fn run(s: Settings) -> Result<()> {
         namespaces.clone(),
         events.clone(),
     )
-    .with_packages(Arc::new(packages));
+    .with_packages(Arc::new(packages))
+    .with_autoscale_interval(s.autoscale_interval);
     let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();

@@ -15,7 +15,7 @@ use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
 use crate::spec::artifact::{RawArtifact, RawImage};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
-    RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
+    RawRestart, RawRollout, RawScale, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
 use crate::supervisor::{ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, ServiceStatus};
 
@@ -108,6 +108,14 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             min_healthy: r.min_healthy,
             healthy_deadline: r.healthy_deadline,
             auto_rollback: r.auto_rollback,
+        }),
+        scale: p.scale.map(|s| RawScale {
+            min: s.min.map(i64::from),
+            max: s.max.map(i64::from),
+            target_connections: s.target_connections.map(i64::from),
+            target_cpu: s.target_cpu,
+            idle_after: s.idle_after,
+            scale_down_delay: s.scale_down_delay,
         }),
         stop: p.stop.map(|s| RawStop {
             signal: s.signal,
@@ -239,6 +247,14 @@ pub fn spec_to_proto(spec: &ServiceSpec) -> pb::ServiceSpec {
             digest: i.digest,
             persist: i.persist,
         }),
+        scale: r.scale.map(|s| pb::Scale {
+            min: u32_of(s.min),
+            max: u32_of(s.max),
+            target_connections: u32_of(s.target_connections),
+            target_cpu: s.target_cpu,
+            idle_after: s.idle_after,
+            scale_down_delay: s.scale_down_delay,
+        }),
     }
 }
 
@@ -326,7 +342,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
     match k {
         EventKind::Applied { .. } => pb::EventType::Applied,
         EventKind::Deleted => pb::EventType::Deleted,
-        EventKind::Scaled { .. } => pb::EventType::Scaled,
+        EventKind::Scaled { .. } | EventKind::Autoscaled { .. } => pb::EventType::Scaled,
         EventKind::InstanceStarted { .. } => pb::EventType::InstanceStarted,
         EventKind::StartFailed { .. } => pb::EventType::StartFailed,
         EventKind::InstanceExited { .. } => pb::EventType::InstanceExited,
@@ -403,6 +419,14 @@ pub fn status_to_proto(s: &ServiceStatus) -> pb::ServiceStatus {
             error: p.error.clone(),
         }),
         owner: owner_to_proto(s.owner) as i32,
+        autoscale: s.autoscale.as_ref().map(|a| pb::AutoscaleStatus {
+            recommended: a.recommended,
+            reason: a.reason.clone(),
+            connections: a.connections,
+            queued: a.queued,
+            cpu: a.cpu,
+            waiting: a.waiting,
+        }),
     }
 }
 

@@ -14,9 +14,11 @@
 //!   records and events;
 //! - [`ops`]: the operations the API asks for (apply, restart, rollback, scale, delete,
 //!   signal);
+//! - [`autoscale`]: on-demand start and autoscaling of services with `[scale]`;
 //! - [`report`]: status, usage and health; [`sockets`]: the services' listening sockets;
 //!   [`records`]: what is saved for a later agent run.
 
+mod autoscale;
 mod lifecycle;
 mod ops;
 mod packages;
@@ -44,6 +46,7 @@ use crate::artifact::{Packages, Prepared};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
 use crate::health::{ProbeReport, ServiceHealth};
+use crate::runtime::load::{KernelLoad, LoadProbe};
 use crate::runtime::{InitExit, InstanceFiles, Processes, SocketBroker};
 use crate::spec::{InstanceKey, Namespace};
 use crate::store::Store;
@@ -68,6 +71,10 @@ pub struct Deps {
     /// The artifact and image store; `None`: specs with `[artifact]` or `[image]` are
     /// refused.
     pub packages: Option<Arc<dyn Packages>>,
+    /// The load on listening sockets, for `[scale]`.
+    pub load: Arc<dyn LoadProbe>,
+    /// How often the autoscaler samples the load.
+    pub autoscale_interval: std::time::Duration,
 }
 
 impl Deps {
@@ -92,7 +99,15 @@ impl Deps {
             namespaces,
             events,
             packages: None,
+            load: Arc::new(KernelLoad),
+            autoscale_interval: autoscale::DEFAULT_INTERVAL,
         }
+    }
+
+    /// With another autoscaler sampling interval.
+    pub fn with_autoscale_interval(mut self, interval: std::time::Duration) -> Deps {
+        self.autoscale_interval = interval;
+        self
     }
 
     /// With the artifact and image store.
@@ -123,6 +138,10 @@ enum Internal {
         revision: u64,
         result: Result<Prepared, String>,
     },
+    /// A connection waits on a service at 0 instances.
+    Wake { service: String },
+    /// The autoscaler's sample of the load.
+    Load(autoscale::Sample),
 }
 
 pub struct Driver {
@@ -136,6 +155,7 @@ pub struct Driver {
     probes: mpsc::UnboundedReceiver<ProbeReport>,
     /// Each service's health, as instances add it up; the API serves it as grpc.health.v1.
     health_tx: watch_channel::Sender<BTreeMap<String, ServiceHealth>>,
+    scaling: autoscale::Scaling,
 }
 
 impl std::fmt::Debug for Driver {
@@ -173,6 +193,7 @@ impl Driver {
         let (health_tx, _) = watch_channel::channel(BTreeMap::new());
         let driver = Driver {
             boot_id: deps.processes.boot_id(),
+            scaling: autoscale::Scaling::new(deps.autoscale_interval),
             deps,
             services: Services::default(),
             requests,
@@ -201,11 +222,13 @@ impl Driver {
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
             self.reconcile_all();
+            self.autoscale_pass();
             self.publish_health();
             let wake = self
                 .services
                 .iter()
                 .flat_map(|(_, s)| [reconcile::next_deadline(&s.slots), s.wake])
+                .chain([self.scaling.wake()])
                 .flatten()
                 .min();
             tokio::select! {
@@ -234,6 +257,8 @@ impl Driver {
                 revision,
                 result,
             } => self.on_package(&service, revision, result),
+            Internal::Wake { service } => self.on_wake(&service),
+            Internal::Load(sample) => self.on_sample(sample),
         }
     }
 

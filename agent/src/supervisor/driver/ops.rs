@@ -257,6 +257,23 @@ impl Driver {
             });
         }
         self.check_owner(name, from, force)?;
+        let previous =
+            self.set_replicas(name, replicas, |from, to| EventKind::Scaled { from, to })?;
+        Ok(Scaled {
+            name: name.into(),
+            previous,
+            replicas,
+        })
+    }
+
+    /// Set a service's desired count (persisted, recorded as `event(from, to)`); the previous
+    /// count. The scaled spec must be one Apply accepts.
+    pub(super) fn set_replicas(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        event: impl FnOnce(u32, u32) -> EventKind,
+    ) -> Result<u32, SupervisorError> {
         let svc = self.service_for_rollout(name)?;
         let previous = svc.d.spec.replicas;
         if previous != replicas {
@@ -264,7 +281,7 @@ impl Driver {
             let mut spec = (*d.spec).clone();
             spec.replicas = replicas;
             // Some rules depend on the instance count (a fixed port cannot be shared by
-            // instances on the host's network): the scaled spec must be one Apply accepts.
+            // instances on the host's network).
             spec.to_raw().validate()?;
             d.spec = Arc::new(spec);
             if let Some(r) = d.running_mut() {
@@ -272,17 +289,12 @@ impl Driver {
             }
             self.persist(name, &d)?;
             tracing::info!(service = %name, previous, replicas, "scaled");
-            let (from, to) = (previous, replicas);
-            self.emit(name, None, EventKind::Scaled { from, to });
+            self.emit(name, None, event(previous, replicas));
             if let Some(svc) = self.services.get_mut(name) {
                 svc.d = d;
             }
         }
-        Ok(Scaled {
-            name: name.into(),
-            previous,
-            replicas,
-        })
+        Ok(previous)
     }
 
     /// Begin deleting a service: its record goes first, then every instance is stopped;

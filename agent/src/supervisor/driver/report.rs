@@ -62,14 +62,20 @@ impl Driver {
             .services
             .get_mut(name)
             .ok_or_else(|| SupervisorError::NotFound { name: name.into() })?;
-        Ok(service_status(&self.deps, name, svc, true))
+        let mut status = service_status(&self.deps, name, svc, true);
+        status.autoscale = self.scaling.status(name);
+        Ok(status)
     }
 
     /// Every service's status, with usage read within the last [`USAGE_TTL`].
     pub(super) fn list(&mut self) -> Vec<ServiceStatus> {
+        let scaling = &self.scaling;
         self.services
             .iter_mut()
-            .map(|(name, svc)| service_status(&self.deps, name, svc, false))
+            .map(|(name, svc)| ServiceStatus {
+                autoscale: scaling.status(name),
+                ..service_status(&self.deps, name, svc, false)
+            })
             .collect()
     }
 
@@ -155,6 +161,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         revisions: svc.d.revisions(),
         paused: svc.d.paused,
         package: super::packages::package_status(svc),
+        autoscale: None,
     }
 }
 
