@@ -376,6 +376,7 @@ fn spec_name(text: &str) -> Option<String> {
 fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStatus {
     ServiceStatus {
         package: None,
+        autoscale: None,
         name: name.to_owned(),
         revision,
         owner: corral_proto::v1::ServiceOwner::Local as i32,
