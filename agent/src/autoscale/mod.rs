@@ -178,7 +178,7 @@ fn asked_for(spec: &ScaleSpec, cpu_limit: Option<f64>, load: Load) -> (u32, Stri
 /// A duration as a person reads it, to the tenth of a second.
 fn shown(d: Duration) -> String {
     let tenths = d.as_millis() / 100;
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{}s", tenths / 10)
     } else {
         format!("{}.{}s", tenths / 10, tenths % 10)
