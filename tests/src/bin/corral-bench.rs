@@ -13,7 +13,10 @@
 //! of the default confinement against the isolation of earlier releases: seccomp unconfined,
 //! the host's /dev and /proc, no cgroup namespace; and of `userns` on top; at least 50
 //! replacements each), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
-//! per scrape, agent RSS with `--metrics` and without). Default: all.
+//! per scrape, agent RSS with `--metrics` and without), `coldstart` (connect() to the first
+//! response byte of a server already running, started by `systemd-socket-activate`, started
+//! by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services).
+//! Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -183,6 +186,9 @@ async fn main() {
     }
     if wants("metrics") {
         metrics(rounds.max(50)).await;
+    }
+    if wants("coldstart") {
+        corral_e2e::coldstart::bench(rounds.max(50)).await;
     }
 }
 
