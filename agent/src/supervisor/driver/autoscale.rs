@@ -47,6 +47,11 @@ struct Scaled {
     scaler: Autoscaler,
     /// Watching its sockets for a first connection, while its count is 0.
     waiters: Vec<AbortOnDrop>,
+    /// A cold start could not be recorded (the store failed): not watched again before.
+    retry_at: Option<Instant>,
+    /// Why the last cold start failed, shown while the service waits again; cleared once an
+    /// instance runs.
+    failure: Option<String>,
     status: AutoscaleStatus,
     /// The CPU counters of its instances at the last sample, for a rate.
     cpu: HashMap<InstanceKey, (Instant, u64)>,
@@ -115,13 +120,16 @@ impl Driver {
                 .or_insert_with(|| Scaled {
                     scaler: Autoscaler::new(now),
                     waiters: Vec::new(),
+                    retry_at: None,
+                    failure: None,
                     status: AutoscaleStatus::default(),
                     cpu: HashMap::new(),
                 });
             scaled.status.waiting = cold;
             if !cold {
                 scaled.waiters.clear();
-            } else if scaled.waiters.is_empty() {
+            } else if scaled.waiters.is_empty() && scaled.retry_at.is_none_or(|t| now >= t) {
+                scaled.retry_at = None;
                 let fds = fds.flatten().unwrap_or_default();
                 scaled.waiters = fds
                     .iter()
@@ -211,7 +219,13 @@ impl Driver {
         let reason = "0 → 1: a connection is waiting (cold start)".to_owned();
         scaled.status.recommended = 1;
         scaled.status.reason = reason.clone();
-        self.autoscale_to(service, 1, reason);
+        if !self.autoscale_to(service, 1, reason) {
+            // Readable still: watching again now would wake at once, for ever.
+            let interval = self.scaling.interval;
+            if let Some(scaled) = self.scaling.services.get_mut(service) {
+                scaled.retry_at = Some(now + interval);
+            }
+        }
     }
 
     /// A sample came back: decide each service's count.
@@ -239,7 +253,10 @@ impl Driver {
         let current = svc.d.spec.replicas;
         let cpu_limit = svc.d.spec.resources.cpu;
         let rollout = svc.d.running().is_some();
-        let gave_up = current > 0
+        // Only where the service may be at zero: with `min` above, what runs is kept as a
+        // fixed count would be.
+        let gave_up = spec.min == 0
+            && current > 0
             && !svc.slots.is_empty()
             && svc
                 .slots
@@ -256,6 +273,10 @@ impl Driver {
                 })
                 .unwrap_or_else(|| "the instances ended".to_owned())
         });
+        let runs = svc
+            .slots
+            .values()
+            .any(|slot| matches!(slot.instance.state, State::Running { .. }));
         let fds: Vec<Arc<OwnedFd>> = svc.sockets.values().map(|(_, fd)| fd.clone()).collect();
         let Some(scaled) = self.scaling.services.get_mut(&s.service) else {
             return;
@@ -273,6 +294,9 @@ impl Driver {
             seen.insert(key.clone(), (at, *ns));
         }
         scaled.cpu = seen;
+        if runs {
+            scaled.failure = None;
+        }
         let load = Load {
             connections: s.connections,
             queued: s.queued,
@@ -294,8 +318,9 @@ impl Driver {
             if let Some(scaled) = self.scaling.services.get_mut(&s.service) {
                 scaled.status.recommended = 0;
                 scaled.status.reason = reason.clone();
+                scaled.failure = Some(reason.clone());
             }
-            self.autoscale_to(&s.service, 0, reason);
+            let _ = self.autoscale_to(&s.service, 0, reason);
             return;
         }
         if rollout {
@@ -305,21 +330,28 @@ impl Driver {
         }
         let d = scaled.scaler.decide(&spec, cpu_limit, current, load, at);
         scaled.status.recommended = d.target;
-        scaled.status.reason = d.reason.clone();
+        scaled.status.reason = match &scaled.failure {
+            Some(why) if current == 0 && d.target == 0 => why.clone(),
+            _ => d.reason.clone(),
+        };
         if d.target != current {
-            self.autoscale_to(&s.service, d.target, d.reason);
+            let _ = self.autoscale_to(&s.service, d.target, d.reason);
         }
     }
 
-    /// Make `to` the service's desired count, recorded with `reason`.
-    fn autoscale_to(&mut self, service: &str, to: u32, reason: String) {
+    /// Make `to` the service's desired count, recorded with `reason`; whether it is.
+    fn autoscale_to(&mut self, service: &str, to: u32, reason: String) -> bool {
         let result = self.set_replicas(service, to, |from, to| EventKind::Autoscaled {
             from,
             to,
             reason,
         });
-        if let Err(e) = result {
-            tracing::error!(service = %service, to, error = %e, "autoscaler: cannot change the count");
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(service = %service, to, error = %e, "autoscaler: cannot change the count");
+                false
+            }
         }
     }
 }
