@@ -184,8 +184,13 @@ impl Driver {
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
             let at = Instant::now();
-            let result = load
-                .socket_load(&groups)
+            // The netlink parser is a third party's: a panic on odd kernel data is an error
+            // here, never a sampler that stops for good.
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                load.socket_load(&groups)
+            }))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the socket table reader panicked")));
+            let result = read
                 .map_err(|e| format!("reading the sockets' load: {e}"))
                 .map(|loads| {
                     jobs.into_iter()
