@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod artifact;
+pub mod autoscale;
 pub mod cgroups;
 pub mod events;
 pub mod fleet;

@@ -151,6 +151,10 @@ struct Flags {
     /// `cpu=4.0,memory=1.0` (ratios of at least 1). Default: 1.0 for both, no overcommit.
     #[arg(long, value_name = "cpu=RATIO,memory=RATIO")]
     overcommit: Option<String>,
+    /// How often the autoscaler samples the load of services with `[scale]` (10ms-1m).
+    /// Default: 1s.
+    #[arg(long, value_name = "DURATION")]
+    autoscale_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +189,7 @@ struct ConfigFile {
     metrics_insecure: Option<bool>,
     reserve: Option<String>,
     overcommit: Option<String>,
+    autoscale_interval: Option<String>,
 }
 
 #[derive(Debug)]
@@ -203,6 +208,7 @@ struct Settings {
     userns_ids: runtime::users::IdRange,
     fleet: Option<FleetConfig>,
     metrics: Option<Endpoint>,
+    autoscale_interval: std::time::Duration,
 }
 
 /// The fleet flags, checked together: all of them need --etcd, which needs --node.
@@ -430,9 +436,23 @@ fn settings(flags: Flags) -> Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--overcommit {text}: {e}"))?,
         None => capacity::Ratios::default(),
     };
+    let autoscale_interval = match flags.autoscale_interval.or(file.autoscale_interval) {
+        None => std::time::Duration::from_secs(1),
+        Some(text) => {
+            let d = spec::parse_duration(&text)
+                .map_err(|e| anyhow::anyhow!("--autoscale-interval: {e}"))?;
+            if !(std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(60))
+                .contains(&d)
+            {
+                bail!("--autoscale-interval {text:?} is out of range: give 10ms to 1m");
+            }
+            d
+        }
+    };
     Ok(Settings {
         reserve,
         overcommit,
+        autoscale_interval,
         max_cache,
         max_fetches,
         fleet,
@@ -699,7 +719,8 @@ async fn run(s: Settings) -> Result<()> {
         events.clone(),
     )
     .with_packages(Arc::new(packages))
-    .with_capacity(policy);
+    .with_capacity(policy)
+    .with_autoscale_interval(s.autoscale_interval);
     let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();

@@ -37,7 +37,10 @@ fn check_message(p: &pb::ServiceSpec) -> Result<(), TestCaseError> {
     // The spec is the one described, not a default standing in for a field.
     prop_assert_eq!(&spec.name, &p.name);
     prop_assert_eq!(&spec.command, &p.command);
-    prop_assert_eq!(spec.replicas, p.replicas.unwrap_or(1));
+    // Under [scale], replicas starts at `min` unless given.
+    let default_replicas = spec.scale.map_or(1, |s| s.min);
+    prop_assert_eq!(spec.replicas, p.replicas.unwrap_or(default_replicas));
+    prop_assert_eq!(spec.scale.is_some(), p.scale.is_some());
     prop_assert_eq!(spec.env.len(), p.env.len());
     for (k, v) in &p.env {
         prop_assert_eq!(spec.env.get(k), Some(v));

@@ -378,6 +378,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
         package: None,
         next_run_at: None,
         next_run_local: String::new(),
+        autoscale: None,
         name: name.to_owned(),
         revision,
         owner: corral_proto::v1::ServiceOwner::Local as i32,

@@ -258,6 +258,19 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         };
         fields.push(("next run", format!("{next}{local}")));
     }
+    if let Some(a) = &s.autoscale {
+        fields.push((
+            "autoscale",
+            format!(
+                "recommends {}: {}\n{} connections ({} queued), cpu {:.2} cores",
+                a.recommended,
+                autoscale_reason(a),
+                a.connections,
+                a.queued,
+                a.cpu
+            ),
+        ));
+    }
     if !s.revisions.is_empty() {
         let revisions: Vec<String> = s.revisions.iter().map(u64::to_string).collect();
         fields.push(("revisions", revisions.join(", ")));
@@ -913,6 +926,7 @@ pub fn write_top(
     node: &pb::NodeInfo,
     at: SystemTime,
     rows: &[TopRowView],
+    scaled: &[(String, pb::AutoscaleStatus)],
 ) -> io::Result<()> {
     let time = time_seconds(&prost_types::Timestamp::from(at)).unwrap_or_default();
     writeln!(
@@ -954,7 +968,48 @@ pub fn write_top(
             r.last_exit.clone().unwrap_or_else(dash),
         ]);
     }
+    table.write(out)?;
+    write_autoscale_lines(out, scaled)
+}
+
+/// Under `top`'s table: each autoscaled service's recommendation and what it saw.
+fn write_autoscale_lines(
+    out: &mut dyn Write,
+    scaled: &[(String, pb::AutoscaleStatus)],
+) -> io::Result<()> {
+    if scaled.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    let mut table = Table::new(vec![
+        "SERVICE",
+        "RECOMMENDS",
+        "CONNS",
+        "QUEUED",
+        "CPU",
+        "WHY",
+    ]);
+    for (name, a) in scaled {
+        table.row(vec![
+            name.clone(),
+            a.recommended.to_string(),
+            a.connections.to_string(),
+            a.queued.to_string(),
+            format!("{:.2}", a.cpu),
+            one_line(&autoscale_reason(a)),
+        ]);
+    }
     table.write(out)
+}
+
+/// The autoscaler's last word on a service, as one line.
+pub fn autoscale_reason(a: &pb::AutoscaleStatus) -> String {
+    match (a.waiting, a.reason.is_empty()) {
+        (true, true) => "waiting for a first connection".to_owned(),
+        (true, false) => format!("waiting for a first connection (last: {})", a.reason),
+        (false, true) => "no sample yet".to_owned(),
+        (false, false) => a.reason.clone(),
+    }
 }
 
 /// One apply (or dry run) result: a summary line, then each change indented.
@@ -1201,6 +1256,7 @@ mod tests {
             package: None,
             next_run_at: None,
             next_run_local: String::new(),
+            autoscale: None,
             name: "web".into(),
             revision: 3,
             owner: pb::ServiceOwner::Local as i32,
@@ -1460,7 +1516,7 @@ web-2: exec /usr/bin/python3: permission denied
             ..row.clone()
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_740_830_400_900);
-        let got = text(|o| write_top(o, &node, at, &[row, idle]));
+        let got = text(|o| write_top(o, &node, at, &[row, idle], &[]));
         assert_eq!(
             got,
             "node1  load 0.50 0.25 0.12  memory 1.5GiB available of 4GiB  2025-03-01T12:00:00Z\n\
@@ -1469,7 +1525,7 @@ web-2: exec /usr/bin/python3: permission denied
              web      web-0     running  healthy  4242  12.3  12.3MiB  1         exited(3)\n\
              batch    batch-0   backoff  -        -     -     -        1         -\n"
         );
-        let got = text(|o| write_top(o, &node, at, &[]));
+        let got = text(|o| write_top(o, &node, at, &[], &[]));
         assert!(got.ends_with("\n\nno instances\n"), "{got}");
     }
 

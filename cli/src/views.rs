@@ -37,6 +37,21 @@ pub struct ServiceView {
     pub revisions: Vec<u64>,
     pub spec: Option<SpecView>,
     pub instances: Vec<InstanceView>,
+    /// Services with `[scale]`: the autoscaler's last look; `null` without `[scale]`.
+    pub autoscale: Option<AutoscaleView>,
+}
+
+/// What the autoscaler saw at its last sample of a service and recommends.
+#[derive(Debug, Serialize)]
+pub struct AutoscaleView {
+    pub recommended: u32,
+    pub reason: String,
+    pub connections: u32,
+    pub queued: u32,
+    /// Cores its instances used.
+    pub cpu: f64,
+    /// No instance: waiting for a first connection.
+    pub waiting: bool,
 }
 
 impl From<&pb::ServiceStatus> for ServiceView {
@@ -55,6 +70,14 @@ impl From<&pb::ServiceStatus> for ServiceView {
             revisions: s.revisions.clone(),
             spec: s.spec.as_ref().map(SpecView::from),
             instances: s.instances.iter().map(InstanceView::from).collect(),
+            autoscale: s.autoscale.as_ref().map(|a| AutoscaleView {
+                recommended: a.recommended,
+                reason: a.reason.clone(),
+                connections: a.connections,
+                queued: a.queued,
+                cpu: a.cpu,
+                waiting: a.waiting,
+            }),
         }
     }
 }
@@ -76,6 +99,8 @@ pub struct SpecView {
     /// `null` when the service has no health check.
     pub health: Option<HealthView>,
     pub rollout: RolloutView,
+    /// `null` without `[scale]`.
+    pub scale: Option<ScaleSpecView>,
     pub stop: StopView,
     pub logs: LogsView,
     /// `null` when the service does not run from an archive.
@@ -167,6 +192,14 @@ impl From<&pb::ServiceSpec> for SpecView {
                 notify: h.notify,
             }),
             rollout: RolloutView::from(&s.rollout.unwrap_or_default()),
+            scale: s.scale.as_ref().map(|x| ScaleSpecView {
+                min: x.min,
+                max: x.max,
+                target_connections: x.target_connections,
+                target_cpu: x.target_cpu,
+                idle_after: x.idle_after.clone(),
+                scale_down_delay: x.scale_down_delay.clone(),
+            }),
             stop: StopView {
                 signal: stop.signal,
                 grace: stop.grace_ms.map(human_ms),
@@ -237,6 +270,17 @@ pub struct HealthView {
     pub success_threshold: Option<u32>,
     pub restart_on_failure: Option<bool>,
     pub notify: Option<bool>,
+}
+
+/// The spec's `[scale]`.
+#[derive(Debug, Serialize)]
+pub struct ScaleSpecView {
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub target_connections: Option<u32>,
+    pub target_cpu: Option<f64>,
+    pub idle_after: Option<String>,
+    pub scale_down_delay: Option<String>,
 }
 
 /// A rollout policy: the spec's `[rollout]`, or the one a rollout runs with.
@@ -1104,6 +1148,7 @@ mod tests {
             package: None,
             next_run_at: None,
             next_run_local: String::new(),
+            autoscale: None,
             name: "web".into(),
             revision: 3,
             owner: pb::ServiceOwner::Etcd as i32,
@@ -1140,6 +1185,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "autoscale",
                 "deleting",
                 "desired",
                 "health",

@@ -8,6 +8,7 @@
 pub mod apiload;
 pub mod artifacts;
 pub mod cgroup;
+pub mod coldstart;
 pub mod etcd;
 pub mod load;
 pub mod netns;

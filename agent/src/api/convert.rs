@@ -16,7 +16,7 @@ use crate::spec::artifact::{RawArtifact, RawImage};
 use crate::spec::job::{RawJob, RawSchedule};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
-    RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
+    RawRestart, RawRollout, RawScale, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec, SpecError,
 };
 use crate::supervisor::{
     ApplyKind, ExitClass, ExitInfo, InstanceStatus, Phase, Run, ServiceStatus,
@@ -130,6 +130,14 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             min_healthy: r.min_healthy_ms.map(millis),
             healthy_deadline: r.healthy_deadline_ms.map(millis),
             auto_rollback: r.auto_rollback,
+        }),
+        scale: p.scale.map(|s| RawScale {
+            min: s.min.map(i64::from),
+            max: s.max.map(i64::from),
+            target_connections: s.target_connections.map(i64::from),
+            target_cpu: s.target_cpu,
+            idle_after: s.idle_after,
+            scale_down_delay: s.scale_down_delay,
         }),
         stop: p.stop.map(|s| RawStop {
             signal: s.signal,
@@ -252,8 +260,8 @@ fn u32_of(v: Option<i64>) -> Option<u32> {
 /// instances get (from `host` when the spec leaves them open).
 pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec {
     let (artifact, image) = spec::artifact::Package::to_raw(spec.package.as_ref());
-    // A job's sections as written back (every default explicit); `None` for a service.
-    let jobs = spec.to_raw();
+    // A job's and [scale]'s sections as written back (every default explicit).
+    let written = spec.to_raw();
     let caps = spec
         .isolation
         .capabilities
@@ -373,19 +381,27 @@ pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec
         }),
         labels: spec.labels.clone().into_iter().collect(),
         annotations: spec.annotations.clone().into_iter().collect(),
-        kind: jobs.kind,
-        schedule: jobs.schedule.map(|s| pb::JobSchedule {
+        kind: written.kind,
+        schedule: written.schedule.map(|s| pb::JobSchedule {
             cron: s.cron,
             timezone: s.timezone,
             concurrency: s.concurrency,
             catch_up: s.catch_up,
             jitter: s.jitter,
         }),
-        job: jobs.job.map(|j| pb::JobLimits {
+        job: written.job.map(|j| pb::JobLimits {
             timeout: j.timeout,
             retries: u32_of(j.retries),
             parallelism: u32_of(j.parallelism),
             history: u32_of(j.history),
+        }),
+        scale: written.scale.map(|s| pb::Scale {
+            min: u32_of(s.min),
+            max: u32_of(s.max),
+            target_connections: u32_of(s.target_connections),
+            target_cpu: s.target_cpu,
+            idle_after: s.idle_after,
+            scale_down_delay: s.scale_down_delay,
         }),
     }
 }
@@ -476,7 +492,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
     match k {
         EventKind::Applied { .. } => pb::EventType::Applied,
         EventKind::Deleted => pb::EventType::Deleted,
-        EventKind::Scaled { .. } => pb::EventType::Scaled,
+        EventKind::Scaled { .. } | EventKind::Autoscaled { .. } => pb::EventType::Scaled,
         EventKind::InstanceStarted { .. } => pb::EventType::InstanceStarted,
         EventKind::StartFailed { .. } => pb::EventType::StartFailed,
         EventKind::InstanceExited { .. } => pb::EventType::InstanceExited,
@@ -585,6 +601,14 @@ pub fn status_to_proto(s: &ServiceStatus, host: &HostDefaults) -> pb::ServiceSta
             .zip(s.spec.job.as_ref().and_then(|j| j.schedule.as_ref()))
             .and_then(|(at, schedule)| crate::schedule::local_time(schedule, at))
             .unwrap_or_default(),
+        autoscale: s.autoscale.as_ref().map(|a| pb::AutoscaleStatus {
+            recommended: a.recommended,
+            reason: a.reason.clone(),
+            connections: a.connections,
+            queued: a.queued,
+            cpu: a.cpu,
+            waiting: a.waiting,
+        }),
     }
 }
 

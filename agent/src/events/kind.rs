@@ -48,6 +48,9 @@ pub enum EventKind {
     Deleted,
     /// The desired instance count changed.
     Scaled { from: u32, to: u32 },
+    /// The autoscaler changed the desired instance count; `reason` says why (`"2 → 4: 83
+    /// connections, target 20 per instance"`).
+    Autoscaled { from: u32, to: u32, reason: String },
     /// An instance's process is running.
     InstanceStarted { pid: i32, revision: u64 },
     /// An instance could not be started.
@@ -191,6 +194,7 @@ impl EventKind {
             EventKind::Applied { .. } => "applied",
             EventKind::Deleted => "deleted",
             EventKind::Scaled { .. } => "scaled",
+            EventKind::Autoscaled { .. } => "autoscaled",
             EventKind::InstanceStarted { .. } => "instance_started",
             EventKind::StartFailed { .. } => "start_failed",
             EventKind::InstanceExited { .. } => "instance_exited",
@@ -233,6 +237,7 @@ impl EventKind {
             }
             EventKind::Deleted => "deleted".to_owned(),
             EventKind::Scaled { from, to } => format!("scaled from {from} to {to}"),
+            EventKind::Autoscaled { reason, .. } => format!("autoscaled {reason}"),
             EventKind::InstanceStarted { pid, revision } => {
                 format!("started as pid {pid} (revision {revision})")
             }

@@ -24,6 +24,7 @@ pub mod fake;
 pub mod init;
 pub mod launch;
 pub mod linux;
+pub mod load;
 mod mounts;
 pub mod package;
 mod preflight;

@@ -4,7 +4,8 @@ use super::artifact::Package;
 use super::job::{JobSpec, Kind, RawJob, RawSchedule};
 use super::types::{
     HealthSpec, Namespace, PortSpec, Probe, RawHealth, RawIsolation, RawLogs, RawPort,
-    RawResources, RawRestart, RawRollout, RawSize, RawSocket, RawSpec, RawStop, ServiceSpec,
+    RawResources, RawRestart, RawRollout, RawScale, RawSize, RawSocket, RawSpec, RawStop,
+    ServiceSpec,
 };
 use super::units::{format_duration, format_size};
 use super::validate::expand_hostname;
@@ -93,6 +94,14 @@ impl ServiceSpec {
                 min_healthy: Some(format_duration(self.rollout.min_healthy)),
                 healthy_deadline: Some(format_duration(self.rollout.healthy_deadline)),
                 auto_rollback: Some(self.rollout.auto_rollback),
+            }),
+            scale: self.scale.map(|s| RawScale {
+                min: Some(i64::from(s.min)),
+                max: Some(i64::from(s.max)),
+                target_connections: s.target_connections.map(i64::from),
+                target_cpu: s.target_cpu,
+                idle_after: Some(format_duration(s.idle_after)),
+                scale_down_delay: Some(format_duration(s.scale_down_delay)),
             }),
             stop: Some(RawStop {
                 signal: Some(self.stop.signal_name.clone()),

@@ -241,6 +241,26 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         "rollout.auto_rollback".into(),
         ro.auto_rollback.to_string(),
     );
+    if let Some(sc) = &spec.scale {
+        push(12, "scale.min".into(), sc.min.to_string());
+        push(12, "scale.max".into(), sc.max.to_string());
+        if let Some(t) = sc.target_connections {
+            push(12, "scale.target_connections".into(), t.to_string());
+        }
+        if let Some(t) = sc.target_cpu {
+            push(12, "scale.target_cpu".into(), t.to_string());
+        }
+        push(
+            12,
+            "scale.idle_after".into(),
+            format_duration(sc.idle_after),
+        );
+        push(
+            12,
+            "scale.scale_down_delay".into(),
+            format_duration(sc.scale_down_delay),
+        );
+    }
     push(13, "stop.signal".into(), spec.stop.signal_name.clone());
     push(13, "stop.grace".into(), format_duration(spec.stop.grace));
     push(14, "logs.max_size".into(), format_size(spec.logs.max_size));

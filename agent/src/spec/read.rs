@@ -9,8 +9,8 @@ use super::artifact::{RawArtifact, RawImage};
 use super::error::{FieldError, SpecError, child};
 use super::job::{JOB_KEYS, RawJob, RawSchedule, SCHEDULE_KEYS};
 use super::types::{
-    RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawSize,
-    RawSocket, RawSpec, RawStop,
+    RawHealth, RawIsolation, RawLogs, RawPort, RawResources, RawRestart, RawRollout, RawScale,
+    RawSize, RawSocket, RawSpec, RawStop,
 };
 
 /// The field of an error that is about the TOML syntax itself.
@@ -31,6 +31,7 @@ pub const TOP_KEYS: &[&str] = &[
     "restart",
     "health",
     "rollout",
+    "scale",
     "stop",
     "logs",
     "artifact",
@@ -67,6 +68,14 @@ const HEALTH_KEYS: &[&str] = &[
     "success_threshold",
     "restart_on_failure",
     "notify",
+];
+const SCALE_KEYS: &[&str] = &[
+    "min",
+    "max",
+    "target_connections",
+    "target_cpu",
+    "idle_after",
+    "scale_down_delay",
 ];
 const ROLLOUT_KEYS: &[&str] = &[
     "max_surge",
@@ -409,6 +418,7 @@ impl Reader {
             restart: self.section(t, "restart", Self::restart),
             health: self.section(t, "health", Self::health),
             rollout: self.section(t, "rollout", Self::rollout),
+            scale: self.section(t, "scale", Self::scale),
             stop: self.section(t, "stop", Self::stop),
             logs: self.section(t, "logs", Self::logs),
             labels: self.field(t, "", "labels", |r, path, v| {
@@ -551,6 +561,18 @@ impl Reader {
             min_healthy: self.field(t, p, "min_healthy", Self::duration),
             healthy_deadline: self.field(t, p, "healthy_deadline", Self::duration),
             auto_rollback: self.field(t, p, "auto_rollback", Self::boolean),
+        }
+    }
+
+    fn scale(&mut self, p: &str, t: &Table) -> RawScale {
+        self.known_keys(t, p, SCALE_KEYS);
+        RawScale {
+            min: self.field(t, p, "min", Self::integer),
+            max: self.field(t, p, "max", Self::integer),
+            target_connections: self.field(t, p, "target_connections", Self::integer),
+            target_cpu: self.field(t, p, "target_cpu", Self::number),
+            idle_after: self.field(t, p, "idle_after", Self::duration),
+            scale_down_delay: self.field(t, p, "scale_down_delay", Self::duration),
         }
     }
 

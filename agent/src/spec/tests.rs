@@ -215,6 +215,7 @@ fn minimal_spec_gets_documented_defaults() {
             healthy_deadline: Duration::from_secs(60),
             auto_rollback: true,
         },
+        scale: None,
         stop: StopSpec {
             signal: 15,
             signal_name: "SIGTERM".into(),
@@ -1511,5 +1512,105 @@ fn a_job_with_service_sections_is_refused_naming_them() {
         "job.timeout",
     ] {
         assert!(fields.contains(&field), "{field} not in {fields:?}");
+    }
+}
+
+const SCALED: &str = "name = \"web\"\ncommand = [\"/bin/app\"]\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n";
+const SCALED_3: &str = "name = \"web\"\ncommand = [\"/bin/app\"]\nreplicas = 3\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n";
+
+#[test]
+fn scale_defaults_and_round_trip() {
+    let spec = parse(&format!(
+        "{SCALED}[scale]\nmax = 8\ntarget_connections = 20\n"
+    ));
+    let scale = spec.scale.expect("[scale]");
+    assert_eq!(spec.replicas, 0, "replicas starts at min");
+    assert_eq!(scale.min, 0);
+    assert_eq!(scale.max, 8);
+    assert_eq!(scale.target_connections, Some(20));
+    assert_eq!(scale.target_cpu, None);
+    assert_eq!(scale.idle_after, Duration::from_secs(300));
+    assert_eq!(scale.scale_down_delay, Duration::from_secs(30));
+    assert_eq!(spec.to_raw().validate().expect("canonical form"), spec);
+
+    let spec = parse(&format!(
+        "{SCALED_3}[scale]\nmin = 1\nmax = 4\ntarget_cpu = 0.7\nidle_after = \"2s\"\nscale_down_delay = \"500ms\"\n"
+    ));
+    assert_eq!(spec.replicas, 3);
+    let scale = spec.scale.expect("[scale]");
+    assert_eq!(scale.target_cpu, Some(0.7));
+    assert_eq!(scale.scale_down_delay, Duration::from_millis(500));
+    assert_eq!(spec.to_raw().validate().expect("canonical form"), spec);
+}
+
+#[test]
+fn scale_bad_input_is_refused_naming_the_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("", "[scale]\nmax = 2\ntarget_connections = 5\n", "scale"),
+        (SCALED, "[scale]\ntarget_connections = 5\n", "scale.max"),
+        (
+            SCALED,
+            "[scale]\nmax = 0\ntarget_connections = 5\n",
+            "scale.max",
+        ),
+        (
+            SCALED,
+            "[scale]\nmin = 3\nmax = 2\ntarget_connections = 5\n",
+            "scale.min",
+        ),
+        (
+            SCALED,
+            "[scale]\nmin = -1\nmax = 2\ntarget_connections = 5\n",
+            "scale.min",
+        ),
+        (SCALED, "[scale]\nmax = 2\n", "scale"),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_connections = 0\n",
+            "scale.target_connections",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_cpu = 0.0\n",
+            "scale.target_cpu",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_cpu = 1.5\n",
+            "scale.target_cpu",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_cpu = nan\n",
+            "scale.target_cpu",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_connections = 5\nidle_after = \"0s\"\n",
+            "scale.idle_after",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_connections = 5\nscale_down_delay = \"soon\"\n",
+            "scale.scale_down_delay",
+        ),
+        (
+            SCALED_3,
+            "[scale]\nmax = 2\ntarget_connections = 5\n",
+            "replicas",
+        ),
+        (
+            SCALED,
+            "[scale]\nmax = 2\ntarget_connections = 5\nburst = 3\n",
+            "scale.burst",
+        ),
+    ];
+    for (base, extra, field) in cases {
+        let text = format!("{}{}", if base.is_empty() { MINIMAL } else { base }, extra);
+        let e = refused(&text);
+        assert!(
+            e.errors.iter().any(|f| f.field == *field),
+            "{extra:?}: expected an error on {field}, got {e}"
+        );
     }
 }

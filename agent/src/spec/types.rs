@@ -66,6 +66,9 @@ pub struct RawSpec {
     pub health: Option<RawHealth>,
     /// `[rollout]`: how instances are replaced.
     pub rollout: Option<RawRollout>,
+    /// `[scale]`: on-demand start and autoscaling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<RawScale>,
     /// `[stop]`: stop signal and grace period.
     pub stop: Option<RawStop>,
     /// `[logs]`: rotation of the instance's log files.
@@ -195,6 +198,24 @@ pub struct RawRollout {
     pub auto_rollback: Option<bool>,
 }
 
+/// `[scale]` as written; durations are humantime strings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawScale {
+    /// Fewest instances (0: scale to zero when idle).
+    pub min: Option<i64>,
+    /// Most instances.
+    pub max: Option<i64>,
+    /// Open connections per instance the autoscaler aims at.
+    pub target_connections: Option<i64>,
+    /// Fraction of an instance's cpu limit the autoscaler aims at.
+    pub target_cpu: Option<f64>,
+    /// No connection for this long: down to `min`.
+    pub idle_after: Option<String>,
+    /// How long load must stay low before an instance is removed.
+    pub scale_down_delay: Option<String>,
+}
+
 /// `[stop]` as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -249,6 +270,8 @@ pub struct ServiceSpec {
     pub health: Option<HealthSpec>,
     /// Default: surge 1, unavailable 0, healthy for 2s within 60s, auto rollback.
     pub rollout: RolloutSpec,
+    /// `None`: a fixed count (`replicas`); else started on demand and autoscaled.
+    pub scale: Option<ScaleSpec>,
     /// Default: SIGTERM, then SIGKILL after 10s.
     pub stop: StopSpec,
     /// Default: 5 files of 10MiB.
@@ -625,6 +648,24 @@ pub struct RolloutSpec {
     pub healthy_deadline: Duration,
     /// Restore the previous revision when a rollout fails. Default true.
     pub auto_rollback: bool,
+}
+
+/// `[scale]`: on-demand start and autoscaling within `[min, max]`. Only with `[[sockets]]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleSpec {
+    /// Fewest instances; 0 scales to zero when idle. Default 0; at most `max`.
+    pub min: u32,
+    /// Most instances. Required; 1..=1000.
+    pub max: u32,
+    /// Open connections per instance aimed at; 1..=1000000. At least one target is set.
+    pub target_connections: Option<u32>,
+    /// Fraction of an instance's cpu limit (of one core without a limit) aimed at; (0, 1].
+    pub target_cpu: Option<f64>,
+    /// No connection for this long: down to `min`. Default 5m; 1s..=24h.
+    pub idle_after: Duration,
+    /// Load must stay below target this long before an instance is removed. Default 30s;
+    /// 1s..=24h.
+    pub scale_down_delay: Duration,
 }
 
 /// `[stop]`: how an instance is asked to stop.

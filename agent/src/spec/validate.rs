@@ -21,6 +21,8 @@ use super::types::{
 use super::types::{Devices, Seccomp, SystemPaths};
 use super::units::{format_duration, format_size, parse_duration, parse_size, signal_by_name};
 
+mod scale;
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const TIB: u64 = 1 << 40;
@@ -611,7 +613,15 @@ impl Check {
             user
         });
 
-        let replicas = self.integer("replicas", raw.replicas, 1, 0..=i64::from(MAX_REPLICAS));
+        let scale = raw.scale.as_ref().and_then(|s| self.scale(s));
+        // Under [scale], replicas is the initial count: `min` unless written.
+        let default_replicas = scale.map_or(1, |s| s.min);
+        let replicas = self.integer(
+            "replicas",
+            raw.replicas,
+            i64::from(default_replicas),
+            0..=i64::from(MAX_REPLICAS),
+        );
         let resources = self.resources(raw.resources.as_ref());
         let isolation = self.isolation(raw.isolation.as_ref(), name.as_deref());
         if isolation.private_tmp && (workdir == Path::new("/tmp") || workdir.starts_with("/tmp/")) {
@@ -660,6 +670,9 @@ impl Check {
         self.errors
             .extend(super::labels::check_annotations(&annotations));
         let rollout = self.rollout(raw.rollout.as_ref());
+        if let Some(s) = &scale {
+            self.scale_needs(s, replicas, &sockets);
+        }
         let stop = self.stop(raw.stop.as_ref());
         let logs = self.logs(raw.logs.as_ref());
         self.package_needs(raw, &isolation);
@@ -692,7 +705,7 @@ impl Check {
             env,
             workdir,
             user,
-            replicas: replicas.unwrap_or(1),
+            replicas: replicas.unwrap_or(default_replicas),
             resources,
             isolation,
             ports,
@@ -700,6 +713,7 @@ impl Check {
             restart,
             health,
             rollout,
+            scale,
             stop,
             logs,
             labels,

@@ -199,6 +199,25 @@ pub struct ServiceStatus {
     pub package: Option<PackageStatus>,
     /// A job with `[schedule]`: when its next run is due.
     pub next_run: Option<SystemTime>,
+    /// Services with `[scale]`: the autoscaler's last look.
+    pub autoscale: Option<AutoscaleStatus>,
+}
+
+/// What the autoscaler saw at its last sample of a service, and what it recommends.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AutoscaleStatus {
+    /// The count it recommends now.
+    pub recommended: u32,
+    /// Why: `"2 → 4: 83 connections, target 20 per instance"`.
+    pub reason: String,
+    /// Established connections on the service's sockets (queued ones included).
+    pub connections: u32,
+    /// Connections waiting in the accept queues.
+    pub queued: u32,
+    /// Cores its instances used since the sample before.
+    pub cpu: f64,
+    /// Its count is 0: the agent waits for a first connection.
+    pub waiting: bool,
 }
 
 /// Where the current revision's package is.

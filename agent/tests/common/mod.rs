@@ -1030,6 +1030,28 @@ fn rollout(h: Hostility) -> BoxedStrategy<pb::RolloutPolicy> {
         .boxed()
 }
 
+fn scale(h: Hostility) -> BoxedStrategy<pb::Scale> {
+    (
+        opt(u32s(vec![0, 1, 1000], h)),
+        opt(u32s(vec![1, 8, 1000], h)),
+        opt(u32s(vec![1, 20, 1_000_000], h)),
+        opt(f64s(h)),
+        opt(field(DURATIONS, h)),
+        opt(field(DURATIONS, h)),
+    )
+        .prop_map(
+            |(min, max, target_connections, target_cpu, idle_after, scale_down_delay)| pb::Scale {
+                min,
+                max,
+                target_connections,
+                target_cpu,
+                idle_after,
+                scale_down_delay,
+            },
+        )
+        .boxed()
+}
+
 fn stop(h: Hostility) -> BoxedStrategy<pb::Stop> {
     (opt(field(SIGNALS, h)), opt(millis(h)))
         .prop_map(|(signal, grace_ms)| pb::Stop { signal, grace_ms })
@@ -1071,11 +1093,12 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
         opt(stop(h)),
         opt(logs(h)),
     );
-    (top, sections)
+    (top, sections, opt(scale(h)))
         .prop_map(
             |(
                 (name, command, env, workdir, user, replicas),
                 (resources, isolation, ports, sockets, restart, health, rollout, stop, logs),
+                scale,
             )| pb::ServiceSpec {
                 name,
                 command,
@@ -1092,6 +1115,7 @@ pub fn proto_spec(h: Hostility) -> BoxedStrategy<pb::ServiceSpec> {
                 rollout,
                 stop,
                 logs,
+                scale,
                 ..Default::default()
             },
         )

@@ -74,7 +74,11 @@ pub async fn top(
                 } else if frames > 0 {
                     frame.push(b'\n');
                 }
-                render::write_top(&mut frame, &node, now, &rows)?;
+                let scaled: Vec<(String, pb::AutoscaleStatus)> = services
+                    .iter()
+                    .filter_map(|(s, _)| Some((s.name.clone(), s.autoscale.clone()?)))
+                    .collect();
+                render::write_top(&mut frame, &node, now, &rows, &scaled)?;
             }
         }
         out.write_all(&frame)?;

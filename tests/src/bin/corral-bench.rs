@@ -15,7 +15,10 @@
 //! replacements each), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
 //! per scrape, agent RSS with `--metrics` and without), `jobs` (RunJob -> the job's process
 //! executed; a 1-second schedule held for JOBS_HOLD_SECS, default 120: how late each run's
-//! process executed after its due second, and the agent's CPU). Default: all.
+//! process executed after its due second, and the agent's CPU), `coldstart` (connect() to the
+//! first response byte of a server already running, started by `systemd-socket-activate`,
+//! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services).
+//! Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
 //! benchmark reads: the byte arrives once the service process has executed (inside its cgroup
@@ -185,6 +188,9 @@ async fn main() {
     }
     if wants("metrics") {
         metrics(rounds.max(50)).await;
+    }
+    if wants("coldstart") {
+        corral_e2e::coldstart::bench(rounds.max(50)).await;
     }
     if wants("jobs") {
         jobs(rounds.max(50)).await;

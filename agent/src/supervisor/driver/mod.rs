@@ -14,9 +14,11 @@
 //!   records and events;
 //! - [`ops`]: the operations the API asks for (apply, restart, rollback, scale, delete,
 //!   signal);
+//! - [`autoscale`]: on-demand start and autoscaling of services with `[scale]`;
 //! - [`report`]: status, usage and health; [`sockets`]: the services' listening sockets;
 //!   [`records`]: what is saved for a later agent run.
 
+mod autoscale;
 mod jobs;
 mod lifecycle;
 mod ops;
@@ -46,6 +48,7 @@ use crate::artifact::{Packages, Prepared};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
 use crate::health::{ProbeReport, ServiceHealth};
+use crate::runtime::load::{KernelLoad, LoadProbe};
 use crate::runtime::{InitExit, InstanceFiles, Processes, SocketBroker};
 use crate::spec::{InstanceKey, Namespace};
 use crate::store::Store;
@@ -73,6 +76,10 @@ pub struct Deps {
     pub packages: Option<Arc<dyn Packages>>,
     /// What services may commit (`None`: no capacity admission).
     pub capacity: Option<CapacityPolicy>,
+    /// The load on listening sockets, for `[scale]`.
+    pub load: Arc<dyn LoadProbe>,
+    /// How often the autoscaler samples the load.
+    pub autoscale_interval: std::time::Duration,
 }
 
 impl Deps {
@@ -98,7 +105,15 @@ impl Deps {
             events,
             packages: None,
             capacity: None,
+            load: Arc::new(KernelLoad),
+            autoscale_interval: autoscale::DEFAULT_INTERVAL,
         }
+    }
+
+    /// With another autoscaler sampling interval.
+    pub fn with_autoscale_interval(mut self, interval: std::time::Duration) -> Deps {
+        self.autoscale_interval = interval;
+        self
     }
 
     /// With the artifact and image store.
@@ -136,6 +151,10 @@ enum Internal {
         revision: u64,
         result: Result<Prepared, String>,
     },
+    /// A connection waits on a service at 0 instances.
+    Wake { service: String },
+    /// The autoscaler's sample of the load.
+    Load(autoscale::Sample),
 }
 
 pub struct Driver {
@@ -154,6 +173,7 @@ pub struct Driver {
     /// Services whose saved record could not be read at start, set aside until an apply
     /// repairs them: what Node reports for each. Their instances keep running, untouched.
     quarantined: BTreeMap<String, String>,
+    scaling: autoscale::Scaling,
 }
 
 impl std::fmt::Debug for Driver {
@@ -191,6 +211,7 @@ impl Driver {
         let (health_tx, _) = watch_channel::channel(BTreeMap::new());
         let driver = Driver {
             boot_id: deps.processes.boot_id(),
+            scaling: autoscale::Scaling::new(deps.autoscale_interval),
             deps,
             services: Services::default(),
             jobs: jobs::Jobs::default(),
@@ -222,12 +243,13 @@ impl Driver {
         loop {
             self.reconcile_all();
             let jobs_wake = self.tick_jobs();
+            self.autoscale_pass();
             self.publish_health();
             let wake = self
                 .services
                 .iter()
                 .flat_map(|(_, s)| [reconcile::next_deadline(&s.slots), s.wake])
-                .chain([jobs_wake])
+                .chain([jobs_wake, self.scaling.wake()])
                 .flatten()
                 .min();
             tokio::select! {
@@ -256,6 +278,8 @@ impl Driver {
                 revision,
                 result,
             } => self.on_package(&service, revision, result),
+            Internal::Wake { service } => self.on_wake(&service),
+            Internal::Load(sample) => self.on_sample(sample),
         }
     }
 

@@ -491,6 +491,24 @@ impl Driver {
             });
         }
         self.check_owner(name, from, force)?;
+        let (previous, generation) =
+            self.set_replicas(name, replicas, |from, to| EventKind::Scaled { from, to })?;
+        Ok(Scaled {
+            name: name.into(),
+            previous,
+            replicas,
+            generation,
+        })
+    }
+
+    /// Set a service's desired count (persisted, recorded as `event(from, to)`); the previous
+    /// count and the service's generation after it. The scaled spec must be one Apply accepts.
+    pub(super) fn set_replicas(
+        &mut self,
+        name: &str,
+        replicas: u32,
+        event: impl FnOnce(u32, u32) -> EventKind,
+    ) -> Result<(u32, u64), SupervisorError> {
         let svc = self.service_for_rollout(name)?;
         let previous = svc.d.spec.replicas;
         let mut generation = svc.d.generation;
@@ -501,7 +519,7 @@ impl Driver {
             let mut spec = (*d.spec).clone();
             spec.replicas = replicas;
             // Some rules depend on the instance count (a fixed port cannot be shared by
-            // instances on the host's network): the scaled spec must be one Apply accepts.
+            // instances on the host's network).
             spec.to_raw().validate()?;
             if replicas > previous {
                 self.admit_capacity(&spec)?;
@@ -512,18 +530,12 @@ impl Driver {
             }
             self.persist(name, &d)?;
             tracing::info!(service = %name, previous, replicas, "scaled");
-            let (from, to) = (previous, replicas);
-            self.emit(name, None, EventKind::Scaled { from, to });
+            self.emit(name, None, event(previous, replicas));
             if let Some(svc) = self.services.get_mut(name) {
                 svc.d = d;
             }
         }
-        Ok(Scaled {
-            name: name.into(),
-            previous,
-            replicas,
-            generation,
-        })
+        Ok((previous, generation))
     }
 
     /// Begin deleting a service: its record goes first, then every instance is stopped;

@@ -64,6 +64,7 @@ impl Driver {
             .ok_or_else(|| SupervisorError::NotFound { name: name.into() })?;
         let mut status = service_status(&self.deps, name, svc, true);
         status.next_run = self.next_run_of(name);
+        status.autoscale = self.scaling.status(name);
         Ok(status)
     }
 
@@ -76,6 +77,7 @@ impl Driver {
             .collect();
         for status in &mut services {
             status.next_run = self.next_run_of(&status.name);
+            status.autoscale = self.scaling.status(&status.name);
         }
         Listing {
             services,
@@ -180,6 +182,7 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         event_index: last_event(deps),
         package: super::packages::package_status(svc),
         next_run: None,
+        autoscale: None,
     }
 }
 
