@@ -18,6 +18,8 @@ pub struct FakeSpawn {
     pub index: u32,
     pub pid: i32,
     pub command: Vec<String>,
+    /// The package tree it was given (`[artifact]`).
+    pub artifact: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +143,7 @@ impl Processes for FakeRuntime {
             index: req.index,
             pid,
             command: req.spec.command.clone(),
+            artifact: req.artifact.map(std::path::Path::to_path_buf),
         });
         let (tx, rx) = oneshot::channel();
         st.exits.insert(pid, tx);

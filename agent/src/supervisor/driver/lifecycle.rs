@@ -174,7 +174,8 @@ impl Driver {
             None => None,
             Some(_) => Some(
                 svc.packages
-                    .path_of(inst.revision)
+                    .prepared(inst.revision)
+                    .map(|p| p.path.as_path())
                     .ok_or_else(|| {
                         format!(
                             "the package of revision {} is not in the store yet",
