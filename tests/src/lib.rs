@@ -9,6 +9,7 @@ pub mod apiload;
 pub mod artifacts;
 pub mod cgroup;
 pub mod load;
+pub mod oci;
 pub mod pki;
 pub mod scenarios;
 

@@ -22,6 +22,7 @@ pub const KERNEL: &[&str] = &[
     "capabilities_as_configured",
     "readonly_root_keeps_workdir_and_tmp_writable",
     "nofile_limit_applies",
+    "image_is_the_instance_root",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -41,6 +42,7 @@ pub async fn run(name: &str) -> bool {
             readonly_root_keeps_workdir_and_tmp_writable().await
         }
         "nofile_limit_applies" => nofile_limit_applies().await,
+        "image_is_the_instance_root" => image_is_the_instance_root().await,
         _ => return false,
     }
     true
@@ -736,4 +738,148 @@ pub async fn nofile_limit_applies() {
     assert_eq!(agent.reported(&inst, "nofile_soft").await, "777");
     assert_eq!(agent.reported(&inst, "nofile_hard").await, "777");
     wait_healthy(&agent, "nofile").await;
+}
+
+/// `[image]` from an OCI layout directory (no network): see [`image_instance`].
+pub async fn image_is_the_instance_root() {
+    let Some(busybox) = crate::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = crate::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.path().join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start().await;
+    image_instance(&agent, &layout.display().to_string(), &image.manifest).await;
+}
+
+/// Deploys the test busybox image (config: User `app`, WorkingDir `/data`, Env `GREETING=hi`,
+/// layer 2 whiting out `/gone.txt` and `/data/old.txt`) from `url` as service `img`, whose
+/// busybox httpd serves `/data` on its port. Checks: the image is `/` of the process (its files,
+/// the whiteouts applied, nothing of the host's), the config's user, workdir and env, the
+/// provided `/etc` files, `/proc`, `/dev`, the writes landing in the instance's own layer,
+/// which is gone once the instance ends.
+pub async fn image_instance(agent: &Agent, url: &str, digest: &str) {
+    let spec = format!(
+        r#"name = "img"
+command = ["/bin/sh", "-c", "echo written > /data/written && exec httpd -f -p 127.0.0.1:$PORT_HTTP -h /data"]
+replicas = 1
+
+[image]
+url = "{url}"
+digest = "{digest}"
+
+[ports]
+http = "auto"
+"#
+    );
+    agent.apply(&spec).await.expect("apply");
+    let inst = agent.wait_running("img", 1).await.remove(0);
+    let port: u16 = eventually("the instance's port", Duration::from_secs(30), || async {
+        let s = agent.get("img").await.ok()?;
+        s.instances.first()?.ports.get("http").map(|p| *p as u16)
+    })
+    .await;
+    let root = format!("/proc/{}/root", inst.pid);
+    let page = eventually("httpd serving /data", Duration::from_secs(30), || async {
+        http_get(port, "/new.txt").filter(|p| p.starts_with("HTTP/1.") && p.contains(" 200 "))
+    })
+    .await;
+    assert!(page.contains("new"), "{page}");
+    let file = |p: &str| std::fs::read_to_string(format!("{root}/{p}"));
+    assert!(std::path::Path::new(&format!("{root}/bin/busybox")).is_file());
+    assert_eq!(file("data/keep.txt").expect("lower layer"), "keep\n");
+    assert_eq!(file("data/new.txt").expect("upper layer"), "new\n");
+    assert!(file("gone.txt").is_err(), "whiteout applied");
+    assert!(file("data/old.txt").is_err(), "whiteout applied");
+    assert!(file("opq/lower.txt").is_err(), "opaque directory");
+    assert!(
+        file("usr/bin/env").is_err() && file("etc/os-release").is_err(),
+        "nothing of the host's"
+    );
+    assert_eq!(file("data/written").expect("written"), "written\n");
+    assert_eq!(file("etc/hostname").expect("hostname").trim(), inst.id);
+    assert!(file("etc/hosts").expect("hosts").contains("localhost"));
+    assert!(file("etc/resolv.conf").is_ok());
+    assert!(std::path::Path::new(&format!("{root}/dev/null")).exists());
+    // The instance's own /proc: its init is PID 1 there.
+    assert!(std::path::Path::new(&format!("{root}/proc/1/stat")).exists());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned));
+    assert_eq!(uid.as_deref(), Some("1000"), "the config's User app");
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", inst.pid)).expect("cwd");
+    assert_eq!(
+        cwd,
+        std::path::Path::new("/data"),
+        "the config's WorkingDir"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", inst.pid)).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.split('\0').any(|v| v == "GREETING=hi"), "{environ}");
+    assert!(environ.split('\0').any(|v| v == "PATH=/bin"), "{environ}");
+
+    // The write went to this instance's layer, not to the store's rootfs.
+    let layer = agent.state_dir.join("run").join(&inst.id).join("image");
+    assert_eq!(
+        std::fs::read_to_string(layer.join("upper/data/written")).expect("in the upper layer"),
+        "written\n"
+    );
+    let store_copy = walk_for(&agent.state_dir.join("artifacts/images"), "written");
+    assert!(
+        store_copy.is_empty(),
+        "the store's rootfs was written: {store_copy:?}"
+    );
+
+    // The instance ends: its layer goes.
+    let mut client = agent.client().await;
+    client
+        .scale(pb::ScaleRequest {
+            name: "img".into(),
+            replicas: 0,
+        })
+        .await
+        .expect("scale to 0");
+    eventually("the instance gone", Duration::from_secs(30), || async {
+        (!alive(inst.init_pid)).then_some(())
+    })
+    .await;
+    eventually(
+        "its writable layer removed",
+        Duration::from_secs(30),
+        || async { (!layer.exists()).then_some(()) },
+    )
+    .await;
+    agent.delete("img").await.expect("delete");
+}
+
+/// Files named `name` under `dir`.
+fn walk_for(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(walk_for(&path, name));
+        } else if e.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// `GET path` on 127.0.0.1:`port`: the whole response.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(out)
 }

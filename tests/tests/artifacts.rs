@@ -302,3 +302,48 @@ async fn deploy_roll_and_roll_back_offline_and_refuse_a_wrong_digest() {
     );
     drop(server);
 }
+
+/// `[image]` over loopback HTTP: the image (an OCI layout tar the test builds from the static
+/// busybox) is the instance's root, with its config's defaults, and the instance's writable
+/// layer is gone once it ends (`scenarios::image_instance`). An image whose config names a
+/// user its `/etc/passwd` lacks fails with that reason in the service's status, and nothing
+/// runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_the_instance_root_and_a_missing_user_is_refused() {
+    if skip_unless_root("an_image_is_the_instance_root_and_a_missing_user_is_refused") {
+        return;
+    }
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    std::fs::write(dir.path().join("good.oci.tar"), good.tar()).expect("write");
+    let ghost = corral_e2e::oci::image::busybox_image(&busybox, "ghost");
+    std::fs::write(dir.path().join("ghost.oci.tar"), ghost.tar()).expect("write");
+    let server = Server::start(dir.path()).await;
+    let agent = Agent::start().await;
+    let url = |name: &str| format!("http://127.0.0.1:{}/{name}", server.port);
+    corral_e2e::scenarios::image_instance(&agent, &url("good.oci.tar"), &good.manifest).await;
+
+    let spec = format!(
+        "name = \"ghost\"\nreplicas = 1\n[image]\nurl = \"{}\"\ndigest = \"{}\"\n",
+        url("ghost.oci.tar"),
+        ghost.manifest
+    );
+    agent.apply(&spec).await.expect("apply");
+    let reason = eventually("the package's failure", Duration::from_secs(60), || async {
+        let p = agent.get("ghost").await.ok()?.package?;
+        (p.phase == "failed").then_some(p.error?)
+    })
+    .await;
+    assert!(
+        reason.contains("/etc/passwd has no user \"ghost\""),
+        "{reason}"
+    );
+    let s = agent.get("ghost").await.expect("status");
+    assert!(
+        s.instances.iter().all(|i| i.pid == 0),
+        "nothing runs: {s:?}"
+    );
+}

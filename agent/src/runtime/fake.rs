@@ -20,6 +20,8 @@ pub struct FakeSpawn {
     pub command: Vec<String>,
     /// The package tree it was given (`[artifact]`).
     pub artifact: Option<std::path::PathBuf>,
+    /// The image rootfs it was given (`[image]`).
+    pub image: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +146,7 @@ impl Processes for FakeRuntime {
             pid,
             command: req.spec.command.clone(),
             artifact: req.artifact.map(std::path::Path::to_path_buf),
+            image: req.image.map(|i| i.rootfs.clone()),
         });
         let (tx, rx) = oneshot::channel();
         st.exits.insert(pid, tx);

@@ -35,7 +35,7 @@ use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, InitConfig, LOG_STAT, LogStat, NOTIFY_STATE, NotifyState,
     RUN_DIR_FD,
 };
-use super::{mounts, package};
+use super::{image, mounts, package};
 use crate::logs::writer::{Dropped, LogWriter, NOTICE_PREFIX, RotatingFile, timestamp};
 
 /// Signals the init passes on to the service process. SIGKILL and SIGSTOP cannot be caught;
@@ -272,15 +272,11 @@ impl Init {
             }
             _ => None,
         };
-        if config.mount_namespace {
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .map_err(|e| format!("making mounts private: {e}"))?;
+        if let Some(root) = config.image.as_ref().filter(|_| config.mount_namespace) {
+            make_private()?;
+            image::enter(root, config.private_tmp).map_err(|e| format!("image: {e}"))?;
+        } else if config.mount_namespace {
+            make_private()?;
             if config.pid_namespace {
                 mount(
                     Some("proc"),
@@ -529,6 +525,18 @@ impl Init {
             }
         }
     }
+}
+
+/// Mount events of this namespace stay in it.
+fn make_private() -> Result<(), String> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making mounts private: {e}"))
 }
 
 /// Copy what the pipe holds now into the log, timestamped at the time it was read.

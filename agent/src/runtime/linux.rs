@@ -24,13 +24,13 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::launch::{Identity, service_env};
-use super::package;
 use super::privileges::CapPlan;
 use super::{
     EXIT_RECORD, ExitRecord, INIT_CONFIG, INIT_NAME, InitConfig, InitExit, InstanceFiles, LOG_STAT,
     LogStat, ProcessRef, ProcessStatus, Processes, RUN_DIR_FD, SocketBroker, SpawnError, Spawned,
     StartRequest,
 };
+use super::{image, package};
 use crate::spec::{Namespace, ServiceSpec, UserSpec};
 
 /// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
@@ -362,9 +362,36 @@ impl Processes for LinuxRuntime {
                 source,
             }
         };
-        let identity = match &spec.user {
-            None => Ok(self.own.clone()),
-            Some(_) => resolve_identity(spec.user.as_ref()),
+        // An image's defaults under the spec; its user is looked up in the image.
+        let image_plan = match (image::is_image(spec), req.image) {
+            (false, _) => None,
+            (true, Some(img)) => {
+                Some(
+                    image::plan(spec, img).map_err(|reason| SpawnError::Invalid {
+                        instance: instance.to_string(),
+                        reason,
+                    })?,
+                )
+            }
+            (true, None) => {
+                return Err(SpawnError::Invalid {
+                    instance: instance.to_string(),
+                    reason: "its image is not in the store".into(),
+                });
+            }
+        };
+        let identity = match (&image_plan, &spec.user) {
+            (Some(p), _) => Ok(match &p.user {
+                Some((uid, gid, name, home)) => Some(Identity {
+                    uid: *uid,
+                    gid: *gid,
+                    name: name.clone(),
+                    home: home.clone(),
+                }),
+                None => self.own.clone(),
+            }),
+            (None, None) => Ok(self.own.clone()),
+            (None, Some(_)) => resolve_identity(spec.user.as_ref()),
         }
         .map_err(|reason| SpawnError::User {
             instance: instance.to_string(),
@@ -391,12 +418,36 @@ impl Processes for LinuxRuntime {
                 Err(e) => return Err(prep(&format!("removing the previous {stale}"))(e)),
             }
         }
-        let drop_privileges = spec.user.is_some();
+        let drop_privileges = match &image_plan {
+            Some(p) => p.user.is_some(),
+            None => spec.user.is_some(),
+        };
         let capabilities = cap_plan(spec, identity.as_ref());
+        let image_root = match (&image_plan, req.image) {
+            (Some(_), Some(img)) => {
+                let persist = image::persist(spec);
+                let layer = image::prepare_layer(&run_dir, &img.rootfs, persist)
+                    .map_err(prep("the image's writable layer"))?;
+                Some(image::ImageRoot {
+                    rootfs: img.rootfs.clone(),
+                    layer,
+                    persist,
+                    hostname: spec
+                        .hostname_for(req.index)
+                        .unwrap_or_else(|| instance.to_string()),
+                    resolv_conf: image::host_resolv_conf(),
+                })
+            }
+            _ => None,
+        };
         let config = InitConfig {
             instance: instance.to_string(),
-            command: package::command(spec),
-            workdir: spec.workdir.clone(),
+            command: image_plan
+                .as_ref()
+                .map_or_else(|| package::command(spec), |p| p.command.clone()),
+            workdir: image_plan
+                .as_ref()
+                .map_or_else(|| spec.workdir.clone(), |p| p.workdir.clone()),
             uid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.uid),
             gid: identity.as_ref().filter(|_| drop_privileges).map(|i| i.gid),
             hostname: spec.hostname_for(req.index),
@@ -411,26 +462,32 @@ impl Processes for LinuxRuntime {
             listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
             capabilities: Some(capabilities),
             nofile: spec.resources.nofile,
-            readonly_root: spec.isolation.readonly_root,
+            readonly_root: spec.isolation.readonly_root && image_root.is_none(),
             state_dir: Some(self.state_dir.clone()),
             hidden: {
                 let (uid, gid) = identity
                     .as_ref()
                     .filter(|_| drop_privileges)
                     .map_or((self_uid(), self_gid()), |i| (i.uid, i.gid));
+                // The host's paths are not in an image instance's view at all.
                 self.hidden
                     .iter()
+                    .filter(|_| image_root.is_none())
                     .filter(|(_, group)| uid == 0 || gid == *group)
                     .map(|(path, _)| path.clone())
                     .collect()
             },
             artifact: package::artifact_mount(spec, req.artifact),
+            image: image_root,
         };
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
         fs::write(run_dir.join(INIT_CONFIG), json).map_err(prep(INIT_CONFIG))?;
 
-        let env = service_env(spec, req.index, instance, req.ports, identity.as_ref());
+        let mut env = service_env(spec, req.index, instance, req.ports, identity.as_ref());
+        if let Some(p) = &image_plan {
+            image::merge_env(&mut env, &p.env);
+        }
         let env_c = env
             .iter()
             .map(|(k, v)| cstring(instance, &format!("env {k}"), &format!("{k}={v}")))
@@ -570,7 +627,17 @@ impl Processes for LinuxRuntime {
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), String> {
         use std::os::unix::fs::PermissionsExt;
         let mut why = Vec::new();
-        if let Some(user) = &spec.user
+        // From an image, command, workdir and user are the image's, checked when an
+        // instance starts; the image needs its own mount namespace.
+        let on_host = !image::is_image(spec);
+        if !on_host && !spec.isolation.has(Namespace::Mount) {
+            why.push(
+                "isolation.namespaces: [image] needs the mount namespace (the image becomes the instance's root)"
+                    .to_owned(),
+            );
+        }
+        if on_host
+            && let Some(user) = &spec.user
             && let Err(e) = resolve_identity(Some(user))
         {
             let shown = match user {
@@ -579,7 +646,8 @@ impl Processes for LinuxRuntime {
             };
             why.push(format!("user: {shown:?}: {e}"));
         }
-        if let Some(cmd) = spec.command.first()
+        if on_host
+            && let Some(cmd) = spec.command.first()
             && cmd.starts_with('/')
             && !package::inside_artifact(spec, Path::new(cmd))
         {
@@ -590,7 +658,7 @@ impl Processes for LinuxRuntime {
             }
         }
         match fs::metadata(&spec.workdir) {
-            _ if package::inside_artifact(spec, &spec.workdir) => {}
+            _ if !on_host || package::inside_artifact(spec, &spec.workdir) => {}
             Ok(m) if m.is_dir() => {}
             Ok(_) => why.push(format!("workdir: {:?} is not a directory", spec.workdir)),
             Err(e) => why.push(format!("workdir: {:?}: {e}", spec.workdir)),
@@ -789,6 +857,8 @@ async fn wait_exit(
 ) -> InitExit {
     let status = wait_pidfd(pidfd, child).await;
     let spawn_error = err_pipe.and_then(read_spawn_error);
+    let layer_of = run_dir.clone();
+    let _ = tokio::task::spawn_blocking(move || image::discard_layer(&layer_of)).await;
     InitExit {
         status,
         record: read_exit_record(&run_dir),

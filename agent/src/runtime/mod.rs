@@ -12,6 +12,7 @@
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
+pub mod image;
 pub mod init;
 mod launch;
 pub mod linux;
@@ -87,6 +88,9 @@ pub struct InitConfig {
     /// `[artifact]`: the store's tree, mounted read-only inside the instance.
     #[serde(default)]
     pub artifact: Option<package::ArtifactMount>,
+    /// `[image]`: the instance's root filesystem.
+    #[serde(default)]
+    pub image: Option<image::ImageRoot>,
 }
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
@@ -169,6 +173,8 @@ pub struct StartRequest<'a> {
     /// `[artifact]`: the unpacked, read-only tree on the host, bind-mounted at the spec's
     /// `artifact.mount` inside the instance.
     pub artifact: Option<&'a std::path::Path>,
+    /// `[image]`: the rootfs in the store and the image's defaults.
+    pub image: Option<&'a image::ImageRun>,
 }
 
 /// What an exec probe runner needs to run commands inside one instance.
