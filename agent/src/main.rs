@@ -399,7 +399,7 @@ async fn run(s: Settings) -> Result<()> {
         namespaces.clone(),
         events.clone(),
     )
-    .with_packages(Arc::new(packages));
+    .with_packages(Arc::new(packages.clone()));
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
     driver.restore().await;
@@ -413,6 +413,7 @@ async fn run(s: Settings) -> Result<()> {
         host: Arc::new(Host::new()),
         capabilities: caps,
         namespaces,
+        artifacts: Some(packages),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
     // handled, never the default action.

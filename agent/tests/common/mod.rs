@@ -1108,6 +1108,7 @@ pub fn api() -> &'static Api {
             host: Arc::new(Host::new()),
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
+            artifacts: None,
         };
         Api {
             rt,

@@ -9,6 +9,7 @@
 //! a `--wait` it interrupts ends with exit code 1 (what was waited for did not happen).
 
 mod apply;
+mod artifacts;
 mod rollout;
 mod service;
 mod stream;
@@ -110,5 +111,6 @@ pub async fn run(
             stream::events(&conn, output, &args, out, err, console.interrupt).await
         }
         Command::Top(args) => top::top(&conn, output, &args, out, console).await,
+        Command::Artifacts(args) => artifacts::run(&conn, output, args.action, out).await,
     }
 }
