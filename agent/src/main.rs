@@ -655,7 +655,7 @@ async fn run(s: Settings) -> Result<()> {
         namespaces.clone(),
         events.clone(),
     )
-    .with_packages(Arc::new(packages));
+    .with_packages(Arc::new(packages.clone()));
     let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
@@ -688,6 +688,7 @@ async fn run(s: Settings) -> Result<()> {
         host,
         capabilities: caps,
         namespaces,
+        artifacts: Some(packages),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
     // handled, never the default action.

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod etcd;
 pub mod load;
 pub mod netns;
+pub mod oci;
 pub mod pki;
 pub mod scenarios;
 

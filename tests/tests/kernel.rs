@@ -27,3 +27,5 @@ scenario!(rolling_restart_keeps_serving);
 scenario!(capabilities_as_configured);
 scenario!(readonly_root_keeps_workdir_and_tmp_writable);
 scenario!(nofile_limit_applies);
+scenario!(image_is_the_instance_root);
+scenario!(image_readonly_root);

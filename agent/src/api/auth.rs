@@ -31,7 +31,7 @@ use tonic::codegen::Bytes;
 pub enum Role {
     /// Nothing at all: a client certificate whose subject has no known OU.
     None,
-    /// Get, List, Node, Logs, Watch, GetRollout, health and reflection.
+    /// Get, List, Node, Logs, Watch, GetRollout, ListArtifacts, health and reflection.
     Read,
     /// Everything.
     Admin,
@@ -219,6 +219,7 @@ const READ_METHODS: &[&str] = &[
     "/corral.v1.Agent/Logs",
     "/corral.v1.Agent/Watch",
     "/corral.v1.Agent/GetRollout",
+    "/corral.v1.Agent/ListArtifacts",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.health.v1.Health/List",
@@ -511,7 +512,10 @@ mod tests {
             ("/corral.v1.Agent/Logs", Role::Read),
             ("/corral.v1.Agent/Watch", Role::Read),
             ("/corral.v1.Agent/GetRollout", Role::Read),
+            ("/corral.v1.Agent/ListArtifacts", Role::Read),
             ("/grpc.health.v1.Health/Check", Role::Read),
+            ("/corral.v1.Agent/ImportArtifact", Role::Admin),
+            ("/corral.v1.Agent/CollectArtifacts", Role::Admin),
             ("/corral.v1.Agent/Apply", Role::Admin),
             ("/corral.v1.Agent/Delete", Role::Admin),
             ("/corral.v1.Agent/Scale", Role::Admin),

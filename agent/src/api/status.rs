@@ -2,8 +2,23 @@
 
 use tonic::{Code, Status};
 
+use crate::artifact::ArtifactError;
 use crate::spec::SpecError;
 use crate::supervisor::SupervisorError;
+
+/// A store operation that failed: the caller's input (a file that cannot be read or is not
+/// what it claims) or the store's own trouble.
+pub fn artifact_status(e: ArtifactError) -> Status {
+    let code = match &e {
+        ArtifactError::Fetch { .. }
+        | ArtifactError::DigestMismatch { .. }
+        | ArtifactError::Unpack { .. }
+        | ArtifactError::Image { .. } => Code::FailedPrecondition,
+        ArtifactError::Locked { .. } => Code::Unavailable,
+        ArtifactError::Io { .. } | ArtifactError::Client(_) => Code::Internal,
+    };
+    Status::new(code, cut(&e.to_string(), MAX_MESSAGE).to_string())
+}
 
 /// The longest status message sent. The message travels in an HTTP/2 header
 /// (`grpc-message`, percent-encoded, so up to three times longer) and clients refuse header

@@ -1140,6 +1140,7 @@ pub fn api() -> &'static Api {
             capabilities,
             namespaces: Namespace::ALL.to_vec(),
             fleet: None,
+            artifacts: None,
         };
         Api {
             rt,

@@ -9,6 +9,7 @@
 //! a `--wait` it interrupts ends with exit code 1 (what was waited for did not happen).
 
 mod apply;
+mod artifacts;
 mod fleet;
 mod rollout;
 mod service;
@@ -112,5 +113,6 @@ pub async fn run(
         }
         Command::Top(args) => top::top(&conn, output, &args, out, console).await,
         Command::Fleet(args) => fleet::run(&args, output, out, err).await,
+        Command::Artifacts(args) => artifacts::run(&conn, output, args.action, out).await,
     }
 }

@@ -180,6 +180,7 @@ async fn main() {
     }
     if wants("artifact") {
         corral_e2e::artifacts::bench(rounds.clamp(1, 5)).await;
+        image_start(rounds.clamp(1, 5)).await;
     }
     if wants("metrics") {
         metrics(rounds.max(50)).await;
@@ -296,6 +297,84 @@ async fn metrics(rounds: usize) {
     for n in &names {
         delete(&agent, n).await;
     }
+}
+
+/// Apply -> 50 instances whose service process runs (seen through `Get`, polled every 2 ms),
+/// from the cached busybox image against the same from the host's own binary, side by side.
+async fn image_start(rounds: usize) {
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = PathBuf::from(format!(
+        "/var/tmp/corral-bench-image-{}",
+        std::process::id()
+    ));
+    let image = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start_logging(None, "warn").await;
+    let from_image = |name: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/busybox\", \"sleep\", \"1000\"]\nreplicas = 50\n[image]\nurl = \"{}\"\ndigest = \"{}\"\n[stop]\ngrace = \"1s\"\n",
+            layout.display(),
+            image.manifest
+        )
+    };
+    let from_host = |name: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/sleep\", \"1000\"]\nreplicas = 50\n[stop]\ngrace = \"1s\"\n"
+        )
+    };
+    // Warm the store: the image is fetched and unpacked once.
+    apply(
+        &agent,
+        &from_image("warm").replace("replicas = 50", "replicas = 1"),
+    )
+    .await;
+    agent.wait_running("warm", 1).await;
+    delete(&agent, "warm").await;
+    let mut host = Vec::new();
+    let mut img = Vec::new();
+    for r in 0..rounds {
+        for (kind, text) in [
+            ("host", from_host(&format!("host-{r}"))),
+            ("image", from_image(&format!("image-{r}"))),
+        ] {
+            let name = format!("{kind}-{r}");
+            let t = Instant::now();
+            apply(&agent, &text).await;
+            loop {
+                let s = agent.get(&name).await.expect("status");
+                let running = s
+                    .instances
+                    .iter()
+                    .filter(|i| i.state == pb::InstanceState::Running as i32 && i.pid > 0)
+                    .count();
+                if running == 50 {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "{name}: 50 instances did not start"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let took = t.elapsed();
+            if kind == "host" {
+                host.push(took);
+            } else {
+                img.push(took);
+            }
+            delete(&agent, &name).await;
+        }
+    }
+    stats("apply -> 50 host-command instances running", host, true);
+    stats(
+        "apply -> 50 image instances running (cached image)",
+        img,
+        true,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `Get` from every client, each on its own connection, for `for_how_long`: the latencies

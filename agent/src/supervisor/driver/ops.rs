@@ -16,7 +16,6 @@ use crate::events::EventKind;
 use crate::rollout::record::{Kind, Rollout, State as RolloutState};
 use crate::runtime::ProcessRef;
 use crate::runtime::init::FORWARDED;
-use crate::spec::artifact::Package;
 use crate::spec::{self, InstanceKey, ServiceSpec};
 use crate::supervisor::desired::{Desired, Target};
 use crate::supervisor::instance::State;
@@ -395,11 +394,6 @@ impl Driver {
             Some(_) if self.deps.packages.is_none() => {
                 why.push("artifact: this agent runs without an artifact store".to_owned());
             }
-            Some(Package::Image(_)) => why.push(
-                "image: running an OCI image as the instances' root is not available in this \
-                 release (use [artifact] with a tar of the image's files)"
-                    .to_owned(),
-            ),
             _ => {}
         }
         if why.is_empty() {
