@@ -1,8 +1,9 @@
 //! The artifact store through the agent, on the real kernel: kept revisions hold their
 //! packages and the one that falls out of the 10 kept is collected; every bad input of the
 //! issue's table is refused at apply or in its rollout with the reason, and nothing of the
-//! running revision is touched; an agent killed (-9) in the middle of a download leaves a store
-//! the next agent completes the rollout from, with nothing left in its temp directory.
+//! running revision is touched; an agent killed (-9) in the middle of a download, or of an
+//! unpack, leaves a store the next agent completes the rollout from, with nothing left in its
+//! temp directory.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -421,4 +422,99 @@ async fn an_agent_killed_mid_download_is_followed_by_one_that_completes_the_roll
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "temp leftovers: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_unpack_is_followed_by_one_that_completes_the_rollout() {
+    if skip_unless_root("an_agent_killed_mid_unpack_is_followed_by_one_that_completes_the_rollout")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = tar(&[E::File(b"version", b"1\n", 0o644)]);
+    // 30 000 small files in 30 directories: the download of a local file is over at once,
+    // the unpack (each file written, the tree synced) takes a while.
+    let names: Vec<(Vec<u8>, Vec<u8>)> = (0..30)
+        .flat_map(|d| {
+            (0..1000).map(move |f| {
+                (
+                    format!("d{d}/f{f}").into_bytes(),
+                    format!("{d}.{f}\n").into_bytes(),
+                )
+            })
+        })
+        .collect();
+    let dirs: Vec<Vec<u8>> = (0..30).map(|d| format!("d{d}/").into_bytes()).collect();
+    let mut entries: Vec<E<'_>> = vec![E::File(b"version", b"2\n", 0o644)];
+    entries.extend(dirs.iter().map(|d| E::Dir(d, 0o755)));
+    entries.extend(names.iter().map(|(n, data)| E::File(n, data, 0o644)));
+    let v2 = tar(&entries);
+    let (p1, p2) = (dir.path().join("v1.tar"), dir.path().join("v2.tar"));
+    std::fs::write(&p1, &v1).expect("write v1");
+    std::fs::write(&p2, &v2).expect("write v2");
+    let path = |p: &Path| p.display().to_string();
+    let mut agent = Agent::start().await;
+    agent
+        .apply(&spec("unpack", &path(&p1), &sha256(&v1)))
+        .await
+        .expect("apply");
+    let before = agent.wait_running("unpack", 1).await;
+    agent
+        .apply(&spec("unpack", &path(&p2), &sha256(&v2)))
+        .await
+        .expect("update");
+    let tmp = agent.state_dir.join("artifacts/tmp");
+    let unpacking = || {
+        std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("unpack-"))
+            })
+            .unwrap_or(false)
+    };
+    eventually("the unpack under way", Duration::from_secs(60), || async {
+        unpacking().then_some(())
+    })
+    .await;
+    let pid = agent.pid().expect("agent pid");
+    kill9(pid);
+    let _ = agent.stop_with(0);
+    assert!(
+        unpacking(),
+        "the agent was killed after the unpack ended: nothing was tested"
+    );
+    assert!(corral_e2e::alive(before[0].pid));
+
+    agent.launch().await;
+    // The next agent cleans the half-unpacked tree away before anything else.
+    let r = rollout_done(&agent, "unpack", 2).await;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    let i = agent.wait_running("unpack", 1).await.remove(0);
+    let root = format!("/proc/{}/root/app", i.pid);
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/version")).expect("version"),
+        "2\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/d29/f999")).expect("the last file"),
+        "29.999\n",
+        "the tree is whole"
+    );
+    let left: Vec<String> = std::fs::read_dir(&tmp)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "temp leftovers: {left:?}");
+    // Two trees, both whole: revision 1's and revision 2's.
+    let trees: Vec<String> = std::fs::read_dir(agent.state_dir.join("artifacts/trees"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(trees.len(), 2, "{trees:?}");
 }
