@@ -718,7 +718,7 @@ async fn run(s: Settings) -> Result<()> {
         namespaces.clone(),
         events.clone(),
     )
-    .with_packages(Arc::new(packages))
+    .with_packages(Arc::new(packages.clone()))
     .with_capacity(policy)
     .with_autoscale_interval(s.autoscale_interval);
     let files = deps.files.clone();
@@ -755,6 +755,7 @@ async fn run(s: Settings) -> Result<()> {
         node_id,
         boot_id: host::boot_id(),
         defaults: api::convert::HostDefaults::of_this_process(),
+        artifacts: Some(packages),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is
     // handled, never the default action.

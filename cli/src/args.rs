@@ -198,6 +198,14 @@ pub enum Command {
 
     /// Stop a run (stop signal, grace, SIGKILL); it ends `cancelled`.
     Cancel(CancelArgs),
+
+    /// The node's artifact store: packages fetched for `[artifact]` and `[image]`.
+    ///
+    /// Without a subcommand, lists every entry: KIND (artifact or image), DIGEST, SIZE (the
+    /// blob and every unpacked tree), OWNERS (the kept revisions that pin it, `web@r3`, and
+    /// `import`), USERS (revisions whose instances hold it now) and LAST-USED. With `-o json`:
+    /// {"max_cache", "entries": [{"kind", "digest", "size", "owners", "users", "last_used"}]}.
+    Artifacts(ArtifactsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +232,29 @@ pub struct CancelArgs {
     /// The run's id, `NAME-rN`.
     #[arg(value_name = "RUN")]
     pub run: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsArgs {
+    #[command(subcommand)]
+    pub action: Option<ArtifactsAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsAction {
+    /// List the store's entries (the default).
+    Ls,
+    /// Add an archive to the store ahead of time, for a node without network: FILE is read
+    /// by the agent, on its host (a relative path is taken from this command's directory).
+    /// It stays, pinned by the owner `import`, and its SHA-256 is printed, to name in
+    /// `[artifact] sha256`.
+    Import {
+        /// The archive (tar, tar.gz, tar.zst or zip).
+        file: PathBuf,
+    },
+    /// Remove what no kept revision and no instance uses (then, past the agent's
+    /// --max-cache, the least recently used entries no instance uses).
+    Gc,
 }
 
 /// How to reach the fleet's etcd.

@@ -195,6 +195,33 @@ impl Session {
         self.reply(reply)
     }
 
+    pub async fn list_artifacts(&mut self) -> anyhow::Result<pb::ListArtifactsResponse> {
+        let reply = self
+            .client
+            .list_artifacts(pb::ListArtifactsRequest {})
+            .await;
+        self.reply(reply)
+    }
+
+    pub async fn import_artifact(
+        &mut self,
+        path: &str,
+    ) -> anyhow::Result<pb::ImportArtifactResponse> {
+        let request = pb::ImportArtifactRequest {
+            path: path.to_owned(),
+        };
+        let reply = self.client.import_artifact(request).await;
+        self.reply(reply)
+    }
+
+    pub async fn collect_artifacts(&mut self) -> anyhow::Result<pb::CollectArtifactsResponse> {
+        let reply = self
+            .client
+            .collect_artifacts(pb::CollectArtifactsRequest {})
+            .await;
+        self.reply(reply)
+    }
+
     pub async fn node(&mut self) -> anyhow::Result<pb::NodeInfo> {
         let reply = self.client.node(pb::NodeRequest {}).await;
         self.reply(reply)

@@ -702,6 +702,47 @@ impl Agent for FakeAgent {
         ))
     }
 
+    async fn list_artifacts(
+        &self,
+        _request: Request<corral_proto::v1::ListArtifactsRequest>,
+    ) -> Result<Response<corral_proto::v1::ListArtifactsResponse>, Status> {
+        Ok(Response::new(corral_proto::v1::ListArtifactsResponse {
+            entries: vec![corral_proto::v1::ArtifactEntry {
+                kind: "artifact".into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                size: 3 << 20,
+                owners: vec!["web@r1".into(), "web@r2".into()],
+                users: 1,
+                last_used: None,
+            }],
+            max_cache: 0,
+        }))
+    }
+
+    async fn import_artifact(
+        &self,
+        request: Request<corral_proto::v1::ImportArtifactRequest>,
+    ) -> Result<Response<corral_proto::v1::ImportArtifactResponse>, Status> {
+        let path = request.into_inner().path;
+        if !path.starts_with('/') {
+            return Err(Status::invalid_argument("path: not absolute"));
+        }
+        Ok(Response::new(corral_proto::v1::ImportArtifactResponse {
+            digest: format!("sha256:{}", "cd".repeat(32)),
+        }))
+    }
+
+    async fn collect_artifacts(
+        &self,
+        _request: Request<corral_proto::v1::CollectArtifactsRequest>,
+    ) -> Result<Response<corral_proto::v1::CollectArtifactsResponse>, Status> {
+        Ok(Response::new(corral_proto::v1::CollectArtifactsResponse {
+            removed: vec![format!("artifact sha256:{}", "ef".repeat(32))],
+            evicted: vec![],
+            freed_bytes: 1 << 20,
+        }))
+    }
+
     async fn get_rollout(
         &self,
         request: Request<GetRolloutRequest>,

@@ -271,6 +271,9 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
             ),
         ));
     }
+    if let Some(package) = &s.package {
+        fields.push(("package", package_line(package, true)));
+    }
     if !s.revisions.is_empty() {
         let revisions: Vec<String> = s.revisions.iter().map(u64::to_string).collect();
         fields.push(("revisions", revisions.join(", ")));
@@ -587,6 +590,29 @@ const BAR_WIDTH: u32 = 10;
 /// `web-r3 restart rev 2 → 2  [#####-----]  2/4 replaced · 3/4 ready · 4 available · started web-5`.
 /// The bar counts old instances stopped and new ones ready: it is full when the rollout is
 /// complete.
+/// A service's package (`[artifact]` or `[image]`) of a revision: its phase and, when
+/// `bytes`, how much of it is done (`rev 2 fetching 3.0 MiB / 8.0 MiB (37%)`), the reason
+/// when it failed.
+pub fn package_line(p: &pb::PackageStatus, bytes: bool) -> String {
+    let mut line = format!("rev {} {}", p.revision, one_line(&p.phase));
+    if bytes && matches!(p.phase.as_str(), "fetching" | "unpacking") {
+        line.push_str(&format!(" {}", mib(p.done)));
+        if let Some(total) = p.total.filter(|t| *t > 0) {
+            let pct = p.done.saturating_mul(100) / total;
+            line.push_str(&format!(" / {} ({}%)", mib(total), pct.min(100)));
+        }
+    }
+    if let Some(error) = &p.error {
+        line.push_str(&format!(": {}", one_line(error)));
+    }
+    line
+}
+
+/// Bytes in MiB, one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 pub fn rollout_progress_line(r: &pb::RolloutStatus) -> String {
     let total = u64::from(r.to_replace) + u64::from(r.replicas);
     let done = u64::from(r.replaced.min(r.to_replace)) + u64::from(r.ready.min(r.replicas));
@@ -1109,6 +1135,32 @@ mod tests {
 
     use super::*;
     use crate::views::wire;
+
+    #[test]
+    fn package_lines_show_phase_bytes_and_reason() {
+        let mut p = pb::PackageStatus {
+            revision: 2,
+            url: "http://127.0.0.1/web.tar".into(),
+            phase: "fetching".into(),
+            done: 3 << 20,
+            total: Some(8 << 20),
+            error: None,
+        };
+        assert_eq!(
+            package_line(&p, true),
+            "rev 2 fetching 3.0 MiB / 8.0 MiB (37%)"
+        );
+        assert_eq!(package_line(&p, false), "rev 2 fetching");
+        p.total = None;
+        p.phase = "unpacking".into();
+        assert_eq!(package_line(&p, true), "rev 2 unpacking 3.0 MiB");
+        p.phase = "failed".into();
+        p.error = Some("sha256 mismatch:\nexpected a, got b".into());
+        assert_eq!(
+            package_line(&p, true),
+            "rev 2 failed: sha256 mismatch: expected a, got b"
+        );
+    }
 
     fn text(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut buf = Vec::new();

@@ -12,6 +12,7 @@ pub mod coldstart;
 pub mod etcd;
 pub mod load;
 pub mod netns;
+pub mod oci;
 pub mod pki;
 pub mod scenarios;
 

@@ -26,6 +26,10 @@ pub const KERNEL: &[&str] = &[
     "escape_is_refused_readonly_root",
     "userns_root_is_not_host_root",
     "a_second_agent_on_the_same_cgroup_tree_is_refused",
+    "image_is_the_instance_root",
+    "image_escape_is_refused",
+    "image_escape_is_refused_userns",
+    "image_readonly_root",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -51,6 +55,10 @@ pub async fn run(name: &str) -> bool {
         "a_second_agent_on_the_same_cgroup_tree_is_refused" => {
             a_second_agent_on_the_same_cgroup_tree_is_refused().await
         }
+        "image_is_the_instance_root" => image_is_the_instance_root().await,
+        "image_escape_is_refused" => image_escape_is_refused(false).await,
+        "image_escape_is_refused_userns" => image_escape_is_refused(true).await,
+        "image_readonly_root" => image_readonly_root().await,
         _ => return false,
     }
     true
@@ -1187,4 +1195,462 @@ pub async fn a_second_agent_on_the_same_cgroup_tree_is_refused() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     stopped.expect("stopped in time");
+}
+
+/// `[image]` from an OCI layout directory (no network): see [`image_instance`].
+pub async fn image_is_the_instance_root() {
+    let Some(busybox) = crate::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = crate::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.path().join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start().await;
+    image_instance(&agent, &layout.display().to_string(), &image.manifest).await;
+}
+
+/// Deploys the test busybox image (config: User `app`, WorkingDir `/data`, Env `GREETING=hi`,
+/// layer 2 whiting out `/gone.txt` and `/data/old.txt`) from `url` as service `img`, whose
+/// busybox httpd serves `/data` on its port. Checks: the image is `/` of the process (its files,
+/// the whiteouts applied, nothing of the host's), the config's user, workdir and env, the
+/// provided `/etc` files, `/proc`, `/dev`, the writes landing in the instance's own layer,
+/// which is gone once the instance ends.
+pub async fn image_instance(agent: &Agent, url: &str, digest: &str) {
+    let spec = format!(
+        r#"name = "img"
+command = ["/bin/sh", "-c", "echo written > /data/written && exec httpd -f -p 127.0.0.1:$PORT_HTTP -h /data"]
+replicas = 1
+
+[image]
+url = "{url}"
+digest = "{digest}"
+
+[ports]
+http = "auto"
+"#
+    );
+    agent.apply(&spec).await.expect("apply");
+    let inst = agent.wait_running("img", 1).await.remove(0);
+    let port: u16 = eventually("the instance's port", Duration::from_secs(30), || async {
+        let s = agent.get("img").await.ok()?;
+        s.instances.first()?.ports.get("http").map(|p| *p as u16)
+    })
+    .await;
+    let root = format!("/proc/{}/root", inst.pid);
+    let page = eventually("httpd serving /data", Duration::from_secs(30), || async {
+        http_get(port, "/new.txt").filter(|p| p.starts_with("HTTP/1.") && p.contains(" 200 "))
+    })
+    .await;
+    assert!(page.contains("new"), "{page}");
+    let file = |p: &str| std::fs::read_to_string(format!("{root}/{p}"));
+    assert!(std::path::Path::new(&format!("{root}/bin/busybox")).is_file());
+    assert_eq!(file("data/keep.txt").expect("lower layer"), "keep\n");
+    assert_eq!(file("data/new.txt").expect("upper layer"), "new\n");
+    assert!(file("gone.txt").is_err(), "whiteout applied");
+    assert!(file("data/old.txt").is_err(), "whiteout applied");
+    assert!(file("opq/lower.txt").is_err(), "opaque directory");
+    assert!(
+        file("usr/bin/env").is_err() && file("etc/os-release").is_err(),
+        "nothing of the host's"
+    );
+    assert_eq!(file("data/written").expect("written"), "written\n");
+    assert_eq!(file("etc/hostname").expect("hostname").trim(), inst.id);
+    assert!(file("etc/hosts").expect("hosts").contains("localhost"));
+    assert!(file("etc/resolv.conf").is_ok());
+    assert!(std::path::Path::new(&format!("{root}/dev/null")).exists());
+    // The instance's own /proc: its init is PID 1 there.
+    assert!(std::path::Path::new(&format!("{root}/proc/1/stat")).exists());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned));
+    assert_eq!(uid.as_deref(), Some("1000"), "the config's User app");
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", inst.pid)).expect("cwd");
+    assert_eq!(
+        cwd,
+        std::path::Path::new("/data"),
+        "the config's WorkingDir"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", inst.pid)).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.split('\0').any(|v| v == "GREETING=hi"), "{environ}");
+    assert!(environ.split('\0').any(|v| v == "PATH=/bin"), "{environ}");
+
+    // The write went to this instance's layer, not to the store's rootfs.
+    let layer = agent.state_dir.join("run").join(&inst.id).join("image");
+    assert_eq!(
+        std::fs::read_to_string(layer.join("upper/data/written")).expect("in the upper layer"),
+        "written\n"
+    );
+    let store_copy = walk_for(&agent.state_dir.join("artifacts/images"), "written");
+    assert!(
+        store_copy.is_empty(),
+        "the store's rootfs was written: {store_copy:?}"
+    );
+
+    // The instance ends: its layer goes.
+    let mut client = agent.client().await;
+    client
+        .scale(pb::ScaleRequest {
+            name: "img".into(),
+            replicas: 0,
+            force: false,
+            expected_revision: None,
+        })
+        .await
+        .expect("scale to 0");
+    eventually("the instance gone", Duration::from_secs(30), || async {
+        (!alive(inst.init_pid)).then_some(())
+    })
+    .await;
+    eventually(
+        "its writable layer removed",
+        Duration::from_secs(30),
+        || async { (!layer.exists()).then_some(()) },
+    )
+    .await;
+    agent.delete("img").await.expect("delete");
+}
+
+/// Files named `name` under `dir`.
+fn walk_for(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(walk_for(&path, name));
+        } else if e.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// `GET path` on 127.0.0.1:`port`: the whole response.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// An OCI layout in `dir` whose one layer holds `corral-testbin` at `/bin/corral-testbin`
+/// and the shared libraries it loads (as `ldd` lists them, at the same paths), with root and
+/// an `app` user (1000) in `/etc/passwd`; its manifest digest. `None` (said why) where `ldd`
+/// cannot tell.
+pub fn testbin_image(dir: &std::path::Path) -> Option<String> {
+    use crate::oci::build::{E, tar};
+    use crate::oci::image::{Blob, Image, LAYER_TAR, config, manifest};
+    let bin = testbin();
+    let out = std::process::Command::new("ldd").arg(&bin).output().ok()?;
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let libs: Vec<String> = listing
+        .lines()
+        .filter_map(|l| {
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect();
+    if !out.status.success() || libs.is_empty() {
+        eprintln!("SKIP testbin image: ldd {bin}: {listing}");
+        return None;
+    }
+    let mut files: Vec<(String, Vec<u8>, u32)> = vec![(
+        "bin/corral-testbin".into(),
+        std::fs::read(&bin).expect("read corral-testbin"),
+        0o755,
+    )];
+    for lib in &libs {
+        let real = std::fs::canonicalize(lib).expect("a library ldd found");
+        files.push((
+            lib.trim_start_matches('/').to_string(),
+            std::fs::read(real).expect("read a library"),
+            0o755,
+        ));
+    }
+    let mut dirs: Vec<String> = vec!["etc/".into(), "tmp/".into(), "data/".into()];
+    for (name, _, _) in &files {
+        for d in std::path::Path::new(name).ancestors().skip(1) {
+            if d.as_os_str().is_empty() {
+                continue;
+            }
+            let d = format!("{}/", d.display());
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs.sort_by_key(|d| d.matches('/').count());
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/data:/bin/sh\n".to_vec();
+    let mut entries: Vec<E<'_>> = dirs
+        .iter()
+        .map(|d| E::Dir(d.as_bytes(), if d == "tmp/" { 0o1777 } else { 0o755 }))
+        .collect();
+    entries.extend(
+        files
+            .iter()
+            .map(|(name, data, mode)| E::File(name.as_bytes(), data, *mode)),
+    );
+    entries.push(E::File(b"etc/passwd", &passwd, 0o644));
+    let layer = tar(&entries);
+    let config = config("", &[&layer]);
+    let l = Blob::new(LAYER_TAR, layer);
+    let manifest = manifest(&config, &[&l]);
+    let digest = format!("sha256:{}", manifest.hex());
+    let image = Image {
+        blobs: vec![config, l, manifest],
+        manifest: digest.clone(),
+    };
+    image.write_dir(dir);
+    Some(digest)
+}
+
+/// The escape suite of [`escape_is_refused`] run by a root service from an image (with
+/// `userns`: in its own user namespace as well): device nodes, `/dev/kmsg`, the cgroup,
+/// `kernel.core_pattern`, `/proc/kcore`, mount, modules, a new user namespace and the API
+/// socket (again after an agent restart) are each refused, the host is unchanged, and a
+/// double-forked `setsid` process dies with the instance. No host device node is reachable
+/// from an image (the store skips device nodes, nothing of the host's tree is in view), so
+/// the block device write is refused for want of one. Then the same checks as
+/// [`image_instance`] on what the image instance sees of the kernel: the system paths masked
+/// or read-only, the minimal `/dev`, its own cgroup as the cgroup root, the seccomp filter.
+pub async fn image_escape_is_refused(userns: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = dir.path().join("testbin.oci");
+    let Some(digest) = testbin_image(&layout) else {
+        return;
+    };
+    let mut agent = Agent::start().await;
+    let core_pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    let token = format!("corral-img{}", std::process::id() % 10_000);
+    let socket = agent.socket.display().to_string();
+    let spec = format!(
+        "name = \"esc\"\ncommand = [\"/bin/corral-testbin\", \"escape\", {socket:?}, \"/data/blk\", {token:?}]\n[image]\nurl = {:?}\ndigest = {digest:?}\n[isolation]\nuserns = {userns}\n[stop]\ngrace = \"2s\"\n",
+        layout.display().to_string()
+    );
+    match agent.apply(&spec).await {
+        Ok(_) => {}
+        // The v2 VM's state directory is on tmpfs, which has idmapped mounts from Linux 6.3.
+        Err(e) if userns && e.message().contains("cannot be idmapped") => {
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            eprintln!(
+                "image escape with userns: refused at Apply on this filesystem: {}",
+                e.message()
+            );
+            return;
+        }
+        Err(e) => panic!("apply: {e:?}"),
+    }
+    let inst = agent.wait_running("esc", 1).await.remove(0);
+    let refused = |got: &str| got.starts_with("refused:");
+    for name in [
+        "block_write",
+        "mknod_char",
+        "mknod_block",
+        "kmsg",
+        "cgroup_procs",
+        "sysctl",
+        "kcore",
+        "mount",
+        "init_module",
+        "finit_module",
+        "unshare_user",
+        "api_socket",
+    ] {
+        let got = agent.reported(&inst.id, &format!("escape.{name}")).await;
+        eprintln!("image escape.{name}: {got}");
+        assert!(refused(&got), "escape.{name}: {got}");
+    }
+    assert_eq!(
+        agent.reported(&inst.id, "escape.double_fork").await,
+        "started"
+    );
+    // The instance's view: its root is the image, its /proc/kcore masked, /sys read-only,
+    // its cgroup the root of the cgroup filesystem it sees.
+    let root = format!("/proc/{}/root", inst.pid);
+    assert!(std::path::Path::new(&format!("{root}/bin/corral-testbin")).is_file());
+    assert!(
+        !std::path::Path::new(&format!("{root}/usr/bin")).exists(),
+        "nothing of the host's"
+    );
+    // The init's view: the instance's mount namespace as the init left it.
+    let mounts =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", inst.init_pid)).expect("mountinfo");
+    // The mount on top at `point`.
+    let mount_at = |point: &str| {
+        mounts
+            .lines()
+            .rfind(|l| l.split_whitespace().nth(4) == Some(point))
+            .map(str::to_string)
+    };
+    assert!(
+        mount_at("/proc/keys").is_some(),
+        "/proc/keys masked:\n{mounts}"
+    );
+    let sys = mount_at("/sys").expect("/sys mounted");
+    assert!(
+        sys.split_whitespace()
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "/sys read-only: {sys}"
+    );
+    let dev = mount_at("/dev").expect("/dev mounted");
+    assert!(dev.contains(" - tmpfs "), "the minimal /dev: {dev}");
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).expect("ns");
+    assert_ne!(
+        ns(&inst.pid.to_string()),
+        ns("self"),
+        "its own cgroup namespace"
+    );
+    assert!(
+        mount_at("/sys/fs/cgroup").is_some_and(|m| m.contains(" - tmpfs ")),
+        "the cgroup views mounted again:\n{mounts}"
+    );
+    let seccomp = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
+    assert!(
+        seccomp
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "the seccomp filter: {seccomp}"
+    );
+    if userns {
+        let map = std::fs::read_to_string(format!("/proc/{}/uid_map", inst.pid)).expect("uid_map");
+        let fields: Vec<u32> = map
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        assert!(
+            matches!(fields[..], [0, base, 65536] if base >= 65536),
+            "root inside is not host root: {map}"
+        );
+        // The store's rootfs is shown idmapped: a file the image's uid N owns belongs to uid
+        // N inside, the block's base + N on the host, never to an unmapped id.
+        use std::os::unix::fs::MetadataExt;
+        let stored = walk_for(&agent.state_dir.join("artifacts/images"), "corral-testbin");
+        let on_disk = std::fs::metadata(stored.first().expect("the rootfs in the store"))
+            .expect("stat")
+            .uid();
+        let seen = std::fs::metadata(format!("{root}/bin/corral-testbin"))
+            .expect("stat")
+            .uid();
+        assert_eq!(
+            seen,
+            fields[1] + on_disk,
+            "idmapped rootfs: on disk {on_disk}"
+        );
+    }
+
+    // The API socket stays out of reach after the agent starts again.
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    let again = eventually(
+        "the instance to try again",
+        Duration::from_secs(20),
+        || async {
+            let pid = agent.get("esc").await.ok()?.instances.first()?.pid;
+            // SAFETY: kill(2) on the instance's service process, found through the agent.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            agent.stdout_of(&inst.id).lines().find_map(|l| {
+                l.strip_prefix("escape.api_socket_again=")
+                    .map(str::to_string)
+            })
+        },
+    )
+    .await;
+    assert!(
+        refused(&again),
+        "API socket after an agent restart: {again}"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default(),
+        core_pattern,
+        "kernel.core_pattern"
+    );
+    let rel = instance_rel("esc", &inst.id);
+    let pids = agent.cgroup.pids(&rel);
+    assert!(
+        !processes_named(&token).is_empty(),
+        "the double-forked process runs before delete"
+    );
+    agent.delete("esc").await.expect("delete");
+    eventually(
+        "every process of the instance gone",
+        Duration::from_secs(20),
+        || async {
+            (pids.iter().all(|p| !alive(*p)) && processes_named(&token).is_empty()).then_some(())
+        },
+    )
+    .await;
+}
+
+/// `isolation.readonly_root` with `[image]`: no writable layer at all (no `upper/` in the
+/// instance's layer directory), `/` read-only (a write to the image's `/data` is refused with
+/// EROFS), the provided `/etc` files there, a private `/tmp` still writable.
+pub async fn image_readonly_root() {
+    let Some(busybox) = crate::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = crate::oci::image::busybox_image(&busybox, "");
+    let layout = dir.path().join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start().await;
+    let spec = format!(
+        r#"name = "ro"
+command = ["/bin/sh", "-c", "(echo x > /data/w) 2>/tmp/err; echo data=$? > /tmp/out; echo t > /tmp/t && echo tmp=ok >> /tmp/out; cat /etc/hostname >> /tmp/out; exec sleep 600"]
+
+[image]
+url = "{}"
+digest = "{}"
+
+[isolation]
+readonly_root = true
+"#,
+        layout.display(),
+        image.manifest
+    );
+    agent.apply(&spec).await.expect("apply");
+    let inst = agent.wait_running("ro", 1).await.remove(0);
+    let root = format!("/proc/{}/root", inst.pid);
+    let out = eventually("the checks written", Duration::from_secs(20), || async {
+        std::fs::read_to_string(format!("{root}/tmp/out"))
+            .ok()
+            .filter(|o| o.lines().count() >= 3)
+    })
+    .await;
+    assert!(out.contains("data=1") || out.contains("data=2"), "{out}");
+    assert!(out.contains("tmp=ok"), "{out}");
+    assert!(out.contains(&inst.id), "/etc/hostname: {out}");
+    let err = std::fs::read_to_string(format!("{root}/tmp/err")).unwrap_or_default();
+    assert!(err.contains("Read-only file system"), "{err}");
+    let layer = agent.state_dir.join("run").join(&inst.id).join("image");
+    assert!(layer.join("base").is_dir(), "{}", layer.display());
+    assert!(!layer.join("upper").exists(), "no writable layer");
+    let mounts =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", inst.init_pid)).expect("mountinfo");
+    let rootline = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .expect("/ mounted");
+    assert!(
+        rootline
+            .split_whitespace()
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "/ read-only: {rootline}"
+    );
+    agent.delete("ro").await.expect("delete");
 }

@@ -302,3 +302,126 @@ async fn deploy_roll_and_roll_back_offline_and_refuse_a_wrong_digest() {
     );
     drop(server);
 }
+
+/// `[image]` over loopback HTTP: the image (an OCI layout tar the test builds from the static
+/// busybox) is the instance's root, with its config's defaults, and the instance's writable
+/// layer is gone once it ends (`scenarios::image_instance`). An image whose config names a
+/// user its `/etc/passwd` lacks fails with that reason in the service's status, and nothing
+/// runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_the_instance_root_and_a_missing_user_is_refused() {
+    if skip_unless_root("an_image_is_the_instance_root_and_a_missing_user_is_refused") {
+        return;
+    }
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    std::fs::write(dir.path().join("good.oci.tar"), good.tar()).expect("write");
+    let ghost = corral_e2e::oci::image::busybox_image(&busybox, "ghost");
+    std::fs::write(dir.path().join("ghost.oci.tar"), ghost.tar()).expect("write");
+    let server = Server::start(dir.path()).await;
+    let agent = Agent::start().await;
+    let url = |name: &str| format!("http://127.0.0.1:{}/{name}", server.port);
+    corral_e2e::scenarios::image_instance(&agent, &url("good.oci.tar"), &good.manifest).await;
+
+    let spec = format!(
+        "name = \"ghost\"\nreplicas = 1\n[image]\nurl = \"{}\"\ndigest = \"{}\"\n",
+        url("ghost.oci.tar"),
+        ghost.manifest
+    );
+    agent.apply(&spec).await.expect("apply");
+    let reason = eventually("the package's failure", Duration::from_secs(60), || async {
+        let p = agent.get("ghost").await.ok()?.package?;
+        (p.phase == "failed").then_some(p.error?)
+    })
+    .await;
+    assert!(
+        reason.contains("/etc/passwd has no user \"ghost\""),
+        "{reason}"
+    );
+    let s = agent.get("ghost").await.expect("status");
+    assert!(
+        s.instances.iter().all(|i| i.pid == 0),
+        "nothing runs: {s:?}"
+    );
+}
+
+/// `corral artifacts`: an archive imported on a node without network is listed with its
+/// digest, size and the owner `import`, and serves a spec naming only its SHA-256 through a
+/// path; the service's revision pins it too; once the service is deleted `gc` leaves the
+/// imported entry, which nothing but `import` owns. A relative path is refused by the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_are_listed_imported_and_collected() {
+    if skip_unless_root("artifacts_are_listed_imported_and_collected") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (name, sha) = package(dir.path(), "v1");
+    let file = dir.path().join(&name);
+    let agent = Agent::start().await;
+
+    let out = agent.cli(&["artifacts", "import", file.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.trim().ends_with(&format!("sha256:{sha}")),
+        "{printed}"
+    );
+
+    let list = |agent: &Agent| {
+        let out = agent.cli(&["-o", "json", "artifacts"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let v = list(&agent);
+    let entries = v["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{v}");
+    assert_eq!(entries[0]["kind"], "artifact");
+    assert_eq!(entries[0]["digest"], format!("sha256:{sha}"));
+    assert_eq!(entries[0]["owners"], serde_json::json!(["import"]));
+    let size = std::fs::metadata(&file).expect("size").len();
+    assert!(entries[0]["size"].as_u64() >= Some(size), "{v}");
+
+    // A service from it: its revision pins it, its instance holds it.
+    let spec = format!(
+        "name = \"imp\"\ncommand = [\"bin/server\", \"serve\"]\n[artifact]\nurl = \"{}\"\nsha256 = \"{sha}\"\nmount = \"/app\"\n",
+        file.display()
+    );
+    agent.apply(&spec).await.expect("apply");
+    agent.wait_running("imp", 1).await;
+    let v = list(&agent);
+    assert_eq!(
+        v["entries"][0]["owners"],
+        serde_json::json!(["imp@r1", "import"]),
+        "{v}"
+    );
+    assert_eq!(v["entries"][0]["users"], 1, "{v}");
+    let table = String::from_utf8_lossy(&agent.cli(&["artifacts"]).stdout).into_owned();
+    assert!(
+        table.starts_with("KIND") && table.contains(&format!("sha256:{sha}")),
+        "{table}"
+    );
+
+    agent.delete("imp").await.expect("delete");
+    let out = agent.cli(&["artifacts", "gc"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = list(&agent);
+    assert_eq!(
+        v["entries"][0]["owners"],
+        serde_json::json!(["import"]),
+        "{v}"
+    );
+    assert_eq!(v["entries"][0]["users"], 0, "{v}");
+
+    let mut client = agent.client().await;
+    let err = client
+        .import_artifact(pb::ImportArtifactRequest {
+            path: "relative.tar".into(),
+        })
+        .await
+        .expect_err("relative");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("path:"), "{}", err.message());
+}

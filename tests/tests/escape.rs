@@ -28,6 +28,22 @@ async fn escape_with_readonly_root_is_refused() {
     scenarios::escape_is_refused(true).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_from_an_image_is_refused() {
+    if skip_unless_root("escape_from_an_image_is_refused") {
+        return;
+    }
+    scenarios::image_escape_is_refused(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_from_an_image_in_a_user_namespace_is_refused() {
+    if skip_unless_root("escape_from_an_image_in_a_user_namespace_is_refused") {
+        return;
+    }
+    scenarios::image_escape_is_refused(true).await;
+}
+
 /// A shared library whose constructor leaves a file in `dir` naming the uid that loaded it:
 /// `root-<pid>` for uid or euid 0, `user-<pid>` otherwise.
 const EVIL: &str = r#"

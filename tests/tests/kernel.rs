@@ -28,3 +28,5 @@ scenario!(capabilities_as_configured);
 scenario!(readonly_root_keeps_workdir_and_tmp_writable);
 scenario!(nofile_limit_applies);
 scenario!(a_second_agent_on_the_same_cgroup_tree_is_refused);
+scenario!(image_is_the_instance_root);
+scenario!(image_readonly_root);

@@ -38,7 +38,9 @@ fn kernel_scenarios_on_cgroup_v2() {
     }
     cmd.arg(&runner)
         .arg("kernel")
-        .env("V2VM_CGROUP", "/corral-e2e.slice/runner");
+        .env("V2VM_CGROUP", "/corral-e2e.slice/runner")
+        // [image] instances run on an overlay.
+        .env("V2VM_MODULES", "overlay");
     let out = cmd.output().expect("run the v2 VM script");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -31,7 +31,7 @@ use tonic::codegen::Bytes;
 pub enum Role {
     /// Nothing at all: a client certificate whose subject has no known OU.
     None,
-    /// Get, List, Node, Logs, Watch, GetRollout, health and reflection.
+    /// Get, List, Node, Logs, Watch, GetRollout, ListArtifacts, health and reflection.
     Read,
     /// Everything.
     Admin,
@@ -221,6 +221,7 @@ const READ_METHODS: &[&str] = &[
     "/corral.v1.Agent/GetRollout",
     "/corral.v1.Agent/GetRun",
     "/corral.v1.Agent/ListRuns",
+    "/corral.v1.Agent/ListArtifacts",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.health.v1.Health/List",
@@ -533,8 +534,11 @@ mod tests {
             ("/corral.v1.Agent/GetRollout", Role::Read),
             ("/corral.v1.Agent/GetRun", Role::Read),
             ("/corral.v1.Agent/ListRuns", Role::Read),
+            ("/corral.v1.Agent/ListArtifacts", Role::Read),
             ("/corral.v1.Agent/RunJob", Role::Admin),
             ("/corral.v1.Agent/CancelRun", Role::Admin),
+            ("/corral.v1.Agent/ImportArtifact", Role::Admin),
+            ("/corral.v1.Agent/CollectArtifacts", Role::Admin),
             ("/grpc.health.v1.Health/Check", Role::Read),
             // Read may ask for a dry run; the service refuses the rest (may_change).
             ("/corral.v1.Agent/Apply", Role::Read),

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use corral_proto::v1 as pb;
 
+use crate::artifact::{EntryKind, GcReport, ListEntry};
 use crate::cgroups::Capabilities;
 use crate::events::{Event, EventKind};
 use crate::health::{HealthState, ServiceHealth};
@@ -403,6 +404,41 @@ pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec
             idle_after: s.idle_after,
             scale_down_delay: s.scale_down_delay,
         }),
+    }
+}
+
+/// An entry of the artifact store.
+pub fn artifact_to_proto(e: &ListEntry) -> pb::ArtifactEntry {
+    pb::ArtifactEntry {
+        kind: kind_name(e.kind).to_owned(),
+        digest: e.digest.to_string(),
+        size: e.size,
+        owners: e.owners.iter().cloned().collect(),
+        users: u32::try_from(e.leases).unwrap_or(u32::MAX),
+        last_used: Some(ts(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(e.last_used)
+        )),
+    }
+}
+
+fn kind_name(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::Artifact => "artifact",
+        EntryKind::Image => "image",
+    }
+}
+
+/// What a collection removed.
+pub fn gc_to_proto(r: &GcReport) -> pb::CollectArtifactsResponse {
+    let names = |v: &[(EntryKind, spec::artifact::Digest)]| {
+        v.iter()
+            .map(|(k, d)| format!("{} {d}", kind_name(*k)))
+            .collect()
+    };
+    pb::CollectArtifactsResponse {
+        removed: names(&r.unreferenced),
+        evicted: names(&r.evicted),
+        freed_bytes: r.freed,
     }
 }
 

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use super::auth::AuditNote;
 use super::calls::{Stopping, shutting_down};
 use super::convert;
-use super::status::to_status;
+use super::status::{artifact_status, to_status};
+use crate::artifact::ArtifactStore;
 use crate::cgroups::Capabilities;
 use crate::events::{EventError, EventLog, Filter};
 use crate::host::Host;
@@ -37,6 +38,8 @@ pub struct AgentService {
     /// This node's persisted id, and the kernel's boot id.
     pub node_id: String,
     pub boot_id: String,
+    /// The artifact store, for `ListArtifacts`, `ImportArtifact` and `CollectArtifacts`.
+    pub artifacts: Option<ArtifactStore>,
 }
 
 fn rollout_response(r: RolloutStarted) -> Response<pb::RolloutResponse> {
@@ -101,6 +104,12 @@ fn canonical_signal(n: i32) -> String {
 }
 
 impl AgentService {
+    fn store(&self) -> Result<&ArtifactStore, Status> {
+        self.artifacts
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this agent runs without an artifact store"))
+    }
+
     /// The instance ids of a service (or the one asked for, which must exist).
     async fn instances_of(&self, service: &str, only: Option<&str>) -> Result<Vec<String>, Status> {
         let status = self.supervisor.get(service).await.map_err(to_status)?;
@@ -808,6 +817,52 @@ impl Agent for AgentService {
         Ok(Response::new(convert::run_to_proto(&r)))
     }
 
+    async fn list_artifacts(
+        &self,
+        _req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let store = self.store()?;
+        Ok(Response::new(pb::ListArtifactsResponse {
+            entries: store
+                .list()
+                .iter()
+                .map(convert::artifact_to_proto)
+                .collect(),
+            max_cache: store.max_cache().unwrap_or(0),
+        }))
+    }
+
+    async fn import_artifact(
+        &self,
+        req: Request<pb::ImportArtifactRequest>,
+    ) -> Result<Response<pb::ImportArtifactResponse>, Status> {
+        AuditNote::set(&req, &req.get_ref().path);
+        let store = self.store()?;
+        let path = std::path::PathBuf::from(req.into_inner().path);
+        if !path.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "path: {:?} is not an absolute path on the agent's host",
+                path.display()
+                    .to_string()
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )));
+        }
+        let digest = store.import(&path).await.map_err(artifact_status)?;
+        Ok(Response::new(pb::ImportArtifactResponse {
+            digest: digest.to_string(),
+        }))
+    }
+
+    async fn collect_artifacts(
+        &self,
+        _req: Request<pb::CollectArtifactsRequest>,
+    ) -> Result<Response<pb::CollectArtifactsResponse>, Status> {
+        let report = self.store()?.gc().await.map_err(artifact_status)?;
+        Ok(Response::new(convert::gc_to_proto(&report)))
+    }
+
     async fn scale(
         &self,
         req: Request<pb::ScaleRequest>,
@@ -923,6 +978,7 @@ mod tests {
             defaults: convert::HostDefaults::of_this_process(),
             node_id: "test-node".into(),
             boot_id: String::new(),
+            artifacts: None,
         }
     }
 

@@ -9,9 +9,24 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::artifact::ArtifactError;
 use crate::events::EventError;
 use crate::spec::{FieldError, SpecError};
 use crate::supervisor::SupervisorError;
+
+/// A store operation that failed: the caller's input (a file that cannot be read or is not
+/// what it claims) or the store's own trouble.
+pub fn artifact_status(e: ArtifactError) -> Status {
+    let code = match &e {
+        ArtifactError::Fetch { .. }
+        | ArtifactError::DigestMismatch { .. }
+        | ArtifactError::Unpack { .. }
+        | ArtifactError::Image { .. } => Code::FailedPrecondition,
+        ArtifactError::Locked { .. } => Code::Unavailable,
+        ArtifactError::Io { .. } | ArtifactError::Client(_) => Code::Internal,
+    };
+    Status::new(code, cut(&e.to_string(), MAX_MESSAGE).to_string())
+}
 
 /// `ErrorInfo.domain` of every error the agent sends.
 pub const DOMAIN: &str = "corral.dev";

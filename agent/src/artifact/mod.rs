@@ -29,6 +29,8 @@
 //! services, instances or the supervisor: they call it.
 
 mod confined;
+#[cfg(any(test, feature = "testkit"))]
+pub mod fake;
 mod fetch;
 mod oci;
 mod refs;

@@ -9,7 +9,7 @@ use std::pin::Pin;
 
 use tokio::sync::watch;
 
-use super::{ArtifactError, ArtifactStore, ImageConfig, Lease, Ownership, Progress};
+use super::{ArtifactError, ArtifactStore, ImageConfig, Ownership, Progress};
 use crate::spec::artifact::{Digest, Package};
 
 /// A revision's package, ready for its instances; kept in the store while held.
@@ -21,8 +21,8 @@ pub struct Prepared {
     pub path: PathBuf,
     /// The image's defaults; `None` for an archive.
     pub image: Option<ImageConfig>,
-    /// Keeps it in the store.
-    pub lease: Lease,
+    /// Keeps it in the store while held (the store's [`Lease`](super::Lease)).
+    pub lease: Box<dyn fmt::Debug + Send + Sync>,
 }
 
 /// A future the supervisor runs on its own task.
@@ -57,7 +57,7 @@ impl Packages for ArtifactStore {
                         digest: tree.digest,
                         path: tree.path,
                         image: None,
-                        lease: tree.lease,
+                        lease: Box::new(tree.lease),
                     })
                 }
                 Package::Image(spec) => {
@@ -66,7 +66,7 @@ impl Packages for ArtifactStore {
                         digest: image.digest,
                         path: image.rootfs,
                         image: Some(image.config),
-                        lease: image.lease,
+                        lease: Box::new(image.lease),
                     })
                 }
             }

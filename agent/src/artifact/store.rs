@@ -242,6 +242,11 @@ impl ArtifactStore {
         &self.inner.dir
     }
 
+    /// Its bound (`--max-cache`), if any.
+    pub fn max_cache(&self) -> Option<u64> {
+        self.inner.max_cache
+    }
+
     /// The archive of `spec` unpacked with `ownership`, fetched and verified first unless
     /// the store has it (then without the network). Progress goes to `progress`. Dropping
     /// the future stops the work; nothing half-done becomes visible.

@@ -18,6 +18,10 @@ pub struct FakeSpawn {
     pub index: u32,
     pub pid: i32,
     pub command: Vec<String>,
+    /// The package tree it was given (`[artifact]`).
+    pub artifact: Option<std::path::PathBuf>,
+    /// The image rootfs it was given (`[image]`).
+    pub image: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +165,8 @@ impl Processes for FakeRuntime {
             index: req.index,
             pid,
             command: req.spec.command.clone(),
+            artifact: req.artifact.map(std::path::Path::to_path_buf),
+            image: req.image.map(|i| i.rootfs.clone()),
         });
         let (tx, rx) = oneshot::channel();
         st.exits.insert(pid, tx);

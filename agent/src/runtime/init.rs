@@ -38,6 +38,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use super::confine::{self, Masker};
 use super::exec::Command;
+use super::image;
 use super::mounts;
 use super::package;
 use super::privileges::Privileges;
@@ -332,10 +333,21 @@ impl Init {
             } else {
                 None
             };
+            // An image becomes the root first: everything below happens inside it.
+            if let Some(root) = &config.image {
+                // SAFETY: the spawn path placed these fds for the init alone.
+                let owned = |fd: Option<RawFd>| fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+                let layers = owned(config.fds.image_layer)
+                    .ok_or("image: the agent passed no mount of the image's layers")?;
+                let lower = owned(config.fds.image_root)
+                    .ok_or("image: the agent passed no mount of the image's rootfs")?;
+                image::enter(root, &layers, &lower, config.userns, !config.minimal_dev)
+                    .map_err(|e| format!("image: {e}"))?;
+            }
             if config.minimal_dev {
                 confine::nodev_everywhere()?;
             }
-            if config.pid_namespace {
+            if config.pid_namespace && config.image.is_none() {
                 mount(
                     Some("proc"),
                     "/proc",

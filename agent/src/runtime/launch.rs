@@ -85,6 +85,8 @@ pub struct HostView<'a> {
     pub cgroup_mounts: &'a [CgroupMount],
     /// `[artifact]`: the unpacked tree in the store.
     pub artifact: Option<&'a Path>,
+    /// `[image]`: the instance's plan from the image's config, and its layers.
+    pub image: Option<(&'a super::image::Plan, &'a super::image::ImageRoot)>,
 }
 
 /// Who the service runs as: the identity resolved on the host, and whether the init must
@@ -112,10 +114,15 @@ pub fn init_config(
     let changed = run_as.identity.filter(|_| run_as.change);
     let mount_ns = iso.has(Namespace::Mount);
     let system_paths = mount_ns && iso.system_paths == SystemPaths::Masked;
+    let image = host.image.filter(|_| mount_ns);
+    let mut env = service_env(spec, index, instance, ports, run_as.identity);
+    if let Some((plan, _)) = image {
+        super::image::merge_env(&mut env, &plan.env);
+    }
     InitConfig {
         instance: instance.to_string(),
-        command: super::package::command(spec),
-        workdir: spec.workdir.clone(),
+        command: image.map_or_else(|| super::package::command(spec), |(p, _)| p.command.clone()),
+        workdir: image.map_or_else(|| spec.workdir.clone(), |(p, _)| p.workdir.clone()),
         uid: changed.map(|i| i.uid),
         gid: changed.map(|i| i.gid),
         hostname: spec.hostname_for(index),
@@ -130,9 +137,11 @@ pub fn init_config(
         listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
         capabilities: Some(cap_plan(spec, uid)),
         nofile: spec.resources.nofile,
-        readonly_root: iso.readonly_root,
-        env: service_env(spec, index, instance, ports, run_as.identity),
-        masked: if mount_ns {
+        // An image's read-only root is its overlay without a writable layer.
+        readonly_root: iso.readonly_root && image.is_none(),
+        env,
+        // Nothing of the host's tree is in an image instance's view.
+        masked: if mount_ns && image.is_none() {
             host.masked.to_vec()
         } else {
             Vec::new()
@@ -147,6 +156,7 @@ pub fn init_config(
         fds,
         userns: mount_ns && iso.userns,
         artifact: super::package::artifact_mount(spec, host.artifact),
+        image: image.map(|(_, root)| root.clone()),
     }
 }
 
@@ -242,6 +252,7 @@ mod tests {
                 masked: &masked,
                 cgroup_mounts: &mounts,
                 artifact: None,
+                image: None,
             },
             crate::runtime::InitFds::after(0, true, false),
         )

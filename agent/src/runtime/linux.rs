@@ -32,6 +32,7 @@ use super::clone::{
     ChildPlan, clone_exec, high, join_cgroup, new_userns, pidfd_signal, read_spawn_error,
     sealed_memfd, wait_pidfd, write_id_maps,
 };
+use super::image;
 use super::launch::{self, HostView, Identity, RunAs};
 use super::package;
 use super::probe_helper::ProbeConfig;
@@ -61,7 +62,8 @@ pub struct LinuxRuntime {
     userns: Option<UsernsIds>,
     /// User namespaces for idmapped workdirs, by (workdir owner, group, block): the owner's
     /// ids are the block's root.
-    idmaps: Mutex<HashMap<(u32, u32, u32), Arc<OwnedFd>>>,
+    /// and for image rootfs, by their uid map (the same for gids).
+    idmaps: Mutex<HashMap<String, Arc<OwnedFd>>>,
     /// Compiled seccomp programs, by policy, each in a sealed memfd that every instance's
     /// init and probe helper of that policy gets (and reads) as it is.
     filters: Mutex<HashMap<seccomp::Policy, Arc<OwnedFd>>>,
@@ -252,7 +254,7 @@ impl LinuxRuntime {
                     ),
                 ));
             }
-            Some(user @ UserSpec::Name(_)) => {
+            Some(user @ UserSpec::Name(_)) if !image::is_image(spec) => {
                 if let Ok(Some(id)) = resolve_identity(Some(user), None, &spec.name)
                     && (!inside(id.uid) || !inside(id.gid))
                 {
@@ -267,8 +269,22 @@ impl LinuxRuntime {
             }
             _ => {}
         }
+        // An image's rootfs is idmapped: the store's filesystem (the state directory's, as the
+        // run directory's) must allow it.
+        if image::is_image(spec)
+            && let Err(e) = self.rootfs_mount(&self.run_root, Some(ids.any()))
+        {
+            why.push(FieldError::new(
+                "isolation.userns",
+                format!(
+                    "[image] the store under {} cannot be idmapped for the instance's user namespace: {e} (its filesystem lacks idmapped mounts, e.g. tmpfs before Linux 6.3; put --state-dir on one that has them, or drop isolation.userns)",
+                    self.run_root.parent().unwrap_or(&self.run_root).display()
+                ),
+            ));
+        }
         // A workdir owned by someone else than root is idmapped: its filesystem must allow it.
-        if fs::metadata(&spec.workdir).is_ok_and(|m| m.uid() != 0)
+        if !image::is_image(spec)
+            && fs::metadata(&spec.workdir).is_ok_and(|m| m.uid() != 0)
             && let Err(e) = self.idmapped_workdir(&spec.workdir, ids.any())
         {
             why.push(FieldError::new("isolation.userns", format!(
@@ -305,24 +321,39 @@ impl LinuxRuntime {
         if meta.uid() == 0 {
             return Ok(None);
         }
-        let key = (meta.uid(), meta.gid(), base);
-        let ns = {
-            let mut cache = self.idmaps.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.get(&key) {
-                Some(ns) => ns.clone(),
-                None => {
-                    let ns = Arc::new(new_userns(
-                        &format!("{} {base} 1", key.0),
-                        &format!("{} {base} 1", key.1),
-                    )?);
-                    cache.insert(key, ns.clone());
-                    ns
-                }
-            }
-        };
+        let ns = self.idmap_ns(
+            &format!("{} {base} 1", meta.uid()),
+            &format!("{} {base} 1", meta.gid()),
+        )?;
         let mount = super::mounts::copy_tree(workdir, false)?;
         super::mounts::idmap(&mount, &ns)?;
         high(mount).map(Some)
+    }
+
+    /// A user namespace with these maps, to idmap mounts with (made once per maps).
+    fn idmap_ns(&self, uid_map: &str, gid_map: &str) -> io::Result<Arc<OwnedFd>> {
+        let key = format!("{uid_map}/{gid_map}");
+        let mut cache = self.idmaps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ns) = cache.get(&key) {
+            return Ok(ns.clone());
+        }
+        let ns = Arc::new(new_userns(uid_map, gid_map)?);
+        cache.insert(key, ns.clone());
+        Ok(ns)
+    }
+
+    /// An image's rootfs as a detached mount; with a user namespace whose root is host id
+    /// `base`, idmapped like it: what the image's uid N owns (in the store, on disk) is uid N
+    /// inside the instance, as crun and podman do with idmapped mounts. The store's copy
+    /// stays as it is, shared by every service whatever its block of ids.
+    fn rootfs_mount(&self, rootfs: &Path, userns: Option<u32>) -> io::Result<OwnedFd> {
+        let mount = super::mounts::copy_tree(rootfs, false)?;
+        if let Some(base) = userns {
+            let map = format!("0 {base} {USERNS_SIZE}");
+            let ns = self.idmap_ns(&map, &map)?;
+            super::mounts::idmap(&mount, &ns)?;
+        }
+        high(mount)
     }
 
     pub fn run_dir(&self, instance: &str) -> PathBuf {
@@ -342,6 +373,31 @@ impl LinuxRuntime {
                 resolve_identity(Some(user), self.users.as_ref(), &spec.name).map(|i| (i, true))
             }
         }
+    }
+
+    /// The identity an instance of `spec` runs as from its image: `user = "dynamic"` as on
+    /// the host, otherwise the plan's user (the image's, or the spec's looked up in the
+    /// image), or else root, unchanged.
+    fn image_identity(
+        &self,
+        spec: &ServiceSpec,
+        plan: &image::Plan,
+    ) -> Result<(Option<Identity>, bool), String> {
+        if matches!(spec.user, Some(UserSpec::Dynamic)) {
+            return self.identity(spec);
+        }
+        Ok(match &plan.user {
+            Some((uid, gid, name, home)) => (
+                Some(Identity {
+                    uid: *uid,
+                    gid: *gid,
+                    name: name.clone(),
+                    home: home.clone(),
+                }),
+                true,
+            ),
+            None => (self.own.clone(), false),
+        })
     }
 
     /// The seccomp program of `spec` (`None`: unconfined), compiled once per policy.
@@ -462,7 +518,29 @@ impl Processes for LinuxRuntime {
                 source,
             }
         };
-        let (identity, change) = self.identity(spec).map_err(|reason| SpawnError::User {
+        // An image's defaults under the spec; its user is looked up in the image.
+        let image_plan = match (image::is_image(spec), req.image) {
+            (false, _) => None,
+            (true, Some(img)) => {
+                Some(
+                    image::plan(spec, img).map_err(|reason| SpawnError::Invalid {
+                        instance: instance.to_string(),
+                        reason,
+                    })?,
+                )
+            }
+            (true, None) => {
+                return Err(SpawnError::Invalid {
+                    instance: instance.to_string(),
+                    reason: "its image is not in the store".into(),
+                });
+            }
+        };
+        let identity = match &image_plan {
+            Some(p) => self.image_identity(spec, p),
+            None => self.identity(spec),
+        };
+        let (identity, change) = identity.map_err(|reason| SpawnError::User {
             instance: instance.to_string(),
             user: spec
                 .user
@@ -492,24 +570,62 @@ impl Processes for LinuxRuntime {
             instance: instance.to_string(),
             reason,
         };
+        let userns = self.userns_base(spec).map_err(invalid)?;
+        let image_root = match (&image_plan, req.image) {
+            (Some(_), Some(img)) => Some(
+                image::prepare_layer(
+                    &run_dir,
+                    &img.rootfs,
+                    image::LayerOptions {
+                        persist: image::persist(spec),
+                        readonly: spec.isolation.readonly_root,
+                        owner: userns,
+                        hostname: &spec
+                            .hostname_for(req.index)
+                            .unwrap_or_else(|| instance.to_string()),
+                    },
+                )
+                .map_err(prep("the image's layers"))?,
+            ),
+            _ => None,
+        };
         let filter = self
             .filter(spec, &caps)
             .map_err(|reason| invalid(format!("isolation.seccomp: {reason}")))?;
-        let userns = self.userns_base(spec).map_err(invalid)?;
+        // An image's workdir is the image's: only a host workdir is idmapped.
         let workdir_mount = match userns {
-            Some(base) => self
+            Some(base) if image_root.is_none() => self
                 .idmapped_workdir(&spec.workdir, base)
                 .map_err(prep(&format!(
                     "an idmapped mount of workdir {}",
                     spec.workdir.display()
                 )))?,
+            _ => None,
+        };
+        // The layers as a mount of their own, for the init to attach where it can reach them
+        // (the agent's directories above are closed to root in a user namespace).
+        let layer_mount = match &image_root {
+            Some(root) => Some(
+                super::mounts::copy_tree(&root.layer, false)
+                    .and_then(high)
+                    .map_err(prep("a mount of the image's layers"))?,
+            ),
             None => None,
+        };
+        // The rootfs as a detached mount too (idmapped with a user namespace): the init
+        // reaches nothing of the host's tree by path once the layers are attached.
+        let rootfs_mount = match (&image_root, req.image) {
+            (Some(_), Some(img)) => Some(self.rootfs_mount(&img.rootfs, userns).map_err(prep(
+                &format!("a mount of the image's rootfs {}", img.rootfs.display()),
+            ))?),
+            _ => None,
         };
         let fds = super::InitFds::after(
             spec.sockets.len(),
             filter.is_some(),
             workdir_mount.is_some(),
-        );
+        )
+        .with_image(layer_mount.is_some(), rootfs_mount.is_some());
         let config = launch::init_config(
             spec,
             req.index,
@@ -525,6 +641,7 @@ impl Processes for LinuxRuntime {
                 masked: &self.masked,
                 cgroup_mounts: &self.cgroup_mounts,
                 artifact: req.artifact,
+                image: image_plan.as_ref().zip(image_root.as_ref()),
             },
             fds,
         );
@@ -613,6 +730,8 @@ impl Processes for LinuxRuntime {
             .chain(Some(log_dir_fd.as_raw_fd()))
             .chain(filter.as_ref().map(|fd| fd.as_raw_fd()))
             .chain(workdir_mount.as_ref().map(|fd| fd.as_raw_fd()))
+            .chain(layer_mount.as_ref().map(|fd| fd.as_raw_fd()))
+            .chain(rootfs_mount.as_ref().map(|fd| fd.as_raw_fd()))
             .collect();
         let mut flags = clone_flags(spec);
         if userns.is_some() {
@@ -714,6 +833,15 @@ impl Processes for LinuxRuntime {
 
     fn preflight(&self, spec: &ServiceSpec) -> Result<(), Vec<FieldError>> {
         let mut why = Vec::new();
+        // From an image, command, workdir and user are the image's, checked when an
+        // instance starts; the image needs its own mount namespace.
+        let on_host = !image::is_image(spec);
+        if !on_host && !spec.isolation.has(Namespace::Mount) {
+            why.push(FieldError::new(
+                "isolation.namespaces",
+                "[image] needs the mount namespace (the image becomes the instance's root)",
+            ));
+        }
         match &spec.user {
             // Allocated at the first start; here only whether there is a range.
             Some(UserSpec::Dynamic) if self.users.is_none() => {
@@ -723,7 +851,7 @@ impl Processes for LinuxRuntime {
                 ));
             }
             Some(UserSpec::Dynamic) => {}
-            Some(user) => {
+            Some(user) if on_host => {
                 if let Err(e) = resolve_identity(Some(user), None, &spec.name) {
                     why.push(FieldError::new(
                         "user",
@@ -731,9 +859,10 @@ impl Processes for LinuxRuntime {
                     ));
                 }
             }
-            None => {}
+            _ => {}
         }
-        if spec.isolation.has(Namespace::Mount)
+        if on_host
+            && spec.isolation.has(Namespace::Mount)
             && let Some(dir) = self.masked.iter().find(|d| spec.workdir.starts_with(d))
         {
             why.push(FieldError::new(
@@ -763,9 +892,11 @@ impl Processes for LinuxRuntime {
                 "this kernel has no cgroup namespaces",
             ));
         }
-        why.extend(super::preflight::programs(spec));
+        if on_host {
+            why.extend(super::preflight::programs(spec));
+        }
         match fs::metadata(&spec.workdir) {
-            _ if package::inside_artifact(spec, &spec.workdir) => {}
+            _ if !on_host || package::inside_artifact(spec, &spec.workdir) => {}
             Ok(m) if m.is_dir() => {}
             Ok(_) => why.push(FieldError::new(
                 "workdir",
@@ -1056,6 +1187,8 @@ async fn wait_exit(
 ) -> InitExit {
     let status = wait_pidfd(pidfd, child).await;
     let spawn_error = err_pipe.and_then(read_spawn_error);
+    let layer_of = run_dir.clone();
+    let _ = tokio::task::spawn_blocking(move || image::discard_layer(&layer_of)).await;
     InitExit {
         status,
         record: read_exit_record(&run_dir),

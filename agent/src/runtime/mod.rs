@@ -21,6 +21,7 @@ mod confine;
 pub mod exec;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
+pub mod image;
 pub mod init;
 pub mod launch;
 pub mod linux;
@@ -119,6 +120,9 @@ pub struct InitConfig {
     /// `[artifact]`: the store's tree, mounted read-only inside the instance.
     #[serde(default)]
     pub artifact: Option<package::ArtifactMount>,
+    /// `[image]`: the instance's root filesystem.
+    #[serde(default)]
+    pub image: Option<image::ImageRoot>,
 }
 
 /// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
@@ -160,6 +164,14 @@ pub struct InitFds {
     pub seccomp: Option<RawFd>,
     /// A detached, idmapped mount of the workdir (`isolation.userns`), to put in place.
     pub workdir: Option<RawFd>,
+    /// A detached mount of the image's rootfs (`[image]`; idmapped for the instance's user
+    /// namespace with `isolation.userns`): the overlay's lower layer.
+    #[serde(default)]
+    pub image_root: Option<RawFd>,
+    /// A detached bind mount of the instance's image layers (`<run dir>/image`), which the
+    /// init attaches in its own mount namespace to build the overlay from.
+    #[serde(default)]
+    pub image_layer: Option<RawFd>,
 }
 
 impl InitFds {
@@ -176,14 +188,36 @@ impl InitFds {
             log_dir: take(true),
             seccomp: take(seccomp),
             workdir: take(workdir),
+            image_root: None,
+            image_layer: None,
         }
+    }
+
+    /// With the image's layers (when `layer`) and its idmapped rootfs (when `root`), after
+    /// the others, in this order.
+    pub fn with_image(mut self, layer: bool, root: bool) -> InitFds {
+        let mut next = self.all().max().unwrap_or(RUN_DIR_FD) + 1;
+        if layer {
+            self.image_layer = Some(next);
+            next += 1;
+        }
+        if root {
+            self.image_root = Some(next);
+        }
+        self
     }
 
     /// Every fd set, in order.
     pub fn all(&self) -> impl Iterator<Item = RawFd> {
-        [self.log_dir, self.seccomp, self.workdir]
-            .into_iter()
-            .flatten()
+        [
+            self.log_dir,
+            self.seccomp,
+            self.workdir,
+            self.image_layer,
+            self.image_root,
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -270,6 +304,8 @@ pub struct StartRequest<'a> {
     /// `[artifact]`: the unpacked, read-only tree on the host, bind-mounted at the spec's
     /// `artifact.mount` inside the instance.
     pub artifact: Option<&'a std::path::Path>,
+    /// `[image]`: the rootfs in the store and the image's defaults.
+    pub image: Option<&'a image::ImageRun>,
 }
 
 /// What an exec probe runner needs to run commands inside one instance.

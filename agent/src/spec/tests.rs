@@ -683,7 +683,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[image]\nurl = \"/srv/img\"\ndigest = \"sha512:00\"", "image.digest", "only sha256 digests"),
     ("[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\n[isolation]\nnamespaces = [\"pid\"]", "image", "add \"mount\" to isolation.namespaces"),
     ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"\n[isolation]\nnamespaces = [\"pid\"]", "artifact", "add \"mount\" to isolation.namespaces"),
-    ("[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\n[isolation]\nreadonly_root = true", "isolation.readonly_root", "with [image] the root is the image"),
+    ("[image]\nurl = \"/srv/img\"\ndigest = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\npersist = true\n[isolation]\nreadonly_root = true", "isolation.readonly_root", "nothing for image.persist to keep"),
     ("command = [\"../bin/app\"]\n[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"", "command[0]", "leaves artifact.mount"),
     ("command = [\"bin/app\"]", "command[0]", "is a relative path"),
     ("[artifact]\nurl = \"/srv/web.tar\"\nmount = \"/app\"\nkind = 1", "artifact.kind", "unknown"),

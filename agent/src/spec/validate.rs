@@ -739,10 +739,10 @@ impl Check {
                 );
             }
         }
-        if raw.image.is_some() && isolation.readonly_root {
+        if isolation.readonly_root && raw.image.as_ref().is_some_and(|i| i.persist == Some(true)) {
             self.error(
                 "isolation.readonly_root",
-                "is the host's filesystem made read-only; with [image] the root is the image (its writable layer is discarded when the instance ends unless image.persist)",
+                "with [image], a read-only root has no writable layer at all, so there is nothing for image.persist to keep: set one or the other",
             );
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::artifact::fake::FakePackages;
 use crate::cgroups::recording::RecordingCgroups;
 use crate::cgroups::{CgroupPath, Control};
 use crate::rollout::record::Step;
@@ -15,8 +16,11 @@ use crate::runtime::{ExitRecord, InitExit, ProcessStatus};
 use crate::spec::Namespace;
 use crate::store::{MemStore, Store};
 
+mod packages;
+
 struct Rig {
     rt: Arc<FakeRuntime>,
+    packages: Arc<FakePackages>,
     cg: Arc<RecordingCgroups>,
     store: Arc<MemStore>,
     handle: SupervisorHandle,
@@ -30,36 +34,39 @@ impl Drop for Rig {
     }
 }
 
-fn deps(
-    rt: &Arc<FakeRuntime>,
-    cg: &Arc<RecordingCgroups>,
-    store: &Arc<MemStore>,
-    events: &Arc<crate::events::EventLog>,
-) -> Deps {
+fn deps(f: &Fakes, events: &Arc<crate::events::EventLog>) -> Deps {
     Deps::new(
-        rt.clone(),
-        cg.clone(),
-        store.clone(),
+        f.rt.clone(),
+        f.cg.clone(),
+        f.store.clone(),
         Namespace::ALL.to_vec(),
         events.clone(),
     )
+    .with_packages(f.packages.clone())
 }
 
 async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
-    rig_shared(Arc::new(FakeRuntime::new()), Arc::new(cg), store).await
+    let fakes = Fakes {
+        rt: Arc::new(FakeRuntime::new()),
+        packages: Arc::new(FakePackages::new()),
+        cg: Arc::new(cg),
+        store,
+    };
+    fakes.start().await
 }
 
 /// A driver over existing fakes: a second driver on the same fakes is an agent restart.
-async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<MemStore>) -> Rig {
+async fn rig_shared(f: &Fakes) -> Rig {
     let events = Arc::new(crate::events::EventLog::in_memory(10_000));
-    let (mut driver, handle) = Driver::new(deps(&rt, &cg, &store, &events));
+    let (mut driver, handle) = Driver::new(deps(f, &events));
     driver.restore().await;
     let stop = CancellationToken::new();
     tokio::spawn(driver.run(stop.clone()));
     Rig {
-        rt,
-        cg,
-        store,
+        rt: f.rt.clone(),
+        packages: f.packages.clone(),
+        cg: f.cg.clone(),
+        store: f.store.clone(),
         handle,
         stop,
         events,
@@ -69,13 +76,14 @@ async fn rig_shared(rt: Arc<FakeRuntime>, cg: Arc<RecordingCgroups>, store: Arc<
 /// A rig's fakes for the OS: a driver started again on them is the agent started again.
 struct Fakes {
     rt: Arc<FakeRuntime>,
+    packages: Arc<FakePackages>,
     cg: Arc<RecordingCgroups>,
     store: Arc<MemStore>,
 }
 
 impl Fakes {
     async fn start(&self) -> Rig {
-        rig_shared(self.rt.clone(), self.cg.clone(), self.store.clone()).await
+        rig_shared(self).await
     }
 }
 
@@ -83,6 +91,7 @@ impl Rig {
     fn fakes(&self) -> Fakes {
         Fakes {
             rt: self.rt.clone(),
+            packages: self.packages.clone(),
             cg: self.cg.clone(),
             store: self.store.clone(),
         }

@@ -1171,6 +1171,7 @@ pub fn api() -> &'static Api {
             defaults: corral_agent::api::convert::HostDefaults::of_this_process(),
             node_id: "test-node".into(),
             boot_id: String::new(),
+            artifacts: None,
         };
         Api {
             rt,

@@ -9,6 +9,7 @@
 //! a `--wait` it interrupts ends with exit code 1 (what was waited for did not happen).
 
 mod apply;
+mod artifacts;
 mod fleet;
 mod jobs;
 mod rollout;
@@ -121,5 +122,6 @@ pub async fn run(
         Command::Run(args) => jobs::run(&conn, output, &args, out, err).await,
         Command::Runs(args) => jobs::runs(&conn, output, &args.name, out).await,
         Command::Cancel(args) => jobs::cancel(&conn, output, &args.run, out).await,
+        Command::Artifacts(args) => artifacts::run(&conn, output, args.action, out).await,
     }
 }

@@ -349,7 +349,25 @@ impl Waiter {
             };
             match read {
                 Ok(status) => {
-                    self.progress.rollout(err, &status)?;
+                    // Before it replaces anything, a rollout may be fetching its package.
+                    let package =
+                        if status.replaced == 0 && !has_ended(rollout_state_name(status.state)) {
+                            session
+                                .get(&status.service)
+                                .await
+                                .ok()
+                                .and_then(|s| s.package)
+                                .filter(|p| {
+                                    p.revision == status.to_revision
+                                        && matches!(p.phase.as_str(), "fetching" | "unpacking")
+                                })
+                        } else {
+                            None
+                        };
+                    match package {
+                        Some(p) => self.progress.package(err, &status, &p)?,
+                        None => self.progress.rollout(err, &status)?,
+                    }
                     if has_ended(rollout_state_name(status.state)) {
                         return Ok(Watched::Ended(status));
                     }
@@ -600,6 +618,32 @@ impl Progress {
                 }
                 err.flush()
             }
+        }
+    }
+
+    /// Shows a rollout fetching or unpacking its package: its line with the bytes done,
+    /// redrawn, or (lines) the package's phase once per change.
+    fn package(
+        &mut self,
+        err: &mut dyn Write,
+        s: &pb::RolloutStatus,
+        p: &pb::PackageStatus,
+    ) -> io::Result<()> {
+        let service = one_line(&s.service);
+        match self.mode {
+            Mode::Off => Ok(()),
+            Mode::Live => self.draw(
+                err,
+                &format!(
+                    "{} · package {}",
+                    rollout_progress_line(s),
+                    render::package_line(p, true)
+                ),
+            ),
+            Mode::Lines => self.text(
+                err,
+                format!("{service}: package {}", render::package_line(p, false)),
+            ),
         }
     }
 

@@ -185,6 +185,7 @@ async fn main() {
     }
     if wants("artifact") {
         corral_e2e::artifacts::bench(rounds.clamp(1, 5)).await;
+        image_start(rounds.clamp(1, 5)).await;
     }
     if wants("metrics") {
         metrics(rounds.max(50)).await;
@@ -384,6 +385,185 @@ async fn metrics(rounds: usize) {
     for n in &names {
         delete(&agent, n).await;
     }
+}
+
+/// Apply -> 50 instances whose service process runs (seen through `Get`, polled every 2 ms),
+/// from the cached busybox image against the same from the host's own binary, side by side.
+async fn image_start(rounds: usize) {
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = PathBuf::from(format!(
+        "/var/tmp/corral-bench-image-{}",
+        std::process::id()
+    ));
+    let image = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start_logging(None, "warn").await;
+    let from_image = |name: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/busybox\", \"sleep\", \"1000\"]\nreplicas = 50\n[image]\nurl = \"{}\"\ndigest = \"{}\"\n[stop]\ngrace = \"1s\"\n",
+            layout.display(),
+            image.manifest
+        )
+    };
+    let from_host = |name: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [\"/bin/sleep\", \"1000\"]\nreplicas = 50\n[stop]\ngrace = \"1s\"\n"
+        )
+    };
+    // Warm the store: the image is fetched and unpacked once.
+    apply(
+        &agent,
+        &from_image("warm").replace("replicas = 50", "replicas = 1"),
+    )
+    .await;
+    agent.wait_running("warm", 1).await;
+    delete(&agent, "warm").await;
+    let mut host = Vec::new();
+    let mut img = Vec::new();
+    for r in 0..rounds {
+        for (kind, text) in [
+            ("host", from_host(&format!("host-{r}"))),
+            ("image", from_image(&format!("image-{r}"))),
+        ] {
+            let name = format!("{kind}-{r}");
+            let t = Instant::now();
+            apply(&agent, &text).await;
+            loop {
+                let s = agent.get(&name).await.expect("status");
+                let running = s
+                    .instances
+                    .iter()
+                    .filter(|i| i.state == pb::InstanceState::Running as i32 && i.pid > 0)
+                    .count();
+                if running == 50 {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "{name}: 50 instances did not start"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let took = t.elapsed();
+            if kind == "host" {
+                host.push(took);
+            } else {
+                img.push(took);
+            }
+            delete(&agent, &name).await;
+        }
+    }
+    stats("apply -> 50 host-command instances running", host, true);
+    stats(
+        "apply -> 50 image instances running (cached image)",
+        img,
+        true,
+    );
+    // A service keeps the image in the store while crun runs its rootfs.
+    apply(
+        &agent,
+        &from_image("keep").replace("replicas = 50", "replicas = 1"),
+    )
+    .await;
+    agent.wait_running("keep", 1).await;
+    crun_start(&agent, &dir, rounds).await;
+    delete(&agent, "keep").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same 50 `busybox sleep` containers from the same unpacked rootfs (the store's, shared
+/// read-only) started by `crun run -d` (Debian's `crun`), all at once, until every `crun`
+/// returned with its container running; in cgroups beneath the bench's own. Skipped, saying
+/// so, without `crun`, or when it refuses the host (crun 1.8 refuses a hybrid cgroup
+/// hierarchy, even with `--cgroup-manager=disabled`).
+async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
+    let Ok(version) = std::process::Command::new("crun").arg("--version").output() else {
+        println!("crun: not installed, no comparison (apt-get install crun)");
+        return;
+    };
+    let version = String::from_utf8_lossy(&version.stdout);
+    let rootfs = std::fs::read_dir(agent.state_dir.join("artifacts/images"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(Result::ok)
+        .map(|e| e.path().join("rootfs"));
+    let Some(rootfs) = rootfs.filter(|r| r.is_dir()) else {
+        println!("crun: the image's rootfs is not in the store, no comparison");
+        return;
+    };
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).expect("bundle dir");
+    let spec = std::process::Command::new("crun")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status();
+    if !spec.is_ok_and(|s| s.success()) {
+        println!("crun: `crun spec` failed, no comparison");
+        return;
+    }
+    let path = bundle.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("json");
+    config["process"]["terminal"] = false.into();
+    config["process"]["args"] = serde_json::json!(["/bin/busybox", "sleep", "1000"]);
+    config["root"]["path"] = rootfs.display().to_string().into();
+    config["root"]["readonly"] = true.into();
+    let run = |id: &str| {
+        let mut c = config.clone();
+        c["linux"]["cgroupsPath"] = format!("{}/crun-{id}", agent.cgroup.flag()).into();
+        let b = dir.join(format!("bundle-{id}"));
+        std::fs::create_dir_all(&b).expect("bundle");
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&c).expect("json"))
+            .expect("config");
+        std::process::Command::new("crun")
+            .args(["run", "-d", "--bundle"])
+            .arg(&b)
+            .arg(id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("crun run")
+    };
+    let mut took = Vec::new();
+    for r in 0..rounds {
+        let ids: Vec<String> = (0..50).map(|i| format!("corral-bench-{r}-{i}")).collect();
+        let t = Instant::now();
+        let children: Vec<_> = ids.iter().map(|id| run(id)).collect();
+        let mut failed = None;
+        for c in children {
+            let out = c.wait_with_output().expect("crun");
+            if !out.status.success() {
+                failed = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+        }
+        let elapsed = t.elapsed();
+        for id in &ids {
+            let _ = std::process::Command::new("crun")
+                .args(["delete", "-f", id])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        if let Some(why) = failed {
+            println!(
+                "crun: a container did not start, no comparison: {}",
+                why.trim()
+            );
+            return;
+        }
+        took.push(elapsed);
+    }
+    stats(
+        &format!(
+            "crun run -d -> 50 containers running (same rootfs; {})",
+            version.lines().next().unwrap_or("crun").trim()
+        ),
+        took,
+        true,
+    );
 }
 
 /// `Get` from every client, each on its own connection, for `for_how_long`: the latencies

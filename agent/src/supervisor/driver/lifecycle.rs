@@ -10,9 +10,12 @@ use tokio::time::Instant;
 
 use super::slots::Service;
 use super::{Driver, Internal, cgroup_of, ctx};
+use crate::artifact::Prepared;
 use crate::cgroups::{CgroupBackend, CgroupError, CgroupPath};
 use crate::events::EventKind;
+use crate::runtime::image::ImageRun;
 use crate::runtime::{Spawned, StartRequest, assign_ports};
+use crate::spec::artifact::Package;
 use crate::spec::{Devices, InstanceKey, Resources};
 use crate::supervisor::Deleted;
 use crate::supervisor::instance::{Effect, Event, State, StopReason};
@@ -171,20 +174,21 @@ impl Driver {
         let svc = self.services.get(&key.service).ok_or("service gone")?;
         let inst = &svc.slots.get(&key.index).ok_or("instance gone")?.instance;
         let (spec, id) = (inst.spec.clone(), inst.id.clone());
-        let artifact = match &spec.package {
+        let prepared = match &spec.package {
             None => None,
-            Some(_) => Some(
-                svc.packages
-                    .path_of(inst.revision)
-                    .ok_or_else(|| {
-                        format!(
-                            "the package of revision {} is not in the store yet",
-                            inst.revision
-                        )
-                    })?
-                    .to_path_buf(),
-            ),
+            Some(_) => Some(svc.packages.prepared(inst.revision).ok_or_else(|| {
+                format!(
+                    "the package of revision {} is not in the store yet",
+                    inst.revision
+                )
+            })?),
         };
+        let artifact = prepared
+            .filter(|_| matches!(spec.package, Some(Package::Artifact(_))))
+            .map(|p| p.path.clone());
+        let image = prepared
+            .filter(|_| matches!(spec.package, Some(Package::Image(_))))
+            .map(image_run);
         let sockets = svc
             .fds_for(&spec)
             .ok_or("its listening sockets are not open (see the agent's log)")?;
@@ -210,6 +214,7 @@ impl Driver {
                 ports: &ports,
                 listen_fds: &sockets,
                 artifact: artifact.as_deref(),
+                image: image.as_ref(),
             })
             .map_err(|e| e.to_string())?;
         let inst = &mut self.services.slot_mut(key).ok_or("instance gone")?.instance;
@@ -369,5 +374,18 @@ pub(super) async fn remove_when_empty(
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// An image's rootfs and config defaults, as the runtime takes them.
+fn image_run(p: &Prepared) -> ImageRun {
+    let config = p.image.clone().unwrap_or_default();
+    ImageRun {
+        rootfs: p.path.clone(),
+        entrypoint: config.entrypoint,
+        cmd: config.cmd,
+        env: config.env,
+        working_dir: config.working_dir,
+        user: config.user.map(|u| (u.uid, u.gid)),
     }
 }

@@ -16,7 +16,6 @@ use crate::events::EventKind;
 use crate::rollout::record::{Kind, Rollout, State as RolloutState};
 use crate::runtime::ProcessRef;
 use crate::runtime::init::FORWARDED;
-use crate::spec::artifact::Package;
 use crate::spec::{self, FieldError, InstanceKey, ServiceSpec};
 use crate::supervisor::capacity;
 use crate::supervisor::desired::{Desired, Target};
@@ -644,19 +643,11 @@ impl Driver {
             why.extend(e);
         }
         why.extend(self.busy_ports(spec));
-        match &spec.package {
-            Some(_) if self.deps.packages.is_none() => {
-                why.push(FieldError::new(
-                    "artifact",
-                    "this agent runs without an artifact store",
-                ));
-            }
-            Some(Package::Image(_)) => why.push(FieldError::new(
-                "image",
-                "running an OCI image as the instances' root is not available in this release \
-                 (use [artifact] with a tar of the image's files)",
-            )),
-            _ => {}
+        if spec.package.is_some() && self.deps.packages.is_none() {
+            why.push(FieldError::new(
+                "artifact",
+                "this agent runs without an artifact store",
+            ));
         }
         if why.is_empty() {
             Ok(())

@@ -6,12 +6,21 @@
 //! a rollback finds its package without the network; a revision no longer kept is unpinned and
 //! the store collects what nothing uses. Progress is in the service's status and in `package`
 //! events.
+//!
+//! Every revision an instance runs has its package prepared too, so an instance adopted after
+//! an agent restart (of a revision older than the target) restarts from its own files. A
+//! failed package is fetched again with a backoff ([`RETRY_FIRST`] doubling to
+//! [`RETRY_MAX`]) while nothing else can serve: for a new service, or for the revision of an
+//! instance; a failed update is not retried (its rollout failed, the old revision serves) until
+//! the next apply, rollback or restart.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::slots::Service;
 use super::{Driver, Internal};
@@ -24,19 +33,35 @@ use crate::supervisor::PackageStatus;
 /// Bytes between two progress events of one fetch (besides phase changes).
 const PROGRESS_EVENT_STEP: u64 = 16 << 20;
 
-/// A service's packages: ready ones by revision, the fetch under way, the last failure.
+/// First wait before a failed package is fetched again; doubled after each failure.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two fetches of a package that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A service's packages: ready ones by revision, fetches under way, failures.
 #[derive(Debug, Default)]
 pub(super) struct PackageState {
     ready: BTreeMap<u64, Prepared>,
-    fetching: Option<Fetching>,
-    /// The revision whose package failed, and why: not fetched again until the service gets
-    /// a new target (an apply, rollback or restart).
-    failed: Option<(u64, u64, String)>,
+    fetching: BTreeMap<u64, Fetching>,
+    failed: BTreeMap<u64, Failure>,
+}
+
+/// A revision whose package could not be made ready.
+#[derive(Debug)]
+struct Failure {
+    /// The target's epoch when it failed: a restart (new epoch) fetches again at once.
+    epoch: u64,
+    reason: String,
+    /// Failures in a row.
+    attempts: u32,
+    /// When it is fetched again; `None`: not until the service gets a new target (an
+    /// update whose rollout failed: the old revision serves, the next apply, rollback or
+    /// restart tries again).
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
 struct Fetching {
-    revision: u64,
     epoch: u64,
     url: String,
     progress: watch::Receiver<Progress>,
@@ -50,10 +75,21 @@ impl Drop for Fetching {
 }
 
 impl PackageState {
-    /// The host path of `revision`'s package, when ready.
-    pub(super) fn path_of(&self, revision: u64) -> Option<&std::path::Path> {
-        self.ready.get(&revision).map(|p| p.path.as_path())
+    /// `revision`'s package, when ready.
+    pub(super) fn prepared(&self, revision: u64) -> Option<&Prepared> {
+        self.ready.get(&revision)
     }
+
+    /// When a failed package is next fetched again.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.failed.values().filter_map(|f| f.retry_at).min()
+    }
+}
+
+/// The wait before the next fetch after `attempts` failures in a row.
+fn retry_delay(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    RETRY_FIRST.saturating_mul(1 << doublings).min(RETRY_MAX)
 }
 
 /// The owner a kept revision pins its package with.
@@ -61,9 +97,25 @@ pub(super) fn owner(service: &str, revision: u64) -> String {
     format!("{service}@r{revision}")
 }
 
+/// What a service needs ready: its target, and every revision one of its instances runs
+/// (an adopted instance of an older revision restarts from its own package).
+fn needed(svc: &Service) -> Vec<(u64, Package)> {
+    let mut out: BTreeMap<u64, Package> = BTreeMap::new();
+    if let Some(p) = &svc.d.spec.package {
+        out.insert(svc.d.revision, p.clone());
+    }
+    for inst in svc.instances() {
+        if let Some(p) = &inst.spec.package {
+            out.entry(inst.revision).or_insert_with(|| p.clone());
+        }
+    }
+    out.into_iter().collect()
+}
+
 impl Driver {
     /// Whether the target of `name` can start instances: it has no package, or its package
-    /// is ready. Otherwise starts (or keeps) its fetch.
+    /// is ready. Starts (or keeps) the fetches of every package the service needs: its
+    /// target's and those of the revisions its instances run.
     pub(super) fn package_ready(&mut self, name: &str) -> bool {
         let Some(svc) = self.services.get(name) else {
             return true;
@@ -71,34 +123,30 @@ impl Driver {
         if svc.deleting {
             return true;
         }
-        let (revision, epoch, spec) = (svc.d.revision, svc.d.epoch, svc.d.spec.clone());
-        let Some(package) = spec.package.clone() else {
-            return true;
-        };
+        let (target, epoch) = (svc.d.revision, svc.d.epoch);
+        let now = Instant::now();
         let state = &svc.packages;
-        if state.ready.contains_key(&revision) {
-            return true;
-        }
-        if state
-            .fetching
-            .as_ref()
-            .is_some_and(|f| f.revision == revision)
-        {
-            return false;
-        }
-        if state
-            .failed
-            .as_ref()
-            .is_some_and(|(r, e, _)| (*r, *e) == (revision, epoch))
-        {
-            return false;
+        let to_fetch: Vec<(u64, Package)> = needed(svc)
+            .into_iter()
+            .filter(|(rev, _)| !state.ready.contains_key(rev) && !state.fetching.contains_key(rev))
+            .filter(|(rev, _)| match state.failed.get(rev) {
+                None => true,
+                Some(f) if *rev == target && f.epoch != epoch => true,
+                Some(f) => f.retry_at.is_some_and(|t| t <= now),
+            })
+            .collect();
+        let target_ready = svc.d.spec.package.is_none() || state.ready.contains_key(&target);
+        if to_fetch.is_empty() {
+            return target_ready;
         }
         let Some(packages) = self.deps.packages.clone() else {
             // Refused at admission; never reached with a composed agent.
-            return false;
+            return target_ready;
         };
-        self.start_fetch(name, revision, epoch, &package, packages);
-        false
+        for (revision, package) in to_fetch {
+            self.start_fetch(name, revision, epoch, &package, packages.clone());
+        }
+        target_ready
     }
 
     fn start_fetch(
@@ -146,13 +194,19 @@ impl Driver {
             },
         );
         if let Some(svc) = self.services.get_mut(name) {
-            svc.packages.fetching = Some(Fetching {
+            // Its failures in a row are kept to lengthen the next wait, should this one fail.
+            if let Some(f) = svc.packages.failed.get_mut(&revision) {
+                f.retry_at = None;
+            }
+            svc.packages.fetching.insert(
                 revision,
-                epoch,
-                url,
-                progress: rx,
-                task: task.abort_handle(),
-            });
+                Fetching {
+                    epoch,
+                    url,
+                    progress: rx,
+                    task: task.abort_handle(),
+                },
+            );
         }
     }
 
@@ -166,7 +220,7 @@ impl Driver {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
-        let Some(fetching) = svc.packages.fetching.take_if(|f| f.revision == revision) else {
+        let Some(fetching) = svc.packages.fetching.remove(&revision) else {
             return;
         };
         let url = fetching.url.clone();
@@ -181,7 +235,7 @@ impl Driver {
                 }
                 tracing::info!(service = %name, revision, digest = %prepared.digest, "package ready");
                 svc.packages.ready.insert(revision, prepared);
-                svc.packages.failed = None;
+                svc.packages.failed.remove(&revision);
                 self.emit(
                     name,
                     None,
@@ -196,8 +250,23 @@ impl Driver {
                 );
             }
             Err(reason) => {
-                tracing::warn!(service = %name, revision, %reason, "package failed");
-                svc.packages.failed = Some((revision, epoch, reason.clone()));
+                // Fetched again later when nothing else can serve: an instance of this
+                // revision, or a target no instance of another revision stands in for (a
+                // new service). A failed update leaves the old revision serving.
+                let is_target = revision == svc.d.revision;
+                let retry = !is_target || svc.instances().all(|i| i.revision == revision);
+                let attempts = svc.packages.failed.get(&revision).map_or(0, |f| f.attempts) + 1;
+                let retry_at = retry.then(|| Instant::now() + retry_delay(attempts));
+                tracing::warn!(service = %name, revision, %reason, attempts, retry_in = ?retry_at.map(|_| retry_delay(attempts)), "package failed");
+                svc.packages.failed.insert(
+                    revision,
+                    Failure {
+                        epoch,
+                        reason: reason.clone(),
+                        attempts,
+                        retry_at,
+                    },
+                );
                 self.emit(
                     name,
                     None,
@@ -227,19 +296,22 @@ impl Driver {
     }
 
     /// Drops what no revision of `name` needs any more: ready packages of revisions neither
-    /// kept nor run by an instance (their leases go), and pins of revisions not kept; the
-    /// store then collects.
+    /// kept nor run by an instance (their leases go), failures and fetches of revisions no
+    /// longer needed, and pins of revisions not kept; the store then collects.
     pub(super) fn release_packages(&mut self, name: &str) {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
         let kept = svc.d.revisions();
-        let running: Vec<u64> = svc.slots.values().map(|s| s.instance.revision).collect();
-        let before = svc.packages.ready.len();
-        svc.packages
+        let needed: Vec<u64> = needed(svc).into_iter().map(|(r, _)| r).collect();
+        let state = &mut svc.packages;
+        state.failed.retain(|rev, _| needed.contains(rev));
+        state.fetching.retain(|rev, _| needed.contains(rev));
+        let before = state.ready.len();
+        state
             .ready
-            .retain(|rev, _| kept.contains(rev) || running.contains(rev));
-        if svc.packages.ready.len() == before {
+            .retain(|rev, _| kept.contains(rev) || needed.contains(rev));
+        if state.ready.len() == before {
             return;
         }
         self.unpin_except(name, &kept);
@@ -277,7 +349,7 @@ pub(super) fn package_status(svc: &Service) -> Option<PackageStatus> {
         total,
         error,
     };
-    if let Some(f) = state.fetching.as_ref().filter(|f| f.revision == revision) {
+    if let Some(f) = state.fetching.get(&revision) {
         let p = *f.progress.borrow();
         let phase = match p.phase {
             Phase::Fetching => PackagePhase::Fetching,
@@ -285,8 +357,13 @@ pub(super) fn package_status(svc: &Service) -> Option<PackageStatus> {
         };
         return Some(status(phase, p.done, p.total, None));
     }
-    if let Some((_, _, why)) = state.failed.as_ref().filter(|(r, _, _)| *r == revision) {
-        return Some(status(PackagePhase::Failed, 0, None, Some(why.clone())));
+    if let Some(f) = state.failed.get(&revision) {
+        return Some(status(
+            PackagePhase::Failed,
+            0,
+            None,
+            Some(f.reason.clone()),
+        ));
     }
     if state.ready.contains_key(&revision) {
         return Some(status(PackagePhase::Ready, 0, None, None));

@@ -397,7 +397,11 @@ impl Driver {
             None
         } else {
             let (policy, slots) = self.planner_view(svc, now);
-            rollout::next_change(&policy, &slots, now)
+            let retry = svc.packages.next_retry();
+            [rollout::next_change(&policy, &slots, now), retry]
+                .into_iter()
+                .flatten()
+                .min()
         };
         let dirty = svc.dirty && !svc.deleting;
         if dirty && let Err(e) = self.persist(name, &svc.d) {
