@@ -19,6 +19,7 @@ mod fsutil;
 #[cfg(any(test, feature = "testkit"))]
 pub mod recording;
 mod seam;
+mod statfiles;
 #[cfg(test)]
 mod testkit;
 pub mod v1;
