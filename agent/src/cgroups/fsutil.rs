@@ -121,30 +121,13 @@ pub(super) fn parse_pids(text: &str) -> Result<Vec<i32>, String> {
         .collect()
 }
 
-/// Reads one integer file, with errors that name the cgroup and the file.
-pub(super) fn read_u64(path: &str, file: &Path) -> Result<u64, CgroupError> {
-    let text = fs::read_to_string(file).map_err(|source| read_err(path, file, source))?;
-    parse_u64(&text).map_err(|msg| read_err(path, file, invalid_data(msg)))
-}
-
-/// Reads a whole control file, with errors that name the cgroup and the file.
-pub(super) fn read_text(path: &str, file: &Path) -> Result<String, CgroupError> {
-    fs::read_to_string(file).map_err(|source| read_err(path, file, source))
-}
-
-/// Parses a control file's text read by [`read_text`], naming the cgroup and the file.
+/// Parses a control file's text, naming the cgroup and the file.
 pub(super) fn parsed<T>(
     path: &str,
     file: &Path,
     value: Result<T, String>,
 ) -> Result<T, CgroupError> {
     value.map_err(|msg| read_err(path, file, invalid_data(msg)))
-}
-
-/// Reads `key` from a flat-keyed file, with errors that name the cgroup and the file.
-pub(super) fn read_keyed(path: &str, file: &Path, key: &str) -> Result<u64, CgroupError> {
-    let text = fs::read_to_string(file).map_err(|source| read_err(path, file, source))?;
-    keyed_u64(&text, key).map_err(|msg| read_err(path, file, invalid_data(msg)))
 }
 
 /// The pids in `dir/cgroup.procs`; `None` when the cgroup does not exist.

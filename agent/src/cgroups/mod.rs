@@ -20,6 +20,7 @@ pub mod owner;
 #[cfg(any(test, feature = "testkit"))]
 pub mod recording;
 mod seam;
+mod statfiles;
 #[cfg(test)]
 mod testkit;
 pub mod v1;
@@ -389,7 +390,8 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     /// and repeats until the cgroup is empty.
     fn kill_all(&self, path: &CgroupPath) -> Result<(), CgroupError>;
 
-    /// Usage read from the cgroup's own files.
+    /// Usage read from the cgroup's own files now. The files may be kept open between calls;
+    /// `create` and `remove` of the cgroup close them.
     fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError>;
 
     /// Remove the cgroup directory (in every v1 hierarchy). `Ok` when it does not exist;

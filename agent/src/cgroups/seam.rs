@@ -18,7 +18,6 @@ use super::fsutil::{clone_io, memory_matches, parse_u64, read_err, read_trimmed}
 /// What a library call does to `file`, for its error.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Op<'a> {
-    Read,
     Write(&'a str),
 }
 
@@ -35,11 +34,7 @@ pub(super) fn call<T>(
         Err(payload) => Err(CgroupError::Panicked {
             path: path.to_string(),
             message: format!(
-                "{} {}: {}",
-                match op {
-                    Op::Read => "reading",
-                    Op::Write(_) => "writing",
-                },
+                "writing {}: {}",
                 file.display(),
                 panic_message(payload.as_ref())
             ),
@@ -56,14 +51,9 @@ fn lib_error(path: &str, file: &Path, op: Op<'_>, e: &LibError) -> CgroupError {
             value: value.to_string(),
             source: clone_io(io),
         },
-        (Op::Read, Some(io)) => read_err(path, file, clone_io(io)),
         (Op::Write(value), None) => CgroupError::Library {
             path: path.to_string(),
             message: format!("writing {value:?} to {}: {e}", file.display()),
-        },
-        (Op::Read, None) => CgroupError::Library {
-            path: path.to_string(),
-            message: format!("reading {}: {e}", file.display()),
         },
     }
 }
@@ -134,9 +124,12 @@ mod tests {
 
     #[test]
     fn panic_becomes_an_error() {
-        let err = call::<()>("corral/a/a-0", Path::new("/x/pids.max"), Op::Read, || {
-            panic!("index out of bounds")
-        })
+        let err = call::<()>(
+            "corral/a/a-0",
+            Path::new("/x/pids.max"),
+            Op::Write("32"),
+            || panic!("index out of bounds"),
+        )
         .expect_err("panicked");
         assert!(
             matches!(&err, CgroupError::Panicked { message, .. } if message.contains("index out of bounds")),

@@ -192,3 +192,16 @@ pub(super) fn read(file: &Path) -> String {
 pub(super) fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
+
+/// Descriptors this process holds open on files in the directories `dirs` (each counted once).
+pub(super) fn fds_in(dirs: &[&Path]) -> usize {
+    let mut dirs: Vec<&Path> = dirs.to_vec();
+    dirs.sort();
+    dirs.dedup();
+    fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter(|target| target.parent().is_some_and(|p| dirs.contains(&p)))
+        .count()
+}

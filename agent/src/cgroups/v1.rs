@@ -17,11 +17,11 @@ use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
-    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs,
-    keyed_u64_or_zero, parsed, read_keyed, read_procs, read_text, read_u64, remove_all,
-    remove_created, sigkill_all, subdirs,
+    self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs, keyed_u64,
+    keyed_u64_or_zero, parsed, read_procs, remove_all, remove_created, sigkill_all, subdirs,
 };
-use super::seam::{self, Expect, Op};
+use super::seam::{self, Expect};
+use super::statfiles::{StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
 };
@@ -77,6 +77,20 @@ pub struct V1Backend {
     parents: Vec<PathBuf>,
     fs: Arc<dyn CgroupDirs>,
     page_size: u64,
+    /// The files `stats()` reads, held open per cgroup.
+    stats: StatFiles<StatFile>,
+}
+
+/// The files `stats()` reads, by what they hold.
+#[derive(Debug, Clone, Copy)]
+enum StatFile {
+    CpuacctUsage,
+    CpuStat,
+    MemoryUsage,
+    MemoryMaxUsage,
+    OomControl,
+    MemoryLimit,
+    PidsCurrent,
 }
 
 impl V1Backend {
@@ -196,7 +210,48 @@ impl V1Backend {
             parents,
             fs,
             page_size: fsutil::page_size(),
+            stats: StatFiles::new(),
         })
+    }
+
+    /// The files of `path` that `stats()` reads, for the controls this host has.
+    fn stat_files(&self, path: &CgroupPath) -> Vec<Wanted<StatFile>> {
+        let rel = path.relative();
+        let mut files = Vec::with_capacity(7);
+        let mut want = |r: &Option<Ready>, control: Control, names: &[(StatFile, &str)]| {
+            if let Some(r) = r.as_ref().filter(|_| self.caps.has(control)) {
+                let dir = r.parent.join(&rel);
+                for (kind, name) in names {
+                    files.push(Wanted {
+                        kind: *kind,
+                        file: dir.join(name),
+                        required: true,
+                    });
+                }
+            }
+        };
+        want(
+            &self.cpuacct,
+            Control::CpuAccounting,
+            &[(StatFile::CpuacctUsage, "cpuacct.usage")],
+        );
+        want(&self.cpu, Control::Cpu, &[(StatFile::CpuStat, "cpu.stat")]);
+        want(
+            &self.memory,
+            Control::Memory,
+            &[
+                (StatFile::MemoryUsage, "memory.usage_in_bytes"),
+                (StatFile::MemoryMaxUsage, "memory.max_usage_in_bytes"),
+                (StatFile::OomControl, "memory.oom_control"),
+                (StatFile::MemoryLimit, "memory.limit_in_bytes"),
+            ],
+        );
+        want(
+            &self.pids,
+            Control::Pids,
+            &[(StatFile::PidsCurrent, "pids.current")],
+        );
+        files
     }
 
     fn dirs(&self, path: &CgroupPath) -> impl Iterator<Item = PathBuf> + '_ {
@@ -335,6 +390,8 @@ impl CgroupBackend for V1Backend {
     }
 
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {
+        // A cgroup made anew is read through new descriptors.
+        self.stats.forget(path);
         let p = path.to_string();
         if let Some(reason) = self.caps.refuse(limits) {
             return Err(CgroupError::Unsupported { path: p, reason });
@@ -411,46 +468,40 @@ impl CgroupBackend for V1Backend {
     }
 
     fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError> {
-        let p = path.to_string();
-        let rel = path.relative();
         let mut stats = CgroupStats::default();
-        if self.caps.has(Control::CpuAccounting)
-            && let Some(r) = &self.cpuacct
-        {
-            stats.cpu_usage_ns = read_u64(&p, &r.parent.join(&rel).join("cpuacct.usage"))?;
-        }
-        if self.caps.has(Control::Cpu)
-            && let Some(r) = &self.cpu
-        {
-            let file = r.parent.join(&rel).join("cpu.stat");
-            let text = read_text(&p, &file)?;
-            stats.cpu_throttled_periods =
-                parsed(&p, &file, keyed_u64_or_zero(&text, "nr_throttled"))?;
-            stats.cpu_throttled_ns = parsed(&p, &file, keyed_u64_or_zero(&text, "throttled_time"))?;
-        }
-        if self.caps.has(Control::Memory)
-            && let Some(r) = &self.memory
-        {
-            let dir = r.parent.join(&rel);
-            stats.memory_bytes = read_u64(&p, &dir.join("memory.usage_in_bytes"))?;
-            stats.memory_peak_bytes = read_u64(&p, &dir.join("memory.max_usage_in_bytes"))?;
-            stats.oom_kills = read_keyed(&p, &dir.join("memory.oom_control"), "oom_kill")?;
-            let limit = read_u64(&p, &dir.join("memory.limit_in_bytes"))?;
-            stats.memory_limit_bytes = (limit < UNLIMITED_BYTES).then_some(limit);
-        }
-        if self.caps.has(Control::Pids)
-            && let Some(r) = &self.pids
-        {
-            let dir = r.parent.join(&rel);
-            let c = PidController::new(dir.clone(), r.mount.clone(), false);
-            stats.pids = seam::call(&p, &dir.join("pids.current"), Op::Read, || {
-                c.get_pid_current()
-            })?;
-        }
+        let mut limit = None;
+        self.stats.read(
+            path,
+            || self.stat_files(path),
+            |kind, file, text| {
+                let p = || path.to_string();
+                let text = text.unwrap_or_default();
+                let one = || parsed(&p(), file, fsutil::parse_u64(text));
+                match kind {
+                    StatFile::CpuacctUsage => stats.cpu_usage_ns = one()?,
+                    StatFile::CpuStat => {
+                        stats.cpu_throttled_periods =
+                            parsed(&p(), file, keyed_u64_or_zero(text, "nr_throttled"))?;
+                        stats.cpu_throttled_ns =
+                            parsed(&p(), file, keyed_u64_or_zero(text, "throttled_time"))?;
+                    }
+                    StatFile::MemoryUsage => stats.memory_bytes = one()?,
+                    StatFile::MemoryMaxUsage => stats.memory_peak_bytes = one()?,
+                    StatFile::OomControl => {
+                        stats.oom_kills = parsed(&p(), file, keyed_u64(text, "oom_kill"))?;
+                    }
+                    StatFile::MemoryLimit => limit = Some(one()?),
+                    StatFile::PidsCurrent => stats.pids = one()?,
+                }
+                Ok(())
+            },
+        )?;
+        stats.memory_limit_bytes = limit.filter(|l| *l < UNLIMITED_BYTES);
         Ok(stats)
     }
 
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        self.stats.forget(path);
         remove_all(self.fs.as_ref(), &path.to_string(), self.dirs(path))
     }
 
@@ -883,9 +934,13 @@ mod tests {
         put("pids", "pids.current", "many\n");
         let err = b.stats(&web0()).expect_err("bad pids.current");
         assert!(
-            matches!(&err, CgroupError::Library { message, .. } if message.contains("pids.current")),
+            matches!(&err, CgroupError::Read { file, .. } if file.ends_with("pids.current")),
             "{err}"
         );
+        // The cgroup's seven files are held open until it is removed.
+        assert_eq!(b.stats.held_fds(), 7);
+        b.remove(&web0()).expect("remove");
+        assert_eq!(b.stats.held_fds(), 0);
     }
 
     #[test]
@@ -1121,6 +1176,17 @@ mod tests {
         assert!(stats.memory_peak_bytes >= stats.memory_bytes, "{stats:?}");
         assert!(stats.cpu_usage_ns > 0, "{stats:?}");
         assert_eq!(stats.oom_kills, 0);
+        // The seven files stats() reads stay open and are read again from offset 0, where
+        // the kernel writes their content anew: a limit changed behind the agent is seen.
+        let cpuacct = kdir(&layout.cpuacct, &path);
+        let all = [cpu.as_path(), &mem, &pids, &cpuacct];
+        assert_eq!(testkit::fds_in(&all), 7);
+        fs::write(mem.join("memory.limit_in_bytes"), "33554432").expect("write limit");
+        assert_eq!(
+            b.stats(&path).expect("stats").memory_limit_bytes,
+            Some(32 * MIB)
+        );
+        assert_eq!(testkit::fds_in(&all), 7, "no more opened");
 
         let busy = b.remove(&path).expect_err("tasks inside");
         assert!(busy.is_busy(), "{busy}");
@@ -1129,8 +1195,23 @@ mod tests {
         assert_eq!(cleanup.reap(moved).signal(), Some(libc::SIGKILL));
         assert_eq!(cleanup.reap(inside).signal(), Some(libc::SIGKILL));
         assert_eq!(b.procs(&path).expect("procs"), Vec::<i32>::new());
+        assert_eq!(b.stats(&path).expect("stats").pids, 0);
 
         b.remove(&path).expect("remove");
+        assert_eq!(testkit::fds_in(&all), 0, "closed with the cgroup");
+        // A cgroup removed behind the agent's back reads as an error, never as its last
+        // values, and its files are not held.
+        b.create(&path, &limits(None, None, None)).expect("create");
+        b.stats(&path).expect("stats");
+        assert_eq!(testkit::fds_in(&all), 7);
+        for dir in all {
+            let _ = fs::remove_dir(dir);
+        }
+        let gone = b.stats(&path).expect_err("removed");
+        eprintln!("removed behind the agent: {gone}");
+        assert_eq!(testkit::fds_in(&all), 0, "dropped when the read failed");
+        b.remove(&path)
+            .expect("remove it from the other hierarchies");
         b.remove(&CgroupPath::service("web"))
             .expect("remove service");
         b.remove(&CgroupPath::root()).expect("remove corral");

@@ -21,10 +21,11 @@ use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
     self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, create_dirs, keyed_u64, keyed_u64_or_zero,
-    parsed, read_err, read_keyed, read_procs, read_text, read_trimmed, read_u64, remove_all,
-    remove_created, sigkill_all, subdirs, write_value,
+    parsed, read_err, read_procs, read_trimmed, remove_all, remove_created, sigkill_all, subdirs,
+    write_value,
 };
-use super::seam::{self, Expect, Op};
+use super::seam::{self, Expect};
+use super::statfiles::{StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
 };
@@ -48,6 +49,19 @@ pub struct V2Backend {
     page_size: u64,
     /// The device program every instance cgroup gets (`None`: no device control here).
     devices: Option<super::devices::DeviceProgram>,
+    /// The files `stats()` reads, held open per cgroup.
+    stats: StatFiles<StatFile>,
+}
+
+/// The files `stats()` reads, by what they hold.
+#[derive(Debug, Clone, Copy)]
+enum StatFile {
+    CpuStat,
+    MemoryCurrent,
+    MemoryPeak,
+    MemoryEvents,
+    MemoryMax,
+    PidsCurrent,
 }
 
 impl V2Backend {
@@ -205,7 +219,34 @@ impl V2Backend {
             fs,
             page_size: fsutil::page_size(),
             devices: None,
+            stats: StatFiles::new(),
         })
+    }
+
+    /// The files of `path` that `stats()` reads, for the controls this host has.
+    fn stat_files(&self, path: &CgroupPath) -> Vec<Wanted<StatFile>> {
+        let dir = self.dir(path);
+        let mut files = Vec::with_capacity(6);
+        let mut want = |kind, name: &str, required| {
+            files.push(Wanted {
+                kind,
+                file: dir.join(name),
+                required,
+            });
+        };
+        if self.caps.has(Control::CpuAccounting) {
+            want(StatFile::CpuStat, "cpu.stat", true);
+        }
+        if self.caps.has(Control::Memory) {
+            want(StatFile::MemoryCurrent, "memory.current", true);
+            want(StatFile::MemoryPeak, "memory.peak", false);
+            want(StatFile::MemoryEvents, "memory.events", true);
+            want(StatFile::MemoryMax, "memory.max", true);
+        }
+        if self.caps.has(Control::Pids) {
+            want(StatFile::PidsCurrent, "pids.current", true);
+        }
+        files
     }
 
     fn dir(&self, path: &CgroupPath) -> PathBuf {
@@ -398,6 +439,8 @@ impl CgroupBackend for V2Backend {
     }
 
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError> {
+        // A cgroup made anew is read through new descriptors.
+        self.stats.forget(path);
         let p = path.to_string();
         if let Some(reason) = self.caps.refuse(limits) {
             return Err(CgroupError::Unsupported { path: p, reason });
@@ -501,48 +544,56 @@ impl CgroupBackend for V2Backend {
     }
 
     fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError> {
-        let p = path.to_string();
-        let dir = self.dir(path);
         let mut stats = CgroupStats::default();
-        if self.caps.has(Control::CpuAccounting) {
-            // One read for the usage and, where the CPU controller is on, the throttling.
-            let file = dir.join("cpu.stat");
-            let text = read_text(&p, &file)?;
-            stats.cpu_usage_ns =
-                parsed(&p, &file, keyed_u64(&text, "usage_usec"))?.saturating_mul(1000);
-            stats.cpu_throttled_periods =
-                parsed(&p, &file, keyed_u64_or_zero(&text, "nr_throttled"))?;
-            stats.cpu_throttled_ns =
-                parsed(&p, &file, keyed_u64_or_zero(&text, "throttled_usec"))?.saturating_mul(1000);
-        }
+        self.stats.read(
+            path,
+            || self.stat_files(path),
+            |kind, file, text| {
+                let p = || path.to_string();
+                let Some(text) = text else {
+                    // memory.peak arrived in Linux 5.19: without it the peak is 0.
+                    return Ok(());
+                };
+                let one = || parsed(&p(), file, fsutil::parse_u64(text));
+                match kind {
+                    StatFile::CpuStat => {
+                        // One read for the usage and, where the CPU controller is on, the
+                        // throttling.
+                        stats.cpu_usage_ns =
+                            parsed(&p(), file, keyed_u64(text, "usage_usec"))?.saturating_mul(1000);
+                        stats.cpu_throttled_periods =
+                            parsed(&p(), file, keyed_u64_or_zero(text, "nr_throttled"))?;
+                        stats.cpu_throttled_ns =
+                            parsed(&p(), file, keyed_u64_or_zero(text, "throttled_usec"))?
+                                .saturating_mul(1000);
+                    }
+                    StatFile::MemoryCurrent => stats.memory_bytes = one()?,
+                    StatFile::MemoryPeak => stats.memory_peak_bytes = one()?,
+                    StatFile::MemoryEvents => {
+                        stats.oom_kills = parsed(&p(), file, keyed_u64(text, "oom_kill"))?;
+                    }
+                    StatFile::MemoryMax => {
+                        stats.memory_limit_bytes = match text.trim() {
+                            "max" => None,
+                            n => Some(parsed(&p(), file, fsutil::parse_u64(n))?),
+                        };
+                    }
+                    StatFile::PidsCurrent => stats.pids = one()?,
+                }
+                Ok(())
+            },
+        )?;
         if self.caps.has(Control::Memory) {
-            stats.memory_bytes = read_u64(&p, &dir.join("memory.current"))?;
-            let peak = dir.join("memory.peak");
-            if peak.exists() {
-                stats.memory_peak_bytes = read_u64(&p, &peak)?;
-            }
-            stats.oom_kills = read_keyed(&p, &dir.join("memory.events"), "oom_kill")?;
-            let file = dir.join("memory.max");
-            let max = read_text(&p, &file)?;
-            stats.memory_limit_bytes = match max.trim() {
-                "max" => None,
-                n => Some(parsed(&p, &file, fsutil::parse_u64(n))?),
-            };
             // Absent without PSI (CONFIG_PSI off, or psi=0 on the kernel command line).
-            stats.memory_pressure = std::fs::read_to_string(dir.join("memory.pressure"))
+            stats.memory_pressure = std::fs::read_to_string(self.dir(path).join("memory.pressure"))
                 .ok()
                 .and_then(|t| super::Pressure::parse(&t));
-        }
-        if self.caps.has(Control::Pids) {
-            let c = PidController::new(dir.clone(), self.mount.clone(), true);
-            stats.pids = seam::call(&p, &dir.join("pids.current"), Op::Read, || {
-                c.get_pid_current()
-            })?;
         }
         Ok(stats)
     }
 
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
+        self.stats.forget(path);
         remove_all(self.fs.as_ref(), &path.to_string(), [self.dir(path)])
     }
 
@@ -972,12 +1023,25 @@ mod tests {
         );
         put("memory.pressure", "garbage\n");
         assert_eq!(b.stats(&web0()).expect("stats").memory_pressure, None);
-        // memory.peak arrived in Linux 5.19: without it the peak is 0
-        fs::remove_file(leaf.join("memory.peak")).expect("unplant");
-        assert_eq!(b.stats(&web0()).expect("stats").memory_peak_bytes, 0);
+        // memory.peak arrived in Linux 5.19: without it the peak is 0 (a kernel has the file
+        // in every cgroup or in none, so a cgroup made without it is read)
+        let web1 = CgroupPath::instance("web", "web-1");
+        b.create(&web1, &Resources::default()).expect("create");
+        let leaf1 = root(&tmp).join("agent/corral/web/web-1");
+        fs::remove_file(leaf1.join("memory.peak")).expect("unplant");
+        fs::write(leaf1.join("memory.current"), "4096\n").expect("plant");
+        let s = b.stats(&web1).expect("stats");
+        assert_eq!((s.memory_bytes, s.memory_peak_bytes), (4096, 0));
         put("memory.events", "oom 1\n");
         let err = b.stats(&web0()).expect_err("no oom_kill line");
         assert!(err.to_string().contains("oom_kill"), "{err}");
+        // Each cgroup's files are held open until it is removed.
+        assert_eq!(b.stats.held_fds(), 6 + 5);
+        b.remove(&web0()).expect("remove");
+        assert_eq!(b.stats.held_fds(), 5);
+        b.remove(&CgroupPath::instance("web", "web-1"))
+            .expect("remove");
+        assert_eq!(b.stats.held_fds(), 0);
     }
 
     #[test]
@@ -1120,6 +1184,21 @@ mod tests {
         assert!(stats.pids >= 2, "{stats:?}");
         assert!(stats.memory_bytes > 0, "{stats:?}");
         assert!(stats.cpu_usage_ns > 0, "{stats:?}");
+        // The files stats() reads (memory.peak since Linux 5.19) stay open and are read again
+        // from offset 0, where the kernel writes their content anew: a limit changed behind
+        // the agent is seen.
+        let files = if leaf.join("memory.peak").exists() {
+            6
+        } else {
+            5
+        };
+        assert_eq!(testkit::fds_in(&[&leaf]), files);
+        fs::write(leaf.join("memory.max"), "33554432").expect("write limit");
+        assert_eq!(
+            b.stats(&path).expect("stats").memory_limit_bytes,
+            Some(32 * MIB)
+        );
+        assert_eq!(testkit::fds_in(&[&leaf]), files, "no more opened");
 
         let busy = b.remove(&path).expect_err("tasks inside");
         assert!(busy.is_busy(), "{busy}");
@@ -1127,7 +1206,18 @@ mod tests {
         assert_eq!(cleanup.reap(moved).signal(), Some(libc::SIGKILL));
         assert_eq!(cleanup.reap(inside).signal(), Some(libc::SIGKILL));
         assert_eq!(b.procs(&path).expect("procs"), Vec::<i32>::new());
+        assert_eq!(b.stats(&path).expect("stats").pids, 0);
         b.remove(&path).expect("remove");
+        assert_eq!(testkit::fds_in(&[&leaf]), 0, "closed with the cgroup");
+        // A cgroup removed behind the agent's back reads as an error, never as its last
+        // values, and its files are not held.
+        b.create(&path, &limits(None, None, None)).expect("create");
+        b.stats(&path).expect("stats");
+        assert_eq!(testkit::fds_in(&[&leaf]), files);
+        fs::remove_dir(&leaf).expect("rmdir");
+        let gone = b.stats(&path).expect_err("removed");
+        eprintln!("removed behind the agent: {gone}");
+        assert_eq!(testkit::fds_in(&[&leaf]), 0, "dropped when the read failed");
         b.remove(&CgroupPath::service("web"))
             .expect("remove service");
         b.remove(&CgroupPath::root()).expect("remove corral");

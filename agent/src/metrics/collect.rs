@@ -1,8 +1,8 @@
 //! The collector of a scrape: every service's and instance's series, from the supervisor's
 //! [`ServiceSample`]s and what the OS says now: each live instance's cgroup files (through
 //! the [`CgroupBackend`] seam, v1 or v2 alike) and each instance's log counts (through
-//! [`InstanceFiles`]). Nothing is kept between scrapes, so the series of a deleted instance
-//! or service end with it.
+//! [`InstanceFiles`]). No value is kept between scrapes (the backends keep only the cgroup
+//! files open), so the series of a deleted instance or service end with it.
 //!
 //! Labels are the service, the instance (`web-2`) and the revision it runs: bounded by the
 //! services' replicas and kept revisions. No PID, error text or exit code is a label; the

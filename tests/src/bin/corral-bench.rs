@@ -331,6 +331,22 @@ async fn scrape(
 /// with and without `--metrics` (each agent running the same 200 instances, after the same
 /// settling; with metrics after the scrapes).
 async fn metrics(rounds: usize) {
+    // Figures of unoptimized code say nothing of the product, and on a shared host the load
+    // inflates them: say what was measured, and on what.
+    let profile = if cfg!(debug_assertions) {
+        "a DEBUG build: build with --release for figures"
+    } else {
+        "release"
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "metrics: binaries in {} ({profile}); load average {}",
+        corral_e2e::bin_dir().display(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     // Without --metrics first.
     let rss_off = {
         let agent = Agent::start_logging(None, "warn").await;

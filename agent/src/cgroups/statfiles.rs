@@ -1,0 +1,356 @@
+//! The files a cgroup's usage is read from, opened once and read again at every `stats()`
+//! with one `pread` at offset 0. cgroupfs (kernfs) makes a control file's content anew for
+//! every read that starts at offset 0, so a held descriptor gives the current value without
+//! the path walk, open and close of each read (about 1 µs a file instead of 8 µs).
+//!
+//! The descriptors of a cgroup are dropped when it is created again or removed
+//! ([`StatFiles::forget`]), and when a read through them fails (a cgroup removed behind the
+//! agent's back reads `ENODEV`): then the files are opened afresh once. At most a budget of
+//! descriptors is held (a quarter of the open-file limit); cgroups beyond it are read by
+//! opening their files each time, as before. Used by the v1 and v2 backends only; knows
+//! nothing of controllers or file formats.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::fsutil::{invalid_data, read_err};
+use super::{CgroupError, CgroupPath};
+
+/// One file of a cgroup that `stats()` reads, named by the backend's `K`.
+#[derive(Debug)]
+pub(super) struct Wanted<K> {
+    pub kind: K,
+    pub file: PathBuf,
+    /// A missing optional file (one an older kernel does not have) reads as `None`; a missing
+    /// required one is an error (the cgroup is gone).
+    pub required: bool,
+}
+
+/// The files of one cgroup as opened: `None` for an optional file that does not exist.
+#[derive(Debug)]
+struct Opened<K> {
+    files: Vec<(K, PathBuf, Option<File>)>,
+}
+
+impl<K> Opened<K> {
+    fn fds(&self) -> usize {
+        self.files.iter().filter(|(_, _, f)| f.is_some()).count()
+    }
+}
+
+/// Why a read through [`Opened`] failed.
+enum Failed {
+    /// Reading a file failed (a stale descriptor, or a cgroup that is gone).
+    Io(CgroupError),
+    /// The backend could not understand what it read.
+    Parse(CgroupError),
+}
+
+#[derive(Debug)]
+struct Held<K> {
+    by_path: HashMap<CgroupPath, Arc<Opened<K>>>,
+    fds: usize,
+}
+
+/// The stat files of every cgroup read so far, within a budget of descriptors.
+#[derive(Debug)]
+pub(super) struct StatFiles<K> {
+    budget: usize,
+    held: Mutex<Held<K>>,
+}
+
+/// A quarter of the soft open-file limit: the rest stays for the instances' pipes, pidfds,
+/// sockets and the API's connections.
+fn budget_from_rlimit() -> usize {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| usize::try_from(soft / 4).unwrap_or(usize::MAX))
+        .unwrap_or(0)
+}
+
+impl<K: Copy> StatFiles<K> {
+    /// Holding at most a quarter of this process's open-file limit.
+    pub fn new() -> StatFiles<K> {
+        StatFiles::with_budget(budget_from_rlimit())
+    }
+
+    pub fn with_budget(budget: usize) -> StatFiles<K> {
+        StatFiles {
+            budget,
+            held: Mutex::new(Held {
+                by_path: HashMap::new(),
+                fds: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held<K>> {
+        // Nothing panics while holding it; a poisoned map is still a consistent map.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Read every file of `cg`, calling `each` with its kind, its path and its text (`None`:
+    /// an optional file that does not exist). `wanted` lists the files, in the order `each`
+    /// gets them; it is called only when they must be opened.
+    pub fn read(
+        &self,
+        cg: &CgroupPath,
+        wanted: impl FnOnce() -> Vec<Wanted<K>>,
+        mut each: impl FnMut(K, &Path, Option<&str>) -> Result<(), CgroupError>,
+    ) -> Result<(), CgroupError> {
+        let mut buf = Vec::with_capacity(512);
+        let found = self.lock().by_path.get(cg).cloned();
+        if let Some(opened) = found {
+            match read_all(cg, &opened, &mut buf, &mut each) {
+                Ok(()) => return Ok(()),
+                Err(Failed::Parse(e)) => return Err(e),
+                // Stale: open the files again, once.
+                Err(Failed::Io(_)) => self.drop_if_same(cg, &opened),
+            }
+        }
+        let opened = Arc::new(open_all(cg, wanted())?);
+        match read_all(cg, &opened, &mut buf, &mut each) {
+            Ok(()) => {}
+            Err(Failed::Io(e) | Failed::Parse(e)) => return Err(e),
+        }
+        self.keep(cg, opened);
+        Ok(())
+    }
+
+    fn keep(&self, cg: &CgroupPath, opened: Arc<Opened<K>>) {
+        let n = opened.fds();
+        let mut held = self.lock();
+        if held.fds + n > self.budget {
+            return;
+        }
+        if let Some(old) = held.by_path.insert(cg.clone(), opened) {
+            held.fds -= old.fds();
+        }
+        held.fds += n;
+    }
+
+    fn drop_if_same(&self, cg: &CgroupPath, opened: &Arc<Opened<K>>) {
+        let mut held = self.lock();
+        if held.by_path.get(cg).is_some_and(|o| Arc::ptr_eq(o, opened)) {
+            held.by_path.remove(cg);
+            held.fds -= opened.fds();
+        }
+    }
+
+    /// Drop the descriptors of `cg` and of every cgroup below it: it is being removed, or
+    /// made anew.
+    pub fn forget(&self, cg: &CgroupPath) {
+        let mut held = self.lock();
+        let below = |p: &CgroupPath| p.components().starts_with(cg.components());
+        if !held.by_path.keys().any(below) {
+            return;
+        }
+        let mut dropped = 0;
+        held.by_path.retain(|p, o| {
+            let keep = !below(p);
+            if !keep {
+                dropped += o.fds();
+            }
+            keep
+        });
+        held.fds -= dropped;
+    }
+
+    /// Descriptors held now.
+    #[cfg(test)]
+    pub fn held_fds(&self) -> usize {
+        self.lock().fds
+    }
+}
+
+fn open_all<K: Copy>(cg: &CgroupPath, wanted: Vec<Wanted<K>>) -> Result<Opened<K>, CgroupError> {
+    let mut files = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let f = match File::open(&w.file) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !w.required => None,
+            Err(e) => return Err(read_err(&cg.to_string(), &w.file, e)),
+        };
+        files.push((w.kind, w.file, f));
+    }
+    Ok(Opened { files })
+}
+
+fn read_all<K: Copy>(
+    cg: &CgroupPath,
+    opened: &Opened<K>,
+    buf: &mut Vec<u8>,
+    each: &mut impl FnMut(K, &Path, Option<&str>) -> Result<(), CgroupError>,
+) -> Result<(), Failed> {
+    for (kind, path, file) in &opened.files {
+        let text = match file {
+            None => None,
+            Some(f) => {
+                pread_whole(f, buf).map_err(|e| Failed::Io(read_err(&cg.to_string(), path, e)))?;
+                let text = std::str::from_utf8(buf).map_err(|e| {
+                    Failed::Parse(read_err(
+                        &cg.to_string(),
+                        path,
+                        invalid_data(format!("not text: {e}")),
+                    ))
+                })?;
+                Some(text)
+            }
+        };
+        each(*kind, path, text).map_err(Failed::Parse)?;
+    }
+    Ok(())
+}
+
+/// The whole content of `f` from offset 0 into `buf`: one `pread` for a control file (a few
+/// hundred bytes at most), more only when it fills the buffer.
+fn pread_whole(f: &File, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    loop {
+        let start = buf.len();
+        if buf.capacity() - start < 256 {
+            buf.reserve(buf.capacity().max(512));
+        }
+        buf.resize(buf.capacity(), 0);
+        let n = match f.read_at(&mut buf[start..], start as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                buf.truncate(start);
+                return Err(e);
+            }
+        };
+        let full = n == buf.len() - start;
+        buf.truncate(start + n);
+        if !full || n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum F {
+        A,
+        B,
+    }
+
+    fn wanted(dir: &Path) -> Vec<Wanted<F>> {
+        vec![
+            Wanted {
+                kind: F::A,
+                file: dir.join("a"),
+                required: true,
+            },
+            Wanted {
+                kind: F::B,
+                file: dir.join("b"),
+                required: false,
+            },
+        ]
+    }
+
+    fn read(s: &StatFiles<F>, cg: &CgroupPath, dir: &Path) -> Result<Vec<String>, CgroupError> {
+        let mut out = Vec::new();
+        s.read(
+            cg,
+            || wanted(dir),
+            |k, _, t| {
+                out.push(format!("{k:?}={}", t.unwrap_or("-")));
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    #[test]
+    fn files_are_held_reread_and_dropped() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let cg = CgroupPath::instance("web", "web-0");
+        let s = StatFiles::with_budget(10);
+        fs::write(dir.join("a"), "1\n").expect("a");
+        assert_eq!(read(&s, &cg, dir).expect("read"), ["A=1\n", "B=-"]);
+        assert_eq!(s.held_fds(), 1, "a held, b absent");
+        // Rewritten in place, as the kernel's values change: the held descriptor reads it.
+        fs::write(dir.join("a"), "22\n").expect("a");
+        assert_eq!(read(&s, &cg, dir).expect("read"), ["A=22\n", "B=-"]);
+        // Longer than the first buffer: read whole.
+        let long = "x".repeat(5000);
+        fs::write(dir.join("a"), &long).expect("a");
+        assert_eq!(read(&s, &cg, dir).expect("read")[0], format!("A={long}"));
+        // Removing the service drops its instances' descriptors.
+        s.forget(&CgroupPath::service("web"));
+        assert_eq!(s.held_fds(), 0);
+        fs::remove_file(dir.join("a")).expect("rm");
+        let e = read(&s, &cg, dir).expect_err("gone");
+        assert!(
+            matches!(&e, CgroupError::Read { file, .. } if file.ends_with("a")),
+            "{e}"
+        );
+        assert_eq!(s.held_fds(), 0, "nothing kept for a cgroup that is gone");
+        // Another cgroup's descriptors are kept when one is forgotten.
+        fs::write(dir.join("a"), "3").expect("a");
+        fs::write(dir.join("b"), "4").expect("b");
+        let other = CgroupPath::instance("api", "api-0");
+        read(&s, &other, dir).expect("read");
+        read(&s, &cg, dir).expect("read");
+        assert_eq!(s.held_fds(), 4);
+        s.forget(&cg);
+        assert_eq!(s.held_fds(), 2);
+    }
+
+    #[test]
+    fn no_more_than_the_budget_is_held() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fs::write(dir.join("a"), "1").expect("a");
+        fs::write(dir.join("b"), "2").expect("b");
+        let s = StatFiles::with_budget(5);
+        for i in 0..4 {
+            let cg = CgroupPath::instance("web", &format!("web-{i}"));
+            assert_eq!(read(&s, &cg, dir).expect("read"), ["A=1", "B=2"]);
+        }
+        assert_eq!(s.held_fds(), 4, "two cgroups of two files fit in 5");
+        // Those beyond it are still read, opened each time.
+        fs::write(dir.join("b"), "7").expect("b");
+        let cg = CgroupPath::instance("web", "web-3");
+        assert_eq!(read(&s, &cg, dir).expect("read"), ["A=1", "B=7"]);
+    }
+
+    #[test]
+    fn a_parse_error_is_reported_and_a_stale_descriptor_reopened() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fs::write(dir.join("a"), "1").expect("a");
+        let cg = CgroupPath::instance("web", "web-0");
+        let s = StatFiles::with_budget(10);
+        read(&s, &cg, dir).expect("read");
+        let e = s
+            .read(
+                &cg,
+                || wanted(dir),
+                |_, p, _| Err(read_err("x", p, invalid_data("bad".into()))),
+            )
+            .expect_err("parse");
+        assert!(e.to_string().contains("bad"), "{e}");
+        assert_eq!(
+            s.held_fds(),
+            1,
+            "a value it cannot parse is no reason to reopen"
+        );
+        // A file that appears later (held as absent) is seen once the cgroup is made anew.
+        fs::write(dir.join("b"), "2").expect("b");
+        assert_eq!(read(&s, &cg, dir).expect("read"), ["A=1", "B=-"]);
+        s.forget(&cg);
+        assert_eq!(read(&s, &cg, dir).expect("read"), ["A=1", "B=2"]);
+    }
+}
