@@ -348,8 +348,10 @@ async fn metrics(rounds: usize) {
             .join(" ")
     );
     // Without --metrics first.
+    // 200 instances with CPU limits commit more cores than this host has: admitted by the
+    // same overcommit ratio on both agents.
     let rss_off = {
-        let agent = Agent::start_logging(None, "warn").await;
+        let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
         let names = start_scraped(&agent).await;
         let rss = corral_e2e::rss_kib(agent.pid().expect("pid"));
         for n in &names {
@@ -359,7 +361,8 @@ async fn metrics(rounds: usize) {
     };
     let port = corral_e2e::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let agent = Agent::start_full_args("warn", &["--metrics", &addr]).await;
+    let agent =
+        Agent::start_full_args("warn", &["--metrics", &addr, "--overcommit", "cpu=100"]).await;
     let names = start_scraped(&agent).await;
     let pid = agent.pid().expect("pid");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
