@@ -292,7 +292,7 @@ async fn roles_decide_what_a_client_may_call() {
         log.lines().any(|l| l.contains("API call")
             && l.contains("CN=scheduler")
             && l.contains("Apply")
-            && l.contains("target=svc")
+            && l.contains("target=\"svc\"")
             && l.contains("code=\"OK\"")),
         "{log}"
     );

@@ -151,6 +151,21 @@ impl AuditNote {
     }
 }
 
+/// The audit line of a call. The caller (a certificate subject: the client's own text) and
+/// the target (an import's path) are quoted and escaped, so no crafted value can end the
+/// line or forge a field.
+fn audit_line(caller: &Caller, method: &str, target: &str, code: &str) {
+    tracing::info!(
+        target: "corral_agent::audit",
+        caller = ?&*caller.who,
+        peer = %caller.peer,
+        method,
+        target = ?target,
+        code,
+        "API call"
+    );
+}
+
 /// Counts per key with a cap, for "at most N per caller / per address".
 #[derive(Debug)]
 pub struct Counts<K: Eq + Hash> {
@@ -370,9 +385,10 @@ where
         let caller = req.extensions().get::<Caller>().cloned();
         let path = req.uri().path().to_string();
         if let Err(status) = authorize(caller.as_ref(), &path) {
+            // Quoted and escaped (`?`): a certificate subject is the client's own text.
             tracing::warn!(
-                caller = %caller.as_ref().map_or_else(|| "unknown".to_string(), |c| c.to_string()),
-                method = %path,
+                caller = ?caller.as_ref().map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                method = ?path,
                 "API call refused: {}",
                 status.message()
             );
@@ -423,15 +439,7 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or("OK", |c| code_name(tonic::Code::from_i32(c)));
-                tracing::info!(
-                    target: "corral_agent::audit",
-                    caller = %caller.who,
-                    peer = %caller.peer,
-                    method = method_name(&path),
-                    target = %note.get(),
-                    code,
-                    "API call"
-                );
+                audit_line(&caller, method_name(&path), &note.get(), code);
             }
             Ok(resp.map(|body| {
                 Body::new(Guarded {
@@ -502,6 +510,51 @@ impl http_body::Body for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crafted certificate subject (quotes, commas, a newline with a forged line after it)
+    /// and a crafted target stay inside their quoted, escaped fields of one audit line.
+    #[test]
+    fn the_audit_line_escapes_what_the_client_wrote() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        let caller = Caller {
+            who: "CN=a\",b\nINFO corral_agent::audit: API call caller=root code=\"OK\",OU=admin"
+                .into(),
+            peer: "10.0.0.5:41234".into(),
+            role: Role::Admin,
+            conn: Arc::default(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            audit_line(&caller, "Apply", "/tmp/x\ny=\"z\"", "OK");
+        });
+        let text = String::from_utf8(buf.0.lock().expect("lock").clone()).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(
+                r#"caller="CN=a\",b\nINFO corral_agent::audit: API call caller=root code=\"OK\",OU=admin""#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"target="/tmp/x\ny=\"z\"""#), "{text}");
+    }
 
     fn caller(role: Role) -> Caller {
         Caller {
