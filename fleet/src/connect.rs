@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
+/// How long each member has to answer when a client picks one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How to reach etcd, from `--etcd` and its companion flags.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdConfig {
@@ -129,16 +132,68 @@ impl EtcdConfig {
         Ok(options)
     }
 
-    /// A client for the endpoints. The channel connects lazily: an unreachable etcd shows at
-    /// the first request, except with a user, whose token is fetched here.
+    /// A client pinned to one member that answers now. With one endpoint, that endpoint
+    /// (its channel connects lazily: an unreachable etcd shows at the first request, except
+    /// with a user, whose token is fetched here). With several, every member is asked for
+    /// its status at once and one that answers and knows a leader is taken, at random so
+    /// that a fleet spreads over the members. One member, not a channel balanced over all:
+    /// the client's balancing keeps sending a share of the requests to a member that is
+    /// dead, and every session would fail on it; a pinned client fails once, and the next
+    /// connection leaves the dead member out.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         let options = self.options()?;
-        Client::connect(&self.endpoints, Some(options))
-            .await
-            .map_err(|e| ConnectError::Connect {
-                endpoints: self.endpoints.join(","),
-                reason: describe(&e),
-            })
+        let connect_err = |reason: String| ConnectError::Connect {
+            endpoints: self.endpoints.join(","),
+            reason,
+        };
+        if self.endpoints.len() == 1 {
+            return Client::connect(&self.endpoints, Some(options))
+                .await
+                .map_err(|e| connect_err(describe(&e)));
+        }
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let (endpoint, options) = (endpoint.clone(), options.clone());
+            probes.spawn(async move {
+                let probe = async {
+                    let mut c = Client::connect([endpoint.as_str()], Some(options)).await?;
+                    let status = c.status().await?;
+                    Ok::<_, etcd_client::Error>((c, status.leader() != 0))
+                };
+                let outcome = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                    Ok(Ok(found)) => Ok(found),
+                    Ok(Err(e)) => Err((is_auth_error(&e), describe(&e))),
+                    Err(_) => Err((false, format!("no answer within {PROBE_TIMEOUT:?}"))),
+                };
+                (i, outcome)
+            });
+        }
+        let mut led = Vec::new();
+        let mut leaderless = Vec::new();
+        let mut failures = Vec::new();
+        while let Some(joined) = probes.join_next().await {
+            let Ok((i, outcome)) = joined else { continue };
+            match outcome {
+                Ok((client, true)) => led.push(client),
+                Ok((client, false)) => leaderless.push(client),
+                Err(failure) => failures.push((i, failure)),
+            }
+        }
+        // A member without a leader still answers, with "no leader", which says more than
+        // a connection refused.
+        let mut pool = if led.is_empty() { leaderless } else { led };
+        if !pool.is_empty() {
+            let pick = fastrand::usize(0..pool.len());
+            return Ok(pool.swap_remove(pick));
+        }
+        // An authentication failure first: it is the one the operator must act on.
+        failures.sort_by_key(|(i, (auth, _))| (!*auth, *i));
+        let reason = failures
+            .iter()
+            .map(|(i, (_, why))| format!("{}: {why}", self.endpoints[*i]))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(connect_err(reason))
     }
 }
 

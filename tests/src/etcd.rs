@@ -159,6 +159,15 @@ impl Etcd {
         }
     }
 
+    /// Kill member `i` at once (SIGKILL: no leadership hand-over, as in a crash or a power
+    /// cut); its data stays for [`Etcd::start_member`].
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
     }

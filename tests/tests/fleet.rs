@@ -783,3 +783,173 @@ async fn a_wrong_client_certificate_is_refused_and_said() {
         .expect("the local API serves");
     n2.wait_running("local", 1).await;
 }
+
+/// Whether `name` on `agent` is disrupted now: a rollout running, or fewer instances
+/// running or healthy than desired. `None` when the agent does not run it.
+async fn disrupted(agent: &Agent, name: &str) -> Option<bool> {
+    let s = agent.get(name).await.ok()?;
+    let rolling = s
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.state == pb::RolloutState::Running as i32);
+    Some(rolling || s.running < s.desired || s.healthy < s.desired)
+}
+
+/// A three-member etcd cluster loses its leader (SIGKILL) while `corral fleet rollout
+/// --max-unavailable-nodes 1` updates three nodes whose agents know all three members: the
+/// cluster elects another leader, the agents and the rollout carry on through the two
+/// survivors, and the rollout completes, replacing every instance, with never more than one
+/// node disrupted at any moment (sampled from the agents' own APIs throughout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_loss_during_a_fleet_rollout() {
+    if skip("leader_loss_during_a_fleet_rollout") {
+        return;
+    }
+    let mut etcd = Etcd::cluster("127.0.0.1", 3, None, None);
+    let mut agents = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        agents.push(fleet_agent(&etcd, n, "zone=a").await);
+    }
+    eventually(
+        "three nodes registered",
+        Duration::from_secs(30),
+        || async {
+            let (_, out, _) = fleet_cli(&etcd, &["nodes"], None);
+            (out.lines().count() == 4).then_some(())
+        },
+    )
+    .await;
+    let (ok, out, err) = fleet_cli(
+        &etcd,
+        &["apply", "-f", "-", "--selector", "zone=a"],
+        Some(&spec("web", 2, &["serve"])),
+    );
+    assert!(ok, "{out}{err}");
+    let mut before = Vec::new();
+    for a in &agents {
+        a.wait_running("web", 2).await;
+        before.push(pids(a, "web").await);
+    }
+    for (i, a) in agents.iter().enumerate() {
+        eventually(
+            &format!("n{} settled", i + 1),
+            Duration::from_secs(30),
+            || async { (disrupted(a, "web").await == Some(false)).then_some(()) },
+        )
+        .await;
+    }
+
+    let file = agents[0].dir.join("web2.toml");
+    std::fs::write(&file, spec("web", 2, &["serve", "v2"])).expect("write spec");
+    let corral = corral_e2e::bin("corral");
+    let mut rollout = std::process::Command::new(&corral)
+        .args(["fleet", "rollout", "web", "-f"])
+        .arg(&file)
+        .args(["--max-unavailable-nodes", "1", "--timeout", "90s"])
+        .env("CORRAL_ETCD", etcd.endpoints())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("corral fleet rollout");
+    // Its progress lines, as they come.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stdout = rollout.stdout.take().expect("stdout");
+        let t0 = std::time::Instant::now();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let line = format!("[{:.1}s] {line}", t0.elapsed().as_secs_f64());
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        })
+    };
+    let started = |lines: &std::sync::Mutex<Vec<String>>| {
+        lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|l| l.contains("waiting for it to be healthy"))
+    };
+
+    // Sample every node until the rollout ends (bounded by its own --timeout); kill the
+    // leader as soon as the first node has its new spec.
+    let mut killed = None;
+    let mut most_disrupted = 0;
+    let mut samples = 0u32;
+    let status = loop {
+        if let Some(status) = rollout.try_wait().expect("wait rollout") {
+            break status;
+        }
+        if killed.is_none() && started(&lines) {
+            let leader = etcd.leader().expect("a leader");
+            etcd.kill_member(leader);
+            eprintln!("killed the leader, member {leader}");
+            killed = Some(leader);
+        }
+        let mut now = 0;
+        for a in &agents {
+            if disrupted(a, "web").await != Some(false) {
+                now += 1;
+            }
+        }
+        most_disrupted = most_disrupted.max(now);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    reader.join().expect("reader");
+    let mut stderr = String::new();
+    if let Some(mut e) = rollout.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let text = lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
+    let killed = killed.expect("the leader was killed during the rollout");
+    eprintln!("rollout ({samples} samples):\n{text}\n{stderr}");
+    assert!(status.success(), "{text}\n{stderr}");
+    assert!(text.contains("web: rolled out to 3 node(s)"), "{text}");
+    assert!(
+        most_disrupted <= 1,
+        "{most_disrupted} nodes disrupted at once"
+    );
+    assert!(samples > 10, "sampled throughout: {samples}");
+    for (a, old) in agents.iter().zip(&before) {
+        let now = pids(a, "web").await;
+        assert!(
+            now.iter().all(|p| !old.contains(p)),
+            "every instance replaced: {old:?} -> {now:?}"
+        );
+        assert_eq!(a.get("web").await.expect("get").revision, 2);
+    }
+    // One member lost is one failover for each agent: its next connection leaves the dead
+    // member out, rather than failing again on every request sent there.
+    for (i, a) in agents.iter().enumerate() {
+        let log = a.log_text();
+        let drops = log.matches("fleet: disconnected from etcd").count();
+        assert!(
+            drops <= 2,
+            "n{} lost its session {drops} times for one member killed:\n{}",
+            i + 1,
+            log.lines()
+                .filter(|l| l.contains("fleet:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // The agents came back to the surviving members: each is connected and reports its
+    // status, through a leader other than the killed member.
+    assert_ne!(etcd.leader(), Some(killed));
+    for (i, a) in agents.iter().enumerate() {
+        eventually(
+            &format!("n{} connected", i + 1),
+            Duration::from_secs(30),
+            || async { node_fleet(a).await.connected.then_some(()) },
+        )
+        .await;
+    }
+}

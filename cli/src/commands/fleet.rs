@@ -68,6 +68,8 @@ impl Snapshot {
 struct Fleet {
     client: Client,
     layout: Layout,
+    /// How to connect again when the member the client is pinned to stops answering.
+    cfg: EtcdConfig,
 }
 
 /// One etcd call with a deadline.
@@ -216,7 +218,11 @@ impl Fleet {
             user,
         };
         let client = cfg.connect().await?;
-        Ok(Fleet { client, layout })
+        Ok(Fleet {
+            client,
+            layout,
+            cfg,
+        })
     }
 
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
@@ -483,8 +489,8 @@ impl Fleet {
         Ok(Outcome::Success)
     }
 
-    /// Retry `f` (an etcd read or write that may fail while etcd elects a leader) with
-    /// backoff until `deadline`.
+    /// Retry `f` (an etcd read or write that may fail while etcd elects a leader, or when
+    /// its member dies) with backoff until `deadline`, connecting again between attempts.
     async fn retrying<T, F, Fut>(&mut self, deadline: Instant, mut f: F) -> anyhow::Result<T>
     where
         F: FnMut(Client) -> Fut,
@@ -497,6 +503,13 @@ impl Fleet {
                 // The last error is the one reported, once the deadline is near.
                 Err(_) if Instant::now() + backoff.ceiling() < deadline => {
                     tokio::time::sleep(backoff.next_delay()).await;
+                    // The member may be gone: pick one that answers (the same one if it
+                    // still does; when none does, the next attempt says why).
+                    if let Ok(Ok(c)) =
+                        tokio::time::timeout(REQUEST_TIMEOUT, self.cfg.connect()).await
+                    {
+                        self.client = c;
+                    }
                 }
                 Err(e) => return Err(e),
             }
