@@ -149,7 +149,7 @@ impl EtcdConfig {
         if self.endpoints.len() == 1 {
             return Client::connect(&self.endpoints, Some(options))
                 .await
-                .map_err(|e| connect_err(describe(&e)));
+                .map_err(|e| connect_err(self.explain(describe(&e))));
         }
         let mut probes = tokio::task::JoinSet::new();
         for (i, endpoint) in self.endpoints.iter().enumerate() {
@@ -193,7 +193,7 @@ impl EtcdConfig {
             .map(|(i, (_, why))| format!("{}: {why}", self.endpoints[*i]))
             .collect::<Vec<_>>()
             .join("; ");
-        Err(connect_err(reason))
+        Err(connect_err(self.explain(reason)))
     }
 }
 
@@ -230,6 +230,9 @@ impl EtcdConfig {
     /// client's side of the handshake is done, and its alert is often lost when it resets the
     /// connection: the client then sees only a closed connection.
     pub fn explain(&self, reason: String) -> String {
+        if let Some(auth) = self.explain_auth(&reason) {
+            return auth;
+        }
         let closed = ["connection closed", "connection reset", "broken pipe"];
         let lower = reason.to_lowercase();
         if self.cert.is_none()
@@ -246,14 +249,46 @@ impl EtcdConfig {
     }
 }
 
+/// What etcd says when it refuses who the client is or what it may do: a bad user or
+/// password, no user on an etcd with auth enabled, an expired or revoked token, a role that
+/// does not grant the key.
+const AUTH_REFUSALS: [&str; 5] = [
+    "authentication failed",
+    "user name is empty",
+    "invalid auth token",
+    "permission denied",
+    "Unauthenticated",
+];
+
+impl EtcdConfig {
+    /// `reason` as an authentication failure, with what to check, when it is one.
+    fn explain_auth(&self, reason: &str) -> Option<String> {
+        if reason.starts_with("auth failed") || !AUTH_REFUSALS.iter().any(|r| reason.contains(r)) {
+            return None;
+        }
+        let check = match &self.user {
+            Some((user, _)) => format!(
+                "check --etcd-user {user} and its --etcd-password-file, and that the user's role \
+                 grants readwrite on the fleet's prefix"
+            ),
+            None => "etcd has authentication enabled: give --etcd-user and \
+                     --etcd-password-file"
+                .to_string(),
+        };
+        Some(format!("auth failed: {reason} ({check})"))
+    }
+}
+
 /// Whether etcd refused who we are (bad user/password, no permission, no valid token): not a
 /// network problem, so retrying quickly does not help, and the operator must act.
 pub fn is_auth_error(err: &etcd_client::Error) -> bool {
     match err {
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-        ),
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || AUTH_REFUSALS.iter().any(|r| s.message().contains(r))
+        }
         _ => false,
     }
 }
@@ -292,6 +327,35 @@ mod tests {
             "{missing}"
         );
         assert!(cfg(&["http://a:1"], false, false, false).options().is_ok());
+    }
+
+    #[test]
+    fn refusals_of_who_we_are_say_auth_failed() {
+        let with_user = EtcdConfig {
+            endpoints: vec!["http://a:1".into()],
+            user: Some(("corral".into(), "secret".into())),
+            ..Default::default()
+        };
+        let bad = "InvalidArgument: etcdserver: authentication failed, invalid user ID or password";
+        let said = with_user.explain(bad.into());
+        assert!(said.starts_with("auth failed: InvalidArgument"), "{said}");
+        assert!(said.contains("--etcd-user corral"), "{said}");
+        assert!(!said.contains("secret"), "never the password: {said}");
+        assert_eq!(with_user.explain(said.clone()), said, "said once");
+        let none = EtcdConfig {
+            endpoints: vec!["http://a:1".into()],
+            ..Default::default()
+        };
+        let said = none.explain("InvalidArgument: etcdserver: user name is empty".into());
+        assert!(said.contains("give --etcd-user"), "{said}");
+        let denied = "writing a status key: PermissionDenied: etcdserver: permission denied";
+        assert!(
+            with_user
+                .explain(denied.into())
+                .contains("grants readwrite")
+        );
+        let other = "Unavailable: tcp connect error: Connection refused";
+        assert_eq!(with_user.explain(other.into()), other);
     }
 
     #[test]

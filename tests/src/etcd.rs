@@ -56,6 +56,8 @@ pub struct Etcd {
     /// The network namespace the members run in, if not the test's own.
     netns: Option<String>,
     tls: Option<EtcdTls>,
+    /// `USER:PASSWORD` etcdctl gives once authentication is on.
+    ctl_user: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,6 +88,7 @@ impl Etcd {
             members,
             netns: netns.map(str::to_string),
             tls,
+            ctl_user: None,
             _dir: dir,
         };
         for i in 0..n {
@@ -214,6 +217,9 @@ impl Etcd {
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", endpoints.join(",")))
             .args(["--command-timeout=5s", "--dial-timeout=2s"]);
+        if let Some(u) = &self.ctl_user {
+            cmd.arg(format!("--user={u}"));
+        }
         if let Some(t) = &self.tls {
             cmd.arg(format!("--cacert={}", t.ca.display()))
                 .arg(format!("--cert={}", t.ctl_cert.display()))
@@ -310,6 +316,58 @@ impl Etcd {
             String::from_utf8_lossy(&out.stderr)
         );
         rev
+    }
+
+    /// Run etcdctl `args`, which must succeed; its standard output.
+    fn must(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.ctl_in(args, stdin);
+        assert!(
+            out.status.success(),
+            "etcdctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Turn etcd's authentication on: a `root` user (which etcdctl uses from then on), and
+    /// `user` with `password` whose one role grants read and write under `prefix` only.
+    pub fn enable_auth(&mut self, user: &str, password: &str, prefix: &str) {
+        let root_password = format!("root-{}", std::process::id());
+        self.must(
+            &["user", "add", "root", "--interactive=false"],
+            Some(root_password.as_bytes()),
+        );
+        self.must(&["user", "grant-role", "root", "root"], None);
+        let role = format!("{user}-role");
+        self.must(&["role", "add", &role], None);
+        self.must(
+            &[
+                "role",
+                "grant-permission",
+                &role,
+                "--prefix=true",
+                "readwrite",
+                &format!("{prefix}/"),
+            ],
+            None,
+        );
+        self.must(
+            &["user", "add", user, "--interactive=false"],
+            Some(password.as_bytes()),
+        );
+        self.must(&["user", "grant-role", user, &role], None);
+        self.must(&["auth", "enable"], None);
+        self.ctl_user = Some(format!("root:{root_password}"));
+    }
+
+    /// Change `user`'s password (etcd then refuses the tokens it gave the user).
+    pub fn set_password(&self, user: &str, password: &str) {
+        self.must(
+            &["user", "passwd", user, "--interactive=false"],
+            Some(password.as_bytes()),
+        );
     }
 
     /// Wait until every running member answers `endpoint health`.

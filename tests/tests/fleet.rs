@@ -953,3 +953,123 @@ async fn leader_loss_during_a_fleet_rollout() {
         .await;
     }
 }
+
+/// etcd with authentication on (a root user, and a `corral` user whose role grants only the
+/// fleet's prefix): an agent with that user and its password registers and runs what etcd
+/// says; one with a wrong password says `auth failed` in `Node`, serves its local API and
+/// keeps trying. When the password of the running agent's user changes in etcd, the agent
+/// loses its session and says `auth failed`, its instances run on untouched, and once the
+/// password is the one it has again it reconnects by itself and applies what changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_user_and_password_auth() {
+    if skip("etcd_user_and_password_auth") {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    etcd.enable_auth("corral", "s3cret-pw", "/corral");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good");
+    let bad = dir.path().join("bad");
+    std::fs::write(&good, "s3cret-pw\n").expect("write");
+    std::fs::write(&bad, "not-the-password\n").expect("write");
+    let endpoints = etcd.endpoints();
+    let start = |node: &'static str, file: &std::path::Path| {
+        let args = vec![
+            "--etcd".to_string(),
+            endpoints.clone(),
+            "--node".into(),
+            node.into(),
+            "--etcd-user".into(),
+            "corral".into(),
+            "--etcd-password-file".into(),
+            file.to_str().expect("utf-8").into(),
+            "--etcd-lease-ttl".into(),
+            "4".into(),
+        ];
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Agent::start_full_args("info,corral_agent=debug", &args).await
+        }
+    };
+    let n1 = start("n1", &good).await;
+    let n2 = start("n2", &bad).await;
+
+    // The right password: registered, and the spec root wrote runs.
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 2, &["serve"]).as_bytes(),
+    );
+    etcd.put(
+        &key("n2", "services", "web"),
+        spec("web", 1, &["serve"]).as_bytes(),
+    );
+    converged(&etcd, "n1", "web", rev, 2).await;
+    assert!(etcd.get_json("/corral/v1/nodes/n1/info").is_some());
+    assert!(node_fleet(&n1).await.connected);
+    let before = pids(&n1, "web").await;
+
+    // A wrong password: said in Node and in `corral node`, tried again, nothing from etcd
+    // runs, the local API serves.
+    let link = eventually(
+        "n2 to say its authentication failed",
+        Duration::from_secs(20),
+        || async {
+            let l = node_fleet(&n2).await;
+            (!l.connected && l.reason.contains("auth failed")).then_some(l)
+        },
+    )
+    .await;
+    assert!(
+        link.reason.contains("--etcd-user corral"),
+        "{}",
+        link.reason
+    );
+    assert!(!link.reason.contains("not-the-password"), "{}", link.reason);
+    let node = n2.cli(&["node"]);
+    let text = String::from_utf8_lossy(&node.stdout);
+    assert!(
+        text.contains("fleet:") && text.contains("auth failed"),
+        "{text}"
+    );
+    eventually("n2 to try again", Duration::from_secs(20), || async {
+        (n2.log_text().matches("auth failed").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(etcd.get_json("/corral/v1/nodes/n2/info").is_none());
+    assert!(n2.get("web").await.is_err(), "nothing from etcd runs on n2");
+    n2.apply(&spec("local", 1, &["serve"]))
+        .await
+        .expect("the local API serves");
+
+    // The running agent's password changes under it: it says so, and runs on untouched.
+    etcd.set_password("corral", "rotated-pw");
+    let link = eventually(
+        "n1 to say its authentication failed",
+        Duration::from_secs(30),
+        || async {
+            let l = node_fleet(&n1).await;
+            (!l.connected && l.reason.contains("auth failed")).then_some(l)
+        },
+    )
+    .await;
+    eprintln!("n1: {}", link.reason);
+    let rev = etcd.put(
+        &key("n1", "services", "web"),
+        spec("web", 3, &["serve"]).as_bytes(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pids(&n1, "web").await, before, "n1 runs on untouched");
+    for (id, pid, _) in &before {
+        assert!(corral_e2e::alive(*pid), "{id} runs");
+    }
+
+    // The password it has is right again: it reconnects by itself and applies the scale,
+    // keeping the instances it had.
+    etcd.set_password("corral", "s3cret-pw");
+    converged(&etcd, "n1", "web", rev, 3).await;
+    let after = pids(&n1, "web").await;
+    for p in &before {
+        assert!(after.contains(p), "{p:?} kept: {after:?}");
+    }
+    assert!(node_fleet(&n1).await.connected);
+}
