@@ -736,6 +736,7 @@ async fn run(s: Settings) -> Result<()> {
                 store: store.clone(),
                 events: events.clone(),
                 host: host.clone(),
+                capacity: policy,
             };
             tracing::info!(node = %cfg.node, etcd = %cfg.etcd.endpoints.join(","), revision = ledger.revision, "fleet: joining");
             let (fleet, link) = Fleet::new(cfg, Supervised::new(&handle), deps, ledger);

@@ -15,11 +15,13 @@ pub enum PlacementError {
         text: String,
         reason: String,
     },
-    #[error("--count {count}: only {matching} node(s) match {selector} ({names})")]
+    #[error("--count {count}: only {matching} node(s) match {selector}{room} ({names})")]
     TooFew {
         count: usize,
         matching: usize,
         selector: String,
+        /// ` and have room for ...` when the spec asks for something.
+        room: String,
         names: String,
     },
 }
@@ -91,20 +93,23 @@ fn free_score(n: &NodeRecord) -> f64 {
 }
 
 /// The nodes a selector places a service on: every match, or with `count` the `count`
-/// matching nodes with the most free allocatable, spread over the values of the `spread`
-/// label (one per value in turn, the emptiest first) when given. Nodes in `holding` (those
-/// that already run the service) come before the others, so that applying an update again
-/// keeps the service where it is. Names in the order picked.
+/// matching nodes with the most free allocatable that have room for `need` (what the
+/// service commits: its limits × replicas), spread over the values of the `spread` label
+/// (one per value in turn, the emptiest first) when given. Nodes in `holding` (those that
+/// already run the service) come before the others, so that applying an update again keeps
+/// the service where it is. Names in the order picked.
 pub fn pick(
     nodes: &[NodeRecord],
     selector: &Selector,
     count: Option<usize>,
     spread: Option<&str>,
     holding: &BTreeSet<String>,
+    need: &Resources,
 ) -> Result<Vec<String>, PlacementError> {
     let mut matching: Vec<&NodeRecord> = nodes
         .iter()
         .filter(|n| selector.matches(&n.labels))
+        .filter(|n| count.is_none() || n.free().holds(need))
         .collect();
     let new = |n: &NodeRecord| !holding.contains(&n.node);
     // Holding first, then emptiest first; the name breaks ties so the choice is the same
@@ -123,6 +128,14 @@ pub fn pick(
             count,
             matching: matching.len(),
             selector: selector.to_string(),
+            room: if need.cpu > 0.0 || need.memory > 0 {
+                format!(
+                    " and have room for cpu {} and memory {} bytes (see corral fleet nodes)",
+                    need.cpu, need.memory
+                )
+            } else {
+                String::new()
+            },
             names: if matching.is_empty() {
                 "none".into()
             } else {
@@ -234,24 +247,47 @@ mod tests {
         ];
         let a = Selector::parse("zone=a").expect("ok");
         assert_eq!(
-            pick(&nodes, &a, Some(2), None, &none_held()).expect("ok"),
+            pick(
+                &nodes,
+                &a,
+                Some(2),
+                None,
+                &none_held(),
+                &Resources::default()
+            )
+            .expect("ok"),
             ["n2", "n4"]
         );
         assert_eq!(
-            pick(&nodes, &a, None, None, &none_held()).expect("ok"),
+            pick(&nodes, &a, None, None, &none_held(), &Resources::default()).expect("ok"),
             ["n2", "n4", "n1"]
         );
-        let e = pick(&nodes, &a, Some(4), None, &none_held()).expect_err("too few");
+        let e = pick(
+            &nodes,
+            &a,
+            Some(4),
+            None,
+            &none_held(),
+            &Resources::default(),
+        )
+        .expect_err("too few");
         assert_eq!(
             e.to_string(),
             "--count 4: only 3 node(s) match zone=a (n2, n4, n1)"
         );
         let none = Selector::parse("zone=c").expect("ok");
         assert!(
-            pick(&nodes, &none, Some(1), None, &none_held())
-                .expect_err("none")
-                .to_string()
-                .contains("(none)")
+            pick(
+                &nodes,
+                &none,
+                Some(1),
+                None,
+                &none_held(),
+                &Resources::default()
+            )
+            .expect_err("none")
+            .to_string()
+            .contains("(none)")
         );
     }
 
@@ -268,12 +304,60 @@ mod tests {
         // Three zones and one node without the label: four groups; the emptiest of each
         // first, then the second of zone a.
         assert_eq!(
-            pick(&nodes, &all, Some(3), Some("zone"), &none_held()).expect("ok"),
+            pick(
+                &nodes,
+                &all,
+                Some(3),
+                Some("zone"),
+                &none_held(),
+                &Resources::default()
+            )
+            .expect("ok"),
             ["a1", "x1", "c1"]
         );
         assert_eq!(
-            pick(&nodes, &all, Some(5), Some("zone"), &none_held()).expect("ok"),
+            pick(
+                &nodes,
+                &all,
+                Some(5),
+                Some("zone"),
+                &none_held(),
+                &Resources::default()
+            )
+            .expect("ok"),
             ["a1", "x1", "c1", "b1", "a2"]
+        );
+    }
+
+    #[test]
+    fn nodes_without_room_are_not_picked() {
+        let nodes = [
+            node("n1", "zone=a", 3.5),
+            node("n2", "zone=a", 2.5),
+            node("n3", "zone=a", 0.0),
+        ];
+        let all = Selector::parse("").expect("ok");
+        let need = Resources {
+            cpu: 1.0,
+            memory: 0,
+        };
+        assert_eq!(
+            pick(&nodes, &all, Some(2), None, &none_held(), &need).expect("ok"),
+            ["n3", "n2"]
+        );
+        let e = pick(&nodes, &all, Some(3), None, &none_held(), &need)
+            .expect_err("n1 has 0.5 free")
+            .to_string();
+        assert!(
+            e.contains("only 2 node(s)") && e.contains("have room for cpu 1"),
+            "{e}"
+        );
+        // Without --count every match is written; the agents say which cannot admit it.
+        assert_eq!(
+            pick(&nodes, &all, None, None, &none_held(), &need)
+                .expect("ok")
+                .len(),
+            3
         );
     }
 
@@ -288,12 +372,20 @@ mod tests {
         let all = Selector::parse("").expect("ok");
         let held = BTreeSet::from(["n1".to_string(), "n4".to_string()]);
         assert_eq!(
-            pick(&nodes, &all, Some(2), None, &held).expect("ok"),
+            pick(&nodes, &all, Some(2), None, &held, &Resources::default()).expect("ok"),
             ["n4", "n1"],
             "the fuller nodes that hold it win over emptier ones"
         );
         assert_eq!(
-            pick(&nodes, &all, Some(3), Some("zone"), &held).expect("ok"),
+            pick(
+                &nodes,
+                &all,
+                Some(3),
+                Some("zone"),
+                &held,
+                &Resources::default()
+            )
+            .expect("ok"),
             ["n4", "n1", "n2"]
         );
     }

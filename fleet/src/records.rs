@@ -18,6 +18,19 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// The sum of both.
+    pub fn plus(&self, other: &Resources) -> Resources {
+        Resources {
+            cpu: self.cpu + other.cpu,
+            memory: self.memory.saturating_add(other.memory),
+        }
+    }
+
+    /// Whether `need` fits in `self` (a rounding error's slack on CPU).
+    pub fn holds(&self, need: &Resources) -> bool {
+        need.cpu <= self.cpu + 1e-9 && need.memory <= self.memory
+    }
+
     /// What is left of `self` once `used` is taken (never below zero).
     pub fn minus(&self, used: &Resources) -> Resources {
         Resources {
@@ -37,12 +50,19 @@ pub struct NodeRecord {
     /// The host's CPUs and memory.
     #[serde(default)]
     pub capacity: Resources,
-    /// What services may be given: the capacity less what the agent keeps for the host.
+    /// What the node's services may commit together: the capacity less what the agent
+    /// keeps for the host (`--reserve`), times `--overcommit`. The agent refuses a spec that
+    /// would take its services beyond it.
     #[serde(default)]
     pub allocatable: Resources,
     /// What the node's services ask for (limits × replicas; services without a limit count 0).
     #[serde(default)]
     pub committed: Resources,
+    /// The part of `committed` that services the fleet did not give the node (local ones)
+    /// ask for. With it, a placement counts the fleet's part from the spec keys themselves,
+    /// which are ahead of what the agent reported. Absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_local: Option<Resources>,
     #[serde(default)]
     pub services: u32,
     #[serde(default)]

@@ -1073,3 +1073,139 @@ async fn etcd_user_and_password_auth() {
     }
     assert!(node_fleet(&n1).await.connected);
 }
+
+/// `spec` with a CPU limit of `cpu` cores per instance.
+fn spec_cpu(name: &str, replicas: u32, cpu: f64) -> String {
+    format!(
+        "{}[resources]\ncpu = {cpu:?}\n",
+        spec(name, replicas, &["serve"])
+    )
+}
+
+/// Capacity in placement: four `fleet apply --selector zone=a --count 1` at once, each of a
+/// service that takes three quarters of a node's CPU, on three nodes: no two count the same
+/// free capacity (the write holds only if no chosen node's services changed since the
+/// read), so exactly three are placed, one per node, and the fourth is told no node has
+/// room. A spec forced onto a full node with `--node` is refused by its agent's admission,
+/// and the status key and `fleet ls` say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_applies_never_count_the_same_capacity() {
+    if skip("concurrent_applies_never_count_the_same_capacity") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let mut agents = Vec::new();
+    for n in ["a1", "a2", "a3"] {
+        agents.push(fleet_agent(&etcd, n, "zone=a").await);
+    }
+    let info = eventually(
+        "three nodes registered",
+        Duration::from_secs(30),
+        || async {
+            let infos: Vec<serde_json::Value> = ["a1", "a2", "a3"]
+                .iter()
+                .filter_map(|n| etcd.get_json(&format!("/corral/v1/nodes/{n}/info")))
+                .collect();
+            (infos.len() == 3).then_some(infos)
+        },
+    )
+    .await;
+    let cpus = info[0]["allocatable"]["cpu"]
+        .as_f64()
+        .expect("allocatable cpu");
+    assert!(cpus >= 1.0, "{info:?}");
+    let each = cpus * 0.75;
+
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let text = spec_cpu(&format!("s{i}"), 1, each);
+            let endpoints = etcd.endpoints();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut child = std::process::Command::new(corral_e2e::bin("corral"))
+                    .args(["fleet", "apply", "-f", "-", "--selector", "zone=a"])
+                    .args(["--count", "1"])
+                    .env("CORRAL_ETCD", endpoints)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("corral fleet apply");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(text.as_bytes())
+                    .expect("write");
+                child.wait_with_output().expect("apply")
+            })
+        })
+        .collect();
+    let outs: Vec<std::process::Output> = runs
+        .into_iter()
+        .map(|r| r.join().expect("apply thread"))
+        .collect();
+    let placed = outs.iter().filter(|o| o.status.success()).count();
+    let texts: Vec<String> = outs
+        .iter()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .collect();
+    assert_eq!(placed, 3, "{texts:#?}");
+    let refused = texts
+        .iter()
+        .zip(&outs)
+        .find(|(_, o)| !o.status.success())
+        .map(|(t, _)| t.clone())
+        .expect("one refused");
+    assert!(refused.contains("have room for cpu"), "{refused}");
+    // One service per node, by the keys in etcd.
+    let keys = etcd.get_prefix("/corral/v1/nodes/").expect("etcd answers");
+    for n in ["a1", "a2", "a3"] {
+        let mine: Vec<&String> = keys
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with(&format!("/corral/v1/nodes/{n}/services/")))
+            .collect();
+        assert_eq!(mine.len(), 1, "{n}: {mine:?}");
+    }
+    // Every placed service runs: no agent had to refuse one.
+    for (i, a) in agents.iter().enumerate() {
+        let name = keys
+            .iter()
+            .find_map(|(k, _)| k.strip_prefix(&format!("/corral/v1/nodes/a{}/services/", i + 1)))
+            .expect("a key")
+            .to_string();
+        a.wait_running(&name, 1).await;
+    }
+
+    // A spec forced onto a full node: its agent refuses it for capacity, and says so.
+    let rev = etcd.put(
+        &key("a1", "services", "big"),
+        spec_cpu("big", 1, each).as_bytes(),
+    );
+    let status = eventually("big refused on a1", Duration::from_secs(20), || async {
+        let s = etcd.get_json(&key("a1", "status", "big"))?;
+        (s["spec_revision"] == rev && s["state"] == "refused").then_some(s)
+    })
+    .await;
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("resources.cpu"), "{error}");
+    assert!(agents[0].get("big").await.is_err(), "not running");
+    let (ok, ls, err) = fleet_cli(&etcd, &["ls"], None);
+    assert!(ok, "{err}");
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("big") && l.contains("refused")),
+        "{ls}"
+    );
+    assert!(
+        ls.contains(&format!("big on a1: refused: {error}")),
+        "the reason under the matrix:\n{ls}"
+    );
+}

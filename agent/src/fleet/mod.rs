@@ -50,4 +50,6 @@ pub struct FleetDeps {
     pub store: Arc<dyn crate::store::Store>,
     pub events: Arc<crate::events::EventLog>,
     pub host: Arc<crate::host::Host>,
+    /// The admission policy: what the node record says is allocatable.
+    pub capacity: crate::supervisor::capacity::CapacityPolicy,
 }

@@ -72,6 +72,8 @@ pub struct Fleet<S: Services> {
     /// What the node's services ask for, and how many services and running instances it
     /// has, as of the last status pass.
     committed: Resources,
+    /// The part of `committed` local services ask for.
+    committed_local: Resources,
     counts: (u32, u32),
     boot_id: String,
 }
@@ -148,8 +150,8 @@ fn status_record(
     r
 }
 
-/// What the node's services ask for: each limit × replicas (unlimited counts nothing).
-fn committed(list: &[Summary]) -> Resources {
+/// What the services ask for: each limit × replicas (unlimited counts nothing).
+fn committed<'a>(list: impl IntoIterator<Item = &'a Summary>) -> Resources {
     let mut c = Resources::default();
     for s in list {
         c.cpu += s.cpu.unwrap_or(0.0) * f64::from(s.desired);
@@ -184,6 +186,7 @@ impl<S: Services> Fleet<S> {
             dirty: true,
             orphans: BTreeSet::new(),
             committed: Resources::default(),
+            committed_local: Resources::default(),
             counts: (0, 0),
             boot_id,
         };
@@ -528,6 +531,7 @@ impl<S: Services> Fleet<S> {
             self.statuses.insert(name, Written { record, at: now });
         }
         self.committed = committed(&list);
+        self.committed_local = committed(list.iter().filter(|s| s.owner != Owner::Etcd));
         self.counts = (
             list.len() as u32,
             list.iter().map(|s| s.running).sum::<u32>(),
@@ -543,16 +547,21 @@ impl<S: Services> Fleet<S> {
         force: bool,
     ) -> Result<(), String> {
         let host = self.deps.host.snapshot();
-        let capacity = Resources {
-            cpu: f64::from(host.cpus),
-            memory: host.memory_total,
-        };
+        let policy = &self.deps.capacity;
+        let (capacity, limit) = (policy.capacity, policy.limit());
         let record = NodeRecord {
             node: self.cfg.node.clone(),
             labels: self.cfg.labels.clone(),
-            capacity,
-            allocatable: capacity,
+            capacity: Resources {
+                cpu: capacity.cpu,
+                memory: capacity.memory,
+            },
+            allocatable: Resources {
+                cpu: limit.cpu,
+                memory: limit.memory,
+            },
             committed: self.committed,
+            committed_local: Some(self.committed_local),
             services: self.counts.0,
             instances: self.counts.1,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -14,7 +14,7 @@ use corral_fleet::connect::{self, EtcdConfig};
 use corral_fleet::etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use corral_fleet::keys::{Key, Layout};
 use corral_fleet::placement::{self, Selector};
-use corral_fleet::records::{NodeRecord, StatusRecord};
+use corral_fleet::records::{NodeRecord, Resources, StatusRecord};
 use serde::Serialize;
 
 use super::Outcome;
@@ -47,6 +47,8 @@ pub async fn run(
 /// Everything under the nodes prefix, as read at one revision.
 #[derive(Debug, Default)]
 struct Snapshot {
+    /// The revision it was read at.
+    revision: i64,
     nodes: BTreeMap<String, NodeRecord>,
     /// (service, node) -> the spec key's value and mod revision.
     specs: BTreeMap<(String, String), (Vec<u8>, i64)>,
@@ -55,6 +57,38 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// The nodes as a placement sees them: what each commits counted from its spec keys
+    /// (the agents report theirs only once applied, and at most every few seconds), beside
+    /// what its local services commit, less what `service` commits there now (the spec
+    /// being applied replaces it).
+    fn nodes_for_placement(&self, service: &str) -> Vec<NodeRecord> {
+        let mut fleet: BTreeMap<&str, Resources> = BTreeMap::new();
+        for ((name, node), (text, _)) in &self.specs {
+            if name != service {
+                let d = std::str::from_utf8(text).map(demand).unwrap_or_default();
+                let sum = fleet.entry(node.as_str()).or_default();
+                *sum = sum.plus(&d);
+            }
+        }
+        self.nodes
+            .values()
+            .map(|n| {
+                let from_keys = fleet.get(n.node.as_str()).copied().unwrap_or_default();
+                let mut n = n.clone();
+                n.committed = match n.committed_local {
+                    Some(local) => local.plus(&from_keys),
+                    // An agent that does not say which part is local: the larger of what
+                    // it reported and what its keys ask for.
+                    None => Resources {
+                        cpu: n.committed.cpu.max(from_keys.cpu),
+                        memory: n.committed.memory.max(from_keys.memory),
+                    },
+                };
+                n
+            })
+            .collect()
+    }
+
     /// The nodes that have a key for `service`.
     fn holding(&self, service: &str) -> BTreeSet<String> {
         self.specs
@@ -82,6 +116,57 @@ async fn call<T>(
         Ok(Err(e)) => bail!("{what}: {}", connect::describe(&e)),
         Err(_) => bail!("{what}: no answer from etcd within {REQUEST_TIMEOUT:?}"),
     }
+}
+
+/// How often `fleet apply` reads and chooses again when another writer changed a chosen
+/// node's services between its read and its write.
+const APPLY_ATTEMPTS: u32 = 5;
+
+/// What a spec commits on a node, as the agent's admission counts it: each limit it sets
+/// (`resources.cpu`, `resources.memory`) × `replicas`. A spec that does not parse commits
+/// nothing here (its node's agent refuses it, and says why in the status key).
+fn demand(text: &str) -> Resources {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Resources::default();
+    };
+    let replicas = table
+        .get("replicas")
+        .and_then(toml::Value::as_integer)
+        .unwrap_or(1)
+        .max(0) as u64;
+    let resources = table.get("resources").and_then(toml::Value::as_table);
+    let field = |k: &str| resources.and_then(|r| r.get(k));
+    let cpu = match field("cpu") {
+        Some(toml::Value::Float(f)) if f.is_finite() && *f > 0.0 => *f,
+        Some(toml::Value::Integer(i)) if *i > 0 => *i as f64,
+        _ => 0.0,
+    };
+    let memory = match field("memory") {
+        Some(toml::Value::Integer(i)) => u64::try_from(*i).unwrap_or(0),
+        Some(toml::Value::String(t)) => parse_size(t).unwrap_or(0),
+        _ => 0,
+    };
+    Resources {
+        cpu: cpu * replicas as f64,
+        memory: memory.saturating_mul(replicas),
+    }
+}
+
+/// A size as specs write it: digits, or digits and `B`, `KiB`, `MiB`, `GiB` or `TiB`.
+fn parse_size(text: &str) -> Option<u64> {
+    let end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(end);
+    let multiple: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(multiple)
 }
 
 /// The spec file's text and the service it names (`name = "..."`).
@@ -233,7 +318,10 @@ impl Fleet {
                 .get(prefix, Some(GetOptions::new().with_prefix())),
         )
         .await?;
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            ..Snapshot::default()
+        };
         for kv in resp.kvs() {
             let Ok(key) = std::str::from_utf8(kv.key()) else {
                 continue;
@@ -307,53 +395,52 @@ impl Fleet {
         err: &mut dyn Write,
     ) -> anyhow::Result<Outcome> {
         let (text, name) = read_spec(&a.file)?;
-        let snap = self.snapshot().await?;
-        let holding = snap.holding(&name);
-        let chosen: Vec<String> = match &a.selector {
-            Some(sel) => {
-                let selector = Selector::parse(sel)?;
-                let nodes: Vec<NodeRecord> = snap.nodes.values().cloned().collect();
-                let picked = placement::pick(
-                    &nodes,
-                    &selector,
-                    a.count.map(|c| c as usize),
-                    a.spread.as_deref(),
-                    &holding,
-                )?;
-                if picked.is_empty() {
-                    bail!("--selector {sel}: no registered node matches (see corral fleet nodes)");
-                }
-                picked
+        let need = demand(&text);
+        // The choice and the write in one transaction that holds only if no spec key of a
+        // chosen node changed since the read: two applies at once cannot both count the
+        // same free capacity; the one that loses reads again and chooses again.
+        let mut attempt = 0;
+        let mut conflicts = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
+        let (chosen, holding, revision) = loop {
+            attempt += 1;
+            let snap = self.snapshot().await?;
+            let holding = snap.holding(&name);
+            let chosen = self.choose(a, &name, &snap, &holding, &need, err)?;
+            let guards: Vec<Compare> = chosen
+                .iter()
+                .map(|n| {
+                    Compare::mod_revision(
+                        self.layout.services_prefix(n),
+                        CompareOp::Less,
+                        snap.revision + 1,
+                    )
+                    .with_prefix()
+                })
+                .collect();
+            let ops: Vec<TxnOp> = chosen
+                .iter()
+                .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
+                .collect();
+            let resp = call(
+                "writing the service's keys",
+                self.client.txn(Txn::new().when(guards).and_then(ops)),
+            )
+            .await?;
+            if resp.succeeded() {
+                break (
+                    chosen,
+                    holding,
+                    resp.header().map(|h| h.revision()).unwrap_or(0),
+                );
             }
-            None => {
-                let mut nodes = Vec::new();
-                for n in &a.node {
-                    if !corral_fleet::keys::valid_node_name(n) {
-                        return Err(corral_fleet::keys::KeyError::Node(n.clone()).into());
-                    }
-                    if !snap.nodes.contains_key(n) {
-                        writeln!(
-                            err,
-                            "warning: node {n} is not registered now; its agent runs the service when it joins"
-                        )?;
-                    }
-                    if !nodes.contains(n) {
-                        nodes.push(n.clone());
-                    }
-                }
-                nodes
+            if attempt >= APPLY_ATTEMPTS {
+                bail!(
+                    "{name}: the chosen nodes' services changed {APPLY_ATTEMPTS} times while choosing; \
+                     nothing was written (try again)"
+                );
             }
+            tokio::time::sleep(conflicts.next_delay()).await;
         };
-        let ops: Vec<TxnOp> = chosen
-            .iter()
-            .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
-            .collect();
-        let resp = call(
-            "writing the service's keys",
-            self.client.txn(Txn::new().and_then(ops)),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let also_on: Vec<String> = holding
             .iter()
             .filter(|n| !chosen.contains(n))
@@ -385,6 +472,50 @@ impl Fleet {
             }
         }
         Ok(Outcome::Success)
+    }
+
+    /// The nodes `a` names, or those its selector picks from `snap`.
+    fn choose(
+        &self,
+        a: &FleetApplyArgs,
+        name: &str,
+        snap: &Snapshot,
+        holding: &BTreeSet<String>,
+        need: &Resources,
+        err: &mut dyn Write,
+    ) -> anyhow::Result<Vec<String>> {
+        if let Some(sel) = &a.selector {
+            let selector = Selector::parse(sel)?;
+            let nodes = snap.nodes_for_placement(name);
+            let picked = placement::pick(
+                &nodes,
+                &selector,
+                a.count.map(|c| c as usize),
+                a.spread.as_deref(),
+                holding,
+                need,
+            )?;
+            if picked.is_empty() {
+                bail!("--selector {sel}: no registered node matches (see corral fleet nodes)");
+            }
+            return Ok(picked);
+        }
+        let mut nodes = Vec::new();
+        for n in &a.node {
+            if !corral_fleet::keys::valid_node_name(n) {
+                return Err(corral_fleet::keys::KeyError::Node(n.clone()).into());
+            }
+            if !snap.nodes.contains_key(n) {
+                writeln!(
+                    err,
+                    "warning: node {n} is not registered now; its agent runs the service when it joins"
+                )?;
+            }
+            if !nodes.contains(n) {
+                nodes.push(n.clone());
+            }
+        }
+        Ok(nodes)
     }
 
     async fn ls(&mut self, format: Format, out: &mut dyn Write) -> anyhow::Result<Outcome> {
@@ -428,6 +559,21 @@ impl Fleet {
             t.row(row);
         }
         t.write(out)?;
+        // Why each refused or retried spec is not running, under the matrix.
+        for ((service, node), status) in &snap.statuses {
+            let current = snap
+                .specs
+                .get(&(service.clone(), node.clone()))
+                .is_some_and(|(_, rev)| *rev == status.spec_revision);
+            if current && !status.error.is_empty() {
+                writeln!(
+                    out,
+                    "{service} on {node}: {}: {}",
+                    status.state.as_str(),
+                    status.error
+                )?;
+            }
+        }
         Ok(Outcome::Success)
     }
 
