@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -95,39 +95,8 @@ struct Flags {
     /// (systemd's range for containers).
     #[arg(long, value_name = "FIRST-LAST")]
     userns_ids: Option<String>,
-    /// Join a fleet: the etcd cluster's client endpoints, comma-separated
-    /// (`https://etcd-1:2379,https://etcd-2:2379`). The agent registers the node under
-    /// --node and runs what etcd says for it; see --node, --node-labels, --etcd-prefix.
-    #[arg(long, value_name = "URLS")]
-    etcd: Option<String>,
-    /// The node's name in the fleet (with --etcd; required there).
-    #[arg(long, value_name = "NAME")]
-    node: Option<String>,
-    /// The node's labels for placement, `zone=a,disk=ssd` (with --etcd).
-    #[arg(long, value_name = "K=V,...")]
-    node_labels: Option<String>,
-    /// Where the fleet's keys live in etcd (default /corral).
-    #[arg(long, value_name = "PREFIX")]
-    etcd_prefix: Option<String>,
-    /// The CA (PEM) that signed etcd's server certificates (https:// endpoints).
-    #[arg(long, value_name = "FILE")]
-    etcd_ca: Option<PathBuf>,
-    /// A client certificate (PEM) for etcd with client certificate authentication.
-    #[arg(long, value_name = "FILE")]
-    etcd_cert: Option<PathBuf>,
-    /// The key of --etcd-cert (PEM).
-    #[arg(long, value_name = "FILE")]
-    etcd_key: Option<PathBuf>,
-    /// An etcd user (etcd's `auth enable`); its password is read from --etcd-password-file.
-    #[arg(long, value_name = "NAME")]
-    etcd_user: Option<String>,
-    /// A file holding the password of --etcd-user (one line).
-    #[arg(long, value_name = "FILE")]
-    etcd_password_file: Option<PathBuf>,
-    /// Seconds the node stays registered after its agent stopped renewing its lease
-    /// (default 10).
-    #[arg(long, value_name = "SECONDS")]
-    etcd_lease_ttl: Option<u64>,
+    #[command(flatten)]
+    fleet: FleetFlags,
     /// Serve Prometheus metrics at http://ADDR/metrics (OpenMetrics or the Prometheus text
     /// format, as the client asks): `127.0.0.1:9464`. An address other hosts can reach needs
     /// --metrics-tls-cert and --metrics-tls-key, or --metrics-insecure.
@@ -173,16 +142,8 @@ struct ConfigFile {
     max_fetches: Option<usize>,
     dynamic_users: Option<String>,
     userns_ids: Option<String>,
-    etcd: Option<String>,
-    node: Option<String>,
-    node_labels: Option<String>,
-    etcd_prefix: Option<String>,
-    etcd_ca: Option<PathBuf>,
-    etcd_cert: Option<PathBuf>,
-    etcd_key: Option<PathBuf>,
-    etcd_user: Option<String>,
-    etcd_password_file: Option<PathBuf>,
-    etcd_lease_ttl: Option<u64>,
+    #[serde(flatten)]
+    fleet: FleetFlags,
     metrics: Option<String>,
     metrics_tls_cert: Option<PathBuf>,
     metrics_tls_key: Option<PathBuf>,
@@ -211,19 +172,61 @@ struct Settings {
     autoscale_interval: std::time::Duration,
 }
 
-/// The fleet flags, checked together: all of them need --etcd, which needs --node.
-#[derive(Debug, Default)]
+/// The fleet flags (`--etcd ...`, or the same keys with underscores in --config), checked
+/// together: all of them need --etcd, which needs --node.
+#[derive(Debug, Default, Args, Deserialize)]
 struct FleetFlags {
+    /// Join a fleet: the etcd cluster's client endpoints, comma-separated
+    /// (`https://etcd-1:2379,https://etcd-2:2379`). The agent registers the node under
+    /// --node and runs what etcd says for it; see --node, --node-labels, --etcd-prefix.
+    #[arg(long, value_name = "URLS")]
     etcd: Option<String>,
+    /// The node's name in the fleet (with --etcd; required there).
+    #[arg(long, value_name = "NAME")]
     node: Option<String>,
+    /// The node's labels for placement, `zone=a,disk=ssd` (with --etcd).
+    #[arg(long, value_name = "K=V,...")]
     node_labels: Option<String>,
+    /// Where the fleet's keys live in etcd (default /corral).
+    #[arg(long, value_name = "PREFIX")]
     etcd_prefix: Option<String>,
+    /// The CA (PEM) that signed etcd's server certificates (https:// endpoints).
+    #[arg(long, value_name = "FILE")]
     etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd with client certificate authentication.
+    #[arg(long, value_name = "FILE")]
     etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE")]
     etcd_key: Option<PathBuf>,
+    /// An etcd user (etcd's `auth enable`); its password is read from --etcd-password-file.
+    #[arg(long, value_name = "NAME")]
     etcd_user: Option<String>,
+    /// A file holding the password of --etcd-user (one line).
+    #[arg(long, value_name = "FILE")]
     etcd_password_file: Option<PathBuf>,
+    /// Seconds the node stays registered after its agent stopped renewing its lease
+    /// (default 10).
+    #[arg(long, value_name = "SECONDS")]
     etcd_lease_ttl: Option<u64>,
+}
+
+impl FleetFlags {
+    /// Each flag given on the command line, else the config file's.
+    fn or(self, file: FleetFlags) -> FleetFlags {
+        FleetFlags {
+            etcd: self.etcd.or(file.etcd),
+            node: self.node.or(file.node),
+            node_labels: self.node_labels.or(file.node_labels),
+            etcd_prefix: self.etcd_prefix.or(file.etcd_prefix),
+            etcd_ca: self.etcd_ca.or(file.etcd_ca),
+            etcd_cert: self.etcd_cert.or(file.etcd_cert),
+            etcd_key: self.etcd_key.or(file.etcd_key),
+            etcd_user: self.etcd_user.or(file.etcd_user),
+            etcd_password_file: self.etcd_password_file.or(file.etcd_password_file),
+            etcd_lease_ttl: self.etcd_lease_ttl.or(file.etcd_lease_ttl),
+        }
+    }
 }
 
 fn fleet_settings(f: FleetFlags) -> Result<Option<FleetConfig>> {
@@ -407,18 +410,8 @@ fn settings(flags: Flags) -> Result<Settings> {
             .map_err(|e| anyhow::anyhow!("--userns-ids {e}"))?,
         None => runtime::users::UsernsIds::DEFAULT,
     };
-    let fleet = fleet_settings(FleetFlags {
-        etcd: flags.etcd.or(file.etcd),
-        node: flags.node.or(file.node),
-        node_labels: flags.node_labels.or(file.node_labels),
-        etcd_prefix: flags.etcd_prefix.or(file.etcd_prefix),
-        etcd_ca: flags.etcd_ca.or(file.etcd_ca),
-        etcd_cert: flags.etcd_cert.or(file.etcd_cert),
-        etcd_key: flags.etcd_key.or(file.etcd_key),
-        etcd_user: flags.etcd_user.or(file.etcd_user),
-        etcd_password_file: flags.etcd_password_file.or(file.etcd_password_file),
-        etcd_lease_ttl: flags.etcd_lease_ttl.or(file.etcd_lease_ttl),
-    })?;
+    let fleet = fleet_settings(flags.fleet.or(file.fleet))?;
+
     let metrics = metrics_settings(
         flags.metrics.or(file.metrics),
         flags.metrics_tls_cert.or(file.metrics_tls_cert),
