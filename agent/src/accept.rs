@@ -131,11 +131,22 @@ pub async fn serve<T, H, HF, S, SF>(
     let slots_per_address: Arc<Counts<IpAddr>> = Counts::new(limits.handshakes.max_per_address);
     let mut backoff = Backoff::new(limits.what);
     let what = limits.what;
+    // Connections refused before their handshake, and handshakes refused.
     let refuse = move |peer: SocketAddr, why: &str| {
         if refusals.admit() {
-            tracing::info!(%peer, error = %why, "{what} connection refused");
+            tracing::info!(%peer, error = %why, "{what}: connection refused");
         }
     };
+    let handshake_refusals = Arc::new(LogBudget::new(
+        "TLS handshakes refused",
+        20,
+        Duration::from_secs(10),
+    ));
+    let refuse_handshake = Arc::new(move |peer: SocketAddr, why: &str| {
+        if handshake_refusals.admit() {
+            tracing::info!(%peer, error = %why, "{what}: TLS handshake refused");
+        }
+    });
     let refuse = Arc::new(refuse);
     loop {
         let slot = tokio::select! {
@@ -182,6 +193,7 @@ pub async fn serve<T, H, HF, S, SF>(
         };
         let _ = tcp.set_nodelay(true);
         let (handshake, serve, refuse) = (handshake.clone(), serve.clone(), refuse.clone());
+        let refuse_handshake = refuse_handshake.clone();
         let bounds = limits.handshakes;
         tokio::spawn(async move {
             match tokio::time::timeout(bounds.first_byte_timeout, first_byte(&tcp)).await {
@@ -213,8 +225,8 @@ pub async fn serve<T, H, HF, S, SF>(
                     )
                     .await
                 }
-                Ok(Err(why)) => refuse(peer, &why),
-                Err(_) => refuse(
+                Ok(Err(why)) => refuse_handshake(peer, &why),
+                Err(_) => refuse_handshake(
                     peer,
                     &format!(
                         "handshake not done within {}",
