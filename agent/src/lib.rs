@@ -20,6 +20,7 @@
 //!   HTTP endpoint.
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
+pub mod accept;
 pub mod api;
 pub mod artifact;
 pub mod autoscale;

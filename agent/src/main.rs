@@ -124,6 +124,23 @@ struct Flags {
     /// Default: 1s.
     #[arg(long, value_name = "DURATION")]
     autoscale_interval: Option<String>,
+    /// A connection to --listen or --metrics that sends nothing within this is closed
+    /// (100ms-5m). Default: 3s.
+    #[arg(long, value_name = "DURATION")]
+    first_byte_timeout: Option<String>,
+    /// A TLS handshake on --listen or --metrics not done within this (after the first
+    /// byte) is closed (100ms-5m). Default: 10s.
+    #[arg(long, value_name = "DURATION")]
+    handshake_timeout: Option<String>,
+    /// Handshakes in progress at once on each of --listen and --metrics; more connections
+    /// wait in the backlog. Default: 64.
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// Handshakes in progress at once from one client address, on each of --listen and
+    /// --metrics; more connections from it are closed as they come, so that one address
+    /// cannot take every slot. Default: 8.
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_address: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +168,10 @@ struct ConfigFile {
     reserve: Option<String>,
     overcommit: Option<String>,
     autoscale_interval: Option<String>,
+    first_byte_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    max_handshakes: Option<usize>,
+    max_handshakes_per_address: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -170,6 +191,7 @@ struct Settings {
     fleet: Option<FleetConfig>,
     metrics: Option<Endpoint>,
     autoscale_interval: std::time::Duration,
+    handshakes: corral_agent::accept::Handshakes,
 }
 
 /// The fleet flags (`--etcd ...`, or the same keys with underscores in --config), checked
@@ -442,7 +464,35 @@ fn settings(flags: Flags) -> Result<Settings> {
             d
         }
     };
+    let mut handshakes = corral_agent::accept::Handshakes::default();
+    for (flag, text, into) in [
+        (
+            "--first-byte-timeout",
+            flags.first_byte_timeout.or(file.first_byte_timeout),
+            &mut handshakes.first_byte_timeout,
+        ),
+        (
+            "--handshake-timeout",
+            flags.handshake_timeout.or(file.handshake_timeout),
+            &mut handshakes.timeout,
+        ),
+    ] {
+        if let Some(text) = text {
+            *into = spec::parse_duration(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+        }
+    }
+    if let Some(n) = flags.max_handshakes.or(file.max_handshakes) {
+        handshakes.max = n;
+    }
+    if let Some(n) = flags
+        .max_handshakes_per_address
+        .or(file.max_handshakes_per_address)
+    {
+        handshakes.max_per_address = n;
+    }
+    handshakes.check().map_err(anyhow::Error::msg)?;
     Ok(Settings {
+        handshakes,
         reserve,
         overcommit,
         autoscale_interval,
@@ -759,6 +809,7 @@ async fn run(s: Settings) -> Result<()> {
     let listeners = api::Listeners {
         unix: listener,
         tcp,
+        handshakes: s.handshakes,
     };
     let server = tokio::spawn(api::serve(
         listeners,
@@ -787,6 +838,7 @@ async fn run(s: Settings) -> Result<()> {
         tokio::spawn(metrics::server::serve(
             listener,
             tls,
+            s.handshakes,
             metrics,
             shutdown.clone(),
         ));

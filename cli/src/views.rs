@@ -965,6 +965,7 @@ pub fn event_type_name(kind: i32) -> &'static str {
         Ok(T::RunFinished) => "run_finished",
         Ok(T::RunSkipped) => "run_skipped",
         Ok(T::RecordQuarantined) => "record_quarantined",
+        Ok(T::RecordUnsaved) => "record_unsaved",
         Ok(T::Unspecified) | Err(_) => "",
     }
 }

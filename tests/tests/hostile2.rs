@@ -402,3 +402,72 @@ async fn an_unreadable_service_record_is_quarantined_and_repaired_by_apply() {
     again.sort();
     assert_eq!(again, pids);
 }
+
+/// utime + stime of `pid`, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Field 3 (state) is fields[0]: utime (14) and stime (15) are fields[11] and [12].
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_out_of_file_descriptors_does_not_spin() {
+    if skip_unless_root("an_agent_out_of_file_descriptors_does_not_spin") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let pid = agent.pid().expect("agent pid");
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let was: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    let limit = open + 8;
+    let set = |n: String| {
+        let out = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={n}"))
+            .output()
+            .expect("prlimit");
+        assert!(out.status.success(), "{out:?}");
+    };
+    set(format!("{limit}:{}", was[1]));
+    // Connections to the API socket past the limit: the agent's accepts fail with EMFILE
+    // for as long as they wait in the backlog.
+    let mut conns = Vec::new();
+    for _ in 0..64 {
+        conns.push(std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    eprintln!("agent CPU over 3 s of refused accepts: {used} ticks ({hz} per second)");
+    assert!(
+        used * 10 < hz * 3,
+        "the agent used {used} ticks in 3 s (over 10% of a core) while out of fds"
+    );
+    // Room again: the waiting connections are served, and new ones.
+    drop(conns);
+    set(format!("{}:{}", was[0], was[1]));
+    eventually("served again", Duration::from_secs(30), || async {
+        let mut c = corral_e2e::connect(&agent.socket).await.ok()?;
+        c.list(corral_e2e::pb::ListRequest::default())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(agent.log_text().contains("accepting a connection failed"));
+}

@@ -797,3 +797,115 @@ async fn an_instance_running_as_root_cannot_reach_the_agent_socket() {
         .await
         .expect("list");
 }
+
+/// `n` connections from `from` to `127.0.0.1:port` that send nothing (non-blocking).
+async fn idle_connections(from: &str, port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{from}:0").parse().expect("address"))
+            .expect("bind the client socket");
+        let s = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .expect("connect");
+        out.push(s.into_std().expect("std stream"));
+    }
+    out
+}
+
+/// How many of `conns` the agent has closed (a read sees the end or a reset).
+fn closed(conns: &[std::net::TcpStream]) -> usize {
+    use std::io::Read;
+    conns
+        .iter()
+        .filter(|c| {
+            let mut b = [0u8; 1];
+            let mut c: &std::net::TcpStream = c;
+            match c.read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_handshake_slot() {
+    if skip_unless_root("one_address_cannot_take_every_handshake_slot") {
+        return;
+    }
+    let p = pki();
+    let (port, metrics_port) = (free_port(), free_port());
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let (cert, key, ca) = (path(&p.server.cert), path(&p.server.key), path(&p.ca.cert));
+    let (listen, metrics) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{metrics_port}"),
+    );
+    // With every handshake slot taken, the admin client would be served only once the idle
+    // connections time out: it must be served while they still hold theirs.
+    let _agent = Agent::start_full_args(
+        "info,corral_agent=debug",
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &ca,
+            "--metrics",
+            &metrics,
+            "--first-byte-timeout",
+            "20s",
+        ],
+    )
+    .await;
+
+    // 64 connections from 127.0.0.2 that send nothing, to each listener: as many as the
+    // global handshake cap.
+    let api_idle = idle_connections("127.0.0.2", port, 64).await;
+    let metrics_idle = idle_connections("127.0.0.2", metrics_port, 64).await;
+
+    // An admin client from 127.0.0.1 connects and calls as usual, and a scrape is answered.
+    assert_eq!(list(port, &p.ca.cert, Some(&p.admin)).await, Ok(0));
+    let mut scrape = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+        .await
+        .expect("connect to the metrics endpoint");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut scrape,
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_to_end(&mut scrape, &mut answer),
+    )
+    .await
+    .expect("the scrape is answered")
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+    assert!(answer.contains("corral_build_info"), "{answer:.200}");
+
+    // Past the per-address cap (8 by default) the connections were closed as they came;
+    // the 8 holding a slot were still open when the others were served, and are closed
+    // once the first-byte timeout is over.
+    for (what, idle) in [("API", &api_idle), ("metrics", &metrics_idle)] {
+        let now = closed(idle);
+        eprintln!("{what}: {now} of 64 idle connections closed at once");
+        assert_eq!(now, 64 - 8, "{what}");
+    }
+    eventually(
+        "every idle connection closed",
+        Duration::from_secs(60),
+        || async { (closed(&api_idle) == 64 && closed(&metrics_idle) == 64).then_some(()) },
+    )
+    .await;
+}

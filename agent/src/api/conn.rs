@@ -123,12 +123,13 @@ pub fn unix_caller(stream: &UnixStream) -> Caller {
     }
 }
 
-/// The connections accepted on the Unix socket, any `:authority` accepted.
+/// The connections accepted on the Unix socket, any `:authority` accepted; a failed accept
+/// (out of file descriptors) is retried with a backoff, never in a spinning loop.
 pub fn unix_incoming(
     listener: UnixListener,
     idle_timeout: Duration,
 ) -> impl Stream<Item = io::Result<Conn<FixAuthority<UnixStream>>>> {
-    tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |r| {
+    crate::accept::UnixIncoming::new(listener, "API (Unix socket)").map(move |r| {
         r.map(|stream| {
             let caller = unix_caller(&stream);
             Conn::new(FixAuthority::new(stream), caller, idle_timeout)

@@ -540,6 +540,7 @@ fn event_type_to_proto(k: &EventKind) -> pb::EventType {
         EventKind::OomKill { .. } => pb::EventType::OomKill,
         EventKind::Adopted { .. } => pb::EventType::Adopted,
         EventKind::RecordQuarantined { .. } => pb::EventType::RecordQuarantined,
+        EventKind::RecordUnsaved { .. } => pb::EventType::RecordUnsaved,
         EventKind::Lost { .. } => pb::EventType::Lost,
         EventKind::RolloutStarted { .. } => pb::EventType::RolloutStarted,
         EventKind::RolloutStep { .. } => pb::EventType::RolloutStep,

@@ -110,6 +110,8 @@ pub struct Listeners {
     pub unix: UnixListener,
     /// The TLS listener, with its settings (reloadable).
     pub tcp: Option<(TcpListener, Arc<tls::Tls>)>,
+    /// The handshake bounds of the TLS listener.
+    pub handshakes: crate::accept::Handshakes,
 }
 
 /// The largest request message accepted: a spec (at most [`service::MAX_SPEC_TOML`]) and
@@ -204,7 +206,13 @@ pub async fn serve(
     match listeners.tcp {
         None => unix.await,
         Some((listener, tls)) => {
-            let incoming = tls::incoming(listener, tls, conn::IDLE_TIMEOUT, shutdown.clone());
+            let incoming = tls::incoming(
+                listener,
+                tls,
+                listeners.handshakes,
+                conn::IDLE_TIMEOUT,
+                shutdown.clone(),
+            );
             let tcp = router().serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned());
             let (u, t) = tokio::join!(unix, tcp);
             u.and(t)

@@ -1,12 +1,12 @@
 //! The TCP listener: TLS only, with client certificates from `--tls-client-ca` required
 //! (without one, only on loopback, and every client is `read`). The certificate, key and CA
 //! files are read again on [`Tls::reload`] (SIGHUP); connections already open keep theirs.
-//! Handshakes are bounded in time and number, connections in number overall and per
-//! address.
+//! Handshakes are bounded in time and number, overall and per address, connections in
+//! number overall and per address ([`crate::accept`]).
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -16,20 +16,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{Caller, Counts, Role};
+use super::auth::{Caller, Role};
 use super::conn::Conn;
-use super::ratelog::LogBudget;
+use crate::accept::{self, Handshakes, Limits};
 
-/// A TLS handshake not done in this time is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more connections wait in the backlog.
-pub const MAX_HANDSHAKES: usize = 64;
 /// Open TLS connections at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Open TLS connections from one address.
@@ -223,87 +219,49 @@ pub fn refuse_client_cert(der: &[u8]) -> Option<String> {
     }
 }
 
-/// Accept TLS connections on `listener` until `shutdown`, handing each finished handshake
-/// to the API server.
+/// Accept TLS connections on `listener` until `shutdown`, within `handshakes` (see
+/// [`crate::accept`]), handing each finished handshake to the API server.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<Tls>,
+    handshakes: Handshakes,
     idle_timeout: Duration,
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let per_address: Arc<Counts<IpAddr>> = Counts::new(MAX_CONNECTIONS_PER_ADDRESS);
-        loop {
-            let handshake = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = handshakes.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of fds and the like: wait a little instead of spinning.
-                        tracing::warn!(error = %e, "accepting an API connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(connection) = connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "API connection refused: {MAX_CONNECTIONS} connections open");
-                continue;
-            };
-            let Some(address) = per_address.take(peer.ip()) else {
-                tracing::warn!(%peer, "API connection refused: {MAX_CONNECTIONS_PER_ADDRESS} connections open from this address");
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
+    let limits = Limits {
+        what: "API",
+        connections: MAX_CONNECTIONS,
+        connections_per_address: MAX_CONNECTIONS_PER_ADDRESS,
+        handshakes,
+    };
+    tokio::spawn(accept::serve(
+        listener,
+        limits,
+        shutdown,
+        move |tcp, peer| {
             let acceptor = tls.acceptor();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(handshake);
-                match done {
-                    Ok(Ok(stream)) => {
-                        if let Some([leaf, ..]) = stream.get_ref().1.peer_certificates()
-                            && let Some(why) = refuse_client_cert(leaf)
-                        {
-                            refused(peer, &why);
-                            return;
-                        }
-                        let caller = tls_caller(&stream, peer);
-                        tracing::debug!(caller = %caller, role = caller.role.as_str(), "API connection");
-                        let conn = Conn::new(stream, caller, idle_timeout)
-                            .hold(connection)
-                            .hold(address);
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => refused(peer, &e.to_string()),
-                    Err(_) => refused(
-                        peer,
-                        &format!("not done within {}s", HANDSHAKE_TIMEOUT.as_secs()),
-                    ),
+            async move {
+                let stream = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                if let Some([leaf, ..]) = stream.get_ref().1.peer_certificates()
+                    && let Some(why) = refuse_client_cert(leaf)
+                {
+                    return Err(why);
                 }
-            });
-        }
-    });
+                let caller = tls_caller(&stream, peer);
+                Ok((stream, caller))
+            }
+        },
+        move |(stream, caller), _, held| {
+            let tx = tx.clone();
+            async move {
+                tracing::debug!(caller = %caller, role = caller.role.as_str(), "API connection");
+                let conn = Conn::new(stream, caller, idle_timeout).hold(held);
+                let _ = tx.send(Ok(conn)).await;
+            }
+        },
+    ));
     ReceiverStream::new(rx)
-}
-
-/// Refused handshakes are logged at most 20 per 10 s; the rest are counted.
-static REFUSALS: LogBudget = LogBudget::new("TLS handshakes refused", 20, Duration::from_secs(10));
-
-fn refused(peer: SocketAddr, why: &str) {
-    if REFUSALS.admit() {
-        tracing::info!(%peer, error = %why, "TLS handshake refused");
-    }
 }
 
 #[cfg(test)]

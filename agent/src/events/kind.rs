@@ -89,6 +89,9 @@ pub enum EventKind {
     /// The service's saved record could not be read at start: `record` says where it was
     /// set aside, `reason` why. Its instances run on untouched until an apply repairs it.
     RecordQuarantined { record: String, reason: String },
+    /// An instance's record could not be saved (`error`: why, e.g. the disk is full): it is
+    /// retried until it is; until then an agent restart could not take the instance over.
+    RecordUnsaved { error: String },
     /// Not written by this release: an instance whose end could not be observed is an
     /// `instance_exited` with end `lost` and the reason in `detail`. Kept so that event logs of
     /// earlier releases still read.
@@ -206,6 +209,7 @@ impl EventKind {
             EventKind::OomKill { .. } => "oom_kill",
             EventKind::Adopted { .. } => "adopted",
             EventKind::RecordQuarantined { .. } => "record_quarantined",
+            EventKind::RecordUnsaved { .. } => "record_unsaved",
             EventKind::Lost { .. } => "lost",
             EventKind::RolloutStarted { .. } => "rollout_started",
             EventKind::RolloutStep { .. } => "rollout_step",
@@ -268,6 +272,9 @@ impl EventKind {
                 format!(
                     "saved record unreadable ({reason}): {record}; instances left as they are until an apply"
                 )
+            }
+            EventKind::RecordUnsaved { error } => {
+                format!("the instance's record could not be saved ({error}); retrying")
             }
             EventKind::Lost { reason } => format!("lost: {reason}"),
             EventKind::RolloutStarted {

@@ -5,8 +5,9 @@
 //!
 //! `GET /metrics` answers in OpenMetrics when the client accepts it (Prometheus does), else
 //! in the Prometheus text format 0.0.4 (curl, `promtool check metrics`). One scrape runs at
-//! a time (others wait for it), connections are bounded in number and in age
-//! ([`MAX_CONNECTION_AGE`]), and a client that sends no request head within
+//! a time (others wait for it). Connections are accepted by [`crate::accept`] (bounded in
+//! number overall and per address, handshakes and the first byte bounded in time), bounded
+//! in age ([`MAX_CONNECTION_AGE`]), and a client that sends no request head within
 //! [`HEADER_TIMEOUT`] is dropped.
 
 use std::convert::Infallible;
@@ -23,15 +24,18 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{Format, Metrics};
+use crate::accept::{self, Handshakes, Limits};
 
 /// Connections open at once; more are closed as they come.
 pub const MAX_CONNECTIONS: usize = 64;
-/// A request head (or a TLS handshake) not received within this ends the connection.
+/// Connections open at once from one address.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
+/// A request head not received within this (after the connection's first byte and its
+/// TLS handshake, bounded by [`crate::accept`]) ends the connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection is closed this long after it was accepted, whatever it is doing, so that a
 /// client that stops reading holds its place no longer; a scraper simply connects again.
@@ -176,46 +180,61 @@ impl MetricsTls {
     }
 }
 
-/// Serve `/metrics` on `listener` until `shutdown`.
+/// Serve `/metrics` on `listener` until `shutdown`, within `handshakes` (see
+/// [`crate::accept`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<MetricsTls>>,
+    handshakes: Handshakes,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    let limits = Limits {
+        what: "metrics",
+        connections: MAX_CONNECTIONS,
+        connections_per_address: MAX_CONNECTIONS_PER_ADDRESS,
+        handshakes,
+    };
+    let stopping = shutdown.clone();
+    accept::serve(
+        listener,
+        limits,
+        shutdown,
+        move |tcp, _| {
+            let acceptor = tls.as_ref().map(|t| t.acceptor());
+            async move {
+                match acceptor {
+                    None => Ok(Stream::Plain(tcp)),
+                    Some(acceptor) => acceptor
+                        .accept(tcp)
+                        .await
+                        .map(|s| Stream::Tls(Box::new(s)))
+                        .map_err(|e| format!("TLS handshake: {e}")),
                 }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "metrics: too many connections; closing this one");
-            continue;
-        };
-        let acceptor = tls.as_ref().map(|t| t.acceptor());
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection(stream, acceptor, metrics)) => {}
             }
-        });
-    }
+        },
+        move |stream, _, held| {
+            let metrics = metrics.clone();
+            let shutdown = stopping.clone();
+            async move {
+                let _held = held;
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection(stream, metrics)) => {}
+                }
+            }
+        },
+    )
+    .await
 }
 
-async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, metrics: Metrics) {
-    let _ = stream.set_nodelay(true);
+/// A connection past its handshake.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+async fn connection(stream: Stream, metrics: Metrics) {
     let service = hyper::service::service_fn(move |req| {
         let metrics = metrics.clone();
         async move { Ok::<_, Infallible>(answer(req, &metrics).await) }
@@ -224,18 +243,9 @@ async fn connection(stream: TcpStream, tls: Option<TlsAcceptor>, metrics: Metric
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(64 << 10);
-    let served = match tls {
-        None => http.serve_connection(TokioIo::new(stream), service).await,
-        Some(acceptor) => {
-            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "metrics: TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            }
-        }
+    let served = match stream {
+        Stream::Plain(s) => http.serve_connection(TokioIo::new(s), service).await,
+        Stream::Tls(s) => http.serve_connection(TokioIo::new(s), service).await,
     };
     if let Err(e) = served {
         tracing::debug!(error = %e, "metrics: connection ended");

@@ -610,6 +610,49 @@ async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_instance_record_that_failed_to_save_is_retried_so_a_restart_adopts_it() {
+    let first = rig().await;
+    first
+        .apply(&WEB.replace("replicas = 3", "replicas = 1"))
+        .await
+        .expect("apply");
+    settle().await;
+    let fakes = first.fakes();
+    let (_, old) = first.running("web").await[0];
+    // The disk fills; the instance crashes and is started again: its new record (new PID)
+    // cannot be saved.
+    fakes.store.fail_writes(true);
+    first.exited(old, 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    let (_, new) = first.running("web").await[0];
+    assert_ne!(new, old);
+    let unsaved: Vec<_> = first
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.kind, crate::events::EventKind::RecordUnsaved { .. }))
+        .collect();
+    assert!(!unsaved.is_empty(), "the failed save is reported");
+    assert_eq!(unsaved[0].instance.as_deref(), Some("web-0"));
+    // Space comes back: the record is saved at a retry, with no other change to trigger it.
+    fakes.store.fail_writes(false);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    settle().await;
+    let running = place_in_cgroups(&first, "web").await;
+    drop(first);
+    settle().await;
+
+    let second = fakes.start().await;
+    settle().await;
+    assert_eq!(second.running("web").await, running, "the same instance");
+    assert!(
+        fakes.rt.adopted().contains(&new),
+        "the instance started while the disk was full is adopted, not taken for lost"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_restarted_agent_adopts_running_instances() {
     let first = web().await;
     let fakes = first.fakes();

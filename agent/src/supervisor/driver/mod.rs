@@ -30,6 +30,7 @@ mod restore;
 mod rolling;
 mod slots;
 mod sockets;
+mod unsaved;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -174,6 +175,8 @@ pub struct Driver {
     /// repairs them: what Node reports for each. Their instances keep running, untouched.
     quarantined: BTreeMap<String, String>,
     scaling: autoscale::Scaling,
+    /// Instance records whose save failed, saved again until they are.
+    unsaved: unsaved::Unsaved,
 }
 
 impl std::fmt::Debug for Driver {
@@ -222,6 +225,7 @@ impl Driver {
             probes,
             health_tx,
             quarantined: BTreeMap::new(),
+            unsaved: unsaved::Unsaved::default(),
         };
         (driver, SupervisorHandle::new(tx))
     }
@@ -241,6 +245,7 @@ impl Driver {
     /// Serve until `shutdown`; instances keep running after it.
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
+            self.retry_unsaved();
             self.reconcile_all();
             let jobs_wake = self.tick_jobs();
             self.autoscale_pass();
@@ -249,7 +254,7 @@ impl Driver {
                 .services
                 .iter()
                 .flat_map(|(_, s)| [reconcile::next_deadline(&s.slots), s.wake])
-                .chain([jobs_wake, self.scaling.wake()])
+                .chain([jobs_wake, self.scaling.wake(), self.unsaved.wake()])
                 .flatten()
                 .min();
             tokio::select! {

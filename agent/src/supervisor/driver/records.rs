@@ -99,8 +99,9 @@ impl Driver {
             .map_err(|source| SupervisorError::Storage { source })
     }
 
-    /// Save what a later agent run needs to take this instance over.
-    pub(super) fn persist_instance(&self, key: &InstanceKey) {
+    /// Save what a later agent run needs to take this instance over; a failed save is
+    /// retried until it succeeds ([`super::unsaved`]).
+    pub(super) fn persist_instance(&mut self, key: &InstanceKey) {
         let Some(slot) = self.services.slot(key) else {
             return;
         };
@@ -116,8 +117,9 @@ impl Driver {
                     .put_atomic(INSTANCES, id, &b)
                     .map_err(|e| e.to_string())
             });
-        if let Err(e) = result {
-            tracing::warn!(instance = %id, error = %e, "cannot save the instance record");
+        match result {
+            Ok(()) => self.record_saved(key),
+            Err(e) => self.record_unsaved(key, e),
         }
     }
 
