@@ -300,6 +300,7 @@ fn ts(seconds: i64, millis: i32) -> prost_types::Timestamp {
 /// The log records of service "web": two instances, both streams, one record without a time.
 fn log_records() -> Vec<LogLine> {
     let line = |instance: &str, stream: &str, time, text: &str| LogLine {
+        incarnation: 0,
         instance: instance.into(),
         stream: stream.into(),
         time,
@@ -325,6 +326,7 @@ fn log_records() -> Vec<LogLine> {
 /// The node's event log: indexes 3 to 6 are kept.
 fn events() -> Vec<Event> {
     let event = |index, service: &str, instance: &str, kind: &str, message: &str| Event {
+        incarnation: 0,
         index,
         time: Some(ts(1_795_909_500 + i64::try_from(index).unwrap(), 0)),
         service: service.into(),
