@@ -175,9 +175,10 @@ async fn apply_all(
     let mut requests = Vec::with_capacity(files.len());
     for file in files {
         let text = read_spec(file).with_context(|| label(file))?;
+        // A dry run is asked for on the batch as a whole.
         requests.push(ApplyRequest {
             source: Some(Source::SpecToml(text)),
-            dry_run: args.dry_run,
+            dry_run: false,
             force: args.force,
             expected_revision: args.expected_revision,
         });
