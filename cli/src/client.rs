@@ -161,11 +161,6 @@ impl Session {
         self.reply(reply)
     }
 
-    pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
-        let reply = self.client.list(pb::ListRequest::default()).await;
-        self.reply(reply)
-    }
-
     /// Every service whose labels match `selector` (empty: all), page after page.
     pub async fn list_all(&mut self, selector: &str) -> anyhow::Result<Vec<pb::ServiceStatus>> {
         let mut services = Vec::new();

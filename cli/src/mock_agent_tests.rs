@@ -585,16 +585,31 @@ impl Agent for FakeAgent {
         Ok(Response::new(status))
     }
 
-    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let tick = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         let services = self.services.lock().unwrap();
+        // Pages of LIST_PAGE, so that clients are seen to read them all.
+        let from: usize = match request.get_ref().page_token.as_str() {
+            "" => 0,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token"))?,
+        };
+        let next = from + LIST_PAGE;
         Ok(Response::new(ListResponse {
             // Newest first, so that the client's own ordering is what the test sees.
             services: services
                 .iter()
                 .rev()
+                .skip(from)
+                .take(LIST_PAGE)
                 .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
+            next_page_token: if next < services.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
             ..Default::default()
         }))
     }
@@ -1419,6 +1434,33 @@ fn node() -> NodeInfo {
         load5: 0.25,
         load15: 0.125,
         ..Default::default()
+    }
+}
+
+/// Services per page of the mock's `List`.
+const LIST_PAGE: usize = 2;
+
+#[tokio::test]
+async fn top_reads_every_page_of_services() {
+    let agent = Served::start().await;
+    *agent.agent.node.lock().unwrap() = Some(node());
+    let names = ["api", "db", "queue", "web", "zeta"];
+    for name in names {
+        let file = agent.write_spec(
+            &format!("{name}.toml"),
+            &WEB.replace("name = \"web\"", &format!("name = \"{name}\"")),
+        );
+        assert_eq!(agent.run(&["apply", "-f", path_str(&file)]).await.code, 0);
+    }
+    assert!(names.len() > 2 * LIST_PAGE);
+    let run = agent.run(&["top", "--iterations", "1"]).await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    for name in names {
+        assert!(
+            run.out.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing:\n{}",
+            run.out
+        );
     }
 }
 
