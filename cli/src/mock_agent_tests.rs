@@ -1232,9 +1232,9 @@ async fn logs_of_a_service_or_an_instance() {
     assert_eq!(
         docs,
         [
-            serde_json::json!({"instance": "web-0", "stream": "stdout", "time": "2026-11-28T23:45:01.123Z", "text": "listening on :8080"}),
-            serde_json::json!({"instance": "web-1", "stream": "stderr", "time": "2026-11-28T23:45:02.005Z", "text": "warning: cache cold"}),
-            serde_json::json!({"instance": "web-1", "stream": "stdout", "time": null, "text": "GET / 200"}),
+            serde_json::json!({"instance": "web-0", "incarnation": null, "stream": "stdout", "time": "2026-11-28T23:45:01.123Z", "text": "listening on :8080"}),
+            serde_json::json!({"instance": "web-1", "incarnation": null, "stream": "stderr", "time": "2026-11-28T23:45:02.005Z", "text": "warning: cache cold"}),
+            serde_json::json!({"instance": "web-1", "incarnation": null, "stream": "stdout", "time": null, "text": "GET / 200"}),
         ]
     );
 }
@@ -1368,8 +1368,8 @@ async fn events_as_json_lines_filtered() {
     assert_eq!(
         lines,
         [
-            r#"{"index":4,"time":"2026-11-28T23:45:04Z","service":"web","instance":"web-0","type":"instance_started","message":"started as pid 4242","attributes":{}}"#,
-            r#"{"index":6,"time":"2026-11-28T23:45:06Z","service":"web","instance":"web-0","type":"instance_exited","message":"exited(3)","attributes":{"end":"exited(3)"}}"#,
+            r#"{"index":4,"time":"2026-11-28T23:45:04Z","service":"web","instance":"web-0","incarnation":null,"type":"instance_started","message":"started as pid 4242","attributes":{}}"#,
+            r#"{"index":6,"time":"2026-11-28T23:45:06Z","service":"web","instance":"web-0","incarnation":null,"type":"instance_exited","message":"exited(3)","attributes":{"end":"exited(3)"}}"#,
         ]
     );
     let asked = agent.agent.watch_asked.lock().unwrap()[0].clone();

@@ -1383,10 +1383,10 @@ user:       nobody
 limits:     cpu 0.5 cores, memory 256MiB, pids unlimited
 cgroup:     /sys/fs/cgroup/corral/web
 
-INSTANCE  STATE    HEALTH     PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START
-web-0     running  unhealthy  4242  0         -           1.52s  12.3MiB  3m12s
-web-1     backoff  unknown    -     2         oom_killed  0.00s  0B       in 1.2s
-web-2     failed   unknown    -     5         -           -      -        due now
+INSTANCE  STATE    HEALTH     PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START  RUN
+web-0     running  unhealthy  4242  0         -           1.52s  12.3MiB  3m12s              -
+web-1     backoff  unknown    -     2         oom_killed  0.00s  0B       in 1.2s            -
+web-2     failed   unknown    -     5         -           -      -        due now            -
 
 web-0: unhealthy: HTTP 503
 web-2: exec /usr/bin/python3: permission denied

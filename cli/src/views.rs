@@ -1115,6 +1115,7 @@ mod tests {
             v,
             json!({
                 "id": "web-1",
+                "incarnation": null,
                 "index": 1,
                 "revision": 3,
                 "state": "backoff",
@@ -1385,6 +1386,7 @@ mod tests {
             v,
             json!({
                 "instance": "web-0",
+                "incarnation": null,
                 "stream": "stderr",
                 "time": "2025-03-01T12:00:00.123456789Z",
                 "text": "boom",
@@ -1420,7 +1422,7 @@ mod tests {
         let text = serde_json::to_string(&EventView::from(&event)).unwrap();
         assert_eq!(
             text,
-            r#"{"index":42,"time":"2025-03-01T12:00:00Z","service":"web","instance":null,"type":"applied","message":"web: revision 3 applied","attributes":{"outcome":"updated","revision":"3"}}"#
+            r#"{"index":42,"time":"2025-03-01T12:00:00Z","service":"web","instance":null,"incarnation":null,"type":"applied","message":"web: revision 3 applied","attributes":{"outcome":"updated","revision":"3"}}"#
         );
     }
 
