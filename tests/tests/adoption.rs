@@ -508,7 +508,8 @@ async fn a_full_disk_drops_output_and_says_so() {
 fn ticker_runs(lines: &[String]) -> Vec<Vec<u64>> {
     let seq = lines
         .iter()
-        .filter(|l| l.contains("tick-0 out| tick="))
+        // `tick-0@<incarnation> out| tick=...`
+        .filter(|l| l.contains(" tick-0@") && l.contains(" out| tick="))
         .filter_map(|l| l.rsplit_once('.').and_then(|(_, n)| n.trim().parse().ok()));
     let mut runs: Vec<Vec<u64>> = Vec::new();
     for n in seq {
@@ -610,7 +611,8 @@ async fn logs_follow_survives_rotation_and_restart() {
         .count();
     assert!(rotated >= 4, "the logs rotated ({rotated} files)");
     assert!(
-        text.lines().any(|l| l.contains("tick-0 err| errtick=")),
+        text.lines()
+            .any(|l| l.contains(" tick-0@") && l.contains(" err| errtick=")),
         "stderr is told apart"
     );
 }
