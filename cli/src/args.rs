@@ -77,8 +77,10 @@ pub enum Command {
     ///
     /// Each file's TOML text is sent to the agent as it is; the agent validates it. With a
     /// directory, every *.toml file directly inside it is applied in name order; a failure is
-    /// reported and the others are still applied. With `-o json` the result is an array with one
-    /// entry per file.
+    /// reported and the others are still applied. With several -f (or --atomic), every file
+    /// given (directories expanded) is sent in one ApplyBatch call: all are validated first and
+    /// either all are applied or none is; an error names the file it is about. With `-o json`
+    /// the result is an array with one entry per file.
     ///
     /// A change other than `replicas` starts a rolling update, whose id is printed. With --wait,
     /// every file is applied first, then each service is waited for in turn: its rollout
@@ -644,9 +646,15 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// A spec file, a directory of *.toml spec files, or `-` for standard input.
-    #[arg(short = 'f', long = "file", value_name = "FILE|DIR")]
-    pub file: PathBuf,
+    /// A spec file, a directory of *.toml spec files, or `-` for standard input. Repeat to
+    /// apply several in one call, all or nothing (as --atomic).
+    #[arg(short = 'f', long = "file", value_name = "FILE|DIR", required = true)]
+    pub file: Vec<PathBuf>,
+
+    /// Apply every spec file given in one call (ApplyBatch): all are validated first, and
+    /// either all are applied or none is. Implied by more than one -f.
+    #[arg(long)]
+    pub atomic: bool,
 
     /// Validate and report what would change, without applying anything.
     #[arg(long, conflicts_with = "wait")]
@@ -795,7 +803,7 @@ mod tests {
         let cli = parse(&["apply", "-f", "web.toml", "--dry-run"]).unwrap();
         match cli.command {
             Command::Apply(a) => {
-                assert_eq!(a.file, PathBuf::from("web.toml"));
+                assert_eq!(a.file, [PathBuf::from("web.toml")]);
                 assert!(a.dry_run);
             }
             other => panic!("parsed as {other:?}"),

@@ -49,6 +49,27 @@ impl Session {
         self.reply(reply.map_err(|status| supersede_hint(status, force)))
     }
 
+    /// Applies several specs in one call, all or nothing. An error about `requests[i]` names
+    /// `labels[i]` instead (the file the request came from).
+    pub async fn apply_batch(
+        &mut self,
+        requests: Vec<pb::ApplyRequest>,
+        dry_run: bool,
+        labels: &[String],
+    ) -> anyhow::Result<Vec<pb::ApplyResponse>> {
+        let reply = self
+            .client
+            .apply_batch(pb::ApplyBatchRequest { requests, dry_run })
+            .await;
+        match self.reply(reply) {
+            Ok(r) => Ok(r.results),
+            Err(e) => match e.downcast::<RpcError>() {
+                Ok(rpc) => Err(RpcError::new(rpc.code, name_requests(&rpc.text, labels)).into()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     /// Starts a rolling restart.
     pub async fn restart(
         &mut self,
@@ -137,11 +158,6 @@ impl Session {
     pub async fn cancel_run(&mut self, id: &str) -> anyhow::Result<pb::JobRun> {
         let request = pb::CancelRunRequest { id: id.to_owned() };
         let reply = self.client.cancel_run(request).await;
-        self.reply(reply)
-    }
-
-    pub async fn list(&mut self) -> anyhow::Result<pb::ListResponse> {
-        let reply = self.client.list(pb::ListRequest::default()).await;
         self.reply(reply)
     }
 
@@ -728,6 +744,36 @@ impl std::fmt::Display for RpcError {
 
 impl StdError for RpcError {}
 
+/// `text` with each `requests[i]` (a request of an ApplyBatch, as the agent names it) given
+/// as `labels[i]`: `requests[1].command: ...` reads `b.toml: command: ...`.
+fn name_requests(text: &str, labels: &[String]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("requests[") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "requests[".len()..];
+        let named = after.split_once(']').and_then(|(n, tail)| {
+            let label = labels.get(n.parse::<usize>().ok()?)?;
+            Some((label, tail.strip_prefix('.').map_or(tail, |t| t)))
+        });
+        match named {
+            Some((label, tail)) => {
+                out.push_str(label);
+                if !tail.starts_with(':') {
+                    out.push_str(": ");
+                }
+                rest = tail;
+            }
+            None => {
+                out.push_str("requests[");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Whether the agent answered `NOT_FOUND` (no such service or instance).
 pub fn is_not_found(err: &anyhow::Error) -> bool {
     err.downcast_ref::<RpcError>()
@@ -766,6 +812,29 @@ fn code_name(code: Code) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_errors_name_the_file() {
+        let labels = ["a.toml".to_owned(), "specs/b.toml".to_owned()];
+        let cases = [
+            (
+                "requests[1].command: must not be empty",
+                "specs/b.toml: command: must not be empty",
+            ),
+            (
+                "requests[0]: resources.cpu: too much\nrequests[1].name: taken",
+                "a.toml: resources.cpu: too much\nspecs/b.toml: name: taken",
+            ),
+            // Out of range or not a number: left as the agent said it.
+            ("requests[7].x: y", "requests[7].x: y"),
+            ("requests[z].x: y", "requests[z].x: y"),
+            ("requests: at most 100", "requests: at most 100"),
+            ("no request named", "no request named"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(name_requests(text, &labels), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn unix_addresses() {

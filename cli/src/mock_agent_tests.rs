@@ -300,6 +300,7 @@ fn ts(seconds: i64, millis: i32) -> prost_types::Timestamp {
 /// The log records of service "web": two instances, both streams, one record without a time.
 fn log_records() -> Vec<LogLine> {
     let line = |instance: &str, stream: &str, time, text: &str| LogLine {
+        incarnation: 0,
         instance: instance.into(),
         stream: stream.into(),
         time,
@@ -325,6 +326,7 @@ fn log_records() -> Vec<LogLine> {
 /// The node's event log: indexes 3 to 6 are kept.
 fn events() -> Vec<Event> {
     let event = |index, service: &str, instance: &str, kind: &str, message: &str| Event {
+        incarnation: 0,
         index,
         time: Some(ts(1_795_909_500 + i64::try_from(index).unwrap(), 0)),
         service: service.into(),
@@ -583,16 +585,31 @@ impl Agent for FakeAgent {
         Ok(Response::new(status))
     }
 
-    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let tick = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         let services = self.services.lock().unwrap();
+        // Pages of LIST_PAGE, so that clients are seen to read them all.
+        let from: usize = match request.get_ref().page_token.as_str() {
+            "" => 0,
+            t => t
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token"))?,
+        };
+        let next = from + LIST_PAGE;
         Ok(Response::new(ListResponse {
             // Newest first, so that the client's own ordering is what the test sees.
             services: services
                 .iter()
                 .rev()
+                .skip(from)
+                .take(LIST_PAGE)
                 .map(|(name, (rev, replicas, _))| status_of(name, *rev, *replicas, tick))
                 .collect(),
+            next_page_token: if next < services.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
             ..Default::default()
         }))
     }
@@ -1215,9 +1232,9 @@ async fn logs_of_a_service_or_an_instance() {
     assert_eq!(
         docs,
         [
-            serde_json::json!({"instance": "web-0", "stream": "stdout", "time": "2026-11-28T23:45:01.123Z", "text": "listening on :8080"}),
-            serde_json::json!({"instance": "web-1", "stream": "stderr", "time": "2026-11-28T23:45:02.005Z", "text": "warning: cache cold"}),
-            serde_json::json!({"instance": "web-1", "stream": "stdout", "time": null, "text": "GET / 200"}),
+            serde_json::json!({"instance": "web-0", "incarnation": null, "stream": "stdout", "time": "2026-11-28T23:45:01.123Z", "text": "listening on :8080"}),
+            serde_json::json!({"instance": "web-1", "incarnation": null, "stream": "stderr", "time": "2026-11-28T23:45:02.005Z", "text": "warning: cache cold"}),
+            serde_json::json!({"instance": "web-1", "incarnation": null, "stream": "stdout", "time": null, "text": "GET / 200"}),
         ]
     );
 }
@@ -1351,8 +1368,8 @@ async fn events_as_json_lines_filtered() {
     assert_eq!(
         lines,
         [
-            r#"{"index":4,"time":"2026-11-28T23:45:04Z","service":"web","instance":"web-0","type":"instance_started","message":"started as pid 4242","attributes":{}}"#,
-            r#"{"index":6,"time":"2026-11-28T23:45:06Z","service":"web","instance":"web-0","type":"instance_exited","message":"exited(3)","attributes":{"end":"exited(3)"}}"#,
+            r#"{"index":4,"time":"2026-11-28T23:45:04Z","service":"web","instance":"web-0","incarnation":null,"type":"instance_started","message":"started as pid 4242","attributes":{}}"#,
+            r#"{"index":6,"time":"2026-11-28T23:45:06Z","service":"web","instance":"web-0","incarnation":null,"type":"instance_exited","message":"exited(3)","attributes":{"end":"exited(3)"}}"#,
         ]
     );
     let asked = agent.agent.watch_asked.lock().unwrap()[0].clone();
@@ -1417,6 +1434,33 @@ fn node() -> NodeInfo {
         load5: 0.25,
         load15: 0.125,
         ..Default::default()
+    }
+}
+
+/// Services per page of the mock's `List`.
+const LIST_PAGE: usize = 2;
+
+#[tokio::test]
+async fn top_reads_every_page_of_services() {
+    let agent = Served::start().await;
+    *agent.agent.node.lock().unwrap() = Some(node());
+    let names = ["api", "db", "queue", "web", "zeta"];
+    for name in names {
+        let file = agent.write_spec(
+            &format!("{name}.toml"),
+            &WEB.replace("name = \"web\"", &format!("name = \"{name}\"")),
+        );
+        assert_eq!(agent.run(&["apply", "-f", path_str(&file)]).await.code, 0);
+    }
+    assert!(names.len() > 2 * LIST_PAGE);
+    let run = agent.run(&["top", "--iterations", "1"]).await;
+    assert_eq!((run.code, run.err.as_str()), (0, ""), "{run:?}");
+    for name in names {
+        assert!(
+            run.out.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing:\n{}",
+            run.out
+        );
     }
 }
 

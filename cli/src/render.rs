@@ -310,6 +310,7 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
         "CPU",
         "MEMORY",
         "UPTIME/NEXT START",
+        "RUN",
     ]);
     for i in &s.instances {
         table.row(vec![
@@ -333,6 +334,7 @@ pub fn write_status(out: &mut dyn Write, s: &pb::ServiceStatus, now: SystemTime)
                 .as_ref()
                 .map_or_else(|| "-".to_owned(), |u| human_bytes(u.memory_bytes)),
             uptime_or_next_start(i, now),
+            run_id(i.incarnation).unwrap_or_else(|| "-".to_owned()),
         ]);
     }
     table.write(out)?;
@@ -871,7 +873,25 @@ pub fn write_log_line(out: &mut dyn Write, l: &pb::LogLine) -> io::Result<()> {
         "stderr" => "err",
         other => other,
     };
-    writeln!(out, "{time:<24} {} {stream}| {}", l.instance, l.text)
+    writeln!(
+        out,
+        "{time:<24} {} {stream}| {}",
+        with_run(&l.instance, l.incarnation),
+        l.text
+    )
+}
+
+/// An incarnation id as the CLI shows it: 16 hex digits; `None` for 0 (none).
+pub fn run_id(incarnation: u64) -> Option<String> {
+    (incarnation != 0).then(|| format!("{incarnation:016x}"))
+}
+
+/// `web-0@00c0ffee12345678`: an instance and the run of it a line or event is about.
+fn with_run(instance: &str, incarnation: u64) -> String {
+    match run_id(incarnation) {
+        Some(run) if !instance.is_empty() => format!("{instance}@{run}"),
+        _ => instance.to_owned(),
+    }
 }
 
 /// The table of `events`, written as events arrive: each column is as wide as the widest cell
@@ -940,7 +960,7 @@ fn event_cells(e: &pb::Event) -> [String; 6] {
             .and_then(time_millis)
             .unwrap_or_else(|| "-".to_owned()),
         or_dash(&e.service),
-        or_dash(&e.instance),
+        or_dash(&with_run(&e.instance, e.incarnation)),
         or_dash(event_type_name(e.r#type)),
         one_line(&e.message),
     ]
@@ -1234,6 +1254,7 @@ mod tests {
 
     fn service(now: SystemTime) -> pb::ServiceStatus {
         let running = pb::InstanceStatus {
+            incarnation: 0,
             id: "web-0".into(),
             index: 0,
             revision: 3,
@@ -1362,10 +1383,10 @@ user:       nobody
 limits:     cpu 0.5 cores, memory 256MiB, pids unlimited
 cgroup:     /sys/fs/cgroup/corral/web
 
-INSTANCE  STATE    HEALTH     PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START
-web-0     running  unhealthy  4242  0         -           1.52s  12.3MiB  3m12s
-web-1     backoff  unknown    -     2         oom_killed  0.00s  0B       in 1.2s
-web-2     failed   unknown    -     5         -           -      -        due now
+INSTANCE  STATE    HEALTH     PID   RESTARTS  LAST EXIT   CPU    MEMORY   UPTIME/NEXT START  RUN
+web-0     running  unhealthy  4242  0         -           1.52s  12.3MiB  3m12s              -
+web-1     backoff  unknown    -     2         oom_killed  0.00s  0B       in 1.2s            -
+web-2     failed   unknown    -     5         -           -      -        due now            -
 
 web-0: unhealthy: HTTP 503
 web-2: exec /usr/bin/python3: permission denied
@@ -1457,6 +1478,7 @@ web-2: exec /usr/bin/python3: permission denied
     #[test]
     fn log_lines_tell_stdout_from_stderr() {
         let line = |stream: &str, time: Option<prost_types::Timestamp>, text: &str| pb::LogLine {
+            incarnation: 0,
             instance: "web-0".into(),
             stream: stream.into(),
             time,
@@ -1485,6 +1507,7 @@ web-2: exec /usr/bin/python3: permission denied
 
     fn event(index: u64, instance: &str, kind: &str, message: &str) -> pb::Event {
         pb::Event {
+            incarnation: 0,
             index,
             time: Some(prost_types::Timestamp {
                 seconds: 1_740_830_400,

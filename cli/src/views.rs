@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use corral_proto::v1 as pb;
 
-use crate::render::human_ms;
+use crate::render::{human_ms, run_id};
 use serde::Serialize;
 
 /// A service, as `status -o json` prints it and as each element of `ls -o json`.
@@ -323,6 +323,8 @@ pub struct InstanceView {
     pub id: String,
     pub index: u32,
     pub revision: u64,
+    /// The current (or last) run's id, 16 hex digits; `null` before the first start.
+    pub incarnation: Option<String>,
     /// `running`, `stopping`, `backoff`, `exited`, `failed` (or `unknown`).
     pub state: &'static str,
     /// `healthy`, `unhealthy` or `unknown`, as the agent reports it.
@@ -353,6 +355,7 @@ impl From<&pb::InstanceStatus> for InstanceView {
             id: i.id.clone(),
             index: i.index,
             revision: i.revision,
+            incarnation: run_id(i.incarnation),
             state: state_name(i.state),
             health: non_empty(health_name(i.health)),
             health_reason: non_empty(&i.health_reason),
@@ -540,6 +543,8 @@ impl From<&pb::NodeInfo> for NodeView {
 #[derive(Debug, Serialize)]
 pub struct LogLineView {
     pub instance: String,
+    /// The run that wrote it, 16 hex digits; `null` for lines of older files.
+    pub incarnation: Option<String>,
     /// `stdout` or `stderr`.
     pub stream: String,
     /// When the line was read; `null` for records without a time.
@@ -551,6 +556,7 @@ impl From<&pb::LogLine> for LogLineView {
     fn from(l: &pb::LogLine) -> Self {
         LogLineView {
             instance: l.instance.clone(),
+            incarnation: run_id(l.incarnation),
             stream: l.stream.clone(),
             time: l.time.as_ref().and_then(rfc3339),
             text: l.text.clone(),
@@ -566,6 +572,8 @@ pub struct EventView {
     pub service: Option<String>,
     /// `null` for events about the service as a whole.
     pub instance: Option<String>,
+    /// The run of the instance it is about, 16 hex digits; `null` when none.
+    pub incarnation: Option<String>,
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
@@ -579,6 +587,7 @@ impl From<&pb::Event> for EventView {
             time: e.time.as_ref().and_then(rfc3339),
             service: non_empty(&e.service),
             instance: non_empty(&e.instance),
+            incarnation: run_id(e.incarnation),
             kind: event_type_name(e.r#type).to_owned(),
             message: e.message.clone(),
             attributes: e
@@ -1061,6 +1070,7 @@ mod tests {
 
     fn sample_instance() -> pb::InstanceStatus {
         pb::InstanceStatus {
+            incarnation: 0,
             id: "web-1".into(),
             index: 1,
             revision: 3,
@@ -1106,6 +1116,7 @@ mod tests {
             v,
             json!({
                 "id": "web-1",
+                "incarnation": null,
                 "index": 1,
                 "revision": 3,
                 "state": "backoff",
@@ -1365,6 +1376,7 @@ mod tests {
     #[test]
     fn log_lines_have_instance_stream_time_and_text() {
         let line = pb::LogLine {
+            incarnation: 0,
             instance: "web-0".into(),
             stream: "stderr".into(),
             time: Some(ts(1_740_830_400, 123_456_789)),
@@ -1375,6 +1387,7 @@ mod tests {
             v,
             json!({
                 "instance": "web-0",
+                "incarnation": null,
                 "stream": "stderr",
                 "time": "2025-03-01T12:00:00.123456789Z",
                 "text": "boom",
@@ -1388,6 +1401,7 @@ mod tests {
     #[test]
     fn events_have_sorted_attributes_and_null_for_absent_fields() {
         let event = pb::Event {
+            incarnation: 0,
             index: 42,
             time: Some(ts(1_740_830_400, 0)),
             service: "web".into(),
@@ -1409,7 +1423,7 @@ mod tests {
         let text = serde_json::to_string(&EventView::from(&event)).unwrap();
         assert_eq!(
             text,
-            r#"{"index":42,"time":"2025-03-01T12:00:00Z","service":"web","instance":null,"type":"applied","message":"web: revision 3 applied","attributes":{"outcome":"updated","revision":"3"}}"#
+            r#"{"index":42,"time":"2025-03-01T12:00:00Z","service":"web","instance":null,"incarnation":null,"type":"applied","message":"web: revision 3 applied","attributes":{"outcome":"updated","revision":"3"}}"#
         );
     }
 

@@ -447,11 +447,29 @@ pub fn number(e: &pb::Event, name: &str) -> Option<i64> {
     }
 }
 
+/// A log record's payload: what follows its timestamp and incarnation tag.
 pub fn payload(record: &str) -> &str {
     match record.split_once(' ') {
-        Some((ts, rest)) if ts.len() == 27 && ts.ends_with('Z') => rest,
+        Some((head, rest)) if header_of(head).is_some() => rest,
         _ => record,
     }
+}
+
+/// A log record's incarnation id (`<timestamp>/<16 hex> payload`); `None` without one.
+pub fn incarnation_of(record: &str) -> Option<u64> {
+    let (head, _) = record.split_once(' ')?;
+    header_of(head)?
+}
+
+/// The header of a record (timestamp, then an optional `/` and incarnation): `Some` of the
+/// incarnation it names when `head` is one.
+fn header_of(head: &str) -> Option<Option<u64>> {
+    let (ts, tag) = match head.split_once('/') {
+        Some((ts, tag)) if tag.len() == 16 => (ts, Some(u64::from_str_radix(tag, 16).ok()?)),
+        Some(_) => return None,
+        None => (head, None),
+    };
+    (ts.len() == 27 && ts.ends_with('Z')).then_some(tag)
 }
 
 /// A client on a Unix socket.

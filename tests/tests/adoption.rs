@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use corral_e2e::{Agent, alive, eventually, kill9, pb, skip_unless_root, testbin};
+use corral_e2e::{
+    Agent, alive, eventually, incarnation_of, kill9, payload, pb, skip_unless_root, testbin,
+};
 
 fn spec(name: &str, replicas: u32, args: &[&str], extra: &str) -> String {
     let cmd: Vec<String> = std::iter::once(testbin())
@@ -401,7 +403,7 @@ async fn logs_lose_nothing_across_agent_kills_and_rotations() {
     let mut next = 0u64;
     for (_, f) in &files {
         for line in std::fs::read_to_string(f).expect("read").lines() {
-            let p = corral_e2e::payload(line);
+            let p = payload(line);
             assert_ne!(p, line, "every record is timestamped: {line:?}");
             if let Some(seq) = p
                 .strip_prefix("seq=")
@@ -506,7 +508,8 @@ async fn a_full_disk_drops_output_and_says_so() {
 fn ticker_runs(lines: &[String]) -> Vec<Vec<u64>> {
     let seq = lines
         .iter()
-        .filter(|l| l.contains("tick-0 out| tick="))
+        // `tick-0@<incarnation> out| tick=...`
+        .filter(|l| l.contains(" tick-0@") && l.contains(" out| tick="))
         .filter_map(|l| l.rsplit_once('.').and_then(|(_, n)| n.trim().parse().ok()));
     let mut runs: Vec<Vec<u64>> = Vec::new();
     for n in seq {
@@ -608,7 +611,8 @@ async fn logs_follow_survives_rotation_and_restart() {
         .count();
     assert!(rotated >= 4, "the logs rotated ({rotated} files)");
     assert!(
-        text.lines().any(|l| l.contains("tick-0 err| errtick=")),
+        text.lines()
+            .any(|l| l.contains(" tick-0@") && l.contains(" err| errtick=")),
         "stderr is told apart"
     );
 }
@@ -675,5 +679,156 @@ async fn adopted_instances_are_probed_again() {
         s.instances[0].health_reason.contains("refused"),
         "{}",
         s.instances[0].health_reason
+    );
+}
+
+/// Every event about `instance` from the start of the log.
+async fn events_of(agent: &Agent, instance: &str) -> Vec<pb::Event> {
+    let mut client = agent.client().await;
+    let mut w = client
+        .watch(pb::WatchRequest {
+            instance: instance.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = w.message().await.expect("watch stream") {
+        if e.r#type != pb::EventType::Bookmark as i32 {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// The incarnations of the events of one type.
+fn runs_of(events: &[pb::Event], kind: pb::EventType) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e.r#type == kind as i32)
+        .map(|e| e.incarnation)
+        .collect()
+}
+
+/// Each run of an instance has its own id, in status, in every event about it and on every
+/// log line it wrote: a crash and restart gets a new one, an agent restart keeps it, and a
+/// service deleted and created again under the same name never reuses one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_run_has_its_own_incarnation_id_in_status_events_and_logs() {
+    if skip_unless_root("every_run_has_its_own_incarnation_id_in_status_events_and_logs") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let toml = spec("inc", 1, &["serve"], "");
+    agent.apply(&toml).await.expect("apply");
+    let first = agent.wait_running("inc", 1).await.remove(0);
+    assert_ne!(first.incarnation, 0, "a running instance has an id");
+    // Its "ready" line is on file, tagged with its id.
+    eventually("the first run's line", Duration::from_secs(20), || async {
+        agent.stdout_of("inc-0").contains("ready=1").then_some(())
+    })
+    .await;
+
+    // kill -9 of the service's process: the slot restarts it as a new run.
+    kill9(first.pid);
+    let second = eventually("the restarted run", Duration::from_secs(60), || async {
+        let s = agent.get("inc").await.ok()?;
+        let i = s.instances.into_iter().next()?;
+        (i.state == pb::InstanceState::Running as i32 && i.pid > 0 && i.pid != first.pid)
+            .then_some(i)
+    })
+    .await;
+    assert_ne!(second.incarnation, 0);
+    assert_ne!(
+        second.incarnation, first.incarnation,
+        "a new run has a new id"
+    );
+
+    // The log file: each run's line under its own id.
+    let raw = eventually("both runs' lines", Duration::from_secs(20), || async {
+        let raw = std::fs::read_to_string(agent.state_dir.join("logs/inc-0/stdout.log")).ok()?;
+        (raw.matches("ready=1").count() == 2).then_some(raw)
+    })
+    .await;
+    let tagged: Vec<Option<u64>> = raw
+        .lines()
+        .filter(|l| payload(l) == "ready=1")
+        .map(incarnation_of)
+        .collect();
+    assert_eq!(
+        tagged,
+        vec![Some(first.incarnation), Some(second.incarnation)],
+        "{raw}"
+    );
+
+    // The Logs RPC tells the two runs' lines apart.
+    let mut client = agent.client().await;
+    let mut lines = client
+        .logs(pb::LogsRequest {
+            service: "inc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut runs = Vec::new();
+    while let Some(l) = lines.message().await.expect("logs stream") {
+        if l.text == "ready=1" {
+            runs.push(l.incarnation);
+        }
+    }
+    assert_eq!(runs, vec![first.incarnation, second.incarnation]);
+
+    // And so does `corral logs`.
+    let out = agent.cli(&["logs", "inc"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for run in [first.incarnation, second.incarnation] {
+        let tag = format!("inc-0@{run:016x} out| ready=1");
+        assert_eq!(text.matches(&tag).count(), 1, "{tag:?} in:\n{text}");
+    }
+
+    // Events: the first run started and was killed, the second started; each under its id.
+    let events = events_of(&agent, "inc-0").await;
+    assert_eq!(
+        runs_of(&events, pb::EventType::InstanceStarted),
+        vec![first.incarnation, second.incarnation],
+        "{events:#?}"
+    );
+    assert_eq!(
+        runs_of(&events, pb::EventType::InstanceExited),
+        vec![first.incarnation],
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().all(|e| e.incarnation != 0),
+        "every instance event names its run: {events:#?}"
+    );
+
+    // An agent restart adopts the second run under the same id.
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    let adopted = agent.wait_running("inc", 1).await.remove(0);
+    assert_eq!(
+        (adopted.pid, adopted.incarnation),
+        (second.pid, second.incarnation)
+    );
+    let events = events_of(&agent, "inc-0").await;
+    assert_eq!(
+        runs_of(&events, pb::EventType::Adopted),
+        vec![second.incarnation]
+    );
+
+    // Deleted and created again: the same name, a new id.
+    agent.delete("inc").await.expect("delete");
+    eventually("inc gone", Duration::from_secs(30), || async {
+        agent.get("inc").await.is_err().then_some(())
+    })
+    .await;
+    agent.apply(&toml).await.expect("apply again");
+    let again = agent.wait_running("inc", 1).await.remove(0);
+    assert!(
+        ![0, first.incarnation, second.incarnation].contains(&again.incarnation),
+        "{again:?}"
     );
 }

@@ -194,3 +194,67 @@ healthy_deadline = "3s"
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("99"), "{}", text(&out));
 }
+
+/// `apply -f a -f b`: one ApplyBatch, all or nothing; an error names the file it is in;
+/// `--dry-run` changes nothing; `--atomic` does the same for a directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_of_several_files_is_all_or_nothing() {
+    if skip_unless_root("apply_of_several_files_is_all_or_nothing") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = |name: &str| {
+        format!(
+            "name = \"{name}\"\ncommand = [{:?}, \"serve\"]\nreplicas = 1\n",
+            testbin()
+        )
+    };
+    let a = dir.path().join("a.toml");
+    let b = dir.path().join("b.toml");
+    std::fs::write(&a, spec("ba")).expect("write");
+    std::fs::write(&b, "name = \"bb\"\ncommand = []\n").expect("write");
+    let (fa, fb) = (a.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
+
+    // b is invalid: nothing is applied, and the error names b's file and field.
+    let out = agent.cli(&["apply", "-f", fa, "-f", fb]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("{fb}: command")), "{stderr}");
+    assert!(agent.get("ba").await.is_err(), "a was not applied");
+
+    // Both valid: a dry run changes nothing, then both are created in one call.
+    std::fs::write(&b, spec("bb")).expect("write");
+    let out = agent.cli(&["apply", "-f", fa, "-f", fb, "--dry-run", "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert!(agent.get("ba").await.is_err() && agent.get("bb").await.is_err());
+    let out = agent.cli(&["apply", "-f", fa, "-f", fb]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ba: created") && stdout.contains("bb: created"),
+        "{stdout}"
+    );
+    agent.wait_running("ba", 1).await;
+    agent.wait_running("bb", 1).await;
+
+    // --atomic on a directory: one bad file keeps the good change out too.
+    std::fs::write(&a, spec("ba").replace("replicas = 1", "replicas = 2")).expect("write");
+    std::fs::write(&b, "name = \"bb\"\ncommand = []\n").expect("write");
+    let d = dir.path().to_str().expect("utf-8");
+    let out = agent.cli(&["apply", "--atomic", "-f", d]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("b.toml: command"), "{stderr}");
+    let ba = agent.get("ba").await.expect("ba");
+    assert_eq!(ba.desired, 1, "the batch was refused whole");
+    eventually("still one instance", Duration::from_secs(5), || async {
+        (agent.get("ba").await.ok()?.instances.len() == 1).then_some(())
+    })
+    .await;
+}

@@ -604,6 +604,7 @@ pub fn instance_to_proto(i: &InstanceStatus) -> pb::InstanceStatus {
         health: health_to_proto(i.health) as i32,
         health_reason: i.health_reason.clone(),
         notify_status: i.notify_status.clone(),
+        incarnation: i.incarnation,
     }
 }
 
@@ -793,6 +794,7 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
         r#type: event_type_to_proto(&e.kind) as i32,
         message: e.kind.summary(),
         attributes,
+        incarnation: e.incarnation,
     }
 }
 
@@ -899,6 +901,7 @@ max_files = 5
     fn events_carry_their_type_and_typed_fields() {
         use pb::attribute_value::{Lines, Value};
         let event = |kind| Event {
+            incarnation: 0,
             index: 4,
             time: SystemTime::UNIX_EPOCH,
             service: "web".into(),

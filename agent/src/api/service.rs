@@ -250,6 +250,7 @@ fn line_to_proto(l: crate::logs::LogLine) -> pb::LogLine {
         stream: l.stream.as_str().to_string(),
         time: l.time.map(prost_types::Timestamp::from),
         text: l.text,
+        incarnation: l.incarnation.unwrap_or(0),
     }
 }
 

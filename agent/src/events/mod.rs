@@ -68,7 +68,15 @@ pub struct Event {
     /// The instance (`web-0`) when the event is about one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The run of the instance it is about (see `InstanceStatus.incarnation`); 0 for events
+    /// about a whole service, about an instance before its first start, and of older logs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
     pub kind: EventKind,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Which events a watcher wants: all of them when both are `None`.
@@ -189,6 +197,11 @@ impl EventLog {
     /// logged and counted ([`EventLog::write_errors`]) and the event still reaches the live
     /// watchers.
     pub fn append(&self, service: &str, instance: Option<&str>, kind: EventKind) -> u64 {
+        self.append_run(service, instance.map(|i| (i, 0)), kind)
+    }
+
+    /// [`EventLog::append`] of an event about one run of an instance: its id and incarnation.
+    pub fn append_run(&self, service: &str, instance: Option<(&str, u64)>, kind: EventKind) -> u64 {
         let mut guard = self.shared.lock();
         let state = &mut *guard;
         let index = state.next;
@@ -197,7 +210,8 @@ impl EventLog {
             index,
             time: SystemTime::now(),
             service: service.to_owned(),
-            instance: instance.map(str::to_owned),
+            instance: instance.map(|(i, _)| i.to_owned()),
+            incarnation: instance.map_or(0, |(_, n)| n),
             kind,
         });
         if let Some(disk) = state.disk.as_mut() {

@@ -177,6 +177,7 @@ async fn a_corrupt_middle_line_is_skipped_not_the_log() {
 async fn garbage_in_the_files_does_not_panic() {
     let valid = |index: u64| {
         let e = Event {
+            incarnation: 0,
             index,
             time: SystemTime::now(),
             service: "web".into(),
@@ -657,6 +658,7 @@ fn logs_of_the_last_release_read_and_write_back_the_same() {
 #[test]
 fn the_line_format() {
     let event = Event {
+        incarnation: 0,
         index: 7,
         time: std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
         service: "web".into(),

@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use super::files::{Opened, open_files, read_at, stat_id};
 use super::read::read_instance;
 use super::{
-    BLOCK, FileId, FilePos, LogError, LogLine, MAX_RECORD, StartAt, Stream, instance_dir,
-    parse_record, text_of,
+    BLOCK, FileId, FilePos, LogError, LogLine, MAX_RECORD, StartAt, Stream, instance_dir, parse,
+    text_of,
 };
 
 /// Bytes read from one stream in one poll, so that a busy stream does not hold up the others.
@@ -180,7 +180,8 @@ struct Emit<'a> {
 
 impl Emit<'_> {
     fn record(&mut self, raw: &[u8]) {
-        let (time, payload) = parse_record(raw);
+        let r = parse(raw);
+        let time = r.time;
         if time.is_some() {
             *self.carry = time;
         }
@@ -188,9 +189,10 @@ impl Emit<'_> {
             *self.carry,
             LogLine {
                 instance: self.instance.to_string(),
+                incarnation: r.incarnation,
                 stream: self.stream,
                 time,
-                text: text_of(payload),
+                text: text_of(r.payload),
             },
         ));
     }

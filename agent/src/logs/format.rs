@@ -6,7 +6,11 @@
 //!   (newest) … `stdout.log.N` (oldest);
 //! - one record per line: a fixed-width RFC 3339 UTC timestamp with microseconds
 //!   ([`TIMESTAMP_LEN`] bytes), a space, the payload, `\n`:
-//!   `2026-11-22T23:45:01.123456Z hello`. Payloads never hold `\n` and may hold any other
+//!   `2026-11-22T23:45:01.123456Z hello`. Since incarnations exist, the timestamp is followed
+//!   by `/` and the run's incarnation id in 16 lower-case hex digits ([`INCARNATION_LEN`]
+//!   bytes with the `/`) before the space: `2026-11-22T23:45:01.123456Z/00c0ffee12345678 hello`,
+//!   so that every record says which run of the instance wrote it (a line of an older file
+//!   has none). Payloads never hold `\n` and may hold any other
 //!   bytes. The writer splits a longer line into payloads of [`MAX_PAYLOAD`] bytes, so no
 //!   record it writes is longer than [`MAX_RECORD`]; readers return longer lines (files of
 //!   older releases) in pieces of that size;
@@ -23,9 +27,26 @@ pub const TIMESTAMP_LEN: usize = 27;
 /// The longest payload of one record; the writer splits longer lines.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
 
-/// The longest record the writer writes (timestamp, space, payload; the `\n` not counted).
-/// Readers return a longer line in pieces of this size.
-pub const MAX_RECORD: usize = TIMESTAMP_LEN + 1 + MAX_PAYLOAD;
+/// Length of a record's incarnation tag, `/00c0ffee12345678`.
+pub const INCARNATION_LEN: usize = 17;
+
+/// The longest record the writer writes (timestamp, incarnation, space, payload; the `\n`
+/// not counted). Readers return a longer line in pieces of this size.
+pub const MAX_RECORD: usize = TIMESTAMP_LEN + INCARNATION_LEN + 1 + MAX_PAYLOAD;
+
+/// The incarnation tag written after a record's timestamp: `/` and 16 hex digits.
+pub fn incarnation_tag(incarnation: u64) -> String {
+    format!("/{incarnation:016x}")
+}
+
+/// One record, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub time: Option<SystemTime>,
+    /// The run that wrote it; `None` for records of older files.
+    pub incarnation: Option<u64>,
+    pub payload: &'a [u8],
+}
 
 /// Prefix of the records the init writes itself.
 pub const NOTICE_PREFIX: &str = "[corral-init] ";
@@ -79,20 +100,48 @@ impl fmt::Display for Stream {
 /// its `\n`. A line that does not start with a valid timestamp and a space is all payload,
 /// with no time.
 pub fn parse_record(line: &[u8]) -> (Option<SystemTime>, &[u8]) {
+    let r = parse(line);
+    (r.time, r.payload)
+}
+
+/// Split a record into its time, incarnation and payload (see [`parse_record`]).
+pub fn parse(line: &[u8]) -> Record<'_> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
-    if line.len() <= TIMESTAMP_LEN
-        || line[TIMESTAMP_LEN] != b' '
-        || line[19] != b'.'
-        || line[TIMESTAMP_LEN - 1] != b'Z'
-    {
-        return (None, line);
+    let whole = Record {
+        time: None,
+        incarnation: None,
+        payload: line,
+    };
+    if line.len() <= TIMESTAMP_LEN || line[19] != b'.' || line[TIMESTAMP_LEN - 1] != b'Z' {
+        return whole;
     }
+    let (incarnation, rest) = match line[TIMESTAMP_LEN] {
+        b' ' => (None, TIMESTAMP_LEN + 1),
+        b'/' if line.len() > TIMESTAMP_LEN + INCARNATION_LEN
+            && line[TIMESTAMP_LEN + INCARNATION_LEN] == b' ' =>
+        {
+            let hex = &line[TIMESTAMP_LEN + 1..TIMESTAMP_LEN + INCARNATION_LEN];
+            let id = std::str::from_utf8(hex)
+                .ok()
+                .filter(|h| h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            match id {
+                Some(id) => (Some(id), TIMESTAMP_LEN + INCARNATION_LEN + 1),
+                None => return whole,
+            }
+        }
+        _ => return whole,
+    };
     let parsed = std::str::from_utf8(&line[..TIMESTAMP_LEN])
         .ok()
         .and_then(|s| humantime::parse_rfc3339(s).ok());
     match parsed {
-        Some(time) => (Some(time), &line[TIMESTAMP_LEN + 1..]),
-        None => (None, line),
+        Some(time) => Record {
+            time: Some(time),
+            incarnation,
+            payload: &line[rest..],
+        },
+        None => whole,
     }
 }
 
@@ -113,6 +162,68 @@ mod tests {
             timestamp(SystemTime::UNIX_EPOCH),
             "1970-01-01T00:00:00.000000Z"
         );
+    }
+
+    #[test]
+    fn parse_incarnation_cases() {
+        let t = at(1_795_391_101, 123_456);
+        type Case<'a> = (&'a [u8], Option<SystemTime>, Option<u64>, &'a [u8]);
+        let cases: &[Case<'_>] = &[
+            (
+                b"2026-11-22T23:45:01.123456Z/00c0ffee12345678 hello",
+                Some(t),
+                Some(0x00c0_ffee_1234_5678),
+                b"hello",
+            ),
+            (
+                b"2026-11-22T23:45:01.123456Z/ffffffffffffffff \n",
+                Some(t),
+                Some(u64::MAX),
+                b"",
+            ),
+            // An older record: no incarnation.
+            (b"2026-11-22T23:45:01.123456Z hi", Some(t), None, b"hi"),
+            // Not hex, upper case, too short, no space after: all payload.
+            (
+                b"2026-11-22T23:45:01.123456Z/00c0ffee1234567g x",
+                None,
+                None,
+                b"2026-11-22T23:45:01.123456Z/00c0ffee1234567g x",
+            ),
+            (
+                b"2026-11-22T23:45:01.123456Z/00C0FFEE12345678 x",
+                None,
+                None,
+                b"2026-11-22T23:45:01.123456Z/00C0FFEE12345678 x",
+            ),
+            (
+                b"2026-11-22T23:45:01.123456Z/00c0ffee x",
+                None,
+                None,
+                b"2026-11-22T23:45:01.123456Z/00c0ffee x",
+            ),
+            (
+                b"2026-11-22T23:45:01.123456Z/00c0ffee12345678",
+                None,
+                None,
+                b"2026-11-22T23:45:01.123456Z/00c0ffee12345678",
+            ),
+            // A bad time with a good tag.
+            (
+                b"2026-13-22T23:45:01.123456Z/00c0ffee12345678 x",
+                None,
+                None,
+                b"2026-13-22T23:45:01.123456Z/00c0ffee12345678 x",
+            ),
+        ];
+        for (line, time, inc, payload) in cases {
+            let r = parse(line);
+            let what = String::from_utf8_lossy(line);
+            assert_eq!(r.time, *time, "time of {what:?}");
+            assert_eq!(r.incarnation, *inc, "incarnation of {what:?}");
+            assert_eq!(r.payload, *payload, "payload of {what:?}");
+        }
+        assert_eq!(incarnation_tag(0xab).len(), INCARNATION_LEN);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::time::SystemTime;
 use super::files::{Opened, open_files, read_at};
 use super::read::{RevReader, later};
 use super::{
-    BLOCK, FilePos, LogError, LogLine, MAX_RECORD, Position, Stream, instance_dir, parse_record,
-    text_of,
+    BLOCK, FilePos, LogError, LogLine, MAX_RECORD, Position, Stream, instance_dir, parse,
+    parse_record, text_of,
 };
 
 /// Records of a set of instances, oldest first, read as they are taken.
@@ -379,7 +379,8 @@ impl Forward {
     }
 
     fn record(&mut self, start: usize, end: usize) -> (Option<SystemTime>, LogLine) {
-        let (time, payload) = parse_record(&self.buf[start..end]);
+        let r = parse(&self.buf[start..end]);
+        let time = r.time;
         if time.is_some() {
             self.carry = time;
         }
@@ -387,9 +388,10 @@ impl Forward {
             self.carry,
             LogLine {
                 instance: self.instance.clone(),
+                incarnation: r.incarnation,
                 stream: self.stream,
                 time,
-                text: text_of(payload),
+                text: text_of(r.payload),
             },
         )
     }

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub use follow::Follower;
-pub use format::{MAX_PAYLOAD, MAX_RECORD, Stream, TIMESTAMP_LEN, parse_record};
+pub use format::{MAX_PAYLOAD, MAX_RECORD, Stream, TIMESTAMP_LEN, parse, parse_record};
 pub use merge::Merged;
 pub use read::{Tail, read_instance};
 
@@ -59,6 +59,8 @@ pub enum LogError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
     pub instance: String,
+    /// The run of the instance that wrote it; `None` for lines of older files.
+    pub incarnation: Option<u64>,
     pub stream: Stream,
     /// When the init read it from the service; `None` for lines of files without timestamps.
     pub time: Option<SystemTime>,

@@ -8,8 +8,7 @@ use std::time::SystemTime;
 
 use super::files::{Opened, open_files, read_at};
 use super::{
-    BLOCK, FilePos, LogError, LogLine, MAX_RECORD, Position, Stream, instance_dir, parse_record,
-    text_of,
+    BLOCK, FilePos, LogError, LogLine, MAX_RECORD, Position, Stream, instance_dir, parse, text_of,
 };
 
 /// What [`read_instance`] found.
@@ -180,7 +179,8 @@ impl RevStream<'_> {
             };
             match reader.prev().map_err(|e| io_err(path, e))? {
                 Some(raw) => {
-                    let (time, payload) = parse_record(raw);
+                    let r = parse(raw);
+                    let time = r.time;
                     if time.is_some() {
                         self.carry = time;
                     }
@@ -188,9 +188,10 @@ impl RevStream<'_> {
                         key: self.carry,
                         line: LogLine {
                             instance: self.instance.to_string(),
+                            incarnation: r.incarnation,
                             stream: self.stream,
                             time,
-                            text: text_of(payload),
+                            text: text_of(r.payload),
                         },
                     }));
                 }

@@ -125,6 +125,8 @@ pub struct Dropped {
 pub struct LogWriter<O: Output> {
     out: O,
     max_size: u64,
+    /// Written after each record's timestamp: the run's incarnation (empty: none).
+    tag: Vec<u8>,
     /// The unfinished last line.
     partial: Vec<u8>,
     /// Records being assembled for one write.
@@ -146,6 +148,7 @@ impl<O: Output> LogWriter<O> {
         LogWriter {
             out,
             max_size,
+            tag: Vec::new(),
             partial: Vec::new(),
             buf: Vec::with_capacity(96 * 1024),
             buf_records: 0,
@@ -157,12 +160,23 @@ impl<O: Output> LogWriter<O> {
         }
     }
 
+    /// Tag every record with the run's incarnation id (0: none).
+    pub fn with_incarnation(mut self, incarnation: u64) -> LogWriter<O> {
+        self.tag = if incarnation == 0 {
+            Vec::new()
+        } else {
+            super::format::incarnation_tag(incarnation).into_bytes()
+        };
+        self
+    }
+
     pub fn output(&self) -> &O {
         &self.out
     }
 
     fn record(&mut self, ts: &[u8], payload: &[u8]) {
         self.buf.extend_from_slice(ts);
+        self.buf.extend_from_slice(&self.tag);
         self.buf.push(b' ');
         self.buf.extend_from_slice(payload);
         self.buf.push(b'\n');
@@ -258,6 +272,7 @@ impl<O: Output> LogWriter<O> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::format::INCARNATION_LEN;
     use crate::logs::{MAX_RECORD, TIMESTAMP_LEN};
 
     /// Records in memory, files as a list; can be made to fail.
@@ -325,8 +340,25 @@ mod tests {
         w.push(b"\n", TS);
         let l = lines(&w);
         assert_eq!(l.len(), 3);
-        assert_eq!(l[0].len(), MAX_RECORD);
+        assert_eq!(l[0].len(), MAX_RECORD - INCARNATION_LEN);
         assert_eq!(l[2].len(), TIMESTAMP_LEN + 1 + 10);
+    }
+
+    #[test]
+    fn every_record_names_its_incarnation_and_the_longest_is_max_record() {
+        let mut w = LogWriter::new(Mem::default(), 1 << 20).with_incarnation(0xc0ffee);
+        let long = vec![b'x'; MAX_PAYLOAD + 10];
+        w.push(&long, TS);
+        w.push(b"\nshort\n", TS);
+        let l = lines(&w);
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0].len(), MAX_RECORD);
+        for line in &l {
+            let r = crate::logs::parse(line.as_bytes());
+            assert_eq!(r.incarnation, Some(0xc0ffee), "{line:?}");
+            assert!(r.time.is_some(), "{line:?}");
+        }
+        assert_eq!(l[2], format!("{TS}/0000000000c0ffee short"));
     }
 
     #[test]

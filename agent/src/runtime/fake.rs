@@ -16,6 +16,7 @@ use super::{
 pub struct FakeSpawn {
     pub instance: String,
     pub index: u32,
+    pub incarnation: u64,
     pub pid: i32,
     pub command: Vec<String>,
     /// The package tree it was given (`[artifact]`).
@@ -163,6 +164,7 @@ impl Processes for FakeRuntime {
         st.spawns.push(FakeSpawn {
             instance: req.instance.to_string(),
             index: req.index,
+            incarnation: req.incarnation,
             pid,
             command: req.spec.command.clone(),
             artifact: req.artifact.map(std::path::Path::to_path_buf),

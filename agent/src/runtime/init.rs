@@ -301,7 +301,9 @@ impl Init {
         .map_err(|e| format!("opening log directory {}: {e}", config.log_dir.display()))?;
         let open = |name| {
             RotatingFile::open(&log_dir, name, config.log_max_files)
-                .map(|f| LogWriter::new(f, config.log_max_size))
+                .map(|f| {
+                    LogWriter::new(f, config.log_max_size).with_incarnation(config.incarnation)
+                })
                 .map_err(|e| format!("opening {name}: {e}"))
         };
         let stdout_log = open("stdout.log")?;

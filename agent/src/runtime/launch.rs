@@ -157,6 +157,7 @@ pub fn init_config(
         userns: mount_ns && iso.userns,
         artifact: super::package::artifact_mount(spec, host.artifact),
         image: image.map(|(_, root)| root.clone()),
+        incarnation: 0,
     }
 }
 

@@ -626,7 +626,7 @@ impl Processes for LinuxRuntime {
             workdir_mount.is_some(),
         )
         .with_image(layer_mount.is_some(), rootfs_mount.is_some());
-        let config = launch::init_config(
+        let mut config = launch::init_config(
             spec,
             req.index,
             instance,
@@ -645,6 +645,7 @@ impl Processes for LinuxRuntime {
             },
             fds,
         );
+        config.incarnation = req.incarnation;
         let json =
             serde_json::to_vec(&config).map_err(|e| prep(INIT_CONFIG)(io::Error::other(e)))?;
         fs::write(run_dir.join(INIT_CONFIG), json).map_err(prep(INIT_CONFIG))?;

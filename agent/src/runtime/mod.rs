@@ -123,6 +123,9 @@ pub struct InitConfig {
     /// `[image]`: the instance's root filesystem.
     #[serde(default)]
     pub image: Option<image::ImageRoot>,
+    /// The run's incarnation id, written into every log record (0: none, an older agent).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// A cgroup filesystem as the host mounts it, to be mounted again inside an instance with its
@@ -293,6 +296,8 @@ pub struct StartRequest<'a> {
     pub spec: &'a ServiceSpec,
     pub index: u32,
     pub instance: &'a str,
+    /// This run's incarnation id (never 0), tagged on its log records.
+    pub incarnation: u64,
     /// The instance cgroup's `cgroup.procs` files, open for writing: the child writes "0"
     /// to each before it executes anything (v1; and v2 when `cgroup_dir` cannot be used).
     pub cgroup_procs: Vec<OwnedFd>,

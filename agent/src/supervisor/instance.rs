@@ -388,6 +388,33 @@ pub struct Instance {
     pub pid: Option<i32>,
     /// Increases with every spawn, so an exit of an earlier run is recognised.
     pub generation: u64,
+    /// The node-unique id of the current (or the last) run, see [`new_incarnation`]; 0
+    /// before the first spawn.
+    pub incarnation: u64,
+}
+
+/// A fresh incarnation id: 64 random bits (never 0). Random rather than a counter so that no
+/// state has to be saved before a spawn, and ids stay distinct across agent restarts, a
+/// lost state directory, and a service deleted and created again under the same name.
+pub fn new_incarnation() -> u64 {
+    fastrand::u64(1..)
+}
+
+/// The incarnation id of a run recorded before incarnations existed: derived from what
+/// identifies its process on this node (boot, PID, start time), so every agent run that
+/// adopts it derives the same id.
+pub fn derived_incarnation(boot_id: &str, pid: i32, start_time: u64) -> u64 {
+    // FNV-1a: stable across releases and platforms (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = boot_id
+        .bytes()
+        .chain(pid.to_le_bytes())
+        .chain(start_time.to_le_bytes());
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
 }
 
 impl Instance {
@@ -402,6 +429,7 @@ impl Instance {
             history: History::default(),
             pid: None,
             generation: 0,
+            incarnation: 0,
         }
     }
 

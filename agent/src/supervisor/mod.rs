@@ -144,6 +144,8 @@ pub struct InstanceStatus {
     pub revision: u64,
     /// The rollout generation it was started in (see [`desired::Desired::epoch`]).
     pub epoch: u64,
+    /// Its current (or last) run's id; 0 before its first start.
+    pub incarnation: u64,
     pub state: Phase,
     /// The last start attempt failed (the instance is in backoff because of it).
     pub start_failed: bool,

@@ -64,42 +64,94 @@ pub async fn apply(
     err: &mut dyn Write,
     console: Console,
 ) -> anyhow::Result<Outcome> {
-    let files = spec_files(&args.file)?;
+    let mut files = Vec::new();
+    for path in &args.file {
+        files.extend(spec_files(path)?);
+    }
+    if files.iter().filter(|f| *f == Path::new("-")).count() > 1 {
+        bail!("-f -: standard input can be given once");
+    }
+    let batch = args.atomic || args.file.len() > 1;
     if args.expected_revision.is_some() && files.len() != 1 {
-        anyhow::bail!(
+        let given: Vec<String> = args.file.iter().map(|f| label(f)).collect();
+        bail!(
             "--expected-revision: {} holds {} spec files; it applies to one service, so give one file",
-            args.file.display(),
+            given.join(", "),
             files.len()
         );
     }
     let mut session = client::connect(conn).await?;
+    let done = if batch {
+        apply_all(&mut session, format, args, &files, out, err).await?
+    } else {
+        apply_each(&mut session, format, args, &files, out, err).await?
+    };
+    let (views, outcome) = wait_all(&mut session, format, args, console, done, out, err).await?;
+    if format == Format::Json {
+        write_json(out, &views)?;
+    }
+    Ok(outcome)
+}
+
+/// What applying the files gave: one view per file, what to wait for (the entry in the
+/// views, the service, and what the agent answered), and whether all went well.
+type Applied = (Vec<ApplyView>, Vec<(usize, String, ApplyResponse)>, Outcome);
+
+/// A file the agent accepted: reported, and kept to be waited for.
+fn accepted(
+    format: Format,
+    dry_run: bool,
+    file: &Path,
+    resp: ApplyResponse,
+    (views, applied): (
+        &mut Vec<ApplyView>,
+        &mut Vec<(usize, String, ApplyResponse)>,
+    ),
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if format == Format::Table {
+        write_apply(out, &fallback_name(file), &resp, dry_run)?;
+    }
+    let name = if resp.name.is_empty() {
+        fallback_name(file)
+    } else {
+        resp.name.clone()
+    };
+    views.push(ApplyView::applied(as_given(file), dry_run, &resp));
+    applied.push((views.len() - 1, name, resp));
+    Ok(())
+}
+
+/// Each file in its own Apply call: a failure is reported and the others are still applied.
+async fn apply_each(
+    session: &mut Session,
+    format: Format,
+    args: &ApplyArgs,
+    files: &[PathBuf],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Applied> {
     let mut views = Vec::with_capacity(files.len());
-    // What to wait for: the entry in `views`, the service, and what the agent answered.
     let mut applied = Vec::new();
     let mut outcome = Outcome::Success;
-    for file in &files {
-        let shown = label(file);
+    for file in files {
         let request = ApplyOptions {
             dry_run: args.dry_run,
             force: args.force,
             expected_revision: args.expected_revision,
         };
-        match apply_file(&mut session, file, request).await {
-            Ok(resp) => {
-                if format == Format::Table {
-                    write_apply(out, &fallback_name(file), &resp, args.dry_run)?;
-                }
-                let name = if resp.name.is_empty() {
-                    fallback_name(file)
-                } else {
-                    resp.name.clone()
-                };
-                views.push(ApplyView::applied(as_given(file), args.dry_run, &resp));
-                applied.push((views.len() - 1, name, resp));
-            }
+        match apply_file(session, file, request).await {
+            Ok(resp) => accepted(
+                format,
+                args.dry_run,
+                file,
+                resp,
+                (&mut views, &mut applied),
+                out,
+            )?,
             Err(e) => {
                 outcome = Outcome::Failed;
-                writeln!(err, "error: {shown}: {e:#}")?;
+                writeln!(err, "error: {}: {e:#}", label(file))?;
                 views.push(ApplyView::failed(
                     as_given(file),
                     args.dry_run,
@@ -108,48 +160,111 @@ pub async fn apply(
             }
         }
     }
-    if args.wait.wait && !args.dry_run {
-        out.flush()?;
-        let mut waiter = Waiter::new(format, args.wait.timeout, console);
-        for (entry, name, resp) in applied {
-            let followed = if resp.rollout_id.is_empty() {
-                // Instances replaced without a rollout are only done once all are of the new
-                // revision.
-                let revision = resp.replaces_instances.then_some(resp.revision);
-                waiter
-                    .until_ready(&mut session, &name, revision, out, err)
-                    .await
-            } else {
-                waiter
-                    .follow(&mut session, &resp.rollout_id, out, err)
-                    .await
-            };
-            let Some(view) = views.get_mut(entry) else {
-                continue;
-            };
-            match followed {
-                Ok(followed) => {
-                    if followed.outcome == Outcome::Failed {
-                        outcome = Outcome::Failed;
-                    }
-                    view.rollout = followed.view();
-                    view.error = followed.error;
-                    if followed.interrupted {
-                        break;
-                    }
-                }
-                Err(e) => {
+    Ok((views, applied, outcome))
+}
+
+/// Every file in one ApplyBatch call: all applied, or none.
+async fn apply_all(
+    session: &mut Session,
+    format: Format,
+    args: &ApplyArgs,
+    files: &[PathBuf],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Applied> {
+    let mut requests = Vec::with_capacity(files.len());
+    for file in files {
+        let text = read_spec(file).with_context(|| label(file))?;
+        // A dry run is asked for on the batch as a whole.
+        requests.push(ApplyRequest {
+            source: Some(Source::SpecToml(text)),
+            dry_run: false,
+            force: args.force,
+            expected_revision: args.expected_revision,
+        });
+    }
+    let labels: Vec<String> = files.iter().map(|f| label(f)).collect();
+    let results = match session.apply_batch(requests, args.dry_run, &labels).await {
+        Ok(results) => results,
+        Err(e) => {
+            let why = format!("{e:#}");
+            writeln!(err, "error: nothing applied: {why}")?;
+            let views = files
+                .iter()
+                .map(|f| ApplyView::failed(as_given(f), args.dry_run, why.clone()))
+                .collect();
+            return Ok((views, Vec::new(), Outcome::Failed));
+        }
+    };
+    if results.len() != files.len() {
+        bail!(
+            "the agent answered {} results for {} spec files",
+            results.len(),
+            files.len()
+        );
+    }
+    let mut views = Vec::with_capacity(files.len());
+    let mut applied = Vec::new();
+    for (file, resp) in files.iter().zip(results) {
+        accepted(
+            format,
+            args.dry_run,
+            file,
+            resp,
+            (&mut views, &mut applied),
+            out,
+        )?;
+    }
+    Ok((views, applied, Outcome::Success))
+}
+
+/// With --wait, each applied service in turn: its rollout followed, or its instances waited
+/// for.
+async fn wait_all(
+    session: &mut Session,
+    format: Format,
+    args: &ApplyArgs,
+    console: Console,
+    (mut views, applied, mut outcome): Applied,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<(Vec<ApplyView>, Outcome)> {
+    if !args.wait.wait || args.dry_run {
+        return Ok((views, outcome));
+    }
+    out.flush()?;
+    let mut waiter = Waiter::new(format, args.wait.timeout, console);
+    for (entry, name, resp) in applied {
+        let followed = if resp.rollout_id.is_empty() {
+            // Instances replaced without a rollout are only done once all are of the new
+            // revision.
+            let revision = resp.replaces_instances.then_some(resp.revision);
+            waiter.until_ready(session, &name, revision, out, err).await
+        } else {
+            waiter.follow(session, &resp.rollout_id, out, err).await
+        };
+        let Some(view) = views.get_mut(entry) else {
+            continue;
+        };
+        match followed {
+            Ok(followed) => {
+                if followed.outcome == Outcome::Failed {
                     outcome = Outcome::Failed;
-                    writeln!(err, "error: {name}: {e:#}")?;
-                    view.error = Some(format!("{e:#}"));
                 }
+                view.rollout = followed.view();
+                view.error = followed.error;
+                if followed.interrupted {
+                    break;
+                }
+            }
+            Err(e) => {
+                outcome = Outcome::Failed;
+                writeln!(err, "error: {name}: {e:#}")?;
+                view.error = Some(format!("{e:#}"));
             }
         }
     }
-    if format == Format::Json {
-        write_json(out, &views)?;
-    }
-    Ok(outcome)
+    Ok((views, outcome))
 }
 
 pub async fn diff(

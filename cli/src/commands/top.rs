@@ -93,12 +93,12 @@ pub async fn top(
 /// A service's status, and when it was read.
 pub type Read = (pb::ServiceStatus, Instant);
 
-/// Every service, each read now. One deleted between `List` and its `Get` is left out.
+/// Every service (every page of `List`), each read now. One deleted between `List` and its
+/// `Get` is left out.
 async fn read_services(session: &mut Session) -> anyhow::Result<Vec<Read>> {
     let mut names: Vec<String> = session
-        .list()
+        .list_all("")
         .await?
-        .services
         .into_iter()
         .map(|s| s.name)
         .collect();

@@ -5,6 +5,8 @@ optimistic concurrency with ``expected_revision``, and a List-then-Watch that lo
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -511,3 +513,39 @@ def test_a_batch_applies_all_or_nothing(client: Client, service: Callable[[str],
         assert enum_name(dry[0], "outcome") == "scaled"
         assert refused(lambda: read.apply_batch([toml_spec(a, sleep, replicas=2)])).code == grpc.StatusCode.PERMISSION_DENIED
     assert client.get(a).desired == 0
+
+
+# -- identity: every run of an instance has its own id ------------------------------------------
+
+
+def test_each_run_has_an_incarnation_id_in_status_events_and_logs(
+    client: Client, service: Callable[[str], str]
+) -> None:
+    name = service("py-inc")
+    client.apply(toml_spec(name, ["/bin/sh", "-c", "echo up; exec sleep 1000"]))
+    first = client.wait_ready(name).instances[0]
+    assert first.incarnation != 0
+    # The service's process replaced by the restart policy: a new run, a new id.
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        now = client.get(name).instances[0]
+        if enum_name(now, "state") == "running" and now.pid > 0 and now.pid != first.pid:
+            break
+        assert time.monotonic() < deadline, f"not restarted: {now}"
+        time.sleep(0.2)
+    assert now.incarnation not in (0, first.incarnation)
+    # Events and log lines carry the same field.
+    started = [
+        e.incarnation
+        for e in client.watch(instance=first.id, follow=False)
+        if enum_name(e, "type") == "instance_started"
+    ]
+    assert started == [first.incarnation, now.incarnation]
+    deadline = time.monotonic() + 20
+    while True:
+        ups = [line.incarnation for line in client.logs(name) if line.text == "up"]
+        if len(ups) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert ups == [first.incarnation, now.incarnation]

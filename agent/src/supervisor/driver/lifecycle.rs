@@ -18,7 +18,7 @@ use crate::runtime::{Spawned, StartRequest, assign_ports};
 use crate::spec::artifact::Package;
 use crate::spec::{Devices, InstanceKey, Resources};
 use crate::supervisor::Deleted;
-use crate::supervisor::instance::{Effect, Event, State, StopReason};
+use crate::supervisor::instance::{Effect, Event, State, StopReason, new_incarnation};
 
 /// How long the removal of an instance's cgroup keeps killing and retrying.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -174,6 +174,7 @@ impl Driver {
         let svc = self.services.get(&key.service).ok_or("service gone")?;
         let inst = &svc.slots.get(&key.index).ok_or("instance gone")?.instance;
         let (spec, id) = (inst.spec.clone(), inst.id.clone());
+        let incarnation = new_incarnation();
         let prepared = match &spec.package {
             None => None,
             Some(_) => Some(svc.packages.prepared(inst.revision).ok_or_else(|| {
@@ -202,6 +203,10 @@ impl Driver {
         }
         let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
         let dir = cg.open_dir(&path).map_err(|e| e.to_string())?;
+        // Set before the spawn, so that a failed start is reported under its own id.
+        if let Some(slot) = self.services.slot_mut(key) {
+            slot.instance.incarnation = incarnation;
+        }
         let spawned = self
             .deps
             .processes
@@ -209,6 +214,7 @@ impl Driver {
                 spec: &spec,
                 index: key.index,
                 instance: &id,
+                incarnation,
                 cgroup_procs: procs,
                 cgroup_dir: dir,
                 ports: &ports,

@@ -236,10 +236,17 @@ impl Driver {
     }
 
     fn emit(&self, service: &str, instance: Option<&str>, kind: EventKind) {
-        if let Some(svc) = self.services.get(service) {
+        let svc = self.services.get(service);
+        if let Some(svc) = svc {
             svc.count(&kind);
         }
-        self.deps.events.append(service, instance, kind);
+        // Every event about an instance names the run it is about.
+        let incarnation = instance
+            .and_then(|id| svc?.slots.values().find(|s| s.instance.id == id))
+            .map_or(0, |s| s.instance.incarnation);
+        self.deps
+            .events
+            .append_run(service, instance.map(|i| (i, incarnation)), kind);
     }
 
     /// Serve until `shutdown`; instances keep running after it.

@@ -36,6 +36,9 @@ pub(super) struct InstanceRecord {
     #[serde(flatten)]
     pub history: History,
     pub ports: BTreeMap<String, u16>,
+    /// The run's incarnation id; absent (0) in records written before incarnations existed.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +87,7 @@ impl InstanceRecord {
                 .as_ref()
                 .map(|l| l.ports.clone())
                 .unwrap_or_default(),
+            incarnation: inst.incarnation,
         })
     }
 }

@@ -245,6 +245,7 @@ fn instance_status(
         index: i.index,
         revision: i.revision,
         epoch: i.epoch,
+        incarnation: i.incarnation,
         state: i.state.phase(),
         start_failed: matches!(i.state, State::Backoff { .. }) && i.history.last_error.is_some(),
         pid: live.pid,

@@ -15,7 +15,7 @@ use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::EventKind;
 use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Processes, Spawned};
 use crate::spec::{self, InstanceKey};
-use crate::supervisor::instance::{Instance, State};
+use crate::supervisor::instance::{Instance, State, derived_incarnation};
 
 /// Wait for instances left by an earlier agent run at most this long after their grace.
 const LEFTOVER_KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,6 +142,10 @@ impl Driver {
                 let id = key.to_string();
                 self.emit(&key.service, Some(&id), EventKind::Adopted { pid });
                 self.watch(&key, 1, spawned, rec.ports);
+                if rec.incarnation == 0 {
+                    // Save the derived id once.
+                    self.persist_instance(&key);
+                }
                 None
             }
             Err(why) => Some(why),
@@ -263,6 +267,18 @@ fn restored_instance(svc: &Service, key: &InstanceKey, rec: &InstanceRecord) -> 
     let mut inst =
         Instance::new(key.index, key.to_string(), spec, rec.revision).with_epoch(rec.epoch);
     inst.history = rec.history.clone();
+    inst.incarnation = match (&rec.state, rec.incarnation) {
+        // A run recorded before incarnations existed: the same id on every adoption.
+        (
+            RecordedState::Running {
+                pid,
+                start_time,
+                boot_id,
+            },
+            0,
+        ) => derived_incarnation(boot_id, *pid, *start_time),
+        (_, id) => id,
+    };
     let (now, wall) = (Instant::now(), SystemTime::now());
     inst.state = match rec.state {
         RecordedState::Backoff { until } => State::Backoff {
