@@ -552,3 +552,59 @@ timeout = "100ms"
         "4 instances, then 4 new ones, each healthy once"
     );
 }
+
+/// Through a rolling restart under load, every old instance gets its stop signal, accepts
+/// nothing after it, and answers every connection it accepted before it exits (`drained 0`),
+/// while its siblings take the queued connections: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted() {
+    if skip_unless_root("a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // Instances get a /tmp of their own; /var/tmp is the host's.
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let port = free_port();
+    let agent = Agent::start().await;
+    let env = format!(", ACCEPT_LOG = {:?}", dir.path().display().to_string());
+    agent
+        .apply(&spec("dr", port, "v1", &env, ""))
+        .await
+        .expect("apply");
+    all_healthy(&agent, "dr", 4).await;
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = load.now();
+    let id = restart(&agent, "dr").await;
+    let done = finished(&agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    no_failures("restart", &report, t0, t1);
+    let mut stopped = 0;
+    for entry in std::fs::read_dir(dir.path()).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read log");
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(term) = lines.iter().position(|l| *l == "term") else {
+            continue;
+        };
+        stopped += 1;
+        let who = path.display();
+        assert!(
+            lines[..term].contains(&"accept"),
+            "{who} served before it stopped"
+        );
+        assert_eq!(
+            &lines[term + 1..],
+            &["drained 0"],
+            "{who}: nothing accepted after its stop signal, nothing left unanswered"
+        );
+    }
+    assert_eq!(
+        stopped, 4,
+        "the 4 old instances were stopped with their stop signal"
+    );
+}
