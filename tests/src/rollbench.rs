@@ -42,6 +42,27 @@ fn quantiles(r: &Report, from: Duration, to: Duration) -> ([Duration; 4], usize)
     ([q(0.5), q(0.99), q(0.999), q(1.0)], n)
 }
 
+/// A process's CPU time (user + system), from `/proc/PID/stat`.
+fn cpu_time(pid: Option<i32>) -> Duration {
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+    else {
+        return Duration::ZERO;
+    };
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
 /// The listening socket's accept queue over time, by `ss`.
 struct QueueSampler {
     stop: Arc<AtomicBool>,
@@ -157,7 +178,9 @@ pub async fn bench(rounds: usize) {
         let update = round % 2 == 1;
         let load = Load::start(port, CLIENTS, ROLLOUT_TIMEOUT + BEFORE * 2);
         let sampler = sample_queue.then(|| QueueSampler::start(port, &load));
+        let cpu_start = cpu_time(agent.pid());
         tokio::time::sleep(BEFORE).await;
+        let cpu0 = cpu_time(agent.pid());
         let t0 = load.now();
         let wall0 = SystemTime::now();
         let id = if update {
@@ -195,6 +218,7 @@ pub async fn bench(rounds: usize) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let t1 = load.now();
+        let cpu1 = cpu_time(agent.pid());
         // Let the last old instance's requests finish before the load stops.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let queue = sampler.map(QueueSampler::finish).unwrap_or_default();
@@ -238,6 +262,14 @@ pub async fn bench(rounds: usize) {
             "  during / before: p99 {:.2}x (bar 1.2x), max {:.2}x (bar 2x)",
             ratio(during[1], before[1]),
             ratio(during[3], before[3]),
+        );
+        let share = |cpu: Duration, wall: Duration| {
+            100.0 * cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+        };
+        println!(
+            "  agent CPU: {:.1} % of a core before, {:.1} % during",
+            share(cpu0.saturating_sub(cpu_start), t0),
+            share(cpu1.saturating_sub(cpu0), span),
         );
         if !report.failures().is_empty() {
             println!("  failures: {}", report.failure_summary());
