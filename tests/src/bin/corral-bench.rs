@@ -5,8 +5,9 @@
 //! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `health`
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
-//! updates of 4 HTTP instances under 16 clients: failed requests, longest gap, p99, the
-//! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
+//! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
+//! duration, failed requests, longest gap, latency p50/p99/p99.9/max during each rollout
+//! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
