@@ -14,6 +14,7 @@ pub mod load;
 pub mod netns;
 pub mod oci;
 pub mod pki;
+pub mod rollbench;
 pub mod scenarios;
 
 use std::future::Future;

@@ -80,6 +80,11 @@ impl Load {
         }
     }
 
+    /// When the load started: its clock's zero.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Now, on the load's clock.
     pub fn now(&self) -> Duration {
         self.started.elapsed()

@@ -475,3 +475,136 @@ async fn surge_two_unavailable_zero_holds_its_bounds() {
     }
     bounds_hold(2, 0).await;
 }
+
+/// An instance that serves only 1 s after its start, probed every 100 ms with the default
+/// start window: its early refusals do not count, so it is never declared unhealthy nor
+/// restarted — neither when the service is created nor through a rolling restart under load
+/// (with `start_period = "0s"` it would fail three probes within 0.3 s and be replaced before
+/// it ever served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_slow_to_start_is_not_replaced_under_the_default_start_window() {
+    if skip_unless_root("an_instance_slow_to_start_is_not_replaced_under_the_default_start_window")
+    {
+        return;
+    }
+    let port = free_port();
+    let agent = Agent::start().await;
+    let slow = format!(
+        r#"name = "slow"
+command = [{bin:?}, "http-listen", "1000"]
+replicas = 4
+
+[ports]
+admin = "auto"
+
+[[sockets]]
+name = "http"
+listen = "127.0.0.1:{port}"
+
+[health]
+http = "http://127.0.0.1:{{port.admin}}/healthz"
+interval = "100ms"
+timeout = "100ms"
+"#,
+        bin = testbin()
+    );
+    agent.apply(&slow).await.expect("apply");
+    all_healthy(&agent, "slow", 4).await;
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = load.now();
+    let id = restart(&agent, "slow").await;
+    let done = finished(&agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    no_failures("restart of instances slow to start", &report, t0, t1);
+    let s = agent.get("slow").await.expect("get");
+    assert!(
+        s.instances.iter().all(|i| i.restarts == 0),
+        "no instance was restarted: {:?}",
+        s.instances
+    );
+    // Not one instance was ever unhealthy: their refusals while starting did not count.
+    let mut events = agent
+        .client()
+        .await
+        .watch(pb::WatchRequest {
+            service: "slow".into(),
+            follow: false,
+            last: 2000,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut healthy = 0;
+    while let Some(e) = events.message().await.expect("events") {
+        if e.r#type() == pb::EventType::HealthChanged {
+            let to = attribute(&e, "to").unwrap_or_default();
+            assert_ne!(to, "unhealthy", "{e:?}");
+            healthy += usize::from(to == "healthy");
+        }
+    }
+    assert_eq!(
+        healthy, 8,
+        "4 instances, then 4 new ones, each healthy once"
+    );
+}
+
+/// Through a rolling restart under load, every old instance gets its stop signal, accepts
+/// nothing after it, and answers every connection it accepted before it exits (`drained 0`),
+/// while its siblings take the queued connections: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted() {
+    if skip_unless_root("a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // Instances get a /tmp of their own; /var/tmp is the host's.
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let port = free_port();
+    let agent = Agent::start().await;
+    let env = format!(", ACCEPT_LOG = {:?}", dir.path().display().to_string());
+    agent
+        .apply(&spec("dr", port, "v1", &env, ""))
+        .await
+        .expect("apply");
+    all_healthy(&agent, "dr", 4).await;
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = load.now();
+    let id = restart(&agent, "dr").await;
+    let done = finished(&agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    no_failures("restart", &report, t0, t1);
+    let mut stopped = 0;
+    for entry in std::fs::read_dir(dir.path()).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read log");
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(term) = lines.iter().position(|l| *l == "term") else {
+            continue;
+        };
+        stopped += 1;
+        let who = path.display();
+        assert!(
+            lines[..term].contains(&"accept"),
+            "{who} served before it stopped"
+        );
+        assert_eq!(
+            &lines[term + 1..],
+            &["drained 0"],
+            "{who}: nothing accepted after its stop signal, nothing left unanswered"
+        );
+    }
+    assert_eq!(
+        stopped, 4,
+        "the 4 old instances were stopped with their stop signal"
+    );
+}

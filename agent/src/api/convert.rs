@@ -999,7 +999,7 @@ max_files = 5
             let rollout = wire.rollout.expect("rollout");
             assert_eq!(
                 (rollout.min_healthy_ms, rollout.healthy_deadline_ms),
-                (Some(2000), Some(60_000))
+                (Some(500), Some(60_000))
             );
             let back = spec_from_proto(wire).expect("converts").validate();
             assert_eq!(host.normalize(back.expect("valid")), spec);

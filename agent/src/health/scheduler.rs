@@ -6,6 +6,11 @@
 //! - The first run starts after a random delay in `[0, min(interval / 10, 1s))`
 //!   ([`first_delay`]), so instances started together (an agent restart re-adopting them, a
 //!   scale-up) do not probe in lockstep, while a new instance is still probed at once.
+//! - While the instance starts — until its first passing run, within `start_period` of the
+//!   prober's start — runs are due every `min(interval, 100ms)` ([`START_INTERVAL`]): an
+//!   instance that serves 0.5 s after its start is seen healthy within 0.1 s of it, not a
+//!   whole interval later (a rollout waits for every new instance's first pass). Failures in
+//!   the start period do not count, so probing more often there cannot make it unhealthy.
 //! - Then runs are due at `first + k × interval`: the interval is measured from the due time of
 //!   the previous run, so a run's own duration does not make the schedule drift. A run that
 //!   ends after the next one was due (only possible when the host is overloaded, since
@@ -29,6 +34,9 @@ use crate::spec::{HealthSpec, InstanceKey};
 
 /// The longest delay before a prober's first run.
 const MAX_FIRST_DELAY: Duration = Duration::from_secs(1);
+
+/// The time between runs while an instance starts (see the module's schedule).
+pub const START_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The outcome of one run of an instance's probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +70,17 @@ impl Prober {
         let interval = spec.interval.max(Duration::from_millis(1));
         let timeout = spec.timeout;
         let delay = first_delay(interval, fastrand::f64());
+        let start_interval = interval.min(START_INTERVAL);
+        let start_period = spec.start_period;
         let task = tokio::spawn(async move {
-            let mut due = Instant::now() + delay;
+            let begun = Instant::now();
+            let mut due = begun + delay;
+            let mut passed = false;
             loop {
                 tokio::time::sleep_until(due).await;
                 let at = Instant::now();
                 let outcome = check(&target, timeout, exec.as_ref()).await;
+                passed |= outcome.healthy;
                 let report = ProbeReport {
                     instance: instance.clone(),
                     generation,
@@ -78,7 +91,10 @@ impl Prober {
                 if tx.send(report).is_err() {
                     break;
                 }
-                due = next_due(due, interval, Instant::now());
+                let now = Instant::now();
+                let starting = !passed && now.saturating_duration_since(begun) < start_period;
+                let step = if starting { start_interval } else { interval };
+                due = next_due(due, step, now);
             }
         });
         ProbeHandle { task }

@@ -211,7 +211,7 @@ fn minimal_spec_gets_documented_defaults() {
         rollout: RolloutSpec {
             max_surge: 1,
             max_unavailable: 0,
-            min_healthy: Duration::from_secs(2),
+            min_healthy: Duration::from_millis(500),
             healthy_deadline: Duration::from_secs(60),
             auto_rollback: true,
         },
@@ -243,7 +243,7 @@ fn health_section_defaults() {
             probe: Some(Probe::Tcp("127.0.0.1:9000".into())),
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
-            start_period: Duration::ZERO,
+            start_period: Duration::from_secs(10),
             failure_threshold: 3,
             success_threshold: 1,
             restart_on_failure: true,

@@ -71,13 +71,19 @@ const MIN_BACKOFF: Duration = Duration::ZERO;
 const DEFAULT_INTERVAL: Duration = secs(2);
 const MIN_INTERVAL: Duration = millis(100);
 const DEFAULT_TIMEOUT: Duration = secs(1);
+/// An instance that has never passed its probe gets this long before failures count: one
+/// that needs a few seconds to start is not declared unhealthy (and restarted) before it
+/// ever served. The window ends at the first pass, so a healthy instance loses nothing.
+const DEFAULT_START_PERIOD: Duration = secs(10);
 const MIN_TIMEOUT: Duration = millis(10);
 const DEFAULT_FAILURE_THRESHOLD: i64 = 3;
 const DEFAULT_SUCCESS_THRESHOLD: i64 = 1;
 const MAX_THRESHOLD: i64 = 100;
 const DEFAULT_MAX_SURGE: i64 = 1;
 const DEFAULT_MAX_UNAVAILABLE: i64 = 0;
-const DEFAULT_MIN_HEALTHY: Duration = secs(2);
+/// Long enough to see an instance that passes once and then falls over at once (its exit is
+/// noticed as it happens); short enough that a rollout of a few instances takes seconds.
+const DEFAULT_MIN_HEALTHY: Duration = millis(500);
 const DEFAULT_HEALTHY_DEADLINE: Duration = secs(60);
 const MIN_HEALTHY_DEADLINE: Duration = secs(1);
 const DEFAULT_STOP_SIGNAL: &str = "SIGTERM";
@@ -1461,7 +1467,7 @@ impl Check {
         let start_period = self.duration(
             "health.start_period",
             raw.start_period.as_deref(),
-            Duration::ZERO,
+            DEFAULT_START_PERIOD,
             Duration::ZERO,
             DAY,
         );
@@ -1481,7 +1487,7 @@ impl Check {
             probe,
             interval: interval.unwrap_or(DEFAULT_INTERVAL),
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
-            start_period: start_period.unwrap_or_default(),
+            start_period: start_period.unwrap_or(DEFAULT_START_PERIOD),
             failure_threshold: failure_threshold.unwrap_or(3),
             success_threshold: success_threshold.unwrap_or(1),
             restart_on_failure: raw.restart_on_failure.unwrap_or(true),

@@ -356,14 +356,14 @@ async fn an_ignored_stop_is_killed_after_grace_and_classified_stop_timeout() {
     r.apply(&one).await.expect("apply");
     settle().await;
     let (_, pid) = r.running("web").await[0];
-    // An update replaces the instance: its successor is ready (running for min_healthy, 2s),
+    // An update replaces the instance: its successor is ready (running for min_healthy, 500ms),
     // then the stop signal, the grace period, SIGKILL.
     r.apply(&one.replace("/bin/app", "/bin/app2"))
         .await
         .expect("update");
     settle().await;
     assert!(r.rt.signals().is_empty(), "the old one runs on meanwhile");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(r.rt.signals(), vec![(pid, libc::SIGTERM)]);
     let path = CgroupPath::instance("web", "web-0");
     tokio::time::sleep(Duration::from_millis(4700)).await;
@@ -420,13 +420,13 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
             n,
             "no old one stopped before it is ready"
         );
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(r.rt.signals().len(), n + 1, "then one old one stops");
         let (pid, _) = *r.rt.signals().last().expect("a stop signal");
         r.exited(pid, 0);
         settle().await;
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let s = r.status("web").await;
     assert_eq!(s.instances.len(), 3);
     assert!(

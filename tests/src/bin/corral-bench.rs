@@ -5,8 +5,9 @@
 //! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `health`
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
-//! updates of 4 HTTP instances under 16 clients: failed requests, longest gap, p99, the
-//! agent's overhead per instance), `api` (Get latency and calls per second from 32 clients
+//! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
+//! duration, failed requests, longest gap, latency p50/p99/p99.9/max during each rollout
+//! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
@@ -28,7 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use corral_e2e::{Agent, attribute, pb, testbin};
+use corral_e2e::{Agent, pb, testbin};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
@@ -178,7 +179,7 @@ async fn main() {
         events().await;
     }
     if wants("rollout") {
-        rollout(rounds.clamp(1, 5)).await;
+        corral_e2e::rollbench::bench(rounds.clamp(1, 5)).await;
     }
     if wants("api") {
         api().await;
@@ -1074,156 +1075,6 @@ async fn events() {
         (n * 50) as f64 / delivered.as_secs_f64()
     );
     delete(&agent, "ev").await;
-}
-
-/// Rolling restarts and updates of 4 instances of the HTTP test server on an agent socket,
-/// health-checked (HTTP every 200 ms), rollout policy at its defaults (max_surge 1,
-/// max_unavailable 0, min_healthy 2s), under 16 clients sending one request per connection.
-async fn rollout(rounds: usize) {
-    use corral_e2e::load::Load;
-    let agent = Agent::start_logging(None, "warn").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let spec = |version: &str| {
-        format!(
-            "name = \"roll\"\ncommand = [{:?}, \"http-listen\", \"300\"]\nreplicas = 4\nenv = {{ VERSION = \"{version}\" }}\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
-            testbin()
-        )
-    };
-    apply(&agent, &spec("v0")).await;
-    let healthy = || async {
-        for _ in 0..300 {
-            if agent.get("roll").await.is_ok_and(|s| s.healthy == 4) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("roll: 4 healthy instances within 30 s");
-    };
-    healthy().await;
-    let min_healthy = Duration::from_secs(2);
-    println!(
-        "rollouts of 4 instances under 16 clients (one request per connection), defaults: max_surge 1, max_unavailable 0, min_healthy 2s"
-    );
-    for round in 0..rounds * 2 {
-        let update = round % 2 == 1;
-        // Steady load as long as a rollout takes first: the baseline for gaps and latency.
-        let load = Load::start(port, 16, Duration::from_secs(180));
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let t0 = load.now();
-        let wall0 = std::time::SystemTime::now();
-        let id = if update {
-            agent
-                .apply(&spec(&format!("v{round}")))
-                .await
-                .expect("update")
-                .rollout_id
-        } else {
-            agent
-                .client()
-                .await
-                .restart(pb::RestartRequest {
-                    name: "roll".into(),
-                    force: false,
-                    ..Default::default()
-                })
-                .await
-                .expect("restart")
-                .into_inner()
-                .rollout_id
-        };
-        let status = loop {
-            let r = agent
-                .client()
-                .await
-                .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-                .await
-                .expect("get rollout")
-                .into_inner();
-            if r.state() != pb::RolloutState::Running {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let t1 = load.now();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let report = load.finish();
-        // The rollout's own duration, by the agent's clock.
-        let ts = |t: Option<prost_types::Timestamp>| {
-            t.and_then(|t| std::time::SystemTime::try_from(t).ok())
-        };
-        let took = match (ts(status.started_at), ts(status.finished_at)) {
-            (Some(a), Some(b)) => b.duration_since(a).unwrap_or_default(),
-            _ => t1.saturating_sub(t0),
-        };
-        // The service's own part of each step: from its start to its first healthy probe,
-        // then min_healthy. The rest is what the agent added.
-        let mut events = agent
-            .client()
-            .await
-            .watch(pb::WatchRequest {
-                from_index: 0,
-                service: "roll".into(),
-                instance: String::new(),
-                follow: false,
-                last: 2000,
-                ..Default::default()
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        let mut started = std::collections::BTreeMap::new();
-        let mut own = Duration::ZERO;
-        while let Ok(Some(e)) = events.message().await {
-            let at = match ts(e.time) {
-                Some(t) if t >= wall0 => t,
-                _ => continue,
-            };
-            match e.r#type() {
-                pb::EventType::InstanceStarted => {
-                    started.insert(e.instance.clone(), at);
-                }
-                pb::EventType::HealthChanged
-                    if attribute(&e, "to").as_deref() == Some("healthy") =>
-                {
-                    if let Some(s) = started.remove(&e.instance) {
-                        own += at.duration_since(s).unwrap_or_default() + min_healthy;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let overhead = took.saturating_sub(own) / 4;
-        let (gap, gap_at) = report.longest_gap_at(t0, t1);
-        let gap_wall = wall0 + gap_at.saturating_sub(t0);
-        println!(
-            "{} {id}: {} ({} ok, {} failed); took {:.2} s, agent overhead {:.1} ms per instance; longest gap {:.2} ms (at {}; {:.2} ms in the 10 s before); p99 {:.2} ms before, {:.2} ms during",
-            if update { "update " } else { "restart" },
-            format!("{:?}", status.state()).to_lowercase(),
-            report.ok(),
-            report.failures().len(),
-            took.as_secs_f64(),
-            overhead.as_secs_f64() * 1e3,
-            gap.as_secs_f64() * 1e3,
-            humantime::format_rfc3339_millis(gap_wall),
-            report
-                .longest_gap(t0.saturating_sub(Duration::from_secs(9)), t0)
-                .as_secs_f64()
-                * 1e3,
-            report
-                .latency_quantile(t0.saturating_sub(Duration::from_secs(9)), t0, 0.99)
-                .as_secs_f64()
-                * 1e3,
-            report.latency_quantile(t0, t1, 0.99).as_secs_f64() * 1e3,
-        );
-        if !report.failures().is_empty() {
-            println!("  failures: {}", report.failure_summary());
-        }
-        healthy().await;
-    }
-    delete(&agent, "roll").await;
 }
 
 /// The CPU time an instance's init and service process have used (`/proc/PID/schedstat`,

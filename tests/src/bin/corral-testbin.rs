@@ -406,6 +406,8 @@ fn main() {
         // each response says which instance and $VERSION answered. $PORT_ADMIN, when set,
         // serves /healthz for probes (answering $ADMIN_STATUS, default 200). SIGTERM: stop accepting, finish what was accepted,
         // exit 0 (a graceful stop).
+        // $ACCEPT_LOG (a directory): append `accept`, `term` and at the end `drained N` (N
+        // connections still open) to `$ACCEPT_LOG/$CORRAL_INSTANCE.START_NS`, as they happen.
         "http-listen" => http_listen(num(1, 0)),
         // Print `tick=N` (N = 0, 1, 2, ... within this run, tagged with $CORRAL_INSTANCE's
         // pid) every MS milliseconds, to stdout, and every tenth also to stderr.
@@ -732,11 +734,23 @@ fn http_listen(delay_ms: u64) {
         };
         let body: Arc<str> = format!("{instance} {version}\n").into();
         let inflight = Arc::new(AtomicUsize::new(0));
+        let mut accept_log = std::env::var_os("ACCEPT_LOG").and_then(|dir| {
+            // The instance's index may be reused by its successor: the start time tells them apart.
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let path = std::path::Path::new(&dir).join(format!("{instance}.{}", t.as_nanos()));
+            std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
+        });
+        let mut note = |what: &str| {
+            if let Some(f) = accept_log.as_mut() {
+                let _ = f.write_all(format!("{what}\n").as_bytes());
+            }
+        };
         line("serving", 1);
         loop {
             tokio::select! {
                 conn = listener.accept() => {
                     let Ok((mut c, _)) = conn else { continue };
+                    note("accept");
                     let (body, inflight) = (body.clone(), inflight.clone());
                     inflight.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
@@ -757,6 +771,7 @@ fn http_listen(delay_ms: u64) {
                 _ = term.recv() => break,
             }
         }
+        note("term");
         // Graceful: stop accepting (the other instances keep the shared socket), finish.
         drop(listener);
         for _ in 0..1000 {
@@ -765,6 +780,7 @@ fn http_listen(delay_ms: u64) {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        note(&format!("drained {}", inflight.load(Ordering::SeqCst)));
         std::process::exit(0);
     });
 }

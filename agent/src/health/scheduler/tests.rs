@@ -12,6 +12,8 @@ use crate::spec::Probe;
 /// runs started and dropped, to see that an aborted run is dropped.
 #[derive(Debug, Default)]
 struct FakeExec {
+    /// Runs of `starting`: it fails its first five.
+    starting_runs: AtomicUsize,
     hangs_started: AtomicUsize,
     hangs_dropped: Arc<AtomicUsize>,
 }
@@ -36,6 +38,14 @@ impl ExecRunner for FakeExec {
             Box::pin(async move {
                 let _guard = guard;
                 std::future::pending().await
+            })
+        } else if argv[0] == "starting" {
+            let run = self.starting_runs.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                Ok(ExecResult {
+                    code: Some(if run < 5 { 1 } else { 0 }),
+                    ..ExecResult::default()
+                })
             })
         } else {
             Box::pin(async {
@@ -321,4 +331,48 @@ fn probe_cost_200_tcp_probers() {
         took[((took.len() - 1) as f64 * 0.99) as usize]
     );
     assert_eq!(failed, 0);
+}
+
+/// Until its first pass, within the start period, an instance is probed every 100 ms; then
+/// at its interval. Without a start period, at its interval from the first run.
+#[tokio::test(start_paused = true)]
+async fn a_starting_instance_is_probed_often_until_it_first_passes() {
+    for (start_period, want) in [
+        (
+            Duration::from_secs(10),
+            vec![0, 100, 200, 300, 400, 500, 2500, 4500],
+        ),
+        (Duration::ZERO, vec![0, 2000, 4000]),
+    ] {
+        let fake = Arc::new(FakeExec::default());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let spec = HealthSpec {
+            start_period,
+            ..spec(2000, 50)
+        };
+        let t0 = Instant::now();
+        let handle = Prober::start(
+            InstanceKey::new("web", 0),
+            1,
+            exec("starting"),
+            &spec,
+            fake,
+            tx,
+        );
+        // Past the last run wanted, whatever the first-run jitter (at most 200 ms).
+        tokio::time::sleep(Duration::from_millis(4750)).await;
+        drop(handle);
+        let reports = drain(&mut rx);
+        let first = reports[0].at - t0;
+        assert!(first < Duration::from_millis(200), "{first:?}");
+        let at: Vec<u128> = reports
+            .iter()
+            .map(|r| (r.at - reports[0].at).as_millis())
+            .collect();
+        assert_eq!(at, want, "start period {start_period:?}");
+        let passes: Vec<bool> = reports.iter().map(|r| r.outcome.healthy).collect();
+        let fails = want.len().min(5);
+        assert!(passes[..fails].iter().all(|p| !p), "{passes:?}");
+        assert!(passes[fails..].iter().all(|p| *p), "{passes:?}");
+    }
 }
