@@ -30,6 +30,7 @@ pub const KERNEL: &[&str] = &[
     "image_escape_is_refused",
     "image_escape_is_refused_userns",
     "image_readonly_root",
+    "init_is_static_and_small",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -59,6 +60,7 @@ pub async fn run(name: &str) -> bool {
         "image_escape_is_refused" => image_escape_is_refused(false).await,
         "image_escape_is_refused_userns" => image_escape_is_refused(true).await,
         "image_readonly_root" => image_readonly_root().await,
+        "init_is_static_and_small" => init_is_static_and_small().await,
         _ => return false,
     }
     true
@@ -1653,4 +1655,89 @@ readonly_root = true
         "/ read-only: {rootline}"
     );
     agent.delete("ro").await.expect("delete");
+}
+
+/// The program headers' types of the ELF executable `bytes` (64-bit, little-endian) and its
+/// `e_type`; `None` when it is not one.
+fn elf_program_types(bytes: &[u8]) -> Option<(u16, Vec<u32>)> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?));
+    if bytes.get(..5)? != b"\x7fELF\x02" {
+        return None;
+    }
+    let e_type = u16_at(16)?;
+    let phoff = usize::try_from(u64_at(32)?).ok()?;
+    let (size, count) = (usize::from(u16_at(54)?), usize::from(u16_at(56)?));
+    let types = (0..count)
+        .map(|i| u32_at(phoff + i * size))
+        .collect::<Option<Vec<u32>>>()?;
+    Some((e_type, types))
+}
+
+/// The per-instance init is the small `corral-init` executable, linked statically and
+/// without PIE (no `PT_INTERP`, `ET_EXEC`), and it is what runs as each instance's init
+/// with the default confinement: no dynamic loader or shared library is mapped in it, the
+/// service runs under it, and what it keeps privately (anonymous and relocated pages: heap,
+/// stack, data) stays within 128 KiB once the service has written its first output.
+pub async fn init_is_static_and_small() {
+    const PT_INTERP: u32 = 3;
+    const ET_EXEC: u16 = 2;
+    let init = crate::bin("corral-init");
+    let bytes = std::fs::read(&init).expect("read corral-init");
+    let (e_type, types) = elf_program_types(&bytes).expect("corral-init is a 64-bit ELF file");
+    assert!(
+        !types.contains(&PT_INTERP),
+        "{} asks for a dynamic loader (PT_INTERP)",
+        init.display()
+    );
+    assert_eq!(
+        e_type,
+        ET_EXEC,
+        "{} is position-independent",
+        init.display()
+    );
+
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec("lean", 1, &["serve"], ""))
+        .await
+        .expect("apply");
+    let inst = agent.wait_running("lean", 1).await.remove(0);
+    assert_eq!(agent.reported(&inst.id, "ready").await, "1");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", inst.init_pid)).expect("init exe");
+    assert_eq!(
+        exe,
+        init.canonicalize().expect("canonical corral-init"),
+        "the instance's init is the corral-init executable"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", inst.pid)).expect("stat");
+    let parent = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+        .and_then(|p| p.parse::<i32>().ok());
+    assert_eq!(
+        parent,
+        Some(inst.init_pid),
+        "the service runs under the init"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", inst.init_pid)).expect("maps");
+    let shared: Vec<&str> = maps.lines().filter(|l| l.contains(".so")).collect();
+    assert!(
+        shared.is_empty(),
+        "shared objects mapped in the init: {shared:?}"
+    );
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", inst.init_pid)).expect("smaps");
+    let anonymous: u64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Anonymous in smaps_rollup");
+    // A release build keeps about 90 KiB (the dynamic PIE init kept about 215 KiB); a debug
+    // build's larger stack frames add some.
+    assert!(
+        anonymous <= 128,
+        "the init keeps {anonymous} KiB of private memory (at most 128 KiB):\n{rollup}"
+    );
 }

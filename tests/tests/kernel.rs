@@ -30,3 +30,4 @@ scenario!(nofile_limit_applies);
 scenario!(a_second_agent_on_the_same_cgroup_tree_is_refused);
 scenario!(image_is_the_instance_root);
 scenario!(image_readonly_root);
+scenario!(init_is_static_and_small);

@@ -166,6 +166,7 @@ fn check_tree(tree: &Path, deb: &Path) {
         ("usr/share/fish/vendor_completions.d/corral.fish", 0o644),
         ("usr/share/doc/corral/copyright", 0o644),
         ("usr/share/doc/corral/changelog.Debian.gz", 0o644),
+        ("usr/share/lintian/overrides/corral", 0o644),
     ] {
         let meta = std::fs::metadata(tree.join(file))
             .unwrap_or_else(|e| panic!("{file} is not in the package: {e}"));

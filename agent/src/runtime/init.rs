@@ -94,9 +94,74 @@ pub fn main() -> ExitCode {
         // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    match Init::setup(&config) {
+    let init = Init::setup(&config);
+    // The init stays resident for the instance's whole life: what setup needed (the
+    // configuration, the service's command and environment, mount plans) is dropped now,
+    // and the heap and stack pages it dirtied are given back to the kernel.
+    drop(config);
+    release_setup_memory();
+    match init {
         Ok(init) => init.run(run_dir.as_fd()),
         Err(e) => setup_failed(run_dir.as_fd(), &e),
+    }
+}
+
+/// Gives the pages that setup dirtied and no longer uses back to the kernel: the free heap
+/// (`malloc_trim` returns the top of the heap and discards free pages inside it) and the
+/// part of the main thread's stack below the current frame (setup ran deeper than the event
+/// loop ever will; the kernel hands out zeroed pages again if it is reached).
+fn release_setup_memory() {
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe { libc::malloc_trim(0) };
+    let Some(low) = stack_low_end() else { return };
+    let marker = 0u8;
+    let here = std::hint::black_box(&marker) as *const u8 as usize;
+    // Keep 16 KiB below the current frame for the calls still to come before the event
+    // loop's frames settle (poll, read, the log writer).
+    let keep = 16 * 1024;
+    let page = 4096;
+    let high = here.saturating_sub(keep) & !(page - 1);
+    if high > low {
+        // SAFETY: [low, high) lies inside this thread's own stack mapping, below every
+        // live frame (the current one and those it calls stay above `high`); MADV_DONTNEED
+        // on private anonymous memory only makes its contents read back as zeroes.
+        unsafe { libc::madvise(low as *mut libc::c_void, high - low, libc::MADV_DONTNEED) };
+    }
+}
+
+/// The lowest address of the main thread's stack mapping (`[stack]` in `/proc/self/maps`),
+/// read into a buffer on the stack: no allocation.
+fn stack_low_end() -> Option<usize> {
+    let fd = nix::fcntl::open(
+        "/proc/self/maps",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut buf = [0u8; 4096];
+    let mut kept = 0usize;
+    loop {
+        let n = nix::unistd::read(&fd, &mut buf[kept..]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        let filled = kept + n;
+        let mut start = 0;
+        while let Some(nl) = buf[start..filled].iter().position(|b| *b == b'\n') {
+            let line = &buf[start..start + nl];
+            if line.ends_with(b"[stack]") {
+                let dash = line.iter().position(|b| *b == b'-')?;
+                let text = std::str::from_utf8(&line[..dash]).ok()?;
+                return usize::from_str_radix(text, 16).ok();
+            }
+            start += nl + 1;
+        }
+        // Keep the incomplete last line for the next read.
+        buf.copy_within(start..filled, 0);
+        kept = filled - start;
+        if kept == buf.len() {
+            return None;
+        }
     }
 }
 

@@ -188,16 +188,22 @@ fn prctl2(option: libc::c_int, arg2: u64, arg3: u64) -> Result<(), Errno> {
 }
 
 /// Drops every capability outside `keep` from the bounding set, up to the kernel's last one.
+/// One `prctl` per capability on the start path: dropping one the set no longer holds
+/// succeeds; only when a drop is refused is the set read to tell whether it mattered.
 fn drop_bounding(keep: u64) -> Result<(), Errno> {
     for cap in (0..64).filter(|n| keep & (1 << n) == 0) {
-        // SAFETY: prctl with integer arguments only.
-        let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) };
-        match present {
-            0 => {}
-            1 => prctl(libc::PR_CAPBSET_DROP, cap)?,
-            // EINVAL: past the last capability this kernel knows.
-            _ if Errno::last() == Errno::EINVAL => return Ok(()),
-            _ => return Err(Errno::last()),
+        match prctl(libc::PR_CAPBSET_DROP, cap) {
+            Ok(()) => {}
+            // Past the last capability this kernel knows.
+            Err(Errno::EINVAL) => return Ok(()),
+            Err(e) => {
+                // SAFETY: prctl with integer arguments only.
+                let present =
+                    unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) };
+                if present != 0 {
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())
