@@ -354,9 +354,10 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     /// Fails with `Unsupported` when a limit asks for a control the host lacks.
     fn create(&self, path: &CgroupPath, limits: &Resources) -> Result<(), CgroupError>;
 
-    /// Open every `cgroup.procs` file of `path` (one per v1 hierarchy, one on v2) for
-    /// writing, close-on-exec. A freshly forked child writes `"0"` to each before it runs
-    /// anything else, so it is inside its limits from its first instruction.
+    /// Open, for writing and close-on-exec, the files through which a process joins `path`:
+    /// each v1 hierarchy's `tasks`, v2's `cgroup.procs`. A freshly forked (single-threaded)
+    /// child writes `"0"` to each before it runs anything else, so it is inside its limits
+    /// from its first instruction; a pid written there moves that process's only thread.
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError>;
 
     /// On v2, the cgroup's directory opened `O_PATH`, for `clone3(CLONE_INTO_CGROUP)`: the

@@ -3,8 +3,10 @@
 //! then executes; the parent gets a pidfd, waits on it and reaps ([`wait_pidfd`]). Used for
 //! every instance's init and for every exec probe's helper.
 //!
-//! Between `clone3` and `execve` the child writes `"0"` to each of the cgroup's
-//! `cgroup.procs` files (so it is inside its limits before it executes anything), enters a
+//! Between `clone3` and `execve` the child writes `"0"` to each of the files the cgroup
+//! backend opened for joining (v1: every hierarchy's `tasks`, which moves the single-threaded
+//! child without the kernel's global thread-group lock; v2: `cgroup.procs`, when
+//! `CLONE_INTO_CGROUP` is not available) so it is inside its limits before it executes anything, enters a
 //! new cgroup namespace when asked (after joining, so that its cgroup is the namespace's
 //! root), wires fds 0-3 and the extra fds, marks every other fd close-on-exec and executes
 //! with the environment of the plan. If any step fails, it writes the step and errno to a
