@@ -31,6 +31,7 @@ pub mod health;
 pub mod host;
 pub mod logs;
 pub mod metrics;
+pub mod num;
 pub mod rollout;
 pub mod runtime;
 pub mod schedule;

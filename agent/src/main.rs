@@ -889,7 +889,7 @@ async fn run(s: Settings) -> Result<()> {
     shutdown.cancel();
     match tokio::time::timeout(api::SHUTDOWN_GRACE, server).await {
         Ok(Ok(Ok(()))) => tracing::info!(
-            elapsed_ms = stopping.elapsed().as_millis() as u64,
+            elapsed_ms = corral_agent::num::millis(stopping.elapsed()),
             "API stopped: every call ended"
         ),
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server"),

@@ -26,7 +26,7 @@ impl Backoff {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let half = ceiling / 2;
-        let spread = (ceiling - half).as_millis() as u64;
+        let spread = u64::try_from((ceiling - half).as_millis()).unwrap_or(u64::MAX);
         half + Duration::from_millis(fastrand::u64(0..=spread))
     }
 

@@ -60,7 +60,8 @@ impl Outcome {
             .map(|(k, t)| {
                 (
                     *k,
-                    *t / self.calls.get(k).copied().unwrap_or(1).max(1) as u32,
+                    *t / u32::try_from(self.calls.get(k).copied().unwrap_or(1).max(1))
+                        .unwrap_or(u32::MAX),
                 )
             })
             .collect()

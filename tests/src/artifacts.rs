@@ -53,7 +53,7 @@ fn make_tree(dir: &Path) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect()
     };

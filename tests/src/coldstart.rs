@@ -30,7 +30,7 @@ fn first_byte(port: u16) -> std::io::Result<Duration> {
 
 fn pct(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
-    v[((v.len() as f64 - 1.0) * q).round() as usize]
+    v[crate::quantile_index(v.len(), q)]
 }
 
 fn row(name: &str, v: &mut [Duration]) -> Option<(Duration, Duration)> {

@@ -157,7 +157,7 @@ impl Etcd {
     pub fn stop_member(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
             // SAFETY: signalling our own child by PID.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id().cast_signed(), libc::SIGTERM) };
             let _ = c.wait();
         }
     }

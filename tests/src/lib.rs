@@ -301,14 +301,14 @@ impl Agent {
     }
 
     pub fn pid(&self) -> Option<i32> {
-        self.child.as_ref().map(|c| c.id() as i32)
+        self.child.as_ref().map(|c| c.id().cast_signed())
     }
 
     /// Send `signal` to corrald and wait for it to exit; returns its exit status.
     pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("agent not running");
         // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(child.id() as i32, signal) };
+        unsafe { libc::kill(child.id().cast_signed(), signal) };
         child.wait().expect("wait corrald")
     }
 
@@ -505,4 +505,11 @@ pub fn alive(pid: i32) -> bool {
 pub fn kill9(pid: i32) {
     // SAFETY: plain kill(2) on a PID the test got from the agent.
     unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// The index of quantile `q` (in `[0, 1]`) in a sorted, non-empty vector of `len` items: a
+/// float in `[0, len - 1]`, which the saturating float-to-integer `as` converts exactly.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn quantile_index(len: usize, q: f64) -> usize {
+    ((len.saturating_sub(1) as f64) * q.clamp(0.0, 1.0)).round() as usize
 }

@@ -179,7 +179,7 @@ impl Report {
             return Duration::ZERO;
         }
         l.sort_unstable();
-        let i = ((l.len() as f64 - 1.0) * q.clamp(0.0, 1.0)).round() as usize;
+        let i = crate::quantile_index(l.len(), q);
         l[i.min(l.len() - 1)]
     }
 

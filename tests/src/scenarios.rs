@@ -1194,7 +1194,7 @@ pub async fn a_second_agent_on_the_same_cgroup_tree_is_refused() {
     );
     let stopped = tokio::time::timeout(Duration::from_secs(35), stopped).await;
     // SAFETY: signalling our own child by PID.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     let _ = child.wait();
     stopped.expect("stopped in time");
 }
@@ -1236,7 +1236,11 @@ http = "auto"
     let inst = agent.wait_running("img", 1).await.remove(0);
     let port: u16 = eventually("the instance's port", Duration::from_secs(30), || async {
         let s = agent.get("img").await.ok()?;
-        s.instances.first()?.ports.get("http").map(|p| *p as u16)
+        s.instances
+            .first()?
+            .ports
+            .get("http")
+            .and_then(|p| u16::try_from(*p).ok())
     })
     .await;
     let root = format!("/proc/{}/root", inst.pid);

@@ -583,7 +583,7 @@ async fn logs_follow_survives_rotation_and_restart() {
     )
     .await;
     // SAFETY: stopping the CLI we started.
-    unsafe { libc::kill(follow.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(follow.id().cast_signed(), libc::SIGINT) };
     let status = follow.wait().expect("logs -f ends");
     reader.join().expect("reader");
     assert!(status.success(), "logs -f ends 0 on Ctrl-C");

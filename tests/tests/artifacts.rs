@@ -198,7 +198,7 @@ async fn deploy_roll_and_roll_back_offline_and_refuse_a_wrong_digest() {
     assert!(options.split(',').any(|o| o == "ro"), "{app}");
     assert!(options.split(',').any(|o| o == "nosuid"), "{app}");
     assert!(
-        mountinfo_line(std::process::id() as i32, "/app").is_none(),
+        mountinfo_line(std::process::id().cast_signed(), "/app").is_none(),
         "the host's mount table never sees the artifact"
     );
     let store = agent.state_dir.join("artifacts/sha256").join(&sum1);

@@ -368,7 +368,7 @@ async fn an_agent_killed_mid_download_is_followed_by_one_that_completes_the_roll
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect();
     let v2 = tar(&[

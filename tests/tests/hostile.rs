@@ -101,7 +101,7 @@ fn bytes_field(number: u8, value: &[u8]) -> Vec<u8> {
     let mut out = vec![number << 3 | 2];
     let mut len = value.len();
     loop {
-        let b = (len & 0x7f) as u8;
+        let b = (len & 0x7f).to_le_bytes()[0];
         len >>= 7;
         if len == 0 {
             out.push(b);

@@ -75,7 +75,11 @@ async fn events(agent: &Agent) -> Vec<pb::Event> {
 
 fn time_of(ts: &Option<prost_types::Timestamp>) -> SystemTime {
     let ts = (*ts).expect("a time");
-    SystemTime::UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32)
+    SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(ts.seconds).expect("after 1970"),
+            u32::try_from(ts.nanos).expect("nanoseconds"),
+        )
 }
 
 fn log_dirs(agent: &Agent, job: &str) -> Vec<String> {

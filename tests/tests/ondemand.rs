@@ -78,7 +78,8 @@ async fn wait_desired(
     eventually(what, Duration::from_secs(30), || async {
         let s = status(agent, name).await;
         // Running, each with its service process seen.
-        let all = s.instances.len() as u32 == s.desired && pids(&s).iter().all(|p| *p > 0);
+        let all = u32::try_from(s.instances.len()).ok() == Some(s.desired)
+            && pids(&s).iter().all(|p| *p > 0);
         (f(s.desired) && s.running == s.desired && all).then_some(s)
     })
     .await

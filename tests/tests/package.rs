@@ -454,7 +454,7 @@ fn install_use_remove(deb: &Path, listing: &BTreeSet<PathBuf>) {
     assert!(corral(&["delete", "sleeper"]).status.success());
     if let Some(mut agent) = installed.agent.take() {
         // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(agent.id().cast_signed(), libc::SIGTERM) };
         let _ = agent.wait();
     }
 

@@ -437,7 +437,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
         if in_rollout {
             // Instances still in their stop grace period count for nothing; the others never
             // exceed replicas + surge.
-            let serving = up.difference(&stopping).count() as u32;
+            let serving = u32::try_from(up.difference(&stopping).count()).expect("a small count");
             assert!(
                 serving <= 4 + surge,
                 "{serving} instances up and not stopping: {up:?} - {stopping:?}"

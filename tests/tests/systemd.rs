@@ -20,7 +20,7 @@ struct Corrald {
 
 impl Corrald {
     fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
+        self.child.as_ref().map_or(0, |c| c.id().cast_signed())
     }
 
     fn log_text(&self) -> String {

@@ -112,7 +112,9 @@ impl FrameHead {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        let len = self.len as u32;
+        // A frame's length is 24 bits on the wire (`len` is parsed from three bytes, and
+        // frames built here are far smaller); the top byte is dropped.
+        let len = u32::try_from(self.len).unwrap_or(u32::MAX);
         out.extend_from_slice(&len.to_be_bytes()[1..]);
         out.push(self.kind);
         out.push(self.flags);

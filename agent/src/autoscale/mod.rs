@@ -159,8 +159,11 @@ fn asked_for(spec: &ScaleSpec, cpu_limit: Option<f64>, load: Load) -> (u32, Stri
     if let Some(target) = spec.target_cpu {
         let per_instance = target * cpu_limit.unwrap_or(1.0);
         let n = if per_instance > 0.0 && load.cpu.is_finite() && load.cpu > 0.0 {
-            // Bounded by `max` below; the cast saturates.
-            (load.cpu / per_instance).ceil() as u32
+            // Bounded by `max` below. A float-to-integer `as` saturates (and NaN is excluded
+            // above), which is the conversion wanted here.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let n = (load.cpu / per_instance).ceil() as u32;
+            n
         } else {
             0
         };

@@ -109,14 +109,17 @@ pub fn program() -> Vec<Insn> {
         insn(LDX_MEM_W, 5, 1, 8, 0),
     ];
     for (major, minor) in ALLOWED {
-        let mut checks = vec![(2u8, DEV_CHAR), (4, major as i32)];
+        // Immediates are 32-bit two's complement: the numbers' bits, not their values.
+        let mut checks = vec![(2u8, DEV_CHAR), (4, major.cast_signed())];
         if let Some(minor) = minor {
-            checks.push((5, minor as i32));
+            checks.push((5, minor.cast_signed()));
         }
         // The block: the checks, `w0 = 1`, `exit`. A failed check skips what is left of it.
         let len = checks.len() + 2;
         for (k, (reg, value)) in checks.iter().enumerate() {
-            p.push(insn(JMP_JNE_K, *reg, 0, (len - k - 1) as i16, *value));
+            // A block has at most four instructions: the jump offset always fits.
+            let skip = i16::try_from(len - k - 1).unwrap_or(i16::MAX);
+            p.push(insn(JMP_JNE_K, *reg, 0, skip, *value));
         }
         p.push(insn(ALU32_MOV_K, 0, 0, 0, 1));
         p.push(insn(JMP_EXIT, 0, 0, 0, 0));
@@ -128,6 +131,9 @@ pub fn program() -> Vec<Insn> {
 
 /// What the program answers for a device request (an interpreter of the instructions
 /// [`program`] uses, for tests): `access` is `BPF_DEVCG_ACC_*`, `kind` `BPF_DEVCG_DEV_*`.
+// The casts are eBPF's own semantics: ALU32 operates on the low 32 bits of a register, and a
+// 32-bit immediate is sign-extended when compared with a 64-bit register.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn evaluate(program: &[Insn], kind: u32, access: u32, major: u32, minor: u32) -> Option<u64> {
     let ctx = [(access << 16) | kind, major, minor];
     let mut r = [0u64; 11];
@@ -200,18 +206,18 @@ impl DeviceProgram {
         let license = c"Apache-2.0";
         let mut attr = [0u8; 128];
         put_u32(&mut attr, 0, BPF_PROG_TYPE_CGROUP_DEVICE);
-        put_u32(&mut attr, 4, (code.len() / 8) as u32);
+        put_u32(&mut attr, 4, crate::num::count_u32(code.len() / 8));
         put_u64(&mut attr, 8, code.as_ptr() as u64);
         put_u64(&mut attr, 16, license.as_ptr() as u64);
         // expected_attach_type, after prog_name[16] and prog_ifindex.
         put_u32(&mut attr, 68, BPF_CGROUP_DEVICE);
         let raw = bpf(BPF_PROG_LOAD, &mut attr)?;
         // SAFETY: a fresh program fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(crate::num::syscall_int(raw)) };
         let mut info = [0u8; 256];
         let mut attr = [0u8; 128];
-        put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
-        put_u32(&mut attr, 4, info.len() as u32);
+        put_u32(&mut attr, 0, fd.as_raw_fd().cast_unsigned());
+        put_u32(&mut attr, 4, crate::num::count_u32(info.len()));
         put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
         let id = u32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
@@ -222,8 +228,8 @@ impl DeviceProgram {
     /// checks that the cgroup lists it.
     pub fn attach(&self, dir: &OwnedFd) -> io::Result<()> {
         let mut attr = [0u8; 128];
-        put_u32(&mut attr, 0, dir.as_raw_fd() as u32);
-        put_u32(&mut attr, 4, self.fd.as_raw_fd() as u32);
+        put_u32(&mut attr, 0, dir.as_raw_fd().cast_unsigned());
+        put_u32(&mut attr, 4, self.fd.as_raw_fd().cast_unsigned());
         put_u32(&mut attr, 8, BPF_CGROUP_DEVICE);
         put_u32(&mut attr, 12, BPF_F_ALLOW_MULTI);
         bpf(BPF_PROG_ATTACH, &mut attr)?;
@@ -240,10 +246,10 @@ impl DeviceProgram {
     pub fn attached_to(&self, dir: &OwnedFd) -> io::Result<bool> {
         let mut ids = [0u32; 64];
         let mut attr = [0u8; 128];
-        put_u32(&mut attr, 0, dir.as_raw_fd() as u32);
+        put_u32(&mut attr, 0, dir.as_raw_fd().cast_unsigned());
         put_u32(&mut attr, 4, BPF_CGROUP_DEVICE);
         put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
-        put_u32(&mut attr, 24, ids.len() as u32);
+        put_u32(&mut attr, 24, crate::num::count_u32(ids.len()));
         bpf(BPF_PROG_QUERY, &mut attr)?;
         let count = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
         Ok(ids[..count.min(ids.len())].contains(&self.id))

@@ -286,7 +286,10 @@ pub(super) fn cpu_quota_us(cpu: f64) -> Result<i64, String> {
     if quota > 1e15 {
         return Err(format!("cpu {cpu} is too large"));
     }
-    Ok((quota as i64).max(1000))
+    // Finite, positive and at most 1e15 (checked above): exact in an i64.
+    #[allow(clippy::cast_possible_truncation)]
+    let quota = quota as i64;
+    Ok(quota.max(1000))
 }
 
 /// The limits of a spec in the kernel's units, validated before anything is created.

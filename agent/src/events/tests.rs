@@ -19,7 +19,13 @@ fn started(pid: i32) -> EventKind {
 
 fn append_n(log: &EventLog, n: usize) -> Vec<u64> {
     (0..n)
-        .map(|i| log.append("web", Some("web-0"), started(i as i32)))
+        .map(|i| {
+            log.append(
+                "web",
+                Some("web-0"),
+                started(i32::try_from(i).expect("a small count")),
+            )
+        })
         .collect()
 }
 
@@ -771,7 +777,7 @@ fn bench() {
                 tokio::spawn(async move {
                     for i in 0..events {
                         log.append("web", Some("web-3"), kind());
-                        if (i as usize + 1).is_multiple_of(burst) {
+                        if (usize::try_from(i).expect("a small count") + 1).is_multiple_of(burst) {
                             tokio::task::yield_now().await;
                         }
                     }

@@ -81,7 +81,7 @@ pub struct Fleet<S: Services> {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(crate::num::millis)
         .unwrap_or(0)
 }
 
@@ -211,7 +211,7 @@ impl<S: Services> Fleet<S> {
             tracing::warn!(
                 node = %self.cfg.node,
                 attempt = backoff.failures(),
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = crate::num::millis(delay),
                 "fleet: disconnected from etcd, instances keep running: {reason}"
             );
             self.shared.disconnected(reason);
@@ -237,7 +237,7 @@ impl<S: Services> Fleet<S> {
     ) -> Result<(), String> {
         let start = async {
             let mut client = self.cfg.etcd.connect().await.map_err(|e| e.to_string())?;
-            let ttl = self.cfg.lease_ttl.as_secs().max(2) as i64;
+            let ttl = i64::try_from(self.cfg.lease_ttl.as_secs().max(2)).unwrap_or(i64::MAX);
             let lease = call("granting the node's lease", client.lease_grant(ttl, None))
                 .await?
                 .id();
@@ -533,7 +533,7 @@ impl<S: Services> Fleet<S> {
         self.committed = committed(&list);
         self.committed_local = committed(list.iter().filter(|s| s.owner != Owner::Etcd));
         self.counts = (
-            list.len() as u32,
+            crate::num::count_u32(list.len()),
             list.iter().map(|s| s.running).sum::<u32>(),
         );
         self.write_info(client, lease, false).await

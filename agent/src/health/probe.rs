@@ -358,7 +358,7 @@ impl fmt::Display for Outcome {
             f,
             "{state}: {} ({})",
             self.reason,
-            format_duration(Duration::from_millis(self.elapsed.as_millis() as u64))
+            format_duration(Duration::from_millis(crate::num::millis(self.elapsed)))
         )
     }
 }

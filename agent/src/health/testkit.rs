@@ -213,7 +213,7 @@ impl ExecRunner for HostExec {
                         Ok(Some(status)) => break Ok(status),
                         Ok(None) if cancel.load(Ordering::SeqCst) => {
                             // SAFETY: kill(2) on the group of a child we have not reaped.
-                            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                            unsafe { libc::kill(-pid.cast_signed(), libc::SIGKILL) };
                             break child.wait();
                         }
                         Ok(None) => std::thread::sleep(Duration::from_millis(5)),

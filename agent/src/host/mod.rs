@@ -67,7 +67,8 @@ impl Host {
             hostname: System::host_name().unwrap_or_default(),
             kernel: System::kernel_version().unwrap_or_default(),
             os: System::long_os_version().unwrap_or_default(),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cpus: std::thread::available_parallelism()
+                .map_or(1, |n| crate::num::count_u32(n.get())),
             memory_total,
             memory_available,
             load,

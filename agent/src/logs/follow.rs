@@ -559,8 +559,9 @@ mod tests {
 
     /// Asserts that `got` is exactly `0..n`, showing where it is not.
     fn assert_seq(got: &[u64], n: u64, what: &str) {
-        let first_bad = (0..n as usize).find(|&i| got.get(i) != Some(&(i as u64)));
-        if let Some(i) = first_bad.or((got.len() != n as usize).then_some(n as usize)) {
+        let n = crate::num::len_usize(n);
+        let first_bad = (0..n).find(|&i| got.get(i).copied() != u64::try_from(i).ok());
+        if let Some(i) = first_bad.or((got.len() != n).then_some(n)) {
             let from = i.saturating_sub(3);
             let to = (i + 4).min(got.len());
             panic!(

@@ -347,7 +347,7 @@ impl Forward {
                 // Keep the unread rest, then add a block.
                 self.buf.drain(..self.used);
                 self.used = 0;
-                let want = (seg.to - seg.at).min(BLOCK as u64) as usize;
+                let want = crate::num::len_usize(seg.to - seg.at).min(BLOCK);
                 let old = self.buf.len();
                 self.buf.resize(old + want, 0);
                 let n = read_at(&seg.file, &mut self.buf[old..], seg.at)

@@ -264,7 +264,7 @@ impl RevReader {
         if self.lo == 0 {
             return Ok(false);
         }
-        let n = self.lo.min(BLOCK as u64) as usize;
+        let n = crate::num::len_usize(self.lo).min(BLOCK);
         let start = self.lo - n as u64;
         let mut block = vec![0; n + self.buf.len()];
         let mut filled = 0;

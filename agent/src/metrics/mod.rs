@@ -177,9 +177,9 @@ impl Metrics {
             registry.register_collector(Box::new(readings));
             let text = encode(&registry, format).map_err(|_| ScrapeError::Encode)?;
             tracing::debug!(
-                sample_us = sampled.as_micros() as u64,
-                read_us = read.as_micros() as u64,
-                encode_us = encoding.elapsed().as_micros() as u64,
+                sample_us = crate::num::micros(sampled),
+                read_us = crate::num::micros(read),
+                encode_us = crate::num::micros(encoding.elapsed()),
                 bytes = text.len(),
                 "scrape"
             );

@@ -66,8 +66,9 @@ impl Collector for ProcessCollector {
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
             .flatten()
+            .and_then(|p| u64::try_from(p).ok())
             .filter(|p| *p > 0)
-            .unwrap_or(4096) as u64;
+            .unwrap_or(4096);
         let cpu = (stat.utime_ticks + stat.stime_ticks) as f64 / tick;
         ConstCounter::new(cpu).encode(encoder.encode_descriptor(
             "process_cpu",

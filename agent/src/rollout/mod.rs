@@ -117,12 +117,15 @@ fn available_old(s: &Slot) -> bool {
 /// The counts of the rollout so far.
 pub fn progress(p: &Policy, slots: &[Slot], now: Instant) -> Progress {
     let present = || slots.iter().filter(|s| s.state != SlotState::Leaving);
-    let new = present().filter(|s| s.new).count() as u32;
-    let new_ready = present()
-        .filter(|s| s.new && ready(s, now, p.min_healthy))
-        .count() as u32;
-    let old = present().filter(|s| !s.new).count() as u32;
-    let available = new_ready + present().filter(|s| available_old(s)).count() as u32;
+    let new = crate::num::count_u32(present().filter(|s| s.new).count());
+    let new_ready = crate::num::count_u32(
+        present()
+            .filter(|s| s.new && ready(s, now, p.min_healthy))
+            .count(),
+    );
+    let old = crate::num::count_u32(present().filter(|s| !s.new).count());
+    let available =
+        new_ready + crate::num::count_u32(present().filter(|s| available_old(s)).count());
     Progress {
         new,
         new_ready,
@@ -306,7 +309,7 @@ mod tests {
                     other => panic!("no slot kind {other}"),
                 };
                 Slot {
-                    index: i as u32,
+                    index: crate::num::count_u32(i),
                     new,
                     started_here: new && c != 'D',
                     state,

@@ -133,8 +133,8 @@ impl PolicyRecord {
         PolicyRecord {
             max_surge: r.max_surge,
             max_unavailable: r.max_unavailable,
-            min_healthy_ms: r.min_healthy.as_millis() as u64,
-            healthy_deadline_ms: r.healthy_deadline.as_millis() as u64,
+            min_healthy_ms: crate::num::millis(r.min_healthy),
+            healthy_deadline_ms: crate::num::millis(r.healthy_deadline),
             auto_rollback: r.auto_rollback,
         }
     }

@@ -172,13 +172,19 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
             fail(STEP_FDS);
         }
         for (i, fd) in plan.extra.iter().enumerate() {
-            if libc::dup2(*fd, RUN_DIR_FD + 1 + i as RawFd) < 0 {
+            // Past RawFd's range dup2 fails, as it does past the descriptor limit.
+            let at = RawFd::try_from(i).map_or(RawFd::MAX, |i| (RUN_DIR_FD + 1).saturating_add(i));
+            if libc::dup2(*fd, at) < 0 {
                 fail(STEP_FDS);
             }
         }
         if libc::syscall(
             libc::SYS_close_range,
-            (RUN_DIR_FD + 1 + plan.extra.len() as RawFd) as libc::c_uint,
+            libc::c_uint::try_from(RUN_DIR_FD + 1)
+                .unwrap_or(0)
+                .saturating_add(
+                    libc::c_uint::try_from(plan.extra.len()).unwrap_or(libc::c_uint::MAX),
+                ),
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) < 0
@@ -213,7 +219,7 @@ pub(super) fn clone_exec(
         };
         if let Some(dir) = into {
             args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = dir.as_raw_fd() as u64;
+            args.cgroup = u64::from(dir.as_raw_fd().cast_unsigned());
         }
         // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
         // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
@@ -227,7 +233,9 @@ pub(super) fn clone_exec(
             return Err(io::Error::last_os_error());
         }
         // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
-        Ok((ret as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+        Ok((crate::num::syscall_int(ret), unsafe {
+            OwnedFd::from_raw_fd(pidfd)
+        }))
     };
     match attempt(into_cgroup) {
         // A kernel without CLONE_INTO_CGROUP (before 5.7): join by cgroup.procs instead.
@@ -373,7 +381,7 @@ pub(super) fn new_userns(uid_map: &str, gid_map: &str) -> io::Result<OwnedFd> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    let pid = ret as i32;
+    let pid = crate::num::syscall_int(ret);
     // SAFETY: with CLONE_PIDFD the kernel stored a new pidfd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let made = write_id_maps(pid, uid_map, gid_map).and_then(|()| {

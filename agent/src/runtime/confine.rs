@@ -43,7 +43,7 @@ const PROC_MASKED_FILES: [&str; 6] = [
 const MASKED_DIRS: [&str; 4] = ["/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware"];
 
 /// The character devices of the minimal `/dev`: name, major, minor.
-pub(super) const DEVICES: [(&str, u64, u64); 6] = [
+pub(super) const DEVICES: [(&str, u32, u32); 6] = [
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
@@ -126,7 +126,7 @@ pub(super) fn minimal_dev(host: Option<Vec<(&'static str, OwnedFd)>>) -> Result<
                 libc::mknod(
                     path.as_ptr(),
                     libc::S_IFCHR | 0o666,
-                    libc::makedev(*major as u32, *minor as u32),
+                    libc::makedev(*major, *minor),
                 )
             };
             if r != 0 {

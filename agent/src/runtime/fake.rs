@@ -172,10 +172,10 @@ impl Processes for FakeRuntime {
         });
         let (tx, rx) = oneshot::channel();
         st.exits.insert(pid, tx);
-        st.alive.insert(pid, 1_000 + pid as u64);
+        st.alive.insert(pid, 1_000 + u64::from(pid.cast_unsigned()));
         Ok(Spawned {
             process: ProcessRef { pid, pidfd: None },
-            start_time: 1_000 + pid as u64,
+            start_time: 1_000 + u64::from(pid.cast_unsigned()),
             exit: Box::pin(async move {
                 rx.await.unwrap_or(InitExit {
                     status: ProcessStatus::Signaled(9),
@@ -285,7 +285,8 @@ impl SocketBroker for FakeRuntime {
     fn free_port(&self) -> io::Result<u16> {
         let mut st = self.lock();
         st.next_pid += 1;
-        Ok(20_000 + st.next_pid as u16)
+        u16::try_from(20_000 + st.next_pid)
+            .map_err(|_| io::Error::other("the fake runtime ran out of ports"))
     }
 
     fn check_port(&self, port: u16) -> io::Result<()> {

@@ -320,7 +320,7 @@ pub fn ending(status: Option<WaitStatus>) -> (ExitRecord, u8) {
         Some(WaitStatus::Signaled(_, sig, core)) => {
             record.signal = Some(sig as i32);
             record.core_dumped = core;
-            (128 + sig as i32).clamp(0, 255) as u8
+            u8::try_from(128 + sig as i32).unwrap_or(u8::MAX)
         }
         _ => {
             record.setup_error = Some("the service process could not be waited for".into());
@@ -577,7 +577,7 @@ impl Init {
             }
             drop(fds);
             while let Ok(Some(info)) = self.signals.read_signal() {
-                let signo = info.ssi_signo as i32;
+                let signo = info.ssi_signo.cast_signed();
                 if signo == libc::SIGCHLD {
                     status = status.or(self.reap());
                 } else if let Ok(sig) = Signal::try_from(signo) {
@@ -776,7 +776,9 @@ impl ExecPlan {
             for i in 0..self.listen_names.len() {
                 let from = super::listen_fd_in_init(i);
                 // SAFETY: dup2 between fds this process owns.
-                if unsafe { libc::dup2(from, 3 + i as RawFd) } < 0 {
+                let to = RawFd::try_from(i).map_or(RawFd::MAX, |i| i.saturating_add(3));
+                // SAFETY: as above.
+                if unsafe { libc::dup2(from, to) } < 0 {
                     return step("passing the listening sockets", Errno::last());
                 }
             }
@@ -823,6 +825,10 @@ impl ExecPlan {
 }
 
 /// `ip link set lo up` inside a fresh network namespace.
+// IFF_UP | IFF_RUNNING is 0x41: it fits the request's `short`.
+#[allow(clippy::cast_possible_truncation)]
+const UP_RUNNING: libc::c_short = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+
 fn loopback_up() -> io::Result<()> {
     // SAFETY: a plain socket(2) call; the fd is owned right after.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -834,7 +840,7 @@ fn loopback_up() -> io::Result<()> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     // SAFETY: SIOCGIFFLAGS reads into the ifreq we own.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
@@ -842,7 +848,7 @@ fn loopback_up() -> io::Result<()> {
     }
     // SAFETY: reading the flags member the kernel just filled in.
     unsafe {
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags |= UP_RUNNING;
     }
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {

@@ -493,7 +493,7 @@ fn cstring(instance: &str, what: &str, s: &str) -> Result<CString, SpawnError> {
 fn clone_flags(spec: &ServiceSpec) -> u64 {
     let mut flags = 0;
     for ns in &spec.isolation.namespaces {
-        flags |= match ns {
+        let flag: libc::c_int = match ns {
             Namespace::Pid => libc::CLONE_NEWPID,
             Namespace::Mount => libc::CLONE_NEWNS,
             Namespace::Uts => libc::CLONE_NEWUTS,
@@ -501,7 +501,8 @@ fn clone_flags(spec: &ServiceSpec) -> u64 {
             Namespace::Net => libc::CLONE_NEWNET,
             // Entered by the child once inside its cgroup (see `ChildPlan::new_cgroup_ns`).
             Namespace::Cgroup => 0,
-        } as u64;
+        };
+        flags |= u64::from(flag.cast_unsigned());
     }
     flags
 }
@@ -949,7 +950,7 @@ impl Processes for LinuxRuntime {
             return Err(gone(format!("pid {pid}: {}", io::Error::last_os_error())));
         }
         // SAFETY: a fresh fd from pidfd_open that nothing else owns.
-        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
+        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(crate::num::syscall_int(raw)) });
         // Checked after the pidfd is held: from here on the PID cannot be recycled under us.
         match proc_start_time(pid) {
             Some(t) if t == start_time => {}
@@ -1010,7 +1011,8 @@ impl Processes for LinuxRuntime {
             .filter_map(|fd| high(fd).ok())
             .collect();
         let config = ProbeConfig {
-            ns_flags: ns_flags as i32,
+            // CLONE_NEW* flags are all below 2^31: the low word carries them.
+            ns_flags: i32::try_from(ns_flags & 0x7fff_ffff).unwrap_or(0),
             uid,
             gid,
             caps,
@@ -1155,7 +1157,7 @@ impl SocketBroker for LinuxRuntime {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh fd from pidfd_getfd (close-on-exec), owned by nothing else.
-        let sock = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        let sock = unsafe { OwnedFd::from_raw_fd(crate::num::syscall_int(raw)) };
         if !is_listening_on(&sock, listen) {
             return Err(io::Error::other(format!(
                 "fd {fd} of pid {} is not a socket listening on {listen}",
@@ -1411,7 +1413,7 @@ mod tests {
             .arg("60")
             .spawn()
             .expect("sleep");
-        let pid = child.id() as i32;
+        let pid = i32::try_from(child.id()).expect("a pid");
         let start = proc_start_time(pid).expect("start time");
         let spawned = rt.adopt("z-0", pid, start).expect("adopt");
         // SAFETY: kill(2) on our own child, not yet reaped.

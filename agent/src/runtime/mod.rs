@@ -153,7 +153,7 @@ pub fn read_shared(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
 
 /// The fd of an instance's init that holds its `i`-th listening socket.
 pub fn listen_fd_in_init(i: usize) -> RawFd {
-    RUN_DIR_FD + 1 + i as RawFd
+    RawFd::try_from(i).map_or(RawFd::MAX, |i| (RUN_DIR_FD + 1).saturating_add(i))
 }
 
 /// Fds of an instance's init after its listening sockets, in this order.

@@ -114,7 +114,7 @@ pub(super) fn copy_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh fd from open_tree that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(crate::num::syscall_int(fd)) })
 }
 
 /// `mount_setattr(2)`: sets (`readonly`) or clears the read-only flag of the mount at `path`
@@ -158,7 +158,7 @@ pub(super) fn set_attr(
             libc::SYS_mount_setattr,
             dirfd,
             c.as_ptr(),
-            flags as libc::c_uint,
+            flags.cast_unsigned(),
             &raw const attr,
             size_of::<libc::mount_attr>(),
         )
@@ -176,7 +176,7 @@ pub(super) fn idmap(mount: &OwnedFd, userns: &OwnedFd) -> io::Result<()> {
         attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
         attr_clr: 0,
         propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
+        userns_fd: u64::from(userns.as_raw_fd().cast_unsigned()),
     };
     // SAFETY: mount_setattr(2) on an fd we own (empty path) with a mount_attr of the size
     // passed.

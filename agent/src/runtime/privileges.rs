@@ -253,7 +253,7 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno>
         version: CAP_VERSION_3,
         pid: 0,
     };
-    let half = |mask: u64, i: u32| (mask >> (32 * i)) as u32;
+    let half = |mask: u64, i: u32| u32::try_from((mask >> (32 * i)) & 0xffff_ffff).unwrap_or(0);
     let data = [0, 1].map(|i| CapData {
         effective: half(effective, i),
         permitted: half(permitted, i),

@@ -145,7 +145,9 @@ fn run() -> Result<ExitCode, String> {
                     // SAFETY: restoring the default disposition before raising.
                     let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
                     let _ = nix::sys::signal::raise(sig);
-                    return Ok(ExitCode::from((128 + sig as i32).clamp(0, 255) as u8));
+                    return Ok(ExitCode::from(
+                        u8::try_from(128 + sig as i32).unwrap_or(u8::MAX),
+                    ));
                 }
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(format!("wait: {e}")),

@@ -552,7 +552,9 @@ fn answers(policy: Policy) -> Result<BTreeMap<u32, Answer>, String> {
     // Without CAP_SYS_ADMIN `clone3` says it does not exist: C libraries then use `clone`,
     // whose flags the filter can read (clone3 passes them in memory it cannot).
     if policy.capabilities & capability_mask(&[Capability::CAP_SYS_ADMIN]) == 0 {
-        map.insert(libc::SYS_clone3 as u32, Answer::Errno(libc::ENOSYS as u32));
+        let clone3 =
+            u32::try_from(libc::SYS_clone3).map_err(|_| "the clone3 system call number")?;
+        map.insert(clone3, Answer::Errno(libc::ENOSYS.cast_unsigned()));
     }
     Ok(map)
 }
@@ -599,7 +601,7 @@ fn tree(ranges: &[(u32, &Answer)]) -> Vec<sock_filter> {
         // Too far for a conditional jump (8 bits): through an unconditional one (32 bits).
         Err(_) => {
             out.push(jump(JMP_JGE_K, from, 0, 1));
-            out.push(stmt(JMP_JA, below.len() as u32));
+            out.push(stmt(JMP_JA, crate::num::count_u32(below.len())));
         }
     }
     out.extend(below);
@@ -780,7 +782,7 @@ mod tests {
         let mut answer = RET_ALLOW;
         for p in programs {
             let a = run(p, d);
-            let rank = |x: u32| (x & 0xffff_0000) as i32;
+            let rank = |x: u32| (x & 0xffff_0000).cast_signed();
             if rank(a) <= rank(answer) {
                 answer = a;
             }
@@ -820,10 +822,23 @@ mod tests {
                 tree.len()
             );
             // Some answers written out, so that the interpreter cannot agree with itself alone.
-            let nr = |n: libc::c_long| data(AUDIT_ARCH, n as u32, [0; 6]);
+            let nr = |n: libc::c_long| {
+                data(
+                    AUDIT_ARCH,
+                    u32::try_from(n).expect("a syscall number"),
+                    [0; 6],
+                )
+            };
             assert_eq!(run(&tree, &nr(libc::SYS_read)), RET_ALLOW);
             assert_eq!(
-                run(&tree, &data(0x4000_0003, libc::SYS_read as u32, [0; 6])),
+                run(
+                    &tree,
+                    &data(
+                        0x4000_0003,
+                        u32::try_from(libc::SYS_read).expect("a syscall number"),
+                        [0; 6]
+                    )
+                ),
                 RET_KILL_PROCESS
             );
             if p.capabilities & sys_admin == 0 {

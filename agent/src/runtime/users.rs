@@ -80,7 +80,11 @@ pub fn pick(range: IdRange, used: &[u32], next: u32, taken: impl Fn(u32) -> bool
         range.first
     };
     (0..span)
-        .map(|i| range.first + ((u64::from(start - range.first) + i) % span) as u32)
+        // The offset is below `span`, which is at most 2^32: it fits a u32.
+        .map(|i| {
+            let offset = (u64::from(start - range.first) + i) % span;
+            range.first + u32::try_from(offset).unwrap_or(0)
+        })
         .find(|id| !used.contains(id) && !taken(*id))
 }
 

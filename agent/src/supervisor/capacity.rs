@@ -60,6 +60,13 @@ pub struct Exceeded {
     pub ratio: f64,
 }
 
+/// `bytes × ratio`, in bytes: a float-to-integer `as` saturates at both ends (and a NaN
+/// ratio, refused at startup, would give 0), which is the rounding wanted for a limit.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn scale_bytes(bytes: u64, ratio: f64) -> u64 {
+    (bytes as f64 * ratio) as u64
+}
+
 impl CapacityPolicy {
     /// Capacity minus the reserve (never below zero).
     pub fn allocatable(&self) -> Amounts {
@@ -74,7 +81,7 @@ impl CapacityPolicy {
         let a = self.allocatable();
         Amounts {
             cpu: a.cpu * self.overcommit.cpu,
-            memory: (a.memory as f64 * self.overcommit.memory) as u64,
+            memory: scale_bytes(a.memory, self.overcommit.memory),
         }
     }
 

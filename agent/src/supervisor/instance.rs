@@ -307,7 +307,7 @@ impl ProcessEnd {
 /// never exceed the cap.
 pub fn backoff_delay(r: &RestartSpec, failures: u32, jitter: f64) -> Duration {
     let base = r.backoff.as_secs_f64();
-    let exp = base * 2f64.powi(failures.min(63) as i32);
+    let exp = base * 2f64.powi(i32::try_from(failures.min(63)).unwrap_or(63));
     let capped = exp.min(r.backoff_max.as_secs_f64());
     let j = jitter.clamp(0.0, 1.0);
     Duration::from_secs_f64(capped * (1.0 - 0.1 * j))

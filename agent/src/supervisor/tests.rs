@@ -905,7 +905,7 @@ async fn a_new_revision_that_never_gets_ready_is_rolled_back_keeping_untouched_i
         before,
         "the old instances kept their PIDs"
     );
-    let new_pid = r.rt.spawns().len() as i32;
+    let new_pid = i32::try_from(r.rt.spawns().len()).expect("a small count");
     assert!(
         r.rt.signals()
             .iter()

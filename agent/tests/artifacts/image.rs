@@ -30,8 +30,9 @@ fn is_static_elf64(b: &[u8]) -> bool {
             .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
     };
     let u64_at = |o: usize| {
-        b.get(o..o + 8)
-            .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")) as usize)
+        b.get(o..o + 8).map(|s| {
+            usize::try_from(u64::from_le_bytes(s.try_into().expect("8 bytes"))).expect("a size")
+        })
     };
     if b.get(..6) != Some(b"\x7fELF\x02\x01") {
         return false;

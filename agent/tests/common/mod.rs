@@ -392,7 +392,9 @@ impl Hostility {
     pub const LOW: Hostility = Hostility(0.02);
 
     fn weights(self) -> (u32, u32, u32) {
-        let bad = (self.0 * 1000.0) as u32;
+        // A fraction in [0, 1] (the constants above): per mille, exact after rounding.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bad = (self.0.clamp(0.0, 1.0) * 1000.0).round() as u32;
         ((1000 - bad).max(1), (bad * 2 / 3).max(1), (bad / 3).max(1))
     }
 }

@@ -35,7 +35,7 @@ use tokio::net::unix::pipe;
 
 fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
     v.sort();
-    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    let pick = |q: f64| v[corral_e2e::quantile_index(v.len(), q)];
     let f = |d: Duration| {
         if unit_ms {
             format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -400,7 +400,7 @@ async fn metrics(rounds: usize) {
     println!(
         "metrics: agent RSS with 200 instances: {rss_off} KiB without --metrics, {rss_on} KiB          with it after {} scrapes ({:+} KiB)",
         rounds + 1,
-        rss_on as i64 - rss_off as i64
+        i128::from(rss_on) - i128::from(rss_off)
     );
     for n in &names {
         delete(&agent, n).await;
@@ -709,7 +709,7 @@ async fn api() {
         );
         println!(
             "round {round}: agent RSS {before} KiB before (fresh with connections: {fresh} KiB), {during} KiB at the end, {after} KiB 2 s later: growth {} KiB",
-            after as i64 - before as i64
+            i128::from(after) - i128::from(before)
         );
     }
     delete(&agent, "web").await;

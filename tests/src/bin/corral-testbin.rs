@@ -218,7 +218,7 @@ fn hog_memory(mib: usize) {
     for i in 0..mib {
         let mut v = vec![0u8; 1 << 20];
         for b in v.iter_mut().step_by(4096) {
-            *b = (i % 251) as u8 + 1;
+            *b = u8::try_from(i % 251).unwrap_or(0) + 1;
         }
         chunks.push(v);
     }
@@ -317,12 +317,12 @@ fn main() {
         "exit" => {
             std::thread::sleep(Duration::from_millis(num(2, 0)));
             line("exiting", arg(1));
-            std::process::exit(num(1, 0) as i32);
+            std::process::exit(i32::try_from(num(1, 0)).unwrap_or(1));
         }
         // Allocate and touch MIB MiB, then run until SIGTERM.
         "hog-mem" => {
             on_term_exit_zero();
-            hog_memory(num(1, 256) as usize);
+            hog_memory(usize::try_from(num(1, 256)).unwrap_or(usize::MAX));
             sleep_forever();
         }
         "hog-cpu" => {
@@ -333,7 +333,7 @@ fn main() {
         // Fork up to N sleeping children, report, then run until SIGTERM.
         "fork-bomb" => {
             on_term_exit_zero();
-            fork_bomb(num(1, 10_000) as usize);
+            fork_bomb(usize::try_from(num(1, 10_000)).unwrap_or(usize::MAX));
             sleep_forever();
         }
         // Leave N orphans behind: each child forks a grandchild that outlives it by MS
@@ -342,7 +342,7 @@ fn main() {
         "orphans" => {
             on_term_exit_zero();
             let n = num(1, 5);
-            let ms = num(2, 100) as u32;
+            let ms = u32::try_from(num(2, 100)).unwrap_or(u32::MAX);
             for _ in 0..n {
                 // SAFETY: the children only call async-signal-safe fork/usleep/_exit.
                 match unsafe { libc::fork() } {
@@ -445,7 +445,8 @@ fn main() {
                 line(k, v);
             }
             if !arg(1).is_empty() {
-                let bound = std::net::TcpListener::bind(("0.0.0.0", num(1, 0) as u16));
+                let bound =
+                    std::net::TcpListener::bind(("0.0.0.0", u16::try_from(num(1, 0)).unwrap_or(0)));
                 line(
                     "bind",
                     bound.map_or_else(|e| errno_name(&e), |_| "ok".into()),

@@ -276,7 +276,7 @@ fn probe_cost_200_tcp_probers() {
         let cpu0 = cpu_seconds("/proc/self/stat");
         let listener0 = cpu_seconds(&listener_stat);
         let t0 = std::time::Instant::now();
-        let handles: Vec<ProbeHandle> = (0..PROBERS as u32)
+        let handles: Vec<ProbeHandle> = (0..u32::try_from(PROBERS).expect("a small count"))
             .map(|i| {
                 Prober::start(
                     InstanceKey::new("svc", i),
@@ -304,7 +304,7 @@ fn probe_cost_200_tcp_probers() {
     let failed = reports.iter().filter(|r| !r.outcome.healthy).count();
     let mut late: Vec<Duration> = reports.iter().map(|r| r.at - r.scheduled).collect();
     late.sort();
-    let pct = |p: f64| late[((late.len() - 1) as f64 * p).round() as usize];
+    let pct = |p: f64| late[quantile_index(late.len(), p)];
     let mut took: Vec<Duration> = reports.iter().map(|r| r.outcome.elapsed).collect();
     took.sort();
     let probers_cpu = cpu - listener_cpu;
@@ -328,7 +328,7 @@ fn probe_cost_200_tcp_probers() {
     println!(
         "probe duration: p50 {:?}, p99 {:?}",
         took[(took.len() - 1) / 2],
-        took[((took.len() - 1) as f64 * 0.99) as usize]
+        took[quantile_index(took.len(), 0.99)]
     );
     assert_eq!(failed, 0);
 }
@@ -375,4 +375,11 @@ async fn a_starting_instance_is_probed_often_until_it_first_passes() {
         assert!(passes[..fails].iter().all(|p| !p), "{passes:?}");
         assert!(passes[fails..].iter().all(|p| *p), "{passes:?}");
     }
+}
+
+/// The index of quantile `q` (in `[0, 1]`) in a sorted, non-empty vector of `len` items: a
+/// float in `[0, len - 1]`, which the saturating float-to-integer `as` converts exactly.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn quantile_index(len: usize, q: f64) -> usize {
+    ((len.saturating_sub(1) as f64) * q.clamp(0.0, 1.0)).round() as usize
 }

@@ -73,7 +73,7 @@ fn transition_events(t: &Transition, event: &Event, now: Instant) -> Vec<EventKi
     }
     if let (State::Backoff { until }, true) = (t.after, t.changed()) {
         out.push(EventKind::RestartScheduled {
-            delay_ms: until.saturating_duration_since(now).as_millis() as u64,
+            delay_ms: crate::num::millis(until.saturating_duration_since(now)),
             attempt: t.failures,
         });
     }
@@ -123,7 +123,7 @@ impl Driver {
         }
         match t.after {
             State::Backoff { until } => {
-                let delay_ms = until.saturating_duration_since(now).as_millis() as u64;
+                let delay_ms = crate::num::millis(until.saturating_duration_since(now));
                 tracing::info!(instance = %t.id, delay_ms, failures = t.failures, "restart scheduled");
             }
             State::Exited => tracing::info!(instance = %t.id, "not restarted (restart policy)"),

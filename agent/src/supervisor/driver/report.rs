@@ -97,11 +97,15 @@ impl Driver {
                     running: instances
                         .iter()
                         .filter(|i| i.phase == Phase::Running)
-                        .count() as u32,
+                        .count()
+                        .try_into()
+                        .unwrap_or(u32::MAX),
                     healthy: instances
                         .iter()
                         .filter(|i| i.health == HealthState::Healthy)
-                        .count() as u32,
+                        .count()
+                        .try_into()
+                        .unwrap_or(u32::MAX),
                     rollouts: svc.rollouts.clone(),
                     instances,
                 }
@@ -111,8 +115,8 @@ impl Driver {
 
     pub(super) fn summary(&self) -> Summary {
         Summary {
-            services: self.services.len() as u32,
-            instances: self.services.live_count() as u32,
+            services: crate::num::count_u32(self.services.len()),
+            instances: crate::num::count_u32(self.services.live_count()),
             committed: crate::supervisor::capacity::total(
                 self.services
                     .iter()
@@ -156,14 +160,18 @@ fn service_status(deps: &Deps, name: &str, svc: &mut Service, fresh: bool) -> Se
         .values_mut()
         .map(|slot| instance_status(deps, name, slot, fresh, (now, wall)))
         .collect();
-    let running = instances
+    let running: u32 = instances
         .iter()
         .filter(|i| i.state == Phase::Running)
-        .count() as u32;
-    let healthy = instances
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX);
+    let healthy: u32 = instances
         .iter()
         .filter(|i| i.health == HealthState::Healthy)
-        .count() as u32;
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX);
     ServiceStatus {
         name: name.to_string(),
         revision: svc.d.revision,

@@ -39,7 +39,9 @@ pub(super) fn to_replace<'a>(
 ) -> u32 {
     instances
         .filter(|i| present(i) && (i.revision, i.epoch) != target)
-        .count() as u32
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX)
 }
 
 impl Driver {
@@ -286,7 +288,7 @@ impl Driver {
         let elapsed = now.duration_since(r.started_at).unwrap_or_default();
         r.finish(RolloutState::Succeeded, "", now);
         let id = r.id.clone();
-        tracing::info!(service = %name, rollout = %id, elapsed_ms = elapsed.as_millis() as u64, "rollout succeeded");
+        tracing::info!(service = %name, rollout = %id, elapsed_ms = crate::num::millis(elapsed), "rollout succeeded");
         let event = EventKind::RolloutFinished {
             rollout: id,
             state: RolloutState::Succeeded,

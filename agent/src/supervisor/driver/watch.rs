@@ -31,7 +31,9 @@ fn in_health_restart(svc: &Service) -> u32 {
                 }
             )
         })
-        .count() as u32
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX)
 }
 
 impl Driver {
