@@ -59,7 +59,9 @@ fn cpu_time(pid: Option<i32>) -> Duration {
         .unwrap_or_default();
     let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+        .max(1)
+        .cast_unsigned();
     Duration::from_millis(ticks * 1000 / hz)
 }
 

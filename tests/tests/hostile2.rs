@@ -452,7 +452,9 @@ async fn an_agent_out_of_file_descriptors_does_not_spin() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = cpu_ticks(pid) - before;
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+        .max(1)
+        .cast_unsigned();
     eprintln!("agent CPU over 3 s of refused accepts: {used} ticks ({hz} per second)");
     assert!(
         used * 10 < hz * 3,

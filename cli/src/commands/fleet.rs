@@ -132,8 +132,7 @@ fn demand(text: &str) -> Resources {
     let replicas = table
         .get("replicas")
         .and_then(toml::Value::as_integer)
-        .unwrap_or(1)
-        .max(0) as u64;
+        .map_or(1, |n| u64::try_from(n).unwrap_or(0));
     let resources = table.get("resources").and_then(toml::Value::as_table);
     let field = |k: &str| resources.and_then(|r| r.get(k));
     let cpu = match field("cpu") {
