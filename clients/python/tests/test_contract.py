@@ -129,7 +129,7 @@ def test_status_spec_is_canonical_and_applies_unchanged(
     assert spec.restart.backoff_ms == 100 and spec.restart.backoff_max_ms == 30_000
     assert spec.stop.grace_ms == 10_000 and spec.stop.signal == "SIGTERM"
     assert spec.logs.max_size_bytes == 10 << 20
-    assert (spec.rollout.min_healthy_ms, spec.rollout.healthy_deadline_ms) == (2000, 60_000)
+    assert (spec.rollout.min_healthy_ms, spec.rollout.healthy_deadline_ms) == (500, 60_000)
     # What status shows is the spec itself: applying it back changes nothing.
     again = client.apply(spec)
     assert enum_name(again, "outcome") == "unchanged", again.changes
