@@ -82,6 +82,28 @@ async fn finished(agent: &Agent, id: &str) -> pb::RolloutStatus {
     .await
 }
 
+/// A rolling restart of `name` while 16 clients load `port` (from `warmup` before it to 0.5 s
+/// after it): its final status, checked succeeded with no request failed in its window.
+async fn restart_under_load(
+    agent: &Agent,
+    name: &str,
+    port: u16,
+    warmup: Duration,
+    what: &str,
+) -> pb::RolloutStatus {
+    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
+    tokio::time::sleep(warmup).await;
+    let t0 = load.now();
+    let id = restart(agent, name).await;
+    let done = finished(agent, &id).await;
+    let t1 = load.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish();
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    no_failures(what, &report, t0, t1);
+    done
+}
+
 async fn restart(agent: &Agent, name: &str) -> String {
     agent
         .client()
@@ -138,17 +160,8 @@ async fn a_rolling_restart_under_load_fails_no_request() {
         .expect("apply");
     all_healthy(&agent, "rr", 4).await;
     let before = agent.get("rr").await.expect("get");
-    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t0 = load.now();
-    let id = restart(&agent, "rr").await;
-    let done = finished(&agent, &id).await;
-    let t1 = load.now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = load.finish();
-    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    let done = restart_under_load(&agent, "rr", port, Duration::from_secs(1), "restart").await;
     assert_eq!((done.replaced, done.to_replace, done.ready), (4, 4, 4));
-    no_failures("restart", &report, t0, t1);
     let after = agent.get("rr").await.expect("get");
     assert_eq!(after.instances.len(), 4);
     assert!(
@@ -510,16 +523,14 @@ timeout = "100ms"
     );
     agent.apply(&slow).await.expect("apply");
     all_healthy(&agent, "slow", 4).await;
-    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let t0 = load.now();
-    let id = restart(&agent, "slow").await;
-    let done = finished(&agent, &id).await;
-    let t1 = load.now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = load.finish();
-    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
-    no_failures("restart of instances slow to start", &report, t0, t1);
+    restart_under_load(
+        &agent,
+        "slow",
+        port,
+        Duration::from_millis(500),
+        "restart of instances slow to start",
+    )
+    .await;
     let s = agent.get("slow").await.expect("get");
     assert!(
         s.instances.iter().all(|i| i.restarts == 0),
@@ -573,16 +584,7 @@ async fn a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted() {
         .await
         .expect("apply");
     all_healthy(&agent, "dr", 4).await;
-    let load = Load::start(port, CLIENTS, LOAD_LIMIT);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let t0 = load.now();
-    let id = restart(&agent, "dr").await;
-    let done = finished(&agent, &id).await;
-    let t1 = load.now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = load.finish();
-    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
-    no_failures("restart", &report, t0, t1);
+    restart_under_load(&agent, "dr", port, Duration::from_secs(1), "restart").await;
     let mut stopped = 0;
     for entry in std::fs::read_dir(dir.path()).expect("read dir") {
         let path = entry.expect("entry").path();
