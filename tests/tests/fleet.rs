@@ -425,6 +425,20 @@ async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
 }
 
 /// Run `corral fleet ARGS` against `etcd`.
+/// Waits for `corral fleet nodes` to list three nodes (a header and three lines); its
+/// (success, stdout, stderr).
+async fn three_nodes_registered(etcd: &Etcd) -> (bool, String, String) {
+    eventually(
+        "three nodes registered",
+        Duration::from_secs(30),
+        || async {
+            let r = fleet_cli(etcd, &["nodes"], None);
+            (r.1.lines().count() == 4).then_some(r)
+        },
+    )
+    .await
+}
+
 fn fleet_cli(etcd: &Etcd, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     use std::io::Write;
     // In etcd's network namespace, where the test hosts have theirs.
@@ -470,15 +484,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
     let a1 = fleet_agent(&etcd, "a1", "zone=a").await;
     let a2 = fleet_agent(&etcd, "a2", "zone=a").await;
     let b1 = fleet_agent(&etcd, "b1", "zone=b").await;
-    let (ok, nodes, err) = eventually(
-        "three nodes registered",
-        Duration::from_secs(20),
-        || async {
-            let r = fleet_cli(&etcd, &["nodes"], None);
-            (r.1.lines().count() == 4).then_some(r)
-        },
-    )
-    .await;
+    let (ok, nodes, err) = three_nodes_registered(&etcd).await;
     assert!(ok, "{err}");
     for (n, zone) in [("a1", "zone=a"), ("a2", "zone=a"), ("b1", "zone=b")] {
         assert!(
@@ -613,15 +619,7 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
             .await,
         );
     }
-    eventually(
-        "three nodes registered",
-        Duration::from_secs(20),
-        || async {
-            let (_, out, _) = fleet_cli(&etcd, &["nodes"], None);
-            (out.lines().count() == 4).then_some(())
-        },
-    )
-    .await;
+    three_nodes_registered(&etcd).await;
     let (ok, out, err) = fleet_cli(
         &etcd,
         &["apply", "-f", "-", "--selector", "zone=a"],
@@ -810,15 +808,7 @@ async fn leader_loss_during_a_fleet_rollout() {
     for n in ["n1", "n2", "n3"] {
         agents.push(fleet_agent(&etcd, n, "zone=a").await);
     }
-    eventually(
-        "three nodes registered",
-        Duration::from_secs(30),
-        || async {
-            let (_, out, _) = fleet_cli(&etcd, &["nodes"], None);
-            (out.lines().count() == 4).then_some(())
-        },
-    )
-    .await;
+    three_nodes_registered(&etcd).await;
     let (ok, out, err) = fleet_cli(
         &etcd,
         &["apply", "-f", "-", "--selector", "zone=a"],
