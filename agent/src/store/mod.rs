@@ -47,6 +47,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// describe processes, which a power loss ends anyway.
     fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
 
+    /// Make what [`Store::put_atomic`] wrote under `kind/name` durable (its data and its
+    /// name): after it returns, the value survives a host crash as `put` would have made it.
+    /// A key removed since is fine: its removal is what gets synced.
+    fn sync(&self, kind: &str, name: &str) -> Result<(), StoreError>;
+
     /// Set `kind/name` aside, kept but no longer listed (a value that cannot be read):
     /// returns where it is now.
     fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError>;
@@ -182,6 +187,25 @@ impl Store for FileStore {
         self.remove(kind, name)
     }
 
+    fn sync(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        let path = self.path(kind, name)?;
+        let err = |what, source| StoreError::Io {
+            path: path.clone(),
+            what,
+            source,
+        };
+        match File::open(&path) {
+            Ok(f) => f.sync_all().map_err(|e| err("fsync", e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err("opening for fsync", e)),
+        }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        match fsync_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(err("fsync of the directory", e)),
+            _ => Ok(()),
+        }
+    }
+
     fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError> {
         let path = self.path(kind, name)?;
         let secs = std::time::SystemTime::now()
@@ -279,6 +303,27 @@ mod tests {
         s.delete("services", "web").expect("delete again is fine");
         assert_eq!(s.list("services").expect("list").len(), 1);
         assert!(s.list("nothing").expect("list").is_empty());
+    }
+
+    #[test]
+    fn an_atomic_put_is_synced_later_and_a_removed_key_syncs_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::open(dir.path()).expect("open");
+        s.put_atomic("services", "web", b"one").expect("put_atomic");
+        assert_eq!(
+            s.list("services").expect("list"),
+            vec![("web".into(), b"one".to_vec())],
+            "readable before its sync"
+        );
+        s.sync("services", "web").expect("sync");
+        s.delete("services", "web").expect("delete");
+        s.sync("services", "web").expect("a removed key syncs");
+        s.sync("nothing", "web")
+            .expect("a kind never written syncs");
+        assert!(matches!(
+            s.sync("services", "../x"),
+            Err(StoreError::InvalidKey { .. })
+        ));
     }
 
     #[test]

@@ -545,6 +545,65 @@ async fn a_failed_save_applies_nothing() {
     ));
 }
 
+/// The desired state's fsync is off the spawn's path: the instances are started from a
+/// record already in place, and the answer waits until it is durable.
+#[tokio::test(start_paused = true)]
+async fn an_apply_starts_its_instances_before_the_fsync_and_answers_after_it() {
+    let store = Arc::new(MemStore::new());
+    let rt = Arc::new(FakeRuntime::new());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (rt, seen, store2) = (rt.clone(), seen.clone(), store.clone());
+        store.on_sync(Box::new(move |kind, name| {
+            let in_place = store2.get(kind, name).is_some();
+            let durable = store2.is_durable(kind, name);
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.push((
+                format!("{kind}/{name}"),
+                rt.spawns().len(),
+                in_place,
+                durable,
+            ));
+        }));
+    }
+    let fakes = Fakes {
+        rt,
+        packages: Arc::new(FakePackages::new()),
+        cg: Arc::new(RecordingCgroups::default()),
+        store: store.clone(),
+    };
+    let r = fakes.start().await;
+    r.apply(WEB).await.expect("apply");
+    assert!(store.is_durable("services", "web"), "durable once answered");
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(
+        seen,
+        vec![("services/web".to_string(), 3, true, false)],
+        "one sync, after the three spawns, of a record already in place"
+    );
+}
+
+/// A sync that fails: the caller is told, the change stays in effect, and the record is
+/// written again durably where the disk allows it.
+#[tokio::test(start_paused = true)]
+async fn a_failed_sync_is_answered_as_a_storage_error() {
+    let store = Arc::new(MemStore::new());
+    store.fail_syncs(true);
+    let r = rig_with(RecordingCgroups::default(), store.clone()).await;
+    // The rewrite succeeds: the apply is answered as applied, and durable.
+    r.apply(WEB).await.expect("written again durably");
+    assert!(store.is_durable("services", "web"));
+    // The rewrite fails too: a storage error, though its instances run.
+    store.fail_flushes(true);
+    let e = r
+        .apply(&WEB.replace("replicas = 3", "replicas = 4"))
+        .await
+        .expect_err("neither synced nor written again");
+    assert!(matches!(e, SupervisorError::Storage { .. }), "{e}");
+    settle().await;
+    assert_eq!(r.rt.spawns().len(), 4, "the change is in effect");
+}
+
 #[tokio::test(start_paused = true)]
 async fn spawn_failures_back_off_and_are_reported() {
     let r = rig().await;

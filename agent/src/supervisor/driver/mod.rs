@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use super::handle::{Envelope, Reply, Request, SupervisorHandle};
 use super::instance::Ctx;
 use super::reconcile;
-use super::{Owner, SupervisorError};
+use super::{ApplyKind, ApplyOutcome, Owner, SupervisorError};
 use crate::artifact::{Packages, Prepared};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::{EventKind, EventLog};
@@ -177,6 +177,8 @@ pub struct Driver {
     scaling: autoscale::Scaling,
     /// Instance records whose save failed, saved again until they are.
     unsaved: unsaved::Unsaved,
+    /// Applies in effect whose record is not synced yet, answered once it is.
+    unsynced_applies: Vec<(ApplyOutcome, Reply<ApplyOutcome>)>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -226,8 +228,21 @@ impl Driver {
             health_tx,
             quarantined: BTreeMap::new(),
             unsaved: unsaved::Unsaved::default(),
+            unsynced_applies: Vec::new(),
         };
         (driver, SupervisorHandle::new(tx))
+    }
+
+    /// Answer the applies of this turn once their records are durable. An apply's record is
+    /// renamed into place before anything of it takes effect, so an agent killed at any point
+    /// after that finds it (and the instances it started) on its next run; the fsync comes
+    /// after the pass that started its instances and before the answer, so a caller told
+    /// "applied" holds a record that also survives a host crash. A failed sync is answered
+    /// as a storage error; the change stays in effect (its record is in place).
+    fn answer_synced(&mut self) {
+        for (outcome, reply) in std::mem::take(&mut self.unsynced_applies) {
+            answer(reply, self.sync_service(&outcome.name).map(|()| outcome));
+        }
     }
 
     /// Each service's health (healthy, degraded, unhealthy) whenever it changes.
@@ -254,6 +269,7 @@ impl Driver {
         loop {
             self.retry_unsaved();
             self.reconcile_all();
+            self.answer_synced();
             let jobs_wake = self.tick_jobs();
             self.autoscale_pass();
             self.publish_health();
@@ -303,11 +319,17 @@ impl Driver {
                 force,
                 expected,
                 reply,
-            } => answer(
-                reply,
-                self.expect_generation(&spec.name, expected)
-                    .and_then(|()| self.apply(from, *spec, dry_run, force)),
-            ),
+            } => {
+                let result = self
+                    .expect_generation(&spec.name, expected)
+                    .and_then(|()| self.apply(from, *spec, dry_run, force));
+                match result {
+                    Ok(o) if !dry_run && o.kind != ApplyKind::Unchanged => {
+                        self.unsynced_applies.push((o, reply));
+                    }
+                    other => answer(reply, other),
+                }
+            }
             Request::ApplyBatch {
                 items,
                 dry_run,

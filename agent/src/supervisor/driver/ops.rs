@@ -155,7 +155,9 @@ impl Driver {
         outcome: &mut ApplyOutcome,
     ) -> Result<Option<String>, SupervisorError> {
         let p = self.prepare_apply(from, spec, kind);
-        self.persist(&p.name, &p.d)?;
+        // In place now, durable before the answer (see `Driver::answer_synced`): the
+        // instances it starts do not wait for the disk.
+        self.persist_unsynced(&p.name, &p.d)?;
         outcome.rollout_id.clone_from(&p.rollout_id);
         Ok(self.install(p, sockets))
     }

@@ -103,6 +103,30 @@ impl Driver {
             .map_err(|source| SupervisorError::Storage { source })
     }
 
+    /// Save a service's desired state in place (a later agent run on this boot reads it) but
+    /// not yet durably: [`Driver::sync_service`] must follow before the change is answered.
+    pub(super) fn persist_unsynced(&self, name: &str, d: &Desired) -> Result<(), SupervisorError> {
+        let bytes = serde_json::to_vec_pretty(&d.to_record())
+            .map_err(|source| SupervisorError::Encoding { source })?;
+        self.deps
+            .store
+            .put_atomic(SERVICES, name, &bytes)
+            .map_err(|source| SupervisorError::Storage { source })
+    }
+
+    /// Make a service's record durable, as [`Driver::persist`] would have. When the sync
+    /// fails, the current desired state is written again durably once before giving up.
+    pub(super) fn sync_service(&self, name: &str) -> Result<(), SupervisorError> {
+        let Err(first) = self.deps.store.sync(SERVICES, name) else {
+            return Ok(());
+        };
+        tracing::warn!(service = %name, error = %first, "cannot sync the desired state; writing it again");
+        match self.services.get(name) {
+            Some(svc) => self.persist(name, &svc.d),
+            None => Err(SupervisorError::Storage { source: first }),
+        }
+    }
+
     /// Save what a later agent run needs to take this instance over; a failed save is
     /// retried until it succeeds ([`super::unsaved`]).
     pub(super) fn persist_instance(&mut self, key: &InstanceKey) {
