@@ -176,6 +176,20 @@ impl TestCgroup {
         self.dirs.iter().any(|(_, d)| d.join(rel).exists())
     }
 
+    /// The hierarchies (v1: by controller; v2: `unified`) whose `rel` does not hold `pid`.
+    pub fn missing(&self, rel: &str, pid: i32) -> Vec<&'static str> {
+        self.dirs
+            .iter()
+            .filter(|(_, d)| {
+                !std::fs::read_to_string(d.join(rel).join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.trim().parse() == Ok(pid))
+            })
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
     /// Every PID in `rel` and below, across hierarchies.
     pub fn pids(&self, rel: &str) -> Vec<i32> {
         let mut out = Vec::new();

@@ -1045,7 +1045,18 @@ pub async fn userns_root_is_not_host_root() {
         }
     };
     eprintln!("userns: workdir idmapped: {idmapped}");
-    let inst = agent.wait_running("uns", 1).await.remove(0).id;
+    let running = agent.wait_running("uns", 1).await.remove(0);
+    // It joined its cgroup by itself from inside its user namespace: in every hierarchy,
+    // its init and the service under it.
+    let rel = format!("corral/uns/{}", running.id);
+    for pid in [running.init_pid, running.pid] {
+        assert_eq!(
+            agent.cgroup.missing(&rel, pid),
+            Vec::<&str>::new(),
+            "pid {pid} of {rel} in every hierarchy"
+        );
+    }
+    let inst = running.id;
     let got = |key: &'static str| {
         let (agent, inst) = (&agent, inst.clone());
         async move { agent.reported(&inst, &format!("userns.{key}")).await }

@@ -344,15 +344,6 @@ pub(super) fn write_id_maps(pid: i32, uid_map: &str, gid_map: &str) -> io::Resul
     Ok(())
 }
 
-/// Puts `pid` in the cgroup of `procs` (its `cgroup.procs` files).
-pub(super) fn join_cgroup(procs: &[OwnedFd], pid: i32) -> io::Result<()> {
-    let text = pid.to_string();
-    for fd in procs {
-        nix::unistd::write(fd, text.as_bytes())?;
-    }
-    Ok(())
-}
-
 /// A user namespace with the given id maps and nothing in it, as an fd (for an idmapped
 /// mount): a child cloned into it waits while its maps are written and the namespace is
 /// opened, then ends.

@@ -29,8 +29,8 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
 use super::clone::{
-    ChildPlan, clone_exec, high, join_cgroup, new_userns, pidfd_signal, read_spawn_error,
-    sealed_memfd, wait_pidfd, write_id_maps,
+    ChildPlan, clone_exec, high, new_userns, pidfd_signal, read_spawn_error, sealed_memfd,
+    wait_pidfd, write_id_maps,
 };
 use super::image;
 use super::launch::{self, HostView, Identity, RunAs};
@@ -698,7 +698,7 @@ impl Processes for LinuxRuntime {
                 )))?;
             }
         }
-        // A child in a new user namespace waits for its id maps (and its cgroup).
+        // A child in a new user namespace waits for its id maps before it joins its cgroup.
         let (wait_r, wait_w) = match userns {
             Some(_) => {
                 let (r, w) =
@@ -740,8 +740,9 @@ impl Processes for LinuxRuntime {
             flags |= libc::CLONE_NEWUSER as u64;
         }
         let plan = ChildPlan {
-            // In a user namespace the parent puts the child in its cgroup.
-            procs: if userns.is_some() { &[] } else { &procs },
+            // The child joins by itself, in a user namespace too (after its maps are written):
+            // the files were opened here, as root, and a process may always move itself.
+            procs: &procs,
             wait_for: wait_r.as_ref().map(|fd| fd.as_raw_fd()),
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
@@ -766,7 +767,6 @@ impl Processes for LinuxRuntime {
         if let (Some(base), Some(wait_w)) = (userns, wait_w) {
             let map = format!("0 {base} {USERNS_SIZE}\n");
             let released = write_id_maps(pid, &map, &map)
-                .and_then(|()| join_cgroup(&procs, pid))
                 .and_then(|()| Ok(nix::unistd::write(&wait_w, b"1")?));
             if let Err(source) = released {
                 let _ = pidfd_signal(&pidfd, libc::SIGKILL);

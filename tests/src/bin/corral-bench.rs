@@ -2,7 +2,8 @@
 //!
 //!   cargo build --release --workspace && sudo target/release/corral-bench [ROUNDS] [SECTION...]
 //!
-//! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `health`
+//! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `start`
+//! (only the start figures of `core`: apply -> 1 and 50 executed, kill -9 -> replaced), `health`
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
 //! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
@@ -165,6 +166,9 @@ async fn main() {
     let wants = |s: &str| sections.is_empty() || sections.contains(&s);
     if wants("core") {
         core(rounds).await;
+    }
+    if wants("start") {
+        start(rounds).await;
     }
     if wants("confine") {
         confine(rounds.max(50)).await;
@@ -715,27 +719,54 @@ async fn api() {
     delete(&agent, "web").await;
 }
 
-async fn core(rounds: usize) {
-    let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+/// The start figures of `core` alone (apply -> 1 and 50 instances executed, kill -9 ->
+/// replacement executed), for before/after comparisons of the spawn path.
+async fn start(rounds: usize) {
+    let dir = PathBuf::from(format!(
+        "/var/tmp/corral-bench-start-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
+    let agent = start_agent().await;
+    let mut fifo = Fifo::new(&dir, "one");
+    start_latency(&agent, &mut fifo, rounds).await;
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent for the start figures: 50 instances of 0.5 cores each on a small host are
+/// committed on purpose beyond its CPUs.
+async fn start_agent() -> Agent {
     let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
     println!(
         "corrald {} ({})",
         corral_e2e::bin("corrald").display(),
         corral_e2e::cgroup::version_name()
     );
+    agent
+}
 
-    // 1. Apply -> one instance executed.
+async fn core(rounds: usize) {
+    let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent = start_agent().await;
     let mut fifo = Fifo::new(&dir, "one");
+    start_latency(&agent, &mut fifo, rounds).await;
+    rest_of_core(agent, fifo, rounds, &dir).await;
+}
+
+/// Apply -> one instance executed; apply -> 50 executed, and their delete; kill -9 -> the
+/// replacement executed with backoff 0s.
+async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
+    // 1. Apply -> one instance executed.
     let mut one = Vec::new();
     for r in 0..rounds {
         let name = format!("one-{r}");
         let t = Instant::now();
-        apply(&agent, &spec(&name, 1, &fifo.path, "")).await;
+        apply(agent, &spec(&name, 1, &fifo.path, "")).await;
         fifo.wait_bytes(1).await;
         one.push(t.elapsed());
-        delete(&agent, &name).await;
+        delete(agent, &name).await;
     }
     stats("apply -> 1 instance executed", one, true);
 
@@ -745,11 +776,11 @@ async fn core(rounds: usize) {
     for r in 0..rounds.min(10) {
         let name = format!("fifty-{r}");
         let t = Instant::now();
-        apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
+        apply(agent, &spec(&name, 50, &fifo.path, "")).await;
         fifo.wait_bytes(50).await;
         fifty.push(t.elapsed());
         let t = Instant::now();
-        delete(&agent, &name).await;
+        delete(agent, &name).await;
         stop.push(t.elapsed());
     }
     stats("apply -> 50 instances executed", fifty, true);
@@ -757,7 +788,7 @@ async fn core(rounds: usize) {
 
     // 4. kill -9 -> replacement executed, backoff 0s.
     apply(
-        &agent,
+        agent,
         &spec("k9", 1, &fifo.path, "[restart]\nbackoff = \"0s\"\n"),
     )
     .await;
@@ -775,8 +806,10 @@ async fn core(rounds: usize) {
         replace,
         true,
     );
-    delete(&agent, "k9").await;
+    delete(agent, "k9").await;
+}
 
+async fn rest_of_core(agent: Agent, mut fifo: Fifo, rounds: usize, dir: &Path) {
     // 5. Memory with 200 instances; 6. List latency with 200 instances.
     let rss_idle = corral_e2e::rss_kib(agent.pid().expect("pid"));
     for s in 0..4 {
@@ -892,7 +925,7 @@ async fn core(rounds: usize) {
     );
     delete(&agent, "flood").await;
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// CPU time (utime + stime) of a process in seconds.
