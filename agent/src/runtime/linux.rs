@@ -785,7 +785,8 @@ impl Processes for LinuxRuntime {
             pid,
             pidfd: Some(pidfd.clone()),
         };
-        let exit = Box::pin(wait_exit(pidfd, Some(err_r), run_dir, true));
+        let layer = image_root.is_some();
+        let exit = Box::pin(wait_exit(pidfd, Some(err_r), run_dir, true, layer));
         Ok(Spawned {
             process,
             start_time,
@@ -965,7 +966,8 @@ impl Processes for LinuxRuntime {
             pid,
             pidfd: Some(pidfd.clone()),
         };
-        let exit = Box::pin(wait_exit(pidfd, None, self.run_dir(instance), false));
+        // Whether it runs an image is in its configuration: looked up when it ends.
+        let exit = Box::pin(wait_exit(pidfd, None, self.run_dir(instance), false, true));
         Ok(Spawned {
             process,
             start_time,
@@ -1181,17 +1183,22 @@ fn read_exit_record(run_dir: &Path) -> Option<ExitRecord> {
 }
 
 /// Wait for the init to end (and reap it when it is our child), and gather what is known
-/// about the end.
+/// about the end. `layer`: the run may have had an image's writable layer, discarded before
+/// the end is reported (the next run's layer takes its place); a run known to have none
+/// skips the look-up and the thread it takes.
 async fn wait_exit(
     pidfd: Arc<OwnedFd>,
     err_pipe: Option<OwnedFd>,
     run_dir: PathBuf,
     child: bool,
+    layer: bool,
 ) -> InitExit {
     let status = wait_pidfd(pidfd, child).await;
     let spawn_error = err_pipe.and_then(read_spawn_error);
-    let layer_of = run_dir.clone();
-    let _ = tokio::task::spawn_blocking(move || image::discard_layer(&layer_of)).await;
+    if layer {
+        let layer_of = run_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || image::discard_layer(&layer_of)).await;
+    }
     InitExit {
         status,
         record: read_exit_record(&run_dir),
