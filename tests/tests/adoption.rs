@@ -832,3 +832,61 @@ async fn every_run_has_its_own_incarnation_id_in_status_events_and_logs() {
         "{again:?}"
     );
 }
+
+/// The agent killed in the middle of an apply, once the first of its instances is in its
+/// cgroup and (most likely) before the answer: the desired state is in place (perhaps not yet
+/// fsynced). The restarted agent has the service and runs its three instances; every process
+/// of the killed agent's spawns is one of them or gone, and nothing else runs in its cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_agent_during_an_apply_keeps_or_cleans_what_it_started() {
+    if skip_unless_root("kill9_of_the_agent_during_an_apply_keeps_or_cleans_what_it_started") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let mut client = agent.client().await;
+    let request = pb::ApplyRequest {
+        source: Some(pb::apply_request::Source::SpecToml(spec(
+            "mid",
+            3,
+            &["serve"],
+            "",
+        ))),
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move { client.apply(request).await.is_ok() });
+    let seen = eventually(
+        "a process in the service's cgroup",
+        Duration::from_secs(20),
+        || async {
+            let pids = agent.cgroup.pids("corral/mid");
+            (!pids.is_empty()).then_some(pids)
+        },
+    )
+    .await;
+    agent.stop_with(libc::SIGKILL);
+    let answered = call.await.unwrap_or(false);
+    let seen_after = agent.cgroup.pids("corral/mid");
+    eprintln!(
+        "killed with {} processes in the cgroup, answered: {answered}",
+        seen.len()
+    );
+    agent.launch().await;
+    let running = agent.wait_running("mid", 3).await;
+    let ours: Vec<i32> = running.iter().flat_map(|i| [i.pid, i.init_pid]).collect();
+    eventually(
+        "only the three instances in the cgroup",
+        Duration::from_secs(20),
+        || async {
+            let mut now = agent.cgroup.pids("corral/mid");
+            now.retain(|p| !ours.contains(p));
+            now.is_empty().then_some(())
+        },
+    )
+    .await;
+    for pid in seen.iter().chain(&seen_after) {
+        assert!(
+            ours.contains(pid) || !alive(*pid),
+            "pid {pid} of the killed agent's spawns is neither adopted nor gone"
+        );
+    }
+}

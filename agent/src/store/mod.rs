@@ -95,16 +95,10 @@ impl FileStore {
             .custom_flags(libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(|e| io_err("opening the lock file", e))?;
-        let mut lock = match lock_exclusive(lock) {
-            Ok(l) => l,
-            Err(_) => {
-                let holder = fs::read_to_string(&lock_path).unwrap_or_default();
-                return Err(StoreError::Locked {
-                    path: dir.to_path_buf(),
-                    holder: holder.trim().to_string(),
-                });
-            }
-        };
+        let mut lock = lock_when_free(lock, &lock_path).map_err(|holder| StoreError::Locked {
+            path: dir.to_path_buf(),
+            holder,
+        })?;
         let _ = lock.set_len(0);
         let _ = writeln!(lock, "{}", std::process::id());
         Ok(FileStore {
@@ -124,13 +118,41 @@ impl FileStore {
 }
 
 /// flock(LOCK_EX|LOCK_NB) on a file we keep: the lock lives as long as the fd.
-fn lock_exclusive(f: File) -> io::Result<File> {
+fn lock_exclusive(f: File) -> Result<File, (File, io::Error)> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(io::Error::last_os_error());
+        return Err((f, io::Error::last_os_error()));
     }
     Ok(f)
+}
+
+/// How long a lock whose agent is dead may still be held: by a child that agent cloned
+/// and that has not executed yet (the descriptor is close-on-exec, so it goes at its exec).
+const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The lock, once free. Held by a live agent: refused at once, with the holder's pid. Held
+/// although the agent that wrote its pid is dead (killed while it was starting a process):
+/// waited for a moment.
+fn lock_when_free(mut f: File, path: &Path) -> Result<File, String> {
+    let deadline = std::time::Instant::now() + DEAD_HOLDER_GRACE;
+    loop {
+        match lock_exclusive(f) {
+            Ok(l) => return Ok(l),
+            Err((back, _)) => f = back,
+        }
+        let holder = fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let dead = holder
+            .parse::<i32>()
+            .is_ok_and(|pid| pid > 0 && !Path::new(&format!("/proc/{pid}")).exists());
+        if !dead || std::time::Instant::now() >= deadline {
+            return Err(holder);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
