@@ -832,3 +832,127 @@ async fn every_run_has_its_own_incarnation_id_in_status_events_and_logs() {
         "{again:?}"
     );
 }
+
+/// The agent is killed (-9) in the middle of a Delete: the service's record is gone, its
+/// instances (which ignore SIGTERM, with a grace period) still run. The next agent finishes
+/// the delete: no process, cgroup, record, log or socket of the service is left, nothing of
+/// it is adopted, and applying the name again starts a service from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_cut_short_by_kill9_is_finished_at_the_next_start() {
+    if skip_unless_root("a_delete_cut_short_by_kill9_is_finished_at_the_next_start") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("doomed.sock");
+    let extra = format!(
+        "[stop]\ngrace = \"5s\"\n[[sockets]]\nname = \"http\"\nlisten = \"unix:{}\"\n",
+        socket.display()
+    );
+    agent
+        .apply(&spec("doomed", 3, &["ignore-term"], &extra))
+        .await
+        .expect("apply");
+    let running = agent.wait_running("doomed", 3).await;
+    let pids: Vec<i32> = running.iter().flat_map(|i| [i.pid, i.init_pid]).collect();
+    let state = agent.state_dir.clone();
+    let leftovers = |agent: &Agent| {
+        let mut found: Vec<String> = Vec::new();
+        for i in 0..3 {
+            for path in [
+                state.join(format!("instances/doomed-{i}.json")),
+                state.join(format!("logs/doomed-{i}")),
+            ] {
+                if path.exists() {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+        for path in [
+            state.join("services/doomed.json"),
+            state.join("deleting/doomed.json"),
+            socket.clone(),
+        ] {
+            if path.exists() {
+                found.push(path.display().to_string());
+            }
+        }
+        if agent.cgroup.exists("doomed") {
+            found.push("the cgroup doomed".to_string());
+        }
+        found.extend(
+            pids.iter()
+                .filter(|p| alive(**p))
+                .map(|p| format!("pid {p}")),
+        );
+        found
+    };
+    assert!(socket.exists() && state.join("logs/doomed-0").exists());
+
+    // The delete begins; the instances ignore their SIGTERM, so it waits out their grace.
+    let mut client = agent.client().await;
+    let deleting = tokio::spawn(async move {
+        client
+            .delete(pb::DeleteRequest {
+                name: "doomed".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    eventually("the delete to begin", Duration::from_secs(10), || async {
+        let s = agent.get("doomed").await.ok()?;
+        s.deleting.then_some(())
+    })
+    .await;
+    assert!(
+        !state.join("services/doomed.json").exists(),
+        "the record goes first"
+    );
+    agent.stop_with(libc::SIGKILL);
+    assert!(
+        deleting.await.expect("join").is_err(),
+        "the delete never answered"
+    );
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the kill landed inside the delete: every instance still ran"
+    );
+
+    agent.launch().await;
+    // Its instances are taken over only to be stopped: the service is never live again.
+    if let Ok(s) = agent.get("doomed").await {
+        assert!(s.deleting, "restored as being deleted: {s:?}");
+    }
+    let left = eventually(
+        "the delete finished by the next agent",
+        Duration::from_secs(30),
+        || async {
+            let left = leftovers(&agent);
+            left.is_empty().then_some(left)
+        },
+    )
+    .await;
+    assert!(left.is_empty());
+    let err = agent.get("doomed").await.expect_err("deleted");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // The name again: a new service, its own instances, fresh logs and records.
+    agent
+        .apply(&spec("doomed", 2, &["serve"], ""))
+        .await
+        .expect("apply again");
+    let again = agent.wait_running("doomed", 2).await;
+    for i in &again {
+        assert!(!pids.contains(&i.pid), "{} is a new process", i.id);
+        assert_eq!(i.restarts, 0, "{}", i.id);
+    }
+    let s = agent.get("doomed").await.expect("get");
+    assert_eq!(s.instances.len(), 2, "no instance of the deleted service");
+    eventually(
+        "the new instance's ready line",
+        Duration::from_secs(10),
+        || async { (agent.stdout_of("doomed-0").lines().count() == 1).then_some(()) },
+    )
+    .await;
+    agent.delete("doomed").await.expect("delete");
+}

@@ -480,6 +480,10 @@ async fn delete_answers_once_everything_is_gone() {
         r.store.list("services").expect("list").is_empty(),
         "desired state removed first"
     );
+    assert!(
+        r.store.get("deleting", "web").is_some(),
+        "the delete is saved"
+    );
     for p in pids {
         r.exited(p, 0);
     }
@@ -498,6 +502,10 @@ async fn delete_answers_once_everything_is_gone() {
     );
     let e = r.handle.get("web").await.expect_err("gone");
     assert!(matches!(e, SupervisorError::NotFound { .. }));
+    assert!(
+        r.store.get("deleting", "web").is_none(),
+        "the delete is done"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -612,6 +620,59 @@ async fn restore_starts_the_saved_services_and_stops_leftovers() {
         r.rt.signals().contains(&(4242, libc::SIGTERM)),
         "leftovers get their stop signal first"
     );
+}
+
+/// An agent killed between saving a delete and removing the service's record: the next one
+/// finishes the delete (the delete wins over the record), stopping what runs of it.
+#[tokio::test(start_paused = true)]
+async fn a_saved_delete_is_finished_at_restore_even_with_the_record_still_there() {
+    let first = web().await;
+    let running = place_in_cgroups(&first, "web").await;
+    let record = first
+        .store
+        .get("services", "web")
+        .expect("the service's record");
+    first.store.put("deleting", "web", &record).expect("put");
+    let fakes = first.fakes();
+    drop(first);
+    settle().await;
+
+    let second = fakes.start().await;
+    settle().await;
+    assert!(
+        second.status("web").await.deleting,
+        "restored as being deleted"
+    );
+    assert!(fakes.rt.adopted().len() == 3, "taken over to be stopped");
+    for (_, pid) in &running {
+        assert!(fakes.rt.signals().contains(&(*pid, libc::SIGTERM)), "{pid}");
+        second.exited(*pid, 0);
+    }
+    settle().await;
+    assert!(matches!(
+        second.handle.get("web").await,
+        Err(SupervisorError::NotFound { .. })
+    ));
+    for (idx, _) in running {
+        let path = CgroupPath::instance("web", &format!("web-{idx}"));
+        assert!(fakes.cg.entry(&path).is_none(), "{path} removed");
+        assert!(
+            fakes
+                .store
+                .get("instances", &format!("web-{idx}"))
+                .is_none()
+        );
+    }
+    assert!(fakes.store.get("services", "web").is_none());
+    assert!(
+        fakes.store.get("deleting", "web").is_none(),
+        "the delete is done"
+    );
+
+    // A delete whose end could not be saved does not outlive a new service of the name.
+    fakes.store.put("deleting", "web", &record).expect("put");
+    second.apply(WEB).await.expect("apply again");
+    assert!(fakes.store.get("deleting", "web").is_none());
 }
 
 /// Put each running instance's init in its cgroup, as the kernel would.
