@@ -716,10 +716,15 @@ async fn an_instance_record_that_failed_to_save_is_retried_so_a_restart_adopts_i
             .collect();
         assert!(!unsaved.is_empty(), "the failed save is reported");
         assert_eq!(unsaved[0].instance.as_deref(), Some("web-0"));
+        let node = first.handle.summary().await.expect("summary").unsaved;
+        assert_eq!(node.count, 1, "{node:?}");
+        assert!(node.since.is_some() && !node.error.is_empty(), "{node:?}");
         // Space comes back: the record is saved at a retry, with no other change to trigger it.
         fakes.store.fail_writes(false);
         tokio::time::sleep(Duration::from_secs(11)).await;
         settle().await;
+        let node = first.handle.summary().await.expect("summary").unsaved;
+        assert_eq!(node, UnsavedRecords::default(), "cleared once saved");
         let running = place_in_cgroups(&first, "web").await;
         drop(first);
         settle().await;
