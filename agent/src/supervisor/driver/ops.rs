@@ -558,6 +558,10 @@ impl Driver {
                 return answer(reply, Err(e));
             }
             if let Err(e) = self.deps.store.delete(SERVICES, name) {
+                // Refused: the next start must not finish a delete the caller was told failed.
+                if let Err(undo) = self.clear_delete(name) {
+                    tracing::error!(service = %name, error = %undo, "cannot withdraw the saved delete: the next start will finish it");
+                }
                 return answer(reply, Err(SupervisorError::Storage { source: e }));
             }
             let Some(svc) = self.services.get_mut(name) else {
