@@ -174,6 +174,82 @@ struct ConfigFile {
     max_handshakes_per_address: Option<usize>,
 }
 
+/// Every key a `--config` file may hold: the fields of [`ConfigFile`] and of its flattened
+/// [`FleetFlags`]. serde's `deny_unknown_fields` cannot list them or say where an unknown key
+/// is once a struct is flattened, so the file's keys are checked against this first.
+const CONFIG_KEYS: &[&str] = &[
+    "state_dir",
+    "socket",
+    "services",
+    "cgroup_parent",
+    "log_format",
+    "listen",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "max_cache",
+    "max_fetches",
+    "dynamic_users",
+    "userns_ids",
+    "etcd",
+    "node",
+    "node_labels",
+    "etcd_prefix",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password_file",
+    "etcd_lease_ttl",
+    "metrics",
+    "metrics_tls_cert",
+    "metrics_tls_key",
+    "metrics_insecure",
+    "reserve",
+    "overcommit",
+    "autoscale_interval",
+    "first_byte_timeout",
+    "handshake_timeout",
+    "max_handshakes",
+    "max_handshakes_per_address",
+];
+
+/// The agent's config file, its unknown keys refused by name, line and the keys there are.
+fn read_config(text: &str) -> Result<ConfigFile> {
+    // A file that does not parse gets toml's own message (with its line) below.
+    if let Ok(table) = toml::de::DeTable::parse(text) {
+        let mut unknown: Vec<(usize, &str)> = table
+            .get_ref()
+            .keys()
+            .filter(|k| !CONFIG_KEYS.contains(&k.get_ref().as_ref()))
+            .map(|k| {
+                let line = text
+                    .get(..k.span().start)
+                    .map_or(0, |t| t.matches('\n').count());
+                (line + 1, k.get_ref().as_ref())
+            })
+            .collect();
+        unknown.sort();
+        if let Some((line, key)) = unknown.first() {
+            let hint = match key.replace('-', "_") {
+                k if k != *key && CONFIG_KEYS.contains(&k.as_str()) => {
+                    format!(" (did you mean `{k}`? keys are written with underscores)")
+                }
+                _ => String::new(),
+            };
+            let others = match unknown.len() {
+                1 => String::new(),
+                n => format!(" ({} unknown keys in all)", n),
+            };
+            bail!(
+                "line {line}: unknown key `{key}`{hint}{others}; the keys are: {}",
+                CONFIG_KEYS.join(", ")
+            );
+        }
+    }
+    Ok(toml::from_str::<ConfigFile>(text)?)
+}
+
 #[derive(Debug)]
 struct Settings {
     state_dir: PathBuf,
@@ -401,8 +477,7 @@ fn settings(flags: Flags) -> Result<Settings> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading --config {}", path.display()))?;
-            toml::from_str::<ConfigFile>(&text)
-                .with_context(|| format!("--config {}", path.display()))?
+            read_config(&text).with_context(|| format!("--config {}", path.display()))?
         }
         None => ConfigFile::default(),
     };
@@ -989,5 +1064,64 @@ async fn apply_file(handle: &SupervisorHandle, file: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) => bail!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// An unknown key is refused with its name, its line and every valid key.
+    #[test]
+    fn an_unknown_config_key_is_named_with_its_line_and_the_valid_keys() {
+        let text = "state_dir = \"/var/lib/corral\"\n\n# the fleet\netcd = \"http://e:2379\"\nnode = \"n1\"\nstate_dri = \"/x\"\n";
+        let err = format!("{:#}", read_config(text).expect_err("refused"));
+        assert!(err.contains("line 6: unknown key `state_dri`"), "{err}");
+        for key in CONFIG_KEYS {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+        // Dashes, as on the command line, get a hint.
+        let err = format!(
+            "{:#}",
+            read_config("max-fetches = 2\n").expect_err("refused")
+        );
+        assert!(
+            err.contains("line 1: unknown key `max-fetches` (did you mean `max_fetches`?"),
+            "{err}"
+        );
+        // In a table too: the first unknown key by line, and how many there are.
+        let err = format!(
+            "{:#}",
+            read_config("socket = \"/s\"\nzzz = 1\n[etcd_tls]\nca = 1\n").expect_err("refused")
+        );
+        assert!(
+            err.contains("line 2: unknown key `zzz` (2 unknown keys in all)"),
+            "{err}"
+        );
+    }
+
+    /// Every listed key is one serde takes, and every flag (but --config) has its key.
+    #[test]
+    fn config_keys_are_the_flags() {
+        for key in CONFIG_KEYS {
+            let err = read_config(&format!("{key} = []\n")).expect_err("a list is no value here");
+            let err = format!("{err:#}");
+            assert!(!err.contains("unknown"), "{key}: {err}");
+        }
+        let flags: Vec<String> = Flags::command()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| !["config", "help", "version", "generate_docs"].contains(&id.as_str()))
+            .collect();
+        for id in &flags {
+            assert!(
+                CONFIG_KEYS.contains(&id.as_str()),
+                "--{id} has no config key"
+            );
+        }
+        let good = read_config("state_dir = \"/s\"\netcd = \"http://e:2379\"\nnode = \"n\"\n")
+            .expect("valid");
+        assert_eq!(good.fleet.node.as_deref(), Some("n"));
     }
 }

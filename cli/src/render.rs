@@ -829,6 +829,20 @@ pub fn write_node(out: &mut dyn Write, n: &pb::NodeInfo) -> io::Result<()> {
     if !n.quarantined.is_empty() {
         fields.push(("quarantined", n.quarantined.join("\n")));
     }
+    if n.records_unsaved > 0 {
+        let since = n
+            .records_unsaved_since
+            .as_ref()
+            .and_then(time_seconds)
+            .unwrap_or_else(|| "-".to_owned());
+        fields.push((
+            "unsaved",
+            format!(
+                "{} instance record(s) since {since}: {} (saved again until they are; until then an agent restart could take those instances for lost)",
+                n.records_unsaved, n.records_unsaved_error
+            ),
+        ));
+    }
     if let Some(f) = &n.fleet {
         let since = f
             .since
@@ -1646,6 +1660,9 @@ web-2: exec /usr/bin/python3: permission denied
             overcommit_cpu: 4.0,
             overcommit_memory: 1.0,
             quarantined: vec![],
+            records_unsaved: 0,
+            records_unsaved_since: None,
+            records_unsaved_error: String::new(),
         };
         let got = text(|o| write_node(o, &n));
         let want = "\
@@ -1670,6 +1687,28 @@ committed:    cpu 1.25, memory 1GiB
 overcommit:   cpu 4, memory 1
 ";
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn node_says_how_many_records_are_unsaved_and_since_when() {
+        let n = pb::NodeInfo {
+            records_unsaved: 2,
+            records_unsaved_since: Some(prost_types::Timestamp {
+                seconds: 1_740_830_400,
+                nanos: 0,
+            }),
+            records_unsaved_error: "No space left on device (os error 28)".into(),
+            ..Default::default()
+        };
+        let got = text(|o| write_node(o, &n));
+        assert!(
+            got.contains(
+                "\nunsaved:      2 instance record(s) since 2025-03-01T12:00:00Z: No space left on device (os error 28) (saved again"
+            ),
+            "{got}"
+        );
+        let none = text(|o| write_node(o, &pb::NodeInfo::default()));
+        assert!(!none.contains("unsaved"), "{none}");
     }
 
     #[test]

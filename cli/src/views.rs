@@ -462,6 +462,12 @@ pub struct NodeView {
     pub fleet: Option<FleetLinkView>,
     /// Services whose saved record was unreadable at start, until an apply repairs them.
     pub quarantined: Vec<String>,
+    /// Instance records the agent could not save yet (it saves them again until it can).
+    pub records_unsaved: u32,
+    /// Since when the oldest of them has been unsaved (RFC 3339); `null` when none.
+    pub records_unsaved_since: Option<String>,
+    /// The last failed save's error; empty when none.
+    pub records_unsaved_error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -535,6 +541,9 @@ impl From<&pb::NodeInfo> for NodeView {
             overcommit_cpu: n.overcommit_cpu,
             overcommit_memory: n.overcommit_memory,
             quarantined: n.quarantined.clone(),
+            records_unsaved: n.records_unsaved,
+            records_unsaved_since: n.records_unsaved_since.as_ref().and_then(rfc3339),
+            records_unsaved_error: n.records_unsaved_error.clone(),
         }
     }
 }

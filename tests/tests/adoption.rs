@@ -890,3 +890,269 @@ async fn kill9_of_the_agent_during_an_apply_keeps_or_cleans_what_it_started() {
         );
     }
 }
+
+/// The agent is killed (-9) in the middle of a Delete: the service's record is gone, its
+/// instances (which ignore SIGTERM, with a grace period) still run. The next agent finishes
+/// the delete: no process, cgroup, record, log or socket of the service is left, nothing of
+/// it is adopted, and applying the name again starts a service from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_cut_short_by_kill9_is_finished_at_the_next_start() {
+    if skip_unless_root("a_delete_cut_short_by_kill9_is_finished_at_the_next_start") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let socket = sockets.path().join("doomed.sock");
+    let extra = format!(
+        "[stop]\ngrace = \"5s\"\n[[sockets]]\nname = \"http\"\nlisten = \"unix:{}\"\n",
+        socket.display()
+    );
+    agent
+        .apply(&spec("doomed", 3, &["ignore-term"], &extra))
+        .await
+        .expect("apply");
+    let running = agent.wait_running("doomed", 3).await;
+    let pids: Vec<i32> = running.iter().flat_map(|i| [i.pid, i.init_pid]).collect();
+    let state = agent.state_dir.clone();
+    let leftovers = |agent: &Agent| {
+        let mut found: Vec<String> = Vec::new();
+        for i in 0..3 {
+            for path in [
+                state.join(format!("instances/doomed-{i}.json")),
+                state.join(format!("logs/doomed-{i}")),
+            ] {
+                if path.exists() {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+        for path in [
+            state.join("services/doomed.json"),
+            state.join("deleting/doomed.json"),
+            socket.clone(),
+        ] {
+            if path.exists() {
+                found.push(path.display().to_string());
+            }
+        }
+        if agent.cgroup.exists("doomed") {
+            found.push("the cgroup doomed".to_string());
+        }
+        found.extend(
+            pids.iter()
+                .filter(|p| alive(**p))
+                .map(|p| format!("pid {p}")),
+        );
+        found
+    };
+    assert!(socket.exists() && state.join("logs/doomed-0").exists());
+
+    // The delete begins; the instances ignore their SIGTERM, so it waits out their grace.
+    let mut client = agent.client().await;
+    let deleting = tokio::spawn(async move {
+        client
+            .delete(pb::DeleteRequest {
+                name: "doomed".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    eventually("the delete to begin", Duration::from_secs(10), || async {
+        let s = agent.get("doomed").await.ok()?;
+        s.deleting.then_some(())
+    })
+    .await;
+    assert!(
+        !state.join("services/doomed.json").exists(),
+        "the record goes first"
+    );
+    agent.stop_with(libc::SIGKILL);
+    assert!(
+        deleting.await.expect("join").is_err(),
+        "the delete never answered"
+    );
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the kill landed inside the delete: every instance still ran"
+    );
+
+    agent.launch().await;
+    // Its instances are taken over only to be stopped: the service is never live again.
+    if let Ok(s) = agent.get("doomed").await {
+        assert!(s.deleting, "restored as being deleted: {s:?}");
+    }
+    let left = eventually(
+        "the delete finished by the next agent",
+        Duration::from_secs(30),
+        || async {
+            let left = leftovers(&agent);
+            left.is_empty().then_some(left)
+        },
+    )
+    .await;
+    assert!(left.is_empty());
+    let err = agent.get("doomed").await.expect_err("deleted");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // The name again: a new service, its own instances, fresh logs and records.
+    agent
+        .apply(&spec("doomed", 2, &["serve"], ""))
+        .await
+        .expect("apply again");
+    let again = agent.wait_running("doomed", 2).await;
+    for i in &again {
+        assert!(!pids.contains(&i.pid), "{} is a new process", i.id);
+        assert_eq!(i.restarts, 0, "{}", i.id);
+    }
+    let s = agent.get("doomed").await.expect("get");
+    assert_eq!(s.instances.len(), 2, "no instance of the deleted service");
+    eventually(
+        "the new instance's ready line",
+        Duration::from_secs(10),
+        || async { (agent.stdout_of("doomed-0").lines().count() == 1).then_some(()) },
+    )
+    .await;
+    agent.delete("doomed").await.expect("delete");
+}
+
+/// The agent's instance records on a full filesystem (a small tmpfs over the records'
+/// directory): an instance crashes and is started again, its new record cannot be saved, and
+/// the agent says so (event, log line, `corral node`); once there is room the record is saved
+/// without anything else happening, and an agent killed (-9) afterwards adopts the running
+/// instance instead of taking it for lost and starting another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_unsaved_on_a_full_disk_is_saved_once_there_is_room() {
+    if skip_unless_root("a_record_unsaved_on_a_full_disk_is_saved_once_there_is_room") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    let records = agent.state_dir.join("state").join("instances");
+    std::fs::create_dir_all(&records).expect("records dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "corral-e2e-records"])
+        .arg(&records)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP a_record_unsaved_on_a_full_disk_is_saved_once_there_is_room: no tmpfs");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(records.clone());
+    agent
+        .apply(&spec(
+            "tight",
+            1,
+            &["serve"],
+            "[restart]\nbackoff = \"100ms\"\n",
+        ))
+        .await
+        .expect("apply");
+    let first = agent.wait_running("tight", 1).await[0].pid;
+    let record = records.join("tight-0.json");
+    eventually("the first record", Duration::from_secs(10), || async {
+        record.exists().then_some(())
+    })
+    .await;
+
+    // Fill the filesystem with files the store does not list (no `.json`): large writes,
+    // then small ones (tmpfs may allocate more than a page for a large write), then one-byte
+    // files for the pages left.
+    let fillers = records.join("fillers");
+    std::fs::create_dir(&fillers).expect("fillers dir");
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(fillers.join("big")).expect("filler");
+        for size in [65536, 4096, 512, 1] {
+            let chunk = vec![0u8; size];
+            while filler.write_all(&chunk).is_ok() {}
+        }
+        let mut failed = 0;
+        for n in 0..5000 {
+            let small = fillers.join(format!("small-{n}"));
+            if std::fs::write(&small, b"x").is_err() {
+                failed += 1;
+                if failed == 20 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        std::fs::write(fillers.join("probe"), [0u8; 300]).is_err(),
+        "the filesystem is full"
+    );
+    kill9(first);
+    let (second, init) = eventually("tight-0 started again", Duration::from_secs(20), || async {
+        let s = agent.get("tight").await.ok()?;
+        let i = s.instances.first()?;
+        (i.restarts == 1 && i.pid > 0 && i.pid != first).then_some((i.pid, i.init_pid))
+    })
+    .await;
+    let node = eventually("corral node to say so", Duration::from_secs(10), || async {
+        let out = agent.cli(&["node"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find(|l| l.starts_with("unsaved:"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(node.contains("1 instance record(s) since"), "{node}");
+    assert!(
+        std::fs::read_to_string(&record).is_ok_and(|r| !r.contains(&format!("\"pid\":{init}"))),
+        "the record still names the earlier run"
+    );
+    let unsaved = runs_of(
+        &events_of(&agent, "tight-0").await,
+        pb::EventType::RecordUnsaved,
+    );
+    assert!(!unsaved.is_empty(), "a record_unsaved event");
+    assert!(
+        agent.log_text().contains("cannot save the instance record"),
+        "a log line"
+    );
+
+    // Still full after a few retries (0.5 s, then 1 s apart): still unsaved.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let out = agent.cli(&["node"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unsaved:"),
+        "not saved while the disk is full"
+    );
+
+    // Room again: saved at a retry, with nothing else to trigger it.
+    std::fs::remove_dir_all(&fillers).expect("free");
+    eventually("the record saved", Duration::from_secs(30), || async {
+        let saved = std::fs::read_to_string(&record).ok()?;
+        saved.contains(&format!("\"pid\":{init}")).then_some(())
+    })
+    .await;
+    eventually("corral node cleared", Duration::from_secs(10), || async {
+        let out = agent.cli(&["node"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (out.status.success() && !text.contains("unsaved:")).then_some(())
+    })
+    .await;
+
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    let after = agent.wait_running("tight", 1).await;
+    assert_eq!(after.len(), 1, "not duplicated");
+    assert_eq!((after[0].pid, after[0].restarts), (second, 1), "adopted");
+    assert!(alive(second));
+    assert!(
+        agent
+            .log_text()
+            .contains("adopted a running instance instance=tight-0 pid="),
+        "adopted, not taken for lost"
+    );
+    agent.delete("tight").await.expect("delete");
+}

@@ -772,6 +772,9 @@ pub fn node_to_proto(h: &HostInfo, f: &NodeFacts<'_>) -> pb::NodeInfo {
         instances,
         fleet: f.fleet.as_ref().map(fleet_to_proto),
         quarantined: f.summary.quarantined.clone(),
+        records_unsaved: f.summary.unsaved.count,
+        records_unsaved_since: f.summary.unsaved.since.map(ts),
+        records_unsaved_error: f.summary.unsaved.error.clone(),
     }
 }
 

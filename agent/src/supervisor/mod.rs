@@ -134,6 +134,19 @@ pub struct Summary {
     /// Services whose saved record was unreadable at start, each `NAME: where it was set
     /// aside: why`, until an apply repairs it.
     pub quarantined: Vec<String>,
+    /// Instance records not saved yet (retried until they are).
+    pub unsaved: UnsavedRecords,
+}
+
+/// Instance records the driver could not save and saves again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UnsavedRecords {
+    /// How many.
+    pub count: u32,
+    /// Since when the oldest of them has been unsaved.
+    pub since: Option<SystemTime>,
+    /// The last save's error.
+    pub error: String,
 }
 
 /// One instance, as reported.

@@ -116,6 +116,23 @@ fn spec(text: &str) -> Box<ServiceSpec> {
 
 const WEB: &str = "name = \"web\"\ncommand = [\"/bin/app\"]\nreplicas = 3\n[restart]\nbackoff = \"1s\"\nbackoff_max = \"4s\"\n[stop]\ngrace = \"5s\"\n";
 
+/// `fut`'s output, or a failed test naming `what` when it is not there within a minute of
+/// paused time or of real time: a wait nothing will end (the driver idle, or spinning, which
+/// stops paused time) fails with a message instead of hanging the test.
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    const BOUND: Duration = Duration::from_secs(60);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(BOUND);
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        v = fut => v,
+        _ = tokio::time::sleep(BOUND) => panic!("{what}: not done within {BOUND:?} (paused time)"),
+        _ = rx => panic!("{what}: not done within {BOUND:?} (real time)"),
+    }
+}
+
 /// Let the driver and the exit watchers run (time is paused: this advances it a little).
 async fn settle() {
     for _ in 0..5 {
@@ -463,6 +480,10 @@ async fn delete_answers_once_everything_is_gone() {
         r.store.list("services").expect("list").is_empty(),
         "desired state removed first"
     );
+    assert!(
+        r.store.get("deleting", "web").is_some(),
+        "the delete is saved"
+    );
     for p in pids {
         r.exited(p, 0);
     }
@@ -481,6 +502,10 @@ async fn delete_answers_once_everything_is_gone() {
     );
     let e = r.handle.get("web").await.expect_err("gone");
     assert!(matches!(e, SupervisorError::NotFound { .. }));
+    assert!(
+        r.store.get("deleting", "web").is_none(),
+        "the delete is done"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -656,6 +681,59 @@ async fn restore_starts_the_saved_services_and_stops_leftovers() {
     );
 }
 
+/// An agent killed between saving a delete and removing the service's record: the next one
+/// finishes the delete (the delete wins over the record), stopping what runs of it.
+#[tokio::test(start_paused = true)]
+async fn a_saved_delete_is_finished_at_restore_even_with_the_record_still_there() {
+    let first = web().await;
+    let running = place_in_cgroups(&first, "web").await;
+    let record = first
+        .store
+        .get("services", "web")
+        .expect("the service's record");
+    first.store.put("deleting", "web", &record).expect("put");
+    let fakes = first.fakes();
+    drop(first);
+    settle().await;
+
+    let second = fakes.start().await;
+    settle().await;
+    assert!(
+        second.status("web").await.deleting,
+        "restored as being deleted"
+    );
+    assert!(fakes.rt.adopted().len() == 3, "taken over to be stopped");
+    for (_, pid) in &running {
+        assert!(fakes.rt.signals().contains(&(*pid, libc::SIGTERM)), "{pid}");
+        second.exited(*pid, 0);
+    }
+    settle().await;
+    assert!(matches!(
+        second.handle.get("web").await,
+        Err(SupervisorError::NotFound { .. })
+    ));
+    for (idx, _) in running {
+        let path = CgroupPath::instance("web", &format!("web-{idx}"));
+        assert!(fakes.cg.entry(&path).is_none(), "{path} removed");
+        assert!(
+            fakes
+                .store
+                .get("instances", &format!("web-{idx}"))
+                .is_none()
+        );
+    }
+    assert!(fakes.store.get("services", "web").is_none());
+    assert!(
+        fakes.store.get("deleting", "web").is_none(),
+        "the delete is done"
+    );
+
+    // A delete whose end could not be saved does not outlive a new service of the name.
+    fakes.store.put("deleting", "web", &record).expect("put");
+    second.apply(WEB).await.expect("apply again");
+    assert!(fakes.store.get("deleting", "web").is_none());
+}
+
 /// Put each running instance's init in its cgroup, as the kernel would.
 async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
     let running = r.running(service).await;
@@ -670,45 +748,55 @@ async fn place_in_cgroups(r: &Rig, service: &str) -> Vec<(u32, i32)> {
 
 #[tokio::test(start_paused = true)]
 async fn an_instance_record_that_failed_to_save_is_retried_so_a_restart_adopts_it() {
-    let first = rig().await;
-    first
-        .apply(&WEB.replace("replicas = 3", "replicas = 1"))
-        .await
-        .expect("apply");
-    settle().await;
-    let fakes = first.fakes();
-    let (_, old) = first.running("web").await[0];
-    // The disk fills; the instance crashes and is started again: its new record (new PID)
-    // cannot be saved.
-    fakes.store.fail_writes(true);
-    first.exited(old, 1);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    settle().await;
-    let (_, new) = first.running("web").await[0];
-    assert_ne!(new, old);
-    let unsaved: Vec<_> = first
-        .events()
-        .await
-        .into_iter()
-        .filter(|e| matches!(e.kind, crate::events::EventKind::RecordUnsaved { .. }))
-        .collect();
-    assert!(!unsaved.is_empty(), "the failed save is reported");
-    assert_eq!(unsaved[0].instance.as_deref(), Some("web-0"));
-    // Space comes back: the record is saved at a retry, with no other change to trigger it.
-    fakes.store.fail_writes(false);
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    settle().await;
-    let running = place_in_cgroups(&first, "web").await;
-    drop(first);
-    settle().await;
+    // Bounded: without the retry the failed record is never saved again (and the driver's
+    // retry deadline stays due, which stops paused time): the test must fail, not hang.
+    within("the record retry", async {
+        let first = rig().await;
+        first
+            .apply(&WEB.replace("replicas = 3", "replicas = 1"))
+            .await
+            .expect("apply");
+        settle().await;
+        let fakes = first.fakes();
+        let (_, old) = first.running("web").await[0];
+        // The disk fills; the instance crashes and is started again: its new record (new PID)
+        // cannot be saved.
+        fakes.store.fail_writes(true);
+        first.exited(old, 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        settle().await;
+        let (_, new) = first.running("web").await[0];
+        assert_ne!(new, old);
+        let unsaved: Vec<_> = first
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| matches!(e.kind, crate::events::EventKind::RecordUnsaved { .. }))
+            .collect();
+        assert!(!unsaved.is_empty(), "the failed save is reported");
+        assert_eq!(unsaved[0].instance.as_deref(), Some("web-0"));
+        let node = first.handle.summary().await.expect("summary").unsaved;
+        assert_eq!(node.count, 1, "{node:?}");
+        assert!(node.since.is_some() && !node.error.is_empty(), "{node:?}");
+        // Space comes back: the record is saved at a retry, with no other change to trigger it.
+        fakes.store.fail_writes(false);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        settle().await;
+        let node = first.handle.summary().await.expect("summary").unsaved;
+        assert_eq!(node, UnsavedRecords::default(), "cleared once saved");
+        let running = place_in_cgroups(&first, "web").await;
+        drop(first);
+        settle().await;
 
-    let second = fakes.start().await;
-    settle().await;
-    assert_eq!(second.running("web").await, running, "the same instance");
-    assert!(
-        fakes.rt.adopted().contains(&new),
-        "the instance started while the disk was full is adopted, not taken for lost"
-    );
+        let second = fakes.start().await;
+        settle().await;
+        assert_eq!(second.running("web").await, running, "the same instance");
+        assert!(
+            fakes.rt.adopted().contains(&new),
+            "the instance started while the disk was full is adopted, not taken for lost"
+        );
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -291,10 +291,12 @@ impl Driver {
             return;
         };
         let (id, deleting) = (slot.instance.id, svc.deleting);
-        self.forget_record(&id);
+        // Files first: a crash between the two leaves the record, and the slot with it, for
+        // the next start to finish.
         if deleting {
             self.deps.files.remove_instance_files(&id);
         }
+        self.forget_record(&id);
         self.note_gone(&key.service, &id);
     }
 
@@ -326,6 +328,10 @@ impl Driver {
             self.deps.sockets.unlink_socket(listen);
         }
         self.deps.processes.release_service(name);
+        // Last: until here, the next start would finish this delete.
+        if let Err(e) = self.clear_delete(name) {
+            tracing::error!(service = %name, error = %e, "cannot mark the delete as finished: the next start finishes it again, unless the name is applied first");
+        }
         tracing::info!(service = %name, "service deleted");
         self.emit(name, None, EventKind::Deleted);
         for w in delete_waiters {

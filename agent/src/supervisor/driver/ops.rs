@@ -155,6 +155,12 @@ impl Driver {
         outcome: &mut ApplyOutcome,
     ) -> Result<Option<String>, SupervisorError> {
         let p = self.prepare_apply(from, spec, kind);
+        if p.created {
+            // A delete of the same name whose end could not be saved: it is finished (its
+            // instances are gone), and must not take the new service for its own at the
+            // next start.
+            self.clear_delete(&p.name)?;
+        }
         // In place now, durable before the answer (see `Driver::answer_synced`): the
         // instances it starts do not wait for the disk.
         self.persist_unsynced(&p.name, &p.d)?;
@@ -539,19 +545,30 @@ impl Driver {
         Ok((previous, generation))
     }
 
-    /// Begin deleting a service: its record goes first, then every instance is stopped;
-    /// `reply` is answered once they are gone ([`Driver::finish_delete`]).
+    /// Begin deleting a service: the delete is saved first (so that an agent killed midway
+    /// finishes it at its next start), then the service's record goes, then every instance is
+    /// stopped; `reply` is answered once they are gone ([`Driver::finish_delete`]).
     pub(super) fn delete(&mut self, from: Owner, name: &str, force: bool, reply: Reply<Deleted>) {
         if let Err(e) = self.check_owner(name, from, force) {
             return answer(reply, Err(e));
         }
-        let Some(svc) = self.services.get_mut(name) else {
+        let Some(svc) = self.services.get(name) else {
             return answer(reply, Err(SupervisorError::NotFound { name: name.into() }));
         };
         if !svc.deleting {
+            if let Err(e) = self.save_delete(name, &svc.d) {
+                return answer(reply, Err(e));
+            }
             if let Err(e) = self.deps.store.delete(SERVICES, name) {
+                // Refused: the next start must not finish a delete the caller was told failed.
+                if let Err(undo) = self.clear_delete(name) {
+                    tracing::error!(service = %name, error = %undo, "cannot withdraw the saved delete: the next start will finish it");
+                }
                 return answer(reply, Err(SupervisorError::Storage { source: e }));
             }
+            let Some(svc) = self.services.get_mut(name) else {
+                return;
+            };
             svc.deleting = true;
             tracing::info!(service = %name, "deleting");
             let reason = "the service is being deleted";

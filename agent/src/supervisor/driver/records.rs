@@ -23,6 +23,11 @@ pub(super) const SERVICES: &str = "services";
 /// Store kind of the instance records.
 pub(super) const INSTANCES: &str = "instances";
 
+/// Store kind of the deletes in progress: a service's record saved here (durably) before the
+/// first destructive step of its delete and removed after the last, so that an agent killed
+/// in between finishes the delete at its next start instead of adopting what is left.
+pub(super) const DELETING: &str = "deleting";
+
 /// One instance as saved.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct InstanceRecord {
@@ -160,7 +165,16 @@ impl Driver {
 
     /// Every saved service, by name.
     pub(super) fn saved_services(&self) -> Vec<(String, Result<Desired, String>)> {
-        match self.deps.store.list(SERVICES) {
+        self.saved_records(SERVICES)
+    }
+
+    /// Every service whose delete was begun and not finished, by name.
+    pub(super) fn saved_deletes(&self) -> Vec<(String, Result<Desired, String>)> {
+        self.saved_records(DELETING)
+    }
+
+    fn saved_records(&self, kind: &str) -> Vec<(String, Result<Desired, String>)> {
+        match self.deps.store.list(kind) {
             Ok(records) => records
                 .into_iter()
                 .map(|(name, bytes)| {
@@ -171,10 +185,29 @@ impl Driver {
                 })
                 .collect(),
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the desired state");
+                tracing::error!(kind, error = %e, "cannot read the saved services");
                 Vec::new()
             }
         }
+    }
+
+    /// Mark `name` as being deleted, durably, before anything of it is removed.
+    pub(super) fn save_delete(&self, name: &str, d: &Desired) -> Result<(), SupervisorError> {
+        let bytes = serde_json::to_vec_pretty(&d.to_record())
+            .map_err(|source| SupervisorError::Encoding { source })?;
+        self.deps
+            .store
+            .put(DELETING, name, &bytes)
+            .map_err(|source| SupervisorError::Storage { source })
+    }
+
+    /// `name`'s delete is finished (or a new service of that name is created): no delete of
+    /// it to finish at the next start.
+    pub(super) fn clear_delete(&self, name: &str) -> Result<(), SupervisorError> {
+        self.deps
+            .store
+            .delete(DELETING, name)
+            .map_err(|source| SupervisorError::Storage { source })
     }
 
     /// Every saved instance record whose name matches its content; others are dropped.

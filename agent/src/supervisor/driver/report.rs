@@ -129,6 +129,7 @@ impl Driver {
                 .iter()
                 .map(|(name, what)| format!("{name}: {what}"))
                 .collect(),
+            unsaved: self.unsaved.report(),
         }
     }
 

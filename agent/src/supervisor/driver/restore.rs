@@ -8,11 +8,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lifecycle::remove_when_empty;
-use super::records::{InstanceRecord, RecordedState, SERVICES};
+use super::records::{DELETING, InstanceRecord, RecordedState, SERVICES};
 use super::slots::{Service, Slot};
 use super::{Driver, cgroup_of};
 use crate::cgroups::{CgroupBackend, CgroupPath};
 use crate::events::EventKind;
+use crate::rollout::record::State as RolloutState;
 use crate::runtime::{InitExit, ProcessRef, ProcessStatus, Processes, Spawned};
 use crate::spec::{self, InstanceKey};
 use crate::supervisor::instance::{Instance, State, derived_incarnation};
@@ -29,6 +30,7 @@ impl Driver {
     /// those that ended meanwhile, and stop what no record explains.
     pub async fn restore(&mut self) {
         self.load_services();
+        self.resume_deletes();
         self.load_runs();
         self.adopt_instances();
         self.acquire_sockets();
@@ -53,6 +55,56 @@ impl Driver {
                 Err(e) => self.quarantine(&name, &e),
             }
         }
+    }
+
+    /// Deletes an earlier run began and did not finish (it was killed midway): each service
+    /// is loaded as being deleted, so that what is left of it (running instances, their
+    /// cgroups, records, files, sockets) goes the way of any delete, and nothing of it is
+    /// adopted as live. The delete wins over a service record still there (the agent was
+    /// killed between saving the delete and removing the record).
+    fn resume_deletes(&mut self) {
+        for (name, saved) in self.saved_deletes() {
+            let from_record = self.services.remove(&name).map(|s| s.d);
+            self.quarantined.remove(&name);
+            if let Err(e) = self.deps.store.delete(SERVICES, &name) {
+                tracing::error!(service = %name, error = %e, "cannot remove the record of a service being deleted");
+            }
+            let mut d = match (saved, from_record) {
+                (Ok(d), _) if d.spec.name == name => d,
+                (_, Some(d)) => d,
+                (Ok(d), None) => {
+                    self.abandon_delete(
+                        &name,
+                        &format!("it names another service ({:?})", d.spec.name),
+                    );
+                    continue;
+                }
+                (Err(e), None) => {
+                    self.abandon_delete(&name, &e);
+                    continue;
+                }
+            };
+            // A rollout it had stops with the delete, as in the run that began it.
+            let _ = d.finish_running(
+                RolloutState::Cancelled,
+                "the service is being deleted",
+                SystemTime::now(),
+            );
+            tracing::info!(service = %name, "finishing a delete an earlier run began");
+            let mut svc = Service::new(d);
+            svc.deleting = true;
+            self.services.insert(name, svc);
+        }
+    }
+
+    /// A delete whose saved record cannot be read: the service is not loaded, so its
+    /// processes and cgroups are stopped as leftovers; the record is set aside.
+    fn abandon_delete(&mut self, name: &str, why: &str) {
+        let moved = match self.deps.store.quarantine(DELETING, name) {
+            Ok(to) => format!("set aside as {to}"),
+            Err(e) => format!("could not be set aside ({e})"),
+        };
+        tracing::error!(service = %name, error = %why, record = %moved, "the saved delete is unreadable: what is left of the service is stopped as leftovers, its logs are kept");
     }
 
     /// A service whose record cannot be read: the file set aside (kept), its instances left
