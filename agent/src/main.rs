@@ -625,7 +625,6 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(settings.log_format);
-    single_malloc_arena();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -648,20 +647,6 @@ fn main() -> ExitCode {
             eprintln!("corrald: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// One malloc arena for the whole agent, before any thread starts. glibc gives each thread
-/// that meets contention an arena of its own (up to 8 per CPU), each keeping its freed memory
-/// and its own fragmentation: measured with 200 instances, a worker thread's arena held
-/// about 1 MiB next to the main heap's 0.5 MiB. A node agent's two workers and its
-/// short-lived blocking threads allocate little and mostly from their thread caches
-/// (`tcache`), so sharing one arena costs little locking and keeps its memory in one place.
-fn single_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes a malloc tunable; called while the process has one thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
