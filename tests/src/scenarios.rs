@@ -1755,4 +1755,31 @@ pub async fn init_is_static_and_small() {
         anonymous <= 128,
         "the init keeps {anonymous} KiB of private memory (at most 128 KiB):\n{rollup}"
     );
+    // The init ignores SIGPIPE; the service must not inherit that (an ignored signal stays
+    // ignored across exec): a write to a closed pipe kills it, as anywhere else.
+    let ignored = |pid: i32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .expect("SigIgn in status")
+    };
+    // (A Rust service ignores it itself: the check runs a C program.)
+    let sigpipe = 1u64 << (libc::SIGPIPE - 1);
+    agent
+        .apply("name = \"pipe\"\ncommand = [\"/bin/sleep\", \"1000\"]\n")
+        .await
+        .expect("apply");
+    let sleeper = agent.wait_running("pipe", 1).await.remove(0);
+    assert_ne!(
+        ignored(sleeper.init_pid) & sigpipe,
+        0,
+        "the init ignores SIGPIPE"
+    );
+    assert_eq!(
+        ignored(sleeper.pid) & sigpipe,
+        0,
+        "the service has SIGPIPE at its default, not ignored"
+    );
 }

@@ -184,20 +184,43 @@ pub(super) fn minimal_dev(host: Option<Vec<(&'static str, OwnedFd)>>) -> Result<
 
 /// Covers directories with an empty, read-only tmpfs (the first one mounted, the others bound
 /// from it) and files with `/dev/null`. Paths that do not exist here are skipped.
+///
+/// Each path costs one `mount(2)`, without a `stat` first: the kernel refuses to put a
+/// directory on a file or a file on a directory (`ENOTDIR`), and the other kind is then
+/// tried, and a path that does not exist fails with `ENOENT`.
 #[derive(Debug, Default)]
 pub(super) struct Masker {
     /// The first masked directory: the others are bind mounts of it.
     empty: Option<PathBuf>,
 }
 
+/// What one masking mount did.
+enum Masked {
+    Done,
+    /// The path is of the other kind (a file where a directory was expected, or the reverse).
+    OtherKind,
+    Missing,
+}
+
+fn masked(result: nix::Result<()>, path: &Path) -> Result<Masked, String> {
+    match result {
+        Ok(()) => Ok(Masked::Done),
+        Err(nix::errno::Errno::ENOTDIR) => Ok(Masked::OtherKind),
+        Err(nix::errno::Errno::ENOENT) => Ok(Masked::Missing),
+        Err(e) => Err(format!("masking {}: {e}", path.display())),
+    }
+}
+
 impl Masker {
     pub(super) fn dir(&mut self, dir: &Path) -> Result<(), String> {
-        match std::fs::metadata(dir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return self.file(dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("masking {}: {e}", dir.display())),
-        }
+        self.mask_dir(dir, true)
+    }
+
+    pub(super) fn file(&mut self, file: &Path) -> Result<(), String> {
+        self.mask_file(file, true)
+    }
+
+    fn mask_dir(&mut self, dir: &Path, or_file: bool) -> Result<(), String> {
         let done = match &self.empty {
             Some(empty) => mount(
                 Some(empty.as_path()),
@@ -214,28 +237,38 @@ impl Masker {
                 Some("mode=000,size=4k,nr_inodes=1"),
             ),
         };
-        done.map_err(|e| format!("masking {}: {e}", dir.display()))?;
-        if self.empty.is_none() {
-            self.empty = Some(dir.to_path_buf());
+        match masked(done, dir)? {
+            Masked::Done => {
+                if self.empty.is_none() {
+                    self.empty = Some(dir.to_path_buf());
+                }
+                Ok(())
+            }
+            Masked::OtherKind if or_file => self.mask_file(dir, false),
+            Masked::OtherKind => Err(format!(
+                "masking {}: neither a file nor a directory can be mounted on it",
+                dir.display()
+            )),
+            Masked::Missing => Ok(()),
         }
-        Ok(())
     }
 
-    pub(super) fn file(&mut self, file: &Path) -> Result<(), String> {
-        match std::fs::symlink_metadata(file) {
-            Ok(m) if m.is_dir() => return self.dir(file),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("masking {}: {e}", file.display())),
-        }
-        mount(
+    fn mask_file(&mut self, file: &Path, or_dir: bool) -> Result<(), String> {
+        let done = mount(
             Some("/dev/null"),
             file,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
-        )
-        .map_err(|e| format!("masking {}: {e}", file.display()))
+        );
+        match masked(done, file)? {
+            Masked::Done | Masked::Missing => Ok(()),
+            Masked::OtherKind if or_dir => self.mask_dir(file, false),
+            Masked::OtherKind => Err(format!(
+                "masking {}: neither a file nor a directory can be mounted on it",
+                file.display()
+            )),
+        }
     }
 }
 

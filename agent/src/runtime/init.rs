@@ -70,8 +70,15 @@ pub const FORWARDED: &[Signal] = &[
 
 /// Entry point of `corral-init`. Never returns into the agent's code paths.
 pub fn main() -> ExitCode {
+    ExitCode::from(status())
+}
+
+/// What [`main`] does, returning the exit status: for the `corral-init` executable, which
+/// starts without the standard library's runtime setup (see `agent/src/bin/corral-init.rs`)
+/// and so exits with a plain status.
+pub fn status() -> u8 {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
-        return super::probe_helper::main();
+        return super::probe_helper::status();
     }
     // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
     // this process owns it.
@@ -177,7 +184,7 @@ fn read_config(run_dir: BorrowedFd<'_>) -> io::Result<InitConfig> {
     serde_json::from_str(&text).map_err(io::Error::other)
 }
 
-fn setup_failed(run_dir: BorrowedFd<'_>, why: &str) -> ExitCode {
+fn setup_failed(run_dir: BorrowedFd<'_>, why: &str) -> u8 {
     // fd 2 is the instance's stderr.log: a record in the log's own format.
     let _ = writeln!(
         io::stderr(),
@@ -189,7 +196,7 @@ fn setup_failed(run_dir: BorrowedFd<'_>, why: &str) -> ExitCode {
         ..ExitRecord::default()
     };
     let _ = write_record(run_dir, EXIT_RECORD, &record);
-    ExitCode::from(SETUP_FAILED)
+    SETUP_FAILED
 }
 
 /// Write a small JSON file into the run directory so that a reader never sees half of it:
@@ -552,7 +559,7 @@ impl Init {
     }
 
     /// The event loop: pump logs, forward signals, reap; ends when the service process ends.
-    fn run(mut self, run_dir: BorrowedFd<'_>) -> ExitCode {
+    fn run(mut self, run_dir: BorrowedFd<'_>) -> u8 {
         let mut buf = vec![0u8; 64 * 1024];
         let mut out_open = true;
         let mut err_open = true;
@@ -617,7 +624,7 @@ impl Init {
         if let Err(e) = write_record(run_dir, EXIT_RECORD, &record) {
             self.notice(&format!("writing {EXIT_RECORD}: {e}"));
         }
-        ExitCode::from(code)
+        code
     }
 
     fn dropped(&self) -> Dropped {
@@ -757,9 +764,14 @@ impl ExecPlan {
     /// Returns only on failure, with the error and what was being done.
     fn run(&mut self, mask: &SigSet, out: RawFd, err: RawFd) -> (Errno, String) {
         let step = |what: &str, e: Errno| (e, format!("{what}: {}", e.desc()));
-        // Signal dispositions with handlers are reset by exec; the mask is not.
+        // Signal dispositions with handlers are reset by exec; the mask is not, nor is an
+        // ignored signal: SIGPIPE, which the init ignores, goes back to its default.
         if let Err(e) = sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None) {
             return step("restoring the signal mask", e);
+        }
+        // SAFETY: the default disposition has no handler to be safe about.
+        if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+            return step("resetting SIGPIPE", e);
         }
         if let Err(e) = nix::unistd::setsid() {
             return step("setsid", e);

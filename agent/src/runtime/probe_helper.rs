@@ -15,7 +15,6 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigHandler, Signal};
@@ -53,13 +52,13 @@ pub struct ProbeConfig {
     pub seccomp: bool,
 }
 
-/// Entry point of `corral-init --exec`.
-pub fn main() -> ExitCode {
+/// Entry point of `corral-init --exec`: its exit status.
+pub fn status() -> u8 {
     match run() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("[corral-init] exec probe: {e}");
-            ExitCode::from(126)
+            126
         }
     }
 }
@@ -100,7 +99,7 @@ fn prepare(config: &ProbeConfig, argv: &[String]) -> Result<Prepared, String> {
     })
 }
 
-fn run() -> Result<ExitCode, String> {
+fn run() -> Result<u8, String> {
     // corral-init --exec -- COMMAND...
     let args = std::env::args_os()
         .skip(2)
@@ -138,16 +137,14 @@ fn run() -> Result<ExitCode, String> {
         ForkResult::Parent { child } => loop {
             match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, code)) => {
-                    return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+                    return Ok(u8::try_from(code).unwrap_or(1));
                 }
                 Ok(WaitStatus::Signaled(_, sig, _)) => {
                     // Pass the signal on as our own end.
                     // SAFETY: restoring the default disposition before raising.
                     let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
                     let _ = nix::sys::signal::raise(sig);
-                    return Ok(ExitCode::from(
-                        u8::try_from(128 + sig as i32).unwrap_or(u8::MAX),
-                    ));
+                    return Ok(u8::try_from(128 + sig as i32).unwrap_or(u8::MAX));
                 }
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(format!("wait: {e}")),
@@ -160,6 +157,12 @@ fn run() -> Result<ExitCode, String> {
 /// [`Privileges::apply`]), die with the helper, install the filter, execute. Returns on
 /// failure.
 fn exec_child(p: &Prepared) -> String {
+    // An ignored signal stays ignored across exec: SIGPIPE, which the helper ignores, goes
+    // back to its default, as the service's own process has it.
+    // SAFETY: the default disposition has no handler to be safe about.
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        return format!("resetting SIGPIPE: {e}");
+    }
     if let Err((what, e)) = p.privileges.apply() {
         return format!("{what}: {e}");
     }

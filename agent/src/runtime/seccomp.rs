@@ -690,13 +690,44 @@ pub fn from_bytes(bytes: &[u8]) -> Option<BpfProgram> {
     )
 }
 
-/// Installs `program` on the calling thread (which must have `no_new_privs` set or hold
-/// `CAP_SYS_ADMIN`). For the forked child of a single-threaded init, right before exec.
+/// Installs `program` on the calling thread, which must have `no_new_privs` set (the
+/// service's child sets it as its last step before this) or hold `CAP_SYS_ADMIN`. For the
+/// forked child of a single-threaded init, right before exec.
+///
+/// One `seccomp(2)` call: `seccompiler::apply_filter` would set `no_new_privs` once more
+/// first, a second system call on every start.
 pub fn install(program: &[sock_filter]) -> Result<(), std::io::Error> {
-    seccompiler::apply_filter(program).map_err(|e| match e {
-        seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => io,
-        other => std::io::Error::other(other.to_string()),
-    })
+    let len = u16::try_from(program.len()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a filter of {} instructions is too long", program.len()),
+        )
+    })?;
+    if len == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an empty filter",
+        ));
+    }
+    let fprog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut().cast::<libc::sock_filter>(),
+    };
+    // SAFETY: `fprog` points at `len` instructions that live until the call returns (the
+    // kernel copies them); seccompiler's `sock_filter` has libc's layout (both are the
+    // kernel's `struct sock_filter`, `repr(C)`).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &raw const fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -170,6 +170,15 @@ async fn main() {
     if wants("start") {
         start(rounds).await;
     }
+    if wants("memory") {
+        let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
+        let mut fifo = Fifo::new(&dir, "memory");
+        memory(&agent, &mut fifo, rounds).await;
+        drop(agent);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if wants("confine") {
         confine(rounds.max(50)).await;
     }
@@ -811,44 +820,7 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
 
 async fn rest_of_core(agent: Agent, mut fifo: Fifo, rounds: usize, dir: &Path) {
     // 5. Memory with 200 instances; 6. List latency with 200 instances.
-    let rss_idle = corral_e2e::rss_kib(agent.pid().expect("pid"));
-    for s in 0..4 {
-        apply(&agent, &spec(&format!("many-{s}"), 50, &fifo.path, "")).await;
-    }
-    fifo.wait_bytes(200).await;
-    let mut list = Vec::new();
-    let mut client = agent.client().await;
-    for _ in 0..rounds.max(50) * 20 {
-        let t = Instant::now();
-        let l = client
-            .list(pb::ListRequest::default())
-            .await
-            .expect("list")
-            .into_inner();
-        list.push(t.elapsed());
-        assert_eq!(
-            l.services.iter().map(|s| s.instances.len()).sum::<usize>(),
-            200
-        );
-    }
-    stats("List with 200 instances (Unix socket)", list, false);
-    let rss = corral_e2e::rss_kib(agent.pid().expect("pid"));
-    let s = agent.get("many-0").await.expect("get");
-    let inits: Vec<i32> = s
-        .instances
-        .iter()
-        .map(|i| i.init_pid)
-        .filter(|p| *p > 0)
-        .collect();
-    let pss: Vec<u64> = inits.iter().map(|p| pss_kb(*p)).collect();
-    let rss_init: Vec<u64> = inits.iter().map(|p| corral_e2e::rss_kib(*p)).collect();
-    println!("agent RSS: {rss_idle} KiB idle, {rss} KiB with 200 instances");
-    println!(
-        "init per instance: PSS {} KiB (mean of {}), RSS {} KiB",
-        pss.iter().sum::<u64>() / pss.len().max(1) as u64,
-        pss.len(),
-        rss_init.iter().sum::<u64>() / rss_init.len().max(1) as u64
-    );
+    memory(&agent, &mut fifo, rounds).await;
 
     // 7. Agent restart with 200 running instances: kill -9, start, until the API serves
     //    with every instance re-adopted (the API answers only after the restore).
@@ -1134,6 +1106,105 @@ fn start_cpu(pid: i32) -> Option<Duration> {
     Some(Duration::from_nanos(run_ns(init)? + run_ns(service)?))
 }
 
+/// What the agent's resident set is made of, from `/proc/PID/smaps`, in KiB: its code (the
+/// executable's and libraries' text), its other file pages (read-only data, relocations), the
+/// heap (`[heap]` and glibc's other arenas: anonymous mappings of 64 MiB reservations), and
+/// the other anonymous memory (thread stacks, tokio's buffers).
+fn smaps_breakdown(pid: i32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut code, mut file, mut heap, mut anon, mut stack) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut header: Vec<String> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            header = line.split_whitespace().map(str::to_string).collect();
+            continue;
+        }
+        let Some(kib) = line
+            .strip_prefix("Rss:")
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let perms = header.get(1).map_or("", String::as_str);
+        let inode = header.get(4).map_or("0", String::as_str);
+        let name = header.get(5).map_or("", String::as_str);
+        let size = header
+            .first()
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+            })
+            .unwrap_or(0);
+        if inode != "0" && perms.contains('x') {
+            code += kib;
+        } else if inode != "0" {
+            file += kib;
+        } else if name == "[heap]" || (name.is_empty() && size >= 1 << 20) {
+            heap += kib;
+        } else if name == "[stack]" || name.is_empty() {
+            stack += kib;
+        } else {
+            anon += kib;
+        }
+    }
+    format!(
+        "code {code} KiB, other file pages {file} KiB, heap and arenas {heap} KiB, small anonymous (thread stacks, ...) {stack} KiB, other {anon} KiB"
+    )
+}
+
+/// 5. The agent's and the inits' memory with 200 instances; 6. List latency with them.
+async fn memory(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
+    let rss_idle = corral_e2e::rss_kib(agent.pid().expect("pid"));
+    for s in 0..4 {
+        apply(agent, &spec(&format!("many-{s}"), 50, &fifo.path, "")).await;
+    }
+    fifo.wait_bytes(200).await;
+    let mut list = Vec::new();
+    let mut client = agent.client().await;
+    for _ in 0..rounds.max(50) * 20 {
+        let t = Instant::now();
+        let l = client
+            .list(pb::ListRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        list.push(t.elapsed());
+        assert_eq!(
+            l.services.iter().map(|s| s.instances.len()).sum::<usize>(),
+            200
+        );
+    }
+    stats("List with 200 instances (Unix socket)", list, false);
+    let rss = corral_e2e::rss_kib(agent.pid().expect("pid"));
+    let s = agent.get("many-0").await.expect("get");
+    let inits: Vec<i32> = s
+        .instances
+        .iter()
+        .map(|i| i.init_pid)
+        .filter(|p| *p > 0)
+        .collect();
+    let pss: Vec<u64> = inits.iter().map(|p| pss_kb(*p)).collect();
+    let rss_init: Vec<u64> = inits.iter().map(|p| corral_e2e::rss_kib(*p)).collect();
+    println!("agent RSS: {rss_idle} KiB idle, {rss} KiB with 200 instances");
+    println!(
+        "init per instance: PSS {} KiB (mean of {}), RSS {} KiB",
+        pss.iter().sum::<u64>() / pss.len().max(1) as u64,
+        pss.len(),
+        rss_init.iter().sum::<u64>() / rss_init.len().max(1) as u64
+    );
+
+    println!(
+        "agent with 200 instances: {}",
+        smaps_breakdown(agent.pid().expect("pid"))
+    );
+    let mean_pss = pss.iter().sum::<u64>() / pss.len().max(1) as u64;
+    println!(
+        "agent RSS + 200 x init PSS: {:.1} MiB",
+        (rss + 200 * mean_pss) as f64 / 1024.0
+    );
+}
+
 /// Start cost of the default confinement: "kill -9 -> replacement executed" (no API in the
 /// path: the agent starts the replacement itself), median over `rounds` (>= 50), with the
 /// isolation of earlier releases, with the defaults and with `userns`, alternating so that
@@ -1141,7 +1212,8 @@ fn start_cpu(pid: i32) -> Option<Duration> {
 async fn confine(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let agent = Agent::start_logging(None, "warn").await;
+    // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
+    let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
     println!(
         "confine: corrald {} ({})",
         corral_e2e::bin("corrald").display(),
