@@ -73,6 +73,16 @@ async fn events(agent: &Agent) -> Vec<pb::Event> {
     out
 }
 
+/// The reasons of the `stopping` events of `instance`, in order.
+async fn stop_reasons(agent: &Agent, instance: &str) -> Vec<String> {
+    events(agent)
+        .await
+        .into_iter()
+        .filter(|e| e.r#type() == pb::EventType::Stopping && e.instance == instance)
+        .filter_map(|e| attribute(&e, "reason"))
+        .collect()
+}
+
 fn time_of(ts: &Option<prost_types::Timestamp>) -> SystemTime {
     let ts = (*ts).expect("a time");
     SystemTime::UNIX_EPOCH
@@ -223,6 +233,12 @@ async fn a_hanging_run_is_stopped_at_its_timeout_and_ends_timed_out() {
     assert_eq!((r.outcome.as_str(), r.exit_code), ("timed_out", 124));
     assert_eq!(r.attempts, 1, "a timed-out attempt is not retried");
     assert!(agent.cgroup.pids("").is_empty(), "processes left");
+    // Its instance was stopped for the timeout, not as if the job had been deleted.
+    assert_eq!(
+        stop_reasons(&agent, &r.instances[0].id).await,
+        ["timeout"],
+        "the stop's reason"
+    );
     let out = agent.cli(&["run", "hang", "--wait"]);
     assert_eq!(out.status.code(), Some(124), "{out:?}");
 }
@@ -360,6 +376,12 @@ async fn replace_cancels_the_running_run_and_allow_overlaps() {
     assert!(out.status.success(), "{out:?}");
     let r = ended(&agent, id, Duration::from_secs(10)).await;
     assert_eq!((r.outcome.as_str(), r.exit_code), ("cancelled", 125));
+    assert_eq!(stop_reasons(&agent, &r.instances[0].id).await, ["cancel"]);
+    let replaced = rep.iter().find(|r| r.outcome == "cancelled").expect("replaced");
+    assert_eq!(
+        stop_reasons(&agent, &replaced.instances[0].id).await,
+        ["cancel"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,8 +210,12 @@ impl Driver {
         run.stopping = Some(why);
         let keys = run.keys();
         tracing::info!(run = %run.id(), why = %why, "stopping run");
+        let reason = match why {
+            Outcome::TimedOut => StopReason::Timeout,
+            _ => StopReason::Cancel,
+        };
         for key in keys {
-            self.feed(&key, Event::StopRequested(StopReason::Delete));
+            self.feed(&key, Event::StopRequested(reason));
         }
     }
 
