@@ -27,6 +27,7 @@ use super::slots::Slot;
 use crate::events::EventKind;
 use crate::schedule::{self, Decision, Missed};
 use crate::spec::job::JobSpec;
+use crate::spec::job::overrides::RawOverrides;
 use crate::spec::{FieldError, InstanceKey, ServiceSpec, SpecError};
 use crate::supervisor::SupervisorError;
 use crate::supervisor::instance::{Event, Instance, State, StopReason};
@@ -110,8 +111,14 @@ impl Driver {
         name: &str,
         trigger: Trigger,
         due: Option<SystemTime>,
+        overrides: &RawOverrides,
     ) -> Result<Run, SupervisorError> {
-        let (spec, job) = self.job_spec(name)?;
+        let (spec, _) = self.job_spec(name)?;
+        let overrides = overrides.check(&spec)?;
+        let spec = overrides.apply(&spec);
+        let Some(job) = spec.job.clone() else {
+            return Err(SupervisorError::NotAJob { name: name.into() });
+        };
         let (revision, epoch) = self
             .services
             .get(name)
@@ -127,6 +134,7 @@ impl Driver {
             due,
             SystemTime::now(),
         );
+        let run = Run { overrides, ..run };
         let id = run.id();
         state.runs.insert(number, run.clone());
         self.save_run(&run);
@@ -487,7 +495,7 @@ impl Driver {
                 for (key, ri) in r.keys().into_iter().zip(r.instances.iter()) {
                     let present = match self.services.slot_mut(&key) {
                         Some(slot) => {
-                            let s = slot.instance.spec.as_ref().clone();
+                            let s = r.overrides.apply(&slot.instance.spec);
                             slot.instance.spec = instance_spec(&s, &r.id(), ri.index);
                             Some(slot.instance.state)
                         }
@@ -610,7 +618,7 @@ impl Driver {
                 }
             }
         }
-        if let Err(e) = self.run_job(name, trigger, Some(due)) {
+        if let Err(e) = self.run_job(name, trigger, Some(due), &RawOverrides::default()) {
             tracing::warn!(job = %name, error = %e, "scheduled run not started");
         }
     }
@@ -633,31 +641,32 @@ impl Driver {
             else {
                 continue;
             };
-            // Timeouts.
-            if let Some(timeout) = job.timeout {
-                let mut late = Vec::new();
-                for r in self.jobs.by_name[&name].runs.values() {
-                    if r.ended() || r.stopping.is_some() {
-                        continue;
-                    }
-                    for (key, ri) in r.keys().iter().zip(&r.instances) {
-                        let running = self
-                            .services
-                            .slot(key)
-                            .is_some_and(|s| matches!(s.instance.state, State::Running { .. }));
-                        if let (Some(start), None, true) = (ri.attempt_started, ri.end, running) {
-                            let deadline = start + timeout;
-                            if deadline <= now {
-                                late.push(r.number);
-                            } else {
-                                soonest(deadline);
-                            }
+            // Timeouts: each run's own (RunJob may override the job's).
+            let mut late = Vec::new();
+            for r in self.jobs.by_name[&name].runs.values() {
+                let Some(timeout) = r.overrides.timeout.or(job.timeout) else {
+                    continue;
+                };
+                if r.ended() || r.stopping.is_some() {
+                    continue;
+                }
+                for (key, ri) in r.keys().iter().zip(&r.instances) {
+                    let running = self
+                        .services
+                        .slot(key)
+                        .is_some_and(|s| matches!(s.instance.state, State::Running { .. }));
+                    if let (Some(start), None, true) = (ri.attempt_started, ri.end, running) {
+                        let deadline = start + timeout;
+                        if deadline <= now {
+                            late.push(r.number);
+                        } else {
+                            soonest(deadline);
                         }
                     }
                 }
-                for n in late {
-                    self.stop_run(&name, n, Outcome::TimedOut);
-                }
+            }
+            for n in late {
+                self.stop_run(&name, n, Outcome::TimedOut);
             }
             // The schedule.
             let Some(schedule) = job.schedule.as_ref() else {
