@@ -28,6 +28,8 @@ use crate::events::EventKind;
 use crate::schedule::{self, Decision, Missed};
 use crate::spec::job::JobSpec;
 use crate::spec::job::overrides::RawOverrides;
+#[cfg(test)]
+use crate::spec::job::overrides::RunOverrides;
 use crate::spec::{FieldError, InstanceKey, ServiceSpec, SpecError};
 use crate::supervisor::SupervisorError;
 use crate::supervisor::instance::{Event, Instance, State, StopReason};
@@ -733,3 +735,6 @@ impl Driver {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;
