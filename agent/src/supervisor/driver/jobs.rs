@@ -12,8 +12,9 @@
 //! their logs.
 //!
 //! Runs are saved under the store kind [`RUNS`] (write, fsync, rename), and each scheduled
-//! job's last handled due time under [`SCHEDULES`], so that a run missed while the agent was
-//! down is caught up once (within `catch_up`) and no run is started twice.
+//! job's last handled due time under [`SCHEDULES`] (or, when the schedule started a run,
+//! in that run's `due` alone: one write per scheduled run), so that a run missed while the
+//! agent was down is caught up once (within `catch_up`) and no run is started twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -479,7 +480,9 @@ impl Driver {
             .collect();
         for name in jobs {
             let state = self.jobs.by_name.entry(name.clone()).or_default();
-            state.since = saved.get(&name).copied();
+            // A scheduled run keeps its due time in its own record alone.
+            let last_run = state.runs.values().filter_map(|r| r.due).max();
+            state.since = saved.get(&name).copied().max(last_run);
         }
     }
 
@@ -547,7 +550,7 @@ impl Driver {
             Missed::Nothing => {}
             Missed::RunNow { due } => {
                 tracing::info!(job = %name, due = %rfc3339(due), "catching up a run missed while the agent was down");
-                self.set_since(name, due);
+                self.note_since(name, due);
                 self.due_run(name, due, Trigger::CatchUp);
             }
             Missed::TooLate { due } => {
@@ -568,10 +571,17 @@ impl Driver {
     }
 
     fn set_since(&mut self, name: &str, due: SystemTime) {
+        self.note_since(name, due);
+        self.save_since(name, due);
+    }
+
+    /// The schedule handled the run due at `due`, not saved: [`Driver::due_run`] saves it
+    /// in the run it starts (the run's `due`, which [`Driver::load_runs`] reads back), or
+    /// in the schedule's record when it starts none.
+    fn note_since(&mut self, name: &str, due: SystemTime) {
         if let Some(state) = self.jobs.by_name.get_mut(name) {
             state.since = Some(due);
         }
-        self.save_since(name, due);
     }
 
     /// A scheduled run is due: start it, skip it or replace the running ones, as
@@ -612,6 +622,7 @@ impl Driver {
                         reason: "concurrency = \"forbid\" and earlier runs still run".into(),
                     },
                 );
+                self.save_since(name, due);
                 return;
             }
             Decision::Replace { cancel } => {
@@ -622,6 +633,7 @@ impl Driver {
         }
         if let Err(e) = self.run_job(name, trigger, Some(due), &RawOverrides::default()) {
             tracing::warn!(job = %name, error = %e, "scheduled run not started");
+            self.save_since(name, due);
         }
     }
 
@@ -696,7 +708,7 @@ impl Driver {
             };
             if next.start <= now {
                 state.next = None;
-                self.set_since(&name, next.due);
+                self.note_since(&name, next.due);
                 self.due_run(&name, next.due, Trigger::Schedule);
                 // Work out the one after on the next pass.
                 soonest(now);

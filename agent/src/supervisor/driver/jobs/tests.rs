@@ -24,8 +24,12 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_on(Arc::new(MemStore::new()))
+}
+
+/// A driver on `store`: a second one on the same store is the agent started again.
+fn rig_on(store: Arc<MemStore>) -> Rig {
     let rt = Arc::new(FakeRuntime::new());
-    let store = Arc::new(MemStore::new());
     let deps = Deps::new(
         rt.clone(),
         Arc::new(RecordingCgroups::default()),
@@ -294,4 +298,34 @@ async fn a_missed_run_is_caught_up_once_inside_the_window_and_skipped_outside() 
         r.d.catch_up(name, &spec);
     }
     assert_eq!(r.d.jobs.by_name["inside"].runs.len(), 1, "caught up once");
+}
+
+#[tokio::test]
+async fn a_scheduled_run_is_one_write_and_its_due_time_survives_a_restart() {
+    let mut r = rig();
+    r.apply(job("sched", "[schedule]\ncron = \"0 0 1 1 *\"\n"));
+    let saved = |r: &Rig| r.store.list(SCHEDULES).expect("list");
+    let before = saved(&r);
+    // Later than when the schedules began (at their apply).
+    let due = SystemTime::now() + Duration::from_secs(1);
+    r.d.note_since("sched", due);
+    r.d.due_run("sched", due, Trigger::Schedule);
+    assert_eq!(r.running_runs("sched"), [1]);
+    assert_eq!(
+        saved(&r),
+        before,
+        "the run's record alone says it was handled"
+    );
+    // A skipped run starts nothing: its due time goes to the schedule's record.
+    r.apply(job("skip", "[schedule]\ncron = \"0 0 1 1 *\"\n"));
+    r.run("skip");
+    r.d.note_since("skip", due);
+    r.d.due_run("skip", due, Trigger::Schedule);
+    assert_eq!(r.running_runs("skip"), [1]);
+
+    let mut again = rig_on(r.store.clone());
+    again.d.restore().await;
+    for name in ["sched", "skip"] {
+        assert_eq!(again.d.jobs.by_name[name].since, Some(due), "{name}");
+    }
 }
