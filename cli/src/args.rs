@@ -190,6 +190,10 @@ pub enum Command {
     /// observed, or its command never ran), 137 oom_killed; 1 when corral itself failed. With
     /// -f, the spec file is applied first and the run's output is streamed while it runs
     /// (with --wait); --rm deletes the job once the run has ended.
+    ///
+    /// Overrides for this run alone: arguments after `--` are appended to the job's command
+    /// (with --command they replace it), --env adds variables, --timeout and --parallelism
+    /// replace the job's. The run's record (`corral runs NAME -o json`) shows them.
     Run(RunArgs),
 
     /// List a job's kept runs: id, trigger, start, end, outcome, attempts.
@@ -227,6 +231,54 @@ pub struct RunArgs {
     /// With -f and --wait: delete the job once the run has ended.
     #[arg(long, requires_all = ["file", "wait"])]
     pub rm: bool,
+
+    /// Add (or replace) a variable in this run's environment; repeatable.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+
+    /// This run's timeout per attempt instead of the job's (`90s`, `1h 30m`).
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+
+    /// This run's instance count instead of the job's.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub parallelism: Option<u32>,
+
+    /// The arguments after `--` replace the job's command (program first) instead of being
+    /// appended to it.
+    #[arg(long, requires = "args")]
+    pub command: bool,
+
+    /// Arguments for this run: appended to the job's command (or, with --command, the
+    /// command itself).
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+impl RunArgs {
+    /// What this run changes of the job's spec.
+    pub fn overrides(&self) -> corral_proto::v1::RunOverrides {
+        let (command, args) = if self.command {
+            (self.args.clone(), Vec::new())
+        } else {
+            (Vec::new(), self.args.clone())
+        };
+        corral_proto::v1::RunOverrides {
+            command,
+            args,
+            env: self.env.iter().cloned().collect(),
+            timeout: self.timeout.clone().unwrap_or_default(),
+            parallelism: self.parallelism.unwrap_or(0),
+        }
+    }
+}
+
+/// `K=V` (the value may hold `=`).
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not K=V")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -133,9 +133,14 @@ impl Session {
         self.reply(reply)
     }
 
-    pub async fn run_job(&mut self, name: &str) -> anyhow::Result<pb::JobRun> {
+    pub async fn run_job(
+        &mut self,
+        name: &str,
+        overrides: pb::RunOverrides,
+    ) -> anyhow::Result<pb::JobRun> {
         let request = pb::RunJobRequest {
             name: name.to_owned(),
+            overrides: Some(overrides),
         };
         let reply = self.client.run_job(request).await;
         self.reply(reply)

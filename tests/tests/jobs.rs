@@ -18,7 +18,10 @@ async fn run_job(agent: &Agent, name: &str) -> pb::JobRun {
     agent
         .client()
         .await
-        .run_job(pb::RunJobRequest { name: name.into() })
+        .run_job(pb::RunJobRequest {
+            name: name.into(),
+            overrides: None,
+        })
         .await
         .expect("run job")
         .into_inner()
@@ -71,6 +74,16 @@ async fn events(agent: &Agent) -> Vec<pb::Event> {
         out.push(e);
     }
     out
+}
+
+/// The reasons of the `stopping` events of `instance`, in order.
+async fn stop_reasons(agent: &Agent, instance: &str) -> Vec<String> {
+    events(agent)
+        .await
+        .into_iter()
+        .filter(|e| e.r#type() == pb::EventType::Stopping && e.instance == instance)
+        .filter_map(|e| attribute(&e, "reason"))
+        .collect()
 }
 
 fn time_of(ts: &Option<prost_types::Timestamp>) -> SystemTime {
@@ -171,7 +184,10 @@ async fn a_run_has_its_instances_index_exit_code_and_logs() {
     let e = agent
         .client()
         .await
-        .run_job(pb::RunJobRequest { name: "svc".into() })
+        .run_job(pb::RunJobRequest {
+            name: "svc".into(),
+            overrides: None,
+        })
         .await
         .expect_err("a service has no runs");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
@@ -184,6 +200,122 @@ async fn a_run_has_its_instances_index_exit_code_and_logs() {
         .await
         .expect_err("no such run");
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_overrides_runs_with_them_and_records_them() {
+    if skip_unless_root("a_run_with_overrides_runs_with_them_and_records_them") {
+        return;
+    }
+    let agent = Agent::start().await;
+    // `sh -c SCRIPT a b` gives the script $0 = a, $1 = b.
+    agent
+        .apply(&job(
+            "ov",
+            "echo mode=$MODE args=$0,$1 index=$CORRAL_JOB_INDEX; exit $CODE",
+            "[env]
+MODE = \"full\"
+CODE = \"0\"
+",
+        ))
+        .await
+        .expect("apply");
+
+    // Arguments appended, env added and replaced, parallelism: the run's instances have them.
+    let out = agent.cli(&[
+        "run",
+        "ov",
+        "--wait",
+        "--env",
+        "MODE=quick",
+        "--env",
+        "CODE=4",
+        "--parallelism",
+        "2",
+        "--",
+        "x",
+        "y",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let r = get_run(&agent, "ov-r1").await;
+    assert_eq!(
+        (r.outcome.as_str(), r.instances.len()),
+        ("failed(exit 4)", 2)
+    );
+    for (i, instance) in r.instances.iter().enumerate() {
+        let text = agent.stdout_of(&instance.id);
+        assert!(
+            text.contains(&format!("mode=quick args=x,y index={i}")),
+            "{text}"
+        );
+    }
+    let o = r.overrides.expect("the run records its overrides");
+    assert_eq!(
+        (o.args.as_slice(), o.parallelism),
+        (["x".to_owned(), "y".to_owned()].as_slice(), 2)
+    );
+    assert_eq!(o.env.get("MODE").map(String::as_str), Some("quick"));
+    assert!(o.command.is_empty() && o.timeout.is_empty(), "{o:?}");
+
+    // The next run without overrides runs the job as it is.
+    let out = agent.cli(&["run", "ov", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r = get_run(&agent, "ov-r2").await;
+    assert!(r.overrides.is_none(), "{r:?}");
+    assert!(agent.stdout_of(&r.instances[0].id).contains("mode=full"));
+
+    // A replaced command with a timeout of its own: stopped for the timeout.
+    let out = agent.cli(&[
+        "run",
+        "ov",
+        "--wait",
+        "--timeout",
+        "1s",
+        "--command",
+        "--",
+        "/bin/sleep",
+        "30",
+    ]);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    let r = get_run(&agent, "ov-r3").await;
+    assert_eq!(r.outcome, "timed_out");
+    let o = r.overrides.expect("recorded");
+    assert_eq!((o.command.len(), o.timeout.as_str()), (2, "1s"));
+    assert_eq!(stop_reasons(&agent, &r.instances[0].id).await, ["timeout"]);
+    assert!(agent.cgroup.pids("").is_empty(), "processes left");
+
+    // Bad overrides: refused naming each field, and no run is started.
+    let e = agent
+        .client()
+        .await
+        .run_job(pb::RunJobRequest {
+            name: "ov".into(),
+            overrides: Some(pb::RunOverrides {
+                command: vec!["bin/relative".into()],
+                env: [("CORRAL_RUN".to_owned(), "x".to_owned())].into(),
+                timeout: "0s".into(),
+                parallelism: 1001,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    for field in [
+        "overrides.command[0]",
+        "overrides.env.CORRAL_RUN",
+        "overrides.timeout",
+        "overrides.parallelism",
+    ] {
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    assert_eq!(
+        runs(&agent, "ov").await.len(),
+        3,
+        "no run for refused overrides"
+    );
+    let out = agent.cli(&["run", "ov", "--env", "NOEQUALS"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,6 +355,12 @@ async fn a_hanging_run_is_stopped_at_its_timeout_and_ends_timed_out() {
     assert_eq!((r.outcome.as_str(), r.exit_code), ("timed_out", 124));
     assert_eq!(r.attempts, 1, "a timed-out attempt is not retried");
     assert!(agent.cgroup.pids("").is_empty(), "processes left");
+    // Its instance was stopped for the timeout, not as if the job had been deleted.
+    assert_eq!(
+        stop_reasons(&agent, &r.instances[0].id).await,
+        ["timeout"],
+        "the stop's reason"
+    );
     let out = agent.cli(&["run", "hang", "--wait"]);
     assert_eq!(out.status.code(), Some(124), "{out:?}");
 }
@@ -360,6 +498,15 @@ async fn replace_cancels_the_running_run_and_allow_overlaps() {
     assert!(out.status.success(), "{out:?}");
     let r = ended(&agent, id, Duration::from_secs(10)).await;
     assert_eq!((r.outcome.as_str(), r.exit_code), ("cancelled", 125));
+    assert_eq!(stop_reasons(&agent, &r.instances[0].id).await, ["cancel"]);
+    let replaced = rep
+        .iter()
+        .find(|r| r.outcome == "cancelled")
+        .expect("replaced");
+    assert_eq!(
+        stop_reasons(&agent, &replaced.instances[0].id).await,
+        ["cancel"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

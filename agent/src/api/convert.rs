@@ -14,6 +14,7 @@ use crate::health::{HealthState, ServiceHealth};
 use crate::host::HostInfo;
 use crate::rollout::record::{Kind as RolloutKind, State as RolloutState};
 use crate::spec::artifact::{RawArtifact, RawImage};
+use crate::spec::job::overrides::{RawOverrides, RunOverrides};
 use crate::spec::job::{RawJob, RawSchedule};
 use crate::spec::{
     self, FieldError, Namespace, RawHealth, RawIsolation, RawLogs, RawPort, RawResources,
@@ -848,7 +849,29 @@ pub fn run_to_proto(r: &Run) -> pb::JobRun {
             })
             .collect(),
         stopping: r.stopping.map(|o| o.to_string()).unwrap_or_default(),
+        overrides: (!r.overrides.is_empty()).then(|| overrides_to_proto(&r.overrides)),
         id,
+    }
+}
+
+/// `RunJob`'s overrides, to be checked against the job's spec.
+pub fn overrides_from_proto(o: pb::RunOverrides) -> RawOverrides {
+    RawOverrides {
+        command: o.command,
+        args: o.args,
+        env: o.env.into_iter().collect(),
+        timeout: o.timeout,
+        parallelism: o.parallelism,
+    }
+}
+
+fn overrides_to_proto(o: &RunOverrides) -> pb::RunOverrides {
+    pb::RunOverrides {
+        command: o.command.clone(),
+        args: o.args.clone(),
+        env: o.env.clone().into_iter().collect(),
+        timeout: o.timeout.map(spec::format_duration).unwrap_or_default(),
+        parallelism: o.parallelism.unwrap_or(0),
     }
 }
 

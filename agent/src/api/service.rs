@@ -781,9 +781,14 @@ impl Agent for AgentService {
         req: Request<pb::RunJobRequest>,
     ) -> Result<Response<pb::JobRun>, Status> {
         AuditNote::set(&req, &req.get_ref().name);
-        let name = req.into_inner().name;
-        check_name("name", &name)?;
-        let r = self.supervisor.run_job(&name).await.map_err(to_status)?;
+        let req = req.into_inner();
+        check_name("name", &req.name)?;
+        let overrides = convert::overrides_from_proto(req.overrides.unwrap_or_default());
+        let r = self
+            .supervisor
+            .run_job(&req.name, overrides)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(convert::run_to_proto(&r)))
     }
 

@@ -641,5 +641,6 @@ fn lookup_zone(name: &str, databases: &[&TimeZoneDatabase]) -> Result<Zone, Stri
         .ok_or_else(unknown)
 }
 
+pub mod overrides;
 #[cfg(test)]
 mod tests;

@@ -312,6 +312,26 @@ fn show_limit(bytes: u64) -> String {
     }
 }
 
+/// What is wrong with `argv` as a command, named under `field` (as `command` is checked;
+/// `relative`: a relative program is found under an artifact's mount).
+pub(super) fn command_errors(field: &str, argv: &[String], relative: bool) -> Vec<FieldError> {
+    let mut check = Check::default();
+    check.argv_relative(field, argv, relative);
+    check.errors
+}
+
+/// What is wrong with `env` as an instance's environment, named under `field` (as `env` is
+/// checked, with the variables of the spec's `ports` reserved).
+pub(super) fn env_errors(
+    field: &str,
+    env: &BTreeMap<String, String>,
+    port_names: &BTreeSet<&str>,
+) -> Vec<FieldError> {
+    let mut check = Check::default();
+    check.env(field, Some(env), port_names);
+    check.errors
+}
+
 impl RawSpec {
     /// Checks every field and fills in every default. On error, every problem found is
     /// reported, each naming its field, the value as given and the reason; nothing is
@@ -653,7 +673,7 @@ impl Check {
             .flat_map(|ports| ports.keys())
             .map(String::as_str)
             .collect();
-        let env = self.env(raw.env.as_ref(), &port_names);
+        let env = self.env("env", raw.env.as_ref(), &port_names);
         let sockets = self.sockets(raw.sockets.as_deref());
         let restart = self.restart(raw.restart.as_ref());
         let health = raw
@@ -1063,6 +1083,7 @@ impl Check {
 
     fn env(
         &mut self,
+        at: &str,
         raw: Option<&BTreeMap<String, String>>,
         port_names: &BTreeSet<&str>,
     ) -> BTreeMap<String, String> {
@@ -1070,13 +1091,10 @@ impl Check {
             return BTreeMap::new();
         };
         if raw.len() > MAX_ENV {
-            self.error(
-                "env",
-                format!("has {} entries (at most {MAX_ENV})", raw.len()),
-            );
+            self.error(at, format!("has {} entries (at most {MAX_ENV})", raw.len()));
         }
         for (key, value) in raw {
-            let field = child("env", key);
+            let field = child(at, key);
             if key.is_empty() {
                 self.error(&field, "the name is empty");
             } else if !valid_env_name(key) {

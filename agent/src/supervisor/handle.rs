@@ -13,6 +13,7 @@ use super::{
     Signaled, Summary, SupervisorError,
 };
 use crate::rollout::record::Rollout;
+use crate::spec::job::overrides::RawOverrides;
 use crate::spec::{InstanceKey, ServiceSpec};
 
 /// Where the driver sends one operation's answer.
@@ -93,6 +94,7 @@ pub(super) enum Request {
     /// Start a run of a job now.
     RunJob {
         name: String,
+        overrides: RawOverrides,
         reply: Reply<Run>,
     },
     GetRun {
@@ -331,10 +333,20 @@ impl SupervisorHandle {
         .await
     }
 
-    /// Start a run of job `name` now (trigger `manual`).
-    pub async fn run_job(&self, name: &str) -> Result<Run, SupervisorError> {
+    /// Start a run of job `name` now (trigger `manual`), with its spec changed as
+    /// `overrides` say.
+    pub async fn run_job(
+        &self,
+        name: &str,
+        overrides: RawOverrides,
+    ) -> Result<Run, SupervisorError> {
         let name = name.to_string();
-        self.ask(|reply| Request::RunJob { name, reply }).await
+        self.ask(|reply| Request::RunJob {
+            name,
+            overrides,
+            reply,
+        })
+        .await
     }
 
     /// The run `id` (`NAME-rN`).

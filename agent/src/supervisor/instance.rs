@@ -48,6 +48,10 @@ pub enum StopReason {
     /// It failed its health check `failure_threshold` times (liveness): replaced, and the
     /// end counts as a failure (`health_failed`, with backoff).
     Unhealthy,
+    /// A job's attempt ran past `job.timeout`: removed once stopped; its run ends `timed_out`.
+    Timeout,
+    /// A job's run was cancelled (`CancelRun`, a `replace` schedule): removed once stopped.
+    Cancel,
 }
 
 impl StopReason {
@@ -56,7 +60,8 @@ impl StopReason {
         let rank = |r| match r {
             StopReason::Unhealthy => 0,
             StopReason::Retire | StopReason::ScaleDown => 1,
-            StopReason::Delete => 2,
+            StopReason::Timeout | StopReason::Cancel => 2,
+            StopReason::Delete => 3,
         };
         rank(self) > rank(other)
     }
@@ -72,6 +77,8 @@ impl StopReason {
             StopReason::ScaleDown => "scale-down",
             StopReason::Delete => "delete",
             StopReason::Unhealthy => "unhealthy",
+            StopReason::Timeout => "timeout",
+            StopReason::Cancel => "cancel",
         }
     }
 }

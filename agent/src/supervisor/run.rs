@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use super::instance::{ExitClass, ExitInfo};
+use crate::spec::job::overrides::RunOverrides;
 use crate::spec::{InstanceKey, MAX_REPLICAS};
 
 /// Slots per run: a run's instance `i` is at slot `number * RUN_STRIDE + i`.
@@ -179,6 +180,9 @@ pub struct Run {
     /// Why it is being stopped (`timed_out`, `cancelled`); the outcome once it has ended.
     pub stopping: Option<Outcome>,
     pub instances: Vec<RunInstance>,
+    /// What `RunJob` changed of the job's spec for this run.
+    #[serde(default, skip_serializing_if = "RunOverrides::is_empty")]
+    pub overrides: RunOverrides,
 }
 
 impl Run {
@@ -210,6 +214,7 @@ impl Run {
                     end: None,
                 })
                 .collect(),
+            overrides: RunOverrides::default(),
         }
     }
 

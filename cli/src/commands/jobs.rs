@@ -43,7 +43,7 @@ pub async fn run(
         }
         (None, None) => bail!("give a job's name or -f FILE"),
     };
-    let started = session.run_job(&name).await?;
+    let started = session.run_job(&name, args.overrides()).await?;
     if !args.wait {
         match format {
             Format::Json => render::write_json(out, &run_json(&started))?,
@@ -243,6 +243,13 @@ fn run_json(r: &pb::JobRun) -> serde_json::Value {
         "exit_code": (!r.outcome.is_empty()).then_some(r.exit_code),
         "stopping": (!r.stopping.is_empty()).then_some(&r.stopping),
         "attempts": r.attempts,
+        "overrides": r.overrides.as_ref().map(|o| json!({
+            "command": (!o.command.is_empty()).then_some(&o.command),
+            "args": (!o.args.is_empty()).then_some(&o.args),
+            "env": (!o.env.is_empty()).then_some(&o.env),
+            "timeout": (!o.timeout.is_empty()).then_some(&o.timeout),
+            "parallelism": (o.parallelism > 0).then_some(o.parallelism),
+        })),
         "instances": r.instances.iter().map(|i| json!({
             "id": i.id, "index": i.index, "attempts": i.attempts,
             "end": (!i.end.is_empty()).then_some(&i.end),

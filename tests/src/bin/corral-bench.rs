@@ -237,6 +237,7 @@ async fn jobs(rounds: usize) {
         client
             .run_job(pb::RunJobRequest {
                 name: "trigger".into(),
+                overrides: None,
             })
             .await
             .expect("run job");

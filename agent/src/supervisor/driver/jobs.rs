@@ -12,8 +12,9 @@
 //! their logs.
 //!
 //! Runs are saved under the store kind [`RUNS`] (write, fsync, rename), and each scheduled
-//! job's last handled due time under [`SCHEDULES`], so that a run missed while the agent was
-//! down is caught up once (within `catch_up`) and no run is started twice.
+//! job's last handled due time under [`SCHEDULES`] (or, when the schedule started a run,
+//! in that run's `due` alone: one write per scheduled run), so that a run missed while the
+//! agent was down is caught up once (within `catch_up`) and no run is started twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +28,9 @@ use super::slots::Slot;
 use crate::events::EventKind;
 use crate::schedule::{self, Decision, Missed};
 use crate::spec::job::JobSpec;
+use crate::spec::job::overrides::RawOverrides;
+#[cfg(test)]
+use crate::spec::job::overrides::RunOverrides;
 use crate::spec::{FieldError, InstanceKey, ServiceSpec, SpecError};
 use crate::supervisor::SupervisorError;
 use crate::supervisor::instance::{Event, Instance, State, StopReason};
@@ -110,8 +114,14 @@ impl Driver {
         name: &str,
         trigger: Trigger,
         due: Option<SystemTime>,
+        overrides: &RawOverrides,
     ) -> Result<Run, SupervisorError> {
-        let (spec, job) = self.job_spec(name)?;
+        let (spec, _) = self.job_spec(name)?;
+        let overrides = overrides.check(&spec)?;
+        let spec = overrides.apply(&spec);
+        let Some(job) = spec.job.clone() else {
+            return Err(SupervisorError::NotAJob { name: name.into() });
+        };
         let (revision, epoch) = self
             .services
             .get(name)
@@ -127,6 +137,7 @@ impl Driver {
             due,
             SystemTime::now(),
         );
+        let run = Run { overrides, ..run };
         let id = run.id();
         state.runs.insert(number, run.clone());
         self.save_run(&run);
@@ -210,8 +221,12 @@ impl Driver {
         run.stopping = Some(why);
         let keys = run.keys();
         tracing::info!(run = %run.id(), why = %why, "stopping run");
+        let reason = match why {
+            Outcome::TimedOut => StopReason::Timeout,
+            _ => StopReason::Cancel,
+        };
         for key in keys {
-            self.feed(&key, Event::StopRequested(StopReason::Delete));
+            self.feed(&key, Event::StopRequested(reason));
         }
     }
 
@@ -465,7 +480,9 @@ impl Driver {
             .collect();
         for name in jobs {
             let state = self.jobs.by_name.entry(name.clone()).or_default();
-            state.since = saved.get(&name).copied();
+            // A scheduled run keeps its due time in its own record alone.
+            let last_run = state.runs.values().filter_map(|r| r.due).max();
+            state.since = saved.get(&name).copied().max(last_run);
         }
     }
 
@@ -483,7 +500,7 @@ impl Driver {
                 for (key, ri) in r.keys().into_iter().zip(r.instances.iter()) {
                     let present = match self.services.slot_mut(&key) {
                         Some(slot) => {
-                            let s = slot.instance.spec.as_ref().clone();
+                            let s = r.overrides.apply(&slot.instance.spec);
                             slot.instance.spec = instance_spec(&s, &r.id(), ri.index);
                             Some(slot.instance.state)
                         }
@@ -533,7 +550,7 @@ impl Driver {
             Missed::Nothing => {}
             Missed::RunNow { due } => {
                 tracing::info!(job = %name, due = %rfc3339(due), "catching up a run missed while the agent was down");
-                self.set_since(name, due);
+                self.note_since(name, due);
                 self.due_run(name, due, Trigger::CatchUp);
             }
             Missed::TooLate { due } => {
@@ -554,10 +571,17 @@ impl Driver {
     }
 
     fn set_since(&mut self, name: &str, due: SystemTime) {
+        self.note_since(name, due);
+        self.save_since(name, due);
+    }
+
+    /// The schedule handled the run due at `due`, not saved: [`Driver::due_run`] saves it
+    /// in the run it starts (the run's `due`, which [`Driver::load_runs`] reads back), or
+    /// in the schedule's record when it starts none.
+    fn note_since(&mut self, name: &str, due: SystemTime) {
         if let Some(state) = self.jobs.by_name.get_mut(name) {
             state.since = Some(due);
         }
-        self.save_since(name, due);
     }
 
     /// A scheduled run is due: start it, skip it or replace the running ones, as
@@ -598,6 +622,7 @@ impl Driver {
                         reason: "concurrency = \"forbid\" and earlier runs still run".into(),
                     },
                 );
+                self.save_since(name, due);
                 return;
             }
             Decision::Replace { cancel } => {
@@ -606,8 +631,9 @@ impl Driver {
                 }
             }
         }
-        if let Err(e) = self.run_job(name, trigger, Some(due)) {
+        if let Err(e) = self.run_job(name, trigger, Some(due), &RawOverrides::default()) {
             tracing::warn!(job = %name, error = %e, "scheduled run not started");
+            self.save_since(name, due);
         }
     }
 
@@ -629,31 +655,32 @@ impl Driver {
             else {
                 continue;
             };
-            // Timeouts.
-            if let Some(timeout) = job.timeout {
-                let mut late = Vec::new();
-                for r in self.jobs.by_name[&name].runs.values() {
-                    if r.ended() || r.stopping.is_some() {
-                        continue;
-                    }
-                    for (key, ri) in r.keys().iter().zip(&r.instances) {
-                        let running = self
-                            .services
-                            .slot(key)
-                            .is_some_and(|s| matches!(s.instance.state, State::Running { .. }));
-                        if let (Some(start), None, true) = (ri.attempt_started, ri.end, running) {
-                            let deadline = start + timeout;
-                            if deadline <= now {
-                                late.push(r.number);
-                            } else {
-                                soonest(deadline);
-                            }
+            // Timeouts: each run's own (RunJob may override the job's).
+            let mut late = Vec::new();
+            for r in self.jobs.by_name[&name].runs.values() {
+                let Some(timeout) = r.overrides.timeout.or(job.timeout) else {
+                    continue;
+                };
+                if r.ended() || r.stopping.is_some() {
+                    continue;
+                }
+                for (key, ri) in r.keys().iter().zip(&r.instances) {
+                    let running = self
+                        .services
+                        .slot(key)
+                        .is_some_and(|s| matches!(s.instance.state, State::Running { .. }));
+                    if let (Some(start), None, true) = (ri.attempt_started, ri.end, running) {
+                        let deadline = start + timeout;
+                        if deadline <= now {
+                            late.push(r.number);
+                        } else {
+                            soonest(deadline);
                         }
                     }
                 }
-                for n in late {
-                    self.stop_run(&name, n, Outcome::TimedOut);
-                }
+            }
+            for n in late {
+                self.stop_run(&name, n, Outcome::TimedOut);
             }
             // The schedule.
             let Some(schedule) = job.schedule.as_ref() else {
@@ -681,7 +708,7 @@ impl Driver {
             };
             if next.start <= now {
                 state.next = None;
-                self.set_since(&name, next.due);
+                self.note_since(&name, next.due);
                 self.due_run(&name, next.due, Trigger::Schedule);
                 // Work out the one after on the next pass.
                 soonest(now);
@@ -720,3 +747,6 @@ impl Driver {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -386,9 +386,14 @@ impl Driver {
             } => answer(reply, self.send_signal(&instance, signal)),
             Request::Summary { reply } => answer(reply, Ok(self.summary())),
             Request::Sample { reply } => answer(reply, Ok(self.sample())),
-            Request::RunJob { name, reply } => {
-                answer(reply, self.run_job(&name, super::Trigger::Manual, None))
-            }
+            Request::RunJob {
+                name,
+                overrides,
+                reply,
+            } => answer(
+                reply,
+                self.run_job(&name, super::Trigger::Manual, None, &overrides),
+            ),
             Request::GetRun { id, reply } => answer(reply, self.get_run(&id)),
             Request::ListRuns { name, reply } => answer(reply, self.list_runs(&name)),
             Request::CancelRun { id, reply } => answer(reply, self.cancel_run(&id)),

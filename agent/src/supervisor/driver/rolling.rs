@@ -26,7 +26,11 @@ pub(super) fn present(i: &Instance) -> bool {
         State::Removing
             | State::Gone
             | State::Stopping {
-                reason: StopReason::Retire | StopReason::ScaleDown | StopReason::Delete,
+                reason: StopReason::Retire
+                    | StopReason::ScaleDown
+                    | StopReason::Delete
+                    | StopReason::Timeout
+                    | StopReason::Cancel,
                 ..
             }
     )
