@@ -205,7 +205,7 @@ fn unix_load(listeners: &[UnixListener], out: &mut [SocketLoad]) -> io::Result<(
             return;
         };
         // Only stream sockets have listeners and connections.
-        if r.header.kind != libc::SOCK_STREAM as u8 {
+        if i32::from(r.header.kind) != libc::SOCK_STREAM {
             return;
         }
         let Some(name) = r.name() else {
