@@ -425,3 +425,70 @@ async fn artifacts_are_listed_imported_and_collected() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().starts_with("path:"), "{}", err.message());
 }
+
+/// `user = "dynamic"` with `[image]` and no user namespace: the process runs as the uid the
+/// agent allocated (not the image's `User`, not root), and may write its `/tmp` but not the
+/// image's directories (root's and the image user's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_runs_as_a_dynamic_user_without_userns() {
+    if skip_unless_root("an_image_runs_as_a_dynamic_user_without_userns") {
+        return;
+    }
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.path().join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start().await;
+    // Each write's outcome on stdout, then it stays up to be looked at.
+    let spec = format!(
+        r#"name = "dyn"
+user = "dynamic"
+command = ["/bin/sh", "-c", "for p in /tmp/t /data/t /t /etc/t; do if echo x > $p 2>/dev/null; then echo wrote $p; else echo refused $p; fi; done; exec sleep 1000"]
+replicas = 1
+[image]
+url = "{}"
+digest = "{}"
+[stop]
+grace = "1s"
+"#,
+        layout.display(),
+        image.manifest
+    );
+    agent.apply(&spec).await.expect("apply");
+    let inst = agent.wait_running("dyn", 1).await.remove(0);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .expect("Uid line")
+        .split_whitespace()
+        .map(|u| u.parse().expect("uid"))
+        .collect();
+    assert!(
+        uids.iter().all(|u| (61184..=65519).contains(u)),
+        "every uid the dynamic one: {uids:?}"
+    );
+    let root = format!("/proc/{}/root", inst.pid);
+    assert!(
+        Path::new(&format!("{root}/bin/busybox")).is_file(),
+        "the image is its root"
+    );
+    let out = eventually("the writes' outcomes", Duration::from_secs(30), || async {
+        let logs = agent.cli(&["logs", "dyn"]);
+        let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+        text.contains("/etc/t").then_some(text)
+    })
+    .await;
+    eprintln!("dynamic image instance: uids {uids:?}, writes:\n{out}");
+    for line in [
+        "wrote /tmp/t",
+        "refused /data/t",
+        "refused /t",
+        "refused /etc/t",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+}
