@@ -6,9 +6,11 @@
 //!   while the count is above 0.
 //! - **sampling**: every `interval`, one blocking job reads the load of every such service
 //!   (one `sock_diag` dump for all, the instances' cgroup CPU counters) and hands it back;
-//! - **deciding**: [`crate::autoscale`] turns each sample into a count, which becomes the
-//!   desired count (persisted, an `autoscaled` event with the reason). A running rollout
-//!   freezes it.
+//! - **deciding**: [`crate::autoscale`] turns each sample into a count, capped by what node
+//!   capacity admits (the reason says so), which becomes the desired count (persisted, an
+//!   `autoscaled` event with the reason). A scale-down stops the least-loaded instances
+//!   itself (not running first, then the least CPU, then the highest index), before the
+//!   planner would pick the highest indexes. A running rollout freezes it.
 //! - **a cold start that fails**: once the restart policy keeps every instance down, the
 //!   connections still queued are closed (they would wait for nothing) and the count goes
 //!   back to 0, so the next connection tries again; status keeps the reason.
