@@ -592,16 +592,27 @@ const BAR_WIDTH: u32 = 10;
 /// `web-r3 restart rev 2 → 2  [#####-----]  2/4 replaced · 3/4 ready · 4 available · started web-5`.
 /// The bar counts old instances stopped and new ones ready: it is full when the rollout is
 /// complete.
-/// A service's package (`[artifact]` or `[image]`) of a revision: its phase and, when
-/// `bytes`, how much of it is done (`rev 2 fetching 3.0 MiB / 8.0 MiB (37%)`), the reason
-/// when it failed.
+/// A service's package (`[artifact]` or `[image]`) of a revision: its phase, how much of it
+/// is done — when `bytes`, to the tenth of a MiB (`rev 2 fetching 3.0 MiB / 8.0 MiB (37%)`),
+/// else in steps that change seldom, for printed lines (`rev 2 fetching 30% of 8.0 MiB`) —
+/// and the reason when it failed.
 pub fn package_line(p: &pb::PackageStatus, bytes: bool) -> String {
     let mut line = format!("rev {} {}", p.revision, one_line(&p.phase));
-    if bytes && matches!(p.phase.as_str(), "fetching" | "unpacking") {
-        line.push_str(&format!(" {}", mib(p.done)));
-        if let Some(total) = p.total.filter(|t| *t > 0) {
-            let pct = p.done.saturating_mul(100) / total;
-            line.push_str(&format!(" / {} ({}%)", mib(total), pct.min(100)));
+    if matches!(p.phase.as_str(), "fetching" | "unpacking") {
+        let total = p.total.filter(|t| *t > 0);
+        if bytes {
+            line.push_str(&format!(" {}", mib(p.done)));
+            if let Some(total) = total {
+                let pct = p.done.saturating_mul(100) / total;
+                line.push_str(&format!(" / {} ({}%)", mib(total), pct.min(100)));
+            }
+        } else if let Some(total) = total {
+            // Lines that are printed, not redrawn: in steps of 10%, so that a download
+            // prints a dozen lines at most.
+            let pct = (p.done.saturating_mul(100) / total).min(100) / 10 * 10;
+            line.push_str(&format!(" {pct}% of {}", mib(total)));
+        } else {
+            line.push_str(&format!(" {} MiB", p.done >> 20));
         }
     }
     if let Some(error) = &p.error {
@@ -1184,10 +1195,11 @@ mod tests {
             package_line(&p, true),
             "rev 2 fetching 3.0 MiB / 8.0 MiB (37%)"
         );
-        assert_eq!(package_line(&p, false), "rev 2 fetching");
+        assert_eq!(package_line(&p, false), "rev 2 fetching 30% of 8.0 MiB");
         p.total = None;
         p.phase = "unpacking".into();
         assert_eq!(package_line(&p, true), "rev 2 unpacking 3.0 MiB");
+        assert_eq!(package_line(&p, false), "rev 2 unpacking 3 MiB");
         p.phase = "failed".into();
         p.error = Some("sha256 mismatch:\nexpected a, got b".into());
         assert_eq!(

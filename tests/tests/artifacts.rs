@@ -46,6 +46,43 @@ impl Server {
     }
 }
 
+/// A handler serving files in 64 KiB chunks 50 ms apart (about 1.25 MiB/s), so that a fetch
+/// lasts long enough to be watched.
+const THROTTLED: &str = r#"
+import http.server, sys, time
+class H(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, src, dst):
+        while True:
+            b = src.read(65536)
+            if not b:
+                return
+            dst.write(b)
+            dst.flush()
+            time.sleep(0.05)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+impl Server {
+    /// As [`Server::start`], throttled.
+    async fn throttled(dir: &Path) -> Server {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-c", THROTTLED, &port.to_string()])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 throttled server");
+        eventually("the package server", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .await;
+        Server { child, port }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -424,4 +461,138 @@ async fn artifacts_are_listed_imported_and_collected() {
         .expect_err("relative");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().starts_with("path:"), "{}", err.message());
+}
+
+/// `user = "dynamic"` with `[image]` and no user namespace: the process runs as the uid the
+/// agent allocated (not the image's `User`, not root), and may write its `/tmp` but not the
+/// image's directories (root's and the image user's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_runs_as_a_dynamic_user_without_userns() {
+    if skip_unless_root("an_image_runs_as_a_dynamic_user_without_userns") {
+        return;
+    }
+    let Some(busybox) = corral_e2e::oci::image::busybox() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = corral_e2e::oci::image::busybox_image(&busybox, "app");
+    let layout = dir.path().join("busybox.oci");
+    image.write_dir(&layout);
+    let agent = Agent::start().await;
+    // Each write's outcome on stdout, then it stays up to be looked at.
+    let spec = format!(
+        r#"name = "dyn"
+user = "dynamic"
+command = ["/bin/sh", "-c", "for p in /tmp/t /data/t /t /etc/t; do if echo x > $p 2>/dev/null; then echo wrote $p; else echo refused $p; fi; done; exec sleep 1000"]
+replicas = 1
+[image]
+url = "{}"
+digest = "{}"
+[stop]
+grace = "1s"
+"#,
+        layout.display(),
+        image.manifest
+    );
+    agent.apply(&spec).await.expect("apply");
+    let inst = agent.wait_running("dyn", 1).await.remove(0);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .expect("Uid line")
+        .split_whitespace()
+        .map(|u| u.parse().expect("uid"))
+        .collect();
+    assert!(
+        uids.iter().all(|u| (61184..=65519).contains(u)),
+        "every uid the dynamic one: {uids:?}"
+    );
+    let root = format!("/proc/{}/root", inst.pid);
+    assert!(
+        Path::new(&format!("{root}/bin/busybox")).is_file(),
+        "the image is its root"
+    );
+    let out = eventually("the writes' outcomes", Duration::from_secs(30), || async {
+        let logs = agent.cli(&["logs", "dyn"]);
+        let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+        text.contains("/etc/t").then_some(text)
+    })
+    .await;
+    eprintln!("dynamic image instance: uids {uids:?}, writes:\n{out}");
+    for line in [
+        "wrote /tmp/t",
+        "refused /data/t",
+        "refused /t",
+        "refused /etc/t",
+    ] {
+        assert!(out.contains(line), "{line}: {out}");
+    }
+}
+
+/// `corral apply --wait` follows a package's fetch and then its rollout: over a throttled
+/// server it prints the fetch's progress (percent of the total) and the rollout's steps (the
+/// instances replaced) and exits 0; a package whose digest is wrong makes it exit non-zero
+/// naming the URL's digest mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_wait_shows_fetch_and_rollout_progress_and_fails_naming_the_reason() {
+    if skip_unless_root("apply_wait_shows_fetch_and_rollout_progress_and_fails_naming_the_reason") {
+        return;
+    }
+    let files = tempfile::tempdir().expect("tempdir");
+    let (v1, sum1) = package(files.path(), "v1");
+    let (v2, sum2) = package(files.path(), "v2");
+    let server = Server::throttled(files.path()).await;
+    let agent = Agent::start().await;
+    let port = free_port();
+    agent
+        .apply(&spec(port, server.port, &v1, &sum1))
+        .await
+        .expect("apply v1");
+    settled(&agent, 1, "v1", port).await;
+
+    let file = files.path().join("web.toml");
+    let f = file.to_str().expect("utf-8");
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    std::fs::write(&file, spec(port, server.port, &v2, &sum2)).expect("write");
+    let out = agent.cli(&["apply", "-f", f, "--wait", "--timeout", "120s"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let fetching: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("web: package rev 2 fetching") && l.contains("% of "))
+        .collect();
+    assert!(!fetching.is_empty(), "fetch progress: {said}");
+    let replaced = err
+        .lines()
+        .filter(|l| l.contains("stopping") && l.contains("old instance"))
+        .count();
+    assert_eq!(replaced, 3, "every old instance's stop shown: {said}");
+    // The fetch's lines come before the rollout's steps.
+    let first_fetch = err.find("fetching").expect("a fetch line");
+    let first_step = err.find("old instance").expect("a step line");
+    assert!(first_fetch < first_step, "{said}");
+    settled(&agent, 2, "v2", port).await;
+
+    // A new file with a digest the store does not hold (one it holds would be served from
+    // it: the digest names the content): the fetch fails verification; --wait exits 1 and
+    // says why.
+    let (v3, sum3) = package(files.path(), "v3");
+    let wrong = "ab".repeat(32);
+    std::fs::write(&file, spec(port, server.port, &v3, &wrong)).expect("write");
+    let out = agent.cli(&["apply", "-f", f, "--wait", "--timeout", "120s"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("failed"), "{said}");
+    assert!(
+        said.contains(&wrong) && said.contains(&sum3),
+        "both digests named ({wrong}, {sum3}): {said}"
+    );
 }

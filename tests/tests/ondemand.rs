@@ -419,3 +419,40 @@ async fn bad_scale_specs_are_refused_naming_the_field() {
         .expect("within [scale]");
     wait_desired(&agent, "x", "3 instances", |n| n == 3).await;
 }
+
+/// A service on a Unix listener scales out by its connections too (counted from the
+/// kernel's Unix socket table: the accept queue and the connections bearing its name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_listener_scales_out_by_its_connections() {
+    if skip_unless_root("a_unix_listener_scales_out_by_its_connections") {
+        return;
+    }
+    let agent = agent().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("od.sock");
+    // The instances never accept: every connection waits in the queue, and counts.
+    let text = format!(
+        "name = \"unixod\"\ncommand = [{:?}, \"serve\"]\n[stop]\ngrace = \"5s\"\n[[sockets]]\nname = \"api\"\nlisten = \"unix:{}\"\n[scale]\nmin = 1\nmax = 4\ntarget_connections = 10\nscale_down_delay = \"1s\"\nidle_after = \"60s\"\n",
+        testbin(),
+        path.display()
+    );
+    agent.apply(&text).await.expect("apply");
+    wait_desired(&agent, "unixod", "one instance", |d| d == 1).await;
+    let held: Vec<std::os::unix::net::UnixStream> = (0..35)
+        .map(|_| std::os::unix::net::UnixStream::connect(&path).expect("connect"))
+        .collect();
+    let s = wait_desired(&agent, "unixod", "4 instances for 35 connections", |d| {
+        d == 4
+    })
+    .await;
+    let a = s.autoscale.expect("autoscale status");
+    assert!(a.connections >= 35, "connections counted: {a:?}");
+    let events = autoscaled(&agent, "unixod").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("→ 4: 35 connections, target 10 per instance")),
+        "{events:?}"
+    );
+    drop(held);
+}

@@ -1,11 +1,14 @@
 //! The load on the services' listening sockets, as the kernel sees it: connections waiting in
 //! each socket's accept queue and connections established through it, from one `sock_diag`
-//! dump of the host's TCP sockets per sample (per address family in use), whatever the number
-//! of services. Also the seam's other half for a cold start's failure: closing the
-//! connections still queued on a socket no instance will accept.
+//! dump of the host's TCP sockets per sample (per address family in use), and one of its Unix
+//! sockets when a Unix listener is among them, whatever the number of services. Also the
+//! seam's other half for a cold start's failure: closing the connections still queued on a
+//! socket no instance will accept.
 //!
-//! Unix listeners are waited on for a cold start like TCP ones, but their connections are not
-//! counted here.
+//! A Unix stream connection's accepted end carries its listener's address (the kernel copies
+//! it), so the connected sockets bearing a listener's name are its accepted connections; the
+//! listener's `UNIX_DIAG_RQLEN` is its accept queue, whose connections the kernel's table
+//! does not list yet: they count as connections too, as TCP's do.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +22,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::unix::{self, ShowFlags, UnixRequest};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr};
 use nix::sys::socket::{SockaddrStorage, getsockname};
@@ -64,6 +68,13 @@ struct Listener {
     port: u16,
 }
 
+/// A Unix stream listening socket: its group and inode.
+#[derive(Debug, Clone, Copy)]
+struct UnixListener {
+    group: usize,
+    inode: u64,
+}
+
 impl LoadProbe for KernelLoad {
     fn socket_load(&self, groups: &[Vec<Arc<OwnedFd>>]) -> io::Result<Vec<SocketLoad>> {
         let mut out = vec![SocketLoad::default(); groups.len()];
@@ -72,6 +83,17 @@ impl LoadProbe for KernelLoad {
             .enumerate()
             .flat_map(|(g, fds)| fds.iter().filter_map(move |fd| listener(g, fd.as_fd())))
             .collect();
+        let unix_listeners: Vec<UnixListener> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, fds)| {
+                fds.iter()
+                    .filter_map(move |fd| unix_listener(g, fd.as_fd()))
+            })
+            .collect();
+        if !unix_listeners.is_empty() {
+            unix_load(&unix_listeners, &mut out)?;
+        }
         if listeners.is_empty() {
             return Ok(out);
         }
@@ -156,30 +178,101 @@ fn listener(group: usize, fd: BorrowedFd<'_>) -> Option<Listener> {
     })
 }
 
+/// A Unix stream listening socket's identity; `None` for others.
+fn unix_listener(group: usize, fd: BorrowedFd<'_>) -> Option<UnixListener> {
+    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
+    addr.as_unix_addr()?;
+    let inode = nix::sys::stat::fstat(fd).ok()?.st_ino;
+    Some(UnixListener { group, inode })
+}
+
+/// One dump of the host's Unix sockets (listening and connected) for `listeners`: each
+/// listener's queue, and the connected sockets bearing its name.
+fn unix_load(listeners: &[UnixListener], out: &mut [SocketLoad]) -> io::Result<()> {
+    let by_inode: HashMap<u64, usize> = listeners.iter().map(|l| (l.inode, l.group)).collect();
+    // Listener names found in the dump, and connected sockets per name: the dump's order is
+    // the kernel's, so both are matched once it ends.
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut connected: HashMap<String, u32> = HashMap::new();
+    let request = SockDiagMessage::UnixRequest(UnixRequest {
+        state_flags: unix::StateFlags::ESTABLISHED | unix::StateFlags::LISTEN,
+        inode: 0,
+        show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
+        cookie: [0xff; 8],
+    });
+    dump_messages(request, |message| {
+        let SockDiagMessage::UnixResponse(r) = message else {
+            return;
+        };
+        // Only stream sockets have listeners and connections.
+        if i32::from(r.header.kind) != libc::SOCK_STREAM {
+            return;
+        }
+        let Some(name) = r.name() else {
+            return;
+        };
+        match r.header.state {
+            TCP_LISTEN => {
+                if let Some(&g) = by_inode.get(&u64::from(r.header.inode)) {
+                    // A queued connection's server end is not in the kernel's table until
+                    // accepted: it counts as a connection from the queue.
+                    let queued = r.number_of_pending_connection().unwrap_or(0);
+                    out[g].queued = out[g].queued.saturating_add(queued);
+                    out[g].connections = out[g].connections.saturating_add(queued);
+                    names.insert(name.clone(), g);
+                }
+            }
+            TCP_ESTABLISHED => {
+                *connected.entry(name.clone()).or_default() += 1;
+            }
+            _ => {}
+        }
+    })?;
+    for (name, g) in names {
+        let n = connected.get(&name).copied().unwrap_or(0);
+        out[g].connections = out[g].connections.saturating_add(n);
+    }
+    Ok(())
+}
+
 /// One dump of the host's TCP sockets of `family` in the established and listening states:
 /// `each(state, id, inode, recv_queue)` per socket.
 fn dump(family: u8, mut each: impl FnMut(u8, &SocketId, u64, u32)) -> io::Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let socket_id = if family == AF_INET6 {
         SocketId::new_v6()
     } else {
         SocketId::new_v4()
     };
-    let mut packet = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::ESTABLISHED | StateFlags::LISTEN,
-            socket_id,
-        })
-        .into(),
-    );
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::ESTABLISHED | StateFlags::LISTEN,
+        socket_id,
+    });
+    dump_messages(request, |message| {
+        if let SockDiagMessage::InetResponse(r) = message {
+            each(
+                r.header.state,
+                &r.header.socket_id,
+                u64::from(r.header.inode),
+                r.header.recv_queue,
+            );
+        }
+    })
+}
+
+/// Send one `sock_diag` dump request and hand each answer to `each`.
+fn dump_messages(
+    request: SockDiagMessage,
+    mut each: impl FnMut(SockDiagMessage),
+) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut packet = NetlinkMessage::new(header, request.into());
     packet.finalize();
     let mut request = vec![0; packet.buffer_len()];
     packet.serialize(&mut request[..]);
@@ -198,12 +291,7 @@ fn dump(family: u8, mut each: impl FnMut(u8, &SocketId, u64, u32)) -> io::Result
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             let len = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(
-                    r.header.state,
-                    &r.header.socket_id,
-                    u64::from(r.header.inode),
-                    r.header.recv_queue,
-                ),
+                NetlinkPayload::InnerMessage(m) => each(m),
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {
                     return Err(io::Error::other(format!("sock_diag dump: {e}")));
@@ -275,6 +363,68 @@ mod tests {
             SocketLoad {
                 connections: 1,
                 queued: 0
+            }
+        );
+    }
+}
+
+#[cfg(test)]
+mod unix_tests {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::Arc;
+
+    use super::{KernelLoad, LoadProbe, SocketLoad};
+
+    #[test]
+    fn counts_the_connections_and_queue_of_a_unix_listener_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.sock");
+        let other = dir.path().join("b.sock");
+        let a = UnixListener::bind(&path).expect("bind");
+        // Another listener's connections are not this one's.
+        let b = UnixListener::bind(&other).expect("bind");
+        let _o = UnixStream::connect(&other).expect("connect");
+        let _c1 = UnixStream::connect(&path).expect("connect");
+        let _c2 = UnixStream::connect(&path).expect("connect");
+        let _c3 = UnixStream::connect(&path).expect("connect");
+        let groups = vec![
+            vec![Arc::new(OwnedFd::from(a.try_clone().expect("dup")))],
+            vec![Arc::new(OwnedFd::from(b.try_clone().expect("dup")))],
+        ];
+        let load = KernelLoad.socket_load(&groups).expect("sample");
+        assert_eq!(
+            load,
+            vec![
+                SocketLoad {
+                    connections: 3,
+                    queued: 3
+                },
+                SocketLoad {
+                    connections: 1,
+                    queued: 1
+                }
+            ]
+        );
+        // Accepted: no longer queued, still a connection; closed by the client and the
+        // server: gone.
+        let (s1, _) = a.accept().expect("accept");
+        let (s2, _) = a.accept().expect("accept");
+        let load = KernelLoad.socket_load(&groups).expect("sample");
+        assert_eq!(
+            load[0],
+            SocketLoad {
+                connections: 3,
+                queued: 1
+            }
+        );
+        drop((s1, s2, _c1, _c2));
+        let load = KernelLoad.socket_load(&groups).expect("sample");
+        assert_eq!(
+            load[0],
+            SocketLoad {
+                connections: 1,
+                queued: 1
             }
         );
     }

@@ -69,6 +69,10 @@ pub struct Desired {
     /// scale, restart, rollback, an automatic rollback): what `expected_revision` is
     /// compared with, so concurrent writers never overwrite each other unknowingly.
     pub generation: u64,
+    /// The `replicas` the last apply asked for (the spec's count, before the autoscaler or a
+    /// `Scale` changed it): an apply of a `[scale]` service asking for the same count again
+    /// keeps the current one. `None` in records written before it was kept.
+    pub applied_replicas: Option<u32>,
 }
 
 /// The target of a rollout.
@@ -107,6 +111,9 @@ pub struct Record {
     /// Absent in records written before generations existed: read as 1.
     #[serde(default)]
     pub generation: u64,
+    /// Absent in records written before it was kept.
+    #[serde(default)]
+    pub applied_replicas: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +126,7 @@ impl Desired {
     /// A new service at revision 1, owned by `owner`.
     pub fn new(spec: Arc<ServiceSpec>, owner: Owner) -> Desired {
         Desired {
+            applied_replicas: Some(spec.replicas),
             history: vec![(1, spec.clone())],
             spec,
             owner,
@@ -160,6 +168,7 @@ impl Desired {
             past: r.past,
             paused: r.paused,
             generation: r.generation.max(1),
+            applied_replicas: r.applied_replicas,
         })
     }
 
@@ -184,6 +193,7 @@ impl Desired {
             paused: self.paused,
             owner: self.owner,
             generation: self.generation,
+            applied_replicas: self.applied_replicas,
         }
     }
 

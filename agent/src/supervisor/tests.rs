@@ -16,6 +16,7 @@ use crate::runtime::{ExitRecord, InitExit, ProcessStatus};
 use crate::spec::Namespace;
 use crate::store::{MemStore, Store};
 
+mod autoscale;
 mod packages;
 
 struct Rig {

@@ -6,9 +6,11 @@
 //!   while the count is above 0.
 //! - **sampling**: every `interval`, one blocking job reads the load of every such service
 //!   (one `sock_diag` dump for all, the instances' cgroup CPU counters) and hands it back;
-//! - **deciding**: [`crate::autoscale`] turns each sample into a count, which becomes the
-//!   desired count (persisted, an `autoscaled` event with the reason). A running rollout
-//!   freezes it.
+//! - **deciding**: [`crate::autoscale`] turns each sample into a count, capped by what node
+//!   capacity admits (the reason says so), which becomes the desired count (persisted, an
+//!   `autoscaled` event with the reason). A scale-down stops the least-loaded instances
+//!   itself (not running first, then the least CPU, then the highest index), before the
+//!   planner would pick the highest indexes. A running rollout freezes it.
 //! - **a cold start that fails**: once the restart policy keeps every instance down, the
 //!   connections still queued are closed (they would wait for nothing) and the count goes
 //!   back to 0, so the next connection tries again; status keeps the reason.
@@ -24,11 +26,11 @@ use tokio::time::Instant;
 
 use super::slots::AbortOnDrop;
 use super::{Driver, Internal, cgroup_of};
-use crate::autoscale::{Autoscaler, Load};
+use crate::autoscale::{Autoscaler, Decision, Load};
 use crate::events::EventKind;
 use crate::spec::InstanceKey;
-use crate::supervisor::AutoscaleStatus;
-use crate::supervisor::instance::State;
+use crate::supervisor::instance::{Event, State, StopReason};
+use crate::supervisor::{AutoscaleStatus, SupervisorError};
 
 /// The sampling interval unless configured.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -55,6 +57,9 @@ struct Scaled {
     status: AutoscaleStatus,
     /// The CPU counters of its instances at the last sample, for a rate.
     cpu: HashMap<InstanceKey, (Instant, u64)>,
+    /// Each instance's CPU use over the last two samples, in cores: which go first on a
+    /// scale-down.
+    rates: HashMap<u32, f64>,
 }
 
 /// One service's load as sampled.
@@ -124,6 +129,7 @@ impl Driver {
                     failure: None,
                     status: AutoscaleStatus::default(),
                     cpu: HashMap::new(),
+                    rates: HashMap::new(),
                 });
             scaled.status.waiting = cold;
             if !cold {
@@ -224,7 +230,12 @@ impl Driver {
         let reason = "0 → 1: a connection is waiting (cold start)".to_owned();
         scaled.status.recommended = 1;
         scaled.status.reason = reason.clone();
-        if !self.autoscale_to(service, 1, reason) {
+        let d = self.cap_by_capacity(service, 0, Decision { target: 1, reason });
+        if let Some(scaled) = self.scaling.services.get_mut(service) {
+            scaled.status.recommended = d.target;
+            scaled.status.reason.clone_from(&d.reason);
+        }
+        if d.target == 0 || !self.autoscale_to(service, 1, d.reason) {
             // Readable still: watching again now would wake at once, for ever.
             let interval = self.scaling.interval;
             if let Some(scaled) = self.scaling.services.get_mut(service) {
@@ -289,16 +300,20 @@ impl Driver {
         // Cores used since the last sample, over the instances seen both times.
         let mut cores = 0.0;
         let mut seen = HashMap::new();
+        let mut rates = HashMap::new();
         for (key, ns) in &s.cpu {
             if let Some((t0, ns0)) = scaled.cpu.get(key) {
                 let span = at.saturating_duration_since(*t0).as_secs_f64();
                 if span > 0.0 {
-                    cores += ns.saturating_sub(*ns0) as f64 / 1e9 / span;
+                    let rate = ns.saturating_sub(*ns0) as f64 / 1e9 / span;
+                    cores += rate;
+                    rates.insert(key.index, rate);
                 }
             }
             seen.insert(key.clone(), (at, *ns));
         }
         scaled.cpu = seen;
+        scaled.rates = rates;
         if runs {
             scaled.failure = None;
         }
@@ -333,14 +348,126 @@ impl Driver {
             scaled.status.reason = format!("frozen at {current}: a rollout is running");
             return;
         }
-        let d = scaled.scaler.decide(&spec, cpu_limit, current, load, at);
+        let mut d = scaled.scaler.decide(&spec, cpu_limit, current, load, at);
+        if d.target > current {
+            d = self.cap_by_capacity(&s.service, current, d);
+        }
+        let Some(scaled) = self.scaling.services.get_mut(&s.service) else {
+            return;
+        };
         scaled.status.recommended = d.target;
         scaled.status.reason = match &scaled.failure {
             Some(why) if current == 0 && d.target == 0 => why.clone(),
             _ => d.reason.clone(),
         };
-        if d.target != current {
-            let _ = self.autoscale_to(&s.service, d.target, d.reason);
+        let down = d.target < current;
+        if d.target != current && self.autoscale_to(&s.service, d.target, d.reason) && down {
+            self.stop_least_loaded(&s.service, current - d.target);
+        }
+    }
+
+    /// The most instances up to `d.target` that node capacity admits (what `Scale` would
+    /// be refused beyond); the reason says when capacity holds the count below what the load
+    /// asks for.
+    fn cap_by_capacity(&self, service: &str, current: u32, d: Decision) -> Decision {
+        let Some(svc) = self.services.get(service) else {
+            return d;
+        };
+        let fits = |n: u32| {
+            let mut spec = (*svc.d.spec).clone();
+            spec.replicas = n;
+            self.admit_capacity(&spec)
+        };
+        let refused = match fits(d.target) {
+            Ok(()) => return d,
+            Err(SupervisorError::CapacityExceeded { exceeded }) => exceeded,
+            Err(_) => Vec::new(),
+        };
+        // Commitments grow with the count: the largest that fits, found by bisection.
+        let (mut lo, mut hi) = (current, d.target);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid).is_ok() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let over = refused
+            .iter()
+            .map(|e| {
+                let one_more = e.requested / f64::from(d.target.max(1)) * f64::from(lo + 1);
+                format!(
+                    "{}: {} instances would bring it to {} of {} allowed",
+                    e.field,
+                    lo + 1,
+                    shown_amount(e.field, e.committed + one_more),
+                    shown_amount(e.field, e.limit)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let why = d
+            .reason
+            .split_once(": ")
+            .map_or(d.reason.as_str(), |(_, w)| w);
+        let reason = if lo == current {
+            format!(
+                "holding {current}: capped by node capacity ({why}, asks for {}; {over})",
+                d.target
+            )
+        } else {
+            format!(
+                "{current} → {lo}: {why}, capped by node capacity (asks for {}; {over})",
+                d.target
+            )
+        };
+        Decision { target: lo, reason }
+    }
+
+    /// Gracefully stop `n` of a service's instances for a scale-down: those not running yet
+    /// first, then the least CPU over the last samples, then the highest index. Their
+    /// indexes stay free until a later scale-up takes the lowest free one again.
+    fn stop_least_loaded(&mut self, service: &str, n: u32) {
+        let Some(svc) = self.services.get(service) else {
+            return;
+        };
+        let rates = self
+            .scaling
+            .services
+            .get(service)
+            .map(|s| s.rates.clone())
+            .unwrap_or_default();
+        let mut candidates: Vec<(bool, f64, u32)> = svc
+            .slots
+            .values()
+            .filter(|slot| {
+                !matches!(
+                    slot.instance.state,
+                    State::Stopping { .. } | State::Removing | State::Gone
+                )
+            })
+            .map(|slot| {
+                let i = &slot.instance;
+                let running = matches!(i.state, State::Running { .. });
+                (
+                    running,
+                    rates.get(&i.index).copied().unwrap_or(0.0),
+                    i.index,
+                )
+            })
+            .collect();
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(b.2.cmp(&a.2)));
+        let victims: Vec<u32> = candidates
+            .into_iter()
+            .take(n as usize)
+            .map(|(_, _, index)| index)
+            .collect();
+        for index in victims {
+            self.feed(
+                &InstanceKey::new(service, index),
+                Event::StopRequested(StopReason::ScaleDown),
+            );
         }
     }
 
@@ -358,6 +485,15 @@ impl Driver {
                 false
             }
         }
+    }
+}
+
+/// A committed amount as a person reads it: cores, or memory in MiB.
+fn shown_amount(field: &str, amount: f64) -> String {
+    if field == "resources.memory" {
+        format!("{:.0} MiB", amount / 1_048_576.0)
+    } else {
+        format!("{amount:.2} cores")
     }
 }
 

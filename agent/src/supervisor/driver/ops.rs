@@ -54,13 +54,14 @@ impl Driver {
     pub(super) fn apply(
         &mut self,
         from: Owner,
-        spec: ServiceSpec,
+        mut spec: ServiceSpec,
         dry_run: bool,
         force: bool,
     ) -> Result<ApplyOutcome, SupervisorError> {
         let name = spec.name.clone();
         self.check_owner(&name, from, force)?;
         self.check_kind(&spec)?;
+        let asked = self.keep_autoscaled_count(&mut spec);
         let plan = self.plan_apply(&spec)?;
         let current = self.services.get(&name).map(|s| s.d.generation);
         let generation = match (plan.kind, current) {
@@ -88,8 +89,14 @@ impl Driver {
         }
         // Bound before anything is saved: an address in use refuses the apply whole.
         let sockets = self.sockets_for(&spec)?;
-        let superseded =
-            self.commit_apply(from, Arc::new(spec), plan.kind, sockets, &mut outcome)?;
+        let superseded = self.commit_apply(
+            from,
+            Arc::new(spec),
+            plan.kind,
+            asked,
+            sockets,
+            &mut outcome,
+        )?;
         tracing::info!(service = %name, revision = outcome.revision, outcome = outcome.kind.as_str(), "applied");
         self.emit(
             &name,
@@ -105,6 +112,24 @@ impl Driver {
         }
         self.note_job(&name);
         Ok(outcome)
+    }
+
+    /// An autoscaled service's count is the autoscaler's (or the last `Scale`'s) while the
+    /// applied `replicas` stays what the last apply asked for: applying the same spec again
+    /// leaves the running count alone (kept within a changed `[min, max]`). A `replicas`
+    /// other than the last applied one sets the count, as for any service.
+    /// Returns the `replicas` the spec asked for.
+    fn keep_autoscaled_count(&self, spec: &mut ServiceSpec) -> u32 {
+        let asked = spec.replicas;
+        let Some(svc) = self.services.get(&spec.name) else {
+            return asked;
+        };
+        if let (Some(scale), Some(_)) = (spec.scale, svc.d.spec.scale)
+            && svc.d.applied_replicas == Some(asked)
+        {
+            spec.replicas = svc.d.spec.replicas.clamp(scale.min, scale.max);
+        }
+        asked
     }
 
     /// Created, unchanged, scaled (only `replicas` differs) or updated (a new revision).
@@ -151,10 +176,11 @@ impl Driver {
         from: Owner,
         spec: Arc<ServiceSpec>,
         kind: ApplyKind,
+        asked: u32,
         sockets: SocketMap,
         outcome: &mut ApplyOutcome,
     ) -> Result<Option<String>, SupervisorError> {
-        let p = self.prepare_apply(from, spec, kind);
+        let p = self.prepare_apply(from, spec, kind, asked);
         if p.created {
             // A delete of the same name whose end could not be saved: it is finished (its
             // instances are gone), and must not take the new service for its own at the
@@ -169,7 +195,13 @@ impl Driver {
     }
 
     /// The desired state an apply leads to, on a copy: nothing saved, nothing current yet.
-    fn prepare_apply(&self, from: Owner, spec: Arc<ServiceSpec>, kind: ApplyKind) -> Prepared {
+    fn prepare_apply(
+        &self,
+        from: Owner,
+        spec: Arc<ServiceSpec>,
+        kind: ApplyKind,
+        asked: u32,
+    ) -> Prepared {
         let name = spec.name.clone();
         let Some(svc) = self.services.get(&name) else {
             return Prepared {
@@ -182,6 +214,7 @@ impl Driver {
         };
         let mut d = svc.d.clone();
         d.generation += 1;
+        d.applied_replicas = Some(asked);
         let (mut superseded, mut rollout_id) = (None, None);
         let spec_is_job = spec.job.is_some();
         if matches!(kind, ApplyKind::Scaled | ApplyKind::Labeled) {
@@ -245,9 +278,13 @@ impl Driver {
     pub(super) fn apply_batch(
         &mut self,
         from: Owner,
-        items: Vec<BatchItem>,
+        mut items: Vec<BatchItem>,
         dry_run: bool,
     ) -> Result<Vec<ApplyOutcome>, SupervisorError> {
+        let asked: Vec<u32> = items
+            .iter_mut()
+            .map(|item| self.keep_autoscaled_count(&mut item.spec))
+            .collect();
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         let mut dups = Vec::new();
         for (i, item) in items.iter().enumerate() {
@@ -311,9 +348,10 @@ impl Driver {
         let prepared: Vec<Option<Prepared>> = items
             .into_iter()
             .zip(&planned)
-            .map(|(item, o)| {
+            .zip(asked)
+            .map(|((item, o), asked)| {
                 (o.kind != ApplyKind::Unchanged)
-                    .then(|| self.prepare_apply(from, Arc::new(item.spec), o.kind))
+                    .then(|| self.prepare_apply(from, Arc::new(item.spec), o.kind, asked))
             })
             .collect();
         for (k, p) in prepared.iter().enumerate() {
