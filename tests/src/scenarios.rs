@@ -326,14 +326,7 @@ pub async fn memory_hog_is_oom_killed() {
         for _ in 0..2 {
             // Between runs (backing off) it has no usage.
             let usage = eventually("a running hog's usage", Duration::from_secs(30), || async {
-                agent
-                    .get("oom")
-                    .await
-                    .ok()?
-                    .instances
-                    .first()?
-                    .usage
-                    .clone()
+                agent.get("oom").await.ok()?.instances.first()?.usage
             })
             .await;
             assert!(usage.memory_pressure.is_some(), "{usage:?}");
