@@ -244,9 +244,36 @@ fn last_exit(s: &pb::ServiceStatus, index: u32) -> Option<pb::ExitInfo> {
         .and_then(|i| i.last_exit.clone())
 }
 
-/// A memory hog ends `oom_killed`, read from the cgroup's counters, and is restarted.
+/// `GET /metrics` from an agent's `--metrics` address, in the Prometheus text format.
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.ok()?;
+    let mut resp = Vec::new();
+    conn.read_to_end(&mut resp).await.ok()?;
+    let resp = String::from_utf8(resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of the one series of `text` whose line starts with `series` (name and the
+/// first labels).
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    let mut found = text
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok());
+    let v = found.next()?;
+    found.next().is_none().then_some(v)
+}
+
+/// A memory hog ends `oom_killed`, read from the cgroup's counters, and is restarted; its
+/// `/metrics` series say the same (the limit, the usage, an OOM kill in its current run),
+/// as its status does, read from the held stat files (and, on v2, `memory.pressure`).
 pub async fn memory_hog_is_oom_killed() {
-    let agent = Agent::start().await;
+    let addr = format!("127.0.0.1:{}", crate::free_port());
+    let agent = Agent::start_full_args("info,corral_agent=debug", &["--metrics", &addr]).await;
     agent
         .apply(&spec(
             "oom",
@@ -269,6 +296,53 @@ pub async fn memory_hog_is_oom_killed() {
     let exit = last_exit(&s, 0).expect("last exit");
     assert_eq!(exit.class, pb::ExitClass::OomKilled as i32, "{exit:?}");
     assert_eq!(exit.text, "oom_killed");
+
+    // Each run is OOM-killed again: a scrape sees a kill of the current run's cgroup.
+    let series = |name: &str| format!("{name}{{service=\"oom\",instance=\"oom-0\",");
+    let text = eventually(
+        "a scrape with an oom kill",
+        Duration::from_secs(60),
+        || async {
+            let t = scrape(&addr).await?;
+            let kills = series_value(&t, &series("corral_instance_oom_kills_total"))?;
+            (kills >= 1.0).then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(
+        series_value(&text, &series("corral_instance_memory_limit_bytes")),
+        Some(64.0 * 1024.0 * 1024.0),
+        "{text}"
+    );
+    assert!(
+        series_value(&text, &series("corral_instance_cpu_seconds_total")).is_some(),
+        "{text}"
+    );
+    // On v2 with PSI, the pressure of the instance's cgroup, read twice through the held
+    // descriptor.
+    if crate::cgroup::version() == Version::V2
+        && std::path::Path::new("/proc/pressure/memory").exists()
+    {
+        for _ in 0..2 {
+            // Between runs (backing off) it has no usage.
+            let usage = eventually("a running hog's usage", Duration::from_secs(30), || async {
+                agent.get("oom").await.ok()?.instances.first()?.usage
+            })
+            .await;
+            assert!(usage.memory_pressure.is_some(), "{usage:?}");
+        }
+    }
+    agent.delete("oom").await.expect("delete");
+    let text = eventually(
+        "no series of a deleted service",
+        Duration::from_secs(30),
+        || async {
+            let t = scrape(&addr).await?;
+            (!t.contains("service=\"oom\"")).then_some(t)
+        },
+    )
+    .await;
+    assert!(text.contains("process_open_fds "), "{text}");
 }
 
 /// `kill -9` from outside is `signaled(9)`, never `oom_killed`; a replacement follows

@@ -25,20 +25,30 @@ use super::{CgroupError, CgroupPath};
 pub(super) struct Wanted<K> {
     pub kind: K,
     pub file: PathBuf,
-    /// A missing optional file (one an older kernel does not have) reads as `None`; a missing
-    /// required one is an error (the cgroup is gone).
-    pub required: bool,
+    pub need: Need,
+}
+
+/// What a missing or unreadable file means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Need {
+    /// Missing or unreadable: the cgroup is gone, `stats()` fails.
+    Required,
+    /// Missing (a file an older kernel does not have) reads as `None`; unreadable fails.
+    Optional,
+    /// Missing or unreadable reads as `None` and is no reason to reopen the others: a file
+    /// the kernel may refuse to read while the cgroup is fine (a PSI file with PSI off).
+    BestEffort,
 }
 
 /// The files of one cgroup as opened: `None` for an optional file that does not exist.
 #[derive(Debug)]
 struct Opened<K> {
-    files: Vec<(K, PathBuf, Option<File>)>,
+    files: Vec<(K, PathBuf, Need, Option<File>)>,
 }
 
 impl<K> Opened<K> {
     fn fds(&self) -> usize {
-        self.files.iter().filter(|(_, _, f)| f.is_some()).count()
+        self.files.iter().filter(|(.., f)| f.is_some()).count()
     }
 }
 
@@ -171,10 +181,11 @@ fn open_all<K: Copy>(cg: &CgroupPath, wanted: Vec<Wanted<K>>) -> Result<Opened<K
     for w in wanted {
         let f = match File::open(&w.file) {
             Ok(f) => Some(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !w.required => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && w.need == Need::Optional => None,
+            Err(_) if w.need == Need::BestEffort => None,
             Err(e) => return Err(read_err(&cg.to_string(), &w.file, e)),
         };
-        files.push((w.kind, w.file, f));
+        files.push((w.kind, w.file, w.need, f));
     }
     Ok(Opened { files })
 }
@@ -185,11 +196,18 @@ fn read_all<K: Copy>(
     buf: &mut Vec<u8>,
     each: &mut impl FnMut(K, &Path, Option<&str>) -> Result<(), CgroupError>,
 ) -> Result<(), Failed> {
-    for (kind, path, file) in &opened.files {
+    for (kind, path, need, file) in &opened.files {
         let text = match file {
             None => None,
             Some(f) => {
-                pread_whole(f, buf).map_err(|e| Failed::Io(read_err(&cg.to_string(), path, e)))?;
+                match pread_whole(f, buf) {
+                    Ok(()) => {}
+                    Err(_) if *need == Need::BestEffort => {
+                        each(*kind, path, None).map_err(Failed::Parse)?;
+                        continue;
+                    }
+                    Err(e) => return Err(Failed::Io(read_err(&cg.to_string(), path, e))),
+                }
                 let text = std::str::from_utf8(buf).map_err(|e| {
                     Failed::Parse(read_err(
                         &cg.to_string(),
@@ -248,12 +266,12 @@ mod tests {
             Wanted {
                 kind: F::A,
                 file: dir.join("a"),
-                required: true,
+                need: Need::Required,
             },
             Wanted {
                 kind: F::B,
                 file: dir.join("b"),
-                required: false,
+                need: Need::Optional,
             },
         ]
     }
@@ -306,6 +324,63 @@ mod tests {
         assert_eq!(s.held_fds(), 4);
         s.forget(&cg);
         assert_eq!(s.held_fds(), 2);
+    }
+
+    #[test]
+    fn a_best_effort_file_that_cannot_be_read_is_none_and_the_rest_stays_held() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fs::write(dir.join("a"), "1").expect("a");
+        // A directory opens read-only but every read fails (EISDIR), like a PSI file with
+        // PSI off (EOPNOTSUPP).
+        fs::create_dir(dir.join("p")).expect("p");
+        let cg = CgroupPath::instance("web", "web-0");
+        let s = StatFiles::with_budget(10);
+        let opens = std::cell::Cell::new(0);
+        let wanted = || {
+            opens.set(opens.get() + 1);
+            vec![
+                Wanted {
+                    kind: F::A,
+                    file: dir.join("a"),
+                    need: Need::Required,
+                },
+                Wanted {
+                    kind: F::B,
+                    file: dir.join("p"),
+                    need: Need::BestEffort,
+                },
+            ]
+        };
+        for round in 0..2 {
+            let mut out = Vec::new();
+            s.read(&cg, wanted, |k, _, t| {
+                out.push(format!("{k:?}={}", t.unwrap_or("-")));
+                Ok(())
+            })
+            .expect("read");
+            assert_eq!(out, ["A=1", "B=-"], "round {round}");
+            assert_eq!(s.held_fds(), 2, "both held: round {round}");
+        }
+        assert_eq!(
+            opens.get(),
+            1,
+            "a failed best-effort read is no reason to reopen"
+        );
+        // Missing altogether: still not an error.
+        let other = CgroupPath::instance("web", "web-1");
+        let gone = || {
+            vec![Wanted {
+                kind: F::B,
+                file: dir.join("missing"),
+                need: Need::BestEffort,
+            }]
+        };
+        s.read(&other, gone, |_, _, t| {
+            assert_eq!(t, None);
+            Ok(())
+        })
+        .expect("read");
     }
 
     #[test]

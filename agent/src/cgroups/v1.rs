@@ -21,7 +21,7 @@ use super::fsutil::{
     keyed_u64_or_zero, parsed, read_procs, remove_all, remove_created, sigkill_all, subdirs,
 };
 use super::seam::{self, Expect};
-use super::statfiles::{StatFiles, Wanted};
+use super::statfiles::{Need, StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
 };
@@ -225,7 +225,7 @@ impl V1Backend {
                     files.push(Wanted {
                         kind: *kind,
                         file: dir.join(name),
-                        required: true,
+                        need: Need::Required,
                     });
                 }
             }

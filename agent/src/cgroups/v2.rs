@@ -25,7 +25,7 @@ use super::fsutil::{
     write_value,
 };
 use super::seam::{self, Expect};
-use super::statfiles::{StatFiles, Wanted};
+use super::statfiles::{Need, StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
 };
@@ -61,6 +61,7 @@ enum StatFile {
     MemoryPeak,
     MemoryEvents,
     MemoryMax,
+    MemoryPressure,
     PidsCurrent,
 }
 
@@ -226,25 +227,33 @@ impl V2Backend {
     /// The files of `path` that `stats()` reads, for the controls this host has.
     fn stat_files(&self, path: &CgroupPath) -> Vec<Wanted<StatFile>> {
         let dir = self.dir(path);
-        let mut files = Vec::with_capacity(6);
-        let mut want = |kind, name: &str, required| {
+        let mut files = Vec::with_capacity(7);
+        let mut want = |kind, name: &str, need| {
             files.push(Wanted {
                 kind,
                 file: dir.join(name),
-                required,
+                need,
             });
         };
         if self.caps.has(Control::CpuAccounting) {
-            want(StatFile::CpuStat, "cpu.stat", true);
+            want(StatFile::CpuStat, "cpu.stat", Need::Required);
         }
         if self.caps.has(Control::Memory) {
-            want(StatFile::MemoryCurrent, "memory.current", true);
-            want(StatFile::MemoryPeak, "memory.peak", false);
-            want(StatFile::MemoryEvents, "memory.events", true);
-            want(StatFile::MemoryMax, "memory.max", true);
+            want(StatFile::MemoryCurrent, "memory.current", Need::Required);
+            // memory.peak arrived in Linux 5.19: without it the peak is 0.
+            want(StatFile::MemoryPeak, "memory.peak", Need::Optional);
+            want(StatFile::MemoryEvents, "memory.events", Need::Required);
+            want(StatFile::MemoryMax, "memory.max", Need::Required);
+            // Absent without PSI (CONFIG_PSI off, cgroup.pressure 0), and unreadable
+            // (EOPNOTSUPP) with psi=0 on the kernel command line.
+            want(
+                StatFile::MemoryPressure,
+                "memory.pressure",
+                Need::BestEffort,
+            );
         }
         if self.caps.has(Control::Pids) {
-            want(StatFile::PidsCurrent, "pids.current", true);
+            want(StatFile::PidsCurrent, "pids.current", Need::Required);
         }
         files
     }
@@ -551,7 +560,7 @@ impl CgroupBackend for V2Backend {
             |kind, file, text| {
                 let p = || path.to_string();
                 let Some(text) = text else {
-                    // memory.peak arrived in Linux 5.19: without it the peak is 0.
+                    // An optional file this kernel does not have: its value stays unknown.
                     return Ok(());
                 };
                 let one = || parsed(&p(), file, fsutil::parse_u64(text));
@@ -579,16 +588,13 @@ impl CgroupBackend for V2Backend {
                         };
                     }
                     StatFile::PidsCurrent => stats.pids = one()?,
+                    StatFile::MemoryPressure => {
+                        stats.memory_pressure = super::Pressure::parse(text);
+                    }
                 }
                 Ok(())
             },
         )?;
-        if self.caps.has(Control::Memory) {
-            // Absent without PSI (CONFIG_PSI off, or psi=0 on the kernel command line).
-            stats.memory_pressure = std::fs::read_to_string(self.dir(path).join("memory.pressure"))
-                .ok()
-                .and_then(|t| super::Pressure::parse(&t));
-        }
         Ok(stats)
     }
 
@@ -978,6 +984,8 @@ mod tests {
             "low 0\nhigh 0\nmax 9\noom 3\noom_kill 3\noom_group_kill 0\n",
         );
         put("pids.current", "2\n");
+        // With PSI on, every cgroup has it; nothing yet.
+        put("memory.pressure", "");
         assert_eq!(
             b.stats(&web0()).expect("stats"),
             CgroupStats {
@@ -1035,8 +1043,9 @@ mod tests {
         put("memory.events", "oom 1\n");
         let err = b.stats(&web0()).expect_err("no oom_kill line");
         assert!(err.to_string().contains("oom_kill"), "{err}");
-        // Each cgroup's files are held open until it is removed.
-        assert_eq!(b.stats.held_fds(), 6 + 5);
+        // Each cgroup's files are held open until it is removed (web-1 has no memory.peak
+        // and no memory.pressure).
+        assert_eq!(b.stats.held_fds(), 7 + 5);
         b.remove(&web0()).expect("remove");
         assert_eq!(b.stats.held_fds(), 5);
         b.remove(&CgroupPath::instance("web", "web-1"))

@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::UNIX_EPOCH;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -44,6 +44,11 @@ pub struct Readings {
     instances: Vec<Reading>,
 }
 
+/// Instances read on one thread; more are split across the host's cores (at most
+/// [`MAX_READERS`] threads), since each instance costs a few system calls and little else.
+const PER_READER: usize = 32;
+const MAX_READERS: usize = 4;
+
 /// Read the cgroup and log files of every instance in `services`. Blocking file reads: run
 /// off the async workers.
 pub fn read(
@@ -51,30 +56,54 @@ pub fn read(
     cgroups: &dyn CgroupBackend,
     files: &dyn InstanceFiles,
 ) -> Readings {
-    let mut instances = Vec::new();
+    let mut instances: Vec<Reading> = Vec::new();
     for svc in &mut services {
         for sample in std::mem::take(&mut svc.instances) {
-            let usage = if sample.live {
-                match cgroups.stats(&CgroupPath::instance(&svc.name, &sample.id)) {
-                    Ok(u) => Some(u),
-                    Err(e) => {
-                        // Gone between the sample and the read (it just ended), or a kernel
-                        // that refuses a read: its usage series are left out of this scrape.
-                        tracing::debug!(instance = %sample.id, error = %e, "metrics: no usage");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
             instances.push(Reading {
                 service: svc.name.clone(),
                 revision: sample.revision.to_string(),
-                logs: files.log_stat(&sample.id),
-                usage,
                 sample,
+                usage: None,
+                logs: LogStat::default(),
             });
         }
+    }
+    let readers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_READERS)
+        .min(instances.len() / PER_READER)
+        .max(1);
+    let chunk = instances.len().div_ceil(readers).max(1);
+    let read = |part: &[Reading]| -> Vec<Read> {
+        part.iter()
+            .map(|r| (r.usage(cgroups), files.log_stat(&r.sample.id)))
+            .collect()
+    };
+    let found: Vec<Read> = std::thread::scope(|scope| {
+        let mut parts = instances.chunks(chunk);
+        // This thread reads the first part while the others read the rest.
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|part| {
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-read".into())
+                    .spawn_scoped(scope, move || read(part));
+                (part, spawned)
+            })
+            .collect();
+        let mut found = read(first);
+        for (part, spawned) in others {
+            // No thread to be had (a thread limit), or it failed: that part is read here.
+            match spawned.map(|h| h.join()) {
+                Ok(Ok(f)) => found.extend(f),
+                _ => found.extend(read(part)),
+            }
+        }
+        found
+    });
+    for (r, (usage, logs)) in instances.iter_mut().zip(found) {
+        r.usage = usage;
+        r.logs = logs;
     }
     Readings {
         services,
@@ -82,36 +111,64 @@ pub fn read(
     }
 }
 
-type Labels<'a> = Vec<(&'static str, &'a str)>;
+/// What one instance's files said.
+type Read = (Option<CgroupStats>, LogStat);
+
+impl Reading {
+    /// Its cgroup's usage now, when it is live and the files could be read.
+    fn usage(&self, cgroups: &dyn CgroupBackend) -> Option<CgroupStats> {
+        if !self.sample.live {
+            return None;
+        }
+        cgroups
+            .stats(&CgroupPath::instance(&self.service, &self.sample.id))
+            .inspect_err(|e| {
+                // Gone between the sample and the read (it just ended), or a kernel that
+                // refuses a read: its usage series are left out of this scrape.
+                tracing::debug!(instance = %self.sample.id, error = %e, "metrics: no usage");
+            })
+            .ok()
+    }
+}
+
+/// A series' labels: service, instance, revision.
+type Labels<'a> = [(&'static str, &'a str); 3];
+/// The same and one more.
+type LabelsAnd<'a> = [(&'static str, &'a str); 4];
 
 /// A family's name, help and how its value is taken from a `T`.
 type Described<T> = (&'static str, &'static str, fn(&T) -> u64);
 
 impl Reading {
     fn labels(&self) -> Labels<'_> {
-        vec![
+        [
             ("service", self.service.as_str()),
             ("instance", self.sample.id.as_str()),
             ("revision", self.revision.as_str()),
         ]
     }
 
-    fn with<'a>(&'a self, key: &'static str, value: &'a str) -> Labels<'a> {
-        let mut l = self.labels();
-        l.push((key, value));
-        l
+    fn with<'a>(&'a self, key: &'static str, value: &'a str) -> LabelsAnd<'a> {
+        let [s, i, r] = self.labels();
+        [s, i, r, (key, value)]
     }
 }
 
-/// A metric family written one series at a time; its descriptor is written before its first
-/// series, so a family without series is left out.
-struct Family<'e, 'w, 'a> {
-    encoder: &'e mut DescriptorEncoder<'w>,
+/// What a family is: its name, help, unit and type.
+struct Desc {
     name: &'static str,
     help: &'static str,
     unit: Option<Unit>,
     kind: MetricType,
-    rows: Vec<(Labels<'a>, Value<'a>)>,
+}
+
+fn desc(name: &'static str, help: &'static str, unit: Option<Unit>, kind: MetricType) -> Desc {
+    Desc {
+        name,
+        help,
+        unit,
+        kind,
+    }
 }
 
 enum Value<'a> {
@@ -122,47 +179,34 @@ enum Value<'a> {
     Metric(&'a dyn EncodeMetric),
 }
 
-impl<'e, 'w, 'a> Family<'e, 'w, 'a> {
-    fn new(
-        encoder: &'e mut DescriptorEncoder<'w>,
-        name: &'static str,
-        help: &'static str,
-        unit: Option<Unit>,
-        kind: MetricType,
-    ) -> Self {
-        Family {
-            encoder,
-            name,
-            help,
-            unit,
-            kind,
-            rows: Vec::new(),
+impl Value<'_> {
+    fn encode(&self, series: MetricEncoder<'_>) -> fmt::Result {
+        match self {
+            Value::Counter(v) => ConstCounter::new(*v).encode(series),
+            Value::CounterU(v) => ConstCounter::new(*v).encode(series),
+            Value::Gauge(v) => ConstGauge::new(*v).encode(series),
+            Value::GaugeI(v) => ConstGauge::new(*v).encode(series),
+            Value::Metric(m) => m.encode(series),
         }
     }
+}
 
-    fn row(&mut self, labels: Labels<'a>, value: Value<'a>) {
-        self.rows.push((labels, value));
+/// Write a metric family, one series per row, straight to the encoder; a family without
+/// rows is left out (no descriptor).
+fn family<'a, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    d: Desc,
+    rows: impl Iterator<Item = (L, Value<'a>)>,
+) -> fmt::Result {
+    let mut rows = rows.peekable();
+    if rows.peek().is_none() {
+        return Ok(());
     }
-
-    fn write(self) -> fmt::Result {
-        if self.rows.is_empty() {
-            return Ok(());
-        }
-        let mut metric =
-            self.encoder
-                .encode_descriptor(self.name, self.help, self.unit.as_ref(), self.kind)?;
-        for (labels, value) in &self.rows {
-            let series: MetricEncoder<'_> = metric.encode_family(labels)?;
-            match value {
-                Value::Counter(v) => ConstCounter::new(*v).encode(series)?,
-                Value::CounterU(v) => ConstCounter::new(*v).encode(series)?,
-                Value::Gauge(v) => ConstGauge::new(*v).encode(series)?,
-                Value::GaugeI(v) => ConstGauge::new(*v).encode(series)?,
-                Value::Metric(m) => m.encode(series)?,
-            }
-        }
-        Ok(())
+    let mut metric = encoder.encode_descriptor(d.name, d.help, d.unit.as_ref(), d.kind)?;
+    for (labels, value) in rows {
+        value.encode(metric.encode_family(&labels)?)?;
     }
+    Ok(())
 }
 
 fn class_name(class: ExitClass) -> &'static str {
@@ -240,124 +284,122 @@ impl Readings {
             ),
         ];
         for (name, help, unit, kind, pick) in families {
-            let mut f = Family::new(encoder, name, help, unit, kind);
-            for r in &self.instances {
-                if let Some(v) = r.usage.as_ref().and_then(pick) {
-                    f.row(r.labels(), v);
-                }
-            }
-            f.write()?;
+            family(
+                encoder,
+                desc(name, help, unit, kind),
+                self.instances.iter().filter_map(|r| {
+                    let v = r.usage.as_ref().and_then(pick)?;
+                    Some((r.labels(), v))
+                }),
+            )?;
         }
         Ok(())
     }
 
     fn instance_families(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
-        let mut f = Family::new(
+        let each = || self.instances.iter();
+        family(
             encoder,
-            "corral_instance_up",
-            "1 while the instance runs, 0 while it is starting, backing off, stopping or gone",
-            None,
-            MetricType::Gauge,
-        );
-        for r in &self.instances {
-            let up = r.sample.phase == crate::supervisor::Phase::Running;
-            f.row(r.labels(), Value::GaugeI(i64::from(up)));
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_up",
+                "1 while the instance runs, 0 while it is starting, backing off, stopping or gone",
+                None,
+                MetricType::Gauge,
+            ),
+            each().map(|r| {
+                let up = r.sample.phase == crate::supervisor::Phase::Running;
+                (r.labels(), Value::GaugeI(i64::from(up)))
+            }),
+        )?;
+        family(
             encoder,
-            "corral_instance_restarts",
-            "Restarts of the instance by its restart policy",
-            None,
-            MetricType::Counter,
-        );
-        for r in &self.instances {
-            f.row(r.labels(), Value::CounterU(u64::from(r.sample.restarts)));
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_restarts",
+                "Restarts of the instance by its restart policy",
+                None,
+                MetricType::Counter,
+            ),
+            each().map(|r| (r.labels(), Value::CounterU(u64::from(r.sample.restarts)))),
+        )?;
+        family(
             encoder,
-            "corral_instance_last_exit",
-            "How the instance's last run ended: 1 for its class (exited, signaled, oom_killed, stop_timeout, health_failed, lost)",
-            None,
-            MetricType::Gauge,
-        );
-        for r in &self.instances {
-            if let Some(class) = r.sample.last_exit {
-                f.row(r.with("class", class_name(class)), Value::GaugeI(1));
-            }
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_last_exit",
+                "How the instance's last run ended: 1 for its class (exited, signaled, oom_killed, stop_timeout, health_failed, lost)",
+                None,
+                MetricType::Gauge,
+            ),
+            each().filter_map(|r| {
+                let class = r.sample.last_exit?;
+                Some((r.with("class", class_name(class)), Value::GaugeI(1)))
+            }),
+        )?;
+        family(
             encoder,
-            "corral_instance_healthy",
-            "1 while the instance is healthy (its probe passes, or it runs and has none), else 0",
-            None,
-            MetricType::Gauge,
-        );
-        for r in &self.instances {
-            let healthy = r.sample.health == HealthState::Healthy;
-            f.row(r.labels(), Value::GaugeI(i64::from(healthy)));
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_healthy",
+                "1 while the instance is healthy (its probe passes, or it runs and has none), else 0",
+                None,
+                MetricType::Gauge,
+            ),
+            each().map(|r| {
+                let healthy = r.sample.health == HealthState::Healthy;
+                (r.labels(), Value::GaugeI(i64::from(healthy)))
+            }),
+        )?;
+        family(
             encoder,
-            "corral_instance_health_state",
-            "The instance's health: 1, for its one state (healthy, unhealthy, unknown)",
-            None,
-            MetricType::Gauge,
-        );
-        for r in &self.instances {
-            f.row(r.with("state", r.sample.health.as_str()), Value::GaugeI(1));
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_health_state",
+                "The instance's health: 1, for its one state (healthy, unhealthy, unknown)",
+                None,
+                MetricType::Gauge,
+            ),
+            each().map(|r| (r.with("state", r.sample.health.as_str()), Value::GaugeI(1))),
+        )?;
+        family(
             encoder,
-            "corral_instance_start_time",
-            "When the instance's current run started, seconds since the Unix epoch",
-            Some(Unit::Seconds),
-            MetricType::Gauge,
-        );
-        for r in &self.instances {
-            if let Some(t) = r.sample.started_at {
-                let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-                f.row(r.labels(), Value::Gauge(secs.as_secs_f64()));
-            }
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_start_time",
+                "When the instance's current run started, seconds since the Unix epoch",
+                Some(Unit::Seconds),
+                MetricType::Gauge,
+            ),
+            each().filter_map(|r| {
+                let secs = r
+                    .sample
+                    .started_at?
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                Some((r.labels(), Value::Gauge(secs.as_secs_f64())))
+            }),
+        )?;
+        family(
             encoder,
-            "corral_instance_probe_duration",
-            "How long the instance's health probe runs took",
-            Some(Unit::Seconds),
-            MetricType::Histogram,
-        );
-        for r in &self.instances {
-            if let Some(p) = &r.sample.probe {
-                f.row(r.labels(), Value::Metric(&p.duration));
-            }
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_instance_probe_duration",
+                "How long the instance's health probe runs took",
+                Some(Unit::Seconds),
+                MetricType::Histogram,
+            ),
+            each().filter_map(|r| {
+                let p = r.sample.probe.as_ref()?;
+                Some((r.labels(), Value::Metric(&p.duration)))
+            }),
+        )?;
+        family(
             encoder,
-            "corral_instance_probe_failures",
-            "Health probe runs of the instance that failed",
-            None,
-            MetricType::Counter,
-        );
-        for r in &self.instances {
-            if let Some(p) = &r.sample.probe {
-                f.row(r.labels(), Value::CounterU(p.failures.get()));
-            }
-        }
-        f.write()?;
+            desc(
+                "corral_instance_probe_failures",
+                "Health probe runs of the instance that failed",
+                None,
+                MetricType::Counter,
+            ),
+            each().filter_map(|r| {
+                let p = r.sample.probe.as_ref()?;
+                Some((r.labels(), Value::CounterU(p.failures.get())))
+            }),
+        )?;
 
         let logs: [Described<LogStat>; 2] = [
             (
@@ -372,16 +414,17 @@ impl Readings {
             ),
         ];
         for (name, help, pick) in logs {
-            let mut f = Family::new(encoder, name, help, Some(Unit::Bytes), MetricType::Counter);
-            for r in &self.instances {
-                f.row(r.labels(), Value::CounterU(pick(&r.logs)));
-            }
-            f.write()?;
+            family(
+                encoder,
+                desc(name, help, Some(Unit::Bytes), MetricType::Counter),
+                each().map(|r| (r.labels(), Value::CounterU(pick(&r.logs)))),
+            )?;
         }
         Ok(())
     }
 
     fn service_families(&self, encoder: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let each = || self.services.iter();
         let counts: [Described<ServiceSample>; 3] = [
             (
                 "corral_service_desired_instances",
@@ -400,81 +443,86 @@ impl Readings {
             ),
         ];
         for (name, help, pick) in counts {
-            let mut f = Family::new(encoder, name, help, None, MetricType::Gauge);
-            for s in &self.services {
-                f.row(
-                    vec![("service", s.name.as_str())],
-                    Value::GaugeI(clamp(pick(s))),
-                );
-            }
-            f.write()?;
+            family(
+                encoder,
+                desc(name, help, None, MetricType::Gauge),
+                each().map(|s| {
+                    (
+                        [("service", s.name.as_str())],
+                        Value::GaugeI(clamp(pick(s))),
+                    )
+                }),
+            )?;
         }
-
-        let mut f = Family::new(
+        family(
             encoder,
-            "corral_service_rollouts_started",
-            "Rollouts of the service started since the agent started, by kind (update, restart, rollback, auto_rollback)",
-            None,
-            MetricType::Counter,
-        );
-        for s in &self.services {
-            for (kind, c) in KINDS.iter().zip(&s.rollouts.started) {
-                f.row(
-                    vec![("service", s.name.as_str()), ("kind", kind.as_str())],
-                    Value::CounterU(c.get()),
-                );
-            }
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_service_rollouts_started",
+                "Rollouts of the service started since the agent started, by kind (update, restart, rollback, auto_rollback)",
+                None,
+                MetricType::Counter,
+            ),
+            each().flat_map(|s| {
+                KINDS.iter().zip(&s.rollouts.started).map(|(kind, c)| {
+                    (
+                        [("service", s.name.as_str()), ("kind", kind.as_str())],
+                        Value::CounterU(c.get()),
+                    )
+                })
+            }),
+        )?;
+        family(
             encoder,
-            "corral_service_rollouts_finished",
-            "Rollouts of the service that ended since the agent started, by state (succeeded, failed, superseded, cancelled)",
-            None,
-            MetricType::Counter,
-        );
-        for s in &self.services {
-            for (state, c) in ENDS.iter().zip(&s.rollouts.finished) {
-                f.row(
-                    vec![("service", s.name.as_str()), ("state", state.as_str())],
-                    Value::CounterU(c.get()),
-                );
-            }
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_service_rollouts_finished",
+                "Rollouts of the service that ended since the agent started, by state (succeeded, failed, superseded, cancelled)",
+                None,
+                MetricType::Counter,
+            ),
+            each().flat_map(|s| {
+                ENDS.iter().zip(&s.rollouts.finished).map(|(state, c)| {
+                    (
+                        [("service", s.name.as_str()), ("state", state.as_str())],
+                        Value::CounterU(c.get()),
+                    )
+                })
+            }),
+        )?;
+        family(
             encoder,
-            "corral_service_rollouts_rolled_back",
-            "Failed rollouts of the service that started an automatic rollback",
-            None,
-            MetricType::Counter,
-        );
-        for s in &self.services {
-            f.row(
-                vec![("service", s.name.as_str())],
-                Value::CounterU(s.rollouts.rolled_back.get()),
-            );
-        }
-        f.write()?;
-
-        let mut f = Family::new(
+            desc(
+                "corral_service_rollouts_rolled_back",
+                "Failed rollouts of the service that started an automatic rollback",
+                None,
+                MetricType::Counter,
+            ),
+            each().map(|s| {
+                (
+                    [("service", s.name.as_str())],
+                    Value::CounterU(s.rollouts.rolled_back.get()),
+                )
+            }),
+        )?;
+        family(
             encoder,
-            "corral_service_rollout_duration",
-            "How long the service's rollouts took from start to end, by the state they ended in (succeeded, failed)",
-            Some(Unit::Seconds),
-            MetricType::Histogram,
-        );
-        for s in &self.services {
-            for (state, h) in TIMED_ENDS.iter().zip(&s.rollouts.duration) {
-                f.row(
-                    vec![("service", s.name.as_str()), ("state", state.as_str())],
-                    Value::Metric(h),
-                );
-            }
-        }
-        f.write()
+            desc(
+                "corral_service_rollout_duration",
+                "How long the service's rollouts took from start to end, by the state they ended in (succeeded, failed)",
+                Some(Unit::Seconds),
+                MetricType::Histogram,
+            ),
+            each().flat_map(|s| {
+                TIMED_ENDS
+                    .iter()
+                    .zip(&s.rollouts.duration)
+                    .map(|(state, h)| {
+                        (
+                            [("service", s.name.as_str()), ("state", state.as_str())],
+                            Value::Metric(h as &dyn EncodeMetric),
+                        )
+                    })
+            }),
+        )
     }
 }
 

@@ -129,7 +129,9 @@ struct Inner {
     cgroups: Arc<dyn CgroupBackend>,
     files: Arc<dyn InstanceFiles>,
     /// One scrape at a time: a client scraping in a loop costs one scrape's CPU at most.
-    scraping: tokio::sync::Mutex<()>,
+    /// It holds the length of the last scrape's text, so the next one is encoded into a
+    /// buffer of about that size instead of one that grows (and copies) itself there.
+    scraping: tokio::sync::Mutex<usize>,
 }
 
 impl Metrics {
@@ -147,19 +149,20 @@ impl Metrics {
                 events,
                 cgroups,
                 files,
-                scraping: tokio::sync::Mutex::new(()),
+                scraping: tokio::sync::Mutex::new(0),
             }),
         }
     }
 
     /// Every series now, in `format`.
     pub async fn scrape(&self, format: Format) -> Result<String, ScrapeError> {
-        let _one = self.inner.scraping.lock().await;
+        let mut last_len = self.inner.scraping.lock().await;
+        let capacity = *last_len + *last_len / 8;
         let started = std::time::Instant::now();
         let services = self.inner.supervisor.sample().await?;
         let sampled = started.elapsed();
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let text = tokio::task::spawn_blocking(move || {
             let reading = std::time::Instant::now();
             let readings = collect::read(services, inner.cgroups.as_ref(), inner.files.as_ref());
             let read = reading.elapsed();
@@ -175,7 +178,7 @@ impl Metrics {
             registry.register_collector(Box::new(EventsCollector(inner.events.clone())));
             registry.register_collector(Box::new(process::ProcessCollector));
             registry.register_collector(Box::new(readings));
-            let text = encode(&registry, format).map_err(|_| ScrapeError::Encode)?;
+            let text = encode_into(&registry, format, capacity).map_err(|_| ScrapeError::Encode)?;
             tracing::debug!(
                 sample_us = crate::num::micros(sampled),
                 read_us = crate::num::micros(read),
@@ -185,13 +188,22 @@ impl Metrics {
             );
             Ok(text)
         })
-        .await?
+        .await?;
+        if let Ok(text) = &text {
+            *last_len = text.len();
+        }
+        text
     }
 }
 
 /// The registry's text in `format`.
 pub fn encode(registry: &Registry, format: Format) -> Result<String, fmt::Error> {
-    let mut out = String::with_capacity(64 << 10);
+    encode_into(registry, format, 64 << 10)
+}
+
+/// The registry's text in `format`, in a buffer of `capacity` bytes to start with.
+fn encode_into(registry: &Registry, format: Format, capacity: usize) -> Result<String, fmt::Error> {
+    let mut out = String::with_capacity(capacity.max(4 << 10));
     match format {
         Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
         Format::Prometheus => {

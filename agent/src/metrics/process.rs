@@ -46,6 +46,35 @@ fn boot_time(text: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The boot time, read from `/proc/stat` once: it does not change, and `/proc/stat` is made
+/// anew with every CPU's and interrupt's counts at each read.
+fn boot_time_once() -> Option<u64> {
+    static BTIME: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *BTIME.get_or_init(|| {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| boot_time(&t))
+    })
+}
+
+/// The descriptors this process has open. Linux 6.2 and later give their number as the size
+/// of `/proc/self/fd` (one `statx`); earlier kernels say 0 there, and the directory is listed,
+/// which costs the kernel a dentry per descriptor (the agent holds thousands with many
+/// instances: each one's cgroup stat files).
+fn open_fds() -> Option<usize> {
+    let size = std::fs::metadata("/proc/self/fd").ok()?.len();
+    if size > 0 {
+        return usize::try_from(size).ok();
+    }
+    // The listing's own descriptor is not counted.
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1),
+    )
+}
+
 /// The collector of the agent's process; reads nothing until a scrape.
 #[derive(Debug, Default)]
 pub struct ProcessCollector;
@@ -104,8 +133,8 @@ impl Collector for ProcessCollector {
                 MetricType::Gauge,
             )?)?;
         }
-        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-            ConstGauge::new(fds.count() as f64).encode(encoder.encode_descriptor(
+        if let Some(fds) = open_fds() {
+            ConstGauge::new(fds as f64).encode(encoder.encode_descriptor(
                 "process_open_fds",
                 "File descriptors the agent has open",
                 None,
@@ -122,10 +151,7 @@ impl Collector for ProcessCollector {
                 MetricType::Gauge,
             )?)?;
         }
-        if let Some(btime) = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|t| boot_time(&t))
-        {
+        if let Some(btime) = boot_time_once() {
             let start = btime as f64 + stat.start_ticks as f64 / tick;
             ConstGauge::new(start).encode(encoder.encode_descriptor(
                 "process_start_time",
@@ -165,6 +191,25 @@ mod tests {
             boot_time("cpu 1 2\nbtime 1700000000\nprocesses 9\n"),
             Some(1_700_000_000)
         );
+    }
+
+    #[test]
+    fn open_fds_counts_descriptors_as_they_open_and_close() {
+        // Other tests open files in parallel: compare with a listing taken alongside, and
+        // watch 64 more descriptors come and go.
+        let listed = || std::fs::read_dir("/proc/self/fd").expect("fd").count() - 1;
+        let near = |a: usize, b: usize| a.abs_diff(b) <= 16;
+        let before = open_fds().expect("fds");
+        assert!(near(before, listed()), "{before} vs {}", listed());
+        let held: Vec<std::fs::File> = (0..64)
+            .map(|_| std::fs::File::open("/proc/self/stat").expect("open"))
+            .collect();
+        let during = open_fds().expect("fds");
+        assert!(during >= before + 64 - 16, "{before} -> {during}");
+        assert!(near(during, listed()), "{during} vs {}", listed());
+        drop(held);
+        let after = open_fds().expect("fds");
+        assert!(after + 64 - 16 <= during, "{during} -> {after}");
     }
 
     #[test]

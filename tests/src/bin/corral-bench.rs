@@ -376,8 +376,12 @@ async fn metrics(rounds: usize) {
     };
     let port = corral_e2e::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let agent =
-        Agent::start_full_args("warn", &["--metrics", &addr, "--overcommit", "cpu=100"]).await;
+    // The agent logs each scrape's phases at debug: one line per scrape.
+    let agent = Agent::start_full_args(
+        "warn,corral_agent::metrics=debug",
+        &["--metrics", &addr, "--overcommit", "cpu=100"],
+    )
+    .await;
     let names = start_scraped(&agent).await;
     let pid = agent.pid().expect("pid");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -405,6 +409,20 @@ async fn metrics(rounds: usize) {
         body.len() / 1024
     );
     stats("metrics: scrape latency (client side)", latencies, true);
+    // The agent's own account of each scrape: the supervisor's sample, the cgroup and log
+    // reads, the encoding (the first scrape, which opens every stat file, included).
+    let log = agent.log_text();
+    for phase in ["sample_us", "read_us", "encode_us"] {
+        let v: Vec<Duration> = log
+            .lines()
+            .filter(|l| l.contains("scrape"))
+            .filter_map(|l| log_field(l, phase))
+            .map(Duration::from_micros)
+            .collect();
+        if !v.is_empty() {
+            stats(&format!("metrics: agent's {phase} per scrape"), v, false);
+        }
+    }
     println!(
         "metrics: agent CPU per scrape {:.2} ms; at a 15 s interval {:.4} % of one core          (idle agent: {:.3} % of a core)",
         per_scrape * 1e3,
@@ -419,6 +437,16 @@ async fn metrics(rounds: usize) {
     for n in &names {
         delete(&agent, n).await;
     }
+}
+
+/// The number after `name=` in a text log line.
+fn log_field(line: &str, name: &str) -> Option<u64> {
+    let at = line.find(&format!("{name}="))? + name.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// Apply -> 50 instances whose service process runs (seen through `Get`, polled every 2 ms),
