@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod cgroup;
 pub mod coldstart;
 pub mod etcd;
+pub mod fleetbench;
 pub mod load;
 pub mod netns;
 pub mod oci;

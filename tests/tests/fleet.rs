@@ -424,51 +424,9 @@ async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
     );
 }
 
-/// Run `corral fleet ARGS` against `etcd`.
-/// Waits for `corral fleet nodes` to list three nodes (a header and three lines); its
-/// (success, stdout, stderr).
+/// Waits for `corral fleet nodes` to list three nodes; its (success, stdout, stderr).
 async fn three_nodes_registered(etcd: &Etcd) -> (bool, String, String) {
-    eventually(
-        "three nodes registered",
-        Duration::from_secs(30),
-        || async {
-            let r = fleet_cli(etcd, &["nodes"], None);
-            (r.1.lines().count() == 4).then_some(r)
-        },
-    )
-    .await
-}
-
-fn fleet_cli(etcd: &Etcd, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    // In etcd's network namespace, where the test hosts have theirs.
-    let corral = corral_e2e::bin("corral");
-    let mut cmd = etcd.command(corral.to_str().expect("utf-8 path"));
-    cmd.arg("fleet")
-        .args(args)
-        .env("CORRAL_ETCD", etcd.endpoints())
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run corral fleet");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("corral fleet");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    etcd.nodes_registered(3, Duration::from_secs(30)).await
 }
 
 /// `corral fleet` with three nodes: `nodes` lists them from the registry; `apply --selector
@@ -494,8 +452,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
     }
 
     let web = spec("web", 2, &["serve"]);
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a", "--count", "2"],
         Some(&web),
     );
@@ -517,7 +474,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         "fleet ls to show both nodes healthy",
         Duration::from_secs(30),
         || async {
-            let (_, out, _) = fleet_cli(&etcd, &["ls"], None);
+            let (_, out, _) = etcd.fleet_cli(&["ls"], None);
             out.lines()
                 .any(|l| l.starts_with("web") && l.matches("2/2").count() == 2)
                 .then_some(out)
@@ -574,7 +531,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         assert_eq!(a.get("web").await.expect("get").revision, 2);
     }
 
-    let (ok, out, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    let (ok, out, err) = etcd.fleet_cli(&["delete", "web"], None);
     assert!(ok, "{out}{err}");
     for a in [&a1, &a2] {
         eventually("web removed", Duration::from_secs(30), || async {
@@ -582,7 +539,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         })
         .await;
     }
-    let (ok, _, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    let (ok, _, err) = etcd.fleet_cli(&["delete", "web"], None);
     assert!(!ok && err.contains("on no node"), "{err}");
 }
 
@@ -620,8 +577,7 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
         );
     }
     three_nodes_registered(&etcd).await;
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 2, &["serve"])),
     );
@@ -644,8 +600,7 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
     .await;
     assert!(!link.reason.is_empty());
     // The other hosts carry on: a scale reaches them while h0 is away.
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 3, &["serve"])),
     );
@@ -809,8 +764,7 @@ async fn leader_loss_during_a_fleet_rollout() {
         agents.push(fleet_agent(&etcd, n, "zone=a").await);
     }
     three_nodes_registered(&etcd).await;
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 2, &["serve"])),
     );
@@ -1187,7 +1141,7 @@ async fn concurrent_applies_never_count_the_same_capacity() {
     let error = status["error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("resources.cpu"), "{error}");
     assert!(agents[0].get("big").await.is_err(), "not running");
-    let (ok, ls, err) = fleet_cli(&etcd, &["ls"], None);
+    let (ok, ls, err) = etcd.fleet_cli(&["ls"], None);
     assert!(ok, "{err}");
     assert!(
         ls.lines()

@@ -18,7 +18,9 @@
 //! executed; a 1-second schedule held for JOBS_HOLD_SECS, default 120: how late each run's
 //! process executed after its due second, and the agent's CPU), `coldstart` (connect() to the
 //! first response byte of a server already running, started by `systemd-socket-activate`,
-//! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services).
+//! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services),
+//! `fleet` (needs etcd: `corral fleet apply` to running on 3 hosts against a local apply, etcd
+//! requests per idle agent, 200 simulated agents against one etcd; see `corral_e2e::fleetbench`).
 //! Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
@@ -196,6 +198,12 @@ async fn main() {
     }
     if wants("jobs") {
         jobs(rounds.max(50)).await;
+    }
+    if wants("fleet") {
+        corral_e2e::fleetbench::bench(corral_e2e::fleetbench::Config::from_env(
+            rounds.clamp(1, 20),
+        ))
+        .await;
     }
 }
 
