@@ -1153,3 +1153,134 @@ async fn concurrent_applies_never_count_the_same_capacity() {
         "the reason under the matrix:\n{ls}"
     );
 }
+
+/// `corral-bench fleet` in a short mode (20 simulated agents, 3-second idle windows): it
+/// prints each figure, an idle agent makes no etcd request besides its lease's keep-alives
+/// (a count, not a time: the target is at most 0.2 a second), and once it has exited no
+/// process it started runs and its network namespaces and scratch directory are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_bench_prints_its_figures_and_cleans_up() {
+    let test = "the_fleet_bench_prints_its_figures_and_cleans_up";
+    if skip(test) || netns::skip_unless_netns(test) {
+        return;
+    }
+    let mut child = std::process::Command::new(corral_e2e::bin("corral-bench"))
+        .args(["2", "fleet"])
+        .env("CORRAL_FLEETBENCH_AGENTS", "20")
+        .env("CORRAL_FLEETBENCH_IDLE_SECS", "3")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run corral-bench fleet");
+    let bench_pid = child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while child.try_wait().expect("wait corral-bench").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("corral-bench fleet did not finish within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().expect("corral-bench output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for figure in [
+        "fleet local corral apply -> running",
+        "fleet fleet apply -> running, all 3 hosts",
+        "exceeds local apply by",
+        "all registered after",
+        "every node's status applied after",
+        "corrald per agent PSS",
+        "fleet simulated at rest: etcd",
+        "extrapolated to 5000 hosts",
+        "fleet cleaned up",
+    ] {
+        assert!(text.contains(figure), "{figure:?} in\n{text}");
+    }
+    let idle: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split_once(": ")?
+                .1
+                .split_once(" requests/s per agent besides")?
+                .0
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(idle.len(), 2, "two idle figures in\n{text}");
+    for rate in idle {
+        assert!(
+            rate <= 0.2,
+            "an idle agent's etcd requests: {rate}/s\n{text}"
+        );
+    }
+    // Nothing it started survives it.
+    let pids: Vec<i32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("fleet pids: "))
+        .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect();
+    assert!(pids.len() >= 3 + 1 + 20 + 1, "{text}");
+    for pid in pids {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert!(
+            !["corrald", "etcd"].contains(&comm.trim()),
+            "{pid} ({}) still runs",
+            comm.trim()
+        );
+    }
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let tag = format!("crl{bench_pid}x");
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&tag),
+        "the bench's network namespaces are gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/var/tmp/corral-fleetbench-{bench_pid}")).exists(),
+        "the bench's scratch directory is gone"
+    );
+}
+
+/// A placement larger than etcd's transaction limit (`--max-txn-ops`, 128 by default):
+/// `corral fleet apply` to 300 nodes writes every node's spec key, and `corral fleet delete`
+/// removes every one, where a single transaction is refused by etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_delete_beyond_etcds_transaction_limit() {
+    if skip_unless_etcd("apply_and_delete_beyond_etcds_transaction_limit") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let nodes: Vec<String> = (0..300).map(|i| format!("n{i}")).collect();
+    let mut args = vec!["apply", "-f", "-"];
+    for n in &nodes {
+        args.extend(["--node", n.as_str()]);
+    }
+    let (ok, out, err) = etcd.fleet_cli(&args, Some(&spec("wide", 1, &["serve"])));
+    assert!(ok, "{out}{err}");
+    let keys = etcd.get_prefix("/corral/v1/nodes/").expect("etcd answers");
+    for n in &nodes {
+        assert!(
+            keys.iter().any(|(k, _)| *k == key(n, "services", "wide")),
+            "{n}'s spec key written"
+        );
+    }
+    let (ok, out, err) = etcd.fleet_cli(&["delete", "wide"], None);
+    assert!(ok, "{out}{err}");
+    let left = etcd.get_prefix("/corral/v1/nodes/").expect("etcd answers");
+    assert!(
+        left.is_empty(),
+        "{} keys left: {:?}",
+        left.len(),
+        left.first()
+    );
+}
