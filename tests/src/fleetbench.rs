@@ -296,8 +296,12 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
     let local_file = dir.join("local.toml");
     std::fs::write(&local_file, spec("local", &local_fifo.path)).expect("write spec");
     let fleet_spec = spec("fleet", &fleet_fifo.path);
+    let mut one_fifo = Fifo::new(dir, "one");
+    let one_spec = spec("one", &one_fifo.path);
+    let fsync_before = fsync(&scrape(etcd.endpoint(0), Some(net.bridge())));
     let local_path = local_file.display().to_string();
-    let (mut local, mut first, mut last, mut cli) = (vec![], vec![], vec![], vec![]);
+    let (mut local, mut one, mut first, mut last, mut cli) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..cfg.rounds {
         // Local: `corral apply` on host 0 until its instance runs.
         let socket = hosts[0].socket.clone();
@@ -327,31 +331,24 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
         );
         gone(&hosts[..1], "local").await;
 
-        // Fleet: `corral fleet apply --selector` onto all three until each instance runs.
+        // Fleet, one host: `corral fleet apply --node h0`, the fleet's path alone.
         let t = Instant::now();
-        let mut cmd = etcd.fleet_command(&["apply", "-f", "-", "--selector", "bench=1"]);
-        let text = fleet_spec.clone();
-        let run = tokio::task::spawn_blocking(move || {
-            let mut child = cmd
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("run corral fleet apply");
-            if let Some(mut input) = child.stdin.take() {
-                input.write_all(text.as_bytes()).expect("write stdin");
-            }
-            let out = child.wait_with_output().expect("corral fleet apply");
-            (out, t.elapsed())
-        });
-        let at = fleet_fifo.arrivals(3).await;
-        let (out, took) = run.await.expect("fleet apply task");
-        let (ok, out, err) = (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+        let (at, _) = fleet_apply(&etcd, &["--node", "h0"], &one_spec, &mut one_fifo, 1).await;
+        one.push(at[0] - t);
+        let (ok, out, err) = etcd.fleet_cli(&["delete", "one"], None);
         assert!(ok, "{out}{err}");
+        gone(&hosts[..1], "one").await;
+
+        // Fleet, three hosts: `corral fleet apply --selector` onto all three.
+        let t = Instant::now();
+        let (at, took) = fleet_apply(
+            &etcd,
+            &["--selector", "bench=1"],
+            &fleet_spec,
+            &mut fleet_fifo,
+            3,
+        )
+        .await;
         first.push(at[0] - t);
         last.push(at[2] - t);
         cli.push(took);
@@ -359,10 +356,20 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
         assert!(ok, "{out}{err}");
         gone(&hosts, "fleet").await;
     }
+    let fsync_after = fsync(&scrape(etcd.endpoint(0), Some(net.bridge())));
     line("local corral apply -> running", &local);
+    line("fleet apply --node h0 -> running", &one);
     line("fleet apply -> running, first host", &first);
     line("fleet apply -> running, all 3 hosts", &last);
     line("corral fleet apply (the CLI) returned", &cli);
+    let (syncs, secs) = (
+        fsync_after.0 - fsync_before.0,
+        fsync_after.1 - fsync_before.1,
+    );
+    println!(
+        "fleet etcd WAL fsyncs meanwhile: {syncs:.0}, mean {:.2} ms (each write the fleet makes waits for one)",
+        1e3 * secs / syncs.max(1.0)
+    );
     let over = median(last.clone()).saturating_sub(median(local.clone()));
     println!(
         "fleet apply -> running on 3 hosts exceeds local apply by {} at the median (target <= 50 ms)",
@@ -394,6 +401,56 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
             .chain(etcd.pid(0))
             .collect::<Vec<_>>(),
     );
+}
+
+/// `corral fleet apply -f - ARGS` of `text` until `n` instances signalled on `fifo`: each
+/// one's arrival time, and how long the CLI took.
+async fn fleet_apply(
+    etcd: &Etcd,
+    args: &[&str],
+    text: &str,
+    fifo: &mut Fifo,
+    n: usize,
+) -> (Vec<Instant>, Duration) {
+    let t = Instant::now();
+    let mut cmd = etcd.fleet_command(&[&["apply", "-f", "-"], args].concat());
+    let text = text.to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run corral fleet apply");
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(text.as_bytes()).expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("corral fleet apply");
+        (out, t.elapsed())
+    });
+    let at = fifo.arrivals(n).await;
+    let (out, took) = run.await.expect("fleet apply task");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (at, took)
+}
+
+/// etcd's WAL fsyncs so far: (count, seconds in all).
+fn fsync(metrics: &str) -> (f64, f64) {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("etcd_disk_wal_fsync_duration_seconds_count "),
+        value("etcd_disk_wal_fsync_duration_seconds_sum "),
+    )
 }
 
 /// Waits until none of `agents` has service `name`.

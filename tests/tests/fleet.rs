@@ -1227,7 +1227,7 @@ async fn the_fleet_bench_prints_its_figures_and_cleans_up() {
         .filter_map(|l| l.strip_prefix("fleet pids: "))
         .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
         .collect();
-    assert!(pids.len() >= 3 + 1 + 20 + 1, "{text}");
+    assert_eq!(pids.len(), 3 + 1 + 20 + 1, "{text}");
     for pid in pids {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         assert!(
