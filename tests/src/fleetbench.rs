@@ -623,6 +623,10 @@ async fn simulated(cfg: &Config) {
     });
     assert!(ok, "corral fleet apply to {n} nodes: {out}{err}");
     let cli = t.elapsed();
+    let first_key = until_seen("a spec key written", &seen, |ev| {
+        nth_node(ev, 1, |k, _| node_of(k, "services/fan").map(str::to_string))
+    })
+    .await;
     let written = until_seen("every spec key written", &seen, |ev| {
         nth_node(ev, n, |k, _| node_of(k, "services/fan").map(str::to_string))
     })
@@ -637,8 +641,9 @@ async fn simulated(cfg: &Config) {
     .await;
     let fan_cpu = cpu_time(etcd_pid).saturating_sub(cpu0);
     println!(
-        "fleet simulated: fleet-wide apply to {n} nodes: CLI returned after {}, every spec key seen by a watcher after {}, every node's status applied after {}; etcd CPU {:.0}% of a core meanwhile, RSS {} KiB",
+        "fleet simulated: fleet-wide apply to {n} nodes: CLI returned after {}, the first spec key seen by a watcher after {}, every one after {}, every node's status applied after {}; etcd CPU {:.0}% of a core meanwhile, RSS {} KiB",
         ms(cli),
+        ms(first_key - t),
         ms(written - t),
         ms(applied - t),
         cpu_percent(fan_cpu, applied - t),

@@ -410,10 +410,12 @@ impl Fleet {
             let chosen = self.choose(a, &name, &snap, &holding, &need, err)?;
             // etcd refuses a transaction of more than --max-txn-ops (128 by default)
             // compares or operations: a larger placement is written in transactions of at
-            // most that many nodes, each guarded for its own nodes. A conflict in a later one
+            // most that many nodes, each guarded for its own nodes. A conflict in any of them
             // reads and chooses again; the nodes already written then hold the service and
             // are written again with the same spec.
-            let mut written = chosen.is_empty().then_some(snap.revision);
+            // Sent at once: a later transaction does not wait behind the agents that the
+            // earlier ones woke.
+            let mut txns = tokio::task::JoinSet::new();
             for part in chosen.chunks(TXN_MAX_OPS) {
                 let guards: Vec<Compare> = part
                     .iter()
@@ -430,17 +432,29 @@ impl Fleet {
                     .iter()
                     .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
                     .collect();
-                let resp = call(
-                    "writing the service's keys",
-                    self.client.txn(Txn::new().when(guards).and_then(ops)),
-                )
-                .await?;
-                if !resp.succeeded() {
-                    written = None;
-                    break;
+                let mut client = self.client.clone();
+                txns.spawn(async move {
+                    call(
+                        "writing the service's keys",
+                        client.txn(Txn::new().when(guards).and_then(ops)),
+                    )
+                    .await
+                });
+            }
+            let mut written = chosen.is_empty().then_some(snap.revision);
+            let mut lost = false;
+            while let Some(done) = txns.join_next().await {
+                let resp = done.context("writing the service's keys")??;
+                if resp.succeeded() {
+                    partly = true;
+                    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    written = Some(written.unwrap_or(0).max(revision));
+                } else {
+                    lost = true;
                 }
-                written = Some(resp.header().map(|h| h.revision()).unwrap_or(0));
-                partly = true;
+            }
+            if lost {
+                written = None;
             }
             if let Some(revision) = written {
                 break (chosen, holding, revision);
