@@ -424,6 +424,32 @@ impl Etcd {
         .await
     }
 
+    /// An agent joined to these members in each of the first `n` hosts of `net` (node `hI`
+    /// in host I), logging at `filter`, with node labels `labels`.
+    pub async fn start_hosts(
+        &self,
+        net: &crate::netns::Net,
+        n: usize,
+        filter: &str,
+        labels: &str,
+    ) -> Vec<crate::Agent> {
+        let endpoints = self.endpoints();
+        let mut hosts = Vec::with_capacity(n);
+        for i in 0..n {
+            let node = format!("h{i}");
+            let args = [
+                "--etcd",
+                &endpoints,
+                "--node",
+                &node,
+                "--node-labels",
+                labels,
+            ];
+            hosts.push(crate::Agent::start_in_netns(net.host(i), filter, &args).await);
+        }
+        hosts
+    }
+
     /// Wait until every running member answers `endpoint health`.
     pub fn wait_healthy(&self, timeout: Duration) {
         let start = Instant::now();

@@ -28,13 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_fleet::etcd_client::{Client, EventType, WatchOptions};
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
 
 use crate::etcd::Etcd;
+use crate::fifo::Fifo;
 use crate::netns::{self, Net};
 use crate::rollbench::cpu_time;
-use crate::{Agent, eventually, rss_kib, testbin};
+use crate::{Agent, eventually, pss_kib, rss_kib, testbin};
 
 /// The stream etcd counts keep-alives on: the lease, apart from every other request.
 const KEEPALIVE: &str = "LeaseKeepAlive";
@@ -96,45 +95,6 @@ struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A FIFO instances write one byte to once they run; each byte's arrival time is kept.
-struct Fifo {
-    path: PathBuf,
-    rx: pipe::Receiver,
-    // Held so the reader never sees end-of-file between writers.
-    _tx: pipe::Sender,
-}
-
-impl Fifo {
-    fn new(dir: &Path, name: &str) -> Fifo {
-        let path = dir.join(name);
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666))
-            .expect("mkfifo");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        let rx = pipe::OpenOptions::new()
-            .open_receiver(&path)
-            .expect("open fifo reader");
-        let tx = pipe::OpenOptions::new()
-            .open_sender(&path)
-            .expect("open fifo writer");
-        Fifo { path, rx, _tx: tx }
-    }
-
-    /// The arrival time of each of the next `n` bytes.
-    async fn arrivals(&mut self, n: usize) -> Vec<Instant> {
-        let mut at = Vec::with_capacity(n);
-        let mut b = [0u8; 1];
-        for _ in 0..n {
-            tokio::time::timeout(WAIT, self.rx.read_exact(&mut b))
-                .await
-                .expect("instances signalled in time")
-                .expect("read fifo");
-            at.push(Instant::now());
-        }
-        at
     }
 }
 
@@ -268,26 +228,7 @@ fn load_average() -> String {
 async fn three_hosts(cfg: &Config, dir: &Path) {
     let net = Net::new(3);
     let etcd = Etcd::cluster(netns::BRIDGE_IP, 1, Some(net.bridge()), None);
-    let endpoints = etcd.endpoints();
-    let mut hosts = Vec::new();
-    for i in 0..3 {
-        let node = format!("h{i}");
-        hosts.push(
-            Agent::start_in_netns(
-                net.host(i),
-                "warn",
-                &[
-                    "--etcd",
-                    &endpoints,
-                    "--node",
-                    &node,
-                    "--node-labels",
-                    "bench=1",
-                ],
-            )
-            .await,
-        );
-    }
+    let hosts = etcd.start_hosts(&net, 3, "warn", "bench=1").await;
     let (ok, _, err) = etcd.nodes_registered(3, WAIT).await;
     assert!(ok, "{err}");
 
@@ -315,7 +256,7 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
                 .output()
                 .expect("corral apply")
         });
-        let at = local_fifo.arrivals(1).await;
+        let at = local_fifo.arrivals(1, WAIT).await;
         let out = run.await.expect("apply task");
         assert!(
             out.status.success(),
@@ -382,7 +323,7 @@ async fn three_hosts(cfg: &Config, dir: &Path) {
         Some(&fleet_spec),
     );
     assert!(ok, "{out}{err}");
-    fleet_fifo.arrivals(3).await;
+    fleet_fifo.arrivals(3, WAIT).await;
     // Let the status keys and node records settle (running, healthy, committed).
     tokio::time::sleep(Duration::from_secs(7)).await;
     let before = received_by_method(&scrape(etcd.endpoint(0), Some(net.bridge())));
@@ -428,7 +369,7 @@ async fn fleet_apply(
         let out = child.wait_with_output().expect("corral fleet apply");
         (out, t.elapsed())
     });
-    let at = fifo.arrivals(n).await;
+    let at = fifo.arrivals(n, WAIT).await;
     let (out, took) = run.await.expect("fleet apply task");
     assert!(
         out.status.success(),
@@ -533,16 +474,6 @@ fn node_of<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
     let rest = key.strip_prefix("/corral/v1/nodes/")?;
     let (node, tail) = rest.split_once('/')?;
     (tail == kind).then_some(node)
-}
-
-/// A process's proportional set size: its private pages and its share of shared ones.
-fn pss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn cpu_percent(ticks: Duration, window: Duration) -> f64 {

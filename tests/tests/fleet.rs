@@ -556,26 +556,9 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
     }
     let net = Net::new(3);
     let etcd = Etcd::cluster(netns::BRIDGE_IP, 1, Some(net.bridge()), None);
-    let endpoints = etcd.endpoints();
-    let mut hosts = Vec::new();
-    for i in 0..3 {
-        let node = format!("h{i}");
-        hosts.push(
-            Agent::start_in_netns(
-                net.host(i),
-                "info,corral_agent=debug",
-                &[
-                    "--etcd",
-                    &endpoints,
-                    "--node",
-                    &node,
-                    "--node-labels",
-                    "zone=a",
-                ],
-            )
-            .await,
-        );
-    }
+    let hosts = etcd
+        .start_hosts(&net, 3, "info,corral_agent=debug", "zone=a")
+        .await;
     three_nodes_registered(&etcd).await;
     let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
