@@ -171,6 +171,11 @@ impl Etcd {
         }
     }
 
+    /// The PID of member `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<i32> {
+        self.members[i].child.as_ref().map(|c| c.id().cast_signed())
+    }
+
     pub fn running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
     }
@@ -368,6 +373,81 @@ impl Etcd {
             &["user", "passwd", user, "--interactive=false"],
             Some(password.as_bytes()),
         );
+    }
+
+    /// `corral fleet ARGS` against these members, in their network namespace.
+    pub fn fleet_command(&self, args: &[&str]) -> Command {
+        let corral = crate::bin("corral");
+        let mut cmd = self.command(corral.to_str().expect("utf-8 path"));
+        cmd.arg("fleet")
+            .args(args)
+            .env("CORRAL_ETCD", self.endpoints());
+        cmd
+    }
+
+    /// Run `corral fleet ARGS` against these members (in their network namespace, where the
+    /// test hosts reach them), `stdin` as its input; its (success, stdout, stderr).
+    pub fn fleet_cli(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut cmd = self.fleet_command(args);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run corral fleet");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("corral fleet");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Waits (up to `timeout`) for `corral fleet nodes` to list `n` nodes (a header and `n`
+    /// lines); its (success, stdout, stderr).
+    pub async fn nodes_registered(&self, n: usize, timeout: Duration) -> (bool, String, String) {
+        crate::eventually(&format!("{n} nodes registered"), timeout, || async {
+            let r = self.fleet_cli(&["nodes"], None);
+            (r.1.lines().count() == n + 1).then_some(r)
+        })
+        .await
+    }
+
+    /// An agent joined to these members in each of the first `n` hosts of `net` (node `hI`
+    /// in host I), logging at `filter`, with node labels `labels`.
+    pub async fn start_hosts(
+        &self,
+        net: &crate::netns::Net,
+        n: usize,
+        filter: &str,
+        labels: &str,
+    ) -> Vec<crate::Agent> {
+        let endpoints = self.endpoints();
+        let mut hosts = Vec::with_capacity(n);
+        for i in 0..n {
+            let node = format!("h{i}");
+            let args = [
+                "--etcd",
+                &endpoints,
+                "--node",
+                &node,
+                "--node-labels",
+                labels,
+            ];
+            hosts.push(crate::Agent::start_in_netns(net.host(i), filter, &args).await);
+        }
+        hosts
     }
 
     /// Wait until every running member answers `endpoint health`.

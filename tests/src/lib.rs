@@ -10,6 +10,8 @@ pub mod artifacts;
 pub mod cgroup;
 pub mod coldstart;
 pub mod etcd;
+pub mod fifo;
+pub mod fleetbench;
 pub mod load;
 pub mod netns;
 pub mod oci;
@@ -126,6 +128,17 @@ fn unique(prefix: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+/// The proportional set size of process `pid` in KiB: its private pages and its share of
+/// the pages it shares (a binary's text run by many processes counted once across them).
+pub fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The resident set of process `pid`, in KiB.

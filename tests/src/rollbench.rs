@@ -43,7 +43,7 @@ fn quantiles(r: &Report, from: Duration, to: Duration) -> ([Duration; 4], usize)
 }
 
 /// A process's CPU time (user + system), from `/proc/PID/stat`.
-fn cpu_time(pid: Option<i32>) -> Duration {
+pub fn cpu_time(pid: Option<i32>) -> Duration {
     let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
     else {
         return Duration::ZERO;

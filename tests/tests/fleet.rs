@@ -424,51 +424,9 @@ async fn malformed_specs_are_refused_in_their_status_and_nothing_else_stops() {
     );
 }
 
-/// Run `corral fleet ARGS` against `etcd`.
-/// Waits for `corral fleet nodes` to list three nodes (a header and three lines); its
-/// (success, stdout, stderr).
+/// Waits for `corral fleet nodes` to list three nodes; its (success, stdout, stderr).
 async fn three_nodes_registered(etcd: &Etcd) -> (bool, String, String) {
-    eventually(
-        "three nodes registered",
-        Duration::from_secs(30),
-        || async {
-            let r = fleet_cli(etcd, &["nodes"], None);
-            (r.1.lines().count() == 4).then_some(r)
-        },
-    )
-    .await
-}
-
-fn fleet_cli(etcd: &Etcd, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    // In etcd's network namespace, where the test hosts have theirs.
-    let corral = corral_e2e::bin("corral");
-    let mut cmd = etcd.command(corral.to_str().expect("utf-8 path"));
-    cmd.arg("fleet")
-        .args(args)
-        .env("CORRAL_ETCD", etcd.endpoints())
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("run corral fleet");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("corral fleet");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    etcd.nodes_registered(3, Duration::from_secs(30)).await
 }
 
 /// `corral fleet` with three nodes: `nodes` lists them from the registry; `apply --selector
@@ -494,8 +452,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
     }
 
     let web = spec("web", 2, &["serve"]);
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a", "--count", "2"],
         Some(&web),
     );
@@ -517,7 +474,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         "fleet ls to show both nodes healthy",
         Duration::from_secs(30),
         || async {
-            let (_, out, _) = fleet_cli(&etcd, &["ls"], None);
+            let (_, out, _) = etcd.fleet_cli(&["ls"], None);
             out.lines()
                 .any(|l| l.starts_with("web") && l.matches("2/2").count() == 2)
                 .then_some(out)
@@ -574,7 +531,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         assert_eq!(a.get("web").await.expect("get").revision, 2);
     }
 
-    let (ok, out, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    let (ok, out, err) = etcd.fleet_cli(&["delete", "web"], None);
     assert!(ok, "{out}{err}");
     for a in [&a1, &a2] {
         eventually("web removed", Duration::from_secs(30), || async {
@@ -582,7 +539,7 @@ async fn fleet_cli_places_rolls_out_and_deletes() {
         })
         .await;
     }
-    let (ok, _, err) = fleet_cli(&etcd, &["delete", "web"], None);
+    let (ok, _, err) = etcd.fleet_cli(&["delete", "web"], None);
     assert!(!ok && err.contains("on no node"), "{err}");
 }
 
@@ -599,29 +556,11 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
     }
     let net = Net::new(3);
     let etcd = Etcd::cluster(netns::BRIDGE_IP, 1, Some(net.bridge()), None);
-    let endpoints = etcd.endpoints();
-    let mut hosts = Vec::new();
-    for i in 0..3 {
-        let node = format!("h{i}");
-        hosts.push(
-            Agent::start_in_netns(
-                net.host(i),
-                "info,corral_agent=debug",
-                &[
-                    "--etcd",
-                    &endpoints,
-                    "--node",
-                    &node,
-                    "--node-labels",
-                    "zone=a",
-                ],
-            )
-            .await,
-        );
-    }
+    let hosts = etcd
+        .start_hosts(&net, 3, "info,corral_agent=debug", "zone=a")
+        .await;
     three_nodes_registered(&etcd).await;
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 2, &["serve"])),
     );
@@ -644,8 +583,7 @@ async fn a_host_cut_off_keeps_running_and_catches_up() {
     .await;
     assert!(!link.reason.is_empty());
     // The other hosts carry on: a scale reaches them while h0 is away.
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 3, &["serve"])),
     );
@@ -809,8 +747,7 @@ async fn leader_loss_during_a_fleet_rollout() {
         agents.push(fleet_agent(&etcd, n, "zone=a").await);
     }
     three_nodes_registered(&etcd).await;
-    let (ok, out, err) = fleet_cli(
-        &etcd,
+    let (ok, out, err) = etcd.fleet_cli(
         &["apply", "-f", "-", "--selector", "zone=a"],
         Some(&spec("web", 2, &["serve"])),
     );
@@ -1187,7 +1124,7 @@ async fn concurrent_applies_never_count_the_same_capacity() {
     let error = status["error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("resources.cpu"), "{error}");
     assert!(agents[0].get("big").await.is_err(), "not running");
-    let (ok, ls, err) = fleet_cli(&etcd, &["ls"], None);
+    let (ok, ls, err) = etcd.fleet_cli(&["ls"], None);
     assert!(ok, "{err}");
     assert!(
         ls.lines()
@@ -1197,5 +1134,136 @@ async fn concurrent_applies_never_count_the_same_capacity() {
     assert!(
         ls.contains(&format!("big on a1: refused: {error}")),
         "the reason under the matrix:\n{ls}"
+    );
+}
+
+/// `corral-bench fleet` in a short mode (20 simulated agents, 3-second idle windows): it
+/// prints each figure, an idle agent makes no etcd request besides its lease's keep-alives
+/// (a count, not a time: the target is at most 0.2 a second), and once it has exited no
+/// process it started runs and its network namespaces and scratch directory are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_bench_prints_its_figures_and_cleans_up() {
+    let test = "the_fleet_bench_prints_its_figures_and_cleans_up";
+    if skip(test) || netns::skip_unless_netns(test) {
+        return;
+    }
+    let mut child = std::process::Command::new(corral_e2e::bin("corral-bench"))
+        .args(["2", "fleet"])
+        .env("CORRAL_FLEETBENCH_AGENTS", "20")
+        .env("CORRAL_FLEETBENCH_IDLE_SECS", "3")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run corral-bench fleet");
+    let bench_pid = child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while child.try_wait().expect("wait corral-bench").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("corral-bench fleet did not finish within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().expect("corral-bench output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for figure in [
+        "fleet local corral apply -> running",
+        "fleet fleet apply -> running, all 3 hosts",
+        "exceeds local apply by",
+        "all registered after",
+        "every node's status applied after",
+        "corrald per agent PSS",
+        "fleet simulated at rest: etcd",
+        "extrapolated to 5000 hosts",
+        "fleet cleaned up",
+    ] {
+        assert!(text.contains(figure), "{figure:?} in\n{text}");
+    }
+    let idle: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split_once(": ")?
+                .1
+                .split_once(" requests/s per agent besides")?
+                .0
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(idle.len(), 2, "two idle figures in\n{text}");
+    for rate in idle {
+        assert!(
+            rate <= 0.2,
+            "an idle agent's etcd requests: {rate}/s\n{text}"
+        );
+    }
+    // Nothing it started survives it.
+    let pids: Vec<i32> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("fleet pids: "))
+        .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect();
+    assert_eq!(pids.len(), 3 + 1 + 20 + 1, "{text}");
+    for pid in pids {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert!(
+            !["corrald", "etcd"].contains(&comm.trim()),
+            "{pid} ({}) still runs",
+            comm.trim()
+        );
+    }
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let tag = format!("crl{bench_pid}x");
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&tag),
+        "the bench's network namespaces are gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/var/tmp/corral-fleetbench-{bench_pid}")).exists(),
+        "the bench's scratch directory is gone"
+    );
+}
+
+/// A placement larger than etcd's transaction limit (`--max-txn-ops`, 128 by default):
+/// `corral fleet apply` to 300 nodes writes every node's spec key, and `corral fleet delete`
+/// removes every one, where a single transaction is refused by etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_and_delete_beyond_etcds_transaction_limit() {
+    if skip_unless_etcd("apply_and_delete_beyond_etcds_transaction_limit") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let nodes: Vec<String> = (0..300).map(|i| format!("n{i}")).collect();
+    let mut args = vec!["apply", "-f", "-"];
+    for n in &nodes {
+        args.extend(["--node", n.as_str()]);
+    }
+    let (ok, out, err) = etcd.fleet_cli(&args, Some(&spec("wide", 1, &["serve"])));
+    assert!(ok, "{out}{err}");
+    let keys = etcd.get_prefix("/corral/v1/nodes/").expect("etcd answers");
+    for n in &nodes {
+        assert!(
+            keys.iter().any(|(k, _)| *k == key(n, "services", "wide")),
+            "{n}'s spec key written"
+        );
+    }
+    let (ok, out, err) = etcd.fleet_cli(&["delete", "wide"], None);
+    assert!(ok, "{out}{err}");
+    let left = etcd.get_prefix("/corral/v1/nodes/").expect("etcd answers");
+    assert!(
+        left.is_empty(),
+        "{} keys left: {:?}",
+        left.len(),
+        left.first()
     );
 }

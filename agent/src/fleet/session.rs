@@ -299,6 +299,9 @@ impl<S: Services> Fleet<S> {
                         return Err(format!("etcd cancelled the watch: {}", resp.cancel_reason()));
                     }
                     self.on_events(resp.events()).await?;
+                    // Report what was just applied or refused now rather than at the next
+                    // tick (each key still at most once a second).
+                    self.write_statuses(&mut client, lease).await?;
                 }
                 _ = tick.tick() => {
                     self.retry_due().await?;

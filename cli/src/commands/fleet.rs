@@ -121,6 +121,8 @@ async fn call<T>(
 /// How often `fleet apply` reads and chooses again when another writer changed a chosen
 /// node's services between its read and its write.
 const APPLY_ATTEMPTS: u32 = 5;
+/// etcd's default `--max-txn-ops`: most compares, and most operations, in one transaction.
+const TXN_MAX_OPS: usize = 128;
 
 /// What a spec commits on a node, as the agent's admission counts it: each limit it sets
 /// (`resources.cpu`, `resources.memory`) × `replicas`. A spec that does not parse commits
@@ -399,43 +401,73 @@ impl Fleet {
         // chosen node changed since the read: two applies at once cannot both count the
         // same free capacity; the one that loses reads again and chooses again.
         let mut attempt = 0;
+        let mut partly = false;
         let mut conflicts = Backoff::new(Duration::from_millis(20), Duration::from_millis(200));
         let (chosen, holding, revision) = loop {
             attempt += 1;
             let snap = self.snapshot().await?;
             let holding = snap.holding(&name);
             let chosen = self.choose(a, &name, &snap, &holding, &need, err)?;
-            let guards: Vec<Compare> = chosen
-                .iter()
-                .map(|n| {
-                    Compare::mod_revision(
-                        self.layout.services_prefix(n),
-                        CompareOp::Less,
-                        snap.revision + 1,
+            // etcd refuses a transaction of more than --max-txn-ops (128 by default)
+            // compares or operations: a larger placement is written in transactions of at
+            // most that many nodes, each guarded for its own nodes. A conflict in any of them
+            // reads and chooses again; the nodes already written then hold the service and
+            // are written again with the same spec.
+            // Sent at once: a later transaction does not wait behind the agents that the
+            // earlier ones woke.
+            let mut txns = tokio::task::JoinSet::new();
+            for part in chosen.chunks(TXN_MAX_OPS) {
+                let guards: Vec<Compare> = part
+                    .iter()
+                    .map(|n| {
+                        Compare::mod_revision(
+                            self.layout.services_prefix(n),
+                            CompareOp::Less,
+                            snap.revision + 1,
+                        )
+                        .with_prefix()
+                    })
+                    .collect();
+                let ops: Vec<TxnOp> = part
+                    .iter()
+                    .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
+                    .collect();
+                let mut client = self.client.clone();
+                txns.spawn(async move {
+                    call(
+                        "writing the service's keys",
+                        client.txn(Txn::new().when(guards).and_then(ops)),
                     )
-                    .with_prefix()
-                })
-                .collect();
-            let ops: Vec<TxnOp> = chosen
-                .iter()
-                .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
-                .collect();
-            let resp = call(
-                "writing the service's keys",
-                self.client.txn(Txn::new().when(guards).and_then(ops)),
-            )
-            .await?;
-            if resp.succeeded() {
-                break (
-                    chosen,
-                    holding,
-                    resp.header().map(|h| h.revision()).unwrap_or(0),
-                );
+                    .await
+                });
+            }
+            let mut written = chosen.is_empty().then_some(snap.revision);
+            let mut lost = false;
+            while let Some(done) = txns.join_next().await {
+                let resp = done.context("writing the service's keys")??;
+                if resp.succeeded() {
+                    partly = true;
+                    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    written = Some(written.unwrap_or(0).max(revision));
+                } else {
+                    lost = true;
+                }
+            }
+            if lost {
+                written = None;
+            }
+            if let Some(revision) = written {
+                break (chosen, holding, revision);
             }
             if attempt >= APPLY_ATTEMPTS {
+                let written = if partly {
+                    "some of the chosen nodes were written (see corral fleet ls)"
+                } else {
+                    "nothing was written"
+                };
                 bail!(
                     "{name}: the chosen nodes' services changed {APPLY_ATTEMPTS} times while choosing; \
-                     nothing was written (try again)"
+                     {written} (try again)"
                 );
             }
             tokio::time::sleep(conflicts.next_delay()).await;
@@ -604,16 +636,21 @@ impl Fleet {
                 }
             );
         }
-        let ops: Vec<TxnOp> = nodes
-            .iter()
-            .map(|n| TxnOp::delete(self.layout.service(n, &a.name), None))
-            .collect();
-        let resp = call(
-            "deleting the service's keys",
-            self.client.txn(Txn::new().and_then(ops)),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // At most --max-txn-ops keys a transaction; an error half-way leaves the rest to a
+        // second delete, which finds only the nodes that still hold the service.
+        let mut revision = 0;
+        for part in nodes.chunks(TXN_MAX_OPS) {
+            let ops: Vec<TxnOp> = part
+                .iter()
+                .map(|n| TxnOp::delete(self.layout.service(n, &a.name), None))
+                .collect();
+            let resp = call(
+                "deleting the service's keys",
+                self.client.txn(Txn::new().and_then(ops)),
+            )
+            .await?;
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
         match format {
             Format::Json => render::write_json(
                 out,

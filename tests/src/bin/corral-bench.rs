@@ -19,7 +19,9 @@
 //! executed; a 1-second schedule held for JOBS_HOLD_SECS, default 120: how late each run's
 //! process executed after its due second, and the agent's CPU), `coldstart` (connect() to the
 //! first response byte of a server already running, started by `systemd-socket-activate`,
-//! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services).
+//! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services),
+//! `fleet` (needs etcd: `corral fleet apply` to running on 3 hosts against a local apply, etcd
+//! requests per idle agent, 200 simulated agents against one etcd; see `corral_e2e::fleetbench`).
 //! Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
@@ -30,9 +32,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use corral_e2e::fifo::Fifo;
 use corral_e2e::{Agent, pb, testbin};
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
 
 fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
     v.sort();
@@ -54,56 +55,12 @@ fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
     );
 }
 
-struct Fifo {
-    path: PathBuf,
-    rx: pipe::Receiver,
-    // Held so the reader never sees end-of-file between writers.
-    _tx: pipe::Sender,
-}
-
-impl Fifo {
-    fn new(dir: &Path, name: &str) -> Fifo {
-        let path = dir.join(name);
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: mkfifo with a valid C string.
-        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o666) };
-        assert_eq!(rc, 0, "mkfifo {}", path.display());
-        // Whatever the umask: a userns instance's root is an unprivileged host id.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-        let rx = pipe::OpenOptions::new()
-            .open_receiver(&path)
-            .expect("open fifo reader");
-        let tx = pipe::OpenOptions::new()
-            .open_sender(&path)
-            .expect("open fifo writer");
-        Fifo { path, rx, _tx: tx }
-    }
-
-    async fn wait_bytes(&mut self, n: usize) {
-        let mut buf = vec![0u8; n];
-        tokio::time::timeout(Duration::from_secs(30), self.rx.read_exact(&mut buf))
-            .await
-            .expect("instances signalled in time")
-            .expect("read fifo");
-    }
-}
-
 fn spec(name: &str, replicas: u32, fifo: &Path, extra: &str) -> String {
     format!(
         "name = \"{name}\"\ncommand = [{:?}, \"signal-fifo\", {:?}]\nreplicas = {replicas}\n[resources]\ncpu = 0.5\nmemory = \"64MiB\"\npids = 64\n[stop]\ngrace = \"5s\"\n{extra}",
         testbin(),
         fifo.display().to_string()
     )
-}
-
-fn pss_kb(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -210,6 +167,12 @@ async fn main() {
     if wants("jobs") {
         jobs(rounds.max(50)).await;
     }
+    if wants("fleet") {
+        corral_e2e::fleetbench::bench(corral_e2e::fleetbench::Config::from_env(
+            rounds.clamp(1, 20),
+        ))
+        .await;
+    }
 }
 
 /// Jobs: RunJob -> the run's process executed (it writes one byte to a FIFO and exits), over
@@ -266,12 +229,9 @@ async fn jobs(rounds: usize) {
     let pid = agent.pid().expect("pid");
     let (c0, t0) = (cpu_secs(pid), Instant::now());
     let mut drift = Vec::new();
-    let mut byte = [0u8; 1];
     while t0.elapsed() < Duration::from_secs(hold) {
-        tokio::time::timeout(Duration::from_secs(5), fifo.rx.read_exact(&mut byte))
-            .await
-            .expect("a run every second")
-            .expect("read fifo");
+        // A run every second.
+        fifo.arrivals(1, Duration::from_secs(5)).await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970");
