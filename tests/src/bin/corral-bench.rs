@@ -1173,7 +1173,7 @@ async fn memory(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         .map(|i| i.init_pid)
         .filter(|p| *p > 0)
         .collect();
-    let pss: Vec<u64> = inits.iter().map(|p| pss_kb(*p)).collect();
+    let pss: Vec<u64> = inits.iter().map(|p| corral_e2e::pss_kib(*p)).collect();
     let rss_init: Vec<u64> = inits.iter().map(|p| corral_e2e::rss_kib(*p)).collect();
     println!("agent RSS: {rss_idle} KiB idle, {rss} KiB with 200 instances");
     println!(
