@@ -101,6 +101,12 @@ def test_signal_reaches_the_service_process(client: Client, service: Callable[[s
     client.apply(toml_spec(name, [testbin, "serve-signals"], extra='[restart]\nbackoff = "0s"\n'))
     s = client.wait_ready(name)
     inst = s.instances[0]
+    # Its USR1 handler is in place once it prints "ready"; running comes before that.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(line.text.startswith("ready") for line in client.logs(instance=inst.id, tail=10)):
+            break
+        time.sleep(0.05)
     r = client.signal(inst.id, "usr1")
     assert r.signal == "SIGUSR1"
     assert r.pid == inst.pid
