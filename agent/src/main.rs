@@ -700,6 +700,15 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(settings.log_format);
+    match runtime::privileges::raise_open_file_limit() {
+        Ok(Some((soft, hard))) => tracing::debug!(
+            was = soft,
+            now = hard,
+            "open-file limit raised to the hard limit; services get {soft} back"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "open-file limit left as it is: raising it failed"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -873,7 +882,14 @@ async fn run(s: Settings) -> Result<()> {
         namespaces,
         node_id,
         boot_id: host::boot_id(),
-        defaults: api::convert::HostDefaults::of_this_process(),
+        defaults: {
+            let d = api::convert::HostDefaults::of_this_process();
+            // What a service without `resources.nofile` starts with, not the agent's raised one.
+            api::convert::HostDefaults {
+                nofile: runtime::privileges::inherited_nofile_soft().unwrap_or(d.nofile),
+                ..d
+            }
+        },
         artifacts: Some(packages),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is

@@ -174,6 +174,8 @@ pub struct Agent {
     pub extra_args: Vec<String>,
     /// The network namespace corrald runs in (a test host), if not the test's own.
     pub netns: Option<String>,
+    /// The open-file limit (soft, hard) corrald is started with, if not the test's own.
+    pub nofile: Option<(u64, u64)>,
     /// Kept to own the directory; removed on drop.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -251,6 +253,7 @@ impl Agent {
             log_filter: filter.to_string(),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             netns: netns.map(str::to_string),
+            nofile: None,
             dir,
             _tmp: Some(tmp),
         };
@@ -284,6 +287,20 @@ impl Agent {
             cmd.arg("--services").arg(s);
         }
         cmd.args(&self.extra_args);
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing is allocated in the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
         self.child = Some(cmd.spawn().expect("spawn corrald"));
         let socket = self.socket.clone();
         let deadline = Instant::now() + Duration::from_secs(30);

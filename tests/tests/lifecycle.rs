@@ -543,3 +543,75 @@ async fn drain<T>(s: &mut tonic::Streaming<T>) -> (Option<T>, String) {
         }
     }
 }
+
+/// "Max open files" of `pid`: (soft, hard).
+fn open_file_limit(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+/// The agent raises its own soft open-file limit to the hard one (it holds descriptors for
+/// every instance); a service gets the soft limit the agent was started with back, or the
+/// one its spec sets with `resources.nofile`, and so does its init's replacement after a
+/// crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_raises_its_open_file_limit_and_services_start_with_theirs() {
+    if skip_unless_root("the_agent_raises_its_open_file_limit_and_services_start_with_theirs") {
+        return;
+    }
+    let mut agent = Agent::start().await;
+    agent.stop_with(libc::SIGTERM);
+    agent.nofile = Some((1024, 8192));
+    agent.launch().await;
+    let pid = agent.pid().expect("agent pid");
+    assert_eq!(open_file_limit(pid), (8192, 8192), "the agent's own");
+    agent
+        .apply(&spec(
+            "inherits",
+            1,
+            &["serve"],
+            "[restart]\nbackoff = \"0s\"\n",
+        ))
+        .await
+        .expect("apply");
+    agent
+        .apply(&spec("sets", 1, &["serve"], "[resources]\nnofile = 4096\n"))
+        .await
+        .expect("apply");
+    let inherits = agent.wait_running("inherits", 1).await.remove(0);
+    let sets = agent.wait_running("sets", 1).await.remove(0);
+    assert_eq!(
+        open_file_limit(inherits.pid),
+        (1024, 8192),
+        "no resources.nofile"
+    );
+    assert_eq!(
+        open_file_limit(sets.pid),
+        (4096, 4096),
+        "resources.nofile = 4096"
+    );
+    // Status spells out the default a service starts with, not the agent's raised limit.
+    let status = agent.get("inherits").await.expect("get");
+    let spelled = status.spec.and_then(|s| s.resources).and_then(|r| r.nofile);
+    assert_eq!(spelled, Some(1024), "the default nofile in status");
+    // A replacement started after an agent restart gets the same.
+    agent.stop_with(libc::SIGKILL);
+    agent.launch().await;
+    kill9(inherits.pid);
+    let again = eventually("a replacement", Duration::from_secs(20), || async {
+        let s = agent.get("inherits").await.ok()?;
+        let i = s.instances.first()?;
+        (i.pid > 0 && i.pid != inherits.pid && i.state == pb::InstanceState::Running as i32)
+            .then(|| i.clone())
+    })
+    .await;
+    assert_eq!(open_file_limit(again.pid), (1024, 8192), "the replacement");
+}

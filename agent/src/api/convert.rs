@@ -190,14 +190,16 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
 /// spec's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostDefaults {
-    /// The agent's own open-file limit, which an instance without `resources.nofile` inherits.
+    /// The soft open-file limit an instance without `resources.nofile` starts with: the one
+    /// the agent was started with (before it raised its own).
     pub nofile: u64,
     /// The agent runs as root (an instance without `user` runs as the agent's user).
     pub agent_is_root: bool,
 }
 
 impl HostDefaults {
-    /// This agent process's.
+    /// This agent process's: its soft open-file limit now (`main` gives the one the agent was
+    /// started with when it raised its own).
     pub fn of_this_process() -> HostDefaults {
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)

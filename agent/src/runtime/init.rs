@@ -754,6 +754,7 @@ impl ExecPlan {
                 gid: config.gid,
                 caps: config.capabilities,
                 nofile: config.nofile,
+                nofile_soft: config.nofile_soft,
             },
             seccomp,
         })

@@ -137,6 +137,7 @@ pub fn init_config(
         listen_names: spec.sockets.iter().map(|s| s.name.clone()).collect(),
         capabilities: Some(cap_plan(spec, uid)),
         nofile: spec.resources.nofile,
+        nofile_soft: super::privileges::inherited_nofile_soft(),
         // An image's read-only root is its overlay without a writable layer.
         readonly_root: iso.readonly_root && image.is_none(),
         env,

@@ -1019,6 +1019,7 @@ impl Processes for LinuxRuntime {
             gid,
             caps,
             nofile: spec.resources.nofile,
+            nofile_soft: super::privileges::inherited_nofile_soft(),
             workdir: spec.workdir.clone(),
             env: launch::service_env(spec, req.index, req.instance, req.ports, identity.as_ref()),
             seccomp: matches!(filter, Ok(Some(_))),

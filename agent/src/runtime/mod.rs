@@ -89,6 +89,9 @@ pub struct InitConfig {
     /// `RLIMIT_NOFILE` of the service (soft and hard); `None`: the agent's.
     #[serde(default)]
     pub nofile: Option<u64>,
+    /// Without `nofile`: the soft limit the agent was started with (it raised its own).
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
     /// Make the host's filesystem read-only inside the instance, except `workdir` and `/tmp`.
     #[serde(default)]
     pub readonly_root: bool,

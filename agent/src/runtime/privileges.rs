@@ -82,6 +82,32 @@ impl CapPlan {
     }
 }
 
+/// The soft `RLIMIT_NOFILE` the agent was started with, when it raised its own.
+static STARTED_NOFILE_SOFT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Raises the agent's soft open-file limit to its hard limit, as Go programs and most
+/// daemons do: an agent holds a few descriptors per instance (stat files, pidfds, sockets)
+/// and would otherwise meet the common 1024 long before its instances do. Returns the
+/// limits before and after when it raised them. Its services get the soft limit back (see
+/// [`inherited_nofile_soft`]), unless their spec sets `resources.nofile`.
+pub fn raise_open_file_limit() -> Result<Option<(u64, u64)>, Errno> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(None);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    // Set once, at start; a second call finds soft == hard and returns above.
+    let _ = STARTED_NOFILE_SOFT.set(soft);
+    Ok(Some((soft, hard)))
+}
+
+/// The soft open-file limit a service starts with when its spec sets none: the one the
+/// agent was started with, if the agent raised its own; `None`: the agent's own, untouched.
+pub fn inherited_nofile_soft() -> Option<u64> {
+    STARTED_NOFILE_SOFT.get().copied()
+}
+
 /// What a service process runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Privileges {
@@ -93,6 +119,10 @@ pub struct Privileges {
     pub caps: Option<CapPlan>,
     /// `RLIMIT_NOFILE`, soft and hard; `None`: inherited.
     pub nofile: Option<u64>,
+    /// Without `nofile`: the soft open-file limit the agent itself was started with, given
+    /// back to the service (the agent raises its own to the hard limit, see
+    /// [`raise_open_file_limit`]); the hard limit stays as inherited.
+    pub nofile_soft: Option<u64>,
 }
 
 /// A step of [`Privileges::apply`] that failed, and why.
@@ -109,9 +139,15 @@ impl Privileges {
     ///
     /// Only system calls; for a forked child of a single-threaded process.
     pub fn apply(&self) -> Result<(), StepError> {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
         if let Some(n) = self.nofile {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+            setrlimit(Resource::RLIMIT_NOFILE, n, n)
                 .map_err(|e| ("setting the open-file limit (resources.nofile)", e))?;
+        } else if let Some(soft) = self.nofile_soft {
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+                .map_err(|e| ("reading the open-file limit", e))?;
+            setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard)
+                .map_err(|e| ("restoring the inherited open-file limit", e))?;
         }
         if let Some(plan) = self.caps {
             // A process that holds no capability at all (an agent not run as root) has

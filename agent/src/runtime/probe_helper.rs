@@ -45,6 +45,9 @@ pub struct ProbeConfig {
     pub gid: Option<u32>,
     pub caps: CapPlan,
     pub nofile: Option<u64>,
+    /// Without `nofile`: the soft limit the agent was started with (it raised its own).
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
     pub workdir: PathBuf,
     /// The service's environment.
     pub env: Vec<(String, String)>,
@@ -94,6 +97,7 @@ fn prepare(config: &ProbeConfig, argv: &[String]) -> Result<Prepared, String> {
             gid: config.gid,
             caps: Some(config.caps),
             nofile: config.nofile,
+            nofile_soft: config.nofile_soft,
         },
         seccomp,
     })
