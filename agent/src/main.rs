@@ -30,7 +30,7 @@ use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::{FileStore, Store};
 use corral_agent::supervisor::{Deps, Driver, SupervisorHandle, capacity};
-use corral_fleet::{connect, keys, placement};
+use corral_fleet::{bulk, connect, keys, placement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -389,7 +389,20 @@ fn fleet_settings(f: FleetFlags) -> Result<Option<FleetConfig>> {
         node,
         labels,
         lease_ttl,
+        page: etcd_page(std::env::var("CORRAL_ETCD_PAGE").ok().as_deref())?,
     }))
+}
+
+/// Keys per range request of a full read of the node's services: `CORRAL_ETCD_PAGE`, which
+/// tests set to page through few keys; otherwise the default.
+fn etcd_page(value: Option<&str>) -> Result<usize> {
+    match value {
+        None => Ok(bulk::DEFAULT_PAGE),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("CORRAL_ETCD_PAGE={v:?}: give a number of keys, at least 1 (or unset it)"),
+        },
+    }
 }
 
 /// `--listen` and the TLS flags, checked together: TCP only with TLS, and a listener that
@@ -1139,5 +1152,14 @@ mod tests {
         let good = read_config("state_dir = \"/s\"\netcd = \"http://e:2379\"\nnode = \"n\"\n")
             .expect("valid");
         assert_eq!(good.fleet.node.as_deref(), Some("n"));
+    }
+    #[test]
+    fn the_page_of_a_full_read() {
+        assert_eq!(etcd_page(None).expect("default"), bulk::DEFAULT_PAGE);
+        assert_eq!(etcd_page(Some("7")).expect("set"), 7);
+        for bad in ["0", "-1", "", "many"] {
+            let err = etcd_page(Some(bad)).expect_err("refused").to_string();
+            assert!(err.starts_with("CORRAL_ETCD_PAGE="), "{err}");
+        }
     }
 }

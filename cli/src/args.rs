@@ -366,6 +366,43 @@ pub struct EtcdArgs {
         requires = "etcd_user"
     )]
     pub etcd_password_file: Option<PathBuf>,
+
+    /// Most operations, and most compares, in one transaction: etcd's --max-txn-ops. Larger
+    /// writes are split into transactions of at most this many.
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_MAX_TXN_OPS",
+        value_name = "N",
+        default_value_t = 128,
+        global = true,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub etcd_max_txn_ops: u32,
+
+    /// Largest request etcd takes, in bytes: etcd's --max-request-bytes. A transaction
+    /// carries keys and values of at most 2/3 of it (the rest is left for framing).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_MAX_REQUEST_BYTES",
+        value_name = "BYTES",
+        default_value_t = 1_572_864,
+        global = true,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub etcd_max_request_bytes: u64,
+
+    /// Keys per range request when reading the fleet's keys (for tests: real fleets keep
+    /// the default, 500).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_PAGE",
+        value_name = "KEYS",
+        default_value_t = 500,
+        hide = true,
+        global = true,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub etcd_page: u32,
 }
 
 #[derive(Debug, Args)]

@@ -58,6 +58,8 @@ pub struct Etcd {
     tls: Option<EtcdTls>,
     /// `USER:PASSWORD` etcdctl gives once authentication is on.
     ctl_user: Option<String>,
+    /// More etcd flags, given to every member.
+    extra_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -67,8 +69,23 @@ impl Etcd {
         Etcd::cluster("127.0.0.1", 1, None, None)
     }
 
+    /// One member on loopback started with more flags: `["--max-txn-ops", "8"]`.
+    pub fn start_with(extra_args: &[&str]) -> Etcd {
+        Etcd::build("127.0.0.1", 1, None, None, extra_args)
+    }
+
     /// `n` members listening on `ip` (inside `netns` when given), each on its own ports.
     pub fn cluster(ip: &str, n: usize, netns: Option<&str>, tls: Option<EtcdTls>) -> Etcd {
+        Etcd::build(ip, n, netns, tls, &[])
+    }
+
+    fn build(
+        ip: &str,
+        n: usize,
+        netns: Option<&str>,
+        tls: Option<EtcdTls>,
+        extra_args: &[&str],
+    ) -> Etcd {
         let dir = tempfile::Builder::new()
             .prefix("corral-etcd-")
             .tempdir()
@@ -89,6 +106,7 @@ impl Etcd {
             netns: netns.map(str::to_string),
             tls,
             ctl_user: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         for i in 0..n {
@@ -137,6 +155,7 @@ impl Etcd {
             // Short elections so the leader-loss tests move quickly.
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .args(["--log-level", "warn", "--logger", "zap"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);

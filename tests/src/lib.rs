@@ -172,6 +172,8 @@ pub struct Agent {
     log_filter: String,
     /// More corrald flags, given at every launch.
     pub extra_args: Vec<String>,
+    /// More environment variables of corrald, at every launch.
+    pub extra_env: Vec<(String, String)>,
     /// The network namespace corrald runs in (a test host), if not the test's own.
     pub netns: Option<String>,
     /// The open-file limit (soft, hard) corrald is started with, if not the test's own.
@@ -218,6 +220,17 @@ impl Agent {
         Agent::start_full(None, filter, args).await
     }
 
+    /// A fresh agent logging at `filter`, started with more flags and environment variables.
+    pub async fn start_full_env(filter: &str, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut a = Agent::new(None, filter, args, None);
+        a.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        a.launch().await;
+        a
+    }
+
     /// A fresh agent logging at `filter` (a `RUST_LOG` value).
     pub async fn start_logging(services: Option<&Path>, filter: &str) -> Agent {
         Agent::start_full(services, filter, &[]).await
@@ -238,12 +251,19 @@ impl Agent {
         args: &[&str],
         netns: Option<&str>,
     ) -> Agent {
+        let mut a = Agent::new(services, filter, args, netns);
+        a.launch().await;
+        a
+    }
+
+    /// An agent not yet launched, on fresh directories and cgroup.
+    fn new(services: Option<&Path>, filter: &str, args: &[&str], netns: Option<&str>) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("corral-e2e-")
             .tempdir()
             .expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut a = Agent {
+        Agent {
             child: None,
             state_dir: dir.join("state"),
             socket: dir.join("corral.sock"),
@@ -252,13 +272,12 @@ impl Agent {
             log: dir.join("corrald.log"),
             log_filter: filter.to_string(),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_env: Vec::new(),
             netns: netns.map(str::to_string),
             nofile: None,
             dir,
             _tmp: Some(tmp),
-        };
-        a.launch().await;
-        a
+        }
     }
 
     /// Start corrald (again) on this agent's directories and cgroup.
@@ -286,7 +305,8 @@ impl Agent {
         if let Some(s) = &self.services_dir {
             cmd.arg("--services").arg(s);
         }
-        cmd.args(&self.extra_args);
+        cmd.args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         if let Some((soft, hard)) = self.nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; nothing is allocated in the child.

@@ -39,6 +39,9 @@ pub struct FleetConfig {
     /// The registration lease's TTL: the node leaves the registry this long after its agent
     /// stopped renewing it.
     pub lease_ttl: Duration,
+    /// Keys per range request when the node reads all its services (at start and after a
+    /// compaction): [`corral_fleet::bulk::DEFAULT_PAGE`] but in tests.
+    pub page: usize,
 }
 
 /// The default registration lease TTL.

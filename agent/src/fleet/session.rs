@@ -8,10 +8,9 @@ use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use corral_fleet::backoff::Backoff;
+use corral_fleet::bulk;
 use corral_fleet::connect::describe;
-use corral_fleet::etcd_client::{
-    Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream,
-};
+use corral_fleet::etcd_client::{Client, EventType, PutOptions, WatchOptions, WatchStream};
 use corral_fleet::keys::Key;
 use corral_fleet::records::{ApplyState, NodeRecord, Resources, StatusRecord};
 use tokio::sync::oneshot;
@@ -335,23 +334,29 @@ impl<S: Services> Fleet<S> {
         .await
     }
 
-    /// Read every `services/` key of the node, converge to it, and watch from there.
+    /// Read every `services/` key of the node (in pages, at one revision), converge to it,
+    /// and watch from the revision after.
     async fn full_read(&mut self, client: &mut Client) -> Result<WatchStream, String> {
         let prefix = self.cfg.layout.services_prefix(&self.cfg.node);
-        let resp = call(
-            "reading the node's services",
-            client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let read = bulk::read_prefix(client, &prefix, self.cfg.page, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| format!("reading the node's services: {e}"))?;
+        let revision = read.revision;
+        tracing::debug!(
+            node = %self.cfg.node,
+            keys = read.entries.len(),
+            requests = read.requests,
+            revision,
+            "fleet: read every service key"
+        );
         let mut present = BTreeSet::new();
         let mut puts = Vec::new();
-        for kv in resp.kvs() {
-            let Some(name) = self.service_name(kv.key()) else {
+        for kv in read.entries {
+            let Some(name) = self.service_name(&kv.key) else {
                 continue;
             };
             present.insert(name.clone());
-            puts.push((name, kv.value().to_vec(), kv.mod_revision()));
+            puts.push((name, kv.value, kv.mod_revision));
         }
         let present_ref: BTreeSet<&str> = present.iter().map(String::as_str).collect();
         for name in self.ledger.gone(&present_ref) {

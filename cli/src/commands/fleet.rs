@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use corral_fleet::backoff::Backoff;
+use corral_fleet::bulk::{self, TxnCost, TxnLimits};
 use corral_fleet::connect::{self, EtcdConfig};
-use corral_fleet::etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use corral_fleet::etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use corral_fleet::keys::{Key, Layout};
 use corral_fleet::placement::{self, Selector};
 use corral_fleet::records::{NodeRecord, Resources, StatusRecord};
@@ -104,6 +105,10 @@ struct Fleet {
     layout: Layout,
     /// How to connect again when the member the client is pinned to stops answering.
     cfg: EtcdConfig,
+    /// What one transaction may hold (etcd's `--max-txn-ops` and `--max-request-bytes`).
+    limits: TxnLimits,
+    /// Keys per range request of a whole-prefix read.
+    page: usize,
 }
 
 /// One etcd call with a deadline.
@@ -121,8 +126,27 @@ async fn call<T>(
 /// How often `fleet apply` reads and chooses again when another writer changed a chosen
 /// node's services between its read and its write.
 const APPLY_ATTEMPTS: u32 = 5;
-/// etcd's default `--max-txn-ops`: most compares, and most operations, in one transaction.
-const TXN_MAX_OPS: usize = 128;
+
+/// `e` (a refused transaction) with what to do when etcd refused it for passing its limits:
+/// etcd runs with smaller ones than the CLI was told.
+fn beyond_limits(e: anyhow::Error, limits: TxnLimits) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("too many operations in txn request") {
+        anyhow::anyhow!(
+            "{text} (etcd takes fewer operations a transaction than --etcd-max-txn-ops {}: \
+             give it etcd's --max-txn-ops)",
+            limits.max_ops
+        )
+    } else if text.contains("request is too large") || text.contains("larger than max") {
+        anyhow::anyhow!(
+            "{text} (etcd takes smaller requests than --etcd-max-request-bytes {}: give it \
+             etcd's --max-request-bytes)",
+            limits.max_bytes
+        )
+    } else {
+        e
+    }
+}
 
 /// What a spec commits on a node, as the agent's admission counts it: each limit it sets
 /// (`resources.cpu`, `resources.memory`) × `replicas`. A spec that does not parse commits
@@ -308,39 +332,42 @@ impl Fleet {
             client,
             layout,
             cfg,
+            limits: TxnLimits {
+                max_ops: usize::try_from(a.etcd_max_txn_ops).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(a.etcd_max_request_bytes).unwrap_or(usize::MAX),
+            },
+            page: usize::try_from(a.etcd_page).unwrap_or(bulk::DEFAULT_PAGE),
         })
     }
 
+    /// Every key under the nodes prefix, read in pages at one revision.
     async fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
         let prefix = self.layout.nodes_prefix().to_owned();
-        let resp = call(
-            "reading the fleet's keys",
-            self.client
-                .get(prefix, Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let read = bulk::read_prefix(&mut self.client, &prefix, self.page, REQUEST_TIMEOUT)
+            .await
+            .context("reading the fleet's keys")?;
         let mut snap = Snapshot {
-            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+            revision: read.revision,
             ..Snapshot::default()
         };
-        for kv in resp.kvs() {
-            let Ok(key) = std::str::from_utf8(kv.key()) else {
+        for kv in read.entries {
+            let Ok(key) = std::str::from_utf8(&kv.key) else {
                 continue;
             };
             match self.layout.parse(key) {
                 Some(Key::Info { node }) => {
-                    if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                    if let Ok(r) = serde_json::from_slice::<NodeRecord>(&kv.value) {
                         snap.nodes.insert(node.to_owned(), r);
                     }
                 }
                 Some(Key::Service { node, name }) => {
                     snap.specs.insert(
                         (name.to_owned(), node.to_owned()),
-                        (kv.value().to_vec(), kv.mod_revision()),
+                        (kv.value, kv.mod_revision),
                     );
                 }
                 Some(Key::Status { node, name }) => {
-                    if let Ok(s) = serde_json::from_slice::<StatusRecord>(kv.value()) {
+                    if let Ok(s) = serde_json::from_slice::<StatusRecord>(&kv.value) {
                         snap.statuses.insert((name.to_owned(), node.to_owned()), s);
                     }
                 }
@@ -409,14 +436,31 @@ impl Fleet {
             let holding = snap.holding(&name);
             let chosen = self.choose(a, &name, &snap, &holding, &need, err)?;
             // etcd refuses a transaction of more than --max-txn-ops (128 by default)
-            // compares or operations: a larger placement is written in transactions of at
-            // most that many nodes, each guarded for its own nodes. A conflict in any of them
+            // compares or operations, or of more than --max-request-bytes (1.5 MiB): a larger
+            // placement is written in transactions within both, each guarded for its own
+            // nodes (a node's compare and its put go together). A conflict in any of them
             // reads and chooses again; the nodes already written then hold the service and
             // are written again with the same spec.
             // Sent at once: a later transaction does not wait behind the agents that the
             // earlier ones woke.
+            let costs: Vec<TxnCost> = chosen
+                .iter()
+                .map(|n| {
+                    let key = self.layout.service(n, &name);
+                    // The guard's prefix and its range end, the key and the spec.
+                    let bytes = 2 * self.layout.services_prefix(n).len() + key.len() + text.len();
+                    TxnCost {
+                        key,
+                        compares: 1,
+                        ops: 1,
+                        bytes,
+                    }
+                })
+                .collect();
+            let runs = bulk::split_txns(&costs, self.limits)?;
             let mut txns = tokio::task::JoinSet::new();
-            for part in chosen.chunks(TXN_MAX_OPS) {
+            for run in runs {
+                let part = &chosen[run];
                 let guards: Vec<Compare> = part
                     .iter()
                     .map(|n| {
@@ -444,7 +488,9 @@ impl Fleet {
             let mut written = chosen.is_empty().then_some(snap.revision);
             let mut lost = false;
             while let Some(done) = txns.join_next().await {
-                let resp = done.context("writing the service's keys")??;
+                let resp = done
+                    .context("writing the service's keys")?
+                    .map_err(|e| beyond_limits(e, self.limits))?;
                 if resp.succeeded() {
                     partly = true;
                     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -636,11 +682,23 @@ impl Fleet {
                 }
             );
         }
-        // At most --max-txn-ops keys a transaction; an error half-way leaves the rest to a
-        // second delete, which finds only the nodes that still hold the service.
+        // Within --max-txn-ops and --max-request-bytes a transaction; an error half-way leaves
+        // the rest to a second delete, which finds only the nodes that still hold the service.
+        let costs: Vec<TxnCost> = nodes
+            .iter()
+            .map(|n| {
+                let key = self.layout.service(n, &a.name);
+                TxnCost {
+                    bytes: key.len(),
+                    key,
+                    compares: 0,
+                    ops: 1,
+                }
+            })
+            .collect();
         let mut revision = 0;
-        for part in nodes.chunks(TXN_MAX_OPS) {
-            let ops: Vec<TxnOp> = part
+        for run in bulk::split_txns(&costs, self.limits)? {
+            let ops: Vec<TxnOp> = nodes[run]
                 .iter()
                 .map(|n| TxnOp::delete(self.layout.service(n, &a.name), None))
                 .collect();
@@ -648,7 +706,8 @@ impl Fleet {
                 "deleting the service's keys",
                 self.client.txn(Txn::new().and_then(ops)),
             )
-            .await?;
+            .await
+            .map_err(|e| beyond_limits(e, self.limits))?;
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
         match format {
@@ -717,6 +776,21 @@ impl Fleet {
         if nodes.is_empty() {
             bail!("service {name:?} is on no node: place it first (corral fleet apply)");
         }
+        // Each node's write compares the spec, then reads or puts it: one transaction that
+        // carries the spec twice. Checked before the first node is written.
+        let costs: Vec<TxnCost> = nodes
+            .iter()
+            .map(|n| {
+                let key = self.layout.service(n, &name);
+                TxnCost {
+                    bytes: 3 * key.len() + 2 * text.len(),
+                    key,
+                    compares: 1,
+                    ops: 1,
+                }
+            })
+            .collect();
+        bulk::split_txns(&costs, self.limits)?;
         let mut done: Vec<(String, i64)> = Vec::new();
         for batch in nodes.chunks(a.max_unavailable_nodes as usize) {
             let deadline = Instant::now() + a.timeout;
