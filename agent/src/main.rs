@@ -713,6 +713,13 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(settings.log_format);
+    // A fixed mmap threshold (glibc's default before it adapts): a buffer of 128 KiB or more
+    // is mapped and given back whole when freed. glibc otherwise raises the threshold to the
+    // largest block freed so far, and from then on keeps each scrape's text (~550 KiB for 200
+    // instances) and each large read in its heaps: +2 MiB of RSS with --metrics, against
+    // +0.3 MiB with the fixed threshold.
+    // SAFETY: mallopt only sets an allocator parameter; no allocation is in flight here.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
     match runtime::privileges::raise_open_file_limit() {
         Ok(Some((soft, hard))) => tracing::debug!(
             was = soft,
