@@ -126,6 +126,10 @@ async fn call<T>(
 /// How often `fleet apply` reads and chooses again when another writer changed a chosen
 /// node's services between its read and its write.
 const APPLY_ATTEMPTS: u32 = 5;
+/// Transactions of one apply in flight at once: a placement of up to this many transactions
+/// is sent at once, and a larger one (thousands of nodes, or a large spec) holds no more than
+/// these many transactions' copies of the spec in memory.
+const TXNS_IN_FLIGHT: usize = 8;
 
 /// `e` (a refused transaction) with what to do when etcd refused it for passing its limits:
 /// etcd runs with smaller ones than the CLI was told.
@@ -441,8 +445,9 @@ impl Fleet {
             // nodes (a node's compare and its put go together). A conflict in any of them
             // reads and chooses again; the nodes already written then hold the service and
             // are written again with the same spec.
-            // Sent at once: a later transaction does not wait behind the agents that the
-            // earlier ones woke.
+            // Sent at once (up to TXNS_IN_FLIGHT): a later transaction does not wait behind
+            // the agents that the earlier ones woke. Each is built once its turn comes, so
+            // the spec is copied per node only for the transactions in flight.
             let costs: Vec<TxnCost> = chosen
                 .iter()
                 .map(|n| {
@@ -459,25 +464,32 @@ impl Fleet {
                 .collect();
             let runs = bulk::split_txns(&costs, self.limits)?;
             let mut txns = tokio::task::JoinSet::new();
+            let turns = std::sync::Arc::new(tokio::sync::Semaphore::new(TXNS_IN_FLIGHT));
+            let shared = std::sync::Arc::new((self.layout.clone(), name.clone(), text.clone()));
             for run in runs {
-                let part = &chosen[run];
-                let guards: Vec<Compare> = part
-                    .iter()
-                    .map(|n| {
-                        Compare::mod_revision(
-                            self.layout.services_prefix(n),
-                            CompareOp::Less,
-                            snap.revision + 1,
-                        )
-                        .with_prefix()
-                    })
-                    .collect();
-                let ops: Vec<TxnOp> = part
-                    .iter()
-                    .map(|n| TxnOp::put(self.layout.service(n, &name), text.clone(), None))
-                    .collect();
+                let part = chosen[run].to_vec();
+                let (turns, shared) = (turns.clone(), shared.clone());
+                let revision = snap.revision;
                 let mut client = self.client.clone();
                 txns.spawn(async move {
+                    // Never closed: a permit, or an error that lets the send go ahead.
+                    let _turn = turns.acquire_owned().await;
+                    let (layout, name, text) = &*shared;
+                    let guards: Vec<Compare> = part
+                        .iter()
+                        .map(|n| {
+                            Compare::mod_revision(
+                                layout.services_prefix(n),
+                                CompareOp::Less,
+                                revision + 1,
+                            )
+                            .with_prefix()
+                        })
+                        .collect();
+                    let ops: Vec<TxnOp> = part
+                        .iter()
+                        .map(|n| TxnOp::put(layout.service(n, name), text.as_str(), None))
+                        .collect();
                     call(
                         "writing the service's keys",
                         client.txn(Txn::new().when(guards).and_then(ops)),
