@@ -373,11 +373,11 @@ pub struct EtcdArgs {
         long,
         env = "CORRAL_ETCD_MAX_TXN_OPS",
         value_name = "N",
-        default_value_t = 128,
+        default_value_t = corral_fleet::bulk::DEFAULT_MAX_TXN_OPS,
         global = true,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = at_least_one()
     )]
-    pub etcd_max_txn_ops: u32,
+    pub etcd_max_txn_ops: usize,
 
     /// Largest request etcd takes, in bytes: etcd's --max-request-bytes. A transaction
     /// carries keys and values of at most 2/3 of it (the rest is left for framing).
@@ -385,24 +385,29 @@ pub struct EtcdArgs {
         long,
         env = "CORRAL_ETCD_MAX_REQUEST_BYTES",
         value_name = "BYTES",
-        default_value_t = 1_572_864,
+        default_value_t = corral_fleet::bulk::DEFAULT_MAX_REQUEST_BYTES,
         global = true,
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = at_least_one()
     )]
-    pub etcd_max_request_bytes: u64,
+    pub etcd_max_request_bytes: usize,
 
     /// Keys per range request when reading the fleet's keys (for tests: real fleets keep
-    /// the default, 500).
+    /// the default).
     #[arg(
         long,
         env = "CORRAL_ETCD_PAGE",
         value_name = "KEYS",
-        default_value_t = 500,
+        default_value_t = corral_fleet::bulk::DEFAULT_PAGE,
         hide = true,
         global = true,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = at_least_one()
     )]
-    pub etcd_page: u32,
+    pub etcd_page: usize,
+}
+
+/// A count of 1 or more.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 #[derive(Debug, Args)]

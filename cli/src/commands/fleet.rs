@@ -337,10 +337,10 @@ impl Fleet {
             layout,
             cfg,
             limits: TxnLimits {
-                max_ops: usize::try_from(a.etcd_max_txn_ops).unwrap_or(usize::MAX),
-                max_bytes: usize::try_from(a.etcd_max_request_bytes).unwrap_or(usize::MAX),
+                max_ops: a.etcd_max_txn_ops,
+                max_bytes: a.etcd_max_request_bytes,
             },
-            page: usize::try_from(a.etcd_page).unwrap_or(bulk::DEFAULT_PAGE),
+            page: a.etcd_page,
         })
     }
 
