@@ -231,6 +231,14 @@ impl Agent {
         a
     }
 
+    /// A fresh agent started with the open-file limit `soft`:`hard`.
+    pub async fn start_with_nofile(soft: u64, hard: u64) -> Agent {
+        let mut a = Agent::new(None, "info,corral_agent=debug", &[], None);
+        a.nofile = Some((soft, hard));
+        a.launch().await;
+        a
+    }
+
     /// A fresh agent logging at `filter` (a `RUST_LOG` value).
     pub async fn start_logging(services: Option<&Path>, filter: &str) -> Agent {
         Agent::start_full(services, filter, &[]).await

@@ -567,10 +567,7 @@ async fn the_agent_raises_its_open_file_limit_and_services_start_with_theirs() {
     if skip_unless_root("the_agent_raises_its_open_file_limit_and_services_start_with_theirs") {
         return;
     }
-    let mut agent = Agent::start().await;
-    agent.stop_with(libc::SIGTERM);
-    agent.nofile = Some((1024, 8192));
-    agent.launch().await;
+    let mut agent = Agent::start_with_nofile(1024, 8192).await;
     let pid = agent.pid().expect("agent pid");
     assert_eq!(open_file_limit(pid), (8192, 8192), "the agent's own");
     agent
