@@ -1856,4 +1856,17 @@ pub async fn init_is_static_and_small() {
         0,
         "the service has SIGPIPE at its default, not ignored"
     );
+    // The agent blocks every signal around the clone of an init (its child shares the
+    // agent's memory until it executes); the child unblocks them before it executes, so
+    // neither the init's signal mask nor the service's keeps them.
+    let blocked = std::fs::read_to_string(format!("/proc/{}/status", sleeper.pid))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:").map(|v| v.trim().to_string()))
+        .expect("SigBlk in status");
+    assert_eq!(
+        u64::from_str_radix(&blocked, 16).ok(),
+        Some(0),
+        "the service starts with no signal blocked"
+    );
 }

@@ -221,14 +221,23 @@ pub(super) fn clone_exec(
             args.flags |= CLONE_INTO_CGROUP;
             args.cgroup = u64::from(dir.as_raw_fd().cast_unsigned());
         }
-        // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed, no
-        // CLONE_VM and no new stack: the child runs on a copy of this stack, like fork.
-        let ret =
-            unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-        if ret == 0 {
-            // SAFETY: we are the child of clone3; the plan was built before the call.
-            unsafe { child_after_clone(&plan) }
-        }
+        let ret = match plan.wait_for {
+            // The child waits for the parent (its id maps): it cannot share its memory.
+            None if vm::SUPPORTED => vm::clone3(&mut args, &plan),
+            _ => {
+                // SAFETY: clone3 with a valid, fully initialised clone_args of the size
+                // passed, no CLONE_VM and no new stack: the child runs on a copy of this
+                // stack, like fork.
+                let ret = unsafe {
+                    libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>())
+                };
+                if ret == 0 {
+                    // SAFETY: we are the child of clone3; the plan was built before the call.
+                    unsafe { child_after_clone(&plan) }
+                }
+                ret
+            }
+        };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -246,6 +255,184 @@ pub(super) fn clone_exec(
             attempt(None)
         }
         other => other,
+    }
+}
+
+/// The child of `clone3` sharing the parent's memory until it executes (`CLONE_VM |
+/// CLONE_VFORK`, as `posix_spawn` does): the kernel copies no page tables of the agent
+/// (tens of MiB mapped, many threads) only for `execve` to throw them away, which is most of
+/// what a fork costs the spawn path. The calling thread sleeps until the child has executed
+/// or exited; the agent's other threads run on.
+///
+/// The child runs on a stack of its own, entered by a few instructions right after the
+/// system call (a C wrapper's return would pop the parent's frame from the new stack). It
+/// writes nothing of the parent's memory but that stack and, through the C library's
+/// wrappers, the calling thread's `errno`, which that thread does not read while it sleeps.
+/// Signals: blocked in the calling thread around the clone, so that none reaches the child
+/// before it has set every caught signal back to its default action (the handlers are the
+/// agent's, and would run on the shared memory); the child then restores the mask and
+/// executes, which resets the rest.
+mod vm {
+    use super::{ChildPlan, CloneArgs, child_after_clone};
+
+    pub(super) const SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+    /// The child's stack: what `child_after_clone` and the C library's thin system-call
+    /// wrappers need, with a wide margin.
+    const STACK: usize = 64 * 1024;
+
+    /// What the child reads: the plan and the signal mask to restore before executing.
+    struct Start<'a> {
+        plan: ChildPlan<'a>,
+        mask: libc::sigset_t,
+    }
+
+    /// clone3 with `CLONE_VM | CLONE_VFORK` and a new stack; the child runs `plan`. Returns
+    /// what the system call returned (the child's PID, or -1 with errno set).
+    pub(super) fn clone3(args: &mut CloneArgs, plan: &ChildPlan<'_>) -> libc::c_long {
+        // 16-byte aligned, as both ABIs require of the stack pointer at a call.
+        let mut stack = vec![0u128; STACK / 16];
+        args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+        args.stack = stack.as_mut_ptr() as u64;
+        args.stack_size = STACK as u64;
+        // SAFETY: sigfillset/pthread_sigmask on sigset_t values we own.
+        let mut start = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&raw mut all);
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &raw const all, &raw mut old);
+            Start {
+                plan: *plan,
+                mask: old,
+            }
+        };
+        // SAFETY: clone3 with a fully initialised clone_args and a stack that outlives the
+        // child's use of it (CLONE_VFORK: this thread resumes only once the child has
+        // executed or exited); the child enters `child_entry` on that stack with `start`,
+        // which this frame keeps alive for the same reason.
+        let ret = unsafe { raw_clone3(args, &raw mut start) };
+        // SAFETY: as above.
+        unsafe {
+            libc::pthread_sigmask(
+                libc::SIG_SETMASK,
+                &raw const start.mask,
+                std::ptr::null_mut(),
+            )
+        };
+        drop(stack);
+        ret
+    }
+
+    /// The child, on its own stack.
+    extern "C" fn child_entry(start: *mut Start<'_>) -> ! {
+        // SAFETY: the parent passed a valid `Start` it keeps alive until this process
+        // executes or exits (CLONE_VFORK).
+        let start = unsafe { &*start };
+        for sig in 1..libc::SIGRTMAX() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: sigaction(2) is async-signal-safe; the handler table is this
+            // process's own copy (no CLONE_SIGHAND). Signals the C library reserves fail
+            // with EINVAL, and are left as they are.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &raw mut old) == 0
+                    && old.sa_sigaction != libc::SIG_DFL
+                    && old.sa_sigaction != libc::SIG_IGN
+                {
+                    let mut dfl: libc::sigaction = std::mem::zeroed();
+                    dfl.sa_sigaction = libc::SIG_DFL;
+                    libc::sigaction(sig, &raw const dfl, std::ptr::null_mut());
+                }
+            }
+        }
+        // SAFETY: restores the mask the parent thread had; async-signal-safe.
+        unsafe {
+            libc::pthread_sigmask(
+                libc::SIG_SETMASK,
+                &raw const start.mask,
+                std::ptr::null_mut(),
+            )
+        };
+        // SAFETY: the child of clone3 with a plan prepared by the parent.
+        unsafe { child_after_clone(&start.plan) }
+    }
+
+    /// The system call, and the child's switch to `child_entry`.
+    ///
+    /// # Safety
+    /// `args` must be valid clone_args with `CLONE_VM | CLONE_VFORK` and a stack;
+    /// `start` must stay valid until the child executes or exits.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn raw_clone3(args: &CloneArgs, start: *mut Start<'_>) -> libc::c_long {
+        let ret: libc::c_long;
+        // SAFETY: the caller's contract. In the child (rax = 0) the stack pointer is the top
+        // of the new stack (16-byte aligned); `call` leaves it as a function entry expects.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "mov rdi, r12",
+                "call r13",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") std::ptr::from_ref(args),
+                in("rsi") size_of::<CloneArgs>(),
+                in("r12") start,
+                in("r13") child_entry as *const (),
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        if ret < 0 {
+            // SAFETY: errno of this thread.
+            unsafe { *libc::__errno_location() = i32::try_from(-ret).unwrap_or(libc::EINVAL) };
+            return -1;
+        }
+        ret
+    }
+
+    /// See the x86-64 version.
+    ///
+    /// # Safety
+    /// As for the x86-64 version.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn raw_clone3(args: &CloneArgs, start: *mut Start<'_>) -> libc::c_long {
+        let ret: libc::c_long;
+        // SAFETY: as for x86-64; in the child the stack pointer is the top of the new stack.
+        unsafe {
+            std::arch::asm!(
+                "svc 0",
+                "cbnz x0, 2f",
+                "mov x0, x9",
+                "blr x10",
+                "brk 1",
+                "2:",
+                in("x8") libc::SYS_clone3,
+                inlateout("x0") std::ptr::from_ref(args) as libc::c_long => ret,
+                in("x1") size_of::<CloneArgs>(),
+                in("x9") start,
+                in("x10") child_entry as *const (),
+                options(nostack),
+            );
+        }
+        if ret < 0 {
+            // SAFETY: errno of this thread.
+            unsafe { *libc::__errno_location() = i32::try_from(-ret).unwrap_or(libc::EINVAL) };
+            return -1;
+        }
+        ret
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    unsafe fn raw_clone3(_: &CloneArgs, _: *mut Start<'_>) -> libc::c_long {
+        // SAFETY: errno of this thread.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        -1
     }
 }
 
