@@ -431,19 +431,29 @@ impl CgroupBackend for V1Backend {
         let p = path.to_string();
         let r = self.ready(&p, &self.devices, Control::Devices)?;
         let dir = r.parent.join(path.relative());
-        let write = |file: &str, value: &str| {
-            let file = dir.join(file);
-            std::fs::write(&file, value).map_err(|source| CgroupError::Write {
-                path: p.clone(),
+        let failed = |file: PathBuf, value: &str| {
+            let p = p.clone();
+            let value = value.to_string();
+            move |source| CgroupError::Write {
+                path: p,
                 file,
-                value: value.to_string(),
+                value,
                 source,
-            })
+            }
         };
-        write("devices.deny", "a")?;
+        let deny = dir.join("devices.deny");
+        std::fs::write(&deny, "a").map_err(failed(deny.clone(), "a"))?;
+        // One rule per write(2), as the kernel parses them, through one descriptor.
+        let allow = dir.join("devices.allow");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&allow)
+            .map_err(failed(allow.clone(), "(open)"))?;
         for rule in super::devices::v1_rules() {
-            write("devices.allow", &rule)?;
+            std::io::Write::write_all(&mut file, rule.as_bytes())
+                .map_err(failed(allow.clone(), &rule))?;
         }
+        drop(file);
         let list = dir.join("devices.list");
         let found = std::fs::read_to_string(&list).map_err(|e| fsutil::read_err(&p, &list, e))?;
         if !super::devices::v1_list_matches(&found) {
