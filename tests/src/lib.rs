@@ -10,6 +10,7 @@ pub mod artifacts;
 pub mod cgroup;
 pub mod coldstart;
 pub mod etcd;
+pub mod execwatch;
 pub mod fifo;
 pub mod fleetbench;
 pub mod load;
