@@ -525,6 +525,11 @@ def test_each_run_has_an_incarnation_id_in_status_events_and_logs(
     client.apply(toml_spec(name, ["/bin/sh", "-c", "echo up; exec sleep 1000"]))
     first = client.wait_ready(name).instances[0]
     assert first.incarnation != 0
+    # Running is not yet having printed: the first run's line is logged before it is killed.
+    deadline = time.monotonic() + 20
+    while not any(line.text == "up" for line in client.logs(name)):
+        assert time.monotonic() < deadline, "the first run never printed"
+        time.sleep(0.05)
     # The service's process replaced by the restart policy: a new run, a new id.
     os.kill(first.pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
