@@ -428,6 +428,8 @@ fn main() {
             if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(arg(1)) {
                 let _ = f.write_all(b"x");
             }
+            // Long enough for an observer of exec events to read this process's command line.
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         "signal-fifo" => {
             on_term_exit_zero();
