@@ -14,7 +14,7 @@
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
 //! of the default confinement against the isolation of earlier releases: seccomp unconfined,
 //! the host's /dev and /proc, no cgroup namespace; and of `userns` on top; at least 50
-//! replacements each), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
+//! replacements each, to the replacement's exec event), `metrics` (200 instances: `/metrics` scrape latency and agent CPU
 //! per scrape, agent RSS with `--metrics` and without), `jobs` (RunJob -> the job's process
 //! executed; a 1-second schedule held for JOBS_HOLD_SECS, default 120: how late each run's
 //! process executed after its due second, and the agent's CPU), `coldstart` (connect() to the
@@ -1258,6 +1258,8 @@ async fn confine(rounds: usize) {
     for f in &mut fifos {
         f.wait_bytes(1).await;
     }
+    let mut watch = ExecWatch::new()
+        .expect("subscribing to exec events (root, in the host's network namespace)");
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
@@ -1267,10 +1269,14 @@ async fn confine(rounds: usize) {
             if let Some(c) = start_cpu(pid) {
                 cpu[i].push(c);
             }
-            let t = Instant::now();
+            let t0 = monotonic_ns();
             corral_e2e::kill9(pid);
             fifos[i].wait_bytes(1).await;
-            samples[i].push(t.elapsed());
+            let marker = fifos[i].path.display().to_string();
+            let exec = watch
+                .wait(&marker, 1, t0, Duration::from_secs(30))
+                .expect("the exec event of the replacement");
+            samples[i].push(Duration::from_nanos(exec[0].at_ns - t0));
         }
     }
     let median = |v: &mut Vec<Duration>| {
@@ -1321,10 +1327,15 @@ async fn confine(rounds: usize) {
     let mut fifo = Fifo::new(&dir, "fifty");
     for r in 0..5 {
         let name = format!("confined-{r}");
-        let t = Instant::now();
+        let t0 = monotonic_ns();
         apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
         fifo.wait_bytes(50).await;
-        fifty.push(t.elapsed());
+        let marker = fifo.path.display().to_string();
+        let execs = watch
+            .wait(&marker, 50, t0, Duration::from_secs(30))
+            .expect("the exec events of the 50 instances");
+        let last = execs.iter().map(|e| e.at_ns).max().unwrap_or(t0);
+        fifty.push(Duration::from_nanos(last - t0));
         delete(&agent, &name).await;
     }
     stats("apply -> 50 confined instances executed", fifty, true);

@@ -429,7 +429,7 @@ fn main() {
                 let _ = f.write_all(b"x");
             }
             // Long enough for an observer of exec events to read this process's command line.
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         "signal-fifo" => {
             on_term_exit_zero();
