@@ -159,6 +159,17 @@ pub(super) fn create_dirs(
     rel: &Path,
     created: &mut Vec<PathBuf>,
 ) -> Result<(), (PathBuf, io::Error)> {
+    // Most creates are of a leaf whose parents exist (an instance of a running service): one
+    // mkdir, not one per level with a check of each existing one.
+    let leaf = base.join(rel);
+    match dirs.mkdir(&leaf) {
+        Ok(()) => {
+            created.push(leaf);
+            return Ok(());
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && leaf.is_dir() => return Ok(()),
+        Err(_) => {}
+    }
     let mut dir = base.to_path_buf();
     for part in rel.components() {
         dir.push(part);
