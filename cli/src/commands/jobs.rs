@@ -71,6 +71,8 @@ pub async fn run(
         ),
         None => None,
     };
+    // Lines printed per instance, so that the read after the end prints only the rest.
+    let mut printed: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut ticker = tokio::time::interval(POLL);
     let ended = loop {
         tokio::select! {
@@ -79,6 +81,7 @@ pub async fn run(
                     Ok(Some(line)) => {
                         render::write_log_line(out, &line)?;
                         out.flush()?;
+                        *printed.entry(line.instance.clone()).or_default() += 1;
                     }
                     // The stream ended or failed: the run is still waited for.
                     _ => logs = None,
@@ -92,17 +95,28 @@ pub async fn run(
             }
         }
     };
-    // What was written just before the end.
-    if let Some(mut l) = logs {
-        let drain = tokio::time::sleep(Duration::from_millis(300));
-        tokio::pin!(drain);
-        loop {
-            tokio::select! {
-                line = l.next() => match line {
-                    Ok(Some(line)) => render::write_log_line(out, &line)?,
-                    _ => break,
-                },
-                () = &mut drain => break,
+    // The rest of the run's output, from its instances' files: what was written just before
+    // the end, and all of it for a run that ended before the follow found its instance (the
+    // service-wide follow sees only instances that exist).
+    if args.file.is_some() {
+        drop(logs);
+        for instance in &ended.instances {
+            let mut replies = session
+                .logs(pb::LogsRequest {
+                    service: String::new(),
+                    instance: instance.id.clone(),
+                    follow: false,
+                    tail: None,
+                    since: None,
+                })
+                .await?;
+            let mut skip = printed.get(&instance.id).copied().unwrap_or(0);
+            while let Some(line) = replies.next().await? {
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                render::write_log_line(out, &line)?;
             }
         }
     }
