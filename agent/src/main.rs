@@ -902,14 +902,8 @@ async fn run(s: Settings) -> Result<()> {
         namespaces,
         node_id,
         boot_id: host::boot_id(),
-        defaults: {
-            let d = api::convert::HostDefaults::of_this_process();
-            // What a service without `resources.nofile` starts with, not the agent's raised one.
-            api::convert::HostDefaults {
-                nofile: runtime::privileges::inherited_nofile_soft().unwrap_or(d.nofile),
-                ..d
-            }
-        },
+        // What a service without `resources.nofile` starts with, not the agent's raised one.
+        defaults: api::convert::HostDefaults::of_this_process(),
         artifacts: Some(packages),
     };
     // Handlers before anyone can be told we serve: a SIGHUP or SIGTERM from then on is

@@ -198,12 +198,14 @@ pub struct HostDefaults {
 }
 
 impl HostDefaults {
-    /// This agent process's: its soft open-file limit now (`main` gives the one the agent was
-    /// started with when it raised its own).
+    /// This agent process's: the soft open-file limit it was started with when it raised
+    /// its own (what its services get back), else its soft limit now.
     pub fn of_this_process() -> HostDefaults {
-        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map(|(soft, _)| soft)
-            .unwrap_or(1024);
+        let nofile = crate::runtime::privileges::inherited_nofile_soft().unwrap_or_else(|| {
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024)
+        });
         HostDefaults {
             nofile,
             agent_is_root: nix::unistd::geteuid().is_root(),
