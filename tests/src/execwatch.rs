@@ -77,6 +77,23 @@ impl ExecWatch {
         Ok(ExecWatch { rx })
     }
 
+    /// From `since_ns` to the last of the next `n` execs of `marker` (see [`ExecWatch::wait`]),
+    /// each within 30 s; panics when they do not come (for benchmarks).
+    pub fn took(&mut self, marker: &str, n: usize, since_ns: u64) -> Duration {
+        let seen = self
+            .wait(marker, n, since_ns, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("exec events of {marker:?}: {e}"));
+        let last = seen.iter().map(|e| e.at_ns).max().unwrap_or(since_ns);
+        Duration::from_nanos(last.saturating_sub(since_ns))
+    }
+
+    /// Subscribes, or panics saying why (for benchmarks).
+    pub fn subscribe() -> ExecWatch {
+        ExecWatch::new().unwrap_or_else(|e| {
+            panic!("subscribing to exec events (root, in the host's network namespace): {e}")
+        })
+    }
+
     /// Waits for `n` execs at or after `since_ns` of processes whose command line contains
     /// `marker`, each within `timeout` of the previous; returns them in order.
     pub fn wait(

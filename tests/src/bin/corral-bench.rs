@@ -197,8 +197,7 @@ async fn jobs(rounds: usize) {
     };
     apply(&agent, &job("trigger", "[job]\nhistory = 5\n")).await;
     let mut client = agent.client().await;
-    let mut watch = ExecWatch::new()
-        .expect("subscribing to exec events (root, in the host's network namespace)");
+    let mut watch = ExecWatch::subscribe();
     let (mut took, mut took_write) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let (t0, t) = (monotonic_ns(), Instant::now());
@@ -211,10 +210,7 @@ async fn jobs(rounds: usize) {
             .expect("run job");
         fifo.wait_bytes(1).await;
         took_write.push(t.elapsed());
-        let exec = watch
-            .wait(&fifo_path, 1, t0, Duration::from_secs(30))
-            .expect("the exec event of the job's process");
-        took.push(Duration::from_nanos(exec[0].at_ns - t0));
+        took.push(watch.took(&fifo_path, 1, t0));
         // Let the run end and be cleaned up before the next.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -768,15 +764,9 @@ async fn core(rounds: usize) {
 /// process (see `corral_e2e::execwatch`); the byte the process then writes to the FIFO gives
 /// the same figures up to its first write, which include the service binary's own start.
 async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
-    let mut watch = ExecWatch::new()
-        .expect("subscribing to exec events (root, in the host's network namespace)");
+    let mut watch = ExecWatch::subscribe();
     let marker = fifo.path.display().to_string();
-    let mut execs = |n: usize, t0: u64| {
-        let seen = watch
-            .wait(&marker, n, t0, Duration::from_secs(30))
-            .expect("exec events of the service processes");
-        Duration::from_nanos(seen.iter().map(|e| e.at_ns).max().unwrap_or(t0) - t0)
-    };
+    let mut execs = |n: usize, t0: u64| watch.took(&marker, n, t0);
 
     // 1. Apply -> one instance executed.
     let (mut one, mut one_write) = (Vec::new(), Vec::new());
@@ -1258,8 +1248,7 @@ async fn confine(rounds: usize) {
     for f in &mut fifos {
         f.wait_bytes(1).await;
     }
-    let mut watch = ExecWatch::new()
-        .expect("subscribing to exec events (root, in the host's network namespace)");
+    let mut watch = ExecWatch::subscribe();
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
@@ -1273,10 +1262,7 @@ async fn confine(rounds: usize) {
             corral_e2e::kill9(pid);
             fifos[i].wait_bytes(1).await;
             let marker = fifos[i].path.display().to_string();
-            let exec = watch
-                .wait(&marker, 1, t0, Duration::from_secs(30))
-                .expect("the exec event of the replacement");
-            samples[i].push(Duration::from_nanos(exec[0].at_ns - t0));
+            samples[i].push(watch.took(&marker, 1, t0));
         }
     }
     let median = |v: &mut Vec<Duration>| {
@@ -1331,11 +1317,7 @@ async fn confine(rounds: usize) {
         apply(&agent, &spec(&name, 50, &fifo.path, "")).await;
         fifo.wait_bytes(50).await;
         let marker = fifo.path.display().to_string();
-        let execs = watch
-            .wait(&marker, 50, t0, Duration::from_secs(30))
-            .expect("the exec events of the 50 instances");
-        let last = execs.iter().map(|e| e.at_ns).max().unwrap_or(t0);
-        fifty.push(Duration::from_nanos(last - t0));
+        fifty.push(watch.took(&marker, 50, t0));
         delete(&agent, &name).await;
     }
     stats("apply -> 50 confined instances executed", fifty, true);
