@@ -153,6 +153,34 @@ pub fn rss_kib(pid: i32) -> u64 {
 }
 
 /// A loopback TCP port nobody listens on right now.
+/// The init zygotes among the agent's children: `corral-init --zygote ...` (one at most).
+pub fn init_zygotes(agent_pid: i32) -> Vec<i32> {
+    let children = std::fs::read_to_string(format!("/proc/{agent_pid}/task/{agent_pid}/children"))
+        .unwrap_or_default();
+    // Children of every thread: the agent's threads each have their own list.
+    let mut all: Vec<i32> = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{agent_pid}/task")) {
+        for t in tasks.flatten() {
+            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            all.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    all.sort_unstable();
+    all.dedup();
+    all.into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"--zygote".as_slice()))
+        })
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -31,6 +31,7 @@ pub const KERNEL: &[&str] = &[
     "image_escape_is_refused_userns",
     "image_readonly_root",
     "init_is_static_and_small",
+    "inits_come_from_the_zygote",
 ];
 
 /// Run one scenario by name; false when there is no such scenario.
@@ -61,6 +62,7 @@ pub async fn run(name: &str) -> bool {
         "image_escape_is_refused_userns" => image_escape_is_refused(true).await,
         "image_readonly_root" => image_readonly_root().await,
         "init_is_static_and_small" => init_is_static_and_small().await,
+        "inits_come_from_the_zygote" => inits_come_from_the_zygote().await,
         _ => return false,
     }
     true
@@ -1869,4 +1871,55 @@ pub async fn init_is_static_and_small() {
         Some(0),
         "the service starts with no signal blocked"
     );
+}
+
+/// Instances' inits are forked by the agent's init zygote, not executed one by one: each is
+/// still the agent's child running the `corral-init` executable, named after its instance
+/// in its command line; killing the zygote loses no start (the agent starts a new one, and
+/// the killed one does not stay a zombie).
+pub async fn inits_come_from_the_zygote() {
+    let agent = Agent::start().await;
+    let agent_pid = agent.pid().expect("agent pid");
+    agent
+        .apply(&spec("zy", 2, &["serve"], ""))
+        .await
+        .expect("apply");
+    let insts = agent.wait_running("zy", 2).await;
+    let first = crate::init_zygotes(agent_pid);
+    assert_eq!(first.len(), 1, "one zygote under the agent: {first:?}");
+    for inst in &insts {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", inst.init_pid)).expect("cmdline");
+        // One string, as setproctitle(3) makes it.
+        assert_eq!(
+            String::from_utf8_lossy(&cmdline),
+            format!("corral-init {}\0", inst.id),
+            "the init's command line names its instance"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", inst.init_pid)).expect("stat");
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        assert_eq!(parent, Some(agent_pid), "the init is the agent's child");
+        assert_eq!(agent.reported(&inst.id, "ready").await, "1");
+    }
+
+    kill9(first[0]);
+    eventually(
+        "the killed zygote reaped",
+        Duration::from_secs(10),
+        || async { (!std::path::Path::new(&format!("/proc/{}", first[0])).exists()).then_some(()) },
+    )
+    .await;
+    agent
+        .apply(&spec("zy", 4, &["serve"], ""))
+        .await
+        .expect("scale up");
+    let insts = agent.wait_running("zy", 4).await;
+    for inst in &insts {
+        assert_eq!(agent.reported(&inst.id, "ready").await, "1");
+    }
+    let second = crate::init_zygotes(agent_pid);
+    assert_eq!(second.len(), 1, "a new zygote: {second:?}");
+    assert_ne!(second, first, "the killed zygote was replaced");
 }

@@ -31,3 +31,4 @@ scenario!(a_second_agent_on_the_same_cgroup_tree_is_refused);
 scenario!(image_is_the_instance_root);
 scenario!(image_readonly_root);
 scenario!(init_is_static_and_small);
+scenario!(inits_come_from_the_zygote);

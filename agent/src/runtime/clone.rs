@@ -34,33 +34,35 @@ pub const SETUP_FAILED: u8 = 125;
 /// `struct clone_args` of clone3(2) (the version-2 layout, 88 bytes).
 #[repr(C)]
 #[derive(Debug, Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
+pub(super) struct CloneArgs {
+    pub(super) flags: u64,
+    pub(super) pidfd: u64,
+    pub(super) child_tid: u64,
+    pub(super) parent_tid: u64,
+    pub(super) exit_signal: u64,
+    pub(super) stack: u64,
+    pub(super) stack_size: u64,
+    pub(super) tls: u64,
+    pub(super) set_tid: u64,
+    pub(super) set_tid_size: u64,
+    pub(super) cgroup: u64,
 }
 
 /// `CLONE_INTO_CGROUP` (linux/sched.h; libc's constant overflows a c_int).
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+pub(super) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Steps of the child between clone3 and exec, reported through the error pipe.
 const STEP_CGROUP: u8 = 1;
-const STEP_FDS: u8 = 2;
+pub(super) const STEP_FDS: u8 = 2;
 const STEP_EXEC: u8 = 3;
 const STEP_CGROUPNS: u8 = 4;
 const STEP_WAIT: u8 = 5;
 const STEP_ROOT: u8 = 6;
+/// A zygote's child: waiting for the agent to have its PID (see `super::zygote`).
+pub(super) const STEP_GO: u8 = 7;
 
 /// Source fds are moved at or above this number before the child rearranges 0-3.
-const HIGH_FD: RawFd = 16;
+pub(super) const HIGH_FD: RawFd = 16;
 
 /// Move `fd` to a number >= HIGH_FD, close-on-exec.
 pub(super) fn high(fd: OwnedFd) -> io::Result<OwnedFd> {
@@ -94,7 +96,8 @@ pub(super) fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<Ow
 /// Data the child reads between clone3 and exec; all of it prepared by the parent.
 #[derive(Clone, Copy)]
 pub(super) struct ChildPlan<'a> {
-    pub(super) procs: &'a [OwnedFd],
+    /// The cgroup backend's files to join by writing "0".
+    pub(super) procs: &'a [RawFd],
     pub(super) stdin: RawFd,
     pub(super) stdout: RawFd,
     pub(super) stderr: RawFd,
@@ -115,28 +118,42 @@ pub(super) struct ChildPlan<'a> {
     pub(super) envp: &'a [*const libc::c_char],
 }
 
-/// The child side of clone3. Only async-signal-safe system calls: no allocation, no locks.
+/// Reports the failed `step` with this thread's errno on the error pipe and exits.
 ///
 /// # Safety
-/// Must only be called in the child of a fork-like clone of a possibly multi-threaded
-/// process, with `plan` fully prepared by the parent; never returns.
-unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
-    let fail = |step: u8| -> ! {
-        // SAFETY: errno location, write and _exit are async-signal-safe.
-        unsafe {
-            let errno = *libc::__errno_location();
-            let mut msg = [0u8; 5];
-            msg[0] = step;
-            msg[1..].copy_from_slice(&errno.to_ne_bytes());
-            libc::write(plan.err_pipe, msg.as_ptr().cast(), msg.len());
-            libc::_exit(SETUP_FAILED as i32)
-        }
-    };
+/// Only in a child of clone3 before it runs anything of its own.
+pub(super) unsafe fn child_fail(err_pipe: RawFd, step: u8) -> ! {
+    // SAFETY: errno location, write and _exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut msg = [0u8; 5];
+        msg[0] = step;
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(err_pipe, msg.as_ptr().cast(), msg.len());
+        libc::_exit(SETUP_FAILED as i32)
+    }
+}
+
+/// The first fd number past those a plan places (0-3 and the extra fds).
+pub(super) fn first_unplaced(plan: &ChildPlan<'_>) -> libc::c_uint {
+    libc::c_uint::try_from(RUN_DIR_FD + 1)
+        .unwrap_or(0)
+        .saturating_add(libc::c_uint::try_from(plan.extra.len()).unwrap_or(libc::c_uint::MAX))
+}
+
+/// The child's steps before it runs the init: the user namespace's wait, the cgroup join,
+/// the cgroup namespace and the fds 0-3 and extra fds in place. Only async-signal-safe
+/// system calls: no allocation, no locks. Returns the step that failed (errno tells why).
+///
+/// # Safety
+/// Must only be called in the child of clone3, with `plan` fully prepared by the parent and
+/// every fd it names numbered at or above the fds it places.
+pub(super) unsafe fn child_prepare(plan: &ChildPlan<'_>) -> Result<(), u8> {
     if let Some(fd) = plan.wait_for {
         let mut byte = 0u8;
         // SAFETY: read(2) of one byte into a stack buffer from a pipe the parent made.
         if unsafe { libc::read(fd, (&raw mut byte).cast(), 1) } != 1 {
-            fail(STEP_WAIT);
+            return Err(STEP_WAIT);
         }
         // Raw system calls: the C library's wrappers would try to reach the parent's other
         // threads, which this process does not have.
@@ -147,53 +164,68 @@ unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
                 && libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
         };
         if !root {
-            fail(STEP_ROOT);
+            return Err(STEP_ROOT);
         }
     }
     for fd in plan.procs {
-        // SAFETY: writing 2 bytes from a static buffer to an fd the parent opened.
-        if unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) } != 1 {
-            fail(STEP_CGROUP);
+        // SAFETY: writing 1 byte from a static buffer to an fd the parent opened.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(STEP_CGROUP);
         }
     }
     // SAFETY: unshare(2) with a flag only; async-signal-safe.
     if plan.new_cgroup_ns && unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
-        fail(STEP_CGROUPNS);
+        return Err(STEP_CGROUPNS);
     }
-    // SAFETY: dup2 onto 0-3 from fds >= HIGH_FD opened by the parent; dup2 clears CLOEXEC
-    // on the targets only. close_range then marks everything else close-on-exec (the error
-    // pipe stays usable until exec succeeds).
+    // SAFETY: dup2 onto 0-3 and the extra fds' numbers from fds above them, opened by the
+    // parent; dup2 clears CLOEXEC on the targets only.
     unsafe {
         if libc::dup2(plan.stdin, 0) < 0
             || libc::dup2(plan.stdout, 1) < 0
             || libc::dup2(plan.stderr, 2) < 0
             || libc::dup2(plan.fd3, RUN_DIR_FD) < 0
         {
-            fail(STEP_FDS);
+            return Err(STEP_FDS);
         }
         for (i, fd) in plan.extra.iter().enumerate() {
             // Past RawFd's range dup2 fails, as it does past the descriptor limit.
             let at = RawFd::try_from(i).map_or(RawFd::MAX, |i| (RUN_DIR_FD + 1).saturating_add(i));
             if libc::dup2(*fd, at) < 0 {
-                fail(STEP_FDS);
+                return Err(STEP_FDS);
             }
         }
+    }
+    Ok(())
+}
+
+/// The child side of clone3: [`child_prepare`], every fd but those placed marked
+/// close-on-exec (the error pipe stays usable until exec succeeds), and the init executed.
+/// If a step fails, it writes the step and errno to the error pipe and exits.
+///
+/// # Safety
+/// Must only be called in the child of a fork-like clone of a possibly multi-threaded
+/// process, with `plan` fully prepared by the parent; never returns.
+unsafe fn child_after_clone(plan: &ChildPlan<'_>) -> ! {
+    // SAFETY: the caller's contract.
+    if let Err(step) = unsafe { child_prepare(plan) } {
+        // SAFETY: in the child, before it runs anything of its own.
+        unsafe { child_fail(plan.err_pipe, step) }
+    }
+    // SAFETY: close_range(2) with a flag, and execve(2) with NUL-terminated arrays the
+    // parent prepared; both async-signal-safe.
+    unsafe {
         if libc::syscall(
             libc::SYS_close_range,
-            libc::c_uint::try_from(RUN_DIR_FD + 1)
-                .unwrap_or(0)
-                .saturating_add(
-                    libc::c_uint::try_from(plan.extra.len()).unwrap_or(libc::c_uint::MAX),
-                ),
+            first_unplaced(plan),
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) < 0
         {
-            fail(STEP_FDS);
+            child_fail(plan.err_pipe, STEP_FDS);
         }
         libc::execve(plan.exe.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        child_fail(plan.err_pipe, STEP_EXEC)
     }
-    fail(STEP_EXEC)
 }
 
 /// clone3 a child with `flags` (namespaces), inside the cgroup (`into_cgroup` on v2, or by
@@ -467,7 +499,7 @@ pub(super) async fn wait_pidfd(pidfd: Arc<OwnedFd>, child: bool) -> ProcessStatu
 }
 
 /// Whether the process behind `pidfd` has exited (a zombie included), without waiting.
-fn exited(pidfd: &OwnedFd) -> bool {
+pub(super) fn exited(pidfd: &OwnedFd) -> bool {
     let mut p = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
@@ -569,6 +601,7 @@ pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
                 STEP_CGROUPNS => "entering a new cgroup namespace",
                 STEP_WAIT => "waiting for the user namespace's id maps",
                 STEP_ROOT => "becoming root in the user namespace",
+                STEP_GO => "waiting for the agent to record the init",
                 _ => "starting",
             };
             Some(format!("{step}: {err}"))

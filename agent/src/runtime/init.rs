@@ -77,8 +77,17 @@ pub fn main() -> ExitCode {
 /// starts without the standard library's runtime setup (see `agent/src/bin/corral-init.rs`)
 /// and so exits with a plain status.
 pub fn status() -> u8 {
-    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
+    let mode = std::env::args_os().nth(1);
+    if mode.as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
         return super::probe_helper::status();
+    }
+    if mode.as_deref() == Some(OsStr::new(super::zygote::FLAG)) {
+        drop(mode);
+        match super::zygote::serve() {
+            // A child of the zygote, its fds in place: from here on as an executed init.
+            super::zygote::Role::Init => {}
+            super::zygote::Role::Exit(status) => return status,
+        }
     }
     // SAFETY: fd RUN_DIR_FD was placed by the spawn path (a directory fd); nothing else in
     // this process owns it.

@@ -50,6 +50,8 @@ pub struct LinuxRuntime {
     log_root: PathBuf,
     /// What an instance's first process executes.
     exe: CString,
+    /// Starts instances' inits by forking a running `exe` (see [`super::zygote`]).
+    zygote: super::zygote::Zygote,
     /// The agent's own identity, for instances without `user` (resolved once).
     own: Option<Identity>,
     /// Masked in every instance with a mount namespace (outermost only).
@@ -190,10 +192,12 @@ impl LinuxRuntime {
                 .create(d)?;
         }
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let exe = init_executable();
         Ok(LinuxRuntime {
             run_root,
             log_root,
-            exe: init_executable(),
+            zygote: super::zygote::Zygote::new(exe.clone()),
+            exe,
             own: resolve_identity(None, None, "").ok().flatten(),
             // Absolute and without symlinks: instances resolve it in their own mount table.
             masked: vec![fs::canonicalize(state_dir)?],
@@ -713,6 +717,7 @@ impl Processes for LinuxRuntime {
             .map(high)
             .collect::<io::Result<Vec<_>>>()
             .map_err(prep("cgroup.procs"))?;
+        let procs_raw: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
 
         if req.listen_fds.len() != spec.sockets.len() {
             return Err(SpawnError::Invalid {
@@ -742,7 +747,7 @@ impl Processes for LinuxRuntime {
         let plan = ChildPlan {
             // The child joins by itself, in a user namespace too (after its maps are written):
             // the files were opened here, as root, and a process may always move itself.
-            procs: &procs,
+            procs: &procs_raw,
             wait_for: wait_r.as_ref().map(|fd| fd.as_raw_fd()),
             stdin: devnull.as_raw_fd(),
             stdout: init_log.as_raw_fd(),
@@ -755,12 +760,14 @@ impl Processes for LinuxRuntime {
             argv: &argv,
             envp: &envp,
         };
-        let (ret, pidfd) = clone_exec(flags, req.cgroup_dir.as_ref(), &plan).map_err(|source| {
-            SpawnError::Clone {
+        let (ret, pidfd) = self
+            .zygote
+            .spawn(flags, req.cgroup_dir.as_ref(), &plan, instance)
+            .unwrap_or_else(|| clone_exec(flags, req.cgroup_dir.as_ref(), &plan))
+            .map_err(|source| SpawnError::Clone {
                 instance: instance.to_string(),
                 source,
-            }
-        })?;
+            })?;
         let pid = ret;
         drop(err_w);
         drop(wait_r);

@@ -34,6 +34,7 @@ pub mod probe_exec;
 pub mod probe_helper;
 pub mod seccomp;
 pub mod users;
+mod zygote;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -89,8 +89,9 @@ impl LinuxExec {
             return Err(io::Error::other("the instance has no pidfd to enter it by"));
         };
         let target = high(target.try_clone()?)?;
+        let procs: Vec<RawFd> = self.procs.iter().map(AsRawFd::as_raw_fd).collect();
         let plan = ChildPlan {
-            procs: &self.procs,
+            procs: &procs,
             stdin: devnull.as_raw_fd(),
             stdout: out_w.as_raw_fd(),
             stderr: out_w.as_raw_fd(),
