@@ -1206,9 +1206,15 @@ async fn memory(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         smaps_breakdown(agent.pid().expect("pid"))
     );
     let mean_pss = pss.iter().sum::<u64>() / pss.len().max(1) as u64;
+    // The init zygote's own share (it shares its pages with the inits it forked).
+    let zygote: u64 = corral_e2e::init_zygotes(agent.pid().expect("pid"))
+        .into_iter()
+        .map(corral_e2e::pss_kib)
+        .sum();
+    println!("init zygote: PSS {zygote} KiB");
     println!(
-        "agent RSS + 200 x init PSS: {:.1} MiB",
-        (rss + 200 * mean_pss) as f64 / 1024.0
+        "agent RSS + 200 x init PSS + zygote PSS: {:.1} MiB",
+        (rss + 200 * mean_pss + zygote) as f64 / 1024.0
     );
 }
 
