@@ -58,8 +58,6 @@ const STEP_EXEC: u8 = 3;
 const STEP_CGROUPNS: u8 = 4;
 const STEP_WAIT: u8 = 5;
 const STEP_ROOT: u8 = 6;
-/// A zygote's child: waiting for the agent to have its PID (see `super::zygote`).
-pub(super) const STEP_GO: u8 = 7;
 
 /// Source fds are moved at or above this number before the child rearranges 0-3.
 pub(super) const HIGH_FD: RawFd = 16;
@@ -601,7 +599,6 @@ pub(super) fn read_spawn_error(pipe: OwnedFd) -> Option<String> {
                 STEP_CGROUPNS => "entering a new cgroup namespace",
                 STEP_WAIT => "waiting for the user namespace's id maps",
                 STEP_ROOT => "becoming root in the user namespace",
-                STEP_GO => "waiting for the agent to record the init",
                 _ => "starting",
             };
             Some(format!("{step}: {err}"))

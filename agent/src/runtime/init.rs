@@ -533,8 +533,12 @@ impl Init {
         exec.notify_socket = notify.as_ref().map(|(_, a)| a.clone());
         let notify = notify.map(|(n, _)| n);
 
-        // SAFETY: this process is single-threaded (it was just executed and started no
-        // threads), so the child may run ordinary code, allocation included, before exec.
+        // Started by the zygote: nothing runs of the service before the agent holds this
+        // init's pidfd.
+        super::zygote::await_go();
+        // SAFETY: this process is single-threaded (it was executed, or forked by the
+        // single-threaded zygote, and started no threads), so the child may run ordinary
+        // code, allocation included, before exec.
         match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
             ForkResult::Child => {
                 let (errno, why) = exec.run(&old, out_w.as_raw_fd(), err_w.as_raw_fd());

@@ -9,10 +9,11 @@
 //! and `CLONE_PARENT`, so that the new process is the agent's child exactly as one the agent
 //! cloned itself (the agent waits on it, reaps it and adopts it after a restart by PID and
 //! start time). The child runs the same steps as a directly cloned one ([`child_prepare`]:
-//! cgroup join, cgroup namespace, fds), then waits for one byte on a pipe the agent writes
-//! once it holds the child's pidfd (if the agent never gets the PID, the child reads
-//! end-of-file and exits instead of running unknown to it), closes every other fd, names
-//! itself after the instance in its command line, and returns into the init's code.
+//! cgroup join, cgroup namespace, fds), closes every other fd but a pipe the agent writes a
+//! byte to once it holds the child's pidfd, names itself after the instance in its command
+//! line, and returns into the init's code. The init sets the instance up meanwhile, and
+//! reads that byte before it forks the service ([`await_go`]): if the agent never got the
+//! PID, the init reads end-of-file and exits instead of running a service unknown to it.
 //!
 //! The zygote has no threads and runs nothing but this loop; it exits when the agent's end
 //! of the socket closes (the agent ended). The agent falls back to cloning the init itself
@@ -24,11 +25,12 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::clone::{
-    CLONE_INTO_CGROUP, ChildPlan, CloneArgs, HIGH_FD, STEP_FDS, STEP_GO, child_fail, child_prepare,
+    CLONE_INTO_CGROUP, ChildPlan, CloneArgs, HIGH_FD, STEP_FDS, child_fail, child_prepare,
     clone_exec, exited, first_unplaced, pidfd_signal, wait_pidfd,
 };
 use super::{INIT_NAME, RUN_DIR_FD};
@@ -270,8 +272,9 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
     }
 }
 
-/// The child's steps: those of a directly cloned child, the agent's go, and every fd but
-/// those placed closed (nothing executes that would close them).
+/// The child's steps: those of a directly cloned child, the go pipe kept on the first fd past
+/// those placed (for [`await_go`]), and every other fd closed (nothing executes that would
+/// close them).
 ///
 /// # Safety
 /// Only in the zygote's child of clone3, with `plan` and `go` from the zygote's request.
@@ -281,29 +284,60 @@ unsafe fn child(plan: &ChildPlan<'_>, go: RawFd) {
         // SAFETY: in the child, before it runs anything of its own.
         unsafe { child_fail(plan.err_pipe, step) }
     }
-    let mut byte = 0u8;
-    // SAFETY: read(2) of one byte into a stack buffer from the go pipe.
-    if unsafe { libc::read(go, (&raw mut byte).cast(), 1) } != 1 {
-        // End of file: the agent does not have this process's PID.
-        // SAFETY: errno of this thread; then as above.
+    let keep = first_unplaced(plan);
+    let Ok(at) = RawFd::try_from(keep) else {
+        // SAFETY: as above (errno: the descriptor table is full).
         unsafe {
-            *libc::__errno_location() = libc::ECONNABORTED;
-            child_fail(plan.err_pipe, STEP_GO)
+            *libc::__errno_location() = libc::EMFILE;
+            child_fail(plan.err_pipe, STEP_FDS)
+        }
+    };
+    // SAFETY: dup3(2) of the go pipe onto the first free number (the received fds are all
+    // above it), then close_range(2) of everything past it: the zygote's socket, the
+    // received fds and the error pipe; nothing in this process refers to them any more.
+    unsafe {
+        if (go != at && libc::dup3(go, at, libc::O_CLOEXEC) < 0)
+            || libc::syscall(
+                libc::SYS_close_range,
+                keep.saturating_add(1),
+                libc::c_uint::MAX,
+                0,
+            ) < 0
+        {
+            child_fail(plan.err_pipe, STEP_FDS)
         }
     }
-    // SAFETY: close_range(2) of the fds past those placed: the zygote's socket, the received
-    // fds and the pipes; nothing in this process refers to them any more.
-    if unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first_unplaced(plan),
-            libc::c_uint::MAX,
-            0,
-        )
-    } < 0
-    {
-        // SAFETY: as above.
-        unsafe { child_fail(plan.err_pipe, STEP_FDS) }
+    GO.store(at, Ordering::Relaxed);
+}
+
+/// The go pipe of an init started by the zygote, until [`await_go`] reads it.
+static GO: AtomicI32 = AtomicI32::new(-1);
+
+/// In an init started by the zygote: waits for the agent to hold this process's pidfd (one
+/// byte on the go pipe; by the time the init has set the instance up, it is there). Called
+/// before the service process is forked. At end of file the agent never learnt of this
+/// process (the zygote failed before answering, or the agent ended): the init exits at once,
+/// leaving no record (the instance may be starting again under an init the agent knows).
+/// Elsewhere a no-op.
+pub fn await_go() {
+    let fd = GO.swap(-1, Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    let mut byte = 0u8;
+    let got = loop {
+        // SAFETY: read(2) of one byte into a stack buffer from the go pipe, ours alone.
+        let n = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    // SAFETY: closing the go pipe, which nothing else refers to.
+    unsafe { libc::close(fd) };
+    if got != 1 {
+        // SAFETY: _exit(2); nothing of this init has been reported or is to be kept.
+        unsafe { libc::_exit(i32::from(super::SETUP_FAILED)) }
     }
 }
 
