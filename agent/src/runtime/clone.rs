@@ -91,6 +91,16 @@ pub(super) fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<Ow
     high(OwnedFd::from(f))
 }
 
+/// The NULL-terminated array of pointers to `strings` that execve(2) takes (valid while
+/// `strings` lives).
+pub(super) fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
 /// Data the child reads between clone3 and exec; all of it prepared by the parent.
 #[derive(Clone, Copy)]
 pub(super) struct ChildPlan<'a> {

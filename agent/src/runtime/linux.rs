@@ -659,11 +659,7 @@ impl Processes for LinuxRuntime {
             cstring(instance, "argv", INIT_NAME)?,
             cstring(instance, "instance", instance)?,
         ];
-        let argv: Vec<*const libc::c_char> = argv_c
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        let argv = super::clone::pointers(&argv_c);
         // The init runs with an empty environment: the service's is in its configuration.
         let envp = [std::ptr::null::<libc::c_char>()];
 

@@ -66,11 +66,7 @@ impl LinuxExec {
             .chain(argv.iter().map(String::as_str))
             .map(to_c)
             .collect::<io::Result<Vec<CString>>>()?;
-        let argv_p: Vec<*const libc::c_char> = args_c
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        let argv_p = super::clone::pointers(&args_c);
         // The helper runs with an empty environment: the service's is in its configuration.
         let envp_p = [std::ptr::null::<libc::c_char>()];
         let extra: Vec<RawFd> = std::iter::once(config.as_raw_fd())

@@ -499,11 +499,7 @@ impl Zygote {
             // Room for `super::rename` to write an instance's name over.
             CString::new(" ".repeat(ARG_ROOM)).map_err(io::Error::other)?,
         ];
-        let argv: Vec<*const libc::c_char> = argv_c
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
+        let argv = super::clone::pointers(&argv_c);
         let envp = [std::ptr::null::<libc::c_char>()];
         let plan = ChildPlan {
             procs: &[],

@@ -340,22 +340,22 @@ impl Driver {
                 force,
                 expected,
                 reply,
-            } => answer(
-                reply,
-                self.expect_generation(&name, expected)
-                    .and_then(|()| self.restart(&name, force)),
-            ),
+            } => {
+                let r = self.guarded(&name, expected, |d| d.restart(&name, force));
+                answer(reply, r);
+            }
             Request::Rollback {
                 name,
                 revision,
                 force,
                 expected,
                 reply,
-            } => answer(
-                reply,
-                self.expect_generation(&name, expected)
-                    .and_then(|()| self.rollback(from, &name, revision, force)),
-            ),
+            } => {
+                let r = self.guarded(&name, expected, |d| {
+                    d.rollback(from, &name, revision, force)
+                });
+                answer(reply, r);
+            }
             Request::GetRollout { id, reply } => answer(reply, self.get_rollout(&id)),
             Request::Delete {
                 name,
@@ -374,11 +374,10 @@ impl Driver {
                 force,
                 expected,
                 reply,
-            } => answer(
-                reply,
-                self.expect_generation(&name, expected)
-                    .and_then(|()| self.scale(from, &name, replicas, force)),
-            ),
+            } => {
+                let r = self.guarded(&name, expected, |d| d.scale(from, &name, replicas, force));
+                answer(reply, r);
+            }
             Request::Signal {
                 instance,
                 signal,

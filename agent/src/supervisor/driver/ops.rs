@@ -63,55 +63,48 @@ impl Driver {
         self.check_kind(&spec)?;
         let asked = self.keep_autoscaled_count(&mut spec);
         let plan = self.plan_apply(&spec)?;
-        let current = self.services.get(&name).map(|s| s.d.generation);
-        let generation = match (plan.kind, current) {
-            (ApplyKind::Unchanged, Some(g)) => g,
-            (_, Some(g)) => g + 1,
-            (_, None) => 1,
-        };
-        let mut outcome = ApplyOutcome {
-            name: name.clone(),
-            revision: plan.revision,
-            kind: plan.kind,
-            changes: plan.changes,
-            replaces_instances: plan.replaces,
-            rollout_id: None,
-            generation,
-        };
-        if plan.kind != ApplyKind::Unchanged {
+        let kind = plan.kind;
+        let mut outcome = self.outcome_of(&name, plan);
+        if kind != ApplyKind::Unchanged {
             self.admission(&spec)?;
         }
-        if dry_run || plan.kind == ApplyKind::Unchanged {
+        if dry_run || kind == ApplyKind::Unchanged {
             return Ok(outcome);
         }
-        if plan.kind == ApplyKind::Updated {
+        if kind == ApplyKind::Updated {
             self.check_running(&name, force)?;
         }
         // Bound before anything is saved: an address in use refuses the apply whole.
         let sockets = self.sockets_for(&spec)?;
-        let superseded = self.commit_apply(
-            from,
-            Arc::new(spec),
-            plan.kind,
-            asked,
-            sockets,
-            &mut outcome,
-        )?;
-        tracing::info!(service = %name, revision = outcome.revision, outcome = outcome.kind.as_str(), "applied");
-        self.emit(
-            &name,
-            None,
-            EventKind::Applied {
-                revision: outcome.revision,
-                outcome: outcome.kind,
-                changes: outcome.changes.clone(),
-            },
-        );
-        if outcome.rollout_id.is_some() || superseded.is_some() {
-            self.announce_rollout(&name, superseded);
-        }
+        let superseded =
+            self.commit_apply(from, Arc::new(spec), kind, asked, sockets, &mut outcome)?;
+        self.announce_applied(&name, &outcome, superseded, "applied");
         self.note_job(&name);
         Ok(outcome)
+    }
+
+    /// The log line and event of a spec that was applied (`what`: "applied", "applied
+    /// (batch)"), and the start of its rollout if it has one (or ended one).
+    fn announce_applied(
+        &mut self,
+        name: &str,
+        o: &ApplyOutcome,
+        superseded: Option<String>,
+        what: &'static str,
+    ) {
+        tracing::info!(service = %name, revision = o.revision, outcome = o.kind.as_str(), "{what}");
+        self.emit(
+            name,
+            None,
+            EventKind::Applied {
+                revision: o.revision,
+                outcome: o.kind,
+                changes: o.changes.clone(),
+            },
+        );
+        if o.rollout_id.is_some() || superseded.is_some() {
+            self.announce_rollout(name, superseded);
+        }
     }
 
     /// An autoscaled service's count is the autoscaler's (or the last `Scale`'s) while the
@@ -133,6 +126,25 @@ impl Driver {
     }
 
     /// Created, unchanged, scaled (only `replicas` differs) or updated (a new revision).
+    /// What applying `plan` to service `name` answers: its generation after the apply (the
+    /// same when nothing changes), no rollout yet.
+    fn outcome_of(&self, name: &str, plan: ApplyPlan) -> ApplyOutcome {
+        let generation = match (plan.kind, self.services.get(name)) {
+            (ApplyKind::Unchanged, Some(s)) => s.d.generation,
+            (_, Some(s)) => s.d.generation + 1,
+            (_, None) => 1,
+        };
+        ApplyOutcome {
+            name: name.to_string(),
+            revision: plan.revision,
+            kind: plan.kind,
+            changes: plan.changes,
+            replaces_instances: plan.replaces,
+            rollout_id: None,
+            generation,
+        }
+    }
+
     fn plan_apply(&self, spec: &ServiceSpec) -> Result<ApplyPlan, SupervisorError> {
         let plan = |kind, revision, changes, replaces| ApplyPlan {
             kind,
@@ -308,24 +320,10 @@ impl Driver {
             self.check_owner(&item.spec.name, from, item.force)?;
             self.expect_generation(&item.spec.name, item.expected)?;
             let plan = self.plan_apply(&item.spec)?;
-            let generation = match (plan.kind, self.services.get(&item.spec.name)) {
-                (ApplyKind::Unchanged, Some(s)) => s.d.generation,
-                (_, Some(s)) => s.d.generation + 1,
-                (_, None) => 1,
-            };
             if plan.kind != ApplyKind::Unchanged {
                 self.host_admission(&item.spec)?;
             }
-            let outcome = ApplyOutcome {
-                name: item.spec.name.clone(),
-                revision: plan.revision,
-                kind: plan.kind,
-                changes: plan.changes,
-                replaces_instances: plan.replaces,
-                rollout_id: None,
-                generation,
-            };
-            planned.push(outcome);
+            planned.push(self.outcome_of(&item.spec.name, plan));
         }
         self.admit_batch_capacity(&items)?;
         if dry_run {
@@ -367,19 +365,7 @@ impl Driver {
             o.rollout_id.clone_from(&p.rollout_id);
             let name = p.name.clone();
             let superseded = self.install(p, bound);
-            tracing::info!(service = %name, revision = o.revision, outcome = o.kind.as_str(), "applied (batch)");
-            self.emit(
-                &name,
-                None,
-                EventKind::Applied {
-                    revision: o.revision,
-                    outcome: o.kind,
-                    changes: o.changes.clone(),
-                },
-            );
-            if o.rollout_id.is_some() || superseded.is_some() {
-                self.announce_rollout(&name, superseded);
-            }
+            self.announce_applied(&name, o, superseded, "applied (batch)");
         }
         Ok(outcomes)
     }
@@ -771,6 +757,17 @@ impl Driver {
 
     /// Refuse a write whose `expected` generation is not the service's (0 expects no
     /// service). `None`: no expectation.
+    /// `op` once the service's generation is `expected` (when given).
+    pub(super) fn guarded<T>(
+        &mut self,
+        name: &str,
+        expected: Option<u64>,
+        op: impl FnOnce(&mut Self) -> Result<T, SupervisorError>,
+    ) -> Result<T, SupervisorError> {
+        self.expect_generation(name, expected)?;
+        op(self)
+    }
+
     pub(super) fn expect_generation(
         &self,
         name: &str,
