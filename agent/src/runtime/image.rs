@@ -40,8 +40,8 @@
 //! Imports from the crate: `spec` only.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -244,10 +244,16 @@ pub fn prepare_layer(
     } else {
         discard(&layer)?;
     }
+    // Created with `mode`, set again only where the umask trimmed it.
+    let exact = |p: &Path, mode: u32| -> io::Result<()> {
+        if mode & umask() == 0 {
+            return Ok(());
+        }
+        fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+    };
     let mkdir = |p: &Path, mode: u32| -> io::Result<()> {
         fs::DirBuilder::new().recursive(true).mode(mode).create(p)?;
-        // The umask trimmed the mode.
-        fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        exact(p, mode)
     };
     let mut dirs = vec!["base", "lower", "root"];
     if !opts.readonly {
@@ -276,8 +282,14 @@ pub fn prepare_layer(
         ("resolv.conf", host_resolv_conf()),
     ] {
         let path = base.join("etc").join(name);
-        fs::write(&path, text)?;
-        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&path)?
+            .write_all(text.as_bytes())?;
+        exact(&path, 0o644)?;
     }
     if let Some(owner) = opts.owner {
         chown_tree(&layer, owner, false)?;
@@ -296,6 +308,23 @@ pub fn prepare_layer(
         layer,
         persist: opts.persist,
         readonly: opts.readonly,
+    })
+}
+
+/// The agent's umask, read once (it never changes its own; `/proc/self/status`, since
+/// umask(2) can only read it by setting it). Unknown: every bit, so that modes are always
+/// set again.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o7777)
     })
 }
 
