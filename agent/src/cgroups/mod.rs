@@ -386,6 +386,12 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     /// Every process in the cgroup (the union across v1 hierarchies), without duplicates.
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError>;
 
+    /// Whether process `pid` is in the cgroup: to tell that a PID is still an instance's
+    /// process. On v1 one hierarchy is read (every instance process joins all of them).
+    fn holds(&self, path: &CgroupPath, pid: i32) -> Result<bool, CgroupError> {
+        Ok(self.procs(path)?.contains(&pid))
+    }
+
     /// Send SIGKILL to every process in the cgroup (`cgroup.kill` on v2 when the kernel has
     /// it, a pass over `cgroup.procs` otherwise). One pass: the caller checks `procs` again
     /// and repeats until the cgroup is empty.

@@ -478,6 +478,14 @@ impl CgroupBackend for V1Backend {
         Ok(all)
     }
 
+    fn holds(&self, path: &CgroupPath, pid: i32) -> Result<bool, CgroupError> {
+        let p = path.to_string();
+        match self.dirs(path).next() {
+            Some(dir) => Ok(read_procs(&p, &dir)?.is_some_and(|pids| pids.contains(&pid))),
+            None => Ok(false),
+        }
+    }
+
     fn kill_all(&self, path: &CgroupPath) -> Result<(), CgroupError> {
         sigkill_all(&path.to_string(), &self.procs(path)?)
     }
@@ -831,6 +839,10 @@ mod tests {
         fs::write(leaf(r, "memory").join("cgroup.procs"), "200\n100\n").expect("procs");
         fs::write(leaf(r, "cpu").join("cgroup.procs"), "200\n300\n").expect("procs");
         assert_eq!(b.procs(&web0()).expect("procs"), vec![100, 200, 300]);
+        // Membership is read from the first hierarchy alone (where every process joins).
+        assert!(b.holds(&web0(), 100).expect("holds"));
+        assert!(!b.holds(&web0(), 300).expect("holds"));
+        assert!(!b.holds(&web0(), 400).expect("holds"));
 
         let err = b.remove(&web0()).expect_err("tasks left");
         assert!(err.is_busy(), "{err}");

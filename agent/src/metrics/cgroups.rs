@@ -95,6 +95,10 @@ impl CgroupBackend for CountingCgroups {
         self.inner.procs(path)
     }
 
+    fn holds(&self, path: &CgroupPath, pid: i32) -> Result<bool, CgroupError> {
+        self.inner.holds(path, pid)
+    }
+
     fn kill_all(&self, path: &CgroupPath) -> Result<(), CgroupError> {
         self.errors.count("kill", self.inner.kill_all(path))
     }

@@ -217,12 +217,7 @@ impl Driver {
             return Err("recorded before the host rebooted".to_string());
         }
         let path = cgroup_of(key);
-        if !self
-            .deps
-            .cgroups
-            .procs(&path)
-            .is_ok_and(|p| p.contains(&pid))
-        {
+        if !self.deps.cgroups.holds(&path, pid).unwrap_or(false) {
             return Err(format!("its init (pid {pid}) is no longer in {path}"));
         }
         self.deps
