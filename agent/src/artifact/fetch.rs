@@ -8,8 +8,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
@@ -89,7 +89,7 @@ pub(crate) struct Fetched {
 
 #[derive(Debug)]
 pub(crate) struct Fetcher {
-    client: reqwest::Client,
+    client: OnceLock<Result<reqwest::Client, String>>,
     config: FetchConfig,
     permits: Semaphore,
 }
@@ -102,68 +102,96 @@ enum Failure {
     Fatal(ArtifactError),
 }
 
-impl Fetcher {
-    pub(crate) fn new(config: FetchConfig) -> Result<Fetcher, ArtifactError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for der in &config.extra_roots {
-            roots
-                .add(rustls::pki_types::CertificateDer::from(der.clone()))
-                .map_err(|e| ArtifactError::Client(format!("an extra CA certificate: {e}")))?;
-        }
-        let native = rustls_native_certs::load_native_certs();
-        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-        if added == 0 {
-            tracing::warn!(
-                "no CA certificates found on this host (install ca-certificates): https:// \
-                 packages will fail verification"
+/// A root store with `config`'s extra CA certificates.
+fn extra_roots(config: &FetchConfig) -> Result<rustls::RootCertStore, ArtifactError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in &config.extra_roots {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der.clone()))
+            .map_err(|e| ArtifactError::Client(format!("an extra CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// The HTTP client of `config`: TLS with the host's CA certificates and the extra ones,
+/// the timeouts, and redirects within the policy.
+fn build_client(config: &FetchConfig) -> Result<reqwest::Client, ArtifactError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = extra_roots(config)?;
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        tracing::warn!(
+            "no CA certificates found on this host (install ca-certificates): https:// \
+             packages will fail verification"
+        );
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ArtifactError::Client(format!("TLS versions: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let max_redirects = config.max_redirects;
+    let policy = config.policy;
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.follow();
+        };
+        let (from, to) = (first.scheme().to_owned(), attempt.url().scheme().to_owned());
+        if attempt.previous().len() > max_redirects {
+            let why = format!("more than {max_redirects} redirects");
+            attempt.error(why)
+        } else if from != to {
+            let why = format!(
+                "redirected from {from}:// to {}: a redirect to another scheme is refused",
+                attempt.url()
             );
+            attempt.error(why)
+        } else if to == "http" && !http_allowed(attempt.url(), policy) {
+            let why = format!(
+                "redirected to {}: plain http is only allowed to a loopback host",
+                attempt.url()
+            );
+            attempt.error(why)
+        } else {
+            attempt.follow()
         }
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ArtifactError::Client(format!("TLS versions: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let max_redirects = config.max_redirects;
-        let policy = config.policy;
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            let Some(first) = attempt.previous().first() else {
-                return attempt.follow();
-            };
-            let (from, to) = (first.scheme().to_owned(), attempt.url().scheme().to_owned());
-            if attempt.previous().len() > max_redirects {
-                let why = format!("more than {max_redirects} redirects");
-                attempt.error(why)
-            } else if from != to {
-                let why = format!(
-                    "redirected from {from}:// to {}: a redirect to another scheme is refused",
-                    attempt.url()
-                );
-                attempt.error(why)
-            } else if to == "http" && !http_allowed(attempt.url(), policy) {
-                let why = format!(
-                    "redirected to {}: plain http is only allowed to a loopback host",
-                    attempt.url()
-                );
-                attempt.error(why)
-            } else {
-                attempt.follow()
-            }
-        });
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.idle_timeout)
-            .redirect(redirects)
-            .user_agent(concat!("corrald/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ArtifactError::Client(chain(&e)))?;
+    });
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.idle_timeout)
+        .redirect(redirects)
+        .user_agent(concat!("corrald/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ArtifactError::Client(chain(&e)))
+}
+
+impl Fetcher {
+    /// A fetcher for `config`; its HTTP client (with the host's CA certificates, a few
+    /// hundred parsed at a cost in time and memory) is built at the first download.
+    pub(crate) fn new(config: FetchConfig) -> Result<Fetcher, ArtifactError> {
+        // The extra roots are checked now: a bad one refuses the agent's start.
+        extra_roots(&config)?;
         let permits = Semaphore::new(config.max_concurrent.max(1));
         Ok(Fetcher {
-            client,
+            client: OnceLock::new(),
             config,
             permits,
         })
+    }
+
+    /// The HTTP client, built on first use.
+    fn client(&self) -> Result<&reqwest::Client, ArtifactError> {
+        self.client
+            .get_or_init(|| {
+                build_client(&self.config).map_err(|e| match e {
+                    ArtifactError::Client(why) => why,
+                    other => other.to_string(),
+                })
+            })
+            .as_ref()
+            .map_err(|e| ArtifactError::Client(e.clone()))
     }
 
     /// Downloads `url` into `part`, continuing what `part` already holds, and checks the
@@ -233,7 +261,7 @@ impl Fetcher {
             .await
             .map_err(|e| Failure::Fatal(fetch_err(url, format!("internal: {e}"))))?
             .map_err(local("reading the partial download"))?;
-        let mut request = self.client.get(url.clone());
+        let mut request = self.client().map_err(Failure::Fatal)?.get(url.clone());
         if offset > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
