@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+/// The v1 hierarchies corrald makes its tree in (devices where the host mounts it): each
+/// gets the test's directory, removed at the end with whatever the agent left in it.
+const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "devices"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -109,6 +111,7 @@ impl TestCgroup {
             Version::V1 => {
                 let dirs = V1_CONTROLLERS
                     .iter()
+                    .filter(|c| Path::new("/sys/fs/cgroup").join(c).is_dir())
                     .map(|c| {
                         let base = own(Some(c));
                         (
