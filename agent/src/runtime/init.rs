@@ -81,11 +81,12 @@ pub fn status() -> u8 {
     if mode.as_deref() == Some(OsStr::new(super::probe_helper::EXEC_FLAG)) {
         return super::probe_helper::status();
     }
+    let mut go = None;
     if mode.as_deref() == Some(OsStr::new(super::zygote::FLAG)) {
         drop(mode);
         match super::zygote::serve() {
             // A child of the zygote, its fds in place: from here on as an executed init.
-            super::zygote::Role::Init => {}
+            super::zygote::Role::Init(fd) => go = Some(fd),
             super::zygote::Role::Exit(status) => return status,
         }
     }
@@ -110,7 +111,7 @@ pub fn status() -> u8 {
         // SAFETY: F_SETFD on an fd number the spawn path placed; a wrong number only fails.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    let init = Init::setup(&config);
+    let init = Init::setup(&config, go);
     // The init stays resident for the instance's whole life: what setup needed (the
     // configuration, the service's command and environment, mount plans) is dropped now,
     // and the heap and stack pages it dirtied are given back to the kernel.
@@ -363,7 +364,8 @@ struct Init {
 impl Init {
     /// Everything up to and including the fork of the service process. Files are opened
     /// before any mount, so a private `/tmp` cannot hide the agent's state directory.
-    fn setup(config: &InitConfig) -> Result<Init, String> {
+    /// `go`: started by the zygote, the pipe to read the agent's go from before the fork.
+    fn setup(config: &InitConfig, go: Option<RawFd>) -> Result<Init, String> {
         let readonly_root = config.readonly_root && config.mount_namespace;
         let log_dir = match config.fds.log_dir {
             // Opened by the agent in the host's mount table: nothing done to this instance's
@@ -535,7 +537,9 @@ impl Init {
 
         // Started by the zygote: nothing runs of the service before the agent holds this
         // init's pidfd.
-        super::zygote::await_go();
+        if let Some(fd) = go {
+            super::zygote::await_go(fd);
+        }
         // SAFETY: this process is single-threaded (it was executed, or forked by the
         // single-threaded zygote, and started no threads), so the child may run ordinary
         // code, allocation included, before exec.

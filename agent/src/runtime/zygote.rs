@@ -25,7 +25,6 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,8 +56,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// What the process that called [`serve`] goes on to be.
 pub enum Role {
-    /// An instance's init (the zygote's child, fds in place): run the init.
-    Init,
+    /// An instance's init (the zygote's child, fds in place): run the init, reading the go
+    /// pipe on this fd with [`await_go`] before the service is forked.
+    Init(RawFd),
     /// The zygote, ending with this status.
     Exit(u8),
 }
@@ -106,7 +106,7 @@ pub fn serve() -> Role {
             _ => Outcome::Parent(-i64::from(libc::EINVAL)),
         };
         let answer = match outcome {
-            Outcome::Child => return Role::Init,
+            Outcome::Child(go) => return Role::Init(go),
             Outcome::Parent(answer) => answer,
         };
         for fd in fds {
@@ -173,9 +173,10 @@ impl Request {
 }
 
 /// Where the zygote is after one `clone3`.
+#[derive(PartialEq, Eq)]
 enum Outcome {
-    /// In the new child, ready to run the init.
-    Child,
+    /// In the new child, ready to run the init; the go pipe's fd.
+    Child(RawFd),
     /// In the zygote: the answer to send (the child's PID, or minus the errno).
     Parent(i64),
 }
@@ -226,7 +227,7 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
         argv: &[],
         envp: &[],
     };
-    let attempt = |into: Option<RawFd>| -> libc::c_long {
+    let attempt = |into: Option<RawFd>| -> Outcome {
         let mut plan = plan;
         let mut args = CloneArgs {
             // CLONE_PARENT: the agent's child. Its exit signal is then the zygote's own
@@ -244,32 +245,28 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
         // a process without other threads.
         let ret =
             unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
-        if ret == 0 {
-            // SAFETY: we are the child of clone3, with the plan built before the call.
-            unsafe { child(&plan, *go) };
-            rename(argv_area, &req.name);
-            return 0;
-        }
-        if ret < 0 {
-            return -libc::c_long::from(
+        match ret {
+            0 => {
+                // SAFETY: we are the child of clone3, with the plan built before the call.
+                let go = unsafe { child(&plan, *go) };
+                rename(argv_area, &req.name);
+                Outcome::Child(go)
+            }
+            n if n < 0 => Outcome::Parent(-i64::from(
                 io::Error::last_os_error()
                     .raw_os_error()
                     .unwrap_or(libc::EINVAL),
-            );
+            )),
+            pid => Outcome::Parent(pid),
         }
-        ret
     };
-    let mut ret = attempt(cgroup);
+    let outcome = attempt(cgroup);
     // A kernel without CLONE_INTO_CGROUP (before 5.7): join by the cgroup files instead.
-    if cgroup.is_some()
-        && (ret == -libc::c_long::from(libc::EINVAL) || ret == -libc::c_long::from(libc::E2BIG))
-    {
-        ret = attempt(None);
+    let old_kernel = [libc::EINVAL, libc::E2BIG].map(|e| Outcome::Parent(-i64::from(e)));
+    if cgroup.is_some() && old_kernel.contains(&outcome) {
+        return attempt(None);
     }
-    match ret {
-        0 => Outcome::Child,
-        n => Outcome::Parent(n),
-    }
+    outcome
 }
 
 /// The child's steps: those of a directly cloned child, the go pipe kept on the first fd past
@@ -278,7 +275,7 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
 ///
 /// # Safety
 /// Only in the zygote's child of clone3, with `plan` and `go` from the zygote's request.
-unsafe fn child(plan: &ChildPlan<'_>, go: RawFd) {
+unsafe fn child(plan: &ChildPlan<'_>, go: RawFd) -> RawFd {
     // SAFETY: the caller's contract; every fd of the plan is above those it places.
     if let Err(step) = unsafe { child_prepare(plan) } {
         // SAFETY: in the child, before it runs anything of its own.
@@ -307,23 +304,15 @@ unsafe fn child(plan: &ChildPlan<'_>, go: RawFd) {
             child_fail(plan.err_pipe, STEP_FDS)
         }
     }
-    GO.store(at, Ordering::Relaxed);
+    at
 }
-
-/// The go pipe of an init started by the zygote, until [`await_go`] reads it.
-static GO: AtomicI32 = AtomicI32::new(-1);
 
 /// In an init started by the zygote: waits for the agent to hold this process's pidfd (one
 /// byte on the go pipe; by the time the init has set the instance up, it is there). Called
 /// before the service process is forked. At end of file the agent never learnt of this
 /// process (the zygote failed before answering, or the agent ended): the init exits at once,
 /// leaving no record (the instance may be starting again under an init the agent knows).
-/// Elsewhere a no-op.
-pub fn await_go() {
-    let fd = GO.swap(-1, Ordering::Relaxed);
-    if fd < 0 {
-        return;
-    }
+pub fn await_go(fd: RawFd) {
     let mut byte = 0u8;
     let got = loop {
         // SAFETY: read(2) of one byte into a stack buffer from the go pipe, ours alone.
