@@ -1212,16 +1212,33 @@ async fn wait_exit(
 
 /// The start time of `pid` from `/proc/PID/stat` (field 22, after the parenthesised name).
 fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = proc_stat(pid)?;
     let rest = &stat[stat.rfind(')')? + 1..];
     // Fields after the name start at field 3 (state); start time is field 22.
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// `/proc/PID/stat`, in one read: the kernel writes the line whole into a buffer large
+/// enough for it (`read_to_string` would find its size 0 and grow its buffer from 32 bytes:
+/// six reads for one line, on every spawn and adoption).
+fn proc_stat(pid: i32) -> Option<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = f.read(&mut buf).ok()?;
+    if n == buf.len() {
+        // Not expected of one line of numbers; read the rest as it comes.
+        let mut all = buf.to_vec();
+        f.read_to_end(&mut all).ok()?;
+        return String::from_utf8(all).ok();
+    }
+    String::from_utf8(buf.get(..n)?.to_vec()).ok()
+}
+
 /// The parent PID from `/proc/PID/stat` (the field after the parenthesised command name,
 /// which may itself hold spaces and parentheses).
 fn parent_pid(pid: i32) -> Option<i32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = proc_stat(pid)?;
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
 }
