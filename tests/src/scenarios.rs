@@ -1122,6 +1122,13 @@ pub async fn userns_root_is_not_host_root() {
     };
     eprintln!("userns: workdir idmapped: {idmapped}");
     let running = agent.wait_running("uns", 1).await.remove(0);
+    // Started by the init zygote too: its child waited there for the id maps.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", running.init_pid)).expect("cmdline");
+    assert_eq!(
+        String::from_utf8_lossy(&cmdline),
+        format!("corral-init {}\0", running.id),
+        "the userns instance's init comes from the zygote"
+    );
     // It joined its cgroup by itself from inside its user namespace: in every hierarchy,
     // its init and the service under it.
     let rel = format!("corral/uns/{}", running.id);

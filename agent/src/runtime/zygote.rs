@@ -15,10 +15,12 @@
 //! reads that byte before it forks the service ([`await_go`]): if the agent never got the
 //! PID, the init reads end-of-file and exits instead of running a service unknown to it.
 //!
+//! A child in a new user namespace (`userns`) also gets the pipe on which it waits, before
+//! anything else, for the id maps that the agent writes once it has the PID.
+//!
 //! The zygote has no threads and runs nothing but this loop; it exits when the agent's end
 //! of the socket closes (the agent ended). The agent falls back to cloning the init itself
-//! when the zygote cannot be started or stops answering (it starts a new one later), and for
-//! a child in a new user namespace (it waits for id maps that only the agent writes).
+//! when the zygote cannot be started or stops answering (it starts a new one later).
 //!
 //! Imports from the crate: nothing but `super`.
 
@@ -39,8 +41,10 @@ pub const FLAG: &str = "--zygote";
 
 /// The request's fixed part, native byte order: clone flags (u64), number of cgroup files to
 /// join (u32), number of extra fds (u32), whether a cgroup directory fd is sent (u8), whether
-/// to enter a new cgroup namespace (u8), the name's length (u16); then the name.
-const HEADER: usize = 20;
+/// to enter a new cgroup namespace (u8), whether the child waits on a pipe for its user
+/// namespace's id maps (u8, its fd sent after the cgroup directory's), a zero byte, the
+/// name's length (u16); then the name.
+const HEADER: usize = 22;
 /// The longest instance name carried (longer ones are cut in the command line only).
 const NAME_MAX: usize = 255;
 /// Fds in every request: stdin, stdout, stderr, fd 3, the error pipe, the go pipe.
@@ -131,6 +135,7 @@ struct Request {
     extra: usize,
     cgroup: bool,
     new_cgroup_ns: bool,
+    waits: bool,
     name: Vec<u8>,
 }
 
@@ -142,17 +147,19 @@ impl Request {
             usize::try_from(u32::from_ne_bytes(head.get(i..i + 4)?.try_into().ok()?)).ok()
         };
         let flags = u64::from_ne_bytes(head.get(..8)?.try_into().ok()?);
-        let name_len = usize::from(u16::from_ne_bytes(head.get(18..20)?.try_into().ok()?));
+        let name_len = usize::from(u16::from_ne_bytes(head.get(20..22)?.try_into().ok()?));
         let req = Request {
             flags,
             procs: u32_at(8)?,
             extra: u32_at(12)?,
             cgroup: head[16] != 0,
             new_cgroup_ns: head[17] != 0,
+            waits: head[18] != 0,
             name: bytes.get(HEADER..HEADER.checked_add(name_len)?)?.to_vec(),
         };
         let expected = FIXED_FDS
             .checked_add(usize::from(req.cgroup))?
+            .checked_add(usize::from(req.waits))?
             .checked_add(req.procs)?
             .checked_add(req.extra)?;
         (expected == fds).then_some(req)
@@ -166,6 +173,8 @@ impl Request {
         out.extend_from_slice(&u32::try_from(self.extra).unwrap_or(u32::MAX).to_ne_bytes());
         out.push(u8::from(self.cgroup));
         out.push(u8::from(self.new_cgroup_ns));
+        out.push(u8::from(self.waits));
+        out.push(0);
         out.extend_from_slice(&u16::try_from(name.len()).unwrap_or(0).to_ne_bytes());
         out.extend_from_slice(name);
         out
@@ -211,6 +220,10 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
         Some((fd, rest)) if req.cgroup => (Some(*fd), rest),
         _ => (None, rest),
     };
+    let (wait_for, rest) = match rest.split_first() {
+        Some((fd, rest)) if req.waits => (Some(*fd), rest),
+        _ => (None, rest),
+    };
     let (procs, extra) = rest.split_at(req.procs.min(rest.len()));
     let exe = CString::default();
     let plan = ChildPlan {
@@ -221,7 +234,7 @@ fn start(req: &Request, fds: &mut [RawFd], argv_area: Option<(usize, usize)>) ->
         fd3: *fd3,
         extra,
         new_cgroup_ns: req.new_cgroup_ns,
-        wait_for: None,
+        wait_for,
         err_pipe: *err_pipe,
         exe: &exe,
         argv: &[],
@@ -406,8 +419,8 @@ impl Zygote {
     }
 
     /// Starts the init of `plan` (named `name` in its command line) through the zygote.
-    /// `None`: the zygote cannot take this one (a user namespace, too many fds) or is not
-    /// available; the caller clones the init itself. Otherwise the child's PID and pidfd, or
+    /// `None`: the zygote cannot take this one (too many fds) or is not available; the
+    /// caller clones the init itself. Otherwise the child's PID and pidfd, or
     /// why clone3 failed.
     pub(super) fn spawn(
         &self,
@@ -416,11 +429,11 @@ impl Zygote {
         plan: &ChildPlan<'_>,
         name: &str,
     ) -> Option<io::Result<(i32, OwnedFd)>> {
-        if plan.wait_for.is_some() {
-            return None;
-        }
-        let fds_count =
-            FIXED_FDS + usize::from(into_cgroup.is_some()) + plan.procs.len() + plan.extra.len();
+        let fds_count = FIXED_FDS
+            + usize::from(into_cgroup.is_some())
+            + usize::from(plan.wait_for.is_some())
+            + plan.procs.len()
+            + plan.extra.len();
         if fds_count > MAX_FDS {
             return None;
         }
@@ -550,6 +563,7 @@ impl Conn {
             extra: plan.extra.len(),
             cgroup: into_cgroup.is_some(),
             new_cgroup_ns: plan.new_cgroup_ns,
+            waits: plan.wait_for.is_some(),
             name: name.as_bytes().to_vec(),
         };
         let fds: Vec<RawFd> = [
@@ -562,6 +576,7 @@ impl Conn {
         ]
         .into_iter()
         .chain(into_cgroup.map(AsRawFd::as_raw_fd))
+        .chain(plan.wait_for)
         .chain(plan.procs.iter().copied())
         .chain(plan.extra.iter().copied())
         .collect();
@@ -651,6 +666,7 @@ mod tests {
             extra,
             cgroup,
             new_cgroup_ns: true,
+            waits: false,
             name: b"web-3".to_vec(),
         }
     }
@@ -672,6 +688,14 @@ mod tests {
         assert_eq!(got.name, b"web-3");
         let with_dir = request(0, 1, true);
         assert!(Request::parse(&with_dir.encode(), FIXED_FDS + 1 + 1).is_some());
+        // A child that waits for its id maps: one fd more, the pipe's.
+        let waits = Request {
+            waits: true,
+            ..request(2, 1, true)
+        };
+        let got = Request::parse(&waits.encode(), FIXED_FDS + 1 + 1 + 2 + 1).expect("parsed");
+        assert!(got.waits && got.cgroup);
+        assert!(Request::parse(&waits.encode(), FIXED_FDS + 1 + 2 + 1).is_none());
     }
 
     #[test]
