@@ -359,12 +359,13 @@ async fn a_starting_instance_is_probed_often_until_it_first_passes() {
             fake,
             tx,
         );
-        // Past the last run wanted, whatever the first-run jitter (at most 200 ms).
+        // Past the last run wanted, whatever the first-run jitter (under 200 ms, which the
+        // timer's 1 ms granularity can round up to 200).
         tokio::time::sleep(Duration::from_millis(4750)).await;
         drop(handle);
         let reports = drain(&mut rx);
         let first = reports[0].at - t0;
-        assert!(first < Duration::from_millis(200), "{first:?}");
+        assert!(first <= Duration::from_millis(200), "{first:?}");
         let at: Vec<u128> = reports
             .iter()
             .map(|r| (r.at - reports[0].at).as_millis())
