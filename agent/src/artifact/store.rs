@@ -69,6 +69,9 @@ struct Inner {
     /// One fetch or removal per entry at a time.
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seq: AtomicU64,
+    /// One save of the records at a time: saves share `refs.json.tmp`, and the last one
+    /// renamed into place must hold the newest records.
+    saving: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +234,7 @@ impl ArtifactStore {
             }),
             flights: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            saving: Mutex::new(()),
         });
         inner.clean_tmp()?;
         inner.reconcile()?;
@@ -574,6 +578,8 @@ impl Inner {
     }
 
     fn save(&self) -> Result<(), ArtifactError> {
+        // Taken before the records are read: a save that waited writes what is newest.
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let refs = self.state().refs.clone();
         let path = self.dir.join("refs.json");
         refs.save(&path)
@@ -1022,4 +1028,40 @@ fn unpack_image_into(
             .map_err(|e| fail("syncing the directory", &e))?;
     }
     Ok((config, bytes))
+}
+
+#[cfg(test)]
+mod save_tests {
+    use super::*;
+    use crate::spec::artifact::Digest;
+
+    /// Saves from many threads at once (a package fetched while another is collected, say)
+    /// all succeed, and the records on disk end as the last state.
+    #[test]
+    fn concurrent_saves_all_succeed_and_the_newest_records_win() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store =
+            ArtifactStore::open(StoreConfig::new(tmp.path().join("artifacts"))).expect("open");
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let digest = Digest::from_bytes([t; 32]);
+                    for i in 0..40 {
+                        let owner = format!("svc-{t}@{i}");
+                        store.pin(&digest, &owner).expect("pin");
+                        if i % 2 == 0 {
+                            store.unpin(&digest, &owner).expect("unpin");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        let saved = Refs::load(&tmp.path().join("artifacts/refs.json")).expect("load");
+        assert_eq!(saved.pins.len(), 8);
+        assert!(saved.pins.values().all(|owners| owners.len() == 20));
+    }
 }
