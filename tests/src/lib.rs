@@ -155,13 +155,8 @@ pub fn rss_kib(pid: i32) -> u64 {
 /// A loopback TCP port nobody listens on right now.
 /// The init zygotes among the agent's children: `corral-init --zygote ...` (one at most).
 pub fn init_zygotes(agent_pid: i32) -> Vec<i32> {
-    let children = std::fs::read_to_string(format!("/proc/{agent_pid}/task/{agent_pid}/children"))
-        .unwrap_or_default();
-    // Children of every thread: the agent's threads each have their own list.
-    let mut all: Vec<i32> = children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
+    // Children of every thread: each of the agent's threads has its own list.
+    let mut all = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{agent_pid}/task")) {
         for t in tasks.flatten() {
             let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
@@ -586,6 +581,17 @@ pub fn alive(pid: i32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// The parent PID of `pid` (`/proc/PID/stat` field 4, after the parenthesised command name,
+/// which may hold spaces and parentheses).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// SIGKILL one process by PID.

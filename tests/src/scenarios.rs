@@ -1809,13 +1809,8 @@ pub async fn init_is_static_and_small() {
         init.canonicalize().expect("canonical corral-init"),
         "the instance's init is the corral-init executable"
     );
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", inst.pid)).expect("stat");
-    let parent = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-        .and_then(|p| p.parse::<i32>().ok());
     assert_eq!(
-        parent,
+        crate::parent_of(inst.pid),
         Some(inst.init_pid),
         "the service runs under the init"
     );
@@ -1902,12 +1897,11 @@ pub async fn inits_come_from_the_zygote() {
             format!("corral-init {}\0", inst.id),
             "the init's command line names its instance"
         );
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", inst.init_pid)).expect("stat");
-        let parent = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        assert_eq!(parent, Some(agent_pid), "the init is the agent's child");
+        assert_eq!(
+            crate::parent_of(inst.init_pid),
+            Some(agent_pid),
+            "the init is the agent's child"
+        );
         assert_eq!(agent.reported(&inst.id, "ready").await, "1");
     }
 

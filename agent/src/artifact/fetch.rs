@@ -90,6 +90,8 @@ pub(crate) struct Fetched {
 #[derive(Debug)]
 pub(crate) struct Fetcher {
     client: OnceLock<Result<reqwest::Client, String>>,
+    /// The extra CA certificates, parsed (the host's are added when the client is built).
+    roots: rustls::RootCertStore,
     config: FetchConfig,
     permits: Semaphore,
 }
@@ -113,11 +115,13 @@ fn extra_roots(config: &FetchConfig) -> Result<rustls::RootCertStore, ArtifactEr
     Ok(roots)
 }
 
-/// The HTTP client of `config`: TLS with the host's CA certificates and the extra ones,
-/// the timeouts, and redirects within the policy.
-fn build_client(config: &FetchConfig) -> Result<reqwest::Client, ArtifactError> {
+/// The HTTP client of `config`: TLS with the host's CA certificates added to `roots` (the
+/// extra ones), the timeouts, and redirects within the policy.
+fn build_client(
+    config: &FetchConfig,
+    mut roots: rustls::RootCertStore,
+) -> Result<reqwest::Client, ArtifactError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = extra_roots(config)?;
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     if added == 0 {
@@ -172,10 +176,11 @@ impl Fetcher {
     /// hundred parsed at a cost in time and memory) is built at the first download.
     pub(crate) fn new(config: FetchConfig) -> Result<Fetcher, ArtifactError> {
         // The extra roots are checked now: a bad one refuses the agent's start.
-        extra_roots(&config)?;
+        let roots = extra_roots(&config)?;
         let permits = Semaphore::new(config.max_concurrent.max(1));
         Ok(Fetcher {
             client: OnceLock::new(),
+            roots,
             config,
             permits,
         })
@@ -185,7 +190,7 @@ impl Fetcher {
     fn client(&self) -> Result<&reqwest::Client, ArtifactError> {
         self.client
             .get_or_init(|| {
-                build_client(&self.config).map_err(|e| match e {
+                build_client(&self.config, self.roots.clone()).map_err(|e| match e {
                     ArtifactError::Client(why) => why,
                     other => other.to_string(),
                 })

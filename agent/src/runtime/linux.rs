@@ -1210,20 +1210,17 @@ async fn wait_exit(
     }
 }
 
-/// The start time of `pid` from `/proc/PID/stat` (field 22, after the parenthesised name).
+/// The start time of `pid` from `/proc/PID/stat` (field 22).
 fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = proc_stat(pid)?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3 (state); start time is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_field(&proc_stat(pid)?, 22)?.parse().ok()
 }
 
-/// `/proc/PID/stat`, in one read: the kernel writes the line whole into a buffer large
-/// enough for it (`read_to_string` would find its size 0 and grow its buffer from 32 bytes:
-/// six reads for one line, on every spawn and adoption).
-fn proc_stat(pid: i32) -> Option<String> {
+/// `/proc/WHO/stat` (`WHO`: a PID or `self`), in one read: the kernel writes the line whole
+/// into a buffer large enough for it (`read_to_string` would find its size 0 and grow its
+/// buffer from 32 bytes: six reads for one line, on every spawn and adoption).
+pub(super) fn proc_stat(who: impl std::fmt::Display) -> Option<String> {
     use std::io::Read;
-    let mut f = fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = fs::File::open(format!("/proc/{who}/stat")).ok()?;
     let mut buf = [0u8; 4096];
     let n = f.read(&mut buf).ok()?;
     if n == buf.len() {
@@ -1235,12 +1232,17 @@ fn proc_stat(pid: i32) -> Option<String> {
     String::from_utf8(buf.get(..n)?.to_vec()).ok()
 }
 
-/// The parent PID from `/proc/PID/stat` (the field after the parenthesised command name,
-/// which may itself hold spaces and parentheses).
+/// Field `n` (numbered from 1 as in proc(5), `n` >= 3) of a `/proc/PID/stat` line: counted
+/// after the parenthesised command name, which may itself hold spaces and parentheses.
+pub(super) fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)
+}
+
+/// The parent PID from `/proc/PID/stat` (field 4).
 fn parent_pid(pid: i32) -> Option<i32> {
-    let stat = proc_stat(pid)?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    stat_field(&proc_stat(pid)?, 4)?.parse().ok()
 }
 
 /// The backlog of agent-owned listening sockets: connections wait here while instances are
@@ -1392,6 +1394,23 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        // A command name may hold spaces and parentheses.
+        let stat = "42 (a) b (c)) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 999 0";
+        assert_eq!(stat_field(stat, 3), Some("S"));
+        assert_eq!(stat_field(stat, 4), Some("7"));
+        assert_eq!(stat_field(stat, 22), Some("999"));
+        assert_eq!(stat_field(stat, 2), None);
+        assert_eq!(stat_field(stat, 60), None);
+        assert_eq!(stat_field("no name here", 3), None);
+        let own = proc_stat("self").expect("own stat");
+        assert_eq!(
+            stat_field(&own, 4).and_then(|p| p.parse().ok()),
+            Some(nix::unistd::getppid().as_raw())
+        );
+    }
 
     #[test]
     fn the_socket_needs_a_directory_of_its_own() {

@@ -22,7 +22,7 @@
 //! of the socket closes (the agent ended). The agent falls back to cloning the init itself
 //! when the zygote cannot be started or stops answering (it starts a new one later).
 //!
-//! Imports from the crate: nothing but `super`.
+//! Imports from the crate: nothing but `super` (and `super::linux`'s `/proc/PID/stat` reader).
 
 use std::ffi::CString;
 use std::io;
@@ -346,12 +346,9 @@ pub fn await_go(fd: RawFd) {
 /// Where the zygote's command line is in its memory: `arg_start` and `arg_end` of
 /// `/proc/self/stat` (fields 48 and 49).
 fn arg_area() -> Option<(usize, usize)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces), numbered from 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(48 - 3);
-    let start = fields.next()?.parse().ok()?;
-    let end = fields.next()?.parse().ok()?;
+    let stat = super::linux::proc_stat("self")?;
+    let start = super::linux::stat_field(&stat, 48)?.parse().ok()?;
+    let end = super::linux::stat_field(&stat, 49)?.parse().ok()?;
     (end > start).then_some((start, end))
 }
 
