@@ -476,6 +476,22 @@ impl Agent {
     }
 
     /// Wait until the instance's stdout holds `key=...` and return the value.
+    /// Waits until the instance has printed a line starting with `prefix` on stdout, so that a
+    /// test acts only once the service has set itself up (signal handlers, listeners).
+    pub async fn wait_printed(&self, instance: &str, prefix: &str) {
+        eventually(
+            &format!("{instance} to print {prefix:?}"),
+            Duration::from_secs(20),
+            || async {
+                self.stdout_of(instance)
+                    .lines()
+                    .any(|l| l.starts_with(prefix))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     pub async fn reported(&self, instance: &str, key: &str) -> String {
         let prefix = format!("{key}=");
         eventually(

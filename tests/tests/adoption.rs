@@ -934,6 +934,10 @@ async fn a_delete_cut_short_by_kill9_is_finished_at_the_next_start() {
         .await
         .expect("apply");
     let running = agent.wait_running("doomed", 3).await;
+    // Running means started; the SIGTERM handler is in place only once it says so.
+    for i in &running {
+        agent.wait_printed(&i.id, "ready").await;
+    }
     let pids: Vec<i32> = running.iter().flat_map(|i| [i.pid, i.init_pid]).collect();
     let state = agent.state_dir.clone();
     let leftovers = |agent: &Agent| {

@@ -147,6 +147,7 @@ async fn ignored_stop_signal_is_a_stop_timeout() {
         .await
         .expect("apply");
     let i = agent.wait_running("stubborn", 1).await.remove(0);
+    agent.wait_printed(&i.id, "ready").await;
     // Without a PID namespace the init is a subreaper; the kill still reaches everything.
     agent
         .client()
