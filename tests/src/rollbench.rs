@@ -8,8 +8,9 @@
 //! (p99 during ≤ 1.2× before, slowest during ≤ 2× slowest before). The slowest requests during
 //! the rollout are lined up with the agent's events (instance started, health, rollout steps,
 //! exits) on the same clock. With `CORRAL_BENCH_ACCEPTQ=1`, the listening socket's accept
-//! queue (`ss -ltn`, Recv-Q) is sampled every 10 ms as well (this costs CPU: figures for the
-//! bar are taken without it).
+//! queue (`ss -ltn`, Recv-Q) is sampled every 10 ms as well, and with `CORRAL_BENCH_SCHED=1`
+//! the service's processes' run-queue wait (`/proc/PID/schedstat`) every 5 ms, printed beside
+//! each slow request (both cost CPU: figures for the bar are taken without them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,66 @@ const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(120);
 const BEFORE: Duration = Duration::from_secs(12);
 const CLIENTS: usize = 16;
 const REPLICAS: u32 = 4;
+
+/// The issue's own service: a Python `ThreadingHTTPServer` on the agent's socket (fd 3, made
+/// non-blocking), `/healthz` on its own port, a graceful stop on SIGTERM.
+const PYTHON_SERVER: &str = r#"
+import http.server, os, signal, socket, threading, time
+listener = socket.socket(fileno=3)
+listener.setblocking(False)
+body = "{} {}\n".format(os.environ["CORRAL_INSTANCE"], os.environ["VERSION"]).encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = False
+admin = S(("127.0.0.1", int(os.environ["PORT_ADMIN"])), H)
+threading.Thread(target=admin.serve_forever, daemon=True).start()
+server = S(listener.getsockname(), H, bind_and_activate=False)
+server.socket = listener
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+server.serve_forever()
+server.server_close()
+"#;
+
+/// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (the issue's);
+/// `+no-surge` rolls it with `max_surge = 0`, `max_unavailable = 1` (never more instances on
+/// the socket than `replicas`); `+weighted` gives the agent's cgroup parent the CPU weight of
+/// one process per instance (v1 `cpu.shares` 1024 × replicas, v2 `cpu.weight` 100 ×
+/// replicas), as a peer's processes have, each its own, in the root cgroup.
+fn spec_for(server: &str, port: u16, version: &str) -> String {
+    if !server.starts_with("python") {
+        return spec(port, version);
+    }
+    let policy = if server.contains("+no-surge") {
+        "max_surge = 0\nmax_unavailable = 1\n"
+    } else {
+        ""
+    };
+    format!(
+        "name = \"roll\"\ncommand = [\"/usr/bin/python3\", \"-c\", {PYTHON_SERVER:?}]\nreplicas = {REPLICAS}\nenv = {{ VERSION = \"{version}\" }}\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\nstart_period = \"5s\"\n[rollout]\nmin_healthy = \"500ms\"\n{policy}"
+    )
+}
+
+/// `+weighted`: the weight of the agent's cgroup parent (see [`spec_for`]).
+fn weigh_parent(agent: &Agent) {
+    let (dir, file, value) = match agent.cgroup.version {
+        crate::cgroup::Version::V1 => (agent.cgroup.dir("cpu", ""), "cpu.shares", 1024 * REPLICAS),
+        crate::cgroup::Version::V2 => (
+            agent.cgroup.dir("unified", ""),
+            "cpu.weight",
+            100 * REPLICAS,
+        ),
+    };
+    if let Err(e) = std::fs::write(dir.join(file), value.to_string()) {
+        println!("  could not weigh {}: {e}", dir.join(file).display());
+    }
+}
 
 fn spec(port: u16, version: &str) -> String {
     format!(
@@ -106,6 +167,82 @@ impl QueueSampler {
     }
 }
 
+/// The service's processes' time waiting for a CPU (`/proc/PID/schedstat`, the run-queue
+/// delay), sampled every 5 ms: the cause of a slow request when its server was runnable but
+/// not running.
+struct SchedSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Duration, i32, u64)>>,
+}
+
+fn procs_below(dir: &std::path::Path, out: &mut Vec<i32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            procs_below(&entry.path(), out);
+        }
+    }
+}
+
+impl SchedSampler {
+    fn start(service: std::path::PathBuf, load: &Load) -> SchedSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = load.started();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut pids = Vec::new();
+            let mut scanned = std::time::Instant::now() - Duration::from_secs(1);
+            while !s.load(Ordering::Relaxed) {
+                if scanned.elapsed() > Duration::from_millis(100) {
+                    pids.clear();
+                    procs_below(&service, &mut pids);
+                    scanned = std::time::Instant::now();
+                }
+                let at = started.elapsed();
+                for &pid in &pids {
+                    let wait = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                        .ok()
+                        .and_then(|t| t.split_whitespace().nth(1)?.parse().ok());
+                    if let Some(wait) = wait {
+                        out.push((at, pid, wait));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            out
+        });
+        SchedSampler { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(Duration, i32, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The longest run-queue wait any one of the service's processes accrued within
+/// `[from, to]` (plus one sample after: a wait is counted when the process gets its CPU),
+/// and that process.
+fn cpu_wait(samples: &[(Duration, i32, u64)], from: Duration, to: Duration) -> (Duration, i32) {
+    let mut first: std::collections::HashMap<i32, u64> = Default::default();
+    let mut worst = (Duration::ZERO, 0);
+    let until = to + Duration::from_millis(10);
+    for &(_, pid, wait) in samples
+        .iter()
+        .filter(|(at, ..)| *at >= from && *at <= until)
+    {
+        let base = *first.entry(pid).or_insert(wait);
+        let d = Duration::from_nanos(wait.saturating_sub(base));
+        if d > worst.0 {
+            worst = (d, pid);
+        }
+    }
+    worst
+}
+
 /// The service's events since `wall0`, on the load's clock (`t0` is `wall0`).
 async fn timeline(agent: &Agent, wall0: SystemTime, t0: Duration) -> Vec<(Duration, String)> {
     let mut events = agent
@@ -161,6 +298,11 @@ pub async fn bench(rounds: usize) {
         .map(|a| a.port())
         .expect("a free port");
     let sample_queue = std::env::var_os("CORRAL_BENCH_ACCEPTQ").is_some();
+    let sample_sched = std::env::var_os("CORRAL_BENCH_SCHED").is_some();
+    let service_cgroup = match agent.cgroup.version {
+        crate::cgroup::Version::V1 => agent.cgroup.dir("cpu", "corral/roll"),
+        crate::cgroup::Version::V2 => agent.cgroup.dir("unified", "corral/roll"),
+    };
     agent.apply(&spec(port, "v0")).await.expect("apply");
     let healthy = || async {
         for _ in 0..600 {
@@ -180,6 +322,7 @@ pub async fn bench(rounds: usize) {
         let update = round % 2 == 1;
         let load = Load::start(port, CLIENTS, ROLLOUT_TIMEOUT + BEFORE * 2);
         let sampler = sample_queue.then(|| QueueSampler::start(port, &load));
+        let sched = sample_sched.then(|| SchedSampler::start(service_cgroup.clone(), &load));
         let cpu_start = cpu_time(agent.pid());
         tokio::time::sleep(BEFORE).await;
         let cpu0 = cpu_time(agent.pid());
@@ -224,6 +367,7 @@ pub async fn bench(rounds: usize) {
         // Let the last old instance's requests finish before the load stops.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let queue = sampler.map(QueueSampler::finish).unwrap_or_default();
+        let waits = sched.map(SchedSampler::finish);
         let report = load.finish();
         let ts = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
         let took = match (ts(status.started_at), ts(status.finished_at)) {
@@ -239,8 +383,12 @@ pub async fn bench(rounds: usize) {
         let gap_before = report.longest_gap(b0, t0);
         let state = format!("{:?}", status.state()).to_lowercase();
         println!(
-            "{} {id}: {state} in {:.2} s; {} ok, {} failed; longest gap {} ({} before)",
+            "{} {id} (at {:.3} s since the epoch): {state} in {:.2} s; {} ok, {} failed; longest gap {} ({} before)",
             if update { "update " } else { "restart" },
+            wall0
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
             took.as_secs_f64(),
             report.ok(),
             report.failures().len(),
@@ -289,8 +437,15 @@ pub async fn bench(rounds: usize) {
                 .filter(|(at, _)| *at + Duration::from_millis(100) >= s.start && *at <= s.end)
                 .map(|(at, what)| format!("{:+.3} s {what}", (at.as_secs_f64() - t0.as_secs_f64())))
                 .collect();
+            let waited = waits.as_deref().map_or(String::new(), |w| {
+                let (d, pid) = cpu_wait(w, s.start, s.end);
+                format!(
+                    "; meanwhile pid {pid} of the service waited {} for a CPU",
+                    ms(d)
+                )
+            });
             println!(
-                "  slow: started {:+.3} s, took {}, answered by {:?}; events around it: [{}]",
+                "  slow: started {:+.3} s, took {}, answered by {:?}; events around it: [{}]{waited}",
                 s.start.as_secs_f64() - t0.as_secs_f64(),
                 ms(s.latency()),
                 s.outcome.as_deref().unwrap_or_default(),
@@ -322,11 +477,13 @@ pub async fn bench(rounds: usize) {
         });
         healthy().await;
     }
-    summary(&all);
+    summary(&all, true);
     agent.delete("roll").await.expect("delete");
 }
 
-fn summary(all: &[Round]) {
+/// `gaps`: whether the rounds measured the longest gap between responses (`hey` does not
+/// report it).
+fn summary(all: &[Round], gaps: bool) {
     if all.is_empty() {
         return;
     }
@@ -339,19 +496,386 @@ fn summary(all: &[Round]) {
     took.sort();
     let gap = all.iter().map(|r| r.gap).max().unwrap_or_default();
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let gap = if gaps {
+        format!(
+            "; longest gap {} (target ≤ 10 ms: {})",
+            ms(gap),
+            verdict(gap <= Duration::from_millis(10))
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "rollouts: {succeeded} of {} succeeded; duration median {:.2} s, max {:.2} s (target ≤ 6 s: {}); failed requests {failed} (target 0: {}); longest gap {} (target ≤ 10 ms: {})",
+        "rollouts: {succeeded} of {} succeeded; duration median {:.2} s, max {:.2} s (target ≤ 6 s: {}); failed requests {failed} (target 0: {}){gap}",
         all.len(),
         took[took.len() / 2].as_secs_f64(),
         took[took.len() - 1].as_secs_f64(),
         verdict(took[took.len() - 1] <= Duration::from_secs(6)),
         verdict(failed == 0),
-        ms(gap),
-        verdict(gap <= Duration::from_millis(10)),
     );
     println!(
         "tail: worst p99 during / before {p99:.2}x (bar ≤ 1.2x: {}); worst max during / before {max:.2}x (bar ≤ 2x: {})",
         verdict(p99 <= 1.2),
         verdict(max <= 2.0),
     );
+}
+
+/// What `hey` reported for one window: its summary, parsed.
+#[derive(Debug, Default)]
+struct Hey {
+    ok: u64,
+    errors: u64,
+    p50: Duration,
+    p99: Duration,
+    slowest: Duration,
+}
+
+/// `hey` for `secs` seconds, 16 workers, one request per connection (as in the issue's
+/// measurements: the load from outside, by a real client).
+fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
+    std::process::Command::new("hey")
+        .args([
+            "-z",
+            &format!("{secs}s"),
+            "-c",
+            &CLIENTS.to_string(),
+            "-disable-keepalive",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+}
+
+/// The figures of `hey`'s text summary: "Slowest: 0.0123 secs", "99% in 0.0021 secs",
+/// "[200]\t1234 responses", and the counts under "Error distribution:".
+fn parse_hey(text: &str) -> Hey {
+    let secs = |v: &str| {
+        v.trim()
+            .trim_end_matches("secs")
+            .trim()
+            .parse::<f64>()
+            .ok()
+            // hey prints 4 decimals: whole microseconds.
+            .and_then(|s| Duration::try_from_secs_f64((s * 1e6).round() / 1e6).ok())
+            .unwrap_or_default()
+    };
+    let mut out = Hey::default();
+    let mut in_errors = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Slowest:") {
+            out.slowest = secs(v);
+        } else if let Some(v) = t.strip_prefix("50% in") {
+            out.p50 = secs(v);
+        } else if let Some(v) = t.strip_prefix("99% in") {
+            out.p99 = secs(v);
+        } else if t.starts_with("Error distribution:") {
+            in_errors = true;
+        } else if let Some(rest) = t.strip_prefix('[') {
+            // "[200]\t1234 responses" under the status codes; "[12]\tGet ...: why" (the
+            // count in the brackets) under the errors.
+            let (code, after) = rest.split_once(']').unwrap_or_default();
+            let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+            if in_errors {
+                out.errors += count(code);
+            } else {
+                let n = count(after.split_whitespace().next().unwrap_or_default());
+                if code == "200" {
+                    out.ok += n;
+                } else {
+                    out.errors += n;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn finish_hey(child: std::process::Child) -> Result<Hey, String> {
+    let out = child.wait_with_output().map_err(|e| format!("hey: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "hey exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(parse_hey(&text))
+}
+
+/// Long enough for a rollout of 4 instances (~4.5 s): a rollout still running at the end of
+/// its window is reported as such.
+const WINDOW: f64 = 6.0;
+
+fn has_hey() -> bool {
+    let found = std::process::Command::new("hey").arg("-h").output().is_ok();
+    if !found {
+        println!("skipped: `hey` is not installed (apt install hey)");
+    }
+    found
+}
+
+/// One rollout measured from outside: `hey` over a window just before it and over one of the
+/// same length started with it. `roll` runs the rollout and returns its name and whether it
+/// succeeded.
+async fn measured<F, Fut>(port: u16, label: &str, roll: F) -> Option<Round>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = (String, bool)>,
+{
+    // Warm-up, not measured: the first second after the previous rollout.
+    let _ = hey(port, 1.0).map(finish_hey);
+    let before = hey(port, WINDOW)
+        .map_err(|e| e.to_string())
+        .and_then(finish_hey);
+    let during = hey(port, WINDOW);
+    let started = std::time::Instant::now();
+    let (id, succeeded) = roll().await;
+    let took = started.elapsed();
+    let during = during.map_err(|e| e.to_string()).and_then(finish_hey);
+    let (before, during) = match (before, during) {
+        (Ok(b), Ok(d)) => (b, d),
+        (b, d) => {
+            println!("{label} {id}: hey failed: {:?} / {:?}", b.err(), d.err());
+            return None;
+        }
+    };
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    println!(
+        "{label} {id}: {} in {:.2} s{}",
+        if succeeded { "succeeded" } else { "FAILED" },
+        took.as_secs_f64(),
+        if took.as_secs_f64() > WINDOW {
+            " (longer than the measured window)"
+        } else {
+            ""
+        }
+    );
+    for (name, h) in [("before", &before), ("during", &during)] {
+        println!(
+            "  {name}: {:>7} ok, {} errors; p50 {:>9}  p99 {:>9}  slowest {:>9}",
+            h.ok,
+            h.errors,
+            ms(h.p50),
+            ms(h.p99),
+            ms(h.slowest)
+        );
+    }
+    println!(
+        "  during / before: p99 {:.2}x (bar 1.2x), slowest {:.2}x (bar 2x)",
+        ratio(during.p99, before.p99),
+        ratio(during.slowest, before.slowest),
+    );
+    Some(Round {
+        p99: (before.p99, during.p99),
+        max: (before.slowest, during.slowest),
+        took,
+        failed: usize::try_from(during.errors + before.errors).unwrap_or(usize::MAX),
+        gap: Duration::ZERO,
+        succeeded,
+    })
+}
+
+/// `corral-bench rollout-hey`: the rollouts of `rollout`, measured from outside by `hey -c 16`
+/// (one request per connection) as the issue's table was: one `hey` run over a window just
+/// before the rollout, a second one, of the same length, started with it. Per rollout: the
+/// figures of both runs (p50, p99, slowest, errors) and the ratios of the bar.
+pub async fn bench_hey(rounds: usize, server: &str) {
+    if !has_hey() {
+        return;
+    }
+    let agent = Agent::start_logging(None, "warn").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    if server.contains("+weighted") {
+        weigh_parent(&agent);
+    }
+    agent
+        .apply(&spec_for(server, port, "v0"))
+        .await
+        .expect("apply");
+    let healthy = || async {
+        for _ in 0..600 {
+            if agent.get("roll").await.is_ok_and(|s| s.healthy == REPLICAS) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("roll: {REPLICAS} healthy instances within 30 s");
+    };
+    healthy().await;
+    println!(
+        "corral: rollouts of {REPLICAS} {server} instances under `hey -c {CLIENTS} -disable-keepalive`: a {WINDOW} s run just before each rollout, and one of {WINDOW} s started with it"
+    );
+    let mut all = Vec::new();
+    for round in 0..rounds * 2 {
+        let update = round % 2 == 1;
+        let label = if update { "update " } else { "restart" };
+        let roll = || async {
+            let id = if update {
+                agent
+                    .apply(&spec_for(server, port, &format!("v{round}")))
+                    .await
+                    .expect("update")
+                    .rollout_id
+            } else {
+                agent
+                    .client()
+                    .await
+                    .restart(pb::RestartRequest {
+                        name: "roll".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("restart")
+                    .into_inner()
+                    .rollout_id
+            };
+            let started = std::time::Instant::now();
+            loop {
+                let r = agent
+                    .client()
+                    .await
+                    .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+                    .await
+                    .expect("get rollout")
+                    .into_inner();
+                if r.state() != pb::RolloutState::Running || started.elapsed() > ROLLOUT_TIMEOUT {
+                    break (id, r.state() == pb::RolloutState::Succeeded);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        all.extend(measured(port, label, roll).await);
+        healthy().await;
+    }
+    summary(&all, false);
+    agent.delete("roll").await.expect("delete");
+}
+
+/// The peer: supervisord (Debian's `supervisor`) running the same 4 servers as an
+/// `[fcgi-program]` — it owns the listening socket and hands it to each process as fd 0,
+/// which the command moves to fd 3 — restarted one process after the other with
+/// `supervisorctl restart` (stop, then start: `startsecs = 1` covers the 0.5 s warm-up of the
+/// Rust server). The same `hey` windows as `rollout-hey`.
+pub async fn bench_supervisord(rounds: usize, server: &str) {
+    if !has_hey() {
+        return;
+    }
+    if std::process::Command::new("supervisord")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("skipped: `supervisord` is not installed (apt install supervisor)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    // Health ports for the Python server (it serves /healthz there, unused here).
+    let admin = crate::free_port();
+    let exe = if server.starts_with("python") {
+        let script = dir.path().join("server.py");
+        std::fs::write(&script, PYTHON_SERVER).expect("write the server");
+        format!("/usr/bin/python3 {}", script.display())
+    } else {
+        format!("{} http-listen 500", testbin())
+    };
+    let conf = dir.path().join("supervisord.conf");
+    let d = dir.path().display();
+    std::fs::write(
+        &conf,
+        format!(
+            "[unix_http_server]\nfile={d}/supervisor.sock\n\
+             [supervisord]\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nnodaemon=true\nchildlogdir={d}\n\
+             [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\
+             [supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n\
+             [fcgi-program:roll]\nsocket=tcp://127.0.0.1:{port}\nnumprocs={REPLICAS}\n\
+             process_name=%(program_name)s_%(process_num)d\n\
+             command=/bin/sh -c 'exec 3<&0 0</dev/null; export LISTEN_FDS=1 LISTEN_PID=$$ CORRAL_INSTANCE=roll-%(process_num)d VERSION=v1 PORT_ADMIN=$((%(process_num)d + {admin})); exec {exe}'\n\
+             startsecs=1\nstopsignal=TERM\nstopwaitsecs=10\nstdout_logfile=NONE\nstderr_logfile={d}/roll.err\n"
+        ),
+    )
+    .expect("write supervisord.conf");
+    let mut daemon = std::process::Command::new("supervisord")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start supervisord");
+    let ctl = |args: &[&str]| {
+        std::process::Command::new("supervisorctl")
+            .arg("-c")
+            .arg(&conf)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let running = || {
+        ctl(&["status"])
+            .lines()
+            .filter(|l| l.contains("RUNNING"))
+            .count()
+    };
+    for _ in 0..300 {
+        if running() == REPLICAS as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "supervisord {}: one-by-one restarts of {REPLICAS} {server} processes (fcgi-program socket) under `hey -c {CLIENTS} -disable-keepalive`, the same windows",
+        ctl(&["version"]).trim()
+    );
+    let mut all = Vec::new();
+    for round in 0..rounds * 2 {
+        let roll = || async {
+            let mut ok = true;
+            for i in 0..REPLICAS {
+                let out = ctl(&["restart", &format!("roll:roll_{i}")]);
+                ok &= out.contains("started");
+            }
+            (format!("r{}", round + 1), ok)
+        };
+        all.extend(measured(port, "restart", roll).await);
+    }
+    summary(&all, false);
+    // SAFETY: kill has no memory-safety preconditions; the PID is our own child's.
+    unsafe { libc::kill(daemon.id().cast_signed(), libc::SIGTERM) };
+    let _ = daemon.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hey_summaries_are_read_with_their_errors() {
+        let ok = "\nSummary:\n  Total:\t6.0012 secs\n  Slowest:\t0.0882 secs\n  Fastest:\t0.0002 secs\n\nLatency distribution:\n  10% in 0.0011 secs\n  50% in 0.0040 secs\n  99% in 0.0181 secs\n\nStatus code distribution:\n  [200]\t20599 responses\n  [502]\t3 responses\n\nError distribution:\n  [2]\tGet \"http://127.0.0.1:1/\": dial tcp 127.0.0.1:1: connect: connection refused\n";
+        let h = parse_hey(ok);
+        assert_eq!(h.ok, 20599);
+        assert_eq!(h.errors, 5, "a 502 and a refused connection are failures");
+        assert_eq!(h.slowest, Duration::from_micros(88_200));
+        assert_eq!(h.p50, Duration::from_micros(4_000));
+        assert_eq!(h.p99, Duration::from_micros(18_100));
+        // Nothing answered: no figures, every request an error; garbage reads as nothing.
+        let refused = "Summary:\n  Slowest:\t0.0000 secs\n  Average:\t NaN secs\nStatus code distribution:\n\nError distribution:\n  [20]\tGet: refused\n";
+        let h = parse_hey(refused);
+        assert_eq!((h.ok, h.errors, h.p99), (0, 20, Duration::ZERO));
+        let h = parse_hey("Slowest: -1 secs\n99% in NaN secs\n[x]\n[200] lots");
+        assert_eq!(
+            (h.ok, h.errors, h.slowest, h.p99),
+            (0, 0, Duration::ZERO, Duration::ZERO)
+        );
+    }
 }

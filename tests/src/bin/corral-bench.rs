@@ -8,7 +8,10 @@
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
 //! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
 //! duration, failed requests, longest gap, latency p50/p99/p99.9/max during each rollout
-//! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`), `api` (Get latency and calls per second from 32 clients
+//! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`),
+//! `rollout-hey` (the same rollouts measured from outside by `hey -c 16`, needs `hey`),
+//! `rollout-peer` (the same servers under supervisord, restarted one by one, measured the same
+//! way; needs `hey` and `supervisor`), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
@@ -153,6 +156,22 @@ async fn main() {
     }
     if wants("rollout") {
         corral_e2e::rollbench::bench(rounds.clamp(1, 5)).await;
+    }
+    if wants("rollout-hey") {
+        for server in [
+            "rust",
+            "python",
+            "python+no-surge",
+            "python+weighted",
+            "python+weighted+no-surge",
+        ] {
+            corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
+        }
+    }
+    if wants("rollout-peer") {
+        for server in ["rust", "python"] {
+            corral_e2e::rollbench::bench_supervisord(rounds.clamp(1, 5), server).await;
+        }
     }
     if wants("api") {
         api().await;
