@@ -25,7 +25,7 @@ const BEFORE: Duration = Duration::from_secs(12);
 const CLIENTS: usize = 16;
 const REPLICAS: u32 = 4;
 
-/// The issue's own service: a Python `ThreadingHTTPServer` on the agent's socket (fd 3, made
+/// A typical Python service: a `ThreadingHTTPServer` on the agent's socket (fd 3, made
 /// non-blocking), `/healthz` on its own port, a graceful stop on SIGTERM.
 const PYTHON_SERVER: &str = r#"
 import http.server, os, signal, socket, threading, time
@@ -51,7 +51,7 @@ server.serve_forever()
 server.server_close()
 "#;
 
-/// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (the issue's);
+/// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (`PYTHON_SERVER`);
 /// `+no-surge` rolls it with `max_surge = 0`, `max_unavailable = 1` (never more instances on
 /// the socket than `replicas`); `+weighted` gives the agent's cgroup parent the CPU weight of
 /// one process per instance (v1 `cpu.shares` 1024 × replicas, v2 `cpu.weight` 100 ×
@@ -194,12 +194,12 @@ impl SchedSampler {
         let thread = std::thread::spawn(move || {
             let mut out = Vec::new();
             let mut pids = Vec::new();
-            let mut scanned = std::time::Instant::now() - Duration::from_secs(1);
+            let mut scanned: Option<std::time::Instant> = None;
             while !s.load(Ordering::Relaxed) {
-                if scanned.elapsed() > Duration::from_millis(100) {
+                if scanned.is_none_or(|t| t.elapsed() > Duration::from_millis(100)) {
                     pids.clear();
                     procs_below(&service, &mut pids);
-                    scanned = std::time::Instant::now();
+                    scanned = Some(std::time::Instant::now());
                 }
                 let at = started.elapsed();
                 for &pid in &pids {
@@ -530,8 +530,8 @@ struct Hey {
     slowest: Duration,
 }
 
-/// `hey` for `secs` seconds, 16 workers, one request per connection (as in the issue's
-/// measurements: the load from outside, by a real client).
+/// `hey` for `secs` seconds, 16 workers, one request per connection: the load from outside,
+/// by a real client.
 fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
     std::process::Command::new("hey")
         .args([
@@ -679,9 +679,9 @@ where
 }
 
 /// `corral-bench rollout-hey`: the rollouts of `rollout`, measured from outside by `hey -c 16`
-/// (one request per connection) as the issue's table was: one `hey` run over a window just
-/// before the rollout, a second one, of the same length, started with it. Per rollout: the
-/// figures of both runs (p50, p99, slowest, errors) and the ratios of the bar.
+/// (one request per connection): one `hey` run over a window just before the rollout, a
+/// second one, of the same length, started with it. Per rollout: the figures of both runs
+/// (p50, p99, slowest, errors) and the ratios of the bar.
 pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
         return;
