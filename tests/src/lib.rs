@@ -599,15 +599,20 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// The parent PID of `pid` (`/proc/PID/stat` field 4, after the parenthesised command name,
-/// which may hold spaces and parentheses).
-pub fn parent_of(pid: i32) -> Option<i32> {
+/// Field `n` (numbered from 1 as in proc(5); 3 and above) of `/proc/PID/stat`, counted after
+/// the parenthesised command name, which may hold spaces and parentheses.
+pub fn stat_field<T: std::str::FromStr>(pid: i32, n: usize) -> Option<T> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat[stat.rfind(')')? + 1..]
         .split_whitespace()
-        .nth(1)?
+        .nth(n.checked_sub(3)?)?
         .parse()
         .ok()
+}
+
+/// The parent PID of `pid` (`/proc/PID/stat` field 4).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    stat_field(pid, 4)
 }
 
 /// SIGKILL one process by PID.

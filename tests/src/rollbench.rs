@@ -72,16 +72,68 @@ fn spec_for(server: &str, port: u16, version: &str) -> String {
 
 /// `+weighted`: the weight of the agent's cgroup parent (see [`spec_for`]).
 fn weigh_parent(agent: &Agent) {
-    let (dir, file, value) = match agent.cgroup.version {
-        crate::cgroup::Version::V1 => (agent.cgroup.dir("cpu", ""), "cpu.shares", 1024 * REPLICAS),
-        crate::cgroup::Version::V2 => (
-            agent.cgroup.dir("unified", ""),
-            "cpu.weight",
-            100 * REPLICAS,
-        ),
+    let (file, value) = match agent.cgroup.version {
+        crate::cgroup::Version::V1 => ("cpu.shares", 1024 * REPLICAS),
+        crate::cgroup::Version::V2 => ("cpu.weight", 100 * REPLICAS),
     };
-    if let Err(e) = std::fs::write(dir.join(file), value.to_string()) {
-        println!("  could not weigh {}: {e}", dir.join(file).display());
+    let path = cpu_dir(agent, "").join(file);
+    if let Err(e) = std::fs::write(&path, value.to_string()) {
+        println!("  could not weigh {}: {e}", path.display());
+    }
+}
+
+/// `rel`'s directory in the hierarchy holding the cpu controller (v1) or the unified one.
+fn cpu_dir(agent: &Agent, rel: &str) -> std::path::PathBuf {
+    match agent.cgroup.version {
+        crate::cgroup::Version::V1 => agent.cgroup.dir("cpu", rel),
+        crate::cgroup::Version::V2 => agent.cgroup.dir("unified", rel),
+    }
+}
+
+/// Waits until every instance of `roll` is healthy again (after a rollout, or at the start).
+async fn wait_healthy(agent: &Agent) {
+    for _ in 0..600 {
+        if agent.get("roll").await.is_ok_and(|s| s.healthy == REPLICAS) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("roll: {REPLICAS} healthy instances within 30 s");
+}
+
+/// Starts a rollout of `roll`: an update to `spec` when `update`, else a restart. Its id.
+async fn start_rollout(agent: &Agent, update: bool, spec: &str) -> String {
+    if update {
+        return agent.apply(spec).await.expect("update").rollout_id;
+    }
+    agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: "roll".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .rollout_id
+}
+
+/// Polls rollout `id` until it is no longer running, or `ROLLOUT_TIMEOUT` after `since`.
+async fn rollout_end(agent: &Agent, id: &str, since: std::time::Instant) -> pb::RolloutStatus {
+    loop {
+        let r = agent
+            .client()
+            .await
+            .get_rollout(pb::GetRolloutRequest { id: id.to_string() })
+            .await
+            .expect("get rollout")
+            .into_inner();
+        if r.state() != pb::RolloutState::Running || since.elapsed() > ROLLOUT_TIMEOUT {
+            return r;
+        }
+        // Not more often: a tight poll of the agent would load the very CPU measured.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -293,27 +345,12 @@ struct Round {
 
 pub async fn bench(rounds: usize) {
     let agent = Agent::start_logging(None, "warn").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = crate::free_port();
     let sample_queue = std::env::var_os("CORRAL_BENCH_ACCEPTQ").is_some();
     let sample_sched = std::env::var_os("CORRAL_BENCH_SCHED").is_some();
-    let service_cgroup = match agent.cgroup.version {
-        crate::cgroup::Version::V1 => agent.cgroup.dir("cpu", "corral/roll"),
-        crate::cgroup::Version::V2 => agent.cgroup.dir("unified", "corral/roll"),
-    };
+    let service_cgroup = cpu_dir(&agent, "corral/roll");
     agent.apply(&spec(port, "v0")).await.expect("apply");
-    let healthy = || async {
-        for _ in 0..600 {
-            if agent.get("roll").await.is_ok_and(|s| s.healthy == REPLICAS) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("roll: {REPLICAS} healthy instances within 30 s");
-    };
-    healthy().await;
+    wait_healthy(&agent).await;
     println!(
         "rollouts of {REPLICAS} instances (each serving ~0.5 s after its start) under {CLIENTS} clients (one request per connection), [health] and [rollout] at their defaults"
     );
@@ -328,40 +365,8 @@ pub async fn bench(rounds: usize) {
         let cpu0 = cpu_time(agent.pid());
         let t0 = load.now();
         let wall0 = SystemTime::now();
-        let id = if update {
-            agent
-                .apply(&spec(port, &format!("v{round}")))
-                .await
-                .expect("update")
-                .rollout_id
-        } else {
-            agent
-                .client()
-                .await
-                .restart(pb::RestartRequest {
-                    name: "roll".into(),
-                    force: false,
-                    ..Default::default()
-                })
-                .await
-                .expect("restart")
-                .into_inner()
-                .rollout_id
-        };
-        let status = loop {
-            let r = agent
-                .client()
-                .await
-                .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-                .await
-                .expect("get rollout")
-                .into_inner();
-            if r.state() != pb::RolloutState::Running || load.now() - t0 > ROLLOUT_TIMEOUT {
-                break r;
-            }
-            // Not more often: a tight poll of the agent would load the very CPU measured.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let id = start_rollout(&agent, update, &spec(port, &format!("v{round}"))).await;
+        let status = rollout_end(&agent, &id, std::time::Instant::now()).await;
         let t1 = load.now();
         let cpu1 = cpu_time(agent.pid());
         // Let the last old instance's requests finish before the load stops.
@@ -475,7 +480,7 @@ pub async fn bench(rounds: usize) {
             gap,
             succeeded: status.state() == pb::RolloutState::Succeeded,
         });
-        healthy().await;
+        wait_healthy(&agent).await;
     }
     summary(&all, true);
     agent.delete("roll").await.expect("delete");
@@ -687,10 +692,7 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         return;
     }
     let agent = Agent::start_logging(None, "warn").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = crate::free_port();
     if server.contains("+weighted") {
         weigh_parent(&agent);
     }
@@ -698,16 +700,7 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         .apply(&spec_for(server, port, "v0"))
         .await
         .expect("apply");
-    let healthy = || async {
-        for _ in 0..600 {
-            if agent.get("roll").await.is_ok_and(|s| s.healthy == REPLICAS) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("roll: {REPLICAS} healthy instances within 30 s");
-    };
-    healthy().await;
+    wait_healthy(&agent).await;
     println!(
         "corral: rollouts of {REPLICAS} {server} instances under `hey -c {CLIENTS} -disable-keepalive`: a {WINDOW} s run just before each rollout, and one of {WINDOW} s started with it"
     );
@@ -716,42 +709,13 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         let update = round % 2 == 1;
         let label = if update { "update " } else { "restart" };
         let roll = || async {
-            let id = if update {
-                agent
-                    .apply(&spec_for(server, port, &format!("v{round}")))
-                    .await
-                    .expect("update")
-                    .rollout_id
-            } else {
-                agent
-                    .client()
-                    .await
-                    .restart(pb::RestartRequest {
-                        name: "roll".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("restart")
-                    .into_inner()
-                    .rollout_id
-            };
-            let started = std::time::Instant::now();
-            loop {
-                let r = agent
-                    .client()
-                    .await
-                    .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-                    .await
-                    .expect("get rollout")
-                    .into_inner();
-                if r.state() != pb::RolloutState::Running || started.elapsed() > ROLLOUT_TIMEOUT {
-                    break (id, r.state() == pb::RolloutState::Succeeded);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let spec = spec_for(server, port, &format!("v{round}"));
+            let id = start_rollout(&agent, update, &spec).await;
+            let end = rollout_end(&agent, &id, std::time::Instant::now()).await;
+            (id, end.state() == pb::RolloutState::Succeeded)
         };
         all.extend(measured(port, label, roll).await);
-        healthy().await;
+        wait_healthy(&agent).await;
     }
     summary(&all, false);
     agent.delete("roll").await.expect("delete");
@@ -775,10 +739,7 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = crate::free_port();
     // Health ports for the Python server (it serves /healthz there, unused here).
     let admin = crate::free_port();
     let exe = if server.starts_with("python") {

@@ -21,12 +21,7 @@ fn spec(name: &str, replicas: u32, args: &[&str], extra: &str) -> String {
 
 /// Start time of a process (field 22 of /proc/PID/stat).
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    corral_e2e::stat_field(pid, 22)
 }
 
 /// (pid, init pid, start time of both, restarts) per instance id, for every service.
