@@ -1357,7 +1357,11 @@ http = "auto"
     assert_eq!(file("data/written").expect("written"), "written\n");
     assert_eq!(file("etc/hostname").expect("hostname").trim(), inst.id);
     assert!(file("etc/hosts").expect("hosts").contains("localhost"));
-    assert!(file("etc/resolv.conf").is_ok());
+    assert_eq!(
+        file("etc/resolv.conf").expect("resolv.conf"),
+        std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        "the host's resolv.conf"
+    );
     assert!(std::path::Path::new(&format!("{root}/dev/null")).exists());
     // The instance's own /proc: its init is PID 1 there.
     assert!(std::path::Path::new(&format!("{root}/proc/1/stat")).exists());

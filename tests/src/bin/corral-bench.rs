@@ -41,9 +41,8 @@ use corral_e2e::execwatch::{ExecWatch, monotonic_ns};
 use corral_e2e::fifo::Fifo;
 use corral_e2e::{Agent, pb, testbin};
 
+/// With `CORRAL_BENCH_RAW` set, also the samples in the order they were taken.
 fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
-    v.sort();
-    let pick = |q: f64| v[corral_e2e::quantile_index(v.len(), q)];
     let f = |d: Duration| {
         if unit_ms {
             format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -51,6 +50,12 @@ fn stats(name: &str, mut v: Vec<Duration>, unit_ms: bool) {
             format!("{:.0} µs", d.as_secs_f64() * 1e6)
         }
     };
+    if std::env::var_os("CORRAL_BENCH_RAW").is_some() {
+        let raw: Vec<String> = v.iter().map(|d| f(*d)).collect();
+        println!("{name}: {}", raw.join(", "));
+    }
+    v.sort();
+    let pick = |q: f64| v[corral_e2e::quantile_index(v.len(), q)];
     println!(
         "{name:<48} median {:>10}  p90 {:>10}  p99 {:>10}  max {:>10}  (n={})",
         f(pick(0.5)),
