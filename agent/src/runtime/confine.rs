@@ -14,8 +14,9 @@
 //!    `/proc/timer_list`, ... covered by `/dev/null`; `/proc/acpi`, `/proc/scsi`,
 //!    `/sys/firmware`, ... by an empty directory), `/proc/sys`, `/proc/sysrq-trigger`,
 //!    `/proc/irq`, `/proc/bus`, `/proc/fs` and all of `/sys` read-only, and, with a cgroup
-//!    namespace, each cgroup filesystem mounted again (read-only) so that it shows the
-//!    instance's cgroup as its root.
+//!    namespace, on each cgroup filesystem's mount point (read-only) the instance's cgroup
+//!    as its root: the directory bound from the host's tree where the agent knows it, else
+//!    the filesystem mounted again in the instance's cgroup namespace.
 //!
 //! Imports from the crate: nothing but `super` (the init's configuration).
 
@@ -320,10 +321,40 @@ pub(super) fn system_paths(
 /// Where the cgroup filesystems are.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// The instance's cgroup as the root of each cgroup filesystem it sees, read-only: each
+/// instance's directory bound over its hierarchy's mount point when every one is known (one
+/// bind each, about half the cost of mounting a v1 hierarchy again), else
+/// [`mounted_views`].
+fn cgroup_views(cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
+    let bound = cgroup_mounts.iter().try_for_each(|m| match &m.root {
+        Some(root) => mount(
+            Some(root.as_path()),
+            m.path.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ),
+        None => Err(nix::errno::Errno::ENOENT),
+    });
+    if bound.is_err() {
+        // A directory gone (the agent moved to another cgroup since it started) or not
+        // known: the tmpfs of the other way covers whatever was bound.
+        return mounted_views(cgroup_mounts);
+    }
+    set_attr(
+        libc::AT_FDCWD,
+        Path::new(CGROUP_ROOT),
+        true,
+        libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NOEXEC,
+        0,
+    )
+    .map_err(|e| format!("keeping the instance's cgroup views read-only: {e}"))
+}
+
 /// The cgroup filesystems mounted again in the instance's cgroup namespace, read-only, on a
 /// fresh tmpfs over `/sys/fs/cgroup` (the same filesystem cannot be mounted again right on
 /// the mount point where it already is).
-fn cgroup_views(cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
+fn mounted_views(cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
     let what = |path: &Path| format!("mounting the instance's cgroup view on {}", path.display());
     mount(
         Some("tmpfs"),

@@ -238,6 +238,7 @@ mod tests {
             path: "/sys/fs/cgroup".into(),
             fstype: "cgroup2".into(),
             options: String::new(),
+            root: None,
         }];
         init_config(
             &spec,

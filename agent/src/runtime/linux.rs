@@ -139,14 +139,18 @@ pub fn socket_dir(socket: &Path) -> Result<PathBuf, String> {
 }
 
 /// The cgroup filesystems mounted under `/sys/fs/cgroup`, from `/proc/self/mountinfo`'s
-/// text, with the mount data to mount each again (controllers and name; nothing for v2).
-pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+/// text, with the mount data to mount each again (controllers and name; nothing for v2), and
+/// as their [`CgroupMount::root`] the directory of this process's cgroup there, from
+/// `/proc/self/cgroup`'s text (`proc_cgroup`): the namespace root of an instance without a
+/// cgroup of its own in that hierarchy, since its init is in the agent's cgroup there.
+pub fn cgroup_mounts(mountinfo: &str, proc_cgroup: &str) -> Vec<CgroupMount> {
     let mut out: Vec<CgroupMount> = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        let Some(point) = left.split_whitespace().nth(4) else {
+        let mut fields = left.split_whitespace();
+        let (Some(mount_root), Some(point)) = (fields.nth(3), fields.next()) else {
             continue;
         };
         let mut r = right.split_whitespace();
@@ -167,16 +171,72 @@ pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
                 .collect();
             kept.join(",")
         };
+        let root = own_cgroup(proc_cgroup, fstype, &options).and_then(|own| {
+            // Below the mount's own root (not "/" when the host shows only a subtree).
+            Path::new(own)
+                .strip_prefix(mount_root)
+                .ok()
+                .map(|rel| Path::new(point).join(rel))
+        });
         let m = CgroupMount {
             path: PathBuf::from(point),
             fstype: fstype.to_string(),
             options,
+            root,
         };
         // A later mount on the same point hides the earlier one.
         out.retain(|o| o.path != m.path);
         out.push(m);
     }
     out
+}
+
+/// This process's cgroup path in the hierarchy mounted with `fstype` and `options`, from
+/// `/proc/self/cgroup`'s text: the line with no controllers for `cgroup2`, else the line whose
+/// controllers (and `name=`) are all among the mount's options.
+fn own_cgroup<'a>(proc_cgroup: &'a str, fstype: &str, options: &str) -> Option<&'a str> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let hit = if fstype == "cgroup2" {
+            ctrls.is_empty()
+        } else {
+            !ctrls.is_empty() && ctrls.split(',').all(|c| options.split(',').any(|o| o == c))
+        };
+        hit.then_some(path)
+    })
+}
+
+/// `mounts` with the instance's own cgroup directories (`joined`: its directories, in the
+/// hierarchies the agent made one in) as the roots of their hierarchies.
+fn instance_cgroup_views(mounts: &[CgroupMount], joined: &[PathBuf]) -> Vec<CgroupMount> {
+    mounts
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            // The deepest mount holding it: a v2 mount on `/sys/fs/cgroup` holds nothing of
+            // a v1 one on `/sys/fs/cgroup/memory`, but a path check alone would say it does.
+            if let Some(dir) = joined.iter().find(|d| {
+                d.starts_with(&m.path)
+                    && !mounts.iter().any(|o| {
+                        o.path != m.path && o.path.starts_with(&m.path) && d.starts_with(&o.path)
+                    })
+            }) {
+                m.root = Some(dir.clone());
+            }
+            m
+        })
+        .collect()
+}
+
+/// The directory an fd opened in it names (`tasks`/`cgroup.procs`: `file`), by its link.
+fn dir_of_fd(fd: RawFd, file: bool) -> Option<PathBuf> {
+    let path = fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    if file {
+        path.parent().map(Path::to_path_buf)
+    } else {
+        Some(path)
+    }
 }
 
 impl LinuxRuntime {
@@ -201,7 +261,10 @@ impl LinuxRuntime {
             own: resolve_identity(None, None, "").ok().flatten(),
             // Absolute and without symlinks: instances resolve it in their own mount table.
             masked: vec![fs::canonicalize(state_dir)?],
-            cgroup_mounts: cgroup_mounts(&mountinfo),
+            cgroup_mounts: cgroup_mounts(
+                &mountinfo,
+                &fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+            ),
             users: None,
             userns: None,
             idmaps: Mutex::new(HashMap::new()),
@@ -631,6 +694,22 @@ impl Processes for LinuxRuntime {
             workdir_mount.is_some(),
         )
         .with_image(layer_mount.is_some(), rootfs_mount.is_some());
+        // The instance's cgroup directories, shown as the roots of its cgroup views.
+        let cgroup_views = if spec.isolation.has(Namespace::Cgroup) {
+            let joined: Vec<PathBuf> = req
+                .cgroup_procs
+                .iter()
+                .filter_map(|fd| dir_of_fd(fd.as_raw_fd(), true))
+                .chain(
+                    req.cgroup_dir
+                        .as_ref()
+                        .and_then(|fd| dir_of_fd(fd.as_raw_fd(), false)),
+                )
+                .collect();
+            instance_cgroup_views(&self.cgroup_mounts, &joined)
+        } else {
+            Vec::new()
+        };
         let mut config = launch::init_config(
             spec,
             req.index,
@@ -644,7 +723,7 @@ impl Processes for LinuxRuntime {
             HostView {
                 log_dir: &log_dir,
                 masked: &self.masked,
-                cgroup_mounts: &self.cgroup_mounts,
+                cgroup_mounts: &cgroup_views,
                 artifact: req.artifact,
                 image: image_plan.as_ref().zip(image_root.as_ref()),
             },
@@ -1394,6 +1473,140 @@ mod tests {
     }
 
     use super::*;
+
+    /// A hybrid host's mountinfo: the v1 hierarchies (cpu and cpuacct joined, as most
+    /// distributions do), a named one, the unified one, and a v1 mount of a subtree only.
+    const MOUNTINFO: &str = "\
+25 1 0:21 / / rw,relatime - ext4 /dev/vda rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
+33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+34 30 0:30 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+35 30 0:31 /outer /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids
+36 30 0:32 /elsewhere /sys/fs/cgroup/blkio rw,nosuid - cgroup cgroup rw,blkio
+";
+    const PROC_CGROUP: &str = "\
+5:blkio:/agent.slice
+4:pids:/outer/agent.slice
+3:memory:/agent.slice
+2:cpu,cpuacct:/agent.slice
+1:name=systemd:/agent.slice
+0::/agent.slice
+";
+
+    #[test]
+    fn cgroup_mounts_are_found_with_the_agents_own_directory_in_each() {
+        let mounts = cgroup_mounts(MOUNTINFO, PROC_CGROUP);
+        let got: Vec<(&str, &str, &str, Option<&str>)> = mounts
+            .iter()
+            .map(|m| {
+                (
+                    m.path.to_str().unwrap_or(""),
+                    m.fstype.as_str(),
+                    m.options.as_str(),
+                    m.root.as_deref().and_then(Path::to_str),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "/sys/fs/cgroup/unified",
+                    "cgroup2",
+                    "",
+                    Some("/sys/fs/cgroup/unified/agent.slice")
+                ),
+                (
+                    "/sys/fs/cgroup/systemd",
+                    "cgroup",
+                    "xattr,name=systemd",
+                    Some("/sys/fs/cgroup/systemd/agent.slice")
+                ),
+                (
+                    "/sys/fs/cgroup/cpu,cpuacct",
+                    "cgroup",
+                    "cpu,cpuacct",
+                    Some("/sys/fs/cgroup/cpu,cpuacct/agent.slice")
+                ),
+                (
+                    "/sys/fs/cgroup/memory",
+                    "cgroup",
+                    "memory",
+                    Some("/sys/fs/cgroup/memory/agent.slice")
+                ),
+                // The mount shows /outer: the agent's cgroup is below it.
+                (
+                    "/sys/fs/cgroup/pids",
+                    "cgroup",
+                    "pids",
+                    Some("/sys/fs/cgroup/pids/agent.slice")
+                ),
+                // The agent's cgroup is outside what the mount shows: mounted again.
+                ("/sys/fs/cgroup/blkio", "cgroup", "blkio", None),
+            ]
+        );
+        // Without /proc/self/cgroup nothing is known: every hierarchy is mounted again.
+        assert!(
+            cgroup_mounts(MOUNTINFO, "")
+                .iter()
+                .all(|m| m.root.is_none())
+        );
+    }
+
+    #[test]
+    fn an_instance_sees_its_own_directory_where_it_has_one() {
+        let mounts = cgroup_mounts(MOUNTINFO, PROC_CGROUP);
+        let joined = [
+            PathBuf::from("/sys/fs/cgroup/memory/agent.slice/corral/web/web-0"),
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/agent.slice/corral/web/web-0"),
+        ];
+        let views = instance_cgroup_views(&mounts, &joined);
+        let root = |path: &str| {
+            views
+                .iter()
+                .find(|m| m.path == Path::new(path))
+                .and_then(|m| m.root.clone())
+        };
+        assert_eq!(
+            root("/sys/fs/cgroup/memory"),
+            Some(joined[0].clone()),
+            "its own memory cgroup"
+        );
+        assert_eq!(root("/sys/fs/cgroup/cpu,cpuacct"), Some(joined[1].clone()));
+        assert_eq!(
+            root("/sys/fs/cgroup/systemd"),
+            Some(PathBuf::from("/sys/fs/cgroup/systemd/agent.slice")),
+            "the agent's where the instance has none"
+        );
+        // v2 alone: the instance's directory below the one mount.
+        let v2 = cgroup_mounts(
+            "31 25 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n",
+            "0::/system.slice/corrald.service\n",
+        );
+        let dir = PathBuf::from("/sys/fs/cgroup/system.slice/corrald.service/corral/web/web-0");
+        let views = instance_cgroup_views(&v2, std::slice::from_ref(&dir));
+        assert_eq!(views[0].root.as_ref(), Some(&dir));
+        // A v2 mount on /sys/fs/cgroup does not take a v1 directory below another mount.
+        let mixed = [
+            CgroupMount {
+                path: "/sys/fs/cgroup".into(),
+                fstype: "cgroup2".into(),
+                options: String::new(),
+                root: None,
+            },
+            CgroupMount {
+                path: "/sys/fs/cgroup/memory".into(),
+                fstype: "cgroup".into(),
+                options: "memory".into(),
+                root: None,
+            },
+        ];
+        let views = instance_cgroup_views(&mixed, &joined[..1]);
+        assert_eq!(views[0].root, None);
+        assert_eq!(views[1].root.as_ref(), Some(&joined[0]));
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {

@@ -143,6 +143,12 @@ pub struct CgroupMount {
     /// The mount data: the controllers and name of a v1 hierarchy (`cpu,cpuacct`,
     /// `none,name=systemd`), empty for cgroup2.
     pub options: String,
+    /// The directory of the host's tree (below `path`) that is the instance's cgroup in this
+    /// hierarchy: bound on `path` in the instance, which shows the same as mounting the
+    /// hierarchy again in its cgroup namespace, for a fraction of the cost. `None` (unknown,
+    /// or an older agent's configuration): mounted again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
 }
 
 /// The whole content of a file shared with other processes (a sealed memfd), read with
