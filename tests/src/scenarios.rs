@@ -83,7 +83,8 @@ fn instance_rel(service: &str, instance: &str) -> String {
     format!("corral/{service}/{instance}")
 }
 
-/// Limits written to the kernel, namespaces, user, hostname, private /tmp, env.
+/// Limits written to the kernel, namespaces, the instance's own cgroup as the root of its
+/// cgroup view, user, hostname, private /tmp, env.
 pub async fn limits_and_isolation() {
     let agent = Agent::start().await;
     let toml = spec(
@@ -130,6 +131,7 @@ hostname = "lim-{index}"
             cg.pids(&rel).contains(&pid),
             "service pid {pid} is in {rel}"
         );
+        own_cgroup_view(&agent, "lim", &inst.id, pid, inst.init_pid);
         for ns in ["pid", "mnt", "uts", "ipc"] {
             let mine = ns_of(pid, ns);
             assert!(!mine.is_empty(), "{ns} of {pid}");
