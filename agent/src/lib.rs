@@ -32,6 +32,7 @@ pub mod host;
 pub mod logs;
 pub mod metrics;
 pub mod num;
+pub mod procfs;
 pub mod rollout;
 pub mod runtime;
 pub mod schedule;

@@ -225,7 +225,8 @@ impl TestCgroup {
     }
 }
 
-fn collect_pids(dir: &Path, out: &mut Vec<i32>) {
+/// The PIDs in `dir`'s `cgroup.procs` and in those of every cgroup beneath it.
+pub fn collect_pids(dir: &Path, out: &mut Vec<i32>) {
     if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
     }

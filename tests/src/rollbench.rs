@@ -227,17 +227,6 @@ struct SchedSampler {
     thread: std::thread::JoinHandle<Vec<(Duration, i32, u64)>>,
 }
 
-fn procs_below(dir: &std::path::Path, out: &mut Vec<i32>) {
-    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    }
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            procs_below(&entry.path(), out);
-        }
-    }
-}
-
 impl SchedSampler {
     fn start(service: std::path::PathBuf, load: &Load) -> SchedSampler {
         let stop = Arc::new(AtomicBool::new(false));
@@ -250,7 +239,7 @@ impl SchedSampler {
             while !s.load(Ordering::Relaxed) {
                 if scanned.is_none_or(|t| t.elapsed() > Duration::from_millis(100)) {
                     pids.clear();
-                    procs_below(&service, &mut pids);
+                    crate::cgroup::collect_pids(&service, &mut pids);
                     scanned = Some(std::time::Instant::now());
                 }
                 let at = started.elapsed();

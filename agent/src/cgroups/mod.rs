@@ -9,7 +9,7 @@
 //! there). `recording::RecordingCgroups` (tests and the `testkit` feature) is an in-memory
 //! backend for the supervisor's tests.
 //!
-//! Imports from the crate: `spec` only.
+//! Imports from the crate: `spec` and `procfs` only.
 
 pub mod detect;
 pub mod devices;

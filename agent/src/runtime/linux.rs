@@ -12,7 +12,7 @@
 //!
 //! What the runtime keeps for all instances: the directories every instance with a mount
 //! namespace gets masked (the state directory, the API socket's directory), the host's
-//! cgroup mounts (mounted again inside instances with a cgroup namespace), the dynamic users,
+//! cgroup mounts (shown inside instances with a cgroup namespace), the dynamic users,
 //! the user namespaces' blocks of ids (and the namespaces that idmap workdirs), and the
 //! compiled seccomp filters, one per distinct [`seccomp::Policy`].
 
@@ -144,44 +144,39 @@ pub fn socket_dir(socket: &Path) -> Result<PathBuf, String> {
 /// `/proc/self/cgroup`'s text (`proc_cgroup`): the namespace root of an instance without a
 /// cgroup of its own in that hierarchy, since its init is in the agent's cgroup there.
 pub fn cgroup_mounts(mountinfo: &str, proc_cgroup: &str) -> Vec<CgroupMount> {
+    let own = crate::procfs::parse_proc_cgroup(proc_cgroup);
     let mut out: Vec<CgroupMount> = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut fields = left.split_whitespace();
-        let (Some(mount_root), Some(point)) = (fields.nth(3), fields.next()) else {
-            continue;
-        };
-        let mut r = right.split_whitespace();
-        let (Some(fstype), _, Some(options)) = (r.next(), r.next(), r.next()) else {
-            continue;
-        };
-        if !(fstype == "cgroup" || fstype == "cgroup2")
-            || !(point == "/sys/fs/cgroup" || point.starts_with("/sys/fs/cgroup/"))
-        {
+    for m in crate::procfs::parse_mountinfo(mountinfo) {
+        let v2 = m.fs_type == "cgroup2";
+        if !(v2 || m.fs_type == "cgroup") || !m.mount_point.starts_with("/sys/fs/cgroup") {
             continue;
         }
-        let options = if fstype == "cgroup2" {
-            String::new()
-        } else {
-            let kept: Vec<&str> = options
-                .split(',')
-                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent="))
-                .collect();
-            kept.join(",")
-        };
-        let root = own_cgroup(proc_cgroup, fstype, &options).and_then(|own| {
-            // Below the mount's own root (not "/" when the host shows only a subtree).
-            Path::new(own)
-                .strip_prefix(mount_root)
-                .ok()
-                .map(|rel| Path::new(point).join(rel))
-        });
+        let options: Vec<&str> = m
+            .super_options
+            .iter()
+            .map(String::as_str)
+            .filter(|o| !v2 && !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent="))
+            .collect();
+        // This process's line: the one without controllers for cgroup2, else the one whose
+        // controllers (and `name=`) are all among the mount's options; then its directory,
+        // below the mount's own root (not "/" when the host shows only a subtree).
+        let root = own
+            .iter()
+            .find(|c| {
+                if v2 {
+                    c.controllers.is_empty()
+                } else {
+                    !c.controllers.is_empty()
+                        && c.controllers.iter().all(|n| options.contains(&n.as_str()))
+                }
+            })
+            .and_then(|c| c.live().ok())
+            .and_then(|path| crate::procfs::mount_relative(path, &m.root))
+            .map(|rel| m.mount_point.join(rel));
         let m = CgroupMount {
-            path: PathBuf::from(point),
-            fstype: fstype.to_string(),
-            options,
+            options: options.join(","),
+            path: m.mount_point,
+            fstype: m.fs_type,
             root,
         };
         // A later mount on the same point hides the earlier one.
@@ -189,22 +184,6 @@ pub fn cgroup_mounts(mountinfo: &str, proc_cgroup: &str) -> Vec<CgroupMount> {
         out.push(m);
     }
     out
-}
-
-/// This process's cgroup path in the hierarchy mounted with `fstype` and `options`, from
-/// `/proc/self/cgroup`'s text: the line with no controllers for `cgroup2`, else the line whose
-/// controllers (and `name=`) are all among the mount's options.
-fn own_cgroup<'a>(proc_cgroup: &'a str, fstype: &str, options: &str) -> Option<&'a str> {
-    proc_cgroup.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let hit = if fstype == "cgroup2" {
-            ctrls.is_empty()
-        } else {
-            !ctrls.is_empty() && ctrls.split(',').all(|c| options.split(',').any(|o| o == c))
-        };
-        hit.then_some(path)
-    })
 }
 
 /// `mounts` with the instance's own cgroup directories (`joined`: its directories, in the
@@ -229,14 +208,9 @@ fn instance_cgroup_views(mounts: &[CgroupMount], joined: &[PathBuf]) -> Vec<Cgro
         .collect()
 }
 
-/// The directory an fd opened in it names (`tasks`/`cgroup.procs`: `file`), by its link.
-fn dir_of_fd(fd: RawFd, file: bool) -> Option<PathBuf> {
-    let path = fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-    if file {
-        path.parent().map(Path::to_path_buf)
-    } else {
-        Some(path)
-    }
+/// The path an open fd names, by its link in `/proc/self/fd`.
+fn fd_path(fd: RawFd) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/self/fd/{fd}")).ok()
 }
 
 impl LinuxRuntime {
@@ -699,11 +673,12 @@ impl Processes for LinuxRuntime {
             let joined: Vec<PathBuf> = req
                 .cgroup_procs
                 .iter()
-                .filter_map(|fd| dir_of_fd(fd.as_raw_fd(), true))
+                // Each a file (`tasks`) in the directory.
+                .filter_map(|fd| Some(fd_path(fd.as_raw_fd())?.parent()?.to_path_buf()))
                 .chain(
                     req.cgroup_dir
                         .as_ref()
-                        .and_then(|fd| dir_of_fd(fd.as_raw_fd(), false)),
+                        .and_then(|fd| fd_path(fd.as_raw_fd())),
                 )
                 .collect();
             instance_cgroup_views(&self.cgroup_mounts, &joined)
@@ -1485,8 +1460,12 @@ mod tests {
 34 30 0:30 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
 35 30 0:31 /outer /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids
 36 30 0:32 /elsewhere /sys/fs/cgroup/blkio rw,nosuid - cgroup cgroup rw,blkio
+37 30 0:33 / /sys/fs/cgroup/odd\\040name rw,nosuid - cgroup cgroup rw,freezer
+38 30 0:34 / /sys/fs/cgroup/net_cls rw,nosuid - cgroup cgroup rw,net_cls
 ";
     const PROC_CGROUP: &str = "\
+7:net_cls:/gone (deleted)
+6:freezer:/agent.slice
 5:blkio:/agent.slice
 4:pids:/outer/agent.slice
 3:memory:/agent.slice
@@ -1545,6 +1524,15 @@ mod tests {
                 ),
                 // The agent's cgroup is outside what the mount shows: mounted again.
                 ("/sys/fs/cgroup/blkio", "cgroup", "blkio", None),
+                // mountinfo's octal escapes undone.
+                (
+                    "/sys/fs/cgroup/odd name",
+                    "cgroup",
+                    "freezer",
+                    Some("/sys/fs/cgroup/odd name/agent.slice")
+                ),
+                // The agent's cgroup was removed: mounted again.
+                ("/sys/fs/cgroup/net_cls", "cgroup", "net_cls", None),
             ]
         );
         // Without /proc/self/cgroup nothing is known: every hierarchy is mounted again.

@@ -8,7 +8,7 @@
 //! The data the agent hands to an instance's init ([`InitConfig`]) and the record the init
 //! leaves when the service ends ([`ExitRecord`]) are defined here, since both sides use them.
 //!
-//! Imports from the crate: `spec` only.
+//! Imports from the crate: `spec` and `procfs` only.
 //!
 //! Inside: [`clone`] starts a process into namespaces and a cgroup (for [`linux`], the agent's
 //! side, and [`probe_exec`], the agent's side of exec probes); [`init`] and [`probe_helper`]

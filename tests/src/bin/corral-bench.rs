@@ -623,7 +623,7 @@ async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
         }
         if hybrid {
             // The parent crun made its container cgroups in, named after the bench's own.
-            let _ = std::fs::remove_dir(Path::new(UNIFIED).join(agent.cgroup.flag()));
+            let _ = std::fs::remove_dir(unified_path().join(agent.cgroup.flag()));
         }
         if let Some(why) = failed {
             println!(
@@ -650,14 +650,18 @@ async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
 }
 
 /// Where a hybrid host mounts its unified (v2) hierarchy.
-const UNIFIED: &str = "/sys/fs/cgroup/unified";
+const UNIFIED: &std::ffi::CStr = c"/sys/fs/cgroup/unified";
+
+fn unified_path() -> &'static Path {
+    Path::new(UNIFIED.to_str().unwrap_or_default())
+}
 
 /// A hybrid host: v1 hierarchies under `/sys/fs/cgroup`, the unified one at [`UNIFIED`].
 fn hybrid_cgroups() -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace().skip(1);
-        f.next() == Some(UNIFIED) && f.next() == Some("cgroup2")
+        f.next().map(Path::new) == Some(unified_path()) && f.next() == Some("cgroup2")
     }) && corral_e2e::cgroup::version() == corral_e2e::cgroup::Version::V1
 }
 
@@ -685,7 +689,7 @@ fn unified_only(cmd: &mut std::process::Command) {
                 std::ptr::null(),
             ))?;
             check(libc::mount(
-                c"/sys/fs/cgroup/unified".as_ptr(),
+                UNIFIED.as_ptr(),
                 c"/sys/fs/cgroup".as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
