@@ -32,6 +32,7 @@ pub mod host;
 pub mod logs;
 pub mod metrics;
 pub mod num;
+pub mod phases;
 pub mod procfs;
 pub mod rollout;
 pub mod runtime;

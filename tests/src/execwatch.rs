@@ -3,6 +3,10 @@
 //! kernel's `CLOCK_MONOTONIC` time of the exec. The start benchmarks time "Apply -> the
 //! service process has executed" with it, from outside corral and without polling `/proc`.
 //!
+//! The fork events come along: [`ExecWatch::fork_of`] says when a process that executed was
+//! forked, and by whom, which splits a start into the init's clone, its setup and the service's
+//! own steps before `execve`.
+//!
 //! Root only, and in the initial network namespace (the connector exists only there).
 
 use std::io;
@@ -13,7 +17,10 @@ const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
 const PROC_CN_MCAST_LISTEN: u32 = 1;
+const PROC_EVENT_FORK: u32 = 1;
 const PROC_EVENT_EXEC: u32 = 2;
+/// Forks kept for [`ExecWatch::fork_of`]: the oldest half is dropped beyond this.
+const FORKS_KEPT: usize = 1 << 16;
 /// `struct nlmsghdr`.
 const NLMSG_HDR: usize = 16;
 /// `struct cn_msg` without its data.
@@ -39,7 +46,34 @@ fn socklen<T>() -> libc::socklen_t {
 /// each process's command line at once, while a short-lived process (a job's) still runs.
 #[derive(Debug)]
 pub struct ExecWatch {
-    rx: std::sync::mpsc::Receiver<(Exec, String)>,
+    rx: std::sync::mpsc::Receiver<Seen>,
+    /// Forks read so far, by the new process's PID.
+    forks: std::collections::HashMap<i32, Fork>,
+    /// Their order, to drop the oldest.
+    fork_order: std::collections::VecDeque<i32>,
+}
+
+/// What the reading thread passes on.
+#[derive(Debug)]
+enum Seen {
+    Exec(Exec, String),
+    Fork(Fork),
+}
+
+/// One event off the socket.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Exec(Exec),
+    Fork(Fork),
+}
+
+/// A new process (not a thread): who forked it, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Fork {
+    pub parent: i32,
+    pub child: i32,
+    /// The kernel's `CLOCK_MONOTONIC` time of the fork, in nanoseconds.
+    pub at_ns: u64,
 }
 
 /// The socket the thread reads.
@@ -64,17 +98,41 @@ impl ExecWatch {
         std::thread::spawn(move || {
             // Ends when the watch is dropped (the send fails) or the socket fails.
             while let Ok(next) = events.next(Duration::from_secs(3600)) {
-                let Some(e) = next else { continue };
-                let cmdline = std::fs::read(format!("/proc/{}/cmdline", e.pid)).unwrap_or_default();
-                if tx
-                    .send((e, String::from_utf8_lossy(&cmdline).into_owned()))
-                    .is_err()
-                {
+                let seen = match next {
+                    None => continue,
+                    Some(Event::Fork(f)) => Seen::Fork(f),
+                    Some(Event::Exec(e)) => {
+                        let cmdline =
+                            std::fs::read(format!("/proc/{}/cmdline", e.pid)).unwrap_or_default();
+                        Seen::Exec(e, String::from_utf8_lossy(&cmdline).into_owned())
+                    }
+                };
+                if tx.send(seen).is_err() {
                     return;
                 }
             }
         });
-        Ok(ExecWatch { rx })
+        Ok(ExecWatch {
+            rx,
+            forks: std::collections::HashMap::new(),
+            fork_order: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// The fork that made process `pid`, among those read so far (a process seen executing by
+    /// [`ExecWatch::wait`] was forked before, so its fork has been read).
+    pub fn fork_of(&self, pid: i32) -> Option<Fork> {
+        self.forks.get(&pid).copied()
+    }
+
+    fn keep_fork(&mut self, f: Fork) {
+        if self.fork_order.len() >= FORKS_KEPT {
+            for old in self.fork_order.drain(..FORKS_KEPT / 2) {
+                self.forks.remove(&old);
+            }
+        }
+        self.fork_order.push_back(f.child);
+        self.forks.insert(f.child, f);
     }
 
     /// From `since_ns` to the last of the next `n` execs of `marker` (see [`ExecWatch::wait`]),
@@ -106,7 +164,11 @@ impl ExecWatch {
         let mut seen = Vec::with_capacity(n);
         while seen.len() < n {
             let (e, cmdline) = match self.rx.recv_timeout(timeout) {
-                Ok(next) => next,
+                Ok(Seen::Exec(e, cmdline)) => (e, cmdline),
+                Ok(Seen::Fork(f)) => {
+                    self.keep_fork(f);
+                    continue;
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -194,8 +256,8 @@ impl Events {
         Ok(Events { fd })
     }
 
-    /// The next exec event (pid, kernel time), or `None` when none came within `timeout`.
-    fn next(&mut self, timeout: Duration) -> io::Result<Option<Exec>> {
+    /// The next exec or process fork event, or `None` when none came within `timeout`.
+    fn next(&mut self, timeout: Duration) -> io::Result<Option<Event>> {
         let mut buf = [0u8; 256];
         loop {
             let mut pfd = libc::pollfd {
@@ -237,16 +299,35 @@ impl Events {
                     u64::from_ne_bytes(a)
                 })
             };
-            if u32_at(ev) != Some(PROC_EVENT_EXEC) {
-                continue;
-            }
-            let (Some(at_ns), Some(tgid)) = (u64_at(ev + 8), u32_at(ev + 20)) else {
+            let pid = |o: usize| u32_at(o).and_then(|v| i32::try_from(v).ok());
+            let Some(at_ns) = u64_at(ev + 8) else {
                 continue;
             };
-            return Ok(Some(Exec {
-                pid: i32::try_from(tgid).unwrap_or(0),
-                at_ns,
-            }));
+            match u32_at(ev) {
+                // exec_proc_event: process_pid, process_tgid.
+                Some(PROC_EVENT_EXEC) => {
+                    let Some(tgid) = pid(ev + 20) else { continue };
+                    return Ok(Some(Event::Exec(Exec { pid: tgid, at_ns })));
+                }
+                // fork_proc_event: parent_pid, parent_tgid, child_pid, child_tgid.
+                Some(PROC_EVENT_FORK) => {
+                    let (Some(parent), Some(child_pid), Some(child)) =
+                        (pid(ev + 20), pid(ev + 24), pid(ev + 28))
+                    else {
+                        continue;
+                    };
+                    // A thread is no new process.
+                    if child_pid != child {
+                        continue;
+                    }
+                    return Ok(Some(Event::Fork(Fork {
+                        parent,
+                        child,
+                        at_ns,
+                    })));
+                }
+                _ => continue,
+            }
         }
     }
 }

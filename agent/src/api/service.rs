@@ -544,6 +544,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
+        tracing::debug!(target: crate::phases::TARGET, at_ns = crate::phases::now_ns(), "apply received");
         let audit = AuditNote::of(&req);
         if !req.get_ref().dry_run {
             super::auth::may_change(&req, "Apply")?;
@@ -780,6 +781,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::RunJobRequest>,
     ) -> Result<Response<pb::JobRun>, Status> {
+        tracing::debug!(target: crate::phases::TARGET, at_ns = crate::phases::now_ns(), "run received");
         AuditNote::set(&req, &req.get_ref().name);
         let req = req.into_inner();
         check_name("name", &req.name)?;

@@ -3,7 +3,8 @@
 //!   cargo build --release --workspace && sudo target/release/corral-bench [ROUNDS] [SECTION...]
 //!
 //! Sections: `core` (start/stop/replace/List/memory/re-adoption/log throughput), `start`
-//! (only the start figures of `core`: apply -> 1 and 50 executed, kill -9 -> replaced), `health`
+//! (only the start figures of `core`: apply -> 1 and 50 executed, kill -9 -> replaced, the
+//! first and the last also step by step: API, admission, cgroup, clone, init setup, exec), `health`
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
 //! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
 //! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
@@ -210,7 +211,11 @@ async fn main() {
 async fn jobs(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-jobs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let agent = Agent::start_logging(None, "warn").await;
+    let agent = Agent::start_logging(
+        None,
+        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+    )
+    .await;
     let mut fifo = Fifo::new(&dir, "jobs");
     let fifo_path = fifo.path.display().to_string();
     let job = |name: &str, extra: &str| {
@@ -225,6 +230,7 @@ async fn jobs(rounds: usize) {
     let mut client = agent.client().await;
     let mut watch = ExecWatch::subscribe();
     let (mut took, mut took_write) = (Vec::new(), Vec::new());
+    let mut marks = Vec::new();
     for _ in 0..rounds {
         let (t0, t) = (monotonic_ns(), Instant::now());
         client
@@ -236,12 +242,15 @@ async fn jobs(rounds: usize) {
             .expect("run job");
         fifo.wait_bytes(1).await;
         took_write.push(t.elapsed());
-        took.push(watch.took(&fifo_path, 1, t0));
+        let exec = one_exec(&mut watch, &fifo_path, t0);
+        took.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
+        marks.push((t0, exec));
         // Let the run end and be cleaned up before the next.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stats("RunJob -> job process executed", took, true);
     stats("RunJob -> job process's first write", took_write, true);
+    phases("RunJob", "the call", &agent.log_text(), &watch, &marks);
     delete(&agent, "trigger").await;
 
     let hold: u64 = std::env::var("JOBS_HOLD_SECS")
@@ -846,7 +855,11 @@ async fn start(rounds: usize) {
 /// An agent for the start figures: 50 instances of 0.5 cores each on a small host are
 /// committed on purpose beyond its CPUs.
 async fn start_agent() -> Agent {
-    let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
+    let agent = Agent::start_full_args(
+        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+        &["--overcommit", "cpu=100"],
+    )
+    .await;
     println!(
         "corrald {} ({})",
         corral_e2e::bin("corrald").display(),
@@ -871,21 +884,24 @@ async fn core(rounds: usize) {
 async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
     let mut watch = ExecWatch::subscribe();
     let marker = fifo.path.display().to_string();
-    let mut execs = |n: usize, t0: u64| watch.took(&marker, n, t0);
 
     // 1. Apply -> one instance executed.
     let (mut one, mut one_write) = (Vec::new(), Vec::new());
+    let mut marks = Vec::new();
     for r in 0..rounds {
         let name = format!("one-{r}");
         let (t0, t) = (monotonic_ns(), Instant::now());
         apply(agent, &spec(&name, 1, &fifo.path, "")).await;
         fifo.wait_bytes(1).await;
         one_write.push(t.elapsed());
-        one.push(execs(1, t0));
+        let exec = one_exec(&mut watch, &marker, t0);
+        one.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
+        marks.push((t0, exec));
         delete(agent, &name).await;
     }
     stats("apply -> 1 instance executed", one, true);
     stats("apply -> 1 instance's first write", one_write, true);
+    phases("apply -> 1", "the call", &agent.log_text(), &watch, &marks);
 
     // 2. Apply -> 50 instances executed; 3. delete of 50 (exit on SIGTERM) -> all gone.
     let (mut fifty, mut fifty_write) = (Vec::new(), Vec::new());
@@ -896,7 +912,7 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         apply(agent, &spec(&name, 50, &fifo.path, "")).await;
         fifo.wait_bytes(50).await;
         fifty_write.push(t.elapsed());
-        fifty.push(execs(50, t0));
+        fifty.push(watch.took(&marker, 50, t0));
         let t = Instant::now();
         delete(agent, &name).await;
         stop.push(t.elapsed());
@@ -913,13 +929,16 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
     .await;
     fifo.wait_bytes(1).await;
     let (mut replace, mut replace_write) = (Vec::new(), Vec::new());
+    marks.clear();
     for _ in 0..rounds {
         let pid = agent.wait_running("k9", 1).await[0].pid;
         let (t0, t) = (monotonic_ns(), Instant::now());
         corral_e2e::kill9(pid);
         fifo.wait_bytes(1).await;
         replace_write.push(t.elapsed());
-        replace.push(execs(1, t0));
+        let exec = one_exec(&mut watch, &marker, t0);
+        replace.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
+        marks.push((t0, exec));
     }
     stats(
         "kill -9 -> replacement executed (backoff 0s)",
@@ -927,7 +946,125 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         true,
     );
     stats("kill -9 -> replacement's first write", replace_write, true);
+    phases(
+        "kill -9 -> replacement",
+        "the kill",
+        &agent.log_text(),
+        &watch,
+        &marks,
+    );
     delete(agent, "k9").await;
+}
+
+/// The next exec of `marker` at or after `t0`, within 30 s; panics when none comes.
+fn one_exec(watch: &mut ExecWatch, marker: &str, t0: u64) -> corral_e2e::execwatch::Exec {
+    match watch.wait(marker, 1, t0, Duration::from_secs(30)) {
+        Ok(seen) if !seen.is_empty() => seen[0],
+        Ok(_) => panic!("no exec of {marker:?}"),
+        Err(e) => panic!("exec events of {marker:?}: {e}"),
+    }
+}
+
+/// Where the time of each start went, from `t0` (the call, or the kill) to the service's exec:
+/// the agent's phase lines (`corral_agent::phases`, matched to the start by the init's PID)
+/// between the kernel's fork of the init, its fork of the service, and the exec. Prints the
+/// median etc. of each step over `starts`; steps the agent did not log (a start without an
+/// API call) are left out.
+fn phases(
+    what: &str,
+    origin: &str,
+    log: &str,
+    watch: &ExecWatch,
+    starts: &[(u64, corral_e2e::execwatch::Exec)],
+) {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(corral_agent::phases::TARGET))
+        .collect();
+    // (step, samples), in the order of the path.
+    let mut steps: Vec<(String, Vec<Duration>)> = Vec::new();
+    let mut agent_back = Vec::new();
+    for &(t0, exec) in starts {
+        let Some(service) = watch.fork_of(exec.pid) else {
+            continue;
+        };
+        // The init: the nearest ancestor the agent logged a start for.
+        let mut pid = service.parent;
+        let mut found = None;
+        for _ in 0..3 {
+            let start = lines
+                .iter()
+                .rev()
+                .find(|l| l.contains(" start") && log_field(l, "pid") == u64::try_from(pid).ok());
+            if let Some(l) = start {
+                found = Some(*l);
+                break;
+            }
+            match watch.fork_of(pid) {
+                Some(f) => pid = f.parent,
+                None => break,
+            }
+        }
+        let (Some(start), Some(init)) = (found, watch.fork_of(pid)) else {
+            continue;
+        };
+        let (Some(begin), Some(cgroup), Some(spawned)) = (
+            log_field(start, "begin_ns"),
+            log_field(start, "cgroup_ns"),
+            log_field(start, "spawned_ns"),
+        ) else {
+            continue;
+        };
+        let logged = |msg: &str, after: u64| {
+            lines
+                .iter()
+                .filter(|l| l.contains(msg))
+                .filter_map(|l| log_field(l, "at_ns"))
+                .filter(|&at| at >= after && at <= begin)
+                .last()
+        };
+        let received = logged("received", t0);
+        let saved = logged("apply saved", received.unwrap_or(t0));
+        let marks = [
+            (origin, Some(t0)),
+            ("the API handler", received),
+            ("admitted and saved", saved),
+            ("the instance's start", Some(begin)),
+            ("its cgroup ready", Some(cgroup)),
+            ("the init cloned", Some(init.at_ns)),
+            ("the service forked", Some(service.at_ns)),
+            ("executed", Some(exec.at_ns)),
+        ];
+        let present: Vec<(&str, u64)> = marks
+            .iter()
+            .filter_map(|&(name, at)| at.map(|at| (name, at)))
+            .collect();
+        for pair in present.windows(2) {
+            let step = format!("  {} -> {}", pair[0].0, pair[1].0);
+            let took = Duration::from_nanos(pair[1].1.saturating_sub(pair[0].1));
+            match steps.iter_mut().find(|(s, _)| *s == step) {
+                Some((_, v)) => v.push(took),
+                None => steps.push((step, vec![took])),
+            }
+        }
+        agent_back.push(Duration::from_nanos(spawned.saturating_sub(init.at_ns)));
+    }
+    if steps.is_empty() {
+        println!(
+            "{what}: no phase lines matched (is `{}=debug` in the agent's filter?)",
+            corral_agent::phases::TARGET
+        );
+        return;
+    }
+    println!("{what}, step by step (agent's phase log and the kernel's fork/exec events):");
+    for (step, v) in steps {
+        stats(&step, v, false);
+    }
+    stats(
+        "  (the init cloned -> the agent has its PID)",
+        agent_back,
+        false,
+    );
 }
 
 async fn rest_of_core(agent: Agent, mut fifo: Fifo, rounds: usize, dir: &Path) {
@@ -1331,7 +1468,11 @@ async fn confine(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
-    let agent = Agent::start_full_args("warn", &["--overcommit", "cpu=100"]).await;
+    let agent = Agent::start_full_args(
+        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+        &["--overcommit", "cpu=100"],
+    )
+    .await;
     println!(
         "confine: corrald {} ({})",
         corral_e2e::bin("corrald").display(),
@@ -1361,6 +1502,7 @@ async fn confine(rounds: usize) {
     }
     let mut watch = ExecWatch::subscribe();
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut marks: Vec<Vec<_>> = vec![Vec::new(); configs.len()];
     let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
         for (i, (name, _)) in configs.iter().enumerate() {
@@ -1373,7 +1515,9 @@ async fn confine(rounds: usize) {
             corral_e2e::kill9(pid);
             fifos[i].wait_bytes(1).await;
             let marker = fifos[i].path.display().to_string();
-            samples[i].push(watch.took(&marker, 1, t0));
+            let exec = one_exec(&mut watch, &marker, t0);
+            samples[i].push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
+            marks[i].push((t0, exec));
         }
     }
     let median = |v: &mut Vec<Duration>| {
@@ -1417,6 +1561,10 @@ async fn confine(rounds: usize) {
         us(medians[1], medians[0]),
         us(medians[2], medians[1])
     );
+    let log = agent.log_text();
+    for ((name, _), m) in configs.iter().zip(&marks) {
+        phases(&format!("replacement, {name}"), "the kill", &log, &watch, m);
+    }
     for (name, _) in configs {
         delete(&agent, name).await;
     }

@@ -171,6 +171,7 @@ impl Driver {
         &mut self,
         key: &InstanceKey,
     ) -> Result<(u64, Spawned, BTreeMap<String, u16>), String> {
+        let begin_ns = crate::phases::now_ns();
         let svc = self.services.get(&key.service).ok_or("service gone")?;
         let inst = &svc.slots.get(&key.index).ok_or("instance gone")?.instance;
         let (spec, id) = (inst.spec.clone(), inst.id.clone());
@@ -203,6 +204,7 @@ impl Driver {
         }
         let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
         let dir = cg.open_dir(&path).map_err(|e| e.to_string())?;
+        let cgroup_ns = crate::phases::now_ns();
         // Set before the spawn, so that a failed start is reported under its own id.
         if let Some(slot) = self.services.slot_mut(key) {
             slot.instance.incarnation = incarnation;
@@ -223,6 +225,15 @@ impl Driver {
                 image: image.as_ref(),
             })
             .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            target: crate::phases::TARGET,
+            instance = %id,
+            pid = spawned.process.pid,
+            begin_ns,
+            cgroup_ns,
+            spawned_ns = crate::phases::now_ns(),
+            "start"
+        );
         let inst = &mut self.services.slot_mut(key).ok_or("instance gone")?.instance;
         inst.generation += 1;
         Ok((inst.generation, spawned, ports))

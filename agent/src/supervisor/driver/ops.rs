@@ -78,6 +78,7 @@ impl Driver {
         let sockets = self.sockets_for(&spec)?;
         let superseded =
             self.commit_apply(from, Arc::new(spec), kind, asked, sockets, &mut outcome)?;
+        tracing::debug!(target: crate::phases::TARGET, service = %name, at_ns = crate::phases::now_ns(), "apply saved");
         self.announce_applied(&name, &outcome, superseded, "applied");
         self.note_job(&name);
         Ok(outcome)
