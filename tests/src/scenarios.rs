@@ -132,6 +132,7 @@ hostname = "lim-{index}"
             "service pid {pid} is in {rel}"
         );
         own_cgroup_view(&agent, "lim", &inst.id, pid, inst.init_pid);
+        sys_all_read_only(inst.init_pid);
         for ns in ["pid", "mnt", "uts", "ipc"] {
             let mine = ns_of(pid, ns);
             assert!(!mine.is_empty(), "{ns} of {pid}");
@@ -1040,6 +1041,7 @@ pub async fn escape_is_refused(readonly_root: bool) {
     }
 
     own_cgroup_view(&agent, "esc", &inst.id, inst.pid, inst.init_pid);
+    sys_all_read_only(inst.init_pid);
 
     // The double-forked, setsid process dies with the instance.
     let rel = instance_rel("esc", &inst.id);
@@ -1527,6 +1529,29 @@ pub fn testbin_image(dir: &std::path::Path) -> Option<String> {
 
 /// The instance's own cgroup is the root of the cgroup filesystem it sees (the memory
 /// hierarchy on v1), on a read-only mount. `pid`: its service process; `init_pid`: its init.
+/// Every mount at or below `/sys` in the instance's mount namespace (seen through its init)
+/// is read-only, the covered ones included (the host's tracefs and cgroup hierarchies under
+/// the instance's views): none is left writable to be uncovered.
+fn sys_all_read_only(init_pid: i32) {
+    let mounts = std::fs::read_to_string(format!("/proc/{init_pid}/mountinfo")).expect("mountinfo");
+    let writable: Vec<&str> = mounts
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(4)
+                .is_some_and(|p| *p == "/sys" || p.starts_with("/sys/"))
+                && !f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+        })
+        .collect();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/sys")),
+        "/sys mounted:\n{mounts}"
+    );
+    assert!(writable.is_empty(), "writable under /sys: {writable:#?}");
+}
+
 fn own_cgroup_view(agent: &Agent, service: &str, id: &str, pid: i32, init_pid: i32) {
     use std::os::unix::fs::MetadataExt;
     let point = match crate::cgroup::version() {
@@ -1653,6 +1678,7 @@ pub async fn image_escape_is_refused(userns: bool) {
         "its own cgroup namespace"
     );
     own_cgroup_view(&agent, "esc", &inst.id, inst.pid, inst.init_pid);
+    sys_all_read_only(inst.init_pid);
     let seccomp = std::fs::read_to_string(format!("/proc/{}/status", inst.pid)).expect("status");
     assert!(
         seccomp

@@ -296,6 +296,25 @@ fn readonly(path: &str) -> Result<(), String> {
     .map_err(step(format!("keeping {path} read-only")))
 }
 
+/// `path` and every mount below it read-only. Where `path` is a mount of its own (`/sys` in a
+/// namespace copied from any host that has one), on those mounts themselves: they are this
+/// namespace's copies, and one call sets them all. Else as [`readonly`] does, bound first.
+fn readonly_tree(path: &str) -> Result<(), String> {
+    match set_attr(
+        libc::AT_FDCWD,
+        Path::new(path),
+        true,
+        libc::MOUNT_ATTR_RDONLY,
+        0,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        // Not a mount's root.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => readonly(path),
+        Err(e) => Err(format!("keeping {path} read-only: {e}")),
+    }
+}
+
 /// `isolation.system_paths = "masked"` (see the module's documentation). `cgroup_mounts`:
 /// the cgroup filesystems to mount again, when the instance has its own cgroup namespace.
 pub(super) fn system_paths(
@@ -311,7 +330,7 @@ pub(super) fn system_paths(
     for knob in PROC_READONLY {
         readonly(knob)?;
     }
-    readonly("/sys")?;
+    readonly_tree("/sys")?;
     if !cgroup_mounts.is_empty() {
         cgroup_views(cgroup_mounts)?;
     }
@@ -327,6 +346,9 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// [`mounted_views`].
 fn cgroup_views(cgroup_mounts: &[CgroupMount]) -> Result<(), String> {
     let bound = cgroup_mounts.iter().try_for_each(|m| match &m.root {
+        // The mount shows that directory already (the agent's own cgroup is the root of a
+        // hierarchy it did not make one in): nothing to bind.
+        Some(root) if root.as_path() == m.path.as_path() => Ok(()),
         Some(root) => mount(
             Some(root.as_path()),
             m.path.as_path(),
