@@ -401,6 +401,12 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
     /// `create` and `remove` of the cgroup close them.
     fn stats(&self, path: &CgroupPath) -> Result<CgroupStats, CgroupError>;
 
+    /// `stats().oom_kills` alone: an instance's end needs that figure only, and reads one
+    /// file for it where the others are not open already.
+    fn oom_kills(&self, path: &CgroupPath) -> Result<u64, CgroupError> {
+        self.stats(path).map(|s| s.oom_kills)
+    }
+
     /// Remove the cgroup directory (in every v1 hierarchy). `Ok` when it does not exist;
     /// an error that `is_busy()` while it still has tasks or children.
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError>;

@@ -150,6 +150,11 @@ impl<K: Copy> StatFiles<K> {
         }
     }
 
+    /// Whether the files of `cg` are open (a `read` of them reads through descriptors).
+    pub fn is_held(&self, cg: &CgroupPath) -> bool {
+        self.lock().by_path.contains_key(cg)
+    }
+
     /// Drop the descriptors of `cg` and of every cgroup below it: it is being removed, or
     /// made anew.
     pub fn forget(&self, cg: &CgroupPath) {

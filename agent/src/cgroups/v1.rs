@@ -18,7 +18,8 @@ use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
     self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs, keyed_u64,
-    keyed_u64_or_zero, parsed, read_procs, remove_all, remove_created, sigkill_all, subdirs,
+    keyed_u64_or_zero, parsed, read_err, read_procs, remove_all, remove_created, sigkill_all,
+    subdirs,
 };
 use super::seam::{self, Expect};
 use super::statfiles::{Need, StatFiles, Wanted};
@@ -455,7 +456,7 @@ impl CgroupBackend for V1Backend {
         }
         drop(file);
         let list = dir.join("devices.list");
-        let found = std::fs::read_to_string(&list).map_err(|e| fsutil::read_err(&p, &list, e))?;
+        let found = std::fs::read_to_string(&list).map_err(|e| read_err(&p, &list, e))?;
         if !super::devices::v1_list_matches(&found) {
             return Err(CgroupError::NotApplied {
                 path: p,
@@ -521,6 +522,23 @@ impl CgroupBackend for V1Backend {
         )?;
         stats.memory_limit_bytes = limit.filter(|l| *l < UNLIMITED_BYTES);
         Ok(stats)
+    }
+
+    fn oom_kills(&self, path: &CgroupPath) -> Result<u64, CgroupError> {
+        let Some(memory) = self
+            .memory
+            .as_ref()
+            .filter(|_| self.caps.has(Control::Memory))
+        else {
+            return Ok(0);
+        };
+        if self.stats.is_held(path) {
+            return self.stats(path).map(|s| s.oom_kills);
+        }
+        let (p, file) = (path.to_string(), memory.parent.join(path.relative()));
+        let file = file.join("memory.oom_control");
+        let text = std::fs::read_to_string(&file).map_err(|e| read_err(&p, &file, e))?;
+        parsed(&p, &file, keyed_u64(&text, "oom_kill"))
     }
 
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
@@ -908,6 +926,22 @@ mod tests {
     }
 
     #[test]
+    fn oom_kills_read_the_oom_file_alone_until_the_others_are_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(tmp.path());
+        b.create(&web0(), &Resources::default()).expect("create");
+        let r = tmp.path();
+        let oom = leaf(r, "memory").join("memory.oom_control");
+        fs::write(&oom, "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n").expect("plant");
+        // The other stat files are missing: reading them would fail.
+        assert_eq!(b.oom_kills(&web0()).expect("oom kills"), 4);
+        assert!(!b.stats.is_held(&web0()), "nothing kept open");
+        fs::write(&oom, "oom_kill_disable 0\n").expect("plant");
+        let err = b.oom_kills(&web0()).expect_err("no oom_kill line");
+        assert!(err.to_string().contains("oom_kill"), "{err}");
+    }
+
+    #[test]
     fn fake_stats_read_the_files() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (_fake, b) = fake_backend(tmp.path());
@@ -929,6 +963,7 @@ mod tests {
             "nr_periods 40\nnr_throttled 7\nthrottled_time 350000000\n",
         );
         put("memory", "memory.limit_in_bytes", "67108864\n");
+        assert_eq!(b.oom_kills(&web0()).expect("oom kills"), 2);
         assert_eq!(
             b.stats(&web0()).expect("stats"),
             CgroupStats {

@@ -598,6 +598,18 @@ impl CgroupBackend for V2Backend {
         Ok(stats)
     }
 
+    fn oom_kills(&self, path: &CgroupPath) -> Result<u64, CgroupError> {
+        if !self.caps.has(Control::Memory) {
+            return Ok(0);
+        }
+        if self.stats.is_held(path) {
+            return self.stats(path).map(|s| s.oom_kills);
+        }
+        let (p, file) = (path.to_string(), self.dir(path).join("memory.events"));
+        let text = std::fs::read_to_string(&file).map_err(|e| read_err(&p, &file, e))?;
+        parsed(&p, &file, keyed_u64(&text, "oom_kill"))
+    }
+
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
         self.stats.forget(path);
         remove_all(self.fs.as_ref(), &path.to_string(), [self.dir(path)])
@@ -962,6 +974,21 @@ mod tests {
         assert_eq!(b.procs(&web0()).expect("procs"), vec![pid]);
         b.kill_all(&web0()).expect("kill");
         assert_eq!(cleanup.reap(pid).signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn oom_kills_read_memory_events_alone_until_the_others_are_open() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(&tmp, ALL, "agent");
+        let b = b.expect("backend");
+        b.create(&web0(), &Resources::default()).expect("create");
+        let leaf = root(&tmp).join("agent/corral/web/web-0");
+        fs::write(leaf.join("memory.events"), "oom 2\noom_kill 2\n").expect("plant");
+        for f in ["memory.current", "memory.max", "cpu.stat", "pids.current"] {
+            let _ = fs::remove_file(leaf.join(f));
+        }
+        assert_eq!(b.oom_kills(&web0()).expect("oom kills"), 2);
+        assert!(!b.stats.is_held(&web0()), "nothing kept open");
     }
 
     #[test]

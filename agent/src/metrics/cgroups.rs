@@ -107,6 +107,10 @@ impl CgroupBackend for CountingCgroups {
         self.inner.stats(path)
     }
 
+    fn oom_kills(&self, path: &CgroupPath) -> Result<u64, CgroupError> {
+        self.inner.oom_kills(path)
+    }
+
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {
         let r = self.inner.remove(path);
         // A cgroup that still has tasks is retried once they are gone: not a failed write.

@@ -379,21 +379,28 @@ fn create_fresh(
     }
 }
 
-/// Kill what is left in a cgroup and remove it, retrying while it is busy.
+/// Remove a cgroup, killing what is left in it and retrying while it is busy. Removed at
+/// once when empty (an instance whose init ended: its PID namespace went with it), without
+/// reading its processes first.
 pub(super) async fn remove_when_empty(
     cg: &dyn CgroupBackend,
     path: &CgroupPath,
     timeout: Duration,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let mut killed = false;
     loop {
-        if let Err(e) = cg.kill_all(path) {
-            tracing::debug!(cgroup = %path, error = %e, "kill before removal");
-        }
         match cg.remove(path) {
             Ok(()) => return Ok(()),
             Err(e) if e.is_busy() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                if let Err(e) = cg.kill_all(path) {
+                    tracing::debug!(cgroup = %path, error = %e, "kill before removal");
+                }
+                // Tried again at once after the first kill, then every 10 ms.
+                if killed {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                killed = true;
             }
             Err(e) => return Err(e.to_string()),
         }

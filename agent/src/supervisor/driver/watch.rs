@@ -176,12 +176,7 @@ impl Driver {
         killed_after_grace: bool,
         unobserved: Option<String>,
     ) {
-        let oom_kills = self
-            .deps
-            .cgroups
-            .stats(&cgroup_of(key))
-            .map(|s| s.oom_kills)
-            .unwrap_or(0);
+        let oom_kills = self.deps.cgroups.oom_kills(&cgroup_of(key)).unwrap_or(0);
         let end = ProcessEnd {
             exit,
             oom_kills,
