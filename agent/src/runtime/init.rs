@@ -535,9 +535,6 @@ impl Init {
         exec.notify_socket = notify.as_ref().map(|(_, a)| a.clone());
         let notify = notify.map(|(n, _)| n);
 
-        // Closed in the child by its exec (close-on-exec) or its exit: see `await_exec`.
-        let (exec_r, exec_w) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         // Started by the zygote: nothing runs of the service before the agent holds this
         // init's pidfd.
         if let Some(fd) = go {
@@ -557,8 +554,6 @@ impl Init {
                 unsafe { libc::_exit(code) }
             }
             ForkResult::Parent { child } => {
-                drop(exec_w);
-                await_exec(&exec_r);
                 drop(out_w);
                 drop(err_w);
                 for fd in [&out_r, &err_r] {
@@ -732,20 +727,6 @@ fn pump(pipe: &OwnedFd, log: &mut Log, buf: &mut [u8]) -> bool {
 }
 
 extern "C" fn noop_handler(_: libc::c_int) {}
-
-/// Waits until the service process has executed or exited (`exec_r` reads end-of-file), at
-/// most a second. The new child is queued on this CPU behind its parent, so whatever the
-/// parent does first (the rest of setup, giving memory back) would delay the service's
-/// exec; waiting off the CPU lets it run at once. Its output meanwhile stays in the pipes.
-fn await_exec(exec_r: &OwnedFd) {
-    let mut fds = [PollFd::new(exec_r.as_fd(), PollFlags::POLLIN)];
-    loop {
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
-            Err(Errno::EINTR) => continue,
-            _ => return,
-        }
-    }
-}
 
 /// Everything the service process needs, prepared in the init before the fork.
 struct ExecPlan {
