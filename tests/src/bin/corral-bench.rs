@@ -213,7 +213,7 @@ async fn jobs(rounds: usize) {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let agent = Agent::start_logging(
         None,
-        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+        &phases_filter(),
     )
     .await;
     let mut fifo = Fifo::new(&dir, "jobs");
@@ -856,7 +856,7 @@ async fn start(rounds: usize) {
 /// committed on purpose beyond its CPUs.
 async fn start_agent() -> Agent {
     let agent = Agent::start_full_args(
-        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+        &phases_filter(),
         &["--overcommit", "cpu=100"],
     )
     .await;
@@ -954,6 +954,14 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         &marks,
     );
     delete(agent, "k9").await;
+}
+
+/// The log filter of the agents whose starts are split into steps: their phase lines at
+/// debug, the rest at warn; `CORRAL_BENCH_LOG` replaces it (e.g. `warn`, to time the starts
+/// without the phase lines).
+fn phases_filter() -> String {
+    std::env::var("CORRAL_BENCH_LOG")
+        .unwrap_or_else(|_| format!("warn,{}=debug", corral_agent::phases::TARGET))
 }
 
 /// The next exec of `marker` at or after `t0`, within 30 s; panics when none comes.
@@ -1469,7 +1477,7 @@ async fn confine(rounds: usize) {
     std::fs::create_dir_all(&dir).expect("bench dir");
     // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
     let agent = Agent::start_full_args(
-        &format!("warn,{}=debug", corral_agent::phases::TARGET),
+        &phases_filter(),
         &["--overcommit", "cpu=100"],
     )
     .await;
