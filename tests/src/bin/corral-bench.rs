@@ -211,11 +211,7 @@ async fn main() {
 async fn jobs(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-jobs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let agent = Agent::start_logging(
-        None,
-        &phases_filter(),
-    )
-    .await;
+    let agent = Agent::start_logging(None, &phases_filter()).await;
     let mut fifo = Fifo::new(&dir, "jobs");
     let fifo_path = fifo.path.display().to_string();
     let job = |name: &str, extra: &str| {
@@ -855,11 +851,7 @@ async fn start(rounds: usize) {
 /// An agent for the start figures: 50 instances of 0.5 cores each on a small host are
 /// committed on purpose beyond its CPUs.
 async fn start_agent() -> Agent {
-    let agent = Agent::start_full_args(
-        &phases_filter(),
-        &["--overcommit", "cpu=100"],
-    )
-    .await;
+    let agent = Agent::start_full_args(&phases_filter(), &["--overcommit", "cpu=100"]).await;
     println!(
         "corrald {} ({})",
         corral_e2e::bin("corrald").display(),
@@ -1476,11 +1468,7 @@ async fn confine(rounds: usize) {
     let dir = PathBuf::from(format!("/var/tmp/corral-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
     // 50 instances of 0.5 cores each on a small host: committed on purpose beyond its CPUs.
-    let agent = Agent::start_full_args(
-        &phases_filter(),
-        &["--overcommit", "cpu=100"],
-    )
-    .await;
+    let agent = Agent::start_full_args(&phases_filter(), &["--overcommit", "cpu=100"]).await;
     println!(
         "confine: corrald {} ({})",
         corral_e2e::bin("corrald").display(),
