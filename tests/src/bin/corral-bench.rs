@@ -1020,8 +1020,7 @@ fn phases(
                 .iter()
                 .filter(|l| l.contains(msg))
                 .filter_map(|l| log_field(l, "at_ns"))
-                .filter(|&at| at >= after && at <= begin)
-                .last()
+                .rfind(|&at| at >= after && at <= begin)
         };
         let received = logged("received", t0);
         let saved = logged("apply saved", received.unwrap_or(t0));
