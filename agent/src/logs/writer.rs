@@ -120,6 +120,9 @@ pub struct Dropped {
     pub bytes: u64,
 }
 
+/// What the records of one write are assembled in, reserved once.
+const BUF_CAPACITY: usize = 96 * 1024;
+
 /// One stream (stdout or stderr) of an instance.
 #[derive(Debug)]
 pub struct LogWriter<O: Output> {
@@ -150,7 +153,9 @@ impl<O: Output> LogWriter<O> {
             max_size,
             tag: Vec::new(),
             partial: Vec::new(),
-            buf: Vec::with_capacity(96 * 1024),
+            // Reserved at the first record: an init whose service never writes touches no
+            // page of it (an init lives as long as its instance; see `record`).
+            buf: Vec::new(),
             buf_records: 0,
             buf_payload: 0,
             pending: Dropped::default(),
@@ -175,6 +180,9 @@ impl<O: Output> LogWriter<O> {
     }
 
     fn record(&mut self, ts: &[u8], payload: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(BUF_CAPACITY);
+        }
         self.buf.extend_from_slice(ts);
         self.buf.extend_from_slice(&self.tag);
         self.buf.push(b' ');
