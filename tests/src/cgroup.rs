@@ -15,14 +15,30 @@ pub enum Version {
     V2,
 }
 
+/// Whether cgroup2 is mounted at `point` (in this process's mount namespace).
+fn cgroup2_at(point: &str) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace().skip(1);
+        f.next() == Some(point) && f.next() == Some("cgroup2")
+    })
+}
+
 pub fn version() -> Version {
     // cgroup2 mounted at /sys/fs/cgroup itself means a unified host.
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let unified = mounts.lines().any(|l| {
-        l.split_whitespace().nth(1) == Some("/sys/fs/cgroup")
-            && l.split_whitespace().nth(2) == Some("cgroup2")
-    });
-    if unified { Version::V2 } else { Version::V1 }
+    if cgroup2_at("/sys/fs/cgroup") {
+        Version::V2
+    } else {
+        Version::V1
+    }
+}
+
+/// Where a hybrid host mounts its unified (v2) hierarchy.
+pub const UNIFIED: &str = "/sys/fs/cgroup/unified";
+
+/// A hybrid host: v1 hierarchies under `/sys/fs/cgroup`, the unified one at [`UNIFIED`].
+pub fn hybrid() -> bool {
+    version() == Version::V1 && cgroup2_at(UNIFIED)
 }
 
 /// "cgroup v1" or "cgroup v2", for reports.

@@ -90,6 +90,13 @@ pub struct Exec {
     pub at_ns: u64,
 }
 
+impl Exec {
+    /// From `t0` (a [`monotonic_ns`] time) to this exec; zero when it came before.
+    pub fn since(&self, t0: u64) -> Duration {
+        Duration::from_nanos(self.at_ns.saturating_sub(t0))
+    }
+}
+
 impl ExecWatch {
     /// Subscribes; events are kept until read.
     pub fn new() -> io::Result<ExecWatch> {
@@ -143,6 +150,16 @@ impl ExecWatch {
             .unwrap_or_else(|e| panic!("exec events of {marker:?}: {e}"));
         let last = seen.iter().map(|e| e.at_ns).max().unwrap_or(since_ns);
         Duration::from_nanos(last.saturating_sub(since_ns))
+    }
+
+    /// The next exec of `marker` at or after `since_ns`, within 30 s; panics when none
+    /// comes (for benchmarks).
+    pub fn next_exec(&mut self, marker: &str, since_ns: u64) -> Exec {
+        match self.wait(marker, 1, since_ns, Duration::from_secs(30)) {
+            Ok(seen) if !seen.is_empty() => seen[0],
+            Ok(_) => panic!("no exec of {marker:?}"),
+            Err(e) => panic!("exec events of {marker:?}: {e}"),
+        }
     }
 
     /// Subscribes, or panics saying why (for benchmarks).

@@ -1527,8 +1527,23 @@ pub fn testbin_image(dir: &std::path::Path) -> Option<String> {
     Some(digest)
 }
 
-/// The instance's own cgroup is the root of the cgroup filesystem it sees (the memory
-/// hierarchy on v1), on a read-only mount. `pid`: its service process; `init_pid`: its init.
+/// A mountinfo line's mount point (field 5).
+fn mount_point(line: &str) -> Option<&str> {
+    line.split_whitespace().nth(4)
+}
+
+/// Whether a mountinfo line's own mount options (field 6) hold `ro`.
+fn read_only(line: &str) -> bool {
+    line.split_whitespace()
+        .nth(5)
+        .is_some_and(|o| o.split(',').any(|f| f == "ro"))
+}
+
+/// The mount on top at `point` in a mountinfo text.
+fn mount_at<'a>(mounts: &'a str, point: &str) -> Option<&'a str> {
+    mounts.lines().rfind(|l| mount_point(l) == Some(point))
+}
+
 /// Every mount at or below `/sys` in the instance's mount namespace (seen through its init)
 /// is read-only, the covered ones included (the host's tracefs and cgroup hierarchies under
 /// the instance's views): none is left writable to be uncovered.
@@ -1537,21 +1552,18 @@ fn sys_all_read_only(init_pid: i32) {
     let writable: Vec<&str> = mounts
         .lines()
         .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(4)
-                .is_some_and(|p| *p == "/sys" || p.starts_with("/sys/"))
-                && !f.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+            mount_point(l).is_some_and(|p| p == "/sys" || p.starts_with("/sys/")) && !read_only(l)
         })
         .collect();
     assert!(
-        mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(4) == Some("/sys")),
+        mount_at(&mounts, "/sys").is_some(),
         "/sys mounted:\n{mounts}"
     );
     assert!(writable.is_empty(), "writable under /sys: {writable:#?}");
 }
 
+/// The instance's own cgroup is the root of the cgroup filesystem it sees (the memory
+/// hierarchy on v1), on a read-only mount. `pid`: its service process; `init_pid`: its init.
 fn own_cgroup_view(agent: &Agent, service: &str, id: &str, pid: i32, init_pid: i32) {
     use std::os::unix::fs::MetadataExt;
     let point = match crate::cgroup::version() {
@@ -1568,16 +1580,8 @@ fn own_cgroup_view(agent: &Agent, service: &str, id: &str, pid: i32, init_pid: i
         "{point} inside is the instance's cgroup {}:\n{mounts}",
         own.display()
     );
-    let view = mounts
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(4) == Some(point))
-        .expect("the cgroup view");
-    assert!(
-        view.split_whitespace()
-            .nth(5)
-            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
-        "the cgroup view read-only: {view}"
-    );
+    let view = mount_at(&mounts, point).expect("the cgroup view");
+    assert!(read_only(view), "the cgroup view read-only: {view}");
 }
 
 /// The escape suite of [`escape_is_refused`] run by a root service from an image (with
@@ -1651,25 +1655,13 @@ pub async fn image_escape_is_refused(userns: bool) {
     // The init's view: the instance's mount namespace as the init left it.
     let mounts =
         std::fs::read_to_string(format!("/proc/{}/mountinfo", inst.init_pid)).expect("mountinfo");
-    // The mount on top at `point`.
-    let mount_at = |point: &str| {
-        mounts
-            .lines()
-            .rfind(|l| l.split_whitespace().nth(4) == Some(point))
-            .map(str::to_string)
-    };
     assert!(
-        mount_at("/proc/keys").is_some(),
+        mount_at(&mounts, "/proc/keys").is_some(),
         "/proc/keys masked:\n{mounts}"
     );
-    let sys = mount_at("/sys").expect("/sys mounted");
-    assert!(
-        sys.split_whitespace()
-            .nth(5)
-            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
-        "/sys read-only: {sys}"
-    );
-    let dev = mount_at("/dev").expect("/dev mounted");
+    let sys = mount_at(&mounts, "/sys").expect("/sys mounted");
+    assert!(read_only(sys), "/sys read-only: {sys}");
+    let dev = mount_at(&mounts, "/dev").expect("/dev mounted");
     assert!(dev.contains(" - tmpfs "), "the minimal /dev: {dev}");
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).expect("ns");
     assert_ne!(
@@ -1804,15 +1796,9 @@ readonly_root = true
         std::fs::read_to_string(format!("/proc/{}/mountinfo", inst.init_pid)).expect("mountinfo");
     let rootline = mounts
         .lines()
-        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .find(|l| mount_point(l) == Some("/"))
         .expect("/ mounted");
-    assert!(
-        rootline
-            .split_whitespace()
-            .nth(5)
-            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
-        "/ read-only: {rootline}"
-    );
+    assert!(read_only(rootline), "/ read-only: {rootline}");
     agent.delete("ro").await.expect("delete");
 }
 

@@ -122,6 +122,13 @@ pub(super) fn parse_pids(text: &str) -> Result<Vec<i32>, String> {
 }
 
 /// Parses a control file's text, naming the cgroup and the file.
+/// The value on line `key` of `file`, a keyed file of cgroup `path` (`memory.events`,
+/// `memory.oom_control`), read once.
+pub(super) fn read_keyed_u64(path: &str, file: &Path, key: &str) -> Result<u64, CgroupError> {
+    let text = fs::read_to_string(file).map_err(|e| read_err(path, file, e))?;
+    parsed(path, file, keyed_u64(&text, key))
+}
+
 pub(super) fn parsed<T>(
     path: &str,
     file: &Path,

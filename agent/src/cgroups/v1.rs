@@ -535,10 +535,11 @@ impl CgroupBackend for V1Backend {
         if self.stats.is_held(path) {
             return self.stats(path).map(|s| s.oom_kills);
         }
-        let (p, file) = (path.to_string(), memory.parent.join(path.relative()));
-        let file = file.join("memory.oom_control");
-        let text = std::fs::read_to_string(&file).map_err(|e| read_err(&p, &file, e))?;
-        parsed(&p, &file, keyed_u64(&text, "oom_kill"))
+        let file = memory
+            .parent
+            .join(path.relative())
+            .join("memory.oom_control");
+        fsutil::read_keyed_u64(&path.to_string(), &file, "oom_kill")
     }
 
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {

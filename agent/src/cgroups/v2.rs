@@ -605,9 +605,8 @@ impl CgroupBackend for V2Backend {
         if self.stats.is_held(path) {
             return self.stats(path).map(|s| s.oom_kills);
         }
-        let (p, file) = (path.to_string(), self.dir(path).join("memory.events"));
-        let text = std::fs::read_to_string(&file).map_err(|e| read_err(&p, &file, e))?;
-        parsed(&p, &file, keyed_u64(&text, "oom_kill"))
+        let file = self.dir(path).join("memory.events");
+        fsutil::read_keyed_u64(&path.to_string(), &file, "oom_kill")
     }
 
     fn remove(&self, path: &CgroupPath) -> Result<(), CgroupError> {

@@ -38,7 +38,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use corral_e2e::execwatch::{ExecWatch, monotonic_ns};
+use corral_e2e::execwatch::{Exec, ExecWatch, monotonic_ns};
 use corral_e2e::fifo::Fifo;
 use corral_e2e::{Agent, pb, testbin};
 
@@ -225,8 +225,7 @@ async fn jobs(rounds: usize) {
     apply(&agent, &job("trigger", "[job]\nhistory = 5\n")).await;
     let mut client = agent.client().await;
     let mut watch = ExecWatch::subscribe();
-    let (mut took, mut took_write) = (Vec::new(), Vec::new());
-    let mut marks = Vec::new();
+    let (mut took, mut took_write) = (Timed::default(), Vec::new());
     for _ in 0..rounds {
         let (t0, t) = (monotonic_ns(), Instant::now());
         client
@@ -238,15 +237,13 @@ async fn jobs(rounds: usize) {
             .expect("run job");
         fifo.wait_bytes(1).await;
         took_write.push(t.elapsed());
-        let exec = one_exec(&mut watch, &fifo_path, t0);
-        took.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
-        marks.push((t0, exec));
+        took.push(&mut watch, &fifo_path, t0);
         // Let the run end and be cleaned up before the next.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stats("RunJob -> job process executed", took, true);
+    stats("RunJob -> job process executed", took.took, true);
     stats("RunJob -> job process's first write", took_write, true);
-    phases("RunJob", "the call", &agent.log_text(), &watch, &marks);
+    phases("RunJob", "the call", &agent.log_text(), &watch, &took.marks);
     delete(&agent, "trigger").await;
 
     let hold: u64 = std::env::var("JOBS_HOLD_SECS")
@@ -576,7 +573,7 @@ async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
     config["process"]["args"] = serde_json::json!(["/bin/busybox", "sleep", "1000"]);
     config["root"]["path"] = rootfs.display().to_string().into();
     config["root"]["readonly"] = true.into();
-    let hybrid = hybrid_cgroups();
+    let hybrid = corral_e2e::cgroup::hybrid();
     if hybrid && let Some(linux) = config["linux"].as_object_mut() {
         linux.remove("resources");
     }
@@ -628,7 +625,9 @@ async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
         }
         if hybrid {
             // The parent crun made its container cgroups in, named after the bench's own.
-            let _ = std::fs::remove_dir(unified_path().join(agent.cgroup.flag()));
+            let _ = std::fs::remove_dir(
+                Path::new(corral_e2e::cgroup::UNIFIED).join(agent.cgroup.flag()),
+            );
         }
         if let Some(why) = failed {
             println!(
@@ -654,30 +653,16 @@ async fn crun_start(agent: &Agent, dir: &Path, rounds: usize) {
     );
 }
 
-/// Where a hybrid host mounts its unified (v2) hierarchy.
-const UNIFIED: &std::ffi::CStr = c"/sys/fs/cgroup/unified";
-
-fn unified_path() -> &'static Path {
-    Path::new(UNIFIED.to_str().unwrap_or_default())
-}
-
-/// A hybrid host: v1 hierarchies under `/sys/fs/cgroup`, the unified one at [`UNIFIED`].
-fn hybrid_cgroups() -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts.lines().any(|l| {
-        let mut f = l.split_whitespace().skip(1);
-        f.next().map(Path::new) == Some(unified_path()) && f.next() == Some("cgroup2")
-    }) && corral_e2e::cgroup::version() == corral_e2e::cgroup::Version::V1
-}
-
 /// Runs `cmd` in its own mount namespace that shows the unified hierarchy at
 /// `/sys/fs/cgroup`, so that crun takes the host for a v2 one.
 fn unified_only(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec only unshare(2) and mount(2) are called, on static C
-    // strings; both are async-signal-safe system calls.
+    // Made before the fork: nothing is allocated between fork and exec.
+    let unified = std::ffi::CString::new(corral_e2e::cgroup::UNIFIED).unwrap_or_default();
+    // SAFETY: between fork and exec only unshare(2) and mount(2) are called, on C strings
+    // made before; both are async-signal-safe system calls.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
                 if r < 0 {
                     Err(std::io::Error::last_os_error())
@@ -694,7 +679,7 @@ fn unified_only(cmd: &mut std::process::Command) {
                 std::ptr::null(),
             ))?;
             check(libc::mount(
-                UNIFIED.as_ptr(),
+                unified.as_ptr(),
                 c"/sys/fs/cgroup".as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
@@ -878,22 +863,25 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
     let marker = fifo.path.display().to_string();
 
     // 1. Apply -> one instance executed.
-    let (mut one, mut one_write) = (Vec::new(), Vec::new());
-    let mut marks = Vec::new();
+    let (mut one, mut one_write) = (Timed::default(), Vec::new());
     for r in 0..rounds {
         let name = format!("one-{r}");
         let (t0, t) = (monotonic_ns(), Instant::now());
         apply(agent, &spec(&name, 1, &fifo.path, "")).await;
         fifo.wait_bytes(1).await;
         one_write.push(t.elapsed());
-        let exec = one_exec(&mut watch, &marker, t0);
-        one.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
-        marks.push((t0, exec));
+        one.push(&mut watch, &marker, t0);
         delete(agent, &name).await;
     }
-    stats("apply -> 1 instance executed", one, true);
+    stats("apply -> 1 instance executed", one.took, true);
     stats("apply -> 1 instance's first write", one_write, true);
-    phases("apply -> 1", "the call", &agent.log_text(), &watch, &marks);
+    phases(
+        "apply -> 1",
+        "the call",
+        &agent.log_text(),
+        &watch,
+        &one.marks,
+    );
 
     // 2. Apply -> 50 instances executed; 3. delete of 50 (exit on SIGTERM) -> all gone.
     let (mut fifty, mut fifty_write) = (Vec::new(), Vec::new());
@@ -920,21 +908,18 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
     )
     .await;
     fifo.wait_bytes(1).await;
-    let (mut replace, mut replace_write) = (Vec::new(), Vec::new());
-    marks.clear();
+    let (mut replace, mut replace_write) = (Timed::default(), Vec::new());
     for _ in 0..rounds {
         let pid = agent.wait_running("k9", 1).await[0].pid;
         let (t0, t) = (monotonic_ns(), Instant::now());
         corral_e2e::kill9(pid);
         fifo.wait_bytes(1).await;
         replace_write.push(t.elapsed());
-        let exec = one_exec(&mut watch, &marker, t0);
-        replace.push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
-        marks.push((t0, exec));
+        replace.push(&mut watch, &marker, t0);
     }
     stats(
         "kill -9 -> replacement executed (backoff 0s)",
-        replace,
+        replace.took,
         true,
     );
     stats("kill -9 -> replacement's first write", replace_write, true);
@@ -943,7 +928,7 @@ async fn start_latency(agent: &Agent, fifo: &mut Fifo, rounds: usize) {
         "the kill",
         &agent.log_text(),
         &watch,
-        &marks,
+        &replace.marks,
     );
     delete(agent, "k9").await;
 }
@@ -956,12 +941,20 @@ fn phases_filter() -> String {
         .unwrap_or_else(|_| format!("warn,{}=debug", corral_agent::phases::TARGET))
 }
 
-/// The next exec of `marker` at or after `t0`, within 30 s; panics when none comes.
-fn one_exec(watch: &mut ExecWatch, marker: &str, t0: u64) -> corral_e2e::execwatch::Exec {
-    match watch.wait(marker, 1, t0, Duration::from_secs(30)) {
-        Ok(seen) if !seen.is_empty() => seen[0],
-        Ok(_) => panic!("no exec of {marker:?}"),
-        Err(e) => panic!("exec events of {marker:?}: {e}"),
+/// Starts timed from their origin (a call, a kill) to their service's exec, each kept for
+/// [`phases`].
+#[derive(Debug, Default, Clone)]
+struct Timed {
+    took: Vec<Duration>,
+    marks: Vec<(u64, Exec)>,
+}
+
+impl Timed {
+    /// The next exec of `marker` after `t0`, from `watch`.
+    fn push(&mut self, watch: &mut ExecWatch, marker: &str, t0: u64) {
+        let exec = watch.next_exec(marker, t0);
+        self.took.push(exec.since(t0));
+        self.marks.push((t0, exec));
     }
 }
 
@@ -970,13 +963,7 @@ fn one_exec(watch: &mut ExecWatch, marker: &str, t0: u64) -> corral_e2e::execwat
 /// between the kernel's fork of the init, its fork of the service, and the exec. Prints the
 /// median etc. of each step over `starts`; steps the agent did not log (a start without an
 /// API call) are left out.
-fn phases(
-    what: &str,
-    origin: &str,
-    log: &str,
-    watch: &ExecWatch,
-    starts: &[(u64, corral_e2e::execwatch::Exec)],
-) {
+fn phases(what: &str, origin: &str, log: &str, watch: &ExecWatch, starts: &[(u64, Exec)]) {
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(corral_agent::phases::TARGET))
@@ -988,24 +975,13 @@ fn phases(
         let Some(service) = watch.fork_of(exec.pid) else {
             continue;
         };
-        // The init: the nearest ancestor the agent logged a start for.
-        let mut pid = service.parent;
-        let mut found = None;
-        for _ in 0..3 {
-            let start = lines
-                .iter()
-                .rev()
-                .find(|l| l.contains(" start") && log_field(l, "pid") == u64::try_from(pid).ok());
-            if let Some(l) = start {
-                found = Some(*l);
-                break;
-            }
-            match watch.fork_of(pid) {
-                Some(f) => pid = f.parent,
-                None => break,
-            }
-        }
-        let (Some(start), Some(init)) = (found, watch.fork_of(pid)) else {
+        // The init forks the service: its PID is on the agent's start line.
+        let init_pid = u64::try_from(service.parent).ok();
+        let start = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains(" start") && log_field(l, "pid") == init_pid);
+        let (Some(start), Some(init)) = (start, watch.fork_of(service.parent)) else {
             continue;
         };
         let (Some(begin), Some(cgroup), Some(spawned)) = (
@@ -1496,8 +1472,7 @@ async fn confine(rounds: usize) {
         f.wait_bytes(1).await;
     }
     let mut watch = ExecWatch::subscribe();
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
-    let mut marks: Vec<Vec<_>> = vec![Vec::new(); configs.len()];
+    let mut samples: Vec<Timed> = vec![Timed::default(); configs.len()];
     let mut cpu: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
         for (i, (name, _)) in configs.iter().enumerate() {
@@ -1510,16 +1485,18 @@ async fn confine(rounds: usize) {
             corral_e2e::kill9(pid);
             fifos[i].wait_bytes(1).await;
             let marker = fifos[i].path.display().to_string();
-            let exec = one_exec(&mut watch, &marker, t0);
-            samples[i].push(Duration::from_nanos(exec.at_ns.saturating_sub(t0)));
-            marks[i].push((t0, exec));
+            samples[i].push(&mut watch, &marker, t0);
         }
     }
     let median = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
     };
-    let (mut b, mut d, mut u) = (samples[0].clone(), samples[1].clone(), samples[2].clone());
+    let (mut b, mut d, mut u) = (
+        samples[0].took.clone(),
+        samples[1].took.clone(),
+        samples[2].took.clone(),
+    );
     let (mb, md, mu) = (median(&mut b), median(&mut d), median(&mut u));
     stats("replacement, isolation of earlier releases", b, true);
     stats("replacement, default confinement", d, true);
@@ -1557,8 +1534,14 @@ async fn confine(rounds: usize) {
         us(medians[2], medians[1])
     );
     let log = agent.log_text();
-    for ((name, _), m) in configs.iter().zip(&marks) {
-        phases(&format!("replacement, {name}"), "the kill", &log, &watch, m);
+    for ((name, _), timed) in configs.iter().zip(&samples) {
+        phases(
+            &format!("replacement, {name}"),
+            "the kill",
+            &log,
+            &watch,
+            &timed.marks,
+        );
     }
     for (name, _) in configs {
         delete(&agent, name).await;
