@@ -142,6 +142,18 @@ pub fn pss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether process `pid`, forked by the init `init_pid`, has executed another program: its
+/// executable is no longer the init's. A process that is gone (or unreadable) counts as
+/// executed, so that a service that ends at once does not hold up a wait for it.
+pub fn executed(pid: i32, init_pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let exe = |pid: i32| std::fs::metadata(format!("/proc/{pid}/exe")).ok();
+    match (exe(pid), exe(init_pid)) {
+        (Some(service), Some(init)) => (service.dev(), service.ino()) != (init.dev(), init.ino()),
+        _ => true,
+    }
+}
+
 /// The resident set of process `pid`, in KiB.
 pub fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -445,7 +457,12 @@ impl Agent {
             .map(tonic::Response::into_inner)
     }
 
-    /// Wait until `name` has `n` running instances with a known service PID; returns them.
+    /// Wait until `name` has `n` running instances with a known service PID whose process
+    /// has executed the service's program; returns them.
+    ///
+    /// An instance is reported running once its init has forked the service, which can be a
+    /// moment before that child executes: until then it is a copy of the init (its signal
+    /// dispositions, credentials and filters not yet those of the service).
     pub async fn wait_running(&self, name: &str, n: usize) -> Vec<pb::InstanceStatus> {
         eventually(
             &format!("{n} running instances of {name}"),
@@ -456,6 +473,7 @@ impl Agent {
                     .instances
                     .into_iter()
                     .filter(|i| i.state == pb::InstanceState::Running as i32 && i.pid > 0)
+                    .filter(|i| executed(i.pid, i.init_pid))
                     .collect();
                 (running.len() == n).then_some(running)
             },

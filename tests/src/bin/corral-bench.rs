@@ -12,7 +12,8 @@
 //! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`),
 //! `rollout-hey` (the same rollouts measured from outside by `hey -c 16`, needs `hey`),
 //! `rollout-peer` (the same servers under supervisord, restarted one by one, measured the same
-//! way; needs `hey` and `supervisor`), `api` (Get latency and calls per second from 32 clients
+//! way; needs `hey` and `supervisor`; for both, `CORRAL_BENCH_SERVERS=python,rust` picks the
+//! variants), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
@@ -163,6 +164,9 @@ async fn main() {
     if wants("rollout") {
         corral_e2e::rollbench::bench(rounds.clamp(1, 5)).await;
     }
+    // `CORRAL_BENCH_SERVERS=python+weighted,rust`: only these variants.
+    let servers = std::env::var("CORRAL_BENCH_SERVERS").unwrap_or_default();
+    let variant = |s: &str| servers.is_empty() || servers.split(',').any(|v| v == s);
     if wants("rollout-hey") {
         for server in [
             "rust",
@@ -171,12 +175,16 @@ async fn main() {
             "python+weighted",
             "python+weighted+no-surge",
         ] {
-            corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
+            if variant(server) {
+                corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
+            }
         }
     }
     if wants("rollout-peer") {
         for server in ["rust", "python"] {
-            corral_e2e::rollbench::bench_supervisord(rounds.clamp(1, 5), server).await;
+            if variant(server) {
+                corral_e2e::rollbench::bench_supervisord(rounds.clamp(1, 5), server).await;
+            }
         }
     }
     if wants("api") {
