@@ -156,6 +156,7 @@ fn rollout_frames(
             min_healthy_ms: Some(2000),
             healthy_deadline_ms: Some(60_000),
             auto_rollback: Some(plan == Plan::FailsAndRollsBack),
+            start_cpu: None,
         }),
         started_at: Some(ts(ROLLOUT_START, 0)),
         steps: vec![step(
@@ -395,6 +396,7 @@ fn status_of(name: &str, revision: u64, replicas: u32, tick: u64) -> ServiceStat
                 min_healthy_ms: Some(2000),
                 healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
+                start_cpu: None,
             }),
             ..Default::default()
         }),

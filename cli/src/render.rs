@@ -463,6 +463,9 @@ fn policy_text(p: &pb::RolloutPolicy) -> String {
     if let Some(on) = p.auto_rollback {
         parts.push(format!("auto_rollback {}", if on { "on" } else { "off" }));
     }
+    if let Some(cores) = p.start_cpu {
+        parts.push(format!("start_cpu {cores}"));
+    }
     parts.join(", ")
 }
 
@@ -1873,6 +1876,7 @@ overcommit:   cpu 4, memory 1
                 min_healthy_ms: Some(2000),
                 healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
+                start_cpu: None,
             }),
             started_at: ts(1_740_830_400, 0),
             finished_at: None,

@@ -291,6 +291,8 @@ pub struct RolloutView {
     pub min_healthy: Option<String>,
     pub healthy_deadline: Option<String>,
     pub auto_rollback: Option<bool>,
+    /// Cores a new instance of a rollout may use until it is first ready; none: no cap.
+    pub start_cpu: Option<f64>,
 }
 
 impl From<&pb::RolloutPolicy> for RolloutView {
@@ -301,6 +303,7 @@ impl From<&pb::RolloutPolicy> for RolloutView {
             min_healthy: r.min_healthy_ms.map(human_ms),
             healthy_deadline: r.healthy_deadline_ms.map(human_ms),
             auto_rollback: r.auto_rollback,
+            start_cpu: r.start_cpu,
         }
     }
 }
@@ -1261,6 +1264,7 @@ mod tests {
                 min_healthy_ms: Some(2000),
                 healthy_deadline_ms: Some(60_000),
                 auto_rollback: Some(true),
+                start_cpu: None,
             }),
             started_at: Some(ts(1_740_830_400, 0)),
             finished_at: None,

@@ -134,6 +134,11 @@ const INVALID: &[(&str, &str, &str)] = &[
         "rollout",
         "",
     ),
+    (
+        "name = \"web\"\ncommand = [\"/bin/true\"]\n[rollout]\nstart_cpu = 0\n",
+        "rollout.start_cpu",
+        "",
+    ),
     ("this is not toml", "(toml)", ""),
 ];
 

@@ -610,3 +610,75 @@ async fn a_stopped_instance_accepts_nothing_more_and_drains_what_it_accepted() {
         "the 4 old instances were stopped with their stop signal"
     );
 }
+
+/// Instance `id`'s CPU limit as the kernel has it: (quota in µs, `None` when unlimited;
+/// period in µs).
+fn cpu_limit(agent: &Agent, service: &str, id: &str) -> (Option<u64>, u64) {
+    let rel = format!("corral/{service}/{id}");
+    let cg = &agent.cgroup;
+    let (quota, period) = match cg.version {
+        corral_e2e::cgroup::Version::V1 => (
+            cg.read("cpu", &rel, "cpu.cfs_quota_us"),
+            cg.read("cpu", &rel, "cpu.cfs_period_us"),
+        ),
+        corral_e2e::cgroup::Version::V2 => {
+            let max = cg.read("cpu", &rel, "cpu.max");
+            let (q, p) = max.split_once(' ').unwrap_or_default();
+            (q.to_string(), p.to_string())
+        }
+    };
+    (quota.parse().ok(), period.parse().unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollouts_new_instance_starts_under_start_cpu_until_it_is_healthy() {
+    if skip_unless_root("a_rollouts_new_instance_starts_under_start_cpu_until_it_is_healthy") {
+        return;
+    }
+    let port = free_port();
+    let agent = Agent::start().await;
+    // Each instance serves (and passes its probe) 1.5 s after its start.
+    let spec = spec("cap", port, "v1", "", "start_cpu = 0.2")
+        .replace("\"http-listen\", \"300\"", "\"http-listen\", \"1500\"");
+    agent.apply(&spec).await.expect("apply");
+    all_healthy(&agent, "cap", 4).await;
+    let before = agent.get("cap").await.expect("get");
+    for i in &before.instances {
+        assert_eq!(
+            cpu_limit(&agent, "cap", &i.id),
+            (None, 100_000),
+            "{}: created, not started by a rollout: never capped",
+            i.id
+        );
+    }
+    let id = restart(&agent, "cap").await;
+    let healthy = pb::HealthState::Healthy as i32;
+    let capped = eventually(
+        "a new instance starting under its cap",
+        Duration::from_secs(20),
+        || async {
+            let s = agent.get("cap").await.ok()?;
+            s.instances
+                .iter()
+                .filter(|i| i.pid > 0 && !pids(&before).contains(&i.pid) && i.health != healthy)
+                .find(|i| cpu_limit(&agent, "cap", &i.id) == (Some(2000), 10_000))
+                .map(|i| i.id.clone())
+        },
+    )
+    .await;
+    let done = finished(&agent, &id).await;
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    let after = agent.get("cap").await.expect("get");
+    assert!(
+        after.instances.iter().any(|i| i.id == capped),
+        "{capped} replaced an old instance"
+    );
+    for i in &after.instances {
+        assert_eq!(
+            cpu_limit(&agent, "cap", &i.id),
+            (None, 100_000),
+            "{}: healthy, its cap lifted",
+            i.id
+        );
+    }
+}

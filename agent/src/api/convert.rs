@@ -132,6 +132,7 @@ pub fn spec_from_proto(p: pb::ServiceSpec) -> Result<RawSpec, SpecError> {
             min_healthy: r.min_healthy_ms.map(millis),
             healthy_deadline: r.healthy_deadline_ms.map(millis),
             auto_rollback: r.auto_rollback,
+            start_cpu: r.start_cpu,
         }),
         scale: p.scale.map(|s| RawScale {
             min: s.min.map(i64::from),
@@ -365,6 +366,7 @@ pub fn spec_to_proto(spec: &ServiceSpec, host: &HostDefaults) -> pb::ServiceSpec
             min_healthy_ms: Some(ms(spec.rollout.min_healthy)),
             healthy_deadline_ms: Some(ms(spec.rollout.healthy_deadline)),
             auto_rollback: Some(spec.rollout.auto_rollback),
+            start_cpu: spec.rollout.start_cpu,
         }),
         stop: Some(pb::Stop {
             signal: Some(spec.stop.signal_name.clone()),
@@ -699,6 +701,7 @@ pub fn rollout_to_proto(r: &crate::rollout::record::Rollout) -> pb::RolloutStatu
             min_healthy_ms: Some(ms(p.min_healthy())),
             healthy_deadline_ms: Some(ms(p.healthy_deadline())),
             auto_rollback: Some(p.auto_rollback),
+            start_cpu: p.start_cpu,
         }),
         started_at: Some(ts(r.started_at)),
         finished_at: r.finished_at.map(ts),

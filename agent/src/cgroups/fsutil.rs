@@ -296,10 +296,16 @@ pub(super) fn page_size() -> u64 {
 /// The CFS quota, in microseconds per 100 ms period, for `cpu` cores: rounded, at least
 /// 1000 µs (the kernel's minimum is 1 ms).
 pub(super) fn cpu_quota_us(cpu: f64) -> Result<i64, String> {
+    cpu_quota_in(cpu, CPU_PERIOD_US)
+}
+
+/// The CFS quota, in microseconds per period of `period_us`, for `cpu` cores: rounded, at
+/// least 1000 µs.
+pub(super) fn cpu_quota_in(cpu: f64, period_us: u64) -> Result<i64, String> {
     if !cpu.is_finite() || cpu <= 0.0 {
         return Err(format!("cpu {cpu} is not a positive number of cores"));
     }
-    let quota = (cpu * CPU_PERIOD_US as f64).round();
+    let quota = (cpu * period_us as f64).round();
     // Keeps the conversion to i64 exact; 1e15 µs per period is 10^10 cores.
     if quota > 1e15 {
         return Err(format!("cpu {cpu} is too large"));
@@ -344,6 +350,23 @@ impl Limits {
 
 /// The CFS period the agent uses, microseconds (the kernel's default).
 pub(super) const CPU_PERIOD_US: u64 = 100_000;
+
+/// The quota to write for `cores` per `period_us` (`-1`: no limit), or why it is invalid.
+pub(super) fn quota_or_unlimited(
+    p: &str,
+    cores: Option<f64>,
+    period_us: u64,
+) -> Result<i64, CgroupError> {
+    let Some(cores) = cores else {
+        return Ok(-1);
+    };
+    cpu_quota_in(cores, period_us).map_err(|msg| CgroupError::Write {
+        path: p.to_string(),
+        file: PathBuf::from("cpu quota"),
+        value: cores.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, msg),
+    })
+}
 
 #[cfg(test)]
 mod tests {
@@ -400,6 +423,23 @@ mod tests {
         assert!(!memory_matches(67_108_864, 67_108_864 - 4096, page));
         assert!(!memory_matches(67_108_864, 67_108_865, page));
         assert!(!memory_matches(67_108_864, 9_223_372_036_854_771_712, page));
+    }
+
+    #[test]
+    fn start_cpu_period_keeps_the_quota_at_1ms_or_more() {
+        use super::super::start_cpu_period;
+        for (cores, period) in [
+            (0.3, 10_000),
+            (0.1, 10_000),
+            (2.0, 10_000),
+            (0.05, 20_000),
+            (0.03, 33_334),
+            (0.01, 100_000),
+        ] {
+            assert_eq!(start_cpu_period(cores), period, "{cores}");
+            let quota = cpu_quota_in(cores, period).expect("quota");
+            assert!(quota >= 1000, "{cores}: {quota}");
+        }
     }
 
     #[test]

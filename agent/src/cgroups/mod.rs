@@ -341,6 +341,24 @@ impl CgroupError {
     }
 }
 
+/// The CFS period of a CPU limit a cgroup gets while it starts: 10 ms, so that a capped
+/// start runs in slices of a few milliseconds rather than in 100 ms bursts at its full
+/// weight followed by a long throttle; longer when `cores` of it would be under the
+/// kernel's 1 ms minimum quota (at 0.01 cores, 100 ms).
+pub fn start_cpu_period(cores: f64) -> u64 {
+    const SHORT_US: u64 = 10_000;
+    if cores * SHORT_US as f64 >= 1000.0 {
+        return SHORT_US;
+    }
+    // cores >= 0.01 (validated): at most 100 000; the cast of a finite value in range.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let period = (1000.0 / cores.max(0.01)).ceil() as u64;
+    period.clamp(SHORT_US, CPU_PERIOD_US)
+}
+
+/// The CFS period of every other CPU limit (the kernel's default), microseconds.
+pub const CPU_PERIOD_US: u64 = fsutil::CPU_PERIOD_US;
+
 /// The seam between the supervisor and the kernel's cgroup filesystems.
 ///
 /// All methods are quick, synchronous file operations on cgroupfs (microseconds); none waits
@@ -380,6 +398,22 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
         Err(CgroupError::Unsupported {
             path: path.to_string(),
             reason: "this backend has no device control".into(),
+        })
+    }
+
+    /// Change the CPU limit of a cgroup that exists (its processes may be running): `cores`
+    /// per period of `period_us` microseconds, or no limit with `None` (the period is still
+    /// set). Each value is read back. For a start cap lifted later, see [`start_cpu_period`].
+    fn set_cpu_limit(
+        &self,
+        path: &CgroupPath,
+        cores: Option<f64>,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        let _ = (cores, period_us);
+        Err(CgroupError::Unsupported {
+            path: path.to_string(),
+            reason: "this backend has no cpu control".into(),
         })
     }
 

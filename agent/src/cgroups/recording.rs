@@ -17,6 +17,8 @@ pub struct Entry {
     pub stats: CgroupStats,
     /// `restrict_devices` was called on it.
     pub devices_restricted: bool,
+    /// Every `set_cpu_limit` on it, in order: (cores, period in µs).
+    pub cpu_limits: Vec<(Option<f64>, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +121,30 @@ impl CgroupBackend for RecordingCgroups {
         match self.lock().cgroups.get_mut(path) {
             Some(e) => {
                 e.devices_restricted = true;
+                Ok(())
+            }
+            None => Err(CgroupError::Unsupported {
+                path: path.to_string(),
+                reason: "no such cgroup".into(),
+            }),
+        }
+    }
+
+    fn set_cpu_limit(
+        &self,
+        path: &CgroupPath,
+        cores: Option<f64>,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        if !self.caps.has(Control::Cpu) {
+            return Err(CgroupError::Unsupported {
+                path: path.to_string(),
+                reason: "no cpu control".into(),
+            });
+        }
+        match self.lock().cgroups.get_mut(path) {
+            Some(e) => {
+                e.cpu_limits.push((cores, period_us));
                 Ok(())
             }
             None => Err(CgroupError::Unsupported {

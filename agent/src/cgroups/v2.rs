@@ -462,6 +462,37 @@ impl CgroupBackend for V2Backend {
         result
     }
 
+    fn set_cpu_limit(
+        &self,
+        path: &CgroupPath,
+        cores: Option<f64>,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        if !self.caps.has(Control::Cpu) {
+            return Err(CgroupError::Unsupported {
+                path: p,
+                reason: "the cpu controller is not available".into(),
+            });
+        }
+        let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
+        let leaf = self.dir(path);
+        let value = if quota < 0 {
+            format!("max {period_us}")
+        } else {
+            format!("{quota} {period_us}")
+        };
+        let c = CpuController::new(leaf.clone(), self.mount.clone(), true);
+        seam::set_verified(
+            &p,
+            &leaf.join("cpu.max"),
+            &value,
+            Expect::Same,
+            self.page_size,
+            || c.set_cfs_quota_and_period(Some(quota), Some(period_us)),
+        )
+    }
+
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {
         let file = self.dir(path).join("cgroup.procs");
         // std opens with O_CLOEXEC.
@@ -706,6 +737,22 @@ mod tests {
             vec![(Control::Devices, "no device program loaded".to_string())]
         );
         assert!(r.join("agent/x/corral").is_dir());
+    }
+
+    #[test]
+    fn fake_cpu_limit_changes_on_a_live_cgroup_and_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(&tmp, ALL, "agent");
+        let b = b.expect("backend");
+        b.create(&web0(), &limits(None, None, None))
+            .expect("create");
+        let leaf = root(&tmp).join("agent/corral/web/web-0");
+        b.set_cpu_limit(&web0(), Some(0.3), 10_000).expect("cap");
+        assert_eq!(read(&leaf, "cpu.max"), "3000 10000");
+        b.set_cpu_limit(&web0(), None, 100_000).expect("none");
+        assert_eq!(read(&leaf, "cpu.max"), "max 100000");
+        b.set_cpu_limit(&web0(), Some(0.5), 100_000).expect("limit");
+        assert_eq!(read(&leaf, "cpu.max"), "50000 100000");
     }
 
     #[test]

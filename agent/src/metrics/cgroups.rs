@@ -15,11 +15,19 @@ use crate::spec::Resources;
 type OpLabels = [(&'static str, &'static str); 1];
 
 /// Failed cgroup writes by operation: `create` (making a cgroup and writing its limits),
-/// `attach` (opening `cgroup.procs`), `kill` and `remove`.
+/// `attach` (opening `cgroup.procs`), `restrict_devices`, `limit` (changing a live cgroup's
+/// CPU limit), `kill` and `remove`.
 #[derive(Debug, Clone, Default)]
 pub struct CgroupErrors(Family<OpLabels, Counter>);
 
-const OPERATIONS: [&str; 4] = ["create", "attach", "kill", "remove"];
+const OPERATIONS: [&str; 6] = [
+    "create",
+    "attach",
+    "restrict_devices",
+    "limit",
+    "kill",
+    "remove",
+];
 
 impl CgroupErrors {
     pub fn new() -> CgroupErrors {
@@ -41,7 +49,7 @@ impl CgroupErrors {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "corral_cgroup_write_errors",
-            "Failed writes to cgroupfs by the agent, by operation (create: the cgroup and its limits; attach; kill; remove)",
+            "Failed writes to cgroupfs by the agent, by operation (create: the cgroup and its limits; attach; restrict_devices; limit: a live cgroup's CPU limit changed; kill; remove)",
             self.0.clone(),
         );
     }
@@ -89,6 +97,16 @@ impl CgroupBackend for CountingCgroups {
     fn restrict_devices(&self, path: &CgroupPath) -> Result<(), CgroupError> {
         self.errors
             .count("restrict_devices", self.inner.restrict_devices(path))
+    }
+
+    fn set_cpu_limit(
+        &self,
+        path: &CgroupPath,
+        cores: Option<f64>,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        self.errors
+            .count("limit", self.inner.set_cpu_limit(path, cores, period_us))
     }
 
     fn procs(&self, path: &CgroupPath) -> Result<Vec<i32>, CgroupError> {

@@ -119,13 +119,16 @@ impl std::fmt::Display for Step {
 }
 
 /// The policy a rollout runs with, as it was when it started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRecord {
     pub max_surge: u32,
     pub max_unavailable: u32,
     pub min_healthy_ms: u64,
     pub healthy_deadline_ms: u64,
     pub auto_rollback: bool,
+    /// `rollout.start_cpu`; absent in records of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cpu: Option<f64>,
 }
 
 impl PolicyRecord {
@@ -136,6 +139,7 @@ impl PolicyRecord {
             min_healthy_ms: crate::num::millis(r.min_healthy),
             healthy_deadline_ms: crate::num::millis(r.healthy_deadline),
             auto_rollback: r.auto_rollback,
+            start_cpu: r.start_cpu,
         }
     }
 
@@ -158,7 +162,7 @@ pub struct StepRecord {
     pub message: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     /// `<service>-r<n>`.
     pub id: String,

@@ -94,6 +94,7 @@ impl ServiceSpec {
                 min_healthy: Some(format_duration(self.rollout.min_healthy)),
                 healthy_deadline: Some(format_duration(self.rollout.healthy_deadline)),
                 auto_rollback: Some(self.rollout.auto_rollback),
+                start_cpu: self.rollout.start_cpu,
             }),
             scale: self.scale.map(|s| RawScale {
                 min: Some(i64::from(s.min)),

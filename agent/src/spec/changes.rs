@@ -241,6 +241,9 @@ fn leaves(spec: &ServiceSpec) -> Vec<Leaf> {
         "rollout.auto_rollback".into(),
         ro.auto_rollback.to_string(),
     );
+    if let Some(cpu) = ro.start_cpu {
+        push(12, "rollout.start_cpu".into(), cpu.to_string());
+    }
     if let Some(sc) = &spec.scale {
         push(12, "scale.min".into(), sc.min.to_string());
         push(12, "scale.max".into(), sc.max.to_string());

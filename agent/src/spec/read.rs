@@ -83,6 +83,7 @@ const ROLLOUT_KEYS: &[&str] = &[
     "min_healthy",
     "healthy_deadline",
     "auto_rollback",
+    "start_cpu",
 ];
 const STOP_KEYS: &[&str] = &["signal", "grace"];
 const LOGS_KEYS: &[&str] = &["max_size", "max_files"];
@@ -561,6 +562,7 @@ impl Reader {
             min_healthy: self.field(t, p, "min_healthy", Self::duration),
             healthy_deadline: self.field(t, p, "healthy_deadline", Self::duration),
             auto_rollback: self.field(t, p, "auto_rollback", Self::boolean),
+            start_cpu: self.field(t, p, "start_cpu", Self::number),
         }
     }
 

@@ -152,6 +152,7 @@ fn example_parses() {
             min_healthy: Duration::from_secs(2),
             healthy_deadline: Duration::from_secs(60),
             auto_rollback: true,
+            start_cpu: None,
         }
     );
     assert_eq!(
@@ -214,6 +215,7 @@ fn minimal_spec_gets_documented_defaults() {
             min_healthy: Duration::from_millis(500),
             healthy_deadline: Duration::from_secs(60),
             auto_rollback: true,
+            start_cpu: None,
         },
         scale: None,
         stop: StopSpec {
@@ -360,6 +362,13 @@ fn accepted_value_forms() {
             s.resources.memory == Some(2 << 20)
         }),
         ("[resources]\ncpu = 2", |s| s.resources.cpu == Some(2.0)),
+        ("[rollout]\nstart_cpu = 0.25", |s| {
+            s.rollout.start_cpu == Some(0.25)
+        }),
+        ("[rollout]\nstart_cpu = 1", |s| {
+            s.rollout.start_cpu == Some(1.0)
+        }),
+        ("", |s| s.rollout.start_cpu.is_none()),
         ("[ports]\nadmin = 9000", |s| {
             s.ports.get("admin") == Some(&PortSpec::Fixed(9000))
         }),
@@ -667,6 +676,11 @@ const INVALID: &[(&str, &str, &str)] = &[
     ("[rollout]\nmax_unavailable = 1001", "rollout.max_unavailable", "out of range"),
     ("[rollout]\nmin_healthy = \"10s\"\nhealthy_deadline = \"5s\"", "rollout.healthy_deadline", "\"5s\" is shorter than rollout.min_healthy (10s)"),
     ("[rollout]\nmin_healthy = \"2h\"", "rollout.min_healthy", "longer than 1h"),
+    ("[rollout]\nstart_cpu = 0", "rollout.start_cpu", "0 is out of range (0.01..=1024 cores)"),
+    ("[rollout]\nstart_cpu = -0.5", "rollout.start_cpu", "out of range"),
+    ("[rollout]\nstart_cpu = 2000", "rollout.start_cpu", "out of range"),
+    ("[rollout]\nstart_cpu = \"half\"", "rollout.start_cpu", "expected a number, found a string"),
+    ("[rollout]\nstart_cpu = nan", "rollout.start_cpu", "NaN is not a finite number"),
     // stop and logs
     ("[stop]\nsignal = \"SIGSTOP\"", "stop.signal", "would pause the instance"),
     ("[stop]\nsignal = \"SIGFOO\"", "stop.signal", "\"SIGFOO\" is not a signal name"),

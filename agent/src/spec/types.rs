@@ -183,7 +183,7 @@ pub struct RawHealth {
 }
 
 /// `[rollout]` as written; durations are humantime strings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRollout {
     /// Extra instances started before old ones stop.
@@ -196,6 +196,8 @@ pub struct RawRollout {
     pub healthy_deadline: Option<String>,
     /// Restore the previous revision when a rollout fails.
     pub auto_rollback: Option<bool>,
+    /// Cores a new instance of a rollout may use until it is first ready.
+    pub start_cpu: Option<f64>,
 }
 
 /// `[scale]` as written; durations are humantime strings.
@@ -634,7 +636,7 @@ pub struct HealthSpec {
 }
 
 /// `[rollout]`: how instances are replaced on a restart or an update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RolloutSpec {
     /// Extra instances started before old ones stop. Default 1; 0..=1000.
     pub max_surge: u32,
@@ -648,6 +650,12 @@ pub struct RolloutSpec {
     pub healthy_deadline: Duration,
     /// Restore the previous revision when a rollout fails. Default true.
     pub auto_rollback: bool,
+    /// Cores (0.01..=1024) a new instance started by a rollout may use until it is first
+    /// ready (its first passing probe, its `READY=1`, or without either the rollout counting
+    /// it ready), so that its start does not take the CPU from the instances serving beside
+    /// it; then its own `resources.cpu` (or none) applies. The lower of this and
+    /// `resources.cpu` applies meanwhile. Default: no cap.
+    pub start_cpu: Option<f64>,
 }
 
 /// `[scale]`: on-demand start and autoscaling within `[min, max]`. Only with `[[sockets]]`.

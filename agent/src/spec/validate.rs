@@ -773,24 +773,27 @@ impl Check {
         }
     }
 
+    /// A number of cores in `MIN_CPU..=MAX_CPU`.
+    fn cores(&mut self, field: &str, cpu: f64) -> Option<f64> {
+        if !cpu.is_finite() {
+            self.error(field, format!("{cpu} is not a finite number"));
+            None
+        } else if !(MIN_CPU..=MAX_CPU).contains(&cpu) {
+            self.error(
+                field,
+                format!("{cpu} is out of range ({MIN_CPU}..={MAX_CPU} cores)"),
+            );
+            None
+        } else {
+            Some(cpu)
+        }
+    }
+
     fn resources(&mut self, raw: Option<&RawResources>) -> Resources {
         let Some(raw) = raw else {
             return Resources::default();
         };
-        let cpu = raw.cpu.and_then(|cpu| {
-            if !cpu.is_finite() {
-                self.error("resources.cpu", format!("{cpu} is not a finite number"));
-                None
-            } else if !(MIN_CPU..=MAX_CPU).contains(&cpu) {
-                self.error(
-                    "resources.cpu",
-                    format!("{cpu} is out of range ({MIN_CPU}..={MAX_CPU} cores)"),
-                );
-                None
-            } else {
-                Some(cpu)
-            }
-        });
+        let cpu = raw.cpu.and_then(|cpu| self.cores("resources.cpu", cpu));
         let memory = raw
             .memory
             .as_ref()
@@ -1566,6 +1569,9 @@ impl Check {
             min_healthy: min_healthy.unwrap_or(DEFAULT_MIN_HEALTHY),
             healthy_deadline: healthy_deadline.unwrap_or(DEFAULT_HEALTHY_DEADLINE),
             auto_rollback: raw.auto_rollback.unwrap_or(true),
+            start_cpu: raw
+                .start_cpu
+                .and_then(|cpu| self.cores("rollout.start_cpu", cpu)),
         }
     }
 

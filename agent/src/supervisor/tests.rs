@@ -1070,6 +1070,70 @@ async fn a_new_revision_that_never_gets_ready_is_rolled_back_keeping_untouched_i
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rollouts_new_instance_starts_under_its_cpu_cap_until_it_is_ready() {
+    let r = rig().await;
+    let spec = GATED.replace(
+        "[rollout]\n",
+        "[resources]\ncpu = 2\n[rollout]\nstart_cpu = 0.25\n",
+    );
+    r.apply(&spec).await.expect("apply");
+    // Only these: a READY=1 set for an id holds for whichever instance gets it later.
+    r.drive(&["web-0", "web-1", "web-2"], 2).await;
+    let limits = |id: &str| {
+        r.cg.entry(&CgroupPath::service("web").child(id))
+            .map(|e| e.cpu_limits)
+            .unwrap_or_default()
+    };
+    for id in ["web-0", "web-1", "web-2"] {
+        assert_eq!(
+            limits(id),
+            [],
+            "{id}: not started by a rollout, never capped"
+        );
+    }
+    let id = r.restart("web", false).await.expect("restart");
+    // The new instance has started; it is not ready yet.
+    r.drive(&["web-0", "web-1", "web-2"], 1).await;
+    assert_eq!(
+        limits("web-3"),
+        [(Some(0.25), 10_000)],
+        "capped at its start, in 10 ms periods"
+    );
+    // Ready: its own limit (2 cores, the usual period) from then on.
+    r.drive(&ALL, 1).await;
+    assert_eq!(
+        limits("web-3"),
+        [(Some(0.25), 10_000), (Some(2.0), 100_000)]
+    );
+    r.drive(&ALL, 15).await;
+    assert_eq!(r.rollout(&id).await.state.as_str(), "succeeded");
+    for inst in &r.status("web").await.instances {
+        let l = limits(&inst.id);
+        assert!(
+            l.is_empty() || l.last() == Some(&(Some(2.0), 100_000)),
+            "{}: no cap left after the rollout: {l:?}",
+            inst.id
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_cpu_limit_a_lifted_start_cap_leaves_none() {
+    let r = rig().await;
+    let spec = GATED.replace("[rollout]\n", "[rollout]\nstart_cpu = 4\n");
+    r.apply(&spec).await.expect("apply");
+    r.drive(&["web-0", "web-1", "web-2"], 2).await;
+    r.restart("web", false).await.expect("restart");
+    r.drive(&["web-0", "web-1", "web-2"], 1).await;
+    r.drive(&ALL, 1).await;
+    let l =
+        r.cg.entry(&CgroupPath::service("web").child("web-3"))
+            .map(|e| e.cpu_limits)
+            .unwrap_or_default();
+    assert_eq!(l, [(Some(4.0), 10_000), (None, 100_000)]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_crashing_new_instance_fails_the_rollout_and_without_auto_rollback_pauses() {
     let r = rig().await;
     let spec = GATED.replace("[rollout]\n", "[rollout]\nauto_rollback = false\n");

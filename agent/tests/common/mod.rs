@@ -1017,15 +1017,24 @@ fn rollout(h: Hostility) -> BoxedStrategy<pb::RolloutPolicy> {
         opt(millis(h)),
         opt(millis(h)),
         opt(any::<bool>()),
+        opt(f64s(h)),
     )
         .prop_map(
-            |(max_surge, max_unavailable, min_healthy_ms, healthy_deadline_ms, auto_rollback)| {
+            |(
+                max_surge,
+                max_unavailable,
+                min_healthy_ms,
+                healthy_deadline_ms,
+                auto_rollback,
+                start_cpu,
+            )| {
                 pb::RolloutPolicy {
                     max_surge,
                     max_unavailable,
                     min_healthy_ms,
                     healthy_deadline_ms,
                     auto_rollback,
+                    start_cpu,
                 }
             },
         )

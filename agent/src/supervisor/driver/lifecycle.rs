@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::slots::Service;
 use super::{Driver, Internal, cgroup_of, ctx};
 use crate::artifact::Prepared;
-use crate::cgroups::{CgroupBackend, CgroupError, CgroupPath};
+use crate::cgroups::{CPU_PERIOD_US, CgroupBackend, CgroupError, CgroupPath, start_cpu_period};
 use crate::events::EventKind;
 use crate::runtime::image::ImageRun;
 use crate::runtime::{Spawned, StartRequest, assign_ports};
@@ -202,6 +202,13 @@ impl Driver {
         if spec.isolation.devices == Devices::Minimal {
             cg.restrict_devices(&path).map_err(|e| e.to_string())?;
         }
+        let cap = svc.slots.get(&key.index).and_then(|s| s.start_cap);
+        if let Some(cores) = cap.map(|c| spec.resources.cpu.map_or(c, |own| own.min(c))) {
+            // Not fatal: without the cap the instance starts as any other.
+            if let Err(e) = cg.set_cpu_limit(&path, Some(cores), start_cpu_period(cores)) {
+                tracing::warn!(instance = %id, error = %e, "rollout.start_cpu not applied");
+            }
+        }
         let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
         let dir = cg.open_dir(&path).map_err(|e| e.to_string())?;
         let cgroup_ns = crate::phases::now_ns();
@@ -237,6 +244,25 @@ impl Driver {
         let inst = &mut self.services.slot_mut(key).ok_or("instance gone")?.instance;
         inst.generation += 1;
         Ok((inst.generation, spawned, ports))
+    }
+
+    /// The instance is ready (or its rollout no longer waits for it): its start cap, if it
+    /// has one, gives way to its own CPU limit.
+    pub(super) fn lift_start_cap(&mut self, key: &InstanceKey) {
+        let Some(slot) = self.services.slot_mut(key) else {
+            return;
+        };
+        if slot.start_cap.take().is_none() || slot.live.is_none() {
+            return;
+        }
+        let own = slot.instance.spec.resources.cpu;
+        let path = cgroup_of(key);
+        match self.deps.cgroups.set_cpu_limit(&path, own, CPU_PERIOD_US) {
+            Ok(()) => tracing::debug!(instance = %key, "start cpu cap lifted"),
+            Err(e) => {
+                tracing::warn!(instance = %key, error = %e, "start cpu cap not lifted");
+            }
+        }
     }
 
     /// Send the stop signal of the spec the instance runs.

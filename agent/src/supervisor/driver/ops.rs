@@ -671,6 +671,15 @@ impl Driver {
         let mut why = Vec::new();
         let host = self.deps.cgroups.capabilities();
         why.extend(host.refuse_fields(&spec.resources));
+        // The start cap is a cpu limit too.
+        let start = spec::Resources {
+            cpu: spec.rollout.start_cpu,
+            ..spec::Resources::default()
+        };
+        why.extend(host.refuse_fields(&start).into_iter().map(|mut e| {
+            e.field = "rollout.start_cpu".into();
+            e
+        }));
         why.extend(host.refuse_isolation(&spec.isolation));
         for ns in &spec.isolation.namespaces {
             if !self.deps.namespaces.contains(ns) {

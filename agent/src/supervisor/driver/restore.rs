@@ -194,6 +194,12 @@ impl Driver {
                 let id = key.to_string();
                 self.emit(&key.service, Some(&id), EventKind::Adopted { pid });
                 self.watch(&key, 1, spawned, rec.ports);
+                // It may have been adopted in the middle of a capped start: the cap is
+                // lifted as for a new instance, at its first readiness or once no rollout
+                // runs.
+                if let Some(slot) = self.services.slot_mut(&key) {
+                    slot.start_cap = slot.instance.spec.rollout.start_cpu;
+                }
                 if rec.incarnation == 0 {
                     // Save the derived id once.
                     self.persist_instance(&key);

@@ -94,6 +94,27 @@ impl Driver {
         }
         self.after_pass(name);
         self.release_packages(name);
+        self.lift_start_caps_after_rollout(name);
+    }
+
+    /// Once no rollout runs for the service (it succeeded, failed, was superseded or
+    /// cancelled), none of its instances keeps a start cap.
+    fn lift_start_caps_after_rollout(&mut self, name: &str) {
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
+        if svc.d.running().is_some() {
+            return;
+        }
+        let capped: Vec<u32> = svc
+            .slots
+            .iter()
+            .filter(|(_, s)| s.start_cap.is_some())
+            .map(|(i, _)| *i)
+            .collect();
+        for index in capped {
+            self.lift_start_cap(&InstanceKey::new(name, index));
+        }
     }
 
     /// What the planner asks of a service now (nothing while it is deleted); `None` when
@@ -171,14 +192,19 @@ impl Driver {
         let key = InstanceKey::new(name, index);
         let id = key.to_string();
         let d = &svc.d;
+        let start_cpu = d.spec.rollout.start_cpu;
         let instance =
             Instance::new(index, id.clone(), d.spec.clone(), d.revision).with_epoch(d.epoch);
-        svc.slots.insert(index, super::slots::Slot::new(instance));
+        let mut slot = super::slots::Slot::new(instance);
         let in_rollout = svc
             .d
             .running_mut()
             .map(|r| r.started_ids.insert(id.clone()))
             .is_some();
+        if in_rollout {
+            slot.start_cap = start_cpu;
+        }
+        svc.slots.insert(index, slot);
         let ev = self.spawn(&key);
         self.feed(&key, ev);
         if in_rollout {
@@ -241,6 +267,9 @@ impl Driver {
             .filter(|id| !r.ready_ids.contains(id))
             .collect();
         let min_healthy = spec::format_duration(policy.min_healthy);
+        for index in rollout::ready_indexes(&policy, &slots, now) {
+            self.lift_start_cap(&InstanceKey::new(name, index));
+        }
         for id in fresh {
             if let Some(r) = self.services.get_mut(name).and_then(|s| s.d.running_mut()) {
                 r.ready_ids.insert(id.clone());

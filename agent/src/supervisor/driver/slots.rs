@@ -31,6 +31,9 @@ pub(super) struct Slot {
     pub live: Option<Live>,
     /// Its probe runs over all its runs.
     pub probe: ProbeMetrics,
+    /// `rollout.start_cpu` of an instance a rollout started: the cores each of its starts
+    /// may use until it is first ready (then `None`, and its own limit applies).
+    pub start_cap: Option<f64>,
 }
 
 impl Slot {
@@ -39,6 +42,7 @@ impl Slot {
             instance,
             live: None,
             probe: ProbeMetrics::default(),
+            start_cap: None,
         }
     }
 

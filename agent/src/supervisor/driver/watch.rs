@@ -246,6 +246,9 @@ impl Driver {
             .observe(outcome.healthy, &outcome.reason, report.at);
         let unhealthy = h.tracker.state() == HealthState::Unhealthy;
         if let Some(change) = change {
+            if change.to == HealthState::Healthy {
+                self.lift_start_cap(key);
+            }
             self.report_health_change(key, change, Some(ReadyVia::Probe));
         }
         if unhealthy && replace {
@@ -271,6 +274,7 @@ impl Driver {
         };
         let change = h.tracker.ready_by_notify(Instant::now());
         tracing::info!(instance = %key, "READY=1");
+        self.lift_start_cap(key);
         let id = key.to_string();
         let via = ReadyVia::Notify;
         self.emit(&key.service, Some(&id), EventKind::Ready { via });
