@@ -1326,6 +1326,7 @@ mod tests {
                     "min_healthy": "2s",
                     "healthy_deadline": "1m",
                     "auto_rollback": true,
+                    "start_cpu": null,
                 },
                 "started_at": "2025-03-01T12:00:00Z",
                 "finished_at": null,
