@@ -53,22 +53,33 @@ server.server_close()
 
 /// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (`PYTHON_SERVER`);
 /// `+no-surge` rolls it with `max_surge = 0`, `max_unavailable = 1` (never more instances on
-/// the socket than `replicas`); `+weighted` gives the agent's cgroup parent the CPU weight of
+/// the socket than `replicas`); `+start-cpu` sets `rollout.start_cpu` (a new instance of a
+/// rollout starts on at most 0.3 of a core until it is ready); `+weighted` gives the agent's cgroup parent the CPU weight of
 /// one process per instance (v1 `cpu.shares` 1024 × replicas, v2 `cpu.weight` 100 ×
 /// replicas), as a peer's processes have, each its own, in the root cgroup.
 fn spec_for(server: &str, port: u16, version: &str) -> String {
     if !server.starts_with("python") {
         return spec(port, version);
     }
-    let policy = if server.contains("+no-surge") {
-        "max_surge = 0\nmax_unavailable = 1\n"
-    } else {
-        ""
-    };
+    let mut policy = String::new();
+    if server.contains("+no-surge") {
+        policy.push_str("max_surge = 0\nmax_unavailable = 1\n");
+    }
+    if server.contains("+start-cpu") {
+        let cores = std::env::var("CORRAL_BENCH_START_CPU")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(START_CPU);
+        policy.push_str(&format!("start_cpu = {cores}\n"));
+    }
     format!(
         "name = \"roll\"\ncommand = [\"/usr/bin/python3\", \"-c\", {PYTHON_SERVER:?}]\nreplicas = {REPLICAS}\nenv = {{ VERSION = \"{version}\" }}\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\nstart_period = \"5s\"\n[rollout]\nmin_healthy = \"500ms\"\n{policy}"
     )
 }
+
+/// `+start-cpu`: the cores a rollout's new instance may use until it is first ready
+/// (`CORRAL_BENCH_START_CPU` overrides it).
+const START_CPU: f64 = 0.3;
 
 /// `+weighted`: the weight of the agent's cgroup parent (see [`spec_for`]).
 fn weigh_parent(agent: &Agent) {

@@ -174,6 +174,8 @@ async fn main() {
             "python+no-surge",
             "python+weighted",
             "python+weighted+no-surge",
+            "python+start-cpu",
+            "python+weighted+start-cpu",
         ] {
             if variant(server) {
                 corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
