@@ -19,6 +19,7 @@ pub const KERNEL: &[&str] = &[
     "private_network_has_only_loopback",
     "init_reaps_orphans",
     "rolling_restart_keeps_serving",
+    "start_cpu_caps_a_rollouts_new_instance",
     "capabilities_as_configured",
     "readonly_root_keeps_workdir_and_tmp_writable",
     "nofile_limit_applies",
@@ -46,6 +47,7 @@ pub async fn run(name: &str) -> bool {
         "private_network_has_only_loopback" => private_network_has_only_loopback().await,
         "init_reaps_orphans" => init_reaps_orphans().await,
         "rolling_restart_keeps_serving" => rolling_restart_keeps_serving().await,
+        "start_cpu_caps_a_rollouts_new_instance" => start_cpu_caps_a_rollouts_new_instance().await,
         "capabilities_as_configured" => capabilities_as_configured().await,
         "readonly_root_keeps_workdir_and_tmp_writable" => {
             readonly_root_keeps_workdir_and_tmp_writable().await
@@ -614,6 +616,113 @@ pub async fn rolling_restart_keeps_serving() {
         p
     };
     assert_eq!(pids(&before), pids(&after), "adopted, not restarted");
+}
+
+/// Instance `id`'s CPU limit as the kernel has it: (quota in µs, `None` when unlimited;
+/// period in µs). v1: `cpu.cfs_quota_us` and `cpu.cfs_period_us`; v2: `cpu.max`.
+fn cpu_limit(agent: &Agent, service: &str, id: &str) -> (Option<u64>, u64) {
+    let rel = instance_rel(service, id);
+    let cg = &agent.cgroup;
+    let (quota, period) = match cg.version {
+        Version::V1 => (
+            cg.read("cpu", &rel, "cpu.cfs_quota_us"),
+            cg.read("cpu", &rel, "cpu.cfs_period_us"),
+        ),
+        Version::V2 => {
+            let max = cg.read("cpu", &rel, "cpu.max");
+            let (q, p) = max.split_once(' ').unwrap_or_default();
+            (q.to_string(), p.to_string())
+        }
+    };
+    (quota.parse().ok(), period.parse().unwrap_or(0))
+}
+
+/// `[rollout] start_cpu`: an instance created by Apply is never capped; each new instance of
+/// a restart runs under the cap (0.2 core in 10 ms periods) until its probe first passes;
+/// after the rollout every instance has its own limit (none) again.
+pub async fn start_cpu_caps_a_rollouts_new_instance() {
+    let port = crate::free_port();
+    let agent = Agent::start().await;
+    // Each instance serves, and passes its probe, 1.5 s after its start.
+    let extra = format!(
+        "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
+         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"30s\"\n\
+         [rollout]\nmin_healthy = \"300ms\"\nhealthy_deadline = \"60s\"\nstart_cpu = 0.2\n"
+    );
+    agent
+        .apply(&spec("cap", 2, &["http-listen", "1500"], &extra))
+        .await
+        .expect("apply");
+    let healthy = pb::HealthState::Healthy as i32;
+    let all_healthy = || async {
+        let s = agent.get("cap").await.ok()?;
+        (s.healthy == 2
+            && s.instances.len() == 2
+            && s.rollout
+                .as_ref()
+                .is_none_or(|r| r.state() != pb::RolloutState::Running))
+        .then_some(s)
+    };
+    let before = eventually("2 healthy instances", Duration::from_secs(60), all_healthy).await;
+    for i in &before.instances {
+        assert_eq!(
+            cpu_limit(&agent, "cap", &i.id),
+            (None, 100_000),
+            "{}: created by Apply, not by a rollout: never capped",
+            i.id
+        );
+    }
+    let old: Vec<i32> = before.instances.iter().map(|i| i.pid).collect();
+    let id = agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: "cap".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .rollout_id;
+    let capped = eventually(
+        "a new instance starting under its cap",
+        Duration::from_secs(60),
+        || async {
+            let s = agent.get("cap").await.ok()?;
+            s.instances
+                .iter()
+                .filter(|i| i.pid > 0 && !old.contains(&i.pid) && i.health != healthy)
+                .find(|i| cpu_limit(&agent, "cap", &i.id) == (Some(2000), 10_000))
+                .map(|i| i.id.clone())
+        },
+    )
+    .await;
+    let done = eventually("the rollout to end", Duration::from_secs(120), || async {
+        let r = agent
+            .client()
+            .await
+            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+            .await
+            .ok()?
+            .into_inner();
+        (r.state() != pb::RolloutState::Running).then_some(r)
+    })
+    .await;
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    let after = eventually("2 healthy instances", Duration::from_secs(60), all_healthy).await;
+    assert!(
+        after.instances.iter().any(|i| i.id == capped),
+        "{capped} replaced an old instance: {:?}",
+        after.instances
+    );
+    for i in &after.instances {
+        assert_eq!(
+            cpu_limit(&agent, "cap", &i.id),
+            (None, 100_000),
+            "{}: ready, its cap lifted",
+            i.id
+        );
+    }
 }
 
 async fn two_healthy(agent: &Agent) -> Option<pb::ServiceStatus> {
