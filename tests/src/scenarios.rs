@@ -556,54 +556,29 @@ pub async fn rolling_restart_keeps_serving() {
     use crate::load::Load;
     let port = crate::free_port();
     let mut agent = Agent::start().await;
-    let extra = format!(
-        "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
-         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"10s\"\n\
-         [rollout]\nmin_healthy = \"300ms\"\nhealthy_deadline = \"20s\"\n"
-    );
+    let extra = served(port, "10s", "healthy_deadline = \"20s\"\n");
     agent
         .apply(&spec("roll", 2, &["http-listen", "100"], &extra))
         .await
         .expect("apply");
     eventually("2 healthy instances", Duration::from_secs(30), || {
-        two_healthy(&agent)
+        two_healthy(&agent, "roll")
     })
     .await;
     let load = Load::start(port, 2, Duration::from_secs(120));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let id = agent
-        .client()
-        .await
-        .restart(pb::RestartRequest {
-            name: "roll".into(),
-            force: false,
-            ..Default::default()
-        })
-        .await
-        .expect("restart")
-        .into_inner()
-        .rollout_id;
-    let done = eventually("the rollout to end", Duration::from_secs(60), || async {
-        let r = agent
-            .client()
-            .await
-            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-            .await
-            .ok()?
-            .into_inner();
-        (r.state() != pb::RolloutState::Running).then_some(r)
-    })
-    .await;
+    let id = restart(&agent, "roll").await;
+    let done = rollout_end(&agent, &id, Duration::from_secs(60)).await;
     assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     let before = eventually("2 healthy instances", Duration::from_secs(30), || {
-        two_healthy(&agent)
+        two_healthy(&agent, "roll")
     })
     .await;
     agent.stop_with(libc::SIGKILL);
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.launch().await;
     let after = eventually("2 healthy instances", Duration::from_secs(30), || {
-        two_healthy(&agent)
+        two_healthy(&agent, "roll")
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -644,26 +619,16 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
     let port = crate::free_port();
     let agent = Agent::start().await;
     // Each instance serves, and passes its probe, 1.5 s after its start.
-    let extra = format!(
-        "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
-         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"30s\"\n\
-         [rollout]\nmin_healthy = \"300ms\"\nhealthy_deadline = \"60s\"\nstart_cpu = 0.2\n"
-    );
+    let extra = served(port, "30s", "healthy_deadline = \"60s\"\nstart_cpu = 0.2\n");
     agent
         .apply(&spec("cap", 2, &["http-listen", "1500"], &extra))
         .await
         .expect("apply");
     let healthy = pb::HealthState::Healthy as i32;
-    let all_healthy = || async {
-        let s = agent.get("cap").await.ok()?;
-        (s.healthy == 2
-            && s.instances.len() == 2
-            && s.rollout
-                .as_ref()
-                .is_none_or(|r| r.state() != pb::RolloutState::Running))
-        .then_some(s)
-    };
-    let before = eventually("2 healthy instances", Duration::from_secs(60), all_healthy).await;
+    let before = eventually("2 healthy instances", Duration::from_secs(60), || {
+        two_healthy(&agent, "cap")
+    })
+    .await;
     for i in &before.instances {
         assert_eq!(
             cpu_limit(&agent, "cap", &i.id),
@@ -673,17 +638,7 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         );
     }
     let old: Vec<i32> = before.instances.iter().map(|i| i.pid).collect();
-    let id = agent
-        .client()
-        .await
-        .restart(pb::RestartRequest {
-            name: "cap".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("restart")
-        .into_inner()
-        .rollout_id;
+    let id = restart(&agent, "cap").await;
     let capped = eventually(
         "a new instance starting under its cap",
         Duration::from_secs(60),
@@ -697,19 +652,12 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         },
     )
     .await;
-    let done = eventually("the rollout to end", Duration::from_secs(120), || async {
-        let r = agent
-            .client()
-            .await
-            .get_rollout(pb::GetRolloutRequest { id: id.clone() })
-            .await
-            .ok()?
-            .into_inner();
-        (r.state() != pb::RolloutState::Running).then_some(r)
+    let done = rollout_end(&agent, &id, Duration::from_secs(120)).await;
+    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
+    let after = eventually("2 healthy instances", Duration::from_secs(60), || {
+        two_healthy(&agent, "cap")
     })
     .await;
-    assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
-    let after = eventually("2 healthy instances", Duration::from_secs(60), all_healthy).await;
     assert!(
         after.instances.iter().any(|i| i.id == capped),
         "{capped} replaced an old instance: {:?}",
@@ -725,8 +673,48 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
     }
 }
 
-async fn two_healthy(agent: &Agent) -> Option<pb::ServiceStatus> {
-    let s = agent.get("roll").await.ok()?;
+/// The sections of an HTTP service on the agent's socket `port`, probed on its own admin
+/// port (first passes counted after `start_period`), `rollout` added to `[rollout]`.
+fn served(port: u16, start_period: &str, rollout: &str) -> String {
+    format!(
+        "[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\
+         [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"{start_period}\"\n\
+         [rollout]\nmin_healthy = \"300ms\"\n{rollout}"
+    )
+}
+
+/// A rolling restart of `name`: its rollout's id.
+async fn restart(agent: &Agent, name: &str) -> String {
+    agent
+        .client()
+        .await
+        .restart(pb::RestartRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("restart")
+        .into_inner()
+        .rollout_id
+}
+
+/// Rollout `id` once it no longer runs, waiting up to `limit`.
+async fn rollout_end(agent: &Agent, id: &str, limit: Duration) -> pb::RolloutStatus {
+    eventually("the rollout to end", limit, || async {
+        let r = agent
+            .client()
+            .await
+            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .await
+            .ok()?
+            .into_inner();
+        (r.state() != pb::RolloutState::Running).then_some(r)
+    })
+    .await
+}
+
+async fn two_healthy(agent: &Agent, name: &str) -> Option<pb::ServiceStatus> {
+    let s = agent.get(name).await.ok()?;
     (s.healthy == 2
         && s.instances.len() == 2
         && s.rollout

@@ -261,13 +261,15 @@ impl Driver {
             return;
         };
         let (policy, slots) = self.planner_view(svc, now);
-        let fresh: Vec<String> = rollout::ready_indexes(&policy, &slots, now)
-            .into_iter()
-            .filter_map(|idx| svc.slots.get(&idx).map(|s| s.instance.id.clone()))
+        let ready = rollout::ready_indexes(&policy, &slots, now);
+        let fresh: Vec<String> = ready
+            .iter()
+            .filter_map(|idx| svc.slots.get(idx).map(|s| s.instance.id.clone()))
             .filter(|id| !r.ready_ids.contains(id))
             .collect();
         let min_healthy = spec::format_duration(policy.min_healthy);
-        for index in rollout::ready_indexes(&policy, &slots, now) {
+        // Ready without a probe or READY=1 (a service without either): its cap ends here.
+        for index in ready {
             self.lift_start_cap(&InstanceKey::new(name, index));
         }
         for id in fresh {
