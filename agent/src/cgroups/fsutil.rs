@@ -121,7 +121,6 @@ pub(super) fn parse_pids(text: &str) -> Result<Vec<i32>, String> {
         .collect()
 }
 
-/// Parses a control file's text, naming the cgroup and the file.
 /// The value on line `key` of `file`, a keyed file of cgroup `path` (`memory.events`,
 /// `memory.oom_control`), read once.
 pub(super) fn read_keyed_u64(path: &str, file: &Path, key: &str) -> Result<u64, CgroupError> {
@@ -129,6 +128,7 @@ pub(super) fn read_keyed_u64(path: &str, file: &Path, key: &str) -> Result<u64, 
     parsed(path, file, keyed_u64(&text, key))
 }
 
+/// Parses a control file's text, naming the cgroup and the file.
 pub(super) fn parsed<T>(
     path: &str,
     file: &Path,

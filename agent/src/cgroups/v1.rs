@@ -283,26 +283,7 @@ impl V1Backend {
         }
         let ps = self.page_size;
         if let Some(quota) = limits.cpu_quota {
-            let r = self.ready(p, &self.cpu, Control::Cpu)?;
-            let dir = r.parent.join(&rel);
-            let c = CpuController::new(dir.clone(), r.mount.clone(), false);
-            let period = CPU_PERIOD_US.to_string();
-            seam::set_verified(
-                p,
-                &dir.join("cpu.cfs_period_us"),
-                &period,
-                Expect::Same,
-                ps,
-                || c.set_cfs_period(CPU_PERIOD_US),
-            )?;
-            seam::set_verified(
-                p,
-                &dir.join("cpu.cfs_quota_us"),
-                &quota.to_string(),
-                Expect::Same,
-                ps,
-                || c.set_cfs_quota(quota),
-            )?;
+            self.write_cpu(p, path, quota, CPU_PERIOD_US)?;
         }
         if let Some(bytes) = limits.memory {
             let r = self.ready(p, &self.memory, Control::Memory)?;
@@ -338,6 +319,36 @@ impl V1Backend {
             )?;
         }
         Ok(())
+    }
+
+    /// The cgroup's CFS period, then its quota in it (`-1`: none), each read back.
+    fn write_cpu(
+        &self,
+        p: &str,
+        path: &CgroupPath,
+        quota: i64,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        let r = self.ready(p, &self.cpu, Control::Cpu)?;
+        let dir = r.parent.join(path.relative());
+        let c = CpuController::new(dir.clone(), r.mount.clone(), false);
+        let ps = self.page_size;
+        seam::set_verified(
+            p,
+            &dir.join("cpu.cfs_period_us"),
+            &period_us.to_string(),
+            Expect::Same,
+            ps,
+            || c.set_cfs_period(period_us),
+        )?;
+        seam::set_verified(
+            p,
+            &dir.join("cpu.cfs_quota_us"),
+            &quota.to_string(),
+            Expect::Same,
+            ps,
+            || c.set_cfs_quota(quota),
+        )
     }
 
     fn ready<'a>(
@@ -413,27 +424,7 @@ impl CgroupBackend for V1Backend {
     ) -> Result<(), CgroupError> {
         let p = path.to_string();
         let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
-        let r = self.ready(&p, &self.cpu, Control::Cpu)?;
-        let dir = r.parent.join(path.relative());
-        let c = CpuController::new(dir.clone(), r.mount.clone(), false);
-        let ps = self.page_size;
-        // The period first: the quota is then exact in it.
-        seam::set_verified(
-            &p,
-            &dir.join("cpu.cfs_period_us"),
-            &period_us.to_string(),
-            Expect::Same,
-            ps,
-            || c.set_cfs_period(period_us),
-        )?;
-        seam::set_verified(
-            &p,
-            &dir.join("cpu.cfs_quota_us"),
-            &quota.to_string(),
-            Expect::Same,
-            ps,
-            || c.set_cfs_quota(quota),
-        )
+        self.write_cpu(&p, path, quota, period_us)
     }
 
     /// Each hierarchy's `tasks`, not `cgroup.procs`: a single-threaded process that writes

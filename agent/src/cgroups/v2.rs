@@ -258,6 +258,30 @@ impl V2Backend {
         files
     }
 
+    /// `cpu.max` of the cgroup at `leaf`: `quota` per `period_us` (`-1`: `max`), read back.
+    fn write_cpu(
+        &self,
+        p: &str,
+        leaf: &Path,
+        quota: i64,
+        period_us: u64,
+    ) -> Result<(), CgroupError> {
+        let value = if quota < 0 {
+            format!("max {period_us}")
+        } else {
+            format!("{quota} {period_us}")
+        };
+        let c = CpuController::new(leaf.to_path_buf(), self.mount.clone(), true);
+        seam::set_verified(
+            p,
+            &leaf.join("cpu.max"),
+            &value,
+            Expect::Same,
+            self.page_size,
+            || c.set_cfs_quota_and_period(Some(quota), Some(period_us)),
+        )
+    }
+
     fn dir(&self, path: &CgroupPath) -> PathBuf {
         self.parent.join(path.relative())
     }
@@ -292,15 +316,7 @@ impl V2Backend {
         }
         let ps = self.page_size;
         if let Some(quota) = limits.cpu_quota {
-            let c = CpuController::new(leaf.clone(), self.mount.clone(), true);
-            seam::set_verified(
-                p,
-                &leaf.join("cpu.max"),
-                &format!("{quota} {CPU_PERIOD_US}"),
-                Expect::Same,
-                ps,
-                || c.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US)),
-            )?;
+            self.write_cpu(p, &leaf, quota, CPU_PERIOD_US)?;
         }
         if let Some(bytes) = limits.memory {
             let m = MemController::new(leaf.clone(), self.mount.clone(), true);
@@ -476,21 +492,7 @@ impl CgroupBackend for V2Backend {
             });
         }
         let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
-        let leaf = self.dir(path);
-        let value = if quota < 0 {
-            format!("max {period_us}")
-        } else {
-            format!("{quota} {period_us}")
-        };
-        let c = CpuController::new(leaf.clone(), self.mount.clone(), true);
-        seam::set_verified(
-            &p,
-            &leaf.join("cpu.max"),
-            &value,
-            Expect::Same,
-            self.page_size,
-            || c.set_cfs_quota_and_period(Some(quota), Some(period_us)),
-        )
+        self.write_cpu(&p, &self.dir(path), quota, period_us)
     }
 
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {

@@ -1099,6 +1099,12 @@ async fn a_rollouts_new_instance_starts_under_its_cpu_cap_until_it_is_ready() {
         [(Some(0.25), 10_000)],
         "capped at its start, in 10 ms periods"
     );
+    let created = r.cg.entry(&CgroupPath::service("web").child("web-3"));
+    assert_eq!(
+        created.map(|e| e.limits.cpu),
+        Some(None),
+        "made without its own cpu limit: the cap is its one CPU write"
+    );
     // Ready: its own limit (2 cores, the usual period) from then on.
     r.drive(&ALL, 1).await;
     assert_eq!(

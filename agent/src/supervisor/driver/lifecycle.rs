@@ -198,15 +198,25 @@ impl Driver {
             .map_err(|e| format!("assigning ports: {e}"))?;
         let cg = &*self.deps.cgroups;
         let path = cgroup_of(key);
-        create_fresh(cg, &path, &spec.resources).map_err(|e| e.to_string())?;
+        let cap = svc.slots.get(&key.index).and_then(|s| s.start_cap);
+        let cap = cap.map(|c| spec.resources.cpu.map_or(c, |own| own.min(c)));
+        // A capped start writes its CPU limit once, the cap.
+        let limits = Resources {
+            cpu: spec.resources.cpu.filter(|_| cap.is_none()),
+            ..spec.resources
+        };
+        create_fresh(cg, &path, &limits).map_err(|e| e.to_string())?;
         if spec.isolation.devices == Devices::Minimal {
             cg.restrict_devices(&path).map_err(|e| e.to_string())?;
         }
-        let cap = svc.slots.get(&key.index).and_then(|s| s.start_cap);
-        if let Some(cores) = cap.map(|c| spec.resources.cpu.map_or(c, |own| own.min(c))) {
-            // Not fatal: without the cap the instance starts as any other.
-            if let Err(e) = cg.set_cpu_limit(&path, Some(cores), start_cpu_period(cores)) {
-                tracing::warn!(instance = %id, error = %e, "rollout.start_cpu not applied");
+        if let Some(cores) = cap
+            && let Err(e) = cg.set_cpu_limit(&path, Some(cores), start_cpu_period(cores))
+        {
+            // Not fatal: the instance starts as any other, under its own limit.
+            tracing::warn!(instance = %id, error = %e, "rollout.start_cpu not applied");
+            if spec.resources.cpu.is_some() {
+                cg.set_cpu_limit(&path, spec.resources.cpu, CPU_PERIOD_US)
+                    .map_err(|e| e.to_string())?;
             }
         }
         let procs = cg.open_procs(&path).map_err(|e| e.to_string())?;
