@@ -613,3 +613,84 @@ async fn the_agent_raises_its_open_file_limit_and_services_start_with_theirs() {
     .await;
     assert_eq!(open_file_limit(again.pid), (1024, 8192), "the replacement");
 }
+
+/// The mount namespaces the agent holds (fds to `mnt:[...]`): one per live instance with a
+/// mount namespace, and an ended instance's released once it is replaced, so that restarts
+/// neither leak them nor keep dead instances' mounts.
+fn held_mount_namespaces(agent_pid: i32) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{agent_pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        .filter(|t| t.starts_with("mnt:["))
+        .collect()
+}
+
+fn mount_namespace(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .map(|t| t.display().to_string())
+        .unwrap_or_default()
+}
+
+/// An instance's mount namespace outlives its init only until its end is reported: the agent
+/// holds it so that its teardown is off the restart's path, then lets it go. Across many
+/// restarts and a delete, the agent holds exactly the live instances' namespaces. (A freed
+/// namespace's number may be given to a new one, so numbers alone cannot tell an ended
+/// instance's namespace from its replacement's; a held one is never freed, so never reused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_instances_mount_namespaces_are_released() {
+    if skip_unless_root("ended_instances_mount_namespaces_are_released") {
+        return;
+    }
+    let agent = Agent::start().await;
+    let agent_pid = agent.pid().expect("the agent runs");
+    agent
+        .apply(&spec("ns", 2, &["serve"], "[restart]\nbackoff = \"0s\"\n"))
+        .await
+        .expect("apply");
+    let live = |instances: &[pb::InstanceStatus]| -> std::collections::BTreeSet<String> {
+        instances.iter().map(|i| mount_namespace(i.pid)).collect()
+    };
+    let mut running = agent.wait_running("ns", 2).await;
+    let first = live(&running);
+    assert_eq!(
+        first.len(),
+        2,
+        "each instance has a mount namespace of its own"
+    );
+    assert!(
+        !first.contains(&mount_namespace(agent_pid)),
+        "not the agent's own"
+    );
+    for round in 1..=5u32 {
+        let victim = running[0].clone();
+        kill9(victim.pid);
+        running = eventually("a replacement", Duration::from_secs(20), || async {
+            let s = agent.get("ns").await.ok()?;
+            let ok = s.instances.len() == 2
+                && s.instances.iter().all(|i| {
+                    i.state == pb::InstanceState::Running as i32
+                        && i.pid > 0
+                        && (i.index != victim.index || i.restarts == round)
+                });
+            ok.then_some(s.instances)
+        })
+        .await;
+    }
+    let now = live(&running);
+    eventually(
+        "the agent holds the live instances' namespaces only",
+        Duration::from_secs(10),
+        || async { (held_mount_namespaces(agent_pid) == now).then_some(()) },
+    )
+    .await;
+    agent.delete("ns").await.expect("delete");
+    eventually(
+        "nothing held after the delete",
+        Duration::from_secs(10),
+        || async { held_mount_namespaces(agent_pid).is_empty().then_some(()) },
+    )
+    .await;
+}

@@ -838,12 +838,21 @@ impl Processes for LinuxRuntime {
         let pidfd = Arc::new(pidfd);
         // Our own unreaped child: its PID cannot be reused yet, so this reads the right process.
         let start_time = proc_start_time(pid).unwrap_or(0);
+        let mount_ns = (flags & libc::CLONE_NEWNS as u64 != 0)
+            .then(|| held_mount_ns(pid))
+            .flatten();
         let process = ProcessRef {
             pid,
             pidfd: Some(pidfd.clone()),
         };
-        let layer = image_root.is_some();
-        let exit = Box::pin(wait_exit(pidfd, Some(err_r), run_dir, true, layer));
+        let end = EndOf {
+            err_pipe: Some(err_r),
+            run_dir,
+            child: true,
+            layer: image_root.is_some(),
+            mount_ns,
+        };
+        let exit = Box::pin(wait_exit(pidfd, end));
         Ok(Spawned {
             process,
             start_time,
@@ -1024,7 +1033,14 @@ impl Processes for LinuxRuntime {
             pidfd: Some(pidfd.clone()),
         };
         // Whether it runs an image is in its configuration: looked up when it ends.
-        let exit = Box::pin(wait_exit(pidfd, None, self.run_dir(instance), false, true));
+        let end = EndOf {
+            err_pipe: None,
+            run_dir: self.run_dir(instance),
+            child: false,
+            layer: true,
+            mount_ns: held_mount_ns(pid),
+        };
+        let exit = Box::pin(wait_exit(pidfd, end));
         Ok(Spawned {
             process,
             start_time,
@@ -1240,26 +1256,55 @@ fn read_exit_record(run_dir: &Path) -> Option<ExitRecord> {
         .and_then(|b| serde_json::from_slice::<ExitRecord>(&b).ok())
 }
 
-/// Wait for the init to end (and reap it when it is our child), and gather what is known
-/// about the end. `layer`: the run may have had an image's writable layer, discarded before
-/// the end is reported (the next run's layer takes its place); a run known to have none
-/// skips the look-up and the thread it takes.
-async fn wait_exit(
-    pidfd: Arc<OwnedFd>,
+/// What [`wait_exit`] needs besides the pidfd.
+struct EndOf {
+    /// The pipe on which the child reports a failure before the init runs.
     err_pipe: Option<OwnedFd>,
     run_dir: PathBuf,
+    /// The init is our child (we reap it).
     child: bool,
+    /// The run may have had an image's writable layer, discarded before the end is reported
+    /// (the next run's layer takes its place); a run known to have none skips the look-up and
+    /// the thread it takes.
     layer: bool,
-) -> InitExit {
-    let status = wait_pidfd(pidfd, child).await;
-    let spawn_error = err_pipe.and_then(read_spawn_error);
-    if layer {
-        let layer_of = run_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || image::discard_layer(&layer_of)).await;
+    /// The instance's mount namespace, from [`held_mount_ns`].
+    mount_ns: Option<OwnedFd>,
+}
+
+/// A handle on the mount namespace of the init `pid`, held until its end is reported. The
+/// namespace (its mounts, and the `/proc`, `/dev`, devpts, mqueue and mask filesystems made
+/// for it) is then torn down when this handle is closed, on a blocking thread, rather than in
+/// the init's own exit: the kernel does that teardown before the init's exit is signalled, so
+/// without the handle it would delay every restart by it (about a tenth of a millisecond for
+/// the default confinement). `None` when it cannot be opened (the init is gone already): the
+/// teardown then happens in its exit, as it would anyway.
+fn held_mount_ns(pid: i32) -> Option<OwnedFd> {
+    fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(OwnedFd::from)
+}
+
+/// Wait for the init to end (and reap it when it is our child), and gather what is known
+/// about the end.
+async fn wait_exit(pidfd: Arc<OwnedFd>, end: EndOf) -> InitExit {
+    let status = wait_pidfd(pidfd, end.child).await;
+    let spawn_error = end.err_pipe.and_then(read_spawn_error);
+    let mount_ns = end.mount_ns;
+    if end.layer {
+        let layer_of = end.run_dir.clone();
+        // The namespace goes first: its overlay mount holds the layer.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(mount_ns);
+            image::discard_layer(&layer_of)
+        })
+        .await;
+    } else if let Some(ns) = mount_ns {
+        // Not awaited: the end is reported (and a restart begins) while it is torn down.
+        drop(tokio::task::spawn_blocking(move || drop(ns)));
     }
     InitExit {
         status,
-        record: read_exit_record(&run_dir),
+        record: read_exit_record(&end.run_dir),
         spawn_error,
     }
 }
