@@ -604,13 +604,16 @@ async fn the_agent_raises_its_open_file_limit_and_services_start_with_theirs() {
     agent.stop_with(libc::SIGKILL);
     agent.launch().await;
     kill9(inherits.pid);
-    let again = eventually("a replacement", Duration::from_secs(20), || async {
+    let replaced = eventually("a replacement", Duration::from_secs(20), || async {
         let s = agent.get("inherits").await.ok()?;
         let i = s.instances.first()?;
         (i.pid > 0 && i.pid != inherits.pid && i.state == pb::InstanceState::Running as i32)
             .then(|| i.clone())
     })
     .await;
+    // Once it has executed: until then it is the init's copy, its limits not set yet.
+    let again = agent.wait_running("inherits", 1).await.remove(0);
+    assert_eq!(again.pid, replaced.pid);
     assert_eq!(open_file_limit(again.pid), (1024, 8192), "the replacement");
 }
 
