@@ -1275,9 +1275,9 @@ struct EndOf {
 /// namespace (its mounts, and the `/proc`, `/dev`, devpts, mqueue and mask filesystems made
 /// for it) is then torn down when this handle is closed, on a blocking thread, rather than in
 /// the init's own exit: the kernel does that teardown before the init's exit is signalled, so
-/// without the handle it would delay every restart by it (about a tenth of a millisecond for
-/// the default confinement). `None` when it cannot be opened (the init is gone already): the
-/// teardown then happens in its exit, as it would anyway.
+/// without the handle it would delay the agent's learning of every end by it (about a tenth
+/// of a millisecond with the default confinement). `None` when it cannot be opened (the init
+/// is gone already): the teardown then happens in its exit, as it would anyway.
 fn held_mount_ns(pid: i32) -> Option<OwnedFd> {
     fs::File::open(format!("/proc/{pid}/ns/mnt"))
         .ok()
