@@ -1110,6 +1110,7 @@ impl Processes for LinuxRuntime {
         }
         Arc::new(super::probe_exec::LinuxExec {
             exe: self.exe.clone(),
+            init_pid: req.process.pid,
             target: req.process.pidfd.clone(),
             procs,
             cgroup_dir: req.cgroup_dir,

@@ -24,6 +24,9 @@ use crate::health::{ExecResult, ExecRunner, output_tail};
 #[derive(Debug)]
 pub struct LinuxExec {
     pub(super) exe: CString,
+    /// The instance init's PID: whether it has forked the service yet is read from its
+    /// `/proc` entry (see [`LinuxExec::view_built`]).
+    pub(super) init_pid: i32,
     /// The instance init's pidfd (`None`: nothing to run in).
     pub(super) target: Option<Arc<OwnedFd>>,
     pub(super) procs: Vec<OwnedFd>,
@@ -105,7 +108,24 @@ impl LinuxExec {
         Ok((Arc::new(pidfd), out_r))
     }
 
+    /// Whether the init has forked the service process: it does so only once the instance's
+    /// view is built (the agent's directories masked, the minimal `/dev`, `/proc`'s kernel
+    /// files covered). A helper that joined the mount namespace before then would run the
+    /// probe command in a half-built view, the host's devices and the agent's state in sight.
+    /// Once true it stays true for this init (a later `false` is a service that ended; the
+    /// probe then waits to its timeout, as it would for a hung command).
+    fn view_built(&self) -> bool {
+        let pid = self.init_pid;
+        std::fs::read(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|children| children.iter().any(u8::is_ascii_digit))
+    }
+
     async fn run_once(&self, argv: &[String]) -> io::Result<ExecResult> {
+        // The first probe may be due within milliseconds of the start (a tenth of the
+        // interval at most, jittered), while the init is still building the view.
+        while !self.view_built() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let (pidfd, out_r) = self.start(argv)?;
         let mut guard = KillOnDrop(Some(pidfd.clone()));
         let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?;
