@@ -191,6 +191,15 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn delete_atomic(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        self.delete(kind, name)?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((kind.to_string(), name.to_string()));
+        Ok(())
+    }
+
     fn quarantine(&self, kind: &str, name: &str) -> Result<String, StoreError> {
         self.check()?;
         let key = (kind.to_string(), name.to_string());

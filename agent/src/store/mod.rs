@@ -47,6 +47,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// describe processes, which a power loss ends anyway.
     fn put_atomic(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), StoreError>;
 
+    /// Remove `kind/name` at once (gone for every reader, also after the agent crashes) but
+    /// without waiting for the disk: for keys written with [`Store::put_atomic`], which a
+    /// power loss may bring back in an older state anyway. Absent keys are fine.
+    fn delete_atomic(&self, kind: &str, name: &str) -> Result<(), StoreError>;
+
     /// Make what [`Store::put_atomic`] wrote under `kind/name` durable (its data and its
     /// name): after it returns, the value survives a host crash as `put` would have made it.
     /// A key removed since is fine: its removal is what gets synced.
@@ -206,7 +211,11 @@ impl Store for FileStore {
     }
 
     fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
-        self.remove(kind, name)
+        self.remove(kind, name, true)
+    }
+
+    fn delete_atomic(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+        self.remove(kind, name, false)
     }
 
     fn sync(&self, kind: &str, name: &str) -> Result<(), StoreError> {
@@ -281,7 +290,9 @@ impl FileStore {
         Ok(())
     }
 
-    fn remove(&self, kind: &str, name: &str) -> Result<(), StoreError> {
+    /// Unlinks `kind/name`; `durable`: then syncs its directory, so the removal survives a
+    /// host crash.
+    fn remove(&self, kind: &str, name: &str, durable: bool) -> Result<(), StoreError> {
         let path = self.path(kind, name)?;
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -293,6 +304,9 @@ impl FileStore {
                     source,
                 });
             }
+        }
+        if !durable {
+            return Ok(());
         }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         fsync_dir(&dir).map_err(|source| StoreError::Io {
@@ -306,6 +320,27 @@ impl FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delete_atomic_removes_at_once_and_absent_keys_are_fine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::open(dir.path()).expect("open");
+        s.put_atomic("instances", "web-0", b"one").expect("put");
+        s.put_atomic("instances", "web-1", b"two").expect("put");
+        s.delete_atomic("instances", "web-0").expect("delete");
+        s.delete_atomic("instances", "web-0")
+            .expect("absent is fine");
+        s.delete_atomic("instances", "never")
+            .expect("absent is fine");
+        assert_eq!(
+            s.list("instances").expect("list"),
+            vec![("web-1".to_string(), b"two".to_vec())]
+        );
+        assert!(
+            s.delete_atomic("instances", "../escape").is_err(),
+            "keys are checked as for every other call"
+        );
+    }
 
     #[test]
     fn put_list_delete_round_trip() {

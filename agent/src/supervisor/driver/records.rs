@@ -156,9 +156,10 @@ impl Driver {
         }
     }
 
-    /// Drop an instance's record (its slot is gone).
+    /// Drop an instance's record (its slot is gone). Not synced, as records are not: after a
+    /// power loss no instance of the record's boot is left to adopt.
     pub(super) fn forget_record(&self, id: &str) {
-        if let Err(e) = self.deps.store.delete(INSTANCES, id) {
+        if let Err(e) = self.deps.store.delete_atomic(INSTANCES, id) {
             tracing::warn!(instance = %id, error = %e, "cannot remove the instance record");
         }
     }
