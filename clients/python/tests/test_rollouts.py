@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import pytest
 
 from conftest import FAST_ROLLOUT, toml_spec
-from corral_client import Client, RolloutFailed, enum_name
+from corral_client import Client, RolloutFailed, enum_name, pb
 
 
 def test_restart_replaces_every_instance(client: Client, service: Callable[[str], str], testbin: str) -> None:
@@ -19,8 +20,22 @@ def test_restart_replaces_every_instance(client: Client, service: Callable[[str]
     status = client.wait_rollout(r.rollout_id, timeout=60)
     assert enum_name(status, "kind") == "restart"
     assert status.replaced == 2
-    after = {i.pid for i in client.wait_ready(name).instances}
-    assert not before & after, "fresh processes"
+    # An old instance may still be listed, stopping, right after the rollout ends.
+    after = {i.pid for i in client.wait_ready(name).instances if enum_name(i, "state") == "running"}
+    assert len(after) == 2 and not before & after, "fresh processes"
+
+
+def _only_revision(client: Client, name: str, revision: int, timeout: float = 30.0) -> pb.ServiceStatus:
+    """The service's status once every listed instance is of ``revision``: a rollout ends when
+    its last old instance is told to stop, which may still be listed, stopping, for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = client.get(name)
+        revisions = {i.revision for i in s.instances}
+        if revisions == {revision}:
+            return s
+        assert time.monotonic() < deadline, f"{name}: instances of revisions {revisions}"
+        time.sleep(0.05)
 
 
 def test_update_then_rollback(client: Client, service: Callable[[str], str], testbin: str) -> None:
@@ -33,14 +48,14 @@ def test_update_then_rollback(client: Client, service: Callable[[str], str], tes
     assert r.replaces_instances and r.rollout_id
     done = client.wait_rollout(r.rollout_id, timeout=60)
     assert (done.from_revision, done.to_revision) == (1, 2)
-    s = client.get(name)
-    assert s.revision == 2 and {i.revision for i in s.instances} == {2}
+    s = _only_revision(client, name, 2)
+    assert s.revision == 2
 
     back = client.rollback(name)
     assert back.revision == 1
     client.wait_rollout(back.rollout_id, timeout=60)
-    s = client.wait_ready(name)
-    assert {i.revision for i in s.instances} == {1}
+    client.wait_ready(name)
+    s = _only_revision(client, name, 1)
     assert s.spec.env["VERSION"] == "1"
 
 
