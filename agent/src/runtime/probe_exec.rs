@@ -170,3 +170,60 @@ impl ExecRunner for LinuxExec {
         Box::pin(self.run_once(argv))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(init_pid: i32) -> LinuxExec {
+        LinuxExec {
+            exe: CString::new("/nonexistent").expect("no NUL"),
+            init_pid,
+            target: None,
+            procs: Vec::new(),
+            cgroup_dir: None,
+            config: Err("not needed".to_string()),
+            filter: None,
+        }
+    }
+
+    /// A process with a child counts as an init that has built the view and forked its
+    /// service; one without, or one that is gone, does not.
+    #[test]
+    fn the_view_counts_as_built_once_the_init_has_a_child() {
+        let mut lone = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let mut parent = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .expect("sh");
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).expect("a pid");
+        assert!(!runner(pid(&lone)).view_built(), "no child yet");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !runner(pid(&parent)).view_built() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell's child never showed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = lone.kill();
+        let _ = lone.wait();
+        assert!(!runner(pid(&lone)).view_built(), "gone");
+        // End the shell's child by its PID, then the shell.
+        let p = pid(&parent);
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) of a process this test started (the shell's only child).
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
+        let _ = parent.kill();
+        let _ = parent.wait();
+    }
+}
