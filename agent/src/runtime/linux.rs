@@ -1111,6 +1111,7 @@ impl Processes for LinuxRuntime {
         Arc::new(super::probe_exec::LinuxExec {
             exe: self.exe.clone(),
             init_pid: req.process.pid,
+            built: std::sync::atomic::AtomicBool::new(false),
             target: req.process.pidfd.clone(),
             procs,
             cgroup_dir: req.cgroup_dir,

@@ -27,6 +27,8 @@ pub struct LinuxExec {
     /// The instance init's PID: whether it has forked the service yet is read from its
     /// `/proc` entry (see [`LinuxExec::view_built`]).
     pub(super) init_pid: i32,
+    /// Seen built once: later probes skip the read.
+    pub(super) built: std::sync::atomic::AtomicBool,
     /// The instance init's pidfd (`None`: nothing to run in).
     pub(super) target: Option<Arc<OwnedFd>>,
     pub(super) procs: Vec<OwnedFd>,
@@ -115,9 +117,17 @@ impl LinuxExec {
     /// Once true it stays true for this init (a later `false` is a service that ended; the
     /// probe then waits to its timeout, as it would for a hung command).
     fn view_built(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.built.load(Relaxed) {
+            return true;
+        }
         let pid = self.init_pid;
-        std::fs::read(format!("/proc/{pid}/task/{pid}/children"))
-            .is_ok_and(|children| children.iter().any(u8::is_ascii_digit))
+        let built = std::fs::read(format!("/proc/{pid}/task/{pid}/children"))
+            .is_ok_and(|children| children.iter().any(u8::is_ascii_digit));
+        if built {
+            self.built.store(true, Relaxed);
+        }
+        built
     }
 
     async fn run_once(&self, argv: &[String]) -> io::Result<ExecResult> {
@@ -179,6 +189,7 @@ mod tests {
         LinuxExec {
             exe: CString::new("/nonexistent").expect("no NUL"),
             init_pid,
+            built: std::sync::atomic::AtomicBool::new(false),
             target: None,
             procs: Vec::new(),
             cgroup_dir: None,
@@ -201,6 +212,12 @@ mod tests {
             .expect("sh");
         let pid = |c: &std::process::Child| i32::try_from(c.id()).expect("a pid");
         assert!(!runner(pid(&lone)).view_built(), "no child yet");
+        // Once seen built, it stays so for that init.
+        let cached = runner(pid(&lone));
+        cached
+            .built
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(cached.view_built());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !runner(pid(&parent)).view_built() {
             assert!(
