@@ -114,8 +114,9 @@ impl LinuxExec {
     /// view is built (the agent's directories masked, the minimal `/dev`, `/proc`'s kernel
     /// files covered). A helper that joined the mount namespace before then would run the
     /// probe command in a half-built view, the host's devices and the agent's state in sight.
-    /// Once true it stays true for this init (a later `false` is a service that ended; the
-    /// probe then waits to its timeout, as it would for a hung command).
+    /// Once true it stays true for this init, so it is read only until then (a service that
+    /// ends before it was ever seen leaves the probe waiting to its timeout, as a hung
+    /// command would).
     fn view_built(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         if self.built.load(Relaxed) {
