@@ -446,6 +446,39 @@ impl Agent {
             .map(tonic::Response::into_inner)
     }
 
+    /// A rolling restart of `name`: its rollout's id.
+    pub async fn restart(&self, name: &str) -> String {
+        self.client()
+            .await
+            .restart(pb::RestartRequest {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("restart")
+            .into_inner()
+            .rollout_id
+    }
+
+    /// Rollout `id` as it is now.
+    pub async fn rollout(&self, id: &str) -> pb::RolloutStatus {
+        self.client()
+            .await
+            .get_rollout(pb::GetRolloutRequest { id: id.into() })
+            .await
+            .expect("get rollout")
+            .into_inner()
+    }
+
+    /// Rollout `id` once it no longer runs, waiting up to `limit`.
+    pub async fn rollout_end(&self, id: &str, limit: Duration) -> pb::RolloutStatus {
+        eventually(&format!("rollout {id} to end"), limit, || async {
+            let r = self.rollout(id).await;
+            (r.state() != pb::RolloutState::Running).then_some(r)
+        })
+        .await
+    }
+
     pub async fn delete(&self, name: &str) -> Result<pb::DeleteResponse, tonic::Status> {
         self.client()
             .await

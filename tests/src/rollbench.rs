@@ -117,29 +117,13 @@ async fn start_rollout(agent: &Agent, update: bool, spec: &str) -> String {
     if update {
         return agent.apply(spec).await.expect("update").rollout_id;
     }
-    agent
-        .client()
-        .await
-        .restart(pb::RestartRequest {
-            name: "roll".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("restart")
-        .into_inner()
-        .rollout_id
+    agent.restart("roll").await
 }
 
 /// Polls rollout `id` until it is no longer running, or `ROLLOUT_TIMEOUT` after `since`.
 async fn rollout_end(agent: &Agent, id: &str, since: std::time::Instant) -> pb::RolloutStatus {
     loop {
-        let r = agent
-            .client()
-            .await
-            .get_rollout(pb::GetRolloutRequest { id: id.to_string() })
-            .await
-            .expect("get rollout")
-            .into_inner();
+        let r = agent.rollout(id).await;
         if r.state() != pb::RolloutState::Running || since.elapsed() > ROLLOUT_TIMEOUT {
             return r;
         }

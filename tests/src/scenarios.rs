@@ -567,8 +567,8 @@ pub async fn rolling_restart_keeps_serving() {
     .await;
     let load = Load::start(port, 2, Duration::from_secs(120));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let id = restart(&agent, "roll").await;
-    let done = rollout_end(&agent, &id, Duration::from_secs(60)).await;
+    let id = agent.restart("roll").await;
+    let done = agent.rollout_end(&id, Duration::from_secs(60)).await;
     assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     let before = eventually("2 healthy instances", Duration::from_secs(30), || {
         two_healthy(&agent, "roll")
@@ -612,6 +612,18 @@ fn cpu_limit(agent: &Agent, service: &str, id: &str) -> (Option<u64>, u64) {
     (quota.parse().ok(), period.parse().unwrap_or(0))
 }
 
+/// Every instance of `s` without a CPU limit, at the default period (`why`: for the message).
+fn uncapped(agent: &Agent, service: &str, s: &pb::ServiceStatus, why: &str) {
+    for i in &s.instances {
+        assert_eq!(
+            cpu_limit(agent, service, &i.id),
+            (None, 100_000),
+            "{}: {why}",
+            i.id
+        );
+    }
+}
+
 /// `[rollout] start_cpu`: an instance created by Apply is never capped; each new instance of
 /// a restart runs under the cap (0.2 core in 10 ms periods) until its probe first passes;
 /// after the rollout every instance has its own limit (none) again.
@@ -629,16 +641,14 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         two_healthy(&agent, "cap")
     })
     .await;
-    for i in &before.instances {
-        assert_eq!(
-            cpu_limit(&agent, "cap", &i.id),
-            (None, 100_000),
-            "{}: created by Apply, not by a rollout: never capped",
-            i.id
-        );
-    }
+    uncapped(
+        &agent,
+        "cap",
+        &before,
+        "created by Apply, not by a rollout: never capped",
+    );
     let old: Vec<i32> = before.instances.iter().map(|i| i.pid).collect();
-    let id = restart(&agent, "cap").await;
+    let id = agent.restart("cap").await;
     let capped = eventually(
         "a new instance starting under its cap",
         Duration::from_secs(60),
@@ -652,7 +662,7 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         },
     )
     .await;
-    let done = rollout_end(&agent, &id, Duration::from_secs(120)).await;
+    let done = agent.rollout_end(&id, Duration::from_secs(120)).await;
     assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     let after = eventually("2 healthy instances", Duration::from_secs(60), || {
         two_healthy(&agent, "cap")
@@ -663,14 +673,7 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         "{capped} replaced an old instance: {:?}",
         after.instances
     );
-    for i in &after.instances {
-        assert_eq!(
-            cpu_limit(&agent, "cap", &i.id),
-            (None, 100_000),
-            "{}: ready, its cap lifted",
-            i.id
-        );
-    }
+    uncapped(&agent, "cap", &after, "ready, its cap lifted");
 }
 
 /// The sections of an HTTP service on the agent's socket `port`, probed on its own admin
@@ -681,36 +684,6 @@ fn served(port: u16, start_period: &str, rollout: &str) -> String {
          [health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\ninterval = \"500ms\"\ntimeout = \"500ms\"\nstart_period = \"{start_period}\"\n\
          [rollout]\nmin_healthy = \"300ms\"\n{rollout}"
     )
-}
-
-/// A rolling restart of `name`: its rollout's id.
-async fn restart(agent: &Agent, name: &str) -> String {
-    agent
-        .client()
-        .await
-        .restart(pb::RestartRequest {
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("restart")
-        .into_inner()
-        .rollout_id
-}
-
-/// Rollout `id` once it no longer runs, waiting up to `limit`.
-async fn rollout_end(agent: &Agent, id: &str, limit: Duration) -> pb::RolloutStatus {
-    eventually("the rollout to end", limit, || async {
-        let r = agent
-            .client()
-            .await
-            .get_rollout(pb::GetRolloutRequest { id: id.into() })
-            .await
-            .ok()?
-            .into_inner();
-        (r.state() != pb::RolloutState::Running).then_some(r)
-    })
-    .await
 }
 
 async fn two_healthy(agent: &Agent, name: &str) -> Option<pb::ServiceStatus> {

@@ -11,6 +11,8 @@ use corral_e2e::{Agent, attribute, eventually, free_port, number, pb, skip_unles
 const CLIENTS: usize = 16;
 /// No load runs longer than this, whatever happens.
 const LOAD_LIMIT: Duration = Duration::from_secs(180);
+/// How long a rollout of these tests may take to end.
+const FINISH: Duration = Duration::from_secs(120);
 
 /// 4 instances of the HTTP test server on the agent socket `port`, health-checked on their
 /// own admin port; `env` adds to the environment, `rollout` to the `[rollout]` section.
@@ -59,29 +61,6 @@ async fn all_healthy(agent: &Agent, name: &str, n: u32) {
     .await;
 }
 
-async fn rollout(agent: &Agent, id: &str) -> pb::RolloutStatus {
-    agent
-        .client()
-        .await
-        .get_rollout(pb::GetRolloutRequest { id: id.into() })
-        .await
-        .expect("get rollout")
-        .into_inner()
-}
-
-/// Wait for the rollout to end; its final status.
-async fn finished(agent: &Agent, id: &str) -> pb::RolloutStatus {
-    eventually(
-        &format!("rollout {id} to end"),
-        Duration::from_secs(120),
-        || async {
-            let r = rollout(agent, id).await;
-            (r.state() != pb::RolloutState::Running).then_some(r)
-        },
-    )
-    .await
-}
-
 /// A rolling restart of `name` while 16 clients load `port` (from `warmup` before it to 0.5 s
 /// after it): its final status, checked succeeded with no request failed in its window.
 async fn restart_under_load(
@@ -94,29 +73,14 @@ async fn restart_under_load(
     let load = Load::start(port, CLIENTS, LOAD_LIMIT);
     tokio::time::sleep(warmup).await;
     let t0 = load.now();
-    let id = restart(agent, name).await;
-    let done = finished(agent, &id).await;
+    let id = agent.restart(name).await;
+    let done = agent.rollout_end(&id, FINISH).await;
     let t1 = load.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
     assert_eq!(done.state(), pb::RolloutState::Succeeded, "{done:?}");
     no_failures(what, &report, t0, t1);
     done
-}
-
-async fn restart(agent: &Agent, name: &str) -> String {
-    agent
-        .client()
-        .await
-        .restart(pb::RestartRequest {
-            name: name.into(),
-            force: false,
-            ..Default::default()
-        })
-        .await
-        .expect("restart")
-        .into_inner()
-        .rollout_id
 }
 
 fn pids(s: &pb::ServiceStatus) -> Vec<i32> {
@@ -198,7 +162,7 @@ async fn a_rolling_update_under_load_switches_versions_without_failing_a_request
         (pb::ApplyOutcome::Updated, 2)
     );
     assert!(applied.replaces_instances);
-    let done = finished(&agent, &applied.rollout_id).await;
+    let done = agent.rollout_end(&applied.rollout_id, FINISH).await;
     let t1 = load.now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t2 = load.now();
@@ -246,7 +210,7 @@ async fn a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails() {
             "timeout = \"150ms\"\nrestart_on_failure = false",
         );
     let applied = agent.apply(&broken).await.expect("update");
-    let failed = finished(&agent, &applied.rollout_id).await;
+    let failed = agent.rollout_end(&applied.rollout_id, FINISH).await;
     assert_eq!(failed.state(), pb::RolloutState::Failed, "{failed:?}");
     assert!(
         failed.reason.contains("within 3s"),
@@ -254,7 +218,7 @@ async fn a_revision_that_never_gets_healthy_is_rolled_back_and_nothing_fails() {
         failed.reason
     );
     assert!(!failed.rollback_id.is_empty(), "auto_rollback started");
-    let back = finished(&agent, &failed.rollback_id).await;
+    let back = agent.rollout_end(&failed.rollback_id, FINISH).await;
     let t1 = load.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
@@ -290,16 +254,16 @@ async fn an_agent_killed_mid_rollout_finishes_it_with_exactly_the_replicas() {
     let load = Load::start(port, CLIENTS, LOAD_LIMIT);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = load.now();
-    let id = restart(&agent, "km").await;
+    let id = agent.restart("km").await;
     eventually("the rollout halfway", Duration::from_secs(60), || async {
-        let r = rollout(&agent, &id).await;
+        let r = agent.rollout(&id).await;
         (r.replaced >= 2 && r.state() == pb::RolloutState::Running).then_some(())
     })
     .await;
     agent.stop_with(libc::SIGKILL);
     tokio::time::sleep(Duration::from_millis(500)).await;
     agent.launch().await;
-    let done = finished(&agent, &id).await;
+    let done = agent.rollout_end(&id, FINISH).await;
     let t1 = load.now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish();
@@ -392,7 +356,7 @@ async fn bounds_hold(surge: u32, unavailable: u32) {
         .await
         .expect("watch")
         .into_inner();
-    let id = restart(&agent, &name).await;
+    let id = agent.restart(&name).await;
     let mut up: std::collections::BTreeSet<String> = Default::default();
     let mut stopping: std::collections::BTreeSet<String> = Default::default();
     let mut in_rollout = false;
