@@ -729,6 +729,10 @@ fn main() -> ExitCode {
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "open-file limit left as it is: raising it failed"),
     }
+    // Before the runtime's threads exist: see reserve_descriptor_table.
+    if let Err(e) = runtime::privileges::reserve_descriptor_table() {
+        tracing::warn!(error = %e, "the descriptor table is grown as descriptors are opened");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
