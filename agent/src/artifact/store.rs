@@ -215,11 +215,11 @@ impl ArtifactStore {
         }
         let fetcher = Fetcher::new(config.fetch)?;
         let refs_path = dir.join("refs.json");
-        let refs = match Refs::load(&refs_path) {
-            Ok(refs) => refs,
+        let (refs, unreadable) = match Refs::load(&refs_path) {
+            Ok(refs) => (refs, false),
             Err(e) => {
                 tracing::warn!(path = %refs_path.display(), error = %e, "artifact records unreadable; rebuilding them from the store's contents (pins are lost)");
-                Refs::default()
+                (Refs::default(), true)
             }
         };
         let inner = Arc::new(Inner {
@@ -237,7 +237,7 @@ impl ArtifactStore {
             saving: Mutex::new(()),
         });
         inner.clean_tmp()?;
-        inner.reconcile()?;
+        inner.reconcile(unreadable)?;
         Ok(ArtifactStore { inner })
     }
 
@@ -702,7 +702,9 @@ impl Inner {
 
     /// Makes the records match the directories: adopts what is on disk without a record,
     /// forgets records whose data is gone (pins stay).
-    fn reconcile(&self) -> Result<(), ArtifactError> {
+    /// The records made to match what is on disk; saved when that changed them, or when they
+    /// were `unreadable` (an agent start with an unchanged store writes and syncs nothing).
+    fn reconcile(&self, unreadable: bool) -> Result<(), ArtifactError> {
         let mut on_disk: HashMap<Key, Record> = HashMap::new();
         let sha = self.dir.join("sha256");
         for entry in fs::read_dir(&sha)
@@ -763,8 +765,13 @@ impl Inner {
             found.last_used = old.map_or_else(now, |o| o.last_used);
             state.refs.entries.insert(key, found);
         }
+        let changed = state.refs.entries != known;
         drop(state);
-        self.save()
+        if changed || unreadable {
+            self.save()
+        } else {
+            Ok(())
+        }
     }
 
     /// Keeps the store within `max_cache` after something was added.
@@ -1063,5 +1070,30 @@ mod save_tests {
         let saved = Refs::load(&tmp.path().join("artifacts/refs.json")).expect("load");
         assert_eq!(saved.pins.len(), 8);
         assert!(saved.pins.values().all(|owners| owners.len() == 20));
+    }
+
+    /// An agent start with an unchanged store leaves its records as they are (no write, no
+    /// fsync on the start path); unreadable records are written anew.
+    #[test]
+    fn opening_an_unchanged_store_does_not_rewrite_its_records() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("artifacts");
+        let refs = dir.join("refs.json");
+        let inode = || fs::metadata(&refs).expect("refs.json").ino();
+        {
+            let store = ArtifactStore::open(StoreConfig::new(dir.clone())).expect("open");
+            store
+                .pin(&Digest::from_bytes([7; 32]), "web@1")
+                .expect("pin");
+        }
+        let saved = inode();
+        drop(ArtifactStore::open(StoreConfig::new(dir.clone())).expect("reopen"));
+        assert_eq!(inode(), saved, "rewritten although nothing changed");
+        fs::write(&refs, "{not json").expect("garble");
+        let garbled = inode();
+        drop(ArtifactStore::open(StoreConfig::new(dir.clone())).expect("reopen"));
+        assert_ne!(inode(), garbled, "unreadable records are saved anew");
+        Refs::load(&refs).expect("readable again");
     }
 }
