@@ -12,7 +12,8 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,16 +98,32 @@ impl SegmentReader {
     fn open(dir: &Path, first: u64) -> io::Result<SegmentReader> {
         let path = segment_path(dir, first);
         let file = File::open(&path)?;
-        Ok(SegmentReader {
+        Ok(SegmentReader::new(first, path, file, 0))
+    }
+
+    /// A reader of `file` from `offset`, the start of a line.
+    fn new(first: u64, path: PathBuf, file: File, offset: u64) -> SegmentReader {
+        SegmentReader {
             first,
             path,
             file: BufReader::with_capacity(64 * 1024, file),
             buf: Vec::new(),
             returned: false,
             too_long: false,
-            complete: 0,
+            complete: offset,
             partial: 0,
-        })
+        }
+    }
+
+    /// A reader of the segment's last `lines` complete lines (and of what follows them): its
+    /// start is found by reading the file backwards, so a load reads the newest events of a
+    /// long segment, not all of it.
+    fn open_tail(dir: &Path, first: u64, lines: usize) -> io::Result<SegmentReader> {
+        let path = segment_path(dir, first);
+        let mut file = File::open(&path)?;
+        let offset = tail_offset(&file, lines)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(SegmentReader::new(first, path, file, offset))
     }
 
     fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
@@ -447,14 +464,42 @@ fn read_segment(
         what,
         source,
     };
-    let mut reader = match SegmentReader::open(dir, first) {
+    // Only the newest `room` events are kept, and only the last index counts: the newest
+    // lines are enough, unless too few of them were events (unreadable lines), then all are
+    // read.
+    let opened = match SegmentReader::open_tail(dir, first, room.max(1)) {
+        Ok(r) if r.complete == 0 => Ok(r),
+        Ok(mut tail) => match scan_segment(&path, &mut tail, first, end, room) {
+            Ok(found) if found.1.is_some() && found.0.len() >= room => {
+                return finish_segment(&path, tail, found, is_last);
+            }
+            Ok(_) => SegmentReader::open(dir, first),
+            Err(e) => return Err(io_err("reading", e)),
+        },
+        Err(e) => Err(e),
+    };
+    let mut reader = match opened {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((VecDeque::new(), None)),
         Err(e) => return Err(io_err("opening", e)),
     };
+    let found =
+        scan_segment(&path, &mut reader, first, end, room).map_err(|e| io_err("reading", e))?;
+    finish_segment(&path, reader, found, is_last)
+}
+
+/// The events `reader` reads that are in order (the newest `room` of them, the index of the
+/// last).
+fn scan_segment(
+    path: &Path,
+    reader: &mut SegmentReader,
+    first: u64,
+    end: Option<u64>,
+    room: usize,
+) -> io::Result<(VecDeque<Event>, Option<u64>)> {
     let mut events = VecDeque::new();
     let mut last: Option<u64> = None;
-    while let Some(event) = reader.next_event().map_err(|e| io_err("reading", e))? {
+    while let Some(event) = reader.next_event()? {
         let in_order = event.index >= first
             && end.is_none_or(|end| event.index < end)
             && last.is_none_or(|last| event.index > last);
@@ -474,6 +519,22 @@ fn read_segment(
             events.push_back(event);
         }
     }
+    Ok((events, last))
+}
+
+/// What [`read_segment`] returns once `reader` is through: a torn last line of the newest
+/// segment is cut off.
+fn finish_segment(
+    path: &Path,
+    reader: SegmentReader,
+    (events, last): (VecDeque<Event>, Option<u64>),
+    is_last: bool,
+) -> Result<(VecDeque<Event>, Option<u64>), EventError> {
+    let io_err = |what, source| EventError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
     if reader.partial > 0 {
         if is_last {
             tracing::warn!(
@@ -483,7 +544,7 @@ fn read_segment(
             );
             OpenOptions::new()
                 .write(true)
-                .open(&path)
+                .open(path)
                 .and_then(|f| f.set_len(reader.complete))
                 .map_err(|e| io_err("cutting off a torn line", e))?;
         } else {
@@ -495,6 +556,33 @@ fn read_segment(
         }
     }
     Ok((events, last))
+}
+
+/// The offset of the start of the last `lines` complete lines of `file` (0 when it has no
+/// more): just after the newline that ends the line before them. Bytes after the last newline
+/// (a line being written, or torn) are not a line.
+fn tail_offset(file: &File, lines: usize) -> io::Result<u64> {
+    const CHUNK: usize = 64 * 1024;
+    let mut end = file.metadata()?.len();
+    let mut buf = vec![0u8; CHUNK];
+    // Newlines seen: the first ends the last complete line, the one after `lines` more ends
+    // the line before the tail.
+    let mut seen = 0usize;
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK as u64);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(0)];
+        file.read_exact_at(chunk, start)?;
+        for (i, &b) in chunk.iter().enumerate().rev() {
+            if b == b'\n' {
+                seen += 1;
+                if seen > lines {
+                    return Ok(start + i as u64 + 1);
+                }
+            }
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// Where the log stood when a replay step began.
@@ -634,5 +722,36 @@ impl Replay {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_starts_after_the_newline_before_the_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("1.jsonl");
+        let at = |content: &[u8], lines: usize| {
+            fs::write(&path, content).expect("write");
+            tail_offset(&File::open(&path).expect("open"), lines).expect("tail")
+        };
+        assert_eq!(at(b"", 2), 0);
+        assert_eq!(at(b"a\nb\nc\n", 2), 2, "b and c");
+        assert_eq!(at(b"a\nb\nc\n", 3), 0, "all of it");
+        assert_eq!(at(b"a\nb\nc\n", 9), 0);
+        assert_eq!(at(b"a\nb\nc\ntorn", 1), 4, "c, and the torn line after it");
+        assert_eq!(at(b"\n\n", 1), 1);
+        // Across the 64 KiB chunks it reads backwards.
+        let long = [
+            vec![b'x'; 100_000],
+            b"\n".to_vec(),
+            vec![b'y'; 70_000],
+            b"\n".to_vec(),
+        ]
+        .concat();
+        assert_eq!(at(&long, 1), 100_001);
+        assert_eq!(at(&long, 2), 0);
     }
 }

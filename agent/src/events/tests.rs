@@ -177,6 +177,58 @@ async fn a_corrupt_middle_line_is_skipped_not_the_log() {
     assert_eq!(indexes_until(&mut w, 6).await, vec![1, 2, 4, 5, 6]);
 }
 
+/// The indexes a watch from `from` sees up to a sentinel appended now.
+async fn replayed(log: &EventLog, from: u64) -> Vec<u64> {
+    let mut w = log.watch(from, Filter::all()).expect("watch");
+    let end = log.append("sentinel", None, EventKind::Deleted);
+    indexes_until(&mut w, end).await
+}
+
+/// A segment far longer than the window is loaded from its newest lines: the window and the
+/// next index are those a read of the whole file gives, also when its last lines are
+/// unreadable (then the whole file is read) or torn.
+#[tokio::test]
+async fn a_long_segment_is_loaded_from_its_newest_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EventLog::open_with(dir.path(), DEFAULT_KEEP, 16).expect("open");
+    append_n(&log, 3000);
+    drop(log);
+    let last = last_segment(dir.path());
+    let whole = fs::read(&last).expect("read");
+    let reopen = || EventLog::open_with(dir.path(), DEFAULT_KEEP, 16).expect("reopen");
+
+    let log = reopen();
+    assert_eq!(log.next(), 3001);
+    assert_eq!(
+        replayed(&log, 2990).await,
+        (2990..=3001).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        replayed(&log, 1).await.len(),
+        3002,
+        "older events from the file"
+    );
+    drop(log);
+
+    // The newest 40 lines unreadable, a torn line after them: the last good index still
+    // counts, the torn line is cut off.
+    let mut text = whole.clone();
+    for _ in 0..40 {
+        text.extend_from_slice(b"{\"index\": garbage\n");
+    }
+    let good = text.clone();
+    text.extend_from_slice(br#"{"index":3001,"ti"#);
+    fs::write(&last, &text).expect("write");
+    let log = reopen();
+    assert_eq!(log.next(), 3001);
+    assert_eq!(
+        fs::read(&last).expect("read"),
+        good,
+        "the torn line is cut off"
+    );
+    assert_eq!(replayed(&log, 2999).await, vec![2999, 3000, 3001]);
+}
+
 /// Every kind of bad content: open never fails or panics, indexes stay increasing, and what
 /// is readable is served.
 #[tokio::test]
