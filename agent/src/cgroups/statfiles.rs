@@ -13,9 +13,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use super::fsutil::{invalid_data, read_err};
 use super::{CgroupError, CgroupPath};
@@ -64,6 +68,9 @@ enum Failed {
 struct Held<K> {
     by_path: HashMap<CgroupPath, Arc<Opened<K>>>,
     fds: usize,
+    /// Counts [`StatFiles::forget`] calls: files opened before one are not kept, as their
+    /// cgroup may be the one removed (reads run on several threads).
+    forgets: u64,
 }
 
 /// The stat files of every cgroup read so far, within a budget of descriptors.
@@ -93,6 +100,7 @@ impl<K: Copy> StatFiles<K> {
             held: Mutex::new(Held {
                 by_path: HashMap::new(),
                 fds: 0,
+                forgets: 0,
             }),
         }
     }
@@ -112,7 +120,10 @@ impl<K: Copy> StatFiles<K> {
         mut each: impl FnMut(K, &Path, Option<&str>) -> Result<(), CgroupError>,
     ) -> Result<(), CgroupError> {
         let mut buf = Vec::with_capacity(512);
-        let found = self.lock().by_path.get(cg).cloned();
+        let (found, forgets) = {
+            let held = self.lock();
+            (held.by_path.get(cg).cloned(), held.forgets)
+        };
         if let Some(opened) = found {
             match read_all(cg, &opened, &mut buf, &mut each) {
                 Ok(()) => return Ok(()),
@@ -126,14 +137,17 @@ impl<K: Copy> StatFiles<K> {
             Ok(()) => {}
             Err(Failed::Io(e) | Failed::Parse(e)) => return Err(e),
         }
-        self.keep(cg, opened);
+        self.keep(cg, opened, forgets);
         Ok(())
     }
 
-    fn keep(&self, cg: &CgroupPath, opened: Arc<Opened<K>>) {
+    /// Hold `opened` for `cg`, unless a cgroup was forgotten since the read began (`forgets`
+    /// then): the files may be those of a cgroup removed meanwhile, which nothing would read
+    /// again to find them stale.
+    fn keep(&self, cg: &CgroupPath, opened: Arc<Opened<K>>, forgets: u64) {
         let n = opened.fds();
         let mut held = self.lock();
-        if held.fds + n > self.budget {
+        if held.fds + n > self.budget || held.forgets != forgets {
             return;
         }
         if let Some(old) = held.by_path.insert(cg.clone(), opened) {
@@ -159,6 +173,7 @@ impl<K: Copy> StatFiles<K> {
     /// made anew.
     pub fn forget(&self, cg: &CgroupPath) {
         let mut held = self.lock();
+        held.forgets += 1;
         let below = |p: &CgroupPath| p.components().starts_with(cg.components());
         if !held.by_path.keys().any(below) {
             return;
@@ -183,8 +198,9 @@ impl<K: Copy> StatFiles<K> {
 
 fn open_all<K: Copy>(cg: &CgroupPath, wanted: Vec<Wanted<K>>) -> Result<Opened<K>, CgroupError> {
     let mut files = Vec::with_capacity(wanted.len());
+    let mut dir = Dir::default();
     for w in wanted {
-        let f = match File::open(&w.file) {
+        let f = match dir.open(&w.file) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound && w.need == Need::Optional => None,
             Err(_) if w.need == Need::BestEffort => None,
@@ -193,6 +209,44 @@ fn open_all<K: Copy>(cg: &CgroupPath, wanted: Vec<Wanted<K>>) -> Result<Opened<K
         files.push((w.kind, w.file, w.need, f));
     }
     Ok(Opened { files })
+}
+
+/// The directory the last file was opened in. The files of one directory are opened
+/// relative to it: one walk of the cgroup's long path for the directory, not one for each of
+/// its files. kernfs cannot check its names in the kernel's lock-free walk, so every component
+/// of a cgroupfs path is looked up under locks; a cgroup's stat files are opened with a third
+/// of the lookups.
+#[derive(Default)]
+struct Dir {
+    path: PathBuf,
+    fd: Option<OwnedFd>,
+}
+
+impl Dir {
+    fn open(&mut self, file: &Path) -> io::Result<File> {
+        let (Some(parent), Some(name)) = (file.parent(), file.file_name()) else {
+            return File::open(file);
+        };
+        if self.path != parent {
+            self.path = parent.to_path_buf();
+            // A directory that cannot be opened: each file is opened by its path, which
+            // fails (or not) with the file's own error.
+            self.fd = nix::fcntl::open(
+                parent,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .ok();
+        }
+        match &self.fd {
+            Some(fd) => {
+                nix::fcntl::openat(fd, name, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                    .map(File::from)
+                    .map_err(io::Error::from)
+            }
+            None => File::open(file),
+        }
+    }
 }
 
 fn read_all<K: Copy>(
@@ -386,6 +440,78 @@ mod tests {
             Ok(())
         })
         .expect("read");
+    }
+
+    #[test]
+    fn files_opened_across_a_forget_are_read_but_not_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fs::write(dir.join("a"), "1").expect("a");
+        let cg = CgroupPath::instance("web", "web-0");
+        let s = StatFiles::with_budget(10);
+        // The cgroup is removed (and forgotten) on another thread while this read opens its
+        // files: the reading stands, the descriptors are not held.
+        let racing = || {
+            s.forget(&CgroupPath::service("web"));
+            wanted(dir)
+        };
+        let mut out = Vec::new();
+        s.read(&cg, racing, |k, _, t| {
+            out.push(format!("{k:?}={}", t.unwrap_or("-")));
+            Ok(())
+        })
+        .expect("read");
+        assert_eq!(out, ["A=1", "B=-"]);
+        assert_eq!(s.held_fds(), 0);
+        // The next read holds them.
+        read(&s, &cg, dir).expect("read");
+        assert_eq!(s.held_fds(), 1);
+    }
+
+    #[test]
+    fn files_of_several_directories_are_opened_in_each() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (d1, d2) = (tmp.path().join("memory"), tmp.path().join("pids"));
+        for (d, v) in [(&d1, "1"), (&d2, "2")] {
+            fs::create_dir(d).expect("dir");
+            fs::write(d.join("x"), v).expect("x");
+        }
+        let s = StatFiles::with_budget(10);
+        let files = |names: &[(&Path, &str)]| -> Vec<Wanted<F>> {
+            names
+                .iter()
+                .map(|(d, n)| Wanted {
+                    kind: F::A,
+                    file: d.join(n),
+                    need: Need::Required,
+                })
+                .collect()
+        };
+        let mut got = Vec::new();
+        let cg = CgroupPath::instance("web", "web-0");
+        s.read(
+            &cg,
+            || files(&[(&d1, "x"), (&d2, "x"), (&d1, "x")]),
+            |_, p, t| {
+                got.push((p.to_path_buf(), t.map(str::to_string)));
+                Ok(())
+            },
+        )
+        .expect("read");
+        let want =
+            [(&d1, "1"), (&d2, "2"), (&d1, "1")].map(|(d, v)| (d.join("x"), Some(v.to_string())));
+        assert_eq!(got, want);
+        // A directory that is gone: the error names the file, as an open by its path would.
+        let gone = tmp.path().join("cpu");
+        let other = CgroupPath::instance("web", "web-1");
+        let e = s
+            .read(&other, || files(&[(&gone, "x")]), |_, _, _| Ok(()))
+            .expect_err("gone");
+        assert!(
+            matches!(&e, CgroupError::Read { file, source, .. }
+                if *file == gone.join("x") && source.kind() == io::ErrorKind::NotFound),
+            "{e}"
+        );
     }
 
     #[test]

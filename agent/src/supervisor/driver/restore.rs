@@ -33,6 +33,7 @@ impl Driver {
         self.resume_deletes();
         self.load_runs();
         self.adopt_instances();
+        self.open_usage_files();
         self.acquire_sockets();
         self.stop_leftovers().await;
         self.resume_rollouts();
@@ -164,6 +165,34 @@ impl Driver {
         for (key, why) in ended {
             self.ended_while_away(&key, &why);
         }
+    }
+
+    /// Open the adopted instances' cgroup stat files on a blocking thread while the restore
+    /// goes on: the first status after a restart then reads through held descriptors instead
+    /// of opening some 7 cgroupfs files per instance itself. It opens in the reverse of the
+    /// listing's order, so that a listing that comes first meets it halfway.
+    fn open_usage_files(&self) {
+        let paths: Vec<CgroupPath> = self
+            .services
+            .iter()
+            .flat_map(|(name, svc)| {
+                svc.slots
+                    .values()
+                    .filter(|slot| slot.live.is_some())
+                    .map(|slot| cgroup_of(&InstanceKey::new(name, slot.instance.index)))
+            })
+            .collect();
+        if paths.is_empty() {
+            return;
+        }
+        let cgroups = self.deps.cgroups.clone();
+        tokio::task::spawn_blocking(move || {
+            for path in paths.iter().rev() {
+                // A cgroup that cannot be read now is read (and reported) by the status
+                // that needs it.
+                let _ = cgroups.stats(path);
+            }
+        });
     }
 
     /// Put a saved instance back in its slot, taking over a running one. Returns why a
