@@ -53,6 +53,7 @@ pub mod authority;
 pub mod calls;
 pub mod conn;
 pub mod convert;
+mod lazy;
 pub mod ratelog;
 pub mod service;
 pub mod status;
@@ -169,21 +170,22 @@ pub async fn serve(
         }
     });
     // Reflection in both versions: grpcurl and grpc-java speak v1, grpcio-reflection and
-    // older grpcurl v1alpha.
-    let reflection_builder = || {
+    // older grpcurl v1alpha. Each is made at its first call (see `lazy`).
+    fn reflection() -> tonic_reflection::server::Builder<'static> {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(corral_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder()
-        .build_v1()
-        .and_then(|v1| Ok((v1, reflection_builder().build_v1alpha()?)))
-        .map_err(|e| tracing::warn!(error = %e, "gRPC reflection unavailable"))
-        .ok();
+    }
+    fn unavailable(e: tonic_reflection::server::Error) {
+        tracing::warn!(error = %e, "gRPC reflection unavailable");
+    }
+    let reflection_v1 = lazy::Lazy::new(|| reflection().build_v1().map_err(unavailable).ok());
+    let reflection_v1alpha =
+        lazy::Lazy::new(|| reflection().build_v1alpha().map_err(unavailable).ok());
     let layer = AuthLayer::new(MAX_STREAMS_PER_CALLER, Stopping::new(shutdown.clone()));
     let router = || {
         let agent = AgentServer::new(agent.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
-        let router = tonic::transport::Server::builder()
+        tonic::transport::Server::builder()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -193,11 +195,9 @@ pub async fn serve(
             .layer(metrics.clone())
             .layer(layer.clone())
             .add_service(agent)
-            .add_service(health_service.clone());
-        match reflection.clone() {
-            Some((v1, v1alpha)) => router.add_service(v1).add_service(v1alpha),
-            None => router,
-        }
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
     };
     let unix = router().serve_with_incoming_shutdown(
         conn::unix_incoming(listeners.unix, conn::IDLE_TIMEOUT),
