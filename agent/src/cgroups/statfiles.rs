@@ -213,7 +213,7 @@ fn open_all<K: Copy>(cg: &CgroupPath, wanted: Vec<Wanted<K>>) -> Result<Opened<K
 
 /// The directory the last file was opened in. The files of one directory are opened
 /// relative to it: one walk of the cgroup's long path for the directory, not one for each of
-/// its files (on v1, 4 walks for an instance's 7 stat files instead of 7).
+/// its files (on v1, one walk per hierarchy: 3 or 4 for an instance's 7 stat files).
 #[derive(Default)]
 struct Dir {
     path: PathBuf,

@@ -347,6 +347,10 @@ mod tests {
             .and_then(|v| v.trim().parse().ok())
             .expect("FDSize");
         assert!(slots > 0 && size >= slots, "table of {size} for {slots}");
+        // The descriptor that grew it (the lowest free one at the table's last slot) is
+        // closed again.
+        let last = std::path::PathBuf::from(format!("/proc/self/fd/{}", slots - 1));
+        assert!(!last.exists(), "{} is still open", last.display());
         // Other tests run meanwhile and open files: compare loosely.
         assert!(fds() <= before + 8, "{before} -> {}", fds());
     }
