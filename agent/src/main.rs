@@ -29,7 +29,7 @@ use corral_agent::metrics::{self, AgentMetrics, CountingCgroups, Metrics};
 use corral_agent::runtime::{self, linux::LinuxRuntime};
 use corral_agent::spec;
 use corral_agent::store::{FileStore, Store};
-use corral_agent::supervisor::{Deps, Driver, SupervisorHandle, capacity};
+use corral_agent::supervisor::{CpuWeights, Deps, Driver, SupervisorHandle, capacity};
 use corral_fleet::{bulk, connect, keys, placement};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -37,6 +37,14 @@ use corral_fleet::{bulk, connect, keys, placement};
 enum LogFormat {
     Text,
     Json,
+}
+
+/// `--cpu-weight`: see [`Flags::cpu_weight`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum CpuWeight {
+    PerInstance,
+    Fixed,
 }
 
 /// corrald: the corral node agent. Keeps services running as isolated, cgroup-limited
@@ -61,6 +69,14 @@ struct Flags {
     /// own cgroup, absolute ones from the hierarchy root. Default: the agent's own cgroup.
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<String>,
+    /// The CPU weight of the cgroups above the instances. `per-instance`: `corral/`, each
+    /// service's cgroup and a relative --cgroup-parent weigh as many processes as they hold
+    /// running instances, so that under contention the instances get what as many processes
+    /// would (v1 `cpu.shares` 1024 each up to 256, v2 `cpu.weight` 100 each up to 100).
+    /// `fixed`: the kernel's default, one process's weight for the whole tree. Default:
+    /// per-instance.
+    #[arg(long, value_enum, value_name = "HOW")]
+    cpu_weight: Option<CpuWeight>,
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -150,6 +166,7 @@ struct ConfigFile {
     socket: Option<PathBuf>,
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
+    cpu_weight: Option<CpuWeight>,
     log_format: Option<LogFormat>,
     listen: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -182,6 +199,7 @@ const CONFIG_KEYS: &[&str] = &[
     "socket",
     "services",
     "cgroup_parent",
+    "cpu_weight",
     "log_format",
     "listen",
     "tls_cert",
@@ -256,6 +274,7 @@ struct Settings {
     socket: PathBuf,
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
+    cpu_weight: CpuWeight,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
     reserve: capacity::Amounts,
@@ -601,11 +620,27 @@ fn settings(flags: Flags) -> Result<Settings> {
             .unwrap_or_else(|| "/run/corral/corral.sock".into()),
         services: flags.services.or(file.services),
         cgroup_parent: flags.cgroup_parent.or(file.cgroup_parent),
+        cpu_weight: flags
+            .cpu_weight
+            .or(file.cpu_weight)
+            .unwrap_or(CpuWeight::PerInstance),
         log_format: flags
             .log_format
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
     })
+}
+
+/// The driver's weighting for `--cpu-weight`. The parent is weighed only when it is relative:
+/// then it lies beneath the agent's own cgroup, which is the agent's to manage (delegated to
+/// it under systemd); an absolute one, or the agent's own cgroup, is the operator's.
+fn cpu_weights(how: CpuWeight, parent: Option<&str>) -> CpuWeights {
+    match how {
+        CpuWeight::Fixed => CpuWeights::Fixed,
+        CpuWeight::PerInstance => CpuWeights::PerInstance {
+            parent: parent.is_some_and(|p| !p.starts_with('/') && !p.trim_matches('/').is_empty()),
+        },
+    }
 }
 
 /// `corrald.8` and the bash, zsh and fish completions of corrald, from its flags.
@@ -871,7 +906,8 @@ async fn run(s: Settings) -> Result<()> {
     )
     .with_packages(Arc::new(packages.clone()))
     .with_capacity(policy)
-    .with_autoscale_interval(s.autoscale_interval);
+    .with_autoscale_interval(s.autoscale_interval)
+    .with_cpu_weights(cpu_weights(s.cpu_weight, s.cgroup_parent.as_deref()));
     let files = deps.files.clone();
     let (mut driver, handle) = Driver::new(deps);
     let service_health = driver.health_updates();
@@ -1158,6 +1194,35 @@ mod tests {
             .expect("valid");
         assert_eq!(good.fleet.node.as_deref(), Some("n"));
     }
+
+    /// Only a relative --cgroup-parent is weighed; a bad value in the file is named.
+    #[test]
+    fn cpu_weight_of_the_parent() {
+        let per = CpuWeight::PerInstance;
+        for (parent, weighed) in [
+            (None, false),
+            (Some("/corral.slice"), false),
+            (Some("/"), false),
+            (Some(""), false),
+            (Some("corral"), true),
+            (Some("a/b"), true),
+        ] {
+            assert_eq!(
+                cpu_weights(per, parent),
+                CpuWeights::PerInstance { parent: weighed },
+                "{parent:?}"
+            );
+        }
+        assert_eq!(
+            cpu_weights(CpuWeight::Fixed, Some("corral")),
+            CpuWeights::Fixed
+        );
+        let file = read_config("cpu_weight = \"fixed\"\n").expect("valid");
+        assert_eq!(file.cpu_weight, Some(CpuWeight::Fixed));
+        let err = read_config("cpu_weight = \"heavy\"\n").expect_err("refused");
+        assert!(format!("{err:#}").contains("per-instance"), "{err:#}");
+    }
+
     #[test]
     fn the_page_of_a_full_read() {
         assert_eq!(etcd_page(None).expect("default"), bulk::DEFAULT_PAGE);

@@ -54,9 +54,9 @@ server.server_close()
 /// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (`PYTHON_SERVER`);
 /// `+no-surge` rolls it with `max_surge = 0`, `max_unavailable = 1` (never more instances on
 /// the socket than `replicas`); `+start-cpu` sets `rollout.start_cpu` (a new instance of a
-/// rollout starts on at most 0.3 of a core until it is ready); `+weighted` gives the agent's cgroup parent the CPU weight of
-/// one process per instance (v1 `cpu.shares` 1024 × replicas, v2 `cpu.weight` 100 ×
-/// replicas), as a peer's processes have, each its own, in the root cgroup.
+/// rollout starts on at most 0.3 of a core until it is ready); `+fixed` starts the agent with
+/// `--cpu-weight fixed`, so that the whole tree weighs one process, not one per instance as
+/// by default.
 fn spec_for(server: &str, port: u16, version: &str) -> String {
     if !server.starts_with("python") {
         return spec(port, version);
@@ -80,18 +80,6 @@ fn spec_for(server: &str, port: u16, version: &str) -> String {
 /// `+start-cpu`: the cores a rollout's new instance may use until it is first ready
 /// (`CORRAL_BENCH_START_CPU` overrides it).
 const START_CPU: f64 = 0.3;
-
-/// `+weighted`: the weight of the agent's cgroup parent (see [`spec_for`]).
-fn weigh_parent(agent: &Agent) {
-    let (file, value) = match agent.cgroup.version {
-        crate::cgroup::Version::V1 => ("cpu.shares", 1024 * REPLICAS),
-        crate::cgroup::Version::V2 => ("cpu.weight", 100 * REPLICAS),
-    };
-    let path = cpu_dir(agent, "").join(file);
-    if let Err(e) = std::fs::write(&path, value.to_string()) {
-        println!("  could not weigh {}: {e}", path.display());
-    }
-}
 
 /// `rel`'s directory in the hierarchy holding the cpu controller (v1) or the unified one.
 fn cpu_dir(agent: &Agent, rel: &str) -> std::path::PathBuf {
@@ -675,11 +663,12 @@ pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
         return;
     }
-    let agent = Agent::start_logging(None, "warn").await;
+    let agent = if server.contains("+fixed") {
+        Agent::start_full_args("warn", &["--cpu-weight", "fixed"]).await
+    } else {
+        Agent::start_logging(None, "warn").await
+    };
     let port = crate::free_port();
-    if server.contains("+weighted") {
-        weigh_parent(&agent);
-    }
     agent
         .apply(&spec_for(server, port, "v0"))
         .await

@@ -20,6 +20,7 @@ pub const KERNEL: &[&str] = &[
     "init_reaps_orphans",
     "rolling_restart_keeps_serving",
     "start_cpu_caps_a_rollouts_new_instance",
+    "cpu_weight_follows_the_instances",
     "capabilities_as_configured",
     "readonly_root_keeps_workdir_and_tmp_writable",
     "nofile_limit_applies",
@@ -48,6 +49,7 @@ pub async fn run(name: &str) -> bool {
         "init_reaps_orphans" => init_reaps_orphans().await,
         "rolling_restart_keeps_serving" => rolling_restart_keeps_serving().await,
         "start_cpu_caps_a_rollouts_new_instance" => start_cpu_caps_a_rollouts_new_instance().await,
+        "cpu_weight_follows_the_instances" => cpu_weight_follows_the_instances().await,
         "capabilities_as_configured" => capabilities_as_configured().await,
         "readonly_root_keeps_workdir_and_tmp_writable" => {
             readonly_root_keeps_workdir_and_tmp_writable().await
@@ -674,6 +676,81 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
         after.instances
     );
     uncapped(&agent, "cap", &after, "ready, its cap lifted");
+}
+
+/// The cgroups above the instances weigh as many processes as they hold running instances
+/// (v1 `cpu.shares` 1024 each, v2 `cpu.weight` 100 each), following scaling and deletes:
+/// `corral/`, each service, and the agent's parent where it is relative (v1 here; the v2
+/// tests give an absolute one, which is left alone). With `--cpu-weight fixed` each keeps
+/// the kernel's default, one process's.
+pub async fn cpu_weight_follows_the_instances() {
+    let agent = Agent::start().await;
+    let (file, one) = match agent.cgroup.version {
+        Version::V1 => ("cpu.shares", 1024),
+        Version::V2 => ("cpu.weight", 100),
+    };
+    let weight = |a: &Agent, rel: &str| a.cgroup.read("cpu", rel, file).parse::<u64>().ok();
+    let weighs = |a: &Agent, want: &[(&str, u64)]| {
+        let found: Vec<_> = want.iter().map(|(rel, _)| weight(a, rel)).collect();
+        let ok = want
+            .iter()
+            .zip(&found)
+            .all(|((_, n), f)| *f == Some(n * one));
+        (ok, format!("{want:?} processes, found {found:?}"))
+    };
+    let serve = |name: &str, n: u32| spec(name, n, &["serve"], "");
+    agent.apply(&serve("wa", 3)).await.expect("apply wa");
+    agent.apply(&serve("wb", 2)).await.expect("apply wb");
+    agent.wait_running("wa", 3).await;
+    agent.wait_running("wb", 2).await;
+    let relative = agent.cgroup.version == Version::V1;
+    let mut want = vec![("corral/wa", 3), ("corral/wb", 2), ("corral", 5)];
+    if relative {
+        want.push(("", 5));
+    }
+    let until = |want: Vec<(&'static str, u64)>| {
+        let agent = &agent;
+        async move {
+            let mut last = String::new();
+            for _ in 0..200 {
+                let (ok, seen) = weighs(agent, &want);
+                if ok {
+                    return;
+                }
+                last = seen;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("cpu weights: wanted {last}");
+        }
+    };
+    until(want).await;
+    if !relative {
+        assert_ne!(
+            weight(&agent, ""),
+            Some(5 * one),
+            "an absolute parent is left alone"
+        );
+    }
+    for (rel, _) in [("corral/wa/wa-0", 0), ("corral/wb/wb-1", 0)] {
+        assert_eq!(
+            weight(&agent, rel),
+            Some(one),
+            "{rel}: an instance weighs one process"
+        );
+    }
+    agent.apply(&serve("wa", 1)).await.expect("scale wa");
+    until(vec![("corral/wa", 1), ("corral", 3)]).await;
+    agent.delete("wb").await.expect("delete wb");
+    until(vec![("corral/wa", 1), ("corral", 1)]).await;
+    agent.delete("wa").await.expect("delete wa");
+    until(vec![("corral", 1)]).await;
+
+    let fixed = Agent::start_full_args("info", &["--cpu-weight", "fixed"]).await;
+    fixed.apply(&serve("wf", 2)).await.expect("apply wf");
+    fixed.wait_running("wf", 2).await;
+    let (ok, seen) = weighs(&fixed, &[("corral/wf", 1), ("corral", 1)]);
+    assert!(ok, "--cpu-weight fixed: {seen}");
+    fixed.delete("wf").await.expect("delete wf");
 }
 
 /// The sections of an HTTP service on the agent's socket `port`, probed on its own admin

@@ -25,6 +25,7 @@ scenario!(private_network_has_only_loopback);
 scenario!(init_reaps_orphans);
 scenario!(rolling_restart_keeps_serving);
 scenario!(start_cpu_caps_a_rollouts_new_instance);
+scenario!(cpu_weight_follows_the_instances);
 scenario!(capabilities_as_configured);
 scenario!(readonly_root_keeps_workdir_and_tmp_writable);
 scenario!(nofile_limit_applies);

@@ -162,6 +162,11 @@ impl CgroupPath {
         CgroupPath(vec!["corral".to_string()])
     }
 
+    /// The agent's parent itself (no component): the directory `corral` is made in.
+    pub fn parent() -> CgroupPath {
+        CgroupPath(Vec::new())
+    }
+
     /// `corral/<service>`.
     pub fn service(service: &str) -> CgroupPath {
         CgroupPath::root().child(service)
@@ -193,6 +198,9 @@ impl CgroupPath {
 
 impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("<parent>");
+        }
         f.write_str(&self.0.join("/"))
     }
 }
@@ -356,6 +364,16 @@ pub fn start_cpu_period(cores: f64) -> u64 {
     period.clamp(SHORT_US, CPU_PERIOD_US)
 }
 
+/// v1 `cpu.shares` for the weight of `processes` processes (1024 each, within 2..=262144).
+pub fn v1_shares(processes: u64) -> u64 {
+    processes.clamp(1, 256).saturating_mul(1024)
+}
+
+/// v2 `cpu.weight` for the weight of `processes` processes (100 each, within 1..=10000).
+pub fn v2_weight(processes: u64) -> u64 {
+    processes.clamp(1, 100).saturating_mul(100)
+}
+
 /// The CFS period of every other CPU limit (the kernel's default), microseconds.
 pub const CPU_PERIOD_US: u64 = fsutil::CPU_PERIOD_US;
 
@@ -411,6 +429,18 @@ pub trait CgroupBackend: Send + Sync + fmt::Debug + 'static {
         period_us: u64,
     ) -> Result<(), CgroupError> {
         let _ = (cores, period_us);
+        Err(CgroupError::Unsupported {
+            path: path.to_string(),
+            reason: "this backend has no cpu control".into(),
+        })
+    }
+
+    /// Give the cgroup the CPU weight of `processes` processes at the default priority (v1
+    /// `cpu.shares` 1024 each, v2 `cpu.weight` 100 each, within the kernel's range; 0 counts
+    /// as 1), so that when the CPU is contended what runs below it gets the share that many
+    /// processes would. An empty `path` ([`CgroupPath::parent`]) is the agent's parent.
+    fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
+        let _ = processes;
         Err(CgroupError::Unsupported {
             path: path.to_string(),
             reason: "this backend has no cpu control".into(),

@@ -26,6 +26,8 @@ struct State {
     cgroups: BTreeMap<CgroupPath, Entry>,
     kills: Vec<CgroupPath>,
     removed: Vec<CgroupPath>,
+    /// Every `set_cpu_weight`, in order: (path, processes).
+    weights: Vec<(CgroupPath, u64)>,
 }
 
 #[derive(Debug)]
@@ -87,6 +89,21 @@ impl RecordingCgroups {
         self.lock().cgroups.keys().cloned().collect()
     }
 
+    /// Every `set_cpu_weight`, in order: (path, processes).
+    pub fn weights(&self) -> Vec<(CgroupPath, u64)> {
+        self.lock().weights.clone()
+    }
+
+    /// The weight last set on `path`, in processes.
+    pub fn weight(&self, path: &CgroupPath) -> Option<u64> {
+        let st = self.lock();
+        st.weights
+            .iter()
+            .rev()
+            .find(|(p, _)| p == path)
+            .map(|(_, n)| *n)
+    }
+
     /// Paths `kill_all` was called on, in order.
     pub fn kills(&self) -> Vec<CgroupPath> {
         self.lock().kills.clone()
@@ -128,6 +145,17 @@ impl CgroupBackend for RecordingCgroups {
                 reason: "no such cgroup".into(),
             }),
         }
+    }
+
+    fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
+        if !self.caps.has(Control::Cpu) {
+            return Err(CgroupError::Unsupported {
+                path: path.to_string(),
+                reason: "no cpu control".into(),
+            });
+        }
+        self.lock().weights.push((path.clone(), processes));
+        Ok(())
     }
 
     fn set_cpu_limit(

@@ -427,6 +427,19 @@ impl CgroupBackend for V1Backend {
         self.write_cpu(&p, path, quota, period_us)
     }
 
+    fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        let r = self.ready(&p, &self.cpu, Control::Cpu)?;
+        let file = r.parent.join(path.relative()).join("cpu.shares");
+        let value = super::v1_shares(processes).to_string();
+        std::fs::write(&file, &value).map_err(|source| CgroupError::Write {
+            path: p,
+            file,
+            value,
+            source,
+        })
+    }
+
     /// Each hierarchy's `tasks`, not `cgroup.procs`: a single-threaded process that writes
     /// `"0"` there moves itself without the kernel's global thread-group lock, whose write
     /// side waits for an RCU grace period (7-25 ms per hierarchy measured on 6.18, against

@@ -495,6 +495,24 @@ impl CgroupBackend for V2Backend {
         self.write_cpu(&p, &self.dir(path), quota, period_us)
     }
 
+    fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
+        let p = path.to_string();
+        if !self.caps.has(Control::Cpu) {
+            return Err(CgroupError::Unsupported {
+                path: p,
+                reason: "the cpu controller is not available".into(),
+            });
+        }
+        let file = self.dir(path).join("cpu.weight");
+        let value = super::v2_weight(processes).to_string();
+        std::fs::write(&file, &value).map_err(|source| CgroupError::Write {
+            path: p,
+            file,
+            value,
+            source,
+        })
+    }
+
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {
         let file = self.dir(path).join("cgroup.procs");
         // std opens with O_CLOEXEC.

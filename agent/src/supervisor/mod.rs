@@ -35,7 +35,7 @@ use crate::spec::{FieldError, InstanceKey, ListenAddr, ServiceSpec, SpecError};
 use crate::store::StoreError;
 
 pub use desired::ApplyKind;
-pub use driver::{BatchItem, Deps, Driver};
+pub use driver::{BatchItem, CpuWeights, Deps, Driver};
 pub use handle::SupervisorHandle;
 pub use instance::{ExitClass, ExitInfo, Phase};
 pub use run::{Outcome, Run, Trigger};

@@ -58,8 +58,13 @@ async fn rig_with(cg: RecordingCgroups, store: Arc<MemStore>) -> Rig {
 
 /// A driver over existing fakes: a second driver on the same fakes is an agent restart.
 async fn rig_shared(f: &Fakes) -> Rig {
+    rig_on(f, CpuWeights::PerInstance { parent: false }).await
+}
+
+/// A driver over `f` that weighs the cgroups as `weights` says.
+async fn rig_on(f: &Fakes, weights: CpuWeights) -> Rig {
     let events = Arc::new(crate::events::EventLog::in_memory(10_000));
-    let (mut driver, handle) = Driver::new(deps(f, &events));
+    let (mut driver, handle) = Driver::new(deps(f, &events).with_cpu_weights(weights));
     driver.restore().await;
     let stop = CancellationToken::new();
     tokio::spawn(driver.run(stop.clone()));
@@ -465,6 +470,79 @@ async fn update_starts_each_new_instance_before_stopping_an_old_one() {
         ),
         (id.as_str(), "succeeded", 3, 3)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cpu_weights_follow_the_running_instances() {
+    let r = web().await;
+    let (svc, root) = (CgroupPath::service("web"), CgroupPath::root());
+    assert_eq!((r.cg.weight(&svc), r.cg.weight(&root)), (Some(3), Some(3)));
+    assert_eq!(r.cg.weight(&CgroupPath::parent()), None, "not asked to");
+    // An instance waiting out its backoff runs nothing, so it weighs nothing.
+    let pids = r.pids("web").await;
+    r.exited(pids[0], 1);
+    settle().await;
+    assert_eq!((r.cg.weight(&svc), r.cg.weight(&root)), (Some(2), Some(2)));
+    let writes = r.cg.weights().len();
+    settle().await;
+    assert_eq!(r.cg.weights().len(), writes, "only a change is written");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle().await;
+    assert_eq!(r.cg.weight(&svc), Some(3), "restarted after its backoff");
+    let pids = r.pids("web").await;
+    assert_eq!(pids.len(), 3);
+    let h = r.handle.clone();
+    let del = tokio::spawn(async move { h.delete("web", false).await });
+    settle().await;
+    for p in pids {
+        r.exited(p, 0);
+    }
+    settle().await;
+    within("the delete", del)
+        .await
+        .expect("join")
+        .expect("deleted");
+    assert_eq!(r.cg.weight(&root), Some(0), "an empty tree");
+    // The same name again is a new cgroup: its weight is written again.
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    assert_eq!((r.cg.weight(&svc), r.cg.weight(&root)), (Some(3), Some(3)));
+    assert_eq!(
+        r.cg.weights()
+            .iter()
+            .filter(|(p, n)| *p == svc && *n == 3)
+            .count(),
+        3,
+        "{:?}",
+        r.cg.weights()
+    );
+}
+
+/// Fakes on which nothing runs yet.
+fn fresh_fakes() -> Fakes {
+    Fakes {
+        rt: Arc::new(FakeRuntime::new()),
+        packages: Arc::new(FakePackages::new()),
+        cg: Arc::new(RecordingCgroups::default()),
+        store: Arc::new(MemStore::new()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fixed_cpu_weights_are_never_written() {
+    let r = rig_on(&fresh_fakes(), CpuWeights::Fixed).await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    assert_eq!(r.rt.spawns().len(), 3);
+    assert!(r.cg.weights().is_empty(), "{:?}", r.cg.weights());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relative_parent_is_weighed_with_the_tree() {
+    let r = rig_on(&fresh_fakes(), CpuWeights::PerInstance { parent: true }).await;
+    r.apply(WEB).await.expect("apply");
+    settle().await;
+    assert_eq!(r.cg.weight(&CgroupPath::parent()), Some(3));
 }
 
 #[tokio::test(start_paused = true)]

@@ -32,6 +32,7 @@ mod slots;
 mod sockets;
 mod unsaved;
 mod watch;
+mod weights;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -81,6 +82,20 @@ pub struct Deps {
     pub load: Arc<dyn LoadProbe>,
     /// How often the autoscaler samples the load.
     pub autoscale_interval: std::time::Duration,
+    /// How the cgroups above the instances weigh for the CPU.
+    pub cpu_weights: CpuWeights,
+}
+
+/// How the cgroups above the instances weigh for the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuWeights {
+    /// The kernel's default weight, one process's, for the whole tree.
+    Fixed,
+    /// Each of `corral/` and the service cgroups weighs as many processes as it holds
+    /// instances, and with `parent` the agent's parent as well: instances get the CPU share
+    /// that as many processes would beside the host's others, not one process's between
+    /// them all.
+    PerInstance { parent: bool },
 }
 
 impl Deps {
@@ -108,7 +123,15 @@ impl Deps {
             capacity: None,
             load: Arc::new(KernelLoad),
             autoscale_interval: autoscale::DEFAULT_INTERVAL,
+            cpu_weights: CpuWeights::PerInstance { parent: false },
         }
+    }
+
+    /// With another CPU weighting of the tree.
+    #[must_use]
+    pub fn with_cpu_weights(mut self, weights: CpuWeights) -> Deps {
+        self.cpu_weights = weights;
+        self
     }
 
     /// With another autoscaler sampling interval.
@@ -179,6 +202,8 @@ pub struct Driver {
     unsaved: unsaved::Unsaved,
     /// Applies in effect whose record is not synced yet, answered once it is.
     unsynced_applies: Vec<(ApplyOutcome, Reply<ApplyOutcome>)>,
+    /// The CPU weight last set on each cgroup above the instances, in processes.
+    weights: BTreeMap<CgroupPath, u64>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -229,6 +254,7 @@ impl Driver {
             quarantined: BTreeMap::new(),
             unsaved: unsaved::Unsaved::default(),
             unsynced_applies: Vec::new(),
+            weights: BTreeMap::new(),
         };
         (driver, SupervisorHandle::new(tx))
     }
@@ -269,6 +295,7 @@ impl Driver {
         loop {
             self.retry_unsaved();
             self.reconcile_all();
+            self.reweigh();
             self.answer_synced();
             let jobs_wake = self.tick_jobs();
             self.autoscale_pass();

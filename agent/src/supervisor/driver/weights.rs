@@ -1,0 +1,53 @@
+//! The CPU weight of the cgroups above the instances. By default every cgroup the kernel
+//! gives one process's weight, so the whole tree, however many instances run in it, would
+//! share one process's CPU with the host's other processes when the CPU is contended. Each
+//! of `corral/` and the service cgroups is weighed instead as many processes as it holds
+//! running instances, and with [`CpuWeights::PerInstance`]'s `parent` the agent's parent as
+//! well: four instances get what four processes under a plain supervisor would.
+
+use super::{CpuWeights, Driver};
+use crate::cgroups::{CgroupError, CgroupPath};
+
+impl Driver {
+    /// Bring each weight to the running instances below it, writing only what changed.
+    pub(super) fn reweigh(&mut self) {
+        let CpuWeights::PerInstance { parent } = self.deps.cpu_weights else {
+            return;
+        };
+        let mut want = Vec::new();
+        let mut total = 0u64;
+        for (name, svc) in self.services.iter() {
+            let live = svc.slots.values().filter(|s| s.live.is_some()).count();
+            let live = u64::try_from(live).unwrap_or(u64::MAX);
+            total = total.saturating_add(live);
+            // A service with no running instance may have no cgroup yet; its weight matters
+            // again, and is written, once one runs.
+            if live > 0 {
+                want.push((CgroupPath::service(name), live));
+            }
+        }
+        want.push((CgroupPath::root(), total));
+        if parent {
+            want.push((CgroupPath::parent(), total));
+        }
+        let services = &self.services;
+        self.weights.retain(|p, _| match p.components() {
+            [_, service] => services.get(service).is_some(),
+            _ => true,
+        });
+        for (path, n) in want {
+            if self.weights.get(&path) == Some(&n) {
+                continue;
+            }
+            match self.deps.cgroups.set_cpu_weight(&path, n) {
+                Ok(()) => tracing::debug!(cgroup = %path, processes = n, "cpu weight set"),
+                Err(CgroupError::Unsupported { reason, .. }) => {
+                    tracing::debug!(cgroup = %path, %reason, "cpu weight not set");
+                }
+                // Not retried until the count changes: a weight is not a limit.
+                Err(e) => tracing::warn!(cgroup = %path, error = %e, "cpu weight not set"),
+            }
+            self.weights.insert(path, n);
+        }
+    }
+}
