@@ -69,12 +69,12 @@ struct Flags {
     /// own cgroup, absolute ones from the hierarchy root. Default: the agent's own cgroup.
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<String>,
-    /// The CPU weight of the cgroups above the instances. `per-instance`: `corral/`, each
-    /// service's cgroup and a relative --cgroup-parent weigh as many processes as they hold
-    /// running instances, so that under contention the instances get what as many processes
-    /// would (v1 `cpu.shares` 1024 each up to 256, v2 `cpu.weight` 100 each up to 100).
-    /// `fixed`: the kernel's default, one process's weight for the whole tree. Default:
-    /// per-instance.
+    /// The CPU weight of the cgroups above the instances. `fixed`: the kernel's default, one
+    /// process's weight for the whole tree. `per-instance`: `corral/`, each service's cgroup
+    /// and a relative --cgroup-parent weigh as many processes as they hold running instances,
+    /// so that under contention the instances get what as many processes would (v1
+    /// `cpu.shares` 1024 each up to 256, v2 `cpu.weight` 100 each up to 100), and the agent
+    /// itself one instance's share. Default: fixed.
     #[arg(long, value_enum, value_name = "HOW")]
     cpu_weight: Option<CpuWeight>,
     /// Log format on stderr.
@@ -623,7 +623,7 @@ fn settings(flags: Flags) -> Result<Settings> {
         cpu_weight: flags
             .cpu_weight
             .or(file.cpu_weight)
-            .unwrap_or(CpuWeight::PerInstance),
+            .unwrap_or(CpuWeight::Fixed),
         log_format: flags
             .log_format
             .or(file.log_format)

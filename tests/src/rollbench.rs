@@ -54,9 +54,9 @@ server.server_close()
 /// The service of `rollout-hey`: `rust` (the test server, tokio) or `python` (`PYTHON_SERVER`);
 /// `+no-surge` rolls it with `max_surge = 0`, `max_unavailable = 1` (never more instances on
 /// the socket than `replicas`); `+start-cpu` sets `rollout.start_cpu` (a new instance of a
-/// rollout starts on at most 0.3 of a core until it is ready); `+fixed` starts the agent with
-/// `--cpu-weight fixed`, so that the whole tree weighs one process, not one per instance as
-/// by default.
+/// rollout starts on at most 0.3 of a core until it is ready); `+weighted` starts the agent
+/// with `--cpu-weight per-instance`, so that the tree weighs one process per instance, not
+/// one process in all as by default.
 fn spec_for(server: &str, port: u16, version: &str) -> String {
     if !server.starts_with("python") {
         return spec(port, version);
@@ -663,8 +663,8 @@ pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
         return;
     }
-    let agent = if server.contains("+fixed") {
-        Agent::start_full_args("warn", &["--cpu-weight", "fixed"]).await
+    let agent = if server.contains("+weighted") {
+        Agent::start_full_args("warn", &["--cpu-weight", "per-instance"]).await
     } else {
         Agent::start_logging(None, "warn").await
     };

@@ -681,10 +681,10 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
 /// The cgroups above the instances weigh as many processes as they hold running instances
 /// (v1 `cpu.shares` 1024 each, v2 `cpu.weight` 100 each), following scaling and deletes:
 /// `corral/`, each service, and the agent's parent where it is relative (v1 here; the v2
-/// tests give an absolute one, which is left alone). With `--cpu-weight fixed` each keeps
-/// the kernel's default, one process's.
+/// tests give an absolute one, which is left alone), with `--cpu-weight per-instance`. By
+/// default (`fixed`) each keeps the kernel's default, one process's.
 pub async fn cpu_weight_follows_the_instances() {
-    let agent = Agent::start().await;
+    let agent = Agent::start_full_args("info", &["--cpu-weight", "per-instance"]).await;
     let (file, one) = match agent.cgroup.version {
         Version::V1 => ("cpu.shares", 1024),
         Version::V2 => ("cpu.weight", 100),
@@ -745,11 +745,11 @@ pub async fn cpu_weight_follows_the_instances() {
     agent.delete("wa").await.expect("delete wa");
     until(vec![("corral", 1)]).await;
 
-    let fixed = Agent::start_full_args("info", &["--cpu-weight", "fixed"]).await;
+    let fixed = Agent::start().await;
     fixed.apply(&serve("wf", 2)).await.expect("apply wf");
     fixed.wait_running("wf", 2).await;
     let (ok, seen) = weighs(&fixed, &[("corral/wf", 1), ("corral", 1)]);
-    assert!(ok, "--cpu-weight fixed: {seen}");
+    assert!(ok, "by default: {seen}");
     fixed.delete("wf").await.expect("delete wf");
 }
 

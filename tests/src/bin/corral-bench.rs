@@ -164,7 +164,7 @@ async fn main() {
     if wants("rollout") {
         corral_e2e::rollbench::bench(rounds.clamp(1, 5)).await;
     }
-    // `CORRAL_BENCH_SERVERS=python+fixed,rust`: only these variants.
+    // `CORRAL_BENCH_SERVERS=python+weighted,rust`: only these variants.
     let servers = std::env::var("CORRAL_BENCH_SERVERS").unwrap_or_default();
     let variant = |s: &str| servers.is_empty() || servers.split(',').any(|v| v == s);
     if wants("rollout-hey") {
@@ -172,10 +172,10 @@ async fn main() {
             "rust",
             "python",
             "python+no-surge",
-            "python+fixed",
-            "python+fixed+no-surge",
+            "python+weighted",
+            "python+weighted+no-surge",
             "python+start-cpu",
-            "python+fixed+start-cpu",
+            "python+weighted+start-cpu",
         ] {
             if variant(server) {
                 corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;

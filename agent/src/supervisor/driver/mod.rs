@@ -123,7 +123,7 @@ impl Deps {
             capacity: None,
             load: Arc::new(KernelLoad),
             autoscale_interval: autoscale::DEFAULT_INTERVAL,
-            cpu_weights: CpuWeights::PerInstance { parent: false },
+            cpu_weights: CpuWeights::Fixed,
         }
     }
 
