@@ -1,9 +1,10 @@
-//! The CPU weight of the cgroups above the instances. By default every cgroup the kernel
-//! gives one process's weight, so the whole tree, however many instances run in it, would
-//! share one process's CPU with the host's other processes when the CPU is contended. Each
-//! of `corral/` and the service cgroups is weighed instead as many processes as it holds
-//! running instances, and with [`CpuWeights::PerInstance`]'s `parent` the agent's parent as
-//! well: four instances get what four processes under a plain supervisor would.
+//! The CPU weight of the cgroups above the instances. The kernel gives every cgroup one
+//! process's weight, so the whole tree, however many instances run in it, shares one
+//! process's CPU with the processes beside it when the CPU is contended. With
+//! [`CpuWeights::PerInstance`] (`--cpu-weight per-instance`) each of `corral/` and the service
+//! cgroups is weighed instead as many processes as it holds running instances, and with its
+//! `parent` the agent's parent as well: four instances get what four processes under a plain
+//! supervisor would, and the agent one instance's share. [`CpuWeights::Fixed`] writes nothing.
 
 use super::{CpuWeights, Driver};
 use crate::cgroups::{CgroupError, CgroupPath};
