@@ -681,22 +681,14 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
 /// The cgroups above the instances weigh as many processes as they hold running instances
 /// (v1 `cpu.shares` 1024 each, v2 `cpu.weight` 100 each), following scaling and deletes:
 /// `corral/`, each service, and the agent's parent where it is relative (v1 here; the v2
-/// tests give an absolute one, which is left alone), with `--cpu-weight per-instance`. By
-/// default (`fixed`) each keeps the kernel's default, one process's.
+/// tests give an absolute one, which is left alone), with `--cpu-weight per-instance`. An
+/// agent started again with the default (`fixed`) gives them one process's weight back and
+/// leaves the parent as it is.
 pub async fn cpu_weight_follows_the_instances() {
-    let agent = Agent::start_full_args("info", &["--cpu-weight", "per-instance"]).await;
-    let (file, one) = match agent.cgroup.version {
-        Version::V1 => ("cpu.shares", 1024),
-        Version::V2 => ("cpu.weight", 100),
-    };
-    let weight = |a: &Agent, rel: &str| a.cgroup.read("cpu", rel, file).parse::<u64>().ok();
-    let weighs = |a: &Agent, want: &[(&str, u64)]| {
-        let found: Vec<_> = want.iter().map(|(rel, _)| weight(a, rel)).collect();
-        let ok = want
-            .iter()
-            .zip(&found)
-            .all(|((_, n), f)| *f == Some(n * one));
-        (ok, format!("{want:?} processes, found {found:?}"))
+    let mut agent = Agent::start_full_args("info", &["--cpu-weight", "per-instance"]).await;
+    let one = match agent.cgroup.version {
+        Version::V1 => 1024,
+        Version::V2 => 100,
     };
     let serve = |name: &str, n: u32| spec(name, n, &["serve"], "");
     agent.apply(&serve("wa", 3)).await.expect("apply wa");
@@ -708,49 +700,64 @@ pub async fn cpu_weight_follows_the_instances() {
     if relative {
         want.push(("", 5));
     }
-    let until = |want: Vec<(&'static str, u64)>| {
-        let agent = &agent;
-        async move {
-            let mut last = String::new();
-            for _ in 0..200 {
-                let (ok, seen) = weighs(agent, &want);
-                if ok {
-                    return;
-                }
-                last = seen;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("cpu weights: wanted {last}");
-        }
-    };
-    until(want).await;
+    weights_become(&agent, &want).await;
     if !relative {
         assert_ne!(
-            weight(&agent, ""),
+            cpu_weight(&agent, ""),
             Some(5 * one),
             "an absolute parent is left alone"
         );
     }
-    for (rel, _) in [("corral/wa/wa-0", 0), ("corral/wb/wb-1", 0)] {
-        assert_eq!(
-            weight(&agent, rel),
-            Some(one),
-            "{rel}: an instance weighs one process"
-        );
+    for rel in ["corral/wa/wa-0", "corral/wb/wb-1"] {
+        assert_eq!(cpu_weight(&agent, rel), Some(one), "{rel}: one process");
     }
     agent.apply(&serve("wa", 1)).await.expect("scale wa");
-    until(vec![("corral/wa", 1), ("corral", 3)]).await;
-    agent.delete("wb").await.expect("delete wb");
-    until(vec![("corral/wa", 1), ("corral", 1)]).await;
-    agent.delete("wa").await.expect("delete wa");
-    until(vec![("corral", 1)]).await;
+    weights_become(&agent, &[("corral/wa", 1), ("corral", 3)]).await;
 
-    let fixed = Agent::start().await;
-    fixed.apply(&serve("wf", 2)).await.expect("apply wf");
-    fixed.wait_running("wf", 2).await;
-    let (ok, seen) = weighs(&fixed, &[("corral/wf", 1), ("corral", 1)]);
-    assert!(ok, "by default: {seen}");
-    fixed.delete("wf").await.expect("delete wf");
+    agent.stop_with(libc::SIGKILL);
+    agent.extra_args.clear();
+    agent.launch().await;
+    agent.wait_running("wb", 2).await;
+    weights_become(&agent, &[("corral/wa", 1), ("corral/wb", 1), ("corral", 1)]).await;
+    if relative {
+        assert_eq!(
+            cpu_weight(&agent, ""),
+            Some(3 * one),
+            "the parent is not touched"
+        );
+    }
+    agent.delete("wb").await.expect("delete wb");
+    agent.delete("wa").await.expect("delete wa");
+}
+
+/// The CPU weight of `rel` below the agent's parent (v1 `cpu.shares`, v2 `cpu.weight`).
+fn cpu_weight(agent: &Agent, rel: &str) -> Option<u64> {
+    let file = match agent.cgroup.version {
+        Version::V1 => "cpu.shares",
+        Version::V2 => "cpu.weight",
+    };
+    agent.cgroup.read("cpu", rel, file).parse().ok()
+}
+
+/// Waits (up to 10 s) until each cgroup of `want` weighs its number of processes.
+async fn weights_become(agent: &Agent, want: &[(&str, u64)]) {
+    let one = match agent.cgroup.version {
+        Version::V1 => 1024,
+        Version::V2 => 100,
+    };
+    let mut found = Vec::new();
+    for _ in 0..200 {
+        found = want.iter().map(|(rel, _)| cpu_weight(agent, rel)).collect();
+        if want
+            .iter()
+            .zip(&found)
+            .all(|((_, n), f)| *f == Some(n * one))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cpu weights: wanted {want:?} processes, found {found:?}");
 }
 
 /// The sections of an HTTP service on the agent's socket `port`, probed on its own admin

@@ -528,13 +528,21 @@ fn fresh_fakes() -> Fakes {
     }
 }
 
+/// Fixed weights: one process's, written once per cgroup (what undoes an earlier
+/// per-instance run), whatever the count; the parent never.
 #[tokio::test(start_paused = true)]
-async fn fixed_cpu_weights_are_never_written() {
+async fn fixed_cpu_weights_are_one_process_written_once() {
     let r = rig_on(&fresh_fakes(), CpuWeights::Fixed).await;
     r.apply(WEB).await.expect("apply");
     settle().await;
     assert_eq!(r.rt.spawns().len(), 3);
-    assert!(r.cg.weights().is_empty(), "{:?}", r.cg.weights());
+    let (svc, root) = (CgroupPath::service("web"), CgroupPath::root());
+    let mut writes = r.cg.weights();
+    writes.sort();
+    assert_eq!(writes, vec![(root, 1), (svc, 1)]);
+    r.exited(r.pids("web").await[0], 1);
+    settle().await;
+    assert_eq!(r.cg.weights().len(), 2, "{:?}", r.cg.weights());
 }
 
 #[tokio::test(start_paused = true)]

@@ -4,7 +4,10 @@
 //! [`CpuWeights::PerInstance`] (`--cpu-weight per-instance`) each of `corral/` and the service
 //! cgroups is weighed instead as many processes as it holds running instances, and with its
 //! `parent` the agent's parent as well: four instances get what four processes under a plain
-//! supervisor would, and the agent one instance's share. [`CpuWeights::Fixed`] writes nothing.
+//! supervisor would, and the agent one instance's share. [`CpuWeights::Fixed`] gives `corral/`
+//! and each service one process's weight, once: the kernel's default for a new cgroup, and
+//! what undoes an earlier per-instance run's weights on cgroups that outlived it (a relative
+//! parent is not touched then: it may be the operator's).
 
 use super::{CpuWeights, Driver};
 use crate::cgroups::{CgroupError, CgroupPath};
@@ -12,8 +15,9 @@ use crate::cgroups::{CgroupError, CgroupPath};
 impl Driver {
     /// Bring each weight to the running instances below it, writing only what changed.
     pub(super) fn reweigh(&mut self) {
-        let CpuWeights::PerInstance { parent } = self.deps.cpu_weights else {
-            return;
+        let (per_instance, parent) = match self.deps.cpu_weights {
+            CpuWeights::Fixed => (false, false),
+            CpuWeights::PerInstance { parent } => (true, parent),
         };
         let mut want = Vec::new();
         let mut total = 0u64;
@@ -24,9 +28,13 @@ impl Driver {
             // A service with no running instance may have no cgroup yet; its weight matters
             // again, and is written, once one runs.
             if live > 0 {
-                want.push((CgroupPath::service(name), live));
+                want.push((
+                    CgroupPath::service(name),
+                    if per_instance { live } else { 1 },
+                ));
             }
         }
+        let total = if per_instance { total } else { 1 };
         want.push((CgroupPath::root(), total));
         if parent {
             want.push((CgroupPath::parent(), total));
