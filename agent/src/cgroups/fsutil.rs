@@ -149,6 +149,16 @@ pub(super) fn read_procs(path: &str, dir: &Path) -> Result<Option<Vec<i32>>, Cgr
     }
 }
 
+/// [`write_value`], its failure as the cgroup's `Write` error.
+pub(super) fn write_control(path: &str, file: PathBuf, value: String) -> Result<(), CgroupError> {
+    write_value(&file, &value).map_err(|source| CgroupError::Write {
+        path: path.to_string(),
+        file,
+        value,
+        source,
+    })
+}
+
 pub(super) fn read_err(path: &str, file: &Path, source: io::Error) -> CgroupError {
     CgroupError::Read {
         path: path.to_string(),

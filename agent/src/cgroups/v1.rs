@@ -431,13 +431,7 @@ impl CgroupBackend for V1Backend {
         let p = path.to_string();
         let r = self.ready(&p, &self.cpu, Control::Cpu)?;
         let file = r.parent.join(path.relative()).join("cpu.shares");
-        let value = super::v1_shares(processes).to_string();
-        std::fs::write(&file, &value).map_err(|source| CgroupError::Write {
-            path: p,
-            file,
-            value,
-            source,
-        })
+        fsutil::write_control(&p, file, super::v1_shares(processes).to_string())
     }
 
     /// Each hierarchy's `tasks`, not `cgroup.procs`: a single-threaded process that writes

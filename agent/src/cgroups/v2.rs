@@ -361,13 +361,7 @@ impl V2Backend {
         if missing.is_empty() {
             return Ok(());
         }
-        let value = missing.join(" ");
-        write_value(&file, &value).map_err(|source| CgroupError::Write {
-            path: p.to_string(),
-            file,
-            value,
-            source,
-        })
+        fsutil::write_control(p, file, missing.join(" "))
     }
 }
 
@@ -445,14 +439,7 @@ fn make_room(fs: &dyn CgroupDirs, p: &str, dir: &Path, self_pid: i32) -> Result<
                 source,
             })?;
         }
-        let file = leaf.join("cgroup.procs");
-        let value = self_pid.to_string();
-        write_value(&file, &value).map_err(|source| CgroupError::Write {
-            path: p.to_string(),
-            file,
-            value,
-            source,
-        })?;
+        fsutil::write_control(p, leaf.join("cgroup.procs"), self_pid.to_string())?;
         tracing::info!(leaf = %leaf.display(), "moved corrald into a leaf cgroup so that its cgroup can enable controllers");
     }
     Ok(())
@@ -504,13 +491,7 @@ impl CgroupBackend for V2Backend {
             });
         }
         let file = self.dir(path).join("cpu.weight");
-        let value = super::v2_weight(processes).to_string();
-        std::fs::write(&file, &value).map_err(|source| CgroupError::Write {
-            path: p,
-            file,
-            value,
-            source,
-        })
+        fsutil::write_control(&p, file, super::v2_weight(processes).to_string())
     }
 
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {

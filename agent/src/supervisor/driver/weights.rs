@@ -19,19 +19,22 @@ impl Driver {
             CpuWeights::Fixed => (false, false),
             CpuWeights::PerInstance { parent } => (true, parent),
         };
+        // This runs at every turn of the driver's loop: with fixed weights a service is only
+        // asked whether it runs anything, and a written weight is not written again.
         let mut want = Vec::new();
         let mut total = 0u64;
         for (name, svc) in self.services.iter() {
-            let live = svc.slots.values().filter(|s| s.live.is_some()).count();
-            let live = u64::try_from(live).unwrap_or(u64::MAX);
+            let mut running = svc.slots.values().filter(|s| s.live.is_some());
+            let live = if per_instance {
+                u64::try_from(running.count()).unwrap_or(u64::MAX)
+            } else {
+                u64::from(running.next().is_some())
+            };
             total = total.saturating_add(live);
             // A service with no running instance may have no cgroup yet; its weight matters
             // again, and is written, once one runs.
             if live > 0 {
-                want.push((
-                    CgroupPath::service(name),
-                    if per_instance { live } else { 1 },
-                ));
+                want.push((CgroupPath::service(name), live));
             }
         }
         let total = if per_instance { total } else { 1 };
