@@ -197,6 +197,7 @@ fn check_tree(tree: &Path, deb: &Path) {
         stdout(&run(&corrald, &["--version"])).trim(),
         format!("corrald {VERSION}")
     );
+    release_layout(&corrald);
     let help = stdout(&run(tree.join("usr/bin/corral"), &["--help"]));
     assert!(
         help.contains("apply") && help.contains("rollback"),
@@ -242,6 +243,35 @@ fn check_tree(tree: &Path, deb: &Path) {
             eprintln!("{shell} is not installed: its completions are not checked");
         }
     }
+}
+
+/// The release link of the packaged agent (agent/build.rs): the code it runs in `.text.hot`,
+/// ahead of the rest of its code, and packed relative relocations instead of a relocation
+/// table the loader reads whole.
+fn release_layout(corrald: &Path) {
+    let sections = stdout(&run("readelf", &["-SW", path(corrald)]));
+    // `[Nr] Name Type Address Off Size ...`: the size is the fourth field after the name.
+    let field = |name: &str, after: usize| {
+        sections.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|t| *t == name)?;
+            u64::from_str_radix(f.get(i + after)?, 16).ok()
+        })
+    };
+    let size = |name: &str| field(name, 4);
+    let hot = size(".text.hot").unwrap_or_else(|| panic!("no .text.hot in corrald:\n{sections}"));
+    let cold = size(".text").unwrap_or_else(|| panic!("no .text in corrald:\n{sections}"));
+    assert!(
+        hot > 1 << 20 && hot < cold * 2,
+        ".text.hot {hot} bytes, .text {cold}: agent/corrald-hot.ld matched too little or all"
+    );
+    assert!(
+        field(".text.hot", 2) < field(".text", 2),
+        ".text.hot is not ahead of .text:\n{sections}"
+    );
+    assert!(size(".relr.dyn").is_some(), "no .relr.dyn:\n{sections}");
+    let rela = size(".rela.dyn").unwrap_or(0);
+    assert!(rela < 64 << 10, ".rela.dyn is {rela} bytes:\n{sections}");
 }
 
 /// Loads a bash completion script and completes `corral ap` and `corral rollback --`.
