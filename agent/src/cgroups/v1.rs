@@ -1200,9 +1200,15 @@ mod tests {
             other => panic!("expected v1, got {other:?}"),
         };
         let mut dirs = Vec::new();
-        for h in [&layout.cpu, &layout.cpuacct, &layout.memory, &layout.pids]
-            .into_iter()
-            .flatten()
+        for h in [
+            &layout.cpu,
+            &layout.cpuacct,
+            &layout.memory,
+            &layout.pids,
+            &layout.devices,
+        ]
+        .into_iter()
+        .flatten()
         {
             let d = h.mount.join(&h.parent);
             assert!(!d.exists(), "{} exists already", d.display());
