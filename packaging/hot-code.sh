@@ -49,8 +49,9 @@ cleanup() {
     kill "$agent" 2>/dev/null || true
     wait "$agent" 2>/dev/null || true
   fi
-  for c in /sys/fs/cgroup/"$parent" /sys/fs/cgroup/*/"$parent"; do
-    [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+  # The relative --cgroup-parent, beneath this shell's cgroup (v1: in each hierarchy).
+  find /sys/fs/cgroup -maxdepth 8 -type d -name "$parent" 2>/dev/null | while read -r c; do
+    find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
   done
   mountpoint -q "$mnt" && umount "$mnt"
   [ -n "$loop" ] && losetup -d "$loop"
