@@ -11,8 +11,10 @@
 //!   dynamic relocation table, which the loader reads whole at start, from 550 KB to 11 KB.
 //!
 //! Only release builds for x86_64 Linux with glibc take them (the toolchain's default linker
-//! there, LLD, supports both; GNU ld 2.38 or later does too). `CORRAL_HOT_CODE=off` builds
-//! without them, for another linker or an older C library.
+//! there, LLD, supports both; GNU ld 2.38 or later does too), and the packed relocations only
+//! where the build is native and the build host's glibc is 2.36 or later: the binary then
+//! needs that glibc, and an older loader would not apply them. `CORRAL_HOT_CODE=off` builds
+//! without either, for another linker.
 
 use std::env;
 
@@ -35,5 +37,27 @@ fn main() {
             script.display()
         );
     }
-    println!("cargo::rustc-link-arg-bin=corrald=-Wl,-z,pack-relative-relocs");
+    if env::var("HOST").is_ok_and(|h| h == target) && glibc_at_least(2, 36) {
+        println!("cargo::rustc-link-arg-bin=corrald=-Wl,-z,pack-relative-relocs");
+    }
+}
+
+/// Whether the build host's glibc (`getconf GNU_LIBC_VERSION`: "glibc 2.36") is at least
+/// `major.minor`; false when it cannot tell.
+fn glibc_at_least(major: u32, minor: u32) -> bool {
+    let Ok(out) = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(version) = text.trim().strip_prefix("glibc ") else {
+        return false;
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
 }
