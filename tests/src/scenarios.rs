@@ -686,10 +686,7 @@ pub async fn start_cpu_caps_a_rollouts_new_instance() {
 /// leaves the parent as it is.
 pub async fn cpu_weight_follows_the_instances() {
     let mut agent = Agent::start_full_args("info", &["--cpu-weight", "per-instance"]).await;
-    let one = match agent.cgroup.version {
-        Version::V1 => 1024,
-        Version::V2 => 100,
-    };
+    let one = one_process(&agent);
     let serve = |name: &str, n: u32| spec(name, n, &["serve"], "");
     agent.apply(&serve("wa", 3)).await.expect("apply wa");
     agent.apply(&serve("wb", 2)).await.expect("apply wb");
@@ -730,6 +727,14 @@ pub async fn cpu_weight_follows_the_instances() {
     agent.delete("wa").await.expect("delete wa");
 }
 
+/// One process's CPU weight: v1 `cpu.shares` 1024, v2 `cpu.weight` 100.
+fn one_process(agent: &Agent) -> u64 {
+    match agent.cgroup.version {
+        Version::V1 => 1024,
+        Version::V2 => 100,
+    }
+}
+
 /// The CPU weight of `rel` below the agent's parent (v1 `cpu.shares`, v2 `cpu.weight`).
 fn cpu_weight(agent: &Agent, rel: &str) -> Option<u64> {
     let file = match agent.cgroup.version {
@@ -741,10 +746,7 @@ fn cpu_weight(agent: &Agent, rel: &str) -> Option<u64> {
 
 /// Waits (up to 10 s) until each cgroup of `want` weighs its number of processes.
 async fn weights_become(agent: &Agent, want: &[(&str, u64)]) {
-    let one = match agent.cgroup.version {
-        Version::V1 => 1024,
-        Version::V2 => 100,
-    };
+    let one = one_process(agent);
     let mut found = Vec::new();
     for _ in 0..200 {
         found = want.iter().map(|(rel, _)| cpu_weight(agent, rel)).collect();
