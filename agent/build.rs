@@ -15,6 +15,10 @@
 //! where the build is native and the build host's glibc is 2.36 or later: the binary then
 //! needs that glibc, and an older loader would not apply them. `CORRAL_HOT_CODE=off` builds
 //! without either, for another linker.
+//!
+//! The script names functions by their v0 symbol names (`.cargo/config.toml`). A build whose
+//! `RUSTFLAGS` replace that configuration has legacy names, which the script would not match:
+//! it is then linked without the script, with a warning.
 
 use std::env;
 
@@ -31,7 +35,12 @@ fn main() {
         return;
     };
     let script = std::path::Path::new(&dir).join("corrald-hot.ld");
-    if script.is_file() {
+    if script.is_file() && !v0_names() {
+        println!(
+            "cargo::warning=corrald is linked without corrald-hot.ld: its names are v0 symbol \
+             names, and this build's RUSTFLAGS do not ask for them (-C symbol-mangling-version=v0)"
+        );
+    } else if script.is_file() {
         println!(
             "cargo::rustc-link-arg-bin=corrald=-Wl,-T,{}",
             script.display()
@@ -40,6 +49,25 @@ fn main() {
     if env::var("HOST").is_ok_and(|h| h == target) && glibc_at_least(2, 36) {
         println!("cargo::rustc-link-arg-bin=corrald=-Wl,-z,pack-relative-relocs");
     }
+}
+
+/// Whether this build's rustc flags ask for v0 symbol names.
+fn v0_names() -> bool {
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let mut last = None;
+    let mut previous = "";
+    for flag in flags.split('\x1f') {
+        let value = if previous == "-C" || previous == "--codegen" {
+            Some(flag)
+        } else {
+            flag.strip_prefix("-C")
+        };
+        if let Some(version) = value.and_then(|v| v.strip_prefix("symbol-mangling-version=")) {
+            last = Some(version == "v0");
+        }
+        previous = flag;
+    }
+    last == Some(true)
 }
 
 /// Whether the build host's glibc (`getconf GNU_LIBC_VERSION`: "glibc 2.36") is at least

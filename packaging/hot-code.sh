@@ -14,9 +14,9 @@
 # resident only if the agent executed code on it. After a workload of 200 limited instances
 # (the shape of `corral-bench memory`), probed services, a rolling restart, logs, events, the
 # metrics endpoint and List/Status calls, the resident pages of its code name the functions
-# it ran. The script lists them in address order, each by its exact name first and then (for
-# Rust's legacy names) by its name without the hash, so that a list older than the build
-# still places every instance of those functions in the hot section, after the exact ones.
+# it ran. The script lists them in address order by their v0 names with the crates' hashes
+# left open (see hot-code.py), so that the list matches the same functions in a build in
+# another directory, or after a dependency's version changed its hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

@@ -265,6 +265,22 @@ fn release_layout(corrald: &Path) {
         hot > 1 << 20 && hot < cold * 2,
         ".text.hot {hot} bytes, .text {cold}: agent/corrald-hot.ld matched too little or all"
     );
+    // The list names functions by v0 name without the builds' hashes, so a build in any
+    // directory gathers what the build it was made from gathered; a list that no longer
+    // matches the code (renamed modules, another toolchain) shows here and wants
+    // packaging/hot-code.sh again.
+    let list = workspace().join("agent/corrald-hot.ld");
+    let text = std::fs::read_to_string(&list).unwrap_or_else(|e| panic!("{}: {e}", list.display()));
+    let gathered: u64 = text
+        .lines()
+        .find_map(|l| l.trim_start_matches([' ', '*']).strip_prefix("gathered: "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{}: no `gathered: N bytes` line", list.display()));
+    assert!(
+        hot * 10 >= gathered * 8 && hot * 10 <= gathered * 12,
+        ".text.hot is {hot} bytes, the list gathered {gathered} where it was made: \
+         its names no longer match this build's"
+    );
     assert!(
         field(".text.hot", 2) < field(".text", 2),
         ".text.hot is not ahead of .text:\n{sections}"
