@@ -15,8 +15,9 @@
 # (the shape of `corral-bench memory`), probed services, a rolling restart, logs, events, the
 # metrics endpoint and List/Status calls, the resident pages of its code name the functions
 # it ran. The script lists them in address order by their v0 names with the crates' hashes
-# left open (see hot-code.py), so that the list matches the same functions in a build in
-# another directory, or after a dependency's version changed its hash.
+# left open, then once more without the crate that instantiated them (see hot-code.py), so
+# that the list matches the same functions in a build in another directory, or after a
+# dependency's version changed its hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
