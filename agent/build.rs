@@ -37,15 +37,17 @@ fn main() {
         return;
     };
     let script = std::path::Path::new(&dir).join("corrald-hot.ld");
-    if script.is_file() && !v0_names() {
-        println!(
-            "cargo::warning=corrald is linked without corrald-hot.ld: its names are v0 symbol \
-             names, and this build's RUSTFLAGS do not ask for them (-C symbol-mangling-version=v0)"
-        );
-    } else if script.is_file() {
+    if !script.is_file() {
+        // No list: the code stays in the order LTO emits it.
+    } else if v0_names() {
         println!(
             "cargo::rustc-link-arg-bin=corrald=-Wl,-T,{}",
             script.display()
+        );
+    } else {
+        println!(
+            "cargo::warning=corrald is linked without corrald-hot.ld: its names are v0 symbol \
+             names, and this build's RUSTFLAGS do not ask for them (-C symbol-mangling-version=v0)"
         );
     }
     if env::var("HOST").is_ok_and(|h| h == target) && glibc_at_least(2, 36) {
