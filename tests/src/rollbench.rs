@@ -56,7 +56,7 @@ server.server_close()
 /// the socket than `replicas`); `+start-cpu` sets `rollout.start_cpu` (a new instance of a
 /// rollout starts on at most 0.3 of a core until it is ready); `+weighted` starts the agent
 /// with `--cpu-weight per-instance`, so that the tree weighs one process per instance, not
-/// one process in all as by default.
+/// one process in all as by default; `+idle` runs no rollout at all, only the two windows.
 fn spec_for(server: &str, port: u16, version: &str) -> String {
     if !server.starts_with("python") {
         return spec(port, version);
@@ -76,6 +76,10 @@ fn spec_for(server: &str, port: u16, version: &str) -> String {
         "name = \"roll\"\ncommand = [\"/usr/bin/python3\", \"-c\", {PYTHON_SERVER:?}]\nreplicas = {REPLICAS}\nenv = {{ VERSION = \"{version}\" }}\n[ports]\nadmin = \"auto\"\n[[sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[health]\nhttp = \"http://127.0.0.1:{{port.admin}}/healthz\"\nstart_period = \"5s\"\n[rollout]\nmin_healthy = \"500ms\"\n{policy}"
     )
 }
+
+/// `+idle`: no rollout at all, for as long as one takes: how far two windows of the same load
+/// differ without one.
+const IDLE_ROLLOUT: Duration = Duration::from_millis(3500);
 
 /// `+start-cpu`: the cores a rollout's new instance may use until it is first ready
 /// (`CORRAL_BENCH_START_CPU` overrides it).
@@ -510,18 +514,27 @@ struct Hey {
 /// `hey` for `secs` seconds, 16 workers, one request per connection: the load from outside,
 /// by a real client.
 fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
-    std::process::Command::new("hey")
-        .args([
-            "-z",
-            &format!("{secs}s"),
-            "-c",
-            &CLIENTS.to_string(),
-            "-disable-keepalive",
-            &format!("http://127.0.0.1:{port}/"),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    // `CORRAL_BENCH_HEY_CPUS=0`: `hey` on those CPUs only (run the benchmark itself, and so the
+    // servers, with `taskset -c` on the others), as clients on another host would be.
+    let mut cmd = match std::env::var("CORRAL_BENCH_HEY_CPUS") {
+        Ok(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", &cpus, "hey"]);
+            c
+        }
+        Err(_) => std::process::Command::new("hey"),
+    };
+    cmd.args([
+        "-z",
+        &format!("{secs}s"),
+        "-c",
+        &CLIENTS.to_string(),
+        "-disable-keepalive",
+        &format!("http://127.0.0.1:{port}/"),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
 }
 
 /// The figures of `hey`'s text summary: "Slowest: 0.0123 secs", "99% in 0.0021 secs",
@@ -682,6 +695,11 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         let update = round % 2 == 1;
         let label = if update { "update " } else { "restart" };
         let roll = || async {
+            if server.contains("+idle") {
+                // No rollout: the noise between two windows of the same load.
+                tokio::time::sleep(IDLE_ROLLOUT).await;
+                return (format!("none-{}", round + 1), true);
+            }
             let spec = spec_for(server, port, &format!("v{round}"));
             let id = start_rollout(&agent, update, &spec).await;
             let end = rollout_end(&agent, &id, std::time::Instant::now()).await;
@@ -698,7 +716,9 @@ pub async fn bench_hey(rounds: usize, server: &str) {
 /// `[fcgi-program]` — it owns the listening socket and hands it to each process as fd 0,
 /// which the command moves to fd 3 — restarted one process after the other with
 /// `supervisorctl restart` (stop, then start: `startsecs = 1` covers the 0.5 s warm-up of the
-/// Rust server). The same `hey` windows as `rollout-hey`.
+/// Rust server). The same `hey` windows as `rollout-hey`. `python+idle` restarts nothing;
+/// `python+nested` runs each process in corral's cgroup layout (v1 only): a cpu cgroup of its
+/// own in a service cgroup in a tree cgroup, weighted per process.
 pub async fn bench_supervisord(rounds: usize, server: &str) {
     if !has_hey() {
         return;
@@ -722,6 +742,30 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
     } else {
         format!("{} http-listen 500", testbin())
     };
+    // `python+nested`: each process in a cpu cgroup of its own, in a service cgroup in a tree
+    // cgroup, both weighted per process as `--cpu-weight per-instance` weighs corral's (v1):
+    // corral's layout, with the peer's processes.
+    if server.contains("+nested") && crate::cgroup::version() != crate::cgroup::Version::V1 {
+        println!("skipped: {server} is measured on cgroup v1 only");
+        return;
+    }
+    let nested = server.contains("+nested").then(|| {
+        crate::cgroup::TestCgroup::new(&format!("corral-bench-peer-{}", std::process::id()))
+    });
+    let join = match &nested {
+        Some(cg) => {
+            let tree = cg.dir("cpu", "");
+            let shares = (1024 * REPLICAS).to_string();
+            std::fs::create_dir_all(tree.join("roll")).expect("create the peer's cpu cgroups");
+            std::fs::write(tree.join("cpu.shares"), &shares).expect("write cpu.shares");
+            std::fs::write(tree.join("roll/cpu.shares"), &shares).expect("write cpu.shares");
+            format!(
+                "d={}/roll/p%(process_num)d; mkdir -p $d; echo $$ > $d/cgroup.procs; ",
+                tree.display()
+            )
+        }
+        None => String::new(),
+    };
     let conf = dir.path().join("supervisord.conf");
     let d = dir.path().display();
     std::fs::write(
@@ -733,7 +777,7 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
              [supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n\
              [fcgi-program:roll]\nsocket=tcp://127.0.0.1:{port}\nnumprocs={REPLICAS}\n\
              process_name=%(program_name)s_%(process_num)d\n\
-             command=/bin/sh -c 'exec 3<&0 0</dev/null; export LISTEN_FDS=1 LISTEN_PID=$$ CORRAL_INSTANCE=roll-%(process_num)d VERSION=v1 PORT_ADMIN=$((%(process_num)d + {admin})); exec {exe}'\n\
+             command=/bin/sh -c '{join}exec 3<&0 0</dev/null; export LISTEN_FDS=1 LISTEN_PID=$$ CORRAL_INSTANCE=roll-%(process_num)d VERSION=v1 PORT_ADMIN=$((%(process_num)d + {admin})); exec {exe}'\n\
              startsecs=1\nstopsignal=TERM\nstopwaitsecs=10\nstdout_logfile=NONE\nstderr_logfile={d}/roll.err\n"
         ),
     )
@@ -774,6 +818,10 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
     let mut all = Vec::new();
     for round in 0..rounds * 2 {
         let roll = || async {
+            if server.contains("+idle") {
+                tokio::time::sleep(IDLE_ROLLOUT).await;
+                return (format!("none-{}", round + 1), true);
+            }
             let mut ok = true;
             for i in 0..REPLICAS {
                 let out = ctl(&["restart", &format!("roll:roll_{i}")]);
@@ -787,6 +835,9 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
     // SAFETY: kill has no memory-safety preconditions; the PID is our own child's.
     unsafe { libc::kill(daemon.id().cast_signed(), libc::SIGTERM) };
     let _ = daemon.wait();
+    if let Some(cg) = nested {
+        cg.destroy();
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@
 //! `rollout-hey` (the same rollouts measured from outside by `hey -c 16`, needs `hey`),
 //! `rollout-peer` (the same servers under supervisord, restarted one by one, measured the same
 //! way; needs `hey` and `supervisor`; for both, `CORRAL_BENCH_SERVERS=python,rust` picks the
-//! variants), `api` (Get latency and calls per second from 32 clients
+//! variants, and `CORRAL_BENCH_HEY_CPUS=0` runs `hey` on those CPUs only, the benchmark being
+//! run with `taskset -c` on the others), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
@@ -176,6 +177,8 @@ async fn main() {
             "python+weighted+no-surge",
             "python+start-cpu",
             "python+weighted+start-cpu",
+            "python+idle",
+            "python+weighted+idle",
         ] {
             if variant(server) {
                 corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
@@ -183,7 +186,7 @@ async fn main() {
         }
     }
     if wants("rollout-peer") {
-        for server in ["rust", "python"] {
+        for server in ["rust", "python", "python+idle", "python+nested"] {
             if variant(server) {
                 corral_e2e::rollbench::bench_supervisord(rounds.clamp(1, 5), server).await;
             }
