@@ -6,7 +6,8 @@
 //! (only the start figures of `core`: apply -> 1 and 50 executed, kill -9 -> replaced, the
 //! first and the last also step by step: API, admission, cgroup, clone, init setup, exec), `health`
 //! (200 instances probed every second: agent CPU and probe schedule jitter), `idle` (200
-//! instances, no probes: agent CPU), `events` (Watch fan-out), `rollout` (rolling restarts and
+//! instances, no probes: agent CPU), `cpu-weight` (`corral list` while 20 CPU-bound instances
+//! saturate the CPUs, with each `--cpu-weight`), `events` (Watch fan-out), `rollout` (rolling restarts and
 //! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
 //! duration, failed requests, longest gap, latency p50/p99/p99.9/max during each rollout
 //! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`),
@@ -158,6 +159,11 @@ async fn main() {
     }
     if wants("idle") {
         idle().await;
+    }
+    if wants("cpu-weight") {
+        for how in ["fixed", "per-instance"] {
+            cpu_weight(how).await;
+        }
     }
     if wants("events") {
         events().await;
@@ -1222,6 +1228,60 @@ async fn idle() {
     for s in 0..4 {
         delete(&agent, &format!("idle-{s}")).await;
     }
+}
+
+/// `corral list` (the CLI, executed) while 20 CPU-bound instances saturate the CPUs, with
+/// `--cpu-weight HOW`; with `per-instance` on cgroup v1 also with the agent moved into a cpu
+/// cgroup of its own weighted like the whole tree.
+async fn cpu_weight(how: &str) {
+    const HOGS: usize = 20;
+    let agent =
+        Agent::start_full_args("warn", &["--cpu-weight", how, "--overcommit", "cpu=100"]).await;
+    apply(
+        &agent,
+        &format!(
+            "name = \"hog\"\ncommand = [\"/bin/sh\", \"-c\", \"while :; do :; done\"]\nreplicas = {HOGS}\n"
+        ),
+    )
+    .await;
+    agent.wait_running("hog", HOGS).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let list = |label: &str| {
+        let mut took: Vec<f64> = (0..15)
+            .map(|_| {
+                let t = Instant::now();
+                let out = agent.cli(&["list"]);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                assert!(out.status.success(), "corral list: {out:?}");
+                std::thread::sleep(Duration::from_millis(100));
+                ms
+            })
+            .collect();
+        took.sort_by(f64::total_cmp);
+        println!(
+            "--cpu-weight {how}, {HOGS} CPU-bound instances, {label}: corral list median {:.1} ms, max {:.1} ms (15 runs)",
+            took[took.len() / 2],
+            took[took.len() - 1]
+        );
+    };
+    list("the agent where it was started");
+    if how == "per-instance" && agent.cgroup.version == corral_e2e::cgroup::Version::V1 {
+        let tree = agent.cgroup.dir("cpu", "");
+        let own = tree.with_file_name(format!("{}-agent", agent.cgroup.name));
+        let pid = agent.pid().expect("pid").to_string();
+        let shares = std::fs::read_to_string(tree.join("cpu.shares")).unwrap_or_default();
+        std::fs::create_dir_all(&own).expect("create the agent's cpu cgroup");
+        std::fs::write(own.join("cpu.shares"), shares.trim()).expect("write cpu.shares");
+        std::fs::write(own.join("cgroup.procs"), &pid).expect("move the agent");
+        list(&format!(
+            "the agent in a cpu cgroup of {} shares",
+            shares.trim()
+        ));
+        let back = tree.parent().expect("the tree has a parent");
+        std::fs::write(back.join("cgroup.procs"), &pid).expect("move the agent back");
+        let _ = std::fs::remove_dir(&own);
+    }
+    delete(&agent, "hog").await;
 }
 
 /// 50 concurrent watchers while 10 000 events are produced: all must receive all.
