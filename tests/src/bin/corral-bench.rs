@@ -183,6 +183,7 @@ async fn main() {
             "python+weighted+no-surge",
             "python+start-cpu",
             "python+weighted+start-cpu",
+            "python+weighted+no-surge+start-cpu",
             "python+idle",
             "python+weighted+idle",
         ] {
