@@ -77,9 +77,12 @@ fn spec_for(server: &str, port: u16, version: &str) -> String {
     )
 }
 
-/// `+idle`: no rollout at all, for as long as one takes: how far two windows of the same load
-/// differ without one.
-const IDLE_ROLLOUT: Duration = Duration::from_millis(3500);
+/// `+idle`: no rollout at all, for as long as one takes (round `round`'s name and success, as a
+/// rollout's): how far two windows of the same load differ without one.
+async fn no_rollout(round: usize) -> (String, bool) {
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    (format!("none-{}", round + 1), true)
+}
 
 /// `+start-cpu`: the cores a rollout's new instance may use until it is first ready
 /// (`CORRAL_BENCH_START_CPU` overrides it).
@@ -696,9 +699,7 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         let label = if update { "update " } else { "restart" };
         let roll = || async {
             if server.contains("+idle") {
-                // No rollout: the noise between two windows of the same load.
-                tokio::time::sleep(IDLE_ROLLOUT).await;
-                return (format!("none-{}", round + 1), true);
+                return no_rollout(round).await;
             }
             let spec = spec_for(server, port, &format!("v{round}"));
             let id = start_rollout(&agent, update, &spec).await;
@@ -745,27 +746,29 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
     // `python+nested`: each process in a cpu cgroup of its own, in a service cgroup in a tree
     // cgroup, both weighted per process as `--cpu-weight per-instance` weighs corral's (v1):
     // corral's layout, with the peer's processes.
-    if server.contains("+nested") && crate::cgroup::version() != crate::cgroup::Version::V1 {
-        println!("skipped: {server} is measured on cgroup v1 only");
-        return;
-    }
-    let nested = server.contains("+nested").then(|| {
-        crate::cgroup::TestCgroup::new(&format!("corral-bench-peer-{}", std::process::id()))
-    });
-    let join = match &nested {
-        Some(cg) => {
-            let tree = cg.dir("cpu", "");
-            let shares = (1024 * REPLICAS).to_string();
-            std::fs::create_dir_all(tree.join("roll")).expect("create the peer's cpu cgroups");
-            std::fs::write(tree.join("cpu.shares"), &shares).expect("write cpu.shares");
-            std::fs::write(tree.join("roll/cpu.shares"), &shares).expect("write cpu.shares");
-            format!(
-                "d={}/roll/p%(process_num)d; mkdir -p $d; echo $$ > $d/cgroup.procs; ",
-                tree.display()
-            )
+    let nested = if server.contains("+nested") {
+        if crate::cgroup::version() != crate::cgroup::Version::V1 {
+            println!("skipped: {server} is measured on cgroup v1 only");
+            return;
         }
-        None => String::new(),
+        let cg =
+            crate::cgroup::TestCgroup::new(&format!("corral-bench-peer-{}", std::process::id()));
+        let tree = cg.dir("cpu", "");
+        let shares = (1024 * REPLICAS).to_string();
+        std::fs::create_dir_all(tree.join("roll")).expect("create the peer's cpu cgroups");
+        std::fs::write(tree.join("cpu.shares"), &shares).expect("write cpu.shares");
+        std::fs::write(tree.join("roll/cpu.shares"), &shares).expect("write cpu.shares");
+        Some(cg)
+    } else {
+        None
     };
+    // Each process's shell moves itself into its own cgroup, then executes the server.
+    let join = nested.as_ref().map_or(String::new(), |cg| {
+        format!(
+            "d={}/roll/p%(process_num)d; mkdir -p $d; echo $$ > $d/cgroup.procs; ",
+            cg.dir("cpu", "").display()
+        )
+    });
     let conf = dir.path().join("supervisord.conf");
     let d = dir.path().display();
     std::fs::write(
@@ -819,8 +822,7 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
     for round in 0..rounds * 2 {
         let roll = || async {
             if server.contains("+idle") {
-                tokio::time::sleep(IDLE_ROLLOUT).await;
-                return (format!("none-{}", round + 1), true);
+                return no_rollout(round).await;
             }
             let mut ok = true;
             for i in 0..REPLICAS {

@@ -1236,8 +1236,7 @@ async fn idle() {
 /// cgroup of its own weighted like the whole tree.
 async fn cpu_weight(how: &str) {
     const HOGS: usize = 20;
-    let agent =
-        Agent::start_full_args("warn", &["--cpu-weight", how, "--overcommit", "cpu=100"]).await;
+    let agent = Agent::start_full_args("warn", &["--cpu-weight", how]).await;
     apply(
         &agent,
         &format!(
