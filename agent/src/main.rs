@@ -39,6 +39,14 @@ enum LogFormat {
     Json,
 }
 
+/// `--cpu-cgroup`: see [`Flags::cpu_cgroup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum CpuCgroupFlag {
+    PerService,
+    PerInstance,
+}
+
 /// `--cpu-weight`: see [`Flags::cpu_weight`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -77,6 +85,14 @@ struct Flags {
     /// itself one instance's share. Default: fixed.
     #[arg(long, value_enum, value_name = "HOW")]
     cpu_weight: Option<CpuWeight>,
+    /// Where an instance with no CPU quota is scheduled (cgroup v1). `per-service`: its
+    /// processes join its service's cpu cgroup, where the service's processes compete thread
+    /// by thread as under a plain supervisor; its memory, pids and devices cgroups stay its
+    /// own, and an instance with a quota (`resources.cpu`, a rollout's `start_cpu`) has a cpu
+    /// cgroup of its own. `per-instance`: every instance has one. On cgroup v2 every instance
+    /// has one. Default: per-service.
+    #[arg(long, value_enum, value_name = "WHERE")]
+    cpu_cgroup: Option<CpuCgroupFlag>,
     /// Log format on stderr.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -167,6 +183,7 @@ struct ConfigFile {
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
     cpu_weight: Option<CpuWeight>,
+    cpu_cgroup: Option<CpuCgroupFlag>,
     log_format: Option<LogFormat>,
     listen: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -200,6 +217,7 @@ const CONFIG_KEYS: &[&str] = &[
     "services",
     "cgroup_parent",
     "cpu_weight",
+    "cpu_cgroup",
     "log_format",
     "listen",
     "tls_cert",
@@ -275,6 +293,7 @@ struct Settings {
     services: Option<PathBuf>,
     cgroup_parent: Option<String>,
     cpu_weight: CpuWeight,
+    cpu_cgroup: cgroups::CpuCgroup,
     log_format: LogFormat,
     listen: Option<(SocketAddr, TlsFiles)>,
     reserve: capacity::Amounts,
@@ -624,6 +643,10 @@ fn settings(flags: Flags) -> Result<Settings> {
             .cpu_weight
             .or(file.cpu_weight)
             .unwrap_or(CpuWeight::Fixed),
+        cpu_cgroup: match flags.cpu_cgroup.or(file.cpu_cgroup) {
+            Some(CpuCgroupFlag::PerInstance) => cgroups::CpuCgroup::PerInstance,
+            Some(CpuCgroupFlag::PerService) | None => cgroups::CpuCgroup::PerService,
+        },
         log_format: flags
             .log_format
             .or(file.log_format)
@@ -838,8 +861,8 @@ async fn run(s: Settings) -> Result<()> {
         None => None,
     };
     let agent_metrics = metrics_endpoint.as_ref().map(|_| AgentMetrics::default());
-    let cgroups =
-        cgroups::detect::detect(s.cgroup_parent.as_deref()).context("setting up cgroups")?;
+    let cgroups = cgroups::detect_with(s.cgroup_parent.as_deref(), s.cpu_cgroup)
+        .context("setting up cgroups")?;
     // Held for the agent's life: a second agent on this tree would stop our instances.
     let _tree_lock = match cgroups.tree_dir() {
         Some(dir) => {

@@ -1,9 +1,44 @@
 //! Parsers of the kernel's `/proc` files that several parts of the agent read:
-//! `/proc/<pid>/mountinfo` and `/proc/<pid>/cgroup`, as pure functions over their text.
+//! `/proc/<pid>/mountinfo`, `/proc/<pid>/cgroup` and the CPU times of `/proc/<pid>/stat`, as
+//! pure functions over their text, and [`cpu_time_ns`], which reads the latter.
 //!
 //! Imports from the crate: nothing.
 
 use std::path::{Component, PathBuf};
+
+/// The CPU time in clock ticks of a process and of the children it has waited for (`utime`,
+/// `stime`, `cutime`, `cstime` of `/proc/<pid>/stat`); `None` for text that is not such a line.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name, in parentheses, may itself hold spaces and parentheses.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (0), ..., utime (11), stime (12), cutime (13), cstime (14).
+    let mut total = 0u64;
+    for i in 11..=14 {
+        let v: i64 = fields.get(i)?.parse().ok()?;
+        total = total.saturating_add(u64::try_from(v).unwrap_or(0));
+    }
+    Some(total)
+}
+
+/// The CPU time of processes `pids` with what they have reaped, in nanoseconds: a process's
+/// time passes to its parent's when the parent waits for it, so over the processes of an
+/// instance, whose init reaps whatever is orphaned, the sum only grows. A process gone
+/// meanwhile counts nothing.
+pub fn cpu_time_ns(pids: &[i32]) -> u64 {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    let ticks = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|text| stat_cpu_ticks(&text))
+        .fold(0u64, u64::saturating_add);
+    ticks.saturating_mul(1_000_000_000 / tick)
+}
 
 /// The directory of the cgroup `cgroup` (a `/a/b` path) relative to a mount whose root (field 4
 /// of mountinfo) is `root`; `None` when the mount does not show it.
@@ -133,6 +168,22 @@ pub fn parse_proc_cgroup(text: &str) -> Vec<ProcCgroup> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_of_a_stat_line() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 5 1 20 0 1 0 10 0 0";
+        assert_eq!(stat_cpu_ticks(line), Some(16));
+        for bad in [
+            "",
+            "42 (x",
+            "42 (x) S 1 2",
+            "42 (x) S 1 42 42 0 -1 0 0 0 0 0 a 3 5 1",
+        ] {
+            assert_eq!(stat_cpu_ticks(bad), None, "{bad:?}");
+        }
+        let me = i32::try_from(std::process::id()).expect("pid");
+        assert!(cpu_time_ns(&[me, -1, i32::MAX]) < u64::MAX);
+    }
 
     #[test]
     fn unescape_edge_cases() {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::v1::{V1Backend, V1Hierarchy, V1Layout};
 use super::v2::{AGENT_LEAF, V2Backend};
-use super::{CgroupBackend, CgroupError, CgroupVersion};
+use super::{CgroupBackend, CgroupError, CgroupVersion, CpuCgroup};
 use crate::procfs::{MountInfo, ProcCgroup, mount_relative, parse_mountinfo, parse_proc_cgroup};
 
 /// Where the cgroup filesystems are mounted.
@@ -25,10 +25,20 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The v1 controllers the agent uses, as named in mount options and `/proc/self/cgroup`.
 const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "devices"];
 
-/// Detects the host's cgroups and returns the backend, its parent cgroup created and ready.
+/// Detects the host's cgroups and returns the backend, its parent cgroup created and ready,
+/// with instances scheduled per service ([`CpuCgroup::PerService`]).
 pub fn detect(cgroup_parent: Option<&str>) -> Result<Arc<dyn CgroupBackend>, CgroupError> {
+    detect_with(cgroup_parent, CpuCgroup::PerService)
+}
+
+/// [`detect`], with `cpu` saying where instances with no CPU quota are scheduled (cgroup v1;
+/// on v2 every instance has a cpu cgroup of its own).
+pub fn detect_with(
+    cgroup_parent: Option<&str>,
+    cpu: CpuCgroup,
+) -> Result<Arc<dyn CgroupBackend>, CgroupError> {
     let backend: Arc<dyn CgroupBackend> = match plan_host(cgroup_parent)? {
-        Plan::V1(layout) => Arc::new(V1Backend::new(layout)?),
+        Plan::V1(layout) => Arc::new(V1Backend::new(layout)?.with_cpu_cgroup(cpu)),
         Plan::V2 { mount, parent } => Arc::new(V2Backend::new(mount, parent)?),
     };
     let caps = backend.capabilities();

@@ -26,7 +26,7 @@ mod testkit;
 pub mod v1;
 pub mod v2;
 
-pub use detect::detect;
+pub use detect::{detect, detect_with};
 pub use v1::{V1Backend, V1Hierarchy, V1Layout};
 pub use v2::V2Backend;
 
@@ -35,6 +35,21 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use crate::spec::{Devices, FieldError, Isolation, Resources};
+
+/// Where an instance with no CPU quota is scheduled (`--cpu-cgroup`). The kernel schedules a
+/// cpu cgroup as one entity at its parent's level: a cgroup per instance makes each instance
+/// a separate entity whose weight goes to whichever of its threads is runnable, where
+/// processes in one cgroup compete thread by thread, as under a plain supervisor. Only the cpu
+/// hierarchy (and `cpuacct` when it is mounted with it) is concerned; memory, pids and devices
+/// stay per instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuCgroup {
+    /// The processes of an instance with no CPU quota join their service's cpu cgroup (cgroup
+    /// v1); an instance with a quota (`resources.cpu`, a rollout's `start_cpu`) has its own.
+    PerService,
+    /// Every instance has a cpu cgroup of its own.
+    PerInstance,
+}
 
 /// The cgroup version the host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,9 @@
 //! lookup, which would place cgroups at the hierarchy root — and read back from the files.
 //! v1 has no `cgroup.kill`: killing is a SIGKILL pass over the union of `cgroup.procs`.
 //! The `devices` hierarchy, when mounted, holds every cgroup too, for the device control.
+//! With [`CpuCgroup::PerService`] an instance with no CPU quota still has its directory in
+//! the cpu hierarchy, empty: its processes join their service's there (and in `cpuacct` when
+//! it is mounted with cpu; its CPU time is then summed from `/proc`).
 
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
@@ -25,6 +28,7 @@ use super::seam::{self, Expect};
 use super::statfiles::{Need, StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
+    CpuCgroup,
 };
 use crate::spec::Resources;
 
@@ -80,6 +84,8 @@ pub struct V1Backend {
     page_size: u64,
     /// The files `stats()` reads, held open per cgroup.
     stats: StatFiles<StatFile>,
+    /// Where an instance with no CPU quota is scheduled.
+    cpu_cgroup: CpuCgroup,
 }
 
 /// The files `stats()` reads, by what they hold.
@@ -212,7 +218,37 @@ impl V1Backend {
             fs,
             page_size: fsutil::page_size(),
             stats: StatFiles::new(),
+            cpu_cgroup: CpuCgroup::PerInstance,
         })
+    }
+
+    /// Schedules instances with no CPU quota as `cpu` says (default: per instance).
+    pub fn with_cpu_cgroup(mut self, cpu: CpuCgroup) -> V1Backend {
+        self.cpu_cgroup = cpu;
+        self
+    }
+
+    /// The service cgroup whose cpu directory the processes of instance `path` join: with
+    /// [`CpuCgroup::PerService`], when `path` is an instance whose own cpu cgroup has no
+    /// quota (`cpu.cfs_quota_us` reads -1). Read from the kernel, not remembered, so that an
+    /// agent that restarts, or a cap set before the instance starts, decides the same way.
+    fn cpu_service(&self, path: &CgroupPath) -> Option<CgroupPath> {
+        let [_, service, _] = path.components() else {
+            return None;
+        };
+        if self.cpu_cgroup != CpuCgroup::PerService {
+            return None;
+        }
+        let cpu = self.cpu.as_ref()?;
+        let quota = cpu.parent.join(path.relative()).join("cpu.cfs_quota_us");
+        let unlimited = std::fs::read_to_string(quota).is_ok_and(|t| t.trim() == "-1");
+        unlimited.then(|| CgroupPath::service(service))
+    }
+
+    /// Whether `cpuacct` is mounted with `cpu`: then an instance scheduled in its service's
+    /// cgroup has no CPU counter of its own.
+    fn cpuacct_with_cpu(&self) -> bool {
+        matches!((&self.cpu, &self.cpuacct), (Some(a), Some(b)) if a.parent == b.parent)
     }
 
     /// The files of `path` that `stats()` reads, for the controls this host has.
@@ -440,7 +476,14 @@ impl CgroupBackend for V1Backend {
     /// ~30 µs through `tasks`). The child of `clone3` has one thread, so moving that thread
     /// moves the whole process; a pid written there (a test's `sleep`) moves that thread.
     fn open_procs(&self, path: &CgroupPath) -> Result<Vec<OwnedFd>, CgroupError> {
-        self.dirs(path)
+        let service = self.cpu_service(path);
+        let cpu_parent = self.cpu.as_ref().map(|r| &r.parent);
+        self.parents
+            .iter()
+            .map(|parent| match &service {
+                Some(svc) if Some(parent) == cpu_parent => parent.join(svc.relative()),
+                _ => parent.join(path.relative()),
+            })
             .map(|dir| {
                 let file = dir.join("tasks");
                 // std opens with O_CLOEXEC.
@@ -550,6 +593,9 @@ impl CgroupBackend for V1Backend {
             },
         )?;
         stats.memory_limit_bytes = limit.filter(|l| *l < UNLIMITED_BYTES);
+        if self.cpuacct_with_cpu() && self.cpu_service(path).is_some() {
+            stats.cpu_usage_ns = crate::procfs::cpu_time_ns(&self.procs(path)?);
+        }
         Ok(stats)
     }
 
@@ -1093,6 +1139,117 @@ mod tests {
         assert!(matches!(err, CgroupError::Open { .. }), "{err}");
     }
 
+    /// Writes "0" through each of `path`'s `tasks` files, as a starting instance does.
+    fn join(b: &V1Backend, path: &CgroupPath) {
+        for fd in b.open_procs(path).expect("open") {
+            let mut f = fs::File::from(fd);
+            std::io::Write::write_all(&mut f, b"0").expect("write");
+        }
+    }
+
+    #[test]
+    fn fake_per_service_instances_without_a_quota_join_their_service_for_cpu_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let r = tmp.path();
+        let (_fake, b) = fake_backend(r);
+        let b = b.with_cpu_cgroup(CpuCgroup::PerService);
+        let capped = CgroupPath::instance("web", "web-1");
+        b.create(&web0(), &limits(None, Some(64 * MIB), None))
+            .expect("create");
+        b.create(&capped, &limits(Some(0.5), None, None))
+            .expect("create");
+        join(&b, &web0());
+        join(&b, &capped);
+        let service = |h: &str| testkit::read(&r.join(h).join("agent/x/corral/web/tasks"));
+        let own = |h: &str, i: &str| {
+            testkit::read(&r.join(h).join("agent/x/corral/web").join(i).join("tasks"))
+        };
+        // web-0: its service's cpu cgroup, its own everywhere else (cpuacct is mounted apart
+        // here, so its CPU time stays counted on its own); web-1, capped, its own throughout.
+        assert_eq!(service("cpu"), "0");
+        assert_eq!(own("cpu", "web-0"), "");
+        for h in ["cpuacct", "memory", "pids"] {
+            assert_eq!(own(h, "web-0"), "0", "{h}");
+            assert_eq!(service(h), "", "{h}");
+        }
+        for h in ["cpu", "cpuacct", "memory", "pids"] {
+            assert_eq!(own(h, "web-1"), "0", "{h}");
+        }
+        // The cap of a rollout's start is set before the instance starts: it starts in its own.
+        let started = CgroupPath::instance("web", "web-2");
+        b.create(&started, &Resources::default()).expect("create");
+        b.set_cpu_limit(&started, Some(0.3), 10_000).expect("cap");
+        join(&b, &started);
+        assert_eq!(own("cpu", "web-2"), "0");
+        // A service and the tree join nothing but themselves.
+        let fds = b.open_procs(&CgroupPath::service("api"));
+        assert!(matches!(fds, Err(CgroupError::Open { .. })), "{fds:?}");
+        // Per instance (the backend's own default), web-0 has its own.
+        let (_fake, per) = fake_backend(&r.join("per"));
+        per.create(&web0(), &Resources::default()).expect("create");
+        join(&per, &web0());
+        assert_eq!(
+            testkit::read(&leaf(&r.join("per"), "cpu").join("tasks")),
+            "0"
+        );
+    }
+
+    #[test]
+    fn fake_per_service_with_cpuacct_mounted_with_cpu_counts_from_proc() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let both = tmp.path().join("cpu,cpuacct");
+        FakeKernel::plant_v1(&both, &["cpu", "cpuacct"]);
+        FakeKernel::plant_v1(&tmp.path().join("memory"), &["memory"]);
+        let h = |m: &Path| Some(V1Hierarchy::new(m, "agent"));
+        let layout = V1Layout {
+            cpu: h(&both),
+            cpuacct: h(&both),
+            memory: h(&tmp.path().join("memory")),
+            pids: None,
+            devices: None,
+        };
+        let b = V1Backend::with_dirs(layout, FakeKernel::v1())
+            .expect("backend")
+            .with_cpu_cgroup(CpuCgroup::PerService);
+        b.create(&web0(), &Resources::default()).expect("create");
+        // This test's own process stands for the instance's: listed in its memory cgroup,
+        // scheduled (here: written) in the service's cpu cgroup, its own cpuacct.usage 0.
+        let me = std::process::id().to_string();
+        let mem = tmp.path().join("memory/agent/corral/web/web-0");
+        fs::write(mem.join("cgroup.procs"), &me).expect("plant");
+        let busy = std::time::Instant::now();
+        while busy.elapsed() < std::time::Duration::from_millis(30) {
+            std::hint::black_box(busy.elapsed());
+        }
+        let fds = b.open_procs(&web0()).expect("open");
+        assert_eq!(fds.len(), 2);
+        drop(fds);
+        let stats = b.stats(&web0()).expect("stats");
+        let own = testkit::read(&both.join("agent/corral/web/web-0/cpuacct.usage"));
+        assert_eq!(own, "0");
+        let pid = i32::try_from(std::process::id()).expect("pid");
+        let here = crate::procfs::cpu_time_ns(&[pid]);
+        assert!(stats.cpu_usage_ns > 0, "{stats:?}");
+        assert!(
+            stats.cpu_usage_ns <= here,
+            "{} > {here}",
+            stats.cpu_usage_ns
+        );
+        // Per instance, the instance's own counter is read.
+        let per = V1Backend::with_dirs(
+            V1Layout {
+                cpu: h(&both),
+                cpuacct: h(&both),
+                memory: h(&tmp.path().join("memory")),
+                pids: None,
+                devices: None,
+            },
+            FakeKernel::v1(),
+        )
+        .expect("backend");
+        assert_eq!(per.stats(&web0()).expect("stats").cpu_usage_ns, 0);
+    }
+
     #[test]
     fn fake_comounted_cpu_cpuacct_is_one_directory() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -1351,6 +1508,52 @@ mod tests {
         for dir in dirs {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
+    }
+
+    /// The cgroup path of `pid` in the hierarchy holding `controller`.
+    fn cgroup_of(pid: i32, controller: &str) -> String {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read cgroup");
+        crate::procfs::parse_proc_cgroup(&text)
+            .into_iter()
+            .find(|c| c.controllers.iter().any(|x| x == controller))
+            .map(|c| c.path)
+            .unwrap_or_else(|| panic!("no {controller} line in {text}"))
+    }
+
+    #[test]
+    fn kernel_v1_an_instance_without_a_quota_is_scheduled_in_its_service() {
+        if let Some(why) = kernel_v1_skip() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let (b, _layout, mut cleanup) = kernel_backend("cpusvc");
+        let capped = CgroupPath::instance("web", "web-1");
+        b.create(&web0(), &limits(None, None, Some(32)))
+            .expect("create");
+        b.create(&capped, &limits(Some(0.5), None, None))
+            .expect("create");
+        let mut start = |path: &CgroupPath| {
+            let procs = b.open_procs(path).expect("open");
+            cleanup.adopt(testkit::spawn_inside(&procs, &["sleep", "30"]))
+        };
+        let free = start(&web0());
+        let own = start(&capped);
+        for (pid, cpu) in [(free, "corral/web"), (own, "corral/web/web-1")] {
+            let at = cgroup_of(pid, "cpu");
+            eprintln!("{pid}: cpu {at}, memory {}", cgroup_of(pid, "memory"));
+            assert!(at.ends_with(cpu), "{pid}: {at}");
+        }
+        assert!(cgroup_of(free, "memory").ends_with("corral/web/web-0"));
+        assert!(cgroup_of(free, "pids").ends_with("corral/web/web-0"));
+        assert_eq!(b.procs(&web0()).expect("procs"), vec![free]);
+        for (path, pid) in [(web0(), free), (capped.clone(), own)] {
+            b.kill_all(&path).expect("kill");
+            assert_eq!(cleanup.reap(pid).signal(), Some(libc::SIGKILL));
+            b.remove(&path).expect("remove");
+        }
+        b.remove(&CgroupPath::service("web"))
+            .expect("remove service");
+        b.remove(&CgroupPath::root()).expect("remove corral");
     }
 
     #[test]
