@@ -56,7 +56,9 @@ server.server_close()
 /// the socket than `replicas`); `+start-cpu` sets `rollout.start_cpu` (a new instance of a
 /// rollout starts on at most 0.3 of a core until it is ready); `+weighted` starts the agent
 /// with `--cpu-weight per-instance`, so that the tree weighs one process per instance, not
-/// one process in all as by default; `+idle` runs no rollout at all, only the two windows.
+/// one process in all as by default; `+own-cpu` with `--cpu-cgroup per-instance`, so that each
+/// instance has a cpu cgroup of its own, not its service's; `+idle` runs no rollout at all,
+/// only the two windows.
 fn spec_for(server: &str, port: u16, version: &str) -> String {
     if !server.starts_with("python") {
         return spec(port, version);
@@ -514,6 +516,24 @@ struct Hey {
     slowest: Duration,
 }
 
+/// `CORRAL_BENCH_SESSIONS=1`: `cmd` (`hey`, supervisord) runs in a session of its own, as a
+/// daemon or a client on this host would. With the kernel's autogroups on
+/// (`/proc/sys/kernel/sched_autogroup_enabled`), the processes of one session in the root cpu
+/// cgroup are scheduled as one group: without it, supervisord's processes share one with the
+/// benchmark's `hey` and compete with its threads one by one, which no deployment does.
+fn own_session(cmd: &mut std::process::Command) {
+    if std::env::var("CORRAL_BENCH_SESSIONS").is_ok_and(|v| v == "1") {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    }
+}
+
 /// `hey` for `secs` seconds, 16 workers, one request per connection: the load from outside,
 /// by a real client.
 fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
@@ -527,6 +547,7 @@ fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
         }
         Err(_) => std::process::Command::new("hey"),
     };
+    own_session(&mut cmd);
     cmd.args([
         "-z",
         &format!("{secs}s"),
@@ -679,11 +700,14 @@ pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
         return;
     }
-    let agent = if server.contains("+weighted") {
-        Agent::start_full_args("warn", &["--cpu-weight", "per-instance"]).await
-    } else {
-        Agent::start_logging(None, "warn").await
-    };
+    let mut args = Vec::new();
+    if server.contains("+weighted") {
+        args.extend(["--cpu-weight", "per-instance"]);
+    }
+    if server.contains("+own-cpu") {
+        args.extend(["--cpu-cgroup", "per-instance"]);
+    }
+    let agent = Agent::start_full_args("warn", &args).await;
     let port = crate::free_port();
     agent
         .apply(&spec_for(server, port, "v0"))
@@ -785,7 +809,9 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
         ),
     )
     .expect("write supervisord.conf");
-    let mut daemon = std::process::Command::new("supervisord")
+    let mut daemon = std::process::Command::new("supervisord");
+    own_session(&mut daemon);
+    let mut daemon = daemon
         .arg("-c")
         .arg(&conf)
         .stdout(std::process::Stdio::null())

@@ -15,7 +15,8 @@
 //! `rollout-peer` (the same servers under supervisord, restarted one by one, measured the same
 //! way; needs `hey` and `supervisor`; for both, `CORRAL_BENCH_SERVERS=python,rust` picks the
 //! variants, and `CORRAL_BENCH_HEY_CPUS=0` runs `hey` on those CPUs only, the benchmark being
-//! run with `taskset -c` on the others), `api` (Get latency and calls per second from 32 clients
+//! run with `taskset -c` on the others, and `CORRAL_BENCH_SESSIONS=1` runs `hey` and
+//! supervisord each in a session of its own), `api` (Get latency and calls per second from 32 clients
 //! over mutual TLS and over the Unix socket; agent RSS around 100 000 mixed calls during
 //! rollouts), `artifact` (a cold fetch + verify + unpack of a 50 MB artifact from a loopback
 //! server against `curl | sha256sum` and `tar xzf` of the same file), `confine` (start cost
@@ -186,6 +187,8 @@ async fn main() {
             "python+weighted+no-surge+start-cpu",
             "python+idle",
             "python+weighted+idle",
+            "python+own-cpu",
+            "python+own-cpu+weighted+start-cpu",
         ] {
             if variant(server) {
                 corral_e2e::rollbench::bench_hey(rounds.clamp(1, 5), server).await;
