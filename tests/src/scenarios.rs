@@ -1297,7 +1297,7 @@ pub async fn userns_root_is_not_host_root() {
     let rel = format!("corral/uns/{}", running.id);
     for pid in [running.init_pid, running.pid] {
         let missing = agent.cgroup.missing(&rel, pid);
-        if agent.cgroup.version == crate::cgroup::Version::V1 {
+        if agent.cgroup.version == Version::V1 {
             assert!(
                 missing.contains(&"cpu") && missing.iter().all(|m| m.starts_with("cpu")),
                 "pid {pid} of {rel}: not in {missing:?}"
