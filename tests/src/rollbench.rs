@@ -511,6 +511,8 @@ fn summary(all: &[Round], gaps: bool) {
 struct Hey {
     ok: u64,
     errors: u64,
+    /// The lines under "Error distribution:", e.g. "[1]\tGet ...: connection reset by peer".
+    why: Vec<String>,
     p50: Duration,
     p99: Duration,
     slowest: Duration,
@@ -593,6 +595,7 @@ fn parse_hey(text: &str) -> Hey {
             let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
             if in_errors {
                 out.errors += count(code);
+                out.why.push(t.to_string());
             } else {
                 let n = count(after.split_whitespace().next().unwrap_or_default());
                 if code == "200" {
@@ -676,6 +679,9 @@ where
             ms(h.p99),
             ms(h.slowest)
         );
+        for why in &h.why {
+            println!("    error: {why}");
+        }
     }
     println!(
         "  during / before: p99 {:.2}x (bar 1.2x), slowest {:.2}x (bar 2x)",
@@ -881,6 +887,12 @@ mod tests {
         assert_eq!(h.slowest, Duration::from_micros(88_200));
         assert_eq!(h.p50, Duration::from_micros(4_000));
         assert_eq!(h.p99, Duration::from_micros(18_100));
+        assert_eq!(h.why.len(), 1);
+        assert!(
+            h.why[0].ends_with("connect: connection refused"),
+            "{:?}",
+            h.why
+        );
         // Nothing answered: no figures, every request an error; garbage reads as nothing.
         let refused = "Summary:\n  Slowest:\t0.0000 secs\n  Average:\t NaN secs\nStatus code distribution:\n\nError distribution:\n  [20]\tGet: refused\n";
         let h = parse_hey(refused);
