@@ -21,17 +21,23 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(total)
 }
 
+/// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time (100 when
+/// the system does not say).
+pub fn clock_ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100)
+}
+
 /// The CPU time of processes `pids` with what they have reaped, in nanoseconds: a process's
 /// time passes to its parent's when the parent waits for it, so over the processes of an
 /// instance, whose init reaps whatever is orphaned, the sum only grows. A process gone
 /// meanwhile counts nothing.
 pub fn cpu_time_ns(pids: &[i32]) -> u64 {
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|t| u64::try_from(t).ok())
-        .filter(|t| *t > 0)
-        .unwrap_or(100);
+    let tick = clock_ticks_per_second();
     let ticks = pids
         .iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())

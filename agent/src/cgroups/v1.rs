@@ -1139,6 +1139,23 @@ mod tests {
         assert!(matches!(err, CgroupError::Open { .. }), "{err}");
     }
 
+    /// `cpu,cpuacct` mounted together and `memory` under `root`, the parent `agent` in each;
+    /// the co-mounted hierarchy's mount.
+    fn comounted_layout(root: &Path) -> (PathBuf, V1Layout) {
+        let both = root.join("cpu,cpuacct");
+        FakeKernel::plant_v1(&both, &["cpu", "cpuacct"]);
+        FakeKernel::plant_v1(&root.join("memory"), &["memory"]);
+        let h = |m: &Path| Some(V1Hierarchy::new(m, "agent"));
+        let layout = V1Layout {
+            cpu: h(&both),
+            cpuacct: h(&both),
+            memory: h(&root.join("memory")),
+            pids: None,
+            devices: None,
+        };
+        (both, layout)
+    }
+
     /// Writes "0" through each of `path`'s `tasks` files, as a starting instance does.
     fn join(b: &V1Backend, path: &CgroupPath) {
         for fd in b.open_procs(path).expect("open") {
@@ -1197,17 +1214,8 @@ mod tests {
     #[test]
     fn fake_per_service_with_cpuacct_mounted_with_cpu_counts_from_proc() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let both = tmp.path().join("cpu,cpuacct");
-        FakeKernel::plant_v1(&both, &["cpu", "cpuacct"]);
-        FakeKernel::plant_v1(&tmp.path().join("memory"), &["memory"]);
-        let h = |m: &Path| Some(V1Hierarchy::new(m, "agent"));
-        let layout = V1Layout {
-            cpu: h(&both),
-            cpuacct: h(&both),
-            memory: h(&tmp.path().join("memory")),
-            pids: None,
-            devices: None,
-        };
+        let (both, layout) = comounted_layout(tmp.path());
+        let again = layout.clone();
         let b = V1Backend::with_dirs(layout, FakeKernel::v1())
             .expect("backend")
             .with_cpu_cgroup(CpuCgroup::PerService);
@@ -1236,34 +1244,14 @@ mod tests {
             stats.cpu_usage_ns
         );
         // Per instance, the instance's own counter is read.
-        let per = V1Backend::with_dirs(
-            V1Layout {
-                cpu: h(&both),
-                cpuacct: h(&both),
-                memory: h(&tmp.path().join("memory")),
-                pids: None,
-                devices: None,
-            },
-            FakeKernel::v1(),
-        )
-        .expect("backend");
+        let per = V1Backend::with_dirs(again, FakeKernel::v1()).expect("backend");
         assert_eq!(per.stats(&web0()).expect("stats").cpu_usage_ns, 0);
     }
 
     #[test]
     fn fake_comounted_cpu_cpuacct_is_one_directory() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let both = tmp.path().join("cpu,cpuacct");
-        FakeKernel::plant_v1(&both, &["cpu", "cpuacct"]);
-        FakeKernel::plant_v1(&tmp.path().join("memory"), &["memory"]);
-        let h = |m: &Path| Some(V1Hierarchy::new(m, "agent"));
-        let layout = V1Layout {
-            cpu: h(&both),
-            cpuacct: h(&both),
-            memory: h(&tmp.path().join("memory")),
-            pids: None,
-            devices: None,
-        };
+        let (both, layout) = comounted_layout(tmp.path());
         let fake = FakeKernel::v1();
         let b = V1Backend::with_dirs(layout, fake.clone()).expect("backend");
         assert!(b.capabilities().has(Control::Cpu));

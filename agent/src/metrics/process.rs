@@ -87,11 +87,7 @@ impl Collector for ProcessCollector {
         else {
             return Ok(());
         };
-        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .filter(|t| *t > 0)
-            .unwrap_or(100) as f64;
+        let tick = crate::procfs::clock_ticks_per_second() as f64;
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
             .flatten()
