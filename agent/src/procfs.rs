@@ -6,12 +6,17 @@
 
 use std::path::{Component, PathBuf};
 
+/// The fields of a `/proc/<pid>/stat` line after the command name: index 0 is field 3 (the
+/// state). The name, in parentheses, may itself hold spaces and parentheses.
+pub fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    Some(rest.split_whitespace().collect())
+}
+
 /// The CPU time in clock ticks of a process and of the children it has waited for (`utime`,
 /// `stime`, `cutime`, `cstime` of `/proc/<pid>/stat`); `None` for text that is not such a line.
 pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    // The command name, in parentheses, may itself hold spaces and parentheses.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(stat)?;
     // After the name: state (0), ..., utime (11), stime (12), cutime (13), cstime (14).
     let mut total = 0u64;
     for i in 11..=14 {
@@ -189,6 +194,11 @@ mod tests {
         }
         let me = i32::try_from(std::process::id()).expect("pid");
         assert!(cpu_time_ns(&[me, -1, i32::MAX]) < u64::MAX);
+        assert_eq!(
+            cpu_time_ns(&[-1, i32::MAX]),
+            0,
+            "a process gone counts nothing"
+        );
     }
 
     #[test]

@@ -25,8 +25,7 @@ pub struct Stat {
 /// Parse `/proc/<pid>/stat`. The command name (field 2) may hold spaces and parentheses, so
 /// the fields are counted from its last `)`.
 pub fn parse_stat(text: &str) -> Option<Stat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = crate::procfs::stat_fields(text)?;
     // f[0] is field 3 (state): field N is f[N - 3].
     let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
     Some(Stat {
