@@ -85,12 +85,13 @@ struct Flags {
     /// itself one instance's share. Default: fixed.
     #[arg(long, value_enum, value_name = "HOW")]
     cpu_weight: Option<CpuWeight>,
-    /// Where an instance with no CPU quota is scheduled (cgroup v1). `per-service`: its
-    /// processes join its service's cpu cgroup, where the service's processes compete thread
-    /// by thread as under a plain supervisor; its memory, pids and devices cgroups stay its
-    /// own, and an instance with a quota (`resources.cpu`, a rollout's `start_cpu`) has a cpu
-    /// cgroup of its own. `per-instance`: every instance has one. On cgroup v2 every instance
-    /// has one. Default: per-service.
+    /// Where an instance with no CPU quota is scheduled. `per-service`: in its service's cpu
+    /// cgroup, where the service's processes compete thread by thread as under a plain
+    /// supervisor (v1: its processes join the service's cgroup in the cpu hierarchy; v2: the
+    /// service does not hand the cpu controller to its instances); its memory, pids and
+    /// devices cgroups stay its own, and an instance with a quota (`resources.cpu`, a
+    /// rollout's `start_cpu` until it is lifted) has a cpu cgroup of its own. `per-instance`:
+    /// every instance has one. Default: per-service.
     #[arg(long, value_enum, value_name = "WHERE")]
     cpu_cgroup: Option<CpuCgroupFlag>,
     /// Log format on stderr.

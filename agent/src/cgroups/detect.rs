@@ -31,15 +31,14 @@ pub fn detect(cgroup_parent: Option<&str>) -> Result<Arc<dyn CgroupBackend>, Cgr
     detect_with(cgroup_parent, CpuCgroup::PerService)
 }
 
-/// [`detect`], with `cpu` saying where instances with no CPU quota are scheduled (cgroup v1;
-/// on v2 every instance has a cpu cgroup of its own).
+/// [`detect`], with `cpu` saying where instances with no CPU quota are scheduled.
 pub fn detect_with(
     cgroup_parent: Option<&str>,
     cpu: CpuCgroup,
 ) -> Result<Arc<dyn CgroupBackend>, CgroupError> {
     let backend: Arc<dyn CgroupBackend> = match plan_host(cgroup_parent)? {
         Plan::V1(layout) => Arc::new(V1Backend::new(layout)?.with_cpu_cgroup(cpu)),
-        Plan::V2 { mount, parent } => Arc::new(V2Backend::new(mount, parent)?),
+        Plan::V2 { mount, parent } => Arc::new(V2Backend::new(mount, parent)?.with_cpu_cgroup(cpu)),
     };
     let caps = backend.capabilities();
     let available: Vec<&str> = caps.available.iter().map(|c| c.as_str()).collect();

@@ -179,14 +179,11 @@ impl FakeKernel {
     }
 }
 
-/// The controllers a v2 parent hands to its children: what `cgroup.subtree_control` was
-/// written with (the fake keeps the literal `+cpu +memory` text of the writes).
+/// The controllers a v2 parent hands to its children, as `cgroup.subtree_control` lists them.
 fn enabled_by(parent: &Path) -> Vec<String> {
     fs::read_to_string(parent.join("cgroup.subtree_control"))
         .unwrap_or_default()
         .split_whitespace()
-        .filter_map(|t| t.strip_prefix('+').or(Some(t)))
-        .filter(|t| !t.starts_with('-'))
         .map(str::to_string)
         .collect()
 }
@@ -232,6 +229,53 @@ impl CgroupDirs for FakeKernel {
         }
         self.apply_quirks(dir)?;
         self.made.lock().expect("fake lock").push(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Applies `+x`/`-x` words to the list, as the kernel does; an unknown word is EINVAL.
+    fn subtree_control(&self, file: &Path, change: &str) -> io::Result<()> {
+        // Through the file itself first, so that a quirk on it (read-only, a directory)
+        // fails the write as it would on the kernel.
+        let before: Vec<String> = fs::read_to_string(file)?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let mut on = before.clone();
+        for word in change.split_whitespace() {
+            match (word.strip_prefix('+'), word.strip_prefix('-')) {
+                (Some(c), _) if !c.is_empty() => {
+                    if !on.iter().any(|o| o == c) {
+                        on.push(c.to_string());
+                    }
+                }
+                (_, Some(c)) if !c.is_empty() => on.retain(|o| o != c),
+                _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            }
+        }
+        super::fsutil::write_value(file, &on.join(" "))?;
+        // The children gain and lose the controllers' files, as on the kernel.
+        let Some(dir) = file.parent() else {
+            return Ok(());
+        };
+        for entry in fs::read_dir(dir)? {
+            let child = entry?.path();
+            if !child.is_dir() || !child.join("cgroup.controllers").exists() {
+                continue;
+            }
+            for c in on.iter().filter(|c| !before.contains(c)) {
+                for name in v2_files(c) {
+                    if !child.join(name).exists() {
+                        plant(&child, name);
+                    }
+                }
+            }
+            for c in before.iter().filter(|c| !on.contains(c)) {
+                for name in v2_files(c) {
+                    let _ = fs::remove_file(child.join(name));
+                }
+            }
+            fs::write(child.join("cgroup.controllers"), on.join(" ") + "\n")?;
+        }
         Ok(())
     }
 

@@ -18,6 +18,11 @@ use super::CgroupError;
 pub(super) trait CgroupDirs: Send + Sync + fmt::Debug {
     fn mkdir(&self, dir: &Path) -> io::Result<()>;
     fn rmdir(&self, dir: &Path) -> io::Result<()>;
+    /// Writes `change` (`+cpu +memory`, `-cpu`) to the v2 `cgroup.subtree_control` `file`: the
+    /// kernel applies it to what is on, all or nothing.
+    fn subtree_control(&self, file: &Path, change: &str) -> io::Result<()> {
+        write_value(file, change)
+    }
 }
 
 /// The real cgroup filesystems.

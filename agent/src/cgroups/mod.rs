@@ -40,12 +40,14 @@ use crate::spec::{Devices, FieldError, Isolation, Resources};
 /// cpu cgroup as one entity at its parent's level: a cgroup per instance makes each instance
 /// a separate entity whose weight goes to whichever of its threads is runnable, where
 /// processes in one cgroup compete thread by thread, as under a plain supervisor. Only the cpu
-/// hierarchy (and `cpuacct` when it is mounted with it) is concerned; memory, pids and devices
-/// stay per instance.
+/// controller is concerned; memory, pids and devices stay per instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuCgroup {
-    /// The processes of an instance with no CPU quota join their service's cpu cgroup (cgroup
-    /// v1); an instance with a quota (`resources.cpu`, a rollout's `start_cpu`) has its own.
+    /// An instance with no CPU quota is scheduled in its service's cpu cgroup: on v1 its
+    /// processes join the service's cgroup in the cpu hierarchy (and `cpuacct` when mounted
+    /// with it); on v2 the service does not hand the cpu controller to its instances while
+    /// none has a quota. An instance with a quota (`resources.cpu`, a rollout's `start_cpu`)
+    /// has its own; when a start cap is lifted, the instance goes back to its service's.
     PerService,
     /// Every instance has a cpu cgroup of its own.
     PerInstance,

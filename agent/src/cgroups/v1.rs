@@ -22,7 +22,7 @@ use cgroups_rs::fs::pid::PidController;
 use super::fsutil::{
     self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs, keyed_u64,
     keyed_u64_or_zero, parsed, read_err, read_procs, remove_all, remove_created, sigkill_all,
-    subdirs,
+    subdirs, write_value,
 };
 use super::seam::{self, Expect};
 use super::statfiles::{Need, StatFiles, Wanted};
@@ -31,6 +31,10 @@ use super::{
     CpuCgroup,
 };
 use crate::spec::Resources;
+
+/// How many times an instance whose quota is lifted reads and moves its threads into its
+/// service's cpu cgroup before it gives up on those started meanwhile.
+const JOIN_PASSES: usize = 16;
 
 /// One v1 hierarchy the agent uses: where it is mounted, and the agent's parent cgroup in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +247,53 @@ impl V1Backend {
         let quota = cpu.parent.join(path.relative()).join("cpu.cfs_quota_us");
         let unlimited = std::fs::read_to_string(quota).is_ok_and(|t| t.trim() == "-1");
         unlimited.then(|| CgroupPath::service(service))
+    }
+
+    /// Per service: moves the threads of instance `path`, whose quota was just lifted (a
+    /// rollout's `start_cpu`), from its own cpu cgroup into its service's, thread by thread
+    /// through `tasks` (as [`CgroupBackend::open_procs`] does, without the kernel's global
+    /// thread-group lock); a thread started meanwhile is moved by the next pass. Not fatal:
+    /// what stays is scheduled in the instance's own cgroup, without a quota.
+    fn join_service(&self, p: &str, path: &CgroupPath, service: &CgroupPath) {
+        let Some(cpu) = &self.cpu else {
+            return;
+        };
+        let own = cpu.parent.join(path.relative()).join("tasks");
+        let to = cpu.parent.join(service.relative()).join("tasks");
+        let result = (|| {
+            for _ in 0..JOIN_PASSES {
+                let text = std::fs::read_to_string(&own).map_err(|e| read_err(p, &own, e))?;
+                let tids = parsed(p, &own, fsutil::parse_pids(&text))?;
+                if tids.is_empty() {
+                    return Ok(());
+                }
+                for tid in tids {
+                    match write_value(&to, &tid.to_string()) {
+                        // Gone since the read.
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                        Err(source) => {
+                            return Err(CgroupError::Write {
+                                path: p.to_string(),
+                                file: to.clone(),
+                                value: tid.to_string(),
+                                source,
+                            });
+                        }
+                        Ok(()) => {}
+                    }
+                }
+            }
+            Err(CgroupError::Setup(format!(
+                "{} still lists threads after {JOIN_PASSES} passes",
+                own.display()
+            )))
+        })();
+        match result {
+            Ok(()) => tracing::debug!(cgroup = %p, "scheduled in its service's cpu cgroup"),
+            Err(e) => {
+                tracing::warn!(cgroup = %p, error = %e, "not all of the instance's threads joined its service's cpu cgroup")
+            }
+        }
     }
 
     /// Whether `cpuacct` is mounted with `cpu`: then an instance scheduled in its service's
@@ -460,7 +511,13 @@ impl CgroupBackend for V1Backend {
     ) -> Result<(), CgroupError> {
         let p = path.to_string();
         let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
-        self.write_cpu(&p, path, quota, period_us)
+        self.write_cpu(&p, path, quota, period_us)?;
+        if quota < 0
+            && let Some(service) = self.cpu_service(path)
+        {
+            self.join_service(&p, path, &service);
+        }
+        Ok(())
     }
 
     fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
@@ -1534,7 +1591,20 @@ mod tests {
         assert!(cgroup_of(free, "memory").ends_with("corral/web/web-0"));
         assert!(cgroup_of(free, "pids").ends_with("corral/web/web-0"));
         assert_eq!(b.procs(&web0()).expect("procs"), vec![free]);
-        for (path, pid) in [(web0(), free), (capped.clone(), own)] {
+        // A rollout's start cap: in its own cpu cgroup until the cap is lifted, then in its
+        // service's, its other cgroups unchanged.
+        let started = CgroupPath::instance("web", "web-2");
+        b.create(&started, &Resources::default()).expect("create");
+        b.set_cpu_limit(&started, Some(0.3), 10_000).expect("cap");
+        let lifted = start(&started);
+        assert!(cgroup_of(lifted, "cpu").ends_with("corral/web/web-2"));
+        b.set_cpu_limit(&started, None, CPU_PERIOD_US)
+            .expect("lift");
+        let at = cgroup_of(lifted, "cpu");
+        assert!(at.ends_with("corral/web"), "{lifted}: cpu {at}");
+        assert!(cgroup_of(lifted, "memory").ends_with("corral/web/web-2"));
+        assert_eq!(b.procs(&started).expect("procs"), vec![lifted]);
+        for (path, pid) in [(web0(), free), (capped.clone(), own), (started, lifted)] {
             b.kill_all(&path).expect("kill");
             assert_eq!(cleanup.reap(pid).signal(), Some(libc::SIGKILL));
             b.remove(&path).expect("remove");

@@ -7,6 +7,11 @@
 //! (`corral/`, `corral/<service>/`), and the capabilities are read from the parent's own
 //! `cgroup.controllers` — what was delegated, not what the root has. Limits are written through
 //! cgroups-rs controllers and read back; OOM kills come from `memory.events`.
+//! With [`CpuCgroup::PerService`] a service cgroup hands its instances memory and pids but
+//! not cpu while none of them has a CPU quota: the service is then their one cpu cgroup, and
+//! each instance's CPU time is still its own `cpu.stat` (kept by the cgroup core, controller
+//! or not). An instance given a quota turns cpu on for the service's instances; the last quota
+//! lifted turns it off again.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -28,6 +33,7 @@ use super::seam::{self, Expect};
 use super::statfiles::{Need, StatFiles, Wanted};
 use super::{
     Capabilities, CgroupBackend, CgroupError, CgroupPath, CgroupStats, CgroupVersion, Control,
+    CpuCgroup,
 };
 use crate::spec::Resources;
 
@@ -51,6 +57,8 @@ pub struct V2Backend {
     devices: Option<super::devices::DeviceProgram>,
     /// The files `stats()` reads, held open per cgroup.
     stats: StatFiles<StatFile>,
+    /// Where an instance with no CPU quota is scheduled.
+    cpu_cgroup: CpuCgroup,
 }
 
 /// The files `stats()` reads, by what they hold.
@@ -221,7 +229,62 @@ impl V2Backend {
             page_size: fsutil::page_size(),
             devices: None,
             stats: StatFiles::new(),
+            cpu_cgroup: CpuCgroup::PerInstance,
         })
+    }
+
+    /// Schedules instances with no CPU quota as `cpu` says (default: per instance).
+    pub fn with_cpu_cgroup(mut self, cpu: CpuCgroup) -> V2Backend {
+        self.cpu_cgroup = cpu;
+        self
+    }
+
+    /// The directory of the service of instance `path` when instances are scheduled per
+    /// service: the cgroup whose `cgroup.subtree_control` decides whether they have a cpu
+    /// cgroup of their own.
+    fn cpu_service_dir(&self, path: &CgroupPath) -> Option<PathBuf> {
+        let [_, service, _] = path.components() else {
+            return None;
+        };
+        (self.cpu_cgroup == CpuCgroup::PerService && self.enabled.contains(&"cpu"))
+            .then(|| self.dir(&CgroupPath::service(service)))
+    }
+
+    /// Per service: turns the cpu controller off for the instances of the service at `dir`
+    /// when it is on and none of them has a quota (`cpu.max` other than `max`), so that their
+    /// processes are scheduled in the service's cgroup. Not fatal: each instance keeps a cpu
+    /// cgroup of its own until the next try.
+    fn settle_cpu(&self, p: &str, dir: &Path) {
+        let file = dir.join("cgroup.subtree_control");
+        let result = words(p, &file).and_then(|on| {
+            if !on.iter().any(|c| c == "cpu") {
+                return Ok(());
+            }
+            for child in subdirs(p, dir)? {
+                let max = dir.join(&child).join("cpu.max");
+                // A cgroup going away as it is read has no quota that matters.
+                if read_trimmed(&max).is_ok_and(|t| !t.starts_with("max")) {
+                    return Ok(());
+                }
+            }
+            self.change_subtree(p, dir, "-cpu")
+        });
+        if let Err(e) = result {
+            tracing::warn!(cgroup = %p, error = %e, "the service's instances keep a cpu cgroup each");
+        }
+    }
+
+    /// Writes `change` to the `cgroup.subtree_control` of `dir`.
+    fn change_subtree(&self, p: &str, dir: &Path, change: &str) -> Result<(), CgroupError> {
+        let file = dir.join("cgroup.subtree_control");
+        self.fs
+            .subtree_control(&file, change)
+            .map_err(|source| CgroupError::Write {
+                path: p.to_string(),
+                file,
+                value: change.to_string(),
+                source,
+            })
     }
 
     /// The files of `path` that `stats()` reads, for the controls this host has.
@@ -299,6 +362,7 @@ impl V2Backend {
             remove_all(self.fs.as_ref(), p, [leaf.clone()])?;
         }
         let parts = path.components();
+        let service_dir = self.cpu_service_dir(path);
         let mut dir = self.parent.clone();
         for (i, part) in parts.iter().enumerate() {
             dir.push(part);
@@ -311,8 +375,15 @@ impl V2Backend {
                 created.push(dir.clone());
             }
             if i + 1 < parts.len() {
-                self.enable_in(p, &dir)?;
+                // Per service, the service hands cpu to an instance only for its quota.
+                let service = i + 2 == parts.len() && service_dir.is_some();
+                self.enable_in(p, &dir, !service || limits.cpu_quota.is_some())?;
             }
+        }
+        if let Some(dir) = &service_dir
+            && limits.cpu_quota.is_none()
+        {
+            self.settle_cpu(p, dir);
         }
         let ps = self.page_size;
         if let Some(quota) = limits.cpu_quota {
@@ -348,20 +419,22 @@ impl V2Backend {
         Ok(())
     }
 
-    /// Passes the agent's controllers on from the intermediate cgroup `dir` to its children.
-    fn enable_in(&self, p: &str, dir: &Path) -> Result<(), CgroupError> {
+    /// Passes the agent's controllers on from the intermediate cgroup `dir` to its children;
+    /// cpu only with `cpu` (and it is never turned off here).
+    fn enable_in(&self, p: &str, dir: &Path, cpu: bool) -> Result<(), CgroupError> {
         let file = dir.join("cgroup.subtree_control");
         let on = words(p, &file)?;
         let missing: Vec<String> = self
             .enabled
             .iter()
+            .filter(|c| cpu || **c != "cpu")
             .filter(|c| !on.iter().any(|o| o == *c))
             .map(|c| format!("+{c}"))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        fsutil::write_control(p, file, missing.join(" "))
+        self.change_subtree(p, dir, &missing.join(" "))
     }
 }
 
@@ -401,10 +474,10 @@ fn enable_for_children(
         make_room(fs, p, dir, self_pid)?;
     }
     let all: Vec<String> = missing.iter().map(|c| format!("+{c}")).collect();
-    if write_value(&file, &all.join(" ")).is_err() {
+    if fs.subtree_control(&file, &all.join(" ")).is_err() {
         // One write enables all or nothing: find out which controller refuses.
         for c in missing {
-            if let Err(e) = write_value(&file, &format!("+{c}")) {
+            if let Err(e) = fs.subtree_control(&file, &format!("+{c}")) {
                 failed.push((c, format!("cannot enable it in {}: {e}", file.display())));
             }
         }
@@ -479,7 +552,23 @@ impl CgroupBackend for V2Backend {
             });
         }
         let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
-        self.write_cpu(&p, &self.dir(path), quota, period_us)
+        let leaf = self.dir(path);
+        let service = self.cpu_service_dir(path);
+        if let Some(dir) = &service {
+            if quota >= 0 {
+                self.enable_in(&p, dir, true)?;
+            } else if !leaf.join("cpu.max").exists() && leaf.is_dir() {
+                // Scheduled in its service: there is no quota to lift.
+                return Ok(());
+            }
+        }
+        self.write_cpu(&p, &leaf, quota, period_us)?;
+        if let Some(dir) = &service
+            && quota < 0
+        {
+            self.settle_cpu(&p, dir);
+        }
+        Ok(())
     }
 
     fn set_cpu_weight(&self, path: &CgroupPath, processes: u64) -> Result<(), CgroupError> {
@@ -711,7 +800,7 @@ mod tests {
         for dir in [r.clone(), r.join("agent"), r.join("agent/x")] {
             assert_eq!(
                 read(&dir, "cgroup.subtree_control"),
-                "+cpu +memory +pids",
+                "cpu memory pids",
                 "{}",
                 dir.display()
             );
@@ -757,6 +846,84 @@ mod tests {
     }
 
     #[test]
+    fn fake_per_service_the_service_keeps_cpu_until_an_instance_has_a_quota() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (_fake, b) = fake_backend(&tmp, ALL, "agent");
+        let b = b.expect("backend").with_cpu_cgroup(CpuCgroup::PerService);
+        let p = root(&tmp).join("agent");
+        let svc = p.join("corral/web");
+        let inst = |i: &str| CgroupPath::instance("web", i);
+        let on = || read(&svc, "cgroup.subtree_control");
+        b.create(&web0(), &limits(None, Some(64 * MIB), Some(32)))
+            .expect("create");
+        // corral/ hands cpu to the service; the service keeps it from its instances.
+        assert_eq!(
+            read(&p.join("corral"), "cgroup.subtree_control"),
+            "cpu memory pids"
+        );
+        assert_eq!(on(), "memory pids");
+        let leaf0 = svc.join("web-0");
+        assert!(!leaf0.join("cpu.max").exists());
+        assert_eq!(read(&leaf0, "memory.max"), "67108864");
+        assert_eq!(read(&leaf0, "pids.max"), "32");
+        // Its CPU time is still its own: cpu.stat is there without the controller.
+        assert_eq!(b.stats(&web0()).expect("stats").cpu_usage_ns, 0);
+        // Lifting a quota it does not have changes nothing.
+        b.set_cpu_limit(&web0(), None, CPU_PERIOD_US)
+            .expect("nothing to lift");
+        assert_eq!(on(), "memory pids");
+
+        // An instance with resources.cpu turns cpu on for the service's instances.
+        b.create(&inst("web-1"), &limits(Some(0.5), None, None))
+            .expect("create");
+        assert_eq!(on(), "memory pids cpu");
+        assert_eq!(read(&svc.join("web-1"), "cpu.max"), "50000 100000");
+        assert_eq!(read(&leaf0, "cpu.max"), "max 100000");
+        // One without a quota, meanwhile, does not turn it off.
+        b.create(&inst("web-2"), &Resources::default())
+            .expect("create");
+        assert_eq!(on(), "memory pids cpu");
+        // A start cap, set before the start, is a quota too.
+        b.create(&inst("web-3"), &Resources::default())
+            .expect("create");
+        b.set_cpu_limit(&inst("web-3"), Some(0.3), 10_000)
+            .expect("cap");
+        assert_eq!(read(&svc.join("web-3"), "cpu.max"), "3000 10000");
+        // The cap lifted, web-1 still has its limit: cpu stays on.
+        b.set_cpu_limit(&inst("web-3"), None, CPU_PERIOD_US)
+            .expect("lift");
+        assert_eq!(on(), "memory pids cpu");
+        // web-1 gone, the last quota is web-3's, lifted again: cpu goes off.
+        b.remove(&inst("web-1")).expect("remove");
+        b.set_cpu_limit(&inst("web-3"), Some(0.3), 10_000)
+            .expect("cap");
+        b.set_cpu_limit(&inst("web-3"), None, CPU_PERIOD_US)
+            .expect("lift");
+        assert_eq!(on(), "memory pids");
+        assert!(!svc.join("web-3").join("cpu.max").exists());
+        // A service cgroup left with cpu on (an agent stopped during a capped start) is set
+        // right by the next instance created without a quota.
+        b.set_cpu_limit(&inst("web-3"), Some(0.3), 10_000)
+            .expect("cap");
+        b.set_cpu_limit(&inst("web-3"), Some(0.2), 10_000)
+            .expect("cap");
+        b.remove(&inst("web-3")).expect("remove");
+        assert_eq!(on(), "memory pids cpu");
+        b.create(&inst("web-4"), &Resources::default())
+            .expect("create");
+        assert_eq!(on(), "memory pids");
+
+        // Per instance (the backend's own default), every instance has its own.
+        let tmp2 = tempfile::tempdir().expect("tempdir");
+        let (_fake, per) = fake_backend(&tmp2, ALL, "agent");
+        let per = per.expect("backend");
+        per.create(&web0(), &Resources::default()).expect("create");
+        let svc2 = root(&tmp2).join("agent/corral/web");
+        assert_eq!(read(&svc2, "cgroup.subtree_control"), "cpu memory pids");
+        assert_eq!(read(&svc2.join("web-0"), "cpu.max"), "max 100000");
+    }
+
+    #[test]
     fn fake_create_writes_limits_and_enables_intermediates() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (_fake, b) = fake_backend(&tmp, ALL, "agent");
@@ -771,11 +938,11 @@ mod tests {
         assert_eq!(read(&leaf, "pids.max"), "32");
         assert_eq!(
             read(&p.join("corral"), "cgroup.subtree_control"),
-            "+cpu +memory +pids"
+            "cpu memory pids"
         );
         assert_eq!(
             read(&p.join("corral/web"), "cgroup.subtree_control"),
-            "+cpu +memory +pids"
+            "cpu memory pids"
         );
         assert_eq!(
             read(&leaf, "cgroup.subtree_control"),
@@ -804,7 +971,7 @@ mod tests {
         let (_fake, b) = fake_backend(&tmp, &["cpu", "pids"], "svc");
         let b = b.expect("backend");
         let p = root(&tmp).join("svc");
-        assert_eq!(read(&root(&tmp), "cgroup.subtree_control"), "+cpu +pids");
+        assert_eq!(read(&root(&tmp), "cgroup.subtree_control"), "cpu pids");
         let caps = b.capabilities();
         assert_eq!(
             caps.unavailable,
@@ -830,7 +997,7 @@ mod tests {
             .expect("cpu and pids work");
         assert_eq!(
             read(&p.join("corral"), "cgroup.subtree_control"),
-            "+cpu +pids"
+            "cpu pids"
         );
         // memory stats are not guessed: the control is unavailable, the fields stay 0
         let stats = b.stats(&web0()).expect("stats");
@@ -840,7 +1007,7 @@ mod tests {
     /// A fake `svc` cgroup below the root, holding `procs`, as the agent's own cgroup.
     fn own_cgroup(tmp: &tempfile::TempDir, fake: &FakeKernel, procs: &str) -> PathBuf {
         let r = root(tmp);
-        fs::write(r.join("cgroup.subtree_control"), "+cpu +memory +pids").expect("root");
+        fs::write(r.join("cgroup.subtree_control"), "cpu memory pids").expect("root");
         let svc = r.join("svc");
         fake.mkdir(&svc).expect("svc");
         fs::write(svc.join("cgroup.procs"), procs).expect("procs");
@@ -859,7 +1026,7 @@ mod tests {
             read(&svc.join(AGENT_LEAF), "cgroup.procs"),
             SELF.to_string()
         );
-        assert_eq!(read(&svc, "cgroup.subtree_control"), "+cpu +memory +pids");
+        assert_eq!(read(&svc, "cgroup.subtree_control"), "cpu memory pids");
         assert!(b.capabilities().has(Control::Memory));
         // corrald/ is beside corral/, not inside the managed tree
         assert_eq!(
@@ -881,7 +1048,7 @@ mod tests {
             SELF.to_string()
         );
         for dir in [svc.clone(), svc.join("e2e"), svc.join("e2e/x")] {
-            assert_eq!(read(&dir, "cgroup.subtree_control"), "+cpu +memory +pids");
+            assert_eq!(read(&dir, "cgroup.subtree_control"), "cpu memory pids");
         }
         assert!(b.capabilities().has(Control::Pids));
     }
@@ -1267,14 +1434,14 @@ mod tests {
         assert!(stats.pids >= 2, "{stats:?}");
         assert!(stats.memory_bytes > 0, "{stats:?}");
         assert!(stats.cpu_usage_ns > 0, "{stats:?}");
-        // The files stats() reads (memory.peak since Linux 5.19) stay open and are read again
-        // from offset 0, where the kernel writes their content anew: a limit changed behind
-        // the agent is seen.
-        let files = if leaf.join("memory.peak").exists() {
-            6
-        } else {
-            5
-        };
+        // The files stats() reads (memory.peak since Linux 5.19, memory.pressure with PSI)
+        // stay open and are read again from offset 0, where the kernel writes their content
+        // anew: a limit changed behind the agent is seen.
+        let optional = [
+            leaf.join("memory.peak").exists(),
+            fs::read_to_string(leaf.join("memory.pressure")).is_ok(),
+        ];
+        let files = 5 + optional.iter().filter(|o| **o).count();
         assert_eq!(testkit::fds_in(&[&leaf]), files);
         fs::write(leaf.join("memory.max"), "33554432").expect("write limit");
         assert_eq!(
