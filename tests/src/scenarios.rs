@@ -12,6 +12,7 @@ use crate::{Agent, alive, eventually, kill9, ns_of, pb, testbin};
 pub const KERNEL: &[&str] = &[
     "limits_and_isolation",
     "cpu_hog_is_throttled",
+    "instances_share_their_services_cpu_cgroup",
     "memory_hog_is_oom_killed",
     "kill9_is_signaled_not_oom",
     "fork_bomb_stays_within_pids",
@@ -41,6 +42,9 @@ pub async fn run(name: &str) -> bool {
     match name {
         "limits_and_isolation" => limits_and_isolation().await,
         "cpu_hog_is_throttled" => cpu_hog_is_throttled().await,
+        "instances_share_their_services_cpu_cgroup" => {
+            instances_share_their_services_cpu_cgroup().await
+        }
         "memory_hog_is_oom_killed" => memory_hog_is_oom_killed().await,
         "kill9_is_signaled_not_oom" => kill9_is_signaled_not_oom().await,
         "fork_bomb_stays_within_pids" => fork_bomb_stays_within_pids().await,
@@ -244,6 +248,73 @@ pub async fn cpu_hog_is_throttled() {
         "reported cpu {} vs {c1}",
         usage.cpu_usage_ns
     );
+}
+
+/// Whether process `pid` of `service` is scheduled in the service's cpu cgroup, as an
+/// instance without a CPU quota is by default (`--cpu-cgroup per-service`). v1: the pid is in
+/// the service's cgroup of the cpu hierarchy. v2: the service does not hand the cpu
+/// controller to its instances, so the service is their cpu cgroup.
+fn in_service_cpu(agent: &Agent, service: &str, pid: i32) -> bool {
+    let cg = &agent.cgroup;
+    let svc = format!("corral/{service}");
+    match cg.version {
+        Version::V1 => !cg.missing(&svc, pid).contains(&"cpu"),
+        Version::V2 => {
+            let on = cg.read("cpu", &svc, "cgroup.subtree_control");
+            assert!(on.contains("memory"), "{svc} hands memory on: {on:?}");
+            !on.split_whitespace().any(|c| c == "cpu")
+        }
+    }
+}
+
+/// Instances with no CPU quota are scheduled in their service's cpu cgroup (the default),
+/// their memory and pids cgroups their own, and each one's CPU time is still its own: the
+/// usages reported for two busy instances add up to (not twice) the service's.
+pub async fn instances_share_their_services_cpu_cgroup() {
+    let agent = Agent::start().await;
+    agent
+        .apply(&spec(
+            "share",
+            2,
+            &["hog-cpu"],
+            "[resources]\nmemory = \"64MiB\"\n",
+        ))
+        .await
+        .expect("apply");
+    let running = agent.wait_running("share", 2).await;
+    for i in &running {
+        assert!(in_service_cpu(&agent, "share", i.pid), "{}: {i:?}", i.id);
+        let own = agent.cgroup.missing(&instance_rel("share", &i.id), i.pid);
+        assert!(
+            !own.contains(&"memory") && !own.contains(&"pids") && !own.contains(&"unified"),
+            "{}: its memory and pids cgroups are its own, not in {own:?}",
+            i.id
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Reported first (readings are cached up to 1 s), the service's total after.
+    let s = agent.get("share").await.expect("get");
+    let used: Vec<f64> = s
+        .instances
+        .iter()
+        .map(|i| i.usage.map_or(0, |u| u.cpu_usage_ns) as f64 / 1e9)
+        .collect();
+    let total = cpu_seconds(&agent, "corral/share");
+    let sum: f64 = used.iter().sum();
+    eprintln!("share: reported {used:?} (sum {sum:.3}), the service's cgroup {total:.3}");
+    assert_eq!(used.len(), 2, "{s:?}");
+    assert!(total > 0.5, "the hogs ran: {total:.3} s");
+    for u in &used {
+        assert!(
+            *u >= 0.15 * total,
+            "each busy instance counts its own: {used:?} of {total:.3}"
+        );
+    }
+    assert!(
+        sum <= total * 1.02 + 0.05,
+        "each counts its own, not the service's: {used:?} of {total:.3}"
+    );
+    agent.delete("share").await.expect("delete");
 }
 
 fn last_exit(s: &pb::ServiceStatus, index: u32) -> Option<pb::ExitInfo> {
@@ -614,13 +685,19 @@ fn cpu_limit(agent: &Agent, service: &str, id: &str) -> (Option<u64>, u64) {
     (quota.parse().ok(), period.parse().unwrap_or(0))
 }
 
-/// Every instance of `s` without a CPU limit, at the default period (`why`: for the message).
+/// Every instance of `s` without a CPU limit and scheduled in its service's cpu cgroup
+/// (`why`: for the message). v1: its own cpu cgroup is still there, at the default period;
+/// v2: it has none (no `cpu.max`).
 fn uncapped(agent: &Agent, service: &str, s: &pb::ServiceStatus, why: &str) {
+    let none = match agent.cgroup.version {
+        Version::V1 => (None, 100_000),
+        Version::V2 => (None, 0),
+    };
     for i in &s.instances {
-        assert_eq!(
-            cpu_limit(agent, service, &i.id),
-            (None, 100_000),
-            "{}: {why}",
+        assert_eq!(cpu_limit(agent, service, &i.id), none, "{}: {why}", i.id);
+        assert!(
+            in_service_cpu(agent, service, i.pid),
+            "{}: {why}, in its service's cpu cgroup",
             i.id
         );
     }
@@ -705,8 +782,14 @@ pub async fn cpu_weight_follows_the_instances() {
             "an absolute parent is left alone"
         );
     }
+    // An instance is scheduled in its service's cpu cgroup: v1 keeps its own, unused, at the
+    // default weight; on v2 it has none.
+    let own = match agent.cgroup.version {
+        Version::V1 => Some(one),
+        Version::V2 => None,
+    };
     for rel in ["corral/wa/wa-0", "corral/wb/wb-1"] {
-        assert_eq!(cpu_weight(&agent, rel), Some(one), "{rel}: one process");
+        assert_eq!(cpu_weight(&agent, rel), own, "{rel}");
     }
     agent.apply(&serve("wa", 1)).await.expect("scale wa");
     weights_become(&agent, &[("corral/wa", 1), ("corral", 3)]).await;

@@ -17,6 +17,7 @@ macro_rules! scenario {
 
 scenario!(limits_and_isolation);
 scenario!(cpu_hog_is_throttled);
+scenario!(instances_share_their_services_cpu_cgroup);
 scenario!(memory_hog_is_oom_killed);
 scenario!(kill9_is_signaled_not_oom);
 scenario!(fork_bomb_stays_within_pids);
