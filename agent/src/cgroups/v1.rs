@@ -7,7 +7,8 @@
 //! The `devices` hierarchy, when mounted, holds every cgroup too, for the device control.
 //! With [`CpuCgroup::PerService`] an instance with no CPU quota still has its directory in
 //! the cpu hierarchy, empty: its processes join their service's there (and in `cpuacct` when
-//! it is mounted with cpu; its CPU time is then summed from `/proc`).
+//! it is mounted with cpu; its CPU time is then summed from `/proc`). One that started under a
+//! rollout's cap is moved there when the cap is lifted.
 
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
