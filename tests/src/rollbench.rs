@@ -736,7 +736,22 @@ pub async fn bench_hey(rounds: usize, server: &str) {
             let end = rollout_end(&agent, &id, std::time::Instant::now()).await;
             (id, end.state() == pb::RolloutState::Succeeded)
         };
-        all.extend(measured(port, label, roll).await);
+        let wall0 = SystemTime::now();
+        let measured = measured(port, label, roll).await;
+        if measured.as_ref().is_some_and(|r| r.failed > 0) {
+            // To line a failed request up with the instances' lives (and a capture's times).
+            let at = wall0
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            println!(
+                "  the service's events since the round began ({:.3} s since the epoch):",
+                at.as_secs_f64()
+            );
+            for (t, what) in timeline(&agent, wall0, Duration::ZERO).await {
+                println!("    {:+.3} s {what}", t.as_secs_f64());
+            }
+        }
+        all.extend(measured);
         wait_healthy(&agent).await;
     }
     summary(&all, false);
