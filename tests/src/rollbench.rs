@@ -26,9 +26,11 @@ const CLIENTS: usize = 16;
 const REPLICAS: u32 = 4;
 
 /// A typical Python service: a `ThreadingHTTPServer` on the agent's socket (fd 3, made
-/// non-blocking), `/healthz` on its own port, a graceful stop on SIGTERM.
+/// non-blocking), `/healthz` on its own port, a graceful stop on SIGTERM, taken by `sigwait`
+/// (see `examples/hello.toml` for why not by a handler).
 const PYTHON_SERVER: &str = r#"
 import http.server, os, signal, socket, threading, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 listener = socket.socket(fileno=3)
 listener.setblocking(False)
 body = "{} {}\n".format(os.environ["CORRAL_INSTANCE"], os.environ["VERSION"]).encode()
@@ -46,8 +48,9 @@ admin = S(("127.0.0.1", int(os.environ["PORT_ADMIN"])), H)
 threading.Thread(target=admin.serve_forever, daemon=True).start()
 server = S(listener.getsockname(), H, bind_and_activate=False)
 server.socket = listener
-signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-server.serve_forever()
+threading.Thread(target=server.serve_forever).start()
+signal.sigwait({signal.SIGTERM})
+server.shutdown()
 server.server_close()
 "#;
 
