@@ -740,8 +740,8 @@ pub async fn bench_hey(rounds: usize, server: &str) {
             (id, end.state() == pb::RolloutState::Succeeded)
         };
         let wall0 = SystemTime::now();
-        let measured = measured(port, label, roll).await;
-        if measured.as_ref().is_some_and(|r| r.failed > 0) {
+        let figures = measured(port, label, roll).await;
+        if figures.as_ref().is_some_and(|r| r.failed > 0) {
             // To line a failed request up with the instances' lives (and a capture's times).
             let at = wall0
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -754,7 +754,7 @@ pub async fn bench_hey(rounds: usize, server: &str) {
                 println!("    {:+.3} s {what}", t.as_secs_f64());
             }
         }
-        all.extend(measured);
+        all.extend(figures);
         wait_healthy(&agent).await;
     }
     summary(&all, false);

@@ -144,7 +144,16 @@ pub(super) fn parsed<T>(
 
 /// The pids in `dir/cgroup.procs`; `None` when the cgroup does not exist.
 pub(super) fn read_procs(path: &str, dir: &Path) -> Result<Option<Vec<i32>>, CgroupError> {
-    let file = dir.join("cgroup.procs");
+    read_ids(path, dir, "cgroup.procs")
+}
+
+/// The thread ids in the v1 `dir/tasks`; `None` when the cgroup does not exist.
+pub(super) fn read_tasks(path: &str, dir: &Path) -> Result<Option<Vec<i32>>, CgroupError> {
+    read_ids(path, dir, "tasks")
+}
+
+fn read_ids(path: &str, dir: &Path, name: &str) -> Result<Option<Vec<i32>>, CgroupError> {
+    let file = dir.join(name);
     match fs::read_to_string(&file) {
         Ok(text) => parse_pids(&text)
             .map(Some)

@@ -12,7 +12,7 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cgroups_rs::fs::MaxValue;
@@ -22,8 +22,8 @@ use cgroups_rs::fs::pid::PidController;
 
 use super::fsutil::{
     self, CPU_PERIOD_US, CgroupDirs, Cgroupfs, Limits, UNLIMITED_BYTES, create_dirs, keyed_u64,
-    keyed_u64_or_zero, parsed, read_err, read_procs, remove_all, remove_created, sigkill_all,
-    subdirs, write_value,
+    keyed_u64_or_zero, parsed, read_err, read_procs, read_tasks, remove_all, remove_created,
+    sigkill_all, subdirs, write_value,
 };
 use super::seam::{self, Expect};
 use super::statfiles::{Need, StatFiles, Wanted};
@@ -238,58 +238,34 @@ impl V1Backend {
     /// quota (`cpu.cfs_quota_us` reads -1). Read from the kernel, not remembered, so that an
     /// agent that restarts, or a cap set before the instance starts, decides the same way.
     fn cpu_service(&self, path: &CgroupPath) -> Option<CgroupPath> {
-        let [_, service, _] = path.components() else {
-            return None;
-        };
-        if self.cpu_cgroup != CpuCgroup::PerService {
-            return None;
-        }
+        let service = self.per_service(path)?;
         let cpu = self.cpu.as_ref()?;
         let quota = cpu.parent.join(path.relative()).join("cpu.cfs_quota_us");
         let unlimited = std::fs::read_to_string(quota).is_ok_and(|t| t.trim() == "-1");
-        unlimited.then(|| CgroupPath::service(service))
+        unlimited.then_some(service)
+    }
+
+    /// The service of instance `path` when instances are scheduled per service, whatever its
+    /// quota.
+    fn per_service(&self, path: &CgroupPath) -> Option<CgroupPath> {
+        match path.components() {
+            [_, service, _] if self.cpu_cgroup == CpuCgroup::PerService => {
+                Some(CgroupPath::service(service))
+            }
+            _ => None,
+        }
     }
 
     /// Per service: moves the threads of instance `path`, whose quota was just lifted (a
-    /// rollout's `start_cpu`), from its own cpu cgroup into its service's, thread by thread
-    /// through `tasks` (as [`CgroupBackend::open_procs`] does, without the kernel's global
-    /// thread-group lock); a thread started meanwhile is moved by the next pass. Not fatal:
-    /// what stays is scheduled in the instance's own cgroup, without a quota.
+    /// rollout's `start_cpu`), from its own cpu cgroup into its service's. Not fatal: what
+    /// stays is scheduled in the instance's own cgroup, without a quota.
     fn join_service(&self, p: &str, path: &CgroupPath, service: &CgroupPath) {
         let Some(cpu) = &self.cpu else {
             return;
         };
-        let own = cpu.parent.join(path.relative()).join("tasks");
+        let own = cpu.parent.join(path.relative());
         let to = cpu.parent.join(service.relative()).join("tasks");
-        let result = (|| {
-            for _ in 0..JOIN_PASSES {
-                let text = std::fs::read_to_string(&own).map_err(|e| read_err(p, &own, e))?;
-                let tids = parsed(p, &own, fsutil::parse_pids(&text))?;
-                if tids.is_empty() {
-                    return Ok(());
-                }
-                for tid in tids {
-                    match write_value(&to, &tid.to_string()) {
-                        // Gone since the read.
-                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                        Err(source) => {
-                            return Err(CgroupError::Write {
-                                path: p.to_string(),
-                                file: to.clone(),
-                                value: tid.to_string(),
-                                source,
-                            });
-                        }
-                        Ok(()) => {}
-                    }
-                }
-            }
-            Err(CgroupError::Setup(format!(
-                "{} still lists threads after {JOIN_PASSES} passes",
-                own.display()
-            )))
-        })();
-        match result {
+        match move_threads(p, &own, &to) {
             Ok(()) => tracing::debug!(cgroup = %p, "scheduled in its service's cpu cgroup"),
             Err(e) => {
                 tracing::warn!(cgroup = %p, error = %e, "not all of the instance's threads joined its service's cpu cgroup")
@@ -480,6 +456,37 @@ fn prepare_parent(fs: &dyn CgroupDirs, h: &V1Hierarchy) -> Result<Ready, String>
     })
 }
 
+/// Moves every thread of the v1 cgroup `from` into the `tasks` file `to`, thread by thread
+/// (as [`CgroupBackend::open_procs`] does, without the kernel's global thread-group lock); a
+/// thread started meanwhile is moved by the next pass, up to [`JOIN_PASSES`].
+fn move_threads(p: &str, from: &Path, to: &Path) -> Result<(), CgroupError> {
+    for _ in 0..JOIN_PASSES {
+        let tids = read_tasks(p, from)?.unwrap_or_default();
+        if tids.is_empty() {
+            return Ok(());
+        }
+        for tid in tids {
+            match write_value(to, &tid.to_string()) {
+                // Gone since the read.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(source) => {
+                    return Err(CgroupError::Write {
+                        path: p.to_string(),
+                        file: to.to_path_buf(),
+                        value: tid.to_string(),
+                        source,
+                    });
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+    Err(CgroupError::Setup(format!(
+        "{} still lists threads after {JOIN_PASSES} passes",
+        from.join("tasks").display()
+    )))
+}
+
 impl CgroupBackend for V1Backend {
     fn capabilities(&self) -> &Capabilities {
         &self.caps
@@ -513,8 +520,9 @@ impl CgroupBackend for V1Backend {
         let p = path.to_string();
         let quota = fsutil::quota_or_unlimited(&p, cores, period_us)?;
         self.write_cpu(&p, path, quota, period_us)?;
+        // No quota now (written and read back): per service, the instance joins its service.
         if quota < 0
-            && let Some(service) = self.cpu_service(path)
+            && let Some(service) = self.per_service(path)
         {
             self.join_service(&p, path, &service);
         }
