@@ -19,6 +19,7 @@ pub mod oci;
 pub mod pki;
 pub mod rollbench;
 pub mod scenarios;
+pub mod stalls;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -325,6 +325,9 @@ struct Round {
     failed: usize,
     gap: Duration,
     succeeded: bool,
+    /// The host's longest CPU stall in the window before and in the one during
+    /// (`crate::stalls`), where measured.
+    stalls: Option<(Duration, Duration)>,
 }
 
 pub async fn bench(rounds: usize) {
@@ -463,6 +466,7 @@ pub async fn bench(rounds: usize) {
             failed: report.failures().len(),
             gap,
             succeeded: status.state() == pb::RolloutState::Succeeded,
+            stalls: None,
         });
         wait_healthy(&agent).await;
     }
@@ -507,7 +511,41 @@ fn summary(all: &[Round], gaps: bool) {
         verdict(p99 <= 1.2),
         verdict(max <= 2.0),
     );
+    let counts = |rs: &[&Round]| {
+        let ratio = |(b, d): (Duration, Duration)| d.as_secs_f64() / b.as_secs_f64().max(1e-9);
+        let p99 = rs.iter().filter(|r| ratio(r.p99) <= 1.2).count();
+        let max = rs.iter().filter(|r| ratio(r.max) <= 2.0).count();
+        let mut slowest: Vec<Duration> = rs.iter().map(|r| r.max.1).collect();
+        slowest.sort();
+        let median = slowest.get(slowest.len() / 2).copied().unwrap_or_default();
+        format!(
+            "p99 within 1.2x in {p99} of {n}, slowest within 2x in {max} of {n}; slowest during: median {}, max {}",
+            ms(median),
+            ms(slowest.last().copied().unwrap_or_default()),
+            n = rs.len(),
+        )
+    };
+    let every: Vec<&Round> = all.iter().collect();
+    println!("per rollout: {}", counts(&every));
+    if all.iter().all(|r| r.stalls.is_some()) {
+        let clean: Vec<&Round> = all
+            .iter()
+            .filter(|r| r.stalls.is_some_and(|(b, d)| b.max(d) <= HOST_STALL))
+            .collect();
+        println!(
+            "of the {} whose two windows saw no host stall over {}: {}",
+            clean.len(),
+            ms(HOST_STALL),
+            counts(&clean)
+        );
+    }
 }
+
+/// A stall of the host's CPUs (`crate::stalls`) longer than this, in either window of a
+/// rollout, is as long as the slowest requests of a quiet window (8–10 ms with 4 Python
+/// servers under `hey -c 16`): the summary counts the bar's clauses with and without those
+/// rollouts.
+const HOST_STALL: Duration = Duration::from_millis(10);
 
 /// What `hey` reported for one window: its summary, parsed.
 #[derive(Debug, Default)]
@@ -519,6 +557,25 @@ struct Hey {
     p50: Duration,
     p99: Duration,
     slowest: Duration,
+    /// With `CORRAL_BENCH_HEY_CSV=1`: every successful request, by `hey -o csv`.
+    requests: Vec<Request>,
+}
+
+/// One request of a `hey -o csv` run: when it started (on `hey`'s clock, from its start), how
+/// long it took, and how much of that was the connect.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    offset: Duration,
+    took: Duration,
+    connect: Duration,
+}
+
+/// `CORRAL_BENCH_HEY_CSV=1`: `hey -o csv`, one line per request, to line a rollout's slowest
+/// requests up with the agent's events and the host's stalls. `hey` then leaves out the
+/// requests that failed without a status (a reset connection, say): figures for the bar are
+/// taken without it.
+fn hey_csv() -> bool {
+    std::env::var("CORRAL_BENCH_HEY_CSV").is_ok_and(|v| v == "1")
 }
 
 /// `CORRAL_BENCH_SESSIONS=1`: `cmd` (`hey`, supervisord) runs in a session of its own, as a
@@ -559,8 +616,10 @@ fn hey(port: u16, secs: f64) -> std::io::Result<std::process::Child> {
         "-c",
         &CLIENTS.to_string(),
         "-disable-keepalive",
-        &format!("http://127.0.0.1:{port}/"),
     ])
+    // Flags before the URL: `hey` reads none after it.
+    .args(if hey_csv() { &["-o", "csv"][..] } else { &[] })
+    .arg(format!("http://127.0.0.1:{port}/"))
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()
@@ -622,12 +681,125 @@ fn finish_hey(child: std::process::Child) -> Result<Hey, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(parse_hey(&text))
+    Ok(if hey_csv() {
+        parse_hey_csv(&text)
+    } else {
+        parse_hey(&text)
+    })
+}
+
+/// `hey -o csv`: "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,
+/// status-code,offset", times in seconds; the quantiles as `hey` takes them.
+fn parse_hey_csv(text: &str) -> Hey {
+    let secs = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or_default()
+    };
+    let mut out = Hey::default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let [took, connect, _, _, _, _, status, offset] = f[..] else {
+            continue;
+        };
+        if status.trim() == "200" {
+            out.ok += 1;
+        } else {
+            out.errors += 1;
+            out.why.push(format!("status {}", status.trim()));
+        }
+        out.requests.push(Request {
+            offset: secs(offset),
+            took: secs(took),
+            connect: secs(connect),
+        });
+    }
+    let mut took: Vec<Duration> = out.requests.iter().map(|r| r.took).collect();
+    took.sort();
+    let at = |percent: usize| {
+        // hey's own choice: the sample at index ⌊n·q⌋.
+        let i = took.len() * percent / 100;
+        took.get(i.min(took.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    out.p50 = at(50);
+    out.p99 = at(99);
+    out.slowest = took.last().copied().unwrap_or_default();
+    out
+}
+
+/// With `CORRAL_BENCH_HEY_CSV=1`, a rollout's slow requests (over twice the slowest of the
+/// window before: how many, when, and the 5 slowest) beside what the agent did around them and
+/// the host's stalls, all from the rollout's start.
+fn explain(
+    during: &Hey,
+    before: &Hey,
+    (spawned, started): (std::time::Instant, std::time::Instant),
+    events: &[(Duration, String)],
+    stalls: &[crate::stalls::Stall],
+) {
+    // Seconds from the rollout's start, of a time on hey's clock (from about when it was
+    // spawned) and of an instant.
+    let lead = started.saturating_duration_since(spawned).as_secs_f64();
+    let from_start =
+        |at: std::time::Instant| at.saturating_duration_since(spawned).as_secs_f64() - lead;
+    let bound = before.slowest * 2;
+    let mut slow: Vec<&Request> = during.requests.iter().filter(|r| r.took > bound).collect();
+    if slow.is_empty() {
+        return;
+    }
+    let first = slow.iter().map(|r| r.offset).min().unwrap_or_default();
+    let last = slow.iter().map(|r| r.offset).max().unwrap_or_default();
+    println!(
+        "  {} requests took over {}, started {:+.3}..{:+.3} s from the rollout's start (hey's clock):",
+        slow.len(),
+        ms(bound),
+        first.as_secs_f64() - lead,
+        last.as_secs_f64() - lead,
+    );
+    slow.sort_by_key(|r| std::cmp::Reverse(r.took));
+    for r in slow.iter().take(5) {
+        let from = r.offset.as_secs_f64() - lead;
+        let to = from + r.took.as_secs_f64();
+        let near: Vec<String> = events
+            .iter()
+            .map(|(at, what)| (at.as_secs_f64(), what))
+            .filter(|(at, _)| *at + 0.1 >= from && *at <= to)
+            .map(|(at, what)| format!("{at:+.3} s {what}"))
+            .collect();
+        let host: Vec<String> = stalls
+            .iter()
+            .filter(|s| {
+                let at = from_start(s.at);
+                at + s.late.as_secs_f64() >= from && at <= to
+            })
+            .map(|s| {
+                format!(
+                    "cpu {} {:.1} ms at {:+.3} s",
+                    s.cpu,
+                    s.late.as_secs_f64() * 1e3,
+                    from_start(s.at)
+                )
+            })
+            .collect();
+        println!(
+            "    {from:+.3} s took {} (connect {}); agent: [{}]; host: [{}]",
+            ms(r.took),
+            ms(r.connect),
+            near.join("; "),
+            host.join("; "),
+        );
+    }
 }
 
 /// Long enough for a rollout of 4 instances (~4.5 s): a rollout still running at the end of
 /// its window is reported as such.
 const WINDOW: f64 = 6.0;
+/// How far into the window during a rollout the rollout starts.
+const LEAD: Duration = Duration::from_millis(250);
 
 fn has_hey() -> bool {
     let found = std::process::Command::new("hey").arg("-h").output().is_ok();
@@ -638,23 +810,41 @@ fn has_hey() -> bool {
 }
 
 /// One rollout measured from outside: `hey` over a window just before it and over one of the
-/// same length started with it. `roll` runs the rollout and returns its name and whether it
+/// same length started `LEAD` before it. `roll` runs the rollout and returns its name and whether it
 /// succeeded.
-async fn measured<F, Fut>(port: u16, label: &str, roll: F) -> Option<Round>
+async fn measured<F, Fut>(port: u16, label: &str, agent: Option<&Agent>, roll: F) -> Option<Round>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = (String, bool)>,
 {
+    let probe = crate::stalls::StallProbe::start();
     // Warm-up, not measured: the first second after the previous rollout.
     let _ = hey(port, 1.0).map(finish_hey);
+    let b0 = std::time::Instant::now();
     let before = hey(port, WINDOW)
         .map_err(|e| e.to_string())
         .and_then(finish_hey);
     let during = hey(port, WINDOW);
+    let spawned = std::time::Instant::now();
+    // The rollout starts a moment into its window, as it would under a load that was already
+    // running: `hey`'s own start (16 connections at once, the threads of its runtime) would
+    // otherwise fall on the rollout's first instance start. The window before starts the
+    // same way, without a rollout, and the rollout (3–4 s) still ends well within it.
+    tokio::time::sleep(LEAD).await;
     let started = std::time::Instant::now();
+    let wall_started = SystemTime::now();
     let (id, succeeded) = roll().await;
     let took = started.elapsed();
     let during = during.map_err(|e| e.to_string()).and_then(finish_hey);
+    let d1 = std::time::Instant::now();
+    let stall = |from, to| {
+        probe
+            .longest(from, to)
+            .map_or(Duration::ZERO, |s: crate::stalls::Stall| s.late)
+    };
+    let stalls = (stall(b0, spawned), stall(spawned, d1));
+    let realtime = probe.realtime;
+    let seen = probe.finish();
     let (before, during) = match (before, during) {
         (Ok(b), Ok(d)) => (b, d),
         (b, d) => {
@@ -667,7 +857,7 @@ where
         "{label} {id}: {} in {:.2} s{}",
         if succeeded { "succeeded" } else { "FAILED" },
         took.as_secs_f64(),
-        if took.as_secs_f64() > WINDOW {
+        if (took + LEAD).as_secs_f64() > WINDOW {
             " (longer than the measured window)"
         } else {
             ""
@@ -691,6 +881,20 @@ where
         ratio(during.p99, before.p99),
         ratio(during.slowest, before.slowest),
     );
+    println!(
+        "  host: longest CPU stall {} before, {} during{}",
+        ms(stalls.0),
+        ms(stalls.1),
+        if realtime {
+            ""
+        } else {
+            " (probe NOT real-time)"
+        }
+    );
+    if let Some(agent) = agent.filter(|_| hey_csv()) {
+        let events = timeline(agent, wall_started, Duration::ZERO).await;
+        explain(&during, &before, (spawned, started), &events, &seen);
+    }
     Some(Round {
         p99: (before.p99, during.p99),
         max: (before.slowest, during.slowest),
@@ -698,12 +902,13 @@ where
         failed: usize::try_from(during.errors + before.errors).unwrap_or(usize::MAX),
         gap: Duration::ZERO,
         succeeded,
+        stalls: Some(stalls),
     })
 }
 
 /// `corral-bench rollout-hey`: the rollouts of `rollout`, measured from outside by `hey -c 16`
 /// (one request per connection): one `hey` run over a window just before the rollout, a
-/// second one, of the same length, started with it. Per rollout: the figures of both runs
+/// second one, of the same length, started `LEAD` (0.25 s) before it. Per rollout: the figures of both runs
 /// (p50, p99, slowest, errors) and the ratios of the bar.
 pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
@@ -724,7 +929,8 @@ pub async fn bench_hey(rounds: usize, server: &str) {
         .expect("apply");
     wait_healthy(&agent).await;
     println!(
-        "corral: rollouts of {REPLICAS} {server} instances under `hey -c {CLIENTS} -disable-keepalive`: a {WINDOW} s run just before each rollout, and one of {WINDOW} s started with it"
+        "corral: rollouts of {REPLICAS} {server} instances under `hey -c {CLIENTS} -disable-keepalive`: a {WINDOW} s run just before each rollout, and one of {WINDOW} s started {:.2} s before it",
+        LEAD.as_secs_f64()
     );
     let mut all = Vec::new();
     for round in 0..rounds * 2 {
@@ -740,7 +946,7 @@ pub async fn bench_hey(rounds: usize, server: &str) {
             (id, end.state() == pb::RolloutState::Succeeded)
         };
         let wall0 = SystemTime::now();
-        let figures = measured(port, label, roll).await;
+        let figures = measured(port, label, Some(&agent), roll).await;
         if figures.as_ref().is_some_and(|r| r.failed > 0) {
             // To line a failed request up with the instances' lives (and a capture's times).
             let at = wall0
@@ -881,7 +1087,7 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
             }
             (format!("r{}", round + 1), ok)
         };
-        all.extend(measured(port, "restart", roll).await);
+        all.extend(measured(port, "restart", None, roll).await);
     }
     summary(&all, false);
     // SAFETY: kill has no memory-safety preconditions; the PID is our own child's.
@@ -895,6 +1101,39 @@ pub async fn bench_supervisord(rounds: usize, server: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hey_csv_lines_are_read_into_requests_and_quantiles() {
+        let mut csv = String::from(
+            "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n",
+        );
+        // 100 requests of 1..=100 ms, 10 ms apart; one of them a 503; then lines hey never
+        // writes.
+        for i in 1..=100u32 {
+            let status = if i == 42 { 503 } else { 200 };
+            csv.push_str(&format!(
+                "{:.4},0.0001,0.0000,0.0000,0.0010,0.0001,{status},{:.4}\n",
+                f64::from(i) / 1e3,
+                f64::from(i) / 100.0
+            ));
+        }
+        csv.push_str("garbage\n0.1,0.2\n\n");
+        let h = parse_hey_csv(&csv);
+        assert_eq!((h.ok, h.errors), (99, 1));
+        assert_eq!(h.why, vec!["status 503".to_string()]);
+        assert_eq!(h.requests.len(), 100);
+        assert_eq!(h.p50, Duration::from_millis(51));
+        assert_eq!(h.p99, Duration::from_millis(100));
+        assert_eq!(h.slowest, Duration::from_millis(100));
+        let r = h.requests[9];
+        assert_eq!(
+            (r.took, r.offset),
+            (Duration::from_millis(10), Duration::from_millis(100))
+        );
+        assert_eq!(r.connect, Duration::from_micros(100));
+        let empty = parse_hey_csv("");
+        assert_eq!((empty.ok, empty.slowest), (0, Duration::ZERO));
+    }
 
     #[test]
     fn hey_summaries_are_read_with_their_errors() {

@@ -11,7 +11,8 @@
 //! updates of 4 HTTP instances, [health] and [rollout] at their defaults, under 16 clients:
 //! duration, failed requests, longest gap, latency p50/p99/p99.9/max during each rollout
 //! against an equal window before it, the agent's CPU; see `corral_e2e::rollbench`),
-//! `rollout-hey` (the same rollouts measured from outside by `hey -c 16`, needs `hey`),
+//! `rollout-hey` (the same rollouts measured from outside by `hey -c 16`, needs `hey`; each
+//! window also gives the host's longest CPU stall, see `corral_e2e::stalls`),
 //! `rollout-peer` (the same servers under supervisord, restarted one by one, measured the same
 //! way; needs `hey` and `supervisor`; for both, `CORRAL_BENCH_SERVERS=python,rust` picks the
 //! variants, and `CORRAL_BENCH_HEY_CPUS=0` runs `hey` on those CPUs only, the benchmark being
@@ -28,7 +29,8 @@
 //! process executed after its due second, and the agent's CPU), `coldstart` (connect() to the
 //! first response byte of a server already running, started by `systemd-socket-activate`,
 //! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services),
-//! `fleet` (needs etcd: `corral fleet apply` to running on 3 hosts against a local apply, etcd
+//! `host-stalls` (ROUNDS seconds of a real-time thread per CPU waking every millisecond: how
+//! late the host let it wake, with nothing else running), `fleet` (needs etcd: `corral fleet apply` to running on 3 hosts against a local apply, etcd
 //! requests per idle agent, 200 simulated agents against one etcd; see `corral_e2e::fleetbench`).
 //! Default: all.
 //!
@@ -168,6 +170,13 @@ async fn main() {
     }
     if wants("events") {
         events().await;
+    }
+    if wants("host-stalls") {
+        // ROUNDS seconds of the probe alone.
+        let secs = u64::try_from(rounds).unwrap_or(20);
+        tokio::task::spawn_blocking(move || corral_e2e::stalls::bench(secs))
+            .await
+            .expect("host-stalls");
     }
     if wants("rollout") {
         corral_e2e::rollbench::bench(rounds.clamp(1, 5)).await;
