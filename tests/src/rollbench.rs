@@ -699,6 +699,8 @@ fn parse_hey_csv(text: &str) -> Hey {
             .unwrap_or_default()
     };
     let mut out = Hey::default();
+    // Responses other than 200, counted by status, as hey's summary counts its errors.
+    let mut other = std::collections::BTreeMap::<&str, u64>::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         let [took, connect, _, _, _, _, status, offset] = f[..] else {
@@ -708,7 +710,7 @@ fn parse_hey_csv(text: &str) -> Hey {
             out.ok += 1;
         } else {
             out.errors += 1;
-            out.why.push(format!("status {}", status.trim()));
+            *other.entry(status.trim()).or_default() += 1;
         }
         out.requests.push(Request {
             offset: secs(offset),
@@ -716,6 +718,10 @@ fn parse_hey_csv(text: &str) -> Hey {
             connect: secs(connect),
         });
     }
+    out.why = other
+        .into_iter()
+        .map(|(status, n)| format!("[{n}]\tstatus {status}"))
+        .collect();
     let mut took: Vec<Duration> = out.requests.iter().map(|r| r.took).collect();
     took.sort();
     let at = |percent: usize| {
@@ -1107,10 +1113,14 @@ mod tests {
         let mut csv = String::from(
             "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n",
         );
-        // 100 requests of 1..=100 ms, 10 ms apart; one of them a 503; then lines hey never
-        // writes.
+        // 100 requests of 1..=100 ms, 10 ms apart, two of them 503s and one a 404; then lines
+        // hey never writes.
         for i in 1..=100u32 {
-            let status = if i == 42 { 503 } else { 200 };
+            let status = match i {
+                42 | 43 => 503,
+                44 => 404,
+                _ => 200,
+            };
             csv.push_str(&format!(
                 "{:.4},0.0001,0.0000,0.0000,0.0010,0.0001,{status},{:.4}\n",
                 f64::from(i) / 1e3,
@@ -1119,8 +1129,8 @@ mod tests {
         }
         csv.push_str("garbage\n0.1,0.2\n\n");
         let h = parse_hey_csv(&csv);
-        assert_eq!((h.ok, h.errors), (99, 1));
-        assert_eq!(h.why, vec!["status 503".to_string()]);
+        assert_eq!((h.ok, h.errors), (97, 3));
+        assert_eq!(h.why, ["[1]\tstatus 404", "[2]\tstatus 503"]);
         assert_eq!(h.requests.len(), 100);
         assert_eq!(h.p50, Duration::from_millis(51));
         assert_eq!(h.p99, Duration::from_millis(100));
