@@ -139,6 +139,11 @@ fn spec(port: u16, version: &str) -> String {
     )
 }
 
+/// `during` over `before`, as the bar compares them (a zero `before` counts as 1 ns).
+fn ratio(during: Duration, before: Duration) -> f64 {
+    during.as_secs_f64() / before.as_secs_f64().max(1e-9)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
@@ -399,7 +404,6 @@ pub async fn bench(rounds: usize) {
         };
         row("before", before, n_before, b0, t0);
         row("during", during, n_during, t0, t1);
-        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
         println!(
             "  during / before: p99 {:.2}x (bar 1.2x), max {:.2}x (bar 2x)",
             ratio(during[1], before[1]),
@@ -481,8 +485,8 @@ fn summary(all: &[Round], gaps: bool) {
         return;
     }
     let worst = |f: &dyn Fn(&Round) -> f64| all.iter().map(f).fold(0.0, f64::max);
-    let p99 = worst(&|r| r.p99.1.as_secs_f64() / r.p99.0.as_secs_f64().max(1e-9));
-    let max = worst(&|r| r.max.1.as_secs_f64() / r.max.0.as_secs_f64().max(1e-9));
+    let p99 = worst(&|r| ratio(r.p99.1, r.p99.0));
+    let max = worst(&|r| ratio(r.max.1, r.max.0));
     let failed: usize = all.iter().map(|r| r.failed).sum();
     let succeeded = all.iter().filter(|r| r.succeeded).count();
     let mut took: Vec<Duration> = all.iter().map(|r| r.took).collect();
@@ -512,9 +516,8 @@ fn summary(all: &[Round], gaps: bool) {
         verdict(max <= 2.0),
     );
     let counts = |rs: &[&Round]| {
-        let ratio = |(b, d): (Duration, Duration)| d.as_secs_f64() / b.as_secs_f64().max(1e-9);
-        let p99 = rs.iter().filter(|r| ratio(r.p99) <= 1.2).count();
-        let max = rs.iter().filter(|r| ratio(r.max) <= 2.0).count();
+        let p99 = rs.iter().filter(|r| ratio(r.p99.1, r.p99.0) <= 1.2).count();
+        let max = rs.iter().filter(|r| ratio(r.max.1, r.max.0) <= 2.0).count();
         let mut slowest: Vec<Duration> = rs.iter().map(|r| r.max.1).collect();
         slowest.sort();
         let median = slowest.get(slowest.len() / 2).copied().unwrap_or_default();
@@ -816,8 +819,8 @@ fn has_hey() -> bool {
 }
 
 /// One rollout measured from outside: `hey` over a window just before it and over one of the
-/// same length started `LEAD` before it. `roll` runs the rollout and returns its name and whether it
-/// succeeded.
+/// same length started `LEAD` before it. `roll` runs the rollout and returns its name and
+/// whether it succeeded.
 async fn measured<F, Fut>(port: u16, label: &str, agent: Option<&Agent>, roll: F) -> Option<Round>
 where
     F: FnOnce() -> Fut,
@@ -843,14 +846,11 @@ where
     let took = started.elapsed();
     let during = during.map_err(|e| e.to_string()).and_then(finish_hey);
     let d1 = std::time::Instant::now();
-    let stall = |from, to| {
-        probe
-            .longest(from, to)
-            .map_or(Duration::ZERO, |s: crate::stalls::Stall| s.late)
-    };
-    let stalls = (stall(b0, spawned), stall(spawned, d1));
     let realtime = probe.realtime;
     let seen = probe.finish();
+    let stall =
+        |from, to| crate::stalls::longest(&seen, from, to).map_or(Duration::ZERO, |s| s.late);
+    let stalls = (stall(b0, spawned), stall(spawned, d1));
     let (before, during) = match (before, during) {
         (Ok(b), Ok(d)) => (b, d),
         (b, d) => {
@@ -858,7 +858,6 @@ where
             return None;
         }
     };
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!(
         "{label} {id}: {} in {:.2} s{}",
         if succeeded { "succeeded" } else { "FAILED" },
@@ -914,8 +913,8 @@ where
 
 /// `corral-bench rollout-hey`: the rollouts of `rollout`, measured from outside by `hey -c 16`
 /// (one request per connection): one `hey` run over a window just before the rollout, a
-/// second one, of the same length, started `LEAD` (0.25 s) before it. Per rollout: the figures of both runs
-/// (p50, p99, slowest, errors) and the ratios of the bar.
+/// second one, of the same length, started `LEAD` (0.25 s) before it. Per rollout: the
+/// figures of both runs (p50, p99, slowest, errors) and the ratios of the bar.
 pub async fn bench_hey(rounds: usize, server: &str) {
     if !has_hey() {
         return;

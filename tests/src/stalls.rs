@@ -101,16 +101,7 @@ impl StallProbe {
         }
     }
 
-    /// The stalls recorded so far.
-    pub fn seen(&self) -> Vec<Stall> {
-        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// The longest stall that began within `[from, to)`, if any was kept.
-    pub fn longest(&self, from: Instant, to: Instant) -> Option<Stall> {
-        longest(&self.seen(), from, to)
-    }
-
+    /// Stops the probe: the stalls it kept, in the order seen on each CPU.
     pub fn finish(self) -> Vec<Stall> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {

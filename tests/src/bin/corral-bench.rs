@@ -30,8 +30,9 @@
 //! first response byte of a server already running, started by `systemd-socket-activate`,
 //! started by corral with `[scale] min = 0`; the autoscaler's CPU with 100 scaled services),
 //! `host-stalls` (ROUNDS seconds of a real-time thread per CPU waking every millisecond: how
-//! late the host let it wake, with nothing else running), `fleet` (needs etcd: `corral fleet apply` to running on 3 hosts against a local apply, etcd
-//! requests per idle agent, 200 simulated agents against one etcd; see `corral_e2e::fleetbench`).
+//! late the host let it wake, with nothing else running), `fleet` (needs etcd: `corral fleet
+//! apply` to running on 3 hosts against a local apply, etcd requests per idle agent, 200
+//! simulated agents against one etcd; see `corral_e2e::fleetbench`).
 //! Default: all.
 //!
 //! Every instance runs `corral-testbin signal-fifo FIFO`, which writes one byte to a FIFO the
